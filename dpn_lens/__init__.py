@@ -1,0 +1,77 @@
+"""dpn-lens: locate the MLP neurons that carry a personality trait and steer only those.
+
+The data flows one way, one module per step:
+
+    prompts (``data``) -> activation statistics (``statistics``, ``collect``)
+        -> neuron map (``localize``, ``neuron_map``) -> intervention (``steering``)
+        -> figures (``figures``)
+
+Example:
+    >>> import dpn_lens as dl
+    >>> model = dl.load_model("smollm2-135m-instruct")                      # doctest: +SKIP
+    >>> pairs = dl.embedded_contrastive_set("extraversion", n_pairs=200)     # doctest: +SKIP
+    >>> stats = dl.collect_statistics(model, pairs)                          # doctest: +SKIP
+    >>> neuron_map = dl.locate(stats)                                        # doctest: +SKIP
+    >>> with dl.steer(model, dl.steering_intervention(neuron_map, gamma=1.0)):  # doctest: +SKIP
+    ...     print(model.generate(prompt, max_new_tokens=40, do_sample=False))
+"""
+
+__version__ = "0.1.0"
+
+from dpn_lens.traits import TRAITS, normalize_trait, normalize_pole
+from dpn_lens.models import load_model, model_fingerprint, ModelFingerprint, EMBEDDED_MODELS
+from dpn_lens.data import (
+    ContrastiveSet,
+    ContrastivePair,
+    embedded_contrastive_set,
+    personalitybench_contrastive_set,
+    anthropic_persona_contrastive_set,
+    render_roleplay_prompt,
+)
+from dpn_lens.statistics import GroupStatistics, ContrastStatistics
+from dpn_lens.collect import collect_statistics, collect_group_statistics
+from dpn_lens.localize import (
+    LocalizationSettings,
+    REFERENCE_SETTINGS,
+    steering_values,
+    cohens_d,
+    select_neurons,
+    propose_settings,
+    locate,
+)
+from dpn_lens.neuron_map import NeuronMap
+from dpn_lens.steering import Intervention, steering_intervention, combine_interventions, steer, apply_intervention
+
+__all__ = [
+    "__version__",
+    "TRAITS",
+    "normalize_trait",
+    "normalize_pole",
+    "load_model",
+    "model_fingerprint",
+    "ModelFingerprint",
+    "EMBEDDED_MODELS",
+    "ContrastiveSet",
+    "ContrastivePair",
+    "embedded_contrastive_set",
+    "personalitybench_contrastive_set",
+    "anthropic_persona_contrastive_set",
+    "render_roleplay_prompt",
+    "GroupStatistics",
+    "ContrastStatistics",
+    "collect_statistics",
+    "collect_group_statistics",
+    "LocalizationSettings",
+    "REFERENCE_SETTINGS",
+    "steering_values",
+    "cohens_d",
+    "select_neurons",
+    "propose_settings",
+    "locate",
+    "NeuronMap",
+    "Intervention",
+    "steering_intervention",
+    "combine_interventions",
+    "steer",
+    "apply_intervention",
+]

@@ -1,0 +1,234 @@
+"""Collect MLP activation statistics of contrastive prompts through TransformerLens hook points.
+
+Per layer, a hook on ``blocks.{l}.mlp.hook_post`` reads one vector per prompt (the last non-pad
+prompt token, or the mean over prompt tokens) and folds it into running statistics. Nothing else is
+kept: memory does not grow with the number of prompts. The forward pass stops right after the
+last requested layer, so later layers and the unembedding are never computed.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any, Iterator, Literal, Sequence
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from dpn_lens.data.contrastive import ContrastiveSet
+from dpn_lens.data.prompts import render_for_model
+from dpn_lens.statistics import ContrastStatistics, GroupStatistics
+
+__all__ = ["HOOK_NAME", "collect_statistics", "collect_group_statistics", "tokenize_prompts", "check_layers",
+           "hook_name"]
+
+HOOK_NAME = "blocks.{layer}.mlp.hook_post"
+"""The neuron activation of DPN-LE: the input of the MLP output projection."""
+
+TokenPosition = Literal["last", "mean"]
+
+
+def hook_name(layer: int, template: str = HOOK_NAME) -> str:
+    """``hook_name(3)`` -> ``'blocks.3.mlp.hook_post'``."""
+    return template.format(layer=layer)
+
+
+def check_layers(model: Any, layers: Sequence[int] | None, template: str = HOOK_NAME) -> list[int]:
+    """Validate layer indices against the model and the presence of the hook point."""
+    n_layers = int(model.cfg.n_layers)
+    chosen = list(range(n_layers)) if layers is None else [int(layer) for layer in layers]
+    if not chosen:
+        raise ValueError("no layers given; pass layers=None for all layers or a non-empty list")
+    bad = [layer for layer in chosen if not 0 <= layer < n_layers]
+    if bad:
+        raise ValueError(f"layers {bad} are out of range: this model has layers 0..{n_layers - 1}")
+    if sorted(set(chosen)) != chosen:
+        raise ValueError(f"layers must be increasing and distinct, got {chosen}")
+    hook_dict = model.hook_dict
+    missing = [hook_name(layer, template) for layer in chosen if hook_name(layer, template) not in hook_dict]
+    if missing:
+        raise ValueError(
+            f"the model has no hook point {missing[0]!r}; dpn-lens reads the MLP hidden activation at "
+            "'blocks.{layer}.mlp.hook_post'. Load the model with dpn_lens.load_model (a TransformerBridge) "
+            "or pass hook_template= naming the MLP activation hook of this architecture"
+        )
+    return chosen
+
+
+@dataclass
+class _Batch:
+    input_ids: Int[Tensor, "batch pos"]
+    attention_mask: Int[Tensor, "batch pos"]
+    indices: list[int]
+
+
+def tokenize_prompts(model: Any, prompts: Sequence[str], chat: bool | None = None,
+                     truncation: Literal["error", "left"] = "error") -> list[list[int]]:
+    """Render each prompt for the model (chat template or raw) and tokenize it, unpadded."""
+    tokenizer = model.tokenizer
+    n_ctx = int(getattr(model.cfg, "n_ctx", 0) or 0)
+    token_lists = []
+    for index, prompt in enumerate(prompts):
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError(f"prompt #{index} is empty or whitespace; remove it or fill in its text")
+        text = render_for_model(model, prompt, chat=chat)
+        # A chat template already wrote the BOS token; adding special tokens again would double it.
+        bos = getattr(tokenizer, "bos_token", None)
+        add_special = not (bos and text.startswith(bos))
+        ids = tokenizer(text, add_special_tokens=add_special)["input_ids"]
+        if n_ctx and len(ids) > n_ctx:
+            if truncation == "error":
+                raise ValueError(
+                    f"prompt #{index} has {len(ids)} tokens, more than the model's context of {n_ctx}; shorten it "
+                    "or pass truncation='left' (keeps the last tokens, where the answer starts)"
+                )
+            warnings.warn(f"prompt #{index}: {len(ids)} tokens truncated on the left to the context of {n_ctx}")
+            ids = ids[-n_ctx:]
+        token_lists.append(ids)
+    return token_lists
+
+
+def _batches(token_lists: list[list[int]], max_batch_size: int, max_batch_tokens: int, pad_id: int,
+             padding_side: str, device: Any) -> Iterator[_Batch]:
+    """Batches by token budget, longest first, so padding (wasted compute) stays small."""
+    order = sorted(range(len(token_lists)), key=lambda i: -len(token_lists[i]))
+    start = 0
+    while start < len(order):
+        longest = len(token_lists[order[start]])
+        size = max(1, min(max_batch_size, max_batch_tokens // max(longest, 1)))
+        chunk = order[start:start + size]
+        start += size
+        ids = torch.full((len(chunk), longest), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), longest), dtype=torch.long)
+        for row, index in enumerate(chunk):
+            tokens = torch.tensor(token_lists[index], dtype=torch.long)
+            if padding_side == "left":
+                ids[row, longest - len(tokens):], mask[row, longest - len(tokens):] = tokens, 1
+            else:
+                ids[row, :len(tokens)], mask[row, :len(tokens)] = tokens, 1
+        yield _Batch(ids.to(device), mask.to(device), chunk)
+
+
+class _StopForward(Exception):
+    """Raised by the last hook: everything after the last needed layer is wasted work."""
+
+
+def _read_positions(activation: Float[Tensor, "batch pos d_mlp"], mask: Int[Tensor, "batch pos"],
+                    token_position: TokenPosition) -> Float[Tensor, "batch d_mlp"]:
+    if token_position == "last":
+        # Last non-pad token: for right padding it is at sum(mask)-1, for left padding at the end;
+        # this formula (index of the last 1 in the mask) covers both.
+        positions = mask.shape[1] - 1 - mask.flip(1).argmax(dim=1)
+        return activation[torch.arange(activation.shape[0], device=activation.device), positions]
+    weights = mask.to(activation.dtype).unsqueeze(-1)
+    return (activation * weights).sum(dim=1) / weights.sum(dim=1)
+
+
+def _pad_token_id(tokenizer: Any) -> int:
+    # Padded positions are masked out of attention and never read, so any id works; prefer the
+    # tokenizer's own pad token, then EOS, then 0 (tokenizers without a pad token are fine here).
+    for candidate in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None)):
+        if isinstance(candidate, int):
+            return candidate
+    return 0
+
+
+def collect_group_statistics(
+    model: Any,
+    prompts: Sequence[str],
+    layers: Sequence[int] | None = None,
+    token_position: TokenPosition = "last",
+    max_batch_size: int = 16,
+    max_batch_tokens: int = 4096,
+    padding_side: Literal["left", "right"] = "right",
+    chat: bool | None = None,
+    truncation: Literal["error", "left"] = "error",
+    hook_template: str = HOOK_NAME,
+    progress: bool = True,
+    description: str = "",
+) -> GroupStatistics:
+    """Running statistics of the MLP activations of ``prompts`` at the chosen layers.
+
+    Args:
+        model: a ``TransformerBridge`` (see ``dpn_lens.load_model``).
+        prompts: user messages; rendered through the chat template of chat models.
+        layers: model layers to read (default: all); rows of the result follow this order.
+        token_position: ``"last"`` (last non-pad prompt token, the paper's choice) or ``"mean"``.
+        max_batch_size, max_batch_tokens: batch limits; batches are formed longest-first.
+        padding_side: where pads go; results do not depend on it (tested).
+        chat: force (True) or skip (False) the chat template; default: the model's own kind.
+        truncation: ``"error"`` for prompts longer than the context, or ``"left"`` to keep their end.
+
+    Returns:
+        ``GroupStatistics`` with ``[len(layers), d_mlp]`` tensors (float64).
+
+    Example:
+        >>> stats = collect_group_statistics(model, ["You are outgoing. Hi!"], layers=[0, 1])  # doctest: +SKIP
+        >>> stats.count, stats.shape                                                          # doctest: +SKIP
+        (1, (2, 1536))
+    """
+    from tqdm.auto import tqdm
+
+    if token_position not in ("last", "mean"):
+        raise ValueError(f"token_position must be 'last' or 'mean', got {token_position!r}")
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    chosen = check_layers(model, layers, hook_template)
+    token_lists = tokenize_prompts(model, prompts, chat=chat, truncation=truncation)
+    device = getattr(model.cfg, "device", None) or "cpu"
+    stats = GroupStatistics.empty(len(chosen), int(model.cfg.d_mlp))
+    captured: dict[int, Tensor] = {}
+    current_mask: list[Tensor] = []
+
+    def make_hook(slot: int, is_last: bool):
+        def hook(activation: Tensor, hook: Any) -> Tensor:
+            captured[slot] = _read_positions(activation, current_mask[0], token_position).to("cpu", torch.float64)
+            if is_last:
+                raise _StopForward
+            return activation
+        return hook
+
+    fwd_hooks = [(hook_name(layer, hook_template), make_hook(slot, slot == len(chosen) - 1))
+                 for slot, layer in enumerate(chosen)]
+    bar = tqdm(total=len(token_lists), desc=description or "collect", disable=not progress, leave=False)
+    try:
+        with torch.inference_mode(), model.hooks(fwd_hooks=fwd_hooks):
+            for batch in _batches(token_lists, max_batch_size, max_batch_tokens, _pad_token_id(model.tokenizer),
+                                  padding_side, device):
+                current_mask[:] = [batch.attention_mask]
+                captured.clear()
+                try:
+                    model(batch.input_ids, attention_mask=batch.attention_mask)
+                except _StopForward:
+                    pass
+                if len(captured) != len(chosen):
+                    raise RuntimeError(f"only {len(captured)} of {len(chosen)} hooks fired; the model's forward "
+                                       "pass does not run through its MLP hook points")
+                stats.update(torch.stack([captured[slot] for slot in range(len(chosen))], dim=1))
+                bar.update(len(batch.indices))
+    finally:
+        bar.close()
+    return stats
+
+
+def collect_statistics(model: Any, contrastive_set: ContrastiveSet, layers: Sequence[int] | None = None,
+                       token_position: TokenPosition = "last", **kwargs: Any) -> ContrastStatistics:
+    """High-pole and low-pole statistics of one trait (see ``collect_group_statistics`` for options).
+
+    Example:
+        >>> pairs = embedded_contrastive_set("openness", n_pairs=100)   # doctest: +SKIP
+        >>> stats = collect_statistics(model, pairs)                    # doctest: +SKIP
+    """
+    from dpn_lens.models import model_fingerprint
+
+    chosen = check_layers(model, layers, kwargs.get("hook_template", HOOK_NAME))
+    high = collect_group_statistics(model, contrastive_set.high, chosen, token_position,
+                                    description=f"{contrastive_set.trait} high", **kwargs)
+    low = collect_group_statistics(model, contrastive_set.low, chosen, token_position,
+                                   description=f"{contrastive_set.trait} low", **kwargs)
+    return ContrastStatistics(
+        trait=contrastive_set.trait, high=high, low=low, layers=chosen,
+        hook_name=kwargs.get("hook_template", HOOK_NAME), token_position=token_position,
+        fingerprint=model_fingerprint(model).to_dict(), source=contrastive_set.source,
+    )

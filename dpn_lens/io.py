@@ -1,0 +1,51 @@
+"""Atomic file writes: an interrupted save never leaves a half-written artifact behind."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+__all__ = ["atomic_path", "write_json_atomic", "write_text_atomic"]
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``target``; on success rename it over ``target``.
+
+    The rename is atomic on POSIX and Windows (``os.replace``), so readers see either the
+    old file or the complete new one, never a truncated mix. On any exception the temporary
+    file is removed and ``target`` is left as it was.
+
+    Example:
+        >>> with atomic_path("/tmp/x.txt") as tmp:               # doctest: +SKIP
+        ...     tmp.write_text("complete contents")
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        with open(tmp, "rb") as handle:  # data must be on disk before the rename makes it visible
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_text_atomic(target: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``target`` atomically and return the path."""
+    with atomic_path(target) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(target)
+
+
+def write_json_atomic(target: str | os.PathLike, obj: Any) -> Path:
+    """Write ``obj`` as indented JSON to ``target`` atomically and return the path."""
+    return write_text_atomic(target, json.dumps(obj, indent=2, sort_keys=False) + "\n")

