@@ -4,6 +4,12 @@ Per layer, a hook on ``blocks.{l}.mlp.hook_post`` reads one vector per prompt (t
 prompt token, or the mean over prompt tokens) and folds it into running statistics. Nothing else is
 kept: memory does not grow with the number of prompts. The forward pass stops right after the
 last requested layer, so later layers and the unembedding are never computed.
+
+Performance (docs/PERFORMANCE.md): the hooks only gather one ``[batch, d_mlp]`` slice per layer on
+the activation's own device, without synchronising; the slices are stacked and folded into the
+float64 statistics once per batch, on ``statistics_device`` (the model's input device by default,
+so a GPU run never round-trips activations through the host). Token ids are kept as compact int32
+arrays, so the only memory that grows with the number of prompts is ~4 bytes per prompt token.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Iterator, Literal, Sequence
 
+import numpy as np
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
@@ -66,30 +73,52 @@ class _Batch:
 def tokenize_prompts(model: Any, prompts: Sequence[str], chat: bool | None = None,
                      truncation: Literal["error", "left"] = "error") -> list[list[int]]:
     """Render each prompt for the model (chat template or raw) and tokenize it, unpadded."""
+    return [ids.tolist() for ids in _tokenize_compact(model, prompts, chat, truncation)]
+
+
+_TOKENIZE_CHUNK = 256
+"""Prompts per call of the (Rust, batched) tokenizer: fast, and bounded in transient memory."""
+
+
+def _tokenize_compact(model: Any, prompts: Sequence[str], chat: bool | None = None,
+                      truncation: Literal["error", "left"] = "error") -> list[np.ndarray]:
+    """Like ``tokenize_prompts`` but int32 arrays: 4 bytes a token instead of ~36 for a Python int."""
     tokenizer = model.tokenizer
     n_ctx = int(getattr(model.cfg, "n_ctx", 0) or 0)
-    token_lists = []
-    for index, prompt in enumerate(prompts):
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise ValueError(f"prompt #{index} is empty or whitespace; remove it or fill in its text")
-        text = render_for_model(model, prompt, chat=chat)
+    bos = getattr(tokenizer, "bos_token", None)
+    token_arrays: list[np.ndarray] = []
+    for start in range(0, len(prompts), _TOKENIZE_CHUNK):
+        texts = []
+        for index in range(start, min(start + _TOKENIZE_CHUNK, len(prompts))):
+            prompt = prompts[index]
+            if not isinstance(prompt, str) or not prompt.strip():
+                raise ValueError(f"prompt #{index} is empty or whitespace; remove it or fill in its text")
+            texts.append(render_for_model(model, prompt, chat=chat))
         # A chat template already wrote the BOS token; adding special tokens again would double it.
-        bos = getattr(tokenizer, "bos_token", None)
-        add_special = not (bos and text.startswith(bos))
-        ids = tokenizer(text, add_special_tokens=add_special)["input_ids"]
-        if n_ctx and len(ids) > n_ctx:
-            if truncation == "error":
-                raise ValueError(
-                    f"prompt #{index} has {len(ids)} tokens, more than the model's context of {n_ctx}; shorten it "
-                    "or pass truncation='left' (keeps the last tokens, where the answer starts)"
-                )
-            warnings.warn(f"prompt #{index}: {len(ids)} tokens truncated on the left to the context of {n_ctx}")
-            ids = ids[-n_ctx:]
-        token_lists.append(ids)
-    return token_lists
+        # Texts are tokenized in one batched call per value of that flag.
+        with_bos = [not (bos and text.startswith(bos)) for text in texts]
+        ids_by_row: list[Any] = [None] * len(texts)
+        for flag in (True, False):
+            rows = [row for row, value in enumerate(with_bos) if value == flag]
+            if rows:
+                encoded = tokenizer([texts[row] for row in rows], add_special_tokens=flag)["input_ids"]
+                for row, ids in zip(rows, encoded):
+                    ids_by_row[row] = ids
+        for offset, ids in enumerate(ids_by_row):
+            index = start + offset
+            if n_ctx and len(ids) > n_ctx:
+                if truncation == "error":
+                    raise ValueError(
+                        f"prompt #{index} has {len(ids)} tokens, more than the model's context of {n_ctx}; shorten "
+                        "it or pass truncation='left' (keeps the last tokens, where the answer starts)"
+                    )
+                warnings.warn(f"prompt #{index}: {len(ids)} tokens truncated on the left to the context of {n_ctx}")
+                ids = ids[-n_ctx:]
+            token_arrays.append(np.asarray(ids, dtype=np.int32))
+    return token_arrays
 
 
-def _batches(token_lists: list[list[int]], max_batch_size: int, max_batch_tokens: int, pad_id: int,
+def _batches(token_lists: Sequence[Sequence[int]], max_batch_size: int, max_batch_tokens: int, pad_id: int,
              padding_side: str, device: Any) -> Iterator[_Batch]:
     """Batches by token budget, longest first, so padding (wasted compute) stays small."""
     order = sorted(range(len(token_lists)), key=lambda i: -len(token_lists[i]))
@@ -102,7 +131,7 @@ def _batches(token_lists: list[list[int]], max_batch_size: int, max_batch_tokens
         ids = torch.full((len(chunk), longest), pad_id, dtype=torch.long)
         mask = torch.zeros((len(chunk), longest), dtype=torch.long)
         for row, index in enumerate(chunk):
-            tokens = torch.tensor(token_lists[index], dtype=torch.long)
+            tokens = torch.as_tensor(np.asarray(token_lists[index]), dtype=torch.long)
             if padding_side == "left":
                 ids[row, longest - len(tokens):], mask[row, longest - len(tokens):] = tokens, 1
             else:
@@ -116,13 +145,44 @@ class _StopForward(Exception):
 
 def _read_positions(activation: Float[Tensor, "batch pos d_mlp"], mask: Int[Tensor, "batch pos"],
                     token_position: TokenPosition) -> Float[Tensor, "batch d_mlp"]:
-    if token_position == "last":
-        # Last non-pad token: for right padding it is at sum(mask)-1, for left padding at the end;
-        # this formula (index of the last 1 in the mask) covers both.
-        positions = mask.shape[1] - 1 - mask.flip(1).argmax(dim=1)
-        return activation[torch.arange(activation.shape[0], device=activation.device), positions]
-    weights = mask.to(activation.dtype).unsqueeze(-1)
-    return (activation * weights).sum(dim=1) / weights.sum(dim=1)
+    """The vector of each prompt: its last non-pad token, or the mean over its non-pad tokens."""
+    return _Readout(token_position, mask)(activation)
+
+
+class _Readout:
+    """Reads one vector per prompt from a layer's activation; index tensors are built once per batch.
+
+    With a model split over several devices each layer's activation lives on its own device, so
+    the positions (or mean weights) are cached per device: one small copy per device and batch,
+    no copy and no host synchronisation per layer.
+    """
+
+    def __init__(self, token_position: TokenPosition, mask: Int[Tensor, "batch pos"]):
+        self.token_position = token_position
+        self.mask = mask
+        self._by_device: dict[Any, tuple[Tensor, Tensor]] = {}
+
+    def _indices(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        if device not in self._by_device:
+            mask = self.mask.to(device)
+            if self.token_position == "last":
+                # Last non-pad token: for right padding it is at sum(mask)-1, for left padding at the
+                # end; the index of the last 1 in the mask covers both.
+                positions = mask.shape[1] - 1 - mask.flip(1).argmax(dim=1)
+                self._by_device[device] = (torch.arange(mask.shape[0], device=device), positions)
+            else:
+                # Mean as one batched matmul of normalised mask weights, accumulated in float32 even
+                # for a bf16/fp16 model (a long bf16 sum loses digits).
+                weights = mask.to(torch.float32)
+                weights = (weights / weights.sum(dim=1, keepdim=True)).unsqueeze(1)
+                self._by_device[device] = (weights, weights)
+        return self._by_device[device]
+
+    def __call__(self, activation: Float[Tensor, "batch pos d_mlp"]) -> Float[Tensor, "batch d_mlp"]:
+        first, second = self._indices(activation.device)
+        if self.token_position == "last":
+            return activation[first, second]
+        return torch.bmm(first, activation.to(torch.float32)).squeeze(1)
 
 
 def _pad_token_id(tokenizer: Any) -> int:
@@ -132,6 +192,17 @@ def _pad_token_id(tokenizer: Any) -> int:
         if isinstance(candidate, int):
             return candidate
     return 0
+
+
+def _input_device(model: Any) -> torch.device:
+    """Where input ids go: the device of the embedding (the first device of a split model)."""
+    return torch.device(getattr(model.cfg, "device", None) or "cpu")
+
+
+def _check_batch_limits(max_batch_size: Any, max_batch_tokens: Any) -> None:
+    for name, value in (("max_batch_size", max_batch_size), ("max_batch_tokens", max_batch_tokens)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 def collect_group_statistics(
@@ -147,11 +218,13 @@ def collect_group_statistics(
     hook_template: str = HOOK_NAME,
     progress: bool = True,
     description: str = "",
+    statistics_device: str | torch.device | None = None,
 ) -> GroupStatistics:
     """Running statistics of the MLP activations of ``prompts`` at the chosen layers.
 
     Args:
-        model: a ``TransformerBridge`` (see ``dpn_lens.load_model``).
+        model: a ``TransformerBridge`` (see ``dpn_lens.load_model``); any dtype (a bf16 model gives
+            bf16 activations, folded into float64 statistics), on one device or split over several.
         prompts: user messages; rendered through the chat template of chat models.
         layers: model layers to read (default: all); rows of the result follow this order.
         token_position: ``"last"`` (last non-pad prompt token, the paper's choice) or ``"mean"``.
@@ -159,9 +232,12 @@ def collect_group_statistics(
         padding_side: where pads go; results do not depend on it (tested).
         chat: force (True) or skip (False) the chat template; default: the model's own kind.
         truncation: ``"error"`` for prompts longer than the context, or ``"left"`` to keep their end.
+        statistics_device: where the running float64 statistics are updated (default: the model's
+            input device, so GPU activations never go through the host). The result is always
+            returned on the CPU.
 
     Returns:
-        ``GroupStatistics`` with ``[len(layers), d_mlp]`` tensors (float64).
+        ``GroupStatistics`` with ``[len(layers), d_mlp]`` tensors (float64, on the CPU).
 
     Example:
         >>> stats = collect_group_statistics(model, ["You are outgoing. Hi!"], layers=[0, 1])  # doctest: +SKIP
@@ -174,16 +250,24 @@ def collect_group_statistics(
         raise ValueError(f"token_position must be 'last' or 'mean', got {token_position!r}")
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    _check_batch_limits(max_batch_size, max_batch_tokens)
     chosen = check_layers(model, layers, hook_template)
-    token_lists = tokenize_prompts(model, prompts, chat=chat, truncation=truncation)
-    device = getattr(model.cfg, "device", None) or "cpu"
-    stats = GroupStatistics.empty(len(chosen), int(model.cfg.d_mlp))
-    captured: dict[int, Tensor] = {}
-    current_mask: list[Tensor] = []
+    device = _input_device(model)
+    try:
+        stats_device = device if statistics_device is None else torch.device(statistics_device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"statistics_device {statistics_device!r} is not a device ({error}); pass e.g. "
+                         "'cpu' or 'cuda:0', or None for the model's input device") from error
+    token_arrays = _tokenize_compact(model, prompts, chat=chat, truncation=truncation)
+    stats = GroupStatistics.empty(len(chosen), int(model.cfg.d_mlp), device=stats_device)
+    captured: list[Tensor | None] = [None] * len(chosen)
+    readout: list[_Readout] = []
 
     def make_hook(slot: int, is_last: bool):
         def hook(activation: Tensor, hook: Any) -> Tensor:
-            captured[slot] = _read_positions(activation, current_mask[0], token_position).to("cpu", torch.float64)
+            # Only a [batch, d_mlp] gather on the activation's own device: no dtype conversion, no
+            # transfer, no host synchronisation inside the forward pass.
+            captured[slot] = readout[0](activation)
             if is_last:
                 raise _StopForward
             return activation
@@ -191,25 +275,28 @@ def collect_group_statistics(
 
     fwd_hooks = [(hook_name(layer, hook_template), make_hook(slot, slot == len(chosen) - 1))
                  for slot, layer in enumerate(chosen)]
-    bar = tqdm(total=len(token_lists), desc=description or "collect", disable=not progress, leave=False)
+    bar = tqdm(total=len(token_arrays), desc=description or "collect", disable=not progress, leave=False)
     try:
         with torch.inference_mode(), model.hooks(fwd_hooks=fwd_hooks):
-            for batch in _batches(token_lists, max_batch_size, max_batch_tokens, _pad_token_id(model.tokenizer),
+            for batch in _batches(token_arrays, max_batch_size, max_batch_tokens, _pad_token_id(model.tokenizer),
                                   padding_side, device):
-                current_mask[:] = [batch.attention_mask]
-                captured.clear()
+                readout[:] = [_Readout(token_position, batch.attention_mask)]
+                captured[:] = [None] * len(chosen)
                 try:
                     model(batch.input_ids, attention_mask=batch.attention_mask)
                 except _StopForward:
                     pass
-                if len(captured) != len(chosen):
-                    raise RuntimeError(f"only {len(captured)} of {len(chosen)} hooks fired; the model's forward "
+                fired = sum(value is not None for value in captured)
+                if fired != len(chosen):
+                    raise RuntimeError(f"only {fired} of {len(chosen)} hooks fired; the model's forward "
                                        "pass does not run through its MLP hook points")
-                stats.update(torch.stack([captured[slot] for slot in range(len(chosen))], dim=1))
+                # One stack and one float64 fold per batch (not per layer).
+                stats.update(torch.stack([value.to(stats_device) for value in captured], dim=1))
                 bar.update(len(batch.indices))
     finally:
         bar.close()
-    return stats
+        captured[:] = [None] * len(chosen)
+    return stats.to("cpu")
 
 
 def collect_statistics(model: Any, contrastive_set: ContrastiveSet, layers: Sequence[int] | None = None,

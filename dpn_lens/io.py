@@ -31,12 +31,21 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(name)
     try:
         yield tmp
+        # mkstemp creates the file private (0600); give it the mode an ordinary open() would have
+        # (0666 minus the umask), so saved artifacts stay readable in shared result folders.
+        os.chmod(tmp, 0o666 & ~_current_umask())
         with open(tmp, "rb") as handle:  # data must be on disk before the rename makes it visible
             os.fsync(handle.fileno())
         os.replace(tmp, target)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_text_atomic(target: str | os.PathLike, text: str) -> Path:

@@ -122,17 +122,16 @@ def select_neurons(s: Float[Tensor, "d_mlp"], d: Float[Tensor, "d_mlp"], q: floa
     return high, low, tau_q
 
 
-def layer_separation(stats: ContrastStatistics, q: float = 0.995) -> Float[Tensor, "n_layers"]:
-    """How well high and low samples separate per layer: median |d| of the layer's top-|s| neurons."""
-    s, d = steering_values(stats), cohens_d(stats)
-    result = torch.zeros(s.shape[0], dtype=torch.float64)
-    for row in range(s.shape[0]):
-        magnitude = s[row].abs()
-        candidates = magnitude > torch.quantile(magnitude, q)
-        if not candidates.any():
-            candidates = magnitude >= magnitude.max()
-        result[row] = d[row][candidates].abs().median()
-    return result
+def layer_separation(stats: ContrastStatistics) -> Float[Tensor, "n_layers"]:
+    """How far apart high and low samples are per layer: the root-mean-square effect size above chance.
+
+    For a neuron without any true effect, ``E[d^2] = 1/n_high + 1/n_low`` (sampling noise alone), so
+    ``sqrt(max(0, mean_i d_i^2 - (1/n_high + 1/n_low)))`` estimates the typical true |d| of the
+    layer's neurons without the upward bias that a plain mean of |d| has for small samples.
+    """
+    d = cohens_d(stats)
+    noise = 1.0 / stats.high.count + 1.0 / stats.low.count
+    return ((d**2).mean(dim=1) - noise).clamp(min=0.0).sqrt()
 
 
 _TAU_D_LADDER = (0.8, 0.5, 0.3, 0.2)
@@ -151,7 +150,7 @@ def propose_settings(stats: ContrastStatistics, q: float = 0.995, separation_fra
 
     Returns settings whose ``reason`` says what was chosen and why.
     """
-    separation = layer_separation(stats, q)
+    separation = layer_separation(stats)
     peak = float(separation.max())
     floor = separation_fraction * peak
     rows = list(range(len(stats.layers)))
@@ -168,7 +167,7 @@ def propose_settings(stats: ContrastStatistics, q: float = 0.995, separation_fra
     chance = float(norm.ppf(1 - 0.05 / n_tests) * math.sqrt(1 / stats.high.count + 1 / stats.low.count))
     tau_d = next((t for t in _TAU_D_LADDER if float((candidate_d > t).double().mean()) >= 0.5), _TAU_D_LADDER[-1])
     tau_d = max(tau_d, round(chance, 3))
-    reason = (f"layers {chosen[0]}-{chosen[-1]}: separation (median |d| of top-|s| neurons) first reaches "
+    reason = (f"layers {chosen[0]}-{chosen[-1]}: separation (RMS effect size above chance) first reaches "
               f"{separation_fraction:.0%} of its peak {peak:.2f} at layer {chosen[0]}; tau_d={tau_d}: largest of "
               f"{_TAU_D_LADDER} passed by half the candidates (chance bound {chance:.3f})")
     return LocalizationSettings(chosen, q, tau_d, "proposed", reason)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -163,16 +162,15 @@ class NeuronMap:
         from safetensors.torch import save_file
 
         from dpn_lens.io import atomic_path, write_json_atomic
-        from dpn_lens.statistics import _tensor_checksum
+        from dpn_lens.statistics import _artifact_metadata
 
         path = Path(path)
         if path.suffix != ".safetensors":
             raise ValueError(f"neuron maps are saved as .safetensors files; got {path.name!r}")
         tensors = self._tensors()
         config = self.config()
-        metadata = {"dpn_lens_neuron_map": json.dumps(config), "checksum": _tensor_checksum(tensors)}
         with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata=metadata)
+            save_file(tensors, str(tmp), metadata=_artifact_metadata("dpn_lens_neuron_map", tensors, config))
         if write_json:
             write_json_atomic(path.with_suffix(".json"), config)
         return path

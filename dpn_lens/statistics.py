@@ -143,9 +143,8 @@ class ContrastStatistics:
         tensors = {"high_mean": self.high.mean, "high_m2": self.high.m2, "low_mean": self.low.mean,
                    "low_m2": self.low.m2}
         tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-        metadata = {"dpn_lens_statistics": json.dumps(self._metadata()), "checksum": _tensor_checksum(tensors)}
         with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata=metadata)
+            save_file(tensors, str(tmp), metadata=_artifact_metadata("dpn_lens_statistics", tensors, self._metadata()))
         return Path(path)
 
     @classmethod
@@ -170,6 +169,24 @@ def _tensor_checksum(tensors: dict[str, Tensor]) -> str:
     return h.hexdigest()
 
 
+def _artifact_checksum(tensors: dict[str, Tensor], config: dict[str, Any]) -> str:
+    """sha256 over the tensors and the canonical JSON of the config: a flipped byte anywhere shows."""
+    h = hashlib.sha256(_tensor_checksum(tensors).encode())
+    h.update(json.dumps(config, sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def _artifact_metadata(key: str, tensors: dict[str, Tensor], config: dict[str, Any]) -> dict[str, str]:
+    """safetensors metadata of a dpn-lens artifact: ONE key holding the config and its checksum.
+
+    One key, not several: safetensors writes its metadata map in hash order, which changes from
+    process to process, so several keys would make identical artifacts differ byte for byte.
+    """
+    if "checksum" in config:
+        raise ValueError("'checksum' is reserved in artifact configs")
+    return {key: json.dumps({**config, "checksum": _artifact_checksum(tensors, config)}, sort_keys=True)}
+
+
 def _load_checked(path: str | os.PathLike, key: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """Load a dpn-lens safetensors artifact, verifying it is complete and uncorrupted."""
     from safetensors import safe_open
@@ -185,11 +202,18 @@ def _load_checked(path: str | os.PathLike, key: str) -> tuple[dict[str, Tensor],
         raise ValueError(f"{path} is truncated or corrupted ({error}); re-create it with save()") from error
     if key not in metadata:
         raise ValueError(f"{path} is a safetensors file but not a dpn-lens {key.split('_')[-1]} artifact "
-                         f"(no {key!r} metadata)")
-    if metadata.get("checksum") != _tensor_checksum(tensors):
-        raise ValueError(f"{path} is corrupted: its tensors do not match the checksum written at save time; "
-                         "re-create it with save()")
+                         f"(no {key!r} metadata); pass a file written by dpn-lens' save()")
     try:
-        return tensors, json.loads(metadata[key])
+        config = json.loads(metadata[key])
     except json.JSONDecodeError as error:
         raise ValueError(f"{path} has corrupted metadata ({error.msg}); re-create it with save()") from error
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} has corrupted metadata (not a JSON object); re-create it with save()")
+    if "checksum" in metadata:  # the first format: separate key, tensors only
+        intact = metadata["checksum"] == _tensor_checksum(tensors)
+    else:
+        intact = config.pop("checksum", None) == _artifact_checksum(tensors, config)
+    if not intact:
+        raise ValueError(f"{path} is corrupted: its contents do not match the checksum written at save time; "
+                         "re-create it with save()")
+    return tensors, config

@@ -212,12 +212,40 @@ class InterventionHandle:
         self.remove()
 
 
-def _active_set(model: Any) -> set[int]:
+def _active_set(model: Any) -> dict[int, Intervention]:
+    """The interventions currently applied to ``model`` (by id), kept on the model object itself."""
     active = model.__dict__.get("_dpn_active_interventions")
     if active is None:
-        active = set()
+        active = {}
         model.__dict__["_dpn_active_interventions"] = active
     return active
+
+
+def _shared_neurons(a: Intervention, b: Intervention) -> list[tuple[int, int]]:
+    """``(layer, neuron)`` pairs that both interventions edit."""
+    shared = []
+    for layer in sorted(set(a.deltas) & set(b.deltas)):
+        both = (a.deltas[layer] != 0) & (b.deltas[layer].to(a.deltas[layer].device) != 0)
+        shared += [(layer, int(i)) for i in torch.nonzero(both).flatten()]
+    return shared
+
+
+def _warn_overlaps(interventions: tuple[Intervention, ...], active: dict[int, Intervention]) -> None:
+    # A second intervention built from the same map (e.g. a notebook cell run twice) is a different
+    # object, so the identity check in `steer` cannot refuse it; say loudly that deltas now add up.
+    earlier = list(active.values())
+    for intervention in interventions:
+        for other in earlier:
+            shared = _shared_neurons(other, intervention)
+            if shared:
+                listed = ", ".join(f"L{layer}.N{neuron}" for layer, neuron in shared[:10])
+                warnings.warn(
+                    f"{intervention.label or 'this intervention'} edits {len(shared)} neuron(s) that "
+                    f"{other.label or 'another active intervention'} already edits ({listed}"
+                    f"{', ...' if len(shared) > 10 else ''}); their deltas add up there. If you applied the same "
+                    "map twice (e.g. re-ran a cell), remove the first application (handle.remove()) first",
+                    RuntimeWarning, stacklevel=4)
+        earlier.append(intervention)
 
 
 @contextlib.contextmanager
@@ -225,14 +253,25 @@ def steer(model: Any, *interventions: Intervention, check: NeuronMap | None = No
     """Context manager: the model runs with the interventions; hooks are removed on exit, always.
 
     Applying an intervention that is already active on the model raises instead of silently
-    doubling it. Pass ``check=neuron_map`` to verify that the map belongs to this model first.
+    doubling it; applying another intervention that edits some of the same neurons (e.g. one
+    built again from the same map) warns, naming those neurons. Pass ``check=neuron_map`` to
+    verify that the map belongs to this model first.
 
     Example:
         >>> with steer(model, steering_intervention(neuron_map, gamma=1.0)):   # doctest: +SKIP
         ...     text = model.generate(prompt, max_new_tokens=40, do_sample=False)
     """
+    if not (hasattr(model, "cfg") and hasattr(model, "hooks") and hasattr(model, "hook_dict")):
+        raise TypeError(f"steer() needs a TransformerLens model with hook points (a TransformerBridge from "
+                        f"dpn_lens.load_model, or a HookedTransformer); got {type(model).__name__}")
     if check is not None:
         check.check_compatible(model)
+    if not interventions:
+        raise ValueError("steer() needs at least one Intervention (see steering_intervention)")
+    for intervention in interventions:
+        if not isinstance(intervention, Intervention):
+            raise TypeError(f"steer() takes Intervention objects, got {type(intervention).__name__}; "
+                            "build one with steering_intervention(neuron_map, gamma=...)")
     active = _active_set(model)
     ids = [id(intervention) for intervention in interventions]
     if len(set(ids)) != len(ids) or any(i in active for i in ids):
@@ -248,13 +287,15 @@ def steer(model: Any, *interventions: Intervention, check: NeuronMap | None = No
         if wrong:
             raise ValueError(f"intervention deltas are {intervention.deltas[wrong[0]].numel()} wide but the model's "
                              f"d_mlp is {d_mlp}: the neuron map comes from another model")
+    _warn_overlaps(interventions, active)
     hooks = [hook for intervention in interventions for hook in intervention.fwd_hooks()]
-    active.update(ids)
+    active.update(zip(ids, interventions))
     try:
         with model.hooks(fwd_hooks=hooks):
             yield model
     finally:
-        active.difference_update(ids)
+        for i in ids:
+            active.pop(i, None)
 
 
 def apply_intervention(model: Any, *interventions: Intervention, check: NeuronMap | None = None

@@ -1,0 +1,42 @@
+"""Baseline edits the paper compares DPN-LE with, each usable like a DPN-LE ``Intervention``.
+
+* ``npti``: NPTI neuron editing (activation-probability selection, sigmoid-weighted boost, clamp);
+* ``dense``: the DPN-LE mean-difference vector on all neurons of the chosen layers, or on the top-k
+  neurons by |Cohen's d| with DPN-LE's neuron budget;
+* ``caa``: residual-stream mean-difference steering (contrastive activation addition) at one layer;
+* ``prompting``: the persona description in the prompt, no intervention.
+
+Additive MLP edits are plain ``dpn_lens.steering.Intervention`` objects. The others expose the same
+interface (``fwd_hooks()``, ``positions``, ``label``, ``n_edited``) and are applied with
+``apply_edit``, which accepts both kinds and always removes its hooks.
+"""
+
+from dpn_lens.baselines.apply import apply_edit
+from dpn_lens.baselines.caa import ResidualIntervention, caa_intervention, residual_means
+from dpn_lens.baselines.dense import dense_intervention, topk_intervention
+from dpn_lens.baselines.npti import (
+    NPTIIntervention,
+    NPTIStatistics,
+    npti_intervention,
+    npti_select,
+    npti_statistics,
+    scaled_top_count,
+)
+from dpn_lens.baselines.prompting import PersonaPrompt, persona_prompt
+
+__all__ = [
+    "apply_edit",
+    "ResidualIntervention",
+    "caa_intervention",
+    "residual_means",
+    "dense_intervention",
+    "topk_intervention",
+    "NPTIIntervention",
+    "NPTIStatistics",
+    "npti_intervention",
+    "npti_select",
+    "npti_statistics",
+    "scaled_top_count",
+    "PersonaPrompt",
+    "persona_prompt",
+]

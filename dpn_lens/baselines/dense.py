@@ -1,0 +1,70 @@
+"""Dense steering baselines built from a DPN-LE neuron map's statistics (no dual criterion)."""
+
+from __future__ import annotations
+
+from typing import Literal, Sequence
+
+import torch
+
+from dpn_lens.neuron_map import NeuronMap
+from dpn_lens.steering import Intervention
+
+__all__ = ["dense_intervention", "topk_intervention"]
+
+
+def _sign(direction: str) -> float:
+    if direction not in ("increase", "decrease"):
+        raise ValueError(f"direction must be 'increase' or 'decrease', got {direction!r}")
+    return 1.0 if direction == "increase" else -1.0
+
+
+def dense_intervention(neuron_map: NeuronMap, gamma: float = 1.0,
+                       direction: Literal["increase", "decrease"] = "increase",
+                       layers: Sequence[int] | None = None, positions: str = "decode") -> Intervention:
+    """``h += ±gamma * s`` on every neuron of ``layers`` (default: the map's layers).
+
+    Example:
+        >>> edit = dense_intervention(neuron_map, gamma=1.0)   # doctest: +SKIP
+        >>> edit.n_edited == len(neuron_map.layers) * model.cfg.d_mlp   # doctest: +SKIP
+        True
+    """
+    sign = _sign(direction)
+    chosen = list(neuron_map.layers if layers is None else layers)
+    missing = [layer for layer in chosen if layer not in neuron_map.stat_layers]
+    if missing:
+        raise ValueError(f"layers {missing} have no statistics in the map (it covers {neuron_map.stat_layers})")
+    deltas = {layer: sign * gamma * neuron_map.steering_value[neuron_map.stat_layers.index(layer)].float()
+              for layer in chosen}
+    return Intervention(deltas, positions, neuron_map.hook_name,
+                        f"dense {neuron_map.trait} {direction} gamma={gamma:g}")
+
+
+def topk_intervention(neuron_map: NeuronMap, gamma: float = 1.0,
+                      direction: Literal["increase", "decrease"] = "increase", k: int | None = None,
+                      positions: str = "decode") -> Intervention:
+    """``h += ±gamma * s`` on the ``k`` neurons of the map's layers with the largest |Cohen's d|.
+
+    ``k`` defaults to the number of neurons DPN-LE edits (both poles), so the two differ only in
+    which neurons they pick: one criterion (|d|) instead of the dual one (|s| quantile and d).
+
+    Example:
+        >>> topk_intervention(neuron_map).n_edited == neuron_map.n_selected()   # doctest: +SKIP
+        True
+    """
+    sign = _sign(direction)
+    layers = list(neuron_map.layers)
+    rows = [neuron_map.stat_layers.index(layer) for layer in layers]
+    k = neuron_map.n_selected() if k is None else int(k)
+    if k < 1:
+        raise ValueError(f"k must be at least 1 (the DPN-LE map selects {neuron_map.n_selected()} neurons)")
+    d = neuron_map.cohens_d[rows].abs().flatten()
+    if k > d.numel():
+        raise ValueError(f"k={k} exceeds the {d.numel()} neurons of layers {layers[0]}-{layers[-1]}")
+    chosen = torch.topk(d, k).indices
+    s = neuron_map.steering_value[rows].float()
+    deltas = {layer: torch.zeros(neuron_map.d_mlp) for layer in layers}
+    for flat in chosen.tolist():
+        row, neuron = divmod(flat, neuron_map.d_mlp)
+        deltas[layers[row]][neuron] = sign * gamma * s[row, neuron]
+    return Intervention(deltas, positions, neuron_map.hook_name,
+                        f"top-{k} |d| {neuron_map.trait} {direction} gamma={gamma:g}")

@@ -1,0 +1,109 @@
+"""The main job: all five traits end to end on the embedded model, in minutes on a laptop CPU.
+
+``dpn-lens demo`` locates each trait's neurons from the embedded contrastive data, saves the maps,
+prints the neurons per trait, pole and layer, shows unsteered vs increased vs decreased answers, and
+writes a summary and plotly figures.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from dpn_lens.data.prompts import render_for_model
+from dpn_lens.io import write_json_atomic, write_text_atomic
+from dpn_lens.steering import Intervention, steer, steering_intervention
+from dpn_lens.traits import TRAITS
+
+__all__ = ["run_demo", "generate_answer", "compare_generations", "DEMO_QUESTIONS"]
+
+DEMO_QUESTIONS: dict[str, str] = {
+    "openness": "A friend suggests spending Saturday at an experimental art exhibition. How do you respond?",
+    "conscientiousness": "You have a report due on Monday and it is Friday evening. What do you do this weekend?",
+    "extraversion": "You are invited to a party where you only know the host. How do you spend the evening?",
+    "agreeableness": "A colleague takes credit for an idea you had. How do you react?",
+    "neuroticism": "Your manager asks to see you tomorrow without saying why. How do you feel tonight?",
+}
+"""One situational question per trait, written for the demo."""
+
+# Pairs per trait and steering strength of the default demo. 160 pairs x 5 traits x 2 poles = 1,600
+# prompts keeps the whole demo near 5 minutes on 2 CPU cores; gamma 1.0 is the paper's value for
+# generation.
+DEMO_PAIRS = 160
+DEMO_GAMMA = 1.0
+
+
+def generate_answer(model: Any, question: str, max_new_tokens: int = 40) -> str:
+    """Greedy answer to one question, rendered through the model's chat template."""
+    prompt = render_for_model(model, question)
+    tokens = model.to_tokens(prompt, prepend_bos=False) if model.tokenizer.bos_token and prompt.startswith(
+        model.tokenizer.bos_token) else model.to_tokens(prompt)
+    output = model.generate(tokens, max_new_tokens=max_new_tokens, do_sample=False, verbose=False)
+    return model.tokenizer.decode(output[0, tokens.shape[1]:], skip_special_tokens=True).strip()
+
+
+def compare_generations(model: Any, questions: Sequence[str], edits: Mapping[str, Intervention],
+                        max_new_tokens: int = 40) -> list[str]:
+    """For each question: the unsteered answer, then one answer per named intervention."""
+    blocks = []
+    for question in questions:
+        lines = [f"Q: {question}", f"  unsteered: {generate_answer(model, question, max_new_tokens)}"]
+        for name, edit in edits.items():
+            with steer(model, edit):
+                lines.append(f"  {name:>9}: {generate_answer(model, question, max_new_tokens)}")
+        blocks.append("\n".join(lines))
+    return blocks
+
+
+def run_demo(model_name: str = "smollm2-135m-instruct", out: str | Path = "runs/demo",
+             figures: str | Path = "figures", n_pairs: int | None = None, gamma: float | None = None,
+             max_new_tokens: int = 40, traits: Sequence[str] = TRAITS) -> dict[str, Any]:
+    """Run the demo; returns the summary that is also written to ``out/summary.json``."""
+    from dpn_lens.figures import layer_distribution_figure, save_figure
+    from dpn_lens.studies.layers import layer_counts
+    from dpn_lens.models import load_model
+    from dpn_lens.pipeline import locate_traits, neuron_table
+
+    started = time.perf_counter()
+    n_pairs = DEMO_PAIRS if n_pairs is None else n_pairs
+    gamma = DEMO_GAMMA if gamma is None else gamma
+    out, figures = Path(out), Path(figures)
+    print(f"dpn-lens demo: {model_name}, {len(traits)} traits x {n_pairs} embedded pairs, gamma {gamma}")
+    model = load_model(model_name)
+    n_neurons = model.cfg.n_layers * model.cfg.d_mlp
+    print(f"loaded in {time.perf_counter() - started:.0f} s: {model.cfg.n_layers} layers x d_mlp {model.cfg.d_mlp} "
+          f"= {n_neurons} MLP neurons\n")
+    run = locate_traits(model, list(traits), source="embedded", n_pairs=n_pairs, out=out)
+    located = time.perf_counter()
+    table = neuron_table(run.maps)
+    print("\nSelected neurons per layer (trait high/low), with the share of neurons edited:\n" + table + "\n")
+
+    generations: dict[str, list[str]] = {}
+    for trait, neuron_map in run.maps.items():
+        edits = {direction: steering_intervention(neuron_map, gamma=gamma, direction=direction)
+                 for direction in ("increase", "decrease")}
+        print(f"== {trait} ({neuron_map.n_selected()} neurons, gamma {gamma}) ==")
+        generations[trait] = compare_generations(model, [DEMO_QUESTIONS[trait]], edits, max_new_tokens)
+        print("\n".join(generations[trait]) + "\n")
+
+    figure = layer_distribution_figure(layer_counts(run.maps), title=f"DPN-LE neurons per layer, {model_name}")
+    written = save_figure(figure, figures, "layer_distribution")
+    summary = run.summary()
+    summary.update({"gamma": gamma, "n_pairs": n_pairs, "seconds_locate": round(located - started, 1),
+                    "seconds_total": round(time.perf_counter() - started, 1),
+                    "figures": [str(path) for path in written], "generations": generations})
+    write_json_atomic(out / "summary.json", summary)
+    lines = [f"# dpn-lens demo: {model_name}", "",
+             f"{len(traits)} traits x {n_pairs} embedded contrastive pairs; gamma {gamma}; "
+             f"{summary['seconds_total']:.0f} s in all.", "", "## Neurons per layer", "", table, "",
+             "## Settings", ""]
+    lines += [f"- {t}: layers {s['layers']}, q {s['q']}, tau_d {s['tau_d']} ({s['settings_source']}: "
+              f"{s['settings_reason']})" for t, s in summary["traits"].items()]
+    lines += ["", "## Unsteered vs steered answers (greedy)", ""]
+    for trait, blocks in generations.items():
+        lines += [f"### {trait}", "", "```", *blocks, "```", ""]
+    write_text_atomic(out / "summary.md", "\n".join(lines))
+    print(f"wrote {out}/summary.md, {out}/summary.json, maps and stats; figures: {', '.join(map(str, written))}")
+    print(f"demo finished in {summary['seconds_total']:.0f} s")
+    return summary

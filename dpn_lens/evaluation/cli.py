@@ -1,0 +1,92 @@
+"""``dpn-lens compare``: the method comparison from the command line (``register`` adds it)."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+__all__ = ["register", "run_compare"]
+
+
+def register(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the ``compare`` sub-command to an ``argparse`` sub-parser set.
+
+    Example:
+        >>> parser = argparse.ArgumentParser(); register(parser.add_subparsers(dest="command"))   # doctest: +ELLIPSIS
+        ArgumentParser(...)
+    """
+    from dpn_lens.evaluation.compare import METHODS
+
+    parser = subparsers.add_parser("compare", help="compare DPN-LE with NPTI, dense, top-k, CAA and prompting")
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="embedded name, .gguf path or HF name")
+    parser.add_argument("--traits", nargs="+", default=None, help="traits (default: all five)")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--data-dir", default=None, help="shared data folder (default: $DPN_LENS_DATA)")
+    parser.add_argument("--maps", default=None, help="folder with <trait>.safetensors neuron maps (else located on the fly)")
+    parser.add_argument("--locate-pairs", type=int, default=100, help="pairs per trait when locating on the fly")
+    parser.add_argument("--items", type=int, default=8, help="questionnaire items per trait")
+    parser.add_argument("--inventory", default="ipip_neo_300_test")
+    parser.add_argument("--statements", type=int, default=6, help="Anthropic statements per pole")
+    parser.add_argument("--respondents", default=None, help="PAlign/PAPI respondent JSON (default: the 10-respondent sample)")
+    parser.add_argument("--mc-items", type=int, default=12, help="items per multiple-choice task")
+    parser.add_argument("--lambada-items", type=int, default=24)
+    parser.add_argument("--ppl-chunks", type=int, default=3)
+    parser.add_argument("--ppl-tokens", type=int, default=128)
+    parser.add_argument("--kl-chunks", type=int, default=2)
+    parser.add_argument("--kl-tokens", type=int, default=96)
+    parser.add_argument("--gamma", type=float, default=1.0, help="DPN-LE / dense / top-k strength")
+    parser.add_argument("--npti-gamma", type=float, default=1.4)
+    parser.add_argument("--caa-gamma", type=float, default=1.0)
+    parser.add_argument("--npti-prompts", type=int, default=16)
+    parser.add_argument("--npti-tokens", type=int, default=24)
+    parser.add_argument("--gamma-sweep", type=float, nargs="*", default=[0.0, 0.5, 1.0, 1.5, 2.0])
+    parser.add_argument("--q-sweep", type=float, nargs="*", default=[0.999, 0.995, 0.97])
+    parser.add_argument("--sweep-trait", default=None)
+    parser.add_argument("--judge-url", default=None,
+                        help="OpenAI-compatible endpoint for the optional PersonalityBench judge (off by default)")
+    parser.add_argument("--no-png", action="store_true", help="write HTML figures only")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.set_defaults(func=run_compare)
+    return parser
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    from dpn_lens.evaluation.capability import CapabilitySizes
+    from dpn_lens.evaluation.compare import CompareConfig, run_comparison, write_outputs
+    from dpn_lens.evaluation.trait import judge_endpoint
+    from dpn_lens.models import load_model
+    from dpn_lens.traits import TRAITS
+
+    started = time.time()
+    if judge_endpoint(args.judge_url) is None:
+        print("judge: no endpoint configured (--judge-url or $DPN_LENS_JUDGE_URL); the judge evaluation is skipped")
+    else:
+        print("judge: an endpoint is configured, but the comparison reports judge-free metrics only; "
+              "use dpn_lens.evaluation.trait.judge_score on generated answers")
+    config = CompareConfig(
+        traits=args.traits or list(TRAITS), methods=args.methods, data_dir=args.data_dir, maps_dir=args.maps,
+        locate_pairs=args.locate_pairs, questionnaire_items=args.items, inventory=args.inventory,
+        statements_per_pole=args.statements, respondents=args.respondents,
+        capability=CapabilitySizes(args.mc_items, args.lambada_items, args.ppl_chunks, args.ppl_tokens,
+                                   args.kl_chunks, args.kl_tokens),
+        gamma=args.gamma, npti_gamma=args.npti_gamma, caa_gamma=args.caa_gamma, npti_prompts=args.npti_prompts,
+        npti_new_tokens=args.npti_tokens, gamma_sweep=args.gamma_sweep, q_sweep=args.q_sweep,
+        sweep_trait=args.sweep_trait)
+    model = load_model(args.model)
+    result = run_comparison(model, config, log=lambda message: print(f"[{time.time() - started:6.0f}s] {message}", flush=True))
+    result["meta"]["command_seconds"] = time.time() - started
+    for path in write_outputs(result, args.out, make_png=not args.no_png):
+        print(f"wrote {path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dpn-lens")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,366 @@
+"""The comparison: every method x trait x direction on trait control and capability, plus sweeps.
+
+Methods (all through the same evaluation code, see ``dpn_lens.baselines``):
+``unsteered``, ``dpn-le`` (mode "both"), ``dense`` (s on all neurons of DPN-LE's layers), ``topk``
+(s on DPN-LE's neuron budget, chosen by |d|), ``npti``, ``caa`` and ``prompting``.
+
+Per row: neurons edited (count, % of all MLP neurons), questionnaire score of the trait and its change,
+statement agreement (high-pole, low-pole, gap) and change, every capability metric and its change.
+``trait_shift`` is the questionnaire change signed by the direction (positive = moved as asked).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from dpn_lens.baselines import (caa_intervention, dense_intervention, npti_intervention, npti_statistics,
+                                persona_prompt, topk_intervention)
+from dpn_lens.data.contrastive import embedded_contrastive_set
+from dpn_lens.evaluation import capability as cap
+from dpn_lens.evaluation import trait as tr
+from dpn_lens.localize import select_neurons
+from dpn_lens.neuron_map import NeuronMap
+from dpn_lens.steering import steering_intervention
+from dpn_lens.traits import TRAITS, normalize_trait
+
+__all__ = ["CompareConfig", "METHODS", "run_comparison", "write_outputs", "relocate"]
+
+METHODS = ("dpn-le", "dense", "topk", "npti", "caa", "prompting")
+DIRECTIONS = ("increase", "decrease")
+
+
+@dataclass
+class CompareConfig:
+    """What to compare and how much data to use (defaults: a quick CPU run).
+
+    Example:
+        >>> CompareConfig(traits=["openness"], questionnaire_items=6).traits
+        ['openness']
+    """
+
+    traits: list[str] = field(default_factory=lambda: list(TRAITS))
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    data_dir: str | None = None
+    maps_dir: str | None = None
+    locate_pairs: int = 100
+    locate_q: float | None = None
+    locate_tau_d: float | None = None
+    questionnaire_items: int = 8
+    inventory: str = "ipip_neo_300_test"
+    statements_per_pole: int = 6
+    respondents: str | None = None
+    capability: cap.CapabilitySizes = field(default_factory=cap.CapabilitySizes.quick)
+    gamma: float = 1.0
+    npti_gamma: float = 1.4
+    caa_gamma: float = 1.0
+    npti_prompts: int = 16
+    npti_new_tokens: int = 24
+    caa_pairs: int = 50
+    gamma_sweep: list[float] = field(default_factory=lambda: [0.0, 0.5, 1.0, 1.5, 2.0])
+    q_sweep: list[float] = field(default_factory=lambda: [0.999, 0.995, 0.97])
+    sweep_trait: str | None = None
+    sweep_methods: list[str] = field(default_factory=lambda: ["dpn-le", "npti", "dense"])
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.traits = [normalize_trait(t) for t in self.traits]
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise ValueError(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+
+
+def relocate(neuron_map: NeuronMap, q: float) -> NeuronMap:
+    """The same map re-selected at quantile ``q`` (the map keeps s and d of every collected layer)."""
+    high, low, tau = {}, {}, {}
+    for layer in neuron_map.layers:
+        row = neuron_map.stat_layers.index(layer)
+        high[layer], low[layer], tau[layer] = select_neurons(neuron_map.steering_value[row], neuron_map.cohens_d[row],
+                                                             q, neuron_map.settings.tau_d)
+    settings = dataclasses.replace(neuron_map.settings, q=q, source="user", reason=f"q sweep: q={q}")
+    return dataclasses.replace(neuron_map, settings=settings, high=high, low=low, tau_q=tau)
+
+
+def _neuron_map(model: Any, trait: str, config: CompareConfig, log) -> NeuronMap:
+    if config.maps_dir:
+        path = Path(config.maps_dir) / f"{trait}.safetensors"
+        if not path.exists():
+            path = Path(config.maps_dir) / "maps" / f"{trait}.safetensors"
+        if path.exists():
+            log(f"{trait}: neuron map from {path}")
+            return NeuronMap.load(path, model=model)
+        log(f"{trait}: no map in {config.maps_dir}; locating on the fly")
+    from dpn_lens.collect import collect_statistics
+    from dpn_lens.localize import locate
+
+    pairs = embedded_contrastive_set(trait, n_pairs=config.locate_pairs, seed=42)
+    return locate(collect_statistics(model, pairs, progress=False), model_name=getattr(model, "dpn_model_name", None),
+                  q=config.locate_q, tau_d=config.locate_tau_d)
+
+
+class _Evaluator:
+    """Evaluates one condition (edit and/or persona) on trait and capability metrics, with shared data."""
+
+    def __init__(self, model: Any, config: CompareConfig):
+        self.model, self.config = model, config
+        items = tr.load_ipip_items(config.data_dir, config.inventory)
+        self.items = {t: [i for i in items if i.trait == t][: config.questionnaire_items] for t in config.traits}
+        self.statements = {t: tr.load_statements(config.data_dir, t, config.statements_per_pole, config.seed)
+                           for t in config.traits}
+        self.suite = cap.load_capability_suite(config.data_dir, config.capability, config.seed)
+
+    def trait_metrics(self, trait: str, edit: Any, persona: Any) -> tuple[dict[str, float], np.ndarray]:
+        answers = tr.answer_items(self.model, self.items[trait], edit, persona)
+        agreement = tr.statement_agreement(self.model, self.statements[trait], edit, persona)
+        return ({"questionnaire": float(answers["keyed"].mean()), "option_mass": float(answers["mass"].mean()),
+                 "statements_high": agreement["high"], "statements_low": agreement["low"],
+                 "statements_gap": agreement["gap"]}, answers["raw"])
+
+    def capability(self, edit: Any, persona: Any, light: bool = False) -> dict[str, float]:
+        prefix = persona.prefix if persona is not None else ""
+        if light:
+            sizes = self.suite.sizes
+            ppl = cap._chunks(self.model, self.suite.ppl_text, sizes.ppl_chunks, sizes.ppl_chunk_tokens)
+            kl_chunks = cap._chunks(self.model, self.suite.ppl_text, sizes.kl_chunks, sizes.kl_chunk_tokens,
+                                    skip_chunks=-(-sizes.ppl_chunks * sizes.ppl_chunk_tokens // sizes.kl_chunk_tokens))
+            reference = self.suite._kl_reference.get(id(self.model))
+            return {"wikitext_ppl": cap.perplexity(self.model, ppl, edit, prefix),
+                    "kl": cap.kl_divergence(self.model, kl_chunks, edit, prefix, reference)}
+        return cap.evaluate_capability(self.model, self.suite, edit, prefix)
+
+
+def _edit(method: str, trait: str, direction: str, gamma: float | None, context: dict[str, Any], model: Any,
+          config: CompareConfig) -> tuple[Any, Any]:
+    """``(edit, persona)`` of one method; exactly one of them is not None."""
+    neuron_map = context["map"]
+    if method == "dpn-le":
+        return steering_intervention(neuron_map, config.gamma if gamma is None else gamma, direction, "both"), None
+    if method == "dense":
+        return dense_intervention(neuron_map, config.gamma if gamma is None else gamma, direction), None
+    if method == "topk":
+        return topk_intervention(neuron_map, config.gamma if gamma is None else gamma, direction), None
+    if method == "npti":
+        return npti_intervention(model, context["npti"], direction, config.npti_gamma if gamma is None else gamma), None
+    if method == "caa":
+        vector = context["caa"]
+        return dataclasses.replace(vector, vector=vector.vector * (1 if direction == "increase" else -1) *
+                                   (config.caa_gamma if gamma is None else gamma),
+                                   label=f"CAA {trait} {direction} L{vector.layer}", _cast={}), None
+    if method == "prompting":
+        return None, persona_prompt(trait, direction)
+    raise ValueError(f"unknown method {method!r}")
+
+
+def run_comparison(model: Any, config: CompareConfig, log=print) -> dict[str, Any]:
+    """Run the comparison and return ``{"rows", "gamma_sweep", "q_sweep", "respondents", "meta"}``.
+
+    Example:
+        >>> result = run_comparison(load_model("smollm2-135m-instruct"), CompareConfig(data_dir="../shared/data"))  # doctest: +SKIP
+    """
+    started = time.time()
+    evaluator = _Evaluator(model, config)
+    n_neurons = int(model.cfg.n_layers) * int(model.cfg.d_mlp)
+    log("unsteered capability")
+    base_capability = evaluator.capability(None, None)
+    rows: list[dict[str, Any]] = []
+    raw_answers: dict[tuple[str, str, str], np.ndarray] = {}
+    base_trait: dict[str, dict[str, float]] = {}
+    for trait in config.traits:
+        base_trait[trait], answers = evaluator.trait_metrics(trait, None, None)
+        for direction in DIRECTIONS:
+            raw_answers[("unsteered", trait, direction)] = answers
+        rows.append({"method": "unsteered", "trait": trait, "direction": "none", "n_edited": 0, "pct_edited": 0.0,
+                     **base_trait[trait], **base_capability, "trait_shift": 0.0, "seconds": 0.0})
+    contexts: dict[str, dict[str, Any]] = {}
+    for trait in config.traits:
+        t0 = time.time()
+        context: dict[str, Any] = {"map": _neuron_map(model, trait, config, log)}
+        if "npti" in config.methods or "npti" in config.sweep_methods:
+            pairs = embedded_contrastive_set(trait, n_pairs=config.npti_prompts, seed=7)
+            context["npti"] = npti_statistics(model, pairs, config.npti_new_tokens)
+        if "caa" in config.methods:
+            context["caa"] = caa_intervention(model, embedded_contrastive_set(trait, config.caa_pairs, seed=42), 1.0)
+        contexts[trait] = context
+        log(f"{trait}: map {context['map'].n_selected()} neurons; baselines prepared in {time.time() - t0:.0f}s")
+        for direction in DIRECTIONS:
+            sign = 1.0 if direction == "increase" else -1.0
+            for method in config.methods:
+                t0 = time.time()
+                edit, persona = _edit(method, trait, direction, None, context, model, config)
+                metrics, answers = evaluator.trait_metrics(trait, edit, persona)
+                raw_answers[(method, trait, direction)] = answers
+                capability = evaluator.capability(edit, persona)
+                n_edited = edit.n_edited if edit is not None else 0
+                row = {"method": method, "trait": trait, "direction": direction, "n_edited": n_edited,
+                       "pct_edited": 100.0 * n_edited / n_neurons, **metrics, **capability,
+                       "trait_shift": sign * (metrics["questionnaire"] - base_trait[trait]["questionnaire"]),
+                       "seconds": time.time() - t0}
+                for key in list(metrics) + list(capability):
+                    base = base_trait[trait].get(key, base_capability.get(key))
+                    row[f"delta_{key}"] = row[key] - base
+                rows.append(row)
+                log(f"{trait} {direction} {method}: q={metrics['questionnaire']:.3f} shift={row['trait_shift']:+.3f} "
+                    f"kl={capability['kl']:.4f} ppl={capability['wikitext_ppl']:.2f} ({row['seconds']:.0f}s)")
+    respondents = _respondent_rows(evaluator, config, raw_answers)
+    sweep_trait = normalize_trait(config.sweep_trait or config.traits[0])
+    gamma_rows, q_rows = [], []
+    if sweep_trait in contexts and (config.gamma_sweep or config.q_sweep):
+        context = contexts[sweep_trait]
+        base_q = base_trait[sweep_trait]["questionnaire"]
+        for method in [m for m in config.sweep_methods if m in ("dpn-le", "npti", "dense", "topk", "caa")]:
+            for gamma in config.gamma_sweep:
+                edit, _ = _edit(method, sweep_trait, "increase", gamma, context, model, config)
+                metrics, _ = evaluator.trait_metrics(sweep_trait, edit, None)
+                gamma_rows.append({"method": method, "trait": sweep_trait, "gamma": gamma, "n_edited": edit.n_edited,
+                                   **metrics, "trait_shift": metrics["questionnaire"] - base_q,
+                                   **evaluator.capability(edit, None, light=True)})
+                log(f"gamma sweep {method} {gamma}: shift={gamma_rows[-1]['trait_shift']:+.3f} kl={gamma_rows[-1]['kl']:.4f}")
+        for q in config.q_sweep:
+            neuron_map = relocate(context["map"], q)
+            edit = steering_intervention(neuron_map, config.gamma, "increase", "both")
+            metrics, _ = evaluator.trait_metrics(sweep_trait, edit, None)
+            q_rows.append({"method": "dpn-le", "trait": sweep_trait, "q": q, "n_edited": edit.n_edited,
+                           "pct_edited": 100.0 * edit.n_edited / n_neurons, **metrics,
+                           "trait_shift": metrics["questionnaire"] - base_q, **evaluator.capability(edit, None, light=True)})
+            log(f"q sweep {q}: n={edit.n_edited} shift={q_rows[-1]['trait_shift']:+.3f} kl={q_rows[-1]['kl']:.4f}")
+    meta = {"model": getattr(model, "dpn_model_name", "model"), "n_mlp_neurons": n_neurons,
+            "config": {k: (dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v)
+                       for k, v in dataclasses.asdict(config).items()},
+            "seconds": time.time() - started}
+    return {"rows": rows, "gamma_sweep": gamma_rows, "q_sweep": q_rows, "respondents": respondents, "meta": meta}
+
+
+def _respondent_rows(evaluator: _Evaluator, config: CompareConfig, raw: dict) -> list[dict[str, Any]]:
+    """Respondent-matching MAE per method (only when the questionnaire is IPIP-NEO-300's test split)."""
+    if config.inventory != "ipip_neo_300_test" or set(config.traits) != set(TRAITS):
+        return []
+    from dpn_lens.data.contrastive import resolve_data_dir
+
+    folder = resolve_data_dir(config.data_dir, "ipip") / "ipip_neo_300"
+    path = Path(config.respondents) if config.respondents else folder / "respondents_sample10.json"
+    respondents = tr.load_respondents(path)
+    train_ids = {str(i) for i in json.loads((folder / "split.json").read_text())["train_index"]}
+    train = [i for i in tr.load_ipip_items(config.data_dir, "ipip_neo_300") if i.id in train_ids]
+    test = [i for t in TRAITS for i in evaluator.items[t]]
+    result = []
+    for method in ["unsteered", *config.methods]:
+        mae = tr.respondent_mae(respondents, train, test, lambda t, d: raw[(method, t, d)])
+        result.append({"method": method, "respondent_mae": mae, "n_respondents": len(respondents),
+                       "n_test_items": len(test)})
+    return result
+
+
+def _markdown(rows: list[dict[str, Any]], columns: Sequence[str]) -> str:
+    def cell(value: Any) -> str:
+        return f"{value:.3g}" if isinstance(value, float) else str(value)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(row.get(c, "")) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def summary_by_method(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean over traits and directions of the main columns, per method."""
+    result = []
+    for method in dict.fromkeys(row["method"] for row in rows):
+        chosen = [r for r in rows if r["method"] == method]
+        entry = {"method": method, "conditions": len(chosen)}
+        for key in ("n_edited", "pct_edited", "trait_shift", "statements_gap", "kl", "wikitext_ppl",
+                    *[m for m in cap.CAPABILITY_METRICS if m not in ("kl", "wikitext_ppl")]):
+            values = [r[key] for r in chosen if key in r]
+            if values:
+                entry[key] = float(np.mean(values))
+        result.append(entry)
+    return result
+
+
+def write_outputs(result: dict[str, Any], out: str | Path, make_png: bool = True) -> list[Path]:
+    """CSV + JSON of every table, a markdown report and plotly figures (HTML, and PNG if kaleido works)."""
+    import csv
+
+    from dpn_lens.io import write_json_atomic, write_text_atomic
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = [write_json_atomic(out / "comparison.json", result)]
+    for name in ("rows", "gamma_sweep", "q_sweep", "respondents"):
+        rows = result[name]
+        if not rows:
+            continue
+        keys = list(dict.fromkeys(k for row in rows for k in row))
+        path = out / f"{name}.csv"
+        with open(path, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows(rows)
+        written.append(path)
+    summary = summary_by_method(result["rows"])
+    main = ["method", "trait", "direction", "n_edited", "pct_edited", "questionnaire", "trait_shift", "statements_gap",
+            "kl", "wikitext_ppl", "lambada_acc", *[f"{t}_acc" for t in cap.MC_TASKS]]
+    text = [f"# Comparison on {result['meta']['model']}", "",
+            f"Run time: {result['meta']['seconds']:.0f} s. Neurons: {result['meta']['n_mlp_neurons']} MLP neurons.", "",
+            "## Mean per method (over traits and directions)", "",
+            _markdown(summary, ["method", "conditions", "n_edited", "pct_edited", "trait_shift", "statements_gap", "kl",
+                                "wikitext_ppl", "lambada_acc", *[f"{t}_acc" for t in cap.MC_TASKS]]), "",
+            "## Every condition", "", _markdown(result["rows"], main), ""]
+    if result["respondents"]:
+        text += ["## Respondent matching (IPIP-NEO-300, MAE, lower is better)", "",
+                 _markdown(result["respondents"], ["method", "respondent_mae", "n_respondents", "n_test_items"]), ""]
+    if result["gamma_sweep"]:
+        text += ["## Gamma sweep", "", _markdown(result["gamma_sweep"], ["method", "gamma", "n_edited", "questionnaire",
+                                                                        "trait_shift", "kl", "wikitext_ppl"]), ""]
+    if result["q_sweep"]:
+        text += ["## q sweep (DPN-LE)", "", _markdown(result["q_sweep"], ["q", "n_edited", "pct_edited", "questionnaire",
+                                                                         "trait_shift", "kl", "wikitext_ppl"]), ""]
+    written.append(write_text_atomic(out / "comparison.md", "\n".join(text)))
+    written += _figures(result, summary, out, make_png)
+    return written
+
+
+def _figures(result: dict[str, Any], summary: list[dict[str, Any]], out: Path, make_png: bool) -> list[Path]:
+    import plotly.graph_objects as go
+
+    figures = {}
+    rows = [r for r in result["rows"] if r["method"] != "unsteered"]
+    scatter = go.Figure()
+    for method in dict.fromkeys(r["method"] for r in rows):
+        chosen = [r for r in rows if r["method"] == method]
+        scatter.add_trace(go.Scatter(x=[r["kl"] for r in chosen], y=[r["trait_shift"] for r in chosen], mode="markers",
+                                     name=method, text=[f"{r['trait']} {r['direction']}" for r in chosen]))
+    scatter.update_layout(title="Trait control vs capability cost (each point: trait x direction)",
+                          xaxis_title="KL(unsteered || steered), nats/token", yaxis_title="questionnaire shift (as asked)")
+    figures["tradeoff"] = scatter
+    if result["gamma_sweep"]:
+        sweep = go.Figure()
+        for method in dict.fromkeys(r["method"] for r in result["gamma_sweep"]):
+            chosen = [r for r in result["gamma_sweep"] if r["method"] == method]
+            sweep.add_trace(go.Scatter(x=[r["kl"] for r in chosen], y=[r["trait_shift"] for r in chosen],
+                                       mode="lines+markers", name=method, text=[f"gamma={r['gamma']}" for r in chosen]))
+        sweep.update_layout(title=f"Gamma sweep ({result['gamma_sweep'][0]['trait']}, increase)",
+                            xaxis_title="KL nats/token", yaxis_title="questionnaire shift")
+        figures["gamma_sweep"] = sweep
+    if result["q_sweep"]:
+        q = result["q_sweep"]
+        qfig = go.Figure([go.Bar(x=[f"q={r['q']} ({r['n_edited']} neurons)" for r in q], y=[r["trait_shift"] for r in q],
+                                 name="questionnaire shift"),
+                          go.Bar(x=[f"q={r['q']} ({r['n_edited']} neurons)" for r in q], y=[r["kl"] for r in q], name="KL")])
+        qfig.update_layout(title="q sweep (DPN-LE, increase)", barmode="group")
+        figures["q_sweep"] = qfig
+    written = []
+    for name, figure in figures.items():
+        figure.update_layout(width=800, height=500)
+        path = out / f"{name}.html"
+        figure.write_html(path, include_plotlyjs="cdn")
+        written.append(path)
+        if make_png:
+            try:
+                figure.write_image(out / f"{name}.png")
+                written.append(out / f"{name}.png")
+            except Exception as error:  # kaleido needs Chromium; the HTML is the primary output
+                print(f"PNG of {name} skipped: {error}")
+    return written

@@ -1,0 +1,150 @@
+"""Log-probabilities of continuations and next tokens, batched, with or without an edit applied.
+
+Every metric of ``dpn_lens.evaluation`` is a function of these two primitives: the log-probability
+of given continuation tokens after a context, and the next-token distribution after a prompt.
+
+Steering note: the DPN-LE edit is applied at decode steps by default (forward passes over one new
+token). A log-probability metric reads the distribution at the last *prompt* token (or at teacher-
+forced continuation tokens), which a decode-only edit never touches; scoring with such an edit would
+measure the unsteered model. ``edited`` therefore switches every edit to ``positions="all"``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Any, Iterator, Sequence
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from dpn_lens.data.prompts import render_for_model
+
+__all__ = ["encode", "edited", "at_all_positions", "continuation_logprobs", "next_token_logprobs",
+           "ContinuationScore"]
+
+
+def encode(model: Any, text: str, add_bos: bool = True) -> list[int]:
+    """Token ids of ``text``; a BOS token is added once (never twice after a chat template)."""
+    tokenizer = model.tokenizer
+    bos = getattr(tokenizer, "bos_token", None)
+    add_special = add_bos and not (bos and text.startswith(bos))
+    return list(tokenizer(text, add_special_tokens=add_special)["input_ids"])
+
+
+def render(model: Any, user_text: str, chat: bool | None = None) -> str:
+    """The prompt as the model sees it: chat template for chat models (see ``render_for_model``)."""
+    return render_for_model(model, user_text, chat=chat)
+
+
+def at_all_positions(edit: Any) -> Any:
+    """A copy of ``edit`` that acts at every position (see the module note); ``None`` stays ``None``."""
+    if edit is None or getattr(edit, "positions", "all") == "all":
+        return edit
+    return dataclasses.replace(edit, positions="all")
+
+
+@contextlib.contextmanager
+def edited(model: Any, edit: Any = None) -> Iterator[Any]:
+    """Run the model with ``edit`` (an ``Intervention`` or any object with ``fwd_hooks()``) at all positions.
+
+    ``None`` runs the model unchanged. Hooks are removed on exit, also after an exception.
+
+    Example:
+        >>> with edited(model, intervention):               # doctest: +SKIP
+        ...     logprobs = next_token_logprobs(model, [ids])
+    """
+    from dpn_lens.baselines.apply import apply_edit
+
+    with apply_edit(model, at_all_positions(edit)):
+        yield model
+
+
+def _pad_id(model: Any) -> int:
+    for candidate in (getattr(model.tokenizer, "pad_token_id", None), getattr(model.tokenizer, "eos_token_id", None)):
+        if isinstance(candidate, int):
+            return candidate
+    return 0
+
+
+def _batched_logits(model: Any, token_lists: Sequence[list[int]], batch_tokens: int
+                    ) -> Iterator[tuple[int, Float[Tensor, "pos vocab"]]]:
+    """``(index, logits of that sequence)`` for every sequence, batched longest-first, right-padded.
+
+    Right padding keeps every real token at the position it has unbatched, so results do not depend
+    on the batch (pads come after the tokens and causal attention never looks forward).
+    """
+    order = sorted(range(len(token_lists)), key=lambda i: -len(token_lists[i]))
+    device = getattr(model.cfg, "device", None) or "cpu"
+    start = 0
+    while start < len(order):
+        longest = len(token_lists[order[start]])
+        chunk = order[start:start + max(1, batch_tokens // max(longest, 1))]
+        start += len(chunk)
+        ids = torch.full((len(chunk), longest), _pad_id(model), dtype=torch.long)
+        mask = torch.zeros((len(chunk), longest), dtype=torch.long)
+        for row, index in enumerate(chunk):
+            ids[row, :len(token_lists[index])] = torch.tensor(token_lists[index])
+            mask[row, :len(token_lists[index])] = 1
+        with torch.inference_mode():
+            logits = model(ids.to(device), attention_mask=mask.to(device))
+        for row, index in enumerate(chunk):
+            yield index, logits[row, :len(token_lists[index])].float().cpu()
+
+
+@dataclasses.dataclass
+class ContinuationScore:
+    """Log-probabilities of one continuation's tokens (teacher-forced after its context).
+
+    Attributes:
+        token_logprobs: ``[n_cont]`` log P(token_t | context, tokens_<t).
+        greedy: ``[n_cont]`` whether each token is the argmax of its distribution.
+        distributions: ``[n_cont, vocab]`` full log-softmax (only when asked for).
+    """
+
+    token_logprobs: Float[Tensor, "n_cont"]
+    greedy: Tensor
+    distributions: Float[Tensor, "n_cont vocab"] | None = None
+
+    @property
+    def total(self) -> float:
+        return float(self.token_logprobs.sum())
+
+
+def continuation_logprobs(model: Any, contexts: Sequence[list[int]], continuations: Sequence[list[int]],
+                          full: bool = False, batch_tokens: int = 2048) -> list[ContinuationScore]:
+    """Score ``continuations[i]`` after ``contexts[i]`` (token ids) in one batched pass.
+
+    Example:
+        >>> ctx, cont = encode(model, "The sky is"), encode(model, " blue", add_bos=False)   # doctest: +SKIP
+        >>> continuation_logprobs(model, [ctx], [cont])[0].total                            # doctest: +SKIP
+        -2.31
+    """
+    if len(contexts) != len(continuations):
+        raise ValueError(f"{len(contexts)} contexts but {len(continuations)} continuations; pass one of each per item")
+    for index, (context, continuation) in enumerate(zip(contexts, continuations)):
+        if not context:
+            raise ValueError(f"item #{index} has an empty context; it needs at least a BOS token to condition on")
+        if not continuation:
+            raise ValueError(f"item #{index} has an empty continuation; there is nothing to score")
+    sequences = [list(c) + list(t) for c, t in zip(contexts, continuations)]
+    results: list[ContinuationScore | None] = [None] * len(sequences)
+    for index, logits in _batched_logits(model, sequences, batch_tokens):
+        n_context, target = len(contexts[index]), torch.tensor(continuations[index])
+        # The logits at position p predict token p+1, so the continuation is read one step earlier.
+        logprobs = torch.log_softmax(logits[n_context - 1:-1], dim=-1)
+        results[index] = ContinuationScore(logprobs.gather(1, target[:, None]).squeeze(1),
+                                           logprobs.argmax(-1) == target, logprobs if full else None)
+    return results  # type: ignore[return-value]
+
+
+def next_token_logprobs(model: Any, prompts: Sequence[list[int]], batch_tokens: int = 2048
+                        ) -> Float[Tensor, "n vocab"]:
+    """Log-softmax of the next token after each prompt (token ids), ``[n_prompts, vocab]``."""
+    if not prompts:
+        raise ValueError("no prompts given")
+    rows: list[Tensor | None] = [None] * len(prompts)
+    for index, logits in _batched_logits(model, prompts, batch_tokens):
+        rows[index] = torch.log_softmax(logits[-1], dim=-1)
+    return torch.stack(rows)  # type: ignore[arg-type]

@@ -1,0 +1,105 @@
+"""``dpn-lens study layers|overlap|multifunction|all``: every study figure and table from a run folder.
+
+Example:
+    $ dpn-lens study all --run runs/demo --out figures --data-dir ../shared/data
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+__all__ = ["register", "main"]
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run", required=True, help="run folder holding maps/<trait>.safetensors and stats/")
+    parser.add_argument("--out", default="figures", help="folder for figures and tables (default: figures/)")
+    parser.add_argument("--no-png", action="store_true", help="write HTML only (PNG export needs Chromium)")
+    parser.add_argument("--plotlyjs", choices=("cdn", "directory"), default="cdn",
+                        help="HTML loads plotly.js from the CDN (default) or one shared plotly.min.js in --out")
+
+
+def _layers_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--top", type=int, default=10, help="top neurons per trait and pole in the table (default 10)")
+
+
+def _multifunction_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", default=os.environ.get("DPN_LENS_DATA"),
+                        help="data folder holding capability/ (default: $DPN_LENS_DATA)")
+    parser.add_argument("--model", default=None,
+                        help="model the maps were located on (default: the run's summary.json, else smollm2-135m-instruct)")
+    parser.add_argument("--dtype", default=None, help="model dtype (default float32)")
+    parser.add_argument("--device", default=None, help="device for the model (default cpu)")
+    parser.add_argument("--n-text", type=int, default=8, help="WikiText-2 windows for attribution (default 8)")
+    parser.add_argument("--n-questions", type=int, default=32, help="MMLU + ARC questions for attribution (default 32)")
+    parser.add_argument("--n-held-out", type=int, default=8, help="held-out WikiText-2 windows for costs (default 8)")
+    parser.add_argument("--window", type=int, default=128, help="tokens per text window (default 128)")
+    parser.add_argument("--capability-fraction", type=float, default=0.02,
+                        help="capability neurons = this top fraction of each layer by attribution (default 0.02)")
+    parser.add_argument("--gamma", type=float, default=0.8, help="edit strength for the edit cost (default 0.8)")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-random-control", action="store_true", help="skip the random-set ablation control")
+
+
+def register(subparsers: Any) -> argparse.ArgumentParser:
+    """Add ``study`` (with ``layers``, ``overlap``, ``multifunction``, ``all``) to a subparsers object."""
+    study = subparsers.add_parser("study", help="layer-wise, overlap and multifunctionality studies of a run",
+                                  description=__doc__.split("\n\n")[0])
+    inner = study.add_subparsers(dest="study", required=True, metavar="{layers,overlap,multifunction,all}")
+    for name, help_text, extras in (
+            ("layers", "neuron counts, d and s per layer, top neurons", [_layers_options]),
+            ("overlap", "overlap and mutual exclusivity of pole sets, steering-vector correlation", []),
+            ("multifunction", "capability neurons and ablation/edit costs of personality sets", [_multifunction_options]),
+            ("all", "all three studies", [_layers_options, _multifunction_options])):
+        parser = inner.add_parser(name, help=help_text, description=help_text)
+        _common(parser)
+        for add in extras:
+            add(parser)
+        parser.set_defaults(func=run_study)
+    return study
+
+
+def _model_name(args: argparse.Namespace, run: Any) -> str:
+    if args.model:
+        return args.model
+    return run.model_name or "smollm2-135m-instruct"
+
+
+def run_study(args: argparse.Namespace) -> int:
+    """Run the chosen study (``args.study``) and print where the files went."""
+    from dpn_lens.studies.report import layers_study, multifunction_study, overlap_study_report
+    from dpn_lens.studies.run import load_run
+
+    run = load_run(args.run)
+    common = {"png": not args.no_png, "plotlyjs": args.plotlyjs}
+    if args.study in ("layers", "all"):
+        layers_study(run, args.out, top=args.top, **common)
+    if args.study in ("overlap", "all"):
+        overlap_study_report(run, args.out, **common)
+    if args.study in ("multifunction", "all"):
+        from dpn_lens.models import load_model
+
+        if not args.data_dir:
+            raise SystemExit("error: the multifunction study needs the capability data: pass --data-dir "
+                             "(the folder holding capability/) or set $DPN_LENS_DATA")
+        model = load_model(_model_name(args, run), dtype=args.dtype, device=args.device)
+        multifunction_study(run, args.out, model, args.data_dir, n_text=args.n_text,
+                            n_multiple_choice=args.n_questions, n_held_out=args.n_held_out, window=args.window,
+                            fraction=args.capability_fraction, gamma=args.gamma, batch_size=args.batch_size,
+                            seed=args.seed, random_control=not args.no_random_control, **common)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry point (``python -m dpn_lens.studies.cli study all --run ...``)."""
+    parser = argparse.ArgumentParser(prog="dpn-lens")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,218 @@
+"""Run each study on a run folder and write its figures (HTML + PNG) and tables (CSV + Markdown + JSON).
+
+Example:
+    >>> run = load_run("runs/demo")                                   # doctest: +SKIP
+    >>> summary = layers_study(run, "figures")                        # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+from typing import Any, Callable, Literal, Sequence
+
+import numpy as np
+
+from dpn_lens import figures
+from dpn_lens.io import write_json_atomic, write_text_atomic
+from dpn_lens.studies import layers as layer_study
+from dpn_lens.studies import overlap as overlap_study
+from dpn_lens.studies.run import METHODS, NeuronSet, Run, alternative_sets, pole_sets
+
+__all__ = ["write_table", "layers_study", "overlap_study_report", "multifunction_study"]
+
+PlotlyJs = Literal["cdn", "directory"]
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        if math.isnan(value):
+            return ""
+        return f"{value:.4g}"
+    return str(value)
+
+
+def write_table(rows: Sequence[dict], folder: str | Path, name: str, markdown: bool = True) -> list[Path]:
+    """Write ``rows`` as ``name.csv`` (full precision) and, with ``markdown``, ``name.md`` (4 digits)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    path = folder / f"{name}.csv"
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    paths = [path]
+    if markdown:
+        lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+        lines += ["| " + " | ".join(_cell(row.get(c, "")) for c in columns) + " |" for row in rows]
+        paths.append(write_text_atomic(folder / f"{name}.md", "\n".join(lines) + "\n"))
+    return paths
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (np.floating, np.integer)):
+        return _jsonable(value.item())
+    return value
+
+
+def _say(log: Callable[[str], None] | None, text: str) -> None:
+    if log:
+        log(text)
+
+
+def layers_study(run: Run, out: str | Path, top: int = 10, png: bool = True, plotlyjs: PlotlyJs = "cdn",
+                 log: Callable[[str], None] | None = print) -> dict:
+    """Counts per layer, d/s quantiles per layer, top neurons; bar figure and one d-vs-|s| scatter per trait."""
+    out = Path(out)
+    counts = layer_study.layer_counts(run.maps)
+    write_table(counts, out, "layers_counts")
+    write_table(layer_study.layer_value_quantiles(run.maps), out, "layers_value_quantiles")
+    write_table(layer_study.top_neurons(run.maps, top), out, "layers_top_neurons")
+    figures.save_figure(figures.layer_distribution_figure(counts), out, "layers_distribution", png, plotlyjs)
+    for trait, neuron_map in run.maps.items():
+        figures.save_figure(figures.d_s_scatter_figure(neuron_map), out, f"layers_d_vs_s_{trait}", png, plotlyjs)
+    summary = {}
+    for trait, neuron_map in run.maps.items():
+        per_layer = neuron_map.counts_per_layer()
+        busiest = max(per_layer, key=lambda l: sum(per_layer[l]))
+        summary[trait] = {"high": neuron_map.n_selected("high"), "low": neuron_map.n_selected("low"),
+                          "layers": neuron_map.settings.layer_range, "q": neuron_map.settings.q,
+                          "tau_d": neuron_map.settings.tau_d, "fraction": neuron_map.fraction_selected(),
+                          "busiest_layer": busiest, "busiest_layer_count": sum(per_layer[busiest])}
+    write_json_atomic(out / "layers_summary.json", _jsonable(summary))
+    _say(log, f"layers: wrote counts, quantiles, top neurons and {1 + len(run.maps)} figures to {out}")
+    return summary
+
+
+def _all_sets(run: Run, methods: Sequence[str]) -> dict[str, list[NeuronSet]]:
+    return {method: [s for m in run.maps.values() for s in alternative_sets(m, method)] for method in methods}
+
+
+def overlap_study_report(run: Run, out: str | Path, methods: Sequence[str] = METHODS[:3], png: bool = True,
+                         plotlyjs: PlotlyJs = "cdn", log: Callable[[str], None] | None = print) -> dict:
+    """Pole-set overlap (Jaccard, overlap coefficient, p-values), per-layer overlap, UpSet plot,
+    within-trait exclusivity for each selection method, and cross-trait steering-vector correlation."""
+    out = Path(out)
+    sets = [s for m in run.maps.values() for s in pole_sets(m)]
+    names = [s.name for s in sets]
+    pairs = overlap_study.pairwise_overlap(sets)
+    write_table(pairs, out, "overlap_pairs")
+    per_layer = overlap_study.per_layer_overlap(sets)
+    write_table(per_layer, out, "overlap_per_layer", markdown=False)
+    pvalues = overlap_study.overlap_matrix(pairs, names, "p_value_layer_matched")
+    for key, label in (("jaccard", "Jaccard"), ("overlap_coef", "overlap coefficient")):
+        matrix = overlap_study.overlap_matrix(pairs, names, key)
+        np.savetxt(out / f"overlap_{key}_matrix.csv", matrix, delimiter=",", header=",".join(names), fmt="%.6g")
+        fig = figures.overlap_heatmap_figure(matrix, names, f"{label} of the DPN-LE pole sets", label, pvalues=pvalues)
+        figures.save_figure(fig, out, f"overlap_{key}_heatmap", png, plotlyjs)
+    figures.save_figure(figures.upset_figure(sets), out, "overlap_upset", png, plotlyjs)
+    figures.save_figure(figures.layer_jaccard_figure(per_layer), out, "overlap_jaccard_per_layer", png, plotlyjs)
+
+    correlations = overlap_study.steering_correlations(run.maps)
+    write_table(correlations, out, "overlap_steering_correlation", markdown=False)
+    figures.save_figure(figures.steering_correlation_figure(correlations), out, "overlap_steering_correlation",
+                        png, plotlyjs)
+
+    summary: dict[str, Any] = {}
+    cross = [r for r in pairs if r["set_a"] != r["set_b"] and r["set_a"].split()[0] != r["set_b"].split()[0]]
+    within = [r for r in pairs if r["set_a"] != r["set_b"] and r["set_a"].split()[0] == r["set_b"].split()[0]]
+    summary["within_trait_overlap"] = {r["set_a"].split()[0]: r["overlap"] for r in within}
+    summary["cross_trait_pairs"] = [
+        {k: r[k] for k in ("set_a", "set_b", "overlap", "jaccard", "overlap_coef", "expected_layer_matched",
+                           "p_value", "p_value_layer_matched", "p_bonferroni")}
+        for r in sorted(cross, key=lambda r: -r["overlap"]) if r["overlap"] > 0]
+    summary["n_cross_pairs_significant_bonferroni"] = sum(1 for r in cross if r["p_bonferroni"] < 0.05)
+    searched = [r for r in correlations if r["searched"]]
+    by_pair: dict[str, list[float]] = {}
+    for r in searched:
+        by_pair.setdefault(f"{r['trait_a']} & {r['trait_b']}", []).append(r["r"])
+    summary["mean_steering_correlation_searched_layers"] = {k: float(np.nanmean(v)) for k, v in by_pair.items()}
+
+    if run.stats:
+        run.require_stats("exclusivity")
+        points, exclusivity = [], []
+        for trait, neuron_map in run.maps.items():
+            trait_sets = [s for method in methods for s in alternative_sets(neuron_map, method)]
+            points += overlap_study.exclusivity_points(neuron_map, run.stats[trait], trait_sets)
+            exclusivity += overlap_study.pole_exclusivity(neuron_map, run.stats[trait], trait_sets)
+        write_table(exclusivity, out, "overlap_exclusivity")
+        write_table(points, out, "overlap_exclusivity_neurons", markdown=False)
+        figures.save_figure(figures.exclusivity_figure(points, methods), out, "overlap_exclusivity", png, plotlyjs)
+        summary["exclusivity_mean_over_traits"] = {
+            f"{method} {pole}": {key: float(np.nanmean([r[key] for r in exclusivity
+                                                        if r["method"] == method and r["pole"] == pole]))
+                                 for key in ("n", "frac_own_stronger", "median_other_over_own", "median_abs_d",
+                                             "frac_weak_d", "frac_small_s", "mean_distribution_overlap")}
+            for method in methods for pole in ("high", "low")}
+    else:
+        _say(log, f"overlap: no statistics in {run.folder / 'stats'}; skipping the exclusivity part")
+    write_json_atomic(out / "overlap_summary.json", _jsonable(summary))
+    _say(log, f"overlap: wrote pair, per-layer, exclusivity and correlation tables and figures to {out}")
+    return summary
+
+
+def multifunction_study(run: Run, out: str | Path, model: Any, data_dir: str | Path | None = None,
+                        n_text: int = 8, n_multiple_choice: int = 32, n_held_out: int = 8, window: int = 128,
+                        fraction: float = 0.02, gamma: float = 0.8, batch_size: int = 4, seed: int = 0,
+                        methods: Sequence[str] = METHODS, random_control: bool = True, png: bool = True,
+                        plotlyjs: PlotlyJs = "cdn", log: Callable[[str], None] | None = print) -> dict:
+    """Capability attribution, capability-neuron overlap of each personality set, and ablation/edit costs."""
+    import torch
+
+    from dpn_lens.studies import multifunction as mf
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for neuron_map in run.maps.values():
+        neuron_map.check_compatible(model)
+    data = mf.load_capability_data(model, data_dir, n_text, n_multiple_choice, n_held_out, window, seed)
+    _say(log, f"multifunction: attributing over {len(data.text)} text windows and {len(data.multiple_choice)} questions")
+    attribution = mf.capability_attribution(model, data, batch_size=batch_size)
+    combined = attribution["combined"]
+    capability = mf.capability_neurons(combined, fraction)
+    from safetensors.torch import save_file
+
+    save_file({k: v.float().contiguous() for k, v in attribution.items()}, str(out / "multifunction_attribution.safetensors"))
+    # One set per trait and method: both poles together, the neurons a "both"-mode edit touches.
+    union_sets = []
+    for method in methods:
+        for trait, neuron_map in run.maps.items():
+            high, low = alternative_sets(neuron_map, method)
+            neurons = {l: torch.cat([high.neurons.get(l, torch.zeros(0, dtype=torch.long)),
+                                     low.neurons.get(l, torch.zeros(0, dtype=torch.long))]) for l in neuron_map.layers}
+            union_sets.append(NeuronSet(f"{trait} [{method}]", neurons, neuron_map.d_mlp, trait, "both", method))
+    pole_level = [s for method in methods for m in run.maps.values() for s in alternative_sets(m, method)]
+    overlap_rows = mf.capability_overlap(union_sets + pole_level, capability, combined)
+    write_table(overlap_rows, out, "multifunction_capability_overlap")
+    figures.save_figure(figures.capability_fraction_figure([r for r in overlap_rows if r["pole"] == "both"], fraction),
+                        out, "multifunction_capability_fraction", png, plotlyjs)
+    steering = {trait: (m.steering_value, m.stat_layers) for trait, m in run.maps.items()}
+    costs = mf.set_costs(model, data.held_out, union_sets, steering, gamma, random_control, seed, batch_size,
+                         progress=(lambda name: _say(log, f"multifunction: costs of {name}")))
+    write_table(costs, out, "multifunction_costs")
+    figures.save_figure(figures.capability_cost_figure(costs), out, "multifunction_costs", png, plotlyjs)
+    summary = {"data": data.description, "capability_fraction_per_layer": fraction, "gamma": gamma,
+               "baseline_loss": costs[0]["baseline_loss"] if costs else None, "by_method": {}}
+    for method in methods:
+        mine = [r for r in overlap_rows if r["method"] == method and r["pole"] == "both"]
+        cost = [r for r in costs if r["method"] == method]
+        n_total = sum(r["n"] for r in mine)
+        summary["by_method"][method] = {
+            "mean_set_size": n_total / len(mine) if mine else 0,
+            "capability_fraction_pooled": sum(r["n_capability"] for r in mine) / n_total if n_total else None,
+            "chance": fraction, "mean_percentile": float(np.nanmean([r["mean_percentile"] for r in mine])),
+            "mean_ablation_cost": float(np.mean([r["ablation_cost"] for r in cost])) if cost else None,
+            "mean_edit_cost": float(np.mean([r["edit_cost"] for r in cost])) if cost else None,
+            "mean_random_ablation_cost": float(np.mean([r["random_ablation_cost"] for r in cost]))
+            if cost and "random_ablation_cost" in cost[0] else None}
+    write_json_atomic(out / "multifunction_summary.json", _jsonable(summary))
+    _say(log, f"multifunction: wrote attribution, overlap and cost tables and figures to {out}")
+    return summary

@@ -1,0 +1,201 @@
+"""Reading a run directory and the neuron sets the studies compare.
+
+A run directory (written by ``dpn-lens demo`` / ``dpn-lens locate``) holds::
+
+    RUN_DIR/maps/<trait>.safetensors   (+ <trait>.json)   NeuronMap per trait
+    RUN_DIR/stats/<trait>.safetensors                     ContrastStatistics per trait (optional here)
+    RUN_DIR/summary.json                                  what produced the run (optional here)
+
+A ``NeuronSet`` is one named set of ``(layer, neuron)`` pairs, e.g. the high pole of Openness. Besides
+the DPN-LE pole sets read from the maps, ``alternative_sets`` builds sets chosen *without* the dual
+criterion from the same s and d, so the studies can show what the criterion changes:
+
+* ``top|d|``: per layer, the ``k`` neurons of largest |d| (``k`` = that layer's DPN-LE budget, high + low),
+  split into poles by the sign of d; no magnitude criterion.
+* ``|s|-only``: per layer, all neurons with ``|s| > tau_q`` (the same q), split by the sign of s; no
+  effect-size criterion.
+* ``q=0.97``: the dual criterion with the denser q of the paper's ablation (3% per layer).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from jaxtyping import Int
+from torch import Tensor
+
+from dpn_lens.localize import select_neurons
+from dpn_lens.neuron_map import NeuronMap
+from dpn_lens.statistics import ContrastStatistics
+from dpn_lens.traits import TRAITS
+
+__all__ = ["Run", "NeuronSet", "load_run", "pole_sets", "alternative_sets", "METHODS", "random_layer_matched_set"]
+
+METHODS: tuple[str, ...] = ("DPN-LE", "top|d|", "|s|-only", "q=0.97")
+"""Set-selection methods the studies compare; ``DPN-LE`` is the paper's dual criterion."""
+
+
+@dataclass
+class NeuronSet:
+    """A named set of MLP neurons: ``neurons[layer]`` holds sorted neuron indices of that layer.
+
+    Example:
+        >>> a = NeuronSet("a", {3: torch.tensor([1, 5])}, d_mlp=8, trait="openness", pole="high")
+        >>> a.size, sorted(a.pairs())
+        (2, [(3, 1), (3, 5)])
+    """
+
+    name: str
+    neurons: dict[int, Int[Tensor, "n"]]
+    d_mlp: int
+    trait: str = ""
+    pole: str = ""
+    method: str = "DPN-LE"
+
+    def __post_init__(self) -> None:
+        cleaned = {}
+        for layer, indices in self.neurons.items():
+            indices = torch.as_tensor(indices, dtype=torch.long).flatten().unique(sorted=True)
+            if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= self.d_mlp):
+                raise ValueError(f"set {self.name!r}: layer {layer} has neuron indices outside 0..{self.d_mlp - 1}")
+            cleaned[int(layer)] = indices
+        self.neurons = dict(sorted(cleaned.items()))
+
+    @property
+    def layers(self) -> list[int]:
+        return list(self.neurons)
+
+    @property
+    def size(self) -> int:
+        return sum(int(indices.numel()) for indices in self.neurons.values())
+
+    def layer_size(self, layer: int) -> int:
+        return int(self.neurons[layer].numel()) if layer in self.neurons else 0
+
+    def pairs(self, layers: Iterable[int] | None = None) -> set[tuple[int, int]]:
+        """``{(layer, neuron)}``, optionally restricted to ``layers``."""
+        keep = None if layers is None else set(layers)
+        return {(layer, int(i)) for layer, indices in self.neurons.items()
+                if keep is None or layer in keep for i in indices.tolist()}
+
+    def mask(self, layer: int) -> Tensor:
+        """Boolean ``[d_mlp]`` membership of one layer."""
+        result = torch.zeros(self.d_mlp, dtype=torch.bool)
+        if layer in self.neurons:
+            result[self.neurons[layer]] = True
+        return result
+
+    def __repr__(self) -> str:
+        return f"NeuronSet({self.name!r}, size={self.size}, layers={len(self.neurons)})"
+
+
+@dataclass
+class Run:
+    """The neuron maps (and, when present, statistics) of one model, keyed by trait."""
+
+    folder: Path
+    maps: dict[str, NeuronMap]
+    stats: dict[str, ContrastStatistics] = field(default_factory=dict)
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def traits(self) -> list[str]:
+        return list(self.maps)
+
+    @property
+    def model_name(self) -> str:
+        return str(self.summary.get("model") or self.summary.get("model_name") or "")
+
+    def require_stats(self, study: str) -> None:
+        missing = [trait for trait in self.maps if trait not in self.stats]
+        if missing:
+            raise FileNotFoundError(
+                f"the {study} study needs the contrast statistics of {', '.join(missing)}; expected "
+                f"{self.folder / 'stats'}/<trait>.safetensors (written by `dpn-lens locate` / `dpn-lens demo`)")
+
+
+def load_run(folder: str | Path) -> Run:
+    """Load ``folder/maps/*.safetensors`` and ``folder/stats/*.safetensors`` (Big Five order first).
+
+    Example:
+        >>> run = load_run("runs/demo")          # doctest: +SKIP
+        >>> run.traits                            # doctest: +SKIP
+        ['openness', 'conscientiousness', 'extraversion', 'agreeableness', 'neuroticism']
+    """
+    folder = Path(folder)
+    map_dir = folder / "maps"
+    files = sorted(map_dir.glob("*.safetensors")) if map_dir.is_dir() else []
+    if not files:
+        raise FileNotFoundError(f"no neuron maps in {map_dir}; pass --run the folder written by `dpn-lens demo` or "
+                                "`dpn-lens locate` (it holds maps/<trait>.safetensors)")
+    maps = {}
+    for path in files:
+        neuron_map = NeuronMap.load(path)
+        maps[neuron_map.trait] = neuron_map
+    order = {trait: i for i, trait in enumerate(TRAITS)}
+    maps = dict(sorted(maps.items(), key=lambda item: (order.get(item[0], len(order)), item[0])))
+    d_mlps = {m.d_mlp for m in maps.values()}
+    if len(d_mlps) > 1:
+        raise ValueError(f"the maps in {map_dir} come from models of different widths {sorted(d_mlps)}; "
+                         "put each model's maps in its own run folder")
+    stats = {}
+    for trait in maps:
+        path = folder / "stats" / f"{trait}.safetensors"
+        if path.exists():
+            stats[trait] = ContrastStatistics.load(path)
+    summary_path = folder / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    return Run(folder, maps, stats, summary)
+
+
+def pole_sets(neuron_map: NeuronMap) -> list[NeuronSet]:
+    """The DPN-LE high and low sets of a map, named ``"<trait> high"`` / ``"<trait> low"``."""
+    return [NeuronSet(f"{neuron_map.trait} {pole}", neuron_map.pole(pole), neuron_map.d_mlp,
+                      neuron_map.trait, pole, "DPN-LE") for pole in ("high", "low")]
+
+
+def _rows(neuron_map: NeuronMap) -> list[tuple[int, int]]:
+    return [(layer, neuron_map.stat_layers.index(layer)) for layer in neuron_map.layers]
+
+
+def alternative_sets(neuron_map: NeuronMap, method: str) -> list[NeuronSet]:
+    """High and low sets of ``neuron_map``'s trait chosen by ``method`` (see the module docstring).
+
+    ``method`` is one of ``METHODS``, or ``"q=<value>"`` for the dual criterion at another q.
+
+    Example:
+        >>> high, low = alternative_sets(neuron_map, "top|d|")   # doctest: +SKIP
+    """
+    if method == "DPN-LE":
+        return pole_sets(neuron_map)
+    high: dict[int, Tensor] = {}
+    low: dict[int, Tensor] = {}
+    for layer, row in _rows(neuron_map):
+        s, d = neuron_map.steering_value[row].double(), neuron_map.cohens_d[row].double()
+        if method == "top|d|":
+            budget = int(neuron_map.high[layer].numel() + neuron_map.low[layer].numel())
+            top = torch.argsort(d.abs(), descending=True, stable=True)[:budget]
+            high[layer], low[layer] = top[d[top] > 0], top[d[top] < 0]
+        elif method == "|s|-only":
+            passes = s.abs() > neuron_map.tau_q[layer]
+            high[layer] = torch.nonzero(passes & (s > 0)).flatten()
+            low[layer] = torch.nonzero(passes & (s < 0)).flatten()
+        elif method.startswith("q="):
+            q = float(method[2:])
+            high[layer], low[layer], _ = select_neurons(s, d, q, neuron_map.settings.tau_d)
+        else:
+            raise ValueError(f"unknown set method {method!r}; use one of {', '.join(METHODS)}")
+    return [NeuronSet(f"{neuron_map.trait} {pole} [{method}]", sets, neuron_map.d_mlp, neuron_map.trait, pole, method)
+            for pole, sets in (("high", high), ("low", low))]
+
+
+def random_layer_matched_set(reference: NeuronSet, generator: torch.Generator, name: str = "") -> NeuronSet:
+    """A uniformly random set with the same number of neurons in each layer as ``reference``."""
+    neurons = {layer: torch.randperm(reference.d_mlp, generator=generator)[:indices.numel()]
+               for layer, indices in reference.neurons.items()}
+    return NeuronSet(name or f"random ~ {reference.name}", neurons, reference.d_mlp, reference.trait,
+                     reference.pole, "random")

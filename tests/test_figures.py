@@ -1,0 +1,87 @@
+"""Figures build with the expected traces, hover shows layer/neuron/d/s, files are small and PNGs render."""
+
+from __future__ import annotations
+
+import shutil
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from _studies_helpers import make_map
+from dpn_lens import figures
+from dpn_lens.studies import NeuronSet, layer_counts, pairwise_overlap, per_layer_overlap, pole_sets
+
+
+@pytest.fixture
+def maps():
+    return {"openness": make_map("openness", {2: [0, 1, 2], 3: [4]}, {2: [5]}, [2, 3]),
+            "extraversion": make_map("extraversion", {2: [1, 2], 3: [9]}, {3: [4]}, [2, 3])}
+
+
+def test_layer_distribution_has_one_bar_trace_per_trait_and_pole(maps):
+    fig = figures.layer_distribution_figure(layer_counts(maps))
+    names = [t.name for t in fig.data]
+    assert names == ["Openness high", "Openness low", "Extraversion high", "Extraversion low"]
+    openness_low = fig.data[1]
+    assert list(openness_low.x) == [2, 3] and list(openness_low.y) == [-1, 0]   # low pole drawn downwards
+    assert fig.layout.title.text and fig.layout.xaxis2.title.text == "layer"
+
+
+def test_d_s_scatter_highlights_selected_neurons_with_hover(maps):
+    neuron_map = maps["openness"]
+    fig = figures.d_s_scatter_figure(neuron_map)
+    high = [t for t in fig.data if t.name == "Openness high"]
+    assert len(high) == 2                                          # one per searched layer
+    assert sorted(np.asarray(high[0].customdata)[:, 1].astype(int).tolist()) == [0, 1, 2]
+    assert all(key in high[0].hovertemplate for key in ("layer", "neuron", "d =", "s ="))
+    # thresholds: one tau_q line and two tau_d lines per layer
+    assert len(fig.layout.shapes) == 3 * len(neuron_map.layers)
+    with pytest.raises(ValueError, match="not searched"):
+        figures.d_s_scatter_figure(neuron_map, layers=[0])
+
+
+def test_upset_bars_count_exclusive_combinations():
+    a = NeuronSet("a", {0: torch.tensor([0, 1, 2, 3])}, 10)
+    b = NeuronSet("b", {0: torch.tensor([2, 3, 4])}, 10)
+    c = NeuronSet("c", {0: torch.tensor([3, 9])}, 10)
+    fig = figures.upset_figure([a, b, c])
+    bars = fig.data[0]
+    got = Counter(dict(zip(bars.customdata, bars.y)))
+    # only a: {0,1}; only b: {4}; only c: {9}; a&b: {2}; a&b&c: {3}
+    assert got == Counter({"a": 2, "b": 1, "c": 1, "a & b": 1, "a & b & c": 1})
+
+
+def test_heatmap_and_curves_carry_values(maps):
+    sets = [s for m in maps.values() for s in pole_sets(m)]
+    names = [s.name for s in sets]
+    from dpn_lens.studies import overlap_matrix
+
+    rows = pairwise_overlap(sets)
+    fig = figures.overlap_heatmap_figure(overlap_matrix(rows, names), names, "Jaccard",
+                                         pvalues=overlap_matrix(rows, names, "p_value_layer_matched"))
+    assert np.allclose(np.asarray(fig.data[0].z, dtype=float), overlap_matrix(rows, names), equal_nan=True)
+    assert fig.data[0].text[0][0].startswith("1.00")
+    curves = figures.layer_jaccard_figure(per_layer_overlap(sets))
+    assert {t.name for t in curves.data} >= {"openness high & extraversion high"}
+
+
+def test_save_figure_writes_small_html_without_bundle(tmp_path, maps):
+    fig = figures.layer_distribution_figure(layer_counts(maps))
+    [html] = figures.save_figure(fig, tmp_path, "dist", png=False)
+    text = html.read_text()
+    assert html.stat().st_size < 50_000 and "cdn.plot.ly" in text
+    [html] = figures.save_figure(fig, tmp_path / "offline", "dist", png=False, plotlyjs="directory")
+    assert (tmp_path / "offline" / "plotly.min.js").exists() and html.stat().st_size < 50_000
+    with pytest.raises(ValueError, match="never a full bundle"):
+        figures.save_figure(fig, tmp_path, "dist", png=False, plotlyjs=True)
+
+
+@pytest.mark.skipif(not (shutil.which("chromium") or shutil.which("google-chrome") or shutil.which("chrome")),
+                    reason="PNG export needs Chrome/Chromium")
+def test_png_export_renders_an_image(tmp_path, maps):
+    fig = figures.layer_distribution_figure(layer_counts(maps))
+    paths = figures.save_figure(fig, tmp_path, "dist")
+    png = paths[1].read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5_000

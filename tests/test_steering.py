@@ -1,0 +1,282 @@
+"""Steering: h <- h + gamma * delta on exactly the selected neurons, at decode steps by default."""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import rankdata
+
+from dpn_lens import (ContrastiveSet, Intervention, apply_intervention, collect_statistics, combine_interventions,
+                      locate, steer, steering_intervention)
+from dpn_lens.steering import dpn_weights
+from dpn_test_helpers import attached_hooks, random_prompts
+
+PROMPT = "you are a person who loves new ideas . what would you do on the weekend ?"
+
+
+@pytest.fixture(scope="module")
+def tiny_map(tiny_model):
+    pairs = ContrastiveSet("extraversion", random_prompts(40, 12), random_prompts(41, 12), source="tests")
+    stats = collect_statistics(tiny_model, pairs, max_batch_size=6, progress=False)
+    neuron_map = locate(stats, q=0.8, tau_d=0.2, layers=[1, 2, 3])
+    assert neuron_map.n_selected("high") >= 3 and neuron_map.n_selected("low") >= 3
+    return neuron_map
+
+
+@pytest.fixture(scope="module")
+def tokens(tiny_model):
+    return torch.tensor([tiny_model.tokenizer(PROMPT)["input_ids"]])
+
+
+def hook_names(intervention):
+    return [f"blocks.{layer}.mlp.hook_post" for layer in sorted(intervention.deltas)]
+
+
+def before_and_after(model, intervention, tokens):
+    """Activations of the edited layers just before and just after the steering hook, same forward."""
+    before, after = {}, {}
+
+    def recorder(store, name):
+        def hook(activation, hook):
+            store[name] = activation.detach().clone()
+            return activation
+        return hook
+
+    names = hook_names(intervention)
+    with model.hooks(fwd_hooks=[(name, recorder(before, name)) for name in names]):   # registered first: fires first
+        with steer(model, intervention):
+            with model.hooks(fwd_hooks=[(name, recorder(after, name)) for name in names]):   # fires after the edit
+                logits = model(tokens)
+    return before, after, logits
+
+
+def selected(neuron_map, layer):
+    return torch.cat([neuron_map.high[layer], neuron_map.low[layer]])
+
+
+def test_decode_mode_changes_exactly_the_selected_neurons_by_gamma_delta(tiny_model, tiny_map, tokens):
+    gamma = 1.7
+    edit = steering_intervention(tiny_map, gamma=gamma)
+    before, after, _ = before_and_after(tiny_model, edit, tokens[:, :1])   # a single-token (decode-step) forward
+    for layer in tiny_map.layers:
+        name, indices = f"blocks.{layer}.mlp.hook_post", selected(tiny_map, layer)
+        expected = torch.zeros(tiny_map.d_mlp)
+        expected[indices] = gamma * tiny_map.steering_value[tiny_map.stat_layers.index(layer), indices]
+        changed = torch.nonzero(after[name] != before[name])[:, -1].unique()
+        assert set(changed.tolist()) == set(indices.tolist())
+        assert torch.equal(after[name], before[name] + expected)   # h + gamma * delta, bitwise
+        untouched = torch.ones(tiny_map.d_mlp, dtype=torch.bool)
+        untouched[indices] = False
+        assert torch.equal(after[name][..., untouched], before[name][..., untouched])
+
+
+def test_decode_mode_leaves_the_prompt_pass_unchanged(tiny_model, tiny_map, tokens):
+    edit = steering_intervention(tiny_map, gamma=5.0)
+    before, after, logits = before_and_after(tiny_model, edit, tokens)
+    assert all(torch.equal(before[name], after[name]) for name in before)
+    assert torch.equal(logits, tiny_model(tokens))
+
+
+def test_all_positions_mode_changes_every_position(tiny_model, tiny_map, tokens):
+    edit = steering_intervention(tiny_map, gamma=1.0, positions="all")
+    before, after, logits = before_and_after(tiny_model, edit, tokens)
+    for layer in tiny_map.layers:
+        name = f"blocks.{layer}.mlp.hook_post"
+        torch.testing.assert_close(after[name] - before[name], edit.deltas[layer].expand_as(before[name]),
+                                   rtol=0, atol=1e-6)
+        assert (after[name] != before[name]).any(dim=-1).all()   # every position of the sequence
+    assert not torch.equal(logits, tiny_model(tokens))
+
+
+def test_increase_and_decrease_are_opposite_on_the_union_of_both_poles(tiny_map):
+    up = steering_intervention(tiny_map, gamma=0.8, direction="increase")
+    down = steering_intervention(tiny_map, gamma=0.8, direction="decrease")
+    for layer in tiny_map.layers:
+        assert torch.equal(up.deltas[layer], -down.deltas[layer])
+        assert set(torch.nonzero(up.deltas[layer]).flatten().tolist()) == set(selected(tiny_map, layer).tolist())
+    assert up.n_edited == tiny_map.n_selected()
+
+
+def test_directional_mode_uses_only_one_pole(tiny_map):
+    up = steering_intervention(tiny_map, gamma=1.0, direction="increase", mode="directional")
+    down = steering_intervention(tiny_map, gamma=1.0, direction="decrease", mode="directional")
+    assert up.n_edited == tiny_map.n_selected("high") and down.n_edited == tiny_map.n_selected("low")
+    for layer, delta in up.edited_neurons().items():
+        assert set(delta.tolist()) == set(tiny_map.high[layer].tolist())
+        assert (up.deltas[layer][tiny_map.high[layer]] > 0).all()      # +s on high neurons, s > 0
+    for layer, delta in down.edited_neurons().items():
+        assert set(delta.tolist()) == set(tiny_map.low[layer].tolist())
+        assert (down.deltas[layer][tiny_map.low[layer]] > 0).all()     # -s on low neurons, s < 0
+
+
+def test_weighted_variant_scales_each_delta_by_its_rank_of_abs_d(tiny_map):
+    gamma = 1.3
+    plain = steering_intervention(tiny_map, gamma=gamma)
+    weighted = steering_intervention(tiny_map, gamma=gamma, weighted=True)
+    layers = [layer for layer in tiny_map.layers if selected(tiny_map, layer).numel()]
+    abs_d = np.concatenate([tiny_map.values_at(layer, selected(tiny_map, layer))[1].abs().numpy() for layer in layers])
+    weights = 0.75 + 0.25 * (rankdata(abs_d, method="ordinal") - 1) / (abs_d.size - 1)
+    offset = 0
+    for layer in layers:
+        indices = selected(tiny_map, layer)
+        w = torch.from_numpy(weights[offset:offset + indices.numel()]).float()
+        offset += indices.numel()
+        torch.testing.assert_close(weighted.deltas[layer][indices], plain.deltas[layer][indices] * w, rtol=1e-6, atol=0)
+    assert weights.min() == 0.75 and weights.max() == 1.0
+    assert dpn_weights(torch.tensor([2.0])).tolist() == [1.0]
+
+
+def test_combining_traits_adds_deltas_and_warns_naming_shared_neurons(tiny_map):
+    other = dataclasses.replace(tiny_map, trait="openness")
+    a, b = steering_intervention(tiny_map, gamma=1.0), steering_intervention(other, gamma=0.5)
+    layer = tiny_map.layers[0]
+    first = int(selected(tiny_map, layer).sort().values[0])
+    with pytest.warns(UserWarning, match=rf"extraversion and openness edit {a.n_edited} shared neuron\(s\) "
+                                         rf"\(L{layer}\.N{first}"):
+        both = combine_interventions(a, b)
+    for layer in tiny_map.layers:
+        torch.testing.assert_close(both.deltas[layer], a.deltas[layer] + b.deltas[layer])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        directional = combine_interventions(steering_intervention(tiny_map, mode="directional"),
+                                            steering_intervention(other, mode="directional", direction="decrease"))
+    assert directional.n_edited == tiny_map.n_selected()   # high and low poles are disjoint: no warning
+    with pytest.raises(ValueError, match="different positions"):
+        combine_interventions(a, steering_intervention(other, positions="all"))
+
+
+def test_steering_works_with_run_with_hooks_and_run_with_cache(tiny_model, tiny_map, tokens):
+    edit = steering_intervention(tiny_map, gamma=2.0, positions="all")
+    with steer(tiny_model, edit):
+        steered = tiny_model(tokens)
+        cached_logits, cache = tiny_model.run_with_cache(tokens, names_filter=lambda n: n.endswith("mlp.hook_post"))
+    by_hooks = tiny_model.run_with_hooks(tokens, fwd_hooks=edit.fwd_hooks())
+    plain_logits, plain_cache = tiny_model.run_with_cache(tokens)
+    assert not torch.equal(steered, plain_logits)
+    assert torch.equal(cached_logits, steered) and torch.equal(by_hooks, steered)
+    layer = tiny_map.layers[-1]
+    name, indices = f"blocks.{layer}.mlp.hook_post", selected(tiny_map, layer)
+    assert not torch.equal(cache[name][..., indices], plain_cache[name][..., indices])   # the cache sees the edit
+    assert torch.equal(tiny_model(tokens), plain_logits)   # nothing left behind
+
+
+def test_generate_with_kv_cache_is_steered_and_unsteered_after_the_context(tiny_model, tiny_map, tokens):
+    kwargs = dict(max_new_tokens=8, do_sample=False, verbose=False, use_past_kv_cache=True, return_type="tokens")
+    unsteered = tiny_model.generate(tokens, **kwargs)
+    with steer(tiny_model, steering_intervention(tiny_map, gamma=50.0)):
+        steered = tiny_model.generate(tokens, **kwargs)
+    after = tiny_model.generate(tokens, **kwargs)
+    n = tokens.shape[1]
+    assert torch.equal(steered[:, :n + 1], unsteered[:, :n + 1])   # the prompt pass (first new token) is untouched
+    assert not torch.equal(steered, unsteered)                     # later decode steps are steered
+    assert torch.equal(after, unsteered)
+
+
+def test_a_steering_hook_fires_exactly_once_per_forward(tiny_model, tiny_map, tokens, monkeypatch):
+    calls = []
+    original = Intervention._delta_like
+
+    def counting(self, layer, activation):
+        calls.append(layer)
+        return original(self, layer, activation)
+
+    monkeypatch.setattr(Intervention, "_delta_like", counting)
+    edit = steering_intervention(tiny_map, gamma=1.0, positions="all")
+    with steer(tiny_model, edit):
+        tiny_model(tokens)
+        assert sorted(calls) == sorted(edit.deltas)
+        calls.clear()
+        tiny_model.generate(tokens, max_new_tokens=3, do_sample=False, verbose=False)
+    assert sorted(calls) == sorted(list(edit.deltas) * 3)   # one prompt pass + two decode steps
+
+
+def test_applying_the_same_intervention_twice_is_refused(tiny_model, tiny_map):
+    edit = steering_intervention(tiny_map)
+    with steer(tiny_model, edit):
+        with pytest.raises(RuntimeError, match="already applied.*double"):
+            with steer(tiny_model, edit):
+                pass
+        with pytest.raises(RuntimeError, match="already applied"):
+            apply_intervention(tiny_model, edit)
+    with pytest.raises(RuntimeError, match="already applied"):
+        with steer(tiny_model, edit, edit):
+            pass
+    handle = apply_intervention(tiny_model, edit)   # refused attempts left no trace: it applies again
+    handle.remove()
+
+
+def test_applying_the_same_map_twice_warns_naming_shared_neurons(tiny_model, tiny_map):
+    before = attached_hooks(tiny_model)
+    first = apply_intervention(tiny_model, steering_intervention(tiny_map))
+    try:
+        with pytest.warns(RuntimeWarning, match=r"edits \d+ neuron\(s\) that .* already edits \(L\d+\.N\d+.*handle\.remove"):
+            second = apply_intervention(tiny_model, steering_intervention(tiny_map))
+        second.remove()
+    finally:
+        first.remove()
+    assert attached_hooks(tiny_model) == before
+
+
+def test_handle_remove_detaches_hooks_and_is_idempotent(tiny_model, tiny_map, tokens):
+    before, reference = attached_hooks(tiny_model), tiny_model(tokens)
+    handle = apply_intervention(tiny_model, steering_intervention(tiny_map, gamma=3.0, positions="all"))
+    assert handle.active and attached_hooks(tiny_model) == before + len(tiny_map.layers)
+    assert not torch.equal(tiny_model(tokens), reference)
+    handle.remove()
+    handle.remove()
+    assert not handle.active and attached_hooks(tiny_model) == before
+    assert torch.equal(tiny_model(tokens), reference)
+
+
+@pytest.mark.parametrize("error", [RuntimeError("boom"), KeyboardInterrupt()])
+def test_hooks_are_gone_after_an_exception_inside_steer(tiny_model, tiny_map, tokens, error):
+    before, reference = attached_hooks(tiny_model), tiny_model(tokens)
+    edit = steering_intervention(tiny_map, gamma=3.0, positions="all")
+    with pytest.raises(type(error)):
+        with steer(tiny_model, edit):
+            assert attached_hooks(tiny_model) > before
+            raise error
+    assert attached_hooks(tiny_model) == before
+    assert torch.equal(tiny_model(tokens), reference)
+    with steer(tiny_model, edit):   # and it is no longer registered as active
+        pass
+
+
+@pytest.mark.parametrize("gamma", [float("nan"), float("inf"), "1.0", True, None])
+def test_bad_gamma_is_refused(tiny_map, gamma):
+    with pytest.raises(ValueError, match="gamma must be a finite number"):
+        steering_intervention(tiny_map, gamma=gamma)
+
+
+def test_bad_options_are_refused(tiny_model, tiny_map):
+    with pytest.raises(ValueError, match="direction must be 'increase' or 'decrease'"):
+        steering_intervention(tiny_map, direction="up")
+    with pytest.raises(ValueError, match="mode must be 'both' or 'directional'"):
+        steering_intervention(tiny_map, mode="all")
+    with pytest.raises(ValueError, match="positions must be 'decode' or 'all'"):
+        steering_intervention(tiny_map, positions="prompt")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        Intervention({1: torch.full((48,), float("nan"))})
+    with pytest.raises(ValueError, match=r"layers \[9\], but the model has layers 0..3"):
+        with steer(tiny_model, Intervention({9: torch.ones(48)})):
+            pass
+    with pytest.raises(ValueError, match="d_mlp is 48: the neuron map comes from another model"):
+        with steer(tiny_model, Intervention({1: torch.ones(64)})):
+            pass
+    with pytest.raises(TypeError, match="takes Intervention objects"):
+        with steer(tiny_model, tiny_map):
+            pass
+
+
+def test_steer_can_check_the_map_belongs_to_the_model(other_tiny_model, tiny_map):
+    from dpn_lens.neuron_map import IncompatibleModelError
+
+    before = attached_hooks(other_tiny_model)
+    with pytest.raises(IncompatibleModelError, match="weights"):
+        with steer(other_tiny_model, steering_intervention(tiny_map), check=tiny_map):
+            pass
+    assert attached_hooks(other_tiny_model) == before
