@@ -6,8 +6,10 @@ Sections (all on the embedded SmolLM2-135M-Instruct unless said otherwise):
   dtype, batch size, padding, prompts), both stopping after the same layer, plus a full forward
   (all layers + unembedding) and the naive route (``run_with_cache`` on every layer, keep the
   vectors, stack, then mean/var). Time ratios and peak-memory ratios.
-* ``memory``   -- peak RSS of collection for 100 vs 5000 prompts (one subprocess per run, peak reset
-  after loading the model), as % of the model's own footprint; naive route for comparison.
+* ``memory``   -- peak RSS of collection for 100 vs 5000 short prompts (bf16 model, all 30 layers; one
+  fresh subprocess per run, the kernel's peak-RSS counter reset after loading the model and a
+  warm-up batch; runs repeated and interleaved, medians), as % of the model's own footprint; the
+  naive route at 100 and 500 prompts for comparison.
 * ``steering`` -- greedy KV-cached generation tokens/s, steered vs unsteered.
 * ``locate``   -- end-to-end ``collect_statistics`` + ``locate`` for 5 traits x P pairs, prompts/s
   and the extrapolated minutes for 5 traits x 1000 pairs (float32 and bfloat16 model).
@@ -271,9 +273,14 @@ def memory_child(spec: str, dtype: str, mode: str, n: int, batch_size: int) -> d
 
 
 def bench_memory(spec: str, dtype: str, sizes: list[int], naive_sizes: list[int], batch_size: int,
-                 threads: int) -> dict[str, Any]:
+                 threads: int, repeats: int) -> dict[str, Any]:
+    """Extra peak RSS per (mode, n), one fresh process per run; collect runs repeated, interleaved.
+
+    Peak RSS of identical runs varies by tens of MiB (allocator and oneDNN scratch reuse), so the
+    collect sizes alternate (100, 5000, 100, 5000, ...) and medians are compared.
+    """
     runs = []
-    plan = [("collect", n) for n in sizes] + [("naive", n) for n in naive_sizes]
+    plan = [("collect", n) for _ in range(repeats) for n in sizes] + [("naive", n) for n in naive_sizes]
     for mode, n in plan:
         command = [sys.executable, __file__, "--memory-child", json.dumps([spec, dtype, mode, n, batch_size]),
                    "--threads", str(threads)]
@@ -282,21 +289,27 @@ def bench_memory(spec: str, dtype: str, sizes: list[int], naive_sizes: list[int]
         print(f"  memory {mode} n={n}: +{runs[-1]['extra_peak_mib']:.1f} MiB in {runs[-1]['seconds']:.1f} s",
               flush=True)
     footprint = runs[0]["model_footprint_mib"]
-    by = {(r["mode"], r["n"]): r["extra_peak_mib"] for r in runs}
+    by: dict[tuple[str, int], list[float]] = {}
+    for r in runs:
+        by.setdefault((r["mode"], r["n"]), []).append(r["extra_peak_mib"])
+    med = {key: median(values) for key, values in by.items()}
     result: dict[str, Any] = {"model": spec, "dtype": dtype, "batch_size": batch_size, "runs": runs,
-                              "model_footprint_mib": footprint}
+                              "model_footprint_mib": footprint, "repeats": repeats,
+                              "median_extra_peak_mib": {f"{mode}@{n}": v for (mode, n), v in med.items()}}
     if len(sizes) >= 2:
-        growth = by[("collect", sizes[-1])] - by[("collect", sizes[0])]
+        growth = med[("collect", sizes[-1])] - med[("collect", sizes[0])]
         result["collect_growth_mib"] = growth
         result["collect_growth_pct_of_model"] = 100 * growth / footprint
+        spread = [max(by[("collect", n)]) - min(by[("collect", n)]) for n in sizes]
+        result["collect_run_to_run_spread_mib"] = max(spread)
     if len(naive_sizes) >= 2:
-        slope = (by[("naive", naive_sizes[-1])] - by[("naive", naive_sizes[0])]) / (naive_sizes[-1] - naive_sizes[0])
+        slope = (med[("naive", naive_sizes[-1])] - med[("naive", naive_sizes[0])]) / (naive_sizes[-1] - naive_sizes[0])
         result["naive_mib_per_prompt"] = slope
         result["naive_growth_pct_of_model_extrapolated"] = 100 * slope * (sizes[-1] - sizes[0]) / footprint
     common = [n for n in naive_sizes if n in sizes]
     if common:
         n = common[-1]
-        result["naive/collect_peak_extra_at_n"] = {"n": n, "ratio": by[("naive", n)] / max(by[("collect", n)], 1e-9)}
+        result["naive/collect_peak_extra_at_n"] = {"n": n, "ratio": med[("naive", n)] / max(med[("collect", n)], 1e-9)}
     return result
 
 
@@ -396,6 +409,7 @@ def main() -> None:
     parser.add_argument("--memory-sizes", default="100,5000")
     parser.add_argument("--memory-naive-sizes", default="100,500")
     parser.add_argument("--memory-dtype", default="bfloat16")
+    parser.add_argument("--memory-repeats", type=int, default=3)
     parser.add_argument("--steer-prompts", type=int, default=3)
     parser.add_argument("--steer-tokens", type=int, default=64)
     parser.add_argument("--locate-plan", default="bfloat16:40,float32:10",
@@ -439,11 +453,13 @@ def main() -> None:
     if "memory" in sections:
         sizes = [int(x) for x in args.memory_sizes.split(",")]
         naive_sizes = [int(x) for x in args.memory_naive_sizes.split(",") if x]
-        r = bench_memory(args.model, args.memory_dtype, sizes, naive_sizes, 32, args.threads)
+        r = bench_memory(args.model, args.memory_dtype, sizes, naive_sizes, 32, args.threads, args.memory_repeats)
         results["memory"] = r
-        print(f"[memory {args.memory_dtype}] collect peak growth {sizes[0]} -> {sizes[-1]} prompts: {r.get('collect_growth_mib', 0):.1f} "
-              f"MiB = {r.get('collect_growth_pct_of_model', 0):.2f}% of the model's {r['model_footprint_mib']:.0f} MiB "
-              f"(target < 5%) | naive: {r.get('naive_mib_per_prompt', 0):.3f} MiB/prompt, "
+        print(f"[memory {args.memory_dtype}] collect peak growth {sizes[0]} -> {sizes[-1]} prompts: "
+              f"{r.get('collect_growth_mib', 0):.1f} MiB (medians of {r['repeats']}) = "
+              f"{r.get('collect_growth_pct_of_model', 0):.2f}% of the model's {r['model_footprint_mib']:.0f} MiB "
+              f"(target < 5%; run-to-run spread {r.get('collect_run_to_run_spread_mib', 0):.0f} MiB) | naive: "
+              f"{r.get('naive_mib_per_prompt', 0):.3f} MiB/prompt, "
               f"{r.get('naive_growth_pct_of_model_extrapolated', 0):.0f}% of the model for the same growth "
               f"(extrapolated) | naive/collect extra peak at n={r.get('naive/collect_peak_extra_at_n', {}).get('n')}: "
               f"{r.get('naive/collect_peak_extra_at_n', {}).get('ratio', float('nan')):.2f}", flush=True)

@@ -160,29 +160,33 @@ class _Readout:
     def __init__(self, token_position: TokenPosition, mask: Int[Tensor, "batch pos"]):
         self.token_position = token_position
         self.mask = mask
-        self._by_device: dict[Any, tuple[Tensor, Tensor]] = {}
+        self._cache: dict[Any, tuple[Tensor, Tensor]] = {}
 
-    def _indices(self, device: torch.device) -> tuple[Tensor, Tensor]:
-        if device not in self._by_device:
+    def _last_positions(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        if device not in self._cache:
             mask = self.mask.to(device)
-            if self.token_position == "last":
-                # Last non-pad token: for right padding it is at sum(mask)-1, for left padding at the
-                # end; the index of the last 1 in the mask covers both.
-                positions = mask.shape[1] - 1 - mask.flip(1).argmax(dim=1)
-                self._by_device[device] = (torch.arange(mask.shape[0], device=device), positions)
-            else:
-                # Mean as one batched matmul of normalised mask weights, accumulated in float32 even
-                # for a bf16/fp16 model (a long bf16 sum loses digits).
-                weights = mask.to(torch.float32)
-                weights = (weights / weights.sum(dim=1, keepdim=True)).unsqueeze(1)
-                self._by_device[device] = (weights, weights)
-        return self._by_device[device]
+            # Last non-pad token: for right padding it is at sum(mask)-1, for left padding at the
+            # end; the index of the last 1 in the mask covers both.
+            positions = mask.shape[1] - 1 - mask.flip(1).argmax(dim=1)
+            self._cache[device] = (torch.arange(mask.shape[0], device=device), positions)
+        return self._cache[device]
+
+    def _mean_weights(self, device: torch.device, dtype: torch.dtype) -> Tensor:
+        key = (device, dtype)
+        if key not in self._cache:
+            weights = self.mask.to(device, dtype)
+            self._cache[key] = ((weights / weights.sum(dim=1, keepdim=True)).unsqueeze(1),) * 2
+        return self._cache[key][0]
 
     def __call__(self, activation: Float[Tensor, "batch pos d_mlp"]) -> Float[Tensor, "batch d_mlp"]:
-        first, second = self._indices(activation.device)
         if self.token_position == "last":
-            return activation[first, second]
-        return torch.bmm(first, activation.to(torch.float32)).squeeze(1)
+            rows, positions = self._last_positions(activation.device)
+            return activation[rows, positions]
+        # Mean as one batched matmul of normalised mask weights, accumulated in at least float32
+        # even for a bf16/fp16 model (a long bf16 sum loses digits).
+        dtype = torch.promote_types(activation.dtype, torch.float32)
+        weights = self._mean_weights(activation.device, dtype)
+        return torch.bmm(weights, activation.to(dtype)).squeeze(1)
 
 
 def _pad_token_id(tokenizer: Any) -> int:

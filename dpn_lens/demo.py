@@ -56,12 +56,21 @@ def compare_generations(model: Any, questions: Sequence[str], edits: Mapping[str
     return blocks
 
 
+def _can_write_png() -> bool:
+    import shutil
+
+    if any(shutil.which(name) for name in ("chromium", "chromium-browser", "google-chrome", "chrome")):
+        return True
+    print("note: no Chromium found, so figures are written as HTML only (apt-get install chromium for PNGs)")
+    return False
+
+
 def run_demo(model_name: str = "smollm2-135m-instruct", out: str | Path = "runs/demo",
              figures: str | Path = "figures", n_pairs: int | None = None, gamma: float | None = None,
              max_new_tokens: int = 40, traits: Sequence[str] = TRAITS) -> dict[str, Any]:
     """Run the demo; returns the summary that is also written to ``out/summary.json``."""
-    from dpn_lens.figures import layer_distribution_figure, save_figure
-    from dpn_lens.studies.layers import layer_counts
+    from dpn_lens.studies.report import layers_study
+    from dpn_lens.studies.run import Run
     from dpn_lens.models import load_model
     from dpn_lens.pipeline import locate_traits, neuron_table
 
@@ -87,9 +96,11 @@ def run_demo(model_name: str = "smollm2-135m-instruct", out: str | Path = "runs/
         generations[trait] = compare_generations(model, [DEMO_QUESTIONS[trait]], edits, max_new_tokens)
         print("\n".join(generations[trait]) + "\n")
 
-    figure = layer_distribution_figure(layer_counts(run.maps), title=f"DPN-LE neurons per layer, {model_name}")
-    written = save_figure(figure, figures, "layer_distribution")
     summary = run.summary()
+    # The layer-wise figures and tables are those of `dpn-lens study layers` (PNG needs Chromium).
+    png = _can_write_png()
+    layers_study(Run(out, run.maps, run.stats, summary), figures, png=png, log=None)
+    written = sorted(figures.glob("layers_*.html")) + (sorted(figures.glob("layers_*.png")) if png else [])
     summary.update({"gamma": gamma, "n_pairs": n_pairs, "seconds_locate": round(located - started, 1),
                     "seconds_total": round(time.perf_counter() - started, 1),
                     "figures": [str(path) for path in written], "generations": generations})
@@ -104,6 +115,6 @@ def run_demo(model_name: str = "smollm2-135m-instruct", out: str | Path = "runs/
     for trait, blocks in generations.items():
         lines += [f"### {trait}", "", "```", *blocks, "```", ""]
     write_text_atomic(out / "summary.md", "\n".join(lines))
-    print(f"wrote {out}/summary.md, {out}/summary.json, maps and stats; figures: {', '.join(map(str, written))}")
+    print(f"wrote {out}/summary.md, {out}/summary.json, maps and stats; {len(written)} figure files in {figures}/")
     print(f"demo finished in {summary['seconds_total']:.0f} s")
     return summary

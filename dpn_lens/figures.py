@@ -71,11 +71,16 @@ def style(fig: go.Figure, title: str, x_title: str | None = None, y_title: str |
         fig.update_layout(height=height)
     if width:
         fig.update_layout(width=width)
-    if x_title is not None:
-        fig.update_xaxes(title_text=x_title, row=None, col=None) if not _has_grid(fig) else \
-            _set_outer_titles(fig, "x", x_title)
-    if y_title is not None:
-        fig.update_yaxes(title_text=y_title) if not _has_grid(fig) else _set_outer_titles(fig, "y", y_title)
+    # In a grid of panels, only the bottom row gets x titles and the left column y titles.
+    for axis, text in (("x", x_title), ("y", y_title)):
+        if text is None:
+            continue
+        if _has_grid(fig):
+            _set_outer_titles(fig, axis, text)
+        elif axis == "x":
+            fig.update_xaxes(title_text=text)
+        else:
+            fig.update_yaxes(title_text=text)
     return fig
 
 
@@ -155,8 +160,8 @@ def _thin(mask_keep: torch.Tensor, n_background: int, generator: torch.Generator
     return rest
 
 
-def d_s_scatter_figure(neuron_map, layers: Sequence[int] | None = None, n_background: int = 300,
-                       background_quantile: float = 0.9, columns: int = 5, seed: int = 0) -> go.Figure:
+def d_s_scatter_figure(neuron_map, layers: Sequence[int] | None = None, n_background: int = 100,
+                       background_quantile: float = 0.97, columns: int = 5, seed: int = 0) -> go.Figure:
     """Cohen's d against |s| per layer, thresholds drawn, selected neurons highlighted.
 
     To keep files small, every neuron with ``|s|`` above the layer's ``background_quantile`` is drawn,
@@ -190,9 +195,11 @@ def d_s_scatter_figure(neuron_map, layers: Sequence[int] | None = None, n_backgr
                 mode="markers", name=name, legendgroup=name,
                 showlegend=k == 0, marker={"color": color, "size": size, "line": {"width": 0.5, "color": "#333"}
                                            if size > 4 else {"width": 0}},
-                customdata=np.column_stack([np.full(indices.numel(), layer), indices.numpy(), d[indices].numpy(),
+                # d is the y value; customdata carries layer, neuron and the signed s.
+                customdata=np.column_stack([np.full(indices.numel(), layer), indices.numpy(),
                                             s[indices].numpy()]).astype(np.float32),
-                hovertemplate=HOVER_NEURON + f"<extra>{name}</extra>"), row=r, col=c)
+                hovertemplate="layer %{customdata[0]}, neuron %{customdata[1]}<br>d = %{y:.3f}<br>"
+                              f"s = %{{customdata[2]:.4f}}<extra>{name}</extra>"), row=r, col=c)
         tau_q = neuron_map.tau_q[layer]
         fig.add_vline(x=tau_q, line_dash="dash", line_color="#555", line_width=1, row=r, col=c)
         for y in (tau_d, -tau_d):
@@ -352,7 +359,7 @@ def _trait_method_bars(fig: go.Figure, rows: Sequence[dict], value: str, row: in
     for method in methods:
         mine = [r for r in rows if r["method"] == method]
         fig.add_trace(go.Bar(x=[_label(r["trait"]) for r in mine], y=[r[value] for r in mine], name=method,
-                             legendgroup=method, showlegend=show_legend,
+                             legendgroup=method, showlegend=show_legend, offsetgroup=method,
                              marker_color=METHOD_COLORS.get(method, "#17becf"),
                              customdata=[[r["n"], r.get("p_value", float("nan")), r.get("chance", float("nan"))]
                                          for r in mine],

@@ -30,8 +30,14 @@ def varied_pairs(n_pairs: int = N_PAIRS) -> ContrastiveSet:
 
 def _worker(rank: int, world_size: int, init_file: str, folder: str) -> None:
     """One process of the 2-process gloo group; runs every scenario (one spawn keeps CI fast)."""
+    import os
+    import sys
+
     import torch.distributed as dist
 
+    if sys.platform.startswith("linux"):
+        # Gloo otherwise binds to the address the hostname resolves to, which some CI containers lack.
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     folder = Path(folder)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:

@@ -36,6 +36,7 @@ def test_d_s_scatter_highlights_selected_neurons_with_hover(maps):
     assert len(high) == 2                                          # one per searched layer
     assert sorted(np.asarray(high[0].customdata)[:, 1].astype(int).tolist()) == [0, 1, 2]
     assert all(key in high[0].hovertemplate for key in ("layer", "neuron", "d =", "s ="))
+    assert np.allclose(np.asarray(high[0].customdata)[:, 2], neuron_map.steering_value[2, [0, 1, 2]].numpy())
     # thresholds: one tau_q line and two tau_d lines per layer
     assert len(fig.layout.shapes) == 3 * len(neuron_map.layers)
     with pytest.raises(ValueError, match="not searched"):

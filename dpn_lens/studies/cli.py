@@ -32,9 +32,9 @@ def _multifunction_options(parser: argparse.ArgumentParser) -> None:
                         help="model the maps were located on (default: the run's summary.json, else smollm2-135m-instruct)")
     parser.add_argument("--dtype", default=None, help="model dtype (default float32)")
     parser.add_argument("--device", default=None, help="device for the model (default cpu)")
-    parser.add_argument("--n-text", type=int, default=8, help="WikiText-2 windows for attribution (default 8)")
-    parser.add_argument("--n-questions", type=int, default=32, help="MMLU + ARC questions for attribution (default 32)")
-    parser.add_argument("--n-held-out", type=int, default=8, help="held-out WikiText-2 windows for costs (default 8)")
+    parser.add_argument("--n-text", type=int, default=4, help="WikiText-2 windows for attribution (default 4)")
+    parser.add_argument("--n-questions", type=int, default=16, help="MMLU + ARC questions for attribution (default 16)")
+    parser.add_argument("--n-held-out", type=int, default=4, help="held-out WikiText-2 windows for costs (default 4)")
     parser.add_argument("--window", type=int, default=128, help="tokens per text window (default 128)")
     parser.add_argument("--capability-fraction", type=float, default=0.02,
                         help="capability neurons = this top fraction of each layer by attribution (default 0.02)")

@@ -63,13 +63,17 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def _print(text: str) -> None:
+    print(text, flush=True)  # flush: progress must show up promptly when output goes to a file or pipe
+
+
 def _say(log: Callable[[str], None] | None, text: str) -> None:
     if log:
         log(text)
 
 
 def layers_study(run: Run, out: str | Path, top: int = 10, png: bool = True, plotlyjs: PlotlyJs = "cdn",
-                 log: Callable[[str], None] | None = print) -> dict:
+                 log: Callable[[str], None] | None = _print) -> dict:
     """Counts per layer, d/s quantiles per layer, top neurons; bar figure and one d-vs-|s| scatter per trait."""
     out = Path(out)
     counts = layer_study.layer_counts(run.maps)
@@ -97,7 +101,7 @@ def _all_sets(run: Run, methods: Sequence[str]) -> dict[str, list[NeuronSet]]:
 
 
 def overlap_study_report(run: Run, out: str | Path, methods: Sequence[str] = METHODS[:3], png: bool = True,
-                         plotlyjs: PlotlyJs = "cdn", log: Callable[[str], None] | None = print) -> dict:
+                         plotlyjs: PlotlyJs = "cdn", log: Callable[[str], None] | None = _print) -> dict:
     """Pole-set overlap (Jaccard, overlap coefficient, p-values), per-layer overlap, UpSet plot,
     within-trait exclusivity for each selection method, and cross-trait steering-vector correlation."""
     out = Path(out)
@@ -163,7 +167,7 @@ def multifunction_study(run: Run, out: str | Path, model: Any, data_dir: str | P
                         n_text: int = 8, n_multiple_choice: int = 32, n_held_out: int = 8, window: int = 128,
                         fraction: float = 0.02, gamma: float = 0.8, batch_size: int = 4, seed: int = 0,
                         methods: Sequence[str] = METHODS, random_control: bool = True, png: bool = True,
-                        plotlyjs: PlotlyJs = "cdn", log: Callable[[str], None] | None = print) -> dict:
+                        plotlyjs: PlotlyJs = "cdn", log: Callable[[str], None] | None = _print) -> dict:
     """Capability attribution, capability-neuron overlap of each personality set, and ablation/edit costs."""
     import torch
 
