@@ -4,7 +4,7 @@ The data flows one way, one module per step:
 
     prompts (``data``) -> activation statistics (``statistics``, ``collect``)
         -> neuron map (``localize``, ``neuron_map``) -> intervention (``steering``)
-        -> figures (``figures``)
+        -> evaluation (``evaluation``, ``baselines``) -> studies and figures (``studies``, ``figures``)
 
 Example:
     >>> import dpn_lens as dl
@@ -41,6 +41,8 @@ from dpn_lens.localize import (
 )
 from dpn_lens.neuron_map import NeuronMap
 from dpn_lens.steering import Intervention, steering_intervention, combine_interventions, steer, apply_intervention
+from dpn_lens.distributed import collect_statistics_distributed, merge_across_processes
+from dpn_lens.pipeline import locate_traits, load_run_maps, neuron_table
 
 __all__ = [
     "__version__",
@@ -74,4 +76,9 @@ __all__ = [
     "combine_interventions",
     "steer",
     "apply_intervention",
+    "collect_statistics_distributed",
+    "merge_across_processes",
+    "locate_traits",
+    "load_run_maps",
+    "neuron_table",
 ]

@@ -1,4 +1,4 @@
-"""Command line: ``dpn-lens locate | steer | demo | study | compare``."""
+"""Command line: ``dpn-lens locate | steer | demo | study | compare | report``."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Sequence
 __all__ = ["main", "build_parser"]
 
 # Modules that add their own subcommands through `register(subparsers)`.
-_PLUGIN_MODULES: tuple[str, ...] = ("dpn_lens.studies.cli", "dpn_lens.evaluation.cli")
+_PLUGIN_MODULES: tuple[str, ...] = ("dpn_lens.studies.cli", "dpn_lens.evaluation.cli", "dpn_lens.report")
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -67,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="runs/demo", help="run folder")
     demo.add_argument("--figures", default="figures", help="folder for the summary figures")
     demo.add_argument("--max-new-tokens", type=int, default=40)
+    demo.add_argument("--dtype", default="bfloat16", help="model dtype (statistics are always float64)")
     demo.set_defaults(handler=_run_demo)
 
     for module_name in _PLUGIN_MODULES:
@@ -111,7 +112,7 @@ def _run_steer(args: argparse.Namespace) -> int:
         return edits[0] if len(edits) == 1 else combine_interventions(*edits)
 
     for block in compare_generations(model, args.prompt, {"increase": edit("increase"), "decrease": edit("decrease")},
-                                     max_new_tokens=args.max_new_tokens):
+                                     max_new_tokens=args.max_new_tokens, dtype=args.dtype):
         print(block)
     return 0
 
@@ -120,7 +121,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     from dpn_lens.demo import run_demo
 
     run_demo(model_name=args.model, out=args.out, figures=args.figures, n_pairs=args.n_pairs, gamma=args.gamma,
-             max_new_tokens=args.max_new_tokens)
+             max_new_tokens=args.max_new_tokens, dtype=args.dtype)
     return 0
 
 

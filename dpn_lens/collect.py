@@ -27,7 +27,7 @@ from dpn_lens.data.contrastive import ContrastiveSet
 from dpn_lens.data.prompts import render_for_model
 from dpn_lens.statistics import ContrastStatistics, GroupStatistics
 
-__all__ = ["HOOK_NAME", "collect_statistics", "collect_group_statistics", "tokenize_prompts", "check_layers",
+__all__ = ["HOOK_NAME", "require_hooked_model", "collect_statistics", "collect_group_statistics", "tokenize_prompts", "check_layers",
            "hook_name"]
 
 HOOK_NAME = "blocks.{layer}.mlp.hook_post"
@@ -41,8 +41,16 @@ def hook_name(layer: int, template: str = HOOK_NAME) -> str:
     return template.format(layer=layer)
 
 
+def require_hooked_model(model: Any, caller: str) -> None:
+    """Raise a TypeError naming the fix unless ``model`` is a TransformerLens model with hook points."""
+    if not (hasattr(model, "cfg") and hasattr(model, "hooks") and hasattr(model, "hook_dict")):
+        raise TypeError(f"{caller} needs a TransformerLens model with hook points (a TransformerBridge from "
+                        f"dpn_lens.load_model, or a HookedTransformer); got {type(model).__name__}")
+
+
 def check_layers(model: Any, layers: Sequence[int] | None, template: str = HOOK_NAME) -> list[int]:
     """Validate layer indices against the model and the presence of the hook point."""
+    require_hooked_model(model, "collecting statistics")
     n_layers = int(model.cfg.n_layers)
     chosen = list(range(n_layers)) if layers is None else [int(layer) for layer in layers]
     if not chosen:

@@ -144,6 +144,10 @@ def propose_settings(stats: ContrastStatistics, q: float = 0.995, separation_fra
     * Layer range: from the first layer whose separation (``layer_separation``) reaches
       ``separation_fraction`` of the best layer's, and after which the median separation stays
       there, to the last collected layer: "where high and low samples start to separate".
+    With few pairs (roughly under 200 per pole) the chance bound is high and the middle layers'
+    separation is indistinguishable from zero, so the proposal becomes conservative (often only the
+    last layers); pass ``layers``/``tau_d`` to ``locate`` to choose them yourself.
+
     * tau_d: the largest of Cohen's conventional thresholds 0.8 / 0.5 / 0.3 / 0.2 that at least half
       of the candidate (top-|s|) neurons of those layers pass; never below the effect size that
       chance alone would exceed (Bonferroni-corrected normal bound for the sample sizes).
@@ -173,6 +177,12 @@ def propose_settings(stats: ContrastStatistics, q: float = 0.995, separation_fra
     return LocalizationSettings(chosen, q, tau_d, "proposed", reason)
 
 
+def _describe(value: Any) -> str:
+    if isinstance(value, list) and value and value == list(range(value[0], value[-1] + 1)):
+        return f"{value[0]}-{value[-1]}"
+    return str(value)
+
+
 def locate(stats: ContrastStatistics, settings: LocalizationSettings | None = None, model_name: str | None = None,
            q: float | None = None, tau_d: float | None = None, layers: Sequence[int] | None = None):
     """Find the trait's high-pole and low-pole neurons and return a ``NeuronMap``.
@@ -187,15 +197,17 @@ def locate(stats: ContrastStatistics, settings: LocalizationSettings | None = No
     """
     from dpn_lens.neuron_map import NeuronMap
 
-    if settings is None:
+    overrides = {"layers": None if layers is None else list(layers), "q": q, "tau_d": tau_d}
+    given = {name: value for name, value in overrides.items() if value is not None}
+    if settings is None and len(given) < 3:
         settings = reference_settings(model_name) or propose_settings(stats, q if q is not None else 0.995)
-    if q is not None or tau_d is not None or layers is not None:
-        settings = LocalizationSettings(
-            list(layers) if layers is not None else settings.layers,
-            settings.q if q is None else q, settings.tau_d if tau_d is None else tau_d,
-            "user" if settings.source != "user" else settings.source,
-            f"{settings.reason}; overridden by the caller".strip("; "),
-        )
+    if given:
+        base = settings.__dict__ if settings is not None else {}
+        chosen = {name: given.get(name, base.get(name)) for name in ("layers", "q", "tau_d")}
+        kept = [f"{name} from {settings.source} settings" for name in chosen if name not in given] if settings else []
+        reason = "set by the caller: " + ", ".join(
+            f"{name}={_describe(value)}" for name, value in given.items()) + (f" ({'; '.join(kept)})" if kept else "")
+        settings = LocalizationSettings(chosen["layers"], chosen["q"], chosen["tau_d"], "user", reason)
     missing = [layer for layer in settings.layers if layer not in stats.layers]
     if missing:
         raise ValueError(f"layers {missing} were not collected (statistics cover {stats.layers[0]}..{stats.layers[-1]}); "

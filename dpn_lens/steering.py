@@ -18,7 +18,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from dpn_lens.collect import hook_name
+from dpn_lens.collect import hook_name, require_hooked_model
 from dpn_lens.neuron_map import NeuronMap
 
 __all__ = ["Intervention", "steering_intervention", "combine_interventions", "steer", "apply_intervention",
@@ -261,9 +261,7 @@ def steer(model: Any, *interventions: Intervention, check: NeuronMap | None = No
         >>> with steer(model, steering_intervention(neuron_map, gamma=1.0)):   # doctest: +SKIP
         ...     text = model.generate(prompt, max_new_tokens=40, do_sample=False)
     """
-    if not (hasattr(model, "cfg") and hasattr(model, "hooks") and hasattr(model, "hook_dict")):
-        raise TypeError(f"steer() needs a TransformerLens model with hook points (a TransformerBridge from "
-                        f"dpn_lens.load_model, or a HookedTransformer); got {type(model).__name__}")
+    require_hooked_model(model, "steer()")
     if check is not None:
         check.check_compatible(model)
     if not interventions:

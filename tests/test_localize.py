@@ -162,3 +162,16 @@ def test_locate_overrides_and_refuses_layers_that_were_not_collected(tiny_stats)
 def test_bad_settings_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         LocalizationSettings(**kwargs)
+
+
+def test_a_fully_overridden_locate_records_the_values_used_not_a_proposal(tiny_stats, monkeypatch):
+    import dpn_lens.localize as localize
+
+    def no_proposal(*args, **kwargs):
+        raise AssertionError("propose_settings must not run when layers, q and tau_d are all given")
+
+    monkeypatch.setattr(localize, "propose_settings", no_proposal)
+    neuron_map = locate(tiny_stats, q=0.9, tau_d=0.2, layers=[1, 2, 3])
+    assert (neuron_map.settings.layers, neuron_map.settings.q, neuron_map.settings.tau_d) == ([1, 2, 3], 0.9, 0.2)
+    assert neuron_map.settings.source == "user"
+    assert neuron_map.settings.reason == "set by the caller: layers=1-3, q=0.9, tau_d=0.2"

@@ -69,8 +69,6 @@ def test_a_model_without_the_hook_point_is_named(tiny_model, tiny_pairs):
         collect_statistics(tiny_model, tiny_pairs, hook_template="blocks.{layer}.mlp.hook_act", progress=False)
 
 
-@pytest.mark.xfail(strict=True, reason="dpn_lens/collect.py check_layers reads model.cfg before checking it is a "
-                                       "TransformerBridge (reported; fix belongs to collect.py's owner)")
 def test_a_bare_torch_module_is_refused_with_a_clear_message(tiny_pairs):
     with pytest.raises((TypeError, ValueError), match="TransformerBridge|load_model"):
         collect_statistics(torch.nn.Linear(4, 4), tiny_pairs, progress=False)

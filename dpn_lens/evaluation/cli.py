@@ -20,6 +20,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
 
     parser = subparsers.add_parser("compare", help="compare DPN-LE with NPTI, dense, top-k, CAA and prompting")
     parser.add_argument("--model", default="smollm2-135m-instruct", help="embedded name, .gguf path or HF name")
+    parser.add_argument("--dtype", default=None, help="model dtype: float32 (default) or bfloat16 (about 3x faster on CPU)")
     parser.add_argument("--traits", nargs="+", default=None, help="traits (default: all five)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--data-dir", default=None, help="shared data folder (default: $DPN_LENS_DATA)")
@@ -73,7 +74,7 @@ def run_compare(args: argparse.Namespace) -> int:
         gamma=args.gamma, npti_gamma=args.npti_gamma, caa_gamma=args.caa_gamma, npti_prompts=args.npti_prompts,
         npti_new_tokens=args.npti_tokens, gamma_sweep=args.gamma_sweep, q_sweep=args.q_sweep,
         sweep_trait=args.sweep_trait)
-    model = load_model(args.model)
+    model = load_model(args.model, dtype=args.dtype)
     result = run_comparison(model, config, log=lambda message: print(f"[{time.time() - started:6.0f}s] {message}", flush=True))
     result["meta"]["command_seconds"] = time.time() - started
     for path in write_outputs(result, args.out, make_png=not args.no_png):
