@@ -27,7 +27,7 @@ from dpn_lens.data.contrastive import ContrastiveSet
 from dpn_lens.data.prompts import render_for_model
 from dpn_lens.statistics import ContrastStatistics, GroupStatistics
 
-__all__ = ["HOOK_NAME", "require_hooked_model", "collect_statistics", "collect_group_statistics", "tokenize_prompts", "check_layers",
+__all__ = ["HOOK_NAME", "require_hooked_model", "pad_token_lists", "collect_statistics", "collect_group_statistics", "tokenize_prompts", "check_layers",
            "hook_name"]
 
 HOOK_NAME = "blocks.{layer}.mlp.hook_post"
@@ -126,6 +126,27 @@ def _tokenize_compact(model: Any, prompts: Sequence[str], chat: bool | None = No
     return token_arrays
 
 
+def pad_token_lists(token_lists: Sequence[Sequence[int]], pad_id: int, padding_side: str = "right"
+                    ) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"]]:
+    """Stack token lists into ``(input_ids, attention_mask)``, padded on the left or the right.
+
+    Example:
+        >>> ids, mask = pad_token_lists([[5, 6, 7], [8]], pad_id=0, padding_side="left")
+        >>> ids.tolist(), mask.tolist()
+        ([[5, 6, 7], [0, 0, 8]], [[1, 1, 1], [0, 0, 1]])
+    """
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    longest = max(len(tokens) for tokens in token_lists)
+    ids = torch.full((len(token_lists), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(token_lists), longest), dtype=torch.long)
+    for row, tokens in enumerate(token_lists):
+        tokens = torch.as_tensor(np.asarray(tokens), dtype=torch.long)
+        span = slice(longest - len(tokens), longest) if padding_side == "left" else slice(0, len(tokens))
+        ids[row, span], mask[row, span] = tokens, 1
+    return ids, mask
+
+
 def _batches(token_lists: Sequence[Sequence[int]], max_batch_size: int, max_batch_tokens: int, pad_id: int,
              padding_side: str, device: Any) -> Iterator[_Batch]:
     """Batches by token budget, longest first, so padding (wasted compute) stays small."""
@@ -136,14 +157,7 @@ def _batches(token_lists: Sequence[Sequence[int]], max_batch_size: int, max_batc
         size = max(1, min(max_batch_size, max_batch_tokens // max(longest, 1)))
         chunk = order[start:start + size]
         start += size
-        ids = torch.full((len(chunk), longest), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), longest), dtype=torch.long)
-        for row, index in enumerate(chunk):
-            tokens = torch.as_tensor(np.asarray(token_lists[index]), dtype=torch.long)
-            if padding_side == "left":
-                ids[row, longest - len(tokens):], mask[row, longest - len(tokens):] = tokens, 1
-            else:
-                ids[row, :len(tokens)], mask[row, :len(tokens)] = tokens, 1
+        ids, mask = pad_token_lists([token_lists[index] for index in chunk], pad_id, padding_side)
         yield _Batch(ids.to(device), mask.to(device), chunk)
 
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import csv
 import json
 import os
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-__all__ = ["atomic_path", "write_json_atomic", "write_text_atomic"]
+__all__ = ["atomic_path", "write_json_atomic", "write_text_atomic", "write_csv_atomic"]
 
 
 @contextlib.contextmanager
@@ -58,3 +59,18 @@ def write_text_atomic(target: str | os.PathLike, text: str) -> Path:
 def write_json_atomic(target: str | os.PathLike, obj: Any) -> Path:
     """Write ``obj`` as indented JSON to ``target`` atomically and return the path."""
     return write_text_atomic(target, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def write_csv_atomic(target: str | os.PathLike, rows: "list[dict[str, Any]]") -> Path:
+    """Write dict rows as CSV (columns: every key, in first-seen order) atomically; return the path.
+
+    Example:
+        >>> write_csv_atomic("/tmp/rows.csv", [{"a": 1}, {"a": 2, "b": 3}])   # doctest: +SKIP
+    """
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    with atomic_path(target) as tmp:
+        with open(tmp, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(rows)
+    return Path(target)

@@ -13,7 +13,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from dpn_lens.collect import tokenize_prompts
+from dpn_lens.collect import pad_token_lists, tokenize_prompts
 from dpn_lens.data.contrastive import ContrastiveSet
 
 __all__ = ["ResidualIntervention", "residual_means", "caa_intervention", "RESID_HOOK"]
@@ -82,12 +82,7 @@ def residual_means(model: Any, prompts: Sequence[str], batch_size: int = 8
     with torch.inference_mode(), model.hooks(fwd_hooks=hooks):
         for start in range(0, len(token_lists), batch_size):
             chunk = token_lists[start:start + batch_size]
-            longest = max(len(ids) for ids in chunk)
-            ids = torch.full((len(chunk), longest), pad, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for row, tokens in enumerate(chunk):
-                ids[row, :len(tokens)] = torch.tensor(tokens)
-                mask[row, :len(tokens)] = 1
+            ids, mask = pad_token_lists(chunk, pad, "right")
             last[:] = [torch.tensor([len(tokens) - 1 for tokens in chunk])]
             model(ids, attention_mask=mask)
             samples.append(torch.stack([captured[layer] for layer in range(n_layers)], dim=1))

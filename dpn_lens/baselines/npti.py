@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from dpn_lens.collect import tokenize_prompts
+from dpn_lens.collect import pad_token_lists, tokenize_prompts
 from dpn_lens.data.contrastive import ContrastiveSet
 
 __all__ = ["NPTIStatistics", "NPTIIntervention", "npti_statistics", "npti_select", "npti_intervention",
@@ -95,17 +95,12 @@ def _generate(model: Any, token_lists: list[list[int]], max_new_tokens: int, bat
     answers: list[list[int]] = []
     for start in range(0, len(token_lists), batch_size):
         chunk = token_lists[start:start + batch_size]
-        longest = max(len(ids) for ids in chunk)
-        ids = torch.full((len(chunk), longest), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, tokens in enumerate(chunk):
-            ids[row, longest - len(tokens):] = torch.tensor(tokens)
-            mask[row, longest - len(tokens):] = 1
+        ids, mask = pad_token_lists(chunk, pad, "left")
         with torch.inference_mode():
             out = hf_model.generate(input_ids=ids.to(hf_model.device), attention_mask=mask.to(hf_model.device),
                                     max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
         for row in range(len(chunk)):
-            new = out[row, longest:].tolist()
+            new = out[row, ids.shape[1]:].tolist()
             eos = model.tokenizer.eos_token_id
             answers.append(new[:new.index(eos)] if eos in new else new)
     return answers

@@ -283,7 +283,7 @@ def write_outputs(result: dict[str, Any], out: str | Path, make_png: bool = True
     """CSV + JSON of every table, a markdown report and plotly figures (HTML, and PNG if kaleido works)."""
     import csv
 
-    from dpn_lens.io import write_json_atomic, write_text_atomic
+    from dpn_lens.io import write_csv_atomic, write_json_atomic, write_text_atomic
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -292,13 +292,7 @@ def write_outputs(result: dict[str, Any], out: str | Path, make_png: bool = True
         rows = result[name]
         if not rows:
             continue
-        keys = list(dict.fromkeys(k for row in rows for k in row))
-        path = out / f"{name}.csv"
-        with open(path, "w", newline="", encoding="utf-8") as handle:
-            writer = csv.DictWriter(handle, fieldnames=keys)
-            writer.writeheader()
-            writer.writerows(rows)
-        written.append(path)
+        written.append(write_csv_atomic(out / f"{name}.csv", rows))
     summary = summary_by_method(result["rows"])
     main = ["method", "trait", "direction", "n_edited", "pct_edited", "questionnaire", "trait_shift", "statements_gap",
             "kl", "wikitext_ppl", "lambada_acc", *[f"{t}_acc" for t in cap.MC_TASKS]]

@@ -10,7 +10,7 @@ import argparse
 import os
 from typing import Any
 
-__all__ = ["register", "main"]
+__all__ = ["register"]
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -92,14 +92,3 @@ def run_study(args: argparse.Namespace) -> int:
                             seed=args.seed, random_control=not args.no_random_control, **common)
     return 0
 
-
-def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry point (``python -m dpn_lens.studies.cli study all --run ...``)."""
-    parser = argparse.ArgumentParser(prog="dpn-lens")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

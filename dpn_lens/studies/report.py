@@ -7,7 +7,6 @@ Example:
 
 from __future__ import annotations
 
-import csv
 import math
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
@@ -15,7 +14,7 @@ from typing import Any, Callable, Literal, Sequence
 import numpy as np
 
 from dpn_lens import figures
-from dpn_lens.io import write_json_atomic, write_text_atomic
+from dpn_lens.io import write_csv_atomic, write_json_atomic, write_text_atomic
 from dpn_lens.studies import layers as layer_study
 from dpn_lens.studies import overlap as overlap_study
 from dpn_lens.studies.run import METHODS, NeuronSet, Run, alternative_sets, pole_sets
@@ -38,12 +37,7 @@ def write_table(rows: Sequence[dict], folder: str | Path, name: str, markdown: b
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     columns = list(dict.fromkeys(key for row in rows for key in row))
-    path = folder / f"{name}.csv"
-    with open(path, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    paths = [path]
+    paths = [write_csv_atomic(folder / f"{name}.csv", list(rows))]
     if markdown:
         lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
         lines += ["| " + " | ".join(_cell(row.get(c, "")) for c in columns) + " |" for row in rows]
