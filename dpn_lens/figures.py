@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 import math
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Literal, Sequence
@@ -98,6 +99,26 @@ def _set_outer_titles(fig: go.Figure, axis: str, text: str) -> None:
             fig.update_yaxes(title_text=text, row=row, col=1)
 
 
+_PNG_SERVER: list[bool] = []
+
+
+def _start_png_server() -> None:
+    """Keep one headless Chromium for all PNG exports of this process.
+
+    Without it kaleido launches (and tears down) a browser per figure: slow, and under heavy CPU
+    load such a launch was seen to hang for minutes. The server is stopped when the process exits.
+    """
+    if _PNG_SERVER:
+        return
+    import atexit
+
+    import kaleido
+
+    kaleido.start_sync_server(silence_warnings=True)
+    atexit.register(kaleido.stop_sync_server, silence_warnings=True)
+    _PNG_SERVER.append(True)
+
+
 def save_figure(fig: go.Figure, folder: str | Path, name: str, png: bool = True,
                 plotlyjs: Literal["cdn", "directory"] = "cdn", scale: float = 1.5) -> list[Path]:
     """Write ``folder/name.html`` (without an embedded plotly bundle) and ``folder/name.png``.
@@ -118,7 +139,10 @@ def save_figure(fig: go.Figure, folder: str | Path, name: str, png: bool = True,
     if png:
         target = folder / f"{name}.png"
         try:
-            fig.write_image(target, scale=scale)
+            _start_png_server()
+            with warnings.catch_warnings():  # plotly passes kaleido options that a running server ignores
+                warnings.filterwarnings("ignore", message="The kopts argument is ignored")
+                fig.write_image(target, scale=scale)
         except Exception as error:  # kaleido raises plain RuntimeError/ValueError variants
             raise RuntimeError(f"could not write {target} ({error}); PNG export needs Chrome or Chromium: install it "
                                "(`apt-get install chromium` or `plotly_get_chrome`) or pass png=False / --no-png") from error
