@@ -112,7 +112,7 @@ def _run_steer(args: argparse.Namespace) -> int:
         return edits[0] if len(edits) == 1 else combine_interventions(*edits)
 
     for block in compare_generations(model, args.prompt, {"increase": edit("increase"), "decrease": edit("decrease")},
-                                     max_new_tokens=args.max_new_tokens, dtype=args.dtype):
+                                     max_new_tokens=args.max_new_tokens):
         print(block)
     return 0
 
