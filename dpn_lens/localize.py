@@ -144,13 +144,13 @@ def propose_settings(stats: ContrastStatistics, q: float = 0.995, separation_fra
     * Layer range: from the first layer whose separation (``layer_separation``) reaches
       ``separation_fraction`` of the best layer's, and after which the median separation stays
       there, to the last collected layer: "where high and low samples start to separate".
-    With few pairs (roughly under 200 per pole) the chance bound is high and the middle layers'
-    separation is indistinguishable from zero, so the proposal becomes conservative (often only the
-    last layers); pass ``layers``/``tau_d`` to ``locate`` to choose them yourself.
-
     * tau_d: the largest of Cohen's conventional thresholds 0.8 / 0.5 / 0.3 / 0.2 that at least half
       of the candidate (top-|s|) neurons of those layers pass; never below the effect size that
       chance alone would exceed (Bonferroni-corrected normal bound for the sample sizes).
+
+    With few pairs (roughly under 200 per pole) the chance bound is high and the middle layers'
+    separation is indistinguishable from zero, so the proposal becomes conservative (often only the
+    last layers); pass ``layers``/``tau_d`` to ``locate`` to choose them yourself.
 
     Returns settings whose ``reason`` says what was chosen and why.
     """
