@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
+from typing import Sequence
 
 import pytest
 import torch
@@ -19,13 +20,17 @@ TINY_WORDS = (
 ).split()
 
 
-def build_tiny_tokenizer(folder: Path):
+TINY_PUNCTUATION = (".", ",", "?", "!", "#", ":")
+
+
+def build_tiny_tokenizer(folder: Path, words: Sequence[str] = TINY_WORDS,
+                         punctuation: Sequence[str] = TINY_PUNCTUATION):
     """A word-level tokenizer, saved and reloaded (the bridge needs a `from_pretrained` tokenizer)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
-    for word in TINY_WORDS + [".", ",", "?", "!", "#", ":"]:
+    for word in [*words, *punctuation]:
         vocab.setdefault(word, len(vocab))
     tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace()])
@@ -35,23 +40,35 @@ def build_tiny_tokenizer(folder: Path):
     return AutoTokenizer.from_pretrained(folder)
 
 
-def build_tiny_model(folder: Path, seed: int = 0, n_layers: int = 4, d_mlp: int = 48):
-    """A random LlamaForCausalLM booted as a TransformerBridge (a base model: raw prompts)."""
-    from transformer_lens.model_bridge import TransformerBridge
+def build_tiny_hf_model(folder: Path, seed: int = 0, n_layers: int = 4, d_mlp: int = 48, max_positions: int = 128,
+                        words: Sequence[str] = TINY_WORDS, punctuation: Sequence[str] = TINY_PUNCTUATION):
+    """``(LlamaForCausalLM, tokenizer)``: a random tiny Llama and its word-level tokenizer (saved in ``folder``)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tokenizer = build_tiny_tokenizer(folder)
+    tokenizer = build_tiny_tokenizer(folder, words, punctuation)
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=d_mlp,
                          num_hidden_layers=n_layers, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+                         max_position_embeddings=max_positions, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     hf_model = LlamaForCausalLM(config).eval()
     hf_model.config.architectures = ["LlamaForCausalLM"]
+    return hf_model, tokenizer
+
+
+def build_tiny_model(folder: Path, seed: int = 0, n_layers: int = 4, d_mlp: int = 48, name: str = "tiny-llama",
+                     **hf_options):
+    """A random tiny Llama booted as a TransformerBridge (a base model: raw prompts).
+
+    ``hf_options`` (max_positions, words, punctuation) go to ``build_tiny_hf_model``.
+    """
+    from transformer_lens.model_bridge import TransformerBridge
+
+    hf_model, tokenizer = build_tiny_hf_model(folder, seed, n_layers, d_mlp, **hf_options)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        bridge = TransformerBridge.boot_transformers("tiny-llama", hf_model=hf_model, tokenizer=tokenizer)
+        bridge = TransformerBridge.boot_transformers(name, hf_model=hf_model, tokenizer=tokenizer)
     bridge.dpn_is_chat_model = False
-    bridge.dpn_model_name = "tiny-llama"
+    bridge.dpn_model_name = name
     return bridge
 
 

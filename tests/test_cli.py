@@ -5,9 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
-from conftest import build_tiny_tokenizer
+from conftest import build_tiny_hf_model
 from dpn_lens import NeuronMap
 from dpn_lens.cli import main
 
@@ -15,15 +14,9 @@ from dpn_lens.cli import main
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):
     """A random Llama saved like a hub checkpoint, with a context long enough for role-play prompts."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     folder = tmp_path_factory.mktemp("tiny_hf")
-    tokenizer = build_tiny_tokenizer(folder)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=3,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    LlamaForCausalLM(config).save_pretrained(folder)
+    hf_model, _ = build_tiny_hf_model(folder, n_layers=3, max_positions=512)
+    hf_model.save_pretrained(folder)
     return folder
 
 

@@ -137,17 +137,13 @@ def test_a_model_dispatched_with_a_device_map_collects_and_steers_the_same(tmp_p
     import warnings
 
     from transformer_lens.model_bridge import TransformerBridge
-    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    from conftest import build_tiny_tokenizer
+    from conftest import build_tiny_hf_model
     from dpn_lens import Intervention, steer
 
-    tokenizer = build_tiny_tokenizer(tmp_path)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1,
-                         eos_token_id=2, pad_token_id=0)
-    LlamaForCausalLM(config).save_pretrained(tmp_path / "hf")
+    hf_model, tokenizer = build_tiny_hf_model(tmp_path)
+    hf_model.save_pretrained(tmp_path / "hf")
 
     def boot(**placement):
         hf_model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", **placement).eval()

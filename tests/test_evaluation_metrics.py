@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import build_tiny_model
 from dpn_lens.evaluation import capability as cap
 from dpn_lens.evaluation import trait
 from dpn_lens.evaluation.logprobs import encode
@@ -20,29 +20,8 @@ WORDS = "A B C D E Yes No yes no I am the life of party quiet cat sat on mat dog
 
 def build_letter_model(folder: Path, seed: int = 0):
     """A tiny random Llama whose word-level vocabulary holds the option letters and Yes/No."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformer_lens.model_bridge import TransformerBridge
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
-    for word in WORDS + [".", ",", "?", ":", "(", ")", '"']:
-        vocab.setdefault(word, len(vocab))
-    raw = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    raw.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                            pad_token="<pad>").save_pretrained(folder)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    hf_model = LlamaForCausalLM(config).eval()
-    hf_model.config.architectures = ["LlamaForCausalLM"]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        bridge = TransformerBridge.boot_transformers("letters", hf_model=hf_model, tokenizer=tokenizer)
-    bridge.dpn_is_chat_model = False
-    return bridge
+    return build_tiny_model(folder, seed, n_layers=2, name="letters", max_positions=256, words=WORDS,
+                            punctuation=(".", ",", "?", ":", "(", ")", '"'))
 
 
 @pytest.fixture(scope="module")

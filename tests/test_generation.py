@@ -33,15 +33,11 @@ def assert_same_greedy_tokens(bridge_tokens: list[int], hf_tokens: list[int], eo
     assert bridge_tokens[:len(hf_tokens)] == hf_tokens
 
 
-def test_tiny_model_bridge_greedy_equals_hf_greedy(tiny_model):
-    from transformers import LlamaConfig, LlamaForCausalLM
+def test_tiny_model_bridge_greedy_equals_hf_greedy(tiny_model, tmp_path):
+    from conftest import build_tiny_hf_model
 
-    # An independent copy of the tiny model's weights (same seed and config as conftest builds).
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tiny_model.tokenizer), hidden_size=32, intermediate_size=48,
-                         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    hf_model = LlamaForCausalLM(config).eval()
+    # An independent HF copy of the tiny model's weights (the same builder and seed as the fixture).
+    hf_model, _ = build_tiny_hf_model(tmp_path)
     input_ids = torch.tensor([tiny_model.tokenizer("you are outgoing . what would you do ?")["input_ids"]])
     hf_tokens = hf_greedy(hf_model, input_ids, N_NEW)
     assert_same_greedy_tokens(bridge_greedy(tiny_model, input_ids, N_NEW), hf_tokens, {2})
