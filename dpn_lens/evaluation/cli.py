@@ -45,7 +45,11 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--q-sweep", type=float, nargs="*", default=[0.999, 0.995, 0.97])
     parser.add_argument("--sweep-trait", default=None)
     parser.add_argument("--judge-url", default=None,
-                        help="OpenAI-compatible endpoint for the optional PersonalityBench judge (off by default)")
+                        help="base URL of an OpenAI-compatible API (e.g. http://localhost:8000/v1) for the optional "
+                             "PersonalityBench judge; default $DPN_LENS_JUDGE_URL, else off. Key: $DPN_LENS_JUDGE_KEY")
+    parser.add_argument("--judge-model", default="gpt-4o", help="model name the judge endpoint serves")
+    parser.add_argument("--judge-questions", type=int, default=10, help="PersonalityBench test questions per trait")
+    parser.add_argument("--judge-tokens", type=int, default=400, help="new tokens per generated answer (paper: 400)")
     parser.add_argument("--no-png", action="store_true", help="write HTML figures only")
     parser.add_argument("--out", required=True, help="output folder")
     parser.set_defaults(func=run_compare)
@@ -55,16 +59,18 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
 def run_compare(args: argparse.Namespace) -> int:
     from dpn_lens.evaluation.capability import CapabilitySizes
     from dpn_lens.evaluation.compare import CompareConfig, run_comparison, write_outputs
-    from dpn_lens.evaluation.trait import judge_endpoint
+    from dpn_lens.evaluation.judge import JudgeConfig, judge_endpoint
     from dpn_lens.models import load_model
     from dpn_lens.traits import TRAITS
 
     started = time.time()
-    if judge_endpoint(args.judge_url) is None:
+    url = judge_endpoint(args.judge_url)
+    judge = None
+    if url is None:
         print("judge: no endpoint configured (--judge-url or $DPN_LENS_JUDGE_URL); the judge evaluation is skipped")
     else:
-        print("judge: an endpoint is configured, but the comparison reports judge-free metrics only; "
-              "use dpn_lens.evaluation.trait.judge_score on generated answers")
+        judge = JudgeConfig(url, args.judge_model, args.judge_questions, args.judge_tokens)
+        print(f"judge: {args.judge_model} at {url} rates {args.judge_questions} generated answers per trait and condition")
     config = CompareConfig(
         traits=args.traits or list(TRAITS), methods=args.methods, data_dir=args.data_dir, maps_dir=args.maps,
         locate_pairs=args.locate_pairs, questionnaire_items=args.items, inventory=args.inventory,
@@ -73,7 +79,7 @@ def run_compare(args: argparse.Namespace) -> int:
                                    args.kl_chunks, args.kl_tokens),
         gamma=args.gamma, npti_gamma=args.npti_gamma, caa_gamma=args.caa_gamma, npti_prompts=args.npti_prompts,
         npti_new_tokens=args.npti_tokens, gamma_sweep=args.gamma_sweep, q_sweep=args.q_sweep,
-        sweep_trait=args.sweep_trait)
+        sweep_trait=args.sweep_trait, judge=judge)
     model = load_model(args.model, dtype=args.dtype)
     result = run_comparison(model, config, log=lambda message: print(f"[{time.time() - started:6.0f}s] {message}", flush=True))
     result["meta"]["command_seconds"] = time.time() - started

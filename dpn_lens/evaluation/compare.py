@@ -7,6 +7,8 @@ Methods (all through the same evaluation code, see ``dpn_lens.baselines``):
 Per row: neurons edited (count, % of all MLP neurons), questionnaire score of the trait and its change,
 statement agreement (high-pole, low-pole, gap) and change, every capability metric and its change.
 ``trait_shift`` is the questionnaire change signed by the direction (positive = moved as asked).
+With a judge (``CompareConfig.judge``), rows also hold the judge's trait and fluency ratings of generated
+PersonalityBench answers (``judge_trait``, ``judge_fluency``) and ``judge_shift``, signed the same way.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from dpn_lens.baselines import (caa_intervention, dense_intervention, npti_inter
 from dpn_lens.data.contrastive import embedded_contrastive_set
 from dpn_lens.evaluation import capability as cap
 from dpn_lens.evaluation import trait as tr
+from dpn_lens.evaluation.judge import JudgeConfig, judge_evaluation, load_test_questions
 from dpn_lens.localize import select_neurons
 from dpn_lens.neuron_map import NeuronMap
 from dpn_lens.steering import steering_intervention
@@ -68,6 +71,7 @@ class CompareConfig:
     sweep_trait: str | None = None
     sweep_methods: list[str] = field(default_factory=lambda: ["dpn-le", "npti", "dense"])
     seed: int = 0
+    judge: JudgeConfig | None = None
 
     def __post_init__(self) -> None:
         self.traits = [normalize_trait(t) for t in self.traits]
@@ -114,13 +118,26 @@ class _Evaluator:
         self.statements = {t: tr.load_statements(config.data_dir, t, config.statements_per_pole, config.seed)
                            for t in config.traits}
         self.suite = cap.load_capability_suite(config.data_dir, config.capability, config.seed)
+        judge = config.judge
+        self.judge_questions = ({t: load_test_questions(config.data_dir, t, judge.questions_per_trait, config.seed)
+                                 for t in config.traits} if judge else {})
+        self.judged: list[dict[str, Any]] = []  # every generated answer with its ratings, for inspection
 
-    def trait_metrics(self, trait: str, edit: Any, persona: Any) -> tuple[dict[str, float], np.ndarray]:
+    def trait_metrics(self, trait: str, edit: Any, persona: Any, label: dict[str, Any] | None = None
+                      ) -> tuple[dict[str, float], np.ndarray]:
         answers = tr.answer_items(self.model, self.items[trait], edit, persona)
         agreement = tr.statement_agreement(self.model, self.statements[trait], edit, persona)
-        return ({"questionnaire": float(answers["keyed"].mean()), "option_mass": float(answers["mass"].mean()),
-                 "statements_high": agreement["high"], "statements_low": agreement["low"],
-                 "statements_gap": agreement["gap"]}, answers["raw"])
+        metrics = {"questionnaire": float(answers["keyed"].mean()), "option_mass": float(answers["mass"].mean()),
+                   "statements_high": agreement["high"], "statements_low": agreement["low"],
+                   "statements_gap": agreement["gap"]}
+        if self.config.judge is not None:
+            questions = self.judge_questions[trait]
+            judged = judge_evaluation(self.model, trait, questions, self.config.judge, edit, persona)
+            metrics.update(judge_trait=judged["judge_trait"], judge_fluency=judged["judge_fluency"])
+            self.judged += [{**(label or {}), "trait": trait, "question": q, "answer": a, "judge_trait": r.trait,
+                             "judge_fluency": r.fluency}
+                            for q, a, r in zip(questions, judged["answers"], judged["ratings"])]
+        return metrics, answers["raw"]
 
     def capability(self, edit: Any, persona: Any, light: bool = False) -> dict[str, float]:
         prefix = persona.prefix if persona is not None else ""
@@ -172,11 +189,12 @@ def run_comparison(model: Any, config: CompareConfig, log=print) -> dict[str, An
     raw_answers: dict[tuple[str, str, str], np.ndarray] = {}
     base_trait: dict[str, dict[str, float]] = {}
     for trait in config.traits:
-        base_trait[trait], answers = evaluator.trait_metrics(trait, None, None)
+        base_trait[trait], answers = evaluator.trait_metrics(trait, None, None, {"method": "unsteered"})
         for direction in DIRECTIONS:
             raw_answers[("unsteered", trait, direction)] = answers
         rows.append({"method": "unsteered", "trait": trait, "direction": "none", "n_edited": 0, "pct_edited": 0.0,
-                     **base_trait[trait], **base_capability, "trait_shift": 0.0, "seconds": 0.0})
+                     **base_trait[trait], **base_capability, "trait_shift": 0.0, "seconds": 0.0,
+                     **({"judge_shift": 0.0} if config.judge else {})})
     contexts: dict[str, dict[str, Any]] = {}
     for trait in config.traits:
         t0 = time.time()
@@ -193,7 +211,8 @@ def run_comparison(model: Any, config: CompareConfig, log=print) -> dict[str, An
             for method in config.methods:
                 t0 = time.time()
                 edit, persona = _edit(method, trait, direction, None, context, model, config)
-                metrics, answers = evaluator.trait_metrics(trait, edit, persona)
+                metrics, answers = evaluator.trait_metrics(trait, edit, persona,
+                                                           {"method": method, "direction": direction})
                 raw_answers[(method, trait, direction)] = answers
                 capability = evaluator.capability(edit, persona)
                 n_edited = edit.n_edited if edit is not None else 0
@@ -201,6 +220,8 @@ def run_comparison(model: Any, config: CompareConfig, log=print) -> dict[str, An
                        "pct_edited": 100.0 * n_edited / n_neurons, **metrics, **capability,
                        "trait_shift": sign * (metrics["questionnaire"] - base_trait[trait]["questionnaire"]),
                        "seconds": time.time() - t0}
+                if "judge_trait" in metrics:
+                    row["judge_shift"] = sign * (metrics["judge_trait"] - base_trait[trait]["judge_trait"])
                 for key in list(metrics) + list(capability):
                     base = base_trait[trait].get(key, base_capability.get(key))
                     row[f"delta_{key}"] = row[key] - base
@@ -216,7 +237,7 @@ def run_comparison(model: Any, config: CompareConfig, log=print) -> dict[str, An
         for method in [m for m in config.sweep_methods if m in ("dpn-le", "npti", "dense", "topk", "caa")]:
             for gamma in config.gamma_sweep:
                 edit, _ = _edit(method, sweep_trait, "increase", gamma, context, model, config)
-                metrics, _ = evaluator.trait_metrics(sweep_trait, edit, None)
+                metrics, _ = evaluator.trait_metrics(sweep_trait, edit, None, {"method": method, "gamma": gamma})
                 gamma_rows.append({"method": method, "trait": sweep_trait, "gamma": gamma, "n_edited": edit.n_edited,
                                    **metrics, "trait_shift": metrics["questionnaire"] - base_q,
                                    **evaluator.capability(edit, None, light=True)})
@@ -224,7 +245,7 @@ def run_comparison(model: Any, config: CompareConfig, log=print) -> dict[str, An
         for q in config.q_sweep:
             neuron_map = relocate(context["map"], q)
             edit = steering_intervention(neuron_map, config.gamma, "increase", "both")
-            metrics, _ = evaluator.trait_metrics(sweep_trait, edit, None)
+            metrics, _ = evaluator.trait_metrics(sweep_trait, edit, None, {"method": "dpn-le", "q": q})
             q_rows.append({"method": "dpn-le", "trait": sweep_trait, "q": q, "n_edited": edit.n_edited,
                            "pct_edited": 100.0 * edit.n_edited / n_neurons, **metrics,
                            "trait_shift": metrics["questionnaire"] - base_q, **evaluator.capability(edit, None, light=True)})
@@ -233,7 +254,8 @@ def run_comparison(model: Any, config: CompareConfig, log=print) -> dict[str, An
             "config": {k: (dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v)
                        for k, v in dataclasses.asdict(config).items()},
             "seconds": time.time() - started}
-    return {"rows": rows, "gamma_sweep": gamma_rows, "q_sweep": q_rows, "respondents": respondents, "meta": meta}
+    return {"rows": rows, "gamma_sweep": gamma_rows, "q_sweep": q_rows, "respondents": respondents,
+            "judged": evaluator.judged, "meta": meta}
 
 
 def _respondent_rows(evaluator: _Evaluator, config: CompareConfig, raw: dict) -> list[dict[str, Any]]:
@@ -270,7 +292,8 @@ def summary_by_method(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for method in dict.fromkeys(row["method"] for row in rows):
         chosen = [r for r in rows if r["method"] == method]
         entry = {"method": method, "conditions": len(chosen)}
-        for key in ("n_edited", "pct_edited", "trait_shift", "statements_gap", "kl", "wikitext_ppl",
+        for key in ("n_edited", "pct_edited", "trait_shift", "judge_shift", "judge_fluency", "statements_gap", "kl",
+                    "wikitext_ppl",
                     *[m for m in cap.CAPABILITY_METRICS if m not in ("kl", "wikitext_ppl")]):
             values = [r[key] for r in chosen if key in r]
             if values:
@@ -281,26 +304,26 @@ def summary_by_method(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def write_outputs(result: dict[str, Any], out: str | Path, make_png: bool = True) -> list[Path]:
     """CSV + JSON of every table, a markdown report and plotly figures (HTML, and PNG if kaleido works)."""
-    import csv
-
     from dpn_lens.io import write_csv_atomic, write_json_atomic, write_text_atomic
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written = [write_json_atomic(out / "comparison.json", result)]
-    for name in ("rows", "gamma_sweep", "q_sweep", "respondents"):
-        rows = result[name]
+    for name in ("rows", "gamma_sweep", "q_sweep", "respondents", "judged"):
+        rows = result.get(name)
         if not rows:
             continue
         written.append(write_csv_atomic(out / f"{name}.csv", rows))
     summary = summary_by_method(result["rows"])
-    main = ["method", "trait", "direction", "n_edited", "pct_edited", "questionnaire", "trait_shift", "statements_gap",
-            "kl", "wikitext_ppl", "lambada_acc", *[f"{t}_acc" for t in cap.MC_TASKS]]
+    judge = ["judge_trait", "judge_shift", "judge_fluency"] if result.get("judged") else []
+    main = ["method", "trait", "direction", "n_edited", "pct_edited", "questionnaire", "trait_shift", *judge,
+            "statements_gap", "kl", "wikitext_ppl", "lambada_acc", *[f"{t}_acc" for t in cap.MC_TASKS]]
     text = [f"# Comparison on {result['meta']['model']}", "",
             f"Run time: {result['meta']['seconds']:.0f} s. Neurons: {result['meta']['n_mlp_neurons']} MLP neurons.", "",
             "## Mean per method (over traits and directions)", "",
-            _markdown(summary, ["method", "conditions", "n_edited", "pct_edited", "trait_shift", "statements_gap", "kl",
-                                "wikitext_ppl", "lambada_acc", *[f"{t}_acc" for t in cap.MC_TASKS]]), "",
+            _markdown(summary, ["method", "conditions", "n_edited", "pct_edited", "trait_shift",
+                                *[c for c in judge if c != "judge_trait"], "statements_gap", "kl", "wikitext_ppl",
+                                "lambada_acc", *[f"{t}_acc" for t in cap.MC_TASKS]]), "",
             "## Every condition", "", _markdown(result["rows"], main), ""]
     if result["respondents"]:
         text += ["## Respondent matching (IPIP-NEO-300, MAE, lower is better)", "",
@@ -319,6 +342,8 @@ def write_outputs(result: dict[str, Any], out: str | Path, make_png: bool = True
 def _figures(result: dict[str, Any], summary: list[dict[str, Any]], out: Path, make_png: bool) -> list[Path]:
     import plotly.graph_objects as go
 
+    from dpn_lens.figures import save_figure, style
+
     figures = {}
     rows = [r for r in result["rows"] if r["method"] != "unsteered"]
     scatter = go.Figure()
@@ -326,35 +351,29 @@ def _figures(result: dict[str, Any], summary: list[dict[str, Any]], out: Path, m
         chosen = [r for r in rows if r["method"] == method]
         scatter.add_trace(go.Scatter(x=[r["kl"] for r in chosen], y=[r["trait_shift"] for r in chosen], mode="markers",
                                      name=method, text=[f"{r['trait']} {r['direction']}" for r in chosen]))
-    scatter.update_layout(title="Trait control vs capability cost (each point: trait x direction)",
-                          xaxis_title="KL(unsteered || steered), nats/token", yaxis_title="questionnaire shift (as asked)")
-    figures["tradeoff"] = scatter
+    figures["tradeoff"] = style(scatter, "Trait control vs capability cost (each point: trait x direction)",
+                                "KL(unsteered || steered), nats/token", "questionnaire shift (as asked)")
     if result["gamma_sweep"]:
         sweep = go.Figure()
         for method in dict.fromkeys(r["method"] for r in result["gamma_sweep"]):
             chosen = [r for r in result["gamma_sweep"] if r["method"] == method]
             sweep.add_trace(go.Scatter(x=[r["kl"] for r in chosen], y=[r["trait_shift"] for r in chosen],
                                        mode="lines+markers", name=method, text=[f"gamma={r['gamma']}" for r in chosen]))
-        sweep.update_layout(title=f"Gamma sweep ({result['gamma_sweep'][0]['trait']}, increase)",
-                            xaxis_title="KL nats/token", yaxis_title="questionnaire shift")
-        figures["gamma_sweep"] = sweep
+        figures["gamma_sweep"] = style(sweep, f"Gamma sweep ({result['gamma_sweep'][0]['trait']}, increase)",
+                                       "KL nats/token", "questionnaire shift")
     if result["q_sweep"]:
         q = result["q_sweep"]
-        qfig = go.Figure([go.Bar(x=[f"q={r['q']} ({r['n_edited']} neurons)" for r in q], y=[r["trait_shift"] for r in q],
-                                 name="questionnaire shift"),
-                          go.Bar(x=[f"q={r['q']} ({r['n_edited']} neurons)" for r in q], y=[r["kl"] for r in q], name="KL")])
-        qfig.update_layout(title="q sweep (DPN-LE, increase)", barmode="group")
-        figures["q_sweep"] = qfig
+        labels = [f"q={r['q']} ({r['n_edited']} neurons)" for r in q]
+        qfig = go.Figure([go.Bar(x=labels, y=[r["trait_shift"] for r in q], name="questionnaire shift"),
+                          go.Bar(x=labels, y=[r["kl"] for r in q], name="KL (nats/token)")])
+        qfig.update_layout(barmode="group")
+        figures["q_sweep"] = style(qfig, "q sweep (DPN-LE, increase)")
     written = []
     for name, figure in figures.items():
         figure.update_layout(width=800, height=500)
-        path = out / f"{name}.html"
-        figure.write_html(path, include_plotlyjs="cdn")
-        written.append(path)
-        if make_png:
-            try:
-                figure.write_image(out / f"{name}.png")
-                written.append(out / f"{name}.png")
-            except Exception as error:  # kaleido needs Chromium; the HTML is the primary output
-                print(f"PNG of {name} skipped: {error}")
+        try:
+            written += save_figure(figure, out, name, png=make_png)
+        except RuntimeError as error:  # no Chromium: the HTML is the primary output, so keep it and go on
+            print(f"PNG of {name} skipped: {error}")
+            written += save_figure(figure, out, name, png=False)
     return written

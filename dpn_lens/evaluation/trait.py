@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -33,7 +31,7 @@ from dpn_lens.traits import TRAITS, normalize_trait
 
 __all__ = ["IPIPItem", "load_ipip_items", "questionnaire_prompt", "option_token_ids", "answer_items",
            "questionnaire_scores", "Statement", "load_statements", "statement_agreement", "Respondent",
-           "load_respondents", "respondent_directions", "respondent_mae", "judge_endpoint", "INVENTORIES"]
+           "load_respondents", "respondent_directions", "respondent_mae", "INVENTORIES"]
 
 INVENTORIES = ("ipip_neo_300_test", "ipip_neo_300", "mpi_120", "ipip_neo_120", "ipip50")
 OPTIONS = ("Very Accurate", "Moderately Accurate", "Neither Accurate Nor Inaccurate", "Moderately Inaccurate",
@@ -270,24 +268,3 @@ def respondent_mae(respondents: Sequence[Respondent], train_items: Sequence[IPIP
     if not errors:
         raise ValueError("no respondent answered any test item; check that item ids match the respondent file")
     return float(np.concatenate(errors).mean())
-
-
-def judge_endpoint(url: str | None = None) -> str | None:
-    """The OpenAI-compatible judge URL (argument or ``$DPN_LENS_JUDGE_URL``), or ``None`` if not configured."""
-    return url or os.environ.get("DPN_LENS_JUDGE_URL") or None
-
-
-def judge_score(url: str, model_name: str, trait: str, question: str, answer: str, timeout: float = 60.0) -> float:
-    """Ask a judge behind an OpenAI-compatible ``/chat/completions`` endpoint to rate trait expression 1-5."""
-    prompt = (f"Rate how strongly the following answer expresses high {trait} on a scale from 1 (very low) to 5 "
-              f"(very high). Reply with the number only.\nQuestion: {question}\nAnswer: {answer}")
-    body = json.dumps({"model": model_name, "messages": [{"role": "user", "content": prompt}], "temperature": 0})
-    request = urllib.request.Request(url.rstrip("/") + "/chat/completions", data=body.encode(),
-                                     headers={"Content-Type": "application/json",
-                                              "Authorization": f"Bearer {os.environ.get('DPN_LENS_JUDGE_KEY', 'none')}"})
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        content = json.loads(response.read())["choices"][0]["message"]["content"]
-    digits = [c for c in content if c.isdigit()]
-    if not digits:
-        raise ValueError(f"the judge replied {content!r}, not a number from 1 to 5")
-    return float(digits[0])

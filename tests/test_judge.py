@@ -1,0 +1,176 @@
+"""The optional PersonalityBench judge: generation with the edit, requests to an OpenAI-compatible server.
+
+A local HTTP server plays the judge. Its rating is a known function of the answer it receives (the
+number of "Yes" words), so the test can tell that the generated answers, and nothing else, were rated.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import torch
+
+from dpn_lens.evaluation.capability import CapabilitySizes
+from dpn_lens.evaluation.compare import CompareConfig, run_comparison, write_outputs
+from dpn_lens.evaluation.judge import (JudgeConfig, JudgeRating, generate_answers, judge_endpoint, judge_evaluation,
+                                       judge_rating, load_test_questions, parse_rating)
+from dpn_lens.evaluation.logprobs import encode, render
+from tests.test_evaluation_metrics import ForceToken, build_letter_model, token
+
+
+def rating_of(answer: str) -> tuple[int, int]:
+    """The fake judge's rule: trait = 1 + number of "Yes" (at most 5); fluency 5 for a non-empty answer."""
+    return min(5, 1 + answer.split().count("Yes")), 5 if answer.strip() else 1
+
+
+class FakeJudge:
+    """An OpenAI-compatible /chat/completions server on localhost that records every request."""
+
+    def __init__(self, reply: str | None = None):
+        self.requests: list[dict] = []
+        judge = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 (http.server's naming)
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                judge.requests.append({"path": self.path, "body": body, "auth": self.headers.get("Authorization")})
+                prompt = body["messages"][0]["content"]
+                answer = re.search(r"^Answer: (.*)$", prompt, re.MULTILINE).group(1)
+                content = reply if reply is not None else "%d %d" % rating_of(answer)
+                data = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):  # keep test output quiet
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> "FakeJudge":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture(scope="module")
+def letter_model(tmp_path_factory):
+    return build_letter_model(tmp_path_factory.mktemp("letters_judge"))
+
+
+def greedy_without_cache(model, prompt_ids: list[int], n_new: int) -> list[int]:
+    """Independent oracle: argmax of a full forward pass per step (no KV cache, no generate())."""
+    ids = list(prompt_ids)
+    for _ in range(n_new):
+        with torch.no_grad():
+            next_id = int(model(torch.tensor([ids]))[0, -1].argmax())
+        if next_id == model.tokenizer.eos_token_id:
+            break
+        ids.append(next_id)
+    return ids[len(prompt_ids):]
+
+
+def test_answers_are_greedy_generations_of_the_rendered_question(letter_model):
+    questions = ["the cat sat on the mat ?", "I am the life of the party ."]
+    answers = generate_answers(letter_model, questions, max_new_tokens=6, repetition_penalty=1.0)
+    for question, answer in zip(questions, answers):
+        expected = greedy_without_cache(letter_model, encode(letter_model, render(letter_model, question)), 6)
+        assert answer == letter_model.tokenizer.decode(expected, skip_special_tokens=True).strip()
+
+
+def test_judge_rates_exactly_the_generated_answers_and_sees_the_edit(letter_model, shared_data, monkeypatch):
+    monkeypatch.setenv("DPN_LENS_JUDGE_KEY", "secret-key")
+    questions = load_test_questions(shared_data, "extraversion", n=3, seed=1)
+    assert len(questions) == 3 and len(set(questions)) == 3
+    with FakeJudge() as judge:
+        config = JudgeConfig(judge.url, model_name="fake-judge", max_new_tokens=4)
+        plain = judge_evaluation(letter_model, "extraversion", questions, config)
+        forced = judge_evaluation(letter_model, "extraversion", questions, config, edit=ForceToken(token(letter_model, "Yes")))
+    assert len(judge.requests) == 6
+    assert all(r["path"] == "/v1/chat/completions" and r["body"]["model"] == "fake-judge" and r["body"]["temperature"] == 0
+               and r["auth"] == "Bearer secret-key" for r in judge.requests)
+    for request, question, answer in zip(judge.requests, questions * 2, plain["answers"] + forced["answers"]):
+        prompt = request["body"]["messages"][0]["content"]
+        assert f"Question: {question}\n" in prompt and f"Answer: {answer}\n" in prompt and "extraversion" in prompt
+    for result in (plain, forced):
+        expected = [rating_of(a) for a in result["answers"]]
+        assert result["ratings"] == [JudgeRating(float(t), float(f)) for t, f in expected]
+        assert result["judge_trait"] == pytest.approx(sum(t for t, _ in expected) / 3)
+    # The forcing edit makes every answer "Yes Yes Yes Yes": the judge sees it, so the score moves.
+    assert forced["answers"] == ["Yes Yes Yes Yes"] * 3 and forced["judge_trait"] == 5.0
+    assert plain["answers"] != forced["answers"]
+    # Hooks are gone afterwards: the unsteered answers come back.
+    assert generate_answers(letter_model, questions, max_new_tokens=4) == plain["answers"]
+
+
+def test_persona_wraps_the_question_before_generation(letter_model):
+    class Persona:
+        def wrap(self, question):
+            return "Yes Yes Yes " + question
+
+        def fwd_hooks(self):
+            return []
+
+    questions = ["the dog ran home ."]
+    wrapped = generate_answers(letter_model, questions, persona=Persona(), max_new_tokens=5, repetition_penalty=1.0)
+    expected = greedy_without_cache(letter_model, encode(letter_model, render(letter_model, "Yes Yes Yes " + questions[0])), 5)
+    assert wrapped == [letter_model.tokenizer.decode(expected, skip_special_tokens=True).strip()]
+
+
+@pytest.mark.parametrize("reply, expected", [("4 5", (4, 5)), ("Trait: 2, fluency: 3", (2, 3)), ("3.5 4", (3.5, 4)),
+                                             ("1. 4\n2. 5", (4, 5))])
+def test_rating_replies_are_parsed(reply, expected):
+    rating = parse_rating(reply)
+    assert (rating.trait, rating.fluency) == expected
+
+
+def test_judge_errors_name_the_problem():
+    with pytest.raises(ValueError, match="two numbers from 1 to 5"):
+        parse_rating("I cannot rate this.")
+    with pytest.raises(ValueError, match="must start with http"):
+        JudgeConfig("localhost:8000")
+    with FakeJudge(reply="excellent") as judge:
+        with pytest.raises(ValueError, match="not two numbers"):
+            judge_rating(JudgeConfig(judge.url), "openness", "q", "a")
+        url = judge.url
+    with pytest.raises(ConnectionError, match="did not answer.*--judge-url"):
+        judge_rating(JudgeConfig(url, timeout=5), "openness", "q", "a")
+
+
+def test_endpoint_comes_from_the_argument_or_the_environment(monkeypatch):
+    monkeypatch.delenv("DPN_LENS_JUDGE_URL", raising=False)
+    assert judge_endpoint(None) is None
+    monkeypatch.setenv("DPN_LENS_JUDGE_URL", "http://judge:1/v1")
+    assert judge_endpoint(None) == "http://judge:1/v1" and judge_endpoint("http://x/v1") == "http://x/v1"
+
+
+def test_comparison_with_a_judge_reports_judge_scores_and_writes_the_answers(letter_model, shared_data, tmp_path):
+    with FakeJudge() as judge:
+        config = CompareConfig(traits=["openness"], methods=["dpn-le", "prompting"], data_dir=str(shared_data),
+                               locate_pairs=12, locate_q=0.8, locate_tau_d=0.0, questionnaire_items=2,
+                               statements_per_pole=1, capability=CapabilitySizes(1, 1, 1, 16, 1, 16), gamma_sweep=[],
+                               q_sweep=[], judge=JudgeConfig(judge.url, questions_per_trait=2, max_new_tokens=3))
+        result = run_comparison(letter_model, config, log=lambda message: None)
+    # unsteered + 2 methods x 2 directions, 2 questions each
+    assert len(judge.requests) == 10 and len(result["judged"]) == 10
+    base = next(r for r in result["rows"] if r["method"] == "unsteered")
+    for row in result["rows"]:
+        judged = [j for j in result["judged"] if j["method"] == row["method"] and j.get("direction", "none") in
+                  (row["direction"], "none") and (row["method"] != "unsteered" or "direction" not in j)]
+        assert row["judge_trait"] == pytest.approx(sum(j["judge_trait"] for j in judged) / len(judged))
+        sign = -1 if row["direction"] == "decrease" else 1
+        assert row["judge_shift"] == pytest.approx(sign * (row["judge_trait"] - base["judge_trait"]))
+    files = {p.name for p in write_outputs(result, tmp_path, make_png=False)}
+    assert "judged.csv" in files and "judge_shift" in (tmp_path / "comparison.md").read_text()
+    assert "api_key" not in (tmp_path / "comparison.json").read_text()
