@@ -36,7 +36,7 @@ TEMPLATE = "plotly_white"
 TRAIT_COLORS: dict[str, str] = {"openness": "#1f77b4", "conscientiousness": "#2ca02c", "extraversion": "#ff7f0e",
                                 "agreeableness": "#9467bd", "neuroticism": "#d62728"}
 METHOD_COLORS: dict[str, str] = {"DPN-LE": "#1f77b4", "top|d|": "#ff7f0e", "|s|-only": "#2ca02c", "q=0.97": "#9467bd",
-                                 "random": "#7f7f7f"}
+                                 "NPTI": "#d62728", "random": "#7f7f7f"}
 BACKGROUND = "#c7c7c7"
 HOVER_NEURON = "layer %{customdata[0]}, neuron %{customdata[1]}<br>d = %{customdata[2]:.3f}<br>s = %{customdata[3]:.4f}"
 

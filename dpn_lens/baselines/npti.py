@@ -28,8 +28,8 @@ from torch import Tensor
 from dpn_lens.collect import pad_token_lists, tokenize_prompts
 from dpn_lens.data.contrastive import ContrastiveSet
 
-__all__ = ["NPTIStatistics", "NPTIIntervention", "npti_statistics", "npti_select", "npti_intervention",
-           "scaled_top_count", "REFERENCE_TOP", "REFERENCE_NEURONS"]
+__all__ = ["NPTIStatistics", "NPTIIntervention", "npti_statistics", "npti_select", "npti_pole_selection",
+           "npti_intervention", "scaled_top_count", "REFERENCE_TOP", "REFERENCE_NEURONS"]
 
 REFERENCE_TOP = 2000
 """NPTI keeps the top 2,000 neurons by diff before applying the diff >= 0.1 rule (LLaMA-3-8B)."""
@@ -174,6 +174,25 @@ def npti_select(diff: Float[Tensor, "..."], top: int = REFERENCE_TOP, min_diff: 
     return order[:min(top, flat.numel()) + extra]
 
 
+def npti_pole_selection(stats: NPTIStatistics, top: int | None = None, min_diff: float = 0.1
+                        ) -> tuple[Int[Tensor, "n_high"], Int[Tensor, "n_low"]]:
+    """The neurons NPTI selects for the trait (high) and for the reversed trait (low).
+
+    ``high = npti_select(p_high - p_low)``, ``low = npti_select(p_low - p_high)``, over all layers;
+    flat indices into ``[n_layers, d_mlp]`` (``layer = i // d_mlp``, ``neuron = i % d_mlp``).
+    ``top`` defaults to ``scaled_top_count`` of the model's neuron count. ``npti_intervention`` boosts one
+    of the two and clamps the other, so this is the selection its edits use.
+
+    Example:
+        >>> high, low = npti_pole_selection(stats)             # doctest: +SKIP
+        >>> layers, neurons = high // stats.p_high.shape[1], high % stats.p_high.shape[1]   # doctest: +SKIP
+    """
+    n_layers, d_mlp = stats.p_high.shape
+    top = scaled_top_count(n_layers * d_mlp) if top is None else top
+    diff = stats.p_high - stats.p_low
+    return npti_select(diff, top, min_diff), npti_select(-diff, top, min_diff)
+
+
 @dataclass
 class NPTIIntervention:
     """NPTI's edit: boost the trait's neurons, clamp the opposite pole's (``a = min(a, 0)``).
@@ -267,12 +286,12 @@ def npti_intervention(model: Any, stats: NPTIStatistics, direction: Literal["inc
     if n_layers != int(model.cfg.n_layers) or d_mlp != int(model.cfg.d_mlp):
         raise ValueError(f"NPTI statistics are [{n_layers}, {d_mlp}] but the model has [{model.cfg.n_layers}, "
                          f"{model.cfg.d_mlp}] neurons: they come from another model")
-    top = scaled_top_count(n_layers * d_mlp) if top is None else top
     target_p, other_p = (stats.p_high, stats.p_low) if direction == "increase" else (stats.p_low, stats.p_high)
     target_p95 = stats.p95_high if direction == "increase" else stats.p95_low
     diff = target_p - other_p
-    boosted = npti_select(diff, top, min_diff)
-    clamped = npti_select(-diff, top, min_diff)
+    # p_low - p_high == -(p_high - p_low) exactly in floating point, so "decrease" swaps the two sets.
+    high, low = npti_pole_selection(stats, top, min_diff)
+    boosted, clamped = (high, low) if direction == "increase" else (low, high)
     value = gamma * target_p95.flatten() * torch.sigmoid(10 * (diff.flatten() - 0.15))
     boost: dict[int, tuple[Tensor, Tensor]] = {}
     clamp: dict[int, Tensor] = {}

@@ -15,10 +15,13 @@ from dpn_lens.studies.overlap import (
     jaccard, overlap_coefficient, overlap_pvalue, layer_matched_pvalue, pairwise_overlap, per_layer_overlap,
     overlap_matrix, pole_exclusivity, exclusivity_points, steering_correlations,
 )
-from dpn_lens.studies.run import METHODS, NeuronSet, Run, alternative_sets, load_run, pole_sets
+from dpn_lens.studies.run import (
+    METHODS, NPTI, NeuronSet, Run, alternative_sets, load_run, npti_sets, npti_sets_for_run, pole_sets,
+)
 
 __all__ = [
-    "METHODS", "NeuronSet", "Run", "alternative_sets", "load_run", "pole_sets",
+    "METHODS", "NPTI", "NeuronSet", "Run", "alternative_sets", "load_run", "npti_sets", "npti_sets_for_run",
+    "pole_sets",
     "layer_counts", "layer_value_quantiles", "top_neurons",
     "jaccard", "overlap_coefficient", "overlap_pvalue", "layer_matched_pvalue", "pairwise_overlap",
     "per_layer_overlap", "overlap_matrix", "pole_exclusivity", "exclusivity_points", "steering_correlations",

@@ -2,6 +2,7 @@
 
 Example:
     $ dpn-lens study all --run runs/demo --out figures --data-dir ../shared/data
+    $ dpn-lens study overlap --run runs/demo --npti        # also NPTI's neuron sets (generates with the model)
 """
 
 from __future__ import annotations
@@ -25,13 +26,26 @@ def _layers_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top", type=int, default=10, help="top neurons per trait and pole in the table (default 10)")
 
 
+def _model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None,
+                        help="model the maps were located on (default: the run's summary.json; the multifunction "
+                             "study falls back to smollm2-135m-instruct, --npti does not)")
+    parser.add_argument("--dtype", default=None, help="model dtype (default float32)")
+    parser.add_argument("--device", default=None, help="device for the model (default cpu)")
+
+
+def _npti_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--npti", action="store_true",
+                        help="also study the NPTI baseline's neuron sets (answers generated with the model)")
+    parser.add_argument("--npti-prompts", type=int, default=16,
+                        help="high and low persona prompts per trait for the NPTI statistics (default 16)")
+    parser.add_argument("--npti-tokens", type=int, default=24,
+                        help="generated tokens per answer for the NPTI statistics (default 24)")
+
+
 def _multifunction_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", default=os.environ.get("DPN_LENS_DATA"),
                         help="data folder holding capability/ (default: $DPN_LENS_DATA)")
-    parser.add_argument("--model", default=None,
-                        help="model the maps were located on (default: the run's summary.json, else smollm2-135m-instruct)")
-    parser.add_argument("--dtype", default=None, help="model dtype (default float32)")
-    parser.add_argument("--device", default=None, help="device for the model (default cpu)")
     parser.add_argument("--n-text", type=int, default=4, help="WikiText-2 windows for attribution (default 4)")
     parser.add_argument("--n-questions", type=int, default=16, help="MMLU + ARC questions for attribution (default 16)")
     parser.add_argument("--n-held-out", type=int, default=4, help="held-out WikiText-2 windows for costs (default 4)")
@@ -51,9 +65,11 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     inner = study.add_subparsers(dest="study", required=True, metavar="{layers,overlap,multifunction,all}")
     for name, help_text, extras in (
             ("layers", "neuron counts, d and s per layer, top neurons", [_layers_options]),
-            ("overlap", "overlap and mutual exclusivity of pole sets, steering-vector correlation", []),
-            ("multifunction", "capability neurons and ablation/edit costs of personality sets", [_multifunction_options]),
-            ("all", "all three studies", [_layers_options, _multifunction_options])):
+            ("overlap", "overlap and mutual exclusivity of pole sets, steering-vector correlation",
+             [_model_options, _npti_options]),
+            ("multifunction", "capability neurons and ablation/edit costs of personality sets",
+             [_model_options, _multifunction_options, _npti_options]),
+            ("all", "all three studies", [_layers_options, _model_options, _multifunction_options, _npti_options])):
         parser = inner.add_parser(name, help=help_text, description=help_text)
         _common(parser)
         for add in extras:
@@ -68,27 +84,55 @@ def _model_name(args: argparse.Namespace, run: Any) -> str:
     return run.model_name or "smollm2-135m-instruct"
 
 
+def _check_npti(args: argparse.Namespace, run: Any) -> None:
+    """Refuse ``--npti`` before any work when its sets could not be built or used."""
+    if not (args.model or run.model_name):
+        raise SystemExit(f"error: --npti generates answers with the model the maps were located on, but "
+                         f"{run.folder / 'summary.json'} names no model: pass --model")
+    if min(args.npti_prompts, args.npti_tokens) < 1:
+        raise SystemExit("error: --npti-prompts and --npti-tokens must be at least 1")
+    if args.study == "overlap" and not run.stats:
+        raise SystemExit(f"error: --npti adds the NPTI sets to the exclusivity part, which needs the run's "
+                         f"statistics; {run.folder / 'stats'} holds none")
+    if args.study in ("multifunction", "all") and not args.data_dir:
+        raise SystemExit("error: the multifunction study needs the capability data: pass --data-dir "
+                         "(the folder holding capability/) or set $DPN_LENS_DATA")
+
+
 def run_study(args: argparse.Namespace) -> int:
-    """Run the chosen study (``args.study``) and print where the files went."""
+    """Run the chosen study (``args.study``) and print where the files went.
+
+    With ``--npti`` the NPTI sets of every trait are built once (``npti_sets_for_run``) and passed to the
+    overlap and multifunction studies as ``extra_sets={"NPTI": ...}``.
+    """
     from dpn_lens.studies.report import layers_study, multifunction_study, overlap_study_report
-    from dpn_lens.studies.run import load_run
+    from dpn_lens.studies.run import NPTI, load_run, npti_sets_for_run
 
     run = load_run(args.run)
     common = {"png": not args.no_png, "plotlyjs": args.plotlyjs}
+    model, extra = None, None
+    if getattr(args, "npti", False):
+        from dpn_lens.models import load_model
+
+        _check_npti(args, run)
+        model = load_model(_model_name(args, run), dtype=args.dtype, device=args.device)
+        extra = {NPTI: npti_sets_for_run(model, run, args.npti_prompts, args.npti_tokens,
+                                         log=lambda text: print(text, flush=True))}
     if args.study in ("layers", "all"):
         layers_study(run, args.out, top=args.top, **common)
     if args.study in ("overlap", "all"):
-        overlap_study_report(run, args.out, **common)
+        overlap_study_report(run, args.out, extra_sets=extra, **common)
     if args.study in ("multifunction", "all"):
         from dpn_lens.models import load_model
 
         if not args.data_dir:
             raise SystemExit("error: the multifunction study needs the capability data: pass --data-dir "
                              "(the folder holding capability/) or set $DPN_LENS_DATA")
-        model = load_model(_model_name(args, run), dtype=args.dtype, device=args.device)
+        if model is None:
+            model = load_model(_model_name(args, run), dtype=args.dtype, device=args.device)
         multifunction_study(run, args.out, model, args.data_dir, n_text=args.n_text,
                             n_multiple_choice=args.n_questions, n_held_out=args.n_held_out, window=args.window,
                             fraction=args.capability_fraction, gamma=args.gamma, batch_size=args.batch_size,
-                            seed=args.seed, random_control=not args.no_random_control, **common)
+                            seed=args.seed, random_control=not args.no_random_control, extra_sets=extra, **common)
     return 0
 

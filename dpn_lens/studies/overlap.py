@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from scipy.stats import hypergeom, norm
 
+from dpn_lens.localize import select_neurons
 from dpn_lens.neuron_map import NeuronMap
 from dpn_lens.statistics import ContrastStatistics
 from dpn_lens.studies.run import NeuronSet
@@ -184,6 +185,20 @@ def exclusivity_points(neuron_map: NeuronMap, stats: ContrastStatistics, sets: S
     return rows
 
 
+def _tau_q(neuron_map: NeuronMap, layers: Sequence[int]) -> dict[int, float]:
+    """The map's |s| threshold per layer. Sets chosen over all layers (NPTI) reach layers the map did not
+    search; there it is the threshold the map's q would have given (``select_neurons`` on that layer)."""
+    result = {}
+    for layer in layers:
+        if layer in neuron_map.tau_q:
+            result[layer] = float(neuron_map.tau_q[layer])
+        else:
+            row = neuron_map.stat_layers.index(layer)
+            result[layer] = select_neurons(neuron_map.steering_value[row].double(), neuron_map.cohens_d[row].double(),
+                                           neuron_map.settings.q, neuron_map.settings.tau_d)[2]
+    return result
+
+
 def pole_exclusivity(neuron_map: NeuronMap, stats: ContrastStatistics, sets: Sequence[NeuronSet]) -> list[dict]:
     """Per set: how exclusively its neurons respond to their own pole (the paper's claim 3, measured).
 
@@ -194,12 +209,14 @@ def pole_exclusivity(neuron_map: NeuronMap, stats: ContrastStatistics, sets: Seq
     * ``frac_own_stronger``: fraction with ``|mean_own| > |mean_other|``, i.e. the neuron is more active
       (not merely less negative) under its own pole: *not* implied by the selection;
     * ``median_other_over_own``: median of ``|mean_other| / |mean_own|`` (0 = silent under the other pole);
-    * ``median_abs_d``, ``frac_weak_d`` (``|d| <= tau_d``), ``frac_small_s`` (``|s| <= tau_q``);
+    * ``median_abs_d``, ``frac_weak_d`` (``|d| <= tau_d``), ``frac_small_s`` (``|s| <= tau_q``; in a layer
+      the map did not search, tau_q is its q-quantile of |s| there);
     * ``mean_distribution_overlap``: mean of ``2 * Phi(-|d| / 2)``, the overlap of two normal
       distributions d apart (1 = indistinguishable, 0 = fully separated).
     """
     rows = []
     points = exclusivity_points(neuron_map, stats, sets)
+    thresholds = _tau_q(neuron_map, sorted({p["layer"] for p in points}))
     for neuron_set in sets:
         mine = [p for p in points if p["method"] == neuron_set.method and p["pole"] == neuron_set.pole]
         sign = 1.0 if neuron_set.pole == "high" else -1.0
@@ -213,7 +230,7 @@ def pole_exclusivity(neuron_map: NeuronMap, stats: ContrastStatistics, sets: Seq
         other = np.array([p["mean_low"] if sign > 0 else p["mean_high"] for p in mine])
         d = np.array([p["d"] for p in mine])
         s = np.array([p["s"] for p in mine])
-        tau_q = np.array([neuron_map.tau_q[p["layer"]] for p in mine])
+        tau_q = np.array([thresholds[p["layer"]] for p in mine])
         row.update(mean_own=float(own.mean()), mean_other=float(other.mean()),
                    frac_sign_consistent=float((sign * d > 0).mean()),
                    frac_own_stronger=float((np.abs(own) > np.abs(other)).mean()),

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Callable, Literal, Mapping, Sequence
 
 import numpy as np
+import torch
 
 from dpn_lens import figures
 from dpn_lens.io import write_csv_atomic, write_json_atomic, write_text_atomic
@@ -90,15 +91,64 @@ def layers_study(run: Run, out: str | Path, top: int = 10, png: bool = True, plo
     return summary
 
 
-def _all_sets(run: Run, methods: Sequence[str]) -> dict[str, list[NeuronSet]]:
-    return {method: [s for m in run.maps.values() for s in alternative_sets(m, method)] for method in methods}
+def _extra_sets(run: Run, methods: Sequence[str], extra_sets: Mapping[str, Sequence[NeuronSet]] | None
+                ) -> dict[str, list[NeuronSet]]:
+    """Check sets chosen outside the run folder (e.g. ``{"NPTI": npti_sets_for_run(model, run)}``).
+
+    Each set must carry its key as ``method``, belong to a trait of the run, have the maps' width, and
+    lie in that trait's ``stat_layers``: the studies look its neurons up in the statistics and in ``s``.
+    """
+    checked: dict[str, list[NeuronSet]] = {}
+    for method, sets in (extra_sets or {}).items():
+        if method in methods:
+            raise ValueError(f"extra set method {method!r} is already one of the run's methods {list(methods)}")
+        sets = list(sets)
+        for neuron_set in sets:
+            if neuron_set.method != method:
+                raise ValueError(f"set {neuron_set.name!r} has method {neuron_set.method!r} but was passed under "
+                                 f"{method!r}; key extra_sets by each set's method")
+            neuron_map = run.maps.get(neuron_set.trait)
+            if neuron_map is None:
+                raise ValueError(f"set {neuron_set.name!r} is of trait {neuron_set.trait!r}, which the run at "
+                                 f"{run.folder} has no map of ({', '.join(run.traits)})")
+            if neuron_set.d_mlp != neuron_map.d_mlp:
+                raise ValueError(f"set {neuron_set.name!r} has d_mlp {neuron_set.d_mlp} but the run's maps have "
+                                 f"{neuron_map.d_mlp}: it comes from another model")
+            outside = sorted(set(neuron_set.layers) - set(neuron_map.stat_layers))
+            if outside:
+                raise ValueError(f"set {neuron_set.name!r} has layers {outside} outside the run's statistics layers "
+                                 f"{neuron_map.stat_layers}; restrict it (npti_sets(stats, layers=stat_layers))")
+        checked[method] = sets
+    return checked
+
+
+def _both_poles(sets: Sequence[NeuronSet], trait: str, method: str, d_mlp: int) -> NeuronSet:
+    """One set of both poles together: the neurons a "both"-mode edit touches."""
+    empty = torch.zeros(0, dtype=torch.long)
+    layers = sorted({layer for s in sets for layer in s.layers})
+    neurons = {layer: torch.cat([s.neurons.get(layer, empty) for s in sets]) for layer in layers}
+    return NeuronSet(f"{trait} [{method}]", neurons, d_mlp, trait, "both", method)
 
 
 def overlap_study_report(run: Run, out: str | Path, methods: Sequence[str] = METHODS[:3], png: bool = True,
-                         plotlyjs: PlotlyJs = "cdn", log: Callable[[str], None] | None = _print) -> dict:
+                         plotlyjs: PlotlyJs = "cdn", log: Callable[[str], None] | None = _print,
+                         extra_sets: Mapping[str, Sequence[NeuronSet]] | None = None) -> dict:
     """Pole-set overlap (Jaccard, overlap coefficient, p-values), per-layer overlap, UpSet plot,
-    within-trait exclusivity for each selection method, and cross-trait steering-vector correlation."""
+    within-trait exclusivity for each selection method, and cross-trait steering-vector correlation.
+
+    Args:
+        methods: ``alternative_sets`` methods compared in the exclusivity part.
+        extra_sets: sets that need more than the run folder, keyed by method, e.g.
+            ``{"NPTI": npti_sets_for_run(model, run)}``; they join the exclusivity table, points and
+            figure after ``methods`` (the overlap tables stay DPN-LE only).
+
+    Example:
+        >>> summary = overlap_study_report(run, "figures", extra_sets={"NPTI": npti_sets})   # doctest: +SKIP
+        >>> summary["exclusivity_mean_over_traits"]["NPTI high"]["frac_own_stronger"]      # doctest: +SKIP
+    """
     out = Path(out)
+    extra = _extra_sets(run, methods, extra_sets)
+    all_methods = [*methods, *extra]
     sets = [s for m in run.maps.values() for s in pole_sets(m)]
     names = [s.name for s in sets]
     pairs = overlap_study.pairwise_overlap(sets)
@@ -139,19 +189,22 @@ def overlap_study_report(run: Run, out: str | Path, methods: Sequence[str] = MET
         points, exclusivity = [], []
         for trait, neuron_map in run.maps.items():
             trait_sets = [s for method in methods for s in alternative_sets(neuron_map, method)]
+            trait_sets += [s for sets in extra.values() for s in sets if s.trait == trait]
             points += overlap_study.exclusivity_points(neuron_map, run.stats[trait], trait_sets)
             exclusivity += overlap_study.pole_exclusivity(neuron_map, run.stats[trait], trait_sets)
         write_table(exclusivity, out, "overlap_exclusivity")
         write_table(points, out, "overlap_exclusivity_neurons", markdown=False)
-        figures.save_figure(figures.exclusivity_figure(points, methods), out, "overlap_exclusivity", png, plotlyjs)
+        figures.save_figure(figures.exclusivity_figure(points, all_methods), out, "overlap_exclusivity", png,
+                            plotlyjs)
         summary["exclusivity_mean_over_traits"] = {
             f"{method} {pole}": {key: float(np.nanmean([r[key] for r in exclusivity
                                                         if r["method"] == method and r["pole"] == pole]))
                                  for key in ("n", "frac_own_stronger", "median_other_over_own", "median_abs_d",
                                              "frac_weak_d", "frac_small_s", "mean_distribution_overlap")}
-            for method in methods for pole in ("high", "low")}
+            for method in all_methods for pole in ("high", "low")}
     else:
-        _say(log, f"overlap: no statistics in {run.folder / 'stats'}; skipping the exclusivity part")
+        skipped = f" (and the {', '.join(extra)} sets)" if extra else ""
+        _say(log, f"overlap: no statistics in {run.folder / 'stats'}; skipping the exclusivity part{skipped}")
     write_json_atomic(out / "overlap_summary.json", _jsonable(summary))
     _say(log, f"overlap: wrote pair, per-layer, exclusivity and correlation tables and figures to {out}")
     return summary
@@ -161,13 +214,26 @@ def multifunction_study(run: Run, out: str | Path, model: Any, data_dir: str | P
                         n_text: int = 8, n_multiple_choice: int = 32, n_held_out: int = 8, window: int = 128,
                         fraction: float = 0.02, gamma: float = 0.8, batch_size: int = 4, seed: int = 0,
                         methods: Sequence[str] = METHODS, random_control: bool = True, png: bool = True,
-                        plotlyjs: PlotlyJs = "cdn", log: Callable[[str], None] | None = _print) -> dict:
-    """Capability attribution, capability-neuron overlap of each personality set, and ablation/edit costs."""
-    import torch
+                        plotlyjs: PlotlyJs = "cdn", log: Callable[[str], None] | None = _print,
+                        extra_sets: Mapping[str, Sequence[NeuronSet]] | None = None) -> dict:
+    """Capability attribution, capability-neuron overlap of each personality set, and ablation/edit costs.
 
+    Args:
+        methods: ``alternative_sets`` methods compared.
+        extra_sets: sets that need more than the run folder, keyed by method, e.g.
+            ``{"NPTI": npti_sets_for_run(model, run)}``; they get the same overlap rows (per pole and both
+            poles together) and costs as ``methods``. The edit cost is the DPN-LE edit ``+gamma * s`` on
+            every set's neurons (NPTI's own boost/clamp edit is what ``dpn-lens compare`` measures).
+
+    Example:
+        >>> summary = multifunction_study(run, "figures", model, extra_sets={"NPTI": npti_sets})  # doctest: +SKIP
+        >>> summary["by_method"]["NPTI"]["capability_fraction_pooled"]                           # doctest: +SKIP
+    """
     from dpn_lens.studies import multifunction as mf
 
     out = Path(out)
+    extra = _extra_sets(run, methods, extra_sets)
+    all_methods = [*methods, *extra]
     out.mkdir(parents=True, exist_ok=True)
     for neuron_map in run.maps.values():
         neuron_map.check_compatible(model)
@@ -179,15 +245,13 @@ def multifunction_study(run: Run, out: str | Path, model: Any, data_dir: str | P
     from safetensors.torch import save_file
 
     save_file({k: v.float().contiguous() for k, v in attribution.items()}, str(out / "multifunction_attribution.safetensors"))
-    # One set per trait and method: both poles together, the neurons a "both"-mode edit touches.
-    union_sets = []
-    for method in methods:
-        for trait, neuron_map in run.maps.items():
-            high, low = alternative_sets(neuron_map, method)
-            neurons = {l: torch.cat([high.neurons.get(l, torch.zeros(0, dtype=torch.long)),
-                                     low.neurons.get(l, torch.zeros(0, dtype=torch.long))]) for l in neuron_map.layers}
-            union_sets.append(NeuronSet(f"{trait} [{method}]", neurons, neuron_map.d_mlp, trait, "both", method))
     pole_level = [s for method in methods for m in run.maps.values() for s in alternative_sets(m, method)]
+    pole_level += [s for sets in extra.values() for s in sets]
+    # One set per trait and method: both poles together, the neurons a "both"-mode edit touches.
+    union_sets = [_both_poles([s for s in pole_level if s.method == method and s.trait == trait], trait, method,
+                              neuron_map.d_mlp)
+                  for method in all_methods for trait, neuron_map in run.maps.items()
+                  if any(s.method == method and s.trait == trait for s in pole_level)]
     overlap_rows = mf.capability_overlap(union_sets + pole_level, capability, combined)
     write_table(overlap_rows, out, "multifunction_capability_overlap")
     figures.save_figure(figures.capability_fraction_figure([r for r in overlap_rows if r["pole"] == "both"], fraction),
@@ -199,7 +263,7 @@ def multifunction_study(run: Run, out: str | Path, model: Any, data_dir: str | P
     figures.save_figure(figures.capability_cost_figure(costs), out, "multifunction_costs", png, plotlyjs)
     summary = {"data": data.description, "capability_fraction_per_layer": fraction, "gamma": gamma,
                "baseline_loss": costs[0]["baseline_loss"] if costs else None, "by_method": {}}
-    for method in methods:
+    for method in all_methods:
         mine = [r for r in overlap_rows if r["method"] == method and r["pole"] == "both"]
         cost = [r for r in costs if r["method"] == method]
         n_total = sum(r["n"] for r in mine)

@@ -15,6 +15,11 @@ criterion from the same s and d, so the studies can show what the criterion chan
 * ``|s|-only``: per layer, all neurons with ``|s| > tau_q`` (the same q), split by the sign of s; no
   effect-size criterion.
 * ``q=0.97``: the dual criterion with the denser q of the paper's ablation (3% per layer).
+
+The ``NPTI`` sets (``npti_sets``, ``npti_sets_for_run``) are the neurons the NPTI baseline edits: chosen
+by activation probability over generated answers under persona prompts, with no sign or magnitude
+criterion on s or d. They need the model (the answers are generated), so they cannot come from a run
+folder alone; the studies take them as ``extra_sets={"NPTI": ...}``.
 """
 
 from __future__ import annotations
@@ -22,21 +27,26 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from dpn_lens.baselines.npti import NPTIStatistics, npti_pole_selection, npti_statistics
+from dpn_lens.data.contrastive import embedded_contrastive_set
 from dpn_lens.localize import select_neurons
 from dpn_lens.neuron_map import NeuronMap
 from dpn_lens.statistics import ContrastStatistics
 from dpn_lens.traits import TRAITS
 
-__all__ = ["Run", "NeuronSet", "load_run", "pole_sets", "alternative_sets", "METHODS", "random_layer_matched_set"]
+__all__ = ["Run", "NeuronSet", "load_run", "pole_sets", "alternative_sets", "METHODS", "NPTI",
+           "random_layer_matched_set", "npti_sets", "npti_sets_for_run"]
 
 METHODS: tuple[str, ...] = ("DPN-LE", "top|d|", "|s|-only", "q=0.97")
-"""Set-selection methods the studies compare; ``DPN-LE`` is the paper's dual criterion."""
+"""Set-selection methods the studies compare from a run folder; ``DPN-LE`` is the paper's dual criterion."""
+NPTI = "NPTI"
+"""Method name of the NPTI sets (``npti_sets``); not in ``METHODS`` because they need the model."""
 
 
 @dataclass
@@ -187,6 +197,9 @@ def alternative_sets(neuron_map: NeuronMap, method: str) -> list[NeuronSet]:
         elif method.startswith("q="):
             q = float(method[2:])
             high[layer], low[layer], _ = select_neurons(s, d, q, neuron_map.settings.tau_d)
+        elif method.upper() == NPTI:
+            raise ValueError(f"unknown set method {method!r} for a run folder alone: the NPTI sets need the model "
+                             "(generated answers); build them with npti_sets_for_run(model, run)")
         else:
             raise ValueError(f"unknown set method {method!r}; use one of {', '.join(METHODS)}")
     return [NeuronSet(f"{neuron_map.trait} {pole} [{method}]", sets, neuron_map.d_mlp, neuron_map.trait, pole, method)
@@ -199,3 +212,67 @@ def random_layer_matched_set(reference: NeuronSet, generator: torch.Generator, n
                for layer, indices in reference.neurons.items()}
     return NeuronSet(name or f"random ~ {reference.name}", neurons, reference.d_mlp, reference.trait,
                      reference.pole, "random")
+
+
+def npti_sets(stats: NPTIStatistics, layers: Sequence[int] | None = None, top: int | None = None,
+              min_diff: float = 0.1) -> list[NeuronSet]:
+    """The high and low NPTI sets of ``stats.trait``: the neurons ``npti_intervention`` boosts when it
+    increases the trait (high) and when it decreases it (low), method ``"NPTI"``.
+
+    The selection (``npti_pole_selection``: top ``scaled_top_count`` by ``P_high - P_low`` over *all*
+    layers, extended while the difference is >= ``min_diff``) is NPTI's own; ``layers`` only restricts
+    the result afterwards to those layers (each kept as a key, empty or not), e.g. to the layers a run
+    collected statistics at, which the exclusivity and edit-cost studies need. The neurons NPTI picks
+    in other layers are dropped, not replaced.
+
+    Args:
+        stats: ``npti_statistics`` of the trait, ``p_high`` etc. ``[n_layers, d_mlp]`` over all layers.
+        layers: model layers to keep (default: all ``n_layers``).
+        top, min_diff: as in ``npti_intervention`` (defaults: the scaled top-2000 and 0.1).
+
+    Example:
+        >>> stats = NPTIStatistics("openness", torch.tensor([[0.9, 0.1, 0.5]]), torch.tensor([[0.1, 0.8, 0.5]]),
+        ...                        torch.ones(1, 3), torch.ones(1, 3), 10, 10)
+        >>> high, low = npti_sets(stats, top=1)
+        >>> high.pairs(), low.pairs(), high.method
+        ({(0, 0)}, {(0, 1)}, 'NPTI')
+    """
+    n_layers, d_mlp = stats.p_high.shape
+    layers = list(range(n_layers)) if layers is None else [int(layer) for layer in layers]
+    bad = [layer for layer in layers if not 0 <= layer < n_layers]
+    if bad:
+        raise ValueError(f"layers {bad} are out of range: the NPTI statistics cover layers 0..{n_layers - 1}")
+    result = []
+    for pole, flat in zip(("high", "low"), npti_pole_selection(stats, top, min_diff)):
+        neurons = {layer: flat[flat // d_mlp == layer] % d_mlp for layer in layers}
+        result.append(NeuronSet(f"{stats.trait} {pole} [{NPTI}]", neurons, int(d_mlp), stats.trait, pole, NPTI))
+    return result
+
+
+def npti_sets_for_run(model: Any, run: Run, n_prompts: int = 16, new_tokens: int = 24, seed: int = 7,
+                      top: int | None = None, log: Callable[[str], None] | None = None) -> list[NeuronSet]:
+    """NPTI high and low sets of every trait of ``run``, from answers ``model`` generates.
+
+    The statistics come as in ``dpn-lens compare``: ``embedded_contrastive_set(trait, n_prompts, seed=7)``
+    and ``npti_statistics(model, pairs, new_tokens)``. Each trait's sets keep only the layers its map
+    collected statistics at (``stat_layers``; all layers unless the run was located with fewer), where
+    the studies can look up the neurons' d, s and mean activations.
+
+    Returns:
+        ``[<trait 1> high, <trait 1> low, <trait 2> high, ...]``, method ``"NPTI"``; pass them to the
+        studies as ``extra_sets={"NPTI": sets}``.
+
+    Example:
+        >>> sets = npti_sets_for_run(model, load_run("runs/demo"), n_prompts=16)        # doctest: +SKIP
+        >>> overlap_study_report(run, "figures", extra_sets={"NPTI": sets})             # doctest: +SKIP
+    """
+    for neuron_map in run.maps.values():
+        neuron_map.check_compatible(model)
+    sets: list[NeuronSet] = []
+    for trait, neuron_map in run.maps.items():
+        if log:
+            log(f"NPTI: generating {n_prompts} + {n_prompts} answers of {new_tokens} tokens for {trait}")
+        pairs = embedded_contrastive_set(trait, n_pairs=n_prompts, seed=seed)
+        stats = npti_statistics(model, pairs, new_tokens)
+        sets += npti_sets(stats, neuron_map.stat_layers, top)
+    return sets
