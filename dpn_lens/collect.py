@@ -27,7 +27,7 @@ from dpn_lens.data.contrastive import ContrastiveSet
 from dpn_lens.data.prompts import render_for_model
 from dpn_lens.statistics import ContrastStatistics, GroupStatistics
 
-__all__ = ["HOOK_NAME", "require_hooked_model", "pad_token_lists", "collect_statistics", "collect_group_statistics", "tokenize_prompts", "check_layers",
+__all__ = ["HOOK_NAME", "require_hooked_model", "pad_token_id", "pad_token_lists", "collect_statistics", "collect_group_statistics", "tokenize_prompts", "check_layers",
            "hook_name"]
 
 HOOK_NAME = "blocks.{layer}.mlp.hook_post"
@@ -211,9 +211,17 @@ class _Readout:
         return torch.bmm(weights, activation.to(dtype)).squeeze(1)
 
 
-def _pad_token_id(tokenizer: Any) -> int:
-    # Padded positions are masked out of attention and never read, so any id works; prefer the
-    # tokenizer's own pad token, then EOS, then 0 (tokenizers without a pad token are fine here).
+def pad_token_id(tokenizer: Any) -> int:
+    """The id to pad batches with: the tokenizer's pad token, else EOS, else 0.
+
+    Padded positions are masked out of attention and never read, so any id works; tokenizers without
+    a pad token are fine.
+
+    Example:
+        >>> class NoPad: pad_token_id, eos_token_id = None, 2
+        >>> pad_token_id(NoPad())
+        2
+    """
     for candidate in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None)):
         if isinstance(candidate, int):
             return candidate
@@ -304,7 +312,7 @@ def collect_group_statistics(
     bar = tqdm(total=len(token_arrays), desc=description or "collect", disable=not progress, leave=False)
     try:
         with torch.inference_mode(), model.hooks(fwd_hooks=fwd_hooks):
-            for batch in _batches(token_arrays, max_batch_size, max_batch_tokens, _pad_token_id(model.tokenizer),
+            for batch in _batches(token_arrays, max_batch_size, max_batch_tokens, pad_token_id(model.tokenizer),
                                   padding_side, device):
                 readout[:] = [_Readout(token_position, batch.attention_mask)]
                 captured[:] = [None] * len(chosen)

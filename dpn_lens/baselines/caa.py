@@ -13,7 +13,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from dpn_lens.collect import pad_token_lists, tokenize_prompts
+from dpn_lens.collect import pad_token_id, pad_token_lists, tokenize_prompts
 from dpn_lens.data.contrastive import ContrastiveSet
 
 __all__ = ["ResidualIntervention", "residual_means", "caa_intervention", "RESID_HOOK"]
@@ -78,7 +78,7 @@ def residual_means(model: Any, prompts: Sequence[str], batch_size: int = 8
         return hook
 
     hooks = [(RESID_HOOK.format(layer=layer), make_hook(layer)) for layer in range(n_layers)]
-    pad = model.tokenizer.pad_token_id if isinstance(model.tokenizer.pad_token_id, int) else 0
+    pad = pad_token_id(model.tokenizer)
     with torch.inference_mode(), model.hooks(fwd_hooks=hooks):
         for start in range(0, len(token_lists), batch_size):
             chunk = token_lists[start:start + batch_size]

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from dpn_lens.collect import pad_token_lists, tokenize_prompts
+from dpn_lens.collect import pad_token_id, pad_token_lists, tokenize_prompts
 from dpn_lens.data.contrastive import ContrastiveSet
 
 __all__ = ["NPTIStatistics", "NPTIIntervention", "npti_statistics", "npti_select", "npti_pole_selection",
@@ -91,7 +91,7 @@ class NPTIStatistics:
 def _generate(model: Any, token_lists: list[list[int]], max_new_tokens: int, batch_size: int) -> list[list[int]]:
     """Greedy answers (new tokens only) from the wrapped Hugging Face model, left-padded batches."""
     hf_model = model.original_model
-    pad = model.tokenizer.pad_token_id if isinstance(model.tokenizer.pad_token_id, int) else model.tokenizer.eos_token_id
+    pad = pad_token_id(model.tokenizer)
     answers: list[list[int]] = []
     for start in range(0, len(token_lists), batch_size):
         chunk = token_lists[start:start + batch_size]

@@ -19,6 +19,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from dpn_lens.collect import pad_token_id, pad_token_lists
 from dpn_lens.data.prompts import render_for_model
 
 __all__ = ["encode", "edited", "at_all_positions", "continuation_logprobs", "next_token_logprobs",
@@ -61,13 +62,6 @@ def edited(model: Any, edit: Any = None) -> Iterator[Any]:
         yield model
 
 
-def _pad_id(model: Any) -> int:
-    for candidate in (getattr(model.tokenizer, "pad_token_id", None), getattr(model.tokenizer, "eos_token_id", None)):
-        if isinstance(candidate, int):
-            return candidate
-    return 0
-
-
 def _batched_logits(model: Any, token_lists: Sequence[list[int]], batch_tokens: int
                     ) -> Iterator[tuple[int, Float[Tensor, "pos vocab"]]]:
     """``(index, logits of that sequence)`` for every sequence, batched longest-first, right-padded.
@@ -82,11 +76,7 @@ def _batched_logits(model: Any, token_lists: Sequence[list[int]], batch_tokens: 
         longest = len(token_lists[order[start]])
         chunk = order[start:start + max(1, batch_tokens // max(longest, 1))]
         start += len(chunk)
-        ids = torch.full((len(chunk), longest), _pad_id(model), dtype=torch.long)
-        mask = torch.zeros((len(chunk), longest), dtype=torch.long)
-        for row, index in enumerate(chunk):
-            ids[row, :len(token_lists[index])] = torch.tensor(token_lists[index])
-            mask[row, :len(token_lists[index])] = 1
+        ids, mask = pad_token_lists([token_lists[index] for index in chunk], pad_token_id(model.tokenizer), "right")
         with torch.inference_mode():
             logits = model(ids.to(device), attention_mask=mask.to(device))
         for row, index in enumerate(chunk):

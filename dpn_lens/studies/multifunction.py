@@ -49,7 +49,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from dpn_lens.collect import hook_name
+from dpn_lens.collect import hook_name, pad_token_id
 from dpn_lens.steering import Intervention
 from dpn_lens.studies.overlap import layer_matched_pvalue
 from dpn_lens.studies.run import NeuronSet, random_layer_matched_set
@@ -198,13 +198,6 @@ def _device(model: Any) -> Any:
     return getattr(model.cfg, "device", None) or "cpu"
 
 
-def _pad_id(tokenizer: Any) -> int:
-    for candidate in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None)):
-        if isinstance(candidate, int):
-            return candidate
-    return 0
-
-
 def neuron_attribution(model: Any, examples: Sequence[LossExample], layers: Sequence[int] | None = None,
                        batch_size: int = 4, hook_template: str = "blocks.{layer}.mlp.hook_post"
                        ) -> Float[Tensor, "n_layers d_mlp"]:
@@ -235,7 +228,7 @@ def neuron_attribution(model: Any, examples: Sequence[LossExample], layers: Sequ
         return hook
 
     hooks = [(hook_name(layer, hook_template), make_hook(slot)) for slot, layer in enumerate(layers)]
-    pad_id = _pad_id(model.tokenizer)
+    pad_id = pad_token_id(model.tokenizer)
     with torch.enable_grad(), model.hooks(fwd_hooks=hooks):
         for start in range(0, len(examples), batch_size):
             ids, targets = _pad(examples[start:start + batch_size], pad_id)
@@ -320,7 +313,7 @@ def capability_overlap(sets: Sequence[NeuronSet], capability: NeuronSet, attribu
 def lm_loss(model: Any, examples: Sequence[LossExample], fwd_hooks: Sequence[tuple[str, Callable]] = (),
             batch_size: int = 4) -> float:
     """Token-weighted mean next-token loss over ``examples``, with ``fwd_hooks`` attached."""
-    pad_id = _pad_id(model.tokenizer)
+    pad_id = pad_token_id(model.tokenizer)
     total, count = 0.0, 0.0
     with torch.inference_mode(), model.hooks(fwd_hooks=list(fwd_hooks)):
         for start in range(0, len(examples), batch_size):
