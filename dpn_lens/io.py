@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-__all__ = ["atomic_path", "write_json_atomic", "write_text_atomic", "write_csv_atomic"]
+__all__ = ["atomic_path", "write_json_atomic", "write_text_atomic", "write_csv_atomic", "read_jsonl"]
 
 
 @contextlib.contextmanager
@@ -74,3 +74,22 @@ def write_csv_atomic(target: str | os.PathLike, rows: "list[dict[str, Any]]") ->
             writer.writeheader()
             writer.writerows(rows)
     return Path(target)
+
+
+def read_jsonl(path: str | os.PathLike) -> list[Any]:
+    """The records of a JSON Lines file (blank lines skipped); a bad line raises an error naming it.
+
+    Example:
+        >>> read_jsonl("../shared/data/personalitybench/test/Openness.jsonl")[0]["question"]   # doctest: +SKIP
+        'What would you do ...'
+    """
+    rows = []
+    with open(path, encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}:{line_number} is not valid JSON ({error.msg}); fix or remove that line") from error
+    return rows

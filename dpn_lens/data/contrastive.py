@@ -7,11 +7,12 @@ import os
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 
 from dpn_lens.data.prompts import render_roleplay_prompt
+from dpn_lens.io import read_jsonl
 from dpn_lens.traits import TRAITS, normalize_trait, trait_title
 
 __all__ = [
@@ -115,26 +116,13 @@ def resolve_data_dir(data_dir: str | os.PathLike | None, subfolder: str) -> Path
     return candidate
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    rows = []
-    with open(path, encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{line_number} is not valid JSON ({error.msg}); fix or remove that line") from error
-    return rows
-
-
 def load_question_jsonl(paths: Iterable[str | os.PathLike], key: str = "question") -> list[str]:
     """Read questions (field ``key``) from JSONL files, dropping exact duplicates, in file order."""
     questions: list[str] = []
     seen: set[str] = set()
     for path in paths:
         path = Path(path)
-        for line_number, row in enumerate(_read_jsonl(path), 1):
+        for line_number, row in enumerate(read_jsonl(path), 1):
             text = row.get(key) if isinstance(row, dict) else None
             if not isinstance(text, str) or not text.strip():
                 raise ValueError(f"{path}: record {line_number} has no non-empty {key!r} field; fix or remove it")
@@ -202,7 +190,7 @@ def embedded_contrastive_set(trait: str, n_pairs: int = 1000, seed: int = 42,
     """
     trait = normalize_trait(trait)
     personas = json.loads(_embedded_file("personas.json").read_text(encoding="utf-8"))
-    rows = _read_jsonl(_embedded_file("questions.jsonl"))
+    rows = read_jsonl(_embedded_file("questions.jsonl"))
     if questions not in ("all", "trait"):
         raise ValueError(f"questions must be 'all' or 'trait', got {questions!r}")
     pool = [row["question"] for row in rows if questions == "all" or row["trait"] == trait]
@@ -231,7 +219,7 @@ def personalitybench_contrastive_set(data_dir: str | os.PathLike | None, trait: 
         raise FileNotFoundError(f"{description_file} is missing; the PersonalityBench folder must hold description.jsonl")
     high_key, low_key = trait_title(trait), f"{trait_title(trait)}_reversed"
     high_descriptions, low_descriptions = [], []
-    for line_number, row in enumerate(_read_jsonl(description_file), 1):
+    for line_number, row in enumerate(read_jsonl(description_file), 1):
         unknown = set(row) - {t.capitalize() for t in TRAITS} - {f"{t.capitalize()}_reversed" for t in TRAITS}
         if unknown:
             raise ValueError(f"{description_file}:{line_number} has unknown trait keys {sorted(unknown)}; "
@@ -264,7 +252,7 @@ def anthropic_persona_contrastive_set(data_dir: str | os.PathLike | None, trait:
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing; the anthropic_persona folder must hold <trait>.jsonl files")
     says, does_not_say = [], []
-    for line_number, row in enumerate(_read_jsonl(path), 1):
+    for line_number, row in enumerate(read_jsonl(path), 1):
         statement, answer = row.get("statement"), row.get("answer_matching_behavior")
         if not isinstance(statement, str) or not statement.strip():
             raise ValueError(f"{path}:{line_number} has an empty statement; fix or remove it")

@@ -17,7 +17,6 @@ baseline prepends its persona description to every context (``prefix``), so its 
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ import numpy as np
 import torch
 
 from dpn_lens.data.contrastive import resolve_data_dir
+from dpn_lens.io import read_jsonl
 from dpn_lens.evaluation.logprobs import continuation_logprobs, edited, encode, next_token_logprobs
 
 __all__ = ["MCItem", "CapabilitySizes", "CapabilitySuite", "load_capability_suite", "mc_accuracy",
@@ -85,8 +85,7 @@ class CapabilitySizes:
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing; the capability data folder must hold it (see ../shared/data/README.md)")
-    with open(path, encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+    return read_jsonl(path)
 
 
 def _sample(rows: list[Any], n: int, seed: int) -> list[Any]:

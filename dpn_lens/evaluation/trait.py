@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from dpn_lens.data.contrastive import resolve_data_dir
+from dpn_lens.io import read_jsonl
 from dpn_lens.evaluation.logprobs import edited, encode, next_token_logprobs, render
 from dpn_lens.traits import TRAITS, normalize_trait
 
@@ -181,7 +182,7 @@ def load_statements(data_dir: str | Path | None, trait: str, n_per_pole: int | N
     path = resolve_data_dir(data_dir, "anthropic_persona") / f"{trait}.jsonl"
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing; the anthropic_persona folder must hold <trait>.jsonl")
-    rows = [json.loads(line) for line in open(path, encoding="utf-8") if line.strip()]
+    rows = read_jsonl(path)
     result = []
     for high in (True, False):
         pool = [r for r in rows if (r["answer_matching_behavior"].strip() == "Yes") == high]

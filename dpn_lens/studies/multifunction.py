@@ -38,7 +38,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 import os
 import random
 from dataclasses import dataclass, field
@@ -50,6 +49,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from dpn_lens.collect import hook_name, pad_token_id
+from dpn_lens.io import read_jsonl
 from dpn_lens.steering import Intervention
 from dpn_lens.studies.overlap import layer_matched_pvalue
 from dpn_lens.studies.run import NeuronSet, random_layer_matched_set
@@ -131,11 +131,6 @@ def _mc_example(tokenizer: Any, question: str, choices: Sequence[str], answer: i
     return LossExample(prompt + target, [False] * len(prompt) + [True] * len(target), source)
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    with open(path, encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
-
-
 def load_capability_data(model_or_tokenizer: Any, data_dir: str | os.PathLike | None = None, n_text: int = 8,
                          n_multiple_choice: int = 32, n_held_out: int = 8, window: int = 128, seed: int = 0
                          ) -> CapabilityData:
@@ -158,8 +153,8 @@ def load_capability_data(model_or_tokenizer: Any, data_dir: str | os.PathLike | 
     text = text_examples(tokenizer, first, n_text, window, "wikitext2 (first half)")
     held_out = text_examples(tokenizer, second, n_held_out, window, "wikitext2 (second half)")
     rng = random.Random(seed)
-    mmlu = _read_jsonl(folder / "mmlu" / "mmlu_test_stratified20.jsonl")
-    arc = _read_jsonl(folder / "arc" / "ARC-Easy-Test.jsonl") + _read_jsonl(folder / "arc" / "ARC-Challenge-Test.jsonl")
+    mmlu = read_jsonl(folder / "mmlu" / "mmlu_test_stratified20.jsonl")
+    arc = read_jsonl(folder / "arc" / "ARC-Easy-Test.jsonl") + read_jsonl(folder / "arc" / "ARC-Challenge-Test.jsonl")
     n_mmlu = n_multiple_choice // 2
     questions = [_mc_example(tokenizer, r["question"], r["choices"], int(r["answer"]), "mmlu")
                  for r in rng.sample(mmlu, min(n_mmlu, len(mmlu)))]
