@@ -24,7 +24,6 @@ import plotly.graph_objects as go
 import torch
 from plotly.subplots import make_subplots
 
-from dpn_lens.traits import TRAITS
 
 __all__ = [
     "TRAIT_COLORS", "TEMPLATE", "trait_color", "pole_color", "style", "save_figure", "layer_distribution_figure",

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dpn_lens import collect_statistics, locate
-from dpn_lens.baselines import (NPTIIntervention, NPTIStatistics, PersonaPrompt, ResidualIntervention, apply_edit,
+from dpn_lens.baselines import (NPTIStatistics, PersonaPrompt, ResidualIntervention, apply_edit,
                                 caa_intervention, dense_intervention, npti_intervention, npti_select,
                                 persona_prompt, scaled_top_count, topk_intervention)
 from dpn_lens.localize import LocalizationSettings

@@ -89,7 +89,7 @@ def personalitybench_folder(tmp_path, description_rows, questions=("What do you 
 
 
 def test_personalitybench_empty_description_is_named(tmp_path):
-    folder = personalitybench_folder(tmp_path, [{"Openness": "You are curious.", "Openness_reversed": "  "}])
+    personalitybench_folder(tmp_path, [{"Openness": "You are curious.", "Openness_reversed": "  "}])
     with pytest.raises(ValueError, match=r"description.jsonl:1 has an empty 'Openness_reversed' description"):
         personalitybench_contrastive_set(tmp_path, "openness", n_pairs=1)
 

@@ -7,7 +7,6 @@ with a kernel started from this interpreter (jupyter_client swaps the kernelspec
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shutil
 import subprocess
 import tempfile
-from pathlib import Path
 
 import plotly.graph_objects as go
 import pytest
