@@ -5,12 +5,13 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
-__all__ = ["atomic_path", "write_json_atomic", "write_text_atomic", "write_csv_atomic", "read_jsonl"]
+__all__ = ["atomic_path", "write_json_atomic", "write_text_atomic", "write_csv_atomic", "read_jsonl", "markdown_table"]
 
 
 @contextlib.contextmanager
@@ -93,3 +94,26 @@ def read_jsonl(path: str | os.PathLike) -> list[Any]:
             except json.JSONDecodeError as error:
                 raise ValueError(f"{path}:{line_number} is not valid JSON ({error.msg}); fix or remove that line") from error
     return rows
+
+
+def markdown_table(rows: Sequence[dict], columns: Sequence[str] | None = None, digits: int = 4) -> str:
+    """``rows`` as a markdown table: floats to ``digits`` significant digits, NaN and missing cells empty.
+
+    ``columns`` defaults to every key, in order of first appearance.
+
+    Example:
+        >>> print(markdown_table([{"method": "dpn-le", "kl": 0.003212}], digits=2))
+        | method | kl |
+        |---|---|
+        | dpn-le | 0.0032 |
+    """
+    columns = list(dict.fromkeys(key for row in rows for key in row)) if columns is None else list(columns)
+
+    def cell(value: Any) -> str:
+        if isinstance(value, float):
+            return "" if math.isnan(value) else f"{value:.{digits}g}"
+        return str(value)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(row.get(c, "")) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)

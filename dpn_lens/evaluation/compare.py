@@ -26,6 +26,7 @@ from dpn_lens.baselines import (caa_intervention, dense_intervention, npti_inter
                                 persona_prompt, topk_intervention)
 from dpn_lens.data.contrastive import embedded_contrastive_set
 from dpn_lens.evaluation import capability as cap
+from dpn_lens.io import markdown_table
 from dpn_lens.evaluation import trait as tr
 from dpn_lens.evaluation.judge import JudgeConfig, judge_evaluation, load_test_questions
 from dpn_lens.localize import select_neurons
@@ -279,11 +280,7 @@ def _respondent_rows(evaluator: _Evaluator, config: CompareConfig, raw: dict) ->
 
 
 def _markdown(rows: list[dict[str, Any]], columns: Sequence[str]) -> str:
-    def cell(value: Any) -> str:
-        return f"{value:.3g}" if isinstance(value, float) else str(value)
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(row.get(c, "")) for c in columns) + " |" for row in rows]
-    return "\n".join(lines)
+    return markdown_table(rows, columns, digits=3)
 
 
 def summary_by_method(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from dpn_lens import figures
-from dpn_lens.io import write_csv_atomic, write_json_atomic, write_text_atomic
+from dpn_lens.io import markdown_table, write_csv_atomic, write_json_atomic, write_text_atomic
 from dpn_lens.studies import layers as layer_study
 from dpn_lens.studies import overlap as overlap_study
 from dpn_lens.studies.run import METHODS, NeuronSet, Run, alternative_sets, pole_sets
@@ -25,24 +25,13 @@ __all__ = ["write_table", "layers_study", "overlap_study_report", "multifunction
 PlotlyJs = Literal["cdn", "directory"]
 
 
-def _cell(value: Any) -> str:
-    if isinstance(value, float):
-        if math.isnan(value):
-            return ""
-        return f"{value:.4g}"
-    return str(value)
-
-
 def write_table(rows: Sequence[dict], folder: str | Path, name: str, markdown: bool = True) -> list[Path]:
     """Write ``rows`` as ``name.csv`` (full precision) and, with ``markdown``, ``name.md`` (4 digits)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    columns = list(dict.fromkeys(key for row in rows for key in row))
     paths = [write_csv_atomic(folder / f"{name}.csv", list(rows))]
     if markdown:
-        lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-        lines += ["| " + " | ".join(_cell(row.get(c, "")) for c in columns) + " |" for row in rows]
-        paths.append(write_text_atomic(folder / f"{name}.md", "\n".join(lines) + "\n"))
+        paths.append(write_text_atomic(folder / f"{name}.md", markdown_table(rows) + "\n"))
     return paths
 
 
