@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from dpn_lens.data.prompts import render_for_model
+from dpn_lens.evaluation.judge import generate_answers
 from dpn_lens.io import write_json_atomic, write_text_atomic
 from dpn_lens.steering import Intervention, steer, steering_intervention
 from dpn_lens.traits import TRAITS
@@ -36,12 +36,12 @@ DEMO_DTYPE = "bfloat16"
 
 
 def generate_answer(model: Any, question: str, max_new_tokens: int = 40) -> str:
-    """Greedy answer to one question, rendered through the model's chat template."""
-    prompt = render_for_model(model, question)
-    tokens = model.to_tokens(prompt, prepend_bos=False) if model.tokenizer.bos_token and prompt.startswith(
-        model.tokenizer.bos_token) else model.to_tokens(prompt)
-    output = model.generate(tokens, max_new_tokens=max_new_tokens, do_sample=False, verbose=False)
-    return model.tokenizer.decode(output[0, tokens.shape[1]:], skip_special_tokens=True).strip()
+    """Greedy answer to one question, rendered through the model's chat template (no repetition penalty).
+
+    Any active ``steer`` context applies. The judge evaluation generates the same way
+    (``dpn_lens.evaluation.judge.generate_answers``), with the paper's repetition penalty.
+    """
+    return generate_answers(model, [question], max_new_tokens=max_new_tokens, repetition_penalty=1.0)[0]
 
 
 def compare_generations(model: Any, questions: Sequence[str], edits: Mapping[str, Intervention],
