@@ -21,6 +21,7 @@ from dpn_lens.baselines.npti import (
     npti_pole_selection,
     npti_select,
     npti_statistics,
+    npti_trait_statistics,
     scaled_top_count,
 )
 from dpn_lens.baselines.prompting import PersonaPrompt, persona_prompt
@@ -38,6 +39,7 @@ __all__ = [
     "npti_pole_selection",
     "npti_select",
     "npti_statistics",
+    "npti_trait_statistics",
     "scaled_top_count",
     "PersonaPrompt",
     "persona_prompt",

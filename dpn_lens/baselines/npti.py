@@ -26,10 +26,10 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from dpn_lens.collect import pad_token_id, pad_token_lists, tokenize_prompts
-from dpn_lens.data.contrastive import ContrastiveSet
+from dpn_lens.data.contrastive import ContrastiveSet, embedded_contrastive_set
 
-__all__ = ["NPTIStatistics", "NPTIIntervention", "npti_statistics", "npti_select", "npti_pole_selection",
-           "npti_intervention", "scaled_top_count", "REFERENCE_TOP", "REFERENCE_NEURONS"]
+__all__ = ["NPTIStatistics", "NPTIIntervention", "npti_statistics", "npti_trait_statistics", "npti_select",
+           "npti_pole_selection", "npti_intervention", "scaled_top_count", "REFERENCE_TOP", "REFERENCE_NEURONS"]
 
 REFERENCE_TOP = 2000
 """NPTI keeps the top 2,000 neurons by diff before applying the diff >= 0.1 rule (LLaMA-3-8B)."""
@@ -155,6 +155,19 @@ def npti_statistics(model: Any, contrastive_set: ContrastiveSet, max_new_tokens:
                          values.shape[0])
     return NPTIStatistics(contrastive_set.trait, results["high"][0], results["low"][0], results["high"][1],
                           results["low"][1], results["high"][2], results["low"][2], _is_gated(model))
+
+
+def npti_trait_statistics(model: Any, trait: str, n_prompts: int = 16, new_tokens: int = 24, seed: int = 7
+                          ) -> NPTIStatistics:
+    """NPTI statistics of ``trait`` from ``n_prompts`` embedded high and low persona prompts.
+
+    This is how ``dpn-lens compare`` and ``dpn-lens study --npti`` get NPTI's neurons, so both see the
+    same sets for the same arguments.
+
+    Example:
+        >>> stats = npti_trait_statistics(model, "openness")                             # doctest: +SKIP
+    """
+    return npti_statistics(model, embedded_contrastive_set(trait, n_pairs=n_prompts, seed=seed), new_tokens)
 
 
 def npti_select(diff: Float[Tensor, "..."], top: int = REFERENCE_TOP, min_diff: float = 0.1) -> Int[Tensor, "n"]:

@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from dpn_lens.baselines import (caa_intervention, dense_intervention, npti_intervention, npti_statistics,
+from dpn_lens.baselines import (caa_intervention, dense_intervention, npti_intervention, npti_trait_statistics,
                                 persona_prompt, topk_intervention)
 from dpn_lens.data.contrastive import embedded_contrastive_set
 from dpn_lens.evaluation import capability as cap
@@ -201,8 +201,7 @@ def run_comparison(model: Any, config: CompareConfig, log=print) -> dict[str, An
         t0 = time.time()
         context: dict[str, Any] = {"map": _neuron_map(model, trait, config, log)}
         if "npti" in config.methods or "npti" in config.sweep_methods:
-            pairs = embedded_contrastive_set(trait, n_pairs=config.npti_prompts, seed=7)
-            context["npti"] = npti_statistics(model, pairs, config.npti_new_tokens)
+            context["npti"] = npti_trait_statistics(model, trait, config.npti_prompts, config.npti_new_tokens)
         if "caa" in config.methods:
             context["caa"] = caa_intervention(model, embedded_contrastive_set(trait, config.caa_pairs, seed=42), 1.0)
         contexts[trait] = context

@@ -33,8 +33,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from dpn_lens.baselines.npti import NPTIStatistics, npti_pole_selection, npti_statistics
-from dpn_lens.data.contrastive import embedded_contrastive_set
+from dpn_lens.baselines.npti import NPTIStatistics, npti_pole_selection, npti_trait_statistics
 from dpn_lens.localize import select_neurons
 from dpn_lens.neuron_map import NeuronMap
 from dpn_lens.statistics import ContrastStatistics
@@ -253,8 +252,8 @@ def npti_sets_for_run(model: Any, run: Run, n_prompts: int = 16, new_tokens: int
                       top: int | None = None, log: Callable[[str], None] | None = None) -> list[NeuronSet]:
     """NPTI high and low sets of every trait of ``run``, from answers ``model`` generates.
 
-    The statistics come as in ``dpn-lens compare``: ``embedded_contrastive_set(trait, n_prompts, seed=7)``
-    and ``npti_statistics(model, pairs, new_tokens)``. Each trait's sets keep only the layers its map
+    The statistics are ``npti_trait_statistics(model, trait, n_prompts, new_tokens, seed)``, as in
+    ``dpn-lens compare``. Each trait's sets keep only the layers its map
     collected statistics at (``stat_layers``; all layers unless the run was located with fewer), where
     the studies can look up the neurons' d, s and mean activations.
 
@@ -272,7 +271,6 @@ def npti_sets_for_run(model: Any, run: Run, n_prompts: int = 16, new_tokens: int
     for trait, neuron_map in run.maps.items():
         if log:
             log(f"NPTI: generating {n_prompts} + {n_prompts} answers of {new_tokens} tokens for {trait}")
-        pairs = embedded_contrastive_set(trait, n_pairs=n_prompts, seed=seed)
-        stats = npti_statistics(model, pairs, new_tokens)
+        stats = npti_trait_statistics(model, trait, n_prompts, new_tokens, seed)
         sets += npti_sets(stats, neuron_map.stat_layers, top)
     return sets
