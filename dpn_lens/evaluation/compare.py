@@ -369,7 +369,7 @@ def _figures(result: dict[str, Any], summary: list[dict[str, Any]], out: Path, m
         figure.update_layout(width=800, height=500)
         try:
             written += save_figure(figure, out, name, png=make_png)
-        except RuntimeError as error:  # no Chromium: the HTML is the primary output, so keep it and go on
+        except RuntimeError as error:  # no Chromium: save_figure wrote the HTML before the PNG failed; keep it
             print(f"PNG of {name} skipped: {error}")
-            written += save_figure(figure, out, name, png=False)
+            written.append(out / f"{name}.html")
     return written
