@@ -27,8 +27,8 @@ from dpn_lens.data.contrastive import ContrastiveSet
 from dpn_lens.data.prompts import render_for_model
 from dpn_lens.statistics import ContrastStatistics, GroupStatistics
 
-__all__ = ["HOOK_NAME", "require_hooked_model", "pad_token_id", "pad_token_lists", "collect_statistics", "collect_group_statistics", "tokenize_prompts", "check_layers",
-           "hook_name"]
+__all__ = ["HOOK_NAME", "require_hooked_model", "input_device", "pad_token_id", "pad_token_lists", "collect_statistics",
+           "collect_group_statistics", "tokenize_prompts", "check_layers", "hook_name"]
 
 HOOK_NAME = "blocks.{layer}.mlp.hook_post"
 """The neuron activation of DPN-LE: the input of the MLP output projection."""
@@ -228,8 +228,8 @@ def pad_token_id(tokenizer: Any) -> int:
     return 0
 
 
-def _input_device(model: Any) -> torch.device:
-    """Where input ids go: the device of the embedding (the first device of a split model)."""
+def input_device(model: Any) -> torch.device:
+    """Where input ids go: the device of the embedding (the first device of a split model), default CPU."""
     return torch.device(getattr(model.cfg, "device", None) or "cpu")
 
 
@@ -286,7 +286,7 @@ def collect_group_statistics(
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
     _check_batch_limits(max_batch_size, max_batch_tokens)
     chosen = check_layers(model, layers, hook_template)
-    device = _input_device(model)
+    device = input_device(model)
     try:
         stats_device = device if statistics_device is None else torch.device(statistics_device)
     except (RuntimeError, TypeError) as error:

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from dpn_lens.baselines.apply import apply_edit
+from dpn_lens.collect import input_device
 from dpn_lens.data.contrastive import load_question_jsonl, resolve_data_dir
 from dpn_lens.evaluation.logprobs import encode, render
 from dpn_lens.traits import normalize_trait
@@ -115,7 +116,7 @@ def generate_answers(model: Any, questions: Sequence[str], edit: Any = None, per
     with apply_edit(model, edit):
         for question in questions:
             text = persona.wrap(question) if persona is not None else question
-            ids = torch.tensor([encode(model, render(model, text))], device=model.cfg.device)
+            ids = torch.tensor([encode(model, render(model, text))], device=input_device(model))
             output = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, verbose=False,
                                     repetition_penalty=repetition_penalty)
             answers.append(model.tokenizer.decode(output[0, ids.shape[1]:], skip_special_tokens=True).strip())

@@ -19,7 +19,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from dpn_lens.collect import pad_token_id, pad_token_lists
+from dpn_lens.collect import input_device, pad_token_id, pad_token_lists
 from dpn_lens.data.prompts import render_for_model
 
 __all__ = ["encode", "edited", "at_all_positions", "continuation_logprobs", "next_token_logprobs",
@@ -70,7 +70,7 @@ def _batched_logits(model: Any, token_lists: Sequence[list[int]], batch_tokens: 
     on the batch (pads come after the tokens and causal attention never looks forward).
     """
     order = sorted(range(len(token_lists)), key=lambda i: -len(token_lists[i]))
-    device = getattr(model.cfg, "device", None) or "cpu"
+    device = input_device(model)
     start = 0
     while start < len(order):
         longest = len(token_lists[order[start]])

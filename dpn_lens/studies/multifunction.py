@@ -48,7 +48,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from dpn_lens.collect import hook_name, pad_token_id
+from dpn_lens.collect import hook_name, input_device, pad_token_id
 from dpn_lens.io import read_jsonl
 from dpn_lens.steering import Intervention
 from dpn_lens.studies.overlap import layer_matched_pvalue
@@ -189,10 +189,6 @@ def _example_losses(logits: Float[Tensor, "batch pos vocab"], ids: Tensor, targe
     return total / count.clamp(min=1), total, count
 
 
-def _device(model: Any) -> Any:
-    return getattr(model.cfg, "device", None) or "cpu"
-
-
 def neuron_attribution(model: Any, examples: Sequence[LossExample], layers: Sequence[int] | None = None,
                        batch_size: int = 4, hook_template: str = "blocks.{layer}.mlp.hook_post"
                        ) -> Float[Tensor, "n_layers d_mlp"]:
@@ -227,7 +223,7 @@ def neuron_attribution(model: Any, examples: Sequence[LossExample], layers: Sequ
     with torch.enable_grad(), model.hooks(fwd_hooks=hooks):
         for start in range(0, len(examples), batch_size):
             ids, targets = _pad(examples[start:start + batch_size], pad_id)
-            ids, targets = ids.to(_device(model)), targets.to(_device(model))
+            ids, targets = ids.to(input_device(model)), targets.to(input_device(model))
             captured.clear()
             logits = model(ids)
             mean_loss, _, _ = _example_losses(logits, ids, targets)
@@ -313,7 +309,7 @@ def lm_loss(model: Any, examples: Sequence[LossExample], fwd_hooks: Sequence[tup
     with torch.inference_mode(), model.hooks(fwd_hooks=list(fwd_hooks)):
         for start in range(0, len(examples), batch_size):
             ids, targets = _pad(examples[start:start + batch_size], pad_id)
-            ids, targets = ids.to(_device(model)), targets.to(_device(model))
+            ids, targets = ids.to(input_device(model)), targets.to(input_device(model))
             _, summed, counts = _example_losses(model(ids), ids, targets)
             total += float(summed.sum())
             count += float(counts.sum())
