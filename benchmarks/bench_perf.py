@@ -149,8 +149,8 @@ def _raise_stop(activation, hook):
 def bench_collect(spec: str, dtype: str, n_prompts: int, batch_size: int, repeats: int,
                   padding_side: str = "right") -> dict[str, Any]:
     from dpn_lens import embedded_contrastive_set
-    from dpn_lens.collect import (_batches, _pad_token_id, _tokenize_compact, collect_group_statistics,
-                                  hook_name)
+    from dpn_lens.collect import CollectionConfig, _batches, collect_group_statistics
+    from dpn_lens.hooked import hook_name, pad_token_id as _pad_token_id, tokenize_compact as _tokenize_compact
 
     model = load(spec, dtype)
     if spec == "tiny":
@@ -183,8 +183,8 @@ def bench_collect(spec: str, dtype: str, n_prompts: int, batch_size: int, repeat
                 model(batch.input_ids, attention_mask=batch.attention_mask)
 
     def collect():
-        collect_group_statistics(model, prompts, layers, max_batch_size=batch_size, max_batch_tokens=1 << 30,
-                                 padding_side=padding_side, progress=False)
+        collect_group_statistics(model, prompts, CollectionConfig(layers, max_batch_size=batch_size,
+                                 max_batch_tokens=1 << 30, padding_side=padding_side, progress=False))
 
     def naive():
         kept = []
@@ -204,7 +204,7 @@ def bench_collect(spec: str, dtype: str, n_prompts: int, batch_size: int, repeat
         _tokenize_compact(model, prompts)
 
     # Correctness guard: the naive route and collect agree.
-    reference = collect_group_statistics(model, prompts, layers, max_batch_size=batch_size, progress=False)
+    reference = collect_group_statistics(model, prompts, CollectionConfig(layers, max_batch_size=batch_size, progress=False))
     _COLLECTED_MEANS[dtype] = reference.mean
     naive_mean, naive_var = naive()
     agree = float((reference.mean - naive_mean).abs().max())
@@ -233,7 +233,8 @@ def bench_collect(spec: str, dtype: str, n_prompts: int, batch_size: int, repeat
 
 def memory_child(spec: str, dtype: str, mode: str, n: int, batch_size: int) -> dict[str, Any]:
     """Runs in its own process: extra peak RSS of one collection of n short prompts over the idle model."""
-    from dpn_lens.collect import collect_group_statistics, hook_name
+    from dpn_lens.collect import CollectionConfig, collect_group_statistics
+    from dpn_lens.hooked import hook_name
 
     model = load(spec, dtype)
     layers = list(range(int(model.cfg.n_layers)))
@@ -242,9 +243,11 @@ def memory_child(spec: str, dtype: str, mode: str, n: int, batch_size: int) -> d
 
     def run(selected: list[str]) -> None:
         if mode == "collect":
-            collect_group_statistics(model, selected, layers, max_batch_size=batch_size, chat=False, progress=False)
+            collect_group_statistics(model, selected, CollectionConfig(layers, max_batch_size=batch_size, chat=False,
+                                                                       progress=False))
             return
-        from dpn_lens.collect import _batches, _pad_token_id, _tokenize_compact
+        from dpn_lens.collect import _batches
+        from dpn_lens.hooked import pad_token_id as _pad_token_id, tokenize_compact as _tokenize_compact
 
         kept = []
         with torch.inference_mode():
@@ -372,6 +375,7 @@ def bench_steering(spec: str, dtype: str, n_prompts: int, new_tokens: int, repea
 def bench_locate(spec: str, plan: list[tuple[str, int]], batch_size: int, target_pairs: int) -> dict[str, Any]:
     """End-to-end collect + locate for the five traits, once per (dtype, pairs per trait) of ``plan``."""
     from dpn_lens import TRAITS, collect_statistics, embedded_contrastive_set, locate
+    from dpn_lens.collect import CollectionConfig
 
     results: dict[str, Any] = {"model": spec, "traits": len(TRAITS), "batch_size": batch_size,
                                "threads": torch.get_num_threads(), "by_dtype": {}}
@@ -379,7 +383,7 @@ def bench_locate(spec: str, plan: list[tuple[str, int]], batch_size: int, target
         sets = [embedded_contrastive_set(trait, n_pairs=n_pairs) for trait in TRAITS]
         model = load(spec, dtype)
         wall, cpu = time.perf_counter(), time.process_time()
-        maps = [locate(collect_statistics(model, pairs, max_batch_size=batch_size, progress=False)) for pairs in sets]
+        maps = [locate(collect_statistics(model, pairs, CollectionConfig(max_batch_size=batch_size, progress=False))) for pairs in sets]
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         n_prompts = 2 * sum(len(pairs) for pairs in sets)
         results["by_dtype"][dtype] = {

@@ -16,7 +16,7 @@ Example:
     ...     print(model.generate(prompt, max_new_tokens=40, do_sample=False))
 """
 
-__version__ = "0.1.0"
+from dpn_lens._version import __version__
 
 from dpn_lens.traits import TRAITS, normalize_trait, normalize_pole
 from dpn_lens.models import load_model, model_fingerprint, ModelFingerprint, EMBEDDED_MODELS
@@ -29,7 +29,7 @@ from dpn_lens.data import (
     render_roleplay_prompt,
 )
 from dpn_lens.statistics import GroupStatistics, ContrastStatistics
-from dpn_lens.collect import collect_statistics, collect_group_statistics
+from dpn_lens.collect import CollectionConfig, collect_statistics, collect_group_statistics
 from dpn_lens.localize import (
     LocalizationSettings,
     REFERENCE_SETTINGS,
@@ -38,9 +38,19 @@ from dpn_lens.localize import (
     select_neurons,
     propose_settings,
     locate,
+    reselect,
 )
-from dpn_lens.neuron_map import NeuronMap
-from dpn_lens.steering import Intervention, steering_intervention, combine_interventions, steer, apply_intervention
+from dpn_lens.neuron_map import IncompatibleModelError, NeuronMap
+from dpn_lens.steering import (
+    Edit,
+    Intervention,
+    additive_intervention,
+    apply_intervention,
+    combine_interventions,
+    direction_sign,
+    steer,
+    steering_intervention,
+)
 from dpn_lens.distributed import collect_statistics_distributed, merge_across_processes
 from dpn_lens.pipeline import locate_traits, load_run_maps, neuron_table
 
@@ -61,6 +71,7 @@ __all__ = [
     "render_roleplay_prompt",
     "GroupStatistics",
     "ContrastStatistics",
+    "CollectionConfig",
     "collect_statistics",
     "collect_group_statistics",
     "LocalizationSettings",
@@ -70,9 +81,14 @@ __all__ = [
     "select_neurons",
     "propose_settings",
     "locate",
+    "reselect",
     "NeuronMap",
+    "IncompatibleModelError",
+    "Edit",
     "Intervention",
     "steering_intervention",
+    "additive_intervention",
+    "direction_sign",
     "combine_interventions",
     "steer",
     "apply_intervention",

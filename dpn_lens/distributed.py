@@ -34,11 +34,12 @@ as above, and treat that exit status accordingly.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
-from dpn_lens.collect import HOOK_NAME, TokenPosition, check_layers, collect_statistics
+from dpn_lens.collect import CollectionConfig, collect_statistics
+from dpn_lens.hooked import HookedModel, check_layers
 from dpn_lens.data.contrastive import ContrastiveSet
 from dpn_lens.statistics import ContrastStatistics, GroupStatistics
 
@@ -159,9 +160,8 @@ def merge_across_processes(stats: ContrastStatistics, group: Any = None) -> Cont
     return dataclasses.replace(stats, high=high, low=low)
 
 
-def collect_statistics_distributed(model: Any, contrastive_set: ContrastiveSet, layers: Sequence[int] | None = None,
-                                   token_position: TokenPosition = "last", group: Any = None,
-                                   **kwargs: Any) -> ContrastStatistics:
+def collect_statistics_distributed(model: HookedModel, contrastive_set: ContrastiveSet,
+                                   config: CollectionConfig | None = None, group: Any = None) -> ContrastStatistics:
     """``collect_statistics`` split over the processes of a ``torch.distributed`` group.
 
     Rank ``r`` of ``W`` collects pairs ``r, r + W, ...`` with its own model replica (on its own
@@ -171,10 +171,9 @@ def collect_statistics_distributed(model: Any, contrastive_set: ContrastiveSet, 
     process group this is plain ``collect_statistics``.
 
     Args:
-        model, contrastive_set, layers, token_position: as for ``collect_statistics``.
+        model, contrastive_set, config: as for ``collect_statistics``; the progress bar (if
+            ``config.progress``) is shown on rank 0 only.
         group: process group (default: the world).
-        **kwargs: passed to ``collect_statistics`` (batch limits, padding, ...); the progress bar is
-            shown on rank 0 only unless ``progress`` is given.
 
     Example:
         >>> dist.init_process_group("gloo")                              # doctest: +SKIP
@@ -182,23 +181,21 @@ def collect_statistics_distributed(model: Any, contrastive_set: ContrastiveSet, 
     """
     from dpn_lens.models import model_fingerprint
 
-    if token_position not in ("last", "mean"):
-        raise ValueError(f"token_position must be 'last' or 'mean', got {token_position!r}")
+    config = CollectionConfig() if config is None else config
     rank, world_size = process_rank(group)
-    kwargs.setdefault("progress", rank == 0)
+    config = dataclasses.replace(config, progress=config.progress and rank == 0)
     if world_size == 1:
-        return collect_statistics(model, contrastive_set, layers, token_position, **kwargs)
+        return collect_statistics(model, contrastive_set, config)
     shard = shard_contrastive_set(contrastive_set, rank, world_size)
     if shard is not None:
-        local = collect_statistics(model, shard, layers, token_position, **kwargs)
+        local = collect_statistics(model, shard, config)
     else:
-        template = kwargs.get("hook_template", HOOK_NAME)
-        chosen = check_layers(model, layers, template)
+        chosen = check_layers(model, config.layers, config.hook_template)
         d_mlp = int(model.cfg.d_mlp)
         local = ContrastStatistics(
             trait=contrastive_set.trait, high=GroupStatistics.empty(len(chosen), d_mlp),
-            low=GroupStatistics.empty(len(chosen), d_mlp), layers=chosen, hook_name=template,
-            token_position=token_position, fingerprint=model_fingerprint(model).to_dict(),
+            low=GroupStatistics.empty(len(chosen), d_mlp), layers=chosen, hook_name=config.hook_template,
+            token_position=config.token_position, fingerprint=model_fingerprint(model).to_dict(),
             source=contrastive_set.source,
         )
     return merge_across_processes(local, group)

@@ -10,15 +10,16 @@ Per layer ``l`` and neuron ``i``:
 
 from __future__ import annotations
 
+import dataclasses
 import math
-import re
-from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from dpn_lens.neuron_map import NeuronMap
+from dpn_lens.settings import REFERENCE_SETTINGS, LocalizationSettings, reference_settings
 from dpn_lens.statistics import ContrastStatistics
 
 __all__ = [
@@ -31,59 +32,10 @@ __all__ = [
     "layer_separation",
     "propose_settings",
     "locate",
+    "reselect",
 ]
 
 D_EPSILON = 1e-8
-
-
-@dataclass(frozen=True)
-class LocalizationSettings:
-    """Which layers to search, the |s| quantile q and the effect-size threshold tau_d.
-
-    ``layers`` are model layer indices; ``source`` and ``reason`` say where the numbers came from.
-
-    Example:
-        >>> LocalizationSettings(layers=list(range(12, 32)), q=0.995, tau_d=0.8).layer_range
-        '12-31'
-    """
-
-    layers: list[int]
-    q: float = 0.995
-    tau_d: float = 0.5
-    source: str = "user"
-    reason: str = ""
-
-    def __post_init__(self) -> None:
-        if not 0.0 < self.q < 1.0:
-            raise ValueError(f"q must lie strictly between 0 and 1 (e.g. 0.995 keeps 0.5%), got {self.q}")
-        if not math.isfinite(self.tau_d) or self.tau_d < 0:
-            raise ValueError(f"tau_d must be a finite non-negative effect size (e.g. 0.3-0.8), got {self.tau_d}")
-        if not self.layers:
-            raise ValueError("settings need at least one layer")
-
-    @property
-    def layer_range(self) -> str:
-        return f"{self.layers[0]}-{self.layers[-1]}" if len(self.layers) > 1 else str(self.layers[0])
-
-
-REFERENCE_SETTINGS: dict[str, LocalizationSettings] = {
-    "meta-llama/Meta-Llama-3-8B-Instruct": LocalizationSettings(
-        list(range(12, 32)), 0.995, 0.8, "reference", "DPN-LE reference settings for LLaMA-3-8B-Instruct"),
-    "Qwen/Qwen2.5-7B-Instruct": LocalizationSettings(
-        list(range(14, 28)), 0.995, 0.3, "reference", "DPN-LE reference settings for Qwen2.5-7B-Instruct"),
-}
-"""The paper's settings, keyed by hub name; matched on the last path component, case-insensitively."""
-
-
-def reference_settings(model_name: str | None) -> LocalizationSettings | None:
-    """Reference settings for a known model name or local folder of it (else ``None``)."""
-    if not model_name:
-        return None
-    key = re.sub(r"[^a-z0-9.]", "", str(model_name).rstrip("/").split("/")[-1].lower())
-    for name, settings in REFERENCE_SETTINGS.items():
-        if re.sub(r"[^a-z0-9.]", "", name.split("/")[-1].lower()) == key:
-            return settings
-    return None
 
 
 def steering_values(stats: ContrastStatistics) -> Float[Tensor, "n_layers d_mlp"]:
@@ -184,7 +136,7 @@ def _describe(value: Any) -> str:
 
 
 def locate(stats: ContrastStatistics, settings: LocalizationSettings | None = None, model_name: str | None = None,
-           q: float | None = None, tau_d: float | None = None, layers: Sequence[int] | None = None):
+           q: float | None = None, tau_d: float | None = None, layers: Sequence[int] | None = None) -> NeuronMap:
     """Find the trait's high-pole and low-pole neurons and return a ``NeuronMap``.
 
     Settings are, in order of precedence: ``settings``; the reference settings of ``model_name``;
@@ -195,8 +147,6 @@ def locate(stats: ContrastStatistics, settings: LocalizationSettings | None = No
         >>> neuron_map.n_selected("high"), neuron_map.n_selected("low")   # doctest: +SKIP
         (52, 49)
     """
-    from dpn_lens.neuron_map import NeuronMap
-
     overrides = {"layers": None if layers is None else list(layers), "q": q, "tau_d": tau_d}
     given = {name: value for name, value in overrides.items() if value is not None}
     if settings is None and len(given) < 3:
@@ -225,3 +175,32 @@ def locate(stats: ContrastStatistics, settings: LocalizationSettings | None = No
         hook_name=stats.hook_name, fingerprint=dict(stats.fingerprint), n_high_samples=stats.high.count,
         n_low_samples=stats.low.count, token_position=stats.token_position, data_source=stats.source,
     )
+
+
+def reselect(neuron_map: NeuronMap, q: float | None = None, tau_d: float | None = None) -> NeuronMap:
+    """The same map with its poles re-selected at another ``q`` and/or ``tau_d``: the one way to do it.
+
+    A map keeps ``s`` and ``d`` of every collected layer, so no statistics are needed: the dual
+    criterion (``select_neurons``) runs again on the map's searched layers with the new thresholds
+    (``None`` keeps the map's own value). The settings record ``source="user"`` and a reason naming
+    the new values; everything else (s, d, layers, fingerprint) is kept. Re-selecting at the map's
+    own q and tau_d gives back the same poles.
+
+    Example:
+        >>> denser = reselect(neuron_map, q=0.97)          # doctest: +SKIP
+        >>> denser.n_selected() > neuron_map.n_selected()  # doctest: +SKIP
+        True
+    """
+    new_q = neuron_map.settings.q if q is None else q
+    new_tau_d = neuron_map.settings.tau_d if tau_d is None else tau_d
+    high: dict[int, Tensor] = {}
+    low: dict[int, Tensor] = {}
+    thresholds: dict[int, float] = {}
+    for layer in neuron_map.layers:
+        row = neuron_map.stat_layers.index(layer)
+        high[layer], low[layer], thresholds[layer] = select_neurons(
+            neuron_map.steering_value[row], neuron_map.cohens_d[row], new_q, new_tau_d)
+    changed = ", ".join(f"{name}={value}" for name, value in (("q", q), ("tau_d", tau_d)) if value is not None)
+    settings = dataclasses.replace(neuron_map.settings, q=new_q, tau_d=new_tau_d, source="user",
+                                   reason=f"re-selected from the map's s and d: {changed or 'same settings'}")
+    return dataclasses.replace(neuron_map, settings=settings, high=high, low=low, tau_q=thresholds)

@@ -11,7 +11,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from dpn_lens.localize import LocalizationSettings
+from dpn_lens._version import __version__
+from dpn_lens.settings import LocalizationSettings
 from dpn_lens.traits import normalize_pole
 
 __all__ = ["NeuronMap", "IncompatibleModelError"]
@@ -59,8 +60,6 @@ class NeuronMap:
 
     def __post_init__(self) -> None:
         if not self.version:
-            from dpn_lens import __version__
-
             self.version = __version__
 
     # ----- reading the map -------------------------------------------------------------------

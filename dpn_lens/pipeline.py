@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from dpn_lens.collect import collect_statistics
+from dpn_lens.collect import CollectionConfig, collect_statistics
 from dpn_lens.data import (
     ContrastiveSet,
     anthropic_persona_contrastive_set,
@@ -115,7 +115,7 @@ def locate_traits(model: Any, traits: Sequence[str], source: str = "embedded", n
     for trait in traits:
         started = time.perf_counter()
         pairs = contrastive_set_for(trait, source, n_pairs, seed, data_dir)
-        stats[trait] = collect_statistics(model, pairs, **collect_kwargs)
+        stats[trait] = collect_statistics(model, pairs, CollectionConfig(**collect_kwargs))
         maps[trait] = locate(stats[trait], settings=settings, model_name=model_name, q=q, tau_d=tau_d, layers=layers)
         seconds[trait] = time.perf_counter() - started
         log(f"{trait:>17}: {maps[trait]!r} [{seconds[trait]:.0f} s]")

@@ -453,7 +453,7 @@ def _clean_spec(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _render_page(report: Report, plotlyjs: PlotlyJs) -> str:
-    from dpn_lens import __version__
+    from dpn_lens._version import __version__
 
     plotly_tag = _plotly_script(plotlyjs)  # validates plotlyjs before any work
     sections: list[str] = []

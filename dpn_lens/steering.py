@@ -4,6 +4,11 @@ An ``Intervention`` holds one dense delta vector per layer (zero except on the e
 adding it changes exactly the selected neurons and nothing else. It is applied with the ``steer``
 context manager or ``apply_intervention`` (a handle with ``remove()``), and works with the model's
 ``run_with_hooks``, ``run_with_cache`` and ``generate``.
+
+Every edit, DPN-LE or baseline (``NPTIIntervention``, the CAA ``ResidualIntervention``), follows the
+``Edit`` protocol: ``label``, ``positions``, ``n_edited``, ``fwd_hooks()``, ``at_positions(...)``,
+``-edit`` (the opposite direction) and ``gamma * edit`` (scaled strength). ``steer`` and
+``apply_intervention`` are the only two ways to apply one, and accept any of them.
 """
 
 from __future__ import annotations
@@ -12,19 +17,81 @@ import contextlib
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Literal
+from typing import Any, Iterator, Literal, Mapping, Protocol, Sequence, runtime_checkable
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from dpn_lens.collect import hook_name, require_hooked_model
+from dpn_lens.hooked import HOOK_NAME, HookedModel, hook_name, require_hooked_model
 from dpn_lens.neuron_map import NeuronMap
 
-__all__ = ["Intervention", "steering_intervention", "combine_interventions", "steer", "apply_intervention",
-           "InterventionHandle", "dpn_weights"]
+__all__ = ["Edit", "Intervention", "steering_intervention", "additive_intervention", "combine_interventions", "steer",
+           "apply_intervention", "InterventionHandle", "dpn_weights", "direction_sign", "check_positions",
+           "check_gamma"]
 
 Positions = Literal["decode", "all"]
+Direction = Literal["increase", "decrease"]
+
+
+@runtime_checkable
+class Edit(Protocol):
+    """What ``steer`` applies: any model edit made of forward hooks.
+
+    Attributes:
+        label: human-readable description (used in tables and warnings).
+        positions: ``"decode"`` (only forward passes over one new token, the prompt pass untouched)
+            or ``"all"`` (every position of every forward pass).
+        n_edited: number of MLP neurons it changes (0 for a residual-stream edit).
+
+    ``at_positions(p)`` is a copy acting at ``p``; ``-edit`` is the edit of the opposite direction;
+    ``gamma * edit`` (or ``edit * gamma``) scales its strength.
+
+    Example:
+        >>> isinstance(Intervention({0: torch.ones(4)}), Edit)
+        True
+    """
+
+    label: str
+    positions: str
+
+    @property
+    def n_edited(self) -> int: ...
+
+    def fwd_hooks(self) -> list[tuple[str, Any]]: ...
+
+    def at_positions(self, positions: Positions) -> "Edit": ...
+
+    def __neg__(self) -> "Edit": ...
+
+    def __mul__(self, gamma: float) -> "Edit": ...
+
+    def __rmul__(self, gamma: float) -> "Edit": ...
+
+
+def direction_sign(direction: str) -> float:
+    """``+1.0`` for ``"increase"`` (towards the high pole), ``-1.0`` for ``"decrease"``; else a ValueError.
+
+    Example:
+        >>> direction_sign("decrease")
+        -1.0
+    """
+    if direction not in ("increase", "decrease"):
+        raise ValueError(f"direction must be 'increase' or 'decrease', got {direction!r}")
+    return 1.0 if direction == "increase" else -1.0
+
+
+def check_positions(positions: str) -> None:
+    """Raise a ValueError unless ``positions`` is ``"decode"`` or ``"all"``."""
+    if positions not in ("decode", "all"):
+        raise ValueError(f"positions must be 'decode' or 'all', got {positions!r}")
+
+
+def check_gamma(gamma: Any) -> float:
+    """``gamma`` as a float, or a ValueError unless it is a finite number (booleans and strings refused)."""
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not math.isfinite(gamma):
+        raise ValueError(f"gamma must be a finite number (e.g. 1.0), got {gamma!r}")
+    return float(gamma)
 
 
 @dataclass
@@ -47,13 +114,12 @@ class Intervention:
 
     deltas: dict[int, Float[Tensor, "d_mlp"]]
     positions: Positions = "decode"
-    hook_template: str = "blocks.{layer}.mlp.hook_post"
+    hook_template: str = HOOK_NAME
     label: str = ""
     neurons_by_source: dict[str, set[tuple[int, int]]] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
-        if self.positions not in ("decode", "all"):
-            raise ValueError(f"positions must be 'decode' or 'all', got {self.positions!r}")
+        check_positions(self.positions)
         for layer, delta in self.deltas.items():
             if not torch.isfinite(delta).all():
                 raise ValueError(f"the delta of layer {layer} holds NaN or Inf; check gamma and the neuron map")
@@ -87,6 +153,29 @@ class Intervention:
 
     def __add__(self, other: "Intervention") -> "Intervention":
         return combine_interventions(self, other)
+
+    def at_positions(self, positions: Positions) -> "Intervention":
+        """The same deltas acting at ``positions`` (``"decode"`` or ``"all"``)."""
+        if positions == self.positions:
+            return self
+        return self._with(self.deltas, positions, self.label)
+
+    def __neg__(self) -> "Intervention":
+        """The opposite edit, ``-delta``: for ``mode="both"`` exactly the ``direction="decrease"`` edit."""
+        return self._with({layer: -delta for layer, delta in self.deltas.items()}, self.positions,
+                          f"-({self.label or 'custom'})")
+
+    def __mul__(self, gamma: float) -> "Intervention":
+        """Every delta scaled by ``gamma`` (``0.5 * edit`` is the edit at half strength)."""
+        gamma = check_gamma(gamma)
+        return self._with({layer: gamma * delta for layer, delta in self.deltas.items()}, self.positions,
+                          f"{gamma:g} x ({self.label or 'custom'})")
+
+    __rmul__ = __mul__
+
+    def _with(self, deltas: dict[int, Tensor], positions: Positions, label: str) -> "Intervention":
+        return Intervention(deltas, positions, self.hook_template, label,
+                            {source: set(neurons) for source, neurons in self.neurons_by_source.items()})
 
     def __repr__(self) -> str:
         layers = sorted(self.deltas)
@@ -129,34 +218,69 @@ def steering_intervention(neuron_map: NeuronMap, gamma: float = 1.0,
         >>> with steer(model, edit):                                                    # doctest: +SKIP
         ...     model.generate(prompt, max_new_tokens=40, do_sample=False)
     """
-    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not math.isfinite(gamma):
-        raise ValueError(f"gamma must be a finite number (e.g. 1.0), got {gamma!r}")
-    if direction not in ("increase", "decrease"):
-        raise ValueError(f"direction must be 'increase' or 'decrease', got {direction!r}")
+    check_gamma(gamma)
+    direction_sign(direction)
     if mode not in ("both", "directional"):
         raise ValueError(f"mode must be 'both' or 'directional', got {mode!r}")
     if mode == "both":
         sets = {layer: torch.cat([neuron_map.high[layer], neuron_map.low[layer]]) for layer in neuron_map.layers}
     else:
         sets = neuron_map.high if direction == "increase" else neuron_map.low
-    sign = 1.0 if direction == "increase" else -1.0
-    selected = [(layer, indices) for layer, indices in sets.items() if indices.numel()]
-    values = [neuron_map.values_at(layer, indices) for layer, indices in selected]
+    selected = {layer: indices for layer, indices in sets.items() if indices.numel()}
+    weights = None
     if weighted and selected:
-        weights = dpn_weights(torch.cat([d.abs() for _, d in values]))
+        abs_d = torch.cat([neuron_map.values_at(layer, indices)[1].abs() for layer, indices in selected.items()])
+        flat = dpn_weights(abs_d)
+        sizes = [indices.numel() for indices in selected.values()]
+        weights = dict(zip(selected, torch.split(flat, sizes)))
+    label = f"DPN-LE{'_w' if weighted else ''} {neuron_map.trait} {direction} gamma={gamma:g} ({mode})"
+    return additive_intervention(neuron_map.steering_value, neuron_map.stat_layers, selected, gamma, direction,
+                                 weights=weights, positions=positions, hook_template=neuron_map.hook_name,
+                                 label=label, source=neuron_map.trait)
+
+
+def additive_intervention(steering_value: Float[Tensor, "n_stat_layers d_mlp"], stat_layers: Sequence[int],
+                          neurons: Mapping[int, Tensor], gamma: float = 1.0, direction: Direction = "increase",
+                          weights: Mapping[int, Tensor] | None = None, positions: Positions = "decode",
+                          hook_template: str = HOOK_NAME, label: str = "", source: str | None = None
+                          ) -> Intervention:
+    """THE builder of a sparse ``±gamma * s`` neuron edit: ``delta[layer][i] = ±gamma * s[layer, i] (* w_i)``.
+
+    DPN-LE (``steering_intervention``), the dense and top-|d| baselines and the edit cost of the
+    multifunction study all build their deltas here, so they differ only in which neurons they pass.
+
+    Args:
+        steering_value: ``s`` per collected layer, ``[len(stat_layers), d_mlp]``.
+        stat_layers: the model layers of the rows of ``steering_value``.
+        neurons: ``{layer: neuron indices}``; every listed layer gets a delta (all zero for no indices).
+        gamma: strength; direction: ``"increase"`` (``+s``) or ``"decrease"`` (``-s``).
+        weights: optional ``{layer: [len(indices)] weights}`` (DPN-LE_w), aligned with ``neurons``.
+        positions, hook_template, label: passed to the ``Intervention``.
+        source: the trait the neurons come from (recorded for overlap warnings when combining).
+
+    Example:
+        >>> s = torch.tensor([[0.5, -2.0, 1.0]])
+        >>> additive_intervention(s, [4], {4: torch.tensor([1])}, gamma=0.5).deltas[4].tolist()
+        [0.0, -1.0, 0.0]
+    """
+    gamma = check_gamma(gamma)
+    sign = direction_sign(direction)
+    stat_layers = list(stat_layers)
+    missing = [layer for layer in neurons if layer not in stat_layers]
+    if missing:
+        raise ValueError(f"layers {missing} have no steering values (they cover {stat_layers})")
+    d_mlp = int(steering_value.shape[1])
     deltas: dict[int, Tensor] = {}
-    offset = 0
-    for (layer, indices), (s, _) in zip(selected, values):
-        delta = torch.zeros(neuron_map.d_mlp, dtype=torch.float32)
-        scale = sign * gamma * s.to(torch.float32)
-        if weighted:
-            scale = scale * weights[offset:offset + indices.numel()]
-        offset += indices.numel()
+    for layer, indices in neurons.items():
+        delta = torch.zeros(d_mlp, dtype=torch.float32)
+        scale = sign * gamma * steering_value[stat_layers.index(layer), indices].to(torch.float32)
+        if weights is not None:
+            scale = scale * weights[layer]
         delta[indices] = scale
         deltas[layer] = delta
-    label = f"DPN-LE{'_w' if weighted else ''} {neuron_map.trait} {direction} gamma={gamma:g} ({mode})"
-    return Intervention(deltas, positions, neuron_map.hook_name, label,
-                        {neuron_map.trait: {(layer, int(i)) for layer, indices in selected for i in indices}})
+    sources = {} if source is None else {source: {(layer, int(i)) for layer, indices in neurons.items()
+                                                  for i in indices}}
+    return Intervention(deltas, positions, hook_template, label, sources)
 
 
 def combine_interventions(*interventions: Intervention) -> Intervention:
@@ -193,8 +317,19 @@ def combine_interventions(*interventions: Intervention) -> Intervention:
 class InterventionHandle:
     """Returned by ``apply_intervention``; ``remove()`` detaches the hooks (idempotent)."""
 
-    def __init__(self, model: Any, intervention: Intervention, context: contextlib.AbstractContextManager):
-        self.model, self.intervention, self._context = model, intervention, context
+    def __init__(self, model: Any, edits: tuple[Edit, ...], context: contextlib.AbstractContextManager):
+        self.model, self.edits, self._context = model, edits, context
+
+    @property
+    def intervention(self) -> Edit | None:
+        """The applied edit (several additive ones combined into one; ``None`` when nothing was applied)."""
+        if len(self.edits) <= 1:
+            return self.edits[0] if self.edits else None
+        if all(isinstance(edit, Intervention) for edit in self.edits):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")   # already warned about shared neurons when applied
+                return combine_interventions(*self.edits)  # type: ignore[arg-type]
+        raise TypeError("several kinds of edit are applied; see handle.edits")
 
     @property
     def active(self) -> bool:
@@ -212,8 +347,8 @@ class InterventionHandle:
         self.remove()
 
 
-def _active_set(model: Any) -> dict[int, Intervention]:
-    """The interventions currently applied to ``model`` (by id), kept on the model object itself."""
+def _active_set(model: Any) -> dict[int, Edit]:
+    """The edits currently applied to ``model`` (by id), kept on the model object itself."""
     active = model.__dict__.get("_dpn_active_interventions")
     if active is None:
         active = {}
@@ -230,10 +365,10 @@ def _shared_neurons(a: Intervention, b: Intervention) -> list[tuple[int, int]]:
     return shared
 
 
-def _warn_overlaps(interventions: tuple[Intervention, ...], active: dict[int, Intervention]) -> None:
+def _warn_overlaps(interventions: Sequence[Intervention], active: dict[int, Edit]) -> None:
     # A second intervention built from the same map (e.g. a notebook cell run twice) is a different
     # object, so the identity check in `steer` cannot refuse it; say loudly that deltas now add up.
-    earlier = list(active.values())
+    earlier = [edit for edit in active.values() if isinstance(edit, Intervention)]
     for intervention in interventions:
         for other in earlier:
             shared = _shared_neurons(other, intervention)
@@ -248,46 +383,57 @@ def _warn_overlaps(interventions: tuple[Intervention, ...], active: dict[int, In
         earlier.append(intervention)
 
 
-@contextlib.contextmanager
-def steer(model: Any, *interventions: Intervention, check: NeuronMap | None = None) -> Iterator[Any]:
-    """Context manager: the model runs with the interventions; hooks are removed on exit, always.
+def _check_fits(model: Any, intervention: Intervention) -> None:
+    n_layers = int(model.cfg.n_layers)
+    bad = [layer for layer in intervention.deltas if not 0 <= layer < n_layers]
+    if bad:
+        raise ValueError(f"intervention edits layers {bad}, but the model has layers 0..{n_layers - 1}")
+    d_mlp = int(model.cfg.d_mlp)
+    wrong = [layer for layer, delta in intervention.deltas.items() if delta.numel() != d_mlp]
+    if wrong:
+        raise ValueError(f"intervention deltas are {intervention.deltas[wrong[0]].numel()} wide but the model's "
+                         f"d_mlp is {d_mlp}: the neuron map comes from another model")
 
-    Applying an intervention that is already active on the model raises instead of silently
-    doubling it; applying another intervention that edits some of the same neurons (e.g. one
-    built again from the same map) warns, naming those neurons. Pass ``check=neuron_map`` to
-    verify that the map belongs to this model first.
+
+@contextlib.contextmanager
+def steer(model: HookedModel, *edits: Edit | None, check: NeuronMap | None = None) -> Iterator[Any]:
+    """Context manager: the model runs with the edits; hooks are removed on exit, always.
+
+    Any ``Edit`` works: a DPN-LE ``Intervention``, an ``NPTIIntervention``, a CAA
+    ``ResidualIntervention``. A ``None`` argument means "no edit" and is skipped, so
+    ``steer(model, None)`` runs the model unchanged (handy for an unsteered baseline in a loop).
+    Applying an edit that is already active on the model raises instead of silently doubling it;
+    applying another intervention that edits some of the same neurons (e.g. one built again from the
+    same map) warns, naming those neurons. Pass ``check=neuron_map`` to verify that the map belongs to
+    this model first.
 
     Example:
         >>> with steer(model, steering_intervention(neuron_map, gamma=1.0)):   # doctest: +SKIP
         ...     text = model.generate(prompt, max_new_tokens=40, do_sample=False)
+        >>> with steer(model, None):                                           # doctest: +SKIP
+        ...     baseline = model.generate(prompt, max_new_tokens=40, do_sample=False)
     """
     require_hooked_model(model, "steer()")
     if check is not None:
         check.check_compatible(model)
-    if not interventions:
-        raise ValueError("steer() needs at least one Intervention (see steering_intervention)")
-    for intervention in interventions:
-        if not isinstance(intervention, Intervention):
-            raise TypeError(f"steer() takes Intervention objects, got {type(intervention).__name__}; "
-                            "build one with steering_intervention(neuron_map, gamma=...)")
+    if not edits:
+        raise ValueError("steer() needs at least one Intervention (see steering_intervention), or None for no edit")
+    for edit in edits:
+        if edit is not None and not isinstance(edit, Edit):
+            raise TypeError(f"steer() takes Intervention objects (or another Edit: NPTI, CAA), got "
+                            f"{type(edit).__name__}; build one with steering_intervention(neuron_map, gamma=...)")
+    chosen = [edit for edit in edits if edit is not None]
     active = _active_set(model)
-    ids = [id(intervention) for intervention in interventions]
+    ids = [id(edit) for edit in chosen]
     if len(set(ids)) != len(ids) or any(i in active for i in ids):
         raise RuntimeError("this intervention is already applied to the model; applying it again would double "
                            "its delta. Remove the first application, or build a new intervention with a larger gamma")
-    for intervention in interventions:
-        n_layers = int(model.cfg.n_layers)
-        bad = [layer for layer in intervention.deltas if not 0 <= layer < n_layers]
-        if bad:
-            raise ValueError(f"intervention edits layers {bad}, but the model has layers 0..{n_layers - 1}")
-        d_mlp = int(model.cfg.d_mlp)
-        wrong = [layer for layer, delta in intervention.deltas.items() if delta.numel() != d_mlp]
-        if wrong:
-            raise ValueError(f"intervention deltas are {intervention.deltas[wrong[0]].numel()} wide but the model's "
-                             f"d_mlp is {d_mlp}: the neuron map comes from another model")
-    _warn_overlaps(interventions, active)
-    hooks = [hook for intervention in interventions for hook in intervention.fwd_hooks()]
-    active.update(zip(ids, interventions))
+    additive = [edit for edit in chosen if isinstance(edit, Intervention)]
+    for intervention in additive:
+        _check_fits(model, intervention)
+    _warn_overlaps(additive, active)
+    hooks = [hook for edit in chosen for hook in edit.fwd_hooks()]
+    active.update(zip(ids, chosen))
     try:
         with model.hooks(fwd_hooks=hooks):
             yield model
@@ -296,16 +442,17 @@ def steer(model: Any, *interventions: Intervention, check: NeuronMap | None = No
             active.pop(i, None)
 
 
-def apply_intervention(model: Any, *interventions: Intervention, check: NeuronMap | None = None
+def apply_intervention(model: HookedModel, *edits: Edit | None, check: NeuronMap | None = None
                        ) -> InterventionHandle:
-    """Attach interventions until ``handle.remove()`` (for notebooks, where a ``with`` is awkward).
+    """Attach edits until ``handle.remove()`` (for notebooks, where a ``with`` is awkward).
+
+    Takes the same arguments as ``steer`` (any ``Edit``; ``None`` is skipped).
 
     Example:
         >>> handle = apply_intervention(model, edit)      # doctest: +SKIP
         >>> model.generate(prompt)                        # doctest: +SKIP
         >>> handle.remove()                               # doctest: +SKIP
     """
-    context = steer(model, *interventions, check=check)
+    context = steer(model, *edits, check=check)
     context.__enter__()
-    return InterventionHandle(model, interventions[0] if len(interventions) == 1 else
-                              combine_interventions(*interventions), context)
+    return InterventionHandle(model, tuple(edit for edit in edits if edit is not None), context)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from dpn_lens.collect import CollectionConfig
 from dpn_lens import collect_statistics, locate
 from dpn_lens.baselines import (NPTIStatistics, PersonaPrompt, ResidualIntervention, apply_edit,
                                 caa_intervention, dense_intervention, npti_intervention, npti_select,
@@ -96,7 +97,7 @@ def tiny_map(tiny_model):
     from tests.conftest import TINY_HIGH, TINY_LOW
     from dpn_lens import ContrastiveSet
 
-    stats = collect_statistics(tiny_model, ContrastiveSet("extraversion", TINY_HIGH, TINY_LOW), progress=False)
+    stats = collect_statistics(tiny_model, ContrastiveSet("extraversion", TINY_HIGH, TINY_LOW), CollectionConfig(progress=False))
     return locate(stats, LocalizationSettings([1, 2, 3], q=0.8, tau_d=0.2))
 
 
@@ -144,3 +145,52 @@ def test_prompting_wraps_the_question_and_edits_nothing():
     assert persona.description in persona.wrap("What now?") and "What now?" in persona.wrap("What now?")
     with pytest.raises(ValueError, match="direction"):
         persona_prompt("extraversion", "sideways")
+
+
+# ----- every baseline is an Edit: steer applies it, -edit / gamma * edit work -------------------------------
+@pytest.mark.parametrize("error", [RuntimeError("boom"), KeyboardInterrupt()])
+def test_steer_accepts_npti_and_caa_edits_and_removes_their_hooks_after_an_exception(tiny_model, tiny_pairs, error):
+    from dpn_lens.steering import Edit, steer
+    from dpn_test_helpers import attached_hooks
+
+    ids = torch.tensor([[1, 5, 6, 7]])
+    reference = tiny_model(ids)
+    before = attached_hooks(tiny_model)
+    npti = npti_intervention(tiny_model, _npti_stats(tiny_model), "increase", top=20, positions="all")
+    caa = caa_intervention(tiny_model, tiny_pairs, gamma=2.0, layer=1, positions="all")
+    for edit in (npti, caa):
+        assert isinstance(edit, Edit)
+        with pytest.raises(type(error)):
+            with steer(tiny_model, edit):
+                assert attached_hooks(tiny_model) > before
+                assert not torch.equal(tiny_model(ids), reference)
+                raise error
+        assert attached_hooks(tiny_model) == before
+        assert torch.equal(tiny_model(ids), reference)
+
+
+def test_minus_npti_edit_equals_the_decrease_edit(tiny_model):
+    stats = _npti_stats(tiny_model)
+    up = npti_intervention(tiny_model, stats, "increase", gamma=1.4, top=10, positions="all")
+    down = npti_intervention(tiny_model, stats, "decrease", gamma=1.4, top=10, positions="all")
+    negated = -up
+    assert negated.label == down.label and negated.positions == "all"
+    assert negated.boost.keys() == down.boost.keys() and negated.clamp.keys() == down.clamp.keys()
+    for layer, (indices, values) in down.boost.items():
+        assert torch.equal(negated.boost[layer][0], indices) and torch.equal(negated.boost[layer][1], values)
+    for layer, indices in down.clamp.items():
+        assert torch.equal(negated.clamp[layer], indices)
+
+
+def test_gamma_times_npti_and_caa_edits_scales_their_additions(tiny_model, tiny_pairs):
+    stats = _npti_stats(tiny_model)
+    edit = npti_intervention(tiny_model, stats, "increase", gamma=1.0, top=10)
+    doubled = 2.0 * edit
+    for layer, (indices, values) in edit.boost.items():
+        assert torch.equal(doubled.boost[layer][0], indices)
+        torch.testing.assert_close(doubled.boost[layer][1], 2.0 * values)
+    assert all(torch.equal(doubled.clamp[layer], indices) for layer, indices in edit.clamp.items())
+    caa = caa_intervention(tiny_model, tiny_pairs, gamma=1.0, layer=1)
+    assert torch.equal((caa * 3.0).vector, 3.0 * caa.vector)
+    assert torch.equal((-caa).vector, caa_intervention(tiny_model, tiny_pairs, direction="decrease", layer=1).vector)
+    assert caa.at_positions("all").positions == "all" and caa.positions == "decode"

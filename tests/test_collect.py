@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from dpn_lens.collect import CollectionConfig
 from dpn_lens import ContrastiveSet, cohens_d, collect_group_statistics, collect_statistics, steering_values
 from dpn_test_helpers import attached_hooks, numpy_s_and_d, random_prompts, raw_last_token_activations
 
@@ -20,11 +21,11 @@ def varied_pairs():
 
 @pytest.fixture(scope="module")
 def unbatched(tiny_model, varied_pairs):
-    return collect_statistics(tiny_model, varied_pairs, max_batch_size=1, progress=False)
+    return collect_statistics(tiny_model, varied_pairs, CollectionConfig(max_batch_size=1, progress=False))
 
 
 def test_s_and_d_equal_an_independent_numpy_computation_on_raw_activations(tiny_model, varied_pairs):
-    stats = collect_statistics(tiny_model, varied_pairs, max_batch_size=4, progress=False)
+    stats = collect_statistics(tiny_model, varied_pairs, CollectionConfig(max_batch_size=4, progress=False))
     high = raw_last_token_activations(tiny_model, varied_pairs.high, LAYERS)
     low = raw_last_token_activations(tiny_model, varied_pairs.low, LAYERS)
     s, d = numpy_s_and_d(high, low)
@@ -37,8 +38,7 @@ def test_s_and_d_equal_an_independent_numpy_computation_on_raw_activations(tiny_
 @pytest.mark.parametrize("padding_side", ["left", "right"])
 @pytest.mark.parametrize("batch_size", [3, 12])
 def test_batched_equals_unbatched(tiny_model, varied_pairs, unbatched, padding_side, batch_size):
-    batched = collect_statistics(tiny_model, varied_pairs, max_batch_size=batch_size, padding_side=padding_side,
-                                 progress=False)
+    batched = collect_statistics(tiny_model, varied_pairs, CollectionConfig(max_batch_size=batch_size, padding_side=padding_side, progress=False))
     for group in ("high", "low"):
         a, b = getattr(batched, group), getattr(unbatched, group)
         assert a.count == b.count == 12
@@ -49,14 +49,13 @@ def test_batched_equals_unbatched(tiny_model, varied_pairs, unbatched, padding_s
 
 def test_token_budget_batches_equal_unbatched(tiny_model, varied_pairs, unbatched):
     """Batches formed by the token budget (not the count) give the same numbers."""
-    batched = collect_statistics(tiny_model, varied_pairs, max_batch_size=64, max_batch_tokens=60, progress=False)
+    batched = collect_statistics(tiny_model, varied_pairs, CollectionConfig(max_batch_size=64, max_batch_tokens=60, progress=False))
     torch.testing.assert_close(batched.high.mean, unbatched.high.mean, rtol=0, atol=1e-6)
 
 
 def test_mean_position_equals_numpy_mean_over_prompt_tokens(tiny_model):
     prompts = random_prompts(2, 5)
-    stats = collect_group_statistics(tiny_model, prompts, layers=[2], token_position="mean", max_batch_size=5,
-                                     progress=False)
+    stats = collect_group_statistics(tiny_model, prompts, CollectionConfig(layers=[2], token_position="mean", max_batch_size=5, progress=False))
     rows = []
     for prompt in prompts:
         _, cache = tiny_model.run_with_cache(torch.tensor([tiny_model.tokenizer(prompt)["input_ids"]]),
@@ -66,7 +65,7 @@ def test_mean_position_equals_numpy_mean_over_prompt_tokens(tiny_model):
 
 
 def test_a_subset_of_layers_gives_the_same_rows_as_all_layers(tiny_model, varied_pairs, unbatched):
-    subset = collect_statistics(tiny_model, varied_pairs, layers=[1, 3], max_batch_size=1, progress=False)
+    subset = collect_statistics(tiny_model, varied_pairs, CollectionConfig(layers=[1, 3], max_batch_size=1, progress=False))
     assert subset.layers == [1, 3]
     torch.testing.assert_close(subset.high.mean, unbatched.high.mean[[1, 3]], rtol=0, atol=1e-7)
 
@@ -75,16 +74,14 @@ def test_statistics_size_is_independent_of_the_number_of_prompts(tiny_model):
     def nbytes(stats) -> int:
         return sum(t.element_size() * t.numel() for g in (stats.high, stats.low) for t in (g.mean, g.m2))
 
-    few = collect_statistics(tiny_model, ContrastiveSet("openness", random_prompts(3, 10), random_prompts(4, 10)),
-                             max_batch_size=10, progress=False)
-    many = collect_statistics(tiny_model, ContrastiveSet("openness", random_prompts(5, 200), random_prompts(6, 200)),
-                              max_batch_size=50, progress=False)
+    few = collect_statistics(tiny_model, ContrastiveSet("openness", random_prompts(3, 10), random_prompts(4, 10)), CollectionConfig(max_batch_size=10, progress=False))
+    many = collect_statistics(tiny_model, ContrastiveSet("openness", random_prompts(5, 200), random_prompts(6, 200)), CollectionConfig(max_batch_size=50, progress=False))
     assert (few.high.count, many.high.count) == (10, 200)
     assert nbytes(few) == nbytes(many) == 2 * 2 * len(LAYERS) * int(tiny_model.cfg.d_mlp) * 8
 
 
 def test_collection_records_what_produced_it(tiny_model, tiny_pairs):
-    stats = collect_statistics(tiny_model, tiny_pairs, progress=False)
+    stats = collect_statistics(tiny_model, tiny_pairs, CollectionConfig(progress=False))
     assert stats.trait == "extraversion" and stats.layers == LAYERS and stats.source == "tests"
     assert stats.hook_name == "blocks.{layer}.mlp.hook_post" and stats.token_position == "last"
     assert stats.fingerprint["d_mlp"] == 48 and stats.fingerprint["n_layers"] == 4
@@ -92,23 +89,22 @@ def test_collection_records_what_produced_it(tiny_model, tiny_pairs):
 
 def test_collection_leaves_no_hooks_behind(tiny_model, tiny_pairs):
     before = attached_hooks(tiny_model)
-    collect_statistics(tiny_model, tiny_pairs, layers=[1, 2], progress=False)
+    collect_statistics(tiny_model, tiny_pairs, CollectionConfig(layers=[1, 2], progress=False))
     assert attached_hooks(tiny_model) == before
 
 
 def test_a_tokenizer_without_pad_token_gives_the_same_statistics(tiny_model, tiny_pairs):
     """Pads are masked and never read, so the pad id (pad, else EOS, else 0) cannot matter."""
     tokenizer = tiny_model.tokenizer
-    reference = collect_statistics(tiny_model, tiny_pairs, max_batch_size=6, progress=False)
+    reference = collect_statistics(tiny_model, tiny_pairs, CollectionConfig(max_batch_size=6, progress=False))
     saved = tokenizer.pad_token, tokenizer.eos_token
     try:
         tokenizer.pad_token = None
         assert tokenizer.pad_token_id is None
-        without_pad = collect_statistics(tiny_model, tiny_pairs, max_batch_size=6, progress=False)
+        without_pad = collect_statistics(tiny_model, tiny_pairs, CollectionConfig(max_batch_size=6, progress=False))
         tokenizer.eos_token = None
         assert tokenizer.eos_token_id is None
-        without_pad_or_eos = collect_statistics(tiny_model, tiny_pairs, max_batch_size=6, padding_side="left",
-                                                progress=False)
+        without_pad_or_eos = collect_statistics(tiny_model, tiny_pairs, CollectionConfig(max_batch_size=6, padding_side="left", progress=False))
     finally:
         tokenizer.pad_token, tokenizer.eos_token = saved
     assert (tokenizer.pad_token_id, tokenizer.eos_token_id) == (0, 2)

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from dpn_lens.collect import CollectionConfig
 from dpn_lens import ContrastStatistics, ContrastiveSet, collect_statistics, locate
 from dpn_lens.distributed import (collect_statistics_distributed, merge_across_processes, shard_contrastive_set,
                                   shard_indices)
@@ -44,15 +45,14 @@ def _worker(rank: int, world_size: int, init_file: str, folder: str) -> None:
         # Each process builds its own replica; same seed, so the same weights (and fingerprint).
         model = build_tiny_model(folder / f"model{rank}", seed=0)
         pairs = varied_pairs()
-        stats = collect_statistics_distributed(model, pairs, max_batch_size=1, progress=False)
+        stats = collect_statistics_distributed(model, pairs, CollectionConfig(max_batch_size=1, progress=False))
         stats.save(folder / f"full{rank}.safetensors")
         # Fewer pairs than processes: rank 1 gets none.
         one_pair = ContrastiveSet("openness", pairs.high[:1], pairs.low[:1], source="tests")
-        collect_statistics_distributed(model, one_pair, max_batch_size=1, progress=False).save(
+        collect_statistics_distributed(model, one_pair, CollectionConfig(max_batch_size=1, progress=False)).save(
             folder / f"one_pair{rank}.safetensors")
         try:
-            collect_statistics_distributed(model, pairs, layers=[0, 1] if rank == 0 else [0, 2], max_batch_size=1,
-                                           progress=False)
+            collect_statistics_distributed(model, pairs, CollectionConfig(layers=[0, 1] if rank == 0 else [0, 2], max_batch_size=1, progress=False))
         except ValueError as error:
             (folder / f"mismatch{rank}.txt").write_text(str(error))
     finally:
@@ -106,9 +106,9 @@ def test_bad_rank_or_world_size_is_an_error_naming_it(rank, world_size):
 
 def test_without_a_process_group_it_is_plain_collection(tiny_model):
     pairs = varied_pairs(6)
-    single = collect_statistics(tiny_model, pairs, progress=False)
+    single = collect_statistics(tiny_model, pairs, CollectionConfig(progress=False))
     assert merge_across_processes(single) is single
-    again = collect_statistics_distributed(tiny_model, pairs, progress=False)
+    again = collect_statistics_distributed(tiny_model, pairs, CollectionConfig(progress=False))
     assert torch.equal(again.high.mean, single.high.mean) and torch.equal(again.low.m2, single.low.m2)
 
 
@@ -120,7 +120,7 @@ def test_two_gloo_processes_give_the_neuron_map_of_one_process(two_process_run, 
         assert a.count == b.count and torch.equal(a.mean, b.mean) and torch.equal(a.m2, b.m2)
 
     model = tiny_model  # built by the same build_tiny_model(seed=0) as each rank's replica
-    single = collect_statistics(model, varied_pairs(), max_batch_size=1, progress=False)
+    single = collect_statistics(model, varied_pairs(), CollectionConfig(max_batch_size=1, progress=False))
     assert (rank0.high.count, rank0.low.count) == (N_PAIRS, N_PAIRS)
     assert rank0.fingerprint == single.fingerprint and rank0.layers == single.layers
     # Merging shards changes only the order of float64 additions.
@@ -141,8 +141,7 @@ def test_two_gloo_processes_give_the_neuron_map_of_one_process(two_process_run, 
 def test_a_rank_without_pairs_contributes_nothing(two_process_run, tiny_model):
     pairs = varied_pairs()
     model = tiny_model  # built by the same build_tiny_model(seed=0) as each rank's replica
-    single = collect_statistics(model, ContrastiveSet("openness", pairs.high[:1], pairs.low[:1], source="tests"),
-                                max_batch_size=1, progress=False)
+    single = collect_statistics(model, ContrastiveSet("openness", pairs.high[:1], pairs.low[:1], source="tests"), CollectionConfig(max_batch_size=1, progress=False))
     for rank in (0, 1):
         stats = ContrastStatistics.load(two_process_run / f"one_pair{rank}.safetensors")
         assert stats.high.count == 1 and torch.equal(stats.high.mean, single.high.mean)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import pytest
 
+from dpn_lens.collect import CollectionConfig
 from dpn_lens import (NeuronMap, collect_statistics, locate, personalitybench_contrastive_set, propose_settings,
                       steer, steering_intervention)
 from dpn_lens.data import render_for_model
@@ -13,7 +14,7 @@ from dpn_lens.data import render_for_model
 @pytest.mark.slow
 def test_personalitybench_pairs_to_a_sparse_disjoint_map_that_steers_generation(smollm2, shared_data, tmp_path):
     pairs = personalitybench_contrastive_set(shared_data, "extraversion", n_pairs=24)
-    stats = collect_statistics(smollm2, pairs, max_batch_size=12, progress=False)
+    stats = collect_statistics(smollm2, pairs, CollectionConfig(max_batch_size=12, progress=False))
     assert stats.high.count == stats.low.count == 24 and stats.layers == list(range(30))
 
     proposed = propose_settings(stats)   # no reference settings for SmolLM2: derived from the data

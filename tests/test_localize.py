@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from dpn_lens.collect import CollectionConfig
 from dpn_lens import (ContrastiveSet, GroupStatistics, ContrastStatistics, LocalizationSettings, cohens_d,
                       collect_statistics, locate, propose_settings, select_neurons, steering_values)
 from dpn_lens.localize import reference_settings
@@ -35,7 +36,7 @@ def synthetic_stats(seed: int = 0, n_layers: int = 3, d_mlp: int = 400, n: int =
 @pytest.fixture(scope="module")
 def tiny_stats(tiny_model):
     pairs = ContrastiveSet("openness", random_prompts(10, 16), random_prompts(11, 16), source="tests")
-    return collect_statistics(tiny_model, pairs, max_batch_size=8, progress=False)
+    return collect_statistics(tiny_model, pairs, CollectionConfig(max_batch_size=8, progress=False))
 
 
 @pytest.mark.parametrize("q", [0.5, 0.8, 0.9, 0.97, 0.995])
@@ -108,7 +109,7 @@ def test_neurons_held_constant_in_the_model_get_d_zero(tiny_model):
 
     pairs = ContrastiveSet("openness", random_prompts(12, 10), random_prompts(13, 10))
     with tiny_model.hooks(fwd_hooks=[("blocks.1.mlp.hook_post", pin)]):
-        stats = collect_statistics(tiny_model, pairs, layers=[1], max_batch_size=3, progress=False)
+        stats = collect_statistics(tiny_model, pairs, CollectionConfig(layers=[1], max_batch_size=3, progress=False))
     d = cohens_d(stats)
     assert torch.isfinite(d).all() and (d[0, :5] == 0).all() and (d[0, 5:] != 0).all()
     neuron_map = locate(stats, q=0.05, tau_d=0.0, layers=[1])
@@ -175,3 +176,32 @@ def test_a_fully_overridden_locate_records_the_values_used_not_a_proposal(tiny_s
     assert (neuron_map.settings.layers, neuron_map.settings.q, neuron_map.settings.tau_d) == ([1, 2, 3], 0.9, 0.2)
     assert neuron_map.settings.source == "user"
     assert neuron_map.settings.reason == "set by the caller: layers=1-3, q=0.9, tau_d=0.2"
+
+
+def test_reselect_at_the_maps_own_q_gives_the_same_poles(tiny_stats):
+    from dpn_lens.localize import reselect
+
+    neuron_map = locate(tiny_stats, q=0.9, tau_d=0.3, layers=[1, 2, 3])
+    same = reselect(neuron_map, q=0.9)
+    again = reselect(neuron_map)
+    for other in (same, again):
+        for layer in neuron_map.layers:
+            assert torch.equal(other.high[layer], neuron_map.high[layer])
+            assert torch.equal(other.low[layer], neuron_map.low[layer])
+            # the map keeps s in float32 (locate thresholds the float64 s): tau_q agrees to float32 precision
+            assert other.tau_q[layer] == pytest.approx(neuron_map.tau_q[layer], rel=1e-6)
+
+
+def test_reselect_equals_locating_again_at_the_new_thresholds(tiny_stats):
+    from dpn_lens.localize import reselect
+
+    neuron_map = locate(tiny_stats, q=0.95, tau_d=0.3, layers=[1, 2, 3])
+    for q, tau_d in ((0.8, None), (None, 0.1), (0.9, 0.5)):
+        moved = reselect(neuron_map, q=q, tau_d=tau_d)
+        fresh = locate(tiny_stats, q=q if q is not None else 0.95, tau_d=tau_d if tau_d is not None else 0.3,
+                       layers=[1, 2, 3])
+        assert (moved.settings.q, moved.settings.tau_d, moved.settings.source) == (
+            fresh.settings.q, fresh.settings.tau_d, "user")
+        for layer in neuron_map.layers:
+            assert torch.equal(moved.high[layer], fresh.high[layer]) and torch.equal(moved.low[layer], fresh.low[layer])
+        assert torch.equal(moved.steering_value, neuron_map.steering_value)

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from conftest import build_tiny_model
+from dpn_lens.collect import CollectionConfig
 from dpn_lens import ContrastiveSet, NeuronMap, collect_statistics, locate
 from dpn_lens.neuron_map import IncompatibleModelError
 from dpn_test_helpers import random_prompts
@@ -20,7 +21,7 @@ from dpn_test_helpers import random_prompts
 
 def build_map(model, seed: int = 20) -> NeuronMap:
     pairs = ContrastiveSet("extraversion", random_prompts(seed, 12), random_prompts(seed + 1, 12), source="tests")
-    stats = collect_statistics(model, pairs, max_batch_size=6, progress=False)
+    stats = collect_statistics(model, pairs, CollectionConfig(max_batch_size=6, progress=False))
     return locate(stats, q=0.8, tau_d=0.2, layers=[1, 2, 3])
 
 

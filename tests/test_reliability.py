@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from dpn_lens.collect import CollectionConfig
 import dpn_lens.collect as collect_module
+import dpn_lens.hooked as hooked_module
 from dpn_lens import ContrastiveSet, collect_group_statistics, collect_statistics, steer, steering_intervention
 from dpn_lens.localize import locate
 from dpn_test_helpers import attached_hooks, random_prompts
@@ -14,7 +16,7 @@ from dpn_test_helpers import attached_hooks, random_prompts
 @pytest.fixture(scope="module")
 def tiny_map(tiny_model):
     pairs = ContrastiveSet("openness", random_prompts(60, 10), random_prompts(61, 10))
-    return locate(collect_statistics(tiny_model, pairs, progress=False), q=0.8, tau_d=0.2, layers=[1, 2, 3])
+    return locate(collect_statistics(tiny_model, pairs, CollectionConfig(progress=False)), q=0.8, tau_d=0.2, layers=[1, 2, 3])
 
 
 def raise_on_call(n: int, error: BaseException):
@@ -33,22 +35,21 @@ def raise_on_call(n: int, error: BaseException):
 
 def test_empty_and_whitespace_prompts_are_named(tiny_model):
     with pytest.raises(ValueError, match="prompt #1 is empty or whitespace; remove it or fill in its text"):
-        collect_group_statistics(tiny_model, ["you are kind", "   "], progress=False)
+        collect_group_statistics(tiny_model, ["you are kind", "   "], CollectionConfig(progress=False))
     with pytest.raises(ValueError, match="prompt #0 is empty"):
-        collect_group_statistics(tiny_model, [""], progress=False)
+        collect_group_statistics(tiny_model, [""], CollectionConfig(progress=False))
 
 
 def test_prompt_longer_than_the_context_is_an_error_by_default_and_truncated_on_request(tiny_model):
     n_ctx = int(tiny_model.cfg.n_ctx)
     long_prompt = " ".join(["you are kind"] * n_ctx)
     with pytest.raises(ValueError, match=rf"more than the model's context of {n_ctx}.*truncation='left'"):
-        collect_group_statistics(tiny_model, [long_prompt], progress=False)
+        collect_group_statistics(tiny_model, [long_prompt], CollectionConfig(progress=False))
     with pytest.warns(UserWarning, match=rf"truncated on the left to the context of {n_ctx}"):
-        truncated = collect_group_statistics(tiny_model, [long_prompt, "you are kind"], layers=[2],
-                                             truncation="left", progress=False)
+        truncated = collect_group_statistics(tiny_model, [long_prompt, "you are kind"], CollectionConfig(layers=[2], truncation="left", progress=False))
     ids = tiny_model.tokenizer(long_prompt)["input_ids"][-n_ctx:]
     _, cache = tiny_model.run_with_cache(torch.tensor([ids]), names_filter="blocks.2.mlp.hook_post")
-    short = collect_group_statistics(tiny_model, ["you are kind"], layers=[2], progress=False)
+    short = collect_group_statistics(tiny_model, ["you are kind"], CollectionConfig(layers=[2], progress=False))
     expected = (cache["blocks.2.mlp.hook_post"][0, -1].double() + short.mean[0]) / 2
     torch.testing.assert_close(truncated.mean[0], expected, rtol=0, atol=1e-6)
 
@@ -61,17 +62,17 @@ def test_prompt_longer_than_the_context_is_an_error_by_default_and_truncated_on_
 ])
 def test_layers_out_of_range_are_named(tiny_model, tiny_pairs, layers, message):
     with pytest.raises(ValueError, match=message):
-        collect_statistics(tiny_model, tiny_pairs, layers=layers, progress=False)
+        collect_statistics(tiny_model, tiny_pairs, CollectionConfig(layers=layers, progress=False))
 
 
 def test_a_model_without_the_hook_point_is_named(tiny_model, tiny_pairs):
     with pytest.raises(ValueError, match=r"no hook point 'blocks.0.mlp.hook_act'.*dpn_lens.load_model.*hook_template="):
-        collect_statistics(tiny_model, tiny_pairs, hook_template="blocks.{layer}.mlp.hook_act", progress=False)
+        collect_statistics(tiny_model, tiny_pairs, CollectionConfig(hook_template="blocks.{layer}.mlp.hook_act", progress=False))
 
 
 def test_a_bare_torch_module_is_refused_with_a_clear_message(tiny_pairs):
     with pytest.raises((TypeError, ValueError), match="TransformerBridge|load_model"):
-        collect_statistics(torch.nn.Linear(4, 4), tiny_pairs, progress=False)
+        collect_statistics(torch.nn.Linear(4, 4), tiny_pairs, CollectionConfig(progress=False))
 
 
 def test_steering_a_bare_torch_module_is_refused_with_a_clear_message(tiny_map):
@@ -91,7 +92,7 @@ def test_nan_in_activations_is_refused_naming_the_fix(tiny_model, tiny_pairs):
     before = attached_hooks(tiny_model)
     with tiny_model.hooks(fwd_hooks=[("blocks.1.hook_resid_pre", inject_nan)]):
         with pytest.raises(FloatingPointError, match="non-finite activation.*dtype='float32'"):
-            collect_statistics(tiny_model, tiny_pairs, progress=False)
+            collect_statistics(tiny_model, tiny_pairs, CollectionConfig(progress=False))
     assert attached_hooks(tiny_model) == before
 
 
@@ -102,14 +103,14 @@ def test_inf_in_activations_is_refused(tiny_model, tiny_pairs):
 
     with tiny_model.hooks(fwd_hooks=[("blocks.2.mlp.hook_post", inject_inf)]):
         with pytest.raises(FloatingPointError, match="non-finite"):
-            collect_statistics(tiny_model, tiny_pairs, layers=[2, 3], progress=False)
+            collect_statistics(tiny_model, tiny_pairs, CollectionConfig(layers=[2, 3], progress=False))
 
 
 def test_bad_collect_options_are_named(tiny_model, tiny_pairs):
     with pytest.raises(ValueError, match="token_position must be 'last' or 'mean'"):
-        collect_statistics(tiny_model, tiny_pairs, token_position="first", progress=False)
+        collect_statistics(tiny_model, tiny_pairs, CollectionConfig(token_position="first", progress=False))
     with pytest.raises(ValueError, match="padding_side must be 'left' or 'right'"):
-        collect_statistics(tiny_model, tiny_pairs, padding_side="middle", progress=False)
+        collect_statistics(tiny_model, tiny_pairs, CollectionConfig(padding_side="middle", progress=False))
 
 
 # ---------------------------------------------------------------- hooks never leak
@@ -121,7 +122,7 @@ def test_no_hooks_left_after_a_failure_inside_the_forward_pass_of_collect(tiny_m
     handle = tiny_model.blocks[0].register_forward_hook(raise_on_call(3, error))   # third batch
     try:
         with pytest.raises(type(error)):
-            collect_group_statistics(tiny_model, random_prompts(62, 10), max_batch_size=2, progress=False)
+            collect_group_statistics(tiny_model, random_prompts(62, 10), CollectionConfig(max_batch_size=2, progress=False))
     finally:
         handle.remove()
     assert attached_hooks(tiny_model) == before
@@ -141,14 +142,14 @@ def test_no_hooks_left_after_keyboard_interrupt_between_batches_of_collect(tiny_
 
     monkeypatch.setattr(collect_module.GroupStatistics, "update", interrupted_update)
     with pytest.raises(KeyboardInterrupt):
-        collect_group_statistics(tiny_model, random_prompts(63, 8), max_batch_size=2, progress=False)
+        collect_group_statistics(tiny_model, random_prompts(63, 8), CollectionConfig(max_batch_size=2, progress=False))
     assert len(calls) == 2 and attached_hooks(tiny_model) == before
 
 
 def test_no_hooks_left_after_a_tokenizer_that_raises_mid_run(tiny_model, tiny_pairs, monkeypatch):
     before = attached_hooks(tiny_model)
     calls = []
-    real_render = collect_module.render_for_model
+    real_render = hooked_module.render_for_model
 
     def failing_render(model, text, chat=None):
         calls.append(1)
@@ -156,9 +157,9 @@ def test_no_hooks_left_after_a_tokenizer_that_raises_mid_run(tiny_model, tiny_pa
             raise UnicodeError("tokenizer broke")
         return real_render(model, text, chat=chat)
 
-    monkeypatch.setattr(collect_module, "render_for_model", failing_render)
+    monkeypatch.setattr(hooked_module, "render_for_model", failing_render)
     with pytest.raises(UnicodeError):
-        collect_statistics(tiny_model, tiny_pairs, progress=False)
+        collect_statistics(tiny_model, tiny_pairs, CollectionConfig(progress=False))
     assert attached_hooks(tiny_model) == before
 
 
@@ -183,9 +184,9 @@ def test_nested_steering_and_collection_leave_the_model_as_found(tiny_model, tin
     before = attached_hooks(tiny_model)
     edit = steering_intervention(tiny_map, gamma=2.0, positions="all")
     with steer(tiny_model, edit):
-        steered = collect_statistics(tiny_model, tiny_pairs, progress=False)   # statistics of the steered model
+        steered = collect_statistics(tiny_model, tiny_pairs, CollectionConfig(progress=False))   # statistics of the steered model
         assert attached_hooks(tiny_model) == before + len(edit.deltas)
-    plain = collect_statistics(tiny_model, tiny_pairs, progress=False)
+    plain = collect_statistics(tiny_model, tiny_pairs, CollectionConfig(progress=False))
     assert attached_hooks(tiny_model) == before
     row = tiny_map.layers[-1]
     assert not torch.equal(steered.high.mean[row], plain.high.mean[row])

@@ -10,6 +10,7 @@ import pytest
 import torch
 from scipy.stats import rankdata
 
+from dpn_lens.collect import CollectionConfig
 from dpn_lens import (ContrastiveSet, Intervention, apply_intervention, collect_statistics, combine_interventions,
                       locate, steer, steering_intervention)
 from dpn_lens.steering import dpn_weights
@@ -21,7 +22,7 @@ PROMPT = "you are a person who loves new ideas . what would you do on the weeken
 @pytest.fixture(scope="module")
 def tiny_map(tiny_model):
     pairs = ContrastiveSet("extraversion", random_prompts(40, 12), random_prompts(41, 12), source="tests")
-    stats = collect_statistics(tiny_model, pairs, max_batch_size=6, progress=False)
+    stats = collect_statistics(tiny_model, pairs, CollectionConfig(max_batch_size=6, progress=False))
     neuron_map = locate(stats, q=0.8, tau_d=0.2, layers=[1, 2, 3])
     assert neuron_map.n_selected("high") >= 3 and neuron_map.n_selected("low") >= 3
     return neuron_map
@@ -280,3 +281,72 @@ def test_steer_can_check_the_map_belongs_to_the_model(other_tiny_model, tiny_map
         with steer(other_tiny_model, steering_intervention(tiny_map), check=tiny_map):
             pass
     assert attached_hooks(other_tiny_model) == before
+
+
+# ----- the Edit protocol: one edit concept, applied only through steer / apply_intervention ------------------
+def test_minus_edit_equals_the_decrease_edit(tiny_map):
+    up = steering_intervention(tiny_map, gamma=0.8, direction="increase")
+    down = steering_intervention(tiny_map, gamma=0.8, direction="decrease")
+    negated = -up
+    assert sorted(negated.deltas) == sorted(down.deltas)
+    for layer in down.deltas:
+        assert torch.equal(negated.deltas[layer], down.deltas[layer])
+    assert negated.n_edited == down.n_edited and negated.positions == up.positions
+    assert negated.neurons_by_source == up.neurons_by_source
+
+
+def test_gamma_times_edit_scales_every_delta(tiny_map):
+    edit = steering_intervention(tiny_map, gamma=1.0, positions="all")
+    for scaled in (0.5 * edit, edit * 0.5):
+        assert isinstance(scaled, Intervention) and scaled.positions == "all"
+        for layer, delta in edit.deltas.items():
+            assert torch.equal(scaled.deltas[layer], 0.5 * delta)
+    # gamma * (the gamma=1 edit) is the edit built with that gamma (s times gamma, bitwise)
+    built = steering_intervention(tiny_map, gamma=0.5, positions="all")
+    assert all(torch.equal((0.5 * edit).deltas[layer], built.deltas[layer]) for layer in built.deltas)
+    with pytest.raises(ValueError, match="gamma must be a finite number"):
+        float("nan") * edit
+
+
+def test_steer_with_none_leaves_logits_unchanged(tiny_model, tokens):
+    before = attached_hooks(tiny_model)
+    reference = tiny_model(tokens)
+    with steer(tiny_model, None):
+        assert attached_hooks(tiny_model) == before
+        assert torch.equal(tiny_model(tokens), reference)
+    handle = apply_intervention(tiny_model, None)
+    assert torch.equal(tiny_model(tokens), reference)
+    handle.remove()
+    assert attached_hooks(tiny_model) == before
+
+
+def test_at_positions_all_acts_on_the_prompt_pass(tiny_model, tiny_map, tokens):
+    decode_only = steering_intervention(tiny_map, gamma=3.0)
+    everywhere = decode_only.at_positions("all")
+    assert everywhere.positions == "all" and decode_only.positions == "decode"
+    assert decode_only.at_positions("decode") is decode_only
+    reference = tiny_model(tokens)
+    with steer(tiny_model, decode_only):
+        assert torch.equal(tiny_model(tokens), reference)        # the prompt pass is untouched
+    with steer(tiny_model, everywhere):
+        assert not torch.equal(tiny_model(tokens), reference)    # every position is edited
+
+
+def test_direction_sign_validates_the_word():
+    from dpn_lens.steering import direction_sign
+
+    assert direction_sign("increase") == 1.0 and direction_sign("decrease") == -1.0
+    with pytest.raises(ValueError, match="direction must be 'increase' or 'decrease'"):
+        direction_sign("up")
+
+
+def test_additive_intervention_is_the_dpn_le_edit_on_the_given_neurons(tiny_map):
+    from dpn_lens.steering import additive_intervention
+
+    neurons = {layer: torch.cat([tiny_map.high[layer], tiny_map.low[layer]]) for layer in tiny_map.layers}
+    neurons = {layer: indices for layer, indices in neurons.items() if indices.numel()}
+    built = additive_intervention(tiny_map.steering_value, tiny_map.stat_layers, neurons, 0.7, "decrease")
+    reference = steering_intervention(tiny_map, gamma=0.7, direction="decrease")
+    assert all(torch.equal(built.deltas[layer], reference.deltas[layer]) for layer in reference.deltas)
+    with pytest.raises(ValueError, match="have no steering values"):
+        additive_intervention(tiny_map.steering_value, tiny_map.stat_layers, {99: torch.tensor([0])})

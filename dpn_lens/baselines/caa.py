@@ -6,6 +6,7 @@ last prompt token (the token DPN-LE reads), added with strength ``gamma`` at tha
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal, Sequence
 
@@ -13,8 +14,9 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from dpn_lens.collect import pad_token_id, pad_token_lists, tokenize_prompts
 from dpn_lens.data.contrastive import ContrastiveSet
+from dpn_lens.hooked import HookedModel, pad_token_id, pad_token_lists, tokenize_prompts
+from dpn_lens.steering import Positions, check_gamma, check_positions, direction_sign
 
 __all__ = ["ResidualIntervention", "residual_means", "caa_intervention", "RESID_HOOK"]
 
@@ -38,14 +40,32 @@ class ResidualIntervention:
     _cast: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
-        if self.positions not in ("decode", "all"):
-            raise ValueError(f"positions must be 'decode' or 'all', got {self.positions!r}")
+        check_positions(self.positions)
         if not torch.isfinite(self.vector).all():
             raise ValueError("the CAA vector holds NaN or Inf; check the contrastive data and gamma")
 
     @property
     def n_edited(self) -> int:
         return 0  # it edits a residual direction, not MLP neurons
+
+    def at_positions(self, positions: Positions) -> "ResidualIntervention":
+        """The same vector added at ``positions`` (``"decode"`` or ``"all"``)."""
+        return self if positions == self.positions else self._with(self.vector, self.label, positions)
+
+    def __neg__(self) -> "ResidualIntervention":
+        """The opposite edit, ``-vector``: exactly ``caa_intervention(..., direction="decrease")``."""
+        return self._with(-self.vector, f"-({self.label})")
+
+    def __mul__(self, gamma: float) -> "ResidualIntervention":
+        """The vector scaled by ``gamma``."""
+        gamma = check_gamma(gamma)
+        return self._with(gamma * self.vector, f"{gamma:g} x ({self.label})")
+
+    __rmul__ = __mul__
+
+    def _with(self, vector: Tensor, label: str, positions: Positions | None = None) -> "ResidualIntervention":
+        # A fresh cast cache: the cached copies belong to the old vector.
+        return dataclasses.replace(self, vector=vector, label=label, positions=positions or self.positions, _cast={})
 
     def fwd_hooks(self) -> list[tuple[str, Any]]:
         def hook(resid: Tensor, hook: Any) -> Tensor:
@@ -58,7 +78,7 @@ class ResidualIntervention:
         return [(RESID_HOOK.format(layer=self.layer), hook)]
 
 
-def residual_means(model: Any, prompts: Sequence[str], batch_size: int = 8
+def residual_means(model: HookedModel, prompts: Sequence[str], batch_size: int = 8
                    ) -> tuple[Float[Tensor, "n_layers d_model"], Float[Tensor, "n n_layers d_model"]]:
     """``hook_resid_post`` at the last prompt token of every prompt, every layer (float64).
 
@@ -99,7 +119,7 @@ def _projected_d(high: Tensor, low: Tensor) -> float:
     return float((a.mean() - b.mean()) / (pooled + 1e-8))
 
 
-def caa_intervention(model: Any, contrastive_set: ContrastiveSet, gamma: float = 1.0,
+def caa_intervention(model: HookedModel, contrastive_set: ContrastiveSet, gamma: float = 1.0,
                      direction: Literal["increase", "decrease"] = "increase", layer: int | None = None,
                      positions: str = "decode") -> ResidualIntervention:
     """CAA edit of a trait: ``±gamma * (mean_high - mean_low)`` at one layer's residual stream.
@@ -110,8 +130,7 @@ def caa_intervention(model: Any, contrastive_set: ContrastiveSet, gamma: float =
     Example:
         >>> edit = caa_intervention(model, embedded_contrastive_set("openness", 50))   # doctest: +SKIP
     """
-    if direction not in ("increase", "decrease"):
-        raise ValueError(f"direction must be 'increase' or 'decrease', got {direction!r}")
+    sign = direction_sign(direction)
     _, high = residual_means(model, contrastive_set.high)
     _, low = residual_means(model, contrastive_set.low)
     n_layers = int(model.cfg.n_layers)
@@ -121,6 +140,5 @@ def caa_intervention(model: Any, contrastive_set: ContrastiveSet, gamma: float =
     if not 0 <= layer < n_layers:
         raise ValueError(f"layer {layer} is outside the model's layers 0..{n_layers - 1}")
     vector = (high[:, layer].mean(0) - low[:, layer].mean(0)).float()
-    sign = 1.0 if direction == "increase" else -1.0
     return ResidualIntervention(layer, sign * gamma * vector, positions,
                                 f"CAA {contrastive_set.trait} {direction} L{layer} gamma={gamma:g}")

@@ -5,22 +5,17 @@ from __future__ import annotations
 from typing import Literal, Sequence
 
 import torch
+from einops import rearrange
 
 from dpn_lens.neuron_map import NeuronMap
-from dpn_lens.steering import Intervention
+from dpn_lens.steering import Intervention, Positions, additive_intervention, direction_sign
 
 __all__ = ["dense_intervention", "topk_intervention"]
 
 
-def _sign(direction: str) -> float:
-    if direction not in ("increase", "decrease"):
-        raise ValueError(f"direction must be 'increase' or 'decrease', got {direction!r}")
-    return 1.0 if direction == "increase" else -1.0
-
-
 def dense_intervention(neuron_map: NeuronMap, gamma: float = 1.0,
                        direction: Literal["increase", "decrease"] = "increase",
-                       layers: Sequence[int] | None = None, positions: str = "decode") -> Intervention:
+                       layers: Sequence[int] | None = None, positions: Positions = "decode") -> Intervention:
     """``h += ±gamma * s`` on every neuron of ``layers`` (default: the map's layers).
 
     Example:
@@ -28,20 +23,21 @@ def dense_intervention(neuron_map: NeuronMap, gamma: float = 1.0,
         >>> edit.n_edited == len(neuron_map.layers) * model.cfg.d_mlp   # doctest: +SKIP
         True
     """
-    sign = _sign(direction)
+    direction_sign(direction)
     chosen = list(neuron_map.layers if layers is None else layers)
     missing = [layer for layer in chosen if layer not in neuron_map.stat_layers]
     if missing:
         raise ValueError(f"layers {missing} have no statistics in the map (it covers {neuron_map.stat_layers})")
-    deltas = {layer: sign * gamma * neuron_map.steering_value[neuron_map.stat_layers.index(layer)].float()
-              for layer in chosen}
-    return Intervention(deltas, positions, neuron_map.hook_name,
-                        f"dense {neuron_map.trait} {direction} gamma={gamma:g}")
+    every_neuron = torch.arange(neuron_map.d_mlp)
+    return additive_intervention(neuron_map.steering_value, neuron_map.stat_layers,
+                                 {layer: every_neuron for layer in chosen}, gamma, direction, positions=positions,
+                                 hook_template=neuron_map.hook_name,
+                                 label=f"dense {neuron_map.trait} {direction} gamma={gamma:g}")
 
 
 def topk_intervention(neuron_map: NeuronMap, gamma: float = 1.0,
                       direction: Literal["increase", "decrease"] = "increase", k: int | None = None,
-                      positions: str = "decode") -> Intervention:
+                      positions: Positions = "decode") -> Intervention:
     """``h += ±gamma * s`` on the ``k`` neurons of the map's layers with the largest |Cohen's d|.
 
     ``k`` defaults to the number of neurons DPN-LE edits (both poles), so the two differ only in
@@ -51,20 +47,20 @@ def topk_intervention(neuron_map: NeuronMap, gamma: float = 1.0,
         >>> topk_intervention(neuron_map).n_edited == neuron_map.n_selected()   # doctest: +SKIP
         True
     """
-    sign = _sign(direction)
+    direction_sign(direction)
     layers = list(neuron_map.layers)
     rows = [neuron_map.stat_layers.index(layer) for layer in layers]
     k = neuron_map.n_selected() if k is None else int(k)
     if k < 1:
         raise ValueError(f"k must be at least 1 (the DPN-LE map selects {neuron_map.n_selected()} neurons)")
-    d = neuron_map.cohens_d[rows].abs().flatten()
+    d = rearrange(neuron_map.cohens_d[rows].abs(), "layer neuron -> (layer neuron)")
     if k > d.numel():
         raise ValueError(f"k={k} exceeds the {d.numel()} neurons of layers {layers[0]}-{layers[-1]}")
-    chosen = torch.topk(d, k).indices
-    s = neuron_map.steering_value[rows].float()
-    deltas = {layer: torch.zeros(neuron_map.d_mlp) for layer in layers}
-    for flat in chosen.tolist():
-        row, neuron = divmod(flat, neuron_map.d_mlp)
-        deltas[layers[row]][neuron] = sign * gamma * s[row, neuron]
-    return Intervention(deltas, positions, neuron_map.hook_name,
-                        f"top-{k} |d| {neuron_map.trait} {direction} gamma={gamma:g}")
+    # One global top-k over all searched layers, then back to a (layer, neuron) mask.
+    chosen = torch.zeros(d.numel(), dtype=torch.bool)
+    chosen[torch.topk(d, k).indices] = True
+    chosen = rearrange(chosen, "(layer neuron) -> layer neuron", layer=len(layers))
+    neurons = {layer: torch.nonzero(chosen[row]).flatten() for row, layer in enumerate(layers)}
+    return additive_intervention(neuron_map.steering_value, neuron_map.stat_layers, neurons, gamma, direction,
+                                 positions=positions, hook_template=neuron_map.hook_name,
+                                 label=f"top-{k} |d| {neuron_map.trait} {direction} gamma={gamma:g}")

@@ -16,6 +16,7 @@ Statistics come from GENERATED tokens of answers under high and low persona prom
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
@@ -25,8 +26,9 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from dpn_lens.collect import pad_token_id, pad_token_lists, tokenize_prompts
 from dpn_lens.data.contrastive import ContrastiveSet, embedded_contrastive_set
+from dpn_lens.hooked import HookedModel, pad_token_id, pad_token_lists, tokenize_prompts
+from dpn_lens.steering import Positions, check_gamma, check_positions, direction_sign
 
 __all__ = ["NPTIStatistics", "NPTIIntervention", "npti_statistics", "npti_trait_statistics", "npti_select",
            "npti_pole_selection", "npti_intervention", "scaled_top_count", "REFERENCE_TOP", "REFERENCE_NEURONS"]
@@ -136,7 +138,7 @@ def _answer_activations(model: Any, prompts: list[list[int]], answers: list[list
     return torch.cat(rows)
 
 
-def npti_statistics(model: Any, contrastive_set: ContrastiveSet, max_new_tokens: int = 32, batch_size: int = 8,
+def npti_statistics(model: HookedModel, contrastive_set: ContrastiveSet, max_new_tokens: int = 32, batch_size: int = 8,
                     progress: bool = False) -> NPTIStatistics:
     """Generate answers to the high and low prompts and compute NPTI's P and p95 per neuron.
 
@@ -157,7 +159,7 @@ def npti_statistics(model: Any, contrastive_set: ContrastiveSet, max_new_tokens:
                           results["low"][1], results["high"][2], results["low"][2], _is_gated(model))
 
 
-def npti_trait_statistics(model: Any, trait: str, n_prompts: int = 16, new_tokens: int = 24, seed: int = 7
+def npti_trait_statistics(model: HookedModel, trait: str, n_prompts: int = 16, new_tokens: int = 24, seed: int = 7
                           ) -> NPTIStatistics:
     """NPTI statistics of ``trait`` from ``n_prompts`` embedded high and low persona prompts.
 
@@ -215,6 +217,10 @@ class NPTIIntervention:
         clamp: ``{layer: indices}``.
         activations: ``{layer: activation function}`` of the edited layers.
         gated: whether ``hook_post = act(gate) * up`` (else ``hook_post = act(pre)``).
+        direction, gamma: how ``npti_intervention`` built it (``None`` for a hand-built edit).
+        rebuild: ``(direction, gamma, positions) -> NPTIIntervention`` from the same statistics; set by
+            ``npti_intervention``. NPTI's opposite direction boosts and clamps *other* neurons, so
+            ``-edit`` cannot negate values: it rebuilds the edit of the other direction.
     """
 
     boost: dict[int, tuple[Tensor, Tensor]]
@@ -223,10 +229,37 @@ class NPTIIntervention:
     gated: bool = True
     positions: str = "decode"
     label: str = "NPTI"
+    direction: str | None = None
+    gamma: float | None = None
+    rebuild: Callable[[str, float, str], "NPTIIntervention"] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if self.positions not in ("decode", "all"):
-            raise ValueError(f"positions must be 'decode' or 'all', got {self.positions!r}")
+        check_positions(self.positions)
+
+    def at_positions(self, positions: Positions) -> "NPTIIntervention":
+        """The same edit acting at ``positions`` (``"decode"`` or ``"all"``)."""
+        return self if positions == self.positions else dataclasses.replace(self, positions=positions)
+
+    def __neg__(self) -> "NPTIIntervention":
+        """The edit of the opposite direction: exactly ``npti_intervention(..., direction=<other>)``."""
+        if self.rebuild is None or self.direction is None or self.gamma is None:
+            raise TypeError("this NPTI edit was not built by npti_intervention, so its opposite direction is unknown "
+                            "(NPTI boosts and clamps other neurons for it); build it with npti_intervention(model, "
+                            "stats, direction=...)")
+        opposite = "decrease" if self.direction == "increase" else "increase"
+        return self.rebuild(opposite, self.gamma, self.positions)
+
+    def __mul__(self, gamma: float) -> "NPTIIntervention":
+        """NPTI's strength scaled by ``gamma``: the boosts scale, the clamps stay (a negative factor flips)."""
+        gamma = check_gamma(gamma)
+        if gamma < 0:
+            return (-self) * -gamma
+        if self.rebuild is not None and self.direction is not None and self.gamma is not None:
+            return self.rebuild(self.direction, self.gamma * gamma, self.positions)
+        boost = {layer: (indices, gamma * values) for layer, (indices, values) in self.boost.items()}
+        return dataclasses.replace(self, boost=boost, label=f"{gamma:g} x ({self.label})")
+
+    __rmul__ = __mul__
 
     @property
     def n_edited(self) -> int:
@@ -277,7 +310,7 @@ class NPTIIntervention:
         return hooks
 
 
-def npti_intervention(model: Any, stats: NPTIStatistics, direction: Literal["increase", "decrease"] = "increase",
+def npti_intervention(model: HookedModel, stats: NPTIStatistics, direction: Literal["increase", "decrease"] = "increase",
                       gamma: float = 1.4, top: int | None = None, min_diff: float = 0.1,
                       positions: str = "decode") -> NPTIIntervention:
     """NPTI's edit of a trait: ``a += gamma * p95 * sigmoid(10 (diff - 0.15))`` on the neurons of the
@@ -288,11 +321,10 @@ def npti_intervention(model: Any, stats: NPTIStatistics, direction: Literal["inc
 
     Example:
         >>> edit = npti_intervention(model, stats, "decrease")                    # doctest: +SKIP
-        >>> with apply_edit(model, edit):                                         # doctest: +SKIP
+        >>> with steer(model, edit):                                              # doctest: +SKIP
         ...     model.generate(prompt, max_new_tokens=40, do_sample=False)
     """
-    if direction not in ("increase", "decrease"):
-        raise ValueError(f"direction must be 'increase' or 'decrease', got {direction!r}")
+    direction_sign(direction)
     if not math.isfinite(gamma):
         raise ValueError(f"gamma must be finite (NPTI uses ~1.4), got {gamma!r}")
     n_layers, d_mlp = stats.p_high.shape
@@ -316,5 +348,10 @@ def npti_intervention(model: Any, stats: NPTIStatistics, direction: Literal["inc
         if in_layer.numel():
             clamp[layer] = in_layer % d_mlp
     activations = {layer: _activation(model, layer) for layer in set(boost) | set(clamp)}
+
+    def rebuild(other_direction: str, other_gamma: float, other_positions: str) -> NPTIIntervention:
+        return npti_intervention(model, stats, other_direction, other_gamma, top, min_diff,  # type: ignore[arg-type]
+                                 other_positions)
+
     return NPTIIntervention(boost, clamp, activations, stats.gated, positions,
-                            f"NPTI {stats.trait} {direction} gamma={gamma:g}")
+                            f"NPTI {stats.trait} {direction} gamma={gamma:g}", direction, gamma, rebuild)

@@ -101,11 +101,11 @@ def _neuron_map(model: Any, trait: str, config: CompareConfig, log) -> NeuronMap
             log(f"{trait}: neuron map from {path}")
             return NeuronMap.load(path, model=model)
         log(f"{trait}: no map in {config.maps_dir}; locating on the fly")
-    from dpn_lens.collect import collect_statistics
+    from dpn_lens.collect import CollectionConfig, collect_statistics
     from dpn_lens.localize import locate
 
     pairs = embedded_contrastive_set(trait, n_pairs=config.locate_pairs, seed=42)
-    return locate(collect_statistics(model, pairs, progress=False), model_name=getattr(model, "dpn_model_name", None),
+    return locate(collect_statistics(model, pairs, CollectionConfig(progress=False)), model_name=getattr(model, "dpn_model_name", None),
                   q=config.locate_q, tau_d=config.locate_tau_d)
 
 

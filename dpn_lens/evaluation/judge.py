@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from dpn_lens.baselines.apply import apply_edit
-from dpn_lens.collect import input_device
+from dpn_lens.hooked import input_device
 from dpn_lens.data.contrastive import load_question_jsonl, resolve_data_dir
 from dpn_lens.evaluation.logprobs import encode, render
 from dpn_lens.traits import normalize_trait

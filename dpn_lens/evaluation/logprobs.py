@@ -19,19 +19,11 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from dpn_lens.collect import input_device, pad_token_id, pad_token_lists
+from dpn_lens.hooked import HookedModel, encode, input_device, pad_token_id, pad_token_lists
 from dpn_lens.data.prompts import render_for_model
 
 __all__ = ["encode", "edited", "at_all_positions", "continuation_logprobs", "next_token_logprobs",
            "ContinuationScore"]
-
-
-def encode(model: Any, text: str, add_bos: bool = True) -> list[int]:
-    """Token ids of ``text``; a BOS token is added once (never twice after a chat template)."""
-    tokenizer = model.tokenizer
-    bos = getattr(tokenizer, "bos_token", None)
-    add_special = add_bos and not (bos and text.startswith(bos))
-    return list(tokenizer(text, add_special_tokens=add_special)["input_ids"])
 
 
 def render(model: Any, user_text: str, chat: bool | None = None) -> str:

@@ -48,9 +48,9 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from dpn_lens.collect import hook_name, input_device, pad_token_id
+from dpn_lens.hooked import hook_name, input_device, pad_token_id
 from dpn_lens.io import read_jsonl
-from dpn_lens.steering import Intervention
+from dpn_lens.steering import Intervention, additive_intervention
 from dpn_lens.studies.overlap import layer_matched_pvalue
 from dpn_lens.studies.run import NeuronSet, random_layer_matched_set
 
@@ -332,13 +332,9 @@ def ablation_hooks(neuron_set: NeuronSet, hook_template: str = "blocks.{layer}.m
 def edit_intervention(neuron_set: NeuronSet, steering_value: Float[Tensor, "n_stat_layers d_mlp"],
                       stat_layers: Sequence[int], gamma: float = 0.8) -> Intervention:
     """The DPN-LE edit ``+gamma * s`` on the set's neurons, at every position."""
-    deltas = {}
-    for layer, indices in neuron_set.neurons.items():
-        if indices.numel():
-            delta = torch.zeros(neuron_set.d_mlp, dtype=torch.float32)
-            delta[indices] = gamma * steering_value[list(stat_layers).index(layer), indices].float()
-            deltas[layer] = delta
-    return Intervention(deltas, positions="all", label=f"edit {neuron_set.name} gamma={gamma:g}")
+    neurons = {layer: indices for layer, indices in neuron_set.neurons.items() if indices.numel()}
+    return additive_intervention(steering_value, stat_layers, neurons, gamma, "increase", positions="all",
+                                 label=f"edit {neuron_set.name} gamma={gamma:g}")
 
 
 def set_costs(model: Any, examples: Sequence[LossExample], sets: Sequence[NeuronSet],

@@ -14,7 +14,7 @@ from typing import Any, Callable, Literal, Mapping, Sequence
 import numpy as np
 import torch
 
-from dpn_lens import figures
+import dpn_lens.figures as figures
 from dpn_lens.io import markdown_table, write_csv_atomic, write_json_atomic, write_text_atomic
 from dpn_lens.studies import layers as layer_study
 from dpn_lens.studies import overlap as overlap_study
