@@ -243,7 +243,3 @@ def collect_statistics(model: HookedModel, contrastive_set: ContrastiveSet, conf
         token_position=config.token_position, fingerprint=model_fingerprint(model).to_dict(),
         source=contrastive_set.source,
     )
-
-
-# Temporary re-exports (phase 1 of the redesign): the model helpers now live in ``dpn_lens.hooked``.
-from dpn_lens.hooked import require_hooked_model, tokenize_prompts  # noqa: E402,F401

@@ -26,6 +26,8 @@ from typing import Any, Callable
 
 import torch
 
+from dpn_lens.hooked import HookedModel
+
 __all__ = [
     "EmbeddedModel",
     "EMBEDDED_MODELS",
@@ -287,7 +289,7 @@ def _weights_digest(module: torch.nn.Module, samples_per_tensor: int = 1024) -> 
     return h.hexdigest()[:16]
 
 
-def model_fingerprint(model: Any) -> ModelFingerprint:
+def model_fingerprint(model: HookedModel) -> ModelFingerprint:
     """Fingerprint of a bridge (cached on the model object after the first call).
 
     Example:

@@ -8,10 +8,11 @@ import torch
 
 from dpn_lens.collect import CollectionConfig
 from dpn_lens import collect_statistics, locate
-from dpn_lens.baselines import (NPTIStatistics, PersonaPrompt, ResidualIntervention, apply_edit,
+from dpn_lens.baselines import (NPTIStatistics, PersonaPrompt, ResidualIntervention,
                                 caa_intervention, dense_intervention, npti_intervention, npti_select,
                                 persona_prompt, scaled_top_count, topk_intervention)
 from dpn_lens.localize import LocalizationSettings
+from dpn_lens.steering import Edit, steer
 
 
 def brute_force_select(values: list[float], top: int, min_diff: float) -> list[int]:
@@ -58,7 +59,7 @@ def test_npti_edit_equals_editing_act_gate_before_the_up_multiply(tiny_model):
         seen["post"] = post.detach().clone()
         return post
 
-    with apply_edit(tiny_model, edit), tiny_model.hooks(fwd_hooks=[(f"blocks.{layer}.mlp.hook_post", read)]):
+    with steer(tiny_model, edit), tiny_model.hooks(fwd_hooks=[(f"blocks.{layer}.mlp.hook_post", read)]):
         tiny_model(ids)
     # Reference: the edit on act(gate(x)) by hand, times up(x), on the unedited inputs of that layer
     # (the first edited layer, so its inputs are unchanged by the edit).
@@ -87,7 +88,7 @@ def test_decode_only_edits_leave_the_prompt_pass_alone(tiny_model):
     ids = torch.tensor([[1, 5, 6, 7]])
     with torch.no_grad():
         base = tiny_model(ids)
-        with apply_edit(tiny_model, edit):
+        with steer(tiny_model, edit):
             assert torch.equal(tiny_model(ids), base)
             assert not torch.allclose(tiny_model(ids[:, :1]), base[:, :1])
 
@@ -122,7 +123,7 @@ def test_caa_adds_the_mean_difference_at_one_residual_layer(tiny_model, tiny_pai
     ids = torch.tensor([[1, 5, 6]])
     _, base = tiny_model.run_with_cache(ids, names_filter="blocks.1.hook_resid_post")
     seen = {}
-    with apply_edit(tiny_model, edit), tiny_model.hooks(fwd_hooks=[
+    with steer(tiny_model, edit), tiny_model.hooks(fwd_hooks=[
             ("blocks.1.hook_resid_post", lambda r, hook: seen.setdefault("r", r.detach().clone()))]):
         tiny_model(ids)
     assert torch.allclose(seen["r"], base["blocks.1.hook_resid_post"] + edit.vector, atol=1e-5)
@@ -134,14 +135,15 @@ def test_hooks_are_removed_after_an_exception(tiny_model):
     ids = torch.tensor([[1, 5, 6]])
     base = tiny_model(ids)
     with pytest.raises(RuntimeError):
-        with apply_edit(tiny_model, edit):
+        with steer(tiny_model, edit):
             raise RuntimeError("boom")
     assert torch.equal(tiny_model(ids), base)
 
 
 def test_prompting_wraps_the_question_and_edits_nothing():
     persona = persona_prompt("extraversion", "decrease")
-    assert isinstance(persona, PersonaPrompt) and persona.fwd_hooks() == [] and persona.n_edited == 0
+    assert isinstance(persona, PersonaPrompt) and not isinstance(persona, Edit)   # it edits the prompt, not the model
+    assert not hasattr(persona, "fwd_hooks") and not hasattr(persona, "n_edited")
     assert persona.description in persona.wrap("What now?") and "What now?" in persona.wrap("What now?")
     with pytest.raises(ValueError, match="direction"):
         persona_prompt("extraversion", "sideways")
@@ -150,7 +152,6 @@ def test_prompting_wraps_the_question_and_edits_nothing():
 # ----- every baseline is an Edit: steer applies it, -edit / gamma * edit work -------------------------------
 @pytest.mark.parametrize("error", [RuntimeError("boom"), KeyboardInterrupt()])
 def test_steer_accepts_npti_and_caa_edits_and_removes_their_hooks_after_an_exception(tiny_model, tiny_pairs, error):
-    from dpn_lens.steering import Edit, steer
     from dpn_test_helpers import attached_hooks
 
     ids = torch.tensor([[1, 5, 6, 7]])

@@ -12,7 +12,7 @@ import torch
 from conftest import build_tiny_model
 from dpn_lens.evaluation import capability as cap
 from dpn_lens.evaluation import trait
-from dpn_lens.evaluation.logprobs import encode
+from dpn_lens.hooked import encode
 from dpn_lens.steering import Intervention
 
 WORDS = "A B C D E Yes No yes no I am the life of party quiet cat sat on mat dog ran home Given statement".split()
@@ -30,7 +30,7 @@ def letter_model(tmp_path_factory):
 
 
 class ForceToken:
-    """An edit that adds a large logit to one token at every position (interface of a baseline)."""
+    """An edit that adds a large logit to one token at every position (the ``Edit`` protocol of a baseline)."""
 
     positions = "all"
     label = "force"
@@ -38,6 +38,17 @@ class ForceToken:
 
     def __init__(self, token_id: int, amount: float = 100.0):
         self.token_id, self.amount = token_id, amount
+
+    def at_positions(self, positions):
+        return self
+
+    def __neg__(self):
+        return ForceToken(self.token_id, -self.amount)
+
+    def __mul__(self, gamma):
+        return ForceToken(self.token_id, gamma * self.amount)
+
+    __rmul__ = __mul__
 
     def fwd_hooks(self):
         def hook(logits, hook):

@@ -18,7 +18,8 @@ from dpn_lens.evaluation.capability import CapabilitySizes
 from dpn_lens.evaluation.compare import CompareConfig, run_comparison, write_outputs
 from dpn_lens.evaluation.judge import (JudgeConfig, JudgeRating, generate_answers, judge_endpoint, judge_evaluation,
                                        judge_rating, load_test_questions, parse_rating)
-from dpn_lens.evaluation.logprobs import encode, render
+from dpn_lens.evaluation.logprobs import render
+from dpn_lens.hooked import encode
 from tests.test_evaluation_metrics import ForceToken, build_letter_model, token
 
 
@@ -118,9 +119,6 @@ def test_persona_wraps_the_question_before_generation(letter_model):
     class Persona:
         def wrap(self, question):
             return "Yes Yes Yes " + question
-
-        def fwd_hooks(self):
-            return []
 
     questions = ["the dog ran home ."]
     wrapped = generate_answers(letter_model, questions, persona=Persona(), max_new_tokens=5, repetition_penalty=1.0)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any, Literal
+from typing import Literal
 
 from dpn_lens.data.prompts import render_roleplay_prompt
+from dpn_lens.steering import direction_sign
 from dpn_lens.traits import normalize_trait
 
 __all__ = ["PersonaPrompt", "persona_prompt"]
@@ -17,9 +18,8 @@ __all__ = ["PersonaPrompt", "persona_prompt"]
 class PersonaPrompt:
     """A persona description wrapped around every question (the paper's role-play template).
 
-    It has the edit interface (``fwd_hooks()`` is empty, ``n_edited`` is 0) so that comparisons treat
-    it like any other method; evaluation code calls ``wrap`` on trait questions and prepends
-    ``prefix`` to capability contexts.
+    Not a model edit: evaluation functions take it as ``persona=`` (next to ``edit=``) and call
+    ``wrap`` on trait questions and prepend ``prefix`` to capability contexts.
 
     Example:
         >>> PersonaPrompt("openness", "increase", "You love new ideas.").wrap("Hi?").splitlines()[1]
@@ -29,18 +29,10 @@ class PersonaPrompt:
     trait: str
     direction: str
     description: str
-    positions: str = "all"
 
     @property
     def label(self) -> str:
         return f"prompting {self.trait} {self.direction}"
-
-    @property
-    def n_edited(self) -> int:
-        return 0
-
-    def fwd_hooks(self) -> list[tuple[str, Any]]:
-        return []
 
     def wrap(self, question: str) -> str:
         return render_roleplay_prompt(self.description, question)
@@ -59,8 +51,7 @@ def persona_prompt(trait: str, direction: Literal["increase", "decrease"] = "inc
         'decrease'
     """
     trait = normalize_trait(trait)
-    if direction not in ("increase", "decrease"):
-        raise ValueError(f"direction must be 'increase' or 'decrease', got {direction!r}")
+    direction_sign(direction)
     path = resources.files("dpn_lens.data").joinpath("embedded", "personas.json")
     personas = json.loads(path.read_text(encoding="utf-8"))[trait]["high" if direction == "increase" else "low"]
     if not 0 <= index < len(personas):

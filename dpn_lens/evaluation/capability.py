@@ -26,8 +26,11 @@ import numpy as np
 import torch
 
 from dpn_lens.data.contrastive import resolve_data_dir
+from dpn_lens.data.prompts import OPTION_LETTERS, multiple_choice_prompt
+from dpn_lens.evaluation.logprobs import continuation_logprobs, next_token_logprobs, scoring_edit
+from dpn_lens.hooked import HookedModel, encode
 from dpn_lens.io import read_jsonl
-from dpn_lens.evaluation.logprobs import continuation_logprobs, edited, encode, next_token_logprobs
+from dpn_lens.steering import Edit, steer
 
 __all__ = ["MCItem", "CapabilitySizes", "CapabilitySuite", "load_capability_suite", "mc_accuracy",
            "lambada_accuracy", "perplexity", "kl_divergence", "evaluate_capability", "MC_TASKS",
@@ -95,9 +98,8 @@ def _sample(rows: list[Any], n: int, seed: int) -> list[Any]:
 
 
 def _letters_item(question: str, choices: Sequence[str], answer: int) -> MCItem:
-    letters = "ABCDEFGH"[:len(choices)]
-    body = "\n".join(f"{letter}. {choice}" for letter, choice in zip(letters, choices))
-    return MCItem(f"Question: {question.strip()}\n{body}\nAnswer:", tuple(f" {letter}" for letter in letters), answer)
+    letters = OPTION_LETTERS[:len(choices)]
+    return MCItem(multiple_choice_prompt(question, choices), tuple(f" {letter}" for letter in letters), answer)
 
 
 def _mc_task(folder: Path, task: str) -> list[MCItem]:
@@ -159,7 +161,7 @@ def _context_ids(model: Any, text: str, prefix: str) -> list[int]:
     return encode(model, f"{prefix}{text}" if prefix else text)
 
 
-def mc_accuracy(model: Any, items: Sequence[MCItem], edit: Any = None, prefix: str = "") -> float:
+def mc_accuracy(model: HookedModel, items: Sequence[MCItem], edit: Edit | None = None, prefix: str = "") -> float:
     """Fraction of items whose answer has the highest log-probability (per character if multi-token).
 
     Example:
@@ -175,7 +177,7 @@ def mc_accuracy(model: Any, items: Sequence[MCItem], edit: Any = None, prefix: s
             contexts.append(context)
             continuations.append(encode(model, choice, add_bos=False))
             owner.append(index)
-    with edited(model, edit):
+    with steer(model, scoring_edit(edit)):
         if all(len(c) == 1 for c in continuations):
             # Single-token choices: one forward pass per item instead of one per choice.
             unique = {tuple(c): None for c in contexts}
@@ -199,7 +201,7 @@ def mc_accuracy(model: Any, items: Sequence[MCItem], edit: Any = None, prefix: s
     return correct / len(items)
 
 
-def lambada_accuracy(model: Any, texts: Sequence[str], edit: Any = None, prefix: str = "") -> float:
+def lambada_accuracy(model: HookedModel, texts: Sequence[str], edit: Edit | None = None, prefix: str = "") -> float:
     """Fraction of passages whose last word the model predicts greedily, token by token."""
     contexts, continuations = [], []
     for text in texts:
@@ -208,7 +210,7 @@ def lambada_accuracy(model: Any, texts: Sequence[str], edit: Any = None, prefix:
             raise ValueError(f"a LAMBADA passage needs a context and a last word: {text[:60]!r}")
         contexts.append(_context_ids(model, head, prefix))
         continuations.append(encode(model, f" {last}", add_bos=False))
-    with edited(model, edit):
+    with steer(model, scoring_edit(edit)):
         scores = continuation_logprobs(model, contexts, continuations)
     return float(np.mean([bool(s.greedy.all()) for s in scores]))
 
@@ -233,7 +235,7 @@ def _fallback_bos(model: Any) -> int:
     raise ValueError("the tokenizer has neither a BOS nor an EOS token to start a perplexity chunk with")
 
 
-def perplexity(model: Any, chunks: Sequence[list[int]], edit: Any = None, prefix: str = "") -> float:
+def perplexity(model: HookedModel, chunks: Sequence[list[int]], edit: Edit | None = None, prefix: str = "") -> float:
     """``exp(mean NLL)`` of the chunk tokens, each chunk scored after BOS (or after ``prefix``).
 
     Example:
@@ -241,13 +243,13 @@ def perplexity(model: Any, chunks: Sequence[list[int]], edit: Any = None, prefix
         38.2
     """
     context = _bos_context(model, prefix)
-    with edited(model, edit):
+    with steer(model, scoring_edit(edit)):
         scores = continuation_logprobs(model, [context] * len(chunks), list(chunks))
     nll = -torch.cat([s.token_logprobs for s in scores]).double().mean()
     return float(torch.exp(nll))
 
 
-def kl_divergence(model: Any, chunks: Sequence[list[int]], edit: Any = None, prefix: str = "",
+def kl_divergence(model: HookedModel, chunks: Sequence[list[int]], edit: Edit | None = None, prefix: str = "",
                   reference: list[torch.Tensor] | None = None) -> float:
     """Mean over tokens of KL(unedited || edited) between next-token distributions on ``chunks``.
 
@@ -257,7 +259,7 @@ def kl_divergence(model: Any, chunks: Sequence[list[int]], edit: Any = None, pre
     context = _bos_context(model, "")
     if reference is None:
         reference = [s.distributions for s in continuation_logprobs(model, [context] * len(chunks), list(chunks), full=True)]
-    with edited(model, edit):
+    with steer(model, scoring_edit(edit)):
         steered = continuation_logprobs(model, [_bos_context(model, prefix)] * len(chunks), list(chunks), full=True)
     total, count = 0.0, 0
     for base, other in zip(reference, steered):
@@ -266,7 +268,7 @@ def kl_divergence(model: Any, chunks: Sequence[list[int]], edit: Any = None, pre
     return total / count
 
 
-def evaluate_capability(model: Any, suite: CapabilitySuite, edit: Any = None, prefix: str = "") -> dict[str, float]:
+def evaluate_capability(model: HookedModel, suite: CapabilitySuite, edit: Edit | None = None, prefix: str = "") -> dict[str, float]:
     """Every capability metric of ``suite`` for the model under ``edit`` (and/or a persona ``prefix``).
 
     Example:

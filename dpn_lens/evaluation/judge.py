@@ -31,10 +31,11 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from dpn_lens.baselines.apply import apply_edit
-from dpn_lens.hooked import input_device
+from dpn_lens.baselines.prompting import PersonaPrompt
 from dpn_lens.data.contrastive import load_question_jsonl, resolve_data_dir
-from dpn_lens.evaluation.logprobs import encode, render
+from dpn_lens.evaluation.logprobs import render
+from dpn_lens.hooked import HookedModel, encode, input_device
+from dpn_lens.steering import Edit, steer
 from dpn_lens.traits import normalize_trait
 
 __all__ = ["JudgeConfig", "JudgeRating", "judge_endpoint", "load_test_questions", "generate_answers", "judge_prompt",
@@ -104,7 +105,8 @@ def load_test_questions(data_dir: str | Path | None, trait: str, n: int | None =
     return random.Random(seed).sample(questions, n)
 
 
-def generate_answers(model: Any, questions: Sequence[str], edit: Any = None, persona: Any = None,
+def generate_answers(model: HookedModel, questions: Sequence[str], edit: Edit | None = None,
+                     persona: PersonaPrompt | None = None,
                      max_new_tokens: int = 400, repetition_penalty: float = 1.15) -> list[str]:
     """Greedy answers to ``questions`` through the chat template, with ``edit`` applied as its method defines.
 
@@ -113,7 +115,7 @@ def generate_answers(model: Any, questions: Sequence[str], edit: Any = None, per
     against Hugging Face generation checks.
     """
     answers = []
-    with apply_edit(model, edit):
+    with steer(model, edit):
         for question in questions:
             text = persona.wrap(question) if persona is not None else question
             ids = torch.tensor([encode(model, render(model, text))], device=input_device(model))
@@ -166,8 +168,8 @@ def judge_rating(config: JudgeConfig, trait: str, question: str, answer: str) ->
     return parse_rating(content)
 
 
-def judge_evaluation(model: Any, trait: str, questions: Sequence[str], config: JudgeConfig, edit: Any = None,
-                     persona: Any = None) -> dict[str, Any]:
+def judge_evaluation(model: HookedModel, trait: str, questions: Sequence[str], config: JudgeConfig,
+                     edit: Edit | None = None, persona: PersonaPrompt | None = None) -> dict[str, Any]:
     """Generate answers to ``questions`` and have them rated.
 
     Returns:

@@ -1,60 +1,49 @@
 """Log-probabilities of continuations and next tokens, batched, with or without an edit applied.
 
 Every metric of ``dpn_lens.evaluation`` is a function of these two primitives: the log-probability
-of given continuation tokens after a context, and the next-token distribution after a prompt.
-
-Steering note: the DPN-LE edit is applied at decode steps by default (forward passes over one new
-token). A log-probability metric reads the distribution at the last *prompt* token (or at teacher-
-forced continuation tokens), which a decode-only edit never touches; scoring with such an edit would
-measure the unsteered model. ``edited`` therefore switches every edit to ``positions="all"``.
+of given continuation tokens after a context, and the next-token distribution after a prompt. Edits
+are applied with ``dpn_lens.steer``, after ``scoring_edit`` (which says why every edit acts at all
+positions when log-probabilities are scored).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-from typing import Any, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from dpn_lens.hooked import HookedModel, encode, input_device, pad_token_id, pad_token_lists
 from dpn_lens.data.prompts import render_for_model
+from dpn_lens.hooked import HookedModel, input_device, pad_token_id, pad_token_lists
+from dpn_lens.steering import Edit
 
-__all__ = ["encode", "edited", "at_all_positions", "continuation_logprobs", "next_token_logprobs",
-           "ContinuationScore"]
+__all__ = ["scoring_edit", "render", "continuation_logprobs", "next_token_logprobs", "ContinuationScore"]
 
 
-def render(model: Any, user_text: str, chat: bool | None = None) -> str:
+def render(model: HookedModel, user_text: str, chat: bool | None = None) -> str:
     """The prompt as the model sees it: chat template for chat models (see ``render_for_model``)."""
     return render_for_model(model, user_text, chat=chat)
 
 
-def at_all_positions(edit: Any) -> Any:
-    """A copy of ``edit`` that acts at every position (see the module note); ``None`` stays ``None``."""
-    if edit is None or getattr(edit, "positions", "all") == "all":
-        return edit
-    return dataclasses.replace(edit, positions="all")
+def scoring_edit(edit: Edit | None) -> Edit | None:
+    """``edit`` as log-probability metrics apply it: at every position (``None`` stays ``None``).
 
-
-@contextlib.contextmanager
-def edited(model: Any, edit: Any = None) -> Iterator[Any]:
-    """Run the model with ``edit`` (an ``Intervention`` or any object with ``fwd_hooks()``) at all positions.
-
-    ``None`` runs the model unchanged. Hooks are removed on exit, also after an exception.
+    Why: the DPN-LE edit acts at decode steps by default (forward passes over one new token). A
+    log-probability metric reads the distribution at the last *prompt* token (or at teacher-forced
+    continuation tokens), which a decode-only edit never touches; scoring with it would measure the
+    unsteered model. This is the one place that rule lives; evaluation code applies edits as
+    ``with steer(model, scoring_edit(edit)):``.
 
     Example:
-        >>> with edited(model, intervention):               # doctest: +SKIP
+        >>> with steer(model, scoring_edit(intervention)):       # doctest: +SKIP
         ...     logprobs = next_token_logprobs(model, [ids])
     """
-    from dpn_lens.baselines.apply import apply_edit
-
-    with apply_edit(model, at_all_positions(edit)):
-        yield model
+    return None if edit is None else edit.at_positions("all")
 
 
-def _batched_logits(model: Any, token_lists: Sequence[list[int]], batch_tokens: int
+def _batched_logits(model: HookedModel, token_lists: Sequence[list[int]], batch_tokens: int
                     ) -> Iterator[tuple[int, Float[Tensor, "pos vocab"]]]:
     """``(index, logits of that sequence)`` for every sequence, batched longest-first, right-padded.
 
@@ -94,7 +83,7 @@ class ContinuationScore:
         return float(self.token_logprobs.sum())
 
 
-def continuation_logprobs(model: Any, contexts: Sequence[list[int]], continuations: Sequence[list[int]],
+def continuation_logprobs(model: HookedModel, contexts: Sequence[list[int]], continuations: Sequence[list[int]],
                           full: bool = False, batch_tokens: int = 2048) -> list[ContinuationScore]:
     """Score ``continuations[i]`` after ``contexts[i]`` (token ids) in one batched pass.
 
@@ -121,7 +110,7 @@ def continuation_logprobs(model: Any, contexts: Sequence[list[int]], continuatio
     return results  # type: ignore[return-value]
 
 
-def next_token_logprobs(model: Any, prompts: Sequence[list[int]], batch_tokens: int = 2048
+def next_token_logprobs(model: HookedModel, prompts: Sequence[list[int]], batch_tokens: int = 2048
                         ) -> Float[Tensor, "n vocab"]:
     """Log-softmax of the next token after each prompt (token ids), ``[n_prompts, vocab]``."""
     if not prompts:

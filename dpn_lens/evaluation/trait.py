@@ -10,8 +10,9 @@
   each trait (mean > 2.8 -> increase); the model answers the held-out items under that direction;
   metric = mean absolute error against the respondent's answers.
 
-All scores read the next-token distribution at the last prompt token. A decode-only edit never acts
-there, so every edit is applied at all positions here (``logprobs.edited``).
+All scores read the next-token distribution at the last prompt token, so edits are applied through
+``logprobs.scoring_edit`` (at all positions; its docstring says why). ``persona`` (a ``PersonaPrompt``)
+is not an edit: it rewrites the question instead.
 """
 
 from __future__ import annotations
@@ -20,14 +21,18 @@ import csv
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
+from dpn_lens.baselines.prompting import PersonaPrompt
 from dpn_lens.data.contrastive import resolve_data_dir
+from dpn_lens.data.prompts import multiple_choice_prompt
+from dpn_lens.evaluation.logprobs import next_token_logprobs, render, scoring_edit
+from dpn_lens.hooked import HookedModel, encode
 from dpn_lens.io import read_jsonl
-from dpn_lens.evaluation.logprobs import edited, encode, next_token_logprobs, render
+from dpn_lens.steering import Edit, steer
 from dpn_lens.traits import TRAITS, normalize_trait
 
 __all__ = ["IPIPItem", "load_ipip_items", "questionnaire_prompt", "option_token_ids", "answer_items",
@@ -101,12 +106,13 @@ def load_ipip_items(data_dir: str | Path | None, inventory: str = "ipip_neo_300_
 def questionnaire_prompt(item: IPIPItem | str) -> str:
     """The user message asking for one item on the A-E scale (MPI's wording)."""
     text = item.text if isinstance(item, IPIPItem) else item
-    options = "\n".join(f"({letter}). {option}" for letter, option in zip(LETTERS, OPTIONS))
-    return (f"Given a statement of you: \"{text}\"\nPlease choose from the following options to identify how "
-            f"accurately this statement describes you.\nOptions:\n{options}\nAnswer with a single letter.\nAnswer:")
+    return multiple_choice_prompt(
+        f"Given a statement of you: \"{text}\"\nPlease choose from the following options to identify how "
+        "accurately this statement describes you.", OPTIONS, question_prefix="", option_format="({letter}). {choice}",
+        options_header="Options:", instruction="Answer with a single letter.")
 
 
-def option_token_ids(model: Any, words: Sequence[str]) -> list[list[int]]:
+def option_token_ids(model: HookedModel, words: Sequence[str]) -> list[list[int]]:
     """For each option word, the first token of its spellings ``"W"`` and ``" W"`` (deduplicated).
 
     Chat models start the answer right after the assistant header (no space); base models continue
@@ -128,13 +134,13 @@ def _option_probabilities(logprobs: torch.Tensor, options: list[list[int]]) -> t
     return torch.softmax(per_option, dim=-1), per_option.exp().sum(-1)
 
 
-def _prompt_ids(model: Any, questions: Sequence[str], persona: Any) -> list[list[int]]:
+def _prompt_ids(model: HookedModel, questions: Sequence[str], persona: PersonaPrompt | None) -> list[list[int]]:
     wrapped = [persona.wrap(q) if persona is not None else q for q in questions]
     return [encode(model, render(model, text)) for text in wrapped]
 
 
-def answer_items(model: Any, items: Sequence[IPIPItem], edit: Any = None, persona: Any = None
-                 ) -> dict[str, np.ndarray]:
+def answer_items(model: HookedModel, items: Sequence[IPIPItem], edit: Edit | None = None,
+                 persona: PersonaPrompt | None = None) -> dict[str, np.ndarray]:
     """The model's answers to ``items`` on the A-E scale.
 
     Returns:
@@ -144,7 +150,7 @@ def answer_items(model: Any, items: Sequence[IPIPItem], edit: Any = None, person
     if not items:
         raise ValueError("no questionnaire items to answer")
     options = option_token_ids(model, list(LETTERS))
-    with edited(model, edit):
+    with steer(model, scoring_edit(edit)):
         logprobs = next_token_logprobs(model, _prompt_ids(model, [questionnaire_prompt(i) for i in items], persona))
     probabilities, mass = _option_probabilities(logprobs, options)
     raw = (probabilities * torch.tensor([5.0, 4.0, 3.0, 2.0, 1.0])).sum(-1).numpy()
@@ -152,8 +158,8 @@ def answer_items(model: Any, items: Sequence[IPIPItem], edit: Any = None, person
     return {"raw": raw, "keyed": np.where(keys == 1, raw, 6 - raw), "mass": mass.numpy()}
 
 
-def questionnaire_scores(model: Any, items: Sequence[IPIPItem], edit: Any = None, persona: Any = None
-                         ) -> dict[str, float]:
+def questionnaire_scores(model: HookedModel, items: Sequence[IPIPItem], edit: Edit | None = None,
+                         persona: PersonaPrompt | None = None) -> dict[str, float]:
     """Mean keyed score (1..5) per trait present in ``items``.
 
     Example:
@@ -191,8 +197,8 @@ def load_statements(data_dir: str | Path | None, trait: str, n_per_pole: int | N
     return result
 
 
-def statement_agreement(model: Any, statements: Sequence[Statement], edit: Any = None, persona: Any = None
-                        ) -> dict[str, float]:
+def statement_agreement(model: HookedModel, statements: Sequence[Statement], edit: Edit | None = None,
+                        persona: PersonaPrompt | None = None) -> dict[str, float]:
     """Mean ``P(Yes) / (P(Yes) + P(No))`` over high-pole and over low-pole statements, and their gap.
 
     Returns ``{"high": ..., "low": ..., "gap": high - low}``; steering towards the high pole should
@@ -202,7 +208,7 @@ def statement_agreement(model: Any, statements: Sequence[Statement], edit: Any =
         raise ValueError("no statements to score")
     options = option_token_ids(model, ["Yes", "No"])
     prompts = [f"{s.question}\nAnswer Yes or No." for s in statements]
-    with edited(model, edit):
+    with steer(model, scoring_edit(edit)):
         logprobs = next_token_logprobs(model, _prompt_ids(model, prompts, persona))
     yes = _option_probabilities(logprobs, options)[0][:, 0].numpy()
     is_high = np.array([s.high for s in statements])

@@ -48,9 +48,10 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from dpn_lens.hooked import hook_name, input_device, pad_token_id
+from dpn_lens.hooked import HookedModel, hook_name, input_device, pad_token_id
+from dpn_lens.data.prompts import OPTION_LETTERS, multiple_choice_prompt
 from dpn_lens.io import read_jsonl
-from dpn_lens.steering import Intervention, additive_intervention
+from dpn_lens.steering import Intervention, additive_intervention, steer
 from dpn_lens.studies.overlap import layer_matched_pvalue
 from dpn_lens.studies.run import NeuronSet, random_layer_matched_set
 
@@ -61,7 +62,7 @@ __all__ = [
 ]
 
 DATA_ENV = "DPN_LENS_DATA"
-LETTERS = "ABCDEFGH"
+LETTERS = OPTION_LETTERS
 
 
 @dataclass
@@ -125,8 +126,7 @@ def text_examples(tokenizer: Any, text: str, n_windows: int, window: int, source
 
 
 def _mc_example(tokenizer: Any, question: str, choices: Sequence[str], answer: int, source: str) -> LossExample:
-    lines = [f"Question: {question.strip()}"] + [f"{LETTERS[i]}. {c}" for i, c in enumerate(choices)] + ["Answer:"]
-    prompt = _bos(tokenizer) + tokenizer("\n".join(lines), add_special_tokens=False)["input_ids"]
+    prompt = _bos(tokenizer) + tokenizer(multiple_choice_prompt(question, choices), add_special_tokens=False)["input_ids"]
     target = tokenizer(f" {LETTERS[answer]}", add_special_tokens=False)["input_ids"]
     return LossExample(prompt + target, [False] * len(prompt) + [True] * len(target), source)
 
@@ -189,7 +189,7 @@ def _example_losses(logits: Float[Tensor, "batch pos vocab"], ids: Tensor, targe
     return total / count.clamp(min=1), total, count
 
 
-def neuron_attribution(model: Any, examples: Sequence[LossExample], layers: Sequence[int] | None = None,
+def neuron_attribution(model: HookedModel, examples: Sequence[LossExample], layers: Sequence[int] | None = None,
                        batch_size: int = 4, hook_template: str = "blocks.{layer}.mlp.hook_post"
                        ) -> Float[Tensor, "n_layers d_mlp"]:
     """Mean over examples of ``sum_t |a_t * dL_ex/da_t|`` per neuron (float64, rows follow ``layers``).
@@ -238,7 +238,7 @@ def neuron_attribution(model: Any, examples: Sequence[LossExample], layers: Sequ
     return total / len(examples)
 
 
-def capability_attribution(model: Any, data: CapabilityData, layers: Sequence[int] | None = None, batch_size: int = 4
+def capability_attribution(model: HookedModel, data: CapabilityData, layers: Sequence[int] | None = None, batch_size: int = 4
                            ) -> dict[str, Tensor]:
     """``{"text", "multiple_choice", "combined"}`` attributions; each part normalised to sum 1 first."""
     parts = {"text": neuron_attribution(model, data.text, layers, batch_size)}
@@ -301,7 +301,7 @@ def capability_overlap(sets: Sequence[NeuronSet], capability: NeuronSet, attribu
     return rows
 
 
-def lm_loss(model: Any, examples: Sequence[LossExample], fwd_hooks: Sequence[tuple[str, Callable]] = (),
+def lm_loss(model: HookedModel, examples: Sequence[LossExample], fwd_hooks: Sequence[tuple[str, Callable]] = (),
             batch_size: int = 4) -> float:
     """Token-weighted mean next-token loss over ``examples``, with ``fwd_hooks`` attached."""
     pad_id = pad_token_id(model.tokenizer)
@@ -337,7 +337,7 @@ def edit_intervention(neuron_set: NeuronSet, steering_value: Float[Tensor, "n_st
                                  label=f"edit {neuron_set.name} gamma={gamma:g}")
 
 
-def set_costs(model: Any, examples: Sequence[LossExample], sets: Sequence[NeuronSet],
+def set_costs(model: HookedModel, examples: Sequence[LossExample], sets: Sequence[NeuronSet],
               steering: dict[str, tuple[Tensor, Sequence[int]]], gamma: float = 0.8, random_control: bool = True,
               seed: int = 0, batch_size: int = 4, progress: Callable[[str], None] | None = None) -> list[dict]:
     """Held-out LM loss when each set is ablated or edited, and for a layer-matched random ablation.
@@ -353,7 +353,8 @@ def set_costs(model: Any, examples: Sequence[LossExample], sets: Sequence[Neuron
             progress(neuron_set.name)
         ablated = lm_loss(model, examples, ablation_hooks(neuron_set), batch_size)
         s, stat_layers = steering[neuron_set.trait]
-        edited = lm_loss(model, examples, edit_intervention(neuron_set, s, stat_layers, gamma).fwd_hooks(), batch_size)
+        with steer(model, edit_intervention(neuron_set, s, stat_layers, gamma)):
+            edited = lm_loss(model, examples, batch_size=batch_size)
         row = {"set": neuron_set.name, "trait": neuron_set.trait, "method": neuron_set.method, "n": neuron_set.size,
                "baseline_loss": baseline, "ablated_loss": ablated, "ablation_cost": ablated - baseline,
                "edited_loss": edited, "edit_cost": edited - baseline, "gamma": gamma}
