@@ -49,6 +49,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from dpn_lens.hooked import HookedModel, hook_name, input_device, pad_token_id
+from dpn_lens.data.contrastive import DATA_DIR_ENV, resolve_data_dir
 from dpn_lens.data.prompts import OPTION_LETTERS, multiple_choice_prompt
 from dpn_lens.io import read_jsonl
 from dpn_lens.steering import Intervention, additive_intervention, steer
@@ -61,7 +62,7 @@ __all__ = [
     "edit_intervention", "set_costs", "DATA_ENV",
 ]
 
-DATA_ENV = "DPN_LENS_DATA"
+DATA_ENV = DATA_DIR_ENV
 LETTERS = OPTION_LETTERS
 
 
@@ -91,13 +92,12 @@ class CapabilityData:
 
 
 def _resolve_data_dir(data_dir: str | os.PathLike | None) -> Path:
-    if data_dir is None:
-        data_dir = os.environ.get(DATA_ENV)
-    if not data_dir:
-        raise ValueError(f"no data folder given; pass --data-dir (or set ${DATA_ENV}) to the folder holding capability/")
-    folder = Path(data_dir)
-    if (folder / "capability").is_dir():
-        folder = folder / "capability"
+    """The ``capability/`` folder (``resolve_data_dir``: argument, else ``$DPN_LENS_DATA``) with its WikiText file."""
+    try:
+        folder = resolve_data_dir(data_dir, "capability")
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"{error}; the multifunction study needs capability/wikitext2_test, capability/mmlu "
+                                "and capability/arc") from None
     if not (folder / "wikitext2_test" / "test.txt").exists():
         raise FileNotFoundError(f"{folder} holds no wikitext2_test/test.txt; pass the data folder that contains "
                                 "capability/wikitext2_test, capability/mmlu and capability/arc")
