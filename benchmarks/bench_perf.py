@@ -204,7 +204,8 @@ def bench_collect(spec: str, dtype: str, n_prompts: int, batch_size: int, repeat
         _tokenize_compact(model, prompts)
 
     # Correctness guard: the naive route and collect agree.
-    reference = collect_group_statistics(model, prompts, CollectionConfig(layers, max_batch_size=batch_size, progress=False))
+    reference = collect_group_statistics(model, prompts,
+                                         CollectionConfig(layers, max_batch_size=batch_size, progress=False))
     _COLLECTED_MEANS[dtype] = reference.mean
     naive_mean, naive_var = naive()
     agree = float((reference.mean - naive_mean).abs().max())

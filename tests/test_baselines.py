@@ -98,7 +98,8 @@ def tiny_map(tiny_model):
     from tests.conftest import TINY_HIGH, TINY_LOW
     from dpn_lens import ContrastiveSet
 
-    stats = collect_statistics(tiny_model, ContrastiveSet("extraversion", TINY_HIGH, TINY_LOW), CollectionConfig(progress=False))
+    stats = collect_statistics(tiny_model, ContrastiveSet("extraversion", TINY_HIGH, TINY_LOW),
+                               CollectionConfig(progress=False))
     return locate(stats, LocalizationSettings([1, 2, 3], q=0.8, tau_d=0.2))
 
 

@@ -38,7 +38,8 @@ def test_s_and_d_equal_an_independent_numpy_computation_on_raw_activations(tiny_
 @pytest.mark.parametrize("padding_side", ["left", "right"])
 @pytest.mark.parametrize("batch_size", [3, 12])
 def test_batched_equals_unbatched(tiny_model, varied_pairs, unbatched, padding_side, batch_size):
-    batched = collect_statistics(tiny_model, varied_pairs, CollectionConfig(max_batch_size=batch_size, padding_side=padding_side, progress=False))
+    batched = collect_statistics(tiny_model, varied_pairs,
+                                 CollectionConfig(max_batch_size=batch_size, padding_side=padding_side, progress=False))
     for group in ("high", "low"):
         a, b = getattr(batched, group), getattr(unbatched, group)
         assert a.count == b.count == 12
@@ -49,13 +50,16 @@ def test_batched_equals_unbatched(tiny_model, varied_pairs, unbatched, padding_s
 
 def test_token_budget_batches_equal_unbatched(tiny_model, varied_pairs, unbatched):
     """Batches formed by the token budget (not the count) give the same numbers."""
-    batched = collect_statistics(tiny_model, varied_pairs, CollectionConfig(max_batch_size=64, max_batch_tokens=60, progress=False))
+    batched = collect_statistics(tiny_model, varied_pairs,
+                                 CollectionConfig(max_batch_size=64, max_batch_tokens=60, progress=False))
     torch.testing.assert_close(batched.high.mean, unbatched.high.mean, rtol=0, atol=1e-6)
 
 
 def test_mean_position_equals_numpy_mean_over_prompt_tokens(tiny_model):
     prompts = random_prompts(2, 5)
-    stats = collect_group_statistics(tiny_model, prompts, CollectionConfig(layers=[2], token_position="mean", max_batch_size=5, progress=False))
+    stats = collect_group_statistics(tiny_model, prompts,
+                                     CollectionConfig(layers=[2], token_position="mean", max_batch_size=5,
+                                                      progress=False))
     rows = []
     for prompt in prompts:
         _, cache = tiny_model.run_with_cache(torch.tensor([tiny_model.tokenizer(prompt)["input_ids"]]),
@@ -65,7 +69,8 @@ def test_mean_position_equals_numpy_mean_over_prompt_tokens(tiny_model):
 
 
 def test_a_subset_of_layers_gives_the_same_rows_as_all_layers(tiny_model, varied_pairs, unbatched):
-    subset = collect_statistics(tiny_model, varied_pairs, CollectionConfig(layers=[1, 3], max_batch_size=1, progress=False))
+    subset = collect_statistics(tiny_model, varied_pairs,
+                                CollectionConfig(layers=[1, 3], max_batch_size=1, progress=False))
     assert subset.layers == [1, 3]
     torch.testing.assert_close(subset.high.mean, unbatched.high.mean[[1, 3]], rtol=0, atol=1e-7)
 
@@ -74,8 +79,10 @@ def test_statistics_size_is_independent_of_the_number_of_prompts(tiny_model):
     def nbytes(stats) -> int:
         return sum(t.element_size() * t.numel() for g in (stats.high, stats.low) for t in (g.mean, g.m2))
 
-    few = collect_statistics(tiny_model, ContrastiveSet("openness", random_prompts(3, 10), random_prompts(4, 10)), CollectionConfig(max_batch_size=10, progress=False))
-    many = collect_statistics(tiny_model, ContrastiveSet("openness", random_prompts(5, 200), random_prompts(6, 200)), CollectionConfig(max_batch_size=50, progress=False))
+    few = collect_statistics(tiny_model, ContrastiveSet("openness", random_prompts(3, 10), random_prompts(4, 10)),
+                             CollectionConfig(max_batch_size=10, progress=False))
+    many = collect_statistics(tiny_model, ContrastiveSet("openness", random_prompts(5, 200), random_prompts(6, 200)),
+                              CollectionConfig(max_batch_size=50, progress=False))
     assert (few.high.count, many.high.count) == (10, 200)
     assert nbytes(few) == nbytes(many) == 2 * 2 * len(LAYERS) * int(tiny_model.cfg.d_mlp) * 8
 
@@ -104,7 +111,8 @@ def test_a_tokenizer_without_pad_token_gives_the_same_statistics(tiny_model, tin
         without_pad = collect_statistics(tiny_model, tiny_pairs, CollectionConfig(max_batch_size=6, progress=False))
         tokenizer.eos_token = None
         assert tokenizer.eos_token_id is None
-        without_pad_or_eos = collect_statistics(tiny_model, tiny_pairs, CollectionConfig(max_batch_size=6, padding_side="left", progress=False))
+        without_pad_or_eos = collect_statistics(tiny_model, tiny_pairs,
+                                                CollectionConfig(max_batch_size=6, padding_side="left", progress=False))
     finally:
         tokenizer.pad_token, tokenizer.eos_token = saved
     assert (tokenizer.pad_token_id, tokenizer.eos_token_id) == (0, 2)

@@ -60,14 +60,16 @@ def test_an_empty_prompt_is_named_by_its_index_even_past_the_first_chunk(tiny_mo
 
 def test_statistics_come_back_on_the_cpu_whatever_statistics_device(tiny_model):
     default = collect_group_statistics(tiny_model, TINY_HIGH, CollectionConfig(progress=False))
-    explicit = collect_group_statistics(tiny_model, TINY_HIGH, CollectionConfig(progress=False, statistics_device="cpu"))
+    explicit = collect_group_statistics(tiny_model, TINY_HIGH,
+                                        CollectionConfig(progress=False, statistics_device="cpu"))
     assert default.mean.device.type == "cpu" and default.mean.dtype == torch.float64
     assert torch.equal(default.mean, explicit.mean) and torch.equal(default.m2, explicit.m2)
 
 
 def test_a_bad_statistics_device_is_an_error_naming_it(tiny_model):
     with pytest.raises(ValueError, match="statistics_device 'gpu-please'"):
-        collect_group_statistics(tiny_model, TINY_HIGH, CollectionConfig(progress=False, statistics_device="gpu-please"))
+        collect_group_statistics(tiny_model, TINY_HIGH,
+                                 CollectionConfig(progress=False, statistics_device="gpu-please"))
 
 
 @pytest.mark.parametrize("name, value", [("max_batch_size", 0), ("max_batch_size", 2.5), ("max_batch_tokens", -4),
@@ -80,8 +82,11 @@ def test_bad_batch_limits_are_errors_naming_them(tiny_model, name, value):
 @pytest.mark.parametrize("padding_side", ["left", "right"])
 def test_mean_position_batched_equals_unbatched_for_both_padding_sides(tiny_model, padding_side):
     prompts = random_prompts(1, 9)
-    unbatched = collect_group_statistics(tiny_model, prompts, CollectionConfig(token_position="mean", max_batch_size=1, progress=False))
-    batched = collect_group_statistics(tiny_model, prompts, CollectionConfig(token_position="mean", max_batch_size=4, padding_side=padding_side, progress=False))
+    unbatched = collect_group_statistics(tiny_model, prompts,
+                                         CollectionConfig(token_position="mean", max_batch_size=1, progress=False))
+    batched = collect_group_statistics(tiny_model, prompts,
+                                       CollectionConfig(token_position="mean", max_batch_size=4,
+                                                        padding_side=padding_side, progress=False))
     torch.testing.assert_close(batched.mean, unbatched.mean, rtol=0, atol=1e-6)
     torch.testing.assert_close(batched.m2, unbatched.m2, rtol=1e-5, atol=1e-6)
 
@@ -93,8 +98,12 @@ def test_a_bfloat16_model_gives_float64_statistics_close_to_float32(tmp_path, to
     half = build_tiny_model(tmp_path / "bf16", seed=3).to(torch.bfloat16)
     assert next(half.parameters()).dtype == torch.bfloat16
     prompts = TINY_HIGH + TINY_LOW
-    reference = collect_group_statistics(full, prompts, CollectionConfig(token_position=token_position, max_batch_size=4, progress=False))
-    reduced = collect_group_statistics(half, prompts, CollectionConfig(token_position=token_position, max_batch_size=4, progress=False))
+    reference = collect_group_statistics(full, prompts,
+                                         CollectionConfig(token_position=token_position, max_batch_size=4,
+                                                          progress=False))
+    reduced = collect_group_statistics(half, prompts,
+                                       CollectionConfig(token_position=token_position, max_batch_size=4,
+                                                        progress=False))
     assert reduced.mean.dtype == torch.float64 and reduced.count == reference.count
     # bf16 keeps ~3 significant digits; the scale is that of the activations themselves.
     scale = reference.mean.abs().max()
@@ -157,8 +166,12 @@ def test_a_model_dispatched_with_a_device_map_collects_and_steers_the_same(tmp_p
     assert placed.original_model.hf_device_map["model.layers.3"] == "disk" and placed.cfg.n_devices == 2
 
     for token_position in ("last", "mean"):
-        reference = collect_group_statistics(plain, TINY_HIGH, CollectionConfig(token_position=token_position, max_batch_size=4, progress=False))
-        dispatched = collect_group_statistics(placed, TINY_HIGH, CollectionConfig(token_position=token_position, max_batch_size=4, progress=False))
+        reference = collect_group_statistics(plain, TINY_HIGH,
+                                             CollectionConfig(token_position=token_position, max_batch_size=4,
+                                                              progress=False))
+        dispatched = collect_group_statistics(placed, TINY_HIGH,
+                                              CollectionConfig(token_position=token_position, max_batch_size=4,
+                                                               progress=False))
         torch.testing.assert_close(dispatched.mean, reference.mean, rtol=0, atol=1e-6)
         torch.testing.assert_close(dispatched.m2, reference.m2, rtol=1e-5, atol=1e-6)
 

@@ -52,7 +52,9 @@ def _worker(rank: int, world_size: int, init_file: str, folder: str) -> None:
         collect_statistics_distributed(model, one_pair, CollectionConfig(max_batch_size=1, progress=False)).save(
             folder / f"one_pair{rank}.safetensors")
         try:
-            collect_statistics_distributed(model, pairs, CollectionConfig(layers=[0, 1] if rank == 0 else [0, 2], max_batch_size=1, progress=False))
+            collect_statistics_distributed(model, pairs,
+                                           CollectionConfig(layers=[0, 1] if rank == 0 else [0, 2], max_batch_size=1,
+                                                            progress=False))
         except ValueError as error:
             (folder / f"mismatch{rank}.txt").write_text(str(error))
     finally:
@@ -141,7 +143,8 @@ def test_two_gloo_processes_give_the_neuron_map_of_one_process(two_process_run, 
 def test_a_rank_without_pairs_contributes_nothing(two_process_run, tiny_model):
     pairs = varied_pairs()
     model = tiny_model  # built by the same build_tiny_model(seed=0) as each rank's replica
-    single = collect_statistics(model, ContrastiveSet("openness", pairs.high[:1], pairs.low[:1], source="tests"), CollectionConfig(max_batch_size=1, progress=False))
+    single = collect_statistics(model, ContrastiveSet("openness", pairs.high[:1], pairs.low[:1], source="tests"),
+                                CollectionConfig(max_batch_size=1, progress=False))
     for rank in (0, 1):
         stats = ContrastStatistics.load(two_process_run / f"one_pair{rank}.safetensors")
         assert stats.high.count == 1 and torch.equal(stats.high.mean, single.high.mean)

@@ -16,7 +16,8 @@ from dpn_test_helpers import attached_hooks, random_prompts
 @pytest.fixture(scope="module")
 def tiny_map(tiny_model):
     pairs = ContrastiveSet("openness", random_prompts(60, 10), random_prompts(61, 10))
-    return locate(collect_statistics(tiny_model, pairs, CollectionConfig(progress=False)), q=0.8, tau_d=0.2, layers=[1, 2, 3])
+    return locate(collect_statistics(tiny_model, pairs,
+                                     CollectionConfig(progress=False)), q=0.8, tau_d=0.2, layers=[1, 2, 3])
 
 
 def raise_on_call(n: int, error: BaseException):
@@ -46,7 +47,8 @@ def test_prompt_longer_than_the_context_is_an_error_by_default_and_truncated_on_
     with pytest.raises(ValueError, match=rf"more than the model's context of {n_ctx}.*truncation='left'"):
         collect_group_statistics(tiny_model, [long_prompt], CollectionConfig(progress=False))
     with pytest.warns(UserWarning, match=rf"truncated on the left to the context of {n_ctx}"):
-        truncated = collect_group_statistics(tiny_model, [long_prompt, "you are kind"], CollectionConfig(layers=[2], truncation="left", progress=False))
+        truncated = collect_group_statistics(tiny_model, [long_prompt, "you are kind"],
+                                             CollectionConfig(layers=[2], truncation="left", progress=False))
     ids = tiny_model.tokenizer(long_prompt)["input_ids"][-n_ctx:]
     _, cache = tiny_model.run_with_cache(torch.tensor([ids]), names_filter="blocks.2.mlp.hook_post")
     short = collect_group_statistics(tiny_model, ["you are kind"], CollectionConfig(layers=[2], progress=False))
@@ -67,7 +69,8 @@ def test_layers_out_of_range_are_named(tiny_model, tiny_pairs, layers, message):
 
 def test_a_model_without_the_hook_point_is_named(tiny_model, tiny_pairs):
     with pytest.raises(ValueError, match=r"no hook point 'blocks.0.mlp.hook_act'.*dpn_lens.load_model.*hook_template="):
-        collect_statistics(tiny_model, tiny_pairs, CollectionConfig(hook_template="blocks.{layer}.mlp.hook_act", progress=False))
+        collect_statistics(tiny_model, tiny_pairs,
+                           CollectionConfig(hook_template="blocks.{layer}.mlp.hook_act", progress=False))
 
 
 def test_a_bare_torch_module_is_refused_with_a_clear_message(tiny_pairs):
@@ -122,7 +125,8 @@ def test_no_hooks_left_after_a_failure_inside_the_forward_pass_of_collect(tiny_m
     handle = tiny_model.blocks[0].register_forward_hook(raise_on_call(3, error))   # third batch
     try:
         with pytest.raises(type(error)):
-            collect_group_statistics(tiny_model, random_prompts(62, 10), CollectionConfig(max_batch_size=2, progress=False))
+            collect_group_statistics(tiny_model, random_prompts(62, 10),
+                                     CollectionConfig(max_batch_size=2, progress=False))
     finally:
         handle.remove()
     assert attached_hooks(tiny_model) == before
@@ -184,7 +188,8 @@ def test_nested_steering_and_collection_leave_the_model_as_found(tiny_model, tin
     before = attached_hooks(tiny_model)
     edit = steering_intervention(tiny_map, gamma=2.0, positions="all")
     with steer(tiny_model, edit):
-        steered = collect_statistics(tiny_model, tiny_pairs, CollectionConfig(progress=False))   # statistics of the steered model
+        steered = collect_statistics(tiny_model, tiny_pairs,
+                                     CollectionConfig(progress=False))   # statistics of the steered model
         assert attached_hooks(tiny_model) == before + len(edit.deltas)
     plain = collect_statistics(tiny_model, tiny_pairs, CollectionConfig(progress=False))
     assert attached_hooks(tiny_model) == before
