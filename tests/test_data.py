@@ -173,3 +173,20 @@ def test_subset_and_jsonl_export(tmp_path):
     assert len(small) == 5 and small.high == pairs.high[:5]
     rows = read_jsonl(small.to_jsonl(tmp_path / "pairs.jsonl"))
     assert [r["high"] for r in rows] == small.high and {r["trait"] for r in rows} == {"agreeableness"}
+
+
+def test_one_multiple_choice_builder_gives_the_questionnaire_and_capability_prompts_unchanged():
+    """Golden strings written by the three separate builders before they became one."""
+    from dpn_lens.data.prompts import multiple_choice_prompt
+    from dpn_lens.evaluation.capability import _letters_item
+    from dpn_lens.evaluation.trait import questionnaire_prompt
+
+    assert questionnaire_prompt("I like  tea. ") == (
+        'Given a statement of you: "I like  tea. "\nPlease choose from the following options to identify how '
+        "accurately this statement describes you.\nOptions:\n(A). Very Accurate\n(B). Moderately Accurate\n"
+        "(C). Neither Accurate Nor Inaccurate\n(D). Moderately Inaccurate\n(E). Very Inaccurate\n"
+        "Answer with a single letter.\nAnswer:")
+    item = _letters_item(" Which is a prime? ", ["4", "5 ", "6"], 1)
+    assert item.context == "Question: Which is a prime?\nA. 4\nB. 5 \nC. 6\nAnswer:"
+    assert item.choices == (" A", " B", " C")
+    assert multiple_choice_prompt(" Which is a prime? ", ["4", "5 ", "6"]) == item.context

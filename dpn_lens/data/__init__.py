@@ -10,7 +10,14 @@ from dpn_lens.data.contrastive import (
     personalitybench_contrastive_set,
     resolve_data_dir,
 )
-from dpn_lens.data.prompts import ROLEPLAY_TEMPLATE, render_for_model, render_roleplay_prompt, uses_chat_template
+from dpn_lens.data.prompts import (
+    OPTION_LETTERS,
+    ROLEPLAY_TEMPLATE,
+    multiple_choice_prompt,
+    render_for_model,
+    render_roleplay_prompt,
+    uses_chat_template,
+)
 
 __all__ = [
     "DATA_DIR_ENV",
@@ -22,6 +29,8 @@ __all__ = [
     "personalitybench_contrastive_set",
     "resolve_data_dir",
     "ROLEPLAY_TEMPLATE",
+    "OPTION_LETTERS",
+    "multiple_choice_prompt",
     "render_for_model",
     "render_roleplay_prompt",
     "uses_chat_template",
