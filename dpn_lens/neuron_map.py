@@ -12,6 +12,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from dpn_lens._version import __version__
+from dpn_lens.hooked import HookedModel
 from dpn_lens.settings import LocalizationSettings
 from dpn_lens.traits import normalize_pole
 
@@ -108,7 +109,7 @@ class NeuronMap:
                 f"layers={self.settings.layer_range}, {100 * self.fraction_selected():.2f}% of their neurons)")
 
     # ----- compatibility --------------------------------------------------------------------
-    def check_compatible(self, model: Any) -> None:
+    def check_compatible(self, model: HookedModel) -> None:
         """Raise ``IncompatibleModelError`` unless ``model`` is the model this map was located on."""
         from dpn_lens.models import ModelFingerprint, model_fingerprint
 
@@ -175,7 +176,7 @@ class NeuronMap:
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike, model: Any | None = None) -> "NeuronMap":
+    def load(cls, path: str | os.PathLike, model: HookedModel | None = None) -> "NeuronMap":
         """Load a saved map; with ``model``, refuse it unless it was located on that model."""
         from dpn_lens.statistics import _load_checked
 
