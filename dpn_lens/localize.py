@@ -1,4 +1,4 @@
-"""Localization: from contrast statistics to the two mutually exclusive pole sets (METHOD.md).
+"""Localization: from contrast statistics to the two mutually exclusive pole sets (docs/METHOD.md, "Localization").
 
 Per layer ``l`` and neuron ``i``:
 

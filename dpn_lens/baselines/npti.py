@@ -1,4 +1,4 @@
-"""NPTI (neuron-based personality trait induction) as described in METHOD.md, on TransformerLens hooks.
+"""NPTI (neuron-based personality trait induction) on TransformerLens hooks (docs/METHOD.md, "Baselines").
 
 Neuron value: ``a = act(gate(x))`` (for non-gated MLPs ``act(W_in x)``). The bridge exposes the gate
 pre-activation ``blocks.{l}.mlp.hook_pre`` (``gate(x)``), the up projection ``hook_pre_linear`` (``up(x)``)

@@ -12,7 +12,7 @@ ROLEPLAY_TEMPLATE = (
     "yourself in the persona described.\n###Personality description: {description}\n###Question: {question}\n"
     "###Response:"
 )
-"""The role-play template of DPN-LE / NPTI (METHOD.md, "Contrastive data")."""
+"""The role-play template of DPN-LE / NPTI (docs/METHOD.md, "Contrastive data")."""
 
 
 def render_roleplay_prompt(description: str, question: str) -> str:

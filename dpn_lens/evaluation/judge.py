@@ -1,7 +1,8 @@
 """The paper's PersonalityBench protocol, optional: generated answers rated by an LLM judge.
 
-METHOD.md: greedy answers to the PersonalityBench test questions (up to 400 new tokens, repetition
-penalty 1.15), rated 1-5 for trait expression and 1-5 for fluency by a judge (GPT-4o in the paper).
+docs/METHOD.md, "Evaluation": greedy answers to the PersonalityBench test questions (up to 400 new
+tokens, repetition penalty 1.15), rated 1-5 for trait expression and 1-5 for fluency by a judge
+(GPT-4o in the paper).
 Here the judge is any model behind an OpenAI-compatible ``/chat/completions`` endpoint (a local vLLM or
 llama.cpp server, or a hosted API); it is off unless a URL is given, because nothing on this machine or
 in CI can reach one.

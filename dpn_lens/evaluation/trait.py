@@ -6,9 +6,9 @@
   is the mean over its items (1..5). The expectation rather than the argmax makes small shifts visible.
 * Statement agreement: ``P(Yes) / (P(Yes) + P(No))`` for Anthropic persona statements, separately for
   statements a high-trait persona would say and those it would not.
-* Respondent matching (IPIP-NEO-300, METHOD.md): a respondent's train items decide the direction of
-  each trait (mean > 2.8 -> increase); the model answers the held-out items under that direction;
-  metric = mean absolute error against the respondent's answers.
+* Respondent matching (IPIP-NEO-300; docs/METHOD.md, "Evaluation"): a respondent's train items
+  decide the direction of each trait (mean > 2.8 -> increase); the model answers the held-out items
+  under that direction; metric = mean absolute error against the respondent's answers.
 
 All scores read the next-token distribution at the last prompt token, so edits are applied through
 ``logprobs.scoring_edit`` (at all positions; its docstring says why). ``persona`` (a ``PersonaPrompt``)
