@@ -13,6 +13,7 @@ from dpn_lens.baselines import (NPTIStatistics, PersonaPrompt, ResidualIntervent
                                 persona_prompt, scaled_top_count, topk_intervention)
 from dpn_lens.localize import LocalizationSettings
 from dpn_lens.steering import Edit, steer
+from helpers import TINY_HIGH, TINY_LOW, attached_hooks
 
 
 def brute_force_select(values: list[float], top: int, min_diff: float) -> list[int]:
@@ -95,7 +96,6 @@ def test_decode_only_edits_leave_the_prompt_pass_alone(tiny_model):
 
 @pytest.fixture(scope="module")
 def tiny_map(tiny_model):
-    from tests.conftest import TINY_HIGH, TINY_LOW
     from dpn_lens import ContrastiveSet
 
     stats = collect_statistics(tiny_model, ContrastiveSet("extraversion", TINY_HIGH, TINY_LOW),
@@ -153,7 +153,6 @@ def test_prompting_wraps_the_question_and_edits_nothing():
 # ----- every baseline is an Edit: steer applies it, -edit / gamma * edit work -------------------------------
 @pytest.mark.parametrize("error", [RuntimeError("boom"), KeyboardInterrupt()])
 def test_steer_accepts_npti_and_caa_edits_and_removes_their_hooks_after_an_exception(tiny_model, tiny_pairs, error):
-    from dpn_test_helpers import attached_hooks
 
     ids = torch.tensor([[1, 5, 6, 7]])
     reference = tiny_model(ids)

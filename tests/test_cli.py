@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from conftest import build_tiny_hf_model
 from dpn_lens import NeuronMap
 from dpn_lens.cli import main
+from helpers import build_tiny_hf_model
 
 
 @pytest.fixture(scope="module")

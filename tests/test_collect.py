@@ -8,7 +8,7 @@ import torch
 
 from dpn_lens.collect import CollectionConfig
 from dpn_lens import ContrastiveSet, cohens_d, collect_group_statistics, collect_statistics, steering_values
-from dpn_test_helpers import attached_hooks, numpy_s_and_d, random_prompts, raw_last_token_activations
+from helpers import attached_hooks, numpy_s_and_d, random_prompts, raw_last_token_activations
 
 LAYERS = [0, 1, 2, 3]
 

@@ -15,7 +15,7 @@ from dpn_lens.collect import CollectionConfig
 from dpn_lens.hooked import tokenize_compact as _tokenize_compact, tokenize_prompts
 from dpn_lens.data.prompts import render_for_model
 
-from conftest import TINY_HIGH, TINY_LOW, TINY_WORDS, build_tiny_model
+from helpers import TINY_HIGH, TINY_LOW, TINY_WORDS, build_tiny_hf_model, build_tiny_model
 
 
 def random_prompts(seed: int, n: int) -> list[str]:
@@ -145,7 +145,6 @@ def test_a_model_dispatched_with_a_device_map_collects_and_steers_the_same(tmp_p
     from transformer_lens.model_bridge import TransformerBridge
     from transformers import AutoModelForCausalLM
 
-    from conftest import build_tiny_hf_model
     from dpn_lens import Intervention, steer
 
     hf_model, tokenizer = build_tiny_hf_model(tmp_path)

@@ -13,7 +13,7 @@ from dpn_lens import ContrastStatistics, ContrastiveSet, collect_statistics, loc
 from dpn_lens.distributed import (collect_statistics_distributed, merge_across_processes, shard_contrastive_set,
                                   shard_indices)
 
-from conftest import TINY_WORDS, build_tiny_model
+from helpers import TINY_WORDS, build_tiny_model
 
 N_PAIRS = 25  # odd on purpose: the two shards have 13 and 12 pairs
 SETTINGS = dict(q=0.75, tau_d=0.2, layers=[0, 1, 2, 3])  # loose enough to select several neurons per layer

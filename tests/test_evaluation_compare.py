@@ -10,7 +10,7 @@ import pytest
 from dpn_lens.evaluation.capability import CapabilitySizes
 from dpn_lens.evaluation.cli import register
 from dpn_lens.evaluation.compare import CompareConfig, run_comparison, write_outputs
-from tests.test_evaluation_metrics import build_letter_model
+from helpers import build_letter_model
 
 
 @pytest.fixture(scope="module")

@@ -3,63 +3,21 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import build_tiny_model
 from dpn_lens.evaluation import capability as cap
 from dpn_lens.evaluation import trait
 from dpn_lens.hooked import encode
 from dpn_lens.steering import Intervention
-
-WORDS = "A B C D E Yes No yes no I am the life of party quiet cat sat on mat dog ran home Given statement".split()
-
-
-def build_letter_model(folder: Path, seed: int = 0):
-    """A tiny random Llama whose word-level vocabulary holds the option letters and Yes/No."""
-    return build_tiny_model(folder, seed, n_layers=2, name="letters", max_positions=256, words=WORDS,
-                            punctuation=(".", ",", "?", ":", "(", ")", '"'))
+from helpers import ForceToken, build_letter_model, token
 
 
 @pytest.fixture(scope="module")
 def letter_model(tmp_path_factory):
     return build_letter_model(tmp_path_factory.mktemp("letters"))
-
-
-class ForceToken:
-    """An edit that adds a large logit to one token at every position (the ``Edit`` protocol of a baseline)."""
-
-    positions = "all"
-    label = "force"
-    n_edited = 0
-
-    def __init__(self, token_id: int, amount: float = 100.0):
-        self.token_id, self.amount = token_id, amount
-
-    def at_positions(self, positions):
-        return self
-
-    def __neg__(self):
-        return ForceToken(self.token_id, -self.amount)
-
-    def __mul__(self, gamma):
-        return ForceToken(self.token_id, gamma * self.amount)
-
-    __rmul__ = __mul__
-
-    def fwd_hooks(self):
-        def hook(logits, hook):
-            logits = logits.clone()
-            logits[..., self.token_id] += self.amount
-            return logits
-        return [("unembed.hook_out", hook)]
-
-
-def token(model, word):
-    return encode(model, word, add_bos=False)[0]
 
 
 ITEMS = [trait.IPIPItem("1", "extraversion", 1, "I am the life of the party."),

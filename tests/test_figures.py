@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from _studies_helpers import make_map
 from dpn_lens import figures
 from dpn_lens.studies import NeuronSet, layer_counts, pairwise_overlap, per_layer_overlap, pole_sets
+from helpers import make_map
 
 
 @pytest.fixture

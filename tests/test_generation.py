@@ -10,6 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers import build_tiny_hf_model
+
 N_NEW = 20
 
 
@@ -34,7 +36,6 @@ def assert_same_greedy_tokens(bridge_tokens: list[int], hf_tokens: list[int], eo
 
 
 def test_tiny_model_bridge_greedy_equals_hf_greedy(tiny_model, tmp_path):
-    from conftest import build_tiny_hf_model
 
     # An independent HF copy of the tiny model's weights (the same builder and seed as the fixture).
     hf_model, _ = build_tiny_hf_model(tmp_path)

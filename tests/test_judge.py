@@ -20,7 +20,7 @@ from dpn_lens.evaluation.judge import (JudgeConfig, JudgeRating, generate_answer
                                        judge_rating, load_test_questions, parse_rating)
 from dpn_lens.evaluation.logprobs import render
 from dpn_lens.hooked import encode
-from tests.test_evaluation_metrics import ForceToken, build_letter_model, token
+from helpers import ForceToken, build_letter_model, token
 
 
 def rating_of(answer: str) -> tuple[int, int]:

@@ -12,7 +12,7 @@ from dpn_lens.collect import CollectionConfig
 from dpn_lens import (ContrastiveSet, GroupStatistics, ContrastStatistics, LocalizationSettings, cohens_d,
                       collect_statistics, locate, propose_settings, select_neurons, steering_values)
 from dpn_lens.localize import reference_settings
-from dpn_test_helpers import brute_force_selection, random_prompts
+from helpers import brute_force_selection, random_prompts
 
 
 def synthetic_stats(seed: int = 0, n_layers: int = 3, d_mlp: int = 400, n: int = 40, signal: int = 12

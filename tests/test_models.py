@@ -8,9 +8,9 @@ import re
 import pytest
 import torch
 
-from conftest import build_tiny_model
 from dpn_lens import EMBEDDED_MODELS, ModelFingerprint, load_model, model_fingerprint
 from dpn_lens.models import embedded_gguf_path, load_hf_model
+from helpers import build_tiny_model
 
 
 @pytest.fixture

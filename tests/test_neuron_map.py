@@ -12,11 +12,10 @@ import time
 import pytest
 import torch
 
-from conftest import build_tiny_model
-from dpn_lens.collect import CollectionConfig
 from dpn_lens import ContrastiveSet, NeuronMap, collect_statistics, locate
+from dpn_lens.collect import CollectionConfig
 from dpn_lens.neuron_map import IncompatibleModelError
-from dpn_test_helpers import random_prompts
+from helpers import build_tiny_model, random_prompts
 
 
 def build_map(model, seed: int = 20) -> NeuronMap:

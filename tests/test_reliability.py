@@ -10,7 +10,7 @@ import dpn_lens.collect as collect_module
 import dpn_lens.hooked as hooked_module
 from dpn_lens import ContrastiveSet, collect_group_statistics, collect_statistics, steer, steering_intervention
 from dpn_lens.localize import locate
-from dpn_test_helpers import attached_hooks, random_prompts
+from helpers import attached_hooks, random_prompts
 
 
 @pytest.fixture(scope="module")

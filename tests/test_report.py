@@ -19,7 +19,7 @@ from dpn_lens.report import build_report, figure_from_html, markdown_to_html, re
 from dpn_lens.studies.report import layers_study, overlap_study_report
 from dpn_lens.studies.run import load_run
 
-from _studies_helpers import random_stats
+from helpers import random_stats
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from dpn_lens.collect import CollectionConfig
 from dpn_lens import (ContrastiveSet, Intervention, apply_intervention, collect_statistics, combine_interventions,
                       locate, steer, steering_intervention)
 from dpn_lens.steering import dpn_weights
-from dpn_test_helpers import attached_hooks, random_prompts
+from helpers import attached_hooks, random_prompts
 
 PROMPT = "you are a person who loves new ideas . what would you do on the weekend ?"
 

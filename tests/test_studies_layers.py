@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 
-from _studies_helpers import make_map, random_stats
 from dpn_lens import LocalizationSettings, locate
 from dpn_lens.studies import layer_counts, layer_value_quantiles, load_run, top_neurons
+from helpers import make_map, random_stats
 
 
 def test_layer_counts_of_a_constructed_map():

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _studies_helpers import make_map
 from dpn_lens import model_fingerprint
 from dpn_lens.studies import NeuronSet
 from dpn_lens.studies import multifunction as mf
 from dpn_lens.studies.overlap import layer_matched_pvalue
+from helpers import make_map
 
 TEXT = ("you are a person who loves new ideas art and travel . what would you do on the weekend ? "
         "a friend invites you to a party . how feel about it ? yes i the")

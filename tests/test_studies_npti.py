@@ -10,12 +10,12 @@ import json
 import pytest
 import torch
 
-from _studies_helpers import make_map, make_stats, random_stats
 from dpn_lens import LocalizationSettings, locate, model_fingerprint
 from dpn_lens.baselines import NPTIStatistics, npti_intervention, npti_select, npti_statistics, scaled_top_count
 from dpn_lens.data.contrastive import embedded_contrastive_set
 from dpn_lens.studies import NPTI, NeuronSet, Run, load_run, npti_sets, npti_sets_for_run
 from dpn_lens.studies.report import multifunction_study, overlap_study_report
+from helpers import make_map, make_stats, random_stats
 
 
 def _random_npti_stats(n_layers: int, d_mlp: int, trait: str = "openness", seed: int = 0) -> NPTIStatistics:

@@ -10,12 +10,12 @@ import pytest
 import torch
 from scipy.stats import hypergeom
 
-from _studies_helpers import make_map, make_stats, random_stats
 from dpn_lens import locate, LocalizationSettings
 from dpn_lens.studies import (
     NeuronSet, alternative_sets, jaccard, layer_matched_pvalue, overlap_coefficient, overlap_matrix, overlap_pvalue,
     pairwise_overlap, per_layer_overlap, pole_exclusivity, pole_sets, steering_correlations,
 )
+from helpers import make_map, make_stats, random_stats
 
 
 def test_jaccard_and_overlap_coefficient_of_constructed_sets():
