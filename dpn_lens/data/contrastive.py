@@ -23,6 +23,7 @@ __all__ = [
     "anthropic_persona_contrastive_set",
     "load_question_jsonl",
     "resolve_data_dir",
+    "find_data_dir",
     "DATA_DIR_ENV",
 ]
 
@@ -114,6 +115,26 @@ def resolve_data_dir(data_dir: str | os.PathLike | None, subfolder: str) -> Path
             f"folder that holds {subfolder}/ (in this repository: ../shared/data)"
         )
     return candidate
+
+
+def find_data_dir(subfolder: str = "capability", start: str | os.PathLike | None = None) -> Path:
+    """The data folder (the one that holds ``subfolder``/) for notebooks and scripts run inside a checkout.
+
+    ``$DPN_LENS_DATA`` when it is set (checked by ``resolve_data_dir``); otherwise the nearest
+    ``shared/data`` folder holding ``subfolder`` in ``start`` (default: the working directory) or above
+    it. If neither exists, ``resolve_data_dir``'s error says how to name the folder.
+
+    Example:
+        >>> find_data_dir("capability")                     # doctest: +SKIP
+        PosixPath('/work/shared/data')
+    """
+    if os.environ.get(DATA_DIR_ENV) is None:
+        here = Path(start if start is not None else Path.cwd()).resolve()
+        for folder in [here, *here.parents]:
+            if (folder / "shared" / "data" / subfolder).is_dir():
+                return folder / "shared" / "data"
+    # resolve_data_dir returns root/subfolder (or root itself when it is named like subfolder).
+    return resolve_data_dir(None, subfolder).parent
 
 
 def load_question_jsonl(paths: Iterable[str | os.PathLike], key: str = "question") -> list[str]:
