@@ -112,21 +112,37 @@ def brute_force_selection(s: np.ndarray, d: np.ndarray, q: float, tau_d: float) 
 # --- edits and tokens for the evaluation tests --------------------------------------------------------
 
 class ForceToken:
-    """An edit that adds a large logit to one token at every position (interface of a baseline)."""
+    """An edit that adds a large logit to one token at every position (interface of a baseline).
 
-    positions = "all"
+    It has the whole ``Edit`` interface of ``dpn_lens.steering`` (``at_positions``, ``-edit``,
+    ``gamma * edit``), so ``steer`` accepts it like any method's edit.
+    """
+
     label = "force"
     n_edited = 0
 
-    def __init__(self, token_id: int, amount: float = 100.0):
-        self.token_id, self.amount = token_id, amount
+    def __init__(self, token_id: int, amount: float = 100.0, positions: str = "all"):
+        self.token_id, self.amount, self.positions = token_id, amount, positions
 
     def fwd_hooks(self):
         def hook(logits, hook):
+            if self.positions == "decode" and logits.shape[1] != 1:
+                return logits
             logits = logits.clone()
             logits[..., self.token_id] += self.amount
             return logits
         return [("unembed.hook_out", hook)]
+
+    def at_positions(self, positions: str) -> "ForceToken":
+        return ForceToken(self.token_id, self.amount, positions)
+
+    def __neg__(self) -> "ForceToken":
+        return ForceToken(self.token_id, -self.amount, self.positions)
+
+    def __mul__(self, gamma: float) -> "ForceToken":
+        return ForceToken(self.token_id, gamma * self.amount, self.positions)
+
+    __rmul__ = __mul__
 
 
 def token(model, word):
