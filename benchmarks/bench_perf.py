@@ -21,8 +21,14 @@ process CPU time are both reported; with ``--threads 1`` CPU time is the least n
 Usage::
 
     python benchmarks/bench_perf.py                       # all sections, defaults as in PERFORMANCE.md
-    python benchmarks/bench_perf.py --sections collect,steering --repeats 7
+    python benchmarks/bench_perf.py --sections collect,steering --repeats 3
     python benchmarks/bench_perf.py --json results.json   # also write the numbers as JSON
+    python benchmarks/bench_perf.py --model tiny --repeats 1 --collect-prompts 4 ...   # smoke run, seconds
+
+``--model tiny`` runs every section on the random tiny Llama of ``dpn_lens.tiny`` (no download; its
+timings mean nothing). ``tests/test_benchmarks.py`` imports this file and runs every section that way,
+so a renamed function breaks CI instead of this script. The script imports only public names of
+``dpn_lens`` (and builds its own batches), so it runs on a clean clone without installing the package.
 """
 
 from __future__ import annotations
@@ -42,7 +48,14 @@ from typing import Any, Callable
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))  # a clean clone: the package beside this folder, not an installed copy
+
+from dpn_lens import (TRAITS, Intervention, collect_statistics, embedded_contrastive_set,  # noqa: E402
+                      locate, steer)
+from dpn_lens.collect import CollectionConfig, collect_group_statistics  # noqa: E402
+from dpn_lens.data.prompts import render_for_model  # noqa: E402
+from dpn_lens.hooked import hook_name, pad_token_id, pad_token_lists, tokenize_compact  # noqa: E402
 
 MIB = 1024 * 1024
 
@@ -104,22 +117,39 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
+TINY = "tiny"
+"""``--model tiny``: the random tiny Llama of ``dpn_lens.tiny`` (a smoke run; its timings mean nothing)."""
+
+
 def load(spec: str, dtype: str = "float32"):
+    """The model to time: an embedded/hub model by name, or ``"tiny"``."""
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if spec == "tiny":
-            sys.path.insert(0, str(REPO / "tests"))
-            import tempfile
+        if spec == TINY:
+            from dpn_lens.tiny import build_tiny_model
 
-            from conftest import build_tiny_model
-
-            return build_tiny_model(Path(tempfile.mkdtemp()))
+            # 512 positions: the embedded role-play prompts are ~130 word-level tokens, plus generation.
+            return build_tiny_model(max_positions=512).to(getattr(torch, dtype))
         from dpn_lens import load_model
 
         model = load_model(spec, dtype=dtype)
     return model
+
+
+def batches(token_arrays: list, batch_size: int, pad_id: int, padding_side: str, device: Any) -> list[tuple]:
+    """``(input_ids, attention_mask)`` batches of ``batch_size`` prompts, longest first.
+
+    The batches ``collect_group_statistics`` forms when ``max_batch_tokens`` does not bind (the
+    benchmark passes 2**30), so the bare forward passes below run on exactly the same tensors.
+    """
+    order = sorted(range(len(token_arrays)), key=lambda i: -len(token_arrays[i]))
+    result = []
+    for start in range(0, len(order), batch_size):
+        ids, mask = pad_token_lists([token_arrays[i] for i in order[start:start + batch_size]], pad_id, padding_side)
+        result.append((ids.to(device), mask.to(device)))
+    return result
 
 
 def short_prompts(n: int, words: int = 8, seed: int = 0) -> list[str]:
@@ -146,68 +176,62 @@ def _raise_stop(activation, hook):
     raise _Stop
 
 
+def _naive_statistics(model: Any, batched: list[tuple], names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The route collection avoids: ``run_with_cache`` on every layer, keep each prompt's vectors, then
+    mean/var. Its memory grows with the number of prompts."""
+    kept = []
+    with torch.inference_mode():
+        for input_ids, mask in batched:
+            _, cache = model.run_with_cache(input_ids, attention_mask=mask, names_filter=names)
+            stacked = torch.stack([cache[name] for name in names], dim=1)  # [batch, layer, pos, d_mlp]
+            last = mask.shape[1] - 1 - mask.flip(1).argmax(dim=1)          # last non-pad token, either side
+            kept.append(stacked[torch.arange(len(last)), :, last])
+            del cache, stacked
+        values = torch.cat(kept).to(torch.float64)
+        return values.mean(0), values.var(0)
+
+
 def bench_collect(spec: str, dtype: str, n_prompts: int, batch_size: int, repeats: int,
                   padding_side: str = "right") -> dict[str, Any]:
-    from dpn_lens import embedded_contrastive_set
-    from dpn_lens.collect import CollectionConfig, _batches, collect_group_statistics
-    from dpn_lens.hooked import hook_name, pad_token_id as _pad_token_id, tokenize_compact as _tokenize_compact
-
     model = load(spec, dtype)
-    if spec == "tiny":
-        sys.path.insert(0, str(REPO / "tests"))
-        from conftest import TINY_HIGH
-
-        prompts = (TINY_HIGH * (n_prompts // len(TINY_HIGH) + 1))[:n_prompts]
-    else:
-        prompts = embedded_contrastive_set("extraversion", n_pairs=n_prompts).high
+    prompts = embedded_contrastive_set("extraversion", n_pairs=n_prompts).high
     layers = list(range(int(model.cfg.n_layers)))
     names = [hook_name(layer) for layer in layers]
-    token_arrays = _tokenize_compact(model, prompts)
+    token_arrays = tokenize_compact(model, prompts)
     device = torch.device(model.cfg.device or "cpu")
-    batches = list(_batches(token_arrays, batch_size, 1 << 30, _pad_token_id(model.tokenizer), padding_side,
-                            device))
+    batched = batches(token_arrays, batch_size, pad_token_id(model.tokenizer), padding_side, device)
     n_tokens = sum(len(ids) for ids in token_arrays)
+    config = CollectionConfig(layers, max_batch_size=batch_size, max_batch_tokens=1 << 30,
+                              padding_side=padding_side, progress=False)
 
     def bare_same_layers():
         # The forward pass collect runs, minus the read-outs: stop at the last needed hook point.
         with torch.inference_mode(), model.hooks(fwd_hooks=[(names[-1], _raise_stop)]):
-            for batch in batches:
+            for input_ids, mask in batched:
                 try:
-                    model(batch.input_ids, attention_mask=batch.attention_mask)
+                    model(input_ids, attention_mask=mask)
                 except _Stop:
                     pass
 
     def bare_full():
         with torch.inference_mode():
-            for batch in batches:
-                model(batch.input_ids, attention_mask=batch.attention_mask)
+            for input_ids, mask in batched:
+                model(input_ids, attention_mask=mask)
 
     def collect():
-        collect_group_statistics(model, prompts, CollectionConfig(layers, max_batch_size=batch_size,
-                                 max_batch_tokens=1 << 30, padding_side=padding_side, progress=False))
+        collect_group_statistics(model, prompts, config)
 
     def naive():
-        kept = []
-        with torch.inference_mode():
-            for batch in batches:
-                _, cache = model.run_with_cache(batch.input_ids, attention_mask=batch.attention_mask,
-                                                names_filter=names)
-                stacked = torch.stack([cache[name] for name in names], dim=1)  # [batch, layer, pos, d_mlp]
-                mask = batch.attention_mask
-                last = mask.shape[1] - 1 - mask.flip(1).argmax(dim=1)
-                kept.append(stacked[torch.arange(len(last)), :, last])
-                del cache, stacked
-            values = torch.cat(kept).to(torch.float64)
-            return values.mean(0), values.var(0)
+        return _naive_statistics(model, batched, names)
 
     def tokenize_only():
-        _tokenize_compact(model, prompts)
+        tokenize_compact(model, prompts)
 
     # Correctness guard: the naive route and collect agree.
-    reference = collect_group_statistics(model, prompts,
-                                         CollectionConfig(layers, max_batch_size=batch_size, progress=False))
+    reference = collect_group_statistics(model, prompts, CollectionConfig(layers, max_batch_size=batch_size,
+                                                                          progress=False))
     _COLLECTED_MEANS[dtype] = reference.mean
-    naive_mean, naive_var = naive()
+    naive_mean, _ = naive()
     agree = float((reference.mean - naive_mean).abs().max())
 
     variants = {"bare_same_layers": bare_same_layers, "collect": collect, "bare_full": bare_full,
@@ -215,7 +239,7 @@ def bench_collect(spec: str, dtype: str, n_prompts: int, batch_size: int, repeat
     times = interleaved(variants, repeats)
     result: dict[str, Any] = {
         "model": spec, "dtype": dtype, "n_prompts": n_prompts, "n_tokens": n_tokens, "batch_size": batch_size,
-        "n_batches": len(batches), "layers": f"0-{layers[-1]}", "threads": torch.get_num_threads(),
+        "n_batches": len(batched), "layers": f"0-{layers[-1]}", "threads": torch.get_num_threads(),
         "repeats": repeats, "naive_vs_collect_max_abs_diff_of_mean": agree,
         "median_wall_s": {name: median(t["wall"]) for name, t in times.items()},
         "median_cpu_s": {name: median(t["cpu"]) for name, t in times.items()},
@@ -234,41 +258,24 @@ def bench_collect(spec: str, dtype: str, n_prompts: int, batch_size: int, repeat
 
 def memory_child(spec: str, dtype: str, mode: str, n: int, batch_size: int) -> dict[str, Any]:
     """Runs in its own process: extra peak RSS of one collection of n short prompts over the idle model."""
-    from dpn_lens.collect import CollectionConfig, collect_group_statistics
-    from dpn_lens.hooked import hook_name
-
     model = load(spec, dtype)
     layers = list(range(int(model.cfg.n_layers)))
     names = [hook_name(layer) for layer in layers]
-    prompts = short_prompts(n)
+    config = CollectionConfig(layers, max_batch_size=batch_size, chat=False, progress=False)
 
     def run(selected: list[str]) -> None:
         if mode == "collect":
-            collect_group_statistics(model, selected, CollectionConfig(layers, max_batch_size=batch_size, chat=False,
-                                                                       progress=False))
+            collect_group_statistics(model, selected, config)
             return
-        from dpn_lens.collect import _batches
-        from dpn_lens.hooked import pad_token_id as _pad_token_id, tokenize_compact as _tokenize_compact
-
-        kept = []
-        with torch.inference_mode():
-            for batch in _batches(_tokenize_compact(model, selected, chat=False), batch_size, 1 << 30,
-                                  _pad_token_id(model.tokenizer), "right", "cpu"):
-                _, cache = model.run_with_cache(batch.input_ids, attention_mask=batch.attention_mask,
-                                                names_filter=names)
-                stacked = torch.stack([cache[name] for name in names], dim=1)
-                last = batch.attention_mask.sum(dim=1) - 1
-                kept.append(stacked[torch.arange(len(last)), :, last])
-                del cache, stacked
-            values = torch.cat(kept).to(torch.float64)
-            values.mean(0), values.var(0)
+        _naive_statistics(model, batches(tokenize_compact(model, selected, chat=False), batch_size,
+                                         pad_token_id(model.tokenizer), "right", "cpu"), names)
 
     run(short_prompts(batch_size, seed=1))  # warm-up: one-time allocations (thread pools, caches)
     gc.collect()
     baseline_kib = _status_kib("VmRSS")
     reset_peak_rss()
     start = time.perf_counter()
-    run(prompts)
+    run(short_prompts(n))
     seconds = time.perf_counter() - start
     peak_kib = _status_kib("VmHWM")
     return {"model": spec, "dtype": dtype, "mode": mode, "n": n, "seconds": seconds,
@@ -323,9 +330,6 @@ def bench_memory(spec: str, dtype: str, sizes: list[int], naive_sizes: list[int]
 
 def bench_steering(spec: str, dtype: str, n_prompts: int, new_tokens: int, repeats: int,
                    neurons_per_layer: int) -> dict[str, Any]:
-    from dpn_lens import Intervention, embedded_contrastive_set, steer
-    from dpn_lens.data.prompts import render_for_model
-
     model = load(spec, dtype)
     prompts = embedded_contrastive_set("openness", n_pairs=n_prompts).high
     tokens = [model.tokenizer(render_for_model(model, p), add_special_tokens=False, return_tensors="pt")["input_ids"]
@@ -375,16 +379,14 @@ def bench_steering(spec: str, dtype: str, n_prompts: int, new_tokens: int, repea
 
 def bench_locate(spec: str, plan: list[tuple[str, int]], batch_size: int, target_pairs: int) -> dict[str, Any]:
     """End-to-end collect + locate for the five traits, once per (dtype, pairs per trait) of ``plan``."""
-    from dpn_lens import TRAITS, collect_statistics, embedded_contrastive_set, locate
-    from dpn_lens.collect import CollectionConfig
-
     results: dict[str, Any] = {"model": spec, "traits": len(TRAITS), "batch_size": batch_size,
                                "threads": torch.get_num_threads(), "by_dtype": {}}
+    config = CollectionConfig(max_batch_size=batch_size, progress=False)
     for dtype, n_pairs in plan:
         sets = [embedded_contrastive_set(trait, n_pairs=n_pairs) for trait in TRAITS]
         model = load(spec, dtype)
         wall, cpu = time.perf_counter(), time.process_time()
-        maps = [locate(collect_statistics(model, pairs, CollectionConfig(max_batch_size=batch_size, progress=False))) for pairs in sets]
+        maps = [locate(collect_statistics(model, pairs, config)) for pairs in sets]
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         n_prompts = 2 * sum(len(pairs) for pairs in sets)
         results["by_dtype"][dtype] = {
@@ -400,95 +402,141 @@ def bench_locate(spec: str, plan: list[tuple[str, int]], batch_size: int, target
 
 
 # ----------------------------------------------------------------------------------------------
+# the command line: one runner per section, each prints its line and returns its numbers
 
 
-def main() -> None:
+def run_collect(args: argparse.Namespace) -> list[dict[str, Any]]:
+    _COLLECTED_MEANS.clear()
+    rows = []
+    for dtype in args.collect_dtypes.split(","):
+        r = bench_collect(args.model, dtype, args.collect_prompts, args.batch_size, args.repeats)
+        rows.append(r)
+        w, c = r["ratio_wall"], r["ratio_cpu"]
+        print(f"[collect {dtype}] {r['n_prompts']} prompts, {r['n_tokens']} tokens, layers {r['layers']}: "
+              f"collect {r['median_wall_s']['collect']:.2f}s vs bare {r['median_wall_s']['bare_same_layers']:.2f}s"
+              f" | collect/bare(same layers) wall {w['collect/bare_same_layers']:.3f} cpu "
+              f"{c['collect/bare_same_layers']:.3f} (target <= 1.10) | collect/bare(full) wall "
+              f"{w['collect/bare_full']:.3f} cpu {c['collect/bare_full']:.3f} | naive/collect wall "
+              f"{w['naive/collect']:.3f} cpu {c['naive/collect']:.3f}", flush=True)
+    return rows
+
+
+def precision_comparison() -> dict[str, float] | None:
+    """bfloat16 against float32 mean activations of the collect section (when both dtypes ran)."""
+    if not {"float32", "bfloat16"} <= set(_COLLECTED_MEANS):
+        return None
+    full, half = _COLLECTED_MEANS["float32"], _COLLECTED_MEANS["bfloat16"]
+    error = float((half - full).abs().max() / full.abs().max())
+    correlation = float(torch.corrcoef(torch.stack([full.flatten(), half.flatten()]))[0, 1])
+    print(f"[collect] bfloat16 vs float32 mean activations: max |error| / max |mean| = {error:.4f}, "
+          f"correlation {correlation:.5f}", flush=True)
+    return {"max_abs_error_over_max_abs": error, "correlation": correlation}
+
+
+def run_memory(args: argparse.Namespace) -> dict[str, Any]:
+    sizes = [int(x) for x in args.memory_sizes.split(",")]
+    naive_sizes = [int(x) for x in args.memory_naive_sizes.split(",") if x]
+    r = bench_memory(args.model, args.memory_dtype, sizes, naive_sizes, args.memory_batch_size, args.threads,
+                     args.memory_repeats)
+    print(f"[memory {args.memory_dtype}] collect peak growth {sizes[0]} -> {sizes[-1]} prompts: "
+          f"{r.get('collect_growth_mib', 0):.1f} MiB (medians of {r['repeats']}) = "
+          f"{r.get('collect_growth_pct_of_model', 0):.2f}% of the model's {r['model_footprint_mib']:.0f} MiB "
+          f"(target < 5%; run-to-run spread {r.get('collect_run_to_run_spread_mib', 0):.0f} MiB) | naive: "
+          f"{r.get('naive_mib_per_prompt', 0):.3f} MiB/prompt, "
+          f"{r.get('naive_growth_pct_of_model_extrapolated', 0):.0f}% of the model for the same growth "
+          f"(extrapolated) | naive/collect extra peak at n={r.get('naive/collect_peak_extra_at_n', {}).get('n')}: "
+          f"{r.get('naive/collect_peak_extra_at_n', {}).get('ratio', float('nan')):.2f}", flush=True)
+    return r
+
+
+def run_steering(args: argparse.Namespace) -> dict[str, Any]:
+    r = bench_steering(args.model, "float32", args.steer_prompts, args.steer_tokens, args.repeats,
+                       args.steer_neurons)
+    w, c = r["speed_ratio_wall"], r["speed_ratio_cpu"]
+    print(f"[steering] {r['prompts']} x {r['new_tokens']} greedy tokens, unsteered "
+          f"{r['tokens_per_s_wall']['unsteered']:.1f} tok/s | steered(decode)/unsteered speed wall "
+          f"{w['steered_decode/unsteered']:.3f} cpu {c['steered_decode/unsteered']:.3f} | steered(all) wall "
+          f"{w['steered_all/unsteered']:.3f} cpu {c['steered_all/unsteered']:.3f} (target >= 0.95)", flush=True)
+    return r
+
+
+def run_locate(args: argparse.Namespace) -> dict[str, Any]:
+    plan = [(item.split(":")[0], int(item.split(":")[1])) for item in args.locate_plan.split(",")]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.locate_threads)
+    try:
+        r = bench_locate(args.model, plan, args.locate_batch_size, args.locate_target_pairs)
+    finally:
+        torch.set_num_threads(threads)
+    for dtype, d in r["by_dtype"].items():
+        print(f"[locate {dtype}] 5 traits x {d['pairs_per_trait']} pairs, {r['threads']} threads: "
+              f"{d['wall_s']:.1f}s wall ({d['cpu_s']:.1f}s CPU), {d['prompts_per_s_wall']:.2f} prompts/s -> "
+              f"EXTRAPOLATED 5 traits x {args.locate_target_pairs} pairs: {d['extrapolated_minutes_wall']:.0f} min "
+              f"wall at this load ({d['extrapolated_cpu_minutes']:.0f} CPU-minutes)", flush=True)
+    return r
+
+
+SECTIONS: dict[str, Callable[[argparse.Namespace], Any]] = {
+    "collect": run_collect, "memory": run_memory, "steering": run_steering, "locate": run_locate}
+"""Section name -> runner, in the order they run."""
+
+
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sections", default="collect,memory,steering,locate")
-    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, of {', '.join(SECTIONS)}")
+    parser.add_argument("--model", default="smollm2-135m-instruct",
+                        help=f"a load_model name, or {TINY!r} (random tiny Llama: a smoke run in seconds)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: least noisy on a shared CPU)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--collect-prompts", type=int, default=8)
     parser.add_argument("--collect-dtypes", default="float32,bfloat16")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--memory-sizes", default="100,5000")
-    parser.add_argument("--memory-naive-sizes", default="100,500")
+    parser.add_argument("--batch-size", type=int, default=8, help="batch size of the collect section")
+    parser.add_argument("--memory-sizes", default="100,5000", help="prompt counts of the collect runs")
+    parser.add_argument("--memory-naive-sizes", default="100,500", help="prompt counts of the naive runs ('' for none)")
     parser.add_argument("--memory-dtype", default="bfloat16")
     parser.add_argument("--memory-repeats", type=int, default=3)
+    parser.add_argument("--memory-batch-size", type=int, default=32)
     parser.add_argument("--steer-prompts", type=int, default=3)
     parser.add_argument("--steer-tokens", type=int, default=64)
+    parser.add_argument("--steer-neurons", type=int, default=8, help="edited neurons per layer")
     parser.add_argument("--locate-plan", default="bfloat16:40,float32:10",
                         help="dtype:pairs-per-trait, comma-separated (the full target is 5 traits x 1000 pairs)")
     parser.add_argument("--locate-threads", type=int, default=2, help="torch threads for the locate section")
+    parser.add_argument("--locate-batch-size", type=int, default=16)
+    parser.add_argument("--locate-target-pairs", type=int, default=1000, help="pairs per trait to extrapolate to")
     parser.add_argument("--json", help="also write all results to this JSON file")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    if args.memory_child:
-        spec, dtype, mode, n, batch_size = json.loads(args.memory_child)
-        print(json.dumps(memory_child(spec, dtype, mode, n, batch_size)))
-        return
+    return parser
 
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the chosen sections; returns (and with ``--json`` writes) every number."""
+    cli = parser()
+    args = cli.parse_args(argv)
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
-    unknown = set(sections) - {"collect", "memory", "steering", "locate"}
+    unknown = [s for s in sections if s not in SECTIONS]
     if unknown:
-        parser.error(f"unknown sections {sorted(unknown)}; choose from collect, memory, steering, locate")
-    results: dict[str, Any] = {"torch": torch.__version__, "threads": args.threads, "cpu_count": os.cpu_count()}
-    print(f"torch {torch.__version__}, {args.threads} thread(s), {args.repeats} interleaved repeats; medians")
-    if "collect" in sections:
-        results["collect"] = []
-        for dtype in args.collect_dtypes.split(","):
-            r = bench_collect(args.model, dtype, args.collect_prompts, args.batch_size, args.repeats)
-            results["collect"].append(r)
-            w, c = r["ratio_wall"], r["ratio_cpu"]
-            print(f"[collect {dtype}] {r['n_prompts']} prompts, {r['n_tokens']} tokens, layers {r['layers']}: "
-                  f"collect {r['median_wall_s']['collect']:.2f}s vs bare {r['median_wall_s']['bare_same_layers']:.2f}s"
-                  f" | collect/bare(same layers) wall {w['collect/bare_same_layers']:.3f} cpu "
-                  f"{c['collect/bare_same_layers']:.3f} (target <= 1.10) | collect/bare(full) wall "
-                  f"{w['collect/bare_full']:.3f} cpu {c['collect/bare_full']:.3f} | naive/collect wall "
-                  f"{w['naive/collect']:.3f} cpu {c['naive/collect']:.3f}", flush=True)
-        if {"float32", "bfloat16"} <= set(_COLLECTED_MEANS):
-            full, half = _COLLECTED_MEANS["float32"], _COLLECTED_MEANS["bfloat16"]
-            error = float((half - full).abs().max() / full.abs().max())
-            correlation = float(torch.corrcoef(torch.stack([full.flatten(), half.flatten()]))[0, 1])
-            results["bfloat16_vs_float32_mean_activation"] = {"max_abs_error_over_max_abs": error,
-                                                              "correlation": correlation}
-            print(f"[collect] bfloat16 vs float32 mean activations: max |error| / max |mean| = {error:.4f}, "
-                  f"correlation {correlation:.5f}", flush=True)
-    if "memory" in sections:
-        sizes = [int(x) for x in args.memory_sizes.split(",")]
-        naive_sizes = [int(x) for x in args.memory_naive_sizes.split(",") if x]
-        r = bench_memory(args.model, args.memory_dtype, sizes, naive_sizes, 32, args.threads, args.memory_repeats)
-        results["memory"] = r
-        print(f"[memory {args.memory_dtype}] collect peak growth {sizes[0]} -> {sizes[-1]} prompts: "
-              f"{r.get('collect_growth_mib', 0):.1f} MiB (medians of {r['repeats']}) = "
-              f"{r.get('collect_growth_pct_of_model', 0):.2f}% of the model's {r['model_footprint_mib']:.0f} MiB "
-              f"(target < 5%; run-to-run spread {r.get('collect_run_to_run_spread_mib', 0):.0f} MiB) | naive: "
-              f"{r.get('naive_mib_per_prompt', 0):.3f} MiB/prompt, "
-              f"{r.get('naive_growth_pct_of_model_extrapolated', 0):.0f}% of the model for the same growth "
-              f"(extrapolated) | naive/collect extra peak at n={r.get('naive/collect_peak_extra_at_n', {}).get('n')}: "
-              f"{r.get('naive/collect_peak_extra_at_n', {}).get('ratio', float('nan')):.2f}", flush=True)
-    if "steering" in sections:
-        r = bench_steering(args.model, "float32", args.steer_prompts, args.steer_tokens, args.repeats, 8)
-        results["steering"] = r
-        w, c = r["speed_ratio_wall"], r["speed_ratio_cpu"]
-        print(f"[steering] {r['prompts']} x {r['new_tokens']} greedy tokens, unsteered "
-              f"{r['tokens_per_s_wall']['unsteered']:.1f} tok/s | steered(decode)/unsteered speed wall "
-              f"{w['steered_decode/unsteered']:.3f} cpu {c['steered_decode/unsteered']:.3f} | steered(all) wall "
-              f"{w['steered_all/unsteered']:.3f} cpu {c['steered_all/unsteered']:.3f} (target >= 0.95)", flush=True)
-    if "locate" in sections:
-        torch.set_num_threads(args.locate_threads)
-        plan = [(item.split(":")[0], int(item.split(":")[1])) for item in args.locate_plan.split(",")]
-        r = bench_locate(args.model, plan, 16, 1000)
-        results["locate"] = r
-        for dtype, d in r["by_dtype"].items():
-            print(f"[locate {dtype}] 5 traits x {d['pairs_per_trait']} pairs, {r['threads']} threads: "
-                  f"{d['wall_s']:.1f}s wall ({d['cpu_s']:.1f}s CPU), {d['prompts_per_s_wall']:.2f} prompts/s -> "
-                  f"EXTRAPOLATED 5 traits x 1000 pairs: {d['extrapolated_minutes_wall']:.0f} min wall at this load "
-                  f"({d['extrapolated_cpu_minutes']:.0f} CPU-minutes)", flush=True)
-        torch.set_num_threads(args.threads)
+        cli.error(f"unknown sections {unknown}; choose from {', '.join(SECTIONS)}")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        if args.memory_child:
+            spec, dtype, mode, n, batch_size = json.loads(args.memory_child)
+            result = memory_child(spec, dtype, mode, n, batch_size)
+            print(json.dumps(result))
+            return result
+        results: dict[str, Any] = {"torch": torch.__version__, "threads": args.threads, "cpu_count": os.cpu_count()}
+        print(f"torch {torch.__version__}, {args.threads} thread(s), {args.repeats} interleaved repeats; medians")
+        for name in SECTIONS:  # the fixed order, whatever the order of --sections
+            if name in sections:
+                results[name] = SECTIONS[name](args)
+                if name == "collect" and (precision := precision_comparison()) is not None:
+                    results["bfloat16_vs_float32_mean_activation"] = precision
+    finally:
+        torch.set_num_threads(threads)  # main() may run inside another process (tests/test_benchmarks.py)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
+    return results
 
 
 if __name__ == "__main__":

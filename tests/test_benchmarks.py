@@ -1,0 +1,84 @@
+"""The benchmark script cannot rot: every section runs on the tiny model, and it imports only public names.
+
+``benchmarks/bench_perf.py`` is a script, not part of the package, so nothing imported it and a rename
+in ``dpn_lens`` broke it unnoticed. Here it is imported from its path and every section runs with
+minimal sizes (seconds); the full-size run is ``python benchmarks/bench_perf.py`` (docs/PERFORMANCE.md).
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_perf.py"
+
+TINY_ARGS = ["--model", "tiny", "--repeats", "1", "--threads", "1",
+             "--collect-prompts", "3", "--collect-dtypes", "float32,bfloat16", "--batch-size", "2",
+             "--memory-sizes", "2", "--memory-naive-sizes", "2", "--memory-repeats", "1", "--memory-batch-size", "2",
+             "--steer-prompts", "1", "--steer-tokens", "2", "--steer-neurons", "3",
+             "--locate-plan", "float32:2", "--locate-threads", "1", "--locate-batch-size", "4",
+             "--locate-target-pairs", "10"]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_perf", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_script_imports_only_public_names_of_the_package():
+    imported = []
+    for node in ast.walk(ast.parse(SCRIPT.read_text())):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("dpn_lens"):
+            imported += [(node.module, alias.name) for alias in node.names]
+    assert imported, "the benchmark should exercise dpn_lens"
+    private = [f"{module}.{name}" for module, name in imported if name.startswith("_")
+               or any(part.startswith("_") for part in module.split("."))]
+    assert not private, f"the benchmark imports private names {private}; use public ones so renames stay visible"
+
+
+def test_every_section_runs_on_the_tiny_model(bench, tmp_path, capsys):
+    out = tmp_path / "perf.json"
+    results = bench.main(["--sections", ",".join(bench.SECTIONS), *TINY_ARGS, "--json", str(out)])
+
+    assert set(bench.SECTIONS) == {"collect", "memory", "steering", "locate"}
+    assert json.loads(out.read_text()) == json.loads(json.dumps(results))
+    printed = capsys.readouterr().out
+    for tag in ("[collect float32]", "[collect bfloat16]", "[memory bfloat16]", "[steering]", "[locate float32]"):
+        assert tag in printed
+
+    collect = {row["dtype"]: row for row in results["collect"]}
+    assert set(collect) == {"float32", "bfloat16"}
+    # The naive route (run_with_cache, stack, mean) and collect_group_statistics agree.
+    assert collect["float32"]["naive_vs_collect_max_abs_diff_of_mean"] < 1e-5
+    assert collect["float32"]["n_prompts"] == 3 and collect["float32"]["n_batches"] == 2
+    assert all(math.isfinite(v) for row in collect.values() for v in row["ratio_wall"].values())
+    assert results["bfloat16_vs_float32_mean_activation"]["correlation"] > 0.99
+
+    memory = results["memory"]
+    # One fresh process per run (two here: the slowest part of this test is starting them).
+    assert [(run["mode"], run["n"]) for run in memory["runs"]] == [("collect", 2), ("naive", 2)]
+    assert memory["naive/collect_peak_extra_at_n"]["n"] == 2 and memory["model_footprint_mib"] > 0
+
+    steering = results["steering"]
+    assert set(steering["tokens_per_s_wall"]) == {"unsteered", "steered_decode", "steered_all"}
+    assert steering["edited_layers"] == "2-3" and steering["neurons_per_layer"] == 3
+
+    located = results["locate"]["by_dtype"]["float32"]
+    assert located["pairs_per_trait"] == 2 and located["prompts"] == 2 * 5 * 2
+    assert len(located["selected_neurons"]) == 5
+
+
+def test_sections_are_selectable_and_unknown_ones_are_refused(bench, capsys):
+    results = bench.main(["--sections", "steering", *TINY_ARGS])
+    assert "steering" in results and not {"collect", "memory", "locate"} & set(results)
+    with pytest.raises(SystemExit):
+        bench.main(["--sections", "collect,speed", *TINY_ARGS])
+    assert "unknown sections ['speed']" in capsys.readouterr().err
