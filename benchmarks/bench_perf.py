@@ -27,8 +27,9 @@ Usage::
 
 ``--model tiny`` runs every section on the random tiny Llama of ``dpn_lens.tiny`` (no download; its
 timings mean nothing). ``tests/test_benchmarks.py`` imports this file and runs every section that way,
-so a renamed function breaks CI instead of this script. The script imports only public names of
-``dpn_lens`` (and builds its own batches), so it runs on a clean clone without installing the package.
+so a renamed function breaks CI instead of this script. It imports only public names of ``dpn_lens``
+(it builds its own batches rather than borrow collect's private ones), and it puts the folder above
+``benchmarks/`` first on ``sys.path``, so a clean clone runs it without installing the package.
 """
 
 from __future__ import annotations
@@ -48,8 +49,7 @@ from typing import Any, Callable
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))  # a clean clone: the package beside this folder, not an installed copy
+sys.path.insert(0, str(REPO))  # a clean clone: the package beside this folder, not an installed copy
 
 from dpn_lens import (TRAITS, Intervention, collect_statistics, embedded_contrastive_set,  # noqa: E402
                       locate, steer)
