@@ -12,7 +12,6 @@ reported as "skipped": an example either runs or it is documentation, not a test
 
 from __future__ import annotations
 
-import doctest
 import os
 import sys
 from pathlib import Path
@@ -23,22 +22,17 @@ TESTS = Path(__file__).resolve().parent
 if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))
 
-from helpers import TINY_HIGH, TINY_LOW, build_tiny_model  # noqa: E402  (needs tests/ on sys.path)
+from helpers import TINY_HIGH, TINY_LOW, build_tiny_model, has_runnable_example  # noqa: E402  (tests/ on sys.path)
 
 REPO = TESTS.parent
 SHARED_DATA = Path(os.environ.get("DPN_LENS_DATA", REPO.parent / "shared" / "data"))
-
-
-def _has_runnable_example(item: pytest.DoctestItem) -> bool:
-    skip = doctest.OPTIONFLAGS_BY_NAME["SKIP"]
-    return any(not example.options.get(skip, False) for example in item.dtest.examples)
 
 
 def pytest_collection_modifyitems(config, items):
     """Deselect docstring examples that are all ``+SKIP``: they would only ever count as "skipped"."""
     runnable, skipped_only = [], []
     for item in items:
-        if isinstance(item, pytest.DoctestItem) and item.dtest is not None and not _has_runnable_example(item):
+        if isinstance(item, pytest.DoctestItem) and item.dtest is not None and not has_runnable_example(item.dtest):
             skipped_only.append(item)
         else:
             runnable.append(item)

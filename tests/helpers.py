@@ -10,11 +10,13 @@ Every test file imports them the same way, ``from helpers import ...`` (conftest
 - independent references: ``raw_last_token_activations``, ``numpy_s_and_d``, ``brute_force_selection``,
   ``attached_hooks``;
 - edits and tokens for the evaluation tests: ``ForceToken``, ``token``;
-- constructed neuron maps and statistics for the studies: ``make_map``, ``make_stats``, ``random_stats``.
+- constructed neuron maps and statistics for the studies: ``make_map``, ``make_stats``, ``random_stats``;
+- the doctest policy of conftest.py: ``has_runnable_example``.
 """
 
 from __future__ import annotations
 
+import doctest
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +30,7 @@ __all__ = [
     "TINY_WORDS", "TINY_PUNCTUATION", "TINY_HIGH", "TINY_LOW", "LETTER_WORDS", "FINGERPRINT",
     "build_tiny_tokenizer", "build_tiny_hf_model", "build_tiny_model", "build_letter_model",
     "random_prompts", "attached_hooks", "raw_last_token_activations", "numpy_s_and_d", "brute_force_selection",
-    "ForceToken", "token", "make_map", "make_stats", "random_stats",
+    "ForceToken", "token", "make_map", "make_stats", "random_stats", "has_runnable_example",
 ]
 
 # --- tiny models and prompts ------------------------------------------------------------------------
@@ -190,3 +192,11 @@ def random_stats(trait: str, seed: int, n_layers: int = 6, d_mlp: int = 200, n: 
     fingerprint = dict(FINGERPRINT, n_layers=n_layers, d_mlp=d_mlp)
     return ContrastStatistics(trait, GroupStatistics(n, mean_high, m2), GroupStatistics(n, mean_low, m2.clone()),
                               list(range(n_layers)), fingerprint=fingerprint)
+
+
+# --- the doctest policy (conftest.py deselects docstrings without a runnable example) -------------------
+
+def has_runnable_example(test: doctest.DocTest) -> bool:
+    """Whether a docstring has at least one example that is not ``+SKIP`` (so running it tests something)."""
+    skip = doctest.OPTIONFLAGS_BY_NAME["SKIP"]
+    return any(not example.options.get(skip, False) for example in test.examples)
