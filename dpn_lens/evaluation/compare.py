@@ -31,6 +31,7 @@ from dpn_lens.evaluation import trait as tr
 from dpn_lens.evaluation.judge import JudgeConfig, judge_evaluation, load_test_questions
 from dpn_lens.localize import select_neurons
 from dpn_lens.neuron_map import NeuronMap
+from dpn_lens.run import find_map
 from dpn_lens.steering import steering_intervention
 from dpn_lens.traits import TRAITS, normalize_trait
 
@@ -94,10 +95,8 @@ def relocate(neuron_map: NeuronMap, q: float) -> NeuronMap:
 
 def _neuron_map(model: Any, trait: str, config: CompareConfig, log) -> NeuronMap:
     if config.maps_dir:
-        path = Path(config.maps_dir) / f"{trait}.safetensors"
-        if not path.exists():
-            path = Path(config.maps_dir) / "maps" / f"{trait}.safetensors"
-        if path.exists():
+        path = find_map(config.maps_dir, trait)  # a maps folder or a run folder
+        if path is not None:
             log(f"{trait}: neuron map from {path}")
             return NeuronMap.load(path, model=model)
         log(f"{trait}: no map in {config.maps_dir}; locating on the fly")
