@@ -18,6 +18,7 @@ folder alone; the studies take them as ``extra_sets={"NPTI": ...}``.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
@@ -26,7 +27,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from dpn_lens.baselines.npti import NPTIStatistics, npti_pole_selection, npti_trait_statistics
-from dpn_lens.localize import select_neurons
+from dpn_lens.localize import reselect
 from dpn_lens.neuron_map import NeuronMap
 from dpn_lens.run import Run
 
@@ -104,6 +105,18 @@ def _rows(neuron_map: NeuronMap) -> list[tuple[int, int]]:
     return [(layer, neuron_map.stat_layers.index(layer)) for layer in neuron_map.layers]
 
 
+def _reselected_poles(neuron_map: NeuronMap, q: float) -> tuple[dict[int, Tensor], dict[int, Tensor]]:
+    """High and low poles of the dual criterion at another ``q`` (``localize.reselect``).
+
+    The studies have always re-selected on s and d upcast to float64 (the maps store float32), so
+    the map is upcast before ``reselect``: the q sets, and the tables built from them, stay the same.
+    """
+    as_float64 = dataclasses.replace(neuron_map, steering_value=neuron_map.steering_value.double(),
+                                     cohens_d=neuron_map.cohens_d.double())
+    reselected = reselect(as_float64, q=q)
+    return dict(reselected.high), dict(reselected.low)
+
+
 def alternative_sets(neuron_map: NeuronMap, method: str) -> list[NeuronSet]:
     """High and low sets of ``neuron_map``'s trait chosen by ``method`` (see the module docstring).
 
@@ -114,6 +127,13 @@ def alternative_sets(neuron_map: NeuronMap, method: str) -> list[NeuronSet]:
     """
     if method == "DPN-LE":
         return pole_sets(neuron_map)
+    if method.upper() == NPTI:
+        raise ValueError(f"unknown set method {method!r} for a run folder alone: the NPTI sets need the model "
+                         "(generated answers); build them with npti_sets_for_run(model, run)")
+    if method not in ("top|d|", "|s|-only") and not method.startswith("q="):
+        raise ValueError(f"unknown set method {method!r}; use one of {', '.join(SET_METHODS)}")
+    if method.startswith("q="):
+        return _named_sets(neuron_map, method, *_reselected_poles(neuron_map, float(method[2:])))
     high: dict[int, Tensor] = {}
     low: dict[int, Tensor] = {}
     for layer, row in _rows(neuron_map):
@@ -122,18 +142,15 @@ def alternative_sets(neuron_map: NeuronMap, method: str) -> list[NeuronSet]:
             budget = int(neuron_map.high[layer].numel() + neuron_map.low[layer].numel())
             top = torch.argsort(d.abs(), descending=True, stable=True)[:budget]
             high[layer], low[layer] = top[d[top] > 0], top[d[top] < 0]
-        elif method == "|s|-only":
+        else:  # |s|-only
             passes = s.abs() > neuron_map.tau_q[layer]
             high[layer] = torch.nonzero(passes & (s > 0)).flatten()
             low[layer] = torch.nonzero(passes & (s < 0)).flatten()
-        elif method.startswith("q="):
-            q = float(method[2:])
-            high[layer], low[layer], _ = select_neurons(s, d, q, neuron_map.settings.tau_d)
-        elif method.upper() == NPTI:
-            raise ValueError(f"unknown set method {method!r} for a run folder alone: the NPTI sets need the model "
-                             "(generated answers); build them with npti_sets_for_run(model, run)")
-        else:
-            raise ValueError(f"unknown set method {method!r}; use one of {', '.join(SET_METHODS)}")
+    return _named_sets(neuron_map, method, high, low)
+
+
+def _named_sets(neuron_map: NeuronMap, method: str, high: dict[int, Tensor], low: dict[int, Tensor]
+                ) -> list[NeuronSet]:
     return [NeuronSet(f"{neuron_map.trait} {pole} [{method}]", sets, neuron_map.d_mlp, neuron_map.trait, pole, method)
             for pole, sets in (("high", high), ("low", low))]
 
