@@ -152,3 +152,16 @@ def test_every_figure_renders_in_headless_chromium(run_with_studies, tmp_path):
     assert len(drawn) == n_figures
     assert dom.count('class="main-svg"') >= 2 * n_figures
     assert (tmp_path / "page.png").stat().st_size > 10_000
+
+
+def test_report_sections_come_from_the_studies_declarations():
+    from pathlib import Path
+
+    from dpn_lens import html_report
+    from dpn_lens.studies import STUDY_SECTIONS, layers, overlap
+
+    assert html_report.SECTIONS[:len(STUDY_SECTIONS)] == STUDY_SECTIONS
+    assert layers.REPORT_SECTION in STUDY_SECTIONS and overlap.REPORT_SECTION in STUDY_SECTIONS
+    for section in STUDY_SECTIONS:
+        assert html_report._section(Path(f"{section.key}_anything.csv")) == section.key
+    assert html_report._section(Path("rows.csv")) == "compare" and html_report._section(Path("x.csv")) == "other"
