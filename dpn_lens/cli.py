@@ -13,7 +13,7 @@ import argparse
 import sys
 from typing import Sequence
 
-from dpn_lens import html_report
+import dpn_lens.html_report as html_report
 from dpn_lens.cli_options import (FORMATTER, add_data_dir_option, add_model_options, add_out_option, add_subcommand,
                                   add_traits_option)
 from dpn_lens.evaluation import cli as compare_cli

@@ -14,7 +14,7 @@ from typing import Any, Mapping, Sequence
 from dpn_lens.evaluation.judge import generate_answers
 from dpn_lens.io import write_json_atomic, write_text_atomic
 from dpn_lens.run import SUMMARY_FILE, SUMMARY_MD_FILE
-from dpn_lens.steering import Intervention, steer, steering_intervention
+from dpn_lens.steering import Edit, steer, steering_intervention
 from dpn_lens.traits import TRAITS
 
 __all__ = ["run_demo", "generate_answer", "compare_generations", "DEMO_QUESTIONS"]
@@ -45,7 +45,7 @@ def generate_answer(model: Any, question: str, max_new_tokens: int = 40) -> str:
     return generate_answers(model, [question], max_new_tokens=max_new_tokens, repetition_penalty=1.0)[0]
 
 
-def compare_generations(model: Any, questions: Sequence[str], edits: Mapping[str, Intervention],
+def compare_generations(model: Any, questions: Sequence[str], edits: Mapping[str, Edit],
                         max_new_tokens: int = 40) -> list[str]:
     """For each question: the unsteered answer, then one answer per named intervention."""
     blocks = []

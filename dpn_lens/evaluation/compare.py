@@ -22,6 +22,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from dpn_lens.baselines import PersonaPrompt
 from dpn_lens.data.contrastive import embedded_contrastive_set
 from dpn_lens.evaluation import capability as cap
 from dpn_lens.io import markdown_table
@@ -31,6 +32,7 @@ from dpn_lens.evaluation.methods import METHOD_NAMES, METHODS_BY_NAME, TraitCont
 from dpn_lens.localize import reselect
 from dpn_lens.neuron_map import NeuronMap
 from dpn_lens.run import find_map
+from dpn_lens.steering import Edit
 from dpn_lens.traits import TRAITS, normalize_trait
 
 __all__ = ["CompareConfig", "run_comparison", "write_outputs"]
@@ -109,7 +111,7 @@ class _Evaluator:
                                  for t in config.traits} if judge else {})
         self.judged: list[dict[str, Any]] = []  # every generated answer with its ratings, for inspection
 
-    def trait_metrics(self, trait: str, edit: Any, persona: Any, label: dict[str, Any] | None = None
+    def trait_metrics(self, trait: str, edit: Edit | None, persona: PersonaPrompt | None, label: dict[str, Any] | None = None
                       ) -> tuple[dict[str, float], np.ndarray]:
         answers = tr.answer_items(self.model, self.items[trait], edit, persona)
         agreement = tr.statement_agreement(self.model, self.statements[trait], edit, persona)
@@ -125,7 +127,7 @@ class _Evaluator:
                             for q, a, r in zip(questions, judged["answers"], judged["ratings"])]
         return metrics, answers["raw"]
 
-    def capability(self, edit: Any, persona: Any, light: bool = False) -> dict[str, float]:
+    def capability(self, edit: Edit | None, persona: PersonaPrompt | None, light: bool = False) -> dict[str, float]:
         prefix = persona.prefix if persona is not None else ""
         if light:
             sizes = self.suite.sizes

@@ -101,9 +101,8 @@ def _caa_prepare(model: Any, trait: str, config: "CompareConfig") -> Any:
 
 
 def _caa(model: Any, context: TraitContext, direction: Direction, gamma: float | None) -> Condition:
-    vector = context.state["caa"]
-    return dataclasses.replace(vector, vector=vector.vector * direction_sign(direction) * gamma,
-                               label=f"CAA {context.trait} {direction} L{vector.layer}", _cast={}), None
+    unit = context.state["caa"]
+    return gamma * (unit if direction_sign(direction) > 0 else -unit), None
 
 
 def _prompting(model: Any, context: TraitContext, direction: Direction, gamma: float | None) -> Condition:
