@@ -53,3 +53,16 @@ def test_a_run_without_a_folder_cannot_be_saved_without_one(tmp_path):
     with pytest.raises(ValueError, match="no folder"):
         run.save()
     assert run.save(tmp_path) == tmp_path and Run.load(tmp_path).traits == ["openness"]
+
+
+def test_locate_config_parses_traits_and_round_trips_through_a_dict():
+    from dpn_lens.collect import CollectionConfig
+    from dpn_lens.localize import LocalizationSettings
+    from dpn_lens.pipeline import LocateConfig
+
+    config = LocateConfig("o,E", settings=LocalizationSettings([1, 2], 0.99, 0.5), layers=[1, 2],
+                          collection=CollectionConfig(progress=False, max_batch_size=4))
+    assert config.traits == ["openness", "extraversion"] and LocateConfig().traits == LocateConfig("all").traits
+    assert LocateConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    with pytest.raises(ValueError, match="unknown data source"):
+        LocateConfig(source="wikipedia")
