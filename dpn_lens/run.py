@@ -30,7 +30,7 @@ from dpn_lens.statistics import ContrastStatistics
 from dpn_lens.traits import TRAITS
 
 __all__ = ["Run", "MAPS_DIR", "STATS_DIR", "SUMMARY_FILE", "SUMMARY_MD_FILE", "REPORT_FILE", "map_path",
-           "stats_path", "find_map", "percent_of_all_mlp", "read_summary"]
+           "stats_path", "find_map", "percent_of_mlp", "percent_of_all_mlp", "read_summary"]
 
 MAPS_DIR = "maps"
 """Subfolder of the neuron maps, ``<trait>.safetensors`` (+ ``<trait>.json``)."""
@@ -69,6 +69,19 @@ def find_map(folder: str | Path, trait: str) -> Path | None:
     return None
 
 
+def percent_of_mlp(count: int, n_layers: int, d_mlp: int) -> float:
+    """``count`` neurons as a percentage of all ``n_layers * d_mlp`` MLP neurons of a model.
+
+    The one formula behind every "% of all MLP neurons" the package writes (run summaries, the
+    neuron table, the report, ``pct_edited`` of the comparison).
+
+    Example:
+        >>> percent_of_mlp(30, n_layers=30, d_mlp=1536)
+        0.06510416666666667
+    """
+    return 100 * count / (n_layers * d_mlp)
+
+
 def percent_of_all_mlp(neuron_map: NeuronMap, pole: str | None = None) -> float:
     """Selected neurons of ``pole`` (both when None) as a percentage of ALL MLP neurons of the model.
 
@@ -76,7 +89,7 @@ def percent_of_all_mlp(neuron_map: NeuronMap, pole: str | None = None) -> float:
     without one falls back to the layers it has statistics of.
     """
     n_layers = int(neuron_map.fingerprint.get("n_layers", 0)) or len(neuron_map.stat_layers)
-    return 100 * neuron_map.n_selected(pole) / (n_layers * neuron_map.d_mlp)
+    return percent_of_mlp(neuron_map.n_selected(pole), n_layers, neuron_map.d_mlp)
 
 
 def _trait_order(trait: str) -> tuple[int, str]:

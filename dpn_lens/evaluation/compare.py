@@ -31,7 +31,7 @@ from dpn_lens.evaluation.judge import JudgeConfig, judge_evaluation, load_test_q
 from dpn_lens.evaluation.methods import METHOD_NAMES, METHODS_BY_NAME, TraitContext
 from dpn_lens.localize import reselect
 from dpn_lens.neuron_map import NeuronMap
-from dpn_lens.run import find_map
+from dpn_lens.run import find_map, percent_of_mlp
 from dpn_lens.steering import Edit
 from dpn_lens.traits import TRAITS, normalize_trait
 
@@ -157,7 +157,8 @@ def run_comparison(model: Any, config: CompareConfig, log=print) -> dict[str, An
     """
     started = time.time()
     evaluator = _Evaluator(model, config)
-    n_neurons = int(model.cfg.n_layers) * int(model.cfg.d_mlp)
+    n_layers, d_mlp = int(model.cfg.n_layers), int(model.cfg.d_mlp)
+    n_neurons = n_layers * d_mlp
     log("unsteered capability")
     base_capability = evaluator.capability(None, None)
     rows: list[dict[str, Any]] = []
@@ -186,7 +187,7 @@ def run_comparison(model: Any, config: CompareConfig, log=print) -> dict[str, An
                 capability = evaluator.capability(edit, persona)
                 n_edited = edit.n_edited if edit is not None else 0
                 row = {"method": method, "trait": trait, "direction": direction, "n_edited": n_edited,
-                       "pct_edited": 100.0 * n_edited / n_neurons, **metrics, **capability,
+                       "pct_edited": percent_of_mlp(n_edited, n_layers, d_mlp), **metrics, **capability,
                        "trait_shift": sign * (metrics["questionnaire"] - base_trait[trait]["questionnaire"]),
                        "seconds": time.time() - t0}
                 if "judge_trait" in metrics:
@@ -217,7 +218,7 @@ def run_comparison(model: Any, config: CompareConfig, log=print) -> dict[str, An
                                                           config)
             metrics, _ = evaluator.trait_metrics(sweep_trait, edit, None, {"method": "dpn-le", "q": q})
             q_rows.append({"method": "dpn-le", "trait": sweep_trait, "q": q, "n_edited": edit.n_edited,
-                           "pct_edited": 100.0 * edit.n_edited / n_neurons, **metrics,
+                           "pct_edited": percent_of_mlp(edit.n_edited, n_layers, d_mlp), **metrics,
                            "trait_shift": metrics["questionnaire"] - base_q, **evaluator.capability(edit, None, light=True)})
             log(f"q sweep {q}: n={edit.n_edited} shift={q_rows[-1]['trait_shift']:+.3f} kl={q_rows[-1]['kl']:.4f}")
     meta = {"model": getattr(model, "dpn_model_name", "model"), "n_mlp_neurons": n_neurons,
