@@ -85,6 +85,7 @@ def _model_name(args: argparse.Namespace, run: Any) -> str:
 def _check(args: argparse.Namespace, run: Any) -> None:
     """Refuse what could not work before any work is done (``ValueError`` / ``FileNotFoundError``)."""
     from dpn_lens.data.contrastive import resolve_data_dir
+    from dpn_lens.run import STATS_DIR, SUMMARY_FILE
 
     if args.study in ("multifunction", "all"):
         resolve_data_dir(args.data_dir, "capability")  # raises, naming --data-dir and $DPN_LENS_DATA
@@ -92,12 +93,12 @@ def _check(args: argparse.Namespace, run: Any) -> None:
         return
     if not (args.model or run.model_name):
         raise ValueError(f"--npti generates answers with the model the maps were located on, but "
-                         f"{run.folder / 'summary.json'} names no model: pass --model")
+                         f"{run.folder / SUMMARY_FILE} names no model: pass --model")
     if min(args.npti_prompts, args.npti_tokens) < 1:
         raise ValueError("--npti-prompts and --npti-tokens must be at least 1")
     if args.study == "overlap" and not run.stats:
         raise FileNotFoundError(f"--npti adds the NPTI sets to the exclusivity part, which needs the run's "
-                                f"statistics; {run.folder / 'stats'} holds none")
+                                f"statistics; {run.folder / STATS_DIR} holds none")
 
 
 def run_study(args: argparse.Namespace) -> int:
