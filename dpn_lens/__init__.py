@@ -52,7 +52,8 @@ from dpn_lens.steering import (
     steering_intervention,
 )
 from dpn_lens.distributed import collect_statistics_distributed, merge_across_processes
-from dpn_lens.pipeline import locate_traits, load_run_maps, neuron_table
+from dpn_lens.pipeline import LocateConfig, locate_traits, neuron_table
+from dpn_lens.run import Run
 
 __all__ = [
     "__version__",
@@ -95,6 +96,7 @@ __all__ = [
     "collect_statistics_distributed",
     "merge_across_processes",
     "locate_traits",
-    "load_run_maps",
+    "Run",
+    "LocateConfig",
     "neuron_table",
 ]

@@ -13,7 +13,8 @@ from typing import Any, Mapping, Sequence
 
 from dpn_lens.evaluation.judge import generate_answers
 from dpn_lens.io import write_json_atomic, write_text_atomic
-from dpn_lens.steering import Intervention, steer, steering_intervention
+from dpn_lens.run import SUMMARY_FILE, SUMMARY_MD_FILE
+from dpn_lens.steering import Edit, steer, steering_intervention
 from dpn_lens.traits import TRAITS
 
 __all__ = ["run_demo", "generate_answer", "compare_generations", "DEMO_QUESTIONS"]
@@ -44,7 +45,7 @@ def generate_answer(model: Any, question: str, max_new_tokens: int = 40) -> str:
     return generate_answers(model, [question], max_new_tokens=max_new_tokens, repetition_penalty=1.0)[0]
 
 
-def compare_generations(model: Any, questions: Sequence[str], edits: Mapping[str, Intervention],
+def compare_generations(model: Any, questions: Sequence[str], edits: Mapping[str, Edit],
                         max_new_tokens: int = 40) -> list[str]:
     """For each question: the unsteered answer, then one answer per named intervention."""
     blocks = []
@@ -68,23 +69,23 @@ def _can_write_png() -> bool:
 
 def run_demo(model_name: str = "smollm2-135m-instruct", out: str | Path = "runs/demo",
              figures: str | Path = "figures", n_pairs: int | None = None, gamma: float | None = None,
-             max_new_tokens: int = 40, traits: Sequence[str] = TRAITS, dtype: str = DEMO_DTYPE) -> dict[str, Any]:
+             max_new_tokens: int = 40, traits: Sequence[str] = TRAITS, dtype: str = DEMO_DTYPE,
+             device: str | None = None) -> dict[str, Any]:
     """Run the demo; returns the summary that is also written to ``out/summary.json``."""
-    from dpn_lens.studies.report import layers_study
-    from dpn_lens.studies.run import Run
     from dpn_lens.models import load_model
-    from dpn_lens.pipeline import locate_traits, neuron_table
+    from dpn_lens.pipeline import LocateConfig, locate_traits, neuron_table
+    from dpn_lens.studies.outputs import layers_study
 
     started = time.perf_counter()
     n_pairs = DEMO_PAIRS if n_pairs is None else n_pairs
     gamma = DEMO_GAMMA if gamma is None else gamma
     out, figures = Path(out), Path(figures)
     print(f"dpn-lens demo: {model_name} ({dtype}), {len(traits)} traits x {n_pairs} embedded pairs, gamma {gamma}")
-    model = load_model(model_name, dtype=dtype)
+    model = load_model(model_name, dtype=dtype, device=device)
     n_neurons = model.cfg.n_layers * model.cfg.d_mlp
     print(f"loaded in {time.perf_counter() - started:.0f} s: {model.cfg.n_layers} layers x d_mlp {model.cfg.d_mlp} "
           f"= {n_neurons} MLP neurons\n")
-    run = locate_traits(model, list(traits), source="embedded", n_pairs=n_pairs, out=out)
+    run = locate_traits(model, LocateConfig(list(traits), source="embedded", n_pairs=n_pairs), out=out)
     located = time.perf_counter()
     table = neuron_table(run.maps)
     print("\nSelected neurons per layer (trait high/low), with the share of neurons edited:\n" + table + "\n")
@@ -97,15 +98,15 @@ def run_demo(model_name: str = "smollm2-135m-instruct", out: str | Path = "runs/
         generations[trait] = compare_generations(model, [DEMO_QUESTIONS[trait]], edits, max_new_tokens)
         print("\n".join(generations[trait]) + "\n")
 
-    summary = run.summary()
+    summary = run.summary_dict()
     # The layer-wise figures and tables are those of `dpn-lens study layers` (PNG needs Chromium).
     png = _can_write_png()
-    layers_study(Run(out, run.maps, run.stats, summary), figures, png=png, log=None)
+    layers_study(run, figures, png=png, log=None)
     written = sorted(figures.glob("layers_*.html")) + (sorted(figures.glob("layers_*.png")) if png else [])
     summary.update({"gamma": gamma, "n_pairs": n_pairs, "dtype": dtype, "seconds_locate": round(located - started, 1),
                     "seconds_total": round(time.perf_counter() - started, 1),
                     "figures": [str(path) for path in written], "generations": generations})
-    write_json_atomic(out / "summary.json", summary)
+    write_json_atomic(out / SUMMARY_FILE, summary)
     lines = [f"# dpn-lens demo: {model_name}", "",
              f"{len(traits)} traits x {n_pairs} embedded contrastive pairs; gamma {gamma}; "
              f"{summary['seconds_total']:.0f} s in all.", "", "## Neurons per layer", "", table, "",
@@ -115,7 +116,7 @@ def run_demo(model_name: str = "smollm2-135m-instruct", out: str | Path = "runs/
     lines += ["", "## Unsteered vs steered answers (greedy)", ""]
     for trait, blocks in generations.items():
         lines += [f"### {trait}", "", "```", *blocks, "```", ""]
-    write_text_atomic(out / "summary.md", "\n".join(lines))
+    write_text_atomic(out / SUMMARY_MD_FILE, "\n".join(lines))
     print(f"wrote {out}/summary.md, {out}/summary.json, maps and stats; {len(written)} figure files in {figures}/")
     print(f"demo finished in {summary['seconds_total']:.0f} s")
     return summary

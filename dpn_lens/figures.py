@@ -263,7 +263,7 @@ def upset_figure(sets: Sequence, max_intersections: int = 25, title: str = "Inte
                  ) -> go.Figure:
     """UpSet-style plot: bars = neurons in exactly that combination of sets, dots below = the combination.
 
-    ``sets`` are ``studies.run.NeuronSet`` objects (names label the rows).
+    ``sets`` are ``studies.sets.NeuronSet`` objects (names label the rows).
     """
     names = [s.name for s in sets]
     membership: dict[tuple[int, int], list[int]] = {}

@@ -1,14 +1,14 @@
-"""The locate step for several traits at once, writing a run folder.
+"""The locate step for several traits at once, writing a run folder (layout: ``dpn_lens.run``).
 
-A run folder holds everything later steps need::
-
-    RUN_DIR/stats/<trait>.safetensors   contrast statistics (mergeable, reusable with other settings)
-    RUN_DIR/maps/<trait>.safetensors    neuron maps (+ <trait>.json, a readable copy of the config)
-    RUN_DIR/summary.json                counts per trait, pole and layer, settings, timings
+Example:
+    >>> config = LocateConfig(traits=["openness"], n_pairs=100)          # doctest: +SKIP
+    >>> run = locate_traits(model, config, out="runs/quick")             # doctest: +SKIP
+    >>> run.maps["openness"]                                             # doctest: +SKIP
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,29 +21,47 @@ from dpn_lens.data import (
     embedded_contrastive_set,
     personalitybench_contrastive_set,
 )
-from dpn_lens.io import write_json_atomic
 from dpn_lens.localize import LocalizationSettings, locate
 from dpn_lens.neuron_map import NeuronMap
+from dpn_lens.run import Run, percent_of_all_mlp
 from dpn_lens.statistics import ContrastStatistics
 from dpn_lens.traits import TRAITS, normalize_trait
 
-__all__ = ["DATA_SOURCES", "contrastive_set_for", "locate_traits", "LocateRun", "parse_traits", "parse_layers",
-           "load_run_maps"]
+__all__ = ["DATA_SOURCES", "LocateConfig", "contrastive_set_for", "locate_traits", "parse_traits", "parse_layers",
+           "neuron_table"]
 
 DATA_SOURCES = ("embedded", "personalitybench", "anthropic")
 
 
 def parse_traits(text: str | Sequence[str]) -> list[str]:
-    """``"all"`` or a comma-separated list (``"o,extraversion"``) -> canonical trait names."""
+    """``"all"`` or a comma-separated list (``"o,extraversion"``) -> canonical trait names.
+
+    A list of strings (e.g. space-separated command-line values) may itself hold comma lists.
+
+    Example:
+        >>> parse_traits("o,E")
+        ['openness', 'extraversion']
+        >>> parse_traits(["openness,N", "a"])
+        ['openness', 'neuroticism', 'agreeableness']
+    """
     if isinstance(text, str):
         if text.strip().lower() == "all":
             return list(TRAITS)
         text = [part for part in text.split(",") if part.strip()]
+    else:
+        text = [part for item in text for part in str(item).split(",") if part.strip()]
+        if [part.strip().lower() for part in text] == ["all"]:
+            return list(TRAITS)
     return [normalize_trait(part) for part in text]
 
 
 def parse_layers(text: str | None) -> list[int] | None:
-    """``"12-31"`` or ``"3,5,7"`` -> layer list; ``None``/``"auto"`` -> None."""
+    """``"12-31"`` or ``"3,5,7"`` -> layer list; ``None``/``"auto"`` -> None.
+
+    Example:
+        >>> parse_layers("2-4,7")
+        [2, 3, 4, 7]
+    """
     if text is None or str(text).strip().lower() in ("", "auto"):
         return None
     layers: list[int] = []
@@ -69,80 +87,93 @@ def contrastive_set_for(trait: str, source: str = "embedded", n_pairs: int = 100
 
 
 @dataclass
-class LocateRun:
-    """Maps and statistics of several traits on one model, with timings."""
+class LocateConfig:
+    """What ``locate_traits`` locates, from which data, with which selection settings.
 
-    maps: dict[str, NeuronMap]
-    stats: dict[str, ContrastStatistics]
-    seconds: dict[str, float] = field(default_factory=dict)
-    model_name: str = ""
-
-    def summary(self) -> dict[str, Any]:
-        """JSON-ready counts per trait, pole and layer, with settings and the share of neurons edited."""
-        traits = {}
-        for trait, neuron_map in self.maps.items():
-            n_layers = int(neuron_map.fingerprint.get("n_layers", 0)) or len(neuron_map.stat_layers)
-            traits[trait] = {
-                "high": neuron_map.n_selected("high"), "low": neuron_map.n_selected("low"),
-                "percent_of_searched_layers": 100 * neuron_map.fraction_selected(),
-                "percent_of_all_mlp_neurons": 100 * neuron_map.n_selected() / (n_layers * neuron_map.d_mlp),
-                "layers": neuron_map.settings.layer_range, "q": neuron_map.settings.q,
-                "tau_d": neuron_map.settings.tau_d, "settings_source": neuron_map.settings.source,
-                "settings_reason": neuron_map.settings.reason,
-                "per_layer": {str(layer): list(counts) for layer, counts in neuron_map.counts_per_layer().items()},
-                "n_pairs": neuron_map.n_high_samples, "data_source": neuron_map.data_source,
-                "seconds": round(self.seconds.get(trait, 0.0), 1),
-            }
-        first = next(iter(self.maps.values()))
-        return {"model": self.model_name, "fingerprint": first.fingerprint, "traits": traits}
-
-
-def locate_traits(model: Any, traits: Sequence[str], source: str = "embedded", n_pairs: int = 1000,
-                  seed: int = 42, data_dir: str | Path | None = None, settings: LocalizationSettings | None = None,
-                  q: float | None = None, tau_d: float | None = None, layers: Sequence[int] | None = None,
-                  out: str | Path | None = None, log: Callable[[str], None] = print,
-                  **collect_kwargs: Any) -> LocateRun:
-    """Collect statistics and locate neurons for each trait; save them under ``out`` if given.
+    Attributes:
+        traits: canonical trait names (``parse_traits`` turns ``"all"`` / ``"o,E"`` into them).
+        source: contrastive data source, one of ``DATA_SOURCES`` (``embedded`` needs no files).
+        n_pairs, seed: contrastive pairs per trait and the seed of their draw.
+        data_dir: the shared data folder for the file sources (default: ``$DPN_LENS_DATA``).
+        settings: explicit ``LocalizationSettings`` (default: reference settings, else proposed).
+        q, tau_d, layers: override single settings (None: keep the default's).
+        collection: how activations are read and batched (``CollectionConfig``).
 
     Example:
-        >>> run = locate_traits(model, ["openness"], n_pairs=100, out="runs/quick")   # doctest: +SKIP
-        >>> run.maps["openness"]                                                      # doctest: +SKIP
+        >>> LocateConfig(traits=["openness"], n_pairs=8).to_dict()["n_pairs"]
+        8
     """
-    maps: dict[str, NeuronMap] = {}
-    stats: dict[str, ContrastStatistics] = {}
-    seconds: dict[str, float] = {}
+
+    traits: list[str] = field(default_factory=lambda: list(TRAITS))
+    source: str = "embedded"
+    n_pairs: int = 1000
+    seed: int = 42
+    data_dir: str | Path | None = None
+    settings: LocalizationSettings | None = None
+    q: float | None = None
+    tau_d: float | None = None
+    layers: Sequence[int] | None = None
+    collection: CollectionConfig = field(default_factory=CollectionConfig)
+
+    def __post_init__(self) -> None:
+        self.traits = parse_traits(self.traits)
+        if self.source not in DATA_SOURCES:
+            raise ValueError(f"unknown data source {self.source!r}; use one of {', '.join(DATA_SOURCES)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready copy (paths as strings)."""
+        result = dataclasses.asdict(self)
+        result["data_dir"] = None if self.data_dir is None else str(self.data_dir)
+        result["layers"] = None if self.layers is None else list(self.layers)
+        return result
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "LocateConfig":
+        """Inverse of ``to_dict``."""
+        values = dict(values)
+        if isinstance(values.get("settings"), dict):
+            values["settings"] = LocalizationSettings(**values["settings"])
+        if isinstance(values.get("collection"), dict):
+            values["collection"] = CollectionConfig(**values["collection"])
+        return cls(**values)
+
+
+def locate_traits(model: Any, config: LocateConfig, out: str | Path | None = None,
+                  log: Callable[[str], None] = print) -> Run:
+    """Collect statistics and locate neurons for each trait; save them under ``out`` if given.
+
+    Each trait's statistics and map are written as soon as they exist (a long run keeps its finished
+    traits), ``summary.json`` at the end.
+
+    Example:
+        >>> run = locate_traits(model, LocateConfig(["openness"], n_pairs=100), out="runs/quick")   # doctest: +SKIP
+        >>> run.maps["openness"]                                                                    # doctest: +SKIP
+    """
     model_name = getattr(model, "dpn_model_name", "")
-    for trait in traits:
+    run = Run(None if out is None else Path(out), {}, model_name=model_name)
+    for trait in config.traits:
         started = time.perf_counter()
-        pairs = contrastive_set_for(trait, source, n_pairs, seed, data_dir)
-        stats[trait] = collect_statistics(model, pairs, CollectionConfig(**collect_kwargs))
-        maps[trait] = locate(stats[trait], settings=settings, model_name=model_name, q=q, tau_d=tau_d, layers=layers)
-        seconds[trait] = time.perf_counter() - started
-        log(f"{trait:>17}: {maps[trait]!r} [{seconds[trait]:.0f} s]")
+        pairs = contrastive_set_for(trait, config.source, config.n_pairs, config.seed, config.data_dir)
+        stats: ContrastStatistics = collect_statistics(model, pairs, config.collection)
+        run.stats[trait] = stats
+        run.maps[trait] = locate(stats, settings=config.settings, model_name=model_name, q=config.q,
+                                 tau_d=config.tau_d, layers=config.layers)
+        run.seconds[trait] = time.perf_counter() - started
+        log(f"{trait:>17}: {run.maps[trait]!r} [{run.seconds[trait]:.0f} s]")
         if out is not None:
-            stats[trait].save(Path(out) / "stats" / f"{trait}.safetensors")
-            maps[trait].save(Path(out) / "maps" / f"{trait}.safetensors")
-    run = LocateRun(maps, stats, seconds, model_name)
+            run.save_trait(trait)
     if out is not None:
-        write_json_atomic(Path(out) / "summary.json", run.summary())
+        run.save_summary()
+    else:
+        run.summary = run.summary_dict()
     return run
-
-
-def load_run_maps(run_dir: str | Path, model: Any | None = None) -> dict[str, NeuronMap]:
-    """All neuron maps of a run folder, keyed by trait (checked against ``model`` if given)."""
-    folder = Path(run_dir) / "maps"
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no neuron maps in {folder}; create them with `dpn-lens locate --out {run_dir}`")
-    maps = {path.stem: NeuronMap.load(path, model=model) for path in files}
-    return {trait: maps[trait] for trait in TRAITS if trait in maps}
 
 
 def neuron_table(maps: dict[str, NeuronMap]) -> str:
     """Markdown table of selected neurons per layer (rows) and trait/pole (columns), with totals.
 
     The last rows give the total per column and the share of neurons edited: of the searched
-    layers and of all MLP neurons of the model.
+    layers and of all MLP neurons of the model (``percent_of_all_mlp``).
     """
     traits = list(maps)
     layers = sorted({layer for neuron_map in maps.values() for layer in neuron_map.layers})
@@ -158,11 +189,10 @@ def neuron_table(maps: dict[str, NeuronMap]) -> str:
     searched, everything = ["% searched"], ["% all MLP"]
     for trait in traits:
         neuron_map = maps[trait]
-        n_layers = int(neuron_map.fingerprint.get("n_layers", 0)) or len(neuron_map.stat_layers)
         for pole in ("high", "low"):
             count = neuron_map.n_selected(pole)
             searched.append(f"{100 * count / (len(neuron_map.layers) * neuron_map.d_mlp):.3f}")
-            everything.append(f"{100 * count / (n_layers * neuron_map.d_mlp):.3f}")
+            everything.append(f"{percent_of_all_mlp(neuron_map, pole):.3f}")
     rows += [searched, everything]
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     return "\n".join("| " + " | ".join(cell.rjust(widths[i]) for i, cell in enumerate(row)) + " |" for row in rows)

@@ -45,3 +45,38 @@ def test_bad_input_is_one_clear_line_and_exit_code_2(tiny_folder, tmp_path, caps
     code = main(["locate", "--model", str(tiny_folder), "--traits", "humour", "--out", str(tmp_path / "run")])
     assert code == 2
     assert "unknown trait 'humour'" in capsys.readouterr().err
+
+
+def test_shared_options_are_spelled_the_same_in_every_command_and_help_shows_defaults(capsys):
+    from dpn_lens.cli import build_parser
+
+    parser = build_parser()
+    for argv in (["locate", "--out", "r"], ["demo"], ["compare", "--out", "c"]):
+        for traits in (["openness,E"], ["openness", "E"]):
+            args = parser.parse_args(argv + ["--traits", *traits, "--device", "cpu", "--dtype", "float32"])
+            assert args.device == "cpu" and args.dtype == "float32"
+            from dpn_lens.pipeline import parse_traits
+
+            assert parse_traits(args.traits) == ["openness", "extraversion"]
+    for argv in (["locate", "--out", "r"], ["compare", "--out", "c"], ["study", "multifunction", "--run", "r"]):
+        assert parser.parse_args(argv).data_dir is None          # resolved later by resolve_data_dir
+    with pytest.raises(SystemExit):
+        parser.parse_args(["locate", "--help"])
+    assert "(default: 1000)" in capsys.readouterr().out
+
+
+def test_every_subcommand_has_one_handler():
+    from dpn_lens.cli import build_parser
+
+    parser = build_parser()
+    for argv in (["locate", "--out", "r"], ["steer", "--map", "m", "--prompt", "p"], ["demo"],
+                 ["study", "layers", "--run", "r"], ["compare", "--out", "c"], ["report", "r"]):
+        args = parser.parse_args(argv)
+        assert callable(args.handler) and not hasattr(args, "func")
+
+
+def test_study_errors_are_one_line_and_exit_code_2(tmp_path, capsys):
+    code = main(["study", "layers", "--run", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("dpn-lens study: error: no neuron maps") and "\n" not in err

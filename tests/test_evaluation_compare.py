@@ -50,3 +50,19 @@ def test_cli_registers_compare_with_its_options():
 def test_unknown_method_is_an_error():
     with pytest.raises(ValueError, match="unknown methods"):
         CompareConfig(methods=["magic"])
+
+
+def test_every_method_is_one_registry_entry_and_builds_an_edit_or_a_persona():
+    from dpn_lens.evaluation.methods import COMPARISON_METHODS, METHOD_NAMES, METHODS_BY_NAME, TraitContext
+
+    from helpers import make_map
+
+    assert METHOD_NAMES == tuple(m.name for m in COMPARISON_METHODS) == tuple(CompareConfig().methods)
+    context = TraitContext("openness", make_map("openness", {2: [0, 1]}, {3: [5]}, [2, 3]))
+    config = CompareConfig(gamma=0.7)
+    for name in ("dpn-le", "dense", "topk", "prompting"):
+        edit, persona = METHODS_BY_NAME[name].condition(None, context, "increase", config)
+        assert (edit is None) != (persona is None), name
+    edit, _ = METHODS_BY_NAME["dpn-le"].condition(None, context, "increase", config)
+    assert edit.n_edited == 3 and METHODS_BY_NAME["dpn-le"].default_gamma(config) == 0.7
+    assert [m.name for m in COMPARISON_METHODS if not m.sweepable] == ["prompting"]

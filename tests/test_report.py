@@ -13,11 +13,10 @@ import plotly.graph_objects as go
 import pytest
 
 from dpn_lens.localize import locate
-from dpn_lens.pipeline import LocateRun
 from dpn_lens.io import write_json_atomic
-from dpn_lens.report import build_report, figure_from_html, markdown_to_html, register, write_report
-from dpn_lens.studies.report import layers_study, overlap_study_report
-from dpn_lens.studies.run import load_run
+from dpn_lens.html_report import build_report, figure_from_html, markdown_to_html, register, write_report
+from dpn_lens.run import Run
+from dpn_lens.studies.outputs import layers_study, overlap_study_report
 
 from helpers import random_stats
 
@@ -32,10 +31,10 @@ def run_with_studies(tmp_path):
         maps[trait] = locate(stats[trait], q=0.95, tau_d=0.2, layers=[2, 3, 4, 5])
         stats[trait].save(run_dir / "stats" / f"{trait}.safetensors")
         maps[trait].save(run_dir / "maps" / f"{trait}.safetensors")
-    summary = LocateRun(maps, stats, {"openness": 1.0, "extraversion": 2.0}, "constructed").summary()
+    summary = Run(run_dir, maps, stats, seconds={"openness": 1.0, "extraversion": 2.0}, model_name="constructed").summary_dict()
     summary["generations"] = {"openness": ["Q: <b>hi</b>?\n  unsteered: fine"]}
     write_json_atomic(run_dir / "summary.json", summary)
-    run = load_run(run_dir)
+    run = Run.load(run_dir)
     layers_study(run, figures_dir, png=False, log=None)
     overlap_study_report(run, figures_dir, png=False, log=None)
     return run_dir, figures_dir
@@ -76,7 +75,7 @@ def test_report_gathers_every_table_and_figure(run_with_studies, tmp_path):
     assert not re.search(r"<script[^>]+src=", page)
     assert page.count("Plotly.newPlot") >= 1 and len(page) > 3_000_000
     # The run's own tables: settings per trait and the neurons-per-layer table from the maps.
-    maps = load_run(run_dir).maps
+    maps = Run.load(run_dir).maps
     assert f"<td>{maps['openness'].n_selected('high')}</td>" in page and "% all MLP" in page
     assert "&lt;b&gt;hi&lt;/b&gt;" in page and "<b>hi</b>" not in page  # generations are escaped
 
@@ -119,7 +118,7 @@ def test_cli_report_command(run_with_studies, tmp_path, capsys):
     parser = argparse.ArgumentParser(prog="dpn-lens")
     register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["report", str(run_dir), "--figures", str(figures_dir), "--out", str(tmp_path / "r.html")])
-    assert args.func(args) == 0
+    assert args.handler(args) == 0
     assert (tmp_path / "r.html").exists() and "figures" in capsys.readouterr().out
 
 
@@ -153,3 +152,16 @@ def test_every_figure_renders_in_headless_chromium(run_with_studies, tmp_path):
     assert len(drawn) == n_figures
     assert dom.count('class="main-svg"') >= 2 * n_figures
     assert (tmp_path / "page.png").stat().st_size > 10_000
+
+
+def test_report_sections_come_from_the_studies_declarations():
+    from pathlib import Path
+
+    from dpn_lens import html_report
+    from dpn_lens.studies import STUDY_SECTIONS, layers, overlap
+
+    assert html_report.SECTIONS[:len(STUDY_SECTIONS)] == STUDY_SECTIONS
+    assert layers.REPORT_SECTION in STUDY_SECTIONS and overlap.REPORT_SECTION in STUDY_SECTIONS
+    for section in STUDY_SECTIONS:
+        assert html_report._section(Path(f"{section.key}_anything.csv")) == section.key
+    assert html_report._section(Path("rows.csv")) == "compare" and html_report._section(Path("x.csv")) == "other"

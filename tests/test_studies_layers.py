@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dpn_lens import LocalizationSettings, locate
-from dpn_lens.studies import layer_counts, layer_value_quantiles, load_run, top_neurons
+from dpn_lens.studies import Run, layer_counts, layer_value_quantiles, top_neurons
 from helpers import make_map, random_stats
 
 
@@ -54,10 +54,10 @@ def run_dir(tmp_path):
 
 
 def test_load_run_reads_maps_and_statistics_in_big_five_order(run_dir):
-    run = load_run(run_dir)
+    run = Run.load(run_dir)
     assert run.traits == ["openness", "extraversion"] and set(run.stats) == set(run.traits)
     with pytest.raises(FileNotFoundError, match="no neuron maps"):
-        load_run(run_dir / "nowhere")
+        Run.load(run_dir / "nowhere")
 
 
 def test_study_cli_writes_tables_and_figures(run_dir, tmp_path):
@@ -68,7 +68,7 @@ def test_study_cli_writes_tables_and_figures(run_dir, tmp_path):
     out = tmp_path / "figs"
     for study in ("layers", "overlap"):
         args = parser.parse_args(["study", study, "--run", str(run_dir), "--out", str(out), "--no-png"])
-        assert args.func(args) == 0
+        assert args.handler(args) == 0
     for name in ("layers_counts.csv", "layers_counts.md", "layers_top_neurons.csv", "layers_distribution.html",
                  "layers_d_vs_s_openness.html", "overlap_pairs.csv", "overlap_jaccard_heatmap.html",
                  "overlap_upset.html", "overlap_exclusivity.csv", "overlap_steering_correlation.html"):

@@ -116,15 +116,15 @@ def test_capability_data_from_the_shared_folder(tiny_model, shared_data):
 
 
 def test_multifunction_study_end_to_end_on_the_tiny_model(tiny_model, shared_data, tmp_path):
-    from dpn_lens.studies.report import multifunction_study
-    from dpn_lens.studies.run import Run
+    from dpn_lens.run import Run
+    from dpn_lens.studies.outputs import MultifunctionConfig, multifunction_study
 
     fingerprint = model_fingerprint(tiny_model).to_dict()
     maps = {"openness": make_map("openness", {2: [0, 1, 2]}, {3: [5]}, [2, 3], n_layers=4, d_mlp=48,
                                  fingerprint=fingerprint)}
-    summary = multifunction_study(Run(tmp_path, maps), tmp_path / "out", tiny_model, shared_data, n_text=2,
-                                  n_multiple_choice=2, n_held_out=2, window=16, fraction=0.1,
-                                  methods=("DPN-LE", "top|d|"), png=False, log=None)
+    config = MultifunctionConfig(data_dir=shared_data, n_text=2, n_multiple_choice=2, n_held_out=2, window=16,
+                                 fraction=0.1, methods=("DPN-LE", "top|d|"))
+    summary = multifunction_study(Run(tmp_path, maps), tmp_path / "out", tiny_model, config, png=False, log=None)
     assert (tmp_path / "out" / "multifunction_costs.csv").exists()
     assert summary["by_method"]["DPN-LE"]["mean_set_size"] == 4
     assert summary["by_method"]["DPN-LE"]["mean_ablation_cost"] != 0.0

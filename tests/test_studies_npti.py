@@ -13,8 +13,8 @@ import torch
 from dpn_lens import LocalizationSettings, locate, model_fingerprint
 from dpn_lens.baselines import NPTIStatistics, npti_intervention, npti_select, npti_statistics, scaled_top_count
 from dpn_lens.data.contrastive import embedded_contrastive_set
-from dpn_lens.studies import NPTI, NeuronSet, Run, load_run, npti_sets, npti_sets_for_run
-from dpn_lens.studies.report import multifunction_study, overlap_study_report
+from dpn_lens.studies import NPTI, NeuronSet, Run, npti_sets, npti_sets_for_run
+from dpn_lens.studies.outputs import MultifunctionConfig, multifunction_study, overlap_study_report
 from helpers import make_map, make_stats, random_stats
 
 
@@ -160,8 +160,9 @@ def test_multifunction_study_reports_npti_overlap_and_costs(tiny_model, shared_d
     assert high.layers == [0, 1, 2, 3] and high.size + low.size > 8
     options = dict(n_text=2, n_multiple_choice=2, n_held_out=2, window=16, fraction=0.1, seed=0)
     out = tmp_path / "out"
-    summary = multifunction_study(Run(tmp_path, maps), out, tiny_model, shared_data, methods=("DPN-LE",),
-                                  png=False, log=None, extra_sets={NPTI: [high, low]}, **options)
+    summary = multifunction_study(Run(tmp_path, maps), out, tiny_model,
+                                  MultifunctionConfig(data_dir=shared_data, methods=("DPN-LE",), **options),
+                                  png=False, log=None, extra_sets={NPTI: [high, low]})
     overlap = {r["pole"]: r for r in _read_csv(out / "multifunction_capability_overlap.csv") if r["method"] == NPTI}
     assert set(overlap) == {"high", "low", "both"}
     assert int(overlap["high"]["n"]) == high.size and int(overlap["both"]["n"]) == high.size + low.size
@@ -221,8 +222,8 @@ def test_study_cli_npti_without_a_known_model_is_an_error(tiny_run_dir, tmp_path
     monkeypatch.setattr("dpn_lens.models.load_model", _no_model_load)
     args = _parser().parse_args(["study", "overlap", "--run", str(tiny_run_dir), "--out", str(tmp_path / "o"),
                                  "--no-png", "--npti"])
-    with pytest.raises(SystemExit, match="pass --model"):
-        args.func(args)
+    with pytest.raises(ValueError, match="pass --model"):
+        args.handler(args)
     assert not (tmp_path / "o").exists()                    # refused before any work
 
 
@@ -239,7 +240,7 @@ def test_study_cli_npti_builds_the_sets_once_and_reports_them(tiny_model, tiny_r
     out = tmp_path / "o"
     args = parser.parse_args(["study", "overlap", "--run", str(tiny_run_dir), "--out", str(out), "--no-png",
                               "--npti", "--npti-prompts", "2", "--npti-tokens", "3"])
-    assert args.func(args) == 0
+    assert args.handler(args) == 0
     assert loaded == ["tiny-llama"]
     rows = [r for r in _read_csv(out / "overlap_exclusivity.csv") if r["method"] == NPTI]
     assert {(r["trait"], r["pole"]) for r in rows} == {(t, p) for t in ("openness", "extraversion")
@@ -250,6 +251,6 @@ def test_study_cli_npti_builds_the_sets_once_and_reports_them(tiny_model, tiny_r
     monkeypatch.setattr("dpn_lens.models.load_model", _no_model_load)
     plain = tmp_path / "plain"
     args = parser.parse_args(["study", "overlap", "--run", str(tiny_run_dir), "--out", str(plain), "--no-png"])
-    assert args.func(args) == 0
+    assert args.handler(args) == 0
     assert not any(r["method"] == NPTI for r in _read_csv(plain / "overlap_exclusivity.csv"))
-    assert load_run(tiny_run_dir).traits == ["openness", "extraversion"]
+    assert Run.load(tiny_run_dir).traits == ["openness", "extraversion"]

@@ -6,6 +6,8 @@ import argparse
 import time
 from typing import Any
 
+from dpn_lens.cli_options import FORMATTER, add_data_dir_option, add_model_options, add_out_option, add_traits_option
+
 __all__ = ["register", "run_compare"]
 
 
@@ -16,20 +18,21 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         >>> parser = argparse.ArgumentParser(); register(parser.add_subparsers(dest="command"))   # doctest: +ELLIPSIS
         ArgumentParser(...)
     """
-    from dpn_lens.evaluation.compare import METHODS
+    from dpn_lens.evaluation.methods import METHOD_NAMES
 
-    parser = subparsers.add_parser("compare", help="compare DPN-LE with NPTI, dense, top-k, CAA and prompting")
-    parser.add_argument("--model", default="smollm2-135m-instruct", help="embedded name, .gguf path or HF name")
-    parser.add_argument("--dtype", default=None, help="model dtype: float32 (default) or bfloat16 (about 3x faster on CPU)")
-    parser.add_argument("--traits", nargs="+", default=None, help="traits (default: all five)")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--data-dir", default=None, help="shared data folder (default: $DPN_LENS_DATA)")
-    parser.add_argument("--maps", default=None, help="folder with <trait>.safetensors neuron maps (else located on the fly)")
+    help_text = "compare DPN-LE with NPTI, dense, top-k, CAA and prompting"
+    parser = subparsers.add_parser("compare", help=help_text, description=help_text, formatter_class=FORMATTER)
+    add_model_options(parser)
+    add_traits_option(parser)
+    parser.add_argument("--methods", nargs="+", default=list(METHOD_NAMES), choices=list(METHOD_NAMES))
+    add_data_dir_option(parser, "ipip/, personalitybench/, anthropic_persona/ and capability/")
+    parser.add_argument("--maps", default=None, help="run folder (or its maps/ folder) with <trait>.safetensors neuron "
+                                                     "maps (None: located on the fly)")
     parser.add_argument("--locate-pairs", type=int, default=100, help="pairs per trait when locating on the fly")
     parser.add_argument("--items", type=int, default=8, help="questionnaire items per trait")
     parser.add_argument("--inventory", default="ipip_neo_300_test")
     parser.add_argument("--statements", type=int, default=6, help="Anthropic statements per pole")
-    parser.add_argument("--respondents", default=None, help="PAlign/PAPI respondent JSON (default: the 10-respondent sample)")
+    parser.add_argument("--respondents", default=None, help="PAlign/PAPI respondent JSON (None: the 10-respondent sample)")
     parser.add_argument("--mc-items", type=int, default=12, help="items per multiple-choice task")
     parser.add_argument("--lambada-items", type=int, default=24)
     parser.add_argument("--ppl-chunks", type=int, default=3)
@@ -46,13 +49,13 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--sweep-trait", default=None)
     parser.add_argument("--judge-url", default=None,
                         help="base URL of an OpenAI-compatible API (e.g. http://localhost:8000/v1) for the optional "
-                             "PersonalityBench judge; default $DPN_LENS_JUDGE_URL, else off. Key: $DPN_LENS_JUDGE_KEY")
+                             "PersonalityBench judge (None: $DPN_LENS_JUDGE_URL, else off). Key: $DPN_LENS_JUDGE_KEY")
     parser.add_argument("--judge-model", default="gpt-4o", help="model name the judge endpoint serves")
     parser.add_argument("--judge-questions", type=int, default=10, help="PersonalityBench test questions per trait")
     parser.add_argument("--judge-tokens", type=int, default=400, help="new tokens per generated answer (paper: 400)")
     parser.add_argument("--no-png", action="store_true", help="write HTML figures only")
-    parser.add_argument("--out", required=True, help="output folder")
-    parser.set_defaults(func=run_compare)
+    add_out_option(parser, "output folder", required=True)
+    parser.set_defaults(handler=run_compare)
     return parser
 
 
@@ -61,7 +64,7 @@ def run_compare(args: argparse.Namespace) -> int:
     from dpn_lens.evaluation.compare import CompareConfig, run_comparison, write_outputs
     from dpn_lens.evaluation.judge import JudgeConfig, judge_endpoint
     from dpn_lens.models import load_model
-    from dpn_lens.traits import TRAITS
+    from dpn_lens.pipeline import parse_traits
 
     started = time.time()
     url = judge_endpoint(args.judge_url)
@@ -72,7 +75,7 @@ def run_compare(args: argparse.Namespace) -> int:
         judge = JudgeConfig(url, args.judge_model, args.judge_questions, args.judge_tokens)
         print(f"judge: {args.judge_model} at {url} rates {args.judge_questions} generated answers per trait and condition")
     config = CompareConfig(
-        traits=args.traits or list(TRAITS), methods=args.methods, data_dir=args.data_dir, maps_dir=args.maps,
+        traits=parse_traits(args.traits), methods=args.methods, data_dir=args.data_dir, maps_dir=args.maps,
         locate_pairs=args.locate_pairs, questionnaire_items=args.items, inventory=args.inventory,
         statements_per_pole=args.statements, respondents=args.respondents,
         capability=CapabilitySizes(args.mc_items, args.lambada_items, args.ppl_chunks, args.ppl_tokens,
@@ -80,7 +83,7 @@ def run_compare(args: argparse.Namespace) -> int:
         gamma=args.gamma, npti_gamma=args.npti_gamma, caa_gamma=args.caa_gamma, npti_prompts=args.npti_prompts,
         npti_new_tokens=args.npti_tokens, gamma_sweep=args.gamma_sweep, q_sweep=args.q_sweep,
         sweep_trait=args.sweep_trait, judge=judge)
-    model = load_model(args.model, dtype=args.dtype)
+    model = load_model(args.model, dtype=args.dtype, device=args.device)
     result = run_comparison(model, config, log=lambda message: print(f"[{time.time() - started:6.0f}s] {message}", flush=True))
     result["meta"]["command_seconds"] = time.time() - started
     for path in write_outputs(result, args.out, make_png=not args.no_png):

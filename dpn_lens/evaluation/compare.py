@@ -1,6 +1,6 @@
 """The comparison: every method x trait x direction on trait control and capability, plus sweeps.
 
-Methods (all through the same evaluation code, see ``dpn_lens.baselines``):
+Methods (all through the same evaluation code; one entry each in ``dpn_lens.evaluation.methods``):
 ``unsteered``, ``dpn-le`` (mode "both"), ``dense`` (s on all neurons of DPN-LE's layers), ``topk``
 (s on DPN-LE's neuron budget, chosen by |d|), ``npti``, ``caa`` and ``prompting``.
 
@@ -22,21 +22,21 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from dpn_lens.baselines import (caa_intervention, dense_intervention, npti_intervention, npti_trait_statistics,
-                                persona_prompt, topk_intervention)
+from dpn_lens.baselines import PersonaPrompt
 from dpn_lens.data.contrastive import embedded_contrastive_set
 from dpn_lens.evaluation import capability as cap
 from dpn_lens.io import markdown_table
 from dpn_lens.evaluation import trait as tr
 from dpn_lens.evaluation.judge import JudgeConfig, judge_evaluation, load_test_questions
-from dpn_lens.localize import select_neurons
+from dpn_lens.evaluation.methods import METHOD_NAMES, METHODS_BY_NAME, TraitContext
+from dpn_lens.localize import reselect
 from dpn_lens.neuron_map import NeuronMap
-from dpn_lens.steering import steering_intervention
+from dpn_lens.run import find_map, percent_of_mlp
+from dpn_lens.steering import Edit
 from dpn_lens.traits import TRAITS, normalize_trait
 
-__all__ = ["CompareConfig", "METHODS", "run_comparison", "write_outputs", "relocate"]
+__all__ = ["CompareConfig", "run_comparison", "write_outputs"]
 
-METHODS = ("dpn-le", "dense", "topk", "npti", "caa", "prompting")
 DIRECTIONS = ("increase", "decrease")
 
 
@@ -50,7 +50,7 @@ class CompareConfig:
     """
 
     traits: list[str] = field(default_factory=lambda: list(TRAITS))
-    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    methods: list[str] = field(default_factory=lambda: list(METHOD_NAMES))
     data_dir: str | None = None
     maps_dir: str | None = None
     locate_pairs: int = 100
@@ -76,28 +76,15 @@ class CompareConfig:
 
     def __post_init__(self) -> None:
         self.traits = [normalize_trait(t) for t in self.traits]
-        unknown = [m for m in self.methods if m not in METHODS]
+        unknown = [m for m in self.methods if m not in METHODS_BY_NAME]
         if unknown:
-            raise ValueError(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
-
-
-def relocate(neuron_map: NeuronMap, q: float) -> NeuronMap:
-    """The same map re-selected at quantile ``q`` (the map keeps s and d of every collected layer)."""
-    high, low, tau = {}, {}, {}
-    for layer in neuron_map.layers:
-        row = neuron_map.stat_layers.index(layer)
-        high[layer], low[layer], tau[layer] = select_neurons(neuron_map.steering_value[row], neuron_map.cohens_d[row],
-                                                             q, neuron_map.settings.tau_d)
-    settings = dataclasses.replace(neuron_map.settings, q=q, source="user", reason=f"q sweep: q={q}")
-    return dataclasses.replace(neuron_map, settings=settings, high=high, low=low, tau_q=tau)
+            raise ValueError(f"unknown methods {unknown}; choose from {', '.join(METHOD_NAMES)}")
 
 
 def _neuron_map(model: Any, trait: str, config: CompareConfig, log) -> NeuronMap:
     if config.maps_dir:
-        path = Path(config.maps_dir) / f"{trait}.safetensors"
-        if not path.exists():
-            path = Path(config.maps_dir) / "maps" / f"{trait}.safetensors"
-        if path.exists():
+        path = find_map(config.maps_dir, trait)  # a maps folder or a run folder
+        if path is not None:
             log(f"{trait}: neuron map from {path}")
             return NeuronMap.load(path, model=model)
         log(f"{trait}: no map in {config.maps_dir}; locating on the fly")
@@ -124,7 +111,7 @@ class _Evaluator:
                                  for t in config.traits} if judge else {})
         self.judged: list[dict[str, Any]] = []  # every generated answer with its ratings, for inspection
 
-    def trait_metrics(self, trait: str, edit: Any, persona: Any, label: dict[str, Any] | None = None
+    def trait_metrics(self, trait: str, edit: Edit | None, persona: PersonaPrompt | None, label: dict[str, Any] | None = None
                       ) -> tuple[dict[str, float], np.ndarray]:
         answers = tr.answer_items(self.model, self.items[trait], edit, persona)
         agreement = tr.statement_agreement(self.model, self.statements[trait], edit, persona)
@@ -140,7 +127,7 @@ class _Evaluator:
                             for q, a, r in zip(questions, judged["answers"], judged["ratings"])]
         return metrics, answers["raw"]
 
-    def capability(self, edit: Any, persona: Any, light: bool = False) -> dict[str, float]:
+    def capability(self, edit: Edit | None, persona: PersonaPrompt | None, light: bool = False) -> dict[str, float]:
         prefix = persona.prefix if persona is not None else ""
         if light:
             sizes = self.suite.sizes
@@ -153,26 +140,13 @@ class _Evaluator:
         return cap.evaluate_capability(self.model, self.suite, edit, prefix)
 
 
-def _edit(method: str, trait: str, direction: str, gamma: float | None, context: dict[str, Any], model: Any,
-          config: CompareConfig) -> tuple[Any, Any]:
-    """``(edit, persona)`` of one method; exactly one of them is not None."""
-    neuron_map = context["map"]
-    if method == "dpn-le":
-        return steering_intervention(neuron_map, config.gamma if gamma is None else gamma, direction, "both"), None
-    if method == "dense":
-        return dense_intervention(neuron_map, config.gamma if gamma is None else gamma, direction), None
-    if method == "topk":
-        return topk_intervention(neuron_map, config.gamma if gamma is None else gamma, direction), None
-    if method == "npti":
-        return npti_intervention(model, context["npti"], direction, config.npti_gamma if gamma is None else gamma), None
-    if method == "caa":
-        vector = context["caa"]
-        return dataclasses.replace(vector, vector=vector.vector * (1 if direction == "increase" else -1) *
-                                   (config.caa_gamma if gamma is None else gamma),
-                                   label=f"CAA {trait} {direction} L{vector.layer}", _cast={}), None
-    if method == "prompting":
-        return None, persona_prompt(trait, direction)
-    raise ValueError(f"unknown method {method!r}")
+def _prepare(model: Any, trait: str, config: CompareConfig, log) -> TraitContext:
+    """The trait's neuron map and the state of every method that runs on it (in registry order)."""
+    context = TraitContext(trait, _neuron_map(model, trait, config, log))
+    for name, method in METHODS_BY_NAME.items():
+        if method.prepare is not None and (name in config.methods or (method.sweepable and name in config.sweep_methods)):
+            context.state[name] = method.prepare(model, trait, config)
+    return context
 
 
 def run_comparison(model: Any, config: CompareConfig, log=print) -> dict[str, Any]:
@@ -183,7 +157,8 @@ def run_comparison(model: Any, config: CompareConfig, log=print) -> dict[str, An
     """
     started = time.time()
     evaluator = _Evaluator(model, config)
-    n_neurons = int(model.cfg.n_layers) * int(model.cfg.d_mlp)
+    n_layers, d_mlp = int(model.cfg.n_layers), int(model.cfg.d_mlp)
+    n_neurons = n_layers * d_mlp
     log("unsteered capability")
     base_capability = evaluator.capability(None, None)
     rows: list[dict[str, Any]] = []
@@ -196,28 +171,23 @@ def run_comparison(model: Any, config: CompareConfig, log=print) -> dict[str, An
         rows.append({"method": "unsteered", "trait": trait, "direction": "none", "n_edited": 0, "pct_edited": 0.0,
                      **base_trait[trait], **base_capability, "trait_shift": 0.0, "seconds": 0.0,
                      **({"judge_shift": 0.0} if config.judge else {})})
-    contexts: dict[str, dict[str, Any]] = {}
+    contexts: dict[str, TraitContext] = {}
     for trait in config.traits:
         t0 = time.time()
-        context: dict[str, Any] = {"map": _neuron_map(model, trait, config, log)}
-        if "npti" in config.methods or "npti" in config.sweep_methods:
-            context["npti"] = npti_trait_statistics(model, trait, config.npti_prompts, config.npti_new_tokens)
-        if "caa" in config.methods:
-            context["caa"] = caa_intervention(model, embedded_contrastive_set(trait, config.caa_pairs, seed=42), 1.0)
-        contexts[trait] = context
-        log(f"{trait}: map {context['map'].n_selected()} neurons; baselines prepared in {time.time() - t0:.0f}s")
+        context = contexts[trait] = _prepare(model, trait, config, log)
+        log(f"{trait}: map {context.neuron_map.n_selected()} neurons; baselines prepared in {time.time() - t0:.0f}s")
         for direction in DIRECTIONS:
             sign = 1.0 if direction == "increase" else -1.0
             for method in config.methods:
                 t0 = time.time()
-                edit, persona = _edit(method, trait, direction, None, context, model, config)
+                edit, persona = METHODS_BY_NAME[method].condition(model, context, direction, config)
                 metrics, answers = evaluator.trait_metrics(trait, edit, persona,
                                                            {"method": method, "direction": direction})
                 raw_answers[(method, trait, direction)] = answers
                 capability = evaluator.capability(edit, persona)
                 n_edited = edit.n_edited if edit is not None else 0
                 row = {"method": method, "trait": trait, "direction": direction, "n_edited": n_edited,
-                       "pct_edited": 100.0 * n_edited / n_neurons, **metrics, **capability,
+                       "pct_edited": percent_of_mlp(n_edited, n_layers, d_mlp), **metrics, **capability,
                        "trait_shift": sign * (metrics["questionnaire"] - base_trait[trait]["questionnaire"]),
                        "seconds": time.time() - t0}
                 if "judge_trait" in metrics:
@@ -234,20 +204,21 @@ def run_comparison(model: Any, config: CompareConfig, log=print) -> dict[str, An
     if sweep_trait in contexts and (config.gamma_sweep or config.q_sweep):
         context = contexts[sweep_trait]
         base_q = base_trait[sweep_trait]["questionnaire"]
-        for method in [m for m in config.sweep_methods if m in ("dpn-le", "npti", "dense", "topk", "caa")]:
+        for method in [m for m in config.sweep_methods if m in METHODS_BY_NAME and METHODS_BY_NAME[m].sweepable]:
             for gamma in config.gamma_sweep:
-                edit, _ = _edit(method, sweep_trait, "increase", gamma, context, model, config)
+                edit, _ = METHODS_BY_NAME[method].condition(model, context, "increase", config, gamma)
                 metrics, _ = evaluator.trait_metrics(sweep_trait, edit, None, {"method": method, "gamma": gamma})
                 gamma_rows.append({"method": method, "trait": sweep_trait, "gamma": gamma, "n_edited": edit.n_edited,
                                    **metrics, "trait_shift": metrics["questionnaire"] - base_q,
                                    **evaluator.capability(edit, None, light=True)})
                 log(f"gamma sweep {method} {gamma}: shift={gamma_rows[-1]['trait_shift']:+.3f} kl={gamma_rows[-1]['kl']:.4f}")
         for q in config.q_sweep:
-            neuron_map = relocate(context["map"], q)
-            edit = steering_intervention(neuron_map, config.gamma, "increase", "both")
+            neuron_map = reselect(context.neuron_map, q=q)
+            edit, _ = METHODS_BY_NAME["dpn-le"].condition(model, TraitContext(sweep_trait, neuron_map), "increase",
+                                                          config)
             metrics, _ = evaluator.trait_metrics(sweep_trait, edit, None, {"method": "dpn-le", "q": q})
             q_rows.append({"method": "dpn-le", "trait": sweep_trait, "q": q, "n_edited": edit.n_edited,
-                           "pct_edited": 100.0 * edit.n_edited / n_neurons, **metrics,
+                           "pct_edited": percent_of_mlp(edit.n_edited, n_layers, d_mlp), **metrics,
                            "trait_shift": metrics["questionnaire"] - base_q, **evaluator.capability(edit, None, light=True)})
             log(f"q sweep {q}: n={edit.n_edited} shift={q_rows[-1]['trait_shift']:+.3f} kl={q_rows[-1]['kl']:.4f}")
     meta = {"model": getattr(model, "dpn_model_name", "model"), "n_mlp_neurons": n_neurons,

@@ -8,51 +8,49 @@ Example:
 from __future__ import annotations
 
 import argparse
-import os
 from typing import Any
 
-__all__ = ["register"]
+from dpn_lens.cli_options import (DEFAULT_MODEL, FORMATTER, add_data_dir_option, add_model_options, add_out_option)
+
+__all__ = ["register", "run_study"]
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", required=True, help="run folder holding maps/<trait>.safetensors and stats/")
-    parser.add_argument("--out", default="figures", help="folder for figures and tables (default: figures/)")
+    add_out_option(parser, "folder for figures and tables", default="figures")
     parser.add_argument("--no-png", action="store_true", help="write HTML only (PNG export needs Chromium)")
     parser.add_argument("--plotlyjs", choices=("cdn", "directory"), default="cdn",
-                        help="HTML loads plotly.js from the CDN (default) or one shared plotly.min.js in --out")
+                        help="HTML loads plotly.js from the CDN or one shared plotly.min.js in --out")
 
 
 def _layers_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--top", type=int, default=10, help="top neurons per trait and pole in the table (default 10)")
+    parser.add_argument("--top", type=int, default=10, help="top neurons per trait and pole in the table")
 
 
 def _model_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None,
-                        help="model the maps were located on (default: the run's summary.json; the multifunction "
-                             "study falls back to smollm2-135m-instruct, --npti does not)")
-    parser.add_argument("--dtype", default=None, help="model dtype (default float32)")
-    parser.add_argument("--device", default=None, help="device for the model (default cpu)")
+    add_model_options(parser, default=None,
+                      model_help=f"model the maps were located on (None: the run's summary.json; the "
+                                 f"multifunction study falls back to {DEFAULT_MODEL}, --npti does not)")
 
 
 def _npti_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--npti", action="store_true",
                         help="also study the NPTI baseline's neuron sets (answers generated with the model)")
     parser.add_argument("--npti-prompts", type=int, default=16,
-                        help="high and low persona prompts per trait for the NPTI statistics (default 16)")
+                        help="high and low persona prompts per trait for the NPTI statistics")
     parser.add_argument("--npti-tokens", type=int, default=24,
-                        help="generated tokens per answer for the NPTI statistics (default 24)")
+                        help="generated tokens per answer for the NPTI statistics")
 
 
 def _multifunction_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data-dir", default=os.environ.get("DPN_LENS_DATA"),
-                        help="data folder holding capability/ (default: $DPN_LENS_DATA)")
-    parser.add_argument("--n-text", type=int, default=4, help="WikiText-2 windows for attribution (default 4)")
-    parser.add_argument("--n-questions", type=int, default=16, help="MMLU + ARC questions for attribution (default 16)")
-    parser.add_argument("--n-held-out", type=int, default=4, help="held-out WikiText-2 windows for costs (default 4)")
-    parser.add_argument("--window", type=int, default=128, help="tokens per text window (default 128)")
+    add_data_dir_option(parser, "capability/")
+    parser.add_argument("--n-text", type=int, default=4, help="WikiText-2 windows for attribution")
+    parser.add_argument("--n-questions", type=int, default=16, help="MMLU + ARC questions for attribution")
+    parser.add_argument("--n-held-out", type=int, default=4, help="held-out WikiText-2 windows for costs")
+    parser.add_argument("--window", type=int, default=128, help="tokens per text window")
     parser.add_argument("--capability-fraction", type=float, default=0.02,
-                        help="capability neurons = this top fraction of each layer by attribution (default 0.02)")
-    parser.add_argument("--gamma", type=float, default=0.8, help="edit strength for the edit cost (default 0.8)")
+                        help="capability neurons = this top fraction of each layer by attribution")
+    parser.add_argument("--gamma", type=float, default=0.8, help="edit strength for the edit cost")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-random-control", action="store_true", help="skip the random-set ablation control")
@@ -61,7 +59,7 @@ def _multifunction_options(parser: argparse.ArgumentParser) -> None:
 def register(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``study`` (with ``layers``, ``overlap``, ``multifunction``, ``all``) to a subparsers object."""
     study = subparsers.add_parser("study", help="layer-wise, overlap and multifunctionality studies of a run",
-                                  description=__doc__.split("\n\n")[0])
+                                  description=__doc__.split("\n\n")[0], formatter_class=FORMATTER)
     inner = study.add_subparsers(dest="study", required=True, metavar="{layers,overlap,multifunction,all}")
     for name, help_text, extras in (
             ("layers", "neuron counts, d and s per layer, top neurons", [_layers_options]),
@@ -70,33 +68,37 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
             ("multifunction", "capability neurons and ablation/edit costs of personality sets",
              [_model_options, _multifunction_options, _npti_options]),
             ("all", "all three studies", [_layers_options, _model_options, _multifunction_options, _npti_options])):
-        parser = inner.add_parser(name, help=help_text, description=help_text)
+        parser = inner.add_parser(name, help=help_text, description=help_text, formatter_class=FORMATTER)
         _common(parser)
         for add in extras:
             add(parser)
-        parser.set_defaults(func=run_study)
+        parser.set_defaults(handler=run_study)
     return study
 
 
 def _model_name(args: argparse.Namespace, run: Any) -> str:
     if args.model:
         return args.model
-    return run.model_name or "smollm2-135m-instruct"
+    return run.model_name or DEFAULT_MODEL
 
 
-def _check_npti(args: argparse.Namespace, run: Any) -> None:
-    """Refuse ``--npti`` before any work when its sets could not be built or used."""
+def _check(args: argparse.Namespace, run: Any) -> None:
+    """Refuse what could not work before any work is done (``ValueError`` / ``FileNotFoundError``)."""
+    from dpn_lens.data.contrastive import resolve_data_dir
+    from dpn_lens.run import STATS_DIR, SUMMARY_FILE
+
+    if args.study in ("multifunction", "all"):
+        resolve_data_dir(args.data_dir, "capability")  # raises, naming --data-dir and $DPN_LENS_DATA
+    if not getattr(args, "npti", False):
+        return
     if not (args.model or run.model_name):
-        raise SystemExit(f"error: --npti generates answers with the model the maps were located on, but "
-                         f"{run.folder / 'summary.json'} names no model: pass --model")
+        raise ValueError(f"--npti generates answers with the model the maps were located on, but "
+                         f"{run.folder / SUMMARY_FILE} names no model: pass --model")
     if min(args.npti_prompts, args.npti_tokens) < 1:
-        raise SystemExit("error: --npti-prompts and --npti-tokens must be at least 1")
+        raise ValueError("--npti-prompts and --npti-tokens must be at least 1")
     if args.study == "overlap" and not run.stats:
-        raise SystemExit(f"error: --npti adds the NPTI sets to the exclusivity part, which needs the run's "
-                         f"statistics; {run.folder / 'stats'} holds none")
-    if args.study in ("multifunction", "all") and not args.data_dir:
-        raise SystemExit("error: the multifunction study needs the capability data: pass --data-dir "
-                         "(the folder holding capability/) or set $DPN_LENS_DATA")
+        raise FileNotFoundError(f"--npti adds the NPTI sets to the exclusivity part, which needs the run's "
+                                f"statistics; {run.folder / STATS_DIR} holds none")
 
 
 def run_study(args: argparse.Namespace) -> int:
@@ -105,16 +107,16 @@ def run_study(args: argparse.Namespace) -> int:
     With ``--npti`` the NPTI sets of every trait are built once (``npti_sets_for_run``) and passed to the
     overlap and multifunction studies as ``extra_sets={"NPTI": ...}``.
     """
-    from dpn_lens.studies.report import layers_study, multifunction_study, overlap_study_report
-    from dpn_lens.studies.run import NPTI, load_run, npti_sets_for_run
+    from dpn_lens.models import load_model
+    from dpn_lens.run import Run
+    from dpn_lens.studies.outputs import MultifunctionConfig, layers_study, multifunction_study, overlap_study_report
+    from dpn_lens.studies.sets import NPTI, npti_sets_for_run
 
-    run = load_run(args.run)
+    run = Run.load(args.run)
+    _check(args, run)
     common = {"png": not args.no_png, "plotlyjs": args.plotlyjs}
     model, extra = None, None
     if getattr(args, "npti", False):
-        from dpn_lens.models import load_model
-
-        _check_npti(args, run)
         model = load_model(_model_name(args, run), dtype=args.dtype, device=args.device)
         extra = {NPTI: npti_sets_for_run(model, run, args.npti_prompts, args.npti_tokens,
                                          log=lambda text: print(text, flush=True))}
@@ -123,16 +125,11 @@ def run_study(args: argparse.Namespace) -> int:
     if args.study in ("overlap", "all"):
         overlap_study_report(run, args.out, extra_sets=extra, **common)
     if args.study in ("multifunction", "all"):
-        from dpn_lens.models import load_model
-
-        if not args.data_dir:
-            raise SystemExit("error: the multifunction study needs the capability data: pass --data-dir "
-                             "(the folder holding capability/) or set $DPN_LENS_DATA")
         if model is None:
             model = load_model(_model_name(args, run), dtype=args.dtype, device=args.device)
-        multifunction_study(run, args.out, model, args.data_dir, n_text=args.n_text,
-                            n_multiple_choice=args.n_questions, n_held_out=args.n_held_out, window=args.window,
-                            fraction=args.capability_fraction, gamma=args.gamma, batch_size=args.batch_size,
-                            seed=args.seed, random_control=not args.no_random_control, extra_sets=extra, **common)
+        config = MultifunctionConfig(
+            data_dir=args.data_dir, n_text=args.n_text, n_multiple_choice=args.n_questions, n_held_out=args.n_held_out,
+            window=args.window, fraction=args.capability_fraction, gamma=args.gamma, batch_size=args.batch_size,
+            seed=args.seed, random_control=not args.no_random_control)
+        multifunction_study(run, args.out, model, config, extra_sets=extra, **common)
     return 0
-

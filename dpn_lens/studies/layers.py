@@ -1,7 +1,7 @@
 """Layer-wise distribution of personality neurons: counts, d and s per layer, top neurons.
 
 Example:
-    >>> run = load_run("runs/demo")                                  # doctest: +SKIP
+    >>> run = Run.load("runs/demo")                                  # doctest: +SKIP
     >>> counts = layer_counts(run.maps)                              # doctest: +SKIP
     >>> counts[0]                                                    # doctest: +SKIP
     {'trait': 'openness', 'pole': 'high', 'layer': 12, 'n': 3, 'fraction': 0.00195}
@@ -14,8 +14,12 @@ from typing import Sequence
 import torch
 
 from dpn_lens.neuron_map import NeuronMap
+from dpn_lens.studies.section import ReportSection
 
-__all__ = ["layer_counts", "layer_value_quantiles", "top_neurons", "QUANTILES"]
+__all__ = ["layer_counts", "layer_value_quantiles", "top_neurons", "QUANTILES", "REPORT_SECTION"]
+
+REPORT_SECTION = ReportSection("layers", "Layer-wise study")
+"""Where ``dpn-lens report`` shows this study's files (all named ``layers_*``)."""
 
 QUANTILES: tuple[float, ...] = (0.05, 0.25, 0.5, 0.75, 0.95)
 

@@ -54,7 +54,7 @@ from dpn_lens.data.prompts import OPTION_LETTERS, multiple_choice_prompt
 from dpn_lens.io import read_jsonl
 from dpn_lens.steering import Intervention, additive_intervention, steer
 from dpn_lens.studies.overlap import layer_matched_pvalue
-from dpn_lens.studies.run import NeuronSet, random_layer_matched_set
+from dpn_lens.studies.sets import NeuronSet, random_layer_matched_set
 
 __all__ = [
     "LossExample", "CapabilityData", "load_capability_data", "text_examples", "neuron_attribution",

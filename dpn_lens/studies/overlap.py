@@ -15,7 +15,7 @@ Three views:
   the layer-matched one is the honest null.
 * **Representation-level exclusivity** within a trait, from the contrast statistics: where a pole's
   neurons sit under the other pole's prompts (mean activation under high vs low prompts, d), for DPN-LE
-  and for sets chosen without the dual criterion (``run.alternative_sets``). And across traits, the
+  and for sets chosen without the dual criterion (``sets.alternative_sets``). And across traits, the
   Pearson correlation of the steering vectors ``s`` per layer.
 
 Example:
@@ -35,13 +35,17 @@ from scipy.stats import hypergeom, norm
 from dpn_lens.localize import select_neurons
 from dpn_lens.neuron_map import NeuronMap
 from dpn_lens.statistics import ContrastStatistics
-from dpn_lens.studies.run import NeuronSet
+from dpn_lens.studies.section import ReportSection
+from dpn_lens.studies.sets import NeuronSet
 
 __all__ = [
     "shared_layers", "jaccard", "overlap_coefficient", "overlap_pvalue", "layer_matched_pvalue",
     "pairwise_overlap", "per_layer_overlap", "overlap_matrix", "pole_exclusivity", "exclusivity_points",
-    "steering_correlations",
+    "steering_correlations", "REPORT_SECTION",
 ]
+
+REPORT_SECTION = ReportSection("overlap", "Overlap and mutual exclusivity")
+"""Where ``dpn-lens report`` shows this study's files (all named ``overlap_*``)."""
 
 
 def shared_layers(a: NeuronSet, b: NeuronSet) -> list[int]:

@@ -1,13 +1,18 @@
 """Run each study on a run folder and write its figures (HTML + PNG) and tables (CSV + Markdown + JSON).
 
+Every file a study writes starts with its section's prefix (``layers_``, ``overlap_``, ``multifunction_``;
+see ``dpn_lens.studies.STUDY_SECTIONS``), which is how ``dpn-lens report`` groups them.
+
 Example:
-    >>> run = load_run("runs/demo")                                   # doctest: +SKIP
+    >>> run = Run.load("runs/demo")                                   # doctest: +SKIP
     >>> summary = layers_study(run, "figures")                        # doctest: +SKIP
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, Mapping, Sequence
 
@@ -18,11 +23,71 @@ import dpn_lens.figures as figures
 from dpn_lens.io import markdown_table, write_csv_atomic, write_json_atomic, write_text_atomic
 from dpn_lens.studies import layers as layer_study
 from dpn_lens.studies import overlap as overlap_study
-from dpn_lens.studies.run import METHODS, NeuronSet, Run, alternative_sets, pole_sets
+from dpn_lens.run import Run
+from dpn_lens.studies.section import ReportSection
+from dpn_lens.studies.sets import SET_METHODS, NeuronSet, alternative_sets, pole_sets
 
-__all__ = ["write_table", "layers_study", "overlap_study_report", "multifunction_study"]
+__all__ = ["write_table", "layers_study", "overlap_study_report", "multifunction_study", "MultifunctionConfig",
+           "MULTIFUNCTION_SECTION"]
 
 PlotlyJs = Literal["cdn", "directory"]
+
+MULTIFUNCTION_SECTION = ReportSection("multifunction", "Multifunctionality")
+"""Report section of the multifunctionality study (its files start with ``multifunction_``).
+
+Declared here, beside ``multifunction_study``, because ``studies/multifunction.py`` holds the study's
+computations only; it belongs there with the other studies' declarations."""
+
+
+@dataclass
+class MultifunctionConfig:
+    """How much data the multifunctionality study uses, and which sets it compares.
+
+    Attributes:
+        data_dir: shared data folder holding ``capability/`` (default: ``$DPN_LENS_DATA``).
+        n_text: WikiText-2 windows for the attribution.
+        n_multiple_choice: MMLU + ARC questions for the attribution.
+        n_held_out: held-out WikiText-2 windows for the ablation and edit costs.
+        window: tokens per text window.
+        fraction: capability neurons = this top fraction of each layer by attribution.
+        gamma: strength of the edit whose cost is measured (``+gamma * s`` on a set's neurons).
+        batch_size: examples per forward pass.
+        seed: seed of the data draw and of the random control sets.
+        methods: ``alternative_sets`` methods compared.
+        random_control: also ablate a layer-matched random set per set.
+
+    Example:
+        >>> config = MultifunctionConfig(n_text=2, methods=("DPN-LE",))
+        >>> MultifunctionConfig.from_dict(config.to_dict()) == config
+        True
+    """
+
+    data_dir: str | Path | None = None
+    n_text: int = 8
+    n_multiple_choice: int = 32
+    n_held_out: int = 8
+    window: int = 128
+    fraction: float = 0.02
+    gamma: float = 0.8
+    batch_size: int = 4
+    seed: int = 0
+    methods: tuple[str, ...] = SET_METHODS
+    random_control: bool = True
+
+    def __post_init__(self) -> None:
+        self.methods = tuple(self.methods)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready copy (the data folder as a string, methods as a list)."""
+        result = dataclasses.asdict(self)
+        result["data_dir"] = None if self.data_dir is None else str(self.data_dir)
+        result["methods"] = list(self.methods)
+        return result
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "MultifunctionConfig":
+        """Inverse of ``to_dict``; unknown keys are an error."""
+        return cls(**values)
 
 
 def write_table(rows: Sequence[dict], folder: str | Path, name: str, markdown: bool = True) -> list[Path]:
@@ -119,7 +184,7 @@ def _both_poles(sets: Sequence[NeuronSet], trait: str, method: str, d_mlp: int) 
     return NeuronSet(f"{trait} [{method}]", neurons, d_mlp, trait, "both", method)
 
 
-def overlap_study_report(run: Run, out: str | Path, methods: Sequence[str] = METHODS[:3], png: bool = True,
+def overlap_study_report(run: Run, out: str | Path, methods: Sequence[str] = SET_METHODS[:3], png: bool = True,
                          plotlyjs: PlotlyJs = "cdn", log: Callable[[str], None] | None = _print,
                          extra_sets: Mapping[str, Sequence[NeuronSet]] | None = None) -> dict:
     """Pole-set overlap (Jaccard, overlap coefficient, p-values), per-layer overlap, UpSet plot,
@@ -199,36 +264,37 @@ def overlap_study_report(run: Run, out: str | Path, methods: Sequence[str] = MET
     return summary
 
 
-def multifunction_study(run: Run, out: str | Path, model: Any, data_dir: str | Path | None = None,
-                        n_text: int = 8, n_multiple_choice: int = 32, n_held_out: int = 8, window: int = 128,
-                        fraction: float = 0.02, gamma: float = 0.8, batch_size: int = 4, seed: int = 0,
-                        methods: Sequence[str] = METHODS, random_control: bool = True, png: bool = True,
-                        plotlyjs: PlotlyJs = "cdn", log: Callable[[str], None] | None = _print,
+def multifunction_study(run: Run, out: str | Path, model: Any, config: MultifunctionConfig | None = None,
+                        png: bool = True, plotlyjs: PlotlyJs = "cdn", log: Callable[[str], None] | None = _print,
                         extra_sets: Mapping[str, Sequence[NeuronSet]] | None = None) -> dict:
     """Capability attribution, capability-neuron overlap of each personality set, and ablation/edit costs.
 
     Args:
-        methods: ``alternative_sets`` methods compared.
+        config: data sizes, capability fraction, edit strength and set methods (``MultifunctionConfig``).
         extra_sets: sets that need more than the run folder, keyed by method, e.g.
             ``{"NPTI": npti_sets_for_run(model, run)}``; they get the same overlap rows (per pole and both
-            poles together) and costs as ``methods``. The edit cost is the DPN-LE edit ``+gamma * s`` on
+            poles together) and costs as ``config.methods``. The edit cost is the DPN-LE edit ``+gamma * s`` on
             every set's neurons (NPTI's own boost/clamp edit is what ``dpn-lens compare`` measures).
 
     Example:
-        >>> summary = multifunction_study(run, "figures", model, extra_sets={"NPTI": npti_sets})  # doctest: +SKIP
+        >>> config = MultifunctionConfig(data_dir="../shared/data", n_text=4)                  # doctest: +SKIP
+        >>> summary = multifunction_study(run, "figures", model, config, extra_sets={"NPTI": npti_sets})  # doctest: +SKIP
         >>> summary["by_method"]["NPTI"]["capability_fraction_pooled"]                           # doctest: +SKIP
     """
     from dpn_lens.studies import multifunction as mf
 
+    config = config or MultifunctionConfig()
+    methods, fraction, gamma = config.methods, config.fraction, config.gamma
     out = Path(out)
     extra = _extra_sets(run, methods, extra_sets)
     all_methods = [*methods, *extra]
     out.mkdir(parents=True, exist_ok=True)
     for neuron_map in run.maps.values():
         neuron_map.check_compatible(model)
-    data = mf.load_capability_data(model, data_dir, n_text, n_multiple_choice, n_held_out, window, seed)
+    data = mf.load_capability_data(model, config.data_dir, config.n_text, config.n_multiple_choice,
+                                   config.n_held_out, config.window, config.seed)
     _say(log, f"multifunction: attributing over {len(data.text)} text windows and {len(data.multiple_choice)} questions")
-    attribution = mf.capability_attribution(model, data, batch_size=batch_size)
+    attribution = mf.capability_attribution(model, data, batch_size=config.batch_size)
     combined = attribution["combined"]
     capability = mf.capability_neurons(combined, fraction)
     from safetensors.torch import save_file
@@ -246,7 +312,8 @@ def multifunction_study(run: Run, out: str | Path, model: Any, data_dir: str | P
     figures.save_figure(figures.capability_fraction_figure([r for r in overlap_rows if r["pole"] == "both"], fraction),
                         out, "multifunction_capability_fraction", png, plotlyjs)
     steering = {trait: (m.steering_value, m.stat_layers) for trait, m in run.maps.items()}
-    costs = mf.set_costs(model, data.held_out, union_sets, steering, gamma, random_control, seed, batch_size,
+    costs = mf.set_costs(model, data.held_out, union_sets, steering, gamma, config.random_control, config.seed,
+                         config.batch_size,
                          progress=(lambda name: _say(log, f"multifunction: costs of {name}")))
     write_table(costs, out, "multifunction_costs")
     figures.save_figure(figures.capability_cost_figure(costs), out, "multifunction_costs", png, plotlyjs)

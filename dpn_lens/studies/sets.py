@@ -1,10 +1,4 @@
-"""Reading a run directory and the neuron sets the studies compare.
-
-A run directory (written by ``dpn-lens demo`` / ``dpn-lens locate``) holds::
-
-    RUN_DIR/maps/<trait>.safetensors   (+ <trait>.json)   NeuronMap per trait
-    RUN_DIR/stats/<trait>.safetensors                     ContrastStatistics per trait (optional here)
-    RUN_DIR/summary.json                                  what produced the run (optional here)
+"""The neuron sets the studies compare, built from a run's maps (``dpn_lens.run.Run``).
 
 A ``NeuronSet`` is one named set of ``(layer, neuron)`` pairs, e.g. the high pole of Openness. Besides
 the DPN-LE pole sets read from the maps, ``alternative_sets`` builds sets chosen *without* the dual
@@ -24,9 +18,8 @@ folder alone; the studies take them as ``extra_sets={"NPTI": ...}``.
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, field
-from pathlib import Path
+import dataclasses
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
@@ -34,18 +27,18 @@ from jaxtyping import Int
 from torch import Tensor
 
 from dpn_lens.baselines.npti import NPTIStatistics, npti_pole_selection, npti_trait_statistics
-from dpn_lens.localize import select_neurons
+from dpn_lens.localize import reselect
 from dpn_lens.neuron_map import NeuronMap
-from dpn_lens.statistics import ContrastStatistics
-from dpn_lens.traits import TRAITS
+from dpn_lens.run import Run
 
-__all__ = ["Run", "NeuronSet", "load_run", "pole_sets", "alternative_sets", "METHODS", "NPTI",
-           "random_layer_matched_set", "npti_sets", "npti_sets_for_run"]
+__all__ = ["NeuronSet", "pole_sets", "alternative_sets", "SET_METHODS", "NPTI", "random_layer_matched_set",
+           "npti_sets", "npti_sets_for_run"]
 
-METHODS: tuple[str, ...] = ("DPN-LE", "top|d|", "|s|-only", "q=0.97")
-"""Set-selection methods the studies compare from a run folder; ``DPN-LE`` is the paper's dual criterion."""
+SET_METHODS: tuple[str, ...] = ("DPN-LE", "top|d|", "|s|-only", "q=0.97")
+"""Set-selection methods the studies compare from a run folder; ``DPN-LE`` is the paper's dual criterion.
+(The comparison's edit methods are another list: ``dpn_lens.evaluation.methods``.)"""
 NPTI = "NPTI"
-"""Method name of the NPTI sets (``npti_sets``); not in ``METHODS`` because they need the model."""
+"""Method name of the NPTI sets (``npti_sets``); not in ``SET_METHODS`` because they need the model."""
 
 
 @dataclass
@@ -102,65 +95,6 @@ class NeuronSet:
         return f"NeuronSet({self.name!r}, size={self.size}, layers={len(self.neurons)})"
 
 
-@dataclass
-class Run:
-    """The neuron maps (and, when present, statistics) of one model, keyed by trait."""
-
-    folder: Path
-    maps: dict[str, NeuronMap]
-    stats: dict[str, ContrastStatistics] = field(default_factory=dict)
-    summary: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def traits(self) -> list[str]:
-        return list(self.maps)
-
-    @property
-    def model_name(self) -> str:
-        return str(self.summary.get("model") or self.summary.get("model_name") or "")
-
-    def require_stats(self, study: str) -> None:
-        missing = [trait for trait in self.maps if trait not in self.stats]
-        if missing:
-            raise FileNotFoundError(
-                f"the {study} study needs the contrast statistics of {', '.join(missing)}; expected "
-                f"{self.folder / 'stats'}/<trait>.safetensors (written by `dpn-lens locate` / `dpn-lens demo`)")
-
-
-def load_run(folder: str | Path) -> Run:
-    """Load ``folder/maps/*.safetensors`` and ``folder/stats/*.safetensors`` (Big Five order first).
-
-    Example:
-        >>> run = load_run("runs/demo")          # doctest: +SKIP
-        >>> run.traits                            # doctest: +SKIP
-        ['openness', 'conscientiousness', 'extraversion', 'agreeableness', 'neuroticism']
-    """
-    folder = Path(folder)
-    map_dir = folder / "maps"
-    files = sorted(map_dir.glob("*.safetensors")) if map_dir.is_dir() else []
-    if not files:
-        raise FileNotFoundError(f"no neuron maps in {map_dir}; pass --run the folder written by `dpn-lens demo` or "
-                                "`dpn-lens locate` (it holds maps/<trait>.safetensors)")
-    maps = {}
-    for path in files:
-        neuron_map = NeuronMap.load(path)
-        maps[neuron_map.trait] = neuron_map
-    order = {trait: i for i, trait in enumerate(TRAITS)}
-    maps = dict(sorted(maps.items(), key=lambda item: (order.get(item[0], len(order)), item[0])))
-    d_mlps = {m.d_mlp for m in maps.values()}
-    if len(d_mlps) > 1:
-        raise ValueError(f"the maps in {map_dir} come from models of different widths {sorted(d_mlps)}; "
-                         "put each model's maps in its own run folder")
-    stats = {}
-    for trait in maps:
-        path = folder / "stats" / f"{trait}.safetensors"
-        if path.exists():
-            stats[trait] = ContrastStatistics.load(path)
-    summary_path = folder / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
-    return Run(folder, maps, stats, summary)
-
-
 def pole_sets(neuron_map: NeuronMap) -> list[NeuronSet]:
     """The DPN-LE high and low sets of a map, named ``"<trait> high"`` / ``"<trait> low"``."""
     return [NeuronSet(f"{neuron_map.trait} {pole}", neuron_map.pole(pole), neuron_map.d_mlp,
@@ -171,16 +105,35 @@ def _rows(neuron_map: NeuronMap) -> list[tuple[int, int]]:
     return [(layer, neuron_map.stat_layers.index(layer)) for layer in neuron_map.layers]
 
 
+def _reselected_poles(neuron_map: NeuronMap, q: float) -> tuple[dict[int, Tensor], dict[int, Tensor]]:
+    """High and low poles of the dual criterion at another ``q`` (``localize.reselect``).
+
+    The studies have always re-selected on s and d upcast to float64 (the maps store float32), so
+    the map is upcast before ``reselect``: the q sets, and the tables built from them, stay the same.
+    """
+    as_float64 = dataclasses.replace(neuron_map, steering_value=neuron_map.steering_value.double(),
+                                     cohens_d=neuron_map.cohens_d.double())
+    reselected = reselect(as_float64, q=q)
+    return dict(reselected.high), dict(reselected.low)
+
+
 def alternative_sets(neuron_map: NeuronMap, method: str) -> list[NeuronSet]:
     """High and low sets of ``neuron_map``'s trait chosen by ``method`` (see the module docstring).
 
-    ``method`` is one of ``METHODS``, or ``"q=<value>"`` for the dual criterion at another q.
+    ``method`` is one of ``SET_METHODS``, or ``"q=<value>"`` for the dual criterion at another q.
 
     Example:
         >>> high, low = alternative_sets(neuron_map, "top|d|")   # doctest: +SKIP
     """
     if method == "DPN-LE":
         return pole_sets(neuron_map)
+    if method.upper() == NPTI:
+        raise ValueError(f"unknown set method {method!r} for a run folder alone: the NPTI sets need the model "
+                         "(generated answers); build them with npti_sets_for_run(model, run)")
+    if method not in ("top|d|", "|s|-only") and not method.startswith("q="):
+        raise ValueError(f"unknown set method {method!r}; use one of {', '.join(SET_METHODS)}")
+    if method.startswith("q="):
+        return _named_sets(neuron_map, method, *_reselected_poles(neuron_map, float(method[2:])))
     high: dict[int, Tensor] = {}
     low: dict[int, Tensor] = {}
     for layer, row in _rows(neuron_map):
@@ -189,18 +142,15 @@ def alternative_sets(neuron_map: NeuronMap, method: str) -> list[NeuronSet]:
             budget = int(neuron_map.high[layer].numel() + neuron_map.low[layer].numel())
             top = torch.argsort(d.abs(), descending=True, stable=True)[:budget]
             high[layer], low[layer] = top[d[top] > 0], top[d[top] < 0]
-        elif method == "|s|-only":
+        else:  # |s|-only
             passes = s.abs() > neuron_map.tau_q[layer]
             high[layer] = torch.nonzero(passes & (s > 0)).flatten()
             low[layer] = torch.nonzero(passes & (s < 0)).flatten()
-        elif method.startswith("q="):
-            q = float(method[2:])
-            high[layer], low[layer], _ = select_neurons(s, d, q, neuron_map.settings.tau_d)
-        elif method.upper() == NPTI:
-            raise ValueError(f"unknown set method {method!r} for a run folder alone: the NPTI sets need the model "
-                             "(generated answers); build them with npti_sets_for_run(model, run)")
-        else:
-            raise ValueError(f"unknown set method {method!r}; use one of {', '.join(METHODS)}")
+    return _named_sets(neuron_map, method, high, low)
+
+
+def _named_sets(neuron_map: NeuronMap, method: str, high: dict[int, Tensor], low: dict[int, Tensor]
+                ) -> list[NeuronSet]:
     return [NeuronSet(f"{neuron_map.trait} {pole} [{method}]", sets, neuron_map.d_mlp, neuron_map.trait, pole, method)
             for pole, sets in (("high", high), ("low", low))]
 
@@ -262,7 +212,7 @@ def npti_sets_for_run(model: Any, run: Run, n_prompts: int = 16, new_tokens: int
         studies as ``extra_sets={"NPTI": sets}``.
 
     Example:
-        >>> sets = npti_sets_for_run(model, load_run("runs/demo"), n_prompts=16)        # doctest: +SKIP
+        >>> sets = npti_sets_for_run(model, Run.load("runs/demo"), n_prompts=16)        # doctest: +SKIP
         >>> overlap_study_report(run, "figures", extra_sets={"NPTI": sets})             # doctest: +SKIP
     """
     for neuron_map in run.maps.values():

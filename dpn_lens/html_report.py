@@ -38,7 +38,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
+from dpn_lens.cli_options import FORMATTER, add_out_option
 from dpn_lens.io import write_text_atomic
+from dpn_lens.run import MAPS_DIR, REPORT_FILE, STATS_DIR, SUMMARY_FILE, SUMMARY_MD_FILE, Run, read_summary
+from dpn_lens.studies import STUDY_SECTIONS
+from dpn_lens.studies.section import ReportSection
 
 __all__ = ["ReportFigure", "ReportTable", "Report", "build_report", "write_report", "figure_from_html",
            "markdown_to_html", "register", "run_report"]
@@ -50,16 +54,15 @@ CSV_ROWS = 100
 OPEN_ROWS = 30
 """Tables longer than this are folded (``<details>``) so the figures stay in view."""
 
-# File-name prefixes of each study's outputs, and the names `dpn-lens compare` writes.
-SECTIONS: tuple[tuple[str, str], ...] = (
-    ("layers", "Layer-wise study"),
-    ("overlap", "Overlap and mutual exclusivity"),
-    ("multifunction", "Multifunctionality"),
-    ("compare", "Method comparison"),
-    ("other", "Other files"),
-)
-COMPARE_NAMES = {"comparison", "rows", "gamma_sweep", "q_sweep", "respondents", "tradeoff"}
-SKIP_DIRS = {"maps", "stats", ".ipynb_checkpoints", "__pycache__"}
+COMPARE_SECTION = ReportSection("compare", "Method comparison",
+                                names=frozenset({"comparison", "rows", "gamma_sweep", "q_sweep", "respondents",
+                                                 "tradeoff"}),
+                                prefixes=("comparison",))
+"""The files `dpn-lens compare` writes."""
+OTHER_SECTION = ReportSection("other", "Other files")
+SECTIONS: tuple[ReportSection, ...] = (*STUDY_SECTIONS, COMPARE_SECTION, OTHER_SECTION)
+"""The page's sections in order: each study's (as the study declares it), the comparison, the rest."""
+SKIP_DIRS = {MAPS_DIR, STATS_DIR, ".ipynb_checkpoints", "__pycache__"}
 
 
 @dataclass
@@ -143,13 +146,8 @@ def _is_report(path: Path) -> bool:
 
 
 def _section(path: Path) -> str:
-    stem = path.stem
-    for prefix, _ in SECTIONS[:3]:
-        if stem.startswith(prefix + "_") or stem == prefix:
-            return prefix
-    if stem in COMPARE_NAMES or stem.startswith("comparison"):
-        return "compare"
-    return "other"
+    """The key of the first section that claims the file (``other`` if none does)."""
+    return next((section.key for section in SECTIONS if section.matches(path.stem)), OTHER_SECTION.key)
 
 
 # ----- Markdown and tables --------------------------------------------------------------------------
@@ -263,15 +261,16 @@ def _candidate_files(run_dir: Path, figures: Sequence[Path]) -> list[Path]:
 
 
 def _overview(run_dir: Path, summary: dict[str, Any], notes: list[str]) -> list[str]:
-    from dpn_lens.pipeline import load_run_maps, neuron_table
+    from dpn_lens.pipeline import neuron_table
+    from dpn_lens.run import percent_of_all_mlp
 
     parts: list[str] = []
     model = summary.get("model") or summary.get("model_name") or ""
     fingerprint = summary.get("fingerprint") or {}
     maps = {}
-    if (run_dir / "maps").is_dir():
+    if (run_dir / MAPS_DIR).is_dir():
         try:
-            maps = load_run_maps(run_dir)
+            maps = Run.load(run_dir).maps
         except (FileNotFoundError, ValueError) as error:
             notes.append(f"neuron maps not read: {error}")
     if maps and not fingerprint:
@@ -287,10 +286,8 @@ def _overview(run_dir: Path, summary: dict[str, Any], notes: list[str]) -> list[
     rows, reasons = [], []
     for trait, neuron_map in maps.items():
         entry = traits.get(trait, {})
-        n_layers = int(neuron_map.fingerprint.get("n_layers", 0)) or len(neuron_map.stat_layers)
         rows.append([trait, str(neuron_map.n_selected("high")), str(neuron_map.n_selected("low")),
-                     f"{100 * neuron_map.fraction_selected():.3f}",
-                     f"{100 * neuron_map.n_selected() / (n_layers * neuron_map.d_mlp):.3f}",
+                     f"{100 * neuron_map.fraction_selected():.3f}", f"{percent_of_all_mlp(neuron_map):.3f}",
                      neuron_map.settings.layer_range, f"{neuron_map.settings.q:g}", f"{neuron_map.settings.tau_d:g}",
                      neuron_map.settings.source, str(neuron_map.n_high_samples), neuron_map.data_source,
                      str(entry.get("seconds", ""))])
@@ -331,8 +328,7 @@ def build_report(run_dir: str | Path, figures: Sequence[str | Path] = (), csv_ro
         if not folder.is_dir():
             raise FileNotFoundError(f"figures folder {folder} does not exist; pass the --out folder of "
                                     "`dpn-lens study` / `dpn-lens compare` (or the demo's --figures)")
-    summary_path = run_dir / "summary.json"
-    summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.exists() else {}
+    summary = read_summary(run_dir)
     model = summary.get("model") or summary.get("model_name") or ""
     report = Report(run_dir, f"dpn-lens report: {run_dir.name}" + (f" ({model})" if model else ""))
     report.overview = _overview(run_dir, summary, report.notes)
@@ -355,8 +351,8 @@ def build_report(run_dir: str | Path, figures: Sequence[str | Path] = (), csv_ro
                     report.notes.append(f"figure {path} skipped: {error}")
         elif path.suffix == ".png" and (path.parent, path.stem) not in html_figures:
             report.figures.append(ReportFigure(path.stem, path, section, png=path.read_bytes()))
-        elif path.suffix == ".md" and path.parent == run_dir and path.stem == "summary":
-            report.tables.append(ReportTable("summary.md", path, "other", markdown_to_html(path.read_text("utf-8")),
+        elif path.suffix == ".md" and path.parent == run_dir and path.name == SUMMARY_MD_FILE:
+            report.tables.append(ReportTable(SUMMARY_MD_FILE, path, "other", markdown_to_html(path.read_text("utf-8")),
                                              collapsed=True))
         elif path.suffix == ".md":
             report.tables.append(ReportTable(path.name, path, section, markdown_to_html(path.read_text("utf-8"))))
@@ -459,7 +455,8 @@ def _render_page(report: Report, plotlyjs: PlotlyJs) -> str:
     sections: list[str] = []
     nav = ['<a href="#overview">Run</a>']
     figure_index = 0
-    for key, title in SECTIONS:
+    for section in SECTIONS:
+        key, title = section.key, section.title
         figures = [f for f in report.figures if f.section == key]
         tables = [t for t in report.tables if t.section == key]
         if not figures and not tables:
@@ -520,7 +517,7 @@ def write_report(run_dir: str | Path, out_html: str | Path | None = None, figure
         PosixPath('runs/demo/report.html')
     """
     report = build_report(run_dir, figures, csv_rows)
-    out = Path(out_html) if out_html is not None else Path(run_dir) / "report.html"
+    out = Path(out_html) if out_html is not None else Path(run_dir) / REPORT_FILE
     return write_text_atomic(out, report.html(plotlyjs))
 
 
@@ -528,21 +525,21 @@ def write_report(run_dir: str | Path, out_html: str | Path | None = None, figure
 def register(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``report RUN_DIR [--figures DIR] [--out FILE]`` to a subparsers object."""
     parser = subparsers.add_parser("report", help="one self-contained HTML page with a run's tables and figures",
-                                   description=__doc__.split("\n\n")[0])
+                                   description=__doc__.split("\n\n")[0], formatter_class=FORMATTER)
     parser.add_argument("run_dir", help="run folder written by `dpn-lens locate` / `dpn-lens demo`")
     parser.add_argument("--figures", action="append", default=[], metavar="DIR",
                         help="folder with study or compare outputs (repeat for several), e.g. figures/")
-    parser.add_argument("--out", default=None, help="HTML file to write (default: RUN_DIR/report.html)")
+    add_out_option(parser, f"HTML file to write (None: RUN_DIR/{REPORT_FILE})")
     parser.add_argument("--plotlyjs", choices=("inline", "cdn"), default="inline",
-                        help="embed plotly.js once so the page works offline (default) or load it from the CDN")
-    parser.set_defaults(func=run_report)
+                        help="embed plotly.js once so the page works offline, or load it from the CDN")
+    parser.set_defaults(handler=run_report)
     return parser
 
 
 def run_report(args: argparse.Namespace) -> int:
     """Handler of ``dpn-lens report``."""
     report = build_report(args.run_dir, args.figures)
-    out = Path(args.out) if args.out else Path(args.run_dir) / "report.html"
+    out = Path(args.out) if args.out else Path(args.run_dir) / REPORT_FILE
     write_text_atomic(out, report.html(args.plotlyjs))
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB): {len(report.figures)} figures, "
           f"{len(report.tables)} tables" + (f"; {len(report.notes)} notes" if report.notes else ""))

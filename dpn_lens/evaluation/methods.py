@@ -1,0 +1,123 @@
+"""The methods ``dpn-lens compare`` compares: one registry entry per method.
+
+Each entry says how to prepare its per-trait state (e.g. NPTI's activation statistics, CAA's vector)
+and how to build the condition of one trait, direction and strength: an ``(edit, persona)`` pair of
+which exactly one is not None (prompting is a persona prompt, not an edit). ``run_comparison`` loops
+over ``COMPARISON_METHODS``; adding a method is one ``ComparisonMethod`` entry there.
+
+Example:
+    >>> [method.name for method in COMPARISON_METHODS]
+    ['dpn-le', 'dense', 'topk', 'npti', 'caa', 'prompting']
+    >>> METHODS_BY_NAME["prompting"].sweepable
+    False
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Literal
+
+from dpn_lens.baselines import (PersonaPrompt, caa_intervention, dense_intervention, npti_intervention,
+                                npti_trait_statistics, persona_prompt, topk_intervention)
+from dpn_lens.data.contrastive import embedded_contrastive_set
+from dpn_lens.neuron_map import NeuronMap
+from dpn_lens.steering import Edit, direction_sign, steering_intervention
+
+if TYPE_CHECKING:  # the comparison's config; compare.py imports this module
+    from dpn_lens.evaluation.compare import CompareConfig
+
+__all__ = ["ComparisonMethod", "TraitContext", "Condition", "COMPARISON_METHODS", "METHODS_BY_NAME",
+           "METHOD_NAMES"]
+
+Direction = Literal["increase", "decrease"]
+Condition = tuple["Edit | None", "PersonaPrompt | None"]
+"""``(edit, persona)``: what one evaluated condition applies; exactly one of them is not None."""
+
+
+@dataclass
+class TraitContext:
+    """What the methods share for one trait: the trait, its DPN-LE neuron map, and each method's
+    prepared state (``state[method name]``, from ``ComparisonMethod.prepare``)."""
+
+    trait: str
+    neuron_map: NeuronMap
+    state: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ComparisonMethod:
+    """One method of the comparison.
+
+    Attributes:
+        name: the name in ``--methods``, the rows and the tables.
+        build: ``(model, context, direction, gamma) -> (edit, persona)``.
+        gamma_option: the ``CompareConfig`` field holding its default strength (None: no strength).
+        prepare: ``(model, trait, config) -> state``, run once per trait before any condition
+            (None: the method needs only the neuron map).
+        sweepable: whether the gamma sweep can run it (a strength that scales an edit).
+    """
+
+    name: str
+    build: Callable[[Any, TraitContext, Direction, float | None], Condition]
+    gamma_option: str | None = "gamma"
+    prepare: Callable[[Any, str, "CompareConfig"], Any] | None = None
+    sweepable: bool = True
+
+    def default_gamma(self, config: "CompareConfig") -> float | None:
+        """The strength of the main comparison (``config.<gamma_option>``)."""
+        return None if self.gamma_option is None else float(getattr(config, self.gamma_option))
+
+    def condition(self, model: Any, context: TraitContext, direction: Direction, config: "CompareConfig",
+                  gamma: float | None = None) -> Condition:
+        """``(edit, persona)`` at ``gamma`` (None: the method's default strength)."""
+        return self.build(model, context, direction, self.default_gamma(config) if gamma is None else gamma)
+
+
+# ----- the methods -----------------------------------------------------------------------------------
+def _dpn_le(model: Any, context: TraitContext, direction: Direction, gamma: float | None) -> Condition:
+    return steering_intervention(context.neuron_map, gamma, direction, "both"), None
+
+
+def _dense(model: Any, context: TraitContext, direction: Direction, gamma: float | None) -> Condition:
+    return dense_intervention(context.neuron_map, gamma, direction), None
+
+
+def _topk(model: Any, context: TraitContext, direction: Direction, gamma: float | None) -> Condition:
+    return topk_intervention(context.neuron_map, gamma, direction), None
+
+
+def _npti_prepare(model: Any, trait: str, config: "CompareConfig") -> Any:
+    return npti_trait_statistics(model, trait, config.npti_prompts, config.npti_new_tokens)
+
+
+def _npti(model: Any, context: TraitContext, direction: Direction, gamma: float | None) -> Condition:
+    return npti_intervention(model, context.state["npti"], direction, gamma), None
+
+
+def _caa_prepare(model: Any, trait: str, config: "CompareConfig") -> Any:
+    # The unit-strength increase vector; each condition scales and signs it.
+    return caa_intervention(model, embedded_contrastive_set(trait, config.caa_pairs, seed=42), 1.0)
+
+
+def _caa(model: Any, context: TraitContext, direction: Direction, gamma: float | None) -> Condition:
+    unit = context.state["caa"]
+    return gamma * (unit if direction_sign(direction) > 0 else -unit), None
+
+
+def _prompting(model: Any, context: TraitContext, direction: Direction, gamma: float | None) -> Condition:
+    return None, persona_prompt(context.trait, direction)
+
+
+COMPARISON_METHODS: tuple[ComparisonMethod, ...] = (
+    ComparisonMethod("dpn-le", _dpn_le),
+    ComparisonMethod("dense", _dense),
+    ComparisonMethod("topk", _topk),
+    ComparisonMethod("npti", _npti, gamma_option="npti_gamma", prepare=_npti_prepare),
+    ComparisonMethod("caa", _caa, gamma_option="caa_gamma", prepare=_caa_prepare),
+    ComparisonMethod("prompting", _prompting, gamma_option=None, sweepable=False),
+)
+"""Every method of the comparison, in table order."""
+METHODS_BY_NAME: dict[str, ComparisonMethod] = {method.name: method for method in COMPARISON_METHODS}
+METHOD_NAMES: tuple[str, ...] = tuple(METHODS_BY_NAME)
+"""The names ``--methods`` accepts."""
