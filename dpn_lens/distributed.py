@@ -98,7 +98,7 @@ def _communication_device(group: Any) -> torch.device:
     return torch.device("cpu")
 
 
-def _describe(stats: ContrastStatistics) -> dict[str, Any]:
+def _shard_identity(stats: ContrastStatistics) -> dict[str, Any]:
     return {"trait": stats.trait, "layers": list(stats.layers), "hook_name": stats.hook_name,
             "token_position": stats.token_position, "fingerprint": stats.fingerprint,
             "shape": list(stats.high.shape)}
@@ -128,7 +128,7 @@ def merge_across_processes(stats: ContrastStatistics, group: Any = None) -> Cont
     # Check before exchanging tensors: every rank sees all descriptions and raises the same error,
     # so no rank is left waiting in a collective.
     descriptions: list[Any] = [None] * world_size
-    dist.all_gather_object(descriptions, _describe(stats), group=group)
+    dist.all_gather_object(descriptions, _shard_identity(stats), group=group)
     for other_rank, description in enumerate(descriptions[1:], start=1):
         for key, value in description.items():
             if value != descriptions[0][key]:

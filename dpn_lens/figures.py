@@ -203,7 +203,7 @@ def d_s_scatter_figure(neuron_map, layers: Sequence[int] | None = None, n_backgr
     for k, layer in enumerate(layers):
         r, c = k // cols + 1, k % cols + 1
         row_index = neuron_map.stat_layers.index(layer)
-        s, d = neuron_map.steering_value[row_index], neuron_map.cohens_d[row_index]
+        s, d = neuron_map.steering_value[row_index], neuron_map.effect_size[row_index]
         high, low = neuron_map.high[layer], neuron_map.low[layer]
         selected = torch.zeros_like(s, dtype=torch.bool)
         selected[high], selected[low] = True, True

@@ -129,7 +129,8 @@ def propose_settings(stats: ContrastStatistics, q: float = 0.995, separation_fra
     return LocalizationSettings(chosen, q, tau_d, "proposed", reason)
 
 
-def _describe(value: Any) -> str:
+def _layer_text(value: Any) -> str:
+    """``[3, 4, 5]`` -> ``"3-5"`` (a contiguous range), anything else as ``str``."""
     if isinstance(value, list) and value and value == list(range(value[0], value[-1] + 1)):
         return f"{value[0]}-{value[-1]}"
     return str(value)
@@ -156,7 +157,7 @@ def locate(stats: ContrastStatistics, settings: LocalizationSettings | None = No
         chosen = {name: given.get(name, base.get(name)) for name in ("layers", "q", "tau_d")}
         kept = [f"{name} from {settings.source} settings" for name in chosen if name not in given] if settings else []
         reason = "set by the caller: " + ", ".join(
-            f"{name}={_describe(value)}" for name, value in given.items()) + (f" ({'; '.join(kept)})" if kept else "")
+            f"{name}={_layer_text(value)}" for name, value in given.items()) + (f" ({'; '.join(kept)})" if kept else "")
         settings = LocalizationSettings(chosen["layers"], chosen["q"], chosen["tau_d"], "user", reason)
     missing = [layer for layer in settings.layers if layer not in stats.layers]
     if missing:
@@ -171,7 +172,7 @@ def locate(stats: ContrastStatistics, settings: LocalizationSettings | None = No
         high[layer], low[layer], thresholds[layer] = select_neurons(s[row], d[row], settings.q, settings.tau_d)
     return NeuronMap(
         trait=stats.trait, settings=settings, high=high, low=low, tau_q=thresholds,
-        steering_value=s.to(torch.float32), cohens_d=d.to(torch.float32), stat_layers=list(stats.layers),
+        steering_value=s.to(torch.float32), effect_size=d.to(torch.float32), stat_layers=list(stats.layers),
         hook_name=stats.hook_name, fingerprint=dict(stats.fingerprint), n_high_samples=stats.high.count,
         n_low_samples=stats.low.count, token_position=stats.token_position, data_source=stats.source,
     )
@@ -199,7 +200,7 @@ def reselect(neuron_map: NeuronMap, q: float | None = None, tau_d: float | None 
     for layer in neuron_map.layers:
         row = neuron_map.stat_layers.index(layer)
         high[layer], low[layer], thresholds[layer] = select_neurons(
-            neuron_map.steering_value[row], neuron_map.cohens_d[row], new_q, new_tau_d)
+            neuron_map.steering_value[row], neuron_map.effect_size[row], new_q, new_tau_d)
     changed = ", ".join(f"{name}={value}" for name, value in (("q", q), ("tau_d", tau_d)) if value is not None)
     settings = dataclasses.replace(neuron_map.settings, q=new_q, tau_d=new_tau_d, source="user",
                                    reason=f"re-selected from the map's s and d: {changed or 'same settings'}")

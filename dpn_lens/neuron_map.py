@@ -32,8 +32,9 @@ class NeuronMap:
         settings: layers searched, q, tau_d and where they came from.
         high, low: ``{layer: neuron indices}`` of the two (disjoint) pole sets.
         tau_q: ``{layer: |s| threshold}``.
-        steering_value, cohens_d: ``[len(stat_layers), d_mlp]`` for every collected layer.
-        stat_layers: the model layers of the rows of ``steering_value`` and ``cohens_d``.
+        steering_value, effect_size: s and Cohen's d, ``[len(stat_layers), d_mlp]``, for every collected
+            layer (``effect_size`` is saved under the tensor name ``cohens_d``).
+        stat_layers: the model layers of the rows of ``steering_value`` and ``effect_size``.
         hook_name: hook point template, ``"blocks.{layer}.mlp.hook_post"``.
         fingerprint: the model's ``ModelFingerprint`` as a dict.
 
@@ -49,7 +50,7 @@ class NeuronMap:
     low: dict[int, Int[Tensor, "n"]]
     tau_q: dict[int, float]
     steering_value: Float[Tensor, "n_stat_layers d_mlp"]
-    cohens_d: Float[Tensor, "n_stat_layers d_mlp"]
+    effect_size: Float[Tensor, "n_stat_layers d_mlp"]
     stat_layers: list[int]
     hook_name: str = "blocks.{layer}.mlp.hook_post"
     fingerprint: dict[str, Any] = field(default_factory=dict)
@@ -92,7 +93,7 @@ class NeuronMap:
     def values_at(self, layer: int, indices: Tensor) -> tuple[Tensor, Tensor]:
         """``(s, d)`` of the given neurons of ``layer``."""
         row = self.stat_layers.index(layer)
-        return self.steering_value[row, indices], self.cohens_d[row, indices]
+        return self.steering_value[row, indices], self.effect_size[row, indices]
 
     def neurons(self, pole: str | None = None) -> list[dict[str, Any]]:
         """One row per selected neuron: pole, layer, neuron, s, d (sorted by layer, then |d|)."""
@@ -135,7 +136,7 @@ class NeuronMap:
         high_layers, high_neurons = flat(self.high)
         low_layers, low_neurons = flat(self.low)
         return {"steering_value": self.steering_value.detach().cpu().contiguous(),
-                "cohens_d": self.cohens_d.detach().cpu().contiguous(),
+                "cohens_d": self.effect_size.detach().cpu().contiguous(),
                 "high_layers": high_layers, "high_neurons": high_neurons,
                 "low_layers": low_layers, "low_neurons": low_neurons}
 
@@ -190,7 +191,7 @@ class NeuronMap:
         neuron_map = cls(
             trait=config["trait"], settings=settings, high=unflat("high", settings.layers),
             low=unflat("low", settings.layers), tau_q={int(k): v for k, v in config["tau_q"].items()},
-            steering_value=tensors["steering_value"], cohens_d=tensors["cohens_d"],
+            steering_value=tensors["steering_value"], effect_size=tensors["cohens_d"],
             stat_layers=list(config["stat_layers"]), hook_name=config["hook_name"],
             fingerprint=config["fingerprint"], n_high_samples=config["n_high_samples"],
             n_low_samples=config["n_low_samples"], token_position=config["token_position"],

@@ -170,7 +170,7 @@ def make_map(trait: str, high: dict[int, list[int]], low: dict[int, list[int]], 
         trait=trait, settings=LocalizationSettings(layers, 0.9, tau_d),
         high={l: torch.tensor(high.get(l, []), dtype=torch.long) for l in layers},
         low={l: torch.tensor(low.get(l, []), dtype=torch.long) for l in layers},
-        tau_q={l: 0.5 for l in layers}, steering_value=s, cohens_d=d, stat_layers=list(range(n_layers)),
+        tau_q={l: 0.5 for l in layers}, steering_value=s, effect_size=d, stat_layers=list(range(n_layers)),
         fingerprint=dict(fingerprint or FINGERPRINT), n_high_samples=10, n_low_samples=10)
 
 

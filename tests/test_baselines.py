@@ -114,7 +114,7 @@ def test_topk_uses_the_dpn_budget_and_the_largest_abs_d(tiny_map):
     edit = topk_intervention(tiny_map)
     assert edit.n_edited == tiny_map.n_selected()
     rows = [tiny_map.stat_layers.index(l) for l in tiny_map.layers]
-    d = tiny_map.cohens_d[rows].abs()
+    d = tiny_map.effect_size[rows].abs()
     chosen = torch.stack([edit.deltas[l] != 0 for l in tiny_map.layers])
     assert d[chosen].min() >= d[~chosen].max()
 

@@ -134,7 +134,7 @@ def test_two_gloo_processes_give_the_neuron_map_of_one_process(two_process_run, 
     assert selected(distributed_map) == selected(single_map)
     assert sum(len(v) for pole in selected(single_map).values() for v in pole.values()) >= 4
     torch.testing.assert_close(distributed_map.steering_value, single_map.steering_value, rtol=0, atol=1e-6)
-    torch.testing.assert_close(distributed_map.cohens_d, single_map.cohens_d, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(distributed_map.effect_size, single_map.effect_size, rtol=1e-5, atol=1e-5)
     # The data-driven settings come out the same too.
     assert locate(rank0).settings == locate(single).settings
     assert selected(locate(rank0)) == selected(locate(single))

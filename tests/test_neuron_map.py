@@ -39,7 +39,7 @@ def wide_model(tmp_path_factory):
 
 def assert_same_map(a: NeuronMap, b: NeuronMap) -> None:
     assert a.config() == b.config()
-    assert torch.equal(a.steering_value, b.steering_value) and torch.equal(a.cohens_d, b.cohens_d)
+    assert torch.equal(a.steering_value, b.steering_value) and torch.equal(a.effect_size, b.effect_size)
     assert a.high.keys() == b.high.keys() and a.low.keys() == b.low.keys()
     for layer in a.layers:
         assert torch.equal(a.high[layer], b.high[layer]) and torch.equal(a.low[layer], b.low[layer])

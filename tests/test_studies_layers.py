@@ -25,7 +25,7 @@ def test_value_quantiles_match_torch():
     neuron_map = locate(random_stats("openness", 1), LocalizationSettings([3, 4, 5], 0.95, 0.3))
     rows = layer_value_quantiles({"openness": neuron_map}, quantiles=(0.5, 0.95))
     row = next(r for r in rows if r["layer"] == 4 and r["quantity"] == "d")
-    d = neuron_map.cohens_d[4].double()
+    d = neuron_map.effect_size[4].double()
     assert row["q50"] == pytest.approx(float(torch.quantile(d, 0.5)))
     assert row["q95"] == pytest.approx(float(torch.quantile(d, 0.95)))
     assert row["searched"] and not next(r for r in rows if r["layer"] == 0)["searched"]

@@ -75,7 +75,7 @@ def test_npti_sets_for_run_keeps_each_trait_to_its_statistics_layers(tiny_model,
     neuron_map = make_map("openness", {2: [0, 1]}, {3: [5]}, [2, 3], n_layers=4, d_mlp=48, fingerprint=fingerprint)
     # A run that collected statistics at layers 1..3 only.
     neuron_map.stat_layers = [1, 2, 3]
-    neuron_map.steering_value, neuron_map.cohens_d = neuron_map.steering_value[1:], neuron_map.cohens_d[1:]
+    neuron_map.steering_value, neuron_map.effect_size = neuron_map.steering_value[1:], neuron_map.effect_size[1:]
     run = Run(tmp_path, {"openness": neuron_map})
     sets = npti_sets_for_run(tiny_model, run, n_prompts=2, new_tokens=3)
     expected = npti_sets(npti_statistics(tiny_model, embedded_contrastive_set("openness", n_pairs=2, seed=7), 3),
@@ -114,11 +114,11 @@ def test_overlap_report_places_npti_neurons_in_the_run_statistics(located_run, t
     stats, neuron_map = located_run.stats["openness"], located_run.maps["openness"]
     assert float(openness[("high", 0, 7)]["mean_high"]) == pytest.approx(float(stats.high.mean[0, 7]))
     assert float(openness[("low", 1, 5)]["mean_low"]) == pytest.approx(float(stats.low.mean[1, 5]))
-    assert float(openness[("high", 4, 10)]["d"]) == pytest.approx(float(neuron_map.cohens_d[4, 10]))
+    assert float(openness[("high", 4, 10)]["d"]) == pytest.approx(float(neuron_map.effect_size[4, 10]))
 
     rows = {(r["trait"], r["pole"]): r for r in _read_csv(out / "overlap_exclusivity.csv") if r["method"] == NPTI}
     assert set(rows) == {(t, p) for t in ("openness", "extraversion") for p in ("high", "low")}
-    d_high = neuron_map.cohens_d[[0, 0, 4], [3, 7, 10]]
+    d_high = neuron_map.effect_size[[0, 0, 4], [3, 7, 10]]
     assert int(rows[("openness", "high")]["n"]) == 3
     expected_sign = float((d_high > 0).double().mean())
     assert float(rows[("openness", "high")]["frac_sign_consistent"]) == pytest.approx(expected_sign)

@@ -107,7 +107,7 @@ def test_alternative_sets_follow_their_definitions():
     neuron_map = locate(random_stats("openness", 0), LocalizationSettings([2, 3, 4, 5], 0.95, 0.3))
     for layer in neuron_map.layers:
         row = neuron_map.stat_layers.index(layer)
-        s, d = neuron_map.steering_value[row], neuron_map.cohens_d[row]
+        s, d = neuron_map.steering_value[row], neuron_map.effect_size[row]
         budget = neuron_map.high[layer].numel() + neuron_map.low[layer].numel()
         high, low = alternative_sets(neuron_map, "top|d|")
         chosen = torch.cat([high.neurons[layer], low.neurons[layer]])
@@ -132,7 +132,7 @@ def test_pole_exclusivity_measures_activation_beyond_the_sign():
     stats = make_stats("openness", mean_high, mean_low, variance=1.0)
     neuron_map = make_map("openness", {0: [0, 1]}, {}, [0], n_layers=1, d_mlp=4)
     neuron_map.steering_value = (mean_high - mean_low).float()
-    neuron_map.cohens_d = ((mean_high - mean_low) / math.sqrt(1.0 + 1e-8)).float()
+    neuron_map.effect_size = ((mean_high - mean_low) / math.sqrt(1.0 + 1e-8)).float()
     high_row = pole_exclusivity(neuron_map, stats, pole_sets(neuron_map))[0]
     assert high_row["n"] == 2 and high_row["frac_sign_consistent"] == 1.0
     assert high_row["frac_own_stronger"] == 0.5                        # only neuron 0

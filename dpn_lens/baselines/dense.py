@@ -53,7 +53,7 @@ def topk_intervention(neuron_map: NeuronMap, gamma: float = 1.0,
     k = neuron_map.n_selected() if k is None else int(k)
     if k < 1:
         raise ValueError(f"k must be at least 1 (the DPN-LE map selects {neuron_map.n_selected()} neurons)")
-    d = rearrange(neuron_map.cohens_d[rows].abs(), "layer neuron -> (layer neuron)")
+    d = rearrange(neuron_map.effect_size[rows].abs(), "layer neuron -> (layer neuron)")
     if k > d.numel():
         raise ValueError(f"k={k} exceeds the {d.numel()} neurons of layers {layers[0]}-{layers[-1]}")
     # One global top-k over all searched layers, then back to a (layer, neuron) mask.

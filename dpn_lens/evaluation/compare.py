@@ -32,7 +32,7 @@ from dpn_lens.evaluation.methods import METHOD_NAMES, METHODS_BY_NAME, TraitCont
 from dpn_lens.localize import reselect
 from dpn_lens.neuron_map import NeuronMap
 from dpn_lens.run import find_map, percent_of_mlp
-from dpn_lens.steering import Edit
+from dpn_lens.steering import Edit, direction_sign
 from dpn_lens.traits import TRAITS, normalize_trait
 
 __all__ = ["CompareConfig", "run_comparison", "write_outputs"]
@@ -177,7 +177,7 @@ def run_comparison(model: Any, config: CompareConfig, log=print) -> dict[str, An
         context = contexts[trait] = _prepare(model, trait, config, log)
         log(f"{trait}: map {context.neuron_map.n_selected()} neurons; baselines prepared in {time.time() - t0:.0f}s")
         for direction in DIRECTIONS:
-            sign = 1.0 if direction == "increase" else -1.0
+            sign = direction_sign(direction)
             for method in config.methods:
                 t0 = time.time()
                 edit, persona = METHODS_BY_NAME[method].condition(model, context, direction, config)

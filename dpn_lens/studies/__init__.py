@@ -14,9 +14,9 @@ Example:
 """
 
 from dpn_lens.run import Run
-from dpn_lens.studies import layers, overlap
+from dpn_lens.studies import layers, multifunction, overlap
 from dpn_lens.studies.layers import layer_counts, layer_value_quantiles, top_neurons
-from dpn_lens.studies.outputs import MULTIFUNCTION_SECTION, MultifunctionConfig
+from dpn_lens.studies.outputs import MultifunctionConfig
 from dpn_lens.studies.overlap import (
     jaccard, overlap_coefficient, overlap_pvalue, layer_matched_pvalue, pairwise_overlap, per_layer_overlap,
     overlap_matrix, pole_exclusivity, exclusivity_points, steering_correlations,
@@ -29,7 +29,7 @@ from dpn_lens.studies.sets import (
 STUDY_SECTIONS: tuple[ReportSection, ...] = (
     layers.REPORT_SECTION,
     overlap.REPORT_SECTION,
-    MULTIFUNCTION_SECTION,
+    multifunction.REPORT_SECTION,
 )
 """The studies' sections of the report page, in page order (one line per study)."""
 

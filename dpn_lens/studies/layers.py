@@ -49,7 +49,7 @@ def layer_value_quantiles(maps: dict[str, NeuronMap], quantiles: Sequence[float]
     probs = torch.tensor(list(quantiles), dtype=torch.float64)
     for trait, neuron_map in maps.items():
         for row, layer in enumerate(neuron_map.stat_layers):
-            s, d = neuron_map.steering_value[row].double(), neuron_map.cohens_d[row].double()
+            s, d = neuron_map.steering_value[row].double(), neuron_map.effect_size[row].double()
             for name, values in (("d", d), ("s", s), ("|s|", s.abs())):
                 q = torch.quantile(values, probs).tolist()
                 entry = {"trait": trait, "layer": layer, "quantity": name, "searched": layer in neuron_map.layers,

@@ -54,13 +54,18 @@ from dpn_lens.data.prompts import OPTION_LETTERS, multiple_choice_prompt
 from dpn_lens.io import read_jsonl
 from dpn_lens.steering import Intervention, additive_intervention, steer
 from dpn_lens.studies.overlap import layer_matched_pvalue
+from dpn_lens.studies.section import ReportSection
 from dpn_lens.studies.sets import NeuronSet, random_layer_matched_set
 
 __all__ = [
+    "REPORT_SECTION",
     "LossExample", "CapabilityData", "load_capability_data", "text_examples", "neuron_attribution",
     "capability_attribution", "capability_neurons", "capability_overlap", "lm_loss", "ablation_hooks",
     "edit_intervention", "set_costs", "DATA_ENV",
 ]
+
+REPORT_SECTION = ReportSection("multifunction", "Multifunctionality")
+"""Report section of the study: its files start with ``multifunction_``."""
 
 DATA_ENV = DATA_DIR_ENV
 LETTERS = OPTION_LETTERS

@@ -27,16 +27,10 @@ from dpn_lens.run import Run
 from dpn_lens.studies.section import ReportSection
 from dpn_lens.studies.sets import SET_METHODS, NeuronSet, alternative_sets, pole_sets
 
-__all__ = ["write_table", "layers_study", "overlap_study_report", "multifunction_study", "MultifunctionConfig",
-           "MULTIFUNCTION_SECTION"]
+__all__ = ["write_table", "layers_study", "overlap_study_report", "multifunction_study", "MultifunctionConfig"]
 
 PlotlyJs = Literal["cdn", "directory"]
 
-MULTIFUNCTION_SECTION = ReportSection("multifunction", "Multifunctionality")
-"""Report section of the multifunctionality study (its files start with ``multifunction_``).
-
-Declared here, beside ``multifunction_study``, because ``studies/multifunction.py`` holds the study's
-computations only; it belongs there with the other studies' declarations."""
 
 
 @dataclass

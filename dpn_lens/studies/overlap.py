@@ -198,7 +198,7 @@ def _tau_q(neuron_map: NeuronMap, layers: Sequence[int]) -> dict[int, float]:
             result[layer] = float(neuron_map.tau_q[layer])
         else:
             row = neuron_map.stat_layers.index(layer)
-            result[layer] = select_neurons(neuron_map.steering_value[row].double(), neuron_map.cohens_d[row].double(),
+            result[layer] = select_neurons(neuron_map.steering_value[row].double(), neuron_map.effect_size[row].double(),
                                            neuron_map.settings.q, neuron_map.settings.tau_d)[2]
     return result
 

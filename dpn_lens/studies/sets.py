@@ -112,7 +112,7 @@ def _reselected_poles(neuron_map: NeuronMap, q: float) -> tuple[dict[int, Tensor
     the map is upcast before ``reselect``: the q sets, and the tables built from them, stay the same.
     """
     as_float64 = dataclasses.replace(neuron_map, steering_value=neuron_map.steering_value.double(),
-                                     cohens_d=neuron_map.cohens_d.double())
+                                     effect_size=neuron_map.effect_size.double())
     reselected = reselect(as_float64, q=q)
     return dict(reselected.high), dict(reselected.low)
 
@@ -137,7 +137,7 @@ def alternative_sets(neuron_map: NeuronMap, method: str) -> list[NeuronSet]:
     high: dict[int, Tensor] = {}
     low: dict[int, Tensor] = {}
     for layer, row in _rows(neuron_map):
-        s, d = neuron_map.steering_value[row].double(), neuron_map.cohens_d[row].double()
+        s, d = neuron_map.steering_value[row].double(), neuron_map.effect_size[row].double()
         if method == "top|d|":
             budget = int(neuron_map.high[layer].numel() + neuron_map.low[layer].numel())
             top = torch.argsort(d.abs(), descending=True, stable=True)[:budget]
