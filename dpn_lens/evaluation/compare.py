@@ -121,10 +121,13 @@ class _Evaluator:
         if self.config.judge is not None:
             questions = self.judge_questions[trait]
             judged = judge_evaluation(self.model, trait, questions, self.config.judge, edit, persona)
-            metrics.update(judge_trait=judged["judge_trait"], judge_fluency=judged["judge_fluency"])
-            self.judged += [{**(label or {}), "trait": trait, "question": q, "answer": a, "judge_trait": r.trait,
-                             "judge_fluency": r.fluency}
-                            for q, a, r in zip(questions, judged["answers"], judged["ratings"])]
+            metrics.update(judge_trait=judged["judge_trait"], judge_fluency=judged["judge_fluency"],
+                           judge_unparsable=judged["judge_unparsable"])
+            # An unparsable reply keeps its row (empty ratings, the raw reply) so it can be read, not guessed.
+            self.judged += [{**(label or {}), "trait": trait, "question": q, "answer": a,
+                             "judge_trait": r.trait if r else None, "judge_fluency": r.fluency if r else None,
+                             "judge_parsed": r is not None, "judge_reply": reply}
+                            for q, a, r, reply in zip(questions, judged["answers"], judged["ratings"], judged["replies"])]
         return metrics, answers["raw"]
 
     def capability(self, edit: Edit | None, persona: PersonaPrompt | None, light: bool = False) -> dict[str, float]:
@@ -225,6 +228,9 @@ def run_comparison(model: Any, config: CompareConfig, log=print) -> dict[str, An
             "config": {k: (dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v)
                        for k, v in dataclasses.asdict(config).items()},
             "seconds": time.time() - started}
+    if config.judge is not None:  # replies the judge gave that were not a rating: reported, never guessed
+        meta["judge_replies"] = len(evaluator.judged)
+        meta["judge_unparsable"] = sum(not j["judge_parsed"] for j in evaluator.judged)
     return {"rows": rows, "gamma_sweep": gamma_rows, "q_sweep": q_rows, "respondents": respondents,
             "judged": evaluator.judged, "meta": meta}
 
@@ -287,6 +293,9 @@ def write_outputs(result: dict[str, Any], out: str | Path, make_png: bool = True
             "statements_gap", "kl", "wikitext_ppl", "lambada_acc", *[f"{t}_acc" for t in cap.MC_TASKS]]
     text = [f"# Comparison on {result['meta']['model']}", "",
             f"Run time: {result['meta']['seconds']:.0f} s. Neurons: {result['meta']['n_mlp_neurons']} MLP neurons.", "",
+            *([f"Judge: {result['meta']['judge_unparsable']} of {result['meta']['judge_replies']} replies were not a "
+               "rating (counted in judge_unparsable, left out of the means; the raw replies are in judged.csv).", ""]
+              if "judge_unparsable" in result["meta"] else []),
             "## Mean per method (over traits and directions)", "",
             _markdown(summary, ["method", "conditions", "n_edited", "pct_edited", "trait_shift",
                                 *[c for c in judge if c != "judge_trait"], "statements_gap", "kl", "wikitext_ppl",
