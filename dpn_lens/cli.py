@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--n-pairs", type=int, default=None, help="pairs per trait (None: sized for ~10 min)")
     demo.add_argument("--gamma", type=float, default=None, help="steering strength (None: see dpn_lens.demo)")
     add_out_option(demo, "run folder", default="runs/demo")
-    demo.add_argument("--figures", default="figures", help="folder for the summary figures")
+    demo.add_argument("--figures", default=None, help="folder for the summary figures (None: OUT/figures)")
     demo.add_argument("--max-new-tokens", type=int, default=40)
     demo.set_defaults(handler=run_demo_command)
 

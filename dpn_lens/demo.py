@@ -68,10 +68,14 @@ def _can_write_png() -> bool:
 
 
 def run_demo(model_name: str = "smollm2-135m-instruct", out: str | Path = "runs/demo",
-             figures: str | Path = "figures", n_pairs: int | None = None, gamma: float | None = None,
+             figures: str | Path | None = None, n_pairs: int | None = None, gamma: float | None = None,
              max_new_tokens: int = 40, traits: Sequence[str] = TRAITS, dtype: str = DEMO_DTYPE,
              device: str | None = None) -> dict[str, Any]:
-    """Run the demo; returns the summary that is also written to ``out/summary.json``."""
+    """Run the demo; returns the summary that is also written to ``out/summary.json``.
+
+    The figures go to ``figures`` (default ``out/figures``), inside the run folder: the repository's
+    ``figures/`` changes only through ``dpn-lens study all --run runs/demo --out figures``.
+    """
     from dpn_lens.models import load_model
     from dpn_lens.pipeline import LocateConfig, locate_traits, neuron_table
     from dpn_lens.studies.outputs import layers_study
@@ -79,7 +83,8 @@ def run_demo(model_name: str = "smollm2-135m-instruct", out: str | Path = "runs/
     started = time.perf_counter()
     n_pairs = DEMO_PAIRS if n_pairs is None else n_pairs
     gamma = DEMO_GAMMA if gamma is None else gamma
-    out, figures = Path(out), Path(figures)
+    out = Path(out)
+    figures = out / "figures" if figures is None else Path(figures)
     print(f"dpn-lens demo: {model_name} ({dtype}), {len(traits)} traits x {n_pairs} embedded pairs, gamma {gamma}")
     model = load_model(model_name, dtype=dtype, device=device)
     n_neurons = model.cfg.n_layers * model.cfg.d_mlp

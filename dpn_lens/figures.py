@@ -21,8 +21,11 @@ from typing import Literal, Sequence
 
 import numpy as np
 import plotly.graph_objects as go
+import plotly.io as pio
 import torch
 from plotly.subplots import make_subplots
+
+from dpn_lens.io import write_text_atomic
 
 
 __all__ = [
@@ -120,7 +123,11 @@ def _start_png_server() -> None:
 
 def save_figure(fig: go.Figure, folder: str | Path, name: str, png: bool = True,
                 plotlyjs: Literal["cdn", "directory"] = "cdn", scale: float = 1.5) -> list[Path]:
-    """Write ``folder/name.html`` (without an embedded plotly bundle) and ``folder/name.png``.
+    """Write ``folder/name.html`` (without an embedded plotly bundle), ``folder/name.json`` and ``folder/name.png``.
+
+    The JSON file is the figure itself (``plotly.io.to_json``; read it back with ``plotly.io.read_json``):
+    ``dpn-lens report`` draws figures from it rather than from the HTML.
+    Returns the paths written: HTML, JSON, then PNG if ``png``.
 
     Args:
         plotlyjs: ``"cdn"`` loads plotly.js from the CDN (smallest files); ``"directory"`` writes one
@@ -134,7 +141,7 @@ def save_figure(fig: go.Figure, folder: str | Path, name: str, png: bool = True,
     folder.mkdir(parents=True, exist_ok=True)
     html = folder / f"{name}.html"
     fig.write_html(html, include_plotlyjs=plotlyjs, full_html=True, config={"displaylogo": False})
-    paths = [html]
+    paths = [html, write_text_atomic(folder / f"{name}.json", pio.to_json(fig, validate=False))]
     if png:
         target = folder / f"{name}.png"
         try:

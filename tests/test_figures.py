@@ -7,6 +7,8 @@ import shutil
 from collections import Counter
 
 import numpy as np
+import plotly.graph_objects as go
+import plotly.io
 import pytest
 import torch
 
@@ -71,10 +73,14 @@ def test_heatmap_and_curves_carry_values(maps):
 
 def test_save_figure_writes_small_html_without_bundle(tmp_path, maps):
     fig = figures.layer_distribution_figure(layer_counts(maps))
-    [html] = figures.save_figure(fig, tmp_path, "dist", png=False)
+    html, spec = figures.save_figure(fig, tmp_path, "dist", png=False)
     text = html.read_text()
     assert html.stat().st_size < 50_000 and "cdn.plot.ly" in text
-    [html] = figures.save_figure(fig, tmp_path / "offline", "dist", png=False, plotlyjs="directory")
+    # The JSON twin is the same figure: read back, it draws the same traces and layout.
+    assert spec == tmp_path / "dist.json"
+    back = plotly.io.read_json(spec)
+    assert back.to_plotly_json() == go.Figure(fig).to_plotly_json()
+    html, _ = figures.save_figure(fig, tmp_path / "offline", "dist", png=False, plotlyjs="directory")
     assert (tmp_path / "offline" / "plotly.min.js").exists() and html.stat().st_size < 50_000
     with pytest.raises(ValueError, match="never a full bundle"):
         figures.save_figure(fig, tmp_path, "dist", png=False, plotlyjs=True)
@@ -86,5 +92,6 @@ def test_save_figure_writes_small_html_without_bundle(tmp_path, maps):
 def test_png_export_renders_an_image(tmp_path, maps):
     fig = figures.layer_distribution_figure(layer_counts(maps))
     paths = figures.save_figure(fig, tmp_path, "dist")
-    png = paths[1].read_bytes()
+    assert [p.suffix for p in paths] == [".html", ".json", ".png"]
+    png = paths[2].read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5_000
