@@ -7,9 +7,15 @@ The page gathers, from a run folder (``dpn-lens locate`` / ``demo``) and any fig
 * study outputs (``dpn-lens study``): every ``*.md`` table, every ``*.csv`` without a Markdown twin
   (first rows), every ``*_summary.json``, grouped by study (``layers_``, ``overlap_``, ``multifunction_``);
 * comparison outputs (``dpn-lens compare``): ``comparison.md`` and its tables;
-* every figure: plotly figures are read back out of their HTML files (the ``Plotly.newPlot`` call that
-  ``plotly.io.write_html`` writes) and redrawn on the page; a figure that exists only as a PNG is
-  inlined as base64.
+* every figure: plotly figures are read from the ``<name>.json`` that ``dpn_lens.figures.save_figure``
+  writes beside each HTML file (folders written before that existed fall back to the ``Plotly.newPlot``
+  call inside the HTML) and redrawn on the page, sized to the page width (many-panel grids drawn smaller,
+  in a scrolling box); a figure that exists only as a PNG is inlined as base64.
+
+The page opens with a summary: model, traits, neurons per pole, the headline comparison numbers (with
+their intervals where the comparison recorded ``<metric>_ci_low`` / ``<metric>_ci_high``), and how many
+steered answers are identical to the unsteered ones (each such answer is marked in the answers table).
+Markdown is rendered by ``markdown-it-py`` (CommonMark with tables).
 
 Why plotly.js inline (default) rather than PNGs: the page must work offline and from one file (mail it,
 attach it to a paper's supplement), and the figures stay interactive (hover shows layer, neuron, d and
@@ -17,8 +23,9 @@ s, which is most of their value). plotly.js is inlined *once* (~4.7 MB) however 
 ``plotlyjs="cdn"`` gives a ~100 kB page that needs the network instead.
 
 When the page has drawn every figure, it sets ``document.title`` to end in ``[rendered N/N]`` and fills
-``#dpn-report-status`` (``data-done="1"``, ``data-rendered``, ``data-total``), so a headless browser
-can check that it rendered.
+``#dpn-report-status`` (``data-done="1"``, ``data-rendered``, ``data-total``, and the layout check
+``data-viewport``, ``data-widest``, ``data-overflow``: elements reaching past the window's right edge),
+so a headless browser can check that it rendered and fits.
 
 Example:
     >>> write_report("runs/demo", figures=["figures"])          # doctest: +SKIP
@@ -38,6 +45,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
+from markdown_it import MarkdownIt
+
 from dpn_lens.cli_options import FORMATTER, add_out_option
 from dpn_lens.io import write_text_atomic
 from dpn_lens.run import MAPS_DIR, REPORT_FILE, STATS_DIR, SUMMARY_FILE, SUMMARY_MD_FILE, Run, read_summary
@@ -45,7 +54,7 @@ from dpn_lens.studies import STUDY_SECTIONS
 from dpn_lens.studies.section import ReportSection
 
 __all__ = ["ReportFigure", "ReportTable", "Report", "build_report", "write_report", "figure_from_html",
-           "markdown_to_html", "register", "run_report"]
+           "figure_from_file", "markdown_to_html", "parse_generations", "register", "run_report"]
 
 PlotlyJs = Literal["inline", "cdn"]
 GENERATOR = "dpn-lens report"
@@ -53,6 +62,10 @@ CSV_ROWS = 100
 """Rows of a CSV table shown on the page (the file holds them all)."""
 OPEN_ROWS = 30
 """Tables longer than this are folded (``<details>``) so the figures stay in view."""
+GRID_PANELS = 12
+"""Figures with more subplot panels than this (the per-layer d-vs-s grids) are drawn smaller, in a scrolling box."""
+HEADLINE_METRICS = ("trait_shift", "judge_shift", "judge_fluency", "statements_gap", "kl", "wikitext_ppl")
+"""Comparison columns the summary shows per method (those present), as means over traits and directions."""
 
 COMPARE_SECTION = ReportSection("compare", "Method comparison",
                                 names=frozenset({"comparison", "rows", "gamma_sweep", "q_sweep", "respondents",
@@ -63,6 +76,9 @@ OTHER_SECTION = ReportSection("other", "Other files")
 SECTIONS: tuple[ReportSection, ...] = (*STUDY_SECTIONS, COMPARE_SECTION, OTHER_SECTION)
 """The page's sections in order: each study's (as the study declares it), the comparison, the rest."""
 SKIP_DIRS = {MAPS_DIR, STATS_DIR, ".ipynb_checkpoints", "__pycache__"}
+# CommonMark (a maintained parser, not a hand-written subset) with GitHub pipe tables; "html": False
+# escapes raw HTML in the files, so a generated answer cannot inject markup into the page.
+_MARKDOWN = MarkdownIt("commonmark", {"html": False}).enable("table")
 
 
 @dataclass
@@ -94,6 +110,7 @@ class Report:
     run_dir: Path
     title: str
     overview: list[str] = field(default_factory=list)
+    summary: list[str] = field(default_factory=list)
     figures: list[ReportFigure] = field(default_factory=list)
     tables: list[ReportTable] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -140,6 +157,30 @@ def figure_from_html(path: str | Path) -> dict[str, Any]:
     return {"data": parts[1], "layout": parts[2], "config": config}
 
 
+def figure_from_file(html_path: str | Path) -> dict[str, Any]:
+    """The figure saved as ``html_path``: from its ``.json`` twin if there is one, else scraped from the HTML.
+
+    The JSON twin is written by ``dpn_lens.figures.save_figure`` (``plotly.io.to_json``); reading the HTML
+    is kept for folders written before it existed.
+
+    Example:
+        >>> figure_from_file("figures/layers_distribution.html")["layout"]["title"]["text"]   # doctest: +SKIP
+        'Personality neurons per layer (bars up: high pole, down: low pole)'
+    """
+    html_path = Path(html_path)
+    twin = html_path.with_suffix(".json")
+    if twin.exists():
+        try:
+            spec = json.loads(twin.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{twin} is not valid JSON ({error.msg}); write the figure again with "
+                             "dpn_lens.figures.save_figure") from error
+        if not isinstance(spec, dict) or not isinstance(spec.get("data"), list):
+            raise ValueError(f"{twin} is not a plotly figure (no 'data' list)")
+        return {"data": spec["data"], "layout": spec.get("layout") or {}, "config": spec.get("config") or {}}
+    return figure_from_html(html_path)
+
+
 def _is_report(path: Path) -> bool:
     with open(path, encoding="utf-8", errors="replace") as handle:
         return f'content="{GENERATOR}"' in handle.read(2000)
@@ -165,64 +206,23 @@ def _table_html(rows: Sequence[Sequence[str]], header: Sequence[str] | None, inl
 
 
 def markdown_to_html(text: str, heading_offset: int = 2) -> str:
-    """The Markdown subset the runs write (headings, pipe tables, fenced code, lists, paragraphs) as HTML.
+    """Markdown (CommonMark with pipe tables, rendered by ``markdown-it-py``) as HTML; raw HTML is escaped.
+
+    Headings move down ``heading_offset`` levels (a file's ``#`` title sits under the page's section
+    headings) and tables are wrapped for the page's table style. A ``|`` inside a cell is written ``\\|``.
 
     Example:
-        >>> markdown_to_html("| a | b |\\n|---|---|\\n| 1 | 2 |")
-        '<div class="table-wrap"><table><thead><tr><th>a</th><th>b</th></tr></thead><tbody><tr><td>1</td><td>2</td></tr></tbody></table></div>'
+        >>> markdown_to_html("| a | b |\\n|---|---|\\n| top\\\\|d\\\\| | 2 |").replace("\\n", "")
+        '<div class="table-wrap"><table><thead><tr><th>a</th><th>b</th></tr></thead><tbody><tr><td>top|d|</td><td>2</td></tr></tbody></table></div>'
     """
-    out: list[str] = []
-    lines = text.splitlines()
-    i = 0
-    paragraph: list[str] = []
+    page = _MARKDOWN.render(text)
 
-    def flush() -> None:
-        if paragraph:
-            out.append("<p>" + _inline(" ".join(paragraph)) + "</p>")
-            paragraph.clear()
+    def shift(match: re.Match) -> str:
+        return f"<{match.group(1)}h{min(6, int(match.group(2)) + heading_offset)}>"
 
-    while i < len(lines):
-        line = lines[i]
-        stripped = line.strip()
-        if stripped.startswith("```"):
-            flush()
-            block = []
-            i += 1
-            while i < len(lines) and not lines[i].strip().startswith("```"):
-                block.append(lines[i])
-                i += 1
-            out.append("<pre><code>" + html.escape("\n".join(block), quote=False) + "</code></pre>")
-            i += 1
-            continue
-        if stripped.startswith("|"):
-            flush()
-            block = []
-            while i < len(lines) and lines[i].strip().startswith("|"):
-                block.append([c.strip() for c in lines[i].strip().strip("|").split("|")])
-                i += 1
-            is_rule = len(block) > 1 and all(re.fullmatch(r":?-+:?", c) for c in block[1] if c)
-            out.append(_table_html(block[2:], block[0]) if is_rule else _table_html(block, None))
-            continue
-        heading = re.match(r"(#{1,6})\s+(.*)", stripped)
-        if heading:
-            flush()
-            level = min(6, len(heading.group(1)) + heading_offset)
-            out.append(f"<h{level}>{_inline(heading.group(2))}</h{level}>")
-        elif re.match(r"[-*]\s+", stripped):
-            flush()
-            items = []
-            while i < len(lines) and re.match(r"\s*[-*]\s+", lines[i]):
-                items.append("<li>" + _inline(re.sub(r"^\s*[-*]\s+", "", lines[i])) + "</li>")
-                i += 1
-            out.append("<ul>" + "".join(items) + "</ul>")
-            continue
-        elif not stripped:
-            flush()
-        else:
-            paragraph.append(stripped)
-        i += 1
-    flush()
-    return "\n".join(out)
+    page = re.sub(r"<(/?)h([1-6])>", shift, page)
+    page = page.replace("<table>", '<div class="table-wrap"><table>').replace("</table>", "</table></div>")
+    return page.replace("\n</code></pre>", "</code></pre>").strip()
 
 
 def _csv_html(path: Path, max_rows: int = CSV_ROWS) -> str:
@@ -246,21 +246,33 @@ def _csv_html(path: Path, max_rows: int = CSV_ROWS) -> str:
 
 
 # ----- gathering -------------------------------------------------------------------------------------
-def _candidate_files(run_dir: Path, figures: Sequence[Path]) -> list[Path]:
-    folders = [run_dir] + [p for p in sorted(run_dir.iterdir()) if p.is_dir() and p.name not in SKIP_DIRS]
-    folders += list(figures)
+def _candidate_files(run_dir: Path, figures: Sequence[Path], notes: list[str]) -> list[Path]:
+    """Files of the folders given with ``--figures``, then of the run folder and its direct subfolders.
+
+    One file per name: the demo writes ``runs/demo/figures/layers_*`` and ``dpn-lens study`` writes the
+    same names into the ``--figures`` folder; the study's (given explicitly) is shown, the other noted.
+    """
+    folders = list(figures) + [run_dir] + [p for p in sorted(run_dir.iterdir()) if p.is_dir() and p.name not in SKIP_DIRS]
     seen: set[Path] = set()
+    by_name: dict[str, Path] = {}
     files: list[Path] = []
     for folder in folders:
         for path in sorted(folder.iterdir()):
             resolved = path.resolve()
-            if path.is_file() and resolved not in seen:
-                seen.add(resolved)
-                files.append(path)
+            if not path.is_file() or resolved in seen:
+                continue
+            seen.add(resolved)
+            if path.name in by_name and path.suffix in (".html", ".json", ".png", ".md", ".csv"):
+                if path.suffix != ".json" or path.stem.endswith("_summary"):
+                    notes.append(f"{path} not shown: {by_name[path.name]} has the same name")
+                continue
+            by_name[path.name] = path
+            files.append(path)
     return files
 
 
-def _overview(run_dir: Path, summary: dict[str, Any], notes: list[str]) -> list[str]:
+def _overview(run_dir: Path, summary: dict[str, Any], notes: list[str]) -> tuple[list[str], dict[str, Any]]:
+    """The run's facts, settings, neurons per layer and generations as HTML parts; and the maps read."""
     from dpn_lens.pipeline import neuron_table
     from dpn_lens.run import percent_of_all_mlp
 
@@ -311,9 +323,135 @@ def _overview(run_dir: Path, summary: dict[str, Any], notes: list[str]) -> list[
         parts.append(markdown_to_html(neuron_table(maps)))
     generations = summary.get("generations") or {}
     if generations:
-        parts.append("<h3>Unsteered vs steered answers (greedy)</h3>")
-        for trait, blocks in generations.items():
-            parts.append(f"<h4>{html.escape(trait)}</h4><pre>{html.escape(chr(10).join(blocks))}</pre>")
+        parts.append("<h3 id='answers'>Unsteered vs steered answers (greedy)</h3>")
+        parts.append(_generations_html(generations))
+    return parts, maps
+
+
+def parse_generations(blocks: Sequence[str]) -> list[dict[str, Any]]:
+    """The demo's answer blocks (``compare_generations``) as ``{"question", "answers": {condition: text}}``.
+
+    A block is ``Q: question`` then one ``  condition: answer`` line per condition (``unsteered`` first);
+    lines that do not start a condition continue the answer above them.
+
+    Example:
+        >>> parse_generations(["Q: Hi?\\n  unsteered: Hello.\\n   increase: Hello.\\n   decrease: Go away."])
+        [{'question': 'Hi?', 'answers': {'unsteered': 'Hello.', 'increase': 'Hello.', 'decrease': 'Go away.'}}]
+    """
+    parsed = []
+    for block in blocks:
+        lines = block.split("\n")
+        question = lines[0][3:] if lines[0].startswith("Q: ") else lines[0]
+        answers: dict[str, str] = {}
+        last = None
+        for line in lines[1:]:
+            match = re.match(r"^  \s*([\w-]+): ?(.*)$", line)
+            if match:
+                last = match.group(1)
+                answers[last] = match.group(2)
+            elif last is not None:
+                answers[last] += "\n" + line
+        parsed.append({"question": question, "answers": answers})
+    return parsed
+
+
+def _identical_answers(generations: dict[str, Sequence[str]]) -> tuple[int, int]:
+    """(steered answers identical to their unsteered answer, steered answers) over every trait and question."""
+    same = total = 0
+    for blocks in generations.values():
+        for item in parse_generations(blocks):
+            base = item["answers"].get("unsteered")
+            for condition, text in item["answers"].items():
+                if condition != "unsteered":
+                    total += 1
+                    same += base is not None and text.strip() == base.strip()
+    return same, total
+
+
+def _generations_html(generations: dict[str, Sequence[str]]) -> str:
+    """One table: trait, question, condition, answer; a steered answer equal to the unsteered one is marked."""
+    rows = []
+    for trait, blocks in generations.items():
+        for item in parse_generations(blocks):
+            base = item["answers"].get("unsteered")
+            for condition, text in item["answers"].items():
+                same = condition != "unsteered" and base is not None and text.strip() == base.strip()
+                mark = ('<span class="same" title="this steered answer is identical to the unsteered one">'
+                        "= unsteered</span> ") if same else ""
+                row_class = ' class="same-row"' if same else ""
+                rows.append(f"<tr{row_class}><td>{html.escape(trait)}</td>"
+                            f"<td>{html.escape(item['question'])}</td><td>{html.escape(condition)}</td>"
+                            f'<td class="answer">{mark}{html.escape(text)}</td></tr>')
+    return ('<div class="table-wrap"><table class="answers"><thead><tr><th>trait</th><th>question</th>'
+            f"<th>condition</th><th>answer</th></tr></thead><tbody>{''.join(rows)}</tbody></table></div>")
+
+
+def _number(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, (int, float)) and not isinstance(value, bool) else html.escape(str(value))
+
+
+def _with_interval(entry: dict[str, Any], key: str) -> str:
+    """``value [low, high]`` when ``entry`` holds ``key_ci_low`` and ``key_ci_high``, else the value alone."""
+    text = _number(entry[key])
+    if f"{key}_ci_low" in entry and f"{key}_ci_high" in entry:
+        text += f" [{_number(entry[f'{key}_ci_low'])}, {_number(entry[f'{key}_ci_high'])}]"
+    return text
+
+
+def _headline(comparison: Path, notes: list[str]) -> str:
+    """Per method: the means of ``HEADLINE_METRICS`` over traits and directions, from ``comparison.json``."""
+    from dpn_lens.evaluation.compare import summary_by_method
+
+    try:
+        result = json.loads(comparison.read_text(encoding="utf-8"))
+        rows = result["rows"]
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        notes.append(f"headline numbers not read from {comparison}: {error}")
+        return ""
+    # A comparison may record per-method summaries with intervals; otherwise the means are computed here.
+    entries = result.get("summary") or summary_by_method(rows)
+    columns = [m for m in HEADLINE_METRICS if any(m in e for e in entries)]
+    body = [[html.escape(str(e.get("method", ""))), str(e.get("conditions", ""))]
+            + [_with_interval(e, m) if m in e else "" for m in columns] for e in entries]
+    has_interval = any(f"{m}_ci_low" in e for e in entries for m in columns)
+    note = ("values are means over traits and directions, [95% interval] where the comparison recorded one"
+            if has_interval else "values are means over traits and directions (the comparison recorded no intervals)")
+    return (f"<h3>Headline numbers ({html.escape(comparison.name)}, {html.escape(str(comparison.parent))})</h3>"
+            + _table_html(body, ["method", "conditions", *columns], inline=False) + f"<p class='note'>{note}</p>")
+
+
+def _summary(summary: dict[str, Any], maps: dict[str, Any], comparison: Path | None, notes: list[str]) -> list[str]:
+    """The page's first block: model, traits, neurons per pole, headline numbers, identical answers."""
+    from dpn_lens.run import percent_of_all_mlp
+
+    model = summary.get("model") or summary.get("model_name") or "(not recorded)"
+    # Maps record the model's revision once helper F's NeuronMap fields exist; older maps have none.
+    revisions = [getattr(m, name, None) for m in maps.values() for name in ("model_revision", "revision")]
+    revision = next((r for r in revisions if r), None)
+    traits = list(maps) or list(summary.get("traits") or {})
+    facts = [("model", model + (f" (revision {revision})" if revision else "")),
+             ("traits", ", ".join(traits) or "(none)")]
+    for key in ("gamma", "n_pairs", "dtype"):
+        if key in summary:
+            facts.append((key, str(summary[key])))
+    parts = [_table_html(facts, None, inline=False)]
+    if maps:
+        rows = [[t, str(m.n_selected("high")), str(m.n_selected("low")), f"{percent_of_all_mlp(m):.3f}"]
+                for t, m in maps.items()]
+    else:
+        rows = [[t, str(e.get("high", "")), str(e.get("low", "")), _number(e.get("percent_of_all_mlp_neurons", ""))]
+                for t, e in (summary.get("traits") or {}).items()]
+    if rows:
+        parts.append("<h3>Neurons per pole</h3>" +
+                     _table_html(rows, ["trait", "high", "low", "% of all MLP neurons"], inline=False))
+    if comparison is not None:
+        parts.append(_headline(comparison, notes))
+    generations = summary.get("generations") or {}
+    if generations:
+        same, total = _identical_answers(generations)
+        parts.append(f"<p class='{'warn' if same else 'note'}'>{same} of {total} steered answers are identical to the "
+                     "unsteered answer (marked <span class='same'>= unsteered</span> in "
+                     "<a href='#answers'>the answers</a>).</p>")
     return parts
 
 
@@ -331,9 +469,9 @@ def build_report(run_dir: str | Path, figures: Sequence[str | Path] = (), csv_ro
     summary = read_summary(run_dir)
     model = summary.get("model") or summary.get("model_name") or ""
     report = Report(run_dir, f"dpn-lens report: {run_dir.name}" + (f" ({model})" if model else ""))
-    report.overview = _overview(run_dir, summary, report.notes)
+    report.overview, maps = _overview(run_dir, summary, report.notes)
 
-    files = _candidate_files(run_dir, figure_dirs)
+    files = _candidate_files(run_dir, figure_dirs, report.notes)
     stems_with_md = {(p.parent, p.stem) for p in files if p.suffix == ".md"}
     html_figures = {(p.parent, p.stem) for p in files if p.suffix == ".html"}
     for path in files:
@@ -342,7 +480,7 @@ def build_report(run_dir: str | Path, figures: Sequence[str | Path] = (), csv_ro
             if _is_report(path):
                 continue
             try:
-                report.figures.append(ReportFigure(path.stem, path, section, spec=figure_from_html(path)))
+                report.figures.append(ReportFigure(path.stem, path, section, spec=figure_from_file(path)))
             except ValueError as error:
                 png = path.with_suffix(".png")
                 if png.exists():
@@ -367,6 +505,8 @@ def build_report(run_dir: str | Path, figures: Sequence[str | Path] = (), csv_ro
                                              collapsed=True))
     # Overview figures (counts, heatmaps) before the many-panel per-trait scatters.
     report.figures.sort(key=lambda f: ("d_vs_s" in f.name, f.name))
+    comparison = next((p for p in files if p.name == "comparison.json"), None)
+    report.summary = _summary(summary, maps, comparison, report.notes)
     if not report.overview[1:] and not report.figures and not report.tables:
         raise FileNotFoundError(f"{run_dir} holds no maps/, summary.json, tables or figures; pass the folder written "
                                 "by `dpn-lens locate` / `dpn-lens demo`, and --figures for the study/compare outputs")
@@ -375,20 +515,31 @@ def build_report(run_dir: str | Path, figures: Sequence[str | Path] = (), csv_ro
 
 # ----- rendering -------------------------------------------------------------------------------------
 _STYLE = """
-body{font-family:Arial,Helvetica,sans-serif;margin:0;color:#222;background:#fafafa}
+*{box-sizing:border-box}
+body{font-family:Arial,Helvetica,sans-serif;margin:0;color:#222;background:#fafafa;overflow-wrap:anywhere}
 main{max-width:1440px;margin:0 auto;padding:16px 28px 60px}
 h1{font-size:24px;margin:18px 0 4px}h2{font-size:20px;border-bottom:2px solid #ddd;padding-bottom:4px;margin-top:36px}
 h3{font-size:16px;margin-top:22px}h4{font-size:14px;margin-bottom:4px}
 .meta,.note{color:#666;font-size:12px}
-.table-wrap{overflow-x:auto;margin:6px 0 12px}
-table{border-collapse:collapse;font-size:12px;background:#fff}
-th,td{border:1px solid #ddd;padding:3px 7px;text-align:right;white-space:nowrap}
+.warn{color:#8a4b00;font-size:13px}
+#summary{background:#fff;border:1px solid #cfd8e3;border-left:4px solid #3b6ea8;padding:4px 16px 10px;margin:12px 0}
+#summary h2{margin-top:10px}
+.table-wrap{max-width:100%;overflow-x:auto;margin:6px 0 12px}
+table{border-collapse:collapse;font-size:12px;background:#fff;max-width:100%}
+th,td{border:1px solid #ddd;padding:3px 7px;text-align:right;white-space:normal;overflow-wrap:anywhere}
 th{background:#f0f0f0}td:first-child,th:first-child{text-align:left}
+table.answers{width:100%}table.answers td{text-align:left;vertical-align:top;overflow-wrap:normal}
+table.answers td:nth-child(2){width:28%}table.answers td:nth-child(3),table.answers th:nth-child(3){white-space:nowrap}
+table.answers td.answer{white-space:pre-wrap;overflow-wrap:anywhere}
+tr.same-row td{background:#fff6e0}
+.same{display:inline-block;background:#f0a500;color:#fff;font-size:11px;font-weight:bold;padding:0 5px;
+      border-radius:3px;white-space:nowrap}
 pre{background:#fff;border:1px solid #ddd;padding:8px;font-size:12px;overflow-x:auto;white-space:pre-wrap}
-.figure{background:#fff;border:1px solid #e3e3e3;margin:12px 0;padding:6px;overflow-x:auto}
+.figure{background:#fff;border:1px solid #e3e3e3;margin:12px 0;padding:6px;max-width:100%;overflow:hidden}
+.figure.grid .dpn-plotly{max-height:640px;overflow-y:auto;overflow-x:hidden}
 .figure .caption{font-size:11px;color:#777;margin-top:4px}
-.figure img{max-width:100%}
-nav a{margin-right:14px;font-size:13px}
+.figure img{max-width:100%;height:auto}
+nav{display:flex;flex-wrap:wrap;gap:4px 14px}nav a{font-size:13px}
 #dpn-report-status{font-size:12px;color:#666}
 ul.reasons{font-size:12px;color:#444}
 details{margin:6px 0}summary{cursor:pointer;font-size:14px;font-weight:bold}
@@ -398,10 +549,30 @@ _SCRIPT = """
 (function () {
   var status = document.getElementById("dpn-report-status");
   var divs = Array.prototype.slice.call(document.querySelectorAll("div.dpn-plotly"));
+  function layoutCheck() {
+    // Elements (drawn ones: closed <details> have no box) reaching past the window's right edge.
+    var viewport = document.documentElement.clientWidth, widest = 0, over = [];
+    Array.prototype.forEach.call(document.querySelectorAll("body *"), function (el) {
+      var box = el.getBoundingClientRect();
+      if (box.width === 0 && box.height === 0) { return; }
+      // plotly's text-measuring <svg id="js-plotly-tester"> sits far off-screen on purpose.
+      if (box.right <= 0 || box.bottom <= 0 || el.closest("#js-plotly-tester")) { return; }
+      widest = Math.max(widest, box.right);
+      if (box.right > viewport + 1 || box.width > viewport + 1) {
+        over.push(el.tagName.toLowerCase() + (el.id ? "#" + el.id : "") + (el.className && el.className.baseVal === undefined ? "." + el.className : ""));
+      }
+    });
+    status.dataset.viewport = String(viewport);
+    status.dataset.widest = String(Math.round(widest));
+    status.dataset.scrollwidth = String(document.documentElement.scrollWidth);
+    status.dataset.overflow = String(over.length);
+    if (over.length) { status.dataset.overflowing = over.slice(0, 10).join(" "); }
+  }
   function finish(ok, error) {
     status.dataset.rendered = String(ok);
     status.dataset.total = String(divs.length);
     if (error) { status.dataset.error = error; }
+    layoutCheck();
     status.dataset.done = "1";
     status.textContent = "figures drawn: " + ok + " of " + divs.length + (error ? " (" + error + ")" : "");
     document.title = document.title + " [rendered " + ok + "/" + divs.length + "]";
@@ -410,7 +581,18 @@ _SCRIPT = """
   var jobs = divs.map(function (div) {
     try {
       var spec = JSON.parse(document.getElementById(div.dataset.spec).textContent);
-      return Plotly.newPlot(div, spec.data, spec.layout, spec.config).then(
+      var layout = spec.layout, width = layout.width, room = div.clientWidth;
+      // The figure's own width becomes a maximum: it is drawn at the page's width, never wider, and a
+      // figure drawn narrower than designed is made shorter in proportion (down to 60%).
+      if (width) {
+        div.style.maxWidth = width + "px";
+        if (layout.height && room && room < width) {
+          layout.height = Math.round(layout.height * Math.max(0.6, room / width));
+        }
+        delete layout.width;
+      }
+      layout.autosize = true;
+      return Plotly.newPlot(div, spec.data, layout, spec.config).then(
         function () { div.dataset.rendered = "1"; return true; },
         function (e) { div.dataset.error = String(e); return false; });
     } catch (e) { div.dataset.error = String(e); return Promise.resolve(false); }
@@ -448,12 +630,17 @@ def _clean_spec(spec: dict[str, Any]) -> dict[str, Any]:
     return {"data": spec["data"], "layout": spec["layout"], "config": config}
 
 
+def _n_panels(spec: dict[str, Any]) -> int:
+    """Subplot panels of a figure: its x axes (``xaxis``, ``xaxis2``, ...)."""
+    return max(1, sum(1 for key in spec.get("layout", {}) if re.fullmatch(r"xaxis\d*", key)))
+
+
 def _render_page(report: Report, plotlyjs: PlotlyJs) -> str:
     from dpn_lens._version import __version__
 
     plotly_tag = _plotly_script(plotlyjs)  # validates plotlyjs before any work
     sections: list[str] = []
-    nav = ['<a href="#overview">Run</a>']
+    nav = ['<a href="#summary">Summary</a>', '<a href="#overview">Run</a>']
     figure_index = 0
     for section in SECTIONS:
         key, title = section.key, section.title
@@ -467,8 +654,11 @@ def _render_page(report: Report, plotlyjs: PlotlyJs) -> str:
             caption = f'<div class="caption">{html.escape(str(figure.source))}</div>'
             if figure.spec is not None:
                 element = f"dpn-fig-{figure_index}"
-                body.append(f'<div class="figure"><div class="dpn-plotly" id="{element}-div" data-spec="{element}"></div>'
-                            f"{_json_script(_clean_spec(figure.spec), element)}{caption}</div>")
+                grid = _n_panels(figure.spec) > GRID_PANELS
+                if grid:
+                    caption = caption.replace("</div>", f" ({_n_panels(figure.spec)} panels; scroll inside the box)</div>")
+                body.append(f'<div class="figure{" grid" if grid else ""}"><div class="dpn-plotly" id="{element}-div" '
+                            f'data-spec="{element}"></div>{_json_script(_clean_spec(figure.spec), element)}{caption}</div>')
                 figure_index += 1
             else:
                 encoded = base64.b64encode(figure.png or b"").decode("ascii")
@@ -492,6 +682,7 @@ def _render_page(report: Report, plotlyjs: PlotlyJs) -> str:
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
         f"<title>{html.escape(report.title)}</title><style>{_STYLE}</style>", plotly_tag, "</head><body><main>",
         f"<h1>{html.escape(report.title)}</h1>",
+        '<section id="summary"><h2>Summary</h2>', *report.summary, "</section>",
         f'<div class="meta">dpn-lens {html.escape(__version__)}, written {created}; '
         f"{len(report.figures)} figures ({report.n_plotly} interactive), {len(report.tables)} tables. "
         f'<span id="dpn-report-status" data-done="0">figures not drawn yet (JavaScript needed)</span></div>',

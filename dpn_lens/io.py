@@ -99,7 +99,8 @@ def read_jsonl(path: str | os.PathLike) -> list[Any]:
 def markdown_table(rows: Sequence[dict], columns: Sequence[str] | None = None, digits: int = 4) -> str:
     """``rows`` as a markdown table: floats to ``digits`` significant digits, NaN and missing cells empty.
 
-    ``columns`` defaults to every key, in order of first appearance.
+    ``columns`` defaults to every key, in order of first appearance. A ``|`` inside a cell or header
+    (``|d|``, ``top|d|``) is written ``\\|`` so that it does not split the cell.
 
     Example:
         >>> print(markdown_table([{"method": "dpn-le", "kl": 0.003212}], digits=2))
@@ -112,8 +113,8 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[str] | None = None, d
     def cell(value: Any) -> str:
         if isinstance(value, float):
             return "" if math.isnan(value) else f"{value:.{digits}g}"
-        return str(value)
+        return str(value).replace("|", "\\|")
 
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines = ["| " + " | ".join(cell(c) for c in columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cell(row.get(c, "")) for c in columns) + " |" for row in rows]
     return "\n".join(lines)

@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
 import subprocess
 import tempfile
+from pathlib import Path
 
 import plotly.graph_objects as go
 import pytest
 
 from dpn_lens.localize import locate
-from dpn_lens.io import write_json_atomic
-from dpn_lens.html_report import build_report, figure_from_html, markdown_to_html, register, write_report
+from dpn_lens import html_report as report_module
+from dpn_lens.figures import save_figure
+from dpn_lens.io import markdown_table, write_json_atomic
+from dpn_lens.html_report import (build_report, figure_from_file, figure_from_html, markdown_to_html, register,
+                                  write_report)
 from dpn_lens.run import Run
 from dpn_lens.studies.outputs import layers_study, overlap_study_report
 
@@ -165,3 +170,157 @@ def test_report_sections_come_from_the_studies_declarations():
     for section in STUDY_SECTIONS:
         assert html_report._section(Path(f"{section.key}_anything.csv")) == section.key
     assert html_report._section(Path("rows.csv")) == "compare" and html_report._section(Path("x.csv")) == "other"
+
+
+# ----- the summary, figure JSON, Markdown tables, identical answers, and the layout in a browser ----------
+GENERATIONS = {"openness": ["Q: What now?\n  unsteered: I would go.\n   increase: I would go.\n   decrease: I stay home."],
+               "extraversion": ["Q: A party?\n  unsteered: Maybe.\n   increase: Yes, with\nall my friends!\n"
+                                "   decrease: No."]}
+
+
+def test_generations_are_parsed_and_identical_steered_answers_marked():
+    parsed = report_module.parse_generations(GENERATIONS["extraversion"])
+    assert parsed == [{"question": "A party?", "answers": {"unsteered": "Maybe.", "increase": "Yes, with\nall my friends!",
+                                                           "decrease": "No."}}]
+    assert report_module._identical_answers(GENERATIONS) == (1, 4)
+    page = report_module._generations_html(GENERATIONS)
+    rows = re.findall(r"<tr[^>]*>.*?</tr>", page, re.DOTALL)
+    marked = [r for r in rows if "= unsteered</span>" in r]
+    assert len(marked) == 1 and "<td>openness</td>" in marked[0] and "<td>increase</td>" in marked[0]
+    assert 'class="same-row"' in marked[0]
+
+
+def test_markdown_is_rendered_by_markdown_it_with_escaped_pipes():
+    from dpn_lens.io import markdown_table
+
+    table = markdown_table([{"method": "top|d|", "|s|": 0.5, "n": 3}])
+    page = markdown_to_html(table)
+    header = re.findall(r"<th>([^<]*)</th>", page)
+    cells = re.findall(r"<td>([^<]*)</td>", page)
+    assert header == ["method", "|s|", "n"] and cells == ["top|d|", "0.5", "3"]
+    assert "<script>" not in markdown_to_html("<script>alert(1)</script>")   # raw HTML is escaped
+
+
+def test_figures_are_read_from_their_json_twin(tmp_path):
+    fig = go.Figure(go.Bar(x=["a"], y=[1], name="from-json"))
+    [html_path, json_path] = save_figure(fig, tmp_path, "f", png=False)
+    assert figure_from_file(html_path)["data"][0]["name"] == "from-json"
+    # The HTML is not what is read when the JSON exists: change the JSON alone and the report follows it.
+    spec = json.loads(json_path.read_text())
+    spec["data"][0]["name"] = "edited-json"
+    json_path.write_text(json.dumps(spec))
+    assert figure_from_file(html_path)["data"][0]["name"] == "edited-json"
+    json_path.unlink()   # an old folder: the HTML is scraped instead
+    assert figure_from_file(html_path)["data"][0]["name"] == "from-json"
+    (tmp_path / "f.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="not a plotly figure"):
+        figure_from_file(html_path)
+
+
+def _comparison(folder, with_intervals: bool) -> dict:
+    rows = [{"method": "unsteered", "trait": "openness", "direction": "none", "trait_shift": 0.0, "kl": 0.0},
+            {"method": "dpn-le", "trait": "openness", "direction": "increase", "trait_shift": 0.4, "kl": 0.02},
+            {"method": "dpn-le", "trait": "openness", "direction": "decrease", "trait_shift": 0.2, "kl": 0.04}]
+    result = {"rows": rows, "meta": {"model": "constructed"}}
+    if with_intervals:
+        result["summary"] = [{"method": "dpn-le", "conditions": 2, "trait_shift": 0.3, "trait_shift_ci_low": 0.1,
+                              "trait_shift_ci_high": 0.5, "kl": 0.03}]
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(folder / "comparison.json", result)
+    return result
+
+
+def test_summary_comes_first_with_neurons_per_pole_and_headline_numbers(run_with_studies, tmp_path):
+    run_dir, figures_dir = run_with_studies
+    summary = json.loads((run_dir / "summary.json").read_text())
+    summary["generations"] = GENERATIONS
+    write_json_atomic(run_dir / "summary.json", summary)
+    _comparison(tmp_path / "compare", with_intervals=False)
+    report = build_report(run_dir, [figures_dir, tmp_path / "compare"])
+    page = report.html("cdn")
+    body = page[page.index("<main>"):]
+    assert body.index('<section id="summary">') < body.index('id="overview"') < body.index("dpn-plotly")
+    first = re.search(r"<h1>.*?</h1>\s*(<[^>]+>)", body, re.DOTALL).group(1)
+    assert first == '<section id="summary">'
+    section = body[body.index('<section id="summary">'):body.index("</section>")]
+    maps = Run.load(run_dir).maps
+    for trait, neuron_map in maps.items():
+        assert (f"<td>{trait}</td><td>{neuron_map.n_selected('high')}</td><td>{neuron_map.n_selected('low')}</td>"
+                in section)
+    assert "constructed" in section and "openness, extraversion" in section
+    # Means per method computed from the rows: dpn-le's trait_shift (0.4 + 0.2) / 2, kl (0.02 + 0.04) / 2.
+    dpn = re.search(r"<tr><td>dpn-le</td>(.*?)</tr>", section).group(1)
+    assert re.findall(r"<td>([^<]*)</td>", dpn) == ["2", f"{0.3:.4g}", f"{0.03:.4g}"]
+    assert "recorded no intervals" in section
+    assert "1 of 4 steered answers are identical" in section
+
+
+def test_headline_shows_intervals_when_the_comparison_has_them(run_with_studies, tmp_path):
+    run_dir, _ = run_with_studies
+    _comparison(tmp_path / "compare", with_intervals=True)
+    section = build_report(run_dir, [tmp_path / "compare"]).summary
+    text = "".join(section)
+    assert "<td>0.3 [0.1, 0.5]</td>" in text and "<td>0.03</td>" in text and "95% interval" in text
+
+
+def test_same_named_files_show_once_preferring_the_figures_folder(run_with_studies):
+    run_dir, figures_dir = run_with_studies
+    # The demo's own copy of the layer figures (runs/demo/figures) and the study's (--figures figures).
+    layers_study(Run.load(run_dir), run_dir / "figures", png=False, log=None)
+    report = build_report(run_dir, [figures_dir])
+    names = [f.name for f in report.figures]
+    assert len(names) == len(set(names))
+    assert all(f.source.parent == figures_dir for f in report.figures)
+    assert any("layers_distribution.html not shown" in note for note in report.notes)
+
+
+def _browser_dump(page_uri: str, width: int, screenshot) -> str:
+    flags = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars",
+             "--virtual-time-budget=30000", f"--window-size={width},1400"]
+    with tempfile.TemporaryDirectory() as profile:
+        dom = subprocess.run(flags + [f"--user-data-dir={profile}", "--dump-dom", page_uri],
+                             capture_output=True, text=True, timeout=180).stdout
+    with tempfile.TemporaryDirectory() as profile:
+        subprocess.run(flags + [f"--user-data-dir={profile}", f"--screenshot={screenshot}", page_uri],
+                       capture_output=True, timeout=180)
+    return dom
+
+
+@pytest.mark.skipif(_chromium() is None and not os.environ.get("CI"),
+                    reason="needs Chromium (apt-get install chromium; scripts/install.sh --test)")
+@pytest.mark.parametrize("width", [1280, 900])
+def test_page_fits_the_window_in_headless_chromium(tmp_path, width):
+    """30-panel d-vs-s grids (1600 px wide as saved), a 16-column table and long answers: nothing wider than the window."""
+    run_dir, figures_dir = tmp_path / "run", tmp_path / "figures"
+    maps, stats = {}, {}
+    for seed, trait in enumerate(["openness", "extraversion"]):
+        stats[trait] = random_stats(trait, seed, n_layers=30, d_mlp=64)
+        maps[trait] = locate(stats[trait], q=0.9, tau_d=0.2, layers=list(range(30)))
+        stats[trait].save(run_dir / "stats" / f"{trait}.safetensors")
+        maps[trait].save(run_dir / "maps" / f"{trait}.safetensors")
+    summary = Run(run_dir, maps, stats, model_name="constructed").summary_dict()
+    summary["generations"] = {t: [f"Q: {'Why? ' * 30}\n  unsteered: {'word ' * 200}\n   increase: {'word ' * 200}"]
+                              for t in maps}
+    write_json_atomic(run_dir / "summary.json", summary)
+    layers_study(Run.load(run_dir), figures_dir, png=False, log=None)
+    assert max(json.loads(p.read_text())["layout"].get("width", 0) for p in figures_dir.glob("*.json")
+               if "layout" in p.read_text()) > width   # the saved figures really are wider than the window
+    _comparison(tmp_path / "compare", with_intervals=True)
+    (tmp_path / "compare" / "wide.md").write_text(markdown_table(
+        [{f"column_number_{i}": 123456.789 * i for i in range(16)}]))
+    out = write_report(run_dir, tmp_path / "page.html", figures=[figures_dir, tmp_path / "compare"])
+    n_figures = build_report(run_dir, [figures_dir, tmp_path / "compare"]).n_plotly
+    screenshot = Path(os.environ.get("DPN_LENS_REPORT_SCREENSHOT_DIR", tmp_path)) / f"report_{width}.png"
+    dom = _browser_dump(out.as_uri(), width, screenshot)
+    status = dict(re.findall(r'data-(\w+)="([^"]*)"', re.search(r'<span id="dpn-report-status"([^>]*)>', dom).group(1)))
+    assert status["done"] == "1" and int(status["rendered"]) == int(status["total"]) == n_figures, status
+    viewport = int(status["viewport"])
+    assert width - 20 <= viewport <= width
+    assert status["overflow"] == "0", status.get("overflowing")
+    assert int(status["widest"]) <= viewport and int(status["scrollwidth"]) <= viewport
+    # The grids are drawn at the page's width and shorter than saved, inside their scrolling box.
+    assert dom.count('class="figure grid"') == 2
+    # The summary is the first thing under the title in the rendered page too.
+    assert re.search(r"<h1>[^<]*</h1>\s*<section id=\"summary\">", dom)
+    assert screenshot.stat().st_size > 10_000
