@@ -95,3 +95,17 @@ def test_png_export_renders_an_image(tmp_path, maps):
     assert [p.suffix for p in paths] == [".html", ".json", ".png"]
     png = paths[2].read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5_000
+
+
+def test_demo_writes_its_figures_into_its_run_folder(tiny_model, tmp_path, monkeypatch):
+    """figures/ of the repository changes only through `dpn-lens study ... --out figures`, never the demo."""
+    import dpn_lens.models
+    from dpn_lens.demo import run_demo
+
+    monkeypatch.chdir(tmp_path)   # a relative "figures" folder would appear here
+    monkeypatch.setattr(dpn_lens.models, "load_model", lambda *args, **kwargs: tiny_model)
+    summary = run_demo("tiny", out="runs/demo", n_pairs=4, max_new_tokens=1, traits=["openness"])
+    assert not (tmp_path / "figures").exists()
+    written = sorted((tmp_path / "runs" / "demo" / "figures").glob("layers_*"))
+    assert {p.suffix for p in written} >= {".html", ".json"}
+    assert summary["figures"] and all(path.startswith("runs/demo/figures/") for path in summary["figures"])
