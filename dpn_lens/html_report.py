@@ -424,11 +424,19 @@ def _summary(summary: dict[str, Any], maps: dict[str, Any], comparison: Path | N
     """The page's first block: model, traits, neurons per pole, headline numbers, identical answers."""
     from dpn_lens.run import percent_of_all_mlp
 
-    model = summary.get("model") or summary.get("model_name") or "(not recorded)"
+    compared: dict[str, Any] = {}
+    if comparison is not None:  # a comparison folder alone (no summary.json) still names its model and traits
+        try:
+            compared = json.loads(comparison.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            compared = {}  # _headline notes the unreadable file
+    model = (summary.get("model") or summary.get("model_name") or (compared.get("meta") or {}).get("model")
+             or "(not recorded)")
     # Maps record the model's revision once helper F's NeuronMap fields exist; older maps have none.
     revisions = [getattr(m, name, None) for m in maps.values() for name in ("model_revision", "revision")]
     revision = next((r for r in revisions if r), None)
-    traits = list(maps) or list(summary.get("traits") or {})
+    traits = list(maps) or list(summary.get("traits") or {}) or list(dict.fromkeys(
+        row["trait"] for row in compared.get("rows") or [] if isinstance(row, dict) and "trait" in row))
     facts = [("model", model + (f" (revision {revision})" if revision else "")),
              ("traits", ", ".join(traits) or "(none)")]
     for key in ("gamma", "n_pairs", "dtype"):

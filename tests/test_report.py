@@ -263,6 +263,13 @@ def test_headline_shows_intervals_when_the_comparison_has_them(run_with_studies,
     assert "<td>0.3 [0.1, 0.5]</td>" in text and "<td>0.03</td>" in text and "95% interval" in text
 
 
+def test_a_comparison_folder_alone_names_its_model_and_traits(tmp_path):
+    _comparison(tmp_path / "compare", with_intervals=False)
+    (tmp_path / "compare" / "comparison.md").write_text("# Comparison\n")
+    text = "".join(build_report(tmp_path / "compare").summary)
+    assert "<td>model</td><td>constructed</td>" in text and "<td>traits</td><td>openness</td>" in text
+
+
 def test_same_named_files_show_once_preferring_the_figures_folder(run_with_studies):
     run_dir, figures_dir = run_with_studies
     # The demo's own copy of the layer figures (runs/demo/figures) and the study's (--figures figures).
