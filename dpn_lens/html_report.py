@@ -24,7 +24,8 @@ s, which is most of their value). plotly.js is inlined *once* (~4.7 MB) however 
 
 When the page has drawn every figure, it sets ``document.title`` to end in ``[rendered N/N]`` and fills
 ``#dpn-report-status`` (``data-done="1"``, ``data-rendered``, ``data-total``, and the layout check
-``data-viewport``, ``data-widest``, ``data-overflow``: elements reaching past the window's right edge),
+``data-viewport``, ``data-widest``, ``data-overflow``: elements reaching past the window's right edge;
+``data-height``: the page's height in pixels),
 so a headless browser can check that it rendered and fits.
 
 Example:
@@ -573,6 +574,7 @@ _SCRIPT = """
     status.dataset.viewport = String(viewport);
     status.dataset.widest = String(Math.round(widest));
     status.dataset.scrollwidth = String(document.documentElement.scrollWidth);
+    status.dataset.height = String(document.documentElement.scrollHeight);
     status.dataset.overflow = String(over.length);
     if (over.length) { status.dataset.overflowing = over.slice(0, 10).join(" "); }
   }
