@@ -16,6 +16,7 @@ from typing import Sequence
 import dpn_lens.html_report as html_report
 from dpn_lens.cli_options import (FORMATTER, add_data_dir_option, add_model_options, add_out_option, add_subcommand,
                                   add_traits_option)
+import dpn_lens.export_cli as export_cli
 from dpn_lens.evaluation import cli as compare_cli
 from dpn_lens.studies import cli as study_cli
 
@@ -77,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     study_cli.register(commands)
     compare_cli.register(commands)
     html_report.register(commands)
+    export_cli.register(commands)
     return parser
 
 

@@ -137,11 +137,14 @@ def _layer_text(value: Any) -> str:
 
 
 def locate(stats: ContrastStatistics, settings: LocalizationSettings | None = None, model_name: str | None = None,
-           q: float | None = None, tau_d: float | None = None, layers: Sequence[int] | None = None) -> NeuronMap:
+           q: float | None = None, tau_d: float | None = None, layers: Sequence[int] | None = None,
+           model_revision: str | None = None) -> NeuronMap:
     """Find the trait's high-pole and low-pole neurons and return a ``NeuronMap``.
 
     Settings are, in order of precedence: ``settings``; the reference settings of ``model_name``;
     settings proposed from the data. ``q``, ``tau_d`` and ``layers`` override single fields.
+    The map records ``model_name`` and ``model_revision`` (None: ``weights:<hash>`` from the
+    statistics' fingerprint; ``dpn_lens.models.model_revision(model)`` gives the hub commit or GGUF digest).
 
     Example:
         >>> neuron_map = locate(stats)                  # doctest: +SKIP
@@ -175,6 +178,9 @@ def locate(stats: ContrastStatistics, settings: LocalizationSettings | None = No
         steering_value=s.to(torch.float32), effect_size=d.to(torch.float32), stat_layers=list(stats.layers),
         hook_name=stats.hook_name, fingerprint=dict(stats.fingerprint), n_high_samples=stats.high.count,
         n_low_samples=stats.low.count, token_position=stats.token_position, data_source=stats.source,
+        model_name=model_name or "",
+        model_revision=model_revision or (f"weights:{stats.fingerprint['weights']}"
+                                          if stats.fingerprint.get("weights") else ""),
     )
 
 

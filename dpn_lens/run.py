@@ -4,6 +4,7 @@ A run folder (written by ``dpn-lens locate`` / ``dpn-lens demo``) holds everythi
 
     RUN_DIR/stats/<trait>.safetensors   contrast statistics (mergeable, reusable with other settings)
     RUN_DIR/maps/<trait>.safetensors    neuron maps (+ <trait>.json, a readable copy of the config)
+    RUN_DIR/maps/README.md              model card: model, traits, neurons, settings, how to load
     RUN_DIR/summary.json                counts per trait, pole and layer, settings, timings
     RUN_DIR/summary.md                  the demo's readable summary
     RUN_DIR/report.html                 ``dpn-lens report``'s page
@@ -24,13 +25,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dpn_lens.io import write_json_atomic
+from dpn_lens.io import write_json_atomic, write_text_atomic
 from dpn_lens.neuron_map import NeuronMap
 from dpn_lens.statistics import ContrastStatistics
 from dpn_lens.traits import TRAITS
 
-__all__ = ["Run", "MAPS_DIR", "STATS_DIR", "SUMMARY_FILE", "SUMMARY_MD_FILE", "REPORT_FILE", "map_path",
-           "stats_path", "find_map", "percent_of_mlp", "percent_of_all_mlp", "read_summary"]
+__all__ = ["Run", "MAPS_DIR", "STATS_DIR", "SUMMARY_FILE", "SUMMARY_MD_FILE", "REPORT_FILE", "MODEL_CARD_FILE", "map_path",
+           "stats_path", "find_map", "percent_of_mlp", "percent_of_all_mlp", "read_summary", "model_card"]
 
 MAPS_DIR = "maps"
 """Subfolder of the neuron maps, ``<trait>.safetensors`` (+ ``<trait>.json``)."""
@@ -43,6 +44,8 @@ SUMMARY_MD_FILE = "summary.md"
 REPORT_FILE = "report.html"
 """Default page of ``dpn-lens report``."""
 MAP_SUFFIX = ".safetensors"
+MODEL_CARD_FILE = "README.md"
+"""The maps folder's model card (``maps/README.md``), written by ``Run.save``."""
 
 
 def map_path(folder: str | Path, trait: str) -> Path:
@@ -217,7 +220,56 @@ class Run:
         for trait in self.maps:
             self.save_trait(trait, target)
         self.save_summary(target)
+        write_text_atomic(target / MAPS_DIR / MODEL_CARD_FILE, model_card(self))
         return target
+
+
+def model_card(run: Run) -> str:
+    """The Markdown model card of a run's maps folder: model, traits, neurons, settings, how to load.
+
+    Example:
+        >>> print(model_card(run).splitlines()[0])          # doctest: +SKIP
+        # DPN-LE neuron maps for smollm2-135m-instruct
+    """
+    first = next(iter(run.maps.values()))
+    name = run.model_name or first.model_name or "(unknown model)"
+    fingerprint = first.fingerprint
+    revision = first.model_revision or "(not recorded)"
+    rows = [f"| {trait} | {m.n_selected('high')} | {m.n_selected('low')} | {m.settings.layer_range} | {m.settings.q} "
+            f"| {m.settings.tau_d} | {percent_of_all_mlp(m):.3f} | {m.n_high_samples} | {m.data_source or '-'} |"
+            for trait, m in run.maps.items()]
+    trait = next(iter(run.maps))
+    return "\n".join([
+        f"# DPN-LE neuron maps for {name}", "",
+        f"- Model: `{name}`, revision `{revision}`",
+        f"- Architecture: {fingerprint.get('architecture', '?')}, {fingerprint.get('n_layers', '?')} layers, "
+        f"d_mlp {fingerprint.get('d_mlp', '?')}, d_model {fingerprint.get('d_model', '?')}",
+        f"- Neurons: `{first.hook_name}` (the input of the MLP output projection), token position "
+        f"`{first.token_position}`; written by dpn-lens {first.version}",
+        "",
+        "| trait | high neurons | low neurons | layers | q | tau_d | % of all MLP neurons | pairs per pole | data |",
+        "|---|---|---|---|---|---|---|---|---|",
+        *rows, "",
+        "Each `<trait>.safetensors` holds the two pole sets, s and Cohen's d of every collected layer, the "
+        "thresholds and the model fingerprint (`<trait>.json` is a readable copy). Loading a map into a "
+        "different model is refused.", "",
+        "## How to load", "",
+        "```python",
+        "from dpn_lens import load_model",
+        "from dpn_lens.neuron_map import NeuronMap",
+        "from dpn_lens.steering import steer, steering_intervention",
+        "",
+        f'model = load_model("{name}")',
+        f'neuron_map = NeuronMap.load("maps/{trait}.safetensors", model=model)',
+        'with steer(model, steering_intervention(neuron_map, gamma=1.0, direction="increase")):',
+        '    print(model.generate("Tell me about your weekend.", max_new_tokens=40))',
+        "```", "",
+        "From the command line (`--map` takes these files):", "",
+        "```bash",
+        f'dpn-lens steer --model {name} --map maps/{trait}.safetensors --prompt "Tell me about your weekend."',
+        f"dpn-lens export --model {name} --map maps/{trait}.safetensors --format gguf --out {trait}.gguf",
+        "```", "",
+    ])
 
 
 def read_summary(folder: str | Path) -> dict[str, Any]:

