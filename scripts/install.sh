@@ -2,9 +2,9 @@
 # Install dpn-lens into ./.venv with the embedded models; `--test` adds the test tools and Chromium.
 #   bash scripts/install.sh            # for the demo
 #   bash scripts/install.sh --test     # for the test suite (also renders PNG figures)
-# torch: by default torch==2.13.0 from PyTorch's CPU index (PyPI's own Linux torch wheel is the multi-GB
-# CUDA build). On a GPU machine set TORCH_SPEC (e.g. TORCH_SPEC=torch): it is taken from PyPI (the CUDA
-# build), or from TORCH_INDEX if set (e.g. TORCH_INDEX=https://download.pytorch.org/whl/cu128).
+# torch: TORCH_SPEC (default torch==2.13.0), installed first from pip's configured index, or from
+# TORCH_INDEX when set. On public PyPI the Linux torch wheel is the multi-GB CUDA build: for the CPU wheel
+# set TORCH_INDEX=https://download.pytorch.org/whl/cpu (a GPU machine: TORCH_SPEC=torch, PyPI's CUDA build).
 # Without this script: `pip install .` then `dpn-lens models install smollm2-135m-instruct`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,8 +15,7 @@ quiet_pip() { pip "$@" 2>&1 | { grep -v "^WARNING: Location" || true; }; return 
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 . .venv/bin/activate
 quiet_pip install -q --upgrade pip
-# torch first: a plain `torch` requirement would pull a multi-GB CUDA build on a CPU-only machine.
-[ -n "${TORCH_SPEC:-}" ] || TORCH_INDEX=${TORCH_INDEX-https://download.pytorch.org/whl/cpu}
+# torch first, so that the package's plain `torch` requirement does not pull another build.
 python -c "import torch" 2>/dev/null || quiet_pip install -q "${TORCH_SPEC:-torch==2.13.0}" \
     ${TORCH_INDEX:+--extra-index-url "$TORCH_INDEX"}
 extras=""
