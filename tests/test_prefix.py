@@ -156,12 +156,12 @@ def test_prefix_cache_unsupported_names_the_reason_for_a_model_that_is_not_a_bri
 
 @pytest.mark.slow
 def test_smollm2_float32_shared_prefix_gives_the_same_statistics_and_neuron_map(smollm2):
-    pairs = embedded_contrastive_set("extraversion", n_pairs=40)
+    pairs = embedded_contrastive_set("extraversion", n_pairs=12)
     base = dict(max_batch_size=16, progress=False)
     plain = collect_statistics(smollm2, pairs, CollectionConfig(share_prefix=False, **base))
     shared = collect_statistics(smollm2, pairs, CollectionConfig(**base))
     arrays = tokenize_compact(smollm2, pairs.high)
-    assert tokens_run(plan_prefix_tree(arrays), arrays) < 0.6 * sum(map(len, arrays))
+    assert tokens_run(plan_prefix_tree(arrays), arrays) < 0.8 * sum(map(len, arrays))
     for group in ("high", "low"):
         _assert_same_statistics(getattr(shared, group), getattr(plain, group))
     a, b = locate(shared), locate(plain)
