@@ -164,8 +164,10 @@ def test_smollm2_float32_shared_prefix_gives_the_same_statistics_and_neuron_map(
     assert tokens_run(plan_prefix_tree(arrays), arrays) < 0.8 * sum(map(len, arrays))
     for group in ("high", "low"):
         _assert_same_statistics(getattr(shared, group), getattr(plain, group))
-    a, b = locate(shared), locate(plain)
-    for pole in ("high", "low"):
-        assert getattr(a, pole).keys() == getattr(b, pole).keys()
-        assert all(torch.equal(getattr(a, pole)[layer], getattr(b, pole)[layer]) for layer in getattr(b, pole))
+    # The data-driven settings, and fixed settings that select neurons even from 12 pairs.
+    for settings in ({}, dict(q=0.99, tau_d=0.3, layers=range(30))):
+        a, b = locate(shared, **settings), locate(plain, **settings)
+        for pole in ("high", "low"):
+            assert getattr(a, pole).keys() == getattr(b, pole).keys()
+            assert all(torch.equal(getattr(a, pole)[layer], getattr(b, pole)[layer]) for layer in getattr(b, pole))
     assert a.n_selected("high") + a.n_selected("low") > 0
