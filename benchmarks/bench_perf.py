@@ -13,6 +13,10 @@ Sections (all on the embedded SmolLM2-135M-Instruct unless said otherwise):
 * ``steering`` -- greedy KV-cached generation tokens/s, steered vs unsteered.
 * ``locate``   -- end-to-end ``collect_statistics`` + ``locate`` for 5 traits x P pairs, prompts/s
   and the extrapolated minutes for 5 traits x 1000 pairs (float32 and bfloat16 model).
+* ``prefix``   -- end-to-end ``collect_statistics`` + ``locate`` on the demo's data (embedded
+  role-play prompts, bf16 by default), shared-prefix collection vs the plain path
+  (``CollectionConfig(share_prefix=False)``), side by side: time ratio, tokens run vs tokens in
+  the prompts, and how far the two agree (statistics and selected neurons).
 
 CPU timings are noisy when the machine is shared, so every section interleaves its variants
 (rotating their order), repeats them, and reports medians of per-repeat ratios. Wall-clock and
@@ -56,6 +60,7 @@ from dpn_lens import (TRAITS, Intervention, collect_statistics, embedded_contras
 from dpn_lens.collect import CollectionConfig, collect_group_statistics  # noqa: E402
 from dpn_lens.data.prompts import render_for_model  # noqa: E402
 from dpn_lens.hooked import hook_name, pad_token_id, pad_token_lists, tokenize_compact  # noqa: E402
+from dpn_lens.prefix import plan_prefix_tree, tokens_run  # noqa: E402
 
 MIB = 1024 * 1024
 
@@ -201,8 +206,10 @@ def bench_collect(spec: str, dtype: str, n_prompts: int, batch_size: int, repeat
     device = torch.device(model.cfg.device or "cpu")
     batched = batches(token_arrays, batch_size, pad_token_id(model.tokenizer), padding_side, device)
     n_tokens = sum(len(ids) for ids in token_arrays)
+    # share_prefix=False: this section measures the hooks' overhead over a forward pass of the same
+    # tokens; the prefix section measures running fewer tokens.
     config = CollectionConfig(layers, max_batch_size=batch_size, max_batch_tokens=1 << 30,
-                              padding_side=padding_side, progress=False)
+                              padding_side=padding_side, progress=False, share_prefix=False)
 
     def bare_same_layers():
         # The forward pass collect runs, minus the read-outs: stop at the last needed hook point.
@@ -229,7 +236,7 @@ def bench_collect(spec: str, dtype: str, n_prompts: int, batch_size: int, repeat
 
     # Correctness guard: the naive route and collect agree.
     reference = collect_group_statistics(model, prompts, CollectionConfig(layers, max_batch_size=batch_size,
-                                                                          progress=False))
+                                                                          progress=False, share_prefix=False))
     _COLLECTED_MEANS[dtype] = reference.mean
     naive_mean, _ = naive()
     agree = float((reference.mean - naive_mean).abs().max())
@@ -261,7 +268,7 @@ def memory_child(spec: str, dtype: str, mode: str, n: int, batch_size: int) -> d
     model = load(spec, dtype)
     layers = list(range(int(model.cfg.n_layers)))
     names = [hook_name(layer) for layer in layers]
-    config = CollectionConfig(layers, max_batch_size=batch_size, chat=False, progress=False)
+    config = CollectionConfig(layers, max_batch_size=batch_size, chat=False, progress=False, share_prefix=False)
 
     def run(selected: list[str]) -> None:
         if mode == "collect":
@@ -402,6 +409,58 @@ def bench_locate(spec: str, plan: list[tuple[str, int]], batch_size: int, target
 
 
 # ----------------------------------------------------------------------------------------------
+# prefix
+
+
+def bench_prefix(spec: str, dtype: str, n_traits: int, n_pairs: int, batch_size: int, repeats: int
+                 ) -> dict[str, Any]:
+    """Shared-prefix vs plain collection + ``locate`` on the embedded role-play prompts, interleaved."""
+    if not 1 <= n_traits <= len(TRAITS):
+        raise ValueError(f"--prefix-traits must be between 1 and {len(TRAITS)}, got {n_traits}")
+    model = load(spec, dtype)
+    sets = [embedded_contrastive_set(trait, n_pairs=n_pairs) for trait in TRAITS[:n_traits]]
+    configs = {name: CollectionConfig(max_batch_size=batch_size, progress=False, share_prefix=name == "shared")
+               for name in ("plain", "shared")}
+    # The tokens each route runs: every prompt in full, or each shared prefix once plus the rest.
+    groups = [tokenize_compact(model, prompts) for pairs in sets for prompts in (pairs.high, pairs.low)]
+    n_tokens = sum(len(ids) for arrays in groups for ids in arrays)
+    n_run = sum(tokens_run(plan_prefix_tree(arrays), arrays) for arrays in groups)
+
+    def route(name: str) -> Callable[[], list]:
+        return lambda: [(stats, locate(stats)) for stats in
+                        (collect_statistics(model, pairs, configs[name]) for pairs in sets)]
+
+    variants = {name: route(name) for name in configs}
+    # Correctness guard (and warm-up): both routes once, compared.
+    outputs = {name: run() for name, run in variants.items()}
+    mean_error, same, jaccard = 0.0, True, []
+    for (a, map_a), (b, map_b) in zip(outputs["shared"], outputs["plain"]):
+        for group in ("high", "low"):
+            x, y = getattr(a, group).mean, getattr(b, group).mean
+            mean_error = max(mean_error, float((x - y).abs().max() / y.abs().max()))
+        for pole in ("high", "low"):
+            left = {(layer, int(i)) for layer, idx in getattr(map_a, pole).items() for i in idx}
+            right = {(layer, int(i)) for layer, idx in getattr(map_b, pole).items() for i in idx}
+            same = same and left == right
+            jaccard.append(len(left & right) / max(len(left | right), 1))
+    del outputs
+    times = interleaved(variants, repeats, warmup=False)
+    result: dict[str, Any] = {
+        "model": spec, "dtype": dtype, "traits": n_traits, "pairs_per_trait": n_pairs, "batch_size": batch_size,
+        "prompts": 2 * n_traits * n_pairs, "threads": torch.get_num_threads(), "repeats": repeats,
+        "tokens_in_prompts": n_tokens, "tokens_run_shared": n_run, "tokens_ratio": n_run / n_tokens,
+        "median_wall_s": {name: median(t["wall"]) for name, t in times.items()},
+        "median_cpu_s": {name: median(t["cpu"]) for name, t in times.items()},
+        "ratio_wall": ratio(times, "shared", "plain", "wall"), "ratio_cpu": ratio(times, "shared", "plain", "cpu"),
+        "max_mean_error_over_max_mean": mean_error, "same_neurons": same,
+        "min_jaccard_of_selected_neurons": min(jaccard),
+    }
+    del model
+    gc.collect()
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
 # the command line: one runner per section, each prints its line and returns its numbers
 
 
@@ -476,8 +535,21 @@ def run_locate(args: argparse.Namespace) -> dict[str, Any]:
     return r
 
 
+def run_prefix(args: argparse.Namespace) -> dict[str, Any]:
+    r = bench_prefix(args.model, args.prefix_dtype, args.prefix_traits, args.prefix_pairs, args.prefix_batch_size,
+                     args.repeats)
+    print(f"[prefix {r['dtype']}] {r['traits']} trait(s) x {r['pairs_per_trait']} pairs ({r['prompts']} prompts), "
+          f"collect+locate, {r['threads']} thread(s): plain {r['median_wall_s']['plain']:.1f}s, shared "
+          f"{r['median_wall_s']['shared']:.1f}s | shared/plain wall {r['ratio_wall']:.3f} cpu {r['ratio_cpu']:.3f} "
+          f"(target <= 0.5) | tokens run {r['tokens_run_shared']} of {r['tokens_in_prompts']} in the prompts "
+          f"({r['tokens_ratio']:.3f}) | max |mean diff| / max |mean| {r['max_mean_error_over_max_mean']:.2e}, "
+          f"same neurons: {r['same_neurons']} (min Jaccard {r['min_jaccard_of_selected_neurons']:.3f})", flush=True)
+    return r
+
+
 SECTIONS: dict[str, Callable[[argparse.Namespace], Any]] = {
-    "collect": run_collect, "memory": run_memory, "steering": run_steering, "locate": run_locate}
+    "collect": run_collect, "memory": run_memory, "steering": run_steering, "locate": run_locate,
+    "prefix": run_prefix}
 """Section name -> runner, in the order they run."""
 
 
@@ -504,6 +576,10 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--locate-threads", type=int, default=2, help="torch threads for the locate section")
     parser.add_argument("--locate-batch-size", type=int, default=16)
     parser.add_argument("--locate-target-pairs", type=int, default=1000, help="pairs per trait to extrapolate to")
+    parser.add_argument("--prefix-traits", type=int, default=1, help="traits of the prefix section (1-5)")
+    parser.add_argument("--prefix-pairs", type=int, default=100, help="pairs per trait of the prefix section")
+    parser.add_argument("--prefix-dtype", default="bfloat16", help="model dtype of the prefix section (the demo's)")
+    parser.add_argument("--prefix-batch-size", type=int, default=16)
     parser.add_argument("--json", help="also write all results to this JSON file")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     return parser

@@ -22,7 +22,8 @@ TINY_ARGS = ["--model", "tiny", "--repeats", "1", "--threads", "1",
              "--memory-sizes", "2", "--memory-naive-sizes", "2", "--memory-repeats", "1", "--memory-batch-size", "2",
              "--steer-prompts", "1", "--steer-tokens", "2", "--steer-neurons", "3",
              "--locate-plan", "float32:2", "--locate-threads", "1", "--locate-batch-size", "4",
-             "--locate-target-pairs", "10"]
+             "--locate-target-pairs", "10",
+             "--prefix-traits", "1", "--prefix-pairs", "6", "--prefix-dtype", "float32", "--prefix-batch-size", "4"]
 
 
 @pytest.fixture(scope="module")
@@ -48,10 +49,11 @@ def test_every_section_runs_on_the_tiny_model(bench, tmp_path, capsys):
     out = tmp_path / "perf.json"
     results = bench.main(["--sections", ",".join(bench.SECTIONS), *TINY_ARGS, "--json", str(out)])
 
-    assert set(bench.SECTIONS) == {"collect", "memory", "steering", "locate"}
+    assert set(bench.SECTIONS) == {"collect", "memory", "steering", "locate", "prefix"}
     assert json.loads(out.read_text()) == json.loads(json.dumps(results))
     printed = capsys.readouterr().out
-    for tag in ("[collect float32]", "[collect bfloat16]", "[memory bfloat16]", "[steering]", "[locate float32]"):
+    for tag in ("[collect float32]", "[collect bfloat16]", "[memory bfloat16]", "[steering]", "[locate float32]",
+                "[prefix float32]"):
         assert tag in printed
 
     collect = {row["dtype"]: row for row in results["collect"]}
@@ -75,6 +77,12 @@ def test_every_section_runs_on_the_tiny_model(bench, tmp_path, capsys):
     assert located["pairs_per_trait"] == 2 and located["prompts"] == 2 * 5 * 2
     assert len(located["selected_neurons"]) == 5
 
+    # Shared-prefix collection runs fewer tokens and, in float32, gives the plain path's numbers and neurons.
+    prefix = results["prefix"]
+    assert prefix["prompts"] == 2 * 6 and prefix["tokens_run_shared"] < prefix["tokens_in_prompts"]
+    assert prefix["max_mean_error_over_max_mean"] < 1e-5 and prefix["same_neurons"]
+    assert math.isfinite(prefix["ratio_wall"]) and prefix["ratio_cpu"] > 0
+
 
 def test_sections_are_selectable_and_unknown_ones_are_refused(bench, capsys):
     results = bench.main(["--sections", "steering", *TINY_ARGS])
@@ -82,3 +90,4 @@ def test_sections_are_selectable_and_unknown_ones_are_refused(bench, capsys):
     with pytest.raises(SystemExit):
         bench.main(["--sections", "collect,speed", *TINY_ARGS])
     assert "unknown sections ['speed']" in capsys.readouterr().err
+
