@@ -12,8 +12,9 @@ import torch
 from dpn_lens.baselines.caa import ResidualIntervention
 from dpn_lens.evaluation.controls import random_neuron_control
 from dpn_lens.evaluation.logprobs import encode
-from dpn_lens.evaluation.preference import (PreferencePair, answer_position_hooks, generate_persona_pairs,
-                                            greedy_answers, load_preference_pairs, preference_margins)
+from dpn_lens.evaluation.preference import (PreferencePair, answer_position_hooks, answer_scores,
+                                            generate_persona_pairs, greedy_answers, load_preference_pairs,
+                                            preference_margins, strip_template_echo)
 from dpn_lens.steering import Intervention, steer
 
 PROMPT = "you are outgoing . what would you do on the weekend ?"
@@ -55,6 +56,13 @@ def test_forced_model_scores_the_known_margin(tiny_model):
         margins = preference_margins(tiny_model, pairs, batch_tokens=16)
     assert margins.shape == (3,) and margins.dtype == np.float64
     np.testing.assert_allclose(margins, [2 * c / 3, -c, 0.0], atol=1e-5)
+    with tiny_model.hooks(fwd_hooks=forced_logits(tiny_model, party, c)):
+        scores = answer_scores(tiny_model, pairs)
+    np.testing.assert_array_equal(scores.high_tokens, [3, 1, 1])
+    np.testing.assert_array_equal(scores.low_tokens, [2, 1, 2])
+    # Sums: high 2c - 3L, low -2L for the first pair; -L vs c - L; c - L vs 2c - 2L.
+    log_norm = math.log(math.exp(c) + len(tiny_model.tokenizer) - 1)
+    np.testing.assert_allclose(scores.sum_margins, [2 * c - log_norm, -c, -c + log_norm], atol=1e-4)
 
 
 def test_margin_equals_unbatched_log_softmax(tiny_model):
@@ -82,6 +90,11 @@ def test_persona_changes_the_context(tiny_model):
     assert not np.allclose(plain, with_persona)
     with pytest.raises(ValueError, match="persona"):
         preference_margins(tiny_model, pairs, persona="  ")
+    two = pairs + [PreferencePair("how do you plan money ?", "yes", "no")]
+    each = preference_margins(tiny_model, two, persona=["you are outgoing and kind .", None])
+    np.testing.assert_allclose(each, [with_persona[0], preference_margins(tiny_model, two[1:])[0]], atol=1e-6)
+    with pytest.raises(ValueError, match="one per pair"):
+        preference_margins(tiny_model, two, persona=["you are kind ."])
 
 
 # (b) the edit at the answer positions equals decode-only steering during KV-cached generation
@@ -209,6 +222,12 @@ def test_generate_persona_pairs_drops_identical_answers(tiny_model):
         result = generate_persona_pairs(tiny_model, "extraversion", ["what would you do ?"], ["you are outgoing ."],
                                         ["you are reserved ."], n_pairs=1, max_new_tokens=3)
     assert (len(result), result.n_identical, result.n_empty) == (0, 0, 1)
+
+
+def test_strip_template_echo():
+    assert strip_template_echo("###Response: I would go.") == "I would go."
+    assert strip_template_echo(" ### My response:  Sure ") == "Sure"
+    assert strip_template_echo("I would answer: yes") == "I would answer: yes"
 
 
 # (f) JSONL loading

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -37,8 +38,8 @@ from dpn_lens.data.prompts import render_for_model, render_roleplay_prompt
 from dpn_lens.evaluation.logprobs import encode
 from dpn_lens.io import read_jsonl
 
-__all__ = ["PreferencePair", "GeneratedPairs", "load_preference_pairs", "generate_persona_pairs",
-           "preference_margins", "answer_position_hooks"]
+__all__ = ["PreferencePair", "GeneratedPairs", "AnswerScores", "load_preference_pairs", "generate_persona_pairs",
+           "greedy_answers", "strip_template_echo", "preference_margins", "answer_scores", "answer_position_hooks"]
 
 PAIR_KEYS = ("question", "high_answer", "low_answer")
 
@@ -122,6 +123,23 @@ class GeneratedPairs:
         return self.pairs[index]
 
 
+_ECHO = re.compile(r"^\s*#+\s*(?:my\s+)?(?:response|answer)\s*:\s*", re.IGNORECASE)
+
+
+def strip_template_echo(answer: str) -> str:
+    """``answer`` without a leading echo of the role-play template's ``###Response:`` marker.
+
+    Small models often start their role-play answer by repeating the marker the template ends
+    with. Asked without the template (as the metric asks), no model would write it, and it is the
+    same in both answers of a pair, so it only dilutes the per-token margin.
+
+    Example:
+        >>> strip_template_echo("###Response: I would go out.")
+        'I would go out.'
+    """
+    return _ECHO.sub("", answer, count=1).strip()
+
+
 def _eos_ids(model: Any) -> set[int]:
     eos = getattr(model.tokenizer, "eos_token_id", None)
     return set() if eos is None else {int(eos)}
@@ -167,7 +185,8 @@ def generate_persona_pairs(model: Any, trait: str, questions: Sequence[str], hig
 
     ``n_pairs`` distinct (question, high description, low description) triples are drawn with ``seed``
     (as for a contrastive set); each question is answered in the role-play template with the high and
-    with the low description. Pairs whose two answers are identical or empty are dropped and counted,
+    with the low description. A leading echo of the template's ``###Response:`` marker is removed
+    (``strip_template_echo``). Pairs whose two answers are identical or empty are dropped and counted,
     so the result may hold fewer than ``n_pairs`` pairs.
 
     Example:
@@ -185,7 +204,7 @@ def generate_persona_pairs(model: Any, trait: str, questions: Sequence[str], hig
     prompts = [encode(model, render_for_model(model, text)) for pair in drawn.pairs for text in (pair.high, pair.low)]
     answers = greedy_answers(model, prompts, max_new_tokens, batch_size)
     decode = model.tokenizer.decode
-    texts = [decode(answer, skip_special_tokens=True).strip() for answer in answers]
+    texts = [strip_template_echo(decode(answer, skip_special_tokens=True)) for answer in answers]
     result = GeneratedPairs([], n_drawn=len(drawn.pairs))
     for index, pair in enumerate(drawn.pairs):
         high, low = texts[2 * index], texts[2 * index + 1]
@@ -249,6 +268,68 @@ def _context_text(model: Any, question: str, persona: Any) -> str:
     return render_for_model(model, render_roleplay_prompt(persona, question))
 
 
+def _personas_per_pair(persona: Any, n_pairs: int) -> list[Any]:
+    """One persona (or ``None``) per pair: a single one is shared, a list gives each pair its own."""
+    if persona is None or isinstance(persona, str) or hasattr(persona, "wrap"):
+        return [persona] * n_pairs
+    personas = list(persona)
+    if len(personas) != n_pairs:
+        raise ValueError(f"{len(personas)} personas for {n_pairs} pairs; pass one persona, or one per pair")
+    return personas
+
+
+@dataclass
+class AnswerScores:
+    """Per pair, the mean per-token log-probability of each answer and its length in tokens.
+
+    Attributes:
+        high_mean, low_mean: ``[n_pairs]`` mean log p of the high / low answer's tokens.
+        high_tokens, low_tokens: ``[n_pairs]`` answer lengths in tokens.
+    """
+
+    high_mean: np.ndarray
+    low_mean: np.ndarray
+    high_tokens: np.ndarray
+    low_tokens: np.ndarray
+
+    @property
+    def margins(self) -> np.ndarray:
+        """The preference margins: mean per-token log p, high minus low."""
+        return self.high_mean - self.low_mean
+
+    @property
+    def sum_margins(self) -> np.ndarray:
+        """Margins of the summed (total) log-probabilities, which favour the shorter answer."""
+        return self.high_mean * self.high_tokens - self.low_mean * self.low_tokens
+
+
+def answer_scores(model: Any, pairs: Sequence[PreferencePair], edit: Any = None, persona: Any = None,
+                  batch_tokens: int = 4096) -> AnswerScores:
+    """The per-answer scores behind ``preference_margins`` (same arguments); see ``AnswerScores``.
+
+    Example:
+        >>> scores = answer_scores(model, pairs)                   # doctest: +SKIP
+        >>> scores.margins.mean(), scores.sum_margins.mean()       # doctest: +SKIP
+    """
+    if not pairs:
+        raise ValueError("no preference pairs given")
+    if batch_tokens < 1:
+        raise ValueError(f"batch_tokens must be at least 1, got {batch_tokens}")
+    personas = _personas_per_pair(persona, len(pairs))
+    contexts, answers = [], []
+    for index, pair in enumerate(pairs):
+        context = encode(model, _context_text(model, pair.question, personas[index]))
+        for answer in (pair.high_answer, pair.low_answer):
+            tokens = encode(model, answer, add_bos=False)
+            if not tokens:
+                raise ValueError(f"pair #{index} has an answer with no tokens; there is nothing to score")
+            contexts.append(context)
+            answers.append(tokens)
+    means = _mean_answer_logprobs(model, contexts, answers, edit, batch_tokens)
+    lengths = np.array([len(answer) for answer in answers], dtype=np.float64)
+    return AnswerScores(means[0::2], means[1::2], lengths[0::2], lengths[1::2])
+
+
 def preference_margins(model: Any, pairs: Sequence[PreferencePair], edit: Any = None, persona: Any = None,
                        batch_tokens: int = 4096) -> np.ndarray:
     """Per pair, mean per-token log p(high answer | question) minus the same for the low answer.
@@ -259,7 +340,8 @@ def preference_margins(model: Any, pairs: Sequence[PreferencePair], edit: Any = 
         edit: any edit with ``fwd_hooks()`` (``Intervention``, NPTI, CAA), applied at the answer
             positions only (module note); ``None`` scores the unedited model.
         persona: ``None`` (the question alone, the metric), or a persona description string or
-            ``PersonaPrompt`` wrapped around the question in the role-play template (positive control).
+            ``PersonaPrompt`` wrapped around the question in the role-play template (positive control),
+            or a list of those, one per pair.
         batch_tokens: padded tokens per forward pass.
 
     Returns:
@@ -270,21 +352,7 @@ def preference_margins(model: Any, pairs: Sequence[PreferencePair], edit: Any = 
         >>> steered = preference_margins(model, pairs, edit=intervention)  # doctest: +SKIP
         >>> paired_effect(steered, base)                                   # doctest: +SKIP
     """
-    if not pairs:
-        raise ValueError("no preference pairs given")
-    if batch_tokens < 1:
-        raise ValueError(f"batch_tokens must be at least 1, got {batch_tokens}")
-    contexts, answers = [], []
-    for index, pair in enumerate(pairs):
-        context = encode(model, _context_text(model, pair.question, persona))
-        for answer in (pair.high_answer, pair.low_answer):
-            tokens = encode(model, answer, add_bos=False)
-            if not tokens:
-                raise ValueError(f"pair #{index} has an answer with no tokens; there is nothing to score")
-            contexts.append(context)
-            answers.append(tokens)
-    means = _mean_answer_logprobs(model, contexts, answers, edit, batch_tokens)
-    return (means[0::2] - means[1::2]).astype(np.float64)
+    return answer_scores(model, pairs, edit, persona, batch_tokens).margins
 
 
 def _mean_answer_logprobs(model: Any, contexts: Sequence[list[int]], answers: Sequence[list[int]], edit: Any,
