@@ -141,8 +141,15 @@ def strip_template_echo(answer: str) -> str:
 
 
 def _eos_ids(model: Any) -> set[int]:
-    eos = getattr(model.tokenizer, "eos_token_id", None)
-    return set() if eos is None else {int(eos)}
+    """The tokenizer's EOS and, when the wrapped model names more (Gemma's ``<end_of_turn>``), those too."""
+    ids: set[int] = set()
+    config = getattr(getattr(model, "original_model", None), "generation_config", None)
+    for eos in (getattr(model.tokenizer, "eos_token_id", None), getattr(config, "eos_token_id", None)):
+        if isinstance(eos, int):
+            ids.add(eos)
+        elif isinstance(eos, (list, tuple)):
+            ids.update(int(token) for token in eos)
+    return ids
 
 
 def _greedy_batch(model: Any, token_lists: Sequence[list[int]], max_new_tokens: int) -> list[list[int]]:
