@@ -1,0 +1,395 @@
+"""Paired-answer preference: does the model (steered, without a persona) prefer the high-pole answer?
+
+For a question, a high-pole answer and a low-pole answer; the margin of a pair is
+
+    mean per-token log p(high answer | question) - mean per-token log p(low answer | question),
+
+the question rendered through the chat template without any persona. A trait edit that works raises
+the margins of the increase direction and lowers them in the decrease direction; the persona prompt
+itself (``persona=``) is the positive control.
+
+The edit acts only at the answer positions: the teacher-forced equivalent of decode-only steering.
+During KV-cached generation a decode-only edit never touches the prompt pass, and every later token
+is computed in a one-token pass where the edit is on; teacher-forced, those are exactly the positions
+of the answer tokens (the logits that predict the first answer token come from the unedited prompt
+pass, the same as in generation). ``tests/test_preference.py`` checks the equality of the logits.
+
+Pairs come from a user JSONL (``load_preference_pairs``) or from the model itself
+(``generate_persona_pairs``: its greedy answers under a high and under a low persona).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from jaxtyping import Bool
+from torch import Tensor
+
+from dpn_lens.collect import input_device, pad_token_id, pad_token_lists
+from dpn_lens.data.prompts import render_for_model, render_roleplay_prompt
+from dpn_lens.evaluation.logprobs import encode
+from dpn_lens.io import read_jsonl
+
+__all__ = ["PreferencePair", "GeneratedPairs", "AnswerScores", "load_preference_pairs", "generate_persona_pairs",
+           "greedy_answers", "strip_template_echo", "preference_margins", "answer_scores", "answer_position_hooks"]
+
+PAIR_KEYS = ("question", "high_answer", "low_answer")
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    """One question with a high-pole and a low-pole answer.
+
+    Example:
+        >>> PreferencePair("Plans for Saturday?", "A party with everyone!", "A quiet book at home.").question
+        'Plans for Saturday?'
+    """
+
+    question: str
+    high_answer: str
+    low_answer: str
+    source: str = ""
+
+
+def _nonblank_line_numbers(path: Path) -> list[int]:
+    # read_jsonl skips blank lines; map its records back to the file's line numbers for the errors.
+    with open(path, encoding="utf-8") as handle:
+        return [number for number, line in enumerate(handle, 1) if line.strip()]
+
+
+def load_preference_pairs(path: str | os.PathLike) -> list[PreferencePair]:
+    """Read ``question``, ``high_answer``, ``low_answer`` records from a JSONL file (other keys ignored).
+
+    Errors name the file and line of a record that is not an object, lacks a key or holds an empty string.
+
+    Example:
+        >>> pairs = load_preference_pairs("my_pairs.jsonl")                # doctest: +SKIP
+        >>> pairs[0].high_answer                                          # doctest: +SKIP
+        'I would throw a party!'
+    """
+    path = Path(path)
+    rows = read_jsonl(path)
+    pairs = []
+    for line_number, row in zip(_nonblank_line_numbers(path), rows):
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}:{line_number} is not a JSON object; each line needs the keys "
+                             f"{', '.join(PAIR_KEYS)}")
+        missing = [key for key in PAIR_KEYS if key not in row]
+        if missing:
+            raise ValueError(f"{path}:{line_number} lacks the key(s) {', '.join(missing)}; each line needs "
+                             f"{', '.join(PAIR_KEYS)}")
+        for key in PAIR_KEYS:
+            if not isinstance(row[key], str) or not row[key].strip():
+                raise ValueError(f"{path}:{line_number} has an empty or non-text {key!r}; fill it in or remove the line")
+        pairs.append(PreferencePair(row["question"].strip(), row["high_answer"].strip(), row["low_answer"].strip(),
+                                    f"{path.name}:{line_number}"))
+    if not pairs:
+        raise ValueError(f"{path} holds no preference pairs")
+    return pairs
+
+
+@dataclass
+class GeneratedPairs:
+    """The pairs ``generate_persona_pairs`` kept, and how many draws it dropped and why.
+
+    Attributes:
+        pairs: the kept pairs (iterate over this object or index it directly).
+        n_drawn: (question, high description, low description) triples drawn.
+        n_identical: dropped because both personas gave the same answer.
+        n_empty: dropped because one answer was empty (EOS at once).
+    """
+
+    pairs: list[PreferencePair]
+    n_drawn: int
+    n_identical: int = 0
+    n_empty: int = 0
+    descriptions: list[tuple[str, str]] = field(default_factory=list, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __iter__(self) -> Iterator[PreferencePair]:
+        return iter(self.pairs)
+
+    def __getitem__(self, index: int) -> PreferencePair:
+        return self.pairs[index]
+
+
+_ECHO = re.compile(r"^\s*#+\s*(?:my\s+)?(?:response|answer)\s*:\s*", re.IGNORECASE)
+
+
+def strip_template_echo(answer: str) -> str:
+    """``answer`` without a leading echo of the role-play template's ``###Response:`` marker.
+
+    Small models often start their role-play answer by repeating the marker the template ends
+    with. Asked without the template (as the metric asks), no model would write it, and it is the
+    same in both answers of a pair, so it only dilutes the per-token margin.
+
+    Example:
+        >>> strip_template_echo("###Response: I would go out.")
+        'I would go out.'
+    """
+    return _ECHO.sub("", answer, count=1).strip()
+
+
+def _eos_ids(model: Any) -> set[int]:
+    """The tokenizer's EOS and, when the wrapped model names more (Gemma's ``<end_of_turn>``), those too."""
+    ids: set[int] = set()
+    config = getattr(getattr(model, "original_model", None), "generation_config", None)
+    for eos in (getattr(model.tokenizer, "eos_token_id", None), getattr(config, "eos_token_id", None)):
+        if isinstance(eos, int):
+            ids.add(eos)
+        elif isinstance(eos, (list, tuple)):
+            ids.update(int(token) for token in eos)
+    return ids
+
+
+def _greedy_batch(model: Any, token_lists: Sequence[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """Greedy new tokens of each prompt, one left-padded KV-cached batch, cut before the first EOS.
+
+    Left padding puts every prompt's last token at the same (final) position, so one decode step
+    serves the whole batch; the attention mask keeps the pads out of attention and out of the
+    position ids, so every row decodes as it would alone (checked in the tests).
+    """
+    ids, mask = pad_token_lists(token_lists, pad_token_id(model.tokenizer), "left")
+    device = input_device(model)
+    with torch.inference_mode():
+        output = model.generate(ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+                                do_sample=False, use_past_kv_cache=True, stop_at_eos=True, verbose=False,
+                                return_type="tokens")
+    eos = _eos_ids(model)
+    answers = []
+    for row in output[:, ids.shape[1]:].tolist():
+        stop = next((index for index, token in enumerate(row) if token in eos), len(row))
+        answers.append(row[:stop])
+    return answers
+
+
+def greedy_answers(model: Any, token_lists: Sequence[list[int]], max_new_tokens: int = 48, batch_size: int = 8
+                   ) -> list[list[int]]:
+    """Greedy answer tokens (EOS and after removed) for each prompt, batched longest-first."""
+    order = sorted(range(len(token_lists)), key=lambda i: -len(token_lists[i]))
+    answers: list[list[int] | None] = [None] * len(token_lists)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        for index, answer in zip(chunk, _greedy_batch(model, [token_lists[i] for i in chunk], max_new_tokens)):
+            answers[index] = answer
+    return answers  # type: ignore[return-value]
+
+
+def generate_persona_pairs(model: Any, trait: str, questions: Sequence[str], high_descriptions: Sequence[str],
+                           low_descriptions: Sequence[str], n_pairs: int, seed: int = 0, max_new_tokens: int = 48,
+                           batch_size: int = 8) -> GeneratedPairs:
+    """The model's own greedy answers under a high and under a low persona, as preference pairs.
+
+    ``n_pairs`` distinct (question, high description, low description) triples are drawn with ``seed``
+    (as for a contrastive set); each question is answered in the role-play template with the high and
+    with the low description. A leading echo of the template's ``###Response:`` marker is removed
+    (``strip_template_echo``). Pairs whose two answers are identical or empty are dropped and counted,
+    so the result may hold fewer than ``n_pairs`` pairs.
+
+    Example:
+        >>> pairs = generate_persona_pairs(model, "openness", questions, highs, lows, n_pairs=32)  # doctest: +SKIP
+        >>> len(pairs), pairs.n_identical                                                       # doctest: +SKIP
+        (31, 1)
+    """
+    from dpn_lens.data.contrastive import _draw_pairs
+
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    drawn = _draw_pairs(trait, questions, high_descriptions, low_descriptions, n_pairs, seed, "persona answers")
+    prompts = [encode(model, render_for_model(model, text)) for pair in drawn.pairs for text in (pair.high, pair.low)]
+    answers = greedy_answers(model, prompts, max_new_tokens, batch_size)
+    decode = model.tokenizer.decode
+    texts = [strip_template_echo(decode(answer, skip_special_tokens=True)) for answer in answers]
+    result = GeneratedPairs([], n_drawn=len(drawn.pairs))
+    for index, pair in enumerate(drawn.pairs):
+        high, low = texts[2 * index], texts[2 * index + 1]
+        if not high or not low:
+            result.n_empty += 1
+        elif high == low:
+            result.n_identical += 1
+        else:
+            result.pairs.append(PreferencePair(pair.question, high, low, f"persona answers:{drawn.trait}"))
+            result.descriptions.append((pair.high_description, pair.low_description))
+    return result
+
+
+def _at_all_positions(edit: Any) -> Any:
+    """``edit`` acting at every position (the mask below then restricts it to the answer)."""
+    if getattr(edit, "positions", "all") == "all":
+        return edit
+    if hasattr(edit, "at_positions"):
+        return edit.at_positions("all")
+    return dataclasses.replace(edit, positions="all")
+
+
+def answer_position_hooks(edit: Any, mask: Callable[[], Bool[Tensor, "batch pos"]]) -> list[tuple[str, Any]]:
+    """``edit``'s forward hooks, switched to all positions and then kept only where ``mask()`` is True.
+
+    Each hooked activation becomes ``where(mask, fn(activation), activation)``, so the edit's own code
+    decides what it does (additive MLP delta, NPTI boost and clamp, a residual vector) and the mask
+    decides where. ``mask`` is called at every hook so one set of hooks serves several batches.
+    ``fn`` gets a copy of the activation: an in-place edit cannot leak to the masked positions.
+    """
+    def wrap(fn: Callable) -> Callable:
+        def hook(activation: Tensor, hook: Any) -> Tensor:
+            edited = fn(activation.clone(), hook)
+            if edited is None:  # a hook that only reads leaves the activation as it is
+                return activation
+            where = mask().to(activation.device)
+            where = where.reshape(*where.shape, *([1] * (activation.dim() - where.dim())))
+            return torch.where(where, edited, activation)
+        return hook
+
+    return [(name, wrap(fn)) for name, fn in _at_all_positions(edit).fwd_hooks()]
+
+
+@contextlib.contextmanager
+def _answer_edit(model: Any, edit: Any, holder: dict[str, Tensor]) -> Iterator[None]:
+    """Apply ``edit`` at the positions ``holder["mask"]`` marks; hooks removed on exit, also on errors."""
+    if edit is None:
+        yield
+        return
+    with model.hooks(fwd_hooks=answer_position_hooks(edit, lambda: holder["mask"])):
+        yield
+
+
+def _context_text(model: Any, question: str, persona: Any) -> str:
+    if persona is None:
+        return render_for_model(model, question)
+    if hasattr(persona, "wrap"):  # a PersonaPrompt
+        return render_for_model(model, persona.wrap(question))
+    if not isinstance(persona, str) or not persona.strip():
+        raise ValueError(f"persona must be a description string or a PersonaPrompt, got {persona!r}")
+    return render_for_model(model, render_roleplay_prompt(persona, question))
+
+
+def _personas_per_pair(persona: Any, n_pairs: int) -> list[Any]:
+    """One persona (or ``None``) per pair: a single one is shared, a list gives each pair its own."""
+    if persona is None or isinstance(persona, str) or hasattr(persona, "wrap"):
+        return [persona] * n_pairs
+    personas = list(persona)
+    if len(personas) != n_pairs:
+        raise ValueError(f"{len(personas)} personas for {n_pairs} pairs; pass one persona, or one per pair")
+    return personas
+
+
+@dataclass
+class AnswerScores:
+    """Per pair, the mean per-token log-probability of each answer and its length in tokens.
+
+    Attributes:
+        high_mean, low_mean: ``[n_pairs]`` mean log p of the high / low answer's tokens.
+        high_tokens, low_tokens: ``[n_pairs]`` answer lengths in tokens.
+    """
+
+    high_mean: np.ndarray
+    low_mean: np.ndarray
+    high_tokens: np.ndarray
+    low_tokens: np.ndarray
+
+    @property
+    def margins(self) -> np.ndarray:
+        """The preference margins: mean per-token log p, high minus low."""
+        return self.high_mean - self.low_mean
+
+    @property
+    def sum_margins(self) -> np.ndarray:
+        """Margins of the summed (total) log-probabilities, which favour the shorter answer."""
+        return self.high_mean * self.high_tokens - self.low_mean * self.low_tokens
+
+
+def answer_scores(model: Any, pairs: Sequence[PreferencePair], edit: Any = None, persona: Any = None,
+                  batch_tokens: int = 4096) -> AnswerScores:
+    """The per-answer scores behind ``preference_margins`` (same arguments); see ``AnswerScores``.
+
+    Example:
+        >>> scores = answer_scores(model, pairs)                   # doctest: +SKIP
+        >>> scores.margins.mean(), scores.sum_margins.mean()       # doctest: +SKIP
+    """
+    if not pairs:
+        raise ValueError("no preference pairs given")
+    if batch_tokens < 1:
+        raise ValueError(f"batch_tokens must be at least 1, got {batch_tokens}")
+    personas = _personas_per_pair(persona, len(pairs))
+    contexts, answers = [], []
+    for index, pair in enumerate(pairs):
+        context = encode(model, _context_text(model, pair.question, personas[index]))
+        for answer in (pair.high_answer, pair.low_answer):
+            tokens = encode(model, answer, add_bos=False)
+            if not tokens:
+                raise ValueError(f"pair #{index} has an answer with no tokens; there is nothing to score")
+            contexts.append(context)
+            answers.append(tokens)
+    means = _mean_answer_logprobs(model, contexts, answers, edit, batch_tokens)
+    lengths = np.array([len(answer) for answer in answers], dtype=np.float64)
+    return AnswerScores(means[0::2], means[1::2], lengths[0::2], lengths[1::2])
+
+
+def preference_margins(model: Any, pairs: Sequence[PreferencePair], edit: Any = None, persona: Any = None,
+                       batch_tokens: int = 4096) -> np.ndarray:
+    """Per pair, mean per-token log p(high answer | question) minus the same for the low answer.
+
+    Args:
+        model: a hooked model.
+        pairs: ``PreferencePair`` objects.
+        edit: any edit with ``fwd_hooks()`` (``Intervention``, NPTI, CAA), applied at the answer
+            positions only (module note); ``None`` scores the unedited model.
+        persona: ``None`` (the question alone, the metric), or a persona description string or
+            ``PersonaPrompt`` wrapped around the question in the role-play template (positive control),
+            or a list of those, one per pair.
+        batch_tokens: padded tokens per forward pass.
+
+    Returns:
+        ``[n_pairs]`` float64 margins (nats per token).
+
+    Example:
+        >>> base = preference_margins(model, pairs)                       # doctest: +SKIP
+        >>> steered = preference_margins(model, pairs, edit=intervention)  # doctest: +SKIP
+        >>> paired_effect(steered, base)                                   # doctest: +SKIP
+    """
+    return answer_scores(model, pairs, edit, persona, batch_tokens).margins
+
+
+def _mean_answer_logprobs(model: Any, contexts: Sequence[list[int]], answers: Sequence[list[int]], edit: Any,
+                          batch_tokens: int) -> np.ndarray:
+    """Mean log-probability of each answer's tokens after its context, the edit on the answer positions.
+
+    Batched longest-first with right padding: every real token keeps its unbatched position, and the
+    pads after it are never attended to by causal attention.
+    """
+    sequences = [list(c) + list(a) for c, a in zip(contexts, answers)]
+    order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
+    device, pad = input_device(model), pad_token_id(model.tokenizer)
+    holder: dict[str, Tensor] = {}
+    means = np.empty(len(sequences), dtype=np.float64)
+    start = 0
+    with _answer_edit(model, edit, holder):
+        while start < len(order):
+            chunk = order[start:start + max(1, batch_tokens // len(sequences[order[start]]))]
+            start += len(chunk)
+            ids, attention = pad_token_lists([sequences[i] for i in chunk], pad, "right")
+            positions = torch.arange(ids.shape[1])
+            holder["mask"] = torch.stack([(positions >= len(contexts[i])) & (positions < len(sequences[i]))
+                                          for i in chunk])
+            with torch.inference_mode():
+                logits = model(ids.to(device), attention_mask=attention.to(device))
+            for row, index in enumerate(chunk):
+                n_context, n_answer = len(contexts[index]), len(answers[index])
+                # The logits at position p predict token p + 1: the answer is read one step earlier.
+                span = logits[row, n_context - 1:n_context - 1 + n_answer].float()
+                target = torch.tensor(answers[index], device=span.device)
+                logprobs = torch.log_softmax(span, dim=-1).gather(1, target[:, None])
+                means[index] = float(logprobs.mean())
+    return means
