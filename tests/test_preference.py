@@ -11,7 +11,7 @@ import torch
 
 from dpn_lens.baselines.caa import ResidualIntervention
 from dpn_lens.evaluation.controls import random_neuron_control
-from dpn_lens.evaluation.logprobs import encode
+from dpn_lens.hooked import encode
 from dpn_lens.evaluation.preference import (PreferencePair, answer_position_hooks, answer_scores,
                                             generate_persona_pairs, greedy_answers, load_preference_pairs,
                                             preference_margins, strip_template_echo)
@@ -117,7 +117,7 @@ def test_answer_position_edit_equals_decode_steering(tiny_model, kind):
         edit = ResidualIntervention(2, vector, positions="decode")
     context = encode(tiny_model, PROMPT)
     n_new = 8
-    with steer(tiny_model, edit) if isinstance(edit, Intervention) else tiny_model.hooks(fwd_hooks=edit.fwd_hooks()):
+    with steer(tiny_model, edit):
         with torch.inference_mode():
             output = tiny_model.generate(torch.tensor([context]), max_new_tokens=n_new, do_sample=False,
                                          stop_at_eos=False, use_past_kv_cache=True, verbose=False,

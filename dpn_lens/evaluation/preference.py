@@ -33,9 +33,8 @@ import torch
 from jaxtyping import Bool
 from torch import Tensor
 
-from dpn_lens.collect import input_device, pad_token_id, pad_token_lists
+from dpn_lens.hooked import encode, input_device, pad_token_id, pad_token_lists
 from dpn_lens.data.prompts import render_for_model, render_roleplay_prompt
-from dpn_lens.evaluation.logprobs import encode
 from dpn_lens.io import read_jsonl
 
 __all__ = ["PreferencePair", "GeneratedPairs", "AnswerScores", "load_preference_pairs", "generate_persona_pairs",
