@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from typing import Sequence
 
 import dpn_lens.html_report as html_report
+from dpn_lens._version import __version__
 from dpn_lens.cli_options import (FORMATTER, add_data_dir_option, add_model_options, add_out_option, add_subcommand,
-                                  add_traits_option)
+                                  add_traits_option, validate_args)
 from dpn_lens.evaluation import cli as compare_cli
 from dpn_lens.studies import cli as study_cli
 
@@ -45,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``dpn-lens`` parser with every subcommand."""
     parser = argparse.ArgumentParser(prog="dpn-lens", description=__doc__.split("\n\n")[0],
                                      formatter_class=FORMATTER)
+    parser.add_argument("--version", action="version", version=f"dpn-lens {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     commands = parser.add_subparsers(dest="command", required=True)
 
     locate = add_subcommand(commands, "locate", "contrastive data -> statistics -> neuron maps (one per trait)")
@@ -112,8 +116,15 @@ def run_steer(args: argparse.Namespace) -> int:
     from dpn_lens.neuron_map import NeuronMap
     from dpn_lens.steering import combine_interventions, steering_intervention
 
+    # Read the maps before the model: an empty or unreadable map costs no model load.
+    maps = [NeuronMap.load(path) for path in args.map]
+    for path, neuron_map in zip(args.map, maps):
+        if neuron_map.n_selected() == 0:
+            raise ValueError(f"--map {path}: the {neuron_map.trait} map selects no neurons, so steering with it would "
+                             "change nothing; locate again with more --n-pairs or a lower --tau-d")
     model = _load(args)
-    maps = [NeuronMap.load(path, model=model) for path in args.map]
+    for neuron_map in maps:
+        neuron_map.check_compatible(model)
     positions = "all" if args.all_positions else "decode"
 
     def edit(direction: str):
@@ -137,15 +148,46 @@ def run_demo_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _one_line_warnings(command: str):
+    """Show warnings as ``dpn-lens <command>: warning: ...`` (no file and line of the library)."""
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"dpn-lens {command}: warning: {message}", file=file or sys.stderr)
+    return show
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``dpn-lens`` with ``argv``; returns the exit status (2 for an expected error, printed as one line)."""
+    """Run ``dpn-lens`` with ``argv``; returns the exit status.
+
+    Every option that needs no model is checked first (``cli_options.validate_args``). Expected errors
+    (bad input, missing files, a map of another model, a locked or mixed run folder, a model that
+    cannot be loaded) are printed as one line with exit status 2; Ctrl-C prints ``interrupted`` and
+    exits 130. ``--debug`` shows the traceback instead.
+    """
+    from dpn_lens.neuron_map import IncompatibleModelError
+
     args = build_parser().parse_args(argv)
+    debug = bool(getattr(args, "debug", False))
+    show_warning = warnings.showwarning
+    if not debug:
+        warnings.showwarning = _one_line_warnings(args.command)
     try:
+        validate_args(args)
         return int(args.handler(args) or 0)
-    except (ValueError, FileNotFoundError, ModuleNotFoundError) as error:
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        # Run folders are written trait by trait, so what finished stays usable (`locate --resume`).
+        print(f"dpn-lens {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, ModuleNotFoundError, IncompatibleModelError, OSError) as error:
+        if debug:
+            raise
         # Bad input: one clear line instead of a traceback (the message names the fix).
-        print(f"dpn-lens {args.command}: error: {error}", file=sys.stderr)
+        text = " ".join(str(error).split("\n")[:1]) if isinstance(error, OSError) else str(error)
+        print(f"dpn-lens {args.command}: error: {text}", file=sys.stderr)
         return 2
+    finally:
+        warnings.showwarning = show_warning
 
 
 if __name__ == "__main__":

@@ -41,7 +41,10 @@ def generate_answer(model: Any, question: str, max_new_tokens: int = 40) -> str:
 
     Any active ``steer`` context applies. The judge evaluation generates the same way
     (``dpn_lens.evaluation.judge.generate_answers``), with the paper's repetition penalty.
+    An empty or whitespace question is refused (it would answer an empty chat).
     """
+    if not str(question).strip():
+        raise ValueError("the question is empty or whitespace; pass the text of a question")
     return generate_answers(model, [question], max_new_tokens=max_new_tokens, repetition_penalty=1.0)[0]
 
 

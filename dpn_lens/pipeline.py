@@ -9,6 +9,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,11 +53,18 @@ def parse_traits(text: str | Sequence[str]) -> list[str]:
         text = [part for item in text for part in str(item).split(",") if part.strip()]
         if [part.strip().lower() for part in text] == ["all"]:
             return list(TRAITS)
-    return [normalize_trait(part) for part in text]
+    if not text:
+        # "--traits ," used to load the model and then collect nothing.
+        raise ValueError(f"--traits names no trait; pass 'all' or a comma list such as openness,E "
+                         f"(traits: {', '.join(TRAITS)})")
+    return list(dict.fromkeys(normalize_trait(part) for part in text))
 
 
 def parse_layers(text: str | None) -> list[int] | None:
     """``"12-31"`` or ``"3,5,7"`` -> layer list; ``None``/``"auto"`` -> None.
+
+    Raises a ValueError naming the fix for anything else (a reversed range such as ``"5-3"``, a
+    negative or non-integer layer, a layer listed twice), before any model is loaded.
 
     Example:
         >>> parse_layers("2-4,7")
@@ -65,12 +73,18 @@ def parse_layers(text: str | None) -> list[int] | None:
     if text is None or str(text).strip().lower() in ("", "auto"):
         return None
     layers: list[int] = []
+    hint = "write a range such as 12-31 or a list such as 3,5,7 (layers counted from 0)"
     for part in str(text).split(","):
-        if "-" in part:
-            first, last = part.split("-", 1)
-            layers += list(range(int(first), int(last) + 1))
-        else:
-            layers.append(int(part))
+        match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+        if match is None:
+            raise ValueError(f"--layers {text!r}: {part.strip()!r} is not a layer or a range; {hint}")
+        first = int(match.group(1))
+        last = first if match.group(2) is None else int(match.group(2))
+        if last < first:
+            raise ValueError(f"--layers {text!r}: the range {part.strip()} runs backwards; write {last}-{first}")
+        layers += list(range(first, last + 1))
+    if len(set(layers)) != len(layers) or layers != sorted(layers):
+        raise ValueError(f"--layers {text!r}: layers must be increasing and distinct; {hint}")
     return layers
 
 
