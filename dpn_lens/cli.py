@@ -41,6 +41,9 @@ def _add_locate_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-tokens", type=int, default=4096, help="token budget of one batch")
     parser.add_argument("--token-position", default="last", choices=["last", "mean"])
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--resume", action="store_true",
+                        help="finish an interrupted run in --out: reuse finished traits' statistics (same options)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a run with other settings in --out")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--n-pairs", type=int, default=None, help="pairs per trait (None: sized for ~10 min)")
     demo.add_argument("--gamma", type=float, default=None, help="steering strength (None: see dpn_lens.demo)")
     add_out_option(demo, "run folder", default="runs/demo")
+    demo.add_argument("--overwrite", action="store_true", help="replace a run with other settings in --out")
     demo.add_argument("--figures", default="figures", help="folder for the summary figures")
     demo.add_argument("--max-new-tokens", type=int, default=40)
     demo.set_defaults(handler=run_demo_command)
@@ -101,7 +105,7 @@ def run_locate(args: argparse.Namespace) -> int:
                           data_dir=args.data_dir, q=args.q, tau_d=args.tau_d, layers=parse_layers(args.layers),
                           collection=collection)
     model = _load(args)
-    run = locate_traits(model, config, out=args.out)
+    run = locate_traits(model, config, out=args.out, resume=args.resume, overwrite=args.overwrite)
     print(neuron_table(run.maps))
     for trait, neuron_map in run.maps.items():
         print(f"{trait}: layers {neuron_map.settings.layer_range}, tau_d {neuron_map.settings.tau_d} "
@@ -116,7 +120,12 @@ def run_steer(args: argparse.Namespace) -> int:
     from dpn_lens.neuron_map import NeuronMap
     from dpn_lens.steering import combine_interventions, steering_intervention
 
-    # Read the maps before the model: an empty or unreadable map costs no model load.
+    from dpn_lens.run import check_run_folder, run_folder_of
+
+    # Read the maps before the model: an empty, unreadable or unfinished map costs no model load.
+    for folder in dict.fromkeys(run_folder_of(path) for path in args.map):
+        if folder is not None:
+            check_run_folder(folder)
     maps = [NeuronMap.load(path) for path in args.map]
     for path, neuron_map in zip(args.map, maps):
         if neuron_map.n_selected() == 0:
@@ -144,7 +153,7 @@ def run_demo_command(args: argparse.Namespace) -> int:
 
     run_demo(model_name=args.model, out=args.out, figures=args.figures, n_pairs=args.n_pairs, gamma=args.gamma,
              max_new_tokens=args.max_new_tokens, traits=parse_traits(args.traits), dtype=args.dtype,
-             device=args.device)
+             device=args.device, overwrite=args.overwrite)
     return 0
 
 
@@ -177,7 +186,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if debug:
             raise
         # Run folders are written trait by trait, so what finished stays usable (`locate --resume`).
-        print(f"dpn-lens {args.command}: interrupted", file=sys.stderr)
+        hint = ""
+        if args.command == "locate":
+            hint = f"; finished traits are kept: add --resume to the same command to finish {args.out}"
+        print(f"dpn-lens {args.command}: interrupted{hint}", file=sys.stderr)
         return 130
     except (ValueError, FileNotFoundError, ModuleNotFoundError, IncompatibleModelError, OSError) as error:
         if debug:

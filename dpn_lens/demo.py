@@ -73,8 +73,11 @@ def _can_write_png() -> bool:
 def run_demo(model_name: str = "smollm2-135m-instruct", out: str | Path = "runs/demo",
              figures: str | Path = "figures", n_pairs: int | None = None, gamma: float | None = None,
              max_new_tokens: int = 40, traits: Sequence[str] = TRAITS, dtype: str = DEMO_DTYPE,
-             device: str | None = None) -> dict[str, Any]:
-    """Run the demo; returns the summary that is also written to ``out/summary.json``."""
+             device: str | None = None, overwrite: bool = False) -> dict[str, Any]:
+    """Run the demo; returns the summary that is also written to ``out/summary.json``.
+
+    ``out`` is a run folder (``dpn_lens.run``): one with a run of other settings is refused unless
+    ``overwrite``."""
     from dpn_lens.models import load_model
     from dpn_lens.pipeline import LocateConfig, locate_traits, neuron_table
     from dpn_lens.studies.outputs import layers_study
@@ -88,7 +91,8 @@ def run_demo(model_name: str = "smollm2-135m-instruct", out: str | Path = "runs/
     n_neurons = model.cfg.n_layers * model.cfg.d_mlp
     print(f"loaded in {time.perf_counter() - started:.0f} s: {model.cfg.n_layers} layers x d_mlp {model.cfg.d_mlp} "
           f"= {n_neurons} MLP neurons\n")
-    run = locate_traits(model, LocateConfig(list(traits), source="embedded", n_pairs=n_pairs), out=out)
+    run = locate_traits(model, LocateConfig(list(traits), source="embedded", n_pairs=n_pairs), out=out,
+                        overwrite=overwrite)
     located = time.perf_counter()
     table = neuron_table(run.maps)
     print("\nSelected neurons per layer (trait high/low), with the share of neurons edited:\n" + table + "\n")

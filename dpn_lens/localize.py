@@ -256,4 +256,7 @@ def reselect(neuron_map: NeuronMap, q: float | None = None, tau_d: float | None 
     changed = ", ".join(f"{name}={value}" for name, value in (("q", q), ("tau_d", tau_d)) if value is not None)
     settings = dataclasses.replace(neuron_map.settings, q=new_q, tau_d=new_tau_d, source="user",
                                    reason=f"re-selected from the map's s and d: {changed or 'same settings'}")
-    return dataclasses.replace(neuron_map, settings=settings, high=high, low=low, tau_q=thresholds)
+    result = dataclasses.replace(neuron_map, settings=settings, high=high, low=low, tau_q=thresholds)
+    _warn_if_empty(result, neuron_map.steering_value, neuron_map.effect_size,
+                   [neuron_map.stat_layers.index(layer) for layer in neuron_map.layers])
+    return result

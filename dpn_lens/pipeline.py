@@ -9,6 +9,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import time
 from dataclasses import dataclass, field
@@ -24,7 +25,9 @@ from dpn_lens.data import (
 )
 from dpn_lens.localize import LocalizationSettings, locate
 from dpn_lens.neuron_map import NeuronMap
-from dpn_lens.run import Run, percent_of_all_mlp
+from dpn_lens.run import (MANIFEST_FILE, MANIFEST_FORMAT, MAPS_DIR, STATS_DIR, SUMMARY_FILE, Run, RunFolderError,
+                          file_sha256, lock_run_folder, percent_of_all_mlp, read_manifest, stats_path, trait_record,
+                          write_manifest)
 from dpn_lens.statistics import ContrastStatistics
 from dpn_lens.traits import TRAITS, normalize_trait
 
@@ -152,12 +155,93 @@ class LocateConfig:
         return cls(**values)
 
 
+# Collection options that change only speed or display, not the statistics: they may differ on --resume.
+_SPEED_ONLY = ("max_batch_size", "max_batch_tokens", "progress", "statistics_device")
+
+
+def _run_settings(config: LocateConfig) -> dict[str, Any]:
+    """What must match for two runs to be the same run: the config without speed-only options."""
+    settings = config.to_dict()
+    settings["collection"] = {key: value for key, value in settings["collection"].items() if key not in _SPEED_ONLY}
+    settings["collection"]["layers"] = (None if config.collection.layers is None
+                                        else list(config.collection.layers))
+    settings["data_dir"] = None if config.data_dir is None else str(Path(config.data_dir).expanduser().resolve())
+    return json.loads(json.dumps(settings, default=str))
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """``["n_pairs: 60 -> 40", ...]`` for the keys whose values differ."""
+    found = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            found += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            found.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return found
+
+
+def _fingerprint_of(model: Any) -> dict[str, Any] | None:
+    from dpn_lens.models import model_fingerprint
+
+    try:
+        return model_fingerprint(model).to_dict()
+    except Exception:  # a duck-typed test double without tokenizer/weights: nothing to record
+        return None
+
+
+def _clear_run(folder: Path) -> None:
+    """Remove the artifacts of an earlier run (``--overwrite``); other files in the folder stay."""
+    for sub in (MAPS_DIR, STATS_DIR):
+        for path in (folder / sub).glob("*") if (folder / sub).is_dir() else []:
+            if path.is_file():
+                path.unlink()
+    for name in (SUMMARY_FILE, MANIFEST_FILE):
+        (folder / name).unlink(missing_ok=True)
+
+
+def _prepare_folder(folder: Path, settings: dict[str, Any], fingerprint: dict[str, Any] | None, resume: bool,
+                    overwrite: bool) -> dict[str, Any] | None:
+    """Decide what an existing run folder means for this run; returns the earlier manifest to resume from."""
+    manifest = read_manifest(folder)
+    has_artifacts = any((folder / sub).is_dir() and any((folder / sub).iterdir()) for sub in (MAPS_DIR, STATS_DIR))
+    if overwrite:
+        if resume:
+            raise ValueError("--resume and --overwrite contradict each other: --resume keeps finished traits, "
+                             "--overwrite discards them; pass one")
+        _clear_run(folder)
+        return None
+    if manifest is None:
+        if has_artifacts:
+            raise RunFolderError(f"{folder} already holds maps or statistics of another run (without a manifest); "
+                                 "pass --overwrite to replace them, or choose another --out")
+        if resume:
+            raise RunFolderError(f"nothing to resume in {folder} (no {MANIFEST_FILE}); run without --resume")
+        return None
+    differences = _differences(manifest.get("settings") or {}, settings)
+    if fingerprint and manifest.get("fingerprint") and manifest["fingerprint"] != fingerprint:
+        differences.insert(0, "model fingerprint differs")
+    if differences:
+        raise RunFolderError(f"{folder} holds a run with other settings ({'; '.join(differences[:4])}"
+                             f"{'; ...' if len(differences) > 4 else ''}); pass --overwrite to replace it, or choose "
+                             "another --out" + (" (--resume needs the same settings)" if resume else ""))
+    if not resume:
+        # The same settings again: a fresh run of the same experiment replaces the old one.
+        _clear_run(folder)
+        return None
+    return manifest
+
+
 def locate_traits(model: Any, config: LocateConfig, out: str | Path | None = None,
-                  log: Callable[[str], None] = print) -> Run:
+                  log: Callable[[str], None] = print, resume: bool = False, overwrite: bool = False) -> Run:
     """Collect statistics and locate neurons for each trait; save them under ``out`` if given.
 
-    Each trait's statistics and map are written as soon as they exist (a long run keeps its finished
-    traits), ``summary.json`` at the end.
+    With ``out``, the folder is a transaction (``dpn_lens.run``): its lock is held throughout, a
+    ``manifest.json`` records settings, model fingerprint, data and each trait's status and checksums,
+    each trait's statistics and map are written as soon as they exist, and the manifest says
+    ``complete`` only at the end. An interrupted run keeps its finished traits; ``resume=True`` reuses
+    their statistics (checked by checksum) when the settings match. A folder holding a run with
+    other settings is refused unless ``overwrite=True``.
 
     Example:
         >>> run = locate_traits(model, LocateConfig(["openness"], n_pairs=100), out="runs/quick")   # doctest: +SKIP
@@ -165,22 +249,51 @@ def locate_traits(model: Any, config: LocateConfig, out: str | Path | None = Non
     """
     model_name = getattr(model, "dpn_model_name", "")
     run = Run(None if out is None else Path(out), {}, model_name=model_name)
+    if out is None:
+        _locate_each(model, config, run, log, {})
+        run.summary = run.summary_dict()
+        return run
+    folder = Path(out)
+    settings, fingerprint = _run_settings(config), _fingerprint_of(model)
+    with lock_run_folder(folder):
+        earlier = _prepare_folder(folder, settings, fingerprint, resume, overwrite)
+        reusable = {}
+        for trait, record in ((earlier or {}).get("traits") or {}).items():
+            path = stats_path(folder, trait)
+            if record.get("status") == "done" and path.exists() and file_sha256(path) == record.get("stats_sha256"):
+                reusable[trait] = path
+        manifest = {"format": MANIFEST_FORMAT, "status": "running", "model": model_name, "fingerprint": fingerprint,
+                    "settings": settings, "data": {"source": config.source, "seed": config.seed,
+                                                   "n_pairs": config.n_pairs, "data_dir": settings["data_dir"]},
+                    "traits": {trait: {"status": "pending"} for trait in config.traits}}
+        write_manifest(folder, manifest)
+        _locate_each(model, config, run, log, reusable, folder, manifest)
+        run.save_summary()
+        manifest["status"] = "complete"
+        write_manifest(folder, manifest)
+    return run
+
+
+def _locate_each(model: Any, config: LocateConfig, run: Run, log: Callable[[str], None], reusable: dict[str, Path],
+                 folder: Path | None = None, manifest: dict[str, Any] | None = None) -> None:
     for trait in config.traits:
         started = time.perf_counter()
-        pairs = contrastive_set_for(trait, config.source, config.n_pairs, config.seed, config.data_dir)
-        stats: ContrastStatistics = collect_statistics(model, pairs, config.collection)
+        if trait in reusable:
+            stats = ContrastStatistics.load(reusable[trait])
+            note = " (statistics reused)"
+        else:
+            pairs = contrastive_set_for(trait, config.source, config.n_pairs, config.seed, config.data_dir)
+            stats = collect_statistics(model, pairs, config.collection)
+            note = ""
         run.stats[trait] = stats
-        run.maps[trait] = locate(stats, settings=config.settings, model_name=model_name, q=config.q,
+        run.maps[trait] = locate(stats, settings=config.settings, model_name=run.model_name, q=config.q,
                                  tau_d=config.tau_d, layers=config.layers)
         run.seconds[trait] = time.perf_counter() - started
-        log(f"{trait:>17}: {run.maps[trait]!r} [{run.seconds[trait]:.0f} s]")
-        if out is not None:
+        log(f"{trait:>17}: {run.maps[trait]!r} [{run.seconds[trait]:.0f} s]{note}")
+        if folder is not None and manifest is not None:
             run.save_trait(trait)
-    if out is not None:
-        run.save_summary()
-    else:
-        run.summary = run.summary_dict()
-    return run
+            manifest["traits"][trait] = trait_record(folder, trait)
+            write_manifest(folder, manifest)
 
 
 def neuron_table(maps: dict[str, NeuronMap]) -> str:
