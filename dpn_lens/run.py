@@ -134,6 +134,9 @@ def run_folder_of(path: str | Path) -> Path | None:
     return None
 
 
+_WARNED_OLD: set[Path] = set()
+
+
 def check_run_folder(folder: str | Path) -> dict[str, Any] | None:
     """Refuse a run folder that is incomplete or mixed; return its manifest (None for an older run).
 
@@ -148,6 +151,9 @@ def check_run_folder(folder: str | Path) -> dict[str, Any] | None:
     folder = Path(folder)
     manifest = read_manifest(folder)
     if manifest is None:
+        if folder.resolve() in _WARNED_OLD:
+            return None
+        _WARNED_OLD.add(folder.resolve())   # once per folder and process: a report reads it several times
         warnings.warn(f"{folder} has no {MANIFEST_FILE} (a run from an older version): its maps are read without "
                       "checking that they belong to one complete run", UserWarning, stacklevel=2)
         return None

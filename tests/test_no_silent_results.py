@@ -309,6 +309,9 @@ def test_a_folder_with_maps_but_no_manifest_is_not_written_over_silently(tiny_mo
     (folder / MANIFEST_FILE).unlink()                          # as an older version left it
     with pytest.raises(RunFolderError, match="already holds maps or statistics of another run"):
         locate_traits(tiny_model, _config(traits=["openness"]), out=folder, log=_quiet)
+    import dpn_lens.run as run_module
+
+    run_module._WARNED_OLD.clear()
     with pytest.warns(UserWarning, match="has no manifest.json"):  # older runs are still read
         assert Run.load(folder).traits == ["openness"]
 
