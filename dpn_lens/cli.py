@@ -97,13 +97,15 @@ def _load(args: argparse.Namespace):
 def run_locate(args: argparse.Namespace) -> int:
     """Handler of ``dpn-lens locate``."""
     from dpn_lens.collect import CollectionConfig
-    from dpn_lens.pipeline import LocateConfig, locate_traits, neuron_table, parse_layers
+    from dpn_lens.pipeline import LocateConfig, check_run_target, locate_traits, neuron_table, parse_layers
 
     collection = CollectionConfig(token_position=args.token_position, max_batch_size=args.batch_size,
                                   max_batch_tokens=args.batch_tokens, progress=not args.no_progress)
     config = LocateConfig(traits=args.traits, source=args.data, n_pairs=args.n_pairs, seed=args.seed,
                           data_dir=args.data_dir, q=args.q, tau_d=args.tau_d, layers=parse_layers(args.layers),
                           collection=collection)
+    # A locked folder or one with another run is refused before the model loads.
+    check_run_target(args.out, config, resume=args.resume, overwrite=args.overwrite)
     model = _load(args)
     run = locate_traits(model, config, out=args.out, resume=args.resume, overwrite=args.overwrite)
     print(neuron_table(run.maps))

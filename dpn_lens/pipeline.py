@@ -32,7 +32,7 @@ from dpn_lens.statistics import ContrastStatistics
 from dpn_lens.traits import TRAITS, normalize_trait
 
 __all__ = ["DATA_SOURCES", "LocateConfig", "contrastive_set_for", "locate_traits", "parse_traits", "parse_layers",
-           "neuron_table"]
+           "neuron_table", "check_run_target"]
 
 DATA_SOURCES = ("embedded", "personalitybench", "anthropic")
 
@@ -200,16 +200,38 @@ def _clear_run(folder: Path) -> None:
         (folder / name).unlink(missing_ok=True)
 
 
+def check_run_target(out: str | Path, config: LocateConfig, resume: bool = False, overwrite: bool = False) -> None:
+    """Refuse, before any model loads, a ``locate`` into ``out`` that ``locate_traits`` would refuse.
+
+    Checks what needs no model: another writer holding the folder, a run with other settings, a
+    folder of an older run, ``--resume`` with nothing to resume. (The model fingerprint is compared
+    again, with the model, when the run starts.) Changes nothing on disk.
+
+    Example:
+        >>> check_run_target("runs/quick", LocateConfig(["openness"], n_pairs=100))   # doctest: +SKIP
+    """
+    folder = Path(out)
+    if not folder.is_dir():
+        if resume:
+            raise RunFolderError(f"nothing to resume in {folder} (it does not exist); run without --resume")
+        return
+    with lock_run_folder(folder):
+        _prepare_folder(folder, _run_settings(config), None, resume, overwrite, dry_run=True)
+
+
 def _prepare_folder(folder: Path, settings: dict[str, Any], fingerprint: dict[str, Any] | None, resume: bool,
-                    overwrite: bool) -> dict[str, Any] | None:
-    """Decide what an existing run folder means for this run; returns the earlier manifest to resume from."""
+                    overwrite: bool, dry_run: bool = False) -> dict[str, Any] | None:
+    """Decide what an existing run folder means for this run; returns the earlier manifest to resume from.
+
+    ``dry_run`` only raises what would be refused, removing nothing."""
     manifest = read_manifest(folder)
     has_artifacts = any((folder / sub).is_dir() and any((folder / sub).iterdir()) for sub in (MAPS_DIR, STATS_DIR))
     if overwrite:
         if resume:
             raise ValueError("--resume and --overwrite contradict each other: --resume keeps finished traits, "
                              "--overwrite discards them; pass one")
-        _clear_run(folder)
+        if not dry_run:
+            _clear_run(folder)
         return None
     if manifest is None:
         if has_artifacts:
@@ -227,7 +249,8 @@ def _prepare_folder(folder: Path, settings: dict[str, Any], fingerprint: dict[st
                              "another --out" + (" (--resume needs the same settings)" if resume else ""))
     if not resume:
         # The same settings again: a fresh run of the same experiment replaces the old one.
-        _clear_run(folder)
+        if not dry_run:
+            _clear_run(folder)
         return None
     return manifest
 

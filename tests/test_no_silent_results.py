@@ -388,3 +388,22 @@ def test_cli_ctrl_c_during_locate_leaves_a_resumable_folder(tiny_folder, tmp_pat
     assert main(argv + ["--resume"]) == 0
     assert calls == ["neuroticism"] and read_manifest(run)["status"] == "complete"
     assert main(["report", str(run), "--out", str(tmp_path / "page.html")]) == 0
+
+
+def test_cli_refuses_a_locked_folder_or_other_settings_before_the_model_loads(tiny_model, tmp_path, no_model_load,
+                                                                              capsys):
+    folder = tmp_path / "run"
+    locate_traits(tiny_model, _config(traits=["openness"]), out=folder, log=_quiet)
+    argv = ["locate", "--traits", "o", "--n-pairs", "9", "--out", str(folder)]
+    assert main(argv) == 2
+    assert "holds a run with other settings" in capsys.readouterr().err
+    assert main(argv + ["--resume"]) == 2
+    assert "--resume needs the same settings" in capsys.readouterr().err
+    assert main(argv + ["--resume", "--overwrite"]) == 2
+    assert "contradict each other" in capsys.readouterr().err
+    assert main(["locate", "--traits", "o", "--out", str(tmp_path / "new"), "--resume"]) == 2
+    assert "nothing to resume" in capsys.readouterr().err
+    with lock_run_folder(folder):
+        assert main(argv + ["--overwrite"]) == 2
+        assert "another process is writing" in capsys.readouterr().err
+    assert read_manifest(folder)["settings"]["n_pairs"] == 6           # the refused commands changed nothing
