@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from typing import Sequence
 
 import dpn_lens.html_report as html_report
+from dpn_lens._version import __version__
 from dpn_lens.cli_options import (FORMATTER, add_data_dir_option, add_model_options, add_out_option, add_subcommand,
-                                  add_traits_option)
+                                  add_traits_option, validate_args)
 import dpn_lens.export_cli as export_cli
 from dpn_lens.evaluation import cli as compare_cli
 from dpn_lens.studies import cli as study_cli
@@ -40,12 +42,17 @@ def _add_locate_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-tokens", type=int, default=4096, help="token budget of one batch")
     parser.add_argument("--token-position", default="last", choices=["last", "mean"])
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--resume", action="store_true",
+                        help="finish an interrupted run in --out: reuse finished traits' statistics (same options)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a run with other settings in --out")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``dpn-lens`` parser with every subcommand."""
     parser = argparse.ArgumentParser(prog="dpn-lens", description=__doc__.split("\n\n")[0],
                                      formatter_class=FORMATTER)
+    parser.add_argument("--version", action="version", version=f"dpn-lens {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     commands = parser.add_subparsers(dest="command", required=True)
 
     locate = add_subcommand(commands, "locate", "contrastive data -> statistics -> neuron maps (one per trait)")
@@ -71,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--n-pairs", type=int, default=None, help="pairs per trait (None: sized for ~10 min)")
     demo.add_argument("--gamma", type=float, default=None, help="steering strength (None: see dpn_lens.demo)")
     add_out_option(demo, "run folder", default="runs/demo")
+    demo.add_argument("--overwrite", action="store_true", help="replace a run with other settings in --out")
     demo.add_argument("--figures", default=None, help="folder for the summary figures (None: OUT/figures)")
     demo.add_argument("--max-new-tokens", type=int, default=40)
     demo.set_defaults(handler=run_demo_command)
@@ -91,15 +99,17 @@ def _load(args: argparse.Namespace):
 def run_locate(args: argparse.Namespace) -> int:
     """Handler of ``dpn-lens locate``."""
     from dpn_lens.collect import CollectionConfig
-    from dpn_lens.pipeline import LocateConfig, locate_traits, neuron_table, parse_layers
+    from dpn_lens.pipeline import LocateConfig, check_run_target, locate_traits, neuron_table, parse_layers
 
     collection = CollectionConfig(token_position=args.token_position, max_batch_size=args.batch_size,
                                   max_batch_tokens=args.batch_tokens, progress=not args.no_progress)
     config = LocateConfig(traits=args.traits, source=args.data, n_pairs=args.n_pairs, seed=args.seed,
                           data_dir=args.data_dir, q=args.q, tau_d=args.tau_d, layers=parse_layers(args.layers),
                           collection=collection)
+    # A locked folder or one with another run is refused before the model loads.
+    check_run_target(args.out, config, resume=args.resume, overwrite=args.overwrite)
     model = _load(args)
-    run = locate_traits(model, config, out=args.out)
+    run = locate_traits(model, config, out=args.out, resume=args.resume, overwrite=args.overwrite)
     print(neuron_table(run.maps))
     for trait, neuron_map in run.maps.items():
         print(f"{trait}: layers {neuron_map.settings.layer_range}, tau_d {neuron_map.settings.tau_d} "
@@ -114,8 +124,20 @@ def run_steer(args: argparse.Namespace) -> int:
     from dpn_lens.neuron_map import NeuronMap
     from dpn_lens.steering import combine_interventions, steering_intervention
 
+    from dpn_lens.run import check_run_folder, run_folder_of
+
+    # Read the maps before the model: an empty, unreadable or unfinished map costs no model load.
+    for folder in dict.fromkeys(run_folder_of(path) for path in args.map):
+        if folder is not None:
+            check_run_folder(folder)
+    maps = [NeuronMap.load(path) for path in args.map]
+    for path, neuron_map in zip(args.map, maps):
+        if neuron_map.n_selected() == 0:
+            raise ValueError(f"--map {path}: the {neuron_map.trait} map selects no neurons, so steering with it would "
+                             "change nothing; locate again with more --n-pairs or a lower --tau-d")
     model = _load(args)
-    maps = [NeuronMap.load(path, model=model) for path in args.map]
+    for neuron_map in maps:
+        neuron_map.check_compatible(model)
     positions = "all" if args.all_positions else "decode"
 
     def edit(direction: str):
@@ -135,19 +157,53 @@ def run_demo_command(args: argparse.Namespace) -> int:
 
     run_demo(model_name=args.model, out=args.out, figures=args.figures, n_pairs=args.n_pairs, gamma=args.gamma,
              max_new_tokens=args.max_new_tokens, traits=parse_traits(args.traits), dtype=args.dtype,
-             device=args.device)
+             device=args.device, overwrite=args.overwrite)
     return 0
 
 
+def _one_line_warnings(command: str):
+    """Show warnings as ``dpn-lens <command>: warning: ...`` (no file and line of the library)."""
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"dpn-lens {command}: warning: {message}", file=file or sys.stderr)
+    return show
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``dpn-lens`` with ``argv``; returns the exit status (2 for an expected error, printed as one line)."""
+    """Run ``dpn-lens`` with ``argv``; returns the exit status.
+
+    Every option that needs no model is checked first (``cli_options.validate_args``). Expected errors
+    (bad input, missing files, a map of another model, a locked or mixed run folder, a model that
+    cannot be loaded) are printed as one line with exit status 2; Ctrl-C prints ``interrupted`` and
+    exits 130. ``--debug`` shows the traceback instead.
+    """
+    from dpn_lens.neuron_map import IncompatibleModelError
+
     args = build_parser().parse_args(argv)
+    debug = bool(getattr(args, "debug", False))
+    show_warning = warnings.showwarning
+    if not debug:
+        warnings.showwarning = _one_line_warnings(args.command)
     try:
+        validate_args(args)
         return int(args.handler(args) or 0)
-    except (ValueError, FileNotFoundError, ModuleNotFoundError) as error:
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        # Run folders are written trait by trait, so what finished stays usable (`locate --resume`).
+        hint = ""
+        if args.command == "locate":
+            hint = f"; finished traits are kept: add --resume to the same command to finish {args.out}"
+        print(f"dpn-lens {args.command}: interrupted{hint}", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, ModuleNotFoundError, IncompatibleModelError, OSError) as error:
+        if debug:
+            raise
         # Bad input: one clear line instead of a traceback (the message names the fix).
-        print(f"dpn-lens {args.command}: error: {error}", file=sys.stderr)
+        text = " ".join(str(error).split("\n")[:1]) if isinstance(error, OSError) else str(error)
+        print(f"dpn-lens {args.command}: error: {text}", file=sys.stderr)
         return 2
+    finally:
+        warnings.showwarning = show_warning
 
 
 if __name__ == "__main__":

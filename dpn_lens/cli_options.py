@@ -15,10 +15,15 @@ Example:
 from __future__ import annotations
 
 import argparse
+import math
+import os
+import re
+from pathlib import Path
 from typing import Any
 
 __all__ = ["FORMATTER", "DEFAULT_MODEL", "add_subcommand", "add_traits_option", "add_model_options",
-           "add_data_dir_option", "add_out_option"]
+           "add_data_dir_option", "add_out_option", "check_model_spec", "check_device", "check_out",
+           "validate_args"]
 
 FORMATTER = argparse.ArgumentDefaultsHelpFormatter
 """Every subcommand's help shows each option's default."""
@@ -63,3 +68,133 @@ def add_out_option(parser: argparse.ArgumentParser, help_text: str, default: str
         parser.add_argument("--out", required=True, help=help_text)
     else:
         parser.add_argument("--out", default=default, help=help_text)
+
+
+# ----- validation before the model loads ---------------------------------------------------------
+# Every check here needs no model, so `main()` runs them first: a typo costs a second, not a model
+# load plus a collected trait. Each error names the option and the fix.
+
+_HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def check_model_spec(spec: str) -> None:
+    """Raise a ValueError unless ``spec`` is an embedded name, an existing path, or a hub-style ``org/name``.
+
+    An unknown bare name (``"smollm"``) fails here at once instead of after the hub's network retries.
+
+    Example:
+        >>> check_model_spec("smollm2-135m-instruct"); check_model_spec("Qwen/Qwen2.5-7B-Instruct")
+        >>> check_model_spec("smollm")
+        Traceback (most recent call last):
+        ...
+        ValueError: --model 'smollm' is not an embedded model (smollm2-135m-instruct, gemma-3-270m), an existing file or folder, or a hub name such as org/name; pass one of those
+    """
+    from dpn_lens.models import EMBEDDED_MODELS
+
+    text = str(spec)
+    if text in EMBEDDED_MODELS:
+        return
+    path = Path(text).expanduser()
+    if text.endswith(".gguf") and not path.is_file():
+        raise FileNotFoundError(f"--model {text!r}: GGUF file {path} does not exist; pass the path of a .gguf file")
+    if path.exists() or _HUB_NAME.match(text):
+        return
+    raise ValueError(f"--model {text!r} is not an embedded model ({', '.join(EMBEDDED_MODELS)}), an existing file "
+                     "or folder, or a hub name such as org/name; pass one of those")
+
+
+def check_device(device: str | None) -> None:
+    """Raise a ValueError unless ``device`` exists on this machine (None, cpu, auto, cuda[:i], mps)."""
+    if device is None or device in ("cpu", "auto"):
+        return
+    import torch
+
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: this torch build sees no CUDA GPU "
+                             f"(torch {torch.__version__}); use --device cpu, or install a CUDA build of torch")
+        index = device.partition(":")[2]
+        if index and (not index.isdigit() or int(index) >= torch.cuda.device_count()):
+            raise ValueError(f"--device {device}: there are {torch.cuda.device_count()} CUDA device(s); "
+                             f"use cuda:0..cuda:{torch.cuda.device_count() - 1} or auto")
+        return
+    if device == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError("--device mps: MPS is not available on this machine; use --device cpu")
+        return
+    raise ValueError(f"--device {device!r} is not a device; use cpu, cuda, cuda:<i>, auto (all GPUs) or mps")
+
+
+def check_out(path: str | os.PathLike, folder: bool = True) -> None:
+    """Raise a ValueError unless ``path`` can be created and written: no regular file on the way to it,
+    the nearest existing folder writable, and (for ``folder=True``) not itself a file."""
+    target = Path(path).expanduser()
+    if target.exists() and folder and not target.is_dir():
+        raise ValueError(f"--out {str(path)!r} is a file; pass a folder (new or existing)")
+    ancestor = target.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ValueError(f"--out {str(path)!r} lies under the regular file {ancestor}; choose a path in a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {str(path)!r}: cannot write in {ancestor} (permission denied); choose another place")
+
+
+def _positive(args: argparse.Namespace, name: str, minimum: float = 1) -> None:
+    value = getattr(args, name, None)
+    if value is not None and value < minimum:
+        option = "--" + name.replace("_", "-")
+        raise ValueError(f"{option} must be at least {minimum:g}, got {value}")
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    """Check every option of a parsed command line that needs no model; raise ValueError naming the fix.
+
+    Runs in ``dpn_lens.cli.main`` before any handler, so before any model is loaded. Options a
+    subcommand does not have are skipped.
+
+    Example:
+        >>> validate_args(argparse.Namespace(q=1.5))
+        Traceback (most recent call last):
+        ...
+        ValueError: --q must lie strictly between 0 and 1 (0.995 keeps the top 0.5% of |s| per layer), got 1.5
+    """
+    from dpn_lens.pipeline import parse_layers, parse_traits
+
+    q = getattr(args, "q", None)
+    if q is not None and not 0.0 < q < 1.0:
+        raise ValueError(f"--q must lie strictly between 0 and 1 (0.995 keeps the top 0.5% of |s| per layer), got {q}")
+    tau_d = getattr(args, "tau_d", None)
+    if tau_d is not None and not (math.isfinite(tau_d) and tau_d >= 0):
+        raise ValueError(f"--tau-d must be a finite effect size >= 0 (e.g. 0.3-0.8), got {tau_d}")
+    gamma = getattr(args, "gamma", None)
+    if gamma is not None and not math.isfinite(gamma):
+        raise ValueError(f"--gamma must be a finite number (e.g. 1.0), got {gamma}")
+    for name in ("n_pairs", "batch_size", "batch_tokens", "max_new_tokens", "n_questions"):
+        _positive(args, name)
+    if isinstance(getattr(args, "layers", None), str):
+        parse_layers(args.layers)
+    if getattr(args, "traits", None) is not None:
+        parse_traits(args.traits)
+    if getattr(args, "model", None) is not None:
+        check_model_spec(args.model)
+    if getattr(args, "dtype", None) is not None:
+        from dpn_lens.models import _resolve_dtype
+
+        try:
+            _resolve_dtype(args.dtype)
+        except ValueError as error:
+            raise ValueError(f"--dtype: {error}") from None
+    check_device(getattr(args, "device", None))
+    for index, prompt in enumerate(getattr(args, "prompt", None) or []):
+        if not str(prompt).strip():
+            raise ValueError(f"--prompt #{index + 1} is empty; pass a question, e.g. --prompt 'What do you do on a "
+                             "free evening?'")
+    maps = getattr(args, "map", None)
+    for path in [maps] if isinstance(maps, str) else (maps or []):
+        if not Path(path).exists():
+            raise FileNotFoundError(f"--map {path}: no such file; pass a neuron map such as RUN/maps/openness.safetensors "
+                                    "(written by `dpn-lens locate --out RUN`)")
+    out = getattr(args, "out", None)
+    if out is not None:
+        check_out(out, folder=args.command in ("locate", "demo", "compare", "study"))

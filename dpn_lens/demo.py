@@ -41,7 +41,10 @@ def generate_answer(model: Any, question: str, max_new_tokens: int = 40) -> str:
 
     Any active ``steer`` context applies. The judge evaluation generates the same way
     (``dpn_lens.evaluation.judge.generate_answers``), with the paper's repetition penalty.
+    An empty or whitespace question is refused (it would answer an empty chat).
     """
+    if not str(question).strip():
+        raise ValueError("the question is empty or whitespace; pass the text of a question")
     return generate_answers(model, [question], max_new_tokens=max_new_tokens, repetition_penalty=1.0)[0]
 
 
@@ -70,11 +73,12 @@ def _can_write_png() -> bool:
 def run_demo(model_name: str = "smollm2-135m-instruct", out: str | Path = "runs/demo",
              figures: str | Path | None = None, n_pairs: int | None = None, gamma: float | None = None,
              max_new_tokens: int = 40, traits: Sequence[str] = TRAITS, dtype: str = DEMO_DTYPE,
-             device: str | None = None) -> dict[str, Any]:
+             device: str | None = None, overwrite: bool = False) -> dict[str, Any]:
     """Run the demo; returns the summary that is also written to ``out/summary.json``.
 
     The figures go to ``figures`` (default ``out/figures``), inside the run folder: the repository's
-    ``figures/`` changes only through ``dpn-lens study all --run runs/demo --out figures``.
+    ``figures/`` changes only through ``dpn-lens study all --run runs/demo --out figures``. ``out`` is a run
+    folder (``dpn_lens.run``): one with a run of other settings is refused unless ``overwrite``.
     """
     from dpn_lens.models import load_model
     from dpn_lens.pipeline import LocateConfig, locate_traits, neuron_table
@@ -90,7 +94,8 @@ def run_demo(model_name: str = "smollm2-135m-instruct", out: str | Path = "runs/
     n_neurons = model.cfg.n_layers * model.cfg.d_mlp
     print(f"loaded in {time.perf_counter() - started:.0f} s: {model.cfg.n_layers} layers x d_mlp {model.cfg.d_mlp} "
           f"= {n_neurons} MLP neurons\n")
-    run = locate_traits(model, LocateConfig(list(traits), source="embedded", n_pairs=n_pairs), out=out)
+    run = locate_traits(model, LocateConfig(list(traits), source="embedded", n_pairs=n_pairs), out=out,
+                        overwrite=overwrite)
     located = time.perf_counter()
     table = neuron_table(run.maps)
     print("\nSelected neurons per layer (trait high/low), with the share of neurons edited:\n" + table + "\n")

@@ -282,8 +282,11 @@ def _overview(run_dir: Path, summary: dict[str, Any], notes: list[str]) -> tuple
     fingerprint = summary.get("fingerprint") or {}
     maps = {}
     if (run_dir / MAPS_DIR).is_dir():
+        from dpn_lens.run import check_run_folder
+
+        check_run_folder(run_dir)   # an unfinished or mixed run is refused, not rendered as a finished one
         try:
-            maps = Run.load(run_dir).maps
+            maps = Run.load(run_dir, check=False).maps
         except (FileNotFoundError, ValueError) as error:
             notes.append(f"neuron maps not read: {error}")
     if maps and not fingerprint:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from typing import Any, Sequence
 
 import torch
@@ -31,6 +32,8 @@ __all__ = [
     "select_neurons",
     "layer_separation",
     "propose_settings",
+    "chance_bound",
+    "pairs_for_bound",
     "locate",
     "reselect",
 ]
@@ -89,6 +92,58 @@ def layer_separation(stats: ContrastStatistics) -> Float[Tensor, "n_layers"]:
 _TAU_D_LADDER = (0.8, 0.5, 0.3, 0.2)
 
 
+def chance_bound(n_high: int, n_low: int, n_tests: int) -> float:
+    """The |d| that chance alone exceeds somewhere among ``n_tests`` neurons with probability 5%.
+
+    |d| of a pure-noise neuron is about N(0, 1/n_high + 1/n_low); its maximum over ``n_tests``
+    neurons stays under z_{1 - 0.05 / n_tests} standard errors with 95% probability (Bonferroni).
+
+    Example:
+        >>> round(chance_bound(500, 500, 20 * 1536), 2)
+        0.29
+    """
+    from scipy.stats import norm
+
+    return float(norm.ppf(1 - 0.05 / n_tests) * math.sqrt(1 / n_high + 1 / n_low))
+
+
+def pairs_for_bound(effect: float, n_tests: int) -> int:
+    """The smallest number of pairs (``n`` per pole) whose ``chance_bound(n, n, n_tests)`` lies below ``effect``.
+
+    Example:
+        >>> n = pairs_for_bound(0.5, 1536); chance_bound(n, n, 1536) < 0.5 <= chance_bound(n - 1, n - 1, 1536)
+        True
+    """
+    from scipy.stats import norm
+
+    if effect <= 0:
+        raise ValueError(f"effect must be positive, got {effect}")
+    n = math.floor(2 * (norm.ppf(1 - 0.05 / n_tests) / effect) ** 2) + 1
+    while chance_bound(n, n, n_tests) >= effect:   # floating-point edge of the closed form
+        n += 1
+    return max(n, 2)
+
+
+def _warn_if_empty(neuron_map: NeuronMap, s: Tensor, d: Tensor, rows: list[int]) -> None:
+    """Say so when the dual criterion kept no neuron, and what would give some (an empty map steers nothing)."""
+    if neuron_map.n_selected() > 0:
+        return
+    settings = neuron_map.settings
+    candidates = torch.cat([d[row][s[row].abs() > torch.quantile(s[row].abs(), settings.q)].abs() for row in rows])
+    strongest = float(candidates.max()) if candidates.numel() else 0.0
+    n = neuron_map.n_high_samples
+    advice = f"the strongest candidate has |d| = {strongest:.3f} <= tau_d = {settings.tau_d}"
+    if strongest > 0:
+        needed = pairs_for_bound(strongest, len(rows) * int(s.shape[1]))
+        if needed > n:
+            advice += (f"; with {n} pairs the chance bound is {chance_bound(n, neuron_map.n_low_samples, len(rows) * int(s.shape[1])):.3f}, "
+                       f"and it falls below {strongest:.3f} from about n_pairs={needed}: locate with at least that many")
+        advice += f", or pass a tau_d below {strongest:.3f}"
+    warnings.warn(f"the {neuron_map.trait} map selects no neurons (layers {settings.layer_range}, q={settings.q}, "
+                  f"tau_d={settings.tau_d}): {advice}. Steering with it would change nothing",
+                  UserWarning, stacklevel=3)
+
+
 def propose_settings(stats: ContrastStatistics, q: float = 0.995, separation_fraction: float = 0.5
                      ) -> LocalizationSettings:
     """Derive the layer range and tau_d from the data, for models without reference settings.
@@ -115,12 +170,7 @@ def propose_settings(stats: ContrastStatistics, q: float = 0.995, separation_fra
     chosen = stats.layers[start:]
     s, d = steering_values(stats)[start:], cohens_d(stats)[start:]
     candidate_d = torch.cat([d[row][s[row].abs() > torch.quantile(s[row].abs(), q)].abs() for row in range(len(chosen))])
-    n_tests = s.numel()
-    # |d| of a pure-noise neuron is about N(0, 1/n_h + 1/n_l); its maximum over n_tests neurons stays
-    # under z_{1 - 0.05 / n_tests} standard errors with 95% probability.
-    from scipy.stats import norm
-
-    chance = float(norm.ppf(1 - 0.05 / n_tests) * math.sqrt(1 / stats.high.count + 1 / stats.low.count))
+    chance = chance_bound(stats.high.count, stats.low.count, s.numel())
     tau_d = next((t for t in _TAU_D_LADDER if float((candidate_d > t).double().mean()) >= 0.5), _TAU_D_LADDER[-1])
     tau_d = max(tau_d, round(chance, 3))
     reason = (f"layers {chosen[0]}-{chosen[-1]}: separation (RMS effect size above chance) first reaches "
@@ -173,7 +223,7 @@ def locate(stats: ContrastStatistics, settings: LocalizationSettings | None = No
     for layer in settings.layers:
         row = stats.layers.index(layer)
         high[layer], low[layer], thresholds[layer] = select_neurons(s[row], d[row], settings.q, settings.tau_d)
-    return NeuronMap(
+    neuron_map = NeuronMap(
         trait=stats.trait, settings=settings, high=high, low=low, tau_q=thresholds,
         steering_value=s.to(torch.float32), effect_size=d.to(torch.float32), stat_layers=list(stats.layers),
         hook_name=stats.hook_name, fingerprint=dict(stats.fingerprint), n_high_samples=stats.high.count,
@@ -182,6 +232,8 @@ def locate(stats: ContrastStatistics, settings: LocalizationSettings | None = No
         model_revision=model_revision or (f"weights:{stats.fingerprint['weights']}"
                                           if stats.fingerprint.get("weights") else ""),
     )
+    _warn_if_empty(neuron_map, s, d, [stats.layers.index(layer) for layer in settings.layers])
+    return neuron_map
 
 
 def reselect(neuron_map: NeuronMap, q: float | None = None, tau_d: float | None = None) -> NeuronMap:
@@ -210,4 +262,7 @@ def reselect(neuron_map: NeuronMap, q: float | None = None, tau_d: float | None 
     changed = ", ".join(f"{name}={value}" for name, value in (("q", q), ("tau_d", tau_d)) if value is not None)
     settings = dataclasses.replace(neuron_map.settings, q=new_q, tau_d=new_tau_d, source="user",
                                    reason=f"re-selected from the map's s and d: {changed or 'same settings'}")
-    return dataclasses.replace(neuron_map, settings=settings, high=high, low=low, tau_q=thresholds)
+    result = dataclasses.replace(neuron_map, settings=settings, high=high, low=low, tau_q=thresholds)
+    _warn_if_empty(result, neuron_map.steering_value, neuron_map.effect_size,
+                   [neuron_map.stat_layers.index(layer) for layer in neuron_map.layers])
+    return result

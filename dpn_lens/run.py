@@ -8,6 +8,15 @@ A run folder (written by ``dpn-lens locate`` / ``dpn-lens demo``) holds everythi
     RUN_DIR/summary.json                counts per trait, pole and layer, settings, timings
     RUN_DIR/summary.md                  the demo's readable summary
     RUN_DIR/report.html                 ``dpn-lens report``'s page
+    RUN_DIR/manifest.json               settings, model fingerprint, data, per-trait status and checksums
+    RUN_DIR/.lock                       held while a process writes the folder
+
+A run folder is a transaction: ``manifest.json`` (written atomically) says whether the run is
+``complete`` or still ``running`` (interrupted), which traits are done, and the SHA-256 of each
+trait's map and statistics. Every reader (``Run.load``, so the studies and the report; ``steer`` and
+``compare --maps`` through ``check_run_folder``) refuses an incomplete folder or one holding maps of
+another run, saying how to finish or redo it. Writers hold ``RUN_DIR/.lock`` (``lock_run_folder``), so a
+second writer is refused. Folders without a manifest (written by older versions) are read with a warning.
 
 The file names live here as constants; ``Run`` loads and saves them, and every reader of a run folder
 (locate, the studies, ``compare --maps``, the HTML report, the demo) goes through it.
@@ -20,18 +29,23 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from dpn_lens.io import write_json_atomic, write_text_atomic
 from dpn_lens.neuron_map import NeuronMap
 from dpn_lens.statistics import ContrastStatistics
 from dpn_lens.traits import TRAITS
 
-__all__ = ["Run", "MAPS_DIR", "STATS_DIR", "SUMMARY_FILE", "SUMMARY_MD_FILE", "REPORT_FILE", "MODEL_CARD_FILE", "map_path",
-           "stats_path", "find_map", "percent_of_mlp", "percent_of_all_mlp", "read_summary", "model_card"]
+__all__ = ["Run", "MAPS_DIR", "STATS_DIR", "SUMMARY_FILE", "SUMMARY_MD_FILE", "REPORT_FILE", "MODEL_CARD_FILE",
+           "map_path", "stats_path", "find_map", "percent_of_mlp", "percent_of_all_mlp", "read_summary",
+           "model_card", "MANIFEST_FILE", "LOCK_FILE", "RunFolderError", "lock_run_folder", "read_manifest",
+           "write_manifest", "check_run_folder", "file_sha256", "run_folder_of"]
 
 MAPS_DIR = "maps"
 """Subfolder of the neuron maps, ``<trait>.safetensors`` (+ ``<trait>.json``)."""
@@ -43,9 +57,132 @@ SUMMARY_MD_FILE = "summary.md"
 """The demo's readable summary."""
 REPORT_FILE = "report.html"
 """Default page of ``dpn-lens report``."""
+MANIFEST_FILE = "manifest.json"
+"""The run's settings, model fingerprint, data, per-trait status and checksums (``write_manifest``)."""
+LOCK_FILE = ".lock"
+"""Lock file held by the process writing the folder (``lock_run_folder``)."""
 MAP_SUFFIX = ".safetensors"
 MODEL_CARD_FILE = "README.md"
 """The maps folder's model card (``maps/README.md``), written by ``Run.save``."""
+MANIFEST_FORMAT = 1
+
+
+class RunFolderError(ValueError):
+    """A run folder that must not be read or written as asked: locked, incomplete, mixed, other settings."""
+
+
+@contextlib.contextmanager
+def lock_run_folder(folder: str | Path) -> Iterator[Path]:
+    """Hold ``folder/.lock`` while writing; a second writer gets a ``RunFolderError`` at once.
+
+    Example:
+        >>> with lock_run_folder("runs/quick"):          # doctest: +SKIP
+        ...     pass                                      # write maps, stats, the manifest
+    """
+    from filelock import FileLock, Timeout
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(folder / LOCK_FILE), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise RunFolderError(f"another process is writing {folder} (it holds {folder / LOCK_FILE}); wait for it to "
+                             "finish, or pass another --out") from None
+    try:
+        yield folder
+    finally:
+        lock.release()
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file's bytes (hex)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_manifest(folder: str | Path) -> dict[str, Any] | None:
+    """``folder/manifest.json`` as a dict, or None when the folder has none (an older run)."""
+    path = Path(folder) / MANIFEST_FILE
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise RunFolderError(f"{path} is not valid JSON ({error.msg}); redo the run with `dpn-lens locate --overwrite`")
+
+
+def write_manifest(folder: str | Path, manifest: dict[str, Any]) -> Path:
+    """Write ``manifest`` atomically to ``folder/manifest.json``."""
+    return write_json_atomic(Path(folder) / MANIFEST_FILE, manifest)
+
+
+def trait_record(folder: str | Path, trait: str) -> dict[str, Any]:
+    """The manifest entry of a finished trait: status and the checksums of its map and statistics."""
+    record: dict[str, Any] = {"status": "done", "map_sha256": file_sha256(map_path(folder, trait))}
+    if stats_path(folder, trait).exists():
+        record["stats_sha256"] = file_sha256(stats_path(folder, trait))
+    return record
+
+
+def run_folder_of(path: str | Path) -> Path | None:
+    """The run folder a map file or maps folder belongs to (``RUN/maps/x.safetensors`` -> ``RUN``), else None."""
+    path = Path(path)
+    for candidate in (path, path.parent, path.parent.parent):
+        if (candidate / MANIFEST_FILE).exists() or (candidate / MAPS_DIR).is_dir():
+            return candidate
+    return None
+
+
+_WARNED_OLD: set[Path] = set()
+
+
+def check_run_folder(folder: str | Path) -> dict[str, Any] | None:
+    """Refuse a run folder that is incomplete or mixed; return its manifest (None for an older run).
+
+    Checks: the run finished (``status == "complete"``); every map in ``maps/`` belongs to a trait the
+    manifest lists as done, with the recorded checksum (a map copied in from another run, or one
+    written by a second run into the same folder, is named). A folder without ``manifest.json``
+    (written before manifests existed) is read with a warning.
+
+    Raises:
+        RunFolderError: naming the problem and how to finish or redo the run.
+    """
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    if manifest is None:
+        if folder.resolve() in _WARNED_OLD:
+            return None
+        _WARNED_OLD.add(folder.resolve())   # once per folder and process: a report reads it several times
+        warnings.warn(f"{folder} has no {MANIFEST_FILE} (a run from an older version): its maps are read without "
+                      "checking that they belong to one complete run", UserWarning, stacklevel=2)
+        return None
+    traits = manifest.get("traits", {})
+    done = [trait for trait, record in traits.items() if record.get("status") == "done"]
+    if manifest.get("status") != "complete":
+        pending = [trait for trait in traits if trait not in done]
+        raise RunFolderError(
+            f"{folder} holds an unfinished run (done: {', '.join(done) or 'none'}; not done: {', '.join(pending)}); "
+            f"finish it with `dpn-lens locate --out {folder} --resume` and the same options, or redo it with --overwrite")
+    map_dir = folder / MAPS_DIR
+    for path in sorted(map_dir.glob(f"*{MAP_SUFFIX}")) if map_dir.is_dir() else []:
+        trait = path.name[: -len(MAP_SUFFIX)]
+        record = traits.get(trait)
+        if record is None or record.get("status") != "done":
+            raise RunFolderError(f"{path} is not part of the run recorded in {folder / MANIFEST_FILE} (its traits: "
+                                 f"{', '.join(done)}): the folder mixes runs; remove that file, or redo the run "
+                                 "with `dpn-lens locate --overwrite`")
+        if record.get("map_sha256") and file_sha256(path) != record["map_sha256"]:
+            raise RunFolderError(f"{path} was replaced after the run that {folder / MANIFEST_FILE} records (checksum "
+                                 "differs): the folder mixes runs; redo it with `dpn-lens locate --overwrite`")
+        stats = stats_path(folder, trait)
+        if record.get("stats_sha256") and stats.exists() and file_sha256(stats) != record["stats_sha256"]:
+            raise RunFolderError(f"{stats} was replaced after the run that {folder / MANIFEST_FILE} records "
+                                 "(checksum differs): redo the run with `dpn-lens locate --overwrite`")
+    return manifest
 
 
 def map_path(folder: str | Path, trait: str) -> Path:
@@ -135,17 +272,21 @@ class Run:
 
     # ----- reading --------------------------------------------------------------------------------
     @classmethod
-    def load(cls, folder: str | Path, model: Any | None = None) -> "Run":
+    def load(cls, folder: str | Path, model: Any | None = None, check: bool = True) -> "Run":
         """Load ``folder/maps/*.safetensors``, and ``stats/`` and ``summary.json`` where present.
 
         With ``model``, each map is refused (``IncompatibleModelError``) unless it was located on it.
+        With ``check`` (default), the folder's manifest is checked first (``check_run_folder``).
         Traits come in Big Five order, any other trait after them.
 
         Raises:
             FileNotFoundError: the folder holds no maps.
+            RunFolderError: the run is unfinished or the folder mixes runs.
             ValueError: the maps come from models of different widths.
         """
         folder = Path(folder)
+        if check and folder.is_dir():
+            check_run_folder(folder)
         map_dir = folder / MAPS_DIR
         files = sorted(map_dir.glob(f"*{MAP_SUFFIX}")) if map_dir.is_dir() else []
         if not files:
@@ -215,12 +356,18 @@ class Run:
         return write_json_atomic(self._target(folder) / SUMMARY_FILE, self.summary)
 
     def save(self, folder: str | Path | None = None) -> Path:
-        """Write statistics, maps and ``summary.json`` to ``folder`` (default: ``self.folder``); returns it."""
+        """Write statistics, maps, ``summary.json`` and a complete ``manifest.json`` to ``folder``
+        (default: ``self.folder``), holding its lock; returns it."""
         target = self._target(folder)
-        for trait in self.maps:
-            self.save_trait(trait, target)
-        self.save_summary(target)
-        write_text_atomic(target / MAPS_DIR / MODEL_CARD_FILE, model_card(self))
+        with lock_run_folder(target):
+            for trait in self.maps:
+                self.save_trait(trait, target)
+            self.save_summary(target)
+            write_text_atomic(target / MAPS_DIR / MODEL_CARD_FILE, model_card(self))
+            first = next(iter(self.maps.values()))
+            write_manifest(target, {"format": MANIFEST_FORMAT, "status": "complete", "model": self.model_name,
+                                    "fingerprint": first.fingerprint, "settings": None,
+                                    "traits": {trait: trait_record(target, trait) for trait in self.maps}})
         return target
 
 

@@ -28,7 +28,7 @@ from dpn_lens.neuron_map import NeuronMap
 
 __all__ = ["Edit", "Intervention", "steering_intervention", "additive_intervention", "combine_interventions", "steer",
            "apply_intervention", "InterventionHandle", "dpn_weights", "direction_sign", "check_positions",
-           "check_gamma"]
+           "check_gamma", "warn_gamma", "GAMMA_WARN"]
 
 Positions = Literal["decode", "all"]
 Direction = Literal["increase", "decrease"]
@@ -87,6 +87,19 @@ def check_positions(positions: str) -> None:
         raise ValueError(f"positions must be 'decode' or 'all', got {positions!r}")
 
 
+GAMMA_WARN = 5.0
+"""|gamma| above which ``steering_intervention`` warns: the paper sweeps [0, 2] and uses 1.0 for generation;
+beyond a few times that the edit swamps the neurons' own activations and generations degrade to noise."""
+
+
+def warn_gamma(gamma: float) -> None:
+    """Warn when ``|gamma|`` exceeds ``GAMMA_WARN`` (a likely typo such as 1e6, not an error)."""
+    if abs(gamma) > GAMMA_WARN:
+        warnings.warn(f"gamma={gamma:g} is far outside the usual range |gamma| <= {GAMMA_WARN:g} (the paper sweeps "
+                      "0..2 and uses 1.0 for generation); such edits swamp the activations and text degrades to noise",
+                      UserWarning, stacklevel=3)
+
+
 def check_gamma(gamma: Any) -> float:
     """``gamma`` as a float, or a ValueError unless it is a finite number (booleans and strings refused)."""
     if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not math.isfinite(gamma):
@@ -105,6 +118,10 @@ class Intervention:
             ``"all"`` adds it at every position of every forward pass.
         label: human-readable description; ``neurons_by_source`` remembers which trait each edited
             neuron came from (for overlap warnings when combining).
+        fingerprint: the model fingerprint of the map the edit was built from (``steer`` checks it
+            against the model by default); ``None`` when unknown (a hand-made edit).
+        map_neurons: how many neurons the source map selected for this edit (``steer`` refuses 0: an
+            empty map would change nothing); ``None`` when not built from a map.
 
     Example:
         >>> delta = torch.zeros(8); delta[3] = 0.5
@@ -117,6 +134,8 @@ class Intervention:
     hook_template: str = HOOK_NAME
     label: str = ""
     neurons_by_source: dict[str, set[tuple[int, int]]] = field(default_factory=dict, repr=False)
+    fingerprint: dict[str, Any] | None = field(default=None, repr=False)
+    map_neurons: int | None = None
 
     def __post_init__(self) -> None:
         check_positions(self.positions)
@@ -175,7 +194,8 @@ class Intervention:
 
     def _with(self, deltas: dict[int, Tensor], positions: Positions, label: str) -> "Intervention":
         return Intervention(deltas, positions, self.hook_template, label,
-                            {source: set(neurons) for source, neurons in self.neurons_by_source.items()})
+                            {source: set(neurons) for source, neurons in self.neurons_by_source.items()},
+                            self.fingerprint, self.map_neurons)
 
     def __repr__(self) -> str:
         layers = sorted(self.deltas)
@@ -218,7 +238,7 @@ def steering_intervention(neuron_map: NeuronMap, gamma: float = 1.0,
         >>> with steer(model, edit):                                                    # doctest: +SKIP
         ...     model.generate(prompt, max_new_tokens=40, do_sample=False)
     """
-    check_gamma(gamma)
+    warn_gamma(check_gamma(gamma))
     direction_sign(direction)
     if mode not in ("both", "directional"):
         raise ValueError(f"mode must be 'both' or 'directional', got {mode!r}")
@@ -234,9 +254,13 @@ def steering_intervention(neuron_map: NeuronMap, gamma: float = 1.0,
         sizes = [indices.numel() for indices in selected.values()]
         weights = dict(zip(selected, torch.split(flat, sizes)))
     label = f"DPN-LE{'_w' if weighted else ''} {neuron_map.trait} {direction} gamma={gamma:g} ({mode})"
-    return additive_intervention(neuron_map.steering_value, neuron_map.stat_layers, selected, gamma, direction,
+    edit = additive_intervention(neuron_map.steering_value, neuron_map.stat_layers, selected, gamma, direction,
                                  weights=weights, positions=positions, hook_template=neuron_map.hook_name,
                                  label=label, source=neuron_map.trait)
+    # Remember where the edit came from, so `steer` can refuse it on another model or for an empty map.
+    edit.fingerprint = dict(neuron_map.fingerprint) or None
+    edit.map_neurons = sum(int(indices.numel()) for indices in selected.values())
+    return edit
 
 
 def additive_intervention(steering_value: Float[Tensor, "n_stat_layers d_mlp"], stat_layers: Sequence[int],
@@ -310,8 +334,12 @@ def combine_interventions(*interventions: Intervention) -> Intervention:
                 listed = ", ".join(f"L{layer}.N{neuron}" for layer, neuron in shared[:10])
                 warnings.warn(f"{a} and {b} edit {len(shared)} shared neuron(s) ({listed}"
                               f"{', ...' if len(shared) > 10 else ''}); their deltas add up there", stacklevel=2)
+    fingerprints = [i.fingerprint for i in interventions if i.fingerprint]
+    counts = [i.map_neurons for i in interventions]
     return Intervention(deltas, positions.pop(), templates.pop(),
-                        " + ".join(i.label or "custom" for i in interventions), sources)
+                        " + ".join(i.label or "custom" for i in interventions), sources,
+                        fingerprints[0] if fingerprints and all(f == fingerprints[0] for f in fingerprints) else None,
+                        None if None in counts else sum(counts))
 
 
 class InterventionHandle:
@@ -395,8 +423,48 @@ def _check_fits(model: Any, intervention: Intervention) -> None:
                          f"d_mlp is {d_mlp}: the neuron map comes from another model")
 
 
+def _check_fingerprints(model: Any, edits: Sequence[Edit]) -> None:
+    """Refuse edits whose map was located on another model (the default check of ``steer``)."""
+    from dpn_lens.models import ModelFingerprint, model_fingerprint
+    from dpn_lens.neuron_map import IncompatibleModelError
+
+    known = [edit for edit in edits if isinstance(getattr(edit, "fingerprint", None), dict) and edit.fingerprint]
+    if not known:
+        return
+    theirs = model_fingerprint(model)
+    for edit in known:
+        try:
+            mine = ModelFingerprint.from_dict(edit.fingerprint)
+        except KeyError:  # an incomplete fingerprint (hand-made map): nothing reliable to compare
+            continue
+        differences = mine.differences(theirs)
+        if differences:
+            raise IncompatibleModelError(
+                f"{edit.label or 'this edit'} comes from a neuron map located on a different model "
+                f"({'; '.join(differences)}); locate the trait on this model, or pass check=False to apply it anyway")
+
+
+def _watch_decode(edits: Sequence[Edit]) -> tuple[list[tuple[str, Any]], dict[str, int]]:
+    """The edits' hooks, wrapped to count whether a decode-only edit ever met a decode step."""
+    seen = {"calls": 0, "decode": 0}
+    hooks = []
+    for edit in edits:
+        for name, fn in edit.fwd_hooks():
+            if getattr(edit, "positions", None) != "decode":
+                hooks.append((name, fn))
+                continue
+
+            def watched(activation: Tensor, hook: Any, fn: Any = fn) -> Tensor:
+                seen["calls"] += 1
+                if activation.dim() >= 2 and activation.shape[1] == 1:
+                    seen["decode"] += 1
+                return fn(activation, hook)
+            hooks.append((name, watched))
+    return hooks, seen
+
+
 @contextlib.contextmanager
-def steer(model: HookedModel, *edits: Edit | None, check: NeuronMap | None = None) -> Iterator[Any]:
+def steer(model: HookedModel, *edits: Edit | None, check: NeuronMap | bool | None = None) -> Iterator[Any]:
     """Context manager: the model runs with the edits; hooks are removed on exit, always.
 
     Any ``Edit`` works: a DPN-LE ``Intervention``, an ``NPTIIntervention``, a CAA
@@ -404,8 +472,17 @@ def steer(model: HookedModel, *edits: Edit | None, check: NeuronMap | None = Non
     ``steer(model, None)`` runs the model unchanged (handy for an unsteered baseline in a loop).
     Applying an edit that is already active on the model raises instead of silently doubling it;
     applying another intervention that edits some of the same neurons (e.g. one built again from the
-    same map) warns, naming those neurons. Pass ``check=neuron_map`` to verify that the map belongs to
-    this model first.
+    same map) warns, naming those neurons.
+
+    Safety checks, none of them silent:
+
+    * ``check=None`` (default): every edit built from a neuron map carries the map's model
+      fingerprint and is refused (``IncompatibleModelError``) on a different model;
+      ``check=neuron_map`` also checks that map; ``check=False`` skips the check.
+    * An edit built from a map that selects no neurons is refused (it would change nothing).
+    * A decode-only edit (``positions="decode"``) that never met a decode step while the context was
+      open (a plain ``model(...)``, ``run_with_hooks``, ``generate(..., use_past_kv_cache=False)``)
+      warns once on exit, naming ``positions="all"``.
 
     Example:
         >>> with steer(model, steering_intervention(neuron_map, gamma=1.0)):   # doctest: +SKIP
@@ -414,7 +491,7 @@ def steer(model: HookedModel, *edits: Edit | None, check: NeuronMap | None = Non
         ...     baseline = model.generate(prompt, max_new_tokens=40, do_sample=False)
     """
     require_hooked_model(model, "steer()")
-    if check is not None:
+    if isinstance(check, NeuronMap):
         check.check_compatible(model)
     if not edits:
         raise ValueError("steer() needs at least one Intervention (see steering_intervention), or None for no edit")
@@ -423,6 +500,13 @@ def steer(model: HookedModel, *edits: Edit | None, check: NeuronMap | None = Non
             raise TypeError(f"steer() takes Intervention objects (or another Edit: NPTI, CAA), got "
                             f"{type(edit).__name__}; build one with steering_intervention(neuron_map, gamma=...)")
     chosen = [edit for edit in edits if edit is not None]
+    for edit in chosen:
+        if getattr(edit, "map_neurons", None) == 0:
+            raise ValueError(f"{edit.label or 'this edit'}: its neuron map selects no neurons, so it would change "
+                             "nothing; locate with more pairs or a lower tau_d (see the warning of locate), or "
+                             "reselect(neuron_map, q=..., tau_d=...)")
+    if check is not False:
+        _check_fingerprints(model, chosen)
     active = _active_set(model)
     ids = [id(edit) for edit in chosen]
     if len(set(ids)) != len(ids) or any(i in active for i in ids):
@@ -432,7 +516,7 @@ def steer(model: HookedModel, *edits: Edit | None, check: NeuronMap | None = Non
     for intervention in additive:
         _check_fits(model, intervention)
     _warn_overlaps(additive, active)
-    hooks = [hook for edit in chosen for hook in edit.fwd_hooks()]
+    hooks, seen = _watch_decode(chosen)
     active.update(zip(ids, chosen))
     try:
         with model.hooks(fwd_hooks=hooks):
@@ -440,9 +524,15 @@ def steer(model: HookedModel, *edits: Edit | None, check: NeuronMap | None = Non
     finally:
         for i in ids:
             active.pop(i, None)
+    if seen["calls"] and not seen["decode"]:
+        labels = ", ".join(edit.label or type(edit).__name__ for edit in chosen if edit.positions == "decode")
+        warnings.warn(f"the decode-only edit {labels} never fired: the model ran only full-sequence passes (model(...), "
+                      "run_with_hooks, or generate without the KV cache), which decode-only edits leave untouched. "
+                      "Use edit.at_positions(\"all\") (positions=\"all\") to edit every position",
+                      RuntimeWarning, stacklevel=3)
 
 
-def apply_intervention(model: HookedModel, *edits: Edit | None, check: NeuronMap | None = None
+def apply_intervention(model: HookedModel, *edits: Edit | None, check: NeuronMap | bool | None = None
                        ) -> InterventionHandle:
     """Attach edits until ``handle.remove()`` (for notebooks, where a ``with`` is awkward).
 

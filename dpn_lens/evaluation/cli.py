@@ -83,6 +83,13 @@ def run_compare(args: argparse.Namespace) -> int:
         gamma=args.gamma, npti_gamma=args.npti_gamma, caa_gamma=args.caa_gamma, npti_prompts=args.npti_prompts,
         npti_new_tokens=args.npti_tokens, gamma_sweep=args.gamma_sweep, q_sweep=args.q_sweep,
         sweep_trait=args.sweep_trait, judge=judge)
+    if args.maps:
+        from dpn_lens.run import check_run_folder, run_folder_of
+
+        # An unfinished or mixed run folder is refused before the model loads.
+        folder = run_folder_of(args.maps)
+        if folder is not None:
+            check_run_folder(folder)
     model = load_model(args.model, dtype=args.dtype, device=args.device)
     result = run_comparison(model, config, log=lambda message: print(f"[{time.time() - started:6.0f}s] {message}", flush=True))
     result["meta"]["command_seconds"] = time.time() - started
