@@ -146,6 +146,17 @@ def _refuse_normalised_mlp(model: Any, fmt: str) -> None:
             "with dpn-lens hooks (`dpn-lens steer`) instead")
 
 
+def _export_target(exported: "ExportedEdit", path: str | os.PathLike, suffix: str, what: str) -> Path:
+    """``path`` checked for ``suffix`` (with its parent folder made); refuses an edit that changes nothing."""
+    if not exported.vectors:
+        raise ValueError("the edit changes no neuron (all deltas are zero); nothing to export")
+    path = Path(path)
+    if path.suffix != suffix:
+        raise ValueError(f"{what}; got {path.name!r}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def export_control_vector(model: HookedModel, exported: ExportedEdit, path: str | os.PathLike) -> Path:
     """Write a llama.cpp control vector GGUF: tensors ``direction.<layer>`` (float32, ``[d_model]``).
 
@@ -164,12 +175,7 @@ def export_control_vector(model: HookedModel, exported: ExportedEdit, path: str 
     if 0 in exported.vectors:
         raise ValueError("llama.cpp control vectors cannot steer layer 0 (its loader rejects `direction.0`); "
                          "locate with layers >= 1 or export with --format hf-bias")
-    if not exported.vectors:
-        raise ValueError("the edit changes no neuron (all deltas are zero); nothing to export")
-    path = Path(path)
-    if path.suffix != ".gguf":
-        raise ValueError(f"a control vector is a .gguf file; got {path.name!r}")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = _export_target(exported, path, ".gguf", "a control vector is a .gguf file")
     with atomic_path(path) as tmp:
         writer = gguf.GGUFWriter(str(tmp), "controlvector")
         # The two keys llama.cpp's own control-vector generator writes; the rest say what produced it.
@@ -199,12 +205,7 @@ def export_steering_vector(model: HookedModel, exported: ExportedEdit, path: str
     from dpn_lens.io import atomic_path
 
     _refuse_normalised_mlp(model, "steering-vectors decoder_block")
-    if not exported.vectors:
-        raise ValueError("the edit changes no neuron (all deltas are zero); nothing to export")
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        raise ValueError(f"a steering vector is saved as a .safetensors file; got {path.name!r}")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = _export_target(exported, path, ".safetensors", "a steering vector is saved as a .safetensors file")
     tensors = {f"layer_activations.{layer}": vector.contiguous() for layer, vector in exported.vectors.items()}
     metadata = {"format": "steering_vectors.SteeringVector", "layer_type": "decoder_block",
                 "dpn_lens": json.dumps(exported.metadata)}

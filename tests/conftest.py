@@ -22,7 +22,7 @@ TESTS = Path(__file__).resolve().parent
 if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))
 
-from helpers import TINY_HIGH, TINY_LOW, build_tiny_model, has_runnable_example  # noqa: E402  (tests/ on sys.path)
+from helpers import TINY_HIGH, TINY_LOW, build_tiny_hf_model, build_tiny_model, has_runnable_example  # noqa: E402  (tests/ on sys.path)
 
 REPO = TESTS.parent
 SHARED_DATA = Path(os.environ.get("DPN_LENS_DATA", REPO.parent / "shared" / "data"))
@@ -50,6 +50,16 @@ def tiny_model(tmp_path_factory):
 def other_tiny_model(tmp_path_factory):
     """Same architecture and sizes, different random weights."""
     return build_tiny_model(tmp_path_factory.mktemp("tiny_other"), seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory):
+    """A random Llama saved like a hub checkpoint, with a context long enough for role-play prompts
+    (what the CLI tests pass as --model)."""
+    folder = tmp_path_factory.mktemp("tiny_hf")
+    hf_model, _ = build_tiny_hf_model(folder, n_layers=3, max_positions=512)
+    hf_model.save_pretrained(folder)
+    return folder
 
 
 @pytest.fixture(scope="session")

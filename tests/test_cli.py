@@ -8,16 +8,6 @@ import pytest
 
 from dpn_lens import NeuronMap
 from dpn_lens.cli import main
-from helpers import build_tiny_hf_model
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    """A random Llama saved like a hub checkpoint, with a context long enough for role-play prompts."""
-    folder = tmp_path_factory.mktemp("tiny_hf")
-    hf_model, _ = build_tiny_hf_model(folder, n_layers=3, max_positions=512)
-    hf_model.save_pretrained(folder)
-    return folder
 
 
 def test_locate_writes_maps_stats_and_a_summary_then_steer_uses_the_map(tiny_folder, tmp_path, capsys):

@@ -30,7 +30,7 @@ from dpn_lens.neuron_map import IncompatibleModelError
 from dpn_lens.pipeline import LocateConfig, locate_traits, parse_layers
 from dpn_lens.run import (MANIFEST_FILE, Run, RunFolderError, check_run_folder, lock_run_folder, map_path,
                           read_manifest)
-from helpers import build_tiny_hf_model, random_prompts
+from helpers import random_prompts
 
 
 @pytest.fixture(scope="module")
@@ -354,14 +354,6 @@ def test_a_mixed_folder_is_refused_by_every_reader(tiny_model, tmp_path, capsys)
     assert "was replaced after the run" in capsys.readouterr().err
     assert main(["steer", "--map", str(map_path(first, "openness")), "--prompt", "hi"]) == 2
     assert "was replaced after the run" in capsys.readouterr().err
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny_hf")
-    hf_model, _ = build_tiny_hf_model(folder, n_layers=3, max_positions=512)
-    hf_model.save_pretrained(folder)
-    return folder
 
 
 def test_cli_ctrl_c_during_locate_leaves_a_resumable_folder(tiny_folder, tmp_path, monkeypatch, capsys):
