@@ -102,10 +102,15 @@ def run_demo(model_name: str = "smollm2-135m-instruct", out: str | Path = "runs/
 
     generations: dict[str, list[str]] = {}
     for trait, neuron_map in run.maps.items():
-        edits = {direction: steering_intervention(neuron_map, gamma=gamma, direction=direction)
-                 for direction in ("increase", "decrease")}
         print(f"== {trait} ({neuron_map.n_selected()} neurons, gamma {gamma}) ==")
-        generations[trait] = compare_generations(model, [DEMO_QUESTIONS[trait]], edits, max_new_tokens)
+        if neuron_map.n_selected() == 0:
+            # steer() refuses an edit that changes nothing; say so instead of showing identical answers.
+            generations[trait] = [f"Q: {DEMO_QUESTIONS[trait]}\n  no neurons selected (see the warning of locate): "
+                                  "nothing to steer; run the demo with more --n-pairs"]
+        else:
+            edits = {direction: steering_intervention(neuron_map, gamma=gamma, direction=direction)
+                     for direction in ("increase", "decrease")}
+            generations[trait] = compare_generations(model, [DEMO_QUESTIONS[trait]], edits, max_new_tokens)
         print("\n".join(generations[trait]) + "\n")
 
     summary = run.summary_dict()

@@ -109,3 +109,16 @@ def test_demo_writes_its_figures_into_its_run_folder(tiny_model, tmp_path, monke
     written = sorted((tmp_path / "runs" / "demo" / "figures").glob("layers_*"))
     assert {p.suffix for p in written} >= {".html", ".json"}
     assert summary["figures"] and all(path.startswith("runs/demo/figures/") for path in summary["figures"])
+
+
+def test_demo_says_so_when_a_map_selects_no_neurons(tiny_model, tmp_path, monkeypatch):
+    """4 pairs cannot pass the chance bound: the demo reports the empty map instead of failing in steer()."""
+    import dpn_lens.models
+    from dpn_lens.demo import run_demo
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(dpn_lens.models, "load_model", lambda *args, **kwargs: tiny_model)
+    with pytest.warns(UserWarning, match="selects no neurons|no neurons"):
+        summary = run_demo("tiny", out="runs/demo", n_pairs=4, max_new_tokens=1, traits=["openness"])
+    assert summary["traits"]["openness"]["high"] + summary["traits"]["openness"]["low"] == 0
+    assert "no neurons selected" in summary["generations"]["openness"][0]
