@@ -98,12 +98,9 @@ def test_a_bfloat16_model_gives_float64_statistics_close_to_float32(tmp_path, to
     half = build_tiny_model(tmp_path / "bf16", seed=3).to(torch.bfloat16)
     assert next(half.parameters()).dtype == torch.bfloat16
     prompts = TINY_HIGH + TINY_LOW
-    reference = collect_group_statistics(full, prompts,
-                                         CollectionConfig(token_position=token_position, max_batch_size=4,
-                                                          progress=False))
-    reduced = collect_group_statistics(half, prompts,
-                                       CollectionConfig(token_position=token_position, max_batch_size=4,
-                                                        progress=False))
+    config = CollectionConfig(token_position=token_position, max_batch_size=4, progress=False)
+    reference = collect_group_statistics(full, prompts, config)
+    reduced = collect_group_statistics(half, prompts, config)
     assert reduced.mean.dtype == torch.float64 and reduced.count == reference.count
     # bf16 keeps ~3 significant digits; the scale is that of the activations themselves.
     scale = reference.mean.abs().max()
@@ -165,12 +162,9 @@ def test_a_model_dispatched_with_a_device_map_collects_and_steers_the_same(tmp_p
     assert placed.original_model.hf_device_map["model.layers.3"] == "disk" and placed.cfg.n_devices == 2
 
     for token_position in ("last", "mean"):
-        reference = collect_group_statistics(plain, TINY_HIGH,
-                                             CollectionConfig(token_position=token_position, max_batch_size=4,
-                                                              progress=False))
-        dispatched = collect_group_statistics(placed, TINY_HIGH,
-                                              CollectionConfig(token_position=token_position, max_batch_size=4,
-                                                               progress=False))
+        config = CollectionConfig(token_position=token_position, max_batch_size=4, progress=False)
+        reference = collect_group_statistics(plain, TINY_HIGH, config)
+        dispatched = collect_group_statistics(placed, TINY_HIGH, config)
         torch.testing.assert_close(dispatched.mean, reference.mean, rtol=0, atol=1e-6)
         torch.testing.assert_close(dispatched.m2, reference.m2, rtol=1e-5, atol=1e-6)
 

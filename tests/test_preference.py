@@ -171,6 +171,9 @@ def test_hooks_removed_after_an_error(tiny_model):
     class Failing:  # any object with the edit interface; its hook fails mid-forward
         positions, label, n_edited = "all", "failing", 0
 
+        def at_positions(self, positions):
+            return self
+
         def fwd_hooks(self):
             return [("blocks.1.mlp.hook_post", lambda act, hook: 1 / 0)]
 

@@ -9,7 +9,7 @@ positions when log-probabilities are scored).
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from jaxtyping import Float
@@ -43,12 +43,14 @@ def scoring_edit(edit: Edit | None) -> Edit | None:
     return None if edit is None else edit.at_positions("all")
 
 
-def _batched_logits(model: HookedModel, token_lists: Sequence[list[int]], batch_tokens: int
+def _batched_logits(model: HookedModel, token_lists: Sequence[list[int]], batch_tokens: int,
+                    on_batch: Callable[[list[int]], None] | None = None
                     ) -> Iterator[tuple[int, Float[Tensor, "pos vocab"]]]:
     """``(index, logits of that sequence)`` for every sequence, batched longest-first, right-padded.
 
     Right padding keeps every real token at the position it has unbatched, so results do not depend
-    on the batch (pads come after the tokens and causal attention never looks forward).
+    on the batch (pads come after the tokens and causal attention never looks forward). ``on_batch``
+    is called with each batch's indices before its forward pass (e.g. to set the positions a hook edits).
     """
     order = sorted(range(len(token_lists)), key=lambda i: -len(token_lists[i]))
     device = input_device(model)
@@ -58,6 +60,8 @@ def _batched_logits(model: HookedModel, token_lists: Sequence[list[int]], batch_
         chunk = order[start:start + max(1, batch_tokens // max(longest, 1))]
         start += len(chunk)
         ids, mask = pad_token_lists([token_lists[index] for index in chunk], pad_token_id(model.tokenizer), "right")
+        if on_batch is not None:
+            on_batch(chunk)
         with torch.inference_mode():
             logits = model(ids.to(device), attention_mask=mask.to(device))
         for row, index in enumerate(chunk):
@@ -84,8 +88,11 @@ class ContinuationScore:
 
 
 def continuation_logprobs(model: HookedModel, contexts: Sequence[list[int]], continuations: Sequence[list[int]],
-                          full: bool = False, batch_tokens: int = 2048) -> list[ContinuationScore]:
+                          full: bool = False, batch_tokens: int = 2048,
+                          on_batch: Callable[[list[int]], None] | None = None) -> list[ContinuationScore]:
     """Score ``continuations[i]`` after ``contexts[i]`` (token ids) in one batched pass.
+
+    ``on_batch`` (optional) is called with the item indices of each batch before its forward pass.
 
     Example:
         >>> ctx, cont = encode(model, "The sky is"), encode(model, " blue", add_bos=False)   # doctest: +SKIP
@@ -101,7 +108,7 @@ def continuation_logprobs(model: HookedModel, contexts: Sequence[list[int]], con
             raise ValueError(f"item #{index} has an empty continuation; there is nothing to score")
     sequences = [list(c) + list(t) for c, t in zip(contexts, continuations)]
     results: list[ContinuationScore | None] = [None] * len(sequences)
-    for index, logits in _batched_logits(model, sequences, batch_tokens):
+    for index, logits in _batched_logits(model, sequences, batch_tokens, on_batch):
         n_context, target = len(contexts[index]), torch.tensor(continuations[index])
         # The logits at position p predict token p+1, so the continuation is read one step earlier.
         logprobs = torch.log_softmax(logits[n_context - 1:-1], dim=-1)

@@ -21,7 +21,6 @@ Pairs come from a user JSONL (``load_preference_pairs``) or from the model itsel
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 import re
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ from torch import Tensor
 
 from dpn_lens.hooked import encode, input_device, pad_token_id, pad_token_lists
 from dpn_lens.data.prompts import render_for_model, render_roleplay_prompt
+from dpn_lens.evaluation.logprobs import continuation_logprobs, scoring_edit
 from dpn_lens.io import read_jsonl
 
 __all__ = ["PreferencePair", "GeneratedPairs", "AnswerScores", "load_preference_pairs", "generate_persona_pairs",
@@ -224,15 +224,6 @@ def generate_persona_pairs(model: Any, trait: str, questions: Sequence[str], hig
     return result
 
 
-def _at_all_positions(edit: Any) -> Any:
-    """``edit`` acting at every position (the mask below then restricts it to the answer)."""
-    if getattr(edit, "positions", "all") == "all":
-        return edit
-    if hasattr(edit, "at_positions"):
-        return edit.at_positions("all")
-    return dataclasses.replace(edit, positions="all")
-
-
 def answer_position_hooks(edit: Any, mask: Callable[[], Bool[Tensor, "batch pos"]]) -> list[tuple[str, Any]]:
     """``edit``'s forward hooks, switched to all positions and then kept only where ``mask()`` is True.
 
@@ -251,7 +242,8 @@ def answer_position_hooks(edit: Any, mask: Callable[[], Bool[Tensor, "batch pos"
             return torch.where(where, edited, activation)
         return hook
 
-    return [(name, wrap(fn)) for name, fn in _at_all_positions(edit).fwd_hooks()]
+    # At every position first (as log-prob scoring does); the mask then restricts it to the answer.
+    return [(name, wrap(fn)) for name, fn in scoring_edit(edit).fwd_hooks()]
 
 
 @contextlib.contextmanager
@@ -365,30 +357,16 @@ def _mean_answer_logprobs(model: Any, contexts: Sequence[list[int]], answers: Se
                           batch_tokens: int) -> np.ndarray:
     """Mean log-probability of each answer's tokens after its context, the edit on the answer positions.
 
-    Batched longest-first with right padding: every real token keeps its unbatched position, and the
-    pads after it are never attended to by causal attention.
+    Scored by ``logprobs.continuation_logprobs`` (batched longest-first, right-padded); before each
+    batch's forward pass the answer-position mask of that batch is set for the edit's hooks.
     """
-    sequences = [list(c) + list(a) for c, a in zip(contexts, answers)]
-    order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
-    device, pad = input_device(model), pad_token_id(model.tokenizer)
+    lengths = [len(c) + len(a) for c, a in zip(contexts, answers)]
     holder: dict[str, Tensor] = {}
-    means = np.empty(len(sequences), dtype=np.float64)
-    start = 0
+
+    def set_mask(chunk: list[int]) -> None:
+        positions = torch.arange(max(lengths[i] for i in chunk))
+        holder["mask"] = torch.stack([(positions >= len(contexts[i])) & (positions < lengths[i]) for i in chunk])
+
     with _answer_edit(model, edit, holder):
-        while start < len(order):
-            chunk = order[start:start + max(1, batch_tokens // len(sequences[order[start]]))]
-            start += len(chunk)
-            ids, attention = pad_token_lists([sequences[i] for i in chunk], pad, "right")
-            positions = torch.arange(ids.shape[1])
-            holder["mask"] = torch.stack([(positions >= len(contexts[i])) & (positions < len(sequences[i]))
-                                          for i in chunk])
-            with torch.inference_mode():
-                logits = model(ids.to(device), attention_mask=attention.to(device))
-            for row, index in enumerate(chunk):
-                n_context, n_answer = len(contexts[index]), len(answers[index])
-                # The logits at position p predict token p + 1: the answer is read one step earlier.
-                span = logits[row, n_context - 1:n_context - 1 + n_answer].float()
-                target = torch.tensor(answers[index], device=span.device)
-                logprobs = torch.log_softmax(span, dim=-1).gather(1, target[:, None])
-                means[index] = float(logprobs.mean())
-    return means
+        scores = continuation_logprobs(model, contexts, answers, batch_tokens=batch_tokens, on_batch=set_mask)
+    return np.array([float(score.token_logprobs.mean()) for score in scores], dtype=np.float64)
