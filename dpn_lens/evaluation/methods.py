@@ -7,7 +7,7 @@ over ``COMPARISON_METHODS``; adding a method is one ``ComparisonMethod`` entry t
 
 Example:
     >>> [method.name for method in COMPARISON_METHODS]
-    ['dpn-le', 'dense', 'topk', 'npti', 'caa', 'prompting']
+    ['dpn-le', 'dpn-le-w', 'directional', 'dense', 'topk', 'npti', 'caa', 'prompting']
     >>> METHODS_BY_NAME["prompting"].sweepable
     False
 """
@@ -79,6 +79,14 @@ def _dpn_le(model: Any, context: TraitContext, direction: Direction, gamma: floa
     return steering_intervention(context.neuron_map, gamma, direction, "both"), None
 
 
+def _dpn_le_w(model: Any, context: TraitContext, direction: Direction, gamma: float | None) -> Condition:
+    return steering_intervention(context.neuron_map, gamma, direction, "both", weighted=True), None
+
+
+def _directional(model: Any, context: TraitContext, direction: Direction, gamma: float | None) -> Condition:
+    return steering_intervention(context.neuron_map, gamma, direction, "directional"), None
+
+
 def _dense(model: Any, context: TraitContext, direction: Direction, gamma: float | None) -> Condition:
     return dense_intervention(context.neuron_map, gamma, direction), None
 
@@ -111,6 +119,8 @@ def _prompting(model: Any, context: TraitContext, direction: Direction, gamma: f
 
 COMPARISON_METHODS: tuple[ComparisonMethod, ...] = (
     ComparisonMethod("dpn-le", _dpn_le),
+    ComparisonMethod("dpn-le-w", _dpn_le_w),
+    ComparisonMethod("directional", _directional),
     ComparisonMethod("dense", _dense),
     ComparisonMethod("topk", _topk),
     ComparisonMethod("npti", _npti, gamma_option="npti_gamma", prepare=_npti_prepare),
