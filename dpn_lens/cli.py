@@ -1,4 +1,4 @@
-"""Command line: ``dpn-lens locate | steer | demo | study | compare | report``.
+"""Command line: ``dpn-lens locate | steer | demo | study | compare | control | report | export | models``.
 
 Every subcommand sets one ``handler`` (``set_defaults(handler=...)``). Expected errors (bad input,
 missing files, an incompatible model) are raised as ``ValueError`` / ``FileNotFoundError`` and
@@ -20,6 +20,7 @@ from dpn_lens.cli_options import (FORMATTER, add_data_dir_option, add_model_opti
                                   add_traits_option, validate_args)
 import dpn_lens.export_cli as export_cli
 from dpn_lens.evaluation import cli as compare_cli
+from dpn_lens.evaluation import control_cli
 from dpn_lens.studies import cli as study_cli
 
 __all__ = ["main", "build_parser"]
@@ -85,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     study_cli.register(commands)
     compare_cli.register(commands)
+    control_cli.register(commands)
     html_report.register(commands)
     export_cli.register(commands)
     return parser

@@ -96,7 +96,8 @@ def warn_gamma(gamma: float) -> None:
     """Warn when ``|gamma|`` exceeds ``GAMMA_WARN`` (a likely typo such as 1e6, not an error)."""
     if abs(gamma) > GAMMA_WARN:
         warnings.warn(f"gamma={gamma:g} is far outside the usual range |gamma| <= {GAMMA_WARN:g} (the paper sweeps "
-                      "0..2 and uses 1.0 for generation); such edits swamp the activations and text degrades to noise",
+                      "0..2 and uses 1.0 for generation); measure what it does on this model with calibrate_gamma or "
+                      "`dpn-lens control` (small models often need gamma 4-8 for a visible effect)",
                       UserWarning, stacklevel=3)
 
 

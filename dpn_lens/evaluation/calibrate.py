@@ -1,0 +1,247 @@
+"""Calibrated strength: the gamma at which an edit reaches a target cost (KL) or a target trait shift.
+
+A fixed gamma means different things on different models and maps: gamma 1 barely moves SmolLM2 for
+one trait and wrecks it for another. ``calibrate_gamma`` reads the gamma off a measured curve
+instead: it evaluates the edit on a log grid of gammas and interpolates where the curve crosses the
+target, returning the gamma together with the curve it read it from, so the choice can be checked.
+
+Cost is ``KL(unsteered || steered)`` of next-token distributions on fixed text (512 tokens of the
+package's everyday questions, ``probe_chunks``), with the edit at every position, averaged over
+tokens (``KLProbe``); the same pass gives the perplexity of that text.
+
+Example:
+    >>> gamma_at([0.5, 1.0, 2.0, 4.0], [0.01, 0.04, 0.16, 0.64], 0.08)   # KL = 0.04 gamma^2
+    1.4142135623730951
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from dpn_lens.evaluation.logprobs import continuation_logprobs, scoring_edit
+from dpn_lens.hooked import HookedModel, encode
+from dpn_lens.steering import Edit, steer
+
+__all__ = ["GAMMA_GRID", "DEFAULT_TARGET_KL", "KLProbe", "gamma_at", "CurvePoint", "Calibration", "calibrate_gamma",
+           "probe_chunks", "sweep_edit"]
+
+GAMMA_GRID: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
+"""The log grid of strengths the sweeps and the calibration evaluate (factor 2 from 0.25 to 32)."""
+
+DEFAULT_TARGET_KL = 0.05
+"""Default calibration target, nats/token of KL(unsteered || steered) on the probe text."""
+
+
+def probe_chunks(model: HookedModel, n_chunks: int = 4, chunk_tokens: int = 128) -> list[list[int]]:
+    """``n_chunks`` chunks of ``chunk_tokens`` tokens of the text KL is measured on.
+
+    The text is the package's own everyday questions (``data/embedded/questions.jsonl``, joined in file
+    order), so a calibration needs no data folder and gives the same gamma wherever it runs.
+    """
+    from dpn_lens.data.contrastive import _embedded_file
+    from dpn_lens.io import read_jsonl
+
+    if n_chunks < 1 or chunk_tokens < 2:
+        raise ValueError(f"need n_chunks >= 1 and chunk_tokens >= 2, got {n_chunks} and {chunk_tokens}")
+    text = "\n".join(row["question"] for row in read_jsonl(_embedded_file("questions.jsonl")))
+    ids = encode(model, text, add_bos=False)
+    if len(ids) < n_chunks * chunk_tokens:
+        raise ValueError(f"the probe text has {len(ids)} tokens, fewer than the {n_chunks * chunk_tokens} asked for; "
+                         "lower n_chunks or chunk_tokens")
+    return [ids[i * chunk_tokens:(i + 1) * chunk_tokens] for i in range(n_chunks)]
+
+
+class KLProbe:
+    """KL from the unsteered model and perplexity on fixed text, one forward pass per edit.
+
+    The unsteered log-probabilities are computed once (``[tokens, vocab]`` float32 per chunk: about
+    100 MB for 512 tokens of a 49k vocabulary) and every edit is compared with them.
+
+    Example:
+        >>> probe = KLProbe(model, probe_chunks(model))                        # doctest: +SKIP
+        >>> probe(steering_intervention(neuron_map, gamma=2.0))                # doctest: +SKIP
+        (0.031, 21.7)
+    """
+
+    def __init__(self, model: HookedModel, chunks: Sequence[list[int]]):
+        if not chunks or any(len(chunk) < 2 for chunk in chunks):
+            raise ValueError("KLProbe needs at least one chunk of 2 or more tokens")
+        self.model, self.chunks = model, [list(chunk) for chunk in chunks]
+        self.context = encode(model, "")[:1] or [int(model.tokenizer.eos_token_id)]
+        self.reference = [score.distributions for score in self._scores(None)]
+
+    def _scores(self, edit: Edit | None) -> list[Any]:
+        with steer(self.model, scoring_edit(edit)):
+            return continuation_logprobs(self.model, [self.context] * len(self.chunks), self.chunks, full=True)
+
+    def __call__(self, edit: Edit | None) -> tuple[float, float]:
+        """``(KL nats/token, perplexity)`` of the text under ``edit`` (at every position)."""
+        total, count, nll = 0.0, 0, []
+        for base, steered in zip(self.reference, self._scores(edit)):
+            total += float((base.exp() * (base - steered.distributions)).sum(-1).double().sum())
+            count += base.shape[0]
+            nll.append(-steered.token_logprobs.double())
+        # KL is >= 0; float rounding can leave a tiny negative for an edit that changes nothing.
+        return max(total / count, 0.0), float(torch.exp(torch.cat(nll).mean()))
+
+
+def sweep_edit(edit_at: Callable[[float], Edit], gamma: float) -> Edit:
+    """``edit_at(gamma)`` without the large-gamma warning: a sweep goes past it on purpose."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"gamma=.* is far outside the usual range")
+        return edit_at(gamma)
+
+
+def gamma_at(gammas: Sequence[float], values: Sequence[float], target: float, log_values: bool = True) -> float:
+    """The gamma where a curve measured at ``gammas`` first reaches ``target`` (NaN if it never does).
+
+    Interpolates linearly in log gamma, and in log value when ``log_values`` (right for KL, which
+    grows like a power of gamma). Points are taken in increasing gamma; the first segment that
+    crosses the target is used, so a curve that rises and falls again gives its first crossing.
+
+    Example:
+        >>> gamma_at([1, 2, 4], [0.1, 0.2, 0.4], 0.2)
+        2.0
+        >>> math.isnan(gamma_at([1, 2], [0.1, 0.2], 0.5))
+        True
+    """
+    order = np.argsort(np.asarray(gammas, dtype=np.float64))
+    xs = np.log(np.asarray(gammas, dtype=np.float64)[order])
+    ys = np.asarray(values, dtype=np.float64)[order]
+    if xs.size == 0 or not np.all(np.isfinite(xs)):
+        raise ValueError("gammas must be positive and finite (the curve is read on a log scale)")
+    if log_values:
+        if target <= 0:
+            raise ValueError(f"a log-scale target must be positive, got {target}")
+        ys = np.log(np.maximum(ys, 1e-12))
+        target = math.log(target)
+    for index in range(xs.size):
+        if ys[index] == target:
+            return float(np.exp(xs[index]))
+        if index and (ys[index - 1] - target) * (ys[index] - target) < 0:
+            fraction = (target - ys[index - 1]) / (ys[index] - ys[index - 1])
+            return float(np.exp(xs[index - 1] + fraction * (xs[index] - xs[index - 1])))
+    return math.nan
+
+
+@dataclass
+class CurvePoint:
+    """One strength of a calibration curve: KL, perplexity and (when pairs were given) the trait shift."""
+
+    gamma: float
+    kl: float
+    ppl: float
+    shift: float | None = None
+
+
+@dataclass
+class Calibration:
+    """A calibrated gamma and the curve it was read from.
+
+    Attributes:
+        gamma: the calibrated strength (the largest grid gamma below the target if it was never reached).
+        target: ``"kl"`` or ``"shift"``; ``target_value`` its value.
+        reached: whether the curve crossed the target (else ``gamma`` is the grid's best).
+        points: the measured curve.
+    """
+
+    gamma: float
+    target: str
+    target_value: float
+    reached: bool
+    points: list[CurvePoint] = field(default_factory=list)
+
+    def describe(self) -> str:
+        """One line: the gamma and what it was calibrated to."""
+        what = f"KL {self.target_value:g} nats/token" if self.target == "kl" else f"trait shift {self.target_value:+g}"
+        if self.reached:
+            return f"gamma {self.gamma:.3g} (reaches {what})"
+        return f"gamma {self.gamma:.3g} ({what} not reached on gammas {self.points[0].gamma:g}-{self.points[-1].gamma:g})"
+
+
+def calibrate_gamma(model: HookedModel, neuron_map: Any = None, target_kl: float | None = None,
+                    target_shift: float | None = None, *, edit_at: Callable[[float], Edit] | None = None,
+                    probe: KLProbe | None = None, pairs: Sequence[Any] | None = None,
+                    direction: str = "increase", gammas: Sequence[float] = GAMMA_GRID,
+                    max_kl: float = 2.0) -> Calibration:
+    """The gamma at which the edit reaches ``target_kl`` (default 0.05) or ``target_shift``.
+
+    Args:
+        model: the hooked model.
+        neuron_map: a DPN-LE ``NeuronMap``; the edit is ``steering_intervention(map, gamma, direction)``.
+            Or pass ``edit_at`` (gamma -> edit) for any other edit.
+        target_kl: KL(unsteered || steered) nats/token on neutral text to reach.
+        target_shift: preference-margin shift (nats/token, signed by ``direction``) to reach instead;
+            needs ``pairs`` (``PreferencePair`` list).
+        probe: a ``KLProbe`` to reuse (default: ``KLProbe(model, probe_chunks(model))``).
+        gammas: the grid, evaluated from the smallest up; the sweep stops after the first point whose
+            KL exceeds ``max_kl`` (capability is gone by then) or that passes the target.
+
+    Returns:
+        a ``Calibration``; ``gamma`` is interpolated on the curve (log-log for KL, log gamma for shift).
+
+    Example:
+        >>> calibration = calibrate_gamma(model, neuron_map, target_kl=0.05)       # doctest: +SKIP
+        >>> calibration.describe()                                                                  # doctest: +SKIP
+        'gamma 3.1 (reaches KL 0.05 nats/token)'
+    """
+    from dpn_lens.steering import direction_sign, steering_intervention
+
+    if (target_kl is None) == (target_shift is None):
+        if target_shift is None:
+            target_kl = DEFAULT_TARGET_KL
+        else:
+            raise ValueError("pass target_kl or target_shift, not both")
+    if target_kl is not None and target_kl <= 0:
+        raise ValueError(f"target_kl must be positive (nats/token), got {target_kl}")
+    if target_shift is not None and not pairs:
+        raise ValueError("target_shift needs pairs=... (PreferencePair list) to measure the shift on")
+    if (neuron_map is None) == (edit_at is None):
+        raise ValueError("pass a neuron_map or edit_at=(gamma -> edit), exactly one")
+    grid = sorted(float(g) for g in gammas)
+    if not grid or grid[0] <= 0:
+        raise ValueError(f"gammas must be positive, got {list(gammas)}")
+    sign = direction_sign(direction)
+    if edit_at is None:
+        def edit_at(gamma: float) -> Edit:
+            return steering_intervention(neuron_map, gamma, direction)
+    probe = probe or KLProbe(model, probe_chunks(model))
+    from dpn_lens.evaluation.preference import preference_margins
+
+    base = preference_margins(model, pairs) if target_shift is not None else None
+    target_name = "kl" if target_kl is not None else "shift"
+    target_value = float(target_kl if target_kl is not None else target_shift)
+
+    def measure(gamma: float) -> CurvePoint:
+        edit = sweep_edit(edit_at, gamma)
+        kl, ppl = probe(edit)
+        point = CurvePoint(gamma, kl, ppl)
+        if base is not None:
+            point.shift = float(sign * (preference_margins(model, pairs, edit=edit) - base).mean())
+        return point
+
+    def value(point: CurvePoint) -> float:
+        return point.kl if target_name == "kl" else float(point.shift)
+
+    points = [measure(grid[0])]
+    # Already past the target at the grid's smallest gamma: halve until below it (at most 6 times).
+    while value(points[0]) > target_value and len(points) <= 6:
+        points.insert(0, measure(points[0].gamma / 2))
+    for gamma in grid[1:]:
+        if value(points[-1]) >= target_value or points[-1].kl > max_kl:
+            break
+        points.append(measure(gamma))
+    gamma = gamma_at([p.gamma for p in points], [value(p) for p in points], target_value,
+                     log_values=target_name == "kl")
+    reached = not math.isnan(gamma)
+    if not reached:
+        # Never reached: the largest gamma still below the target and within max_kl (else the smallest tried).
+        below = [p for p in points if value(p) < target_value and p.kl <= max_kl]
+        gamma = below[-1].gamma if below else points[0].gamma
+    return Calibration(float(gamma), target_name, target_value, reached, points)

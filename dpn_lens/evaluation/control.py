@@ -1,0 +1,431 @@
+"""Trait control: does an edit make the model, asked without a persona, prefer what the persona would say?
+
+For every trait, on preference pairs the model itself wrote under a high- and a low-trait persona
+(held-out PersonalityBench questions and descriptions; localization uses the embedded data), this
+measures with 95% bootstrap intervals and paired tests:
+
+* the **positive control**, fixed before any result was seen: the persona effect per pair is
+  ``(margin under a high persona - margin under a low persona) / 2``, with descriptions the pairs were
+  not generated with. Any persona context raises the log-probability of both answers, so a persona vs
+  no persona difference is dominated by that shared shift; high minus low cancels it. The metric is
+  valid for a trait only if this interval excludes 0 on the positive side;
+* the **dose-response** of every method (DPN-LE, DPN-LE_w, directional, top-|d|, dense, NPTI, CAA)
+  and of the **random-neuron control** (DPN-LE's deltas on random neurons of the same layers): the
+  preference shift (signed by direction; positive = moved as asked) against KL from the unsteered
+  model and perplexity of the probe text (``calibrate.KLProbe``), on a log grid of gammas;
+* **gamma 0** (the DPN-LE edit scaled to zero through the same hooks: must shift nothing);
+* the **matched-cost** comparison: each curve's shift at KL 0.01, 0.05 and 0.1 (interpolated);
+* at the **calibrated gamma** (DPN-LE reaching the target KL): shift, fraction of the persona effect
+  recovered, the random-neuron control at the same gamma, and KL.
+
+The edit acts only at the answer positions (``preference.answer_position_hooks``): the teacher-forced
+equivalent of decode-only steering.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from dpn_lens.evaluation.calibrate import DEFAULT_TARGET_KL, GAMMA_GRID, KLProbe, gamma_at, probe_chunks, sweep_edit
+from dpn_lens.evaluation.controls import random_neuron_control
+from dpn_lens.evaluation.intervals import fraction_recovered, paired_effect
+from dpn_lens.evaluation.methods import METHODS_BY_NAME, TraitContext
+from dpn_lens.evaluation.preference import (GeneratedPairs, PreferencePair, generate_persona_pairs,
+                                            preference_margins)
+from dpn_lens.neuron_map import NeuronMap
+from dpn_lens.steering import Edit, direction_sign, steering_intervention
+from dpn_lens.traits import TRAITS, normalize_trait, trait_title
+
+__all__ = ["ControlConfig", "SWEEP_METHODS", "RANDOM_CONTROL", "held_out_pairs", "HeldOutPairs", "run_control",
+           "matched_cost_rows"]
+
+SWEEP_METHODS = ("dpn-le", "dpn-le-w", "directional", "topk", "dense", "npti", "caa")
+"""The methods the dose-response sweeps, in table order (names of ``evaluation.methods``)."""
+RANDOM_CONTROL = "random-neurons"
+"""The name of the random-neuron control's curve (DPN-LE's deltas on random neurons of the same layers)."""
+DIRECTIONS = ("increase", "decrease")
+
+
+@dataclass
+class ControlConfig:
+    """What the trait-control evaluation runs (defaults: the full run, about an hour per 135M model on 2 cores).
+
+    Every curve's KL and perplexity are measured on the whole ``gammas`` grid (one cheap pass each);
+    the preference shift, which needs the pairs, is measured at the gammas where the curve reaches
+    each of ``kl_levels`` (read off the grid in log-log space, then measured exactly there), so
+    methods are compared at matched cost directly. ``target_kl`` (calibration) is always a level.
+
+    Example:
+        >>> ControlConfig.quick().pairs
+        24
+    """
+
+    traits: list[str] = field(default_factory=lambda: list(TRAITS))
+    methods: list[str] = field(default_factory=lambda: list(SWEEP_METHODS))
+    data_dir: str | None = None
+    maps_dir: str | None = None
+    locate_pairs: int = 500
+    pairs: int = 64
+    max_new_tokens: int = 48
+    gammas: list[float] = field(default_factory=lambda: list(GAMMA_GRID))
+    kl_levels: list[float] = field(default_factory=lambda: [0.01, 0.05, 0.1, 0.5])
+    target_kl: float = DEFAULT_TARGET_KL
+    kl_chunks: int = 4
+    kl_tokens: int = 128
+    random_control: bool = True
+    seed: int = 0
+    cache_pairs: bool = True
+    npti_prompts: int = 16
+    npti_new_tokens: int = 24
+    caa_pairs: int = 50
+
+    def __post_init__(self) -> None:
+        self.traits = [normalize_trait(t) for t in self.traits]
+        unknown = [m for m in self.methods if m not in METHODS_BY_NAME or not METHODS_BY_NAME[m].sweepable]
+        if unknown:
+            raise ValueError(f"unknown or unsweepable methods {unknown}; choose from {', '.join(SWEEP_METHODS)}")
+        if self.pairs < 4:
+            raise ValueError(f"pairs must be at least 4 (an interval needs items), got {self.pairs}")
+        if not self.gammas or min(self.gammas) <= 0:
+            raise ValueError(f"gammas must be positive (a log grid), got {self.gammas}")
+        if self.target_kl <= 0 or not self.kl_levels or any(t <= 0 for t in self.kl_levels):
+            raise ValueError("target_kl and kl_levels must be positive (nats/token)")
+        # The calibrated gamma is one of the measured levels.
+        self.kl_levels = sorted(set(float(t) for t in self.kl_levels) | {float(self.target_kl)})
+
+    @classmethod
+    def quick(cls, **overrides: Any) -> "ControlConfig":
+        """A few-minute run: 24 pairs, 3 methods, 2 KL levels, smaller probe text."""
+        settings = dict(pairs=24, methods=["dpn-le", "dense", "caa"], kl_levels=[0.05, 0.5], kl_chunks=2)
+        settings.update(overrides)
+        return cls(**settings)
+
+
+# ----- held-out preference pairs -----------------------------------------------------------------------
+@dataclass
+class HeldOutPairs:
+    """A trait's preference pairs and, per pair, the persona descriptions of the positive control.
+
+    ``pairs`` were generated with descriptions ``0..n/2-1`` of PersonalityBench; ``high_personas`` and
+    ``low_personas`` come from the other half, so the control does not replay the generating prompt.
+    """
+
+    trait: str
+    pairs: list[PreferencePair]
+    high_personas: list[str]
+    low_personas: list[str]
+    n_drawn: int
+    n_identical: int
+    n_empty: int
+    cache_file: str | None = None
+
+
+def _personalitybench(data_dir: str | None, trait: str) -> tuple[list[str], list[str], list[str]]:
+    from dpn_lens.data.contrastive import load_question_jsonl, resolve_data_dir
+    from dpn_lens.io import read_jsonl
+
+    folder = resolve_data_dir(data_dir, "personalitybench")
+    title = trait_title(trait)
+    rows = read_jsonl(folder / "description.jsonl")
+    highs = [row[title] for row in rows]
+    lows = [row[f"{title}_reversed"] for row in rows]
+    questions = load_question_jsonl([folder / "test" / f"{title}.jsonl"])
+    return questions, highs, lows
+
+
+def _pairs_cache_file(model: Any, trait: str, config: ControlConfig, material: tuple) -> Path:
+    from dpn_lens.models import cache_dir, model_revision
+
+    key = json.dumps({"model": getattr(model, "dpn_model_name", "model"), "revision": model_revision(model),
+                      "dtype": str(model.cfg.dtype), "trait": trait, "pairs": config.pairs, "seed": config.seed,
+                      "max_new_tokens": config.max_new_tokens, "material": material, "format": 1}, sort_keys=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return cache_dir() / "preference_pairs" / f"{trait}-{digest}.json"
+
+
+def held_out_pairs(model: Any, trait: str, config: ControlConfig, log: Callable[[str], None] = print) -> HeldOutPairs:
+    """The model's own greedy answers under high and low PersonalityBench personas, cached per model.
+
+    Generating them is the slowest step on a CPU (about 40 s per 64 pairs for a 135M model), so the
+    result is kept in ``$DPN_LENS_CACHE/preference_pairs/`` under a key of the model's revision, dtype,
+    trait, sizes, seed and the data's digest; a second run reads it.
+    """
+    trait = normalize_trait(trait)
+    questions, highs, lows = _personalitybench(config.data_dir, trait)
+    half = len(highs) // 2
+    material = hashlib.sha256(json.dumps([questions, highs, lows]).encode()).hexdigest()[:16]
+    path = _pairs_cache_file(model, trait, config, (material, half))
+    if config.cache_pairs and path.exists():
+        stored = json.loads(path.read_text(encoding="utf-8"))
+        pairs = [PreferencePair(**row) for row in stored["pairs"]]
+        log(f"{trait}: {len(pairs)} preference pairs from the cache ({path})")
+        return HeldOutPairs(trait, pairs, stored["high_personas"], stored["low_personas"], stored["n_drawn"],
+                            stored["n_identical"], stored["n_empty"], str(path))
+    started = time.time()
+    generated: GeneratedPairs = generate_persona_pairs(model, trait, questions, highs[:half], lows[:half], config.pairs,
+                                                       seed=config.seed, max_new_tokens=config.max_new_tokens,
+                                                       batch_size=16)
+    rng = np.random.default_rng(config.seed + 1)
+    high_personas = [highs[half + int(i)] for i in rng.integers(0, len(highs) - half, len(generated))]
+    low_personas = [lows[half + int(i)] for i in rng.integers(0, len(lows) - half, len(generated))]
+    result = HeldOutPairs(trait, list(generated.pairs), high_personas, low_personas, generated.n_drawn,
+                          generated.n_identical, generated.n_empty, str(path) if config.cache_pairs else None)
+    log(f"{trait}: generated {len(generated)} of {generated.n_drawn} pairs in {time.time() - started:.0f}s "
+        f"({generated.n_identical} identical and {generated.n_empty} empty dropped)")
+    if config.cache_pairs:
+        from dpn_lens.io import write_json_atomic
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path, {"pairs": [dataclasses.asdict(p) for p in result.pairs],
+                                 "high_personas": high_personas, "low_personas": low_personas,
+                                 "n_drawn": result.n_drawn, "n_identical": result.n_identical,
+                                 "n_empty": result.n_empty})
+    return result
+
+
+# ----- matched cost ---------------------------------------------------------------------------------------
+def matched_cost_rows(points: Sequence[dict[str, Any]], kl_levels: Sequence[float]) -> list[dict[str, Any]]:
+    """Per trait, direction and method: the measured shift (with its interval) at each KL level.
+
+    ``points`` are the measured dose-response points (``trait, direction, method, kl_level, shift, ...``).
+
+    Example:
+        >>> point = {"trait": "openness", "direction": "increase", "method": "dpn-le", "kl_level": 0.05,
+        ...          "gamma": 4.0, "kl": 0.049, "shift": 0.1, "ci_low": 0.02, "ci_high": 0.18}
+        >>> matched_cost_rows([point], [0.05])[0]["shift@kl0.05"]
+        0.1
+    """
+    groups: dict[tuple[str, str, str], dict[float, dict[str, Any]]] = {}
+    for point in points:
+        groups.setdefault((point["trait"], point["direction"], point["method"]), {})[point["kl_level"]] = point
+    rows = []
+    for (trait, direction, method), by_level in groups.items():
+        row: dict[str, Any] = {"trait": trait, "direction": direction, "method": method}
+        for level in kl_levels:
+            point = by_level.get(level)
+            for key in ("gamma", "kl", "shift", "ci_low", "ci_high"):
+                row[f"{key}@kl{level:g}"] = point[key] if point is not None else math.nan
+        rows.append(row)
+    return rows
+
+
+def _mean_at_cost(rows: Sequence[dict[str, Any]], methods: Sequence[str], kl_levels: Sequence[float]
+                  ) -> list[dict[str, Any]]:
+    summary = []
+    for method in methods:
+        chosen = [r for r in rows if r["method"] == method]
+        entry: dict[str, Any] = {"method": method}
+        for level in kl_levels:
+            values = [r[f"shift@kl{level:g}"] for r in chosen if not math.isnan(r[f"shift@kl{level:g}"])]
+            entry[f"mean_shift@kl{level:g}"] = float(np.mean(values)) if values else math.nan
+            entry[f"reached@kl{level:g}"] = f"{len(values)}/{len(chosen)}"
+            entry[f"ci>0@kl{level:g}"] = f"{sum(r[f'ci_low@kl{level:g}'] > 0 for r in chosen)}/{len(chosen)}"
+        summary.append(entry)
+    return summary
+
+
+# ----- the run ------------------------------------------------------------------------------------------
+def _effect_fields(steered: np.ndarray, base: np.ndarray, sign: int, persona_items: np.ndarray) -> dict[str, Any]:
+    effect = paired_effect(sign * steered, sign * base)
+    fields = {"shift": effect.shift, "ci_low": effect.ci_low, "ci_high": effect.ci_high, "p": effect.p_value,
+              "z": effect.z, "n": effect.n}
+    if persona_items.mean() > 0:
+        recovered = fraction_recovered(sign * (steered - base), persona_items)
+        fields.update(recovered=recovered.value, recovered_ci_low=recovered.ci_low, recovered_ci_high=recovered.ci_high)
+    return fields
+
+
+def _neuron_map(model: Any, trait: str, config: ControlConfig, log: Callable[[str], None]) -> NeuronMap:
+    from dpn_lens.run import find_map
+
+    if config.maps_dir:
+        path = find_map(config.maps_dir, trait)
+        if path is None:
+            raise FileNotFoundError(f"no {trait} map in {config.maps_dir}; run `dpn-lens locate` for it or drop --maps")
+        log(f"{trait}: neuron map from {path}")
+        return NeuronMap.load(path, model=model)
+    from dpn_lens.collect import CollectionConfig, collect_statistics
+    from dpn_lens.data.contrastive import embedded_contrastive_set
+    from dpn_lens.localize import locate
+
+    log(f"{trait}: locating from {config.locate_pairs} embedded pairs")
+    pairs = embedded_contrastive_set(trait, n_pairs=config.locate_pairs, seed=42)
+    return locate(collect_statistics(model, pairs, CollectionConfig(progress=False)),
+                  model_name=getattr(model, "dpn_model_name", None))
+
+
+class _Progress:
+    """One tqdm bar over every planned evaluation; a curve that stops early advances it by what it skipped."""
+
+    def __init__(self, total: int, enabled: bool):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, desc="trait control", unit="eval", disable=not enabled)
+
+    def step(self, n: int = 1, note: str | None = None) -> None:
+        if note:
+            self.bar.set_postfix_str(note, refresh=False)
+        self.bar.update(n)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _cost_curve(edit_at: Callable[[float], Edit], probe: KLProbe, config: ControlConfig,
+                label: dict[str, Any]) -> list[dict[str, Any]]:
+    """KL and perplexity over the gamma grid (one pass of the probe text each), halving below the grid
+    while even its smallest gamma costs more than the lowest KL level (so every level can be read off)."""
+    grid = sorted(config.gammas)
+    costs = {gamma: probe(sweep_edit(edit_at, gamma)) for gamma in grid}
+    gamma, extra = grid[0], 0
+    while costs[gamma][0] > min(config.kl_levels) and extra < 4:
+        gamma /= 2
+        costs[gamma] = probe(sweep_edit(edit_at, gamma))
+        extra += 1
+    return [{**label, "gamma": g, "kl": costs[g][0], "ppl": costs[g][1]} for g in sorted(costs)]
+
+
+def _level_gammas(cost: Sequence[dict[str, Any]], kl_levels: Sequence[float]) -> dict[float, float]:
+    """The gamma at which a cost curve first reaches each KL level (levels it never reaches are left out)."""
+    gammas, kls = [p["gamma"] for p in cost], [p["kl"] for p in cost]
+    found = {level: gamma_at(gammas, kls, level) for level in kl_levels}
+    return {level: gamma for level, gamma in found.items() if not math.isnan(gamma)}
+
+
+def run_control(model: Any, config: ControlConfig, log: Callable[[str], None] = print,
+                progress: bool = True, maps: dict[str, NeuronMap] | None = None) -> dict[str, Any]:
+    """Run the trait-control evaluation (``maps``: DPN-LE maps by trait, else ``config.maps_dir`` or located).
+
+    Returns ``{"validation", "costs", "curves", "matched_cost", "matched_summary", "calibrated",
+    "gamma_zero", "examples", "meta"}``: ``costs`` are the KL/perplexity grids, ``curves`` the measured
+    points (one per method, direction and reached KL level), ``calibrated`` DPN-LE at ``target_kl``
+    beside the random-neuron control at the same gamma.
+
+    Example:
+        >>> result = run_control(load_model("smollm2-135m-instruct"), ControlConfig.quick(data_dir="../shared/data"))  # doctest: +SKIP
+        >>> result["validation"][0]["valid"]                                                                   # doctest: +SKIP
+        True
+    """
+    started = time.time()
+    probe = KLProbe(model, probe_chunks(model, config.kl_chunks, config.kl_tokens))
+    methods = list(config.methods)
+    n_levels = len(config.kl_levels)
+    per_trait = 4 + (len(methods) + int(config.random_control)) * len(DIRECTIONS) * n_levels
+    bar = _Progress(len(config.traits) * per_trait, progress)
+    validation, costs, curves, calibrated, gamma_zero = [], [], [], [], []
+    examples: dict[str, Any] = {}
+    try:
+        for trait in config.traits:
+            t0 = time.time()
+            held = held_out_pairs(model, trait, config, log)
+            pairs = held.pairs
+            if len(pairs) < 4:
+                raise RuntimeError(f"{trait}: only {len(pairs)} usable preference pairs of {held.n_drawn} drawn; "
+                                   "raise --pairs")
+            base = preference_margins(model, pairs)
+            high = preference_margins(model, pairs, persona=held.high_personas)
+            low = preference_margins(model, pairs, persona=held.low_personas)
+            bar.step(3, f"{trait} controls")
+            persona_items = (high - low) / 2
+            validation.append(_validation_row(held, base, high, low))
+            persona = paired_effect(high / 2, low / 2)
+            log(f"{trait}: {len(pairs)} pairs; persona effect (high-low)/2 {persona}"
+                f"{'' if persona.ci_low > 0 else '  -- positive control FAILS: the metric cannot judge this trait'}")
+            neuron_map = maps[trait] if maps and trait in maps else _neuron_map(model, trait, config, log)
+            if neuron_map.n_selected() == 0:
+                raise ValueError(f"the {trait} map selects no neurons, so DPN-LE has nothing to edit; locate with more "
+                                 "pairs or a lower tau_d")
+            context = TraitContext(trait, neuron_map)
+            for name in methods:
+                if METHODS_BY_NAME[name].prepare is not None:
+                    context.state[name] = METHODS_BY_NAME[name].prepare(model, trait, config)  # type: ignore[arg-type]
+            zero = preference_margins(model, pairs, edit=0.0 * steering_intervention(neuron_map, 1.0, "increase"))
+            gamma_zero.append({"trait": trait, **_effect_fields(zero, base, 1, persona_items)})
+            bar.step(1)
+            for direction in DIRECTIONS:
+                sign = direction_sign(direction)
+                margins_at: dict[tuple[str, float], np.ndarray] = {}
+                dpn_levels: dict[float, float] = {}
+                for name in methods + ([RANDOM_CONTROL] if config.random_control else []):
+                    label = {"trait": trait, "direction": direction, "method": name}
+                    if name == RANDOM_CONTROL:
+                        # The same deltas on random neurons, at DPN-LE's gammas: does the choice of neurons matter?
+                        def edit_at(gamma: float, direction: str = direction) -> Edit:
+                            return random_neuron_control(steering_intervention(neuron_map, gamma, direction),
+                                                         seed=config.seed)
+                        levels = dict(dpn_levels)
+                    else:
+                        def edit_at(gamma: float, name: str = name, direction: str = direction) -> Edit:
+                            return METHODS_BY_NAME[name].condition(model, context, direction, config, gamma)[0]  # type: ignore[arg-type]
+                        cost = _cost_curve(edit_at, probe, config, label)
+                        costs += cost
+                        levels = _level_gammas(cost, config.kl_levels)
+                        if name == "dpn-le":
+                            dpn_levels = levels
+                    for level in config.kl_levels:
+                        if level in levels:
+                            edit = sweep_edit(edit_at, levels[level])
+                            kl, ppl = probe(edit)
+                            margins = margins_at[(name, level)] = preference_margins(model, pairs, edit=edit)
+                            curves.append({**label, "kl_level": level, "gamma": levels[level], "n_edited": edit.n_edited,
+                                           "kl": kl, "ppl": ppl, **_effect_fields(margins, base, sign, persona_items)})
+                        bar.step(1, f"{trait} {direction} {name} KL {level:g}")
+                calibrated.append(_calibrated_row(trait, direction, sign, curves, margins_at, config))
+            examples[trait] = {"question": pairs[0].question, "high_answer": pairs[0].high_answer,
+                               "low_answer": pairs[0].low_answer}
+            log(f"{trait}: done in {time.time() - t0:.0f}s; at KL {config.target_kl:g}: " + "; ".join(
+                f"{r['direction']} gamma {r['gamma']:.3g} shift {r['shift']:+.3f} [{r['ci_low']:+.3f}, "
+                f"{r['ci_high']:+.3f}] random {r['random_shift']:+.3f}" if r["reached_target"]
+                else f"{r['direction']}: KL {config.target_kl:g} not reached" for r in calibrated[-2:]))
+    finally:
+        bar.close()
+    matched = matched_cost_rows(curves, config.kl_levels)
+    curve_methods = methods + ([RANDOM_CONTROL] if config.random_control else [])
+    meta = {"model": getattr(model, "dpn_model_name", "model"), "dtype": str(next(model.parameters()).dtype),
+            "config": dataclasses.asdict(config), "seconds": time.time() - started,
+            "probe_tokens": config.kl_chunks * config.kl_tokens}
+    return {"validation": validation, "costs": costs, "curves": curves, "matched_cost": matched,
+            "matched_summary": _mean_at_cost(matched, curve_methods, config.kl_levels), "calibrated": calibrated,
+            "gamma_zero": gamma_zero, "examples": examples, "meta": meta}
+
+
+def _validation_row(held: HeldOutPairs, base: np.ndarray, high: np.ndarray, low: np.ndarray) -> dict[str, Any]:
+    """The positive control of one trait: the persona effect (high - low)/2, and each persona vs none."""
+    persona = paired_effect(high / 2, low / 2)
+    vs_high, vs_low = paired_effect(high, base), paired_effect(-low, -base)
+    return {"trait": held.trait, "n_pairs": len(held.pairs), "n_drawn": held.n_drawn, "n_identical": held.n_identical,
+            "n_empty": held.n_empty, "base_margin": float(base.mean()),
+            "persona_effect": persona.shift, "persona_ci_low": persona.ci_low, "persona_ci_high": persona.ci_high,
+            "persona_p": persona.p_value, "persona_z": persona.z, "valid": bool(persona.ci_low > 0),
+            "high_vs_none": vs_high.shift, "high_vs_none_ci_low": vs_high.ci_low, "high_vs_none_ci_high": vs_high.ci_high,
+            "low_vs_none": vs_low.shift, "low_vs_none_ci_low": vs_low.ci_low, "low_vs_none_ci_high": vs_low.ci_high}
+
+
+def _calibrated_row(trait: str, direction: str, sign: int, curves: Sequence[dict[str, Any]],
+                    margins_at: dict[tuple[str, float], np.ndarray], config: ControlConfig) -> dict[str, Any]:
+    """DPN-LE at the calibrated gamma (where its curve reaches ``target_kl``) beside the random-neuron
+    control at the same gamma, and their paired difference (does the choice of neurons matter?)."""
+    level = config.target_kl
+    row: dict[str, Any] = {"trait": trait, "direction": direction, "target_kl": level}
+    point = next((p for p in curves if p["trait"] == trait and p["direction"] == direction
+                  and p["method"] == "dpn-le" and p["kl_level"] == level), None)
+    if point is None:
+        return {**row, "reached_target": False, "gamma": math.nan}
+    row.update({key: value for key, value in point.items() if key not in ("method", "kl_level")}, reached_target=True)
+    random = next((p for p in curves if p["trait"] == trait and p["direction"] == direction
+                   and p["method"] == RANDOM_CONTROL and p["kl_level"] == level), None)
+    if random is not None:
+        versus = paired_effect(sign * margins_at[("dpn-le", level)], sign * margins_at[(RANDOM_CONTROL, level)])
+        row.update(random_shift=random["shift"], random_ci_low=random["ci_low"], random_ci_high=random["ci_high"],
+                   random_kl=random["kl"], vs_random=versus.shift, vs_random_ci_low=versus.ci_low,
+                   vs_random_ci_high=versus.ci_high, beats_random=bool(versus.ci_low > 0))
+    return row

@@ -1,0 +1,97 @@
+"""``dpn-lens control``: the trait-control evaluation from the command line (``register`` adds it)."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+from dpn_lens.cli_options import FORMATTER, add_data_dir_option, add_model_options, add_out_option, add_traits_option
+
+__all__ = ["register", "run_control_command"]
+
+
+def register(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the ``control`` sub-command.
+
+    Example:
+        >>> parser = argparse.ArgumentParser(); register(parser.add_subparsers(dest="command"))   # doctest: +ELLIPSIS
+        ArgumentParser(...)
+    """
+    from dpn_lens.evaluation.calibrate import DEFAULT_TARGET_KL, GAMMA_GRID
+    from dpn_lens.evaluation.control import SWEEP_METHODS
+
+    help_text = ("does steering work? preference shift with 95%% CIs, the persona prompt as positive control, "
+                 "random-neuron and gamma-0 controls, dose-response of every method vs KL, matched cost, calibrated gamma")
+    parser = subparsers.add_parser("control", help=help_text, description=help_text, formatter_class=FORMATTER)
+    add_model_options(parser, default_dtype="bfloat16")
+    add_traits_option(parser)
+    add_data_dir_option(parser, "personalitybench/ (the held-out questions and persona descriptions)")
+    parser.add_argument("--maps", default=None, help="run folder (or its maps/) with the DPN-LE maps (None: located "
+                                                     "on the fly from --locate-pairs embedded pairs)")
+    parser.add_argument("--locate-pairs", type=int, default=500, help="embedded pairs per trait when locating on the fly")
+    parser.add_argument("--methods", default=None, help=f"comma list of methods to sweep (None: {','.join(SWEEP_METHODS)})")
+    parser.add_argument("--pairs", type=int, default=None, help="preference pairs drawn per trait (None: 64, --quick 24)")
+    parser.add_argument("--gammas", default=None,
+                        help=f"comma list of strengths for the KL curves (None: {','.join(f'{g:g}' for g in GAMMA_GRID)})")
+    parser.add_argument("--kl-levels", default=None, help="comma list of KL levels (nats/token) where every method's "
+                                                          "shift is measured (None: 0.01,0.05,0.1,0.5; --quick 0.05,0.5)")
+    parser.add_argument("--target-kl", type=float, default=DEFAULT_TARGET_KL, help="KL at which DPN-LE is calibrated")
+    parser.add_argument("--no-random-control", action="store_true", help="skip the random-neuron curves")
+    parser.add_argument("--no-cache", action="store_true", help="generate the preference pairs again (no cache)")
+    parser.add_argument("--quick", action="store_true", help="a few-minute run: 24 pairs, dpn-le/dense/caa, KL levels 0.05 and 0.5")
+    parser.add_argument("--no-png", action="store_true", help="write HTML figures only")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_out_option(parser, "output folder", required=True)
+    parser.set_defaults(handler=run_control_command)
+    return parser
+
+
+def _floats(text: str, option: str) -> list[float]:
+    try:
+        return [float(part) for part in text.replace(" ", ",").split(",") if part]
+    except ValueError:
+        raise ValueError(f"{option} takes a comma list of numbers, e.g. 0.5,2,8; got {text!r}") from None
+
+
+def config_from_args(args: argparse.Namespace) -> Any:
+    """The ``ControlConfig`` a command line asks for (checked before any model loads)."""
+    from dpn_lens.evaluation.control import ControlConfig
+    from dpn_lens.pipeline import parse_traits
+
+    settings: dict[str, Any] = dict(traits=parse_traits(args.traits), data_dir=args.data_dir, maps_dir=args.maps,
+                                    locate_pairs=args.locate_pairs, target_kl=args.target_kl,
+                                    random_control=not args.no_random_control, cache_pairs=not args.no_cache)
+    if args.methods:
+        settings["methods"] = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if args.pairs is not None:
+        settings["pairs"] = args.pairs
+    if args.gammas:
+        settings["gammas"] = _floats(args.gammas, "--gammas")
+    if args.kl_levels:
+        settings["kl_levels"] = _floats(args.kl_levels, "--kl-levels")
+    return ControlConfig.quick(**settings) if args.quick else ControlConfig(**settings)
+
+
+def run_control_command(args: argparse.Namespace) -> int:
+    from dpn_lens.data.contrastive import resolve_data_dir
+    from dpn_lens.evaluation.control import run_control
+    from dpn_lens.evaluation.control_report import write_control_outputs
+    from dpn_lens.models import load_model
+
+    started = time.time()
+    config = config_from_args(args)
+    resolve_data_dir(config.data_dir, "personalitybench")  # a missing data folder fails before the model loads
+    if args.maps:
+        from dpn_lens.run import check_run_folder, run_folder_of
+
+        folder = run_folder_of(args.maps)
+        if folder is not None:
+            check_run_folder(folder)
+    model = load_model(args.model, dtype=args.dtype, device=args.device)
+    result = run_control(model, config, log=lambda message: print(f"[{time.time() - started:6.0f}s] {message}", flush=True),
+                         progress=not args.no_progress)
+    result["meta"]["command_seconds"] = time.time() - started
+    for path in write_control_outputs(result, args.out, png=not args.no_png):
+        print(f"wrote {path}")
+    return 0

@@ -1,0 +1,181 @@
+"""Trait control: calibration on constructed curves, the evaluation end to end on a tiny model, the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from dpn_lens.evaluation.calibrate import Calibration, CurvePoint, KLProbe, calibrate_gamma, gamma_at, probe_chunks
+from dpn_lens.evaluation.control import ControlConfig, matched_cost_rows, run_control
+from dpn_lens.models import model_fingerprint
+from dpn_lens.steering import Intervention, steering_intervention
+from dpn_lens.traits import TRAITS
+
+from helpers import make_map
+
+
+class PowerLawProbe:
+    """A stand-in for KLProbe whose KL is exactly ``c * gamma**power`` (the edit's gamma is its label)."""
+
+    def __init__(self, c: float = 0.004, power: float = 2.0):
+        self.c, self.power, self.calls = c, power, []
+
+    def __call__(self, edit):
+        gamma = float(edit)
+        self.calls.append(gamma)
+        return self.c * gamma ** self.power, 10.0 + gamma
+
+
+def test_gamma_at_recovers_a_power_law_exactly():
+    gammas = [0.25, 0.5, 1, 2, 4, 8, 16, 32]
+    kls = [0.004 * g ** 2 for g in gammas]
+    for target in (0.01, 0.05, 0.1, 1.0):
+        assert gamma_at(gammas, kls, target) == pytest.approx(math.sqrt(target / 0.004), rel=1e-9)
+    assert math.isnan(gamma_at(gammas, kls, 100.0))      # never reached
+    assert math.isnan(gamma_at(gammas, kls, 1e-6))       # below the first point: no crossing on the grid
+    # Linear values (a shift) are interpolated in log gamma.
+    assert gamma_at([1, 4], [0.0, 1.0], 0.5, log_values=False) == pytest.approx(2.0)
+
+
+def test_calibrate_gamma_finds_the_known_gamma_on_a_constructed_curve(tiny_model):
+    probe = PowerLawProbe()
+    calibration = calibrate_gamma(tiny_model, edit_at=lambda gamma: gamma, probe=probe, target_kl=0.05)
+    assert isinstance(calibration, Calibration) and calibration.reached and calibration.target == "kl"
+    assert calibration.gamma == pytest.approx(math.sqrt(0.05 / 0.004), rel=1e-9)
+    # The sweep stops at the first point past the target: 0.25 .. 4 (KL 0.064 > 0.05), not the whole grid.
+    assert probe.calls == [0.25, 0.5, 1.0, 2.0, 4.0]
+    assert [p.gamma for p in calibration.points] == probe.calls and "reaches KL 0.05" in calibration.describe()
+
+
+def test_calibrate_gamma_goes_below_the_grid_and_reports_an_unreached_target(tiny_model):
+    steep = PowerLawProbe(c=4.0)                        # KL 0.25 already at gamma 0.25
+    calibration = calibrate_gamma(tiny_model, edit_at=lambda gamma: gamma, probe=steep, target_kl=0.05)
+    assert calibration.reached and calibration.gamma == pytest.approx(math.sqrt(0.05 / 4.0), rel=1e-9)
+    assert min(p.gamma for p in calibration.points) < 0.25
+    flat = PowerLawProbe(c=1e-6)                        # KL 1e-3 at gamma 32: 0.05 is never reached
+    calibration = calibrate_gamma(tiny_model, edit_at=lambda gamma: gamma, probe=flat, target_kl=0.05)
+    assert not calibration.reached and calibration.gamma == 32.0 and "not reached" in calibration.describe()
+
+
+def test_calibrate_gamma_arguments_are_checked(tiny_model):
+    with pytest.raises(ValueError, match="target_kl or target_shift"):
+        calibrate_gamma(tiny_model, edit_at=float, probe=PowerLawProbe(), target_kl=0.1, target_shift=0.1)
+    with pytest.raises(ValueError, match="needs pairs"):
+        calibrate_gamma(tiny_model, edit_at=float, probe=PowerLawProbe(), target_shift=0.1)
+    with pytest.raises(ValueError, match="exactly one"):
+        calibrate_gamma(tiny_model, probe=PowerLawProbe())
+    with pytest.raises(ValueError, match="positive"):
+        calibrate_gamma(tiny_model, edit_at=float, probe=PowerLawProbe(), target_kl=-1.0)
+
+
+def tiny_map(model, trait="extraversion"):
+    return make_map(trait, {1: [0, 3, 5, 7], 2: [2, 9]}, {1: [11, 13], 2: [4, 6, 8]}, [1, 2],
+                    n_layers=int(model.cfg.n_layers), d_mlp=int(model.cfg.d_mlp),
+                    fingerprint=model_fingerprint(model).to_dict())
+
+
+def test_calibrate_gamma_on_a_real_edit_reaches_the_target_kl(tiny_model):
+    probe = KLProbe(tiny_model, probe_chunks(tiny_model, n_chunks=2, chunk_tokens=24))
+    assert probe(None)[0] == 0.0                         # no edit, no divergence
+    neuron_map = tiny_map(tiny_model)
+    # KL of this random model saturates near 0.017; 0.01 lies on the rising part of its curve.
+    calibration = calibrate_gamma(tiny_model, neuron_map, target_kl=0.01, probe=probe, gammas=[0.125, 0.25, 0.5, 1, 2, 4])
+    assert calibration.reached, calibration.points
+    measured, _ = probe(steering_intervention(neuron_map, calibration.gamma, "increase"))
+    # Log-log interpolation between grid points a factor 2 apart: within 25% of the target here.
+    assert measured == pytest.approx(0.01, rel=0.25)
+
+
+def write_personalitybench(folder, n_descriptions=8, n_questions=12):
+    """A PersonalityBench-shaped folder in the tiny model's words."""
+    pb = folder / "personalitybench"
+    (pb / "test").mkdir(parents=True)
+    highs = ["you are outgoing and loves a party", "you are a person who loves new ideas",
+             "you are kind and outgoing", "you are a friend who loves art and travel"]
+    lows = ["you are reserved and quiet", "you are a person who prefers routine",
+            "you are calm and reserved", "you are quiet and prefers home"]
+    with open(pb / "description.jsonl", "w") as handle:
+        for index in range(n_descriptions):
+            row = {}
+            for trait in TRAITS:
+                row[trait.capitalize()] = highs[index % 4] + " " + ["i", "the", "it"][index % 3]
+                row[f"{trait.capitalize()}_reversed"] = lows[index % 4] + " " + ["i", "the", "it"][index % 3]
+            handle.write(json.dumps(row) + "\n")
+    questions = ["what would you do on the weekend ?", "how would you feel about a party ?",
+                 "a friend invites you to a party . what would you do ?", "how do you feel about money ?",
+                 "what would you do about work ?", "how would you plan the weekend ?"]
+    for trait in TRAITS:
+        with open(pb / "test" / f"{trait.capitalize()}.jsonl", "w") as handle:
+            for index in range(n_questions):
+                handle.write(json.dumps({"question": f"{questions[index % 6]} {['i', 'it'][index // 6 % 2]} {index}"}) + "\n")
+    return folder
+
+
+def test_run_control_end_to_end_on_a_tiny_model(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("DPN_LENS_CACHE", str(tmp_path / "cache"))
+    data = write_personalitybench(tmp_path / "data")
+    config = ControlConfig(traits=["extraversion"], methods=["dpn-le", "dense"], data_dir=str(data), pairs=12,
+                           max_new_tokens=6, gammas=[0.125, 0.25, 0.5, 1, 2, 4], kl_levels=[0.005, 0.01], target_kl=0.01,
+                           kl_chunks=2, kl_tokens=24)
+    maps = {"extraversion": tiny_map(tiny_model)}
+    messages = []
+    result = run_control(tiny_model, config, log=messages.append, progress=False, maps=maps)
+    validation = result["validation"][0]
+    assert validation["n_pairs"] >= 4 and validation["persona_ci_low"] <= validation["persona_effect"] <= validation["persona_ci_high"]
+    # Gamma 0 goes through the same hooks and must change nothing.
+    assert result["gamma_zero"][0]["shift"] == 0.0
+    # Every curve point sits at its KL level: measured there after reading the gamma off the KL grid.
+    assert {p["method"] for p in result["curves"]} == {"dpn-le", "dense", "random-neurons"}
+    for point in result["curves"]:
+        assert point["ci_low"] <= point["shift"] <= point["ci_high"]
+        if point["method"] != "random-neurons":
+            assert point["kl"] == pytest.approx(point["kl_level"], rel=0.35)
+    # The random-neuron control runs at DPN-LE's gammas, with as many neurons.
+    for direction in ("increase", "decrease"):
+        dpn = {p["kl_level"]: p for p in result["curves"] if p["method"] == "dpn-le" and p["direction"] == direction}
+        rnd = {p["kl_level"]: p for p in result["curves"] if p["method"] == "random-neurons" and p["direction"] == direction}
+        assert dpn and dpn.keys() == rnd.keys()
+        for level in dpn:
+            assert rnd[level]["gamma"] == dpn[level]["gamma"] and rnd[level]["n_edited"] == dpn[level]["n_edited"]
+    calibrated = result["calibrated"]
+    assert [r["direction"] for r in calibrated] == ["increase", "decrease"]
+    assert all(r["reached_target"] and "vs_random" in r for r in calibrated)
+    assert {r["method"] for r in result["matched_cost"]} == {"dpn-le", "dense", "random-neurons"}
+    # A second run reads the generated pairs from the cache and gives the same numbers.
+    again = run_control(tiny_model, config, log=messages.append, progress=False, maps=maps)
+    assert any("from the cache" in m for m in messages)
+    assert again["validation"] == result["validation"]
+
+
+def test_matched_cost_rows_leave_unreached_levels_empty():
+    point = {"trait": "openness", "direction": "increase", "method": "dense", "kl_level": 0.1, "gamma": 2.0, "kl": 0.11,
+             "shift": 0.2, "ci_low": 0.1, "ci_high": 0.3}
+    row = matched_cost_rows([point], [0.01, 0.1])[0]
+    assert math.isnan(row["shift@kl0.01"]) and row["shift@kl0.1"] == 0.2 and row["gamma@kl0.1"] == 2.0
+
+
+def test_control_config_is_checked():
+    with pytest.raises(ValueError, match="unknown or unsweepable"):
+        ControlConfig(methods=["prompting"])
+    with pytest.raises(ValueError, match="at least 4"):
+        ControlConfig(pairs=2)
+    assert 0.05 in ControlConfig(kl_levels=[0.1], target_kl=0.05).kl_levels
+
+
+def test_control_command_line(tiny_folder, tmp_path, monkeypatch, capsys):
+    from dpn_lens.cli import build_parser, main
+    from dpn_lens.evaluation.control_cli import config_from_args
+
+    args = build_parser().parse_args(["control", "--quick", "--kl-levels", "0.1,0.5", "--traits", "openness",
+                                      "--out", str(tmp_path / "x")])
+    config = config_from_args(args)
+    assert config.pairs == 24 and config.methods == ["dpn-le", "dense", "caa"] and config.kl_levels == [0.05, 0.1, 0.5]
+    monkeypatch.delenv("DPN_LENS_DATA", raising=False)
+    status = main(["control", "--model", str(tiny_folder), "--traits", "openness", "--out", str(tmp_path / "y")])
+    assert status == 2 and "no data folder given" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["control", "--out", str(tmp_path), "--gammas"])
