@@ -65,7 +65,7 @@ OPEN_ROWS = 30
 """Tables longer than this are folded (``<details>``) so the figures stay in view."""
 GRID_PANELS = 12
 """Figures with more subplot panels than this (the per-layer d-vs-s grids) are drawn smaller, in a scrolling box."""
-HEADLINE_METRICS = ("trait_shift", "judge_shift", "judge_fluency", "statements_gap", "kl", "wikitext_ppl")
+HEADLINE_METRICS = ("trait_shift", "statements_shift", "judge_shift", "judge_fluency", "statements_gap", "kl", "wikitext_ppl")
 """Comparison columns the summary shows per method (those present), as means over traits and directions."""
 
 COMPARE_SECTION = ReportSection("compare", "Method comparison",

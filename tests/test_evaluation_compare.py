@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 
+import numpy as np
 import pytest
 
 from dpn_lens.evaluation.capability import CapabilitySizes
-from dpn_lens.evaluation.cli import register
-from dpn_lens.evaluation.compare import CompareConfig, run_comparison, write_outputs
+from dpn_lens.evaluation import trait as tr
+from dpn_lens.evaluation.cli import compare_config, register
+from dpn_lens.evaluation.compare import SHIFT_METRICS, CompareConfig, run_comparison, trait_effects, write_outputs
 from helpers import build_letter_model
 
 
@@ -36,6 +38,92 @@ def test_comparison_writes_every_method_trait_direction_and_sweep(letter_model, 
     files = {p.name for p in write_outputs(result, tmp_path, make_png=False)}
     assert {"rows.csv", "comparison.json", "comparison.md", "tradeoff.html"} <= files
     assert json.loads((tmp_path / "comparison.json").read_text())["meta"]["n_mlp_neurons"] == 2 * 48
+    assert "trait_shift [95% CI]" in (tmp_path / "comparison.md").read_text()
+
+
+def _brackets(row, name):
+    return row[f"{name}_ci_low"] - 1e-9 <= row[name] <= row[f"{name}_ci_high"] + 1e-9
+
+
+def test_every_steered_shift_has_an_interval_that_brackets_it_and_the_unsteered_row_is_the_baseline(
+        letter_model, shared_data, tmp_path):
+    config = CompareConfig(traits=["openness"], methods=["dpn-le", "prompting"], data_dir=str(shared_data),
+                           locate_pairs=12, locate_q=0.8, locate_tau_d=0.0, questionnaire_items=6, statements_per_pole=4,
+                           capability=CapabilitySizes(1, 1, 1, 16, 1, 16), gamma_sweep=[2.0], q_sweep=[],
+                           sweep_methods=["dpn-le"])
+    result = run_comparison(letter_model, config, log=lambda message: None)
+    for row in result["rows"]:
+        for name in SHIFT_METRICS:
+            if row["method"] == "unsteered":
+                assert row[name] == 0.0 and f"{name}_ci_low" not in row and f"{name}_p" not in row
+            else:
+                assert _brackets(row, name) and 0 <= row[f"{name}_p"] <= 1, (row["method"], name)
+    steered = next(r for r in result["rows"] if r["method"] == "dpn-le" and r["direction"] == "increase")
+    base = next(r for r in result["rows"] if r["method"] == "unsteered")
+    assert steered["trait_shift"] == pytest.approx(steered["questionnaire"] - base["questionnaire"], abs=1e-6)
+    assert steered["statements_shift"] == pytest.approx(steered["statements_gap"] - base["statements_gap"], abs=1e-6)
+    assert all(_brackets(r, "trait_shift") for r in result["gamma_sweep"])
+    summary = {e["method"]: e for e in result["summary"]}
+    assert "trait_shift_ci_low" not in summary["unsteered"]
+    for method in config.methods:
+        assert all(_brackets(summary[method], name) for name in SHIFT_METRICS)
+    # The HTML report's headline shows the recorded intervals.
+    from dpn_lens.html_report import _headline
+
+    write_outputs(result, tmp_path, make_png=False)
+    assert "95% interval" in _headline(tmp_path / "comparison.json", [])
+
+
+def test_trait_effects_sign_the_shifts_by_direction():
+    base = {"keyed": np.full(6, 3.0), "yes": np.full(6, 0.5)}
+    steered = {"keyed": np.array([3.5, 3.2, 3.4, 3.1, 3.3, 3.6]),
+               "yes": np.array([0.7, 0.6, 0.8, 0.4, 0.3, 0.2])}
+    high = np.array([True, True, True, False, False, False])
+    up, items = trait_effects(steered, base, high, sign=1)
+    assert up["trait_shift"] == pytest.approx(0.35) and up["statements_shift"] == pytest.approx(0.2 + 0.2)
+    assert up["trait_shift_ci_low"] > 0 and _brackets(up, "statements_shift") and items["statements_shift"].shape == (6,)
+    down, _ = trait_effects(steered, base, high, sign=-1)
+    assert down["trait_shift"] == pytest.approx(-0.35) and down["statements_shift"] == pytest.approx(-0.4)
+
+
+def test_default_sizes_are_every_item_of_the_trait_and_every_statement(shared_data):
+    import csv
+
+    from dpn_lens.evaluation.compare import _Evaluator
+
+    config = CompareConfig(traits=["openness"], data_dir=str(shared_data))
+    assert config.questionnaire_items is None and config.statements_per_pole is None
+    evaluator = _Evaluator(None, config)
+    folder = shared_data / "ipip" / "ipip_neo_300"
+    test_ids = {str(i) for i in json.loads((folder / "split.json").read_text())["test_index"]}
+    with open(folder / "item_key.csv", encoding="utf-8") as handle:
+        expected = [r for r in csv.DictReader(handle) if r["item"] in test_ids and r["facet_code"].startswith("O")]
+    assert len(evaluator.items["openness"]) == len(expected) == 36
+    lines = (shared_data / "anthropic_persona" / "openness.jsonl").read_text().splitlines()
+    assert len(evaluator.statements["openness"]) == sum(1 for line in lines if line.strip())
+    assert {s.high for s in evaluator.statements["openness"]} == {True, False}
+    with pytest.raises(ValueError, match="positive integer or None"):
+        CompareConfig(questionnaire_items=0)
+
+
+def _parse(*argv):
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+    return compare_config(parser.parse_args(["compare", "--out", "x", *argv]))
+
+
+def test_quick_sets_the_small_sizes_and_explicit_options_win():
+    quick = _parse("--quick")
+    assert (quick.questionnaire_items, quick.statements_per_pole) == (8, 20)
+    assert quick.capability == CapabilitySizes.quick() and quick.gamma_sweep == [0.0, 1.0, 2.0] and quick.q_sweep == []
+    assert CompareConfig.quick().questionnaire_items == 8 and CompareConfig.quick().q_sweep == []
+    full = _parse()
+    assert (full.questionnaire_items, full.statements_per_pole) == (None, None) and full.q_sweep
+    assert full.capability == CapabilitySizes.quick()  # the capability sizes are today's either way
+    mixed = _parse("--quick", "--items", "12", "--statements", "all", "--q-sweep", "0.99")
+    assert (mixed.questionnaire_items, mixed.statements_per_pole, mixed.q_sweep) == (12, None, [0.99])
+    with pytest.raises(SystemExit):
+        _parse("--items", "0")
 
 
 def test_cli_registers_compare_with_its_options():

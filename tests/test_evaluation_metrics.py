@@ -58,6 +58,33 @@ def test_statement_agreement_follows_a_forced_yes_or_no(letter_model):
     assert no["high"] == pytest.approx(0.0, abs=1e-6)
 
 
+def test_statement_yes_keeps_every_statement_batched_equals_one_by_one_and_agreement_is_its_pole_means(letter_model):
+    statements = [trait.Statement("openness", t, f"Is it ? {t}", high)
+                  for t, high in [("I am the cat", True), ("I am quiet", False), ("the dog ran home", True),
+                                  ("I sat on the mat", False), ("I am the life of the party", True)]]
+    yes = trait.statement_yes(letter_model, statements, batch_tokens=64)
+    alone = np.array([trait.statement_yes(letter_model, [s])[0] for s in statements])
+    assert yes.shape == (5,) and np.allclose(yes, alone, atol=1e-5)
+    agreement = trait.statement_agreement(letter_model, statements)
+    assert agreement["high"] == pytest.approx(yes[[0, 2, 4]].mean(), abs=1e-6)
+    assert agreement["low"] == pytest.approx(yes[[1, 3]].mean(), abs=1e-6)
+    assert agreement == pytest.approx(trait.agreement_summary(yes, statements))
+
+
+def test_raising_yes_on_high_statements_and_lowering_it_on_low_ones_is_a_positive_increase_shift():
+    high = np.array([True, True, True, False])  # unequal poles: the weights must still give the gap change
+    baseline = np.array([0.5, 0.4, 0.6, 0.5])
+    steered = baseline + np.array([0.2, 0.1, 0.3, -0.3])
+    up = trait.statement_shift_items(steered, baseline, high, sign=1)
+    gap_change = (steered[high].mean() - steered[~high].mean()) - (baseline[high].mean() - baseline[~high].mean())
+    assert up.mean() == pytest.approx(gap_change) and gap_change == pytest.approx(0.5)
+    assert (up > 0).all()  # every statement moved towards the high pole
+    assert np.allclose(trait.statement_shift_items(steered, baseline, high, sign=-1), -up)
+    assert np.allclose(trait.statement_shift_items(baseline, baseline, high), 0.0)
+    with pytest.raises(ValueError, match="both poles"):
+        trait.statement_shift_items(steered, baseline, np.ones(4, dtype=bool))
+
+
 def test_perplexity_equals_a_hand_computed_log_softmax(letter_model):
     chunk = encode(letter_model, "the cat sat on the mat . the dog ran home .", add_bos=False)
     logits = letter_model(torch.tensor([[1] + chunk]))[0].double()

@@ -8,7 +8,25 @@ from typing import Any
 
 from dpn_lens.cli_options import FORMATTER, add_data_dir_option, add_model_options, add_out_option, add_traits_option
 
-__all__ = ["register", "run_compare"]
+__all__ = ["register", "run_compare", "compare_config"]
+
+QUICK = {"items": 8, "statements": 20, "gamma_sweep": [0.0, 1.0, 2.0], "q_sweep": []}
+"""What ``--quick`` sets (where the option is not given); capability sizes are ``CapabilitySizes.quick()`` either way."""
+FULL = {"items": None, "statements": None, "gamma_sweep": [0.0, 0.5, 1.0, 1.5, 2.0], "q_sweep": [0.999, 0.995, 0.97]}
+"""The defaults without ``--quick``: every item and statement (``None``), the full sweeps."""
+
+
+def _count_or_all(text: str) -> int | None:
+    """``"all"`` -> ``None`` (every item), else a positive integer."""
+    if text.strip().lower() == "all":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'all', got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'all', got {value}")
+    return value
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
@@ -29,9 +47,14 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--maps", default=None, help="run folder (or its maps/ folder) with <trait>.safetensors neuron "
                                                      "maps (None: located on the fly)")
     parser.add_argument("--locate-pairs", type=int, default=100, help="pairs per trait when locating on the fly")
-    parser.add_argument("--items", type=int, default=8, help="questionnaire items per trait")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"a few-minute run: --items {QUICK['items']} --statements {QUICK['statements']}, gamma sweep "
+                             f"{' '.join(map(str, QUICK['gamma_sweep']))}, no q sweep (options given explicitly win)")
+    parser.add_argument("--items", type=_count_or_all, default=argparse.SUPPRESS,
+                        help="questionnaire items per trait, or 'all' (default: all; --quick: 8)")
     parser.add_argument("--inventory", default="ipip_neo_300_test")
-    parser.add_argument("--statements", type=int, default=6, help="Anthropic statements per pole")
+    parser.add_argument("--statements", type=_count_or_all, default=argparse.SUPPRESS,
+                        help="Anthropic statements per pole, or 'all' (default: all, 500 per pole; --quick: 20)")
     parser.add_argument("--respondents", default=None, help="PAlign/PAPI respondent JSON (None: the 10-respondent sample)")
     parser.add_argument("--mc-items", type=int, default=12, help="items per multiple-choice task")
     parser.add_argument("--lambada-items", type=int, default=24)
@@ -44,8 +67,11 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--caa-gamma", type=float, default=1.0)
     parser.add_argument("--npti-prompts", type=int, default=16)
     parser.add_argument("--npti-tokens", type=int, default=24)
-    parser.add_argument("--gamma-sweep", type=float, nargs="*", default=[0.0, 0.5, 1.0, 1.5, 2.0])
-    parser.add_argument("--q-sweep", type=float, nargs="*", default=[0.999, 0.995, 0.97])
+    parser.add_argument("--gamma-sweep", type=float, nargs="*", default=argparse.SUPPRESS,
+                        help=f"default: {' '.join(map(str, FULL['gamma_sweep']))}; --quick: "
+                             f"{' '.join(map(str, QUICK['gamma_sweep']))}")
+    parser.add_argument("--q-sweep", type=float, nargs="*", default=argparse.SUPPRESS,
+                        help=f"default: {' '.join(map(str, FULL['q_sweep']))}; --quick: none")
     parser.add_argument("--sweep-trait", default=None)
     parser.add_argument("--judge-url", default=None,
                         help="base URL of an OpenAI-compatible API (e.g. http://localhost:8000/v1) for the optional "
@@ -59,12 +85,34 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     return parser
 
 
-def run_compare(args: argparse.Namespace) -> int:
+def compare_config(args: argparse.Namespace, judge: Any = None) -> Any:
+    """The ``CompareConfig`` of parsed ``compare`` arguments (``--quick`` fills the sizes not given).
+
+    Example:
+        >>> parser = argparse.ArgumentParser(); _ = register(parser.add_subparsers(dest="command"))
+        >>> compare_config(parser.parse_args(["compare", "--out", "x", "--quick"])).statements_per_pole
+        20
+    """
     from dpn_lens.evaluation.capability import CapabilitySizes
-    from dpn_lens.evaluation.compare import CompareConfig, run_comparison, write_outputs
+    from dpn_lens.evaluation.compare import CompareConfig
+    from dpn_lens.pipeline import parse_traits
+
+    sizes = {**(QUICK if args.quick else FULL), **{k: v for k, v in vars(args).items() if k in FULL}}
+    return CompareConfig(
+        traits=parse_traits(args.traits), methods=args.methods, data_dir=args.data_dir, maps_dir=args.maps,
+        locate_pairs=args.locate_pairs, questionnaire_items=sizes["items"], inventory=args.inventory,
+        statements_per_pole=sizes["statements"], respondents=args.respondents,
+        capability=CapabilitySizes(args.mc_items, args.lambada_items, args.ppl_chunks, args.ppl_tokens,
+                                   args.kl_chunks, args.kl_tokens),
+        gamma=args.gamma, npti_gamma=args.npti_gamma, caa_gamma=args.caa_gamma, npti_prompts=args.npti_prompts,
+        npti_new_tokens=args.npti_tokens, gamma_sweep=list(sizes["gamma_sweep"]), q_sweep=list(sizes["q_sweep"]),
+        sweep_trait=args.sweep_trait, judge=judge)
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    from dpn_lens.evaluation.compare import run_comparison, write_outputs
     from dpn_lens.evaluation.judge import JudgeConfig, judge_endpoint
     from dpn_lens.models import load_model
-    from dpn_lens.pipeline import parse_traits
 
     started = time.time()
     url = judge_endpoint(args.judge_url)
@@ -74,15 +122,7 @@ def run_compare(args: argparse.Namespace) -> int:
     else:
         judge = JudgeConfig(url, args.judge_model, args.judge_questions, args.judge_tokens)
         print(f"judge: {args.judge_model} at {url} rates {args.judge_questions} generated answers per trait and condition")
-    config = CompareConfig(
-        traits=parse_traits(args.traits), methods=args.methods, data_dir=args.data_dir, maps_dir=args.maps,
-        locate_pairs=args.locate_pairs, questionnaire_items=args.items, inventory=args.inventory,
-        statements_per_pole=args.statements, respondents=args.respondents,
-        capability=CapabilitySizes(args.mc_items, args.lambada_items, args.ppl_chunks, args.ppl_tokens,
-                                   args.kl_chunks, args.kl_tokens),
-        gamma=args.gamma, npti_gamma=args.npti_gamma, caa_gamma=args.caa_gamma, npti_prompts=args.npti_prompts,
-        npti_new_tokens=args.npti_tokens, gamma_sweep=args.gamma_sweep, q_sweep=args.q_sweep,
-        sweep_trait=args.sweep_trait, judge=judge)
+    config = compare_config(args, judge)
     if args.maps:
         from dpn_lens.run import check_run_folder, run_folder_of
 

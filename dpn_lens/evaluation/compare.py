@@ -6,7 +6,16 @@ Methods (all through the same evaluation code; one entry each in ``dpn_lens.eval
 
 Per row: neurons edited (count, % of all MLP neurons), questionnaire score of the trait and its change,
 statement agreement (high-pole, low-pole, gap) and change, every capability metric and its change.
-``trait_shift`` is the questionnaire change signed by the direction (positive = moved as asked).
+``trait_shift`` is the questionnaire change signed by the direction (positive = moved as asked);
+``statements_shift`` is the change of the statement gap (high-pole minus low-pole agreement), signed
+the same way. Both come with a 95% percentile-bootstrap interval over items and a paired Wilcoxon test
+(``<name>_ci_low``, ``<name>_ci_high``, ``<name>_p``; ``dpn_lens.evaluation.intervals``); the unsteered
+rows are the baseline (shift 0, no interval). ``result["summary"]`` holds the means per method with
+intervals over the pooled items of its conditions.
+
+By default every questionnaire item of the trait in the inventory and every Anthropic statement of
+both poles is asked (``questionnaire_items`` / ``statements_per_pole`` ``None``); ``CompareConfig.quick``
+is a few-minute run.
 With a judge (``CompareConfig.judge``), rows also hold the judge's trait and fluency ratings of generated
 PersonalityBench answers (``judge_trait``, ``judge_fluency``) and ``judge_shift``, signed the same way.
 """
@@ -27,6 +36,7 @@ from dpn_lens.data.contrastive import embedded_contrastive_set
 from dpn_lens.evaluation import capability as cap
 from dpn_lens.io import markdown_table
 from dpn_lens.evaluation import trait as tr
+from dpn_lens.evaluation.intervals import bootstrap_ci, paired_effect
 from dpn_lens.evaluation.judge import JudgeConfig, judge_evaluation, load_test_questions
 from dpn_lens.evaluation.methods import METHOD_NAMES, METHODS_BY_NAME, TraitContext
 from dpn_lens.localize import reselect
@@ -35,18 +45,27 @@ from dpn_lens.run import find_map, percent_of_mlp
 from dpn_lens.steering import Edit, direction_sign
 from dpn_lens.traits import TRAITS, normalize_trait
 
-__all__ = ["CompareConfig", "run_comparison", "write_outputs"]
+__all__ = ["CompareConfig", "run_comparison", "write_outputs", "trait_effects", "summary_by_method",
+           "summary_with_intervals", "SHIFT_METRICS"]
 
 DIRECTIONS = ("increase", "decrease")
+SHIFT_METRICS = ("trait_shift", "statements_shift")
+"""Per-row shifts that carry ``_ci_low``, ``_ci_high`` and ``_p`` (signed: positive = moved as asked)."""
 
 
 @dataclass
 class CompareConfig:
-    """What to compare and how much data to use (defaults: a quick CPU run).
+    """What to compare and how much data to use.
+
+    ``questionnaire_items`` / ``statements_per_pole``: ``None`` (default) = every item of the trait in
+    ``inventory`` and every Anthropic statement of each pole; an int subsamples. Capability sizes
+    default to ``CapabilitySizes.quick()``. ``CompareConfig.quick()`` is a few-minute run.
 
     Example:
         >>> CompareConfig(traits=["openness"], questionnaire_items=6).traits
         ['openness']
+        >>> CompareConfig.quick().statements_per_pole
+        20
     """
 
     traits: list[str] = field(default_factory=lambda: list(TRAITS))
@@ -56,9 +75,9 @@ class CompareConfig:
     locate_pairs: int = 100
     locate_q: float | None = None
     locate_tau_d: float | None = None
-    questionnaire_items: int = 8
+    questionnaire_items: int | None = None
     inventory: str = "ipip_neo_300_test"
-    statements_per_pole: int = 6
+    statements_per_pole: int | None = None
     respondents: str | None = None
     capability: cap.CapabilitySizes = field(default_factory=cap.CapabilitySizes.quick)
     gamma: float = 1.0
@@ -79,6 +98,23 @@ class CompareConfig:
         unknown = [m for m in self.methods if m not in METHODS_BY_NAME]
         if unknown:
             raise ValueError(f"unknown methods {unknown}; choose from {', '.join(METHOD_NAMES)}")
+        for name in ("questionnaire_items", "statements_per_pole"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer or None (all), got {value!r}")
+
+    @classmethod
+    def quick(cls, **overrides: Any) -> "CompareConfig":
+        """A few-minute run: 8 items, 20 statements per pole, quick capability sizes, gamma sweep 0/1/2,
+        no q sweep; ``overrides`` replace any field.
+
+        Example:
+            >>> CompareConfig.quick(traits=["openness"]).questionnaire_items
+            8
+        """
+        settings: dict[str, Any] = dict(questionnaire_items=8, statements_per_pole=20,
+                                        capability=cap.CapabilitySizes.quick(), gamma_sweep=[0.0, 1.0, 2.0], q_sweep=[])
+        return cls(**{**settings, **overrides})
 
 
 def _neuron_map(model: Any, trait: str, config: CompareConfig, log) -> NeuronMap:
@@ -112,9 +148,11 @@ class _Evaluator:
         self.judged: list[dict[str, Any]] = []  # every generated answer with its ratings, for inspection
 
     def trait_metrics(self, trait: str, edit: Edit | None, persona: PersonaPrompt | None, label: dict[str, Any] | None = None
-                      ) -> tuple[dict[str, float], np.ndarray]:
+                      ) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+        """``(means, per-item values)``; the values are ``raw`` and ``keyed`` answers and statement ``yes``."""
         answers = tr.answer_items(self.model, self.items[trait], edit, persona)
-        agreement = tr.statement_agreement(self.model, self.statements[trait], edit, persona)
+        yes = tr.statement_yes(self.model, self.statements[trait], edit, persona)
+        agreement = tr.agreement_summary(yes, self.statements[trait])
         metrics = {"questionnaire": float(answers["keyed"].mean()), "option_mass": float(answers["mass"].mean()),
                    "statements_high": agreement["high"], "statements_low": agreement["low"],
                    "statements_gap": agreement["gap"]}
@@ -128,7 +166,12 @@ class _Evaluator:
                              "judge_trait": r.trait if r else None, "judge_fluency": r.fluency if r else None,
                              "judge_parsed": r is not None, "judge_reply": reply}
                             for q, a, r, reply in zip(questions, judged["answers"], judged["ratings"], judged["replies"])]
-        return metrics, answers["raw"]
+        return metrics, {"raw": answers["raw"], "keyed": answers["keyed"], "yes": yes}
+
+    def effects(self, trait: str, values: dict[str, np.ndarray], base: dict[str, np.ndarray], sign: int
+                ) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+        """``trait_effects`` on this evaluator's statements of ``trait``."""
+        return trait_effects(values, base, np.array([s.high for s in self.statements[trait]], dtype=bool), sign)
 
     def capability(self, edit: Edit | None, persona: PersonaPrompt | None, light: bool = False) -> dict[str, float]:
         prefix = persona.prefix if persona is not None else ""
@@ -143,6 +186,36 @@ class _Evaluator:
         return cap.evaluate_capability(self.model, self.suite, edit, prefix)
 
 
+def trait_effects(values: dict[str, np.ndarray], base: dict[str, np.ndarray], high: np.ndarray, sign: int
+                  ) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """The signed shifts of one condition with their intervals and tests, and the per-item shifts.
+
+    ``values`` / ``base``: per-item ``keyed`` questionnaire answers and statement ``yes`` values of the
+    condition and of the unsteered model (same items, same order); ``high``: which statements are of the
+    high pole; ``sign``: ``direction_sign(direction)``. ``trait_shift`` is the mean keyed-answer change,
+    ``statements_shift`` the gap change (``trait.statement_shift_items``), both times ``sign``.
+
+    Returns:
+        ``({"trait_shift", "trait_shift_ci_low", "trait_shift_ci_high", "trait_shift_p", "statements_shift",
+        ...}, {"trait_shift": per-item shifts [n_items], "statements_shift": per-statement shifts})``.
+
+    Example:
+        >>> base = {"keyed": np.full(4, 3.0), "yes": np.full(4, 0.5)}
+        >>> steered = {"keyed": np.array([3.5, 3.2, 3.4, 3.1]), "yes": np.array([0.7, 0.6, 0.4, 0.3])}
+        >>> row, _ = trait_effects(steered, base, np.array([True, True, False, False]), sign=1)
+        >>> round(row["trait_shift"], 3), round(row["statements_shift"], 3)
+        (0.3, 0.3)
+    """
+    per_item = {"trait_shift": sign * (np.asarray(values["keyed"], float) - np.asarray(base["keyed"], float)),
+                "statements_shift": tr.statement_shift_items(values["yes"], base["yes"], high, sign)}
+    row: dict[str, float] = {}
+    for name, shifts in per_item.items():
+        effect = paired_effect(shifts, np.zeros_like(shifts))
+        row.update({name: effect.shift, f"{name}_ci_low": effect.ci_low, f"{name}_ci_high": effect.ci_high,
+                    f"{name}_p": effect.p_value})
+    return row, per_item
+
+
 def _prepare(model: Any, trait: str, config: CompareConfig, log) -> TraitContext:
     """The trait's neuron map and the state of every method that runs on it (in registry order)."""
     context = TraitContext(trait, _neuron_map(model, trait, config, log))
@@ -152,27 +225,47 @@ def _prepare(model: Any, trait: str, config: CompareConfig, log) -> TraitContext
     return context
 
 
+def _n_conditions(config: CompareConfig) -> int:
+    """Trait evaluations the comparison runs (for the progress bar): baselines, rows and sweeps."""
+    sweeps = 0
+    if normalize_trait(config.sweep_trait or config.traits[0]) in config.traits:
+        sweepable = [m for m in config.sweep_methods if m in METHODS_BY_NAME and METHODS_BY_NAME[m].sweepable]
+        sweeps = len(sweepable) * len(config.gamma_sweep) + len(config.q_sweep)
+    return len(config.traits) * (1 + len(DIRECTIONS) * len(config.methods)) + sweeps
+
+
 def run_comparison(model: Any, config: CompareConfig, log=print) -> dict[str, Any]:
-    """Run the comparison and return ``{"rows", "gamma_sweep", "q_sweep", "respondents", "meta"}``.
+    """Run the comparison and return ``{"rows", "summary", "gamma_sweep", "q_sweep", "respondents", "meta"}``.
+
+    One progress bar (tqdm, shown on a terminal) counts every condition: the unsteered baseline of each
+    trait, each trait x direction x method, and each sweep point.
 
     Example:
         >>> result = run_comparison(load_model("smollm2-135m-instruct"), CompareConfig(data_dir="../shared/data"))  # doctest: +SKIP
     """
+    from tqdm.auto import tqdm
+
     started = time.time()
     evaluator = _Evaluator(model, config)
     n_layers, d_mlp = int(model.cfg.n_layers), int(model.cfg.d_mlp)
     n_neurons = n_layers * d_mlp
+    bar = tqdm(total=_n_conditions(config), desc="compare", unit="condition", disable=None)
+    log(f"{sum(len(i) for i in evaluator.items.values())} questionnaire items and "
+        f"{sum(len(s) for s in evaluator.statements.values())} statements over {len(config.traits)} traits")
     log("unsteered capability")
     base_capability = evaluator.capability(None, None)
     rows: list[dict[str, Any]] = []
     raw_answers: dict[tuple[str, str, str], np.ndarray] = {}
     base_trait: dict[str, dict[str, float]] = {}
+    base_values: dict[str, dict[str, np.ndarray]] = {}
+    item_shifts: dict[tuple[str, str, str], dict[str, np.ndarray]] = {}
     for trait in config.traits:
-        base_trait[trait], answers = evaluator.trait_metrics(trait, None, None, {"method": "unsteered"})
+        base_trait[trait], base_values[trait] = evaluator.trait_metrics(trait, None, None, {"method": "unsteered"})
+        bar.update()
         for direction in DIRECTIONS:
-            raw_answers[("unsteered", trait, direction)] = answers
+            raw_answers[("unsteered", trait, direction)] = base_values[trait]["raw"]
         rows.append({"method": "unsteered", "trait": trait, "direction": "none", "n_edited": 0, "pct_edited": 0.0,
-                     **base_trait[trait], **base_capability, "trait_shift": 0.0, "seconds": 0.0,
+                     **base_trait[trait], **base_capability, **{name: 0.0 for name in SHIFT_METRICS}, "seconds": 0.0,
                      **({"judge_shift": 0.0} if config.judge else {})})
     contexts: dict[str, TraitContext] = {}
     for trait in config.traits:
@@ -184,14 +277,13 @@ def run_comparison(model: Any, config: CompareConfig, log=print) -> dict[str, An
             for method in config.methods:
                 t0 = time.time()
                 edit, persona = METHODS_BY_NAME[method].condition(model, context, direction, config)
-                metrics, answers = evaluator.trait_metrics(trait, edit, persona,
-                                                           {"method": method, "direction": direction})
-                raw_answers[(method, trait, direction)] = answers
+                metrics, values = evaluator.trait_metrics(trait, edit, persona, {"method": method, "direction": direction})
+                raw_answers[(method, trait, direction)] = values["raw"]
+                effects, item_shifts[(method, trait, direction)] = evaluator.effects(trait, values, base_values[trait], sign)
                 capability = evaluator.capability(edit, persona)
                 n_edited = edit.n_edited if edit is not None else 0
                 row = {"method": method, "trait": trait, "direction": direction, "n_edited": n_edited,
-                       "pct_edited": percent_of_mlp(n_edited, n_layers, d_mlp), **metrics, **capability,
-                       "trait_shift": sign * (metrics["questionnaire"] - base_trait[trait]["questionnaire"]),
+                       "pct_edited": percent_of_mlp(n_edited, n_layers, d_mlp), **metrics, **capability, **effects,
                        "seconds": time.time() - t0}
                 if "judge_trait" in metrics:
                     row["judge_shift"] = sign * (metrics["judge_trait"] - base_trait[trait]["judge_trait"])
@@ -199,40 +291,49 @@ def run_comparison(model: Any, config: CompareConfig, log=print) -> dict[str, An
                     base = base_trait[trait].get(key, base_capability.get(key))
                     row[f"delta_{key}"] = row[key] - base
                 rows.append(row)
-                log(f"{trait} {direction} {method}: q={metrics['questionnaire']:.3f} shift={row['trait_shift']:+.3f} "
+                bar.update()
+                log(f"{trait} {direction} {method}: q={metrics['questionnaire']:.3f} "
+                    f"shift={_with_ci(row, 'trait_shift')} statements={_with_ci(row, 'statements_shift')} "
                     f"kl={capability['kl']:.4f} ppl={capability['wikitext_ppl']:.2f} ({row['seconds']:.0f}s)")
     respondents = _respondent_rows(evaluator, config, raw_answers)
     sweep_trait = normalize_trait(config.sweep_trait or config.traits[0])
     gamma_rows, q_rows = [], []
     if sweep_trait in contexts and (config.gamma_sweep or config.q_sweep):
         context = contexts[sweep_trait]
-        base_q = base_trait[sweep_trait]["questionnaire"]
+        base = base_values[sweep_trait]
         for method in [m for m in config.sweep_methods if m in METHODS_BY_NAME and METHODS_BY_NAME[m].sweepable]:
             for gamma in config.gamma_sweep:
                 edit, _ = METHODS_BY_NAME[method].condition(model, context, "increase", config, gamma)
-                metrics, _ = evaluator.trait_metrics(sweep_trait, edit, None, {"method": method, "gamma": gamma})
+                metrics, values = evaluator.trait_metrics(sweep_trait, edit, None, {"method": method, "gamma": gamma})
                 gamma_rows.append({"method": method, "trait": sweep_trait, "gamma": gamma, "n_edited": edit.n_edited,
-                                   **metrics, "trait_shift": metrics["questionnaire"] - base_q,
+                                   **metrics, **evaluator.effects(sweep_trait, values, base, 1)[0],
                                    **evaluator.capability(edit, None, light=True)})
-                log(f"gamma sweep {method} {gamma}: shift={gamma_rows[-1]['trait_shift']:+.3f} kl={gamma_rows[-1]['kl']:.4f}")
+                bar.update()
+                log(f"gamma sweep {method} {gamma}: shift={_with_ci(gamma_rows[-1], 'trait_shift')} "
+                    f"kl={gamma_rows[-1]['kl']:.4f}")
         for q in config.q_sweep:
             neuron_map = reselect(context.neuron_map, q=q)
             edit, _ = METHODS_BY_NAME["dpn-le"].condition(model, TraitContext(sweep_trait, neuron_map), "increase",
                                                           config)
-            metrics, _ = evaluator.trait_metrics(sweep_trait, edit, None, {"method": "dpn-le", "q": q})
+            metrics, values = evaluator.trait_metrics(sweep_trait, edit, None, {"method": "dpn-le", "q": q})
             q_rows.append({"method": "dpn-le", "trait": sweep_trait, "q": q, "n_edited": edit.n_edited,
                            "pct_edited": percent_of_mlp(edit.n_edited, n_layers, d_mlp), **metrics,
-                           "trait_shift": metrics["questionnaire"] - base_q, **evaluator.capability(edit, None, light=True)})
-            log(f"q sweep {q}: n={edit.n_edited} shift={q_rows[-1]['trait_shift']:+.3f} kl={q_rows[-1]['kl']:.4f}")
+                           **evaluator.effects(sweep_trait, values, base, 1)[0],
+                           **evaluator.capability(edit, None, light=True)})
+            bar.update()
+            log(f"q sweep {q}: n={edit.n_edited} shift={_with_ci(q_rows[-1], 'trait_shift')} kl={q_rows[-1]['kl']:.4f}")
+    bar.close()
     meta = {"model": getattr(model, "dpn_model_name", "model"), "n_mlp_neurons": n_neurons,
+            "n_questionnaire_items": {t: len(i) for t, i in evaluator.items.items()},
+            "n_statements": {t: len(s) for t, s in evaluator.statements.items()},
             "config": {k: (dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v)
                        for k, v in dataclasses.asdict(config).items()},
             "seconds": time.time() - started}
     if config.judge is not None:  # replies the judge gave that were not a rating: reported, never guessed
         meta["judge_replies"] = len(evaluator.judged)
         meta["judge_unparsable"] = sum(not j["judge_parsed"] for j in evaluator.judged)
-    return {"rows": rows, "gamma_sweep": gamma_rows, "q_sweep": q_rows, "respondents": respondents,
-            "judged": evaluator.judged, "meta": meta}
+    return {"rows": rows, "summary": summary_with_intervals(rows, item_shifts), "gamma_sweep": gamma_rows,
+            "q_sweep": q_rows, "respondents": respondents, "judged": evaluator.judged, "meta": meta}
 
 
 def _respondent_rows(evaluator: _Evaluator, config: CompareConfig, raw: dict) -> list[dict[str, Any]]:
@@ -255,8 +356,26 @@ def _respondent_rows(evaluator: _Evaluator, config: CompareConfig, raw: dict) ->
     return result
 
 
+def _with_ci(row: dict[str, Any], name: str) -> str:
+    """``+0.012 [-0.003, +0.027]`` when ``row`` holds a finite interval of ``name``, else ``+0.012``."""
+    low, high = row.get(f"{name}_ci_low"), row.get(f"{name}_ci_high")
+    if low is None or high is None or not (np.isfinite(low) and np.isfinite(high)):
+        return f"{row[name]:+.3f}"
+    return f"{row[name]:+.3f} [{low:+.3f}, {high:+.3f}]"
+
+
+def _ci_column(name: str) -> str:
+    return f"{name} [95% CI]"
+
+
 def _markdown(rows: list[dict[str, Any]], columns: Sequence[str]) -> str:
-    return markdown_table(rows, columns, digits=3)
+    """``columns`` of ``rows``; a column named ``_ci_column(shift)`` shows the shift with its interval."""
+    shown = [{**row, **{_ci_column(n): _with_ci(row, n) for n in SHIFT_METRICS if n in row}} for row in rows]
+    return markdown_table(shown, columns, digits=3)
+
+
+def _shift_columns(names: Sequence[str] = SHIFT_METRICS) -> list[str]:
+    return [c for name in names for c in (_ci_column(name), f"{name}_p")]
 
 
 def summary_by_method(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -265,14 +384,43 @@ def summary_by_method(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for method in dict.fromkeys(row["method"] for row in rows):
         chosen = [r for r in rows if r["method"] == method]
         entry = {"method": method, "conditions": len(chosen)}
-        for key in ("n_edited", "pct_edited", "trait_shift", "judge_shift", "judge_fluency", "statements_gap", "kl",
-                    "wikitext_ppl",
+        for key in ("n_edited", "pct_edited", "trait_shift", "statements_shift", "judge_shift", "judge_fluency",
+                    "statements_gap", "kl", "wikitext_ppl",
                     *[m for m in cap.CAPABILITY_METRICS if m not in ("kl", "wikitext_ppl")]):
             values = [r[key] for r in chosen if key in r]
             if values:
                 entry[key] = float(np.mean(values))
         result.append(entry)
     return result
+
+
+def _pooled(per_condition: Sequence[np.ndarray]) -> np.ndarray:
+    """The per-item values of several conditions as one array whose mean is the mean of their means.
+
+    Each condition's values are scaled by ``n_total / (k * n_condition)``, so a condition with more
+    items does not weigh more in the mean than one with fewer.
+    """
+    total = sum(len(v) for v in per_condition)
+    return np.concatenate([np.asarray(v, float) * total / (len(per_condition) * len(v)) for v in per_condition])
+
+
+def summary_with_intervals(rows: list[dict[str, Any]], item_shifts: dict[tuple[str, str, str], dict[str, np.ndarray]]
+                           ) -> list[dict[str, Any]]:
+    """``summary_by_method`` with a 95% interval and a paired test of each method's mean shifts.
+
+    ``item_shifts[(method, trait, direction)][shift]`` are the per-item shifts of one condition
+    (``trait_effects``); a method's items are pooled over its conditions (``_pooled``) and resampled
+    together. The unsteered baseline has no interval.
+    """
+    summary = summary_by_method(rows)
+    for entry in summary:
+        keys = [k for k in item_shifts if k[0] == entry["method"]]
+        for name in SHIFT_METRICS if keys else ():
+            pooled = _pooled([item_shifts[k][name] for k in keys])
+            effect = paired_effect(pooled, np.zeros_like(pooled))
+            entry.update({name: effect.shift, f"{name}_ci_low": effect.ci_low, f"{name}_ci_high": effect.ci_high,
+                          f"{name}_p": effect.p_value})
+    return summary
 
 
 def write_outputs(result: dict[str, Any], out: str | Path, make_png: bool = True) -> list[Path]:
@@ -287,17 +435,24 @@ def write_outputs(result: dict[str, Any], out: str | Path, make_png: bool = True
         if not rows:
             continue
         written.append(write_csv_atomic(out / f"{name}.csv", rows))
-    summary = summary_by_method(result["rows"])
+    summary = result.get("summary") or summary_by_method(result["rows"])
     judge = ["judge_trait", "judge_shift", "judge_fluency"] if result.get("judged") else []
-    main = ["method", "trait", "direction", "n_edited", "pct_edited", "questionnaire", "trait_shift", *judge,
-            "statements_gap", "kl", "wikitext_ppl", "lambada_acc", *[f"{t}_acc" for t in cap.MC_TASKS]]
+    main = ["method", "trait", "direction", "n_edited", "pct_edited", "questionnaire", *_shift_columns(["trait_shift"]),
+            *judge, "statements_gap", *_shift_columns(["statements_shift"]), "kl", "wikitext_ppl", "lambada_acc", *[f"{t}_acc" for t in cap.MC_TASKS]]
     text = [f"# Comparison on {result['meta']['model']}", "",
             f"Run time: {result['meta']['seconds']:.0f} s. Neurons: {result['meta']['n_mlp_neurons']} MLP neurons.", "",
             *([f"Judge: {result['meta']['judge_unparsable']} of {result['meta']['judge_replies']} replies were not a "
                "rating (counted in judge_unparsable, left out of the means; the raw replies are in judged.csv).", ""]
               if "judge_unparsable" in result["meta"] else []),
+            "Shifts are signed by the direction (positive = moved as asked): trait_shift is the questionnaire "
+            "change (1..5 scale), statements_shift the change of the statement gap (high-pole minus low-pole "
+            "P(Yes)); [95% CI] is a percentile bootstrap over items, _p a paired Wilcoxon test; the unsteered "
+            "rows are the baseline. Items: " + ", ".join(f"{t} {n}" for t, n in
+                                                         result["meta"].get("n_questionnaire_items", {}).items())
+            + "; statements: " + ", ".join(f"{t} {n}" for t, n in result["meta"].get("n_statements", {}).items())
+            + ".", "",
             "## Mean per method (over traits and directions)", "",
-            _markdown(summary, ["method", "conditions", "n_edited", "pct_edited", "trait_shift",
+            _markdown(summary, ["method", "conditions", "n_edited", "pct_edited", *_shift_columns(),
                                 *[c for c in judge if c != "judge_trait"], "statements_gap", "kl", "wikitext_ppl",
                                 "lambada_acc", *[f"{t}_acc" for t in cap.MC_TASKS]]), "",
             "## Every condition", "", _markdown(result["rows"], main), ""]
@@ -306,10 +461,10 @@ def write_outputs(result: dict[str, Any], out: str | Path, make_png: bool = True
                  _markdown(result["respondents"], ["method", "respondent_mae", "n_respondents", "n_test_items"]), ""]
     if result["gamma_sweep"]:
         text += ["## Gamma sweep", "", _markdown(result["gamma_sweep"], ["method", "gamma", "n_edited", "questionnaire",
-                                                                        "trait_shift", "kl", "wikitext_ppl"]), ""]
+                                                                        *_shift_columns(), "kl", "wikitext_ppl"]), ""]
     if result["q_sweep"]:
         text += ["## q sweep (DPN-LE)", "", _markdown(result["q_sweep"], ["q", "n_edited", "pct_edited", "questionnaire",
-                                                                         "trait_shift", "kl", "wikitext_ppl"]), ""]
+                                                                         *_shift_columns(), "kl", "wikitext_ppl"]), ""]
     written.append(write_text_atomic(out / "comparison.md", "\n".join(text)))
     written += _figures(result, summary, out, make_png)
     return written

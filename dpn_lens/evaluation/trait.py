@@ -5,7 +5,9 @@
   (A=5 .. E=1, renormalised over the letters), reverse-keyed items are scored ``6 - x``; a trait's score
   is the mean over its items (1..5). The expectation rather than the argmax makes small shifts visible.
 * Statement agreement: ``P(Yes) / (P(Yes) + P(No))`` for Anthropic persona statements, separately for
-  statements a high-trait persona would say and those it would not.
+  statements a high-trait persona would say and those it would not. ``statement_yes`` keeps the value
+  of every statement, and ``statement_shift_items`` turns two such arrays into per-statement shifts whose
+  mean is the change of the high-minus-low gap (for intervals over statements).
 * Respondent matching (IPIP-NEO-300; docs/METHOD.md, "Evaluation"): a respondent's train items
   decide the direction of each trait (mean > 2.8 -> increase); the model answers the held-out items
   under that direction; metric = mean absolute error against the respondent's answers.
@@ -36,7 +38,8 @@ from dpn_lens.steering import Edit, steer
 from dpn_lens.traits import TRAITS, normalize_trait
 
 __all__ = ["IPIPItem", "load_ipip_items", "questionnaire_prompt", "option_token_ids", "answer_items",
-           "questionnaire_scores", "Statement", "load_statements", "statement_agreement", "Respondent",
+           "questionnaire_scores", "Statement", "load_statements", "statement_yes", "statement_agreement",
+           "agreement_summary", "statement_shift_items", "Respondent",
            "load_respondents", "respondent_directions", "respondent_mae", "INVENTORIES"]
 
 INVENTORIES = ("ipip_neo_300_test", "ipip_neo_300", "mpi_120", "ipip_neo_120", "ipip50")
@@ -197,24 +200,69 @@ def load_statements(data_dir: str | Path | None, trait: str, n_per_pole: int | N
     return result
 
 
-def statement_agreement(model: HookedModel, statements: Sequence[Statement], edit: Edit | None = None,
-                        persona: PersonaPrompt | None = None) -> dict[str, float]:
-    """Mean ``P(Yes) / (P(Yes) + P(No))`` over high-pole and over low-pole statements, and their gap.
+def statement_yes(model: HookedModel, statements: Sequence[Statement], edit: Edit | None = None,
+                  persona: PersonaPrompt | None = None, batch_tokens: int = 2048) -> np.ndarray:
+    """``P(Yes) / (P(Yes) + P(No))`` of every statement, ``[n_statements]`` (in ``statements`` order).
 
-    Returns ``{"high": ..., "low": ..., "gap": high - low}``; steering towards the high pole should
-    raise ``high`` and lower ``low``.
+    The prompts go through ``next_token_logprobs`` in batches of about ``batch_tokens`` tokens, so
+    hundreds of statements cost a few forward passes, not one each.
+
+    Example:
+        >>> yes = statement_yes(model, load_statements(data, "openness", 20))   # doctest: +SKIP
+        >>> yes.shape                                                             # doctest: +SKIP
+        (40,)
     """
     if not statements:
         raise ValueError("no statements to score")
     options = option_token_ids(model, ["Yes", "No"])
     prompts = [f"{s.question}\nAnswer Yes or No." for s in statements]
     with steer(model, scoring_edit(edit)):
-        logprobs = next_token_logprobs(model, _prompt_ids(model, prompts, persona))
-    yes = _option_probabilities(logprobs, options)[0][:, 0].numpy()
-    is_high = np.array([s.high for s in statements])
+        logprobs = next_token_logprobs(model, _prompt_ids(model, prompts, persona), batch_tokens)
+    return _option_probabilities(logprobs, options)[0][:, 0].numpy()
+
+
+def agreement_summary(yes: np.ndarray, statements: Sequence[Statement]) -> dict[str, float]:
+    """``{"high", "low", "gap"}``: mean ``yes`` over high-pole and low-pole statements, and high - low."""
+    is_high = np.array([s.high for s in statements], dtype=bool)
     high = float(yes[is_high].mean()) if is_high.any() else float("nan")
     low = float(yes[~is_high].mean()) if (~is_high).any() else float("nan")
     return {"high": high, "low": low, "gap": high - low}
+
+
+def statement_agreement(model: HookedModel, statements: Sequence[Statement], edit: Edit | None = None,
+                        persona: PersonaPrompt | None = None) -> dict[str, float]:
+    """Mean ``P(Yes) / (P(Yes) + P(No))`` over high-pole and over low-pole statements, and their gap.
+
+    Returns ``{"high": ..., "low": ..., "gap": high - low}``; steering towards the high pole should
+    raise ``high`` and lower ``low``. ``statement_yes`` gives the per-statement values.
+    """
+    return agreement_summary(statement_yes(model, statements, edit, persona), statements)
+
+
+def statement_shift_items(steered: np.ndarray, baseline: np.ndarray, high: Sequence[bool] | np.ndarray,
+                          sign: int = 1) -> np.ndarray:
+    """Per-statement shifts whose mean is ``sign`` times the change of the high-minus-low gap.
+
+    A high-pole statement contributes ``+change * n / n_high``, a low-pole one ``-change * n / n_low``
+    (``change = steered - baseline`` of its P(Yes)); the weights make the mean over all ``n`` statements
+    equal ``(mean high change) - (mean low change)`` exactly, even when the poles differ in size, so an
+    interval of the mean over statements (``intervals.paired_effect(items, zeros)``) is an interval of
+    the gap change. ``sign`` is ``direction_sign(direction)``: positive = moved as asked.
+
+    Example:
+        >>> np.round(statement_shift_items(np.array([0.9, 0.2]), np.array([0.5, 0.5]), [True, False]), 3).tolist()
+        [0.8, 0.6]
+    """
+    steered, baseline = np.asarray(steered, dtype=np.float64), np.asarray(baseline, dtype=np.float64)
+    high = np.asarray(high, dtype=bool)
+    if not steered.shape == baseline.shape == high.shape:
+        raise ValueError(f"steered {steered.shape}, baseline {baseline.shape} and high {high.shape} must be one "
+                         "value per statement")
+    n_high, n_low = int(high.sum()), int((~high).sum())
+    if n_high == 0 or n_low == 0:
+        raise ValueError(f"the gap needs statements of both poles; got {n_high} high and {n_low} low")
+    weights = np.where(high, high.size / n_high, -high.size / n_low)
+    return sign * weights * (steered - baseline)
 
 
 @dataclass(frozen=True)
