@@ -54,6 +54,7 @@ from dpn_lens.steering import (
 from dpn_lens.distributed import collect_statistics_distributed, merge_across_processes
 from dpn_lens.pipeline import LocateConfig, locate_traits, neuron_table
 from dpn_lens.run import Run
+from dpn_lens.evaluation.calibrate import Calibration, calibrate_gamma
 
 __all__ = [
     "__version__",
@@ -88,6 +89,8 @@ __all__ = [
     "Edit",
     "Intervention",
     "steering_intervention",
+    "calibrate_gamma",
+    "Calibration",
     "additive_intervention",
     "direction_sign",
     "combine_interventions",
