@@ -66,7 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_options(steer)
     steer.add_argument("--map", required=True, nargs="+", help="neuron map file(s) (.safetensors); several add up")
     steer.add_argument("--prompt", required=True, action="append", help="question (repeat for several)")
-    steer.add_argument("--gamma", type=float, default=1.0, help="steering strength")
+    steer.add_argument("--gamma", type=float, default=None,
+                       help="fixed steering strength (None: calibrated per direction to --target-kl)")
+    steer.add_argument("--target-kl", type=float, default=0.05,
+                       help="KL (nats/token) from the unsteered model at which gamma is calibrated")
     steer.add_argument("--mode", default="both", choices=["both", "directional"])
     steer.add_argument("--weighted", action="store_true", help="DPN-LE_w weights by rank of |d|")
     steer.add_argument("--all-positions", action="store_true", help="also edit the prompt pass")
@@ -77,7 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_options(demo, default_dtype="bfloat16")
     add_traits_option(demo)
     demo.add_argument("--n-pairs", type=int, default=None, help="pairs per trait (None: sized for ~10 min)")
-    demo.add_argument("--gamma", type=float, default=None, help="steering strength (None: see dpn_lens.demo)")
+    demo.add_argument("--gamma", type=float, default=None,
+                      help="fixed steering strength (None: calibrated per trait and direction to --target-kl)")
+    demo.add_argument("--target-kl", type=float, default=0.05,
+                      help="KL (nats/token) from the unsteered model at which gamma is calibrated")
+    demo.add_argument("--eval-pairs", type=int, default=32,
+                      help="held-out preference pairs per trait for the shift with its 95%% CI (0: skip)")
+    add_data_dir_option(demo, "personalitybench/ for the preference check (None: $DPN_LENS_DATA or ../shared/data)")
     add_out_option(demo, "run folder", default="runs/demo")
     demo.add_argument("--overwrite", action="store_true", help="replace a run with other settings in --out")
     demo.add_argument("--figures", default=None, help="folder for the summary figures (None: OUT/figures)")
@@ -142,12 +151,25 @@ def run_steer(args: argparse.Namespace) -> int:
         neuron_map.check_compatible(model)
     positions = "all" if args.all_positions else "decode"
 
-    def edit(direction: str):
-        edits = [steering_intervention(m, args.gamma, direction, args.mode, args.weighted, positions) for m in maps]
+    def edit(direction: str, gamma: float):
+        edits = [steering_intervention(m, gamma, direction, args.mode, args.weighted, positions) for m in maps]
         return edits[0] if len(edits) == 1 else combine_interventions(*edits)
 
-    for block in compare_generations(model, args.prompt, {"increase": edit("increase"), "decrease": edit("decrease")},
-                                     max_new_tokens=args.max_new_tokens):
+    gammas = {}
+    for direction in ("increase", "decrease"):
+        if args.gamma is None:
+            from dpn_lens.evaluation.calibrate import calibrate_gamma, sweep_edit
+
+            with warnings.catch_warnings():  # several maps: their shared neurons were reported once already
+                warnings.simplefilter("ignore")
+                calibration = calibrate_gamma(model, target_kl=args.target_kl, direction=direction,
+                                              edit_at=lambda gamma, d=direction: sweep_edit(lambda g: edit(d, g), gamma))
+            gammas[direction] = calibration.gamma
+            print(f"{direction}: {calibration.describe()}")
+        else:
+            gammas[direction] = args.gamma
+    edits = {direction: edit(direction, gamma) for direction, gamma in gammas.items()}
+    for block in compare_generations(model, args.prompt, edits, max_new_tokens=args.max_new_tokens):
         print(block)
     return 0
 
@@ -159,7 +181,8 @@ def run_demo_command(args: argparse.Namespace) -> int:
 
     run_demo(model_name=args.model, out=args.out, figures=args.figures, n_pairs=args.n_pairs, gamma=args.gamma,
              max_new_tokens=args.max_new_tokens, traits=parse_traits(args.traits), dtype=args.dtype,
-             device=args.device, overwrite=args.overwrite)
+             device=args.device, overwrite=args.overwrite, target_kl=args.target_kl, eval_pairs=args.eval_pairs,
+             data_dir=args.data_dir)
     return 0
 
 

@@ -172,6 +172,11 @@ def validate_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--gamma must be a finite number (e.g. 1.0), got {gamma}")
     for name in ("n_pairs", "batch_size", "batch_tokens", "max_new_tokens", "n_questions"):
         _positive(args, name)
+    target_kl = getattr(args, "target_kl", None)
+    if target_kl is not None and not (math.isfinite(target_kl) and target_kl > 0):
+        raise ValueError(f"--target-kl must be a positive KL in nats/token (e.g. 0.05), got {target_kl}")
+    if getattr(args, "eval_pairs", 0) < 0:
+        raise ValueError(f"--eval-pairs must be 0 (skip the preference check) or more, got {args.eval_pairs}")
     if isinstance(getattr(args, "layers", None), str):
         parse_layers(args.layers)
     if getattr(args, "traits", None) is not None:

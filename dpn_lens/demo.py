@@ -1,8 +1,12 @@
 """The main job: all five traits end to end on the embedded model, in minutes on a laptop CPU.
 
-``dpn-lens demo`` locates each trait's neurons from the embedded contrastive data, saves the maps,
-prints the neurons per trait, pole and layer, shows unsteered vs increased vs decreased answers, and
-writes a summary and plotly figures.
+``dpn-lens demo`` locates each trait's neurons from the embedded contrastive data, saves the maps and
+prints the neurons per trait, pole and layer. Per trait it then calibrates gamma (the strength at
+which the edit reaches a KL of 0.05 nats/token from the unsteered model, ``calibrate_gamma``), measures
+whether the edit moves the model's preference between a high- and a low-trait answer to held-out
+questions (shift with a 95% interval, beside the persona prompt's own effect; needs the PersonalityBench
+folder of the shared data), shows one unsteered, increased and decreased answer, and writes a summary
+and plotly figures.
 """
 
 from __future__ import annotations
@@ -30,10 +34,15 @@ DEMO_QUESTIONS: dict[str, str] = {
 
 # Defaults of the demo. bfloat16 runs about 3x faster than float32 on recent CPUs (statistics stay
 # float64; docs/PERFORMANCE.md), so 500 pairs x 5 traits x 2 poles = 5,000 prompts fit in the
-# 10-minute budget on 2 cores. gamma 1.0 is the paper's value for generation.
+# 10-minute budget on 2 cores together with the calibration and the preference check. The paper's
+# gamma 1.0 is calibrated for 8B models; on the embedded models it barely changes the output, so the
+# demo calibrates gamma per trait and direction instead (a fixed --gamma still works).
 DEMO_PAIRS = 500
-DEMO_GAMMA = 1.0
 DEMO_DTYPE = "bfloat16"
+DEMO_TARGET_KL = 0.05
+"""Calibration target of the demo (nats/token on the probe text; ``evaluation.calibrate``)."""
+DEMO_EVAL_PAIRS = 32
+"""Preference pairs drawn per trait for the demo's shift (``dpn-lens control`` uses 64)."""
 
 
 def generate_answer(model: Any, question: str, max_new_tokens: int = 40) -> str:
@@ -70,26 +79,83 @@ def _can_write_png() -> bool:
     return False
 
 
+def _find_data(data_dir: str | Path | None) -> Path | None:
+    """The shared data folder with personalitybench/ (argument, $DPN_LENS_DATA or a nearby shared/data), or None."""
+    from dpn_lens.data.contrastive import find_data_dir, resolve_data_dir
+
+    try:
+        return resolve_data_dir(data_dir, "personalitybench").parent if data_dir is not None \
+            else find_data_dir("personalitybench")
+    except FileNotFoundError:
+        return None
+
+
+def preference_check(model: Any, trait: str, edits: Mapping[str, Edit], data_dir: Path, n_pairs: int
+                     ) -> dict[str, Any]:
+    """The demo's evidence for one trait: the preference shift of each edit and the persona prompt's effect.
+
+    Pairs are the model's own answers under held-out PersonalityBench personas (cached per model, as in
+    ``dpn-lens control``); the shift is signed by the direction (positive = moved as asked), with a 95%
+    bootstrap interval over pairs.
+    """
+    from dpn_lens.evaluation.control import ControlConfig, held_out_pairs
+    from dpn_lens.evaluation.intervals import paired_effect
+    from dpn_lens.evaluation.preference import preference_margins
+    from dpn_lens.steering import direction_sign
+
+    held = held_out_pairs(model, trait, ControlConfig(traits=[trait], data_dir=str(data_dir), pairs=n_pairs),
+                          log=lambda message: None)
+    base = preference_margins(model, held.pairs)
+    high = preference_margins(model, held.pairs, persona=held.high_personas)
+    low = preference_margins(model, held.pairs, persona=held.low_personas)
+    result: dict[str, Any] = {"n_pairs": len(held.pairs), "persona": _effect(paired_effect(high / 2, low / 2))}
+    for direction, edit in edits.items():
+        sign = direction_sign(direction)
+        steered = preference_margins(model, held.pairs, edit=edit)
+        result[direction] = _effect(paired_effect(sign * steered, sign * base))
+    return result
+
+
+def _effect(effect: Any) -> dict[str, float]:
+    return {"shift": effect.shift, "ci_low": effect.ci_low, "ci_high": effect.ci_high, "p": effect.p_value}
+
+
+def _effect_line(name: str, effect: Mapping[str, float]) -> str:
+    verdict = "moved as asked" if effect["ci_low"] > 0 else "moved the wrong way" if effect["ci_high"] < 0 \
+        else "not significant"
+    return (f"  {name:<26} {effect['shift']:+.3f} [{effect['ci_low']:+.3f}, {effect['ci_high']:+.3f}]  "
+            f"p={effect['p']:.2g}  {verdict}")
+
+
 def run_demo(model_name: str = "smollm2-135m-instruct", out: str | Path = "runs/demo",
              figures: str | Path | None = None, n_pairs: int | None = None, gamma: float | None = None,
              max_new_tokens: int = 40, traits: Sequence[str] = TRAITS, dtype: str = DEMO_DTYPE,
-             device: str | None = None, overwrite: bool = False) -> dict[str, Any]:
+             device: str | None = None, overwrite: bool = False, target_kl: float = DEMO_TARGET_KL,
+             eval_pairs: int = DEMO_EVAL_PAIRS, data_dir: str | Path | None = None) -> dict[str, Any]:
     """Run the demo; returns the summary that is also written to ``out/summary.json``.
+
+    ``gamma=None`` (default) calibrates gamma per trait and direction to ``target_kl``; a number fixes it.
+    The preference check runs when the PersonalityBench data is found (``data_dir``, ``$DPN_LENS_DATA``
+    or a ``shared/data`` folder near the working directory) and ``eval_pairs`` > 0.
 
     The figures go to ``figures`` (default ``out/figures``), inside the run folder: the repository's
     ``figures/`` changes only through ``dpn-lens study all --run runs/demo --out figures``. ``out`` is a run
     folder (``dpn_lens.run``): one with a run of other settings is refused unless ``overwrite``.
     """
+    from dpn_lens.evaluation.calibrate import KLProbe, calibrate_gamma, probe_chunks
     from dpn_lens.models import load_model
     from dpn_lens.pipeline import LocateConfig, locate_traits, neuron_table
     from dpn_lens.studies.outputs import layers_study
 
     started = time.perf_counter()
     n_pairs = DEMO_PAIRS if n_pairs is None else n_pairs
-    gamma = DEMO_GAMMA if gamma is None else gamma
     out = Path(out)
     figures = out / "figures" if figures is None else Path(figures)
-    print(f"dpn-lens demo: {model_name} ({dtype}), {len(traits)} traits x {n_pairs} embedded pairs, gamma {gamma}")
+    data = _find_data(data_dir) if eval_pairs > 0 else None
+    strength = f"gamma calibrated to KL {target_kl:g}" if gamma is None else f"gamma {gamma:g}"
+    print(f"dpn-lens demo: {model_name} ({dtype}), {len(traits)} traits x {n_pairs} embedded pairs, {strength}")
+    if data is None and eval_pairs > 0:
+        print("note: no PersonalityBench data found (--data-dir or $DPN_LENS_DATA), so the preference check is skipped")
     model = load_model(model_name, dtype=dtype, device=device)
     n_neurons = model.cfg.n_layers * model.cfg.d_mlp
     print(f"loaded in {time.perf_counter() - started:.0f} s: {model.cfg.n_layers} layers x d_mlp {model.cfg.d_mlp} "
@@ -100,17 +166,39 @@ def run_demo(model_name: str = "smollm2-135m-instruct", out: str | Path = "runs/
     table = neuron_table(run.maps)
     print("\nSelected neurons per layer (trait high/low), with the share of neurons edited:\n" + table + "\n")
 
+    probe = KLProbe(model, probe_chunks(model)) if gamma is None else None
     generations: dict[str, list[str]] = {}
+    evidence: dict[str, dict[str, Any]] = {}
     for trait, neuron_map in run.maps.items():
-        print(f"== {trait} ({neuron_map.n_selected()} neurons, gamma {gamma}) ==")
+        print(f"== {trait} ({neuron_map.n_selected()} neurons) ==")
         if neuron_map.n_selected() == 0:
             # steer() refuses an edit that changes nothing; say so instead of showing identical answers.
             generations[trait] = [f"Q: {DEMO_QUESTIONS[trait]}\n  no neurons selected (see the warning of locate): "
                                   "nothing to steer; run the demo with more --n-pairs"]
-        else:
-            edits = {direction: steering_intervention(neuron_map, gamma=gamma, direction=direction)
-                     for direction in ("increase", "decrease")}
-            generations[trait] = compare_generations(model, [DEMO_QUESTIONS[trait]], edits, max_new_tokens)
+            print(generations[trait][0] + "\n")
+            continue
+        gammas: dict[str, float] = {}
+        record: dict[str, Any] = {}
+        for direction in ("increase", "decrease"):
+            if gamma is None:
+                calibration = calibrate_gamma(model, neuron_map, target_kl=target_kl, probe=probe, direction=direction)
+                gammas[direction] = calibration.gamma
+                record[f"{direction}_calibration"] = calibration.describe()
+                print(f"  {direction}: {calibration.describe()}")
+            else:
+                gammas[direction] = gamma
+        edits = {direction: steering_intervention(neuron_map, gamma=value, direction=direction)
+                 for direction, value in gammas.items()}
+        record["gamma"] = gammas
+        if data is not None:
+            check = preference_check(model, trait, edits, data, eval_pairs)
+            record["preference"] = check
+            print(f"  preference shift, nats/token, 95% CI over {check['n_pairs']} held-out pairs:")
+            for direction in ("increase", "decrease"):
+                print(_effect_line(f"{direction} (gamma {gammas[direction]:.3g})", check[direction]))
+            print(_effect_line("persona prompt (high-low)/2", check["persona"]))
+        generations[trait] = compare_generations(model, [DEMO_QUESTIONS[trait]], edits, max_new_tokens)
+        evidence[trait] = record
         print("\n".join(generations[trait]) + "\n")
 
     summary = run.summary_dict()
@@ -118,16 +206,27 @@ def run_demo(model_name: str = "smollm2-135m-instruct", out: str | Path = "runs/
     png = _can_write_png()
     layers_study(run, figures, png=png, log=None)
     written = sorted(figures.glob("layers_*.html")) + (sorted(figures.glob("layers_*.png")) if png else [])
-    summary.update({"gamma": gamma, "n_pairs": n_pairs, "dtype": dtype, "seconds_locate": round(located - started, 1),
+    summary.update({"gamma": gamma if gamma is not None else "calibrated", "target_kl": target_kl, "n_pairs": n_pairs,
+                    "dtype": dtype, "seconds_locate": round(located - started, 1),
                     "seconds_total": round(time.perf_counter() - started, 1),
-                    "figures": [str(path) for path in written], "generations": generations})
+                    "figures": [str(path) for path in written], "generations": generations, "evidence": evidence})
     write_json_atomic(out / SUMMARY_FILE, summary)
     lines = [f"# dpn-lens demo: {model_name}", "",
-             f"{len(traits)} traits x {n_pairs} embedded contrastive pairs; gamma {gamma}; "
+             f"{len(traits)} traits x {n_pairs} embedded contrastive pairs; {strength}; "
              f"{summary['seconds_total']:.0f} s in all.", "", "## Neurons per layer", "", table, "",
              "## Settings", ""]
     lines += [f"- {t}: layers {s['layers']}, q {s['q']}, tau_d {s['tau_d']} ({s['settings_source']}: "
               f"{s['settings_reason']})" for t, s in summary["traits"].items()]
+    lines += ["", "## Does the edit steer? (preference shift, nats/token, 95% CI; positive = moved as asked)", ""]
+    if not any("preference" in record for record in evidence.values()):
+        lines += ["Not measured: no PersonalityBench data was found (pass --data-dir).", ""]
+    for trait, record in evidence.items():
+        if "preference" in record:
+            check = record["preference"]
+            lines += [f"- **{trait}** ({check['n_pairs']} pairs):"] + [
+                "  " + _effect_line(name, check[key]).strip() for name, key in
+                ((f"increase, gamma {record['gamma']['increase']:.3g}", "increase"),
+                 (f"decrease, gamma {record['gamma']['decrease']:.3g}", "decrease"), ("persona prompt", "persona"))]
     lines += ["", "## Unsteered vs steered answers (greedy)", ""]
     for trait, blocks in generations.items():
         lines += [f"### {trait}", "", "```", *blocks, "```", ""]

@@ -179,3 +179,33 @@ def test_control_command_line(tiny_folder, tmp_path, monkeypatch, capsys):
     assert status == 2 and "no data folder given" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         build_parser().parse_args(["control", "--out", str(tmp_path), "--gammas"])
+
+
+def test_demo_preference_check_reports_each_direction_and_the_persona(tiny_model, tmp_path, monkeypatch):
+    from dpn_lens.demo import _effect_line, preference_check
+
+    monkeypatch.setenv("DPN_LENS_CACHE", str(tmp_path / "cache"))
+    data = write_personalitybench(tmp_path / "data")
+    neuron_map = tiny_map(tiny_model)
+    edits = {d: steering_intervention(neuron_map, 2.0, d) for d in ("increase", "decrease")}
+    check = preference_check(tiny_model, "extraversion", edits, data, n_pairs=8)
+    assert set(check) == {"n_pairs", "persona", "increase", "decrease"} and check["n_pairs"] >= 4
+    for key in ("persona", "increase", "decrease"):
+        effect = check[key]
+        assert effect["ci_low"] <= effect["shift"] <= effect["ci_high"] and 0 <= effect["p"] <= 1
+    assert "not significant" in _effect_line("x", {"shift": 0.1, "ci_low": -0.1, "ci_high": 0.3, "p": 0.4})
+    assert "wrong way" in _effect_line("x", {"shift": -0.2, "ci_low": -0.3, "ci_high": -0.1, "p": 0.01})
+
+
+def test_steer_command_calibrates_gamma_by_default(tiny_folder, tmp_path, capsys):
+    from dpn_lens.cli import main
+    from dpn_lens.models import load_model
+
+    model = load_model(str(tiny_folder))
+    path = tmp_path / "map.safetensors"
+    tiny_map(model).save(path)
+    status = main(["steer", "--model", str(tiny_folder), "--map", str(path), "--prompt", "what would you do ?",
+                   "--max-new-tokens", "2", "--target-kl", "0.001"])
+    out = capsys.readouterr().out
+    assert status == 0 and "increase: gamma" in out and "decrease: gamma" in out and "KL 0.001" in out
+    assert main(["steer", "--model", str(tiny_folder), "--map", str(path), "--prompt", "p", "--target-kl", "-1"]) == 2
