@@ -209,3 +209,29 @@ def test_steer_command_calibrates_gamma_by_default(tiny_folder, tmp_path, capsys
     out = capsys.readouterr().out
     assert status == 0 and "increase: gamma" in out and "decrease: gamma" in out and "KL 0.001" in out
     assert main(["steer", "--model", str(tiny_folder), "--map", str(path), "--prompt", "p", "--target-kl", "-1"]) == 2
+
+
+def test_answer_mean_activations_equal_a_hand_computed_mean(tiny_model):
+    from dpn_lens.answer_statistics import answer_mean_activations
+    from dpn_lens.hooked import encode
+
+    prompts = [encode(tiny_model, text) for text in ("you are outgoing . what would you do ?", "how would you feel ?",
+                                                      "a friend invites you to a party")]
+    answers = [encode(tiny_model, text, add_bos=False) for text in ("i would go to the party", "calm", "no")]
+    batched = answer_mean_activations(tiny_model, prompts, answers, [0, 2], batch_tokens=64)
+    for index, (prompt, answer) in enumerate(zip(prompts, answers)):
+        _, cache = tiny_model.run_with_cache(torch.tensor([prompt + answer]))
+        for slot, layer in enumerate([0, 2]):
+            expected = cache[f"blocks.{layer}.mlp.hook_post"][0, len(prompt):].double().mean(0)
+            torch.testing.assert_close(batched[index, slot], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_answer_statistics_locate_like_prompt_statistics(tiny_model, tiny_pairs):
+    from dpn_lens.answer_statistics import answer_contrast_statistics
+
+    stats = answer_contrast_statistics(tiny_model, tiny_pairs, max_new_tokens=4, batch_size=4)
+    assert stats.token_position == "answer" and stats.high.count == len(tiny_pairs.high)
+    assert stats.layers == list(range(int(tiny_model.cfg.n_layers)))
+    assert torch.isfinite(stats.high.mean).all() and torch.isfinite(stats.low.mean).all()
+    with pytest.raises(ValueError, match="statistics must be"):
+        ControlConfig(statistics="first")

@@ -74,6 +74,7 @@ class ControlConfig:
     data_dir: str | None = None
     maps_dir: str | None = None
     locate_pairs: int = 500
+    statistics: str = "last"
     pairs: int = 64
     max_new_tokens: int = 48
     gammas: list[float] = field(default_factory=lambda: list(GAMMA_GRID))
@@ -93,6 +94,9 @@ class ControlConfig:
         unknown = [m for m in self.methods if m not in METHODS_BY_NAME or not METHODS_BY_NAME[m].sweepable]
         if unknown:
             raise ValueError(f"unknown or unsweepable methods {unknown}; choose from {', '.join(SWEEP_METHODS)}")
+        if self.statistics not in ("last", "answer"):
+            raise ValueError(f"statistics must be 'last' (the paper: last prompt token) or 'answer' (mean over the "
+                             f"model's own answer tokens), got {self.statistics!r}")
         if self.pairs < 4:
             raise ValueError(f"pairs must be at least 4 (an interval needs items), got {self.pairs}")
         if not self.gammas or min(self.gammas) <= 0:
@@ -257,10 +261,15 @@ def _neuron_map(model: Any, trait: str, config: ControlConfig, log: Callable[[st
     from dpn_lens.data.contrastive import embedded_contrastive_set
     from dpn_lens.localize import locate
 
-    log(f"{trait}: locating from {config.locate_pairs} embedded pairs")
+    log(f"{trait}: locating from {config.locate_pairs} embedded pairs ({config.statistics} token statistics)")
     pairs = embedded_contrastive_set(trait, n_pairs=config.locate_pairs, seed=42)
-    return locate(collect_statistics(model, pairs, CollectionConfig(progress=False)),
-                  model_name=getattr(model, "dpn_model_name", None))
+    if config.statistics == "answer":
+        from dpn_lens.answer_statistics import answer_contrast_statistics
+
+        stats = answer_contrast_statistics(model, pairs)
+    else:
+        stats = collect_statistics(model, pairs, CollectionConfig(progress=False))
+    return locate(stats, model_name=getattr(model, "dpn_model_name", None))
 
 
 class _Progress:
@@ -349,7 +358,9 @@ def run_control(model: Any, config: ControlConfig, log: Callable[[str], None] = 
                 if METHODS_BY_NAME[name].prepare is not None:
                     context.state[name] = METHODS_BY_NAME[name].prepare(model, trait, config)  # type: ignore[arg-type]
             zero = preference_margins(model, pairs, edit=0.0 * steering_intervention(neuron_map, 1.0, "increase"))
-            gamma_zero.append({"trait": trait, **_effect_fields(zero, base, 1, persona_items)})
+            # KL of a negligible edit (gamma 0.001): what rounding alone costs in this dtype (bf16: ~0.002).
+            floor, _ = probe(steering_intervention(neuron_map, 1e-3, "increase"))
+            gamma_zero.append({"trait": trait, **_effect_fields(zero, base, 1, persona_items), "kl_floor": floor})
             bar.step(1)
             for direction in DIRECTIONS:
                 sign = direction_sign(direction)

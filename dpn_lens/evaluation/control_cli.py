@@ -30,6 +30,9 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--maps", default=None, help="run folder (or its maps/) with the DPN-LE maps (None: located "
                                                      "on the fly from --locate-pairs embedded pairs)")
     parser.add_argument("--locate-pairs", type=int, default=500, help="embedded pairs per trait when locating on the fly")
+    parser.add_argument("--statistics", default="last", choices=["last", "answer"],
+                        help="where on-the-fly localization reads the neurons: the last prompt token (the paper) or "
+                             "the mean over the model's own answer tokens (where a decode-time edit acts)")
     parser.add_argument("--methods", default=None, help=f"comma list of methods to sweep (None: {','.join(SWEEP_METHODS)})")
     parser.add_argument("--pairs", type=int, default=None, help="preference pairs drawn per trait (None: 64, --quick 24)")
     parser.add_argument("--gammas", default=None,
@@ -60,7 +63,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
     from dpn_lens.pipeline import parse_traits
 
     settings: dict[str, Any] = dict(traits=parse_traits(args.traits), data_dir=args.data_dir, maps_dir=args.maps,
-                                    locate_pairs=args.locate_pairs, target_kl=args.target_kl,
+                                    locate_pairs=args.locate_pairs, statistics=args.statistics, target_kl=args.target_kl,
                                     random_control=not args.no_random_control, cache_pairs=not args.no_cache)
     if args.methods:
         settings["methods"] = [m.strip() for m in args.methods.split(",") if m.strip()]

@@ -175,7 +175,8 @@ def write_control_outputs(result: dict[str, Any], out: str | Path, png: bool = T
              _calibrated_table(result["calibrated"]), ""]
     if zero:
         lines += ["Gamma 0 (the DPN-LE edit scaled to 0 through the same hooks): "
-                  + ", ".join(f"{r['trait']} {r['shift']:+.2g}" for r in zero), ""]
+                  + ", ".join(f"{r['trait']} {r['shift']:+.2g}" for r in zero) + ". KL noise floor (gamma 0.001, "
+                  "rounding alone): " + ", ".join(f"{r['trait']} {r['kl_floor']:.4f}" for r in zero if "kl_floor" in r), ""]
     summary, detail = _matched_tables(result)
     lines += ["## Matched cost: shift at a given KL", "",
               "Each method's shift measured at the gamma where its KL curve reaches the level (n/a: never reached on "
