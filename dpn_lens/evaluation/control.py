@@ -78,7 +78,7 @@ class ControlConfig:
     pairs: int = 64
     max_new_tokens: int = 48
     gammas: list[float] = field(default_factory=lambda: list(GAMMA_GRID))
-    kl_levels: list[float] = field(default_factory=lambda: [0.01, 0.05, 0.1, 0.5])
+    kl_levels: list[float] = field(default_factory=lambda: [0.01, 0.05, 0.1])
     target_kl: float = DEFAULT_TARGET_KL
     kl_chunks: int = 4
     kl_tokens: int = 128

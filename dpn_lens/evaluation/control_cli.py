@@ -38,7 +38,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--gammas", default=None,
                         help=f"comma list of strengths for the KL curves (None: {','.join(f'{g:g}' for g in GAMMA_GRID)})")
     parser.add_argument("--kl-levels", default=None, help="comma list of KL levels (nats/token) where every method's "
-                                                          "shift is measured (None: 0.01,0.05,0.1,0.5; --quick 0.05,0.5)")
+                                                          "shift is measured (None: 0.01,0.05,0.1; --quick 0.05,0.5)")
     parser.add_argument("--target-kl", type=float, default=DEFAULT_TARGET_KL, help="KL at which DPN-LE is calibrated")
     parser.add_argument("--no-random-control", action="store_true", help="skip the random-neuron curves")
     parser.add_argument("--no-cache", action="store_true", help="generate the preference pairs again (no cache)")
