@@ -235,3 +235,27 @@ def test_answer_statistics_locate_like_prompt_statistics(tiny_model, tiny_pairs)
     assert torch.isfinite(stats.high.mean).all() and torch.isfinite(stats.low.mean).all()
     with pytest.raises(ValueError, match="statistics must be"):
         ControlConfig(statistics="first")
+
+
+def test_control_command_runs_end_to_end_on_a_tiny_model(tiny_folder, tmp_path, monkeypatch, capsys):
+    from dpn_lens.cli import main
+    from dpn_lens.models import load_model
+
+    monkeypatch.setenv("DPN_LENS_CACHE", str(tmp_path / "cache"))
+    data = write_personalitybench(tmp_path / "data")
+    maps = tmp_path / "maps"
+    maps.mkdir()
+    tiny_map(load_model(str(tiny_folder)), "openness").save(maps / "openness.safetensors")
+    out = tmp_path / "out"
+    status = main(["control", "--model", str(tiny_folder), "--dtype", "float32", "--traits", "openness",
+                   "--data-dir", str(data), "--maps", str(maps), "--methods", "dpn-le", "--pairs", "8",
+                   "--gammas", "0.125,0.25,0.5,1,2,4", "--kl-levels", "0.005", "--target-kl", "0.005", "--no-png",
+                   "--no-progress", "--out", str(out)])
+    assert status == 0, capsys.readouterr().err
+    report = (out / "control.md").read_text()
+    for heading in ("Positive control", "calibrated gamma", "Matched cost", "Dose-response points"):
+        assert heading in report
+    result = json.loads((out / "control.json").read_text())
+    assert result["validation"][0]["trait"] == "openness" and result["calibrated"][0]["reached_target"]
+    assert {p.name for p in out.iterdir()} >= {"control.json", "curves.csv", "costs.csv", "tradeoff_kl.html",
+                                               "cost_by_gamma.html"}
