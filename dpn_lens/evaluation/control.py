@@ -75,6 +75,9 @@ class ControlConfig:
     maps_dir: str | None = None
     locate_pairs: int = 500
     statistics: str = "last"
+    locate_q: float | None = None
+    locate_tau_d: float | None = None
+    locate_layers: list[int] | None = None
     pairs: int = 64
     max_new_tokens: int = 48
     gammas: list[float] = field(default_factory=lambda: list(GAMMA_GRID))
@@ -269,7 +272,8 @@ def _neuron_map(model: Any, trait: str, config: ControlConfig, log: Callable[[st
         stats = answer_contrast_statistics(model, pairs)
     else:
         stats = collect_statistics(model, pairs, CollectionConfig(progress=False))
-    return locate(stats, model_name=getattr(model, "dpn_model_name", None))
+    return locate(stats, model_name=getattr(model, "dpn_model_name", None), q=config.locate_q,
+                  tau_d=config.locate_tau_d, layers=config.locate_layers)
 
 
 class _Progress:

@@ -33,6 +33,11 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--statistics", default="last", choices=["last", "answer"],
                         help="where on-the-fly localization reads the neurons: the last prompt token (the paper) or "
                              "the mean over the model's own answer tokens (where a decode-time edit acts)")
+    parser.add_argument("--q", type=float, default=None, help="|s| quantile when locating on the fly (None: 0.995)")
+    parser.add_argument("--tau-d", type=float, default=None, help="Cohen's d threshold when locating on the fly "
+                                                                   "(None: proposed from the data)")
+    parser.add_argument("--layers", default=None, help="layer range when locating on the fly, e.g. 10-29 "
+                                                       "(None: proposed from the data)")
     parser.add_argument("--methods", default=None, help=f"comma list of methods to sweep (None: {','.join(SWEEP_METHODS)})")
     parser.add_argument("--pairs", type=int, default=None, help="preference pairs drawn per trait (None: 64, --quick 24)")
     parser.add_argument("--gammas", default=None,
@@ -65,6 +70,10 @@ def config_from_args(args: argparse.Namespace) -> Any:
     settings: dict[str, Any] = dict(traits=parse_traits(args.traits), data_dir=args.data_dir, maps_dir=args.maps,
                                     locate_pairs=args.locate_pairs, statistics=args.statistics, target_kl=args.target_kl,
                                     random_control=not args.no_random_control, cache_pairs=not args.no_cache)
+    from dpn_lens.pipeline import parse_layers
+
+    settings.update(locate_q=args.q, locate_tau_d=args.tau_d,
+                    locate_layers=parse_layers(args.layers) if args.layers else None)
     if args.methods:
         settings["methods"] = [m.strip() for m in args.methods.split(",") if m.strip()]
     if args.pairs is not None:
