@@ -275,3 +275,22 @@ def test_comparison_reports_unparsable_judge_replies(letter_model, shared_data, 
                for j in result["judged"])
     write_outputs(result, tmp_path, make_png=False)
     assert "6 of 6 replies were not a rating" in (tmp_path / "comparison.md").read_text()
+
+
+def test_compare_judge_timeout_and_retries_reach_the_judge_config(monkeypatch, capsys, tmp_path):
+    import dpn_lens.evaluation.compare as compare_module
+    from dpn_lens.cli import main
+
+    seen = {}
+
+    def stop(model, config, log=print):
+        seen["judge"] = config.judge
+        raise KeyboardInterrupt  # stop before any evaluation: only the configuration is checked here
+
+    monkeypatch.setattr(compare_module, "run_comparison", stop)
+    monkeypatch.setattr("dpn_lens.models.load_model", lambda *a, **k: object())
+    argv = ["compare", "--out", str(tmp_path), "--judge-url", "http://localhost:9/v1", "--quick"]
+    assert main(argv + ["--judge-timeout", "5", "--judge-retries", "1"]) == 130
+    assert seen["judge"].timeout == 5.0 and seen["judge"].retries == 1
+    assert main(argv + ["--judge-timeout", "0"]) == 2
+    assert "--judge-timeout must be > 0" in capsys.readouterr().err

@@ -79,6 +79,9 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--judge-model", default="gpt-4o", help="model name the judge endpoint serves")
     parser.add_argument("--judge-questions", type=int, default=10, help="PersonalityBench test questions per trait")
     parser.add_argument("--judge-tokens", type=int, default=400, help="new tokens per generated answer (paper: 400)")
+    parser.add_argument("--judge-timeout", type=float, default=60.0, help="seconds before one judge request times out")
+    parser.add_argument("--judge-retries", type=int, default=3,
+                        help="times a failed judge request (connection error, timeout, 429, 5xx) is sent again")
     parser.add_argument("--no-png", action="store_true", help="write HTML figures only")
     add_out_option(parser, "output folder", required=True)
     parser.set_defaults(handler=run_compare)
@@ -120,7 +123,11 @@ def run_compare(args: argparse.Namespace) -> int:
     if url is None:
         print("judge: no endpoint configured (--judge-url or $DPN_LENS_JUDGE_URL); the judge evaluation is skipped")
     else:
-        judge = JudgeConfig(url, args.judge_model, args.judge_questions, args.judge_tokens)
+        if args.judge_timeout <= 0 or args.judge_retries < 0:
+            raise ValueError(f"--judge-timeout must be > 0 and --judge-retries >= 0, got {args.judge_timeout} and "
+                             f"{args.judge_retries}")
+        judge = JudgeConfig(url, args.judge_model, args.judge_questions, args.judge_tokens,
+                            timeout=args.judge_timeout, retries=args.judge_retries)
         print(f"judge: {args.judge_model} at {url} rates {args.judge_questions} generated answers per trait and condition")
     config = compare_config(args, judge)
     if args.maps:
