@@ -17,6 +17,9 @@ Sections (all on the embedded SmolLM2-135M-Instruct unless said otherwise):
   role-play prompts, bf16 by default), shared-prefix collection vs the plain path
   (``CollectionConfig(share_prefix=False)``), side by side: time ratio, tokens run vs tokens in
   the prompts, and how far the two agree (statistics and selected neurons).
+* ``evaluation`` -- ``evaluation.judge.generate_answers`` (greedy, repetition penalty 1.15, the judge's
+  generation) one question at a time (``batch_size=1``) vs in left-padded batches: answered
+  questions/s of each, their ratio, and whether the answers are identical.
 
 CPU timings are noisy when the machine is shared, so every section interleaves its variants
 (rotating their order), repeats them, and reports medians of per-repeat ratios. Wall-clock and
@@ -59,6 +62,7 @@ from dpn_lens import (TRAITS, Intervention, collect_statistics, embedded_contras
                       locate, steer)
 from dpn_lens.collect import CollectionConfig, collect_group_statistics  # noqa: E402
 from dpn_lens.data.prompts import render_for_model  # noqa: E402
+from dpn_lens.evaluation.judge import generate_answers  # noqa: E402
 from dpn_lens.hooked import hook_name, pad_token_id, pad_token_lists, tokenize_compact  # noqa: E402
 from dpn_lens.prefix import plan_prefix_tree, tokens_run  # noqa: E402
 
@@ -461,6 +465,41 @@ def bench_prefix(spec: str, dtype: str, n_traits: int, n_pairs: int, batch_size:
 
 
 # ----------------------------------------------------------------------------------------------
+# evaluation
+
+
+def bench_evaluation(spec: str, dtype: str, n_questions: int, new_tokens: int, batch_size: int, repeats: int,
+                     repetition_penalty: float = 1.15) -> dict[str, Any]:
+    """``generate_answers`` one question at a time vs batched, on the embedded questions, interleaved."""
+    model = load(spec, dtype)
+    drawn = embedded_contrastive_set("openness", n_pairs=4 * n_questions).pairs
+    questions = list(dict.fromkeys(pair.question for pair in drawn))[:n_questions]
+
+    def answers(size: int) -> Callable[[], list[str]]:
+        return lambda: generate_answers(model, questions, max_new_tokens=new_tokens,
+                                        repetition_penalty=repetition_penalty, batch_size=size)
+
+    variants = {"one_at_a_time": answers(1), "batched": answers(batch_size)}
+    # Correctness guard (and warm-up): both once, compared.
+    outputs = {name: run() for name, run in variants.items()}
+    times = interleaved(variants, repeats, warmup=False)
+    result: dict[str, Any] = {
+        "model": spec, "dtype": dtype, "questions": len(questions), "max_new_tokens": new_tokens,
+        "batch_size": batch_size, "repetition_penalty": repetition_penalty, "repeats": repeats,
+        "threads": torch.get_num_threads(),
+        "answers_identical": outputs["batched"] == outputs["one_at_a_time"],
+        "answered_tokens": sum(len(model.tokenizer(a, add_special_tokens=False)["input_ids"])
+                               for a in outputs["batched"]),
+    }
+    for clock in ("wall", "cpu"):
+        result[f"questions_per_s_{clock}"] = {name: len(questions) / median(t[clock]) for name, t in times.items()}
+        result[f"speedup_{clock}"] = 1 / ratio(times, "batched", "one_at_a_time", clock)
+    del model
+    gc.collect()
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
 # the command line: one runner per section, each prints its line and returns its numbers
 
 
@@ -547,9 +586,21 @@ def run_prefix(args: argparse.Namespace) -> dict[str, Any]:
     return r
 
 
+def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:
+    r = bench_evaluation(args.model, args.eval_dtype, args.eval_questions, args.eval_tokens, args.eval_batch_size,
+                         args.repeats)
+    w, c = r["questions_per_s_wall"], r["questions_per_s_cpu"]
+    print(f"[evaluation {r['dtype']}] generate_answers, {r['questions']} questions x <= {r['max_new_tokens']} new "
+          f"tokens (repetition penalty {r['repetition_penalty']:g}), {r['threads']} thread(s): one at a time "
+          f"{w['one_at_a_time']:.2f} q/s, batched ({r['batch_size']}) {w['batched']:.2f} q/s | batched/one-at-a-time "
+          f"speed wall {r['speedup_wall']:.2f} cpu {r['speedup_cpu']:.2f} (cpu q/s {c['one_at_a_time']:.2f} vs "
+          f"{c['batched']:.2f}) | answers identical: {r['answers_identical']}", flush=True)
+    return r
+
+
 SECTIONS: dict[str, Callable[[argparse.Namespace], Any]] = {
     "collect": run_collect, "memory": run_memory, "steering": run_steering, "locate": run_locate,
-    "prefix": run_prefix}
+    "prefix": run_prefix, "evaluation": run_evaluation}
 """Section name -> runner, in the order they run."""
 
 
@@ -580,6 +631,10 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--prefix-pairs", type=int, default=100, help="pairs per trait of the prefix section")
     parser.add_argument("--prefix-dtype", default="bfloat16", help="model dtype of the prefix section (the demo's)")
     parser.add_argument("--prefix-batch-size", type=int, default=16)
+    parser.add_argument("--eval-questions", type=int, default=16, help="questions of the evaluation section")
+    parser.add_argument("--eval-tokens", type=int, default=32, help="max new tokens per answer (evaluation section)")
+    parser.add_argument("--eval-batch-size", type=int, default=8, help="batch size of the batched evaluation variant")
+    parser.add_argument("--eval-dtype", default="float32", help="model dtype of the evaluation section")
     parser.add_argument("--json", help="also write all results to this JSON file")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     return parser

@@ -18,7 +18,7 @@ from typing import Any, Mapping, Sequence
 from dpn_lens.evaluation.judge import generate_answers
 from dpn_lens.io import write_json_atomic, write_text_atomic
 from dpn_lens.run import SUMMARY_FILE, SUMMARY_MD_FILE
-from dpn_lens.steering import Edit, steer, steering_intervention
+from dpn_lens.steering import Edit, steering_intervention
 from dpn_lens.traits import TRAITS
 
 __all__ = ["run_demo", "generate_answer", "compare_generations", "DEMO_QUESTIONS"]
@@ -59,15 +59,18 @@ def generate_answer(model: Any, question: str, max_new_tokens: int = 40) -> str:
 
 def compare_generations(model: Any, questions: Sequence[str], edits: Mapping[str, Edit],
                         max_new_tokens: int = 40) -> list[str]:
-    """For each question: the unsteered answer, then one answer per named intervention."""
-    blocks = []
+    """For each question: the unsteered answer, then one answer per named intervention.
+
+    Each condition answers all the questions in one batched call (the answers of ``generate_answer``).
+    """
     for question in questions:
-        lines = [f"Q: {question}", f"  unsteered: {generate_answer(model, question, max_new_tokens)}"]
-        for name, edit in edits.items():
-            with steer(model, edit):
-                lines.append(f"  {name:>9}: {generate_answer(model, question, max_new_tokens)}")
-        blocks.append("\n".join(lines))
-    return blocks
+        if not str(question).strip():
+            raise ValueError("a question is empty or whitespace; pass the text of a question")
+    answers = {"unsteered": generate_answers(model, questions, max_new_tokens=max_new_tokens, repetition_penalty=1.0)}
+    for name, edit in edits.items():
+        answers[name] = generate_answers(model, questions, edit, max_new_tokens=max_new_tokens, repetition_penalty=1.0)
+    return ["\n".join([f"Q: {question}"] + [f"  {name:>9}: {texts[index]}" for name, texts in answers.items()])
+            for index, question in enumerate(questions)]
 
 
 def _can_write_png() -> bool:

@@ -23,7 +23,8 @@ TINY_ARGS = ["--model", "tiny", "--repeats", "1", "--threads", "1",
              "--steer-prompts", "1", "--steer-tokens", "2", "--steer-neurons", "3",
              "--locate-plan", "float32:2", "--locate-threads", "1", "--locate-batch-size", "4",
              "--locate-target-pairs", "10",
-             "--prefix-traits", "1", "--prefix-pairs", "6", "--prefix-dtype", "float32", "--prefix-batch-size", "4"]
+             "--prefix-traits", "1", "--prefix-pairs", "6", "--prefix-dtype", "float32", "--prefix-batch-size", "4",
+             "--eval-questions", "5", "--eval-tokens", "4", "--eval-batch-size", "3"]
 
 
 @pytest.fixture(scope="module")
@@ -49,11 +50,11 @@ def test_every_section_runs_on_the_tiny_model(bench, tmp_path, capsys):
     out = tmp_path / "perf.json"
     results = bench.main(["--sections", ",".join(bench.SECTIONS), *TINY_ARGS, "--json", str(out)])
 
-    assert set(bench.SECTIONS) == {"collect", "memory", "steering", "locate", "prefix"}
+    assert set(bench.SECTIONS) == {"collect", "memory", "steering", "locate", "prefix", "evaluation"}
     assert json.loads(out.read_text()) == json.loads(json.dumps(results))
     printed = capsys.readouterr().out
     for tag in ("[collect float32]", "[collect bfloat16]", "[memory bfloat16]", "[steering]", "[locate float32]",
-                "[prefix float32]"):
+                "[prefix float32]", "[evaluation float32]"):
         assert tag in printed
 
     collect = {row["dtype"]: row for row in results["collect"]}
@@ -82,6 +83,12 @@ def test_every_section_runs_on_the_tiny_model(bench, tmp_path, capsys):
     assert prefix["prompts"] == 2 * 6 and prefix["tokens_run_shared"] < prefix["tokens_in_prompts"]
     assert prefix["max_mean_error_over_max_mean"] < 1e-5 and prefix["same_neurons"]
     assert math.isfinite(prefix["ratio_wall"]) and prefix["ratio_cpu"] > 0
+
+    # Batched judge answers are the one-at-a-time answers; both variants are timed.
+    evaluation = results["evaluation"]
+    assert evaluation["questions"] == 5 and evaluation["batch_size"] == 3 and evaluation["answers_identical"]
+    assert set(evaluation["questions_per_s_wall"]) == {"one_at_a_time", "batched"}
+    assert math.isfinite(evaluation["speedup_wall"]) and evaluation["speedup_cpu"] > 0
 
 
 def test_sections_are_selectable_and_unknown_ones_are_refused(bench, capsys):

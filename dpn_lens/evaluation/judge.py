@@ -37,12 +37,12 @@ from typing import Any, Sequence
 
 import httpx
 import numpy as np
-import torch
 
 from dpn_lens.baselines.prompting import PersonaPrompt
 from dpn_lens.data.contrastive import load_question_jsonl, resolve_data_dir
 from dpn_lens.evaluation.logprobs import render
-from dpn_lens.hooked import HookedModel, encode, input_device
+from dpn_lens.generation import greedy_generate
+from dpn_lens.hooked import HookedModel, encode
 from dpn_lens.steering import Edit, steer
 from dpn_lens.traits import normalize_trait
 
@@ -135,23 +135,26 @@ def load_test_questions(data_dir: str | Path | None, trait: str, n: int | None =
 
 
 def generate_answers(model: HookedModel, questions: Sequence[str], edit: Edit | None = None,
-                     persona: PersonaPrompt | None = None,
-                     max_new_tokens: int = 400, repetition_penalty: float = 1.15) -> list[str]:
+                     persona: PersonaPrompt | None = None, max_new_tokens: int = 400,
+                     repetition_penalty: float = 1.15, batch_size: int = 8) -> list[str]:
     """Greedy answers to ``questions`` through the chat template, with ``edit`` applied as its method defines.
 
-    ``persona`` (a ``PersonaPrompt``) wraps each question in its role-play template instead. One question
-    at a time, so no padding enters the prompt: unbatched greedy decoding is what the test of bridge
-    against Hugging Face generation checks.
+    ``persona`` (a ``PersonaPrompt``) wraps each question in its role-play template instead. Questions
+    are answered ``batch_size`` at a time (``dpn_lens.generation.greedy_generate``: left-padded
+    KV-cached batches, longest first), with the answers of one question at a time
+    (``batch_size=1``): each row is padded with its own first token, so the repetition penalty sees
+    exactly the ids it sees for the question alone. A decode-only edit acts at the decode steps of
+    every batch and never on its prompt pass.
+
+    Example:
+        >>> generate_answers(model, ["Plans for Saturday?"], edit=intervention, max_new_tokens=40)  # doctest: +SKIP
+        ['I would love to go to a party with friends!']
     """
-    answers = []
+    prompts = [encode(model, render(model, persona.wrap(question) if persona is not None else question))
+               for question in questions]
     with steer(model, edit):
-        for question in questions:
-            text = persona.wrap(question) if persona is not None else question
-            ids = torch.tensor([encode(model, render(model, text))], device=input_device(model))
-            output = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, verbose=False,
-                                    repetition_penalty=repetition_penalty)
-            answers.append(model.tokenizer.decode(output[0, ids.shape[1]:], skip_special_tokens=True).strip())
-    return answers
+        answers = greedy_generate(model, prompts, max_new_tokens, batch_size, repetition_penalty)
+    return [model.tokenizer.decode(answer, skip_special_tokens=True).strip() for answer in answers]
 
 
 def judge_prompt(trait: str, question: str, answer: str) -> str:

@@ -32,7 +32,8 @@ import torch
 from jaxtyping import Bool
 from torch import Tensor
 
-from dpn_lens.hooked import encode, input_device, pad_token_id, pad_token_lists
+from dpn_lens.generation import greedy_generate
+from dpn_lens.hooked import encode
 from dpn_lens.data.prompts import render_for_model, render_roleplay_prompt
 from dpn_lens.evaluation.logprobs import continuation_logprobs, scoring_edit
 from dpn_lens.io import read_jsonl
@@ -139,49 +140,14 @@ def strip_template_echo(answer: str) -> str:
     return _ECHO.sub("", answer, count=1).strip()
 
 
-def _eos_ids(model: Any) -> set[int]:
-    """The tokenizer's EOS and, when the wrapped model names more (Gemma's ``<end_of_turn>``), those too."""
-    ids: set[int] = set()
-    config = getattr(getattr(model, "original_model", None), "generation_config", None)
-    for eos in (getattr(model.tokenizer, "eos_token_id", None), getattr(config, "eos_token_id", None)):
-        if isinstance(eos, int):
-            ids.add(eos)
-        elif isinstance(eos, (list, tuple)):
-            ids.update(int(token) for token in eos)
-    return ids
-
-
-def _greedy_batch(model: Any, token_lists: Sequence[list[int]], max_new_tokens: int) -> list[list[int]]:
-    """Greedy new tokens of each prompt, one left-padded KV-cached batch, cut before the first EOS.
-
-    Left padding puts every prompt's last token at the same (final) position, so one decode step
-    serves the whole batch; the attention mask keeps the pads out of attention and out of the
-    position ids, so every row decodes as it would alone (checked in the tests).
-    """
-    ids, mask = pad_token_lists(token_lists, pad_token_id(model.tokenizer), "left")
-    device = input_device(model)
-    with torch.inference_mode():
-        output = model.generate(ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                                do_sample=False, use_past_kv_cache=True, stop_at_eos=True, verbose=False,
-                                return_type="tokens")
-    eos = _eos_ids(model)
-    answers = []
-    for row in output[:, ids.shape[1]:].tolist():
-        stop = next((index for index, token in enumerate(row) if token in eos), len(row))
-        answers.append(row[:stop])
-    return answers
-
-
 def greedy_answers(model: Any, token_lists: Sequence[list[int]], max_new_tokens: int = 48, batch_size: int = 8
                    ) -> list[list[int]]:
-    """Greedy answer tokens (EOS and after removed) for each prompt, batched longest-first."""
-    order = sorted(range(len(token_lists)), key=lambda i: -len(token_lists[i]))
-    answers: list[list[int] | None] = [None] * len(token_lists)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
-        for index, answer in zip(chunk, _greedy_batch(model, [token_lists[i] for i in chunk], max_new_tokens)):
-            answers[index] = answer
-    return answers  # type: ignore[return-value]
+    """Greedy answer tokens (EOS and after removed) for each prompt, batched longest-first.
+
+    ``dpn_lens.generation.greedy_generate`` without a repetition penalty: each answer is the one the
+    prompt gets alone (left padding and the attention mask; see that module).
+    """
+    return greedy_generate(model, token_lists, max_new_tokens, batch_size)
 
 
 def generate_persona_pairs(model: Any, trait: str, questions: Sequence[str], high_descriptions: Sequence[str],

@@ -1,0 +1,138 @@
+"""Greedy KV-cached generation in left-padded batches, with the answers of one prompt at a time.
+
+Every greedy generation through the bridge goes through ``greedy_generate``: the persona answers of
+``evaluation.preference``, the answer statistics, the judge's answers (``evaluation.judge``) and the
+demo. Prompts are sorted longest first and cut into batches; each batch is left-padded, so every
+prompt's last token sits at the final position and one decode step serves the whole batch, and the
+attention mask keeps the pads out of attention and out of the position ids.
+
+Two details keep every row's answer the one it gets alone (``tests/test_generation.py``):
+
+* The repetition penalty of the bridge's ``generate`` penalises every id in a row, pads included.
+  A pad id the prompt lacks (or one equal to EOS, as on SmolLM2, where ``<|im_end|>`` pads) would be
+  penalised in a padded row and not in the same prompt alone. So a row is padded with its own first
+  token: its set of ids, which is all the penalty reads, is the prompt's own. The pads are masked,
+  so which id they hold changes nothing else.
+* Generation stops, and answers are cut, at one set of ids (``eos_ids``), passed to ``generate``.
+
+Rows of one batch are independent (the mask), so a row that finished early does not change the
+others; its remaining steps are filled with EOS and cut away. Batched matrix products may round
+differently from single-row ones, so a near-tie between two tokens could in principle resolve
+differently; the tests find identical answers on the tiny model.
+
+An active ``steer`` context applies to every batch. A decode-only edit still acts only on decode
+steps: the prompt pass of a batch has as many positions as its longest prompt, every decode step one.
+
+Example:
+    >>> prompts = [encode(model, render_for_model(model, q)) for q in questions]   # doctest: +SKIP
+    >>> answers = greedy_generate(model, prompts, max_new_tokens=40)               # doctest: +SKIP
+    >>> model.tokenizer.decode(answers[0], skip_special_tokens=True)               # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from jaxtyping import Int
+from torch import Tensor
+
+from dpn_lens.hooked import input_device
+
+__all__ = ["eos_ids", "left_pad_with_own_token", "greedy_generate"]
+
+
+def eos_ids(model: Any) -> list[int]:
+    """The ids generation stops at: the tokenizer's EOS, the bridge's and the wrapped model's (Gemma's
+    ``<end_of_turn>`` too), sorted.
+
+    Example:
+        >>> eos_ids(model)   # doctest: +SKIP
+        [2]
+    """
+    ids: set[int] = set()
+    config = getattr(getattr(model, "original_model", None), "generation_config", None)
+    for eos in (getattr(model.tokenizer, "eos_token_id", None), getattr(getattr(model, "cfg", None), "eos_token_id", None),
+                getattr(config, "eos_token_id", None)):
+        if isinstance(eos, int):
+            ids.add(eos)
+        elif isinstance(eos, (list, tuple)):
+            ids.update(int(token) for token in eos)
+    return sorted(ids)
+
+
+def left_pad_with_own_token(token_lists: Sequence[Sequence[int]]
+                            ) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"]]:
+    """``(input_ids, attention_mask)``, left-padded, each row padded with its own first token.
+
+    A padded row then holds no id its prompt lacks, so a repetition penalty (which reads the ids of the
+    whole row, pads included) penalises exactly what it penalises for the prompt alone.
+
+    Example:
+        >>> ids, mask = left_pad_with_own_token([[5, 6, 7], [8, 9]])
+        >>> ids.tolist(), mask.tolist()
+        ([[5, 6, 7], [8, 8, 9]], [[1, 1, 1], [0, 1, 1]])
+    """
+    if any(len(tokens) == 0 for tokens in token_lists):
+        raise ValueError("a prompt has no tokens; there is nothing to generate from")
+    longest = max(len(tokens) for tokens in token_lists)
+    ids = torch.empty((len(token_lists), longest), dtype=torch.long)
+    mask = torch.zeros((len(token_lists), longest), dtype=torch.long)
+    for row, tokens in enumerate(token_lists):
+        start = longest - len(tokens)
+        ids[row, :start] = int(tokens[0])
+        ids[row, start:] = torch.as_tensor(list(tokens), dtype=torch.long)
+        mask[row, start:] = 1
+    return ids, mask
+
+
+def _greedy_batch(model: Any, token_lists: Sequence[Sequence[int]], max_new_tokens: int,
+                  repetition_penalty: float) -> list[list[int]]:
+    """Greedy new tokens of each prompt, one left-padded KV-cached batch, cut before the first EOS."""
+    ids, mask = left_pad_with_own_token(token_lists)
+    device = input_device(model)
+    stop = eos_ids(model)
+    # Without padding the mask is all ones: leave it out, so a single prompt runs exactly as it always has.
+    attention = mask.to(device) if not bool(mask.all()) else None
+    with torch.inference_mode():
+        output = model.generate(ids.to(device), attention_mask=attention, max_new_tokens=max_new_tokens,
+                                do_sample=False, use_past_kv_cache=True, stop_at_eos=bool(stop),
+                                eos_token_id=stop or None, repetition_penalty=repetition_penalty, verbose=False,
+                                return_type="tokens")
+    answers = []
+    for row in output[:, ids.shape[1]:].tolist():
+        end = next((index for index, token in enumerate(row) if token in stop), len(row))
+        answers.append(row[:end])
+    return answers
+
+
+def greedy_generate(model: Any, token_lists: Sequence[Sequence[int]], max_new_tokens: int, batch_size: int = 8,
+                    repetition_penalty: float = 1.0) -> list[list[int]]:
+    """Greedy answer tokens (EOS and after removed) of each prompt, in left-padded batches, longest first.
+
+    Args:
+        model: a hooked model (``TransformerBridge``); an active ``steer`` context applies.
+        token_lists: the prompts' token ids (chat template and BOS already applied).
+        max_new_tokens: at most this many tokens per answer.
+        batch_size: prompts per batch; ``1`` generates one prompt at a time, with the same answers.
+        repetition_penalty: Hugging Face-style penalty on every id already in the row (1.0: none).
+
+    Returns:
+        One list of token ids per prompt, in the order given.
+
+    Example:
+        >>> greedy_generate(model, [encode(model, "Hi!")], max_new_tokens=5)   # doctest: +SKIP
+        [[9906, 0, 1837, 339, 1326]]
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    order = sorted(range(len(token_lists)), key=lambda i: -len(token_lists[i]))
+    answers: list[list[int] | None] = [None] * len(token_lists)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        batch = _greedy_batch(model, [token_lists[i] for i in chunk], max_new_tokens, repetition_penalty)
+        for index, answer in zip(chunk, batch):
+            answers[index] = answer
+    return answers  # type: ignore[return-value]
