@@ -43,6 +43,9 @@ def _add_locate_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-tokens", type=int, default=4096, help="token budget of one batch")
     parser.add_argument("--token-position", default="last", choices=["last", "mean"])
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-share-prefix", action="store_true",
+                        help="run every prompt in full instead of running shared token prefixes once (same statistics; "
+                             "slower; the path to compare against)")
     parser.add_argument("--resume", action="store_true",
                         help="finish an interrupted run in --out: reuse finished traits' statistics (same options)")
     parser.add_argument("--overwrite", action="store_true", help="replace a run with other settings in --out")
@@ -113,7 +116,8 @@ def run_locate(args: argparse.Namespace) -> int:
     from dpn_lens.pipeline import LocateConfig, check_run_target, locate_traits, neuron_table, parse_layers
 
     collection = CollectionConfig(token_position=args.token_position, max_batch_size=args.batch_size,
-                                  max_batch_tokens=args.batch_tokens, progress=not args.no_progress)
+                                  max_batch_tokens=args.batch_tokens, progress=not args.no_progress,
+                                  share_prefix=not args.no_share_prefix)
     config = LocateConfig(traits=args.traits, source=args.data, n_pairs=args.n_pairs, seed=args.seed,
                           data_dir=args.data_dir, q=args.q, tau_d=args.tau_d, layers=parse_layers(args.layers),
                           collection=collection)

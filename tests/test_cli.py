@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import torch
+
 import pytest
 
 from dpn_lens import NeuronMap
@@ -70,3 +72,24 @@ def test_study_errors_are_one_line_and_exit_code_2(tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("dpn-lens study: error: no neuron maps") and "\n" not in err
+
+
+def test_locate_without_prefix_sharing_gives_the_same_statistics(tiny_folder, tmp_path, monkeypatch):
+    import dpn_lens.collect
+    from dpn_lens.statistics import ContrastStatistics
+
+    plans = []
+    planner = dpn_lens.collect.plan_prefix_tree
+    monkeypatch.setattr(dpn_lens.collect, "plan_prefix_tree", lambda *a, **k: plans.append(1) or planner(*a, **k))
+
+    common = ["locate", "--model", str(tiny_folder), "--dtype", "float32", "--traits", "extraversion", "--n-pairs", "8",
+              "--layers", "0-2", "--q", "0.8", "--tau-d", "0.1", "--no-progress"]
+    assert main(common + ["--out", str(tmp_path / "shared")]) == 0
+    assert plans, "the default path plans shared prefixes"
+    plans.clear()
+    assert main(common + ["--out", str(tmp_path / "plain"), "--no-share-prefix"]) == 0
+    assert not plans, "--no-share-prefix runs every prompt in full"
+    shared = ContrastStatistics.load(tmp_path / "shared" / "stats" / "extraversion.safetensors")
+    plain = ContrastStatistics.load(tmp_path / "plain" / "stats" / "extraversion.safetensors")
+    torch.testing.assert_close(shared.high.mean, plain.high.mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(shared.low.mean, plain.low.mean, rtol=1e-5, atol=1e-6)
