@@ -122,8 +122,9 @@ def test_run_control_end_to_end_on_a_tiny_model(tiny_model, tmp_path, monkeypatc
                            max_new_tokens=6, gammas=[0.125, 0.25, 0.5, 1, 2, 4], kl_levels=[0.005, 0.01], target_kl=0.01,
                            kl_chunks=2, kl_tokens=24)
     maps = {"extraversion": tiny_map(tiny_model)}
-    messages = []
-    result = run_control(tiny_model, config, log=messages.append, progress=False, maps=maps)
+    messages, checkpoints = [], []
+    result = run_control(tiny_model, config, log=messages.append, progress=False, maps=maps, on_trait=checkpoints.append)
+    assert [c["meta"]["traits_done"] for c in checkpoints] == [["extraversion"]]
     validation = result["validation"][0]
     assert validation["n_pairs"] >= 4 and validation["persona_ci_low"] <= validation["persona_effect"] <= validation["persona_ci_high"]
     # Gamma 0 goes through the same hooks and must change nothing.
@@ -259,3 +260,4 @@ def test_control_command_runs_end_to_end_on_a_tiny_model(tiny_folder, tmp_path, 
     assert result["validation"][0]["trait"] == "openness" and result["calibrated"][0]["reached_target"]
     assert {p.name for p in out.iterdir()} >= {"control.json", "curves.csv", "costs.csv", "tradeoff_kl.html",
                                                "cost_by_gamma.html"}
+    assert not (out / "control.partial.json").exists()   # the per-trait checkpoint is removed once all is written

@@ -315,8 +315,12 @@ def _level_gammas(cost: Sequence[dict[str, Any]], kl_levels: Sequence[float]) ->
 
 
 def run_control(model: Any, config: ControlConfig, log: Callable[[str], None] = print,
-                progress: bool = True, maps: dict[str, NeuronMap] | None = None) -> dict[str, Any]:
+                progress: bool = True, maps: dict[str, NeuronMap] | None = None,
+                on_trait: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Run the trait-control evaluation (``maps``: DPN-LE maps by trait, else ``config.maps_dir`` or located).
+
+    ``on_trait`` is called with the result so far after each trait (the CLI saves it, so an
+    interrupted run keeps its finished traits).
 
     Returns ``{"validation", "costs", "curves", "matched_cost", "matched_summary", "calibrated",
     "gamma_zero", "examples", "meta"}``: ``costs`` are the KL/perplexity grids, ``curves`` the measured
@@ -401,16 +405,23 @@ def run_control(model: Any, config: ControlConfig, log: Callable[[str], None] = 
                 f"{r['direction']} gamma {r['gamma']:.3g} shift {r['shift']:+.3f} [{r['ci_low']:+.3f}, "
                 f"{r['ci_high']:+.3f}] random {r['random_shift']:+.3f}" if r["reached_target"]
                 else f"{r['direction']}: KL {config.target_kl:g} not reached" for r in calibrated[-2:]))
+            if on_trait is not None:
+                on_trait(_result(model, config, started, validation, costs, curves, calibrated, gamma_zero, examples))
     finally:
         bar.close()
+    return _result(model, config, started, validation, costs, curves, calibrated, gamma_zero, examples)
+
+
+def _result(model: Any, config: ControlConfig, started: float, validation: list, costs: list, curves: list,
+            calibrated: list, gamma_zero: list, examples: dict) -> dict[str, Any]:
     matched = matched_cost_rows(curves, config.kl_levels)
-    curve_methods = methods + ([RANDOM_CONTROL] if config.random_control else [])
+    curve_methods = list(config.methods) + ([RANDOM_CONTROL] if config.random_control else [])
     meta = {"model": getattr(model, "dpn_model_name", "model"), "dtype": str(next(model.parameters()).dtype),
             "config": dataclasses.asdict(config), "seconds": time.time() - started,
-            "probe_tokens": config.kl_chunks * config.kl_tokens}
-    return {"validation": validation, "costs": costs, "curves": curves, "matched_cost": matched,
-            "matched_summary": _mean_at_cost(matched, curve_methods, config.kl_levels), "calibrated": calibrated,
-            "gamma_zero": gamma_zero, "examples": examples, "meta": meta}
+            "probe_tokens": config.kl_chunks * config.kl_tokens, "traits_done": [row["trait"] for row in validation]}
+    return {"validation": list(validation), "costs": list(costs), "curves": list(curves), "matched_cost": matched,
+            "matched_summary": _mean_at_cost(matched, curve_methods, config.kl_levels), "calibrated": list(calibrated),
+            "gamma_zero": list(gamma_zero), "examples": dict(examples), "meta": meta}
 
 
 def _validation_row(held: HeldOutPairs, base: np.ndarray, high: np.ndarray, low: np.ndarray) -> dict[str, Any]:

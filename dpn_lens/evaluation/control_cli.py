@@ -101,9 +101,21 @@ def run_control_command(args: argparse.Namespace) -> int:
         if folder is not None:
             check_run_folder(folder)
     model = load_model(args.model, dtype=args.dtype, device=args.device)
+    from pathlib import Path
+
+    from dpn_lens.io import write_json_atomic
+
+    partial = Path(args.out) / "control.partial.json"
+
+    def save_partial(result: dict) -> None:
+        # An interrupted run keeps its finished traits (write_control_outputs can render this file).
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(partial, result)
+
     result = run_control(model, config, log=lambda message: print(f"[{time.time() - started:6.0f}s] {message}", flush=True),
-                         progress=not args.no_progress)
+                         progress=not args.no_progress, on_trait=save_partial)
     result["meta"]["command_seconds"] = time.time() - started
     for path in write_control_outputs(result, args.out, png=not args.no_png):
         print(f"wrote {path}")
+    partial.unlink(missing_ok=True)
     return 0
