@@ -10,8 +10,8 @@ package's everyday questions, ``probe_chunks``), with the edit at every position
 tokens (``KLProbe``); the same pass gives the perplexity of that text.
 
 Example:
-    >>> gamma_at([0.5, 1.0, 2.0, 4.0], [0.01, 0.04, 0.16, 0.64], 0.08)   # KL = 0.04 gamma^2
-    1.4142135623730951
+    >>> round(gamma_at([0.5, 1.0, 2.0, 4.0], [0.01, 0.04, 0.16, 0.64], 0.08), 6)   # KL = 0.04 gamma^2: sqrt(2)
+    1.414214
 """
 
 from __future__ import annotations
