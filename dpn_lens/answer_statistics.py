@@ -14,7 +14,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from jaxtyping import Float
@@ -22,8 +22,8 @@ from torch import Tensor
 
 from dpn_lens.data.contrastive import ContrastiveSet
 from dpn_lens.data.prompts import render_for_model
-from dpn_lens.hooked import (HOOK_NAME, HookedModel, check_layers, encode, hook_name, input_device, pad_token_id,
-                              pad_token_lists)
+from dpn_lens.evaluation.logprobs import _batched_logits
+from dpn_lens.hooked import HOOK_NAME, HookedModel, check_layers, encode, hook_name
 from dpn_lens.statistics import ContrastStatistics, GroupStatistics
 
 __all__ = ["answer_contrast_statistics", "answer_mean_activations"]
@@ -41,30 +41,26 @@ def answer_mean_activations(model: HookedModel, prompts: Sequence[list[int]], an
         raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers; pass one answer per prompt")
     sequences = [list(p) + list(a) for p, a in zip(prompts, answers)]
     result = torch.full((len(sequences), len(layers), int(model.cfg.d_mlp)), float("nan"), dtype=torch.float64)
-    order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
-    device = input_device(model)
-    start = 0
-    while start < len(order):
-        longest = len(sequences[order[start]])
-        chunk = order[start:start + max(1, batch_tokens // max(longest, 1))]
-        start += len(chunk)
-        ids, attention = pad_token_lists([sequences[i] for i in chunk], pad_token_id(model.tokenizer), "right")
-        positions = torch.arange(ids.shape[1])
+    batch: dict[str, Any] = {}
+
+    def on_batch(chunk: list[int]) -> None:
+        # Per row, equal weights on the answer positions of that sequence (zero on its prompt and padding).
+        positions = torch.arange(max(len(sequences[i]) for i in chunk))
         mask = torch.stack([(positions >= len(prompts[i])) & (positions < len(sequences[i])) for i in chunk])
-        weights = (mask.double() / mask.sum(1, keepdim=True).clamp(min=1)).to(device)
-        means: dict[int, Tensor] = {}
+        batch.update(chunk=chunk, weights=mask.double() / mask.sum(1, keepdim=True).clamp(min=1), means={})
 
-        def reader(layer: int):
-            def hook(activation: Tensor, hook) -> None:
-                means[layer] = torch.einsum("bp,bpd->bd", weights, activation.double()).cpu()
-            return hook
+    def reader(layer: int):
+        def hook(activation: Tensor, hook) -> None:
+            weights = batch["weights"].to(activation.device)
+            batch["means"][layer] = torch.einsum("bp,bpd->bd", weights, activation.double()).cpu()
+        return hook
 
-        with torch.inference_mode(), model.hooks(fwd_hooks=[(hook_name(layer), reader(layer)) for layer in layers]):
-            model(ids.to(device), attention_mask=attention.to(device))
-        stacked = torch.stack([means[layer] for layer in layers], dim=1)
-        for row, index in enumerate(chunk):
+    # The batching (longest first, right-padded to a token budget) is the log-prob scorer's own.
+    with model.hooks(fwd_hooks=[(hook_name(layer), reader(layer)) for layer in layers]):
+        for index, _ in _batched_logits(model, sequences, batch_tokens, on_batch):
             if answers[index]:
-                result[index] = stacked[row]
+                row = batch["chunk"].index(index)
+                result[index] = torch.stack([batch["means"][layer][row] for layer in layers])
     return result
 
 
