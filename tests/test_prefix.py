@@ -171,3 +171,24 @@ def test_smollm2_float32_shared_prefix_gives_the_same_statistics_and_neuron_map(
             assert getattr(a, pole).keys() == getattr(b, pole).keys()
             assert all(torch.equal(getattr(a, pole)[layer], getattr(b, pole)[layer]) for layer in getattr(b, pole))
     assert a.n_selected("high") + a.n_selected("low") > 0
+
+
+@pytest.mark.slow
+def test_gemma3_float32_shared_prefix_gives_the_same_statistics():
+    """Gemma 3 mixes sliding-window and global attention layers; the cached prefix must still match."""
+    from dpn_lens import load_model
+
+    from dpn_lens.prefix import prefix_cache_unsupported
+
+    gemma = load_model("gemma-3-270m", dtype="float32")
+    assert prefix_cache_unsupported(gemma) is None   # the shared path really runs (no silent fallback)
+    pairs = embedded_contrastive_set("extraversion", n_pairs=6)
+    base = dict(max_batch_size=16, progress=False)
+    plain = collect_statistics(gemma, pairs, CollectionConfig(share_prefix=False, **base))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)   # a fallback to the plain path would warn
+        shared = collect_statistics(gemma, pairs, CollectionConfig(**base))
+    arrays = tokenize_compact(gemma, pairs.high)
+    assert tokens_run(plan_prefix_tree(arrays), arrays) < 0.8 * sum(map(len, arrays))
+    for group in ("high", "low"):
+        _assert_same_statistics(getattr(shared, group), getattr(plain, group))
