@@ -162,12 +162,14 @@ def run_steer(args: argparse.Namespace) -> int:
     gammas = {}
     for direction in ("increase", "decrease"):
         if args.gamma is None:
-            from dpn_lens.evaluation.calibrate import calibrate_gamma, sweep_edit
+            from dpn_lens.evaluation.calibrate import calibrate_gamma
 
-            with warnings.catch_warnings():  # several maps: their shared neurons were reported once already
+            # calibrate_gamma already builds its grid edits without the large-gamma warning; the warnings of
+            # several maps (shared neurons) are shown once, when the final edits are built below.
+            with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 calibration = calibrate_gamma(model, target_kl=args.target_kl, direction=direction,
-                                              edit_at=lambda gamma, d=direction: sweep_edit(lambda g: edit(d, g), gamma))
+                                              edit_at=lambda gamma, d=direction: edit(d, gamma))
             gammas[direction] = calibration.gamma
             print(f"{direction}: {calibration.describe()}")
         else:

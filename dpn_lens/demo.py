@@ -101,17 +101,15 @@ def preference_check(model: Any, trait: str, edits: Mapping[str, Edit], data_dir
     ``dpn-lens control``); the shift is signed by the direction (positive = moved as asked), with a 95%
     bootstrap interval over pairs.
     """
-    from dpn_lens.evaluation.control import ControlConfig, held_out_pairs
+    from dpn_lens.evaluation.control import ControlConfig, held_out_pairs, persona_control
     from dpn_lens.evaluation.intervals import paired_effect
     from dpn_lens.evaluation.preference import preference_margins
     from dpn_lens.steering import direction_sign
 
     held = held_out_pairs(model, trait, ControlConfig(traits=[trait], data_dir=str(data_dir), pairs=n_pairs),
                           log=lambda message: None)
-    base = preference_margins(model, held.pairs)
-    high = preference_margins(model, held.pairs, persona=held.high_personas)
-    low = preference_margins(model, held.pairs, persona=held.low_personas)
-    result: dict[str, Any] = {"n_pairs": len(held.pairs), "persona": _effect(paired_effect(high / 2, low / 2))}
+    base, _, _, persona = persona_control(model, held)
+    result: dict[str, Any] = {"n_pairs": len(held.pairs), "persona": _effect(persona)}
     for direction, edit in edits.items():
         sign = direction_sign(direction)
         steered = preference_margins(model, held.pairs, edit=edit)

@@ -37,7 +37,7 @@ import numpy as np
 
 from dpn_lens.evaluation.calibrate import DEFAULT_TARGET_KL, GAMMA_GRID, KLProbe, gamma_at, probe_chunks, sweep_edit
 from dpn_lens.evaluation.controls import random_neuron_control
-from dpn_lens.evaluation.intervals import fraction_recovered, paired_effect
+from dpn_lens.evaluation.intervals import PairedEffect, fraction_recovered, paired_effect
 from dpn_lens.evaluation.methods import METHODS_BY_NAME, TraitContext
 from dpn_lens.evaluation.preference import (GeneratedPairs, PreferencePair, generate_persona_pairs,
                                             preference_margins)
@@ -45,7 +45,8 @@ from dpn_lens.neuron_map import NeuronMap
 from dpn_lens.steering import Edit, direction_sign, steering_intervention
 from dpn_lens.traits import TRAITS, normalize_trait, trait_title
 
-__all__ = ["ControlConfig", "SWEEP_METHODS", "RANDOM_CONTROL", "held_out_pairs", "HeldOutPairs", "run_control",
+__all__ = ["ControlConfig", "SWEEP_METHODS", "RANDOM_CONTROL", "held_out_pairs", "HeldOutPairs", "persona_control",
+           "run_control",
            "matched_cost_rows"]
 
 SWEEP_METHODS = ("dpn-le", "dpn-le-w", "directional", "topk", "dense", "npti", "caa")
@@ -348,13 +349,10 @@ def run_control(model: Any, config: ControlConfig, log: Callable[[str], None] = 
             if len(pairs) < 4:
                 raise RuntimeError(f"{trait}: only {len(pairs)} usable preference pairs of {held.n_drawn} drawn; "
                                    "raise --pairs")
-            base = preference_margins(model, pairs)
-            high = preference_margins(model, pairs, persona=held.high_personas)
-            low = preference_margins(model, pairs, persona=held.low_personas)
+            base, high, low, persona = persona_control(model, held)
             bar.step(3, f"{trait} controls")
             persona_items = (high - low) / 2
-            validation.append(_validation_row(held, base, high, low))
-            persona = paired_effect(high / 2, low / 2)
+            validation.append(_validation_row(held, base, high, low, persona))
             log(f"{trait}: {len(pairs)} pairs; persona effect (high-low)/2 {persona}"
                 f"{'' if persona.ci_low > 0 else '  -- positive control FAILS: the metric cannot judge this trait'}")
             neuron_map = maps[trait] if maps and trait in maps else _neuron_map(model, trait, config, log)
@@ -424,9 +422,18 @@ def _result(model: Any, config: ControlConfig, started: float, validation: list,
             "gamma_zero": list(gamma_zero), "examples": dict(examples), "meta": meta}
 
 
-def _validation_row(held: HeldOutPairs, base: np.ndarray, high: np.ndarray, low: np.ndarray) -> dict[str, Any]:
+def persona_control(model: Any, held: HeldOutPairs) -> tuple[np.ndarray, np.ndarray, np.ndarray, PairedEffect]:
+    """The positive control of one trait's pairs: margins without a persona, under the high and under the
+    low personas, and the persona effect ``(high - low) / 2`` with its interval (module note)."""
+    base = preference_margins(model, held.pairs)
+    high = preference_margins(model, held.pairs, persona=held.high_personas)
+    low = preference_margins(model, held.pairs, persona=held.low_personas)
+    return base, high, low, paired_effect(high / 2, low / 2)
+
+
+def _validation_row(held: HeldOutPairs, base: np.ndarray, high: np.ndarray, low: np.ndarray,
+                    persona: PairedEffect) -> dict[str, Any]:
     """The positive control of one trait: the persona effect (high - low)/2, and each persona vs none."""
-    persona = paired_effect(high / 2, low / 2)
     vs_high, vs_low = paired_effect(high, base), paired_effect(-low, -base)
     return {"trait": held.trait, "n_pairs": len(held.pairs), "n_drawn": held.n_drawn, "n_identical": held.n_identical,
             "n_empty": held.n_empty, "base_margin": float(base.mean()),
