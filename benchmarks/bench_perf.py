@@ -32,6 +32,13 @@ Usage::
     python benchmarks/bench_perf.py --json results.json   # also write the numbers as JSON
     python benchmarks/bench_perf.py --model tiny --repeats 1 --collect-prompts 4 ...   # smoke run, seconds
 
+On a GPU, ``--device cuda`` runs every section but ``memory`` (it reads the process's peak RSS, a
+CPU measure) there; timings then synchronise the device before each clock reading. Where the weights
+cannot be brought to the machine, ``--random-weights`` with ``--model FOLDER`` (a folder holding only
+``config.json`` and the tokenizer files) times the same architecture with seeded random weights: the
+same shapes and kernels, so the same speed; the statistics then mean nothing, and generation runs
+to its token limit (no end-of-sequence token comes).
+
 ``--model tiny`` runs every section on the random tiny Llama of ``dpn_lens.tiny`` (no download; its
 timings mean nothing). ``tests/test_benchmarks.py`` imports this file and runs every section that way,
 so a renamed function breaks CI instead of this script. It imports only public names of ``dpn_lens``
@@ -51,6 +58,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -67,6 +75,17 @@ from dpn_lens.hooked import hook_name, pad_token_id, pad_token_lists, tokenize_c
 from dpn_lens.prefix import plan_prefix_tree, tokens_run  # noqa: E402
 
 MIB = 1024 * 1024
+
+
+@dataclass
+class LoadOptions:
+    """How every section loads its model (set once from the command line by ``main``)."""
+
+    device: str = "cpu"
+    random_weights: bool = False
+
+
+LOAD_OPTIONS = LoadOptions()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -98,6 +117,12 @@ def model_footprint_bytes(model: Any) -> int:
     return total
 
 
+def _synchronize() -> None:
+    """Wait for queued GPU work, so that a clock reading covers it (a no-op on the CPU)."""
+    if LOAD_OPTIONS.device != "cpu" and torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def interleaved(variants: dict[str, Callable[[], Any]], repeats: int, warmup: bool = True
                 ) -> dict[str, dict[str, list[float]]]:
     """Time each variant ``repeats`` times, interleaved with rotating order; wall and CPU seconds."""
@@ -110,8 +135,10 @@ def interleaved(variants: dict[str, Callable[[], Any]], repeats: int, warmup: bo
         order = names[repeat % len(names):] + names[:repeat % len(names)]
         for name in order:
             gc.collect()
+            _synchronize()
             wall, cpu = time.perf_counter(), time.process_time()
             variants[name]()
+            _synchronize()
             times[name]["wall"].append(time.perf_counter() - wall)
             times[name]["cpu"].append(time.process_time() - cpu)
     return times
@@ -140,10 +167,11 @@ def load(spec: str, dtype: str = "float32"):
             from dpn_lens.tiny import build_tiny_model
 
             # 512 positions: the embedded role-play prompts are ~130 word-level tokens, plus generation.
-            return build_tiny_model(max_positions=512).to(getattr(torch, dtype))
+            return build_tiny_model(max_positions=512).to(getattr(torch, dtype)).to(LOAD_OPTIONS.device)
         from dpn_lens import load_model
 
-        model = load_model(spec, dtype=dtype)
+        device = None if LOAD_OPTIONS.device == "cpu" else LOAD_OPTIONS.device
+        model = load_model(spec, dtype=dtype, device=device, random_weights=LOAD_OPTIONS.random_weights)
     return model
 
 
@@ -241,9 +269,9 @@ def bench_collect(spec: str, dtype: str, n_prompts: int, batch_size: int, repeat
     # Correctness guard: the naive route and collect agree.
     reference = collect_group_statistics(model, prompts, CollectionConfig(layers, max_batch_size=batch_size,
                                                                           progress=False, share_prefix=False))
-    _COLLECTED_MEANS[dtype] = reference.mean
+    _COLLECTED_MEANS[dtype] = reference.mean.cpu()
     naive_mean, _ = naive()
-    agree = float((reference.mean - naive_mean).abs().max())
+    agree = float((reference.mean.cpu() - naive_mean.cpu()).abs().max())  # the naive route keeps the model's device
 
     variants = {"bare_same_layers": bare_same_layers, "collect": collect, "bare_full": bare_full,
                 "naive": naive, "tokenize": tokenize_only}
@@ -305,7 +333,7 @@ def bench_memory(spec: str, dtype: str, sizes: list[int], naive_sizes: list[int]
     plan = [("collect", n) for _ in range(repeats) for n in sizes] + [("naive", n) for n in naive_sizes]
     for mode, n in plan:
         command = [sys.executable, __file__, "--memory-child", json.dumps([spec, dtype, mode, n, batch_size]),
-                   "--threads", str(threads)]
+                   "--threads", str(threads)] + (["--random-weights"] if LOAD_OPTIONS.random_weights else [])
         output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
         runs.append(json.loads(output.strip().splitlines()[-1]))
         print(f"  memory {mode} n={n}: +{runs[-1]['extra_peak_mib']:.1f} MiB in {runs[-1]['seconds']:.1f} s",
@@ -343,8 +371,9 @@ def bench_steering(spec: str, dtype: str, n_prompts: int, new_tokens: int, repea
                    neurons_per_layer: int) -> dict[str, Any]:
     model = load(spec, dtype)
     prompts = embedded_contrastive_set("openness", n_pairs=n_prompts).high
-    tokens = [model.tokenizer(render_for_model(model, p), add_special_tokens=False, return_tensors="pt")["input_ids"]
-              for p in prompts]
+    device = torch.device(model.cfg.device or "cpu")
+    tokens = [model.tokenizer(render_for_model(model, p), add_special_tokens=False,
+                              return_tensors="pt")["input_ids"].to(device) for p in prompts]
     n_layers, d_mlp = int(model.cfg.n_layers), int(model.cfg.d_mlp)
     # A DPN-LE-shaped edit: the second half of the layers, a few neurons each. The hook adds a
     # dense per-layer delta, so its cost does not depend on which or how many neurons are edited.
@@ -396,8 +425,10 @@ def bench_locate(spec: str, plan: list[tuple[str, int]], batch_size: int, target
     for dtype, n_pairs in plan:
         sets = [embedded_contrastive_set(trait, n_pairs=n_pairs) for trait in TRAITS]
         model = load(spec, dtype)
+        _synchronize()
         wall, cpu = time.perf_counter(), time.process_time()
         maps = [locate(collect_statistics(model, pairs, config)) for pairs in sets]
+        _synchronize()
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         n_prompts = 2 * sum(len(pairs) for pairs in sets)
         results["by_dtype"][dtype] = {
@@ -446,7 +477,7 @@ def bench_prefix(spec: str, dtype: str, n_traits: int, n_pairs: int, batch_size:
             left = {(layer, int(i)) for layer, idx in getattr(map_a, pole).items() for i in idx}
             right = {(layer, int(i)) for layer, idx in getattr(map_b, pole).items() for i in idx}
             same = same and left == right
-            jaccard.append(len(left & right) / max(len(left | right), 1))
+            jaccard.append(len(left & right) / len(left | right) if left | right else 1.0)  # both empty: agree
     del outputs
     times = interleaved(variants, repeats, warmup=False)
     result: dict[str, Any] = {
@@ -532,6 +563,10 @@ def precision_comparison() -> dict[str, float] | None:
 
 
 def run_memory(args: argparse.Namespace) -> dict[str, Any]:
+    if LOAD_OPTIONS.device != "cpu":
+        print(f"[memory] skipped on {LOAD_OPTIONS.device}: it measures the process's peak RSS (host memory)",
+              flush=True)
+        return {"skipped": f"host-memory section; not run on {LOAD_OPTIONS.device}"}
     sizes = [int(x) for x in args.memory_sizes.split(",")]
     naive_sizes = [int(x) for x in args.memory_naive_sizes.split(",") if x]
     r = bench_memory(args.model, args.memory_dtype, sizes, naive_sizes, args.memory_batch_size, args.threads,
@@ -609,6 +644,10 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, of {', '.join(SECTIONS)}")
     parser.add_argument("--model", default="smollm2-135m-instruct",
                         help=f"a load_model name, or {TINY!r} (random tiny Llama: a smoke run in seconds)")
+    parser.add_argument("--device", default="cpu", help="where the model runs: cpu, cuda, cuda:1, ...")
+    parser.add_argument("--random-weights", action="store_true",
+                        help="the model's architecture with seeded random weights (needs only its config and "
+                             "tokenizer): same speed, meaningless statistics")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: least noisy on a shared CPU)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--collect-prompts", type=int, default=8)
@@ -640,6 +679,12 @@ def parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _device_name(device: str) -> str:
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
+    return device
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the chosen sections; returns (and with ``--json`` writes) every number."""
     cli = parser()
@@ -648,23 +693,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     unknown = [s for s in sections if s not in SECTIONS]
     if unknown:
         cli.error(f"unknown sections {unknown}; choose from {', '.join(SECTIONS)}")
-    threads = torch.get_num_threads()
+    threads, options = torch.get_num_threads(), LoadOptions(**vars(LOAD_OPTIONS))
     torch.set_num_threads(args.threads)
+    LOAD_OPTIONS.device, LOAD_OPTIONS.random_weights = args.device, args.random_weights
     try:
         if args.memory_child:
             spec, dtype, mode, n, batch_size = json.loads(args.memory_child)
             result = memory_child(spec, dtype, mode, n, batch_size)
             print(json.dumps(result))
             return result
-        results: dict[str, Any] = {"torch": torch.__version__, "threads": args.threads, "cpu_count": os.cpu_count()}
-        print(f"torch {torch.__version__}, {args.threads} thread(s), {args.repeats} interleaved repeats; medians")
+        results: dict[str, Any] = {"torch": torch.__version__, "threads": args.threads, "cpu_count": os.cpu_count(),
+                                   "device": _device_name(args.device), "random_weights": args.random_weights}
+        print(f"torch {torch.__version__}, {args.threads} thread(s), {args.repeats} interleaved repeats; medians; "
+              f"device {results['device']}" + (" (RANDOM WEIGHTS: timings only)" if args.random_weights else ""))
         for name in SECTIONS:  # the fixed order, whatever the order of --sections
             if name in sections:
                 results[name] = SECTIONS[name](args)
                 if name == "collect" and (precision := precision_comparison()) is not None:
                     results["bfloat16_vs_float32_mean_activation"] = precision
     finally:
-        torch.set_num_threads(threads)  # main() may run inside another process (tests/test_benchmarks.py)
+        # main() may run inside another process (tests/test_benchmarks.py): leave it as it was
+        torch.set_num_threads(threads)
+        LOAD_OPTIONS.device, LOAD_OPTIONS.random_weights = options.device, options.random_weights
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return results

@@ -43,9 +43,11 @@ def _add_locate_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-tokens", type=int, default=4096, help="token budget of one batch")
     parser.add_argument("--token-position", default="last", choices=["last", "mean"])
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--share-prefix", choices=["auto", "on", "off"], default="auto",
+                        help="run token prefixes shared by several prompts once (same statistics): auto = on when "
+                             "the model runs on the CPU (faster there), off on a GPU (slower there)")
     parser.add_argument("--no-share-prefix", action="store_true",
-                        help="run every prompt in full instead of running shared token prefixes once (same statistics; "
-                             "slower; the path to compare against)")
+                        help="the same as --share-prefix off: run every prompt in full (the path to compare against)")
     parser.add_argument("--resume", action="store_true",
                         help="finish an interrupted run in --out: reuse finished traits' statistics (same options)")
     parser.add_argument("--overwrite", action="store_true", help="replace a run with other settings in --out")
@@ -110,6 +112,13 @@ def _load(args: argparse.Namespace):
     return load_model(args.model, dtype=args.dtype, device=args.device)
 
 
+def _share_prefix_option(args: argparse.Namespace) -> bool | str:
+    """``CollectionConfig.share_prefix`` from ``--share-prefix`` (``--no-share-prefix`` wins: it says off)."""
+    if args.no_share_prefix:
+        return False
+    return {"auto": "auto", "on": True, "off": False}[args.share_prefix]
+
+
 def run_locate(args: argparse.Namespace) -> int:
     """Handler of ``dpn-lens locate``."""
     from dpn_lens.collect import CollectionConfig
@@ -117,7 +126,7 @@ def run_locate(args: argparse.Namespace) -> int:
 
     collection = CollectionConfig(token_position=args.token_position, max_batch_size=args.batch_size,
                                   max_batch_tokens=args.batch_tokens, progress=not args.no_progress,
-                                  share_prefix=not args.no_share_prefix)
+                                  share_prefix=_share_prefix_option(args))
     config = LocateConfig(traits=args.traits, source=args.data, n_pairs=args.n_pairs, seed=args.seed,
                           data_dir=args.data_dir, q=args.q, tau_d=args.tau_d, layers=parse_layers(args.layers),
                           collection=collection)

@@ -62,7 +62,10 @@ class CollectionConfig:
             cache, and run only the rest of each prompt from it (same statistics, fewer tokens run;
             see ``dpn_lens.prefix``). Used for ``token_position="last"`` on models whose bridge
             forward takes a cache; otherwise every prompt runs in full (with a one-line warning when
-            the model is the reason).
+            the model is the reason). ``"auto"`` (the default) shares prefixes when the model runs
+            on the CPU and not on a GPU: on an H200 the shared path, which runs one small forward per
+            prefix group, took 4-5x the plain path's time on both embedded models, while on 2 CPU
+            cores it takes about 0.4x (docs/PERFORMANCE.md). ``True`` or ``False`` forces it.
         prefix_min_saving: tokens a group of prompts must save to get its own cached prefix (each
             prefix costs one extra forward call and splits the batches).
 
@@ -81,7 +84,7 @@ class CollectionConfig:
     hook_template: str = HOOK_NAME
     progress: bool = True
     statistics_device: str | torch.device | None = None
-    share_prefix: bool = True
+    share_prefix: bool | Literal["auto"] = "auto"
     prefix_min_saving: int = DEFAULT_MIN_SAVING
 
     def __post_init__(self) -> None:
@@ -89,6 +92,8 @@ class CollectionConfig:
             raise ValueError(f"token_position must be 'last' or 'mean', got {self.token_position!r}")
         if self.padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {self.padding_side!r}")
+        if self.share_prefix not in (True, False, "auto"):
+            raise ValueError(f"share_prefix must be True, False or 'auto', got {self.share_prefix!r}")
         for name in ("max_batch_size", "max_batch_tokens", "prefix_min_saving"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -269,6 +274,9 @@ def _shares_prefix(model: HookedModel, config: CollectionConfig) -> bool:
     """Whether collection runs shared prefixes once (see ``CollectionConfig.share_prefix``)."""
     if not config.share_prefix or config.token_position != "last":
         # The mean over prompt tokens would need every prefix token's activation too: full prompts.
+        return False
+    if config.share_prefix == "auto" and input_device(model).type != "cpu":
+        # Measured: on a GPU the many small per-group forwards cost more than the tokens they save.
         return False
     reason = prefix_cache_unsupported(model)
     if reason is not None:

@@ -306,8 +306,13 @@ def _resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
 
 
 def load_hf_model(spec: str, dtype: str | torch.dtype | None = None, device: str | None = None,
-                  **from_pretrained_kwargs: Any):
-    """Load ``(hf_model, tokenizer, is_chat_model)`` for any supported ``spec`` (no bridge yet)."""
+                  random_weights: bool = False, **from_pretrained_kwargs: Any):
+    """Load ``(hf_model, tokenizer, is_chat_model)`` for any supported ``spec`` (no bridge yet).
+
+    ``random_weights=True`` reads only the config and the tokenizer and initialises the weights at
+    random (seeded): the same architecture, shapes and kernels, so the same speed and memory, without
+    the weight files (see ``load_model``).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = _resolve_dtype(dtype)
@@ -329,7 +334,10 @@ def load_hf_model(spec: str, dtype: str | torch.dtype | None = None, device: str
     if device is not None and "device_map" not in kwargs:
         kwargs["device_map"] = device
     try:
-        hf_model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        if random_weights:
+            hf_model = _random_weight_model(source, torch_dtype, device)
+        else:
+            hf_model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(source)
     except OSError as error:
         raise OSError(
@@ -346,8 +354,19 @@ def load_hf_model(spec: str, dtype: str | torch.dtype | None = None, device: str
     return hf_model.eval(), tokenizer, is_chat
 
 
+def _random_weight_model(source: str | Path, dtype: torch.dtype, device: str | None) -> Any:
+    """The architecture of ``source`` (its ``config.json``) with seeded random weights, on ``device``."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(source)
+    torch.manual_seed(0)  # the same random model every time: runs stay comparable
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    # "auto" (spread over GPUs) needs the weights' placement plan from_pretrained makes; one device here.
+    return model.to("cuda" if device == "auto" else device) if device is not None else model
+
+
 def load_model(spec: str = DEFAULT_MODEL, dtype: str | torch.dtype | None = None, device: str | None = None,
-               **from_pretrained_kwargs: Any):
+               random_weights: bool = False, **from_pretrained_kwargs: Any):
     """Load ``spec`` as a TransformerLens ``TransformerBridge`` (hook names of HookedTransformer).
 
     Args:
@@ -356,6 +375,10 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: str | torch.dtype | None = None
         device: ``"cpu"``, ``"cuda"``, ``"auto"`` (spread over all GPUs), ... Passed to
             ``from_pretrained`` as ``device_map``; further keyword arguments go there too
             (e.g. ``max_memory`` for multi-GPU placement).
+        random_weights: read only the config and tokenizer of ``spec`` and initialise the weights
+            at random (seeded). Speed and memory are those of the real model; the activations mean
+            nothing. For benchmarks where the weights are not at hand (a folder holding only
+            ``config.json`` and the tokenizer files is enough).
 
     Returns:
         The bridge, with ``model.dpn_is_chat_model`` telling whether prompts should go through
@@ -368,13 +391,14 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: str | torch.dtype | None = None
     """
     from transformer_lens.model_bridge import TransformerBridge
 
-    hf_model, tokenizer, is_chat = load_hf_model(spec, dtype=dtype, device=device, **from_pretrained_kwargs)
+    hf_model, tokenizer, is_chat = load_hf_model(spec, dtype=dtype, device=device, random_weights=random_weights,
+                                                 **from_pretrained_kwargs)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         bridge = TransformerBridge.boot_transformers(str(spec), hf_model=hf_model, tokenizer=tokenizer)
     bridge.dpn_is_chat_model = is_chat
     bridge.dpn_model_name = str(spec)
-    bridge.dpn_model_revision = _source_revision(spec, hf_model)
+    bridge.dpn_model_revision = "random-weights" if random_weights else _source_revision(spec, hf_model)
     return bridge
 
 

@@ -11,6 +11,7 @@ import ast
 import importlib.util
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,7 @@ TINY_ARGS = ["--model", "tiny", "--repeats", "1", "--threads", "1",
 def bench():
     spec = importlib.util.spec_from_file_location("bench_perf", SCRIPT)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -98,3 +100,33 @@ def test_sections_are_selectable_and_unknown_ones_are_refused(bench, capsys):
         bench.main(["--sections", "collect,speed", *TINY_ARGS])
     assert "unknown sections ['speed']" in capsys.readouterr().err
 
+
+
+def test_random_weights_time_a_model_from_its_config_and_tokenizer_alone(bench, tmp_path, capsys):
+    # A folder like the one a GPU machine gets when the weights cannot travel: config + tokenizer only.
+    from dpn_lens.tiny import build_tiny_hf_model
+
+    hf_model, _ = build_tiny_hf_model(tmp_path / "skeleton", n_layers=3, d_mlp=24, max_positions=512)
+    hf_model.config.save_pretrained(tmp_path / "skeleton")
+    assert not any(path.suffix in {".safetensors", ".bin"} for path in (tmp_path / "skeleton").iterdir())
+
+    results = bench.main(["--model", str(tmp_path / "skeleton"), "--random-weights", "--sections",
+                          "collect,memory,steering", *TINY_ARGS[2:]])
+
+    printed = capsys.readouterr().out
+    assert "RANDOM WEIGHTS" in printed and "[collect float32]" in printed and "[steering]" in printed
+    assert results["random_weights"] is True and results["device"] == "cpu"
+    assert results["collect"][0]["layers"] == "0-2"  # the folder's architecture, not the tiny default
+    assert results["collect"][0]["naive_vs_collect_max_abs_diff_of_mean"] < 1e-5
+    # The memory children load the same random model (they would fail on a folder without weights).
+    assert [run["mode"] for run in results["memory"]["runs"]] == ["collect", "naive"]
+    assert bench.LOAD_OPTIONS.random_weights is False  # main() restores the module's options
+
+
+def test_the_memory_section_is_skipped_off_the_cpu(bench, capsys):
+    bench.LOAD_OPTIONS.device = "cuda"
+    try:
+        assert "skipped" in bench.run_memory(bench.parser().parse_args(TINY_ARGS))
+    finally:
+        bench.LOAD_OPTIONS.device = "cpu"
+    assert "[memory] skipped on cuda" in capsys.readouterr().out

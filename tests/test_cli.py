@@ -89,6 +89,8 @@ def test_locate_without_prefix_sharing_gives_the_same_statistics(tiny_folder, tm
     plans.clear()
     assert main(common + ["--out", str(tmp_path / "plain"), "--no-share-prefix"]) == 0
     assert not plans, "--no-share-prefix runs every prompt in full"
+    assert main(common + ["--out", str(tmp_path / "off"), "--share-prefix", "off"]) == 0
+    assert not plans, "--share-prefix off is --no-share-prefix"
     shared = ContrastStatistics.load(tmp_path / "shared" / "stats" / "extraversion.safetensors")
     plain = ContrastStatistics.load(tmp_path / "plain" / "stats" / "extraversion.safetensors")
     torch.testing.assert_close(shared.high.mean, plain.high.mean, rtol=1e-5, atol=1e-6)

@@ -216,3 +216,22 @@ def test_run_save_writes_a_model_card_into_the_maps_folder(tmp_path):
     assert "| openness | 2 | 1 | 1-2 | 0.9 | 0.5 |" in card and "| neuroticism | 2 | 1 |" in card
     assert 'load_model("org/model")' in card and "--map maps/openness.safetensors" in card
     assert sorted(Run.load(tmp_path / "run").maps) == ["neuroticism", "openness"]   # the card is not a map
+
+
+def test_random_weights_load_the_architecture_from_config_and_tokenizer_alone(tmp_path):
+    from dpn_lens import load_model
+    from dpn_lens.tiny import build_tiny_hf_model
+
+    hf_model, _ = build_tiny_hf_model(tmp_path, n_layers=2, d_mlp=20)
+    hf_model.config.save_pretrained(tmp_path)  # no weight file in the folder
+    first = load_model(str(tmp_path), random_weights=True)
+    second = load_model(str(tmp_path), random_weights=True)
+
+    assert (first.cfg.n_layers, first.cfg.d_mlp) == (2, 20)
+    assert first.dpn_model_revision == "random-weights"
+    # Seeded: two loads are the same model (runs stay comparable) ...
+    ids = first.tokenizer("the cat", return_tensors="pt")["input_ids"]
+    assert torch.equal(first(ids), second(ids))
+    # ... and a plain load of the weight-less folder still fails with the loader's message.
+    with pytest.raises(OSError, match="could not load model"):
+        load_model(str(tmp_path))
