@@ -11,9 +11,10 @@ and plotly figures.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 from dpn_lens.evaluation.judge import generate_answers
 from dpn_lens.io import write_json_atomic, write_text_atomic
@@ -93,8 +94,34 @@ def _find_data(data_dir: str | Path | None) -> Path | None:
         return None
 
 
-def preference_check(model: Any, trait: str, edits: Mapping[str, Edit], data_dir: Path, n_pairs: int
-                     ) -> dict[str, Any]:
+class StageClock:
+    """Wall seconds per named stage, summed over repeats (the demo's "where the time goes").
+
+    Example:
+        >>> clock = StageClock()
+        >>> with clock.stage("load"):
+        ...     pass
+        >>> list(clock.seconds)
+        ['load']
+    """
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+    def describe(self) -> str:
+        return ", ".join(f"{name} {seconds:.0f} s" for name, seconds in self.seconds.items())
+
+
+def preference_check(model: Any, trait: str, edits: Mapping[str, Edit], data_dir: Path, n_pairs: int,
+                     clock: "StageClock | None" = None) -> dict[str, Any]:
     """The demo's evidence for one trait: the preference shift of each edit and the persona prompt's effect.
 
     Pairs are the model's own answers under held-out PersonalityBench personas (cached per model, as in
@@ -102,13 +129,22 @@ def preference_check(model: Any, trait: str, edits: Mapping[str, Edit], data_dir
     bootstrap interval over pairs.
     """
     from dpn_lens.evaluation.control import ControlConfig, held_out_pairs, persona_control
+
+    clock = StageClock() if clock is None else clock
+    with clock.stage("preference pairs"):
+        held = held_out_pairs(model, trait, ControlConfig(traits=[trait], data_dir=str(data_dir), pairs=n_pairs),
+                              log=lambda message: None)
+    with clock.stage("preference margins"):
+        base, _, _, persona = persona_control(model, held)
+        result = _shifts(model, held, base, persona, edits)
+    return result
+
+
+def _shifts(model: Any, held: Any, base: Any, persona: Any, edits: Mapping[str, Edit]) -> dict[str, Any]:
     from dpn_lens.evaluation.intervals import paired_effect
     from dpn_lens.evaluation.preference import preference_margins
     from dpn_lens.steering import direction_sign
 
-    held = held_out_pairs(model, trait, ControlConfig(traits=[trait], data_dir=str(data_dir), pairs=n_pairs),
-                          log=lambda message: None)
-    base, _, _, persona = persona_control(model, held)
     result: dict[str, Any] = {"n_pairs": len(held.pairs), "persona": _effect(persona)}
     for direction, edit in edits.items():
         sign = direction_sign(direction)
@@ -148,7 +184,7 @@ def run_demo(model_name: str = "smollm2-135m-instruct", out: str | Path = "runs/
     from dpn_lens.pipeline import LocateConfig, locate_traits, neuron_table
     from dpn_lens.studies.outputs import layers_study
 
-    started = time.perf_counter()
+    started, clock = time.perf_counter(), StageClock()
     n_pairs = DEMO_PAIRS if n_pairs is None else n_pairs
     out = Path(out)
     figures = out / "figures" if figures is None else Path(figures)
@@ -157,17 +193,20 @@ def run_demo(model_name: str = "smollm2-135m-instruct", out: str | Path = "runs/
     print(f"dpn-lens demo: {model_name} ({dtype}), {len(traits)} traits x {n_pairs} embedded pairs, {strength}")
     if data is None and eval_pairs > 0:
         print("note: no PersonalityBench data found (--data-dir or $DPN_LENS_DATA), so the preference check is skipped")
-    model = load_model(model_name, dtype=dtype, device=device)
+    with clock.stage("load"):
+        model = load_model(model_name, dtype=dtype, device=device)
     n_neurons = model.cfg.n_layers * model.cfg.d_mlp
     print(f"loaded in {time.perf_counter() - started:.0f} s: {model.cfg.n_layers} layers x d_mlp {model.cfg.d_mlp} "
           f"= {n_neurons} MLP neurons\n")
-    run = locate_traits(model, LocateConfig(list(traits), source="embedded", n_pairs=n_pairs), out=out,
-                        overwrite=overwrite)
+    with clock.stage("locate"):
+        run = locate_traits(model, LocateConfig(list(traits), source="embedded", n_pairs=n_pairs), out=out,
+                            overwrite=overwrite)
     located = time.perf_counter()
     table = neuron_table(run.maps)
     print("\nSelected neurons per layer (trait high/low), with the share of neurons edited:\n" + table + "\n")
 
-    probe = KLProbe(model, probe_chunks(model)) if gamma is None else None
+    with clock.stage("calibration"):
+        probe = KLProbe(model, probe_chunks(model)) if gamma is None else None
     generations: dict[str, list[str]] = {}
     evidence: dict[str, dict[str, Any]] = {}
     for trait, neuron_map in run.maps.items():
@@ -182,7 +221,9 @@ def run_demo(model_name: str = "smollm2-135m-instruct", out: str | Path = "runs/
         record: dict[str, Any] = {}
         for direction in ("increase", "decrease"):
             if gamma is None:
-                calibration = calibrate_gamma(model, neuron_map, target_kl=target_kl, probe=probe, direction=direction)
+                with clock.stage("calibration"):
+                    calibration = calibrate_gamma(model, neuron_map, target_kl=target_kl, probe=probe,
+                                                  direction=direction)
                 gammas[direction] = calibration.gamma
                 record[f"{direction}_calibration"] = calibration.describe()
                 print(f"  {direction}: {calibration.describe()}")
@@ -192,24 +233,27 @@ def run_demo(model_name: str = "smollm2-135m-instruct", out: str | Path = "runs/
                  for direction, value in gammas.items()}
         record["gamma"] = gammas
         if data is not None:
-            check = preference_check(model, trait, edits, data, eval_pairs)
+            check = preference_check(model, trait, edits, data, eval_pairs, clock)
             record["preference"] = check
             print(f"  preference shift, nats/token, 95% CI over {check['n_pairs']} held-out pairs:")
             for direction in ("increase", "decrease"):
                 print(_effect_line(f"{direction} (gamma {gammas[direction]:.3g})", check[direction]))
             print(_effect_line("persona prompt (high-low)/2", check["persona"]))
-        generations[trait] = compare_generations(model, [DEMO_QUESTIONS[trait]], edits, max_new_tokens)
+        with clock.stage("example answers"):
+            generations[trait] = compare_generations(model, [DEMO_QUESTIONS[trait]], edits, max_new_tokens)
         evidence[trait] = record
         print("\n".join(generations[trait]) + "\n")
 
     summary = run.summary_dict()
     # The layer-wise figures and tables are those of `dpn-lens study layers` (PNG needs Chromium).
     png = _can_write_png()
-    layers_study(run, figures, png=png, log=None)
+    with clock.stage("figures"):
+        layers_study(run, figures, png=png, log=None)
     written = sorted(figures.glob("layers_*.html")) + (sorted(figures.glob("layers_*.png")) if png else [])
     summary.update({"gamma": gamma if gamma is not None else "calibrated", "target_kl": target_kl, "n_pairs": n_pairs,
                     "dtype": dtype, "seconds_locate": round(located - started, 1),
                     "seconds_total": round(time.perf_counter() - started, 1),
+                    "seconds_by_stage": {name: round(seconds, 1) for name, seconds in clock.seconds.items()},
                     "figures": [str(path) for path in written], "generations": generations, "evidence": evidence})
     write_json_atomic(out / SUMMARY_FILE, summary)
     lines = [f"# dpn-lens demo: {model_name}", "",
@@ -233,5 +277,5 @@ def run_demo(model_name: str = "smollm2-135m-instruct", out: str | Path = "runs/
         lines += [f"### {trait}", "", "```", *blocks, "```", ""]
     write_text_atomic(out / SUMMARY_MD_FILE, "\n".join(lines))
     print(f"wrote {out}/summary.md, {out}/summary.json, maps and stats; {len(written)} figure files in {figures}/")
-    print(f"demo finished in {summary['seconds_total']:.0f} s")
+    print(f"demo finished in {summary['seconds_total']:.0f} s ({clock.describe()})")
     return summary

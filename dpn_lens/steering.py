@@ -223,7 +223,7 @@ def dpn_weights(abs_d: Float[Tensor, "n"]) -> Float[Tensor, "n"]:
 def steering_intervention(neuron_map: NeuronMap, gamma: float = 1.0,
                           direction: Literal["increase", "decrease"] = "increase",
                           mode: Literal["both", "directional"] = "both", weighted: bool = False,
-                          positions: Positions = "decode") -> Intervention:
+                          positions: Positions = "decode", scale: Literal["s", "spread"] = "s") -> Intervention:
     """The DPN-LE edit of a trait.
 
     Args:
@@ -234,6 +234,10 @@ def steering_intervention(neuron_map: NeuronMap, gamma: float = 1.0,
             to increase the trait and the low set to decrease it.
         weighted: DPN-LE_w, scaling each neuron's delta by ``dpn_weights`` of its |d|.
         positions: ``"decode"`` (default, prompt pass untouched) or ``"all"``.
+        scale: ``"s"`` (the paper: ``delta_i = ±gamma * s_i``) or ``"spread"`` (``DPN-LE_sd``, a variant:
+            ``delta_i = ±gamma * sign(s_i) * sigma_i`` with ``sigma_i = |s_i / d_i|`` the neuron's pooled
+            standard deviation, so every edited neuron moves by the same number of its own standard
+            deviations instead of by its mean difference).
 
     Example:
         >>> edit = steering_intervention(neuron_map, gamma=1.0, direction="decrease")   # doctest: +SKIP
@@ -244,18 +248,26 @@ def steering_intervention(neuron_map: NeuronMap, gamma: float = 1.0,
     direction_sign(direction)
     if mode not in ("both", "directional"):
         raise ValueError(f"mode must be 'both' or 'directional', got {mode!r}")
+    if scale not in ("s", "spread"):
+        raise ValueError(f"scale must be 's' or 'spread', got {scale!r}")
     if mode == "both":
         sets = {layer: torch.cat([neuron_map.high[layer], neuron_map.low[layer]]) for layer in neuron_map.layers}
     else:
         sets = neuron_map.high if direction == "increase" else neuron_map.low
     selected = {layer: indices for layer, indices in sets.items() if indices.numel()}
     weights = None
-    if weighted and selected:
+    if (weighted or scale == "spread") and selected:
         abs_d = torch.cat([neuron_map.values_at(layer, indices)[1].abs() for layer, indices in selected.items()])
-        flat = dpn_weights(abs_d)
+        flat = torch.ones_like(abs_d, dtype=torch.float32)
+        if weighted:
+            flat = flat * dpn_weights(abs_d)
+        if scale == "spread":
+            # s_i / |d_i| = sign(s_i) * sigma_i; selected neurons have |d| > tau_d > 0.
+            flat = flat / abs_d.to(torch.float32)
         sizes = [indices.numel() for indices in selected.values()]
         weights = dict(zip(selected, torch.split(flat, sizes)))
-    label = f"DPN-LE{'_w' if weighted else ''} {neuron_map.trait} {direction} gamma={gamma:g} ({mode})"
+    variant = ("_w" if weighted else "") + ("_sd" if scale == "spread" else "")
+    label = f"DPN-LE{variant} {neuron_map.trait} {direction} gamma={gamma:g} ({mode})"
     edit = additive_intervention(neuron_map.steering_value, neuron_map.stat_layers, selected, gamma, direction,
                                  weights=weights, positions=positions, hook_template=neuron_map.hook_name,
                                  label=label, source=neuron_map.trait)

@@ -183,13 +183,15 @@ def test_control_command_line(tiny_folder, tmp_path, monkeypatch, capsys):
 
 
 def test_demo_preference_check_reports_each_direction_and_the_persona(tiny_model, tmp_path, monkeypatch):
-    from dpn_lens.demo import _effect_line, preference_check
+    from dpn_lens.demo import StageClock, _effect_line, preference_check
 
     monkeypatch.setenv("DPN_LENS_CACHE", str(tmp_path / "cache"))
     data = write_personalitybench(tmp_path / "data")
     neuron_map = tiny_map(tiny_model)
     edits = {d: steering_intervention(neuron_map, 2.0, d) for d in ("increase", "decrease")}
-    check = preference_check(tiny_model, "extraversion", edits, data, n_pairs=8)
+    clock = StageClock()
+    check = preference_check(tiny_model, "extraversion", edits, data, n_pairs=8, clock=clock)
+    assert set(clock.seconds) == {"preference pairs", "preference margins"}
     assert set(check) == {"n_pairs", "persona", "increase", "decrease"} and check["n_pairs"] >= 4
     for key in ("persona", "increase", "decrease"):
         effect = check[key]

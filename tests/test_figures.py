@@ -109,6 +109,10 @@ def test_demo_writes_its_figures_into_its_run_folder(tiny_model, tmp_path, monke
     written = sorted((tmp_path / "runs" / "demo" / "figures").glob("layers_*"))
     assert {p.suffix for p in written} >= {".html", ".json"}
     assert summary["figures"] and all(path.startswith("runs/demo/figures/") for path in summary["figures"])
+    # Where the time went, per stage (the closing notes report these).
+    stages = summary["seconds_by_stage"]
+    assert {"load", "locate", "calibration", "figures"} <= set(stages)  # 4 pairs: an empty map, no answers
+    assert sum(stages.values()) <= summary["seconds_total"] + 0.5 and all(v >= 0 for v in stages.values())
 
 
 def test_demo_says_so_when_a_map_selects_no_neurons(tiny_model, tmp_path, monkeypatch):

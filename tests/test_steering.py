@@ -131,6 +131,24 @@ def test_weighted_variant_scales_each_delta_by_its_rank_of_abs_d(tiny_map):
     assert dpn_weights(torch.tensor([2.0])).tolist() == [1.0]
 
 
+def test_spread_variant_moves_each_neuron_by_gamma_of_its_own_standard_deviation(tiny_map):
+    """DPN-LE_sd: delta_i = ±gamma * sign(s_i) * sigma_i, sigma_i = |s_i / d_i| (pooled SD, d = s / sigma)."""
+    gamma = 0.7
+    for direction, sign in (("increase", 1.0), ("decrease", -1.0)):
+        edit = steering_intervention(tiny_map, gamma=gamma, direction=direction, scale="spread")
+        assert edit.label.startswith("DPN-LE_sd")
+        for layer in tiny_map.layers:
+            indices = selected(tiny_map, layer)
+            if not indices.numel():
+                continue
+            s, d = tiny_map.values_at(layer, indices)
+            expected = sign * gamma * torch.sign(s) * (s / d).abs()
+            torch.testing.assert_close(edit.deltas[layer][indices], expected.float(), rtol=1e-6, atol=0)
+            assert (edit.deltas[layer] != 0).sum() == indices.numel()
+    with pytest.raises(ValueError, match="scale must be 's' or 'spread'"):
+        steering_intervention(tiny_map, scale="sd")
+
+
 def test_combining_traits_adds_deltas_and_warns_naming_shared_neurons(tiny_map):
     other = dataclasses.replace(tiny_map, trait="openness")
     a, b = steering_intervention(tiny_map, gamma=1.0), steering_intervention(other, gamma=0.5)

@@ -36,13 +36,13 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         >>> parser = argparse.ArgumentParser(); register(parser.add_subparsers(dest="command"))   # doctest: +ELLIPSIS
         ArgumentParser(...)
     """
-    from dpn_lens.evaluation.methods import METHOD_NAMES
+    from dpn_lens.evaluation.methods import DEFAULT_METHOD_NAMES, METHOD_NAMES
 
     help_text = "compare DPN-LE with NPTI, dense, top-k, CAA and prompting"
     parser = subparsers.add_parser("compare", help=help_text, description=help_text, formatter_class=FORMATTER)
     add_model_options(parser)
     add_traits_option(parser)
-    parser.add_argument("--methods", nargs="+", default=list(METHOD_NAMES), choices=list(METHOD_NAMES))
+    parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHOD_NAMES), choices=list(METHOD_NAMES))
     add_data_dir_option(parser, "ipip/, personalitybench/, anthropic_persona/ and capability/")
     parser.add_argument("--maps", default=None, help="run folder (or its maps/ folder) with <trait>.safetensors neuron "
                                                      "maps (None: located on the fly)")

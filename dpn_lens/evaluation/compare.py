@@ -38,7 +38,7 @@ from dpn_lens.io import markdown_table
 from dpn_lens.evaluation import trait as tr
 from dpn_lens.evaluation.intervals import bootstrap_ci, paired_effect
 from dpn_lens.evaluation.judge import JudgeConfig, judge_evaluation, load_test_questions
-from dpn_lens.evaluation.methods import METHOD_NAMES, METHODS_BY_NAME, TraitContext
+from dpn_lens.evaluation.methods import DEFAULT_METHOD_NAMES, METHOD_NAMES, METHODS_BY_NAME, TraitContext
 from dpn_lens.localize import reselect
 from dpn_lens.neuron_map import NeuronMap
 from dpn_lens.run import find_map, percent_of_mlp
@@ -69,7 +69,7 @@ class CompareConfig:
     """
 
     traits: list[str] = field(default_factory=lambda: list(TRAITS))
-    methods: list[str] = field(default_factory=lambda: list(METHOD_NAMES))
+    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHOD_NAMES))
     data_dir: str | None = None
     maps_dir: str | None = None
     locate_pairs: int = 100

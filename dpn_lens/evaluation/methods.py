@@ -7,7 +7,9 @@ over ``COMPARISON_METHODS``; adding a method is one ``ComparisonMethod`` entry t
 
 Example:
     >>> [method.name for method in COMPARISON_METHODS]
-    ['dpn-le', 'dpn-le-w', 'directional', 'dense', 'topk', 'npti', 'caa', 'prompting']
+    ['dpn-le', 'dpn-le-w', 'dpn-le-sd', 'directional', 'dense', 'topk', 'npti', 'caa', 'prompting']
+    >>> "dpn-le-sd" in DEFAULT_METHOD_NAMES   # a variant: run when --methods names it
+    False
     >>> METHODS_BY_NAME["prompting"].sweepable
     False
 """
@@ -28,7 +30,7 @@ if TYPE_CHECKING:  # the comparison's config; compare.py imports this module
     from dpn_lens.evaluation.compare import CompareConfig
 
 __all__ = ["ComparisonMethod", "TraitContext", "Condition", "COMPARISON_METHODS", "METHODS_BY_NAME",
-           "METHOD_NAMES"]
+           "METHOD_NAMES", "DEFAULT_METHOD_NAMES"]
 
 Direction = Literal["increase", "decrease"]
 Condition = tuple["Edit | None", "PersonaPrompt | None"]
@@ -63,6 +65,8 @@ class ComparisonMethod:
     gamma_option: str | None = "gamma"
     prepare: Callable[[Any, str, "CompareConfig"], Any] | None = None
     sweepable: bool = True
+    default: bool = True
+    """Part of ``compare``'s default method list (variants that only ``--methods`` names say False)."""
 
     def default_gamma(self, config: "CompareConfig") -> float | None:
         """The strength of the main comparison (``config.<gamma_option>``)."""
@@ -81,6 +85,10 @@ def _dpn_le(model: Any, context: TraitContext, direction: Direction, gamma: floa
 
 def _dpn_le_w(model: Any, context: TraitContext, direction: Direction, gamma: float | None) -> Condition:
     return steering_intervention(context.neuron_map, gamma, direction, "both", weighted=True), None
+
+
+def _dpn_le_sd(model: Any, context: TraitContext, direction: Direction, gamma: float | None) -> Condition:
+    return steering_intervention(context.neuron_map, gamma, direction, "both", scale="spread"), None
 
 
 def _directional(model: Any, context: TraitContext, direction: Direction, gamma: float | None) -> Condition:
@@ -120,6 +128,7 @@ def _prompting(model: Any, context: TraitContext, direction: Direction, gamma: f
 COMPARISON_METHODS: tuple[ComparisonMethod, ...] = (
     ComparisonMethod("dpn-le", _dpn_le),
     ComparisonMethod("dpn-le-w", _dpn_le_w),
+    ComparisonMethod("dpn-le-sd", _dpn_le_sd, default=False),
     ComparisonMethod("directional", _directional),
     ComparisonMethod("dense", _dense),
     ComparisonMethod("topk", _topk),
@@ -131,3 +140,5 @@ COMPARISON_METHODS: tuple[ComparisonMethod, ...] = (
 METHODS_BY_NAME: dict[str, ComparisonMethod] = {method.name: method for method in COMPARISON_METHODS}
 METHOD_NAMES: tuple[str, ...] = tuple(METHODS_BY_NAME)
 """The names ``--methods`` accepts."""
+DEFAULT_METHOD_NAMES: tuple[str, ...] = tuple(method.name for method in COMPARISON_METHODS if method.default)
+"""The methods ``compare`` runs unless ``--methods`` says otherwise."""
