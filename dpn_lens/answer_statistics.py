@@ -57,7 +57,8 @@ def answer_mean_activations(model: HookedModel, prompts: Sequence[list[int]], an
 
     # The batching (longest first, right-padded to a token budget) is the log-prob scorer's own.
     with model.hooks(fwd_hooks=[(hook_name(layer), reader(layer)) for layer in layers]):
-        for index, _ in _batched_logits(model, sequences, batch_tokens, on_batch):
+        # Empty spans: the logits are not needed, so none are copied off the model.
+        for index, _ in _batched_logits(model, sequences, batch_tokens, on_batch, spans=[(0, 0)] * len(sequences)):
             if answers[index]:
                 row = batch["chunk"].index(index)
                 result[index] = torch.stack([batch["means"][layer][row] for layer in layers])

@@ -130,3 +130,20 @@ def test_the_memory_section_is_skipped_off_the_cpu(bench, capsys):
     finally:
         bench.LOAD_OPTIONS.device = "cpu"
     assert "[memory] skipped on cuda" in capsys.readouterr().out
+
+
+def test_every_benchmark_command_in_the_docs_parses(bench):
+    """README and docs/ name bench_perf commands; a renamed option or section must fail here, not there."""
+    import re
+    import shlex
+
+    root = SCRIPT.parents[1]
+    commands = []
+    for doc in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
+        for match in re.finditer(r"python benchmarks/bench_perf\.py([^`\n#]*)", doc.read_text()):
+            commands.append((doc.name, shlex.split(match.group(1).replace("FOLDER", "some/folder"))))
+    assert len(commands) >= 8, commands
+    for doc, argv in commands:
+        args = bench.parser().parse_args(argv)
+        sections = [s for s in args.sections.split(",") if s]
+        assert sections and set(sections) <= set(bench.SECTIONS), (doc, argv)

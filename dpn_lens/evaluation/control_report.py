@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from dpn_lens.io import markdown_table, write_csv_atomic, write_json_atomic, write_text_atomic
 
@@ -81,65 +81,72 @@ def _best_by_target(result: dict[str, Any]) -> list[str]:
     return lines
 
 
+DIRECTIONS = ("increase", "decrease")
+
+
+def _panels(rows: Sequence[dict[str, Any]], add: Callable[[Any, list[dict[str, Any]], str, int, int, int], None]
+            ) -> Any:
+    """A traits x directions grid of panels; ``add(figure, points, method, index, row, col)`` draws one
+    method's points (sorted by gamma) in one panel. The figure is sized to the number of traits."""
+    from plotly.subplots import make_subplots
+
+    traits = list(dict.fromkeys(r["trait"] for r in rows))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    figure = make_subplots(rows=len(traits), cols=2, vertical_spacing=0.06 if len(traits) > 1 else 0.1,
+                           subplot_titles=[f"{t} {d}" for t in traits for d in DIRECTIONS])
+    for row, trait in enumerate(traits, 1):
+        for col, direction in enumerate(DIRECTIONS, 1):
+            for index, method in enumerate(methods):
+                points = sorted((r for r in rows if r["trait"] == trait and r["direction"] == direction
+                                 and r["method"] == method), key=lambda r: r["gamma"])
+                if points:
+                    add(figure, points, method, index, row, col)
+            figure.update_xaxes(type="log", row=row, col=col)
+    figure.update_layout(height=260 * len(traits) + 120, width=1000)
+    return figure
+
+
 def tradeoff_figure(curves: Sequence[dict[str, Any]], x: str = "kl", title: str | None = None) -> Any:
     """Shift against ``x`` (``"kl"`` or ``"ppl"``): rows = traits, columns = directions, a curve per method."""
     import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
 
     from dpn_lens.figures import style
 
-    traits = list(dict.fromkeys(c["trait"] for c in curves))
-    directions = ["increase", "decrease"]
-    methods = list(dict.fromkeys(c["method"] for c in curves))
-    figure = make_subplots(rows=len(traits), cols=2, shared_xaxes=False, vertical_spacing=0.06 if len(traits) > 1 else 0.1,
-                           subplot_titles=[f"{t} {d}" for t in traits for d in directions])
-    for row, trait in enumerate(traits, 1):
-        for col, direction in enumerate(directions, 1):
-            for index, method in enumerate(methods):
-                points = sorted((c for c in curves if c["trait"] == trait and c["direction"] == direction
-                                 and c["method"] == method), key=lambda c: c["gamma"])
-                if not points:
-                    continue
-                figure.add_trace(go.Scatter(
-                    x=[max(p[x], 1e-4) for p in points], y=[p["shift"] for p in points], mode="lines+markers",
-                    name=method, legendgroup=method, showlegend=row == 1 and col == 1,
-                    line={"color": PALETTE[index % len(PALETTE)], "dash": "dot" if method == "random-neurons" else "solid"},
-                    error_y={"type": "data", "symmetric": False, "array": [p["ci_high"] - p["shift"] for p in points],
-                             "arrayminus": [p["shift"] - p["ci_low"] for p in points], "thickness": 1},
-                    text=[f"gamma {p['gamma']:g}" for p in points]), row=row, col=col)
+    zero_lines: set[tuple[int, int]] = set()
+
+    def add(figure: Any, points: list[dict[str, Any]], method: str, index: int, row: int, col: int) -> None:
+        figure.add_trace(go.Scatter(
+            x=[max(p[x], 1e-4) for p in points], y=[p["shift"] for p in points], mode="lines+markers",
+            name=method, legendgroup=method, showlegend=row == 1 and col == 1,
+            line={"color": PALETTE[index % len(PALETTE)], "dash": "dot" if method == "random-neurons" else "solid"},
+            error_y={"type": "data", "symmetric": False, "array": [p["ci_high"] - p["shift"] for p in points],
+                     "arrayminus": [p["shift"] - p["ci_low"] for p in points], "thickness": 1},
+            text=[f"gamma {p['gamma']:g}" for p in points]), row=row, col=col)
+        if (row, col) not in zero_lines:  # one zero line per panel
+            zero_lines.add((row, col))
             figure.add_hline(y=0, line={"color": "#999", "width": 1}, row=row, col=col)
-            figure.update_xaxes(type="log", row=row, col=col)
+
+    figure = _panels(curves, add)
     label = "KL(unsteered || steered), nats/token" if x == "kl" else "perplexity of the probe text"
     style(figure, title or f"Preference shift (as asked) vs {label}", label, "shift, nats/token")
-    figure.update_layout(height=260 * len(traits) + 120, width=1000)
     return figure
 
 
 def cost_figure(costs: Sequence[dict[str, Any]]) -> Any:
     """KL against gamma (log-log), one panel per trait and direction, a curve per method: where capability falls."""
     import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
 
     from dpn_lens.figures import style
 
-    traits = list(dict.fromkeys(c["trait"] for c in costs))
-    methods = list(dict.fromkeys(c["method"] for c in costs))
-    directions = ["increase", "decrease"]
-    figure = make_subplots(rows=len(traits), cols=2, vertical_spacing=0.06 if len(traits) > 1 else 0.1,
-                           subplot_titles=[f"{t} {d}" for t in traits for d in directions])
-    for row, trait in enumerate(traits, 1):
-        for col, direction in enumerate(directions, 1):
-            for index, method in enumerate(methods):
-                points = sorted((c for c in costs if c["trait"] == trait and c["direction"] == direction
-                                 and c["method"] == method), key=lambda c: c["gamma"])
-                figure.add_trace(go.Scatter(x=[p["gamma"] for p in points], y=[max(p["kl"], 1e-5) for p in points],
-                                            mode="lines+markers", name=method, legendgroup=method,
-                                            showlegend=row == 1 and col == 1,
-                                            line={"color": PALETTE[index % len(PALETTE)]}), row=row, col=col)
-            figure.update_xaxes(type="log", row=row, col=col)
-            figure.update_yaxes(type="log", row=row, col=col)
+    def add(figure: Any, points: list[dict[str, Any]], method: str, index: int, row: int, col: int) -> None:
+        figure.add_trace(go.Scatter(x=[p["gamma"] for p in points], y=[max(p["kl"], 1e-5) for p in points],
+                                    mode="lines+markers", name=method, legendgroup=method,
+                                    showlegend=row == 1 and col == 1,
+                                    line={"color": PALETTE[index % len(PALETTE)]}), row=row, col=col)
+        figure.update_yaxes(type="log", row=row, col=col)
+
+    figure = _panels(costs, add)
     style(figure, "Cost of each edit: KL(unsteered || steered) on the probe text vs gamma", "gamma", "KL, nats/token")
-    figure.update_layout(height=260 * len(traits) + 120, width=1000)
     return figure
 
 
