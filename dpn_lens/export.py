@@ -14,7 +14,10 @@ residual stream per edited layer. Three runtimes can add such a vector without d
   output of decoder block ``l``.
 * ``"hf-bias"``: a Hugging Face model folder (``save_pretrained``) whose edited layers carry
   ``down_proj.bias = vector`` (Llama-family configs with ``mlp_bias=True``; the gate/up biases are
-  zero), so any runtime that loads the model steers with no hooks at all.
+  zero), so any runtime that loads the model steers with no hooks at all. Qwen2 and Mistral configs
+  have no ``mlp_bias``; their models are saved as the same network written as a ``LlamaForCausalLM``
+  (same weights and names; Qwen2's q/k/v biases kept, zero biases added where Llama's options put
+  them), which is exact when no sliding-window attention is configured.
 
 Adding a vector to a layer's output equals adding it to that layer's MLP output only when the MLP
 output goes straight into the residual sum (pre-norm blocks: LLaMA, Qwen2, Mistral, SmolLM2). Gemma 2/3
@@ -237,13 +240,48 @@ def load_steering_vector(path: str | os.PathLike) -> Any:
     return SteeringVector(**kwargs)
 
 
+_AS_LLAMA: dict[str, dict[str, Any]] = {"qwen2": {"attention_bias": True}, "mistral": {"attention_bias": False}}
+"""Model types whose decoder is a Llama decoder up to biases: the Llama options that express them."""
+
+
+def _bias_config(config: Any, architecture: str) -> tuple[Any, str | None]:
+    """A config for the biased copy: ``config`` with ``mlp_bias=True``, or a Llama config of the same network.
+
+    Returns ``(config, the original architecture when it was re-expressed as Llama, else None)``.
+    """
+    if hasattr(config, "mlp_bias"):
+        biased = copy.deepcopy(config)
+        biased.mlp_bias = True
+        return biased, None
+    model_type = getattr(config, "model_type", None)
+    if model_type not in _AS_LLAMA:
+        raise ValueError(f"{type(config).__name__} has no `mlp_bias` option, so a saved model of it cannot carry an "
+                         f"MLP output bias (supported: Llama-family configs, and {', '.join(sorted(_AS_LLAMA))} "
+                         "saved as Llama); use --format gguf or steering-vectors (pre-norm models) or dpn-lens hooks")
+    # Llama has no sliding window: the same network only when none is configured.
+    if getattr(config, "use_sliding_window", model_type == "mistral") and getattr(config, "sliding_window", None):
+        raise ValueError(f"this {model_type} config uses sliding-window attention (window "
+                         f"{config.sliding_window}), which a Llama model cannot express; use --format gguf or "
+                         "steering-vectors, or dpn-lens hooks")
+    from transformers import LlamaConfig
+
+    fields = {key: value for key, value in config.to_dict().items()
+              if key not in ("model_type", "architectures", "transformers_version", "layer_types",
+                             "use_sliding_window", "sliding_window", "max_window_layers")}
+    return LlamaConfig(**{**fields, **_AS_LLAMA[model_type], "mlp_bias": True,
+                          "architectures": ["LlamaForCausalLM"]}), architecture
+
+
 def export_bias_model(model: HookedModel, exported: ExportedEdit, out: str | os.PathLike) -> Path:
     """Save the model with ``down_proj.bias = vector`` on each edited layer (``save_pretrained``).
 
     The config gets ``mlp_bias=True`` (Llama-family configs), which gives every gate/up/down
     projection a bias: all are zero except the edited layers' ``down_proj.bias``. Since the bias
     sits inside the MLP, this is exact for any block layout, but only configs with an ``mlp_bias``
-    field can carry it. ``dpn_lens_edit.json`` in the folder records the edit.
+    field can carry it. A Qwen2 or Mistral model is written as the same network in Llama form
+    (``LlamaForCausalLM``: identical weight names; Qwen2's q/k/v biases kept, a zero o_proj bias
+    added); a sliding-window config is refused. ``dpn_lens_edit.json`` in the folder records the
+    edit and, for such a model, the original architecture.
 
     Example:
         >>> export_bias_model(model, exported_edit(model, edit), "smollm2-openness")   # doctest: +SKIP
@@ -254,41 +292,44 @@ def export_bias_model(model: HookedModel, exported: ExportedEdit, out: str | os.
     from dpn_lens.io import write_json_atomic
 
     hf = _hf_model(model)
-    if not hasattr(hf.config, "mlp_bias"):
-        raise ValueError(f"{type(hf.config).__name__} has no `mlp_bias` option, so a saved {type(hf).__name__} "
-                         "cannot carry an MLP output bias; use --format gguf or steering-vectors (pre-norm "
-                         "models) or dpn-lens hooks")
+    config, re_expressed_from = _bias_config(hf.config, type(_plain(hf)).__name__)
     if not exported.vectors:
         raise ValueError("the edit changes no neuron (all deltas are zero); nothing to export")
     # A TransformerBridge wraps every HF module (`._original_component` in the state dict keys):
     # rebuild a plain model from the config and copy the weights in, so save_pretrained writes
     # standard names.
     state = {key.replace("._original_component", ""): value for key, value in hf.state_dict().items()}
-    config = copy.deepcopy(hf.config)
-    config.mlp_bias = True
     dtype = next(hf.parameters()).dtype
     plain = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    missing, _aliases = plain.load_state_dict(state, strict=False)
+    missing, unexpected = plain.load_state_dict(state, strict=False)
     not_bias = [key for key in missing if not key.endswith("_proj.bias") and key != "lm_head.weight"]
+    if unexpected and re_expressed_from is not None:
+        raise ValueError(f"{re_expressed_from} weights {unexpected[:3]} have no place in the Llama form; "
+                         "use --format gguf or steering-vectors, or dpn-lens hooks")
     if not_bias:
         raise ValueError(f"could not copy the weights into a plain {type(plain).__name__}: missing {not_bias[:3]}")
     if "lm_head.weight" in missing and not getattr(config, "tie_word_embeddings", False):
         raise ValueError("could not copy lm_head.weight into the exported model")
     with torch.no_grad():
         for name, param in plain.named_parameters():
-            if name.endswith("_proj.bias") and ".mlp." in name:
+            # the biases the copy adds (the original's own biases were loaded above)
+            if name.endswith("_proj.bias") and name in missing:
                 param.zero_()
         for layer, vector in exported.vectors.items():
-            plain.model.layers[layer].mlp.down_proj.bias.copy_(vector.to(dtype))
+            # added, not copied: a model that had MLP biases keeps its own
+            plain.model.layers[layer].mlp.down_proj.bias.add_(vector.to(dtype))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    plain.config.architectures = list(getattr(hf.config, "architectures", None) or [type(plain).__name__])
+    if re_expressed_from is None:
+        plain.config.architectures = list(getattr(hf.config, "architectures", None) or [type(plain).__name__])
     plain.save_pretrained(out)
     tokenizer = getattr(model, "tokenizer", None)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
-    write_json_atomic(out / "dpn_lens_edit.json", {**exported.metadata, "layers": sorted(exported.vectors),
-                                                   "bias": "model.layers.<layer>.mlp.down_proj.bias"})
+    record = {**exported.metadata, "layers": sorted(exported.vectors), "bias": "model.layers.<layer>.mlp.down_proj.bias"}
+    if re_expressed_from is not None:
+        record["architecture"] = f"LlamaForCausalLM, the same network as the original {re_expressed_from}"
+    write_json_atomic(out / "dpn_lens_edit.json", record)
     return out
 
 

@@ -156,6 +156,60 @@ def test_a_model_that_normalises_its_mlp_output_is_refused(tmp_path):
         export_bias_model(gemma, exported_edit(gemma, edit), tmp_path / "g")
 
 
+def _tiny_without_mlp_bias(arch: str, **options):
+    from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    common = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64, **options)
+    torch.manual_seed(0)
+    if arch == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(tie_word_embeddings=True, **common))
+        with torch.no_grad():  # Qwen2's own q/k/v biases, non-zero, so that keeping them is checked
+            for layer in model.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.bias.normal_(0, 0.5)
+        return model.eval()
+    return MistralForCausalLM(MistralConfig(**common)).eval()
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "mistral"])
+def test_models_without_mlp_bias_are_saved_as_the_same_network_in_llama_form(arch, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = _tiny_without_mlp_bias(arch, **({"sliding_window": None} if arch == "mistral" else {}))
+    generator = torch.Generator().manual_seed(1)
+    edit = Intervention({1: torch.randn(48, generator=generator), 2: torch.randn(48, generator=generator)},
+                        positions="all")
+    exported = exported_edit(model, edit, trait="openness")
+    ids = torch.randint(0, 64, (2, 12), generator=generator)
+    unsteered = _logits(model, ids)
+    # The edit's definition: its residual vector added to the MLP output of each edited layer.
+    handles = [model.model.layers[layer].mlp.register_forward_hook(lambda _m, _i, out, v=vector: out + v)
+               for layer, vector in exported.vectors.items()]
+    try:
+        steered = _logits(model, ids)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+    out = export_bias_model(model, exported, tmp_path / arch)
+    reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(reloaded).__name__ == "LlamaForCausalLM" and reloaded.config.mlp_bias is True
+    assert (steered - unsteered).abs().max() > 0.05   # else the equality below proves nothing
+    assert (_logits(reloaded, ids) - steered).abs().max() < 1e-5
+    record = json.loads((out / "dpn_lens_edit.json").read_text())
+    assert record["architecture"].endswith({"qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}[arch])
+    assert (_logits(model, ids) - unsteered).abs().max() == 0   # the original is untouched
+
+
+@pytest.mark.parametrize("arch, options", [("qwen2", {"use_sliding_window": True, "sliding_window": 8}),
+                                           ("mistral", {"sliding_window": 8})])
+def test_a_sliding_window_config_is_not_saved_as_llama(arch, options, tmp_path):
+    model = _tiny_without_mlp_bias(arch, **options)
+    with pytest.raises(ValueError, match="sliding-window attention \\(window 8\\)"):
+        export_bias_model(model, exported_edit(model, Intervention({1: torch.ones(48)})), tmp_path / "x")
+
+
 def test_cli_export_writes_each_format_and_says_all_positions(tiny_model, tmp_path, capsys, monkeypatch):
     neuron_map = make_map("openness", {1: [3]}, {2: [5]}, [1, 2], n_layers=4, d_mlp=48,
                           fingerprint=model_fingerprint(tiny_model).to_dict())
