@@ -424,6 +424,33 @@ def _headline(comparison: Path, notes: list[str]) -> str:
             + _table_html(body, ["method", "conditions", *columns], inline=False) + f"<p class='note'>{note}</p>")
 
 
+def _effect_cell(effect: dict[str, Any]) -> str:
+    """``+0.012 [-0.004, +0.030]`` and what it says (the interval against 0)."""
+    verdict = ("moved as asked" if effect["ci_low"] > 0 else "moved the wrong way" if effect["ci_high"] < 0
+               else "not significant")
+    return f"{effect['shift']:+.3f} [{effect['ci_low']:+.3f}, {effect['ci_high']:+.3f}] {verdict}"
+
+
+def _evidence(summary: dict[str, Any]) -> str:
+    """The demo's preference check: per trait, each direction's shift and the persona prompt's, with 95% CIs."""
+    rows = []
+    for trait, record in (summary.get("evidence") or {}).items():
+        check = record.get("preference")
+        if not check:
+            continue
+        gammas = record.get("gamma") or {}
+        rows.append([html.escape(trait), str(check.get("n_pairs", ""))]
+                    + [f"{_effect_cell(check[d])} (gamma {_number(gammas.get(d, ''))})" for d in ("increase", "decrease")]
+                    + [_effect_cell(check["persona"])])
+    if not rows:
+        return ""
+    return ("<h3>Does the edit steer? Preference shift, nats/token</h3>"
+            + _table_html(rows, ["trait", "pairs", "increase", "decrease", "persona prompt (high-low)/2"], inline=False)
+            + "<p class='note'>Mean per-token log-probability margin of the high-trait over the low-trait answer to "
+              "held-out questions, steered minus unsteered, signed so that positive = moved as asked; [95% "
+              "bootstrap interval over pairs]. The persona prompt is the positive control.</p>")
+
+
 def _summary(summary: dict[str, Any], maps: dict[str, Any], comparison: Path | None, notes: list[str]) -> list[str]:
     """The page's first block: model, traits, neurons per pole, headline numbers, identical answers."""
     from dpn_lens.run import percent_of_all_mlp
@@ -456,6 +483,8 @@ def _summary(summary: dict[str, Any], maps: dict[str, Any], comparison: Path | N
     if rows:
         parts.append("<h3>Neurons per pole</h3>" +
                      _table_html(rows, ["trait", "high", "low", "% of all MLP neurons"], inline=False))
+    if summary.get("evidence"):
+        parts.append(_evidence(summary))
     if comparison is not None:
         parts.append(_headline(comparison, notes))
     generations = summary.get("generations") or {}

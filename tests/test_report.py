@@ -263,6 +263,21 @@ def test_headline_shows_intervals_when_the_comparison_has_them(run_with_studies,
     assert "<td>0.3 [0.1, 0.5]</td>" in text and "<td>0.03</td>" in text and "95% interval" in text
 
 
+def test_the_demos_preference_check_is_in_the_summary_with_its_intervals(run_with_studies):
+    run_dir, _ = run_with_studies
+    summary = json.loads((run_dir / "summary.json").read_text())
+    effect = lambda shift, low, high: {"shift": shift, "ci_low": low, "ci_high": high, "p": 0.01}  # noqa: E731
+    summary["evidence"] = {"openness": {"gamma": {"increase": 5.5, "decrease": 6.0}, "preference": {
+        "n_pairs": 30, "increase": effect(0.02, 0.005, 0.04), "decrease": effect(-0.03, -0.05, -0.01),
+        "persona": effect(0.12, 0.08, 0.17)}}}
+    write_json_atomic(run_dir / "summary.json", summary)
+    text = "".join(build_report(run_dir).summary)
+    row = re.search(r"<tr><td>openness</td>(.*?)</tr>", text[text.index("Does the edit steer"):]).group(1)
+    assert re.findall(r"<td>([^<]*)</td>", row) == [
+        "30", "+0.020 [+0.005, +0.040] moved as asked (gamma 5.5)",
+        "-0.030 [-0.050, -0.010] moved the wrong way (gamma 6)", "+0.120 [+0.080, +0.170] moved as asked"]
+
+
 def test_a_comparison_folder_alone_names_its_model_and_traits(tmp_path):
     _comparison(tmp_path / "compare", with_intervals=False)
     (tmp_path / "compare" / "comparison.md").write_text("# Comparison\n")
