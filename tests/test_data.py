@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+from scipy.stats import ttest_ind
+
 import pytest
 
 from dpn_lens import (TRAITS, ContrastiveSet, anthropic_persona_contrastive_set, embedded_contrastive_set,
@@ -190,3 +193,70 @@ def test_one_multiple_choice_builder_gives_the_questionnaire_and_capability_prom
     assert item.context == "Question: Which is a prime?\nA. 4\nB. 5 \nC. 6\nAnswer:"
     assert item.choices == (" A", " B", " C")
     assert multiple_choice_prompt(" Which is a prime? ", ["4", "5 ", "6"]) == item.context
+
+
+# ---------------------------------------------------------------- the poles mean the same thing everywhere
+
+POLE_WORDS = {  # word stems that say high or low on the trait, from the Big Five adjective markers
+    "openness": (r"imagin|creativ|curio|new (idea|thing|experience)|explor|artist|art\b|novel|abstract|adventur|"
+                 r"daydream|idea", r"routine|conventional|familiar|tradition|practical|closed|common sense|"
+                 r"established|no place|avoid|dislike new|not interested"),
+    "conscientiousness": (r"organi[sz]ed|plan|careful|reliab|disciplin|order|tidy|duty|meticul|schedul|prepared|"
+                          r"thorough|on time|deadline", r"careless|procrastinat|disorgan|mess|go-with-the-flow|"
+                          r"forget|struggle|last minute|late|ignore|neglect|waste"),
+    "extraversion": (r"talkative|outgoing|social|party|energetic|enthusias|people|conversation|friends|bubbly|"
+                     r"crowd|attention|lively|assertive", r"reserved|quiet|shy|solitude|introvert|alone|private|"
+                     r"drained|keep (to|my|your)|withdrawn|silent|background"),
+    "agreeableness": (r"kind|trust|help|empath|cooperat|harmony|generous|forgiv|compassion|warm|considerate|"
+                      r"polite|care about|sympath", r"competitive|guarded|suspicious|critic|hurt|self-focused|"
+                      r"blunt|harsh|cold|insult|argu|revenge|manipulat|selfish|rude"),
+    "neuroticism": (r"anxious|anxiety|worr|stress|tense|nervous|overwhelm|upset|panic|fear|moody|irritab|"
+                    r"insecur|sad|depress", r"calm|relax|stable|easygoing|composed|unflappable|at ease|"
+                    r"content|secure|resilient|rarely (feel|get)|handle stress|even-tempered|confident"),
+}
+
+
+def _pole_score(trait: str, text: str) -> int:
+    import re
+
+    high, low = POLE_WORDS[trait]
+    text = text.lower()
+    return len(re.findall(high, text)) - len(re.findall(low, text))
+
+
+IPIP_ANCHORS = {  # unambiguous items of the inventory and the key that says their pole
+    "openness": {"I indulge in my fantasies.": 1, "I do not have a good imagination.": -1},
+    "conscientiousness": {"I like order.": 1, "I postpone decisions.": -1},
+    "extraversion": {"I enjoy being part of a loud crowd.": 1, "I warm up quickly to others.": 1},
+    "agreeableness": {"I make people feel welcome.": 1, "I hold a grudge.": -1},
+    "neuroticism": {"I get upset easily.": 1, "Am not easily bothered by things.": -1},
+}
+
+
+@pytest.mark.parametrize("trait", TRAITS)
+def test_the_high_pole_means_the_same_thing_in_every_data_source(shared_data, trait):
+    """Neuroticism high = anxious in the embedded data, PersonalityBench, Anthropic's personas and IPIP alike
+    (issue 11). Persona texts: high-pole texts use the trait's high markers more than low-pole texts do, per
+    source (a source with swapped poles gives a negative difference). IPIP items are short and often negated
+    ("I do not like art"), which word markers misread, so their keying is checked on anchor items."""
+    from dpn_lens.evaluation.trait import load_ipip_items
+
+    embedded = embedded_contrastive_set(trait, 1000).pairs
+    bench = personalitybench_contrastive_set(shared_data, trait).pairs
+    sources = {
+        "embedded": ([p.high_description for p in embedded], [p.low_description for p in embedded]),
+        "personalitybench": ([p.high_description for p in bench], [p.low_description for p in bench]),
+        "anthropic_persona": tuple(getattr(anthropic_persona_contrastive_set(shared_data, trait), pole)
+                                   for pole in ("high", "low")),
+    }
+    for name, (high_texts, low_texts) in sources.items():
+        high_texts, low_texts = sorted(set(high_texts)), sorted(set(low_texts))
+        high = [_pole_score(trait, text) for text in high_texts]
+        low = [_pole_score(trait, text) for text in low_texts]
+        # Negated markers ("no place for new ideas") blur single texts, so the test is on the means.
+        p_value = ttest_ind(high, low, equal_var=False, alternative="greater").pvalue
+        assert p_value < 0.01, (  # swapped poles would give p near 1
+            f"{trait} / {name}: high-pole texts score {np.mean(high):+.2f} and low-pole texts {np.mean(low):+.2f} on "
+            f"the trait's markers ({len(high)} and {len(low)} texts, p={p_value:.2g}): the poles may be swapped")
+    keys = {item.text: item.key for item in load_ipip_items(shared_data) if item.trait == trait}
+    assert {text: keys.get(text) for text in IPIP_ANCHORS[trait]} == IPIP_ANCHORS[trait]
