@@ -125,6 +125,10 @@ def test_run_control_end_to_end_on_a_tiny_model(tiny_model, tmp_path, monkeypatc
     messages, checkpoints = [], []
     result = run_control(tiny_model, config, log=messages.append, progress=False, maps=maps, on_trait=checkpoints.append)
     assert [c["meta"]["traits_done"] for c in checkpoints] == [["extraversion"]]
+    # The run says which neurons DPN-LE edited.
+    assert result["meta"]["maps"]["extraversion"] == {
+        "layers": "1-2", "q": maps["extraversion"].settings.q, "tau_d": maps["extraversion"].settings.tau_d,
+        "settings_source": maps["extraversion"].settings.source, "high": 6, "low": 5}
     validation = result["validation"][0]
     assert validation["n_pairs"] >= 4 and validation["persona_ci_low"] <= validation["persona_effect"] <= validation["persona_ci_high"]
     # Gamma 0 goes through the same hooks and must change nothing.

@@ -341,6 +341,7 @@ def run_control(model: Any, config: ControlConfig, log: Callable[[str], None] = 
     bar = _Progress(len(config.traits) * per_trait, progress)
     validation, costs, curves, calibrated, gamma_zero = [], [], [], [], []
     examples: dict[str, Any] = {}
+    map_settings: dict[str, dict[str, Any]] = {}
     try:
         for trait in config.traits:
             t0 = time.time()
@@ -359,6 +360,10 @@ def run_control(model: Any, config: ControlConfig, log: Callable[[str], None] = 
             if neuron_map.n_selected() == 0:
                 raise ValueError(f"the {trait} map selects no neurons, so DPN-LE has nothing to edit; locate with more "
                                  "pairs or a lower tau_d")
+            settings = neuron_map.settings
+            map_settings[trait] = {"layers": settings.layer_range, "q": settings.q, "tau_d": settings.tau_d,
+                                   "settings_source": settings.source, "high": neuron_map.n_selected("high"),
+                                   "low": neuron_map.n_selected("low")}
             context = TraitContext(trait, neuron_map)
             for name in methods:
                 if METHODS_BY_NAME[name].prepare is not None:
@@ -404,19 +409,22 @@ def run_control(model: Any, config: ControlConfig, log: Callable[[str], None] = 
                 f"{r['ci_high']:+.3f}] random {r['random_shift']:+.3f}" if r["reached_target"]
                 else f"{r['direction']}: KL {config.target_kl:g} not reached" for r in calibrated[-2:]))
             if on_trait is not None:
-                on_trait(_result(model, config, started, validation, costs, curves, calibrated, gamma_zero, examples))
+                on_trait(_result(model, config, started, validation, costs, curves, calibrated, gamma_zero, examples,
+                                 map_settings))
     finally:
         bar.close()
-    return _result(model, config, started, validation, costs, curves, calibrated, gamma_zero, examples)
+    return _result(model, config, started, validation, costs, curves, calibrated, gamma_zero, examples, map_settings)
 
 
 def _result(model: Any, config: ControlConfig, started: float, validation: list, costs: list, curves: list,
-            calibrated: list, gamma_zero: list, examples: dict) -> dict[str, Any]:
+            calibrated: list, gamma_zero: list, examples: dict, map_settings: dict) -> dict[str, Any]:
     matched = matched_cost_rows(curves, config.kl_levels)
     curve_methods = list(config.methods) + ([RANDOM_CONTROL] if config.random_control else [])
     meta = {"model": getattr(model, "dpn_model_name", "model"), "dtype": str(next(model.parameters()).dtype),
             "config": dataclasses.asdict(config), "seconds": time.time() - started,
-            "probe_tokens": config.kl_chunks * config.kl_tokens, "traits_done": [row["trait"] for row in validation]}
+            "probe_tokens": config.kl_chunks * config.kl_tokens, "traits_done": [row["trait"] for row in validation],
+            # which neurons DPN-LE edited: each trait's localization settings and neurons per pole
+            "maps": dict(map_settings)}
     return {"validation": list(validation), "costs": list(costs), "curves": list(curves), "matched_cost": matched,
             "matched_summary": _mean_at_cost(matched, curve_methods, config.kl_levels), "calibrated": list(calibrated),
             "gamma_zero": list(gamma_zero), "examples": dict(examples), "meta": meta}
