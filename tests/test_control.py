@@ -267,3 +267,18 @@ def test_control_command_runs_end_to_end_on_a_tiny_model(tiny_folder, tmp_path, 
     assert {p.name for p in out.iterdir()} >= {"control.json", "curves.csv", "costs.csv", "tradeoff_kl.html",
                                                "cost_by_gamma.html"}
     assert not (out / "control.partial.json").exists()   # the per-trait checkpoint is removed once all is written
+
+
+def test_the_calibrated_table_says_when_the_target_kl_was_not_reached():
+    from dpn_lens.evaluation.control_report import _calibrated_table
+
+    table = _calibrated_table([{"trait": "extraversion", "direction": "increase", "target_kl": 0.05,
+                                "reached_target": False, "gamma": float("nan")}])
+    assert "| extraversion | increase | KL 0.05 not reached | n/a |" in table
+
+
+def test_the_figures_of_a_run_with_no_measured_points_are_empty_not_an_error():
+    from dpn_lens.evaluation.control_report import cost_figure, tradeoff_figure
+
+    assert tradeoff_figure([]).layout.annotations[0].text == "no measured points"
+    assert cost_figure([]).layout.annotations[0].text == "no measured points"

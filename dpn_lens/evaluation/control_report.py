@@ -45,6 +45,11 @@ def _validation_table(rows: Sequence[dict[str, Any]]) -> str:
 def _calibrated_table(rows: Sequence[dict[str, Any]]) -> str:
     table = []
     for r in rows:
+        if "shift" not in r:  # the curve never reached the target KL: no gamma, nothing measured there
+            table.append({"trait": r["trait"], "direction": r["direction"],
+                          "gamma": f"KL {r['target_kl']:g} not reached", "neurons": "n/a", "KL": "n/a", "shift": "n/a",
+                          "persona effect recovered": "n/a", "random neurons": "n/a", "DPN-LE - random": "n/a"})
+            continue
         recovered = (format_interval(r["recovered"], r["recovered_ci_low"], r["recovered_ci_high"], 2)
                      if "recovered" in r else "n/a")
         table.append({"trait": r["trait"], "direction": r["direction"],
@@ -92,6 +97,11 @@ def _panels(rows: Sequence[dict[str, Any]], add: Callable[[Any, list[dict[str, A
 
     traits = list(dict.fromkeys(r["trait"] for r in rows))
     methods = list(dict.fromkeys(r["method"] for r in rows))
+    if not traits:  # nothing was measured (e.g. no curve reached a KL level): say so instead of failing
+        import plotly.graph_objects as go
+
+        return go.Figure().add_annotation(text="no measured points", showarrow=False, x=0.5, y=0.5,
+                                          xref="paper", yref="paper")
     figure = make_subplots(rows=len(traits), cols=2, vertical_spacing=0.06 if len(traits) > 1 else 0.1,
                            subplot_titles=[f"{t} {d}" for t in traits for d in DIRECTIONS])
     for row, trait in enumerate(traits, 1):
