@@ -158,8 +158,9 @@ def _effect(effect: Any) -> dict[str, float]:
 
 
 def _effect_line(name: str, effect: Mapping[str, float]) -> str:
-    verdict = "moved as asked" if effect["ci_low"] > 0 else "moved the wrong way" if effect["ci_high"] < 0 \
-        else "not significant"
+    from dpn_lens.evaluation.intervals import shift_verdict
+
+    verdict = shift_verdict(effect["ci_low"], effect["ci_high"])
     return (f"  {name:<26} {effect['shift']:+.3f} [{effect['ci_low']:+.3f}, {effect['ci_high']:+.3f}]  "
             f"p={effect['p']:.2g}  {verdict}")
 

@@ -426,8 +426,9 @@ def _headline(comparison: Path, notes: list[str]) -> str:
 
 def _effect_cell(effect: dict[str, Any]) -> str:
     """``+0.012 [-0.004, +0.030]`` and what it says (the interval against 0)."""
-    verdict = ("moved as asked" if effect["ci_low"] > 0 else "moved the wrong way" if effect["ci_high"] < 0
-               else "not significant")
+    from dpn_lens.evaluation.intervals import shift_verdict
+
+    verdict = shift_verdict(effect["ci_low"], effect["ci_high"])
     return f"{effect['shift']:+.3f} [{effect['ci_low']:+.3f}, {effect['ci_high']:+.3f}] {verdict}"
 
 

@@ -91,6 +91,11 @@ class NeuronMap:
         """Selected neurons (both poles) as a fraction of all neurons of the searched layers."""
         return self.n_selected() / (len(self.layers) * self.d_mlp)
 
+    def selection_summary(self) -> dict[str, Any]:
+        """Neurons per pole and the settings that chose them (what run summaries and control runs record)."""
+        return {"high": self.n_selected("high"), "low": self.n_selected("low"), "layers": self.settings.layer_range,
+                "q": self.settings.q, "tau_d": self.settings.tau_d, "settings_source": self.settings.source}
+
     def counts_per_layer(self) -> dict[int, tuple[int, int]]:
         """``{layer: (n_high, n_low)}``."""
         return {layer: (int(self.high[layer].numel()), int(self.low[layer].numel())) for layer in self.layers}

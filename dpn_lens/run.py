@@ -322,13 +322,11 @@ class Run:
         """
         traits = {}
         for trait, neuron_map in self.maps.items():
-            settings = neuron_map.settings
             traits[trait] = {
-                "high": neuron_map.n_selected("high"), "low": neuron_map.n_selected("low"),
+                **neuron_map.selection_summary(),
                 "percent_of_searched_layers": 100 * neuron_map.fraction_selected(),
                 "percent_of_all_mlp_neurons": percent_of_all_mlp(neuron_map),
-                "layers": settings.layer_range, "q": settings.q, "tau_d": settings.tau_d,
-                "settings_source": settings.source, "settings_reason": settings.reason,
+                "settings_reason": neuron_map.settings.reason,
                 "per_layer": {str(layer): list(counts) for layer, counts in neuron_map.counts_per_layer().items()},
                 "n_pairs": neuron_map.n_high_samples, "data_source": neuron_map.data_source,
                 "seconds": round(self.seconds.get(trait, 0.0), 1),

@@ -360,10 +360,7 @@ def run_control(model: Any, config: ControlConfig, log: Callable[[str], None] = 
             if neuron_map.n_selected() == 0:
                 raise ValueError(f"the {trait} map selects no neurons, so DPN-LE has nothing to edit; locate with more "
                                  "pairs or a lower tau_d")
-            settings = neuron_map.settings
-            map_settings[trait] = {"layers": settings.layer_range, "q": settings.q, "tau_d": settings.tau_d,
-                                   "settings_source": settings.source, "high": neuron_map.n_selected("high"),
-                                   "low": neuron_map.n_selected("low")}
+            map_settings[trait] = neuron_map.selection_summary()
             context = TraitContext(trait, neuron_map)
             for name in methods:
                 if METHODS_BY_NAME[name].prepare is not None:

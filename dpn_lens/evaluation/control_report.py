@@ -89,10 +89,11 @@ def _best_by_target(result: dict[str, Any]) -> list[str]:
 DIRECTIONS = ("increase", "decrease")
 
 
-def _panels(rows: Sequence[dict[str, Any]], add: Callable[[Any, list[dict[str, Any]], str, int, int, int], None]
-            ) -> Any:
-    """A traits x directions grid of panels; ``add(figure, points, method, index, row, col)`` draws one
-    method's points (sorted by gamma) in one panel. The figure is sized to the number of traits."""
+def _panels(rows: Sequence[dict[str, Any]], add: Callable[[Any, list[dict[str, Any]], str, int, int, int], None],
+            log_y: bool = False) -> Any:
+    """A traits x directions grid of panels (log x, and log y when ``log_y``); ``add(figure, points, method,
+    index, row, col)`` draws one method's points (sorted by gamma) in one panel. The figure is sized to the
+    number of traits."""
     from plotly.subplots import make_subplots
 
     traits = list(dict.fromkeys(r["trait"] for r in rows))
@@ -112,6 +113,8 @@ def _panels(rows: Sequence[dict[str, Any]], add: Callable[[Any, list[dict[str, A
                 if points:
                     add(figure, points, method, index, row, col)
             figure.update_xaxes(type="log", row=row, col=col)
+            if log_y:
+                figure.update_yaxes(type="log", row=row, col=col)
     figure.update_layout(height=260 * len(traits) + 120, width=1000)
     return figure
 
@@ -153,9 +156,8 @@ def cost_figure(costs: Sequence[dict[str, Any]]) -> Any:
                                     mode="lines+markers", name=method, legendgroup=method,
                                     showlegend=row == 1 and col == 1,
                                     line={"color": PALETTE[index % len(PALETTE)]}), row=row, col=col)
-        figure.update_yaxes(type="log", row=row, col=col)
 
-    figure = _panels(costs, add)
+    figure = _panels(costs, add, log_y=True)
     style(figure, "Cost of each edit: KL(unsteered || steered) on the probe text vs gamma", "gamma", "KL, nats/token")
     return figure
 

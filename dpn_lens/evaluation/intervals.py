@@ -15,7 +15,7 @@ from typing import NamedTuple, Sequence
 import numpy as np
 from scipy import stats
 
-__all__ = ["Interval", "bootstrap_ci", "PairedEffect", "paired_effect", "Fraction", "fraction_recovered"]
+__all__ = ["Interval", "bootstrap_ci", "PairedEffect", "paired_effect", "shift_verdict", "Fraction", "fraction_recovered"]
 
 
 class Interval(NamedTuple):
@@ -92,6 +92,16 @@ class PairedEffect:
     def __str__(self) -> str:
         return (f"{self.shift:+.4f} [{self.ci_low:+.4f}, {self.ci_high:+.4f}] "
                 f"p={self.p_value:.2g} z={self.z:+.2f} n={self.n}")
+
+
+def shift_verdict(ci_low: float, ci_high: float) -> str:
+    """What a signed shift's interval says (positive = moved as asked).
+
+    Example:
+        >>> shift_verdict(0.01, 0.05), shift_verdict(-0.05, -0.01), shift_verdict(-0.01, 0.02)
+        ('moved as asked', 'moved the wrong way', 'not significant')
+    """
+    return "moved as asked" if ci_low > 0 else "moved the wrong way" if ci_high < 0 else "not significant"
 
 
 def paired_effect(steered: Sequence[float] | np.ndarray, baseline: Sequence[float] | np.ndarray,
