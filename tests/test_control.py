@@ -200,7 +200,7 @@ def test_demo_preference_check_reports_each_direction_and_the_persona(tiny_model
     for key in ("persona", "increase", "decrease"):
         effect = check[key]
         assert effect["ci_low"] <= effect["shift"] <= effect["ci_high"] and 0 <= effect["p"] <= 1
-    assert "not significant" in _effect_line("x", {"shift": 0.1, "ci_low": -0.1, "ci_high": 0.3, "p": 0.4})
+    assert "CI includes 0" in _effect_line("x", {"shift": 0.1, "ci_low": -0.1, "ci_high": 0.3, "p": 0.4})
     assert "wrong way" in _effect_line("x", {"shift": -0.2, "ci_low": -0.3, "ci_high": -0.1, "p": 0.01})
 
 
@@ -282,3 +282,20 @@ def test_the_figures_of_a_run_with_no_measured_points_are_empty_not_an_error():
 
     assert tradeoff_figure([]).layout.annotations[0].text == "no measured points"
     assert cost_figure([]).layout.annotations[0].text == "no measured points"
+
+
+def test_trait_map_reads_a_maps_folder_and_a_missing_trait_is_refused_or_located(tiny_model, tmp_path):
+    from dpn_lens.evaluation.trait_maps import trait_map
+
+    lines: list[str] = []
+    located = trait_map(tiny_model, "openness", locate_pairs=40, tau_d=0.3, log=lines.append)
+    assert located.n_selected() > 0 and "locating from 40 embedded pairs" in lines[-1]
+    located.save(tmp_path / "openness.safetensors")
+    read = trait_map(tiny_model, "openness", maps_dir=tmp_path, log=lines.append)
+    assert {l: i.tolist() for l, i in read.high.items()} == {l: i.tolist() for l, i in located.high.items()}
+    assert "neuron map from" in lines[-1]
+    with pytest.raises(FileNotFoundError, match="no agreeableness map in .*dpn-lens locate"):
+        trait_map(tiny_model, "agreeableness", maps_dir=tmp_path, log=lines.append)
+    fallback = trait_map(tiny_model, "agreeableness", maps_dir=tmp_path, locate_pairs=10, tau_d=0.3,
+                         if_missing="locate", log=lines.append)
+    assert fallback.trait == "agreeableness" and any("no map in" in line for line in lines)

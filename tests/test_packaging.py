@@ -57,6 +57,27 @@ def test_wheel_builds_without_warnings_and_holds_the_package_data(tmp_path):
     assert embedded and all(name.endswith((".json", ".jsonl", ".py")) for name in embedded)
 
 
+def test_editable_install_prints_no_warning(tmp_path):
+    """scripts/install.sh installs with `pip install -e`: its build hook (PEP 660) must stay quiet too."""
+    source = tmp_path / "src"
+    shutil.copytree(REPO / "dpn_lens", source / "dpn_lens", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONDONTWRITEBYTECODE"}
+    hook = ("import setuptools.build_meta as backend, sys; "
+            "print(backend.build_editable(sys.argv[1]))")
+    result = subprocess.run([sys.executable, "-W", "default", "-c", hook, str(tmp_path / "dist")],
+                            cwd=source, capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = result.stdout + result.stderr
+    assert "Editable installation" not in output and "BuildBackendWarning" not in output, output[-3000:]
+    wheel = tmp_path / "dist" / result.stdout.strip().splitlines()[-1]
+    with zipfile.ZipFile(wheel) as archive:
+        pth = [archive.read(n).decode() for n in archive.namelist() if n.endswith(".pth")]
+    # a plain path entry for the source folder: edits to dpn_lens/ take effect without reinstalling
+    assert [line.strip() for line in pth] == [str(source.resolve())]
+
+
 @pytest.mark.skipif(shutil.which("dpn-lens") is None and not (Path(sys.executable).parent / "dpn-lens").exists(),
                     reason="the dpn-lens console script is not installed in this environment")
 def test_console_script_lists_the_embedded_models(tmp_path):

@@ -32,16 +32,16 @@ from typing import Any, Sequence
 import numpy as np
 
 from dpn_lens.baselines import PersonaPrompt
-from dpn_lens.data.contrastive import embedded_contrastive_set
 from dpn_lens.evaluation import capability as cap
 from dpn_lens.io import markdown_table
 from dpn_lens.evaluation import trait as tr
 from dpn_lens.evaluation.intervals import bootstrap_ci, paired_effect
 from dpn_lens.evaluation.judge import JudgeConfig, judge_evaluation, load_test_questions
+from dpn_lens.evaluation.trait_maps import trait_map
 from dpn_lens.evaluation.methods import DEFAULT_METHOD_NAMES, METHOD_NAMES, METHODS_BY_NAME, TraitContext
 from dpn_lens.localize import reselect
 from dpn_lens.neuron_map import NeuronMap
-from dpn_lens.run import find_map, percent_of_mlp
+from dpn_lens.run import percent_of_mlp
 from dpn_lens.steering import Edit, direction_sign
 from dpn_lens.traits import TRAITS, normalize_trait
 
@@ -115,21 +115,6 @@ class CompareConfig:
         settings: dict[str, Any] = dict(questionnaire_items=8, statements_per_pole=20,
                                         capability=cap.CapabilitySizes.quick(), gamma_sweep=[0.0, 1.0, 2.0], q_sweep=[])
         return cls(**{**settings, **overrides})
-
-
-def _neuron_map(model: Any, trait: str, config: CompareConfig, log) -> NeuronMap:
-    if config.maps_dir:
-        path = find_map(config.maps_dir, trait)  # a maps folder or a run folder
-        if path is not None:
-            log(f"{trait}: neuron map from {path}")
-            return NeuronMap.load(path, model=model)
-        log(f"{trait}: no map in {config.maps_dir}; locating on the fly")
-    from dpn_lens.collect import CollectionConfig, collect_statistics
-    from dpn_lens.localize import locate
-
-    pairs = embedded_contrastive_set(trait, n_pairs=config.locate_pairs, seed=42)
-    return locate(collect_statistics(model, pairs, CollectionConfig(progress=False)), model_name=getattr(model, "dpn_model_name", None),
-                  q=config.locate_q, tau_d=config.locate_tau_d)
 
 
 class _Evaluator:
@@ -218,7 +203,9 @@ def trait_effects(values: dict[str, np.ndarray], base: dict[str, np.ndarray], hi
 
 def _prepare(model: Any, trait: str, config: CompareConfig, log) -> TraitContext:
     """The trait's neuron map and the state of every method that runs on it (in registry order)."""
-    context = TraitContext(trait, _neuron_map(model, trait, config, log))
+    context = TraitContext(trait, trait_map(
+        model, trait, maps_dir=config.maps_dir, locate_pairs=config.locate_pairs, q=config.locate_q,
+        tau_d=config.locate_tau_d, if_missing="locate", log=log))
     for name, method in METHODS_BY_NAME.items():
         if method.prepare is not None and (name in config.methods or (method.sweepable and name in config.sweep_methods)):
             context.state[name] = method.prepare(model, trait, config)

@@ -39,6 +39,7 @@ from dpn_lens.evaluation.calibrate import DEFAULT_TARGET_KL, GAMMA_GRID, KLProbe
 from dpn_lens.evaluation.controls import random_neuron_control
 from dpn_lens.evaluation.intervals import PairedEffect, fraction_recovered, paired_effect
 from dpn_lens.evaluation.methods import METHODS_BY_NAME, TraitContext
+from dpn_lens.evaluation.trait_maps import trait_map
 from dpn_lens.evaluation.preference import (GeneratedPairs, PreferencePair, generate_persona_pairs,
                                             preference_margins)
 from dpn_lens.neuron_map import NeuronMap
@@ -252,31 +253,6 @@ def _effect_fields(steered: np.ndarray, base: np.ndarray, sign: int, persona_ite
     return fields
 
 
-def _neuron_map(model: Any, trait: str, config: ControlConfig, log: Callable[[str], None]) -> NeuronMap:
-    from dpn_lens.run import find_map
-
-    if config.maps_dir:
-        path = find_map(config.maps_dir, trait)
-        if path is None:
-            raise FileNotFoundError(f"no {trait} map in {config.maps_dir}; run `dpn-lens locate` for it or drop --maps")
-        log(f"{trait}: neuron map from {path}")
-        return NeuronMap.load(path, model=model)
-    from dpn_lens.collect import CollectionConfig, collect_statistics
-    from dpn_lens.data.contrastive import embedded_contrastive_set
-    from dpn_lens.localize import locate
-
-    log(f"{trait}: locating from {config.locate_pairs} embedded pairs ({config.statistics} token statistics)")
-    pairs = embedded_contrastive_set(trait, n_pairs=config.locate_pairs, seed=42)
-    if config.statistics == "answer":
-        from dpn_lens.answer_statistics import answer_contrast_statistics
-
-        stats = answer_contrast_statistics(model, pairs)
-    else:
-        stats = collect_statistics(model, pairs, CollectionConfig(progress=False))
-    return locate(stats, model_name=getattr(model, "dpn_model_name", None), q=config.locate_q,
-                  tau_d=config.locate_tau_d, layers=config.locate_layers)
-
-
 class _Progress:
     """One tqdm bar over every planned evaluation; a curve that stops early advances it by what it skipped."""
 
@@ -356,7 +332,9 @@ def run_control(model: Any, config: ControlConfig, log: Callable[[str], None] = 
             validation.append(_validation_row(held, base, high, low, persona))
             log(f"{trait}: {len(pairs)} pairs; persona effect (high-low)/2 {persona}"
                 f"{'' if persona.ci_low > 0 else '  -- positive control FAILS: the metric cannot judge this trait'}")
-            neuron_map = maps[trait] if maps and trait in maps else _neuron_map(model, trait, config, log)
+            neuron_map = maps[trait] if maps and trait in maps else trait_map(
+                model, trait, maps_dir=config.maps_dir, locate_pairs=config.locate_pairs, q=config.locate_q,
+                tau_d=config.locate_tau_d, layers=config.locate_layers, statistics=config.statistics, log=log)
             if neuron_map.n_selected() == 0:
                 raise ValueError(f"the {trait} map selects no neurons, so DPN-LE has nothing to edit; locate with more "
                                  "pairs or a lower tau_d")

@@ -97,11 +97,14 @@ class PairedEffect:
 def shift_verdict(ci_low: float, ci_high: float) -> str:
     """What a signed shift's interval says (positive = moved as asked).
 
+    The verdict follows the bootstrap interval, not the paired test's p printed beside it (the two can
+    disagree near p = 0.05), so an interval that includes 0 is named as such rather than "not significant".
+
     Example:
         >>> shift_verdict(0.01, 0.05), shift_verdict(-0.05, -0.01), shift_verdict(-0.01, 0.02)
-        ('moved as asked', 'moved the wrong way', 'not significant')
+        ('moved as asked', 'moved the wrong way', 'CI includes 0')
     """
-    return "moved as asked" if ci_low > 0 else "moved the wrong way" if ci_high < 0 else "not significant"
+    return "moved as asked" if ci_low > 0 else "moved the wrong way" if ci_high < 0 else "CI includes 0"
 
 
 def paired_effect(steered: Sequence[float] | np.ndarray, baseline: Sequence[float] | np.ndarray,
