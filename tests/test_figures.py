@@ -126,3 +126,19 @@ def test_demo_says_so_when_a_map_selects_no_neurons(tiny_model, tmp_path, monkey
         summary = run_demo("tiny", out="runs/demo", n_pairs=4, max_new_tokens=1, traits=["openness"])
     assert summary["traits"]["openness"]["high"] + summary["traits"]["openness"]["low"] == 0
     assert "no neurons selected" in summary["generations"]["openness"][0]
+
+
+def test_committed_figures_folder_is_current_output():
+    """figures/ is what README's regeneration command writes today: every plotly HTML has the JSON twin
+    that the report reads, and every Markdown table keeps its column count on every row (an unescaped
+    `|` inside a cell, as in `top|d|`, splits the row)."""
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parent.parent / "figures"
+    html = sorted(folder.glob("*.html"))
+    assert html, "figures/ holds no figures"
+    assert [p.name for p in html if not p.with_suffix(".json").exists()] == []
+    for table in folder.glob("*.md"):
+        rows = [line for line in table.read_text().splitlines() if line.startswith("|")]
+        cells = {len(line.replace("\\|", "").strip("|").split("|")) for line in rows}
+        assert len(cells) == 1, f"{table.name}: rows with {sorted(cells)} cells"
