@@ -154,6 +154,14 @@ def test_run_control_end_to_end_on_a_tiny_model(tiny_model, tmp_path, monkeypatc
     again = run_control(tiny_model, config, log=messages.append, progress=False, maps=maps)
     assert any("from the cache" in m for m in messages)
     assert again["validation"] == result["validation"]
+    # Without the random-neuron control (--no-random-control): no random curve, and the run finishes.
+    import dataclasses
+
+    alone = run_control(tiny_model, dataclasses.replace(config, random_control=False), log=messages.append,
+                        progress=False, maps=maps)
+    assert {p["method"] for p in alone["curves"]} == {"dpn-le", "dense"}
+    done = [m for m in messages if "done in" in m]
+    assert "random" in done[0] and "random" not in done[-1] and "shift" in done[-1]
 
 
 def test_matched_cost_rows_leave_unreached_levels_empty():

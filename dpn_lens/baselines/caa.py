@@ -18,7 +18,7 @@ from dpn_lens.data.contrastive import ContrastiveSet
 from dpn_lens.hooked import HookedModel, pad_token_id, pad_token_lists, tokenize_prompts
 from dpn_lens.steering import Positions, check_gamma, check_positions, direction_sign
 
-__all__ = ["ResidualIntervention", "residual_means", "caa_intervention", "RESID_HOOK"]
+__all__ = ["ResidualIntervention", "residual_means", "caa_intervention", "caa_layer", "RESID_HOOK"]
 
 RESID_HOOK = "blocks.{layer}.hook_resid_post"
 
@@ -110,6 +110,21 @@ def residual_means(model: HookedModel, prompts: Sequence[str], batch_size: int =
     return stacked.mean(0), stacked
 
 
+def caa_layer(high: Float[Tensor, "n_high n_layers d_model"], low: Float[Tensor, "n_low n_layers d_model"]) -> int:
+    """The layer CAA steers at: of the middle half (n/4 .. 3n/4, where CAA steers best in the CAA paper),
+    the one whose samples separate best along their mean-difference direction (largest projected d).
+
+    Example:
+        >>> high, low = torch.zeros(4, 8, 3), torch.zeros(4, 8, 3)
+        >>> high[:, 5, 0] = torch.tensor([1.0, 1.1, 0.9, 1.0])   # only layer 5 separates
+        >>> caa_layer(high, low)
+        5
+    """
+    n_layers = int(high.shape[1])
+    candidates = range(n_layers // 4, max(3 * n_layers // 4, n_layers // 4 + 1))
+    return max(candidates, key=lambda l: _projected_d(high[:, l], low[:, l]))
+
+
 def _projected_d(high: Tensor, low: Tensor) -> float:
     """Cohen's d of the samples projected on the unit mean-difference direction."""
     direction = high.mean(0) - low.mean(0)
@@ -135,8 +150,7 @@ def caa_intervention(model: HookedModel, contrastive_set: ContrastiveSet, gamma:
     _, low = residual_means(model, contrastive_set.low)
     n_layers = int(model.cfg.n_layers)
     if layer is None:
-        candidates = range(n_layers // 4, max(3 * n_layers // 4, n_layers // 4 + 1))
-        layer = max(candidates, key=lambda l: _projected_d(high[:, l], low[:, l]))
+        layer = caa_layer(high, low)
     if not 0 <= layer < n_layers:
         raise ValueError(f"layer {layer} is outside the model's layers 0..{n_layers - 1}")
     vector = (high[:, layer].mean(0) - low[:, layer].mean(0)).float()

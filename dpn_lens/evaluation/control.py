@@ -379,10 +379,8 @@ def run_control(model: Any, config: ControlConfig, log: Callable[[str], None] = 
                 calibrated.append(_calibrated_row(trait, direction, sign, curves, margins_at, config))
             examples[trait] = {"question": pairs[0].question, "high_answer": pairs[0].high_answer,
                                "low_answer": pairs[0].low_answer}
-            log(f"{trait}: done in {time.time() - t0:.0f}s; at KL {config.target_kl:g}: " + "; ".join(
-                f"{r['direction']} gamma {r['gamma']:.3g} shift {r['shift']:+.3f} [{r['ci_low']:+.3f}, "
-                f"{r['ci_high']:+.3f}] random {r['random_shift']:+.3f}" if r["reached_target"]
-                else f"{r['direction']}: KL {config.target_kl:g} not reached" for r in calibrated[-2:]))
+            log(f"{trait}: done in {time.time() - t0:.0f}s; at KL {config.target_kl:g}: "
+                + "; ".join(_calibrated_line(r, config.target_kl) for r in calibrated[-2:]))
             if on_trait is not None:
                 on_trait(_result(model, config, started, validation, costs, curves, calibrated, gamma_zero, examples,
                                  map_settings))
@@ -424,6 +422,23 @@ def _validation_row(held: HeldOutPairs, base: np.ndarray, high: np.ndarray, low:
             "persona_p": persona.p_value, "persona_z": persona.z, "valid": bool(persona.ci_low > 0),
             "high_vs_none": vs_high.shift, "high_vs_none_ci_low": vs_high.ci_low, "high_vs_none_ci_high": vs_high.ci_high,
             "low_vs_none": vs_low.shift, "low_vs_none_ci_low": vs_low.ci_low, "low_vs_none_ci_high": vs_low.ci_high}
+
+
+def _calibrated_line(row: dict[str, Any], target_kl: float) -> str:
+    """One direction of a trait's progress line: DPN-LE's calibrated shift, and the random neurons' when run.
+
+    Example:
+        >>> _calibrated_line({"direction": "increase", "reached_target": False}, 0.05)
+        'increase: KL 0.05 not reached'
+        >>> _calibrated_line({"direction": "decrease", "reached_target": True, "gamma": 2.0, "shift": 0.01,
+        ...                   "ci_low": -0.01, "ci_high": 0.03}, 0.05)
+        'decrease gamma 2 shift +0.010 [-0.010, +0.030]'
+    """
+    if not row["reached_target"]:
+        return f"{row['direction']}: KL {target_kl:g} not reached"
+    line = (f"{row['direction']} gamma {row['gamma']:.3g} shift {row['shift']:+.3f} "
+            f"[{row['ci_low']:+.3f}, {row['ci_high']:+.3f}]")
+    return line + (f" random {row['random_shift']:+.3f}" if "random_shift" in row else "")
 
 
 def _calibrated_row(trait: str, direction: str, sign: int, curves: Sequence[dict[str, Any]],

@@ -1,8 +1,11 @@
-"""``dpn-lens study layers|overlap|multifunction|all``: every study figure and table from a run folder.
+"""``dpn-lens study layers|overlap|multifunction|all|residual``: study figures and tables from a run folder.
 
 Example:
     $ dpn-lens study all --run runs/demo --out figures --data-dir ../shared/data
     $ dpn-lens study overlap --run runs/demo --npti        # also NPTI's neuron sets (generates with the model)
+    $ dpn-lens study residual --run runs/demo --out runs/demo/residual   # who writes the trait direction
+
+``residual`` is not part of ``all``: it runs the model on fresh prompts, and ``all`` makes ``figures/``.
 """
 
 from __future__ import annotations
@@ -56,18 +59,27 @@ def _multifunction_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-random-control", action="store_true", help="skip the random-set ablation control")
 
 
+def _residual_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--pairs", type=int, default=200, help="embedded contrastive pairs per trait (seed 42)")
+    parser.add_argument("--layer", type=int, default=None,
+                        help="residual layer to split (None: the layer CAA steers at for each trait)")
+    parser.add_argument("--batch-size", type=int, default=8)
+
+
 def register(subparsers: Any) -> argparse.ArgumentParser:
-    """Add ``study`` (with ``layers``, ``overlap``, ``multifunction``, ``all``) to a subparsers object."""
+    """Add ``study`` (with ``layers``, ``overlap``, ``multifunction``, ``all``, ``residual``) to a subparsers object."""
     study = subparsers.add_parser("study", help="layer-wise, overlap and multifunctionality studies of a run",
                                   description=__doc__.split("\n\n")[0], formatter_class=FORMATTER)
-    inner = study.add_subparsers(dest="study", required=True, metavar="{layers,overlap,multifunction,all}")
+    inner = study.add_subparsers(dest="study", required=True, metavar="{layers,overlap,multifunction,all,residual}")
     for name, help_text, extras in (
             ("layers", "neuron counts, d and s per layer, top neurons", [_layers_options]),
             ("overlap", "overlap and mutual exclusivity of pole sets, steering-vector correlation",
              [_model_options, _npti_options]),
             ("multifunction", "capability neurons and ablation/edit costs of personality sets",
              [_model_options, _multifunction_options, _npti_options]),
-            ("all", "all three studies", [_layers_options, _model_options, _multifunction_options, _npti_options])):
+            ("all", "all three studies", [_layers_options, _model_options, _multifunction_options, _npti_options]),
+            ("residual", "share of the residual trait direction written by MLPs, attention and the map's neurons",
+             [_model_options, _residual_options])):
         parser = inner.add_parser(name, help=help_text, description=help_text, formatter_class=FORMATTER)
         _common(parser)
         for add in extras:
@@ -114,6 +126,15 @@ def run_study(args: argparse.Namespace) -> int:
 
     run = Run.load(args.run)
     _check(args, run)
+    if args.study == "residual":
+        from dpn_lens.studies.outputs import residual_study
+
+        if args.pairs < 2:
+            raise ValueError("--pairs must be at least 2")
+        model = load_model(_model_name(args, run), dtype=args.dtype, device=args.device)
+        residual_study(run, args.out, model, n_pairs=args.pairs, layer=args.layer, batch_size=args.batch_size,
+                       log=lambda text: print(text, flush=True))
+        return 0
     common = {"png": not args.no_png, "plotlyjs": args.plotlyjs}
     model, extra = None, None
     if getattr(args, "npti", False):

@@ -27,7 +27,8 @@ from dpn_lens.run import Run
 from dpn_lens.studies.section import ReportSection
 from dpn_lens.studies.sets import SET_METHODS, NeuronSet, alternative_sets, pole_sets
 
-__all__ = ["write_table", "layers_study", "overlap_study_report", "multifunction_study", "MultifunctionConfig"]
+__all__ = ["write_table", "layers_study", "overlap_study_report", "multifunction_study", "MultifunctionConfig",
+           "residual_study"]
 
 PlotlyJs = Literal["cdn", "directory"]
 
@@ -327,4 +328,35 @@ def multifunction_study(run: Run, out: str | Path, model: Any, config: Multifunc
             if cost and "random_ablation_cost" in cost[0] else None}
     write_json_atomic(out / "multifunction_summary.json", _jsonable(summary))
     _say(log, f"multifunction: wrote attribution, overlap and cost tables and figures to {out}")
+    return summary
+
+
+def residual_study(run: Run, out: str | Path, model: Any, n_pairs: int = 200, layer: int | None = None,
+                   batch_size: int = 8, log: Callable[[str], None] | None = _print) -> dict:
+    """Per trait of the run: the residual trait direction at CAA's layer split into MLP, attention and
+    embedding shares, and the share the map's neurons write (``dpn_lens.studies.residual_share``).
+
+    Writes ``residual_share.csv``/``.md`` (a row per trait), ``residual_share_per_layer.csv`` and
+    ``residual_share_summary.json``.
+    """
+    from dpn_lens.data.contrastive import embedded_contrastive_set
+    from dpn_lens.studies.residual_share import residual_share
+
+    out = Path(out)
+    rows, per_layer = [], []
+    for trait, neuron_map in run.maps.items():
+        share = residual_share(model, embedded_contrastive_set(trait, n_pairs=n_pairs, seed=42), neuron_map,
+                               layer=layer, batch_size=batch_size)
+        rows.append(share.row())
+        per_layer += [{"trait": trait, **entry} for entry in share.per_layer]
+        selected = "n/a" if share.selected is None else f"{share.selected:+.3f}"
+        _say(log, f"residual: {trait} at layer {share.layer}: MLP {share.mlp:+.3f}, attention {share.attn:+.3f}, "
+                  f"embedding {share.embed:+.3f}, remainder {share.remainder:+.3f}; "
+                  f"the map's {share.selected_neurons} neurons {selected}")
+    write_table(rows, out, "residual_share")
+    write_table(per_layer, out, "residual_share_per_layer", markdown=False)
+    summary = {"n_pairs": n_pairs, "layer": layer, "model": getattr(model, "dpn_model_name", None),
+               "by_trait": {row["trait"]: row for row in rows}}
+    write_json_atomic(out / "residual_share_summary.json", _jsonable(summary))
+    _say(log, f"residual: wrote residual_share.csv/.md, residual_share_per_layer.csv and the summary to {out}")
     return summary
