@@ -11,6 +11,7 @@ import torch
 
 from dpn_lens.evaluation.calibrate import Calibration, CurvePoint, KLProbe, calibrate_gamma, gamma_at, probe_chunks
 from dpn_lens.evaluation.control import ControlConfig, matched_cost_rows, run_control
+from dpn_lens.evaluation.control_report import write_control_outputs
 from dpn_lens.models import model_fingerprint
 from dpn_lens.steering import Intervention, steering_intervention
 from dpn_lens.traits import TRAITS
@@ -162,6 +163,8 @@ def test_run_control_end_to_end_on_a_tiny_model(tiny_model, tmp_path, monkeypatc
     assert {p["method"] for p in alone["curves"]} == {"dpn-le", "dense"}
     done = [m for m in messages if "done in" in m]
     assert "random" in done[0] and "random" not in done[-1] and "shift" in done[-1]
+    written = write_control_outputs(alone, tmp_path / "alone", png=False)
+    assert "not run" in (tmp_path / "alone" / "control.md").read_text() and len(written) > 5
 
 
 def test_matched_cost_rows_leave_unreached_levels_empty():

@@ -57,8 +57,11 @@ def _calibrated_table(rows: Sequence[dict[str, Any]]) -> str:
                       "neurons": r["n_edited"], "KL": f"{r['kl']:.4f}",
                       "shift": format_interval(r["shift"], r["ci_low"], r["ci_high"]),
                       "persona effect recovered": recovered,
-                      "random neurons": format_interval(r["random_shift"], r["random_ci_low"], r["random_ci_high"]),
-                      "DPN-LE - random": format_interval(r["vs_random"], r["vs_random_ci_low"], r["vs_random_ci_high"])})
+                      # without the random-neuron control (--no-random-control) there is nothing to compare with
+                      "random neurons": (format_interval(r["random_shift"], r["random_ci_low"], r["random_ci_high"])
+                                         if "random_shift" in r else "not run"),
+                      "DPN-LE - random": (format_interval(r["vs_random"], r["vs_random_ci_low"], r["vs_random_ci_high"])
+                                          if "vs_random" in r else "not run")})
     return markdown_table(table)
 
 
