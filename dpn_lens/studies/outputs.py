@@ -349,10 +349,10 @@ def residual_study(run: Run, out: str | Path, model: Any, n_pairs: int = 200, la
                                layer=layer, batch_size=batch_size)
         rows.append(share.row())
         per_layer += [{"trait": trait, **entry} for entry in share.per_layer]
-        selected = "n/a" if share.selected is None else f"{share.selected:+.3f}"
+        selected = ("the map's neurons: n/a (the MLP output is normalised before the residual add)"
+                    if share.selected is None else f"the map's {share.selected_neurons} neurons {share.selected:+.3f}")
         _say(log, f"residual: {trait} at layer {share.layer}: MLP {share.mlp:+.3f}, attention {share.attn:+.3f}, "
-                  f"embedding {share.embed:+.3f}, remainder {share.remainder:+.3f}; "
-                  f"the map's {share.selected_neurons} neurons {selected}")
+                  f"embedding {share.embed:+.3f}, remainder {share.remainder:+.3f}; {selected}")
     write_table(rows, out, "residual_share")
     write_table(per_layer, out, "residual_share_per_layer", markdown=False)
     summary = {"n_pairs": n_pairs, "layer": layer, "model": getattr(model, "dpn_model_name", None),

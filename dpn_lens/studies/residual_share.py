@@ -7,11 +7,13 @@ embedding plus every attention and MLP output up to ``L``, and means are linear,
 
     v = d_embed + sum_{l <= L} d_attn_out[l] + sum_{l <= L} d_mlp_out[l]
 
-exactly (Llama, Qwen2, Mistral; Gemma 2/3 normalise each output before adding it, so there a remainder is
-left). This study reports each part's share of ``v`` (its projection on ``v`` over ``|v|^2``; the shares
-add up to 1 with the remainder) and, for maps on models whose MLP output is added unnormalised, the share
-written by DPN-LE's selected neurons: ``sum_l sum_{i in map} s[l, i] * W_out[l][i]`` (what a DPN-LE edit
-adds per unit gamma, up to layer ``L``).
+exactly, since ``hook_attn_out`` and ``hook_mlp_out`` are what each block adds to the residual stream (on
+Gemma 2/3 the bridge reads them after the post-attention and post-feedforward norms; the remainder is
+reported and is ~1e-8 on SmolLM2 and Gemma 3). This study reports each part's share of ``v`` (its
+projection on ``v`` over ``|v|^2``; the shares add up to 1 with the remainder) and, for maps on models
+whose MLP output is added unnormalised, the share written by DPN-LE's selected neurons:
+``sum_l sum_{i in map} s[l, i] * W_out[l][i]`` (what a DPN-LE edit adds per unit gamma, up to layer ``L``;
+on Gemma the norm after ``W_out`` makes that sum not the output's change, so it is left out).
 
 If the MLPs write little of ``v``, no edit of MLP neurons (sparse or dense) can reproduce the direction
 that CAA adds; docs/RESULTS.md reads these shares.
