@@ -97,7 +97,7 @@ def read_jsonl(path: str | os.PathLike) -> list[Any]:
 
 
 def markdown_table(rows: Sequence[dict], columns: Sequence[str] | None = None, digits: int = 4) -> str:
-    """``rows`` as a markdown table: floats to ``digits`` significant digits, NaN and missing cells empty.
+    """``rows`` as a markdown table: floats to ``digits`` significant digits, NaN, None and missing cells empty.
 
     ``columns`` defaults to every key, in order of first appearance. A ``|`` inside a cell or header
     (``|d|``, ``top|d|``) is written ``\\|`` so that it does not split the cell.
@@ -107,10 +107,14 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[str] | None = None, d
         | method | kl |
         |---|---|
         | dpn-le | 0.0032 |
+        >>> print(markdown_table([{"trait": "openness", "selected": None}]).splitlines()[-1])
+        | openness |  |
     """
     columns = list(dict.fromkeys(key for row in rows for key in row)) if columns is None else list(columns)
 
     def cell(value: Any) -> str:
+        if value is None:  # not computed (e.g. a share that does not apply to this model), not the text "None"
+            return ""
         if isinstance(value, float):
             return "" if math.isnan(value) else f"{value:.{digits}g}"
         return str(value).replace("|", "\\|")
