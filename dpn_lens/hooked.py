@@ -8,7 +8,7 @@ input ids go to, which id pads a batch, and how a prompt becomes token ids.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Literal, Protocol, Sequence, runtime_checkable
+from typing import Any, Iterator, Literal, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 import torch
@@ -18,7 +18,7 @@ from torch import Tensor
 from dpn_lens.data.prompts import render_for_model
 
 __all__ = ["HookedModel", "HOOK_NAME", "hook_name", "require_hooked_model", "check_layers", "pad_token_id",
-           "pad_token_lists", "input_device", "tokenize_prompts", "encode"]
+           "pad_token_lists", "input_device", "tokenize_prompts", "last_token_batches", "encode"]
 
 HOOK_NAME = "blocks.{layer}.mlp.hook_post"
 """The neuron activation of DPN-LE: the input of the MLP output projection."""
@@ -119,6 +119,19 @@ def pad_token_lists(token_lists: Sequence[Sequence[int]], pad_id: int, padding_s
         span = slice(longest - len(tokens), longest) if padding_side == "left" else slice(0, len(tokens))
         ids[row, span], mask[row, span] = tokens, 1
     return ids, mask
+
+
+def last_token_batches(model: HookedModel, prompts: Sequence[str], batch_size: int = 8
+                       ) -> Iterator[tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"], Int[Tensor, "batch"]]]:
+    """The prompts tokenized (``tokenize_prompts``) and right-padded in batches of ``batch_size``, as
+    ``(input_ids, attention_mask, last)``, ``last`` holding each row's last-token position (where hooks
+    that read "the last prompt token" index)."""
+    token_lists = tokenize_prompts(model, prompts)
+    pad = pad_token_id(model.tokenizer)
+    for start in range(0, len(token_lists), batch_size):
+        chunk = token_lists[start:start + batch_size]
+        ids, mask = pad_token_lists(chunk, pad, "right")
+        yield ids, mask, torch.tensor([len(tokens) - 1 for tokens in chunk])
 
 
 def input_device(model: HookedModel) -> torch.device:

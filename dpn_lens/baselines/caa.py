@@ -15,7 +15,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from dpn_lens.data.contrastive import ContrastiveSet
-from dpn_lens.hooked import HookedModel, pad_token_id, pad_token_lists, tokenize_prompts
+from dpn_lens.hooked import HookedModel, last_token_batches
 from dpn_lens.steering import Positions, check_gamma, check_positions, direction_sign
 
 __all__ = ["ResidualIntervention", "residual_means", "caa_intervention", "caa_layer", "RESID_HOOK"]
@@ -85,7 +85,6 @@ def residual_means(model: HookedModel, prompts: Sequence[str], batch_size: int =
     Returns:
         ``(mean [n_layers, d_model], samples [n_prompts, n_layers, d_model])``.
     """
-    token_lists = tokenize_prompts(model, prompts)
     n_layers = int(model.cfg.n_layers)
     samples: list[Tensor] = []
     captured: dict[int, Tensor] = {}
@@ -98,12 +97,9 @@ def residual_means(model: HookedModel, prompts: Sequence[str], batch_size: int =
         return hook
 
     hooks = [(RESID_HOOK.format(layer=layer), make_hook(layer)) for layer in range(n_layers)]
-    pad = pad_token_id(model.tokenizer)
     with torch.inference_mode(), model.hooks(fwd_hooks=hooks):
-        for start in range(0, len(token_lists), batch_size):
-            chunk = token_lists[start:start + batch_size]
-            ids, mask = pad_token_lists(chunk, pad, "right")
-            last[:] = [torch.tensor([len(tokens) - 1 for tokens in chunk])]
+        for ids, mask, last_index in last_token_batches(model, prompts, batch_size):
+            last[:] = [last_index]
             model(ids, attention_mask=mask)
             samples.append(torch.stack([captured[layer] for layer in range(n_layers)], dim=1))
     stacked = torch.cat(samples)

@@ -36,7 +36,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from dpn_lens.data.contrastive import ContrastiveSet
-from dpn_lens.hooked import HookedModel, pad_token_id, pad_token_lists, tokenize_prompts
+from dpn_lens.hooked import HookedModel, last_token_batches
 from dpn_lens.neuron_map import NeuronMap
 
 __all__ = ["ResidualShare", "residual_share", "last_token_sums"]
@@ -86,8 +86,6 @@ def last_token_sums(model: HookedModel, prompts: Sequence[str], batch_size: int 
         ``(resid [n, n_layers, d_model], {"attn", "mlp", "post": [n_layers, d]}, embed [d_model])``, float64.
     """
     n_layers = int(model.cfg.n_layers)
-    token_lists = tokenize_prompts(model, prompts)
-    pad = pad_token_id(model.tokenizer)
     captured: dict[tuple[str, int], Tensor] = {}
     last: list[Tensor] = []
 
@@ -104,10 +102,8 @@ def last_token_sums(model: HookedModel, prompts: Sequence[str], batch_size: int 
     sums: dict[str, Tensor] = {}
     embed = torch.zeros(())
     with torch.inference_mode(), model.hooks(fwd_hooks=hooks):
-        for start in range(0, len(token_lists), batch_size):
-            chunk = token_lists[start:start + batch_size]
-            ids, mask = pad_token_lists(chunk, pad, "right")
-            last[:] = [torch.tensor([len(tokens) - 1 for tokens in chunk])]
+        for ids, mask, last_index in last_token_batches(model, prompts, batch_size):
+            last[:] = [last_index]
             model(ids, attention_mask=mask)
             resid.append(torch.stack([captured[("resid", layer)] for layer in range(n_layers)], dim=1))
             for kind in ("attn", "mlp", "post"):
