@@ -129,26 +129,27 @@ def preference_check(model: Any, trait: str, edits: Mapping[str, Edit], data_dir
     bootstrap interval over pairs.
     """
     from dpn_lens.evaluation.control import ControlConfig, held_out_pairs, persona_control
+    from dpn_lens.evaluation.preference import PairScorer
 
     clock = StageClock() if clock is None else clock
     with clock.stage("preference pairs"):
         held = held_out_pairs(model, trait, ControlConfig(traits=[trait], data_dir=str(data_dir), pairs=n_pairs),
                               log=lambda message: None)
     with clock.stage("preference margins"):
-        base, _, _, persona = persona_control(model, held)
-        result = _shifts(model, held, base, persona, edits)
+        scorer = PairScorer(model, held.pairs)
+        base, _, _, persona = persona_control(model, held, scorer)
+        result = _shifts(scorer, held, base, persona, edits)
     return result
 
 
-def _shifts(model: Any, held: Any, base: Any, persona: Any, edits: Mapping[str, Edit]) -> dict[str, Any]:
+def _shifts(scorer: Any, held: Any, base: Any, persona: Any, edits: Mapping[str, Edit]) -> dict[str, Any]:
     from dpn_lens.evaluation.intervals import paired_effect
-    from dpn_lens.evaluation.preference import preference_margins
     from dpn_lens.steering import direction_sign
 
     result: dict[str, Any] = {"n_pairs": len(held.pairs), "persona": _effect(persona)}
     for direction, edit in edits.items():
         sign = direction_sign(direction)
-        steered = preference_margins(model, held.pairs, edit=edit)
+        steered = scorer.margins(edit=edit)
         result[direction] = _effect(paired_effect(sign * steered, sign * base))
     return result
 

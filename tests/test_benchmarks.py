@@ -25,6 +25,7 @@ TINY_ARGS = ["--model", "tiny", "--repeats", "1", "--threads", "1",
              "--locate-plan", "float32:2", "--locate-threads", "1", "--locate-batch-size", "4",
              "--locate-target-pairs", "10",
              "--prefix-traits", "1", "--prefix-pairs", "6", "--prefix-dtype", "float32", "--prefix-batch-size", "4",
+             "--scoring-pairs", "3", "--scoring-dtype", "float32",
              "--eval-questions", "5", "--eval-tokens", "4", "--eval-batch-size", "3"]
 
 
@@ -52,11 +53,11 @@ def test_every_section_runs_on_the_tiny_model(bench, tmp_path, capsys):
     out = tmp_path / "perf.json"
     results = bench.main(["--sections", ",".join(bench.SECTIONS), *TINY_ARGS, "--json", str(out)])
 
-    assert set(bench.SECTIONS) == {"collect", "memory", "steering", "locate", "prefix", "evaluation"}
+    assert set(bench.SECTIONS) == {"collect", "memory", "steering", "locate", "prefix", "scoring", "evaluation"}
     assert json.loads(out.read_text()) == json.loads(json.dumps(results))
     printed = capsys.readouterr().out
     for tag in ("[collect float32]", "[collect bfloat16]", "[memory bfloat16]", "[steering]", "[locate float32]",
-                "[prefix float32]", "[evaluation float32]"):
+                "[prefix float32]", "[scoring float32]", "[evaluation float32]"):
         assert tag in printed
 
     collect = {row["dtype"]: row for row in results["collect"]}
@@ -85,6 +86,13 @@ def test_every_section_runs_on_the_tiny_model(bench, tmp_path, capsys):
     assert prefix["prompts"] == 2 * 6 and prefix["tokens_run_shared"] < prefix["tokens_in_prompts"]
     assert prefix["max_mean_error_over_max_mean"] < 1e-5 and prefix["same_neurons"]
     assert math.isfinite(prefix["ratio_wall"]) and prefix["ratio_cpu"] > 0
+
+    # Scoring from cached questions gives the plain path's margins (float32) and the block-wise KL the old one.
+    scoring = results["scoring"]
+    assert scoring["pairs"] == 3 and scoring["cached_used"] and scoring["edited_neurons"] > 0
+    assert scoring["max_abs_margin_difference"] < 1e-4
+    assert scoring["kl"]["kl_blockwise"] == pytest.approx(scoring["kl"]["kl_whole_tensor"], rel=1e-5, abs=1e-9)
+    assert scoring["kl"]["kl_blockwise"] > 0 and math.isfinite(scoring["ratio_wall"]) and scoring["ratio_cpu"] > 0
 
     # Batched judge answers are the one-at-a-time answers; both variants are timed.
     evaluation = results["evaluation"]

@@ -24,7 +24,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from dpn_lens.evaluation.logprobs import continuation_logprobs, scoring_edit
+from dpn_lens.evaluation.logprobs import (_batched_logits, continuation_logprobs, kl_from_reference, scoring_edit,
+                                          token_logprobs)
 from dpn_lens.hooked import HookedModel, encode
 from dpn_lens.steering import Edit, steer
 
@@ -82,11 +83,16 @@ class KLProbe:
 
     def __call__(self, edit: Edit | None) -> tuple[float, float]:
         """``(KL nats/token, perplexity)`` of the text under ``edit`` (at every position)."""
+        sequences = [self.context + chunk for chunk in self.chunks]
+        spans = [(len(self.context) - 1, len(sequence) - 1) for sequence in sequences]
         total, count, nll = 0.0, 0, []
-        for base, steered in zip(self.reference, self._scores(edit)):
-            total += float((base.exp() * (base - steered.distributions)).sum(-1).double().sum())
-            count += base.shape[0]
-            nll.append(-steered.token_logprobs.double())
+        with steer(self.model, scoring_edit(edit)):
+            # The KL is summed block by block from the logits, never holding a second float32 copy.
+            for index, logits in _batched_logits(self.model, sequences, 2048, spans=spans):
+                base = self.reference[index]
+                total += kl_from_reference(base, logits)
+                count += base.shape[0]
+                nll.append(-token_logprobs(logits, torch.tensor(self.chunks[index])).double())
         # KL is >= 0; float rounding can leave a tiny negative for an edit that changes nothing.
         return max(total / count, 0.0), float(torch.exp(torch.cat(nll).mean()))
 
@@ -212,9 +218,11 @@ def calibrate_gamma(model: HookedModel, neuron_map: Any = None, target_kl: float
         def edit_at(gamma: float) -> Edit:
             return steering_intervention(neuron_map, gamma, direction)
     probe = probe or KLProbe(model, probe_chunks(model))
-    from dpn_lens.evaluation.preference import preference_margins
+    from dpn_lens.evaluation.preference import PairScorer
 
-    base = preference_margins(model, pairs) if target_shift is not None else None
+    # The questions run once; each gamma runs only the answers.
+    scorer = PairScorer(model, pairs) if target_shift is not None else None
+    base = scorer.margins() if scorer is not None else None
     target_name = "kl" if target_kl is not None else "shift"
     target_value = float(target_kl if target_kl is not None else target_shift)
 
@@ -222,8 +230,8 @@ def calibrate_gamma(model: HookedModel, neuron_map: Any = None, target_kl: float
         edit = sweep_edit(edit_at, gamma)
         kl, ppl = probe(edit)
         point = CurvePoint(gamma, kl, ppl)
-        if base is not None:
-            point.shift = float(sign * (preference_margins(model, pairs, edit=edit) - base).mean())
+        if scorer is not None:
+            point.shift = float(sign * (scorer.margins(edit=edit) - base).mean())
         return point
 
     def value(point: CurvePoint) -> float:

@@ -40,7 +40,7 @@ from dpn_lens.evaluation.controls import random_neuron_control
 from dpn_lens.evaluation.intervals import PairedEffect, fraction_recovered, paired_effect
 from dpn_lens.evaluation.methods import METHODS_BY_NAME, TraitContext
 from dpn_lens.evaluation.trait_maps import trait_map
-from dpn_lens.evaluation.preference import (GeneratedPairs, PreferencePair, generate_persona_pairs,
+from dpn_lens.evaluation.preference import (GeneratedPairs, PairScorer, PreferencePair, generate_persona_pairs,
                                             preference_margins)
 from dpn_lens.neuron_map import NeuronMap
 from dpn_lens.steering import Edit, direction_sign, steering_intervention
@@ -326,7 +326,9 @@ def run_control(model: Any, config: ControlConfig, log: Callable[[str], None] = 
             if len(pairs) < 4:
                 raise RuntimeError(f"{trait}: only {len(pairs)} usable preference pairs of {held.n_drawn} drawn; "
                                    "raise --pairs")
-            base, high, low, persona = persona_control(model, held)
+            # The questions run once per trait; every edit below runs only the answers (PairScorer).
+            scorer = PairScorer(model, pairs)
+            base, high, low, persona = persona_control(model, held, scorer)
             bar.step(3, f"{trait} controls")
             persona_items = (high - low) / 2
             validation.append(_validation_row(held, base, high, low, persona))
@@ -343,7 +345,7 @@ def run_control(model: Any, config: ControlConfig, log: Callable[[str], None] = 
             for name in methods:
                 if METHODS_BY_NAME[name].prepare is not None:
                     context.state[name] = METHODS_BY_NAME[name].prepare(model, trait, config)  # type: ignore[arg-type]
-            zero = preference_margins(model, pairs, edit=0.0 * steering_intervention(neuron_map, 1.0, "increase"))
+            zero = scorer.margins(edit=0.0 * steering_intervention(neuron_map, 1.0, "increase"))
             # KL of a negligible edit (gamma 0.001): what rounding alone costs in this dtype (bf16: ~0.002).
             floor, _ = probe(steering_intervention(neuron_map, 1e-3, "increase"))
             gamma_zero.append({"trait": trait, **_effect_fields(zero, base, 1, persona_items), "kl_floor": floor})
@@ -372,7 +374,7 @@ def run_control(model: Any, config: ControlConfig, log: Callable[[str], None] = 
                         if level in levels:
                             edit = sweep_edit(edit_at, levels[level])
                             kl, ppl = probe(edit)
-                            margins = margins_at[(name, level)] = preference_margins(model, pairs, edit=edit)
+                            margins = margins_at[(name, level)] = scorer.margins(edit=edit)
                             curves.append({**label, "kl_level": level, "gamma": levels[level], "n_edited": edit.n_edited,
                                            "kl": kl, "ppl": ppl, **_effect_fields(margins, base, sign, persona_items)})
                         bar.step(1, f"{trait} {direction} {name} KL {level:g}")
@@ -403,10 +405,14 @@ def _result(model: Any, config: ControlConfig, started: float, validation: list,
             "gamma_zero": list(gamma_zero), "examples": dict(examples), "meta": meta}
 
 
-def persona_control(model: Any, held: HeldOutPairs) -> tuple[np.ndarray, np.ndarray, np.ndarray, PairedEffect]:
+def persona_control(model: Any, held: HeldOutPairs, scorer: PairScorer | None = None
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, PairedEffect]:
     """The positive control of one trait's pairs: margins without a persona, under the high and under the
-    low personas, and the persona effect ``(high - low) / 2`` with its interval (module note)."""
-    base = preference_margins(model, held.pairs)
+    low personas, and the persona effect ``(high - low) / 2`` with its interval (module note).
+
+    ``scorer`` (a ``PairScorer`` of ``held.pairs`` without a persona) gives the unsteered margins, so a
+    caller that scores edits with it compares them with the same numbers."""
+    base = (scorer or PairScorer(model, held.pairs)).margins()
     high = preference_margins(model, held.pairs, persona=held.high_personas)
     low = preference_margins(model, held.pairs, persona=held.low_personas)
     return base, high, low, paired_effect(high / 2, low / 2)

@@ -12,14 +12,52 @@ import dataclasses
 from typing import Callable, Iterator, Sequence
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from dpn_lens.data.prompts import render_for_model
 from dpn_lens.hooked import HookedModel, input_device, pad_token_id, pad_token_lists
 from dpn_lens.steering import Edit
 
-__all__ = ["scoring_edit", "render", "continuation_logprobs", "next_token_logprobs", "ContinuationScore"]
+__all__ = ["scoring_edit", "render", "continuation_logprobs", "next_token_logprobs", "ContinuationScore",
+           "token_logprobs", "log_softmax_rows", "kl_from_reference", "LOG_SOFTMAX_ROWS"]
+
+LOG_SOFTMAX_ROWS = 16
+"""Rows per block when a log-softmax is taken in float32: 16 rows of a 262k-token vocabulary (Gemma 3)
+are 16 MB, which stays in the CPU's cache. One float32 copy of a whole batch's logits went through
+memory several times and took most of the time of scoring an answer on Gemma 3 (benchmarks/scoring.py)."""
+
+
+def token_logprobs(logits: Float[Tensor, "n vocab"], targets: Int[Tensor, "n"], rows: int = LOG_SOFTMAX_ROWS
+                   ) -> Float[Tensor, "n"]:
+    """``log_softmax(logits)[i, targets[i]]`` in float32, one block of ``rows`` rows at a time.
+
+    The logits may be bfloat16: each block is converted inside ``log_softmax`` (``dtype=float32``),
+    which gives the same values as converting the whole tensor first.
+
+    Example:
+        >>> logits = torch.tensor([[0.0, 0.0], [2.0, 0.0]])
+        >>> [round(v, 4) for v in token_logprobs(logits, torch.tensor([0, 0])).tolist()]   # log 1/2, log e^2/(e^2+1)
+        [-0.6931, -0.1269]
+    """
+    out = torch.empty(len(targets), dtype=torch.float32)
+    for start in range(0, len(targets), rows):
+        block = torch.log_softmax(logits[start:start + rows], dim=-1, dtype=torch.float32)
+        out[start:start + rows] = block.gather(1, targets[start:start + rows, None].to(block.device)).squeeze(1).cpu()
+    return out
+
+
+def log_softmax_rows(logits: Float[Tensor, "n vocab"], rows: int = LOG_SOFTMAX_ROWS) -> Float[Tensor, "n vocab"]:
+    """``log_softmax(logits, -1)`` as float32 on the CPU, computed ``rows`` rows at a time (see ``token_logprobs``).
+
+    Example:
+        >>> log_softmax_rows(torch.tensor([[0.0, 0.0]])).exp().tolist()
+        [[0.5, 0.5]]
+    """
+    out = torch.empty(logits.shape, dtype=torch.float32)
+    for start in range(0, logits.shape[0], rows):
+        out[start:start + rows] = torch.log_softmax(logits[start:start + rows], dim=-1, dtype=torch.float32).cpu()
+    return out
 
 
 def render(model: HookedModel, user_text: str, chat: bool | None = None) -> str:
@@ -43,6 +81,25 @@ def scoring_edit(edit: Edit | None) -> Edit | None:
     return None if edit is None else edit.at_positions("all")
 
 
+def kl_from_reference(reference: Float[Tensor, "n vocab"], logits: Float[Tensor, "n vocab"],
+                      rows: int = LOG_SOFTMAX_ROWS) -> float:
+    """``sum_i KL(reference_i || softmax(logits_i))`` in nats (float64 sum), ``rows`` rows at a time.
+
+    ``reference`` holds float32 log-probabilities; ``logits`` may be bfloat16 (see ``token_logprobs``).
+
+    Example:
+        >>> reference = torch.log(torch.tensor([[0.5, 0.5]]))
+        >>> round(kl_from_reference(reference, torch.tensor([[0.0, 0.0]])), 6)
+        0.0
+    """
+    total = 0.0
+    for start in range(0, reference.shape[0], rows):
+        steered = torch.log_softmax(logits[start:start + rows], dim=-1, dtype=torch.float32).cpu()
+        base = reference[start:start + rows]
+        total += float((base.exp() * (base - steered)).sum(-1).double().sum())
+    return total
+
+
 def _batched_logits(model: HookedModel, token_lists: Sequence[list[int]], batch_tokens: int,
                     on_batch: Callable[[list[int]], None] | None = None,
                     spans: Sequence[tuple[int, int]] | None = None
@@ -52,9 +109,8 @@ def _batched_logits(model: HookedModel, token_lists: Sequence[list[int]], batch_
     Right padding keeps every real token at the position it has unbatched, so results do not depend
     on the batch (pads come after the tokens and causal attention never looks forward). ``on_batch``
     is called with each batch's indices before its forward pass (e.g. to set the positions a hook edits).
-    ``spans[i] = (start, stop)`` keeps only those positions of sequence ``i`` (default: all of them):
-    only they are copied to float32 on the CPU, which for a 49k-token vocabulary is most of the cost
-    of scoring an answer after a long context.
+    ``spans[i] = (start, stop)`` keeps only those positions of sequence ``i`` (default: all of them),
+    in the model's dtype; callers convert them to float32 block by block (``token_logprobs``).
     """
     order = sorted(range(len(token_lists)), key=lambda i: -len(token_lists[i]))
     device = input_device(model)
@@ -70,7 +126,7 @@ def _batched_logits(model: HookedModel, token_lists: Sequence[list[int]], batch_
             logits = model(ids.to(device), attention_mask=mask.to(device))
         for row, index in enumerate(chunk):
             first, stop = (0, len(token_lists[index])) if spans is None else spans[index]
-            yield index, logits[row, first:stop].float().cpu()
+            yield index, logits[row, first:stop]
 
 
 @dataclasses.dataclass
@@ -117,9 +173,9 @@ def continuation_logprobs(model: HookedModel, contexts: Sequence[list[int]], con
     spans = [(len(c) - 1, len(c) + len(t) - 1) for c, t in zip(contexts, continuations)]
     for index, logits in _batched_logits(model, sequences, batch_tokens, on_batch, spans):
         target = torch.tensor(continuations[index])
-        logprobs = torch.log_softmax(logits, dim=-1)
-        results[index] = ContinuationScore(logprobs.gather(1, target[:, None]).squeeze(1),
-                                           logprobs.argmax(-1) == target, logprobs if full else None)
+        # argmax of the logits is argmax of their log-softmax (a per-row shift), without the conversion.
+        results[index] = ContinuationScore(token_logprobs(logits, target), logits.argmax(-1).cpu() == target,
+                                           log_softmax_rows(logits) if full else None)
     return results  # type: ignore[return-value]
 
 
@@ -130,5 +186,5 @@ def next_token_logprobs(model: HookedModel, prompts: Sequence[list[int]], batch_
         raise ValueError("no prompts given")
     rows: list[Tensor | None] = [None] * len(prompts)
     for index, logits in _batched_logits(model, prompts, batch_tokens, spans=[(len(p) - 1, len(p)) for p in prompts]):
-        rows[index] = torch.log_softmax(logits[0], dim=-1)
+        rows[index] = log_softmax_rows(logits)[0]
     return torch.stack(rows)  # type: ignore[arg-type]

@@ -39,7 +39,8 @@ from dpn_lens.evaluation.logprobs import continuation_logprobs, scoring_edit
 from dpn_lens.io import read_jsonl
 
 __all__ = ["PreferencePair", "GeneratedPairs", "AnswerScores", "load_preference_pairs", "generate_persona_pairs",
-           "greedy_answers", "strip_template_echo", "preference_margins", "answer_scores", "answer_position_hooks"]
+           "greedy_answers", "strip_template_echo", "preference_margins", "answer_scores", "answer_position_hooks",
+           "PairScorer"]
 
 PAIR_KEYS = ("question", "high_answer", "low_answer")
 
@@ -267,31 +268,71 @@ class AnswerScores:
         return self.high_mean * self.high_tokens - self.low_mean * self.low_tokens
 
 
+class PairScorer:
+    """The scores of fixed pairs (under a fixed persona, or none) for any number of edits.
+
+    On a model that runs from a key/value cache (every ``TransformerBridge`` over a Hugging Face
+    decoder), each question runs once, here, and every ``scores(edit)`` runs only the answer tokens
+    (``answer_cache.CachedAnswerScorer``): the edit acts at the answer positions only, so the
+    question pass is the same for every edit. Otherwise each call scores the whole sequences
+    (``logprobs.continuation_logprobs``) with the edit masked to the answer positions. Both give the
+    same numbers (``tests/test_answer_cache.py``).
+
+    Example:
+        >>> scorer = PairScorer(model, pairs)                          # doctest: +SKIP
+        >>> base = scorer.margins()                                    # doctest: +SKIP
+        >>> steered = scorer.margins(edit=intervention)                # doctest: +SKIP
+    """
+
+    def __init__(self, model: Any, pairs: Sequence[PreferencePair], persona: Any = None, batch_tokens: int = 4096,
+                 cached: bool | None = None):
+        from dpn_lens.evaluation.answer_cache import CachedAnswerScorer
+
+        if not pairs:
+            raise ValueError("no preference pairs given")
+        if batch_tokens < 1:
+            raise ValueError(f"batch_tokens must be at least 1, got {batch_tokens}")
+        personas = _personas_per_pair(persona, len(pairs))
+        self.model, self.batch_tokens = model, batch_tokens
+        self.contexts, self.answers = [], []
+        for index, pair in enumerate(pairs):
+            context = encode(model, _context_text(model, pair.question, personas[index]))
+            for answer in (pair.high_answer, pair.low_answer):
+                tokens = encode(model, answer, add_bos=False)
+                if not tokens:
+                    raise ValueError(f"pair #{index} has an answer with no tokens; there is nothing to score")
+                self.contexts.append(context)
+                self.answers.append(tokens)
+        lengths = np.array([len(answer) for answer in self.answers], dtype=np.float64)
+        self.high_tokens, self.low_tokens = lengths[0::2], lengths[1::2]
+        use_cache = CachedAnswerScorer.supported(model) if cached is None else cached
+        self.cached = CachedAnswerScorer(model, self.contexts, self.answers, batch_tokens) if use_cache else None
+
+    def scores(self, edit: Any = None) -> AnswerScores:
+        """The per-answer scores with ``edit`` (``None``: unedited) at the answer positions."""
+        if self.cached is not None:
+            means = self.cached.mean_logprobs(edit)
+        else:
+            means = _mean_answer_logprobs(self.model, self.contexts, self.answers, edit, self.batch_tokens)
+        return AnswerScores(means[0::2], means[1::2], self.high_tokens, self.low_tokens)
+
+    def margins(self, edit: Any = None) -> np.ndarray:
+        """``[n_pairs]`` preference margins with ``edit`` at the answer positions (see ``preference_margins``)."""
+        return self.scores(edit).margins
+
+
 def answer_scores(model: Any, pairs: Sequence[PreferencePair], edit: Any = None, persona: Any = None,
                   batch_tokens: int = 4096) -> AnswerScores:
     """The per-answer scores behind ``preference_margins`` (same arguments); see ``AnswerScores``.
+
+    To score the same pairs under many edits, build one ``PairScorer`` and call it per edit: the
+    questions then run once.
 
     Example:
         >>> scores = answer_scores(model, pairs)                   # doctest: +SKIP
         >>> scores.margins.mean(), scores.sum_margins.mean()       # doctest: +SKIP
     """
-    if not pairs:
-        raise ValueError("no preference pairs given")
-    if batch_tokens < 1:
-        raise ValueError(f"batch_tokens must be at least 1, got {batch_tokens}")
-    personas = _personas_per_pair(persona, len(pairs))
-    contexts, answers = [], []
-    for index, pair in enumerate(pairs):
-        context = encode(model, _context_text(model, pair.question, personas[index]))
-        for answer in (pair.high_answer, pair.low_answer):
-            tokens = encode(model, answer, add_bos=False)
-            if not tokens:
-                raise ValueError(f"pair #{index} has an answer with no tokens; there is nothing to score")
-            contexts.append(context)
-            answers.append(tokens)
-    means = _mean_answer_logprobs(model, contexts, answers, edit, batch_tokens)
-    lengths = np.array([len(answer) for answer in answers], dtype=np.float64)
-    return AnswerScores(means[0::2], means[1::2], lengths[0::2], lengths[1::2])
+    return PairScorer(model, pairs, persona, batch_tokens).scores(edit)
 
 
 def preference_margins(model: Any, pairs: Sequence[PreferencePair], edit: Any = None, persona: Any = None,
@@ -323,7 +364,8 @@ def _mean_answer_logprobs(model: Any, contexts: Sequence[list[int]], answers: Se
                           batch_tokens: int) -> np.ndarray:
     """Mean log-probability of each answer's tokens after its context, the edit on the answer positions.
 
-    Scored by ``logprobs.continuation_logprobs`` (batched longest-first, right-padded); before each
+    The plain path (models that cannot run from a cache; ``PairScorer(cached=False)``). Scored by
+    ``logprobs.continuation_logprobs`` (batched longest-first, right-padded); before each
     batch's forward pass the answer-position mask of that batch is set for the edit's hooks.
     """
     lengths = [len(c) + len(a) for c, a in zip(contexts, answers)]

@@ -1,0 +1,154 @@
+"""Scoring answers from cached questions: the plain path's numbers, the cache left intact, hooks removed.
+
+``PairScorer`` runs each question once into the model's key/value cache and then only the answer
+tokens for every edit (``evaluation.answer_cache``). It must give the same margins as the plain path
+(whole sequences, the edit masked to the answer positions; ``tests/test_preference.py`` checks that
+path against decode-only generation), whatever the edit, padding and batching.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dpn_lens.baselines.caa import ResidualIntervention
+from dpn_lens.evaluation.answer_cache import CachedAnswerScorer
+from dpn_lens.evaluation.logprobs import kl_from_reference, log_softmax_rows, token_logprobs
+from dpn_lens.evaluation.preference import PairScorer, PreferencePair, preference_margins
+from dpn_lens.hooked import encode
+from dpn_lens.steering import Intervention
+
+PAIRS = [PreferencePair("what would you do on the weekend ?", "a party with everyone !", "a book at home ."),
+         PreferencePair("how do you feel ?", "happy", "i feel quiet and calm today ."),
+         PreferencePair("you are outgoing . what would you do on the weekend with your friends ?",
+                        "go out and dance", "stay in"),
+         PreferencePair("plans ?", "party party party party party", "book")]
+
+
+def random_edit(model, scale: float = 3.0) -> Intervention:
+    generator = torch.Generator().manual_seed(0)
+    return Intervention({layer: scale * torch.randn(int(model.cfg.d_mlp), generator=generator) for layer in (1, 2)},
+                        "decode", label="random test edit")
+
+
+def residual_edit(model) -> ResidualIntervention:
+    generator = torch.Generator().manual_seed(1)
+    return ResidualIntervention(layer=1, vector=2.0 * torch.randn(int(model.cfg.d_model), generator=generator))
+
+
+@pytest.mark.parametrize("batch_tokens", [4096, 40])   # one batch, and many small ones (padding differs)
+def test_cached_margins_equal_the_plain_path_with_and_without_edits(tiny_model, batch_tokens):
+    cached = PairScorer(tiny_model, PAIRS, batch_tokens=batch_tokens)
+    plain = PairScorer(tiny_model, PAIRS, batch_tokens=batch_tokens, cached=False)
+    assert cached.cached is not None and plain.cached is None   # the cached path really runs
+    for edit in (None, random_edit(tiny_model), residual_edit(tiny_model)):
+        expected = plain.margins(edit)
+        np.testing.assert_allclose(cached.margins(edit), expected, atol=1e-5)
+    # The edit does move the margins (otherwise equality would prove nothing about where it acts).
+    assert np.abs(cached.margins(random_edit(tiny_model)) - cached.margins()).max() > 1e-2
+
+
+def test_personas_of_different_lengths_give_the_plain_path_numbers(tiny_model):
+    personas = ["you love parties .", "you are quiet and like to stay at home with a good book .", "calm .",
+                "you are outgoing ."]
+    cached = PairScorer(tiny_model, PAIRS, persona=personas, batch_tokens=64)
+    plain = PairScorer(tiny_model, PAIRS, persona=personas, cached=False)
+    np.testing.assert_allclose(cached.margins(random_edit(tiny_model)), plain.margins(random_edit(tiny_model)),
+                               atol=1e-5)
+
+
+def test_the_functional_api_is_the_scorer(tiny_model):
+    edit = random_edit(tiny_model)
+    np.testing.assert_array_equal(preference_margins(tiny_model, PAIRS, edit=edit), PairScorer(tiny_model, PAIRS).margins(edit))
+
+
+def test_each_token_is_scored_and_the_first_comes_from_the_unedited_question(tiny_model):
+    contexts = [encode(tiny_model, pair.question) for pair in PAIRS]
+    answers = [encode(tiny_model, pair.high_answer, add_bos=False) for pair in PAIRS]
+    scorer = CachedAnswerScorer(tiny_model, contexts, answers)
+    base, steered = scorer.token_logprobs(), scorer.token_logprobs(random_edit(tiny_model))
+    assert [len(scores) for scores in base] == [len(answer) for answer in answers]
+    for before, after in zip(base, steered):
+        # Decode-only steering: the question pass, which predicts the first answer token, is not edited.
+        assert float(before[0]) == float(after[0])
+        if len(before) > 1:   # the later tokens come from edited answer positions
+            assert (before[1:] - after[1:]).abs().max() > 1e-3
+
+
+def test_scoring_leaves_the_cached_questions_as_they_were(tiny_model):
+    scorer = PairScorer(tiny_model, PAIRS, batch_tokens=40)
+    keys = [[layer.keys.clone() for layer in batch.cache.layers] for batch in scorer.cached.batches]
+    first = scorer.margins()
+    scorer.margins(random_edit(tiny_model))
+    scorer.margins(residual_edit(tiny_model))
+    np.testing.assert_array_equal(scorer.margins(), first)
+    for batch, before in zip(scorer.cached.batches, keys):
+        for layer, saved in zip(batch.cache.layers, before):
+            assert torch.equal(layer.keys, saved)
+
+
+def test_hooks_are_removed_after_an_exception(tiny_model):
+    class Failing:
+        def at_positions(self, positions):
+            return self
+
+        def fwd_hooks(self):
+            def hook(activation, hook):
+                raise RuntimeError("edit failed")
+            return [("blocks.1.mlp.hook_post", hook)]
+
+    scorer = PairScorer(tiny_model, PAIRS)
+    before = scorer.margins()
+    with pytest.raises(RuntimeError, match="edit failed"):
+        scorer.margins(Failing())
+    assert all(not point._forward_hooks for point in tiny_model.hook_dict.values())
+    np.testing.assert_array_equal(scorer.margins(), before)
+
+
+def test_a_model_without_a_cache_is_refused_with_the_fix_and_the_scorer_falls_back(tiny_model, monkeypatch):
+    with pytest.raises(ValueError, match="continuation_logprobs"):
+        CachedAnswerScorer(object(), [[1]], [[2]])
+    monkeypatch.setattr(CachedAnswerScorer, "supported", staticmethod(lambda model: False))
+    scorer = PairScorer(tiny_model, PAIRS)
+    assert scorer.cached is None
+    np.testing.assert_allclose(scorer.margins(), PairScorer(tiny_model, PAIRS, cached=True).margins(), atol=1e-5)
+
+
+def test_bad_items_are_refused(tiny_model):
+    with pytest.raises(ValueError, match="one of each per item"):
+        CachedAnswerScorer(tiny_model, [[1], [1]], [[2]])
+    with pytest.raises(ValueError, match="non-empty"):
+        CachedAnswerScorer(tiny_model, [[1]], [[]])
+    with pytest.raises(ValueError, match="batch_tokens"):
+        CachedAnswerScorer(tiny_model, [[1]], [[2]], batch_tokens=0)
+
+
+# ----- the block-wise log-softmax every scorer uses ---------------------------------------------------
+
+@pytest.mark.parametrize("rows", [1, 5, 16, 64])
+def test_blockwise_log_softmax_equals_the_whole_tensor_in_float32(rows):
+    generator = torch.Generator().manual_seed(0)
+    logits = (8 * torch.randn(37, 1000, generator=generator)).to(torch.bfloat16)
+    whole = torch.log_softmax(logits.float(), dim=-1)
+    targets = torch.randint(0, 1000, (37,), generator=generator)
+    assert torch.equal(token_logprobs(logits, targets, rows=rows), whole.gather(1, targets[:, None]).squeeze(1))
+    assert torch.equal(log_softmax_rows(logits, rows=rows), whole)
+    other = torch.log_softmax((8 * torch.randn(37, 1000, generator=generator)), dim=-1)
+    expected = float((other.exp() * (other - whole)).sum(-1).double().sum())
+    assert kl_from_reference(other, logits, rows=rows) == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.slow
+def test_smollm2_cached_margins_equal_the_plain_path(smollm2):
+    """The embedded model in float32, its chat template and a DPN-LE-sized edit: the same margins."""
+    generator = torch.Generator().manual_seed(0)
+    deltas = {}
+    for layer in range(10, 20):
+        deltas[layer] = torch.zeros(int(smollm2.cfg.d_mlp))
+        deltas[layer][torch.randperm(int(smollm2.cfg.d_mlp), generator=generator)[:8]] = 4.0
+    edit = Intervention(deltas, "decode", label="test edit")
+    cached, plain = PairScorer(smollm2, PAIRS), PairScorer(smollm2, PAIRS, cached=False)
+    assert cached.cached is not None
+    for chosen in (None, edit):
+        np.testing.assert_allclose(cached.margins(chosen), plain.margins(chosen), atol=1e-4)
