@@ -278,6 +278,28 @@ def test_control_command_runs_end_to_end_on_a_tiny_model(tiny_folder, tmp_path, 
     assert {p.name for p in out.iterdir()} >= {"control.json", "curves.csv", "costs.csv", "tradeoff_kl.html",
                                                "cost_by_gamma.html"}
     assert not (out / "control.partial.json").exists()   # the per-trait checkpoint is removed once all is written
+    assert not (out / "maps").exists()   # maps read from --maps are not copied
+
+
+def test_control_keeps_the_maps_it_locates_and_another_run_reuses_them(tiny_folder, tmp_path, monkeypatch, capsys):
+    from dpn_lens.cli import main
+    from dpn_lens.neuron_map import NeuronMap
+
+    monkeypatch.setenv("DPN_LENS_CACHE", str(tmp_path / "cache"))
+    data = write_personalitybench(tmp_path / "data")
+    common = ["control", "--model", str(tiny_folder), "--dtype", "float32", "--traits", "openness", "--data-dir",
+              str(data), "--methods", "dpn-le", "--pairs", "8", "--gammas", "0.5,1,2,4,8,16", "--kl-levels", "0.005",
+              "--target-kl", "0.005", "--no-png", "--no-progress", "--no-random-control"]
+    first = tmp_path / "first"
+    assert main([*common, "--locate-pairs", "40", "--out", str(first)]) == 0, capsys.readouterr().err
+    assert "locating from 40 embedded pairs" in capsys.readouterr().out
+    saved = NeuronMap.load(first / "maps" / "openness.safetensors")
+    assert saved.trait == "openness" and saved.n_selected() > 0
+    second = tmp_path / "second"
+    assert main([*common, "--maps", str(first), "--out", str(second)]) == 0
+    assert "neuron map from" in capsys.readouterr().out
+    one, two = (json.loads((folder / "control.json").read_text()) for folder in (first, second))
+    assert one["meta"]["maps"] == two["meta"]["maps"] and one["calibrated"] == two["calibrated"]
 
 
 def test_the_calibrated_table_says_when_the_target_kl_was_not_reached():

@@ -293,11 +293,13 @@ def _level_gammas(cost: Sequence[dict[str, Any]], kl_levels: Sequence[float]) ->
 
 def run_control(model: Any, config: ControlConfig, log: Callable[[str], None] = print,
                 progress: bool = True, maps: dict[str, NeuronMap] | None = None,
-                on_trait: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+                on_trait: Callable[[dict[str, Any]], None] | None = None,
+                on_located: Callable[[str, NeuronMap], None] | None = None) -> dict[str, Any]:
     """Run the trait-control evaluation (``maps``: DPN-LE maps by trait, else ``config.maps_dir`` or located).
 
     ``on_trait`` is called with the result so far after each trait (the CLI saves it, so an
-    interrupted run keeps its finished traits).
+    interrupted run keeps its finished traits); ``on_located`` with each map located on the fly (the
+    CLI saves it under ``--out``/maps, so another run can reuse it with ``--maps``).
 
     Returns ``{"validation", "costs", "curves", "matched_cost", "matched_summary", "calibrated",
     "gamma_zero", "examples", "meta"}``: ``costs`` are the KL/perplexity grids, ``curves`` the measured
@@ -334,9 +336,14 @@ def run_control(model: Any, config: ControlConfig, log: Callable[[str], None] = 
             validation.append(_validation_row(held, base, high, low, persona))
             log(f"{trait}: {len(pairs)} pairs; persona effect (high-low)/2 {persona}"
                 f"{'' if persona.ci_low > 0 else '  -- positive control FAILS: the metric cannot judge this trait'}")
-            neuron_map = maps[trait] if maps and trait in maps else trait_map(
-                model, trait, maps_dir=config.maps_dir, locate_pairs=config.locate_pairs, q=config.locate_q,
-                tau_d=config.locate_tau_d, layers=config.locate_layers, statistics=config.statistics, log=log)
+            if maps and trait in maps:
+                neuron_map = maps[trait]
+            else:
+                neuron_map = trait_map(model, trait, maps_dir=config.maps_dir, locate_pairs=config.locate_pairs,
+                                       q=config.locate_q, tau_d=config.locate_tau_d, layers=config.locate_layers,
+                                       statistics=config.statistics, log=log)
+                if on_located is not None and not config.maps_dir:
+                    on_located(trait, neuron_map)
             if neuron_map.n_selected() == 0:
                 raise ValueError(f"the {trait} map selects no neurons, so DPN-LE has nothing to edit; locate with more "
                                  "pairs or a lower tau_d")

@@ -112,8 +112,16 @@ def run_control_command(args: argparse.Namespace) -> int:
         partial.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(partial, result)
 
+    def save_map(trait: str, neuron_map: Any) -> None:
+        # The maps located on the fly, kept: `--maps OUT` reuses them (another method set, the same neurons).
+        from dpn_lens.run import map_path
+
+        path = map_path(args.out, trait)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        neuron_map.save(path)
+
     result = run_control(model, config, log=lambda message: print(f"[{time.time() - started:6.0f}s] {message}", flush=True),
-                         progress=not args.no_progress, on_trait=save_partial)
+                         progress=not args.no_progress, on_trait=save_partial, on_located=save_map)
     result["meta"]["command_seconds"] = time.time() - started
     for path in write_control_outputs(result, args.out, png=not args.no_png):
         print(f"wrote {path}")
