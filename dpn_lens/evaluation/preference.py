@@ -16,6 +16,10 @@ pass, the same as in generation). ``tests/test_preference.py`` checks the equali
 
 Pairs come from a user JSONL (``load_preference_pairs``) or from the model itself
 (``generate_persona_pairs``: its greedy answers under a high and under a low persona).
+
+Because the edit never touches the question, scoring the same pairs under many edits (a gamma sweep)
+needs the question pass only once: ``PairScorer`` keeps it in the model's key/value cache and runs only
+the answers per edit (``evaluation.answer_cache``; the same margins as the whole-sequence path).
 """
 
 from __future__ import annotations
