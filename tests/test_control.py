@@ -291,7 +291,8 @@ def test_control_keeps_the_maps_it_locates_and_another_run_reuses_them(tiny_fold
               str(data), "--methods", "dpn-le", "--pairs", "8", "--gammas", "0.5,1,2,4,8,16", "--kl-levels", "0.005",
               "--target-kl", "0.005", "--no-png", "--no-progress", "--no-random-control"]
     first = tmp_path / "first"
-    assert main([*common, "--locate-pairs", "40", "--out", str(first)]) == 0, capsys.readouterr().err
+    # 40 pairs sit below the chance bound on d, so tau_d is set low enough for the tiny model to select neurons.
+    assert main([*common, "--locate-pairs", "40", "--tau-d", "0.2", "--out", str(first)]) == 0, capsys.readouterr().err
     assert "locating from 40 embedded pairs" in capsys.readouterr().out
     saved = NeuronMap.load(first / "maps" / "openness.safetensors")
     assert saved.trait == "openness" and saved.n_selected() > 0
