@@ -39,21 +39,25 @@ from dpn_lens.prefix import expand_cache, new_prefix_cache, prefix_cache_unsuppo
 __all__ = ["CachedAnswerScorer"]
 
 
+def _positions(mask: Int[Tensor, "rows pos"]) -> Int[Tensor, "rows pos"]:
+    """Position ids from an attention mask: each row counts only its own tokens (pads get 0)."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
 @dataclass
 class _AnswerBatch:
-    """Items of one forward pass: their contexts' cache (left-padded) and their answers (right-padded)."""
+    """Items of one forward pass: their contexts' cache (left-padded) and their answers (right-padded).
+
+    ``attention_mask`` spans context and answer (what the answer pass attends to); ``position_ids`` are
+    the answer tokens' positions.
+    """
 
     items: list[int]
     cache: Any
-    context_mask: Int[Tensor, "rows ctx"]
+    attention_mask: Int[Tensor, "rows ctx_plus_ans"]
+    position_ids: Int[Tensor, "rows ans"]
     answer_ids: Int[Tensor, "rows ans"]
-    answer_mask: Int[Tensor, "rows ans"]
     first_logprobs: Float[Tensor, "rows"]
-
-    def position_ids(self) -> Int[Tensor, "rows ans"]:
-        """Positions of the answer tokens: each row counts only its own (unpadded) context tokens."""
-        mask = torch.cat([self.context_mask, self.answer_mask], dim=1)
-        return (mask.cumsum(-1) - 1).clamp(min=0)[:, self.context_mask.shape[1]:]
 
 
 def _select_rows(cache: Any, rows: Int[Tensor, "n"]) -> Any:
@@ -131,10 +135,9 @@ class CachedAnswerScorer:
         row_of_item = [distinct.setdefault(tuple(contexts[i]), len(distinct)) for i in chunk]
         pad = pad_token_id(model.tokenizer)
         ids, mask = pad_token_lists([list(context) for context in distinct], pad, "left")
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = new_prefix_cache(model)
         with torch.inference_mode():
-            logits = model(ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
+            logits = model(ids.to(device), attention_mask=mask.to(device), position_ids=_positions(mask).to(device),
                            past_key_values=cache, logits_to_keep=1)
         if cache.get_seq_length() != ids.shape[1]:
             raise RuntimeError(f"the model's cache holds {cache.get_seq_length()} tokens after a {ids.shape[1]}-token "
@@ -142,8 +145,9 @@ class CachedAnswerScorer:
         rows = torch.tensor(row_of_item)
         answer_ids, answer_mask = pad_token_lists([answers[i] for i in chunk], pad, "right")
         first = token_logprobs(logits[:, -1].index_select(0, rows.to(logits.device)), answer_ids[:, 0])
-        return _AnswerBatch(chunk, _select_rows(cache, rows), mask.index_select(0, rows), answer_ids, answer_mask,
-                            first)
+        attention_mask = torch.cat([mask.index_select(0, rows), answer_mask], dim=1)
+        return _AnswerBatch(chunk, _select_rows(cache, rows), attention_mask,
+                            _positions(attention_mask)[:, ids.shape[1]:], answer_ids, first)
 
     def token_logprobs(self, edit: Any = None) -> list[Float[Tensor, "n_answer"]]:
         """Per item, log p of each answer token (float32), ``edit`` applied at the answer positions."""
@@ -154,9 +158,8 @@ class CachedAnswerScorer:
         # and no real token attends to them), so the edit acts everywhere in it.
         with model.hooks(fwd_hooks=hooks), torch.inference_mode():
             for batch in self.batches:
-                mask = torch.cat([batch.context_mask, batch.answer_mask], dim=1)
-                logits = model(batch.answer_ids.to(device), attention_mask=mask.to(device),
-                               position_ids=batch.position_ids().to(device),
+                logits = model(batch.answer_ids.to(device), attention_mask=batch.attention_mask.to(device),
+                               position_ids=batch.position_ids.to(device),
                                past_key_values=expand_cache(batch.cache, len(batch.items)))
                 for row, index in enumerate(batch.items):
                     n = int(self.lengths[index])

@@ -25,15 +25,27 @@ __all__ = ["scoring_edit", "render", "continuation_logprobs", "next_token_logpro
 LOG_SOFTMAX_ROWS = 16
 """Rows per block when a log-softmax is taken in float32: 16 rows of a 262k-token vocabulary (Gemma 3)
 are 16 MB, which stays in the CPU's cache. One float32 copy of a whole batch's logits went through
-memory several times and took most of the time of scoring an answer on Gemma 3 (benchmarks/scoring.py)."""
+memory several times and took most of the time of scoring an answer on Gemma 3
+(``benchmarks/bench_perf.py --sections scoring``)."""
+
+
+def _float32_log_softmax_blocks(logits: Float[Tensor, "n vocab"], rows: int
+                                ) -> Iterator[tuple[slice, Float[Tensor, "rows vocab"]]]:
+    """``(rows of logits, their float32 log-softmax on the CPU)``, ``rows`` rows at a time.
+
+    Each block is converted inside ``log_softmax`` (``dtype=float32``), which gives the same values as
+    converting the whole tensor first, without a float32 copy of all of it.
+    """
+    for start in range(0, logits.shape[0], rows):
+        block = slice(start, start + rows)
+        yield block, torch.log_softmax(logits[block], dim=-1, dtype=torch.float32).cpu()
 
 
 def token_logprobs(logits: Float[Tensor, "n vocab"], targets: Int[Tensor, "n"], rows: int = LOG_SOFTMAX_ROWS
                    ) -> Float[Tensor, "n"]:
     """``log_softmax(logits)[i, targets[i]]`` in float32, one block of ``rows`` rows at a time.
 
-    The logits may be bfloat16: each block is converted inside ``log_softmax`` (``dtype=float32``),
-    which gives the same values as converting the whole tensor first.
+    The logits may be bfloat16 (see ``_float32_log_softmax_blocks``).
 
     Example:
         >>> logits = torch.tensor([[0.0, 0.0], [2.0, 0.0]])
@@ -41,9 +53,8 @@ def token_logprobs(logits: Float[Tensor, "n vocab"], targets: Int[Tensor, "n"], 
         [-0.6931, -0.1269]
     """
     out = torch.empty(len(targets), dtype=torch.float32)
-    for start in range(0, len(targets), rows):
-        block = torch.log_softmax(logits[start:start + rows], dim=-1, dtype=torch.float32)
-        out[start:start + rows] = block.gather(1, targets[start:start + rows, None].to(block.device)).squeeze(1).cpu()
+    for block, logprobs in _float32_log_softmax_blocks(logits, rows):
+        out[block] = logprobs.gather(1, targets[block, None].cpu()).squeeze(1)
     return out
 
 
@@ -55,8 +66,8 @@ def log_softmax_rows(logits: Float[Tensor, "n vocab"], rows: int = LOG_SOFTMAX_R
         [[0.5, 0.5]]
     """
     out = torch.empty(logits.shape, dtype=torch.float32)
-    for start in range(0, logits.shape[0], rows):
-        out[start:start + rows] = torch.log_softmax(logits[start:start + rows], dim=-1, dtype=torch.float32).cpu()
+    for block, logprobs in _float32_log_softmax_blocks(logits, rows):
+        out[block] = logprobs
     return out
 
 
@@ -93,9 +104,8 @@ def kl_from_reference(reference: Float[Tensor, "n vocab"], logits: Float[Tensor,
         0.0
     """
     total = 0.0
-    for start in range(0, reference.shape[0], rows):
-        steered = torch.log_softmax(logits[start:start + rows], dim=-1, dtype=torch.float32).cpu()
-        base = reference[start:start + rows]
+    for block, steered in _float32_log_softmax_blocks(logits, rows):
+        base = reference[block]
         total += float((base.exp() * (base - steered)).sum(-1).double().sum())
     return total
 
