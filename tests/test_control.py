@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -333,3 +334,32 @@ def test_trait_map_reads_a_maps_folder_and_a_missing_trait_is_refused_or_located
     fallback = trait_map(tiny_model, "agreeableness", maps_dir=tmp_path, locate_pairs=10, tau_d=0.3,
                          if_missing="locate", log=lines.append)
     assert fallback.trait == "agreeableness" and any("no map in" in line for line in lines)
+
+
+def test_a_trait_whose_map_selects_no_neurons_is_skipped_and_the_others_still_count(tiny_model, tmp_path, monkeypatch):
+    # Answer-token statistics from few pairs can leave a trait without neurons; that is a result for that
+    # trait, and must not throw away the traits measured before and after it.
+    monkeypatch.setenv("DPN_LENS_CACHE", str(tmp_path / "cache"))
+    data = write_personalitybench(tmp_path / "data")
+    config = ControlConfig(traits=["openness", "extraversion"], methods=["dpn-le"], data_dir=str(data), pairs=12,
+                           max_new_tokens=6, gammas=[0.25, 1, 4], kl_levels=[0.005], target_kl=0.005,
+                           kl_chunks=2, kl_tokens=24)
+    empty = make_map("openness", {}, {}, [1, 2], n_layers=int(tiny_model.cfg.n_layers), d_mlp=int(tiny_model.cfg.d_mlp),
+                     fingerprint=model_fingerprint(tiny_model).to_dict())
+    assert empty.n_selected() == 0
+    maps = {"openness": empty, "extraversion": tiny_map(tiny_model)}
+    messages, checkpoints = [], []
+    result = run_control(tiny_model, config, log=messages.append, progress=False, maps=maps, on_trait=checkpoints.append)
+    assert [r["trait"] for r in result["validation"]] == ["openness", "extraversion"]   # both validated
+    assert {r["trait"] for r in result["calibrated"]} == {"extraversion"}              # one steered
+    assert {p["trait"] for p in result["curves"]} == {"extraversion"}
+    assert list(result["meta"]["skipped"]) == ["openness"] and "selects no neurons" in result["meta"]["skipped"]["openness"]
+    assert result["meta"]["maps"]["openness"]["high"] == 0
+    assert any(m.startswith("openness: not steered") for m in messages)
+    assert [c["meta"]["traits_done"] for c in checkpoints] == [["openness"], ["openness", "extraversion"]]
+    write_control_outputs(result, tmp_path / "out", png=False)
+    assert "Not steered" in (tmp_path / "out" / "control.md").read_text()
+    # When no trait has neurons there is nothing to report: a clear error, naming the fix.
+    with pytest.raises(ValueError, match="no trait was steered.*lower tau_d"):
+        run_control(tiny_model, dataclasses.replace(config, traits=["openness"]), log=messages.append, progress=False,
+                    maps=maps)

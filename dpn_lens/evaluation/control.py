@@ -321,6 +321,7 @@ def run_control(model: Any, config: ControlConfig, log: Callable[[str], None] = 
     validation, costs, curves, calibrated, gamma_zero = [], [], [], [], []
     examples: dict[str, Any] = {}
     map_settings: dict[str, dict[str, Any]] = {}
+    skipped: dict[str, str] = {}
     try:
         for trait in config.traits:
             t0 = time.time()
@@ -345,10 +346,19 @@ def run_control(model: Any, config: ControlConfig, log: Callable[[str], None] = 
                                        statistics=config.statistics, log=log)
                 if on_located is not None and not config.maps_dir:
                     on_located(trait, neuron_map)
-            if neuron_map.n_selected() == 0:
-                raise ValueError(f"the {trait} map selects no neurons, so DPN-LE has nothing to edit; locate with more "
-                                 "pairs or a lower tau_d")
             map_settings[trait] = neuron_map.selection_summary()
+            if neuron_map.n_selected() == 0:
+                # A result, not bad input (e.g. answer-token statistics from few pairs): this trait has nothing
+                # to edit, the other traits of the run still count.
+                skipped[trait] = (f"the map selects no neurons (layers {neuron_map.settings.layer_range}, "
+                                  f"q={neuron_map.settings.q:g}, tau_d={neuron_map.settings.tau_d:g}), so DPN-LE has "
+                                  "nothing to edit; locate with more pairs or a lower tau_d")
+                log(f"{trait}: not steered: {skipped[trait]}")
+                bar.step(per_trait - 3, f"{trait} skipped")
+                if on_trait is not None:
+                    on_trait(_result(model, config, started, validation, costs, curves, calibrated, gamma_zero,
+                                     examples, map_settings, skipped))
+                continue
             context = TraitContext(trait, neuron_map)
             for name in methods:
                 if METHODS_BY_NAME[name].prepare is not None:
@@ -393,21 +403,28 @@ def run_control(model: Any, config: ControlConfig, log: Callable[[str], None] = 
                 + "; ".join(_calibrated_line(r, config.target_kl) for r in calibrated[-2:]))
             if on_trait is not None:
                 on_trait(_result(model, config, started, validation, costs, curves, calibrated, gamma_zero, examples,
-                                 map_settings))
+                                 map_settings, skipped))
     finally:
         bar.close()
-    return _result(model, config, started, validation, costs, curves, calibrated, gamma_zero, examples, map_settings)
+    if len(skipped) == len(config.traits):
+        raise ValueError(f"no trait was steered: every map selects no neurons ({'; '.join(skipped)}); locate with "
+                         "more pairs or a lower tau_d")
+    return _result(model, config, started, validation, costs, curves, calibrated, gamma_zero, examples, map_settings,
+                   skipped)
 
 
 def _result(model: Any, config: ControlConfig, started: float, validation: list, costs: list, curves: list,
-            calibrated: list, gamma_zero: list, examples: dict, map_settings: dict) -> dict[str, Any]:
+            calibrated: list, gamma_zero: list, examples: dict, map_settings: dict,
+            skipped: dict[str, str]) -> dict[str, Any]:
     matched = matched_cost_rows(curves, config.kl_levels)
     curve_methods = list(config.methods) + ([RANDOM_CONTROL] if config.random_control else [])
     meta = {"model": getattr(model, "dpn_model_name", "model"), "dtype": str(next(model.parameters()).dtype),
             "config": dataclasses.asdict(config), "seconds": time.time() - started,
             "probe_tokens": config.kl_chunks * config.kl_tokens, "traits_done": [row["trait"] for row in validation],
             # which neurons DPN-LE edited: each trait's localization settings and neurons per pole
-            "maps": dict(map_settings)}
+            "maps": dict(map_settings),
+            # traits validated but not steered, with why (a map that selects no neurons)
+            "skipped": dict(skipped)}
     return {"validation": list(validation), "costs": list(costs), "curves": list(curves), "matched_cost": matched,
             "matched_summary": _mean_at_cost(matched, curve_methods, config.kl_levels), "calibrated": list(calibrated),
             "gamma_zero": list(gamma_zero), "examples": dict(examples), "meta": meta}

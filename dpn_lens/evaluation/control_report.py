@@ -195,6 +195,10 @@ def write_control_outputs(result: dict[str, Any], out: str | Path, png: bool = T
              "control puts the same deltas (same gamma) on random neurons of the same layers; `DPN-LE - random` is "
              "their paired difference.", "",
              _calibrated_table(result["calibrated"]), ""]
+    skipped = meta.get("skipped", {})
+    if skipped:
+        lines += ["Not steered (validated above, nothing to edit): "
+                  + "; ".join(f"{trait}: {reason}" for trait, reason in skipped.items()) + ".", ""]
     if zero:
         lines += ["Gamma 0 (the DPN-LE edit scaled to 0 through the same hooks): "
                   + ", ".join(f"{r['trait']} {r['shift']:+.2g}" for r in zero) + ". KL noise floor (gamma 0.001, "
