@@ -191,6 +191,8 @@ def test_control_command_line(tiny_folder, tmp_path, monkeypatch, capsys):
                                       "--out", str(tmp_path / "x")])
     config = config_from_args(args)
     assert config.pairs == 24 and config.methods == ["dpn-le", "dense", "caa"] and config.kl_levels == [0.05, 0.1, 0.5]
+    assert config.seed == 0
+    assert config_from_args(build_parser().parse_args(["control", "--seed", "3", "--out", str(tmp_path)])).seed == 3
     monkeypatch.delenv("DPN_LENS_DATA", raising=False)
     status = main(["control", "--model", str(tiny_folder), "--traits", "openness", "--out", str(tmp_path / "y")])
     assert status == 2 and "no data folder given" in capsys.readouterr().err

@@ -45,6 +45,9 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--kl-levels", default=None, help="comma list of KL levels (nats/token) where every method's "
                                                           "shift is measured (None: 0.01,0.05,0.1; --quick 0.05,0.5)")
     parser.add_argument("--target-kl", type=float, default=DEFAULT_TARGET_KL, help="KL at which DPN-LE is calibrated")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the held-out pair draw (questions and personas) and "
+                                                           "of the random-neuron control; another seed replicates a "
+                                                           "result on a new draw")
     parser.add_argument("--no-random-control", action="store_true", help="skip the random-neuron curves")
     parser.add_argument("--no-cache", action="store_true", help="generate the preference pairs again (no cache)")
     parser.add_argument("--quick", action="store_true", help="a few-minute run: 24 pairs, dpn-le/dense/caa, KL levels 0.05 and 0.5")
@@ -69,7 +72,8 @@ def config_from_args(args: argparse.Namespace) -> Any:
 
     settings: dict[str, Any] = dict(traits=parse_traits(args.traits), data_dir=args.data_dir, maps_dir=args.maps,
                                     locate_pairs=args.locate_pairs, statistics=args.statistics, target_kl=args.target_kl,
-                                    random_control=not args.no_random_control, cache_pairs=not args.no_cache)
+                                    random_control=not args.no_random_control, cache_pairs=not args.no_cache,
+                                    seed=args.seed)
     from dpn_lens.pipeline import parse_layers
 
     settings.update(locate_q=args.q, locate_tau_d=args.tau_d,
