@@ -322,6 +322,11 @@ def run_control(model: Any, config: ControlConfig, log: Callable[[str], None] = 
     examples: dict[str, Any] = {}
     map_settings: dict[str, dict[str, Any]] = {}
     skipped: dict[str, str] = {}
+
+    def result_so_far() -> dict[str, Any]:
+        return _result(model, config, started, validation, costs, curves, calibrated, gamma_zero, examples,
+                       map_settings, skipped)
+
     try:
         for trait in config.traits:
             t0 = time.time()
@@ -356,8 +361,7 @@ def run_control(model: Any, config: ControlConfig, log: Callable[[str], None] = 
                 log(f"{trait}: not steered: {skipped[trait]}")
                 bar.step(per_trait - 3, f"{trait} skipped")
                 if on_trait is not None:
-                    on_trait(_result(model, config, started, validation, costs, curves, calibrated, gamma_zero,
-                                     examples, map_settings, skipped))
+                    on_trait(result_so_far())
                 continue
             context = TraitContext(trait, neuron_map)
             for name in methods:
@@ -402,15 +406,13 @@ def run_control(model: Any, config: ControlConfig, log: Callable[[str], None] = 
             log(f"{trait}: done in {time.time() - t0:.0f}s; at KL {config.target_kl:g}: "
                 + "; ".join(_calibrated_line(r, config.target_kl) for r in calibrated[-2:]))
             if on_trait is not None:
-                on_trait(_result(model, config, started, validation, costs, curves, calibrated, gamma_zero, examples,
-                                 map_settings, skipped))
+                on_trait(result_so_far())
     finally:
         bar.close()
     if len(skipped) == len(config.traits):
         raise ValueError(f"no trait was steered: every map selects no neurons ({'; '.join(skipped)}); locate with "
                          "more pairs or a lower tau_d")
-    return _result(model, config, started, validation, costs, curves, calibrated, gamma_zero, examples, map_settings,
-                   skipped)
+    return result_so_far()
 
 
 def _result(model: Any, config: ControlConfig, started: float, validation: list, costs: list, curves: list,

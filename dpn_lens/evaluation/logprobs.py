@@ -31,14 +31,15 @@ memory several times and took most of the time of scoring an answer on Gemma 3
 
 def _float32_log_softmax_blocks(logits: Float[Tensor, "n vocab"], rows: int
                                 ) -> Iterator[tuple[slice, Float[Tensor, "rows vocab"]]]:
-    """``(rows of logits, their float32 log-softmax on the CPU)``, ``rows`` rows at a time.
+    """``(rows of logits, their float32 log-softmax)``, ``rows`` rows at a time, on the logits' device.
 
     Each block is converted inside ``log_softmax`` (``dtype=float32``), which gives the same values as
-    converting the whole tensor first, without a float32 copy of all of it.
+    converting the whole tensor first, without a float32 copy of all of it. Callers move to the CPU
+    only what they keep (on a GPU, one value per row for ``token_logprobs``, not the whole block).
     """
     for start in range(0, logits.shape[0], rows):
         block = slice(start, start + rows)
-        yield block, torch.log_softmax(logits[block], dim=-1, dtype=torch.float32).cpu()
+        yield block, torch.log_softmax(logits[block], dim=-1, dtype=torch.float32)
 
 
 def token_logprobs(logits: Float[Tensor, "n vocab"], targets: Int[Tensor, "n"], rows: int = LOG_SOFTMAX_ROWS
@@ -54,7 +55,7 @@ def token_logprobs(logits: Float[Tensor, "n vocab"], targets: Int[Tensor, "n"], 
     """
     out = torch.empty(len(targets), dtype=torch.float32)
     for block, logprobs in _float32_log_softmax_blocks(logits, rows):
-        out[block] = logprobs.gather(1, targets[block, None].cpu()).squeeze(1)
+        out[block] = logprobs.gather(1, targets[block, None].to(logprobs.device)).squeeze(1).cpu()
     return out
 
 
@@ -67,7 +68,7 @@ def log_softmax_rows(logits: Float[Tensor, "n vocab"], rows: int = LOG_SOFTMAX_R
     """
     out = torch.empty(logits.shape, dtype=torch.float32)
     for block, logprobs in _float32_log_softmax_blocks(logits, rows):
-        out[block] = logprobs
+        out[block] = logprobs.cpu()
     return out
 
 
@@ -105,7 +106,7 @@ def kl_from_reference(reference: Float[Tensor, "n vocab"], logits: Float[Tensor,
     """
     total = 0.0
     for block, steered in _float32_log_softmax_blocks(logits, rows):
-        base = reference[block]
+        steered, base = steered.cpu(), reference[block]
         total += float((base.exp() * (base - steered)).sum(-1).double().sum())
     return total
 
