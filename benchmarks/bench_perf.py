@@ -27,6 +27,11 @@ Sections (all on the embedded SmolLM2-135M-Instruct unless said otherwise):
 * ``evaluation`` -- ``evaluation.judge.generate_answers`` (greedy, repetition penalty 1.15, the judge's
   generation) one question at a time (``batch_size=1``) vs in left-padded batches: answered
   questions/s of each, their ratio, and whether the answers are identical.
+* ``attribution`` -- the cost of selection by effect relative to collection, for the same number of
+  pairs: ``effect.margin_gradients`` (one forward and one backward per batch over each pair's question
+  and both answers, the attribution rules' pass) vs ``collect_statistics`` of as many contrastive pairs
+  (the DPN-LE pass). Target: at most 3x. The one-off greedy generation of the selection pairs'
+  answers (``effect.selection_pairs``, cached per model afterwards) is timed once and reported beside.
 
 CPU timings are noisy when the machine is shared, so every section interleaves its variants
 (rotating their order), repeats them, and reports medians of per-repeat ratios. Wall-clock and
@@ -81,6 +86,7 @@ from dpn_lens.evaluation.calibrate import KLProbe, probe_chunks  # noqa: E402
 from dpn_lens.evaluation.judge import generate_answers  # noqa: E402
 from dpn_lens.evaluation.logprobs import continuation_logprobs  # noqa: E402
 from dpn_lens.evaluation.preference import PairScorer, PreferencePair  # noqa: E402
+from dpn_lens.effect import margin_gradients, selection_pairs  # noqa: E402
 from dpn_lens.hooked import hook_name, pad_token_id, pad_token_lists, tokenize_compact  # noqa: E402
 from dpn_lens.prefix import plan_prefix_tree, tokens_run  # noqa: E402
 
@@ -560,6 +566,30 @@ def bench_scoring(spec: str, dtype: str, n_pairs: int, repeats: int, neurons: in
     return result
 
 
+def bench_attribution(spec: str, dtype: str, n_pairs: int, repeats: int) -> dict[str, Any]:
+    """Attribution's gradient pass vs collection of the same number of pairs; the answers' generation once."""
+    model = load(spec, dtype)
+    started = time.perf_counter()
+    pairs = selection_pairs(model, "openness", n_pairs=n_pairs, seed=0, cache=False)
+    generation_s = time.perf_counter() - started
+    contrastive = embedded_contrastive_set("openness", n_pairs=len(pairs))
+    config = CollectionConfig(progress=False)
+    variants = {"collect": lambda: collect_statistics(model, contrastive, config),
+                "attribution": lambda: margin_gradients(model, pairs)}
+    times = interleaved(variants, repeats)
+    answer_tokens = sum(len(model.tokenizer(p.high_answer + p.low_answer)["input_ids"]) for p in pairs)
+    result = {"model": spec, "dtype": dtype, "pairs": len(pairs), "threads": torch.get_num_threads(),
+              "repeats": repeats, "generation_s": generation_s, "answer_tokens": answer_tokens,
+              "median_wall_s": {name: median(t["wall"]) for name, t in times.items()},
+              "ratio_wall": ratio(times, "attribution", "collect", "wall"),
+              "ratio_cpu": ratio(times, "attribution", "collect", "cpu")}
+    result["ratio_with_generation"] = ((result["median_wall_s"]["attribution"] + generation_s)
+                                       / result["median_wall_s"]["collect"])
+    del model
+    gc.collect()
+    return result
+
+
 # ----------------------------------------------------------------------------------------------
 # evaluation
 
@@ -711,9 +741,19 @@ def run_scoring(args: argparse.Namespace) -> dict[str, Any]:
     return r
 
 
+def run_attribution(args: argparse.Namespace) -> dict[str, Any]:
+    r = bench_attribution(args.model, args.attribution_dtype, args.attribution_pairs, args.repeats)
+    w = r["median_wall_s"]
+    print(f"[attribution {r['dtype']}] {r['pairs']} pairs, {r['threads']} thread(s): collection {w['collect']:.2f}s, "
+          f"attribution gradients {w['attribution']:.2f}s | attribution/collection wall {r['ratio_wall']:.2f} "
+          f"cpu {r['ratio_cpu']:.2f} (target <= 3) | the selection pairs' answers ({r['answer_tokens']} tokens) "
+          f"generated once in {r['generation_s']:.1f}s: with it {r['ratio_with_generation']:.2f}x collection", flush=True)
+    return r
+
+
 SECTIONS: dict[str, Callable[[argparse.Namespace], Any]] = {
     "collect": run_collect, "memory": run_memory, "steering": run_steering, "locate": run_locate,
-    "prefix": run_prefix, "scoring": run_scoring, "evaluation": run_evaluation}
+    "prefix": run_prefix, "scoring": run_scoring, "evaluation": run_evaluation, "attribution": run_attribution}
 """Section name -> runner, in the order they run."""
 
 
@@ -754,6 +794,8 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--eval-tokens", type=int, default=32, help="max new tokens per answer (evaluation section)")
     parser.add_argument("--eval-batch-size", type=int, default=8, help="batch size of the batched evaluation variant")
     parser.add_argument("--eval-dtype", default="float32", help="model dtype of the evaluation section")
+    parser.add_argument("--attribution-pairs", type=int, default=64, help="pairs of the attribution section")
+    parser.add_argument("--attribution-dtype", default="bfloat16", help="model dtype of the attribution section")
     parser.add_argument("--json", help="also write all results to this JSON file")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     return parser

@@ -40,7 +40,9 @@ from dpn_lens.localize import (
     locate,
     reselect,
 )
-from dpn_lens.neuron_map import IncompatibleModelError, NeuronMap
+from dpn_lens.neuron_map import IncompatibleModelError, NeuronMap, WrongRuleError
+from dpn_lens.effect.rules import EFFECT_RULES, RULE_NAMES, effect_map, effect_scores, select_by_effect
+from dpn_lens.effect.pairs import selection_pairs
 from dpn_lens.steering import (
     Edit,
     Intervention,
@@ -86,6 +88,13 @@ __all__ = [
     "reselect",
     "NeuronMap",
     "IncompatibleModelError",
+    "WrongRuleError",
+    "RULE_NAMES",
+    "EFFECT_RULES",
+    "effect_scores",
+    "effect_map",
+    "select_by_effect",
+    "selection_pairs",
     "Edit",
     "Intervention",
     "steering_intervention",

@@ -48,6 +48,16 @@ def _add_locate_options(parser: argparse.ArgumentParser) -> None:
                              "the model runs on the CPU (faster there), off on a GPU (slower there)")
     parser.add_argument("--no-share-prefix", action="store_true",
                         help="the same as --share-prefix off: run every prompt in full (the path to compare against)")
+    parser.add_argument("--select", default="dpn-le",
+                        help="selection rules, comma list: dpn-le (the paper's dual criterion; always made) and effect "
+                             "rules attribution, write, write-layer, dpn-le-attribution (maps/<rule>/<trait>; "
+                             "docs/METHOD.md, 'Selection by effect')")
+    parser.add_argument("--budget", type=int, default=None,
+                        help="neurons an effect rule keeps (None: the DPN-LE map's count, at most 0.5%% of MLP neurons)")
+    parser.add_argument("--selection-pairs", type=int, default=128,
+                        help="selection pairs per trait for the attribution rules (the model's own answers to the "
+                             "embedded training questions)")
+    parser.add_argument("--selection-seed", type=int, default=0, help="seed of the selection pairs' draw")
     parser.add_argument("--resume", action="store_true",
                         help="finish an interrupted run in --out: reuse finished traits' statistics (same options)")
     parser.add_argument("--overwrite", action="store_true", help="replace a run with other settings in --out")
@@ -122,14 +132,15 @@ def _share_prefix_option(args: argparse.Namespace) -> bool | str:
 def run_locate(args: argparse.Namespace) -> int:
     """Handler of ``dpn-lens locate``."""
     from dpn_lens.collect import CollectionConfig
-    from dpn_lens.pipeline import LocateConfig, check_run_target, locate_traits, neuron_table, parse_layers
+    from dpn_lens.pipeline import LocateConfig, check_run_target, locate_traits, neuron_table, parse_layers, parse_rules
 
     collection = CollectionConfig(token_position=args.token_position, max_batch_size=args.batch_size,
                                   max_batch_tokens=args.batch_tokens, progress=not args.no_progress,
                                   share_prefix=_share_prefix_option(args))
     config = LocateConfig(traits=args.traits, source=args.data, n_pairs=args.n_pairs, seed=args.seed,
                           data_dir=args.data_dir, q=args.q, tau_d=args.tau_d, layers=parse_layers(args.layers),
-                          collection=collection)
+                          collection=collection, select=parse_rules(args.select), budget=args.budget,
+                          selection_pairs=args.selection_pairs, selection_seed=args.selection_seed)
     # A locked folder or one with another run is refused before the model loads.
     check_run_target(args.out, config, resume=args.resume, overwrite=args.overwrite)
     model = _load(args)
@@ -138,6 +149,9 @@ def run_locate(args: argparse.Namespace) -> int:
     for trait, neuron_map in run.maps.items():
         print(f"{trait}: layers {neuron_map.settings.layer_range}, tau_d {neuron_map.settings.tau_d} "
               f"({neuron_map.settings.source}: {neuron_map.settings.reason})")
+    for rule, maps in run.rule_maps.items():
+        print(f"{rule} maps ({args.out}/maps/{rule}/): " + ", ".join(
+            f"{trait} {neuron_map.n_selected()} neurons" for trait, neuron_map in maps.items()))
     print(f"wrote {args.out}/maps, {args.out}/stats and {args.out}/summary.json")
     return 0
 

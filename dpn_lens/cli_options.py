@@ -170,8 +170,13 @@ def validate_args(args: argparse.Namespace) -> None:
     gamma = getattr(args, "gamma", None)
     if gamma is not None and not math.isfinite(gamma):
         raise ValueError(f"--gamma must be a finite number (e.g. 1.0), got {gamma}")
-    for name in ("n_pairs", "batch_size", "batch_tokens", "max_new_tokens", "n_questions"):
+    for name in ("n_pairs", "batch_size", "batch_tokens", "max_new_tokens", "n_questions", "budget"):
         _positive(args, name)
+    _positive(args, "selection_pairs", 2)   # the attribution rules average a gradient over pairs
+    if isinstance(getattr(args, "select", None), str):
+        from dpn_lens.pipeline import parse_rules
+
+        parse_rules(args.select)
     target_kl = getattr(args, "target_kl", None)
     if target_kl is not None and not (math.isfinite(target_kl) and target_kl > 0):
         raise ValueError(f"--target-kl must be a positive KL in nats/token (e.g. 0.05), got {target_kl}")

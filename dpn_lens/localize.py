@@ -188,7 +188,8 @@ def _layer_text(value: Any) -> str:
 
 def locate(stats: ContrastStatistics, settings: LocalizationSettings | None = None, model_name: str | None = None,
            q: float | None = None, tau_d: float | None = None, layers: Sequence[int] | None = None,
-           model_revision: str | None = None) -> NeuronMap:
+           model_revision: str | None = None, select: str = "dpn-le", model: Any = None,
+           budget: int | None = None, **effect_options: Any) -> NeuronMap:
     """Find the trait's high-pole and low-pole neurons and return a ``NeuronMap``.
 
     Settings are, in order of precedence: ``settings``; the reference settings of ``model_name``;
@@ -196,11 +197,27 @@ def locate(stats: ContrastStatistics, settings: LocalizationSettings | None = No
     The map records ``model_name`` and ``model_revision`` (None: ``weights:<hash>`` from the
     statistics' fingerprint; ``dpn_lens.models.model_revision(model)`` gives the hub commit or GGUF digest).
 
+    ``select`` names the selection rule (``dpn_lens.effect.rules``): ``"dpn-le"`` (the paper's dual
+    criterion, default) or an effect rule (``"attribution"``, ``"write"``, ``"write-layer"``,
+    ``"dpn-le-attribution"``), which ranks neurons by what their edit does and needs the ``model``;
+    ``budget`` is its neuron count (None: the DPN-LE count, at most 0.5% of all MLP neurons) and
+    ``effect_options`` go to ``effect.rules.effect_scores`` (``n_pairs``, ``seed``, ``pairs``).
+
     Example:
         >>> neuron_map = locate(stats)                  # doctest: +SKIP
         >>> neuron_map.n_selected("high"), neuron_map.n_selected("low")   # doctest: +SKIP
         (52, 49)
+        >>> locate(stats, select="attribution", model=model).rule          # doctest: +SKIP
+        'attribution'
     """
+    from dpn_lens.effect.rules import rule_named, select_by_effect
+
+    rule_named(select)
+    if select != "dpn-le" and model is None:
+        raise ValueError(f"select={select!r} ranks neurons by what editing them does, so it needs the model: "
+                         "pass model=... (the model the statistics were collected on)")
+    if select == "dpn-le" and (budget is not None or effect_options):
+        raise ValueError("budget and effect options apply to effect rules; the dual criterion is set by q and tau_d")
     overrides = {"layers": None if layers is None else list(layers), "q": q, "tau_d": tau_d}
     given = {name: value for name, value in overrides.items() if value is not None}
     if settings is None and len(given) < 3:
@@ -233,11 +250,15 @@ def locate(stats: ContrastStatistics, settings: LocalizationSettings | None = No
                                           if stats.fingerprint.get("weights") else ""),
     )
     _warn_if_empty(neuron_map, s, d, [stats.layers.index(layer) for layer in settings.layers])
-    return neuron_map
+    return select_by_effect(model, neuron_map, select, budget, **effect_options)
 
 
-def reselect(neuron_map: NeuronMap, q: float | None = None, tau_d: float | None = None) -> NeuronMap:
+def reselect(neuron_map: NeuronMap, q: float | None = None, tau_d: float | None = None, k: int | None = None
+             ) -> NeuronMap:
     """The same map with its poles re-selected at another ``q`` and/or ``tau_d``: the one way to do it.
+
+    An effect rule's map (``neuron_map.rule != "dpn-le"``) is re-selected at another budget ``k`` instead,
+    from its stored scores (``effect.rules.reselect_top``); ``q`` and ``tau_d`` do not apply to it.
 
     A map keeps ``s`` and ``d`` of every collected layer, so no statistics are needed: the dual
     criterion (``select_neurons``) runs again on the map's searched layers with the new thresholds
@@ -250,6 +271,15 @@ def reselect(neuron_map: NeuronMap, q: float | None = None, tau_d: float | None 
         >>> denser.n_selected() > neuron_map.n_selected()  # doctest: +SKIP
         True
     """
+    if neuron_map.rule != "dpn-le" or k is not None:
+        from dpn_lens.effect.rules import reselect_top
+
+        if neuron_map.rule == "dpn-le":
+            raise ValueError("k re-selects an effect rule's map; a dpn-le map is re-selected by q and tau_d")
+        if q is not None or tau_d is not None or k is None:
+            raise ValueError(f"this map was made by the {neuron_map.rule!r} rule, which ranks neurons by effect: "
+                             "re-select it with k=<neurons> (q and tau_d belong to the dual criterion)")
+        return reselect_top(neuron_map, k)
     new_q = neuron_map.settings.q if q is None else q
     new_tau_d = neuron_map.settings.tau_d if tau_d is None else tau_d
     high: dict[int, Tensor] = {}

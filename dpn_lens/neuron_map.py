@@ -16,11 +16,18 @@ from dpn_lens.hooked import HookedModel
 from dpn_lens.settings import LocalizationSettings
 from dpn_lens.traits import normalize_pole
 
-__all__ = ["NeuronMap", "IncompatibleModelError"]
+__all__ = ["NeuronMap", "IncompatibleModelError", "WrongRuleError", "DUAL_CRITERION"]
+
+DUAL_CRITERION = "dpn-le"
+"""The selection rule of the paper (``|s| > tau_q`` and ``|d| > tau_d``); other rules: ``dpn_lens.effect.rules``."""
 
 
 class IncompatibleModelError(ValueError):
     """A neuron map was applied to a model other than the one it was located on."""
+
+
+class WrongRuleError(ValueError):
+    """A neuron map made by one selection rule was given where another rule's map was asked for."""
 
 
 @dataclass
@@ -40,6 +47,15 @@ class NeuronMap:
         model_name, model_revision: what to pass to ``load_model`` to get the model back, and which
             version of it (hub commit, GGUF digest, or ``weights:<hash>``); ``""`` in maps saved
             before these fields existed.
+        rule: the selection rule that chose the neurons: ``"dpn-le"`` (the paper's dual criterion, the
+            default and what maps saved before rules existed hold) or an effect rule of
+            ``dpn_lens.effect.rules`` (``"attribution"``, ``"write"``, ...). The edit is the same
+            ``±gamma * s`` on the selected neurons whatever the rule; an effect rule's poles are its
+            neurons split by the sign of ``s``.
+        effect_score: the per-neuron score an effect rule ranked (``[len(stat_layers), d_mlp]``, ``-inf``
+            where a neuron was not a candidate), so the map can be re-selected at another budget
+            (``localize.reselect(map, k=...)``); None for the dual criterion.
+        selection: what the rule read and chose (budget, pairs, seed, ...), JSON-ready.
 
     Example:
         >>> neuron_map.save("runs/openness.safetensors")                      # doctest: +SKIP
@@ -64,10 +80,16 @@ class NeuronMap:
     version: str = ""
     model_name: str = ""
     model_revision: str = ""
+    rule: str = DUAL_CRITERION
+    effect_score: Float[Tensor, "n_stat_layers d_mlp"] | None = field(default=None, repr=False)
+    selection: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if not self.version:
             self.version = __version__
+        if (self.rule == DUAL_CRITERION) != (self.effect_score is None):
+            raise ValueError(f"a {self.rule!r} map {'has no' if self.effect_score is None else 'cannot have an'} "
+                             "effect score: the dual criterion ranks by s and d, every other rule by its score")
 
     # ----- reading the map -------------------------------------------------------------------
     @property
@@ -77,6 +99,11 @@ class NeuronMap:
     @property
     def d_mlp(self) -> int:
         return int(self.steering_value.shape[1])
+
+    @property
+    def n_model_layers(self) -> int:
+        """Layers of the model the map was located on (its fingerprint; else the layers it has statistics of)."""
+        return int(self.fingerprint.get("n_layers", 0)) or len(self.stat_layers)
 
     def pole(self, pole: str) -> dict[int, Tensor]:
         """``{layer: indices}`` of ``"high"`` or ``"low"``."""
@@ -93,8 +120,9 @@ class NeuronMap:
 
     def selection_summary(self) -> dict[str, Any]:
         """Neurons per pole and the settings that chose them (what run summaries and control runs record)."""
-        return {"high": self.n_selected("high"), "low": self.n_selected("low"), "layers": self.settings.layer_range,
-                "q": self.settings.q, "tau_d": self.settings.tau_d, "settings_source": self.settings.source}
+        return {"rule": self.rule, "high": self.n_selected("high"), "low": self.n_selected("low"),
+                "layers": self.settings.layer_range, "q": self.settings.q, "tau_d": self.settings.tau_d,
+                "settings_source": self.settings.source}
 
     def counts_per_layer(self) -> dict[int, tuple[int, int]]:
         """``{layer: (n_high, n_low)}``."""
@@ -116,7 +144,8 @@ class NeuronMap:
         return sorted(rows, key=lambda r: (r["pole"], r["layer"], -abs(r["d"])))
 
     def __repr__(self) -> str:
-        return (f"NeuronMap(trait={self.trait!r}, high={self.n_selected('high')}, low={self.n_selected('low')}, "
+        rule = "" if self.rule == DUAL_CRITERION else f", rule={self.rule!r}"
+        return (f"NeuronMap(trait={self.trait!r}{rule}, high={self.n_selected('high')}, low={self.n_selected('low')}, "
                 f"layers={self.settings.layer_range}, {100 * self.fraction_selected():.2f}% of their neurons)")
 
     # ----- compatibility --------------------------------------------------------------------
@@ -145,10 +174,13 @@ class NeuronMap:
 
         high_layers, high_neurons = flat(self.high)
         low_layers, low_neurons = flat(self.low)
-        return {"steering_value": self.steering_value.detach().cpu().contiguous(),
-                "cohens_d": self.effect_size.detach().cpu().contiguous(),
-                "high_layers": high_layers, "high_neurons": high_neurons,
-                "low_layers": low_layers, "low_neurons": low_neurons}
+        tensors = {"steering_value": self.steering_value.detach().cpu().contiguous(),
+                   "cohens_d": self.effect_size.detach().cpu().contiguous(),
+                   "high_layers": high_layers, "high_neurons": high_neurons,
+                   "low_layers": low_layers, "low_neurons": low_neurons}
+        if self.effect_score is not None:
+            tensors["effect_score"] = self.effect_score.detach().cpu().to(torch.float32).contiguous()
+        return tensors
 
     def config(self) -> dict[str, Any]:
         """Everything but the tensors, as JSON-ready data."""
@@ -161,6 +193,7 @@ class NeuronMap:
             "n_high_samples": self.n_high_samples, "n_low_samples": self.n_low_samples,
             "token_position": self.token_position, "data_source": self.data_source,
             "model_name": self.model_name, "model_revision": self.model_revision,
+            "rule": self.rule, "selection": self.selection,
             "counts": {"high": self.n_selected("high"), "low": self.n_selected("low"),
                        "fraction_of_searched_layers": self.fraction_selected()},
         }
@@ -188,11 +221,22 @@ class NeuronMap:
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike, model: HookedModel | None = None) -> "NeuronMap":
-        """Load a saved map; with ``model``, refuse it unless it was located on that model."""
+    def load(cls, path: str | os.PathLike, model: HookedModel | None = None, rule: str | None = None) -> "NeuronMap":
+        """Load a saved map; with ``model``, refuse it unless it was located on that model; with ``rule``,
+        refuse it unless that selection rule made it (``WrongRuleError``).
+
+        Example:
+            >>> NeuronMap.load("runs/demo/maps/openness.safetensors", rule="attribution")   # doctest: +SKIP
+            Traceback (most recent call last):
+            WrongRuleError: runs/demo/maps/openness.safetensors holds a 'dpn-le' map, not an 'attribution' map; ...
+        """
         from dpn_lens.statistics import _load_checked
 
         tensors, config = _load_checked(path, "dpn_lens_neuron_map")
+        found = config.get("rule", DUAL_CRITERION)   # maps saved before rules existed: the dual criterion
+        if rule is not None and found != rule:
+            raise WrongRuleError(f"{path} holds a {found!r} map, not a {rule!r} map; pass the {rule} map (a control "
+                                 f"run keeps effect maps in maps/<rule>/), or ask for rule={found!r}")
 
         def unflat(prefix: str, layers: list[int]) -> dict[int, Tensor]:
             owner, neurons = tensors[f"{prefix}_layers"], tensors[f"{prefix}_neurons"]
@@ -209,6 +253,7 @@ class NeuronMap:
             data_source=config["data_source"], version=config["version"],
             # older map files have no model name/revision: they load with "" (unknown)
             model_name=config.get("model_name", ""), model_revision=config.get("model_revision", ""),
+            rule=found, effect_score=tensors.get("effect_score"), selection=dict(config.get("selection") or {}),
         )
         if model is not None:
             neuron_map.check_compatible(model)

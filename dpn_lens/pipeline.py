@@ -23,6 +23,7 @@ from dpn_lens.data import (
     embedded_contrastive_set,
     personalitybench_contrastive_set,
 )
+from dpn_lens.effect.rules import SELECTION_PAIRS, select_by_effect
 from dpn_lens.localize import LocalizationSettings, locate
 from dpn_lens.neuron_map import NeuronMap
 from dpn_lens.io import write_text_atomic
@@ -33,6 +34,7 @@ from dpn_lens.statistics import ContrastStatistics
 from dpn_lens.traits import TRAITS, normalize_trait
 
 __all__ = ["DATA_SOURCES", "LocateConfig", "contrastive_set_for", "locate_traits", "parse_traits", "parse_layers",
+           "parse_rules",
            "neuron_table", "check_run_target"]
 
 DATA_SOURCES = ("embedded", "personalitybench", "anthropic")
@@ -62,6 +64,22 @@ def parse_traits(text: str | Sequence[str]) -> list[str]:
         raise ValueError(f"--traits names no trait; pass 'all' or a comma list such as openness,E "
                          f"(traits: {', '.join(TRAITS)})")
     return list(dict.fromkeys(normalize_trait(part) for part in text))
+
+
+def parse_rules(text: str | Sequence[str]) -> list[str]:
+    """``"attribution,write"`` (or a list) -> the selection rules named, checked, ``dpn-le`` first.
+
+    Example:
+        >>> parse_rules("write-layer,attribution")
+        ['dpn-le', 'write-layer', 'attribution']
+    """
+    from dpn_lens.effect.rules import rule_named
+
+    parts = text.split(",") if isinstance(text, str) else [part for item in text for part in str(item).split(",")]
+    names = [rule_named(part.strip()).name for part in parts if part.strip()]
+    if not names:
+        raise ValueError("--select names no rule; pass dpn-le or an effect rule such as attribution")
+    return list(dict.fromkeys(["dpn-le", *names]))
 
 
 def parse_layers(text: str | None) -> list[int] | None:
@@ -116,6 +134,10 @@ class LocateConfig:
         settings: explicit ``LocalizationSettings`` (default: reference settings, else proposed).
         q, tau_d, layers: override single settings (None: keep the default's).
         collection: how activations are read and batched (``CollectionConfig``).
+        select: selection rules to run (``dpn_lens.effect.rules``): the DPN-LE map is always made (the
+            effect rules start from its ``s``); each effect rule named here adds ``maps/<rule>/<trait>``.
+        budget, selection_pairs, selection_seed: the effect rules' neuron count (None: DPN-LE's, at most
+            0.5% of the MLP neurons), selection pairs drawn per trait and the seed of their draw.
 
     Example:
         >>> LocateConfig(traits=["openness"], n_pairs=8).to_dict()["n_pairs"]
@@ -132,11 +154,16 @@ class LocateConfig:
     tau_d: float | None = None
     layers: Sequence[int] | None = None
     collection: CollectionConfig = field(default_factory=CollectionConfig)
+    select: list[str] = field(default_factory=lambda: ["dpn-le"])
+    budget: int | None = None
+    selection_pairs: int = SELECTION_PAIRS
+    selection_seed: int = 0
 
     def __post_init__(self) -> None:
         self.traits = parse_traits(self.traits)
         if self.source not in DATA_SOURCES:
             raise ValueError(f"unknown data source {self.source!r}; use one of {', '.join(DATA_SOURCES)}")
+        self.select = parse_rules(self.select)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready copy (paths as strings)."""
@@ -317,11 +344,18 @@ def _locate_each(model: Any, config: LocateConfig, run: Run, log: Callable[[str]
         run.stats[trait] = stats
         run.maps[trait] = locate(stats, settings=config.settings, model_name=run.model_name, q=config.q,
                                  tau_d=config.tau_d, layers=config.layers, model_revision=revision)
+        memo: dict[Any, Any] = {}
+        for rule in config.select[1:]:
+            run.rule_maps.setdefault(rule, {})[trait] = select_by_effect(
+                model, run.maps[trait], rule, config.budget, n_pairs=config.selection_pairs, seed=config.selection_seed,
+                memo=memo)
         run.seconds[trait] = time.perf_counter() - started
         log(f"{trait:>17}: {run.maps[trait]!r} [{run.seconds[trait]:.0f} s]{note}")
+        for rule in config.select[1:]:
+            log(f"{'':>17}  {run.rule_maps[rule][trait]!r}")
         if folder is not None and manifest is not None:
             run.save_trait(trait)
-            manifest["traits"][trait] = trait_record(folder, trait)
+            manifest["traits"][trait] = trait_record(folder, trait, run.rules_of(trait))
             write_manifest(folder, manifest)
 
 

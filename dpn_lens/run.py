@@ -35,7 +35,7 @@ import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 from dpn_lens.io import write_json_atomic, write_text_atomic
 from dpn_lens.neuron_map import NeuronMap
@@ -43,7 +43,7 @@ from dpn_lens.statistics import ContrastStatistics
 from dpn_lens.traits import TRAITS
 
 __all__ = ["Run", "MAPS_DIR", "STATS_DIR", "SUMMARY_FILE", "SUMMARY_MD_FILE", "REPORT_FILE", "MODEL_CARD_FILE",
-           "map_path", "stats_path", "find_map", "percent_of_mlp", "percent_of_all_mlp", "read_summary",
+           "map_path", "rule_map_path", "stats_path", "find_map", "percent_of_mlp", "percent_of_all_mlp", "read_summary",
            "model_card", "MANIFEST_FILE", "LOCK_FILE", "RunFolderError", "lock_run_folder", "read_manifest",
            "write_manifest", "check_run_folder", "file_sha256", "run_folder_of"]
 
@@ -120,9 +120,12 @@ def write_manifest(folder: str | Path, manifest: dict[str, Any]) -> Path:
     return write_json_atomic(Path(folder) / MANIFEST_FILE, manifest)
 
 
-def trait_record(folder: str | Path, trait: str) -> dict[str, Any]:
-    """The manifest entry of a finished trait: status and the checksums of its map and statistics."""
+def trait_record(folder: str | Path, trait: str, rules: Sequence[str] = ()) -> dict[str, Any]:
+    """The manifest entry of a finished trait: status and the checksums of its map, the maps of the effect
+    ``rules`` (``maps/<rule>/<trait>``) and its statistics."""
     record: dict[str, Any] = {"status": "done", "map_sha256": file_sha256(map_path(folder, trait))}
+    if rules:
+        record["rule_maps_sha256"] = {rule: file_sha256(rule_map_path(folder, trait, rule)) for rule in rules}
     if stats_path(folder, trait).exists():
         record["stats_sha256"] = file_sha256(stats_path(folder, trait))
     return record
@@ -178,6 +181,11 @@ def check_run_folder(folder: str | Path) -> dict[str, Any] | None:
         if record.get("map_sha256") and file_sha256(path) != record["map_sha256"]:
             raise RunFolderError(f"{path} was replaced after the run that {folder / MANIFEST_FILE} records (checksum "
                                  "differs): the folder mixes runs; redo it with `dpn-lens locate --overwrite`")
+        for rule, checksum in (record.get("rule_maps_sha256") or {}).items():
+            rule_file = rule_map_path(folder, trait, rule)
+            if not rule_file.exists() or file_sha256(rule_file) != checksum:
+                raise RunFolderError(f"{rule_file} is missing or was replaced after the run that "
+                                     f"{folder / MANIFEST_FILE} records: redo the run with `dpn-lens locate --overwrite`")
         stats = stats_path(folder, trait)
         if record.get("stats_sha256") and stats.exists() and file_sha256(stats) != record["stats_sha256"]:
             raise RunFolderError(f"{stats} was replaced after the run that {folder / MANIFEST_FILE} records "
@@ -200,10 +208,25 @@ def stats_path(folder: str | Path, trait: str) -> Path:
     return Path(folder) / STATS_DIR / f"{trait}{MAP_SUFFIX}"
 
 
-def find_map(folder: str | Path, trait: str) -> Path | None:
-    """The map file of ``trait`` in a maps folder (``folder/<trait>.safetensors``) or a run folder
-    (``folder/maps/<trait>.safetensors``), whichever exists first; None if neither does."""
-    for path in (Path(folder) / f"{trait}{MAP_SUFFIX}", map_path(folder, trait)):
+def rule_map_path(folder: str | Path, trait: str, rule: str) -> Path:
+    """Where a run folder keeps ``trait``'s map of a selection rule: ``maps/<trait>.safetensors`` for the
+    dual criterion (``dpn-le``), ``maps/<rule>/<trait>.safetensors`` for an effect rule.
+
+    Example:
+        >>> rule_map_path("runs/control", "openness", "attribution").as_posix()
+        'runs/control/maps/attribution/openness.safetensors'
+    """
+    if rule == "dpn-le":
+        return map_path(folder, trait)
+    return Path(folder) / MAPS_DIR / rule / f"{trait}{MAP_SUFFIX}"
+
+
+def find_map(folder: str | Path, trait: str, rule: str = "dpn-le") -> Path | None:
+    """The map file of ``trait`` (and selection ``rule``) in a maps folder (``folder/<trait>.safetensors``,
+    ``folder/<rule>/<trait>.safetensors``) or a run folder (``rule_map_path``), whichever exists first;
+    None if none does."""
+    inside = Path(folder) / f"{trait}{MAP_SUFFIX}" if rule == "dpn-le" else Path(folder) / rule / f"{trait}{MAP_SUFFIX}"
+    for path in (inside, rule_map_path(folder, trait, rule)):
         if path.exists():
             return path
     return None
@@ -248,6 +271,8 @@ class Run:
         summary: what ``summary.json`` holds (read by ``load``; ``summary_dict`` computes it afresh).
         seconds: time spent per trait when the run was located.
         model_name: the model the maps were located on ("" when unknown).
+        rule_maps: ``{rule: {trait: NeuronMap}}`` of effect rules (``dpn_lens.effect.rules``), kept in
+            ``maps/<rule>/<trait>.safetensors`` beside the DPN-LE maps they were selected from.
 
     Example:
         >>> run = Run.load("runs/demo")                  # doctest: +SKIP
@@ -260,6 +285,7 @@ class Run:
     summary: dict[str, Any] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     model_name: str = ""
+    rule_maps: dict[str, dict[str, NeuronMap]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.folder = None if self.folder is None else Path(self.folder)
@@ -269,6 +295,10 @@ class Run:
     @property
     def traits(self) -> list[str]:
         return list(self.maps)
+
+    def rules_of(self, trait: str) -> list[str]:
+        """The effect rules that have a map of ``trait`` in this run."""
+        return [rule for rule, maps in self.rule_maps.items() if trait in maps]
 
     # ----- reading --------------------------------------------------------------------------------
     @classmethod
@@ -294,8 +324,14 @@ class Run:
                                     "or `dpn-lens locate --out` (it holds maps/<trait>.safetensors)")
         maps = {}
         for path in files:
-            neuron_map = NeuronMap.load(path, model=model)
+            # maps/<trait> holds the dual criterion's map; an effect rule's map there would be taken for it
+            neuron_map = NeuronMap.load(path, model=model, rule="dpn-le")
             maps[neuron_map.trait] = neuron_map
+        rule_maps: dict[str, dict[str, NeuronMap]] = {}
+        for rule_dir in sorted(path for path in map_dir.iterdir() if path.is_dir()):
+            for path in sorted(rule_dir.glob(f"*{MAP_SUFFIX}")):
+                neuron_map = NeuronMap.load(path, model=model, rule=rule_dir.name)
+                rule_maps.setdefault(rule_dir.name, {})[neuron_map.trait] = neuron_map
         maps = dict(sorted(maps.items(), key=lambda item: _trait_order(item[0])))
         d_mlps = {m.d_mlp for m in maps.values()}
         if len(d_mlps) > 1:
@@ -303,7 +339,7 @@ class Run:
                              "put each model's maps in its own run folder")
         stats = {trait: ContrastStatistics.load(stats_path(folder, trait)) for trait in maps
                  if stats_path(folder, trait).exists()}
-        return cls(folder, maps, stats, read_summary(folder))
+        return cls(folder, maps, stats, read_summary(folder), rule_maps=rule_maps)
 
     def require_stats(self, study: str) -> None:
         """Raise ``FileNotFoundError`` naming the missing files unless every trait has its statistics."""
@@ -332,7 +368,14 @@ class Run:
                 "seconds": round(self.seconds.get(trait, 0.0), 1),
             }
         first = next(iter(self.maps.values()))
-        return {"model": self.model_name, "fingerprint": first.fingerprint, "traits": traits}
+        summary = {"model": self.model_name, "fingerprint": first.fingerprint, "traits": traits}
+        if self.rule_maps:
+            summary["rules"] = {rule: {trait: {**neuron_map.selection_summary(),
+                                               "percent_of_all_mlp_neurons": percent_of_all_mlp(neuron_map),
+                                               "selection": neuron_map.selection}
+                                       for trait, neuron_map in maps.items()}
+                                for rule, maps in self.rule_maps.items()}
+        return summary
 
     # ----- writing --------------------------------------------------------------------------------
     def _target(self, folder: str | Path | None) -> Path:
@@ -347,6 +390,9 @@ class Run:
         if trait in self.stats:
             self.stats[trait].save(stats_path(target, trait))
         self.maps[trait].save(map_path(target, trait))
+        for rule, maps in self.rule_maps.items():
+            if trait in maps:
+                maps[trait].save(rule_map_path(target, trait, rule))
 
     def save_summary(self, folder: str | Path | None = None) -> Path:
         """Write ``summary_dict()`` to ``summary.json`` (and keep it as ``self.summary``)."""
@@ -365,7 +411,8 @@ class Run:
             first = next(iter(self.maps.values()))
             write_manifest(target, {"format": MANIFEST_FORMAT, "status": "complete", "model": self.model_name,
                                     "fingerprint": first.fingerprint, "settings": None,
-                                    "traits": {trait: trait_record(target, trait) for trait in self.maps}})
+                                    "traits": {trait: trait_record(target, trait, self.rules_of(trait))
+                                               for trait in self.maps}})
         return target
 
 

@@ -87,11 +87,12 @@ def check_positions(positions: str) -> None:
         raise ValueError(f"positions must be 'decode' or 'all', got {positions!r}")
 
 
-GAMMA_WARN = 64.0
+GAMMA_WARN = 256.0
 """|gamma| above which ``steering_intervention`` warns (a likely typo such as 1e6). The paper uses 1.0 on
 8B models, but the strength an edit needs depends on the model and map: on the embedded 135M-270M
-models DPN-LE reaches a KL of 0.05 nats/token only around gamma 5-10 (``calibrate_gamma`` measures
-it), and the calibration grid goes to 32."""
+models DPN-LE reaches a KL of 0.05 nats/token around gamma 5-10, and the ``attribution-t`` rule's
+neurons (small mean differences) around gamma 15-60 (``calibrate_gamma`` measures it); the
+calibration grid goes to 128."""
 
 
 def warn_gamma(gamma: float) -> None:

@@ -26,7 +26,8 @@ TINY_ARGS = ["--model", "tiny", "--repeats", "1", "--threads", "1",
              "--locate-target-pairs", "10",
              "--prefix-traits", "1", "--prefix-pairs", "6", "--prefix-dtype", "float32", "--prefix-batch-size", "4",
              "--scoring-pairs", "3", "--scoring-dtype", "float32",
-             "--eval-questions", "5", "--eval-tokens", "4", "--eval-batch-size", "3"]
+             "--eval-questions", "5", "--eval-tokens", "4", "--eval-batch-size", "3",
+             "--attribution-pairs", "3", "--attribution-dtype", "float32"]
 
 
 @pytest.fixture(scope="module")
@@ -53,11 +54,12 @@ def test_every_section_runs_on_the_tiny_model(bench, tmp_path, capsys):
     out = tmp_path / "perf.json"
     results = bench.main(["--sections", ",".join(bench.SECTIONS), *TINY_ARGS, "--json", str(out)])
 
-    assert set(bench.SECTIONS) == {"collect", "memory", "steering", "locate", "prefix", "scoring", "evaluation"}
+    assert set(bench.SECTIONS) == {"collect", "memory", "steering", "locate", "prefix", "scoring", "evaluation",
+                                   "attribution"}
     assert json.loads(out.read_text()) == json.loads(json.dumps(results))
     printed = capsys.readouterr().out
     for tag in ("[collect float32]", "[collect bfloat16]", "[memory bfloat16]", "[steering]", "[locate float32]",
-                "[prefix float32]", "[scoring float32]", "[evaluation float32]"):
+                "[prefix float32]", "[scoring float32]", "[evaluation float32]", "[attribution float32]"):
         assert tag in printed
 
     collect = {row["dtype"]: row for row in results["collect"]}
@@ -99,6 +101,12 @@ def test_every_section_runs_on_the_tiny_model(bench, tmp_path, capsys):
     assert evaluation["questions"] == 5 and evaluation["batch_size"] == 3 and evaluation["answers_identical"]
     assert set(evaluation["questions_per_s_wall"]) == {"one_at_a_time", "batched"}
     assert math.isfinite(evaluation["speedup_wall"]) and evaluation["speedup_cpu"] > 0
+
+    # Attribution's gradient pass and collection, timed on as many pairs; the answers' generation beside.
+    attribution = results["attribution"]
+    assert attribution["pairs"] >= 2 and attribution["generation_s"] > 0
+    assert set(attribution["median_wall_s"]) == {"collect", "attribution"}
+    assert attribution["ratio_with_generation"] > attribution["ratio_wall"] > 0
 
 
 def test_sections_are_selectable_and_unknown_ones_are_refused(bench, capsys):

@@ -58,9 +58,9 @@ def test_calibrate_gamma_goes_below_the_grid_and_reports_an_unreached_target(tin
     calibration = calibrate_gamma(tiny_model, edit_at=lambda gamma: gamma, probe=steep, target_kl=0.05)
     assert calibration.reached and calibration.gamma == pytest.approx(math.sqrt(0.05 / 4.0), rel=1e-9)
     assert min(p.gamma for p in calibration.points) < 0.25
-    flat = PowerLawProbe(c=1e-6)                        # KL 1e-3 at gamma 32: 0.05 is never reached
+    flat = PowerLawProbe(c=1e-6)                        # KL 0.016 at gamma 128: 0.05 is never reached
     calibration = calibrate_gamma(tiny_model, edit_at=lambda gamma: gamma, probe=flat, target_kl=0.05)
-    assert not calibration.reached and calibration.gamma == 32.0 and "not reached" in calibration.describe()
+    assert not calibration.reached and calibration.gamma == 128.0 and "not reached" in calibration.describe()
 
 
 def test_calibrate_gamma_arguments_are_checked(tiny_model):
@@ -128,9 +128,10 @@ def test_run_control_end_to_end_on_a_tiny_model(tiny_model, tmp_path, monkeypatc
     result = run_control(tiny_model, config, log=messages.append, progress=False, maps=maps, on_trait=checkpoints.append)
     assert [c["meta"]["traits_done"] for c in checkpoints] == [["extraversion"]]
     # The run says which neurons DPN-LE edited.
-    assert result["meta"]["maps"]["extraversion"] == {
-        "layers": "1-2", "q": maps["extraversion"].settings.q, "tau_d": maps["extraversion"].settings.tau_d,
-        "settings_source": maps["extraversion"].settings.source, "high": 6, "low": 5}
+    assert result["meta"]["maps"]["extraversion"] == {"dpn-le": {
+        "rule": "dpn-le", "layers": "1-2", "q": maps["extraversion"].settings.q,
+        "tau_d": maps["extraversion"].settings.tau_d, "settings_source": maps["extraversion"].settings.source,
+        "high": 6, "low": 5}}
     validation = result["validation"][0]
     assert validation["n_pairs"] >= 4 and validation["persona_ci_low"] <= validation["persona_effect"] <= validation["persona_ci_high"]
     # Gamma 0 goes through the same hooks and must change nothing.
@@ -356,7 +357,7 @@ def test_a_trait_whose_map_selects_no_neurons_is_skipped_and_the_others_still_co
     assert {r["trait"] for r in result["calibrated"]} == {"extraversion"}              # one steered
     assert {p["trait"] for p in result["curves"]} == {"extraversion"}
     assert list(result["meta"]["skipped"]) == ["openness"] and "selects no neurons" in result["meta"]["skipped"]["openness"]
-    assert result["meta"]["maps"]["openness"]["high"] == 0
+    assert result["meta"]["maps"]["openness"]["dpn-le"]["high"] == 0
     assert any(m.startswith("openness: not steered") for m in messages)
     assert [c["meta"]["traits_done"] for c in checkpoints] == [["openness"], ["openness", "extraversion"]]
     write_control_outputs(result, tmp_path / "out", png=False)
@@ -365,3 +366,46 @@ def test_a_trait_whose_map_selects_no_neurons_is_skipped_and_the_others_still_co
     with pytest.raises(ValueError, match="no trait was steered.*lower tau_d"):
         run_control(tiny_model, dataclasses.replace(config, traits=["openness"]), log=messages.append, progress=False,
                     maps=maps)
+
+
+def test_control_compares_selection_rules_with_their_own_random_neurons(tmp_path, monkeypatch):
+    """Every rule gets its curve, its random-neuron control over several draws, a verdict, a budget sweep and the
+    generation check; the maps each rule made are handed out to be saved."""
+    from helpers import build_tiny_model
+
+    # A context long enough for the embedded role-play prompts that the write rules and CAA read.
+    tiny_model = build_tiny_model(tmp_path / "model", max_positions=512)
+    monkeypatch.setenv("DPN_LENS_CACHE", str(tmp_path / "cache"))
+    data = write_personalitybench(tmp_path / "data")
+    rules = ["dpn-le", "attribution", "write-layer"]
+    config = ControlConfig(traits=["extraversion"], methods=[*rules, "caa"], data_dir=str(data), pairs=8,
+                           max_new_tokens=5, gammas=[0.25, 1, 4], kl_levels=[0.01], target_kl=0.01, kl_chunks=2,
+                           kl_tokens=24, random_draws=2, selection_pairs=4, budget=6, k_sweep=[3, 0],
+                           generation_questions=3, generation_draws=2, caa_pairs=4)
+    located = []
+    result = run_control(tiny_model, config, log=lambda m: None, progress=False,
+                         maps={"extraversion": tiny_map(tiny_model)}, on_located=lambda t, m: located.append(m.rule))
+    assert located == ["attribution", "write-layer"]
+    assert set(result["meta"]["maps"]["extraversion"]) == set(rules)
+    assert result["meta"]["maps"]["extraversion"]["attribution"]["high"] + \
+        result["meta"]["maps"]["extraversion"]["attribution"]["low"] == 6
+    methods = {p["method"] for p in result["curves"]}
+    assert {"random-neurons", "random-neurons:attribution", "random-neurons:write-layer"} <= methods
+    for point in result["curves"]:
+        if point["method"].startswith("random-neurons"):
+            assert point["draws"] == 2 and point["ci_low"] <= point["shift"] <= point["ci_high"]
+    assert sorted({r["method"] for r in result["calibrated"]}) == sorted(rules)
+    assert all(r.get("random_draws") == 2 for r in result["calibrated"] if r["reached_target"])
+    assert [r["rule"] for r in result["goal"]] == rules
+    sweep = result["sweep"]
+    assert {(r["rule"], r["k"]) for r in sweep} == {(rule, k) for rule in rules for k in (3, "all")}
+    attribution_all = [r for r in sweep if r["rule"] == "attribution" and r["k"] == "all" and r["reached"]]
+    assert all(r["n_edited"] > 6 for r in attribution_all)
+    generation = result["generation"]
+    assert any(r["method"] == "persona (high-low)/2" for r in generation)
+    checked = [r for r in generation if r["method"] == "attribution" and not math.isnan(r["shift"])]
+    assert checked and all("vs_random" in r and r["draws"] == 2 for r in checked)
+    written = write_control_outputs(result, tmp_path / "out", png=False)
+    text = (tmp_path / "out" / "control.md").read_text()
+    assert "which steers?" in text and "budget sweep" in text and "Generation-based check" in text
+    assert (tmp_path / "out" / "sparsity.html").exists() and (tmp_path / "out" / "sweep.csv") in written

@@ -29,11 +29,16 @@ from dpn_lens.evaluation.logprobs import (_batched_logits, continuation_logprobs
 from dpn_lens.hooked import HookedModel, encode
 from dpn_lens.steering import Edit, steer
 
-__all__ = ["GAMMA_GRID", "DEFAULT_TARGET_KL", "KLProbe", "gamma_at", "CurvePoint", "Calibration", "calibrate_gamma",
+__all__ = ["GAMMA_GRID", "MAX_KL", "DEFAULT_TARGET_KL", "KLProbe", "gamma_at", "CurvePoint", "Calibration", "calibrate_gamma",
            "probe_chunks", "sweep_edit"]
 
-GAMMA_GRID: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
-"""The log grid of strengths the sweeps and the calibration evaluate (factor 2 from 0.25 to 32)."""
+GAMMA_GRID: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0)
+"""The log grid of strengths the sweeps and the calibration evaluate (factor 2 from 0.25 to 128). It reaches
+128 because the neurons the ``attribution-t`` rule selects have small mean differences ``s``: its edits
+need gamma 15-60 for a KL of 0.05 on the embedded models (docs/RESULTS.md). Sweeps stop at the first
+gamma whose KL exceeds ``MAX_KL``."""
+MAX_KL = 2.0
+"""KL (nats/token) past which a sweep stops: the model's capability is gone by then."""
 
 DEFAULT_TARGET_KL = 0.05
 """Default calibration target, nats/token of KL(unsteered || steered) on the probe text."""
@@ -175,7 +180,7 @@ def calibrate_gamma(model: HookedModel, neuron_map: Any = None, target_kl: float
                     target_shift: float | None = None, *, edit_at: Callable[[float], Edit] | None = None,
                     probe: KLProbe | None = None, pairs: Sequence[Any] | None = None,
                     direction: str = "increase", gammas: Sequence[float] = GAMMA_GRID,
-                    max_kl: float = 2.0) -> Calibration:
+                    max_kl: float = MAX_KL) -> Calibration:
     """The gamma at which the edit reaches ``target_kl`` (default 0.05) or ``target_shift``.
 
     Args:

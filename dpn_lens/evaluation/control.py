@@ -29,32 +29,49 @@ import hashlib
 import json
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from dpn_lens.evaluation.calibrate import DEFAULT_TARGET_KL, GAMMA_GRID, KLProbe, gamma_at, probe_chunks, sweep_edit
+from dpn_lens.effect.rules import EFFECT_RULES, RULE_NAMES, SELECTION_PAIRS, reselect_top
+from dpn_lens.evaluation.calibrate import (DEFAULT_TARGET_KL, GAMMA_GRID, MAX_KL, KLProbe, gamma_at, probe_chunks,
+                                          sweep_edit)
 from dpn_lens.evaluation.controls import random_neuron_control
-from dpn_lens.evaluation.intervals import PairedEffect, fraction_recovered, paired_effect
+from dpn_lens.evaluation.intervals import PairedEffect, draws_effect, fraction_recovered, paired_effect
 from dpn_lens.evaluation.methods import METHODS_BY_NAME, TraitContext
-from dpn_lens.evaluation.trait_maps import trait_map
+from dpn_lens.evaluation.trait_maps import rule_maps, trait_map
 from dpn_lens.evaluation.preference import (GeneratedPairs, PairScorer, PreferencePair, generate_persona_pairs,
-                                            preference_margins)
+                                            pairs_cache_file, preference_margins)
 from dpn_lens.neuron_map import NeuronMap
 from dpn_lens.steering import Edit, direction_sign, steering_intervention
 from dpn_lens.traits import TRAITS, normalize_trait, trait_title
 
-__all__ = ["ControlConfig", "SWEEP_METHODS", "RANDOM_CONTROL", "held_out_pairs", "HeldOutPairs", "persona_control",
-           "run_control",
-           "matched_cost_rows"]
+__all__ = ["ControlConfig", "SWEEP_METHODS", "DEFAULT_METHODS", "RANDOM_CONTROL", "ALL_NEURONS", "random_curve",
+           "held_out_pairs", "HeldOutPairs", "persona_control", "run_control", "matched_cost_rows", "goal_rows"]
 
-SWEEP_METHODS = ("dpn-le", "dpn-le-w", "directional", "topk", "dense", "npti", "caa")
-"""The methods the dose-response sweeps, in table order (names of ``evaluation.methods``)."""
+SWEEP_METHODS = ("dpn-le", "dpn-le-w", "directional", "topk", "dense", *EFFECT_RULES, "npti", "caa")
+"""Every method the dose-response can sweep, in table order (names of ``evaluation.methods``)."""
+DEFAULT_METHODS = ("dpn-le", *EFFECT_RULES, "caa")
+"""What ``control`` sweeps by default: every selection rule (the paper's and the effect rules) and CAA."""
 RANDOM_CONTROL = "random-neurons"
-"""The name of the random-neuron control's curve (DPN-LE's deltas on random neurons of the same layers)."""
+"""The name of the random-neuron control's curve for DPN-LE (its deltas on random neurons of the same
+layers); an effect rule's control is ``random-neurons:<rule>`` (``random_curve``)."""
 DIRECTIONS = ("increase", "decrease")
+ALL_NEURONS = 0
+"""In ``ControlConfig.k_sweep``: every candidate neuron of the rule (written ``all`` on the command line)."""
+
+
+def random_curve(rule: str) -> str:
+    """The name of the random-neuron control of a selection rule's curve.
+
+    Example:
+        >>> random_curve("dpn-le"), random_curve("attribution")
+        ('random-neurons', 'random-neurons:attribution')
+    """
+    return RANDOM_CONTROL if rule == "dpn-le" else f"{RANDOM_CONTROL}:{rule}"
 
 
 @dataclass
@@ -73,7 +90,7 @@ class ControlConfig:
     """
 
     traits: list[str] = field(default_factory=lambda: list(TRAITS))
-    methods: list[str] = field(default_factory=lambda: list(SWEEP_METHODS))
+    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
     data_dir: str | None = None
     maps_dir: str | None = None
     locate_pairs: int = 500
@@ -89,11 +106,20 @@ class ControlConfig:
     kl_chunks: int = 4
     kl_tokens: int = 128
     random_control: bool = True
+    random_draws: int = 5
+    random_draws_off_target: int = 1
     seed: int = 0
     cache_pairs: bool = True
     npti_prompts: int = 16
     npti_new_tokens: int = 24
     caa_pairs: int = 50
+    selection_pairs: int = SELECTION_PAIRS
+    budget: int | None = None
+    k_sweep: list[int] = field(default_factory=list)
+    generation_questions: int = 0
+    generation_levels: list[float] | None = None
+    generation_methods: list[str] | None = None
+    generation_draws: int = 5
 
     def __post_init__(self) -> None:
         self.traits = [normalize_trait(t) for t in self.traits]
@@ -105,6 +131,25 @@ class ControlConfig:
                              f"model's own answer tokens), got {self.statistics!r}")
         if self.pairs < 4:
             raise ValueError(f"pairs must be at least 4 (an interval needs items), got {self.pairs}")
+        for name in ("random_draws", "random_draws_off_target", "selection_pairs", "generation_questions",
+                     "generation_draws"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+        if self.random_control and self.random_draws < 1:
+            raise ValueError("random_draws must be at least 1 with the random-neuron control (or turn it off)")
+        if self.budget is not None and (isinstance(self.budget, bool) or not isinstance(self.budget, int)
+                                        or self.budget < 1):
+            raise ValueError(f"budget must be a positive number of neurons or None (DPN-LE's count), got {self.budget!r}")
+        if any(isinstance(k, bool) or not isinstance(k, int) or k < 0 for k in self.k_sweep):
+            raise ValueError(f"k_sweep takes neuron counts (0 = all neurons), got {self.k_sweep}")
+        unknown = [m for m in (self.generation_methods or []) if m not in self.methods]
+        if unknown:
+            raise ValueError(f"generation_methods {unknown} are not among the swept methods {self.methods}")
+        self.generation_levels = [float(level) for level in (self.generation_levels or [self.target_kl])]
+        if self.generation_questions and any(level not in self.kl_levels and level != self.target_kl
+                                             for level in self.generation_levels):
+            raise ValueError(f"generation_levels {self.generation_levels} must be among kl_levels {self.kl_levels}")
         if not self.gammas or min(self.gammas) <= 0:
             raise ValueError(f"gammas must be positive (a log grid), got {self.gammas}")
         if self.target_kl <= 0 or not self.kl_levels or any(t <= 0 for t in self.kl_levels):
@@ -153,13 +198,8 @@ def _personalitybench(data_dir: str | None, trait: str) -> tuple[list[str], list
 
 
 def _pairs_cache_file(model: Any, trait: str, config: ControlConfig, material: tuple) -> Path:
-    from dpn_lens.models import cache_dir, model_revision
-
-    key = json.dumps({"model": getattr(model, "dpn_model_name", "model"), "revision": model_revision(model),
-                      "dtype": str(model.cfg.dtype), "trait": trait, "pairs": config.pairs, "seed": config.seed,
-                      "max_new_tokens": config.max_new_tokens, "material": material, "format": 1}, sort_keys=True)
-    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    return cache_dir() / "preference_pairs" / f"{trait}-{digest}.json"
+    return pairs_cache_file(model, "preference_pairs", trait, pairs=config.pairs, seed=config.seed,
+                            max_new_tokens=config.max_new_tokens, material=material, format=1)
 
 
 def held_out_pairs(model: Any, trait: str, config: ControlConfig, log: Callable[[str], None] = print) -> HeldOutPairs:
@@ -244,12 +284,19 @@ def _mean_at_cost(rows: Sequence[dict[str, Any]], methods: Sequence[str], kl_lev
 
 
 # ----- the run ------------------------------------------------------------------------------------------
-def _effect_fields(steered: np.ndarray, base: np.ndarray, sign: int, persona_items: np.ndarray) -> dict[str, Any]:
-    effect = paired_effect(sign * steered, sign * base)
+def _effect_fields(steered: np.ndarray, base: np.ndarray, sign: float, persona_items: np.ndarray) -> dict[str, Any]:
+    """Shift (signed; ``steered`` may be ``[n_draws, n_pairs]`` for random draws) with its interval, and the
+    fraction of the persona effect it recovers."""
+    if steered.ndim == 2:   # several random draws: intervals over draws and pairs
+        effect = draws_effect(sign * (steered - base[None, :]))
+        mean_steered = steered.mean(0)
+    else:
+        effect = paired_effect(sign * steered, sign * base)
+        mean_steered = steered
     fields = {"shift": effect.shift, "ci_low": effect.ci_low, "ci_high": effect.ci_high, "p": effect.p_value,
               "z": effect.z, "n": effect.n}
     if persona_items.mean() > 0:
-        recovered = fraction_recovered(sign * (steered - base), persona_items)
+        recovered = fraction_recovered(sign * (mean_steered - base), persona_items)
         fields.update(recovered=recovered.value, recovered_ci_low=recovered.ci_low, recovered_ci_high=recovered.ci_high)
     return fields
 
@@ -276,7 +323,11 @@ def _cost_curve(edit_at: Callable[[float], Edit], probe: KLProbe, config: Contro
     """KL and perplexity over the gamma grid (one pass of the probe text each), halving below the grid
     while even its smallest gamma costs more than the lowest KL level (so every level can be read off)."""
     grid = sorted(config.gammas)
-    costs = {gamma: probe(sweep_edit(edit_at, gamma)) for gamma in grid}
+    costs: dict[float, tuple[float, float]] = {}
+    for gamma in grid:
+        costs[gamma] = probe(sweep_edit(edit_at, gamma))
+        if costs[gamma][0] > max(MAX_KL, max(config.kl_levels)):
+            break   # capability is gone: larger gammas only cost time
     gamma, extra = grid[0], 0
     while costs[gamma][0] > min(config.kl_levels) and extra < 4:
         gamma /= 2
@@ -292,6 +343,54 @@ def _level_gammas(cost: Sequence[dict[str, Any]], kl_levels: Sequence[float]) ->
     return {level: gamma for level, gamma in found.items() if not math.isnan(gamma)}
 
 
+def _random_seed(config: ControlConfig, draw: int) -> int:
+    """Seed of random-neuron draw ``draw``: draw 0 of ``--seed s`` is seed ``s`` (the one draw of earlier runs)."""
+    return config.seed + 1000 * draw
+
+
+@dataclass
+class _TraitRun:
+    """What one trait's evaluation shares: the model, probe, scorer, unsteered margins and persona items."""
+
+    model: Any
+    config: ControlConfig
+    probe: KLProbe
+    scorer: PairScorer
+    base: np.ndarray
+    persona_items: np.ndarray
+    context: TraitContext
+    bar: _Progress
+
+    def edit_at(self, method: str, direction: str) -> Callable[[float], Edit]:
+        """``gamma -> edit`` of ``method`` in ``direction`` (a rule's map, NPTI, CAA, ...)."""
+        def build(gamma: float) -> Edit:
+            return METHODS_BY_NAME[method].condition(self.model, self.context, direction, self.config, gamma)[0]  # type: ignore[arg-type, return-value]
+        return build
+
+    def measure(self, edit: Edit, sign: float) -> tuple[dict[str, Any], np.ndarray]:
+        """KL, perplexity and the signed shift of one edit; and its margins."""
+        kl, ppl = self.probe(edit)
+        margins = self.scorer.margins(edit=edit)
+        return {"n_edited": edit.n_edited, "kl": kl, "ppl": ppl,
+                **_effect_fields(margins, self.base, sign, self.persona_items)}, margins
+
+    def random_draws(self, rule: str, direction: str, gamma: float, sign: float, draws: int
+                     ) -> tuple[dict[str, Any], np.ndarray]:
+        """The rule's deltas at ``gamma`` on random neurons of the same layers, ``draws`` times: one point
+        (KL and perplexity averaged over draws, the shift's interval over draws and pairs) and ``[draws, pairs]`` margins."""
+        edit = sweep_edit(self.edit_at(rule, direction), gamma)
+        kls, ppls, margins = [], [], []
+        for draw in range(draws):
+            control = random_neuron_control(edit, seed=_random_seed(self.config, draw))  # type: ignore[arg-type]
+            kl, ppl = self.probe(control)
+            kls.append(kl)
+            ppls.append(ppl)
+            margins.append(self.scorer.margins(edit=control))
+        stacked = np.stack(margins)
+        return {"n_edited": edit.n_edited, "kl": float(np.mean(kls)), "ppl": float(np.mean(ppls)), "draws": draws,
+                **_effect_fields(stacked, self.base, sign, self.persona_items)}, stacked
+
+
 def run_control(model: Any, config: ControlConfig, log: Callable[[str], None] = print,
                 progress: bool = True, maps: dict[str, NeuronMap] | None = None,
                 on_trait: Callable[[dict[str, Any]], None] | None = None,
@@ -299,13 +398,17 @@ def run_control(model: Any, config: ControlConfig, log: Callable[[str], None] = 
     """Run the trait-control evaluation (``maps``: DPN-LE maps by trait, else ``config.maps_dir`` or located).
 
     ``on_trait`` is called with the result so far after each trait (the CLI saves it, so an
-    interrupted run keeps its finished traits); ``on_located`` with each map located on the fly (the
-    CLI saves it under ``--out``/maps, so another run can reuse it with ``--maps``).
+    interrupted run keeps its finished traits); ``on_located`` with each map made on the fly, DPN-LE's
+    and each effect rule's (the CLI saves them under ``--out``/maps, so another run can reuse them with
+    ``--maps``).
 
-    Returns ``{"validation", "costs", "curves", "matched_cost", "matched_summary", "calibrated",
-    "gamma_zero", "examples", "meta"}``: ``costs`` are the KL/perplexity grids, ``curves`` the measured
-    points (one per method, direction and reached KL level), ``calibrated`` DPN-LE at ``target_kl``
-    beside the random-neuron control at the same gamma.
+    Returns ``{"validation", "costs", "curves", "matched_cost", "matched_summary", "calibrated", "goal",
+    "sweep", "generation", "gamma_zero", "examples", "meta"}``: ``costs`` are the KL/perplexity grids,
+    ``curves`` the measured points (one per method, direction and reached KL level; a selection rule's
+    random-neuron control is the curve ``random_curve(rule)``), ``calibrated`` each selection rule at
+    ``target_kl`` beside its random-neuron control at the same gamma, ``goal`` the per-rule verdict at
+    ``target_kl``, ``sweep`` the shift at ``target_kl`` per budget ``k`` (``k_sweep``), ``generation``
+    the generation-based check (``generation_questions``).
 
     Example:
         >>> result = run_control(load_model("smollm2-135m-instruct"), ControlConfig.quick(data_dir="../shared/data"))  # doctest: +SKIP
@@ -315,17 +418,20 @@ def run_control(model: Any, config: ControlConfig, log: Callable[[str], None] = 
     started = time.time()
     probe = KLProbe(model, probe_chunks(model, config.kl_chunks, config.kl_tokens))
     methods = list(config.methods)
+    rules = [name for name in methods if name in RULE_NAMES]
+    randomized = rules if config.random_control else []
     n_levels = len(config.kl_levels)
-    per_trait = 4 + (len(methods) + int(config.random_control)) * len(DIRECTIONS) * n_levels
+    per_trait = (4 + len(methods) * len(DIRECTIONS) * n_levels + len(randomized) * len(DIRECTIONS) * n_levels
+                 + len(rules) * len(config.k_sweep) * len(DIRECTIONS) + (len(DIRECTIONS) if config.generation_questions else 0))
     bar = _Progress(len(config.traits) * per_trait, progress)
-    validation, costs, curves, calibrated, gamma_zero = [], [], [], [], []
+    parts: dict[str, list] = {name: [] for name in ("validation", "costs", "curves", "calibrated", "gamma_zero", "sweep",
+                                                     "generation")}
     examples: dict[str, Any] = {}
     map_settings: dict[str, dict[str, Any]] = {}
     skipped: dict[str, str] = {}
 
     def result_so_far() -> dict[str, Any]:
-        return _result(model, config, started, validation, costs, curves, calibrated, gamma_zero, examples,
-                       map_settings, skipped)
+        return _result(model, config, started, parts, examples, map_settings, skipped)
 
     try:
         for trait in config.traits:
@@ -340,7 +446,7 @@ def run_control(model: Any, config: ControlConfig, log: Callable[[str], None] = 
             base, high, low, persona = persona_control(model, held, scorer)
             bar.step(3, f"{trait} controls")
             persona_items = (high - low) / 2
-            validation.append(_validation_row(held, base, high, low, persona))
+            parts["validation"].append(_validation_row(held, base, high, low, persona))
             log(f"{trait}: {len(pairs)} pairs; persona effect (high-low)/2 {persona}"
                 f"{'' if persona.ci_low > 0 else '  -- positive control FAILS: the metric cannot judge this trait'}")
             if maps and trait in maps:
@@ -351,10 +457,10 @@ def run_control(model: Any, config: ControlConfig, log: Callable[[str], None] = 
                                        statistics=config.statistics, log=log)
                 if on_located is not None and not config.maps_dir:
                     on_located(trait, neuron_map)
-            map_settings[trait] = neuron_map.selection_summary()
             if neuron_map.n_selected() == 0:
                 # A result, not bad input (e.g. answer-token statistics from few pairs): this trait has nothing
                 # to edit, the other traits of the run still count.
+                map_settings[trait] = {"dpn-le": neuron_map.selection_summary()}
                 skipped[trait] = (f"the map selects no neurons (layers {neuron_map.settings.layer_range}, "
                                   f"q={neuron_map.settings.q:g}, tau_d={neuron_map.settings.tau_d:g}), so DPN-LE has "
                                   "nothing to edit; locate with more pairs or a lower tau_d")
@@ -364,47 +470,65 @@ def run_control(model: Any, config: ControlConfig, log: Callable[[str], None] = 
                     on_trait(result_so_far())
                 continue
             context = TraitContext(trait, neuron_map)
+            chosen = rule_maps(model, neuron_map, [r for r in rules if r != "dpn-le"], maps_dir=config.maps_dir,
+                               n_pairs=config.selection_pairs, seed=config.seed, budget=config.budget,
+                               memo=context.memo, log=log)
+            for rule, (rule_map, loaded) in chosen.items():
+                context.maps[rule] = rule_map
+                if on_located is not None and not loaded:
+                    on_located(trait, rule_map)
+            # which neurons each rule edited: its settings and neurons per pole
+            map_settings[trait] = {rule: context.rule_map(rule).selection_summary() for rule in rules or ["dpn-le"]}
             for name in methods:
                 if METHODS_BY_NAME[name].prepare is not None:
                     context.state[name] = METHODS_BY_NAME[name].prepare(model, trait, config)  # type: ignore[arg-type]
+            run = _TraitRun(model, config, probe, scorer, base, persona_items, context, bar)
             zero = scorer.margins(edit=0.0 * steering_intervention(neuron_map, 1.0, "increase"))
             # KL of a negligible edit (gamma 0.001): what rounding alone costs in this dtype (bf16: ~0.002).
             floor, _ = probe(steering_intervention(neuron_map, 1e-3, "increase"))
-            gamma_zero.append({"trait": trait, **_effect_fields(zero, base, 1, persona_items), "kl_floor": floor})
+            parts["gamma_zero"].append({"trait": trait, **_effect_fields(zero, base, 1, persona_items), "kl_floor": floor})
             bar.step(1)
+            level_gammas: dict[tuple[str, str], dict[float, float]] = {}
             for direction in DIRECTIONS:
                 sign = direction_sign(direction)
                 margins_at: dict[tuple[str, float], np.ndarray] = {}
-                dpn_levels: dict[float, float] = {}
-                for name in methods + ([RANDOM_CONTROL] if config.random_control else []):
+                for name in methods:
                     label = {"trait": trait, "direction": direction, "method": name}
-                    if name == RANDOM_CONTROL:
-                        # The same deltas on random neurons, at DPN-LE's gammas: does the choice of neurons matter?
-                        def edit_at(gamma: float, direction: str = direction) -> Edit:
-                            return random_neuron_control(steering_intervention(neuron_map, gamma, direction),
-                                                         seed=config.seed)
-                        levels = dict(dpn_levels)
-                    else:
-                        def edit_at(gamma: float, name: str = name, direction: str = direction) -> Edit:
-                            return METHODS_BY_NAME[name].condition(model, context, direction, config, gamma)[0]  # type: ignore[arg-type]
-                        cost = _cost_curve(edit_at, probe, config, label)
-                        costs += cost
-                        levels = _level_gammas(cost, config.kl_levels)
-                        if name == "dpn-le":
-                            dpn_levels = levels
+                    cost = _cost_curve(run.edit_at(name, direction), probe, config, label)
+                    parts["costs"] += cost
+                    levels = level_gammas[(name, direction)] = _level_gammas(cost, config.kl_levels)
                     for level in config.kl_levels:
                         if level in levels:
-                            edit = sweep_edit(edit_at, levels[level])
-                            kl, ppl = probe(edit)
-                            margins = margins_at[(name, level)] = scorer.margins(edit=edit)
-                            curves.append({**label, "kl_level": level, "gamma": levels[level], "n_edited": edit.n_edited,
-                                           "kl": kl, "ppl": ppl, **_effect_fields(margins, base, sign, persona_items)})
+                            point, margins_at[(name, level)] = run.measure(
+                                sweep_edit(run.edit_at(name, direction), levels[level]), sign)
+                            parts["curves"].append({**label, "kl_level": level, "gamma": levels[level], **point})
                         bar.step(1, f"{trait} {direction} {name} KL {level:g}")
-                calibrated.append(_calibrated_row(trait, direction, sign, curves, margins_at, config))
+                    if name not in randomized:
+                        continue
+                    # The same deltas on random neurons, at the rule's gammas: does the choice of neurons matter?
+                    control = random_curve(name)
+                    for level in config.kl_levels:
+                        # Several draws where the verdict is read (the target KL); fewer elsewhere, to save time.
+                        draws = config.random_draws if level == config.target_kl else config.random_draws_off_target
+                        if level in levels and draws:
+                            point, margins_at[(control, level)] = run.random_draws(
+                                name, direction, levels[level], sign, draws)
+                            parts["curves"].append({"trait": trait, "direction": direction, "method": control,
+                                                    "kl_level": level, "gamma": levels[level], **point})
+                        bar.step(1, f"{trait} {direction} {control} KL {level:g}")
+                parts["calibrated"] += [_calibrated_row(trait, direction, sign, parts["curves"], margins_at, config, rule)
+                                        for rule in rules]
+            if config.k_sweep:
+                parts["sweep"] += _budget_sweep(run, rules, config, log)
+            if config.generation_questions:
+                rows, examples[f"{trait}:generation"] = _generation_check(run, held, level_gammas, rules, config, log)
+                parts["generation"] += rows
             examples[trait] = {"question": pairs[0].question, "high_answer": pairs[0].high_answer,
                                "low_answer": pairs[0].low_answer}
-            log(f"{trait}: done in {time.time() - t0:.0f}s; at KL {config.target_kl:g}: "
-                + "; ".join(_calibrated_line(r, config.target_kl) for r in calibrated[-2:]))
+            lead = rules[0] if rules else None
+            log(f"{trait}: done in {time.time() - t0:.0f}s; at KL {config.target_kl:g}: " + "; ".join(
+                f"{r['method']} " + _calibrated_line(r, config.target_kl) for r in parts["calibrated"]
+                if r["trait"] == trait and lead is not None))
             if on_trait is not None:
                 on_trait(result_so_far())
     finally:
@@ -415,21 +539,190 @@ def run_control(model: Any, config: ControlConfig, log: Callable[[str], None] = 
     return result_so_far()
 
 
-def _result(model: Any, config: ControlConfig, started: float, validation: list, costs: list, curves: list,
-            calibrated: list, gamma_zero: list, examples: dict, map_settings: dict,
-            skipped: dict[str, str]) -> dict[str, Any]:
-    matched = matched_cost_rows(curves, config.kl_levels)
-    curve_methods = list(config.methods) + ([RANDOM_CONTROL] if config.random_control else [])
+def _budget_maps(context: TraitContext, rule: str, budgets: Sequence[int]) -> list[tuple[int, NeuronMap | None]]:
+    """``(k, the rule's map with about k neurons)`` per budget (``ALL_NEURONS``: every candidate); None when empty.
+
+    An effect rule re-selects its top ``k`` (``reselect_top``). DPN-LE's dual criterion has no ``k``: its
+    ``q`` is set so that its searched layers offer ``k`` candidates by ``|s|`` (``q = 1 - k / neurons``), and
+    ``|d| > tau_d`` keeps what it keeps (the edited count is recorded); ``all`` is every neuron of its
+    layers that passes ``|d| > tau_d``.
+    """
+    from dpn_lens.localize import reselect
+
+    result: list[tuple[int, NeuronMap | None]] = []
+    base = context.rule_map(rule)
+    for k in budgets:
+        if rule == "dpn-le":
+            searched = len(base.layers) * base.d_mlp
+            q = 1.0 - k / searched if 0 < k < searched else 1e-9   # q must lie inside (0, 1)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")   # an empty re-selection is recorded as such, not warned about
+                chosen = reselect(base, q=max(q, 1e-9))
+        else:
+            candidates = int(np.isfinite(base.effect_score.numpy()).sum())   # type: ignore[union-attr]
+            chosen = reselect_top(base, candidates if k == ALL_NEURONS else min(k, candidates))
+        result.append((k, chosen if chosen.n_selected() else None))
+    return result
+
+
+def _budget_sweep(run: _TraitRun, rules: Sequence[str], config: ControlConfig, log: Callable[[str], None]
+                  ) -> list[dict[str, Any]]:
+    """Per rule, budget and direction: the shift where the edit on that many neurons reaches ``target_kl``."""
+    from dpn_lens.steering import steering_intervention as edit_of
+
+    rows = []
+    trait = run.context.trait
+    for rule in rules:
+        for k, chosen in _budget_maps(run.context, rule, config.k_sweep):
+            for direction in DIRECTIONS:
+                row: dict[str, Any] = {"trait": trait, "direction": direction, "rule": rule,
+                                       "k": "all" if k == ALL_NEURONS else k}
+                if chosen is None:
+                    rows.append({**row, "n_edited": 0, "reached": False})
+                    run.bar.step(1)
+                    continue
+
+                def edit_at(gamma: float, chosen: NeuronMap = chosen, direction: str = direction) -> Edit:
+                    return edit_of(chosen, gamma, direction, "both")
+
+                cost = _cost_curve(edit_at, run.probe, config, {})
+                gamma = _level_gammas(cost, [config.target_kl]).get(config.target_kl)
+                if gamma is None:
+                    rows.append({**row, "n_edited": chosen.n_selected(), "reached": False,
+                                 "max_kl": max(p["kl"] for p in cost)})
+                else:
+                    point, _ = run.measure(sweep_edit(edit_at, gamma), direction_sign(direction))
+                    rows.append({**row, "reached": True, "gamma": gamma, **point})
+                run.bar.step(1, f"{trait} sweep {rule} k={row['k']} {direction}")
+    log(f"{trait}: budget sweep done ({len(rows)} points)")
+    return rows
+
+
+def _generation_check(run: _TraitRun, held: HeldOutPairs, level_gammas: dict[tuple[str, str], dict[float, float]],
+                      rules: Sequence[str], config: ControlConfig, log: Callable[[str], None]
+                      ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The generation-based check (``evaluation.generation_check``) of every generation method at each
+    generation level, with random-neuron draws for the rules, beside the persona reference."""
+    from dpn_lens.evaluation.generation_check import generated_answers, persona_scores
+
+    model, trait = run.model, run.context.trait
+    n = min(config.generation_questions, len(held.pairs))
+    questions = [pair.question for pair in held.pairs[:n]]
+    highs, lows = held.high_personas[:n], held.low_personas[:n]
+
+    def score(answers: list[list[int]]) -> np.ndarray:
+        return persona_scores(model, questions, answers, highs, lows)
+
+    def tokens(texts: Sequence[str]) -> list[list[int]]:
+        from dpn_lens.hooked import encode
+
+        return [encode(model, text, add_bos=False) for text in texts]
+
+    def answer_of(answers: list[list[int]]) -> str:
+        return model.tokenizer.decode(answers[0], skip_special_tokens=True).strip()
+
+    unsteered = generated_answers(model, questions, None, config.max_new_tokens)
+    base = score(unsteered)
+    reference = (score(tokens([p.high_answer for p in held.pairs[:n]]))
+                 - score(tokens([p.low_answer for p in held.pairs[:n]]))) / 2
+    persona = paired_effect(reference, np.zeros_like(reference))
+    rows = [{"trait": trait, "direction": "both", "method": "persona (high-low)/2", "kl_level": math.nan,
+             "gamma": math.nan, "shift": persona.shift, "ci_low": persona.ci_low, "ci_high": persona.ci_high,
+             "p": persona.p_value, "n": persona.n}]
+    examples: dict[str, Any] = {"question": questions[0], "unsteered": answer_of(unsteered)}
+    for direction in DIRECTIONS:
+        sign = direction_sign(direction)
+        for name in config.generation_methods or [m for m in config.methods if m in rules or m == "caa"]:
+            for level in config.generation_levels:
+                gamma = level_gammas.get((name, direction), {}).get(level)
+                label = {"trait": trait, "direction": direction, "method": name, "kl_level": level}
+                if gamma is None:
+                    rows.append({**label, "gamma": math.nan, "shift": math.nan})
+                    continue
+                edit = sweep_edit(run.edit_at(name, direction), gamma)
+                answers = generated_answers(model, questions, edit, config.max_new_tokens)
+                steered = score(answers)
+                effect = paired_effect(sign * steered, sign * base)
+                row = {**label, "gamma": gamma, "shift": effect.shift, "ci_low": effect.ci_low,
+                       "ci_high": effect.ci_high, "p": effect.p_value, "n": effect.n,
+                       "changed": float(np.mean([a != b for a, b in zip(answers, unsteered)]))}
+                if level == config.generation_levels[0]:
+                    examples[f"{name} {direction}"] = answer_of(answers)
+                if name in rules and config.random_control and config.generation_draws:
+                    draws = []
+                    for draw in range(config.generation_draws):
+                        control = random_neuron_control(edit, seed=_random_seed(config, draw))  # type: ignore[arg-type]
+                        draws.append(score(generated_answers(model, questions, control, config.max_new_tokens)))
+                    stacked = np.stack(draws)
+                    random = draws_effect(sign * (stacked - base[None, :]))
+                    versus = draws_effect(sign * (steered[None, :] - stacked))
+                    row.update(random_shift=random.shift, random_ci_low=random.ci_low, random_ci_high=random.ci_high,
+                               vs_random=versus.shift, vs_random_ci_low=versus.ci_low,
+                               vs_random_ci_high=versus.ci_high, draws=config.generation_draws)
+                rows.append(row)
+        run.bar.step(1, f"{trait} generation {direction}")
+    log(f"{trait}: generation check done on {n} questions")
+    return rows, examples
+
+
+def _result(model: Any, config: ControlConfig, started: float, parts: dict[str, list], examples: dict,
+            map_settings: dict, skipped: dict[str, str]) -> dict[str, Any]:
+    matched = matched_cost_rows(parts["curves"], config.kl_levels)
+    rules = [name for name in config.methods if name in RULE_NAMES]
+    curve_methods = list(config.methods) + ([random_curve(rule) for rule in rules] if config.random_control else [])
     meta = {"model": getattr(model, "dpn_model_name", "model"), "dtype": str(next(model.parameters()).dtype),
             "config": dataclasses.asdict(config), "seconds": time.time() - started,
-            "probe_tokens": config.kl_chunks * config.kl_tokens, "traits_done": [row["trait"] for row in validation],
-            # which neurons DPN-LE edited: each trait's localization settings and neurons per pole
+            "probe_tokens": config.kl_chunks * config.kl_tokens,
+            "traits_done": [row["trait"] for row in parts["validation"]],
+            # which neurons each selection rule edited: its settings and neurons per pole
             "maps": dict(map_settings),
             # traits validated but not steered, with why (a map that selects no neurons)
             "skipped": dict(skipped)}
-    return {"validation": list(validation), "costs": list(costs), "curves": list(curves), "matched_cost": matched,
-            "matched_summary": _mean_at_cost(matched, curve_methods, config.kl_levels), "calibrated": list(calibrated),
-            "gamma_zero": list(gamma_zero), "examples": dict(examples), "meta": meta}
+    return {"validation": list(parts["validation"]), "costs": list(parts["costs"]), "curves": list(parts["curves"]),
+            "matched_cost": matched, "matched_summary": _mean_at_cost(matched, curve_methods, config.kl_levels),
+            "calibrated": list(parts["calibrated"]),
+            "goal": goal_rows(parts["calibrated"], matched, config.target_kl),
+            "sweep": list(parts["sweep"]), "generation": list(parts["generation"]),
+            "gamma_zero": list(parts["gamma_zero"]), "examples": dict(examples), "meta": meta}
+
+
+def goal_rows(calibrated: Sequence[dict[str, Any]], matched: Sequence[dict[str, Any]], level: float,
+              reference: str = "caa") -> list[dict[str, Any]]:
+    """Per selection rule at KL ``level``: trait-directions moved as asked (interval above 0), moved the
+    wrong way, beating random neurons, both; the mean shift beside ``reference``'s (CAA) on the same
+    trait-directions; and whether the issue's goal is met (at least 8 of 10 as asked and beating random
+    neurons, mean shift at least CAA's).
+
+    Example:
+        >>> calibrated = [{"method": "attribution", "trait": "o", "direction": "increase", "reached_target": True,
+        ...                "shift": 0.04, "ci_low": 0.02, "ci_high": 0.06, "vs_random_ci_low": 0.01}]
+        >>> matched = [{"method": "caa", "trait": "o", "direction": "increase", "shift@kl0.05": 0.02}]
+        >>> row = goal_rows(calibrated, matched, 0.05)[0]
+        >>> row["as asked"], row["as asked and beats random"], row["mean shift"], row["caa mean shift"]
+        ('1/1', '1/1', 0.04, 0.02)
+    """
+    caa = {(r["trait"], r["direction"]): r.get(f"shift@kl{level:g}", math.nan) for r in matched
+           if r["method"] == reference}
+    rows = []
+    for rule in dict.fromkeys(r["method"] for r in calibrated):
+        mine = [r for r in calibrated if r["method"] == rule]
+        reached = [r for r in mine if r.get("reached_target")]
+        asked = [r for r in reached if r["ci_low"] > 0]
+        wrong = [r for r in reached if r["ci_high"] < 0]
+        beats = [r for r in reached if r.get("vs_random_ci_low", -math.inf) > 0]
+        both = [r for r in asked if r.get("vs_random_ci_low", -math.inf) > 0]
+        shifts = [r["shift"] for r in reached]
+        paired = [(r["shift"], caa[(r["trait"], r["direction"])]) for r in reached
+                  if not math.isnan(caa.get((r["trait"], r["direction"]), math.nan))]
+        mean = float(np.mean(shifts)) if shifts else math.nan
+        caa_mean = float(np.mean([c for _, c in paired])) if paired else math.nan
+        rows.append({"rule": rule, "reached": f"{len(reached)}/{len(mine)}", "as asked": f"{len(asked)}/{len(mine)}",
+                     "wrong way": f"{len(wrong)}/{len(mine)}", "beats random": f"{len(beats)}/{len(mine)}",
+                     "as asked and beats random": f"{len(both)}/{len(mine)}", "mean shift": mean,
+                     f"{reference} mean shift": caa_mean,
+                     "goal met": bool(len(mine) and len(both) >= 0.8 * len(mine) and not math.isnan(caa_mean)
+                                      and mean >= caa_mean)})
+    return rows
 
 
 def persona_control(model: Any, held: HeldOutPairs, scorer: PairScorer | None = None
@@ -458,7 +751,7 @@ def _validation_row(held: HeldOutPairs, base: np.ndarray, high: np.ndarray, low:
 
 
 def _calibrated_line(row: dict[str, Any], target_kl: float) -> str:
-    """One direction of a trait's progress line: DPN-LE's calibrated shift, and the random neurons' when run.
+    """One direction of a trait's progress line: a rule's calibrated shift, and its random neurons' when run.
 
     Example:
         >>> _calibrated_line({"direction": "increase", "reached_target": False}, 0.05)
@@ -474,22 +767,27 @@ def _calibrated_line(row: dict[str, Any], target_kl: float) -> str:
     return line + (f" random {row['random_shift']:+.3f}" if "random_shift" in row else "")
 
 
-def _calibrated_row(trait: str, direction: str, sign: int, curves: Sequence[dict[str, Any]],
-                    margins_at: dict[tuple[str, float], np.ndarray], config: ControlConfig) -> dict[str, Any]:
-    """DPN-LE at the calibrated gamma (where its curve reaches ``target_kl``) beside the random-neuron
-    control at the same gamma, and their paired difference (does the choice of neurons matter?)."""
+def _calibrated_row(trait: str, direction: str, sign: float, curves: Sequence[dict[str, Any]],
+                    margins_at: dict[tuple[str, float], np.ndarray], config: ControlConfig,
+                    rule: str = "dpn-le") -> dict[str, Any]:
+    """A selection rule at its calibrated gamma (where its curve reaches ``target_kl``) beside its
+    random-neuron control at the same gamma, and their paired difference over draws and pairs (does the
+    choice of neurons matter?)."""
     level = config.target_kl
-    row: dict[str, Any] = {"trait": trait, "direction": direction, "target_kl": level}
+    row: dict[str, Any] = {"method": rule, "trait": trait, "direction": direction, "target_kl": level}
     point = next((p for p in curves if p["trait"] == trait and p["direction"] == direction
-                  and p["method"] == "dpn-le" and p["kl_level"] == level), None)
+                  and p["method"] == rule and p["kl_level"] == level), None)
     if point is None:
         return {**row, "reached_target": False, "gamma": math.nan}
     row.update({key: value for key, value in point.items() if key not in ("method", "kl_level")}, reached_target=True)
+    control = random_curve(rule)
     random = next((p for p in curves if p["trait"] == trait and p["direction"] == direction
-                   and p["method"] == RANDOM_CONTROL and p["kl_level"] == level), None)
+                   and p["method"] == control and p["kl_level"] == level), None)
     if random is not None:
-        versus = paired_effect(sign * margins_at[("dpn-le", level)], sign * margins_at[(RANDOM_CONTROL, level)])
+        draws = margins_at[(control, level)]
+        versus = draws_effect(sign * (margins_at[(rule, level)][None, :] - np.atleast_2d(draws)))
         row.update(random_shift=random["shift"], random_ci_low=random["ci_low"], random_ci_high=random["ci_high"],
-                   random_kl=random["kl"], vs_random=versus.shift, vs_random_ci_low=versus.ci_low,
-                   vs_random_ci_high=versus.ci_high, beats_random=bool(versus.ci_low > 0))
+                   random_kl=random["kl"], random_draws=int(np.atleast_2d(draws).shape[0]), vs_random=versus.shift,
+                   vs_random_ci_low=versus.ci_low, vs_random_ci_high=versus.ci_high,
+                   beats_random=bool(versus.ci_low > 0))
     return row

@@ -19,7 +19,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         ArgumentParser(...)
     """
     from dpn_lens.evaluation.calibrate import DEFAULT_TARGET_KL, GAMMA_GRID
-    from dpn_lens.evaluation.control import SWEEP_METHODS
+    from dpn_lens.evaluation.control import DEFAULT_METHODS, SWEEP_METHODS
 
     help_text = ("does steering work? preference shift with 95%% CIs, the persona prompt as positive control, "
                  "random-neuron and gamma-0 controls, dose-response of every method vs KL, matched cost, calibrated gamma")
@@ -38,7 +38,29 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
                                                                    "(None: proposed from the data)")
     parser.add_argument("--layers", default=None, help="layer range when locating on the fly, e.g. 10-29 "
                                                        "(None: proposed from the data)")
-    parser.add_argument("--methods", default=None, help=f"comma list of methods to sweep (None: {','.join(SWEEP_METHODS)})")
+    parser.add_argument("--methods", default=None, help=f"comma list of methods to sweep, of {','.join(SWEEP_METHODS)} "
+                                                        f"(None: {','.join(DEFAULT_METHODS)})")
+    parser.add_argument("--budget", type=int, default=None,
+                        help="neurons an effect rule edits (None: the DPN-LE map's count, at most 0.5%% of MLP neurons)")
+    parser.add_argument("--selection-pairs", type=int, default=128,
+                        help="selection pairs per trait for the attribution rules (the model's own answers to the "
+                             "embedded training questions; drawn with --seed)")
+    parser.add_argument("--k-sweep", default=None,
+                        help="comma list of neuron budgets, e.g. 8,32,128,512,2048,all: each selection rule's shift at "
+                             "--target-kl with that many neurons (sweep.csv, sparsity figure)")
+    parser.add_argument("--random-draws", type=int, default=5,
+                        help="random-neuron draws per rule, trait and direction at --target-kl (intervals over draws "
+                             "and pairs)")
+    parser.add_argument("--random-draws-off-target", type=int, default=1,
+                        help="random-neuron draws at the other KL levels (0: none there)")
+    parser.add_argument("--generation", type=int, default=0, metavar="QUESTIONS",
+                        help="the generation-based check on this many held-out questions (0: off): answers generated "
+                             "with each edit, scored by the unsteered model under held-out high vs low personas")
+    parser.add_argument("--generation-levels", default=None,
+                        help="comma list of KL levels at which generation is checked (None: --target-kl)")
+    parser.add_argument("--generation-methods", default=None,
+                        help="comma list of methods checked in generation (None: the selection rules and CAA)")
+    parser.add_argument("--generation-draws", type=int, default=5, help="random-neuron draws per rule in generation")
     parser.add_argument("--pairs", type=int, default=None, help="preference pairs drawn per trait (None: 64, --quick 24)")
     parser.add_argument("--gammas", default=None,
                         help=f"comma list of strengths for the KL curves (None: {','.join(f'{g:g}' for g in GAMMA_GRID)})")
@@ -65,6 +87,26 @@ def _floats(text: str, option: str) -> list[float]:
         raise ValueError(f"{option} takes a comma list of numbers, e.g. 0.5,2,8; got {text!r}") from None
 
 
+def parse_budgets(text: str) -> list[int]:
+    """``"8,32,all"`` -> ``[8, 32, 0]`` (``0`` = every candidate neuron, ``control.ALL_NEURONS``).
+
+    Example:
+        >>> parse_budgets("8, 32,all")
+        [8, 32, 0]
+    """
+    budgets = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        if part.lower() == "all":
+            budgets.append(0)
+        elif part.isdigit() and int(part) > 0:
+            budgets.append(int(part))
+        else:
+            raise ValueError(f"--k-sweep takes positive neuron counts and 'all', e.g. 8,32,128,all; got {part!r}")
+    if not budgets:
+        raise ValueError("--k-sweep names no budget; pass e.g. 8,32,128,512,2048,all")
+    return budgets
+
+
 def config_from_args(args: argparse.Namespace) -> Any:
     """The ``ControlConfig`` a command line asks for (checked before any model loads)."""
     from dpn_lens.evaluation.control import ControlConfig
@@ -73,7 +115,10 @@ def config_from_args(args: argparse.Namespace) -> Any:
     settings: dict[str, Any] = dict(traits=parse_traits(args.traits), data_dir=args.data_dir, maps_dir=args.maps,
                                     locate_pairs=args.locate_pairs, statistics=args.statistics, target_kl=args.target_kl,
                                     random_control=not args.no_random_control, cache_pairs=not args.no_cache,
-                                    seed=args.seed)
+                                    seed=args.seed, budget=args.budget, selection_pairs=args.selection_pairs,
+                                    random_draws=args.random_draws, generation_questions=args.generation,
+                                    random_draws_off_target=args.random_draws_off_target,
+                                    generation_draws=args.generation_draws)
     from dpn_lens.pipeline import parse_layers
 
     settings.update(locate_q=args.q, locate_tau_d=args.tau_d,
@@ -86,6 +131,12 @@ def config_from_args(args: argparse.Namespace) -> Any:
         settings["gammas"] = _floats(args.gammas, "--gammas")
     if args.kl_levels:
         settings["kl_levels"] = _floats(args.kl_levels, "--kl-levels")
+    if args.k_sweep:
+        settings["k_sweep"] = parse_budgets(args.k_sweep)
+    if args.generation_levels:
+        settings["generation_levels"] = _floats(args.generation_levels, "--generation-levels")
+    if args.generation_methods:
+        settings["generation_methods"] = [m.strip() for m in args.generation_methods.split(",") if m.strip()]
     return ControlConfig.quick(**settings) if args.quick else ControlConfig(**settings)
 
 
@@ -117,10 +168,11 @@ def run_control_command(args: argparse.Namespace) -> int:
         write_json_atomic(partial, result)
 
     def save_map(trait: str, neuron_map: Any) -> None:
-        # The maps located on the fly, kept: `--maps OUT` reuses them (another method set, the same neurons).
-        from dpn_lens.run import map_path
+        # The maps made on the fly, kept: `--maps OUT` reuses them (another method set, the same neurons);
+        # an effect rule's map goes to maps/<rule>/.
+        from dpn_lens.run import rule_map_path
 
-        path = map_path(args.out, trait)
+        path = rule_map_path(args.out, trait, neuron_map.rule)
         path.parent.mkdir(parents=True, exist_ok=True)
         neuron_map.save(path)
 

@@ -1,8 +1,10 @@
 """Tables and figures of a trait-control run (``dpn_lens.evaluation.control.run_control``).
 
 ``write_control_outputs`` writes ``control.json`` (everything), one CSV per table, ``control.md`` (the
-tables a write-up quotes) and the trade-off figures: preference shift against KL and against
-perplexity, one panel per trait and direction, one curve per method (HTML, and PNG with Chromium).
+tables a write-up quotes) and the figures: preference shift against KL and against perplexity, one
+panel per trait and direction, one curve per method; KL against gamma; and, with a budget sweep, the
+shift at the target KL against the number of edited neurons, one line per selection rule
+(``sparsity_figure``; HTML, and PNG with Chromium).
 """
 
 from __future__ import annotations
@@ -13,10 +15,12 @@ from typing import Any, Callable, Sequence
 
 from dpn_lens.io import markdown_table, write_csv_atomic, write_json_atomic, write_text_atomic
 
-__all__ = ["write_control_outputs", "format_interval", "tradeoff_figure", "cost_figure"]
+__all__ = ["write_control_outputs", "format_interval", "tradeoff_figure", "cost_figure", "sparsity_figure",
+           "sparsity_rows"]
 
-PALETTE = ["#1f77b4", "#17becf", "#2ca02c", "#9467bd", "#d62728", "#ff7f0e", "#8c564b", "#7f7f7f"]
-"""One colour per method, in the order of ``control.SWEEP_METHODS`` plus the random-neuron control."""
+PALETTE = ["#1f77b4", "#17becf", "#2ca02c", "#9467bd", "#d62728", "#ff7f0e", "#8c564b", "#7f7f7f", "#bcbd22",
+           "#e377c2", "#393b79", "#637939"]
+"""One colour per curve, in the order the curves first appear."""
 
 
 def format_interval(value: float, low: float, high: float, digits: int = 3) -> str:
@@ -45,14 +49,15 @@ def _validation_table(rows: Sequence[dict[str, Any]]) -> str:
 def _calibrated_table(rows: Sequence[dict[str, Any]]) -> str:
     table = []
     for r in rows:
+        rule = r.get("method", "dpn-le")
         if "shift" not in r:  # the curve never reached the target KL: no gamma, nothing measured there
-            table.append({"trait": r["trait"], "direction": r["direction"],
+            table.append({"rule": rule, "trait": r["trait"], "direction": r["direction"],
                           "gamma": f"KL {r['target_kl']:g} not reached", "neurons": "n/a", "KL": "n/a", "shift": "n/a",
-                          "persona effect recovered": "n/a", "random neurons": "n/a", "DPN-LE - random": "n/a"})
+                          "persona effect recovered": "n/a", "random neurons": "n/a", "rule - random": "n/a"})
             continue
         recovered = (format_interval(r["recovered"], r["recovered_ci_low"], r["recovered_ci_high"], 2)
                      if "recovered" in r else "n/a")
-        table.append({"trait": r["trait"], "direction": r["direction"],
+        table.append({"rule": rule, "trait": r["trait"], "direction": r["direction"],
                       "gamma": f"{r['gamma']:.3g}{'' if r['reached_target'] else ' (target not reached)'}",
                       "neurons": r["n_edited"], "KL": f"{r['kl']:.4f}",
                       "shift": format_interval(r["shift"], r["ci_low"], r["ci_high"]),
@@ -60,8 +65,8 @@ def _calibrated_table(rows: Sequence[dict[str, Any]]) -> str:
                       # without the random-neuron control (--no-random-control) there is nothing to compare with
                       "random neurons": (format_interval(r["random_shift"], r["random_ci_low"], r["random_ci_high"])
                                          if "random_shift" in r else "not run"),
-                      "DPN-LE - random": (format_interval(r["vs_random"], r["vs_random_ci_low"], r["vs_random_ci_high"])
-                                          if "vs_random" in r else "not run")})
+                      "rule - random": (format_interval(r["vs_random"], r["vs_random_ci_low"], r["vs_random_ci_high"])
+                                        if "vs_random" in r else "not run")})
     return markdown_table(table)
 
 
@@ -134,7 +139,7 @@ def tradeoff_figure(curves: Sequence[dict[str, Any]], x: str = "kl", title: str 
         figure.add_trace(go.Scatter(
             x=[max(p[x], 1e-4) for p in points], y=[p["shift"] for p in points], mode="lines+markers",
             name=method, legendgroup=method, showlegend=row == 1 and col == 1,
-            line={"color": PALETTE[index % len(PALETTE)], "dash": "dot" if method == "random-neurons" else "solid"},
+            line={"color": PALETTE[index % len(PALETTE)], "dash": "dot" if method.startswith("random-neurons") else "solid"},
             error_y={"type": "data", "symmetric": False, "array": [p["ci_high"] - p["shift"] for p in points],
                      "arrayminus": [p["shift"] - p["ci_low"] for p in points], "thickness": 1},
             text=[f"gamma {p['gamma']:g}" for p in points]), row=row, col=col)
@@ -165,6 +170,121 @@ def cost_figure(costs: Sequence[dict[str, Any]]) -> Any:
     return figure
 
 
+def sparsity_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per rule and budget: the mean shift at the target KL over the trait-directions that reached it,
+    how many reached it and moved as asked, and the mean number of neurons edited.
+
+    Example:
+        >>> sparsity_rows({"sweep": [{"rule": "attribution", "k": 8, "trait": "o", "direction": "increase",
+        ...                            "reached": True, "shift": 0.02, "ci_low": 0.01, "n_edited": 8}]})[0]["mean shift"]
+        0.02
+    """
+    groups: dict[tuple[str, Any], list[dict[str, Any]]] = {}
+    for row in result.get("sweep", []):
+        groups.setdefault((row["rule"], row["k"]), []).append(row)
+    rows = []
+    for (rule, k), points in groups.items():
+        reached = [p for p in points if p.get("reached")]
+        shifts = [p["shift"] for p in reached]
+        rows.append({"rule": rule, "k": k, "mean neurons": (sum(p["n_edited"] for p in points) / len(points)),
+                     "reached": f"{len(reached)}/{len(points)}",
+                     "as asked": f"{sum(p['ci_low'] > 0 for p in reached)}/{len(points)}",
+                     "mean shift": sum(shifts) / len(shifts) if shifts else math.nan})
+    return rows
+
+
+def _reference_means(result: dict[str, Any], level: float) -> dict[str, float]:
+    """The mean CAA shift at ``level`` and the mean persona effect: the sparsity figure's reference lines."""
+    means = {}
+    caa = [r for r in result.get("matched_summary", []) if r["method"] == "caa"]
+    if caa and not math.isnan(caa[0].get(f"mean_shift@kl{level:g}", math.nan)):
+        means[f"CAA at KL {level:g}"] = caa[0][f"mean_shift@kl{level:g}"]
+    persona = [r["persona_effect"] for r in result.get("validation", [])]
+    if persona:
+        means["persona prompt"] = sum(persona) / len(persona)
+    return means
+
+
+def sparsity_figure(results: dict[str, dict[str, Any]]) -> Any:
+    """How sparse can steering be: the mean shift at the target KL against the number of edited neurons,
+    one line per selection rule, one panel per model (``results``: ``{model name: control result}``),
+    with CAA's shift at the same KL and the persona prompt's effect as reference lines."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    from dpn_lens.figures import style
+
+    names = list(results)
+    figure = make_subplots(rows=1, cols=len(names), subplot_titles=names, horizontal_spacing=0.08)
+    colours: dict[str, str] = {}
+    for col, name in enumerate(names, 1):
+        result = results[name]
+        level = result["meta"]["config"]["target_kl"]
+        rows = [r for r in sparsity_rows(result) if not math.isnan(r["mean shift"])]
+        for rule in dict.fromkeys(r["rule"] for r in rows):
+            points = sorted((r for r in rows if r["rule"] == rule), key=lambda r: r["mean neurons"])
+            first = rule not in colours   # one legend entry per rule, however many panels show it
+            colour = colours.setdefault(rule, PALETTE[len(colours) % len(PALETTE)])
+            figure.add_trace(go.Scatter(
+                x=[max(p["mean neurons"], 1) for p in points], y=[p["mean shift"] for p in points],
+                mode="lines+markers", name=rule, legendgroup=rule, showlegend=first,
+                line={"color": colour}, text=[f"k={p['k']}, as asked {p['as asked']}" for p in points]),
+                row=1, col=col)
+        for label, value in _reference_means(result, level).items():
+            figure.add_hline(y=value, line={"dash": "dash" if label.startswith("CAA") else "dot", "color": "#555"},
+                             annotation_text=label, annotation_position="top left", row=1, col=col)
+        figure.add_hline(y=0, line={"color": "#999", "width": 1}, row=1, col=col)
+        figure.update_xaxes(type="log", title_text="neurons edited (log)", row=1, col=col)
+    figure.update_layout(height=460, width=520 * len(names) + 160)
+    level = next(iter(results.values()))["meta"]["config"]["target_kl"]
+    style(figure, f"How sparse can steering be? Mean shift at KL {level:g} (10 trait-directions) vs neurons edited",
+          None, "mean shift, nats/token")
+    return figure
+
+
+def _goal_table(rows: Sequence[dict[str, Any]]) -> str:
+    return markdown_table([{**r, "mean shift": f"{r['mean shift']:+.3f}" if not math.isnan(r["mean shift"]) else "n/a",
+                            "caa mean shift": (f"{r['caa mean shift']:+.3f}" if not math.isnan(r["caa mean shift"])
+                                               else "n/a"), "goal met": "yes" if r["goal met"] else "no"}
+                           for r in rows])
+
+
+def _generation_table(rows: Sequence[dict[str, Any]]) -> str:
+    table = []
+    for r in rows:
+        shift = format_interval(r["shift"], r.get("ci_low", math.nan), r.get("ci_high", math.nan))
+        table.append({"trait": r["trait"], "direction": r["direction"], "method": r["method"],
+                      "KL level": "" if math.isnan(r["kl_level"]) else f"{r['kl_level']:g}",
+                      "gamma": "" if math.isnan(r["gamma"]) else f"{r['gamma']:.3g}", "shift": shift,
+                      "answers changed": f"{r['changed']:.0%}" if "changed" in r else "",
+                      "random neurons": (format_interval(r["random_shift"], r["random_ci_low"], r["random_ci_high"])
+                                         if "random_shift" in r else ""),
+                      "method - random": (format_interval(r["vs_random"], r["vs_random_ci_low"], r["vs_random_ci_high"])
+                                          if "vs_random" in r else "")})
+    return markdown_table(table)
+
+
+def _generation_summary(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Per method and level: trait-directions moved as asked in generation, and the mean shift."""
+    lines = []
+    keyed: dict[tuple[str, float], list[dict[str, Any]]] = {}
+    for r in rows:
+        if r["direction"] != "both":
+            keyed.setdefault((r["method"], r["kl_level"]), []).append(r)
+    for (method, level), points in keyed.items():
+        measured = [p for p in points if not math.isnan(p["shift"])]
+        asked = sum(p["ci_low"] > 0 for p in measured)
+        beats = sum(p.get("vs_random_ci_low", -math.inf) > 0 for p in measured)
+        mean = sum(p["shift"] for p in measured) / len(measured) if measured else math.nan
+        lines.append(f"- {method} at KL {level:g}: moved as asked in {asked}/{len(points)}"
+                     + (f", beats random neurons in {beats}/{len(points)}" if any("vs_random" in p for p in points) else "")
+                     + f", mean shift {mean:+.3f}")
+    persona = [r["shift"] for r in rows if r["direction"] == "both"]
+    if persona:
+        lines.append(f"- persona reference (high-low)/2: mean {sum(persona) / len(persona):+.3f}")
+    return lines
+
+
 def write_control_outputs(result: dict[str, Any], out: str | Path, png: bool = True) -> list[Path]:
     """Write every table and figure of ``result`` into ``out``; returns the written paths."""
     from dpn_lens.figures import save_figure
@@ -172,7 +292,8 @@ def write_control_outputs(result: dict[str, Any], out: str | Path, png: bool = T
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written = [write_json_atomic(out / "control.json", result)]
-    for name in ("validation", "calibrated", "gamma_zero", "costs", "curves", "matched_cost", "matched_summary"):
+    for name in ("validation", "calibrated", "goal", "gamma_zero", "costs", "curves", "matched_cost", "matched_summary",
+                 "sweep", "generation"):
         if result.get(name):
             written.append(write_csv_atomic(out / f"{name}.csv", result[name]))
     meta = result["meta"]
@@ -190,10 +311,17 @@ def write_control_outputs(result: dict[str, Any], out: str | Path, png: bool = T
              "Persona effect per pair = (margin under a high persona - margin under a low persona) / 2, with "
              "descriptions the pairs were not generated with. The metric can judge a trait only if this is > 0.", "",
              _validation_table(result["validation"]), "",
-             "## DPN-LE at the calibrated gamma", "",
-             f"gamma read off DPN-LE's KL curve at KL {config['target_kl']:g}, then measured there; the random-neuron "
-             "control puts the same deltas (same gamma) on random neurons of the same layers; `DPN-LE - random` is "
-             "their paired difference.", "",
+             f"## Selection rules at KL {config['target_kl']:g}: which steers?", "",
+             "Per rule (the same `±gamma * s` edit on the neurons each rule selects): trait-directions whose shift "
+             "interval lies above 0 (as asked) or below it (wrong way), that beat the rule's own random-neuron control "
+             f"(rule - random interval above 0), and the mean shift beside CAA's at the same KL. Goal: at least 8 of 10 "
+             "as asked and beating random neurons, with a mean shift at least CAA's.", "",
+             _goal_table(result.get("goal", [])), "",
+             "## Each rule at its calibrated gamma", "",
+             f"gamma read off each rule's KL curve at KL {config['target_kl']:g}, then measured there; the random-neuron "
+             f"control puts the same deltas (same gamma) on random neurons of the same layers, "
+             f"{config.get('random_draws', 1)} draws (intervals over draws and pairs); `rule - random` is their paired "
+             "difference.", "",
              _calibrated_table(result["calibrated"]), ""]
     skipped = meta.get("skipped", {})
     if skipped:
@@ -210,12 +338,24 @@ def write_control_outputs(result: dict[str, Any], out: str | Path, png: bool = T
               "above 0. The random-neuron rows are measured at DPN-LE's gammas (their own KL is in the points table).",
               "", summary, "", "Best first:", "", *_best_by_target(result), "",
               "### Per trait and direction", "", detail, "",
+              *(["## How sparse can steering be? (budget sweep)", "",
+                 f"Each rule re-selected at k neurons (DPN-LE: q = 1 - k / searched neurons, then |d| > tau_d), gamma "
+                 f"calibrated to KL {config['target_kl']:g} per trait-direction; `all` = every candidate neuron.", "",
+                 markdown_table(sparsity_rows(result)), ""] if result.get("sweep") else []),
+              *(["## Generation-based check", "",
+                 "Greedy answers (no persona) under each edit at decode steps, scored by the unsteered model: mean "
+                 "per-token log p(answer | high persona) - log p(answer | low persona) (held-out personas). Shift = "
+                 "steered minus unsteered answer's score per question, signed; persona reference = (score of the "
+                 "pairs' high-persona answer - low-persona answer) / 2.", "", *_generation_summary(result["generation"]),
+                 "", _generation_table(result["generation"]), ""] if result.get("generation") else []),
               "## Dose-response points", "",
               markdown_table([{k: r[k] for k in ("trait", "direction", "method", "kl_level", "gamma", "n_edited", "kl", "ppl",
                                                  "shift", "ci_low", "ci_high", "p")} for r in result["curves"]], digits=4), ""]
     written.append(write_text_atomic(out / "control.md", "\n".join(lines)))
     figures = {"tradeoff_kl": tradeoff_figure(result["curves"], "kl"), "tradeoff_ppl": tradeoff_figure(result["curves"], "ppl"),
                "cost_by_gamma": cost_figure(result["costs"])}
+    if result.get("sweep"):
+        figures["sparsity"] = sparsity_figure({meta["model"]: result})
     for name, figure in figures.items():
         try:
             written += save_figure(figure, out, name, png=png)

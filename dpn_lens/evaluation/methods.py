@@ -5,9 +5,13 @@ and how to build the condition of one trait, direction and strength: an ``(edit,
 which exactly one is not None (prompting is a persona prompt, not an edit). ``run_comparison`` loops
 over ``COMPARISON_METHODS``; adding a method is one ``ComparisonMethod`` entry there.
 
+The effect-selection rules (``dpn_lens.effect.rules``: ``attribution``, ``write``, ``write-layer``,
+``dpn-le-attribution``) are methods too: the DPN-LE edit on the neurons their map selects
+(``TraitContext.maps``, filled by ``trait_maps.rule_maps``).
+
 Example:
     >>> [method.name for method in COMPARISON_METHODS]
-    ['dpn-le', 'dpn-le-w', 'dpn-le-sd', 'directional', 'dense', 'topk', 'npti', 'caa', 'prompting']
+    ['dpn-le', 'dpn-le-w', 'dpn-le-sd', 'directional', 'dense', 'topk', 'attribution', 'attribution-t', 'write', 'write-layer', 'dpn-le-attribution', 'npti', 'caa', 'prompting']
     >>> "dpn-le-sd" in DEFAULT_METHOD_NAMES   # a variant: run when --methods names it
     False
     >>> METHODS_BY_NAME["prompting"].sweepable
@@ -23,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Callable, Literal
 from dpn_lens.baselines import (PersonaPrompt, caa_intervention, dense_intervention, npti_intervention,
                                 npti_trait_statistics, persona_prompt, topk_intervention)
 from dpn_lens.data.contrastive import embedded_contrastive_set
+from dpn_lens.effect.rules import EFFECT_RULES
 from dpn_lens.neuron_map import NeuronMap
 from dpn_lens.steering import Edit, direction_sign, steering_intervention
 
@@ -39,12 +44,24 @@ Condition = tuple["Edit | None", "PersonaPrompt | None"]
 
 @dataclass
 class TraitContext:
-    """What the methods share for one trait: the trait, its DPN-LE neuron map, and each method's
-    prepared state (``state[method name]``, from ``ComparisonMethod.prepare``)."""
+    """What the methods share for one trait: the trait, its DPN-LE neuron map, the maps of the effect
+    rules (``maps[rule]``), and each method's prepared state (``state[method name]``, from
+    ``ComparisonMethod.prepare``)."""
 
     trait: str
     neuron_map: NeuronMap
     state: dict[str, Any] = dataclasses.field(default_factory=dict)
+    maps: dict[str, NeuronMap] = dataclasses.field(default_factory=dict)
+    memo: dict[Any, Any] = dataclasses.field(default_factory=dict, repr=False)
+    """Shared by the effect rules of this trait (one gradient pass for both attribution rules)."""
+
+    def rule_map(self, rule: str) -> NeuronMap:
+        """The map of selection ``rule`` (``dpn-le``: ``neuron_map``); a KeyError naming the fix if not prepared."""
+        if rule == "dpn-le":
+            return self.neuron_map
+        if rule not in self.maps:
+            raise KeyError(f"no {rule} map for {self.trait}; fill TraitContext.maps with trait_maps.rule_maps")
+        return self.maps[rule]
 
 
 @dataclass(frozen=True)
@@ -103,6 +120,12 @@ def _topk(model: Any, context: TraitContext, direction: Direction, gamma: float 
     return topk_intervention(context.neuron_map, gamma, direction), None
 
 
+def _effect_rule(rule: str) -> Callable[[Any, TraitContext, Direction, float | None], Condition]:
+    def build(model: Any, context: TraitContext, direction: Direction, gamma: float | None) -> Condition:
+        return steering_intervention(context.rule_map(rule), gamma, direction, "both"), None
+    return build
+
+
 def _npti_prepare(model: Any, trait: str, config: "CompareConfig") -> Any:
     return npti_trait_statistics(model, trait, config.npti_prompts, config.npti_new_tokens)
 
@@ -132,6 +155,7 @@ COMPARISON_METHODS: tuple[ComparisonMethod, ...] = (
     ComparisonMethod("directional", _directional),
     ComparisonMethod("dense", _dense),
     ComparisonMethod("topk", _topk),
+    *(ComparisonMethod(rule, _effect_rule(rule), default=False) for rule in EFFECT_RULES),
     ComparisonMethod("npti", _npti, gamma_option="npti_gamma", prepare=_npti_prepare),
     ComparisonMethod("caa", _caa, gamma_option="caa_gamma", prepare=_caa_prepare),
     ComparisonMethod("prompting", _prompting, gamma_option=None, sweepable=False),

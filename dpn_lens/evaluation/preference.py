@@ -43,6 +43,7 @@ from dpn_lens.evaluation.logprobs import continuation_logprobs, scoring_edit
 from dpn_lens.io import read_jsonl
 
 __all__ = ["PreferencePair", "GeneratedPairs", "AnswerScores", "load_preference_pairs", "generate_persona_pairs",
+           "pairs_cache_file",
            "greedy_answers", "strip_template_echo", "preference_margins", "answer_scores", "answer_position_hooks",
            "PairScorer"]
 
@@ -193,6 +194,28 @@ def generate_persona_pairs(model: Any, trait: str, questions: Sequence[str], hig
             result.pairs.append(PreferencePair(pair.question, high, low, f"persona answers:{drawn.trait}"))
             result.descriptions.append((pair.high_description, pair.low_description))
     return result
+
+
+def pairs_cache_file(model: Any, folder: str, trait: str, **key: Any) -> Path:
+    """Where generated pairs of ``model`` are cached: ``$DPN_LENS_CACHE/<folder>/<trait>-<digest>.json``.
+
+    The digest covers the model's name, revision and dtype, the trait and every ``key`` field (sizes,
+    seed, a digest of the data), so a cached file is only ever read back for the same model and draw.
+
+    Example:
+        >>> from dpn_lens.tiny import build_tiny_model
+        >>> pairs_cache_file(build_tiny_model(), "selection_pairs", "openness", pairs=8).name.startswith("openness-")
+        True
+    """
+    import hashlib
+    import json
+
+    from dpn_lens.models import cache_dir, model_revision
+
+    material = {"model": getattr(model, "dpn_model_name", "model"), "revision": model_revision(model),
+                "dtype": str(model.cfg.dtype), "trait": trait, **key}
+    digest = hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:16]
+    return cache_dir() / folder / f"{trait}-{digest}.json"
 
 
 def answer_position_hooks(edit: Any, mask: Callable[[], Bool[Tensor, "batch pos"]]) -> list[tuple[str, Any]]:

@@ -1,7 +1,9 @@
-"""The DPN-LE map an evaluation uses for a trait: read from a run (or maps) folder, or located on the fly.
+"""The maps an evaluation uses for a trait: read from a run (or maps) folder, or located on the fly.
 
-``dpn-lens control`` and ``dpn-lens compare`` both call :func:`trait_map`; they differ only in what a
-missing map means (control refuses, since its maps folder was named on purpose; compare locates instead).
+``dpn-lens control`` and ``dpn-lens compare`` both call :func:`trait_map` for the DPN-LE map; they differ
+only in what a missing map means (control refuses, since its maps folder was named on purpose; compare
+locates instead). :func:`rule_maps` gives the maps of effect rules (``dpn_lens.effect.rules``): read from
+``<maps>/<rule>/<trait>.safetensors`` when there, else selected from the DPN-LE map with the model.
 
 Example:
     >>> from dpn_lens.tiny import build_tiny_model
@@ -52,3 +54,35 @@ def trait_map(model: Any, trait: str, *, maps_dir: str | Path | None = None, loc
     else:
         stats = collect_statistics(model, pairs, CollectionConfig(progress=False))
     return locate(stats, model_name=getattr(model, "dpn_model_name", None), q=q, tau_d=tau_d, layers=layers)
+
+
+def rule_maps(model: Any, base: NeuronMap, rules: Sequence[str], *, maps_dir: str | Path | None = None,
+              n_pairs: int | None = None, seed: int = 0, budget: int | None = None,
+              memo: dict[Any, Any] | None = None, log: Callable[[str], None] = print
+              ) -> dict[str, tuple[NeuronMap, bool]]:
+    """``{rule: (map, read from maps_dir)}`` for each effect rule in ``rules`` (``dpn-le`` is ``base`` itself).
+
+    A map in ``maps_dir`` must have been made by that rule (``NeuronMap.load(..., rule=...)`` refuses
+    another's) on this model; a missing one is selected from ``base`` now (``effect.rules``), with
+    ``n_pairs`` selection pairs drawn with ``seed`` and ``budget`` neurons. ``memo`` (one dict per trait)
+    lets the attribution rules share one gradient pass.
+    """
+    from dpn_lens.effect.rules import effect_map, effect_scores, rule_named
+    from dpn_lens.run import find_map
+
+    result: dict[str, tuple[NeuronMap, bool]] = {}
+    for rule in rules:
+        rule_named(rule)
+        if rule == "dpn-le":
+            result[rule] = (base, True)
+            continue
+        path = find_map(maps_dir, base.trait, rule) if maps_dir else None
+        if path is not None:
+            log(f"{base.trait}: {rule} map from {path}")
+            result[rule] = (NeuronMap.load(path, model=model, rule=rule), True)
+            continue
+        scores = effect_scores(model, base, rule, n_pairs=n_pairs, seed=seed, memo=memo, log=log)
+        chosen = effect_map(base, scores, budget)
+        log(f"{base.trait}: {chosen!r}")
+        result[rule] = (chosen, False)
+    return result

@@ -14,7 +14,7 @@ Example:
 """
 
 from dpn_lens.run import Run
-from dpn_lens.studies import layers, multifunction, overlap
+from dpn_lens.studies import causal, layers, multifunction, overlap
 from dpn_lens.studies.layers import layer_counts, layer_value_quantiles, top_neurons
 from dpn_lens.studies.outputs import MultifunctionConfig
 from dpn_lens.studies.overlap import (
@@ -30,6 +30,7 @@ STUDY_SECTIONS: tuple[ReportSection, ...] = (
     layers.REPORT_SECTION,
     overlap.REPORT_SECTION,
     multifunction.REPORT_SECTION,
+    causal.REPORT_SECTION,
 )
 """The studies' sections of the report page, in page order (one line per study)."""
 

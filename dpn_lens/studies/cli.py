@@ -1,11 +1,13 @@
-"""``dpn-lens study layers|overlap|multifunction|all|residual``: study figures and tables from a run folder.
+"""``dpn-lens study layers|overlap|multifunction|all|residual|causal``: study figures and tables from a run folder.
 
 Example:
     $ dpn-lens study all --run runs/demo --out figures --data-dir ../shared/data
     $ dpn-lens study overlap --run runs/demo --npti        # also NPTI's neuron sets (generates with the model)
     $ dpn-lens study residual --run runs/demo --out runs/demo/residual   # who writes the trait direction
+    $ dpn-lens study causal --run runs/rules --control results/control-rules --out results/causal
 
-``residual`` is not part of ``all``: it runs the model on fresh prompts, and ``all`` makes ``figures/``.
+``residual`` and ``causal`` are not part of ``all``: they run the model on fresh prompts or need the
+effect-rule maps of ``dpn-lens locate --select``, and ``all`` makes ``figures/``.
 """
 
 from __future__ import annotations
@@ -66,11 +68,20 @@ def _residual_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=8)
 
 
+def _causal_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--control", nargs="*", default=[],
+                        help="output folders of `dpn-lens control --k-sweep ...` (one per model) for the sparsity figure")
+    parser.add_argument("--no-capability", action="store_true",
+                        help="skip the capability part (it loads the model and reads capability/ of --data-dir)")
+
+
 def register(subparsers: Any) -> argparse.ArgumentParser:
-    """Add ``study`` (with ``layers``, ``overlap``, ``multifunction``, ``all``, ``residual``) to a subparsers object."""
+    """Add ``study`` (with ``layers``, ``overlap``, ``multifunction``, ``all``, ``residual``, ``causal``) to a
+    subparsers object."""
     study = subparsers.add_parser("study", help="layer-wise, overlap and multifunctionality studies of a run",
                                   description=__doc__.split("\n\n")[0], formatter_class=FORMATTER)
-    inner = study.add_subparsers(dest="study", required=True, metavar="{layers,overlap,multifunction,all,residual}")
+    inner = study.add_subparsers(dest="study", required=True,
+                                 metavar="{layers,overlap,multifunction,all,residual,causal}")
     for name, help_text, extras in (
             ("layers", "neuron counts, d and s per layer, top neurons", [_layers_options]),
             ("overlap", "overlap and mutual exclusivity of pole sets, steering-vector correlation",
@@ -79,7 +90,9 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
              [_model_options, _multifunction_options, _npti_options]),
             ("all", "all three studies", [_layers_options, _model_options, _multifunction_options, _npti_options]),
             ("residual", "share of the residual trait direction written by MLPs, attention and the map's neurons",
-             [_model_options, _residual_options])):
+             [_model_options, _residual_options]),
+            ("causal", "effect-selected neurons vs DPN-LE's: overlap, layers, pole exclusivity, capability cost",
+             [_model_options, _multifunction_options, _causal_options])):
         parser = inner.add_parser(name, help=help_text, description=help_text, formatter_class=FORMATTER)
         _common(parser)
         for add in extras:
@@ -99,7 +112,7 @@ def _check(args: argparse.Namespace, run: Any) -> None:
     from dpn_lens.data.contrastive import resolve_data_dir
     from dpn_lens.run import STATS_DIR, SUMMARY_FILE
 
-    if args.study in ("multifunction", "all"):
+    if args.study in ("multifunction", "all") or (args.study == "causal" and not args.no_capability):
         resolve_data_dir(args.data_dir, "capability")  # raises, naming --data-dir and $DPN_LENS_DATA
     if not getattr(args, "npti", False):
         return
@@ -126,6 +139,8 @@ def run_study(args: argparse.Namespace) -> int:
 
     run = Run.load(args.run)
     _check(args, run)
+    if args.study == "causal":
+        return _run_causal(args, run)
     if args.study == "residual":
         from dpn_lens.studies.outputs import residual_study
 
@@ -153,4 +168,31 @@ def run_study(args: argparse.Namespace) -> int:
             window=args.window, fraction=args.capability_fraction, gamma=args.gamma, batch_size=args.batch_size,
             seed=args.seed, random_control=not args.no_random_control)
         multifunction_study(run, args.out, model, config, extra_sets=extra, **common)
+    return 0
+
+
+def _run_causal(args: argparse.Namespace, run: Any) -> int:
+    import json
+    from pathlib import Path
+
+    from dpn_lens.models import load_model
+    from dpn_lens.studies.causal import causal_study
+    from dpn_lens.studies.outputs import MultifunctionConfig
+
+    control = {}
+    for folder in args.control:
+        path = Path(folder) / "control.json"
+        if not path.exists():
+            raise FileNotFoundError(f"--control {folder}: no control.json there; pass an output folder of `dpn-lens control`")
+        result = json.loads(path.read_text(encoding="utf-8"))
+        control[result["meta"]["model"]] = result
+    model, config = None, None
+    if not args.no_capability:
+        model = load_model(_model_name(args, run), dtype=args.dtype, device=args.device)
+        config = MultifunctionConfig(
+            data_dir=args.data_dir, n_text=args.n_text, n_multiple_choice=args.n_questions, n_held_out=args.n_held_out,
+            window=args.window, fraction=args.capability_fraction, gamma=args.gamma, batch_size=args.batch_size,
+            seed=args.seed, random_control=not args.no_random_control, methods=("DPN-LE",))
+    causal_study(run, args.out, model, control, config, png=not args.no_png, plotlyjs=args.plotlyjs,
+                 log=lambda text: print(text, flush=True))
     return 0

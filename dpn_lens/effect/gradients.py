@@ -1,0 +1,205 @@
+"""Gradients that effect-based selection ranks neurons by: one forward and one backward per batch.
+
+Two first-order quantities, both with respect to the MLP neuron activation ``blocks.{l}.mlp.hook_post``
+(the activation a DPN-LE edit changes):
+
+* ``margin_gradients``: for preference pairs (a question, a high and a low answer), the gradient of the
+  pair's margin ``mean_t log p(high_t) - mean_t log p(low_t)`` (the question asked without persona, as
+  the evaluation asks it) with respect to each neuron, **summed over the answer positions**. A decode-time
+  edit adds the same ``delta_i`` at every answer position, so ``delta_i * gradient_i`` is the first-order
+  change of the margin when neuron ``i`` alone is edited (attribution patching). The first answer token is
+  predicted from the unedited question pass, as in generation, and gets no gradient.
+* ``write_gradients``: for prompts, the gradient of ``u_l . mlp_out_l`` at the last prompt token with
+  respect to the neurons of layer ``l`` only: how much one unit of neuron ``i`` writes along a residual
+  direction ``u_l`` (on a pre-norm decoder exactly ``W_out[l][i] . u_l``; on Gemma through its
+  post-feedforward norm, at the activations of those prompts). The MLP output is passed on detached, so
+  no later layer's path enters the gradient.
+
+Gradients are taken with ``torch.autograd.grad`` with respect to the hooked activations only, so no
+parameter's ``.grad`` is touched; hooks are removed on exit, also after an exception.
+
+Example:
+    >>> from dpn_lens.tiny import build_tiny_model
+    >>> from dpn_lens.evaluation.preference import PreferencePair
+    >>> model = build_tiny_model()
+    >>> pairs = [PreferencePair("what would you do ?", "a party with a friend .", "a quiet book at home .")] * 2
+    >>> margin_gradients(model, pairs).mean.shape
+    torch.Size([4, 48])
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from dpn_lens.data.prompts import render_for_model
+from dpn_lens.hooked import HookedModel, check_layers, encode, hook_name, input_device, last_token_batches, pad_token_id, pad_token_lists
+
+__all__ = ["MarginGradients", "margin_gradients", "write_gradients", "MLP_OUT_HOOK"]
+
+MLP_OUT_HOOK = "blocks.{layer}.hook_mlp_out"
+"""What each block's MLP adds to the residual stream (after Gemma's post-feedforward norm)."""
+
+
+@dataclass
+class MarginGradients:
+    """Per selection pair, the margin's gradient summed over answer positions, ``[n_pairs, n_layers, d_mlp]``.
+
+    Attributes:
+        per_pair: float32 gradients, one row per pair (``layers`` give the model layer of each row).
+        layers: the model layers of the second axis.
+    """
+
+    per_pair: Float[Tensor, "n_pairs n_layers d_mlp"]
+    layers: list[int]
+
+    @property
+    def mean(self) -> Float[Tensor, "n_layers d_mlp"]:
+        """The mean over pairs (float64): the first-order margin change per unit of each neuron."""
+        return self.per_pair.double().mean(0)
+
+    @property
+    def n_pairs(self) -> int:
+        return int(self.per_pair.shape[0])
+
+
+def _leaf_hook(store: dict[int, Tensor], layer: int, cut: bool = False):
+    """A hook that keeps the activation, made a leaf that requires grad when it has no graph yet.
+
+    The model's weights are frozen, so the first hooked activation carries no graph; it becomes a leaf,
+    and every later activation depends on it and so has one: each layer's gradient is the total one.
+    With ``cut`` every activation becomes a leaf, so a layer's gradient leaves out the paths that run
+    through a later layer's MLP neurons (it keeps the residual stream, attention and the unembedding).
+    """
+    def hook(activation: Tensor, hook: Any) -> Tensor:
+        if cut or not activation.requires_grad:
+            activation = activation.detach().requires_grad_(True)
+        store[layer] = activation
+        return activation
+    return hook
+
+
+def _items(model: HookedModel, pairs: Sequence[Any]) -> list[tuple[int, list[int], list[int], float]]:
+    """``(pair index, question tokens, answer tokens, sign)``: +1 for the high answer, -1 for the low one."""
+    items = []
+    for index, pair in enumerate(pairs):
+        context = encode(model, render_for_model(model, pair.question))
+        for answer, sign in ((pair.high_answer, 1.0), (pair.low_answer, -1.0)):
+            tokens = encode(model, answer, add_bos=False)
+            if not tokens:
+                raise ValueError(f"selection pair #{index} has an answer with no tokens; drop it")
+            items.append((index, context, tokens, sign))
+    return items
+
+
+def margin_gradients(model: HookedModel, pairs: Sequence[Any], layers: Sequence[int] | None = None,
+                     batch_tokens: int = 2048, through_mlps: bool = True) -> MarginGradients:
+    """The gradient of each pair's preference margin with respect to every neuron (module note).
+
+    Args:
+        model: a hooked model (``TransformerBridge``).
+        pairs: ``PreferencePair`` objects (``question``, ``high_answer``, ``low_answer``); the question is
+            rendered through the chat template without any persona.
+        layers: model layers to differentiate (None: all).
+        batch_tokens: padded tokens per forward and backward pass (answers batched longest first).
+        through_mlps: the total gradient (True); False leaves out every path that runs through the MLP
+            neurons of a later layer (of ``layers``), keeping those through attention, the residual
+            stream and the unembedding: a more linear view of a neuron's effect, for large edits.
+
+    Returns:
+        ``MarginGradients``; ``result.mean[l, i]`` times a delta ``d`` added to neuron ``i`` at every
+        answer position is the first-order change of the mean margin.
+    """
+    if not pairs:
+        raise ValueError("margin_gradients needs at least one preference pair")
+    chosen = check_layers(model, None if layers is None else list(layers))
+    items = _items(model, pairs)
+    per_pair = torch.zeros(len(pairs), len(chosen), int(model.cfg.d_mlp), dtype=torch.float32)
+    captured: dict[int, Tensor] = {}
+    hooks = [(hook_name(layer), _leaf_hook(captured, layer, cut=not through_mlps)) for layer in chosen]
+    pad, device = pad_token_id(model.tokenizer), input_device(model)
+    order = sorted(range(len(items)), key=lambda i: -(len(items[i][1]) + len(items[i][2])))
+    start = 0
+    with torch.enable_grad(), model.hooks(fwd_hooks=hooks):
+        while start < len(order):
+            longest = len(items[order[start]][1]) + len(items[order[start]][2])
+            chunk = [items[i] for i in order[start:start + max(1, batch_tokens // longest)]]
+            start += len(chunk)
+            ids, mask = pad_token_lists([context + answer for _, context, answer, _ in chunk], pad, "right")
+            captured.clear()
+            logits = model(ids.to(device), attention_mask=mask.to(device))
+            objective = logits.new_zeros((), dtype=torch.float32)
+            where = torch.zeros(ids.shape, dtype=torch.bool)
+            for row, (_, context, answer, sign) in enumerate(chunk):
+                # Logits at position p predict token p + 1: the answer is read from len(context) - 1 on.
+                read = logits[row, len(context) - 1:len(context) + len(answer) - 1]
+                logprobs = torch.log_softmax(read.float(), dim=-1)
+                target = torch.tensor(answer, device=logprobs.device)[:, None]
+                objective = objective + sign * logprobs.gather(1, target).mean()
+                # The edit acts at the answer tokens' positions (decode steps), not at the question's.
+                where[row, len(context):len(context) + len(answer)] = True
+            grads = torch.autograd.grad(objective, [captured[layer] for layer in chosen])
+            for slot, grad in enumerate(grads):
+                summed = (grad.float() * where.to(grad.device)[..., None]).sum(1).cpu()
+                for row, (pair_index, _, _, _) in enumerate(chunk):
+                    per_pair[pair_index, slot] += summed[row]
+            del logits, grads, objective
+            captured.clear()
+    return MarginGradients(per_pair, chosen)
+
+
+def write_gradients(model: HookedModel, prompts: Sequence[str], directions: Float[Tensor, "n_layers d_model"],
+                    layers: Sequence[int] | None = None, batch_size: int = 8) -> Float[Tensor, "n_layers d_mlp"]:
+    """Mean over prompts of ``d(directions[l] . mlp_out_l) / d(neuron_l)`` at the last prompt token.
+
+    Args:
+        model: a hooked model.
+        prompts: user messages (rendered through the chat template, as for collection).
+        directions: one residual-stream direction per model layer (rows: all ``n_layers``); the write of
+            layer ``l``'s neurons is measured along ``directions[l]``.
+        layers: model layers to compute (None: all).
+
+    Returns:
+        ``[len(layers), d_mlp]`` float64. On a pre-norm model every row is ``W_out[l] @ directions[l]``.
+    """
+    if not prompts:
+        raise ValueError("write_gradients needs at least one prompt")
+    chosen = check_layers(model, None if layers is None else list(layers))
+    n_layers = int(model.cfg.n_layers)
+    if tuple(directions.shape) != (n_layers, int(model.cfg.d_model)):
+        raise ValueError(f"directions must be [n_layers, d_model] = [{n_layers}, {model.cfg.d_model}], "
+                         f"got {list(directions.shape)}")
+    captured: dict[int, Tensor] = {}
+    outputs: dict[int, Tensor] = {}
+
+    def output_hook(layer: int):
+        def hook(output: Tensor, hook: Any) -> Tensor:
+            outputs[layer] = output
+            # Detached downstream: later layers see the same values but carry no path back to this layer.
+            return output.detach()
+        return hook
+
+    hooks = [(hook_name(layer), _leaf_hook(captured, layer)) for layer in chosen]
+    hooks += [(MLP_OUT_HOOK.format(layer=layer), output_hook(layer)) for layer in chosen]
+    total = torch.zeros(len(chosen), int(model.cfg.d_mlp), dtype=torch.float64)
+    count = 0
+    with torch.enable_grad(), model.hooks(fwd_hooks=hooks):
+        for ids, mask, last in last_token_batches(model, prompts, batch_size):
+            captured.clear()
+            outputs.clear()
+            model(ids.to(input_device(model)), attention_mask=mask.to(input_device(model)))
+            rows = torch.arange(ids.shape[0])
+            objective = sum((outputs[layer][rows, last.to(outputs[layer].device)].float()
+                             @ directions[layer].to(outputs[layer].device, torch.float32)).sum() for layer in chosen)
+            grads = torch.autograd.grad(objective, [captured[layer] for layer in chosen], allow_unused=True)
+            for slot, grad in enumerate(grads):
+                if grad is not None:
+                    total[slot] += grad[rows, last.to(grad.device)].double().sum(0).cpu()
+            count += ids.shape[0]
+            captured.clear()
+            outputs.clear()
+    return total / count

@@ -1,0 +1,89 @@
+"""Selection pairs: the model's own answers to *training* questions, which effect-based selection reads.
+
+Effect-based rules (``dpn_lens.effect.rules``) rank neurons by what editing them does to the preference
+margin ``log p(high answer) - log p(low answer)``. They need pairs of answers, and those must never be
+the pairs the evaluation scores (``dpn-lens control`` uses held-out PersonalityBench test questions and
+its persona descriptions). So selection pairs come only from the data shipped in the package: the
+embedded everyday questions and the embedded persona descriptions (``data/embedded``; both written for
+dpn-lens, disjoint from PersonalityBench). For each drawn (question, high persona, low persona) triple
+the model answers greedily in the role-play template under each persona
+(``preference.generate_persona_pairs``); identical and empty pairs are dropped.
+
+Generating the answers is the slow part (about 40 s per 64 pairs for a 135M model on 2 CPU cores), so
+they are cached per model under ``$DPN_LENS_CACHE/selection_pairs/``.
+
+Example:
+    >>> from dpn_lens.tiny import build_tiny_model
+    >>> pairs = selection_pairs(build_tiny_model(), "openness", n_pairs=4, max_new_tokens=4, cache=False)
+    >>> len(pairs) <= 4
+    True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from typing import Any, Callable
+
+from dpn_lens.data.contrastive import _embedded_file
+from dpn_lens.effect.rules import SELECTION_PAIRS
+from dpn_lens.evaluation.preference import PreferencePair, generate_persona_pairs, pairs_cache_file
+from dpn_lens.io import read_jsonl, write_json_atomic
+from dpn_lens.traits import normalize_trait
+
+__all__ = ["selection_pairs", "SELECTION_PAIRS", "SELECTION_TOKENS"]
+
+SELECTION_TOKENS = 48
+"""Greedy answer tokens per persona, as for the held-out evaluation pairs."""
+
+
+def _embedded_material(trait: str) -> tuple[list[str], list[str], list[str]]:
+    """The embedded questions (all traits') and the trait's embedded high and low persona descriptions."""
+    personas = json.loads(_embedded_file("personas.json").read_text(encoding="utf-8"))
+    questions = [row["question"] for row in read_jsonl(_embedded_file("questions.jsonl"))]
+    return questions, list(personas[trait]["high"]), list(personas[trait]["low"])
+
+
+def selection_pairs(model: Any, trait: str, n_pairs: int = SELECTION_PAIRS, seed: int = 0,
+                    max_new_tokens: int = SELECTION_TOKENS, cache: bool = True,
+                    log: Callable[[str], None] | None = None) -> list[PreferencePair]:
+    """The model's greedy answers to embedded questions under embedded high and low personas (module note).
+
+    Args:
+        model: the hooked model whose neurons are selected.
+        trait: Big Five trait.
+        n_pairs: (question, high persona, low persona) triples drawn with ``seed``; identical or empty
+            answer pairs are dropped, so fewer may come back.
+        max_new_tokens: greedy tokens per answer.
+        cache: read and write ``$DPN_LENS_CACHE/selection_pairs`` (keyed by model, revision, dtype, trait,
+            sizes, seed and a digest of the embedded data).
+
+    Returns:
+        the kept pairs (question without persona, high answer, low answer).
+    """
+    trait = normalize_trait(trait)
+    if isinstance(n_pairs, bool) or not isinstance(n_pairs, int) or n_pairs < 2:
+        raise ValueError(f"n_pairs must be an integer of at least 2 (selection averages over pairs), got {n_pairs!r}")
+    questions, highs, lows = _embedded_material(trait)
+    material = hashlib.sha256(json.dumps([questions, highs, lows]).encode()).hexdigest()[:16]
+    path = pairs_cache_file(model, "selection_pairs", trait, pairs=n_pairs, seed=seed, max_new_tokens=max_new_tokens,
+                            material=material, format=1)
+    if cache and path.exists():
+        stored = json.loads(path.read_text(encoding="utf-8"))
+        if log:
+            log(f"{trait}: {len(stored['pairs'])} selection pairs from the cache ({path})")
+        return [PreferencePair(**row) for row in stored["pairs"]]
+    generated = generate_persona_pairs(model, trait, questions, highs, lows, n_pairs, seed=seed,
+                                       max_new_tokens=max_new_tokens, batch_size=16)
+    pairs = [dataclasses.replace(pair, source=f"selection:{trait}") for pair in generated.pairs]
+    if len(pairs) < 2:
+        raise ValueError(f"{trait}: only {len(pairs)} usable selection pairs of {n_pairs} drawn (the others were "
+                         "identical or empty); draw more with n_pairs")
+    if log:
+        log(f"{trait}: generated {len(pairs)} of {n_pairs} selection pairs ({generated.n_identical} identical, "
+            f"{generated.n_empty} empty dropped)")
+    if cache:
+        write_json_atomic(path, {"pairs": [dataclasses.asdict(pair) for pair in pairs], "n_drawn": n_pairs,
+                                 "n_identical": generated.n_identical, "n_empty": generated.n_empty})
+    return pairs

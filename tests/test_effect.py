@@ -1,0 +1,159 @@
+"""Selection by effect: attribution is the margin's first-order change, the write score is W_out . u,
+selection is deterministic, and a map says which rule made it and is never taken for another rule's."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from helpers import attached_hooks
+
+from dpn_lens import NeuronMap, WrongRuleError, collect_statistics, embedded_contrastive_set, locate, reselect
+from dpn_lens.effect.gradients import margin_gradients, write_gradients
+from dpn_lens.effect.rules import default_budget, effect_map, effect_scores, select_top
+from dpn_lens.evaluation.preference import PreferencePair, preference_margins
+from dpn_lens.export import residual_vectors
+from dpn_lens.steering import Intervention
+
+PAIRS = [
+    PreferencePair("what would you do on the weekend ?", "a party with a friend . i am outgoing !", "a book at home ."),
+    PreferencePair("how would you feel about work ?", "i love new ideas and travel .", "i prefer routine and quiet ."),
+    PreferencePair("what would you do at a party ?", "talk to everyone !", "stay calm and quiet , reserved ."),
+]
+
+
+@pytest.fixture(scope="module")
+def base_map(tiny_model):
+    stats = collect_statistics(tiny_model, embedded_contrastive_set("openness", 40))
+    return locate(stats, layers=[1, 2, 3], tau_d=0.0)
+
+
+def test_attribution_equals_the_finite_difference_effect_of_each_neurons_edit(tiny_model):
+    # float32 tiny model; central difference with a small step: the two agree to 2e-3 relative
+    # (what is left is the O(h^2) term and float32 rounding of the margins).
+    gradients = margin_gradients(tiny_model, PAIRS)
+    mean = gradients.mean
+    assert gradients.n_pairs == len(PAIRS)
+    flat = mean.abs().flatten()
+    picks = torch.topk(flat, 3).indices.tolist() + [int(flat.argmin()), 7]
+    d_mlp = mean.shape[1]
+    base = preference_margins(tiny_model, PAIRS)
+    for index in picks:
+        layer, neuron = divmod(index, d_mlp)
+        step = 1e-2
+        changes = []
+        for sign in (1.0, -1.0):
+            delta = torch.zeros(d_mlp)
+            delta[neuron] = sign * step
+            changes.append(preference_margins(tiny_model, PAIRS, edit=Intervention({layer: delta}, positions="all")))
+        finite = float(np.mean(changes[0] - changes[1]) / (2 * step))
+        assert math.isclose(finite, float(mean[layer, neuron]), rel_tol=2e-3, abs_tol=1e-5), (layer, neuron)
+    assert np.allclose(base, preference_margins(tiny_model, PAIRS))   # nothing stayed attached
+
+
+def test_margin_gradients_leave_no_hooks_even_after_an_error(tiny_model):
+    before = attached_hooks(tiny_model)
+    with pytest.raises(ValueError, match="no tokens"):
+        margin_gradients(tiny_model, [PreferencePair("what would you do ?", "", "a book .")])
+    assert attached_hooks(tiny_model) == before
+
+
+def test_write_gradient_is_w_out_dot_u_on_a_pre_norm_model(tiny_model):
+    generator = torch.Generator().manual_seed(3)
+    directions = torch.randn(tiny_model.cfg.n_layers, tiny_model.cfg.d_model, generator=generator)
+    prompts = ["you are kind . what would you do ?", "you are anxious and worried . how do you feel ?"]
+    measured = write_gradients(tiny_model, prompts, directions)
+    for layer in range(tiny_model.cfg.n_layers):
+        identity = torch.eye(tiny_model.cfg.d_mlp)
+        w_out = torch.stack([residual_vectors(tiny_model, Intervention({layer: identity[i]}))[layer]
+                             for i in range(tiny_model.cfg.d_mlp)])          # [d_mlp, d_model]
+        assert torch.allclose(measured[layer].float(), w_out @ directions[layer], atol=1e-5)
+
+
+def test_write_scores_equal_s_times_the_share_of_u_written(tiny_model, base_map):
+    from dpn_lens.baselines.caa import residual_means
+
+    scores = effect_scores(tiny_model, base_map, "write-layer", contrastive_pairs=6)
+    pairs = embedded_contrastive_set("openness", 6, seed=42)
+    _, high = residual_means(tiny_model, pairs.high)
+    _, low = residual_means(tiny_model, pairs.low)
+    u = (high.mean(0) - low.mean(0)).float()
+    for layer in (0, 2):
+        identity = torch.eye(tiny_model.cfg.d_mlp)
+        w_out = torch.stack([residual_vectors(tiny_model, Intervention({layer: identity[i]}))[layer]
+                             for i in range(tiny_model.cfg.d_mlp)])
+        direct = base_map.steering_value[layer] * (w_out @ u[layer]) / (u[layer] @ u[layer])
+        finite = torch.isfinite(scores.scores[layer])
+        assert torch.allclose(scores.scores[layer][finite], direct[finite], rtol=1e-4, atol=1e-7)
+
+
+def test_write_with_caa_direction_only_picks_neurons_up_to_caas_layer(tiny_model, base_map):
+    scores = effect_scores(tiny_model, base_map, "write", contrastive_pairs=6)
+    layer = scores.details["caa_layer"]
+    assert not torch.isfinite(scores.scores[layer + 1:]).any()
+    assert all(l <= layer for l in effect_map(base_map, scores, budget=4).layers)
+
+
+def test_selection_is_deterministic_for_a_seed(tiny_model, base_map, monkeypatch, tmp_path):
+    monkeypatch.setenv("DPN_LENS_CACHE", str(tmp_path / "cache"))
+    maps = [effect_map(base_map, effect_scores(tiny_model, base_map, "attribution", n_pairs=4, seed=5), budget=6)
+            for _ in range(2)]
+    # The second call read the cached pairs; a cache-free recomputation gives the same neurons too.
+    fresh = effect_scores(tiny_model, base_map, "attribution", n_pairs=4, seed=5)
+    assert [m.neurons() for m in maps] == [maps[0].neurons()] * 2
+    assert effect_map(base_map, fresh, budget=6).neurons() == maps[0].neurons()
+
+
+def test_select_top_breaks_ties_by_position_and_skips_non_candidates():
+    scores = torch.tensor([[1.0, 1.0, -math.inf], [1.0, 0.5, 2.0]])
+    assert {k: v.tolist() for k, v in select_top(scores, [4, 9], 3).items()} == {4: [0, 1], 9: [2]}
+    assert sum(v.numel() for v in select_top(scores, [4, 9], 100).values()) == 5
+
+
+def test_effect_map_splits_poles_by_the_sign_of_s_and_keeps_the_budget(tiny_model, base_map):
+    scores = effect_scores(tiny_model, base_map, "write-layer", contrastive_pairs=6)
+    chosen = effect_map(base_map, scores, budget=7)
+    assert chosen.n_selected() == 7
+    for row in chosen.neurons():
+        assert (row["s"] > 0) == (row["pole"] == "high")
+    assert default_budget(base_map) == min(base_map.n_selected(), math.floor(0.005 * 4 * 48)) or default_budget(base_map) == 1
+    assert reselect(chosen, k=3).n_selected() == 3
+
+
+def test_dpn_le_attribution_stays_inside_the_dual_criterion(tiny_model, base_map):
+    scores = effect_scores(tiny_model, base_map, "dpn-le-attribution", pairs=PAIRS)
+    core = effect_map(base_map, scores)
+    dual = {(r["layer"], r["neuron"]) for r in base_map.neurons()}
+    assert {(r["layer"], r["neuron"]) for r in core.neurons()} <= dual
+    assert all(float(scores.scores[r["layer"], r["neuron"]]) > 0 for r in core.neurons())
+
+
+def test_a_map_records_its_rule_and_refuses_to_be_taken_for_another_rules(tiny_model, base_map, tmp_path):
+    chosen = effect_map(base_map, effect_scores(tiny_model, base_map, "attribution", pairs=PAIRS), budget=5)
+    path = chosen.save(tmp_path / "openness.safetensors")
+    loaded = NeuronMap.load(path, model=tiny_model, rule="attribution")
+    assert loaded.rule == "attribution" and torch.equal(loaded.effect_score, chosen.effect_score)
+    assert loaded.neurons() == chosen.neurons() and "rule='attribution'" in repr(loaded)
+    with pytest.raises(WrongRuleError, match="holds a 'attribution' map, not a 'dpn-le' map"):
+        NeuronMap.load(path, rule="dpn-le")
+    dual_path = base_map.save(tmp_path / "dual.safetensors")
+    with pytest.raises(WrongRuleError, match="'dpn-le' map, not a 'write' map"):
+        NeuronMap.load(dual_path, rule="write")
+    with pytest.raises(ValueError, match="re-select it with k="):
+        reselect(chosen, q=0.99)
+    with pytest.raises(ValueError, match="k re-selects an effect rule's map"):
+        reselect(base_map, k=3)
+    with pytest.raises(ValueError, match="needs the model"):
+        locate(collect_statistics(tiny_model, embedded_contrastive_set("openness", 8)), select="attribution")
+
+
+def test_locate_with_an_effect_rule_returns_that_rules_map(tiny_model, monkeypatch, tmp_path):
+    monkeypatch.setenv("DPN_LENS_CACHE", str(tmp_path / "cache"))
+    stats = collect_statistics(tiny_model, embedded_contrastive_set("openness", 20))
+    chosen = locate(stats, layers=[1, 2, 3], tau_d=0.0, select="attribution", model=tiny_model, budget=4, n_pairs=3)
+    assert chosen.rule == "attribution" and chosen.n_selected() == 4
+    assert chosen.selection["budget"] == 4 and chosen.selection["pairs_seed"] == 0
+    with pytest.raises(ValueError, match="unknown selection rule 'atribution'"):
+        locate(stats, select="atribution", model=tiny_model)
