@@ -106,6 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--overwrite", action="store_true", help="replace a run with other settings in --out")
     demo.add_argument("--figures", default=None, help="folder for the summary figures (None: OUT/figures)")
     demo.add_argument("--max-new-tokens", type=int, default=40)
+    demo.add_argument("--rule", default="attribution-t",
+                      help="effect rule shown beside the paper's neurons (dpn_lens.effect.rules; 'none': the paper's "
+                           "neurons only)")
+    demo.add_argument("--selection-pairs", type=int, default=48,
+                      help="selection pairs per trait for --rule (the model's own answers to embedded questions)")
     demo.set_defaults(handler=run_demo_command)
 
     study_cli.register(commands)
@@ -211,7 +216,8 @@ def run_demo_command(args: argparse.Namespace) -> int:
     run_demo(model_name=args.model, out=args.out, figures=args.figures, n_pairs=args.n_pairs, gamma=args.gamma,
              max_new_tokens=args.max_new_tokens, traits=parse_traits(args.traits), dtype=args.dtype,
              device=args.device, overwrite=args.overwrite, target_kl=args.target_kl, eval_pairs=args.eval_pairs,
-             data_dir=args.data_dir)
+             data_dir=args.data_dir, rule=None if args.rule.lower() == "none" else args.rule,
+             selection_pairs=args.selection_pairs)
     return 0
 
 

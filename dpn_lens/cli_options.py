@@ -173,6 +173,13 @@ def validate_args(args: argparse.Namespace) -> None:
     for name in ("n_pairs", "batch_size", "batch_tokens", "max_new_tokens", "n_questions", "budget"):
         _positive(args, name)
     _positive(args, "selection_pairs", 2)   # the attribution rules average a gradient over pairs
+    rule = getattr(args, "rule", None)
+    if isinstance(rule, str) and rule.lower() != "none":
+        from dpn_lens.effect.rules import rule_named
+
+        if rule_named(rule).score is None:
+            raise ValueError(f"--rule {rule}: the demo always shows the paper's neurons (dpn-le); name an effect rule "
+                             "such as attribution-t, or none")
     if isinstance(getattr(args, "select", None), str):
         from dpn_lens.pipeline import parse_rules
 

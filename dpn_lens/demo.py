@@ -1,12 +1,14 @@
 """The main job: all five traits end to end on the embedded model, in minutes on a laptop CPU.
 
 ``dpn-lens demo`` locates each trait's neurons from the embedded contrastive data, saves the maps and
-prints the neurons per trait, pole and layer. Per trait it then calibrates gamma (the strength at
-which the edit reaches a KL of 0.05 nats/token from the unsteered model, ``calibrate_gamma``), measures
-whether the edit moves the model's preference between a high- and a low-trait answer to held-out
-questions (shift with a 95% interval, beside the persona prompt's own effect; needs the PersonalityBench
-folder of the shared data), shows one unsteered, increased and decreased answer, and writes a summary
-and plotly figures.
+prints the neurons per trait, pole and layer. Beside the paper's neurons (the dual criterion) it selects
+the neurons of the rule that steers (``DEMO_RULE``, ``attribution-t``: the neurons whose edit moves the
+model's preference consistently across selection pairs; ``dpn_lens.effect.rules``). Per trait and map it
+then calibrates gamma (the strength at which the edit reaches a KL of 0.05 nats/token from the
+unsteered model, ``calibrate_gamma``), measures whether the edit moves the model's preference between a
+high- and a low-trait answer to held-out questions (shift with a 95% interval, beside the persona
+prompt's own effect; needs the PersonalityBench folder of the shared data), shows one unsteered answer
+and one answer per map and direction, and writes a summary and plotly figures.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any, Iterator, Mapping, Sequence
 from dpn_lens.evaluation.judge import generate_answers
 from dpn_lens.io import write_json_atomic, write_text_atomic
 from dpn_lens.run import SUMMARY_FILE, SUMMARY_MD_FILE
-from dpn_lens.steering import Edit, steering_intervention
+from dpn_lens.steering import Edit, Intervention, steering_intervention
 from dpn_lens.traits import TRAITS
 
 __all__ = ["run_demo", "generate_answer", "compare_generations", "DEMO_QUESTIONS"]
@@ -44,6 +46,15 @@ DEMO_TARGET_KL = 0.05
 """Calibration target of the demo (nats/token on the probe text; ``evaluation.calibrate``)."""
 DEMO_EVAL_PAIRS = 32
 """Preference pairs drawn per trait for the demo's shift (``dpn-lens control`` uses 64)."""
+DEMO_RULE = "attribution-t"
+"""The effect rule the demo shows beside the paper's neurons (the one that steers in docs/RESULTS.md)."""
+DEMO_SELECTION_PAIRS = 48
+"""Selection pairs per trait for the demo's rule (``dpn-lens control`` uses 128; fewer keep the demo short)."""
+DEMO_SELECTION_TOKENS = 16
+"""Answer tokens per selection pair in the demo (``dpn-lens control`` uses 48): the persona shows in the first
+tokens of an answer, and generating them is most of the selection's time."""
+DEMO_SELECTION_BATCH = 64
+"""Selection prompts generated at a time in the demo (faster than control's 16 on a CPU)."""
 
 
 def generate_answer(model: Any, question: str, max_new_tokens: int = 40) -> str:
@@ -62,14 +73,32 @@ def compare_generations(model: Any, questions: Sequence[str], edits: Mapping[str
                         max_new_tokens: int = 40) -> list[str]:
     """For each question: the unsteered answer, then one answer per named intervention.
 
-    Each condition answers all the questions in one batched call (the answers of ``generate_answer``).
+    One question under additive neuron edits: every condition is a row of one batched generation
+    (``RowEdits``: row ``r`` carries edit ``r``, the first row none), a fraction of the time of one
+    generation per condition. Otherwise each condition answers all the questions in one batched call
+    (the answers of ``generate_answer``).
     """
     for question in questions:
         if not str(question).strip():
             raise ValueError("a question is empty or whitespace; pass the text of a question")
-    answers = {"unsteered": generate_answers(model, questions, max_new_tokens=max_new_tokens, repetition_penalty=1.0)}
-    for name, edit in edits.items():
-        answers[name] = generate_answers(model, questions, edit, max_new_tokens=max_new_tokens, repetition_penalty=1.0)
+    if len(questions) == 1 and edits and all(isinstance(edit, Intervention) for edit in edits.values()):
+        from dpn_lens.evaluation.logprobs import render
+        from dpn_lens.generation import greedy_generate
+        from dpn_lens.hooked import encode
+        from dpn_lens.steering import RowEdits, steer
+
+        prompt = encode(model, render(model, questions[0]))
+        rows = RowEdits([None, *edits.values()], label="demo conditions")
+        with steer(model, rows):
+            tokens = greedy_generate(model, [prompt] * len(rows.edits), max_new_tokens, batch_size=len(rows.edits))
+        texts = [model.tokenizer.decode(row, skip_special_tokens=True).strip() for row in tokens]
+        answers = {name: [text] for name, text in zip(["unsteered", *edits], texts)}
+    else:
+        answers = {"unsteered": generate_answers(model, questions, max_new_tokens=max_new_tokens,
+                                                 repetition_penalty=1.0)}
+        for name, edit in edits.items():
+            answers[name] = generate_answers(model, questions, edit, max_new_tokens=max_new_tokens,
+                                             repetition_penalty=1.0)
     return ["\n".join([f"Q: {question}"] + [f"  {name:>9}: {texts[index]}" for name, texts in answers.items()])
             for index, question in enumerate(questions)]
 
@@ -120,13 +149,13 @@ class StageClock:
         return ", ".join(f"{name} {seconds:.0f} s" for name, seconds in self.seconds.items())
 
 
-def preference_check(model: Any, trait: str, edits: Mapping[str, Edit], data_dir: Path, n_pairs: int,
+def preference_check(model: Any, trait: str, edits: Mapping[str, tuple[str, Edit]], data_dir: Path, n_pairs: int,
                      clock: "StageClock | None" = None) -> dict[str, Any]:
     """The demo's evidence for one trait: the preference shift of each edit and the persona prompt's effect.
 
-    Pairs are the model's own answers under held-out PersonalityBench personas (cached per model, as in
-    ``dpn-lens control``); the shift is signed by the direction (positive = moved as asked), with a 95%
-    bootstrap interval over pairs.
+    ``edits`` maps a name to ``(direction, edit)``. Pairs are the model's own answers under held-out
+    PersonalityBench personas (cached per model, as in ``dpn-lens control``); the shift is signed by the
+    direction (positive = moved as asked), with a 95% bootstrap interval over pairs.
     """
     from dpn_lens.evaluation.control import ControlConfig, held_out_pairs, persona_control
     from dpn_lens.evaluation.preference import PairScorer
@@ -142,15 +171,15 @@ def preference_check(model: Any, trait: str, edits: Mapping[str, Edit], data_dir
     return result
 
 
-def _shifts(scorer: Any, held: Any, base: Any, persona: Any, edits: Mapping[str, Edit]) -> dict[str, Any]:
+def _shifts(scorer: Any, held: Any, base: Any, persona: Any, edits: Mapping[str, tuple[str, Edit]]) -> dict[str, Any]:
     from dpn_lens.evaluation.intervals import paired_effect
     from dpn_lens.steering import direction_sign
 
     result: dict[str, Any] = {"n_pairs": len(held.pairs), "persona": _effect(persona)}
-    for direction, edit in edits.items():
+    for name, (direction, edit) in edits.items():
         sign = direction_sign(direction)
         steered = scorer.margins(edit=edit)
-        result[direction] = _effect(paired_effect(sign * steered, sign * base))
+        result[name] = _effect(paired_effect(sign * steered, sign * base))
     return result
 
 
@@ -166,14 +195,53 @@ def _effect_line(name: str, effect: Mapping[str, float]) -> str:
             f"p={effect['p']:.2g}  {verdict}")
 
 
+def _calibrated_edits(model: Any, neuron_map: Any, gamma: float | None, target_kl: float, probe: Any,
+                      clock: StageClock) -> tuple[dict[str, float], dict[str, Edit], dict[str, str]]:
+    """Per direction: the gamma (calibrated to ``target_kl`` unless fixed), the edit and what the calibration said."""
+    from dpn_lens.evaluation.calibrate import calibrate_gamma
+
+    gammas, described = {}, {}
+    for direction in ("increase", "decrease"):
+        if gamma is None:
+            with clock.stage("calibration"):
+                # The two directions cost about the same KL: the first's gamma is where the second's search starts.
+                calibration = calibrate_gamma(model, neuron_map, target_kl=target_kl, probe=probe, direction=direction,
+                                              start=next(iter(gammas.values()), None))
+            gammas[direction] = calibration.gamma
+            described[direction] = calibration.describe()
+        else:
+            gammas[direction] = gamma
+    edits = {direction: steering_intervention(neuron_map, gamma=value, direction=direction)
+             for direction, value in gammas.items()}
+    return gammas, edits, described
+
+
+def _evidence_lines(record: dict[str, Any], rule: str | None) -> list[str]:
+    """The summary's lines of one trait: each map's shifts per direction, then the persona prompt's."""
+    check = record["preference"]
+    lines = [f"- **{record['trait']}** ({check['n_pairs']} pairs):"]
+    for name, key in ((f"DPN-LE increase, gamma {record['gamma']['increase']:.3g}", "increase"),
+                      (f"DPN-LE decrease, gamma {record['gamma']['decrease']:.3g}", "decrease")):
+        lines.append("  " + _effect_line(name, check[key]).strip())
+    for rule_name, entry in (record.get("rules") or {}).items():
+        for direction in ("increase", "decrease"):
+            lines.append("  " + _effect_line(f"{rule_name} {direction}, gamma {entry['gamma'][direction]:.3g}",
+                                             check[f"{rule_name}-{direction}"]).strip())
+    lines.append("  " + _effect_line("persona prompt", check["persona"]).strip())
+    return lines
+
+
 def run_demo(model_name: str = "smollm2-135m-instruct", out: str | Path = "runs/demo",
              figures: str | Path | None = None, n_pairs: int | None = None, gamma: float | None = None,
              max_new_tokens: int = 40, traits: Sequence[str] = TRAITS, dtype: str = DEMO_DTYPE,
              device: str | None = None, overwrite: bool = False, target_kl: float = DEMO_TARGET_KL,
-             eval_pairs: int = DEMO_EVAL_PAIRS, data_dir: str | Path | None = None) -> dict[str, Any]:
+             eval_pairs: int = DEMO_EVAL_PAIRS, data_dir: str | Path | None = None, rule: str | None = DEMO_RULE,
+             selection_pairs: int = DEMO_SELECTION_PAIRS) -> dict[str, Any]:
     """Run the demo; returns the summary that is also written to ``out/summary.json``.
 
-    ``gamma=None`` (default) calibrates gamma per trait and direction to ``target_kl``; a number fixes it.
+    ``gamma=None`` (default) calibrates gamma per trait, map and direction to ``target_kl``; a number fixes it.
+    ``rule`` names the effect rule shown beside the paper's neurons (None: the paper's neurons only); its
+    maps are selected from ``selection_pairs`` of the model's own answers to embedded training questions.
     The preference check runs when the PersonalityBench data is found (``data_dir``, ``$DPN_LENS_DATA``
     or a ``shared/data`` folder near the working directory) and ``eval_pairs`` > 0.
 
@@ -181,7 +249,7 @@ def run_demo(model_name: str = "smollm2-135m-instruct", out: str | Path = "runs/
     ``figures/`` changes only through ``dpn-lens study all --run runs/demo --out figures``. ``out`` is a run
     folder (``dpn_lens.run``): one with a run of other settings is refused unless ``overwrite``.
     """
-    from dpn_lens.evaluation.calibrate import KLProbe, calibrate_gamma, probe_chunks
+    from dpn_lens.evaluation.calibrate import KLProbe, probe_chunks
     from dpn_lens.models import load_model
     from dpn_lens.pipeline import LocateConfig, locate_traits, neuron_table
     from dpn_lens.studies.outputs import layers_study
@@ -192,7 +260,8 @@ def run_demo(model_name: str = "smollm2-135m-instruct", out: str | Path = "runs/
     figures = out / "figures" if figures is None else Path(figures)
     data = _find_data(data_dir) if eval_pairs > 0 else None
     strength = f"gamma calibrated to KL {target_kl:g}" if gamma is None else f"gamma {gamma:g}"
-    print(f"dpn-lens demo: {model_name} ({dtype}), {len(traits)} traits x {n_pairs} embedded pairs, {strength}")
+    shown = f"; the paper's neurons beside the {rule} rule's" if rule else ""
+    print(f"dpn-lens demo: {model_name} ({dtype}), {len(traits)} traits x {n_pairs} embedded pairs, {strength}{shown}")
     if data is None and eval_pairs > 0:
         print("note: no PersonalityBench data found (--data-dir or $DPN_LENS_DATA), so the preference check is skipped")
     with clock.stage("load"):
@@ -200,9 +269,11 @@ def run_demo(model_name: str = "smollm2-135m-instruct", out: str | Path = "runs/
     n_neurons = model.cfg.n_layers * model.cfg.d_mlp
     print(f"loaded in {time.perf_counter() - started:.0f} s: {model.cfg.n_layers} layers x d_mlp {model.cfg.d_mlp} "
           f"= {n_neurons} MLP neurons\n")
+    config = LocateConfig(list(traits), source="embedded", n_pairs=n_pairs, select=["dpn-le"] + ([rule] if rule else []),
+                          selection_pairs=selection_pairs, selection_tokens=DEMO_SELECTION_TOKENS,
+                          selection_batch=DEMO_SELECTION_BATCH)
     with clock.stage("locate"):
-        run = locate_traits(model, LocateConfig(list(traits), source="embedded", n_pairs=n_pairs), out=out,
-                            overwrite=overwrite)
+        run = locate_traits(model, config, out=out, overwrite=overwrite)
     located = time.perf_counter()
     table = neuron_table(run.maps)
     print("\nSelected neurons per layer (trait high/low), with the share of neurons edited:\n" + table + "\n")
@@ -212,37 +283,41 @@ def run_demo(model_name: str = "smollm2-135m-instruct", out: str | Path = "runs/
     generations: dict[str, list[str]] = {}
     evidence: dict[str, dict[str, Any]] = {}
     for trait, neuron_map in run.maps.items():
-        print(f"== {trait} ({neuron_map.n_selected()} neurons) ==")
+        rule_map = run.rule_maps.get(rule, {}).get(trait) if rule else None
+        print(f"== {trait} (DPN-LE {neuron_map.n_selected()} neurons"
+              + (f", {rule} {rule_map.n_selected()} neurons" if rule_map is not None else "") + ") ==")
         if neuron_map.n_selected() == 0:
             # steer() refuses an edit that changes nothing; say so instead of showing identical answers.
             generations[trait] = [f"Q: {DEMO_QUESTIONS[trait]}\n  no neurons selected (see the warning of locate): "
                                   "nothing to steer; run the demo with more --n-pairs"]
             print(generations[trait][0] + "\n")
             continue
-        gammas: dict[str, float] = {}
-        record: dict[str, Any] = {}
-        for direction in ("increase", "decrease"):
-            if gamma is None:
-                with clock.stage("calibration"):
-                    calibration = calibrate_gamma(model, neuron_map, target_kl=target_kl, probe=probe,
-                                                  direction=direction)
-                gammas[direction] = calibration.gamma
-                record[f"{direction}_calibration"] = calibration.describe()
-                print(f"  {direction}: {calibration.describe()}")
-            else:
-                gammas[direction] = gamma
-        edits = {direction: steering_intervention(neuron_map, gamma=value, direction=direction)
-                 for direction, value in gammas.items()}
+        record: dict[str, Any] = {"trait": trait}
+        gammas, edits, described = _calibrated_edits(model, neuron_map, gamma, target_kl, probe, clock)
         record["gamma"] = gammas
+        record.update({f"{direction}_calibration": text for direction, text in described.items()})
+        for direction, text in described.items():
+            print(f"  DPN-LE {direction}: {text}")
+        named = {direction: (direction, edit) for direction, edit in edits.items()}
+        if rule_map is not None:
+            rule_gammas, rule_edits, rule_described = _calibrated_edits(model, rule_map, gamma, target_kl, probe, clock)
+            record["rules"] = {rule: {"gamma": rule_gammas, "neurons": rule_map.n_selected(),
+                                      **{f"{d}_calibration": text for d, text in rule_described.items()}}}
+            for direction, text in rule_described.items():
+                print(f"  {rule} {direction}: {text}")
+            named.update({f"{rule}-{direction}": (direction, edit) for direction, edit in rule_edits.items()})
         if data is not None:
-            check = preference_check(model, trait, edits, data, eval_pairs, clock)
+            check = preference_check(model, trait, named, data, eval_pairs, clock)
             record["preference"] = check
             print(f"  preference shift, nats/token, 95% CI over {check['n_pairs']} held-out pairs:")
-            for direction in ("increase", "decrease"):
-                print(_effect_line(f"{direction} (gamma {gammas[direction]:.3g})", check[direction]))
+            for name, (direction, _) in named.items():
+                label = f"DPN-LE {name}" if name in ("increase", "decrease") else name
+                used = gammas[direction] if name in ("increase", "decrease") else record["rules"][rule]["gamma"][direction]
+                print(_effect_line(f"{label} (gamma {used:.3g})", check[name]))
             print(_effect_line("persona prompt (high-low)/2", check["persona"]))
         with clock.stage("example answers"):
-            generations[trait] = compare_generations(model, [DEMO_QUESTIONS[trait]], edits, max_new_tokens)
+            generations[trait] = compare_generations(model, [DEMO_QUESTIONS[trait]],
+                                                     {name: edit for name, (_, edit) in named.items()}, max_new_tokens)
         evidence[trait] = record
         print("\n".join(generations[trait]) + "\n")
 
@@ -253,27 +328,27 @@ def run_demo(model_name: str = "smollm2-135m-instruct", out: str | Path = "runs/
         layers_study(run, figures, png=png, log=None)
     written = sorted(figures.glob("layers_*.html")) + (sorted(figures.glob("layers_*.png")) if png else [])
     summary.update({"gamma": gamma if gamma is not None else "calibrated", "target_kl": target_kl, "n_pairs": n_pairs,
-                    "dtype": dtype, "seconds_locate": round(located - started, 1),
+                    "dtype": dtype, "rule": rule, "seconds_locate": round(located - started, 1),
                     "seconds_total": round(time.perf_counter() - started, 1),
                     "seconds_by_stage": {name: round(seconds, 1) for name, seconds in clock.seconds.items()},
                     "figures": [str(path) for path in written], "generations": generations, "evidence": evidence})
     write_json_atomic(out / SUMMARY_FILE, summary)
     lines = [f"# dpn-lens demo: {model_name}", "",
              f"{len(traits)} traits x {n_pairs} embedded contrastive pairs; {strength}; "
-             f"{summary['seconds_total']:.0f} s in all.", "", "## Neurons per layer", "", table, "",
+             f"{summary['seconds_total']:.0f} s in all.", "", "## Neurons per layer (DPN-LE)", "", table, "",
              "## Settings", ""]
     lines += [f"- {t}: layers {s['layers']}, q {s['q']}, tau_d {s['tau_d']} ({s['settings_source']}: "
               f"{s['settings_reason']})" for t, s in summary["traits"].items()]
+    if rule:
+        lines += [f"- {rule} (beside DPN-LE): " + ", ".join(
+            f"{t} {m.n_selected()} neurons" for t, m in run.rule_maps.get(rule, {}).items())
+            + f"; selected from {selection_pairs} selection pairs per trait (docs/METHOD.md, 'Selection by effect')"]
     lines += ["", "## Does the edit steer? (preference shift, nats/token, 95% CI; positive = moved as asked)", ""]
     if not any("preference" in record for record in evidence.values()):
         lines += ["Not measured: no PersonalityBench data was found (pass --data-dir).", ""]
-    for trait, record in evidence.items():
+    for record in evidence.values():
         if "preference" in record:
-            check = record["preference"]
-            lines += [f"- **{trait}** ({check['n_pairs']} pairs):"] + [
-                "  " + _effect_line(name, check[key]).strip() for name, key in
-                ((f"increase, gamma {record['gamma']['increase']:.3g}", "increase"),
-                 (f"decrease, gamma {record['gamma']['decrease']:.3g}", "decrease"), ("persona prompt", "persona"))]
+            lines += _evidence_lines(record, rule)
     lines += ["", "## Unsteered vs steered answers (greedy)", ""]
     for trait, blocks in generations.items():
         lines += [f"### {trait}", "", "```", *blocks, "```", ""]

@@ -440,13 +440,19 @@ def _evidence(summary: dict[str, Any]) -> str:
         if not check:
             continue
         gammas = record.get("gamma") or {}
-        rows.append([html.escape(trait), str(check.get("n_pairs", ""))]
+        rows.append([html.escape(trait), "DPN-LE", str(check.get("n_pairs", ""))]
                     + [f"{_effect_cell(check[d])} (gamma {_number(gammas.get(d, ''))})" for d in ("increase", "decrease")]
                     + [_effect_cell(check["persona"])])
+        for rule, entry in (record.get("rules") or {}).items():
+            if all(f"{rule}-{d}" in check for d in ("increase", "decrease")):
+                rows.append([html.escape(trait), html.escape(rule), str(check.get("n_pairs", ""))]
+                            + [f"{_effect_cell(check[f'{rule}-{d}'])} (gamma {_number(entry['gamma'].get(d, ''))})"
+                               for d in ("increase", "decrease")] + [""])
     if not rows:
         return ""
     return ("<h3>Does the edit steer? Preference shift, nats/token</h3>"
-            + _table_html(rows, ["trait", "pairs", "increase", "decrease", "persona prompt (high-low)/2"], inline=False)
+            + _table_html(rows, ["trait", "neurons", "pairs", "increase", "decrease", "persona prompt (high-low)/2"],
+                          inline=False)
             + "<p class='note'>Mean per-token log-probability margin of the high-trait over the low-trait answer to "
               "held-out questions, steered minus unsteered, signed so that positive = moved as asked; [95% "
               "bootstrap interval over pairs]. The persona prompt is the positive control.</p>")

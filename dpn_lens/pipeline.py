@@ -23,7 +23,7 @@ from dpn_lens.data import (
     embedded_contrastive_set,
     personalitybench_contrastive_set,
 )
-from dpn_lens.effect.rules import SELECTION_PAIRS, select_by_effect
+from dpn_lens.effect.rules import SELECTION_PAIRS, SELECTION_TOKENS, select_by_effect
 from dpn_lens.localize import LocalizationSettings, locate
 from dpn_lens.neuron_map import NeuronMap
 from dpn_lens.io import write_text_atomic
@@ -136,8 +136,9 @@ class LocateConfig:
         collection: how activations are read and batched (``CollectionConfig``).
         select: selection rules to run (``dpn_lens.effect.rules``): the DPN-LE map is always made (the
             effect rules start from its ``s``); each effect rule named here adds ``maps/<rule>/<trait>``.
-        budget, selection_pairs, selection_seed: the effect rules' neuron count (None: DPN-LE's, at most
-            0.5% of the MLP neurons), selection pairs drawn per trait and the seed of their draw.
+        budget, selection_pairs, selection_seed, selection_tokens, selection_batch: the effect rules' neuron
+            count (None: DPN-LE's, at most 0.5% of the MLP neurons), selection pairs drawn per trait, the
+            seed of their draw, their answers' length in tokens and how many are generated at a time.
 
     Example:
         >>> LocateConfig(traits=["openness"], n_pairs=8).to_dict()["n_pairs"]
@@ -158,6 +159,8 @@ class LocateConfig:
     budget: int | None = None
     selection_pairs: int = SELECTION_PAIRS
     selection_seed: int = 0
+    selection_tokens: int = SELECTION_TOKENS
+    selection_batch: int = 16
 
     def __post_init__(self) -> None:
         self.traits = parse_traits(self.traits)
@@ -345,13 +348,15 @@ def _locate_each(model: Any, config: LocateConfig, run: Run, log: Callable[[str]
         run.maps[trait] = locate(stats, settings=config.settings, model_name=run.model_name, q=config.q,
                                  tau_d=config.tau_d, layers=config.layers, model_revision=revision)
         memo: dict[Any, Any] = {}
-        for rule in config.select[1:]:
+        # An effect rule's default budget is the DPN-LE count: a map that selects nothing gives it nothing.
+        rules = config.select[1:] if run.maps[trait].n_selected() or config.budget is not None else []
+        for rule in rules:
             run.rule_maps.setdefault(rule, {})[trait] = select_by_effect(
                 model, run.maps[trait], rule, config.budget, n_pairs=config.selection_pairs, seed=config.selection_seed,
-                memo=memo)
+                selection_tokens=config.selection_tokens, selection_batch=config.selection_batch, memo=memo)
         run.seconds[trait] = time.perf_counter() - started
         log(f"{trait:>17}: {run.maps[trait]!r} [{run.seconds[trait]:.0f} s]{note}")
-        for rule in config.select[1:]:
+        for rule in rules:
             log(f"{'':>17}  {run.rule_maps[rule][trait]!r}")
         if folder is not None and manifest is not None:
             run.save_trait(trait)

@@ -26,7 +26,8 @@ from torch import Tensor
 from dpn_lens.hooked import HOOK_NAME, HookedModel, hook_name, require_hooked_model
 from dpn_lens.neuron_map import NeuronMap
 
-__all__ = ["Edit", "Intervention", "steering_intervention", "additive_intervention", "combine_interventions", "steer",
+__all__ = ["Edit", "Intervention", "RowEdits", "steering_intervention", "additive_intervention", "combine_interventions",
+           "steer",
            "apply_intervention", "InterventionHandle", "dpn_weights", "direction_sign", "check_positions",
            "check_gamma", "warn_gamma", "GAMMA_WARN"]
 
@@ -206,6 +207,84 @@ class Intervention:
         return f"Intervention({self.label or 'custom'}, neurons={self.n_edited}, layers={span}, positions={self.positions!r})"
 
 
+@dataclass
+class RowEdits:
+    """One additive neuron edit per batch row: row ``r`` of every forward pass gets ``edits[r]`` (None: unedited).
+
+    For running several conditions side by side in one batched pass, e.g. the unsteered answer and the
+    answers under four edits to the same question in one batched generation (the demo). Every forward
+    pass the model makes while it is applied must have exactly ``len(edits)`` rows (a pass with another
+    batch size raises). Like any edit it is applied with ``steer``, which checks each contained edit.
+
+    Example:
+        >>> delta = torch.zeros(4); delta[1] = 2.0
+        >>> rows = RowEdits([None, Intervention({0: delta}), -Intervention({0: delta})])
+        >>> rows.n_edited, len(rows.edits)
+        (1, 3)
+    """
+
+    edits: list[Intervention | None]
+    label: str = "one edit per row"
+
+    def __post_init__(self) -> None:
+        real = [edit for edit in self.edits if edit is not None]
+        if not real:
+            raise ValueError("RowEdits needs at least one Intervention (None rows are unedited)")
+        if any(not isinstance(edit, Intervention) for edit in real):
+            raise TypeError("RowEdits holds additive neuron edits (Intervention) or None, one per row")
+        positions = {edit.positions for edit in real}
+        templates = {edit.hook_template for edit in real}
+        if len(positions) > 1 or len(templates) > 1:
+            raise ValueError(f"the rows' edits must act at the same positions and hook, got {positions} and {templates}")
+        self.positions = positions.pop()
+        self.hook_template = templates.pop()
+        fingerprints = [edit.fingerprint for edit in real if edit.fingerprint]
+        # steer() checks the fingerprint; rows from maps of different models cannot share one.
+        self.fingerprint = fingerprints[0] if fingerprints and all(f == fingerprints[0] for f in fingerprints) else None
+        if fingerprints and self.fingerprint is None:
+            raise ValueError("the rows' edits come from maps of different models")
+        counts = [edit.map_neurons for edit in real]
+        self.map_neurons = 0 if 0 in counts else None
+
+    @property
+    def n_edited(self) -> int:
+        return len({(layer, int(i)) for edit in self.edits if edit is not None
+                    for layer, indices in edit.edited_neurons().items() for i in indices})
+
+    def fwd_hooks(self) -> list[tuple[str, Any]]:
+        layers = sorted({layer for edit in self.edits if edit is not None for layer in edit.deltas})
+        width = next(edit for edit in self.edits if edit is not None)
+        d_mlp = int(next(iter(width.deltas.values())).numel())
+        stacked = {layer: torch.stack([edit.deltas[layer] if edit is not None and layer in edit.deltas
+                                       else torch.zeros(d_mlp) for edit in self.edits]) for layer in layers}
+
+        def make_hook(layer: int):
+            def hook(activation: Tensor, hook: Any) -> Tensor:
+                if self.positions == "decode" and activation.shape[1] != 1:
+                    return activation
+                if activation.shape[0] != len(self.edits):
+                    raise ValueError(f"RowEdits holds {len(self.edits)} rows but the forward pass has "
+                                     f"{activation.shape[0]}; run exactly one row per edit")
+                return activation + stacked[layer].to(activation.device, activation.dtype)[:, None, :]
+            return hook
+
+        return [(hook_name(layer, self.hook_template), make_hook(layer)) for layer in layers]
+
+    def _each(self, change: Any) -> "RowEdits":
+        return RowEdits([None if edit is None else change(edit) for edit in self.edits], self.label)
+
+    def at_positions(self, positions: Positions) -> "RowEdits":
+        return self._each(lambda edit: edit.at_positions(positions))
+
+    def __neg__(self) -> "RowEdits":
+        return self._each(lambda edit: -edit)
+
+    def __mul__(self, gamma: float) -> "RowEdits":
+        return self._each(lambda edit: gamma * edit)
+
+    __rmul__ = __mul__
+
+
 def dpn_weights(abs_d: Float[Tensor, "n"]) -> Float[Tensor, "n"]:
     """DPN-LE_w weights ``0.75 + 0.25 * rank(|d|) / (n - 1)``, ranks ascending from 0.
 
@@ -268,7 +347,9 @@ def steering_intervention(neuron_map: NeuronMap, gamma: float = 1.0,
         sizes = [indices.numel() for indices in selected.values()]
         weights = dict(zip(selected, torch.split(flat, sizes)))
     variant = ("_w" if weighted else "") + ("_sd" if scale == "spread" else "")
-    label = f"DPN-LE{variant} {neuron_map.trait} {direction} gamma={gamma:g} ({mode})"
+    # The same edit whatever chose the neurons; the label says which rule did (dpn_lens.effect.rules).
+    name = "DPN-LE" if neuron_map.rule == "dpn-le" else f"{neuron_map.rule} neurons:"
+    label = f"{name}{variant} {neuron_map.trait} {direction} gamma={gamma:g} ({mode})"
     edit = additive_intervention(neuron_map.steering_value, neuron_map.stat_layers, selected, gamma, direction,
                                  weights=weights, positions=positions, hook_template=neuron_map.hook_name,
                                  label=label, source=neuron_map.trait)
@@ -528,7 +609,8 @@ def steer(model: HookedModel, *edits: Edit | None, check: NeuronMap | bool | Non
         raise RuntimeError("this intervention is already applied to the model; applying it again would double "
                            "its delta. Remove the first application, or build a new intervention with a larger gamma")
     additive = [edit for edit in chosen if isinstance(edit, Intervention)]
-    for intervention in additive:
+    rows = [row for edit in chosen if isinstance(edit, RowEdits) for row in edit.edits if row is not None]
+    for intervention in additive + rows:
         _check_fits(model, intervention)
     _warn_overlaps(additive, active)
     hooks, seen = _watch_decode(chosen)

@@ -48,9 +48,27 @@ def test_calibrate_gamma_finds_the_known_gamma_on_a_constructed_curve(tiny_model
     calibration = calibrate_gamma(tiny_model, edit_at=lambda gamma: gamma, probe=probe, target_kl=0.05)
     assert isinstance(calibration, Calibration) and calibration.reached and calibration.target == "kl"
     assert calibration.gamma == pytest.approx(math.sqrt(0.05 / 0.004), rel=1e-9)
-    # The sweep stops at the first point past the target: 0.25 .. 4 (KL 0.064 > 0.05), not the whole grid.
-    assert probe.calls == [0.25, 0.5, 1.0, 2.0, 4.0]
+    # One probe at gamma 1 predicts the target (KL ~ gamma^2); the grid points around it bracket it: 2 and 4.
+    assert probe.calls == [1.0, 2.0, 4.0]
     assert [p.gamma for p in calibration.points] == probe.calls and "reaches KL 0.05" in calibration.describe()
+
+
+@pytest.mark.parametrize("c,power,target", [(0.004, 2.0, 0.05), (1e-4, 1.5, 0.05), (2e-5, 2.5, 0.01), (0.3, 3.0, 0.1),
+                                            (1e-5, 2.0, 0.05), (0.02, 1.0, 0.5)])
+def test_the_bracket_search_reads_the_gamma_a_full_grid_sweep_reads(tiny_model, c, power, target):
+    from dpn_lens.evaluation.calibrate import GAMMA_GRID
+
+    probe = PowerLawProbe(c, power)
+    fast = calibrate_gamma(tiny_model, edit_at=lambda gamma: gamma, probe=probe, target_kl=target)
+    grid = list(GAMMA_GRID)
+    kls = [c * g ** power for g in grid]
+    assert fast.gamma == pytest.approx(gamma_at(grid, kls, target), rel=1e-12)
+    assert len(probe.calls) <= 4 < len(grid)
+    # A guess (the other direction's gamma) changes where the search starts, not what it finds.
+    guessed = PowerLawProbe(c, power)
+    assert calibrate_gamma(tiny_model, edit_at=lambda gamma: gamma, probe=guessed, target_kl=target,
+                           start=fast.gamma).gamma == pytest.approx(fast.gamma, rel=1e-12)
+    assert len(guessed.calls) <= 3
 
 
 def test_calibrate_gamma_goes_below_the_grid_and_reports_an_unreached_target(tiny_model):
@@ -207,11 +225,14 @@ def test_demo_preference_check_reports_each_direction_and_the_persona(tiny_model
     monkeypatch.setenv("DPN_LENS_CACHE", str(tmp_path / "cache"))
     data = write_personalitybench(tmp_path / "data")
     neuron_map = tiny_map(tiny_model)
-    edits = {d: steering_intervention(neuron_map, 2.0, d) for d in ("increase", "decrease")}
+    edits = {d: (d, steering_intervention(neuron_map, 2.0, d)) for d in ("increase", "decrease")}
+    # Another map's edits beside DPN-LE's, named by the caller and signed by their direction.
+    edits["other-decrease"] = ("decrease", steering_intervention(neuron_map, 2.0, "decrease"))
     clock = StageClock()
     check = preference_check(tiny_model, "extraversion", edits, data, n_pairs=8, clock=clock)
     assert set(clock.seconds) == {"preference pairs", "preference margins"}
-    assert set(check) == {"n_pairs", "persona", "increase", "decrease"} and check["n_pairs"] >= 4
+    assert set(check) == {"n_pairs", "persona", "increase", "decrease", "other-decrease"} and check["n_pairs"] >= 4
+    assert check["other-decrease"] == check["decrease"]
     for key in ("persona", "increase", "decrease"):
         effect = check[key]
         assert effect["ci_low"] <= effect["shift"] <= effect["ci_high"] and 0 <= effect["p"] <= 1

@@ -157,3 +157,31 @@ def test_locate_with_an_effect_rule_returns_that_rules_map(tiny_model, monkeypat
     assert chosen.selection["budget"] == 4 and chosen.selection["pairs_seed"] == 0
     with pytest.raises(ValueError, match="unknown selection rule 'atribution'"):
         locate(stats, select="atribution", model=tiny_model)
+
+
+@pytest.mark.slow
+def test_attribution_predicts_the_margin_change_of_a_small_edit_on_smollm2(smollm2, tmp_path, monkeypatch):
+    """On the real model (float32), the summed first-order effects of the selected neurons predict the
+    measured change of the selection pairs' margins for a small edit of those neurons."""
+    from dpn_lens import NeuronMap
+    from dpn_lens.effect.pairs import selection_pairs
+    from dpn_lens.effect.rules import EffectScores
+    from dpn_lens.steering import steering_intervention
+
+    monkeypatch.setenv("DPN_LENS_CACHE", str(tmp_path / "cache"))
+    pairs = selection_pairs(smollm2, "neuroticism", n_pairs=12, max_new_tokens=16, cache=False)
+    stats = collect_statistics(smollm2, embedded_contrastive_set("neuroticism", 24))
+    base = locate(stats, q=0.99, tau_d=0.0)
+    gradients = margin_gradients(smollm2, pairs, layers=base.stat_layers)
+    attribution = base.steering_value.double() * gradients.mean
+    chosen = effect_map(base, EffectScores("attribution", attribution.float(), {}), budget=40)
+    assert isinstance(chosen, NeuronMap) and chosen.n_selected() == 40
+    predicted_per_unit = sum(float(attribution[chosen.stat_layers.index(row["layer"]), row["neuron"]])
+                             for row in chosen.neurons())
+    before = preference_margins(smollm2, pairs)
+    gamma = 0.05
+    after = preference_margins(smollm2, pairs, edit=steering_intervention(chosen, gamma, "increase").at_positions("all"))
+    measured = float(np.mean(after - before))
+    # First order in gamma: the measured change is the predicted one up to the curvature over this small step.
+    assert predicted_per_unit > 0
+    assert measured == pytest.approx(gamma * predicted_per_unit, rel=0.25)

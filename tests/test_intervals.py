@@ -102,3 +102,26 @@ def test_random_neuron_control_keeps_counts_and_values():
     assert all(torch.equal(edit.deltas[layer], original[layer]) for layer in original)  # the original is kept
     with pytest.raises(TypeError, match="Intervention"):
         random_neuron_control("not an edit")
+
+
+def test_an_interval_over_draws_and_pairs_widens_when_draws_disagree():
+    """One random draw can flip sign between seeds: the two-level bootstrap must carry that spread."""
+    import numpy as np
+
+    from dpn_lens.evaluation.intervals import draws_effect, paired_effect
+
+    rng = np.random.default_rng(0)
+    pairs = rng.normal(0.0, 1.0, size=60)
+    one = draws_effect(pairs[None, :])
+    alone = paired_effect(pairs, np.zeros_like(pairs))
+    assert one.shift == alone.shift and one.n == 60
+    assert abs((one.ci_high - one.ci_low) - (alone.ci_high - alone.ci_low)) < 0.1 * (alone.ci_high - alone.ci_low)
+    # Five draws that agree per pair vs five that differ by a per-draw offset: same mean, wider interval.
+    agree = np.tile(pairs, (5, 1))
+    offsets = np.array([-1.0, -0.5, 0.0, 0.5, 1.0])[:, None]
+    disagree = agree + offsets
+    narrow, wide = draws_effect(agree), draws_effect(disagree)
+    assert narrow.shift == pytest.approx(wide.shift, abs=1e-12)
+    assert (wide.ci_high - wide.ci_low) > 1.5 * (narrow.ci_high - narrow.ci_low)
+    with pytest.raises(ValueError, match="NaN"):
+        draws_effect(np.array([[0.1, float("nan")]]))

@@ -269,13 +269,17 @@ def test_the_demos_preference_check_is_in_the_summary_with_its_intervals(run_wit
     effect = lambda shift, low, high: {"shift": shift, "ci_low": low, "ci_high": high, "p": 0.01}  # noqa: E731
     summary["evidence"] = {"openness": {"gamma": {"increase": 5.5, "decrease": 6.0}, "preference": {
         "n_pairs": 30, "increase": effect(0.02, 0.005, 0.04), "decrease": effect(-0.03, -0.05, -0.01),
-        "persona": effect(0.12, 0.08, 0.17)}}}
+        "attribution-t-increase": effect(0.05, 0.03, 0.07), "attribution-t-decrease": effect(0.01, -0.01, 0.03),
+        "persona": effect(0.12, 0.08, 0.17)},
+        "rules": {"attribution-t": {"gamma": {"increase": 25.0, "decrease": 30.0}}}}}
     write_json_atomic(run_dir / "summary.json", summary)
     text = "".join(build_report(run_dir).summary)
-    row = re.search(r"<tr><td>openness</td>(.*?)</tr>", text[text.index("Does the edit steer"):]).group(1)
-    assert re.findall(r"<td>([^<]*)</td>", row) == [
-        "30", "+0.020 [+0.005, +0.040] moved as asked (gamma 5.5)",
-        "-0.030 [-0.050, -0.010] moved the wrong way (gamma 6)", "+0.120 [+0.080, +0.170] moved as asked"]
+    rows = re.findall(r"<tr><td>openness</td>(.*?)</tr>", text[text.index("Does the edit steer"):])
+    assert [re.findall(r"<td>([^<]*)</td>", row) for row in rows] == [
+        ["DPN-LE", "30", "+0.020 [+0.005, +0.040] moved as asked (gamma 5.5)",
+         "-0.030 [-0.050, -0.010] moved the wrong way (gamma 6)", "+0.120 [+0.080, +0.170] moved as asked"],
+        ["attribution-t", "30", "+0.050 [+0.030, +0.070] moved as asked (gamma 25)",
+         "+0.010 [-0.010, +0.030] CI includes 0 (gamma 30)", ""]]
 
 
 def test_a_comparison_folder_alone_names_its_model_and_traits(tmp_path):

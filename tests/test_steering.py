@@ -368,3 +368,29 @@ def test_additive_intervention_is_the_dpn_le_edit_on_the_given_neurons(tiny_map)
     assert all(torch.equal(built.deltas[layer], reference.deltas[layer]) for layer in reference.deltas)
     with pytest.raises(ValueError, match="have no steering values"):
         additive_intervention(tiny_map.steering_value, tiny_map.stat_layers, {99: torch.tensor([0])})
+
+
+def test_row_edits_give_each_row_the_answer_its_edit_gives_alone(tiny_model):
+    """One batched generation with an edit per row equals one generation per edit (the demo's answers)."""
+    from dpn_lens.generation import greedy_generate
+    from dpn_lens.hooked import encode
+    from dpn_lens.steering import RowEdits
+
+    prompt = encode(tiny_model, "you are outgoing . what would you do on the weekend ?")
+    generator = torch.Generator().manual_seed(0)
+    edits = []
+    for _ in range(3):
+        delta = torch.zeros(tiny_model.cfg.d_mlp)
+        delta[torch.randperm(tiny_model.cfg.d_mlp, generator=generator)[:6]] = 30 * torch.randn(6, generator=generator)
+        edits.append(Intervention({1: delta.clone(), 2: delta.clone()}))
+    alone = []
+    for edit in [None, *edits]:
+        with steer(tiny_model, edit):
+            alone.append(greedy_generate(tiny_model, [prompt], 8)[0])
+    assert len({tuple(answer) for answer in alone}) > 1, "the edits should change the answer"
+    with steer(tiny_model, RowEdits([None, *edits])):
+        together = greedy_generate(tiny_model, [prompt] * 4, 8, batch_size=4)
+    assert together == alone
+    with pytest.raises(ValueError, match="holds 4 rows but the forward pass has 2"):
+        with steer(tiny_model, RowEdits([None, *edits])):
+            greedy_generate(tiny_model, [prompt] * 2, 2, batch_size=2)

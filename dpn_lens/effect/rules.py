@@ -57,10 +57,12 @@ from dpn_lens.settings import LocalizationSettings
 
 __all__ = ["SelectionRule", "SELECTION_RULES", "attribution_statistic", "RULES_BY_NAME", "RULE_NAMES", "EFFECT_RULES", "EffectScores",
            "effect_scores", "effect_map", "select_by_effect", "reselect_top", "select_top", "default_budget",
-           "MAX_FRACTION", "CONTRASTIVE_PAIRS", "SELECTION_PAIRS"]
+           "MAX_FRACTION", "CONTRASTIVE_PAIRS", "SELECTION_PAIRS", "SELECTION_TOKENS"]
 
 MAX_FRACTION = 0.005
 """The largest share of all MLP neurons a default budget takes (the paper's 0.5%)."""
+SELECTION_TOKENS = 48
+"""Greedy answer tokens per persona of a selection pair (as for the held-out evaluation pairs)."""
 SELECTION_PAIRS = 128
 """Selection pairs drawn per trait by default (``effect.pairs``; identical or empty answer pairs are dropped).
 With 64 the attribution rules' top sets changed a lot between draws on SmolLM2 (docs/RESULTS.md)."""
@@ -184,17 +186,18 @@ def attribution_statistic(per_pair: Float[Tensor, "n_pairs n_rows d_mlp"], stati
     return torch.where(error > 0, mean / error.clamp(min=1e-300), torch.zeros_like(mean))
 
 
-def _attribution(model: Any, base: NeuronMap, pairs: Sequence[Any] | None, n_pairs: int, seed: int,
-                 log: Callable[[str], None] | None) -> tuple[Tensor, dict[str, Any]]:
+def _attribution(model: Any, base: NeuronMap, pairs: Sequence[Any] | None, n_pairs: int, seed: int, tokens: int,
+                 batch: int, log: Callable[[str], None] | None) -> tuple[Tensor, dict[str, Any]]:
     """Per selection pair, ``s * d(margin)/d(neuron)``: ``[n_pairs, len(stat_layers), d_mlp]``."""
     from dpn_lens.effect.gradients import margin_gradients
     from dpn_lens.effect.pairs import selection_pairs
 
     if pairs is None:
-        pairs = selection_pairs(model, base.trait, n_pairs=n_pairs, seed=seed, log=log)
+        pairs = selection_pairs(model, base.trait, n_pairs=n_pairs, seed=seed, max_new_tokens=tokens, log=log,
+                                batch_size=batch)
     gradients = margin_gradients(model, pairs, layers=base.stat_layers)
     per_pair = base.steering_value.float()[None] * gradients.per_pair
-    return per_pair, {"selection_pairs": len(pairs), "pairs_seed": seed,
+    return per_pair, {"selection_pairs": len(pairs), "pairs_seed": seed, "answer_tokens": tokens,
                       "pairs_source": "embedded questions and personas (the model's own greedy answers)"}
 
 
@@ -226,7 +229,8 @@ def _write(model: Any, base: NeuronMap, rule: SelectionRule, contrastive_pairs: 
 
 def effect_scores(model: Any, base: NeuronMap, rule: str, *, pairs: Sequence[Any] | None = None,
                   n_pairs: int | None = None, seed: int = 0, contrastive_pairs: int = CONTRASTIVE_PAIRS,
-                  memo: dict[Any, Any] | None = None, log: Callable[[str], None] | None = None) -> EffectScores:
+                  selection_tokens: int = SELECTION_TOKENS, selection_batch: int = 16, memo: dict[Any, Any] | None = None,
+                  log: Callable[[str], None] | None = None) -> EffectScores:
     """Score every neuron of ``base``'s collected layers by an effect rule (module note).
 
     Args:
@@ -234,7 +238,8 @@ def effect_scores(model: Any, base: NeuronMap, rule: str, *, pairs: Sequence[Any
         base: the trait's DPN-LE map: its ``s`` is the edit, its selection the dual filter and budget.
         rule: an effect rule (``EFFECT_RULES``).
         pairs: selection pairs for attribution rules (None: ``effect.pairs.selection_pairs`` of ``n_pairs``
-            drawn with ``seed``, cached).
+            drawn with ``seed``, answered in at most ``selection_tokens`` tokens, ``selection_batch`` prompts
+            at a time; cached).
         contrastive_pairs: embedded pairs for the write rules' residual direction.
         memo: a dict kept across calls for one map: rules that compute the same raw scores (``attribution``
             and ``dpn-le-attribution``, with drawn pairs) compute them once.
@@ -251,11 +256,11 @@ def effect_scores(model: Any, base: NeuronMap, rule: str, *, pairs: Sequence[Any
                          f"budget); got a {base.rule!r} map")
     base.check_compatible(model)
     n_pairs = SELECTION_PAIRS if n_pairs is None else n_pairs
-    key = (chosen.score, chosen.direction, n_pairs, seed, contrastive_pairs, id(base))
+    key = (chosen.score, chosen.direction, n_pairs, seed, selection_tokens, selection_batch, contrastive_pairs, id(base))
     if memo is not None and pairs is None and key in memo:
         raw, details = memo[key]
     elif chosen.score == "attribution":
-        raw, details = _attribution(model, base, pairs, n_pairs, seed, log)
+        raw, details = _attribution(model, base, pairs, n_pairs, seed, selection_tokens, selection_batch, log)
     else:
         raw, details = _write(model, base, chosen, contrastive_pairs, log)
     if memo is not None and pairs is None:

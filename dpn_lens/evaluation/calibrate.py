@@ -176,11 +176,64 @@ class Calibration:
         return f"gamma {self.gamma:.3g} ({what} not reached on gammas {self.points[0].gamma:g}-{self.points[-1].gamma:g})"
 
 
+def _kl_bracket(measure: Callable[[float], CurvePoint], grid: Sequence[float], target: float, max_kl: float,
+                start: float = 1.0) -> list[CurvePoint]:
+    """The grid points around the target KL, found in a few probes instead of a sweep from the smallest gamma.
+
+    The first probe (at the grid point nearest ``start``, default 1) predicts where the target lies, taking KL to grow like
+    gamma^2; later predictions use the log-log slope of the two latest probes. Each prediction jumps to
+    the grid point at or below it, and the search ends when two neighbouring grid points bracket the
+    target (or the grid ends, or KL passes ``max_kl``). On a KL curve that rises with gamma this finds the
+    same bracket, and so the same interpolated gamma, as sweeping the grid from its smallest point.
+    Below the grid it halves, at most 6 times.
+    """
+    measured: dict[float, CurvePoint] = {}
+    order: list[CurvePoint] = []
+
+    def at(gamma: float) -> CurvePoint:
+        if gamma not in measured:
+            measured[gamma] = measure(gamma)
+            order.append(measured[gamma])
+        return measured[gamma]
+
+    def predicted_index(fallback: int) -> int:
+        last = order[-1]
+        slope = 2.0
+        if len(order) > 1 and order[-2].kl > 0 and last.kl > 0 and order[-2].gamma != last.gamma:
+            slope = math.log(last.kl / order[-2].kl) / math.log(last.gamma / order[-2].gamma)
+        if last.kl <= 0 or slope <= 0.1:
+            return fallback
+        gamma = last.gamma * (target / last.kl) ** (1 / slope)
+        return max([i for i in range(len(grid)) if grid[i] <= gamma] or [0])
+
+    grid = list(grid)
+    index = min(range(len(grid)), key=lambda i: abs(math.log(grid[i] / start)))
+    for _ in range(2 * len(grid)):
+        low = at(grid[index])
+        if low.kl >= target:
+            if index == 0:
+                break
+            index = min(index - 1, predicted_index(index - 1))
+            continue
+        if low.kl > max_kl or index + 1 == len(grid):
+            break
+        high = at(grid[index + 1])
+        if high.kl >= target or high.kl > max_kl:
+            break
+        index = max(index + 1, predicted_index(index + 1))
+    points = sorted(measured.values(), key=lambda p: p.gamma)
+    # Already past the target at the grid's smallest gamma: halve until below it (at most 6 times).
+    while points[0].kl > target and points[0].gamma == grid[0] * 2 ** -(len(points) - len(measured)) \
+            and len(points) - len(measured) < 6:
+        points.insert(0, measure(points[0].gamma / 2))
+    return points
+
+
 def calibrate_gamma(model: HookedModel, neuron_map: Any = None, target_kl: float | None = None,
                     target_shift: float | None = None, *, edit_at: Callable[[float], Edit] | None = None,
                     probe: KLProbe | None = None, pairs: Sequence[Any] | None = None,
                     direction: str = "increase", gammas: Sequence[float] = GAMMA_GRID,
-                    max_kl: float = MAX_KL) -> Calibration:
+                    max_kl: float = MAX_KL, start: float | None = None) -> Calibration:
     """The gamma at which the edit reaches ``target_kl`` (default 0.05) or ``target_shift``.
 
     Args:
@@ -191,8 +244,11 @@ def calibrate_gamma(model: HookedModel, neuron_map: Any = None, target_kl: float
         target_shift: preference-margin shift (nats/token, signed by ``direction``) to reach instead;
             needs ``pairs`` (``PreferencePair`` list).
         probe: a ``KLProbe`` to reuse (default: ``KLProbe(model, probe_chunks(model))``).
-        gammas: the grid, evaluated from the smallest up; the sweep stops after the first point whose
-            KL exceeds ``max_kl`` (capability is gone by then) or that passes the target.
+        gammas: the grid. For a KL target a few grid points around it are measured (``_kl_bracket``); for
+            a shift target the grid is evaluated from the smallest up. Either stops after the first point
+            whose KL exceeds ``max_kl`` (capability is gone by then) or that passes the target.
+        start: for a KL target, a guess of the gamma (e.g. the other direction's): the first probe is the
+            grid point nearest it (None: the one nearest 1). It saves probes, not changes the result.
 
     Returns:
         a ``Calibration``; ``gamma`` is interpolated on the curve (log-log for KL, log gamma for shift).
@@ -242,14 +298,17 @@ def calibrate_gamma(model: HookedModel, neuron_map: Any = None, target_kl: float
     def value(point: CurvePoint) -> float:
         return point.kl if target_name == "kl" else float(point.shift)
 
-    points = [measure(grid[0])]
-    # Already past the target at the grid's smallest gamma: halve until below it (at most 6 times).
-    while value(points[0]) > target_value and len(points) <= 6:
-        points.insert(0, measure(points[0].gamma / 2))
-    for gamma in grid[1:]:
-        if value(points[-1]) >= target_value or points[-1].kl > max_kl:
-            break
-        points.append(measure(gamma))
+    if target_name == "kl":
+        points = _kl_bracket(measure, grid, target_value, max_kl, 1.0 if start is None else float(start))
+    else:
+        points = [measure(grid[0])]
+        # Already past the target at the grid's smallest gamma: halve until below it (at most 6 times).
+        while value(points[0]) > target_value and len(points) <= 6:
+            points.insert(0, measure(points[0].gamma / 2))
+        for gamma in grid[1:]:
+            if value(points[-1]) >= target_value or points[-1].kl > max_kl:
+                break
+            points.append(measure(gamma))
     gamma = gamma_at([p.gamma for p in points], [value(p) for p in points], target_value,
                      log_values=target_name == "kl")
     reached = not math.isnan(gamma)

@@ -648,7 +648,9 @@ def _generation_check(run: _TraitRun, held: HeldOutPairs, level_gammas: dict[tup
                        "changed": float(np.mean([a != b for a, b in zip(answers, unsteered)]))}
                 if level == config.generation_levels[0]:
                     examples[f"{name} {direction}"] = answer_of(answers)
-                if name in rules and config.random_control and config.generation_draws:
+                # Random draws where the verdict is read (the target KL), or at the only level checked.
+                at_verdict = level == config.target_kl or len(config.generation_levels) == 1
+                if name in rules and config.generation_draws and at_verdict:
                     draws = []
                     for draw in range(config.generation_draws):
                         control = random_neuron_control(edit, seed=_random_seed(config, draw))  # type: ignore[arg-type]

@@ -37,7 +37,7 @@ def trait_map(model: Any, trait: str, *, maps_dir: str | Path | None = None, loc
         path = find_map(maps_dir, trait)
         if path is not None:
             log(f"{trait}: neuron map from {path}")
-            return NeuronMap.load(path, model=model)
+            return NeuronMap.load(path, model=model, rule="dpn-le")
         if if_missing == "raise":
             raise FileNotFoundError(f"no {trait} map in {maps_dir}; run `dpn-lens locate` for it or drop --maps")
         log(f"{trait}: no map in {maps_dir}; locating on the fly")
