@@ -147,8 +147,11 @@ def test_every_method_is_one_registry_entry_and_builds_an_edit_or_a_persona():
     from helpers import make_map
 
     assert METHOD_NAMES == tuple(m.name for m in COMPARISON_METHODS)
-    # compare runs every method but the variants that only --methods asks for
-    assert tuple(CompareConfig().methods) == DEFAULT_METHOD_NAMES == tuple(n for n in METHOD_NAMES if n != "dpn-le-sd")
+    from dpn_lens.effect.rules import EFFECT_RULES
+
+    # compare runs every method but the variants and selection rules that only --methods asks for
+    assert tuple(CompareConfig().methods) == DEFAULT_METHOD_NAMES == tuple(
+        n for n in METHOD_NAMES if n != "dpn-le-sd" and n not in EFFECT_RULES)
     context = TraitContext("openness", make_map("openness", {2: [0, 1]}, {3: [5]}, [2, 3]))
     config = CompareConfig(gamma=0.7)
     for name in ("dpn-le", "dpn-le-sd", "dense", "topk", "prompting"):
@@ -157,3 +160,13 @@ def test_every_method_is_one_registry_entry_and_builds_an_edit_or_a_persona():
     edit, _ = METHODS_BY_NAME["dpn-le"].condition(None, context, "increase", config)
     assert edit.n_edited == 3 and METHODS_BY_NAME["dpn-le"].default_gamma(config) == 0.7
     assert [m.name for m in COMPARISON_METHODS if not m.sweepable] == ["prompting"]
+    # An effect rule's method is the DPN-LE edit on the neurons of that rule's map (TraitContext.maps).
+    import dataclasses
+
+    rule_map = dataclasses.replace(context.neuron_map, high={2: context.neuron_map.high[2][:1], 3: context.neuron_map.high[3]},
+                                   rule="attribution-t", effect_score=context.neuron_map.steering_value.clone())
+    with pytest.raises(KeyError, match="no attribution-t map"):
+        METHODS_BY_NAME["attribution-t"].condition(None, context, "increase", config)
+    context.maps["attribution-t"] = rule_map
+    edit, persona = METHODS_BY_NAME["attribution-t"].condition(None, context, "decrease", config)
+    assert persona is None and edit.n_edited == rule_map.n_selected() == 2 and "attribution-t" in edit.label

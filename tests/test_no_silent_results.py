@@ -214,7 +214,7 @@ def test_steer_checks_the_model_fingerprint_by_default(tiny_model, other_tiny_mo
 
 
 def test_extreme_gamma_warns_with_the_usual_range(tiny_map):
-    with pytest.warns(UserWarning, match=r"gamma=1e\+06 is far outside the usual range \|gamma\| <= 64"):
+    with pytest.warns(UserWarning, match=r"gamma=1e\+06 is far outside the usual range \|gamma\| <= 256"):
         steering_intervention(tiny_map, gamma=1e6)
     with warnings.catch_warnings():
         warnings.simplefilter("error")

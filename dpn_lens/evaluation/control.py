@@ -113,6 +113,9 @@ class ControlConfig:
     npti_prompts: int = 16
     npti_new_tokens: int = 24
     caa_pairs: int = 50
+    pair_batch: int = 16
+    """Held-out pairs generated at a time (in bfloat16 the batch can change a greedy answer, so a batch
+    other than 16, the one every committed run used, is part of the pairs' cache key)."""
     selection_pairs: int = SELECTION_PAIRS
     budget: int | None = None
     k_sweep: list[int] = field(default_factory=list)
@@ -198,8 +201,9 @@ def _personalitybench(data_dir: str | None, trait: str) -> tuple[list[str], list
 
 
 def _pairs_cache_file(model: Any, trait: str, config: ControlConfig, material: tuple) -> Path:
+    batch = {} if config.pair_batch == 16 else {"batch_size": config.pair_batch}
     return pairs_cache_file(model, "preference_pairs", trait, pairs=config.pairs, seed=config.seed,
-                            max_new_tokens=config.max_new_tokens, material=material, format=1)
+                            max_new_tokens=config.max_new_tokens, material=material, format=1, **batch)
 
 
 def held_out_pairs(model: Any, trait: str, config: ControlConfig, log: Callable[[str], None] = print) -> HeldOutPairs:
@@ -223,7 +227,7 @@ def held_out_pairs(model: Any, trait: str, config: ControlConfig, log: Callable[
     started = time.time()
     generated: GeneratedPairs = generate_persona_pairs(model, trait, questions, highs[:half], lows[:half], config.pairs,
                                                        seed=config.seed, max_new_tokens=config.max_new_tokens,
-                                                       batch_size=16)
+                                                       batch_size=config.pair_batch)
     rng = np.random.default_rng(config.seed + 1)
     high_personas = [highs[half + int(i)] for i in rng.integers(0, len(highs) - half, len(generated))]
     low_personas = [lows[half + int(i)] for i in rng.integers(0, len(lows) - half, len(generated))]
