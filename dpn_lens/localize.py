@@ -198,8 +198,9 @@ def locate(stats: ContrastStatistics, settings: LocalizationSettings | None = No
     statistics' fingerprint; ``dpn_lens.models.model_revision(model)`` gives the hub commit or GGUF digest).
 
     ``select`` names the selection rule (``dpn_lens.effect.rules``): ``"dpn-le"`` (the paper's dual
-    criterion, default) or an effect rule (``"attribution"``, ``"write"``, ``"write-layer"``,
-    ``"dpn-le-attribution"``), which ranks neurons by what their edit does and needs the ``model``;
+    criterion, default) or an effect rule (``"attribution-t"``, the rule docs/RESULTS.md recommends,
+    ``"attribution"``, ``"write"``, ``"write-layer"``, ``"dpn-le-attribution"``), which ranks
+    neurons by what their edit does and needs the ``model``;
     ``budget`` is its neuron count (None: the DPN-LE count, at most 0.5% of all MLP neurons) and
     ``effect_options`` go to ``effect.rules.effect_scores`` (``n_pairs``, ``seed``, ``pairs``).
 

@@ -430,3 +430,41 @@ def test_control_compares_selection_rules_with_their_own_random_neurons(tmp_path
     text = (tmp_path / "out" / "control.md").read_text()
     assert "which steers?" in text and "budget sweep" in text and "Generation-based check" in text
     assert (tmp_path / "out" / "sparsity.html").exists() and (tmp_path / "out" / "sweep.csv") in written
+
+
+def test_runs_on_different_traits_merge_into_the_run_over_all_of_them(tiny_folder, tmp_path, monkeypatch, capsys):
+    from dpn_lens.cli import main
+    from dpn_lens.evaluation.control import merge_control_results
+    from dpn_lens.models import load_model
+
+    monkeypatch.setenv("DPN_LENS_CACHE", str(tmp_path / "cache"))
+    data = write_personalitybench(tmp_path / "data")
+    maps = tmp_path / "maps"
+    maps.mkdir()
+    model = load_model(str(tiny_folder))
+    for trait in ("openness", "extraversion"):
+        tiny_map(model, trait).save(maps / f"{trait}.safetensors")
+    common = ["control", "--model", str(tiny_folder), "--dtype", "float32", "--data-dir", str(data), "--maps",
+              str(maps), "--methods", "dpn-le,caa", "--pairs", "8", "--gammas", "0.125,0.25,0.5,1,2,4",
+              "--kl-levels", "0.005", "--target-kl", "0.005", "--random-draws", "2", "--no-png", "--no-progress"]
+    for name, traits in (("both", "openness,extraversion"), ("o", "openness"), ("e", "extraversion")):
+        assert main([*common, "--traits", traits, "--out", str(tmp_path / name)]) == 0, capsys.readouterr().err
+    merged_folder = tmp_path / "merged"
+    assert main(["control", "--merge", str(tmp_path / "o"), str(tmp_path / "e"), "--no-png",
+                 "--out", str(merged_folder)]) == 0, capsys.readouterr().err
+    whole, merged = (json.loads((tmp_path / name / "control.json").read_text()) for name in ("both", "merged"))
+    for key in ("validation", "calibrated", "curves", "matched_cost", "matched_summary", "goal"):
+        assert merged[key] == whole[key], key
+    assert merged["meta"]["traits_done"] == ["openness", "extraversion"]
+    assert merged["meta"]["config"] == whole["meta"]["config"]
+    assert (merged_folder / "control.md").exists()
+
+    one = json.loads((tmp_path / "o" / "control.json").read_text())
+    with pytest.raises(ValueError, match="openness"):
+        merge_control_results([one, one])
+    other = {**one, "meta": {**one["meta"], "config": {**one["meta"]["config"], "seed": 1},
+                             "traits_done": ["extraversion"]}}
+    with pytest.raises(ValueError, match="differs from result #0 in seed"):
+        merge_control_results([one, other])
+    assert main(["control", "--merge", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]) == 2
+    assert "no control.json" in capsys.readouterr().err

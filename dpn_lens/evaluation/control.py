@@ -50,7 +50,8 @@ from dpn_lens.steering import Edit, direction_sign, steering_intervention
 from dpn_lens.traits import TRAITS, normalize_trait, trait_title
 
 __all__ = ["ControlConfig", "SWEEP_METHODS", "DEFAULT_METHODS", "RANDOM_CONTROL", "ALL_NEURONS", "random_curve",
-           "held_out_pairs", "HeldOutPairs", "persona_control", "run_control", "matched_cost_rows", "goal_rows"]
+           "held_out_pairs", "HeldOutPairs", "persona_control", "run_control", "matched_cost_rows", "goal_rows",
+           "merge_control_results"]
 
 SWEEP_METHODS = ("dpn-le", "dpn-le-w", "directional", "topk", "dense", *EFFECT_RULES, "npti", "caa")
 """Every method the dose-response can sweep, in table order (names of ``evaluation.methods``)."""
@@ -428,8 +429,7 @@ def run_control(model: Any, config: ControlConfig, log: Callable[[str], None] = 
     per_trait = (4 + len(methods) * len(DIRECTIONS) * n_levels + len(randomized) * len(DIRECTIONS) * n_levels
                  + len(rules) * len(config.k_sweep) * len(DIRECTIONS) + (len(DIRECTIONS) if config.generation_questions else 0))
     bar = _Progress(len(config.traits) * per_trait, progress)
-    parts: dict[str, list] = {name: [] for name in ("validation", "costs", "curves", "calibrated", "gamma_zero", "sweep",
-                                                     "generation")}
+    parts: dict[str, list] = {name: [] for name in _PART_NAMES}
     examples: dict[str, Any] = {}
     map_settings: dict[str, dict[str, Any]] = {}
     skipped: dict[str, str] = {}
@@ -673,12 +673,18 @@ def _generation_check(run: _TraitRun, held: HeldOutPairs, level_gammas: dict[tup
 
 def _result(model: Any, config: ControlConfig, started: float, parts: dict[str, list], examples: dict,
             map_settings: dict, skipped: dict[str, str]) -> dict[str, Any]:
+    meta = {"model": getattr(model, "dpn_model_name", "model"), "dtype": str(next(model.parameters()).dtype),
+            "config": dataclasses.asdict(config), "seconds": time.time() - started}
+    return _assemble(config, meta, parts, examples, map_settings, skipped)
+
+
+def _assemble(config: ControlConfig, meta: dict[str, Any], parts: dict[str, list], examples: dict,
+              map_settings: dict, skipped: dict[str, str]) -> dict[str, Any]:
+    """A control result from its per-trait parts: the matched-cost tables and the goal are derived here."""
     matched = matched_cost_rows(parts["curves"], config.kl_levels)
     rules = [name for name in config.methods if name in RULE_NAMES]
     curve_methods = list(config.methods) + ([random_curve(rule) for rule in rules] if config.random_control else [])
-    meta = {"model": getattr(model, "dpn_model_name", "model"), "dtype": str(next(model.parameters()).dtype),
-            "config": dataclasses.asdict(config), "seconds": time.time() - started,
-            "probe_tokens": config.kl_chunks * config.kl_tokens,
+    meta = {**meta, "probe_tokens": config.kl_chunks * config.kl_tokens,
             "traits_done": [row["trait"] for row in parts["validation"]],
             # which neurons each selection rule edited: its settings and neurons per pole
             "maps": dict(map_settings),
@@ -690,6 +696,57 @@ def _result(model: Any, config: ControlConfig, started: float, parts: dict[str, 
             "goal": goal_rows(parts["calibrated"], matched, config.target_kl),
             "sweep": list(parts["sweep"]), "generation": list(parts["generation"]),
             "gamma_zero": list(parts["gamma_zero"]), "examples": dict(examples), "meta": meta}
+
+
+_PART_NAMES = ("validation", "costs", "curves", "calibrated", "gamma_zero", "sweep", "generation")
+
+
+def merge_control_results(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One control result from runs of the same settings on different traits (e.g. traits split over
+    processes or machines): the per-trait rows are joined and the matched-cost tables and the goal are
+    derived again from all of them, as one run over every trait would have.
+
+    Each run's random draws, pairs and maps depend on the trait and ``seed`` only, not on which other
+    traits ran, so the merge equals the single run. Refuses runs whose settings (other than the traits),
+    model or dtype differ, and runs that share a trait.
+
+    Example:
+        >>> merged = merge_control_results([json.load(open("a/control.json")), json.load(open("b/control.json"))])  # doctest: +SKIP
+        >>> merged["meta"]["traits_done"]                                                                       # doctest: +SKIP
+        ['openness', 'conscientiousness', 'extraversion', 'agreeableness', 'neuroticism']
+    """
+    if not results:
+        raise ValueError("merge_control_results needs at least one control result")
+    first = results[0]["meta"]
+    for index, result in enumerate(results[1:], 1):
+        meta = result["meta"]
+        for key in ("model", "dtype"):
+            if meta[key] != first[key]:
+                raise ValueError(f"result #{index} was run with {key} {meta[key]!r}, result #0 with {first[key]!r}: "
+                                 "merge only runs of one model and dtype")
+        differing = sorted(key for key in set(meta["config"]) | set(first["config"])
+                           if key != "traits" and meta["config"].get(key) != first["config"].get(key))
+        if differing:
+            raise ValueError(f"result #{index} differs from result #0 in {', '.join(differing)}: merge only runs "
+                             "whose settings differ in --traits alone")
+    done: list[str] = []
+    for result in results:
+        shared = sorted(set(done) & set(result["meta"]["traits_done"]))
+        if shared:
+            raise ValueError(f"more than one result has the trait(s) {', '.join(shared)}: each trait must come "
+                             "from one run")
+        done += result["meta"]["traits_done"]
+    config = ControlConfig(**{**first["config"], "traits": done})
+    parts = {name: [row for result in results for row in result.get(name, [])] for name in _PART_NAMES}
+    examples = {key: value for result in results for key, value in result.get("examples", {}).items()}
+    map_settings = {key: value for result in results for key, value in result["meta"].get("maps", {}).items()}
+    skipped = {key: value for result in results for key, value in result["meta"].get("skipped", {}).items()}
+    meta = {"model": first["model"], "dtype": first["dtype"], "config": dataclasses.asdict(config),
+            "seconds": sum(result["meta"]["seconds"] for result in results),
+            "merged_from": [result["meta"]["traits_done"] for result in results]}
+    if all("command_seconds" in result["meta"] for result in results):
+        meta["command_seconds"] = sum(result["meta"]["command_seconds"] for result in results)
+    return _assemble(config, meta, parts, examples, map_settings, skipped)
 
 
 def goal_rows(calibrated: Sequence[dict[str, Any]], matched: Sequence[dict[str, Any]], level: float,

@@ -29,6 +29,9 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     add_data_dir_option(parser, "personalitybench/ (the held-out questions and persona descriptions)")
     parser.add_argument("--maps", default=None, help="run folder (or its maps/) with the DPN-LE maps (None: located "
                                                      "on the fly from --locate-pairs embedded pairs)")
+    parser.add_argument("--merge", nargs="+", default=None, metavar="FOLDER",
+                        help="join finished control runs of the same settings on different traits (each folder's "
+                             "control.json, else its control.partial.json) into --out, as one run; loads no model")
     parser.add_argument("--locate-pairs", type=int, default=500, help="embedded pairs per trait when locating on the fly")
     parser.add_argument("--statistics", default="last", choices=["last", "answer"],
                         help="where on-the-fly localization reads the neurons: the last prompt token (the paper) or "
@@ -146,6 +149,8 @@ def run_control_command(args: argparse.Namespace) -> int:
     from dpn_lens.evaluation.control_report import write_control_outputs
     from dpn_lens.models import load_model
 
+    if args.merge:
+        return _merge_command(args.merge, args.out, png=not args.no_png)
     started = time.time()
     config = config_from_args(args)
     resolve_data_dir(config.data_dir, "personalitybench")  # a missing data folder fails before the model loads
@@ -182,4 +187,29 @@ def run_control_command(args: argparse.Namespace) -> int:
     for path in write_control_outputs(result, args.out, png=not args.no_png):
         print(f"wrote {path}")
     partial.unlink(missing_ok=True)
+    return 0
+
+
+def _merge_command(folders: list[str], out: str, png: bool) -> int:
+    """``--merge``: one control result from runs on different traits (``merge_control_results``)."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from dpn_lens.evaluation.control import merge_control_results
+    from dpn_lens.evaluation.control_report import write_control_outputs
+
+    results = []
+    for folder in folders:
+        found = [path for path in (Path(folder) / "control.json", Path(folder) / "control.partial.json") if path.exists()]
+        if not found:
+            raise FileNotFoundError(f"{folder} holds no control.json or control.partial.json: pass the --out folders "
+                                    "of `dpn-lens control` runs")
+        results.append(json.loads(found[0].read_text()))
+    merged = merge_control_results(results)
+    for path in write_control_outputs(merged, out, png=png):
+        print(f"wrote {path}")
+    for folder in folders:   # the maps each run made, so `--maps OUT` reuses all of them
+        if (Path(folder) / "maps").is_dir() and Path(folder).resolve() != Path(out).resolve():
+            shutil.copytree(Path(folder) / "maps", Path(out) / "maps", dirs_exist_ok=True)
     return 0
