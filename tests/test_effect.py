@@ -53,6 +53,16 @@ def test_attribution_equals_the_finite_difference_effect_of_each_neurons_edit(ti
     assert np.allclose(base, preference_margins(tiny_model, PAIRS))   # nothing stayed attached
 
 
+@pytest.mark.parametrize("through_mlps", [True, False])
+def test_the_cached_question_pass_gives_the_plain_paths_gradients(tiny_model, through_mlps):
+    # The questions run once into a key/value cache and only the answers run with gradients; a neuron at
+    # an answer position acts on later (answer) positions only, so nothing is lost. float32 tiny model.
+    cached = margin_gradients(tiny_model, PAIRS, through_mlps=through_mlps, cached=True)
+    plain = margin_gradients(tiny_model, PAIRS, through_mlps=through_mlps, cached=False, batch_tokens=40)
+    assert cached.per_pair.abs().max() > 0
+    torch.testing.assert_close(cached.per_pair, plain.per_pair, rtol=1e-4, atol=1e-6)
+
+
 def test_margin_gradients_leave_no_hooks_even_after_an_error(tiny_model):
     before = attached_hooks(tiny_model)
     with pytest.raises(ValueError, match="no tokens"):

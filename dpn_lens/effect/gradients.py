@@ -30,7 +30,7 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from jaxtyping import Float
@@ -97,7 +97,8 @@ def _items(model: HookedModel, pairs: Sequence[Any]) -> list[tuple[int, list[int
 
 
 def margin_gradients(model: HookedModel, pairs: Sequence[Any], layers: Sequence[int] | None = None,
-                     batch_tokens: int = 2048, through_mlps: bool = True) -> MarginGradients:
+                     batch_tokens: int = 2048, through_mlps: bool = True, cached: bool | None = None
+                     ) -> MarginGradients:
     """The gradient of each pair's preference margin with respect to every neuron (module note).
 
     Args:
@@ -109,6 +110,8 @@ def margin_gradients(model: HookedModel, pairs: Sequence[Any], layers: Sequence[
         through_mlps: the total gradient (True); False leaves out every path that runs through the MLP
             neurons of a later layer (of ``layers``), keeping those through attention, the residual
             stream and the unembedding: a more linear view of a neuron's effect, for large edits.
+        cached: run each question once into a key/value cache and only the answers with gradients (the
+            same gradient at about half the tokens; None: wherever the model supports it).
 
     Returns:
         ``MarginGradients``; ``result.mean[l, i]`` times a delta ``d`` added to neuron ``i`` at every
@@ -121,35 +124,76 @@ def margin_gradients(model: HookedModel, pairs: Sequence[Any], layers: Sequence[
     per_pair = torch.zeros(len(pairs), len(chosen), int(model.cfg.d_mlp), dtype=torch.float32)
     captured: dict[int, Tensor] = {}
     hooks = [(hook_name(layer), _leaf_hook(captured, layer, cut=not through_mlps)) for layer in chosen]
+    from dpn_lens.evaluation.answer_cache import CachedAnswerScorer   # here: evaluation imports effect
+
+    use_cache = CachedAnswerScorer.supported(model) if cached is None else cached
+    with torch.enable_grad(), model.hooks(fwd_hooks=hooks):
+        passes = _cached_passes(model, items, batch_tokens) if use_cache else _plain_passes(model, items, batch_tokens)
+        for chunk, logits, first_position in passes:
+            objective = logits.new_zeros((), dtype=torch.float32)
+            where = torch.zeros(logits.shape[:2], dtype=torch.bool)
+            for row, (_, _, answer, sign) in enumerate(chunk):
+                # Logits at position p predict token p + 1; the answer's first token is predicted where the
+                # context ends (``first_position[row]``), unedited, and is a constant of the mean.
+                start = first_position[row]
+                read = logits[row, start + 1:start + len(answer)]
+                if read.shape[0]:
+                    logprobs = torch.log_softmax(read.float(), dim=-1)
+                    target = torch.tensor(answer[1:], device=logprobs.device)[:, None]
+                    objective = objective + sign * logprobs.gather(1, target).sum() / len(answer)
+                # The edit acts at the answer tokens' positions (decode steps), not at the question's.
+                where[row, start + 1:start + 1 + len(answer)] = True
+            captured_now = [captured[layer] for layer in chosen]
+            if objective.requires_grad:
+                grads = torch.autograd.grad(objective, captured_now, allow_unused=True)
+                for slot, grad in enumerate(grads):
+                    if grad is None:
+                        continue
+                    summed = (grad.float() * where.to(grad.device)[..., None]).sum(1).cpu()
+                    for row, (pair_index, _, _, _) in enumerate(chunk):
+                        per_pair[pair_index, slot] += summed[row]
+            del logits, objective
+            captured.clear()
+    return MarginGradients(per_pair, chosen)
+
+
+_Pass = tuple[list[tuple[int, list[int], list[int], float]], Tensor, list[int]]
+
+
+def _plain_passes(model: HookedModel, items: list[tuple[int, list[int], list[int], float]], batch_tokens: int
+                  ) -> Iterator[_Pass]:
+    """Question and answer in one sequence per item (right-padded), longest first: the logits of every
+    position; the answer's first token is predicted at ``len(question) - 1``."""
     pad, device = pad_token_id(model.tokenizer), input_device(model)
     order = sorted(range(len(items)), key=lambda i: -(len(items[i][1]) + len(items[i][2])))
     start = 0
-    with torch.enable_grad(), model.hooks(fwd_hooks=hooks):
-        while start < len(order):
-            longest = len(items[order[start]][1]) + len(items[order[start]][2])
-            chunk = [items[i] for i in order[start:start + max(1, batch_tokens // longest)]]
-            start += len(chunk)
-            ids, mask = pad_token_lists([context + answer for _, context, answer, _ in chunk], pad, "right")
-            captured.clear()
-            logits = model(ids.to(device), attention_mask=mask.to(device))
-            objective = logits.new_zeros((), dtype=torch.float32)
-            where = torch.zeros(ids.shape, dtype=torch.bool)
-            for row, (_, context, answer, sign) in enumerate(chunk):
-                # Logits at position p predict token p + 1: the answer is read from len(context) - 1 on.
-                read = logits[row, len(context) - 1:len(context) + len(answer) - 1]
-                logprobs = torch.log_softmax(read.float(), dim=-1)
-                target = torch.tensor(answer, device=logprobs.device)[:, None]
-                objective = objective + sign * logprobs.gather(1, target).mean()
-                # The edit acts at the answer tokens' positions (decode steps), not at the question's.
-                where[row, len(context):len(context) + len(answer)] = True
-            grads = torch.autograd.grad(objective, [captured[layer] for layer in chosen])
-            for slot, grad in enumerate(grads):
-                summed = (grad.float() * where.to(grad.device)[..., None]).sum(1).cpu()
-                for row, (pair_index, _, _, _) in enumerate(chunk):
-                    per_pair[pair_index, slot] += summed[row]
-            del logits, grads, objective
-            captured.clear()
-    return MarginGradients(per_pair, chosen)
+    while start < len(order):
+        longest = len(items[order[start]][1]) + len(items[order[start]][2])
+        chunk = [items[i] for i in order[start:start + max(1, batch_tokens // longest)]]
+        start += len(chunk)
+        ids, mask = pad_token_lists([context + answer for _, context, answer, _ in chunk], pad, "right")
+        yield chunk, model(ids.to(device), attention_mask=mask.to(device)), [len(context) - 1 for _, context, _, _ in chunk]
+
+
+def _cached_passes(model: HookedModel, items: list[tuple[int, list[int], list[int], float]], batch_tokens: int
+                   ) -> Iterator[_Pass]:
+    """Each distinct question once, without gradients, into a key/value cache (``CachedAnswerScorer``);
+    then only the answer tokens run with gradients. A neuron at an answer position acts on later
+    positions only, all of them answer positions, so the gradient is the plain path's at about half the
+    tokens. The answer pass's position ``p`` holds answer token ``p``; its logits predict token ``p + 1``
+    (the first answer token came from the question pass: position -1)."""
+    from dpn_lens.evaluation.answer_cache import CachedAnswerScorer
+    from dpn_lens.prefix import expand_cache
+
+    device = input_device(model)
+    scorer = CachedAnswerScorer(model, [context for _, context, _, _ in items], [answer for _, _, answer, _ in items],
+                                batch_tokens=batch_tokens, differentiable=True)
+    for batch in scorer.batches:
+        chunk = [items[index] for index in batch.items]
+        logits = model(batch.answer_ids.to(device), attention_mask=batch.attention_mask.to(device),
+                       position_ids=batch.position_ids.to(device),
+                       past_key_values=expand_cache(batch.cache, len(batch.items)))
+        yield chunk, logits, [-1] * len(chunk)
 
 
 def write_gradients(model: HookedModel, prompts: Sequence[str], directions: Float[Tensor, "n_layers d_model"],

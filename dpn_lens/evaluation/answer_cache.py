@@ -80,6 +80,8 @@ class CachedAnswerScorer:
             same context share one run of it.
         answers: token ids of each item's answer (no BOS).
         batch_tokens: padded tokens (context plus answer) per forward pass.
+        differentiable: keep the context cache usable in an autograd pass over the answers (run the
+            contexts under ``no_grad`` rather than ``inference_mode``), as ``effect.margin_gradients`` does.
 
     The contexts run once, here, without any edit; ``mean_logprobs(edit)`` then runs the answers.
 
@@ -90,7 +92,7 @@ class CachedAnswerScorer:
     """
 
     def __init__(self, model: Any, contexts: Sequence[list[int]], answers: Sequence[list[int]],
-                 batch_tokens: int = 4096):
+                 batch_tokens: int = 4096, differentiable: bool = False):
         reason = prefix_cache_unsupported(model)
         if reason is not None:
             raise ValueError(f"answers cannot be scored from a cached context on this model: {reason}; "
@@ -102,6 +104,7 @@ class CachedAnswerScorer:
         if batch_tokens < 1:
             raise ValueError(f"batch_tokens must be at least 1, got {batch_tokens}")
         self.model = model
+        self.differentiable = differentiable
         self.lengths = np.array([len(answer) for answer in answers])
         self.batches = self._build(list(map(list, contexts)), list(map(list, answers)), batch_tokens)
 
@@ -136,7 +139,8 @@ class CachedAnswerScorer:
         pad = pad_token_id(model.tokenizer)
         ids, mask = pad_token_lists([list(context) for context in distinct], pad, "left")
         cache = new_prefix_cache(model)
-        with torch.inference_mode():
+        # Inference tensors cannot enter an autograd graph; no_grad ones can (as constants).
+        with torch.no_grad() if self.differentiable else torch.inference_mode():
             logits = model(ids.to(device), attention_mask=mask.to(device), position_ids=_positions(mask).to(device),
                            past_key_values=cache, logits_to_keep=1)
         if cache.get_seq_length() != ids.shape[1]:
