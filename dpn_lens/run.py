@@ -132,9 +132,10 @@ def trait_record(folder: str | Path, trait: str, rules: Sequence[str] = ()) -> d
 
 
 def run_folder_of(path: str | Path) -> Path | None:
-    """The run folder a map file or maps folder belongs to (``RUN/maps/x.safetensors`` -> ``RUN``), else None."""
+    """The run folder a map file or maps folder belongs to (``RUN/maps/x.safetensors`` and an effect rule's
+    ``RUN/maps/<rule>/x.safetensors`` -> ``RUN``), else None."""
     path = Path(path)
-    for candidate in (path, path.parent, path.parent.parent):
+    for candidate in (path, path.parent, path.parent.parent, path.parent.parent.parent):
         if (candidate / MANIFEST_FILE).exists() or (candidate / MAPS_DIR).is_dir():
             return candidate
     return None

@@ -39,6 +39,17 @@ def test_locate_select_writes_each_rules_maps_beside_the_dual_criterions(rules_r
     assert set(manifest["traits"]["openness"]["rule_maps_sha256"]) == {"attribution-t", "write-layer"}
 
 
+def test_steer_takes_an_effect_rules_map_and_checks_its_run(rules_run, tiny_folder, capsys):
+    from dpn_lens.run import run_folder_of
+
+    path = rules_run / "maps" / "attribution-t" / "openness.safetensors"
+    assert run_folder_of(path) == rules_run
+    code = main(["steer", "--model", str(tiny_folder), "--dtype", "float32", "--map", str(path), "--gamma", "2",
+                 "--prompt", "what would you do ?", "--max-new-tokens", "4"])
+    assert code == 0, capsys.readouterr().err
+    assert "increase" in capsys.readouterr().out
+
+
 def test_a_run_folder_refuses_a_swapped_or_misplaced_rule_map(rules_run, tmp_path):
     import shutil
 

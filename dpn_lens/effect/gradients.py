@@ -111,7 +111,7 @@ def margin_gradients(model: HookedModel, pairs: Sequence[Any], layers: Sequence[
             neurons of a later layer (of ``layers``), keeping those through attention, the residual
             stream and the unembedding: a more linear view of a neuron's effect, for large edits.
         cached: run each question once into a key/value cache and only the answers with gradients (the
-            same gradient at about half the tokens; None: wherever the model supports it).
+            same gradient at less than half the cost; None: wherever the model supports it).
 
     Returns:
         ``MarginGradients``; ``result.mean[l, i]`` times a delta ``d`` added to neuron ``i`` at every
