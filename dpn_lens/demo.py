@@ -219,17 +219,22 @@ def _calibrated_edits(model: Any, neuron_map: Any, gamma: float | None, target_k
     return gammas, edits, described
 
 
-def _evidence_lines(record: dict[str, Any], rule: str | None) -> list[str]:
+def _shift_rows(record: dict[str, Any]) -> list[tuple[str, float, str]]:
+    """Per edit of one trait's record: its label, its gamma and its key in ``record["preference"]``
+    (DPN-LE's two directions, then each rule's)."""
+    rows = [(f"DPN-LE {direction}", record["gamma"][direction], direction) for direction in ("increase", "decrease")]
+    for rule_name, entry in (record.get("rules") or {}).items():
+        rows += [(f"{rule_name} {direction}", entry["gamma"][direction], f"{rule_name}-{direction}")
+                 for direction in ("increase", "decrease")]
+    return rows
+
+
+def _evidence_lines(record: dict[str, Any]) -> list[str]:
     """The summary's lines of one trait: each map's shifts per direction, then the persona prompt's."""
     check = record["preference"]
     lines = [f"- **{record['trait']}** ({check['n_pairs']} pairs):"]
-    for name, key in ((f"DPN-LE increase, gamma {record['gamma']['increase']:.3g}", "increase"),
-                      (f"DPN-LE decrease, gamma {record['gamma']['decrease']:.3g}", "decrease")):
-        lines.append("  " + _effect_line(name, check[key]).strip())
-    for rule_name, entry in (record.get("rules") or {}).items():
-        for direction in ("increase", "decrease"):
-            lines.append("  " + _effect_line(f"{rule_name} {direction}, gamma {entry['gamma'][direction]:.3g}",
-                                             check[f"{rule_name}-{direction}"]).strip())
+    lines += ["  " + _effect_line(f"{label}, gamma {gamma:.3g}", check[key]).strip()
+              for label, gamma, key in _shift_rows(record)]
     lines.append("  " + _effect_line("persona prompt", check["persona"]).strip())
     return lines
 
@@ -313,10 +318,8 @@ def run_demo(model_name: str = "smollm2-135m-instruct", out: str | Path = "runs/
             check = preference_check(model, trait, named, data, eval_pairs, clock)
             record["preference"] = check
             print(f"  preference shift, nats/token, 95% CI over {check['n_pairs']} held-out pairs:")
-            for name, (direction, _) in named.items():
-                label = f"DPN-LE {name}" if name in ("increase", "decrease") else name
-                used = gammas[direction] if name in ("increase", "decrease") else record["rules"][rule]["gamma"][direction]
-                print(_effect_line(f"{label} (gamma {used:.3g})", check[name]))
+            for label, used, key in _shift_rows(record):
+                print(_effect_line(f"{label} (gamma {used:.3g})", check[key]))
             print(_effect_line("persona prompt (high-low)/2", check["persona"]))
         with clock.stage("example answers"):
             generations[trait] = compare_generations(model, [DEMO_QUESTIONS[trait]],
@@ -351,7 +354,7 @@ def run_demo(model_name: str = "smollm2-135m-instruct", out: str | Path = "runs/
         lines += ["Not measured: no PersonalityBench data was found (pass --data-dir).", ""]
     for record in evidence.values():
         if "preference" in record:
-            lines += _evidence_lines(record, rule)
+            lines += _evidence_lines(record)
     lines += ["", "## Unsteered vs steered answers (greedy)", ""]
     for trait, blocks in generations.items():
         lines += [f"### {trait}", "", "```", *blocks, "```", ""]

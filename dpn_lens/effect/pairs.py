@@ -67,10 +67,8 @@ def selection_pairs(model: Any, trait: str, n_pairs: int = SELECTION_PAIRS, seed
         raise ValueError(f"n_pairs must be an integer of at least 2 (selection averages over pairs), got {n_pairs!r}")
     questions, highs, lows = _embedded_material(trait)
     material = hashlib.sha256(json.dumps([questions, highs, lows]).encode()).hexdigest()[:16]
-    key = {"pairs": n_pairs, "seed": seed, "max_new_tokens": max_new_tokens, "material": material, "format": 1}
-    if batch_size != 16:   # the first cached files were generated 16 at a time, under keys without the batch
-        key["batch_size"] = batch_size
-    path = pairs_cache_file(model, "selection_pairs", trait, **key)
+    path = pairs_cache_file(model, "selection_pairs", trait, batch_size=batch_size, pairs=n_pairs, seed=seed,
+                            max_new_tokens=max_new_tokens, material=material, format=1)
     if cache and path.exists():
         stored = json.loads(path.read_text(encoding="utf-8"))
         if log:

@@ -202,9 +202,8 @@ def _personalitybench(data_dir: str | None, trait: str) -> tuple[list[str], list
 
 
 def _pairs_cache_file(model: Any, trait: str, config: ControlConfig, material: tuple) -> Path:
-    batch = {} if config.pair_batch == 16 else {"batch_size": config.pair_batch}
-    return pairs_cache_file(model, "preference_pairs", trait, pairs=config.pairs, seed=config.seed,
-                            max_new_tokens=config.max_new_tokens, material=material, format=1, **batch)
+    return pairs_cache_file(model, "preference_pairs", trait, batch_size=config.pair_batch, pairs=config.pairs,
+                            seed=config.seed, max_new_tokens=config.max_new_tokens, material=material, format=1)
 
 
 def held_out_pairs(model: Any, trait: str, config: ControlConfig, log: Callable[[str], None] = print) -> HeldOutPairs:

@@ -196,11 +196,13 @@ def generate_persona_pairs(model: Any, trait: str, questions: Sequence[str], hig
     return result
 
 
-def pairs_cache_file(model: Any, folder: str, trait: str, **key: Any) -> Path:
+def pairs_cache_file(model: Any, folder: str, trait: str, batch_size: int = 16, **key: Any) -> Path:
     """Where generated pairs of ``model`` are cached: ``$DPN_LENS_CACHE/<folder>/<trait>-<digest>.json``.
 
     The digest covers the model's name, revision and dtype, the trait and every ``key`` field (sizes,
     seed, a digest of the data), so a cached file is only ever read back for the same model and draw.
+    ``batch_size`` is the number of prompts generated together: in bfloat16 the batch can change a greedy
+    answer, so it is part of the key, except at 16, under which every earlier file was written without it.
 
     Example:
         >>> from dpn_lens.tiny import build_tiny_model
@@ -214,6 +216,8 @@ def pairs_cache_file(model: Any, folder: str, trait: str, **key: Any) -> Path:
 
     material = {"model": getattr(model, "dpn_model_name", "model"), "revision": model_revision(model),
                 "dtype": str(model.cfg.dtype), "trait": trait, **key}
+    if batch_size != 16:
+        material["batch_size"] = batch_size
     digest = hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:16]
     return cache_dir() / folder / f"{trait}-{digest}.json"
 
