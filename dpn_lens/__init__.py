@@ -57,6 +57,7 @@ from dpn_lens.distributed import collect_statistics_distributed, merge_across_pr
 from dpn_lens.pipeline import LocateConfig, locate_traits, neuron_table
 from dpn_lens.run import Run
 from dpn_lens.evaluation.calibrate import Calibration, calibrate_gamma
+from dpn_lens.cards import CardConfig, NeuronCard, build_cards, explore
 
 __all__ = [
     "__version__",
@@ -99,6 +100,10 @@ __all__ = [
     "Intervention",
     "steering_intervention",
     "calibrate_gamma",
+    "CardConfig",
+    "NeuronCard",
+    "build_cards",
+    "explore",
     "Calibration",
     "additive_intervention",
     "direction_sign",

@@ -19,6 +19,7 @@ from dpn_lens._version import __version__
 from dpn_lens.cli_options import (FORMATTER, add_data_dir_option, add_model_options, add_out_option, add_subcommand,
                                   add_traits_option, validate_args)
 import dpn_lens.export_cli as export_cli
+from dpn_lens.cards import cli as cards_cli
 from dpn_lens.evaluation import cli as compare_cli
 from dpn_lens.evaluation import control_cli
 from dpn_lens.studies import cli as study_cli
@@ -50,7 +51,8 @@ def _add_locate_options(parser: argparse.ArgumentParser) -> None:
                         help="the same as --share-prefix off: run every prompt in full (the path to compare against)")
     parser.add_argument("--select", default="dpn-le",
                         help="selection rules, comma list: dpn-le (the paper's dual criterion; always made) and effect "
-                             "rules attribution, write, write-layer, dpn-le-attribution (maps/<rule>/<trait>; "
+                             "rules attribution, attribution-t (the one to use), write, write-layer, dpn-le-attribution "
+                             "(maps/<rule>/<trait>; "
                              "docs/METHOD.md, 'Selection by effect')")
     parser.add_argument("--budget", type=int, default=None,
                         help="neurons an effect rule keeps (None: the DPN-LE map's count, at most 0.5%% of MLP neurons)")
@@ -118,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     control_cli.register(commands)
     html_report.register(commands)
     export_cli.register(commands)
+    cards_cli.register(commands)
     return parser
 
 

@@ -355,10 +355,16 @@ def run_demo(model_name: str = "smollm2-135m-instruct", out: str | Path = "runs/
     for record in evidence.values():
         if "preference" in record:
             lines += _evidence_lines(record)
+    lines += ["", "## Browse the neurons", "",
+              f"`dpn-lens explore {out}{' --data-dir ' + str(data) if data is not None else ''}` writes "
+              "[the neuron explorer](explorer/index.html): a card per neuron "
+              "(what it reads, writes and does), the layer histogram and the overlap between traits.", ""]
     lines += ["", "## Unsteered vs steered answers (greedy)", ""]
     for trait, blocks in generations.items():
         lines += [f"### {trait}", "", "```", *blocks, "```", ""]
     write_text_atomic(out / SUMMARY_MD_FILE, "\n".join(lines))
     print(f"wrote {out}/summary.md, {out}/summary.json, maps and stats; {len(written)} figure files in {figures}/")
     print(f"demo finished in {summary['seconds_total']:.0f} s ({clock.describe()})")
+    data_option = f" --data-dir {data}" if data is not None else ""
+    print(f"browse the neurons: dpn-lens explore {out}{data_option}  (then open {out}/explorer/index.html)")
     return summary

@@ -758,7 +758,24 @@ def write_report(run_dir: str | Path, out_html: str | Path | None = None, figure
     """
     report = build_report(run_dir, figures, csv_rows)
     out = Path(out_html) if out_html is not None else Path(run_dir) / REPORT_FILE
+    add_explorer_link(report, run_dir, out)
     return write_text_atomic(out, report.html(plotlyjs))
+
+
+def add_explorer_link(report: Report, run_dir: str | Path, page: str | Path) -> None:
+    """Start the summary with a link to the run's neuron explorer (``dpn-lens explore``), relative to the
+    page, or with the command that builds it."""
+    import os
+
+    index = Path(run_dir) / "explorer" / "index.html"
+    if index.is_file():
+        href = os.path.relpath(index.resolve(), Path(page).resolve().parent)
+        line = (f'<p><b>Neuron explorer:</b> <a href="{html.escape(href)}">{html.escape(href)}</a> '
+                "(each neuron's card: what it reads, writes and does)</p>")
+    else:
+        line = (f"<p><b>Neuron explorer:</b> not built yet; <code>dpn-lens explore {html.escape(str(run_dir))}</code> "
+                "writes it (each neuron's card: what it reads, writes and does)</p>")
+    report.summary.insert(0, line)
 
 
 # ----- command line ----------------------------------------------------------------------------------
@@ -780,6 +797,7 @@ def run_report(args: argparse.Namespace) -> int:
     """Handler of ``dpn-lens report``."""
     report = build_report(args.run_dir, args.figures)
     out = Path(args.out) if args.out else Path(args.run_dir) / REPORT_FILE
+    add_explorer_link(report, args.run_dir, out)
     write_text_atomic(out, report.html(args.plotlyjs))
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB): {len(report.figures)} figures, "
           f"{len(report.tables)} tables" + (f"; {len(report.notes)} notes" if report.notes else ""))

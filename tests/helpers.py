@@ -17,6 +17,7 @@ Every test file imports them the same way, ``from helpers import ...`` (conftest
 from __future__ import annotations
 
 import doctest
+import json
 from pathlib import Path
 
 import numpy as np
@@ -24,13 +25,14 @@ import torch
 
 from dpn_lens import ContrastStatistics, GroupStatistics, LocalizationSettings, NeuronMap
 from dpn_lens.hooked import encode
+from dpn_lens.traits import TRAITS
 from dpn_lens.tiny import TINY_PUNCTUATION, TINY_WORDS, build_tiny_hf_model, build_tiny_model, build_tiny_tokenizer
 
 __all__ = [
     "TINY_WORDS", "TINY_PUNCTUATION", "TINY_HIGH", "TINY_LOW", "LETTER_WORDS", "FINGERPRINT",
     "build_tiny_tokenizer", "build_tiny_hf_model", "build_tiny_model", "build_letter_model",
     "random_prompts", "attached_hooks", "raw_last_token_activations", "numpy_s_and_d", "brute_force_selection",
-    "ForceToken", "token", "make_map", "make_stats", "random_stats", "has_runnable_example",
+    "ForceToken", "token", "make_map", "make_stats", "random_stats", "has_runnable_example", "write_personalitybench",
 ]
 
 # --- tiny models and prompts ------------------------------------------------------------------------
@@ -200,3 +202,30 @@ def has_runnable_example(test: doctest.DocTest) -> bool:
     """Whether a docstring has at least one example that is not ``+SKIP`` (so running it tests something)."""
     skip = doctest.OPTIONFLAGS_BY_NAME["SKIP"]
     return any(not example.options.get(skip, False) for example in test.examples)
+
+
+# --- data folders -----------------------------------------------------------------------------------
+
+def write_personalitybench(folder, n_descriptions=8, n_questions=12):
+    """A PersonalityBench-shaped folder in the tiny model's words."""
+    pb = folder / "personalitybench"
+    (pb / "test").mkdir(parents=True)
+    highs = ["you are outgoing and loves a party", "you are a person who loves new ideas",
+             "you are kind and outgoing", "you are a friend who loves art and travel"]
+    lows = ["you are reserved and quiet", "you are a person who prefers routine",
+            "you are calm and reserved", "you are quiet and prefers home"]
+    with open(pb / "description.jsonl", "w") as handle:
+        for index in range(n_descriptions):
+            row = {}
+            for trait in TRAITS:
+                row[trait.capitalize()] = highs[index % 4] + " " + ["i", "the", "it"][index % 3]
+                row[f"{trait.capitalize()}_reversed"] = lows[index % 4] + " " + ["i", "the", "it"][index % 3]
+            handle.write(json.dumps(row) + "\n")
+    questions = ["what would you do on the weekend ?", "how would you feel about a party ?",
+                 "a friend invites you to a party . what would you do ?", "how do you feel about money ?",
+                 "what would you do about work ?", "how would you plan the weekend ?"]
+    for trait in TRAITS:
+        with open(pb / "test" / f"{trait.capitalize()}.jsonl", "w") as handle:
+            for index in range(n_questions):
+                handle.write(json.dumps({"question": f"{questions[index % 6]} {['i', 'it'][index // 6 % 2]} {index}"}) + "\n")
+    return folder

@@ -54,7 +54,11 @@ def test_shared_options_are_spelled_the_same_in_every_command_and_help_shows_def
         assert parser.parse_args(argv).data_dir is None          # resolved later by resolve_data_dir
     with pytest.raises(SystemExit):
         parser.parse_args(["locate", "--help"])
-    assert "(default: 1000)" in capsys.readouterr().out
+    locate_help = " ".join(capsys.readouterr().out.split())    # argparse wraps lines
+    assert "(default: 1000)" in locate_help
+    from dpn_lens.effect.rules import RULE_NAMES
+
+    assert all(rule in locate_help for rule in RULE_NAMES), "locate --select's help must name every selection rule"
 
 
 def test_every_subcommand_has_one_handler():

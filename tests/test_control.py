@@ -13,9 +13,9 @@ import torch
 from dpn_lens.evaluation.calibrate import Calibration, CurvePoint, KLProbe, calibrate_gamma, gamma_at, probe_chunks
 from dpn_lens.evaluation.control import ControlConfig, matched_cost_rows, run_control
 from dpn_lens.evaluation.control_report import write_control_outputs
+from helpers import write_personalitybench
 from dpn_lens.models import model_fingerprint
 from dpn_lens.steering import Intervention, steering_intervention
-from dpn_lens.traits import TRAITS
 
 from helpers import make_map
 
@@ -108,31 +108,6 @@ def test_calibrate_gamma_on_a_real_edit_reaches_the_target_kl(tiny_model):
     measured, _ = probe(steering_intervention(neuron_map, calibration.gamma, "increase"))
     # Log-log interpolation between grid points a factor 2 apart: within 25% of the target here.
     assert measured == pytest.approx(0.01, rel=0.25)
-
-
-def write_personalitybench(folder, n_descriptions=8, n_questions=12):
-    """A PersonalityBench-shaped folder in the tiny model's words."""
-    pb = folder / "personalitybench"
-    (pb / "test").mkdir(parents=True)
-    highs = ["you are outgoing and loves a party", "you are a person who loves new ideas",
-             "you are kind and outgoing", "you are a friend who loves art and travel"]
-    lows = ["you are reserved and quiet", "you are a person who prefers routine",
-            "you are calm and reserved", "you are quiet and prefers home"]
-    with open(pb / "description.jsonl", "w") as handle:
-        for index in range(n_descriptions):
-            row = {}
-            for trait in TRAITS:
-                row[trait.capitalize()] = highs[index % 4] + " " + ["i", "the", "it"][index % 3]
-                row[f"{trait.capitalize()}_reversed"] = lows[index % 4] + " " + ["i", "the", "it"][index % 3]
-            handle.write(json.dumps(row) + "\n")
-    questions = ["what would you do on the weekend ?", "how would you feel about a party ?",
-                 "a friend invites you to a party . what would you do ?", "how do you feel about money ?",
-                 "what would you do about work ?", "how would you plan the weekend ?"]
-    for trait in TRAITS:
-        with open(pb / "test" / f"{trait.capitalize()}.jsonl", "w") as handle:
-            for index in range(n_questions):
-                handle.write(json.dumps({"question": f"{questions[index % 6]} {['i', 'it'][index // 6 % 2]} {index}"}) + "\n")
-    return folder
 
 
 def test_run_control_end_to_end_on_a_tiny_model(tiny_model, tmp_path, monkeypatch):

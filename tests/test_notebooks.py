@@ -26,10 +26,10 @@ NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.i
 # while still failing a cell that hangs.
 CELL_TIMEOUT_S = 600
 EXPECTED = ["01_quickstart", "02_trait_neuron_maps", "03_overlap_and_exclusivity", "04_multifunctionality",
-            "05_steering_tradeoffs"]
+            "05_steering_tradeoffs", "06_explore_a_map"]
 
 
-def test_all_five_notebooks_are_present():
+def test_all_six_notebooks_are_present():
     assert [path.stem for path in NOTEBOOKS] == EXPECTED
 
 
