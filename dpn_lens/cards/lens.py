@@ -120,8 +120,9 @@ def norm_scale(norm: Any, d_model: int) -> tuple[Float[Tensor, "d_model"] | None
     centres = isinstance(norm, torch.nn.LayerNorm) or ("layernorm" in name and "rms" not in name)
     eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 0.0)) or 0.0)
     parameter = next(norm.parameters(), None)
-    probe = torch.ones(1, d_model, dtype=parameter.dtype if parameter is not None else torch.float32,
-                       device=parameter.device if parameter is not None else "cpu")
+    # A float32 probe: Llama's and Gemma's norms compute in float32 and return the input's dtype, so the
+    # weight is read at full precision even from a bfloat16 model.
+    probe = torch.ones(1, d_model, dtype=torch.float32, device=parameter.device if parameter is not None else "cpu")
     if centres:
         # A LayerNorm of ones is all zeros (centred); its weight is the module's own parameter.
         weight = getattr(norm, "weight", None)
