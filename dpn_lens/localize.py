@@ -281,8 +281,10 @@ def reselect(neuron_map: NeuronMap, q: float | None = None, tau_d: float | None 
             raise ValueError(f"this map was made by the {neuron_map.rule!r} rule, which ranks neurons by effect: "
                              "re-select it with k=<neurons> (q and tau_d belong to the dual criterion)")
         return reselect_top(neuron_map, k)
-    new_q = neuron_map.settings.q if q is None else q
-    new_tau_d = neuron_map.settings.tau_d if tau_d is None else tau_d
+    # The settings first: they check q and tau_d (numpy and torch scalars in, bool and strings refused).
+    settings = dataclasses.replace(neuron_map.settings, q=neuron_map.settings.q if q is None else q,
+                                   tau_d=neuron_map.settings.tau_d if tau_d is None else tau_d, source="user")
+    new_q, new_tau_d = settings.q, settings.tau_d
     high: dict[int, Tensor] = {}
     low: dict[int, Tensor] = {}
     thresholds: dict[int, float] = {}
@@ -290,9 +292,9 @@ def reselect(neuron_map: NeuronMap, q: float | None = None, tau_d: float | None 
         row = neuron_map.stat_layers.index(layer)
         high[layer], low[layer], thresholds[layer] = select_neurons(
             neuron_map.steering_value[row], neuron_map.effect_size[row], new_q, new_tau_d)
-    changed = ", ".join(f"{name}={value}" for name, value in (("q", q), ("tau_d", tau_d)) if value is not None)
-    settings = dataclasses.replace(neuron_map.settings, q=new_q, tau_d=new_tau_d, source="user",
-                                   reason=f"re-selected from the map's s and d: {changed or 'same settings'}")
+    changed = ", ".join(f"{name}={value:g}" for name, value, given in (("q", new_q, q), ("tau_d", new_tau_d, tau_d))
+                        if given is not None)
+    settings = dataclasses.replace(settings, reason=f"re-selected from the map's s and d: {changed or 'same settings'}")
     result = dataclasses.replace(neuron_map, settings=settings, high=high, low=low, tau_q=thresholds)
     _warn_if_empty(result, neuron_map.steering_value, neuron_map.effect_size,
                    [neuron_map.stat_layers.index(layer) for layer in neuron_map.layers])

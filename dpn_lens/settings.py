@@ -31,6 +31,13 @@ class LocalizationSettings:
     reason: str = ""
 
     def __post_init__(self) -> None:
+        from dpn_lens.numbers import as_float, as_int
+
+        # numpy / torch scalars (a q from a sweep) become plain numbers; bool, NaN and strings are refused.
+        # (a frozen dataclass: fields are set through object.__setattr__)
+        object.__setattr__(self, "q", as_float(self.q, "q", "0.995"))
+        object.__setattr__(self, "tau_d", as_float(self.tau_d, "tau_d", "0.5"))
+        object.__setattr__(self, "layers", [as_int(layer, "each layer", "12", minimum=0) for layer in self.layers])
         if not 0.0 < self.q < 1.0:
             raise ValueError(f"q must lie strictly between 0 and 1 (e.g. 0.995 keeps 0.5%), got {self.q}")
         if not math.isfinite(self.tau_d) or self.tau_d < 0:

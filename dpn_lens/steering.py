@@ -29,7 +29,7 @@ from dpn_lens.neuron_map import NeuronMap
 __all__ = ["Edit", "Intervention", "RowEdits", "steering_intervention", "additive_intervention", "combine_interventions",
            "steer",
            "apply_intervention", "InterventionHandle", "dpn_weights", "direction_sign", "check_positions",
-           "check_gamma", "warn_gamma", "GAMMA_WARN"]
+           "check_gamma", "check_strength", "warn_gamma", "GAMMA_WARN"]
 
 Positions = Literal["decode", "all"]
 Direction = Literal["increase", "decrease"]
@@ -105,10 +105,34 @@ def warn_gamma(gamma: float) -> None:
 
 
 def check_gamma(gamma: Any) -> float:
-    """``gamma`` as a float, or a ValueError unless it is a finite number (booleans and strings refused)."""
-    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not math.isfinite(gamma):
-        raise ValueError(f"gamma must be a finite number (e.g. 1.0), got {gamma!r}")
-    return float(gamma)
+    """``gamma`` as a float: Python, numpy and 0-d torch numbers are accepted; booleans, strings, arrays,
+    NaN and infinity are a ValueError (``dpn_lens.numbers.as_float``)."""
+    from dpn_lens.numbers import as_float
+
+    return as_float(gamma, "gamma")
+
+
+def check_strength(gamma: Any, direction: str) -> float:
+    """``gamma`` for an edit with a ``direction``: a strength, never negative.
+
+    The direction gives the sign; a negative gamma would silently reverse it, so it is refused with the
+    call that does what was meant.
+
+    Example:
+        >>> check_strength(2, "increase")
+        2.0
+        >>> check_strength(-2.0, "increase")
+        Traceback (most recent call last):
+        ...
+        ValueError: gamma=-2 with direction='increase' would decrease the trait; gamma is a strength (>= 0) and the direction gives the sign: pass gamma=2, direction='decrease'
+    """
+    value = check_gamma(gamma)
+    direction_sign(direction)
+    if value < 0:
+        other = "decrease" if direction == "increase" else "increase"
+        raise ValueError(f"gamma={value:g} with direction={direction!r} would {other} the trait; gamma is a strength "
+                         f"(>= 0) and the direction gives the sign: pass gamma={-value:g}, direction={other!r}")
+    return value
 
 
 @dataclass
@@ -312,7 +336,8 @@ def steering_intervention(neuron_map: NeuronMap, gamma: float = 1.0,
         direction: ``"increase"`` adds ``+s`` (towards the high pole), ``"decrease"`` adds ``-s``.
         mode: ``"both"`` edits the union of the two pole sets; ``"directional"`` edits the high set
             to increase the trait and the low set to decrease it.
-        weighted: DPN-LE_w, scaling each neuron's delta by ``dpn_weights`` of its |d|.
+        weighted: DPN-LE_w, scaling each neuron's delta by ``dpn_weights`` of its |d|, ranked among the
+            edited neurons of its own layer (as the reference does).
         positions: ``"decode"`` (default, prompt pass untouched) or ``"all"``.
         scale: ``"s"`` (the paper: ``delta_i = ±gamma * s_i``) or ``"spread"`` (``DPN-LE_sd``, a variant:
             ``delta_i = ±gamma * sign(s_i) * sigma_i`` with ``sigma_i = |s_i / d_i|`` the neuron's pooled
@@ -324,8 +349,8 @@ def steering_intervention(neuron_map: NeuronMap, gamma: float = 1.0,
         >>> with steer(model, edit):                                                    # doctest: +SKIP
         ...     model.generate(prompt, max_new_tokens=40, do_sample=False)
     """
-    warn_gamma(check_gamma(gamma))
-    direction_sign(direction)
+    gamma = check_strength(gamma, direction)
+    warn_gamma(gamma)
     if mode not in ("both", "directional"):
         raise ValueError(f"mode must be 'both' or 'directional', got {mode!r}")
     if scale not in ("s", "spread"):
@@ -337,15 +362,17 @@ def steering_intervention(neuron_map: NeuronMap, gamma: float = 1.0,
     selected = {layer: indices for layer, indices in sets.items() if indices.numel()}
     weights = None
     if (weighted or scale == "spread") and selected:
-        abs_d = torch.cat([neuron_map.values_at(layer, indices)[1].abs() for layer, indices in selected.items()])
-        flat = torch.ones_like(abs_d, dtype=torch.float32)
-        if weighted:
-            flat = flat * dpn_weights(abs_d)
-        if scale == "spread":
-            # s_i / |d_i| = sign(s_i) * sigma_i; selected neurons have |d| > tau_d > 0.
-            flat = flat / abs_d.to(torch.float32)
-        sizes = [indices.numel() for indices in selected.values()]
-        weights = dict(zip(selected, torch.split(flat, sizes)))
+        weights = {}
+        for layer, indices in selected.items():
+            abs_d = neuron_map.values_at(layer, indices)[1].abs()
+            layer_weights = torch.ones_like(abs_d, dtype=torch.float32)
+            if weighted:
+                # Ranked within the layer, as the reference's weights helper (called once per layer) does.
+                layer_weights = layer_weights * dpn_weights(abs_d)
+            if scale == "spread":
+                # s_i / |d_i| = sign(s_i) * sigma_i; selected neurons have |d| > tau_d > 0.
+                layer_weights = layer_weights / abs_d.to(torch.float32)
+            weights[layer] = layer_weights
     variant = ("_w" if weighted else "") + ("_sd" if scale == "spread" else "")
     # The same edit whatever chose the neurons; the label says which rule did (dpn_lens.effect.rules).
     name = "DPN-LE" if neuron_map.rule == "dpn-le" else f"{neuron_map.rule} neurons:"
@@ -383,7 +410,7 @@ def additive_intervention(steering_value: Float[Tensor, "n_stat_layers d_mlp"], 
         >>> additive_intervention(s, [4], {4: torch.tensor([1])}, gamma=0.5).deltas[4].tolist()
         [0.0, -1.0, 0.0]
     """
-    gamma = check_gamma(gamma)
+    gamma = check_strength(gamma, direction)
     sign = direction_sign(direction)
     stat_layers = list(stat_layers)
     missing = [layer for layer in neurons if layer not in stat_layers]

@@ -134,10 +134,11 @@ def carded_run(tiny_folder, tmp_path_factory):
     import os
 
     folder = tmp_path_factory.mktemp("cards") / "run"
-    os.environ.setdefault("DPN_LENS_CACHE", str(folder.parent / "cache"))
-    code = main(["locate", "--model", str(tiny_folder), "--dtype", "float32", "--traits", "openness,E", "--n-pairs",
-                 "12", "--layers", "0-2", "--q", "0.8", "--tau-d", "0.1", "--select", "attribution-t",
-                 "--selection-pairs", "16", "--budget", "5", "--out", str(folder), "--no-progress"])
+    with pytest.MonkeyPatch.context() as patch:      # this module's cache only: later modules need the real one
+        patch.setenv("DPN_LENS_CACHE", str(folder.parent / "cache"))
+        code = main(["locate", "--model", str(tiny_folder), "--dtype", "float32", "--traits", "openness,E",
+                     "--n-pairs", "12", "--layers", "0-2", "--q", "0.8", "--tau-d", "0.1", "--select", "attribution-t",
+                     "--selection-pairs", "16", "--budget", "5", "--out", str(folder), "--no-progress"])
     assert code == 0
     data = folder.parent / "data" / "capability" / "wikitext2_test"
     data.mkdir(parents=True)
@@ -276,3 +277,25 @@ def test_a_cards_effect_is_the_margin_shift_of_that_neuron_alone_at_the_maps_gam
         shifted = scorer.margins(edit=steering_intervention(alone, gamma, "increase")) - base
         assert card.effect["shift"] == pytest.approx(float(np.mean(shifted)), abs=1e-6)
         assert card.effect["ci_low"] <= card.effect["shift"] <= card.effect["ci_high"]
+
+
+def test_cards_carry_the_multifunction_studys_capability_percentile_when_the_run_has_it(carded_run, tiny_folder):
+    from safetensors.torch import save_file
+
+    from dpn_lens.models import load_model
+
+    run = Run.load(carded_run)
+    n_layers, d_mlp = run.maps["openness"].n_model_layers, run.maps["openness"].d_mlp
+    combined = torch.arange(n_layers * d_mlp, dtype=torch.float32).reshape(n_layers, d_mlp)   # rank = index
+    study = carded_run / "figures"
+    study.mkdir(exist_ok=True)
+    save_file({"combined": combined}, str(study / "multifunction_attribution.safetensors"))
+    try:
+        model = load_model(str(tiny_folder), dtype="float32")
+        cards = build_cards(run, model, CardConfig(n_pairs=6, text_windows=8, k=3,
+                                                   data_dir=str(carded_run.parent / "data")), log=None)
+        for card in cards[("dpn-le", "openness")]:
+            assert card.capability["percentile_in_layer"] == pytest.approx(card.neuron / (d_mlp - 1))
+            assert card.capability["capability_neuron"] == (card.neuron / (d_mlp - 1) >= 0.98)
+    finally:
+        (study / "multifunction_attribution.safetensors").unlink()

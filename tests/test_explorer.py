@@ -19,10 +19,11 @@ from dpn_lens.run import Run
 @pytest.fixture(scope="module")
 def explored(tiny_folder, tmp_path_factory):
     folder = tmp_path_factory.mktemp("explore") / "run"
-    os.environ.setdefault("DPN_LENS_CACHE", str(folder.parent / "cache"))
-    assert main(["locate", "--model", str(tiny_folder), "--dtype", "float32", "--traits", "openness,E", "--n-pairs",
-                 "12", "--layers", "0-2", "--q", "0.8", "--tau-d", "0.1", "--select", "attribution-t",
-                 "--selection-pairs", "16", "--budget", "6", "--out", str(folder), "--no-progress"]) == 0
+    with pytest.MonkeyPatch.context() as patch:      # this module's cache only: later modules need the real one
+        patch.setenv("DPN_LENS_CACHE", str(folder.parent / "cache"))
+        assert main(["locate", "--model", str(tiny_folder), "--dtype", "float32", "--traits", "openness,E",
+                     "--n-pairs", "12", "--layers", "0-2", "--q", "0.8", "--tau-d", "0.1", "--select", "attribution-t",
+                     "--selection-pairs", "16", "--budget", "6", "--out", str(folder), "--no-progress"]) == 0
     data = folder.parent / "data" / "capability" / "wikitext2_test"
     data.mkdir(parents=True)
     (data / "test.txt").write_text("you are calm . hello world what would you do ?\n" * 30, encoding="utf-8")

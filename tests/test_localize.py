@@ -156,7 +156,7 @@ def test_locate_overrides_and_refuses_layers_that_were_not_collected(tiny_stats)
 @pytest.mark.parametrize("kwargs, message", [
     (dict(layers=[1], q=1.0), "q must lie strictly between 0 and 1"),
     (dict(layers=[1], q=0.0), "q must lie strictly between 0 and 1"),
-    (dict(layers=[1], tau_d=float("nan")), "tau_d must be a finite non-negative"),
+    (dict(layers=[1], tau_d=float("nan")), "tau_d must be a finite number"),
     (dict(layers=[1], tau_d=-0.5), "tau_d must be a finite non-negative"),
     (dict(layers=[]), "at least one layer"),
 ])

@@ -114,21 +114,32 @@ def test_directional_mode_uses_only_one_pole(tiny_map):
         assert (down.deltas[layer][tiny_map.low[layer]] > 0).all()     # -s on low neurons, s < 0
 
 
-def test_weighted_variant_scales_each_delta_by_its_rank_of_abs_d(tiny_map):
+def test_weighted_variant_scales_each_delta_by_its_rank_of_abs_d_within_its_layer(tiny_map):
     gamma = 1.3
     plain = steering_intervention(tiny_map, gamma=gamma)
     weighted = steering_intervention(tiny_map, gamma=gamma, weighted=True)
-    layers = [layer for layer in tiny_map.layers if selected(tiny_map, layer).numel()]
-    abs_d = np.concatenate([tiny_map.values_at(layer, selected(tiny_map, layer))[1].abs().numpy() for layer in layers])
-    weights = 0.75 + 0.25 * (rankdata(abs_d, method="ordinal") - 1) / (abs_d.size - 1)
-    offset = 0
-    for layer in layers:
+    for layer in [layer for layer in tiny_map.layers if selected(tiny_map, layer).numel()]:
         indices = selected(tiny_map, layer)
-        w = torch.from_numpy(weights[offset:offset + indices.numel()]).float()
-        offset += indices.numel()
+        abs_d = tiny_map.values_at(layer, indices)[1].abs().numpy()
+        n = abs_d.size
+        weights = np.ones(n) if n == 1 else 0.75 + 0.25 * (rankdata(abs_d, method="ordinal") - 1) / (n - 1)
+        w = torch.from_numpy(weights).float()
         torch.testing.assert_close(weighted.deltas[layer][indices], plain.deltas[layer][indices] * w, rtol=1e-6, atol=0)
-    assert weights.min() == 0.75 and weights.max() == 1.0
     assert dpn_weights(torch.tensor([2.0])).tolist() == [1.0]
+
+
+def test_weighted_ranks_are_per_layer_on_a_constructed_two_layer_map():
+    """Layer 0's |d| are all below layer 1's: ranked over both layers, layer 0 would get only low weights;
+    ranked per layer (the reference), each layer's strongest neuron gets 1.0 and its weakest 0.75."""
+    from helpers import make_map
+
+    neuron_map = make_map("openness", high={0: [0, 1, 2], 1: [0, 1, 2]}, low={}, layers=[0, 1], n_layers=2, d_mlp=8)
+    neuron_map.steering_value[:] = torch.where(neuron_map.steering_value > 0, 0.1, 0.0)
+    neuron_map.effect_size[0, :3] = torch.tensor([0.5, 0.6, 0.7])
+    neuron_map.effect_size[1, :3] = torch.tensor([2.0, 3.0, 4.0])
+    edit = steering_intervention(neuron_map, gamma=1.0, weighted=True)
+    for layer in (0, 1):
+        torch.testing.assert_close(edit.deltas[layer][:3], torch.tensor([0.75, 0.875, 1.0]) * 0.1, rtol=1e-6, atol=0)
 
 
 def test_spread_variant_moves_each_neuron_by_gamma_of_its_own_standard_deviation(tiny_map):

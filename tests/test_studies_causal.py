@@ -14,13 +14,13 @@ from dpn_lens.run import Run, RunFolderError, check_run_folder
 
 @pytest.fixture(scope="module")
 def rules_run(tiny_folder, tmp_path_factory):
-    import os
-
     folder = tmp_path_factory.mktemp("rules") / "run"
-    os.environ.setdefault("DPN_LENS_CACHE", str(folder.parent / "cache"))
-    code = main(["locate", "--model", str(tiny_folder), "--dtype", "float32", "--traits", "openness,E", "--n-pairs",
-                 "12", "--layers", "0-2", "--q", "0.8", "--tau-d", "0.1", "--select", "attribution-t,write-layer",
-                 "--selection-pairs", "24", "--budget", "5", "--out", str(folder), "--no-progress"])
+    with pytest.MonkeyPatch.context() as patch:      # this module's cache only: later modules need the real one
+        patch.setenv("DPN_LENS_CACHE", str(folder.parent / "cache"))
+        code = main(["locate", "--model", str(tiny_folder), "--dtype", "float32", "--traits", "openness,E",
+                     "--n-pairs", "12", "--layers", "0-2", "--q", "0.8", "--tau-d", "0.1", "--select",
+                     "attribution-t,write-layer", "--selection-pairs", "24", "--budget", "5", "--out", str(folder),
+                     "--no-progress"])
     assert code == 0
     return folder
 

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from dpn_lens.data.contrastive import ContrastiveSet
 from dpn_lens.hooked import HookedModel, last_token_batches
-from dpn_lens.steering import Positions, check_gamma, check_positions, direction_sign
+from dpn_lens.steering import Positions, check_gamma, check_positions, check_strength, direction_sign
 
 __all__ = ["ResidualIntervention", "residual_means", "caa_intervention", "caa_layer", "RESID_HOOK"]
 
@@ -141,6 +141,7 @@ def caa_intervention(model: HookedModel, contrastive_set: ContrastiveSet, gamma:
     Example:
         >>> edit = caa_intervention(model, embedded_contrastive_set("openness", 50))   # doctest: +SKIP
     """
+    gamma = check_strength(gamma, direction)          # before the model runs: a negative gamma is refused
     sign = direction_sign(direction)
     _, high = residual_means(model, contrastive_set.high)
     _, low = residual_means(model, contrastive_set.low)

@@ -16,6 +16,9 @@ The prompts are embedded contrastive pairs drawn with ``CardConfig.seed`` (7), a
 
 **What it does** (``NeuronCard.effect``) is filled by ``cards.effects.add_effects`` for the top neurons
 of each map (opt-in: one scoring pass per neuron): the trait-margin shift of pushing that neuron alone.
+Where the run holds the multifunction study's attribution (``multifunction_attribution.safetensors``,
+written by ``dpn-lens study multifunction``), ``NeuronCard.capability`` gives the neuron's capability
+attribution and its percentile in its layer (the study's capability neurons are the top 2%).
 
 Cards are saved beside the maps, ``RUN/cards/<trait>.json`` and ``RUN/cards/<rule>/<trait>.json``, with
 the map's checksum and the settings, so ``build_cards`` reuses a file that is still up to date.
@@ -136,6 +139,7 @@ class NeuronCard:
     prompt_contexts: list[Context] = field(default_factory=list)
     text_contexts: list[Context] = field(default_factory=list)
     effect: dict[str, Any] | None = None
+    capability: dict[str, Any] | None = None
 
     @property
     def label(self) -> str:
@@ -249,6 +253,34 @@ def _neurons_of(neuron_map: NeuronMap) -> list[tuple[str, int, int]]:
             for i in indices.tolist()]
 
 
+CAPABILITY_FILE = "multifunction_attribution.safetensors"
+"""What ``dpn-lens study multifunction`` writes: ``combined`` capability attribution ``[n_layers, d_mlp]``."""
+
+
+def capability_attribution_file(folder: str | Path | None) -> Path | None:
+    """The multifunction study's attribution file inside a run folder (any depth), newest first; or None."""
+    if folder is None or not Path(folder).is_dir():
+        return None
+    found = sorted(Path(folder).rglob(CAPABILITY_FILE), key=lambda path: path.stat().st_mtime, reverse=True)
+    return found[0] if found else None
+
+
+def capability_of(path: Path, neurons: Sequence[Neuron]) -> dict[Neuron, dict[str, Any]]:
+    """``{(layer, index): {"attribution", "percentile_in_layer", "capability_neuron", "source"}}`` from the
+    study's file (percentile 1.0 = the layer's most capability-relevant neuron; top 2% = capability neuron)."""
+    from safetensors.torch import load_file
+
+    combined = load_file(str(path))["combined"].double()
+    ranks = torch.argsort(torch.argsort(combined, dim=1), dim=1).double() / max(combined.shape[1] - 1, 1)
+    result = {}
+    for layer, index in neurons:
+        if layer < combined.shape[0] and index < combined.shape[1]:
+            percentile = float(ranks[layer, index])
+            result[(layer, index)] = {"attribution": float(combined[layer, index]), "percentile_in_layer": percentile,
+                                      "capability_neuron": percentile >= 0.98, "source": str(path)}
+    return result
+
+
 def _wikitext(config: CardConfig) -> Path | None:
     from dpn_lens.data.contrastive import resolve_data_dir
 
@@ -262,7 +294,7 @@ def _wikitext(config: CardConfig) -> Path | None:
 
 def map_cards(neuron_map: NeuronMap, stats: Any, other_maps: dict[str, NeuronMap], lenses: dict[Neuron, Any],
               prompt_scan: ScanResult, n_high: int, text_scan: ScanResult | None, config: CardConfig,
-              text: Callable[[int], str]) -> list[NeuronCard]:
+              text: Callable[[int], str], capability: dict[Neuron, dict[str, Any]] | None = None) -> list[NeuronCard]:
     """The cards of one map from the shared pieces ``build_cards`` computed (the lens of each neuron, the
     scans of this trait's prompts and of the neutral text, whose rows follow their ``neurons`` lists)."""
     prompt_rows = {neuron: row for row, neuron in enumerate(prompt_scan.contexts.neurons)}
@@ -298,6 +330,7 @@ def map_cards(neuron_map: NeuronMap, stats: Any, other_maps: dict[str, NeuronMap
         card.prompt_contexts = _contexts(prompt_scan.contexts, prompt_row, text)
         if text_scan is not None:
             card.text_contexts = _contexts(text_scan.contexts, text_rows[(layer, index)], text)
+        card.capability = (capability or {}).get((layer, index))
         cards.append(card)
     return cards
 
@@ -354,8 +387,9 @@ def build_cards(run: Run, model: Any, config: CardConfig | None = None, rules: S
             if saved is not None:
                 result[key] = saved
     todo = {key: m for key, m in maps.items() if key not in result}
+    capability_file = capability_attribution_file(run.folder)
     if not todo:
-        return dict(sorted(result.items()))
+        return _with_capability(dict(sorted(result.items())), capability_file)
     start = time.perf_counter()
     text = _token_texts(model.tokenizer)
     every_neuron = sorted({(layer, index) for m in todo.values() for _, layer, index in _neurons_of(m)})
@@ -372,6 +406,7 @@ def build_cards(run: Run, model: Any, config: CardConfig | None = None, rules: S
     elif log:
         log("cards: no WikiText-2 found (pass data_dir or set $DPN_LENS_DATA); cards have no neutral-text contexts")
     all_names = {f"{trait} [{rule}]": m for (rule, trait), m in maps.items()}
+    capability = capability_of(capability_file, every_neuron) if capability_file is not None else None
     for trait in sorted({trait for _, trait in todo}):
         trait_neurons = sorted({(layer, index) for (rule, t), m in todo.items() if t == trait
                                 for _, layer, index in _neurons_of(m)})
@@ -384,10 +419,21 @@ def build_cards(run: Run, model: Any, config: CardConfig | None = None, rules: S
         prompt_scan = scan(model, trait_neurons, token_lists, config.k, config.before, config.after, config.batch_size)
         for key in [k for k in todo if k[1] == trait]:
             cards = map_cards(todo[key], run.stats.get(trait), all_names, lenses, prompt_scan, len(pairs.high),
-                              text_scan, config, text)
+                              text_scan, config, text, capability)
             result[key] = cards
             if save and run.folder is not None:
                 save_cards(cards_path(run.folder, trait, key[0]), cards, todo[key], config)
     if log:
         log(f"cards: {sum(len(result[k]) for k in todo)} cards of {len(todo)} maps in {time.perf_counter() - start:.1f}s")
-    return dict(sorted(result.items()))
+    return _with_capability(dict(sorted(result.items())), capability_file)
+
+
+def _with_capability(cards: dict[tuple[str, str], list[NeuronCard]], path: Path | None
+                     ) -> dict[tuple[str, str], list[NeuronCard]]:
+    """Fill every card's capability from the study's file as it is now (saved cards may predate the study)."""
+    if path is not None:
+        found = capability_of(path, sorted({(c.layer, c.neuron) for list_ in cards.values() for c in list_}))
+        for list_ in cards.values():
+            for card in list_:
+                card.capability = found.get((card.layer, card.neuron))
+    return cards

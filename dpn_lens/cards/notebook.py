@@ -116,7 +116,22 @@ def card_html(card: NeuronCard) -> str:
             f"<p><b>promotes</b> {tokens(card.promoted)}<br><b>suppresses</b> {tokens(card.suppressed)}<br>"
             f"<small>{html.escape(card.lens_note)}</small></p>"
             f"<b>top contexts, contrastive prompts</b>{_tokens_html(card.prompt_contexts)}"
-            f"<b>top contexts, neutral text</b>{_tokens_html(card.text_contexts)}")
+            f"<b>top contexts, neutral text</b>{_tokens_html(card.text_contexts)}"
+            f"<p><b>pushed alone</b>: {_effect_text(card.effect)}<br><b>capability</b>: {_capability_text(card.capability)}</p>")
+
+
+def _effect_text(effect: dict[str, Any] | None) -> str:
+    if not effect:
+        return "not measured (dpn-lens cards --effects N)"
+    return (f"margin shift {effect['shift']:+.4f} [{effect['ci_low']:+.4f}, {effect['ci_high']:+.4f}] nats/token at gamma "
+            f"{effect['gamma']:.3g} (its map's KL {effect['target_kl']:g} gamma); the whole map {effect['map_shift']:+.4f}")
+
+
+def _capability_text(capability: dict[str, Any] | None) -> str:
+    if not capability:
+        return "no multifunction study in this run (dpn-lens study multifunction)"
+    return (f"attribution percentile {100 * capability['percentile_in_layer']:.1f} in its layer"
+            + (" (a capability neuron: top 2%)" if capability["capability_neuron"] else ""))
 
 
 def explore(run: Run, model: Any, cards: dict[tuple[str, str], list[NeuronCard]] | None = None,

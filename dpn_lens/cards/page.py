@@ -102,6 +102,11 @@ _JS = r"""
   function tokenTable(list, title) {
     return `<div><b>${title}</b><table>` + list.map((p) => `<tr><td>${show(p[0])}</td><td>${fmt(p[1], 3)}</td></tr>`).join('') + '</table></div>';
   }
+  function effectText(e) {
+    if (!e) return '<span class="muted">trait-margin shift of this neuron alone: not measured (dpn-lens cards --effects N)</span>';
+    return `pushed alone (+${fmt(e.gamma, 3)}·s, the gamma that brings its whole map to KL ${e.target_kl}): margin shift ` +
+      `${fmt(e.shift, 4)} [${fmt(e.ci_low, 4)}, ${fmt(e.ci_high, 4)}] nats/token over ${e.n_pairs} held-out pairs; the whole map: ${fmt(e.map_shift, 4)}`;
+  }
   function openCard(key, label) {
     const card = (D.cards[key] || []).find((c) => c.label === label);
     if (!card) return;
@@ -117,7 +122,9 @@ _JS = r"""
       `<div class="muted">${esc(card.lens_note)}</div>` +
       `<h3>What it reads</h3><div id="card-hist" style="height:220px"></div>` +
       contexts(card.prompt_contexts, 'Top contexts: contrastive prompts') + contexts(card.text_contexts, 'Top contexts: neutral text (WikiText-2)') +
-      `<h3>What it does</h3><div class="muted">${card.effect ? esc(JSON.stringify(card.effect)) : 'not measured for this neuron yet'}</div>`;
+      `<h3>What it does</h3><div>${effectText(card.effect)}</div>` +
+      `<div class="muted">${card.capability ? `capability attribution: percentile ${fmt(100 * card.capability.percentile_in_layer, 1)} in its layer` +
+        (card.capability.capability_neuron ? ' (a capability neuron: top 2%)' : '') : 'capability attribution: run dpn-lens study multifunction in this run folder'}</div>`;
     const h = card.histogram, mids = h.edges.slice(0, -1).map((e, i) => (e + h.edges[i + 1]) / 2);
     Plotly.newPlot('card-hist', [
       { x: mids, y: h.high, type: 'bar', name: 'high prompts', marker: { color: 'rgba(176,58,46,0.6)' } },
