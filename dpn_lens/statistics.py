@@ -187,13 +187,90 @@ def _artifact_metadata(key: str, tensors: dict[str, Tensor], config: dict[str, A
     return {key: json.dumps({**config, "checksum": _artifact_checksum(tensors, config)}, sort_keys=True)}
 
 
+ARTIFACT_KINDS = {"dpn_lens_neuron_map": ("neuron map", "maps/<trait>.safetensors", "NeuronMap.load"),
+                  "dpn_lens_statistics": ("statistics file", "stats/<trait>.safetensors", "ContrastStatistics.load")}
+"""Metadata key of each dpn-lens artifact: what it is called, where a run folder keeps it, what loads it."""
+
+
+def _safetensors_header(path: Path) -> dict[str, Any] | None:
+    """The JSON header of a complete safetensors file, or None when the bytes are no such file."""
+    with path.open("rb") as handle:
+        head = handle.read(8)
+        if len(head) < 8:
+            return None
+        length = int.from_bytes(head, "little")
+        if length <= 0 or length > path.stat().st_size - 8:
+            return None
+        try:
+            header = json.loads(handle.read(length).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return None
+    return header if isinstance(header, dict) else None
+
+
+def identify_artifact(path: str | os.PathLike, key: str) -> None:
+    """Check that ``path`` is the kind of file ``key`` names before reading it; else say what it is.
+
+    What people pass by mistake gets its own message with the path to pass instead: a folder (a run
+    folder, its maps/), an empty file, the readable ``.json`` sidecar of an artifact, the other kind of
+    artifact (statistics for a map, a map for statistics), a file from a newer dpn-lens. Only a file that
+    looks like an artifact but does not read is called truncated or corrupted (in ``_load_checked``).
+    """
+    path = Path(path)
+    name, place, loader = ARTIFACT_KINDS[key]
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist; pass a {name} written by dpn-lens ({place} in a run folder)")
+    if path.is_dir():
+        folder = "maps" if key == "dpn_lens_neuron_map" else "stats"
+        if (path / folder).is_dir():
+            files = sorted(p.name for p in (path / folder).glob("*.safetensors"))
+            raise ValueError(f"{path} is a run folder, not a {name}; pass one of its files, e.g. "
+                             f"{path / folder / (files[0] if files else '<trait>.safetensors')}")
+        here = sorted(p.name for p in path.glob("*.safetensors"))
+        example = path / here[0] if here else f"a {place} file"
+        raise ValueError(f"{path} is a folder, not a {name}; pass one file, e.g. {example}")
+    size = path.stat().st_size
+    if size == 0:
+        raise ValueError(f"{path} is empty (0 bytes): it was never written or its write was cut off before it began; "
+                         f"re-create the {name} (dpn-lens writes through a temporary file, so a finished save is never empty)")
+    with path.open("rb") as handle:
+        start = handle.read(1)
+    if start in (b"{", b"["):
+        twin = path.with_suffix(".safetensors")
+        if path.suffix == ".json" and twin.is_file():
+            raise ValueError(f"{path} is the readable JSON copy of a dpn-lens artifact, not the artifact; pass its "
+                             f"twin {twin}")
+        raise ValueError(f"{path} is a JSON file, not a {name}; pass the .safetensors file dpn-lens wrote ({place})")
+    header = _safetensors_header(path)
+    if header is None:
+        return                                   # not readable as safetensors: _load_checked says corrupted
+    metadata = header.get("__metadata__") or {}
+    other = next((k for k in ARTIFACT_KINDS if k != key and k in metadata), None)
+    if other is not None:
+        other_name, other_place, other_loader = ARTIFACT_KINDS[other]
+        hint = (" (locate(ContrastStatistics.load(path)) makes a map from it)" if other == "dpn_lens_statistics" else "")
+        raise ValueError(f"{path} is a {other_name} ({other_place}), not a {name}; pass the {place} of the same trait "
+                         f"or load it with {other_loader}{hint}")
+    if key in metadata:
+        try:
+            fmt = int(json.loads(metadata[key]).get("format", 1))
+        except (ValueError, TypeError, AttributeError):
+            return                               # unreadable config: _load_checked says corrupted
+        if fmt > ARTIFACT_FORMAT:
+            raise ValueError(f"{path} was written by a newer dpn-lens (artifact format {fmt}; this version reads up "
+                             f"to {ARTIFACT_FORMAT}); upgrade dpn-lens (pip install -U dpn-lens) to read it")
+
+
+ARTIFACT_FORMAT = 1
+"""The artifact format this version writes and reads (a config's ``format``; files without one are format 1)."""
+
+
 def _load_checked(path: str | os.PathLike, key: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """Load a dpn-lens safetensors artifact, verifying it is complete and uncorrupted."""
+    """Load a dpn-lens safetensors artifact, verifying it is the right kind, complete and uncorrupted."""
     from safetensors import safe_open
 
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist; pass the path of a file written by dpn-lens' save()")
+    identify_artifact(path, key)
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
