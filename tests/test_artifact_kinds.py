@@ -75,3 +75,29 @@ def test_the_cli_passes_the_same_messages_on(run_folder, capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert "pass its twin" in err and "corrupt" not in err
+
+
+def test_steer_refuses_a_map_of_another_model_before_loading_its_weights(run_folder, tiny_folder, tmp_path, monkeypatch,
+                                                                         capsys):
+    import dataclasses
+
+    import dpn_lens.cli as cli
+
+    def no_load(args):
+        raise AssertionError("the model was loaded before the map was checked")
+
+    monkeypatch.setattr(cli, "_load", no_load)
+    neuron_map = NeuronMap.load(run_folder / "maps" / "openness.safetensors")
+    # Located on one embedded model, steered with the other: the names alone tell.
+    named = dataclasses.replace(neuron_map, model_name="smollm2-135m-instruct").save(tmp_path / "named.safetensors")
+    assert main(["steer", "--map", str(named), "--model", "gemma-3-270m", "--prompt", "hi", "--gamma", "1"]) == 2
+    assert "located on smollm2-135m-instruct, not gemma-3-270m" in capsys.readouterr().err
+    # A folder whose config.json has another shape: the config alone tells.
+    other = tmp_path / "other_model"
+    other.mkdir()
+    config = json.loads((tiny_folder / "config.json").read_text())
+    config["num_hidden_layers"] = config["num_hidden_layers"] + 2
+    (other / "config.json").write_text(json.dumps(config))
+    assert main(["steer", "--map", str(run_folder / "maps" / "openness.safetensors"), "--model", str(other),
+                 "--prompt", "hi", "--gamma", "1"]) == 2
+    assert "n_layers" in capsys.readouterr().err
