@@ -269,6 +269,18 @@ def _converted_gguf_dir(gguf: Path, config_overrides: dict[str, Any]) -> Path:
     target = cache_dir() / "converted" / f"{gguf.stem}-{_file_digest(gguf)}"
     if (target / "config.json").exists() and (target / "model.safetensors").exists():
         return target
+    from filelock import FileLock
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # One converter at a time: a second process waits here, then finds the finished folder. Without the
+    # lock it would delete the first one's folder (to rename its own into place) under a reader's feet.
+    with FileLock(str(target) + ".lock"):
+        if (target / "config.json").exists() and (target / "model.safetensors").exists():
+            return target
+        return _convert_gguf(gguf, config_overrides, target)
+
+
+def _convert_gguf(gguf: Path, config_overrides: dict[str, Any], target: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     logging.getLogger(__name__).info("converting %s to safetensors in %s (once)", gguf, target)
