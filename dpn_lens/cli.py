@@ -183,6 +183,9 @@ def run_steer(args: argparse.Namespace) -> int:
                              "change nothing; locate again with more --n-pairs or a lower --tau-d")
     from dpn_lens.models import check_map_before_loading
 
+    if args.gamma is not None and args.gamma < 0:
+        raise ValueError(f"--gamma {args.gamma:g}: gamma is a strength (>= 0); steer shows both directions "
+                         f"(increase and decrease) at it, so pass --gamma {-args.gamma:g}")
     for neuron_map in maps:                 # what the model's config alone can tell, before its weights load
         check_map_before_loading(neuron_map, args.model)
     model = _load(args)
