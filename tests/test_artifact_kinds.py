@@ -101,3 +101,21 @@ def test_steer_refuses_a_map_of_another_model_before_loading_its_weights(run_fol
     assert main(["steer", "--map", str(run_folder / "maps" / "openness.safetensors"), "--model", str(other),
                  "--prompt", "hi", "--gamma", "1"]) == 2
     assert "n_layers" in capsys.readouterr().err
+
+
+def test_the_input_probes_find_nothing_misleading_silent_or_refused(capsys, monkeypatch, tmp_path):
+    """scripts/probe_inputs.py: every probe of issue 24 and the ten more either works or is refused clearly
+    before the model loads."""
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "probe_inputs.py"
+    spec = importlib.util.spec_from_file_location("probe_inputs", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setenv("DPN_LENS_CACHE", str(tmp_path / "cache"))
+    assert module.main() == 0
+    table = capsys.readouterr().out
+    rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| probe")]
+    assert len(rows) >= 20
+    assert all(line.split(" | ")[1] in ("works", "clear") for line in rows), table
