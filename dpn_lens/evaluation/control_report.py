@@ -215,7 +215,9 @@ def sparsity_figure(results: dict[str, dict[str, Any]]) -> Any:
     from dpn_lens.figures import style
 
     names = list(results)
-    figure = make_subplots(rows=1, cols=len(names), subplot_titles=names, horizontal_spacing=0.08)
+    counts = {name: len({(r["trait"], r["direction"]) for r in results[name].get("sweep", [])}) for name in names}
+    figure = make_subplots(rows=1, cols=len(names), subplot_titles=[f"{n} ({counts[n]} trait-directions)" for n in names],
+                           horizontal_spacing=0.08)
     colours: dict[str, str] = {}
     for col, name in enumerate(names, 1):
         result = results[name]
@@ -237,7 +239,7 @@ def sparsity_figure(results: dict[str, dict[str, Any]]) -> Any:
         figure.update_xaxes(type="log", title_text="neurons edited (log)", row=1, col=col)
     figure.update_layout(height=460, width=520 * len(names) + 160)
     level = next(iter(results.values()))["meta"]["config"]["target_kl"]
-    style(figure, f"How sparse can steering be? Mean shift at KL {level:g} (10 trait-directions) vs neurons edited",
+    style(figure, f"How sparse can steering be? Mean shift at KL {level:g} vs neurons edited",
           None, "mean shift, nats/token")
     return figure
 
