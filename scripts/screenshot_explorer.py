@@ -22,6 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--map", default=None, help="RULE/TRAIT of the map to show, e.g. attribution-t/extraversion")
     parser.add_argument("--token", default=None, help="token typed into 'neurons that promote'")
     parser.add_argument("--neuron", default=None, help="neuron whose card opens, e.g. L18.N425 (None: the first row)")
+    parser.add_argument("--filter", default=None, help="text typed into the table's filter box, e.g. a token")
     args = parser.parse_args(argv)
     from playwright.sync_api import sync_playwright
 
@@ -49,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 page.locator("#neuron-table tr.row").first.click()
             page.wait_for_selector("#card-hist .main-svg")
+            if args.filter:
+                page.fill("#filter", args.filter)
             page.screenshot(path=args.out)
         finally:
             browser.close()
