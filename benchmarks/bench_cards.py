@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,31 +32,9 @@ import torch
 from dpn_lens import TRAITS, CardConfig, CollectionConfig, LocateConfig, build_cards, locate_traits
 from dpn_lens.cards import scan, text_windows
 
-TINY = "tiny"
-"""``--model tiny``: the random tiny Llama of ``dpn_lens.tiny`` (a smoke run; its timings mean nothing)."""
-
-
-def load(spec: str, dtype: str):
-    if spec == TINY:
-        from dpn_lens.tiny import build_tiny_model
-
-        return build_tiny_model(max_positions=512).to(getattr(torch, dtype))
-    from dpn_lens import load_model
-
-    return load_model(spec, dtype=dtype)
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status (Linux only)")
-
-
-def _reset_peak_rss() -> None:
-    with open("/proc/self/clear_refs", "w") as handle:
-        handle.write("5")
+# The model loader and the peak-RSS readers are bench_perf's (the same tiny model for `--model tiny`).
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_perf import _status_kib, load, reset_peak_rss as _reset_peak_rss  # noqa: E402  (benchmarks/ on sys.path)
 
 
 def wikitext_path(data_dir: str) -> Path:
