@@ -94,10 +94,11 @@ class CollectionConfig:
             raise ValueError(f"padding_side must be 'left' or 'right', got {self.padding_side!r}")
         if self.share_prefix not in (True, False, "auto"):
             raise ValueError(f"share_prefix must be True, False or 'auto', got {self.share_prefix!r}")
+        from dpn_lens.numbers import as_int
+
         for name in ("max_batch_size", "max_batch_tokens", "prefix_min_saving"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            # numpy / torch integers are integers; bool, 2.5 and strings are refused, naming the field
+            object.__setattr__(self, name, as_int(getattr(self, name), name, minimum=1))   # a frozen dataclass
 
     def resolved_statistics_device(self, model: HookedModel) -> torch.device:
         """``statistics_device`` as a device; ``None`` means the model's input device."""

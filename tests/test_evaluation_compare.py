@@ -102,7 +102,7 @@ def test_default_sizes_are_every_item_of_the_trait_and_every_statement(shared_da
     lines = (shared_data / "anthropic_persona" / "openness.jsonl").read_text().splitlines()
     assert len(evaluator.statements["openness"]) == sum(1 for line in lines if line.strip())
     assert {s.high for s in evaluator.statements["openness"]} == {True, False}
-    with pytest.raises(ValueError, match="positive integer or None"):
+    with pytest.raises(ValueError, match=r"questionnaire_items \(or None: all\) must be at least 1"):
         CompareConfig(questionnaire_items=0)
 
 

@@ -89,3 +89,30 @@ def test_locate_and_reselect_take_q_and_tau_d_from_numpy_and_refuse_non_numbers(
     with pytest.raises(ValueError, match="tau_d must be a finite number"):
         LocalizationSettings([1, 2], q=0.99, tau_d=float("nan"))
     assert LocalizationSettings(list(np.arange(2, 4)), q=np.float32(0.5)).layers == [2, 3]
+
+
+@pytest.mark.parametrize("build", [
+    lambda n: __import__("dpn_lens").embedded_contrastive_set("openness", n_pairs=n),
+    lambda n: __import__("dpn_lens").CollectionConfig(max_batch_size=n),
+    lambda n: __import__("dpn_lens.cards", fromlist=["CardConfig"]).CardConfig(n_pairs=n),
+    lambda n: __import__("dpn_lens.evaluation.control", fromlist=["ControlConfig"]).ControlConfig(pairs=n),
+], ids=["embedded_contrastive_set", "CollectionConfig", "CardConfig", "ControlConfig"])
+def test_counts_take_numpy_and_torch_integers_and_refuse_what_is_not_a_count(build):
+    for value in (np.int64(5), np.int32(5), torch.tensor(5), 5.0):
+        built = build(value)
+        assert built is not None
+    for value in (True, 2.5, "5", np.array([5, 6])):
+        with pytest.raises(ValueError, match="must be a whole number"):
+            build(value)
+
+
+def test_a_control_config_from_numpy_numbers_is_written_as_plain_json():
+    import dataclasses
+    import json
+
+    from dpn_lens.evaluation.control import ControlConfig
+
+    config = ControlConfig(pairs=np.int32(8), seed=np.int64(1), target_kl=np.float32(0.05), kl_levels=[np.float64(0.1)],
+                           k_sweep=[np.int64(8)], budget=torch.tensor(20))
+    json.dumps(dataclasses.asdict(config))                 # numpy scalars would raise here
+    assert config.kl_levels == pytest.approx([0.05, 0.1]) and config.budget == 20 and type(config.budget) is int

@@ -86,10 +86,12 @@ class CardConfig:
     batch_size: int = 16
 
     def __post_init__(self) -> None:
+        from dpn_lens.numbers import as_int
+
         for name in ("n_pairs", "text_windows", "k", "lens_top", "bins", "batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"CardConfig.{name} must be a positive integer, got {value!r}")
+            setattr(self, name, as_int(getattr(self, name), f"CardConfig.{name}", minimum=1))
+        for name in ("window", "before", "after", "seed"):
+            setattr(self, name, as_int(getattr(self, name), f"CardConfig.{name}"))
         if self.window < 2 or self.before < 0 or self.after < 0:
             raise ValueError(f"CardConfig needs window >= 2 and before, after >= 0; got window={self.window}, "
                              f"before={self.before}, after={self.after}")

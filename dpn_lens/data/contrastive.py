@@ -162,8 +162,9 @@ def _draw_pairs(trait: str, questions: Sequence[str], high_descriptions: Sequenc
     Questions are visited in a seeded random order and reused cyclically once exhausted; a triple
     that was already drawn is redrawn, so every pair of the set is distinct.
     """
-    if n_pairs < 1:
-        raise ValueError(f"n_pairs must be at least 1, got {n_pairs}")
+    from dpn_lens.numbers import as_int
+
+    n_pairs, seed = as_int(n_pairs, "n_pairs", "500", minimum=1), as_int(seed, "seed", "42")
     capacity = len(questions) * len(high_descriptions) * len(low_descriptions)
     if n_pairs > capacity:
         raise ValueError(f"{trait}: asked for {n_pairs} distinct pairs but the data allow only {capacity}")

@@ -63,8 +63,9 @@ def selection_pairs(model: Any, trait: str, n_pairs: int = SELECTION_PAIRS, seed
         the kept pairs (question without persona, high answer, low answer).
     """
     trait = normalize_trait(trait)
-    if isinstance(n_pairs, bool) or not isinstance(n_pairs, int) or n_pairs < 2:
-        raise ValueError(f"n_pairs must be an integer of at least 2 (selection averages over pairs), got {n_pairs!r}")
+    from dpn_lens.numbers import as_int
+
+    n_pairs = as_int(n_pairs, "n_pairs (selection averages over pairs)", "128", minimum=2)
     questions, highs, lows = _embedded_material(trait)
     material = hashlib.sha256(json.dumps([questions, highs, lows]).encode()).hexdigest()[:16]
     path = pairs_cache_file(model, "selection_pairs", trait, batch_size=batch_size, pairs=n_pairs, seed=seed,

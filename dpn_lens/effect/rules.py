@@ -152,8 +152,9 @@ def select_top(scores: Float[Tensor, "n_rows d_mlp"], rows: Sequence[int], k: in
         >>> select_top(torch.tensor([[0.1, 0.9, -1.0], [0.5, float("-inf"), 0.2]]), rows=[3, 7], k=3)
         {3: tensor([1]), 7: tensor([0, 2])}
     """
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be a positive integer (neurons to keep), got {k!r}")
+    from dpn_lens.numbers import as_int
+
+    k = as_int(k, "k (neurons to keep)", minimum=1)
     flat = scores.detach().to(torch.float64).flatten()
     candidates = torch.nonzero(torch.isfinite(flat)).flatten()
     # A stable sort on the negated score keeps the flat (row, neuron) order among equal scores.

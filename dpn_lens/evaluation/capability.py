@@ -80,9 +80,10 @@ class CapabilitySizes:
         return cls(mc_items=12, lambada_items=24, ppl_chunks=3, ppl_chunk_tokens=128, kl_chunks=2, kl_chunk_tokens=96)
 
     def __post_init__(self) -> None:
-        for name, value in self.__dict__.items():
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"capability size {name} must be a positive integer, got {value!r}")
+        from dpn_lens.numbers import as_int
+
+        for name, value in list(self.__dict__.items()):
+            object.__setattr__(self, name, as_int(value, f"capability size {name}", minimum=1))
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:

@@ -101,8 +101,10 @@ class CompareConfig:
             raise ValueError(f"unknown methods {unknown}; choose from {', '.join(METHOD_NAMES)}")
         for name in ("questionnaire_items", "statements_per_pole"):
             value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be a positive integer or None (all), got {value!r}")
+            if value is not None:
+                from dpn_lens.numbers import as_int
+
+                setattr(self, name, as_int(value, f"{name} (or None: all)", minimum=1))
 
     @classmethod
     def quick(cls, **overrides: Any) -> "CompareConfig":

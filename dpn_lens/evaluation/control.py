@@ -133,20 +133,22 @@ class ControlConfig:
         if self.statistics not in ("last", "answer"):
             raise ValueError(f"statistics must be 'last' (the paper: last prompt token) or 'answer' (mean over the "
                              f"model's own answer tokens), got {self.statistics!r}")
-        if self.pairs < 4:
-            raise ValueError(f"pairs must be at least 4 (an interval needs items), got {self.pairs}")
+        from dpn_lens.numbers import as_float, as_int
+
+        # numpy / torch numbers are numbers (and become plain ones: the result is written as JSON)
+        self.pairs = as_int(self.pairs, "pairs (an interval needs at least 4 items)", "64", minimum=4)
+        self.seed = as_int(self.seed, "seed", "0")
         for name in ("random_draws", "random_draws_off_target", "selection_pairs", "generation_questions",
                      "generation_draws"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+            setattr(self, name, as_int(getattr(self, name), name, minimum=0))
         if self.random_control and self.random_draws < 1:
             raise ValueError("random_draws must be at least 1 with the random-neuron control (or turn it off)")
-        if self.budget is not None and (isinstance(self.budget, bool) or not isinstance(self.budget, int)
-                                        or self.budget < 1):
-            raise ValueError(f"budget must be a positive number of neurons or None (DPN-LE's count), got {self.budget!r}")
-        if any(isinstance(k, bool) or not isinstance(k, int) or k < 0 for k in self.k_sweep):
-            raise ValueError(f"k_sweep takes neuron counts (0 = all neurons), got {self.k_sweep}")
+        if self.budget is not None:
+            self.budget = as_int(self.budget, "budget (neurons; None: DPN-LE's count)", "100", minimum=1)
+        self.k_sweep = [as_int(k, "each k_sweep budget (0 = all neurons)", "128", minimum=0) for k in self.k_sweep]
+        self.target_kl = as_float(self.target_kl, "target_kl", "0.05")
+        self.kl_levels = [as_float(level, "each KL level", "0.05") for level in self.kl_levels]
+        self.gammas = [as_float(gamma, "each gamma of the grid", "1.0") for gamma in self.gammas]
         unknown = [m for m in (self.generation_methods or []) if m not in self.methods]
         if unknown:
             raise ValueError(f"generation_methods {unknown} are not among the swept methods {self.methods}")
