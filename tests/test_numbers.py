@@ -116,3 +116,13 @@ def test_a_control_config_from_numpy_numbers_is_written_as_plain_json():
                            k_sweep=[np.int64(8)], budget=torch.tensor(20))
     json.dumps(dataclasses.asdict(config))                 # numpy scalars would raise here
     assert config.kl_levels == pytest.approx([0.05, 0.1]) and config.budget == 20 and type(config.budget) is int
+
+
+def test_calibrate_gamma_refuses_a_string_target_naming_it(tiny_model):
+    from helpers import make_map
+
+    from dpn_lens.evaluation.calibrate import calibrate_gamma
+
+    with pytest.raises(ValueError, match=r"target_kl \(nats/token\) must be a finite number"):
+        calibrate_gamma(tiny_model, make_map("openness", high={1: [0]}, low={}, layers=[1], n_layers=4, d_mlp=48),
+                        target_kl="0.05")

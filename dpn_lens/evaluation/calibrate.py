@@ -265,8 +265,17 @@ def calibrate_gamma(model: HookedModel, neuron_map: Any = None, target_kl: float
             target_kl = DEFAULT_TARGET_KL
         else:
             raise ValueError("pass target_kl or target_shift, not both")
-    if target_kl is not None and target_kl <= 0:
-        raise ValueError(f"target_kl must be positive (nats/token), got {target_kl}")
+    from dpn_lens.numbers import as_float
+
+    if target_kl is not None:
+        target_kl = as_float(target_kl, "target_kl (nats/token)", "0.05")
+        if target_kl <= 0:
+            raise ValueError(f"target_kl must be positive (nats/token), got {target_kl}")
+    if target_shift is not None:
+        target_shift = as_float(target_shift, "target_shift (nats/token)", "0.02")
+    max_kl = as_float(max_kl, "max_kl (nats/token)", "1.0")
+    if start is not None:
+        start = as_float(start, "start (a gamma guess)", "1.0")
     if target_shift is not None and not pairs:
         raise ValueError("target_shift needs pairs=... (PreferencePair list) to measure the shift on")
     if (neuron_map is None) == (edit_at is None):
