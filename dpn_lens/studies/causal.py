@@ -147,7 +147,7 @@ def _summary_lines(overlap: Sequence[dict[str, Any]], exclusivity: Sequence[dict
             if mine:
                 lines.append(f"- {rule}: own pole stronger for {np.nanmean([r['frac_own_stronger'] for r in mine]):.0%} "
                              f"of neurons; median |d| {np.nanmean([r['median_abs_d'] for r in mine]):.2f}; distribution "
-                             f"overlap {np.nanmean([r['mean_distribution_overlap'] for r in mine]):.2f} (1 = none)")
+                             f"overlap {np.nanmean([r['mean_distribution_overlap'] for r in mine]):.2f} (1 = indistinguishable)")
     if capability:
         lines += ["", "## Multifunctionality (claim 2)", ""]
         for rule, entry in capability.get("by_method", {}).items():
