@@ -72,9 +72,11 @@ from pathlib import Path
 
 import numpy as np
 
+# The skip protocol, the runtime venv and the dpn-lens side, shared with the other runtime check.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from runtime_check import MODEL, SKIP_EXIT, TRAIT, Skip, export, make_map, runtime_venv, venv_python  # noqa: E402
+
 LLAMA_CPP_PACKAGE = "llama-cpp-py-sync==0.11739"
-MODEL = "smollm2-135m-instruct"
-TRAIT = "openness"
 GAMMA, REPORTED_GAMMA = 4.0, 1.0
 TOP_K = 20
 MIN_POOLED_CORRELATION = 0.99
@@ -84,7 +86,6 @@ MAX_UNSTEERED_KL = 1e-3
 PROMPTS = ["I think that trying new things is", "My favourite way to spend a weekend is",
            "When I visit a new city, I usually", "Art and poetry are",
            {"chat": "Describe yourself in one sentence."}]
-SKIP_EXIT = 77
 SHIM_SOURCE = Path(__file__).with_name("isoc23_shim.c")
 SHIM_SYMBOLS = ("__isoc23_strtol", "__isoc23_strtoul", "__isoc23_strtoull", "__isoc23_sscanf")
 
@@ -252,21 +253,7 @@ if __name__ == "__main__":
 '''
 
 
-class Skip(Exception):
-    """The check cannot run here (llama.cpp cannot be installed or loaded)."""
-
-
 # ---- the llama.cpp runtime --------------------------------------------------------------------------
-
-def default_venv() -> Path:
-    from dpn_lens.models import cache_dir
-
-    return cache_dir() / "runtimes" / "llama-cpp"
-
-
-def venv_python(venv: Path) -> Path:
-    return venv / "bin" / "python"
-
 
 def shim_library(venv: Path) -> Path:
     return venv / "glibc-shim" / "libisoc23shim.so"
@@ -394,29 +381,8 @@ def ensure_runtime(venv: Path) -> Path:
 
 # ---- the dpn-lens side ------------------------------------------------------------------------------
 
-def dpn_lens_cli(*args: str) -> None:
-    """``python -m dpn_lens.cli ARGS`` with this interpreter; its output is shown only on failure."""
-    result = subprocess.run([sys.executable, "-m", "dpn_lens.cli", *args], capture_output=True, text=True)
-    if result.returncode != 0:
-        raise SystemExit(f"dpn-lens {args[0]} failed (exit {result.returncode}):\n{result.stdout}\n{result.stderr}")
-
-
-def make_map(work: Path) -> Path:
-    """A small openness map (100 pairs, layers 1-29: a control vector cannot steer layer 0)."""
-    path = work / "run" / "maps" / f"{TRAIT}.safetensors"
-    if path.exists():
-        print(f"map: {path} (already there)")
-        return path
-    print("map: dpn-lens locate --traits openness --n-pairs 100 --layers 1-29 (about a minute)", flush=True)
-    dpn_lens_cli("locate", "--model", MODEL, "--traits", TRAIT, "--n-pairs", "100", "--layers", "1-29",
-                 "--dtype", "bfloat16", "--out", str(work / "run"), "--no-progress")
-    return path
-
-
 def export_control_vector(map_path: Path, gamma: float, out: Path) -> Path:
-    dpn_lens_cli("export", "--model", MODEL, "--map", str(map_path), "--gamma", f"{gamma:g}",
-                 "--direction", "increase", "--format", "gguf", "--out", str(out))
-    return out
+    return export(map_path, gamma, "gguf", out)
 
 
 def write_f32_gguf(source: Path, target: Path) -> Path:
@@ -588,7 +554,7 @@ def main(argv: list[str] | None = None) -> int:
     work = args.work or Path(tempfile.mkdtemp(prefix="check_llama_cpp-"))
     start = time.time()
     try:
-        passed = check(work, args.venv or default_venv(), args.map)
+        passed = check(work, args.venv or runtime_venv("llama-cpp"), args.map)
     except Skip as reason:
         print(f"SKIP: {reason}")
         return SKIP_EXIT

@@ -46,15 +46,16 @@ import tempfile
 import time
 from pathlib import Path
 
+# The skip protocol, the runtime venv and the dpn-lens side, shared with the other runtime check.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from runtime_check import MODEL, SKIP_EXIT, TRAIT, Skip, export, make_map, runtime_venv, venv_python  # noqa: E402
+
 TOLERANCE = 1e-3          # on logits (see the docstring)
 EXPORT_TOLERANCE = 1e-5   # on the exported vectors (entries up to ~1.3 at gamma 4; the same float32 product)
 MIN_SHIFT = 0.1           # the edit must move the logits by this much, else agreeing proves nothing
-MODEL = "smollm2-135m-instruct"
 CONVERTED_GLOB = "SmolLM2-135M-Instruct*"
-TRAIT = "openness"
 PROMPTS = ["I spent the weekend", "What do you think about modern art?", "My favourite way to travel is",
            "The meeting tomorrow will", "Tell me about a new idea you had recently."]
-SKIP_EXIT = 77
 
 CHILD_SOURCE = r'''
 """steering-vectors side of scripts/check_steering_vectors.py (run in a transformers<5 venv).
@@ -149,23 +150,9 @@ if __name__ == "__main__":
 '''
 
 
-class Skip(Exception):
-    """The check cannot run here (the steering-vectors venv cannot be built)."""
-
-
-def default_venv() -> Path:
-    from dpn_lens.models import cache_dir
-
-    return cache_dir() / "runtimes" / "steering-vectors"
-
-
 def child_env() -> dict[str, str]:
     """This environment without what would point another interpreter at this venv's packages."""
     return {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
-
-
-def venv_python(venv: Path) -> Path:
-    return venv / "bin" / "python"
 
 
 def venv_works(venv: Path) -> bool:
@@ -210,29 +197,8 @@ def ensure_venv(venv: Path) -> Path:
     return venv_python(venv)
 
 
-def dpn_lens_cli(*args: str) -> None:
-    """``python -m dpn_lens.cli ARGS`` with this interpreter; its output is shown only on failure."""
-    result = subprocess.run([sys.executable, "-m", "dpn_lens.cli", *args], capture_output=True, text=True)
-    if result.returncode != 0:
-        raise SystemExit(f"dpn-lens {args[0]} failed (exit {result.returncode}):\n{result.stdout}\n{result.stderr}")
-
-
-def make_map(work: Path) -> Path:
-    """A small openness map (100 pairs, layers 1-29: the GGUF export cannot steer layer 0; keep one map)."""
-    path = work / "run" / "maps" / f"{TRAIT}.safetensors"
-    if path.exists():
-        print(f"map: {path} (already there)")
-        return path
-    print("map: dpn-lens locate --traits openness --n-pairs 100 --layers 1-29 (about a minute)", flush=True)
-    dpn_lens_cli("locate", "--model", MODEL, "--traits", TRAIT, "--n-pairs", "100", "--layers", "1-29",
-                 "--dtype", "bfloat16", "--out", str(work / "run"), "--no-progress")
-    return path
-
-
 def export_vector(map_path: Path, gamma: float, out: Path) -> Path:
-    dpn_lens_cli("export", "--model", MODEL, "--map", str(map_path), "--gamma", str(gamma),
-                 "--direction", "increase", "--format", "steering-vectors", "--out", str(out))
-    return out
+    return export(map_path, gamma, "steering-vectors", out)
 
 
 def converted_folder(hf_model) -> Path:
@@ -362,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     work = args.work or Path(tempfile.mkdtemp(prefix="check_steering_vectors-"))
     start = time.time()
     try:
-        failures = check(work, args.venv or default_venv(), args.map, args.gamma)
+        failures = check(work, args.venv or runtime_venv("steering-vectors"), args.map, args.gamma)
     except Skip as reason:
         print(f"SKIP: {reason}")
         return SKIP_EXIT
