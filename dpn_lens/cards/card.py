@@ -311,6 +311,9 @@ def map_cards(neuron_map: NeuronMap, stats: Any, other_maps: dict[str, NeuronMap
         for pole, layer, index in _neurons_of(other):
             membership.setdefault((layer, index), []).append(f"{name} {pole}")
     own = f"{neuron_map.trait} [{neuron_map.rule}]"
+    # Per-pole SDs once per map, not once per card (each is a full [layers, d_mlp] reduction).
+    sd_high = stats.high.variance().sqrt() if stats is not None else None
+    sd_low = stats.low.variance().sqrt() if stats is not None else None
     cards = []
     for pole, layer, index in _neurons_of(neuron_map):
         row = neuron_map.stat_layers.index(layer)
@@ -322,8 +325,8 @@ def map_cards(neuron_map: NeuronMap, stats: Any, other_maps: dict[str, NeuronMap
             stat_row = stats.layers.index(layer)
             card.mean_high = float(stats.high.mean[stat_row, index])
             card.mean_low = float(stats.low.mean[stat_row, index])
-            card.sd_high = float(stats.high.variance()[stat_row, index].sqrt())
-            card.sd_low = float(stats.low.variance()[stat_row, index].sqrt())
+            card.sd_high = float(sd_high[stat_row, index])
+            card.sd_low = float(sd_low[stat_row, index])
         lens = lenses[(layer, index)]
         card.promoted, card.suppressed, card.lens_note = lens.promoted, lens.suppressed, lens.note
         prompt_row = prompt_rows[(layer, index)]
