@@ -210,6 +210,7 @@ def _prepare(model: Any, trait: str, config: CompareConfig, log) -> TraitContext
         model, trait, maps_dir=config.maps_dir, locate_pairs=config.locate_pairs, q=config.locate_q,
         tau_d=config.locate_tau_d, if_missing="locate", log=log))
     rules = [name for name in config.methods if name in EFFECT_RULES]
+    rules += [rule for name in config.methods for rule in METHODS_BY_NAME[name].needs_rules if rule not in rules]
     if rules:  # the effect rules' maps, selected from the DPN-LE map (or read from --maps <rule>/)
         chosen = rule_maps(model, context.neuron_map, rules, maps_dir=config.maps_dir, seed=config.seed,
                            memo=context.memo, log=log)

@@ -53,7 +53,7 @@ __all__ = ["ControlConfig", "SWEEP_METHODS", "DEFAULT_METHODS", "RANDOM_CONTROL"
            "held_out_pairs", "HeldOutPairs", "persona_control", "run_control", "matched_cost_rows", "goal_rows",
            "merge_control_results"]
 
-SWEEP_METHODS = ("dpn-le", "dpn-le-w", "directional", "topk", "dense", *EFFECT_RULES, "npti", "caa")
+SWEEP_METHODS = ("dpn-le", "dpn-le-w", "directional", "topk", "dense", *EFFECT_RULES, "attribution-t-resid", "npti", "caa")
 """Every method the dose-response can sweep, in table order (names of ``evaluation.methods``)."""
 DEFAULT_METHODS = ("dpn-le", *EFFECT_RULES, "caa")
 """What ``control`` sweeps by default: every selection rule (the paper's and the effect rules) and CAA."""
@@ -349,6 +349,19 @@ def _level_gammas(cost: Sequence[dict[str, Any]], kl_levels: Sequence[float]) ->
     return {level: gamma for level, gamma in found.items() if not math.isnan(gamma)}
 
 
+def _rules_needed(methods: Sequence[str]) -> list[str]:
+    """The selection rules whose maps ``methods`` edit: the rules named, and those a variant builds on.
+
+    Example:
+        >>> _rules_needed(["dpn-le", "attribution-t-resid", "caa"])
+        ['dpn-le', 'attribution-t']
+    """
+    needed = [name for name in methods if name in RULE_NAMES]
+    for name in methods:
+        needed += [rule for rule in METHODS_BY_NAME[name].needs_rules if rule not in needed]
+    return needed
+
+
 def _random_seed(config: ControlConfig, draw: int) -> int:
     """Seed of random-neuron draw ``draw``: draw 0 of ``--seed s`` is seed ``s`` (the one draw of earlier runs)."""
     return config.seed + 1000 * draw
@@ -475,7 +488,7 @@ def run_control(model: Any, config: ControlConfig, log: Callable[[str], None] = 
                     on_trait(result_so_far())
                 continue
             context = TraitContext(trait, neuron_map)
-            chosen = rule_maps(model, neuron_map, [r for r in rules if r != "dpn-le"], maps_dir=config.maps_dir,
+            chosen = rule_maps(model, neuron_map, [r for r in _rules_needed(methods) if r != "dpn-le"], maps_dir=config.maps_dir,
                                n_pairs=config.selection_pairs, seed=config.seed, budget=config.budget,
                                memo=context.memo, log=log)
             for rule, (rule_map, loaded) in chosen.items():

@@ -7,11 +7,13 @@ over ``COMPARISON_METHODS``; adding a method is one ``ComparisonMethod`` entry t
 
 The effect-selection rules (``dpn_lens.effect.rules``: ``attribution``, ``write``, ``write-layer``,
 ``dpn-le-attribution``) are methods too: the DPN-LE edit on the neurons their map selects
-(``TraitContext.maps``, filled by ``trait_maps.rule_maps``).
+(``TraitContext.maps``, filled by ``trait_maps.rule_maps``). ``attribution-t-resid`` is attribution-t's
+edit with the post-MLP norm taken out: what its neurons write into the residual stream, added there as fixed
+vectors (``effect.residual_write``; the same edit on a model without a post-MLP norm).
 
 Example:
     >>> [method.name for method in COMPARISON_METHODS]
-    ['dpn-le', 'dpn-le-w', 'dpn-le-sd', 'directional', 'dense', 'topk', 'attribution', 'attribution-t', 'write', 'write-layer', 'dpn-le-attribution', 'npti', 'caa', 'prompting']
+    ['dpn-le', 'dpn-le-w', 'dpn-le-sd', 'directional', 'dense', 'topk', 'attribution', 'attribution-t', 'write', 'write-layer', 'dpn-le-attribution', 'attribution-t-resid', 'npti', 'caa', 'prompting']
     >>> "dpn-le-sd" in DEFAULT_METHOD_NAMES   # a variant: run when --methods names it
     False
     >>> METHODS_BY_NAME["prompting"].sweepable
@@ -80,6 +82,8 @@ class ComparisonMethod:
     name: str
     build: Callable[[Any, TraitContext, Direction, float | None], Condition]
     gamma_option: str | None = "gamma"
+    needs_rules: tuple[str, ...] = ()
+    """Selection rules whose maps it edits beyond its own name (``attribution-t-resid``: attribution-t's)."""
     prepare: Callable[[Any, str, "CompareConfig"], Any] | None = None
     sweepable: bool = True
     default: bool = True
@@ -126,6 +130,24 @@ def _effect_rule(rule: str) -> Callable[[Any, TraitContext, Direction, float | N
     return build
 
 
+RESIDUAL_PROMPT_PAIRS = 8
+"""Embedded pairs (seed 42, selection data) whose tokens ``<rule>-resid`` averages the residual write over."""
+
+
+def _residual_write_of(rule: str) -> Callable[[Any, TraitContext, Direction, float | None], Condition]:
+    def build(model: Any, context: TraitContext, direction: Direction, gamma: float | None) -> Condition:
+        from dpn_lens.effect.residual_write import residual_write
+
+        key = ("residual-write", rule)
+        if key not in context.memo:   # once per trait: the unit increase write, signed and scaled below
+            pairs = embedded_contrastive_set(context.trait, RESIDUAL_PROMPT_PAIRS, seed=42)
+            unit = steering_intervention(context.rule_map(rule), 1.0, "increase", "both")
+            context.memo[key] = residual_write(model, unit, [*pairs.high, *pairs.low])
+        unit = context.memo[key]
+        return gamma * (unit if direction_sign(direction) > 0 else -unit), None
+    return build
+
+
 def _npti_prepare(model: Any, trait: str, config: "CompareConfig") -> Any:
     return npti_trait_statistics(model, trait, config.npti_prompts, config.npti_new_tokens)
 
@@ -156,6 +178,8 @@ COMPARISON_METHODS: tuple[ComparisonMethod, ...] = (
     ComparisonMethod("dense", _dense),
     ComparisonMethod("topk", _topk),
     *(ComparisonMethod(rule, _effect_rule(rule), default=False) for rule in EFFECT_RULES),
+    ComparisonMethod("attribution-t-resid", _residual_write_of("attribution-t"), needs_rules=("attribution-t",),
+                     default=False),
     ComparisonMethod("npti", _npti, gamma_option="npti_gamma", prepare=_npti_prepare),
     ComparisonMethod("caa", _caa, gamma_option="caa_gamma", prepare=_caa_prepare),
     ComparisonMethod("prompting", _prompting, gamma_option=None, sweepable=False),
