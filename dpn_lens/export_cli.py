@@ -57,11 +57,19 @@ def _load(args: argparse.Namespace):
 def run_export(args: argparse.Namespace) -> int:
     """Handler of ``dpn-lens export``."""
     from dpn_lens.export import ALL_POSITIONS_NOTE, export_edit
+    from dpn_lens.models import check_map_before_loading
     from dpn_lens.neuron_map import NeuronMap
-    from dpn_lens.steering import steering_intervention
+    from dpn_lens.steering import check_strength, steering_intervention
 
+    # Everything the map file, the options and the model's config can tell, before the weights load.
+    check_strength(args.gamma, args.direction)
+    neuron_map = NeuronMap.load(args.map)
+    if neuron_map.n_selected() == 0:
+        raise ValueError(f"--map {args.map}: the {neuron_map.trait} map selects no neurons, so the export would "
+                         "change nothing; locate again with more --n-pairs or a lower --tau-d")
+    check_map_before_loading(neuron_map, args.model)
     model = _load(args)
-    neuron_map = NeuronMap.load(args.map, model=model)
+    neuron_map.check_compatible(model)
     edit = steering_intervention(neuron_map, args.gamma, args.direction, args.mode, args.weighted, positions="all")
     path = export_edit(model, edit, args.format, args.out, trait=neuron_map.trait, gamma=args.gamma,
                        direction=args.direction, mode=args.mode, weighted=args.weighted, map=str(args.map))

@@ -20,6 +20,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from dpn_lens.neuron_map import NeuronMap
+from dpn_lens.numbers import as_float
 from dpn_lens.settings import REFERENCE_SETTINGS, LocalizationSettings, reference_settings
 from dpn_lens.statistics import ContrastStatistics
 
@@ -69,6 +70,9 @@ def select_neurons(s: Float[Tensor, "d_mlp"], d: Float[Tensor, "d_mlp"], q: floa
         >>> high.tolist(), low.tolist()
         ([1], [2])
     """
+    q, tau_d = as_float(q, "q"), as_float(tau_d, "tau_d")
+    if not 0.0 <= q <= 1.0:
+        raise ValueError(f"q is a quantile of |s|, between 0 and 1 (e.g. 0.995); got {q}")
     magnitude = s.abs()
     tau_q = float(torch.quantile(magnitude.to(torch.float64), q))
     passes = magnitude > tau_q
@@ -161,6 +165,10 @@ def propose_settings(stats: ContrastStatistics, q: float = 0.995, separation_fra
 
     Returns settings whose ``reason`` says what was chosen and why.
     """
+    q = as_float(q, "q")
+    if not 0.0 <= q <= 1.0:
+        raise ValueError(f"q is a quantile of |s|, between 0 and 1 (e.g. 0.995); got {q}")
+    separation_fraction = as_float(separation_fraction, "separation_fraction", "0.5")
     separation = layer_separation(stats)
     peak = float(separation.max())
     floor = separation_fraction * peak
@@ -219,6 +227,8 @@ def locate(stats: ContrastStatistics, settings: LocalizationSettings | None = No
                          "pass model=... (the model the statistics were collected on)")
     if select == "dpn-le" and (budget is not None or effect_options):
         raise ValueError("budget and effect options apply to effect rules; the dual criterion is set by q and tau_d")
+    q = None if q is None else as_float(q, "q", "0.995")
+    tau_d = None if tau_d is None else as_float(tau_d, "tau_d", "0.5")
     overrides = {"layers": None if layers is None else list(layers), "q": q, "tau_d": tau_d}
     given = {name: value for name, value in overrides.items() if value is not None}
     if settings is None and len(given) < 3:

@@ -167,6 +167,17 @@ class LocateConfig:
         if self.source not in DATA_SOURCES:
             raise ValueError(f"unknown data source {self.source!r}; use one of {', '.join(DATA_SOURCES)}")
         self.select = parse_rules(self.select)
+        from dpn_lens.numbers import as_float, as_int
+
+        self.n_pairs = as_int(self.n_pairs, "n_pairs", "1000", minimum=1)
+        self.seed = as_int(self.seed, "seed", "42")
+        self.q = None if self.q is None else as_float(self.q, "q", "0.995")
+        self.tau_d = None if self.tau_d is None else as_float(self.tau_d, "tau_d", "0.5")
+        self.budget = None if self.budget is None else as_int(self.budget, "budget", "64", minimum=1)
+        self.selection_pairs = as_int(self.selection_pairs, "selection_pairs", "128", minimum=2)
+        self.selection_seed = as_int(self.selection_seed, "selection_seed", "0")
+        self.selection_tokens = as_int(self.selection_tokens, "selection_tokens", "48", minimum=1)
+        self.selection_batch = as_int(self.selection_batch, "selection_batch", "16", minimum=1)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready copy (paths as strings)."""

@@ -123,11 +123,27 @@ def probes(model_folder: Path, run: Path, scratch: Path) -> list[tuple[str, Call
         return original_load(args)
 
     cli._load = counting_load
+    import dpn_lens.export_cli as export_cli
+
+    original_export_load = export_cli._load
+
+    def counting_export_load(args: Any) -> Any:
+        loads.append(args.model)
+        return original_export_load(args)
+
+    export_cli._load = counting_export_load
 
     def loaded() -> bool:
         was = bool(loads)
         loads.clear()
         return was
+
+    S, D = torch.tensor([0.0, 2.0, -3.0, 0.1]), torch.tensor([0.0, 1.0, -2.0, 0.1])
+    persona = scratch / "persona_data"
+    (persona / "anthropic_persona").mkdir(parents=True)
+    (persona / "anthropic_persona" / "openness.jsonl").write_text("\n".join(
+        f'{{"statement": "I like new ideas {i}", "answer_matching_behavior": "{a}", "answer_not_matching_behavior": "{b}"}}'
+        for i in range(4) for a, b in ((" Yes", " No"), (" No", " Yes"))))
 
     def edit(gamma: Any) -> Any:
         return steering_intervention(neuron_map, gamma=gamma)
@@ -165,6 +181,19 @@ def probes(model_folder: Path, run: Path, scratch: Path) -> list[tuple[str, Call
         ("dpn-lens steer --map M --model <other shape>", lambda: classify_cli(
             ["steer", "--model", str(other_shape), "--prompt", "hi", "--gamma", "1", "--map", str(map_file)],
             ["n_layers"], loaded)),
+        ("dpn-lens export --gamma -1 --direction increase", lambda: classify_cli(
+            ["export", "--model", str(model_folder), "--map", str(map_file), "--gamma", "-1", "--direction", "increase",
+             "--format", "gguf", "--out", str(scratch / "x.gguf")], ["decrease"], loaded)),
+        ("locate(stats, tau_d=[0.5])", lambda: classify_call(
+            lambda: __import__("dpn_lens").locate(ContrastStatistics.load(stats_file), tau_d=[0.5]), ["tau_d"])),
+        ("LocateConfig(n_pairs='100')", lambda: classify_call(
+            lambda: __import__("dpn_lens").LocateConfig(n_pairs="100"), ["n_pairs"])),
+        ("select_neurons(s, d, q=np.float32(0.5), tau_d=0.5)", lambda: classify_call(
+            lambda: [t.tolist() for t in __import__("dpn_lens").select_neurons(S, D, q=np.float32(0.5), tau_d=0.5)[:2]],
+            None, lambda: [t.tolist() for t in __import__("dpn_lens").select_neurons(S, D, q=0.5, tau_d=0.5)[:2]])),
+        ("anthropic_persona_contrastive_set(seed=np.float64(3))", lambda: classify_call(
+            lambda: __import__("dpn_lens").anthropic_persona_contrastive_set(persona, "openness", 2, seed=np.float64(3)).high,
+            None, lambda: __import__("dpn_lens").anthropic_persona_contrastive_set(persona, "openness", 2, seed=3).high)),
         ("dpn-lens steer --map <stats file>", lambda: classify_cli(steer + ["--gamma", "1", "--map", str(stats_file)],
                                                                    ["statistics"], loaded)),
     ]

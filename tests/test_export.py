@@ -215,6 +215,8 @@ def test_cli_export_writes_each_format_and_says_all_positions(tiny_model, tmp_pa
                           fingerprint=model_fingerprint(tiny_model).to_dict())
     map_path = neuron_map.save(tmp_path / "openness.safetensors")
     monkeypatch.setattr("dpn_lens.export_cli._load", lambda args: tiny_model)
+    # The model is swapped in above, so --model's config (the default model's) is not the one that loads.
+    monkeypatch.setattr("dpn_lens.models.check_map_before_loading", lambda neuron_map, spec: None)
     for fmt, out in (("gguf", "o.gguf"), ("steering-vectors", "o.safetensors"), ("hf-bias", "o-model")):
         status = main(["export", "--map", str(map_path), "--gamma", "2", "--direction", "decrease",
                        "--format", fmt, "--out", str(tmp_path / out)])
@@ -261,3 +263,21 @@ def test_smollm2_exports_match_the_hook_edit(tmp_path):
           float((steered - _logits(plain, ids)).abs().max()))
     assert float((steered - _logits(plain, ids)).abs().max()) > 0.1
     assert all(diff < 2e-3 for diff in diffs.values()), diffs
+
+
+def test_cli_export_refuses_a_negative_gamma_and_an_empty_map_before_loading_the_model(tiny_model, tmp_path, capsys,
+                                                                                     monkeypatch):
+    def no_load(args):
+        raise AssertionError("the model was loaded before the bad input was refused")
+
+    monkeypatch.setattr("dpn_lens.export_cli._load", no_load)
+    neuron_map = make_map("openness", {1: [3]}, {2: [5]}, [1, 2], n_layers=4, d_mlp=48,
+                          fingerprint=model_fingerprint(tiny_model).to_dict())
+    map_path = neuron_map.save(tmp_path / "openness.safetensors")
+    assert main(["export", "--map", str(map_path), "--gamma", "-2", "--direction", "increase",
+                 "--format", "gguf", "--out", str(tmp_path / "o.gguf")]) == 2
+    assert "direction='decrease'" in capsys.readouterr().err
+    empty = make_map("openness", {}, {}, [1, 2], n_layers=4, d_mlp=48).save(tmp_path / "empty.safetensors")
+    assert main(["export", "--map", str(empty), "--format", "gguf", "--out", str(tmp_path / "o.gguf")]) == 2
+    assert "selects no neurons" in capsys.readouterr().err
+    assert not (tmp_path / "o.gguf").exists()

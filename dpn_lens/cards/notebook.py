@@ -142,6 +142,9 @@ def explore(run: Run, model: Any, cards: dict[tuple[str, str], list[NeuronCard]]
     Needs ``ipywidgets`` (``pip install ipywidgets``) and a notebook frontend to be interactive; without a
     frontend it still builds and each callback runs when called.
     """
+    from dpn_lens.numbers import as_int
+
+    max_new_tokens = as_int(max_new_tokens, "max_new_tokens", "40", minimum=1)
     try:
         import ipywidgets as widgets
     except ImportError as error:

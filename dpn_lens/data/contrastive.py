@@ -268,7 +268,12 @@ def anthropic_persona_contrastive_set(data_dir: str | os.PathLike | None, trait:
     Example:
         >>> pairs = anthropic_persona_contrastive_set("../shared/data", "agreeableness", 100)  # doctest: +SKIP
     """
+    from dpn_lens.numbers import as_int
+
     trait = normalize_trait(trait)
+    seed = as_int(seed, "seed", "42")
+    if n_pairs is not None:
+        n_pairs = as_int(n_pairs, "n_pairs", "500", minimum=1)
     folder = resolve_data_dir(data_dir, "anthropic_persona")
     path = folder / f"{trait}.jsonl"
     if not path.exists():

@@ -66,6 +66,9 @@ def selection_pairs(model: Any, trait: str, n_pairs: int = SELECTION_PAIRS, seed
     from dpn_lens.numbers import as_int
 
     n_pairs = as_int(n_pairs, "n_pairs (selection averages over pairs)", "128", minimum=2)
+    seed = as_int(seed, "seed", "0")
+    max_new_tokens = as_int(max_new_tokens, "max_new_tokens", "48", minimum=1)
+    batch_size = as_int(batch_size, "batch_size", "16", minimum=1)
     questions, highs, lows = _embedded_material(trait)
     material = hashlib.sha256(json.dumps([questions, highs, lows]).encode()).hexdigest()[:16]
     path = pairs_cache_file(model, "selection_pairs", trait, batch_size=batch_size, pairs=n_pairs, seed=seed,

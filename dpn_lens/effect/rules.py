@@ -53,6 +53,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from dpn_lens.neuron_map import DUAL_CRITERION, NeuronMap
+from dpn_lens.numbers import as_int
 from dpn_lens.settings import LocalizationSettings
 
 __all__ = ["SelectionRule", "SELECTION_RULES", "attribution_statistic", "RULES_BY_NAME", "RULE_NAMES", "EFFECT_RULES", "EffectScores",
@@ -152,7 +153,6 @@ def select_top(scores: Float[Tensor, "n_rows d_mlp"], rows: Sequence[int], k: in
         >>> select_top(torch.tensor([[0.1, 0.9, -1.0], [0.5, float("-inf"), 0.2]]), rows=[3, 7], k=3)
         {3: tensor([1]), 7: tensor([0, 2])}
     """
-    from dpn_lens.numbers import as_int
 
     k = as_int(k, "k (neurons to keep)", minimum=1)
     flat = scores.detach().to(torch.float64).flatten()
@@ -256,7 +256,11 @@ def effect_scores(model: Any, base: NeuronMap, rule: str, *, pairs: Sequence[Any
         raise ValueError(f"effect rules start from the trait's DPN-LE map (its s, and its selection as filter and "
                          f"budget); got a {base.rule!r} map")
     base.check_compatible(model)
-    n_pairs = SELECTION_PAIRS if n_pairs is None else n_pairs
+    n_pairs = SELECTION_PAIRS if n_pairs is None else as_int(n_pairs, "n_pairs", "128", minimum=2)
+    seed = as_int(seed, "seed", "0")
+    contrastive_pairs = as_int(contrastive_pairs, "contrastive_pairs", "50", minimum=1)
+    selection_tokens = as_int(selection_tokens, "selection_tokens", "48", minimum=1)
+    selection_batch = as_int(selection_batch, "selection_batch", "16", minimum=1)
     key = (chosen.score, chosen.direction, n_pairs, seed, selection_tokens, selection_batch, contrastive_pairs, id(base))
     if memo is not None and pairs is None and key in memo:
         raw, details = memo[key]
@@ -317,6 +321,8 @@ def effect_map(base: NeuronMap, scores: EffectScores, budget: int | None = None)
     ``dpn-le-attribution`` every candidate (DPN-LE's neurons with positive attribution), at most that.
     """
     rule = rule_named(scores.rule)
+    if budget is not None:
+        budget = as_int(budget, "budget (neurons to keep)", minimum=1)
     if budget is None:
         budget = default_budget(base)
         if rule.within_dual:
