@@ -320,6 +320,21 @@ def _resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     return table[dtype]
 
 
+def model_source(spec: str) -> str | Path:
+    """What ``from_pretrained`` reads for ``spec``: an embedded model's or a GGUF's converted folder (converted
+    once into the cache), else ``spec`` itself (a folder or hub name)."""
+    if spec in EMBEDDED_MODELS:
+        embedded = EMBEDDED_MODELS[spec]
+        return _converted_gguf_dir(embedded_gguf_path(spec), embedded.config_overrides)
+    if str(spec).endswith(".gguf"):
+        gguf = Path(spec).expanduser()
+        if not gguf.exists():
+            raise FileNotFoundError(f"GGUF file {gguf} does not exist; pass the path of a .gguf file")
+        # GGUF configs omit `architectures`; load_hf_model fills it from the model type so the bridge can boot.
+        return _converted_gguf_dir(gguf, {})
+    return spec
+
+
 def load_hf_model(spec: str, dtype: str | torch.dtype | None = None, device: str | None = None,
                   random_weights: bool = False, **from_pretrained_kwargs: Any):
     """Load ``(hf_model, tokenizer, is_chat_model)`` for any supported ``spec`` (no bridge yet).
@@ -333,18 +348,10 @@ def load_hf_model(spec: str, dtype: str | torch.dtype | None = None, device: str
     torch_dtype = _resolve_dtype(dtype)
     overrides: dict[str, Any] = {}
     is_chat: bool | None = None
+    source = model_source(spec)
     if spec in EMBEDDED_MODELS:
         embedded = EMBEDDED_MODELS[spec]
-        source = _converted_gguf_dir(embedded_gguf_path(spec), embedded.config_overrides)
         overrides, is_chat = embedded.config_overrides, embedded.is_chat_model
-    elif str(spec).endswith(".gguf"):
-        gguf = Path(spec).expanduser()
-        if not gguf.exists():
-            raise FileNotFoundError(f"GGUF file {gguf} does not exist; pass the path of a .gguf file")
-        # GGUF configs omit `architectures`; fill it from the model type so the bridge can boot.
-        source = _converted_gguf_dir(gguf, {})
-    else:
-        source = spec
     kwargs = dict(dtype=torch_dtype, **from_pretrained_kwargs)
     if device is not None and "device_map" not in kwargs:
         kwargs["device_map"] = device

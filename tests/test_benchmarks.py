@@ -163,3 +163,19 @@ def test_every_benchmark_command_in_the_docs_parses(bench):
         args = bench.parser().parse_args(argv)
         sections = [s for s in args.sections.split(",") if s]
         assert sections and set(sections) <= set(bench.SECTIONS), (doc, argv)
+
+
+def test_the_overhead_benchmark_runs_and_the_bridge_matches_the_raw_model(capsys):
+    """benchmarks/bench_overhead.py on the tiny model: the bridge's greedy tokens equal the raw HF model's
+    (unsteered, and steered by the same edit through plain PyTorch hooks), and its statistics equal raw hooks'."""
+    spec = importlib.util.spec_from_file_location("bench_overhead", SCRIPT.parent / "bench_overhead.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    results = module.main(["--model", "tiny", "--repeats", "1", "--prompts", "2", "--new-tokens", "6",
+                           "--collect-prompts", "6", "--batch-size", "4", "--neurons", "12"])
+    generation, collection = results["generation"], results["collection"]
+    assert generation["same_tokens_unsteered"] and generation["same_tokens_steered"]
+    assert generation["steering_changed_tokens"]            # the edit is strong enough to be seen
+    assert collection["max_abs_mean_difference"] < 1e-5
+    assert "[generation tiny" in capsys.readouterr().out
