@@ -43,11 +43,7 @@ from bench_perf import LOAD_OPTIONS, batches, interleaved, load, median, ratio  
 from dpn_lens import Intervention, embedded_contrastive_set, steer  # noqa: E402
 from dpn_lens.collect import CollectionConfig, collect_group_statistics  # noqa: E402
 from dpn_lens.data.prompts import render_for_model  # noqa: E402
-from dpn_lens.hooked import pad_token_id, tokenize_compact  # noqa: E402
-
-
-def _decoder_layers(hf_model: Any) -> Any:
-    return hf_model.model.layers
+from dpn_lens.hooked import decoder_layers, pad_token_id, tokenize_compact  # noqa: E402
 
 
 def _edit(n_layers: int, d_mlp: int, neurons_per_layer: int) -> Intervention:
@@ -70,7 +66,7 @@ def _hf_pre_hooks(hf_model: Any, edit: Intervention) -> list[Any]:
             if hidden.shape[1] != 1:
                 return None
             return (hidden + delta.to(hidden.device, hidden.dtype),)
-        handles.append(_decoder_layers(hf_model)[layer].mlp.down_proj.register_forward_pre_hook(hook))
+        handles.append(decoder_layers(hf_model)[layer].mlp.down_proj.register_forward_pre_hook(hook))
     return handles
 
 
@@ -149,7 +145,7 @@ def bench_collection(model: Any, n_prompts: int, batch_size: int, repeats: int) 
                 squares[layer] += (last * last).sum(0)
             return hook
 
-        handles = [_decoder_layers(hf_model)[layer].mlp.down_proj.register_forward_pre_hook(reader(layer))
+        handles = [decoder_layers(hf_model)[layer].mlp.down_proj.register_forward_pre_hook(reader(layer))
                    for layer in layers]
         try:
             with torch.inference_mode():

@@ -53,7 +53,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from dpn_lens.hooked import HOOK_NAME, HookedModel
+from dpn_lens.hooked import HOOK_NAME, HookedModel, decoder_layers, down_proj_weight, hf_model, hf_module
 from dpn_lens.steering import Intervention
 
 __all__ = ["FORMATS", "ExportedEdit", "residual_vectors", "exported_edit", "export_control_vector",
@@ -79,36 +79,9 @@ class ExportedEdit:
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
-def _hf_model(model: Any) -> Any:
-    return getattr(model, "original_model", model)
-
-
-def _plain(module: Any) -> Any:
-    """The wrapped Hugging Face module of a TransformerBridge component (or the module itself)."""
-    return getattr(module, "original_component", module)
-
-
-def _decoder_layers(model: Any) -> Any:
-    hf = _hf_model(model)
-    inner = getattr(hf, "model", None)
-    layers = getattr(inner, "layers", None)
-    if layers is None:
-        raise ValueError(f"exports support decoder models with `model.layers[i].mlp.down_proj` (LLaMA, Qwen2, "
-                         f"Mistral, Gemma); {type(hf).__name__} has no `model.layers`")
-    return layers
-
-
-def _down_proj_weight(model: Any, layer: int) -> Float[Tensor, "d_model d_mlp"]:
-    mlp = _plain(_decoder_layers(model)[layer]).mlp
-    down = getattr(_plain(mlp), "down_proj", None)
-    if down is None:
-        raise ValueError(f"layer {layer}'s MLP has no `down_proj`; exports support LLaMA-style gated MLPs")
-    return _plain(down).weight
-
-
 def _normalises_mlp_output(model: Any) -> bool:
     """True when the MLP output passes a norm before the residual add (Gemma 2/3)."""
-    return any(hasattr(_plain(layer), "post_feedforward_layernorm") for layer in _decoder_layers(model))
+    return any(hasattr(hf_module(layer), "post_feedforward_layernorm") for layer in decoder_layers(model, "exports"))
 
 
 def residual_vectors(model: HookedModel, edit: Intervention) -> dict[int, Float[Tensor, "d_model"]]:
@@ -125,7 +98,7 @@ def residual_vectors(model: HookedModel, edit: Intervention) -> dict[int, Float[
     for layer, delta in sorted(edit.deltas.items()):
         if not bool((delta != 0).any()):
             continue
-        weight = _down_proj_weight(model, layer).detach().to("cpu", torch.float32)
+        weight = down_proj_weight(model, layer, "exports").detach().to("cpu", torch.float32)
         if weight.shape[1] != delta.numel():
             raise ValueError(f"layer {layer}: the delta has {delta.numel()} neurons but down_proj takes "
                              f"{weight.shape[1]}; the edit was built for another model")
@@ -142,7 +115,7 @@ def exported_edit(model: HookedModel, edit: Intervention, **metadata: Any) -> Ex
 
 def _refuse_normalised_mlp(model: Any, fmt: str) -> None:
     if _normalises_mlp_output(model):
-        arch = type(_hf_model(model)).__name__
+        arch = type(hf_model(model)).__name__
         raise ValueError(
             f"{arch} normalises each MLP output (post_feedforward_layernorm) before the residual add, so a "
             f"{fmt} vector added to a layer's output would not equal the neuron edit; steer this model "
@@ -182,7 +155,7 @@ def export_control_vector(model: HookedModel, exported: ExportedEdit, path: str 
     with atomic_path(path) as tmp:
         writer = gguf.GGUFWriter(str(tmp), "controlvector")
         # The two keys llama.cpp's own control-vector generator writes; the rest say what produced it.
-        writer.add_string("controlvector.model_hint", str(getattr(_hf_model(model).config, "model_type", "")))
+        writer.add_string("controlvector.model_hint", str(getattr(hf_model(model).config, "model_type", "")))
         writer.add_uint32("controlvector.layer_count", len(exported.vectors))
         for key, value in exported.metadata.items():
             writer.add_string(f"dpn_lens.{key}", str(value))
@@ -291,8 +264,8 @@ def export_bias_model(model: HookedModel, exported: ExportedEdit, out: str | os.
 
     from dpn_lens.io import write_json_atomic
 
-    hf = _hf_model(model)
-    config, re_expressed_from = _bias_config(hf.config, type(_plain(hf)).__name__)
+    hf = hf_model(model)
+    config, re_expressed_from = _bias_config(hf.config, type(hf_module(hf)).__name__)
     if not exported.vectors:
         raise ValueError("the edit changes no neuron (all deltas are zero); nothing to export")
     # A TransformerBridge wraps every HF module (`._original_component` in the state dict keys):

@@ -17,7 +17,8 @@ from torch import Tensor
 
 from dpn_lens.data.prompts import render_for_model
 
-__all__ = ["HookedModel", "HOOK_NAME", "hook_name", "require_hooked_model", "check_layers", "pad_token_id",
+__all__ = ["HookedModel", "HOOK_NAME", "hook_name", "hf_model", "hf_module", "decoder_layers", "down_proj_weight",
+           "post_mlp_norm", "require_hooked_model", "check_layers", "pad_token_id",
            "pad_token_lists", "input_device", "tokenize_prompts", "last_token_batches", "encode"]
 
 HOOK_NAME = "blocks.{layer}.mlp.hook_post"
@@ -193,3 +194,43 @@ def tokenize_compact(model: HookedModel, prompts: Sequence[str], chat: bool | No
                 ids = ids[-n_ctx:]
             token_arrays.append(np.asarray(ids, dtype=np.int32))
     return token_arrays
+
+
+# ----- the Hugging Face modules under a TransformerBridge (the weights exports and the logit lens read) -----
+def hf_model(model: Any) -> Any:
+    """The Hugging Face model a TransformerBridge wraps (or ``model`` itself when it is one)."""
+    return getattr(model, "original_model", model)
+
+
+def hf_module(module: Any) -> Any:
+    """The Hugging Face module a TransformerBridge component wraps (or the module itself)."""
+    return getattr(module, "original_component", module)
+
+
+def decoder_layers(model: Any, purpose: str = "this") -> Any:
+    """``model.layers`` of the wrapped decoder; a ValueError naming ``purpose`` where there is none.
+
+    Example:
+        >>> from dpn_lens.tiny import build_tiny_model
+        >>> len(decoder_layers(build_tiny_model()))
+        4
+    """
+    hf = hf_model(model)
+    layers = getattr(getattr(hf, "model", None), "layers", None)
+    if layers is None:
+        raise ValueError(f"{purpose} needs a decoder with `model.layers[i].mlp.down_proj` (LLaMA, Qwen2, Mistral, "
+                         f"Gemma); {type(hf).__name__} has no `model.layers`")
+    return layers
+
+
+def down_proj_weight(model: Any, layer: int, purpose: str = "this") -> Tensor:
+    """``W_out`` of ``layer``: the ``down_proj`` weight ``[d_model, d_mlp]`` whose input is ``hook_post``."""
+    down = getattr(hf_module(hf_module(decoder_layers(model, purpose)[layer]).mlp), "down_proj", None)
+    if down is None:
+        raise ValueError(f"layer {layer}'s MLP has no `down_proj`; {purpose} supports LLaMA-style gated MLPs")
+    return hf_module(down).weight
+
+
+def post_mlp_norm(model: Any, layer: int) -> Any:
+    """The norm between ``layer``'s MLP and the residual add (Gemma 2/3's ``post_feedforward_layernorm``), or None."""
+    return getattr(hf_module(decoder_layers(model)[layer]), "post_feedforward_layernorm", None)

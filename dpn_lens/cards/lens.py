@@ -34,6 +34,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from dpn_lens.hooked import down_proj_weight, hf_model, hf_module, post_mlp_norm
+
 __all__ = ["LogitLens", "output_directions", "unembedding", "norm_scale", "logit_lens", "neuron_label"]
 
 
@@ -68,22 +70,6 @@ class LogitLens:
         return neuron_label(self.layer, self.neuron)
 
 
-def _hf_model(model: Any) -> Any:
-    return getattr(model, "original_model", model)
-
-
-def _plain(module: Any) -> Any:
-    return getattr(module, "original_component", module)
-
-
-def _decoder_layers(model: Any) -> Any:
-    layers = getattr(getattr(_hf_model(model), "model", None), "layers", None)
-    if layers is None:
-        raise ValueError(f"the logit lens needs a decoder with `model.layers[i].mlp.down_proj` (LLaMA, Qwen2, Mistral, "
-                         f"Gemma); {type(_hf_model(model)).__name__} has none")
-    return layers
-
-
 def output_directions(model: Any, layer: int, neurons: Sequence[int]) -> Float[Tensor, "n d_model"]:
     """``W_out[layer][neurons]`` in float32: what each neuron adds to the MLP output per unit activation.
 
@@ -92,16 +78,13 @@ def output_directions(model: Any, layer: int, neurons: Sequence[int]) -> Float[T
         >>> output_directions(build_tiny_model(), 0, [0, 5]).shape
         torch.Size([2, 32])
     """
-    down = getattr(_plain(_plain(_decoder_layers(model)[layer]).mlp), "down_proj", None)
-    if down is None:
-        raise ValueError(f"layer {layer}'s MLP has no `down_proj`; the logit lens supports LLaMA-style gated MLPs")
-    weight = _plain(down).weight                                    # [d_model, d_mlp]
+    weight = down_proj_weight(model, layer, "the logit lens")                 # [d_model, d_mlp]
     return weight[:, torch.as_tensor(list(neurons), dtype=torch.long)].T.detach().float().cpu()
 
 
 def unembedding(model: Any) -> Float[Tensor, "d_model vocab"]:
     """``W_U`` (the language-model head's weight, transposed) in float32."""
-    head = _hf_model(model).get_output_embeddings()
+    head = hf_model(model).get_output_embeddings()
     if head is None:
         raise ValueError("the model has no output embedding (lm_head); the logit lens needs one")
     return head.weight.detach().float().cpu().T
@@ -115,7 +98,7 @@ def norm_scale(norm: Any, d_model: int) -> tuple[Float[Tensor, "d_model"] | None
     """
     if norm is None:
         return None, False
-    norm = _plain(norm)
+    norm = hf_module(norm)
     name = type(norm).__name__.lower()
     centres = isinstance(norm, torch.nn.LayerNorm) or ("layernorm" in name and "rms" not in name)
     eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 0.0)) or 0.0)
@@ -134,11 +117,7 @@ def norm_scale(norm: Any, d_model: int) -> tuple[Float[Tensor, "d_model"] | None
 
 
 def _final_norm(model: Any) -> Any:
-    return getattr(getattr(_hf_model(model), "model", None), "norm", None)
-
-
-def _post_mlp_norm(model: Any, layer: int) -> Any:
-    return getattr(_plain(_decoder_layers(model)[layer]), "post_feedforward_layernorm", None)
+    return getattr(getattr(hf_model(model), "model", None), "norm", None)
 
 
 def _token_text(tokenizer: Any, token_id: int) -> str:
@@ -166,7 +145,7 @@ def logit_lens(model: Any, layer: int, neurons: Sequence[int], top: int = 15, ap
     d_model = directions.shape[1]
     notes = []
     if apply_norm:
-        post_scale, _ = norm_scale(_post_mlp_norm(model, layer), d_model)
+        post_scale, _ = norm_scale(post_mlp_norm(model, layer), d_model)
         if post_scale is not None:
             directions = directions * post_scale
             notes.append("the post-MLP norm divides the whole MLP output by its RMS, so these logits are a "
