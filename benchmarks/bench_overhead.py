@@ -39,22 +39,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))          # bench_perf beside this file
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))      # the package beside benchmarks/
 
-from bench_perf import LOAD_OPTIONS, batches, interleaved, load, median, ratio  # noqa: E402
+from bench_perf import LOAD_OPTIONS, batches, bench_edit, interleaved, load, median, ratio  # noqa: E402
 from dpn_lens import Intervention, embedded_contrastive_set, steer  # noqa: E402
 from dpn_lens.collect import CollectionConfig, collect_group_statistics  # noqa: E402
 from dpn_lens.data.prompts import render_for_model  # noqa: E402
 from dpn_lens.hooked import decoder_layers, pad_token_id, tokenize_compact  # noqa: E402
-
-
-def _edit(n_layers: int, d_mlp: int, neurons_per_layer: int) -> Intervention:
-    """A DPN-LE-shaped edit: the second half of the layers, a few neurons each (seeded)."""
-    generator = torch.Generator().manual_seed(0)
-    deltas = {}
-    for layer in range(n_layers // 2, n_layers):
-        delta = torch.zeros(d_mlp)
-        delta[torch.randperm(d_mlp, generator=generator)[:neurons_per_layer]] = 2.0
-        deltas[layer] = delta
-    return Intervention(deltas, positions="decode", label="bench decode")
 
 
 def _hf_pre_hooks(hf_model: Any, edit: Intervention) -> list[Any]:
@@ -77,7 +66,7 @@ def bench_generation(model: Any, n_prompts: int, new_tokens: int, repeats: int, 
     device = torch.device(model.cfg.device or "cpu")
     tokens = [model.tokenizer(render_for_model(model, p), add_special_tokens=False,
                               return_tensors="pt")["input_ids"].to(device) for p in prompts]
-    edit = _edit(int(model.cfg.n_layers), int(model.cfg.d_mlp), neurons_per_layer)
+    edit = bench_edit(model, neurons_per_layer, 2.0)
     pad = pad_token_id(model.tokenizer)
     outputs: dict[str, list[list[int]]] = {}
 

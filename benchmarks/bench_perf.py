@@ -383,6 +383,20 @@ def bench_memory(spec: str, dtype: str, sizes: list[int], naive_sizes: list[int]
 # steering
 
 
+def bench_edit(model: Any, neurons_per_layer: int, value: float) -> Intervention:
+    """A DPN-LE-shaped decode-only edit: the second half of the layers, ``neurons_per_layer`` seeded random
+    neurons each set to ``value``. The hook adds a dense per-layer delta, so its cost does not depend on
+    which or how many neurons are edited."""
+    n_layers, d_mlp = int(model.cfg.n_layers), int(model.cfg.d_mlp)
+    generator = torch.Generator().manual_seed(0)
+    deltas = {}
+    for layer in range(n_layers // 2, n_layers):
+        delta = torch.zeros(d_mlp)
+        delta[torch.randperm(d_mlp, generator=generator)[:neurons_per_layer]] = value
+        deltas[layer] = delta
+    return Intervention(deltas, positions="decode", label="bench decode")
+
+
 def bench_steering(spec: str, dtype: str, n_prompts: int, new_tokens: int, repeats: int,
                    neurons_per_layer: int) -> dict[str, Any]:
     model = load(spec, dtype)
@@ -390,17 +404,9 @@ def bench_steering(spec: str, dtype: str, n_prompts: int, new_tokens: int, repea
     device = torch.device(model.cfg.device or "cpu")
     tokens = [model.tokenizer(render_for_model(model, p), add_special_tokens=False,
                               return_tensors="pt")["input_ids"].to(device) for p in prompts]
-    n_layers, d_mlp = int(model.cfg.n_layers), int(model.cfg.d_mlp)
-    # A DPN-LE-shaped edit: the second half of the layers, a few neurons each. The hook adds a
-    # dense per-layer delta, so its cost does not depend on which or how many neurons are edited.
-    generator = torch.Generator().manual_seed(0)
-    deltas = {}
-    for layer in range(n_layers // 2, n_layers):
-        delta = torch.zeros(d_mlp)
-        delta[torch.randperm(d_mlp, generator=generator)[:neurons_per_layer]] = 0.5
-        deltas[layer] = delta
-    decode = Intervention(deltas, positions="decode", label="bench decode")
-    every = Intervention(deltas, positions="all", label="bench all")
+    n_layers = int(model.cfg.n_layers)
+    decode = bench_edit(model, neurons_per_layer, 0.5)
+    every = decode.at_positions("all")
 
     def generate_all():
         for ids in tokens:
