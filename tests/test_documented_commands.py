@@ -61,7 +61,8 @@ def test_every_dpn_lens_command_in_the_docs_parses():
                 pytest.fail(f"{doc}: `dpn-lens {' '.join(argv)}` does not parse")
 
 
-@pytest.mark.parametrize("script", ["benchmarks/bench_cards.py", "scripts/screenshot_explorer.py"])
+@pytest.mark.parametrize("script", ["benchmarks/bench_cards.py", "benchmarks/bench_overhead.py",
+                                    "scripts/screenshot_explorer.py"])
 def test_every_documented_script_command_parses(script, capsys):
     path = ROOT / script
     spec = importlib.util.spec_from_file_location(path.stem, path)
