@@ -34,7 +34,7 @@ from dpn_lens.cards import scan, text_windows
 
 # The model loader and the peak-RSS readers are bench_perf's (the same tiny model for `--model tiny`).
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_perf import _status_kib, load, reset_peak_rss as _reset_peak_rss  # noqa: E402  (benchmarks/ on sys.path)
+from bench_perf import load, reset_peak_rss as _reset_peak_rss, status_kib  # noqa: E402  (benchmarks/ on sys.path)
 
 
 def wikitext_path(data_dir: str) -> Path:
@@ -75,11 +75,11 @@ def memory_child(spec: str, dtype: str, data_dir: str, windows: int, n_neurons: 
     scan(model, neurons, text_windows(model.tokenizer, path, 64, 2), batch_size=batch_size)   # warm up
     gc.collect()
     _reset_peak_rss()
-    before = _status_kib("VmRSS")
+    before = status_kib("VmRSS")
     started = time.perf_counter()
     found = scan(model, neurons, text_windows(model.tokenizer, path, 64, windows), batch_size=batch_size)
     return {"windows": windows, "seconds": time.perf_counter() - started,
-            "peak_growth_mib": (_status_kib("VmHWM") - before) / 1024, "sequences_seen": int(found.last_token.shape[1]),
+            "peak_growth_mib": (status_kib("VmHWM") - before) / 1024, "sequences_seen": int(found.last_token.shape[1]),
             "neurons": len(neurons)}
 
 

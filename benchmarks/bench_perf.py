@@ -108,7 +108,7 @@ LOAD_OPTIONS = LoadOptions()
 # helpers
 
 
-def _status_kib(field: str) -> int:
+def status_kib(field: str) -> int:
     with open("/proc/self/status") as handle:
         for line in handle:
             if line.startswith(field + ":"):
@@ -327,12 +327,12 @@ def memory_child(spec: str, dtype: str, mode: str, n: int, batch_size: int) -> d
 
     run(short_prompts(batch_size, seed=1))  # warm-up: one-time allocations (thread pools, caches)
     gc.collect()
-    baseline_kib = _status_kib("VmRSS")
+    baseline_kib = status_kib("VmRSS")
     reset_peak_rss()
     start = time.perf_counter()
     run(short_prompts(n))
     seconds = time.perf_counter() - start
-    peak_kib = _status_kib("VmHWM")
+    peak_kib = status_kib("VmHWM")
     return {"model": spec, "dtype": dtype, "mode": mode, "n": n, "seconds": seconds,
             "extra_peak_mib": (peak_kib - baseline_kib) / 1024, "baseline_rss_mib": baseline_kib / 1024,
             "model_footprint_mib": model_footprint_bytes(model) / MIB}

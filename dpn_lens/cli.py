@@ -17,7 +17,7 @@ from typing import Sequence
 import dpn_lens.html_report as html_report
 from dpn_lens._version import __version__
 from dpn_lens.cli_options import (FORMATTER, add_data_dir_option, add_model_options, add_out_option, add_subcommand,
-                                  add_traits_option, validate_args)
+                                  add_traits_option, read_maps, validate_args)
 import dpn_lens.export_cli as export_cli
 from dpn_lens.cards import cli as cards_cli
 from dpn_lens.evaluation import cli as compare_cli
@@ -167,7 +167,6 @@ def run_locate(args: argparse.Namespace) -> int:
 def run_steer(args: argparse.Namespace) -> int:
     """Handler of ``dpn-lens steer``."""
     from dpn_lens.demo import compare_generations
-    from dpn_lens.neuron_map import NeuronMap
     from dpn_lens.steering import combine_interventions, steering_intervention
 
     from dpn_lens.run import check_run_folder, run_folder_of
@@ -176,11 +175,7 @@ def run_steer(args: argparse.Namespace) -> int:
     for folder in dict.fromkeys(run_folder_of(path) for path in args.map):
         if folder is not None:
             check_run_folder(folder)
-    maps = [NeuronMap.load(path) for path in args.map]
-    for path, neuron_map in zip(args.map, maps):
-        if neuron_map.n_selected() == 0:
-            raise ValueError(f"--map {path}: the {neuron_map.trait} map selects no neurons, so steering with it would "
-                             "change nothing; locate again with more --n-pairs or a lower --tau-d")
+    maps = read_maps(args.map, "steering with it")
     from dpn_lens.models import check_map_before_loading
 
     if args.gamma is not None and args.gamma < 0:

@@ -23,7 +23,7 @@ from typing import Any
 
 __all__ = ["FORMATTER", "DEFAULT_MODEL", "add_subcommand", "add_traits_option", "add_model_options",
            "add_data_dir_option", "add_out_option", "check_model_spec", "check_device", "check_out",
-           "validate_args"]
+           "validate_args", "read_maps"]
 
 FORMATTER = argparse.ArgumentDefaultsHelpFormatter
 """Every subcommand's help shows each option's default."""
@@ -138,6 +138,19 @@ def check_out(path: str | os.PathLike, folder: bool = True) -> None:
         raise ValueError(f"--out {str(path)!r} lies under the regular file {ancestor}; choose a path in a folder")
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise ValueError(f"--out {str(path)!r}: cannot write in {ancestor} (permission denied); choose another place")
+
+
+def read_maps(paths: list[str], use: str) -> list[Any]:
+    """The ``--map`` files as ``NeuronMap``s, before any model loads; an empty map is refused, saying that
+    ``use`` (e.g. "the export") would change nothing."""
+    from dpn_lens.neuron_map import NeuronMap
+
+    maps = [NeuronMap.load(path) for path in paths]
+    for path, neuron_map in zip(paths, maps):
+        if neuron_map.n_selected() == 0:
+            raise ValueError(f"--map {path}: the {neuron_map.trait} map selects no neurons, so {use} would change "
+                             "nothing; locate again with more --n-pairs or a lower --tau-d")
+    return maps
 
 
 def _positive(args: argparse.Namespace, name: str, minimum: float = 1) -> None:

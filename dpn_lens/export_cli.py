@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from dpn_lens.cli_options import FORMATTER, add_model_options
+from dpn_lens.cli_options import FORMATTER, add_model_options, read_maps
 
 __all__ = ["register", "run_export", "run_models"]
 
@@ -58,15 +58,11 @@ def run_export(args: argparse.Namespace) -> int:
     """Handler of ``dpn-lens export``."""
     from dpn_lens.export import ALL_POSITIONS_NOTE, export_edit
     from dpn_lens.models import check_map_before_loading
-    from dpn_lens.neuron_map import NeuronMap
     from dpn_lens.steering import check_strength, steering_intervention
 
     # Everything the map file, the options and the model's config can tell, before the weights load.
     check_strength(args.gamma, args.direction)
-    neuron_map = NeuronMap.load(args.map)
-    if neuron_map.n_selected() == 0:
-        raise ValueError(f"--map {args.map}: the {neuron_map.trait} map selects no neurons, so the export would "
-                         "change nothing; locate again with more --n-pairs or a lower --tau-d")
+    (neuron_map,) = read_maps([args.map], "the export")
     check_map_before_loading(neuron_map, args.model)
     model = _load(args)
     neuron_map.check_compatible(model)

@@ -60,6 +60,14 @@ def cohens_d(stats: ContrastStatistics) -> Float[Tensor, "n_layers d_mlp"]:
     return torch.nan_to_num(d, nan=0.0, posinf=0.0, neginf=0.0)
 
 
+def _quantile(q: Any) -> float:
+    """``q`` as a quantile of ``|s|``: a number in [0, 1], else a ValueError naming it."""
+    q = as_float(q, "q", "0.995")
+    if not 0.0 <= q <= 1.0:
+        raise ValueError(f"q is a quantile of |s|, between 0 and 1 (e.g. 0.995); got {q}")
+    return q
+
+
 def select_neurons(s: Float[Tensor, "d_mlp"], d: Float[Tensor, "d_mlp"], q: float, tau_d: float
                    ) -> tuple[Int[Tensor, "n_high"], Int[Tensor, "n_low"], float]:
     """The dual criterion on one layer: ``(high_indices, low_indices, tau_q)``.
@@ -70,9 +78,7 @@ def select_neurons(s: Float[Tensor, "d_mlp"], d: Float[Tensor, "d_mlp"], q: floa
         >>> high.tolist(), low.tolist()
         ([1], [2])
     """
-    q, tau_d = as_float(q, "q"), as_float(tau_d, "tau_d")
-    if not 0.0 <= q <= 1.0:
-        raise ValueError(f"q is a quantile of |s|, between 0 and 1 (e.g. 0.995); got {q}")
+    q, tau_d = _quantile(q), as_float(tau_d, "tau_d")
     magnitude = s.abs()
     tau_q = float(torch.quantile(magnitude.to(torch.float64), q))
     passes = magnitude > tau_q
@@ -165,9 +171,7 @@ def propose_settings(stats: ContrastStatistics, q: float = 0.995, separation_fra
 
     Returns settings whose ``reason`` says what was chosen and why.
     """
-    q = as_float(q, "q")
-    if not 0.0 <= q <= 1.0:
-        raise ValueError(f"q is a quantile of |s|, between 0 and 1 (e.g. 0.995); got {q}")
+    q = _quantile(q)
     separation_fraction = as_float(separation_fraction, "separation_fraction", "0.5")
     separation = layer_separation(stats)
     peak = float(separation.max())

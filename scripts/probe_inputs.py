@@ -100,6 +100,7 @@ def classify_cli(argv: list[str], expect: list[str], loaded: Callable[[], bool])
 
 
 def probes(model_folder: Path, run: Path, scratch: Path) -> list[tuple[str, Callable[[], tuple[str, str]]]]:
+    import dpn_lens
     import dpn_lens.cli as cli
     from dpn_lens import ContrastStatistics, NeuronMap, steering_intervention
     from dpn_lens.localize import reselect
@@ -185,15 +186,15 @@ def probes(model_folder: Path, run: Path, scratch: Path) -> list[tuple[str, Call
             ["export", "--model", str(model_folder), "--map", str(map_file), "--gamma", "-1", "--direction", "increase",
              "--format", "gguf", "--out", str(scratch / "x.gguf")], ["decrease"], loaded)),
         ("locate(stats, tau_d=[0.5])", lambda: classify_call(
-            lambda: __import__("dpn_lens").locate(ContrastStatistics.load(stats_file), tau_d=[0.5]), ["tau_d"])),
+            lambda: dpn_lens.locate(ContrastStatistics.load(stats_file), tau_d=[0.5]), ["tau_d"])),
         ("LocateConfig(n_pairs='100')", lambda: classify_call(
-            lambda: __import__("dpn_lens").LocateConfig(n_pairs="100"), ["n_pairs"])),
+            lambda: dpn_lens.LocateConfig(n_pairs="100"), ["n_pairs"])),
         ("select_neurons(s, d, q=np.float32(0.5), tau_d=0.5)", lambda: classify_call(
-            lambda: [t.tolist() for t in __import__("dpn_lens").select_neurons(S, D, q=np.float32(0.5), tau_d=0.5)[:2]],
-            None, lambda: [t.tolist() for t in __import__("dpn_lens").select_neurons(S, D, q=0.5, tau_d=0.5)[:2]])),
+            lambda: [t.tolist() for t in dpn_lens.select_neurons(S, D, q=np.float32(0.5), tau_d=0.5)[:2]],
+            None, lambda: [t.tolist() for t in dpn_lens.select_neurons(S, D, q=0.5, tau_d=0.5)[:2]])),
         ("anthropic_persona_contrastive_set(seed=np.float64(3))", lambda: classify_call(
-            lambda: __import__("dpn_lens").anthropic_persona_contrastive_set(persona, "openness", 2, seed=np.float64(3)).high,
-            None, lambda: __import__("dpn_lens").anthropic_persona_contrastive_set(persona, "openness", 2, seed=3).high)),
+            lambda: dpn_lens.anthropic_persona_contrastive_set(persona, "openness", 2, seed=np.float64(3)).high,
+            None, lambda: dpn_lens.anthropic_persona_contrastive_set(persona, "openness", 2, seed=3).high)),
         ("dpn-lens steer --map <stats file>", lambda: classify_cli(steer + ["--gamma", "1", "--map", str(stats_file)],
                                                                    ["statistics"], loaded)),
     ]

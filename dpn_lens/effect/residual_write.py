@@ -27,7 +27,6 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -35,20 +34,19 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from dpn_lens.baselines.caa import ResidualIntervention
 from dpn_lens.effect.gradients import MLP_OUT_HOOK
 from dpn_lens.hooked import HookedModel, hook_name, input_device, last_token_batches
 from dpn_lens.numbers import as_float
 from dpn_lens.steering import Intervention, Positions, check_gamma, check_positions
 
-__all__ = ["ResidualWrite", "residual_write", "RESIDUAL_WRITE_HOOK"]
-
-RESIDUAL_WRITE_HOOK = "blocks.{layer}.hook_resid_post"
-"""Where :class:`ResidualWrite` adds its vectors: after the layer's MLP output has joined the residual stream."""
+__all__ = ["ResidualWrite", "residual_write"]
 
 
 @dataclass
 class ResidualWrite:
-    """``resid <- resid + vectors[l]`` at ``blocks.{l}.hook_resid_post`` for every layer ``l`` it holds.
+    """``resid <- resid + vectors[l]`` at ``blocks.{l}.hook_resid_post`` for every layer ``l`` it holds:
+    one CAA-style ``ResidualIntervention`` per layer, which adds each vector (hook, decode check, cast).
 
     An ``Edit`` like the others (``steer``, ``at_positions``, ``-edit``, ``gamma * edit``); it edits no
     MLP neuron (``n_edited`` is 0), so it has no random-neuron control.
@@ -62,7 +60,7 @@ class ResidualWrite:
     vectors: dict[int, Float[Tensor, "d_model"]]
     positions: Positions = "decode"
     label: str = ""
-    _cast: dict = field(default_factory=dict, repr=False)
+    _layers: dict[int, ResidualIntervention] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         check_positions(self.positions)
@@ -70,6 +68,8 @@ class ResidualWrite:
             if vector.ndim != 1 or not torch.isfinite(vector).all():
                 raise ValueError(f"the vector of layer {layer} must be one finite [d_model] row; "
                                  f"got shape {list(vector.shape)}")
+        self._layers = {layer: ResidualIntervention(layer, vector, self.positions, self.label)
+                        for layer, vector in sorted(self.vectors.items())}
 
     @property
     def n_edited(self) -> int:
@@ -90,20 +90,10 @@ class ResidualWrite:
     __rmul__ = __mul__
 
     def _with(self, vectors: dict[int, Tensor], label: str, positions: Positions | None = None) -> "ResidualWrite":
-        # A fresh cast cache: the cached copies belong to the old vectors.
-        return dataclasses.replace(self, vectors=vectors, label=label, positions=positions or self.positions, _cast={})
+        return ResidualWrite(vectors, positions or self.positions, label)
 
     def fwd_hooks(self) -> list[tuple[str, Any]]:
-        def make_hook(layer: int):
-            def hook(resid: Tensor, hook: Any) -> Tensor:
-                if self.positions == "decode" and resid.shape[1] != 1:
-                    return resid
-                key = (layer, resid.device, resid.dtype)
-                if key not in self._cast:
-                    self._cast[key] = self.vectors[layer].to(resid.device, resid.dtype)
-                return resid + self._cast[key]
-            return hook
-        return [(RESIDUAL_WRITE_HOOK.format(layer=layer), make_hook(layer)) for layer in sorted(self.vectors)]
+        return [hook for edit in self._layers.values() for hook in edit.fwd_hooks()]
 
 
 class _Captured(Exception):

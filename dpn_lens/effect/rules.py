@@ -153,7 +153,6 @@ def select_top(scores: Float[Tensor, "n_rows d_mlp"], rows: Sequence[int], k: in
         >>> select_top(torch.tensor([[0.1, 0.9, -1.0], [0.5, float("-inf"), 0.2]]), rows=[3, 7], k=3)
         {3: tensor([1]), 7: tensor([0, 2])}
     """
-
     k = as_int(k, "k (neurons to keep)", minimum=1)
     flat = scores.detach().to(torch.float64).flatten()
     candidates = torch.nonzero(torch.isfinite(flat)).flatten()
@@ -323,7 +322,7 @@ def effect_map(base: NeuronMap, scores: EffectScores, budget: int | None = None)
     rule = rule_named(scores.rule)
     if budget is not None:
         budget = as_int(budget, "budget (neurons to keep)", minimum=1)
-    if budget is None:
+    else:
         budget = default_budget(base)
         if rule.within_dual:
             budget = max(1, min(budget, int(torch.isfinite(scores.scores).sum())))

@@ -38,8 +38,7 @@ from dpn_lens.evaluation import trait as tr
 from dpn_lens.evaluation.intervals import bootstrap_ci, paired_effect
 from dpn_lens.evaluation.judge import JudgeConfig, judge_evaluation, load_test_questions
 from dpn_lens.evaluation.trait_maps import rule_maps, trait_map
-from dpn_lens.effect.rules import EFFECT_RULES
-from dpn_lens.evaluation.methods import DEFAULT_METHOD_NAMES, METHOD_NAMES, METHODS_BY_NAME, TraitContext
+from dpn_lens.evaluation.methods import DEFAULT_METHOD_NAMES, METHOD_NAMES, METHODS_BY_NAME, TraitContext, effect_rules_needed
 from dpn_lens.localize import reselect
 from dpn_lens.neuron_map import NeuronMap
 from dpn_lens.run import percent_of_mlp
@@ -209,8 +208,7 @@ def _prepare(model: Any, trait: str, config: CompareConfig, log) -> TraitContext
     context = TraitContext(trait, trait_map(
         model, trait, maps_dir=config.maps_dir, locate_pairs=config.locate_pairs, q=config.locate_q,
         tau_d=config.locate_tau_d, if_missing="locate", log=log))
-    rules = [name for name in config.methods if name in EFFECT_RULES]
-    rules += [rule for name in config.methods for rule in METHODS_BY_NAME[name].needs_rules if rule not in rules]
+    rules = effect_rules_needed(config.methods)
     if rules:  # the effect rules' maps, selected from the DPN-LE map (or read from --maps <rule>/)
         chosen = rule_maps(model, context.neuron_map, rules, maps_dir=config.maps_dir, seed=config.seed,
                            memo=context.memo, log=log)

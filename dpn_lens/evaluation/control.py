@@ -41,7 +41,7 @@ from dpn_lens.evaluation.calibrate import (DEFAULT_TARGET_KL, GAMMA_GRID, MAX_KL
                                           sweep_edit)
 from dpn_lens.evaluation.controls import random_neuron_control
 from dpn_lens.evaluation.intervals import PairedEffect, draws_effect, fraction_recovered, paired_effect
-from dpn_lens.evaluation.methods import METHODS_BY_NAME, TraitContext
+from dpn_lens.evaluation.methods import METHODS_BY_NAME, TraitContext, effect_rules_needed
 from dpn_lens.evaluation.trait_maps import rule_maps, trait_map
 from dpn_lens.evaluation.preference import (GeneratedPairs, PairScorer, PreferencePair, generate_persona_pairs,
                                             pairs_cache_file, preference_margins)
@@ -349,19 +349,6 @@ def _level_gammas(cost: Sequence[dict[str, Any]], kl_levels: Sequence[float]) ->
     return {level: gamma for level, gamma in found.items() if not math.isnan(gamma)}
 
 
-def _rules_needed(methods: Sequence[str]) -> list[str]:
-    """The selection rules whose maps ``methods`` edit: the rules named, and those a variant builds on.
-
-    Example:
-        >>> _rules_needed(["dpn-le", "attribution-t-resid", "caa"])
-        ['dpn-le', 'attribution-t']
-    """
-    needed = [name for name in methods if name in RULE_NAMES]
-    for name in methods:
-        needed += [rule for rule in METHODS_BY_NAME[name].needs_rules if rule not in needed]
-    return needed
-
-
 def _random_seed(config: ControlConfig, draw: int) -> int:
     """Seed of random-neuron draw ``draw``: draw 0 of ``--seed s`` is seed ``s`` (the one draw of earlier runs)."""
     return config.seed + 1000 * draw
@@ -488,7 +475,7 @@ def run_control(model: Any, config: ControlConfig, log: Callable[[str], None] = 
                     on_trait(result_so_far())
                 continue
             context = TraitContext(trait, neuron_map)
-            chosen = rule_maps(model, neuron_map, [r for r in _rules_needed(methods) if r != "dpn-le"], maps_dir=config.maps_dir,
+            chosen = rule_maps(model, neuron_map, effect_rules_needed(methods), maps_dir=config.maps_dir,
                                n_pairs=config.selection_pairs, seed=config.seed, budget=config.budget,
                                memo=context.memo, log=log)
             for rule, (rule_map, loaded) in chosen.items():

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Literal
+from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence
 
 from dpn_lens.baselines import (PersonaPrompt, caa_intervention, dense_intervention, npti_intervention,
                                 npti_trait_statistics, persona_prompt, topk_intervention)
@@ -37,7 +37,7 @@ if TYPE_CHECKING:  # the comparison's config; compare.py imports this module
     from dpn_lens.evaluation.compare import CompareConfig
 
 __all__ = ["ComparisonMethod", "TraitContext", "Condition", "COMPARISON_METHODS", "METHODS_BY_NAME",
-           "METHOD_NAMES", "DEFAULT_METHOD_NAMES"]
+           "METHOD_NAMES", "DEFAULT_METHOD_NAMES", "effect_rules_needed"]
 
 Direction = Literal["increase", "decrease"]
 Condition = tuple["Edit | None", "PersonaPrompt | None"]
@@ -190,3 +190,17 @@ METHOD_NAMES: tuple[str, ...] = tuple(METHODS_BY_NAME)
 """The names ``--methods`` accepts."""
 DEFAULT_METHOD_NAMES: tuple[str, ...] = tuple(method.name for method in COMPARISON_METHODS if method.default)
 """The methods ``compare`` runs unless ``--methods`` says otherwise."""
+
+
+def effect_rules_needed(methods: Sequence[str]) -> list[str]:
+    """The effect rules whose maps ``methods`` edit: those named, then those a variant builds on
+    (``ComparisonMethod.needs_rules``), each once; what ``trait_maps.rule_maps`` must select.
+
+    Example:
+        >>> effect_rules_needed(["dpn-le", "attribution-t-resid", "caa"])
+        ['attribution-t']
+    """
+    needed = [name for name in methods if name in EFFECT_RULES]
+    for name in methods:
+        needed += [rule for rule in METHODS_BY_NAME[name].needs_rules if rule not in needed]
+    return needed
