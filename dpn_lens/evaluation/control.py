@@ -41,7 +41,7 @@ from dpn_lens.evaluation.calibrate import (DEFAULT_TARGET_KL, GAMMA_GRID, MAX_KL
                                           sweep_edit)
 from dpn_lens.evaluation.controls import random_neuron_control
 from dpn_lens.evaluation.intervals import PairedEffect, draws_effect, fraction_recovered, paired_effect
-from dpn_lens.evaluation.methods import METHODS_BY_NAME, TraitContext, effect_rules_needed
+from dpn_lens.evaluation.methods import METHODS_BY_NAME, TraitContext, effect_rules_needed, neuron_methods
 from dpn_lens.evaluation.trait_maps import rule_maps, trait_map
 from dpn_lens.evaluation.preference import (GeneratedPairs, PairScorer, PreferencePair, generate_persona_pairs,
                                             pairs_cache_file, preference_margins)
@@ -53,7 +53,8 @@ __all__ = ["ControlConfig", "SWEEP_METHODS", "DEFAULT_METHODS", "RANDOM_CONTROL"
            "held_out_pairs", "HeldOutPairs", "persona_control", "run_control", "matched_cost_rows", "goal_rows",
            "merge_control_results"]
 
-SWEEP_METHODS = ("dpn-le", "dpn-le-w", "directional", "topk", "dense", *EFFECT_RULES, "attribution-t-resid", "npti", "caa")
+SWEEP_METHODS = ("dpn-le", "dpn-le-w", "directional", "topk", "dense", *EFFECT_RULES, "attribution-t-resid",
+                 "attribution-t-frozen", "dpn-le-frozen", "npti", "caa")
 """Every method the dose-response can sweep, in table order (names of ``evaluation.methods``)."""
 DEFAULT_METHODS = ("dpn-le", *EFFECT_RULES, "caa")
 """What ``control`` sweeps by default: every selection rule (the paper's and the effect rules) and CAA."""
@@ -424,11 +425,12 @@ def run_control(model: Any, config: ControlConfig, log: Callable[[str], None] = 
     started = time.time()
     probe = KLProbe(model, probe_chunks(model, config.kl_chunks, config.kl_tokens))
     methods = list(config.methods)
-    rules = [name for name in methods if name in RULE_NAMES]
+    rules = neuron_methods(methods)   # the selection rules, and edits of their neurons (``<rule>-frozen``)
     randomized = rules if config.random_control else []
+    swept = [name for name in rules if name in RULE_NAMES]   # the budget sweep re-selects a rule's map
     n_levels = len(config.kl_levels)
     per_trait = (4 + len(methods) * len(DIRECTIONS) * n_levels + len(randomized) * len(DIRECTIONS) * n_levels
-                 + len(rules) * len(config.k_sweep) * len(DIRECTIONS) + (len(DIRECTIONS) if config.generation_questions else 0))
+                 + len(swept) * len(config.k_sweep) * len(DIRECTIONS) + (len(DIRECTIONS) if config.generation_questions else 0))
     bar = _Progress(len(config.traits) * per_trait, progress)
     parts: dict[str, list] = {name: [] for name in _PART_NAMES}
     examples: dict[str, Any] = {}
@@ -483,7 +485,8 @@ def run_control(model: Any, config: ControlConfig, log: Callable[[str], None] = 
                 if on_located is not None and not loaded:
                     on_located(trait, rule_map)
             # which neurons each rule edited: its settings and neurons per pole
-            map_settings[trait] = {rule: context.rule_map(rule).selection_summary() for rule in rules or ["dpn-le"]}
+            map_settings[trait] = {rule: context.rule_map(rule).selection_summary()
+                                   for rule in dict.fromkeys(METHODS_BY_NAME[name].neurons_of for name in rules) or ["dpn-le"]}
             for name in methods:
                 if METHODS_BY_NAME[name].prepare is not None:
                     context.state[name] = METHODS_BY_NAME[name].prepare(model, trait, config)  # type: ignore[arg-type]
@@ -524,7 +527,7 @@ def run_control(model: Any, config: ControlConfig, log: Callable[[str], None] = 
                 parts["calibrated"] += [_calibrated_row(trait, direction, sign, parts["curves"], margins_at, config, rule)
                                         for rule in rules]
             if config.k_sweep:
-                parts["sweep"] += _budget_sweep(run, rules, config, log)
+                parts["sweep"] += _budget_sweep(run, swept, config, log)
             if config.generation_questions:
                 rows, examples[f"{trait}:generation"] = _generation_check(run, held, level_gammas, rules, config, log)
                 parts["generation"] += rows
@@ -683,7 +686,7 @@ def _assemble(config: ControlConfig, meta: dict[str, Any], parts: dict[str, list
               map_settings: dict, skipped: dict[str, str]) -> dict[str, Any]:
     """A control result from its per-trait parts: the matched-cost tables and the goal are derived here."""
     matched = matched_cost_rows(parts["curves"], config.kl_levels)
-    rules = [name for name in config.methods if name in RULE_NAMES]
+    rules = neuron_methods(config.methods)
     curve_methods = list(config.methods) + ([random_curve(rule) for rule in rules] if config.random_control else [])
     meta = {**meta, "probe_tokens": config.kl_chunks * config.kl_tokens,
             "traits_done": [row["trait"] for row in parts["validation"]],

@@ -9,11 +9,16 @@ The effect-selection rules (``dpn_lens.effect.rules``: ``attribution``, ``write`
 ``dpn-le-attribution``) are methods too: the DPN-LE edit on the neurons their map selects
 (``TraitContext.maps``, filled by ``trait_maps.rule_maps``). ``attribution-t-resid`` is attribution-t's
 edit with the post-MLP norm taken out: what its neurons write into the residual stream, added there as fixed
-vectors (``effect.residual_write``; the same edit on a model without a post-MLP norm).
+vectors (``effect.residual_write``; the same edit on a model without a post-MLP norm). ``<rule>-frozen``
+(``attribution-t-frozen``, ``dpn-le-frozen``) is the rule's neuron edit written through the post-MLP norm
+with the norm's scale frozen at each token (``effect.frozen_norm``): still an edit of the rule's neurons,
+so it has a random-neuron control; on a model without a post-MLP norm it is the rule's edit itself.
 
 Example:
     >>> [method.name for method in COMPARISON_METHODS]
-    ['dpn-le', 'dpn-le-w', 'dpn-le-sd', 'directional', 'dense', 'topk', 'attribution', 'attribution-t', 'write', 'write-layer', 'dpn-le-attribution', 'attribution-t-resid', 'npti', 'caa', 'prompting']
+    ['dpn-le', 'dpn-le-w', 'dpn-le-sd', 'directional', 'dense', 'topk', 'attribution', 'attribution-t', 'write', 'write-layer', 'dpn-le-attribution', 'attribution-t-resid', 'attribution-t-frozen', 'dpn-le-frozen', 'npti', 'caa', 'prompting']
+    >>> METHODS_BY_NAME["attribution-t-frozen"].neurons_of, METHODS_BY_NAME["caa"].neurons_of
+    ('attribution-t', None)
     >>> "dpn-le-sd" in DEFAULT_METHOD_NAMES   # a variant: run when --methods names it
     False
     >>> METHODS_BY_NAME["prompting"].sweepable
@@ -37,7 +42,7 @@ if TYPE_CHECKING:  # the comparison's config; compare.py imports this module
     from dpn_lens.evaluation.compare import CompareConfig
 
 __all__ = ["ComparisonMethod", "TraitContext", "Condition", "COMPARISON_METHODS", "METHODS_BY_NAME",
-           "METHOD_NAMES", "DEFAULT_METHOD_NAMES", "effect_rules_needed"]
+           "METHOD_NAMES", "DEFAULT_METHOD_NAMES", "effect_rules_needed", "neuron_methods"]
 
 Direction = Literal["increase", "decrease"]
 Condition = tuple["Edit | None", "PersonaPrompt | None"]
@@ -84,6 +89,9 @@ class ComparisonMethod:
     gamma_option: str | None = "gamma"
     needs_rules: tuple[str, ...] = ()
     """Selection rules whose maps it edits beyond its own name (``attribution-t-resid``: attribution-t's)."""
+    neurons_of: str | None = None
+    """The selection rule whose neurons its edit changes, for the random-neuron control (a rule: itself;
+    ``attribution-t-frozen``: ``attribution-t``); None for an edit that is not one of a rule's neurons."""
     prepare: Callable[[Any, str, "CompareConfig"], Any] | None = None
     sweepable: bool = True
     default: bool = True
@@ -148,6 +156,14 @@ def _residual_write_of(rule: str) -> Callable[[Any, TraitContext, Direction, flo
     return build
 
 
+def _frozen_norm_of(rule: str) -> Callable[[Any, TraitContext, Direction, float | None], Condition]:
+    def build(model: Any, context: TraitContext, direction: Direction, gamma: float | None) -> Condition:
+        from dpn_lens.effect.frozen_norm import frozen_norm_edit
+
+        return frozen_norm_edit(model, steering_intervention(context.rule_map(rule), gamma, direction, "both")), None
+    return build
+
+
 def _npti_prepare(model: Any, trait: str, config: "CompareConfig") -> Any:
     return npti_trait_statistics(model, trait, config.npti_prompts, config.npti_new_tokens)
 
@@ -171,15 +187,17 @@ def _prompting(model: Any, context: TraitContext, direction: Direction, gamma: f
 
 
 COMPARISON_METHODS: tuple[ComparisonMethod, ...] = (
-    ComparisonMethod("dpn-le", _dpn_le),
+    ComparisonMethod("dpn-le", _dpn_le, neurons_of="dpn-le"),
     ComparisonMethod("dpn-le-w", _dpn_le_w),
     ComparisonMethod("dpn-le-sd", _dpn_le_sd, default=False),
     ComparisonMethod("directional", _directional),
     ComparisonMethod("dense", _dense),
     ComparisonMethod("topk", _topk),
-    *(ComparisonMethod(rule, _effect_rule(rule), default=False) for rule in EFFECT_RULES),
+    *(ComparisonMethod(rule, _effect_rule(rule), default=False, neurons_of=rule) for rule in EFFECT_RULES),
     ComparisonMethod("attribution-t-resid", _residual_write_of("attribution-t"), needs_rules=("attribution-t",),
                      default=False),
+    *(ComparisonMethod(f"{rule}-frozen", _frozen_norm_of(rule), needs_rules=(rule,) if rule in EFFECT_RULES else (),
+                       default=False, neurons_of=rule) for rule in ("attribution-t", "dpn-le")),
     ComparisonMethod("npti", _npti, gamma_option="npti_gamma", prepare=_npti_prepare),
     ComparisonMethod("caa", _caa, gamma_option="caa_gamma", prepare=_caa_prepare),
     ComparisonMethod("prompting", _prompting, gamma_option=None, sweepable=False),
@@ -204,3 +222,14 @@ def effect_rules_needed(methods: Sequence[str]) -> list[str]:
     for name in methods:
         needed += [rule for rule in METHODS_BY_NAME[name].needs_rules if rule not in needed]
     return needed
+
+
+def neuron_methods(methods: Sequence[str]) -> list[str]:
+    """Those of ``methods`` that edit a selection rule's neurons (``ComparisonMethod.neurons_of``): the ones
+    with a random-neuron control and a calibrated verdict in ``control``.
+
+    Example:
+        >>> neuron_methods(["dpn-le", "attribution-t-resid", "attribution-t-frozen", "caa"])
+        ['dpn-le', 'attribution-t-frozen']
+    """
+    return [name for name in methods if METHODS_BY_NAME[name].neurons_of is not None]

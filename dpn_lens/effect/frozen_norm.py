@@ -1,0 +1,209 @@
+"""A neuron edit written through the post-MLP norm with the norm's scale frozen at each token.
+
+Gemma 3 normalises each MLP output before it joins the residual stream:
+``mlp_out = g * x / rms(x)`` with ``x = W_out @ a`` (``a`` = ``mlp.hook_post``). Adding ``delta`` to ``a``
+(the DPN-LE edit) then changes ``mlp_out`` by ``g * (W_out @ delta) / rms(x)`` *minus* its projection on
+the token's own output direction, and by less and less as ``rms(x + W_out @ delta)`` grows: the norm
+renormalises the edit away (``effect.residual_write`` measured that it loses about three quarters of
+what attribution-t's neurons write on Gemma).
+
+:class:`FrozenNormEdit` is the same neuron edit with that renormalisation frozen: at each edited position
+it adds ``g * (W_out @ delta) / rms(x)`` to ``hook_mlp_out``, where ``rms(x)`` is the token's own,
+unedited MLP output scale. It is the first-order write of the neuron edit with the norm's scale held
+fixed (the term a frozen-norm attribution assumes), still built from the edited neurons only: the
+direction is ``g * W_out[:, neurons] @ delta[neurons]``, so its random-neuron control is the same frozen
+write of random neurons (``evaluation.controls.random_neuron_control``). On a model without a post-MLP
+norm (Llama, Qwen, SmolLM2) :func:`frozen_norm_edit` returns the neuron edit itself: there is nothing to
+freeze.
+
+It is not an activation edit: no value of the neurons' activations produces it on Gemma, since the norm
+sees every activation. It answers whether *these neurons' output weights* carry the trait once the norm
+is taken out of the way, at a cost (KL) measured like every other edit's.
+
+Example:
+    >>> from dpn_lens.tiny import build_tiny_model
+    >>> from dpn_lens.steering import Intervention
+    >>> model = build_tiny_model()     # Llama-style: no post-MLP norm
+    >>> delta = torch.zeros(48); delta[5] = 1.0
+    >>> edit = Intervention({2: delta})
+    >>> frozen_norm_edit(model, edit) is edit
+    True
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from dpn_lens.effect.gradients import MLP_OUT_HOOK
+from dpn_lens.hooked import HOOK_NAME, down_proj_weight, hook_name, post_mlp_norm
+from dpn_lens.steering import Intervention, Positions
+
+__all__ = ["FrozenNorm", "FrozenNormEdit", "frozen_norm_edit", "frozen_norms"]
+
+
+@dataclass(frozen=True)
+class FrozenNorm:
+    """One layer's post-MLP RMS norm, as the frozen write needs it.
+
+    Attributes:
+        down: ``W_out``, the ``down_proj`` weight ``[d_model, d_mlp]`` (the model's own tensor, not a copy).
+        gain: the norm's per-channel gain ``g`` (``1 + weight`` on Gemma), float32.
+        eps: the norm's epsilon, inside the square root.
+    """
+
+    down: Float[Tensor, "d_model d_mlp"]
+    gain: Float[Tensor, "d_model"]
+    eps: float
+
+    def inverse_scale(self, activation: Float[Tensor, "... d_mlp"]) -> Float[Tensor, "... 1"]:
+        """``1 / rms(W_out @ a)`` per position: the factor the norm applies to this token's MLP output."""
+        output = torch.nn.functional.linear(activation.float(), self.down.to(activation.device, torch.float32))
+        return torch.rsqrt(output.pow(2).mean(-1, keepdim=True) + self.eps)
+
+
+def _norm_of(norm: Any, down: Tensor, layer: int) -> FrozenNorm:
+    eps = getattr(norm, "eps", getattr(norm, "variance_epsilon", None))
+    if eps is None:
+        raise ValueError(f"layer {layer}'s post-MLP norm ({type(norm).__name__}) has no `eps` or `variance_epsilon`; "
+                         "the frozen-norm edit supports RMS norms (Gemma 2/3)")
+    with torch.no_grad():
+        # ones have rms 1, so norm(ones) = g / sqrt(1 + eps), whatever the gain's parametrisation (Gemma: 1 + w).
+        ones = torch.ones(1, down.shape[0], device=down.device, dtype=down.dtype)
+        gain = norm(ones)[0].float() * math.sqrt(1.0 + float(eps))
+    return FrozenNorm(down, gain.detach(), float(eps))
+
+
+def frozen_norms(model: Any, layers: list[int]) -> dict[int, FrozenNorm]:
+    """``{layer: FrozenNorm}`` for those of ``layers`` whose MLP output passes a post-MLP norm (none on Llama)."""
+    norms = {}
+    for layer in layers:
+        norm = post_mlp_norm(model, layer)
+        if norm is not None:
+            norms[layer] = _norm_of(norm, down_proj_weight(model, layer, "the frozen-norm edit"), layer)
+    return norms
+
+
+@dataclass
+class FrozenNormEdit:
+    """``intervention`` written through the post-MLP norm with the norm's scale frozen at each token.
+
+    On each layer in ``norms`` it adds ``gain * (W_out @ delta) / rms(W_out @ a)`` to ``hook_mlp_out``,
+    ``a`` being that position's unedited ``hook_post``; on other edited layers it adds ``delta`` to
+    ``hook_post`` as the neuron edit does. Positions, label, fingerprint and the neuron count are the
+    intervention's; ``gamma * edit``, ``-edit`` and ``at_positions`` act on it.
+
+    Example:
+        >>> delta = torch.zeros(48); delta[5] = 1.0
+        >>> norm = FrozenNorm(torch.ones(32, 48), torch.ones(32), 1e-6)
+        >>> edit = 2.0 * FrozenNormEdit(Intervention({2: delta}, label="e"), {2: norm})
+        >>> edit.n_edited, edit.write(2)[:2].tolist(), [name for name, _ in edit.fwd_hooks()]
+        (1, [2.0, 2.0], ['blocks.2.mlp.hook_post', 'blocks.2.hook_mlp_out'])
+    """
+
+    intervention: Intervention
+    norms: dict[int, FrozenNorm]
+    _writes: dict[tuple[int, Any], Tensor] = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.intervention, Intervention):
+            raise TypeError(f"FrozenNormEdit takes a neuron edit (dpn_lens.steering.Intervention); got "
+                            f"{type(self.intervention).__name__}")
+        if self.norms and self.intervention.hook_template != HOOK_NAME:
+            raise ValueError(f"the frozen-norm edit needs deltas on {HOOK_NAME} (the down projection's input); "
+                             f"this edit hooks {self.intervention.hook_template}")
+
+    # the intervention's identity: steer's checks (fingerprint, empty map) and the tables read these
+    @property
+    def label(self) -> str:
+        return f"frozen-norm ({self.intervention.label or 'custom'})"
+
+    @property
+    def positions(self) -> Positions:
+        return self.intervention.positions
+
+    @property
+    def fingerprint(self) -> dict[str, Any] | None:
+        return self.intervention.fingerprint
+
+    @property
+    def map_neurons(self) -> int | None:
+        return self.intervention.map_neurons
+
+    @property
+    def n_edited(self) -> int:
+        return self.intervention.n_edited
+
+    def on(self, intervention: Intervention) -> "FrozenNormEdit":
+        """The same frozen norms around another neuron edit (e.g. its random-neuron control)."""
+        return FrozenNormEdit(intervention, self.norms)
+
+    def at_positions(self, positions: Positions) -> "FrozenNormEdit":
+        return self if positions == self.positions else self.on(self.intervention.at_positions(positions))
+
+    def __neg__(self) -> "FrozenNormEdit":
+        return self.on(-self.intervention)
+
+    def __mul__(self, gamma: float) -> "FrozenNormEdit":
+        return self.on(gamma * self.intervention)
+
+    __rmul__ = __mul__
+
+    def write(self, layer: int) -> Float[Tensor, "d_model"]:
+        """``gain * (W_out @ delta)`` of ``layer``, float32: what the edit adds there, before the 1/rms."""
+        norm, delta = self.norms[layer], self.intervention.deltas[layer]
+        return norm.gain * (norm.down.float() @ delta.to(norm.down.device, torch.float32))
+
+    def _write_like(self, layer: int, device: Any) -> Tensor:
+        key = (layer, device)
+        if key not in self._writes:
+            with torch.no_grad():
+                self._writes[key] = self.write(layer).to(device)
+        return self._writes[key]
+
+    def fwd_hooks(self) -> list[tuple[str, Any]]:
+        """``hook_post`` reads each position's scale; ``hook_mlp_out`` adds the frozen write with it."""
+        decode_only = self.positions == "decode"
+        hooks = []
+        # Intervention.fwd_hooks gives one hook per layer, in sorted layer order.
+        for layer, (name, hook) in zip(sorted(self.intervention.deltas), self.intervention.fwd_hooks()):
+            if layer not in self.norms:
+                hooks.append((name, hook))   # no post-MLP norm here: the neuron edit itself
+                continue
+            scales: list[Tensor] = []   # the scale of the pass in flight, read by the hook_mlp_out hook
+
+            def read_scale(activation: Tensor, hook: Any, layer: int = layer, scales: list = scales) -> Tensor:
+                scales.clear()
+                if not (decode_only and activation.shape[1] != 1):
+                    scales.append(self.norms[layer].inverse_scale(activation))
+                return activation
+
+            def add_write(output: Tensor, hook: Any, layer: int = layer, scales: list = scales) -> Tensor:
+                if not scales:   # a pass the edit leaves alone (the prompt pass of a decode-only edit)
+                    return output
+                scale = scales.pop()
+                return output + (scale * self._write_like(layer, output.device)).to(output.dtype)
+
+            hooks += [(hook_name(layer, self.intervention.hook_template), read_scale),
+                      (MLP_OUT_HOOK.format(layer=layer), add_write)]
+        return hooks
+
+
+def frozen_norm_edit(model: Any, intervention: Intervention) -> "FrozenNormEdit | Intervention":
+    """``intervention`` with the post-MLP norm's scale frozen (:class:`FrozenNormEdit`); the intervention
+    itself on a model whose MLPs have no post-MLP norm.
+
+    Args:
+        model: the hooked model the edit will run on (its ``down_proj`` weights and post-MLP norms are read).
+        intervention: a neuron edit on ``mlp.hook_post`` (e.g. ``steering_intervention(map, gamma)``).
+    """
+    if not isinstance(intervention, Intervention):
+        raise TypeError(f"frozen_norm_edit takes a neuron edit (dpn_lens.steering.Intervention); got "
+                        f"{type(intervention).__name__}")
+    norms = frozen_norms(model, sorted(intervention.deltas))
+    return FrozenNormEdit(intervention, norms) if norms else intervention
