@@ -117,3 +117,63 @@ def test_control_gives_attribution_t_frozen_a_random_neuron_control_and_on_llama
     assert {row["method"] for row in result["calibrated"]} == {"attribution-t", "attribution-t-frozen"}
     for plain, frozen in zip(by_method["attribution-t"], by_method["attribution-t-frozen"]):
         assert plain["gamma"] == frozen["gamma"] and plain["kl"] == frozen["kl"] and plain["shift"] == frozen["shift"]
+
+
+def test_control_command_reports_dpn_le_frozen_beside_its_random_neurons(tiny_folder, tmp_path, monkeypatch, capsys):
+    import json
+
+    from helpers import write_personalitybench
+    from test_control import tiny_map
+
+    from dpn_lens.cli import main
+    from dpn_lens.models import load_model
+
+    monkeypatch.setenv("DPN_LENS_CACHE", str(tmp_path / "cache"))
+    data = write_personalitybench(tmp_path / "data")
+    maps = tmp_path / "maps"
+    maps.mkdir()
+    tiny_map(load_model(str(tiny_folder)), "openness").save(maps / "openness.safetensors")
+    out = tmp_path / "out"
+    status = main(["control", "--model", str(tiny_folder), "--dtype", "float32", "--traits", "openness",
+                   "--data-dir", str(data), "--maps", str(maps), "--methods", "dpn-le-frozen", "--pairs", "8",
+                   "--gammas", "0.125,0.25,0.5,1,2,4", "--kl-levels", "0.005", "--target-kl", "0.005", "--no-png",
+                   "--no-progress", "--random-draws", "2", "--out", str(out)])
+    assert status == 0, capsys.readouterr().err
+    result = json.loads((out / "control.json").read_text())
+    assert {p["method"] for p in result["curves"]} == {"dpn-le-frozen", "random-neurons:dpn-le-frozen"}
+    assert result["goal"][0]["rule"] == "dpn-le-frozen" and "dpn-le-frozen" in (out / "control.md").read_text()
+
+
+def test_the_token_scaled_edit_scales_each_tokens_delta_by_its_mlp_output_scale(gemma, tiny_model):
+    """At hook_post the token-scaled edit adds delta * rms(W_out a) / reference at each token (a read of the
+    HF down_proj), so through the norm it writes about the same at every token; the plain edit on Llama."""
+    from dpn_lens.effect.frozen_norm import TokenScaledEdit, reference_scales, token_scaled_edit
+
+    plain = _edit()
+    assert token_scaled_edit(tiny_model, plain, {}) is plain
+    bridge, hf_model = gemma
+    reference = reference_scales(bridge, [0, 1, 2, 3], ["what would you do ?", "a party with a friend ."])
+    assert sorted(reference) == [0, 1, 2, 3] and all(value > 0 for value in reference.values())
+    edit = 1.5 * token_scaled_edit(bridge, _edit(), reference)
+    assert isinstance(edit, TokenScaledEdit) and edit.n_edited == 5
+    seen = {}
+
+    def keep(activation, hook):
+        seen.setdefault("post", []).append(activation.detach().clone())
+        return activation
+
+    ids = bridge.to_tokens(TEXT)
+    with torch.no_grad(), bridge.hooks(fwd_hooks=[("blocks.1.mlp.hook_post", keep)]):
+        bridge(ids)
+    clean = seen.pop("post")[0]
+    with torch.no_grad():
+        x = hf_model.model.layers[1].mlp.down_proj(clean)
+        rms = torch.sqrt(x.pow(2).mean(-1, keepdim=True) + hf_model.model.layers[1].post_feedforward_layernorm.eps)
+        edited = edit.fwd_hooks()[0][1](clean.clone(), None)
+    expected = clean + 1.5 * _edit().deltas[1] * rms / reference[1]
+    assert torch.allclose(edited, expected, atol=1e-5), (edited - expected).abs().max()
+    assert rms.max() / rms.min() > 1.05   # the scale does differ between tokens
+    control = random_neuron_control(edit, seed=1)
+    assert isinstance(control, TokenScaledEdit) and control.reference == edit.reference
+    with pytest.raises(ValueError, match="reference scale"):
+        TokenScaledEdit(_edit(), edit.norms, {})

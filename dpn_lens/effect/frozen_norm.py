@@ -33,6 +33,7 @@ Example:
 from __future__ import annotations
 
 import math
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,7 +45,8 @@ from dpn_lens.effect.gradients import MLP_OUT_HOOK
 from dpn_lens.hooked import HOOK_NAME, down_proj_weight, hook_name, post_mlp_norm
 from dpn_lens.steering import Intervention, Positions
 
-__all__ = ["FrozenNorm", "FrozenNormEdit", "frozen_norm_edit", "frozen_norms"]
+__all__ = ["FrozenNorm", "NormAwareEdit", "FrozenNormEdit", "TokenScaledEdit", "frozen_norm_edit", "frozen_norms",
+           "reference_scales", "token_scaled_edit"]
 
 
 @dataclass(frozen=True)
@@ -90,38 +92,29 @@ def frozen_norms(model: Any, layers: list[int]) -> dict[int, FrozenNorm]:
 
 
 @dataclass
-class FrozenNormEdit:
-    """``intervention`` written through the post-MLP norm with the norm's scale frozen at each token.
-
-    On each layer in ``norms`` it adds ``gain * (W_out @ delta) / rms(W_out @ a)`` to ``hook_mlp_out``,
-    ``a`` being that position's unedited ``hook_post``; on other edited layers it adds ``delta`` to
-    ``hook_post`` as the neuron edit does. Positions, label, fingerprint and the neuron count are the
-    intervention's; ``gamma * edit``, ``-edit`` and ``at_positions`` act on it.
-
-    Example:
-        >>> delta = torch.zeros(48); delta[5] = 1.0
-        >>> norm = FrozenNorm(torch.ones(32, 48), torch.ones(32), 1e-6)
-        >>> edit = 2.0 * FrozenNormEdit(Intervention({2: delta}, label="e"), {2: norm})
-        >>> edit.n_edited, edit.write(2)[:2].tolist(), [name for name, _ in edit.fwd_hooks()]
-        (1, [2.0, 2.0], ['blocks.2.mlp.hook_post', 'blocks.2.hook_mlp_out'])
-    """
+class NormAwareEdit:
+    """A neuron edit shaped by the post-MLP norm of its layers: the common part of :class:`FrozenNormEdit`
+    and :class:`TokenScaledEdit`. Positions, fingerprint and the neuron count are the intervention's;
+    ``gamma * edit``, ``-edit``, ``at_positions`` and ``on`` (another intervention, e.g. random neurons)
+    act on it and keep the norms."""
 
     intervention: Intervention
     norms: dict[int, FrozenNorm]
-    _writes: dict[tuple[int, Any], Tensor] = field(default_factory=dict, init=False, repr=False)
+
+    kind = "norm-aware"
 
     def __post_init__(self) -> None:
         if not isinstance(self.intervention, Intervention):
-            raise TypeError(f"FrozenNormEdit takes a neuron edit (dpn_lens.steering.Intervention); got "
+            raise TypeError(f"{type(self).__name__} takes a neuron edit (dpn_lens.steering.Intervention); got "
                             f"{type(self.intervention).__name__}")
         if self.norms and self.intervention.hook_template != HOOK_NAME:
-            raise ValueError(f"the frozen-norm edit needs deltas on {HOOK_NAME} (the down projection's input); "
+            raise ValueError(f"a {self.kind} edit needs deltas on {HOOK_NAME} (the down projection's input); "
                              f"this edit hooks {self.intervention.hook_template}")
 
     # the intervention's identity: steer's checks (fingerprint, empty map) and the tables read these
     @property
     def label(self) -> str:
-        return f"frozen-norm ({self.intervention.label or 'custom'})"
+        return f"{self.kind} ({self.intervention.label or 'custom'})"
 
     @property
     def positions(self) -> Positions:
@@ -139,20 +132,45 @@ class FrozenNormEdit:
     def n_edited(self) -> int:
         return self.intervention.n_edited
 
-    def on(self, intervention: Intervention) -> "FrozenNormEdit":
-        """The same frozen norms around another neuron edit (e.g. its random-neuron control)."""
-        return FrozenNormEdit(intervention, self.norms)
+    def on(self, intervention: Intervention) -> Any:
+        """The same edit around another neuron edit (e.g. its random-neuron control)."""
+        return dataclasses.replace(self, intervention=intervention)
 
-    def at_positions(self, positions: Positions) -> "FrozenNormEdit":
+    def at_positions(self, positions: Positions) -> Any:
         return self if positions == self.positions else self.on(self.intervention.at_positions(positions))
 
-    def __neg__(self) -> "FrozenNormEdit":
+    def __neg__(self) -> Any:
         return self.on(-self.intervention)
 
-    def __mul__(self, gamma: float) -> "FrozenNormEdit":
+    def __mul__(self, gamma: float) -> Any:
         return self.on(gamma * self.intervention)
 
     __rmul__ = __mul__
+
+    def _edits_here(self, activation: Tensor) -> bool:
+        """Whether this pass is one the edit changes (a decode-only edit leaves the prompt pass alone)."""
+        return not (self.positions == "decode" and activation.shape[1] != 1)
+
+
+@dataclass
+class FrozenNormEdit(NormAwareEdit):
+    """``intervention`` written through the post-MLP norm with the norm's scale frozen at each token.
+
+    On each layer in ``norms`` it adds ``gain * (W_out @ delta) / rms(W_out @ a)`` to ``hook_mlp_out``,
+    ``a`` being that position's unedited ``hook_post``; on other edited layers it adds ``delta`` to
+    ``hook_post`` as the neuron edit does. Positions, label, fingerprint and the neuron count are the
+    intervention's; ``gamma * edit``, ``-edit`` and ``at_positions`` act on it.
+
+    Example:
+        >>> delta = torch.zeros(48); delta[5] = 1.0
+        >>> norm = FrozenNorm(torch.ones(32, 48), torch.ones(32), 1e-6)
+        >>> edit = 2.0 * FrozenNormEdit(Intervention({2: delta}, label="e"), {2: norm})
+        >>> edit.n_edited, edit.write(2)[:2].tolist(), [name for name, _ in edit.fwd_hooks()]
+        (1, [2.0, 2.0], ['blocks.2.mlp.hook_post', 'blocks.2.hook_mlp_out'])
+    """
+
+    _writes: dict[tuple[int, Any], Tensor] = field(default_factory=dict, init=False, repr=False)
+    kind = "frozen-norm"
 
     def write(self, layer: int) -> Float[Tensor, "d_model"]:
         """``gain * (W_out @ delta)`` of ``layer``, float32: what the edit adds there, before the 1/rms."""
@@ -168,7 +186,6 @@ class FrozenNormEdit:
 
     def fwd_hooks(self) -> list[tuple[str, Any]]:
         """``hook_post`` reads each position's scale; ``hook_mlp_out`` adds the frozen write with it."""
-        decode_only = self.positions == "decode"
         hooks = []
         # Intervention.fwd_hooks gives one hook per layer, in sorted layer order.
         for layer, (name, hook) in zip(sorted(self.intervention.deltas), self.intervention.fwd_hooks()):
@@ -179,7 +196,7 @@ class FrozenNormEdit:
 
             def read_scale(activation: Tensor, hook: Any, layer: int = layer, scales: list = scales) -> Tensor:
                 scales.clear()
-                if not (decode_only and activation.shape[1] != 1):
+                if self._edits_here(activation):
                     scales.append(self.norms[layer].inverse_scale(activation))
                 return activation
 
@@ -192,6 +209,93 @@ class FrozenNormEdit:
             hooks += [(hook_name(layer, self.intervention.hook_template), read_scale),
                       (MLP_OUT_HOOK.format(layer=layer), add_write)]
         return hooks
+
+
+@dataclass
+class TokenScaledEdit(NormAwareEdit):
+    """``intervention`` with each position's delta scaled by its MLP output's own scale: an activation edit.
+
+    On each layer in ``norms`` it adds ``delta * rms(W_out @ a) / reference[layer]`` to ``hook_post`` (``a``
+    that position's unedited activation). Through the post-MLP norm, which divides by about that rms,
+    the edit then writes about the same vector at every token, ``g * (W_out @ delta) / reference`` to first
+    order (less its projection on the token's own output), where the plain edit writes ``1 / rms`` times
+    it: 100x more at some tokens than at others on Gemma 3 270M. ``reference`` (a typical rms per layer,
+    :func:`reference_scales`) keeps the layers' balance that of the plain edit at a typical token. Other
+    edited layers get the plain delta.
+
+    Example:
+        >>> delta = torch.zeros(48); delta[5] = 1.0
+        >>> norm = FrozenNorm(torch.ones(32, 48), torch.ones(32), 0.0)
+        >>> edit = TokenScaledEdit(Intervention({2: delta}, positions="all"), {2: norm}, {2: 4.0})
+        >>> hook = edit.fwd_hooks()[0][1]
+        >>> hook(torch.ones(1, 1, 48), None)[0, 0, 5].item()     # rms(W_out @ 1) = 48, so 1 + 48 / 4
+        13.0
+    """
+
+    reference: dict[int, float] = field(default_factory=dict)
+    kind = "token-scaled"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        missing = [layer for layer in self.norms if not self.reference.get(layer, 0) > 0]
+        if missing:
+            raise ValueError(f"no positive reference scale for layers {missing}; measure them with reference_scales")
+
+    def fwd_hooks(self) -> list[tuple[str, Any]]:
+        hooks = []
+        for layer, (name, hook) in zip(sorted(self.intervention.deltas), self.intervention.fwd_hooks()):
+            if layer not in self.norms:
+                hooks.append((name, hook))
+                continue
+
+            def scaled(activation: Tensor, hook: Any, layer: int = layer) -> Tensor:
+                if not self._edits_here(activation):
+                    return activation
+                scale = 1.0 / (self.norms[layer].inverse_scale(activation) * self.reference[layer])
+                delta = self.intervention._delta_like(layer, activation)
+                return activation + (scale.to(activation.dtype) * delta)
+
+            hooks.append((name, scaled))
+        return hooks
+
+
+def reference_scales(model: Any, layers: list[int], prompts: list[str], batch_size: int = 8) -> dict[int, float]:
+    """The median over every token of ``prompts`` (padding excluded) of ``rms(W_out @ a)`` per layer: a
+    typical MLP output scale, the reference of :class:`TokenScaledEdit`. Layers without a post-MLP norm are left out.
+
+    Use selection data (e.g. embedded contrastive prompts), not evaluation data.
+    """
+    from dpn_lens.hooked import input_device, last_token_batches
+
+    if not prompts:
+        raise ValueError("reference_scales needs at least one prompt to measure the MLP output scale on")
+    norms = frozen_norms(model, layers)
+    seen: dict[int, list[Tensor]] = {layer: [] for layer in norms}
+    keep: list[Tensor] = []
+
+    def read(layer: int) -> Any:
+        def hook(activation: Tensor, hook: Any) -> Tensor:
+            seen[layer].append((1.0 / norms[layer].inverse_scale(activation))[..., 0][keep[-1]].cpu())
+            return activation
+        return hook
+
+    hooks = [(hook_name(layer), read(layer)) for layer in norms]
+    for ids, mask, _ in last_token_batches(model, prompts, batch_size):
+        keep.append(mask.bool().to(input_device(model)))
+        with torch.no_grad(), model.hooks(fwd_hooks=hooks):
+            model(ids.to(input_device(model)), attention_mask=mask.to(input_device(model)))
+    return {layer: float(torch.cat(values).median()) for layer, values in seen.items()}
+
+
+def token_scaled_edit(model: Any, intervention: Intervention, reference: dict[int, float]
+                      ) -> "TokenScaledEdit | Intervention":
+    """``intervention`` with each token's delta scaled by its MLP output's scale over ``reference``
+    (:class:`TokenScaledEdit`); the intervention itself on a model whose MLPs have no post-MLP norm."""
+    if not isinstance(intervention, Intervention):
+        raise TypeError(f"token_scaled_edit takes a neuron edit (dpn_lens.steering.Intervention); got "
+                        f"{type(intervention).__name__}")
+    norms = frozen_norms(model, sorted(intervention.deltas))
+    return TokenScaledEdit(intervention, norms, dict(reference)) if norms else intervention
 
 
 def frozen_norm_edit(model: Any, intervention: Intervention) -> "FrozenNormEdit | Intervention":

@@ -54,7 +54,7 @@ __all__ = ["ControlConfig", "SWEEP_METHODS", "DEFAULT_METHODS", "RANDOM_CONTROL"
            "merge_control_results"]
 
 SWEEP_METHODS = ("dpn-le", "dpn-le-w", "directional", "topk", "dense", *EFFECT_RULES, "attribution-t-resid",
-                 "attribution-t-frozen", "dpn-le-frozen", "npti", "caa")
+                 "attribution-t-frozen", "dpn-le-frozen", "attribution-t-scaled", "dpn-le-scaled", "npti", "caa")
 """Every method the dose-response can sweep, in table order (names of ``evaluation.methods``)."""
 DEFAULT_METHODS = ("dpn-le", *EFFECT_RULES, "caa")
 """What ``control`` sweeps by default: every selection rule (the paper's and the effect rules) and CAA."""

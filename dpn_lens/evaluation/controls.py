@@ -10,20 +10,20 @@ from __future__ import annotations
 
 import torch
 
-from dpn_lens.effect.frozen_norm import FrozenNormEdit
+from dpn_lens.effect.frozen_norm import NormAwareEdit
 from dpn_lens.steering import Intervention
 
 __all__ = ["random_neuron_control"]
 
 
-def random_neuron_control(intervention: "Intervention | FrozenNormEdit", seed: int = 0
-                          ) -> "Intervention | FrozenNormEdit":
+def random_neuron_control(intervention: "Intervention | NormAwareEdit", seed: int = 0
+                          ) -> "Intervention | NormAwareEdit":
     """The same delta values on uniformly random neurons of the same layers (same count per layer).
 
     Per layer, as many distinct neurons as the edit changes are drawn uniformly from all of the
     layer's neurons (so a drawn neuron may happen to be one of the original ones), and the layer's
     nonzero delta values are placed on them in their original order. Positions and hook are kept. A
-    frozen-norm edit (``effect.frozen_norm``) gives the frozen-norm edit of the random neurons.
+    frozen-norm or token-scaled edit (``effect.frozen_norm``) gives the same kind of edit of the random neurons.
 
     Example:
         >>> delta = torch.zeros(8); delta[[1, 2]] = torch.tensor([0.5, -0.25])
@@ -31,7 +31,7 @@ def random_neuron_control(intervention: "Intervention | FrozenNormEdit", seed: i
         >>> control.n_edited, sorted(control.deltas[3][control.deltas[3] != 0].tolist())
         (2, [-0.25, 0.5])
     """
-    if isinstance(intervention, FrozenNormEdit):
+    if isinstance(intervention, NormAwareEdit):
         return intervention.on(random_neuron_control(intervention.intervention, seed))  # type: ignore[arg-type]
     if not isinstance(intervention, Intervention):
         raise TypeError(f"random_neuron_control takes an Intervention (a neuron delta), got "

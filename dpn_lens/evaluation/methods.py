@@ -13,10 +13,12 @@ vectors (``effect.residual_write``; the same edit on a model without a post-MLP 
 (``attribution-t-frozen``, ``dpn-le-frozen``) is the rule's neuron edit written through the post-MLP norm
 with the norm's scale frozen at each token (``effect.frozen_norm``): still an edit of the rule's neurons,
 so it has a random-neuron control; on a model without a post-MLP norm it is the rule's edit itself.
+``<rule>-scaled`` scales each token's delta by that token's MLP output scale (``TokenScaledEdit``), an
+activation edit of the same neurons that writes about the same vector through the norm at every token.
 
 Example:
     >>> [method.name for method in COMPARISON_METHODS]
-    ['dpn-le', 'dpn-le-w', 'dpn-le-sd', 'directional', 'dense', 'topk', 'attribution', 'attribution-t', 'write', 'write-layer', 'dpn-le-attribution', 'attribution-t-resid', 'attribution-t-frozen', 'dpn-le-frozen', 'npti', 'caa', 'prompting']
+    ['dpn-le', 'dpn-le-w', 'dpn-le-sd', 'directional', 'dense', 'topk', 'attribution', 'attribution-t', 'write', 'write-layer', 'dpn-le-attribution', 'attribution-t-resid', 'attribution-t-frozen', 'dpn-le-frozen', 'attribution-t-scaled', 'dpn-le-scaled', 'npti', 'caa', 'prompting']
     >>> METHODS_BY_NAME["attribution-t-frozen"].neurons_of, METHODS_BY_NAME["caa"].neurons_of
     ('attribution-t', None)
     >>> "dpn-le-sd" in DEFAULT_METHOD_NAMES   # a variant: run when --methods names it
@@ -164,6 +166,19 @@ def _frozen_norm_of(rule: str) -> Callable[[Any, TraitContext, Direction, float 
     return build
 
 
+def _token_scaled_of(rule: str) -> Callable[[Any, TraitContext, Direction, float | None], Condition]:
+    def build(model: Any, context: TraitContext, direction: Direction, gamma: float | None) -> Condition:
+        from dpn_lens.effect.frozen_norm import reference_scales, token_scaled_edit
+
+        if "reference-scales" not in context.memo:   # once per trait, on selection data
+            pairs = embedded_contrastive_set(context.trait, RESIDUAL_PROMPT_PAIRS, seed=42)
+            layers = list(range(int(model.cfg.n_layers)))
+            context.memo["reference-scales"] = reference_scales(model, layers, [*pairs.high, *pairs.low])
+        edit = steering_intervention(context.rule_map(rule), gamma, direction, "both")
+        return token_scaled_edit(model, edit, context.memo["reference-scales"]), None
+    return build
+
+
 def _npti_prepare(model: Any, trait: str, config: "CompareConfig") -> Any:
     return npti_trait_statistics(model, trait, config.npti_prompts, config.npti_new_tokens)
 
@@ -197,6 +212,8 @@ COMPARISON_METHODS: tuple[ComparisonMethod, ...] = (
     ComparisonMethod("attribution-t-resid", _residual_write_of("attribution-t"), needs_rules=("attribution-t",),
                      default=False),
     *(ComparisonMethod(f"{rule}-frozen", _frozen_norm_of(rule), needs_rules=(rule,) if rule in EFFECT_RULES else (),
+                       default=False, neurons_of=rule) for rule in ("attribution-t", "dpn-le")),
+    *(ComparisonMethod(f"{rule}-scaled", _token_scaled_of(rule), needs_rules=(rule,) if rule in EFFECT_RULES else (),
                        default=False, neurons_of=rule) for rule in ("attribution-t", "dpn-le")),
     ComparisonMethod("npti", _npti, gamma_option="npti_gamma", prepare=_npti_prepare),
     ComparisonMethod("caa", _caa, gamma_option="caa_gamma", prepare=_caa_prepare),
