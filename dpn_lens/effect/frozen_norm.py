@@ -1,24 +1,25 @@
-"""A neuron edit written through the post-MLP norm with the norm's scale frozen at each token.
+"""Neuron edits shaped by the post-MLP norm: the frozen-norm write and the token-scaled edit.
 
 Gemma 3 normalises each MLP output before it joins the residual stream:
 ``mlp_out = g * x / rms(x)`` with ``x = W_out @ a`` (``a`` = ``mlp.hook_post``). Adding ``delta`` to ``a``
-(the DPN-LE edit) then changes ``mlp_out`` by ``g * (W_out @ delta) / rms(x)`` *minus* its projection on
-the token's own output direction, and by less and less as ``rms(x + W_out @ delta)`` grows: the norm
-renormalises the edit away (``effect.residual_write`` measured that it loses about three quarters of
-what attribution-t's neurons write on Gemma).
+(the DPN-LE edit) then changes ``mlp_out`` by about ``g * (W_out @ delta) / rms(x)``, less its projection on
+the token's own output direction, and by less and less as ``rms(x + W_out @ delta)`` grows
+(``effect.residual_write`` measured that it loses about three quarters of what attribution-t's neurons
+write on Gemma). ``rms(x)`` differs from token to token: on Gemma 3 270M by 2x between the 5th and 95th
+percentile and up to 100x overall, so the same delta writes 100x more at some tokens than at others.
 
-:class:`FrozenNormEdit` is the same neuron edit with that renormalisation frozen: at each edited position
-it adds ``g * (W_out @ delta) / rms(x)`` to ``hook_mlp_out``, where ``rms(x)`` is the token's own,
-unedited MLP output scale. It is the first-order write of the neuron edit with the norm's scale held
-fixed (the term a frozen-norm attribution assumes), still built from the edited neurons only: the
-direction is ``g * W_out[:, neurons] @ delta[neurons]``, so its random-neuron control is the same frozen
-write of random neurons (``evaluation.controls.random_neuron_control``). On a model without a post-MLP
-norm (Llama, Qwen, SmolLM2) :func:`frozen_norm_edit` returns the neuron edit itself: there is nothing to
-freeze.
+* :class:`FrozenNormEdit` writes the neuron edit with the norm's scale frozen: at each edited position it
+  adds ``g * (W_out @ delta) / rms(x)`` to ``hook_mlp_out``, ``rms(x)`` being the token's own unedited
+  MLP output scale. Not an activation edit (no activation change produces it through the norm).
+* :class:`TokenScaledEdit` is an activation edit of the same neurons: each position's delta is scaled
+  by ``rms(x) / reference`` at ``hook_post``, so through the norm the edit writes about the same vector
+  at every token, ``g * (W_out @ delta) / reference`` to first order (less its projection on the token's
+  own output).
 
-It is not an activation edit: no value of the neurons' activations produces it on Gemma, since the norm
-sees every activation. It answers whether *these neurons' output weights* carry the trait once the norm
-is taken out of the way, at a cost (KL) measured like every other edit's.
+Both edit only the chosen neurons' output weights' directions, so their random-neuron control is the
+same kind of edit of random neurons (``evaluation.controls.random_neuron_control``). On a model without
+a post-MLP norm (Llama, Qwen, SmolLM2) :func:`frozen_norm_edit` and :func:`token_scaled_edit` return the
+neuron edit itself.
 
 Example:
     >>> from dpn_lens.tiny import build_tiny_model
