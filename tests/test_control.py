@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -255,7 +256,8 @@ def test_answer_statistics_locate_like_prompt_statistics(tiny_model, tiny_pairs)
         ControlConfig(statistics="first")
 
 
-def test_control_command_runs_end_to_end_on_a_tiny_model(tiny_folder, tmp_path, monkeypatch, capsys):
+def run_control_command(tiny_folder, tmp_path, monkeypatch, methods: str, *options: str) -> tuple[int, Path]:
+    """``dpn-lens control`` on openness of the tiny model with a saved map (its exit status and --out)."""
     from dpn_lens.cli import main
     from dpn_lens.models import load_model
 
@@ -266,9 +268,14 @@ def test_control_command_runs_end_to_end_on_a_tiny_model(tiny_folder, tmp_path, 
     tiny_map(load_model(str(tiny_folder)), "openness").save(maps / "openness.safetensors")
     out = tmp_path / "out"
     status = main(["control", "--model", str(tiny_folder), "--dtype", "float32", "--traits", "openness",
-                   "--data-dir", str(data), "--maps", str(maps), "--methods", "dpn-le", "--pairs", "8",
+                   "--data-dir", str(data), "--maps", str(maps), "--methods", methods, "--pairs", "8",
                    "--gammas", "0.125,0.25,0.5,1,2,4", "--kl-levels", "0.005", "--target-kl", "0.005", "--no-png",
-                   "--no-progress", "--out", str(out)])
+                   "--no-progress", *options, "--out", str(out)])
+    return status, out
+
+
+def test_control_command_runs_end_to_end_on_a_tiny_model(tiny_folder, tmp_path, monkeypatch, capsys):
+    status, out = run_control_command(tiny_folder, tmp_path, monkeypatch, "dpn-le")
     assert status == 0, capsys.readouterr().err
     report = (out / "control.md").read_text()
     for heading in ("Positive control", "calibrated gamma", "Matched cost", "Dose-response points"):

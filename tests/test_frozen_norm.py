@@ -122,22 +122,9 @@ def test_control_gives_attribution_t_frozen_a_random_neuron_control_and_on_llama
 def test_control_command_reports_dpn_le_frozen_beside_its_random_neurons(tiny_folder, tmp_path, monkeypatch, capsys):
     import json
 
-    from helpers import write_personalitybench
-    from test_control import tiny_map
+    from test_control import run_control_command
 
-    from dpn_lens.cli import main
-    from dpn_lens.models import load_model
-
-    monkeypatch.setenv("DPN_LENS_CACHE", str(tmp_path / "cache"))
-    data = write_personalitybench(tmp_path / "data")
-    maps = tmp_path / "maps"
-    maps.mkdir()
-    tiny_map(load_model(str(tiny_folder)), "openness").save(maps / "openness.safetensors")
-    out = tmp_path / "out"
-    status = main(["control", "--model", str(tiny_folder), "--dtype", "float32", "--traits", "openness",
-                   "--data-dir", str(data), "--maps", str(maps), "--methods", "dpn-le-frozen", "--pairs", "8",
-                   "--gammas", "0.125,0.25,0.5,1,2,4", "--kl-levels", "0.005", "--target-kl", "0.005", "--no-png",
-                   "--no-progress", "--random-draws", "2", "--out", str(out)])
+    status, out = run_control_command(tiny_folder, tmp_path, monkeypatch, "dpn-le-frozen", "--random-draws", "2")
     assert status == 0, capsys.readouterr().err
     result = json.loads((out / "control.json").read_text())
     assert {p["method"] for p in result["curves"]} == {"dpn-le-frozen", "random-neurons:dpn-le-frozen"}
