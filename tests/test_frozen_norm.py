@@ -164,3 +164,33 @@ def test_the_token_scaled_edit_scales_each_tokens_delta_by_its_mlp_output_scale(
     assert isinstance(control, TokenScaledEdit) and control.reference == edit.reference
     with pytest.raises(ValueError, match="reference scale"):
         TokenScaledEdit(_edit(), edit.norms, {})
+
+
+def test_the_kl_probe_can_leave_its_context_token_unedited(gemma):
+    """``KLProbe(edit_context=False)`` adds the edit at the chunk's tokens only, not at the BOS before them: its
+    KL equals one computed here with the delta added by hand at positions 1.. (and differs from editing BOS too)."""
+    from dpn_lens.evaluation.calibrate import KLProbe
+
+    bridge, _ = gemma
+    chunk = bridge.to_tokens("a friend at home . a party with a friend .", prepend_bos=False)[0].tolist()
+    everywhere, chunk_only = KLProbe(bridge, [chunk]), KLProbe(bridge, [chunk], edit_context=False)
+    edit = 3.0 * _edit()
+    sequence = torch.tensor([chunk_only.context + chunk])
+
+    def by_hand(layer):
+        def hook(activation, hook):
+            activation = activation.clone()
+            activation[:, 1:] += edit.deltas[layer]
+            return activation
+        return hook
+
+    with torch.no_grad():
+        base = torch.log_softmax(bridge(sequence)[0, :-1].double(), -1)
+        with bridge.hooks(fwd_hooks=[(f"blocks.{layer}.mlp.hook_post", by_hand(layer)) for layer in (1, 3)]):
+            edited = torch.log_softmax(bridge(sequence)[0, :-1].double(), -1)
+    expected = float((base.exp() * (base - edited)).sum(-1).mean())
+    assert chunk_only(edit)[0] == pytest.approx(expected, rel=1e-3)
+    assert everywhere(edit)[0] != pytest.approx(expected, rel=1e-2)
+    assert chunk_only(None)[0] == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ValueError, match="one length"):
+        KLProbe(bridge, [chunk, chunk[:-1]], edit_context=False)

@@ -36,7 +36,7 @@ from __future__ import annotations
 import math
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from jaxtyping import Float
@@ -47,7 +47,7 @@ from dpn_lens.hooked import HOOK_NAME, down_proj_weight, hook_name, post_mlp_nor
 from dpn_lens.steering import Intervention, Positions
 
 __all__ = ["FrozenNorm", "NormAwareEdit", "FrozenNormEdit", "TokenScaledEdit", "frozen_norm_edit", "frozen_norms",
-           "reference_scales", "token_scaled_edit"]
+           "reference_scales", "token_scales", "token_scaled_edit"]
 
 
 @dataclass(frozen=True)
@@ -260,17 +260,21 @@ class TokenScaledEdit(NormAwareEdit):
         return hooks
 
 
-def reference_scales(model: Any, layers: list[int], prompts: list[str], batch_size: int = 8) -> dict[int, float]:
-    """The median over every token of ``prompts`` (padding excluded) of ``rms(W_out @ a)`` per layer: a
-    typical MLP output scale, the reference of :class:`TokenScaledEdit`. Layers without a post-MLP norm are left out.
+def token_scales(model: Any, layers: Sequence[int], prompts: Sequence[str], batch_size: int = 8
+                 ) -> dict[int, Float[Tensor, "tokens"]]:
+    """``rms(W_out @ a)`` at every token of ``prompts`` (padding excluded), per layer with a post-MLP norm:
+    the factor that layer's norm divides each token's MLP output by.
 
-    Use selection data (e.g. embedded contrastive prompts), not evaluation data.
+    Example:
+        >>> scales = token_scales(load_model("gemma-3-270m"), range(18), ["How do you spend Friday night?"])  # doctest: +SKIP
+        >>> float(scales[9].quantile(0.95) / scales[9].quantile(0.05))                                       # doctest: +SKIP
+        1.7
     """
     from dpn_lens.hooked import input_device, last_token_batches
 
     if not prompts:
-        raise ValueError("reference_scales needs at least one prompt to measure the MLP output scale on")
-    norms = frozen_norms(model, layers)
+        raise ValueError("token_scales needs at least one prompt to measure the MLP output scale on")
+    norms = frozen_norms(model, list(layers))
     seen: dict[int, list[Tensor]] = {layer: [] for layer in norms}
     keep: list[Tensor] = []
 
@@ -281,11 +285,21 @@ def reference_scales(model: Any, layers: list[int], prompts: list[str], batch_si
         return hook
 
     hooks = [(hook_name(layer), read(layer)) for layer in norms]
-    for ids, mask, _ in last_token_batches(model, prompts, batch_size):
+    for ids, mask, _ in last_token_batches(model, list(prompts), batch_size):
         keep.append(mask.bool().to(input_device(model)))
         with torch.no_grad(), model.hooks(fwd_hooks=hooks):
             model(ids.to(input_device(model)), attention_mask=mask.to(input_device(model)))
-    return {layer: float(torch.cat(values).median()) for layer, values in seen.items()}
+    return {layer: torch.cat(values) for layer, values in seen.items()}
+
+
+def reference_scales(model: Any, layers: Sequence[int], prompts: Sequence[str], batch_size: int = 8
+                     ) -> dict[int, float]:
+    """The median of :func:`token_scales` per layer: a typical MLP output scale, the reference of
+    :class:`TokenScaledEdit`. Layers without a post-MLP norm are left out.
+
+    Use selection data (e.g. embedded contrastive prompts), not evaluation data.
+    """
+    return {layer: float(scales.median()) for layer, scales in token_scales(model, layers, prompts, batch_size).items()}
 
 
 def token_scaled_edit(model: Any, intervention: Intervention, reference: dict[int, float]

@@ -69,16 +69,24 @@ class KLProbe:
     The unsteered log-probabilities are computed once (``[tokens, vocab]`` float32 per chunk: about
     100 MB for 512 tokens of a 49k vocabulary) and every edit is compared with them.
 
+    Each chunk is read after a one-token context (the model's BOS). ``edit_context=True`` (every run so
+    far) edits that token too; ``False`` edits only the chunk's own tokens, as decode-only use edits the
+    generated tokens and never the prompt's. The difference matters where the edit is large at the BOS
+    token: on Gemma 3 a neuron edit rewrites the BOS token's MLP output, whose scale there is 30-100x
+    below other tokens' (docs/RESULTS.md).
+
     Example:
         >>> probe = KLProbe(model, probe_chunks(model))                        # doctest: +SKIP
         >>> probe(steering_intervention(neuron_map, gamma=2.0))                # doctest: +SKIP
         (0.031, 21.7)
     """
 
-    def __init__(self, model: HookedModel, chunks: Sequence[list[int]]):
+    def __init__(self, model: HookedModel, chunks: Sequence[list[int]], edit_context: bool = True):
         if not chunks or any(len(chunk) < 2 for chunk in chunks):
             raise ValueError("KLProbe needs at least one chunk of 2 or more tokens")
-        self.model, self.chunks = model, [list(chunk) for chunk in chunks]
+        self.model, self.chunks, self.edit_context = model, [list(chunk) for chunk in chunks], bool(edit_context)
+        if not self.edit_context and len({len(chunk) for chunk in self.chunks}) > 1:
+            raise ValueError("KLProbe(edit_context=False) needs chunks of one length (probe_chunks gives them)")
         self.context = encode(model, "")[:1] or [int(model.tokenizer.eos_token_id)]
         self.reference = [score.distributions for score in self._scores(None)]
 
@@ -86,12 +94,23 @@ class KLProbe:
         with steer(self.model, scoring_edit(edit)):
             return continuation_logprobs(self.model, [self.context] * len(self.chunks), self.chunks, full=True)
 
+    def _edited(self, edit: Edit | None, length: int) -> Any:
+        """The model with ``edit`` at every position, or (``edit_context=False``) at the chunk's positions only."""
+        if self.edit_context or edit is None:
+            return steer(self.model, scoring_edit(edit))
+        from dpn_lens.evaluation.preference import answer_position_hooks
+
+        # Every sequence is context + chunk, unpadded and of one length: one mask for every batch.
+        where = torch.ones((1, length), dtype=torch.bool)
+        where[:, :len(self.context)] = False
+        return self.model.hooks(fwd_hooks=answer_position_hooks(edit, lambda: where))
+
     def __call__(self, edit: Edit | None) -> tuple[float, float]:
         """``(KL nats/token, perplexity)`` of the text under ``edit`` (at every position)."""
         sequences = [self.context + chunk for chunk in self.chunks]
         spans = [(len(self.context) - 1, len(sequence) - 1) for sequence in sequences]
         total, count, nll = 0.0, 0, []
-        with steer(self.model, scoring_edit(edit)):
+        with self._edited(edit, max(map(len, sequences))):
             # The KL is summed block by block from the logits, never holding a second float32 copy.
             for index, logits in _batched_logits(self.model, sequences, 2048, spans=spans):
                 base = self.reference[index]

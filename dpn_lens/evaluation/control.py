@@ -107,6 +107,9 @@ class ControlConfig:
     target_kl: float = DEFAULT_TARGET_KL
     kl_chunks: int = 4
     kl_tokens: int = 128
+    kl_skip_context: bool = False
+    """The KL probe leaves its context token (BOS) unedited, as decode-only use leaves the prompt
+    (``KLProbe(edit_context=False)``); False (every committed run) edits it too."""
     random_control: bool = True
     random_draws: int = 5
     random_draws_off_target: int = 1
@@ -423,7 +426,7 @@ def run_control(model: Any, config: ControlConfig, log: Callable[[str], None] = 
         True
     """
     started = time.time()
-    probe = KLProbe(model, probe_chunks(model, config.kl_chunks, config.kl_tokens))
+    probe = KLProbe(model, probe_chunks(model, config.kl_chunks, config.kl_tokens), edit_context=not config.kl_skip_context)
     methods = list(config.methods)
     rules = neuron_methods(methods)   # the selection rules, and edits of their neurons (``<rule>-frozen``)
     randomized = rules if config.random_control else []
