@@ -114,6 +114,8 @@ class MachineCosts:
     threads: int
     model: str
     flops_per_s: float
+    seconds_per_call: float
+    """Fixed cost of one forward call (its Python, a batch-1 prefix's poor kernel use, the cache copies)."""
     tokens_per_s: float
     runtime_bytes: int
     """Resident memory of the Python process with torch and transformers imported, before any model."""
@@ -151,18 +153,29 @@ def measure_costs(model_spec: str, device: str = "cpu", dtype: str = "float32", 
     model = load_model(model_spec, dtype=dtype, device=None if device == "cpu" else device)
     shape = model_shape(model_spec)
     pairs = embedded_contrastive_set("openness", n_pairs=n_prompts, seed=7)
-    config = CollectionConfig(progress=False)
-    collect_statistics(model, embedded_contrastive_set("openness", n_pairs=2, seed=8), config)    # warm-up
-    work = locate_work(model, shape, [pairs], config, device)
-    if device != "cpu":
-        torch.cuda.synchronize()
-    started = time.perf_counter()
-    collect_statistics(model, pairs, config)
-    if device != "cpu":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - started
+    collect_statistics(model, embedded_contrastive_set("openness", n_pairs=2, seed=8), CollectionConfig(progress=False))
+    # Two runs of the same prompts, few large calls (plain) and many small ones (shared prefixes), give
+    # the two unknowns of seconds = flops / flops_per_s + calls * seconds_per_call.
+    runs = []
+    for share in (False, True):
+        config = CollectionConfig(progress=False, share_prefix=share)
+        work = locate_work(model, shape, [pairs], config, device)
+        if device != "cpu":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        collect_statistics(model, pairs, config)
+        if device != "cpu":
+            torch.cuda.synchronize()
+        runs.append((work, time.perf_counter() - started))
+    (plain, t_plain), (shared, t_shared) = runs
+    determinant = plain["flops"] * shared["calls"] - shared["flops"] * plain["calls"]
+    seconds_per_flop = (t_plain * shared["calls"] - t_shared * plain["calls"]) / determinant
+    seconds_per_call = (plain["flops"] * t_shared - shared["flops"] * t_plain) / determinant
+    if seconds_per_flop <= 0 or seconds_per_call < 0:     # noise swamped one term: attribute it all to FLOPs
+        seconds_per_flop, seconds_per_call = (t_plain + t_shared) / (plain["flops"] + shared["flops"]), 0.0
     costs = MachineCosts(device=device, dtype=dtype, threads=torch.get_num_threads(), model=model_spec,
-                         flops_per_s=work["flops"] / seconds, tokens_per_s=work["tokens_run"] / seconds,
+                         flops_per_s=1.0 / seconds_per_flop, seconds_per_call=seconds_per_call,
+                         tokens_per_s=(plain["tokens_run"] + shared["tokens_run"]) / (t_plain + t_shared),
                          runtime_bytes=runtime, measured=time.strftime("%Y-%m-%d %H:%M"))
     if save:
         from dpn_lens.io import write_json_atomic
@@ -180,23 +193,42 @@ def saved_costs(device: str, dtype: str, threads: int) -> MachineCosts | None:
 
 def locate_work(model: Any, shape: ModelShape, sets: Sequence[Any], config: Any, device: str = "cpu"
                 ) -> dict[str, int]:
-    """Tokens in the prompts, tokens the forward passes run (shared prefixes run once, as collection runs them
-    on this device), the longest prompt and the forward FLOPs, over every pole of every contrastive set."""
+    """What collection runs for every pole of every contrastive set, batch by batch as it forms them:
+    tokens in the prompts, tokens run (padding included; shared prefixes once, where collection shares
+    them on this device), forward calls, FLOPs (each token attends to its batch's longest context) and
+    the longest prompt."""
+    from dpn_lens.collect import batch_chunks
     from dpn_lens.hooked import tokenize_compact
-    from dpn_lens.prefix import plan_prefix_tree, tokens_run
+    from dpn_lens.prefix import plan_prefix_tree
 
     shares = config.share_prefix is True or (config.share_prefix == "auto" and device == "cpu")
-    in_prompts = run = longest = flops = 0
+    work = {"tokens_in_prompts": 0, "tokens_run": 0, "calls": 0, "flops": 0, "longest_prompt": 0}
+
+    def batches(lengths: list[int], cached: int = 0) -> None:
+        for chunk in batch_chunks(lengths, config.max_batch_size, config.max_batch_tokens, cached):
+            longest = max(lengths[i] for i in chunk)
+            padded = len(chunk) * longest
+            work["tokens_run"] += padded
+            work["calls"] += 1
+            work["flops"] += padded * shape.forward_flops_per_token(context=cached + longest)
+
     for contrastive in sets:
         for prompts in (contrastive.high, contrastive.low):
             arrays = tokenize_compact(model, prompts)
-            total = sum(len(a) for a in arrays)
-            ran = tokens_run(plan_prefix_tree(arrays, config.prefix_min_saving), arrays) if shares else total
-            in_prompts, run = in_prompts + total, run + ran
-            longest = max([longest, *map(len, arrays)])
-            mean_context = total / max(1, len(arrays)) / 2
-            flops += ran * shape.forward_flops_per_token(context=int(mean_context))
-    return {"tokens_in_prompts": in_prompts, "tokens_run": run, "longest_prompt": longest, "flops": flops}
+            work["tokens_in_prompts"] += sum(len(a) for a in arrays)
+            work["longest_prompt"] = max([work["longest_prompt"], *map(len, arrays)])
+            if not shares:
+                batches([len(a) for a in arrays])
+                continue
+            for group in plan_prefix_tree(arrays, config.prefix_min_saving).walk():
+                if group.end > 0:
+                    segment = group.end - group.start
+                    work["tokens_run"] += segment
+                    work["calls"] += 1
+                    work["flops"] += segment * shape.forward_flops_per_token(context=group.end)
+                if group.members:
+                    batches([len(arrays[i]) - group.end for i in group.members], group.end)
+    return work
 
 
 @dataclass
@@ -228,8 +260,8 @@ class RunPlan:
                 f"~{_duration(stage.seconds)}"
             lines.append(f"  {stage.name}: {when}; peak memory ~{stage.peak_bytes / gib:.2f} GiB ({stage.detail})")
         if self.costs is not None:
-            lines.append(f"  times from {self.costs.tokens_per_s:,.0f} tokens/s = {self.costs.flops_per_s / 1e9:.1f} "
-                         f"GFLOP/s measured on {self.costs.model} ({self.costs.measured}, {self.costs.threads} threads)")
+            lines.append(f"  times from {self.costs.flops_per_s / 1e9:.1f} GFLOP/s and {self.costs.seconds_per_call:.2f} s per "
+                         f"forward call, measured on {self.costs.model} ({self.costs.measured}, {self.costs.threads} threads)")
         fit = ", ".join(f"{size} GiB {'yes' if ok else 'no'}" for size, ok in self.fits_gpus_gib.items())
         lines.append(f"  fits on one GPU of: {fit}")
         return "\n".join(lines)
@@ -269,7 +301,7 @@ def plan_locate(spec: str, traits: Sequence[str], n_pairs: int, device: str = "c
     peak = weights + activations + statistics
     seconds = None
     if costs is not None and costs.device == device and costs.dtype == dtype:
-        seconds = work["flops"] / costs.flops_per_s
+        seconds = work["flops"] / costs.flops_per_s + work["calls"] * costs.seconds_per_call
     host = peak + (costs.runtime_bytes if costs is not None and device == "cpu" else 0)
     stage = StagePlan("locate", seconds, host,
                       f"{len(traits)} traits x {n_pairs} pairs: {work['tokens_run']:,} tokens run of "
