@@ -188,7 +188,12 @@ def measure_costs(model_spec: str, device: str = "cpu", dtype: str = "float32", 
 
 def saved_costs(device: str, dtype: str, threads: int) -> MachineCosts | None:
     path = _costs_file(device, dtype, threads)
-    return MachineCosts(**json.loads(path.read_text(encoding="utf-8"))) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        return MachineCosts(**json.loads(path.read_text(encoding="utf-8")))
+    except (TypeError, ValueError):      # written by another version: measure again
+        return None
 
 
 def locate_work(model: Any, shape: ModelShape, sets: Sequence[Any], config: Any, device: str = "cpu"
