@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import platform
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -119,6 +120,15 @@ class MachineCosts:
     tokens_per_s: float
     runtime_bytes: int
     """Resident memory of the Python process with torch and transformers imported, before any model."""
+    startup_seconds: float
+    """A fresh interpreter importing what ``dpn-lens locate`` imports (torch, transformers, TransformerLens)."""
+    load_bytes_per_s: float
+    """Weight bytes loaded per second by ``load_model`` (read, convert, wrap in the bridge) on ``model``."""
+    load_peak_ratio: float
+    """Peak resident memory while loading, above ``runtime_bytes``, per byte of weights (the loader's copies)."""
+    trait_seconds: float
+    """What ``locate`` spends per trait beyond its forward passes (prompts, tokenising, statistics, selection,
+    saving), measured on one trait of ``model``."""
     measured: str
     machine: str = field(default_factory=platform.node)
 
@@ -129,14 +139,41 @@ def _costs_file(device: str, dtype: str, threads: int) -> Path:
     return cache_dir() / "plan" / f"{platform.node()}-{device}-{dtype}-{threads}threads.json"
 
 
-def _rss_bytes() -> int:
+def _status_bytes(field: str) -> int:
+    """A ``/proc/self/status`` memory field in bytes (``VmRSS`` now, ``VmHWM`` the peak); 0 off Linux."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
     return 0
+
+
+def _rss_bytes() -> int:
+    return _status_bytes("VmRSS")
+
+
+def _reset_peak() -> None:
+    """Reset the kernel's peak-RSS counter, so ``VmHWM`` covers only what follows (Linux; else a no-op)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def _startup_seconds() -> float:
+    """A fresh interpreter importing what ``dpn-lens locate`` imports (best of two: the first warms the disk cache)."""
+    import subprocess
+    import sys
+
+    imports = "import torch, transformers, transformer_lens, dpn_lens.cli, dpn_lens.pipeline"
+    times = []
+    for _ in range(2):
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-c", imports], check=True, capture_output=True)
+        times.append(time.perf_counter() - started)
+    return min(times)
 
 
 def measure_costs(model_spec: str, device: str = "cpu", dtype: str = "float32", n_prompts: int = 24,
@@ -149,9 +186,15 @@ def measure_costs(model_spec: str, device: str = "cpu", dtype: str = "float32", 
     from dpn_lens.data.contrastive import embedded_contrastive_set
     from dpn_lens.models import load_model
 
+    startup = _startup_seconds()
     runtime = _rss_bytes()
-    model = load_model(model_spec, dtype=dtype, device=None if device == "cpu" else device)
     shape = model_shape(model_spec)
+    weights = shape.n_params() * BYTES[dtype]
+    _reset_peak()
+    started = time.perf_counter()
+    model = load_model(model_spec, dtype=dtype, device=None if device == "cpu" else device)
+    load_seconds = time.perf_counter() - started
+    load_peak = max(_status_bytes("VmHWM") - runtime, 0)
     pairs = embedded_contrastive_set("openness", n_pairs=n_prompts, seed=7)
     collect_statistics(model, embedded_contrastive_set("openness", n_pairs=2, seed=8), CollectionConfig(progress=False))
     # Two runs of the same prompts, few large calls (plain) and many small ones (shared prefixes), give
@@ -173,10 +216,25 @@ def measure_costs(model_spec: str, device: str = "cpu", dtype: str = "float32", 
     seconds_per_call = (plain["flops"] * t_shared - shared["flops"] * t_plain) / determinant
     if seconds_per_flop <= 0 or seconds_per_call < 0:     # noise swamped one term: attribute it all to FLOPs
         seconds_per_flop, seconds_per_call = (t_plain + t_shared) / (plain["flops"] + shared["flops"]), 0.0
+    # One whole trait of locate (the pipeline, with its folder): what is not forward passes is per-trait cost.
+    import tempfile
+
+    from dpn_lens.pipeline import LocateConfig, contrastive_set_for, locate_traits
+
+    config = LocateConfig(traits=["openness"], n_pairs=n_prompts, collection=CollectionConfig(progress=False))
+    work = locate_work(model, shape, [contrastive_set_for("openness", n_pairs=n_prompts)], config.collection, device)
+    with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # a timing sample: few pairs select few neurons, and locate says so
+        started = time.perf_counter()
+        locate_traits(model, config, out=Path(folder) / "run", log=lambda message: None)
+        located = time.perf_counter() - started
+    forward = work["flops"] * seconds_per_flop + work["calls"] * seconds_per_call
     costs = MachineCosts(device=device, dtype=dtype, threads=torch.get_num_threads(), model=model_spec,
                          flops_per_s=1.0 / seconds_per_flop, seconds_per_call=seconds_per_call,
                          tokens_per_s=(plain["tokens_run"] + shared["tokens_run"]) / (t_plain + t_shared),
-                         runtime_bytes=runtime, measured=time.strftime("%Y-%m-%d %H:%M"))
+                         runtime_bytes=runtime, startup_seconds=startup, load_bytes_per_s=weights / load_seconds,
+                         load_peak_ratio=load_peak / weights, trait_seconds=max(located - forward, 0.0),
+                         measured=time.strftime("%Y-%m-%d %H:%M"))
     if save:
         from dpn_lens.io import write_json_atomic
 
@@ -255,6 +313,17 @@ class RunPlan:
     costs: MachineCosts | None
     fits_gpus_gib: dict[int, bool]
 
+    @property
+    def seconds(self) -> float | None:
+        """The whole command's wall time (None without a measurement for this device and dtype)."""
+        times = [stage.seconds for stage in self.stages]
+        return None if any(t is None for t in times) else float(sum(times))   # type: ignore[arg-type]
+
+    @property
+    def peak_bytes(self) -> int:
+        """The whole command's peak memory (host memory on the CPU, the GPU's on a GPU)."""
+        return max(stage.peak_bytes for stage in self.stages)
+
     def text(self) -> str:
         gib = 1024 ** 3
         lines = [f"plan for {self.model} ({self.dtype} on {self.device}): {self.shape.n_params() / 1e6:,.0f}M matrix "
@@ -264,6 +333,8 @@ class RunPlan:
             when = "time unknown (no measurement for this device and dtype)" if stage.seconds is None else \
                 f"~{_duration(stage.seconds)}"
             lines.append(f"  {stage.name}: {when}; peak memory ~{stage.peak_bytes / gib:.2f} GiB ({stage.detail})")
+        if self.seconds is not None:
+            lines.append(f"  in all: ~{_duration(self.seconds)}, peak memory ~{self.peak_bytes / gib:.2f} GiB")
         if self.costs is not None:
             lines.append(f"  times from {self.costs.flops_per_s / 1e9:.1f} GFLOP/s and {self.costs.seconds_per_call:.2f} s per "
                          f"forward call, measured on {self.costs.model} ({self.costs.measured}, {self.costs.threads} threads)")
@@ -304,16 +375,23 @@ def plan_locate(spec: str, traits: Sequence[str], n_pairs: int, device: str = "c
     activations = batch_tokens * (8 * shape.d_model + 4 * shape.d_mlp) * width
     statistics = 2 * 2 * shape.n_layers * shape.d_mlp * 8
     peak = weights + activations + statistics
-    seconds = None
-    if costs is not None and costs.device == device and costs.dtype == dtype:
-        seconds = work["flops"] / costs.flops_per_s + work["calls"] * costs.seconds_per_call
-    host = peak + (costs.runtime_bytes if costs is not None and device == "cpu" else 0)
-    stage = StagePlan("locate", seconds, host,
-                      f"{len(traits)} traits x {n_pairs} pairs: {work['tokens_run']:,} tokens run of "
-                      f"{work['tokens_in_prompts']:,} in the prompts, {work['flops'] / 1e12:.1f} TFLOP")
+    usable = costs is not None and costs.device == device and costs.dtype == dtype
+    runtime = costs.runtime_bytes if costs is not None and device == "cpu" else 0
+    load_seconds = collect_seconds = None
+    if usable:
+        load_seconds = costs.startup_seconds + (weights / costs.load_bytes_per_s if costs.load_bytes_per_s else 0.0)
+        collect_seconds = (work["flops"] / costs.flops_per_s + work["calls"] * costs.seconds_per_call
+                           + len(traits) * costs.trait_seconds)
+    # Loading holds the loader's copies of the weights for a moment (host memory; on a GPU, host RAM).
+    load_peak = runtime + int(weights * max(costs.load_peak_ratio if costs is not None else 1.0, 1.0))
+    stages = [StagePlan("start-up and model load", load_seconds, load_peak if device == "cpu" else weights,
+                        f"{weights / 1024 ** 3:.2f} GiB of weights"),
+              StagePlan("locate", collect_seconds, runtime + peak,
+                        f"{len(traits)} traits x {n_pairs} pairs: {work['tokens_run']:,} tokens run of "
+                        f"{work['tokens_in_prompts']:,} in the prompts, {work['flops'] / 1e12:.1f} TFLOP")]
     gib = 1024 ** 3
     fits = {size: peak * 1.1 < size * gib for size in GPU_SIZES_GIB}   # 10% for the CUDA context and allocator
-    return RunPlan(spec, shape, device, dtype, weights, [stage], costs, fits)
+    return RunPlan(spec, shape, device, dtype, weights, stages, costs, fits)
 
 
 class _RenderingStub:
