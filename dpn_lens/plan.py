@@ -126,6 +126,11 @@ class MachineCosts:
     """Weight bytes loaded per second by ``load_model`` (read, convert, wrap in the bridge) on ``model``."""
     load_peak_ratio: float
     """Peak resident memory while loading, above ``runtime_bytes``, per byte of weights (the loader's copies)."""
+    resident_ratio: float
+    """Resident memory the loaded model keeps, above ``runtime_bytes``, per byte of weights."""
+    locate_extra_bytes: int
+    """Peak memory of locate's sample trait above the loaded model, the batch's activations and the statistics
+    (tokenised prompts, the prefix cache, allocator slack): measured, taken as a constant."""
     trait_seconds: float
     """What ``locate`` spends per trait beyond its forward passes (prompts, tokenising, statistics, selection,
     saving), measured on one trait of ``model``."""
@@ -186,6 +191,11 @@ def measure_costs(model_spec: str, device: str = "cpu", dtype: str = "float32", 
     from dpn_lens.data.contrastive import embedded_contrastive_set
     from dpn_lens.models import load_model
 
+    import transformer_lens  # noqa: F401  (imported before the runtime is read, as `dpn-lens locate` has them)
+    import transformers  # noqa: F401
+
+    import dpn_lens.pipeline  # noqa: F401
+
     startup = _startup_seconds()
     runtime = _rss_bytes()
     shape = model_shape(model_spec)
@@ -195,6 +205,7 @@ def measure_costs(model_spec: str, device: str = "cpu", dtype: str = "float32", 
     model = load_model(model_spec, dtype=dtype, device=None if device == "cpu" else device)
     load_seconds = time.perf_counter() - started
     load_peak = max(_status_bytes("VmHWM") - runtime, 0)
+    resident = max(_rss_bytes() - runtime, 0)
     pairs = embedded_contrastive_set("openness", n_pairs=n_prompts, seed=7)
     collect_statistics(model, embedded_contrastive_set("openness", n_pairs=2, seed=8), CollectionConfig(progress=False))
     # Two runs of the same prompts, few large calls (plain) and many small ones (shared prefixes), give
@@ -225,15 +236,20 @@ def measure_costs(model_spec: str, device: str = "cpu", dtype: str = "float32", 
     work = locate_work(model, shape, [contrastive_set_for("openness", n_pairs=n_prompts)], config.collection, device)
     with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
         warnings.simplefilter("ignore")   # a timing sample: few pairs select few neurons, and locate says so
+        before = _rss_bytes()
+        _reset_peak()
         started = time.perf_counter()
         locate_traits(model, config, out=Path(folder) / "run", log=lambda message: None)
         located = time.perf_counter() - started
+        sample_peak = _status_bytes("VmHWM") - before
+    predicted = _batch_bytes(shape, config.collection, work["longest_prompt"], BYTES[dtype])
     forward = work["flops"] * seconds_per_flop + work["calls"] * seconds_per_call
     costs = MachineCosts(device=device, dtype=dtype, threads=torch.get_num_threads(), model=model_spec,
                          flops_per_s=1.0 / seconds_per_flop, seconds_per_call=seconds_per_call,
                          tokens_per_s=(plain["tokens_run"] + shared["tokens_run"]) / (t_plain + t_shared),
                          runtime_bytes=runtime, startup_seconds=startup, load_bytes_per_s=weights / load_seconds,
-                         load_peak_ratio=load_peak / weights, trait_seconds=max(located - forward, 0.0),
+                         load_peak_ratio=load_peak / weights, resident_ratio=resident / weights,
+                         locate_extra_bytes=max(int(sample_peak - predicted), 0), trait_seconds=max(located - forward, 0.0),
                          measured=time.strftime("%Y-%m-%d %H:%M"))
     if save:
         from dpn_lens.io import write_json_atomic
@@ -367,14 +383,8 @@ def plan_locate(spec: str, traits: Sequence[str], n_pairs: int, device: str = "c
     collection = collection or CollectionConfig(progress=False)
     sets = [embedded_contrastive_set(trait, n_pairs=n_pairs) for trait in traits]
     work = locate_work(_RenderingStub(tokenizer, spec), shape, sets, collection, device)
-    width = BYTES[dtype]
-    weights = shape.n_params() * width
-    # The largest batch: max_batch_tokens tokens through one layer at a time (residual, attention, MLP
-    # activations and a few temporaries), plus the statistics (float64 sums per layer and neuron, two poles).
-    batch_tokens = min(collection.max_batch_tokens, collection.max_batch_size * work["longest_prompt"])
-    activations = batch_tokens * (8 * shape.d_model + 4 * shape.d_mlp) * width
-    statistics = 2 * 2 * shape.n_layers * shape.d_mlp * 8
-    peak = weights + activations + statistics
+    weights = shape.n_params() * BYTES[dtype]
+    peak = weights + _batch_bytes(shape, collection, work["longest_prompt"], BYTES[dtype])
     usable = costs is not None and costs.device == device and costs.dtype == dtype
     runtime = costs.runtime_bytes if costs is not None and device == "cpu" else 0
     load_seconds = collect_seconds = None
@@ -384,14 +394,26 @@ def plan_locate(spec: str, traits: Sequence[str], n_pairs: int, device: str = "c
                            + len(traits) * costs.trait_seconds)
     # Loading holds the loader's copies of the weights for a moment (host memory; on a GPU, host RAM).
     load_peak = runtime + int(weights * max(costs.load_peak_ratio if costs is not None else 1.0, 1.0))
+    host_peak = peak
+    if costs is not None and device == "cpu":   # what the process keeps beside the weights, as measured
+        host_peak += int(weights * max(costs.resident_ratio - 1.0, 0.0)) + costs.locate_extra_bytes
     stages = [StagePlan("start-up and model load", load_seconds, load_peak if device == "cpu" else weights,
                         f"{weights / 1024 ** 3:.2f} GiB of weights"),
-              StagePlan("locate", collect_seconds, runtime + peak,
+              StagePlan("locate", collect_seconds, runtime + host_peak,
                         f"{len(traits)} traits x {n_pairs} pairs: {work['tokens_run']:,} tokens run of "
                         f"{work['tokens_in_prompts']:,} in the prompts, {work['flops'] / 1e12:.1f} TFLOP")]
     gib = 1024 ** 3
     fits = {size: peak * 1.1 < size * gib for size in GPU_SIZES_GIB}   # 10% for the CUDA context and allocator
     return RunPlan(spec, shape, device, dtype, weights, stages, costs, fits)
+
+
+def _batch_bytes(shape: ModelShape, collection: Any, longest_prompt: int, width: int) -> int:
+    """The largest batch's activations (``max_batch_tokens`` tokens through one layer at a time: residual,
+    attention, MLP activations and a few temporaries) plus the statistics (float64 sums per layer and
+    neuron, two poles)."""
+    batch_tokens = min(collection.max_batch_tokens, collection.max_batch_size * longest_prompt)
+    activations = batch_tokens * (8 * shape.d_model + 4 * shape.d_mlp) * width
+    return activations + 2 * 2 * shape.n_layers * shape.d_mlp * 8
 
 
 class _RenderingStub:

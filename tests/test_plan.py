@@ -46,7 +46,7 @@ def test_locate_work_is_the_work_collection_does(tiny_folder, share):
 def _costs(**changes) -> MachineCosts:
     values = dict(device="cpu", dtype="float32", threads=1, model="m", flops_per_s=1e9, seconds_per_call=0.01,
                   tokens_per_s=100.0, runtime_bytes=100 * 2 ** 20, startup_seconds=3.0, load_bytes_per_s=1e8,
-                  load_peak_ratio=2.0, trait_seconds=0.5, measured="now")
+                  load_peak_ratio=2.0, resident_ratio=1.2, locate_extra_bytes=2 ** 20, trait_seconds=0.5, measured="now")
     values.update(changes)
     return MachineCosts(**values)
 
@@ -59,6 +59,9 @@ def test_the_plan_adds_its_stages_from_the_measured_costs(tiny_folder):
     assert load.seconds == pytest.approx(3.0 + weights / 1e8)
     assert locate.seconds > 2 * 0.5 and plan.seconds == pytest.approx(load.seconds + locate.seconds)
     assert load.peak_bytes == 100 * 2 ** 20 + 2 * weights and plan.peak_bytes == max(load.peak_bytes, locate.peak_bytes)
+    # the locate stage: runtime, the weights as the loaded model keeps them, the batch, and the measured extra
+    bare = plan_locate(str(tiny_folder), ["openness", "neuroticism"], 10, costs=None).stages[1].peak_bytes
+    assert locate.peak_bytes == 100 * 2 ** 20 + bare + int(weights * 0.2) + 2 ** 20
     assert "in all" in plan.text() and "2 traits x 10 pairs" in plan.text()
     # Twice the pairs: more work, the same load.
     bigger = plan_locate(str(tiny_folder), ["openness", "neuroticism"], 20, costs=costs)
@@ -104,3 +107,20 @@ def test_the_plan_command_prints_a_plan(tiny_folder, tmp_path, monkeypatch, caps
     assert main(["plan", "--model", str(tiny_folder), "--traits", "openness", "--n-pairs", "10"]) == 0
     out = capsys.readouterr().out
     assert "no measurement of this machine" in out and "1 traits x 10 pairs" in out and "fits on one GPU" in out
+
+
+def test_the_plan_benchmark_compares_the_plan_with_a_real_locate_run(tiny_folder, tmp_path, monkeypatch):
+    """benchmarks/bench_plan.py on the tiny model: it measures, plans, runs ``dpn-lens locate`` in a fresh
+    process and reports both (the ratios are the benchmark's result, not checked here)."""
+    import importlib.util
+    from pathlib import Path
+
+    monkeypatch.setenv("DPN_LENS_CACHE", str(tmp_path / "cache"))
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_plan.py"
+    spec = importlib.util.spec_from_file_location("bench_plan", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    result = module.main(["--model", str(tiny_folder), "--traits", "openness", "--n-pairs", "4",
+                          "--measure-prompts", "4"])
+    assert result["measured_seconds"] > 0 and result["predicted_seconds"] > 0
+    assert result["measured_peak_gib"] > 0.1 and 0 < result["memory_ratio"] < 10
