@@ -19,6 +19,7 @@ from dpn_lens._version import __version__
 from dpn_lens.cli_options import (FORMATTER, add_data_dir_option, add_model_options, add_out_option, add_subcommand,
                                   add_traits_option, read_maps, validate_args)
 import dpn_lens.export_cli as export_cli
+import dpn_lens.plan_cli as plan_cli
 from dpn_lens.cards import cli as cards_cli
 from dpn_lens.evaluation import cli as compare_cli
 from dpn_lens.evaluation import control_cli
@@ -121,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     html_report.register(commands)
     export_cli.register(commands)
     cards_cli.register(commands)
+    plan_cli.register(commands)
     return parser
 
 

@@ -125,15 +125,26 @@ def _batches(token_lists: Sequence[Sequence[int]], max_batch_size: int, max_batc
     ``cached`` tokens of a shared prefix count towards each prompt's length in the budget: every
     prompt of the batch attends to them.
     """
-    order = sorted(range(len(token_lists)), key=lambda i: -len(token_lists[i]))
-    start = 0
-    while start < len(order):
-        longest = len(token_lists[order[start]]) + cached
-        size = max(1, min(max_batch_size, max_batch_tokens // max(longest, 1)))
-        chunk = order[start:start + size]
-        start += size
+    for chunk in batch_chunks([len(tokens) for tokens in token_lists], max_batch_size, max_batch_tokens, cached):
         ids, mask = pad_token_lists([token_lists[index] for index in chunk], pad_id, padding_side)
         yield _Batch(ids.to(device), mask.to(device), chunk)
+
+
+def batch_chunks(lengths: Sequence[int], max_batch_size: int, max_batch_tokens: int, cached: int = 0
+                 ) -> Iterator[list[int]]:
+    """The prompt indices of each batch collection forms, longest first (what ``dpn_lens.plan`` counts).
+
+    Example:
+        >>> list(batch_chunks([3, 9, 5], max_batch_size=2, max_batch_tokens=100))
+        [[1, 2], [0]]
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    start = 0
+    while start < len(order):
+        longest = lengths[order[start]] + cached
+        size = max(1, min(max_batch_size, max_batch_tokens // max(longest, 1)))
+        yield order[start:start + size]
+        start += size
 
 
 class _StopForward(Exception):

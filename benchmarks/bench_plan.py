@@ -1,0 +1,94 @@
+"""``dpn-lens plan`` against the run it plans (issue 25): predicted and measured wall time and peak memory of
+``dpn-lens locate``, side by side in one run on this machine.
+
+1. Measure this machine's costs on the model (``dpn_lens.plan.measure_costs``: start-up, load, forward
+   FLOP/s and per-call cost, locate's per-trait cost), as ``dpn-lens plan --measure`` does.
+2. Plan the locate run (``plan_locate``).
+3. Run ``dpn-lens locate`` with those settings in a fresh process (``python -m dpn_lens.cli``), timing its
+   wall clock and reading its peak resident memory (``getrusage(RUSAGE_CHILDREN)``, kept apart from the
+   measurement's own children by running locate in a child of a child).
+
+It prints predicted, measured and predicted/measured for time and memory (target: within 25%).
+
+Usage::
+
+    python benchmarks/bench_plan.py --model smollm2-135m-instruct --traits openness,neuroticism --n-pairs 100
+    python benchmarks/bench_plan.py --model gemma-3-270m --traits openness,neuroticism --n-pairs 100
+    python benchmarks/bench_plan.py --model path/to/tiny-folder --traits openness --n-pairs 4 --measure-prompts 4   # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))      # the package beside benchmarks/
+
+from dpn_lens.plan import measure_costs, plan_locate  # noqa: E402
+
+_RUN_AND_REPORT = """
+import json, resource, subprocess, sys, time
+started = time.perf_counter()
+code = subprocess.run(sys.argv[1:], capture_output=True, text=True)
+seconds = time.perf_counter() - started
+print(json.dumps({"returncode": code.returncode, "seconds": seconds, "stderr": code.stderr[-2000:],
+                  "max_rss_bytes": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024}))
+"""
+
+
+def measured_locate(model: str, traits: str, n_pairs: int, dtype: str) -> dict[str, Any]:
+    """Wall time and peak RSS of ``dpn-lens locate`` in a fresh process (a child of a fresh child, so the
+    peak is locate's alone)."""
+    with tempfile.TemporaryDirectory() as folder:
+        command = [sys.executable, "-m", "dpn_lens.cli", "locate", "--model", model, "--traits", traits,
+                   "--n-pairs", str(n_pairs), "--dtype", dtype, "--no-progress", "--out", str(Path(folder) / "run")]
+        report = subprocess.run([sys.executable, "-c", _RUN_AND_REPORT, *command], capture_output=True, text=True,
+                                check=True, cwd=Path(__file__).resolve().parents[1])
+    result = json.loads(report.stdout.strip().splitlines()[-1])
+    if result["returncode"] != 0:
+        raise RuntimeError(f"dpn-lens locate failed:\n{result['stderr']}")
+    return result
+
+
+def parser() -> argparse.ArgumentParser:
+    options = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    options.add_argument("--model", default="smollm2-135m-instruct")
+    options.add_argument("--traits", default="openness,neuroticism")
+    options.add_argument("--n-pairs", type=int, default=100)
+    options.add_argument("--dtype", default="float32")
+    options.add_argument("--measure-prompts", type=int, default=24, help="pairs the machine's costs are measured on")
+    return options
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parser().parse_args(argv)
+    from dpn_lens.pipeline import parse_traits
+
+    traits = parse_traits(args.traits)
+    started = time.perf_counter()
+    costs = measure_costs(args.model, dtype=args.dtype, n_prompts=args.measure_prompts, save=False)
+    measuring = time.perf_counter() - started
+    plan = plan_locate(args.model, traits, args.n_pairs, dtype=args.dtype, costs=costs)
+    run = measured_locate(args.model, ",".join(traits), args.n_pairs, args.dtype)
+    gib = 1024 ** 3
+    result = {"model": args.model, "traits": traits, "n_pairs": args.n_pairs, "dtype": args.dtype,
+              "measuring_seconds": measuring, "predicted_seconds": plan.seconds, "measured_seconds": run["seconds"],
+              "time_ratio": plan.seconds / run["seconds"], "predicted_peak_gib": plan.peak_bytes / gib,
+              "measured_peak_gib": run["max_rss_bytes"] / gib, "memory_ratio": plan.peak_bytes / run["max_rss_bytes"],
+              "stages": {stage.name: stage.seconds for stage in plan.stages}}
+    print(plan.text())
+    print(f"measured in {measuring:.0f} s; locate: predicted {plan.seconds:.1f} s, measured {run['seconds']:.1f} s, "
+          f"ratio {result['time_ratio']:.2f}; peak memory: predicted {result['predicted_peak_gib']:.2f} GiB, measured "
+          f"{result['measured_peak_gib']:.2f} GiB, ratio {result['memory_ratio']:.2f}")
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
