@@ -72,7 +72,7 @@ class KLProbe:
     Each chunk is read after a one-token context (the model's BOS). ``edit_context=True`` (every run so
     far) edits that token too; ``False`` edits only the chunk's own tokens, as decode-only use edits the
     generated tokens and never the prompt's. The difference matters where the edit is large at the BOS
-    token: on Gemma 3 a neuron edit rewrites the BOS token's MLP output, whose scale there is 30-100x
+    token: on Gemma 3 a neuron edit rewrites the BOS token's MLP output, whose scale there is 30x or more
     below other tokens' (docs/RESULTS.md).
 
     Example:
