@@ -16,7 +16,7 @@ The prediction has two parts:
 Example:
     >>> shape = ModelShape(n_layers=2, d_model=8, d_mlp=16, n_heads=2, n_kv_heads=1, head_dim=4, vocab=32, tied=True)
     >>> shape.n_params(), shape.forward_flops_per_token(context=10)
-    (1120, 2208)
+    (1408, 2944)
 """
 
 from __future__ import annotations
