@@ -302,14 +302,19 @@ def reference_scales(model: Any, layers: Sequence[int], prompts: Sequence[str], 
     return {layer: float(scales.median()) for layer, scales in token_scales(model, layers, prompts, batch_size).items()}
 
 
+def _edited_norms(model: Any, intervention: Intervention, caller: str) -> dict[int, FrozenNorm]:
+    """The post-MLP norms of the layers ``intervention`` edits; a TypeError if it is not a neuron edit."""
+    if not isinstance(intervention, Intervention):
+        raise TypeError(f"{caller} takes a neuron edit (dpn_lens.steering.Intervention); got "
+                        f"{type(intervention).__name__}")
+    return frozen_norms(model, sorted(intervention.deltas))
+
+
 def token_scaled_edit(model: Any, intervention: Intervention, reference: dict[int, float]
                       ) -> "TokenScaledEdit | Intervention":
     """``intervention`` with each token's delta scaled by its MLP output's scale over ``reference``
     (:class:`TokenScaledEdit`); the intervention itself on a model whose MLPs have no post-MLP norm."""
-    if not isinstance(intervention, Intervention):
-        raise TypeError(f"token_scaled_edit takes a neuron edit (dpn_lens.steering.Intervention); got "
-                        f"{type(intervention).__name__}")
-    norms = frozen_norms(model, sorted(intervention.deltas))
+    norms = _edited_norms(model, intervention, "token_scaled_edit")
     return TokenScaledEdit(intervention, norms, dict(reference)) if norms else intervention
 
 
@@ -321,8 +326,5 @@ def frozen_norm_edit(model: Any, intervention: Intervention) -> "FrozenNormEdit 
         model: the hooked model the edit will run on (its ``down_proj`` weights and post-MLP norms are read).
         intervention: a neuron edit on ``mlp.hook_post`` (e.g. ``steering_intervention(map, gamma)``).
     """
-    if not isinstance(intervention, Intervention):
-        raise TypeError(f"frozen_norm_edit takes a neuron edit (dpn_lens.steering.Intervention); got "
-                        f"{type(intervention).__name__}")
-    norms = frozen_norms(model, sorted(intervention.deltas))
+    norms = _edited_norms(model, intervention, "frozen_norm_edit")
     return FrozenNormEdit(intervention, norms) if norms else intervention

@@ -211,10 +211,9 @@ COMPARISON_METHODS: tuple[ComparisonMethod, ...] = (
     *(ComparisonMethod(rule, _effect_rule(rule), default=False, neurons_of=rule) for rule in EFFECT_RULES),
     ComparisonMethod("attribution-t-resid", _residual_write_of("attribution-t"), needs_rules=("attribution-t",),
                      default=False),
-    *(ComparisonMethod(f"{rule}-frozen", _frozen_norm_of(rule), needs_rules=(rule,) if rule in EFFECT_RULES else (),
-                       default=False, neurons_of=rule) for rule in ("attribution-t", "dpn-le")),
-    *(ComparisonMethod(f"{rule}-scaled", _token_scaled_of(rule), needs_rules=(rule,) if rule in EFFECT_RULES else (),
-                       default=False, neurons_of=rule) for rule in ("attribution-t", "dpn-le")),
+    *(ComparisonMethod(f"{rule}-{kind}", builder(rule), default=False, neurons_of=rule)
+      for kind, builder in (("frozen", _frozen_norm_of), ("scaled", _token_scaled_of))
+      for rule in ("attribution-t", "dpn-le")),
     ComparisonMethod("npti", _npti, gamma_option="npti_gamma", prepare=_npti_prepare),
     ComparisonMethod("caa", _caa, gamma_option="caa_gamma", prepare=_caa_prepare),
     ComparisonMethod("prompting", _prompting, gamma_option=None, sweepable=False),
@@ -229,15 +228,19 @@ DEFAULT_METHOD_NAMES: tuple[str, ...] = tuple(method.name for method in COMPARIS
 
 def effect_rules_needed(methods: Sequence[str]) -> list[str]:
     """The effect rules whose maps ``methods`` edit: those named, then those a variant builds on
-    (``ComparisonMethod.needs_rules``), each once; what ``trait_maps.rule_maps`` must select.
+    (``ComparisonMethod.needs_rules``, or the rule whose neurons it edits, ``neurons_of``), each once;
+    what ``trait_maps.rule_maps`` must select.
 
     Example:
         >>> effect_rules_needed(["dpn-le", "attribution-t-resid", "caa"])
         ['attribution-t']
+        >>> effect_rules_needed(["dpn-le-frozen", "attribution-t-scaled"])
+        ['attribution-t']
     """
     needed = [name for name in methods if name in EFFECT_RULES]
     for name in methods:
-        needed += [rule for rule in METHODS_BY_NAME[name].needs_rules if rule not in needed]
+        method = METHODS_BY_NAME[name]
+        needed += [rule for rule in (*method.needs_rules, method.neurons_of) if rule in EFFECT_RULES and rule not in needed]
     return needed
 
 
