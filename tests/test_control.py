@@ -342,6 +342,23 @@ def test_trait_map_reads_a_maps_folder_and_a_missing_trait_is_refused_or_located
     assert fallback.trait == "agreeableness" and any("no map in" in line for line in lines)
 
 
+def test_rule_maps_reuse_a_saved_map_of_the_same_seed_and_select_anew_for_another(tiny_model, tmp_path):
+    """`control --seed 1 --maps DIR` once reused DIR's seed-0 effect maps silently: not a replication."""
+    from dpn_lens.evaluation.trait_maps import rule_maps, trait_map
+
+    base = trait_map(tiny_model, "openness", locate_pairs=40, tau_d=0.3, log=lambda line: None)
+    lines: list[str] = []
+    made = rule_maps(tiny_model, base, ["attribution-t"], n_pairs=4, seed=0, log=lines.append)["attribution-t"]
+    assert made[1] is False and made[0].selection["pairs_seed"] == 0
+    (tmp_path / "attribution-t").mkdir()
+    made[0].save(tmp_path / "attribution-t" / "openness.safetensors")
+    same = rule_maps(tiny_model, base, ["attribution-t"], maps_dir=tmp_path, n_pairs=4, seed=0, log=lines.append)
+    assert same["attribution-t"][1] is True and "attribution-t map from" in lines[-1]
+    other = rule_maps(tiny_model, base, ["attribution-t"], maps_dir=tmp_path, n_pairs=4, seed=1, log=lines.append)
+    assert other["attribution-t"][1] is False and other["attribution-t"][0].selection["pairs_seed"] == 1
+    assert any("selected on pairs of seed 0, not 1; selecting anew" in line for line in lines)
+
+
 def test_a_trait_whose_map_selects_no_neurons_is_skipped_and_the_others_still_count(tiny_model, tmp_path, monkeypatch):
     # Answer-token statistics from few pairs can leave a trait without neurons; that is a result for that
     # trait, and must not throw away the traits measured before and after it.

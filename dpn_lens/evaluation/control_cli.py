@@ -75,7 +75,8 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--target-kl", type=float, default=DEFAULT_TARGET_KL, help="KL at which DPN-LE is calibrated")
     parser.add_argument("--seed", type=int, default=0, help="seed of the held-out pair draw (questions and personas) and "
                                                            "of the random-neuron control; another seed replicates a "
-                                                           "result on a new draw")
+                                                           "result on a new draw (an effect-rule map in --maps selected "
+                                                           "on another seed's pairs is selected anew)")
     parser.add_argument("--no-random-control", action="store_true", help="skip the random-neuron curves")
     parser.add_argument("--no-cache", action="store_true", help="generate the preference pairs again (no cache)")
     parser.add_argument("--quick", action="store_true", help="a few-minute run: 24 pairs, dpn-le/dense/caa, KL levels 0.05 and 0.5")

@@ -63,7 +63,8 @@ def rule_maps(model: Any, base: NeuronMap, rules: Sequence[str], *, maps_dir: st
     """``{rule: (map, read from maps_dir)}`` for each effect rule in ``rules`` (``dpn-le`` is ``base`` itself).
 
     A map in ``maps_dir`` must have been made by that rule (``NeuronMap.load(..., rule=...)`` refuses
-    another's) on this model; a missing one is selected from ``base`` now (``effect.rules``), with
+    another's) on this model. One selected on pairs of another seed is not reused (a logged line says so):
+    a missing or other-seed map is selected from ``base`` now (``effect.rules``), with
     ``n_pairs`` selection pairs drawn with ``seed`` and ``budget`` neurons. ``memo`` (one dict per trait)
     lets the attribution rules share one gradient pass.
     """
@@ -78,9 +79,16 @@ def rule_maps(model: Any, base: NeuronMap, rules: Sequence[str], *, maps_dir: st
             continue
         path = find_map(maps_dir, base.trait, rule) if maps_dir else None
         if path is not None:
-            log(f"{base.trait}: {rule} map from {path}")
-            result[rule] = (NeuronMap.load(path, model=model, rule=rule), True)
-            continue
+            saved = NeuronMap.load(path, model=model, rule=rule)
+            saved_seed = saved.selection.get("pairs_seed")
+            # A rule selected on other pairs is another draw, not this run's: reusing it would make a
+            # `--seed 1` replication silently repeat seed 0's selection.
+            if saved_seed is None or int(saved_seed) == seed:
+                log(f"{base.trait}: {rule} map from {path}")
+                result[rule] = (saved, True)
+                continue
+            log(f"{base.trait}: {rule} map in {path} was selected on pairs of seed {saved_seed}, not {seed}; "
+                f"selecting anew")
         scores = effect_scores(model, base, rule, n_pairs=n_pairs, seed=seed, memo=memo, log=log)
         chosen = effect_map(base, scores, budget)
         log(f"{base.trait}: {chosen!r}")
