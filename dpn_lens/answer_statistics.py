@@ -22,8 +22,8 @@ from torch import Tensor
 
 from dpn_lens.data.contrastive import ContrastiveSet
 from dpn_lens.data.prompts import render_for_model
-from dpn_lens.evaluation.logprobs import _batched_logits
-from dpn_lens.hooked import HOOK_NAME, HookedModel, check_layers, encode, hook_name
+from dpn_lens.evaluation.logprobs import batched_logits
+from dpn_lens.hooked import HOOK_NAME, HookedModel, check_layers, encode, hook_name, read_hooks
 from dpn_lens.statistics import ContrastStatistics, GroupStatistics
 
 __all__ = ["answer_contrast_statistics", "answer_mean_activations"]
@@ -56,9 +56,9 @@ def answer_mean_activations(model: HookedModel, prompts: Sequence[list[int]], an
         return hook
 
     # The batching (longest first, right-padded to a token budget) is the log-prob scorer's own.
-    with model.hooks(fwd_hooks=[(hook_name(layer), reader(layer)) for layer in layers]):
+    with read_hooks(model, [(hook_name(layer), reader(layer)) for layer in layers]):
         # Empty spans: the logits are not needed, so none are copied off the model.
-        for index, _ in _batched_logits(model, sequences, batch_tokens, on_batch, spans=[(0, 0)] * len(sequences)):
+        for index, _ in batched_logits(model, sequences, batch_tokens, on_batch, spans=[(0, 0)] * len(sequences)):
             if answers[index]:
                 row = batch["chunk"].index(index)
                 result[index] = torch.stack([batch["means"][layer][row] for layer in layers])

@@ -31,7 +31,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from dpn_lens.data.contrastive import ContrastiveSet
-from dpn_lens.hooked import (HOOK_NAME, HookedModel, check_layers, hook_name, input_device, pad_token_id,
+from dpn_lens.hooked import (HOOK_NAME, HookedModel, check_layers, hook_name, input_device, pad_token_id, read_hooks,
                              pad_token_lists, tokenize_compact)
 from dpn_lens.prefix import (DEFAULT_MIN_SAVING, PrefixGroup, expand_cache, new_prefix_cache, plan_prefix_tree,
                              prefix_cache_unsupported)
@@ -269,7 +269,7 @@ def collect_group_statistics(model: HookedModel, prompts: Sequence[str], config:
                  for slot, layer in enumerate(chosen)]
     bar = tqdm(total=len(token_arrays), desc=description or "collect", disable=not config.progress, leave=False)
     try:
-        with torch.inference_mode(), model.hooks(fwd_hooks=fwd_hooks):
+        with torch.inference_mode(), read_hooks(model, fwd_hooks):
             if _shares_prefix(model, config):
                 plan = plan_prefix_tree(token_arrays, config.prefix_min_saving)
                 _run_prefix_plan(plan, token_arrays, model, config, device, pad_id, forward, fold, run_plain)

@@ -3,12 +3,18 @@
 Every module that talks to a model imports these helpers from here (not from ``collect``), so the
 model-facing rules live in one place: which hook point is "the neuron activation", which device
 input ids go to, which id pads a batch, and how a prompt becomes token ids.
+
+Hooks reach a model two ways only: ``read_hooks`` here, for hooks that read what the model computes
+(caching activations, stopping a pass early, making gradient leaves), and ``steering.steer``, for every
+edit. ``tests/test_hook_gate.py`` checks that no other module calls ``model.hooks`` or attaches an
+edit's ``fwd_hooks()`` itself, so an edit always passes ``steer``'s checks.
 """
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from typing import Any, Iterator, Literal, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Iterator, Literal, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 import torch
@@ -17,7 +23,7 @@ from torch import Tensor
 
 from dpn_lens.data.prompts import render_for_model
 
-__all__ = ["HookedModel", "HOOK_NAME", "hook_name", "hf_model", "hf_module", "decoder_layers", "down_proj_weight",
+__all__ = ["HookedModel", "HOOK_NAME", "hook_name", "read_hooks", "hf_model", "hf_module", "decoder_layers", "down_proj_weight",
            "post_mlp_norm", "require_hooked_model", "check_layers", "pad_token_id",
            "pad_token_lists", "input_device", "tokenize_prompts", "last_token_batches", "encode"]
 
@@ -49,6 +55,28 @@ class HookedModel(Protocol):
 def hook_name(layer: int, template: str = HOOK_NAME) -> str:
     """``hook_name(3)`` -> ``'blocks.3.mlp.hook_post'``."""
     return template.format(layer=layer)
+
+
+@contextlib.contextmanager
+def read_hooks(model: HookedModel, hooks: Sequence[tuple[str, Callable]]) -> Iterator[HookedModel]:
+    """Attach forward hooks that read the model without changing what it computes; removed on exit,
+    also after an exception.
+
+    A reading hook returns its activation's values unchanged: it may cache them, raise to end the
+    pass early, or return them detached or as a gradient leaf. A hook that changes values is an edit:
+    build an ``Edit`` and apply it with ``steering.steer`` instead, which checks it.
+
+    Example:
+        >>> from dpn_lens.tiny import build_tiny_model
+        >>> model, seen = build_tiny_model(), []
+        >>> with read_hooks(model, [(hook_name(0), lambda a, hook: seen.append(a.shape[-1]))]):
+        ...     _ = model(torch.tensor([[1, 2, 3]]))
+        >>> seen
+        [48]
+    """
+    require_hooked_model(model, "read_hooks()")
+    with model.hooks(fwd_hooks=list(hooks)):
+        yield model
 
 
 def require_hooked_model(model: Any, caller: str) -> None:

@@ -8,25 +8,26 @@ context manager or ``apply_intervention`` (a handle with ``remove()``), and work
 Every edit, DPN-LE or baseline (``NPTIIntervention``, the CAA ``ResidualIntervention``), follows the
 ``Edit`` protocol: ``label``, ``positions``, ``n_edited``, ``fwd_hooks()``, ``at_positions(...)``,
 ``-edit`` (the opposite direction) and ``gamma * edit`` (scaled strength). ``steer`` and
-``apply_intervention`` are the only two ways to apply one, and accept any of them.
+``apply_intervention`` are the only two ways to apply one, and accept any of them; ``edit.masked(mask)``
+(a ``MaskedEdit``) is the edit only where a ``[batch, pos]`` mask is True, for scoring paths that edit
+answer tokens but not their prompt, so they too go through ``steer`` and its checks.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Literal, Mapping, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Iterator, Literal, Mapping, Protocol, Sequence, runtime_checkable
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Bool, Float
 from torch import Tensor
 
 from dpn_lens.hooked import HOOK_NAME, HookedModel, hook_name, require_hooked_model
 from dpn_lens.neuron_map import NeuronMap
 
-__all__ = ["Edit", "Intervention", "RowEdits", "steering_intervention", "additive_intervention", "combine_interventions",
+__all__ = ["Edit", "Intervention", "RowEdits", "MaskedEdit", "Maskable", "NeuronAblation", "steering_intervention", "additive_intervention", "combine_interventions",
            "steer",
            "apply_intervention", "InterventionHandle", "dpn_weights", "direction_sign", "check_positions",
            "check_gamma", "check_strength", "warn_gamma", "GAMMA_WARN"]
@@ -68,6 +69,105 @@ class Edit(Protocol):
     def __mul__(self, gamma: float) -> "Edit": ...
 
     def __rmul__(self, gamma: float) -> "Edit": ...
+
+
+Mask = Callable[[], Bool[Tensor, "batch pos"]] | Bool[Tensor, "batch pos"]
+
+
+class Maskable:
+    """Mixin of every edit class: ``edit.masked(mask)`` is the edit only where ``mask`` is True."""
+
+    def masked(self, mask: Mask, label: str = "") -> "MaskedEdit":
+        """This edit at every position where ``mask`` (a ``[batch, pos]`` bool tensor, or a function
+        returning the current one) is True, and nowhere else; apply it with ``steer``."""
+        return MaskedEdit(self, mask, label)   # type: ignore[arg-type]
+
+
+@dataclass
+class MaskedEdit(Maskable):
+    """``edit`` only at the positions a mask marks: each hooked activation becomes
+    ``where(mask, fn(activation), activation)``, ``fn`` being ``edit``'s own hook at every position.
+
+    The edit's code decides what it does (an additive MLP delta, NPTI's boost and clamp, a residual
+    vector, a frozen-norm write), the mask decides where. ``mask`` is a ``[batch, pos]`` bool tensor
+    or a function returning one, called at every hook, so one application serves several batches of
+    different shapes (log-prob scoring sets it per batch). ``fn`` gets a copy of the activation, so an
+    in-place edit cannot leak to the masked-out positions. Its fingerprint, neuron count and map size
+    are ``edit``'s, so ``steer`` checks it as it checks ``edit``; ``-masked`` and ``gamma * masked``
+    keep the mask.
+
+    Example:
+        >>> delta = torch.zeros(4); delta[1] = 1.0
+        >>> mask = torch.tensor([[False, True, True]])
+        >>> edit = Intervention({0: delta}).masked(mask)
+        >>> edit.positions, edit.n_edited
+        ('all', 1)
+        >>> name, hook = edit.fwd_hooks()[0]
+        >>> hook(torch.zeros(1, 3, 4), None)[0, :, 1].tolist()
+        [0.0, 1.0, 1.0]
+    """
+
+    edit: Edit
+    mask: Mask
+    label: str = ""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.edit, Edit):
+            raise TypeError(f"masked() wraps an edit (Intervention, NPTI, CAA, ...), got {type(self.edit).__name__}")
+        if not callable(self.mask) and not (isinstance(self.mask, Tensor) and self.mask.dtype == torch.bool
+                                            and self.mask.dim() == 2):
+            raise TypeError("the mask must be a [batch, pos] bool tensor or a function returning one")
+        self.label = self.label or f"{self.edit.label or type(self.edit).__name__} (masked)"
+
+    positions: Positions = field(default="all", init=False)
+
+    @property
+    def n_edited(self) -> int:
+        return self.edit.n_edited
+
+    @property
+    def fingerprint(self) -> dict[str, Any] | None:
+        return getattr(self.edit, "fingerprint", None)
+
+    @property
+    def map_neurons(self) -> int | None:
+        return getattr(self.edit, "map_neurons", None)
+
+    def innermost(self) -> Edit:
+        """The edit under every mask (what ``steer`` guards against applying twice)."""
+        return self.edit.innermost() if isinstance(self.edit, MaskedEdit) else self.edit
+
+    def current_mask(self) -> Tensor:
+        return self.mask() if callable(self.mask) else self.mask
+
+    def fwd_hooks(self) -> list[tuple[str, Any]]:
+        def wrap(fn: Callable) -> Callable:
+            def hook(activation: Tensor, hook: Any) -> Tensor:
+                edited = fn(activation.clone(), hook)
+                if edited is None:  # a hook that only reads leaves the activation as it is
+                    return activation
+                where = self.current_mask().to(activation.device)
+                where = where.reshape(*where.shape, *([1] * (activation.dim() - where.dim())))
+                return torch.where(where, edited, activation)
+            return hook
+
+        # At every position first; the mask then restricts it.
+        return [(name, wrap(fn)) for name, fn in self.edit.at_positions("all").fwd_hooks()]
+
+    def at_positions(self, positions: Positions) -> "MaskedEdit":
+        """Itself for ``"all"``: where it acts is its mask's to say."""
+        check_positions(positions)
+        if positions != "all":
+            raise ValueError("a masked edit acts where its mask is True; mask the decode-only edit instead")
+        return self
+
+    def __neg__(self) -> "MaskedEdit":
+        return MaskedEdit(-self.edit, self.mask)
+
+    def __mul__(self, gamma: float) -> "MaskedEdit":
+        return MaskedEdit(gamma * self.edit, self.mask)   # type: ignore[operator]
+
+    __rmul__ = __mul__
 
 
 def direction_sign(direction: str) -> float:
@@ -136,7 +236,7 @@ def check_strength(gamma: Any, direction: str) -> float:
 
 
 @dataclass
-class Intervention:
+class Intervention(Maskable):
     """Additive edits of MLP neurons: ``deltas[layer]`` is added to ``blocks.{layer}.mlp.hook_post``.
 
     Attributes:
@@ -232,7 +332,7 @@ class Intervention:
 
 
 @dataclass
-class RowEdits:
+class RowEdits(Maskable):
     """One additive neuron edit per batch row: row ``r`` of every forward pass gets ``edits[r]`` (None: unedited).
 
     For running several conditions side by side in one batched pass, e.g. the unsteered answer and the
@@ -305,6 +405,59 @@ class RowEdits:
 
     def __mul__(self, gamma: float) -> "RowEdits":
         return self._each(lambda edit: gamma * edit)
+
+    __rmul__ = __mul__
+
+
+@dataclass
+class NeuronAblation(Maskable):
+    """Zero some MLP neurons: ``neurons[layer]`` (indices) are set to 0 at ``hook_post``.
+
+    The ablation of the multifunctionality study (what it costs the LM loss to silence a set). It has
+    no opposite and no strength, so ``-ablation`` and ``gamma * ablation`` raise.
+
+    Example:
+        >>> ablation = NeuronAblation({0: torch.tensor([1, 3])})
+        >>> name, hook = ablation.fwd_hooks()[0]
+        >>> name, hook(torch.ones(1, 2, 4), None)[0, 0].tolist(), ablation.n_edited
+        ('blocks.0.mlp.hook_post', [1.0, 0.0, 1.0, 0.0], 2)
+    """
+
+    neurons: dict[int, Tensor]
+    positions: Positions = "all"
+    hook_template: str = HOOK_NAME
+    label: str = "ablation"
+
+    def __post_init__(self) -> None:
+        check_positions(self.positions)
+        self.neurons = {layer: torch.as_tensor(indices, dtype=torch.long).flatten()
+                        for layer, indices in self.neurons.items() if len(indices)}
+
+    @property
+    def n_edited(self) -> int:
+        return sum(int(indices.numel()) for indices in self.neurons.values())
+
+    def fwd_hooks(self) -> list[tuple[str, Any]]:
+        def make_hook(indices: Tensor):
+            def hook(activation: Tensor, hook: Any) -> Tensor:
+                if self.positions == "decode" and activation.shape[1] != 1:
+                    return activation
+                activation = activation.clone()
+                activation[..., indices.to(activation.device)] = 0
+                return activation
+            return hook
+
+        return [(hook_name(layer, self.hook_template), make_hook(indices)) for layer, indices in sorted(self.neurons.items())]
+
+    def at_positions(self, positions: Positions) -> "NeuronAblation":
+        check_positions(positions)
+        return self if positions == self.positions else NeuronAblation(self.neurons, positions, self.hook_template, self.label)
+
+    def __neg__(self) -> "NeuronAblation":
+        raise TypeError("an ablation has no opposite direction")
+
+    def __mul__(self, gamma: float) -> "NeuronAblation":
+        raise TypeError("an ablation has no strength to scale")
 
     __rmul__ = __mul__
 
@@ -631,17 +784,19 @@ def steer(model: HookedModel, *edits: Edit | None, check: NeuronMap | bool | Non
     if check is not False:
         _check_fingerprints(model, chosen)
     active = _active_set(model)
-    ids = [id(edit) for edit in chosen]
+    # A masked edit is its edit: masking an edit that is already applied would double it too.
+    unmasked = [edit.innermost() if isinstance(edit, MaskedEdit) else edit for edit in chosen]
+    ids = [id(edit) for edit in unmasked]
     if len(set(ids)) != len(ids) or any(i in active for i in ids):
         raise RuntimeError("this intervention is already applied to the model; applying it again would double "
                            "its delta. Remove the first application, or build a new intervention with a larger gamma")
-    additive = [edit for edit in chosen if isinstance(edit, Intervention)]
-    rows = [row for edit in chosen if isinstance(edit, RowEdits) for row in edit.edits if row is not None]
+    additive = [edit for edit in unmasked if isinstance(edit, Intervention)]
+    rows = [row for edit in unmasked if isinstance(edit, RowEdits) for row in edit.edits if row is not None]
     for intervention in additive + rows:
         _check_fits(model, intervention)
     _warn_overlaps(additive, active)
     hooks, seen = _watch_decode(chosen)
-    active.update(zip(ids, chosen))
+    active.update(zip(ids, unmasked))
     try:
         with model.hooks(fwd_hooks=hooks):
             yield model

@@ -229,3 +229,28 @@ def write_personalitybench(folder, n_descriptions=8, n_questions=12):
             for index in range(n_questions):
                 handle.write(json.dumps({"question": f"{questions[index % 6]} {['i', 'it'][index // 6 % 2]} {index}"}) + "\n")
     return folder
+
+
+class FailingEdit:
+    """An edit (the full ``Edit`` protocol) whose hook raises ``error`` mid-forward: are hooks removed after it?"""
+
+    positions, label, n_edited = "all", "failing", 0
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+    def at_positions(self, positions):
+        return self
+
+    def fwd_hooks(self):
+        def hook(activation, hook):
+            raise self.error
+        return [("blocks.1.mlp.hook_post", hook)]
+
+    def __neg__(self):
+        return self
+
+    def __mul__(self, gamma):
+        return self
+
+    __rmul__ = __mul__

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import FailingEdit
 from dpn_lens.baselines.caa import ResidualIntervention
 from dpn_lens.evaluation.answer_cache import CachedAnswerScorer
 from dpn_lens.evaluation.logprobs import kl_from_reference, log_softmax_rows, token_logprobs
@@ -89,19 +90,10 @@ def test_scoring_leaves_the_cached_questions_as_they_were(tiny_model):
 
 
 def test_hooks_are_removed_after_an_exception(tiny_model):
-    class Failing:
-        def at_positions(self, positions):
-            return self
-
-        def fwd_hooks(self):
-            def hook(activation, hook):
-                raise RuntimeError("edit failed")
-            return [("blocks.1.mlp.hook_post", hook)]
-
     scorer = PairScorer(tiny_model, PAIRS)
     before = scorer.margins()
     with pytest.raises(RuntimeError, match="edit failed"):
-        scorer.margins(Failing())
+        scorer.margins(FailingEdit(RuntimeError("edit failed")))
     assert all(not point._forward_hooks for point in tiny_model.hook_dict.values())
     np.testing.assert_array_equal(scorer.margins(), before)
 

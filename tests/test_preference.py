@@ -9,13 +9,14 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import FailingEdit
 from dpn_lens.baselines.caa import ResidualIntervention
 from dpn_lens.evaluation.controls import random_neuron_control
 from dpn_lens.hooked import encode
-from dpn_lens.evaluation.preference import (PreferencePair, answer_position_hooks, answer_scores,
+from dpn_lens.evaluation.preference import (PreferencePair, answer_scores,
                                             generate_persona_pairs, greedy_answers, load_preference_pairs,
                                             preference_margins, strip_template_echo)
-from dpn_lens.steering import Intervention, steer
+from dpn_lens.steering import Intervention, MaskedEdit, steer
 
 PROMPT = "you are outgoing . what would you do on the weekend ?"
 
@@ -103,8 +104,7 @@ def teacher_forced_logits(model, context: list[int], answer: list[int], edit) ->
     """Logits of the full sequence with ``edit`` at the answer positions only."""
     sequence = torch.tensor([context + answer])
     mask = (torch.arange(sequence.shape[1]) >= len(context))[None]
-    hooks = [] if edit is None else answer_position_hooks(edit, lambda: mask)
-    with torch.inference_mode(), model.hooks(fwd_hooks=hooks):
+    with torch.inference_mode(), steer(model, None if edit is None else MaskedEdit(edit, mask)):
         return model(sequence)[0].float()
 
 
@@ -168,16 +168,7 @@ def test_hooks_removed_after_an_error(tiny_model):
     with pytest.raises(ValueError, match="no tokens"):
         preference_margins(tiny_model, pairs + [PreferencePair(PROMPT, "party", "")], edit=edit)
 
-    class Failing:  # any object with the edit interface; its hook fails mid-forward
-        positions, label, n_edited = "all", "failing", 0
-
-        def at_positions(self, positions):
-            return self
-
-        def fwd_hooks(self):
-            return [("blocks.1.mlp.hook_post", lambda act, hook: 1 / 0)]
-
-    bad = Failing()
+    bad = FailingEdit(ZeroDivisionError("division by zero"))
     with pytest.raises(ZeroDivisionError):
         preference_margins(tiny_model, pairs, edit=bad)
     np.testing.assert_array_equal(preference_margins(tiny_model, pairs), before)

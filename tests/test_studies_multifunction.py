@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from dpn_lens import model_fingerprint
+from dpn_lens.steering import steer
 from dpn_lens.studies import NeuronSet
 from dpn_lens.studies import multifunction as mf
 from dpn_lens.studies.overlap import layer_matched_pvalue
@@ -20,8 +21,9 @@ def _example(model) -> mf.LossExample:
     return mf.LossExample([1] + ids, [False] + [True] * len(ids), "test")
 
 
-def _loss(model, example, hooks=()):
-    return mf.lm_loss(model, [example], hooks)
+def _loss(model, example, hooks=(), edit=None):
+    with model.hooks(fwd_hooks=list(hooks)):
+        return mf.lm_loss(model, [example], edit)
 
 
 def test_attribution_gradient_agrees_with_finite_differences(tiny_model):
@@ -94,14 +96,15 @@ def test_ablation_zeroes_exactly_the_set_and_edit_adds_gamma_s(tiny_model):
         return activation
 
     neuron_set = NeuronSet("x", {1: torch.tensor([3, 8])}, int(tiny_model.cfg.d_mlp))
-    hooks = mf.ablation_hooks(neuron_set) + [("blocks.1.mlp.hook_post", spy)]
-    _loss(tiny_model, example, hooks)
+    with steer(tiny_model, mf.ablation(neuron_set)):   # the spy, registered after the ablation, fires after it
+        ablated = _loss(tiny_model, example, [("blocks.1.mlp.hook_post", spy)])
     assert bool((seen["a"][..., [3, 8]] == 0).all()) and bool((seen["a"][..., 0] != 0).any())
+    assert _loss(tiny_model, example, edit=mf.ablation(neuron_set)) == ablated != _loss(tiny_model, example)
     s = torch.randn(4, int(tiny_model.cfg.d_mlp))
     edit = mf.edit_intervention(neuron_set, s, [0, 1, 2, 3], gamma=0.8)
     assert edit.positions == "all" and torch.equal(torch.nonzero(edit.deltas[1]).flatten(), torch.tensor([3, 8]))
     assert torch.allclose(edit.deltas[1][[3, 8]], 0.8 * s[1, [3, 8]])
-    assert _loss(tiny_model, example, mf.ablation_hooks(NeuronSet("empty", {1: []}, 48))) == _loss(tiny_model, example)
+    assert _loss(tiny_model, example, edit=mf.ablation(NeuronSet("empty", {1: []}, 48))) == _loss(tiny_model, example)
 
 
 def test_capability_data_from_the_shared_folder(tiny_model, shared_data):

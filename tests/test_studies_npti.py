@@ -174,7 +174,7 @@ def test_multifunction_study_reports_npti_overlap_and_costs(tiny_model, shared_d
     # The cost is the held-out loss with exactly the NPTI neurons zeroed.
     data = mf.load_capability_data(tiny_model, shared_data, 2, 2, 2, 16, 0)
     both = NeuronSet("both", {l: torch.cat([high.neurons[l], low.neurons[l]]) for l in high.layers}, 48)
-    ablated = mf.lm_loss(tiny_model, data.held_out, mf.ablation_hooks(both))
+    ablated = mf.lm_loss(tiny_model, data.held_out, mf.ablation(both))
     assert float(cost["ablated_loss"]) == pytest.approx(ablated, rel=1e-6)
     assert float(cost["ablation_cost"]) != 0.0
     assert "NPTI" in (out / "multifunction_costs.html").read_text()

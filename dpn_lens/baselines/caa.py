@@ -15,8 +15,8 @@ from jaxtyping import Float
 from torch import Tensor
 
 from dpn_lens.data.contrastive import ContrastiveSet
-from dpn_lens.hooked import HookedModel, last_token_batches
-from dpn_lens.steering import Positions, check_gamma, check_positions, check_strength, direction_sign
+from dpn_lens.hooked import HookedModel, last_token_batches, read_hooks
+from dpn_lens.steering import Maskable, Positions, check_gamma, check_positions, check_strength, direction_sign
 
 __all__ = ["ResidualIntervention", "residual_means", "caa_intervention", "caa_layer", "RESID_HOOK"]
 
@@ -24,7 +24,7 @@ RESID_HOOK = "blocks.{layer}.hook_resid_post"
 
 
 @dataclass
-class ResidualIntervention:
+class ResidualIntervention(Maskable):
     """``resid <- resid + vector`` at ``blocks.{layer}.hook_resid_post`` (no MLP neuron is edited).
 
     Example:
@@ -97,7 +97,7 @@ def residual_means(model: HookedModel, prompts: Sequence[str], batch_size: int =
         return hook
 
     hooks = [(RESID_HOOK.format(layer=layer), make_hook(layer)) for layer in range(n_layers)]
-    with torch.inference_mode(), model.hooks(fwd_hooks=hooks):
+    with torch.inference_mode(), read_hooks(model, hooks):
         for ids, mask, last_index in last_token_batches(model, prompts, batch_size):
             last[:] = [last_index]
             model(ids, attention_mask=mask)

@@ -27,8 +27,8 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from dpn_lens.data.contrastive import ContrastiveSet, embedded_contrastive_set
-from dpn_lens.hooked import HookedModel, pad_token_id, pad_token_lists, tokenize_prompts
-from dpn_lens.steering import Positions, check_gamma, check_positions, direction_sign
+from dpn_lens.hooked import HookedModel, pad_token_id, pad_token_lists, read_hooks, tokenize_prompts
+from dpn_lens.steering import Maskable, Positions, check_gamma, check_positions, direction_sign
 
 __all__ = ["NPTIStatistics", "NPTIIntervention", "npti_statistics", "npti_trait_statistics", "npti_select",
            "npti_pole_selection", "npti_intervention", "scaled_top_count", "REFERENCE_TOP", "REFERENCE_NEURONS"]
@@ -123,7 +123,7 @@ def _answer_activations(model: Any, prompts: list[list[int]], answers: list[list
         return hook
 
     hooks = [(f"blocks.{layer}.mlp.hook_pre", make_hook(layer)) for layer in range(n_layers)]
-    with torch.inference_mode(), model.hooks(fwd_hooks=hooks):
+    with torch.inference_mode(), read_hooks(model, hooks):
         for prompt, answer in zip(prompts, answers):
             if not answer:
                 continue
@@ -209,7 +209,7 @@ def npti_pole_selection(stats: NPTIStatistics, top: int | None = None, min_diff:
 
 
 @dataclass
-class NPTIIntervention:
+class NPTIIntervention(Maskable):
     """NPTI's edit: boost the trait's neurons, clamp the opposite pole's (``a = min(a, 0)``).
 
     Attributes:

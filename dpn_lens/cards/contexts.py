@@ -28,7 +28,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from dpn_lens.hooked import hook_name, input_device, pad_token_id, pad_token_lists
+from dpn_lens.hooked import hook_name, input_device, pad_token_id, pad_token_lists, read_hooks
 
 __all__ = ["TopContexts", "ScanResult", "scan", "text_windows", "Neuron"]
 
@@ -183,7 +183,7 @@ def scan(model: Any, neurons: Sequence[Neuron], token_lists: Iterable[Sequence[i
         counter += len(chunk)
 
     hooks = [(hook_name(layer), make_hook(layer)) for layer in layers]
-    with torch.inference_mode(), model.hooks(fwd_hooks=hooks):
+    with torch.inference_mode(), read_hooks(model, hooks):
         chunk: list[Sequence[int]] = []
         for tokens in token_lists:
             if len(tokens) == 0:

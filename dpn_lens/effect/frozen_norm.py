@@ -43,8 +43,8 @@ from jaxtyping import Float
 from torch import Tensor
 
 from dpn_lens.effect.gradients import MLP_OUT_HOOK
-from dpn_lens.hooked import HOOK_NAME, down_proj_weight, hook_name, post_mlp_norm
-from dpn_lens.steering import Intervention, Positions
+from dpn_lens.hooked import HOOK_NAME, down_proj_weight, hook_name, post_mlp_norm, read_hooks
+from dpn_lens.steering import Intervention, Maskable, Positions
 
 __all__ = ["FrozenNorm", "NormAwareEdit", "FrozenNormEdit", "TokenScaledEdit", "frozen_norm_edit", "frozen_norms",
            "reference_scales", "token_scales", "token_scaled_edit"]
@@ -93,7 +93,7 @@ def frozen_norms(model: Any, layers: list[int]) -> dict[int, FrozenNorm]:
 
 
 @dataclass
-class NormAwareEdit:
+class NormAwareEdit(Maskable):
     """A neuron edit shaped by the post-MLP norm of its layers: the common part of :class:`FrozenNormEdit`
     and :class:`TokenScaledEdit`. Positions, fingerprint and the neuron count are the intervention's;
     ``gamma * edit``, ``-edit``, ``at_positions`` and ``on`` (another intervention, e.g. random neurons)
@@ -287,7 +287,7 @@ def token_scales(model: Any, layers: Sequence[int], prompts: Sequence[str], batc
     hooks = [(hook_name(layer), read(layer)) for layer in norms]
     for ids, mask, _ in last_token_batches(model, list(prompts), batch_size):
         keep.append(mask.bool().to(input_device(model)))
-        with torch.no_grad(), model.hooks(fwd_hooks=hooks):
+        with torch.no_grad(), read_hooks(model, hooks):
             model(ids.to(input_device(model)), attention_mask=mask.to(input_device(model)))
     return {layer: torch.cat(values) for layer, values in seen.items()}
 

@@ -37,7 +37,8 @@ from jaxtyping import Float
 from torch import Tensor
 
 from dpn_lens.data.prompts import render_for_model
-from dpn_lens.hooked import HookedModel, check_layers, encode, hook_name, input_device, last_token_batches, pad_token_id, pad_token_lists
+from dpn_lens.hooked import (HookedModel, check_layers, encode, hook_name, input_device, last_token_batches, pad_token_id,
+                             pad_token_lists, read_hooks)
 
 __all__ = ["MarginGradients", "margin_gradients", "write_gradients", "MLP_OUT_HOOK"]
 
@@ -127,7 +128,7 @@ def margin_gradients(model: HookedModel, pairs: Sequence[Any], layers: Sequence[
     from dpn_lens.evaluation.answer_cache import CachedAnswerScorer   # here: evaluation imports effect
 
     use_cache = CachedAnswerScorer.supported(model) if cached is None else cached
-    with torch.enable_grad(), model.hooks(fwd_hooks=hooks):
+    with torch.enable_grad(), read_hooks(model, hooks):
         passes = _cached_passes(model, items, batch_tokens) if use_cache else _plain_passes(model, items, batch_tokens)
         for chunk, logits, first_position in passes:
             objective = logits.new_zeros((), dtype=torch.float32)
@@ -231,7 +232,7 @@ def write_gradients(model: HookedModel, prompts: Sequence[str], directions: Floa
     hooks += [(MLP_OUT_HOOK.format(layer=layer), output_hook(layer)) for layer in chosen]
     total = torch.zeros(len(chosen), int(model.cfg.d_mlp), dtype=torch.float64)
     count = 0
-    with torch.enable_grad(), model.hooks(fwd_hooks=hooks):
+    with torch.enable_grad(), read_hooks(model, hooks):
         for ids, mask, last in last_token_batches(model, prompts, batch_size):
             captured.clear()
             outputs.clear()

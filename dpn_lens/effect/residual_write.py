@@ -36,15 +36,15 @@ from torch import Tensor
 
 from dpn_lens.baselines.caa import ResidualIntervention
 from dpn_lens.effect.gradients import MLP_OUT_HOOK
-from dpn_lens.hooked import HookedModel, hook_name, input_device, last_token_batches
+from dpn_lens.hooked import HookedModel, input_device, last_token_batches, read_hooks
 from dpn_lens.numbers import as_float
-from dpn_lens.steering import Intervention, Positions, check_gamma, check_positions
+from dpn_lens.steering import Intervention, Maskable, Positions, check_gamma, check_positions, steer
 
 __all__ = ["ResidualWrite", "residual_write"]
 
 
 @dataclass
-class ResidualWrite:
+class ResidualWrite(Maskable):
     """``resid <- resid + vectors[l]`` at ``blocks.{l}.hook_resid_post`` for every layer ``l`` it holds:
     one CAA-style ``ResidualIntervention`` per layer, which adds each vector (hook, decode check, cast).
 
@@ -139,17 +139,14 @@ def residual_write(model: HookedModel, edit: Intervention, prompts: Sequence[str
         for layer in layers:
             outputs = []
             for sign in (1.0, -1.0):
-                delta = sign * step * edit.deltas[layer]
-
-                def add(activation: Tensor, hook: Any, delta: Tensor = delta) -> Tensor:
-                    return activation + delta.to(activation.device, activation.dtype)
+                nudge = Intervention({layer: sign * step * edit.deltas[layer]}, positions="all",
+                                     hook_template=edit.hook_template, label=f"{sign * step:+g} x layer {layer}")
 
                 def capture(output: Tensor, hook: Any) -> Tensor:
                     outputs.append(output.detach().double())
                     raise _Captured
 
-                hooks = [(hook_name(layer, edit.hook_template), add), (MLP_OUT_HOOK.format(layer=layer), capture)]
-                with torch.no_grad(), model.hooks(fwd_hooks=hooks):
+                with torch.no_grad(), steer(model, nudge), read_hooks(model, [(MLP_OUT_HOOK.format(layer=layer), capture)]):
                     try:
                         model(ids, attention_mask=mask)
                     except _Captured:

@@ -35,6 +35,7 @@ from torch import Tensor
 from dpn_lens.evaluation.logprobs import scoring_edit, token_logprobs
 from dpn_lens.hooked import input_device, pad_token_id, pad_token_lists
 from dpn_lens.prefix import expand_cache, new_prefix_cache, prefix_cache_unsupported
+from dpn_lens.steering import steer
 
 __all__ = ["CachedAnswerScorer"]
 
@@ -156,11 +157,10 @@ class CachedAnswerScorer:
     def token_logprobs(self, edit: Any = None) -> list[Float[Tensor, "n_answer"]]:
         """Per item, log p of each answer token (float32), ``edit`` applied at the answer positions."""
         model, device = self.model, input_device(self.model)
-        hooks = [] if edit is None else scoring_edit(edit).fwd_hooks()
         results: list[Tensor | None] = [None] * len(self.lengths)
         # Every position the answer pass runs is an answer position (right pads come after the answer
         # and no real token attends to them), so the edit acts everywhere in it.
-        with model.hooks(fwd_hooks=hooks), torch.inference_mode():
+        with steer(model, scoring_edit(edit)), torch.inference_mode():
             for batch in self.batches:
                 logits = model(batch.answer_ids.to(device), attention_mask=batch.attention_mask.to(device),
                                position_ids=batch.position_ids.to(device),

@@ -24,10 +24,10 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from dpn_lens.evaluation.logprobs import (_batched_logits, continuation_logprobs, kl_from_reference, scoring_edit,
+from dpn_lens.evaluation.logprobs import (batched_logits, continuation_logprobs, kl_from_reference, scoring_edit,
                                           token_logprobs)
 from dpn_lens.hooked import HookedModel, encode
-from dpn_lens.steering import Edit, steer
+from dpn_lens.steering import Edit, MaskedEdit, steer
 
 __all__ = ["GAMMA_GRID", "MAX_KL", "DEFAULT_TARGET_KL", "KLProbe", "gamma_at", "CurvePoint", "Calibration", "calibrate_gamma",
            "probe_chunks", "sweep_edit"]
@@ -98,12 +98,10 @@ class KLProbe:
         """The model with ``edit`` at every position, or (``edit_context=False``) at the chunk's positions only."""
         if self.edit_context or edit is None:
             return steer(self.model, scoring_edit(edit))
-        from dpn_lens.evaluation.preference import answer_position_hooks
-
         # Every sequence is context + chunk, unpadded and of one length: one mask for every batch.
         where = torch.ones((1, length), dtype=torch.bool)
         where[:, :len(self.context)] = False
-        return self.model.hooks(fwd_hooks=answer_position_hooks(edit, lambda: where))
+        return steer(self.model, MaskedEdit(edit, where))
 
     def __call__(self, edit: Edit | None) -> tuple[float, float]:
         """``(KL nats/token, perplexity)`` of the text under ``edit`` (at every position)."""
@@ -112,7 +110,7 @@ class KLProbe:
         total, count, nll = 0.0, 0, []
         with self._edited(edit, max(map(len, sequences))):
             # The KL is summed block by block from the logits, never holding a second float32 copy.
-            for index, logits in _batched_logits(self.model, sequences, 2048, spans=spans):
+            for index, logits in batched_logits(self.model, sequences, 2048, spans=spans):
                 base = self.reference[index]
                 total += kl_from_reference(base, logits)
                 count += base.shape[0]

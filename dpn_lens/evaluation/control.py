@@ -18,7 +18,7 @@ measures with 95% bootstrap intervals and paired tests:
 * at the **calibrated gamma** (DPN-LE reaching the target KL): shift, fraction of the persona effect
   recovered, the random-neuron control at the same gamma, and KL.
 
-The edit acts only at the answer positions (``preference.answer_position_hooks``): the teacher-forced
+The edit acts only at the answer positions (``steering.MaskedEdit``, applied by ``steer``): the teacher-forced
 equivalent of decode-only steering.
 """
 

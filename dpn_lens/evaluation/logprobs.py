@@ -20,7 +20,7 @@ from dpn_lens.hooked import HookedModel, input_device, pad_token_id, pad_token_l
 from dpn_lens.steering import Edit
 
 __all__ = ["scoring_edit", "render", "continuation_logprobs", "next_token_logprobs", "ContinuationScore",
-           "token_logprobs", "log_softmax_rows", "kl_from_reference", "LOG_SOFTMAX_ROWS"]
+           "token_logprobs", "log_softmax_rows", "kl_from_reference", "batched_logits", "LOG_SOFTMAX_ROWS"]
 
 LOG_SOFTMAX_ROWS = 16
 """Rows per block when a log-softmax is taken in float32: 16 rows of a 262k-token vocabulary (Gemma 3)
@@ -111,10 +111,10 @@ def kl_from_reference(reference: Float[Tensor, "n vocab"], logits: Float[Tensor,
     return total
 
 
-def _batched_logits(model: HookedModel, token_lists: Sequence[list[int]], batch_tokens: int,
-                    on_batch: Callable[[list[int]], None] | None = None,
-                    spans: Sequence[tuple[int, int]] | None = None
-                    ) -> Iterator[tuple[int, Float[Tensor, "pos vocab"]]]:
+def batched_logits(model: HookedModel, token_lists: Sequence[list[int]], batch_tokens: int,
+                   on_batch: Callable[[list[int]], None] | None = None,
+                   spans: Sequence[tuple[int, int]] | None = None
+                   ) -> Iterator[tuple[int, Float[Tensor, "pos vocab"]]]:
     """``(index, logits of that sequence)`` for every sequence, batched longest-first, right-padded.
 
     Right padding keeps every real token at the position it has unbatched, so results do not depend
@@ -182,7 +182,7 @@ def continuation_logprobs(model: HookedModel, contexts: Sequence[list[int]], con
     results: list[ContinuationScore | None] = [None] * len(sequences)
     # The logits at position p predict token p+1, so the continuation is read one step earlier.
     spans = [(len(c) - 1, len(c) + len(t) - 1) for c, t in zip(contexts, continuations)]
-    for index, logits in _batched_logits(model, sequences, batch_tokens, on_batch, spans):
+    for index, logits in batched_logits(model, sequences, batch_tokens, on_batch, spans):
         target = torch.tensor(continuations[index])
         # argmax of the logits is argmax of their log-softmax (a per-row shift), without the conversion.
         results[index] = ContinuationScore(token_logprobs(logits, target), logits.argmax(-1).cpu() == target,
@@ -196,6 +196,6 @@ def next_token_logprobs(model: HookedModel, prompts: Sequence[list[int]], batch_
     if not prompts:
         raise ValueError("no prompts given")
     rows: list[Tensor | None] = [None] * len(prompts)
-    for index, logits in _batched_logits(model, prompts, batch_tokens, spans=[(len(p) - 1, len(p)) for p in prompts]):
+    for index, logits in batched_logits(model, prompts, batch_tokens, spans=[(len(p) - 1, len(p)) for p in prompts]):
         rows[index] = log_softmax_rows(logits)[0]
     return torch.stack(rows)  # type: ignore[arg-type]

@@ -29,22 +29,22 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
-from jaxtyping import Bool
 from torch import Tensor
 
 from dpn_lens.generation import greedy_generate
 from dpn_lens.hooked import encode
 from dpn_lens.data.prompts import render_for_model, render_roleplay_prompt
-from dpn_lens.evaluation.logprobs import continuation_logprobs, scoring_edit
+from dpn_lens.evaluation.logprobs import continuation_logprobs
 from dpn_lens.io import read_jsonl
+from dpn_lens.steering import MaskedEdit, steer
 
 __all__ = ["PreferencePair", "GeneratedPairs", "AnswerScores", "load_preference_pairs", "generate_persona_pairs",
            "pairs_cache_file",
-           "greedy_answers", "strip_template_echo", "preference_margins", "answer_scores", "answer_position_hooks",
+           "greedy_answers", "strip_template_echo", "preference_margins", "answer_scores",
            "PairScorer"]
 
 PAIR_KEYS = ("question", "high_answer", "low_answer")
@@ -222,35 +222,14 @@ def pairs_cache_file(model: Any, folder: str, trait: str, batch_size: int = 16, 
     return cache_dir() / folder / f"{trait}-{digest}.json"
 
 
-def answer_position_hooks(edit: Any, mask: Callable[[], Bool[Tensor, "batch pos"]]) -> list[tuple[str, Any]]:
-    """``edit``'s forward hooks, switched to all positions and then kept only where ``mask()`` is True.
-
-    Each hooked activation becomes ``where(mask, fn(activation), activation)``, so the edit's own code
-    decides what it does (additive MLP delta, NPTI boost and clamp, a residual vector) and the mask
-    decides where. ``mask`` is called at every hook so one set of hooks serves several batches.
-    ``fn`` gets a copy of the activation: an in-place edit cannot leak to the masked positions.
-    """
-    def wrap(fn: Callable) -> Callable:
-        def hook(activation: Tensor, hook: Any) -> Tensor:
-            edited = fn(activation.clone(), hook)
-            if edited is None:  # a hook that only reads leaves the activation as it is
-                return activation
-            where = mask().to(activation.device)
-            where = where.reshape(*where.shape, *([1] * (activation.dim() - where.dim())))
-            return torch.where(where, edited, activation)
-        return hook
-
-    # At every position first (as log-prob scoring does); the mask then restricts it to the answer.
-    return [(name, wrap(fn)) for name, fn in scoring_edit(edit).fwd_hooks()]
-
-
 @contextlib.contextmanager
 def _answer_edit(model: Any, edit: Any, holder: dict[str, Tensor]) -> Iterator[None]:
     """Apply ``edit`` at the positions ``holder["mask"]`` marks; hooks removed on exit, also on errors."""
     if edit is None:
         yield
         return
-    with model.hooks(fwd_hooks=answer_position_hooks(edit, lambda: holder["mask"])):
+    # Through steer, as every edit: its fingerprint, empty-map and double-application checks hold here too.
+    with steer(model, MaskedEdit(edit, lambda: holder["mask"])):
         yield
 
 

@@ -48,11 +48,11 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from dpn_lens.hooked import HookedModel, hook_name, input_device, pad_token_id
+from dpn_lens.hooked import HookedModel, hook_name, input_device, pad_token_id, read_hooks
 from dpn_lens.data.contrastive import DATA_DIR_ENV, resolve_data_dir
 from dpn_lens.data.prompts import OPTION_LETTERS, multiple_choice_prompt
 from dpn_lens.io import read_jsonl
-from dpn_lens.steering import Intervention, additive_intervention, steer
+from dpn_lens.steering import Edit, Intervention, NeuronAblation, additive_intervention, steer
 from dpn_lens.studies.overlap import layer_matched_pvalue
 from dpn_lens.studies.section import ReportSection
 from dpn_lens.studies.sets import NeuronSet, random_layer_matched_set
@@ -60,7 +60,7 @@ from dpn_lens.studies.sets import NeuronSet, random_layer_matched_set
 __all__ = [
     "REPORT_SECTION",
     "LossExample", "CapabilityData", "load_capability_data", "text_examples", "neuron_attribution",
-    "capability_attribution", "capability_neurons", "capability_overlap", "lm_loss", "ablation_hooks",
+    "capability_attribution", "capability_neurons", "capability_overlap", "lm_loss", "ablation",
     "edit_intervention", "set_costs", "DATA_ENV",
 ]
 
@@ -225,7 +225,7 @@ def neuron_attribution(model: HookedModel, examples: Sequence[LossExample], laye
 
     hooks = [(hook_name(layer, hook_template), make_hook(slot)) for slot, layer in enumerate(layers)]
     pad_id = pad_token_id(model.tokenizer)
-    with torch.enable_grad(), model.hooks(fwd_hooks=hooks):
+    with torch.enable_grad(), read_hooks(model, hooks):
         for start in range(0, len(examples), batch_size):
             ids, targets = _pad(examples[start:start + batch_size], pad_id)
             ids, targets = ids.to(input_device(model)), targets.to(input_device(model))
@@ -306,12 +306,11 @@ def capability_overlap(sets: Sequence[NeuronSet], capability: NeuronSet, attribu
     return rows
 
 
-def lm_loss(model: HookedModel, examples: Sequence[LossExample], fwd_hooks: Sequence[tuple[str, Callable]] = (),
-            batch_size: int = 4) -> float:
-    """Token-weighted mean next-token loss over ``examples``, with ``fwd_hooks`` attached."""
+def lm_loss(model: HookedModel, examples: Sequence[LossExample], edit: Edit | None = None, batch_size: int = 4) -> float:
+    """Token-weighted mean next-token loss over ``examples``, with ``edit`` applied (``steer``; None: unedited)."""
     pad_id = pad_token_id(model.tokenizer)
     total, count = 0.0, 0.0
-    with torch.inference_mode(), model.hooks(fwd_hooks=list(fwd_hooks)):
+    with torch.inference_mode(), steer(model, edit):
         for start in range(0, len(examples), batch_size):
             ids, targets = _pad(examples[start:start + batch_size], pad_id)
             ids, targets = ids.to(input_device(model)), targets.to(input_device(model))
@@ -321,17 +320,10 @@ def lm_loss(model: HookedModel, examples: Sequence[LossExample], fwd_hooks: Sequ
     return total / count
 
 
-def ablation_hooks(neuron_set: NeuronSet, hook_template: str = "blocks.{layer}.mlp.hook_post") -> list[tuple[str, Callable]]:
-    """Forward hooks that zero the set's neurons at every position."""
-    def make_hook(indices: Tensor):
-        def hook(activation: Tensor, hook: Any) -> Tensor:
-            activation = activation.clone()
-            activation[..., indices.to(activation.device)] = 0
-            return activation
-        return hook
-
-    return [(hook_name(layer, hook_template), make_hook(indices))
-            for layer, indices in neuron_set.neurons.items() if indices.numel()]
+def ablation(neuron_set: NeuronSet, hook_template: str = "blocks.{layer}.mlp.hook_post") -> NeuronAblation:
+    """The edit that zeroes the set's neurons at every position."""
+    return NeuronAblation(dict(neuron_set.neurons), positions="all", hook_template=hook_template,
+                          label=f"ablate {neuron_set.name}")
 
 
 def edit_intervention(neuron_set: NeuronSet, steering_value: Float[Tensor, "n_stat_layers d_mlp"],
@@ -356,7 +348,7 @@ def set_costs(model: HookedModel, examples: Sequence[LossExample], sets: Sequenc
     for neuron_set in sets:
         if progress:
             progress(neuron_set.name)
-        ablated = lm_loss(model, examples, ablation_hooks(neuron_set), batch_size)
+        ablated = lm_loss(model, examples, ablation(neuron_set), batch_size)
         s, stat_layers = steering[neuron_set.trait]
         with steer(model, edit_intervention(neuron_set, s, stat_layers, gamma)):
             edited = lm_loss(model, examples, batch_size=batch_size)
@@ -365,6 +357,6 @@ def set_costs(model: HookedModel, examples: Sequence[LossExample], sets: Sequenc
                "edited_loss": edited, "edit_cost": edited - baseline, "gamma": gamma}
         if random_control:
             control = random_layer_matched_set(neuron_set, generator)
-            row["random_ablation_cost"] = lm_loss(model, examples, ablation_hooks(control), batch_size) - baseline
+            row["random_ablation_cost"] = lm_loss(model, examples, ablation(control), batch_size) - baseline
         rows.append(row)
     return rows

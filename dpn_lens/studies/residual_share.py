@@ -36,7 +36,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from dpn_lens.data.contrastive import ContrastiveSet
-from dpn_lens.hooked import HookedModel, last_token_batches
+from dpn_lens.hooked import HookedModel, last_token_batches, read_hooks
 from dpn_lens.neuron_map import NeuronMap
 
 __all__ = ["ResidualShare", "residual_share", "last_token_sums"]
@@ -101,7 +101,7 @@ def last_token_sums(model: HookedModel, prompts: Sequence[str], batch_size: int 
     resid: list[Tensor] = []
     sums: dict[str, Tensor] = {}
     embed = torch.zeros(())
-    with torch.inference_mode(), model.hooks(fwd_hooks=hooks):
+    with torch.inference_mode(), read_hooks(model, hooks):
         for ids, mask, last_index in last_token_batches(model, prompts, batch_size):
             last[:] = [last_index]
             model(ids, attention_mask=mask)
