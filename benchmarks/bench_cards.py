@@ -32,9 +32,9 @@ import torch
 from dpn_lens import TRAITS, CardConfig, CollectionConfig, LocateConfig, build_cards, locate_traits
 from dpn_lens.cards import scan, text_windows
 
-# The model loader and the peak-RSS readers are bench_perf's (the same tiny model for `--model tiny`).
+# The model loader and the peak-RSS readers are bench_perf's (perf/common.py; the same tiny model for `--model tiny`).
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_perf import load, reset_peak_rss as _reset_peak_rss, status_kib  # noqa: E402  (benchmarks/ on sys.path)
+from perf.common import load, reset_peak_rss as _reset_peak_rss, status_kib  # noqa: E402  (benchmarks/ on sys.path)
 
 
 def wikitext_path(data_dir: str) -> Path:

@@ -36,10 +36,10 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))          # bench_perf beside this file
+sys.path.insert(0, str(Path(__file__).resolve().parent))          # bench_perf's perf/ beside this file
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))      # the package beside benchmarks/
 
-from bench_perf import LOAD_OPTIONS, batches, bench_edit, interleaved, load, median, ratio  # noqa: E402
+from perf.common import LOAD_OPTIONS, batches, bench_edit, interleaved, load, median, ratio  # noqa: E402
 from dpn_lens import Intervention, embedded_contrastive_set, steer  # noqa: E402
 from dpn_lens.collect import CollectionConfig, collect_group_statistics  # noqa: E402
 from dpn_lens.data.prompts import render_for_model  # noqa: E402

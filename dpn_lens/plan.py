@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 __all__ = ["ModelShape", "MachineCosts", "StagePlan", "RunPlan", "model_shape", "measure_costs", "plan_locate",
-           "GPU_SIZES_GIB"]
+           "status_bytes", "reset_peak", "GPU_SIZES_GIB"]
 
 GPU_SIZES_GIB = (16, 24, 40, 48, 80, 141)
 """GPU memory sizes the plan checks (GiB): T4/V100-16, 4090/L4, A100-40, A6000/L40, A100/H100-80, H200."""
@@ -144,27 +144,35 @@ def _costs_file(device: str, dtype: str, threads: int) -> Path:
     return cache_dir() / "plan" / f"{platform.node()}-{device}-{dtype}-{threads}threads.json"
 
 
-def _status_bytes(field: str) -> int:
-    """A ``/proc/self/status`` memory field in bytes (``VmRSS`` now, ``VmHWM`` the peak); 0 off Linux."""
+def status_bytes(field: str, required: bool = False) -> int:
+    """A ``/proc/self/status`` memory field in bytes (``VmRSS`` now, ``VmHWM`` the peak).
+
+    Where it cannot be read (off Linux, or no such field): 0, or with ``required=True`` a RuntimeError.
+    """
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+        text = Path("/proc/self/status").read_text()
+    except OSError as error:
+        if required:
+            raise RuntimeError(f"cannot read {field} from /proc/self/status: it needs Linux's /proc") from error
+        return 0
+    for line in text.splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    if required:
+        raise RuntimeError(f"{field} not in /proc/self/status: it needs Linux's /proc")
     return 0
 
 
-def _rss_bytes() -> int:
-    return _status_bytes("VmRSS")
+def reset_peak(required: bool = False) -> None:
+    """Reset the kernel's peak-RSS counter, so ``VmHWM`` covers only what follows.
 
-
-def _reset_peak() -> None:
-    """Reset the kernel's peak-RSS counter, so ``VmHWM`` covers only what follows (Linux; else a no-op)."""
+    Where it cannot (off Linux): a no-op, or with ``required=True`` a RuntimeError.
+    """
     try:
         Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
+    except OSError as error:
+        if required:
+            raise RuntimeError("cannot reset VmHWM through /proc/self/clear_refs: it needs Linux's /proc") from error
 
 
 def _startup_seconds() -> float:
@@ -197,15 +205,15 @@ def measure_costs(model_spec: str, device: str = "cpu", dtype: str = "float32", 
     import dpn_lens.pipeline  # noqa: F401
 
     startup = _startup_seconds()
-    runtime = _rss_bytes()
+    runtime = status_bytes("VmRSS")
     shape = model_shape(model_spec)
     weights = shape.n_params() * BYTES[dtype]
-    _reset_peak()
+    reset_peak()
     started = time.perf_counter()
     model = load_model(model_spec, dtype=dtype, device=None if device == "cpu" else device)
     load_seconds = time.perf_counter() - started
-    load_peak = max(_status_bytes("VmHWM") - runtime, 0)
-    resident = max(_rss_bytes() - runtime, 0)
+    load_peak = max(status_bytes("VmHWM") - runtime, 0)
+    resident = max(status_bytes("VmRSS") - runtime, 0)
     pairs = embedded_contrastive_set("openness", n_pairs=n_prompts, seed=7)
     collect_statistics(model, embedded_contrastive_set("openness", n_pairs=2, seed=8), CollectionConfig(progress=False))
     # Two runs of the same prompts, few large calls (plain) and many small ones (shared prefixes), give
@@ -236,12 +244,12 @@ def measure_costs(model_spec: str, device: str = "cpu", dtype: str = "float32", 
     work = locate_work(model, shape, [contrastive_set_for("openness", n_pairs=n_prompts)], config.collection, device)
     with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
         warnings.simplefilter("ignore")   # a timing sample: few pairs select few neurons, and locate says so
-        before = _rss_bytes()
-        _reset_peak()
+        before = status_bytes("VmRSS")
+        reset_peak()
         started = time.perf_counter()
         locate_traits(model, config, out=Path(folder) / "run", log=lambda message: None)
         located = time.perf_counter() - started
-        sample_peak = _status_bytes("VmHWM") - before
+        sample_peak = status_bytes("VmHWM") - before
     predicted = _batch_bytes(shape, config.collection, work["longest_prompt"], BYTES[dtype])
     forward = work["flops"] * seconds_per_flop + work["calls"] * seconds_per_call
     costs = MachineCosts(device=device, dtype=dtype, threads=torch.get_num_threads(), model=model_spec,
