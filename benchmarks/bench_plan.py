@@ -10,11 +10,16 @@
 
 It prints predicted, measured and predicted/measured for time and memory (target: within 25%).
 
+``--stage control`` does the same for ``dpn-lens control``: it measures control's costs
+(``dpn_lens.plan_control.measure_control_costs``), plans the run (``plan_control``) and times
+``dpn-lens control`` with those settings (``--maps`` and ``--pairs-cached`` as the run will find them).
+
 Usage::
 
     python benchmarks/bench_plan.py --model smollm2-135m-instruct --traits openness,neuroticism --n-pairs 100
     python benchmarks/bench_plan.py --model gemma-3-270m --traits openness,neuroticism --n-pairs 100
     python benchmarks/bench_plan.py --model path/to/tiny-folder --traits openness --n-pairs 4 --measure-prompts 4   # smoke run
+    python benchmarks/bench_plan.py --stage control --model smollm2-135m-instruct --traits openness --methods dpn-le,attribution-t,caa --maps results/control-smollm2-135m-instruct-rules/maps --data-dir ../shared/data
 """
 
 from __future__ import annotations
@@ -42,18 +47,24 @@ print(json.dumps({"returncode": code.returncode, "seconds": seconds, "stderr": c
 """
 
 
-def measured_locate(model: str, traits: str, n_pairs: int, dtype: str) -> dict[str, Any]:
-    """Wall time and peak RSS of ``dpn-lens locate`` in a fresh process (a child of a fresh child, so the
-    peak is locate's alone)."""
+def measured_command(arguments: list[str]) -> dict[str, Any]:
+    """Wall time and peak RSS of ``dpn-lens <arguments>`` in a fresh process (a child of a fresh child, so
+    the peak is the command's alone); ``OUT`` in ``arguments`` becomes a temporary folder."""
     with tempfile.TemporaryDirectory() as folder:
-        command = [sys.executable, "-m", "dpn_lens.cli", "locate", "--model", model, "--traits", traits,
-                   "--n-pairs", str(n_pairs), "--dtype", dtype, "--no-progress", "--out", str(Path(folder) / "run")]
+        command = [sys.executable, "-m", "dpn_lens.cli",
+                   *[str(Path(folder) / "run") if a == "OUT" else a for a in arguments]]
         report = subprocess.run([sys.executable, "-c", _RUN_AND_REPORT, *command], capture_output=True, text=True,
                                 check=True, cwd=Path(__file__).resolve().parents[1])
     result = json.loads(report.stdout.strip().splitlines()[-1])
     if result["returncode"] != 0:
-        raise RuntimeError(f"dpn-lens locate failed:\n{result['stderr']}")
+        raise RuntimeError(f"dpn-lens {arguments[0]} failed:\n{result['stderr']}")
     return result
+
+
+def measured_locate(model: str, traits: str, n_pairs: int, dtype: str) -> dict[str, Any]:
+    """Wall time and peak RSS of ``dpn-lens locate`` in a fresh process."""
+    return measured_command(["locate", "--model", model, "--traits", traits, "--n-pairs", str(n_pairs),
+                             "--dtype", dtype, "--no-progress", "--out", "OUT"])
 
 
 def parser() -> argparse.ArgumentParser:
@@ -63,7 +74,55 @@ def parser() -> argparse.ArgumentParser:
     options.add_argument("--n-pairs", type=int, default=100)
     options.add_argument("--dtype", default="float32")
     options.add_argument("--measure-prompts", type=int, default=24, help="pairs the machine's costs are measured on")
+    options.add_argument("--stage", choices=("locate", "control"), default="locate")
+    options.add_argument("--methods", default="dpn-le,caa", help="control's methods (--stage control)")
+    options.add_argument("--pairs", type=int, default=64, help="control's held-out pairs per trait")
+    options.add_argument("--maps", default=None, help="control's maps folder (None: located in the run)")
+    options.add_argument("--data-dir", default=None, help="control's data folder (None: $DPN_LENS_DATA)")
+    options.add_argument("--pairs-cached", action="store_true", help="control's held-out pairs are cached")
+    options.add_argument("--extra", default="", help="more control options, one string (e.g. \"--gammas 0.5,2,8\")")
     return options
+
+
+def control_main(args: argparse.Namespace, traits: list[str]) -> dict[str, Any]:
+    """Measure control's costs, plan the ``dpn-lens control`` command (parsed by control's own parser, as
+    ``dpn-lens control ... --plan`` does) and run it in a fresh process."""
+    import shlex
+
+    from dpn_lens.cli import build_parser
+    from dpn_lens.evaluation.control_cli import config_from_args
+    from dpn_lens.plan import measure_costs
+    from dpn_lens.plan_control import measure_control_costs, plan_control_run
+
+    started = time.perf_counter()
+    machine = measure_costs(args.model, dtype=args.dtype, n_prompts=args.measure_prompts, save=False)
+    costs = measure_control_costs(args.model, dtype=args.dtype, save=False)
+    measuring = time.perf_counter() - started
+    command = ["control", "--model", args.model, "--traits", ",".join(traits), "--dtype", args.dtype,
+               "--methods", args.methods, "--pairs", str(args.pairs), "--no-progress", "--no-png",
+               *shlex.split(args.extra), *(["--maps", args.maps] if args.maps else []),
+               *(["--data-dir", args.data_dir] if args.data_dir else []), "--out", "OUT"]
+    config = config_from_args(build_parser().parse_args([a if a != "OUT" else "runs/planned" for a in command]))
+    plan = plan_control_run(args.model, config, dtype=args.dtype, costs=costs, machine=machine,
+                            pairs_cached=args.pairs_cached)
+    run = measured_command(command)
+    return _report(args, traits, plan, run, measuring)
+
+
+def _report(args: argparse.Namespace, traits: list[str], plan: Any, run: dict[str, Any], measuring: float
+            ) -> dict[str, Any]:
+    gib = 1024 ** 3
+    result = {"stage": args.stage, "model": args.model, "traits": traits, "n_pairs": args.n_pairs, "dtype": args.dtype,
+              "measuring_seconds": measuring, "predicted_seconds": plan.seconds, "measured_seconds": run["seconds"],
+              "time_ratio": plan.seconds / run["seconds"], "predicted_peak_gib": plan.peak_bytes / gib,
+              "measured_peak_gib": run["max_rss_bytes"] / gib, "memory_ratio": plan.peak_bytes / run["max_rss_bytes"],
+              "stages": {stage.name: stage.seconds for stage in plan.stages}}
+    print(plan.text())
+    print(f"measured in {measuring:.0f} s; {args.stage}: predicted {plan.seconds:.1f} s, measured {run['seconds']:.1f} s, "
+          f"ratio {result['time_ratio']:.2f}; peak memory: predicted {result['predicted_peak_gib']:.2f} GiB, measured "
+          f"{result['measured_peak_gib']:.2f} GiB, ratio {result['memory_ratio']:.2f}")
+    print(json.dumps(result))
+    return result
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -71,23 +130,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from dpn_lens.pipeline import parse_traits
 
     traits = parse_traits(args.traits)
+    if args.stage == "control":
+        return control_main(args, traits)
     started = time.perf_counter()
     costs = measure_costs(args.model, dtype=args.dtype, n_prompts=args.measure_prompts, save=False)
     measuring = time.perf_counter() - started
     plan = plan_locate(args.model, traits, args.n_pairs, dtype=args.dtype, costs=costs)
     run = measured_locate(args.model, ",".join(traits), args.n_pairs, args.dtype)
-    gib = 1024 ** 3
-    result = {"model": args.model, "traits": traits, "n_pairs": args.n_pairs, "dtype": args.dtype,
-              "measuring_seconds": measuring, "predicted_seconds": plan.seconds, "measured_seconds": run["seconds"],
-              "time_ratio": plan.seconds / run["seconds"], "predicted_peak_gib": plan.peak_bytes / gib,
-              "measured_peak_gib": run["max_rss_bytes"] / gib, "memory_ratio": plan.peak_bytes / run["max_rss_bytes"],
-              "stages": {stage.name: stage.seconds for stage in plan.stages}}
-    print(plan.text())
-    print(f"measured in {measuring:.0f} s; locate: predicted {plan.seconds:.1f} s, measured {run['seconds']:.1f} s, "
-          f"ratio {result['time_ratio']:.2f}; peak memory: predicted {result['predicted_peak_gib']:.2f} GiB, measured "
-          f"{result['measured_peak_gib']:.2f} GiB, ratio {result['memory_ratio']:.2f}")
-    print(json.dumps(result))
-    return result
+    return _report(args, traits, plan, run, measuring)
 
 
 if __name__ == "__main__":

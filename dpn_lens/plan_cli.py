@@ -1,13 +1,16 @@
-"""``dpn-lens plan``: how long ``dpn-lens locate`` will take and how much memory it needs, before running it.
+"""``dpn-lens plan``: how long ``dpn-lens locate`` or ``dpn-lens control`` will take and how much memory it
+needs, before running it.
 
 Example:
     $ dpn-lens plan --model smollm2-135m-instruct --n-pairs 1000 --measure     # measure this machine once
     $ dpn-lens plan --model path/to/Meta-Llama-3-8B-Instruct/config.json --dtype bfloat16 --measure-on smollm2-135m-instruct
+    $ dpn-lens plan --stage control --model gemma-3-270m --methods attribution-t,caa --maps runs/gemma --measure
 """
 
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from dpn_lens.cli_options import add_subcommand, add_traits_option
 
@@ -15,7 +18,7 @@ __all__ = ["register", "run_plan"]
 
 
 def register(commands: argparse._SubParsersAction) -> None:
-    plan = add_subcommand(commands, "plan", "predict locate's wall time and peak memory for a model, before running it")
+    plan = add_subcommand(commands, "plan", "predict locate's or control's wall time and peak memory, before running it")
     plan.add_argument("--model", default="smollm2-135m-instruct",
                       help="embedded name, model folder, or the path of a config.json (its tokenizer files beside it)")
     plan.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
@@ -26,6 +29,9 @@ def register(commands: argparse._SubParsersAction) -> None:
                       help="measure this machine's speed now (on --measure-on) and keep it for later plans")
     plan.add_argument("--measure-on", default=None,
                       help="the model to measure on, one that fits here (None: --model itself)")
+    plan.add_argument("--stage", choices=("locate", "control"), default="locate",
+                      help="the command to plan: locate (default) or control (its default run; to plan a given control "
+                           "run, add --plan to that `dpn-lens control` command)")
     plan.set_defaults(handler=run_plan)
 
 
@@ -44,5 +50,26 @@ def run_plan(args: argparse.Namespace) -> int:
     elif costs is None:
         print(f"no measurement of this machine for {args.device}/{args.dtype}/{torch.get_num_threads()} threads yet: "
               "add --measure for times")
+    if args.stage == "control":
+        print(_control_plan(args, traits, costs).text())
+        return 0
     print(plan_locate(args.model, traits, args.n_pairs, args.device, args.dtype, costs).text())
     return 0
+
+
+def _control_plan(args: argparse.Namespace, traits: list[str], machine: Any) -> Any:
+    """The plan of ``dpn-lens control``'s default run on ``traits``, with control's costs measured now
+    (``--measure``) or earlier."""
+    import torch
+
+    from dpn_lens.evaluation.control import ControlConfig
+    from dpn_lens.plan_control import measure_control_costs, plan_control_run
+
+    costs = None
+    if args.measure:
+        costs = measure_control_costs(args.measure_on or args.model, args.device, args.dtype)
+        print(f"measured control's costs on {costs.model}: probe {costs.probe_flops_per_s / 1e9:.1f}, answers "
+              f"{costs.answer_flops_per_s / 1e9:.1f} GFLOP/s; a decode step {costs.step_seconds * 1e3:.0f} ms + FLOPs "
+              f"({torch.get_num_threads()} threads)")
+    return plan_control_run(args.model, ControlConfig(traits=traits), args.device, args.dtype, costs=costs,
+                            machine=machine)

@@ -10,7 +10,7 @@ import torch
 
 from dpn_lens.collect import CollectionConfig, collect_statistics
 from dpn_lens.data.contrastive import embedded_contrastive_set
-from dpn_lens.models import load_model
+from dpn_lens.models import load_model, model_fingerprint
 from dpn_lens.plan import MachineCosts, ModelShape, locate_work, measure_costs, model_shape, plan_locate, saved_costs
 
 
@@ -124,3 +124,151 @@ def test_the_plan_benchmark_compares_the_plan_with_a_real_locate_run(tiny_folder
                           "--measure-prompts", "4"])
     assert result["measured_seconds"] > 0 and result["predicted_seconds"] > 0
     assert result["measured_peak_gib"] > 0.1 and 0 < result["memory_ratio"] < 10
+
+
+# ----- the control stage ---------------------------------------------------------------------------------------
+def test_control_work_counts_the_passes_control_makes(tiny_model, tmp_path, monkeypatch):
+    """The probe, answer and persona passes ``run_control`` makes on the tiny model, counted at the calls,
+    equal ``control_work`` of the run (its curves and points); the plan's bound (every grid point, every
+    level) is at least that."""
+    from dpn_lens.evaluation import calibrate, control, preference
+    from dpn_lens.evaluation.control import ControlConfig, run_control
+    from dpn_lens.plan_control import ControlSettings, control_work
+    from helpers import make_map, write_personalitybench
+
+    monkeypatch.setenv("DPN_LENS_CACHE", str(tmp_path / "cache"))
+    counted = {"probe": 0, "answers": 0, "persona": 0}
+    real_probe, real_margins, real_preference = calibrate.KLProbe.__call__, preference.PairScorer.margins, \
+        control.preference_margins
+
+    def probe(self, edit):
+        counted["probe"] += 1
+        return real_probe(self, edit)
+
+    def margins(self, edit=None):
+        counted["answers"] += 1
+        return real_margins(self, edit)
+
+    def with_persona(*args, **kwargs):
+        counted["persona"] += 1
+        return real_preference(*args, **kwargs)
+
+    monkeypatch.setattr(calibrate.KLProbe, "__call__", probe)
+    monkeypatch.setattr(preference.PairScorer, "margins", margins)
+    monkeypatch.setattr(control, "preference_margins", with_persona)
+    config = ControlConfig(traits=["extraversion"], methods=["dpn-le", "caa"], data_dir=str(write_personalitybench(
+        tmp_path / "data")), pairs=8, max_new_tokens=5, gammas=[0.125, 0.5, 2, 8], kl_levels=[0.005, 0.01],
+        target_kl=0.01, random_draws=2, kl_chunks=2, kl_tokens=24, caa_pairs=6)
+    neuron_map = make_map("extraversion", {1: [3, 7, 11]}, {2: [5, 9, 20]}, [1, 2], n_layers=int(tiny_model.cfg.n_layers),
+                          d_mlp=int(tiny_model.cfg.d_mlp), fingerprint=model_fingerprint(tiny_model).to_dict())
+    result = run_control(tiny_model, config, log=lambda line: None, progress=False, maps={"extraversion": neuron_map})
+    settings = ControlSettings.of(config, maps_given=True, rule_maps_given=True)
+    exact = control_work(settings, run=result)
+    assert (counted["probe"], counted["answers"], counted["persona"]) == \
+        (exact.probe_passes, exact.answer_passes, exact.persona_passes)
+    bound = control_work(settings)
+    assert bound.probe_passes >= exact.probe_passes and bound.answer_passes >= exact.answer_passes
+    assert bound.probe_passes == 1 + 2 * 2 * (4 + 2) + 2 * 1 * (2 + 1)    # floor, 2 curves x 2 directions, draws
+
+
+def _control_costs(**changes):
+    from dpn_lens.plan_control import ControlCosts
+
+    values = dict(device="cpu", dtype="float32", threads=1, model="m", probe_flops_per_s=1e9, answer_flops_per_s=2e9,
+                  persona_flops_per_s=2e9, gradient_flops_per_s=1e9, step_seconds=0.01, step_flops_per_s=1e9,
+                  answer_fill=0.8, prompt_tokens=40.0, persona_tokens=90.0, trait_seconds=0.001,
+                  probe_reference_bytes=10, extra_bytes=2 ** 20, measured="now")
+    values.update(changes)
+    return ControlCosts(**values)
+
+
+def test_the_control_plan_has_a_stage_per_kind_of_work_and_scales_with_it(tiny_folder):
+    from dpn_lens.plan_control import ControlSettings, plan_control
+
+    settings = ControlSettings(methods=["dpn-le", "attribution-t", "caa"], pairs=16, maps_given=True)
+    plan = plan_control(str(tiny_folder), ["openness", "neuroticism"], settings, costs=_control_costs(),
+                        machine=_costs())
+    names = [stage.name for stage in plan.stages]
+    assert names == ["start-up and model load", "held-out pairs (2 traits)", "selection (2 traits)",
+                     "KL curves (2 traits)", "answer scoring (2 traits)", "persona control (2 traits)"]
+    assert all(stage.seconds > 0 for stage in plan.stages)
+    # Maps of every rule and cached pairs: no selection, no generation; no maps: a locate stage.
+    given = plan_control(str(tiny_folder), ["openness", "neuroticism"],
+                         ControlSettings(methods=settings.methods, pairs=16, maps_given=True, rule_maps_given=True,
+                                         pairs_cached=True), costs=_control_costs(), machine=_costs())
+    assert [s.name for s in given.stages][1:] == names[3:] and given.seconds < plan.seconds
+    assert "locate (DPN-LE maps)" in [s.name for s in plan_control(
+        str(tiny_folder), ["openness"], ControlSettings(methods=["dpn-le"]), costs=_control_costs(),
+        machine=_costs()).stages]
+    # Twice the pairs: twice the answer-scoring time; half the probe rate: twice the curves' time.
+    double = plan_control(str(tiny_folder), ["openness", "neuroticism"],
+                          ControlSettings(methods=settings.methods, pairs=32, maps_given=True),
+                          costs=_control_costs(probe_flops_per_s=5e8), machine=_costs())
+    by_name = {s.name: s.seconds for s in plan.stages}
+    doubled = {s.name: s.seconds for s in double.stages}
+    assert doubled["KL curves (2 traits)"] == pytest.approx(2 * by_name["KL curves (2 traits)"])
+    assert doubled["answer scoring (2 traits)"] > 1.9 * by_name["answer scoring (2 traits)"]
+    # Another device's measurement gives no times.
+    assert plan_control(str(tiny_folder), ["openness"], settings, device="cuda", costs=_control_costs()).seconds is None
+
+
+def test_measure_control_costs_on_the_tiny_model(tiny_folder, tmp_path, monkeypatch):
+    from dpn_lens.plan_control import measure_control_costs, saved_control_costs
+
+    monkeypatch.setenv("DPN_LENS_CACHE", str(tmp_path / "cache"))
+    costs = measure_control_costs(str(tiny_folder), n_pairs=4, max_new_tokens=6)
+    assert costs.probe_flops_per_s > 0 and costs.answer_flops_per_s > 0 and costs.step_flops_per_s > 0
+    assert 0 < costs.answer_fill <= 1 and costs.prompt_tokens > 0 and costs.persona_tokens > costs.prompt_tokens
+    assert saved_control_costs("cpu", "float32", torch.get_num_threads()) == costs
+
+
+def test_the_plan_command_plans_control(tiny_folder, tmp_path, monkeypatch, capsys):
+    from dpn_lens.cli import main
+
+    monkeypatch.setenv("DPN_LENS_CACHE", str(tmp_path / "cache"))
+    assert main(["plan", "--stage", "control", "--model", str(tiny_folder), "--traits", "openness",
+                 "--methods", "dpn-le,caa", "--pairs", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "no measurement of control's costs" in out and "KL curves (1 traits)" in out and "locate (DPN-LE maps)" in out
+
+
+def test_control_plan_flag_prints_the_plan_of_that_run_without_running_it(tiny_folder, tmp_path, monkeypatch, capsys):
+    from dpn_lens.cli import main
+    from helpers import make_map
+
+    monkeypatch.setenv("DPN_LENS_CACHE", str(tmp_path / "cache"))
+    maps = tmp_path / "maps"
+    maps.mkdir()
+    make_map("openness", {1: [1, 2]}, {2: [3]}, [1, 2], n_layers=3, d_mlp=48).save(maps / "openness.safetensors")
+    assert main(["control", "--model", str(tiny_folder), "--traits", "openness", "--methods", "dpn-le,caa",
+                 "--maps", str(maps), "--plan", "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "dpn-lens plan --stage control --measure" in out and "KL curves (1 traits)" in out
+    assert "locate (DPN-LE maps)" not in out and not (tmp_path / "out").exists()   # planned, not run
+
+
+@pytest.mark.slow
+def test_the_plan_benchmark_plans_a_control_run(tiny_folder, tmp_path, monkeypatch):
+    """benchmarks/bench_plan.py --stage control on the tiny model: it measures, plans, runs ``dpn-lens control``
+    in a fresh process and reports both (the ratios are the benchmark's result, not checked here)."""
+    import importlib.util
+    from pathlib import Path
+
+    from dpn_lens.models import load_model
+    from helpers import make_map, write_personalitybench
+
+    monkeypatch.setenv("DPN_LENS_CACHE", str(tmp_path / "cache"))
+    model = load_model(str(tiny_folder))
+    maps = tmp_path / "maps"
+    maps.mkdir()
+    make_map("openness", {1: [1, 2, 5]}, {2: [3, 8]}, [1, 2], n_layers=int(model.cfg.n_layers),
+             d_mlp=int(model.cfg.d_mlp), fingerprint=model_fingerprint(model).to_dict()).save(maps / "openness.safetensors")
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_plan.py"
+    spec = importlib.util.spec_from_file_location("bench_plan", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    result = module.main(["--stage", "control", "--model", str(tiny_folder), "--traits", "openness", "--dtype",
+                          "float32", "--methods", "dpn-le", "--pairs", "12", "--maps", str(maps), "--data-dir",
+                          str(write_personalitybench(tmp_path / "data")), "--measure-prompts", "4",
+                          "--extra", "--quick --gammas 0.5,2 --kl-levels 0.05 --random-draws 1"])
+    assert result["measured_seconds"] > 0 and result["predicted_seconds"] > 0 and result["stage"] == "control"

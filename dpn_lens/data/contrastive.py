@@ -16,6 +16,8 @@ from dpn_lens.io import read_jsonl
 from dpn_lens.traits import TRAITS, normalize_trait, trait_title
 
 __all__ = [
+    "embedded_questions",
+    "embedded_personas",
     "ContrastivePair",
     "ContrastiveSet",
     "embedded_contrastive_set",
@@ -192,6 +194,29 @@ def _draw_pairs(trait: str, questions: Sequence[str], high_descriptions: Sequenc
 
 def _embedded_file(name: str) -> Path:
     return Path(str(resources.files("dpn_lens.data").joinpath("embedded", name)))
+
+
+def embedded_questions() -> list[str]:
+    """The everyday questions shipped with dpn-lens (all traits', in file order).
+
+    Example:
+        >>> len(embedded_questions()) > 100
+        True
+    """
+    return [row["question"] for row in read_jsonl(_embedded_file("questions.jsonl"))]
+
+
+def embedded_personas(trait: str) -> tuple[list[str], list[str]]:
+    """The high- and low-pole persona descriptions of ``trait`` shipped with dpn-lens.
+
+    Example:
+        >>> high, low = embedded_personas("openness")
+        >>> len(high) == len(low) > 0
+        True
+    """
+    personas = json.loads(_embedded_file("personas.json").read_text(encoding="utf-8"))
+    trait = normalize_trait(trait)
+    return list(personas[trait]["high"]), list(personas[trait]["low"])
 
 
 def embedded_contrastive_set(trait: str, n_pairs: int = 1000, seed: int = 42,

@@ -26,10 +26,10 @@ import hashlib
 import json
 from typing import Any, Callable
 
-from dpn_lens.data.contrastive import _embedded_file
+from dpn_lens.data.contrastive import embedded_personas, embedded_questions
 from dpn_lens.effect.rules import SELECTION_PAIRS, SELECTION_TOKENS
 from dpn_lens.evaluation.preference import PreferencePair, generate_persona_pairs, pairs_cache_file
-from dpn_lens.io import read_jsonl, write_json_atomic
+from dpn_lens.io import write_json_atomic
 from dpn_lens.traits import normalize_trait
 
 __all__ = ["selection_pairs", "SELECTION_PAIRS", "SELECTION_TOKENS"]
@@ -37,9 +37,8 @@ __all__ = ["selection_pairs", "SELECTION_PAIRS", "SELECTION_TOKENS"]
 
 def _embedded_material(trait: str) -> tuple[list[str], list[str], list[str]]:
     """The embedded questions (all traits') and the trait's embedded high and low persona descriptions."""
-    personas = json.loads(_embedded_file("personas.json").read_text(encoding="utf-8"))
-    questions = [row["question"] for row in read_jsonl(_embedded_file("questions.jsonl"))]
-    return questions, list(personas[trait]["high"]), list(personas[trait]["low"])
+    high, low = embedded_personas(trait)
+    return embedded_questions(), high, low
 
 
 def selection_pairs(model: Any, trait: str, n_pairs: int = SELECTION_PAIRS, seed: int = 0,

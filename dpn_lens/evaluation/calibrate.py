@@ -50,12 +50,11 @@ def probe_chunks(model: HookedModel, n_chunks: int = 4, chunk_tokens: int = 128)
     The text is the package's own everyday questions (``data/embedded/questions.jsonl``, joined in file
     order), so a calibration needs no data folder and gives the same gamma wherever it runs.
     """
-    from dpn_lens.data.contrastive import _embedded_file
-    from dpn_lens.io import read_jsonl
+    from dpn_lens.data.contrastive import embedded_questions
 
     if n_chunks < 1 or chunk_tokens < 2:
         raise ValueError(f"need n_chunks >= 1 and chunk_tokens >= 2, got {n_chunks} and {chunk_tokens}")
-    text = "\n".join(row["question"] for row in read_jsonl(_embedded_file("questions.jsonl")))
+    text = "\n".join(embedded_questions())
     ids = encode(model, text, add_bos=False)
     if len(ids) < n_chunks * chunk_tokens:
         raise ValueError(f"the probe text has {len(ids)} tokens, fewer than the {n_chunks * chunk_tokens} asked for; "

@@ -78,6 +78,11 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
                                                            "result on a new draw (an effect-rule map in --maps selected "
                                                            "on another seed's pairs is selected anew)")
     parser.add_argument("--no-random-control", action="store_true", help="skip the random-neuron curves")
+    parser.add_argument("--plan", action="store_true",
+                        help="print this run's plan (time per stage from this machine's measurement, `dpn-lens plan "
+                             "--stage control --measure`; peak memory) and exit without running it")
+    parser.add_argument("--pairs-cached", action="store_true",
+                        help="with --plan: the held-out pairs are cached by an earlier run (no generation stage)")
     parser.add_argument("--no-cache", action="store_true", help="generate the preference pairs again (no cache)")
     parser.add_argument("--quick", action="store_true", help="a few-minute run: 24 pairs, dpn-le/dense/caa, KL levels 0.05 and 0.5")
     parser.add_argument("--no-png", action="store_true", help="write HTML figures only")
@@ -157,6 +162,16 @@ def run_control_command(args: argparse.Namespace) -> int:
         return _merge_command(args.merge, args.out, png=not args.no_png)
     started = time.time()
     config = config_from_args(args)
+    if args.plan:
+        from dpn_lens.plan_control import plan_control_run
+
+        plan = plan_control_run(args.model, config, "cpu" if args.device in (None, "cpu") else args.device, args.dtype,
+                                pairs_cached=args.pairs_cached)
+        if plan.seconds is None:
+            print(f"no measurement of this machine for {args.dtype} yet: run `dpn-lens plan --stage control --measure "
+                  f"--model {args.model} --dtype {args.dtype}` for times")
+        print(plan.text())
+        return 0
     resolve_data_dir(config.data_dir, "personalitybench")  # a missing data folder fails before the model loads
     if args.maps:
         from dpn_lens.run import check_run_folder, run_folder_of

@@ -1,0 +1,390 @@
+"""How long ``dpn-lens control`` will take, before running it (``dpn-lens plan --stage control``).
+
+``control`` spends its time in five kinds of work, each counted from the run's settings
+(``control_work``) and each with a cost measured once on this machine (``measure_control_costs``):
+
+* **KL probe passes**: one forward pass over the probe text (``kl_chunks`` x ``kl_tokens``) per γ of
+  every curve (method x direction x grid), per calibrated level, per random-neuron draw;
+* **answer passes**: the held-out answers under one edit (their questions run once, kept in the KV
+  cache), per level and per random draw, plus the unsteered and γ-0 margins;
+* **persona passes**: the positive control scores every pair under its high and its low persona (whole
+  sequences);
+* **generation**: the held-out pairs, each question answered greedily under a high and a low persona
+  (skipped when the pairs are cached), and an effect rule's selection pairs;
+* **the gradient pass** of the attribution rules (forward and backward over the selection answers).
+
+A cost is a rate, FLOPs per second of that kind of work (decode steps: a fixed cost per step plus a
+rate), so the same measurement plans a larger model's run on this machine; a GPU's run needs a
+measurement on that GPU. Curves are counted over the whole γ grid: a curve stops early once its KL
+passes 2 nats/token, so the time is an upper bound there. Not planned: the budget sweep (``--k-sweep``),
+the generation check (``--generation``) and NPTI's preparation.
+
+Example:
+    >>> work = control_work(ControlSettings(methods=["dpn-le", "caa"], kl_levels=[0.05], gammas=[1, 2, 4],
+    ...                                     random_draws=2, pairs=10))
+    >>> work.probe_passes, work.answer_passes    # per trait
+    (21, 10)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from dpn_lens.plan import BYTES, GPU_SIZES_GIB, MachineCosts, ModelShape, RunPlan, StagePlan, model_shape, status_bytes
+
+__all__ = ["ControlSettings", "ControlWork", "ControlCosts", "control_work", "measure_control_costs",
+           "saved_control_costs", "plan_control", "plan_control_run"]
+
+DIRECTIONS = 2
+
+
+@dataclass
+class ControlSettings:
+    """The settings of a ``control`` run that decide its work (``ControlConfig``'s names and defaults)."""
+
+    methods: list[str] = field(default_factory=lambda: ["dpn-le", "attribution", "attribution-t", "write",
+                                                        "write-layer", "dpn-le-attribution", "caa"])
+    pairs: int = 64
+    max_new_tokens: int = 48
+    gammas: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0])
+    kl_levels: list[float] = field(default_factory=lambda: [0.01, 0.05, 0.1])
+    kl_chunks: int = 4
+    kl_tokens: int = 128
+    random_control: bool = True
+    random_draws: int = 5
+    random_draws_off_target: int = 1
+    target_kl: float = 0.05
+    pair_batch: int = 16
+    selection_pairs: int = 128
+    selection_tokens: int = 48
+    locate_pairs: int = 500
+    caa_pairs: int = 50
+    maps_given: bool = False
+    """The maps folder holds each trait's DPN-LE map: no locate."""
+    rule_maps_given: bool = False
+    """It also holds the effect rules' maps: no selection."""
+    pairs_cached: bool = False
+
+    @classmethod
+    def of(cls, config: Any, **given: bool) -> "ControlSettings":
+        """From a ``ControlConfig`` (``given``: ``maps_given``, ``rule_maps_given``, ``pairs_cached``)."""
+        names = {f for f in cls.__dataclass_fields__ if hasattr(config, f)}
+        return cls(**{name: getattr(config, name) for name in names}, **given)
+
+
+@dataclass
+class ControlWork:
+    """What one trait of ``control`` runs (counts), from ``control_work``."""
+
+    probe_passes: int
+    answer_passes: int
+    persona_passes: int
+    generated_answers: int
+    selection_answers: int
+    locates: bool
+
+    @property
+    def total_passes(self) -> int:
+        return self.probe_passes + self.answer_passes + self.persona_passes
+
+
+def control_work(settings: ControlSettings, run: dict[str, Any] | None = None) -> ControlWork:
+    """The passes one trait of ``control`` runs, counted as ``evaluation.control.run_control`` makes them.
+
+    Without ``run``, every curve covers the whole γ grid and reaches every KL level (the plan's bound).
+    With ``run`` (a ``control`` result of one trait), the curves and points that run measured are counted
+    instead: the passes it made, exactly (``tests/test_plan.py`` counts them on the tiny model).
+    """
+    from dpn_lens.evaluation.methods import METHODS_BY_NAME, effect_rules_needed, neuron_methods
+
+    unknown = [name for name in settings.methods if name not in METHODS_BY_NAME]
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; see `dpn-lens control --help`")
+    levels = sorted(set(float(t) for t in settings.kl_levels) | {float(settings.target_kl)})
+    randomized = neuron_methods(settings.methods) if settings.random_control else []
+    if run is None:
+        curves = DIRECTIONS * len(settings.methods)
+        grid_points = curves * len(settings.gammas)
+        points = curves * len(levels)
+        draws = DIRECTIONS * len(randomized) * sum(
+            settings.random_draws if level == settings.target_kl else settings.random_draws_off_target
+            for level in levels)
+    else:
+        grid_points = len(run["costs"])
+        measured = [row for row in run["curves"] if not row["method"].startswith("random-neurons")]
+        points = len(measured)
+        draws = sum(int(row.get("draws", 1)) for row in run["curves"] if row["method"].startswith("random-neurons"))
+    rules = [] if settings.rule_maps_given else [r for r in effect_rules_needed(settings.methods) if r != "dpn-le"]
+    attribution = any(r.startswith("attribution") or r == "dpn-le-attribution" for r in rules)
+    # The rounding floor, every grid point, every measured point and random draw (a probe and an answer pass
+    # each); the unsteered and the γ-0 margins.
+    return ControlWork(probe_passes=1 + grid_points + points + draws, answer_passes=2 + points + draws,
+                       persona_passes=2, generated_answers=0 if settings.pairs_cached else 2 * settings.pairs,
+                       selection_answers=2 * settings.selection_pairs if attribution else 0,
+                       locates=not settings.maps_given)
+
+
+@dataclass
+class ControlCosts:
+    """This machine's measured speed at each kind of ``control`` work, on ``model``."""
+
+    device: str
+    dtype: str
+    threads: int
+    model: str
+    probe_flops_per_s: float
+    answer_flops_per_s: float
+    persona_flops_per_s: float
+    gradient_flops_per_s: float
+    step_seconds: float
+    """Fixed cost of one greedy decode step (Python, cache handling), beside ``step_flops_per_s``."""
+    step_flops_per_s: float
+    answer_fill: float
+    """Greedy answers' mean length as a share of ``max_new_tokens`` (answers end early at EOS)."""
+    prompt_tokens: float
+    """Mean rendered question length (chat template included) of the sample, tokens."""
+    persona_tokens: float
+    """Mean rendered question-with-persona length, tokens."""
+    trait_seconds: float
+    """Per trait beyond the counted passes (intervals, CAA's direction, building edits), per pair."""
+    probe_reference_bytes: int
+    extra_bytes: int
+    """Peak memory of the sample beyond the model, the probe's reference and one answer batch."""
+    measured: str
+    machine: str = field(default_factory=platform.node)
+
+
+def _costs_file(device: str, dtype: str, threads: int) -> Path:
+    from dpn_lens.models import cache_dir
+
+    return cache_dir() / "plan" / f"{platform.node()}-{device}-{dtype}-{threads}threads-control.json"
+
+
+def saved_control_costs(device: str, dtype: str, threads: int) -> ControlCosts | None:
+    path = _costs_file(device, dtype, threads)
+    if not path.is_file():
+        return None
+    try:
+        return ControlCosts(**json.loads(path.read_text(encoding="utf-8")))
+    except (TypeError, ValueError):      # written by another version: measure again
+        return None
+
+
+def _sample_pairs(model: Any, n: int, max_new_tokens: int) -> tuple[list[Any], float]:
+    """``n`` pairs whose answers are the model's own greedy answers to embedded questions (for timing, any
+    two answers make a pair), and the answers' mean fill of ``max_new_tokens``."""
+    from dpn_lens.data.contrastive import embedded_questions
+    from dpn_lens.data.prompts import render_for_model
+    from dpn_lens.evaluation.preference import PreferencePair, greedy_answers
+    from dpn_lens.hooked import encode
+
+    questions = embedded_questions()[:n + 1]
+    answers = greedy_answers(model, [encode(model, render_for_model(model, q)) for q in questions], max_new_tokens, 16)
+    fill = sum(map(len, answers)) / len(answers) / max_new_tokens
+    # An empty answer (EOS at once) cannot be scored; a fixed text of the answers' mean length stands in.
+    texts = [model.tokenizer.decode(a) if a else " ok" * max(1, round(fill * max_new_tokens)) for a in answers]
+    return [PreferencePair(questions[i], texts[i], texts[i + 1]) for i in range(n)], fill
+
+
+def _timed(function: Any, device: str) -> float:
+    import torch
+
+    if device != "cpu":
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    function()
+    if device != "cpu":
+        torch.cuda.synchronize()
+    return time.perf_counter() - started
+
+
+def measure_control_costs(model_spec: str, device: str = "cpu", dtype: str = "float32", n_pairs: int = 12,
+                          max_new_tokens: int = 48, save: bool = True) -> ControlCosts:
+    """Time each kind of ``control`` work on ``model_spec`` here: the KL probe, answer passes, persona
+    passes, greedy decode steps at two batch sizes, and the attribution gradient pass, on ``n_pairs`` of the
+    model's own answers; a rate per FLOP each (decode steps: a fixed cost and a rate)."""
+    import torch
+
+    from dpn_lens.data.prompts import render_for_model, render_roleplay_prompt
+    from dpn_lens.effect.gradients import margin_gradients
+    from dpn_lens.evaluation.calibrate import KLProbe, probe_chunks
+    from dpn_lens.evaluation.intervals import paired_effect
+    from dpn_lens.evaluation.preference import PairScorer, greedy_answers, preference_margins
+    from dpn_lens.hooked import encode
+    from dpn_lens.models import load_model
+    from dpn_lens.plan import reset_peak
+    from dpn_lens.steering import Intervention
+
+    shape = model_shape(model_spec)
+    model = load_model(model_spec, dtype=dtype, device=None if device == "cpu" else device)
+    loaded = status_bytes("VmRSS")
+    pairs, fill = _sample_pairs(model, n_pairs, max_new_tokens)
+    personas = ["You are outgoing, talkative and full of energy.", "You are quiet, reserved and keep to yourself."]
+    prompts = [encode(model, render_for_model(model, pair.question)) for pair in pairs]
+    persona_prompts = [encode(model, render_for_model(model, render_roleplay_prompt(personas[i % 2], pair.question)))
+                       for i, pair in enumerate(pairs)]
+    question = sum(map(len, prompts)) / len(prompts)
+    persona = sum(map(len, persona_prompts)) / len(persona_prompts)
+    answer = fill * max_new_tokens
+    delta = torch.zeros(int(model.cfg.d_mlp))
+    delta[:16] = 0.5
+    edit = Intervention({int(model.cfg.n_layers) // 2: delta}, positions="all")
+    reset_peak()
+
+    probe = KLProbe(model, probe_chunks(model))
+    probe(edit)                                                             # warm-up
+    probe_seconds = min(_timed(lambda: probe(edit), device) for _ in range(2))
+    probe_tokens = sum(len(chunk) + 1 for chunk in probe.chunks)
+    probe_flops = probe_tokens * shape.forward_flops_per_token(context=probe_tokens // len(probe.chunks) // 2,
+                                                               logits=True)
+    scorer = PairScorer(model, pairs)
+    scorer.margins(edit)
+    answer_seconds = min(_timed(lambda: scorer.margins(edit), device) for _ in range(2))
+    answer_flops = 2 * len(pairs) * answer * shape.forward_flops_per_token(context=int(question + answer / 2),
+                                                                           logits=True)
+    personas_of = [personas[i % 2] for i in range(len(pairs))]
+    persona_seconds = _timed(lambda: preference_margins(model, pairs, persona=personas_of), device)
+    persona_flops = 2 * len(pairs) * (persona + answer) * shape.forward_flops_per_token(
+        context=int((persona + answer) / 2), logits=True)
+    # Decode steps at two batch sizes give the fixed cost per step and the rate.
+    steps = 8
+    timings = []
+    for batch in (2, 8):
+        chosen = (prompts * batch)[:batch]
+        seconds = _timed(lambda: greedy_answers(model, chosen, steps, batch), device)
+        timings.append((batch, seconds / steps))
+    token_flops = shape.forward_flops_per_token(context=int(question), logits=True)
+    (b1, t1), (b2, t2) = timings
+    per_row = max((t2 - t1) / (b2 - b1), 1e-9)
+    step_seconds = max(t1 - b1 * per_row, 0.0)
+    gradient_seconds = _timed(lambda: margin_gradients(model, pairs), device)
+    gradient_flops = 3 * answer_flops
+    # What a trait spends beyond its passes: intervals and building edits, per pair.
+    import numpy as np
+
+    margins = np.asarray(scorer.margins())
+    overhead = _timed(lambda: [paired_effect(margins + 0.01, margins) for _ in range(20)], "cpu") / 20
+    # Beyond the loaded model and the probe's reference: the answer batches, the caches, allocator slack.
+    reference = probe_tokens * shape.vocab * 4
+    extra = max(status_bytes("VmHWM") - loaded - reference, 0)
+    costs = ControlCosts(device=device, dtype=dtype, threads=torch.get_num_threads(), model=model_spec,
+                         probe_flops_per_s=probe_flops / probe_seconds, answer_flops_per_s=answer_flops / answer_seconds,
+                         persona_flops_per_s=persona_flops / persona_seconds,
+                         gradient_flops_per_s=gradient_flops / gradient_seconds, step_seconds=step_seconds,
+                         step_flops_per_s=token_flops / per_row, answer_fill=fill, prompt_tokens=question,
+                         persona_tokens=persona, trait_seconds=overhead,
+                         probe_reference_bytes=reference, extra_bytes=int(extra),
+                         measured=time.strftime("%Y-%m-%d %H:%M"))
+    if save:
+        from dpn_lens.io import write_json_atomic
+
+        path = _costs_file(device, dtype, costs.threads)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path, asdict(costs))
+    return costs
+
+
+def _seconds(shape: ModelShape, work: ControlWork, settings: ControlSettings, costs: ControlCosts
+             ) -> dict[str, float]:
+    """Seconds per trait for each kind of work."""
+    answer = costs.answer_fill * settings.max_new_tokens
+    question, persona = costs.prompt_tokens, costs.persona_tokens
+    probe_tokens = settings.kl_chunks * (settings.kl_tokens + 1)
+    probe = probe_tokens * shape.forward_flops_per_token(context=(settings.kl_tokens + 1) // 2, logits=True)
+    answers = 2 * settings.pairs * answer * shape.forward_flops_per_token(context=int(question + answer / 2),
+                                                                          logits=True)
+    # The questions run once per trait into the KV cache (``PairScorer``); CAA reads its direction from
+    # ``caa_pairs`` pairs of prompts (about question-sized).
+    questions = settings.pairs * question * shape.forward_flops_per_token(context=int(question / 2))
+    caa = 2 * settings.caa_pairs * question * shape.forward_flops_per_token(context=int(question / 2)) \
+        if "caa" in settings.methods else 0
+    personas = 2 * settings.pairs * (persona + answer) * shape.forward_flops_per_token(
+        context=int((persona + answer) / 2), logits=True)
+    token = shape.forward_flops_per_token(context=int(question), logits=True)
+
+    def generation(rows: int, tokens: int, batch: int) -> float:
+        steps = math.ceil(rows / batch) * tokens
+        return steps * costs.step_seconds + rows * tokens * token / costs.step_flops_per_s
+
+    selection_answer = costs.answer_fill * settings.selection_tokens
+    gradient = 3 * work.selection_answers * selection_answer * shape.forward_flops_per_token(
+        context=int(question + selection_answer / 2), logits=True)
+    return {"held-out pairs": generation(work.generated_answers, settings.max_new_tokens, settings.pair_batch),
+            "selection": (generation(work.selection_answers, settings.selection_tokens, 16)
+                          + gradient / costs.gradient_flops_per_s) if work.selection_answers else 0.0,
+            "KL curves": work.probe_passes * probe / costs.probe_flops_per_s,
+            "answer scoring": (work.answer_passes * answers + questions) / costs.answer_flops_per_s
+            + costs.trait_seconds * work.answer_passes,
+            "persona control": (work.persona_passes / 2 * personas + caa) / costs.persona_flops_per_s}
+
+
+def plan_control(spec: str, traits: Sequence[str], settings: ControlSettings, device: str = "cpu",
+                 dtype: str = "float32", costs: ControlCosts | None = None,
+                 machine: MachineCosts | None = None) -> RunPlan:
+    """The plan of ``dpn-lens control`` for ``traits`` with ``settings``: start-up and load, locate (without
+    maps, from ``plan_locate``), then per trait the counted work at ``costs``' rates."""
+    from dpn_lens.plan import plan_locate
+
+    if dtype not in BYTES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(BYTES)}")
+    if not traits:
+        raise ValueError("no traits to plan")
+    shape = model_shape(spec)
+    work = control_work(settings)
+    located = plan_locate(spec, traits, settings.locate_pairs, device, dtype, machine)
+    stages = [located.stages[0]]
+    if work.locates:
+        stages.append(StagePlan("locate (DPN-LE maps)", located.stages[1].seconds, located.stages[1].peak_bytes,
+                                located.stages[1].detail))
+    weights = shape.n_params() * BYTES[dtype]
+    usable = costs is not None and costs.device == device and costs.dtype == dtype
+    per_kind = _seconds(shape, work, settings, costs) if usable else {}
+    reference = settings.kl_chunks * (settings.kl_tokens + 1) * shape.vocab * 4
+    runtime = machine.runtime_bytes if machine is not None and device == "cpu" else 0
+    resident = machine.resident_ratio if machine is not None else 1.0
+    peak = runtime + int(weights * max(resident, 1.0)) + reference + (costs.extra_bytes if usable else 0)
+    counts = {"held-out pairs": f"{work.generated_answers} greedy answers of <= {settings.max_new_tokens} tokens",
+              "selection": f"{work.selection_answers} selection answers, generated and differentiated",
+              "KL curves": f"{work.probe_passes} probe passes of {settings.kl_chunks}x{settings.kl_tokens} tokens "
+                           "(at most: a curve stops at KL 2)",
+              "answer scoring": f"{work.answer_passes} passes over {2 * settings.pairs} answers",
+              "persona control": f"{work.persona_passes} persona passes over {2 * settings.pairs} answers"}
+    for kind, detail in counts.items():
+        if kind == "held-out pairs" and not work.generated_answers or kind == "selection" and not work.selection_answers:
+            continue
+        seconds = per_kind[kind] * len(traits) if usable else None
+        if seconds is not None and kind == "KL curves":   # and once per run, the unsteered reference
+            seconds += per_kind[kind] / work.probe_passes
+        stages.append(StagePlan(f"{kind} ({len(traits)} traits)", seconds, peak, f"per trait: {detail}"))
+    gib = 1024 ** 3
+    fits = {size: (weights + reference) * 1.1 < size * gib for size in GPU_SIZES_GIB}
+    return RunPlan(spec, shape, device, dtype, weights, stages, machine, fits)
+
+
+def plan_control_run(spec: str, config: Any, device: str = "cpu", dtype: str = "float32",
+                     costs: ControlCosts | None = None, machine: MachineCosts | None = None,
+                     pairs_cached: bool = False) -> RunPlan:
+    """The plan of ``dpn-lens control`` run with ``config`` (a ``ControlConfig``): which maps its maps folder
+    already holds (``run.find_map``), this machine's saved costs when ``costs``/``machine`` are None."""
+    import torch
+
+    from dpn_lens.evaluation.methods import effect_rules_needed
+    from dpn_lens.plan import saved_costs
+    from dpn_lens.run import find_map
+
+    rules = [rule for rule in effect_rules_needed(config.methods) if rule != "dpn-le"]
+    folder = config.maps_dir
+    given = {"maps_given": bool(folder) and all(find_map(folder, trait) for trait in config.traits),
+             "rule_maps_given": bool(folder) and all(find_map(folder, trait, rule) for trait in config.traits
+                                                     for rule in rules),
+             "pairs_cached": pairs_cached}
+    threads = torch.get_num_threads()
+    costs = costs or saved_control_costs(device, dtype, threads)
+    machine = machine or saved_costs(device, dtype, threads)
+    return plan_control(spec, config.traits, ControlSettings.of(config, **given), device, dtype, costs, machine)
