@@ -465,5 +465,13 @@ def test_runs_on_different_traits_merge_into_the_run_over_all_of_them(tiny_folde
                              "traits_done": ["extraversion"]}}
     with pytest.raises(ValueError, match="differs from result #0 in seed"):
         merge_control_results([one, other])
+    # The KL probe: a run from before its setting was recorded edited the BOS token, as --kl-edit-context does.
+    e = json.loads((tmp_path / "e" / "control.json").read_text())
+    assert one["meta"]["config"]["kl_skip_context"] is True
+    old, old_e = ({**r, "meta": {**r["meta"], "config": {k: v for k, v in r["meta"]["config"].items()
+                                                          if k != "kl_skip_context"}}} for r in (one, e))
+    assert merge_control_results([old, old_e])["meta"]["config"]["kl_skip_context"] is False
+    with pytest.raises(ValueError, match="differs from result #0 in kl_skip_context"):
+        merge_control_results([old, e])
     assert main(["control", "--merge", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]) == 2
     assert "no control.json" in capsys.readouterr().err

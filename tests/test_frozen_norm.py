@@ -167,13 +167,13 @@ def test_the_token_scaled_edit_scales_each_tokens_delta_by_its_mlp_output_scale(
 
 
 def test_the_kl_probe_can_leave_its_context_token_unedited(gemma):
-    """``KLProbe(edit_context=False)`` adds the edit at the chunk's tokens only, not at the BOS before them: its
+    """``KLProbe`` (``edit_context=False``, the default) adds the edit at the chunk's tokens only, not at the BOS before them: its
     KL equals one computed here with the delta added by hand at positions 1.. (and differs from editing BOS too)."""
     from dpn_lens.evaluation.calibrate import KLProbe
 
     bridge, _ = gemma
     chunk = bridge.to_tokens("a friend at home . a party with a friend .", prepend_bos=False)[0].tolist()
-    everywhere, chunk_only = KLProbe(bridge, [chunk]), KLProbe(bridge, [chunk], edit_context=False)
+    everywhere, chunk_only = KLProbe(bridge, [chunk], edit_context=True), KLProbe(bridge, [chunk])
     edit = 3.0 * _edit()
     sequence = torch.tensor([chunk_only.context + chunk])
 
@@ -192,5 +192,8 @@ def test_the_kl_probe_can_leave_its_context_token_unedited(gemma):
     assert chunk_only(edit)[0] == pytest.approx(expected, rel=1e-3)
     assert everywhere(edit)[0] != pytest.approx(expected, rel=1e-2)
     assert chunk_only(None)[0] == pytest.approx(0.0, abs=1e-6)
-    with pytest.raises(ValueError, match="one length"):
-        KLProbe(bridge, [chunk, chunk[:-1]], edit_context=False)
+    # Chunks of other lengths batch together, right-padded: the token-weighted mean of each chunk's KL.
+    short = chunk[:-3]
+    both = KLProbe(bridge, [chunk, short], edit_context=False)(edit)[0]
+    alone = KLProbe(bridge, [short], edit_context=False)(edit)[0]
+    assert both == pytest.approx((len(chunk) * expected + len(short) * alone) / (len(chunk) + len(short)), rel=1e-3)

@@ -53,7 +53,7 @@ def bench_scoring(spec: str, dtype: str, n_pairs: int, repeats: int, neurons: in
     cached = PairScorer(model, pairs)
     setup_s = time.perf_counter() - started
     plain = PairScorer(model, pairs, cached=False)
-    probe = KLProbe(model, probe_chunks(model, 4, 128))
+    probe = KLProbe(model, probe_chunks(model, 4, 128), edit_context=True)   # as _whole_tensor_kl: every position
     variants = {"plain": lambda: plain.margins(edit), "cached": lambda: cached.margins(edit),
                 "kl_whole_tensor": lambda: _whole_tensor_kl(probe, edit), "kl_blockwise": lambda: probe(edit)}
     # Correctness guard (and warm-up): each once, compared.

@@ -23,6 +23,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from dpn_lens.evaluation.logprobs import (batched_logits, continuation_logprobs, kl_from_reference, scoring_edit,
                                           token_logprobs)
@@ -68,11 +69,12 @@ class KLProbe:
     The unsteered log-probabilities are computed once (``[tokens, vocab]`` float32 per chunk: about
     100 MB for 512 tokens of a 49k vocabulary) and every edit is compared with them.
 
-    Each chunk is read after a one-token context (the model's BOS). ``edit_context=True`` (every run so
-    far) edits that token too; ``False`` edits only the chunk's own tokens, as decode-only use edits the
-    generated tokens and never the prompt's. The difference matters where the edit is large at the BOS
-    token: on Gemma 3 a neuron edit rewrites the BOS token's MLP output, whose scale there is 30x or more
-    below other tokens' (docs/RESULTS.md).
+    Each chunk is read after a one-token context (the model's BOS). By default (``edit_context=False``)
+    the edit acts on the chunk's own tokens only, as decode-only use edits the generated tokens and never
+    the prompt's; ``edit_context=True`` edits the BOS token too, as every run before 2026-12-05 did. The
+    difference matters where the edit is large at the BOS token: on Gemma 3 a neuron edit rewrites the
+    BOS token's MLP output, whose scale there is 30x or more below other tokens', and the old probe
+    charged it for that; on SmolLM2 the calibrated γ moves by about 1% (docs/RESULTS.md).
 
     Example:
         >>> probe = KLProbe(model, probe_chunks(model))                        # doctest: +SKIP
@@ -80,12 +82,10 @@ class KLProbe:
         (0.031, 21.7)
     """
 
-    def __init__(self, model: HookedModel, chunks: Sequence[list[int]], edit_context: bool = True):
+    def __init__(self, model: HookedModel, chunks: Sequence[list[int]], edit_context: bool = False):
         if not chunks or any(len(chunk) < 2 for chunk in chunks):
             raise ValueError("KLProbe needs at least one chunk of 2 or more tokens")
         self.model, self.chunks, self.edit_context = model, [list(chunk) for chunk in chunks], bool(edit_context)
-        if not self.edit_context and len({len(chunk) for chunk in self.chunks}) > 1:
-            raise ValueError("KLProbe(edit_context=False) needs chunks of one length (probe_chunks gives them)")
         self.context = encode(model, "")[:1] or [int(model.tokenizer.eos_token_id)]
         self.reference = [score.distributions for score in self._scores(None)]
 
@@ -93,23 +93,29 @@ class KLProbe:
         with steer(self.model, scoring_edit(edit)):
             return continuation_logprobs(self.model, [self.context] * len(self.chunks), self.chunks, full=True)
 
-    def _edited(self, edit: Edit | None, length: int) -> Any:
-        """The model with ``edit`` at every position, or (``edit_context=False``) at the chunk's positions only."""
+    def _edited(self, edit: Edit | None, where: dict[str, Tensor]) -> Any:
+        """The model with ``edit`` at every position, or (``edit_context=False``) at the chunk's positions only
+        (``where["mask"]``, set for each batch)."""
         if self.edit_context or edit is None:
             return steer(self.model, scoring_edit(edit))
-        # Every sequence is context + chunk, unpadded and of one length: one mask for every batch.
-        where = torch.ones((1, length), dtype=torch.bool)
-        where[:, :len(self.context)] = False
-        return steer(self.model, MaskedEdit(edit, where))
+        return steer(self.model, MaskedEdit(edit, lambda: where["mask"]))
 
     def __call__(self, edit: Edit | None) -> tuple[float, float]:
         """``(KL nats/token, perplexity)`` of the text under ``edit`` (at every position)."""
         sequences = [self.context + chunk for chunk in self.chunks]
         spans = [(len(self.context) - 1, len(sequence) - 1) for sequence in sequences]
         total, count, nll = 0.0, 0, []
-        with self._edited(edit, max(map(len, sequences))):
+        where: dict[str, Tensor] = {}
+
+        def on_batch(rows: list[int]) -> None:
+            # Every row starts with the context and is right-padded: one mask row fits the whole batch.
+            mask = torch.ones((1, max(len(sequences[i]) for i in rows)), dtype=torch.bool)
+            mask[:, :len(self.context)] = False
+            where["mask"] = mask
+
+        with self._edited(edit, where):
             # The KL is summed block by block from the logits, never holding a second float32 copy.
-            for index, logits in batched_logits(self.model, sequences, 2048, spans=spans):
+            for index, logits in batched_logits(self.model, sequences, 2048, on_batch, spans=spans):
                 base = self.reference[index]
                 total += kl_from_reference(base, logits)
                 count += base.shape[0]

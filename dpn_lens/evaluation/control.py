@@ -107,9 +107,10 @@ class ControlConfig:
     target_kl: float = DEFAULT_TARGET_KL
     kl_chunks: int = 4
     kl_tokens: int = 128
-    kl_skip_context: bool = False
+    kl_skip_context: bool = True
     """The KL probe leaves its context token (BOS) unedited, as decode-only use leaves the prompt
-    (``KLProbe(edit_context=False)``); False (every committed run) edits it too."""
+    (``KLProbe(edit_context=False)``, the default); False edits it too, as every run before 2026-12-05
+    did (``--kl-edit-context`` reproduces those)."""
     random_control: bool = True
     random_draws: int = 5
     random_draws_off_target: int = 1
@@ -724,9 +725,11 @@ def merge_control_results(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """
     if not results:
         raise ValueError("merge_control_results needs at least one control result")
-    first = results[0]["meta"]
+    # A run from before the probe's setting was recorded edited the BOS token (as --kl-edit-context does).
+    configs = [{"kl_skip_context": False, **result["meta"]["config"]} for result in results]
+    first = {**results[0]["meta"], "config": configs[0]}
     for index, result in enumerate(results[1:], 1):
-        meta = result["meta"]
+        meta = {**result["meta"], "config": configs[index]}
         for key in ("model", "dtype"):
             if meta[key] != first[key]:
                 raise ValueError(f"result #{index} was run with {key} {meta[key]!r}, result #0 with {first[key]!r}: "

@@ -54,9 +54,13 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--random-draws", type=int, default=5,
                         help="random-neuron draws per rule, trait and direction at --target-kl (intervals over draws "
                              "and pairs)")
-    parser.add_argument("--kl-skip-context", action="store_true",
-                        help="the KL probe edits only its text, not the BOS token before it, as decode-only use never "
-                             "edits the prompt (default: the BOS token is edited too, as in every committed run)")
+    probe = parser.add_mutually_exclusive_group()
+    probe.add_argument("--kl-skip-context", action="store_true",
+                       help="the KL probe edits only its text, not the BOS token before it, as decode-only use never "
+                            "edits the prompt (the default since 2026-12-05; kept so earlier commands still parse)")
+    probe.add_argument("--kl-edit-context", action="store_true",
+                       help="the KL probe edits the BOS token before its text too, as every run before 2026-12-05 did "
+                            "(reproduces those runs' γ and shifts)")
     parser.add_argument("--random-draws-off-target", type=int, default=1,
                         help="random-neuron draws at the other KL levels (0: none there)")
     parser.add_argument("--generation", type=int, default=0, metavar="QUESTIONS",
@@ -130,7 +134,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
                                     seed=args.seed, budget=args.budget, selection_pairs=args.selection_pairs,
                                     random_draws=args.random_draws, generation_questions=args.generation,
                                     random_draws_off_target=args.random_draws_off_target,
-                                    generation_draws=args.generation_draws, kl_skip_context=args.kl_skip_context)
+                                    generation_draws=args.generation_draws, kl_skip_context=not args.kl_edit_context)
     from dpn_lens.pipeline import parse_layers
 
     settings.update(locate_q=args.q, locate_tau_d=args.tau_d,

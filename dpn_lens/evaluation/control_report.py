@@ -304,7 +304,8 @@ def write_control_outputs(result: dict[str, Any], out: str | Path, png: bool = T
     lines = [f"# Trait control on {meta['model']} ({meta['dtype']})", "",
              f"{len(config['traits'])} traits; up to {config['pairs']} preference pairs per trait (the model's own answers "
              f"under held-out PersonalityBench personas, at most {config['max_new_tokens']} tokens); gammas "
-             f"{', '.join(f'{g:g}' for g in config['gammas'])} for KL and perplexity ({meta['probe_tokens']} probe tokens); "
+             f"{', '.join(f'{g:g}' for g in config['gammas'])} for KL and perplexity ({meta['probe_tokens']} probe tokens, "
+             f"{'the BOS token before them unedited' if config.get('kl_skip_context') else 'the BOS token before them edited too'}); "
              f"the shift is measured where each curve reaches KL {', '.join(f'{t:g}' for t in config['kl_levels'])}. "
              f"Run time {meta['seconds']:.0f} s.", "",
              "Shifts are mean per-token log p(high answer) - log p(low answer), in nats/token, signed by the direction "
