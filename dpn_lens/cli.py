@@ -210,8 +210,8 @@ def run_steer(args: argparse.Namespace) -> int:
         else:
             gammas[direction] = args.gamma
     edits = {direction: edit(direction, gamma) for direction, gamma in gammas.items()}
-    for block in compare_generations(model, args.prompt, edits, max_new_tokens=args.max_new_tokens):
-        print(block)
+    for generation in compare_generations(model, args.prompt, edits, max_new_tokens=args.max_new_tokens):
+        print(generation.text())
     return 0
 
 

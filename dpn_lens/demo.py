@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
+from dpn_lens.answers import Generation
 from dpn_lens.evaluation.judge import generate_answers
 from dpn_lens.io import write_json_atomic, write_text_atomic
 from dpn_lens.run import SUMMARY_FILE, SUMMARY_MD_FILE
@@ -71,8 +72,9 @@ def generate_answer(model: Any, question: str, max_new_tokens: int = 40) -> str:
 
 
 def compare_generations(model: Any, questions: Sequence[str], edits: Mapping[str, Edit],
-                        max_new_tokens: int = 40) -> list[str]:
-    """For each question: the unsteered answer, then one answer per named intervention.
+                        max_new_tokens: int = 40) -> list[Generation]:
+    """For each question: the unsteered answer, then one answer per named intervention (``Generation``;
+    ``.text()`` prints it).
 
     One question under additive neuron edits: every condition is a row of one batched generation
     (``RowEdits``: row ``r`` carries edit ``r``, the first row none), a fraction of the time of one
@@ -100,7 +102,7 @@ def compare_generations(model: Any, questions: Sequence[str], edits: Mapping[str
         for name, edit in edits.items():
             answers[name] = generate_answers(model, questions, edit, max_new_tokens=max_new_tokens,
                                              repetition_penalty=1.0)
-    return ["\n".join([f"Q: {question}"] + [f"  {name:>9}: {texts[index]}" for name, texts in answers.items()])
+    return [Generation(question, {name: texts[index] for name, texts in answers.items()})
             for index, question in enumerate(questions)]
 
 
@@ -288,7 +290,7 @@ def run_demo(model_name: str = "smollm2-135m-instruct", out: str | Path = "runs/
 
     with clock.stage("calibration"):
         probe = KLProbe(model, probe_chunks(model)) if gamma is None else None
-    generations: dict[str, list[str]] = {}
+    generations: dict[str, list[Generation]] = {}
     evidence: dict[str, dict[str, Any]] = {}
     for trait, neuron_map in run.maps.items():
         rule_map = run.rule_maps.get(rule, {}).get(trait) if rule else None
@@ -296,9 +298,9 @@ def run_demo(model_name: str = "smollm2-135m-instruct", out: str | Path = "runs/
               + (f", {rule} {rule_map.n_selected()} neurons" if rule_map is not None else "") + ") ==")
         if neuron_map.n_selected() == 0:
             # steer() refuses an edit that changes nothing; say so instead of showing identical answers.
-            generations[trait] = [f"Q: {DEMO_QUESTIONS[trait]}\n  no neurons selected (see the warning of locate): "
-                                  "nothing to steer; run the demo with more --n-pairs"]
-            print(generations[trait][0] + "\n")
+            generations[trait] = [Generation(DEMO_QUESTIONS[trait], note="no neurons selected (see the warning of "
+                                             "locate): nothing to steer; run the demo with more --n-pairs")]
+            print(generations[trait][0].text() + "\n")
             continue
         record: dict[str, Any] = {"trait": trait}
         gammas, edits, described = _calibrated_edits(model, neuron_map, gamma, target_kl, probe, clock)
@@ -325,7 +327,7 @@ def run_demo(model_name: str = "smollm2-135m-instruct", out: str | Path = "runs/
             generations[trait] = compare_generations(model, [DEMO_QUESTIONS[trait]],
                                                      {name: edit for name, (_, edit) in named.items()}, max_new_tokens)
         evidence[trait] = record
-        print("\n".join(generations[trait]) + "\n")
+        print("\n".join(g.text() for g in generations[trait]) + "\n")
 
     summary = run.summary_dict()
     # The layer-wise figures and tables are those of `dpn-lens study layers` (PNG needs Chromium).
@@ -337,7 +339,8 @@ def run_demo(model_name: str = "smollm2-135m-instruct", out: str | Path = "runs/
                     "dtype": dtype, "rule": rule, "seconds_locate": round(located - started, 1),
                     "seconds_total": round(time.perf_counter() - started, 1),
                     "seconds_by_stage": {name: round(seconds, 1) for name, seconds in clock.seconds.items()},
-                    "figures": [str(path) for path in written], "generations": generations, "evidence": evidence})
+                    "figures": [str(path) for path in written], "evidence": evidence,
+                    "generations": {trait: [g.to_dict() for g in items] for trait, items in generations.items()}})
     write_json_atomic(out / SUMMARY_FILE, summary)
     lines = [f"# dpn-lens demo: {model_name}", "",
              f"{len(traits)} traits x {n_pairs} embedded contrastive pairs; {strength}; "
@@ -360,8 +363,8 @@ def run_demo(model_name: str = "smollm2-135m-instruct", out: str | Path = "runs/
               "[the neuron explorer](explorer/index.html): a card per neuron "
               "(what it reads, writes and does), the layer histogram and the overlap between traits.", ""]
     lines += ["", "## Unsteered vs steered answers (greedy)", ""]
-    for trait, blocks in generations.items():
-        lines += [f"### {trait}", "", "```", *blocks, "```", ""]
+    for trait, items in generations.items():
+        lines += [f"### {trait}", "", "```", *(g.text() for g in items), "```", ""]
     write_text_atomic(out / SUMMARY_MD_FILE, "\n".join(lines))
     print(f"wrote {out}/summary.md, {out}/summary.json, maps and stats; {len(written)} figure files in {figures}/")
     print(f"demo finished in {summary['seconds_total']:.0f} s ({clock.describe()})")

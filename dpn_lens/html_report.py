@@ -48,6 +48,7 @@ from typing import Any, Literal, Sequence
 
 from markdown_it import MarkdownIt
 
+from dpn_lens.answers import Generation
 from dpn_lens.cli_options import FORMATTER, add_out_option
 from dpn_lens.io import write_text_atomic
 from dpn_lens.run import MAPS_DIR, REPORT_FILE, STATS_DIR, SUMMARY_FILE, SUMMARY_MD_FILE, Run, read_summary
@@ -55,7 +56,7 @@ from dpn_lens.studies import STUDY_SECTIONS
 from dpn_lens.studies.section import ReportSection
 
 __all__ = ["ReportFigure", "ReportTable", "Report", "build_report", "write_report", "figure_from_html",
-           "figure_from_file", "markdown_to_html", "parse_generations", "register", "run_report"]
+           "figure_from_file", "markdown_to_html", "read_generations", "register", "run_report"]
 
 PlotlyJs = Literal["inline", "cdn"]
 GENERATOR = "dpn-lens report"
@@ -332,59 +333,42 @@ def _overview(run_dir: Path, summary: dict[str, Any], notes: list[str]) -> tuple
     return parts, maps
 
 
-def parse_generations(blocks: Sequence[str]) -> list[dict[str, Any]]:
-    """The demo's answer blocks (``compare_generations``) as ``{"question", "answers": {condition: text}}``.
-
-    A block is ``Q: question`` then one ``  condition: answer`` line per condition (``unsteered`` first);
-    lines that do not start a condition continue the answer above them.
-
-    Example:
-        >>> parse_generations(["Q: Hi?\\n  unsteered: Hello.\\n   increase: Hello.\\n   decrease: Go away."])
-        [{'question': 'Hi?', 'answers': {'unsteered': 'Hello.', 'increase': 'Hello.', 'decrease': 'Go away.'}}]
-    """
-    parsed = []
-    for block in blocks:
-        lines = block.split("\n")
-        question = lines[0][3:] if lines[0].startswith("Q: ") else lines[0]
-        answers: dict[str, str] = {}
-        last = None
-        for line in lines[1:]:
-            match = re.match(r"^  \s*([\w-]+): ?(.*)$", line)
-            if match:
-                last = match.group(1)
-                answers[last] = match.group(2)
-            elif last is not None:
-                answers[last] += "\n" + line
-        parsed.append({"question": question, "answers": answers})
-    return parsed
+def read_generations(items: Sequence[Any]) -> list[Generation | str]:
+    """A trait's answers from ``summary.json``: ``Generation`` dicts (``answers.Generation.to_dict``); a run
+    from before they were typed stored each as printed text, which is kept as it is (never parsed)."""
+    return [item if isinstance(item, str) else Generation.from_dict(item) for item in items]
 
 
-def _identical_answers(generations: dict[str, Sequence[str]]) -> tuple[int, int]:
+def _identical_answers(generations: dict[str, Sequence[Any]]) -> tuple[int, int]:
     """(steered answers identical to their unsteered answer, steered answers) over every trait and question."""
     same = total = 0
-    for blocks in generations.values():
-        for item in parse_generations(blocks):
-            base = item["answers"].get("unsteered")
-            for condition, text in item["answers"].items():
-                if condition != "unsteered":
-                    total += 1
-                    same += base is not None and text.strip() == base.strip()
+    for items in generations.values():
+        for item in read_generations(items):
+            if isinstance(item, Generation):
+                total += len(item.steered())
+                same += len(item.identical_to_unsteered())
     return same, total
 
 
-def _generations_html(generations: dict[str, Sequence[str]]) -> str:
+def _generations_html(generations: dict[str, Sequence[Any]]) -> str:
     """One table: trait, question, condition, answer; a steered answer equal to the unsteered one is marked."""
     rows = []
-    for trait, blocks in generations.items():
-        for item in parse_generations(blocks):
-            base = item["answers"].get("unsteered")
-            for condition, text in item["answers"].items():
-                same = condition != "unsteered" and base is not None and text.strip() == base.strip()
+    for trait, items in generations.items():
+        for item in read_generations(items):
+            if isinstance(item, str):      # an older run's printed block
+                rows.append(f"<tr><td>{html.escape(trait)}</td><td colspan='3'><pre>{html.escape(item)}</pre></td></tr>")
+                continue
+            same_as_base = set(item.identical_to_unsteered())
+            if item.note:
+                rows.append(f"<tr><td>{html.escape(trait)}</td><td>{html.escape(item.question)}</td><td></td>"
+                            f"<td class='answer'>{html.escape(item.note)}</td></tr>")
+            for condition, text in item.answers.items():
+                same = condition in same_as_base
                 mark = ('<span class="same" title="this steered answer is identical to the unsteered one">'
                         "= unsteered</span> ") if same else ""
                 row_class = ' class="same-row"' if same else ""
                 rows.append(f"<tr{row_class}><td>{html.escape(trait)}</td>"
-                            f"<td>{html.escape(item['question'])}</td><td>{html.escape(condition)}</td>"
+                            f"<td>{html.escape(item.question)}</td><td>{html.escape(condition)}</td>"
                             f'<td class="answer">{mark}{html.escape(text)}</td></tr>')
     return ('<div class="table-wrap"><table class="answers"><thead><tr><th>trait</th><th>question</th>'
             f"<th>condition</th><th>answer</th></tr></thead><tbody>{''.join(rows)}</tbody></table></div>")

@@ -125,7 +125,7 @@ def test_demo_says_so_when_a_map_selects_no_neurons(tiny_model, tmp_path, monkey
     with pytest.warns(UserWarning, match="selects no neurons|no neurons"):
         summary = run_demo("tiny", out="runs/demo", n_pairs=4, max_new_tokens=1, traits=["openness"])
     assert summary["traits"]["openness"]["high"] + summary["traits"]["openness"]["low"] == 0
-    assert "no neurons selected" in summary["generations"]["openness"][0]
+    assert "no neurons selected" in summary["generations"]["openness"][0]["note"]
 
 
 def test_committed_figures_folder_is_current_output():

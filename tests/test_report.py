@@ -14,6 +14,7 @@ from pathlib import Path
 import plotly.graph_objects as go
 import pytest
 
+from dpn_lens.answers import Generation
 from dpn_lens.localize import locate
 from dpn_lens import html_report as report_module
 from dpn_lens.figures import save_figure
@@ -173,16 +174,21 @@ def test_report_sections_come_from_the_studies_declarations():
 
 
 # ----- the summary, figure JSON, Markdown tables, identical answers, and the layout in a browser ----------
-GENERATIONS = {"openness": ["Q: What now?\n  unsteered: I would go.\n   increase: I would go.\n   decrease: I stay home."],
-               "extraversion": ["Q: A party?\n  unsteered: Maybe.\n   increase: Yes, with\nall my friends!\n"
-                                "   decrease: No."]}
+GENERATIONS = {"openness": [Generation("What now?", {"unsteered": "I would go.", "increase": "I would go.",
+                                                     "decrease": "I stay home."}).to_dict()],
+               "extraversion": [Generation("A party?", {"unsteered": "Maybe.", "increase": "Yes, with\nall my friends!",
+                                                        "decrease": "No."}).to_dict()]}
 
 
-def test_generations_are_parsed_and_identical_steered_answers_marked():
-    parsed = report_module.parse_generations(GENERATIONS["extraversion"])
-    assert parsed == [{"question": "A party?", "answers": {"unsteered": "Maybe.", "increase": "Yes, with\nall my friends!",
-                                                           "decrease": "No."}}]
+def test_generations_are_read_as_data_and_identical_steered_answers_marked():
+    read = report_module.read_generations(GENERATIONS["extraversion"])
+    assert read == [Generation("A party?", {"unsteered": "Maybe.", "increase": "Yes, with\nall my friends!",
+                                            "decrease": "No."})]
     assert report_module._identical_answers(GENERATIONS) == (1, 4)
+    # A run from before the answers were typed stored printed text: shown as it is, not parsed.
+    legacy = report_module._generations_html({"openness": ["Q: Hi?\n  unsteered: <b>fine</b>"]})
+    assert "<pre>Q: Hi?\n  unsteered: &lt;b&gt;fine&lt;/b&gt;</pre>" in legacy
+    assert report_module._identical_answers({"openness": ["Q: Hi?\n  unsteered: fine"]}) == (0, 0)
     page = report_module._generations_html(GENERATIONS)
     rows = re.findall(r"<tr[^>]*>.*?</tr>", page, re.DOTALL)
     marked = [r for r in rows if "= unsteered</span>" in r]
@@ -326,7 +332,7 @@ def test_page_fits_the_window_in_headless_chromium(tmp_path, width):
         stats[trait].save(run_dir / "stats" / f"{trait}.safetensors")
         maps[trait].save(run_dir / "maps" / f"{trait}.safetensors")
     summary = Run(run_dir, maps, stats, model_name="constructed").summary_dict()
-    summary["generations"] = {t: [f"Q: {'Why? ' * 30}\n  unsteered: {'word ' * 200}\n   increase: {'word ' * 200}"]
+    summary["generations"] = {t: [Generation("Why? " * 30, {"unsteered": "word " * 200, "increase": "word " * 200}).to_dict()]
                               for t in maps}
     write_json_atomic(run_dir / "summary.json", summary)
     layers_study(Run.load(run_dir), figures_dir, png=False, log=None)
