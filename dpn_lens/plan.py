@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 __all__ = ["ModelShape", "MachineCosts", "StagePlan", "RunPlan", "model_shape", "measure_costs", "plan_locate",
-           "status_bytes", "reset_peak", "GPU_SIZES_GIB"]
+           "status_bytes", "reset_peak", "costs_file", "read_costs", "GPU_SIZES_GIB"]
 
 GPU_SIZES_GIB = (16, 24, 40, 48, 80, 141)
 """GPU memory sizes the plan checks (GiB): T4/V100-16, 4090/L4, A100-40, A6000/L40, A100/H100-80, H200."""
@@ -138,10 +138,23 @@ class MachineCosts:
     machine: str = field(default_factory=platform.node)
 
 
-def _costs_file(device: str, dtype: str, threads: int) -> Path:
+def costs_file(device: str, dtype: str, threads: int, stage: str = "locate") -> Path:
+    """Where this machine's measured costs of ``stage`` are kept (one file per device, dtype and threads)."""
     from dpn_lens.models import cache_dir
 
-    return cache_dir() / "plan" / f"{platform.node()}-{device}-{dtype}-{threads}threads.json"
+    suffix = "" if stage == "locate" else f"-{stage}"
+    return cache_dir() / "plan" / f"{platform.node()}-{device}-{dtype}-{threads}threads{suffix}.json"
+
+
+def read_costs(kind: type, path: Path) -> Any:
+    """A ``kind`` (``MachineCosts``, ``ControlCosts``) from ``path``; None when absent or written by another
+    version (then it is measured again)."""
+    if not path.is_file():
+        return None
+    try:
+        return kind(**json.loads(path.read_text(encoding="utf-8")))
+    except (TypeError, ValueError):
+        return None
 
 
 def status_bytes(field: str, required: bool = False) -> int:
@@ -262,20 +275,14 @@ def measure_costs(model_spec: str, device: str = "cpu", dtype: str = "float32", 
     if save:
         from dpn_lens.io import write_json_atomic
 
-        path = _costs_file(device, dtype, costs.threads)
+        path = costs_file(device, dtype, costs.threads)
         path.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(path, asdict(costs))
     return costs
 
 
 def saved_costs(device: str, dtype: str, threads: int) -> MachineCosts | None:
-    path = _costs_file(device, dtype, threads)
-    if not path.is_file():
-        return None
-    try:
-        return MachineCosts(**json.loads(path.read_text(encoding="utf-8")))
-    except (TypeError, ValueError):      # written by another version: measure again
-        return None
+    return read_costs(MachineCosts, costs_file(device, dtype, threads))
 
 
 def locate_work(model: Any, shape: ModelShape, sets: Sequence[Any], config: Any, device: str = "cpu"

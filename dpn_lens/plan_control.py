@@ -28,15 +28,14 @@ Example:
 
 from __future__ import annotations
 
-import json
 import math
 import platform
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Sequence
 
-from dpn_lens.plan import BYTES, GPU_SIZES_GIB, MachineCosts, ModelShape, RunPlan, StagePlan, model_shape, status_bytes
+from dpn_lens.plan import (BYTES, GPU_SIZES_GIB, MachineCosts, ModelShape, RunPlan, StagePlan, costs_file, read_costs,
+                           model_shape, status_bytes)
 
 __all__ = ["ControlSettings", "ControlWork", "ControlCosts", "control_work", "measure_control_costs",
            "saved_control_costs", "plan_control", "plan_control_run"]
@@ -160,20 +159,8 @@ class ControlCosts:
     machine: str = field(default_factory=platform.node)
 
 
-def _costs_file(device: str, dtype: str, threads: int) -> Path:
-    from dpn_lens.models import cache_dir
-
-    return cache_dir() / "plan" / f"{platform.node()}-{device}-{dtype}-{threads}threads-control.json"
-
-
 def saved_control_costs(device: str, dtype: str, threads: int) -> ControlCosts | None:
-    path = _costs_file(device, dtype, threads)
-    if not path.is_file():
-        return None
-    try:
-        return ControlCosts(**json.loads(path.read_text(encoding="utf-8")))
-    except (TypeError, ValueError):      # written by another version: measure again
-        return None
+    return read_costs(ControlCosts, costs_file(device, dtype, threads, "control"))
 
 
 def _sample_pairs(model: Any, n: int, max_new_tokens: int) -> tuple[list[Any], float]:
@@ -284,7 +271,7 @@ def measure_control_costs(model_spec: str, device: str = "cpu", dtype: str = "fl
     if save:
         from dpn_lens.io import write_json_atomic
 
-        path = _costs_file(device, dtype, costs.threads)
+        path = costs_file(device, dtype, costs.threads, "control")
         path.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(path, asdict(costs))
     return costs
