@@ -226,10 +226,10 @@ def test_the_plan_command_plans_control(tiny_folder, tmp_path, monkeypatch, caps
     from dpn_lens.cli import main
 
     monkeypatch.setenv("DPN_LENS_CACHE", str(tmp_path / "cache"))
-    assert main(["plan", "--stage", "control", "--model", str(tiny_folder), "--traits", "openness",
-                 "--methods", "dpn-le,caa", "--pairs", "8"]) == 0
-    out = capsys.readouterr().out
-    assert "no measurement of control's costs" in out and "KL curves (1 traits)" in out and "locate (DPN-LE maps)" in out
+    assert main(["plan", "--stage", "control", "--model", str(tiny_folder), "--traits", "openness"]) == 0
+    out = capsys.readouterr().out    # control's default run: every rule, so locate, selection and generation
+    assert "KL curves (1 traits)" in out and "locate (DPN-LE maps)" in out and "selection (1 traits)" in out
+    assert "time unknown" in out
 
 
 def test_control_plan_flag_prints_the_plan_of_that_run_without_running_it(tiny_folder, tmp_path, monkeypatch, capsys):
