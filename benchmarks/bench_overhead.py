@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))      # the package 
 
 from perf.common import LOAD_OPTIONS, batches, bench_edit, interleaved, load, median, ratio  # noqa: E402
 from dpn_lens import Intervention, embedded_contrastive_set, steer  # noqa: E402
-from dpn_lens.collect import CollectionConfig, collect_group_statistics  # noqa: E402
+from dpn_lens.collection.collect import CollectionConfig, collect_group_statistics  # noqa: E402
 from dpn_lens.data.prompts import render_for_model  # noqa: E402
 from dpn_lens.hooked import decoder_layers, pad_token_id, tokenize_compact  # noqa: E402
 

@@ -28,9 +28,9 @@ from dpn_lens.data import (
     anthropic_persona_contrastive_set,
     render_roleplay_prompt,
 )
-from dpn_lens.statistics import GroupStatistics, ContrastStatistics
-from dpn_lens.collect import CollectionConfig, collect_statistics, collect_group_statistics
-from dpn_lens.localize import (
+from dpn_lens.collection.statistics import GroupStatistics, ContrastStatistics
+from dpn_lens.collection.collect import CollectionConfig, collect_statistics, collect_group_statistics
+from dpn_lens.localization.localize import (
     LocalizationSettings,
     REFERENCE_SETTINGS,
     steering_values,
@@ -40,7 +40,7 @@ from dpn_lens.localize import (
     locate,
     reselect,
 )
-from dpn_lens.neuron_map import IncompatibleModelError, NeuronMap, WrongRuleError
+from dpn_lens.localization.neuron_map import IncompatibleModelError, NeuronMap, WrongRuleError
 from dpn_lens.effect.rules import EFFECT_RULES, RULE_NAMES, effect_map, effect_scores, select_by_effect
 from dpn_lens.effect.pairs import selection_pairs
 from dpn_lens.steering import (
@@ -53,7 +53,7 @@ from dpn_lens.steering import (
     steer,
     steering_intervention,
 )
-from dpn_lens.distributed import collect_statistics_distributed, merge_across_processes
+from dpn_lens.collection.distributed import collect_statistics_distributed, merge_across_processes
 from dpn_lens.pipeline import LocateConfig, locate_traits, neuron_table
 from dpn_lens.run import Run
 from dpn_lens.evaluation.calibrate import Calibration, calibrate_gamma

@@ -141,7 +141,7 @@ def _share_prefix_option(args: argparse.Namespace) -> bool | str:
 
 def run_locate(args: argparse.Namespace) -> int:
     """Handler of ``dpn-lens locate``."""
-    from dpn_lens.collect import CollectionConfig
+    from dpn_lens.collection.collect import CollectionConfig
     from dpn_lens.pipeline import LocateConfig, check_run_target, locate_traits, neuron_table, parse_layers, parse_rules
 
     collection = CollectionConfig(token_position=args.token_position, max_batch_size=args.batch_size,
@@ -243,7 +243,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cannot be loaded) are printed as one line with exit status 2; Ctrl-C prints ``interrupted`` and
     exits 130. ``--debug`` shows the traceback instead.
     """
-    from dpn_lens.neuron_map import IncompatibleModelError
+    from dpn_lens.localization.neuron_map import IncompatibleModelError
 
     args = build_parser().parse_args(argv)
     debug = bool(getattr(args, "debug", False))

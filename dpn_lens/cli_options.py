@@ -143,7 +143,7 @@ def check_out(path: str | os.PathLike, folder: bool = True) -> None:
 def read_maps(paths: list[str], use: str) -> list[Any]:
     """The ``--map`` files as ``NeuronMap``s, before any model loads; an empty map is refused, saying that
     ``use`` (e.g. "the export") would change nothing."""
-    from dpn_lens.neuron_map import NeuronMap
+    from dpn_lens.localization.neuron_map import NeuronMap
 
     maps = [NeuronMap.load(path) for path in paths]
     for path, neuron_map in zip(paths, maps):

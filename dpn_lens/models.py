@@ -582,7 +582,7 @@ def check_map_before_loading(neuron_map: Any, spec: str) -> None:
     Raises:
         IncompatibleModelError: naming both models and what differs.
     """
-    from dpn_lens.neuron_map import IncompatibleModelError
+    from dpn_lens.localization.neuron_map import IncompatibleModelError
 
     recorded = getattr(neuron_map, "model_name", "") or ""
     if recorded in EMBEDDED_MODELS and spec in EMBEDDED_MODELS and recorded != spec:

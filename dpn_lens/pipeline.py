@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from dpn_lens.collect import CollectionConfig, collect_statistics
+from dpn_lens.collection.collect import CollectionConfig, collect_statistics
 from dpn_lens.data import (
     ContrastiveSet,
     anthropic_persona_contrastive_set,
@@ -24,13 +24,13 @@ from dpn_lens.data import (
     personalitybench_contrastive_set,
 )
 from dpn_lens.effect.rules import SELECTION_PAIRS, SELECTION_TOKENS, select_by_effect
-from dpn_lens.localize import LocalizationSettings, locate
-from dpn_lens.neuron_map import NeuronMap
+from dpn_lens.localization.localize import LocalizationSettings, locate
+from dpn_lens.localization.neuron_map import NeuronMap
 from dpn_lens.io import write_text_atomic
 from dpn_lens.run import (MANIFEST_FILE, MANIFEST_FORMAT, MAPS_DIR, MODEL_CARD_FILE, STATS_DIR, SUMMARY_FILE, Run, RunFolderError,
                           file_sha256, lock_run_folder, model_card, percent_of_all_mlp, read_manifest, stats_path, trait_record,
                           write_manifest)
-from dpn_lens.statistics import ContrastStatistics
+from dpn_lens.collection.statistics import ContrastStatistics
 from dpn_lens.traits import TRAITS, normalize_trait
 
 __all__ = ["DATA_SOURCES", "LocateConfig", "contrastive_set_for", "locate_traits", "parse_traits", "parse_layers",

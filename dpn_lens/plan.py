@@ -4,7 +4,7 @@ The prediction has two parts:
 
 * **What the run computes**, from the model's config and the run's settings alone: the prompts of every
   trait (the embedded role-play set, tokenised with the model's tokenizer), the tokens the forward passes
-  really run (with shared prefixes where collection shares them, ``dpn_lens.prefix``), the parameters and
+  really run (with shared prefixes where collection shares them, ``dpn_lens.collection.prefix``), the parameters and
   the forward FLOPs per token (``ModelShape``), the weights, the largest batch's activations and the
   statistics.
 * **What this machine does per FLOP**, measured once (``measure_costs``) by timing the real collection path
@@ -208,7 +208,7 @@ def measure_costs(model_spec: str, device: str = "cpu", dtype: str = "float32", 
     prompts with ``model_spec`` on this machine, after one warm-up batch; the rate is per forward FLOP."""
     import torch
 
-    from dpn_lens.collect import CollectionConfig, collect_statistics
+    from dpn_lens.collection.collect import CollectionConfig, collect_statistics
     from dpn_lens.data.contrastive import embedded_contrastive_set
     from dpn_lens.models import load_model
 
@@ -291,9 +291,9 @@ def locate_work(model: Any, shape: ModelShape, sets: Sequence[Any], config: Any,
     tokens in the prompts, tokens run (padding included; shared prefixes once, where collection shares
     them on this device), forward calls, FLOPs (each token attends to its batch's longest context) and
     the longest prompt."""
-    from dpn_lens.collect import batch_chunks
+    from dpn_lens.collection.collect import batch_chunks
     from dpn_lens.hooked import tokenize_compact
-    from dpn_lens.prefix import plan_prefix_tree
+    from dpn_lens.collection.prefix import plan_prefix_tree
 
     shares = config.share_prefix is True or (config.share_prefix == "auto" and device == "cpu")
     work = {"tokens_in_prompts": 0, "tokens_run": 0, "calls": 0, "flops": 0, "longest_prompt": 0}
@@ -383,7 +383,7 @@ def plan_locate(spec: str, traits: Sequence[str], n_pairs: int, device: str = "c
     """The plan of ``dpn-lens locate`` (DPN-LE's selection) for ``traits`` x ``n_pairs`` pairs."""
     from transformers import AutoTokenizer
 
-    from dpn_lens.collect import CollectionConfig
+    from dpn_lens.collection.collect import CollectionConfig
     from dpn_lens.data.contrastive import embedded_contrastive_set
     from dpn_lens.models import EMBEDDED_MODELS, model_source
     from dpn_lens.numbers import as_int

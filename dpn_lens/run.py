@@ -38,8 +38,8 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from dpn_lens.io import write_json_atomic, write_text_atomic
-from dpn_lens.neuron_map import NeuronMap
-from dpn_lens.statistics import ContrastStatistics
+from dpn_lens.localization.neuron_map import NeuronMap
+from dpn_lens.collection.statistics import ContrastStatistics
 from dpn_lens.traits import TRAITS
 
 __all__ = ["Run", "MAPS_DIR", "STATS_DIR", "SUMMARY_FILE", "SUMMARY_MD_FILE", "REPORT_FILE", "MODEL_CARD_FILE",
@@ -449,7 +449,7 @@ def model_card(run: Run) -> str:
         "## How to load", "",
         "```python",
         "from dpn_lens import load_model",
-        "from dpn_lens.neuron_map import NeuronMap",
+        "from dpn_lens.localization.neuron_map import NeuronMap",
         "from dpn_lens.steering import steer, steering_intervention",
         "",
         f'model = load_model("{name}")',

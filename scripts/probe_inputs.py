@@ -103,8 +103,8 @@ def probes(model_folder: Path, run: Path, scratch: Path) -> list[tuple[str, Call
     import dpn_lens
     import dpn_lens.cli as cli
     from dpn_lens import ContrastStatistics, NeuronMap, steering_intervention
-    from dpn_lens.localize import reselect
-    from dpn_lens.settings import LocalizationSettings
+    from dpn_lens.localization.localize import reselect
+    from dpn_lens.localization.settings import LocalizationSettings
 
     map_file = run / "maps" / "openness.safetensors"
     stats_file = run / "stats" / "openness.safetensors"

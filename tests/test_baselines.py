@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from dpn_lens.collect import CollectionConfig
+from dpn_lens.collection.collect import CollectionConfig
 from dpn_lens import collect_statistics, locate
 from dpn_lens.baselines import (NPTIStatistics, PersonaPrompt, ResidualIntervention,
                                 caa_intervention, dense_intervention, npti_intervention, npti_select,
                                 persona_prompt, scaled_top_count, topk_intervention)
-from dpn_lens.localize import LocalizationSettings
+from dpn_lens.localization.localize import LocalizationSettings
 from dpn_lens.steering import Edit, steer
 from helpers import TINY_HIGH, TINY_LOW, attached_hooks
 

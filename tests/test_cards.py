@@ -198,7 +198,7 @@ def test_a_broken_cards_file_says_what_to_do(tmp_path):
 
 def test_the_notebook_panels_live_reselection_equals_reselect(carded_run):
     from dpn_lens.cards.notebook import selection_view
-    from dpn_lens.localize import reselect
+    from dpn_lens.localization.localize import reselect
 
     neuron_map = Run.load(carded_run).maps["openness"]
     for q, tau_d in [(0.8, 0.1), (0.9, 0.3), (0.95, 0.0), (0.7, 0.6)]:

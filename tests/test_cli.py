@@ -79,12 +79,12 @@ def test_study_errors_are_one_line_and_exit_code_2(tmp_path, capsys):
 
 
 def test_locate_without_prefix_sharing_gives_the_same_statistics(tiny_folder, tmp_path, monkeypatch):
-    import dpn_lens.collect
-    from dpn_lens.statistics import ContrastStatistics
+    import dpn_lens.collection.collect
+    from dpn_lens.collection.statistics import ContrastStatistics
 
     plans = []
-    planner = dpn_lens.collect.plan_prefix_tree
-    monkeypatch.setattr(dpn_lens.collect, "plan_prefix_tree", lambda *a, **k: plans.append(1) or planner(*a, **k))
+    planner = dpn_lens.collection.collect.plan_prefix_tree
+    monkeypatch.setattr(dpn_lens.collection.collect, "plan_prefix_tree", lambda *a, **k: plans.append(1) or planner(*a, **k))
 
     common = ["locate", "--model", str(tiny_folder), "--dtype", "float32", "--traits", "extraversion", "--n-pairs", "8",
               "--layers", "0-2", "--q", "0.8", "--tau-d", "0.1", "--no-progress"]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from dpn_lens.collect import CollectionConfig
+from dpn_lens.collection.collect import CollectionConfig
 from dpn_lens import ContrastiveSet, cohens_d, collect_group_statistics, collect_statistics, steering_values
 from helpers import attached_hooks, numpy_s_and_d, random_prompts, raw_last_token_activations
 

@@ -11,7 +11,7 @@ import torch
 
 from dpn_lens import collect_group_statistics
 from dpn_lens import hooked as hooked_module
-from dpn_lens.collect import CollectionConfig
+from dpn_lens.collection.collect import CollectionConfig
 from dpn_lens.hooked import tokenize_compact as _tokenize_compact, tokenize_prompts
 from dpn_lens.data.prompts import render_for_model
 
@@ -111,7 +111,7 @@ def test_a_bfloat16_model_gives_float64_statistics_close_to_float32(tmp_path, to
 
 def test_hooks_are_removed_when_a_batch_fails_mid_run(tiny_model, monkeypatch):
     """A failure in the statistics update (after some batches) still removes every hook."""
-    from dpn_lens.statistics import GroupStatistics
+    from dpn_lens.collection.statistics import GroupStatistics
 
     calls = []
     original = GroupStatistics.update

@@ -231,7 +231,7 @@ def test_steer_command_calibrates_gamma_by_default(tiny_folder, tmp_path, capsys
 
 
 def test_answer_mean_activations_equal_a_hand_computed_mean(tiny_model):
-    from dpn_lens.answer_statistics import answer_mean_activations
+    from dpn_lens.collection.answer_statistics import answer_mean_activations
     from dpn_lens.hooked import encode
 
     prompts = [encode(tiny_model, text) for text in ("you are outgoing . what would you do ?", "how would you feel ?",
@@ -246,7 +246,7 @@ def test_answer_mean_activations_equal_a_hand_computed_mean(tiny_model):
 
 
 def test_answer_statistics_locate_like_prompt_statistics(tiny_model, tiny_pairs):
-    from dpn_lens.answer_statistics import answer_contrast_statistics
+    from dpn_lens.collection.answer_statistics import answer_contrast_statistics
 
     stats = answer_contrast_statistics(tiny_model, tiny_pairs, max_new_tokens=4, batch_size=4)
     assert stats.token_position == "answer" and stats.high.count == len(tiny_pairs.high)
@@ -290,7 +290,7 @@ def test_control_command_runs_end_to_end_on_a_tiny_model(tiny_folder, tmp_path, 
 
 def test_control_keeps_the_maps_it_locates_and_another_run_reuses_them(tiny_folder, tmp_path, monkeypatch, capsys):
     from dpn_lens.cli import main
-    from dpn_lens.neuron_map import NeuronMap
+    from dpn_lens.localization.neuron_map import NeuronMap
 
     monkeypatch.setenv("DPN_LENS_CACHE", str(tmp_path / "cache"))
     data = write_personalitybench(tmp_path / "data")

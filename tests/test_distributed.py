@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from dpn_lens.collect import CollectionConfig
+from dpn_lens.collection.collect import CollectionConfig
 from dpn_lens import ContrastStatistics, ContrastiveSet, collect_statistics, locate
-from dpn_lens.distributed import (collect_statistics_distributed, merge_across_processes, shard_contrastive_set,
+from dpn_lens.collection.distributed import (collect_statistics_distributed, merge_across_processes, shard_contrastive_set,
                                   shard_indices)
 
 from helpers import TINY_WORDS, build_tiny_model

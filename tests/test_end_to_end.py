@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import pytest
 
-from dpn_lens.collect import CollectionConfig
+from dpn_lens.collection.collect import CollectionConfig
 from dpn_lens import (NeuronMap, collect_statistics, locate, personalitybench_contrastive_set, propose_settings,
                       steer, steering_intervention)
 from dpn_lens.data import render_for_model

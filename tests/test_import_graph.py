@@ -42,9 +42,9 @@ def test_no_module_imports_the_package_root():
 
 def test_localize_and_neuron_map_do_not_import_each_other_in_a_cycle():
     trees = _modules()
-    assert "dpn_lens.localize" not in _imported(trees["dpn_lens.neuron_map"])
-    assert "dpn_lens.neuron_map" in _imported(trees["dpn_lens.localize"])   # at module top: no lazy import needed
-    assert "dpn_lens.settings" in _imported(trees["dpn_lens.neuron_map"])
+    assert "dpn_lens.localization.localize" not in _imported(trees["dpn_lens.localization.neuron_map"])
+    assert "dpn_lens.localization.neuron_map" in _imported(trees["dpn_lens.localization.localize"])   # at module top: no lazy import needed
+    assert "dpn_lens.localization.settings" in _imported(trees["dpn_lens.localization.neuron_map"])
 
 
 def test_no_module_outside_collect_takes_model_helpers_from_collect():
@@ -53,7 +53,7 @@ def test_no_module_outside_collect_takes_model_helpers_from_collect():
     offenders = []
     for name, tree in _modules().items():
         for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom) and node.module == "dpn_lens.collect":
+            if isinstance(node, ast.ImportFrom) and node.module == "dpn_lens.collection.collect":
                 taken = helpers & {alias.name for alias in node.names}
                 if taken:
                     offenders.append(f"{name}: {sorted(taken)}")

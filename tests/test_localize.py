@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from dpn_lens.collect import CollectionConfig
+from dpn_lens.collection.collect import CollectionConfig
 from dpn_lens import (ContrastiveSet, GroupStatistics, ContrastStatistics, LocalizationSettings, cohens_d,
                       collect_statistics, locate, propose_settings, select_neurons, steering_values)
-from dpn_lens.localize import reference_settings
+from dpn_lens.localization.localize import reference_settings
 from helpers import brute_force_selection, random_prompts
 
 
@@ -166,7 +166,7 @@ def test_bad_settings_are_refused(kwargs, message):
 
 
 def test_a_fully_overridden_locate_records_the_values_used_not_a_proposal(tiny_stats, monkeypatch):
-    import dpn_lens.localize as localize
+    import dpn_lens.localization.localize as localize
 
     def no_proposal(*args, **kwargs):
         raise AssertionError("propose_settings must not run when layers, q and tau_d are all given")
@@ -179,7 +179,7 @@ def test_a_fully_overridden_locate_records_the_values_used_not_a_proposal(tiny_s
 
 
 def test_reselect_at_the_maps_own_q_gives_the_same_poles(tiny_stats):
-    from dpn_lens.localize import reselect
+    from dpn_lens.localization.localize import reselect
 
     neuron_map = locate(tiny_stats, q=0.9, tau_d=0.3, layers=[1, 2, 3])
     same = reselect(neuron_map, q=0.9)
@@ -193,7 +193,7 @@ def test_reselect_at_the_maps_own_q_gives_the_same_poles(tiny_stats):
 
 
 def test_reselect_equals_locating_again_at_the_new_thresholds(tiny_stats):
-    from dpn_lens.localize import reselect
+    from dpn_lens.localization.localize import reselect
 
     neuron_map = locate(tiny_stats, q=0.95, tau_d=0.3, layers=[1, 2, 3])
     for q, tau_d in ((0.8, None), (None, 0.1), (0.9, 0.5)):

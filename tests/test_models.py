@@ -164,8 +164,8 @@ def test_models_install_downloads_without_installing_and_is_found_by_the_loader(
 # --- maps say which model to load: name and revision, and a model card in the maps folder ---------------
 
 def test_locate_records_model_name_and_revision_and_they_survive_save_and_load(tmp_path):
-    from dpn_lens.localize import locate
-    from dpn_lens.neuron_map import NeuronMap
+    from dpn_lens.localization.localize import locate
+    from dpn_lens.localization.neuron_map import NeuronMap
     from helpers import random_stats
 
     stats = random_stats("openness", seed=0)
@@ -178,7 +178,7 @@ def test_locate_records_model_name_and_revision_and_they_survive_save_and_load(t
 
 
 def test_map_files_written_before_the_model_fields_still_load(tmp_path, monkeypatch):
-    from dpn_lens.neuron_map import NeuronMap
+    from dpn_lens.localization.neuron_map import NeuronMap
     from helpers import make_map
 
     real_config = NeuronMap.config

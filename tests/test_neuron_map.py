@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from dpn_lens import ContrastiveSet, NeuronMap, collect_statistics, locate
-from dpn_lens.collect import CollectionConfig
-from dpn_lens.neuron_map import IncompatibleModelError
+from dpn_lens.collection.collect import CollectionConfig
+from dpn_lens.localization.neuron_map import IncompatibleModelError
 from helpers import build_tiny_model, random_prompts
 
 

@@ -24,9 +24,9 @@ import dpn_lens.models as models_module
 import dpn_lens.pipeline as pipeline_module
 from dpn_lens import ContrastiveSet, collect_statistics, steer, steering_intervention
 from dpn_lens.cli import main
-from dpn_lens.collect import CollectionConfig
-from dpn_lens.localize import chance_bound, locate, pairs_for_bound, reselect
-from dpn_lens.neuron_map import IncompatibleModelError
+from dpn_lens.collection.collect import CollectionConfig
+from dpn_lens.localization.localize import chance_bound, locate, pairs_for_bound, reselect
+from dpn_lens.localization.neuron_map import IncompatibleModelError
 from dpn_lens.pipeline import LocateConfig, locate_traits, parse_layers
 from dpn_lens.run import (MANIFEST_FILE, Run, RunFolderError, check_run_folder, lock_run_folder, map_path,
                           read_manifest)

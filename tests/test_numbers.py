@@ -79,8 +79,8 @@ def test_steering_intervention_takes_a_numpy_gamma_and_refuses_a_negative_one():
 def test_locate_and_reselect_take_q_and_tau_d_from_numpy_and_refuse_non_numbers():
     from helpers import make_map
 
-    from dpn_lens.localize import reselect
-    from dpn_lens.settings import LocalizationSettings
+    from dpn_lens.localization.localize import reselect
+    from dpn_lens.localization.settings import LocalizationSettings
 
     neuron_map = make_map("openness", high={1: [0, 1]}, low={1: [2]}, layers=[1], n_layers=2, d_mlp=8)
     assert reselect(neuron_map, q=np.float64(0.9), tau_d=torch.tensor(0.5)).settings.q == 0.9

@@ -59,7 +59,7 @@ def _map():
 
 def _stats():
     if "stats" not in _CACHE:
-        from dpn_lens.collect import CollectionConfig, collect_statistics
+        from dpn_lens.collection.collect import CollectionConfig, collect_statistics
         from helpers import build_tiny_model
 
         model = build_tiny_model()

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from dpn_lens.collect import CollectionConfig, collect_statistics
+from dpn_lens.collection.collect import CollectionConfig, collect_statistics
 from dpn_lens.data.contrastive import embedded_contrastive_set
 from dpn_lens.models import load_model, model_fingerprint
 from dpn_lens.plan import MachineCosts, ModelShape, locate_work, measure_costs, model_shape, plan_locate, saved_costs

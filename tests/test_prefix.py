@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-import dpn_lens.collect as collect_module
+import dpn_lens.collection.collect as collect_module
 from dpn_lens import ContrastiveSet, collect_group_statistics, collect_statistics, embedded_contrastive_set, locate
-from dpn_lens.collect import CollectionConfig
+from dpn_lens.collection.collect import CollectionConfig
 from dpn_lens.hooked import tokenize_compact
-from dpn_lens.prefix import expand_cache, new_prefix_cache, plan_prefix_tree, prefix_cache_unsupported, tokens_run
+from dpn_lens.collection.prefix import expand_cache, new_prefix_cache, plan_prefix_tree, prefix_cache_unsupported, tokens_run
 from helpers import attached_hooks, build_tiny_model, random_prompts
 
 CHAT_TEMPLATE = ("{% for message in messages %}<s> you are a kind person : {{ message['content'] }} ? "
@@ -178,7 +178,7 @@ def test_gemma3_float32_shared_prefix_gives_the_same_statistics():
     """Gemma 3 mixes sliding-window and global attention layers; the cached prefix must still match."""
     from dpn_lens import load_model
 
-    from dpn_lens.prefix import prefix_cache_unsupported
+    from dpn_lens.collection.prefix import prefix_cache_unsupported
 
     gemma = load_model("gemma-3-270m", dtype="float32")
     assert prefix_cache_unsupported(gemma) is None   # the shared path really runs (no silent fallback)
@@ -196,7 +196,7 @@ def test_gemma3_float32_shared_prefix_gives_the_same_statistics():
 
 def test_auto_shares_prefixes_on_the_cpu_and_not_on_a_gpu(tiny_model, monkeypatch):
     """``share_prefix="auto"`` (the default): measured faster on CPU cores, slower on an H200."""
-    import dpn_lens.collect as collect
+    import dpn_lens.collection.collect as collect
 
     auto, forced = CollectionConfig(progress=False), CollectionConfig(share_prefix=True, progress=False)
     assert auto.share_prefix == "auto"

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dpn_lens.collect import CollectionConfig
-import dpn_lens.collect as collect_module
+from dpn_lens.collection.collect import CollectionConfig
+import dpn_lens.collection.collect as collect_module
 import dpn_lens.hooked as hooked_module
 from dpn_lens import ContrastiveSet, collect_group_statistics, collect_statistics, steer, steering_intervention
-from dpn_lens.localize import locate
+from dpn_lens.localization.localize import locate
 from helpers import attached_hooks, random_prompts
 
 

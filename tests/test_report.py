@@ -15,7 +15,7 @@ import plotly.graph_objects as go
 import pytest
 
 from dpn_lens.answers import Generation
-from dpn_lens.localize import locate
+from dpn_lens.localization.localize import locate
 from dpn_lens import html_report as report_module
 from dpn_lens.figures import save_figure
 from dpn_lens.io import markdown_table, write_json_atomic

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from dpn_lens.localize import locate
+from dpn_lens.localization.localize import locate
 from dpn_lens.run import (MAPS_DIR, STATS_DIR, SUMMARY_FILE, Run, find_map, map_path, percent_of_all_mlp,
                           stats_path)
 
@@ -56,8 +56,8 @@ def test_a_run_without_a_folder_cannot_be_saved_without_one(tmp_path):
 
 
 def test_locate_config_parses_traits_and_round_trips_through_a_dict():
-    from dpn_lens.collect import CollectionConfig
-    from dpn_lens.localize import LocalizationSettings
+    from dpn_lens.collection.collect import CollectionConfig
+    from dpn_lens.localization.localize import LocalizationSettings
     from dpn_lens.pipeline import LocateConfig
 
     config = LocateConfig("o,E", settings=LocalizationSettings([1, 2], 0.99, 0.5), layers=[1, 2],

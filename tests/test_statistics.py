@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from dpn_lens.statistics import ContrastStatistics, GroupStatistics
+from dpn_lens.collection.statistics import ContrastStatistics, GroupStatistics
 
 N_LAYERS, D_MLP = 2, 3
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from scipy.stats import rankdata
 
-from dpn_lens.collect import CollectionConfig
+from dpn_lens.collection.collect import CollectionConfig
 from dpn_lens import (ContrastiveSet, Intervention, apply_intervention, collect_statistics, combine_interventions,
                       locate, steer, steering_intervention)
 from dpn_lens.steering import dpn_weights
@@ -303,7 +303,7 @@ def test_bad_options_are_refused(tiny_model, tiny_map):
 
 
 def test_steer_can_check_the_map_belongs_to_the_model(other_tiny_model, tiny_map):
-    from dpn_lens.neuron_map import IncompatibleModelError
+    from dpn_lens.localization.neuron_map import IncompatibleModelError
 
     before = attached_hooks(other_tiny_model)
     with pytest.raises(IncompatibleModelError, match="weights"):

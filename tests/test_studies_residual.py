@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from dpn_lens.collect import CollectionConfig, collect_statistics
+from dpn_lens.collection.collect import CollectionConfig, collect_statistics
 from dpn_lens.data.contrastive import embedded_contrastive_set
-from dpn_lens.localize import locate
+from dpn_lens.localization.localize import locate
 from dpn_lens.studies.residual_share import residual_share
 
 

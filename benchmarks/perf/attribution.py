@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from dpn_lens import collect_statistics, embedded_contrastive_set
-from dpn_lens.collect import CollectionConfig
+from dpn_lens.collection.collect import CollectionConfig
 from dpn_lens.effect import margin_gradients, selection_pairs
 
 from .common import interleaved, load, median, ratio

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from dpn_lens import embedded_contrastive_set
-from dpn_lens.collect import CollectionConfig, collect_group_statistics
+from dpn_lens.collection.collect import CollectionConfig, collect_group_statistics
 from dpn_lens.hooked import hook_name, pad_token_id, tokenize_compact
 
 from .common import _naive_statistics, batches, interleaved, load, median, ratio

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from dpn_lens import TRAITS, collect_statistics, embedded_contrastive_set, locate
-from dpn_lens.collect import CollectionConfig
+from dpn_lens.collection.collect import CollectionConfig
 
 from .common import _synchronize, load
 

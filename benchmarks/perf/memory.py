@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dpn_lens.collect import CollectionConfig, collect_group_statistics
+from dpn_lens.collection.collect import CollectionConfig, collect_group_statistics
 from dpn_lens.hooked import hook_name, pad_token_id, tokenize_compact
 
 from .common import (LOAD_OPTIONS, _naive_statistics, batches, load, median, model_footprint_bytes, reset_peak_rss,

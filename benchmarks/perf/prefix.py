@@ -13,9 +13,9 @@ from typing import Any, Callable
 import torch
 
 from dpn_lens import TRAITS, collect_statistics, embedded_contrastive_set, locate
-from dpn_lens.collect import CollectionConfig
+from dpn_lens.collection.collect import CollectionConfig
 from dpn_lens.hooked import tokenize_compact
-from dpn_lens.prefix import plan_prefix_tree, tokens_run
+from dpn_lens.collection.prefix import plan_prefix_tree, tokens_run
 
 from .common import interleaved, load, median, ratio
 

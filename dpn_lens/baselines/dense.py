@@ -7,7 +7,7 @@ from typing import Literal, Sequence
 import torch
 from einops import rearrange
 
-from dpn_lens.neuron_map import NeuronMap
+from dpn_lens.localization.neuron_map import NeuronMap
 from dpn_lens.steering import Intervention, Positions, additive_intervention, direction_sign
 
 __all__ = ["dense_intervention", "topk_intervention"]

@@ -44,7 +44,7 @@ import torch
 
 from dpn_lens.cards.contexts import EMPTY_TOKEN, Neuron, ScanResult, TopContexts, scan, text_windows
 from dpn_lens.cards.lens import logit_lens, neuron_label
-from dpn_lens.neuron_map import DUAL_CRITERION, NeuronMap
+from dpn_lens.localization.neuron_map import DUAL_CRITERION, NeuronMap
 from dpn_lens.run import Run
 
 __all__ = ["CardConfig", "Context", "NeuronCard", "build_cards", "map_cards", "cards_path", "save_cards",

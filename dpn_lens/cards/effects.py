@@ -25,7 +25,7 @@ from typing import Any, Callable
 import torch
 
 from dpn_lens.cards.card import NeuronCard
-from dpn_lens.neuron_map import DUAL_CRITERION
+from dpn_lens.localization.neuron_map import DUAL_CRITERION
 from dpn_lens.run import Run
 
 __all__ = ["add_effects", "effect_order"]

@@ -22,7 +22,7 @@ from typing import Any
 
 from dpn_lens.cards.card import CardConfig, NeuronCard, run_maps
 from dpn_lens.cards.page import PAGE
-from dpn_lens.neuron_map import NeuronMap
+from dpn_lens.localization.neuron_map import NeuronMap
 from dpn_lens.run import Run
 
 __all__ = ["explorer_data", "write_explorer", "EXPLORER_DIR"]

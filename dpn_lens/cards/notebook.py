@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dpn_lens.cards.card import NeuronCard
-from dpn_lens.neuron_map import NeuronMap
+from dpn_lens.localization.neuron_map import NeuronMap
 from dpn_lens.run import Run
 
 __all__ = ["SelectionView", "selection_view", "steered_answers", "card_html", "explore"]
@@ -58,7 +58,7 @@ def selection_view(neuron_map: NeuronMap, q: float | None = None, tau_d: float |
 
     An effect rule's map is shown as it is (its neurons are ranked by effect, not chosen by q and tau_d).
     """
-    from dpn_lens.localize import reselect
+    from dpn_lens.localization.localize import reselect
 
     chosen = neuron_map if neuron_map.rule != "dpn-le" else reselect(neuron_map, q=q, tau_d=tau_d)
     n_high, n_low = chosen.n_selected("high"), chosen.n_selected("low")

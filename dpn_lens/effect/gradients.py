@@ -184,7 +184,7 @@ def _cached_passes(model: HookedModel, items: list[tuple[int, list[int], list[in
     tokens. The answer pass's position ``p`` holds answer token ``p``; its logits predict token ``p + 1``
     (the first answer token came from the question pass: position -1)."""
     from dpn_lens.evaluation.answer_cache import CachedAnswerScorer
-    from dpn_lens.prefix import expand_cache
+    from dpn_lens.collection.prefix import expand_cache
 
     device = input_device(model)
     scorer = CachedAnswerScorer(model, [context for _, context, _, _ in items], [answer for _, _, answer, _ in items],

@@ -52,9 +52,9 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from dpn_lens.neuron_map import DUAL_CRITERION, NeuronMap
+from dpn_lens.localization.neuron_map import DUAL_CRITERION, NeuronMap
 from dpn_lens.numbers import as_int
-from dpn_lens.settings import LocalizationSettings
+from dpn_lens.localization.settings import LocalizationSettings
 
 __all__ = ["SelectionRule", "SELECTION_RULES", "attribution_statistic", "RULES_BY_NAME", "RULE_NAMES", "EFFECT_RULES", "EffectScores",
            "effect_scores", "effect_map", "select_by_effect", "reselect_top", "select_top", "default_budget",

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from dpn_lens.evaluation.logprobs import scoring_edit, token_logprobs
 from dpn_lens.hooked import input_device, pad_token_id, pad_token_lists
-from dpn_lens.prefix import expand_cache, new_prefix_cache, prefix_cache_unsupported
+from dpn_lens.collection.prefix import expand_cache, new_prefix_cache, prefix_cache_unsupported
 from dpn_lens.steering import steer
 
 __all__ = ["CachedAnswerScorer"]

@@ -39,8 +39,8 @@ from dpn_lens.evaluation.intervals import bootstrap_ci, paired_effect
 from dpn_lens.evaluation.judge import JudgeConfig, judge_evaluation, load_test_questions
 from dpn_lens.evaluation.trait_maps import rule_maps, trait_map
 from dpn_lens.evaluation.methods import DEFAULT_METHOD_NAMES, METHOD_NAMES, METHODS_BY_NAME, TraitContext, effect_rules_needed
-from dpn_lens.localize import reselect
-from dpn_lens.neuron_map import NeuronMap
+from dpn_lens.localization.localize import reselect
+from dpn_lens.localization.neuron_map import NeuronMap
 from dpn_lens.run import percent_of_mlp
 from dpn_lens.steering import Edit, direction_sign
 from dpn_lens.traits import TRAITS, normalize_trait

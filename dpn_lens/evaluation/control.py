@@ -45,7 +45,7 @@ from dpn_lens.evaluation.methods import METHODS_BY_NAME, TraitContext, effect_ru
 from dpn_lens.evaluation.trait_maps import rule_maps, trait_map
 from dpn_lens.evaluation.preference import (GeneratedPairs, PairScorer, PreferencePair, generate_persona_pairs,
                                             pairs_cache_file, preference_margins)
-from dpn_lens.neuron_map import NeuronMap
+from dpn_lens.localization.neuron_map import NeuronMap
 from dpn_lens.steering import Edit, direction_sign, steering_intervention
 from dpn_lens.traits import TRAITS, normalize_trait, trait_title
 
@@ -559,7 +559,7 @@ def _budget_maps(context: TraitContext, rule: str, budgets: Sequence[int]) -> li
     ``|d| > tau_d`` keeps what it keeps (the edited count is recorded); ``all`` is every neuron of its
     layers that passes ``|d| > tau_d``.
     """
-    from dpn_lens.localize import reselect
+    from dpn_lens.localization.localize import reselect
 
     result: list[tuple[int, NeuronMap | None]] = []
     base = context.rule_map(rule)

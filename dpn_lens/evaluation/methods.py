@@ -37,7 +37,7 @@ from dpn_lens.baselines import (PersonaPrompt, caa_intervention, dense_intervent
                                 npti_trait_statistics, persona_prompt, topk_intervention)
 from dpn_lens.data.contrastive import embedded_contrastive_set
 from dpn_lens.effect.rules import EFFECT_RULES
-from dpn_lens.neuron_map import NeuronMap
+from dpn_lens.localization.neuron_map import NeuronMap
 from dpn_lens.steering import Edit, direction_sign, steering_intervention
 
 if TYPE_CHECKING:  # the comparison's config; compare.py imports this module

@@ -17,7 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
 
-from dpn_lens.neuron_map import NeuronMap
+from dpn_lens.localization.neuron_map import NeuronMap
 
 
 def trait_map(model: Any, trait: str, *, maps_dir: str | Path | None = None, locate_pairs: int = 500,
@@ -26,7 +26,7 @@ def trait_map(model: Any, trait: str, *, maps_dir: str | Path | None = None, loc
               log: Callable[[str], None] = print) -> NeuronMap:
     """``trait``'s map from ``maps_dir`` (a run or maps folder) when given, else located from
     ``locate_pairs`` embedded pairs (seed 42) with ``q``, ``tau_d`` and ``layers`` (None: the defaults
-    and proposals of :func:`dpn_lens.localize.locate`) at the ``statistics`` positions.
+    and proposals of :func:`dpn_lens.localization.localize.locate`) at the ``statistics`` positions.
 
     ``if_missing`` says what a ``maps_dir`` without this trait's map does: "raise" (FileNotFoundError
     naming the fix) or "locate" (on the fly, with a logged line saying so).
@@ -41,14 +41,14 @@ def trait_map(model: Any, trait: str, *, maps_dir: str | Path | None = None, loc
         if if_missing == "raise":
             raise FileNotFoundError(f"no {trait} map in {maps_dir}; run `dpn-lens locate` for it or drop --maps")
         log(f"{trait}: no map in {maps_dir}; locating on the fly")
-    from dpn_lens.collect import CollectionConfig, collect_statistics
+    from dpn_lens.collection.collect import CollectionConfig, collect_statistics
     from dpn_lens.data.contrastive import embedded_contrastive_set
-    from dpn_lens.localize import locate
+    from dpn_lens.localization.localize import locate
 
     log(f"{trait}: locating from {locate_pairs} embedded pairs ({statistics} token statistics)")
     pairs = embedded_contrastive_set(trait, n_pairs=locate_pairs, seed=42)
     if statistics == "answer":
-        from dpn_lens.answer_statistics import answer_contrast_statistics
+        from dpn_lens.collection.answer_statistics import answer_contrast_statistics
 
         stats = answer_contrast_statistics(model, pairs)
     else:

@@ -33,7 +33,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from dpn_lens.neuron_map import NeuronMap
+from dpn_lens.localization.neuron_map import NeuronMap
 from dpn_lens.run import Run
 from dpn_lens.studies.overlap import jaccard, layer_matched_pvalue, overlap_pvalue, pole_exclusivity, shared_layers
 from dpn_lens.studies.section import ReportSection

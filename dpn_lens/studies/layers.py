@@ -13,7 +13,7 @@ from typing import Sequence
 
 import torch
 
-from dpn_lens.neuron_map import NeuronMap
+from dpn_lens.localization.neuron_map import NeuronMap
 from dpn_lens.studies.section import ReportSection
 
 __all__ = ["layer_counts", "layer_value_quantiles", "top_neurons", "QUANTILES", "REPORT_SECTION"]

@@ -32,9 +32,9 @@ import numpy as np
 import torch
 from scipy.stats import hypergeom, norm
 
-from dpn_lens.localize import select_neurons
-from dpn_lens.neuron_map import NeuronMap
-from dpn_lens.statistics import ContrastStatistics
+from dpn_lens.localization.localize import select_neurons
+from dpn_lens.localization.neuron_map import NeuronMap
+from dpn_lens.collection.statistics import ContrastStatistics
 from dpn_lens.studies.section import ReportSection
 from dpn_lens.studies.sets import NeuronSet
 

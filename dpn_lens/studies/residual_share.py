@@ -37,7 +37,7 @@ from torch import Tensor
 
 from dpn_lens.data.contrastive import ContrastiveSet
 from dpn_lens.hooked import HookedModel, last_token_batches, read_hooks
-from dpn_lens.neuron_map import NeuronMap
+from dpn_lens.localization.neuron_map import NeuronMap
 
 __all__ = ["ResidualShare", "residual_share", "last_token_sums"]
 

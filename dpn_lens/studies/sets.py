@@ -27,8 +27,8 @@ from jaxtyping import Int
 from torch import Tensor
 
 from dpn_lens.baselines.npti import NPTIStatistics, npti_pole_selection, npti_trait_statistics
-from dpn_lens.localize import reselect
-from dpn_lens.neuron_map import NeuronMap
+from dpn_lens.localization.localize import reselect
+from dpn_lens.localization.neuron_map import NeuronMap
 from dpn_lens.run import Run
 
 __all__ = ["NeuronSet", "pole_sets", "alternative_sets", "SET_METHODS", "NPTI", "random_layer_matched_set",

@@ -19,10 +19,10 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from dpn_lens.neuron_map import NeuronMap
+from dpn_lens.localization.neuron_map import NeuronMap
 from dpn_lens.numbers import as_float
-from dpn_lens.settings import REFERENCE_SETTINGS, LocalizationSettings, reference_settings
-from dpn_lens.statistics import ContrastStatistics
+from dpn_lens.localization.settings import REFERENCE_SETTINGS, LocalizationSettings, reference_settings
+from dpn_lens.collection.statistics import ContrastStatistics
 
 __all__ = [
     "LocalizationSettings",

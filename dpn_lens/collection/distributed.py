@@ -14,7 +14,7 @@ initialised before the call (gloo on CPUs, nccl on GPUs)::
     # my_script.py
     import torch.distributed as dist
     import dpn_lens as dl
-    from dpn_lens.distributed import collect_statistics_distributed
+    from dpn_lens.collection.distributed import collect_statistics_distributed
 
     dist.init_process_group("nccl")                      # "gloo" for CPU processes
     rank = dist.get_rank()
@@ -38,10 +38,10 @@ from typing import Any
 
 import torch
 
-from dpn_lens.collect import CollectionConfig, collect_statistics
+from dpn_lens.collection.collect import CollectionConfig, collect_statistics
 from dpn_lens.hooked import HookedModel, check_layers
 from dpn_lens.data.contrastive import ContrastiveSet
-from dpn_lens.statistics import ContrastStatistics, GroupStatistics
+from dpn_lens.collection.statistics import ContrastStatistics, GroupStatistics
 
 __all__ = ["shard_indices", "shard_contrastive_set", "merge_across_processes", "collect_statistics_distributed",
            "process_rank"]

@@ -24,7 +24,7 @@ from dpn_lens.data.contrastive import ContrastiveSet
 from dpn_lens.data.prompts import render_for_model
 from dpn_lens.evaluation.logprobs import batched_logits
 from dpn_lens.hooked import HOOK_NAME, HookedModel, check_layers, encode, hook_name, read_hooks
-from dpn_lens.statistics import ContrastStatistics, GroupStatistics
+from dpn_lens.collection.statistics import ContrastStatistics, GroupStatistics
 
 __all__ = ["answer_contrast_statistics", "answer_mean_activations"]
 

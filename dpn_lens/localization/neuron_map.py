@@ -13,7 +13,7 @@ from torch import Tensor
 
 from dpn_lens._version import __version__
 from dpn_lens.hooked import HookedModel
-from dpn_lens.settings import LocalizationSettings
+from dpn_lens.localization.settings import LocalizationSettings
 from dpn_lens.traits import normalize_pole
 
 __all__ = ["NeuronMap", "IncompatibleModelError", "WrongRuleError", "DUAL_CRITERION"]
@@ -207,7 +207,7 @@ class NeuronMap:
         from safetensors.torch import save_file
 
         from dpn_lens.io import atomic_path, write_json_atomic
-        from dpn_lens.statistics import _artifact_metadata
+        from dpn_lens.collection.statistics import _artifact_metadata
 
         path = Path(path)
         if path.suffix != ".safetensors":
@@ -230,7 +230,7 @@ class NeuronMap:
             Traceback (most recent call last):
             WrongRuleError: runs/demo/maps/openness.safetensors holds a 'dpn-le' map, not an 'attribution' map; ...
         """
-        from dpn_lens.statistics import _load_checked
+        from dpn_lens.collection.statistics import _load_checked
 
         tensors, config = _load_checked(path, "dpn_lens_neuron_map")
         found = config.get("rule", DUAL_CRITERION)   # maps saved before rules existed: the dual criterion

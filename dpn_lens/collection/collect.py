@@ -12,7 +12,7 @@ so a GPU run never round-trips activations through the host). Token ids are kept
 arrays, so the only memory that grows with the number of prompts is ~4 bytes per prompt token.
 
 Shared prefixes (``share_prefix``, the default): prompts are grouped by shared token prefix
-(``dpn_lens.prefix``); each shared prefix runs once into a key/value cache and only the remaining
+(``dpn_lens.collection.prefix``); each shared prefix runs once into a key/value cache and only the remaining
 tokens of each prompt run, batched over the group, from that cache. The last prompt token's
 activation is the same as in a full pass (tested to 1e-5 relative in float32), so the statistics
 are the same; the embedded prompts (template, instruction, persona description, question) share
@@ -33,9 +33,9 @@ from torch import Tensor
 from dpn_lens.data.contrastive import ContrastiveSet
 from dpn_lens.hooked import (HOOK_NAME, HookedModel, check_layers, hook_name, input_device, pad_token_id, read_hooks,
                              pad_token_lists, tokenize_compact)
-from dpn_lens.prefix import (DEFAULT_MIN_SAVING, PrefixGroup, expand_cache, new_prefix_cache, plan_prefix_tree,
+from dpn_lens.collection.prefix import (DEFAULT_MIN_SAVING, PrefixGroup, expand_cache, new_prefix_cache, plan_prefix_tree,
                              prefix_cache_unsupported)
-from dpn_lens.statistics import ContrastStatistics, GroupStatistics
+from dpn_lens.collection.statistics import ContrastStatistics, GroupStatistics
 
 __all__ = ["CollectionConfig", "collect_statistics", "collect_group_statistics"]
 
@@ -60,7 +60,7 @@ class CollectionConfig:
             on the CPU.
         share_prefix: run each token prefix shared by several prompts once, keep its key/value
             cache, and run only the rest of each prompt from it (same statistics, fewer tokens run;
-            see ``dpn_lens.prefix``). Used for ``token_position="last"`` on models whose bridge
+            see ``dpn_lens.collection.prefix``). Used for ``token_position="last"`` on models whose bridge
             forward takes a cache; otherwise every prompt runs in full (with a one-line warning when
             the model is the reason). ``"auto"`` (the default) shares prefixes when the model runs
             on the CPU and not on a GPU: on an H200 the shared path, which runs one small forward per
