@@ -90,7 +90,7 @@ def control_main(args: argparse.Namespace, traits: list[str]) -> dict[str, Any]:
     import shlex
 
     from dpn_lens.cli import build_parser
-    from dpn_lens.evaluation.control_cli import config_from_args
+    from dpn_lens.cli.control import config_from_args
     from dpn_lens.plan import measure_costs
     from dpn_lens.plan_control import measure_control_costs, plan_control_run
 

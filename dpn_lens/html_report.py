@@ -49,7 +49,7 @@ from typing import Any, Literal, Sequence
 from markdown_it import MarkdownIt
 
 from dpn_lens.answers import Generation
-from dpn_lens.cli_options import FORMATTER, add_out_option
+from dpn_lens.cli.options import FORMATTER, add_out_option
 from dpn_lens.io import write_text_atomic
 from dpn_lens.run import MAPS_DIR, REPORT_FILE, STATS_DIR, SUMMARY_FILE, SUMMARY_MD_FILE, Run, read_summary
 from dpn_lens.studies import STUDY_SECTIONS

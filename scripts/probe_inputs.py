@@ -101,7 +101,7 @@ def classify_cli(argv: list[str], expect: list[str], loaded: Callable[[], bool])
 
 def probes(model_folder: Path, run: Path, scratch: Path) -> list[tuple[str, Callable[[], tuple[str, str]]]]:
     import dpn_lens
-    import dpn_lens.cli as cli
+    import dpn_lens.cli.app as cli
     from dpn_lens import ContrastStatistics, NeuronMap, steering_intervention
     from dpn_lens.localization.localize import reselect
     from dpn_lens.localization.settings import LocalizationSettings
@@ -124,7 +124,7 @@ def probes(model_folder: Path, run: Path, scratch: Path) -> list[tuple[str, Call
         return original_load(args)
 
     cli._load = counting_load
-    import dpn_lens.export_cli as export_cli
+    import dpn_lens.cli.export as export_cli
 
     original_export_load = export_cli._load
 

@@ -81,7 +81,7 @@ def test_steer_refuses_a_map_of_another_model_before_loading_its_weights(run_fol
                                                                          capsys):
     import dataclasses
 
-    import dpn_lens.cli as cli
+    import dpn_lens.cli.app as cli
 
     def no_load(args):
         raise AssertionError("the model was loaded before the map was checked")

@@ -180,7 +180,7 @@ def test_control_config_is_checked():
 
 def test_control_command_line(tiny_folder, tmp_path, monkeypatch, capsys):
     from dpn_lens.cli import build_parser, main
-    from dpn_lens.evaluation.control_cli import config_from_args
+    from dpn_lens.cli.control import config_from_args
 
     args = build_parser().parse_args(["control", "--quick", "--kl-levels", "0.1,0.5", "--traits", "openness",
                                       "--out", str(tmp_path / "x")])

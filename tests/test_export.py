@@ -214,7 +214,7 @@ def test_cli_export_writes_each_format_and_says_all_positions(tiny_model, tmp_pa
     neuron_map = make_map("openness", {1: [3]}, {2: [5]}, [1, 2], n_layers=4, d_mlp=48,
                           fingerprint=model_fingerprint(tiny_model).to_dict())
     map_path = neuron_map.save(tmp_path / "openness.safetensors")
-    monkeypatch.setattr("dpn_lens.export_cli._load", lambda args: tiny_model)
+    monkeypatch.setattr("dpn_lens.cli.export._load", lambda args: tiny_model)
     # The model is swapped in above, so --model's config (the default model's) is not the one that loads.
     monkeypatch.setattr("dpn_lens.models.check_map_before_loading", lambda neuron_map, spec: None)
     for fmt, out in (("gguf", "o.gguf"), ("steering-vectors", "o.safetensors"), ("hf-bias", "o-model")):
@@ -270,7 +270,7 @@ def test_cli_export_refuses_a_negative_gamma_and_an_empty_map_before_loading_the
     def no_load(args):
         raise AssertionError("the model was loaded before the bad input was refused")
 
-    monkeypatch.setattr("dpn_lens.export_cli._load", no_load)
+    monkeypatch.setattr("dpn_lens.cli.export._load", no_load)
     neuron_map = make_map("openness", {1: [3]}, {2: [5]}, [1, 2], n_layers=4, d_mlp=48,
                           fingerprint=model_fingerprint(tiny_model).to_dict())
     map_path = neuron_map.save(tmp_path / "openness.safetensors")

@@ -103,7 +103,7 @@ def test_cuda_on_a_cpu_build_is_one_line(no_model_load, tmp_path, capsys):
 
 
 def test_an_unknown_bare_model_name_fails_at_once_and_hub_names_and_paths_pass(tmp_path):
-    from dpn_lens.cli_options import check_model_spec
+    from dpn_lens.cli.options import check_model_spec
 
     with pytest.raises(ValueError, match="not an embedded model"):
         check_model_spec("smollm")                   # would otherwise wait on the hub's network retries

@@ -52,7 +52,7 @@ def test_wheel_builds_without_warnings_and_holds_the_package_data(tmp_path):
         entry_points = archive.read(next(n for n in names if n.endswith(".dist-info/entry_points.txt"))).decode()
     assert "License-Expression: MIT" in metadata
     assert "dpn-lens = dpn_lens.cli:main" in entry_points
-    assert {"dpn_lens/export.py", "dpn_lens/export_cli.py", "dpn_lens/models.py"} <= names
+    assert {"dpn_lens/export.py", "dpn_lens/cli/export.py", "dpn_lens/models.py"} <= names
     embedded = [name for name in names if name.startswith("dpn_lens/data/embedded/")]
     assert embedded and all(name.endswith((".json", ".jsonl", ".py")) for name in embedded)
 

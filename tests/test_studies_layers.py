@@ -61,7 +61,7 @@ def test_load_run_reads_maps_and_statistics_in_big_five_order(run_dir):
 
 
 def test_study_cli_writes_tables_and_figures(run_dir, tmp_path):
-    from dpn_lens.studies.cli import register
+    from dpn_lens.cli.study import register
 
     parser = argparse.ArgumentParser(prog="dpn-lens")
     register(parser.add_subparsers(dest="command", required=True))

@@ -182,7 +182,7 @@ def test_multifunction_study_reports_npti_overlap_and_costs(tiny_model, shared_d
 
 # ----- command line -------------------------------------------------------------------------------
 def _parser() -> argparse.ArgumentParser:
-    from dpn_lens.studies.cli import register
+    from dpn_lens.cli.study import register
 
     parser = argparse.ArgumentParser(prog="dpn-lens")
     register(parser.add_subparsers(dest="command", required=True))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from dpn_lens.cli_options import add_subcommand, add_traits_option
+from dpn_lens.cli.options import add_subcommand, add_traits_option
 
 __all__ = ["register", "run_plan"]
 

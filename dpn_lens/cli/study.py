@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from dpn_lens.cli_options import (DEFAULT_MODEL, FORMATTER, add_data_dir_option, add_model_options, add_out_option)
+from dpn_lens.cli.options import (DEFAULT_MODEL, FORMATTER, add_data_dir_option, add_model_options, add_out_option)
 
 __all__ = ["register", "run_study"]
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from dpn_lens.cli_options import FORMATTER, add_model_options, read_maps
+from dpn_lens.cli.options import FORMATTER, add_model_options, read_maps
 
 __all__ = ["register", "run_export", "run_models"]
 

@@ -6,7 +6,7 @@ import argparse
 import time
 from typing import Any
 
-from dpn_lens.cli_options import FORMATTER, add_data_dir_option, add_model_options, add_out_option, add_traits_option
+from dpn_lens.cli.options import FORMATTER, add_data_dir_option, add_model_options, add_out_option, add_traits_option
 
 __all__ = ["register", "run_control_command"]
 

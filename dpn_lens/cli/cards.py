@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from dpn_lens.cli_options import add_data_dir_option, add_model_options, add_subcommand
+from dpn_lens.cli.options import add_data_dir_option, add_model_options, add_subcommand
 
 __all__ = ["register", "run_cards", "run_explore"]
 

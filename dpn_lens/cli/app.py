@@ -1,10 +1,10 @@
 """Command line: ``dpn-lens locate | steer | demo | study | compare | control | report | export | models``.
 
-Every subcommand sets one ``handler`` (``set_defaults(handler=...)``). Expected errors (bad input,
-missing files, an incompatible model) are raised as ``ValueError`` / ``FileNotFoundError`` and
-printed here as one line, ``dpn-lens <command>: error: ...``, with exit status 2 (argparse's own
-usage errors look and exit the same). Shared options are spelled the same everywhere
-(``dpn_lens.cli_options``).
+Every subcommand sets one ``handler`` (``set_defaults(handler=...)``); each verb but locate, steer and
+demo registers itself from its own module of ``dpn_lens.cli``. Expected errors (bad input, missing
+files, an incompatible model) are raised as ``ValueError`` / ``FileNotFoundError`` and printed here as
+one line, ``dpn-lens <command>: error: ...``, with exit status 2 (argparse's own usage errors look and
+exit the same). Shared options are spelled the same everywhere (``dpn_lens.cli.options``).
 """
 
 from __future__ import annotations
@@ -16,14 +16,14 @@ from typing import Sequence
 
 import dpn_lens.html_report as html_report
 from dpn_lens._version import __version__
-from dpn_lens.cli_options import (FORMATTER, add_data_dir_option, add_model_options, add_out_option, add_subcommand,
+from dpn_lens.cli import cards as cards_cli
+from dpn_lens.cli import compare as compare_cli
+from dpn_lens.cli import control as control_cli
+from dpn_lens.cli import export as export_cli
+from dpn_lens.cli import plan as plan_cli
+from dpn_lens.cli import study as study_cli
+from dpn_lens.cli.options import (FORMATTER, add_data_dir_option, add_model_options, add_out_option, add_subcommand,
                                   add_traits_option, read_maps, validate_args)
-import dpn_lens.export_cli as export_cli
-import dpn_lens.plan_cli as plan_cli
-from dpn_lens.cards import cli as cards_cli
-from dpn_lens.evaluation import cli as compare_cli
-from dpn_lens.evaluation import control_cli
-from dpn_lens.studies import cli as study_cli
 
 __all__ = ["main", "build_parser"]
 
@@ -238,7 +238,7 @@ def _one_line_warnings(command: str):
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``dpn-lens`` with ``argv``; returns the exit status.
 
-    Every option that needs no model is checked first (``cli_options.validate_args``). Expected errors
+    Every option that needs no model is checked first (``cli.options.validate_args``). Expected errors
     (bad input, missing files, a map of another model, a locked or mixed run folder, a model that
     cannot be loaded) are printed as one line with exit status 2; Ctrl-C prints ``interrupted`` and
     exits 130. ``--debug`` shows the traceback instead.

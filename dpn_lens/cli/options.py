@@ -163,7 +163,7 @@ def _positive(args: argparse.Namespace, name: str, minimum: float = 1) -> None:
 def validate_args(args: argparse.Namespace) -> None:
     """Check every option of a parsed command line that needs no model; raise ValueError naming the fix.
 
-    Runs in ``dpn_lens.cli.main`` before any handler, so before any model is loaded. Options a
+    Runs in ``dpn_lens.cli.app`` before any handler, so before any model is loaded. Options a
     subcommand does not have are skipped.
 
     Example:
