@@ -272,3 +272,14 @@ def test_the_plan_benchmark_plans_a_control_run(tiny_folder, tmp_path, monkeypat
                           str(write_personalitybench(tmp_path / "data")), "--measure-prompts", "4",
                           "--extra", "--quick --gammas 0.5,2 --kl-levels 0.05 --random-draws 1"])
     assert result["measured_seconds"] > 0 and result["predicted_seconds"] > 0 and result["stage"] == "control"
+
+
+def test_control_settings_default_to_control_configs_defaults():
+    """The plan's settings mirror ``ControlConfig``; a default changed there must change here too."""
+    from dpn_lens.evaluation.control import ControlConfig
+    from dpn_lens.plan_control import ControlSettings
+
+    config, settings = ControlConfig(), ControlSettings()
+    shared = [name for name in ControlSettings.__dataclass_fields__ if hasattr(config, name)]
+    assert len(shared) >= 15
+    assert {name: getattr(settings, name) for name in shared} == {name: getattr(config, name) for name in shared}
