@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 __all__ = ["ModelShape", "MachineCosts", "StagePlan", "RunPlan", "model_shape", "measure_costs", "plan_locate",
-           "status_bytes", "reset_peak", "costs_file", "read_costs", "GPU_SIZES_GIB"]
+           "status_bytes", "reset_peak", "costs_file", "read_costs", "timed", "GPU_SIZES_GIB"]
 
 GPU_SIZES_GIB = (16, 24, 40, 48, 80, 141)
 """GPU memory sizes the plan checks (GiB): T4/V100-16, 4090/L4, A100-40, A6000/L40, A100/H100-80, H200."""
@@ -188,6 +188,19 @@ def reset_peak(required: bool = False) -> None:
             raise RuntimeError("cannot reset VmHWM through /proc/self/clear_refs: it needs Linux's /proc") from error
 
 
+def timed(function: Any, device: str = "cpu") -> float:
+    """Wall seconds of ``function()``, the GPU's queued work included (synchronised before and after)."""
+    import torch
+
+    if device != "cpu":
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    function()
+    if device != "cpu":
+        torch.cuda.synchronize()
+    return time.perf_counter() - started
+
+
 def _startup_seconds() -> float:
     """A fresh interpreter importing what ``dpn-lens locate`` imports (best of two: the first warms the disk cache)."""
     import subprocess
@@ -235,13 +248,7 @@ def measure_costs(model_spec: str, device: str = "cpu", dtype: str = "float32", 
     for share in (False, True):
         config = CollectionConfig(progress=False, share_prefix=share)
         work = locate_work(model, shape, [pairs], config, device)
-        if device != "cpu":
-            torch.cuda.synchronize()
-        started = time.perf_counter()
-        collect_statistics(model, pairs, config)
-        if device != "cpu":
-            torch.cuda.synchronize()
-        runs.append((work, time.perf_counter() - started))
+        runs.append((work, timed(lambda: collect_statistics(model, pairs, config), device)))
     (plain, t_plain), (shared, t_shared) = runs
     determinant = plain["flops"] * shared["calls"] - shared["flops"] * plain["calls"]
     seconds_per_flop = (t_plain * shared["calls"] - t_shared * plain["calls"]) / determinant

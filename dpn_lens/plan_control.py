@@ -20,8 +20,9 @@ passes 2 nats/token, so the time is an upper bound there. Not planned: the budge
 the generation check (``--generation``) and NPTI's preparation.
 
 Example:
-    >>> work = control_work(ControlSettings(methods=["dpn-le", "caa"], kl_levels=[0.05], gammas=[1, 2, 4],
-    ...                                     random_draws=2, pairs=10))
+    >>> from dpn_lens.evaluation.control import ControlConfig
+    >>> config = ControlConfig(methods=["dpn-le", "caa"], kl_levels=[0.05], gammas=[1, 2, 4], random_draws=2)
+    >>> work = control_work(ControlSettings(config))
     >>> work.probe_passes, work.answer_passes    # per trait
     (21, 10)
 """
@@ -35,7 +36,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
 from dpn_lens.plan import (BYTES, GPU_SIZES_GIB, MachineCosts, ModelShape, RunPlan, StagePlan, costs_file, read_costs,
-                           model_shape, status_bytes)
+                           model_shape, status_bytes, timed)
 
 __all__ = ["ControlSettings", "ControlWork", "ControlCosts", "control_work", "measure_control_costs",
            "saved_control_costs", "plan_control", "plan_control_run"]
@@ -43,38 +44,23 @@ __all__ = ["ControlSettings", "ControlWork", "ControlCosts", "control_work", "me
 DIRECTIONS = 2
 
 
+def _default_config() -> Any:
+    from dpn_lens.evaluation.control import ControlConfig
+
+    return ControlConfig()
+
+
 @dataclass
 class ControlSettings:
-    """The settings of a ``control`` run that decide its work (``ControlConfig``'s names and defaults)."""
+    """A ``control`` run's ``ControlConfig`` (its settings decide the work) and what the run finds ready."""
 
-    methods: list[str] = field(default_factory=lambda: ["dpn-le", "attribution", "attribution-t", "write",
-                                                        "write-layer", "dpn-le-attribution", "caa"])
-    pairs: int = 64
-    max_new_tokens: int = 48
-    gammas: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0])
-    kl_levels: list[float] = field(default_factory=lambda: [0.01, 0.05, 0.1])
-    kl_chunks: int = 4
-    kl_tokens: int = 128
-    random_control: bool = True
-    random_draws: int = 5
-    random_draws_off_target: int = 1
-    target_kl: float = 0.05
-    pair_batch: int = 16
-    selection_pairs: int = 128
-    selection_tokens: int = 48
-    locate_pairs: int = 500
-    caa_pairs: int = 50
+    config: Any = field(default_factory=_default_config)
+    """The ``evaluation.control.ControlConfig`` of the run."""
     maps_given: bool = False
     """The maps folder holds each trait's DPN-LE map: no locate."""
     rule_maps_given: bool = False
     """It also holds the effect rules' maps: no selection."""
     pairs_cached: bool = False
-
-    @classmethod
-    def of(cls, config: Any, **given: bool) -> "ControlSettings":
-        """From a ``ControlConfig`` (``given``: ``maps_given``, ``rule_maps_given``, ``pairs_cached``)."""
-        names = {f for f in cls.__dataclass_fields__ if hasattr(config, f)}
-        return cls(**{name: getattr(config, name) for name in names}, **given)
 
 
 @dataclass
@@ -88,10 +74,6 @@ class ControlWork:
     selection_answers: int
     locates: bool
 
-    @property
-    def total_passes(self) -> int:
-        return self.probe_passes + self.answer_passes + self.persona_passes
-
 
 def control_work(settings: ControlSettings, run: dict[str, Any] | None = None) -> ControlWork:
     """The passes one trait of ``control`` runs, counted as ``evaluation.control.run_control`` makes them.
@@ -100,32 +82,29 @@ def control_work(settings: ControlSettings, run: dict[str, Any] | None = None) -
     With ``run`` (a ``control`` result of one trait), the curves and points that run measured are counted
     instead: the passes it made, exactly (``tests/test_plan.py`` counts them on the tiny model).
     """
-    from dpn_lens.evaluation.methods import METHODS_BY_NAME, effect_rules_needed, neuron_methods
+    from dpn_lens.evaluation.methods import effect_rules_needed, neuron_methods
 
-    unknown = [name for name in settings.methods if name not in METHODS_BY_NAME]
-    if unknown:
-        raise ValueError(f"unknown methods {unknown}; see `dpn-lens control --help`")
-    levels = sorted(set(float(t) for t in settings.kl_levels) | {float(settings.target_kl)})
-    randomized = neuron_methods(settings.methods) if settings.random_control else []
+    config = settings.config
+    levels = config.kl_levels          # sorted, the target among them (ControlConfig)
+    randomized = neuron_methods(config.methods) if config.random_control else []
     if run is None:
-        curves = DIRECTIONS * len(settings.methods)
-        grid_points = curves * len(settings.gammas)
+        curves = DIRECTIONS * len(config.methods)
+        grid_points = curves * len(config.gammas)
         points = curves * len(levels)
         draws = DIRECTIONS * len(randomized) * sum(
-            settings.random_draws if level == settings.target_kl else settings.random_draws_off_target
-            for level in levels)
+            config.random_draws if level == config.target_kl else config.random_draws_off_target for level in levels)
     else:
         grid_points = len(run["costs"])
         measured = [row for row in run["curves"] if not row["method"].startswith("random-neurons")]
         points = len(measured)
         draws = sum(int(row.get("draws", 1)) for row in run["curves"] if row["method"].startswith("random-neurons"))
-    rules = [] if settings.rule_maps_given else [r for r in effect_rules_needed(settings.methods) if r != "dpn-le"]
+    rules = [] if settings.rule_maps_given else [r for r in effect_rules_needed(config.methods) if r != "dpn-le"]
     attribution = any(r.startswith("attribution") or r == "dpn-le-attribution" for r in rules)
     # The rounding floor, every grid point, every measured point and random draw (a probe and an answer pass
     # each); the unsteered and the γ-0 margins.
     return ControlWork(probe_passes=1 + grid_points + points + draws, answer_passes=2 + points + draws,
-                       persona_passes=2, generated_answers=0 if settings.pairs_cached else 2 * settings.pairs,
-                       selection_answers=2 * settings.selection_pairs if attribution else 0,
+                       persona_passes=2, generated_answers=0 if settings.pairs_cached else 2 * config.pairs,
+                       selection_answers=2 * config.selection_pairs if attribution else 0,
                        locates=not settings.maps_given)
 
 
@@ -163,32 +142,22 @@ def saved_control_costs(device: str, dtype: str, threads: int) -> ControlCosts |
     return read_costs(ControlCosts, costs_file(device, dtype, threads, "control"))
 
 
-def _sample_pairs(model: Any, n: int, max_new_tokens: int) -> tuple[list[Any], float]:
+def _sample_pairs(model: Any, n: int, max_new_tokens: int) -> tuple[list[Any], list[list[int]], float]:
     """``n`` pairs whose answers are the model's own greedy answers to embedded questions (for timing, any
-    two answers make a pair), and the answers' mean fill of ``max_new_tokens``."""
+    two answers make a pair), their questions as rendered token ids, and the answers' mean fill of
+    ``max_new_tokens``."""
     from dpn_lens.data.contrastive import embedded_questions
     from dpn_lens.data.prompts import render_for_model
     from dpn_lens.evaluation.preference import PreferencePair, greedy_answers
     from dpn_lens.hooked import encode
 
     questions = embedded_questions()[:n + 1]
-    answers = greedy_answers(model, [encode(model, render_for_model(model, q)) for q in questions], max_new_tokens, 16)
+    prompts = [encode(model, render_for_model(model, q)) for q in questions]
+    answers = greedy_answers(model, prompts, max_new_tokens, 16)
     fill = sum(map(len, answers)) / len(answers) / max_new_tokens
     # An empty answer (EOS at once) cannot be scored; a fixed text of the answers' mean length stands in.
     texts = [model.tokenizer.decode(a) if a else " ok" * max(1, round(fill * max_new_tokens)) for a in answers]
-    return [PreferencePair(questions[i], texts[i], texts[i + 1]) for i in range(n)], fill
-
-
-def _timed(function: Any, device: str) -> float:
-    import torch
-
-    if device != "cpu":
-        torch.cuda.synchronize()
-    started = time.perf_counter()
-    function()
-    if device != "cpu":
-        torch.cuda.synchronize()
-    return time.perf_counter() - started
+    return [PreferencePair(questions[i], texts[i], texts[i + 1]) for i in range(n)], prompts[:n], fill
 
 
 def measure_control_costs(model_spec: str, device: str = "cpu", dtype: str = "float32", n_pairs: int = 12,
@@ -211,9 +180,8 @@ def measure_control_costs(model_spec: str, device: str = "cpu", dtype: str = "fl
     shape = model_shape(model_spec)
     model = load_model(model_spec, dtype=dtype, device=None if device == "cpu" else device)
     loaded = status_bytes("VmRSS")
-    pairs, fill = _sample_pairs(model, n_pairs, max_new_tokens)
+    pairs, prompts, fill = _sample_pairs(model, n_pairs, max_new_tokens)
     personas = ["You are outgoing, talkative and full of energy.", "You are quiet, reserved and keep to yourself."]
-    prompts = [encode(model, render_for_model(model, pair.question)) for pair in pairs]
     persona_prompts = [encode(model, render_for_model(model, render_roleplay_prompt(personas[i % 2], pair.question)))
                        for i, pair in enumerate(pairs)]
     question = sum(map(len, prompts)) / len(prompts)
@@ -226,17 +194,17 @@ def measure_control_costs(model_spec: str, device: str = "cpu", dtype: str = "fl
 
     probe = KLProbe(model, probe_chunks(model))
     probe(edit)                                                             # warm-up
-    probe_seconds = min(_timed(lambda: probe(edit), device) for _ in range(2))
+    probe_seconds = min(timed(lambda: probe(edit), device) for _ in range(2))
     probe_tokens = sum(len(chunk) + 1 for chunk in probe.chunks)
     probe_flops = probe_tokens * shape.forward_flops_per_token(context=probe_tokens // len(probe.chunks) // 2,
                                                                logits=True)
     scorer = PairScorer(model, pairs)
     scorer.margins(edit)
-    answer_seconds = min(_timed(lambda: scorer.margins(edit), device) for _ in range(2))
+    answer_seconds = min(timed(lambda: scorer.margins(edit), device) for _ in range(2))
     answer_flops = 2 * len(pairs) * answer * shape.forward_flops_per_token(context=int(question + answer / 2),
                                                                            logits=True)
     personas_of = [personas[i % 2] for i in range(len(pairs))]
-    persona_seconds = _timed(lambda: preference_margins(model, pairs, persona=personas_of), device)
+    persona_seconds = timed(lambda: preference_margins(model, pairs, persona=personas_of), device)
     persona_flops = 2 * len(pairs) * (persona + answer) * shape.forward_flops_per_token(
         context=int((persona + answer) / 2), logits=True)
     # Decode steps at two batch sizes give the fixed cost per step and the rate.
@@ -244,19 +212,19 @@ def measure_control_costs(model_spec: str, device: str = "cpu", dtype: str = "fl
     timings = []
     for batch in (2, 8):
         chosen = (prompts * batch)[:batch]
-        seconds = _timed(lambda: greedy_answers(model, chosen, steps, batch), device)
+        seconds = timed(lambda: greedy_answers(model, chosen, steps, batch), device)
         timings.append((batch, seconds / steps))
     token_flops = shape.forward_flops_per_token(context=int(question), logits=True)
     (b1, t1), (b2, t2) = timings
     per_row = max((t2 - t1) / (b2 - b1), 1e-9)
     step_seconds = max(t1 - b1 * per_row, 0.0)
-    gradient_seconds = _timed(lambda: margin_gradients(model, pairs), device)
+    gradient_seconds = timed(lambda: margin_gradients(model, pairs), device)
     gradient_flops = 3 * answer_flops
     # What a trait spends beyond its passes: intervals and building edits, per pair.
     import numpy as np
 
     margins = np.asarray(scorer.margins())
-    overhead = _timed(lambda: [paired_effect(margins + 0.01, margins) for _ in range(20)], "cpu") / 20
+    overhead = timed(lambda: [paired_effect(margins + 0.01, margins) for _ in range(20)], "cpu") / 20
     # Beyond the loaded model and the probe's reference: the answer batches, the caches, allocator slack.
     reference = probe_tokens * shape.vocab * 4
     extra = max(status_bytes("VmHWM") - loaded - reference, 0)
@@ -280,18 +248,21 @@ def measure_control_costs(model_spec: str, device: str = "cpu", dtype: str = "fl
 def _seconds(shape: ModelShape, work: ControlWork, settings: ControlSettings, costs: ControlCosts
              ) -> dict[str, float]:
     """Seconds per trait for each kind of work."""
-    answer = costs.answer_fill * settings.max_new_tokens
+    from dpn_lens.effect.rules import SELECTION_TOKENS
+
+    config = settings.config
+    answer = costs.answer_fill * config.max_new_tokens
     question, persona = costs.prompt_tokens, costs.persona_tokens
-    probe_tokens = settings.kl_chunks * (settings.kl_tokens + 1)
-    probe = probe_tokens * shape.forward_flops_per_token(context=(settings.kl_tokens + 1) // 2, logits=True)
-    answers = 2 * settings.pairs * answer * shape.forward_flops_per_token(context=int(question + answer / 2),
+    probe_tokens = config.kl_chunks * (config.kl_tokens + 1)
+    probe = probe_tokens * shape.forward_flops_per_token(context=(config.kl_tokens + 1) // 2, logits=True)
+    answers = 2 * config.pairs * answer * shape.forward_flops_per_token(context=int(question + answer / 2),
                                                                           logits=True)
     # The questions run once per trait into the KV cache (``PairScorer``); CAA reads its direction from
     # ``caa_pairs`` pairs of prompts (about question-sized).
-    questions = settings.pairs * question * shape.forward_flops_per_token(context=int(question / 2))
-    caa = 2 * settings.caa_pairs * question * shape.forward_flops_per_token(context=int(question / 2)) \
-        if "caa" in settings.methods else 0
-    personas = 2 * settings.pairs * (persona + answer) * shape.forward_flops_per_token(
+    questions = config.pairs * question * shape.forward_flops_per_token(context=int(question / 2))
+    caa = 2 * config.caa_pairs * question * shape.forward_flops_per_token(context=int(question / 2)) \
+        if "caa" in config.methods else 0
+    personas = 2 * config.pairs * (persona + answer) * shape.forward_flops_per_token(
         context=int((persona + answer) / 2), logits=True)
     token = shape.forward_flops_per_token(context=int(question), logits=True)
 
@@ -299,11 +270,11 @@ def _seconds(shape: ModelShape, work: ControlWork, settings: ControlSettings, co
         steps = math.ceil(rows / batch) * tokens
         return steps * costs.step_seconds + rows * tokens * token / costs.step_flops_per_s
 
-    selection_answer = costs.answer_fill * settings.selection_tokens
+    selection_answer = costs.answer_fill * SELECTION_TOKENS
     gradient = 3 * work.selection_answers * selection_answer * shape.forward_flops_per_token(
         context=int(question + selection_answer / 2), logits=True)
-    return {"held-out pairs": generation(work.generated_answers, settings.max_new_tokens, settings.pair_batch),
-            "selection": (generation(work.selection_answers, settings.selection_tokens, 16)
+    return {"held-out pairs": generation(work.generated_answers, config.max_new_tokens, config.pair_batch),
+            "selection": (generation(work.selection_answers, SELECTION_TOKENS, 16)
                           + gradient / costs.gradient_flops_per_s) if work.selection_answers else 0.0,
             "KL curves": work.probe_passes * probe / costs.probe_flops_per_s,
             "answer scoring": (work.answer_passes * answers + questions) / costs.answer_flops_per_s
@@ -323,8 +294,9 @@ def plan_control(spec: str, traits: Sequence[str], settings: ControlSettings, de
     if not traits:
         raise ValueError("no traits to plan")
     shape = model_shape(spec)
+    config = settings.config
     work = control_work(settings)
-    located = plan_locate(spec, traits, settings.locate_pairs, device, dtype, machine)
+    located = plan_locate(spec, traits, config.locate_pairs, device, dtype, machine)
     stages = [located.stages[0]]
     if work.locates:
         stages.append(StagePlan("locate (DPN-LE maps)", located.stages[1].seconds, located.stages[1].peak_bytes,
@@ -332,16 +304,16 @@ def plan_control(spec: str, traits: Sequence[str], settings: ControlSettings, de
     weights = shape.n_params() * BYTES[dtype]
     usable = costs is not None and costs.device == device and costs.dtype == dtype
     per_kind = _seconds(shape, work, settings, costs) if usable else {}
-    reference = settings.kl_chunks * (settings.kl_tokens + 1) * shape.vocab * 4
+    reference = config.kl_chunks * (config.kl_tokens + 1) * shape.vocab * 4
     runtime = machine.runtime_bytes if machine is not None and device == "cpu" else 0
     resident = machine.resident_ratio if machine is not None else 1.0
     peak = runtime + int(weights * max(resident, 1.0)) + reference + (costs.extra_bytes if usable else 0)
-    counts = {"held-out pairs": f"{work.generated_answers} greedy answers of <= {settings.max_new_tokens} tokens",
+    counts = {"held-out pairs": f"{work.generated_answers} greedy answers of <= {config.max_new_tokens} tokens",
               "selection": f"{work.selection_answers} selection answers, generated and differentiated",
-              "KL curves": f"{work.probe_passes} probe passes of {settings.kl_chunks}x{settings.kl_tokens} tokens "
+              "KL curves": f"{work.probe_passes} probe passes of {config.kl_chunks}x{config.kl_tokens} tokens "
                            "(at most: a curve stops at KL 2)",
-              "answer scoring": f"{work.answer_passes} passes over {2 * settings.pairs} answers",
-              "persona control": f"{work.persona_passes} persona passes over {2 * settings.pairs} answers"}
+              "answer scoring": f"{work.answer_passes} passes over {2 * config.pairs} answers",
+              "persona control": f"{work.persona_passes} persona passes over {2 * config.pairs} answers"}
     for kind, detail in counts.items():
         if kind == "held-out pairs" and not work.generated_answers or kind == "selection" and not work.selection_answers:
             continue
@@ -374,4 +346,4 @@ def plan_control_run(spec: str, config: Any, device: str = "cpu", dtype: str = "
     threads = torch.get_num_threads()
     costs = costs or saved_control_costs(device, dtype, threads)
     machine = machine or saved_costs(device, dtype, threads)
-    return plan_control(spec, config.traits, ControlSettings.of(config, **given), device, dtype, costs, machine)
+    return plan_control(spec, config.traits, ControlSettings(config, **given), device, dtype, costs, machine)

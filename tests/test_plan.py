@@ -162,7 +162,7 @@ def test_control_work_counts_the_passes_control_makes(tiny_model, tmp_path, monk
     neuron_map = make_map("extraversion", {1: [3, 7, 11]}, {2: [5, 9, 20]}, [1, 2], n_layers=int(tiny_model.cfg.n_layers),
                           d_mlp=int(tiny_model.cfg.d_mlp), fingerprint=model_fingerprint(tiny_model).to_dict())
     result = run_control(tiny_model, config, log=lambda line: None, progress=False, maps={"extraversion": neuron_map})
-    settings = ControlSettings.of(config, maps_given=True, rule_maps_given=True)
+    settings = ControlSettings(config, maps_given=True, rule_maps_given=True)
     exact = control_work(settings, run=result)
     assert (counted["probe"], counted["answers"], counted["persona"]) == \
         (exact.probe_passes, exact.answer_passes, exact.persona_passes)
@@ -183,9 +183,11 @@ def _control_costs(**changes):
 
 
 def test_the_control_plan_has_a_stage_per_kind_of_work_and_scales_with_it(tiny_folder):
+    from dpn_lens.evaluation.control import ControlConfig
     from dpn_lens.plan_control import ControlSettings, plan_control
 
-    settings = ControlSettings(methods=["dpn-le", "attribution-t", "caa"], pairs=16, maps_given=True)
+    methods = ["dpn-le", "attribution-t", "caa"]
+    settings = ControlSettings(ControlConfig(methods=methods, pairs=16), maps_given=True)
     plan = plan_control(str(tiny_folder), ["openness", "neuroticism"], settings, costs=_control_costs(),
                         machine=_costs())
     names = [stage.name for stage in plan.stages]
@@ -194,15 +196,15 @@ def test_the_control_plan_has_a_stage_per_kind_of_work_and_scales_with_it(tiny_f
     assert all(stage.seconds > 0 for stage in plan.stages)
     # Maps of every rule and cached pairs: no selection, no generation; no maps: a locate stage.
     given = plan_control(str(tiny_folder), ["openness", "neuroticism"],
-                         ControlSettings(methods=settings.methods, pairs=16, maps_given=True, rule_maps_given=True,
-                                         pairs_cached=True), costs=_control_costs(), machine=_costs())
+                         ControlSettings(ControlConfig(methods=methods, pairs=16), maps_given=True,
+                                         rule_maps_given=True, pairs_cached=True), costs=_control_costs(), machine=_costs())
     assert [s.name for s in given.stages][1:] == names[3:] and given.seconds < plan.seconds
     assert "locate (DPN-LE maps)" in [s.name for s in plan_control(
-        str(tiny_folder), ["openness"], ControlSettings(methods=["dpn-le"]), costs=_control_costs(),
+        str(tiny_folder), ["openness"], ControlSettings(ControlConfig(methods=["dpn-le"])), costs=_control_costs(),
         machine=_costs()).stages]
     # Twice the pairs: twice the answer-scoring time; half the probe rate: twice the curves' time.
     double = plan_control(str(tiny_folder), ["openness", "neuroticism"],
-                          ControlSettings(methods=settings.methods, pairs=32, maps_given=True),
+                          ControlSettings(ControlConfig(methods=methods, pairs=32), maps_given=True),
                           costs=_control_costs(probe_flops_per_s=5e8), machine=_costs())
     by_name = {s.name: s.seconds for s in plan.stages}
     doubled = {s.name: s.seconds for s in double.stages}
@@ -273,13 +275,3 @@ def test_the_plan_benchmark_plans_a_control_run(tiny_folder, tmp_path, monkeypat
                           "--extra", "--quick --gammas 0.5,2 --kl-levels 0.05 --random-draws 1"])
     assert result["measured_seconds"] > 0 and result["predicted_seconds"] > 0 and result["stage"] == "control"
 
-
-def test_control_settings_default_to_control_configs_defaults():
-    """The plan's settings mirror ``ControlConfig``; a default changed there must change here too."""
-    from dpn_lens.evaluation.control import ControlConfig
-    from dpn_lens.plan_control import ControlSettings
-
-    config, settings = ControlConfig(), ControlSettings()
-    shared = [name for name in ControlSettings.__dataclass_fields__ if hasattr(config, name)]
-    assert len(shared) >= 15
-    assert {name: getattr(settings, name) for name in shared} == {name: getattr(config, name) for name in shared}
