@@ -106,7 +106,7 @@ def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m-instruct", help="embedded name, folder, or 'tiny'")
     parser.add_argument("--dtype", default="bfloat16", help="the demo's dtype")
-    parser.add_argument("--pairs", type=int, default=500, help="pairs per trait of the locate run (the demo's 500)")
+    parser.add_argument("--n-pairs", "--pairs", type=int, default=500, help="pairs per trait of the locate run (the demo's 500)")
     parser.add_argument("--data-dir", default="../shared/data", help="folder holding capability/wikitext2_test")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: least noisy on a shared CPU)")
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def _speed(args: argparse.Namespace) -> dict[str, Any]:
-    speed = bench_cards_vs_locate(load(args.model, args.dtype), args.pairs, args.data_dir, args.batch_size)
+    speed = bench_cards_vs_locate(load(args.model, args.dtype), args.n_pairs, args.data_dir, args.batch_size)
     print(f"[cards] locate {speed['pairs_per_trait']} pairs x 5 traits: {speed['locate_s']:.1f} s; cards for "
           f"{speed['cards']} neurons: {speed['cards_s']:.1f} s -> {speed['cards_over_locate']:.2f}x locate "
           f"(target <= 2x)")

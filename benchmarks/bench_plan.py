@@ -12,14 +12,14 @@ It prints predicted, measured and predicted/measured for time and memory (target
 
 ``--stage control`` does the same for ``dpn-lens control``: it measures control's costs
 (``dpn_lens.plan_control.measure_control_costs``), plans the run (``plan_control``) and times
-``dpn-lens control`` with those settings (``--maps`` and ``--pairs-cached`` as the run will find them).
+``dpn-lens control`` with those settings (``--run`` and ``--pairs-cached`` as the run will find them).
 
 Usage::
 
     python benchmarks/bench_plan.py --model smollm2-135m-instruct --traits openness,neuroticism --n-pairs 100
     python benchmarks/bench_plan.py --model gemma-3-270m --traits openness,neuroticism --n-pairs 100
     python benchmarks/bench_plan.py --model path/to/tiny-folder --traits openness --n-pairs 4 --measure-prompts 4   # smoke run
-    python benchmarks/bench_plan.py --stage control --model smollm2-135m-instruct --traits openness --methods dpn-le,attribution-t,caa --maps results/control-smollm2-135m-instruct-rules/maps --data-dir ../shared/data
+    python benchmarks/bench_plan.py --stage control --model smollm2-135m-instruct --traits openness --methods dpn-le,attribution-t,caa --run results/control-smollm2-135m-instruct-rules/maps --data-dir ../shared/data
 """
 
 from __future__ import annotations
@@ -76,8 +76,8 @@ def parser() -> argparse.ArgumentParser:
     options.add_argument("--measure-prompts", type=int, default=24, help="pairs the machine's costs are measured on")
     options.add_argument("--stage", choices=("locate", "control"), default="locate")
     options.add_argument("--methods", default="dpn-le,caa", help="control's methods (--stage control)")
-    options.add_argument("--pairs", type=int, default=64, help="control's held-out pairs per trait")
-    options.add_argument("--maps", default=None, help="control's maps folder (None: located in the run)")
+    options.add_argument("--eval-pairs", "--pairs", type=int, default=64, help="control's held-out pairs per trait")
+    options.add_argument("--run", "--maps", default=None, help="control's run or maps folder (None: located in the run)")
     options.add_argument("--data-dir", default=None, help="control's data folder (None: $DPN_LENS_DATA)")
     options.add_argument("--pairs-cached", action="store_true", help="control's held-out pairs are cached")
     options.add_argument("--extra", default="", help="more control options, one string (e.g. \"--gammas 0.5,2,8\")")
@@ -99,8 +99,8 @@ def control_main(args: argparse.Namespace, traits: list[str]) -> dict[str, Any]:
     costs = measure_control_costs(args.model, dtype=args.dtype, save=False)
     measuring = time.perf_counter() - started
     command = ["control", "--model", args.model, "--traits", ",".join(traits), "--dtype", args.dtype,
-               "--methods", args.methods, "--pairs", str(args.pairs), "--no-progress", "--no-png",
-               *shlex.split(args.extra), *(["--maps", args.maps] if args.maps else []),
+               "--methods", args.methods, "--eval-pairs", str(args.eval_pairs), "--no-progress", "--no-png",
+               *shlex.split(args.extra), *(["--run", args.run] if args.run else []),
                *(["--data-dir", args.data_dir] if args.data_dir else []), "--out", "OUT"]
     config = config_from_args(build_parser().parse_args([a if a != "OUT" else "runs/planned" for a in command]))
     plan = plan_control_run(args.model, config, dtype=args.dtype, costs=costs, machine=machine,

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import contextlib
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 from dpn_lens.answers import Generation
 from dpn_lens.evaluation.judge import generate_answers
+from dpn_lens.evaluation.shifts import PERSONA, Shift, ShiftRow, rows_of_record
 from dpn_lens.io import write_json_atomic, write_text_atomic
 from dpn_lens.run import SUMMARY_FILE, SUMMARY_MD_FILE
 from dpn_lens.steering import Edit, Intervention, steering_intervention
@@ -152,13 +154,24 @@ class StageClock:
         return ", ".join(f"{name} {seconds:.0f} s" for name, seconds in self.seconds.items())
 
 
-def preference_check(model: Any, trait: str, edits: Mapping[str, tuple[str, Edit]], data_dir: Path, n_pairs: int,
-                     clock: "StageClock | None" = None) -> dict[str, Any]:
-    """The demo's evidence for one trait: the preference shift of each edit and the persona prompt's effect.
+@dataclass(frozen=True)
+class CalibratedEdit:
+    """One edit the demo shows: whose neurons, which direction, at which gamma (and how it was found)."""
 
-    ``edits`` maps a name to ``(direction, edit)``. Pairs are the model's own answers under held-out
-    PersonalityBench personas (cached per model, as in ``dpn-lens control``); the shift is signed by the
-    direction (positive = moved as asked), with a 95% bootstrap interval over pairs.
+    neurons: str
+    direction: str
+    gamma: float
+    edit: Edit
+    calibration: str = ""
+
+
+def preference_check(model: Any, trait: str, edits: Sequence[CalibratedEdit], data_dir: Path, n_pairs: int,
+                     clock: "StageClock | None" = None) -> list[ShiftRow]:
+    """The demo's evidence for one trait: a ``ShiftRow`` per edit, then the persona prompt's.
+
+    Pairs are the model's own answers under held-out PersonalityBench personas (cached per model, as in
+    ``dpn-lens control``); the shift is signed by the direction (positive = moved as asked), with a 95%
+    bootstrap interval over pairs.
     """
     from dpn_lens.evaluation.control import ControlConfig, held_out_pairs, persona_control
     from dpn_lens.evaluation.preference import PairScorer
@@ -172,73 +185,44 @@ def preference_check(model: Any, trait: str, edits: Mapping[str, tuple[str, Edit
     with clock.stage("preference margins"):
         scorer = PairScorer(model, held.pairs)
         base, _, _, persona = persona_control(model, held, scorer)
-        result = _shifts(scorer, held, base, persona, edits)
-    return result
-
-
-def _shifts(scorer: Any, held: Any, base: Any, persona: Any, edits: Mapping[str, tuple[str, Edit]]) -> dict[str, Any]:
-    from dpn_lens.evaluation.intervals import paired_effect
-    from dpn_lens.steering import direction_sign
-
-    result: dict[str, Any] = {"n_pairs": len(held.pairs), "persona": _effect(persona)}
-    for name, (direction, edit) in edits.items():
-        sign = direction_sign(direction)
-        steered = scorer.margins(edit=edit)
-        result[name] = _effect(paired_effect(sign * steered, sign * base))
-    return result
-
-
-def _effect(effect: Any) -> dict[str, float]:
-    return {"shift": effect.shift, "ci_low": effect.ci_low, "ci_high": effect.ci_high, "p": effect.p_value}
-
-
-def _effect_line(name: str, effect: Mapping[str, float]) -> str:
-    from dpn_lens.evaluation.intervals import shift_verdict
-
-    verdict = shift_verdict(effect["ci_low"], effect["ci_high"])
-    return (f"  {name:<26} {effect['shift']:+.3f} [{effect['ci_low']:+.3f}, {effect['ci_high']:+.3f}]  "
-            f"p={effect['p']:.2g}  {verdict}")
-
-
-def _calibrated_edits(model: Any, neuron_map: Any, gamma: float | None, target_kl: float, probe: Any,
-                      clock: StageClock) -> tuple[dict[str, float], dict[str, Edit], dict[str, str]]:
-    """Per direction: the gamma (calibrated to ``target_kl`` unless fixed), the edit and what the calibration said."""
-    from dpn_lens.evaluation.calibrate import calibrate_gamma
-
-    gammas, described = {}, {}
-    for direction in ("increase", "decrease"):
-        if gamma is None:
-            with clock.stage("calibration"):
-                # The two directions cost about the same KL: the first's gamma is where the second's search starts.
-                calibration = calibrate_gamma(model, neuron_map, target_kl=target_kl, probe=probe, direction=direction,
-                                              start=next(iter(gammas.values()), None))
-            gammas[direction] = calibration.gamma
-            described[direction] = calibration.describe()
-        else:
-            gammas[direction] = gamma
-    edits = {direction: steering_intervention(neuron_map, gamma=value, direction=direction)
-             for direction, value in gammas.items()}
-    return gammas, edits, described
-
-
-def _shift_rows(record: dict[str, Any]) -> list[tuple[str, float, str]]:
-    """Per edit of one trait's record: its label, its gamma and its key in ``record["preference"]``
-    (DPN-LE's two directions, then each rule's)."""
-    rows = [(f"DPN-LE {direction}", record["gamma"][direction], direction) for direction in ("increase", "decrease")]
-    for rule_name, entry in (record.get("rules") or {}).items():
-        rows += [(f"{rule_name} {direction}", entry["gamma"][direction], f"{rule_name}-{direction}")
-                 for direction in ("increase", "decrease")]
+        rows = _shift_rows(trait, scorer, len(held.pairs), base, persona, edits)
     return rows
 
 
-def _evidence_lines(record: dict[str, Any]) -> list[str]:
+def _shift_rows(trait: str, scorer: Any, n_pairs: int, base: Any, persona: Any,
+                edits: Sequence[CalibratedEdit]) -> list[ShiftRow]:
+    from dpn_lens.evaluation.intervals import paired_effect
+    from dpn_lens.steering import direction_sign
+
+    rows = []
+    for item in edits:
+        sign = direction_sign(item.direction)
+        effect = paired_effect(sign * scorer.margins(edit=item.edit), sign * base)
+        rows.append(ShiftRow(trait, item.neurons, item.direction, item.gamma, n_pairs, Shift.of(effect),
+                             item.calibration))
+    return rows + [ShiftRow(trait, PERSONA, "", None, n_pairs, Shift.of(persona))]
+
+
+def _calibrated_edits(model: Any, neuron_map: Any, gamma: float | None, target_kl: float, probe: Any,
+                      clock: StageClock, neurons: str) -> list[CalibratedEdit]:
+    """Per direction: the gamma (calibrated to ``target_kl`` unless fixed), the edit and what the calibration said."""
+    from dpn_lens.evaluation.calibrate import calibrate_directions
+
+    if gamma is None:
+        with clock.stage("calibration"):
+            calibrations = calibrate_directions(model, target_kl, neuron_map=neuron_map, probe=probe)
+        gammas = {direction: calibration.gamma for direction, calibration in calibrations.items()}
+        described = {direction: calibration.describe() for direction, calibration in calibrations.items()}
+    else:
+        gammas, described = {"increase": gamma, "decrease": gamma}, {}
+    return [CalibratedEdit(neurons, direction, value,
+                           steering_intervention(neuron_map, gamma=value, direction=direction),
+                           described.get(direction, "")) for direction, value in gammas.items()]
+
+
+def _evidence_lines(trait: str, rows: Sequence[ShiftRow]) -> list[str]:
     """The summary's lines of one trait: each map's shifts per direction, then the persona prompt's."""
-    check = record["preference"]
-    lines = [f"- **{record['trait']}** ({check['n_pairs']} pairs):"]
-    lines += ["  " + _effect_line(f"{label}, gamma {gamma:.3g}", check[key]).strip()
-              for label, gamma, key in _shift_rows(record)]
-    lines.append("  " + _effect_line("persona prompt", check["persona"]).strip())
-    return lines
+    return [f"- **{trait}** ({rows[0].n_pairs} pairs):"] + ["  " + row.line().strip() for row in rows]
 
 
 def run_demo(model_name: str = "smollm2-135m-instruct", out: str | Path = "runs/demo",
@@ -303,29 +287,26 @@ def run_demo(model_name: str = "smollm2-135m-instruct", out: str | Path = "runs/
             print(generations[trait][0].text() + "\n")
             continue
         record: dict[str, Any] = {"trait": trait}
-        gammas, edits, described = _calibrated_edits(model, neuron_map, gamma, target_kl, probe, clock)
-        record["gamma"] = gammas
-        record.update({f"{direction}_calibration": text for direction, text in described.items()})
-        for direction, text in described.items():
-            print(f"  DPN-LE {direction}: {text}")
-        named = {direction: (direction, edit) for direction, edit in edits.items()}
+        shown = _calibrated_edits(model, neuron_map, gamma, target_kl, probe, clock, "DPN-LE")
+        record["gamma"] = {item.direction: item.gamma for item in shown}
         if rule_map is not None:
-            rule_gammas, rule_edits, rule_described = _calibrated_edits(model, rule_map, gamma, target_kl, probe, clock)
-            record["rules"] = {rule: {"gamma": rule_gammas, "neurons": rule_map.n_selected(),
-                                      **{f"{d}_calibration": text for d, text in rule_described.items()}}}
-            for direction, text in rule_described.items():
-                print(f"  {rule} {direction}: {text}")
-            named.update({f"{rule}-{direction}": (direction, edit) for direction, edit in rule_edits.items()})
+            rule_edits = _calibrated_edits(model, rule_map, gamma, target_kl, probe, clock, rule)
+            record["rules"] = {rule: {"gamma": {item.direction: item.gamma for item in rule_edits},
+                                      "neurons": rule_map.n_selected()}}
+            shown += rule_edits
+        for item in shown:
+            if item.calibration:
+                print(f"  {item.neurons} {item.direction}: {item.calibration}")
         if data is not None:
-            check = preference_check(model, trait, named, data, eval_pairs, clock)
-            record["preference"] = check
-            print(f"  preference shift, nats/token, 95% CI over {check['n_pairs']} held-out pairs:")
-            for label, used, key in _shift_rows(record):
-                print(_effect_line(f"{label} (gamma {used:.3g})", check[key]))
-            print(_effect_line("persona prompt (high-low)/2", check["persona"]))
+            rows = preference_check(model, trait, shown, data, eval_pairs, clock)
+            record["shifts"] = [row.to_dict() for row in rows]
+            print(f"  preference shift, nats/token, 95% CI over {rows[0].n_pairs} held-out pairs:")
+            print("\n".join(row.line() for row in rows))
+        # The answers are labelled as before: DPN-LE's by direction, a rule's as "<rule>-<direction>".
+        named = {item.direction if item.neurons == "DPN-LE" else f"{item.neurons}-{item.direction}": item.edit
+                 for item in shown}
         with clock.stage("example answers"):
-            generations[trait] = compare_generations(model, [DEMO_QUESTIONS[trait]],
-                                                     {name: edit for name, (_, edit) in named.items()}, max_new_tokens)
+            generations[trait] = compare_generations(model, [DEMO_QUESTIONS[trait]], named, max_new_tokens)
         evidence[trait] = record
         print("\n".join(g.text() for g in generations[trait]) + "\n")
 
@@ -353,13 +334,13 @@ def run_demo(model_name: str = "smollm2-135m-instruct", out: str | Path = "runs/
             f"{t} {m.n_selected()} neurons" for t, m in run.rule_maps.get(rule, {}).items())
             + f"; selected from {selection_pairs} selection pairs per trait (docs/METHOD.md, 'Selection by effect')"]
     lines += ["", "## Does the edit steer? (preference shift, nats/token, 95% CI; positive = moved as asked)", ""]
-    if not any("preference" in record for record in evidence.values()):
+    if not any("shifts" in record for record in evidence.values()):
         lines += ["Not measured: no PersonalityBench data was found (pass --data-dir).", ""]
-    for record in evidence.values():
-        if "preference" in record:
-            lines += _evidence_lines(record)
+    for trait, record in evidence.items():
+        if "shifts" in record:
+            lines += _evidence_lines(trait, rows_of_record(record))
     lines += ["", "## Browse the neurons", "",
-              f"`dpn-lens explore {out}{' --data-dir ' + str(data) if data is not None else ''}` writes "
+              f"`dpn-lens explore --run {out}{' --data-dir ' + str(data) if data is not None else ''}` writes "
               "[the neuron explorer](explorer/index.html): a card per neuron "
               "(what it reads, writes and does), the layer histogram and the overlap between traits.", ""]
     lines += ["", "## Unsteered vs steered answers (greedy)", ""]
@@ -369,5 +350,5 @@ def run_demo(model_name: str = "smollm2-135m-instruct", out: str | Path = "runs/
     print(f"wrote {out}/summary.md, {out}/summary.json, maps and stats; {len(written)} figure files in {figures}/")
     print(f"demo finished in {summary['seconds_total']:.0f} s ({clock.describe()})")
     data_option = f" --data-dir {data}" if data is not None else ""
-    print(f"browse the neurons: dpn-lens explore {out}{data_option}  (then open {out}/explorer/index.html)")
+    print(f"browse the neurons: dpn-lens explore --run {out}{data_option}  (then open {out}/explorer/index.html)")
     return summary

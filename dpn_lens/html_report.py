@@ -1,4 +1,4 @@
-"""``dpn-lens report RUN_DIR``: one self-contained HTML page with a run's tables and figures.
+"""``dpn-lens report --run RUN``: one self-contained HTML page with a run's tables and figures.
 
 The page gathers, from a run folder (``dpn-lens locate`` / ``demo``) and any figure folders given:
 
@@ -20,7 +20,8 @@ Markdown is rendered by ``markdown-it-py`` (CommonMark with tables).
 Why plotly.js inline (default) rather than PNGs: the page must work offline and from one file (mail it,
 attach it to a paper's supplement), and the figures stay interactive (hover shows layer, neuron, d and
 s, which is most of their value). plotly.js is inlined *once* (~4.7 MB) however many figures there are;
-``plotlyjs="cdn"`` gives a ~100 kB page that needs the network instead.
+``plotlyjs="cdn"`` gives a ~100 kB page that needs the network instead, and ``plotlyjs="directory"``
+a small page that loads ``plotly.min.js`` written beside it (offline, several pages sharing one copy).
 
 When the page has drawn every figure, it sets ``document.title`` to end in ``[rendered N/N]`` and fills
 ``#dpn-report-status`` (``data-done="1"``, ``data-rendered``, ``data-total``, and the layout check
@@ -35,7 +36,6 @@ Example:
 
 from __future__ import annotations
 
-import argparse
 import base64
 import csv
 import datetime
@@ -49,16 +49,17 @@ from typing import Any, Literal, Sequence
 from markdown_it import MarkdownIt
 
 from dpn_lens.answers import Generation
-from dpn_lens.cli.options import FORMATTER, add_out_option
 from dpn_lens.io import write_text_atomic
-from dpn_lens.run import MAPS_DIR, REPORT_FILE, STATS_DIR, SUMMARY_FILE, SUMMARY_MD_FILE, Run, read_summary
+from dpn_lens.run import MAPS_DIR, REPORT_FILE, STATS_DIR, SUMMARY_MD_FILE, Run, read_summary
 from dpn_lens.studies import STUDY_SECTIONS
 from dpn_lens.studies.section import ReportSection
 
 __all__ = ["ReportFigure", "ReportTable", "Report", "build_report", "write_report", "figure_from_html",
-           "figure_from_file", "markdown_to_html", "read_generations", "register", "run_report"]
+           "figure_from_file", "markdown_to_html", "read_generations", "save_report", "PLOTLY_FILE"]
 
-PlotlyJs = Literal["inline", "cdn"]
+PlotlyJs = Literal["inline", "cdn", "directory"]
+PLOTLY_FILE = "plotly.min.js"
+"""The shared plotly.js bundle a ``plotlyjs="directory"`` page loads from its own folder."""
 GENERATOR = "dpn-lens report"
 CSV_ROWS = 100
 """Rows of a CSV table shown on the page (the file holds them all)."""
@@ -408,30 +409,28 @@ def _headline(comparison: Path, notes: list[str]) -> str:
             + _table_html(body, ["method", "conditions", *columns], inline=False) + f"<p class='note'>{note}</p>")
 
 
-def _effect_cell(effect: dict[str, Any]) -> str:
-    """``+0.012 [-0.004, +0.030]`` and what it says (the interval against 0)."""
-    from dpn_lens.evaluation.intervals import shift_verdict
-
-    verdict = shift_verdict(effect["ci_low"], effect["ci_high"])
-    return f"{effect['shift']:+.3f} [{effect['ci_low']:+.3f}, {effect['ci_high']:+.3f}] {verdict}"
-
-
 def _evidence(summary: dict[str, Any]) -> str:
-    """The demo's preference check: per trait, each direction's shift and the persona prompt's, with 95% CIs."""
+    """The demo's preference check: per trait and map, each direction's shift and the persona prompt's, with 95% CIs."""
+    from dpn_lens.evaluation.shifts import PERSONA, rows_of_record
+
+    def cell(row: Any) -> str:
+        e = row.effect
+        text = f"{e.shift:+.3f} [{e.ci_low:+.3f}, {e.ci_high:+.3f}] {e.verdict()}"
+        return text + (f" (gamma {_number(row.gamma)})" if row.gamma is not None else "")
+
     rows = []
     for trait, record in (summary.get("evidence") or {}).items():
-        check = record.get("preference")
-        if not check:
-            continue
-        gammas = record.get("gamma") or {}
-        rows.append([html.escape(trait), "DPN-LE", str(check.get("n_pairs", ""))]
-                    + [f"{_effect_cell(check[d])} (gamma {_number(gammas.get(d, ''))})" for d in ("increase", "decrease")]
-                    + [_effect_cell(check["persona"])])
-        for rule, entry in (record.get("rules") or {}).items():
-            if all(f"{rule}-{d}" in check for d in ("increase", "decrease")):
-                rows.append([html.escape(trait), html.escape(rule), str(check.get("n_pairs", ""))]
-                            + [f"{_effect_cell(check[f'{rule}-{d}'])} (gamma {_number(entry['gamma'].get(d, ''))})"
-                               for d in ("increase", "decrease")] + [""])
+        shifts = rows_of_record(record)
+        persona = next((row for row in shifts if row.neurons == PERSONA), None)
+        by_map: dict[str, dict[str, Any]] = {}
+        for row in shifts:
+            if row.neurons != PERSONA:
+                by_map.setdefault(row.neurons, {})[row.direction] = row
+        for index, (neurons, directions) in enumerate(by_map.items()):
+            if set(directions) >= {"increase", "decrease"}:
+                rows.append([html.escape(trait), html.escape(neurons), str(directions["increase"].n_pairs)]
+                            + [cell(directions[d]) for d in ("increase", "decrease")]
+                            + [cell(persona) if persona is not None and index == 0 else ""])
     if not rows:
         return ""
     return ("<h3>Does the edit steer? Preference shift, nats/token</h3>"
@@ -652,8 +651,10 @@ def _plotly_script(plotlyjs: PlotlyJs) -> str:
         from plotly.offline import get_plotlyjs_version
 
         return f'<script src="https://cdn.plot.ly/plotly-{get_plotlyjs_version()}.min.js"></script>'
-    raise ValueError(f"plotlyjs must be 'inline' (offline, one file) or 'cdn' (small page, needs the network), "
-                     f"got {plotlyjs!r}")
+    if plotlyjs == "directory":
+        return f'<script src="{PLOTLY_FILE}"></script>'
+    raise ValueError(f"plotlyjs must be 'inline' (offline, one file), 'cdn' (small page, needs the network) or "
+                     f"'directory' ({PLOTLY_FILE} beside the page), got {plotlyjs!r}")
 
 
 def _clean_spec(spec: dict[str, Any]) -> dict[str, Any]:
@@ -733,17 +734,29 @@ def write_report(run_dir: str | Path, out_html: str | Path | None = None, figure
             comparison outputs inside it (or in its direct subfolders) are included too.
         out_html: the page to write.
         figures: more folders with study / comparison outputs (``dpn-lens study --out``, ``compare --out``).
-        plotlyjs: ``"inline"`` (default: plotly.js embedded once, works offline) or ``"cdn"``.
+        plotlyjs: ``"inline"`` (default: plotly.js embedded once, works offline), ``"cdn"``, or
+            ``"directory"`` (writes ``plotly.min.js`` beside the page).
         csv_rows: rows shown of each CSV table that has no Markdown version.
 
     Example:
         >>> write_report("runs/demo", figures=["figures"])       # doctest: +SKIP
         PosixPath('runs/demo/report.html')
     """
-    report = build_report(run_dir, figures, csv_rows)
+    return save_report(build_report(run_dir, figures, csv_rows), run_dir, out_html, plotlyjs)
+
+
+def save_report(report: Report, run_dir: str | Path, out_html: str | Path | None = None,
+                plotlyjs: PlotlyJs = "inline") -> Path:
+    """Write a built ``report`` of ``run_dir`` as its page (default ``run_dir/report.html``), with the link
+    to the run's explorer, and ``plotly.min.js`` beside it for ``plotlyjs="directory"``."""
     out = Path(out_html) if out_html is not None else Path(run_dir) / REPORT_FILE
     add_explorer_link(report, run_dir, out)
-    return write_text_atomic(out, report.html(plotlyjs))
+    page = report.html(plotlyjs)   # validates plotlyjs before anything is written
+    if plotlyjs == "directory":
+        from plotly.offline import get_plotlyjs
+
+        write_text_atomic(out.parent / PLOTLY_FILE, get_plotlyjs())
+    return write_text_atomic(out, page)
 
 
 def add_explorer_link(report: Report, run_dir: str | Path, page: str | Path) -> None:
@@ -757,32 +770,6 @@ def add_explorer_link(report: Report, run_dir: str | Path, page: str | Path) -> 
         line = (f'<p><b>Neuron explorer:</b> <a href="{html.escape(href)}">{html.escape(href)}</a> '
                 "(each neuron's card: what it reads, writes and does)</p>")
     else:
-        line = (f"<p><b>Neuron explorer:</b> not built yet; <code>dpn-lens explore {html.escape(str(run_dir))}</code> "
+        line = (f"<p><b>Neuron explorer:</b> not built yet; <code>dpn-lens explore --run {html.escape(str(run_dir))}</code> "
                 "writes it (each neuron's card: what it reads, writes and does)</p>")
     report.summary.insert(0, line)
-
-
-# ----- command line ----------------------------------------------------------------------------------
-def register(subparsers: Any) -> argparse.ArgumentParser:
-    """Add ``report RUN_DIR [--figures DIR] [--out FILE]`` to a subparsers object."""
-    parser = subparsers.add_parser("report", help="one self-contained HTML page with a run's tables and figures",
-                                   description=__doc__.split("\n\n")[0], formatter_class=FORMATTER)
-    parser.add_argument("run_dir", help="run folder written by `dpn-lens locate` / `dpn-lens demo`")
-    parser.add_argument("--figures", action="append", default=[], metavar="DIR",
-                        help="folder with study or compare outputs (repeat for several), e.g. figures/")
-    add_out_option(parser, f"HTML file to write (None: RUN_DIR/{REPORT_FILE})")
-    parser.add_argument("--plotlyjs", choices=("inline", "cdn"), default="inline",
-                        help="embed plotly.js once so the page works offline, or load it from the CDN")
-    parser.set_defaults(handler=run_report)
-    return parser
-
-
-def run_report(args: argparse.Namespace) -> int:
-    """Handler of ``dpn-lens report``."""
-    report = build_report(args.run_dir, args.figures)
-    out = Path(args.out) if args.out else Path(args.run_dir) / REPORT_FILE
-    add_explorer_link(report, args.run_dir, out)
-    write_text_atomic(out, report.html(args.plotlyjs))
-    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB): {len(report.figures)} figures, "
-          f"{len(report.tables)} tables" + (f"; {len(report.notes)} notes" if report.notes else ""))
-    return 0

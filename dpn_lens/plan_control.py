@@ -133,7 +133,14 @@ class ControlCosts:
     """Per trait beyond the counted passes (intervals, CAA's direction, building edits), per pair."""
     probe_reference_bytes: int
     extra_bytes: int
-    """Peak memory of the sample beyond the model, the probe's reference and one answer batch."""
+    """Peak memory of the sample's passes (probe, answers, personas, decoding) beyond the loaded model and
+    the probe's reference."""
+    selection_extra_bytes: int
+    """The same for the attribution rules' gradient pass, which only a run that selects a rule makes (its
+    backward through the logits makes it the largest on a large vocabulary: Gemma's 262k)."""
+    sample_tokens: float
+    """Tokens of the sample's answers with their questions: both extras grow with the tokens of a batch,
+    and a run's batches are fuller than the sample's (``_batch_scale``)."""
     measured: str
     machine: str = field(default_factory=platform.node)
 
@@ -218,16 +225,19 @@ def measure_control_costs(model_spec: str, device: str = "cpu", dtype: str = "fl
     (b1, t1), (b2, t2) = timings
     per_row = max((t2 - t1) / (b2 - b1), 1e-9)
     step_seconds = max(t1 - b1 * per_row, 0.0)
+    # Beyond the loaded model and the probe's reference: the answer batches, the caches, allocator slack;
+    # then, apart, the gradient pass's (a run without an effect rule to select never makes it).
+    reference = probe_tokens * shape.vocab * 4
+    extra = max(status_bytes("VmHWM") - loaded - reference, 0)
+    reset_peak()
     gradient_seconds = timed(lambda: margin_gradients(model, pairs), device)
+    selection_extra = max(status_bytes("VmHWM") - loaded - reference, 0)
     gradient_flops = 3 * answer_flops
     # What a trait spends beyond its passes: intervals and building edits, per pair.
     import numpy as np
 
     margins = np.asarray(scorer.margins())
     overhead = timed(lambda: [paired_effect(margins + 0.01, margins) for _ in range(20)], "cpu") / 20
-    # Beyond the loaded model and the probe's reference: the answer batches, the caches, allocator slack.
-    reference = probe_tokens * shape.vocab * 4
-    extra = max(status_bytes("VmHWM") - loaded - reference, 0)
     costs = ControlCosts(device=device, dtype=dtype, threads=torch.get_num_threads(), model=model_spec,
                          probe_flops_per_s=probe_flops / probe_seconds, answer_flops_per_s=answer_flops / answer_seconds,
                          persona_flops_per_s=persona_flops / persona_seconds,
@@ -235,6 +245,8 @@ def measure_control_costs(model_spec: str, device: str = "cpu", dtype: str = "fl
                          step_flops_per_s=token_flops / per_row, answer_fill=fill, prompt_tokens=question,
                          persona_tokens=persona, trait_seconds=overhead,
                          probe_reference_bytes=reference, extra_bytes=int(extra),
+                         selection_extra_bytes=int(selection_extra),
+                         sample_tokens=2 * len(pairs) * (question + answer),
                          measured=time.strftime("%Y-%m-%d %H:%M"))
     if save:
         from dpn_lens.io import write_json_atomic
@@ -307,7 +319,16 @@ def plan_control(spec: str, traits: Sequence[str], settings: ControlSettings, de
     reference = config.kl_chunks * (config.kl_tokens + 1) * shape.vocab * 4
     runtime = machine.runtime_bytes if machine is not None and device == "cpu" else 0
     resident = machine.resident_ratio if machine is not None else 1.0
-    peak = runtime + int(weights * max(resident, 1.0)) + reference + (costs.extra_bytes if usable else 0)
+    base = runtime + int(weights * max(resident, 1.0)) + reference
+    peak, selection_peak = base, base
+    if usable:
+        from dpn_lens.effect.gradients import margin_gradients
+        from dpn_lens.evaluation.preference import PairScorer
+
+        per_answer = costs.prompt_tokens + costs.answer_fill * config.max_new_tokens
+        peak += int(costs.extra_bytes * _batch_scale(PairScorer, 2 * config.pairs * per_answer, costs))
+        selection_peak += int(costs.selection_extra_bytes
+                              * _batch_scale(margin_gradients, 2 * config.selection_pairs * per_answer, costs))
     counts = {"held-out pairs": f"{work.generated_answers} greedy answers of <= {config.max_new_tokens} tokens",
               "selection": f"{work.selection_answers} selection answers, generated and differentiated",
               "KL curves": f"{work.probe_passes} probe passes of {config.kl_chunks}x{config.kl_tokens} tokens "
@@ -320,10 +341,27 @@ def plan_control(spec: str, traits: Sequence[str], settings: ControlSettings, de
         seconds = per_kind[kind] * len(traits) if usable else None
         if seconds is not None and kind == "KL curves":   # and once per run, the unsteered reference
             seconds += per_kind[kind] / work.probe_passes
-        stages.append(StagePlan(f"{kind} ({len(traits)} traits)", seconds, peak, f"per trait: {detail}"))
+        stages.append(StagePlan(f"{kind} ({len(traits)} traits)", seconds,
+                                selection_peak if kind == "selection" else peak, f"per trait: {detail}"))
     gib = 1024 ** 3
     fits = {size: (weights + reference) * 1.1 < size * gib for size in GPU_SIZES_GIB}
     return RunPlan(spec, shape, device, dtype, weights, stages, machine, fits)
+
+
+def _batch_scale(batched: Any, run_tokens: float, costs: ControlCosts) -> float:
+    """How much fuller the run's batches of ``batched`` (``PairScorer``, ``margin_gradients``: batches of at
+    most their ``batch_tokens`` default) are than the sample's: the measured extra memory scales with it.
+
+    Example:
+        >>> def batched(items, batch_tokens=4096): ...
+        >>> costs = type("Costs", (), {"sample_tokens": 2048.0})()
+        >>> _batch_scale(batched, 9000.0, costs), _batch_scale(batched, 1024.0, costs)
+        (2.0, 0.5)
+    """
+    import inspect
+
+    limit = inspect.signature(batched).parameters["batch_tokens"].default
+    return min(limit, run_tokens) / max(min(limit, costs.sample_tokens), 1.0)
 
 
 def plan_control_run(spec: str, config: Any, device: str = "cpu", dtype: str = "float32",

@@ -14,12 +14,12 @@ A run folder (written by ``dpn-lens locate`` / ``dpn-lens demo``) holds everythi
 A run folder is a transaction: ``manifest.json`` (written atomically) says whether the run is
 ``complete`` or still ``running`` (interrupted), which traits are done, and the SHA-256 of each
 trait's map and statistics. Every reader (``Run.load``, so the studies and the report; ``steer`` and
-``compare --maps`` through ``check_run_folder``) refuses an incomplete folder or one holding maps of
+``compare --run`` through ``check_run_folder``) refuses an incomplete folder or one holding maps of
 another run, saying how to finish or redo it. Writers hold ``RUN_DIR/.lock`` (``lock_run_folder``), so a
 second writer is refused. Folders without a manifest (written by older versions) are read with a warning.
 
 The file names live here as constants; ``Run`` loads and saves them, and every reader of a run folder
-(locate, the studies, ``compare --maps``, the HTML report, the demo) goes through it.
+(locate, the studies, ``compare --run``, the HTML report, the demo) goes through it.
 
 Example:
     >>> run = Run.load("runs/demo")                       # doctest: +SKIP

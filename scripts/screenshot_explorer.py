@@ -17,7 +17,7 @@ from pathlib import Path
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("page", help="the explorer's index.html (dpn-lens explore RUN writes RUN/explorer/index.html)")
+    parser.add_argument("page", help="the explorer's index.html (dpn-lens explore --run RUN writes RUN/explorer/index.html)")
     parser.add_argument("out", help="PNG to write")
     parser.add_argument("--map", default=None, help="RULE/TRAIT of the map to show, e.g. attribution-t/extraversion")
     parser.add_argument("--token", default=None, help="token typed into 'neurons that promote'")

@@ -20,7 +20,7 @@ def test_the_cards_benchmark_runs_on_the_tiny_model(tmp_path, capsys, monkeypatc
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     out = tmp_path / "cards.json"
-    results = module.main(["--model", "tiny", "--dtype", "float32", "--pairs", "60", "--data-dir", str(tmp_path / "data"),
+    results = module.main(["--model", "tiny", "--dtype", "float32", "--n-pairs", "60", "--data-dir", str(tmp_path / "data"),
                            "--batch-size", "4", "--memory-windows", "4", "--memory-neurons", "10", "--json", str(out)])
     printed = capsys.readouterr().out
     assert "x locate (target <= 2x)" in printed and "flat = about 1" in printed

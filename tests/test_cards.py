@@ -148,7 +148,7 @@ def carded_run(tiny_folder, tmp_path_factory):
 
 def test_cards_cover_every_neuron_of_every_map_and_are_reused_while_current(carded_run, tiny_folder, capsys):
     data_dir = str(carded_run.parent / "data")
-    code = main(["cards", str(carded_run), "--model", str(tiny_folder), "--dtype", "float32", "--data-dir", data_dir,
+    code = main(["cards", "--run", str(carded_run), "--model", str(tiny_folder), "--dtype", "float32", "--data-dir", data_dir,
                  "--n-pairs", "6", "--text-windows", "8", "--k", "3"])
     assert code == 0, capsys.readouterr().err
     assert "[attribution-t]: 5 cards" in capsys.readouterr().out

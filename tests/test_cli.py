@@ -66,9 +66,78 @@ def test_every_subcommand_has_one_handler():
 
     parser = build_parser()
     for argv in (["locate", "--out", "r"], ["steer", "--map", "m", "--prompt", "p"], ["demo"],
-                 ["study", "layers", "--run", "r"], ["compare", "--out", "c"], ["report", "r"]):
+                 ["study", "layers", "--run", "r"], ["compare", "--out", "c"], ["report", "--run", "r"]):
         args = parser.parse_args(argv)
         assert callable(args.handler) and not hasattr(args, "func")
+
+
+def _verb_parsers() -> dict[str, "argparse.ArgumentParser"]:
+    """Every (sub)subcommand parser of ``dpn-lens``, by its command words."""
+    import argparse
+
+    from dpn_lens.cli import build_parser
+
+    found, todo = {}, [("", build_parser())]
+    while todo:
+        words, parser = todo.pop()
+        found[words] = parser
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                todo += [(f"{words} {name}".strip(), sub) for name, sub in action.choices.items()]
+    return found
+
+
+def test_each_thing_has_one_spelling_in_every_verb():
+    """Issue 26: a run folder is --run, pair counts are --n-pairs/--eval-pairs/--selection-pairs, lists are
+    comma lists (CommaList), --plotlyjs values are inline|cdn|directory: in every verb's visible options."""
+    import argparse
+
+    from dpn_lens.cli.options import CommaList
+
+    parsers = _verb_parsers()
+    assert {"control", "compare", "cards", "explore", "report", "study causal", "plan"} <= set(parsers)
+    for words, parser in parsers.items():
+        for action in parser._actions:
+            if action.help == argparse.SUPPRESS or isinstance(action, argparse._SubParsersAction):
+                continue
+            where = f"dpn-lens {words} {'/'.join(action.option_strings) or action.dest}"
+            assert not set(action.option_strings) & {"--maps", "--locate-pairs", "--pairs", "--effect-pairs"}, where
+            assert action.option_strings or action.dest not in ("run", "run_dir"), f"{where}: a run folder is --run DIR"
+            for option in action.option_strings:
+                if "pairs" in option:
+                    assert option in ("--n-pairs", "--eval-pairs", "--selection-pairs", "--pairs-cached"), where
+            if action.nargs in ("+", "*") and not isinstance(action, argparse._AppendAction):
+                assert isinstance(action, CommaList), f"{where}: a list option must take a comma list"
+            if "--plotlyjs" in action.option_strings:
+                assert set(action.choices) <= {"inline", "cdn", "directory"}, where
+            if "--run" in action.option_strings:
+                assert action.dest == "run", where
+
+
+def test_the_earlier_spellings_still_parse_to_the_new_options_and_say_so(capsys):
+    from dpn_lens.cli import build_parser
+
+    parser = build_parser()
+    new = parser.parse_args(["control", "--out", "o", "--run", "m", "--n-pairs", "9", "--eval-pairs", "7",
+                             "--methods", "dpn-le,caa", "--merge", "a,b"])
+    assert capsys.readouterr().err == ""
+    old = parser.parse_args(["control", "--out", "o", "--maps", "m", "--locate-pairs", "9", "--pairs", "7",
+                             "--methods", "dpn-le,caa", "--merge", "a", "b"])
+    for name in ("run", "n_pairs", "eval_pairs", "methods", "merge"):
+        assert getattr(old, name) == getattr(new, name), name
+    err = capsys.readouterr().err
+    assert all(f"is now spelled {option}" in err for option in ("--run", "--n-pairs", "--eval-pairs"))
+    cards = parser.parse_args(["cards", "runs/demo", "--effect-pairs", "5", "--rules", "dpn-le,attribution-t"])
+    assert (cards.run_positional, cards.eval_pairs, cards.rules) == ("runs/demo", 5, ["dpn-le", "attribution-t"])
+    residual = parser.parse_args(["study", "residual", "--run", "r", "--pairs", "6"])
+    assert residual.n_pairs == 6
+
+
+def test_a_run_folder_given_twice_or_not_at_all_is_one_clear_error(tmp_path, capsys):
+    assert main(["cards", str(tmp_path / "a"), "--run", str(tmp_path / "b")]) == 2
+    assert "two run folders given" in capsys.readouterr().err
+    assert main(["explore"]) == 2
+    assert "needs a run folder: pass --run DIR" in capsys.readouterr().err
 
 
 def test_study_errors_are_one_line_and_exit_code_2(tmp_path, capsys):

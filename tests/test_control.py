@@ -72,6 +72,23 @@ def test_the_bracket_search_reads_the_gamma_a_full_grid_sweep_reads(tiny_model, 
     assert len(guessed.calls) <= 3
 
 
+def test_calibrate_directions_calibrates_each_direction_as_calibrate_gamma_does(tiny_model):
+    """The one per-direction calibration of steer and the demo: each direction's gamma is calibrate_gamma's
+    for that direction's edit; the second search starts at the first's gamma and needs fewer probes."""
+    from dpn_lens.evaluation.calibrate import calibrate_directions
+
+    scale = {"increase": 1.0, "decrease": 1.3}        # the decrease edit costs a little more KL per gamma
+    probe = PowerLawProbe()
+    both = calibrate_directions(tiny_model, 0.05, probe=probe, edit_at=lambda direction, gamma: gamma * scale[direction])
+    assert list(both) == ["increase", "decrease"]
+    for direction, calibration in both.items():
+        alone = calibrate_gamma(tiny_model, edit_at=lambda gamma: gamma * scale[direction], probe=PowerLawProbe(),
+                                target_kl=0.05)
+        assert calibration.gamma == pytest.approx(alone.gamma, rel=1e-12) and calibration.reached
+    assert both["decrease"].gamma == pytest.approx(both["increase"].gamma / 1.3, rel=1e-9)
+    assert len(both["decrease"].points) <= len(both["increase"].points)
+
+
 def test_calibrate_gamma_goes_below_the_grid_and_reports_an_unreached_target(tiny_model):
     steep = PowerLawProbe(c=4.0)                        # KL 0.25 already at gamma 0.25
     calibration = calibrate_gamma(tiny_model, edit_at=lambda gamma: gamma, probe=steep, target_kl=0.05)
@@ -196,24 +213,36 @@ def test_control_command_line(tiny_folder, tmp_path, monkeypatch, capsys):
 
 
 def test_demo_preference_check_reports_each_direction_and_the_persona(tiny_model, tmp_path, monkeypatch):
-    from dpn_lens.demo import StageClock, _effect_line, preference_check
+    from dpn_lens.demo import CalibratedEdit, StageClock, preference_check
+    from dpn_lens.evaluation.shifts import PERSONA, Shift, ShiftRow, rows_of_record
 
     monkeypatch.setenv("DPN_LENS_CACHE", str(tmp_path / "cache"))
     data = write_personalitybench(tmp_path / "data")
     neuron_map = tiny_map(tiny_model)
-    edits = {d: (d, steering_intervention(neuron_map, 2.0, d)) for d in ("increase", "decrease")}
-    # Another map's edits beside DPN-LE's, named by the caller and signed by their direction.
-    edits["other-decrease"] = ("decrease", steering_intervention(neuron_map, 2.0, "decrease"))
+    edits = [CalibratedEdit("DPN-LE", d, 2.0, steering_intervention(neuron_map, 2.0, d), "fixed") for d in
+             ("increase", "decrease")]
+    # Another map's edit beside DPN-LE's, named by the caller and signed by its direction.
+    edits.append(CalibratedEdit("other", "decrease", 2.0, steering_intervention(neuron_map, 2.0, "decrease")))
     clock = StageClock()
-    check = preference_check(tiny_model, "extraversion", edits, data, n_pairs=8, clock=clock)
+    rows = preference_check(tiny_model, "extraversion", edits, data, n_pairs=8, clock=clock)
     assert set(clock.seconds) == {"preference pairs", "preference margins"}
-    assert set(check) == {"n_pairs", "persona", "increase", "decrease", "other-decrease"} and check["n_pairs"] >= 4
-    assert check["other-decrease"] == check["decrease"]
-    for key in ("persona", "increase", "decrease"):
-        effect = check[key]
-        assert effect["ci_low"] <= effect["shift"] <= effect["ci_high"] and 0 <= effect["p"] <= 1
-    assert "CI includes 0" in _effect_line("x", {"shift": 0.1, "ci_low": -0.1, "ci_high": 0.3, "p": 0.4})
-    assert "wrong way" in _effect_line("x", {"shift": -0.2, "ci_low": -0.3, "ci_high": -0.1, "p": 0.01})
+    assert [row.label() for row in rows] == ["DPN-LE increase", "DPN-LE decrease", "other decrease", PERSONA]
+    assert rows[2].effect == rows[1].effect and rows[0].calibration == "fixed" and rows[0].n_pairs >= 4
+    for row in rows:
+        assert row.effect.ci_low <= row.effect.shift <= row.effect.ci_high and 0 <= row.effect.p <= 1
+        assert ShiftRow.from_dict(row.to_dict()) == row
+    assert rows_of_record({"shifts": [row.to_dict() for row in rows]}) == rows
+    assert "CI includes 0" in ShiftRow("t", "x", "increase", 1.0, 8, Shift(0.1, -0.1, 0.3, 0.4)).line()
+    assert "wrong way" in ShiftRow("t", "x", "increase", 1.0, 8, Shift(-0.2, -0.3, -0.1, 0.01)).line()
+
+
+def test_a_shift_row_refuses_a_dict_that_is_not_one():
+    from dpn_lens.evaluation.shifts import ShiftRow
+
+    with pytest.raises(ValueError, match="trait, neurons and effect"):
+        ShiftRow.from_dict({"trait": "openness"})
+    with pytest.raises(ValueError, match="shift, ci_low, ci_high and p"):
+        ShiftRow.from_dict({"trait": "openness", "neurons": "DPN-LE", "effect": {"shift": 0.1}})
 
 
 def test_steer_command_calibrates_gamma_by_default(tiny_folder, tmp_path, capsys):
@@ -268,7 +297,7 @@ def run_control_command(tiny_folder, tmp_path, monkeypatch, methods: str, *optio
     tiny_map(load_model(str(tiny_folder)), "openness").save(maps / "openness.safetensors")
     out = tmp_path / "out"
     status = main(["control", "--model", str(tiny_folder), "--dtype", "float32", "--traits", "openness",
-                   "--data-dir", str(data), "--maps", str(maps), "--methods", methods, "--pairs", "8",
+                   "--data-dir", str(data), "--run", str(maps), "--methods", methods, "--eval-pairs", "8",
                    "--gammas", "0.125,0.25,0.5,1,2,4", "--kl-levels", "0.005", "--target-kl", "0.005", "--no-png",
                    "--no-progress", *options, "--out", str(out)])
     return status, out
@@ -295,16 +324,16 @@ def test_control_keeps_the_maps_it_locates_and_another_run_reuses_them(tiny_fold
     monkeypatch.setenv("DPN_LENS_CACHE", str(tmp_path / "cache"))
     data = write_personalitybench(tmp_path / "data")
     common = ["control", "--model", str(tiny_folder), "--dtype", "float32", "--traits", "openness", "--data-dir",
-              str(data), "--methods", "dpn-le", "--pairs", "8", "--gammas", "0.5,1,2,4,8,16", "--kl-levels", "0.005",
+              str(data), "--methods", "dpn-le", "--eval-pairs", "8", "--gammas", "0.5,1,2,4,8,16", "--kl-levels", "0.005",
               "--target-kl", "0.005", "--no-png", "--no-progress", "--no-random-control"]
     first = tmp_path / "first"
     # 40 pairs sit below the chance bound on d, so tau_d is set low enough for the tiny model to select neurons.
-    assert main([*common, "--locate-pairs", "40", "--tau-d", "0.2", "--out", str(first)]) == 0, capsys.readouterr().err
+    assert main([*common, "--n-pairs", "40", "--tau-d", "0.2", "--out", str(first)]) == 0, capsys.readouterr().err
     assert "locating from 40 embedded pairs" in capsys.readouterr().out
     saved = NeuronMap.load(first / "maps" / "openness.safetensors")
     assert saved.trait == "openness" and saved.n_selected() > 0
     second = tmp_path / "second"
-    assert main([*common, "--maps", str(first), "--out", str(second)]) == 0
+    assert main([*common, "--run", str(first), "--out", str(second)]) == 0
     assert "neuron map from" in capsys.readouterr().out
     one, two = (json.loads((folder / "control.json").read_text()) for folder in (first, second))
     assert one["meta"]["maps"] == two["meta"]["maps"] and one["calibrated"] == two["calibrated"]
@@ -443,8 +472,8 @@ def test_runs_on_different_traits_merge_into_the_run_over_all_of_them(tiny_folde
     model = load_model(str(tiny_folder))
     for trait in ("openness", "extraversion"):
         tiny_map(model, trait).save(maps / f"{trait}.safetensors")
-    common = ["control", "--model", str(tiny_folder), "--dtype", "float32", "--data-dir", str(data), "--maps",
-              str(maps), "--methods", "dpn-le,caa", "--pairs", "8", "--gammas", "0.125,0.25,0.5,1,2,4",
+    common = ["control", "--model", str(tiny_folder), "--dtype", "float32", "--data-dir", str(data), "--run",
+              str(maps), "--methods", "dpn-le,caa", "--eval-pairs", "8", "--gammas", "0.125,0.25,0.5,1,2,4",
               "--kl-levels", "0.005", "--target-kl", "0.005", "--random-draws", "2", "--no-png", "--no-progress"]
     for name, traits in (("both", "openness,extraversion"), ("o", "openness"), ("e", "extraversion")):
         assert main([*common, "--traits", traits, "--out", str(tmp_path / name)]) == 0, capsys.readouterr().err

@@ -44,7 +44,7 @@ def _block_commands(doc: str, block: str, prefix: str) -> list[tuple[str, list[s
     return found
 
 
-def test_every_dpn_lens_command_in_the_docs_parses():
+def test_every_dpn_lens_command_in_the_docs_parses(capsys):
     from dpn_lens.cli import build_parser
 
     commands = [(doc, argv) for doc, argv in _commands("dpn-lens ") if argv and not argv[0].startswith("<")]
@@ -55,10 +55,18 @@ def test_every_dpn_lens_command_in_the_docs_parses():
             continue
         argv = [a.replace("FOLDER", "some/folder") for a in argv]
         try:
-            parser.parse_args(argv)
+            args = parser.parse_args(argv)
         except SystemExit as error:
             if error.code not in (0, None):
                 pytest.fail(f"{doc}: `dpn-lens {' '.join(argv)}` does not parse")
+            continue
+        # The docs show today's spellings only (--run, --n-pairs, --eval-pairs, comma lists), not the
+        # earlier ones that still parse for a release.
+        notes = capsys.readouterr().err
+        assert "is now spelled" not in notes and getattr(args, "run_positional", None) is None, \
+            f"{doc}: `dpn-lens {' '.join(argv)}` uses an earlier spelling: {notes.strip()}"
+        assert not getattr(args, "space_separated", []), \
+            f"{doc}: `dpn-lens {' '.join(argv)}`: write {args.space_separated} as a comma list"
 
 
 @pytest.mark.parametrize("script", ["benchmarks/bench_cards.py", "benchmarks/bench_overhead.py",

@@ -129,10 +129,16 @@ def test_quick_sets_the_small_sizes_and_explicit_options_win():
 def test_cli_registers_compare_with_its_options():
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["compare", "--out", "x", "--traits", "openness", "--maps", "runs/demo/maps"])
-    assert args.command == "compare" and args.maps == "runs/demo/maps" and args.traits == ["openness"]
+    args = parser.parse_args(["compare", "--out", "x", "--traits", "openness", "--run", "runs/demo/maps",
+                              "--methods", "dpn-le,caa", "--gamma-sweep", "0,1.5"])
+    assert args.command == "compare" and args.run == "runs/demo/maps" and args.traits == ["openness"]
+    assert args.methods == ["dpn-le", "caa"] and args.gamma_sweep == [0.0, 1.5]
+    # space-separated lists and the earlier --maps/--locate-pairs spellings parse to the same
+    old = parser.parse_args(["compare", "--out", "x", "--traits", "openness", "--maps", "runs/demo/maps",
+                             "--methods", "dpn-le", "caa", "--gamma-sweep", "0", "1.5", "--locate-pairs", "7"])
+    assert (old.run, old.methods, old.gamma_sweep, old.n_pairs) == (args.run, args.methods, args.gamma_sweep, 7)
     with pytest.raises(SystemExit):
-        parser.parse_args(["compare", "--out", "x", "--methods", "magic"])
+        parser.parse_args(["compare", "--out", "x", "--methods", "dpn-le,magic"])
 
 
 def test_unknown_method_is_an_error():

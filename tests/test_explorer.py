@@ -27,7 +27,7 @@ def explored(tiny_folder, tmp_path_factory):
     data = folder.parent / "data" / "capability" / "wikitext2_test"
     data.mkdir(parents=True)
     (data / "test.txt").write_text("you are calm . hello world what would you do ?\n" * 30, encoding="utf-8")
-    assert main(["explore", str(folder), "--model", str(tiny_folder), "--dtype", "float32", "--data-dir",
+    assert main(["explore", "--run", str(folder), "--model", str(tiny_folder), "--dtype", "float32", "--data-dir",
                  str(folder.parent / "data"), "--n-pairs", "6", "--text-windows", "8", "--k", "3"]) == 0
     return folder
 
@@ -103,23 +103,23 @@ def test_a_real_browser_opens_the_explorer_clicks_a_neuron_and_filters_by_token(
 
 def test_explorer_data_refuses_nothing_to_show(explored):
     run = Run.load(explored)
-    with pytest.raises(ValueError, match="dpn-lens cards RUN"):
+    with pytest.raises(ValueError, match="dpn-lens cards --run RUN"):
         write_explorer(run, {}, explored / "empty")
     assert explorer_data(run, {("dpn-le", "openness"): []})["maps"][0]["n"] == run.maps["openness"].n_selected()
 
 
 def test_the_report_links_the_explorer_or_says_how_to_build_it(explored, tmp_path, capsys):
-    assert main(["report", str(explored)]) == 0
+    assert main(["report", "--run", str(explored)]) == 0
     page = (explored / "report.html").read_text(encoding="utf-8")
     assert '<a href="explorer/index.html">' in page
     elsewhere = tmp_path / "pages" / "report.html"
-    assert main(["report", str(explored), "--out", str(elsewhere)]) == 0
+    assert main(["report", "--run", str(explored), "--out", str(elsewhere)]) == 0
     href = os.path.relpath((explored / "explorer" / "index.html").resolve(), elsewhere.parent.resolve())
     assert f'<a href="{href}">' in elsewhere.read_text(encoding="utf-8")
     bare = tmp_path / "bare"
     shutil.copytree(explored, bare, ignore=shutil.ignore_patterns("explorer"))
-    assert main(["report", str(bare)]) == 0
-    assert f"dpn-lens explore {bare}" in (bare / "report.html").read_text(encoding="utf-8")
+    assert main(["report", "--run", str(bare)]) == 0
+    assert f"dpn-lens explore --run {bare}" in (bare / "report.html").read_text(encoding="utf-8")
 
 
 def test_the_readme_screenshot_script_runs_on_the_tiny_explorer(explored, tmp_path):

@@ -348,7 +348,7 @@ def test_a_mixed_folder_is_refused_by_every_reader(tiny_model, tmp_path, capsys)
     shutil.copy(map_path(second, "openness"), map_path(first, "openness"))           # replaced by another run's
     with pytest.raises(RunFolderError, match=r"openness.safetensors was replaced after the run"):
         check_run_folder(first)
-    assert main(["report", str(first), "--out", str(tmp_path / "page.html")]) == 2
+    assert main(["report", "--run", str(first), "--out", str(tmp_path / "page.html")]) == 2
     assert "was replaced after the run" in capsys.readouterr().err
     assert main(["study", "layers", "--run", str(first), "--out", str(tmp_path / "figures")]) == 2
     assert "was replaced after the run" in capsys.readouterr().err
@@ -372,14 +372,14 @@ def test_cli_ctrl_c_during_locate_leaves_a_resumable_folder(tiny_folder, tmp_pat
     assert main(argv) == 130
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("dpn-lens locate: interrupted; finished traits are kept: add --resume")
-    assert main(["report", str(run), "--out", str(tmp_path / "page.html")]) == 2
+    assert main(["report", "--run", str(run), "--out", str(tmp_path / "page.html")]) == 2
     assert "unfinished run" in capsys.readouterr().err
     assert main(argv + ["--n-pairs", "7", "--resume"]) == 2
     assert "other settings (n_pairs: 6 -> 7" in capsys.readouterr().err
     calls.clear()
     assert main(argv + ["--resume"]) == 0
     assert calls == ["neuroticism"] and read_manifest(run)["status"] == "complete"
-    assert main(["report", str(run), "--out", str(tmp_path / "page.html")]) == 0
+    assert main(["report", "--run", str(run), "--out", str(tmp_path / "page.html")]) == 0
 
 
 def test_cli_refuses_a_locked_folder_or_other_settings_before_the_model_loads(tiny_model, tmp_path, no_model_load,

@@ -177,7 +177,8 @@ def _control_costs(**changes):
     values = dict(device="cpu", dtype="float32", threads=1, model="m", probe_flops_per_s=1e9, answer_flops_per_s=2e9,
                   persona_flops_per_s=2e9, gradient_flops_per_s=1e9, step_seconds=0.01, step_flops_per_s=1e9,
                   answer_fill=0.8, prompt_tokens=40.0, persona_tokens=90.0, trait_seconds=0.001,
-                  probe_reference_bytes=10, extra_bytes=2 ** 20, measured="now")
+                  probe_reference_bytes=10, extra_bytes=2 ** 20, selection_extra_bytes=2 ** 22, sample_tokens=10 ** 6,
+                  measured="now")
     values.update(changes)
     return ControlCosts(**values)
 
@@ -214,6 +215,43 @@ def test_the_control_plan_has_a_stage_per_kind_of_work_and_scales_with_it(tiny_f
     assert plan_control(str(tiny_folder), ["openness"], settings, device="cuda", costs=_control_costs()).seconds is None
 
 
+def test_only_a_run_that_selects_a_rule_is_planned_to_hold_the_gradient_passs_memory(tiny_folder):
+    """The gradient pass of the attribution rules is the largest on a large vocabulary (Gemma's): a run
+    whose rule maps are given never makes it, and its plan once overstated Gemma's peak by half."""
+    from dpn_lens.evaluation.control import ControlConfig
+    from dpn_lens.plan_control import ControlSettings, plan_control
+
+    config = ControlConfig(methods=["dpn-le", "attribution-t", "caa"], pairs=16)
+    selecting = plan_control(str(tiny_folder), ["openness"], ControlSettings(config, maps_given=True),
+                             costs=_control_costs(), machine=_costs())
+    given = plan_control(str(tiny_folder), ["openness"], ControlSettings(config, maps_given=True, rule_maps_given=True),
+                         costs=_control_costs(), machine=_costs())
+    peaks = {stage.name: stage.peak_bytes for stage in selecting.stages}
+    # 16 pairs x 2 answers x (40 question + 0.8 x 48 answer tokens) fill 2509 of the scorer's 4096-token
+    # batches; 128 selection pairs fill the gradient's 2048-token batches (the sample fills both).
+    answer_extra, selection_extra = int(2 ** 20 * 32 * 78.4 / 4096), 2 ** 22
+    assert peaks["selection (1 traits)"] - peaks["answer scoring (1 traits)"] == pytest.approx(
+        selection_extra - answer_extra, abs=2)
+    assert selecting.peak_bytes == peaks["selection (1 traits)"]
+    assert given.peak_bytes == peaks["answer scoring (1 traits)"] < selecting.peak_bytes
+
+
+def test_the_measured_extra_memory_scales_with_how_full_a_runs_batches_are(tiny_folder):
+    """The sample's 12 pairs half-fill a scoring batch; a run of 64 pairs fills it: the extra memory of its
+    answer passes is the sample's times the ratio, and no more once the batch is full."""
+    from dpn_lens.evaluation.control import ControlConfig
+    from dpn_lens.plan_control import ControlSettings, plan_control
+
+    def peak(pairs: int) -> int:
+        settings = ControlSettings(ControlConfig(methods=["dpn-le", "caa"], pairs=pairs), maps_given=True)
+        return plan_control(str(tiny_folder), ["openness"], settings, machine=_costs(),
+                            costs=_control_costs(sample_tokens=2048.0, extra_bytes=2 ** 24)).peak_bytes
+
+    per_pair = 2 * 78.4                                     # two answers with their questions, tokens
+    assert peak(26) - peak(13) == pytest.approx(2 ** 24 * 13 * per_pair / 2048, abs=2)
+    assert peak(128) == peak(64)                            # 64 pairs already fill the 4096-token batch
+
+
 def test_measure_control_costs_on_the_tiny_model(tiny_folder, tmp_path, monkeypatch):
     from dpn_lens.plan_control import measure_control_costs, saved_control_costs
 
@@ -243,7 +281,7 @@ def test_control_plan_flag_prints_the_plan_of_that_run_without_running_it(tiny_f
     maps.mkdir()
     make_map("openness", {1: [1, 2]}, {2: [3]}, [1, 2], n_layers=3, d_mlp=48).save(maps / "openness.safetensors")
     assert main(["control", "--model", str(tiny_folder), "--traits", "openness", "--methods", "dpn-le,caa",
-                 "--maps", str(maps), "--plan", "--out", str(tmp_path / "out")]) == 0
+                 "--run", str(maps), "--plan", "--out", str(tmp_path / "out")]) == 0
     out = capsys.readouterr().out
     assert "dpn-lens plan --stage control --measure" in out and "KL curves (1 traits)" in out
     assert "locate (DPN-LE maps)" not in out and not (tmp_path / "out").exists()   # planned, not run
@@ -270,7 +308,7 @@ def test_the_plan_benchmark_plans_a_control_run(tiny_folder, tmp_path, monkeypat
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     result = module.main(["--stage", "control", "--model", str(tiny_folder), "--traits", "openness", "--dtype",
-                          "float32", "--methods", "dpn-le", "--pairs", "12", "--maps", str(maps), "--data-dir",
+                          "float32", "--methods", "dpn-le", "--eval-pairs", "12", "--run", str(maps), "--data-dir",
                           str(write_personalitybench(tmp_path / "data")), "--measure-prompts", "4",
                           "--extra", "--quick --gammas 0.5,2 --kl-levels 0.05 --random-draws 1"])
     assert result["measured_seconds"] > 0 and result["predicted_seconds"] > 0 and result["stage"] == "control"

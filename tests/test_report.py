@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -19,7 +18,7 @@ from dpn_lens.localization.localize import locate
 from dpn_lens import html_report as report_module
 from dpn_lens.figures import save_figure
 from dpn_lens.io import markdown_table, write_json_atomic
-from dpn_lens.html_report import (build_report, figure_from_file, figure_from_html, markdown_to_html, register,
+from dpn_lens.html_report import (PLOTLY_FILE, build_report, figure_from_file, figure_from_html, markdown_to_html,
                                   write_report)
 from dpn_lens.run import Run
 from dpn_lens.studies.outputs import layers_study, overlap_study_report
@@ -120,12 +119,26 @@ def test_bad_folders_are_clear_errors(tmp_path):
 
 
 def test_cli_report_command(run_with_studies, tmp_path, capsys):
+    from dpn_lens.cli import main
+
     run_dir, figures_dir = run_with_studies
-    parser = argparse.ArgumentParser(prog="dpn-lens")
-    register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["report", str(run_dir), "--figures", str(figures_dir), "--out", str(tmp_path / "r.html")])
-    assert args.handler(args) == 0
+    assert main(["report", "--run", str(run_dir), "--figures", str(figures_dir), "--out", str(tmp_path / "r.html")]) == 0
     assert (tmp_path / "r.html").exists() and "figures" in capsys.readouterr().out
+    # The positional run folder of earlier releases still works, saying the new spelling.
+    assert main(["report", str(run_dir), "--out", str(tmp_path / "old.html")]) == 0
+    assert (tmp_path / "old.html").exists() and "--run" in capsys.readouterr().err
+    assert main(["report", "--out", str(tmp_path / "none.html")]) == 2
+    assert "pass --run DIR" in capsys.readouterr().err
+
+
+def test_report_plotlyjs_directory_writes_the_bundle_beside_the_page(run_with_studies, tmp_path):
+    from plotly.offline import get_plotlyjs
+
+    run_dir, figures_dir = run_with_studies
+    out = write_report(run_dir, tmp_path / "site" / "page.html", figures=[figures_dir], plotlyjs="directory")
+    page = out.read_text(encoding="utf-8")
+    assert f'<script src="{PLOTLY_FILE}"></script>' in page and get_plotlyjs()[:200] not in page
+    assert (out.parent / PLOTLY_FILE).read_text(encoding="utf-8") == get_plotlyjs()
 
 
 def _chromium() -> str | None:
@@ -269,15 +282,21 @@ def test_headline_shows_intervals_when_the_comparison_has_them(run_with_studies,
     assert "<td>0.3 [0.1, 0.5]</td>" in text and "<td>0.03</td>" in text and "95% interval" in text
 
 
-def test_the_demos_preference_check_is_in_the_summary_with_its_intervals(run_with_studies):
+@pytest.mark.parametrize("typed", [True, False], ids=["typed rows", "an earlier release's preference dict"])
+def test_the_demos_preference_check_is_in_the_summary_with_its_intervals(run_with_studies, typed):
+    from dpn_lens.evaluation.shifts import rows_of_record
+
     run_dir, _ = run_with_studies
     summary = json.loads((run_dir / "summary.json").read_text())
     effect = lambda shift, low, high: {"shift": shift, "ci_low": low, "ci_high": high, "p": 0.01}  # noqa: E731
-    summary["evidence"] = {"openness": {"gamma": {"increase": 5.5, "decrease": 6.0}, "preference": {
+    record = {"trait": "openness", "gamma": {"increase": 5.5, "decrease": 6.0}, "preference": {
         "n_pairs": 30, "increase": effect(0.02, 0.005, 0.04), "decrease": effect(-0.03, -0.05, -0.01),
         "attribution-t-increase": effect(0.05, 0.03, 0.07), "attribution-t-decrease": effect(0.01, -0.01, 0.03),
         "persona": effect(0.12, 0.08, 0.17)},
-        "rules": {"attribution-t": {"gamma": {"increase": 25.0, "decrease": 30.0}}}}}
+        "rules": {"attribution-t": {"gamma": {"increase": 25.0, "decrease": 30.0}}}}
+    if typed:   # what the demo writes now: the same numbers as ShiftRows
+        record = {"trait": "openness", "shifts": [row.to_dict() for row in rows_of_record(record)]}
+    summary["evidence"] = {"openness": record}
     write_json_atomic(run_dir / "summary.json", summary)
     text = "".join(build_report(run_dir).summary)
     rows = re.findall(r"<tr><td>openness</td>(.*?)</tr>", text[text.index("Does the edit steer"):])

@@ -66,11 +66,11 @@ def test_study_residual_command_writes_its_tables_and_refuses_too_few_pairs(tiny
     locate(stats, q=0.5, tau_d=0.2).save(tmp_path / "run" / "maps" / "openness.safetensors")
     out = tmp_path / "out"
     assert main(["study", "residual", "--run", str(tmp_path / "run"), "--model", str(tiny_folder),
-                 "--pairs", "6", "--out", str(out)]) == 0
+                 "--n-pairs", "6", "--out", str(out)]) == 0
     summary = json.loads((out / "residual_share_summary.json").read_text())
     row = summary["by_trait"]["openness"]
     assert row["n_pairs"] == 6 and abs(row["remainder"]) < 1e-4 and row["selected"] is not None
     assert (out / "residual_share.md").read_text().count("\n") == 3     # header, rule, one trait
     assert (out / "residual_share_per_layer.csv").exists()
     assert main(["study", "residual", "--run", str(tmp_path / "run"), "--model", str(tiny_folder),
-                 "--pairs", "1", "--out", str(out)]) == 2
+                 "--n-pairs", "1", "--out", str(out)]) == 2

@@ -3,7 +3,7 @@
 Along the data flow: ``lens`` (what a neuron writes: the logit lens of its output direction),
 ``contexts`` (what it reads: top-activating contexts, streamed with a bounded top-k), ``card`` (one card
 per neuron of a run's maps, cached in ``RUN/cards/``), ``explorer`` + ``page`` (the offline HTML
-explorer, ``dpn-lens explore RUN``) and ``notebook`` (the ipywidgets panel, ``dl.explore(run, model)``).
+explorer, ``dpn-lens explore --run RUN``) and ``notebook`` (the ipywidgets panel, ``dl.explore(run, model)``).
 """
 
 from dpn_lens.cards.card import CardConfig, Context, NeuronCard, build_cards, cards_path, load_cards

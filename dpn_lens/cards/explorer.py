@@ -1,4 +1,4 @@
-"""``dpn-lens explore RUN``: one offline HTML folder to browse a run's maps and neuron cards.
+"""``dpn-lens explore --run RUN``: one offline HTML folder to browse a run's maps and neuron cards.
 
 The folder (default ``RUN/explorer/``) holds ``index.html``, ``plotly.min.js`` (copied from the installed
 plotly package: no CDN) and ``data.js`` (the cards and the per-layer counts and overlaps). Open
@@ -87,7 +87,7 @@ def write_explorer(run: Run, cards: dict[tuple[str, str], list[NeuronCard]], out
     from dpn_lens.io import write_text_atomic
 
     if not cards:
-        raise ValueError("no cards to explore; build them first (dpn-lens cards RUN)")
+        raise ValueError("no cards to explore; build them first (dpn-lens cards --run RUN)")
     folder = Path(out) if out is not None else Path(run.folder or ".") / EXPLORER_DIR
     folder.mkdir(parents=True, exist_ok=True)
     data = explorer_data(run, cards, lens_top)

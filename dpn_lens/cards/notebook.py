@@ -148,7 +148,7 @@ def explore(run: Run, model: Any, cards: dict[tuple[str, str], list[NeuronCard]]
     try:
         import ipywidgets as widgets
     except ImportError as error:
-        raise ImportError("explore() needs ipywidgets: pip install ipywidgets (or use `dpn-lens explore RUN`, "
+        raise ImportError("explore() needs ipywidgets: pip install ipywidgets (or use `dpn-lens explore --run RUN`, "
                           "the HTML explorer)") from error
     import plotly.graph_objects as go
 

@@ -14,16 +14,16 @@ import sys
 import warnings
 from typing import Sequence
 
-import dpn_lens.html_report as html_report
 from dpn_lens._version import __version__
 from dpn_lens.cli import cards as cards_cli
 from dpn_lens.cli import compare as compare_cli
 from dpn_lens.cli import control as control_cli
 from dpn_lens.cli import export as export_cli
 from dpn_lens.cli import plan as plan_cli
+from dpn_lens.cli import report as report_cli
 from dpn_lens.cli import study as study_cli
-from dpn_lens.cli.options import (FORMATTER, add_data_dir_option, add_model_options, add_out_option, add_subcommand,
-                                  add_traits_option, read_maps, validate_args)
+from dpn_lens.cli.options import (FORMATTER, CommaList, add_data_dir_option, add_model_options, add_out_option,
+                                  add_subcommand, add_traits_option, read_maps, validate_args)
 
 __all__ = ["main", "build_parser"]
 
@@ -82,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     steer = add_subcommand(commands, "steer", "unsteered vs increased vs decreased answers, side by side")
     add_model_options(steer)
-    steer.add_argument("--map", required=True, nargs="+", help="neuron map file(s) (.safetensors); several add up")
+    steer.add_argument("--map", required=True, action=CommaList, metavar="FILES",
+                       help="neuron map file (.safetensors), or a comma list of several that add up")
     steer.add_argument("--prompt", required=True, action="append", help="question (repeat for several)")
     steer.add_argument("--gamma", type=float, default=None,
                        help="fixed steering strength (None: calibrated per direction to --target-kl)")
@@ -119,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     study_cli.register(commands)
     compare_cli.register(commands)
     control_cli.register(commands)
-    html_report.register(commands)
+    report_cli.register(commands)
     export_cli.register(commands)
     cards_cli.register(commands)
     plan_cli.register(commands)
@@ -194,21 +195,19 @@ def run_steer(args: argparse.Namespace) -> int:
         edits = [steering_intervention(m, gamma, direction, args.mode, args.weighted, positions) for m in maps]
         return edits[0] if len(edits) == 1 else combine_interventions(*edits)
 
-    gammas = {}
-    for direction in ("increase", "decrease"):
-        if args.gamma is None:
-            from dpn_lens.evaluation.calibrate import calibrate_gamma
+    if args.gamma is None:
+        from dpn_lens.evaluation.calibrate import calibrate_directions
 
-            # calibrate_gamma already builds its grid edits without the large-gamma warning; the warnings of
-            # several maps (shared neurons) are shown once, when the final edits are built below.
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                calibration = calibrate_gamma(model, target_kl=args.target_kl, direction=direction,
-                                              edit_at=lambda gamma, d=direction: edit(d, gamma))
-            gammas[direction] = calibration.gamma
+        # calibrate_gamma already builds its grid edits without the large-gamma warning; the warnings of
+        # several maps (shared neurons) are shown once, when the final edits are built below.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            calibrations = calibrate_directions(model, args.target_kl, edit_at=edit)
+        for direction, calibration in calibrations.items():
             print(f"{direction}: {calibration.describe()}")
-        else:
-            gammas[direction] = args.gamma
+        gammas = {direction: calibration.gamma for direction, calibration in calibrations.items()}
+    else:
+        gammas = {"increase": args.gamma, "decrease": args.gamma}
     edits = {direction: edit(direction, gamma) for direction, gamma in gammas.items()}
     for generation in compare_generations(model, args.prompt, edits, max_new_tokens=args.max_new_tokens):
         print(generation.text())

@@ -1,17 +1,19 @@
-"""``dpn-lens cards RUN`` (a card for every neuron of every map of a run folder, saved in ``RUN/cards/``)
-and ``dpn-lens explore RUN`` (the cards, built where missing, as an offline HTML explorer).
+"""``dpn-lens cards --run RUN`` (a card for every neuron of every map of a run folder, saved in
+``RUN/cards/``) and ``dpn-lens explore --run RUN`` (the cards, built where missing, as an offline HTML
+explorer).
 
 Example:
-    $ dpn-lens cards runs/demo --data-dir ../shared/data
-    $ dpn-lens cards runs/rules --rules attribution-t --text-windows 256
-    $ dpn-lens explore runs/demo --data-dir ../shared/data        # then open runs/demo/explorer/index.html
+    $ dpn-lens cards --run runs/demo --data-dir ../shared/data
+    $ dpn-lens cards --run runs/rules --rules attribution-t --text-windows 256
+    $ dpn-lens explore --run runs/demo --data-dir ../shared/data   # then open runs/demo/explorer/index.html
 """
 
 from __future__ import annotations
 
 import argparse
 
-from dpn_lens.cli.options import add_data_dir_option, add_model_options, add_subcommand
+from dpn_lens.cli.options import (CommaList, add_data_dir_option, add_model_options, add_positional_run, add_renamed,
+                                  add_subcommand)
 
 __all__ = ["register", "run_cards", "run_explore"]
 
@@ -20,11 +22,11 @@ def _card_options(parser: argparse.ArgumentParser) -> None:
     from dpn_lens.cards.card import CardConfig
 
     defaults = CardConfig()
-    parser.add_argument("run", help="run folder (written by `dpn-lens demo` or `dpn-lens locate --out`)")
+    add_positional_run(parser, "run folder (written by `dpn-lens demo` or `dpn-lens locate --out`)")
     add_model_options(parser, default=None, model_help="model the maps were located on (None: the run's summary.json)")
     add_data_dir_option(parser, "capability/wikitext2_test (the neutral text; without it cards have no neutral "
                                 "contexts)")
-    parser.add_argument("--rules", default=None,
+    parser.add_argument("--rules", action=CommaList, default=None,
                         help="comma list of the maps to card: dpn-le and effect rules (None: every map of the run)")
     parser.add_argument("--n-pairs", type=int, default=defaults.n_pairs,
                         help="embedded contrastive pairs per trait for the histogram and the prompt contexts")
@@ -35,7 +37,8 @@ def _card_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--effects", type=int, default=0,
                         help="neurons per map whose trait-margin shift alone is measured (needs personalitybench/ "
                              "in --data-dir; one scoring pass each; 0: none)")
-    parser.add_argument("--effect-pairs", type=int, default=32, help="held-out preference pairs for --effects")
+    parser.add_argument("--eval-pairs", type=int, default=32, help="held-out preference pairs for --effects")
+    add_renamed(parser, "--effect-pairs", "--eval-pairs", type=int)
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -59,7 +62,7 @@ def _build(args: argparse.Namespace):
     config = CardConfig(n_pairs=args.n_pairs, data_dir=args.data_dir, text_windows=args.text_windows, k=args.k,
                         batch_size=args.batch_size)
     run = Run.load(args.run)
-    rules = None if args.rules is None else [rule.strip() for rule in args.rules.split(",") if rule.strip()]
+    rules = args.rules
     model_name = args.model or run.model_name
     if not model_name:
         raise ValueError(f"{args.run}/summary.json names no model; pass --model (the model the maps were located on)")
@@ -69,7 +72,7 @@ def _build(args: argparse.Namespace):
         from dpn_lens.cards.card import save_run_cards
         from dpn_lens.cards.effects import add_effects
 
-        add_effects(run, model, cards, args.data_dir, top=args.effects, n_pairs=args.effect_pairs)
+        add_effects(run, model, cards, args.data_dir, top=args.effects, n_pairs=args.eval_pairs)
         save_run_cards(run, cards, config)
     return run, cards
 

@@ -6,7 +6,8 @@ import argparse
 import time
 from typing import Any
 
-from dpn_lens.cli.options import FORMATTER, add_data_dir_option, add_model_options, add_out_option, add_traits_option
+from dpn_lens.cli.options import (FORMATTER, CommaList, add_data_dir_option, add_model_options, add_out_option,
+                                  add_renamed, add_run_option, add_traits_option)
 
 __all__ = ["register", "run_compare", "compare_config"]
 
@@ -42,14 +43,16 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("compare", help=help_text, description=help_text, formatter_class=FORMATTER)
     add_model_options(parser)
     add_traits_option(parser)
-    parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHOD_NAMES), choices=list(METHOD_NAMES))
+    parser.add_argument("--methods", action=CommaList, allowed=list(METHOD_NAMES), default=list(DEFAULT_METHOD_NAMES),
+                        metavar="METHODS", help=f"comma list of {','.join(METHOD_NAMES)}")
     add_data_dir_option(parser, "ipip/, personalitybench/, anthropic_persona/ and capability/")
-    parser.add_argument("--maps", default=None, help="run folder (or its maps/ folder) with <trait>.safetensors neuron "
-                                                     "maps (None: located on the fly)")
-    parser.add_argument("--locate-pairs", type=int, default=100, help="pairs per trait when locating on the fly")
+    add_run_option(parser, "run folder (or its maps/ folder) with <trait>.safetensors neuron maps (None: located on "
+                           "the fly)", old="--maps")
+    parser.add_argument("--n-pairs", type=int, default=100, help="embedded pairs per trait when locating on the fly")
+    add_renamed(parser, "--locate-pairs", "--n-pairs", type=int)
     parser.add_argument("--quick", action="store_true",
                         help=f"a few-minute run: --items {QUICK['items']} --statements {QUICK['statements']}, gamma sweep "
-                             f"{' '.join(map(str, QUICK['gamma_sweep']))}, no q sweep (options given explicitly win)")
+                             f"{','.join(map(str, QUICK['gamma_sweep']))}, no q sweep (options given explicitly win)")
     parser.add_argument("--items", type=_count_or_all, default=argparse.SUPPRESS,
                         help="questionnaire items per trait, or 'all' (default: all; --quick: 8)")
     parser.add_argument("--inventory", default="ipip_neo_300_test")
@@ -67,11 +70,12 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--caa-gamma", type=float, default=1.0)
     parser.add_argument("--npti-prompts", type=int, default=16)
     parser.add_argument("--npti-tokens", type=int, default=24)
-    parser.add_argument("--gamma-sweep", type=float, nargs="*", default=argparse.SUPPRESS,
-                        help=f"default: {' '.join(map(str, FULL['gamma_sweep']))}; --quick: "
-                             f"{' '.join(map(str, QUICK['gamma_sweep']))}")
-    parser.add_argument("--q-sweep", type=float, nargs="*", default=argparse.SUPPRESS,
-                        help=f"default: {' '.join(map(str, FULL['q_sweep']))}; --quick: none")
+    parser.add_argument("--gamma-sweep", action=CommaList, item=float, nargs="*", default=argparse.SUPPRESS,
+                        metavar="GAMMAS", help=f"comma list (default: {','.join(map(str, FULL['gamma_sweep']))}; "
+                                               f"--quick: {','.join(map(str, QUICK['gamma_sweep']))})")
+    parser.add_argument("--q-sweep", action=CommaList, item=float, nargs="*", default=argparse.SUPPRESS,
+                        metavar="QS", help=f"comma list (default: {','.join(map(str, FULL['q_sweep']))}; "
+                                           "--quick: none)")
     parser.add_argument("--sweep-trait", default=None)
     parser.add_argument("--judge-url", default=None,
                         help="base URL of an OpenAI-compatible API (e.g. http://localhost:8000/v1) for the optional "
@@ -102,8 +106,8 @@ def compare_config(args: argparse.Namespace, judge: Any = None) -> Any:
 
     sizes = {**(QUICK if args.quick else FULL), **{k: v for k, v in vars(args).items() if k in FULL}}
     return CompareConfig(
-        traits=parse_traits(args.traits), methods=args.methods, data_dir=args.data_dir, maps_dir=args.maps,
-        locate_pairs=args.locate_pairs, questionnaire_items=sizes["items"], inventory=args.inventory,
+        traits=parse_traits(args.traits), methods=args.methods, data_dir=args.data_dir, maps_dir=args.run,
+        locate_pairs=args.n_pairs, questionnaire_items=sizes["items"], inventory=args.inventory,
         statements_per_pole=sizes["statements"], respondents=args.respondents,
         capability=CapabilitySizes(args.mc_items, args.lambada_items, args.ppl_chunks, args.ppl_tokens,
                                    args.kl_chunks, args.kl_tokens),
@@ -130,11 +134,11 @@ def run_compare(args: argparse.Namespace) -> int:
                             timeout=args.judge_timeout, retries=args.judge_retries)
         print(f"judge: {args.judge_model} at {url} rates {args.judge_questions} generated answers per trait and condition")
     config = compare_config(args, judge)
-    if args.maps:
+    if args.run:
         from dpn_lens.run import check_run_folder, run_folder_of
 
         # An unfinished or mixed run folder is refused before the model loads.
-        folder = run_folder_of(args.maps)
+        folder = run_folder_of(args.run)
         if folder is not None:
             check_run_folder(folder)
     model = load_model(args.model, dtype=args.dtype, device=args.device)

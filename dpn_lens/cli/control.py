@@ -6,7 +6,8 @@ import argparse
 import time
 from typing import Any
 
-from dpn_lens.cli.options import FORMATTER, add_data_dir_option, add_model_options, add_out_option, add_traits_option
+from dpn_lens.cli.options import (FORMATTER, CommaList, add_data_dir_option, add_model_options, add_out_option,
+                                  add_renamed, add_run_option, add_traits_option)
 
 __all__ = ["register", "run_control_command"]
 
@@ -27,12 +28,14 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     add_model_options(parser, default_dtype="bfloat16")
     add_traits_option(parser)
     add_data_dir_option(parser, "personalitybench/ (the held-out questions and persona descriptions)")
-    parser.add_argument("--maps", default=None, help="run folder (or its maps/) with the DPN-LE maps (None: located "
-                                                     "on the fly from --locate-pairs embedded pairs)")
-    parser.add_argument("--merge", nargs="+", default=None, metavar="FOLDER",
-                        help="join finished control runs of the same settings on different traits (each folder's "
-                             "control.json, else its control.partial.json) into --out, as one run; loads no model")
-    parser.add_argument("--locate-pairs", type=int, default=500, help="embedded pairs per trait when locating on the fly")
+    add_run_option(parser, "run folder (or its maps/) with the DPN-LE maps, and effect-rule maps in maps/<rule>/ "
+                           "(None: located on the fly from --n-pairs embedded pairs)", old="--maps")
+    parser.add_argument("--merge", action=CommaList, default=None, metavar="FOLDERS",
+                        help="comma list of folders: join finished control runs of the same settings on different "
+                             "traits (each folder's control.json, else its control.partial.json) into --out, as one "
+                             "run; loads no model")
+    parser.add_argument("--n-pairs", type=int, default=500, help="embedded pairs per trait when locating on the fly")
+    add_renamed(parser, "--locate-pairs", "--n-pairs", type=int)
     parser.add_argument("--statistics", default="last", choices=["last", "answer"],
                         help="where on-the-fly localization reads the neurons: the last prompt token (the paper) or "
                              "the mean over the model's own answer tokens (where a decode-time edit acts)")
@@ -41,8 +44,9 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
                                                                    "(None: proposed from the data)")
     parser.add_argument("--layers", default=None, help="layer range when locating on the fly, e.g. 10-29 "
                                                        "(None: proposed from the data)")
-    parser.add_argument("--methods", default=None, help=f"comma list of methods to sweep, of {','.join(SWEEP_METHODS)} "
-                                                        f"(None: {','.join(DEFAULT_METHODS)})")
+    parser.add_argument("--methods", action=CommaList, default=None, metavar="METHODS",
+                        help=f"comma list of methods to sweep, of {','.join(SWEEP_METHODS)} (None: "
+                             f"{','.join(DEFAULT_METHODS)})")
     parser.add_argument("--budget", type=int, default=None,
                         help="neurons an effect rule edits (None: the DPN-LE map's count, at most 0.5%% of MLP neurons)")
     parser.add_argument("--selection-pairs", type=int, default=128,
@@ -71,7 +75,9 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--generation-methods", default=None,
                         help="comma list of methods checked in generation (None: the selection rules and CAA)")
     parser.add_argument("--generation-draws", type=int, default=5, help="random-neuron draws per rule in generation")
-    parser.add_argument("--pairs", type=int, default=None, help="preference pairs drawn per trait (None: 64, --quick 24)")
+    parser.add_argument("--eval-pairs", type=int, default=None,
+                        help="held-out preference pairs drawn per trait (None: 64, --quick 24)")
+    add_renamed(parser, "--pairs", "--eval-pairs", type=int)
     parser.add_argument("--gammas", default=None,
                         help=f"comma list of strengths for the KL curves (None: {','.join(f'{g:g}' for g in GAMMA_GRID)})")
     parser.add_argument("--kl-levels", default=None, help="comma list of KL levels (nats/token) where every method's "
@@ -79,7 +85,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--target-kl", type=float, default=DEFAULT_TARGET_KL, help="KL at which DPN-LE is calibrated")
     parser.add_argument("--seed", type=int, default=0, help="seed of the held-out pair draw (questions and personas) and "
                                                            "of the random-neuron control; another seed replicates a "
-                                                           "result on a new draw (an effect-rule map in --maps selected "
+                                                           "result on a new draw (an effect-rule map in --run selected "
                                                            "on another seed's pairs is selected anew)")
     parser.add_argument("--no-random-control", action="store_true", help="skip the random-neuron curves")
     parser.add_argument("--plan", action="store_true",
@@ -128,8 +134,8 @@ def config_from_args(args: argparse.Namespace) -> Any:
     from dpn_lens.evaluation.control import ControlConfig
     from dpn_lens.pipeline import parse_traits
 
-    settings: dict[str, Any] = dict(traits=parse_traits(args.traits), data_dir=args.data_dir, maps_dir=args.maps,
-                                    locate_pairs=args.locate_pairs, statistics=args.statistics, target_kl=args.target_kl,
+    settings: dict[str, Any] = dict(traits=parse_traits(args.traits), data_dir=args.data_dir, maps_dir=args.run,
+                                    locate_pairs=args.n_pairs, statistics=args.statistics, target_kl=args.target_kl,
                                     random_control=not args.no_random_control, cache_pairs=not args.no_cache,
                                     seed=args.seed, budget=args.budget, selection_pairs=args.selection_pairs,
                                     random_draws=args.random_draws, generation_questions=args.generation,
@@ -140,9 +146,9 @@ def config_from_args(args: argparse.Namespace) -> Any:
     settings.update(locate_q=args.q, locate_tau_d=args.tau_d,
                     locate_layers=parse_layers(args.layers) if args.layers else None)
     if args.methods:
-        settings["methods"] = [m.strip() for m in args.methods.split(",") if m.strip()]
-    if args.pairs is not None:
-        settings["pairs"] = args.pairs
+        settings["methods"] = list(args.methods)
+    if args.eval_pairs is not None:
+        settings["pairs"] = args.eval_pairs
     if args.gammas:
         settings["gammas"] = _floats(args.gammas, "--gammas")
     if args.kl_levels:
@@ -177,10 +183,10 @@ def run_control_command(args: argparse.Namespace) -> int:
         print(plan.text())
         return 0
     resolve_data_dir(config.data_dir, "personalitybench")  # a missing data folder fails before the model loads
-    if args.maps:
+    if args.run:
         from dpn_lens.run import check_run_folder, run_folder_of
 
-        folder = run_folder_of(args.maps)
+        folder = run_folder_of(args.run)
         if folder is not None:
             check_run_folder(folder)
     model = load_model(args.model, dtype=args.dtype, device=args.device)
@@ -196,7 +202,7 @@ def run_control_command(args: argparse.Namespace) -> int:
         write_json_atomic(partial, result)
 
     def save_map(trait: str, neuron_map: Any) -> None:
-        # The maps made on the fly, kept: `--maps OUT` reuses them (another method set, the same neurons);
+        # The maps made on the fly, kept: `--run OUT` reuses them (another method set, the same neurons);
         # an effect rule's map goes to maps/<rule>/.
         from dpn_lens.run import rule_map_path
 
@@ -232,7 +238,7 @@ def _merge_command(folders: list[str], out: str, png: bool) -> int:
     merged = merge_control_results(results)
     for path in write_control_outputs(merged, out, png=png):
         print(f"wrote {path}")
-    for folder in folders:   # the maps each run made, so `--maps OUT` reuses all of them
+    for folder in folders:   # the maps each run made, so `--run OUT` reuses all of them
         if (Path(folder) / "maps").is_dir() and Path(folder).resolve() != Path(out).resolve():
             shutil.copytree(Path(folder) / "maps", Path(out) / "maps", dirs_exist_ok=True)
     return 0

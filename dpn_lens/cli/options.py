@@ -1,15 +1,31 @@
 """Option groups every ``dpn-lens`` subcommand spells the same way.
 
-``--traits`` ("all" or a comma list such as ``openness,E``; space-separated values are accepted too),
-``--model``/``--dtype``/``--device`` (every command that loads a model), ``--data-dir`` (default: None,
-resolved by ``dpn_lens.data.contrastive.resolve_data_dir``, which falls back to ``$DPN_LENS_DATA``) and
-``--out``. Each subcommand parser uses ``FORMATTER`` so ``--help`` shows the defaults.
+One spelling per thing, in every verb:
+
+- ``--run DIR``: a run folder (``locate --out``, ``demo --out``, a ``control`` run) or its ``maps/``;
+  ``--map FILE``: one map file.
+- Pair counts: ``--n-pairs`` (embedded contrastive pairs a map is located on), ``--eval-pairs``
+  (held-out preference pairs an edit is judged on), ``--selection-pairs`` (pairs an effect rule is
+  selected on).
+- Lists are comma lists (``--traits openness,E``, ``--methods dpn-le,caa``; ``CommaList``); values
+  separated by spaces are accepted too.
+- ``--plotlyjs inline|cdn|directory``: plotly.js embedded, from the CDN, or one shared file beside the
+  HTML.
+- ``--model``/``--dtype``/``--device`` (every command that loads a model), ``--data-dir`` (default:
+  None, resolved by ``dpn_lens.data.contrastive.resolve_data_dir``, which falls back to
+  ``$DPN_LENS_DATA``) and ``--out``.
+
+Spellings of earlier releases (``--maps``, ``--locate-pairs``, ``--pairs``, ``--effect-pairs``, a
+positional run folder) still parse for one release (``add_renamed``): they print the new spelling and
+are hidden from ``--help``. Each subcommand parser uses ``FORMATTER`` so ``--help`` shows the defaults.
 
 Example:
     >>> parser = argparse.ArgumentParser(formatter_class=FORMATTER)
     >>> add_traits_option(parser); add_model_options(parser)
     >>> parser.parse_args(["--traits", "openness,E"]).traits
-    ['openness,E']
+    ['openness', 'E']
+    >>> parser.parse_args(["--traits", "openness", "E"]).traits
+    ['openness', 'E']
 """
 
 from __future__ import annotations
@@ -18,12 +34,13 @@ import argparse
 import math
 import os
 import re
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
-__all__ = ["FORMATTER", "DEFAULT_MODEL", "add_subcommand", "add_traits_option", "add_model_options",
-           "add_data_dir_option", "add_out_option", "check_model_spec", "check_device", "check_out",
-           "validate_args", "read_maps"]
+__all__ = ["FORMATTER", "DEFAULT_MODEL", "CommaList", "add_subcommand", "add_traits_option", "add_model_options",
+           "add_data_dir_option", "add_out_option", "add_run_option", "add_renamed", "add_positional_run",
+           "check_model_spec", "check_device", "check_out", "validate_args", "read_maps"]
 
 FORMATTER = argparse.ArgumentDefaultsHelpFormatter
 """Every subcommand's help shows each option's default."""
@@ -37,10 +54,114 @@ def add_subcommand(subparsers: Any, name: str, help_text: str, description: str 
                                  formatter_class=FORMATTER)
 
 
+class CommaList(argparse.Action):
+    """A list option spelled as a comma list: ``--methods dpn-le,caa`` gives ``["dpn-le", "caa"]``.
+
+    Values separated by spaces (``--methods dpn-le caa``) are split the same way, so commands written
+    either way parse. ``item`` converts each part (``float`` for numbers); ``allowed`` lists the valid
+    parts (checked here, with the list in the error, because argparse's ``choices`` would see the
+    whole ``"a,b"``). ``nargs="*"`` lets the option be given empty (``--q-sweep`` with no value: none).
+
+    Example:
+        >>> parser = argparse.ArgumentParser()
+        >>> _ = parser.add_argument("--gammas", action=CommaList, item=float)
+        >>> parser.parse_args(["--gammas", "0.5,2", "8"]).gammas
+        [0.5, 2.0, 8.0]
+    """
+
+    def __init__(self, option_strings: Sequence[str], dest: str, item: Callable[[str], Any] = str,
+                 allowed: Sequence[str] | None = None, nargs: str = "+", **kwargs: Any) -> None:
+        self.item, self.allowed = item, None if allowed is None else list(allowed)
+        super().__init__(option_strings, dest, nargs=nargs, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        values = [values] if isinstance(values, str) else list(values or [])
+        if len(values) > 1:   # recorded so that the docs' own commands can be held to the comma form
+            setattr(namespace, "space_separated", [*getattr(namespace, "space_separated", []), option_string])
+        parts = [part.strip() for value in values for part in str(value).split(",") if part.strip()]
+        try:
+            items = [self.item(part) for part in parts]
+        except ValueError:
+            parser.error(f"{option_string} takes a comma list of {getattr(self.item, '__name__', 'value')}s, "
+                         f"e.g. {self.metavar or 'a,b'}; got {','.join(parts)!r}")
+        if self.allowed is not None:
+            unknown = [part for part in items if part not in self.allowed]
+            if unknown:
+                parser.error(f"{option_string}: {', '.join(map(str, unknown))} is not one of "
+                             f"{','.join(self.allowed)}; pass a comma list of those")
+        setattr(namespace, self.dest, items)
+
+
+class _Renamed(argparse.Action):
+    """An earlier release's spelling of an option: stores into the new option's ``dest`` and says the
+    new spelling on stderr (the command still runs)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, new: str, list_action: bool = False,
+                 **kwargs: Any) -> None:
+        self.new, self.list_action = new, list_action
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        print(f"dpn-lens: note: {option_string} is now spelled {self.new} (the old spelling goes in the next "
+              "release)", file=sys.stderr)
+        if self.list_action:
+            values = [part.strip() for value in values for part in str(value).split(",") if part.strip()]
+        setattr(namespace, self.dest, values)
+
+
+def add_renamed(parser: argparse.ArgumentParser, old: str, new: str, **kwargs: Any) -> None:
+    """Keep ``old`` (an earlier release's spelling of ``new``) parsing, hidden from ``--help``.
+
+    ``kwargs`` (``type=int``, ``nargs="+"``) are those of ``new``; the value lands in ``new``'s dest.
+
+    Example:
+        >>> parser = argparse.ArgumentParser()
+        >>> _ = parser.add_argument("--eval-pairs", type=int, default=None)
+        >>> add_renamed(parser, "--pairs", "--eval-pairs", type=int)
+        >>> parser.parse_args(["--pairs", "8"]).eval_pairs    # prints the new spelling on stderr
+        8
+    """
+    dest = new.lstrip("-").replace("-", "_")
+    parser.add_argument(old, dest=dest, action=_Renamed, new=new, default=argparse.SUPPRESS,
+                        help=argparse.SUPPRESS, list_action=kwargs.get("nargs") in ("+", "*"), **kwargs)
+
+
+def add_run_option(parser: argparse.ArgumentParser, help_text: str, required: bool = False,
+                   old: str | None = None) -> None:
+    """``--run DIR``: the run folder a command reads (``old``: an earlier spelling kept for one release)."""
+    parser.add_argument("--run", required=required, default=None, metavar="DIR", help=help_text)
+    if old:
+        add_renamed(parser, old, "--run")
+
+
+def add_positional_run(parser: argparse.ArgumentParser, help_text: str) -> None:
+    """``--run DIR`` for a verb whose run folder used to be positional (``cards RUN``): the positional
+    form still parses (hidden); ``resolve_positional_run`` joins the two after parsing."""
+    parser.add_argument("--run", default=None, metavar="DIR", help=help_text + " (required)")
+    parser.add_argument("run_positional", nargs="?", default=None, help=argparse.SUPPRESS)
+
+
+def resolve_positional_run(args: argparse.Namespace) -> None:
+    """Set ``args.run`` from the old positional run folder (saying the new spelling); raise a ValueError
+    when neither or two different folders are given."""
+    positional = getattr(args, "run_positional", None)
+    if positional is not None:
+        if args.run is not None and Path(args.run) != Path(positional):
+            raise ValueError(f"two run folders given ({positional} and --run {args.run}); pass one, as --run DIR")
+        print(f"dpn-lens: note: the run folder is now given as --run {positional} (the positional form goes in "
+              "the next release)", file=sys.stderr)
+        args.run = positional
+    if args.run is None:
+        raise ValueError(f"dpn-lens {args.command} needs a run folder: pass --run DIR (a folder written by "
+                         "`dpn-lens locate --out DIR` or `dpn-lens demo --out DIR`)")
+
+
 def add_traits_option(parser: argparse.ArgumentParser, default: str = "all") -> None:
     """``--traits``: "all" or a comma list (``openness,E``); pass the value to ``pipeline.parse_traits``."""
-    parser.add_argument("--traits", nargs="+", default=default, metavar="TRAITS",
-                        help="'all' or a comma list of traits, e.g. openness,E (space-separated works too)")
+    parser.add_argument("--traits", action=CommaList, default=default, metavar="TRAITS",
+                        help="'all' or a comma list of traits, e.g. openness,E")
 
 
 def add_model_options(parser: argparse.ArgumentParser, default: str | None = DEFAULT_MODEL,
@@ -200,7 +321,9 @@ def validate_args(args: argparse.Namespace) -> None:
     target_kl = getattr(args, "target_kl", None)
     if target_kl is not None and not (math.isfinite(target_kl) and target_kl > 0):
         raise ValueError(f"--target-kl must be a positive KL in nats/token (e.g. 0.05), got {target_kl}")
-    if getattr(args, "eval_pairs", 0) < 0:
+    if hasattr(args, "run_positional"):
+        resolve_positional_run(args)
+    if (getattr(args, "eval_pairs", None) or 0) < 0:
         raise ValueError(f"--eval-pairs must be 0 (skip the preference check) or more, got {args.eval_pairs}")
     if isinstance(getattr(args, "layers", None), str):
         parse_layers(args.layers)

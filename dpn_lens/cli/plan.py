@@ -4,7 +4,8 @@ needs, before running it.
 Example:
     $ dpn-lens plan --model smollm2-135m-instruct --n-pairs 1000 --measure     # measure this machine once
     $ dpn-lens plan --model path/to/Meta-Llama-3-8B-Instruct/config.json --dtype bfloat16 --measure-on smollm2-135m-instruct
-    $ dpn-lens plan --stage control --model gemma-3-270m --methods attribution-t,caa --maps runs/gemma --measure
+    $ dpn-lens plan --stage control --model gemma-3-270m --dtype bfloat16 --measure   # control's rates, once
+    $ dpn-lens control --model gemma-3-270m --methods attribution-t,caa --run runs/gemma --out runs/c --plan
 """
 
 from __future__ import annotations

@@ -15,17 +15,19 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from dpn_lens.cli.options import (DEFAULT_MODEL, FORMATTER, add_data_dir_option, add_model_options, add_out_option)
+from dpn_lens.cli.options import (DEFAULT_MODEL, FORMATTER, CommaList, add_data_dir_option, add_model_options,
+                                  add_out_option, add_renamed, add_run_option)
 
 __all__ = ["register", "run_study"]
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--run", required=True, help="run folder holding maps/<trait>.safetensors and stats/")
+    add_run_option(parser, "run folder holding maps/<trait>.safetensors and stats/", required=True)
     add_out_option(parser, "folder for figures and tables", default="figures")
     parser.add_argument("--no-png", action="store_true", help="write HTML only (PNG export needs Chromium)")
     parser.add_argument("--plotlyjs", choices=("cdn", "directory"), default="cdn",
-                        help="HTML loads plotly.js from the CDN or one shared plotly.min.js in --out")
+                        help="HTML loads plotly.js from the CDN or one shared plotly.min.js in --out (never inline: "
+                             "a full copy per figure)")
 
 
 def _layers_options(parser: argparse.ArgumentParser) -> None:
@@ -62,15 +64,17 @@ def _multifunction_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _residual_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--pairs", type=int, default=200, help="embedded contrastive pairs per trait (seed 42)")
+    parser.add_argument("--n-pairs", type=int, default=200, help="embedded contrastive pairs per trait (seed 42)")
+    add_renamed(parser, "--pairs", "--n-pairs", type=int)
     parser.add_argument("--layer", type=int, default=None,
                         help="residual layer to split (None: the layer CAA steers at for each trait)")
     parser.add_argument("--batch-size", type=int, default=8)
 
 
 def _causal_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--control", nargs="*", default=[],
-                        help="output folders of `dpn-lens control --k-sweep ...` (one per model) for the sparsity figure")
+    parser.add_argument("--control", action=CommaList, nargs="*", default=[], metavar="FOLDERS",
+                        help="comma list of output folders of `dpn-lens control --k-sweep ...` (one per model) for "
+                             "the sparsity figure")
     parser.add_argument("--no-capability", action="store_true",
                         help="skip the capability part (it loads the model and reads capability/ of --data-dir)")
 
@@ -144,10 +148,10 @@ def run_study(args: argparse.Namespace) -> int:
     if args.study == "residual":
         from dpn_lens.studies.outputs import residual_study
 
-        if args.pairs < 2:
-            raise ValueError("--pairs must be at least 2")
+        if args.n_pairs < 2:
+            raise ValueError("--n-pairs must be at least 2")
         model = load_model(_model_name(args, run), dtype=args.dtype, device=args.device)
-        residual_study(run, args.out, model, n_pairs=args.pairs, layer=args.layer, batch_size=args.batch_size,
+        residual_study(run, args.out, model, n_pairs=args.n_pairs, layer=args.layer, batch_size=args.batch_size,
                        log=lambda text: print(text, flush=True))
         return 0
     common = {"png": not args.no_png, "plotlyjs": args.plotlyjs}

@@ -209,7 +209,7 @@ def _prepare(model: Any, trait: str, config: CompareConfig, log) -> TraitContext
         model, trait, maps_dir=config.maps_dir, locate_pairs=config.locate_pairs, q=config.locate_q,
         tau_d=config.locate_tau_d, if_missing="locate", log=log))
     rules = effect_rules_needed(config.methods)
-    if rules:  # the effect rules' maps, selected from the DPN-LE map (or read from --maps <rule>/)
+    if rules:  # the effect rules' maps, selected from the DPN-LE map (or read from --run <rule>/)
         chosen = rule_maps(model, context.neuron_map, rules, maps_dir=config.maps_dir, seed=config.seed,
                            memo=context.memo, log=log)
         context.maps.update({rule: neuron_map for rule, (neuron_map, _) in chosen.items()})

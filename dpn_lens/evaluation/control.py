@@ -411,7 +411,7 @@ def run_control(model: Any, config: ControlConfig, log: Callable[[str], None] = 
     ``on_trait`` is called with the result so far after each trait (the CLI saves it, so an
     interrupted run keeps its finished traits); ``on_located`` with each map made on the fly, DPN-LE's
     and each effect rule's (the CLI saves them under ``--out``/maps, so another run can reuse them with
-    ``--maps``).
+    ``--run``).
 
     Returns ``{"validation", "costs", "curves", "matched_cost", "matched_summary", "calibrated", "goal",
     "sweep", "generation", "gamma_zero", "examples", "meta"}``: ``costs`` are the KL/perplexity grids,
@@ -451,7 +451,7 @@ def run_control(model: Any, config: ControlConfig, log: Callable[[str], None] = 
             pairs = held.pairs
             if len(pairs) < 4:
                 raise RuntimeError(f"{trait}: only {len(pairs)} usable preference pairs of {held.n_drawn} drawn; "
-                                   "raise --pairs")
+                                   "raise --eval-pairs")
             # The questions run once per trait; every edit below runs only the answers (PairScorer).
             scorer = PairScorer(model, pairs)
             base, high, low, persona = persona_control(model, held, scorer)

@@ -39,7 +39,7 @@ def trait_map(model: Any, trait: str, *, maps_dir: str | Path | None = None, loc
             log(f"{trait}: neuron map from {path}")
             return NeuronMap.load(path, model=model, rule="dpn-le")
         if if_missing == "raise":
-            raise FileNotFoundError(f"no {trait} map in {maps_dir}; run `dpn-lens locate` for it or drop --maps")
+            raise FileNotFoundError(f"no {trait} map in {maps_dir}; run `dpn-lens locate` for it or drop --run")
         log(f"{trait}: no map in {maps_dir}; locating on the fly")
     from dpn_lens.collection.collect import CollectionConfig, collect_statistics
     from dpn_lens.data.contrastive import embedded_contrastive_set
