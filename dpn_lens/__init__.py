@@ -56,7 +56,7 @@ from dpn_lens.steering import (
 from dpn_lens.collection.distributed import collect_statistics_distributed, merge_across_processes
 from dpn_lens.pipeline import LocateConfig, locate_traits, neuron_table
 from dpn_lens.run import Run
-from dpn_lens.evaluation.calibrate import Calibration, calibrate_gamma
+from dpn_lens.evaluation.calibrate import Calibration, calibrate_directions, calibrate_gamma
 from dpn_lens.cards import CardConfig, NeuronCard, build_cards, explore
 
 __all__ = [
@@ -100,6 +100,7 @@ __all__ = [
     "Intervention",
     "steering_intervention",
     "calibrate_gamma",
+    "calibrate_directions",
     "CardConfig",
     "NeuronCard",
     "build_cards",

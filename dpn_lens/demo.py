@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 from dpn_lens.answers import Generation
+from dpn_lens.evaluation.calibrate import Calibration
 from dpn_lens.evaluation.judge import generate_answers
 from dpn_lens.evaluation.shifts import PERSONA, Shift, ShiftRow, rows_of_record
 from dpn_lens.io import write_json_atomic, write_text_atomic
@@ -162,7 +163,7 @@ class CalibratedEdit:
     direction: str
     gamma: float
     edit: Edit
-    calibration: str = ""
+    calibration: Calibration | None = None
 
 
 def preference_check(model: Any, trait: str, edits: Sequence[CalibratedEdit], data_dir: Path, n_pairs: int,
@@ -212,12 +213,11 @@ def _calibrated_edits(model: Any, neuron_map: Any, gamma: float | None, target_k
         with clock.stage("calibration"):
             calibrations = calibrate_directions(model, target_kl, neuron_map=neuron_map, probe=probe)
         gammas = {direction: calibration.gamma for direction, calibration in calibrations.items()}
-        described = {direction: calibration.describe() for direction, calibration in calibrations.items()}
     else:
-        gammas, described = {"increase": gamma, "decrease": gamma}, {}
+        gammas, calibrations = {"increase": gamma, "decrease": gamma}, {}
     return [CalibratedEdit(neurons, direction, value,
                            steering_intervention(neuron_map, gamma=value, direction=direction),
-                           described.get(direction, "")) for direction, value in gammas.items()]
+                           calibrations.get(direction)) for direction, value in gammas.items()]
 
 
 def _evidence_lines(trait: str, rows: Sequence[ShiftRow]) -> list[str]:
@@ -295,8 +295,8 @@ def run_demo(model_name: str = "smollm2-135m-instruct", out: str | Path = "runs/
                                       "neurons": rule_map.n_selected()}}
             shown += rule_edits
         for item in shown:
-            if item.calibration:
-                print(f"  {item.neurons} {item.direction}: {item.calibration}")
+            if item.calibration is not None:
+                print(f"  {item.neurons} {item.direction}: {item.calibration.describe()}")
         if data is not None:
             rows = preference_check(model, trait, shown, data, eval_pairs, clock)
             record["shifts"] = [row.to_dict() for row in rows]

@@ -219,7 +219,8 @@ def test_demo_preference_check_reports_each_direction_and_the_persona(tiny_model
     monkeypatch.setenv("DPN_LENS_CACHE", str(tmp_path / "cache"))
     data = write_personalitybench(tmp_path / "data")
     neuron_map = tiny_map(tiny_model)
-    edits = [CalibratedEdit("DPN-LE", d, 2.0, steering_intervention(neuron_map, 2.0, d), "fixed") for d in
+    found = Calibration(2.0, "kl", 0.05, True, (CurvePoint(1.0, 0.01, 20.0), CurvePoint(4.0, 0.2, 21.0)))
+    edits = [CalibratedEdit("DPN-LE", d, 2.0, steering_intervention(neuron_map, 2.0, d), found) for d in
              ("increase", "decrease")]
     # Another map's edit beside DPN-LE's, named by the caller and signed by its direction.
     edits.append(CalibratedEdit("other", "decrease", 2.0, steering_intervention(neuron_map, 2.0, "decrease")))
@@ -227,7 +228,8 @@ def test_demo_preference_check_reports_each_direction_and_the_persona(tiny_model
     rows = preference_check(tiny_model, "extraversion", edits, data, n_pairs=8, clock=clock)
     assert set(clock.seconds) == {"preference pairs", "preference margins"}
     assert [row.label() for row in rows] == ["DPN-LE increase", "DPN-LE decrease", "other decrease", PERSONA]
-    assert rows[2].effect == rows[1].effect and rows[0].calibration == "fixed" and rows[0].n_pairs >= 4
+    assert rows[2].effect == rows[1].effect and rows[0].calibration == found and rows[2].calibration is None
+    assert rows[0].n_pairs >= 4
     for row in rows:
         assert row.effect.ci_low <= row.effect.shift <= row.effect.ci_high and 0 <= row.effect.p <= 1
         assert ShiftRow.from_dict(row.to_dict()) == row

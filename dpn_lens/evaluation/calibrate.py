@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -163,7 +163,7 @@ def gamma_at(gammas: Sequence[float], values: Sequence[float], target: float, lo
     return math.nan
 
 
-@dataclass
+@dataclass(frozen=True)
 class CurvePoint:
     """One strength of a calibration curve: KL, perplexity and (when pairs were given) the trait shift."""
 
@@ -172,23 +172,47 @@ class CurvePoint:
     ppl: float
     shift: float | None = None
 
+    def to_dict(self) -> dict[str, float | None]:
+        return {"gamma": self.gamma, "kl": self.kl, "ppl": self.ppl, "shift": self.shift}
 
-@dataclass
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "CurvePoint":
+        shift = data.get("shift")
+        return cls(float(data["gamma"]), float(data["kl"]), float(data["ppl"]), None if shift is None else float(shift))
+
+
+@dataclass(frozen=True)
 class Calibration:
-    """A calibrated gamma and the curve it was read from.
+    """A calibrated gamma and the curve it was read from (JSON: ``to_dict``/``from_dict``).
 
     Attributes:
         gamma: the calibrated strength (the largest grid gamma below the target if it was never reached).
         target: ``"kl"`` or ``"shift"``; ``target_value`` its value.
         reached: whether the curve crossed the target (else ``gamma`` is the grid's best).
         points: the measured curve.
+
+    Example:
+        >>> c = Calibration(3.0, "kl", 0.05, True, (CurvePoint(2.0, 0.02, 23.0), CurvePoint(4.0, 0.09, 23.4)))
+        >>> Calibration.from_dict(c.to_dict()) == c, c.describe()
+        (True, 'gamma 3 (reaches KL 0.05 nats/token)')
     """
 
     gamma: float
     target: str
     target_value: float
     reached: bool
-    points: list[CurvePoint] = field(default_factory=list)
+    points: tuple[CurvePoint, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"gamma": self.gamma, "target": self.target, "target_value": self.target_value,
+                "reached": self.reached, "points": [point.to_dict() for point in self.points]}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Calibration":
+        if not isinstance(data, dict) or not {"gamma", "target", "target_value", "reached"} <= set(data):
+            raise ValueError(f"a calibration is a dict with gamma, target, target_value and reached; got {data!r:.80}")
+        return cls(float(data["gamma"]), str(data["target"]), float(data["target_value"]), bool(data["reached"]),
+                   tuple(CurvePoint.from_dict(point) for point in data.get("points") or ()))
 
     def describe(self) -> str:
         """One line: the gamma and what it was calibrated to."""
@@ -321,10 +345,8 @@ def calibrate_gamma(model: HookedModel, neuron_map: Any = None, target_kl: float
     def measure(gamma: float) -> CurvePoint:
         edit = sweep_edit(edit_at, gamma)
         kl, ppl = probe(edit)
-        point = CurvePoint(gamma, kl, ppl)
-        if scorer is not None:
-            point.shift = float(sign * (scorer.margins(edit=edit) - base).mean())
-        return point
+        shift = None if scorer is None else float(sign * (scorer.margins(edit=edit) - base).mean())
+        return CurvePoint(gamma, kl, ppl, shift)
 
     def value(point: CurvePoint) -> float:
         return point.kl if target_name == "kl" else float(point.shift)
@@ -347,7 +369,7 @@ def calibrate_gamma(model: HookedModel, neuron_map: Any = None, target_kl: float
         # Never reached: the largest gamma still below the target and within max_kl (else the smallest tried).
         below = [p for p in points if value(p) < target_value and p.kl <= max_kl]
         gamma = below[-1].gamma if below else points[0].gamma
-    return Calibration(float(gamma), target_name, target_value, reached, points)
+    return Calibration(float(gamma), target_name, target_value, reached, tuple(points))
 
 
 def calibrate_directions(model: HookedModel, target_kl: float = DEFAULT_TARGET_KL, *, neuron_map: Any = None,

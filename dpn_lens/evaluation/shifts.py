@@ -18,6 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from dpn_lens.evaluation.calibrate import Calibration
+
 __all__ = ["Shift", "ShiftRow", "PERSONA", "rows_of_record"]
 
 PERSONA = "persona prompt"
@@ -66,7 +68,8 @@ class ShiftRow:
         gamma: the edit's strength (None for the persona prompt).
         n_pairs: held-out pairs the shift is measured on.
         effect: the shift with its interval.
-        calibration: how ``gamma`` was found (``Calibration.describe()``; ``""`` for a fixed gamma).
+        calibration: how ``gamma`` was found, with its KL curve (None for a fixed gamma, the persona
+            prompt, and rows read from an earlier release's summary).
     """
 
     trait: str
@@ -75,7 +78,7 @@ class ShiftRow:
     gamma: float | None
     n_pairs: int
     effect: Shift
-    calibration: str = ""
+    calibration: Calibration | None = None
 
     def label(self) -> str:
         """``"DPN-LE increase"``, ``"attribution-t decrease"``, ``"persona prompt"``."""
@@ -90,16 +93,17 @@ class ShiftRow:
     def to_dict(self) -> dict[str, Any]:
         return {"trait": self.trait, "neurons": self.neurons, "direction": self.direction, "gamma": self.gamma,
                 "n_pairs": self.n_pairs, "effect": self.effect.to_dict(),
-                **({"calibration": self.calibration} if self.calibration else {})}
+                **({"calibration": self.calibration.to_dict()} if self.calibration is not None else {})}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "ShiftRow":
         if not isinstance(data, Mapping) or not {"trait", "neurons", "effect"} <= set(data):
             raise ValueError(f"a shift row is a dict with trait, neurons and effect; got {data!r:.80}")
         gamma = data.get("gamma")
+        calibration = data.get("calibration")
         return cls(str(data["trait"]), str(data["neurons"]), str(data.get("direction", "")),
                    None if gamma is None else float(gamma), int(data.get("n_pairs", 0)),
-                   Shift.from_dict(data["effect"]), str(data.get("calibration", "")))
+                   Shift.from_dict(data["effect"]), None if calibration is None else Calibration.from_dict(calibration))
 
 
 def rows_of_record(record: Mapping[str, Any]) -> list[ShiftRow]:
@@ -119,12 +123,11 @@ def rows_of_record(record: Mapping[str, Any]) -> list[ShiftRow]:
     if not check:
         return []
     trait, n_pairs = str(record.get("trait", "")), int(check.get("n_pairs", 0))
-    edits = [("DPN-LE", record.get("gamma") or {}, record, "")]
-    edits += [(rule, entry.get("gamma") or {}, entry, f"{rule}-")
-              for rule, entry in (record.get("rules") or {}).items()]
+    edits = [("DPN-LE", record.get("gamma") or {}, "")]
+    edits += [(rule, entry.get("gamma") or {}, f"{rule}-") for rule, entry in (record.get("rules") or {}).items()]
     rows = [ShiftRow(trait, neurons, direction, _number(gammas.get(direction)), n_pairs,
-                     Shift.from_dict(check[f"{prefix}{direction}"]), str(source.get(f"{direction}_calibration", "")))
-            for neurons, gammas, source, prefix in edits for direction in ("increase", "decrease")
+                     Shift.from_dict(check[f"{prefix}{direction}"]))
+            for neurons, gammas, prefix in edits for direction in ("increase", "decrease")
             if f"{prefix}{direction}" in check]
     if "persona" in check:
         rows.append(ShiftRow(trait, PERSONA, "", None, n_pairs, Shift.from_dict(check["persona"])))
