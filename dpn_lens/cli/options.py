@@ -42,8 +42,19 @@ __all__ = ["FORMATTER", "DEFAULT_MODEL", "CommaList", "add_subcommand", "add_tra
            "add_data_dir_option", "add_out_option", "add_run_option", "add_renamed", "add_positional_run",
            "check_model_spec", "check_device", "check_out", "validate_args", "read_maps"]
 
-FORMATTER = argparse.ArgumentDefaultsHelpFormatter
-"""Every subcommand's help shows each option's default."""
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, and a comma-list option as one value (``--methods METHODS``), as it is
+    meant to be written, not as argparse's ``METHODS [METHODS ...]``."""
+
+    def _format_args(self, action: argparse.Action, default_metavar: str) -> str:
+        if isinstance(action, CommaList):
+            metavar = self._metavar_formatter(action, default_metavar)(1)[0]
+            return f"[{metavar}]" if action.nargs == "*" else metavar
+        return super()._format_args(action, default_metavar)
+
+
+FORMATTER = _Formatter
+"""Every subcommand's help shows each option's default (and comma lists as one value)."""
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
