@@ -127,6 +127,7 @@ CALLS: dict[tuple[str, str], tuple[float, Callable[[Any], Any]]] = {
     ("calibrate_gamma", "target_shift"): (2**-7, lambda v: _calibrate(target_kl=None, target_shift=v)),
     ("calibrate_gamma", "max_kl"): (1.0, lambda v: _calibrate(max_kl=v)),
     ("calibrate_gamma", "start"): (1.0, lambda v: _calibrate(start=v)),
+    ("calibrate_directions", "target_kl"): (2**-7, lambda v: _calibrate_directions(target_kl=v)),
     ("CardConfig", "n_pairs"): (8, lambda v: dpn_lens.CardConfig(n_pairs=v)),
     ("CardConfig", "seed"): (1, lambda v: dpn_lens.CardConfig(seed=v)),
     ("CardConfig", "text_windows"): (4, lambda v: dpn_lens.CardConfig(text_windows=v)),
@@ -211,6 +212,16 @@ def _calibrate(**options):
         options["pairs"] = [PreferencePair("what would you do ?", "a party .", "a book .")] * 2
     settings = {"target_kl": 0.01, "gammas": (0.5, 1.0, 2.0), **options}
     return dpn_lens.calibrate_gamma(_model(), neuron_map, probe=_CACHE["probe"], **settings).gamma
+
+
+def _calibrate_directions(**options):
+    from dpn_lens.models import model_fingerprint
+
+    _calibrate()                                        # builds the shared probe
+    neuron_map = make_map("openness", high={1: [0, 3, 5]}, low={2: [4]}, layers=[1, 2], n_layers=4, d_mlp=48,
+                          fingerprint=model_fingerprint(_model()).to_dict())
+    calibrations = dpn_lens.calibrate_directions(_model(), neuron_map=neuron_map, probe=_CACHE["probe"], **options)
+    return [calibration.gamma for calibration in calibrations.values()]
 
 
 def _explore(**options):
