@@ -186,8 +186,7 @@ def preference_check(model: Any, trait: str, edits: Sequence[CalibratedEdit], da
     with clock.stage("preference margins"):
         scorer = PairScorer(model, held.pairs)
         base, _, _, persona = persona_control(model, held, scorer)
-        rows = _shift_rows(trait, scorer, len(held.pairs), base, persona, edits)
-    return rows
+        return _shift_rows(trait, scorer, len(held.pairs), base, persona, edits)
 
 
 def _shift_rows(trait: str, scorer: Any, n_pairs: int, base: Any, persona: Any,

@@ -108,24 +108,22 @@ class _Renamed(argparse.Action):
     """An earlier release's spelling of an option: stores into the new option's ``dest`` and says the
     new spelling on stderr (the command still runs)."""
 
-    def __init__(self, option_strings: Sequence[str], dest: str, new: str, list_action: bool = False,
-                 **kwargs: Any) -> None:
-        self.new, self.list_action = new, list_action
+    def __init__(self, option_strings: Sequence[str], dest: str, new: str, **kwargs: Any) -> None:
+        self.new = new
         super().__init__(option_strings, dest, **kwargs)
 
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
                  option_string: str | None = None) -> None:
         print(f"dpn-lens: note: {option_string} is now spelled {self.new} (the old spelling goes in the next "
               "release)", file=sys.stderr)
-        if self.list_action:
-            values = [part.strip() for value in values for part in str(value).split(",") if part.strip()]
         setattr(namespace, self.dest, values)
 
 
 def add_renamed(parser: argparse.ArgumentParser, old: str, new: str, **kwargs: Any) -> None:
-    """Keep ``old`` (an earlier release's spelling of ``new``) parsing, hidden from ``--help``.
+    """Keep ``old`` (an earlier release's spelling of the single-value option ``new``) parsing, hidden
+    from ``--help``.
 
-    ``kwargs`` (``type=int``, ``nargs="+"``) are those of ``new``; the value lands in ``new``'s dest.
+    ``kwargs`` (``type=int``) are those of ``new``; the value lands in ``new``'s dest.
 
     Example:
         >>> parser = argparse.ArgumentParser()
@@ -136,7 +134,7 @@ def add_renamed(parser: argparse.ArgumentParser, old: str, new: str, **kwargs: A
     """
     dest = new.lstrip("-").replace("-", "_")
     parser.add_argument(old, dest=dest, action=_Renamed, new=new, default=argparse.SUPPRESS,
-                        help=argparse.SUPPRESS, list_action=kwargs.get("nargs") in ("+", "*"), **kwargs)
+                        help=argparse.SUPPRESS, **kwargs)
 
 
 def add_run_option(parser: argparse.ArgumentParser, help_text: str, required: bool = False,
@@ -150,7 +148,7 @@ def add_run_option(parser: argparse.ArgumentParser, help_text: str, required: bo
 def add_positional_run(parser: argparse.ArgumentParser, help_text: str) -> None:
     """``--run DIR`` for a verb whose run folder used to be positional (``cards RUN``): the positional
     form still parses (hidden); ``resolve_positional_run`` joins the two after parsing."""
-    parser.add_argument("--run", default=None, metavar="DIR", help=help_text + " (required)")
+    add_run_option(parser, help_text + " (required)")
     parser.add_argument("run_positional", nargs="?", default=None, help=argparse.SUPPRESS)
 
 
