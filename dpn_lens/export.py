@@ -79,7 +79,7 @@ class ExportedEdit:
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
-def _normalises_mlp_output(model: Any) -> bool:
+def normalises_mlp_output(model: Any) -> bool:
     """True when the MLP output passes a norm before the residual add (Gemma 2/3)."""
     return any(hasattr(hf_module(layer), "post_feedforward_layernorm") for layer in decoder_layers(model, "exports"))
 
@@ -114,7 +114,7 @@ def exported_edit(model: HookedModel, edit: Intervention, **metadata: Any) -> Ex
 
 
 def _refuse_normalised_mlp(model: Any, fmt: str) -> None:
-    if _normalises_mlp_output(model):
+    if normalises_mlp_output(model):
         arch = type(hf_model(model)).__name__
         raise ValueError(
             f"{arch} normalises each MLP output (post_feedforward_layernorm) before the residual add, so a "

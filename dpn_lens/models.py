@@ -308,7 +308,7 @@ def _convert_gguf(gguf: Path, config_overrides: dict[str, Any], target: Path) ->
     return target
 
 
-def _resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     if dtype is None:
         return torch.float32
     if isinstance(dtype, torch.dtype):
@@ -345,7 +345,7 @@ def load_hf_model(spec: str, dtype: str | torch.dtype | None = None, device: str
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    torch_dtype = _resolve_dtype(dtype)
+    torch_dtype = resolve_dtype(dtype)
     overrides: dict[str, Any] = {}
     is_chat: bool | None = None
     source = model_source(spec)
@@ -582,7 +582,7 @@ def check_map_before_loading(neuron_map: Any, spec: str) -> None:
     Raises:
         IncompatibleModelError: naming both models and what differs.
     """
-    from dpn_lens.localization.neuron_map import IncompatibleModelError
+    from dpn_lens.errors import IncompatibleModelError
 
     recorded = getattr(neuron_map, "model_name", "") or ""
     if recorded in EMBEDDED_MODELS and spec in EMBEDDED_MODELS and recorded != spec:

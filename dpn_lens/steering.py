@@ -702,7 +702,7 @@ def _check_fits(model: Any, intervention: Intervention) -> None:
 def _check_fingerprints(model: Any, edits: Sequence[Edit]) -> None:
     """Refuse edits whose map was located on another model (the default check of ``steer``)."""
     from dpn_lens.models import ModelFingerprint, model_fingerprint
-    from dpn_lens.localization.neuron_map import IncompatibleModelError
+    from dpn_lens.errors import IncompatibleModelError
 
     known = [edit for edit in edits if isinstance(getattr(edit, "fingerprint", None), dict) and edit.fingerprint]
     if not known:

@@ -460,6 +460,11 @@ def test_control_compares_selection_rules_with_their_own_random_neurons(tmp_path
     text = (tmp_path / "out" / "control.md").read_text()
     assert "which steers?" in text and "budget sweep" in text and "Generation-based check" in text
     assert (tmp_path / "out" / "sparsity.html").exists() and (tmp_path / "out" / "sweep.csv") in written
+    from dpn_lens.evaluation.table import read_result_table
+    from test_result_table import check_control_rows_match_the_run
+
+    assert read_result_table(tmp_path / "out" / "results.csv") == check_control_rows_match_the_run(result)
+    assert any(r.metric == "generation" and r.method == "attribution" for r in read_result_table(tmp_path / "out" / "results.csv"))
 
 
 def test_runs_on_different_traits_merge_into_the_run_over_all_of_them(tiny_folder, tmp_path, monkeypatch, capsys):

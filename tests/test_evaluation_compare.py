@@ -36,7 +36,13 @@ def test_comparison_writes_every_method_trait_direction_and_sweep(letter_model, 
     q = {r["q"]: r["n_edited"] for r in result["q_sweep"]}
     assert q[0.97] >= q[0.999]
     files = {p.name for p in write_outputs(result, tmp_path, make_png=False)}
-    assert {"rows.csv", "comparison.json", "comparison.md", "tradeoff.html"} <= files
+    assert {"rows.csv", "comparison.json", "comparison.md", "tradeoff.html", "results.csv"} <= files
+    from dpn_lens.evaluation.table import read_result_table
+
+    long = read_result_table(tmp_path / "results.csv")
+    assert {(r.method, r.direction) for r in long} == methods
+    assert {(r.method, r.trait, r.direction): r.value for r in long if r.metric == "questionnaire"} == pytest.approx(
+        {(r["method"], r["trait"], r["direction"]): r["questionnaire"] for r in result["rows"]})
     assert json.loads((tmp_path / "comparison.json").read_text())["meta"]["n_mlp_neurons"] == 2 * 48
     assert "trait_shift [95% CI]" in (tmp_path / "comparison.md").read_text()
 

@@ -242,7 +242,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cannot be loaded) are printed as one line with exit status 2; Ctrl-C prints ``interrupted`` and
     exits 130. ``--debug`` shows the traceback instead.
     """
-    from dpn_lens.localization.neuron_map import IncompatibleModelError
+    from dpn_lens.errors import IncompatibleModelError
 
     args = build_parser().parse_args(argv)
     debug = bool(getattr(args, "debug", False))

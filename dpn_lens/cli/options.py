@@ -341,10 +341,10 @@ def validate_args(args: argparse.Namespace) -> None:
     if getattr(args, "model", None) is not None:
         check_model_spec(args.model)
     if getattr(args, "dtype", None) is not None:
-        from dpn_lens.models import _resolve_dtype
+        from dpn_lens.models import resolve_dtype
 
         try:
-            _resolve_dtype(args.dtype)
+            resolve_dtype(args.dtype)
         except ValueError as error:
             raise ValueError(f"--dtype: {error}") from None
     check_device(getattr(args, "device", None))

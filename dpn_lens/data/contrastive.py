@@ -157,7 +157,7 @@ def load_question_jsonl(paths: Iterable[str | os.PathLike], key: str = "question
     return questions
 
 
-def _draw_pairs(trait: str, questions: Sequence[str], high_descriptions: Sequence[str],
+def draw_pairs(trait: str, questions: Sequence[str], high_descriptions: Sequence[str],
                 low_descriptions: Sequence[str], n_pairs: int, seed: int, source: str) -> ContrastiveSet:
     """Pair question i with a random high and a random low description, all triples distinct.
 
@@ -241,7 +241,7 @@ def embedded_contrastive_set(trait: str, n_pairs: int = 1000, seed: int = 42,
     if questions not in ("all", "trait"):
         raise ValueError(f"questions must be 'all' or 'trait', got {questions!r}")
     pool = [row["question"] for row in rows if questions == "all" or row["trait"] == trait]
-    return _draw_pairs(trait, pool, personas[trait]["high"], personas[trait]["low"], n_pairs, seed, "embedded")
+    return draw_pairs(trait, pool, personas[trait]["high"], personas[trait]["low"], n_pairs, seed, "embedded")
 
 
 def personalitybench_contrastive_set(data_dir: str | os.PathLike | None, trait: str, n_pairs: int = 1000,
@@ -281,7 +281,7 @@ def personalitybench_contrastive_set(data_dir: str | os.PathLike | None, trait: 
         if not question_files:
             raise FileNotFoundError(f"no question files in {folder / 'test'}; pass question_files=[...]")
     questions = load_question_jsonl(question_files)
-    return _draw_pairs(trait, questions, high_descriptions, low_descriptions, n_pairs, seed,
+    return draw_pairs(trait, questions, high_descriptions, low_descriptions, n_pairs, seed,
                        f"personalitybench:{folder}")
 
 

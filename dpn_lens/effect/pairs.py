@@ -27,7 +27,7 @@ import json
 from typing import Any, Callable
 
 from dpn_lens.data.contrastive import embedded_personas, embedded_questions
-from dpn_lens.effect.rules import SELECTION_PAIRS, SELECTION_TOKENS
+from dpn_lens.effect.defaults import SELECTION_PAIRS, SELECTION_TOKENS
 from dpn_lens.evaluation.preference import PreferencePair, generate_persona_pairs, pairs_cache_file
 from dpn_lens.io import write_json_atomic
 from dpn_lens.traits import normalize_trait

@@ -52,6 +52,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from dpn_lens.effect.defaults import SELECTION_PAIRS, SELECTION_TOKENS
 from dpn_lens.localization.neuron_map import DUAL_CRITERION, NeuronMap
 from dpn_lens.numbers import as_int
 from dpn_lens.localization.settings import LocalizationSettings
@@ -62,11 +63,6 @@ __all__ = ["SelectionRule", "SELECTION_RULES", "attribution_statistic", "RULES_B
 
 MAX_FRACTION = 0.005
 """The largest share of all MLP neurons a default budget takes (the paper's 0.5%)."""
-SELECTION_TOKENS = 48
-"""Greedy answer tokens per persona of a selection pair (as for the held-out evaluation pairs)."""
-SELECTION_PAIRS = 128
-"""Selection pairs drawn per trait by default (``effect.pairs``; identical or empty answer pairs are dropped).
-With 64 the attribution rules' top sets changed a lot between draws on SmolLM2 (docs/RESULTS.md)."""
 CONTRASTIVE_PAIRS = 50
 """Embedded contrastive pairs (seed 42) the write rules read the residual direction from, as CAA does."""
 

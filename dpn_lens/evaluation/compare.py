@@ -39,6 +39,7 @@ from dpn_lens.evaluation.intervals import bootstrap_ci, paired_effect
 from dpn_lens.evaluation.judge import JudgeConfig, judge_evaluation, load_test_questions
 from dpn_lens.evaluation.trait_maps import rule_maps, trait_map
 from dpn_lens.evaluation.methods import DEFAULT_METHOD_NAMES, METHOD_NAMES, METHODS_BY_NAME, TraitContext, effect_rules_needed
+from dpn_lens.evaluation.table import RESULT_TABLE, comparison_rows, write_result_table
 from dpn_lens.localization.localize import reselect
 from dpn_lens.localization.neuron_map import NeuronMap
 from dpn_lens.run import percent_of_mlp
@@ -423,7 +424,8 @@ def write_outputs(result: dict[str, Any], out: str | Path, make_png: bool = True
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    written = [write_json_atomic(out / "comparison.json", result)]
+    written = [write_json_atomic(out / "comparison.json", result),
+               write_result_table(comparison_rows(result), out / RESULT_TABLE)]
     for name in ("rows", "gamma_sweep", "q_sweep", "respondents", "judged"):
         rows = result.get(name)
         if not rows:

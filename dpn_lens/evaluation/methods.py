@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence
+from typing import Any, Callable, Literal, Protocol, Sequence
 
 from dpn_lens.baselines import (PersonaPrompt, caa_intervention, dense_intervention, npti_intervention,
                                 npti_trait_statistics, persona_prompt, topk_intervention)
@@ -40,10 +40,18 @@ from dpn_lens.effect.rules import EFFECT_RULES
 from dpn_lens.localization.neuron_map import NeuronMap
 from dpn_lens.steering import Edit, direction_sign, steering_intervention
 
-if TYPE_CHECKING:  # the comparison's config; compare.py imports this module
-    from dpn_lens.evaluation.compare import CompareConfig
 
-__all__ = ["ComparisonMethod", "TraitContext", "Condition", "COMPARISON_METHODS", "METHODS_BY_NAME",
+
+class MethodSettings(Protocol):
+    """What a method reads from a run's config (``CompareConfig`` has these fields; a Protocol, so that
+    this registry does not import the comparison that imports it). A method's default strength is the
+    field its ``gamma_option`` names, read with ``getattr``."""
+
+    npti_prompts: int
+    npti_new_tokens: int
+    caa_pairs: int
+
+__all__ = ["ComparisonMethod", "MethodSettings", "TraitContext", "Condition", "COMPARISON_METHODS", "METHODS_BY_NAME",
            "METHOD_NAMES", "DEFAULT_METHOD_NAMES", "effect_rules_needed", "neuron_methods"]
 
 Direction = Literal["increase", "decrease"]
@@ -94,16 +102,16 @@ class ComparisonMethod:
     neurons_of: str | None = None
     """The selection rule whose neurons its edit changes, for the random-neuron control (a rule: itself;
     ``attribution-t-frozen``: ``attribution-t``); None for an edit that is not one of a rule's neurons."""
-    prepare: Callable[[Any, str, "CompareConfig"], Any] | None = None
+    prepare: Callable[[Any, str, MethodSettings], Any] | None = None
     sweepable: bool = True
     default: bool = True
     """Part of ``compare``'s default method list (variants that only ``--methods`` names say False)."""
 
-    def default_gamma(self, config: "CompareConfig") -> float | None:
+    def default_gamma(self, config: MethodSettings) -> float | None:
         """The strength of the main comparison (``config.<gamma_option>``)."""
         return None if self.gamma_option is None else float(getattr(config, self.gamma_option))
 
-    def condition(self, model: Any, context: TraitContext, direction: Direction, config: "CompareConfig",
+    def condition(self, model: Any, context: TraitContext, direction: Direction, config: MethodSettings,
                   gamma: float | None = None) -> Condition:
         """``(edit, persona)`` at ``gamma`` (None: the method's default strength)."""
         return self.build(model, context, direction, self.default_gamma(config) if gamma is None else gamma)
@@ -179,7 +187,7 @@ def _token_scaled_of(rule: str) -> Callable[[Any, TraitContext, Direction, float
     return build
 
 
-def _npti_prepare(model: Any, trait: str, config: "CompareConfig") -> Any:
+def _npti_prepare(model: Any, trait: str, config: MethodSettings) -> Any:
     return npti_trait_statistics(model, trait, config.npti_prompts, config.npti_new_tokens)
 
 
@@ -187,7 +195,7 @@ def _npti(model: Any, context: TraitContext, direction: Direction, gamma: float 
     return npti_intervention(model, context.state["npti"], direction, gamma), None
 
 
-def _caa_prepare(model: Any, trait: str, config: "CompareConfig") -> Any:
+def _caa_prepare(model: Any, trait: str, config: MethodSettings) -> Any:
     # The unit-strength increase vector; each condition scales and signs it.
     return caa_intervention(model, embedded_contrastive_set(trait, config.caa_pairs, seed=42), 1.0)
 

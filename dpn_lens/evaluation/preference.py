@@ -172,13 +172,13 @@ def generate_persona_pairs(model: Any, trait: str, questions: Sequence[str], hig
         >>> len(pairs), pairs.n_identical                                                       # doctest: +SKIP
         (31, 1)
     """
-    from dpn_lens.data.contrastive import _draw_pairs
+    from dpn_lens.data.contrastive import draw_pairs
 
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    drawn = _draw_pairs(trait, questions, high_descriptions, low_descriptions, n_pairs, seed, "persona answers")
+    drawn = draw_pairs(trait, questions, high_descriptions, low_descriptions, n_pairs, seed, "persona answers")
     prompts = [encode(model, render_for_model(model, text)) for pair in drawn.pairs for text in (pair.high, pair.low)]
     answers = greedy_answers(model, prompts, max_new_tokens, batch_size)
     decode = model.tokenizer.decode

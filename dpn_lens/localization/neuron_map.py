@@ -12,6 +12,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from dpn_lens._version import __version__
+from dpn_lens.errors import IncompatibleModelError, WrongRuleError
 from dpn_lens.hooked import HookedModel
 from dpn_lens.localization.settings import LocalizationSettings
 from dpn_lens.traits import normalize_pole
@@ -20,14 +21,6 @@ __all__ = ["NeuronMap", "IncompatibleModelError", "WrongRuleError", "DUAL_CRITER
 
 DUAL_CRITERION = "dpn-le"
 """The selection rule of the paper (``|s| > tau_q`` and ``|d| > tau_d``); other rules: ``dpn_lens.effect.rules``."""
-
-
-class IncompatibleModelError(ValueError):
-    """A neuron map was applied to a model other than the one it was located on."""
-
-
-class WrongRuleError(ValueError):
-    """A neuron map made by one selection rule was given where another rule's map was asked for."""
 
 
 @dataclass
@@ -207,7 +200,7 @@ class NeuronMap:
         from safetensors.torch import save_file
 
         from dpn_lens.io import atomic_path, write_json_atomic
-        from dpn_lens.collection.statistics import _artifact_metadata
+        from dpn_lens.artifacts import artifact_metadata
 
         path = Path(path)
         if path.suffix != ".safetensors":
@@ -215,7 +208,7 @@ class NeuronMap:
         tensors = self._tensors()
         config = self.config()
         with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata=_artifact_metadata("dpn_lens_neuron_map", tensors, config))
+            save_file(tensors, str(tmp), metadata=artifact_metadata("dpn_lens_neuron_map", tensors, config))
         if write_json:
             write_json_atomic(path.with_suffix(".json"), config)
         return path
@@ -230,9 +223,9 @@ class NeuronMap:
             Traceback (most recent call last):
             WrongRuleError: runs/demo/maps/openness.safetensors holds a 'dpn-le' map, not an 'attribution' map; ...
         """
-        from dpn_lens.collection.statistics import _load_checked
+        from dpn_lens.artifacts import load_artifact
 
-        tensors, config = _load_checked(path, "dpn_lens_neuron_map")
+        tensors, config = load_artifact(path, "dpn_lens_neuron_map")
         found = config.get("rule", DUAL_CRITERION)   # maps saved before rules existed: the dual criterion
         if rule is not None and found != rule:
             raise WrongRuleError(f"{path} holds a {found!r} map, not a {rule!r} map; pass the {rule} map (a control "

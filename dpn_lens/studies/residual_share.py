@@ -126,7 +126,7 @@ def residual_share(model: HookedModel, contrastive_set: ContrastiveSet, neuron_m
     """Split the trait's residual mean difference at ``layer`` (None: the layer CAA would steer at) into
     the attention, MLP and embedding parts, and the part the map's neurons write (module note)."""
     from dpn_lens.baselines.caa import caa_layer
-    from dpn_lens.export import _normalises_mlp_output, residual_vectors
+    from dpn_lens.export import normalises_mlp_output, residual_vectors
     from dpn_lens.steering import Intervention
 
     high_resid, high, high_embed = last_token_sums(model, contrastive_set.high, batch_size)
@@ -150,7 +150,7 @@ def residual_share(model: HookedModel, contrastive_set: ContrastiveSet, neuron_m
         remainder=1.0 - sum(shares.values()), mlp_cosine=_cosine(mlp, v), attn_cosine=_cosine(attn, v),
         per_layer=[{"layer": l, "attn": _share(diff["attn"][l], v), "mlp": _share(diff["mlp"][l], v)}
                    for l in range(layer + 1)], **shares)
-    if neuron_map is not None and not _normalises_mlp_output(model):
+    if neuron_map is not None and not normalises_mlp_output(model):
         # s measured on these prompts, kept on the map's neurons of layers <= layer: what DPN-LE writes.
         deltas = {}
         for l in neuron_map.layers:

@@ -1,0 +1,231 @@
+"""One long result table for both evaluations: a row per trait, method, direction, metric and cost.
+
+``dpn-lens control`` and ``dpn-lens compare`` each write their own wide tables (``matched_cost.csv``,
+``calibrated.csv``, ``generation.csv``; ``rows.csv``), whose columns differ by harness and by run
+settings (``shift@kl0.05``). Both also write ``results.csv``: the same numbers in one long format, so
+that one filter answers any question across runs and harnesses, e.g. in a notebook::
+
+    rows = pd.read_csv("results/control-gemma-3-270m-allrules/results.csv")
+    rows.query("metric == 'preference' and kl_level == 0.05")
+
+Metrics (``value`` signed by the direction: positive = moved as asked, except ``kl``, ``wikitext_ppl``
+and accuracies, which are levels):
+
+- ``preference``: the held-out paired-answer margin shift, nats/token (``control``);
+- ``preference_vs_random``: the rule's shift minus its random-neuron draws' (``control``);
+- ``generation`` and ``generation_vs_random``: the persona-likelihood shift of generated answers;
+- ``kl``: the measured KL, nats/token, at the edit's γ;
+- ``questionnaire_shift``, ``statements_shift`` (``compare``, against the unsteered rows), ``questionnaire``,
+  ``statements_gap``, ``wikitext_ppl``, ``<task>_acc``, ``judge_trait``, ``judge_fluency``.
+
+Method names are the registry's (``evaluation.methods``), plus ``persona`` (the positive control, whose
+direction is ``both``), ``random-neurons:<rule>`` (the random-neuron control of a rule), ``gamma-0`` and
+``unsteered``.
+
+Example:
+    >>> row = ResultRow("openness", "caa", "increase", "preference", 0.03, ci_low=0.01, ci_high=0.05, n=63,
+    ...                 kl_level=0.05, gamma=2.5, harness="control")
+    >>> ResultRow.from_dict(row.to_dict()) == row
+    True
+    >>> row.excludes_zero
+    True
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from dpn_lens.io import atomic_path
+
+__all__ = ["ResultRow", "control_rows", "comparison_rows", "write_result_table", "read_result_table",
+           "RESULT_TABLE"]
+
+RESULT_TABLE = "results.csv"
+"""The long table's file name in a run folder."""
+
+_COMPARE_LEVELS = ("questionnaire", "statements_gap", "kl", "wikitext_ppl", "lambada_acc", "judge_trait",
+                   "judge_fluency")
+"""Per-row levels of a comparison row carried into the long table (``<task>_acc`` columns are found)."""
+
+
+def _number(value: Any) -> float | None:
+    """A finite float, or None for a missing or NaN entry (so that the CSV says nothing, not 'nan')."""
+    if value is None or value == "":
+        return None
+    number = float(value)
+    return None if math.isnan(number) else number
+
+
+@dataclass(frozen=True)
+class ResultRow:
+    """One measured number with its interval, where and at what cost it was measured.
+
+    Attributes:
+        trait: the trait.
+        method: the edit or control (see the module docstring).
+        direction: ``increase``, ``decrease``, ``both`` (persona control) or ``none`` (unsteered).
+        metric: what ``value`` measures (see the module docstring).
+        value: the number.
+        ci_low, ci_high: its 95% interval (None: none computed).
+        n: the items it averages (pairs, questions, questionnaire items; None: not recorded).
+        kl_level: the KL (nats/token) the edit's γ was calibrated to; None for a fixed γ.
+        gamma: the edit's strength (None: no strength, e.g. the persona control).
+        harness: ``control`` or ``compare``.
+    """
+
+    trait: str
+    method: str
+    direction: str
+    metric: str
+    value: float
+    ci_low: float | None = None
+    ci_high: float | None = None
+    n: int | None = None
+    kl_level: float | None = None
+    gamma: float | None = None
+    harness: str = ""
+
+    @property
+    def excludes_zero(self) -> bool:
+        """Whether the interval lies entirely above or below 0 (False without an interval)."""
+        if self.ci_low is None or self.ci_high is None:
+            return False
+        return self.ci_low > 0 or self.ci_high < 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "ResultRow":
+        """A row from ``to_dict`` or from a CSV line (strings; empty = None)."""
+        n = _number(data.get("n"))
+        return cls(trait=str(data["trait"]), method=str(data["method"]), direction=str(data["direction"]),
+                   metric=str(data["metric"]), value=float(data["value"]), ci_low=_number(data.get("ci_low")),
+                   ci_high=_number(data.get("ci_high")), n=None if n is None else int(n),
+                   kl_level=_number(data.get("kl_level")), gamma=_number(data.get("gamma")),
+                   harness=str(data.get("harness") or ""))
+
+
+def _row(trait: str, method: str, direction: str, metric: str, value: Any, harness: str, *,
+         ci: tuple[Any, Any] = (None, None), n: Any = None, kl_level: Any = None,
+         gamma: Any = None) -> ResultRow | None:
+    number = _number(value)
+    if number is None:
+        return None                       # not measured (a curve that never reached the level)
+    count = _number(n)
+    return ResultRow(trait, method, direction, metric, number, ci_low=_number(ci[0]), ci_high=_number(ci[1]),
+                     n=None if count is None else int(count), kl_level=_number(kl_level), gamma=_number(gamma),
+                     harness=harness)
+
+
+def control_rows(result: Mapping[str, Any]) -> list[ResultRow]:
+    """The long rows of a ``dpn-lens control`` result (``control.json``).
+
+    Every method's preference shift at every KL level (``matched_cost``), the rule − random difference
+    and the measured KL at the calibrated γ (``calibrated``), the persona control (``validation``), γ 0,
+    and the generation-based check with its random-neuron draws (``random-neurons:<rule>``; the margin's
+    random-neuron rows come from ``matched_cost``, where the run records them per KL level).
+
+    Example:
+        >>> result = {"meta": {"config": {"kl_levels": [0.05]}},
+        ...           "validation": [{"trait": "openness", "n_pairs": 60, "persona_effect": 0.04,
+        ...                           "persona_ci_low": 0.02, "persona_ci_high": 0.06}],
+        ...           "matched_cost": [{"trait": "openness", "direction": "increase", "method": "caa",
+        ...                             "gamma@kl0.05": 2.0, "shift@kl0.05": 0.03,
+        ...                             "ci_low@kl0.05": 0.01, "ci_high@kl0.05": 0.05}]}
+        >>> [(r.method, r.metric, r.value, r.n) for r in control_rows(result)]
+        [('persona', 'preference', 0.04, 60), ('caa', 'preference', 0.03, 60)]
+    """
+    levels = [float(level) for level in result["meta"]["config"]["kl_levels"]]
+    pairs = {row["trait"]: row.get("n_pairs") for row in result.get("validation", [])}
+    rows: list[ResultRow | None] = []
+    for v in result.get("validation", []):
+        rows.append(_row(v["trait"], "persona", "both", "preference", v.get("persona_effect"), "control",
+                         ci=(v.get("persona_ci_low"), v.get("persona_ci_high")), n=v.get("n_pairs")))
+    for m in result.get("matched_cost", []):
+        for level in levels:
+            key = f"@kl{level:g}"
+            rows.append(_row(m["trait"], m["method"], m["direction"], "preference", m.get(f"shift{key}"), "control",
+                             ci=(m.get(f"ci_low{key}"), m.get(f"ci_high{key}")), n=pairs.get(m["trait"]),
+                             kl_level=level, gamma=m.get(f"gamma{key}")))
+    for c in result.get("calibrated", []):
+        where = dict(n=c.get("n"), kl_level=c.get("target_kl"), gamma=c.get("gamma"))
+        rows.append(_row(c["trait"], c["method"], c["direction"], "kl", c.get("kl"), "control", **where))
+        rows.append(_row(c["trait"], c["method"], c["direction"], "preference_vs_random", c.get("vs_random"), "control",
+                         ci=(c.get("vs_random_ci_low"), c.get("vs_random_ci_high")), **where))
+    for z in result.get("gamma_zero", []):
+        rows.append(_row(z["trait"], "gamma-0", "both", "preference", z.get("shift"), "control",
+                         ci=(z.get("ci_low"), z.get("ci_high")), n=z.get("n"), gamma=0.0))
+    for g in result.get("generation", []):
+        persona = g["method"].startswith("persona")
+        method, direction = ("persona", "both") if persona else (g["method"], g["direction"])
+        where = dict(n=g.get("n"), kl_level=None if persona else g.get("kl_level"),
+                     gamma=None if persona else g.get("gamma"))
+        rows.append(_row(g["trait"], method, direction, "generation", g.get("shift"), "control",
+                         ci=(g.get("ci_low"), g.get("ci_high")), **where))
+        rows.append(_row(g["trait"], method, direction, "generation_vs_random", g.get("vs_random"), "control",
+                         ci=(g.get("vs_random_ci_low"), g.get("vs_random_ci_high")), **where))
+        rows.append(_row(g["trait"], f"random-neurons:{method}", direction, "generation", g.get("random_shift"),
+                         "control", ci=(g.get("random_ci_low"), g.get("random_ci_high")), **where))
+    return [row for row in rows if row is not None]
+
+
+def comparison_rows(result: Mapping[str, Any]) -> list[ResultRow]:
+    """The long rows of a ``dpn-lens compare`` result (``comparison.json``): each method, trait and
+    direction's shifts against the unsteered model (with intervals), levels and capability scores at the
+    comparison's strength.
+
+    Example:
+        >>> result = {"rows": [{"method": "caa", "trait": "openness", "direction": "increase",
+        ...                     "trait_shift": 0.2, "trait_shift_ci_low": 0.1, "trait_shift_ci_high": 0.3,
+        ...                     "kl": 0.01, "mmlu_acc": 0.5}]}
+        >>> [(r.metric, r.value) for r in comparison_rows(result)]
+        [('questionnaire_shift', 0.2), ('kl', 0.01), ('mmlu_acc', 0.5)]
+    """
+    rows: list[ResultRow | None] = []
+    renamed = {"trait_shift": "questionnaire_shift", "statements_shift": "statements_shift"}
+    for r in result.get("rows", []):
+        key = (r["trait"], r["method"], r["direction"])
+        gamma = r.get("gamma")
+        for name, metric in renamed.items():
+            rows.append(_row(*key, metric, r.get(name), "compare", gamma=gamma,
+                             ci=(r.get(f"{name}_ci_low"), r.get(f"{name}_ci_high"))))
+        tasks = sorted(k for k in r if k.endswith("_acc") and not k.startswith("delta_") and k != "lambada_acc")
+        for name in (*_COMPARE_LEVELS, *tasks):
+            rows.append(_row(*key, name, r.get(name), "compare", gamma=gamma))
+    return [row for row in rows if row is not None]
+
+
+def write_result_table(rows: Iterable[ResultRow], path: str | os.PathLike) -> Path:
+    """Write ``rows`` as ``path`` (CSV with every field as a column, even with no rows; empty = None); atomic."""
+    fields = [f.name for f in dataclasses.fields(ResultRow)]
+    lines = [{name: ("" if value is None else value) for name, value in row.to_dict().items()} for row in rows]
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(lines)
+    return Path(path)
+
+
+def read_result_table(path: str | os.PathLike) -> list[ResultRow]:
+    """The rows of a ``results.csv`` written by ``write_result_table``.
+
+    Raises:
+        ValueError: when the file is not such a table (its header names the columns it lacks).
+    """
+    path = Path(path)
+    with path.open(newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        needed = {"trait", "method", "direction", "metric", "value"}
+        missing = needed - set(reader.fieldnames or ())
+        if missing:
+            raise ValueError(f"{path} is not a dpn-lens result table (no {', '.join(sorted(missing))} column); pass "
+                             f"the {RESULT_TABLE} of a control or compare run folder")
+        return [ResultRow.from_dict(line) for line in reader]
