@@ -16,8 +16,9 @@
 A cost is a rate, FLOPs per second of that kind of work (decode steps: a fixed cost per step plus a
 rate), so the same measurement plans a larger model's run on this machine; a GPU's run needs a
 measurement on that GPU. Curves are counted over the whole γ grid: a curve stops early once its KL
-passes 2 nats/token, so the time is an upper bound there. Not planned: the budget sweep (``--k-sweep``),
-the generation check (``--generation``) and NPTI's preparation.
+passes 2 nats/token, so the time is an upper bound there. The budget sweep (``--k-sweep``) is counted as
+curves and points, the generation check (``--generation``) as decode steps and persona-scored answer
+sets. Not planned: NPTI's preparation.
 
 Example:
     >>> from dpn_lens.evaluation.control import ControlConfig
@@ -73,6 +74,15 @@ class ControlWork:
     generated_answers: int
     selection_answers: int
     locates: bool
+    sweep_probe_passes: int = 0
+    """The budget sweep's (``--k-sweep``): a curve per rule, budget and direction, then its point."""
+    sweep_answer_passes: int = 0
+    generation_sets: int = 0
+    """The generation check's (``--generation``): answer sets generated, ``generation_questions`` answers each
+    (the unsteered set, each method at each level, the rules' random draws at the verdict level)."""
+    generation_scored: int = 0
+    """Answer sets scored under a high and a low persona (the generated sets and the two reference sets)."""
+    generation_questions: int = 0
 
 
 def control_work(settings: ControlSettings, run: dict[str, Any] | None = None) -> ControlWork:
@@ -100,12 +110,61 @@ def control_work(settings: ControlSettings, run: dict[str, Any] | None = None) -
         draws = sum(int(row.get("draws", 1)) for row in run["curves"] if row["method"].startswith("random-neurons"))
     rules = [] if settings.rule_maps_given else [r for r in effect_rules_needed(config.methods) if r != "dpn-le"]
     attribution = any(r.startswith("attribution") or r == "dpn-le-attribution" for r in rules)
+    sweep_probe, sweep_answer = _sweep_passes(config, run)
+    generation_sets = _generation_sets(config, run)
     # The rounding floor, every grid point, every measured point and random draw (a probe and an answer pass
     # each); the unsteered and the γ-0 margins.
     return ControlWork(probe_passes=1 + grid_points + points + draws, answer_passes=2 + points + draws,
                        persona_passes=2, generated_answers=0 if settings.pairs_cached else 2 * config.pairs,
                        selection_answers=2 * config.selection_pairs if attribution else 0,
-                       locates=not settings.maps_given)
+                       locates=not settings.maps_given, sweep_probe_passes=sweep_probe, sweep_answer_passes=sweep_answer,
+                       generation_sets=generation_sets, generation_scored=generation_sets + 2 if generation_sets else 0,
+                       generation_questions=_generation_questions(config, run))
+
+
+def _generation_questions(config: Any, run: dict[str, Any] | None) -> int:
+    """Questions the generation check asks: ``--generation``, at most the pairs (a run: as many as it asked)."""
+    asked = [int(row["n"]) for row in (run or {}).get("generation", []) if row["method"].startswith("persona")]
+    return max(asked) if asked else min(config.generation_questions, config.pairs)
+
+
+def _sweep_passes(config: Any, run: dict[str, Any] | None) -> tuple[int, int]:
+    """Probe and answer passes of the budget sweep: per rule, budget and direction a KL curve (the whole
+    grid at most) and, where it reaches the target KL, one measured point (a probe and an answer pass)."""
+    from dpn_lens.effect.rules import RULE_NAMES
+    from dpn_lens.evaluation.methods import neuron_methods
+
+    if not config.k_sweep:
+        return 0, 0
+    if run is not None:
+        rows = run.get("sweep", [])
+        reached = sum(bool(row.get("reached")) for row in rows)
+        return sum(int(row.get("curve_points", 0)) for row in rows) + reached, reached
+    swept = [name for name in neuron_methods(config.methods) if name in RULE_NAMES]
+    curves = len(swept) * len(config.k_sweep) * DIRECTIONS
+    return curves * (len(config.gammas) + 1), curves
+
+
+def _generation_sets(config: Any, run: dict[str, Any] | None) -> int:
+    """Answer sets the generation check generates: the unsteered one, then per direction, method and
+    level one set, plus ``generation_draws`` random-neuron sets for a rule at the verdict's level."""
+    from dpn_lens.evaluation.methods import neuron_methods
+
+    if not config.generation_questions:
+        return 0
+    if run is not None:
+        measured = [row for row in run.get("generation", [])
+                    if not row["method"].startswith("persona") and not math.isnan(float(row.get("shift", math.nan)))]
+        return 1 + sum(1 + int(row.get("draws", 0)) for row in measured)
+    rules = neuron_methods(config.methods)
+    methods = config.generation_methods or [m for m in config.methods if m in rules or m == "caa"]
+    levels = config.generation_levels or [config.target_kl]
+    sets = 0
+    for name in methods:
+        for level in levels:
+            at_verdict = level == config.target_kl or len(levels) == 1
+            sets += 1 + (config.generation_draws if name in rules and at_verdict else 0)
+    return 1 + DIRECTIONS * sets
 
 
 @dataclass
@@ -285,13 +344,23 @@ def _seconds(shape: ModelShape, work: ControlWork, settings: ControlSettings, co
     selection_answer = costs.answer_fill * SELECTION_TOKENS
     gradient = 3 * work.selection_answers * selection_answer * shape.forward_flops_per_token(
         context=int(question + selection_answer / 2), logits=True)
+    # The generation check scores each answer set under a high and a low persona (contexts and answers,
+    # as the persona control does), after generating it without a persona.
+    asked = work.generation_questions
+    scored = 2 * asked * (persona + answer) * shape.forward_flops_per_token(context=int((persona + answer) / 2),
+                                                                          logits=True)
     return {"held-out pairs": generation(work.generated_answers, config.max_new_tokens, config.pair_batch),
             "selection": (generation(work.selection_answers, SELECTION_TOKENS, 16)
                           + gradient / costs.gradient_flops_per_s) if work.selection_answers else 0.0,
             "KL curves": work.probe_passes * probe / costs.probe_flops_per_s,
             "answer scoring": (work.answer_passes * answers + questions) / costs.answer_flops_per_s
             + costs.trait_seconds * work.answer_passes,
-            "persona control": (work.persona_passes / 2 * personas + caa) / costs.persona_flops_per_s}
+            "persona control": (work.persona_passes / 2 * personas + caa) / costs.persona_flops_per_s,
+            "budget sweep": work.sweep_probe_passes * probe / costs.probe_flops_per_s
+            + (work.sweep_answer_passes * answers / costs.answer_flops_per_s if work.sweep_answer_passes else 0.0),
+            "generation check": (work.generation_sets * generation(asked, config.max_new_tokens, 16)
+                                 + work.generation_scored * scored / costs.persona_flops_per_s)
+            if work.generation_sets else 0.0}
 
 
 def plan_control(spec: str, traits: Sequence[str], settings: ControlSettings, device: str = "cpu",
@@ -334,9 +403,15 @@ def plan_control(spec: str, traits: Sequence[str], settings: ControlSettings, de
               "KL curves": f"{work.probe_passes} probe passes of {config.kl_chunks}x{config.kl_tokens} tokens "
                            "(at most: a curve stops at KL 2)",
               "answer scoring": f"{work.answer_passes} passes over {2 * config.pairs} answers",
-              "persona control": f"{work.persona_passes} persona passes over {2 * config.pairs} answers"}
+              "persona control": f"{work.persona_passes} persona passes over {2 * config.pairs} answers",
+              "budget sweep": f"{work.sweep_probe_passes} probe passes and {work.sweep_answer_passes} answer passes "
+                              "(at most: a curve stops at KL 2)",
+              "generation check": f"{work.generation_sets} sets of {work.generation_questions} greedy answers of <= "
+                                  f"{config.max_new_tokens} tokens, {work.generation_scored} scored under two personas"}
+    absent = {"held-out pairs": not work.generated_answers, "selection": not work.selection_answers,
+              "budget sweep": not work.sweep_probe_passes, "generation check": not work.generation_sets}
     for kind, detail in counts.items():
-        if kind == "held-out pairs" and not work.generated_answers or kind == "selection" and not work.selection_answers:
+        if absent.get(kind, False):
             continue
         seconds = per_kind[kind] * len(traits) if usable else None
         if seconds is not None and kind == "KL curves":   # and once per run, the unsteered reference

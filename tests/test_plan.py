@@ -313,3 +313,48 @@ def test_the_plan_benchmark_plans_a_control_run(tiny_folder, tmp_path, monkeypat
                           "--extra", "--quick --gammas 0.5,2 --kl-levels 0.05 --random-draws 1"])
     assert result["measured_seconds"] > 0 and result["predicted_seconds"] > 0 and result["stage"] == "control"
 
+
+
+def test_control_work_counts_the_budget_sweep_and_the_generation_check(tiny_model, tmp_path, monkeypatch):
+    """With ``k_sweep`` and ``generation_questions``, the probe and answer passes ``run_control`` makes,
+    and the answer sets the generation check generates and scores, counted at the calls, equal
+    ``control_work`` of the run; the plan's bound is at least each."""
+    from dpn_lens.evaluation import calibrate, generation_check, preference
+    from dpn_lens.evaluation.control import ControlConfig, run_control
+    from dpn_lens.plan_control import ControlSettings, control_work
+    from helpers import make_map, write_personalitybench
+
+    monkeypatch.setenv("DPN_LENS_CACHE", str(tmp_path / "cache"))
+    counted = {"probe": 0, "answers": 0, "generated": 0, "scored": 0}
+    real = (calibrate.KLProbe.__call__, preference.PairScorer.margins, generation_check.generated_answers,
+            generation_check.persona_scores)
+
+    def counting(key, function):
+        def wrapped(*args, **kwargs):
+            counted[key] += 1
+            return function(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(calibrate.KLProbe, "__call__", counting("probe", real[0]))
+    monkeypatch.setattr(preference.PairScorer, "margins", counting("answers", real[1]))
+    monkeypatch.setattr(generation_check, "generated_answers", counting("generated", real[2]))
+    monkeypatch.setattr(generation_check, "persona_scores", counting("scored", real[3]))
+    config = ControlConfig(traits=["extraversion"], methods=["dpn-le", "caa"], data_dir=str(write_personalitybench(
+        tmp_path / "data")), pairs=8, max_new_tokens=5, gammas=[0.125, 0.5, 2, 8], kl_levels=[0.005, 0.01],
+        target_kl=0.01, random_draws=2, kl_chunks=2, kl_tokens=24, caa_pairs=6, k_sweep=[2, 0],
+        generation_questions=3, generation_levels=[0.005, 0.01], generation_draws=2)
+    neuron_map = make_map("extraversion", {1: [3, 7, 11]}, {2: [5, 9, 20]}, [1, 2], n_layers=int(tiny_model.cfg.n_layers),
+                          d_mlp=int(tiny_model.cfg.d_mlp), fingerprint=model_fingerprint(tiny_model).to_dict())
+    result = run_control(tiny_model, config, log=lambda line: None, progress=False, maps={"extraversion": neuron_map})
+    assert result["sweep"] and result["generation"]
+    settings = ControlSettings(config, maps_given=True, rule_maps_given=True)
+    exact = control_work(settings, run=result)
+    assert exact.sweep_probe_passes > 0 and exact.generation_sets > 1
+    assert counted == {"probe": exact.probe_passes + exact.sweep_probe_passes,
+                       "answers": exact.answer_passes + exact.sweep_answer_passes,
+                       "generated": exact.generation_sets, "scored": exact.generation_scored}
+    bound = control_work(settings)
+    assert bound.sweep_probe_passes >= exact.sweep_probe_passes and bound.sweep_answer_passes >= exact.sweep_answer_passes
+    assert bound.generation_sets >= exact.generation_sets and bound.generation_questions == 3
+    # dpn-le and caa at two levels and two directions; dpn-le's two random draws at the verdict level only
+    assert bound.generation_sets == 1 + 2 * (2 * 2 + 2)

@@ -599,6 +599,7 @@ def _budget_sweep(run: _TraitRun, rules: Sequence[str], config: ControlConfig, l
 
                 cost = _cost_curve(edit_at, run.probe, config, {})
                 gamma = _level_gammas(cost, [config.target_kl]).get(config.target_kl)
+                row["curve_points"] = len(cost)          # probe passes of its curve (the plan counts them)
                 if gamma is None:
                     rows.append({**row, "n_edited": chosen.n_selected(), "reached": False,
                                  "max_kl": max(p["kl"] for p in cost)})
