@@ -92,3 +92,20 @@ def test_a_file_that_is_not_a_result_table_is_refused_by_name(tmp_path):
 def test_a_row_without_an_interval_does_not_claim_to_exclude_zero():
     assert not ResultRow("o", "m", "increase", "kl", 0.05).excludes_zero
     assert ResultRow("o", "m", "increase", "preference", -0.2, ci_low=-0.3, ci_high=-0.1).excludes_zero
+
+
+def test_the_summary_of_a_committed_run_equals_its_own_goal_table():
+    """``steering_summary`` over the long rows counts what ``control`` wrote in goal.csv (computed from
+    the calibrated rows, not from the long table)."""
+    from dpn_lens.evaluation.table import steering_summary
+
+    result = json.loads((RESULTS / "control-gemma-3-270m-allrules" / "control.json").read_text())
+    target = result["meta"]["config"]["target_kl"]
+    summary = {s.method: s for s in steering_summary(control_rows(result), "preference", target)}
+    for goal in result["goal"]:
+        mine = summary[goal["rule"]]
+        total = mine.trait_directions
+        assert goal["as asked"] == f"{mine.as_asked}/{total}" and goal["wrong way"] == f"{mine.wrong_way}/{total}"
+        assert goal["beats random"] == f"{mine.beyond_random}/{total}"
+        assert goal["as asked and beats random"] == f"{mine.as_asked_and_beyond_random}/{total}"
+        assert mine.mean_shift == pytest.approx(goal["mean shift"])

@@ -44,7 +44,7 @@ from typing import Any, Iterable, Mapping
 from dpn_lens.io import atomic_path
 
 __all__ = ["ResultRow", "control_rows", "comparison_rows", "write_result_table", "read_result_table",
-           "RESULT_TABLE"]
+           "RESULT_TABLE", "SteeringSummary", "steering_summary"]
 
 RESULT_TABLE = "results.csv"
 """The long table's file name in a run folder."""
@@ -229,3 +229,65 @@ def read_result_table(path: str | os.PathLike) -> list[ResultRow]:
             raise ValueError(f"{path} is not a dpn-lens result table (no {', '.join(sorted(missing))} column); pass "
                              f"the {RESULT_TABLE} of a control or compare run folder")
         return [ResultRow.from_dict(line) for line in reader]
+
+
+@dataclass(frozen=True)
+class SteeringSummary:
+    """How many trait-directions one method moved, on one metric at one KL level (``steering_summary``).
+
+    Attributes:
+        method: the method.
+        trait_directions: the trait-directions it was run on (for this metric, at any level).
+        measured: those with a value at this level (a curve that never reached the level has none).
+        as_asked: the interval lies above 0.
+        wrong_way: the interval lies below 0.
+        beyond_random: the rule − random interval lies above 0 (only methods with random draws).
+        as_asked_and_beyond_random: both.
+        mean_shift: the mean value over the measured trait-directions.
+    """
+
+    method: str
+    trait_directions: int
+    measured: int
+    as_asked: int
+    wrong_way: int
+    beyond_random: int
+    as_asked_and_beyond_random: int
+    mean_shift: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def steering_summary(rows: Iterable[ResultRow], metric: str = "preference", kl_level: float = 0.05
+                     ) -> list[SteeringSummary]:
+    """Per method (controls left out), the trait-directions ``metric`` says it moved at ``kl_level``.
+
+    The same counts as ``control``'s goal table, read from any long table (one run, or several joined),
+    for the margin (``preference``) or the generated text (``generation``).
+
+    Example:
+        >>> rows = [ResultRow("o", "caa", "increase", "generation", 0.03, 0.01, 0.05, kl_level=0.05),
+        ...         ResultRow("o", "caa", "decrease", "generation", -0.01, -0.03, 0.01, kl_level=0.05)]
+        >>> summary = steering_summary(rows, "generation", 0.05)[0]
+        >>> summary.as_asked, summary.trait_directions, round(summary.mean_shift, 3)
+        (1, 2, 0.01)
+    """
+    rows = list(rows)
+    versus = {(r.trait, r.method, r.direction): r for r in rows
+              if r.metric == f"{metric}_vs_random" and r.kl_level is not None and math.isclose(r.kl_level, kl_level)}
+    controls = ("persona", "random-neurons", "gamma-0", "unsteered")
+    result = []
+    for method in dict.fromkeys(r.method for r in rows if r.metric == metric and not r.method.startswith(controls)):
+        run_on = {(r.trait, r.direction) for r in rows if r.metric == metric and r.method == method}
+        here = [r for r in rows if r.metric == metric and r.method == method and r.kl_level is not None
+                and math.isclose(r.kl_level, kl_level)]
+        beyond = [r for r in here if (v := versus.get((r.trait, method, r.direction))) is not None
+                  and v.ci_low is not None and v.ci_low > 0]
+        asked = [r for r in here if r.ci_low is not None and r.ci_low > 0]
+        result.append(SteeringSummary(
+            method=method, trait_directions=len(run_on), measured=len(here), as_asked=len(asked),
+            wrong_way=sum(r.ci_high is not None and r.ci_high < 0 for r in here), beyond_random=len(beyond),
+            as_asked_and_beyond_random=len({id(r) for r in asked} & {id(r) for r in beyond}),
+            mean_shift=sum(r.value for r in here) / len(here) if here else math.nan))
+    return result
