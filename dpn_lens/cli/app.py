@@ -18,6 +18,7 @@ from dpn_lens._version import __version__
 from dpn_lens.cli import cards as cards_cli
 from dpn_lens.cli import compare as compare_cli
 from dpn_lens.cli import control as control_cli
+from dpn_lens.cli import evaluate as evaluate_cli
 from dpn_lens.cli import export as export_cli
 from dpn_lens.cli import plan as plan_cli
 from dpn_lens.cli import report as report_cli
@@ -120,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     study_cli.register(commands)
     compare_cli.register(commands)
     control_cli.register(commands)
+    evaluate_cli.register(commands)
     report_cli.register(commands)
     export_cli.register(commands)
     cards_cli.register(commands)
@@ -244,7 +246,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     from dpn_lens.errors import IncompatibleModelError
 
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv   # the command line as given: `evaluate` routes it, `control`/`compare` echo it
     debug = bool(getattr(args, "debug", False))
     show_warning = warnings.showwarning
     if not debug:

@@ -7,7 +7,8 @@ import time
 from typing import Any
 
 from dpn_lens.cli.options import (FORMATTER, CommaList, add_data_dir_option, add_model_options, add_out_option,
-                                  add_renamed, add_run_option, add_traits_option)
+                                  add_renamed, add_run_option, add_traits_option,
+                                  print_evaluate_equivalent)
 
 __all__ = ["register", "run_compare", "compare_config"]
 
@@ -123,6 +124,7 @@ def run_compare(args: argparse.Namespace) -> int:
 
     started = time.time()
     url = judge_endpoint(args.judge_url)
+    print_evaluate_equivalent("compare", args, judge=url is not None)
     judge = None
     if url is None:
         print("judge: no endpoint configured (--judge-url or $DPN_LENS_JUDGE_URL); the judge evaluation is skipped")

@@ -7,7 +7,8 @@ import time
 from typing import Any
 
 from dpn_lens.cli.options import (FORMATTER, CommaList, add_data_dir_option, add_model_options, add_out_option,
-                                  add_renamed, add_run_option, add_traits_option)
+                                  add_renamed, add_run_option, add_traits_option,
+                                  print_evaluate_equivalent)
 
 __all__ = ["register", "run_control_command"]
 
@@ -168,6 +169,7 @@ def run_control_command(args: argparse.Namespace) -> int:
     from dpn_lens.evaluation.control_report import write_control_outputs
     from dpn_lens.models import load_model
 
+    print_evaluate_equivalent("control", args, generation=bool(args.generation))
     if args.merge:
         return _merge_command(args.merge, args.out, png=not args.no_png)
     started = time.time()

@@ -40,7 +40,8 @@ from typing import Any, Callable, Sequence
 
 __all__ = ["FORMATTER", "DEFAULT_MODEL", "CommaList", "add_subcommand", "add_traits_option", "add_model_options",
            "add_data_dir_option", "add_out_option", "add_run_option", "add_renamed", "add_positional_run",
-           "check_model_spec", "check_device", "check_out", "validate_args", "read_maps"]
+           "check_model_spec", "check_device", "check_out", "validate_args", "read_maps",
+           "print_evaluate_equivalent", "equivalent_command"]
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows each option's default, and a comma-list option as one value (``--methods METHODS``), as it is
@@ -359,4 +360,33 @@ def validate_args(args: argparse.Namespace) -> None:
                                     "(written by `dpn-lens locate --out RUN`)")
     out = getattr(args, "out", None)
     if out is not None:
-        check_out(out, folder=args.command in ("locate", "demo", "compare", "study"))
+        check_out(out, folder=args.command in ("locate", "demo", "compare", "control", "evaluate", "study"))
+
+
+def equivalent_command(command: str, argv: Sequence[str], generation: bool = False, judge: bool = False) -> str:
+    """The ``dpn-lens evaluate`` command that runs what ``dpn-lens <command> <argv>`` runs (``control``:
+    preference, and generation when asked; ``compare``: questionnaire, statements, capability, and the judge
+    when an endpoint is given). ``evaluate`` takes both commands' options under the same spellings.
+
+    Example:
+        >>> equivalent_command("control", ["--traits", "openness", "--generation", "20", "--out", "o"], generation=True)
+        'dpn-lens evaluate --metrics preference,generation --traits openness --generation 20 --out o'
+    """
+    import shlex
+
+    if command == "control":
+        metrics = ["preference"] + (["generation"] if generation else [])
+    else:
+        metrics = ["questionnaire", "statements", "capability"] + (["judge"] if judge else [])
+    return shlex.join(["dpn-lens", "evaluate", "--metrics", ",".join(metrics), *argv])
+
+
+def print_evaluate_equivalent(command: str, args: argparse.Namespace, generation: bool = False,
+                              judge: bool = False) -> None:
+    """Say that ``command`` is part of ``dpn-lens evaluate``, with the command that runs the same (not when
+    ``evaluate`` runs it)."""
+    argv = list(getattr(args, "argv", None) or [])
+    if getattr(args, "via_evaluate", False) or argv[:1] != [command]:
+        return
+    print(f"note: `dpn-lens {command}` is now part of `dpn-lens evaluate`; the same run: "
+          f"{equivalent_command(command, argv[1:], generation, judge)}", flush=True)

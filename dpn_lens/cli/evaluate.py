@@ -1,0 +1,181 @@
+"""``dpn-lens evaluate``: one command for "does this edit move the trait, and at what cost?".
+
+The metrics name what to measure; each family is measured by its harness, both with the same option
+spellings, into one folder with one long result table (``results.csv``, ``evaluation.table``):
+
+* ``preference`` (the held-out paired-answer margin, with the persona prompt, random neurons and γ 0 as
+  controls, every method at matched KL) and ``generation`` (generated answers scored by held-out persona
+  likelihood): ``dpn_lens.evaluation.control``;
+* ``questionnaire``, ``statements`` and ``capability`` (measured together, at a fixed γ) and ``judge``
+  (a judge model's ratings, when an endpoint is given): ``dpn_lens.evaluation.compare``.
+
+``dpn-lens control`` and ``dpn-lens compare`` are the same two runs under their earlier names: they still
+run, and print the ``evaluate`` command that does the same.
+
+Example:
+    >>> route(["--metrics", "preference,capability", "--traits", "openness", "--gamma", "2", "--out", "x"])
+    [('control', ['control', '--traits', 'openness', '--out', 'x']), ('compare', ['compare', '--traits', 'openness', '--gamma', '2', '--out', 'x'])]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+from pathlib import Path
+from typing import Any, Sequence
+
+from dpn_lens.cli import compare as compare_cli
+from dpn_lens.cli import control as control_cli
+from dpn_lens.cli.options import FORMATTER, CommaList
+
+__all__ = ["register", "route", "METRICS", "HARNESS_OF"]
+
+HARNESS_OF = {"preference": "control", "generation": "control", "questionnaire": "compare",
+              "statements": "compare", "capability": "compare", "judge": "compare"}
+"""Which run measures each metric (the ``dpn-lens`` command of the same name)."""
+METRICS = tuple(HARNESS_OF)
+GENERATION_QUESTIONS = 20
+"""Held-out questions of the generation metric when ``--generation`` is not given."""
+
+
+def _harness_parsers() -> dict[str, argparse.ArgumentParser]:
+    """Fresh ``control`` and ``compare`` parsers (their options are ``evaluate``'s), and under ``""`` the
+    parser of both commands, which parses a routed command line into its handler's namespace."""
+    both = argparse.ArgumentParser(prog="dpn-lens", add_help=False)
+    commands = both.add_subparsers(dest="command")
+    return {"control": control_cli.register(commands), "compare": compare_cli.register(commands), "": both}
+
+
+def register(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the ``evaluate`` sub-command: ``--metrics`` and every option of ``control`` and ``compare``.
+
+    Example:
+        >>> parser = argparse.ArgumentParser(); register(parser.add_subparsers(dest="command"))   # doctest: +ELLIPSIS
+        ArgumentParser(...)
+    """
+    parsers = _harness_parsers()
+    help_text = ("does this edit move the trait, and at what cost? --metrics picks what is measured: preference and "
+                 "generation (at matched KL, with controls; as `control`), questionnaire, statements, capability and "
+                 "judge (at a fixed gamma; as `compare`); one folder, one results.csv")
+    # One option set: both runs' options, each spelled once (where both have one, both take the value).
+    parser = subparsers.add_parser("evaluate", help=help_text, description=help_text, formatter_class=FORMATTER,
+                                   parents=[parsers["compare"], parsers["control"]], conflict_handler="resolve",
+                                   allow_abbrev=False)
+    parser.add_argument("--metrics", action=CommaList, allowed=list(METRICS), default=["preference"], metavar="METRICS",
+                        help=f"comma list of {','.join(METRICS)}")
+    # An option both runs have with different defaults: each run keeps its own when the option is not given.
+    own = _harness_parsers()
+    for action in parser._actions:   # noqa: SLF001
+        defaults = {h: own[h]._option_string_actions[action.option_strings[0]].default   # noqa: SLF001
+                    for h in ("control", "compare") if action.option_strings
+                    and action.option_strings[0] in own[h]._option_string_actions}   # noqa: SLF001
+        if len(defaults) == 2 and defaults["control"] != defaults["compare"]:
+            shown = {h: ",".join(map(str, d)) if isinstance(d, list) else ("unset" if d is None else d)
+                     for h, d in defaults.items()}
+            action.default = None
+            action.help = (f"{action.help or ''} (None: {shown['control']} for preference and generation, "
+                           f"{shown['compare']} for questionnaire, statements, capability and judge)").lstrip()
+    parser.set_defaults(handler=run_evaluate)
+    return parser
+
+
+def _take(parser: argparse.ArgumentParser, argv: Sequence[str], start: int) -> tuple[str, list[str]]:
+    """The option at ``argv[start]`` and its tokens (the option and its values)."""
+    token = argv[start]
+    name = token.partition("=")[0]
+    action = parser._option_string_actions.get(name)   # noqa: SLF001 (argparse keeps no public lookup)
+    if action is None:
+        raise ValueError(f"evaluate: unknown option {token!r}; see `dpn-lens evaluate --help`")
+    if "=" in token or action.nargs == 0:
+        return name, [token]
+    if action.nargs in (None, 1):
+        return name, list(argv[start:start + 2])
+    end = start + 1
+    while end < len(argv) and not (argv[end].startswith("--") and len(argv[end]) > 2):
+        end += 1
+    return name, list(argv[start:end])
+
+
+def route(argv: Sequence[str]) -> list[tuple[str, list[str]]]:
+    """The ``control`` and ``compare`` command lines an ``evaluate`` command line stands for.
+
+    Each option goes to every run that has it; ``--metrics`` chooses the runs. An option no chosen run
+    has is refused, naming the metric that takes it.
+
+    Raises:
+        ValueError: for an option that no chosen metric uses, or a generation or judge setting without
+            its metric.
+    """
+    parsers = _harness_parsers()
+    # Built from its own copies: joining parents with "resolve" strips the shared options from them.
+    parents = _harness_parsers()
+    evaluate = argparse.ArgumentParser(add_help=False, parents=[parents["compare"], parents["control"]],
+                                       conflict_handler="resolve", allow_abbrev=False)
+    evaluate.add_argument("--metrics", action=CommaList, allowed=list(METRICS), default=["preference"])
+    metrics: list[str] = list(evaluate.parse_args(list(argv)).metrics)
+    wanted = list(dict.fromkeys(HARNESS_OF[m] for m in metrics))
+    lines = {harness: [harness] for harness in wanted}
+    index, given = 0, set()
+    while index < len(argv):
+        if not argv[index].startswith("-"):
+            raise ValueError(f"evaluate takes options only; {argv[index]!r} is not one")
+        name, tokens = _take(evaluate, argv, index)
+        index += len(tokens)
+        given.add(name)
+        if name == "--metrics":
+            continue
+        takers = [h for h in wanted if name in parsers[h]._option_string_actions]   # noqa: SLF001
+        if not takers:
+            owner = next(h for h in ("control", "compare") if name in parsers[h]._option_string_actions)  # noqa: SLF001
+            needs = ",".join(m for m, h in HARNESS_OF.items() if h == owner)
+            raise ValueError(f"{name} applies to the metrics {needs}, not to --metrics {','.join(metrics)}; add one of "
+                             f"them to --metrics or drop {name}")
+        for harness in takers:
+            lines[harness] += tokens
+    generation = evaluate.parse_args(list(argv)).generation
+    if "generation" in metrics and "--generation" not in given:
+        lines["control"] += ["--generation", str(GENERATION_QUESTIONS)]
+    if generation and "generation" not in metrics:
+        raise ValueError(f"--generation {generation} asks for the generation check: add generation to --metrics")
+    if "judge" in metrics and not ("--judge-url" in given or os.environ.get("DPN_LENS_JUDGE_URL")):
+        raise ValueError("the judge metric needs an OpenAI-compatible endpoint: pass --judge-url URL (or set "
+                         "$DPN_LENS_JUDGE_URL), or drop judge from --metrics")
+    if "--judge-url" in given and "judge" not in metrics:
+        raise ValueError("--judge-url asks for the judge: add judge to --metrics")
+    return [(harness, lines[harness]) for harness in wanted]
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    """Run each chosen harness on its share of the command line into ``--out``, then write one ``results.csv``."""
+    from dpn_lens.cli.options import validate_args
+    from dpn_lens.evaluation.table import RESULT_TABLE, comparison_rows, control_rows, write_result_table
+
+    argv = list(getattr(args, "argv", None) or [])
+    if argv[:1] == ["evaluate"]:
+        argv = argv[1:]
+    routes = route(argv)
+    named = set(args.metrics)
+    together = {"questionnaire", "statements", "capability"}
+    if named & together and not together <= named:
+        print("evaluate: questionnaire, statements and capability are measured together (one comparison run); "
+              "results.csv holds all three")
+    parser = _harness_parsers()[""]
+    for harness, line in routes:
+        print(f"evaluate: {', '.join(m for m in args.metrics if HARNESS_OF[m] == harness)}: dpn-lens {shlex.join(line)}",
+              flush=True)
+        harness_args = parser.parse_args(line)
+        harness_args.via_evaluate = True     # no "this is evaluate" note: it is
+        validate_args(harness_args)
+        status = int(harness_args.handler(harness_args) or 0)
+        if status:
+            return status
+    out = Path(args.out)
+    rows = []
+    if (out / "control.json").exists() and "control" in dict(routes):
+        rows += control_rows(json.loads((out / "control.json").read_text()))
+    if (out / "comparison.json").exists() and "compare" in dict(routes):
+        rows += comparison_rows(json.loads((out / "comparison.json").read_text()))
+    print(f"wrote {write_result_table(rows, out / RESULT_TABLE)} ({len(rows)} rows)")
+    return 0
