@@ -168,3 +168,16 @@ def test_locate_without_prefix_sharing_gives_the_same_statistics(tiny_folder, tm
     plain = ContrastStatistics.load(tmp_path / "plain" / "stats" / "extraversion.safetensors")
     torch.testing.assert_close(shared.high.mean, plain.high.mean, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(shared.low.mean, plain.low.mean, rtol=1e-5, atol=1e-6)
+
+
+def test_the_option_reference_in_the_docs_is_current_and_every_option_says_what_it_does():
+    """docs/CLI.md is generated from the parsers (`python -m dpn_lens.cli.reference > docs/CLI.md`)."""
+    from pathlib import Path
+
+    from dpn_lens.cli.reference import option_rows, options_markdown
+
+    doc = Path(__file__).resolve().parents[1] / "docs" / "CLI.md"
+    assert doc.read_text(encoding="utf-8") == options_markdown(), "regenerate: python -m dpn_lens.cli.reference > docs/CLI.md"
+    rows = option_rows()
+    assert not [row.option for row in rows if not row.meaning], "give these options a help text"
+    assert {"--run", "--n-pairs", "--eval-pairs", "--metrics"} <= {row.option for row in rows}

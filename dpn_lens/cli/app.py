@@ -44,7 +44,8 @@ def _add_locate_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tau-d", type=float, default=None, help="Cohen's d threshold (None: reference/proposed)")
     parser.add_argument("--batch-size", type=int, default=16, help="prompts per batch")
     parser.add_argument("--batch-tokens", type=int, default=4096, help="token budget of one batch")
-    parser.add_argument("--token-position", default="last", choices=["last", "mean"])
+    parser.add_argument("--token-position", default="last", choices=["last", "mean"],
+                        help="where each prompt's activation is read: its last token (the paper) or the mean over its tokens")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--share-prefix", choices=["auto", "on", "off"], default="auto",
                         help="run token prefixes shared by several prompts once (same statistics): auto = on when "
@@ -90,10 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="fixed steering strength (None: calibrated per direction to --target-kl)")
     steer.add_argument("--target-kl", type=float, default=0.05,
                        help="KL (nats/token) from the unsteered model at which gamma is calibrated")
-    steer.add_argument("--mode", default="both", choices=["both", "directional"])
+    steer.add_argument("--mode", default="both", choices=["both", "directional"],
+                       help="both: edit the union of the two poles (the paper); directional: the high pole to increase, "
+                            "the low pole to decrease")
     steer.add_argument("--weighted", action="store_true", help="DPN-LE_w weights by rank of |d|")
     steer.add_argument("--all-positions", action="store_true", help="also edit the prompt pass")
-    steer.add_argument("--max-new-tokens", type=int, default=60)
+    steer.add_argument("--max-new-tokens", type=int, default=60, help="greedy tokens generated per answer")
     steer.set_defaults(handler=run_steer)
 
     demo = add_subcommand(commands, "demo", "the main job on the embedded model: all five traits end to end")
@@ -110,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_out_option(demo, "run folder", default="runs/demo")
     demo.add_argument("--overwrite", action="store_true", help="replace a run with other settings in --out")
     demo.add_argument("--figures", default=None, help="folder for the summary figures (None: OUT/figures)")
-    demo.add_argument("--max-new-tokens", type=int, default=40)
+    demo.add_argument("--max-new-tokens", type=int, default=40, help="greedy tokens of each example answer")
     demo.add_argument("--rule", default="attribution-t",
                       help="effect rule shown beside the paper's neurons (dpn_lens.effect.rules; 'none': the paper's "
                            "neurons only)")

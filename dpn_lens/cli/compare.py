@@ -56,19 +56,19 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
                              f"{','.join(map(str, QUICK['gamma_sweep']))}, no q sweep (options given explicitly win)")
     parser.add_argument("--items", type=_count_or_all, default=argparse.SUPPRESS,
                         help="questionnaire items per trait, or 'all' (default: all; --quick: 8)")
-    parser.add_argument("--inventory", default="ipip_neo_300_test")
+    parser.add_argument("--inventory", default="ipip_neo_300_test", help="IPIP inventory in ipip/ the questionnaire reads")
     parser.add_argument("--statements", type=_count_or_all, default=argparse.SUPPRESS,
                         help="Anthropic statements per pole, or 'all' (default: all, 500 per pole; --quick: 20)")
     parser.add_argument("--respondents", default=None, help="PAlign/PAPI respondent JSON (None: the 10-respondent sample)")
     parser.add_argument("--mc-items", type=int, default=12, help="items per multiple-choice task")
-    parser.add_argument("--lambada-items", type=int, default=24)
-    parser.add_argument("--ppl-chunks", type=int, default=3)
-    parser.add_argument("--ppl-tokens", type=int, default=128)
-    parser.add_argument("--kl-chunks", type=int, default=2)
-    parser.add_argument("--kl-tokens", type=int, default=96)
+    parser.add_argument("--lambada-items", type=int, default=24, help="LAMBADA passages (last-word accuracy)")
+    parser.add_argument("--ppl-chunks", type=int, default=3, help="WikiText-2 chunks for perplexity")
+    parser.add_argument("--ppl-tokens", type=int, default=128, help="tokens per perplexity chunk")
+    parser.add_argument("--kl-chunks", type=int, default=2, help="WikiText-2 chunks (after the perplexity ones) for the KL from the unsteered model")
+    parser.add_argument("--kl-tokens", type=int, default=96, help="tokens per KL chunk")
     parser.add_argument("--gamma", type=float, default=1.0, help="DPN-LE / dense / top-k strength")
-    parser.add_argument("--npti-gamma", type=float, default=1.4)
-    parser.add_argument("--caa-gamma", type=float, default=1.0)
+    parser.add_argument("--npti-gamma", type=float, default=1.4, help="NPTI baseline strength")
+    parser.add_argument("--caa-gamma", type=float, default=1.0, help="CAA baseline strength (multiples of the residual mean difference)")
     parser.add_argument("--npti-prompts", type=int, default=16)
     parser.add_argument("--npti-tokens", type=int, default=24)
     parser.add_argument("--gamma-sweep", action=CommaList, item=float, nargs="*", default=argparse.SUPPRESS,
@@ -77,7 +77,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--q-sweep", action=CommaList, item=float, nargs="*", default=argparse.SUPPRESS,
                         metavar="QS", help=f"comma list (default: {','.join(map(str, FULL['q_sweep']))}; "
                                            "--quick: none)")
-    parser.add_argument("--sweep-trait", default=None)
+    parser.add_argument("--sweep-trait", default=None, help="trait of the gamma and q sweeps (None: the first of --traits)")
     parser.add_argument("--judge-url", default=None,
                         help="base URL of an OpenAI-compatible API (e.g. http://localhost:8000/v1) for the optional "
                              "PersonalityBench judge (None: $DPN_LENS_JUDGE_URL, else off). Key: $DPN_LENS_JUDGE_KEY")

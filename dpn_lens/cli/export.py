@@ -28,8 +28,11 @@ def register(subparsers: Any) -> None:
     add_model_options(export)
     export.add_argument("--map", required=True, help="neuron map file (.safetensors)")
     export.add_argument("--gamma", type=float, default=1.0, help="steering strength")
-    export.add_argument("--direction", default="increase", choices=["increase", "decrease"])
-    export.add_argument("--mode", default="both", choices=["both", "directional"])
+    export.add_argument("--direction", default="increase", choices=["increase", "decrease"],
+                        help="which way the exported edit steers the trait")
+    export.add_argument("--mode", default="both", choices=["both", "directional"],
+                        help="both: edit the union of the two poles (the paper); directional: the high pole to increase, "
+                             "the low pole to decrease")
     export.add_argument("--weighted", action="store_true", help="DPN-LE_w weights by rank of |d|")
     export.add_argument("--format", required=True, choices=list(FORMATS),
                         help="gguf: llama.cpp --control-vector file; steering-vectors: SteeringVector "
