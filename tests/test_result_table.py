@@ -109,3 +109,29 @@ def test_the_summary_of_a_committed_run_equals_its_own_goal_table():
         assert goal["beats random"] == f"{mine.beyond_random}/{total}"
         assert goal["as asked and beats random"] == f"{mine.as_asked_and_beyond_random}/{total}"
         assert mine.mean_shift == pytest.approx(goal["mean shift"])
+
+
+def test_summary_joins_runs_of_one_model_and_refuses_to_count_a_measurement_twice(tmp_path):
+    from dpn_lens.cli.summary import summary_markdown
+
+    text = summary_markdown([str(RESULTS / "control-gemma-3-270m-allrules"), str(RESULTS / "control-gemma-3-270m-skipbos")])
+    assert text.count("## gemma-3-270m") == 1
+    table = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ")}
+    assert {"attribution", "write", "attribution-t", "caa"} <= set(table)
+    caa = [cell.strip() for cell in table["caa"].split("|")[1:-1]]
+    assert caa[5:7] == ["", ""]          # CAA has no random-neuron draws: blank, not 0
+    with pytest.raises(ValueError, match="both measured"):
+        summary_markdown([str(RESULTS / "control-gemma-3-270m-skipbos"), str(RESULTS / "control-gemma-3-270m-skipbos-CE")])
+    with pytest.raises(ValueError, match="nothing in"):
+        summary_markdown([str(RESULTS / "control-gemma-3-270m-allrules")], "generation", 0.05)
+    with pytest.raises(FileNotFoundError, match="no control.json"):
+        summary_markdown([str(tmp_path)])
+
+
+def test_a_folder_with_results_csv_is_read_from_it(tmp_path):
+    from dpn_lens.evaluation.table import run_rows
+
+    (tmp_path / "control.json").write_text(json.dumps({"meta": {"model": "m", "config": {"kl_levels": []}}}))
+    rows = [ResultRow("openness", "caa", "increase", "preference", 0.5, 0.1, 0.9, kl_level=0.05)]
+    write_result_table(rows, tmp_path / "results.csv")
+    assert run_rows(tmp_path) == ("m", rows)

@@ -23,6 +23,7 @@ from dpn_lens.cli import export as export_cli
 from dpn_lens.cli import plan as plan_cli
 from dpn_lens.cli import report as report_cli
 from dpn_lens.cli import study as study_cli
+from dpn_lens.cli import summary as summary_cli
 from dpn_lens.cli.options import (FORMATTER, CommaList, add_data_dir_option, add_model_options, add_out_option,
                                   add_subcommand, add_traits_option, read_maps, validate_args)
 
@@ -125,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare_cli.register(commands)
     control_cli.register(commands)
     evaluate_cli.register(commands)
+    summary_cli.register(commands)
     report_cli.register(commands)
     export_cli.register(commands)
     cards_cli.register(commands)

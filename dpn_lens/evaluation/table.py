@@ -44,7 +44,7 @@ from typing import Any, Iterable, Mapping
 from dpn_lens.io import atomic_path
 
 __all__ = ["ResultRow", "control_rows", "comparison_rows", "write_result_table", "read_result_table",
-           "RESULT_TABLE", "SteeringSummary", "steering_summary"]
+           "RESULT_TABLE", "SteeringSummary", "steering_summary", "run_rows"]
 
 RESULT_TABLE = "results.csv"
 """The long table's file name in a run folder."""
@@ -241,7 +241,8 @@ class SteeringSummary:
         measured: those with a value at this level (a curve that never reached the level has none).
         as_asked: the interval lies above 0.
         wrong_way: the interval lies below 0.
-        beyond_random: the rule − random interval lies above 0 (only methods with random draws).
+        with_random: those compared with random-neuron draws (0 for a method without them, e.g. CAA).
+        beyond_random: the rule − random interval lies above 0.
         as_asked_and_beyond_random: both.
         mean_shift: the mean value over the measured trait-directions.
     """
@@ -251,6 +252,7 @@ class SteeringSummary:
     measured: int
     as_asked: int
     wrong_way: int
+    with_random: int
     beyond_random: int
     as_asked_and_beyond_random: int
     mean_shift: float
@@ -287,7 +289,31 @@ def steering_summary(rows: Iterable[ResultRow], metric: str = "preference", kl_l
         asked = [r for r in here if r.ci_low is not None and r.ci_low > 0]
         result.append(SteeringSummary(
             method=method, trait_directions=len(run_on), measured=len(here), as_asked=len(asked),
-            wrong_way=sum(r.ci_high is not None and r.ci_high < 0 for r in here), beyond_random=len(beyond),
+            wrong_way=sum(r.ci_high is not None and r.ci_high < 0 for r in here),
+            with_random=sum((r.trait, method, r.direction) in versus for r in here), beyond_random=len(beyond),
             as_asked_and_beyond_random=len({id(r) for r in asked} & {id(r) for r in beyond}),
             mean_shift=sum(r.value for r in here) / len(here) if here else math.nan))
     return result
+
+
+def run_rows(folder: str | os.PathLike) -> tuple[str, list[ResultRow]]:
+    """``(model, rows)`` of an evaluation run folder: its ``results.csv``, or, for a folder written before
+    that table existed, the rows of its ``control.json`` and ``comparison.json``.
+
+    Raises:
+        FileNotFoundError: when the folder holds neither (naming what it looks for).
+    """
+    import json
+
+    folder = Path(folder)
+    records = {name: folder / name for name in ("control.json", "comparison.json") if (folder / name).is_file()}
+    if not records:
+        raise FileNotFoundError(f"{folder} holds no control.json or comparison.json; pass the --out folder of a "
+                                "`dpn-lens evaluate`, `control` or `compare` run")
+    loaded = {name: json.loads(path.read_text(encoding="utf-8")) for name, path in records.items()}
+    model = next(str(record.get("meta", {}).get("model", "")) for record in loaded.values())
+    if (folder / RESULT_TABLE).is_file():
+        return model, read_result_table(folder / RESULT_TABLE)
+    rows = control_rows(loaded["control.json"]) if "control.json" in loaded else []
+    rows += comparison_rows(loaded["comparison.json"]) if "comparison.json" in loaded else []
+    return model, rows
