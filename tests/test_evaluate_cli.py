@@ -149,3 +149,9 @@ def test_every_evaluate_command_in_the_docs_routes_to_command_lines_that_parse_a
             args = build_parser().parse_args(line)
             validate_args(args)
             config_from_args(args) if harness == "control" else compare_config(args)
+
+
+def test_a_planned_run_writes_nothing(tiny_folder, tmp_path, capsys):
+    out = tmp_path / "never"
+    assert main(["evaluate", "--metrics", "preference", "--model", str(tiny_folder), "--plan", "--out", str(out)]) == 0
+    assert "plan for" in capsys.readouterr().out and not out.exists()

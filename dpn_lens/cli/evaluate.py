@@ -172,10 +172,13 @@ def run_evaluate(args: argparse.Namespace) -> int:
         if status:
             return status
     out = Path(args.out)
+    records = {name: out / name for name, harness in (("control.json", "control"), ("comparison.json", "compare"))
+               if harness in dict(routes) and (out / name).is_file()}
+    if not records:
+        return 0                         # nothing was run (--plan prints a plan only)
     rows = []
-    if (out / "control.json").exists() and "control" in dict(routes):
-        rows += control_rows(json.loads((out / "control.json").read_text()))
-    if (out / "comparison.json").exists() and "compare" in dict(routes):
-        rows += comparison_rows(json.loads((out / "comparison.json").read_text()))
-    print(f"wrote {write_result_table(rows, out / RESULT_TABLE)} ({len(rows)} rows)")
+    for name, path in records.items():
+        record = json.loads(path.read_text(encoding="utf-8"))
+        rows += control_rows(record) if name == "control.json" else comparison_rows(record)
+    print(f"wrote {write_result_table(rows, out / RESULT_TABLE)} ({len(rows)} rows from {', '.join(records)})")
     return 0
