@@ -62,13 +62,15 @@ def write_json_atomic(target: str | os.PathLike, obj: Any) -> Path:
     return write_text_atomic(target, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
-def write_csv_atomic(target: str | os.PathLike, rows: "list[dict[str, Any]]") -> Path:
-    """Write dict rows as CSV (columns: every key, in first-seen order) atomically; return the path.
+def write_csv_atomic(target: str | os.PathLike, rows: "list[dict[str, Any]]",
+                     columns: Sequence[str] | None = None) -> Path:
+    """Write dict rows as CSV atomically; return the path. ``columns``: the header (None: every key, in
+    first-seen order), written even when there are no rows.
 
     Example:
         >>> write_csv_atomic("/tmp/rows.csv", [{"a": 1}, {"a": 2, "b": 3}])   # doctest: +SKIP
     """
-    columns = list(dict.fromkeys(key for row in rows for key in row))
+    columns = list(dict.fromkeys(key for row in rows for key in row)) if columns is None else list(columns)
     with atomic_path(target) as tmp:
         with open(tmp, "w", newline="", encoding="utf-8") as handle:
             writer = csv.DictWriter(handle, fieldnames=columns)

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from dpn_lens.io import atomic_path
+from dpn_lens.io import write_csv_atomic
 
 __all__ = ["ResultRow", "control_rows", "comparison_rows", "write_result_table", "read_result_table",
            "RESULT_TABLE", "SteeringSummary", "steering_summary", "run_rows"]
@@ -204,14 +204,8 @@ def comparison_rows(result: Mapping[str, Any]) -> list[ResultRow]:
 
 def write_result_table(rows: Iterable[ResultRow], path: str | os.PathLike) -> Path:
     """Write ``rows`` as ``path`` (CSV with every field as a column, even with no rows; empty = None); atomic."""
-    fields = [f.name for f in dataclasses.fields(ResultRow)]
     lines = [{name: ("" if value is None else value) for name, value in row.to_dict().items()} for row in rows]
-    with atomic_path(path) as tmp:
-        with open(tmp, "w", newline="", encoding="utf-8") as handle:
-            writer = csv.DictWriter(handle, fieldnames=fields)
-            writer.writeheader()
-            writer.writerows(lines)
-    return Path(path)
+    return write_csv_atomic(path, lines, columns=[f.name for f in dataclasses.fields(ResultRow)])
 
 
 def read_result_table(path: str | os.PathLike) -> list[ResultRow]:
