@@ -1,10 +1,11 @@
 """The ``dpn-lens`` command line, one thin module per verb.
 
 ``main`` (``dpn_lens.cli.app``) builds the parser from each verb's ``register`` and runs the chosen
-handler; ``options`` holds the options every verb shares, spelled once. Verbs: ``locate``, ``steer`` and
-``demo`` (in ``main``), ``study``, ``compare``, ``control``, ``report`` (``dpn_lens.html_report``),
-``export``, ``cards`` and ``explore``, ``plan``; ``models`` is handled before the parser
-(``dpn_lens.models``).
+handler; ``options`` holds the options every verb shares, spelled once (``reference`` lists them all,
+docs/CLI.md). Verbs: ``locate``, ``steer`` and ``demo`` (in ``main``), ``study``, ``evaluate`` (with
+``control`` and ``compare``, its two parts under their earlier names), ``summary``, ``report``
+(``dpn_lens.html_report``), ``export``, ``cards`` and ``explore``, ``plan``; ``models`` is handled before the
+parser (``dpn_lens.models``).
 """
 
 from __future__ import annotations
