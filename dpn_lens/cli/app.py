@@ -1,4 +1,5 @@
-"""Command line: ``dpn-lens locate | steer | demo | study | evaluate (control, compare) | summary | report | export | cards | explore | plan | models``.
+"""Command line: ``dpn-lens locate | steer | demo | study | evaluate (control, compare) | summary | report |
+export | cards | explore | plan | models``.
 
 Every subcommand sets one ``handler`` (``set_defaults(handler=...)``); each verb but locate, steer and
 demo registers itself from its own module of ``dpn_lens.cli``. Expected errors (bad input, missing

@@ -64,11 +64,13 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--lambada-items", type=int, default=24, help="LAMBADA passages (last-word accuracy)")
     parser.add_argument("--ppl-chunks", type=int, default=3, help="WikiText-2 chunks for perplexity")
     parser.add_argument("--ppl-tokens", type=int, default=128, help="tokens per perplexity chunk")
-    parser.add_argument("--kl-chunks", type=int, default=2, help="WikiText-2 chunks (after the perplexity ones) for the KL from the unsteered model")
+    parser.add_argument("--kl-chunks", type=int, default=2,
+                        help="WikiText-2 chunks (after the perplexity ones) for the KL from the unsteered model")
     parser.add_argument("--kl-tokens", type=int, default=96, help="tokens per KL chunk")
     parser.add_argument("--gamma", type=float, default=1.0, help="DPN-LE / dense / top-k strength")
     parser.add_argument("--npti-gamma", type=float, default=1.4, help="NPTI baseline strength")
-    parser.add_argument("--caa-gamma", type=float, default=1.0, help="CAA baseline strength (multiples of the residual mean difference)")
+    parser.add_argument("--caa-gamma", type=float, default=1.0,
+                        help="CAA baseline strength (multiples of the residual mean difference)")
     parser.add_argument("--npti-prompts", type=int, default=16)
     parser.add_argument("--npti-tokens", type=int, default=24)
     parser.add_argument("--gamma-sweep", action=CommaList, item=float, nargs="*", default=argparse.SUPPRESS,
