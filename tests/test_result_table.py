@@ -135,3 +135,16 @@ def test_a_folder_with_results_csv_is_read_from_it(tmp_path):
     rows = [ResultRow("openness", "caa", "increase", "preference", 0.5, 0.1, 0.9, kl_level=0.05)]
     write_result_table(rows, tmp_path / "results.csv")
     assert run_rows(tmp_path) == ("m", rows)
+
+
+def test_summary_detail_gives_each_trait_direction_with_its_interval_and_rule_minus_random():
+    from dpn_lens.cli.summary import summary_markdown
+
+    folder = RESULTS / "control-smollm2-135m-instruct-generation"
+    result = json.loads((folder / "control.json").read_text())
+    row = next(g for g in result["generation"] if g["method"] == "attribution-t" and g["kl_level"] == 0.05)
+    text = summary_markdown([str(folder)], "generation", 0.05, detail=True)
+    expected = (f"| {row['trait']} | {row['direction']} | attribution-t | {row['shift']:+.3f} [{row['ci_low']:+.3f}, "
+                f"{row['ci_high']:+.3f}] | {row['vs_random']:+.3f} [{row['vs_random_ci_low']:+.3f}, "
+                f"{row['vs_random_ci_high']:+.3f}] |")
+    assert expected in text

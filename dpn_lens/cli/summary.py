@@ -34,12 +34,36 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
                         help="preference (the held-out margin) or generation (generated text), or any metric with "
                              "intervals in results.csv")
     parser.add_argument("--kl-level", type=float, default=0.05, help="the KL level (nats/token) the edits were calibrated to")
+    parser.add_argument("--detail", action="store_true",
+                        help="also one row per trait and direction: each method's value with its interval and, "
+                             "where drawn, rule - random with its interval")
     add_out_option(parser, "Markdown file to write (None: print)")
     parser.set_defaults(handler=run_summary)
     return parser
 
 
-def summary_markdown(folders: list[str], metric: str = "preference", kl_level: float = 0.05) -> str:
+def _interval(row: Any) -> str:
+    if row is None:
+        return ""
+    if row.ci_low is None or row.ci_high is None:
+        return f"{row.value:+.3f}"
+    return f"{row.value:+.3f} [{row.ci_low:+.3f}, {row.ci_high:+.3f}]"
+
+
+def _detail_rows(rows: list[Any], metric: str, kl_level: float) -> list[dict[str, str]]:
+    """Per trait, direction and method (controls left out): the value and rule - random, with intervals."""
+    def at(row: Any, name: str) -> bool:
+        return row.metric == name and row.kl_level is not None and abs(row.kl_level - kl_level) <= 1e-12
+
+    versus = {(r.trait, r.method, r.direction): r for r in rows if at(r, f"{metric}_vs_random")}
+    controls = ("persona", "random-neurons", "gamma-0", "unsteered")
+    return [{"trait": r.trait, "direction": r.direction, "method": r.method, metric: _interval(r),
+             "rule - random": _interval(versus.get((r.trait, r.method, r.direction)))}
+            for r in rows if at(r, metric) and not r.method.startswith(controls)]
+
+
+def summary_markdown(folders: list[str], metric: str = "preference", kl_level: float = 0.05,
+                     detail: bool = False) -> str:
     """The summary of ``folders`` as Markdown: one table per model.
 
     Raises:
@@ -76,6 +100,8 @@ def summary_markdown(folders: list[str], metric: str = "preference", kl_level: f
                                    "as asked and beyond random": s.as_asked_and_beyond_random
                                    if s.with_random else None, "mean shift": s.mean_shift}
                                   for s in summary if s.measured], digits=3), ""]
+        if detail:
+            lines += [markdown_table(_detail_rows(rows, metric, kl_level)), ""]
     if not lines:
         raise ValueError(f"nothing in {', '.join(folders)} was measured as {metric} at KL {kl_level:g}; see the runs' "
                          "results.csv for the metrics and levels they hold")
@@ -84,7 +110,7 @@ def summary_markdown(folders: list[str], metric: str = "preference", kl_level: f
 
 def run_summary(args: argparse.Namespace) -> int:
     """Handler of ``dpn-lens summary``."""
-    text = summary_markdown(list(args.run), args.metric, args.kl_level)
+    text = summary_markdown(list(args.run), args.metric, args.kl_level, args.detail)
     if args.out:
         from dpn_lens.io import write_text_atomic
 
