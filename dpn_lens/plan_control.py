@@ -131,8 +131,7 @@ def _generation_questions(config: Any, run: dict[str, Any] | None) -> int:
 def _sweep_passes(config: Any, run: dict[str, Any] | None) -> tuple[int, int]:
     """Probe and answer passes of the budget sweep: per rule, budget and direction a KL curve (the whole
     grid at most) and, where it reaches the target KL, one measured point (a probe and an answer pass)."""
-    from dpn_lens.effect.rules import RULE_NAMES
-    from dpn_lens.evaluation.methods import neuron_methods
+    from dpn_lens.evaluation.control import swept_rules
 
     if not config.k_sweep:
         return 0, 0
@@ -140,15 +139,14 @@ def _sweep_passes(config: Any, run: dict[str, Any] | None) -> tuple[int, int]:
         rows = run.get("sweep", [])
         reached = sum(bool(row.get("reached")) for row in rows)
         return sum(int(row.get("curve_points", 0)) for row in rows) + reached, reached
-    swept = [name for name in neuron_methods(config.methods) if name in RULE_NAMES]
-    curves = len(swept) * len(config.k_sweep) * DIRECTIONS
+    curves = len(swept_rules(config.methods)) * len(config.k_sweep) * DIRECTIONS
     return curves * (len(config.gammas) + 1), curves
 
 
 def _generation_sets(config: Any, run: dict[str, Any] | None) -> int:
-    """Answer sets the generation check generates: the unsteered one, then per direction, method and
-    level one set, plus ``generation_draws`` random-neuron sets for a rule at the verdict's level."""
-    from dpn_lens.evaluation.methods import neuron_methods
+    """Answer sets the generation check generates: the unsteered one, then per direction each check of
+    ``evaluation.control.generation_checks`` and its random-neuron draws."""
+    from dpn_lens.evaluation.control import generation_checks
 
     if not config.generation_questions:
         return 0
@@ -156,15 +154,7 @@ def _generation_sets(config: Any, run: dict[str, Any] | None) -> int:
         measured = [row for row in run.get("generation", [])
                     if not row["method"].startswith("persona") and not math.isnan(float(row.get("shift", math.nan)))]
         return 1 + sum(1 + int(row.get("draws", 0)) for row in measured)
-    rules = neuron_methods(config.methods)
-    methods = config.generation_methods or [m for m in config.methods if m in rules or m == "caa"]
-    levels = config.generation_levels or [config.target_kl]
-    sets = 0
-    for name in methods:
-        for level in levels:
-            at_verdict = level == config.target_kl or len(levels) == 1
-            sets += 1 + (config.generation_draws if name in rules and at_verdict else 0)
-    return 1 + DIRECTIONS * sets
+    return 1 + DIRECTIONS * sum(1 + draws for _, _, draws in generation_checks(config))
 
 
 @dataclass

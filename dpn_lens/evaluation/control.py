@@ -51,7 +51,7 @@ from dpn_lens.traits import TRAITS, normalize_trait, trait_title
 
 __all__ = ["ControlConfig", "SWEEP_METHODS", "DEFAULT_METHODS", "RANDOM_CONTROL", "ALL_NEURONS", "random_curve",
            "held_out_pairs", "HeldOutPairs", "persona_control", "run_control", "matched_cost_rows", "goal_rows",
-           "merge_control_results"]
+           "merge_control_results", "swept_rules", "generation_checks"]
 
 SWEEP_METHODS = ("dpn-le", "dpn-le-w", "directional", "topk", "dense", *EFFECT_RULES, "attribution-t-resid",
                  "attribution-t-frozen", "dpn-le-frozen", "attribution-t-scaled", "dpn-le-scaled", "npti", "caa")
@@ -354,6 +354,30 @@ def _level_gammas(cost: Sequence[dict[str, Any]], kl_levels: Sequence[float]) ->
     return {level: gamma for level, gamma in found.items() if not math.isnan(gamma)}
 
 
+def swept_rules(methods: Sequence[str]) -> list[str]:
+    """The selection rules among ``methods`` that the budget sweep re-selects (``--k-sweep``)."""
+    return [name for name in neuron_methods(methods) if name in RULE_NAMES]
+
+
+def generation_checks(config: ControlConfig) -> list[tuple[str, float, int]]:
+    """``(method, KL level, random-neuron draws)`` of each answer set the generation check generates per
+    direction: every generation method at every generation level; a rule's random draws only where the
+    verdict is read (the target KL, or the only level checked).
+
+    Example:
+        >>> config = ControlConfig(methods=["dpn-le", "caa"], generation_questions=4, kl_levels=[0.05, 0.5],
+        ...                        generation_levels=[0.05, 0.5], generation_draws=2)
+        >>> generation_checks(config)
+        [('dpn-le', 0.05, 2), ('dpn-le', 0.5, 0), ('caa', 0.05, 0), ('caa', 0.5, 0)]
+    """
+    rules = neuron_methods(config.methods)
+    levels = config.generation_levels or [config.target_kl]
+    return [(name, level, config.generation_draws if name in rules and (level == config.target_kl or len(levels) == 1)
+             else 0)
+            for name in config.generation_methods or [m for m in config.methods if m in rules or m == "caa"]
+            for level in levels]
+
+
 def _random_seed(config: ControlConfig, draw: int) -> int:
     """Seed of random-neuron draw ``draw``: draw 0 of ``--seed s`` is seed ``s`` (the one draw of earlier runs)."""
     return config.seed + 1000 * draw
@@ -431,7 +455,7 @@ def run_control(model: Any, config: ControlConfig, log: Callable[[str], None] = 
     methods = list(config.methods)
     rules = neuron_methods(methods)   # the selection rules, and edits of their neurons (``<rule>-frozen``)
     randomized = rules if config.random_control else []
-    swept = [name for name in rules if name in RULE_NAMES]   # the budget sweep re-selects a rule's map
+    swept = swept_rules(methods)   # the budget sweep re-selects a rule's map
     n_levels = len(config.kl_levels)
     per_trait = (4 + len(methods) * len(DIRECTIONS) * n_levels + len(randomized) * len(DIRECTIONS) * n_levels
                  + len(swept) * len(config.k_sweep) * len(DIRECTIONS) + (len(DIRECTIONS) if config.generation_questions else 0))
@@ -533,7 +557,7 @@ def run_control(model: Any, config: ControlConfig, log: Callable[[str], None] = 
             if config.k_sweep:
                 parts["sweep"] += _budget_sweep(run, swept, config, log)
             if config.generation_questions:
-                rows, examples[f"{trait}:generation"] = _generation_check(run, held, level_gammas, rules, config, log)
+                rows, examples[f"{trait}:generation"] = _generation_check(run, held, level_gammas, config, log)
                 parts["generation"] += rows
             examples[trait] = {"question": pairs[0].question, "high_answer": pairs[0].high_answer,
                                "low_answer": pairs[0].low_answer}
@@ -612,7 +636,7 @@ def _budget_sweep(run: _TraitRun, rules: Sequence[str], config: ControlConfig, l
 
 
 def _generation_check(run: _TraitRun, held: HeldOutPairs, level_gammas: dict[tuple[str, str], dict[float, float]],
-                      rules: Sequence[str], config: ControlConfig, log: Callable[[str], None]
+                      config: ControlConfig, log: Callable[[str], None]
                       ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The generation-based check (``evaluation.generation_check``) of every generation method at each
     generation level, with random-neuron draws for the rules, beside the persona reference."""
@@ -645,36 +669,33 @@ def _generation_check(run: _TraitRun, held: HeldOutPairs, level_gammas: dict[tup
     examples: dict[str, Any] = {"question": questions[0], "unsteered": answer_of(unsteered)}
     for direction in DIRECTIONS:
         sign = direction_sign(direction)
-        for name in config.generation_methods or [m for m in config.methods if m in rules or m == "caa"]:
-            for level in config.generation_levels:
-                gamma = level_gammas.get((name, direction), {}).get(level)
-                label = {"trait": trait, "direction": direction, "method": name, "kl_level": level}
-                if gamma is None:
-                    rows.append({**label, "gamma": math.nan, "shift": math.nan})
-                    continue
-                edit = sweep_edit(run.edit_at(name, direction), gamma)
-                answers = generated_answers(model, questions, edit, config.max_new_tokens)
-                steered = score(answers)
-                effect = paired_effect(sign * steered, sign * base)
-                row = {**label, "gamma": gamma, "shift": effect.shift, "ci_low": effect.ci_low,
-                       "ci_high": effect.ci_high, "p": effect.p_value, "n": effect.n,
-                       "changed": float(np.mean([a != b for a, b in zip(answers, unsteered)]))}
-                if level == config.generation_levels[0]:
-                    examples[f"{name} {direction}"] = answer_of(answers)
-                # Random draws where the verdict is read (the target KL), or at the only level checked.
-                at_verdict = level == config.target_kl or len(config.generation_levels) == 1
-                if name in rules and config.generation_draws and at_verdict:
-                    draws = []
-                    for draw in range(config.generation_draws):
-                        control = random_neuron_control(edit, seed=_random_seed(config, draw))  # type: ignore[arg-type]
-                        draws.append(score(generated_answers(model, questions, control, config.max_new_tokens)))
-                    stacked = np.stack(draws)
-                    random = draws_effect(sign * (stacked - base[None, :]))
-                    versus = draws_effect(sign * (steered[None, :] - stacked))
-                    row.update(random_shift=random.shift, random_ci_low=random.ci_low, random_ci_high=random.ci_high,
-                               vs_random=versus.shift, vs_random_ci_low=versus.ci_low,
-                               vs_random_ci_high=versus.ci_high, draws=config.generation_draws)
-                rows.append(row)
+        for name, level, draws in generation_checks(config):
+            gamma = level_gammas.get((name, direction), {}).get(level)
+            label = {"trait": trait, "direction": direction, "method": name, "kl_level": level}
+            if gamma is None:
+                rows.append({**label, "gamma": math.nan, "shift": math.nan})
+                continue
+            edit = sweep_edit(run.edit_at(name, direction), gamma)
+            answers = generated_answers(model, questions, edit, config.max_new_tokens)
+            steered = score(answers)
+            effect = paired_effect(sign * steered, sign * base)
+            row = {**label, "gamma": gamma, "shift": effect.shift, "ci_low": effect.ci_low,
+                   "ci_high": effect.ci_high, "p": effect.p_value, "n": effect.n,
+                   "changed": float(np.mean([a != b for a, b in zip(answers, unsteered)]))}
+            if level == config.generation_levels[0]:
+                examples[f"{name} {direction}"] = answer_of(answers)
+            if draws:   # a rule, at the level where the verdict is read (generation_checks)
+                drawn = []
+                for draw in range(draws):
+                    control = random_neuron_control(edit, seed=_random_seed(config, draw))  # type: ignore[arg-type]
+                    drawn.append(score(generated_answers(model, questions, control, config.max_new_tokens)))
+                stacked = np.stack(drawn)
+                random = draws_effect(sign * (stacked - base[None, :]))
+                versus = draws_effect(sign * (steered[None, :] - stacked))
+                row.update(random_shift=random.shift, random_ci_low=random.ci_low, random_ci_high=random.ci_high,
+                           vs_random=versus.shift, vs_random_ci_low=versus.ci_low,
+                           vs_random_ci_high=versus.ci_high, draws=draws)
+            rows.append(row)
         run.bar.step(1, f"{trait} generation {direction}")
     log(f"{trait}: generation check done on {n} questions")
     return rows, examples
