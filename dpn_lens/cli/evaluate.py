@@ -24,7 +24,7 @@ import json
 import os
 import shlex
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from dpn_lens.cli import compare as compare_cli
 from dpn_lens.cli import control as control_cli
@@ -48,6 +48,17 @@ def _harness_parsers() -> dict[str, argparse.ArgumentParser]:
     return {"control": control_cli.register(commands), "compare": compare_cli.register(commands), "": both}
 
 
+def _joined(make: Callable[..., argparse.ArgumentParser]) -> argparse.ArgumentParser:
+    """``make(**options)`` joined from both runs' options, each spelled once (where both have one, both take
+    the value), and ``--metrics``."""
+    # Its own parser copies: joining parents with "resolve" strips the shared options from them.
+    parents = _harness_parsers()
+    parser = make(parents=[parents["compare"], parents["control"]], conflict_handler="resolve", allow_abbrev=False)
+    parser.add_argument("--metrics", action=CommaList, allowed=list(METRICS), default=["preference"], metavar="METRICS",
+                        help=f"comma list of {','.join(METRICS)}")
+    return parser
+
+
 def register(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``evaluate`` sub-command: ``--metrics`` and every option of ``control`` and ``compare``.
 
@@ -55,16 +66,11 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         >>> parser = argparse.ArgumentParser(); register(parser.add_subparsers(dest="command"))   # doctest: +ELLIPSIS
         ArgumentParser(...)
     """
-    parsers = _harness_parsers()
     help_text = ("does this edit move the trait, and at what cost? --metrics picks what is measured: preference and "
                  "generation (at matched KL, with controls; as `control`), questionnaire, statements, capability and "
                  "judge (at a fixed gamma; as `compare`); one folder, one results.csv")
-    # One option set: both runs' options, each spelled once (where both have one, both take the value).
-    parser = subparsers.add_parser("evaluate", help=help_text, description=help_text, formatter_class=FORMATTER,
-                                   parents=[parsers["compare"], parsers["control"]], conflict_handler="resolve",
-                                   allow_abbrev=False)
-    parser.add_argument("--metrics", action=CommaList, allowed=list(METRICS), default=["preference"], metavar="METRICS",
-                        help=f"comma list of {','.join(METRICS)}")
+    parser = _joined(lambda **options: subparsers.add_parser("evaluate", help=help_text, description=help_text,
+                                                             formatter_class=FORMATTER, **options))
     # An option both runs have with different defaults: each run keeps its own when the option is not given.
     own = _harness_parsers()
     for action in parser._actions:   # noqa: SLF001
@@ -109,12 +115,9 @@ def route(argv: Sequence[str]) -> list[tuple[str, list[str]]]:
             its metric.
     """
     parsers = _harness_parsers()
-    # Built from its own copies: joining parents with "resolve" strips the shared options from them.
-    parents = _harness_parsers()
-    evaluate = argparse.ArgumentParser(add_help=False, parents=[parents["compare"], parents["control"]],
-                                       conflict_handler="resolve", allow_abbrev=False)
-    evaluate.add_argument("--metrics", action=CommaList, allowed=list(METRICS), default=["preference"])
-    metrics: list[str] = list(evaluate.parse_args(list(argv)).metrics)
+    evaluate = _joined(lambda **options: argparse.ArgumentParser(add_help=False, **options))
+    parsed = evaluate.parse_args(list(argv))
+    metrics: list[str] = list(parsed.metrics)
     wanted = list(dict.fromkeys(HARNESS_OF[m] for m in metrics))
     lines = {harness: [harness] for harness in wanted}
     index, given = 0, set()
@@ -134,7 +137,7 @@ def route(argv: Sequence[str]) -> list[tuple[str, list[str]]]:
                              f"them to --metrics or drop {name}")
         for harness in takers:
             lines[harness] += tokens
-    generation = evaluate.parse_args(list(argv)).generation
+    generation = parsed.generation
     if "generation" in metrics and "--generation" not in given:
         lines["control"] += ["--generation", str(GENERATION_QUESTIONS)]
     if generation and "generation" not in metrics:
@@ -172,8 +175,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
         if status:
             return status
     out = Path(args.out)
+    ran = {harness for harness, _ in routes}
     records = {name: out / name for name, harness in (("control.json", "control"), ("comparison.json", "compare"))
-               if harness in dict(routes) and (out / name).is_file()}
+               if harness in ran and (out / name).is_file()}
     if not records:
         return 0                         # nothing was run (--plan prints a plan only)
     rows = []
