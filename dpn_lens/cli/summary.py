@@ -52,14 +52,10 @@ def _interval(row: Any) -> str:
 
 def _detail_rows(rows: list[Any], metric: str, kl_level: float) -> list[dict[str, str]]:
     """Per trait, direction and method (controls left out): the value and rule - random, with intervals."""
-    def at(row: Any, name: str) -> bool:
-        return row.metric == name and row.kl_level is not None and abs(row.kl_level - kl_level) <= 1e-12
-
-    versus = {(r.trait, r.method, r.direction): r for r in rows if at(r, f"{metric}_vs_random")}
-    controls = ("persona", "random-neurons", "gamma-0", "unsteered")
+    versus = {(r.trait, r.method, r.direction): r for r in rows if r.measured_at(f"{metric}_vs_random", kl_level)}
     return [{"trait": r.trait, "direction": r.direction, "method": r.method, metric: _interval(r),
              "rule - random": _interval(versus.get((r.trait, r.method, r.direction)))}
-            for r in rows if at(r, metric) and not r.method.startswith(controls)]
+            for r in rows if r.measured_at(metric, kl_level) and not r.is_control]
 
 
 def summary_markdown(folders: list[str], metric: str = "preference", kl_level: float = 0.05,
@@ -78,7 +74,7 @@ def summary_markdown(folders: list[str], metric: str = "preference", kl_level: f
     for folder in folders:
         model, rows = run_rows(folder)
         for row in rows:
-            if row.metric != metric or row.kl_level is None or abs(row.kl_level - kl_level) > 1e-12:
+            if not row.measured_at(metric, kl_level):
                 continue
             key = (model, row.method, row.trait, row.direction)
             if seen.setdefault(key, folder) != folder:

@@ -44,10 +44,12 @@ from typing import Any, Iterable, Mapping
 from dpn_lens.io import write_csv_atomic
 
 __all__ = ["ResultRow", "control_rows", "comparison_rows", "write_result_table", "read_result_table",
-           "RESULT_TABLE", "SteeringSummary", "steering_summary", "run_rows"]
+           "RESULT_TABLE", "CONTROL_METHODS", "SteeringSummary", "steering_summary", "run_rows"]
 
 RESULT_TABLE = "results.csv"
 """The long table's file name in a run folder."""
+CONTROL_METHODS = ("persona", "random-neurons", "gamma-0", "unsteered")
+"""Method names (prefixes) of the controls in the table, beside the methods they control for."""
 
 _COMPARE_LEVELS = ("questionnaire", "statements_gap", "kl", "wikitext_ppl", "lambada_acc", "judge_trait",
                    "judge_fluency")
@@ -90,6 +92,15 @@ class ResultRow:
     kl_level: float | None = None
     gamma: float | None = None
     harness: str = ""
+
+    @property
+    def is_control(self) -> bool:
+        """Whether the row is a control (persona, random neurons, γ 0, unsteered), not a method."""
+        return self.method.startswith(CONTROL_METHODS)
+
+    def measured_at(self, metric: str, kl_level: float) -> bool:
+        """Whether the row is ``metric`` at the edit calibrated to ``kl_level``."""
+        return self.metric == metric and self.kl_level is not None and math.isclose(self.kl_level, kl_level)
 
     @property
     def excludes_zero(self) -> bool:
@@ -270,14 +281,11 @@ def steering_summary(rows: Iterable[ResultRow], metric: str = "preference", kl_l
         (1, 2, 0.01)
     """
     rows = list(rows)
-    versus = {(r.trait, r.method, r.direction): r for r in rows
-              if r.metric == f"{metric}_vs_random" and r.kl_level is not None and math.isclose(r.kl_level, kl_level)}
-    controls = ("persona", "random-neurons", "gamma-0", "unsteered")
+    versus = {(r.trait, r.method, r.direction): r for r in rows if r.measured_at(f"{metric}_vs_random", kl_level)}
     result = []
-    for method in dict.fromkeys(r.method for r in rows if r.metric == metric and not r.method.startswith(controls)):
+    for method in dict.fromkeys(r.method for r in rows if r.metric == metric and not r.is_control):
         run_on = {(r.trait, r.direction) for r in rows if r.metric == metric and r.method == method}
-        here = [r for r in rows if r.metric == metric and r.method == method and r.kl_level is not None
-                and math.isclose(r.kl_level, kl_level)]
+        here = [r for r in rows if r.method == method and r.measured_at(metric, kl_level)]
         beyond = [r for r in here if (v := versus.get((r.trait, method, r.direction))) is not None
                   and v.ci_low is not None and v.ci_low > 0]
         asked = [r for r in here if r.ci_low is not None and r.ci_low > 0]
@@ -285,7 +293,7 @@ def steering_summary(rows: Iterable[ResultRow], metric: str = "preference", kl_l
             method=method, trait_directions=len(run_on), measured=len(here), as_asked=len(asked),
             wrong_way=sum(r.ci_high is not None and r.ci_high < 0 for r in here),
             with_random=sum((r.trait, method, r.direction) in versus for r in here), beyond_random=len(beyond),
-            as_asked_and_beyond_random=len({id(r) for r in asked} & {id(r) for r in beyond}),
+            as_asked_and_beyond_random=sum(r.ci_low is not None and r.ci_low > 0 for r in beyond),
             mean_shift=sum(r.value for r in here) / len(here) if here else math.nan))
     return result
 
