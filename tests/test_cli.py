@@ -71,22 +71,6 @@ def test_every_subcommand_has_one_handler():
         assert callable(args.handler) and not hasattr(args, "func")
 
 
-def _verb_parsers() -> dict[str, "argparse.ArgumentParser"]:
-    """Every (sub)subcommand parser of ``dpn-lens``, by its command words."""
-    import argparse
-
-    from dpn_lens.cli import build_parser
-
-    found, todo = {}, [("", build_parser())]
-    while todo:
-        words, parser = todo.pop()
-        found[words] = parser
-        for action in parser._actions:
-            if isinstance(action, argparse._SubParsersAction):
-                todo += [(f"{words} {name}".strip(), sub) for name, sub in action.choices.items()]
-    return found
-
-
 def test_each_thing_has_one_spelling_in_every_verb():
     """Issue 26: a run folder is --run, pair counts are --n-pairs/--eval-pairs/--selection-pairs, lists are
     comma lists (CommaList), --plotlyjs values are inline|cdn|directory: in every verb's visible options."""
@@ -94,7 +78,10 @@ def test_each_thing_has_one_spelling_in_every_verb():
 
     from dpn_lens.cli.options import CommaList
 
-    parsers = _verb_parsers()
+    from dpn_lens.cli import build_parser
+    from dpn_lens.cli.reference import verb_parsers
+
+    parsers = {"": build_parser(), **verb_parsers()}   # the top level's own options too
     assert {"control", "compare", "cards", "explore", "report", "study causal", "plan"} <= set(parsers)
     for words, parser in parsers.items():
         for action in parser._actions:

@@ -11,12 +11,8 @@ import pytest
 from dpn_lens.cli import main
 from dpn_lens.cli.app import build_parser
 from dpn_lens.cli.evaluate import route
+from dpn_lens.cli.reference import verb_parsers
 from dpn_lens.evaluation.table import control_rows, read_result_table
-
-
-def _verb(name: str) -> argparse.ArgumentParser:
-    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    return commands.choices[name]
 
 
 def _options(parser: argparse.ArgumentParser) -> set[str]:
@@ -24,8 +20,9 @@ def _options(parser: argparse.ArgumentParser) -> set[str]:
 
 
 def test_evaluate_takes_every_option_of_control_and_compare_under_the_same_spelling():
-    evaluate = _options(_verb("evaluate"))
-    assert _options(_verb("control")) | _options(_verb("compare")) | {"--metrics"} == evaluate
+    verbs = verb_parsers()
+    evaluate = _options(verbs["evaluate"])
+    assert _options(verbs["control"]) | _options(verbs["compare"]) | {"--metrics"} == evaluate
 
 
 def test_each_option_goes_to_the_runs_that_have_it():
