@@ -17,7 +17,7 @@ import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from dpn_lens.answers import Generation
 from dpn_lens.evaluation.calibrate import Calibration
@@ -175,7 +175,7 @@ def preference_check(model: Any, trait: str, edits: Sequence[CalibratedEdit], da
     bootstrap interval over pairs.
     """
     from dpn_lens.evaluation.control import ControlConfig, held_out_pairs, persona_control
-    from dpn_lens.evaluation.preference import PairScorer
+    from dpn_lens.evaluation.metrics import PreferenceMargin
 
     clock = StageClock() if clock is None else clock
     with clock.stage("preference pairs"):
@@ -184,20 +184,22 @@ def preference_check(model: Any, trait: str, edits: Sequence[CalibratedEdit], da
         held = held_out_pairs(model, trait, ControlConfig(traits=[trait], data_dir=str(data_dir), pairs=n_pairs,
                                                           pair_batch=DEMO_GENERATION_BATCH), log=lambda message: None)
     with clock.stage("preference margins"):
-        scorer = PairScorer(model, held.pairs)
-        base, _, _, persona = persona_control(model, held, scorer)
-        return _shift_rows(trait, scorer, len(held.pairs), base, persona, edits)
+        margin = PreferenceMargin()
+        base, _, _, persona = persona_control(model, held, margin)
+        return _shift_rows(trait, lambda edit: margin.score(model, edit, held.pairs).per_item, len(held.pairs),
+                           base, persona, edits)
 
 
-def _shift_rows(trait: str, scorer: Any, n_pairs: int, base: Any, persona: Any,
+def _shift_rows(trait: str, margins_of: Callable[[Any], Any], n_pairs: int, base: Any, persona: Any,
                 edits: Sequence[CalibratedEdit]) -> list[ShiftRow]:
+    """A ``ShiftRow`` per edit (``margins_of(edit)``: the pairs' margins under it), then the persona prompt's."""
     from dpn_lens.evaluation.intervals import paired_effect
     from dpn_lens.steering import direction_sign
 
     rows = []
     for item in edits:
         sign = direction_sign(item.direction)
-        effect = paired_effect(sign * scorer.margins(edit=item.edit), sign * base)
+        effect = paired_effect(sign * margins_of(item.edit), sign * base)
         rows.append(ShiftRow(trait, item.neurons, item.direction, item.gamma, n_pairs, Shift.of(effect),
                              item.calibration))
     return rows + [ShiftRow(trait, PERSONA, "", None, n_pairs, Shift.of(persona))]

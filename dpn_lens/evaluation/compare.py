@@ -36,10 +36,12 @@ from dpn_lens.evaluation import capability as cap
 from dpn_lens.io import markdown_table
 from dpn_lens.evaluation import trait as tr
 from dpn_lens.evaluation.intervals import bootstrap_ci, paired_effect
-from dpn_lens.evaluation.judge import JudgeConfig, judge_evaluation, load_test_questions
+from dpn_lens.evaluation.judge import JudgeConfig, load_test_questions
+from dpn_lens.evaluation.metrics import Capability, Judge, Questionnaire, Statements
 from dpn_lens.evaluation.trait_maps import rule_maps, trait_map
 from dpn_lens.evaluation.methods import DEFAULT_METHOD_NAMES, METHOD_NAMES, METHODS_BY_NAME, TraitContext, effect_rules_needed
 from dpn_lens.evaluation.table import RESULT_TABLE, comparison_rows, write_result_table
+from dpn_lens.report.results import write_results_report
 from dpn_lens.localization.localize import reselect
 from dpn_lens.localization.neuron_map import NeuronMap
 from dpn_lens.run import percent_of_mlp
@@ -138,15 +140,14 @@ class _Evaluator:
     def trait_metrics(self, trait: str, edit: Edit | None, persona: PersonaPrompt | None, label: dict[str, Any] | None = None
                       ) -> tuple[dict[str, float], dict[str, np.ndarray]]:
         """``(means, per-item values)``; the values are ``raw`` and ``keyed`` answers and statement ``yes``."""
-        answers = tr.answer_items(self.model, self.items[trait], edit, persona)
-        yes = tr.statement_yes(self.model, self.statements[trait], edit, persona)
-        agreement = tr.agreement_summary(yes, self.statements[trait])
-        metrics = {"questionnaire": float(answers["keyed"].mean()), "option_mass": float(answers["mass"].mean()),
-                   "statements_high": agreement["high"], "statements_low": agreement["low"],
-                   "statements_gap": agreement["gap"]}
+        answers = Questionnaire().score(self.model, edit, self.items[trait], persona)
+        statements = Statements().score(self.model, edit, self.statements[trait], persona)
+        metrics = {"questionnaire": answers.value, "option_mass": float(answers.details["mass"].mean()),
+                   "statements_high": statements.details["high"], "statements_low": statements.details["low"],
+                   "statements_gap": statements.details["gap"]}
         if self.config.judge is not None:
             questions = self.judge_questions[trait]
-            judged = judge_evaluation(self.model, trait, questions, self.config.judge, edit, persona)
+            judged = Judge(trait, self.config.judge).score(self.model, edit, questions, persona).details
             metrics.update(judge_trait=judged["judge_trait"], judge_fluency=judged["judge_fluency"],
                            judge_unparsable=judged["judge_unparsable"])
             # An unparsable reply keeps its row (empty ratings, the raw reply) so it can be read, not guessed.
@@ -154,7 +155,7 @@ class _Evaluator:
                              "judge_trait": r.trait if r else None, "judge_fluency": r.fluency if r else None,
                              "judge_parsed": r is not None, "judge_reply": reply}
                             for q, a, r, reply in zip(questions, judged["answers"], judged["ratings"], judged["replies"])]
-        return metrics, {"raw": answers["raw"], "keyed": answers["keyed"], "yes": yes}
+        return metrics, {"raw": answers.details["raw"], "keyed": answers.per_item, "yes": statements.per_item}  # type: ignore[dict-item]
 
     def effects(self, trait: str, values: dict[str, np.ndarray], base: dict[str, np.ndarray], sign: int
                 ) -> tuple[dict[str, float], dict[str, np.ndarray]]:
@@ -162,16 +163,8 @@ class _Evaluator:
         return trait_effects(values, base, np.array([s.high for s in self.statements[trait]], dtype=bool), sign)
 
     def capability(self, edit: Edit | None, persona: PersonaPrompt | None, light: bool = False) -> dict[str, float]:
-        prefix = persona.prefix if persona is not None else ""
-        if light:
-            sizes = self.suite.sizes
-            ppl = cap._chunks(self.model, self.suite.ppl_text, sizes.ppl_chunks, sizes.ppl_chunk_tokens)
-            kl_chunks = cap._chunks(self.model, self.suite.ppl_text, sizes.kl_chunks, sizes.kl_chunk_tokens,
-                                    skip_chunks=-(-sizes.ppl_chunks * sizes.ppl_chunk_tokens // sizes.kl_chunk_tokens))
-            reference = self.suite._kl_reference.get(id(self.model))
-            return {"wikitext_ppl": cap.perplexity(self.model, ppl, edit, prefix),
-                    "kl": cap.kl_divergence(self.model, kl_chunks, edit, prefix, reference)}
-        return cap.evaluate_capability(self.model, self.suite, edit, prefix)
+        """Every capability number (``light``: only WikiText perplexity and KL) under the condition."""
+        return dict(Capability(light).score(self.model, edit, self.suite, persona).details)
 
 
 def trait_effects(values: dict[str, np.ndarray], base: dict[str, np.ndarray], high: np.ndarray, sign: int
@@ -425,7 +418,7 @@ def write_outputs(result: dict[str, Any], out: str | Path, make_png: bool = True
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written = [write_json_atomic(out / "comparison.json", result),
-               write_result_table(comparison_rows(result), out / RESULT_TABLE)]
+               write_result_table(comparison_rows(result), out / RESULT_TABLE), *write_results_report(out)]
     for name in ("rows", "gamma_sweep", "q_sweep", "respondents", "judged"):
         rows = result.get(name)
         if not rows:

@@ -37,14 +37,14 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from dpn_lens.effect.rules import EFFECT_RULES, RULE_NAMES, SELECTION_PAIRS, reselect_top
-from dpn_lens.evaluation.calibrate import (DEFAULT_TARGET_KL, GAMMA_GRID, MAX_KL, KLProbe, gamma_at, probe_chunks,
+from dpn_lens.evaluation.calibrate import (DEFAULT_TARGET_KL, GAMMA_GRID, MAX_KL, gamma_at, probe_chunks,
                                           sweep_edit)
 from dpn_lens.evaluation.controls import random_neuron_control
 from dpn_lens.evaluation.intervals import PairedEffect, draws_effect, fraction_recovered, paired_effect
+from dpn_lens.evaluation.metrics import GenerationPersonaScore, PreferenceMargin, ProbeKL
 from dpn_lens.evaluation.methods import METHODS_BY_NAME, TraitContext, effect_rules_needed, neuron_methods
 from dpn_lens.evaluation.trait_maps import rule_maps, trait_map
-from dpn_lens.evaluation.preference import (GeneratedPairs, PairScorer, PreferencePair, generate_persona_pairs,
-                                            pairs_cache_file, preference_margins)
+from dpn_lens.evaluation.preference import GeneratedPairs, PreferencePair, generate_persona_pairs, pairs_cache_file
 from dpn_lens.localization.neuron_map import NeuronMap
 from dpn_lens.steering import Edit, direction_sign, steering_intervention
 from dpn_lens.traits import TRAITS, normalize_trait, trait_title
@@ -329,7 +329,13 @@ class _Progress:
         self.bar.close()
 
 
-def _cost_curve(edit_at: Callable[[float], Edit], probe: KLProbe, config: ControlConfig,
+def _cost_of(kl: ProbeKL, model: Any, probe_text: list[list[int]], edit: Edit | None) -> tuple[float, float]:
+    """``(KL, perplexity)`` of ``edit`` on the probe text."""
+    score = kl.score(model, edit, probe_text)
+    return score.value, score.details["ppl"]
+
+
+def _cost_curve(edit_at: Callable[[float], Edit], probe: Callable[[Edit], tuple[float, float]], config: ControlConfig,
                 label: dict[str, Any]) -> list[dict[str, Any]]:
     """KL and perplexity over the gamma grid (one pass of the probe text each), halving below the grid
     while even its smallest gamma costs more than the lowest KL level (so every level can be read off)."""
@@ -385,16 +391,27 @@ def _random_seed(config: ControlConfig, draw: int) -> int:
 
 @dataclass
 class _TraitRun:
-    """What one trait's evaluation shares: the model, probe, scorer, unsteered margins and persona items."""
+    """What one trait's evaluation shares: the model, the metrics and their items (the KL probe's text,
+    the held-out pairs), the unsteered margins and the persona items."""
 
     model: Any
     config: ControlConfig
-    probe: KLProbe
-    scorer: PairScorer
+    kl: ProbeKL
+    probe_text: list[list[int]]
+    margin: PreferenceMargin
+    pairs: list[PreferencePair]
     base: np.ndarray
     persona_items: np.ndarray
     context: TraitContext
     bar: _Progress
+
+    def cost(self, edit: Edit | None) -> tuple[float, float]:
+        """``(KL, perplexity)`` of ``edit`` on the probe text."""
+        return _cost_of(self.kl, self.model, self.probe_text, edit)
+
+    def margins(self, edit: Edit | None) -> np.ndarray:
+        """``[n_pairs]`` preference margins under ``edit``."""
+        return self.margin.score(self.model, edit, self.pairs).per_item  # type: ignore[return-value]
 
     def edit_at(self, method: str, direction: str) -> Callable[[float], Edit]:
         """``gamma -> edit`` of ``method`` in ``direction`` (a rule's map, NPTI, CAA, ...)."""
@@ -404,8 +421,8 @@ class _TraitRun:
 
     def measure(self, edit: Edit, sign: float) -> tuple[dict[str, Any], np.ndarray]:
         """KL, perplexity and the signed shift of one edit; and its margins."""
-        kl, ppl = self.probe(edit)
-        margins = self.scorer.margins(edit=edit)
+        kl, ppl = self.cost(edit)
+        margins = self.margins(edit)
         return {"n_edited": edit.n_edited, "kl": kl, "ppl": ppl,
                 **_effect_fields(margins, self.base, sign, self.persona_items)}, margins
 
@@ -417,10 +434,10 @@ class _TraitRun:
         kls, ppls, margins = [], [], []
         for draw in range(draws):
             control = random_neuron_control(edit, seed=_random_seed(self.config, draw))  # type: ignore[arg-type]
-            kl, ppl = self.probe(control)
+            kl, ppl = self.cost(control)
             kls.append(kl)
             ppls.append(ppl)
-            margins.append(self.scorer.margins(edit=control))
+            margins.append(self.margins(control))
         stacked = np.stack(margins)
         return {"n_edited": edit.n_edited, "kl": float(np.mean(kls)), "ppl": float(np.mean(ppls)), "draws": draws,
                 **_effect_fields(stacked, self.base, sign, self.persona_items)}, stacked
@@ -451,7 +468,8 @@ def run_control(model: Any, config: ControlConfig, log: Callable[[str], None] = 
         True
     """
     started = time.time()
-    probe = KLProbe(model, probe_chunks(model, config.kl_chunks, config.kl_tokens), edit_context=not config.kl_skip_context)
+    kl_metric, margin = ProbeKL(edit_context=not config.kl_skip_context), PreferenceMargin()
+    probe_text = probe_chunks(model, config.kl_chunks, config.kl_tokens)
     methods = list(config.methods)
     rules = neuron_methods(methods)   # the selection rules, and edits of their neurons (``<rule>-frozen``)
     randomized = rules if config.random_control else []
@@ -476,9 +494,8 @@ def run_control(model: Any, config: ControlConfig, log: Callable[[str], None] = 
             if len(pairs) < 4:
                 raise RuntimeError(f"{trait}: only {len(pairs)} usable preference pairs of {held.n_drawn} drawn; "
                                    "raise --eval-pairs")
-            # The questions run once per trait; every edit below runs only the answers (PairScorer).
-            scorer = PairScorer(model, pairs)
-            base, high, low, persona = persona_control(model, held, scorer)
+            # The questions run once per trait; every edit below runs only the answers (the margin's PairScorer).
+            base, high, low, persona = persona_control(model, held, margin)
             bar.step(3, f"{trait} controls")
             persona_items = (high - low) / 2
             parts["validation"].append(_validation_row(held, base, high, low, persona))
@@ -518,10 +535,10 @@ def run_control(model: Any, config: ControlConfig, log: Callable[[str], None] = 
             for name in methods:
                 if METHODS_BY_NAME[name].prepare is not None:
                     context.state[name] = METHODS_BY_NAME[name].prepare(model, trait, config)  # type: ignore[arg-type]
-            run = _TraitRun(model, config, probe, scorer, base, persona_items, context, bar)
-            zero = scorer.margins(edit=0.0 * steering_intervention(neuron_map, 1.0, "increase"))
+            run = _TraitRun(model, config, kl_metric, probe_text, margin, list(pairs), base, persona_items, context, bar)
+            zero = run.margins(0.0 * steering_intervention(neuron_map, 1.0, "increase"))
             # KL of a negligible edit (gamma 0.001): what rounding alone costs in this dtype (bf16: ~0.002).
-            floor, _ = probe(steering_intervention(neuron_map, 1e-3, "increase"))
+            floor, _ = run.cost(steering_intervention(neuron_map, 1e-3, "increase"))
             parts["gamma_zero"].append({"trait": trait, **_effect_fields(zero, base, 1, persona_items), "kl_floor": floor})
             bar.step(1)
             level_gammas: dict[tuple[str, str], dict[float, float]] = {}
@@ -530,7 +547,7 @@ def run_control(model: Any, config: ControlConfig, log: Callable[[str], None] = 
                 margins_at: dict[tuple[str, float], np.ndarray] = {}
                 for name in methods:
                     label = {"trait": trait, "direction": direction, "method": name}
-                    cost = _cost_curve(run.edit_at(name, direction), probe, config, label)
+                    cost = _cost_curve(run.edit_at(name, direction), run.cost, config, label)
                     parts["costs"] += cost
                     levels = level_gammas[(name, direction)] = _level_gammas(cost, config.kl_levels)
                     for level in config.kl_levels:
@@ -621,7 +638,7 @@ def _budget_sweep(run: _TraitRun, rules: Sequence[str], config: ControlConfig, l
                 def edit_at(gamma: float, chosen: NeuronMap = chosen, direction: str = direction) -> Edit:
                     return edit_of(chosen, gamma, direction, "both")
 
-                cost = _cost_curve(edit_at, run.probe, config, {})
+                cost = _cost_curve(edit_at, run.cost, config, {})
                 gamma = _level_gammas(cost, [config.target_kl]).get(config.target_kl)
                 row["curve_points"] = len(cost)          # probe passes of its curve (the plan counts them)
                 if gamma is None:
@@ -640,28 +657,26 @@ def _generation_check(run: _TraitRun, held: HeldOutPairs, level_gammas: dict[tup
                       ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The generation-based check (``evaluation.generation_check``) of every generation method at each
     generation level, with random-neuron draws for the rules, beside the persona reference."""
-    from dpn_lens.evaluation.generation_check import generated_answers, persona_scores
+    from dpn_lens.hooked import encode
 
     model, trait = run.model, run.context.trait
     n = min(config.generation_questions, len(held.pairs))
     questions = [pair.question for pair in held.pairs[:n]]
-    highs, lows = held.high_personas[:n], held.low_personas[:n]
+    metric = GenerationPersonaScore(held.high_personas[:n], held.low_personas[:n], config.max_new_tokens)
 
-    def score(answers: list[list[int]]) -> np.ndarray:
-        return persona_scores(model, questions, answers, highs, lows)
+    def generated(edit: Edit | None) -> tuple[np.ndarray, list[list[int]]]:
+        score = metric.score(model, edit, questions)
+        return score.per_item, score.details["answers"]  # type: ignore[return-value]
 
     def tokens(texts: Sequence[str]) -> list[list[int]]:
-        from dpn_lens.hooked import encode
-
         return [encode(model, text, add_bos=False) for text in texts]
 
     def answer_of(answers: list[list[int]]) -> str:
         return model.tokenizer.decode(answers[0], skip_special_tokens=True).strip()
 
-    unsteered = generated_answers(model, questions, None, config.max_new_tokens)
-    base = score(unsteered)
-    reference = (score(tokens([p.high_answer for p in held.pairs[:n]]))
-                 - score(tokens([p.low_answer for p in held.pairs[:n]]))) / 2
+    base, unsteered = generated(None)
+    reference = (metric.texts(model, questions, tokens([p.high_answer for p in held.pairs[:n]]))
+                 - metric.texts(model, questions, tokens([p.low_answer for p in held.pairs[:n]]))) / 2
     persona = paired_effect(reference, np.zeros_like(reference))
     rows = [{"trait": trait, "direction": "both", "method": "persona (high-low)/2", "kl_level": math.nan,
              "gamma": math.nan, "shift": persona.shift, "ci_low": persona.ci_low, "ci_high": persona.ci_high,
@@ -676,8 +691,7 @@ def _generation_check(run: _TraitRun, held: HeldOutPairs, level_gammas: dict[tup
                 rows.append({**label, "gamma": math.nan, "shift": math.nan})
                 continue
             edit = sweep_edit(run.edit_at(name, direction), gamma)
-            answers = generated_answers(model, questions, edit, config.max_new_tokens)
-            steered = score(answers)
+            steered, answers = generated(edit)
             effect = paired_effect(sign * steered, sign * base)
             row = {**label, "gamma": gamma, "shift": effect.shift, "ci_low": effect.ci_low,
                    "ci_high": effect.ci_high, "p": effect.p_value, "n": effect.n,
@@ -688,7 +702,7 @@ def _generation_check(run: _TraitRun, held: HeldOutPairs, level_gammas: dict[tup
                 drawn = []
                 for draw in range(draws):
                     control = random_neuron_control(edit, seed=_random_seed(config, draw))  # type: ignore[arg-type]
-                    drawn.append(score(generated_answers(model, questions, control, config.max_new_tokens)))
+                    drawn.append(generated(control)[0])
                 stacked = np.stack(drawn)
                 random = draws_effect(sign * (stacked - base[None, :]))
                 versus = draws_effect(sign * (steered[None, :] - stacked))
@@ -820,17 +834,18 @@ def goal_rows(calibrated: Sequence[dict[str, Any]], matched: Sequence[dict[str, 
     return rows
 
 
-def persona_control(model: Any, held: HeldOutPairs, scorer: PairScorer | None = None
+def persona_control(model: Any, held: HeldOutPairs, margin: PreferenceMargin | None = None
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, PairedEffect]:
     """The positive control of one trait's pairs: margins without a persona, under the high and under the
     low personas, and the persona effect ``(high - low) / 2`` with its interval (module note).
 
-    ``scorer`` (a ``PairScorer`` of ``held.pairs`` without a persona) gives the unsteered margins, so a
-    caller that scores edits with it compares them with the same numbers."""
-    base = (scorer or PairScorer(model, held.pairs)).margins()
-    high = preference_margins(model, held.pairs, persona=held.high_personas)
-    low = preference_margins(model, held.pairs, persona=held.low_personas)
-    return base, high, low, paired_effect(high / 2, low / 2)
+    ``margin``: the metric that will score the edits; the unsteered margins are measured last, so it is
+    left prepared for ``held.pairs`` without a persona (each question runs once for all the edits)."""
+    margin = PreferenceMargin() if margin is None else margin
+    high = margin.score(model, None, held.pairs, persona=held.high_personas).per_item
+    low = margin.score(model, None, held.pairs, persona=held.low_personas).per_item
+    base = margin.score(model, None, held.pairs).per_item
+    return base, high, low, paired_effect(high / 2, low / 2)  # type: ignore[operator]
 
 
 def _validation_row(held: HeldOutPairs, base: np.ndarray, high: np.ndarray, low: np.ndarray,
