@@ -49,7 +49,7 @@ from typing import Any, Literal, Sequence
 from markdown_it import MarkdownIt
 
 from dpn_lens.answers import Generation
-from dpn_lens.io import write_text_atomic
+from dpn_lens.io import REPORT_GENERATOR, write_text_atomic
 from dpn_lens.run import MAPS_DIR, REPORT_FILE, STATS_DIR, SUMMARY_MD_FILE, Run, read_summary
 from dpn_lens.studies import STUDY_SECTIONS
 from dpn_lens.studies.section import ReportSection
@@ -60,7 +60,7 @@ __all__ = ["ReportFigure", "ReportTable", "Report", "build_report", "write_repor
 PlotlyJs = Literal["inline", "cdn", "directory"]
 PLOTLY_FILE = "plotly.min.js"
 """The shared plotly.js bundle a ``plotlyjs="directory"`` page loads from its own folder."""
-GENERATOR = "dpn-lens report"
+GENERATOR = REPORT_GENERATOR
 CSV_ROWS = 100
 """Rows of a CSV table shown on the page (the file holds them all)."""
 OPEN_ROWS = 30

@@ -11,7 +11,12 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-__all__ = ["atomic_path", "write_json_atomic", "write_text_atomic", "write_csv_atomic", "read_jsonl", "markdown_table"]
+__all__ = ["atomic_path", "write_json_atomic", "write_text_atomic", "write_csv_atomic", "read_jsonl", "markdown_table",
+           "REPORT_GENERATOR"]
+
+REPORT_GENERATOR = "dpn-lens report"
+"""The ``<meta name="generator">`` of every HTML page dpn-lens writes as a report (not a figure): a report
+page found in a run folder is skipped, not embedded as a figure."""
 
 
 @contextlib.contextmanager

@@ -460,6 +460,7 @@ def test_control_compares_selection_rules_with_their_own_random_neurons(tmp_path
     text = (tmp_path / "out" / "control.md").read_text()
     assert "which steers?" in text and "budget sweep" in text and "Generation-based check" in text
     assert (tmp_path / "out" / "sparsity.html").exists() and (tmp_path / "out" / "sweep.csv") in written
+    assert (tmp_path / "out" / "results.md") in written and (tmp_path / "out" / "results.html") in written
     from dpn_lens.evaluation.table import read_result_table
     from test_result_table import check_control_rows_match_the_run
 

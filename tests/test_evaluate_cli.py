@@ -131,6 +131,12 @@ def test_both_metric_families_write_one_folder_with_one_long_table(shared_data, 
     assert {r.harness for r in rows} == {"control", "compare"}
     assert {"preference", "questionnaire_shift", "wikitext_ppl"} <= {r.metric for r in rows}
     assert (out / "control.json").exists() and (out / "comparison.json").exists()
+    # the report renders the joined table: both harnesses' metrics
+    from dpn_lens.report import results_markdown
+
+    report = (out / "results.md").read_text(encoding="utf-8")
+    assert report == results_markdown(rows, f"Results: {out.name}")
+    assert "### preference, KL" in report and "### questionnaire_shift" in report
 
 
 def test_every_evaluate_command_in_the_docs_routes_to_command_lines_that_parse_and_validate():

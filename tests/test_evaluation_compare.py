@@ -36,7 +36,8 @@ def test_comparison_writes_every_method_trait_direction_and_sweep(letter_model, 
     q = {r["q"]: r["n_edited"] for r in result["q_sweep"]}
     assert q[0.97] >= q[0.999]
     files = {p.name for p in write_outputs(result, tmp_path, make_png=False)}
-    assert {"rows.csv", "comparison.json", "comparison.md", "tradeoff.html", "results.csv"} <= files
+    assert {"rows.csv", "comparison.json", "comparison.md", "tradeoff.html", "results.csv", "results.md",
+            "results.html"} <= files
     from dpn_lens.evaluation.table import read_result_table
 
     long = read_result_table(tmp_path / "results.csv")

@@ -144,7 +144,11 @@ def test_summary_detail_gives_each_trait_direction_with_its_interval_and_rule_mi
     result = json.loads((folder / "control.json").read_text())
     row = next(g for g in result["generation"] if g["method"] == "attribution-t" and g["kl_level"] == 0.05)
     text = summary_markdown([str(folder)], "generation", 0.05, detail=True)
+    def star(low, high):                      # a shift whose interval excludes 0 is marked
+        return " *" if low > 0 or high < 0 else ""
+
     expected = (f"| {row['trait']} | {row['direction']} | attribution-t | {row['shift']:+.3f} [{row['ci_low']:+.3f}, "
-                f"{row['ci_high']:+.3f}] | {row['vs_random']:+.3f} [{row['vs_random_ci_low']:+.3f}, "
-                f"{row['vs_random_ci_high']:+.3f}] |")
+                f"{row['ci_high']:+.3f}]{star(row['ci_low'], row['ci_high'])} | {row['vs_random']:+.3f} "
+                f"[{row['vs_random_ci_low']:+.3f}, {row['vs_random_ci_high']:+.3f}]"
+                f"{star(row['vs_random_ci_low'], row['vs_random_ci_high'])} |")
     assert expected in text

@@ -154,6 +154,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     """Run each chosen harness on its share of the command line into ``--out``, then write one ``results.csv``."""
     from dpn_lens.cli.options import validate_args
     from dpn_lens.evaluation.table import RESULT_TABLE, comparison_rows, control_rows, write_result_table
+    from dpn_lens.report.results import write_results_report
 
     argv = list(getattr(args, "argv", None) or [])
     if argv[:1] == ["evaluate"]:
@@ -185,4 +186,6 @@ def run_evaluate(args: argparse.Namespace) -> int:
         record = json.loads(path.read_text(encoding="utf-8"))
         rows += control_rows(record) if name == "control.json" else comparison_rows(record)
     print(f"wrote {write_result_table(rows, out / RESULT_TABLE)} ({len(rows)} rows from {', '.join(records)})")
+    if rows:
+        print("wrote " + ", ".join(str(path) for path in write_results_report(out)))
     return 0

@@ -42,22 +42,6 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     return parser
 
 
-def _interval(row: Any) -> str:
-    if row is None:
-        return ""
-    if row.ci_low is None or row.ci_high is None:
-        return f"{row.value:+.3f}"
-    return f"{row.value:+.3f} [{row.ci_low:+.3f}, {row.ci_high:+.3f}]"
-
-
-def _detail_rows(rows: list[Any], metric: str, kl_level: float) -> list[dict[str, str]]:
-    """Per trait, direction and method (controls left out): the value and rule - random, with intervals."""
-    versus = {(r.trait, r.method, r.direction): r for r in rows if r.measured_at(f"{metric}_vs_random", kl_level)}
-    return [{"trait": r.trait, "direction": r.direction, "method": r.method, metric: _interval(r),
-             "rule - random": _interval(versus.get((r.trait, r.method, r.direction)))}
-            for r in rows if r.measured_at(metric, kl_level) and not r.is_control]
-
-
 def summary_markdown(folders: list[str], metric: str = "preference", kl_level: float = 0.05,
                      detail: bool = False) -> str:
     """The summary of ``folders`` as Markdown: one table per model.
@@ -66,8 +50,8 @@ def summary_markdown(folders: list[str], metric: str = "preference", kl_level: f
         ValueError: when two runs of one model measured the same method, trait and direction (joining
             them would count it twice), or when nothing was measured at that metric and level.
     """
-    from dpn_lens.evaluation.table import run_rows, steering_summary
-    from dpn_lens.io import markdown_table
+    from dpn_lens.evaluation.table import run_rows
+    from dpn_lens.report.results import detail_table, summary_table
 
     by_model: dict[str, list[Any]] = {}
     seen: dict[tuple[str, str, str, str], str] = {}
@@ -83,21 +67,12 @@ def summary_markdown(folders: list[str], metric: str = "preference", kl_level: f
         by_model.setdefault(model, []).extend(rows)
     lines = []
     for model, rows in by_model.items():
-        summary = steering_summary(rows, metric, kl_level)
-        if not any(s.measured for s in summary):
+        table = summary_table(rows, metric, kl_level)
+        if table is None:
             continue
-        lines += [f"## {model}: {metric} at KL {kl_level:g}", "",
-                  "Trait-directions moved as asked (95% interval above 0), the wrong way (below 0), beyond "
-                  "random neurons (rule - random interval above 0; blank: no random draws); mean shift over "
-                  "those measured.", "",
-                  markdown_table([{"method": s.method, "trait-directions": s.trait_directions, "measured": s.measured,
-                                   "as asked": s.as_asked, "wrong way": s.wrong_way,
-                                   "beyond random": s.beyond_random if s.with_random else None,
-                                   "as asked and beyond random": s.as_asked_and_beyond_random
-                                   if s.with_random else None, "mean shift": s.mean_shift}
-                                  for s in summary if s.measured], digits=3), ""]
+        lines += [f"## {model}: {metric} at KL {kl_level:g}", "", table.note, "", table.markdown(), ""]
         if detail:
-            lines += [markdown_table(_detail_rows(rows, metric, kl_level)), ""]
+            lines += [detail_table(rows, metric, kl_level).markdown(), ""]
     if not lines:
         raise ValueError(f"nothing in {', '.join(folders)} was measured as {metric} at KL {kl_level:g}; see the runs' "
                          "results.csv for the metrics and levels they hold")

@@ -15,6 +15,7 @@ from typing import Any, Callable, Sequence
 
 from dpn_lens.io import markdown_table, write_csv_atomic, write_json_atomic, write_text_atomic
 from dpn_lens.evaluation.table import RESULT_TABLE, control_rows, write_result_table
+from dpn_lens.report.results import write_results_report
 
 __all__ = ["write_control_outputs", "format_interval", "tradeoff_figure", "cost_figure", "sparsity_figure",
            "sparsity_rows"]
@@ -296,6 +297,8 @@ def write_control_outputs(result: dict[str, Any], out: str | Path, png: bool = T
     out.mkdir(parents=True, exist_ok=True)
     written = [write_json_atomic(out / "control.json", result),
                write_result_table(control_rows(result), out / RESULT_TABLE)]
+    if result.get("validation"):        # a run with a finished trait: its long table, rendered
+        written += write_results_report(out)
     for name in ("validation", "calibrated", "goal", "gamma_zero", "costs", "curves", "matched_cost", "matched_summary",
                  "sweep", "generation"):
         if result.get(name):
