@@ -118,13 +118,14 @@ def test_both_metric_families_write_one_folder_with_one_long_table(shared_data, 
     maps.mkdir()
     tiny_map(load_model(str(tiny_folder)), "openness").save(maps / "openness.safetensors")
     out = tmp_path / "both"
-    assert main(["evaluate", "--metrics", "preference,questionnaire", "--model", str(tiny_folder), "--dtype", "float32",
-                 "--data-dir", str(data), "--run", str(maps), "--traits", "openness", "--methods", "dpn-le,caa",
-                 "--eval-pairs", "8", "--gammas", "0.125,0.5,2", "--kl-levels", "0.005", "--target-kl", "0.005",
-                 "--random-draws", "1", "--items", "2", "--statements", "1", "--mc-items", "1", "--lambada-items", "1",
-                 "--ppl-chunks", "1", "--ppl-tokens", "16", "--kl-chunks", "1", "--kl-tokens", "16",
-                 "--npti-prompts", "2", "--npti-tokens", "3", "--gamma-sweep", "0,1", "--q-sweep", "",
-                 "--no-png", "--no-progress", "--out", str(out)]) == 0, capsys.readouterr().err
+    argv = ["--metrics", "preference,questionnaire", "--model", str(tiny_folder), "--dtype", "float32",
+            "--data-dir", str(data), "--run", str(maps), "--traits", "openness", "--methods", "dpn-le,caa",
+            "--eval-pairs", "8", "--gammas", "0.125,0.5,2", "--kl-levels", "0.005", "--target-kl", "0.005",
+            "--random-draws", "1", "--items", "2", "--statements", "1", "--mc-items", "1", "--lambada-items", "1",
+            "--ppl-chunks", "1", "--ppl-tokens", "16", "--kl-chunks", "1", "--kl-tokens", "16",
+            "--npti-prompts", "2", "--npti-tokens", "3", "--gamma-sweep", "0,1", "--q-sweep", "",
+            "--no-png", "--no-progress", "--out", str(out)]
+    assert main(["evaluate", *argv]) == 0, capsys.readouterr().err
     text = capsys.readouterr().out
     assert "measured together" in text                      # questionnaire named alone runs the whole comparison
     rows = read_result_table(out / "results.csv")
@@ -137,6 +138,25 @@ def test_both_metric_families_write_one_folder_with_one_long_table(shared_data, 
     report = (out / "results.md").read_text(encoding="utf-8")
     assert report == results_markdown(rows, f"Results: {out.name}")
     assert "### preference, KL" in report and "### questionnaire_shift" in report
+    # The Python runner, given the configs the command line makes, on the one loaded model: the same table.
+    from dpn_lens.cli.compare import compare_config
+    from dpn_lens.cli.control import config_from_args
+    from dpn_lens.cli.evaluate import _harness_parsers
+    from dpn_lens.evaluation.runner import evaluate
+
+    parsed = {harness: _harness_parsers()[""].parse_args(line) for harness, line in route(argv)}
+    result = evaluate(load_model(str(tiny_folder), dtype="float32"), ["preference", "questionnaire"],
+                      control=config_from_args(parsed["control"]), compare=compare_config(parsed["compare"]),
+                      out=tmp_path / "python", log=lambda message: None, progress=False)
+    assert list(result.rows) == rows == read_result_table(tmp_path / "python" / "results.csv")
+    assert result.control["calibrated"] == json.loads((out / "control.json").read_text())["calibrated"]
+    dpn_le = next(s for s in result.steering("preference", 0.005) if s.method == "dpn-le")
+    assert dpn_le.as_asked == sum(r.method == "dpn-le" and r.measured_at("preference", 0.005) and r.ci_low > 0
+                                  for r in rows)
+    with pytest.raises(ValueError, match="judge endpoint"):
+        evaluate(None, ["preference", "judge"])
+    with pytest.raises(ValueError, match="unknown metrics"):
+        evaluate(None, ["margin"])
 
 
 def test_every_evaluate_command_in_the_docs_routes_to_command_lines_that_parse_and_validate():

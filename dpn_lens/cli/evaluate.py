@@ -20,7 +20,6 @@ Example:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 from pathlib import Path
@@ -29,15 +28,10 @@ from typing import Any, Callable, Sequence
 from dpn_lens.cli import compare as compare_cli
 from dpn_lens.cli import control as control_cli
 from dpn_lens.cli.options import FORMATTER, CommaList
+from dpn_lens.evaluation.runner import GENERATION_QUESTIONS, HARNESS_OF, METRICS, join_results
 
 __all__ = ["register", "route", "METRICS", "HARNESS_OF"]
 
-HARNESS_OF = {"preference": "control", "generation": "control", "questionnaire": "compare",
-              "statements": "compare", "capability": "compare", "judge": "compare"}
-"""Which run measures each metric (the ``dpn-lens`` command of the same name)."""
-METRICS = tuple(HARNESS_OF)
-GENERATION_QUESTIONS = 20
-"""Held-out questions of the generation metric when ``--generation`` is not given."""
 
 
 def _harness_parsers() -> dict[str, argparse.ArgumentParser]:
@@ -153,8 +147,8 @@ def route(argv: Sequence[str]) -> list[tuple[str, list[str]]]:
 def run_evaluate(args: argparse.Namespace) -> int:
     """Run each chosen harness on its share of the command line into ``--out``, then write one ``results.csv``."""
     from dpn_lens.cli.options import validate_args
-    from dpn_lens.evaluation.table import RESULT_TABLE, comparison_rows, control_rows, write_result_table
-    from dpn_lens.report.results import write_results_report
+    from dpn_lens.evaluation.table import RESULT_TABLE
+    from dpn_lens.report.results import RESULTS_HTML, RESULTS_MARKDOWN
 
     argv = list(getattr(args, "argv", None) or [])
     if argv[:1] == ["evaluate"]:
@@ -175,17 +169,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
         status = int(harness_args.handler(harness_args) or 0)
         if status:
             return status
-    out = Path(args.out)
-    ran = {harness for harness, _ in routes}
-    records = {name: out / name for name, harness in (("control.json", "control"), ("comparison.json", "compare"))
-               if harness in ran and (out / name).is_file()}
-    if not records:
-        return 0                         # nothing was run (--plan prints a plan only)
-    rows = []
-    for name, path in records.items():
-        record = json.loads(path.read_text(encoding="utf-8"))
-        rows += control_rows(record) if name == "control.json" else comparison_rows(record)
-    print(f"wrote {write_result_table(rows, out / RESULT_TABLE)} ({len(rows)} rows from {', '.join(records)})")
+    ran = [harness for harness, _ in routes]
+    rows = join_results(args.out, ran)      # nothing to join after --plan, which runs nothing
     if rows:
-        print("wrote " + ", ".join(str(path) for path in write_results_report(out)))
+        print(f"wrote {Path(args.out) / RESULT_TABLE} ({len(rows)} rows from {', '.join(ran)}), "
+              f"{Path(args.out) / RESULTS_MARKDOWN} and {Path(args.out) / RESULTS_HTML}")
     return 0

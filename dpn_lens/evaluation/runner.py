@@ -1,0 +1,149 @@
+"""One call for "does this edit move the trait, and at what cost?": metrics in, one typed result table out.
+
+``evaluate(model, metrics, ...)`` is ``dpn-lens evaluate`` for a notebook: it runs, on the one loaded
+model, the harness that measures each named metric, and returns an ``Evaluation`` whose ``rows`` are the
+long result table (``evaluation.table.ResultRow``) of both:
+
+* ``preference`` and ``generation``: ``evaluation.control`` (every method at matched KL, with the
+  persona, random-neuron and γ-0 controls; ``generation`` adds the generated-text check);
+* ``questionnaire``, ``statements``, ``capability`` (measured together) and ``judge``:
+  ``evaluation.compare`` (fixed γ).
+
+With ``out`` it writes what the CLI writes: each harness's tables and figures, the joined
+``results.csv`` and its report (``results.md``, ``results.html``).
+
+Example:
+    >>> result = evaluate(model, ["preference", "capability"], traits=["openness"],                 # doctest: +SKIP
+    ...                   control=ControlConfig.quick(data_dir="../shared/data"),
+    ...                   compare=CompareConfig.quick(data_dir="../shared/data"), out="runs/eval")
+    >>> [(s.method, s.as_asked) for s in result.steering("preference", 0.05)]                          # doctest: +SKIP
+    [('dpn-le', 0), ('caa', 2)]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from dpn_lens.evaluation.table import (RESULT_TABLE, ResultRow, SteeringSummary, comparison_rows, control_rows,
+                                       steering_summary, write_result_table)
+
+__all__ = ["HARNESS_OF", "METRICS", "GENERATION_QUESTIONS", "Evaluation", "evaluate", "harnesses_for",
+           "join_results"]
+
+HARNESS_OF = {"preference": "control", "generation": "control", "questionnaire": "compare",
+              "statements": "compare", "capability": "compare", "judge": "compare"}
+"""Which harness measures each metric (the ``dpn-lens`` command of the same name)."""
+METRICS = tuple(HARNESS_OF)
+GENERATION_QUESTIONS = 20
+"""Held-out questions of the generation metric when the control config asks for none."""
+RECORDS = {"control": "control.json", "compare": "comparison.json"}
+"""Each harness's record in a run folder."""
+
+
+def harnesses_for(metrics: Sequence[str]) -> list[str]:
+    """The harnesses that measure ``metrics``, in the order they run.
+
+    Raises:
+        ValueError: for an unknown metric (naming the known ones) or none at all.
+
+    Example:
+        >>> harnesses_for(["capability", "preference"])
+        ['control', 'compare']
+    """
+    unknown = [m for m in metrics if m not in HARNESS_OF]
+    if unknown or not metrics:
+        raise ValueError(f"unknown metrics {unknown}; choose from {', '.join(METRICS)}" if unknown
+                         else f"no metric given; choose from {', '.join(METRICS)}")
+    return [harness for harness in RECORDS if any(HARNESS_OF[m] == harness for m in metrics)]
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """What ``evaluate`` measured: the long table, and each harness's own record (None where it did not run)."""
+
+    rows: tuple[ResultRow, ...]
+    control: Mapping[str, Any] | None = None
+    comparison: Mapping[str, Any] | None = None
+
+    def steering(self, metric: str = "preference", kl_level: float = 0.05) -> list[SteeringSummary]:
+        """Per method, the trait-directions ``metric`` says it moved at ``kl_level`` (``steering_summary``)."""
+        return steering_summary(self.rows, metric, kl_level)
+
+    def markdown(self, title: str = "Results") -> str:
+        """The report of ``rows`` (``dpn_lens.report.results_markdown``)."""
+        from dpn_lens.report.results import results_markdown
+
+        return results_markdown(self.rows, title)
+
+
+def join_results(out: str | Path, harnesses: Sequence[str]) -> list[ResultRow]:
+    """Join the records the ``harnesses`` left in ``out`` into one ``results.csv`` and render its report.
+
+    Returns the joined rows (``[]``, writing nothing, when no harness left a record: a ``--plan`` run).
+    """
+    from dpn_lens.report.results import write_results_report
+
+    out = Path(out)
+    rows: list[ResultRow] = []
+    found = False
+    for harness in harnesses:
+        path = out / RECORDS[harness]
+        if path.is_file():
+            found = True
+            record = json.loads(path.read_text(encoding="utf-8"))
+            rows += control_rows(record) if harness == "control" else comparison_rows(record)
+    if found:
+        write_result_table(rows, out / RESULT_TABLE)
+        write_results_report(out)
+    return rows
+
+
+def evaluate(model: Any, metrics: Sequence[str], *, traits: Sequence[str] | None = None, control: Any = None,
+             compare: Any = None, out: str | Path | None = None, log: Callable[[str], None] = print,
+             progress: bool = True, png: bool = False) -> Evaluation:
+    """Measure ``metrics`` on ``model`` with each harness's config (defaults: the full runs); see the module note.
+
+    Args:
+        model: a loaded model (``models.load_model``).
+        metrics: names from ``METRICS``.
+        traits: the traits of both runs (None: each config's own).
+        control: a ``ControlConfig`` (None: the default run); ``generation`` asks for
+            ``GENERATION_QUESTIONS`` questions where it asks for none.
+        compare: a ``CompareConfig`` (None: the default run); ``judge`` needs its ``judge`` endpoint.
+        out: a folder to write every table, figure and the joined report into (None: write nothing).
+        png: also write PNG figures (needs Chromium).
+
+    Raises:
+        ValueError: for an unknown metric, or ``judge`` without a judge endpoint.
+    """
+    from dpn_lens.evaluation.compare import CompareConfig, run_comparison, write_outputs
+    from dpn_lens.evaluation.control import ControlConfig, run_control
+    from dpn_lens.evaluation.control_report import write_control_outputs
+
+    wanted = harnesses_for(metrics)
+    if "judge" in metrics and (compare is None or compare.judge is None):   # refused before anything runs
+        raise ValueError("the judge metric needs a judge endpoint: compare=CompareConfig(judge=JudgeConfig(url=..., "
+                         "model=...)) (dpn-lens evaluate: --judge-url and --judge-model)")
+    overrides = {} if traits is None else {"traits": list(traits)}
+    control_result = comparison = None
+    if "control" in wanted:
+        config = dataclasses.replace(control or ControlConfig(), **overrides)
+        if "generation" in metrics and not config.generation_questions:
+            config = dataclasses.replace(config, generation_questions=GENERATION_QUESTIONS)
+        control_result = run_control(model, config, log=log, progress=progress)
+        if out is not None:
+            write_control_outputs(control_result, out, png=png)
+    if "compare" in wanted:
+        config = dataclasses.replace(compare or CompareConfig(), **overrides)
+        comparison = run_comparison(model, config, log=log)
+        if out is not None:
+            write_outputs(comparison, out, make_png=png)
+    if out is not None:
+        rows = join_results(out, wanted)
+    else:
+        rows = (control_rows(control_result) if control_result else []) + (comparison_rows(comparison) if comparison else [])
+    return Evaluation(tuple(rows), control_result, comparison)
