@@ -131,31 +131,27 @@ def test_control_work_counts_the_passes_control_makes(tiny_model, tmp_path, monk
     """The probe, answer and persona passes ``run_control`` makes on the tiny model, counted at the calls,
     equal ``control_work`` of the run (its curves and points); the plan's bound (every grid point, every
     level) is at least that."""
-    from dpn_lens.evaluation import calibrate, control, preference
+    from dpn_lens.evaluation import calibrate, metrics
     from dpn_lens.evaluation.control import ControlConfig, run_control
     from dpn_lens.plan_control import ControlSettings, control_work
     from helpers import make_map, write_personalitybench
 
     monkeypatch.setenv("DPN_LENS_CACHE", str(tmp_path / "cache"))
     counted = {"probe": 0, "answers": 0, "persona": 0}
-    real_probe, real_margins, real_preference = calibrate.KLProbe.__call__, preference.PairScorer.margins, \
-        control.preference_margins
+    real_probe, real_score = calibrate.KLProbe.__call__, metrics.PreferenceMargin.score
 
     def probe(self, edit):
         counted["probe"] += 1
         return real_probe(self, edit)
 
-    def margins(self, edit=None):
-        counted["answers"] += 1
-        return real_margins(self, edit)
-
-    def with_persona(*args, **kwargs):
-        counted["persona"] += 1
-        return real_preference(*args, **kwargs)
+    def score(self, model, edit, items, persona=None):
+        # every margin the run measures goes through the preference metric: with a persona (the positive
+        # control) or without (the unsteered and every edited pass over the answers)
+        counted["answers" if persona is None else "persona"] += 1
+        return real_score(self, model, edit, items, persona)
 
     monkeypatch.setattr(calibrate.KLProbe, "__call__", probe)
-    monkeypatch.setattr(preference.PairScorer, "margins", margins)
-    monkeypatch.setattr(control, "preference_margins", with_persona)
+    monkeypatch.setattr(metrics.PreferenceMargin, "score", score)
     config = ControlConfig(traits=["extraversion"], methods=["dpn-le", "caa"], data_dir=str(write_personalitybench(
         tmp_path / "data")), pairs=8, max_new_tokens=5, gammas=[0.125, 0.5, 2, 8], kl_levels=[0.005, 0.01],
         target_kl=0.01, random_draws=2, kl_chunks=2, kl_tokens=24, caa_pairs=6)
@@ -319,15 +315,15 @@ def test_control_work_counts_the_budget_sweep_and_the_generation_check(tiny_mode
     """With ``k_sweep`` and ``generation_questions``, the probe and answer passes ``run_control`` makes,
     and the answer sets the generation check generates and scores, counted at the calls, equal
     ``control_work`` of the run; the plan's bound is at least each."""
-    from dpn_lens.evaluation import calibrate, generation_check, preference
+    from dpn_lens.evaluation import calibrate, metrics
     from dpn_lens.evaluation.control import ControlConfig, run_control
     from dpn_lens.plan_control import ControlSettings, control_work
     from helpers import make_map, write_personalitybench
 
     monkeypatch.setenv("DPN_LENS_CACHE", str(tmp_path / "cache"))
     counted = {"probe": 0, "answers": 0, "generated": 0, "scored": 0}
-    real = (calibrate.KLProbe.__call__, preference.PairScorer.margins, generation_check.generated_answers,
-            generation_check.persona_scores)
+    real = (calibrate.KLProbe.__call__, metrics.PreferenceMargin.score, metrics.generated_answers,
+            metrics.persona_scores)
 
     def counting(key, function):
         def wrapped(*args, **kwargs):
@@ -336,9 +332,14 @@ def test_control_work_counts_the_budget_sweep_and_the_generation_check(tiny_mode
         return wrapped
 
     monkeypatch.setattr(calibrate.KLProbe, "__call__", counting("probe", real[0]))
-    monkeypatch.setattr(preference.PairScorer, "margins", counting("answers", real[1]))
-    monkeypatch.setattr(generation_check, "generated_answers", counting("generated", real[2]))
-    monkeypatch.setattr(generation_check, "persona_scores", counting("scored", real[3]))
+    def answers(self, model, edit, items, persona=None):      # the answer passes without a persona
+        counted["answers"] += persona is None
+        return real[1](self, model, edit, items, persona)
+
+    monkeypatch.setattr(metrics.PreferenceMargin, "score", answers)
+    # the generation metric generates and scores each answer set (evaluation.metrics.GenerationPersonaScore)
+    monkeypatch.setattr(metrics, "generated_answers", counting("generated", real[2]))
+    monkeypatch.setattr(metrics, "persona_scores", counting("scored", real[3]))
     config = ControlConfig(traits=["extraversion"], methods=["dpn-le", "caa"], data_dir=str(write_personalitybench(
         tmp_path / "data")), pairs=8, max_new_tokens=5, gammas=[0.125, 0.5, 2, 8], kl_levels=[0.005, 0.01],
         target_kl=0.01, random_draws=2, kl_chunks=2, kl_tokens=24, caa_pairs=6, k_sweep=[2, 0],
