@@ -33,7 +33,7 @@ from dpn_lens.io import read_jsonl
 from dpn_lens.steering import Edit, steer
 
 __all__ = ["MCItem", "CapabilitySizes", "CapabilitySuite", "load_capability_suite", "mc_accuracy",
-           "lambada_accuracy", "perplexity", "kl_divergence", "evaluate_capability", "MC_TASKS",
+           "lambada_accuracy", "perplexity", "kl_divergence", "text_capability", "evaluate_capability", "MC_TASKS",
            "CAPABILITY_METRICS"]
 
 MC_TASKS = ("mmlu", "arc_easy", "arc_challenge", "hellaswag", "piqa", "boolq", "openbookqa")
@@ -269,18 +269,19 @@ def kl_divergence(model: HookedModel, chunks: Sequence[list[int]], edit: Edit | 
     return total / count
 
 
-def evaluate_capability(model: HookedModel, suite: CapabilitySuite, edit: Edit | None = None, prefix: str = "") -> dict[str, float]:
-    """Every capability metric of ``suite`` for the model under ``edit`` (and/or a persona ``prefix``).
+def text_capability(model: HookedModel, suite: CapabilitySuite, edit: Edit | None = None, prefix: str = ""
+                    ) -> dict[str, float]:
+    """WikiText perplexity and KL from the unedited model under ``edit``: the cheap part of
+    ``evaluate_capability`` (the γ sweeps' probe). The KL chunks follow the perplexity chunks in the text;
+    their unedited distributions are computed once per model and kept in ``suite``.
 
     Example:
-        >>> evaluate_capability(model, suite)["arc_easy_acc"]    # doctest: +SKIP
-        0.58
+        >>> sorted(text_capability(model, suite))                 # doctest: +SKIP
+        ['kl', 'wikitext_ppl']
     """
     sizes = suite.sizes
-    results = {f"{task}_acc": mc_accuracy(model, items, edit, prefix) for task, items in suite.mc.items()}
-    results["lambada_acc"] = lambada_accuracy(model, suite.lambada, edit, prefix)
-    results["wikitext_ppl"] = perplexity(model, _chunks(model, suite.ppl_text, sizes.ppl_chunks, sizes.ppl_chunk_tokens),
-                                         edit, prefix)
+    results = {"wikitext_ppl": perplexity(model, _chunks(model, suite.ppl_text, sizes.ppl_chunks, sizes.ppl_chunk_tokens),
+                                          edit, prefix)}
     kl_chunks = _chunks(model, suite.ppl_text, sizes.kl_chunks, sizes.kl_chunk_tokens,
                         skip_chunks=math.ceil(sizes.ppl_chunks * sizes.ppl_chunk_tokens / sizes.kl_chunk_tokens))
     key = id(model)
@@ -290,3 +291,15 @@ def evaluate_capability(model: HookedModel, suite: CapabilitySuite, edit: Edit |
             model, [context] * len(kl_chunks), kl_chunks, full=True)]
     results["kl"] = kl_divergence(model, kl_chunks, edit, prefix, reference=suite._kl_reference[key])
     return results
+
+
+def evaluate_capability(model: HookedModel, suite: CapabilitySuite, edit: Edit | None = None, prefix: str = "") -> dict[str, float]:
+    """Every capability metric of ``suite`` for the model under ``edit`` (and/or a persona ``prefix``).
+
+    Example:
+        >>> evaluate_capability(model, suite)["arc_easy_acc"]    # doctest: +SKIP
+        0.58
+    """
+    results = {f"{task}_acc": mc_accuracy(model, items, edit, prefix) for task, items in suite.mc.items()}
+    results["lambada_acc"] = lambada_accuracy(model, suite.lambada, edit, prefix)
+    return {**results, **text_capability(model, suite, edit, prefix)}

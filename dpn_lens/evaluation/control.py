@@ -329,12 +329,6 @@ class _Progress:
         self.bar.close()
 
 
-def _cost_of(kl: ProbeKL, model: Any, probe_text: list[list[int]], edit: Edit | None) -> tuple[float, float]:
-    """``(KL, perplexity)`` of ``edit`` on the probe text."""
-    score = kl.score(model, edit, probe_text)
-    return score.value, score.details["ppl"]
-
-
 def _cost_curve(edit_at: Callable[[float], Edit], probe: Callable[[Edit], tuple[float, float]], config: ControlConfig,
                 label: dict[str, Any]) -> list[dict[str, Any]]:
     """KL and perplexity over the gamma grid (one pass of the probe text each), halving below the grid
@@ -407,7 +401,8 @@ class _TraitRun:
 
     def cost(self, edit: Edit | None) -> tuple[float, float]:
         """``(KL, perplexity)`` of ``edit`` on the probe text."""
-        return _cost_of(self.kl, self.model, self.probe_text, edit)
+        score = self.kl.score(self.model, edit, self.probe_text)
+        return score.value, score.details["ppl"]
 
     def margins(self, edit: Edit | None) -> np.ndarray:
         """``[n_pairs]`` preference margins under ``edit``."""

@@ -218,15 +218,8 @@ class Capability:
     def score(self, model: Any, edit: Edit | None, items: cap.CapabilitySuite,
               persona: PersonaPrompt | None = None) -> Score:
         prefix = persona.prefix if persona is not None else ""
-        if not self.light:
-            results = cap.evaluate_capability(model, items, edit, prefix)
-        else:
-            sizes = items.sizes
-            ppl = cap._chunks(model, items.ppl_text, sizes.ppl_chunks, sizes.ppl_chunk_tokens)
-            kl_chunks = cap._chunks(model, items.ppl_text, sizes.kl_chunks, sizes.kl_chunk_tokens,
-                                    skip_chunks=-(-sizes.ppl_chunks * sizes.ppl_chunk_tokens // sizes.kl_chunk_tokens))
-            results = {"wikitext_ppl": cap.perplexity(model, ppl, edit, prefix),
-                       "kl": cap.kl_divergence(model, kl_chunks, edit, prefix, items._kl_reference.get(id(model)))}
+        measure = cap.text_capability if self.light else cap.evaluate_capability
+        results = measure(model, items, edit, prefix)
         return Score(self.name, float(results["kl"]), None, results)
 
 

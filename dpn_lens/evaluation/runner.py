@@ -85,21 +85,27 @@ def join_results(out: str | Path, harnesses: Sequence[str]) -> list[ResultRow]:
 
     Returns the joined rows (``[]``, writing nothing, when no harness left a record: a ``--plan`` run).
     """
+    out = Path(out)
+    records = {harness: json.loads((out / RECORDS[harness]).read_text(encoding="utf-8"))
+               for harness in harnesses if (out / RECORDS[harness]).is_file()}
+    if not records:
+        return []
+    rows = _rows(records.get("control"), records.get("compare"))
+    _write_table(out, rows)
+    return rows
+
+
+def _write_table(out: str | Path, rows: Sequence[ResultRow]) -> None:
+    """``results.csv`` of ``rows`` in ``out``, and its report (``results.md``, ``results.html``)."""
     from dpn_lens.report.results import write_results_report
 
-    out = Path(out)
-    rows: list[ResultRow] = []
-    found = False
-    for harness in harnesses:
-        path = out / RECORDS[harness]
-        if path.is_file():
-            found = True
-            record = json.loads(path.read_text(encoding="utf-8"))
-            rows += control_rows(record) if harness == "control" else comparison_rows(record)
-    if found:
-        write_result_table(rows, out / RESULT_TABLE)
-        write_results_report(out)
-    return rows
+    write_result_table(rows, Path(out) / RESULT_TABLE)
+    write_results_report(out)
+
+
+def _rows(control: Mapping[str, Any] | None, comparison: Mapping[str, Any] | None) -> list[ResultRow]:
+    """The long rows of a control record, then of a comparison record (either may be None)."""
+    return (control_rows(control) if control else []) + (comparison_rows(comparison) if comparison else [])
 
 
 def evaluate(model: Any, metrics: Sequence[str], *, traits: Sequence[str] | None = None, control: Any = None,
@@ -142,8 +148,7 @@ def evaluate(model: Any, metrics: Sequence[str], *, traits: Sequence[str] | None
         comparison = run_comparison(model, config, log=log)
         if out is not None:
             write_outputs(comparison, out, make_png=png)
-    if out is not None:
-        rows = join_results(out, wanted)
-    else:
-        rows = (control_rows(control_result) if control_result else []) + (comparison_rows(comparison) if comparison else [])
+    rows = _rows(control_result, comparison)
+    if out is not None:      # the joined table beside each harness's own files
+        _write_table(out, rows)
     return Evaluation(tuple(rows), control_result, comparison)

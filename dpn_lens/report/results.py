@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from dpn_lens.evaluation.table import RESULT_TABLE, ResultRow, read_result_table, steering_summary
-from dpn_lens.io import REPORT_GENERATOR, write_text_atomic
+from dpn_lens.io import REPORT_GENERATOR, markdown_table, write_text_atomic
 
 __all__ = ["Table", "is_signed", "format_value", "summary_table", "detail_table", "grid_tables", "results_markdown",
            "results_html", "write_results_report", "RESULTS_MARKDOWN", "RESULTS_HTML", "STEERING_METRICS"]
@@ -61,11 +61,8 @@ class Table:
     note: str = ""
 
     def markdown(self) -> str:
-        """The table alone (no title), a ``|`` inside a cell escaped."""
-        def line(cells: Sequence[str]) -> str:
-            return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"
-
-        return "\n".join([line(self.header), "|" + "---|" * len(self.header), *(line(row) for row in self.rows)])
+        """The table alone (no title), a ``|`` inside a cell escaped (``io.markdown_table``)."""
+        return markdown_table([dict(zip(self.header, row)) for row in self.rows], columns=self.header)
 
     def html(self) -> str:
         """The table alone as an HTML ``<table>`` (every cell escaped)."""
