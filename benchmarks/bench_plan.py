@@ -35,6 +35,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))      # the package beside benchmarks/
 
+from dpn_lens.io import markdown_table  # noqa: E402
 from dpn_lens.plan import measure_costs, plan_locate  # noqa: E402
 
 _RUN_AND_REPORT = """
@@ -55,7 +56,11 @@ def measured_command(arguments: list[str]) -> dict[str, Any]:
                    *[str(Path(folder) / "run") if a == "OUT" else a for a in arguments]]
         report = subprocess.run([sys.executable, "-c", _RUN_AND_REPORT, *command], capture_output=True, text=True,
                                 check=True, cwd=Path(__file__).resolve().parents[1])
-    result = json.loads(report.stdout.strip().splitlines()[-1])
+        result = json.loads(report.stdout.strip().splitlines()[-1])
+        recorded = Path(folder) / "run" / "control.json"
+        if recorded.exists():   # a control run records its seconds per stage and trait (evaluation.stage_times)
+            control = json.loads(recorded.read_text(encoding="utf-8"))
+            result["stages"], result["run_seconds"] = control.get("stages", []), control["meta"]["seconds"]
     if result["returncode"] != 0:
         raise RuntimeError(f"dpn-lens {arguments[0]} failed:\n{result['stderr']}")
     return result
@@ -118,11 +123,40 @@ def _report(args: argparse.Namespace, traits: list[str], plan: Any, run: dict[st
               "measured_peak_gib": run["max_rss_bytes"] / gib, "memory_ratio": plan.peak_bytes / run["max_rss_bytes"],
               "stages": {stage.name: stage.seconds for stage in plan.stages}}
     print(plan.text())
+    if "stages" in run:
+        result["stage_comparison"] = stage_comparison(plan, run)
+        print(markdown_table(result["stage_comparison"]))
     print(f"measured in {measuring:.0f} s; {args.stage}: predicted {plan.seconds:.1f} s, measured {run['seconds']:.1f} s, "
           f"ratio {result['time_ratio']:.2f}; peak memory: predicted {result['predicted_peak_gib']:.2f} GiB, measured "
           f"{result['measured_peak_gib']:.2f} GiB, ratio {result['memory_ratio']:.2f}")
     print(json.dumps(result))
     return result
+
+
+def stage_comparison(plan: Any, run: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per stage: the plan's seconds beside the run's recorded seconds (``stages`` of its control.json,
+    summed over traits) and their ratio; start-up and load is the wall time the run's own clock missed.
+
+    Example:
+        >>> from dpn_lens.plan import StagePlan
+        >>> plan = type("Plan", (), {"stages": [StagePlan("KL curves (1 traits)", 12.0, 0, "")]})()
+        >>> stage_comparison(plan, {"stages": [{"trait": "o", "stage": "KL curves", "seconds": 10.0}],
+        ...                         "seconds": 15.0, "run_seconds": 11.0})[0]
+        {'stage': 'KL curves', 'predicted s': 12.0, 'measured s': 10.0, 'ratio': 1.2}
+    """
+    from dpn_lens.evaluation.stage_times import stage_seconds
+
+    measured = stage_seconds(run["stages"])
+    measured["start-up and model load"] = run["seconds"] - run["run_seconds"]
+    rows = []
+    for stage in plan.stages:
+        name = "locate" if stage.name.startswith("locate") else stage.name.split(" (")[0]
+        seen = measured.pop(name, None)
+        rows.append({"stage": name, "predicted s": stage.seconds, "measured s": seen,
+                     "ratio": round(stage.seconds / seen, 2) if stage.seconds and seen else None})
+    rows += [{"stage": name, "predicted s": None, "measured s": seconds, "ratio": None}
+             for name, seconds in measured.items()]
+    return rows
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

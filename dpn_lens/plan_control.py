@@ -17,7 +17,7 @@ A cost is a rate, FLOPs per second of that kind of work (decode steps: a fixed c
 rate), so the same measurement plans a larger model's run on this machine; a GPU's run needs a
 measurement on that GPU. Curves are counted over the whole γ grid: a curve stops early once its KL
 passes 2 nats/token, so the time is an upper bound there. The budget sweep (``--k-sweep``) is counted as
-curves and points, the generation check (``--generation``) as decode steps and persona-scored answer
+bracket searches (``BRACKET_PROBES`` probe passes each, an estimate) and points, the generation check (``--generation``) as decode steps and persona-scored answer
 sets. Not planned: NPTI's preparation.
 
 Example:
@@ -75,7 +75,7 @@ class ControlWork:
     selection_answers: int
     locates: bool
     sweep_probe_passes: int = 0
-    """The budget sweep's (``--k-sweep``): a curve per rule, budget and direction, then its point."""
+    """The budget sweep's (``--k-sweep``): a bracket search per rule, budget and direction, then its point."""
     sweep_answer_passes: int = 0
     generation_sets: int = 0
     """The generation check's (``--generation``): answer sets generated, ``generation_questions`` answers each
@@ -128,9 +128,16 @@ def _generation_questions(config: Any, run: dict[str, Any] | None) -> int:
     return max(asked) if asked else min(config.generation_questions, config.pairs)
 
 
+BRACKET_PROBES = 3
+"""Probe passes a budget point's bracket search (``calibrate._kl_bracket``) typically makes: its first
+grid point, the one its KL-grows-like-gamma^2 prediction names, and the neighbour that brackets the target
+(measured: 2-3 per point that reaches the target on the tiny model; more where the target lies off the grid)."""
+
+
 def _sweep_passes(config: Any, run: dict[str, Any] | None) -> tuple[int, int]:
-    """Probe and answer passes of the budget sweep: per rule, budget and direction a KL curve (the whole
-    grid at most) and, where it reaches the target KL, one measured point (a probe and an answer pass)."""
+    """Probe and answer passes of the budget sweep: per rule, budget and direction a bracket search of the
+    γ grid around the target KL (``BRACKET_PROBES``, an estimate) and one measured point (a probe and an
+    answer pass); from a run, the passes it made."""
     from dpn_lens.evaluation.control import swept_rules
 
     if not config.k_sweep:
@@ -140,7 +147,7 @@ def _sweep_passes(config: Any, run: dict[str, Any] | None) -> tuple[int, int]:
         reached = sum(bool(row.get("reached")) for row in rows)
         return sum(int(row.get("curve_points", 0)) for row in rows) + reached, reached
     curves = len(swept_rules(config.methods)) * len(config.k_sweep) * DIRECTIONS
-    return curves * (len(config.gammas) + 1), curves
+    return curves * (min(len(config.gammas), BRACKET_PROBES) + 1), curves
 
 
 def _generation_sets(config: Any, run: dict[str, Any] | None) -> int:
@@ -345,7 +352,8 @@ def _seconds(shape: ModelShape, work: ControlWork, settings: ControlSettings, co
             "KL curves": work.probe_passes * probe / costs.probe_flops_per_s,
             "answer scoring": (work.answer_passes * answers + questions) / costs.answer_flops_per_s
             + costs.trait_seconds * work.answer_passes,
-            "persona control": (work.persona_passes / 2 * personas + caa) / costs.persona_flops_per_s,
+            "persona control": work.persona_passes / 2 * personas / costs.persona_flops_per_s,
+            "method preparation": caa / costs.persona_flops_per_s,
             "budget sweep": work.sweep_probe_passes * probe / costs.probe_flops_per_s
             + (work.sweep_answer_passes * answers / costs.answer_flops_per_s if work.sweep_answer_passes else 0.0),
             "generation check": (work.generation_sets * generation(asked, config.max_new_tokens, 16)
@@ -394,11 +402,13 @@ def plan_control(spec: str, traits: Sequence[str], settings: ControlSettings, de
                            "(at most: a curve stops at KL 2)",
               "answer scoring": f"{work.answer_passes} passes over {2 * config.pairs} answers",
               "persona control": f"{work.persona_passes} persona passes over {2 * config.pairs} answers",
+              "method preparation": f"CAA's direction from {config.caa_pairs} pairs of prompts",
               "budget sweep": f"{work.sweep_probe_passes} probe passes and {work.sweep_answer_passes} answer passes "
-                              "(at most: a curve stops at KL 2)",
+                              f"(about {BRACKET_PROBES} probes per budget point)",
               "generation check": f"{work.generation_sets} sets of {work.generation_questions} greedy answers of <= "
                                   f"{config.max_new_tokens} tokens, {work.generation_scored} scored under two personas"}
     absent = {"held-out pairs": not work.generated_answers, "selection": not work.selection_answers,
+              "method preparation": "caa" not in config.methods,
               "budget sweep": not work.sweep_probe_passes, "generation check": not work.generation_sets}
     for kind, detail in counts.items():
         if absent.get(kind, False):

@@ -13,7 +13,7 @@ import torch
 
 from dpn_lens.evaluation.calibrate import Calibration, CurvePoint, KLProbe, calibrate_gamma, gamma_at, probe_chunks
 from dpn_lens.evaluation.control import ControlConfig, matched_cost_rows, run_control
-from dpn_lens.evaluation.control_report import write_control_outputs
+from dpn_lens.report.control import write_control_outputs
 from helpers import write_personalitybench
 from dpn_lens.models import model_fingerprint
 from dpn_lens.steering import Intervention, steering_intervention
@@ -342,7 +342,7 @@ def test_control_keeps_the_maps_it_locates_and_another_run_reuses_them(tiny_fold
 
 
 def test_the_calibrated_table_says_when_the_target_kl_was_not_reached():
-    from dpn_lens.evaluation.control_report import _calibrated_table
+    from dpn_lens.report.control import _calibrated_table
 
     table = _calibrated_table([{"trait": "extraversion", "direction": "increase", "target_kl": 0.05,
                                 "reached_target": False, "gamma": float("nan")}])
@@ -350,7 +350,7 @@ def test_the_calibrated_table_says_when_the_target_kl_was_not_reached():
 
 
 def test_the_figures_of_a_run_with_no_measured_points_are_empty_not_an_error():
-    from dpn_lens.evaluation.control_report import cost_figure, tradeoff_figure
+    from dpn_lens.report.control import cost_figure, tradeoff_figure
 
     assert tradeoff_figure([]).layout.annotations[0].text == "no measured points"
     assert cost_figure([]).layout.annotations[0].text == "no measured points"

@@ -75,7 +75,7 @@ def test_every_steered_shift_has_an_interval_that_brackets_it_and_the_unsteered_
     for method in config.methods:
         assert all(_brackets(summary[method], name) for name in SHIFT_METRICS)
     # The HTML report's headline shows the recorded intervals.
-    from dpn_lens.html_report import _headline
+    from dpn_lens.report.html import _headline
 
     write_outputs(result, tmp_path, make_png=False)
     assert "95% interval" in _headline(tmp_path / "comparison.json", [])

@@ -272,7 +272,7 @@ def test_an_interrupted_run_is_refused_by_readers_and_resume_reuses_finished_tra
     assert manifest["traits"]["openness"]["status"] == "done" and manifest["traits"]["extraversion"]["status"] == "pending"
     with pytest.raises(RunFolderError, match=r"unfinished run \(done: openness; not done: extraversion\).*--resume"):
         Run.load(folder)
-    from dpn_lens.html_report import build_report
+    from dpn_lens.report.html import build_report
     with pytest.raises(RunFolderError, match="unfinished run"):
         build_report(folder)
 

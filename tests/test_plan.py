@@ -189,7 +189,8 @@ def test_the_control_plan_has_a_stage_per_kind_of_work_and_scales_with_it(tiny_f
                         machine=_costs())
     names = [stage.name for stage in plan.stages]
     assert names == ["start-up and model load", "held-out pairs (2 traits)", "selection (2 traits)",
-                     "KL curves (2 traits)", "answer scoring (2 traits)", "persona control (2 traits)"]
+                     "KL curves (2 traits)", "answer scoring (2 traits)", "persona control (2 traits)",
+                     "method preparation (2 traits)"]
     assert all(stage.seconds > 0 for stage in plan.stages)
     # Maps of every rule and cached pairs: no selection, no generation; no maps: a locate stage.
     given = plan_control(str(tiny_folder), ["openness", "neuroticism"],
@@ -308,6 +309,11 @@ def test_the_plan_benchmark_plans_a_control_run(tiny_folder, tmp_path, monkeypat
                           str(write_personalitybench(tmp_path / "data")), "--measure-prompts", "4",
                           "--extra", "--quick --gammas 0.5,2 --kl-levels 0.05 --random-draws 1"])
     assert result["measured_seconds"] > 0 and result["predicted_seconds"] > 0 and result["stage"] == "control"
+    # stage by stage: the run's recorded seconds beside the plan's, under one set of names
+    compared = {row["stage"]: row for row in result["stage_comparison"]}
+    assert {"start-up and model load", "KL curves", "answer scoring", "persona control"} <= set(compared)
+    assert all(compared[name]["measured s"] > 0 and compared[name]["predicted s"] > 0
+               for name in ("KL curves", "answer scoring"))
 
 
 
@@ -317,7 +323,7 @@ def test_control_work_counts_the_budget_sweep_and_the_generation_check(tiny_mode
     ``control_work`` of the run; the plan's bound is at least each."""
     from dpn_lens.evaluation import calibrate, metrics
     from dpn_lens.evaluation.control import ControlConfig, run_control
-    from dpn_lens.plan_control import ControlSettings, control_work
+    from dpn_lens.plan_control import BRACKET_PROBES, ControlSettings, control_work
     from helpers import make_map, write_personalitybench
 
     monkeypatch.setenv("DPN_LENS_CACHE", str(tmp_path / "cache"))
@@ -355,7 +361,16 @@ def test_control_work_counts_the_budget_sweep_and_the_generation_check(tiny_mode
                        "answers": exact.answer_passes + exact.sweep_answer_passes,
                        "generated": exact.generation_sets, "scored": exact.generation_scored}
     bound = control_work(settings)
-    assert bound.sweep_probe_passes >= exact.sweep_probe_passes and bound.sweep_answer_passes >= exact.sweep_answer_passes
+    # the sweep's bracket searches are estimated (BRACKET_PROBES each), its points bounded
+    swept_curves = 1 * 2 * 2            # the one rule (dpn-le) at k 2 and all, both directions
+    assert bound.sweep_probe_passes == swept_curves * (BRACKET_PROBES + 1)
+    assert bound.sweep_answer_passes >= exact.sweep_answer_passes
     assert bound.generation_sets >= exact.generation_sets and bound.generation_questions == 3
     # dpn-le and caa at two levels and two directions; dpn-le's two random draws at the verdict level only
     assert bound.generation_sets == 1 + 2 * (2 * 2 + 2)
+    # the run records its wall time per stage, under the plan's stage names, within its own wall time
+    stages = {row["stage"]: row["seconds"] for row in result["stages"] if row["trait"] == "extraversion"}
+    assert list(stages) == ["held-out pairs", "persona control", "method preparation", "KL curves", "answer scoring",
+                            "budget sweep", "generation check", "other"]
+    assert all(seconds >= 0 for seconds in stages.values()) and stages["KL curves"] > 0
+    assert sum(stages.values()) <= result["meta"]["seconds"] + 1e-6

@@ -15,10 +15,10 @@ import pytest
 
 from dpn_lens.answers import Generation
 from dpn_lens.localization.localize import locate
-from dpn_lens import html_report as report_module
+from dpn_lens.report import html as report_module
 from dpn_lens.figures import save_figure
 from dpn_lens.io import markdown_table, write_json_atomic
-from dpn_lens.html_report import (PLOTLY_FILE, build_report, figure_from_file, figure_from_html, markdown_to_html,
+from dpn_lens.report.html import (PLOTLY_FILE, build_report, figure_from_file, figure_from_html, markdown_to_html,
                                   write_report)
 from dpn_lens.run import Run
 from dpn_lens.studies.outputs import layers_study, overlap_study_report
@@ -176,7 +176,7 @@ def test_every_figure_renders_in_headless_chromium(run_with_studies, tmp_path):
 def test_report_sections_come_from_the_studies_declarations():
     from pathlib import Path
 
-    from dpn_lens import html_report
+    from dpn_lens.report import html as html_report
     from dpn_lens.studies import STUDY_SECTIONS, layers, overlap
 
     assert html_report.SECTIONS[:len(STUDY_SECTIONS)] == STUDY_SECTIONS

@@ -4,7 +4,7 @@
 handler; ``options`` holds the options every verb shares, spelled once (``reference`` lists them all,
 docs/CLI.md). Verbs: ``locate``, ``steer`` and ``demo`` (in ``main``), ``study``, ``evaluate`` (with
 ``control`` and ``compare``, its two parts under their earlier names), ``summary``, ``report``
-(``dpn_lens.html_report``), ``export``, ``cards`` and ``explore``, ``plan``; ``models`` is handled before the
+(``dpn_lens.report.html``), ``export``, ``cards`` and ``explore``, ``plan``; ``models`` is handled before the
 parser (``dpn_lens.models``).
 """
 

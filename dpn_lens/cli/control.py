@@ -166,7 +166,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
 def run_control_command(args: argparse.Namespace) -> int:
     from dpn_lens.data.contrastive import resolve_data_dir
     from dpn_lens.evaluation.control import run_control
-    from dpn_lens.evaluation.control_report import write_control_outputs
+    from dpn_lens.report.control import write_control_outputs
     from dpn_lens.models import load_model
 
     print_evaluate_equivalent("control", args, generation=bool(args.generation))
@@ -228,7 +228,7 @@ def _merge_command(folders: list[str], out: str, png: bool) -> int:
     from pathlib import Path
 
     from dpn_lens.evaluation.control import merge_control_results
-    from dpn_lens.evaluation.control_report import write_control_outputs
+    from dpn_lens.report.control import write_control_outputs
 
     results = []
     for folder in folders:

@@ -1,5 +1,5 @@
 """``dpn-lens report --run RUN``: one self-contained HTML page with a run's tables and figures
-(``dpn_lens.html_report`` builds it).
+(``dpn_lens.report.html`` builds it).
 
 Example:
     $ dpn-lens report --run runs/demo --figures figures          # runs/demo/report.html
@@ -41,7 +41,7 @@ def run_report(args: argparse.Namespace) -> int:
     """Handler of ``dpn-lens report``."""
     from pathlib import Path
 
-    from dpn_lens.html_report import build_report, save_report
+    from dpn_lens.report.html import build_report, save_report
 
     report = build_report(args.run, args.figures)
     out = save_report(report, args.run, args.out, plotlyjs=args.plotlyjs)

@@ -6,7 +6,7 @@ questionnaire/capability comparison (``compare``, command ``dpn-lens compare``).
 from dpn_lens.evaluation.capability import CapabilitySizes, evaluate_capability, load_capability_suite
 from dpn_lens.evaluation.compare import CompareConfig, run_comparison, write_outputs
 from dpn_lens.evaluation.control import ControlConfig, run_control
-from dpn_lens.evaluation.control_report import write_control_outputs
+from dpn_lens.report.control import write_control_outputs
 from dpn_lens.evaluation.trait import load_ipip_items, questionnaire_scores, statement_agreement
 
 __all__ = ["CapabilitySizes", "evaluate_capability", "load_capability_suite", "CompareConfig", "run_comparison",

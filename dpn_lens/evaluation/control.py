@@ -24,6 +24,7 @@ equivalent of decode-only steering.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -37,12 +38,13 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from dpn_lens.effect.rules import EFFECT_RULES, RULE_NAMES, SELECTION_PAIRS, reselect_top
-from dpn_lens.evaluation.calibrate import (DEFAULT_TARGET_KL, GAMMA_GRID, MAX_KL, gamma_at, probe_chunks,
-                                          sweep_edit)
+from dpn_lens.evaluation.calibrate import (DEFAULT_TARGET_KL, GAMMA_GRID, MAX_KL, CurvePoint, _kl_bracket, gamma_at,
+                                          probe_chunks, sweep_edit)
 from dpn_lens.evaluation.controls import random_neuron_control
 from dpn_lens.evaluation.intervals import PairedEffect, draws_effect, fraction_recovered, paired_effect
 from dpn_lens.evaluation.metrics import GenerationPersonaScore, PreferenceMargin, ProbeKL
 from dpn_lens.evaluation.methods import METHODS_BY_NAME, TraitContext, effect_rules_needed, neuron_methods
+from dpn_lens.evaluation.stage_times import StageClock
 from dpn_lens.evaluation.trait_maps import rule_maps, trait_map
 from dpn_lens.evaluation.preference import GeneratedPairs, PreferencePair, generate_persona_pairs, pairs_cache_file
 from dpn_lens.localization.neuron_map import NeuronMap
@@ -347,6 +349,19 @@ def _cost_curve(edit_at: Callable[[float], Edit], probe: Callable[[Edit], tuple[
     return [{**label, "gamma": g, "kl": costs[g][0], "ppl": costs[g][1]} for g in sorted(costs)]
 
 
+def _bracket_curve(edit_at: Callable[[float], Edit], probe: Callable[[Edit], tuple[float, float]],
+                   config: ControlConfig) -> list[dict[str, Any]]:
+    """The few grid points around ``target_kl`` (``calibrate._kl_bracket``): a budget point needs the gamma at
+    the target only, not the whole dose-response, and on a KL curve that rises with gamma the bracket
+    gives the gamma the whole grid gives, in about a third of the probe passes."""
+    def measure(gamma: float) -> CurvePoint:
+        kl, ppl = probe(sweep_edit(edit_at, gamma))
+        return CurvePoint(gamma, kl, ppl)
+
+    points = _kl_bracket(measure, sorted(config.gammas), config.target_kl, MAX_KL)
+    return [{"gamma": p.gamma, "kl": p.kl, "ppl": p.ppl} for p in points]
+
+
 def _level_gammas(cost: Sequence[dict[str, Any]], kl_levels: Sequence[float]) -> dict[float, float]:
     """The gamma at which a cost curve first reaches each KL level (levels it never reaches are left out)."""
     gammas, kls = [p["gamma"] for p in cost], [p["kl"] for p in cost]
@@ -398,15 +413,18 @@ class _TraitRun:
     persona_items: np.ndarray
     context: TraitContext
     bar: _Progress
+    clock: StageClock = field(default_factory=StageClock)
 
     def cost(self, edit: Edit | None) -> tuple[float, float]:
         """``(KL, perplexity)`` of ``edit`` on the probe text."""
-        score = self.kl.score(self.model, edit, self.probe_text)
+        with self.clock.stage("KL curves"):
+            score = self.kl.score(self.model, edit, self.probe_text)
         return score.value, score.details["ppl"]
 
     def margins(self, edit: Edit | None) -> np.ndarray:
         """``[n_pairs]`` preference margins under ``edit``."""
-        return self.margin.score(self.model, edit, self.pairs).per_item  # type: ignore[return-value]
+        with self.clock.stage("answer scoring"):
+            return self.margin.score(self.model, edit, self.pairs).per_item  # type: ignore[return-value]
 
     def edit_at(self, method: str, direction: str) -> Callable[[float], Edit]:
         """``gamma -> edit`` of ``method`` in ``direction`` (a rule's map, NPTI, CAA, ...)."""
@@ -450,12 +468,13 @@ def run_control(model: Any, config: ControlConfig, log: Callable[[str], None] = 
     ``--run``).
 
     Returns ``{"validation", "costs", "curves", "matched_cost", "matched_summary", "calibrated", "goal",
-    "sweep", "generation", "gamma_zero", "examples", "meta"}``: ``costs`` are the KL/perplexity grids,
+    "sweep", "generation", "gamma_zero", "stages", "examples", "meta"}``: ``costs`` are the KL/perplexity grids,
     ``curves`` the measured points (one per method, direction and reached KL level; a selection rule's
     random-neuron control is the curve ``random_curve(rule)``), ``calibrated`` each selection rule at
     ``target_kl`` beside its random-neuron control at the same gamma, ``goal`` the per-rule verdict at
     ``target_kl``, ``sweep`` the shift at ``target_kl`` per budget ``k`` (``k_sweep``), ``generation``
-    the generation-based check (``generation_questions``).
+    the generation-based check (``generation_questions``), ``stages`` each trait's wall seconds per stage
+    (``evaluation.stage_times``: the plan's stages, to compare with ``dpn-lens plan``).
 
     Example:
         >>> result = run_control(load_model("smollm2-135m-instruct"), ControlConfig.quick(data_dir="../shared/data"))  # doctest: +SKIP
@@ -477,6 +496,7 @@ def run_control(model: Any, config: ControlConfig, log: Callable[[str], None] = 
     examples: dict[str, Any] = {}
     map_settings: dict[str, dict[str, Any]] = {}
     skipped: dict[str, str] = {}
+    clock = StageClock()   # wall seconds per stage and trait (``stages``), to check the plan stage by stage
 
     def result_so_far() -> dict[str, Any]:
         return _result(model, config, started, parts, examples, map_settings, skipped)
@@ -484,13 +504,15 @@ def run_control(model: Any, config: ControlConfig, log: Callable[[str], None] = 
     try:
         for trait in config.traits:
             t0 = time.time()
-            held = held_out_pairs(model, trait, config, log)
+            with clock.stage("held-out pairs"):
+                held = held_out_pairs(model, trait, config, log)
             pairs = held.pairs
             if len(pairs) < 4:
                 raise RuntimeError(f"{trait}: only {len(pairs)} usable preference pairs of {held.n_drawn} drawn; "
                                    "raise --eval-pairs")
             # The questions run once per trait; every edit below runs only the answers (the margin's PairScorer).
-            base, high, low, persona = persona_control(model, held, margin)
+            with clock.stage("persona control"):
+                base, high, low, persona = persona_control(model, held, margin)
             bar.step(3, f"{trait} controls")
             persona_items = (high - low) / 2
             parts["validation"].append(_validation_row(held, base, high, low, persona))
@@ -499,9 +521,10 @@ def run_control(model: Any, config: ControlConfig, log: Callable[[str], None] = 
             if maps and trait in maps:
                 neuron_map = maps[trait]
             else:
-                neuron_map = trait_map(model, trait, maps_dir=config.maps_dir, locate_pairs=config.locate_pairs,
-                                       q=config.locate_q, tau_d=config.locate_tau_d, layers=config.locate_layers,
-                                       statistics=config.statistics, log=log)
+                with clock.stage("locate"):
+                    neuron_map = trait_map(model, trait, maps_dir=config.maps_dir, locate_pairs=config.locate_pairs,
+                                           q=config.locate_q, tau_d=config.locate_tau_d, layers=config.locate_layers,
+                                           statistics=config.statistics, log=log)
                 if on_located is not None and not config.maps_dir:
                     on_located(trait, neuron_map)
             if neuron_map.n_selected() == 0:
@@ -513,13 +536,16 @@ def run_control(model: Any, config: ControlConfig, log: Callable[[str], None] = 
                                   "nothing to edit; locate with more pairs or a lower tau_d")
                 log(f"{trait}: not steered: {skipped[trait]}")
                 bar.step(per_trait - 3, f"{trait} skipped")
+                parts["stages"] += clock.rows(trait, time.time() - t0)
                 if on_trait is not None:
                     on_trait(result_so_far())
                 continue
             context = TraitContext(trait, neuron_map)
-            chosen = rule_maps(model, neuron_map, effect_rules_needed(methods), maps_dir=config.maps_dir,
-                               n_pairs=config.selection_pairs, seed=config.seed, budget=config.budget,
-                               memo=context.memo, log=log)
+            selects = any(rule != "dpn-le" for rule in effect_rules_needed(methods))
+            with clock.stage("selection") if selects else contextlib.nullcontext():
+                chosen = rule_maps(model, neuron_map, effect_rules_needed(methods), maps_dir=config.maps_dir,
+                                   n_pairs=config.selection_pairs, seed=config.seed, budget=config.budget,
+                                   memo=context.memo, log=log)
             for rule, (rule_map, loaded) in chosen.items():
                 context.maps[rule] = rule_map
                 if on_located is not None and not loaded:
@@ -529,8 +555,10 @@ def run_control(model: Any, config: ControlConfig, log: Callable[[str], None] = 
                                    for rule in dict.fromkeys(METHODS_BY_NAME[name].neurons_of for name in rules) or ["dpn-le"]}
             for name in methods:
                 if METHODS_BY_NAME[name].prepare is not None:
-                    context.state[name] = METHODS_BY_NAME[name].prepare(model, trait, config)  # type: ignore[arg-type]
-            run = _TraitRun(model, config, kl_metric, probe_text, margin, list(pairs), base, persona_items, context, bar)
+                    with clock.stage("method preparation"):
+                        context.state[name] = METHODS_BY_NAME[name].prepare(model, trait, config)  # type: ignore[arg-type]
+            run = _TraitRun(model, config, kl_metric, probe_text, margin, list(pairs), base, persona_items, context, bar,
+                            clock)
             zero = run.margins(0.0 * steering_intervention(neuron_map, 1.0, "increase"))
             # KL of a negligible edit (gamma 0.001): what rounding alone costs in this dtype (bf16: ~0.002).
             floor, _ = run.cost(steering_intervention(neuron_map, 1e-3, "increase"))
@@ -567,12 +595,15 @@ def run_control(model: Any, config: ControlConfig, log: Callable[[str], None] = 
                 parts["calibrated"] += [_calibrated_row(trait, direction, sign, parts["curves"], margins_at, config, rule)
                                         for rule in rules]
             if config.k_sweep:
-                parts["sweep"] += _budget_sweep(run, swept, config, log)
+                with clock.stage("budget sweep"):
+                    parts["sweep"] += _budget_sweep(run, swept, config, log)
             if config.generation_questions:
-                rows, examples[f"{trait}:generation"] = _generation_check(run, held, level_gammas, config, log)
+                with clock.stage("generation check"):
+                    rows, examples[f"{trait}:generation"] = _generation_check(run, held, level_gammas, config, log)
                 parts["generation"] += rows
             examples[trait] = {"question": pairs[0].question, "high_answer": pairs[0].high_answer,
                                "low_answer": pairs[0].low_answer}
+            parts["stages"] += clock.rows(trait, time.time() - t0)
             lead = rules[0] if rules else None
             log(f"{trait}: done in {time.time() - t0:.0f}s; at KL {config.target_kl:g}: " + "; ".join(
                 f"{r['method']} " + _calibrated_line(r, config.target_kl) for r in parts["calibrated"]
@@ -633,7 +664,7 @@ def _budget_sweep(run: _TraitRun, rules: Sequence[str], config: ControlConfig, l
                 def edit_at(gamma: float, chosen: NeuronMap = chosen, direction: str = direction) -> Edit:
                     return edit_of(chosen, gamma, direction, "both")
 
-                cost = _cost_curve(edit_at, run.cost, config, {})
+                cost = _bracket_curve(edit_at, run.cost, config)
                 gamma = _level_gammas(cost, [config.target_kl]).get(config.target_kl)
                 row["curve_points"] = len(cost)          # probe passes of its curve (the plan counts them)
                 if gamma is None:
@@ -734,10 +765,11 @@ def _assemble(config: ControlConfig, meta: dict[str, Any], parts: dict[str, list
             "calibrated": list(parts["calibrated"]),
             "goal": goal_rows(parts["calibrated"], matched, config.target_kl),
             "sweep": list(parts["sweep"]), "generation": list(parts["generation"]),
-            "gamma_zero": list(parts["gamma_zero"]), "examples": dict(examples), "meta": meta}
+            "gamma_zero": list(parts["gamma_zero"]), "stages": list(parts["stages"]), "examples": dict(examples),
+            "meta": meta}
 
 
-_PART_NAMES = ("validation", "costs", "curves", "calibrated", "gamma_zero", "sweep", "generation")
+_PART_NAMES = ("validation", "costs", "curves", "calibrated", "gamma_zero", "sweep", "generation", "stages")
 
 
 def merge_control_results(results: Sequence[dict[str, Any]]) -> dict[str, Any]:

@@ -128,7 +128,7 @@ def evaluate(model: Any, metrics: Sequence[str], *, traits: Sequence[str] | None
     """
     from dpn_lens.evaluation.compare import CompareConfig, run_comparison, write_outputs
     from dpn_lens.evaluation.control import ControlConfig, run_control
-    from dpn_lens.evaluation.control_report import write_control_outputs
+    from dpn_lens.report.control import write_control_outputs
 
     wanted = harnesses_for(metrics)
     if "judge" in metrics and (compare is None or compare.judge is None):   # refused before anything runs

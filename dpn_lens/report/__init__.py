@@ -1,4 +1,8 @@
-"""Reports rendered from typed results: the evaluation's long table (``results.csv``) as Markdown and HTML.
+"""Reports: what a run's results look like to a reader, in one package.
+
+* ``report.results``: the evaluation's long table (``results.csv``) as Markdown and HTML;
+* ``report.control``: a control run's tables, ``control.md`` and figures (``write_control_outputs``);
+* ``report.html``: a run folder's self-contained HTML page (``dpn-lens report``).
 
 Example:
     >>> from dpn_lens.report import write_results_report

@@ -15,7 +15,7 @@
   sets: overlap with capability neurons against layer-matched chance, and the held-out LM-loss cost of
   ablating them, beside a layer-matched random set.
 * with control runs (``--control``): the **sparsity figure**, the mean shift at the target KL against
-  the number of edited neurons per rule (``control_report.sparsity_figure``), one panel per model.
+  the number of edited neurons per rule (``report.control.sparsity_figure``), one panel per model.
 
 Files start with ``causal_``.
 
@@ -171,7 +171,7 @@ def causal_study(run: Run, out: str | Path, model: Any = None, control: Mapping[
             sparsity figure.
         capability_config: a ``MultifunctionConfig`` (data folder and sizes) for the capability part.
     """
-    from dpn_lens.evaluation.control_report import sparsity_figure
+    from dpn_lens.report.control import sparsity_figure
     from dpn_lens.figures import save_figure
     from dpn_lens.io import write_json_atomic, write_text_atomic
     from dpn_lens.studies.outputs import _jsonable, multifunction_study, write_table

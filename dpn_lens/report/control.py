@@ -1,0 +1,386 @@
+"""Tables and figures of a trait-control run (``dpn_lens.evaluation.control.run_control``).
+
+``write_control_outputs`` writes ``control.json`` (everything), one CSV per table, ``control.md`` (the
+tables a write-up quotes) and the figures: preference shift against KL and against perplexity, one
+panel per trait and direction, one curve per method; KL against gamma; and, with a budget sweep, the
+shift at the target KL against the number of edited neurons, one line per selection rule
+(``sparsity_figure``; HTML, and PNG with Chromium).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from dpn_lens.io import markdown_table, write_csv_atomic, write_json_atomic, write_text_atomic
+from dpn_lens.evaluation.table import RESULT_TABLE, control_rows, write_result_table
+from dpn_lens.report.results import write_results_report
+
+__all__ = ["write_control_outputs", "format_interval", "tradeoff_figure", "cost_figure", "sparsity_figure",
+           "sparsity_rows"]
+
+PALETTE = ["#1f77b4", "#17becf", "#2ca02c", "#9467bd", "#d62728", "#ff7f0e", "#8c564b", "#7f7f7f", "#bcbd22",
+           "#e377c2", "#393b79", "#637939"]
+"""One colour per curve, in the order the curves first appear."""
+
+
+def format_interval(value: float, low: float, high: float, digits: int = 3) -> str:
+    """``+0.123 [+0.045, +0.201]``, with a ``*`` when the interval excludes 0.
+
+    Example:
+        >>> format_interval(0.1234, 0.05, 0.2)
+        '+0.123 [+0.050, +0.200] *'
+    """
+    if any(map(math.isnan, (value, low, high))):
+        return "n/a" if math.isnan(value) else f"{value:+.{digits}f}"
+    star = " *" if low > 0 or high < 0 else ""
+    return f"{value:+.{digits}f} [{low:+.{digits}f}, {high:+.{digits}f}]{star}"
+
+
+def _validation_table(rows: Sequence[dict[str, Any]]) -> str:
+    table = [{"trait": r["trait"], "pairs": f"{r['n_pairs']}/{r['n_drawn']}",
+              "persona effect (high-low)/2": format_interval(r["persona_effect"], r["persona_ci_low"], r["persona_ci_high"]),
+              "valid": "yes" if r["valid"] else "NO",
+              "high persona - none": format_interval(r["high_vs_none"], r["high_vs_none_ci_low"], r["high_vs_none_ci_high"]),
+              "none - low persona": format_interval(r["low_vs_none"], r["low_vs_none_ci_low"], r["low_vs_none_ci_high"])}
+             for r in rows]
+    return markdown_table(table)
+
+
+def _calibrated_table(rows: Sequence[dict[str, Any]]) -> str:
+    table = []
+    for r in rows:
+        rule = r.get("method", "dpn-le")
+        if "shift" not in r:  # the curve never reached the target KL: no gamma, nothing measured there
+            table.append({"rule": rule, "trait": r["trait"], "direction": r["direction"],
+                          "gamma": f"KL {r['target_kl']:g} not reached", "neurons": "n/a", "KL": "n/a", "shift": "n/a",
+                          "persona effect recovered": "n/a", "random neurons": "n/a", "rule - random": "n/a"})
+            continue
+        recovered = (format_interval(r["recovered"], r["recovered_ci_low"], r["recovered_ci_high"], 2)
+                     if "recovered" in r else "n/a")
+        table.append({"rule": rule, "trait": r["trait"], "direction": r["direction"],
+                      "gamma": f"{r['gamma']:.3g}{'' if r['reached_target'] else ' (target not reached)'}",
+                      "neurons": r["n_edited"], "KL": f"{r['kl']:.4f}",
+                      "shift": format_interval(r["shift"], r["ci_low"], r["ci_high"]),
+                      "persona effect recovered": recovered,
+                      # without the random-neuron control (--no-random-control) there is nothing to compare with
+                      "random neurons": (format_interval(r["random_shift"], r["random_ci_low"], r["random_ci_high"])
+                                         if "random_shift" in r else "not run"),
+                      "rule - random": (format_interval(r["vs_random"], r["vs_random_ci_low"], r["vs_random_ci_high"])
+                                        if "vs_random" in r else "not run")})
+    return markdown_table(table)
+
+
+def _matched_tables(result: dict[str, Any]) -> list[str]:
+    targets = result["meta"]["config"]["kl_levels"]
+    summary = [{"method": r["method"],
+                **{f"KL {t:g}: mean shift": (f"{r[f'mean_shift@kl{t:g}']:+.3f}"
+                                             if not math.isnan(r[f"mean_shift@kl{t:g}"]) else "n/a") for t in targets},
+                **{f"KL {t:g}: reached / CI>0": f"{r[f'reached@kl{t:g}']} / {r[f'ci>0@kl{t:g}']}" for t in targets}}
+               for r in result["matched_summary"]]
+    detail = [{"trait": r["trait"], "direction": r["direction"], "method": r["method"],
+               **{f"KL {t:g}": (format_interval(r[f"shift@kl{t:g}"], r[f"ci_low@kl{t:g}"], r[f"ci_high@kl{t:g}"])
+                                + ("" if math.isnan(r[f"gamma@kl{t:g}"]) else f" (gamma {r[f'gamma@kl{t:g}']:.3g})"))
+                  for t in targets}} for r in result["matched_cost"]]
+    return [markdown_table(summary), markdown_table(detail)]
+
+
+def _best_by_target(result: dict[str, Any]) -> list[str]:
+    lines = []
+    for target in result["meta"]["config"]["kl_levels"]:
+        key = f"mean_shift@kl{target:g}"
+        ranked = sorted((r for r in result["matched_summary"] if not math.isnan(r[key])), key=lambda r: -r[key])
+        if ranked:
+            lines.append(f"- at KL {target:g}: " + ", ".join(f"{r['method']} {r[key]:+.3f}" for r in ranked))
+    return lines
+
+
+DIRECTIONS = ("increase", "decrease")
+
+
+def _panels(rows: Sequence[dict[str, Any]], add: Callable[[Any, list[dict[str, Any]], str, int, int, int], None],
+            log_y: bool = False) -> Any:
+    """A traits x directions grid of panels (log x, and log y when ``log_y``); ``add(figure, points, method,
+    index, row, col)`` draws one method's points (sorted by gamma) in one panel. The figure is sized to the
+    number of traits."""
+    from plotly.subplots import make_subplots
+
+    traits = list(dict.fromkeys(r["trait"] for r in rows))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    if not traits:  # nothing was measured (e.g. no curve reached a KL level): say so instead of failing
+        import plotly.graph_objects as go
+
+        return go.Figure().add_annotation(text="no measured points", showarrow=False, x=0.5, y=0.5,
+                                          xref="paper", yref="paper")
+    figure = make_subplots(rows=len(traits), cols=2, vertical_spacing=0.06 if len(traits) > 1 else 0.1,
+                           subplot_titles=[f"{t} {d}" for t in traits for d in DIRECTIONS])
+    for row, trait in enumerate(traits, 1):
+        for col, direction in enumerate(DIRECTIONS, 1):
+            for index, method in enumerate(methods):
+                points = sorted((r for r in rows if r["trait"] == trait and r["direction"] == direction
+                                 and r["method"] == method), key=lambda r: r["gamma"])
+                if points:
+                    add(figure, points, method, index, row, col)
+            figure.update_xaxes(type="log", row=row, col=col)
+            if log_y:
+                figure.update_yaxes(type="log", row=row, col=col)
+    figure.update_layout(height=260 * len(traits) + 120, width=1000)
+    return figure
+
+
+def tradeoff_figure(curves: Sequence[dict[str, Any]], x: str = "kl", title: str | None = None) -> Any:
+    """Shift against ``x`` (``"kl"`` or ``"ppl"``): rows = traits, columns = directions, a curve per method."""
+    import plotly.graph_objects as go
+
+    from dpn_lens.figures import style
+
+    zero_lines: set[tuple[int, int]] = set()
+
+    def add(figure: Any, points: list[dict[str, Any]], method: str, index: int, row: int, col: int) -> None:
+        figure.add_trace(go.Scatter(
+            x=[max(p[x], 1e-4) for p in points], y=[p["shift"] for p in points], mode="lines+markers",
+            name=method, legendgroup=method, showlegend=row == 1 and col == 1,
+            line={"color": PALETTE[index % len(PALETTE)], "dash": "dot" if method.startswith("random-neurons") else "solid"},
+            error_y={"type": "data", "symmetric": False, "array": [p["ci_high"] - p["shift"] for p in points],
+                     "arrayminus": [p["shift"] - p["ci_low"] for p in points], "thickness": 1},
+            text=[f"gamma {p['gamma']:g}" for p in points]), row=row, col=col)
+        if (row, col) not in zero_lines:  # one zero line per panel
+            zero_lines.add((row, col))
+            figure.add_hline(y=0, line={"color": "#999", "width": 1}, row=row, col=col)
+
+    figure = _panels(curves, add)
+    label = "KL(unsteered || steered), nats/token" if x == "kl" else "perplexity of the probe text"
+    style(figure, title or f"Preference shift (as asked) vs {label}", label, "shift, nats/token")
+    return figure
+
+
+def cost_figure(costs: Sequence[dict[str, Any]]) -> Any:
+    """KL against gamma (log-log), one panel per trait and direction, a curve per method: where capability falls."""
+    import plotly.graph_objects as go
+
+    from dpn_lens.figures import style
+
+    def add(figure: Any, points: list[dict[str, Any]], method: str, index: int, row: int, col: int) -> None:
+        figure.add_trace(go.Scatter(x=[p["gamma"] for p in points], y=[max(p["kl"], 1e-5) for p in points],
+                                    mode="lines+markers", name=method, legendgroup=method,
+                                    showlegend=row == 1 and col == 1,
+                                    line={"color": PALETTE[index % len(PALETTE)]}), row=row, col=col)
+
+    figure = _panels(costs, add, log_y=True)
+    style(figure, "Cost of each edit: KL(unsteered || steered) on the probe text vs gamma", "gamma", "KL, nats/token")
+    return figure
+
+
+def sparsity_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per rule and budget: the mean shift at the target KL over the trait-directions that reached it,
+    how many reached it and moved as asked, and the mean number of neurons edited.
+
+    Example:
+        >>> sparsity_rows({"sweep": [{"rule": "attribution", "k": 8, "trait": "o", "direction": "increase",
+        ...                            "reached": True, "shift": 0.02, "ci_low": 0.01, "n_edited": 8}]})[0]["mean shift"]
+        0.02
+    """
+    groups: dict[tuple[str, Any], list[dict[str, Any]]] = {}
+    for row in result.get("sweep", []):
+        groups.setdefault((row["rule"], row["k"]), []).append(row)
+    rows = []
+    for (rule, k), points in groups.items():
+        reached = [p for p in points if p.get("reached")]
+        shifts = [p["shift"] for p in reached]
+        rows.append({"rule": rule, "k": k, "mean neurons": (sum(p["n_edited"] for p in points) / len(points)),
+                     "reached": f"{len(reached)}/{len(points)}",
+                     "as asked": f"{sum(p['ci_low'] > 0 for p in reached)}/{len(points)}",
+                     "mean shift": sum(shifts) / len(shifts) if shifts else math.nan})
+    return rows
+
+
+def _reference_means(result: dict[str, Any], level: float) -> dict[str, float]:
+    """The mean CAA shift at ``level`` and the mean persona effect: the sparsity figure's reference lines."""
+    means = {}
+    caa = [r for r in result.get("matched_summary", []) if r["method"] == "caa"]
+    if caa and not math.isnan(caa[0].get(f"mean_shift@kl{level:g}", math.nan)):
+        means[f"CAA at KL {level:g}"] = caa[0][f"mean_shift@kl{level:g}"]
+    persona = [r["persona_effect"] for r in result.get("validation", [])]
+    if persona:
+        means["persona prompt"] = sum(persona) / len(persona)
+    return means
+
+
+def sparsity_figure(results: dict[str, dict[str, Any]]) -> Any:
+    """How sparse can steering be: the mean shift at the target KL against the number of edited neurons,
+    one line per selection rule, one panel per model (``results``: ``{model name: control result}``),
+    with CAA's shift at the same KL and the persona prompt's effect as reference lines."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    from dpn_lens.figures import style
+
+    names = list(results)
+    counts = {name: len({(r["trait"], r["direction"]) for r in results[name].get("sweep", [])}) for name in names}
+    figure = make_subplots(rows=1, cols=len(names), subplot_titles=[f"{n} ({counts[n]} trait-directions)" for n in names],
+                           horizontal_spacing=0.08)
+    colours: dict[str, str] = {}
+    for col, name in enumerate(names, 1):
+        result = results[name]
+        level = result["meta"]["config"]["target_kl"]
+        rows = [r for r in sparsity_rows(result) if not math.isnan(r["mean shift"])]
+        for rule in dict.fromkeys(r["rule"] for r in rows):
+            points = sorted((r for r in rows if r["rule"] == rule), key=lambda r: r["mean neurons"])
+            first = rule not in colours   # one legend entry per rule, however many panels show it
+            colour = colours.setdefault(rule, PALETTE[len(colours) % len(PALETTE)])
+            figure.add_trace(go.Scatter(
+                x=[max(p["mean neurons"], 1) for p in points], y=[p["mean shift"] for p in points],
+                mode="lines+markers", name=rule, legendgroup=rule, showlegend=first,
+                line={"color": colour}, text=[f"k={p['k']}, as asked {p['as asked']}" for p in points]),
+                row=1, col=col)
+        for label, value in _reference_means(result, level).items():
+            figure.add_hline(y=value, line={"dash": "dash" if label.startswith("CAA") else "dot", "color": "#555"},
+                             annotation_text=label, annotation_position="top left", row=1, col=col)
+        figure.add_hline(y=0, line={"color": "#999", "width": 1}, row=1, col=col)
+        figure.update_xaxes(type="log", title_text="neurons edited (log)", row=1, col=col)
+    figure.update_layout(height=460, width=520 * len(names) + 160)
+    level = next(iter(results.values()))["meta"]["config"]["target_kl"]
+    style(figure, f"How sparse can steering be? Mean shift at KL {level:g} vs neurons edited",
+          None, "mean shift, nats/token")
+    return figure
+
+
+def _goal_table(rows: Sequence[dict[str, Any]]) -> str:
+    return markdown_table([{**r, "mean shift": f"{r['mean shift']:+.3f}" if not math.isnan(r["mean shift"]) else "n/a",
+                            "caa mean shift": (f"{r['caa mean shift']:+.3f}" if not math.isnan(r["caa mean shift"])
+                                               else "n/a"), "goal met": "yes" if r["goal met"] else "no"}
+                           for r in rows])
+
+
+def _generation_table(rows: Sequence[dict[str, Any]]) -> str:
+    table = []
+    for r in rows:
+        shift = format_interval(r["shift"], r.get("ci_low", math.nan), r.get("ci_high", math.nan))
+        table.append({"trait": r["trait"], "direction": r["direction"], "method": r["method"],
+                      "KL level": "" if math.isnan(r["kl_level"]) else f"{r['kl_level']:g}",
+                      "gamma": "" if math.isnan(r["gamma"]) else f"{r['gamma']:.3g}", "shift": shift,
+                      "answers changed": f"{r['changed']:.0%}" if "changed" in r else "",
+                      "random neurons": (format_interval(r["random_shift"], r["random_ci_low"], r["random_ci_high"])
+                                         if "random_shift" in r else ""),
+                      "method - random": (format_interval(r["vs_random"], r["vs_random_ci_low"], r["vs_random_ci_high"])
+                                          if "vs_random" in r else "")})
+    return markdown_table(table)
+
+
+def _generation_summary(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Per method and level: trait-directions moved as asked in generation, and the mean shift."""
+    lines = []
+    keyed: dict[tuple[str, float], list[dict[str, Any]]] = {}
+    for r in rows:
+        if r["direction"] != "both":
+            keyed.setdefault((r["method"], r["kl_level"]), []).append(r)
+    for (method, level), points in keyed.items():
+        measured = [p for p in points if not math.isnan(p["shift"])]
+        asked = sum(p["ci_low"] > 0 for p in measured)
+        beats = sum(p.get("vs_random_ci_low", -math.inf) > 0 for p in measured)
+        mean = sum(p["shift"] for p in measured) / len(measured) if measured else math.nan
+        lines.append(f"- {method} at KL {level:g}: moved as asked in {asked}/{len(points)}"
+                     + (f", beats random neurons in {beats}/{len(points)}" if any("vs_random" in p for p in points) else "")
+                     + f", mean shift {mean:+.3f}")
+    persona = [r["shift"] for r in rows if r["direction"] == "both"]
+    if persona:
+        lines.append(f"- persona reference (high-low)/2: mean {sum(persona) / len(persona):+.3f}")
+    return lines
+
+
+def _stage_note(rows: list[dict[str, Any]]) -> str:
+    """Where the run's time went, summed over traits (``stages.csv`` has it per trait).
+
+    Example:
+        >>> _stage_note([{"trait": "o", "stage": "KL curves", "seconds": 61.2}, {"trait": "o", "stage": "other", "seconds": 2}])
+        ' (KL curves 61 s, other 2 s)'
+    """
+    from dpn_lens.evaluation.stage_times import stage_seconds
+
+    totals = stage_seconds(rows)
+    return f" ({', '.join(f'{name} {seconds:.0f} s' for name, seconds in totals.items())})" if totals else ""
+
+
+def write_control_outputs(result: dict[str, Any], out: str | Path, png: bool = True) -> list[Path]:
+    """Write every table and figure of ``result`` into ``out``; returns the written paths."""
+    from dpn_lens.figures import save_figure
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = [write_json_atomic(out / "control.json", result),
+               write_result_table(control_rows(result), out / RESULT_TABLE)]
+    if result.get("validation"):        # a run with a finished trait: its long table, rendered
+        written += write_results_report(out)
+    for name in ("validation", "calibrated", "goal", "gamma_zero", "costs", "curves", "matched_cost", "matched_summary",
+                 "sweep", "generation", "stages"):
+        if result.get(name):
+            written.append(write_csv_atomic(out / f"{name}.csv", result[name]))
+    meta = result["meta"]
+    config = meta["config"]
+    zero = result.get("gamma_zero", [])
+    lines = [f"# Trait control on {meta['model']} ({meta['dtype']})", "",
+             f"{len(config['traits'])} traits; up to {config['pairs']} preference pairs per trait (the model's own answers "
+             f"under held-out PersonalityBench personas, at most {config['max_new_tokens']} tokens); gammas "
+             f"{', '.join(f'{g:g}' for g in config['gammas'])} for KL and perplexity ({meta['probe_tokens']} probe tokens, "
+             f"{'the BOS token before them unedited' if config.get('kl_skip_context') else 'the BOS token before them edited too'}); "
+             f"the shift is measured where each curve reaches KL {', '.join(f'{t:g}' for t in config['kl_levels'])}. "
+             f"Run time {meta['seconds']:.0f} s{_stage_note(result.get('stages', []))}.", "",
+             "Shifts are mean per-token log p(high answer) - log p(low answer), in nats/token, signed by the direction "
+             "(positive = moved as asked), with 95% percentile-bootstrap intervals over pairs; `*` = interval excludes 0.", "",
+             "## Positive control (the metric's validation)", "",
+             "Persona effect per pair = (margin under a high persona - margin under a low persona) / 2, with "
+             "descriptions the pairs were not generated with. The metric can judge a trait only if this is > 0.", "",
+             _validation_table(result["validation"]), "",
+             f"## Selection rules at KL {config['target_kl']:g}: which steers?", "",
+             "Per rule (the same `±gamma * s` edit on the neurons each rule selects): trait-directions whose shift "
+             "interval lies above 0 (as asked) or below it (wrong way), that beat the rule's own random-neuron control "
+             f"(rule - random interval above 0), and the mean shift beside CAA's at the same KL. Goal: at least 8 of 10 "
+             "as asked and beating random neurons, with a mean shift at least CAA's.", "",
+             _goal_table(result.get("goal", [])), "",
+             "## Each rule at its calibrated gamma", "",
+             f"gamma read off each rule's KL curve at KL {config['target_kl']:g}, then measured there; the random-neuron "
+             f"control puts the same deltas (same gamma) on random neurons of the same layers, "
+             f"{config.get('random_draws', 1)} draws (intervals over draws and pairs); `rule - random` is their paired "
+             "difference.", "",
+             _calibrated_table(result["calibrated"]), ""]
+    skipped = meta.get("skipped", {})
+    if skipped:
+        lines += ["Not steered (validated above, nothing to edit): "
+                  + "; ".join(f"{trait}: {reason}" for trait, reason in skipped.items()) + ".", ""]
+    if zero:
+        lines += ["Gamma 0 (the DPN-LE edit scaled to 0 through the same hooks): "
+                  + ", ".join(f"{r['trait']} {r['shift']:+.2g}" for r in zero) + ". KL noise floor (gamma 0.001, "
+                  "rounding alone): " + ", ".join(f"{r['trait']} {r['kl_floor']:.4f}" for r in zero if "kl_floor" in r), ""]
+    summary, detail = _matched_tables(result)
+    lines += ["## Matched cost: shift at a given KL", "",
+              "Each method's shift measured at the gamma where its KL curve reaches the level (n/a: never reached on "
+              "the grid). `reached / CI>0`: trait-directions where the curve reached that KL / where the interval lies "
+              "above 0. The random-neuron rows are measured at DPN-LE's gammas (their own KL is in the points table).",
+              "", summary, "", "Best first:", "", *_best_by_target(result), "",
+              "### Per trait and direction", "", detail, "",
+              *(["## How sparse can steering be? (budget sweep)", "",
+                 f"Each rule re-selected at k neurons (DPN-LE: q = 1 - k / searched neurons, then |d| > tau_d), gamma "
+                 f"calibrated to KL {config['target_kl']:g} per trait-direction; `all` = every candidate neuron.", "",
+                 markdown_table(sparsity_rows(result)), ""] if result.get("sweep") else []),
+              *(["## Generation-based check", "",
+                 "Greedy answers (no persona) under each edit at decode steps, scored by the unsteered model: mean "
+                 "per-token log p(answer | high persona) - log p(answer | low persona) (held-out personas). Shift = "
+                 "steered minus unsteered answer's score per question, signed; persona reference = (score of the "
+                 "pairs' high-persona answer - low-persona answer) / 2.", "", *_generation_summary(result["generation"]),
+                 "", _generation_table(result["generation"]), ""] if result.get("generation") else []),
+              "## Dose-response points", "",
+              markdown_table([{k: r[k] for k in ("trait", "direction", "method", "kl_level", "gamma", "n_edited", "kl", "ppl",
+                                                 "shift", "ci_low", "ci_high", "p")} for r in result["curves"]], digits=4), ""]
+    written.append(write_text_atomic(out / "control.md", "\n".join(lines)))
+    figures = {"tradeoff_kl": tradeoff_figure(result["curves"], "kl"), "tradeoff_ppl": tradeoff_figure(result["curves"], "ppl"),
+               "cost_by_gamma": cost_figure(result["costs"])}
+    if result.get("sweep"):
+        figures["sparsity"] = sparsity_figure({meta["model"]: result})
+    for name, figure in figures.items():
+        try:
+            written += save_figure(figure, out, name, png=png)
+        except RuntimeError as error:  # no Chromium: the HTML is written before the PNG fails
+            print(f"PNG of {name} skipped: {error}")
+            written.append(out / f"{name}.html")
+    return written
