@@ -512,3 +512,32 @@ def test_runs_on_different_traits_merge_into_the_run_over_all_of_them(tiny_folde
         merge_control_results([old, e])
     assert main(["control", "--merge", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]) == 2
     assert "no control.json" in capsys.readouterr().err
+
+
+def test_a_budget_points_bracket_search_reads_the_gamma_of_the_whole_curve_in_fewer_probes(tiny_model):
+    """The budget sweep's bracket search (``control._bracket_curve``) against the whole-grid curve the
+    sweep ran before (``control._cost_curve``), on real edits of the tiny model at three budgets and both
+    directions: the same gamma at the target KL (to 1e-9), with fewer probe passes."""
+    from dpn_lens.evaluation.control import _bracket_curve, _cost_curve, _level_gammas
+
+    probe = KLProbe(tiny_model, probe_chunks(tiny_model, 2, 24))
+    config = ControlConfig(gammas=[0.0625, 0.125, 0.25, 0.5, 1, 2, 4, 8, 16, 32], kl_levels=[0.01], target_kl=0.01)
+    full_probes = bracket_probes = reached = 0
+    for layers in ({1: [3]}, {1: [0, 3, 5], 2: [2, 9]}, {1: list(range(0, 40, 3)), 2: list(range(1, 40, 4))}):
+        neuron_map = make_map("extraversion", layers, {2: [4, 6]}, [1, 2], n_layers=int(tiny_model.cfg.n_layers),
+                              d_mlp=int(tiny_model.cfg.d_mlp), fingerprint=model_fingerprint(tiny_model).to_dict())
+        for direction in ("increase", "decrease"):
+            def edit_at(gamma, direction=direction, neuron_map=neuron_map):
+                return steering_intervention(neuron_map, gamma, direction)
+
+            whole = _cost_curve(edit_at, probe, config, {})
+            bracket = _bracket_curve(edit_at, probe, config)
+            expected = _level_gammas(whole, [0.01]).get(0.01)
+            found = _level_gammas(bracket, [0.01]).get(0.01)
+            assert (expected is None) == (found is None)
+            if expected is not None:
+                assert found == pytest.approx(expected, rel=1e-9)
+                reached += 1
+            full_probes += len(whole)
+            bracket_probes += len(bracket)
+    assert reached >= 4 and bracket_probes < full_probes / 2
