@@ -511,8 +511,7 @@ def run_control(model: Any, config: ControlConfig, log: Callable[[str], None] = 
                 raise RuntimeError(f"{trait}: only {len(pairs)} usable preference pairs of {held.n_drawn} drawn; "
                                    "raise --eval-pairs")
             # The questions run once per trait; every edit below runs only the answers (the margin's PairScorer).
-            with clock.stage("persona control"):
-                base, high, low, persona = persona_control(model, held, margin)
+            base, high, low, persona = persona_control(model, held, margin, clock)
             bar.step(3, f"{trait} controls")
             persona_items = (high - low) / 2
             parts["validation"].append(_validation_row(held, base, high, low, persona))
@@ -861,17 +860,22 @@ def goal_rows(calibrated: Sequence[dict[str, Any]], matched: Sequence[dict[str, 
     return rows
 
 
-def persona_control(model: Any, held: HeldOutPairs, margin: PreferenceMargin | None = None
-                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, PairedEffect]:
+def persona_control(model: Any, held: HeldOutPairs, margin: PreferenceMargin | None = None,
+                    clock: StageClock | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, PairedEffect]:
     """The positive control of one trait's pairs: margins without a persona, under the high and under the
     low personas, and the persona effect ``(high - low) / 2`` with its interval (module note).
 
     ``margin``: the metric that will score the edits; the unsteered margins are measured last, so it is
-    left prepared for ``held.pairs`` without a persona (each question runs once for all the edits)."""
+    left prepared for ``held.pairs`` without a persona (each question runs once for all the edits).
+    ``clock``: the persona passes count as ``persona control``, the unsteered pass, which prepares the
+    questions every edit reuses, as ``answer scoring`` (as the plan counts them)."""
     margin = PreferenceMargin() if margin is None else margin
-    high = margin.score(model, None, held.pairs, persona=held.high_personas).per_item
-    low = margin.score(model, None, held.pairs, persona=held.low_personas).per_item
-    base = margin.score(model, None, held.pairs).per_item
+    clock = StageClock() if clock is None else clock
+    with clock.stage("persona control"):
+        high = margin.score(model, None, held.pairs, persona=held.high_personas).per_item
+        low = margin.score(model, None, held.pairs, persona=held.low_personas).per_item
+    with clock.stage("answer scoring"):
+        base = margin.score(model, None, held.pairs).per_item
     return base, high, low, paired_effect(high / 2, low / 2)  # type: ignore[operator]
 
 
