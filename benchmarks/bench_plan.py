@@ -13,6 +13,11 @@ It prints predicted, measured and predicted/measured for time and memory (target
 ``--stage control`` does the same for ``dpn-lens control``: it measures control's costs
 (``dpn_lens.plan_control.measure_control_costs``), plans the run (``plan_control``) and times
 ``dpn-lens control`` with those settings (``--run`` and ``--pairs-cached`` as the run will find them).
+It prints the plan beside the run's recorded seconds, stage by stage.
+
+``--stage sample-rate`` checks one suspect of the control plan's error, side by side in one process: the
+answer-scoring rate (answer tokens/s) on the plan's sample size (``--measure-prompts``, control's
+measurement uses 12) and on a run's (``--eval-pairs``), and the time of a 1-token forward call.
 
 Usage::
 
@@ -20,6 +25,7 @@ Usage::
     python benchmarks/bench_plan.py --model gemma-3-270m --traits openness,neuroticism --n-pairs 100
     python benchmarks/bench_plan.py --model path/to/tiny-folder --traits openness --n-pairs 4 --measure-prompts 4   # smoke run
     python benchmarks/bench_plan.py --stage control --model smollm2-135m-instruct --traits openness --methods dpn-le,attribution-t,caa --run results/control-smollm2-135m-instruct-rules/maps --data-dir ../shared/data
+    python benchmarks/bench_plan.py --stage sample-rate --model smollm2-135m-instruct --measure-prompts 12 --eval-pairs 64
 """
 
 from __future__ import annotations
@@ -79,7 +85,7 @@ def parser() -> argparse.ArgumentParser:
     options.add_argument("--n-pairs", type=int, default=100)
     options.add_argument("--dtype", default="float32")
     options.add_argument("--measure-prompts", type=int, default=24, help="pairs the machine's costs are measured on")
-    options.add_argument("--stage", choices=("locate", "control"), default="locate")
+    options.add_argument("--stage", choices=("locate", "control", "sample-rate"), default="locate")
     options.add_argument("--methods", default="dpn-le,caa", help="control's methods (--stage control)")
     options.add_argument("--eval-pairs", "--pairs", type=int, default=64, help="control's held-out pairs per trait")
     options.add_argument("--run", "--maps", default=None, help="control's run or maps folder (None: located in the run)")
@@ -159,6 +165,47 @@ def stage_comparison(plan: Any, run: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def sample_rate_main(args: argparse.Namespace) -> dict[str, Any]:
+    """Answer tokens/s of one answer-scoring pass on the sample's pairs and on a run's, alternated twice,
+    each the best of 3 passes; and a 1-token forward call's seconds."""
+    import torch
+
+    from dpn_lens.evaluation.preference import PairScorer
+    from dpn_lens.models import load_model
+    from dpn_lens.plan_control import sample_pairs
+    from dpn_lens.steering import Intervention
+
+    model = load_model(args.model, dtype=args.dtype)
+    pairs, _, _ = sample_pairs(model, max(args.measure_prompts, args.eval_pairs), 48)
+    delta = torch.zeros(int(model.cfg.d_mlp))
+    delta[:16] = 0.5
+    edit = Intervention({int(model.cfg.n_layers) // 2: delta}, positions="all")
+    rows = []
+    for n in (args.measure_prompts, args.eval_pairs) * 2:
+        scorer = PairScorer(model, pairs[:n])
+        scorer.margins(edit)                                              # warm-up (and the questions' cache)
+        tokens = sum(len(model.tokenizer.encode(text)) for pair in pairs[:n] for text in (pair.high_answer, pair.low_answer))
+        seconds = min(_timed(lambda: scorer.margins(edit)) for _ in range(3))
+        rows.append({"pairs": n, "answer tokens": tokens, "seconds per pass": seconds, "tokens/s": tokens / seconds})
+    one = torch.tensor([[int(model.tokenizer.bos_token_id or 0)]])
+    with torch.inference_mode():
+        call = min(_timed(lambda: model(one)) for _ in range(5))
+    small = [row["tokens/s"] for row in rows if row["pairs"] == args.measure_prompts]
+    large = [row["tokens/s"] for row in rows if row["pairs"] == args.eval_pairs]
+    result = {"stage": "sample-rate", "model": args.model, "rows": rows, "call_seconds": call,
+              "run_rate_over_sample_rate": (sum(large) / len(large)) / (sum(small) / len(small))}
+    print(markdown_table(rows))
+    print(f"1-token forward call: {call:.3f} s; a run's rate / the sample's: {result['run_rate_over_sample_rate']:.2f}")
+    print(json.dumps(result))
+    return result
+
+
+def _timed(function: Any) -> float:
+    started = time.perf_counter()
+    function()
+    return time.perf_counter() - started
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser().parse_args(argv)
     from dpn_lens.pipeline import parse_traits
@@ -166,6 +213,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     traits = parse_traits(args.traits)
     if args.stage == "control":
         return control_main(args, traits)
+    if args.stage == "sample-rate":
+        return sample_rate_main(args)
     started = time.perf_counter()
     costs = measure_costs(args.model, dtype=args.dtype, n_prompts=args.measure_prompts, save=False)
     measuring = time.perf_counter() - started

@@ -39,7 +39,7 @@ from typing import Any, Sequence
 from dpn_lens.plan import (BYTES, GPU_SIZES_GIB, MachineCosts, ModelShape, RunPlan, StagePlan, costs_file, read_costs,
                            model_shape, status_bytes, timed)
 
-__all__ = ["ControlSettings", "ControlWork", "ControlCosts", "control_work", "measure_control_costs",
+__all__ = ["ControlSettings", "ControlWork", "ControlCosts", "control_work", "measure_control_costs", "sample_pairs",
            "saved_control_costs", "plan_control", "plan_control_run"]
 
 DIRECTIONS = 2
@@ -205,7 +205,7 @@ def saved_control_costs(device: str, dtype: str, threads: int) -> ControlCosts |
     return read_costs(ControlCosts, costs_file(device, dtype, threads, "control"))
 
 
-def _sample_pairs(model: Any, n: int, max_new_tokens: int) -> tuple[list[Any], list[list[int]], float]:
+def sample_pairs(model: Any, n: int, max_new_tokens: int) -> tuple[list[Any], list[list[int]], float]:
     """``n`` pairs whose answers are the model's own greedy answers to embedded questions (for timing, any
     two answers make a pair), their questions as rendered token ids, and the answers' mean fill of
     ``max_new_tokens``."""
@@ -243,7 +243,7 @@ def measure_control_costs(model_spec: str, device: str = "cpu", dtype: str = "fl
     shape = model_shape(model_spec)
     model = load_model(model_spec, dtype=dtype, device=None if device == "cpu" else device)
     loaded = status_bytes("VmRSS")
-    pairs, prompts, fill = _sample_pairs(model, n_pairs, max_new_tokens)
+    pairs, prompts, fill = sample_pairs(model, n_pairs, max_new_tokens)
     personas = ["You are outgoing, talkative and full of energy.", "You are quiet, reserved and keep to yourself."]
     persona_prompts = [encode(model, render_for_model(model, render_roleplay_prompt(personas[i % 2], pair.question)))
                        for i, pair in enumerate(pairs)]

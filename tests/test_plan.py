@@ -374,3 +374,20 @@ def test_control_work_counts_the_budget_sweep_and_the_generation_check(tiny_mode
                             "budget sweep", "generation check", "other"]
     assert all(seconds >= 0 for seconds in stages.values()) and stages["KL curves"] > 0
     assert sum(stages.values()) <= result["meta"]["seconds"] + 1e-6
+
+
+def test_the_plan_benchmark_compares_the_sample_rate_with_a_runs(tiny_folder, tmp_path, monkeypatch):
+    """benchmarks/bench_plan.py --stage sample-rate on the tiny model: both sizes timed twice, a call timed."""
+    import importlib.util
+    from pathlib import Path
+
+    monkeypatch.setenv("DPN_LENS_CACHE", str(tmp_path / "cache"))
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_plan.py"
+    spec = importlib.util.spec_from_file_location("bench_plan", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    result = module.main(["--stage", "sample-rate", "--model", str(tiny_folder), "--measure-prompts", "2",
+                          "--eval-pairs", "4"])
+    assert [row["pairs"] for row in result["rows"]] == [2, 4, 2, 4]
+    assert all(row["answer tokens"] > 0 and row["seconds per pass"] > 0 for row in result["rows"])
+    assert result["call_seconds"] > 0 and result["run_rate_over_sample_rate"] > 0
