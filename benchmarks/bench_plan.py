@@ -42,7 +42,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))      # the package beside benchmarks/
 
 from dpn_lens.io import markdown_table  # noqa: E402
-from dpn_lens.plan import measure_costs, plan_locate  # noqa: E402
+from dpn_lens.plan import measure_costs, plan_locate, timed  # noqa: E402
 
 _RUN_AND_REPORT = """
 import json, resource, subprocess, sys, time
@@ -156,7 +156,7 @@ def stage_comparison(plan: Any, run: dict[str, Any]) -> list[dict[str, Any]]:
     measured["start-up and model load"] = run["seconds"] - run["run_seconds"]
     rows = []
     for stage in plan.stages:
-        name = "locate" if stage.name.startswith("locate") else stage.name.split(" (")[0]
+        name = stage.name.split(" (")[0]          # "KL curves (2 traits)", "locate (DPN-LE maps)"
         seen = measured.pop(name, None)
         rows.append({"stage": name, "predicted s": stage.seconds, "measured s": seen,
                      "ratio": round(stage.seconds / seen, 2) if stage.seconds and seen else None})
@@ -185,11 +185,11 @@ def sample_rate_main(args: argparse.Namespace) -> dict[str, Any]:
         scorer = PairScorer(model, pairs[:n])
         scorer.margins(edit)                                              # warm-up (and the questions' cache)
         tokens = sum(len(model.tokenizer.encode(text)) for pair in pairs[:n] for text in (pair.high_answer, pair.low_answer))
-        seconds = min(_timed(lambda: scorer.margins(edit)) for _ in range(3))
+        seconds = min(timed(lambda: scorer.margins(edit)) for _ in range(3))
         rows.append({"pairs": n, "answer tokens": tokens, "seconds per pass": seconds, "tokens/s": tokens / seconds})
     one = torch.tensor([[int(model.tokenizer.bos_token_id or 0)]])
     with torch.inference_mode():
-        call = min(_timed(lambda: model(one)) for _ in range(5))
+        call = min(timed(lambda: model(one)) for _ in range(5))
     small = [row["tokens/s"] for row in rows if row["pairs"] == args.measure_prompts]
     large = [row["tokens/s"] for row in rows if row["pairs"] == args.eval_pairs]
     result = {"stage": "sample-rate", "model": args.model, "rows": rows, "call_seconds": call,
@@ -198,12 +198,6 @@ def sample_rate_main(args: argparse.Namespace) -> dict[str, Any]:
     print(f"1-token forward call: {call:.3f} s; a run's rate / the sample's: {result['run_rate_over_sample_rate']:.2f}")
     print(json.dumps(result))
     return result
-
-
-def _timed(function: Any) -> float:
-    started = time.perf_counter()
-    function()
-    return time.perf_counter() - started
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -17,8 +17,8 @@ A cost is a rate, FLOPs per second of that kind of work (decode steps: a fixed c
 rate), so the same measurement plans a larger model's run on this machine; a GPU's run needs a
 measurement on that GPU. Curves are counted over the whole γ grid: a curve stops early once its KL
 passes 2 nats/token, so the time is an upper bound there. The budget sweep (``--k-sweep``) is counted as
-bracket searches (``BRACKET_PROBES`` probe passes each, an estimate) and points, the generation check (``--generation``) as decode steps and persona-scored answer
-sets. Not planned: NPTI's preparation.
+bracket searches (``BRACKET_PROBES`` probe passes each, an estimate) and points, the generation check
+(``--generation``) as decode steps and persona-scored answer sets. Not planned: NPTI's preparation.
 
 Example:
     >>> from dpn_lens.evaluation.control import ControlConfig
@@ -129,7 +129,7 @@ def _generation_questions(config: Any, run: dict[str, Any] | None) -> int:
 
 
 BRACKET_PROBES = 3
-"""Probe passes a budget point's bracket search (``calibrate._kl_bracket``) typically makes: its first
+"""Probe passes a budget point's bracket search (``calibrate_gamma``) typically makes: its first
 grid point, the one its KL-grows-like-gamma^2 prediction names, and the neighbour that brackets the target
 (measured: 2-3 per point that reaches the target on the tiny model; more where the target lies off the grid)."""
 

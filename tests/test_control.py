@@ -515,10 +515,10 @@ def test_runs_on_different_traits_merge_into_the_run_over_all_of_them(tiny_folde
 
 
 def test_a_budget_points_bracket_search_reads_the_gamma_of_the_whole_curve_in_fewer_probes(tiny_model):
-    """The budget sweep's bracket search (``control._bracket_curve``) against the whole-grid curve the
-    sweep ran before (``control._cost_curve``), on real edits of the tiny model at three budgets and both
-    directions: the same gamma at the target KL (to 1e-9), with fewer probe passes."""
-    from dpn_lens.evaluation.control import _bracket_curve, _cost_curve, _level_gammas
+    """The budget sweep's bracket search (``calibrate_gamma`` as ``control._budget_sweep`` calls it) against
+    the whole-grid curve the sweep ran before (``control._cost_curve``), on real edits of the tiny model at
+    three budgets and both directions: the same gamma at the target KL (to 1e-9), with fewer probe passes."""
+    from dpn_lens.evaluation.control import _cost_curve, _level_gammas
 
     probe = KLProbe(tiny_model, probe_chunks(tiny_model, 2, 24))
     config = ControlConfig(gammas=[0.0625, 0.125, 0.25, 0.5, 1, 2, 4, 8, 16, 32], kl_levels=[0.01], target_kl=0.01)
@@ -531,9 +531,11 @@ def test_a_budget_points_bracket_search_reads_the_gamma_of_the_whole_curve_in_fe
                 return steering_intervention(neuron_map, gamma, direction)
 
             whole = _cost_curve(edit_at, probe, config, {})
-            bracket = _bracket_curve(edit_at, probe, config)
+            calibration = calibrate_gamma(tiny_model, edit_at=edit_at, probe=probe, target_kl=config.target_kl,
+                                          gammas=config.gammas)
+            bracket = calibration.points
             expected = _level_gammas(whole, [0.01]).get(0.01)
-            found = _level_gammas(bracket, [0.01]).get(0.01)
+            found = calibration.gamma if calibration.reached else None
             assert (expected is None) == (found is None)
             if expected is not None:
                 assert found == pytest.approx(expected, rel=1e-9)

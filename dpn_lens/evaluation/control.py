@@ -38,7 +38,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from dpn_lens.effect.rules import EFFECT_RULES, RULE_NAMES, SELECTION_PAIRS, reselect_top
-from dpn_lens.evaluation.calibrate import (DEFAULT_TARGET_KL, GAMMA_GRID, MAX_KL, CurvePoint, _kl_bracket, gamma_at,
+from dpn_lens.evaluation.calibrate import (DEFAULT_TARGET_KL, GAMMA_GRID, MAX_KL, calibrate_gamma, gamma_at,
                                           probe_chunks, sweep_edit)
 from dpn_lens.evaluation.controls import random_neuron_control
 from dpn_lens.evaluation.intervals import PairedEffect, draws_effect, fraction_recovered, paired_effect
@@ -349,19 +349,6 @@ def _cost_curve(edit_at: Callable[[float], Edit], probe: Callable[[Edit], tuple[
     return [{**label, "gamma": g, "kl": costs[g][0], "ppl": costs[g][1]} for g in sorted(costs)]
 
 
-def _bracket_curve(edit_at: Callable[[float], Edit], probe: Callable[[Edit], tuple[float, float]],
-                   config: ControlConfig) -> list[dict[str, Any]]:
-    """The few grid points around ``target_kl`` (``calibrate._kl_bracket``): a budget point needs the gamma at
-    the target only, not the whole dose-response, and on a KL curve that rises with gamma the bracket
-    gives the gamma the whole grid gives, in about a third of the probe passes."""
-    def measure(gamma: float) -> CurvePoint:
-        kl, ppl = probe(sweep_edit(edit_at, gamma))
-        return CurvePoint(gamma, kl, ppl)
-
-    points = _kl_bracket(measure, sorted(config.gammas), config.target_kl, MAX_KL)
-    return [{"gamma": p.gamma, "kl": p.kl, "ppl": p.ppl} for p in points]
-
-
 def _level_gammas(cost: Sequence[dict[str, Any]], kl_levels: Sequence[float]) -> dict[float, float]:
     """The gamma at which a cost curve first reaches each KL level (levels it never reaches are left out)."""
     gammas, kls = [p["gamma"] for p in cost], [p["kl"] for p in cost]
@@ -540,9 +527,9 @@ def run_control(model: Any, config: ControlConfig, log: Callable[[str], None] = 
                     on_trait(result_so_far())
                 continue
             context = TraitContext(trait, neuron_map)
-            selects = any(rule != "dpn-le" for rule in effect_rules_needed(methods))
-            with clock.stage("selection") if selects else contextlib.nullcontext():
-                chosen = rule_maps(model, neuron_map, effect_rules_needed(methods), maps_dir=config.maps_dir,
+            needed = effect_rules_needed(methods)
+            with clock.stage("selection") if any(rule != "dpn-le" for rule in needed) else contextlib.nullcontext():
+                chosen = rule_maps(model, neuron_map, needed, maps_dir=config.maps_dir,
                                    n_pairs=config.selection_pairs, seed=config.seed, budget=config.budget,
                                    memo=context.memo, log=log)
             for rule, (rule_map, loaded) in chosen.items():
@@ -663,15 +650,18 @@ def _budget_sweep(run: _TraitRun, rules: Sequence[str], config: ControlConfig, l
                 def edit_at(gamma: float, chosen: NeuronMap = chosen, direction: str = direction) -> Edit:
                     return edit_of(chosen, gamma, direction, "both")
 
-                cost = _bracket_curve(edit_at, run.cost, config)
-                gamma = _level_gammas(cost, [config.target_kl]).get(config.target_kl)
-                row["curve_points"] = len(cost)          # probe passes of its curve (the plan counts them)
-                if gamma is None:
+                # A budget point needs the gamma at the target KL only, not the whole dose-response: the
+                # calibration's bracket search probes the few grid points around it (the whole grid's gamma
+                # on a KL curve that rises with gamma, in about a third of the probe passes).
+                calibration = calibrate_gamma(run.model, edit_at=edit_at, probe=run.cost, target_kl=config.target_kl,
+                                              gammas=config.gammas)
+                row["curve_points"] = len(calibration.points)   # probe passes of its search (the plan counts them)
+                if not calibration.reached:
                     rows.append({**row, "n_edited": chosen.n_selected(), "reached": False,
-                                 "max_kl": max(p["kl"] for p in cost)})
+                                 "max_kl": max(p.kl for p in calibration.points)})
                 else:
-                    point, _ = run.measure(sweep_edit(edit_at, gamma), direction_sign(direction))
-                    rows.append({**row, "reached": True, "gamma": gamma, **point})
+                    point, _ = run.measure(sweep_edit(edit_at, calibration.gamma), direction_sign(direction))
+                    rows.append({**row, "reached": True, "gamma": calibration.gamma, **point})
                 run.bar.step(1, f"{trait} sweep {rule} k={row['k']} {direction}")
     log(f"{trait}: budget sweep done ({len(rows)} points)")
     return rows
