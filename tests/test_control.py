@@ -390,6 +390,52 @@ def test_rule_maps_reuse_a_saved_map_of_the_same_seed_and_select_anew_for_anothe
     assert any("selected on pairs of seed 0, not 1; selecting anew" in line for line in lines)
 
 
+def test_rule_maps_select_anew_for_another_pair_count_and_reselect_another_budget_from_saved_scores(tiny_model, tmp_path):
+    """`control --selection-pairs 512 --run DIR` once silently reused DIR's 128-pair selection, and
+    `--budget K` DIR's map at its own budget."""
+    from dpn_lens.effect.rules import effect_map, effect_scores
+    from dpn_lens.evaluation.trait_maps import rule_maps, trait_map
+
+    base = trait_map(tiny_model, "openness", locate_pairs=40, tau_d=0.3, log=lambda line: None)
+    lines: list[str] = []
+    made = rule_maps(tiny_model, base, ["attribution-t"], n_pairs=4, seed=0, log=lines.append)["attribution-t"][0]
+    assert made.selection["requested_pairs"] == 4
+    (tmp_path / "attribution-t").mkdir()
+    made.save(tmp_path / "attribution-t" / "openness.safetensors")
+
+    more = rule_maps(tiny_model, base, ["attribution-t"], maps_dir=tmp_path, n_pairs=6, seed=0, log=lines.append)
+    assert more["attribution-t"][1] is False and more["attribution-t"][0].selection["requested_pairs"] == 6
+    assert any("was selected from 4 selection pairs, not 6; selecting anew" in line for line in lines)
+
+    k = made.n_selected() + 2
+    smaller, loaded = rule_maps(tiny_model, base, ["attribution-t"], maps_dir=tmp_path, n_pairs=4, seed=0, budget=k,
+                                log=lines.append)["attribution-t"]
+    fresh = effect_map(base, effect_scores(tiny_model, base, "attribution-t", n_pairs=4, seed=0), k)
+    assert loaded is False and smaller.n_selected() == k and any("taking the top" in line for line in lines)
+    for layer in fresh.layers:
+        assert smaller.high[layer].tolist() == fresh.high[layer].tolist()
+        assert smaller.low[layer].tolist() == fresh.low[layer].tolist()
+
+
+def test_rule_maps_take_a_legacy_maps_kept_pair_count_as_its_request_only_when_close_below_it(tiny_model, tmp_path):
+    # Maps saved before `requested_pairs` existed record only the pairs kept after dropping identical ones.
+    import dataclasses
+
+    from dpn_lens.evaluation.trait_maps import rule_maps, trait_map
+
+    base = trait_map(tiny_model, "openness", locate_pairs=40, tau_d=0.3, log=lambda line: None)
+    made = rule_maps(tiny_model, base, ["attribution-t"], n_pairs=4, seed=0, log=lambda line: None)["attribution-t"][0]
+    legacy = dataclasses.replace(made, selection={key: value for key, value in made.selection.items()
+                                                  if key != "requested_pairs"} | {"selection_pairs": 120})
+    (tmp_path / "attribution-t").mkdir()
+    legacy.save(tmp_path / "attribution-t" / "openness.safetensors")
+    lines: list[str] = []
+    reused = rule_maps(tiny_model, base, ["attribution-t"], maps_dir=tmp_path, n_pairs=128, seed=0, log=lines.append)
+    assert reused["attribution-t"][1] is True
+    again = rule_maps(tiny_model, base, ["attribution-t"], maps_dir=tmp_path, n_pairs=4, seed=0, log=lines.append)
+    assert again["attribution-t"][1] is False and any("from 120 selection pairs, not 4" in line for line in lines)
+
+
 def test_a_trait_whose_map_selects_no_neurons_is_skipped_and_the_others_still_count(tiny_model, tmp_path, monkeypatch):
     # Answer-token statistics from few pairs can leave a trait without neurons; that is a result for that
     # trait, and must not throw away the traits measured before and after it.

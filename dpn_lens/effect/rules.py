@@ -188,12 +188,16 @@ def _attribution(model: Any, base: NeuronMap, pairs: Sequence[Any] | None, n_pai
     from dpn_lens.effect.gradients import margin_gradients
     from dpn_lens.effect.pairs import selection_pairs
 
-    if pairs is None:
+    drawn = pairs is None
+    if drawn:
         pairs = selection_pairs(model, base.trait, n_pairs=n_pairs, seed=seed, max_new_tokens=tokens, log=log,
                                 batch_size=batch)
     gradients = margin_gradients(model, pairs, layers=base.stat_layers)
     per_pair = base.steering_value.float()[None] * gradients.per_pair
-    return per_pair, {"selection_pairs": len(pairs), "pairs_seed": seed, "answer_tokens": tokens,
+    # The kept count can fall below the request (identical or empty answer pairs are dropped), so the
+    # request is recorded too: a saved map is reused only for the same request (trait_maps.rule_maps).
+    return per_pair, {"selection_pairs": len(pairs), "requested_pairs": n_pairs if drawn else len(pairs),
+                      "pairs_seed": seed, "answer_tokens": tokens,
                       "pairs_source": "embedded questions and personas (the model's own greedy answers)"}
 
 
@@ -315,14 +319,25 @@ def effect_map(base: NeuronMap, scores: EffectScores, budget: int | None = None)
     ``budget`` None: ``default_budget(base)`` (DPN-LE's count, at most 0.5% of the MLP neurons); for
     ``dpn-le-attribution`` every candidate (DPN-LE's neurons with positive attribution), at most that.
     """
-    rule = rule_named(scores.rule)
+    budget = resolved_budget(base, scores.rule, scores.scores, budget)
+    return _map_from_scores(base, rule_named(scores.rule).name, scores.scores, budget, scores.details)
+
+
+def resolved_budget(base: NeuronMap, rule: str, scores: Float[Tensor, "n_stat_layers d_mlp"],
+                    budget: int | None = None) -> int:
+    """The neuron count :func:`effect_map` keeps for ``rule``: ``budget`` when given, else
+    ``default_budget(base)``, and for a rule within the dual criterion at most its candidates (finite scores).
+
+    Example:
+        >>> resolved_budget(dpn_map, "attribution-t", scores, 32)     # doctest: +SKIP
+        32
+    """
     if budget is not None:
-        budget = as_int(budget, "budget (neurons to keep)", minimum=1)
-    else:
-        budget = default_budget(base)
-        if rule.within_dual:
-            budget = max(1, min(budget, int(torch.isfinite(scores.scores).sum())))
-    return _map_from_scores(base, rule.name, scores.scores, budget, scores.details)
+        return as_int(budget, "budget (neurons to keep)", minimum=1)
+    budget = default_budget(base)
+    if rule_named(rule).within_dual:
+        budget = max(1, min(budget, int(torch.isfinite(scores).sum())))
+    return budget
 
 
 def select_by_effect(model: Any, base: NeuronMap, rule: str, budget: int | None = None, **score_options: Any

@@ -63,12 +63,13 @@ def rule_maps(model: Any, base: NeuronMap, rules: Sequence[str], *, maps_dir: st
     """``{rule: (map, read from maps_dir)}`` for each effect rule in ``rules`` (``dpn-le`` is ``base`` itself).
 
     A map in ``maps_dir`` must have been made by that rule (``NeuronMap.load(..., rule=...)`` refuses
-    another's) on this model. One selected on pairs of another seed is not reused (a logged line says so):
-    a missing or other-seed map is selected from ``base`` now (``effect.rules``), with
-    ``n_pairs`` selection pairs drawn with ``seed`` and ``budget`` neurons. ``memo`` (one dict per trait)
+    another's) on this model. One selected on other pairs (another seed, or another number of selection
+    pairs) is not reused (a logged line says so): a missing or other-pairs map is selected from ``base``
+    now (``effect.rules``), with ``n_pairs`` selection pairs drawn with ``seed`` and ``budget`` neurons. A
+    saved map of another budget is re-selected at this one from its saved scores. ``memo`` (one dict per trait)
     lets the attribution rules share one gradient pass.
     """
-    from dpn_lens.effect.rules import effect_map, effect_scores, rule_named
+    from dpn_lens.effect.rules import effect_map, effect_scores, reselect_top, resolved_budget, rule_named
     from dpn_lens.run import find_map
 
     result: dict[str, tuple[NeuronMap, bool]] = {}
@@ -80,17 +81,52 @@ def rule_maps(model: Any, base: NeuronMap, rules: Sequence[str], *, maps_dir: st
         path = find_map(maps_dir, base.trait, rule) if maps_dir else None
         if path is not None:
             saved = NeuronMap.load(path, model=model, rule=rule)
-            saved_seed = saved.selection.get("pairs_seed")
-            # A rule selected on other pairs is another draw, not this run's: reusing it would make a
-            # `--seed 1` replication silently repeat seed 0's selection.
-            if saved_seed is None or int(saved_seed) == seed:
-                log(f"{base.trait}: {rule} map from {path}")
-                result[rule] = (saved, True)
+            refusal = _other_selection(saved, rule, n_pairs, seed)
+            if refusal is None:
+                k = resolved_budget(base, rule, saved.effect_score, budget) if saved.effect_score is not None else None
+                if k is None or saved.selection.get("budget") in (None, k):
+                    log(f"{base.trait}: {rule} map from {path}")
+                    result[rule] = (saved, True)
+                    continue
+                # Same pairs, other budget: the saved scores give this budget's map without a model pass.
+                log(f"{base.trait}: {rule} map in {path} kept {saved.selection.get('budget')} neurons; "
+                    f"taking the top {k} of its saved scores")
+                result[rule] = (reselect_top(saved, k), False)
                 continue
-            log(f"{base.trait}: {rule} map in {path} was selected on pairs of seed {saved_seed}, not {seed}; "
-                f"selecting anew")
+            log(f"{base.trait}: {rule} map in {path} {refusal}; selecting anew")
         scores = effect_scores(model, base, rule, n_pairs=n_pairs, seed=seed, memo=memo, log=log)
         chosen = effect_map(base, scores, budget)
         log(f"{base.trait}: {chosen!r}")
         result[rule] = (chosen, False)
     return result
+
+
+# Maps saved before the request was recorded hold only the kept count; drops (identical or empty answer
+# pairs) are a few percent, so a kept count this close below the request is taken as that request.
+_LEGACY_KEPT_FRACTION = 0.8
+
+
+def _other_selection(saved: NeuronMap, rule: str, n_pairs: int | None, seed: int) -> str | None:
+    """Why ``saved`` was selected on other pairs than (``n_pairs``, ``seed``) ask for; None: the same pairs.
+
+    Reusing another draw would make a ``--seed 1`` replication silently repeat seed 0's selection, and a
+    ``--selection-pairs 512`` run silently read a 128-pair selection.
+    """
+    from dpn_lens.effect.defaults import SELECTION_PAIRS
+    from dpn_lens.effect.rules import rule_named
+
+    selection = saved.selection
+    if rule_named(rule).score != "attribution":
+        return None                              # the write rules read no selection pairs
+    saved_seed = selection.get("pairs_seed")
+    if saved_seed is not None and int(saved_seed) != seed:
+        return f"was selected on pairs of seed {saved_seed}, not {seed}"
+    wanted = SELECTION_PAIRS if n_pairs is None else int(n_pairs)
+    requested, kept = selection.get("requested_pairs"), selection.get("selection_pairs")
+    if requested is not None:
+        same = int(requested) == wanted
+    else:
+        same = kept is None or _LEGACY_KEPT_FRACTION * wanted <= int(kept) <= wanted
+    if not same:
+        return f"was selected from {requested if requested is not None else kept} selection pairs, not {wanted}"
+    return None
