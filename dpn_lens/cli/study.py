@@ -1,13 +1,14 @@
-"""``dpn-lens study layers|overlap|multifunction|all|residual|causal``: study figures and tables from a run folder.
+"""``dpn-lens study layers|overlap|multifunction|all|residual|causal|selection``: study figures and tables from a run folder.
 
 Example:
     $ dpn-lens study all --run runs/demo --out figures --data-dir ../shared/data
     $ dpn-lens study overlap --run runs/demo --npti        # also NPTI's neuron sets (generates with the model)
     $ dpn-lens study residual --run runs/demo --out runs/demo/residual   # who writes the trait direction
     $ dpn-lens study causal --run runs/rules --control results/control-rules --out results/causal
+    $ dpn-lens study selection --run runs/demo --selection-pairs 256 --out runs/demo/selection   # would two runs pick the same neurons?
 
-``residual`` and ``causal`` are not part of ``all``: they run the model on fresh prompts or need the
-effect-rule maps of ``dpn-lens locate --select``, and ``all`` makes ``figures/``.
+``residual``, ``causal`` and ``selection`` are not part of ``all``: they run the model on fresh prompts or
+need the effect-rule maps of ``dpn-lens locate --select``, and ``all`` makes ``figures/``.
 """
 
 from __future__ import annotations
@@ -79,13 +80,28 @@ def _causal_options(parser: argparse.ArgumentParser) -> None:
                         help="skip the capability part (it loads the model and reads capability/ of --data-dir)")
 
 
+def _selection_options(parser: argparse.ArgumentParser) -> None:
+    from dpn_lens.effect.rules import EFFECT_RULES, rule_named
+
+    attribution_rules = [name for name in EFFECT_RULES if rule_named(name).score == "attribution"]
+    # bfloat16 as `dpn-lens control` loads the model: the dtype is part of the selection pairs' cache key.
+    add_model_options(parser, default=None, default_dtype="bfloat16",
+                      model_help="model the maps were located on (None: the run's summary.json)")
+    parser.add_argument("--rules", action=CommaList, allowed=attribution_rules, default=["attribution-t"], metavar="RULES",
+                        help=f"comma list of attribution rules ({', '.join(attribution_rules)})")
+    parser.add_argument("--selection-pairs", type=int, default=128,
+                        help="selection pairs per trait, drawn as `dpn-lens control --selection-pairs` draws them")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the selection pairs' draw and of the splits")
+    parser.add_argument("--splits", type=int, default=4, help="random splits into two disjoint halves per half size")
+
+
 def register(subparsers: Any) -> argparse.ArgumentParser:
-    """Add ``study`` (with ``layers``, ``overlap``, ``multifunction``, ``all``, ``residual``, ``causal``) to a
+    """Add ``study`` (with ``layers``, ``overlap``, ``multifunction``, ``all``, ``residual``, ``causal``, ``selection``) to a
     subparsers object."""
     study = subparsers.add_parser("study", help="layer-wise, overlap and multifunctionality studies of a run",
                                   description=__doc__.split("\n\n")[0], formatter_class=FORMATTER)
     inner = study.add_subparsers(dest="study", required=True,
-                                 metavar="{layers,overlap,multifunction,all,residual,causal}")
+                                 metavar="{layers,overlap,multifunction,all,residual,causal,selection}")
     for name, help_text, extras in (
             ("layers", "neuron counts, d and s per layer, top neurons", [_layers_options]),
             ("overlap", "overlap and mutual exclusivity of pole sets, steering-vector correlation",
@@ -96,7 +112,9 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
             ("residual", "share of the residual trait direction written by MLPs, attention and the map's neurons",
              [_model_options, _residual_options]),
             ("causal", "effect-selected neurons vs DPN-LE's: overlap, layers, pole exclusivity, capability cost",
-             [_model_options, _multifunction_options, _causal_options])):
+             [_model_options, _multifunction_options, _causal_options]),
+            ("selection", "would two runs select the same neurons: split-half agreement of an attribution rule",
+             [_selection_options])):
         parser = inner.add_parser(name, help=help_text, description=help_text, formatter_class=FORMATTER)
         _common(parser)
         for add in extras:
@@ -145,6 +163,8 @@ def run_study(args: argparse.Namespace) -> int:
     _check(args, run)
     if args.study == "causal":
         return _run_causal(args, run)
+    if args.study == "selection":
+        return _run_selection(args, run)
     if args.study == "residual":
         from dpn_lens.studies.outputs import residual_study
 
@@ -199,4 +219,20 @@ def _run_causal(args: argparse.Namespace, run: Any) -> int:
             seed=args.seed, random_control=not args.no_random_control, methods=("DPN-LE",))
     causal_study(run, args.out, model, control, config, png=not args.no_png, plotlyjs=args.plotlyjs,
                  log=lambda text: print(text, flush=True))
+    return 0
+
+
+def _run_selection(args: argparse.Namespace, run: Any) -> int:
+    from dpn_lens.effect.reliability import MIN_HALF
+    from dpn_lens.models import load_model
+    from dpn_lens.studies.selection import selection_study
+
+    if args.selection_pairs < 2 * MIN_HALF:
+        raise ValueError(f"--selection-pairs must be at least {2 * MIN_HALF} (two halves of {MIN_HALF})")
+    if args.splits < 1:
+        raise ValueError("--splits must be at least 1")
+    model = load_model(_model_name(args, run), dtype=args.dtype, device=args.device)
+    selection_study(run, args.out, model, rules=args.rules, n_pairs=args.selection_pairs, seed=args.seed,
+                    splits=args.splits, png=not args.no_png, plotlyjs=args.plotlyjs,
+                    log=lambda text: print(text, flush=True))
     return 0

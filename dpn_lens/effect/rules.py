@@ -58,7 +58,7 @@ from dpn_lens.numbers import as_int
 from dpn_lens.localization.settings import LocalizationSettings
 
 __all__ = ["SelectionRule", "SELECTION_RULES", "attribution_statistic", "RULES_BY_NAME", "RULE_NAMES", "EFFECT_RULES", "EffectScores",
-           "effect_scores", "effect_map", "select_by_effect", "reselect_top", "select_top", "default_budget",
+           "effect_scores", "rule_scores", "per_pair_attribution", "resolved_budget", "effect_map", "select_by_effect", "reselect_top", "select_top", "default_budget",
            "MAX_FRACTION", "CONTRASTIVE_PAIRS", "SELECTION_PAIRS", "SELECTION_TOKENS"]
 
 MAX_FRACTION = 0.005
@@ -182,18 +182,29 @@ def attribution_statistic(per_pair: Float[Tensor, "n_pairs n_rows d_mlp"], stati
     return torch.where(error > 0, mean / error.clamp(min=1e-300), torch.zeros_like(mean))
 
 
+def per_pair_attribution(model: Any, base: NeuronMap, pairs: Sequence[Any]) -> Float[Tensor, "n_pairs n_stat_layers d_mlp"]:
+    """Per selection pair, each neuron's first-order effect on the margin, ``s * d(margin)/d(neuron)``.
+
+    Example:
+        >>> per_pair_attribution(model, dpn_map, pairs).shape     # doctest: +SKIP
+        torch.Size([128, 18, 2048])
+    """
+    from dpn_lens.effect.gradients import margin_gradients
+
+    gradients = margin_gradients(model, pairs, layers=base.stat_layers)
+    return base.steering_value.float()[None] * gradients.per_pair
+
+
 def _attribution(model: Any, base: NeuronMap, pairs: Sequence[Any] | None, n_pairs: int, seed: int, tokens: int,
                  batch: int, log: Callable[[str], None] | None) -> tuple[Tensor, dict[str, Any]]:
     """Per selection pair, ``s * d(margin)/d(neuron)``: ``[n_pairs, len(stat_layers), d_mlp]``."""
-    from dpn_lens.effect.gradients import margin_gradients
     from dpn_lens.effect.pairs import selection_pairs
 
     drawn = pairs is None
     if drawn:
         pairs = selection_pairs(model, base.trait, n_pairs=n_pairs, seed=seed, max_new_tokens=tokens, log=log,
                                 batch_size=batch)
-    gradients = margin_gradients(model, pairs, layers=base.stat_layers)
-    per_pair = base.steering_value.float()[None] * gradients.per_pair
+    per_pair = per_pair_attribution(model, base, pairs)
     # The kept count can fall below the request (identical or empty answer pairs are dropped), so the
     # request is recorded too: a saved map is reused only for the same request (trait_maps.rule_maps).
     return per_pair, {"selection_pairs": len(pairs), "requested_pairs": n_pairs if drawn else len(pairs),
@@ -269,8 +280,21 @@ def effect_scores(model: Any, base: NeuronMap, rule: str, *, pairs: Sequence[Any
         raw, details = _write(model, base, chosen, contrastive_pairs, log)
     if memo is not None and pairs is None:
         memo[key] = (raw, details)
-    scores = attribution_statistic(raw, chosen.statistic) if chosen.score == "attribution" else raw.clone()
     details = {**details, "statistic": chosen.statistic} if chosen.score == "attribution" else dict(details)
+    return EffectScores(rule, rule_scores(base, rule, raw), details)
+
+
+def rule_scores(base: NeuronMap, rule: str, raw: Tensor) -> Float[Tensor, "n_stat_layers d_mlp"]:
+    """``rule``'s score of every neuron from its raw values: for an attribution rule the per-pair
+    attributions ``[n_pairs, n_stat_layers, d_mlp]`` (:func:`per_pair_attribution`), reduced by the rule's
+    statistic; for a write rule its scores. ``-inf`` marks what the rule may not pick (``s = 0``, and
+    outside the dual criterion or with a non-positive score for ``dpn-le-attribution``).
+
+    Example:
+        >>> rule_scores(dpn_map, "attribution-t", per_pair_attribution(model, dpn_map, pairs))   # doctest: +SKIP
+    """
+    chosen = rule_named(rule)
+    scores = attribution_statistic(raw, chosen.statistic) if chosen.score == "attribution" else raw.clone()
     scores[base.steering_value == 0] = -math.inf          # an edit of +-gamma * 0 does nothing
     if chosen.within_dual:
         allowed = torch.zeros_like(scores, dtype=torch.bool)
@@ -279,7 +303,7 @@ def effect_scores(model: Any, base: NeuronMap, rule: str, *, pairs: Sequence[Any
             allowed[row, torch.cat([base.high[layer], base.low[layer]])] = True
         # Only neurons whose edit moves the margin as asked (to first order) belong to the causal core.
         scores[~allowed | (scores <= 0)] = -math.inf
-    return EffectScores(rule, scores.to(torch.float32), details)
+    return scores.to(torch.float32)
 
 
 def _layer_thresholds(steering_value: Tensor, stat_layers: Sequence[int], layers: Sequence[int], q: float

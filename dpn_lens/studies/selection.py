@@ -1,0 +1,99 @@
+"""``dpn-lens study selection``: would two runs select the same neurons? Split-half agreement per trait.
+
+For each trait of a run folder (its DPN-LE maps give ``s``, the edit), draw the selection pairs a
+``control`` run would draw (``effect.pairs.selection_pairs``: same model, count and seed, so the cache is
+shared), compute their per-pair attributions once, and measure how alike disjoint halves of them select
+(``effect.reliability``). Writes ``selection_agreement.csv``/``.md`` (a row per trait, rule and half
+size), ``selection_agreement_summary.json`` (the rows and settings) and the figure ``selection_agreement`` (top-k Jaccard against pairs per half, one line per trait,
+chance as dotted lines). No held-out data is read: the study looks only at the selection split.
+
+Example:
+    >>> rows = selection_study(Run.load("runs/demo"), "runs/demo/selection", model, n_pairs=128)   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Literal, Sequence
+
+import plotly.graph_objects as go
+
+import dpn_lens.figures as figures
+from dpn_lens.effect.reliability import SplitAgreement, selection_agreement
+from dpn_lens.io import write_json_atomic
+from dpn_lens.run import Run
+
+__all__ = ["selection_study", "agreement_figure"]
+
+
+def agreement_figure(rows: Sequence[SplitAgreement]) -> go.Figure:
+    """Top-k Jaccard of two disjoint halves against pairs per half: a line per trait and rule, chance dotted.
+
+    Example:
+        >>> row = SplitAgreement("openness", "attribution-t", 64, 4, 80, 36000.0, .3, .2, .1, .3, .001)
+        >>> len(agreement_figure([row]).data)
+        2
+    """
+    fig = go.Figure()
+    groups: dict[tuple[str, str], list[SplitAgreement]] = {}
+    for row in rows:
+        groups.setdefault((row.trait, row.rule), []).append(row)
+    several_rules = len({rule for _, rule in groups}) > 1
+    for (trait, rule), points in groups.items():
+        points = sorted(points, key=lambda row: row.pairs_per_half)
+        name = f"{trait} ({rule})" if several_rules else trait
+        sizes = [row.pairs_per_half for row in points]
+        fig.add_trace(go.Scatter(
+            x=sizes, y=[row.jaccard for row in points], mode="lines+markers", name=name,
+            line={"color": figures.trait_color(trait)},
+            error_y={"type": "data", "symmetric": False,
+                     "array": [row.jaccard_max - row.jaccard for row in points],
+                     "arrayminus": [row.jaccard - row.jaccard_min for row in points]},
+            customdata=[[row.spearman, row.budget, row.splits] for row in points],
+            hovertemplate="%{x} pairs per half: Jaccard %{y:.3f}<br>Spearman %{customdata[0]:.3f}, "
+                          "k %{customdata[1]}, %{customdata[2]} splits<extra>" + name + "</extra>"))
+        fig.add_trace(go.Scatter(x=sizes, y=[row.jaccard_chance for row in points], mode="lines",
+                                 line={"color": figures.trait_color(trait), "dash": "dot", "width": 1},
+                                 name=f"{name}: chance", showlegend=False, hoverinfo="skip"))
+    fig.update_xaxes(type="log", dtick=0.30102999566)   # ticks at powers of two
+    fig.update_yaxes(rangemode="tozero")
+    return figures.style(fig, "Would two runs select the same neurons? Top-k overlap of disjoint halves of the "
+                              "selection pairs", "selection pairs per half", "Jaccard of the two top-k sets")
+
+
+def selection_study(run: Run, out: str | Path, model: Any, rules: Sequence[str] = ("attribution-t",),
+                    n_pairs: int = 128, seed: int = 0, splits: int = 4, png: bool = True,
+                    plotlyjs: Literal["cdn", "directory"] = "cdn",
+                    log: Callable[[str], None] | None = print) -> list[SplitAgreement]:
+    """Split-half agreement of each rule's selection for every trait of ``run`` (module note).
+
+    ``n_pairs`` selection pairs drawn with ``seed`` (as ``dpn-lens control --selection-pairs N --seed S``
+    draws them); ``splits`` random splits per half size.
+    """
+    from dpn_lens.effect.pairs import selection_pairs
+    from dpn_lens.effect.rules import per_pair_attribution
+    from dpn_lens.studies.outputs import _jsonable, write_table
+
+    if not run.maps:
+        raise FileNotFoundError(f"{run.folder} holds no DPN-LE maps; run `dpn-lens locate` first")
+    out = Path(out)
+    rows: list[SplitAgreement] = []
+    for trait, base in run.maps.items():
+        pairs = selection_pairs(model, trait, n_pairs=n_pairs, seed=seed, log=log)
+        per_pair = per_pair_attribution(model, base, pairs)      # one gradient pass, shared by the rules
+        for rule in rules:
+            found = selection_agreement(model, base, rule, pairs, splits=splits, seed=seed, per_pair=per_pair)
+            rows += found
+            if log:
+                log(f"selection: {trait} {rule}, k {found[0].budget}: " + "; ".join(
+                    f"{row.pairs_per_half} pairs per half: Jaccard {row.jaccard:.2f} (chance {row.jaccard_chance:.3f}), "
+                    f"Spearman {row.spearman:.2f}" for row in found[:3]))
+    table = [row.to_dict() for row in rows]
+    write_table(table, out, "selection_agreement")
+    write_json_atomic(out / "selection_agreement_summary.json", _jsonable(
+        {"model": getattr(model, "dpn_model_name", None), "n_pairs": n_pairs, "seed": seed, "splits": splits,
+         "rules": list(rules), "rows": table}))
+    figures.save_figure(agreement_figure(rows), out, "selection_agreement", png, plotlyjs)
+    if log:
+        log(f"selection: wrote selection_agreement.csv/.md, selection_agreement_summary.json and the figure selection_agreement to {out}")
+    return rows
