@@ -576,7 +576,7 @@ def test_a_budget_points_bracket_search_reads_the_gamma_of_the_whole_curve_in_fe
             def edit_at(gamma, direction=direction, neuron_map=neuron_map):
                 return steering_intervention(neuron_map, gamma, direction)
 
-            whole = _cost_curve(edit_at, probe, config, {})
+            whole = _cost_curve(edit_at, probe, config, "extraversion", direction, "dpn-le")
             calibration = calibrate_gamma(tiny_model, edit_at=edit_at, probe=probe, target_kl=config.target_kl,
                                           gammas=config.gammas)
             bracket = calibration.points

@@ -20,6 +20,10 @@ measures with 95% bootstrap intervals and paired tests:
 
 The edit acts only at the answer positions (``steering.MaskedEdit``, applied by ``steer``): the teacher-forced
 equivalent of decode-only steering.
+
+The run builds its rows as typed dataclasses (``evaluation.control_rows``: ``DosePoint``, ``CalibratedRow``, ...)
+and turns them into the dicts of ``control.json`` only where the result is assembled; the wide tables
+(``matched_cost``, ``matched_summary``, ``goal``), a column per KL level, are dicts throughout.
 """
 
 from __future__ import annotations
@@ -33,13 +37,16 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
 from dpn_lens.effect.rules import EFFECT_RULES, RULE_NAMES, SELECTION_PAIRS, reselect_top
 from dpn_lens.evaluation.calibrate import (DEFAULT_TARGET_KL, GAMMA_GRID, MAX_KL, calibrate_gamma, gamma_at,
                                           probe_chunks, sweep_edit)
+from dpn_lens.evaluation.control_rows import (ROW_TYPES, CalibratedRow, CostPoint, DosePoint, Effect, GammaZeroRow,
+                                              GenerationRandomComparison, GenerationRow, MeasuredEdit,
+                                              RandomComparison, SweepRow, ValidationRow)
 from dpn_lens.evaluation.controls import random_neuron_control
 from dpn_lens.evaluation.intervals import PairedEffect, draws_effect, fraction_recovered, paired_effect
 from dpn_lens.evaluation.metrics import GenerationPersonaScore, PreferenceMargin, ProbeKL
@@ -256,10 +263,13 @@ def held_out_pairs(model: Any, trait: str, config: ControlConfig, log: Callable[
 
 
 # ----- matched cost ---------------------------------------------------------------------------------------
-def matched_cost_rows(points: Sequence[dict[str, Any]], kl_levels: Sequence[float]) -> list[dict[str, Any]]:
+def matched_cost_rows(points: Sequence[DosePoint | Mapping[str, Any]], kl_levels: Sequence[float]
+                      ) -> list[dict[str, Any]]:
     """Per trait, direction and method: the measured shift (with its interval) at each KL level.
 
-    ``points`` are the measured dose-response points (``trait, direction, method, kl_level, shift, ...``).
+    ``points`` are the measured dose-response points: ``DosePoint``s, or their dicts as ``control.json``
+    has them (``trait, direction, method, kl_level, shift, ...``). The table is wide, a column per point
+    key and KL level (``shift@kl0.05``), so it reads the points by those keys.
 
     Example:
         >>> point = {"trait": "openness", "direction": "increase", "method": "dpn-le", "kl_level": 0.05,
@@ -267,8 +277,8 @@ def matched_cost_rows(points: Sequence[dict[str, Any]], kl_levels: Sequence[floa
         >>> matched_cost_rows([point], [0.05])[0]["shift@kl0.05"]
         0.1
     """
-    groups: dict[tuple[str, str, str], dict[float, dict[str, Any]]] = {}
-    for point in points:
+    groups: dict[tuple[str, str, str], dict[float, Mapping[str, Any]]] = {}
+    for point in (p.to_dict() if isinstance(p, DosePoint) else p for p in points):
         groups.setdefault((point["trait"], point["direction"], point["method"]), {})[point["kl_level"]] = point
     rows = []
     for (trait, direction, method), by_level in groups.items():
@@ -297,21 +307,18 @@ def _mean_at_cost(rows: Sequence[dict[str, Any]], methods: Sequence[str], kl_lev
 
 
 # ----- the run ------------------------------------------------------------------------------------------
-def _effect_fields(steered: np.ndarray, base: np.ndarray, sign: float, persona_items: np.ndarray) -> dict[str, Any]:
+def _effect(steered: np.ndarray, base: np.ndarray, sign: float, persona_items: np.ndarray) -> Effect:
     """Shift (signed; ``steered`` may be ``[n_draws, n_pairs]`` for random draws) with its interval, and the
-    fraction of the persona effect it recovers."""
+    fraction of the persona effect it recovers (only when that effect is positive: a ratio to it means nothing
+    otherwise)."""
     if steered.ndim == 2:   # several random draws: intervals over draws and pairs
         effect = draws_effect(sign * (steered - base[None, :]))
         mean_steered = steered.mean(0)
     else:
         effect = paired_effect(sign * steered, sign * base)
         mean_steered = steered
-    fields = {"shift": effect.shift, "ci_low": effect.ci_low, "ci_high": effect.ci_high, "p": effect.p_value,
-              "z": effect.z, "n": effect.n}
-    if persona_items.mean() > 0:
-        recovered = fraction_recovered(sign * (mean_steered - base), persona_items)
-        fields.update(recovered=recovered.value, recovered_ci_low=recovered.ci_low, recovered_ci_high=recovered.ci_high)
-    return fields
+    recovered = fraction_recovered(sign * (mean_steered - base), persona_items) if persona_items.mean() > 0 else None
+    return Effect.of(effect, recovered)
 
 
 class _Progress:
@@ -332,7 +339,7 @@ class _Progress:
 
 
 def _cost_curve(edit_at: Callable[[float], Edit], probe: Callable[[Edit], tuple[float, float]], config: ControlConfig,
-                label: dict[str, Any]) -> list[dict[str, Any]]:
+                trait: str, direction: str, method: str) -> list[CostPoint]:
     """KL and perplexity over the gamma grid (one pass of the probe text each), halving below the grid
     while even its smallest gamma costs more than the lowest KL level (so every level can be read off)."""
     grid = sorted(config.gammas)
@@ -346,12 +353,12 @@ def _cost_curve(edit_at: Callable[[float], Edit], probe: Callable[[Edit], tuple[
         gamma /= 2
         costs[gamma] = probe(sweep_edit(edit_at, gamma))
         extra += 1
-    return [{**label, "gamma": g, "kl": costs[g][0], "ppl": costs[g][1]} for g in sorted(costs)]
+    return [CostPoint(trait, direction, method, gamma=g, kl=costs[g][0], ppl=costs[g][1]) for g in sorted(costs)]
 
 
-def _level_gammas(cost: Sequence[dict[str, Any]], kl_levels: Sequence[float]) -> dict[float, float]:
+def _level_gammas(cost: Sequence[CostPoint], kl_levels: Sequence[float]) -> dict[float, float]:
     """The gamma at which a cost curve first reaches each KL level (levels it never reaches are left out)."""
-    gammas, kls = [p["gamma"] for p in cost], [p["kl"] for p in cost]
+    gammas, kls = [p.gamma for p in cost], [p.kl for p in cost]
     found = {level: gamma_at(gammas, kls, level) for level in kl_levels}
     return {level: gamma for level, gamma in found.items() if not math.isnan(gamma)}
 
@@ -419,15 +426,16 @@ class _TraitRun:
             return METHODS_BY_NAME[method].condition(self.model, self.context, direction, self.config, gamma)[0]  # type: ignore[arg-type, return-value]
         return build
 
-    def measure(self, edit: Edit, sign: float) -> tuple[dict[str, Any], np.ndarray]:
-        """KL, perplexity and the signed shift of one edit; and its margins."""
+    def measure(self, edit_at: Callable[[float], Edit], gamma: float, sign: float
+                ) -> tuple[MeasuredEdit, np.ndarray]:
+        """KL, perplexity and the signed shift of ``edit_at``'s edit at ``gamma``; and its ``[n_pairs]`` margins."""
+        edit = sweep_edit(edit_at, gamma)
         kl, ppl = self.cost(edit)
         margins = self.margins(edit)
-        return {"n_edited": edit.n_edited, "kl": kl, "ppl": ppl,
-                **_effect_fields(margins, self.base, sign, self.persona_items)}, margins
+        return MeasuredEdit(gamma, edit.n_edited, kl, ppl, _effect(margins, self.base, sign, self.persona_items)), margins
 
     def random_draws(self, rule: str, direction: str, gamma: float, sign: float, draws: int
-                     ) -> tuple[dict[str, Any], np.ndarray]:
+                     ) -> tuple[MeasuredEdit, np.ndarray]:
         """The rule's deltas at ``gamma`` on random neurons of the same layers, ``draws`` times: one point
         (KL and perplexity averaged over draws, the shift's interval over draws and pairs) and ``[draws, pairs]`` margins."""
         edit = sweep_edit(self.edit_at(rule, direction), gamma)
@@ -439,8 +447,34 @@ class _TraitRun:
             ppls.append(ppl)
             margins.append(self.margins(control))
         stacked = np.stack(margins)
-        return {"n_edited": edit.n_edited, "kl": float(np.mean(kls)), "ppl": float(np.mean(ppls)), "draws": draws,
-                **_effect_fields(stacked, self.base, sign, self.persona_items)}, stacked
+        return MeasuredEdit(gamma, edit.n_edited, float(np.mean(kls)), float(np.mean(ppls)),
+                            _effect(stacked, self.base, sign, self.persona_items), draws=draws), stacked
+
+
+@dataclass
+class _Parts:
+    """A run's rows so far, one list per long table of ``control.json``, typed (``evaluation.control_rows``);
+    ``stages`` are ``StageClock.rows`` (wall seconds per stage), which stay dicts."""
+
+    validation: list[ValidationRow] = field(default_factory=list)
+    costs: list[CostPoint] = field(default_factory=list)
+    curves: list[DosePoint] = field(default_factory=list)
+    calibrated: list[CalibratedRow] = field(default_factory=list)
+    gamma_zero: list[GammaZeroRow] = field(default_factory=list)
+    sweep: list[SweepRow] = field(default_factory=list)
+    generation: list[GenerationRow] = field(default_factory=list)
+    stages: list[dict[str, Any]] = field(default_factory=list)
+
+    @classmethod
+    def of_results(cls, results: Sequence[Mapping[str, Any]]) -> "_Parts":
+        """The rows of several control results (loaded ``control.json``), joined in order."""
+        typed = {name: [kind.from_dict(row) for result in results for row in result.get(name, [])]
+                 for name, kind in ROW_TYPES.items()}
+        return cls(**typed, stages=[row for result in results for row in result.get("stages", [])])
+
+    def as_dicts(self) -> dict[str, list[dict[str, Any]]]:
+        """Each typed table as ``control.json`` has it (``to_dict``), by its key."""
+        return {name: [row.to_dict() for row in getattr(self, name)] for name in ROW_TYPES}
 
 
 def run_control(model: Any, config: ControlConfig, log: Callable[[str], None] = print,
@@ -479,7 +513,7 @@ def run_control(model: Any, config: ControlConfig, log: Callable[[str], None] = 
     per_trait = (4 + len(methods) * len(DIRECTIONS) * n_levels + len(randomized) * len(DIRECTIONS) * n_levels
                  + len(swept) * len(config.k_sweep) * len(DIRECTIONS) + (len(DIRECTIONS) if config.generation_questions else 0))
     bar = _Progress(len(config.traits) * per_trait, progress)
-    parts: dict[str, list] = {name: [] for name in _PART_NAMES}
+    parts = _Parts()
     examples: dict[str, Any] = {}
     map_settings: dict[str, dict[str, Any]] = {}
     skipped: dict[str, str] = {}
@@ -501,7 +535,7 @@ def run_control(model: Any, config: ControlConfig, log: Callable[[str], None] = 
             base, high, low, persona = persona_control(model, held, margin, clock)
             bar.step(3, f"{trait} controls")
             persona_items = (high - low) / 2
-            parts["validation"].append(_validation_row(held, base, high, low, persona))
+            parts.validation.append(_validation_row(held, base, high, low, persona))
             log(f"{trait}: {len(pairs)} pairs; persona effect (high-low)/2 {persona}"
                 f"{'' if persona.ci_low > 0 else '  -- positive control FAILS: the metric cannot judge this trait'}")
             if maps and trait in maps:
@@ -522,7 +556,7 @@ def run_control(model: Any, config: ControlConfig, log: Callable[[str], None] = 
                                   "nothing to edit; locate with more pairs or a lower tau_d")
                 log(f"{trait}: not steered: {skipped[trait]}")
                 bar.step(per_trait - 3, f"{trait} skipped")
-                parts["stages"] += clock.rows(trait, time.time() - t0)
+                parts.stages += clock.rows(trait, time.time() - t0)
                 if on_trait is not None:
                     on_trait(result_so_far())
                 continue
@@ -548,22 +582,21 @@ def run_control(model: Any, config: ControlConfig, log: Callable[[str], None] = 
             zero = run.margins(0.0 * steering_intervention(neuron_map, 1.0, "increase"))
             # KL of a negligible edit (gamma 0.001): what rounding alone costs in this dtype (bf16: ~0.002).
             floor, _ = run.cost(steering_intervention(neuron_map, 1e-3, "increase"))
-            parts["gamma_zero"].append({"trait": trait, **_effect_fields(zero, base, 1, persona_items), "kl_floor": floor})
+            parts.gamma_zero.append(GammaZeroRow(trait, _effect(zero, base, 1, persona_items), kl_floor=floor))
             bar.step(1)
             level_gammas: dict[tuple[str, str], dict[float, float]] = {}
             for direction in DIRECTIONS:
                 sign = direction_sign(direction)
                 margins_at: dict[tuple[str, float], np.ndarray] = {}
                 for name in methods:
-                    label = {"trait": trait, "direction": direction, "method": name}
-                    cost = _cost_curve(run.edit_at(name, direction), run.cost, config, label)
-                    parts["costs"] += cost
+                    cost = _cost_curve(run.edit_at(name, direction), run.cost, config, trait, direction, name)
+                    parts.costs += cost
                     levels = level_gammas[(name, direction)] = _level_gammas(cost, config.kl_levels)
                     for level in config.kl_levels:
                         if level in levels:
-                            point, margins_at[(name, level)] = run.measure(
-                                sweep_edit(run.edit_at(name, direction), levels[level]), sign)
-                            parts["curves"].append({**label, "kl_level": level, "gamma": levels[level], **point})
+                            measured, margins_at[(name, level)] = run.measure(run.edit_at(name, direction),
+                                                                              levels[level], sign)
+                            parts.curves.append(DosePoint(trait, direction, name, level, measured))
                         bar.step(1, f"{trait} {direction} {name} KL {level:g}")
                     if name not in randomized:
                         continue
@@ -573,27 +606,26 @@ def run_control(model: Any, config: ControlConfig, log: Callable[[str], None] = 
                         # Several draws where the verdict is read (the target KL); fewer elsewhere, to save time.
                         draws = config.random_draws if level == config.target_kl else config.random_draws_off_target
                         if level in levels and draws:
-                            point, margins_at[(control, level)] = run.random_draws(
+                            measured, margins_at[(control, level)] = run.random_draws(
                                 name, direction, levels[level], sign, draws)
-                            parts["curves"].append({"trait": trait, "direction": direction, "method": control,
-                                                    "kl_level": level, "gamma": levels[level], **point})
+                            parts.curves.append(DosePoint(trait, direction, control, level, measured))
                         bar.step(1, f"{trait} {direction} {control} KL {level:g}")
-                parts["calibrated"] += [_calibrated_row(trait, direction, sign, parts["curves"], margins_at, config, rule)
-                                        for rule in rules]
+                parts.calibrated += [_calibrated_row(trait, direction, sign, parts.curves, margins_at, config, rule)
+                                     for rule in rules]
             if config.k_sweep:
                 with clock.stage("budget sweep"):
-                    parts["sweep"] += _budget_sweep(run, swept, config, log)
+                    parts.sweep += _budget_sweep(run, swept, config, log)
             if config.generation_questions:
                 with clock.stage("generation check"):
                     rows, examples[f"{trait}:generation"] = _generation_check(run, held, level_gammas, config, log)
-                parts["generation"] += rows
+                parts.generation += rows
             examples[trait] = {"question": pairs[0].question, "high_answer": pairs[0].high_answer,
                                "low_answer": pairs[0].low_answer}
-            parts["stages"] += clock.rows(trait, time.time() - t0)
+            parts.stages += clock.rows(trait, time.time() - t0)
             lead = rules[0] if rules else None
             log(f"{trait}: done in {time.time() - t0:.0f}s; at KL {config.target_kl:g}: " + "; ".join(
-                f"{r['method']} " + _calibrated_line(r, config.target_kl) for r in parts["calibrated"]
-                if r["trait"] == trait and lead is not None))
+                f"{r.method} " + _calibrated_line(r, config.target_kl) for r in parts.calibrated
+                if r.trait == trait and lead is not None))
             if on_trait is not None:
                 on_trait(result_so_far())
     finally:
@@ -631,7 +663,7 @@ def _budget_maps(context: TraitContext, rule: str, budgets: Sequence[int]) -> li
 
 
 def _budget_sweep(run: _TraitRun, rules: Sequence[str], config: ControlConfig, log: Callable[[str], None]
-                  ) -> list[dict[str, Any]]:
+                  ) -> list[SweepRow]:
     """Per rule, budget and direction: the shift where the edit on that many neurons reaches ``target_kl``."""
     from dpn_lens.steering import steering_intervention as edit_of
 
@@ -639,11 +671,10 @@ def _budget_sweep(run: _TraitRun, rules: Sequence[str], config: ControlConfig, l
     trait = run.context.trait
     for rule in rules:
         for k, chosen in _budget_maps(run.context, rule, config.k_sweep):
+            budget = "all" if k == ALL_NEURONS else k
             for direction in DIRECTIONS:
-                row: dict[str, Any] = {"trait": trait, "direction": direction, "rule": rule,
-                                       "k": "all" if k == ALL_NEURONS else k}
                 if chosen is None:
-                    rows.append({**row, "n_edited": 0, "reached": False})
+                    rows.append(SweepRow(trait, direction, rule, budget, n_edited=0))
                     run.bar.step(1)
                     continue
 
@@ -655,21 +686,22 @@ def _budget_sweep(run: _TraitRun, rules: Sequence[str], config: ControlConfig, l
                 # on a KL curve that rises with gamma, in about a third of the probe passes).
                 calibration = calibrate_gamma(run.model, edit_at=edit_at, probe=run.cost, target_kl=config.target_kl,
                                               gammas=config.gammas)
-                row["curve_points"] = len(calibration.points)   # probe passes of its search (the plan counts them)
+                searched = len(calibration.points)   # probe passes of its search (the plan counts them)
                 if not calibration.reached:
-                    rows.append({**row, "n_edited": chosen.n_selected(), "reached": False,
-                                 "max_kl": max(p.kl for p in calibration.points)})
+                    rows.append(SweepRow(trait, direction, rule, budget, n_edited=chosen.n_selected(),
+                                         curve_points=searched, max_kl=max(p.kl for p in calibration.points)))
                 else:
-                    point, _ = run.measure(sweep_edit(edit_at, calibration.gamma), direction_sign(direction))
-                    rows.append({**row, "reached": True, "gamma": calibration.gamma, **point})
-                run.bar.step(1, f"{trait} sweep {rule} k={row['k']} {direction}")
+                    measured, _ = run.measure(edit_at, calibration.gamma, direction_sign(direction))
+                    rows.append(SweepRow(trait, direction, rule, budget, n_edited=measured.n_edited,
+                                         curve_points=searched, measured=measured))
+                run.bar.step(1, f"{trait} sweep {rule} k={budget} {direction}")
     log(f"{trait}: budget sweep done ({len(rows)} points)")
     return rows
 
 
 def _generation_check(run: _TraitRun, held: HeldOutPairs, level_gammas: dict[tuple[str, str], dict[float, float]],
                       config: ControlConfig, log: Callable[[str], None]
-                      ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+                      ) -> tuple[list[GenerationRow], dict[str, Any]]:
     """The generation-based check (``evaluation.generation_check``) of every generation method at each
     generation level, with random-neuron draws for the rules, beside the persona reference."""
     from dpn_lens.hooked import encode
@@ -693,72 +725,71 @@ def _generation_check(run: _TraitRun, held: HeldOutPairs, level_gammas: dict[tup
     reference = (metric.texts(model, questions, tokens([p.high_answer for p in held.pairs[:n]]))
                  - metric.texts(model, questions, tokens([p.low_answer for p in held.pairs[:n]]))) / 2
     persona = paired_effect(reference, np.zeros_like(reference))
-    rows = [{"trait": trait, "direction": "both", "method": "persona (high-low)/2", "kl_level": math.nan,
-             "gamma": math.nan, "shift": persona.shift, "ci_low": persona.ci_low, "ci_high": persona.ci_high,
-             "p": persona.p_value, "n": persona.n}]
+    rows = [GenerationRow(trait, "both", "persona (high-low)/2", kl_level=math.nan, gamma=math.nan,
+                          effect=_generation_effect(persona))]
     examples: dict[str, Any] = {"question": questions[0], "unsteered": answer_of(unsteered)}
     for direction in DIRECTIONS:
         sign = direction_sign(direction)
         for name, level, draws in generation_checks(config):
             gamma = level_gammas.get((name, direction), {}).get(level)
-            label = {"trait": trait, "direction": direction, "method": name, "kl_level": level}
-            if gamma is None:
-                rows.append({**label, "gamma": math.nan, "shift": math.nan})
+            if gamma is None:   # the method's curve never reaches this level: nothing to generate at
+                rows.append(GenerationRow(trait, direction, name, kl_level=level, gamma=math.nan))
                 continue
             edit = sweep_edit(run.edit_at(name, direction), gamma)
             steered, answers = generated(edit)
-            effect = paired_effect(sign * steered, sign * base)
-            row = {**label, "gamma": gamma, "shift": effect.shift, "ci_low": effect.ci_low,
-                   "ci_high": effect.ci_high, "p": effect.p_value, "n": effect.n,
-                   "changed": float(np.mean([a != b for a, b in zip(answers, unsteered)]))}
+            effect = _generation_effect(paired_effect(sign * steered, sign * base))
+            changed = float(np.mean([a != b for a, b in zip(answers, unsteered)]))
             if level == config.generation_levels[0]:
                 examples[f"{name} {direction}"] = answer_of(answers)
+            random = None
             if draws:   # a rule, at the level where the verdict is read (generation_checks)
                 drawn = []
                 for draw in range(draws):
                     control = random_neuron_control(edit, seed=_random_seed(config, draw))  # type: ignore[arg-type]
                     drawn.append(generated(control)[0])
                 stacked = np.stack(drawn)
-                random = draws_effect(sign * (stacked - base[None, :]))
+                alone = draws_effect(sign * (stacked - base[None, :]))
                 versus = draws_effect(sign * (steered[None, :] - stacked))
-                row.update(random_shift=random.shift, random_ci_low=random.ci_low, random_ci_high=random.ci_high,
-                           vs_random=versus.shift, vs_random_ci_low=versus.ci_low,
-                           vs_random_ci_high=versus.ci_high, draws=draws)
-            rows.append(row)
+                random = GenerationRandomComparison(alone.shift, alone.ci_low, alone.ci_high, versus.shift,
+                                                    versus.ci_low, versus.ci_high, draws=draws)
+            rows.append(GenerationRow(trait, direction, name, kl_level=level, gamma=gamma, effect=effect,
+                                      changed=changed, random=random))
         run.bar.step(1, f"{trait} generation {direction}")
     log(f"{trait}: generation check done on {n} questions")
     return rows, examples
 
 
-def _result(model: Any, config: ControlConfig, started: float, parts: dict[str, list], examples: dict,
+def _generation_effect(effect: PairedEffect) -> Effect:
+    """A generation row's effect: shift, interval, p and n (the generation check has never recorded z)."""
+    return Effect(shift=effect.shift, ci_low=effect.ci_low, ci_high=effect.ci_high, p=effect.p_value, n=effect.n)
+
+
+def _result(model: Any, config: ControlConfig, started: float, parts: _Parts, examples: dict,
             map_settings: dict, skipped: dict[str, str]) -> dict[str, Any]:
     meta = {"model": getattr(model, "dpn_model_name", "model"), "dtype": str(next(model.parameters()).dtype),
             "config": dataclasses.asdict(config), "seconds": time.time() - started}
     return _assemble(config, meta, parts, examples, map_settings, skipped)
 
 
-def _assemble(config: ControlConfig, meta: dict[str, Any], parts: dict[str, list], examples: dict,
+def _assemble(config: ControlConfig, meta: dict[str, Any], parts: _Parts, examples: dict,
               map_settings: dict, skipped: dict[str, str]) -> dict[str, Any]:
-    """A control result from its per-trait parts: the matched-cost tables and the goal are derived here."""
-    matched = matched_cost_rows(parts["curves"], config.kl_levels)
+    """A control result from its per-trait parts: the matched-cost tables and the goal are derived here, and the
+    typed rows become the dicts ``control.json`` has (``to_dict``)."""
+    matched = matched_cost_rows(parts.curves, config.kl_levels)
     rules = neuron_methods(config.methods)
     curve_methods = list(config.methods) + ([random_curve(rule) for rule in rules] if config.random_control else [])
     meta = {**meta, "probe_tokens": config.kl_chunks * config.kl_tokens,
-            "traits_done": [row["trait"] for row in parts["validation"]],
+            "traits_done": [row.trait for row in parts.validation],
             # which neurons each selection rule edited: its settings and neurons per pole
             "maps": dict(map_settings),
             # traits validated but not steered, with why (a map that selects no neurons)
             "skipped": dict(skipped)}
-    return {"validation": list(parts["validation"]), "costs": list(parts["costs"]), "curves": list(parts["curves"]),
+    rows = parts.as_dicts()
+    return {"validation": rows["validation"], "costs": rows["costs"], "curves": rows["curves"],
             "matched_cost": matched, "matched_summary": _mean_at_cost(matched, curve_methods, config.kl_levels),
-            "calibrated": list(parts["calibrated"]),
-            "goal": goal_rows(parts["calibrated"], matched, config.target_kl),
-            "sweep": list(parts["sweep"]), "generation": list(parts["generation"]),
-            "gamma_zero": list(parts["gamma_zero"]), "stages": list(parts["stages"]), "examples": dict(examples),
-            "meta": meta}
-
-
-_PART_NAMES = ("validation", "costs", "curves", "calibrated", "gamma_zero", "sweep", "generation", "stages")
+            "calibrated": rows["calibrated"], "goal": goal_rows(parts.calibrated, matched, config.target_kl),
+            "sweep": rows["sweep"], "generation": rows["generation"], "gamma_zero": rows["gamma_zero"],
+            "stages": list(parts.stages), "examples": dict(examples), "meta": meta}
 
 
 def merge_control_results(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -799,7 +830,7 @@ def merge_control_results(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
                              "from one run")
         done += result["meta"]["traits_done"]
     config = ControlConfig(**{**first["config"], "traits": done})
-    parts = {name: [row for result in results for row in result.get(name, [])] for name in _PART_NAMES}
+    parts = _Parts.of_results(results)
     examples = {key: value for result in results for key, value in result.get("examples", {}).items()}
     map_settings = {key: value for result in results for key, value in result["meta"].get("maps", {}).items()}
     skipped = {key: value for result in results for key, value in result["meta"].get("skipped", {}).items()}
@@ -811,12 +842,15 @@ def merge_control_results(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return _assemble(config, meta, parts, examples, map_settings, skipped)
 
 
-def goal_rows(calibrated: Sequence[dict[str, Any]], matched: Sequence[dict[str, Any]], level: float,
-              reference: str = "caa") -> list[dict[str, Any]]:
+def goal_rows(calibrated: Sequence[CalibratedRow | Mapping[str, Any]], matched: Sequence[Mapping[str, Any]],
+              level: float, reference: str = "caa") -> list[dict[str, Any]]:
     """Per selection rule at KL ``level``: trait-directions moved as asked (interval above 0), moved the
     wrong way, beating random neurons, both; the mean shift beside ``reference``'s (CAA) on the same
     trait-directions; and whether the issue's goal is met (at least 8 of 10 as asked and beating random
     neurons, mean shift at least CAA's).
+
+    ``calibrated``: ``CalibratedRow``s, or their dicts as ``control.json`` has them (read by those keys, as
+    the wide ``matched`` rows are).
 
     Example:
         >>> calibrated = [{"method": "attribution", "trait": "o", "direction": "increase", "reached_target": True,
@@ -828,9 +862,10 @@ def goal_rows(calibrated: Sequence[dict[str, Any]], matched: Sequence[dict[str, 
     """
     caa = {(r["trait"], r["direction"]): r.get(f"shift@kl{level:g}", math.nan) for r in matched
            if r["method"] == reference}
+    records = [r.to_dict() if isinstance(r, CalibratedRow) else r for r in calibrated]
     rows = []
-    for rule in dict.fromkeys(r["method"] for r in calibrated):
-        mine = [r for r in calibrated if r["method"] == rule]
+    for rule in dict.fromkeys(r["method"] for r in records):
+        mine = [r for r in records if r["method"] == rule]
         reached = [r for r in mine if r.get("reached_target")]
         asked = [r for r in reached if r["ci_low"] > 0]
         wrong = [r for r in reached if r["ci_high"] < 0]
@@ -870,55 +905,59 @@ def persona_control(model: Any, held: HeldOutPairs, margin: PreferenceMargin | N
 
 
 def _validation_row(held: HeldOutPairs, base: np.ndarray, high: np.ndarray, low: np.ndarray,
-                    persona: PairedEffect) -> dict[str, Any]:
+                    persona: PairedEffect) -> ValidationRow:
     """The positive control of one trait: the persona effect (high - low)/2, and each persona vs none."""
     vs_high, vs_low = paired_effect(high, base), paired_effect(-low, -base)
-    return {"trait": held.trait, "n_pairs": len(held.pairs), "n_drawn": held.n_drawn, "n_identical": held.n_identical,
-            "n_empty": held.n_empty, "base_margin": float(base.mean()),
-            "persona_effect": persona.shift, "persona_ci_low": persona.ci_low, "persona_ci_high": persona.ci_high,
-            "persona_p": persona.p_value, "persona_z": persona.z, "valid": bool(persona.ci_low > 0),
-            "high_vs_none": vs_high.shift, "high_vs_none_ci_low": vs_high.ci_low, "high_vs_none_ci_high": vs_high.ci_high,
-            "low_vs_none": vs_low.shift, "low_vs_none_ci_low": vs_low.ci_low, "low_vs_none_ci_high": vs_low.ci_high}
+    return ValidationRow(held.trait, len(held.pairs), held.n_drawn, held.n_identical, held.n_empty,
+                         base_margin=float(base.mean()), persona_effect=persona.shift, persona_ci_low=persona.ci_low,
+                         persona_ci_high=persona.ci_high, persona_p=persona.p_value, persona_z=persona.z,
+                         high_vs_none=vs_high.shift, high_vs_none_ci_low=vs_high.ci_low,
+                         high_vs_none_ci_high=vs_high.ci_high, low_vs_none=vs_low.shift,
+                         low_vs_none_ci_low=vs_low.ci_low, low_vs_none_ci_high=vs_low.ci_high)
 
 
-def _calibrated_line(row: dict[str, Any], target_kl: float) -> str:
+def _calibrated_line(row: CalibratedRow, target_kl: float) -> str:
     """One direction of a trait's progress line: a rule's calibrated shift, and its random neurons' when run.
 
     Example:
-        >>> _calibrated_line({"direction": "increase", "reached_target": False}, 0.05)
+        >>> _calibrated_line(CalibratedRow("dpn-le", "openness", "increase", 0.05), 0.05)
         'increase: KL 0.05 not reached'
-        >>> _calibrated_line({"direction": "decrease", "reached_target": True, "gamma": 2.0, "shift": 0.01,
-        ...                   "ci_low": -0.01, "ci_high": 0.03}, 0.05)
+        >>> effect = Effect(shift=0.01, ci_low=-0.01, ci_high=0.03, p=0.4, n=24, z=0.8)
+        >>> measured = MeasuredEdit(gamma=2.0, n_edited=8, kl=0.05, ppl=11.0, effect=effect)
+        >>> _calibrated_line(CalibratedRow("dpn-le", "openness", "decrease", 0.05, measured), 0.05)
         'decrease gamma 2 shift +0.010 [-0.010, +0.030]'
     """
-    if not row["reached_target"]:
-        return f"{row['direction']}: KL {target_kl:g} not reached"
-    line = (f"{row['direction']} gamma {row['gamma']:.3g} shift {row['shift']:+.3f} "
-            f"[{row['ci_low']:+.3f}, {row['ci_high']:+.3f}]")
-    return line + (f" random {row['random_shift']:+.3f}" if "random_shift" in row else "")
+    if row.measured is None:
+        return f"{row.direction}: KL {target_kl:g} not reached"
+    effect = row.measured.effect
+    line = (f"{row.direction} gamma {row.measured.gamma:.3g} shift {effect.shift:+.3f} "
+            f"[{effect.ci_low:+.3f}, {effect.ci_high:+.3f}]")
+    return line + (f" random {row.random.random_shift:+.3f}" if row.random is not None else "")
 
 
-def _calibrated_row(trait: str, direction: str, sign: float, curves: Sequence[dict[str, Any]],
+def _calibrated_row(trait: str, direction: str, sign: float, curves: Sequence[DosePoint],
                     margins_at: dict[tuple[str, float], np.ndarray], config: ControlConfig,
-                    rule: str = "dpn-le") -> dict[str, Any]:
+                    rule: str = "dpn-le") -> CalibratedRow:
     """A selection rule at its calibrated gamma (where its curve reaches ``target_kl``) beside its
     random-neuron control at the same gamma, and their paired difference over draws and pairs (does the
     choice of neurons matter?)."""
     level = config.target_kl
-    row: dict[str, Any] = {"method": rule, "trait": trait, "direction": direction, "target_kl": level}
-    point = next((p for p in curves if p["trait"] == trait and p["direction"] == direction
-                  and p["method"] == rule and p["kl_level"] == level), None)
+
+    def point_of(method: str) -> DosePoint | None:
+        return next((p for p in curves if p.trait == trait and p.direction == direction and p.method == method
+                     and p.kl_level == level), None)
+
+    point = point_of(rule)
     if point is None:
-        return {**row, "reached_target": False, "gamma": math.nan}
-    row.update({key: value for key, value in point.items() if key not in ("method", "kl_level")}, reached_target=True)
+        return CalibratedRow(rule, trait, direction, level)
     control = random_curve(rule)
-    random = next((p for p in curves if p["trait"] == trait and p["direction"] == direction
-                   and p["method"] == control and p["kl_level"] == level), None)
-    if random is not None:
-        draws = margins_at[(control, level)]
-        versus = draws_effect(sign * (margins_at[(rule, level)][None, :] - np.atleast_2d(draws)))
-        row.update(random_shift=random["shift"], random_ci_low=random["ci_low"], random_ci_high=random["ci_high"],
-                   random_kl=random["kl"], random_draws=int(np.atleast_2d(draws).shape[0]), vs_random=versus.shift,
-                   vs_random_ci_low=versus.ci_low, vs_random_ci_high=versus.ci_high,
-                   beats_random=bool(versus.ci_low > 0))
-    return row
+    random = point_of(control)
+    if random is None:
+        return CalibratedRow(rule, trait, direction, level, point.measured)
+    draws = np.atleast_2d(margins_at[(control, level)])
+    versus = draws_effect(sign * (margins_at[(rule, level)][None, :] - draws))
+    alone = random.measured.effect
+    comparison = RandomComparison(alone.shift, alone.ci_low, alone.ci_high, random_kl=random.measured.kl,
+                                  vs_random=versus.shift, vs_random_ci_low=versus.ci_low,
+                                  vs_random_ci_high=versus.ci_high, random_draws=int(draws.shape[0]))
+    return CalibratedRow(rule, trait, direction, level, point.measured, comparison)

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from dpn_lens.io import markdown_table, write_csv_atomic, write_json_atomic, write_text_atomic
+from dpn_lens.evaluation.control_rows import CalibratedRow, GenerationRow
 from dpn_lens.evaluation.table import RESULT_TABLE, control_rows, write_result_table
 from dpn_lens.report.results import write_results_report
 
@@ -48,27 +49,27 @@ def _validation_table(rows: Sequence[dict[str, Any]]) -> str:
     return markdown_table(table)
 
 
-def _calibrated_table(rows: Sequence[dict[str, Any]]) -> str:
+def _calibrated_table(rows: Sequence[Mapping[str, Any]]) -> str:
     table = []
-    for r in rows:
-        rule = r.get("method", "dpn-le")
-        if "shift" not in r:  # the curve never reached the target KL: no gamma, nothing measured there
-            table.append({"rule": rule, "trait": r["trait"], "direction": r["direction"],
-                          "gamma": f"KL {r['target_kl']:g} not reached", "neurons": "n/a", "KL": "n/a", "shift": "n/a",
-                          "persona effect recovered": "n/a", "random neurons": "n/a", "rule - random": "n/a"})
+    for row in map(CalibratedRow.from_dict, rows):
+        # a run from before the other selection rules calibrated DPN-LE alone and named no method
+        label = {"rule": row.method or "dpn-le", "trait": row.trait, "direction": row.direction}
+        if row.measured is None:  # the curve never reached the target KL: no gamma, nothing measured there
+            table.append({**label, "gamma": f"KL {row.target_kl:g} not reached", "neurons": "n/a", "KL": "n/a",
+                          "shift": "n/a", "persona effect recovered": "n/a", "random neurons": "n/a",
+                          "rule - random": "n/a"})
             continue
-        recovered = (format_interval(r["recovered"], r["recovered_ci_low"], r["recovered_ci_high"], 2)
-                     if "recovered" in r else "n/a")
-        table.append({"rule": rule, "trait": r["trait"], "direction": r["direction"],
-                      "gamma": f"{r['gamma']:.3g}{'' if r['reached_target'] else ' (target not reached)'}",
-                      "neurons": r["n_edited"], "KL": f"{r['kl']:.4f}",
-                      "shift": format_interval(r["shift"], r["ci_low"], r["ci_high"]),
+        measured, effect, random = row.measured, row.measured.effect, row.random
+        recovered = (format_interval(effect.recovered, effect.recovered_ci_low, effect.recovered_ci_high, 2)
+                     if effect.recovered is not None else "n/a")
+        table.append({**label, "gamma": f"{measured.gamma:.3g}", "neurons": measured.n_edited,
+                      "KL": f"{measured.kl:.4f}", "shift": format_interval(effect.shift, effect.ci_low, effect.ci_high),
                       "persona effect recovered": recovered,
                       # without the random-neuron control (--no-random-control) there is nothing to compare with
-                      "random neurons": (format_interval(r["random_shift"], r["random_ci_low"], r["random_ci_high"])
-                                         if "random_shift" in r else "not run"),
-                      "rule - random": (format_interval(r["vs_random"], r["vs_random_ci_low"], r["vs_random_ci_high"])
-                                        if "vs_random" in r else "not run")})
+                      "random neurons": (format_interval(random.random_shift, random.random_ci_low,
+                                                         random.random_ci_high) if random is not None else "not run"),
+                      "rule - random": (format_interval(random.vs_random, random.vs_random_ci_low,
+                                                        random.vs_random_ci_high) if random is not None else "not run")})
     return markdown_table(table)
 
 
@@ -253,18 +254,20 @@ def _goal_table(rows: Sequence[dict[str, Any]]) -> str:
                            for r in rows])
 
 
-def _generation_table(rows: Sequence[dict[str, Any]]) -> str:
+def _generation_table(rows: Sequence[Mapping[str, Any]]) -> str:
     table = []
-    for r in rows:
-        shift = format_interval(r["shift"], r.get("ci_low", math.nan), r.get("ci_high", math.nan))
-        table.append({"trait": r["trait"], "direction": r["direction"], "method": r["method"],
-                      "KL level": "" if math.isnan(r["kl_level"]) else f"{r['kl_level']:g}",
-                      "gamma": "" if math.isnan(r["gamma"]) else f"{r['gamma']:.3g}", "shift": shift,
-                      "answers changed": f"{r['changed']:.0%}" if "changed" in r else "",
-                      "random neurons": (format_interval(r["random_shift"], r["random_ci_low"], r["random_ci_high"])
-                                         if "random_shift" in r else ""),
-                      "method - random": (format_interval(r["vs_random"], r["vs_random_ci_low"], r["vs_random_ci_high"])
-                                          if "vs_random" in r else "")})
+    for row in map(GenerationRow.from_dict, rows):
+        effect, random = row.effect, row.random
+        # no effect: the method's curve never reached the level, nothing was generated ("n/a")
+        shift = format_interval(effect.shift, effect.ci_low, effect.ci_high) if effect is not None else "n/a"
+        table.append({"trait": row.trait, "direction": row.direction, "method": row.method,
+                      "KL level": "" if math.isnan(row.kl_level) else f"{row.kl_level:g}",
+                      "gamma": "" if math.isnan(row.gamma) else f"{row.gamma:.3g}", "shift": shift,
+                      "answers changed": f"{row.changed:.0%}" if row.changed is not None else "",
+                      "random neurons": (format_interval(random.random_shift, random.random_ci_low,
+                                                         random.random_ci_high) if random is not None else ""),
+                      "method - random": (format_interval(random.vs_random, random.vs_random_ci_low,
+                                                          random.vs_random_ci_high) if random is not None else "")})
     return markdown_table(table)
 
 
