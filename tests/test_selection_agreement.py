@@ -29,8 +29,9 @@ def test_chance_jaccard_equals_the_mean_over_every_pair_of_k_subsets():
 
 def test_identical_halves_agree_fully_and_a_halfs_top_set_is_the_rules_selection(base):
     per_pair = torch.randn(6, len(base.stat_layers), base.d_mlp, generator=torch.Generator().manual_seed(0))
-    rho, jaccard, candidates = agreement_of_halves(base, "attribution-t", per_pair, per_pair.clone(), 7)
-    assert rho == pytest.approx(1.0) and jaccard == 1.0
+    rho, jaccard, candidates, sign, held = agreement_of_halves(base, "attribution-t", per_pair, per_pair.clone(), 7)
+    assert rho == pytest.approx(1.0) and jaccard == 1.0 and sign == 1.0
+    assert held == pytest.approx(float(rule_scores(base, "attribution-t", per_pair).flatten().topk(7).values.mean()))
     assert candidates == int((base.steering_value != 0).sum())
     # the set compared is what effect_map would keep at that budget
     scores = rule_scores(base, "attribution-t", per_pair)
@@ -49,8 +50,10 @@ def test_halves_agree_when_pairs_share_an_effect_and_at_chance_when_they_do_not(
     pure = selection_agreement(tiny_model, base, "attribution-t", pairs, budget=10, splits=6, per_pair=noise)
     assert [row.pairs_per_half for row in shared] == half_sizes(64) == [32, 16, 8, 4]
     assert shared[0].jaccard > 0.8 and shared[0].jaccard > shared[-1].jaccard
+    assert shared[0].replicated_sign == 1.0 and shared[0].replicated_score > 3
     for row in pure:     # two noise halves share what two random 10-sets share (chance ~0.04 here)
         assert abs(row.jaccard - row.jaccard_chance) < 0.1 and abs(row.spearman) < 0.15
+        assert abs(row.replicated_sign - 0.5) < 0.2 and abs(row.replicated_score) < 0.6
 
 
 def test_selection_agreement_refuses_what_cannot_be_split(tiny_model, base):
@@ -65,7 +68,6 @@ def test_selection_agreement_refuses_what_cannot_be_split(tiny_model, base):
                             per_pair=torch.zeros(3, len(base.stat_layers), base.d_mlp))
 
 
-@pytest.mark.slow
 def test_study_selection_writes_its_table_and_figure_from_a_run_folder(tiny_folder, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("DPN_LENS_CACHE", str(tmp_path / "cache"))
     run = tmp_path / "run"

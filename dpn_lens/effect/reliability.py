@@ -10,8 +10,13 @@ noise from the selection pairs alone, before any steering run and without held-o
 2. for each size ``m`` (pairs per half), ``splits`` times, two *disjoint* random sets of ``m`` pairs are
    drawn and every neuron is scored from each with the rule's statistic;
 3. agreement of the two halves: the Spearman correlation of their scores over the neurons both may pick,
-   and the Jaccard overlap of their top-``k`` sets (``k``: the rule's budget), beside the Jaccard two
-   random ``k``-sets of the same candidates share by chance.
+   the Jaccard overlap of their top-``k`` sets (``k``: the rule's budget), beside the Jaccard two
+   random ``k``-sets of the same candidates share by chance, and how one half's top ``k`` fare on the
+   other half's pairs: the share whose statistic there is positive (0.5 if the selection were noise) and
+   its mean (0 if noise).
+
+The last two see a selection that is enriched for neurons with a real effect even where the top sets
+hardly overlap (many neurons with similar small effects: each half picks other ones of them).
 
 The top-``k`` Jaccard at ``m`` pairs per half is how alike two runs that select from ``m`` pairs each
 would choose. Its rise with ``m`` says whether more selection pairs (``--selection-pairs``) would settle
@@ -41,7 +46,8 @@ from jaxtyping import Float
 from scipy.stats import spearmanr
 from torch import Tensor
 
-from dpn_lens.effect.rules import per_pair_attribution, resolved_budget, rule_named, rule_scores, select_top
+from dpn_lens.effect.rules import (attribution_statistic, per_pair_attribution, resolved_budget, rule_named,
+                                   rule_scores, select_top)
 from dpn_lens.localization.neuron_map import NeuronMap
 from dpn_lens.numbers import as_int
 
@@ -64,6 +70,10 @@ class SplitAgreement:
         spearman: mean Spearman correlation of the two halves' scores over those candidates.
         jaccard, jaccard_min, jaccard_max: mean, smallest and largest Jaccard overlap of the halves' top-k sets.
         jaccard_chance: the Jaccard two random k-sets of the candidates share on average.
+        replicated_sign: share of one half's top k whose statistic on the other half's pairs is positive
+            (both ways, averaged; 0.5 for a selection of noise).
+        replicated_score: their mean statistic on the other half's pairs (0 for noise; a t statistic for
+            ``attribution-t``).
     """
 
     trait: str
@@ -77,6 +87,8 @@ class SplitAgreement:
     jaccard_min: float
     jaccard_max: float
     jaccard_chance: float
+    replicated_sign: float = math.nan
+    replicated_score: float = math.nan
 
     def to_dict(self) -> dict[str, object]:
         """A table row.
@@ -128,24 +140,33 @@ def _top_set(scores: Float[Tensor, "n_rows d_mlp"], rows: Sequence[int], k: int)
 
 
 def agreement_of_halves(base: NeuronMap, rule: str, first: Float[Tensor, "m n_rows d_mlp"],
-                        second: Float[Tensor, "m n_rows d_mlp"], budget: int) -> tuple[float, float, int]:
-    """``(spearman, jaccard, candidates)`` of one split: the rule's scores from each half's per-pair
-    attributions, compared over the neurons both may pick.
+                        second: Float[Tensor, "m n_rows d_mlp"], budget: int) -> tuple[float, float, int, float, float]:
+    """``(spearman, jaccard, candidates, replicated_sign, replicated_score)`` of one split: the rule's
+    scores from each half's per-pair attributions, compared over the neurons both may pick, and each
+    half's top ``budget`` read on the other half (``SplitAgreement``).
 
     Example:
         >>> agreement_of_halves(dpn_map, "attribution-t", per_pair[:64], per_pair[64:128], 80)   # doctest: +SKIP
-        (0.21, 0.14, 36810)
+        (0.21, 0.14, 36810, 0.71, 1.3)
     """
     one, two = rule_scores(base, rule, first), rule_scores(base, rule, second)
     both = torch.isfinite(one) & torch.isfinite(two)
     candidates = int(both.sum())
     if candidates < 2:
-        return math.nan, math.nan, candidates
+        return math.nan, math.nan, candidates, math.nan, math.nan
     rho = float(spearmanr(one[both].double().numpy(), two[both].double().numpy()).statistic)
     rows = list(base.stat_layers)
     top_one, top_two = _top_set(one, rows, budget), _top_set(two, rows, budget)
     union = top_one | top_two
-    return rho, (len(top_one & top_two) / len(union) if union else math.nan), candidates
+    # The other half's statistic before the rule's mask: a dpn-le-attribution neuron with a negative
+    # score there is a failed replication, not a missing one.
+    statistic = rule_named(rule).statistic
+    held_two = attribution_statistic(second, statistic).flatten()[sorted(top_one)]
+    held_one = attribution_statistic(first, statistic).flatten()[sorted(top_two)]
+    held = torch.cat([held_two, held_one]).double()
+    return (rho, (len(top_one & top_two) / len(union) if union else math.nan), candidates,
+            float((held > 0).double().mean()) if held.numel() else math.nan,
+            float(held.mean()) if held.numel() else math.nan)
 
 
 def selection_agreement(model: Any, base: NeuronMap, rule: str, pairs: Sequence[Any], budget: int | None = None,
@@ -191,10 +212,11 @@ def selection_agreement(model: Any, base: NeuronMap, rule: str, pairs: Sequence[
         for _ in range(splits):
             order = generator.permutation(n)
             found.append(agreement_of_halves(base, rule, per_pair[order[:size]], per_pair[order[size:2 * size]], k))
-        rhos, jaccards, counts = (np.array(values, dtype=float) for values in zip(*found))
+        rhos, jaccards, counts, signs, held = (np.array(values, dtype=float) for values in zip(*found))
         rows.append(SplitAgreement(
             trait=base.trait, rule=rule, pairs_per_half=size, splits=splits, budget=k,
             candidates=float(counts.mean()), spearman=float(np.nanmean(rhos)), jaccard=float(np.nanmean(jaccards)),
             jaccard_min=float(np.nanmin(jaccards)), jaccard_max=float(np.nanmax(jaccards)),
-            jaccard_chance=chance_jaccard(k, int(round(counts.mean())))))
+            jaccard_chance=chance_jaccard(k, int(round(counts.mean()))),
+            replicated_sign=float(np.nanmean(signs)), replicated_score=float(np.nanmean(held))))
     return rows

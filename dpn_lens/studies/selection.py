@@ -5,7 +5,7 @@ For each trait of a run folder (its DPN-LE maps give ``s``, the edit), draw the 
 shared), compute their per-pair attributions once, and measure how alike disjoint halves of them select
 (``effect.reliability``). Writes ``selection_agreement.csv``/``.md`` (a row per trait, rule and half
 size), ``selection_agreement_summary.json`` (the rows and settings) and the figure ``selection_agreement`` (top-k Jaccard against pairs per half, one line per trait,
-chance as dotted lines). No held-out data is read: the study looks only at the selection split.
+chance as dotted lines; beside it, how often one half's top k keep their sign on the other half). No held-out data is read: the study looks only at the selection split.
 
 Example:
     >>> rows = selection_study(Run.load("runs/demo"), "runs/demo/selection", model, n_pairs=128)   # doctest: +SKIP
@@ -27,14 +27,19 @@ __all__ = ["selection_study", "agreement_figure"]
 
 
 def agreement_figure(rows: Sequence[SplitAgreement]) -> go.Figure:
-    """Top-k Jaccard of two disjoint halves against pairs per half: a line per trait and rule, chance dotted.
+    """Against pairs per half, a line per trait and rule: left, the top-k Jaccard of two disjoint halves
+    (chance dotted); right, the share of one half's top k whose effect has the same sign on the other
+    half (0.5 for a selection of noise, dotted).
 
     Example:
-        >>> row = SplitAgreement("openness", "attribution-t", 64, 4, 80, 36000.0, .3, .2, .1, .3, .001)
-        >>> len(agreement_figure([row]).data)
-        2
+        >>> row = SplitAgreement("openness", "attribution-t", 64, 4, 80, 36000.0, .3, .2, .1, .3, .001, .7, 1.2)
+        >>> len(agreement_figure([row]).data)     # Jaccard, its chance, the replicated share
+        3
     """
-    fig = go.Figure()
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.1,
+                        subplot_titles=("top-k overlap of the two halves", "one half's top k, on the other half's pairs"))
     groups: dict[tuple[str, str], list[SplitAgreement]] = {}
     for row in rows:
         groups.setdefault((row.trait, row.rule), []).append(row)
@@ -42,23 +47,31 @@ def agreement_figure(rows: Sequence[SplitAgreement]) -> go.Figure:
     for (trait, rule), points in groups.items():
         points = sorted(points, key=lambda row: row.pairs_per_half)
         name = f"{trait} ({rule})" if several_rules else trait
-        sizes = [row.pairs_per_half for row in points]
+        sizes, color = [row.pairs_per_half for row in points], figures.trait_color(trait)
         fig.add_trace(go.Scatter(
-            x=sizes, y=[row.jaccard for row in points], mode="lines+markers", name=name,
-            line={"color": figures.trait_color(trait)},
+            x=sizes, y=[row.jaccard for row in points], mode="lines+markers", name=name, legendgroup=name,
+            line={"color": color},
             error_y={"type": "data", "symmetric": False,
                      "array": [row.jaccard_max - row.jaccard for row in points],
                      "arrayminus": [row.jaccard - row.jaccard_min for row in points]},
-            customdata=[[row.spearman, row.budget, row.splits] for row in points],
-            hovertemplate="%{x} pairs per half: Jaccard %{y:.3f}<br>Spearman %{customdata[0]:.3f}, "
-                          "k %{customdata[1]}, %{customdata[2]} splits<extra>" + name + "</extra>"))
+            customdata=[[row.spearman, row.budget, row.splits, row.jaccard_chance] for row in points],
+            hovertemplate="%{x} pairs per half: Jaccard %{y:.3f} (chance %{customdata[3]:.4f})<br>Spearman "
+                          "%{customdata[0]:.3f}, k %{customdata[1]}, %{customdata[2]} splits<extra>" + name + "</extra>"),
+            row=1, col=1)
         fig.add_trace(go.Scatter(x=sizes, y=[row.jaccard_chance for row in points], mode="lines",
-                                 line={"color": figures.trait_color(trait), "dash": "dot", "width": 1},
-                                 name=f"{name}: chance", showlegend=False, hoverinfo="skip"))
+                                 line={"color": color, "dash": "dot", "width": 1}, legendgroup=name,
+                                 name=f"{name}: chance", showlegend=False, hoverinfo="skip"), row=1, col=1)
+        fig.add_trace(go.Scatter(
+            x=sizes, y=[row.replicated_sign for row in points], mode="lines+markers", name=name, legendgroup=name,
+            line={"color": color}, showlegend=False, customdata=[[row.replicated_score] for row in points],
+            hovertemplate="%{x} pairs per half: %{y:.2f} of the top k keep their sign (mean statistic "
+                          "%{customdata[0]:.2f})<extra>" + name + "</extra>"), row=1, col=2)
+    fig.add_hline(y=0.5, line={"dash": "dot", "color": "grey", "width": 1}, row=1, col=2)
     fig.update_xaxes(type="log", dtick=0.30102999566)   # ticks at powers of two
-    fig.update_yaxes(rangemode="tozero")
-    return figures.style(fig, "Would two runs select the same neurons? Top-k overlap of disjoint halves of the "
-                              "selection pairs", "selection pairs per half", "Jaccard of the two top-k sets")
+    fig.update_yaxes(rangemode="tozero", row=1, col=1)
+    fig.update_yaxes(range=[0, 1.02], row=1, col=2)
+    return figures.style(fig, "Would two runs select the same neurons? Disjoint halves of the selection pairs",
+                         "selection pairs per half", None)
 
 
 def selection_study(run: Run, out: str | Path, model: Any, rules: Sequence[str] = ("attribution-t",),
