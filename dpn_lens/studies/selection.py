@@ -100,7 +100,7 @@ def selection_study(run: Run, out: str | Path, model: Any, rules: Sequence[str] 
             if log:
                 log(f"selection: {trait} {rule}, k {found[0].budget}: " + "; ".join(
                     f"{row.pairs_per_half} pairs per half: Jaccard {row.jaccard:.2f} (chance {row.jaccard_chance:.3f}), "
-                    f"Spearman {row.spearman:.2f}" for row in found[:3]))
+                    f"Spearman {row.spearman:.2f}, sign kept {row.replicated_sign:.2f}" for row in found[:3]))
     table = [row.to_dict() for row in rows]
     write_table(table, out, "selection_agreement")
     write_json_atomic(out / "selection_agreement_summary.json", _jsonable(
