@@ -38,8 +38,9 @@ def agreement_figure(rows: Sequence[SplitAgreement]) -> go.Figure:
     """
     from plotly.subplots import make_subplots
 
-    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.1,
-                        subplot_titles=("top-k overlap of the two halves", "one half's top k, on the other half's pairs"))
+    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.12,
+                        subplot_titles=("top-k overlap of the halves (dotted: chance)",
+                                        "top k keeping their sign on the other half"))
     groups: dict[tuple[str, str], list[SplitAgreement]] = {}
     for row in rows:
         groups.setdefault((row.trait, row.rule), []).append(row)
@@ -51,12 +52,11 @@ def agreement_figure(rows: Sequence[SplitAgreement]) -> go.Figure:
         fig.add_trace(go.Scatter(
             x=sizes, y=[row.jaccard for row in points], mode="lines+markers", name=name, legendgroup=name,
             line={"color": color},
-            error_y={"type": "data", "symmetric": False,
-                     "array": [row.jaccard_max - row.jaccard for row in points],
-                     "arrayminus": [row.jaccard - row.jaccard_min for row in points]},
-            customdata=[[row.spearman, row.budget, row.splits, row.jaccard_chance] for row in points],
-            hovertemplate="%{x} pairs per half: Jaccard %{y:.3f} (chance %{customdata[3]:.4f})<br>Spearman "
-                          "%{customdata[0]:.3f}, k %{customdata[1]}, %{customdata[2]} splits<extra>" + name + "</extra>"),
+            customdata=[[row.spearman, row.budget, row.splits, row.jaccard_chance, row.jaccard_min, row.jaccard_max]
+                        for row in points],
+            hovertemplate="%{x} pairs per half: Jaccard %{y:.4f} (%{customdata[4]:.4f} to %{customdata[5]:.4f} over "
+                          "%{customdata[2]} splits; chance %{customdata[3]:.4f})<br>Spearman %{customdata[0]:.3f}, "
+                          "k %{customdata[1]}<extra>" + name + "</extra>"),
             row=1, col=1)
         fig.add_trace(go.Scatter(x=sizes, y=[row.jaccard_chance for row in points], mode="lines",
                                  line={"color": color, "dash": "dot", "width": 1}, legendgroup=name,
@@ -70,8 +70,10 @@ def agreement_figure(rows: Sequence[SplitAgreement]) -> go.Figure:
     fig.update_xaxes(type="log", dtick=0.30102999566)   # ticks at powers of two
     fig.update_yaxes(rangemode="tozero", row=1, col=1)
     fig.update_yaxes(range=[0, 1.02], row=1, col=2)
+    fig.update_yaxes(title_text="Jaccard of the two top-k sets", row=1, col=1)
+    fig.update_yaxes(title_text="share of one half's top k (0.5: noise)", row=1, col=2)
     return figures.style(fig, "Would two runs select the same neurons? Disjoint halves of the selection pairs",
-                         "selection pairs per half", None)
+                         "selection pairs per half", None, width=1150, height=520)
 
 
 def selection_study(run: Run, out: str | Path, model: Any, rules: Sequence[str] = ("attribution-t",),
