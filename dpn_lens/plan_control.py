@@ -417,7 +417,8 @@ def plan_control(spec: str, traits: Sequence[str], settings: ControlSettings, de
         if seconds is not None and kind == "KL curves":   # and once per run, the unsteered reference
             seconds += per_kind[kind] / work.probe_passes
         stages.append(StagePlan(f"{kind} ({len(traits)} traits)", seconds,
-                                selection_peak if kind == "selection" else peak, f"per trait: {detail}"))
+                                selection_peak if kind == "selection" else peak, f"per trait: {detail}",
+                                peak_is_lower_bound=not usable))
     gib = 1024 ** 3
     fits = {size: (weights + reference) * 1.1 < size * gib for size in GPU_SIZES_GIB}
     return RunPlan(spec, shape, device, dtype, weights, stages, machine, fits)

@@ -208,8 +208,14 @@ def test_the_control_plan_has_a_stage_per_kind_of_work_and_scales_with_it(tiny_f
     doubled = {s.name: s.seconds for s in double.stages}
     assert doubled["KL curves (2 traits)"] == pytest.approx(2 * by_name["KL curves (2 traits)"])
     assert doubled["answer scoring (2 traits)"] > 1.9 * by_name["answer scoring (2 traits)"]
-    # Another device's measurement gives no times.
-    assert plan_control(str(tiny_folder), ["openness"], settings, device="cuda", costs=_control_costs()).seconds is None
+    # Another device's measurement gives no times, and no memory of the passes: the plan says its peaks are
+    # lower bounds (an unmeasured Gemma plan once printed ~1 GiB for a selection that peaked near 10 GB).
+    unmeasured = plan_control(str(tiny_folder), ["openness"], settings, device="cuda", costs=_control_costs())
+    assert unmeasured.seconds is None
+    assert all(stage.peak_is_lower_bound for stage in unmeasured.stages[1:])
+    assert "selection (1 traits): time unknown (no measurement for this device and dtype); peak memory at least" \
+        in unmeasured.text()
+    assert not any(stage.peak_is_lower_bound for stage in plan.stages) and "at least" not in plan.text()
 
 
 def test_only_a_run_that_selects_a_rule_is_planned_to_hold_the_gradient_passs_memory(tiny_folder):
