@@ -46,8 +46,8 @@ from jaxtyping import Float
 from scipy.stats import spearmanr
 from torch import Tensor
 
-from dpn_lens.effect.rules import (attribution_statistic, per_pair_attribution, resolved_budget, rule_named,
-                                   rule_scores, select_top)
+from dpn_lens.effect.rules import (attribution_statistic, candidate_scores, per_pair_attribution, resolved_budget,
+                                   rule_named, rule_scores, select_top)
 from dpn_lens.localization.neuron_map import NeuronMap
 from dpn_lens.numbers import as_int
 
@@ -149,7 +149,12 @@ def agreement_of_halves(base: NeuronMap, rule: str, first: Float[Tensor, "m n_ro
         >>> agreement_of_halves(dpn_map, "attribution-t", per_pair[:64], per_pair[64:128], 80)   # doctest: +SKIP
         (0.21, 0.14, 36810, 0.71, 1.3)
     """
-    one, two = rule_scores(base, rule, first), rule_scores(base, rule, second)
+    # Each half's statistic once: masked, it ranks that half's top k; unmasked, it reads the other half's
+    # top k (a dpn-le-attribution neuron with a negative score there is a failed replication, not a
+    # missing one).
+    statistic = rule_named(rule).statistic
+    stat_one, stat_two = attribution_statistic(first, statistic), attribution_statistic(second, statistic)
+    one, two = candidate_scores(base, rule, stat_one), candidate_scores(base, rule, stat_two)
     both = torch.isfinite(one) & torch.isfinite(two)
     candidates = int(both.sum())
     if candidates < 2:
@@ -158,12 +163,7 @@ def agreement_of_halves(base: NeuronMap, rule: str, first: Float[Tensor, "m n_ro
     rows = list(base.stat_layers)
     top_one, top_two = _top_set(one, rows, budget), _top_set(two, rows, budget)
     union = top_one | top_two
-    # The other half's statistic before the rule's mask: a dpn-le-attribution neuron with a negative
-    # score there is a failed replication, not a missing one.
-    statistic = rule_named(rule).statistic
-    held_two = attribution_statistic(second, statistic).flatten()[sorted(top_one)]
-    held_one = attribution_statistic(first, statistic).flatten()[sorted(top_two)]
-    held = torch.cat([held_two, held_one]).double()
+    held = torch.cat([stat_two.flatten()[sorted(top_one)], stat_one.flatten()[sorted(top_two)]]).double()
     return (rho, (len(top_one & top_two) / len(union) if union else math.nan), candidates,
             float((held > 0).double().mean()) if held.numel() else math.nan,
             float(held.mean()) if held.numel() else math.nan)

@@ -58,7 +58,7 @@ from dpn_lens.numbers import as_int
 from dpn_lens.localization.settings import LocalizationSettings
 
 __all__ = ["SelectionRule", "SELECTION_RULES", "attribution_statistic", "RULES_BY_NAME", "RULE_NAMES", "EFFECT_RULES", "EffectScores",
-           "effect_scores", "rule_scores", "per_pair_attribution", "resolved_budget", "effect_map", "select_by_effect", "reselect_top", "select_top", "default_budget",
+           "effect_scores", "rule_scores", "candidate_scores", "per_pair_attribution", "resolved_budget", "effect_map", "select_by_effect", "reselect_top", "select_top", "default_budget",
            "MAX_FRACTION", "CONTRASTIVE_PAIRS", "SELECTION_PAIRS", "SELECTION_TOKENS"]
 
 MAX_FRACTION = 0.005
@@ -287,23 +287,34 @@ def effect_scores(model: Any, base: NeuronMap, rule: str, *, pairs: Sequence[Any
 def rule_scores(base: NeuronMap, rule: str, raw: Tensor) -> Float[Tensor, "n_stat_layers d_mlp"]:
     """``rule``'s score of every neuron from its raw values: for an attribution rule the per-pair
     attributions ``[n_pairs, n_stat_layers, d_mlp]`` (:func:`per_pair_attribution`), reduced by the rule's
-    statistic; for a write rule its scores. ``-inf`` marks what the rule may not pick (``s = 0``, and
-    outside the dual criterion or with a non-positive score for ``dpn-le-attribution``).
+    statistic; for a write rule its scores. ``-inf`` marks what the rule may not pick
+    (:func:`candidate_scores`).
 
     Example:
         >>> rule_scores(dpn_map, "attribution-t", per_pair_attribution(model, dpn_map, pairs))   # doctest: +SKIP
     """
     chosen = rule_named(rule)
-    scores = attribution_statistic(raw, chosen.statistic) if chosen.score == "attribution" else raw.clone()
-    scores[base.steering_value == 0] = -math.inf          # an edit of +-gamma * 0 does nothing
-    if chosen.within_dual:
+    return candidate_scores(base, rule, attribution_statistic(raw, chosen.statistic) if chosen.score == "attribution"
+                            else raw)
+
+
+def candidate_scores(base: NeuronMap, rule: str, scores: Float[Tensor, "n_stat_layers d_mlp"]
+                     ) -> Float[Tensor, "n_stat_layers d_mlp"]:
+    """``scores`` (a new float32 tensor) with ``-inf`` where ``rule`` may not pick: ``s = 0``, and for
+    ``dpn-le-attribution`` outside the dual criterion or with a non-positive score.
+
+    Example:
+        >>> candidate_scores(dpn_map, "attribution-t", attribution_statistic(per_pair, "t"))   # doctest: +SKIP
+    """
+    blocked = base.steering_value == 0                      # an edit of +-gamma * 0 does nothing
+    if rule_named(rule).within_dual:
         allowed = torch.zeros_like(scores, dtype=torch.bool)
         for layer in base.layers:
             row = base.stat_layers.index(layer)
             allowed[row, torch.cat([base.high[layer], base.low[layer]])] = True
         # Only neurons whose edit moves the margin as asked (to first order) belong to the causal core.
-        scores[~allowed | (scores <= 0)] = -math.inf
-    return scores.to(torch.float32)
+        blocked = blocked | ~allowed | (scores <= 0)
+    return torch.where(blocked, torch.full_like(scores, -math.inf), scores).to(torch.float32)
 
 
 def _layer_thresholds(steering_value: Tensor, stat_layers: Sequence[int], layers: Sequence[int], q: float
