@@ -19,6 +19,11 @@ It prints the plan beside the run's recorded seconds, stage by stage.
 answer-scoring rate (answer tokens/s) on the plan's sample size (``--measure-prompts``, control's
 measurement uses 12) and on a run's (``--eval-pairs``), and the time of a 1-token forward call.
 
+``--stage gradient-memory`` checks the lower bound an unmeasured control plan puts on a selection's
+memory: it runs the attribution rules' gradient pass (``margin_gradients``) on ``--eval-pairs`` of the
+model's own answers and prints the memory it held beyond the loaded model (``VmHWM``) beside
+``plan_control.gradient_logits_bytes`` for its fullest batch (measured / bound must be at least 1).
+
 Usage::
 
     python benchmarks/bench_plan.py --model smollm2-135m-instruct --traits openness,neuroticism --n-pairs 100
@@ -26,6 +31,7 @@ Usage::
     python benchmarks/bench_plan.py --model path/to/tiny-folder --traits openness --n-pairs 4 --measure-prompts 4   # smoke run
     python benchmarks/bench_plan.py --stage control --model smollm2-135m-instruct --traits openness --methods dpn-le,attribution-t,caa --run results/control-smollm2-135m-instruct-rules/maps --data-dir ../shared/data
     python benchmarks/bench_plan.py --stage sample-rate --model smollm2-135m-instruct --measure-prompts 12 --eval-pairs 64
+    python benchmarks/bench_plan.py --stage gradient-memory --model smollm2-135m-instruct --eval-pairs 32
 """
 
 from __future__ import annotations
@@ -85,7 +91,7 @@ def parser() -> argparse.ArgumentParser:
     options.add_argument("--n-pairs", type=int, default=100)
     options.add_argument("--dtype", default="float32")
     options.add_argument("--measure-prompts", type=int, default=24, help="pairs the machine's costs are measured on")
-    options.add_argument("--stage", choices=("locate", "control", "sample-rate"), default="locate")
+    options.add_argument("--stage", choices=("locate", "control", "sample-rate", "gradient-memory"), default="locate")
     options.add_argument("--methods", default="dpn-le,caa", help="control's methods (--stage control)")
     options.add_argument("--eval-pairs", "--pairs", type=int, default=64, help="control's held-out pairs per trait")
     options.add_argument("--run", "--maps", default=None, help="control's run or maps folder (None: located in the run)")
@@ -200,6 +206,36 @@ def sample_rate_main(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def gradient_memory_main(args: argparse.Namespace) -> dict[str, Any]:
+    """The gradient pass's memory beyond the loaded model, beside the plan's bound for its fullest batch."""
+    from dpn_lens.effect.gradients import margin_gradients
+    from dpn_lens.hooked import encode
+    from dpn_lens.models import load_model
+    from dpn_lens.plan import model_shape, reset_peak, status_bytes
+    from dpn_lens.plan_control import gradient_logits_bytes, sample_pairs
+
+    model = load_model(args.model, dtype=args.dtype)
+    pairs, _, _ = sample_pairs(model, args.eval_pairs, 48)
+    # The pass batches answers longest first up to its batch_tokens; the first batch is the fullest.
+    answers = sorted((len(encode(model, text, add_bos=False)) for pair in pairs
+                      for text in (pair.high_answer, pair.low_answer)), reverse=True)
+    longest = answers[0]
+    tokens = min(len(answers), max(1, 2048 // longest)) * longest
+    loaded = status_bytes("VmRSS")
+    reset_peak()
+    margin_gradients(model, pairs)
+    held = max(status_bytes("VmHWM") - loaded, 0)
+    bound = gradient_logits_bytes(model_shape(args.model), args.dtype, tokens)
+    result = {"stage": "gradient-memory", "model": args.model, "dtype": args.dtype, "pairs": len(pairs),
+              "batch_tokens": tokens, "held_bytes": held, "bound_bytes": bound, "held_over_bound": held / bound}
+    gib = 1024 ** 3
+    print(f"{args.model} ({args.dtype}), {len(pairs)} pairs, fullest batch {tokens} answer tokens: the gradient pass held "
+          f"{held / gib:.2f} GiB beyond the loaded model; the plan's bound {bound / gib:.2f} GiB; "
+          f"held / bound {held / bound:.2f} (at least 1: the bound holds)")
+    print(json.dumps(result))
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser().parse_args(argv)
     from dpn_lens.pipeline import parse_traits
@@ -209,6 +245,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return control_main(args, traits)
     if args.stage == "sample-rate":
         return sample_rate_main(args)
+    if args.stage == "gradient-memory":
+        return gradient_memory_main(args)
     started = time.perf_counter()
     costs = measure_costs(args.model, dtype=args.dtype, n_prompts=args.measure_prompts, save=False)
     measuring = time.perf_counter() - started

@@ -373,8 +373,8 @@ class RunPlan:
         for stage in self.stages:
             when = "time unknown (no measurement for this device and dtype)" if stage.seconds is None else \
                 f"~{_duration(stage.seconds)}"
-            memory = (f"peak memory at least {stage.peak_bytes / gib:.2f} GiB (its passes' own memory needs the same "
-                      f"measurement)" if stage.peak_is_lower_bound else f"peak memory ~{stage.peak_bytes / gib:.2f} GiB")
+            memory = (f"peak memory at least {stage.peak_bytes / gib:.2f} GiB (the rest of its passes' memory needs "
+                      f"the same measurement)" if stage.peak_is_lower_bound else f"peak memory ~{stage.peak_bytes / gib:.2f} GiB")
             lines.append(f"  {stage.name}: {when}; {memory} ({stage.detail})")
         if self.seconds is not None:
             lines.append(f"  in all: ~{_duration(self.seconds)}, peak memory ~{self.peak_bytes / gib:.2f} GiB")

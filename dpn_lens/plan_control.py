@@ -40,7 +40,7 @@ from dpn_lens.plan import (BYTES, GPU_SIZES_GIB, MachineCosts, ModelShape, RunPl
                            model_shape, status_bytes, timed)
 
 __all__ = ["ControlSettings", "ControlWork", "ControlCosts", "control_work", "measure_control_costs", "sample_pairs",
-           "saved_control_costs", "plan_control", "plan_control_run"]
+           "saved_control_costs", "plan_control", "plan_control_run", "gradient_logits_bytes"]
 
 DIRECTIONS = 2
 
@@ -388,6 +388,13 @@ def plan_control(spec: str, traits: Sequence[str], settings: ControlSettings, de
     resident = machine.resident_ratio if machine is not None else 1.0
     base = runtime + int(weights * max(resident, 1.0)) + reference
     peak, selection_peak = base, base
+    # The gradient pass's logits are known from the vocabulary: without a measurement they still raise the
+    # selection's lower bound towards the truth (an unmeasured Gemma plan printed ~1 GiB where 10 GB were used).
+    from dpn_lens.effect.rules import SELECTION_TOKENS
+
+    logits_bytes = gradient_logits_bytes(shape, dtype, _gradient_batch_tokens(config.selection_pairs, SELECTION_TOKENS))
+    if work.selection_answers and not usable:
+        selection_peak += logits_bytes
     if usable:
         from dpn_lens.effect.gradients import margin_gradients
         from dpn_lens.evaluation.preference import PairScorer
@@ -397,7 +404,9 @@ def plan_control(spec: str, traits: Sequence[str], settings: ControlSettings, de
         selection_peak += int(costs.selection_extra_bytes
                               * _batch_scale(margin_gradients, 2 * config.selection_pairs * per_answer, costs))
     counts = {"held-out pairs": f"{work.generated_answers} greedy answers of <= {config.max_new_tokens} tokens",
-              "selection": f"{work.selection_answers} selection answers, generated and differentiated",
+              "selection": f"{work.selection_answers} selection answers, generated and differentiated"
+                           + ("" if usable else f"; the peak counts the gradient pass's logits, "
+                              f"{logits_bytes / 1024 ** 3:.2f} GiB"),
               "KL curves": f"{work.probe_passes} probe passes of {config.kl_chunks}x{config.kl_tokens} tokens "
                            "(at most: a curve stops at KL 2)",
               "answer scoring": f"{work.answer_passes} passes over {2 * config.pairs} answers",
@@ -420,8 +429,48 @@ def plan_control(spec: str, traits: Sequence[str], settings: ControlSettings, de
                                 selection_peak if kind == "selection" else peak, f"per trait: {detail}",
                                 peak_is_lower_bound=not usable))
     gib = 1024 ** 3
-    fits = {size: (weights + reference) * 1.1 < size * gib for size in GPU_SIZES_GIB}
+    needed = weights + reference + (logits_bytes if work.selection_answers else 0)
+    fits = {size: needed * 1.1 < size * gib for size in GPU_SIZES_GIB}
     return RunPlan(spec, shape, device, dtype, weights, stages, machine, fits)
+
+
+def gradient_logits_bytes(shape: ModelShape, dtype: str, tokens: int) -> int:
+    """A lower bound on the memory the attribution rules' gradient pass holds at once for the logits of
+    one batch of ``tokens`` answer tokens, known from the vocabulary alone (no measurement needed).
+
+    When the backward pass forms the logits' gradient, three tensors of the batch's full size coexist:
+    the logits in the model's dtype (held until the batch ends), the float32 log-probabilities saved for
+    the backward, and the logits' gradient in their dtype: ``(2 * dtype + 4)`` bytes per token and
+    vocabulary entry. The activations saved for the backward and per-row temporaries come on top, so a
+    run needs more: SmolLM2-135M-Instruct in float32 at a full 2048-token batch held 3.34 GiB beyond the
+    loaded model where this gives 1.13 GiB; Gemma 3 270M in bfloat16 (262,144 entries), 4.0 GiB here,
+    peaked at 9.5-10.3 GB in all in a 512-pair selection.
+
+    Example:
+        >>> shape = ModelShape(n_layers=1, d_model=8, d_mlp=16, n_heads=2, n_kv_heads=2, head_dim=4, vocab=1000,
+        ...                    tied=True)
+        >>> gradient_logits_bytes(shape, "bfloat16", 10)    # 10 x 1000 x (2 x 2 + 4)
+        80000
+    """
+    if dtype not in BYTES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(BYTES)}")
+    return int(tokens) * shape.vocab * (2 * BYTES[dtype] + 4)
+
+
+def _gradient_batch_tokens(selection_pairs: int, max_new_tokens: int) -> int:
+    """Answer tokens in the gradient pass's fullest batch: its ``batch_tokens`` default, or all the answers
+    of a selection too small to fill one (two answers of at most ``max_new_tokens`` per pair).
+
+    Example:
+        >>> _gradient_batch_tokens(512, 48), _gradient_batch_tokens(4, 48)
+        (2048, 384)
+    """
+    import inspect
+
+    from dpn_lens.effect.gradients import margin_gradients
+
+    limit = inspect.signature(margin_gradients).parameters["batch_tokens"].default
+    return min(int(limit), 2 * int(selection_pairs) * int(max_new_tokens))
 
 
 def _batch_scale(batched: Any, run_tokens: float, costs: ControlCosts) -> float:

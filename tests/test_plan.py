@@ -3,6 +3,8 @@ on the tiny model), the parameter count is the model's, and the plan runs from a
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
 
 import pytest
@@ -239,6 +241,35 @@ def test_only_a_run_that_selects_a_rule_is_planned_to_hold_the_gradient_passs_me
     assert given.peak_bytes == peaks["answer scoring (1 traits)"] < selecting.peak_bytes
 
 
+def test_an_unmeasured_plan_still_counts_the_gradient_passs_logits_from_the_vocabulary(tiny_folder):
+    """Without a measurement the selection's peak was weights and reference logits only (~1 GiB printed
+    for a Gemma selection that used 10 GB); the logits' share of the gradient pass needs only the
+    vocabulary, and a run whose rule maps are given does not make that pass."""
+    from dpn_lens.effect.gradients import margin_gradients
+    from dpn_lens.evaluation.control import ControlConfig
+    from dpn_lens.plan import model_shape
+    from dpn_lens.plan_control import ControlSettings, gradient_logits_bytes, plan_control
+
+    config = ControlConfig(methods=["dpn-le", "attribution-t", "caa"], pairs=16, selection_pairs=64)
+    selecting = plan_control(str(tiny_folder), ["openness"], ControlSettings(config, maps_given=True), device="cuda")
+    peaks = {stage.name: stage.peak_bytes for stage in selecting.stages}
+    shape = model_shape(str(tiny_folder))
+    # 64 pairs x 2 answers x 48 tokens fill the pass's 2048-token batch.
+    assert inspect.signature(margin_gradients).parameters["batch_tokens"].default == 2048
+    assert peaks["selection (1 traits)"] - peaks["answer scoring (1 traits)"] == gradient_logits_bytes(
+        shape, "float32", 2048) == 2048 * shape.vocab * 12
+    assert all(stage.peak_is_lower_bound for stage in selecting.stages[1:])
+    few = plan_control(str(tiny_folder), ["openness"],
+                       ControlSettings(dataclasses.replace(config, selection_pairs=4), maps_given=True), device="cuda")
+    assert {s.name: s.peak_bytes for s in few.stages}["selection (1 traits)"] - peaks["answer scoring (1 traits)"] == \
+        gradient_logits_bytes(shape, "float32", 2 * 4 * 48)
+    given = plan_control(str(tiny_folder), ["openness"],
+                         ControlSettings(config, maps_given=True, rule_maps_given=True), device="cuda")
+    assert given.peak_bytes == peaks["answer scoring (1 traits)"] < selecting.peak_bytes
+    with pytest.raises(ValueError, match="unknown dtype"):
+        gradient_logits_bytes(shape, "int8", 10)
+
+
 def test_the_measured_extra_memory_scales_with_how_full_a_runs_batches_are(tiny_folder):
     """The sample's 12 pairs half-fill a scoring batch; a run of 64 pairs fills it: the extra memory of its
     answer passes is the sample's times the ratio, and no more once the batch is full."""
@@ -397,3 +428,23 @@ def test_the_plan_benchmark_compares_the_sample_rate_with_a_runs(tiny_folder, tm
     assert [row["pairs"] for row in result["rows"]] == [2, 4, 2, 4]
     assert all(row["answer tokens"] > 0 and row["seconds per pass"] > 0 for row in result["rows"])
     assert result["call_seconds"] > 0 and result["run_rate_over_sample_rate"] > 0
+
+
+def test_the_plan_benchmark_checks_the_gradient_passs_memory_bound(tiny_folder, tmp_path, monkeypatch):
+    """benchmarks/bench_plan.py --stage gradient-memory on the tiny model: the pass runs, its memory is read and
+    set beside the plan's bound for the batch it made."""
+    import importlib.util
+    from pathlib import Path
+
+    from dpn_lens.plan import model_shape
+    from dpn_lens.plan_control import gradient_logits_bytes
+
+    monkeypatch.setenv("DPN_LENS_CACHE", str(tmp_path / "cache"))
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_plan.py"
+    spec = importlib.util.spec_from_file_location("bench_plan", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    result = module.main(["--stage", "gradient-memory", "--model", str(tiny_folder), "--eval-pairs", "3"])
+    assert result["pairs"] == 3 and 0 < result["batch_tokens"] <= 2 * 3 * 48
+    assert result["bound_bytes"] == gradient_logits_bytes(model_shape(str(tiny_folder)), "float32", result["batch_tokens"])
+    assert result["held_bytes"] >= 0 and result["held_over_bound"] == result["held_bytes"] / result["bound_bytes"]
