@@ -115,3 +115,22 @@ def test_merging_committed_runs_keeps_their_rows_as_they_were_written():
     merged = merge_control_results(runs)
     for key in ROW_TYPES:
         assert json.dumps(merged[key]) == json.dumps([row for run in runs for row in run.get(key, [])]), key
+
+
+def test_merging_refuses_a_record_it_would_misread_and_says_why():
+    """Records from before control named each row's method once failed the merge with a bare KeyError; a
+    row key the row types do not know would have been dropped silently."""
+    from dpn_lens.evaluation.control import merge_control_results
+
+    [(_, old)] = _records(["control-gemma-3-270m"])
+    with pytest.raises(ValueError, match=r"result #0 is a control record from an earlier version \(it lacks "
+                                         r"calibrated rows' method\).*run `dpn-lens control` again"):
+        merge_control_results([old])
+    [(_, current)] = _records(["control-gemma-3-270m-sweep-OC"])
+    assert merge_control_results([current])["meta"]["traits_done"] == current["meta"]["traits_done"]
+    unfinished = {**current, "meta": {k: v for k, v in current["meta"].items() if k != "traits_done"}}
+    with pytest.raises(ValueError, match="it lacks traits_done"):
+        merge_control_results([current, unfinished])
+    future = {**current, "curves": [{**current["curves"][0], "new_column": 1.0}, *current["curves"][1:]]}
+    with pytest.raises(ValueError, match="result #0: its curves rows carry new_column"):
+        merge_control_results([future])

@@ -792,6 +792,26 @@ def _assemble(config: ControlConfig, meta: dict[str, Any], parts: _Parts, exampl
             "stages": list(parts.stages), "examples": dict(examples), "meta": meta}
 
 
+def _check_mergeable(index: int, result: Mapping[str, Any]) -> None:
+    """Refuse a record the merge would misread: one from before control recorded each row's method and
+    the traits it finished (its rows cannot be told apart), or one whose rows carry keys this version's
+    row types do not know (they would be dropped silently)."""
+    meta = result.get("meta", {})
+    missing = [name for name in ("model", "dtype", "config", "traits_done") if name not in meta]
+    missing += sorted({f"{table} rows' method" for table in ("calibrated", "curves", "matched_cost")
+                       for row in result.get(table, []) if "method" not in row})
+    if missing:
+        raise ValueError(f"result #{index} is a control record from an earlier version (it lacks {', '.join(missing)}); "
+                         "the merge joins records that name each row's method and their finished traits: run "
+                         "`dpn-lens control` again on its traits, then merge")
+    for table, kind in ROW_TYPES.items():
+        for row in result.get(table, []):
+            unknown = sorted(set(row) - set(kind.from_dict(row).to_dict()))
+            if unknown:
+                raise ValueError(f"result #{index}: its {table} rows carry {', '.join(unknown)}, which this version's "
+                                 f"{kind.__name__} does not keep; merge it with the dpn-lens version that wrote it")
+
+
 def merge_control_results(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """One control result from runs of the same settings on different traits (e.g. traits split over
     processes or machines): the per-trait rows are joined and the matched-cost tables and the goal are
@@ -808,6 +828,8 @@ def merge_control_results(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """
     if not results:
         raise ValueError("merge_control_results needs at least one control result")
+    for index, result in enumerate(results):
+        _check_mergeable(index, result)
     # A run from before the probe's setting was recorded edited the BOS token (as --kl-edit-context does).
     configs = [{"kl_skip_context": False, **result["meta"]["config"]} for result in results]
     first = {**results[0]["meta"], "config": configs[0]}
