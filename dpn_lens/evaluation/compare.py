@@ -27,7 +27,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -38,7 +38,7 @@ from dpn_lens.evaluation import trait as tr
 from dpn_lens.evaluation.intervals import bootstrap_ci, paired_effect
 from dpn_lens.evaluation.judge import JudgeConfig, load_test_questions
 from dpn_lens.evaluation.metrics import Capability, Judge, Questionnaire, Statements
-from dpn_lens.evaluation.trait_maps import rule_maps, trait_map
+from dpn_lens.evaluation.preparation import MapSource, RuleSelection, TraitPreparation, method_inputs
 from dpn_lens.evaluation.methods import DEFAULT_METHOD_NAMES, METHOD_NAMES, METHODS_BY_NAME, TraitContext, effect_rules_needed
 from dpn_lens.evaluation.table import RESULT_TABLE, comparison_rows, write_result_table
 from dpn_lens.report.results import write_results_report
@@ -48,7 +48,7 @@ from dpn_lens.run import percent_of_mlp
 from dpn_lens.steering import Edit, direction_sign
 from dpn_lens.traits import TRAITS, normalize_trait
 
-__all__ = ["CompareConfig", "run_comparison", "write_outputs", "trait_effects", "summary_by_method",
+__all__ = ["CompareConfig", "ComparisonRun", "run_comparison", "map_source", "write_outputs", "trait_effects", "summary_by_method",
            "summary_with_intervals", "SHIFT_METRICS"]
 
 DIRECTIONS = ("increase", "decrease")
@@ -197,20 +197,32 @@ def trait_effects(values: dict[str, np.ndarray], base: dict[str, np.ndarray], hi
     return row, per_item
 
 
-def _prepare(model: Any, trait: str, config: CompareConfig, log) -> TraitContext:
-    """The trait's neuron map and the state of every method that runs on it (in registry order)."""
-    context = TraitContext(trait, trait_map(
-        model, trait, maps_dir=config.maps_dir, locate_pairs=config.locate_pairs, q=config.locate_q,
-        tau_d=config.locate_tau_d, if_missing="locate", log=log))
+def _prepare(model: Any, trait: str, config: CompareConfig, log, preparation: TraitPreparation | None = None
+             ) -> TraitContext:
+    """The trait's neuron map and the state of every method that runs on it (in registry order); what
+    ``preparation`` already holds under the same settings is taken from it (None: a fresh one)."""
+    preparation = TraitPreparation(trait) if preparation is None else preparation
+    neuron_map = preparation.neuron_map(model, map_source(config), if_missing="locate", log=log)
+    selection = RuleSelection(None, config.seed)
+    context = preparation.context(neuron_map, selection, method_inputs(config))
     rules = effect_rules_needed(config.methods)
     if rules:  # the effect rules' maps, selected from the DPN-LE map (or read from --run <rule>/)
-        chosen = rule_maps(model, context.neuron_map, rules, maps_dir=config.maps_dir, seed=config.seed,
-                           memo=context.memo, log=log)
-        context.maps.update({rule: neuron_map for rule, (neuron_map, _) in chosen.items()})
+        preparation.add_rule_maps(model, context, rules, selection, maps_dir=config.maps_dir, log=log)
     for name, method in METHODS_BY_NAME.items():
         if method.prepare is not None and (name in config.methods or (method.sweepable and name in config.sweep_methods)):
-            context.state[name] = method.prepare(model, trait, config)
+            preparation.add_method_state(model, context, name, config)
     return context
+
+
+def map_source(config: CompareConfig) -> MapSource:
+    """Where the comparison's DPN-LE maps come from (``TraitPreparation.neuron_map``; a map missing from
+    ``maps_dir`` is located).
+
+    Example:
+        >>> map_source(CompareConfig(locate_pairs=40))
+        MapSource(maps_dir=None, locate_pairs=40, q=None, tau_d=None, layers=None, statistics='last')
+    """
+    return MapSource(config.maps_dir, config.locate_pairs, config.locate_q, config.locate_tau_d)
 
 
 def _n_conditions(config: CompareConfig) -> int:
@@ -226,39 +238,87 @@ def run_comparison(model: Any, config: CompareConfig, log=print) -> dict[str, An
     """Run the comparison and return ``{"rows", "summary", "gamma_sweep", "q_sweep", "respondents", "meta"}``.
 
     One progress bar (tqdm, shown on a terminal) counts every condition: the unsteered baseline of each
-    trait, each trait x direction x method, and each sweep point.
+    trait, each trait x direction x method, and each sweep point. The run is ``ComparisonRun``'s steps:
+    ``start``, ``run_trait`` per trait, ``finish``.
 
     Example:
         >>> result = run_comparison(load_model("smollm2-135m-instruct"), CompareConfig(data_dir="../shared/data"))  # doctest: +SKIP
     """
-    from tqdm.auto import tqdm
+    run = ComparisonRun.start(model, config, log)
+    try:
+        for trait in config.traits:
+            run.run_trait(trait)
+        return run.finish()
+    finally:
+        run.close()
 
-    started = time.time()
-    evaluator = _Evaluator(model, config)
-    n_layers, d_mlp = int(model.cfg.n_layers), int(model.cfg.d_mlp)
-    n_neurons = n_layers * d_mlp
-    bar = tqdm(total=_n_conditions(config), desc="compare", unit="condition", disable=None)
-    log(f"{sum(len(i) for i in evaluator.items.values())} questionnaire items and "
-        f"{sum(len(s) for s in evaluator.statements.values())} statements over {len(config.traits)} traits")
-    log("unsteered capability")
-    base_capability = evaluator.capability(None, None)
-    rows: list[dict[str, Any]] = []
-    raw_answers: dict[tuple[str, str, str], np.ndarray] = {}
-    base_trait: dict[str, dict[str, float]] = {}
-    base_values: dict[str, dict[str, np.ndarray]] = {}
-    item_shifts: dict[tuple[str, str, str], dict[str, np.ndarray]] = {}
-    for trait in config.traits:
-        base_trait[trait], base_values[trait] = evaluator.trait_metrics(trait, None, None, {"method": "unsteered"})
-        bar.update()
-        for direction in DIRECTIONS:
-            raw_answers[("unsteered", trait, direction)] = base_values[trait]["raw"]
-        rows.append({"method": "unsteered", "trait": trait, "direction": "none", "n_edited": 0, "pct_edited": 0.0,
-                     **base_trait[trait], **base_capability, **{name: 0.0 for name in SHIFT_METRICS}, "seconds": 0.0,
-                     **({"judge_shift": 0.0} if config.judge else {})})
-    contexts: dict[str, TraitContext] = {}
-    for trait in config.traits:
+
+@dataclass
+class ComparisonRun:
+    """A comparison in progress (``run_comparison`` is its steps in a row): ``start`` loads the items and
+    measures the unsteered model (capability, and every trait's baseline), ``run_trait`` measures one trait's
+    methods x directions, ``finish`` runs the sweeps on ``sweep_trait``, the respondent matching and the
+    summary, and returns the result; ``close`` closes the progress bar (also after an error).
+
+    ``evaluation.runner.evaluate`` runs one beside a control run, trait by trait, handing both the
+    trait's ``TraitPreparation`` so that what both prepare alike (the map, CAA's vector, ...) is made once.
+
+    Example:
+        >>> run = ComparisonRun.start(model, CompareConfig.quick(traits=["openness"]))  # doctest: +SKIP
+        >>> run.run_trait("openness")                                                    # doctest: +SKIP
+        >>> [row["method"] for row in run.finish()["rows"]][:2]                          # doctest: +SKIP
+        ['unsteered', 'dpn-le']
+    """
+
+    model: Any
+    config: CompareConfig
+    log: Callable[[str], None]
+    started: float
+    evaluator: _Evaluator
+    bar: Any
+    base_capability: dict[str, float]
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    raw_answers: dict[tuple[str, str, str], np.ndarray] = field(default_factory=dict)
+    base_trait: dict[str, dict[str, float]] = field(default_factory=dict)
+    base_values: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    item_shifts: dict[tuple[str, str, str], dict[str, np.ndarray]] = field(default_factory=dict)
+    contexts: dict[str, TraitContext] = field(default_factory=dict)
+
+    @classmethod
+    def start(cls, model: Any, config: CompareConfig, log: Callable[[str], None] = print) -> "ComparisonRun":
+        """A comparison of ``config`` on ``model`` with the unsteered rows of every trait measured."""
+        from tqdm.auto import tqdm
+
+        started = time.time()
+        evaluator = _Evaluator(model, config)
+        bar = tqdm(total=_n_conditions(config), desc="compare", unit="condition", disable=None)
+        log(f"{sum(len(i) for i in evaluator.items.values())} questionnaire items and "
+            f"{sum(len(s) for s in evaluator.statements.values())} statements over {len(config.traits)} traits")
+        log("unsteered capability")
+        run = cls(model, config, log, started, evaluator, bar, evaluator.capability(None, None))
+        for trait in config.traits:
+            run.base_trait[trait], run.base_values[trait] = evaluator.trait_metrics(trait, None, None,
+                                                                                    {"method": "unsteered"})
+            bar.update()
+            for direction in DIRECTIONS:
+                run.raw_answers[("unsteered", trait, direction)] = run.base_values[trait]["raw"]
+            run.rows.append({"method": "unsteered", "trait": trait, "direction": "none", "n_edited": 0,
+                             "pct_edited": 0.0, **run.base_trait[trait], **run.base_capability,
+                             **{name: 0.0 for name in SHIFT_METRICS}, "seconds": 0.0,
+                             **({"judge_shift": 0.0} if config.judge else {})})
+        return run
+
+    def close(self) -> None:
+        """Close the progress bar."""
+        self.bar.close()
+
+    def run_trait(self, trait: str, preparation: TraitPreparation | None = None) -> None:
+        """Measure every method in both directions on ``trait`` (one of ``config.traits``) into ``rows``;
+        ``preparation``: what another run made for this trait (None: a fresh one)."""
+        model, config, log, evaluator = self.model, self.config, self.log, self.evaluator
+        n_layers, d_mlp = int(model.cfg.n_layers), int(model.cfg.d_mlp)
         t0 = time.time()
-        context = contexts[trait] = _prepare(model, trait, config, log)
+        context = self.contexts[trait] = _prepare(model, trait, config, log, preparation)
         log(f"{trait}: map {context.neuron_map.n_selected()} neurons; baselines prepared in {time.time() - t0:.0f}s")
         for direction in DIRECTIONS:
             sign = direction_sign(direction)
@@ -266,62 +326,72 @@ def run_comparison(model: Any, config: CompareConfig, log=print) -> dict[str, An
                 t0 = time.time()
                 edit, persona = METHODS_BY_NAME[method].condition(model, context, direction, config)
                 metrics, values = evaluator.trait_metrics(trait, edit, persona, {"method": method, "direction": direction})
-                raw_answers[(method, trait, direction)] = values["raw"]
-                effects, item_shifts[(method, trait, direction)] = evaluator.effects(trait, values, base_values[trait], sign)
+                self.raw_answers[(method, trait, direction)] = values["raw"]
+                effects, self.item_shifts[(method, trait, direction)] = evaluator.effects(
+                    trait, values, self.base_values[trait], sign)
                 capability = evaluator.capability(edit, persona)
                 n_edited = edit.n_edited if edit is not None else 0
                 row = {"method": method, "trait": trait, "direction": direction, "n_edited": n_edited,
                        "pct_edited": percent_of_mlp(n_edited, n_layers, d_mlp), **metrics, **capability, **effects,
                        "seconds": time.time() - t0}
                 if "judge_trait" in metrics:
-                    row["judge_shift"] = sign * (metrics["judge_trait"] - base_trait[trait]["judge_trait"])
+                    row["judge_shift"] = sign * (metrics["judge_trait"] - self.base_trait[trait]["judge_trait"])
                 for key in list(metrics) + list(capability):
-                    base = base_trait[trait].get(key, base_capability.get(key))
+                    base = self.base_trait[trait].get(key, self.base_capability.get(key))
                     row[f"delta_{key}"] = row[key] - base
-                rows.append(row)
-                bar.update()
+                self.rows.append(row)
+                self.bar.update()
                 log(f"{trait} {direction} {method}: q={metrics['questionnaire']:.3f} "
                     f"shift={_with_ci(row, 'trait_shift')} statements={_with_ci(row, 'statements_shift')} "
                     f"kl={capability['kl']:.4f} ppl={capability['wikitext_ppl']:.2f} ({row['seconds']:.0f}s)")
-    respondents = _respondent_rows(evaluator, config, raw_answers)
-    sweep_trait = normalize_trait(config.sweep_trait or config.traits[0])
-    gamma_rows, q_rows = [], []
-    if sweep_trait in contexts and (config.gamma_sweep or config.q_sweep):
-        context = contexts[sweep_trait]
-        base = base_values[sweep_trait]
-        for method in [m for m in config.sweep_methods if m in METHODS_BY_NAME and METHODS_BY_NAME[m].sweepable]:
-            for gamma in config.gamma_sweep:
-                edit, _ = METHODS_BY_NAME[method].condition(model, context, "increase", config, gamma)
-                metrics, values = evaluator.trait_metrics(sweep_trait, edit, None, {"method": method, "gamma": gamma})
-                gamma_rows.append({"method": method, "trait": sweep_trait, "gamma": gamma, "n_edited": edit.n_edited,
-                                   **metrics, **evaluator.effects(sweep_trait, values, base, 1)[0],
-                                   **evaluator.capability(edit, None, light=True)})
+
+    def finish(self) -> dict[str, Any]:
+        """The respondent matching, the gamma and q sweeps (on ``sweep_trait``, when it ran) and the summary
+        of the traits run: the comparison's result."""
+        model, config, log, evaluator, bar = self.model, self.config, self.log, self.evaluator, self.bar
+        n_layers, d_mlp = int(model.cfg.n_layers), int(model.cfg.d_mlp)
+        respondents = _respondent_rows(evaluator, config, self.raw_answers)
+        sweep_trait = normalize_trait(config.sweep_trait or config.traits[0])
+        gamma_rows, q_rows = [], []
+        if sweep_trait in self.contexts and (config.gamma_sweep or config.q_sweep):
+            context = self.contexts[sweep_trait]
+            base = self.base_values[sweep_trait]
+            for method in [m for m in config.sweep_methods if m in METHODS_BY_NAME and METHODS_BY_NAME[m].sweepable]:
+                for gamma in config.gamma_sweep:
+                    edit, _ = METHODS_BY_NAME[method].condition(model, context, "increase", config, gamma)
+                    metrics, values = evaluator.trait_metrics(sweep_trait, edit, None, {"method": method, "gamma": gamma})
+                    gamma_rows.append({"method": method, "trait": sweep_trait, "gamma": gamma,
+                                       "n_edited": edit.n_edited, **metrics,
+                                       **evaluator.effects(sweep_trait, values, base, 1)[0],
+                                       **evaluator.capability(edit, None, light=True)})
+                    bar.update()
+                    log(f"gamma sweep {method} {gamma}: shift={_with_ci(gamma_rows[-1], 'trait_shift')} "
+                        f"kl={gamma_rows[-1]['kl']:.4f}")
+            for q in config.q_sweep:
+                neuron_map = reselect(context.neuron_map, q=q)
+                edit, _ = METHODS_BY_NAME["dpn-le"].condition(model, TraitContext(sweep_trait, neuron_map), "increase",
+                                                              config)
+                metrics, values = evaluator.trait_metrics(sweep_trait, edit, None, {"method": "dpn-le", "q": q})
+                q_rows.append({"method": "dpn-le", "trait": sweep_trait, "q": q, "n_edited": edit.n_edited,
+                               "pct_edited": percent_of_mlp(edit.n_edited, n_layers, d_mlp), **metrics,
+                               **evaluator.effects(sweep_trait, values, base, 1)[0],
+                               **evaluator.capability(edit, None, light=True)})
                 bar.update()
-                log(f"gamma sweep {method} {gamma}: shift={_with_ci(gamma_rows[-1], 'trait_shift')} "
-                    f"kl={gamma_rows[-1]['kl']:.4f}")
-        for q in config.q_sweep:
-            neuron_map = reselect(context.neuron_map, q=q)
-            edit, _ = METHODS_BY_NAME["dpn-le"].condition(model, TraitContext(sweep_trait, neuron_map), "increase",
-                                                          config)
-            metrics, values = evaluator.trait_metrics(sweep_trait, edit, None, {"method": "dpn-le", "q": q})
-            q_rows.append({"method": "dpn-le", "trait": sweep_trait, "q": q, "n_edited": edit.n_edited,
-                           "pct_edited": percent_of_mlp(edit.n_edited, n_layers, d_mlp), **metrics,
-                           **evaluator.effects(sweep_trait, values, base, 1)[0],
-                           **evaluator.capability(edit, None, light=True)})
-            bar.update()
-            log(f"q sweep {q}: n={edit.n_edited} shift={_with_ci(q_rows[-1], 'trait_shift')} kl={q_rows[-1]['kl']:.4f}")
-    bar.close()
-    meta = {"model": getattr(model, "dpn_model_name", "model"), "n_mlp_neurons": n_neurons,
-            "n_questionnaire_items": {t: len(i) for t, i in evaluator.items.items()},
-            "n_statements": {t: len(s) for t, s in evaluator.statements.items()},
-            "config": {k: (dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v)
-                       for k, v in dataclasses.asdict(config).items()},
-            "seconds": time.time() - started}
-    if config.judge is not None:  # replies the judge gave that were not a rating: reported, never guessed
-        meta["judge_replies"] = len(evaluator.judged)
-        meta["judge_unparsable"] = sum(not j["judge_parsed"] for j in evaluator.judged)
-    return {"rows": rows, "summary": summary_with_intervals(rows, item_shifts), "gamma_sweep": gamma_rows,
-            "q_sweep": q_rows, "respondents": respondents, "judged": evaluator.judged, "meta": meta}
+                log(f"q sweep {q}: n={edit.n_edited} shift={_with_ci(q_rows[-1], 'trait_shift')} "
+                    f"kl={q_rows[-1]['kl']:.4f}")
+        bar.close()
+        meta = {"model": getattr(model, "dpn_model_name", "model"), "n_mlp_neurons": n_layers * d_mlp,
+                "n_questionnaire_items": {t: len(i) for t, i in evaluator.items.items()},
+                "n_statements": {t: len(s) for t, s in evaluator.statements.items()},
+                "config": {k: (dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v)
+                           for k, v in dataclasses.asdict(config).items()},
+                "seconds": time.time() - self.started}
+        if config.judge is not None:  # replies the judge gave that were not a rating: reported, never guessed
+            meta["judge_replies"] = len(evaluator.judged)
+            meta["judge_unparsable"] = sum(not j["judge_parsed"] for j in evaluator.judged)
+        return {"rows": self.rows, "summary": summary_with_intervals(self.rows, self.item_shifts),
+                "gamma_sweep": gamma_rows, "q_sweep": q_rows, "respondents": respondents, "judged": evaluator.judged,
+                "meta": meta}
 
 
 def _respondent_rows(evaluator: _Evaluator, config: CompareConfig, raw: dict) -> list[dict[str, Any]]:

@@ -52,13 +52,13 @@ from dpn_lens.evaluation.intervals import PairedEffect, draws_effect, fraction_r
 from dpn_lens.evaluation.metrics import GenerationPersonaScore, PreferenceMargin, ProbeKL
 from dpn_lens.evaluation.methods import METHODS_BY_NAME, TraitContext, effect_rules_needed, neuron_methods
 from dpn_lens.evaluation.stage_times import StageClock
-from dpn_lens.evaluation.trait_maps import rule_maps, trait_map
+from dpn_lens.evaluation.preparation import MapSource, RuleSelection, TraitPreparation, method_inputs
 from dpn_lens.evaluation.preference import GeneratedPairs, PreferencePair, generate_persona_pairs, pairs_cache_file
 from dpn_lens.localization.neuron_map import NeuronMap
 from dpn_lens.steering import Edit, direction_sign, steering_intervention
 from dpn_lens.traits import TRAITS, normalize_trait, trait_title
 
-__all__ = ["ControlConfig", "SWEEP_METHODS", "DEFAULT_METHODS", "RANDOM_CONTROL", "ALL_NEURONS", "random_curve",
+__all__ = ["ControlConfig", "ControlRun", "map_source", "SWEEP_METHODS", "DEFAULT_METHODS", "RANDOM_CONTROL", "ALL_NEURONS", "random_curve",
            "held_out_pairs", "HeldOutPairs", "persona_control", "run_control", "matched_cost_rows", "goal_rows",
            "merge_control_results", "swept_rules", "generation_checks"]
 
@@ -486,7 +486,7 @@ def run_control(model: Any, config: ControlConfig, log: Callable[[str], None] = 
     ``on_trait`` is called with the result so far after each trait (the CLI saves it, so an
     interrupted run keeps its finished traits); ``on_located`` with each map made on the fly, DPN-LE's
     and each effect rule's (the CLI saves them under ``--out``/maps, so another run can reuse them with
-    ``--run``).
+    ``--run``). The run is ``ControlRun``'s steps: ``start``, ``run_trait`` per trait, ``finish``.
 
     Returns ``{"validation", "costs", "curves", "matched_cost", "matched_summary", "calibrated", "goal",
     "sweep", "generation", "gamma_zero", "stages", "examples", "meta"}``: ``costs`` are the KL/perplexity grids,
@@ -502,138 +502,207 @@ def run_control(model: Any, config: ControlConfig, log: Callable[[str], None] = 
         >>> result["validation"][0]["valid"]                                                                   # doctest: +SKIP
         True
     """
-    started = time.time()
-    kl_metric, margin = ProbeKL(edit_context=not config.kl_skip_context), PreferenceMargin()
-    probe_text = probe_chunks(model, config.kl_chunks, config.kl_tokens)
-    methods = list(config.methods)
-    rules = neuron_methods(methods)   # the selection rules, and edits of their neurons (``<rule>-frozen``)
-    randomized = rules if config.random_control else []
-    swept = swept_rules(methods)   # the budget sweep re-selects a rule's map
-    n_levels = len(config.kl_levels)
-    per_trait = (4 + len(methods) * len(DIRECTIONS) * n_levels + len(randomized) * len(DIRECTIONS) * n_levels
-                 + len(swept) * len(config.k_sweep) * len(DIRECTIONS) + (len(DIRECTIONS) if config.generation_questions else 0))
-    bar = _Progress(len(config.traits) * per_trait, progress)
-    parts = _Parts()
-    examples: dict[str, Any] = {}
-    map_settings: dict[str, dict[str, Any]] = {}
-    skipped: dict[str, str] = {}
-    clock = StageClock()   # wall seconds per stage and trait (``stages``), to check the plan stage by stage
-
-    def result_so_far() -> dict[str, Any]:
-        return _result(model, config, started, parts, examples, map_settings, skipped)
-
+    run = ControlRun.start(model, config, log=log, progress=progress, on_trait=on_trait, on_located=on_located)
     try:
         for trait in config.traits:
-            t0 = time.time()
-            with clock.stage("held-out pairs"):
-                held = held_out_pairs(model, trait, config, log)
-            pairs = held.pairs
-            if len(pairs) < 4:
-                raise RuntimeError(f"{trait}: only {len(pairs)} usable preference pairs of {held.n_drawn} drawn; "
-                                   "raise --eval-pairs")
-            # The questions run once per trait; every edit below runs only the answers (the margin's PairScorer).
-            base, high, low, persona = persona_control(model, held, margin, clock)
-            bar.step(3, f"{trait} controls")
-            persona_items = (high - low) / 2
-            parts.validation.append(_validation_row(held, base, high, low, persona))
-            log(f"{trait}: {len(pairs)} pairs; persona effect (high-low)/2 {persona}"
-                f"{'' if persona.ci_low > 0 else '  -- positive control FAILS: the metric cannot judge this trait'}")
-            if maps and trait in maps:
-                neuron_map = maps[trait]
-            else:
-                with clock.stage("locate"):
-                    neuron_map = trait_map(model, trait, maps_dir=config.maps_dir, locate_pairs=config.locate_pairs,
-                                           q=config.locate_q, tau_d=config.locate_tau_d, layers=config.locate_layers,
-                                           statistics=config.statistics, log=log)
-                if on_located is not None and not config.maps_dir:
-                    on_located(trait, neuron_map)
-            if neuron_map.n_selected() == 0:
-                # A result, not bad input (e.g. answer-token statistics from few pairs): this trait has nothing
-                # to edit, the other traits of the run still count.
-                map_settings[trait] = {"dpn-le": neuron_map.selection_summary()}
-                skipped[trait] = (f"the map selects no neurons (layers {neuron_map.settings.layer_range}, "
-                                  f"q={neuron_map.settings.q:g}, tau_d={neuron_map.settings.tau_d:g}), so DPN-LE has "
-                                  "nothing to edit; locate with more pairs or a lower tau_d")
-                log(f"{trait}: not steered: {skipped[trait]}")
-                bar.step(per_trait - 3, f"{trait} skipped")
-                parts.stages += clock.rows(trait, time.time() - t0)
-                if on_trait is not None:
-                    on_trait(result_so_far())
-                continue
-            context = TraitContext(trait, neuron_map)
-            needed = effect_rules_needed(methods)
-            with clock.stage("selection") if any(rule != "dpn-le" for rule in needed) else contextlib.nullcontext():
-                chosen = rule_maps(model, neuron_map, needed, maps_dir=config.maps_dir,
-                                   n_pairs=config.selection_pairs, seed=config.seed, budget=config.budget,
-                                   memo=context.memo, log=log)
-            for rule, (rule_map, loaded) in chosen.items():
-                context.maps[rule] = rule_map
-                if on_located is not None and not loaded:
-                    on_located(trait, rule_map)
-            # which neurons each rule edited: its settings and neurons per pole
-            map_settings[trait] = {rule: context.rule_map(rule).selection_summary()
-                                   for rule in dict.fromkeys(METHODS_BY_NAME[name].neurons_of for name in rules) or ["dpn-le"]}
-            for name in methods:
-                if METHODS_BY_NAME[name].prepare is not None:
-                    with clock.stage("method preparation"):
-                        context.state[name] = METHODS_BY_NAME[name].prepare(model, trait, config)  # type: ignore[arg-type]
-            run = _TraitRun(model, config, kl_metric, probe_text, margin, list(pairs), base, persona_items, context, bar,
-                            clock)
-            zero = run.margins(0.0 * steering_intervention(neuron_map, 1.0, "increase"))
-            # KL of a negligible edit (gamma 0.001): what rounding alone costs in this dtype (bf16: ~0.002).
-            floor, _ = run.cost(steering_intervention(neuron_map, 1e-3, "increase"))
-            parts.gamma_zero.append(GammaZeroRow(trait, _effect(zero, base, 1, persona_items), kl_floor=floor))
-            bar.step(1)
-            level_gammas: dict[tuple[str, str], dict[float, float]] = {}
-            for direction in DIRECTIONS:
-                sign = direction_sign(direction)
-                margins_at: dict[tuple[str, float], np.ndarray] = {}
-                for name in methods:
-                    cost = _cost_curve(run.edit_at(name, direction), run.cost, config, trait, direction, name)
-                    parts.costs += cost
-                    levels = level_gammas[(name, direction)] = _level_gammas(cost, config.kl_levels)
-                    for level in config.kl_levels:
-                        if level in levels:
-                            measured, margins_at[(name, level)] = run.measure(run.edit_at(name, direction),
-                                                                              levels[level], sign)
-                            parts.curves.append(DosePoint(trait, direction, name, level, measured))
-                        bar.step(1, f"{trait} {direction} {name} KL {level:g}")
-                    if name not in randomized:
-                        continue
-                    # The same deltas on random neurons, at the rule's gammas: does the choice of neurons matter?
-                    control = random_curve(name)
-                    for level in config.kl_levels:
-                        # Several draws where the verdict is read (the target KL); fewer elsewhere, to save time.
-                        draws = config.random_draws if level == config.target_kl else config.random_draws_off_target
-                        if level in levels and draws:
-                            measured, margins_at[(control, level)] = run.random_draws(
-                                name, direction, levels[level], sign, draws)
-                            parts.curves.append(DosePoint(trait, direction, control, level, measured))
-                        bar.step(1, f"{trait} {direction} {control} KL {level:g}")
-                parts.calibrated += [_calibrated_row(trait, direction, sign, parts.curves, margins_at, config, rule)
-                                     for rule in rules]
-            if config.k_sweep:
-                with clock.stage("budget sweep"):
-                    parts.sweep += _budget_sweep(run, swept, config, log)
-            if config.generation_questions:
-                with clock.stage("generation check"):
-                    rows, examples[f"{trait}:generation"] = _generation_check(run, held, level_gammas, config, log)
-                parts.generation += rows
-            examples[trait] = {"question": pairs[0].question, "high_answer": pairs[0].high_answer,
-                               "low_answer": pairs[0].low_answer}
-            parts.stages += clock.rows(trait, time.time() - t0)
-            lead = rules[0] if rules else None
-            log(f"{trait}: done in {time.time() - t0:.0f}s; at KL {config.target_kl:g}: " + "; ".join(
-                f"{r.method} " + _calibrated_line(r, config.target_kl) for r in parts.calibrated
-                if r.trait == trait and lead is not None))
-            if on_trait is not None:
-                on_trait(result_so_far())
+            run.run_trait(trait, neuron_map=maps.get(trait) if maps else None)
     finally:
-        bar.close()
-    if len(skipped) == len(config.traits):
-        raise ValueError(f"no trait was steered: every map selects no neurons ({'; '.join(skipped)}); locate with "
-                         "more pairs or a lower tau_d")
-    return result_so_far()
+        run.close()
+    return run.finish()
+
+
+def map_source(config: ControlConfig) -> MapSource:
+    """Where the control run's DPN-LE maps come from (``TraitPreparation.neuron_map``; a map missing from
+    ``maps_dir`` is an error).
+
+    Example:
+        >>> map_source(ControlConfig(locate_pairs=40, locate_layers=[1, 2])).layers
+        (1, 2)
+    """
+    return MapSource(config.maps_dir, config.locate_pairs, config.locate_q, config.locate_tau_d,
+                     config.locate_layers, config.statistics)  # type: ignore[arg-type]
+
+
+@dataclass
+class ControlRun:
+    """A trait-control run in progress (``run_control`` is its steps in a row): ``start`` makes what every
+    trait shares (the KL probe's text, the metrics, the progress bar), ``run_trait`` measures one trait into
+    ``parts``, ``close`` closes the bar and ``finish`` assembles the result (``result``: the result so far).
+
+    ``evaluation.runner.evaluate`` runs one beside a comparison run, trait by trait, handing both the
+    trait's ``TraitPreparation`` so that what both prepare alike (the map, CAA's vector, ...) is made once.
+
+    Example:
+        >>> run = ControlRun.start(model, ControlConfig.quick(traits=["openness"]), progress=False)  # doctest: +SKIP
+        >>> run.run_trait("openness"); run.close()                                                   # doctest: +SKIP
+        >>> run.finish()["meta"]["traits_done"]                                                      # doctest: +SKIP
+        ['openness']
+    """
+
+    model: Any
+    config: ControlConfig
+    log: Callable[[str], None]
+    on_trait: Callable[[dict[str, Any]], None] | None
+    on_located: Callable[[str, NeuronMap], None] | None
+    started: float
+    kl_metric: ProbeKL
+    margin: PreferenceMargin
+    probe_text: list[list[int]]
+    per_trait: int
+    """Evaluations the progress bar counts per trait."""
+    bar: _Progress
+    parts: _Parts = field(default_factory=_Parts)
+    examples: dict[str, Any] = field(default_factory=dict)
+    map_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+    clock: StageClock = field(default_factory=StageClock)
+    """Wall seconds per stage and trait (``stages``), to check the plan stage by stage."""
+
+    @classmethod
+    def start(cls, model: Any, config: ControlConfig, log: Callable[[str], None] = print, progress: bool = True,
+              on_trait: Callable[[dict[str, Any]], None] | None = None,
+              on_located: Callable[[str, NeuronMap], None] | None = None) -> "ControlRun":
+        """A run of ``config`` on ``model`` with nothing measured yet (``run_control`` has the arguments)."""
+        started = time.time()
+        kl_metric, margin = ProbeKL(edit_context=not config.kl_skip_context), PreferenceMargin()
+        probe_text = probe_chunks(model, config.kl_chunks, config.kl_tokens)
+        methods = list(config.methods)
+        n_random = len(neuron_methods(methods)) if config.random_control else 0
+        n_levels = len(config.kl_levels)
+        per_trait = (4 + len(methods) * len(DIRECTIONS) * n_levels + n_random * len(DIRECTIONS) * n_levels
+                     + len(swept_rules(methods)) * len(config.k_sweep) * len(DIRECTIONS)
+                     + (len(DIRECTIONS) if config.generation_questions else 0))
+        bar = _Progress(len(config.traits) * per_trait, progress)
+        return cls(model, config, log, on_trait, on_located, started, kl_metric, margin, probe_text, per_trait, bar)
+
+    def result(self) -> dict[str, Any]:
+        """The control result of the traits run so far (what ``run_control`` returns, and ``on_trait`` gets)."""
+        return _result(self.model, self.config, self.started, self.parts, self.examples, self.map_settings,
+                       self.skipped)
+
+    def close(self) -> None:
+        """Close the progress bar (also after an error)."""
+        self.bar.close()
+
+    def finish(self) -> dict[str, Any]:
+        """The result of every trait run.
+
+        Raises:
+            ValueError: when no trait was steered (every map selects no neurons).
+        """
+        if len(self.skipped) == len(self.config.traits):
+            raise ValueError(f"no trait was steered: every map selects no neurons ({'; '.join(self.skipped)}); "
+                             "locate with more pairs or a lower tau_d")
+        return self.result()
+
+    def run_trait(self, trait: str, preparation: TraitPreparation | None = None,
+                  neuron_map: NeuronMap | None = None) -> None:
+        """Measure ``trait`` (``neuron_map``: its DPN-LE map, else ``config.maps_dir``'s or located), adding its
+        rows to ``parts``; ``preparation``: what another run made for this trait (None: a fresh one)."""
+        model, config, log, clock, bar, parts = self.model, self.config, self.log, self.clock, self.bar, self.parts
+        preparation = TraitPreparation(trait) if preparation is None else preparation
+        methods = list(config.methods)
+        rules = neuron_methods(methods)   # the selection rules, and edits of their neurons (``<rule>-frozen``)
+        randomized = rules if config.random_control else []
+        t0 = time.time()
+        with clock.stage("held-out pairs"):
+            held = held_out_pairs(model, trait, config, log)
+        pairs = held.pairs
+        if len(pairs) < 4:
+            raise RuntimeError(f"{trait}: only {len(pairs)} usable preference pairs of {held.n_drawn} drawn; "
+                               "raise --eval-pairs")
+        # The questions run once per trait; every edit below runs only the answers (the margin's PairScorer).
+        base, high, low, persona = persona_control(model, held, self.margin, clock)
+        bar.step(3, f"{trait} controls")
+        persona_items = (high - low) / 2
+        parts.validation.append(_validation_row(held, base, high, low, persona))
+        log(f"{trait}: {len(pairs)} pairs; persona effect (high-low)/2 {persona}"
+            f"{'' if persona.ci_low > 0 else '  -- positive control FAILS: the metric cannot judge this trait'}")
+        if neuron_map is None:
+            with clock.stage("locate"):
+                neuron_map = preparation.neuron_map(model, map_source(config), if_missing="raise", log=log)
+            if self.on_located is not None and not config.maps_dir:
+                self.on_located(trait, neuron_map)
+        if neuron_map.n_selected() == 0:
+            # A result, not bad input (e.g. answer-token statistics from few pairs): this trait has nothing
+            # to edit, the other traits of the run still count.
+            self.map_settings[trait] = {"dpn-le": neuron_map.selection_summary()}
+            self.skipped[trait] = (f"the map selects no neurons (layers {neuron_map.settings.layer_range}, "
+                                   f"q={neuron_map.settings.q:g}, tau_d={neuron_map.settings.tau_d:g}), so DPN-LE "
+                                   "has nothing to edit; locate with more pairs or a lower tau_d")
+            log(f"{trait}: not steered: {self.skipped[trait]}")
+            bar.step(self.per_trait - 3, f"{trait} skipped")
+            parts.stages += clock.rows(trait, time.time() - t0)
+            if self.on_trait is not None:
+                self.on_trait(self.result())
+            return
+        selection = RuleSelection(config.selection_pairs, config.seed, config.budget)
+        context = preparation.context(neuron_map, selection, method_inputs(config))
+        needed = effect_rules_needed(methods)
+        with clock.stage("selection") if any(rule != "dpn-le" for rule in needed) else contextlib.nullcontext():
+            chosen = preparation.add_rule_maps(model, context, needed, selection, maps_dir=config.maps_dir, log=log)
+        for rule_map, loaded in chosen.values():
+            if self.on_located is not None and not loaded:
+                self.on_located(trait, rule_map)
+        # which neurons each rule edited: its settings and neurons per pole
+        self.map_settings[trait] = {rule: context.rule_map(rule).selection_summary()
+                                    for rule in dict.fromkeys(METHODS_BY_NAME[name].neurons_of for name in rules)
+                                    or ["dpn-le"]}
+        for name in methods:
+            if METHODS_BY_NAME[name].prepare is not None:
+                with clock.stage("method preparation"):
+                    preparation.add_method_state(model, context, name, config)  # type: ignore[arg-type]
+        run = _TraitRun(model, config, self.kl_metric, self.probe_text, self.margin, list(pairs), base, persona_items,
+                        context, bar, clock)
+        zero = run.margins(0.0 * steering_intervention(neuron_map, 1.0, "increase"))
+        # KL of a negligible edit (gamma 0.001): what rounding alone costs in this dtype (bf16: ~0.002).
+        floor, _ = run.cost(steering_intervention(neuron_map, 1e-3, "increase"))
+        parts.gamma_zero.append(GammaZeroRow(trait, _effect(zero, base, 1, persona_items), kl_floor=floor))
+        bar.step(1)
+        level_gammas: dict[tuple[str, str], dict[float, float]] = {}
+        for direction in DIRECTIONS:
+            sign = direction_sign(direction)
+            margins_at: dict[tuple[str, float], np.ndarray] = {}
+            for name in methods:
+                cost = _cost_curve(run.edit_at(name, direction), run.cost, config, trait, direction, name)
+                parts.costs += cost
+                levels = level_gammas[(name, direction)] = _level_gammas(cost, config.kl_levels)
+                for level in config.kl_levels:
+                    if level in levels:
+                        measured, margins_at[(name, level)] = run.measure(run.edit_at(name, direction),
+                                                                          levels[level], sign)
+                        parts.curves.append(DosePoint(trait, direction, name, level, measured))
+                    bar.step(1, f"{trait} {direction} {name} KL {level:g}")
+                if name not in randomized:
+                    continue
+                # The same deltas on random neurons, at the rule's gammas: does the choice of neurons matter?
+                control = random_curve(name)
+                for level in config.kl_levels:
+                    # Several draws where the verdict is read (the target KL); fewer elsewhere, to save time.
+                    draws = config.random_draws if level == config.target_kl else config.random_draws_off_target
+                    if level in levels and draws:
+                        measured, margins_at[(control, level)] = run.random_draws(
+                            name, direction, levels[level], sign, draws)
+                        parts.curves.append(DosePoint(trait, direction, control, level, measured))
+                    bar.step(1, f"{trait} {direction} {control} KL {level:g}")
+            parts.calibrated += [_calibrated_row(trait, direction, sign, parts.curves, margins_at, config, rule)
+                                 for rule in rules]
+        if config.k_sweep:
+            with clock.stage("budget sweep"):
+                parts.sweep += _budget_sweep(run, swept_rules(methods), config, log)
+        if config.generation_questions:
+            with clock.stage("generation check"):
+                rows, self.examples[f"{trait}:generation"] = _generation_check(run, held, level_gammas, config, log)
+            parts.generation += rows
+        self.examples[trait] = {"question": pairs[0].question, "high_answer": pairs[0].high_answer,
+                                "low_answer": pairs[0].low_answer}
+        parts.stages += clock.rows(trait, time.time() - t0)
+        lead = rules[0] if rules else None
+        log(f"{trait}: done in {time.time() - t0:.0f}s; at KL {config.target_kl:g}: " + "; ".join(
+            f"{r.method} " + _calibrated_line(r, config.target_kl) for r in parts.calibrated
+            if r.trait == trait and lead is not None))
+        if self.on_trait is not None:
+            self.on_trait(self.result())
 
 
 def _budget_maps(context: TraitContext, rule: str, budgets: Sequence[int]) -> list[tuple[int, NeuronMap | None]]:
