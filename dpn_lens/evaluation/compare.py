@@ -48,7 +48,8 @@ from dpn_lens.run import percent_of_mlp
 from dpn_lens.steering import Edit, direction_sign
 from dpn_lens.traits import TRAITS, normalize_trait
 
-__all__ = ["CompareConfig", "ComparisonRun", "run_comparison", "map_source", "write_outputs", "trait_effects", "summary_by_method",
+__all__ = ["CompareConfig", "ComparisonRun", "run_comparison", "map_source", "write_outputs", "trait_effects",
+           "summary_by_method",
            "summary_with_intervals", "SHIFT_METRICS"]
 
 DIRECTIONS = ("increase", "decrease")
@@ -359,7 +360,8 @@ class ComparisonRun:
             for method in [m for m in config.sweep_methods if m in METHODS_BY_NAME and METHODS_BY_NAME[m].sweepable]:
                 for gamma in config.gamma_sweep:
                     edit, _ = METHODS_BY_NAME[method].condition(model, context, "increase", config, gamma)
-                    metrics, values = evaluator.trait_metrics(sweep_trait, edit, None, {"method": method, "gamma": gamma})
+                    metrics, values = evaluator.trait_metrics(sweep_trait, edit, None,
+                                                              {"method": method, "gamma": gamma})
                     gamma_rows.append({"method": method, "trait": sweep_trait, "gamma": gamma,
                                        "n_edited": edit.n_edited, **metrics,
                                        **evaluator.effects(sweep_trait, values, base, 1)[0],

@@ -58,9 +58,9 @@ from dpn_lens.localization.neuron_map import NeuronMap
 from dpn_lens.steering import Edit, direction_sign, steering_intervention
 from dpn_lens.traits import TRAITS, normalize_trait, trait_title
 
-__all__ = ["ControlConfig", "ControlRun", "map_source", "SWEEP_METHODS", "DEFAULT_METHODS", "RANDOM_CONTROL", "ALL_NEURONS", "random_curve",
-           "held_out_pairs", "HeldOutPairs", "persona_control", "run_control", "matched_cost_rows", "goal_rows",
-           "merge_control_results", "swept_rules", "generation_checks"]
+__all__ = ["ControlConfig", "ControlRun", "map_source", "SWEEP_METHODS", "DEFAULT_METHODS", "RANDOM_CONTROL",
+           "ALL_NEURONS", "random_curve", "held_out_pairs", "HeldOutPairs", "persona_control", "run_control",
+           "matched_cost_rows", "goal_rows", "merge_control_results", "swept_rules", "generation_checks"]
 
 SWEEP_METHODS = ("dpn-le", "dpn-le-w", "directional", "topk", "dense", *EFFECT_RULES, "attribution-t-resid",
                  "attribution-t-frozen", "dpn-le-frozen", "attribution-t-scaled", "dpn-le-scaled", "npti", "caa")

@@ -9,6 +9,11 @@ long result table (``evaluation.table.ResultRow``) of both:
 * ``questionnaire``, ``statements``, ``capability`` (measured together) and ``judge``:
   ``evaluation.compare`` (fixed γ).
 
+The two harnesses run in one pass over the traits (``trait_schedule``): for each trait its control
+steps, then its comparison steps, which share what they prepare alike (the trait's map, its effect rules'
+maps, CAA's vector and NPTI's statistics: ``evaluation.preparation``); the records are those
+``run_control`` and ``run_comparison`` return with the same configs, assembled at the end.
+
 With ``out`` it writes what the CLI writes: each harness's tables and figures, the joined
 ``results.csv`` and its report (``results.md``, ``results.html``).
 
@@ -32,7 +37,7 @@ from dpn_lens.evaluation.table import (RESULT_TABLE, ResultRow, SteeringSummary,
                                        steering_summary, write_result_table)
 
 __all__ = ["HARNESS_OF", "METRICS", "GENERATION_QUESTIONS", "Evaluation", "evaluate", "harnesses_for",
-           "join_results"]
+           "join_results", "trait_schedule"]
 
 HARNESS_OF = {"preference": "control", "generation": "control", "questionnaire": "compare",
               "statements": "compare", "capability": "compare", "judge": "compare"}
@@ -108,10 +113,49 @@ def _rows(control: Mapping[str, Any] | None, comparison: Mapping[str, Any] | Non
     return (control_rows(control) if control else []) + (comparison_rows(comparison) if comparison else [])
 
 
+def trait_schedule(control: Sequence[str], compare: Sequence[str]) -> list[tuple[str, tuple[str, ...]]]:
+    """``(trait, harnesses)`` in the order ``evaluate`` runs them: one pass over the traits of both runs that
+    keeps each run's own order (so each record lists its traits as the run alone would).
+
+    Where no such order exists (the runs list shared traits in other orders, or a trait twice), the
+    control traits come first, then the comparison's.
+
+    Example:
+        >>> trait_schedule(["openness", "extraversion"], ["openness", "neuroticism", "extraversion"])
+        [('openness', ('control', 'compare')), ('neuroticism', ('compare',)), ('extraversion', ('control', 'compare'))]
+        >>> trait_schedule(["openness", "extraversion"], ["extraversion", "openness"])[2:]   # orders that disagree
+        [('extraversion', ('compare',)), ('openness', ('compare',))]
+    """
+    separately = [(t, ("control",)) for t in control] + [(t, ("compare",)) for t in compare]
+    if len(set(control)) != len(control) or len(set(compare)) != len(compare):
+        return separately
+    schedule: list[tuple[str, tuple[str, ...]]] = []
+    i = j = 0
+    while i < len(control) or j < len(compare):
+        if i < len(control) and j < len(compare) and control[i] == compare[j]:
+            schedule.append((control[i], ("control", "compare")))
+            i, j = i + 1, j + 1
+        elif i < len(control) and control[i] not in compare:
+            schedule.append((control[i], ("control",)))
+            i += 1
+        elif j < len(compare) and compare[j] not in control:
+            schedule.append((compare[j], ("compare",)))
+            j += 1
+        else:   # both next traits are shared, but not the same one: the orders disagree
+            return separately
+    return schedule
+
+
 def evaluate(model: Any, metrics: Sequence[str], *, traits: Sequence[str] | None = None, control: Any = None,
              compare: Any = None, out: str | Path | None = None, log: Callable[[str], None] = print,
              progress: bool = True, png: bool = False) -> Evaluation:
     """Measure ``metrics`` on ``model`` with each harness's config (defaults: the full runs); see the module note.
+
+    One pass over the traits (``trait_schedule``): each trait's control steps, then its comparison steps
+    (``ControlRun.run_trait``, ``ComparisonRun.run_trait``), both asking one ``TraitPreparation`` for the
+    trait's map, effect-rule maps and method state, so what both runs set alike is made once (a piece
+    either run sets otherwise is made for it alone). The records equal those of ``run_control`` and
+    ``run_comparison`` with the same configs.
 
     Args:
         model: a loaded model (``models.load_model``).
@@ -126,8 +170,9 @@ def evaluate(model: Any, metrics: Sequence[str], *, traits: Sequence[str] | None
     Raises:
         ValueError: for an unknown metric, or ``judge`` without a judge endpoint.
     """
-    from dpn_lens.evaluation.compare import CompareConfig, run_comparison, write_outputs
-    from dpn_lens.evaluation.control import ControlConfig, run_control
+    from dpn_lens.evaluation.compare import ComparisonRun, CompareConfig, write_outputs
+    from dpn_lens.evaluation.control import ControlConfig, ControlRun
+    from dpn_lens.evaluation.preparation import TraitPreparation
     from dpn_lens.report.control import write_control_outputs
 
     wanted = harnesses_for(metrics)
@@ -135,18 +180,42 @@ def evaluate(model: Any, metrics: Sequence[str], *, traits: Sequence[str] | None
         raise ValueError("the judge metric needs a judge endpoint: compare=CompareConfig(judge=JudgeConfig(url=..., "
                          "model=...)) (dpn-lens evaluate: --judge-url and --judge-model)")
     overrides = {} if traits is None else {"traits": list(traits)}
-    control_result = comparison = None
+    control_config = compare_config = None
     if "control" in wanted:
-        config = dataclasses.replace(control or ControlConfig(), **overrides)
-        if "generation" in metrics and not config.generation_questions:
-            config = dataclasses.replace(config, generation_questions=GENERATION_QUESTIONS)
-        control_result = run_control(model, config, log=log, progress=progress)
-        if out is not None:
-            write_control_outputs(control_result, out, png=png)
+        control_config = dataclasses.replace(control or ControlConfig(), **overrides)
+        if "generation" in metrics and not control_config.generation_questions:
+            control_config = dataclasses.replace(control_config, generation_questions=GENERATION_QUESTIONS)
     if "compare" in wanted:
-        config = dataclasses.replace(compare or CompareConfig(), **overrides)
-        comparison = run_comparison(model, config, log=log)
-        if out is not None:
+        compare_config = dataclasses.replace(compare or CompareConfig(), **overrides)
+    control_run = comparison_run = None
+    preparations: dict[str, TraitPreparation] = {}
+    try:
+        if control_config is not None:
+            control_run = ControlRun.start(model, control_config, log=log, progress=progress)
+        if compare_config is not None:
+            comparison_run = ComparisonRun.start(model, compare_config, log=log)
+        schedule = trait_schedule(control_config.traits if control_config else [],
+                                  compare_config.traits if compare_config else [])
+        for trait, harnesses in schedule:
+            preparation = preparations.setdefault(trait, TraitPreparation(trait))
+            if "control" in harnesses:
+                control_run.run_trait(trait, preparation)      # type: ignore[union-attr]
+            if "compare" in harnesses:
+                comparison_run.run_trait(trait, preparation)   # type: ignore[union-attr]
+            if len(wanted) > 1:
+                shared = preparation.shared()
+                log(f"{trait}: {' and '.join(harnesses)} done; "
+                    + (f"made once for both: {', '.join(shared)}" if shared else "nothing prepared alike"))
+    finally:
+        for run in (control_run, comparison_run):
+            if run is not None:
+                run.close()
+    control_result = control_run.finish() if control_run is not None else None
+    comparison = comparison_run.finish() if comparison_run is not None else None
+    if out is not None:
+        if control_result is not None:
+            write_control_outputs(control_result, out, png=png)
+        if comparison is not None:
             write_outputs(comparison, out, make_png=png)
     rows = _rows(control_result, comparison)
     if out is not None:      # the joined table beside each harness's own files
