@@ -128,3 +128,25 @@ def test_traits_the_configs_list_in_other_orders_keep_each_records_order(model, 
     assert result.control["meta"]["traits_done"] == ["extraversion"]
     assert [r["trait"] for r in result.comparison["rows"] if r["method"] == "dpn-le"] == [
         "openness", "openness", "extraversion", "extraversion"]
+
+
+def test_an_error_in_the_comparison_keeps_the_control_traits_already_finished(model, configs, tmp_path, monkeypatch):
+    """When control ran to the end before the comparison began, a comparison error left control's files
+    written; in one pass they are written on the way out, with the traits control finished."""
+    import json
+
+    from dpn_lens.evaluation.compare import ComparisonRun
+
+    control, compare = configs
+
+    def failing(self, trait, preparation=None):
+        raise RuntimeError("comparison failed")
+
+    monkeypatch.setattr(ComparisonRun, "run_trait", failing)
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="comparison failed"):
+        evaluate(model, ["preference", "questionnaire"], traits=TRAITS, control=control, compare=compare, out=out,
+                 log=lambda line: None, progress=False)
+    record = json.loads((out / "control.json").read_text(encoding="utf-8"))
+    assert record["meta"]["traits_done"] == TRAITS[:1]
+    assert not (out / "comparison.json").exists()

@@ -206,6 +206,13 @@ def evaluate(model: Any, metrics: Sequence[str], *, traits: Sequence[str] | None
                 shared = preparation.shared()
                 log(f"{trait}: {' and '.join(harnesses)} done; "
                     + (f"made once for both: {', '.join(shared)}" if shared else "nothing prepared alike"))
+    except BaseException:
+        # The traits control finished are kept, as the CLI keeps them (an interrupted comparison used to
+        # leave them written, when control ran to the end first).
+        if out is not None and control_run is not None and control_run.result()["meta"]["traits_done"]:
+            write_control_outputs(control_run.result(), out, png=False)
+            log(f"control's finished traits written to {out} before the error")
+        raise
     finally:
         for run in (control_run, comparison_run):
             if run is not None:
