@@ -212,7 +212,7 @@ def gradient_memory_main(args: argparse.Namespace) -> dict[str, Any]:
     from dpn_lens.hooked import encode
     from dpn_lens.models import load_model
     from dpn_lens.plan import model_shape, reset_peak, status_bytes
-    from dpn_lens.plan_control import gradient_logits_bytes, sample_pairs
+    from dpn_lens.plan_control import batch_tokens_default, gradient_logits_bytes, sample_pairs
 
     model = load_model(args.model, dtype=args.dtype)
     pairs, _, _ = sample_pairs(model, args.eval_pairs, 48)
@@ -220,7 +220,7 @@ def gradient_memory_main(args: argparse.Namespace) -> dict[str, Any]:
     answers = sorted((len(encode(model, text, add_bos=False)) for pair in pairs
                       for text in (pair.high_answer, pair.low_answer)), reverse=True)
     longest = answers[0]
-    tokens = min(len(answers), max(1, 2048 // longest)) * longest
+    tokens = min(len(answers), max(1, batch_tokens_default(margin_gradients) // longest)) * longest
     loaded = status_bytes("VmRSS")
     reset_peak()
     margin_gradients(model, pairs)

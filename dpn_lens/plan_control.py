@@ -40,7 +40,7 @@ from dpn_lens.plan import (BYTES, GPU_SIZES_GIB, MachineCosts, ModelShape, RunPl
                            model_shape, status_bytes, timed)
 
 __all__ = ["ControlSettings", "ControlWork", "ControlCosts", "control_work", "measure_control_costs", "sample_pairs",
-           "saved_control_costs", "plan_control", "plan_control_run", "gradient_logits_bytes"]
+           "saved_control_costs", "plan_control", "plan_control_run", "gradient_logits_bytes", "batch_tokens_default"]
 
 DIRECTIONS = 2
 
@@ -442,9 +442,9 @@ def gradient_logits_bytes(shape: ModelShape, dtype: str, tokens: int) -> int:
     the logits in the model's dtype (held until the batch ends), the float32 log-probabilities saved for
     the backward, and the logits' gradient in their dtype: ``(2 * dtype + 4)`` bytes per token and
     vocabulary entry. The activations saved for the backward and per-row temporaries come on top, so a
-    run needs more: SmolLM2-135M-Instruct in float32 at a full 2048-token batch held 3.34 GiB beyond the
-    loaded model where this gives 1.13 GiB; Gemma 3 270M in bfloat16 (262,144 entries), 4.0 GiB here,
-    peaked at 9.5-10.3 GB in all in a 512-pair selection.
+    run needs more: SmolLM2-135M-Instruct in float32 at a 2016-token batch held 3.25 GiB beyond the loaded
+    model where this gives 1.11 GiB (``benchmarks/bench_plan.py --stage gradient-memory``); Gemma 3 270M in
+    bfloat16 (262,144 entries), 4.0 GiB here, peaked at 9.5-10.3 GB in all in a 512-pair selection.
 
     Example:
         >>> shape = ModelShape(n_layers=1, d_model=8, d_mlp=16, n_heads=2, n_kv_heads=2, head_dim=4, vocab=1000,
@@ -465,12 +465,23 @@ def _gradient_batch_tokens(selection_pairs: int, max_new_tokens: int) -> int:
         >>> _gradient_batch_tokens(512, 48), _gradient_batch_tokens(4, 48)
         (2048, 384)
     """
-    import inspect
-
     from dpn_lens.effect.gradients import margin_gradients
 
-    limit = inspect.signature(margin_gradients).parameters["batch_tokens"].default
-    return min(int(limit), 2 * int(selection_pairs) * int(max_new_tokens))
+    return min(batch_tokens_default(margin_gradients), 2 * int(selection_pairs) * int(max_new_tokens))
+
+
+def batch_tokens_default(batched: Any) -> int:
+    """The ``batch_tokens`` default of a batched pass (``PairScorer``, ``margin_gradients``): the plan reads
+    the code's own batch size, so a change there changes the plan.
+
+    Example:
+        >>> def batched(items, batch_tokens=4096): ...
+        >>> batch_tokens_default(batched)
+        4096
+    """
+    import inspect
+
+    return int(inspect.signature(batched).parameters["batch_tokens"].default)
 
 
 def _batch_scale(batched: Any, run_tokens: float, costs: ControlCosts) -> float:
@@ -483,9 +494,7 @@ def _batch_scale(batched: Any, run_tokens: float, costs: ControlCosts) -> float:
         >>> _batch_scale(batched, 9000.0, costs), _batch_scale(batched, 1024.0, costs)
         (2.0, 0.5)
     """
-    import inspect
-
-    limit = inspect.signature(batched).parameters["batch_tokens"].default
+    limit = batch_tokens_default(batched)
     return min(limit, run_tokens) / max(min(limit, costs.sample_tokens), 1.0)
 
 

@@ -467,9 +467,22 @@ class _Parts:
 
     @classmethod
     def of_results(cls, results: Sequence[Mapping[str, Any]]) -> "_Parts":
-        """The rows of several control results (loaded ``control.json``), joined in order."""
-        typed = {name: [kind.from_dict(row) for result in results for row in result.get(name, [])]
-                 for name, kind in ROW_TYPES.items()}
+        """The rows of several control results (loaded ``control.json``), joined in order.
+
+        Raises:
+            ValueError: for a row carrying a key its row type does not keep (it would be dropped silently).
+        """
+        typed: dict[str, list[Any]] = {name: [] for name in ROW_TYPES}
+        for index, result in enumerate(results):
+            for name, kind in ROW_TYPES.items():
+                for row in result.get(name, []):
+                    read = kind.from_dict(row)
+                    unknown = sorted(set(row) - set(read.to_dict()))
+                    if unknown:
+                        raise ValueError(f"result #{index}: its {name} rows carry {', '.join(unknown)}, which this "
+                                         f"version's {kind.__name__} does not keep; merge it with the dpn-lens "
+                                         "version that wrote it")
+                    typed[name].append(read)
         return cls(**typed, stages=[row for result in results for row in result.get("stages", [])])
 
     def as_dicts(self) -> dict[str, list[dict[str, Any]]]:
@@ -862,9 +875,9 @@ def _assemble(config: ControlConfig, meta: dict[str, Any], parts: _Parts, exampl
 
 
 def _check_mergeable(index: int, result: Mapping[str, Any]) -> None:
-    """Refuse a record the merge would misread: one from before control recorded each row's method and
-    the traits it finished (its rows cannot be told apart), or one whose rows carry keys this version's
-    row types do not know (they would be dropped silently)."""
+    """Refuse a record from before control recorded each row's method and the traits it finished: the
+    merge would misread it (its rows cannot be told apart). Row keys the row types do not keep are refused
+    where the rows are read (``_Parts.of_results``)."""
     meta = result.get("meta", {})
     missing = [name for name in ("model", "dtype", "config", "traits_done") if name not in meta]
     missing += sorted({f"{table} rows' method" for table in ("calibrated", "curves", "matched_cost")
@@ -873,12 +886,6 @@ def _check_mergeable(index: int, result: Mapping[str, Any]) -> None:
         raise ValueError(f"result #{index} is a control record from an earlier version (it lacks {', '.join(missing)}); "
                          "the merge joins records that name each row's method and their finished traits: run "
                          "`dpn-lens control` again on its traits, then merge")
-    for table, kind in ROW_TYPES.items():
-        for row in result.get(table, []):
-            unknown = sorted(set(row) - set(kind.from_dict(row).to_dict()))
-            if unknown:
-                raise ValueError(f"result #{index}: its {table} rows carry {', '.join(unknown)}, which this version's "
-                                 f"{kind.__name__} does not keep; merge it with the dpn-lens version that wrote it")
 
 
 def merge_control_results(results: Sequence[dict[str, Any]]) -> dict[str, Any]:

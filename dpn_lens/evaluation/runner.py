@@ -209,8 +209,9 @@ def evaluate(model: Any, metrics: Sequence[str], *, traits: Sequence[str] | None
     except BaseException:
         # The traits control finished are kept, as the CLI keeps them (an interrupted comparison used to
         # leave them written, when control ran to the end first).
-        if out is not None and control_run is not None and control_run.result()["meta"]["traits_done"]:
-            write_control_outputs(control_run.result(), out, png=False)
+        finished = control_run.result() if out is not None and control_run is not None else None
+        if finished is not None and finished["meta"]["traits_done"]:
+            write_control_outputs(finished, out, png=False)
             log(f"control's finished traits written to {out} before the error")
         raise
     finally:
