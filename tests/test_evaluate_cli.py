@@ -128,6 +128,7 @@ def test_both_metric_families_write_one_folder_with_one_long_table(shared_data, 
     assert main(["evaluate", *argv]) == 0, capsys.readouterr().err
     text = capsys.readouterr().out
     assert "measured together" in text                      # questionnaire named alone runs the whole comparison
+    assert "one model, loaded once, in one pass" in text    # the same --model and --dtype for both runs
     rows = read_result_table(out / "results.csv")
     assert {r.harness for r in rows} == {"control", "compare"}
     assert {"preference", "questionnaire_shift", "wikitext_ppl"} <= {r.metric for r in rows}
@@ -153,6 +154,14 @@ def test_both_metric_families_write_one_folder_with_one_long_table(shared_data, 
     dpn_le = next(s for s in result.steering("preference", 0.005) if s.method == "dpn-le")
     assert dpn_le.as_asked == sum(r.method == "dpn-le" and r.measured_at("preference", 0.005) and r.ci_low > 0
                                   for r in rows)
+    # The two commands run on their own, each on its share of the command line: the same table.
+    apart = tmp_path / "apart"
+    for harness, line in route(argv):
+        line[line.index("--out") + 1] = str(apart)
+        assert main(line) == 0, capsys.readouterr().err
+    from dpn_lens.evaluation.runner import join_results
+
+    assert join_results(apart, ["control", "compare"]) == rows
     with pytest.raises(ValueError, match="judge endpoint"):
         evaluate(None, ["preference", "judge"])
     with pytest.raises(ValueError, match="unknown metrics"):
@@ -178,3 +187,26 @@ def test_a_planned_run_writes_nothing(tiny_folder, tmp_path, capsys):
     out = tmp_path / "never"
     assert main(["evaluate", "--metrics", "preference", "--model", str(tiny_folder), "--plan", "--out", str(out)]) == 0
     assert "plan for" in capsys.readouterr().out and not out.exists()
+
+
+def test_runs_that_need_different_models_run_one_after_the_other_and_say_why():
+    from dpn_lens.cli.evaluate import _harness_parsers, why_apart
+
+    def parsed(*options: str) -> dict[str, argparse.Namespace]:
+        return {h: _harness_parsers()[""].parse_args(line)
+                for h, line in route(["--metrics", "preference,capability", *options, "--out", "x"])}
+
+    # control's --dtype default is bfloat16, compare's float32: two models, each run keeps its default
+    assert "control runs smollm2-135m-instruct in bfloat16 on cpu and compare smollm2-135m-instruct in float32" \
+        in why_apart(parsed())
+    assert why_apart(parsed("--dtype", "float32")) is None
+    assert why_apart(parsed("--dtype", "bfloat16", "--device", "cpu")) is None
+    assert "--merge" in why_apart(parsed("--dtype", "float32", "--merge", "a,b"))
+
+
+def test_a_planned_run_of_both_families_plans_and_runs_nothing(tiny_folder, tmp_path, capsys):
+    out = tmp_path / "never"
+    assert main(["evaluate", "--metrics", "preference,capability", "--model", str(tiny_folder), "--plan",
+                 "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "plan for" in text and "have no plan yet and do not run" in text and not out.exists()

@@ -10,7 +10,7 @@ from dpn_lens.cli.options import (FORMATTER, CommaList, add_data_dir_option, add
                                   add_renamed, add_run_option, add_traits_option,
                                   print_evaluate_equivalent)
 
-__all__ = ["register", "run_compare", "compare_config"]
+__all__ = ["register", "run_compare", "compare_config", "judge_from_args", "check_before_loading"]
 
 QUICK = {"items": 8, "statements": 20, "gamma_sweep": [0.0, 1.0, 2.0], "q_sweep": []}
 """What ``--quick`` sets (where the option is not given); capability sizes are ``CapabilitySizes.quick()`` either way."""
@@ -119,36 +119,50 @@ def compare_config(args: argparse.Namespace, judge: Any = None) -> Any:
         sweep_trait=args.sweep_trait, judge=judge)
 
 
-def run_compare(args: argparse.Namespace) -> int:
-    from dpn_lens.evaluation.compare import run_comparison, write_outputs
-    from dpn_lens.evaluation.judge import JudgeConfig, judge_endpoint
-    from dpn_lens.models import load_model
+def judge_from_args(args: argparse.Namespace) -> Any:
+    """The ``JudgeConfig`` the command line asks for (``--judge-url`` or ``$DPN_LENS_JUDGE_URL``), saying
+    whether the judge runs; None without an endpoint.
 
-    started = time.time()
+    Raises:
+        ValueError: for a timeout that is not positive or a negative retry count.
+    """
+    from dpn_lens.evaluation.judge import JudgeConfig, judge_endpoint
+
     url = judge_endpoint(args.judge_url)
-    print_evaluate_equivalent("compare", args, judge=url is not None)
-    judge = None
     if url is None:
         print("judge: no endpoint configured (--judge-url or $DPN_LENS_JUDGE_URL); the judge evaluation is skipped")
-    else:
-        if args.judge_timeout <= 0 or args.judge_retries < 0:
-            raise ValueError(f"--judge-timeout must be > 0 and --judge-retries >= 0, got {args.judge_timeout} and "
-                             f"{args.judge_retries}")
-        judge = JudgeConfig(url, args.judge_model, args.judge_questions, args.judge_tokens,
-                            timeout=args.judge_timeout, retries=args.judge_retries)
-        print(f"judge: {args.judge_model} at {url} rates {args.judge_questions} generated answers per trait and condition")
-    config = compare_config(args, judge)
+        return None
+    if args.judge_timeout <= 0 or args.judge_retries < 0:
+        raise ValueError(f"--judge-timeout must be > 0 and --judge-retries >= 0, got {args.judge_timeout} and "
+                         f"{args.judge_retries}")
+    print(f"judge: {args.judge_model} at {url} rates {args.judge_questions} generated answers per trait and condition")
+    return JudgeConfig(url, args.judge_model, args.judge_questions, args.judge_tokens, timeout=args.judge_timeout,
+                       retries=args.judge_retries)
+
+
+def check_before_loading(args: argparse.Namespace) -> None:
+    """An unfinished or mixed run folder is refused before the model loads."""
     if args.run:
         from dpn_lens.run import check_run_folder, run_folder_of
 
-        # An unfinished or mixed run folder is refused before the model loads.
         folder = run_folder_of(args.run)
         if folder is not None:
             check_run_folder(folder)
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    from dpn_lens.cli.control import timestamped
+    from dpn_lens.evaluation.compare import run_comparison, write_outputs
+    from dpn_lens.evaluation.judge import judge_endpoint
+    from dpn_lens.models import load_model
+
+    started = time.time()
+    print_evaluate_equivalent("compare", args, judge=judge_endpoint(args.judge_url) is not None)
+    config = compare_config(args, judge_from_args(args))
+    check_before_loading(args)
     model = load_model(args.model, dtype=args.dtype, device=args.device)
-    result = run_comparison(model, config, log=lambda message: print(f"[{time.time() - started:6.0f}s] {message}", flush=True))
+    result = run_comparison(model, config, log=timestamped(started))
     result["meta"]["command_seconds"] = time.time() - started
     for path in write_outputs(result, args.out, make_png=not args.no_png):
         print(f"wrote {path}")
     return 0
-

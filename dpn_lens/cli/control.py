@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import argparse
 import time
-from typing import Any
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
 
 from dpn_lens.cli.options import (FORMATTER, CommaList, add_data_dir_option, add_model_options, add_out_option,
                                   add_renamed, add_run_option, add_traits_option,
                                   print_evaluate_equivalent)
 
-__all__ = ["register", "run_control_command"]
+__all__ = ["register", "run_control_command", "config_from_args", "check_before_loading", "ControlSaving",
+           "timestamped"]
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
@@ -163,8 +166,62 @@ def config_from_args(args: argparse.Namespace) -> Any:
     return ControlConfig.quick(**settings) if args.quick else ControlConfig(**settings)
 
 
-def run_control_command(args: argparse.Namespace) -> int:
+def check_before_loading(args: argparse.Namespace, config: Any) -> None:
+    """What a ``control`` run refuses before its model loads: a missing data folder, an unfinished or mixed
+    run folder."""
     from dpn_lens.data.contrastive import resolve_data_dir
+
+    resolve_data_dir(config.data_dir, "personalitybench")
+    if args.run:
+        from dpn_lens.run import check_run_folder, run_folder_of
+
+        folder = run_folder_of(args.run)
+        if folder is not None:
+            check_run_folder(folder)
+
+
+@dataclass(frozen=True)
+class ControlSaving:
+    """What a ``control`` run writes into ``out`` while it runs: after each trait the result so far
+    (``control.partial.json``, so an interrupted run keeps its finished traits; ``write_control_outputs``
+    can render it), and each map it makes on the fly (``maps/``, and ``maps/<rule>/`` for an effect rule),
+    so that ``--run OUT`` reuses them (another method set, the same neurons).
+
+    Example:
+        >>> ControlSaving("runs/x").partial.name
+        'control.partial.json'
+    """
+
+    out: str | Path
+
+    @property
+    def partial(self) -> Path:
+        return Path(self.out) / "control.partial.json"
+
+    def save_partial(self, result: dict[str, Any]) -> None:
+        from dpn_lens.io import write_json_atomic
+
+        self.partial.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self.partial, result)
+
+    def save_map(self, trait: str, neuron_map: Any) -> None:
+        from dpn_lens.run import rule_map_path
+
+        path = rule_map_path(self.out, trait, neuron_map.rule)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        neuron_map.save(path)
+
+    def done(self) -> None:
+        """The run finished and wrote ``control.json``: the partial record goes."""
+        self.partial.unlink(missing_ok=True)
+
+
+def timestamped(started: float) -> Callable[[str], None]:
+    """A log that prints each message after the seconds since ``started``."""
+    return lambda message: print(f"[{time.time() - started:6.0f}s] {message}", flush=True)
+
+
+def run_control_command(args: argparse.Namespace) -> int:
     from dpn_lens.evaluation.control import run_control
     from dpn_lens.report.control import write_control_outputs
     from dpn_lens.models import load_model
@@ -184,40 +241,15 @@ def run_control_command(args: argparse.Namespace) -> int:
                   f"--model {args.model} --dtype {args.dtype}` for times")
         print(plan.text())
         return 0
-    resolve_data_dir(config.data_dir, "personalitybench")  # a missing data folder fails before the model loads
-    if args.run:
-        from dpn_lens.run import check_run_folder, run_folder_of
-
-        folder = run_folder_of(args.run)
-        if folder is not None:
-            check_run_folder(folder)
+    check_before_loading(args, config)
     model = load_model(args.model, dtype=args.dtype, device=args.device)
-    from pathlib import Path
-
-    from dpn_lens.io import write_json_atomic
-
-    partial = Path(args.out) / "control.partial.json"
-
-    def save_partial(result: dict) -> None:
-        # An interrupted run keeps its finished traits (write_control_outputs can render this file).
-        partial.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(partial, result)
-
-    def save_map(trait: str, neuron_map: Any) -> None:
-        # The maps made on the fly, kept: `--run OUT` reuses them (another method set, the same neurons);
-        # an effect rule's map goes to maps/<rule>/.
-        from dpn_lens.run import rule_map_path
-
-        path = rule_map_path(args.out, trait, neuron_map.rule)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        neuron_map.save(path)
-
-    result = run_control(model, config, log=lambda message: print(f"[{time.time() - started:6.0f}s] {message}", flush=True),
-                         progress=not args.no_progress, on_trait=save_partial, on_located=save_map)
+    saving = ControlSaving(args.out)
+    result = run_control(model, config, log=timestamped(started), progress=not args.no_progress,
+                         on_trait=saving.save_partial, on_located=saving.save_map)
     result["meta"]["command_seconds"] = time.time() - started
     for path in write_control_outputs(result, args.out, png=not args.no_png):
         print(f"wrote {path}")
-    partial.unlink(missing_ok=True)
+    saving.done()
     return 0
 
 

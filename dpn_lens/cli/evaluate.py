@@ -9,6 +9,10 @@ spellings, into one folder with one long result table (``results.csv``, ``evalua
 * ``questionnaire``, ``statements`` and ``capability`` (measured together, at a fixed γ) and ``judge``
   (a judge model's ratings, when an endpoint is given): ``dpn_lens.evaluation.compare``.
 
+Both families on one model (the same ``--model``, ``--dtype`` and ``--device``) run in one pass over the
+traits on one loaded model (``evaluation.runner.evaluate``); runs that need different models (each keeps
+its own ``--dtype`` default) run one after the other (``why_apart`` says why).
+
 ``dpn-lens control`` and ``dpn-lens compare`` are the same two runs under their earlier names: they still
 run, and print the ``evaluate`` command that does the same.
 
@@ -30,7 +34,7 @@ from dpn_lens.cli import control as control_cli
 from dpn_lens.cli.options import FORMATTER, CommaList
 from dpn_lens.evaluation.runner import GENERATION_QUESTIONS, HARNESS_OF, METRICS, join_results
 
-__all__ = ["register", "route", "METRICS", "HARNESS_OF"]
+__all__ = ["register", "route", "why_apart", "METRICS", "HARNESS_OF"]
 
 
 
@@ -145,10 +149,13 @@ def route(argv: Sequence[str]) -> list[tuple[str, list[str]]]:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    """Run each chosen harness on its share of the command line into ``--out``, then write one ``results.csv``."""
+    """Run the chosen metrics into ``--out`` and write one ``results.csv``.
+
+    Both metric families on one model (the same ``--model``, ``--dtype`` and ``--device`` for both runs) go
+    through one pass over the traits on one loaded model (``_one_pass``); otherwise each harness runs on
+    its share of the command line, one after the other (``_one_after_the_other``).
+    """
     from dpn_lens.cli.options import validate_args
-    from dpn_lens.evaluation.table import RESULT_TABLE
-    from dpn_lens.report.results import RESULTS_HTML, RESULTS_MARKDOWN
 
     argv = list(getattr(args, "argv", None) or [])
     if argv[:1] == ["evaluate"]:
@@ -160,18 +167,100 @@ def run_evaluate(args: argparse.Namespace) -> int:
         print("evaluate: questionnaire, statements and capability are measured together (one comparison run); "
               "results.csv holds all three")
     parser = _harness_parsers()[""]
+    parsed: dict[str, argparse.Namespace] = {}
     for harness, line in routes:
         print(f"evaluate: {', '.join(m for m in args.metrics if HARNESS_OF[m] == harness)}: dpn-lens {shlex.join(line)}",
               flush=True)
-        harness_args = parser.parse_args(line)
-        harness_args.via_evaluate = True     # no "this is evaluate" note: it is
-        validate_args(harness_args)
+        parsed[harness] = parser.parse_args(line)
+        parsed[harness].via_evaluate = True     # no "this is evaluate" note: it is
+        validate_args(parsed[harness])
+    control = parsed.get("control")
+    if control is not None and control.plan:
+        if "compare" in parsed:
+            print("evaluate --plan: the plan covers preference and generation; questionnaire, statements, capability "
+                  "and judge have no plan yet and do not run")
+        return int(control.handler(control) or 0)
+    if len(parsed) == 2:
+        apart = why_apart(parsed)
+        if apart is None:
+            return _one_pass(args, parsed["control"], parsed["compare"])
+        print(f"evaluate: {apart}", flush=True)
+    return _one_after_the_other(args, parsed)
+
+
+def why_apart(parsed: dict[str, argparse.Namespace]) -> str | None:
+    """Why the ``control`` and ``compare`` runs of one ``evaluate`` command run one after the other, each
+    with its own model (None: they run in one pass on one model). ``--merge`` joins earlier control runs
+    (no model); different model settings need two models (each run keeps its own ``--dtype`` default).
+
+    Example:
+        >>> both = {"control": argparse.Namespace(model="m", dtype="bfloat16", device=None, merge=None),
+        ...         "compare": argparse.Namespace(model="m", dtype=None, device=None)}
+        >>> why_apart(both)[:60]
+        'control runs m in bfloat16 on cpu and compare m in float32 o'
+        >>> both["compare"].dtype = "bfloat16"; why_apart(both) is None
+        True
+    """
+    if parsed["control"].merge:
+        return "--merge joins earlier control runs; the comparison runs after it"
+    setting = {h: (a.model, a.dtype or "float32", a.device or "cpu") for h, a in parsed.items()}
+    if setting["control"] == setting["compare"]:
+        return None
+    words = {h: f"{model} in {dtype} on {device}" for h, (model, dtype, device) in setting.items()}
+    return (f"control runs {words['control']} and compare {words['compare']} (each run's default where not given), "
+            "so each loads its own model and they run one after the other; give --dtype (and --model, --device) "
+            "to run both in one pass on one model")
+
+
+def _one_after_the_other(args: argparse.Namespace, parsed: dict[str, argparse.Namespace]) -> int:
+    """Each harness's own command on its share of the command line, then the joined table."""
+    for harness_args in parsed.values():
         status = int(harness_args.handler(harness_args) or 0)
         if status:
             return status
-    ran = [harness for harness, _ in routes]
-    rows = join_results(args.out, ran)      # nothing to join after --plan, which runs nothing
-    if rows:
-        print(f"wrote {Path(args.out) / RESULT_TABLE} ({len(rows)} rows from {', '.join(ran)}), "
-              f"{Path(args.out) / RESULTS_MARKDOWN} and {Path(args.out) / RESULTS_HTML}")
+    _report_joined(args.out, list(parsed))
     return 0
+
+
+def _one_pass(args: argparse.Namespace, control: argparse.Namespace, compare: argparse.Namespace) -> int:
+    """Both harnesses on one loaded model in one pass over the traits (``evaluation.runner.evaluate``),
+    saving as ``control`` saves (the finished traits after each, the maps made on the fly), then each
+    harness's files and the joined table, as the two commands would write them."""
+    import time
+
+    from dpn_lens.evaluation.compare import write_outputs
+    from dpn_lens.evaluation.runner import evaluate
+    from dpn_lens.models import load_model
+    from dpn_lens.report.control import write_control_outputs
+
+    started = time.time()
+    control_config = control_cli.config_from_args(control)
+    compare_config = compare_cli.compare_config(compare, compare_cli.judge_from_args(compare))
+    control_cli.check_before_loading(control, control_config)
+    compare_cli.check_before_loading(compare)
+    print("evaluate: both runs use one model, loaded once, in one pass over the traits", flush=True)
+    model = load_model(control.model, dtype=control.dtype, device=control.device)
+    saving = control_cli.ControlSaving(args.out)
+    result = evaluate(model, args.metrics, control=control_config, compare=compare_config, out=None,
+                      log=control_cli.timestamped(started), progress=not control.no_progress,
+                      on_trait=saving.save_partial, on_located=saving.save_map)
+    seconds = time.time() - started
+    for record in (result.control, result.comparison):
+        # The one command's time, in each record (the two runs shared it).
+        record["meta"].update(command_seconds=seconds, ran_with="evaluate: control and compare in one pass")  # type: ignore[index]
+    for path in [*write_control_outputs(result.control, args.out, png=not control.no_png),
+                 *write_outputs(result.comparison, args.out, make_png=not compare.no_png)]:
+        print(f"wrote {path}")
+    saving.done()
+    _report_joined(args.out, ["control", "compare"])
+    return 0
+
+
+def _report_joined(out: str, ran: Sequence[str]) -> None:
+    from dpn_lens.evaluation.table import RESULT_TABLE
+    from dpn_lens.report.results import RESULTS_HTML, RESULTS_MARKDOWN
+
+    rows = join_results(out, ran)      # nothing to join after --merge of no record
+    if rows:
+        print(f"wrote {Path(out) / RESULT_TABLE} ({len(rows)} rows from {', '.join(ran)}), "
+              f"{Path(out) / RESULTS_MARKDOWN} and {Path(out) / RESULTS_HTML}")

@@ -148,7 +148,9 @@ def trait_schedule(control: Sequence[str], compare: Sequence[str]) -> list[tuple
 
 def evaluate(model: Any, metrics: Sequence[str], *, traits: Sequence[str] | None = None, control: Any = None,
              compare: Any = None, out: str | Path | None = None, log: Callable[[str], None] = print,
-             progress: bool = True, png: bool = False) -> Evaluation:
+             progress: bool = True, png: bool = False,
+             on_trait: Callable[[dict[str, Any]], None] | None = None,
+             on_located: Callable[[str, Any], None] | None = None) -> Evaluation:
     """Measure ``metrics`` on ``model`` with each harness's config (defaults: the full runs); see the module note.
 
     One pass over the traits (``trait_schedule``): each trait's control steps, then its comparison steps
@@ -166,6 +168,8 @@ def evaluate(model: Any, metrics: Sequence[str], *, traits: Sequence[str] | None
         compare: a ``CompareConfig`` (None: the default run); ``judge`` needs its ``judge`` endpoint.
         out: a folder to write every table, figure and the joined report into (None: write nothing).
         png: also write PNG figures (needs Chromium).
+        on_trait, on_located: the control run's callbacks (``run_control``'s): after each trait, and for
+            each map made on the fly (the CLI saves both as it goes).
 
     Raises:
         ValueError: for an unknown metric, or ``judge`` without a judge endpoint.
@@ -191,7 +195,8 @@ def evaluate(model: Any, metrics: Sequence[str], *, traits: Sequence[str] | None
     preparations: dict[str, TraitPreparation] = {}
     try:
         if control_config is not None:
-            control_run = ControlRun.start(model, control_config, log=log, progress=progress)
+            control_run = ControlRun.start(model, control_config, log=log, progress=progress, on_trait=on_trait,
+                                             on_located=on_located)
         if compare_config is not None:
             comparison_run = ComparisonRun.start(model, compare_config, log=log)
         schedule = trait_schedule(control_config.traits if control_config else [],
