@@ -29,7 +29,8 @@ def test_each_option_goes_to_the_runs_that_have_it():
     both = route(["--metrics", "preference,capability", "--traits", "openness", "--seed", "3", "--gamma", "2",
                   "--methods", "dpn-le,caa", "--out", "x"])
     assert both == [("control", ["control", "--traits", "openness", "--seed", "3", "--methods", "dpn-le,caa", "--out", "x"]),
-                    ("compare", ["compare", "--traits", "openness", "--gamma", "2", "--methods", "dpn-le,caa", "--out", "x"])]
+                    ("compare", ["compare", "--traits", "openness", "--seed", "3", "--gamma", "2", "--methods", "dpn-le,caa",
+                                 "--out", "x"])]
     # a routed command line parses as the command itself would
     direct = build_parser().parse_args(["control", "--traits", "openness", "--seed", "3", "--methods", "dpn-le,caa",
                                         "--out", "x"])
@@ -210,3 +211,14 @@ def test_a_planned_run_of_both_families_plans_and_runs_nothing(tiny_folder, tmp_
                  "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert "plan for" in text and "have no plan yet and do not run" in text and not out.exists()
+
+
+def test_selection_settings_and_the_seed_go_to_both_runs():
+    lines = dict(route(["--metrics", "preference,capability", "--selection-pairs", "512", "--budget", "40",
+                        "--seed", "1", "--out", "x"]))
+    for harness in ("control", "compare"):
+        assert lines[harness][1:] == ["--selection-pairs", "512", "--budget", "40", "--seed", "1", "--out", "x"]
+    from dpn_lens.cli.compare import compare_config
+
+    config = compare_config(build_parser().parse_args(lines["compare"]))
+    assert (config.selection_pairs, config.budget, config.seed) == (512, 40, 1)

@@ -150,3 +150,24 @@ def test_an_error_in_the_comparison_keeps_the_control_traits_already_finished(mo
     record = json.loads((out / "control.json").read_text(encoding="utf-8"))
     assert record["meta"]["traits_done"] == TRAITS[:1]
     assert not (out / "comparison.json").exists()
+
+
+def test_the_comparison_selects_effect_rules_with_its_own_selection_pairs_and_budget(model, configs, monkeypatch):
+    """The comparison takes ``selection_pairs`` and ``budget`` as control does: set alike, both runs share the
+    effect rule's map; set otherwise, the comparison selects its own with them."""
+    control, compare = configs
+    selections: Counter = Counter()
+    _counted(monkeypatch, preparation, "rule_maps", selections,
+             lambda model, base, wanted, **kw: (base.trait, kw["n_pairs"], kw["budget"]))
+    control = dataclasses.replace(control, selection_pairs=6, budget=4, generation_questions=0)
+    alike = dataclasses.replace(compare, selection_pairs=6, budget=4, methods=["attribution-t"], sweep_methods=[])
+    evaluate(model, ["preference", "questionnaire"], traits=["openness"], control=control, compare=alike,
+             log=lambda m: None, progress=False)
+    assert selections == {("openness", 6, 4): 1}
+    selections.clear()
+    result = run_comparison(model, dataclasses.replace(alike, traits=["openness"], selection_pairs=8, budget=2),
+                            log=lambda m: None)
+    assert selections == {("openness", 8, 2): 1}
+    assert result["meta"]["config"]["selection_pairs"] == 8 and result["meta"]["config"]["budget"] == 2
+    with pytest.raises(ValueError, match="selection_pairs"):
+        CompareConfig(selection_pairs=1)

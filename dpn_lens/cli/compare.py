@@ -7,7 +7,7 @@ import time
 from typing import Any
 
 from dpn_lens.cli.options import (FORMATTER, CommaList, add_data_dir_option, add_model_options, add_out_option,
-                                  add_renamed, add_run_option, add_traits_option,
+                                  add_renamed, add_run_option, add_selection_options, add_traits_option,
                                   print_evaluate_equivalent)
 
 __all__ = ["register", "run_compare", "compare_config", "judge_from_args", "check_before_loading"]
@@ -51,6 +51,10 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
                            "the fly)", old="--maps")
     parser.add_argument("--n-pairs", type=int, default=100, help="embedded pairs per trait when locating on the fly")
     add_renamed(parser, "--locate-pairs", "--n-pairs", type=int)
+    add_selection_options(parser)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the statement, capability-item and judge-question draws and of the effect rules' "
+                             "selection pairs")
     parser.add_argument("--quick", action="store_true",
                         help=f"a few-minute run: --items {QUICK['items']} --statements {QUICK['statements']}, gamma sweep "
                              f"{','.join(map(str, QUICK['gamma_sweep']))}, no q sweep (options given explicitly win)")
@@ -116,7 +120,8 @@ def compare_config(args: argparse.Namespace, judge: Any = None) -> Any:
                                    args.kl_chunks, args.kl_tokens),
         gamma=args.gamma, npti_gamma=args.npti_gamma, caa_gamma=args.caa_gamma, npti_prompts=args.npti_prompts,
         npti_new_tokens=args.npti_tokens, gamma_sweep=list(sizes["gamma_sweep"]), q_sweep=list(sizes["q_sweep"]),
-        sweep_trait=args.sweep_trait, judge=judge)
+        sweep_trait=args.sweep_trait, selection_pairs=args.selection_pairs, budget=args.budget, seed=args.seed,
+        judge=judge)
 
 
 def judge_from_args(args: argparse.Namespace) -> Any:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from dpn_lens.cli.options import (FORMATTER, CommaList, add_data_dir_option, add_model_options, add_out_option,
-                                  add_renamed, add_run_option, add_traits_option,
+                                  add_renamed, add_run_option, add_selection_options, add_traits_option,
                                   print_evaluate_equivalent)
 
 __all__ = ["register", "run_control_command", "config_from_args", "check_before_loading", "ControlSaving",
@@ -51,11 +51,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--methods", action=CommaList, default=None, metavar="METHODS",
                         help=f"comma list of methods to sweep, of {','.join(SWEEP_METHODS)} (None: "
                              f"{','.join(DEFAULT_METHODS)})")
-    parser.add_argument("--budget", type=int, default=None,
-                        help="neurons an effect rule edits (None: the DPN-LE map's count, at most 0.5%% of MLP neurons)")
-    parser.add_argument("--selection-pairs", type=int, default=128,
-                        help="selection pairs per trait for the attribution rules (the model's own answers to the "
-                             "embedded training questions; drawn with --seed)")
+    add_selection_options(parser)
     parser.add_argument("--k-sweep", default=None,
                         help="comma list of neuron budgets, e.g. 8,32,128,512,2048,all: each selection rule's shift at "
                              "--target-kl with that many neurons (sweep.csv, sparsity figure)")

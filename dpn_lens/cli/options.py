@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 __all__ = ["FORMATTER", "DEFAULT_MODEL", "CommaList", "add_subcommand", "add_traits_option", "add_model_options",
-           "add_data_dir_option", "add_out_option", "add_run_option", "add_renamed", "add_positional_run",
+           "add_data_dir_option", "add_out_option", "add_selection_options", "add_run_option", "add_renamed", "add_positional_run",
            "check_model_spec", "check_device", "check_out", "validate_args", "read_maps",
            "print_evaluate_equivalent", "equivalent_command"]
 
@@ -190,6 +190,17 @@ def add_data_dir_option(parser: argparse.ArgumentParser, holds: str) -> None:
     """``--data-dir`` (None: ``$DPN_LENS_DATA``, resolved where the data is read)."""
     parser.add_argument("--data-dir", default=None,
                         help=f"shared data folder holding {holds} (None: $DPN_LENS_DATA)")
+
+
+def add_selection_options(parser: argparse.ArgumentParser) -> None:
+    """``--budget`` and ``--selection-pairs``: how the effect rules (``attribution-t``, ...) select their neurons."""
+    from dpn_lens.effect.defaults import SELECTION_PAIRS
+
+    parser.add_argument("--budget", type=int, default=None,
+                        help="neurons an effect rule edits (None: the DPN-LE map's count, at most 0.5%% of MLP neurons)")
+    parser.add_argument("--selection-pairs", type=int, default=SELECTION_PAIRS,
+                        help="selection pairs per trait for the attribution rules (the model's own answers to the "
+                             "embedded training questions; drawn with --seed)")
 
 
 def add_out_option(parser: argparse.ArgumentParser, help_text: str, default: str | None = None,

@@ -32,6 +32,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from dpn_lens.baselines import PersonaPrompt
+from dpn_lens.effect.defaults import SELECTION_PAIRS
 from dpn_lens.evaluation import capability as cap
 from dpn_lens.io import markdown_table
 from dpn_lens.evaluation import trait as tr
@@ -95,18 +96,26 @@ class CompareConfig:
     sweep_trait: str | None = None
     sweep_methods: list[str] = field(default_factory=lambda: ["dpn-le", "npti", "dense"])
     seed: int = 0
+    selection_pairs: int = SELECTION_PAIRS
+    """Selection pairs per trait for the effect rules' maps (``attribution-t``, ...), as in ``ControlConfig``."""
+    budget: int | None = None
+    """Neurons an effect rule edits (None: the DPN-LE map's count), as in ``ControlConfig``."""
     judge: JudgeConfig | None = None
 
     def __post_init__(self) -> None:
+        from dpn_lens.numbers import as_int
+
         self.traits = [normalize_trait(t) for t in self.traits]
+        # the attribution rules average a gradient over pairs: at least 2
+        self.selection_pairs = as_int(self.selection_pairs, "selection_pairs", "128", minimum=2)
+        if self.budget is not None:
+            self.budget = as_int(self.budget, "budget (neurons; None: DPN-LE's count)", "100", minimum=1)
         unknown = [m for m in self.methods if m not in METHODS_BY_NAME]
         if unknown:
             raise ValueError(f"unknown methods {unknown}; choose from {', '.join(METHOD_NAMES)}")
         for name in ("questionnaire_items", "statements_per_pole"):
             value = getattr(self, name)
             if value is not None:
-                from dpn_lens.numbers import as_int
-
                 setattr(self, name, as_int(value, f"{name} (or None: all)", minimum=1))
 
     @classmethod
@@ -204,7 +213,7 @@ def _prepare(model: Any, trait: str, config: CompareConfig, log, preparation: Tr
     ``preparation`` already holds under the same settings is taken from it (None: a fresh one)."""
     preparation = TraitPreparation(trait) if preparation is None else preparation
     neuron_map = preparation.neuron_map(model, map_source(config), if_missing="locate", log=log)
-    selection = RuleSelection(None, config.seed)
+    selection = RuleSelection(config.selection_pairs, config.seed, config.budget)
     context = preparation.context(neuron_map, selection, method_inputs(config))
     rules = effect_rules_needed(config.methods)
     if rules:  # the effect rules' maps, selected from the DPN-LE map (or read from --run <rule>/)
