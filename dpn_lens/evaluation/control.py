@@ -88,7 +88,7 @@ def random_curve(rule: str) -> str:
 @dataclass
 class ControlConfig:
     """What the trait-control evaluation runs (defaults: the full run; on 2 CPU cores 24 min for SmolLM2-135M
-    with its pairs cached, 56 min for Gemma 3 270M with everything included; docs/RESULTS.md).
+    with its pairs cached, 56 min for Gemma 3 270M with everything included; docs/RESULTS-EARLIER.md).
 
     Every curve's KL and perplexity are measured on the whole ``gammas`` grid (one cheap pass each);
     the preference shift, which needs the pairs, is measured at the gammas where the curve reaches

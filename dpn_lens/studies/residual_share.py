@@ -16,7 +16,7 @@ whose MLP output is added unnormalised, the share written by DPN-LE's selected n
 on Gemma the norm after ``W_out`` makes that sum not the output's change, so it is left out).
 
 If the MLPs write little of ``v``, no edit of MLP neurons (sparse or dense) can reproduce the direction
-that CAA adds; docs/RESULTS.md reads these shares.
+that CAA adds; docs/RESULTS-EARLIER.md (issue 11) reads these shares.
 
 Example:
     >>> from dpn_lens.tiny import build_tiny_model
