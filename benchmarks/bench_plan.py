@@ -73,6 +73,7 @@ def measured_command(arguments: list[str]) -> dict[str, Any]:
         if recorded.exists():   # a control run records its seconds per stage and trait (evaluation.stage_times)
             control = json.loads(recorded.read_text(encoding="utf-8"))
             result["stages"], result["run_seconds"] = control.get("stages", []), control["meta"]["seconds"]
+            result["record"] = control
     if result["returncode"] != 0:
         raise RuntimeError(f"dpn-lens {arguments[0]} failed:\n{result['stderr']}")
     return result
@@ -123,11 +124,14 @@ def control_main(args: argparse.Namespace, traits: list[str]) -> dict[str, Any]:
     plan = plan_control_run(args.model, config, dtype=args.dtype, costs=costs, machine=machine,
                             pairs_cached=args.pairs_cached)
     run = measured_command(command)
-    return _report(args, traits, plan, run, measuring)
+    # The same plan with the passes the run made: what is left of the gap is the per-pass cost.
+    counted = plan_control_run(args.model, config, dtype=args.dtype, costs=costs, machine=machine,
+                               pairs_cached=args.pairs_cached, run=run["record"]) if "record" in run else None
+    return _report(args, traits, plan, run, measuring, counted)
 
 
-def _report(args: argparse.Namespace, traits: list[str], plan: Any, run: dict[str, Any], measuring: float
-            ) -> dict[str, Any]:
+def _report(args: argparse.Namespace, traits: list[str], plan: Any, run: dict[str, Any], measuring: float,
+            counted: Any = None) -> dict[str, Any]:
     gib = 1024 ** 3
     result = {"stage": args.stage, "model": args.model, "traits": traits, "n_pairs": args.n_pairs, "dtype": args.dtype,
               "measuring_seconds": measuring, "predicted_seconds": plan.seconds, "measured_seconds": run["seconds"],
@@ -136,7 +140,7 @@ def _report(args: argparse.Namespace, traits: list[str], plan: Any, run: dict[st
               "stages": {stage.name: stage.seconds for stage in plan.stages}}
     print(plan.text())
     if "stages" in run:
-        result["stage_comparison"] = stage_comparison(plan, run)
+        result["stage_comparison"] = stage_comparison(plan, run, counted)
         print(markdown_table(result["stage_comparison"]))
     print(f"measured in {measuring:.0f} s; {args.stage}: predicted {plan.seconds:.1f} s, measured {run['seconds']:.1f} s, "
           f"ratio {result['time_ratio']:.2f}; peak memory: predicted {result['predicted_peak_gib']:.2f} GiB, measured "
@@ -145,9 +149,11 @@ def _report(args: argparse.Namespace, traits: list[str], plan: Any, run: dict[st
     return result
 
 
-def stage_comparison(plan: Any, run: dict[str, Any]) -> list[dict[str, Any]]:
+def stage_comparison(plan: Any, run: dict[str, Any], counted: Any = None) -> list[dict[str, Any]]:
     """Per stage: the plan's seconds beside the run's recorded seconds (``stages`` of its control.json,
     summed over traits) and their ratio; start-up and load is the wall time the run's own clock missed.
+    ``counted``: the plan with the passes the run made (``plan_control_run(..., run=record)``), beside it
+    with its ratio, so a gap splits into the pass counts' share and the per-pass cost's.
 
     Example:
         >>> from dpn_lens.plan import StagePlan
@@ -155,17 +161,31 @@ def stage_comparison(plan: Any, run: dict[str, Any]) -> list[dict[str, Any]]:
         >>> stage_comparison(plan, {"stages": [{"trait": "o", "stage": "KL curves", "seconds": 10.0}],
         ...                         "seconds": 15.0, "run_seconds": 11.0})[0]
         {'stage': 'KL curves', 'predicted s': 12.0, 'measured s': 10.0, 'ratio': 1.2}
+        >>> counted = type("Plan", (), {"stages": [StagePlan("KL curves (1 traits)", 9.0, 0, "")]})()
+        >>> stage_comparison(plan, {"stages": [{"trait": "o", "stage": "KL curves", "seconds": 10.0}],
+        ...                         "seconds": 15.0, "run_seconds": 11.0}, counted)[0]
+        {'stage': 'KL curves', 'predicted s': 12.0, 'measured s': 10.0, 'ratio': 1.2, 'passes counted s': 9.0, 'ratio counted': 0.9}
     """
     from dpn_lens.evaluation.stage_times import stage_seconds
 
+    def name_of(stage: Any) -> str:
+        return stage.name.split(" (")[0]          # "KL curves (2 traits)", "locate (DPN-LE maps)"
+
+    def ratio(predicted: float | None, seen: float | None) -> float | None:
+        return round(predicted / seen, 2) if predicted and seen else None
+
     measured = stage_seconds(run["stages"])
     measured["start-up and model load"] = run["seconds"] - run["run_seconds"]
+    with_passes = {name_of(stage): stage.seconds for stage in counted.stages} if counted is not None else None
     rows = []
     for stage in plan.stages:
-        name = stage.name.split(" (")[0]          # "KL curves (2 traits)", "locate (DPN-LE maps)"
+        name = name_of(stage)
         seen = measured.pop(name, None)
-        rows.append({"stage": name, "predicted s": stage.seconds, "measured s": seen,
-                     "ratio": round(stage.seconds / seen, 2) if stage.seconds and seen else None})
+        row = {"stage": name, "predicted s": stage.seconds, "measured s": seen, "ratio": ratio(stage.seconds, seen)}
+        if with_passes is not None:
+            row.update({"passes counted s": with_passes.get(name),
+                        "ratio counted": ratio(with_passes.get(name), seen)})
+        rows.append(row)
     rows += [{"stage": name, "predicted s": None, "measured s": seconds, "ratio": None}
              for name, seconds in measured.items()]
     return rows

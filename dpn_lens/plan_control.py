@@ -34,7 +34,7 @@ import math
 import platform
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from dpn_lens.plan import (BYTES, GPU_SIZES_GIB, MachineCosts, ModelShape, RunPlan, StagePlan, costs_file, read_costs,
                            model_shape, status_bytes, timed)
@@ -361,11 +361,28 @@ def _seconds(shape: ModelShape, work: ControlWork, settings: ControlSettings, co
             if work.generation_sets else 0.0}
 
 
+def trait_record(run: Mapping[str, Any], trait: str) -> dict[str, Any]:
+    """``run`` (a ``control`` result) with only ``trait``'s rows: what ``control_work`` counts for one trait.
+
+    Example:
+        >>> trait_record({"curves": [{"trait": "openness"}, {"trait": "neuroticism"}], "meta": {}}, "openness")
+        {'curves': [{'trait': 'openness'}], 'meta': {}}
+    """
+    return {key: [row for row in rows if row.get("trait") == trait]
+            if isinstance(rows, list) and rows and isinstance(rows[0], dict) and "trait" in rows[0] else rows
+            for key, rows in run.items()}
+
+
 def plan_control(spec: str, traits: Sequence[str], settings: ControlSettings, device: str = "cpu",
                  dtype: str = "float32", costs: ControlCosts | None = None,
-                 machine: MachineCosts | None = None) -> RunPlan:
+                 machine: MachineCosts | None = None, run: Mapping[str, Any] | None = None) -> RunPlan:
     """The plan of ``dpn-lens control`` for ``traits`` with ``settings``: start-up and load, locate (without
-    maps, from ``plan_locate``), then per trait the counted work at ``costs``' rates."""
+    maps, from ``plan_locate``), then per trait the counted work at ``costs``' rates.
+
+    With ``run`` (that run's ``control`` result), each trait's passes are those it made
+    (``control_work(settings, trait_record(run, trait))``) instead of the settings' bound: the plan's
+    per-pass costs checked apart from its pass counts.
+    """
     from dpn_lens.plan import plan_locate
 
     if dtype not in BYTES:
@@ -375,6 +392,7 @@ def plan_control(spec: str, traits: Sequence[str], settings: ControlSettings, de
     shape = model_shape(spec)
     config = settings.config
     work = control_work(settings)
+    made = [control_work(settings, trait_record(run, trait)) for trait in traits] if run is not None else []
     located = plan_locate(spec, traits, config.locate_pairs, device, dtype, machine)
     stages = [located.stages[0]]
     if work.locates:
@@ -383,6 +401,12 @@ def plan_control(spec: str, traits: Sequence[str], settings: ControlSettings, de
     weights = shape.n_params() * BYTES[dtype]
     usable = costs is not None and costs.device == device and costs.dtype == dtype
     per_kind = _seconds(shape, work, settings, costs) if usable else {}
+    # one probe pass: the unsteered reference, once per run
+    reference_seconds = per_kind["KL curves"] / work.probe_passes if usable else 0.0
+    if usable and made:   # the passes each trait made, as a mean per trait
+        per_kind = {kind: sum(_seconds(shape, w, settings, costs)[kind] for w in made) / len(made)
+                    for kind in per_kind}
+        work = made[0]
     reference = config.kl_chunks * (config.kl_tokens + 1) * shape.vocab * 4
     runtime = machine.runtime_bytes if machine is not None and device == "cpu" else 0
     resident = machine.resident_ratio if machine is not None else 1.0
@@ -424,7 +448,7 @@ def plan_control(spec: str, traits: Sequence[str], settings: ControlSettings, de
             continue
         seconds = per_kind[kind] * len(traits) if usable else None
         if seconds is not None and kind == "KL curves":   # and once per run, the unsteered reference
-            seconds += per_kind[kind] / work.probe_passes
+            seconds += reference_seconds
         stages.append(StagePlan(f"{kind} ({len(traits)} traits)", seconds,
                                 selection_peak if kind == "selection" else peak, f"per trait: {detail}",
                                 peak_is_lower_bound=not usable))
@@ -500,9 +524,10 @@ def _batch_scale(batched: Any, run_tokens: float, costs: ControlCosts) -> float:
 
 def plan_control_run(spec: str, config: Any, device: str = "cpu", dtype: str = "float32",
                      costs: ControlCosts | None = None, machine: MachineCosts | None = None,
-                     pairs_cached: bool = False) -> RunPlan:
+                     pairs_cached: bool = False, run: Mapping[str, Any] | None = None) -> RunPlan:
     """The plan of ``dpn-lens control`` run with ``config`` (a ``ControlConfig``): which maps its maps folder
-    already holds (``run.find_map``), this machine's saved costs when ``costs``/``machine`` are None."""
+    already holds (``run.find_map``), this machine's saved costs when ``costs``/``machine`` are None;
+    ``run``: that run's result, to count the passes it made (``plan_control``)."""
     import torch
 
     from dpn_lens.evaluation.methods import effect_rules_needed
@@ -518,4 +543,4 @@ def plan_control_run(spec: str, config: Any, device: str = "cpu", dtype: str = "
     threads = torch.get_num_threads()
     costs = costs or saved_control_costs(device, dtype, threads)
     machine = machine or saved_costs(device, dtype, threads)
-    return plan_control(spec, config.traits, ControlSettings(config, **given), device, dtype, costs, machine)
+    return plan_control(spec, config.traits, ControlSettings(config, **given), device, dtype, costs, machine, run)

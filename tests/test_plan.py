@@ -351,6 +351,8 @@ def test_the_plan_benchmark_plans_a_control_run(tiny_folder, tmp_path, monkeypat
     assert {"start-up and model load", "KL curves", "answer scoring", "persona control"} <= set(compared)
     assert all(compared[name]["measured s"] > 0 and compared[name]["predicted s"] > 0
                for name in ("KL curves", "answer scoring"))
+    # beside it, the plan with the passes the run made: at most the bound (a curve stops at KL 2)
+    assert 0 < compared["KL curves"]["passes counted s"] <= compared["KL curves"]["predicted s"]
 
 
 
@@ -448,3 +450,32 @@ def test_the_plan_benchmark_checks_the_gradient_passs_memory_bound(tiny_folder, 
     assert result["pairs"] == 3 and 0 < result["batch_tokens"] <= 2 * 3 * 48
     assert result["bound_bytes"] == gradient_logits_bytes(model_shape(str(tiny_folder)), "float32", result["batch_tokens"])
     assert result["held_bytes"] >= 0 and result["held_over_bound"] == result["held_bytes"] / result["bound_bytes"]
+
+
+def test_a_plan_given_the_runs_record_counts_the_passes_each_trait_made(tiny_folder):
+    """``plan_control(..., run=record)`` counts each trait's own curve points and measured points (the
+    record's rows of that trait) where the plan alone bounds them by the whole grid: a probe pass costs the
+    same either way, so the KL-curve stage scales with the passes."""
+    from dpn_lens.evaluation.control import ControlConfig
+    from dpn_lens.plan_control import ControlSettings, control_work, plan_control, trait_record
+
+    traits = ["openness", "neuroticism"]
+    config = ControlConfig(traits=traits, methods=["dpn-le"], gammas=[0.5, 2.0, 8.0], kl_levels=[0.05],
+                           target_kl=0.05, random_control=False)
+    settings = ControlSettings(config, maps_given=True, rule_maps_given=True, pairs_cached=True)
+    # openness: 2 grid points and a measured point per direction; neuroticism: 4 grid points, 1 measured point
+    record = {"costs": [{"trait": "openness"}] * 2 + [{"trait": "neuroticism"}] * 4,
+              "curves": [{"trait": "openness", "method": "dpn-le"}] * 2 + [{"trait": "neuroticism", "method": "dpn-le"}],
+              "meta": {"traits_done": traits}}
+    assert [control_work(settings, trait_record(record, t)).probe_passes for t in traits] == [1 + 2 + 2, 1 + 4 + 1]
+    bound_passes = control_work(settings).probe_passes
+    assert bound_passes == 1 + 2 * 3 + 2 * 1
+    costs = _control_costs()
+
+    def kl_seconds(plan) -> float:
+        return next(stage.seconds for stage in plan.stages if stage.name.startswith("KL curves"))
+
+    bound = kl_seconds(plan_control(str(tiny_folder), traits, settings, costs=costs))
+    counted = kl_seconds(plan_control(str(tiny_folder), traits, settings, costs=costs, run=record))
+    one_pass = bound / (2 * bound_passes + 1)        # two traits' passes and the run's one reference pass
+    assert counted == pytest.approx(one_pass * (5 + 6 + 1))
