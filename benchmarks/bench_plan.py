@@ -19,10 +19,13 @@ It prints the plan beside the run's recorded seconds, stage by stage.
 answer-scoring rate (answer tokens/s) on the plan's sample size (``--measure-prompts``, control's
 measurement uses 12) and on a run's (``--eval-pairs``), and the time of a 1-token forward call.
 
-``--stage gradient-memory`` checks the lower bound an unmeasured control plan puts on a selection's
-memory: it runs the attribution rules' gradient pass (``margin_gradients``) on ``--eval-pairs`` of the
-model's own answers and prints the memory it held beyond the loaded model (``VmHWM``) beside
-``plan_control.gradient_logits_bytes`` for its fullest batch (measured / bound must be at least 1).
+``--stage gradient-memory`` checks what an unmeasured control plan says of a selection's memory: it runs
+the attribution rules' gradient pass (``margin_gradients``) on ``--eval-pairs`` of the model's own answers
+and prints the memory it held beyond the loaded model (``VmHWM``) beside the plan's lower bound
+(``plan_control.gradient_logits_bytes``, at least 1) and its estimate (``plan_control.gradient_memory``),
+from the batches the pass made and from those the plan models for as many pairs (target: within 25%).
+It then runs the pass again in a fresh process whose glibc returns freed blocks, and sets that peak
+beside the estimate's tensors (without ``CPU_HEAP_RETAINED``, the allocator's share).
 
 Usage::
 
@@ -37,6 +40,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import subprocess
 import sys
@@ -227,33 +231,95 @@ def sample_rate_main(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def gradient_memory_main(args: argparse.Namespace) -> dict[str, Any]:
-    """The gradient pass's memory beyond the loaded model, beside the plan's bound for its fullest batch."""
+    """The gradient pass's memory beyond the loaded model, beside the plan's bound and the estimates: from the
+    batches the pass makes of these pairs, and from the batches the plan models for as many pairs."""
+    from dpn_lens.data.prompts import render_for_model
     from dpn_lens.effect.gradients import margin_gradients
+    from dpn_lens.evaluation.answer_cache import answer_batches
     from dpn_lens.hooked import encode
     from dpn_lens.models import load_model
     from dpn_lens.plan import model_shape, reset_peak, status_bytes
-    from dpn_lens.plan_control import batch_tokens_default, gradient_logits_bytes, sample_pairs
+    from dpn_lens.plan_control import (_gradient_batch_tokens, batch_tokens_default, gradient_logits_bytes,
+                                       gradient_memory, sample_pairs, selection_batches)
 
     model = load_model(args.model, dtype=args.dtype)
+    shape = model_shape(args.model)
     pairs, _, _ = sample_pairs(model, args.eval_pairs, 48)
-    # The pass batches answers longest first up to its batch_tokens; the first batch is the fullest.
-    answers = sorted((len(encode(model, text, add_bos=False)) for pair in pairs
-                      for text in (pair.high_answer, pair.low_answer)), reverse=True)
-    longest = answers[0]
-    tokens = min(len(answers), max(1, batch_tokens_default(margin_gradients) // longest)) * longest
+    # The pass's batches, as CachedAnswerScorer forms them: each question once per answer, longest first.
+    contexts = [len(encode(model, render_for_model(model, pair.question))) for pair in pairs for _ in range(2)]
+    answers = [len(encode(model, text, add_bos=False))
+               for pair in pairs for text in (pair.high_answer, pair.low_answer)]
+    batches = [(len(chunk), max(answers[i] for i in chunk), max(contexts[i] for i in chunk))
+               for chunk in answer_batches(contexts, answers, batch_tokens_default(margin_gradients))]
+    estimate = gradient_memory(shape, args.dtype, batches, len(pairs), cpu_heap=True)
+    planned = gradient_memory(shape, args.dtype, selection_batches(args.model, len(pairs), 48), len(pairs),
+                              cpu_heap=True)
+    tokens = _gradient_batch_tokens(len(pairs), 48)          # the answer tokens the plan's bound counts
+    bound = gradient_logits_bytes(shape, args.dtype, tokens)
     loaded = status_bytes("VmRSS")
     reset_peak()
     margin_gradients(model, pairs)
     held = max(status_bytes("VmHWM") - loaded, 0)
-    bound = gradient_logits_bytes(model_shape(args.model), args.dtype, tokens)
+    live = _held_returning_freed_blocks(args.model, args.dtype, pairs)
+    tensors = estimate.total - estimate.heap_retained
     result = {"stage": "gradient-memory", "model": args.model, "dtype": args.dtype, "pairs": len(pairs),
-              "batch_tokens": tokens, "held_bytes": held, "bound_bytes": bound, "held_over_bound": held / bound}
+              "batches": batches, "batch_tokens": tokens, "held_bytes": held, "live_bytes": live, "bound_bytes": bound,
+              "estimate_bytes": estimate.total, "tensor_bytes": tensors, "plan_estimate_bytes": planned.total,
+              "estimate": dataclasses.asdict(estimate), "held_over_bound": held / bound,
+              "held_over_estimate": held / estimate.total, "held_over_plan_estimate": held / planned.total,
+              "live_over_tensors": None if live is None else live / tensors}
     gib = 1024 ** 3
-    print(f"{args.model} ({args.dtype}), {len(pairs)} pairs, fullest batch {tokens} answer tokens: the gradient pass held "
-          f"{held / gib:.2f} GiB beyond the loaded model; the plan's bound {bound / gib:.2f} GiB; "
-          f"held / bound {held / bound:.2f} (at least 1: the bound holds)")
+    print(f"{args.model} ({args.dtype}), {len(pairs)} pairs in {len(batches)} batches (rows, answer, question tokens: "
+          f"{batches}); fullest {estimate.batch}")
+    print(f"held {held / gib:.2f} GiB beyond the loaded model; estimate {estimate.total / gib:.2f} GiB (activations "
+          f"{estimate.activations / gib:.2f}, logits {estimate.logits / gib:.2f}, the batch before's gradients "
+          f"{estimate.previous_gradients / gib:.2f}, cache {estimate.cache / gib:.2f}, "
+          f"result {estimate.result / gib:.3f}, "
+          f"glibc's heap {estimate.heap_retained / gib:.2f}): held / estimate {held / estimate.total:.2f}")
+    print(f"the plan's estimate for {len(pairs)} pairs (modelled batches, fullest {planned.batch}) "
+          f"{planned.total / gib:.2f} GiB: held / plan's estimate {held / planned.total:.2f}")
+    print(f"the plan's bound ({tokens} answer tokens of logits) {bound / gib:.2f} GiB: held / bound {held / bound:.2f} "
+          "(at least 1: the bound holds)")
+    if live is not None:
+        print(f"with freed blocks returned (the tensors' peak): held {live / gib:.2f} GiB; the estimate's tensors "
+              f"{tensors / gib:.2f} GiB: held / tensors {live / tensors:.2f}")
     print(json.dumps(result))
     return result
+
+
+_HELD_RETURNING = """
+import json, sys, torch
+from dpn_lens.effect.gradients import margin_gradients
+from dpn_lens.evaluation.preference import PreferencePair
+from dpn_lens.models import load_model
+from dpn_lens.plan import reset_peak, status_bytes
+model = load_model(sys.argv[1], dtype=sys.argv[2])
+pairs = [PreferencePair(*row) for row in json.loads(sys.stdin.read())]
+# One token through the model first: weights mapped from a file are read in on their first use, which
+# is the loaded model's memory, not the pass's (the parent's were, by generating the answers).
+with torch.no_grad():
+    model(torch.tensor([[int(model.tokenizer.bos_token_id or 0)]]))
+loaded = status_bytes("VmRSS")
+reset_peak()
+margin_gradients(model, pairs)
+print(json.dumps({"held_bytes": max(status_bytes("VmHWM") - loaded, 0)}))
+"""
+
+
+def _held_returning_freed_blocks(model: str, dtype: str, pairs: list[Any]) -> int | None:
+    """The gradient pass's memory beyond the loaded model in a fresh process whose glibc serves blocks of
+    128 KiB or more by mmap and returns them when freed (``MALLOC_MMAP_THRESHOLD_``, which also keeps the
+    threshold from rising): the tensors' own peak. None where that process cannot report it."""
+    import os
+
+    environment = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
+    rows = json.dumps([[pair.question, pair.high_answer, pair.low_answer] for pair in pairs])
+    done = subprocess.run([sys.executable, "-c", _HELD_RETURNING, model, dtype], input=rows, capture_output=True,
+                          text=True, env=environment, cwd=Path(__file__).resolve().parents[1])
+    if done.returncode != 0:
+        print(f"the run returning freed blocks failed:\n{done.stderr[-2000:]}")
+        return None
+    return int(json.loads(done.stdout.strip().splitlines()[-1])["held_bytes"])
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -30,11 +30,13 @@ from pathlib import Path
 from typing import Any, Sequence
 
 __all__ = ["ModelShape", "MachineCosts", "StagePlan", "RunPlan", "model_shape", "measure_costs", "plan_locate",
-           "status_bytes", "reset_peak", "costs_file", "read_costs", "timed", "GPU_SIZES_GIB"]
+           "status_bytes", "reset_peak", "costs_file", "read_costs", "timed", "rendering_stub", "GPU_SIZES_GIB"]
 
 GPU_SIZES_GIB = (16, 24, 40, 48, 80, 141)
 """GPU memory sizes the plan checks (GiB): T4/V100-16, 4090/L4, A100-40, A6000/L40, A100/H100-80, H200."""
 BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+GEMMA3_TYPES = ("gemma3", "gemma3_text")
+"""``model_type`` values of a Gemma 3 config (the text model, or the multimodal one whose ``text_config`` is read)."""
 
 
 @dataclass
@@ -44,6 +46,9 @@ class ModelShape:
     Attributes:
         gated: a gated MLP (Llama, Qwen, Gemma: three ``d_model x d_mlp`` matrices; else two).
         tied: the unembedding shares the embedding matrix.
+        family: the block's layout, for what a backward pass keeps (``plan_control.gradient_activation_bytes``):
+            ``"gemma3"`` (RMSNorm in float32, norms after attention and after the MLP too, and on each
+            head's queries and keys) or ``"llama"`` (pre-norms only: LLaMA, SmolLM2, Mistral, Qwen2, ...).
     """
 
     n_layers: int
@@ -55,6 +60,7 @@ class ModelShape:
     vocab: int
     tied: bool
     gated: bool = True
+    family: str = "llama"
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "ModelShape":
@@ -66,7 +72,8 @@ class ModelShape:
                    n_heads=heads, n_kv_heads=int(config.get("num_key_value_heads") or heads),
                    head_dim=int(config.get("head_dim") or d_model // heads), vocab=int(config["vocab_size"]),
                    tied=bool(config.get("tie_word_embeddings", True)),
-                   gated=str(config.get("hidden_act", config.get("hidden_activation", "silu"))) != "gelu_new")
+                   gated=str(config.get("hidden_act", config.get("hidden_activation", "silu"))) != "gelu_new",
+                   family="gemma3" if config.get("model_type") in GEMMA3_TYPES else "llama")
 
     def layer_params(self) -> int:
         attention = self.d_model * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)
@@ -341,6 +348,9 @@ class StagePlan:
     # True where the passes' own memory needs a measurement that is missing: the bytes are what is
     # known without it (weights, reference logits), so the stage needs at least that much.
     peak_is_lower_bound: bool = False
+    # Where a lower bound has an estimate beside it (the gradient pass's memory, from the model's shape):
+    # the stage's estimated peak, printed after the bound.
+    estimate_bytes: int | None = None
 
 
 @dataclass
@@ -375,6 +385,10 @@ class RunPlan:
                 f"~{_duration(stage.seconds)}"
             memory = (f"peak memory at least {stage.peak_bytes / gib:.2f} GiB (the rest of its passes' memory needs "
                       f"the same measurement)" if stage.peak_is_lower_bound else f"peak memory ~{stage.peak_bytes / gib:.2f} GiB")
+            if stage.peak_is_lower_bound and stage.estimate_bytes is not None:
+                memory = (f"peak memory at least {stage.peak_bytes / gib:.2f} GiB, estimated ~"
+                          f"{stage.estimate_bytes / gib:.2f} GiB (an estimate from the model's shape; a measurement "
+                          "replaces both)")
             lines.append(f"  {stage.name}: {when}; {memory} ({stage.detail})")
         if self.seconds is not None:
             lines.append(f"  in all: ~{_duration(self.seconds)}, peak memory ~{self.peak_bytes / gib:.2f} GiB")
@@ -393,23 +407,17 @@ def _duration(seconds: float) -> str:
 def plan_locate(spec: str, traits: Sequence[str], n_pairs: int, device: str = "cpu", dtype: str = "float32",
                 costs: MachineCosts | None = None, collection: Any = None) -> RunPlan:
     """The plan of ``dpn-lens locate`` (DPN-LE's selection) for ``traits`` x ``n_pairs`` pairs."""
-    from transformers import AutoTokenizer
-
     from dpn_lens.collection.collect import CollectionConfig
     from dpn_lens.data.contrastive import embedded_contrastive_set
-    from dpn_lens.models import EMBEDDED_MODELS, model_source
     from dpn_lens.numbers import as_int
 
     n_pairs = as_int(n_pairs, "n_pairs", "1000", minimum=1)
     if dtype not in BYTES:
         raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(BYTES)}")
     shape = model_shape(spec)
-    source = model_source(spec) if spec in EMBEDDED_MODELS else Path(spec).expanduser()
-    folder = source.parent if Path(source).name == "config.json" else source
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
     collection = collection or CollectionConfig(progress=False)
     sets = [embedded_contrastive_set(trait, n_pairs=n_pairs) for trait in traits]
-    work = locate_work(_RenderingStub(tokenizer, spec), shape, sets, collection, device)
+    work = locate_work(rendering_stub(spec), shape, sets, collection, device)
     weights = shape.n_params() * BYTES[dtype]
     peak = weights + _batch_bytes(shape, collection, work["longest_prompt"], BYTES[dtype])
     usable = costs is not None and costs.device == device and costs.dtype == dtype
@@ -441,6 +449,18 @@ def _batch_bytes(shape: ModelShape, collection: Any, longest_prompt: int, width:
     batch_tokens = min(collection.max_batch_tokens, collection.max_batch_size * longest_prompt)
     activations = batch_tokens * (8 * shape.d_model + 4 * shape.d_mlp) * width
     return activations + 2 * 2 * shape.n_layers * shape.d_mlp * 8
+
+
+def rendering_stub(spec: str) -> "_RenderingStub":
+    """What tokenising a prompt for ``spec`` needs (its tokenizer and whether it uses a chat template),
+    without loading the model: the tokenizer beside its ``config.json``."""
+    from transformers import AutoTokenizer
+
+    from dpn_lens.models import EMBEDDED_MODELS, model_source
+
+    source = model_source(spec) if spec in EMBEDDED_MODELS else Path(spec).expanduser()
+    folder = source.parent if Path(source).name == "config.json" else source
+    return _RenderingStub(AutoTokenizer.from_pretrained(str(folder)), spec)
 
 
 class _RenderingStub:

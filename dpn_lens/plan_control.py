@@ -40,7 +40,9 @@ from dpn_lens.plan import (BYTES, GPU_SIZES_GIB, MachineCosts, ModelShape, RunPl
                            model_shape, status_bytes, timed)
 
 __all__ = ["ControlSettings", "ControlWork", "ControlCosts", "control_work", "measure_control_costs", "sample_pairs",
-           "saved_control_costs", "plan_control", "plan_control_run", "gradient_logits_bytes", "batch_tokens_default"]
+           "saved_control_costs", "plan_control", "plan_control_run", "gradient_logits_bytes",
+           "gradient_activation_bytes", "GradientMemory", "gradient_memory", "selection_batches", "batch_tokens_default",
+           "CPU_HEAP_RETAINED"]
 
 DIRECTIONS = 2
 
@@ -417,8 +419,14 @@ def plan_control(spec: str, traits: Sequence[str], settings: ControlSettings, de
     from dpn_lens.effect.rules import SELECTION_TOKENS
 
     logits_bytes = gradient_logits_bytes(shape, dtype, _gradient_batch_tokens(config.selection_pairs, SELECTION_TOKENS))
-    if work.selection_answers and not usable:
+    # Beside that bound, an estimate of the whole pass from the model's shape and the batches it will make:
+    # its activations, logits, the questions' cache (``gradient_memory``); the GPU check uses it.
+    gradient = gradient_memory(shape, dtype, selection_batches(spec, config.selection_pairs, SELECTION_TOKENS),
+                               config.selection_pairs, cpu_heap=device == "cpu") if work.selection_answers else None
+    selection_estimate = None
+    if gradient is not None and not usable:
         selection_peak += logits_bytes
+        selection_estimate = base + gradient.total
     if usable:
         from dpn_lens.effect.gradients import margin_gradients
         from dpn_lens.evaluation.preference import PairScorer
@@ -429,8 +437,10 @@ def plan_control(spec: str, traits: Sequence[str], settings: ControlSettings, de
                               * _batch_scale(margin_gradients, 2 * config.selection_pairs * per_answer, costs))
     counts = {"held-out pairs": f"{work.generated_answers} greedy answers of <= {config.max_new_tokens} tokens",
               "selection": f"{work.selection_answers} selection answers, generated and differentiated"
-                           + ("" if usable else f"; the peak counts the gradient pass's logits, "
-                              f"{logits_bytes / 1024 ** 3:.2f} GiB"),
+                           + ("" if usable or gradient is None else
+                              f"; the bound counts the gradient pass's logits, {logits_bytes / 1024 ** 3:.2f} GiB; the "
+                              f"estimate the whole pass, {gradient.total / 1024 ** 3:.2f} GiB: "
+                              f"{_gradient_parts(gradient)}"),
               "KL curves": f"{work.probe_passes} probe passes of {config.kl_chunks}x{config.kl_tokens} tokens "
                            "(at most: a curve stops at KL 2)",
               "answer scoring": f"{work.answer_passes} passes over {2 * config.pairs} answers",
@@ -451,11 +461,24 @@ def plan_control(spec: str, traits: Sequence[str], settings: ControlSettings, de
             seconds += reference_seconds
         stages.append(StagePlan(f"{kind} ({len(traits)} traits)", seconds,
                                 selection_peak if kind == "selection" else peak, f"per trait: {detail}",
-                                peak_is_lower_bound=not usable))
+                                peak_is_lower_bound=not usable,
+                                estimate_bytes=selection_estimate if kind == "selection" else None))
     gib = 1024 ** 3
-    needed = weights + reference + (logits_bytes if work.selection_answers else 0)
+    # A GPU holds the pass's tensors (its caching allocator, not glibc's heap: the 10% below).
+    needed = weights + reference + (gradient.total - gradient.heap_retained if gradient is not None else 0)
     fits = {size: needed * 1.1 < size * gib for size in GPU_SIZES_GIB}
     return RunPlan(spec, shape, device, dtype, weights, stages, machine, fits)
+
+
+def _gradient_parts(memory: "GradientMemory") -> str:
+    """``GradientMemory``'s parts in GiB, for the plan's text."""
+    rows, answer, context = memory.batch
+    parts = [f"activations {memory.activations / 1024 ** 3:.2f}", f"logits {memory.logits / 1024 ** 3:.2f}",
+             f"the batch before's gradients {memory.previous_gradients / 1024 ** 3:.2f}",
+             f"the questions' cache {memory.cache / 1024 ** 3:.2f}"]
+    if memory.heap_retained:
+        parts.append(f"glibc's heap {memory.heap_retained / 1024 ** 3:.2f}")
+    return ", ".join(parts) + f" (fullest batch: {rows} answers of {answer} tokens after {context} question tokens)"
 
 
 def gradient_logits_bytes(shape: ModelShape, dtype: str, tokens: int) -> int:
@@ -465,10 +488,12 @@ def gradient_logits_bytes(shape: ModelShape, dtype: str, tokens: int) -> int:
     When the backward pass forms the logits' gradient, three tensors of the batch's full size coexist:
     the logits in the model's dtype (held until the batch ends), the float32 log-probabilities saved for
     the backward, and the logits' gradient in their dtype: ``(2 * dtype + 4)`` bytes per token and
-    vocabulary entry. The activations saved for the backward and per-row temporaries come on top, so a
-    run needs more: SmolLM2-135M-Instruct in float32 at a 2016-token batch held 3.25 GiB beyond the loaded
-    model where this gives 1.11 GiB (``benchmarks/bench_plan.py --stage gradient-memory``); Gemma 3 270M in
-    bfloat16 (262,144 entries), 4.0 GiB here, peaked at 9.5-10.3 GB in all in a 512-pair selection.
+    vocabulary entry. The activations saved for the backward, the questions' cache and per-row temporaries
+    come on top, so a run needs more (``gradient_memory`` estimates it all): SmolLM2-135M-Instruct in
+    float32, 32 pairs, held 2.8x the bound at 2048 tokens beyond the loaded model, Gemma 3 270M in bfloat16
+    1.2x (``benchmarks/bench_plan.py --stage gradient-memory``, docs/PERFORMANCE.md). On the cached path
+    the questions share a batch's ``batch_tokens`` with the answers, so a batch holds fewer answer tokens
+    than ``tokens`` and the logits alone stay below this.
 
     Example:
         >>> shape = ModelShape(n_layers=1, d_model=8, d_mlp=16, n_heads=2, n_kv_heads=2, head_dim=4, vocab=1000,
@@ -479,6 +504,174 @@ def gradient_logits_bytes(shape: ModelShape, dtype: str, tokens: int) -> int:
     if dtype not in BYTES:
         raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(BYTES)}")
     return int(tokens) * shape.vocab * (2 * BYTES[dtype] + 4)
+
+
+def gradient_activation_bytes(shape: ModelShape, dtype: str, rows: int, answer: int, context: int) -> int:
+    """What autograd saves for the backward of one batch of the attribution rules' gradient pass: ``rows``
+    answers padded to ``answer`` tokens, after questions of (padded) ``context`` tokens run without gradients
+    into a key/value cache (``effect.gradients``' cached path), estimated from the model's shape.
+
+    Every layer is in the graph, from the embedding on (the weights require grad, so each projection also
+    saves its input), and each count below is a tensor the block's backward needs, ``w`` the dtype's
+    bytes; ``tokens = rows x answer`` positions run with gradients and each attends to ``context + answer``
+    keys. Per layer:
+
+    * each norm before a projection: its input in float32 (RMSNorm upcasts; on float32 the input itself),
+      the normalised values the weight multiplies (``w``; Gemma 3 multiplies by ``1 + weight`` in
+      float32: 4 bytes) and its output, which the projections save (``w``); Gemma 3's norms after
+      attention and after the MLP save the first two (their output only enters the residual sum), and its
+      query and key norms the first two per head;
+    * attention: the rotated queries (``w``), the keys and values repeated for every query head
+      (``repeat_kv``'s copies, context included: ``2 w``), the float32 probabilities (saved by the
+      softmax; below float32 also their cast to ``w``, saved by the product with the values) and the heads'
+      output, which the output projection saves (``w``);
+    * a gated MLP: the gate's pre-activation, the activation, the up projection and their product
+      (``hook_post``, which the down projection saves), ``w`` each; an ungated one: pre and post;
+
+    then the final norm, as a norm before a projection (the unembedding), and the answer tokens' ids
+    (int64, for the embedding's backward). Per-token scalars (the norms' inverse RMS) and the rotary
+    tables (shared by the layers) are left out: below 0.1% on the embedded models.
+
+    Example:
+        >>> shape = ModelShape(n_layers=1, d_model=8, d_mlp=16, n_heads=2, n_kv_heads=1, head_dim=4, vocab=1000,
+        ...                    tied=True)
+        >>> gradient_activation_bytes(shape, "float32", rows=2, answer=3, context=5)
+        5104
+    """
+    if dtype not in BYTES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(BYTES)}")
+    w, f32 = BYTES[dtype], 4
+    rows, answer, context = int(rows), int(answer), int(context)
+    tokens, keys = rows * answer, context + answer
+    heads = shape.n_heads * shape.head_dim
+    gemma = shape.family == "gemma3"
+    # A norm before a projection: float32 input, normalised values (float32 on Gemma 3), its output.
+    pre_norm = (f32 + (f32 if gemma else w) + w) * tokens * shape.d_model
+    norms = 2 * pre_norm
+    if gemma:
+        norms += 2 * (f32 + f32) * tokens * shape.d_model                                # post-attention, post-MLP
+        norms += (f32 + f32) * tokens * (shape.n_heads + shape.n_kv_heads) * shape.head_dim   # query, key norms
+    probabilities = rows * shape.n_heads * answer * keys
+    attention = (w * tokens * heads                                           # rotated queries
+                 + 2 * w * rows * shape.n_heads * keys * shape.head_dim        # keys, values per query head
+                 + (f32 + (w if w != f32 else 0)) * probabilities              # softmax output, its cast
+                 + w * tokens * heads)                                         # heads' output (o projection)
+    mlp = (4 if shape.gated else 2) * w * tokens * shape.d_mlp
+    return shape.n_layers * (norms + attention + mlp) + pre_norm + 8 * tokens
+
+
+@dataclass
+class GradientMemory:
+    """An estimate of what the attribution rules' gradient pass holds at its peak, by what holds it
+    (``gradient_memory``), in bytes. The peak comes as the backward starts, in the fullest batch: the
+    forward's saved activations and logits are all held while the rows' logit gradients add up."""
+
+    activations: int
+    """What autograd saves for that batch's backward (``gradient_activation_bytes``)."""
+    logits: int
+    """That batch's logits, the logits' gradient twice (the buffer the rows' gradients add into and the
+    next row's, full-size, being added) and the float32 log-probabilities of its answer positions."""
+    previous_gradients: int
+    """The batch before's gradients with respect to every layer's neurons, held until this batch's
+    backward returns (the pass's result of that batch)."""
+    cache: int
+    """The questions' key/value cache of every batch (built before the first), one copy per answer row."""
+    result: int
+    """The float32 gradients per pair, layer and neuron that the pass returns."""
+    batch: tuple[int, int, int]
+    """The fullest batch: rows, answer tokens, context tokens."""
+    heap_retained: int = 0
+    """On the CPU, the freed blocks of the batches before that glibc's heap still holds
+    (``CPU_HEAP_RETAINED`` of the activations; none in the first batch, none on a GPU)."""
+
+    @property
+    def total(self) -> int:
+        return self.activations + self.logits + self.previous_gradients + self.cache + self.result + self.heap_retained
+
+
+CPU_HEAP_RETAINED = 0.69
+"""On the CPU, glibc's heap keeps freed blocks of the gradient pass's earlier batches: its per-layer tensors
+(a few MB, below glibc's 32 MiB mmap threshold) come from the heap, and the next batch's are slightly
+larger (more rows: the batches run longest question first), so they do not fit the holes and the heap
+grows. The one measured constant of the estimate, as a share of the fullest batch's saved activations:
+SmolLM2-135M-Instruct float32, 32 pairs: VmHWM 3.33 GiB beyond the loaded model, 2.36 GiB with glibc
+made to return freed blocks (``MALLOC_MMAP_THRESHOLD_``), the difference 0.97 GiB of 1.40 GiB of
+activations. Checked on Gemma 3 270M and SmolLM2 in bfloat16 by ``benchmarks/bench_plan.py --stage
+gradient-memory`` (docs/PERFORMANCE.md)."""
+
+
+def gradient_memory(shape: ModelShape, dtype: str, batches: Sequence[tuple[int, int, int]], pairs: int,
+                    cpu_heap: bool = False) -> GradientMemory:
+    """The peak memory of the gradient pass (``effect.margin_gradients``, cached path) over ``pairs``
+    selection pairs run in ``batches`` of ``(rows, answer tokens, context tokens)`` (padded), in the order
+    they run: estimated from the model's shape, beyond the loaded model.
+
+    The tensors are counted from the architecture; with ``cpu_heap`` (a run on the CPU) the estimate adds
+    what glibc's heap keeps of the batches before (``CPU_HEAP_RETAINED``), the allocator's share, measured.
+
+    Example:
+        >>> shape = ModelShape(n_layers=1, d_model=8, d_mlp=16, n_heads=2, n_kv_heads=1, head_dim=4, vocab=1000,
+        ...                    tied=True)
+        >>> memory = gradient_memory(shape, "float32", [(2, 3, 5), (2, 3, 4)], pairs=2)
+        >>> memory.batch, memory.previous_gradients    # the second batch also holds the first's gradients
+        ((2, 3, 4), 384)
+        >>> memory.logits == 3 * 4 * 6 * 1000 + 4 * 2 * 2 * 1000     # 3 x logits, log-probs of 2 x 2 positions
+        True
+    """
+    if dtype not in BYTES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(BYTES)}")
+    if not batches:
+        raise ValueError("no batches: the gradient pass needs at least one")
+    w = BYTES[dtype]
+    best: tuple[int, int, int, tuple[int, int, int]] | None = None
+    previous = 0
+    for rows, answer, context in batches:
+        held = (gradient_activation_bytes(shape, dtype, rows, answer, context),
+                # logits, the gradient buffer and the next row's full-size gradient; float32 log-probs of the
+                # positions that predict an answer token (at the peak one row's are freed and that row's own
+                # gradient temporaries take their place)
+                3 * w * rows * answer * shape.vocab + 4 * rows * (answer - 1) * shape.vocab,
+                previous, (rows, answer, context))
+        if best is None or sum(held[:3]) > sum(best[:3]):
+            best = held
+        previous = shape.n_layers * w * rows * answer * shape.d_mlp
+    # keys and values of every layer for each row's question (the cache is copied per row)
+    cache = sum(rows * context for rows, _, context in batches) * 2 * shape.n_kv_heads * shape.head_dim * w \
+        * shape.n_layers
+    activations, logits, previous_gradients, batch = best
+    heap = int(CPU_HEAP_RETAINED * activations) if cpu_heap and previous_gradients else 0
+    return GradientMemory(activations, logits, previous_gradients, cache, 4 * int(pairs) * shape.n_layers * shape.d_mlp,
+                          batch, heap)
+
+
+def selection_batches(spec: str, selection_pairs: int, answer: int) -> list[tuple[int, int, int]]:
+    """The batches ``(rows, answer tokens, context tokens)`` the gradient pass makes for ``selection_pairs``
+    pairs, modelled before any answer exists: the questions are the embedded ones (the selection pairs'
+    source, ``effect.pairs``) rendered for ``spec``, spread over their lengths as a draw would be, each
+    asked twice (the high and the low answer), every answer ``answer`` tokens (greedy answers mostly
+    reach the limit, and a batch pads to its longest); batched as the pass batches them
+    (``answer_cache.answer_batches`` at ``margin_gradients``' ``batch_tokens``).
+    """
+    from dpn_lens.effect.gradients import margin_gradients
+    from dpn_lens.evaluation.answer_cache import answer_batches
+
+    lengths = _question_tokens(spec)
+    n = max(int(selection_pairs), 1)
+    contexts = [length for i in range(n) for length in [lengths[i * len(lengths) // n]] * 2]
+    answers = [int(answer)] * len(contexts)
+    return [(len(chunk), max(answers[i] for i in chunk), max(contexts[i] for i in chunk))
+            for chunk in answer_batches(contexts, answers, batch_tokens_default(margin_gradients))]
+
+
+def _question_tokens(spec: str) -> list[int]:
+    """The embedded questions' lengths (chat template and BOS included) for ``spec``'s tokenizer, sorted."""
+    from dpn_lens.data.contrastive import embedded_questions
+    from dpn_lens.data.prompts import render_for_model
+    from dpn_lens.hooked import encode
+    from dpn_lens.plan import rendering_stub
+
+    stub = rendering_stub(spec)
+    return sorted(len(encode(stub, render_for_model(stub, question))) for question in embedded_questions())
 
 
 def _gradient_batch_tokens(selection_pairs: int, max_new_tokens: int) -> int:

@@ -432,14 +432,18 @@ def test_the_plan_benchmark_compares_the_sample_rate_with_a_runs(tiny_folder, tm
     assert result["call_seconds"] > 0 and result["run_rate_over_sample_rate"] > 0
 
 
-def test_the_plan_benchmark_checks_the_gradient_passs_memory_bound(tiny_folder, tmp_path, monkeypatch):
+def test_the_plan_benchmark_checks_the_gradient_passs_memory_bound_and_estimate(tiny_folder, tmp_path, monkeypatch):
     """benchmarks/bench_plan.py --stage gradient-memory on the tiny model: the pass runs, its memory is read and
-    set beside the plan's bound for the batch it made."""
+    set beside the plan's bound and the estimates: from the batches the pass made (as ``CachedAnswerScorer``
+    forms them) and from those the plan models; a second run returning freed blocks beside the tensors."""
     import importlib.util
     from pathlib import Path
 
+    from dpn_lens.effect.gradients import _items
+    from dpn_lens.evaluation.answer_cache import CachedAnswerScorer
+    from dpn_lens.models import load_model
     from dpn_lens.plan import model_shape
-    from dpn_lens.plan_control import gradient_logits_bytes
+    from dpn_lens.plan_control import gradient_logits_bytes, gradient_memory, sample_pairs
 
     monkeypatch.setenv("DPN_LENS_CACHE", str(tmp_path / "cache"))
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_plan.py"
@@ -448,8 +452,213 @@ def test_the_plan_benchmark_checks_the_gradient_passs_memory_bound(tiny_folder, 
     spec.loader.exec_module(module)
     result = module.main(["--stage", "gradient-memory", "--model", str(tiny_folder), "--eval-pairs", "3"])
     assert result["pairs"] == 3 and 0 < result["batch_tokens"] <= 2 * 3 * 48
-    assert result["bound_bytes"] == gradient_logits_bytes(model_shape(str(tiny_folder)), "float32", result["batch_tokens"])
+    shape = model_shape(str(tiny_folder))
+    assert result["bound_bytes"] == gradient_logits_bytes(shape, "float32", result["batch_tokens"])
     assert result["held_bytes"] >= 0 and result["held_over_bound"] == result["held_bytes"] / result["bound_bytes"]
+    # the batches it counts are the ones the pass makes of the same pairs
+    model = load_model(str(tiny_folder))
+    items = _items(model, sample_pairs(model, 3, 48)[0])
+    scorer = CachedAnswerScorer(model, [item[1] for item in items], [item[2] for item in items], batch_tokens=2048,
+                                differentiable=True)
+    made = [(len(b.items), b.answer_ids.shape[1], b.attention_mask.shape[1] - b.answer_ids.shape[1])
+            for b in scorer.batches]
+    assert [tuple(batch) for batch in result["batches"]] == made
+    assert result["estimate_bytes"] == gradient_memory(shape, "float32", made, 3, cpu_heap=True).total
+    assert result["held_over_estimate"] == result["held_bytes"] / result["estimate_bytes"]
+    assert result["plan_estimate_bytes"] > 0 and result["tensor_bytes"] <= result["estimate_bytes"]
+    assert result["live_bytes"] is None or result["live_over_tensors"] == result["live_bytes"] / result["tensor_bytes"]
+
+
+# ----- the gradient pass's memory, estimated from the model's shape ---------------------------------------------
+def _tiny_gemma3(dtype):
+    """A random tiny Gemma 3 (norms after attention and the MLP, query and key norms) booted as a bridge."""
+    import warnings
+
+    from transformer_lens.model_bridge import TransformerBridge
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    from dpn_lens.tiny import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                              num_attention_heads=4, num_key_value_heads=1, head_dim=16, max_position_embeddings=128,
+                              sliding_window=64, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    hf_model = Gemma3ForCausalLM(config).eval().to(dtype)
+    hf_model.config.architectures = ["Gemma3ForCausalLM"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bridge = TransformerBridge.boot_transformers("tiny-gemma3", hf_model=hf_model, tokenizer=tokenizer)
+    bridge.dpn_is_chat_model = False
+    bridge.dpn_model_name = "tiny-gemma3"
+    return bridge
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_gradient_estimate_counts_what_autograd_saves(family, dtype):
+    """The gradient pass's first batch run as ``margin_gradients`` runs it (questions cached without gradients,
+    answers with): the storages autograd saves for the backward, beyond the weights (and vectors made of
+    them), the per-token scalars and the rotary tables, are the bytes ``gradient_activation_bytes`` counts
+    from the shape alone."""
+    from dpn_lens.collection.prefix import expand_cache
+    from dpn_lens.effect.gradients import _items, _leaf_hook
+    from dpn_lens.evaluation.answer_cache import CachedAnswerScorer
+    from dpn_lens.evaluation.preference import PreferencePair
+    from dpn_lens.hooked import hook_name, read_hooks
+    from dpn_lens.plan import ModelShape
+    from dpn_lens.plan_control import gradient_activation_bytes
+    from dpn_lens.tiny import build_tiny_model
+
+    torch_dtype = getattr(torch, dtype)
+    model = build_tiny_model(n_layers=3).to(torch_dtype) if family == "llama" else _tiny_gemma3(torch_dtype)
+    shape = ModelShape.from_config(model.original_model.config.to_dict())
+    assert shape.family == family
+    pairs = [PreferencePair("what would you do ?", "a party with a friend .", "a quiet book at home ."),
+             PreferencePair("what do you like ?", "a party .", "a quiet book at home with a friend .")]
+    items = _items(model, pairs)
+    batch = CachedAnswerScorer(model, [item[1] for item in items], [item[2] for item in items],
+                               differentiable=True).batches[0]
+    rows, answer = batch.answer_ids.shape
+    context = batch.attention_mask.shape[1] - answer
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        # the inverse RMS per token; Gemma's 1 + weight per norm (a weight, not an activation)
+        scalar = tensor.dim() <= 1 or tensor.shape[-1] == 1
+        rotary = tensor.dim() == 4 and tensor.shape[1] == 1 and not tensor.requires_grad   # cos / sin tables
+        if storage.data_ptr() not in weights and not scalar and not rotary:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    captured: dict[int, torch.Tensor] = {}
+    hooks = [(hook_name(layer), _leaf_hook(captured, layer)) for layer in range(int(model.cfg.n_layers))]
+    with torch.enable_grad(), read_hooks(model, hooks), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(batch.answer_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+              past_key_values=expand_cache(batch.cache, rows))
+    assert context > 0 and sum(saved.values()) == gradient_activation_bytes(shape, dtype, rows, answer, context)
+
+
+def test_the_gradient_estimate_adds_up_the_tensors_of_its_list():
+    """The estimate's arithmetic on a tiny shape, each tensor of the list counted here in its own words."""
+    from dpn_lens.plan import ModelShape
+    from dpn_lens.plan_control import CPU_HEAP_RETAINED, gradient_activation_bytes, gradient_memory
+
+    D, F, H, KV, HD, V, L = 8, 16, 2, 1, 4, 100, 2
+    rows, answer, context = 3, 5, 7
+    T, S = rows * answer, context + answer
+    shape = ModelShape(n_layers=L, d_model=D, d_mlp=F, n_heads=H, n_kv_heads=KV, head_dim=HD, vocab=V, tied=True)
+    gemma = dataclasses.replace(shape, family="gemma3")
+    for s, dtype, w in ((shape, "float32", 4), (shape, "bfloat16", 2), (gemma, "bfloat16", 2)):
+        g = s.family == "gemma3"
+        layer = [
+            ("norm before attention: float32 input", 4 * T * D), ("its normalised values", (4 if g else w) * T * D),
+            ("its output, saved by q/k/v", w * T * D),
+            ("rotated queries", w * T * H * HD), ("keys repeated per query head", w * rows * H * S * HD),
+            ("values repeated per query head", w * rows * H * S * HD),
+            ("float32 attention probabilities", 4 * rows * H * answer * S),
+            ("their cast, saved by probabilities x values", (w if w != 4 else 0) * rows * H * answer * S),
+            ("heads' output, saved by the output projection", w * T * H * HD),
+            ("norm before the MLP: float32 input", 4 * T * D), ("its normalised values", (4 if g else w) * T * D),
+            ("its output, saved by gate and up", w * T * D),
+            ("gate pre-activation", w * T * F), ("activation", w * T * F), ("up", w * T * F), ("hook_post", w * T * F)]
+        if g:
+            layer += [("post-attention norm: float32 input and normalised values", 2 * 4 * T * D),
+                      ("post-MLP norm: the same", 2 * 4 * T * D),
+                      ("query norm", 2 * 4 * T * H * HD), ("key norm", 2 * 4 * T * KV * HD)]
+        final = 4 * T * D + (4 if g else w) * T * D + w * T * D
+        expected = L * sum(size for _, size in layer) + final + 8 * T          # and the int64 token ids
+        assert gradient_activation_bytes(s, dtype, rows, answer, context) == expected
+    # the whole pass: at its peak batch, the logits three times (with their gradient buffer and the next row's),
+    # float32 log-probs of the predicting positions, the batch before's gradients; the cache of every batch
+    batches = [(3, 5, 7), (4, 5, 6)]
+    memory = gradient_memory(shape, "bfloat16", batches, pairs=4)
+    assert memory.batch == (4, 5, 6) and memory.activations == gradient_activation_bytes(shape, "bfloat16", 4, 5, 6)
+    assert memory.logits == 3 * 2 * 4 * 5 * V + 4 * 4 * 4 * V
+    assert memory.previous_gradients == L * 2 * 3 * 5 * F
+    assert memory.cache == (3 * 7 + 4 * 6) * 2 * KV * HD * 2 * L and memory.result == 4 * 4 * L * F
+    assert memory.heap_retained == 0 and memory.total == (memory.activations + memory.logits + memory.cache
+                                                          + memory.previous_gradients + memory.result)
+    on_cpu = gradient_memory(shape, "bfloat16", batches, pairs=4, cpu_heap=True)
+    assert on_cpu.heap_retained == int(CPU_HEAP_RETAINED * memory.activations)
+    assert gradient_memory(shape, "bfloat16", batches[:1], pairs=2, cpu_heap=True).heap_retained == 0   # a fresh heap
+    with pytest.raises(ValueError, match="unknown dtype"):
+        gradient_activation_bytes(shape, "int8", 1, 1, 1)
+
+
+def _config_folder(tmp_path, tiny_folder, name: str, config: dict) -> str:
+    """A folder holding ``config`` and the tiny model's tokenizer: a plan reads nothing else."""
+    folder = tmp_path / name
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(config))
+    for file in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (tiny_folder / file).exists():
+            (folder / file).write_bytes((tiny_folder / file).read_bytes())
+    return str(folder / "config.json")
+
+
+SMOLLM2_CONFIG = {"model_type": "llama", "num_hidden_layers": 30, "hidden_size": 576, "intermediate_size": 1536,
+                  "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64, "vocab_size": 49152,
+                  "tie_word_embeddings": True, "hidden_act": "silu"}
+GEMMA3_CONFIG = {"model_type": "gemma3_text", "num_hidden_layers": 18, "hidden_size": 640, "intermediate_size": 2048,
+                 "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 256, "vocab_size": 262144,
+                 "tie_word_embeddings": True, "hidden_activation": "gelu_pytorch_tanh"}
+
+
+def test_an_unmeasured_plan_estimates_the_selection_beside_its_bound(tiny_folder, tmp_path):
+    """Without a measurement the selection stage keeps its lower bound (weights, reference, the gradient pass's
+    logits) and gets an estimate beside it: the pass's tensors from the shape and its modelled batches, at
+    least the bound, for the tiny model and for the embedded models' shapes; the text says both."""
+    from dpn_lens.effect.rules import SELECTION_TOKENS
+    from dpn_lens.evaluation.control import ControlConfig
+    from dpn_lens.plan import model_shape
+    from dpn_lens.plan_control import ControlSettings, gradient_memory, plan_control, selection_batches
+
+    config = ControlConfig(methods=["dpn-le", "attribution-t", "caa"], pairs=16, selection_pairs=64)
+    specs = [str(tiny_folder), _config_folder(tmp_path, tiny_folder, "smollm2", SMOLLM2_CONFIG),
+             _config_folder(tmp_path, tiny_folder, "gemma3", GEMMA3_CONFIG)]
+    for spec in specs:
+        plan = plan_control(spec, ["openness"], ControlSettings(config, maps_given=True), device="cuda",
+                            dtype="bfloat16")
+        stages = {stage.name: stage for stage in plan.stages}
+        selection, scoring = stages["selection (1 traits)"], stages["answer scoring (1 traits)"]
+        memory = gradient_memory(model_shape(spec), "bfloat16", selection_batches(spec, 64, SELECTION_TOKENS), 64)
+        assert selection.estimate_bytes == scoring.peak_bytes + memory.total >= selection.peak_bytes
+        assert all(stage.estimate_bytes is None for stage in plan.stages if stage is not selection)
+        assert f"peak memory at least {selection.peak_bytes / 1024 ** 3:.2f} GiB, estimated ~" \
+               f"{selection.estimate_bytes / 1024 ** 3:.2f} GiB" in plan.text()
+    assert model_shape(specs[2]).family == "gemma3" and model_shape(specs[1]).family == "llama"
+    # A measurement replaces both: no estimate.
+    measured = plan_control(str(tiny_folder), ["openness"], ControlSettings(config, maps_given=True),
+                            costs=_control_costs(), machine=_costs())
+    assert all(stage.estimate_bytes is None for stage in measured.stages) and "estimated" not in measured.text()
+
+
+def test_the_gpu_check_uses_the_gradient_estimate(tiny_folder, tmp_path):
+    """An 8B LLaMA selecting 512 pairs in bfloat16: its weights, reference and the logits bound fit 24 GiB, the
+    pass's activations and its questions' cache do not; a run without selection still fits."""
+    from dpn_lens.effect.rules import SELECTION_TOKENS
+    from dpn_lens.evaluation.control import ControlConfig
+    from dpn_lens.plan import BYTES, model_shape
+    from dpn_lens.plan_control import ControlSettings, gradient_logits_bytes, plan_control
+
+    config = {"model_type": "llama", "num_hidden_layers": 32, "hidden_size": 4096, "intermediate_size": 14336,
+              "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 128256,
+              "tie_word_embeddings": False, "hidden_act": "silu"}
+    spec = _config_folder(tmp_path, tiny_folder, "llama8b", config)
+    shape = model_shape(spec)
+    control = ControlConfig(methods=["attribution-t"], selection_pairs=512)
+    selecting = plan_control(spec, ["openness"], ControlSettings(control, maps_given=True), device="cuda",
+                             dtype="bfloat16")
+    reference = control.kl_chunks * (control.kl_tokens + 1) * shape.vocab * 4
+    bound = shape.n_params() * BYTES["bfloat16"] + reference + gradient_logits_bytes(
+        shape, "bfloat16", min(2048, 2 * 512 * SELECTION_TOKENS))
+    assert bound * 1.1 < 24 * 1024 ** 3 and selecting.fits_gpus_gib[24] is False and selecting.fits_gpus_gib[48] is True
+    given = plan_control(spec, ["openness"], ControlSettings(control, maps_given=True, rule_maps_given=True),
+                         device="cuda", dtype="bfloat16")
+    assert given.fits_gpus_gib[24] is True
 
 
 def test_a_plan_given_the_runs_record_counts_the_passes_each_trait_made(tiny_folder):

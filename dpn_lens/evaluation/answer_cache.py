@@ -37,7 +37,7 @@ from dpn_lens.hooked import input_device, pad_token_id, pad_token_lists
 from dpn_lens.collection.prefix import expand_cache, new_prefix_cache, prefix_cache_unsupported
 from dpn_lens.steering import steer
 
-__all__ = ["CachedAnswerScorer"]
+__all__ = ["CachedAnswerScorer", "answer_batches"]
 
 
 def _positions(mask: Int[Tensor, "rows pos"]) -> Int[Tensor, "rows pos"]:
@@ -69,6 +69,32 @@ def _select_rows(cache: Any, rows: Int[Tensor, "n"]) -> Any:
             layer.keys = layer.keys.index_select(0, rows.to(layer.keys.device))
             layer.values = layer.values.index_select(0, rows.to(layer.values.device))
     return selected
+
+
+def answer_batches(context_lengths: Sequence[int], answer_lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
+    """The items of each batch ``CachedAnswerScorer`` runs, from the lengths alone: longest first (as the
+    plain path batches), as many items as fit ``batch_tokens`` padded tokens, counting the batch's longest
+    context plus its longest answer per row (``plan_control`` models the gradient pass's batches with it).
+
+    Example:
+        >>> answer_batches([10, 10, 4, 4], [6, 6, 6, 6], batch_tokens=32)
+        [[0, 1], [2, 3]]
+    """
+    order = sorted(range(len(context_lengths)), key=lambda i: -(context_lengths[i] + answer_lengths[i]))
+    chunks, start = [], 0
+    while start < len(order):
+        chunk = [order[start]]
+        longest_context, longest_answer = context_lengths[chunk[0]], answer_lengths[chunk[0]]
+        for index in order[start + 1:]:
+            widest = max(longest_context, context_lengths[index]) + max(longest_answer, answer_lengths[index])
+            if (len(chunk) + 1) * widest > batch_tokens:
+                break
+            chunk.append(index)
+            longest_context = max(longest_context, context_lengths[index])
+            longest_answer = max(longest_answer, answer_lengths[index])
+        start += len(chunk)
+        chunks.append(chunk)
+    return chunks
 
 
 class CachedAnswerScorer:
@@ -115,22 +141,8 @@ class CachedAnswerScorer:
         return prefix_cache_unsupported(model) is None
 
     def _build(self, contexts: list[list[int]], answers: list[list[int]], batch_tokens: int) -> list[_AnswerBatch]:
-        # Longest first, as the plain path batches; a batch's budget counts its longest context and answer.
-        order = sorted(range(len(contexts)), key=lambda i: -(len(contexts[i]) + len(answers[i])))
-        batches, start = [], 0
-        while start < len(order):
-            chunk = [order[start]]
-            longest_context, longest_answer = len(contexts[chunk[0]]), len(answers[chunk[0]])
-            for index in order[start + 1:]:
-                widest = max(longest_context, len(contexts[index])) + max(longest_answer, len(answers[index]))
-                if (len(chunk) + 1) * widest > batch_tokens:
-                    break
-                chunk.append(index)
-                longest_context = max(longest_context, len(contexts[index]))
-                longest_answer = max(longest_answer, len(answers[index]))
-            start += len(chunk)
-            batches.append(self._run_contexts(chunk, contexts, answers))
-        return batches
+        chunks = answer_batches(list(map(len, contexts)), list(map(len, answers)), batch_tokens)
+        return [self._run_contexts(chunk, contexts, answers) for chunk in chunks]
 
     def _run_contexts(self, chunk: list[int], contexts: list[list[int]], answers: list[list[int]]) -> _AnswerBatch:
         """One batch's contexts, each distinct one once, into a cache; the first answer tokens' log-probs."""
