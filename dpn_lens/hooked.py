@@ -23,7 +23,7 @@ from torch import Tensor
 
 from dpn_lens.data.prompts import render_for_model
 
-__all__ = ["HookedModel", "HOOK_NAME", "hook_name", "read_hooks", "hf_model", "hf_module", "decoder_layers", "down_proj_weight",
+__all__ = ["HookedModel", "HOOK_NAME", "hook_name", "read_hooks", "frozen_weights", "hf_model", "hf_module", "decoder_layers", "down_proj_weight",
            "post_mlp_norm", "require_hooked_model", "check_layers", "pad_token_id",
            "pad_token_lists", "input_device", "tokenize_prompts", "last_token_batches", "encode"]
 
@@ -77,6 +77,34 @@ def read_hooks(model: HookedModel, hooks: Sequence[tuple[str, Callable]]) -> Ite
     require_hooked_model(model, "read_hooks()")
     with model.hooks(fwd_hooks=list(hooks)):
         yield model
+
+
+@contextlib.contextmanager
+def frozen_weights(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Turn ``requires_grad`` off on every parameter that has it, for a pass that needs gradients with
+    respect to activations only; each parameter's flag is restored on exit, also after an exception.
+
+    With the weights requiring grad, autograd builds the graph from the embedding on and every linear
+    layer saves its input for a weight gradient nobody asks for; frozen, the graph starts at the first
+    activation made a leaf, and the gradients with respect to the activations are the same.
+
+    Example:
+        >>> from dpn_lens.tiny import build_tiny_model
+        >>> model = build_tiny_model()
+        >>> with frozen_weights(model):
+        ...     print(any(p.requires_grad for p in model.parameters()))
+        False
+        >>> all(p.requires_grad for p in model.parameters())
+        True
+    """
+    thawed = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    try:
+        for parameter in thawed:
+            parameter.requires_grad_(False)
+        yield model
+    finally:
+        for parameter in thawed:
+            parameter.requires_grad_(True)
 
 
 def require_hooked_model(model: Any, caller: str) -> None:

@@ -507,36 +507,36 @@ def gradient_logits_bytes(shape: ModelShape, dtype: str, tokens: int) -> int:
 
 
 def gradient_activation_bytes(shape: ModelShape, dtype: str, rows: int, answer: int, context: int) -> int:
-    """What autograd saves for the backward of one batch of the attribution rules' gradient pass: ``rows``
-    answers padded to ``answer`` tokens, after questions of (padded) ``context`` tokens run without gradients
-    into a key/value cache (``effect.gradients``' cached path), estimated from the model's shape.
+    """What the backward of one batch of the attribution rules' gradient pass needs held: the tensors autograd
+    saves and the hooked activations the gradients are taken with respect to, for ``rows`` answers padded
+    to ``answer`` tokens, after questions of (padded) ``context`` tokens run without gradients into a
+    key/value cache (``effect.gradients``' cached path), estimated from the model's shape.
 
-    Every layer is in the graph, from the embedding on (the weights require grad, so each projection also
-    saves its input), and each count below is a tensor the block's backward needs, ``w`` the dtype's
-    bytes; ``tokens = rows x answer`` positions run with gradients and each attends to ``context + answer``
-    keys. Per layer:
+    The pass freezes the weights (``hooked.frozen_weights``) and hooks every layer's ``hook_post``, so the
+    graph starts at the first layer's ``hook_post`` (a leaf) and no projection saves its input (that is
+    kept for a weight gradient only). Each count below is a tensor the backward needs, ``w`` the dtype's
+    bytes; ``tokens = rows x answer`` positions run with gradients and each attends to ``context +
+    answer`` keys. Per layer after the first:
 
-    * each norm before a projection: its input in float32 (RMSNorm upcasts; on float32 the input itself),
-      the normalised values the weight multiplies (``w``; Gemma 3 multiplies by ``1 + weight`` in
-      float32: 4 bytes) and its output, which the projections save (``w``); Gemma 3's norms after
-      attention and after the MLP save the first two (their output only enters the residual sum), and its
-      query and key norms the first two per head;
+    * each norm: its input in float32 (RMSNorm upcasts; on float32 the input itself); the normalised
+      values and the norm's output are kept for the weight's gradient only. Gemma 3 has four per layer
+      (before and after attention and the MLP) and its query and key norms the same per head;
     * attention: the rotated queries (``w``), the keys and values repeated for every query head
       (``repeat_kv``'s copies, context included: ``2 w``), the float32 probabilities (saved by the
-      softmax; below float32 also their cast to ``w``, saved by the product with the values) and the heads'
-      output, which the output projection saves (``w``);
-    * a gated MLP: the gate's pre-activation, the activation, the up projection and their product
-      (``hook_post``, which the down projection saves), ``w`` each; an ungated one: pre and post;
+      softmax; below float32 also their cast to ``w``, saved by the product with the values);
+    * a gated MLP: the gate's pre-activation, the activation and the up projection (saved by the
+      activation function and their product), ``w`` each, and their product ``hook_post``, which the pass
+      holds as the gradient's input; an ungated one: pre and post;
 
-    then the final norm, as a norm before a projection (the unembedding), and the answer tokens' ids
-    (int64, for the embedding's backward). Per-token scalars (the norms' inverse RMS) and the rotary
+    in the first layer ``hook_post`` only (and on Gemma 3 the float32 input of the norm after the MLP);
+    then the final norm's float32 input. Per-token scalars (the norms' inverse RMS) and the rotary
     tables (shared by the layers) are left out: below 0.1% on the embedded models.
 
     Example:
         >>> shape = ModelShape(n_layers=1, d_model=8, d_mlp=16, n_heads=2, n_kv_heads=1, head_dim=4, vocab=1000,
         ...                    tied=True)
-        >>> gradient_activation_bytes(shape, "float32", rows=2, answer=3, context=5)
-        5104
+        >>> gradient_activation_bytes(shape, "float32", 2, 3, 5)   # one layer: hook_post 6x16x4, final norm 6x8x4
+        576
     """
     if dtype not in BYTES:
         raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(BYTES)}")
@@ -545,19 +545,19 @@ def gradient_activation_bytes(shape: ModelShape, dtype: str, rows: int, answer: 
     tokens, keys = rows * answer, context + answer
     heads = shape.n_heads * shape.head_dim
     gemma = shape.family == "gemma3"
-    # A norm before a projection: float32 input, normalised values (float32 on Gemma 3), its output.
-    pre_norm = (f32 + (f32 if gemma else w) + w) * tokens * shape.d_model
-    norms = 2 * pre_norm
+    # A norm: its float32 input (the frozen weight needs neither the normalised values nor the output).
+    norm = f32 * tokens * shape.d_model
+    norms = (4 if gemma else 2) * norm
     if gemma:
-        norms += 2 * (f32 + f32) * tokens * shape.d_model                                # post-attention, post-MLP
-        norms += (f32 + f32) * tokens * (shape.n_heads + shape.n_kv_heads) * shape.head_dim   # query, key norms
+        norms += f32 * tokens * (shape.n_heads + shape.n_kv_heads) * shape.head_dim   # query, key norms
     probabilities = rows * shape.n_heads * answer * keys
     attention = (w * tokens * heads                                           # rotated queries
                  + 2 * w * rows * shape.n_heads * keys * shape.head_dim        # keys, values per query head
-                 + (f32 + (w if w != f32 else 0)) * probabilities              # softmax output, its cast
-                 + w * tokens * heads)                                         # heads' output (o projection)
-    mlp = (4 if shape.gated else 2) * w * tokens * shape.d_mlp
-    return shape.n_layers * (norms + attention + mlp) + pre_norm + 8 * tokens
+                 + (f32 + (w if w != f32 else 0)) * probabilities)             # softmax output, its cast
+    hook_post = w * tokens * shape.d_mlp                                       # held by the pass, not autograd
+    mlp = (3 if shape.gated else 1) * w * tokens * shape.d_mlp + hook_post     # gate, activation, up; hook_post
+    first = hook_post + (norm if gemma else 0)                                 # the graph starts at hook_post
+    return (shape.n_layers - 1) * (norms + attention + mlp) + first + norm     # and the final norm
 
 
 @dataclass
@@ -567,7 +567,8 @@ class GradientMemory:
     forward's saved activations and logits are all held while the rows' logit gradients add up."""
 
     activations: int
-    """What autograd saves for that batch's backward (``gradient_activation_bytes``)."""
+    """What autograd saves for that batch's backward and the hooked activations the gradients are taken
+    with respect to (``gradient_activation_bytes``)."""
     logits: int
     """That batch's logits, the logits' gradient twice (the buffer the rows' gradients add into and the
     next row's, full-size, being added) and the float32 log-probabilities of its answer positions."""
@@ -596,8 +597,10 @@ larger (more rows: the batches run longest question first), so they do not fit t
 grows. The one measured constant of the estimate, as a share of the fullest batch's saved activations:
 SmolLM2-135M-Instruct float32, 32 pairs: VmHWM 3.33 GiB beyond the loaded model, 2.36 GiB with glibc
 made to return freed blocks (``MALLOC_MMAP_THRESHOLD_``), the difference 0.97 GiB of 1.40 GiB of
-activations. Checked on Gemma 3 270M and SmolLM2 in bfloat16 by ``benchmarks/bench_plan.py --stage
-gradient-memory`` (docs/PERFORMANCE.md)."""
+activations (fitted while the pass left the weights requiring grad). Checked on Gemma 3 270M and
+SmolLM2 in bfloat16, and again with the weights frozen (SmolLM2: 0.80 and 0.46 GiB kept in float32 and
+bfloat16 where 0.75 and 0.48 are estimated), by ``benchmarks/bench_plan.py --stage gradient-memory``
+(docs/PERFORMANCE.md)."""
 
 
 def gradient_memory(shape: ModelShape, dtype: str, batches: Sequence[tuple[int, int, int]], pairs: int,

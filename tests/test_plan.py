@@ -497,15 +497,15 @@ def _tiny_gemma3(dtype):
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_the_gradient_estimate_counts_what_autograd_saves(family, dtype):
-    """The gradient pass's first batch run as ``margin_gradients`` runs it (questions cached without gradients,
-    answers with): the storages autograd saves for the backward, beyond the weights (and vectors made of
-    them), the per-token scalars and the rotary tables, are the bytes ``gradient_activation_bytes`` counts
-    from the shape alone."""
+    """The gradient pass's first batch run as ``margin_gradients`` runs it (weights frozen, questions cached
+    without gradients, answers with): the storages autograd saves for the backward, beyond the weights (and
+    vectors made of them), the per-token scalars and the rotary tables, with the hooked activations the pass
+    holds as the gradients' inputs, are the bytes ``gradient_activation_bytes`` counts from the shape alone."""
     from dpn_lens.collection.prefix import expand_cache
     from dpn_lens.effect.gradients import _items, _leaf_hook
     from dpn_lens.evaluation.answer_cache import CachedAnswerScorer
     from dpn_lens.evaluation.preference import PreferencePair
-    from dpn_lens.hooked import hook_name, read_hooks
+    from dpn_lens.hooked import frozen_weights, hook_name, read_hooks
     from dpn_lens.plan import ModelShape
     from dpn_lens.plan_control import gradient_activation_bytes
     from dpn_lens.tiny import build_tiny_model
@@ -535,10 +535,14 @@ def test_the_gradient_estimate_counts_what_autograd_saves(family, dtype):
 
     captured: dict[int, torch.Tensor] = {}
     hooks = [(hook_name(layer), _leaf_hook(captured, layer)) for layer in range(int(model.cfg.n_layers))]
-    with torch.enable_grad(), read_hooks(model, hooks), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with (torch.enable_grad(), frozen_weights(model), read_hooks(model, hooks),
+          torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)):
         model(batch.answer_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
               past_key_values=expand_cache(batch.cache, rows))
-    assert context > 0 and sum(saved.values()) == gradient_activation_bytes(shape, dtype, rows, answer, context)
+    # With the weights frozen no projection saves its input, so autograd keeps no hook_post; the pass does.
+    assert not saved.keys() & {activation.untyped_storage().data_ptr() for activation in captured.values()}
+    held = saved | {a.untyped_storage().data_ptr(): a.untyped_storage().nbytes() for a in captured.values()}
+    assert context > 0 and sum(held.values()) == gradient_activation_bytes(shape, dtype, rows, answer, context)
 
 
 def test_the_gradient_estimate_adds_up_the_tensors_of_its_list():
@@ -554,22 +558,20 @@ def test_the_gradient_estimate_adds_up_the_tensors_of_its_list():
     for s, dtype, w in ((shape, "float32", 4), (shape, "bfloat16", 2), (gemma, "bfloat16", 2)):
         g = s.family == "gemma3"
         layer = [
-            ("norm before attention: float32 input", 4 * T * D), ("its normalised values", (4 if g else w) * T * D),
-            ("its output, saved by q/k/v", w * T * D),
+            ("norm before attention: float32 input", 4 * T * D),
             ("rotated queries", w * T * H * HD), ("keys repeated per query head", w * rows * H * S * HD),
             ("values repeated per query head", w * rows * H * S * HD),
             ("float32 attention probabilities", 4 * rows * H * answer * S),
             ("their cast, saved by probabilities x values", (w if w != 4 else 0) * rows * H * answer * S),
-            ("heads' output, saved by the output projection", w * T * H * HD),
-            ("norm before the MLP: float32 input", 4 * T * D), ("its normalised values", (4 if g else w) * T * D),
-            ("its output, saved by gate and up", w * T * D),
-            ("gate pre-activation", w * T * F), ("activation", w * T * F), ("up", w * T * F), ("hook_post", w * T * F)]
+            ("norm before the MLP: float32 input", 4 * T * D),
+            ("gate pre-activation", w * T * F), ("activation", w * T * F), ("up", w * T * F),
+            ("hook_post, held by the pass", w * T * F)]
         if g:
-            layer += [("post-attention norm: float32 input and normalised values", 2 * 4 * T * D),
-                      ("post-MLP norm: the same", 2 * 4 * T * D),
-                      ("query norm", 2 * 4 * T * H * HD), ("key norm", 2 * 4 * T * KV * HD)]
-        final = 4 * T * D + (4 if g else w) * T * D + w * T * D
-        expected = L * sum(size for _, size in layer) + final + 8 * T          # and the int64 token ids
+            layer += [("post-attention norm: float32 input", 4 * T * D), ("post-MLP norm: the same", 4 * T * D),
+                      ("query norm", 4 * T * H * HD), ("key norm", 4 * T * KV * HD)]
+        first = w * T * F + (4 * T * D if g else 0)      # the first layer from its hook_post on (a leaf)
+        final = 4 * T * D
+        expected = (L - 1) * sum(size for _, size in layer) + first + final   # no projection inputs, no token ids
         assert gradient_activation_bytes(s, dtype, rows, answer, context) == expected
     # the whole pass: at its peak batch, the logits three times (with their gradient buffer and the next row's),
     # float32 log-probs of the predicting positions, the batch before's gradients; the cache of every batch

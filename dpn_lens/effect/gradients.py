@@ -16,7 +16,10 @@ Two first-order quantities, both with respect to the MLP neuron activation ``blo
   no later layer's path enters the gradient.
 
 Gradients are taken with ``torch.autograd.grad`` with respect to the hooked activations only, so no
-parameter's ``.grad`` is touched; hooks are removed on exit, also after an exception.
+parameter's ``.grad`` is touched. The weights are frozen for the passes with gradients
+(``hooked.frozen_weights``): no layer saves its input for a weight gradient, and the graph starts at the
+first hooked activation. Hooks are removed and the weights' ``requires_grad`` flags restored on exit, also
+after an exception.
 
 Example:
     >>> from dpn_lens.tiny import build_tiny_model
@@ -37,8 +40,8 @@ from jaxtyping import Float
 from torch import Tensor
 
 from dpn_lens.data.prompts import render_for_model
-from dpn_lens.hooked import (HookedModel, check_layers, encode, hook_name, input_device, last_token_batches, pad_token_id,
-                             pad_token_lists, read_hooks)
+from dpn_lens.hooked import (HookedModel, check_layers, encode, frozen_weights, hook_name, input_device, last_token_batches,
+                             pad_token_id, pad_token_lists, read_hooks)
 
 __all__ = ["MarginGradients", "margin_gradients", "write_gradients", "MLP_OUT_HOOK"]
 
@@ -71,8 +74,9 @@ class MarginGradients:
 def _leaf_hook(store: dict[int, Tensor], layer: int, cut: bool = False):
     """A hook that keeps the activation, made a leaf that requires grad when it has no graph yet.
 
-    The model's weights are frozen, so the first hooked activation carries no graph; it becomes a leaf,
-    and every later activation depends on it and so has one: each layer's gradient is the total one.
+    The passes run with the weights frozen (``frozen_weights``), so the first hooked activation carries no
+    graph; it becomes a leaf, and every later activation depends on it and so has one: each layer's
+    gradient is the total one.
     With ``cut`` every activation becomes a leaf, so a layer's gradient leaves out the paths that run
     through a later layer's MLP neurons (it keeps the residual stream, attention and the unembedding).
     """
@@ -128,8 +132,12 @@ def margin_gradients(model: HookedModel, pairs: Sequence[Any], layers: Sequence[
     from dpn_lens.evaluation.answer_cache import CachedAnswerScorer   # here: evaluation imports effect
 
     use_cache = CachedAnswerScorer.supported(model) if cached is None else cached
-    with torch.enable_grad(), read_hooks(model, hooks):
-        passes = _cached_passes(model, items, batch_tokens) if use_cache else _plain_passes(model, items, batch_tokens)
+    # The questions run before the weights are frozen: their pass keeps one position's logits, a slice
+    # that matmul cannot fold into 2-D, and with a frozen unembedding it then copies the unembedding once
+    # per row for a batched product (Gemma 3 270M: 0.31 GiB a row, 3.75 GiB for 12 questions).
+    scorer = _question_cache(model, items, batch_tokens) if use_cache else None
+    with torch.enable_grad(), frozen_weights(model), read_hooks(model, hooks):
+        passes = _cached_passes(model, items, scorer) if scorer is not None else _plain_passes(model, items, batch_tokens)
         for chunk, logits, first_position in passes:
             objective = logits.new_zeros((), dtype=torch.float32)
             where = torch.zeros(logits.shape[:2], dtype=torch.bool)
@@ -176,19 +184,25 @@ def _plain_passes(model: HookedModel, items: list[tuple[int, list[int], list[int
         yield chunk, model(ids.to(device), attention_mask=mask.to(device)), [len(context) - 1 for _, context, _, _ in chunk]
 
 
-def _cached_passes(model: HookedModel, items: list[tuple[int, list[int], list[int], float]], batch_tokens: int
+def _question_cache(model: HookedModel, items: list[tuple[int, list[int], list[int], float]], batch_tokens: int
+                    ) -> Any:
+    """Each distinct question once, without gradients, into a key/value cache (a ``CachedAnswerScorer``)."""
+    from dpn_lens.evaluation.answer_cache import CachedAnswerScorer
+
+    return CachedAnswerScorer(model, [context for _, context, _, _ in items], [answer for _, _, answer, _ in items],
+                              batch_tokens=batch_tokens, differentiable=True)
+
+
+def _cached_passes(model: HookedModel, items: list[tuple[int, list[int], list[int], float]], scorer: Any
                    ) -> Iterator[_Pass]:
-    """Each distinct question once, without gradients, into a key/value cache (``CachedAnswerScorer``);
+    """Each distinct question once, without gradients, into a key/value cache (``_question_cache``);
     then only the answer tokens run with gradients. A neuron at an answer position acts on later
     positions only, all of them answer positions, so the gradient is the plain path's at about half the
     tokens. The answer pass's position ``p`` holds answer token ``p``; its logits predict token ``p + 1``
     (the first answer token came from the question pass: position -1)."""
-    from dpn_lens.evaluation.answer_cache import CachedAnswerScorer
     from dpn_lens.collection.prefix import expand_cache
 
     device = input_device(model)
-    scorer = CachedAnswerScorer(model, [context for _, context, _, _ in items], [answer for _, _, answer, _ in items],
-                                batch_tokens=batch_tokens, differentiable=True)
     for batch in scorer.batches:
         chunk = [items[index] for index in batch.items]
         logits = model(batch.answer_ids.to(device), attention_mask=batch.attention_mask.to(device),
@@ -232,7 +246,7 @@ def write_gradients(model: HookedModel, prompts: Sequence[str], directions: Floa
     hooks += [(MLP_OUT_HOOK.format(layer=layer), output_hook(layer)) for layer in chosen]
     total = torch.zeros(len(chosen), int(model.cfg.d_mlp), dtype=torch.float64)
     count = 0
-    with torch.enable_grad(), read_hooks(model, hooks):
+    with torch.enable_grad(), frozen_weights(model), read_hooks(model, hooks):
         for ids, mask, last in last_token_batches(model, prompts, batch_size):
             captured.clear()
             outputs.clear()

@@ -48,7 +48,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from dpn_lens.hooked import HookedModel, hook_name, input_device, pad_token_id, read_hooks
+from dpn_lens.hooked import HookedModel, frozen_weights, hook_name, input_device, pad_token_id, read_hooks
 from dpn_lens.data.contrastive import DATA_DIR_ENV, resolve_data_dir
 from dpn_lens.data.prompts import OPTION_LETTERS, multiple_choice_prompt
 from dpn_lens.io import read_jsonl
@@ -200,7 +200,9 @@ def neuron_attribution(model: HookedModel, examples: Sequence[LossExample], laye
     """Mean over examples of ``sum_t |a_t * dL_ex/da_t|`` per neuron (float64, rows follow ``layers``).
 
     Gradients come from ``torch.autograd.grad`` with respect to the hooked activations only, so the
-    model's parameter ``.grad`` fields are never touched.
+    model's parameter ``.grad`` fields are never touched; the weights are frozen for the pass
+    (``hooked.frozen_weights``, their flags restored on exit), so no layer saves its input for a weight
+    gradient.
 
     Example:
         >>> scores = neuron_attribution(model, data.text, layers=[0, 1])   # doctest: +SKIP
@@ -215,8 +217,8 @@ def neuron_attribution(model: HookedModel, examples: Sequence[LossExample], laye
 
     def make_hook(slot: int):
         def hook(activation: Tensor, hook: Any) -> Tensor:
-            # A model whose parameters are frozen yields activations without a graph; make the
-            # first one a leaf so later ones (which depend on it) get one too.
+            # With the weights frozen the first activation has no graph; make it a leaf so later
+            # ones (which depend on it) get one too.
             if not activation.requires_grad:
                 activation = activation.detach().requires_grad_(True)
             captured[slot] = activation
@@ -225,7 +227,7 @@ def neuron_attribution(model: HookedModel, examples: Sequence[LossExample], laye
 
     hooks = [(hook_name(layer, hook_template), make_hook(slot)) for slot, layer in enumerate(layers)]
     pad_id = pad_token_id(model.tokenizer)
-    with torch.enable_grad(), read_hooks(model, hooks):
+    with torch.enable_grad(), frozen_weights(model), read_hooks(model, hooks):
         for start in range(0, len(examples), batch_size):
             ids, targets = _pad(examples[start:start + batch_size], pad_id)
             ids, targets = ids.to(input_device(model)), targets.to(input_device(model))
