@@ -489,9 +489,10 @@ def gradient_logits_bytes(shape: ModelShape, dtype: str, tokens: int) -> int:
     the logits in the model's dtype (held until the batch ends), the float32 log-probabilities saved for
     the backward, and the logits' gradient in their dtype: ``(2 * dtype + 4)`` bytes per token and
     vocabulary entry. The activations saved for the backward, the questions' cache and per-row temporaries
-    come on top, so a run needs more (``gradient_memory`` estimates it all): SmolLM2-135M-Instruct in
-    float32, 32 pairs, held 2.8x the bound at 2048 tokens beyond the loaded model, Gemma 3 270M in bfloat16
-    1.2x (``benchmarks/bench_plan.py --stage gradient-memory``, docs/PERFORMANCE.md). On the cached path
+    come on top, so a run needs more (``gradient_memory`` estimates it all): with the weights frozen,
+    SmolLM2-135M-Instruct in float32, 32 pairs, held 2.5x the bound at 2048 tokens beyond the loaded model,
+    Gemma 3 270M in bfloat16, 16 pairs, 1.3x (``benchmarks/bench_plan.py --stage gradient-memory``,
+    docs/PERFORMANCE.md). On the cached path
     the questions share a batch's ``batch_tokens`` with the answers, so a batch holds fewer answer tokens
     than ``tokens`` and the logits alone stay below this.
 
