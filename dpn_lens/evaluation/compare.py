@@ -36,7 +36,7 @@ from dpn_lens.effect.defaults import SELECTION_PAIRS
 from dpn_lens.evaluation import capability as cap
 from dpn_lens.io import markdown_table
 from dpn_lens.evaluation import trait as tr
-from dpn_lens.evaluation.intervals import bootstrap_ci, paired_effect
+from dpn_lens.evaluation.intervals import paired_effect
 from dpn_lens.evaluation.judge import JudgeConfig, load_test_questions
 from dpn_lens.evaluation.metrics import Capability, Judge, Questionnaire, Statements
 from dpn_lens.evaluation.preparation import MapSource, RuleSelection, TraitPreparation, method_inputs
@@ -44,7 +44,6 @@ from dpn_lens.evaluation.methods import DEFAULT_METHOD_NAMES, METHOD_NAMES, METH
 from dpn_lens.evaluation.table import RESULT_TABLE, comparison_rows, write_result_table
 from dpn_lens.report.results import write_results_report
 from dpn_lens.localization.localize import reselect
-from dpn_lens.localization.neuron_map import NeuronMap
 from dpn_lens.run import percent_of_mlp
 from dpn_lens.steering import Edit, direction_sign
 from dpn_lens.traits import TRAITS, normalize_trait
