@@ -272,8 +272,7 @@ def gradient_memory_main(args: argparse.Namespace) -> dict[str, Any]:
     print(f"{args.model} ({args.dtype}), {len(pairs)} pairs in {len(batches)} batches (rows, answer, question tokens: "
           f"{batches}); fullest {estimate.batch}")
     print(f"held {held / gib:.2f} GiB beyond the loaded model; estimate {estimate.total / gib:.2f} GiB (activations "
-          f"{estimate.activations / gib:.2f}, logits {estimate.logits / gib:.2f}, the batch before's gradients "
-          f"{estimate.previous_gradients / gib:.2f}, cache {estimate.cache / gib:.2f}, "
+          f"{estimate.activations / gib:.2f}, logits {estimate.logits / gib:.2f}, cache {estimate.cache / gib:.2f}, "
           f"result {estimate.result / gib:.3f}, "
           f"glibc's heap {estimate.heap_retained / gib:.2f}): held / estimate {held / estimate.total:.2f}")
     print(f"the plan's estimate for {len(pairs)} pairs (modelled batches, fullest {planned.batch}) "

@@ -474,7 +474,6 @@ def _gradient_parts(memory: "GradientMemory") -> str:
     """``GradientMemory``'s parts in GiB, for the plan's text."""
     rows, answer, context = memory.batch
     parts = [f"activations {memory.activations / 1024 ** 3:.2f}", f"logits {memory.logits / 1024 ** 3:.2f}",
-             f"the batch before's gradients {memory.previous_gradients / 1024 ** 3:.2f}",
              f"the questions' cache {memory.cache / 1024 ** 3:.2f}"]
     if memory.heap_retained:
         parts.append(f"glibc's heap {memory.heap_retained / 1024 ** 3:.2f}")
@@ -573,9 +572,6 @@ class GradientMemory:
     logits: int
     """That batch's logits, the logits' gradient twice (the buffer the rows' gradients add into and the
     next row's, full-size, being added) and the float32 log-probabilities of its answer positions."""
-    previous_gradients: int
-    """The batch before's gradients with respect to every layer's neurons, held until this batch's
-    backward returns (the pass's result of that batch)."""
     cache: int
     """The questions' key/value cache of every batch (built before the first), one copy per answer row."""
     result: int
@@ -588,7 +584,7 @@ class GradientMemory:
 
     @property
     def total(self) -> int:
-        return self.activations + self.logits + self.previous_gradients + self.cache + self.result + self.heap_retained
+        return self.activations + self.logits + self.cache + self.result + self.heap_retained
 
 
 CPU_HEAP_RETAINED = 0.69
@@ -617,8 +613,8 @@ def gradient_memory(shape: ModelShape, dtype: str, batches: Sequence[tuple[int, 
         >>> shape = ModelShape(n_layers=1, d_model=8, d_mlp=16, n_heads=2, n_kv_heads=1, head_dim=4, vocab=1000,
         ...                    tied=True)
         >>> memory = gradient_memory(shape, "float32", [(2, 3, 5), (2, 3, 4)], pairs=2)
-        >>> memory.batch, memory.previous_gradients    # the second batch also holds the first's gradients
-        ((2, 3, 4), 384)
+        >>> memory.batch     # the fullest batch: the first (more context)
+        (2, 3, 5)
         >>> memory.logits == 3 * 4 * 6 * 1000 + 4 * 2 * 2 * 1000     # 3 x logits, log-probs of 2 x 2 positions
         True
     """
@@ -628,24 +624,23 @@ def gradient_memory(shape: ModelShape, dtype: str, batches: Sequence[tuple[int, 
         raise ValueError("no batches: the gradient pass needs at least one")
     w = BYTES[dtype]
     best: tuple[int, int, int, tuple[int, int, int]] | None = None
-    previous = 0
-    for rows, answer, context in batches:
+    for index, (rows, answer, context) in enumerate(batches):
+        # (the batch's gradients go into the result as they come: none is held into the next batch)
         held = (gradient_activation_bytes(shape, dtype, rows, answer, context),
                 # logits, the gradient buffer and the next row's full-size gradient; float32 log-probs of the
                 # positions that predict an answer token (at the peak one row's are freed and that row's own
                 # gradient temporaries take their place)
                 3 * w * rows * answer * shape.vocab + 4 * rows * (answer - 1) * shape.vocab,
-                previous, (rows, answer, context))
-        if best is None or sum(held[:3]) > sum(best[:3]):
+                index, (rows, answer, context))
+        if best is None or sum(held[:2]) > sum(best[:2]):
             best = held
-        previous = shape.n_layers * w * rows * answer * shape.d_mlp
     # keys and values of every layer for each row's question (the cache is copied per row)
     cache = sum(rows * context for rows, _, context in batches) * 2 * shape.n_kv_heads * shape.head_dim * w \
         * shape.n_layers
-    activations, logits, previous_gradients, batch = best
-    heap = int(CPU_HEAP_RETAINED * activations) if cpu_heap and previous_gradients else 0
-    return GradientMemory(activations, logits, previous_gradients, cache, 4 * int(pairs) * shape.n_layers * shape.d_mlp,
-                          batch, heap)
+    activations, logits, index, batch = best
+    # glibc's heap holds the freed blocks of the batches before the fullest (none when it is the first)
+    heap = int(CPU_HEAP_RETAINED * activations) if cpu_heap and index > 0 else 0
+    return GradientMemory(activations, logits, cache, 4 * int(pairs) * shape.n_layers * shape.d_mlp, batch, heap)
 
 
 def selection_batches(spec: str, selection_pairs: int, answer: int) -> list[tuple[int, int, int]]:

@@ -574,15 +574,14 @@ def test_the_gradient_estimate_adds_up_the_tensors_of_its_list():
         expected = (L - 1) * sum(size for _, size in layer) + first + final   # no projection inputs, no token ids
         assert gradient_activation_bytes(s, dtype, rows, answer, context) == expected
     # the whole pass: at its peak batch, the logits three times (with their gradient buffer and the next row's),
-    # float32 log-probs of the predicting positions, the batch before's gradients; the cache of every batch
+    # float32 log-probs of the predicting positions; the cache of every batch
     batches = [(3, 5, 7), (4, 5, 6)]
     memory = gradient_memory(shape, "bfloat16", batches, pairs=4)
     assert memory.batch == (4, 5, 6) and memory.activations == gradient_activation_bytes(shape, "bfloat16", 4, 5, 6)
     assert memory.logits == 3 * 2 * 4 * 5 * V + 4 * 4 * 4 * V
-    assert memory.previous_gradients == L * 2 * 3 * 5 * F
     assert memory.cache == (3 * 7 + 4 * 6) * 2 * KV * HD * 2 * L and memory.result == 4 * 4 * L * F
     assert memory.heap_retained == 0 and memory.total == (memory.activations + memory.logits + memory.cache
-                                                          + memory.previous_gradients + memory.result)
+                                                          + memory.result)     # no batch's gradients held over
     on_cpu = gradient_memory(shape, "bfloat16", batches, pairs=4, cpu_heap=True)
     assert on_cpu.heap_retained == int(CPU_HEAP_RETAINED * memory.activations)
     assert gradient_memory(shape, "bfloat16", batches[:1], pairs=2, cpu_heap=True).heap_retained == 0   # a fresh heap

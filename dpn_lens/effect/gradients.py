@@ -152,18 +152,25 @@ def margin_gradients(model: HookedModel, pairs: Sequence[Any], layers: Sequence[
                     objective = objective + sign * logprobs.gather(1, target).sum() / len(answer)
                 # The edit acts at the answer tokens' positions (decode steps), not at the question's.
                 where[row, start + 1:start + 1 + len(answer)] = True
-            captured_now = [captured[layer] for layer in chosen]
             if objective.requires_grad:
-                grads = torch.autograd.grad(objective, captured_now, allow_unused=True)
-                for slot, grad in enumerate(grads):
-                    if grad is None:
-                        continue
-                    summed = (grad.float() * where.to(grad.device)[..., None]).sum(1).cpu()
-                    for row, (pair_index, _, _, _) in enumerate(chunk):
-                        per_pair[pair_index, slot] += summed[row]
+                # The gradients go straight into ``per_pair``: none stays referenced into the next batch's
+                # backward (an 8B model's: n_layers x answer tokens x d_mlp, about 1 GiB a batch in bfloat16).
+                _add_gradients(per_pair, torch.autograd.grad(objective, [captured[layer] for layer in chosen],
+                                                             allow_unused=True), where, chunk)
             del logits, objective
             captured.clear()
     return MarginGradients(per_pair, chosen)
+
+
+def _add_gradients(per_pair: Float[Tensor, "pairs layers d_mlp"], grads: Sequence[Tensor | None],
+                   where: Tensor, chunk: Sequence[tuple[int, list[int], list[int], float]]) -> None:
+    """Add each row's gradient, summed over the positions ``where`` marks, to its pair's row of ``per_pair``."""
+    for slot, grad in enumerate(grads):
+        if grad is None:
+            continue
+        summed = (grad.float() * where.to(grad.device)[..., None]).sum(1).cpu()
+        for row, (pair_index, _, _, _) in enumerate(chunk):
+            per_pair[pair_index, slot] += summed[row]
 
 
 _Pass = tuple[list[tuple[int, list[int], list[int], float]], Tensor, list[int]]
