@@ -45,7 +45,7 @@ from dpn_lens.traits import TRAITS
 __all__ = ["Run", "MAPS_DIR", "STATS_DIR", "SUMMARY_FILE", "SUMMARY_MD_FILE", "REPORT_FILE", "MODEL_CARD_FILE",
            "map_path", "rule_map_path", "stats_path", "find_map", "percent_of_mlp", "percent_of_all_mlp", "read_summary",
            "model_card", "MANIFEST_FILE", "LOCK_FILE", "RunFolderError", "lock_run_folder", "read_manifest",
-           "write_manifest", "check_run_folder", "file_sha256", "run_folder_of"]
+           "write_manifest", "check_run_folder", "check_runs_of", "file_sha256", "run_folder_of"]
 
 MAPS_DIR = "maps"
 """Subfolder of the neuron maps, ``<trait>.safetensors`` (+ ``<trait>.json``)."""
@@ -139,6 +139,18 @@ def run_folder_of(path: str | Path) -> Path | None:
         if (candidate / MANIFEST_FILE).exists() or (candidate / MAPS_DIR).is_dir():
             return candidate
     return None
+
+
+def check_runs_of(paths: Sequence[str | Path | None]) -> None:
+    """``check_run_folder`` on the run folder each of ``paths`` (a map file, a maps folder or a run folder;
+    None: nothing given) belongs to, each folder once: what a command refuses before its model loads.
+
+    Raises:
+        RunFolderError: a run is unfinished or a folder mixes runs.
+    """
+    for folder in dict.fromkeys(run_folder_of(path) for path in paths if path):
+        if folder is not None:
+            check_run_folder(folder)
 
 
 _WARNED_OLD: set[Path] = set()

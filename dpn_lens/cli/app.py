@@ -180,12 +180,10 @@ def run_steer(args: argparse.Namespace) -> int:
     from dpn_lens.demo import compare_generations
     from dpn_lens.steering import combine_interventions, steering_intervention
 
-    from dpn_lens.run import check_run_folder, run_folder_of
+    from dpn_lens.run import check_runs_of
 
     # Read the maps before the model: an empty, unreadable or unfinished map costs no model load.
-    for folder in dict.fromkeys(run_folder_of(path) for path in args.map):
-        if folder is not None:
-            check_run_folder(folder)
+    check_runs_of(args.map)
     maps = read_maps(args.map, "steering with it")
     from dpn_lens.models import check_map_before_loading
 

@@ -10,7 +10,7 @@ from dpn_lens.cli.options import (FORMATTER, CommaList, add_data_dir_option, add
                                   add_renamed, add_run_option, add_selection_options, add_traits_option,
                                   print_evaluate_equivalent)
 
-__all__ = ["register", "run_compare", "compare_config", "judge_from_args", "check_before_loading"]
+__all__ = ["register", "run_compare", "compare_config", "judge_from_args"]
 
 QUICK = {"items": 8, "statements": 20, "gamma_sweep": [0.0, 1.0, 2.0], "q_sweep": []}
 """What ``--quick`` sets (where the option is not given); capability sizes are ``CapabilitySizes.quick()`` either way."""
@@ -145,26 +145,17 @@ def judge_from_args(args: argparse.Namespace) -> Any:
                        retries=args.judge_retries)
 
 
-def check_before_loading(args: argparse.Namespace) -> None:
-    """An unfinished or mixed run folder is refused before the model loads."""
-    if args.run:
-        from dpn_lens.run import check_run_folder, run_folder_of
-
-        folder = run_folder_of(args.run)
-        if folder is not None:
-            check_run_folder(folder)
-
-
 def run_compare(args: argparse.Namespace) -> int:
     from dpn_lens.cli.control import timestamped
     from dpn_lens.evaluation.compare import run_comparison, write_outputs
     from dpn_lens.evaluation.judge import judge_endpoint
     from dpn_lens.models import load_model
+    from dpn_lens.run import check_runs_of
 
     started = time.time()
     print_evaluate_equivalent("compare", args, judge=judge_endpoint(args.judge_url) is not None)
     config = compare_config(args, judge_from_args(args))
-    check_before_loading(args)
+    check_runs_of([args.run])       # an unfinished or mixed run folder is refused before the model loads
     model = load_model(args.model, dtype=args.dtype, device=args.device)
     result = run_comparison(model, config, log=timestamped(started))
     result["meta"]["command_seconds"] = time.time() - started

@@ -167,13 +167,10 @@ def check_before_loading(args: argparse.Namespace, config: Any) -> None:
     run folder."""
     from dpn_lens.data.contrastive import resolve_data_dir
 
-    resolve_data_dir(config.data_dir, "personalitybench")
-    if args.run:
-        from dpn_lens.run import check_run_folder, run_folder_of
+    from dpn_lens.run import check_runs_of
 
-        folder = run_folder_of(args.run)
-        if folder is not None:
-            check_run_folder(folder)
+    resolve_data_dir(config.data_dir, "personalitybench")
+    check_runs_of([args.run])
 
 
 @dataclass(frozen=True)
