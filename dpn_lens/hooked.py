@@ -23,7 +23,7 @@ from torch import Tensor
 
 from dpn_lens.data.prompts import render_for_model
 
-__all__ = ["HookedModel", "HOOK_NAME", "hook_name", "read_hooks", "frozen_weights", "hf_model", "hf_module", "decoder_layers", "down_proj_weight",
+__all__ = ["HookedModel", "HOOK_NAME", "hook_name", "read_hooks", "frozen_weights", "leaf_hook", "hf_model", "hf_module", "decoder_layers", "down_proj_weight",
            "post_mlp_norm", "require_hooked_model", "check_layers", "pad_token_id",
            "pad_token_lists", "input_device", "tokenize_prompts", "last_token_batches", "encode"]
 
@@ -105,6 +105,31 @@ def frozen_weights(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
     finally:
         for parameter in thawed:
             parameter.requires_grad_(True)
+
+
+def leaf_hook(store: dict[Any, Tensor], key: Any, cut: bool = False) -> Callable[[Tensor, Any], Tensor]:
+    """A hook that keeps the activation in ``store[key]``, made a leaf that requires grad when it has no
+    graph yet: for gradients with respect to hooked activations (``effect.gradients``, the
+    multifunctionality study's attribution).
+
+    The passes run with the weights frozen (``frozen_weights``), so the first hooked activation carries no
+    graph; it becomes a leaf, and every later activation depends on it and so has one: each layer's
+    gradient is the total one. With ``cut`` every activation becomes a leaf, so a layer's gradient leaves
+    out the paths that run through a later hooked layer (it keeps the residual stream, attention and the
+    unembedding).
+
+    Example:
+        >>> store = {}
+        >>> out = leaf_hook(store, 0)(torch.ones(2), None)
+        >>> out.requires_grad, store[0] is out
+        (True, True)
+    """
+    def hook(activation: Tensor, hook: Any) -> Tensor:
+        if cut or not activation.requires_grad:
+            activation = activation.detach().requires_grad_(True)
+        store[key] = activation
+        return activation
+    return hook
 
 
 def require_hooked_model(model: Any, caller: str) -> None:

@@ -502,7 +502,8 @@ def test_the_gradient_estimate_counts_what_autograd_saves(family, dtype):
     vectors made of them), the per-token scalars and the rotary tables, with the hooked activations the pass
     holds as the gradients' inputs, are the bytes ``gradient_activation_bytes`` counts from the shape alone."""
     from dpn_lens.collection.prefix import expand_cache
-    from dpn_lens.effect.gradients import _items, _leaf_hook
+    from dpn_lens.effect.gradients import _items
+    from dpn_lens.hooked import leaf_hook
     from dpn_lens.evaluation.answer_cache import CachedAnswerScorer
     from dpn_lens.evaluation.preference import PreferencePair
     from dpn_lens.hooked import frozen_weights, hook_name, read_hooks
@@ -534,7 +535,7 @@ def test_the_gradient_estimate_counts_what_autograd_saves(family, dtype):
         return tensor
 
     captured: dict[int, torch.Tensor] = {}
-    hooks = [(hook_name(layer), _leaf_hook(captured, layer)) for layer in range(int(model.cfg.n_layers))]
+    hooks = [(hook_name(layer), leaf_hook(captured, layer)) for layer in range(int(model.cfg.n_layers))]
     with (torch.enable_grad(), frozen_weights(model), read_hooks(model, hooks),
           torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)):
         model(batch.answer_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,

@@ -41,7 +41,7 @@ from torch import Tensor
 
 from dpn_lens.data.prompts import render_for_model
 from dpn_lens.hooked import (HookedModel, check_layers, encode, frozen_weights, hook_name, input_device, last_token_batches,
-                             pad_token_id, pad_token_lists, read_hooks)
+                             leaf_hook, pad_token_id, pad_token_lists, read_hooks)
 
 __all__ = ["MarginGradients", "margin_gradients", "write_gradients", "MLP_OUT_HOOK"]
 
@@ -69,23 +69,6 @@ class MarginGradients:
     @property
     def n_pairs(self) -> int:
         return int(self.per_pair.shape[0])
-
-
-def _leaf_hook(store: dict[int, Tensor], layer: int, cut: bool = False):
-    """A hook that keeps the activation, made a leaf that requires grad when it has no graph yet.
-
-    The passes run with the weights frozen (``frozen_weights``), so the first hooked activation carries no
-    graph; it becomes a leaf, and every later activation depends on it and so has one: each layer's
-    gradient is the total one.
-    With ``cut`` every activation becomes a leaf, so a layer's gradient leaves out the paths that run
-    through a later layer's MLP neurons (it keeps the residual stream, attention and the unembedding).
-    """
-    def hook(activation: Tensor, hook: Any) -> Tensor:
-        if cut or not activation.requires_grad:
-            activation = activation.detach().requires_grad_(True)
-        store[layer] = activation
-        return activation
-    return hook
 
 
 def _items(model: HookedModel, pairs: Sequence[Any]) -> list[tuple[int, list[int], list[int], float]]:
@@ -128,7 +111,7 @@ def margin_gradients(model: HookedModel, pairs: Sequence[Any], layers: Sequence[
     items = _items(model, pairs)
     per_pair = torch.zeros(len(pairs), len(chosen), int(model.cfg.d_mlp), dtype=torch.float32)
     captured: dict[int, Tensor] = {}
-    hooks = [(hook_name(layer), _leaf_hook(captured, layer, cut=not through_mlps)) for layer in chosen]
+    hooks = [(hook_name(layer), leaf_hook(captured, layer, cut=not through_mlps)) for layer in chosen]
     from dpn_lens.evaluation.answer_cache import CachedAnswerScorer   # here: evaluation imports effect
 
     use_cache = CachedAnswerScorer.supported(model) if cached is None else cached
@@ -249,7 +232,7 @@ def write_gradients(model: HookedModel, prompts: Sequence[str], directions: Floa
             return output.detach()
         return hook
 
-    hooks = [(hook_name(layer), _leaf_hook(captured, layer)) for layer in chosen]
+    hooks = [(hook_name(layer), leaf_hook(captured, layer)) for layer in chosen]
     hooks += [(MLP_OUT_HOOK.format(layer=layer), output_hook(layer)) for layer in chosen]
     total = torch.zeros(len(chosen), int(model.cfg.d_mlp), dtype=torch.float64)
     count = 0
@@ -266,6 +249,7 @@ def write_gradients(model: HookedModel, prompts: Sequence[str], directions: Floa
                 if grad is not None:
                     total[slot] += grad[rows, last.to(grad.device)].double().sum(0).cpu()
             count += ids.shape[0]
+            del grads, objective    # none held into the next batch's backward (as margin_gradients)
             captured.clear()
             outputs.clear()
     return total / count

@@ -48,7 +48,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from dpn_lens.hooked import HookedModel, frozen_weights, hook_name, input_device, pad_token_id, read_hooks
+from dpn_lens.hooked import HookedModel, frozen_weights, hook_name, input_device, leaf_hook, pad_token_id, read_hooks
 from dpn_lens.data.contrastive import DATA_DIR_ENV, resolve_data_dir
 from dpn_lens.data.prompts import OPTION_LETTERS, multiple_choice_prompt
 from dpn_lens.io import read_jsonl
@@ -215,17 +215,7 @@ def neuron_attribution(model: HookedModel, examples: Sequence[LossExample], laye
     total = torch.zeros(len(layers), int(model.cfg.d_mlp), dtype=torch.float64)
     captured: dict[int, Tensor] = {}
 
-    def make_hook(slot: int):
-        def hook(activation: Tensor, hook: Any) -> Tensor:
-            # With the weights frozen the first activation has no graph; make it a leaf so later
-            # ones (which depend on it) get one too.
-            if not activation.requires_grad:
-                activation = activation.detach().requires_grad_(True)
-            captured[slot] = activation
-            return activation
-        return hook
-
-    hooks = [(hook_name(layer, hook_template), make_hook(slot)) for slot, layer in enumerate(layers)]
+    hooks = [(hook_name(layer, hook_template), leaf_hook(captured, slot)) for slot, layer in enumerate(layers)]
     pad_id = pad_token_id(model.tokenizer)
     with torch.enable_grad(), frozen_weights(model), read_hooks(model, hooks):
         for start in range(0, len(examples), batch_size):
