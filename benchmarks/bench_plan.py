@@ -170,7 +170,7 @@ def stage_comparison(plan: Any, run: dict[str, Any], counted: Any = None) -> lis
         ...                         "seconds": 15.0, "run_seconds": 11.0}, counted)[0]
         {'stage': 'KL curves', 'predicted s': 12.0, 'measured s': 10.0, 'ratio': 1.2, 'passes counted s': 9.0, 'ratio counted': 0.9}
     """
-    from dpn_lens.evaluation.stage_times import stage_seconds
+    from dpn_lens.evaluation.stage_times import StageRow, stage_seconds
 
     def name_of(stage: Any) -> str:
         return stage.name.split(" (")[0]          # "KL curves (2 traits)", "locate (DPN-LE maps)"
@@ -178,7 +178,7 @@ def stage_comparison(plan: Any, run: dict[str, Any], counted: Any = None) -> lis
     def ratio(predicted: float | None, seen: float | None) -> float | None:
         return round(predicted / seen, 2) if predicted and seen else None
 
-    measured = stage_seconds(run["stages"])
+    measured = stage_seconds([StageRow.from_dict(row) for row in run["stages"]])
     measured["start-up and model load"] = run["seconds"] - run["run_seconds"]
     with_passes = {name_of(stage): stage.seconds for stage in counted.stages} if counted is not None else None
     rows = []

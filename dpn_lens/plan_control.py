@@ -34,10 +34,13 @@ import math
 import platform
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from dpn_lens.plan import (BYTES, GPU_SIZES_GIB, MachineCosts, ModelShape, RunPlan, StagePlan, costs_file, read_costs,
                            model_shape, status_bytes, timed)
+
+if TYPE_CHECKING:
+    from dpn_lens.evaluation.control_record import ControlRecord
 
 __all__ = ["ControlSettings", "ControlWork", "ControlCosts", "control_work", "measure_control_costs", "sample_pairs",
            "saved_control_costs", "plan_control", "plan_control_run", "gradient_logits_bytes",
@@ -87,15 +90,18 @@ class ControlWork:
     generation_questions: int = 0
 
 
-def control_work(settings: ControlSettings, run: dict[str, Any] | None = None) -> ControlWork:
+def control_work(settings: ControlSettings, run: "ControlRecord | dict[str, Any] | None" = None) -> ControlWork:
     """The passes one trait of ``control`` runs, counted as ``evaluation.control.run_control`` makes them.
 
     Without ``run``, every curve covers the whole γ grid and reaches every KL level (the plan's bound).
     With ``run`` (a ``control`` result of one trait), the curves and points that run measured are counted
     instead: the passes it made, exactly (``tests/test_plan.py`` counts them on the tiny model).
     """
+    from dpn_lens.evaluation.control_record import ControlRecord
     from dpn_lens.evaluation.methods import effect_rules_needed, neuron_methods
 
+    if isinstance(run, ControlRecord):
+        run = run.to_dict()     # counted from the file's rows (``trait_record`` hands those)
     config = settings.config
     levels = config.kl_levels          # sorted, the target among them (ControlConfig)
     randomized = neuron_methods(config.methods) if config.random_control else []
@@ -363,21 +369,25 @@ def _seconds(shape: ModelShape, work: ControlWork, settings: ControlSettings, co
             if work.generation_sets else 0.0}
 
 
-def trait_record(run: Mapping[str, Any], trait: str) -> dict[str, Any]:
-    """``run`` (a ``control`` result) with only ``trait``'s rows: what ``control_work`` counts for one trait.
+def trait_record(run: "ControlRecord | Mapping[str, Any]", trait: str) -> dict[str, Any]:
+    """``run`` (a ``control`` record, or its ``control.json``) with only ``trait``'s rows: what ``control_work``
+    counts for one trait.
 
     Example:
         >>> trait_record({"curves": [{"trait": "openness"}, {"trait": "neuroticism"}], "meta": {}}, "openness")
         {'curves': [{'trait': 'openness'}], 'meta': {}}
     """
+    from dpn_lens.evaluation.control_record import ControlRecord
+
+    data = run.to_dict() if isinstance(run, ControlRecord) else run
     return {key: [row for row in rows if row.get("trait") == trait]
             if isinstance(rows, list) and rows and isinstance(rows[0], dict) and "trait" in rows[0] else rows
-            for key, rows in run.items()}
+            for key, rows in data.items()}
 
 
 def plan_control(spec: str, traits: Sequence[str], settings: ControlSettings, device: str = "cpu",
                  dtype: str = "float32", costs: ControlCosts | None = None,
-                 machine: MachineCosts | None = None, run: Mapping[str, Any] | None = None) -> RunPlan:
+                 machine: MachineCosts | None = None, run: "ControlRecord | Mapping[str, Any] | None" = None) -> RunPlan:
     """The plan of ``dpn-lens control`` for ``traits`` with ``settings``: start-up and load, locate (without
     maps, from ``plan_locate``), then per trait the counted work at ``costs``' rates.
 

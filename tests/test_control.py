@@ -137,43 +137,47 @@ def test_run_control_end_to_end_on_a_tiny_model(tiny_model, tmp_path, monkeypatc
     maps = {"extraversion": tiny_map(tiny_model)}
     messages, checkpoints = [], []
     result = run_control(tiny_model, config, log=messages.append, progress=False, maps=maps, on_trait=checkpoints.append)
-    assert [c["meta"]["traits_done"] for c in checkpoints] == [["extraversion"]]
+    assert [c.traits_done for c in checkpoints] == [["extraversion"]]
     # The run says which neurons DPN-LE edited.
-    assert result["meta"]["maps"]["extraversion"] == {"dpn-le": {
+    assert result.meta.maps["extraversion"] == {"dpn-le": {
         "rule": "dpn-le", "layers": "1-2", "q": maps["extraversion"].settings.q,
         "tau_d": maps["extraversion"].settings.tau_d, "settings_source": maps["extraversion"].settings.source,
         "high": 6, "low": 5}}
-    validation = result["validation"][0]
-    assert validation["n_pairs"] >= 4 and validation["persona_ci_low"] <= validation["persona_effect"] <= validation["persona_ci_high"]
+    validation = result.validation[0]
+    assert validation.n_pairs >= 4 and validation.persona_ci_low <= validation.persona_effect <= validation.persona_ci_high
     # Gamma 0 goes through the same hooks and must change nothing.
-    assert result["gamma_zero"][0]["shift"] == 0.0
+    assert result.gamma_zero[0].effect.shift == 0.0
     # Every curve point sits at its KL level: measured there after reading the gamma off the KL grid.
-    assert {p["method"] for p in result["curves"]} == {"dpn-le", "dense", "random-neurons"}
-    for point in result["curves"]:
-        assert point["ci_low"] <= point["shift"] <= point["ci_high"]
-        if point["method"] != "random-neurons":
-            assert point["kl"] == pytest.approx(point["kl_level"], rel=0.35)
+    assert {p.method for p in result.curves} == {"dpn-le", "dense", "random-neurons"}
+    for point in result.curves:
+        assert point.measured.effect.ci_low <= point.measured.effect.shift <= point.measured.effect.ci_high
+        if point.method != "random-neurons":
+            assert point.measured.kl == pytest.approx(point.kl_level, rel=0.35)
     # The random-neuron control runs at DPN-LE's gammas, with as many neurons.
     for direction in ("increase", "decrease"):
-        dpn = {p["kl_level"]: p for p in result["curves"] if p["method"] == "dpn-le" and p["direction"] == direction}
-        rnd = {p["kl_level"]: p for p in result["curves"] if p["method"] == "random-neurons" and p["direction"] == direction}
+        dpn = {p.kl_level: p.measured for p in result.curves if p.method == "dpn-le" and p.direction == direction}
+        rnd = {p.kl_level: p.measured for p in result.curves if p.method == "random-neurons" and p.direction == direction}
         assert dpn and dpn.keys() == rnd.keys()
         for level in dpn:
-            assert rnd[level]["gamma"] == dpn[level]["gamma"] and rnd[level]["n_edited"] == dpn[level]["n_edited"]
-    calibrated = result["calibrated"]
-    assert [r["direction"] for r in calibrated] == ["increase", "decrease"]
-    assert all(r["reached_target"] and "vs_random" in r for r in calibrated)
-    assert {r["method"] for r in result["matched_cost"]} == {"dpn-le", "dense", "random-neurons"}
+            assert rnd[level].gamma == dpn[level].gamma and rnd[level].n_edited == dpn[level].n_edited
+    calibrated = result.calibrated
+    assert [r.direction for r in calibrated] == ["increase", "decrease"]
+    assert all(r.reached_target and r.random is not None for r in calibrated)
+    assert {r.method for r in result.matched_cost} == {"dpn-le", "dense", "random-neurons"}
+    # The matched-cost table holds the curve's points, level by level.
+    for row in result.matched_cost:
+        for point in (p for p in result.curves if (p.trait, p.direction, p.method) == (row.trait, row.direction, row.method)):
+            assert row.at(point.kl_level).shift == point.measured.effect.shift
     # A second run reads the generated pairs from the cache and gives the same numbers.
     again = run_control(tiny_model, config, log=messages.append, progress=False, maps=maps)
     assert any("from the cache" in m for m in messages)
-    assert again["validation"] == result["validation"]
+    assert again.validation == result.validation
     # Without the random-neuron control (--no-random-control): no random curve, and the run finishes.
     import dataclasses
 
     alone = run_control(tiny_model, dataclasses.replace(config, random_control=False), log=messages.append,
                         progress=False, maps=maps)
-    assert {p["method"] for p in alone["curves"]} == {"dpn-le", "dense"}
+    assert {p.method for p in alone.curves} == {"dpn-le", "dense"}
     done = [m for m in messages if "done in" in m]
     assert "random" in done[0] and "random" not in done[-1] and "shift" in done[-1]
     written = write_control_outputs(alone, tmp_path / "alone", png=False)
@@ -181,10 +185,13 @@ def test_run_control_end_to_end_on_a_tiny_model(tiny_model, tmp_path, monkeypatc
 
 
 def test_matched_cost_rows_leave_unreached_levels_empty():
-    point = {"trait": "openness", "direction": "increase", "method": "dense", "kl_level": 0.1, "gamma": 2.0, "kl": 0.11,
-             "shift": 0.2, "ci_low": 0.1, "ci_high": 0.3}
+    from dpn_lens.evaluation.control_rows import DosePoint, Effect, MeasuredEdit
+
+    point = DosePoint("openness", "increase", "dense", 0.1, MeasuredEdit(2.0, 5, 0.11, 10.0, Effect(0.2, 0.1, 0.3, 0.01, 8)))
     row = matched_cost_rows([point], [0.01, 0.1])[0]
-    assert math.isnan(row["shift@kl0.01"]) and row["shift@kl0.1"] == 0.2 and row["gamma@kl0.1"] == 2.0
+    assert not row.at(0.01).reached and row.at(0.1).shift == 0.2 and row.at(0.1).gamma == 2.0
+    written = row.to_dict()
+    assert math.isnan(written["shift@kl0.01"]) and written["shift@kl0.1"] == 0.2 and written["gamma@kl0.1"] == 2.0
 
 
 def test_control_config_is_checked():
@@ -344,8 +351,9 @@ def test_control_keeps_the_maps_it_locates_and_another_run_reuses_them(tiny_fold
 def test_the_calibrated_table_says_when_the_target_kl_was_not_reached():
     from dpn_lens.report.control import _calibrated_table
 
-    table = _calibrated_table([{"trait": "extraversion", "direction": "increase", "target_kl": 0.05,
-                                "reached_target": False, "gamma": float("nan")}])
+    from dpn_lens.evaluation.control_rows import CalibratedRow
+
+    table = _calibrated_table([CalibratedRow(None, "extraversion", "increase", target_kl=0.05)])
     assert "| extraversion | increase | KL 0.05 not reached | n/a |" in table
 
 
@@ -449,15 +457,16 @@ def test_a_trait_whose_map_selects_no_neurons_is_skipped_and_the_others_still_co
     assert empty.n_selected() == 0
     maps = {"openness": empty, "extraversion": tiny_map(tiny_model)}
     messages, checkpoints = [], []
-    result = run_control(tiny_model, config, log=messages.append, progress=False, maps=maps, on_trait=checkpoints.append)
+    record = run_control(tiny_model, config, log=messages.append, progress=False, maps=maps, on_trait=checkpoints.append)
+    result = record.to_dict()
     assert [r["trait"] for r in result["validation"]] == ["openness", "extraversion"]   # both validated
     assert {r["trait"] for r in result["calibrated"]} == {"extraversion"}              # one steered
     assert {p["trait"] for p in result["curves"]} == {"extraversion"}
     assert list(result["meta"]["skipped"]) == ["openness"] and "selects no neurons" in result["meta"]["skipped"]["openness"]
     assert result["meta"]["maps"]["openness"]["dpn-le"]["high"] == 0
     assert any(m.startswith("openness: not steered") for m in messages)
-    assert [c["meta"]["traits_done"] for c in checkpoints] == [["openness"], ["openness", "extraversion"]]
-    write_control_outputs(result, tmp_path / "out", png=False)
+    assert [c.traits_done for c in checkpoints] == [["openness"], ["openness", "extraversion"]]
+    write_control_outputs(record, tmp_path / "out", png=False)
     assert "Not steered" in (tmp_path / "out" / "control.md").read_text()
     # When no trait has neurons there is nothing to report: a clear error, naming the fix.
     with pytest.raises(ValueError, match="no trait was steered.*lower tau_d"):
@@ -480,8 +489,9 @@ def test_control_compares_selection_rules_with_their_own_random_neurons(tmp_path
                            kl_tokens=24, random_draws=2, selection_pairs=4, budget=6, k_sweep=[3, 0],
                            generation_questions=3, generation_draws=2, caa_pairs=4)
     located = []
-    result = run_control(tiny_model, config, log=lambda m: None, progress=False,
+    record = run_control(tiny_model, config, log=lambda m: None, progress=False,
                          maps={"extraversion": tiny_map(tiny_model)}, on_located=lambda t, m: located.append(m.rule))
+    result = record.to_dict()
     assert located == ["attribution", "write-layer"]
     assert set(result["meta"]["maps"]["extraversion"]) == set(rules)
     assert result["meta"]["maps"]["extraversion"]["attribution"]["high"] + \
@@ -502,7 +512,7 @@ def test_control_compares_selection_rules_with_their_own_random_neurons(tmp_path
     assert any(r["method"] == "persona (high-low)/2" for r in generation)
     checked = [r for r in generation if r["method"] == "attribution" and not math.isnan(r["shift"])]
     assert checked and all("vs_random" in r and r["draws"] == 2 for r in checked)
-    written = write_control_outputs(result, tmp_path / "out", png=False)
+    written = write_control_outputs(record, tmp_path / "out", png=False)
     text = (tmp_path / "out" / "control.md").read_text()
     assert "which steers?" in text and "budget sweep" in text and "Generation-based check" in text
     assert (tmp_path / "out" / "sparsity.html").exists() and (tmp_path / "out" / "sweep.csv") in written
@@ -541,19 +551,21 @@ def test_runs_on_different_traits_merge_into_the_run_over_all_of_them(tiny_folde
     assert merged["meta"]["config"] == whole["meta"]["config"]
     assert (merged_folder / "control.md").exists()
 
-    one = json.loads((tmp_path / "o" / "control.json").read_text())
+    from dpn_lens.evaluation.control_record import ControlRecord, load_control_record
+
+    one = load_control_record(tmp_path / "o")
     with pytest.raises(ValueError, match="openness"):
         merge_control_results([one, one])
-    other = {**one, "meta": {**one["meta"], "config": {**one["meta"]["config"], "seed": 1},
-                             "traits_done": ["extraversion"]}}
+    other = dataclasses.replace(one, meta=dataclasses.replace(one.meta, config={**one.meta.config, "seed": 1},
+                                                              traits_done=["extraversion"]))
     with pytest.raises(ValueError, match="differs from result #0 in seed"):
         merge_control_results([one, other])
     # The KL probe: a run from before its setting was recorded edited the BOS token, as --kl-edit-context does.
-    e = json.loads((tmp_path / "e" / "control.json").read_text())
-    assert one["meta"]["config"]["kl_skip_context"] is True
-    old, old_e = ({**r, "meta": {**r["meta"], "config": {k: v for k, v in r["meta"]["config"].items()
-                                                          if k != "kl_skip_context"}}} for r in (one, e))
-    assert merge_control_results([old, old_e])["meta"]["config"]["kl_skip_context"] is False
+    e = load_control_record(tmp_path / "e")
+    assert one.meta.config["kl_skip_context"] is True
+    old, old_e = (ControlRecord.from_dict({**r.to_dict(), "meta": {**r.meta.to_dict(), "config": {
+        k: v for k, v in r.meta.config.items() if k != "kl_skip_context"}}}) for r in (one, e))
+    assert merge_control_results([old, old_e]).meta.config["kl_skip_context"] is False
     with pytest.raises(ValueError, match="differs from result #0 in kl_skip_context"):
         merge_control_results([old, e])
     assert main(["control", "--merge", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]) == 2

@@ -110,9 +110,10 @@ def test_every_committed_record_reads_back_key_for_key_older_ones_too():
 
 def test_merging_committed_runs_keeps_their_rows_as_they_were_written():
     from dpn_lens.evaluation.control import merge_control_results
+    from dpn_lens.evaluation.control_record import ControlRecord
 
     runs = [record for _, record in _records(["control-gemma-3-270m-sweep-OC", "control-gemma-3-270m-sweep-EAN"])]
-    merged = merge_control_results(runs)
+    merged = merge_control_results([ControlRecord.from_dict(run) for run in runs]).to_dict()
     for key in ROW_TYPES:
         assert json.dumps(merged[key]) == json.dumps([row for run in runs for row in run.get(key, [])]), key
 
@@ -121,16 +122,18 @@ def test_merging_refuses_a_record_it_would_misread_and_says_why():
     """Records from before control named each row's method once failed the merge with a bare KeyError; a
     row key the row types do not know would have been dropped silently."""
     from dpn_lens.evaluation.control import merge_control_results
+    from dpn_lens.evaluation.control_record import ControlRecord
 
     [(_, old)] = _records(["control-gemma-3-270m"])
     with pytest.raises(ValueError, match=r"result #0 is a control record from an earlier version \(it lacks "
                                          r"calibrated rows' method\).*run `dpn-lens control` again"):
-        merge_control_results([old])
+        merge_control_results([ControlRecord.from_dict(old)])
     [(_, current)] = _records(["control-gemma-3-270m-sweep-OC"])
-    assert merge_control_results([current])["meta"]["traits_done"] == current["meta"]["traits_done"]
+    record = ControlRecord.from_dict(current)
+    assert merge_control_results([record]).traits_done == current["meta"]["traits_done"]
     unfinished = {**current, "meta": {k: v for k, v in current["meta"].items() if k != "traits_done"}}
     with pytest.raises(ValueError, match="it lacks traits_done"):
-        merge_control_results([current, unfinished])
+        merge_control_results([record, ControlRecord.from_dict(unfinished)])
     future = {**current, "curves": [{**current["curves"][0], "new_column": 1.0}, *current["curves"][1:]]}
-    with pytest.raises(ValueError, match="result #0: its curves rows carry new_column"):
-        merge_control_results([future])
+    with pytest.raises(ValueError, match="its curves rows carry new_column, which this version's DosePoint does not keep"):
+        ControlRecord.from_dict(future)

@@ -12,6 +12,7 @@ from dpn_lens.cli import main
 from dpn_lens.cli.app import build_parser
 from dpn_lens.cli.evaluate import route
 from dpn_lens.cli.reference import verb_parsers
+from dpn_lens.evaluation.control_record import ControlRecord
 from dpn_lens.evaluation.table import control_rows, read_result_table
 
 
@@ -93,7 +94,7 @@ def test_control_prints_the_evaluate_command_that_runs_the_same_and_it_does(tiny
     first, second = (json.loads((tmp_path / name / "control.json").read_text()) for name in ("control", "evaluate"))
     for key in ("validation", "calibrated", "matched_cost", "goal"):
         assert second[key] == first[key], key
-    assert read_result_table(tmp_path / "evaluate" / "results.csv") == control_rows(second)
+    assert read_result_table(tmp_path / "evaluate" / "results.csv") == control_rows(ControlRecord.from_dict(second))
 
 
 @pytest.mark.slow
@@ -151,7 +152,7 @@ def test_both_metric_families_write_one_folder_with_one_long_table(shared_data, 
                       control=config_from_args(parsed["control"]), compare=compare_config(parsed["compare"]),
                       out=tmp_path / "python", log=lambda message: None, progress=False)
     assert list(result.rows) == rows == read_result_table(tmp_path / "python" / "results.csv")
-    assert result.control["calibrated"] == json.loads((out / "control.json").read_text())["calibrated"]
+    assert result.control.to_dict()["calibrated"] == json.loads((out / "control.json").read_text())["calibrated"]
     dpn_le = next(s for s in result.steering("preference", 0.005) if s.method == "dpn-le")
     assert dpn_le.as_asked == sum(r.method == "dpn-le" and r.measured_at("preference", 0.005) and r.ci_low > 0
                                   for r in rows)

@@ -73,6 +73,8 @@ def _count_preparation(monkeypatch) -> tuple[Counter, Counter, Counter]:
 
 
 def _untimed(value):
+    if hasattr(value, "to_dict"):       # a typed record (ControlRecord): compared as its file
+        return _untimed(value.to_dict())
     if isinstance(value, dict):
         return {k: _untimed(v) for k, v in value.items() if k not in TIMING}
     if isinstance(value, list):
@@ -98,7 +100,7 @@ def test_each_trait_is_prepared_once_for_both_harnesses_and_the_records_are_thei
     assert maps == {trait: 3 for trait in TRAITS}
     assert _untimed(result.control) == _untimed(alone_control)
     assert _untimed(result.comparison) == _untimed(alone_compare)
-    assert result.control["curves"] and result.control["generation"] and result.comparison["gamma_sweep"]
+    assert result.control.curves and result.control.generation and result.comparison["gamma_sweep"]
 
 
 def test_settings_that_differ_are_prepared_apart_and_change_nothing(model, configs, monkeypatch):
@@ -125,7 +127,7 @@ def test_traits_the_configs_list_in_other_orders_keep_each_records_order(model, 
     compare = dataclasses.replace(compare, traits=["openness", "extraversion"], methods=["dpn-le"], sweep_methods=[])
     result = evaluate(model, ["preference", "questionnaire"], control=control, compare=compare, log=lambda m: None,
                       progress=False)
-    assert result.control["meta"]["traits_done"] == ["extraversion"]
+    assert result.control.traits_done == ["extraversion"]
     assert [r["trait"] for r in result.comparison["rows"] if r["method"] == "dpn-le"] == [
         "openness", "openness", "extraversion", "extraversion"]
 

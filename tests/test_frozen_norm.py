@@ -108,7 +108,7 @@ def test_control_gives_attribution_t_frozen_a_random_neuron_control_and_on_llama
                            target_kl=0.01, kl_chunks=2, kl_tokens=24, random_draws=2, selection_pairs=4, budget=6)
     located = []
     result = run_control(model, config, log=lambda m: None, progress=False,
-                         maps={"extraversion": tiny_map(model)}, on_located=lambda t, m: located.append(m.rule))
+                         maps={"extraversion": tiny_map(model)}, on_located=lambda t, m: located.append(m.rule)).to_dict()
     assert located == ["attribution-t"]
     by_method = {}
     for point in result["curves"]:

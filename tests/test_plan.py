@@ -391,7 +391,8 @@ def test_control_work_counts_the_budget_sweep_and_the_generation_check(tiny_mode
         generation_questions=3, generation_levels=[0.005, 0.01], generation_draws=2)
     neuron_map = make_map("extraversion", {1: [3, 7, 11]}, {2: [5, 9, 20]}, [1, 2], n_layers=int(tiny_model.cfg.n_layers),
                           d_mlp=int(tiny_model.cfg.d_mlp), fingerprint=model_fingerprint(tiny_model).to_dict())
-    result = run_control(tiny_model, config, log=lambda line: None, progress=False, maps={"extraversion": neuron_map})
+    result = run_control(tiny_model, config, log=lambda line: None, progress=False,
+                         maps={"extraversion": neuron_map}).to_dict()
     assert result["sweep"] and result["generation"]
     settings = ControlSettings(config, maps_given=True, rule_maps_given=True)
     exact = control_work(settings, run=result)

@@ -131,7 +131,7 @@ def test_control_runs_the_residual_write_of_attribution_t_without_naming_attribu
                            kl_chunks=2, kl_tokens=24, random_draws=2, selection_pairs=4, budget=6, caa_pairs=4)
     located = []
     result = run_control(model, config, log=lambda m: None, progress=False,
-                         maps={"extraversion": tiny_map(model)}, on_located=lambda t, m: located.append(m.rule))
+                         maps={"extraversion": tiny_map(model)}, on_located=lambda t, m: located.append(m.rule)).to_dict()
     assert located == ["attribution-t"]
     methods = {point["method"] for point in result["costs"]}
     assert methods == {"attribution-t-resid", "caa"}

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from dpn_lens.evaluation.control_record import ControlRecord
 from dpn_lens.evaluation.table import (ResultRow, comparison_rows, control_rows, read_result_table,
                                        write_result_table)
 
@@ -24,7 +25,7 @@ def _preference_at(rows, trait, method, direction, level):
 def check_control_rows_match_the_run(result):
     """Every calibrated shift (recorded apart from the matched-cost table the long rows read) appears as
     the preference row at its KL level, with its γ; every KL level's shift of every method is there."""
-    rows = control_rows(result)
+    rows = control_rows(ControlRecord.from_dict(result))
     calibrated = [c for c in result["calibrated"] if c["reached_target"]]
     assert calibrated
     for c in calibrated:
@@ -49,7 +50,7 @@ def test_a_committed_control_run_reads_the_same_in_the_long_table():
 
 def test_a_committed_generation_run_keeps_its_generation_rows_and_random_draws():
     result = json.loads((RESULTS / "control-smollm2-135m-instruct-generation" / "control.json").read_text())
-    rows = control_rows(result)
+    rows = control_rows(ControlRecord.from_dict(result))
     for g in result["generation"]:
         if g["method"].startswith("persona") or math.isnan(g["shift"]):
             continue
@@ -101,7 +102,7 @@ def test_the_summary_of_a_committed_run_equals_its_own_goal_table():
 
     result = json.loads((RESULTS / "control-gemma-3-270m-allrules" / "control.json").read_text())
     target = result["meta"]["config"]["target_kl"]
-    summary = {s.method: s for s in steering_summary(control_rows(result), "preference", target)}
+    summary = {s.method: s for s in steering_summary(control_rows(ControlRecord.from_dict(result)), "preference", target)}
     for goal in result["goal"]:
         mine = summary[goal["rule"]]
         total = mine.trait_directions

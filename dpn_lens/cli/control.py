@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from dpn_lens.cli.options import (FORMATTER, CommaList, add_data_dir_option, add_model_options, add_out_option,
                                   add_renamed, add_run_option, add_selection_options, add_traits_option,
                                   print_evaluate_equivalent)
+
+if TYPE_CHECKING:
+    from dpn_lens.evaluation.control_record import ControlRecord
 
 __all__ = ["register", "run_control_command", "config_from_args", "check_before_loading", "ControlSaving",
            "timestamped"]
@@ -191,11 +195,9 @@ class ControlSaving:
     def partial(self) -> Path:
         return Path(self.out) / "control.partial.json"
 
-    def save_partial(self, result: dict[str, Any]) -> None:
-        from dpn_lens.io import write_json_atomic
-
+    def save_partial(self, record: "ControlRecord") -> None:
         self.partial.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(self.partial, result)
+        record.save(self.partial)
 
     def save_map(self, trait: str, neuron_map: Any) -> None:
         from dpn_lens.run import rule_map_path
@@ -239,7 +241,7 @@ def run_control_command(args: argparse.Namespace) -> int:
     saving = ControlSaving(args.out)
     result = run_control(model, config, log=timestamped(started), progress=not args.no_progress,
                          on_trait=saving.save_partial, on_located=saving.save_map)
-    result["meta"]["command_seconds"] = time.time() - started
+    result = dataclasses.replace(result, meta=dataclasses.replace(result.meta, command_seconds=time.time() - started))
     for path in write_control_outputs(result, args.out, png=not args.no_png):
         print(f"wrote {path}")
     saving.done()
@@ -248,11 +250,11 @@ def run_control_command(args: argparse.Namespace) -> int:
 
 def _merge_command(folders: list[str], out: str, png: bool) -> int:
     """``--merge``: one control result from runs on different traits (``merge_control_results``)."""
-    import json
     import shutil
     from pathlib import Path
 
     from dpn_lens.evaluation.control import merge_control_results
+    from dpn_lens.evaluation.control_record import load_control_record
     from dpn_lens.report.control import write_control_outputs
 
     results = []
@@ -261,7 +263,7 @@ def _merge_command(folders: list[str], out: str, png: bool) -> int:
         if not found:
             raise FileNotFoundError(f"{folder} holds no control.json or control.partial.json: pass the --out folders "
                                     "of `dpn-lens control` runs")
-        results.append(json.loads(found[0].read_text()))
+        results.append(load_control_record(found[0]))
     merged = merge_control_results(results)
     for path in write_control_outputs(merged, out, png=png):
         print(f"wrote {path}")

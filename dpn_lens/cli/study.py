@@ -196,20 +196,21 @@ def run_study(args: argparse.Namespace) -> int:
 
 
 def _run_causal(args: argparse.Namespace, run: Any) -> int:
-    import json
     from pathlib import Path
 
     from dpn_lens.models import load_model
     from dpn_lens.studies.causal import causal_study
     from dpn_lens.studies.outputs import MultifunctionConfig
 
+    from dpn_lens.evaluation.control_record import load_control_record
+
     control = {}
     for folder in args.control:
         path = Path(folder) / "control.json"
         if not path.exists():
             raise FileNotFoundError(f"--control {folder}: no control.json there; pass an output folder of `dpn-lens control`")
-        result = json.loads(path.read_text(encoding="utf-8"))
-        control[result["meta"]["model"]] = result
+        record = load_control_record(path)
+        control[record.meta.model] = record
     model, config = None, None
     if not args.no_capability:
         model = load_model(_model_name(args, run), dtype=args.dtype, device=args.device)

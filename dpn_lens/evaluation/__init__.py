@@ -6,9 +6,10 @@ questionnaire/capability comparison (``compare``, command ``dpn-lens compare``).
 from dpn_lens.evaluation.capability import CapabilitySizes, evaluate_capability, load_capability_suite
 from dpn_lens.evaluation.compare import CompareConfig, run_comparison, write_outputs
 from dpn_lens.evaluation.control import ControlConfig, run_control
+from dpn_lens.evaluation.control_record import ControlRecord, load_control_record
 from dpn_lens.report.control import write_control_outputs
 from dpn_lens.evaluation.trait import load_ipip_items, questionnaire_scores, statement_agreement
 
 __all__ = ["CapabilitySizes", "evaluate_capability", "load_capability_suite", "CompareConfig", "run_comparison",
            "write_outputs", "load_ipip_items", "questionnaire_scores", "statement_agreement", "ControlConfig",
-           "run_control", "write_control_outputs"]
+           "run_control", "write_control_outputs", "ControlRecord", "load_control_record"]

@@ -22,8 +22,7 @@ The edit acts only at the answer positions (``steering.MaskedEdit``, applied by 
 equivalent of decode-only steering.
 
 The run builds its rows as typed dataclasses (``evaluation.control_rows``: ``DosePoint``, ``CalibratedRow``, ...)
-and turns them into the dicts of ``control.json`` only where the result is assembled; the wide tables
-(``matched_cost``, ``matched_summary``, ``goal``), a column per KL level, are dicts throughout.
+and returns them as a ``ControlRecord`` (``evaluation.control_record``), whose ``to_dict`` is ``control.json``.
 """
 
 from __future__ import annotations
@@ -37,21 +36,24 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from dpn_lens.effect.rules import EFFECT_RULES, RULE_NAMES, SELECTION_PAIRS, reselect_top
 from dpn_lens.evaluation.calibrate import (DEFAULT_TARGET_KL, GAMMA_GRID, MAX_KL, calibrate_gamma, gamma_at,
                                           probe_chunks, sweep_edit)
-from dpn_lens.evaluation.control_rows import (ROW_TYPES, CalibratedRow, CostPoint, DosePoint, Effect, GammaZeroRow,
+from dpn_lens.evaluation.control_record import (ControlMeta, ControlRecord, GenerationExamples, GoalRow, LevelPoint,
+                                                LevelSummary, MatchedCostRow, MatchedSummaryRow, PairExample,
+                                                TraitExamples)
+from dpn_lens.evaluation.control_rows import (CalibratedRow, CostPoint, DosePoint, Effect, GammaZeroRow,
                                               GenerationRandomComparison, GenerationRow, MeasuredEdit,
                                               RandomComparison, SweepRow, ValidationRow)
 from dpn_lens.evaluation.controls import random_neuron_control
 from dpn_lens.evaluation.intervals import PairedEffect, draws_effect, fraction_recovered, paired_effect
 from dpn_lens.evaluation.metrics import GenerationPersonaScore, PreferenceMargin, ProbeKL
 from dpn_lens.evaluation.methods import METHODS_BY_NAME, TraitContext, effect_rules_needed, neuron_methods
-from dpn_lens.evaluation.stage_times import StageClock
+from dpn_lens.evaluation.stage_times import StageClock, StageRow
 from dpn_lens.evaluation.preparation import MapSource, RuleSelection, TraitPreparation, method_inputs
 from dpn_lens.evaluation.preference import GeneratedPairs, PreferencePair, generate_persona_pairs, pairs_cache_file
 from dpn_lens.localization.neuron_map import NeuronMap
@@ -263,46 +265,44 @@ def held_out_pairs(model: Any, trait: str, config: ControlConfig, log: Callable[
 
 
 # ----- matched cost ---------------------------------------------------------------------------------------
-def matched_cost_rows(points: Sequence[DosePoint | Mapping[str, Any]], kl_levels: Sequence[float]
-                      ) -> list[dict[str, Any]]:
-    """Per trait, direction and method: the measured shift (with its interval) at each KL level.
-
-    ``points`` are the measured dose-response points: ``DosePoint``s, or their dicts as ``control.json``
-    has them (``trait, direction, method, kl_level, shift, ...``). The table is wide, a column per point
-    key and KL level (``shift@kl0.05``), so it reads the points by those keys.
+def matched_cost_rows(points: Sequence[DosePoint], kl_levels: Sequence[float]) -> list[MatchedCostRow]:
+    """Per trait, direction and method: the measured shift (with its interval) at each KL level (unreached:
+    NaN), from the measured dose-response points.
 
     Example:
-        >>> point = {"trait": "openness", "direction": "increase", "method": "dpn-le", "kl_level": 0.05,
-        ...          "gamma": 4.0, "kl": 0.049, "shift": 0.1, "ci_low": 0.02, "ci_high": 0.18}
-        >>> matched_cost_rows([point], [0.05])[0]["shift@kl0.05"]
-        0.1
+        >>> from dpn_lens.evaluation.control_rows import Effect, MeasuredEdit
+        >>> measured = MeasuredEdit(4.0, 12, 0.049, 11.2, Effect(0.1, 0.02, 0.18, 0.01, 64))
+        >>> row = matched_cost_rows([DosePoint("openness", "increase", "dpn-le", 0.05, measured)], [0.05, 0.1])[0]
+        >>> row.at(0.05).shift, row.at(0.1).reached
+        (0.1, False)
     """
-    groups: dict[tuple[str, str, str], dict[float, Mapping[str, Any]]] = {}
-    for point in (p.to_dict() if isinstance(p, DosePoint) else p for p in points):
-        groups.setdefault((point["trait"], point["direction"], point["method"]), {})[point["kl_level"]] = point
+    groups: dict[tuple[str, str, str], dict[float, DosePoint]] = {}
+    for point in points:
+        groups.setdefault((point.trait, point.direction, point.method), {})[point.kl_level] = point
     rows = []
     for (trait, direction, method), by_level in groups.items():
-        row: dict[str, Any] = {"trait": trait, "direction": direction, "method": method}
+        levels = {}
         for level in kl_levels:
             point = by_level.get(level)
-            for key in ("gamma", "kl", "shift", "ci_low", "ci_high"):
-                row[f"{key}@kl{level:g}"] = point[key] if point is not None else math.nan
-        rows.append(row)
+            levels[level] = (LevelPoint.unreached() if point is None else
+                             LevelPoint(point.measured.gamma, point.measured.kl, point.measured.effect.shift,
+                                        point.measured.effect.ci_low, point.measured.effect.ci_high))
+        rows.append(MatchedCostRow(trait, direction, method, levels))
     return rows
 
 
-def _mean_at_cost(rows: Sequence[dict[str, Any]], methods: Sequence[str], kl_levels: Sequence[float]
-                  ) -> list[dict[str, Any]]:
+def _mean_at_cost(rows: Sequence[MatchedCostRow], methods: Sequence[str], kl_levels: Sequence[float]
+                  ) -> list[MatchedSummaryRow]:
     summary = []
     for method in methods:
-        chosen = [r for r in rows if r["method"] == method]
-        entry: dict[str, Any] = {"method": method}
+        chosen = [r for r in rows if r.method == method]
+        levels = {}
         for level in kl_levels:
-            values = [r[f"shift@kl{level:g}"] for r in chosen if not math.isnan(r[f"shift@kl{level:g}"])]
-            entry[f"mean_shift@kl{level:g}"] = float(np.mean(values)) if values else math.nan
-            entry[f"reached@kl{level:g}"] = f"{len(values)}/{len(chosen)}"
-            entry[f"ci>0@kl{level:g}"] = f"{sum(r[f'ci_low@kl{level:g}'] > 0 for r in chosen)}/{len(chosen)}"
-        summary.append(entry)
+            values = [r.at(level).shift for r in chosen if r.at(level).reached]
+            levels[level] = LevelSummary(mean_shift=float(np.mean(values)) if values else math.nan,
+                                         reached=f"{len(values)}/{len(chosen)}",
+                                         ci_positive=f"{sum(r.at(level).ci_low > 0 for r in chosen)}/{len(chosen)}")
+        summary.append(MatchedSummaryRow(method, levels))
     return summary
 
 
@@ -453,8 +453,8 @@ class _TraitRun:
 
 @dataclass
 class _Parts:
-    """A run's rows so far, one list per long table of ``control.json``, typed (``evaluation.control_rows``);
-    ``stages`` are ``StageClock.rows`` (wall seconds per stage), which stay dicts."""
+    """A run's rows so far, one list per long table of ``control.json`` (``evaluation.control_rows``);
+    ``stages`` are ``StageClock.rows`` (wall seconds per stage)."""
 
     validation: list[ValidationRow] = field(default_factory=list)
     costs: list[CostPoint] = field(default_factory=list)
@@ -463,37 +463,19 @@ class _Parts:
     gamma_zero: list[GammaZeroRow] = field(default_factory=list)
     sweep: list[SweepRow] = field(default_factory=list)
     generation: list[GenerationRow] = field(default_factory=list)
-    stages: list[dict[str, Any]] = field(default_factory=list)
+    stages: list[StageRow] = field(default_factory=list)
 
     @classmethod
-    def of_results(cls, results: Sequence[Mapping[str, Any]]) -> "_Parts":
-        """The rows of several control results (loaded ``control.json``), joined in order.
-
-        Raises:
-            ValueError: for a row carrying a key its row type does not keep (it would be dropped silently).
-        """
-        typed: dict[str, list[Any]] = {name: [] for name in ROW_TYPES}
-        for index, result in enumerate(results):
-            for name, kind in ROW_TYPES.items():
-                for row in result.get(name, []):
-                    read = kind.from_dict(row)
-                    unknown = sorted(set(row) - set(read.to_dict()))
-                    if unknown:
-                        raise ValueError(f"result #{index}: its {name} rows carry {', '.join(unknown)}, which this "
-                                         f"version's {kind.__name__} does not keep; merge it with the dpn-lens "
-                                         "version that wrote it")
-                    typed[name].append(read)
-        return cls(**typed, stages=[row for result in results for row in result.get("stages", [])])
-
-    def as_dicts(self) -> dict[str, list[dict[str, Any]]]:
-        """Each typed table as ``control.json`` has it (``to_dict``), by its key."""
-        return {name: [row.to_dict() for row in getattr(self, name)] for name in ROW_TYPES}
+    def of_records(cls, records: Sequence[ControlRecord]) -> "_Parts":
+        """The rows of several control records, joined in order (a table an older record lacks adds none)."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        return cls(**{name: [row for record in records for row in (getattr(record, name) or [])] for name in names})
 
 
 def run_control(model: Any, config: ControlConfig, log: Callable[[str], None] = print,
                 progress: bool = True, maps: dict[str, NeuronMap] | None = None,
-                on_trait: Callable[[dict[str, Any]], None] | None = None,
-                on_located: Callable[[str, NeuronMap], None] | None = None) -> dict[str, Any]:
+                on_trait: Callable[[ControlRecord], None] | None = None,
+                on_located: Callable[[str, NeuronMap], None] | None = None) -> ControlRecord:
     """Run the trait-control evaluation (``maps``: DPN-LE maps by trait, else ``config.maps_dir`` or located).
 
     ``on_trait`` is called with the result so far after each trait (the CLI saves it, so an
@@ -501,8 +483,7 @@ def run_control(model: Any, config: ControlConfig, log: Callable[[str], None] = 
     and each effect rule's (the CLI saves them under ``--out``/maps, so another run can reuse them with
     ``--run``). The run is ``ControlRun``'s steps: ``start``, ``run_trait`` per trait, ``finish``.
 
-    Returns ``{"validation", "costs", "curves", "matched_cost", "matched_summary", "calibrated", "goal",
-    "sweep", "generation", "gamma_zero", "stages", "examples", "meta"}``: ``costs`` are the KL/perplexity grids,
+    Returns the run's ``ControlRecord`` (``to_dict``: ``control.json``): ``costs`` are the KL/perplexity grids,
     ``curves`` the measured points (one per method, direction and reached KL level; a selection rule's
     random-neuron control is the curve ``random_curve(rule)``), ``calibrated`` each selection rule at
     ``target_kl`` beside its random-neuron control at the same gamma, ``goal`` the per-rule verdict at
@@ -512,7 +493,7 @@ def run_control(model: Any, config: ControlConfig, log: Callable[[str], None] = 
 
     Example:
         >>> result = run_control(load_model("smollm2-135m-instruct"), ControlConfig.quick(data_dir="../shared/data"))  # doctest: +SKIP
-        >>> result["validation"][0]["valid"]                                                                   # doctest: +SKIP
+        >>> result.validation[0].valid                                                                         # doctest: +SKIP
         True
     """
     run = ControlRun.start(model, config, log=log, progress=progress, on_trait=on_trait, on_located=on_located)
@@ -548,14 +529,14 @@ class ControlRun:
     Example:
         >>> run = ControlRun.start(model, ControlConfig.quick(traits=["openness"]), progress=False)  # doctest: +SKIP
         >>> run.run_trait("openness"); run.close()                                                   # doctest: +SKIP
-        >>> run.finish()["meta"]["traits_done"]                                                      # doctest: +SKIP
+        >>> run.finish().traits_done                                                                 # doctest: +SKIP
         ['openness']
     """
 
     model: Any
     config: ControlConfig
     log: Callable[[str], None]
-    on_trait: Callable[[dict[str, Any]], None] | None
+    on_trait: Callable[[ControlRecord], None] | None
     on_located: Callable[[str, NeuronMap], None] | None
     started: float
     kl_metric: ProbeKL
@@ -565,15 +546,16 @@ class ControlRun:
     """Evaluations the progress bar counts per trait."""
     bar: _Progress
     parts: _Parts = field(default_factory=_Parts)
-    examples: dict[str, Any] = field(default_factory=dict)
+    examples: dict[str, TraitExamples] = field(default_factory=dict)
     map_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Each trait's ``NeuronMap.selection_summary`` by rule (``ControlMeta.maps``)."""
     skipped: dict[str, str] = field(default_factory=dict)
     clock: StageClock = field(default_factory=StageClock)
     """Wall seconds per stage and trait (``stages``), to check the plan stage by stage."""
 
     @classmethod
     def start(cls, model: Any, config: ControlConfig, log: Callable[[str], None] = print, progress: bool = True,
-              on_trait: Callable[[dict[str, Any]], None] | None = None,
+              on_trait: Callable[[ControlRecord], None] | None = None,
               on_located: Callable[[str, NeuronMap], None] | None = None) -> "ControlRun":
         """A run of ``config`` on ``model`` with nothing measured yet (``run_control`` has the arguments)."""
         started = time.time()
@@ -588,7 +570,7 @@ class ControlRun:
         bar = _Progress(len(config.traits) * per_trait, progress)
         return cls(model, config, log, on_trait, on_located, started, kl_metric, margin, probe_text, per_trait, bar)
 
-    def result(self) -> dict[str, Any]:
+    def result(self) -> ControlRecord:
         """The control result of the traits run so far (what ``run_control`` returns, and ``on_trait`` gets)."""
         return _result(self.model, self.config, self.started, self.parts, self.examples, self.map_settings,
                        self.skipped)
@@ -597,7 +579,7 @@ class ControlRun:
         """Close the progress bar (also after an error)."""
         self.bar.close()
 
-    def finish(self) -> dict[str, Any]:
+    def finish(self) -> ControlRecord:
         """The result of every trait run.
 
         Raises:
@@ -703,12 +685,13 @@ class ControlRun:
         if config.k_sweep:
             with clock.stage("budget sweep"):
                 parts.sweep += _budget_sweep(run, swept_rules(methods), config, log)
+        generation = None
         if config.generation_questions:
             with clock.stage("generation check"):
-                rows, self.examples[f"{trait}:generation"] = _generation_check(run, held, level_gammas, config, log)
+                rows, generation = _generation_check(run, held, level_gammas, config, log)
             parts.generation += rows
-        self.examples[trait] = {"question": pairs[0].question, "high_answer": pairs[0].high_answer,
-                                "low_answer": pairs[0].low_answer}
+        self.examples[trait] = TraitExamples(PairExample(pairs[0].question, pairs[0].high_answer, pairs[0].low_answer),
+                                             generation)
         parts.stages += clock.rows(trait, time.time() - t0)
         lead = rules[0] if rules else None
         log(f"{trait}: done in {time.time() - t0:.0f}s; at KL {config.target_kl:g}: " + "; ".join(
@@ -783,7 +766,7 @@ def _budget_sweep(run: _TraitRun, rules: Sequence[str], config: ControlConfig, l
 
 def _generation_check(run: _TraitRun, held: HeldOutPairs, level_gammas: dict[tuple[str, str], dict[float, float]],
                       config: ControlConfig, log: Callable[[str], None]
-                      ) -> tuple[list[GenerationRow], dict[str, Any]]:
+                      ) -> tuple[list[GenerationRow], GenerationExamples]:
     """The generation-based check (``evaluation.generation_check``) of every generation method at each
     generation level, with random-neuron draws for the rules, beside the persona reference."""
     from dpn_lens.hooked import encode
@@ -809,7 +792,7 @@ def _generation_check(run: _TraitRun, held: HeldOutPairs, level_gammas: dict[tup
     persona = paired_effect(reference, np.zeros_like(reference))
     rows = [GenerationRow(trait, "both", "persona (high-low)/2", kl_level=math.nan, gamma=math.nan,
                           effect=_generation_effect(persona))]
-    examples: dict[str, Any] = {"question": questions[0], "unsteered": answer_of(unsteered)}
+    examples = GenerationExamples(questions[0], answer_of(unsteered))
     for direction in DIRECTIONS:
         sign = direction_sign(direction)
         for name, level, draws in generation_checks(config):
@@ -822,7 +805,7 @@ def _generation_check(run: _TraitRun, held: HeldOutPairs, level_gammas: dict[tup
             effect = _generation_effect(paired_effect(sign * steered, sign * base))
             changed = float(np.mean([a != b for a, b in zip(answers, unsteered)]))
             if level == config.generation_levels[0]:
-                examples[f"{name} {direction}"] = answer_of(answers)
+                examples.steered[f"{name} {direction}"] = answer_of(answers)
             random = None
             if draws:   # a rule, at the level where the verdict is read (generation_checks)
                 drawn = []
@@ -846,50 +829,47 @@ def _generation_effect(effect: PairedEffect) -> Effect:
     return Effect(shift=effect.shift, ci_low=effect.ci_low, ci_high=effect.ci_high, p=effect.p_value, n=effect.n)
 
 
-def _result(model: Any, config: ControlConfig, started: float, parts: _Parts, examples: dict,
-            map_settings: dict, skipped: dict[str, str]) -> dict[str, Any]:
-    meta = {"model": getattr(model, "dpn_model_name", "model"), "dtype": str(next(model.parameters()).dtype),
-            "config": dataclasses.asdict(config), "seconds": time.time() - started}
+def _result(model: Any, config: ControlConfig, started: float, parts: _Parts, examples: dict[str, TraitExamples],
+            map_settings: dict[str, dict[str, Any]], skipped: dict[str, str]) -> ControlRecord:
+    meta = ControlMeta(model=getattr(model, "dpn_model_name", "model"), dtype=str(next(model.parameters()).dtype),
+                       config=dataclasses.asdict(config), seconds=time.time() - started)
     return _assemble(config, meta, parts, examples, map_settings, skipped)
 
 
-def _assemble(config: ControlConfig, meta: dict[str, Any], parts: _Parts, examples: dict,
-              map_settings: dict, skipped: dict[str, str]) -> dict[str, Any]:
-    """A control result from its per-trait parts: the matched-cost tables and the goal are derived here, and the
-    typed rows become the dicts ``control.json`` has (``to_dict``)."""
+def _assemble(config: ControlConfig, meta: ControlMeta, parts: _Parts, examples: dict[str, TraitExamples],
+              map_settings: dict[str, dict[str, Any]], skipped: dict[str, str]) -> ControlRecord:
+    """A control record from its per-trait parts: the matched-cost tables and the goal are derived here."""
     matched = matched_cost_rows(parts.curves, config.kl_levels)
     rules = neuron_methods(config.methods)
     curve_methods = list(config.methods) + ([random_curve(rule) for rule in rules] if config.random_control else [])
-    meta = {**meta, "probe_tokens": config.kl_chunks * config.kl_tokens,
-            "traits_done": [row.trait for row in parts.validation],
-            # which neurons each selection rule edited: its settings and neurons per pole
-            "maps": dict(map_settings),
-            # traits validated but not steered, with why (a map that selects no neurons)
-            "skipped": dict(skipped)}
-    rows = parts.as_dicts()
-    return {"validation": rows["validation"], "costs": rows["costs"], "curves": rows["curves"],
-            "matched_cost": matched, "matched_summary": _mean_at_cost(matched, curve_methods, config.kl_levels),
-            "calibrated": rows["calibrated"], "goal": goal_rows(parts.calibrated, matched, config.target_kl),
-            "sweep": rows["sweep"], "generation": rows["generation"], "gamma_zero": rows["gamma_zero"],
-            "stages": list(parts.stages), "examples": dict(examples), "meta": meta}
+    meta = dataclasses.replace(meta, probe_tokens=config.kl_chunks * config.kl_tokens,
+                               traits_done=[row.trait for row in parts.validation],
+                               # which neurons each selection rule edited: its settings and neurons per pole
+                               maps=dict(map_settings),
+                               # traits validated but not steered, with why (a map that selects no neurons)
+                               skipped=dict(skipped))
+    return ControlRecord(validation=list(parts.validation), costs=list(parts.costs), curves=list(parts.curves),
+                         matched_cost=matched, matched_summary=_mean_at_cost(matched, curve_methods, config.kl_levels),
+                         calibrated=list(parts.calibrated), gamma_zero=list(parts.gamma_zero), examples=dict(examples),
+                         meta=meta, goal=goal_rows(parts.calibrated, matched, config.target_kl),
+                         sweep=list(parts.sweep), generation=list(parts.generation), stages=list(parts.stages))
 
 
-def _check_mergeable(index: int, result: Mapping[str, Any]) -> None:
+def _check_mergeable(index: int, record: ControlRecord) -> None:
     """Refuse a record from before control recorded each row's method and the traits it finished: the
-    merge would misread it (its rows cannot be told apart). Row keys the row types do not keep are refused
-    where the rows are read (``_Parts.of_results``)."""
-    meta = result.get("meta", {})
-    missing = [name for name in ("model", "dtype", "config", "traits_done") if name not in meta]
-    missing += sorted({f"{table} rows' method" for table in ("calibrated", "curves", "matched_cost")
-                       for row in result.get(table, []) if "method" not in row})
+    merge would misread it (its rows cannot be told apart). Rows of older records that lack a method
+    (curves, matched cost) or carry keys the row types do not keep are refused where they are read
+    (``ControlRecord.from_dict``)."""
+    missing = ["traits_done"] if record.meta.traits_done is None else []
+    missing += ["calibrated rows' method"] if any(row.method is None for row in record.calibrated) else []
     if missing:
         raise ValueError(f"result #{index} is a control record from an earlier version (it lacks {', '.join(missing)}); "
                          "the merge joins records that name each row's method and their finished traits: run "
                          "`dpn-lens control` again on its traits, then merge")
 
 
-def merge_control_results(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """One control result from runs of the same settings on different traits (e.g. traits split over
+def merge_control_results(records: Sequence[ControlRecord]) -> ControlRecord:
+    """One control record from runs of the same settings on different traits (e.g. traits split over
     processes or machines): the per-trait rows are joined and the matched-cost tables and the goal are
     derived again from all of them, as one run over every trait would have.
 
@@ -898,88 +878,84 @@ def merge_control_results(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
     model or dtype differ, and runs that share a trait.
 
     Example:
-        >>> merged = merge_control_results([json.load(open("a/control.json")), json.load(open("b/control.json"))])  # doctest: +SKIP
-        >>> merged["meta"]["traits_done"]                                                                       # doctest: +SKIP
+        >>> merged = merge_control_results([load_control_record("a"), load_control_record("b")])  # doctest: +SKIP
+        >>> merged.traits_done                                                                  # doctest: +SKIP
         ['openness', 'conscientiousness', 'extraversion', 'agreeableness', 'neuroticism']
     """
-    if not results:
+    if not records:
         raise ValueError("merge_control_results needs at least one control result")
-    for index, result in enumerate(results):
-        _check_mergeable(index, result)
+    for index, record in enumerate(records):
+        _check_mergeable(index, record)
     # A run from before the probe's setting was recorded edited the BOS token (as --kl-edit-context does).
-    configs = [{"kl_skip_context": False, **result["meta"]["config"]} for result in results]
-    first = {**results[0]["meta"], "config": configs[0]}
-    for index, result in enumerate(results[1:], 1):
-        meta = {**result["meta"], "config": configs[index]}
+    configs = [{"kl_skip_context": False, **record.meta.config} for record in records]
+    first = records[0].meta
+    for index, record in enumerate(records[1:], 1):
         for key in ("model", "dtype"):
-            if meta[key] != first[key]:
-                raise ValueError(f"result #{index} was run with {key} {meta[key]!r}, result #0 with {first[key]!r}: "
-                                 "merge only runs of one model and dtype")
-        differing = sorted(key for key in set(meta["config"]) | set(first["config"])
-                           if key != "traits" and meta["config"].get(key) != first["config"].get(key))
+            if getattr(record.meta, key) != getattr(first, key):
+                raise ValueError(f"result #{index} was run with {key} {getattr(record.meta, key)!r}, result #0 with "
+                                 f"{getattr(first, key)!r}: merge only runs of one model and dtype")
+        differing = sorted(key for key in set(configs[index]) | set(configs[0])
+                           if key != "traits" and configs[index].get(key) != configs[0].get(key))
         if differing:
             raise ValueError(f"result #{index} differs from result #0 in {', '.join(differing)}: merge only runs "
                              "whose settings differ in --traits alone")
     done: list[str] = []
-    for result in results:
-        shared = sorted(set(done) & set(result["meta"]["traits_done"]))
+    for record in records:
+        shared = sorted(set(done) & set(record.traits_done))
         if shared:
             raise ValueError(f"more than one result has the trait(s) {', '.join(shared)}: each trait must come "
                              "from one run")
-        done += result["meta"]["traits_done"]
-    config = ControlConfig(**{**first["config"], "traits": done})
-    parts = _Parts.of_results(results)
-    examples = {key: value for result in results for key, value in result.get("examples", {}).items()}
-    map_settings = {key: value for result in results for key, value in result["meta"].get("maps", {}).items()}
-    skipped = {key: value for result in results for key, value in result["meta"].get("skipped", {}).items()}
-    meta = {"model": first["model"], "dtype": first["dtype"], "config": dataclasses.asdict(config),
-            "seconds": sum(result["meta"]["seconds"] for result in results),
-            "merged_from": [result["meta"]["traits_done"] for result in results]}
-    if all("command_seconds" in result["meta"] for result in results):
-        meta["command_seconds"] = sum(result["meta"]["command_seconds"] for result in results)
+        done += record.traits_done
+    config = ControlConfig(**{**configs[0], "traits": done})
+    parts = _Parts.of_records(records)
+    examples = {trait: example for record in records for trait, example in record.examples.items()}
+    map_settings = {trait: value for record in records for trait, value in (record.meta.maps or {}).items()}
+    skipped = {trait: why for record in records for trait, why in (record.meta.skipped or {}).items()}
+    seconds = [record.meta.command_seconds for record in records]
+    meta = ControlMeta(model=first.model, dtype=first.dtype, config=dataclasses.asdict(config),
+                       seconds=sum(record.meta.seconds for record in records),
+                       merged_from=[record.traits_done for record in records],
+                       command_seconds=None if None in seconds else sum(seconds))  # type: ignore[arg-type]
     return _assemble(config, meta, parts, examples, map_settings, skipped)
 
 
-def goal_rows(calibrated: Sequence[CalibratedRow | Mapping[str, Any]], matched: Sequence[Mapping[str, Any]],
-              level: float, reference: str = "caa") -> list[dict[str, Any]]:
+def goal_rows(calibrated: Sequence[CalibratedRow], matched: Sequence[MatchedCostRow], level: float,
+              reference: str = "caa") -> list[GoalRow]:
     """Per selection rule at KL ``level``: trait-directions moved as asked (interval above 0), moved the
     wrong way, beating random neurons, both; the mean shift beside ``reference``'s (CAA) on the same
     trait-directions; and whether the issue's goal is met (at least 8 of 10 as asked and beating random
     neurons, mean shift at least CAA's).
 
-    ``calibrated``: ``CalibratedRow``s, or their dicts as ``control.json`` has them (read by those keys, as
-    the wide ``matched`` rows are).
-
     Example:
-        >>> calibrated = [{"method": "attribution", "trait": "o", "direction": "increase", "reached_target": True,
-        ...                "shift": 0.04, "ci_low": 0.02, "ci_high": 0.06, "vs_random_ci_low": 0.01}]
-        >>> matched = [{"method": "caa", "trait": "o", "direction": "increase", "shift@kl0.05": 0.02}]
+        >>> from dpn_lens.evaluation.control_rows import Effect, MeasuredEdit, RandomComparison
+        >>> measured = MeasuredEdit(4.0, 12, 0.05, 11.0, Effect(0.04, 0.02, 0.06, 0.01, 64))
+        >>> versus = RandomComparison(0.0, -0.01, 0.01, 0.05, 0.04, 0.01, 0.07)
+        >>> calibrated = [CalibratedRow("attribution", "o", "increase", 0.05, measured, versus)]
+        >>> matched = [MatchedCostRow("o", "increase", "caa", {0.05: LevelPoint(2.0, 0.05, 0.02, 0.0, 0.04)})]
         >>> row = goal_rows(calibrated, matched, 0.05)[0]
-        >>> row["as asked"], row["as asked and beats random"], row["mean shift"], row["caa mean shift"]
+        >>> row.as_asked, row.as_asked_and_beats_random, row.mean_shift, row.reference_mean_shift
         ('1/1', '1/1', 0.04, 0.02)
     """
-    caa = {(r["trait"], r["direction"]): r.get(f"shift@kl{level:g}", math.nan) for r in matched
-           if r["method"] == reference}
-    records = [r.to_dict() if isinstance(r, CalibratedRow) else r for r in calibrated]
+    caa = {(r.trait, r.direction): r.at(level).shift for r in matched if r.method == reference}
     rows = []
-    for rule in dict.fromkeys(r["method"] for r in records):
-        mine = [r for r in records if r["method"] == rule]
-        reached = [r for r in mine if r.get("reached_target")]
-        asked = [r for r in reached if r["ci_low"] > 0]
-        wrong = [r for r in reached if r["ci_high"] < 0]
-        beats = [r for r in reached if r.get("vs_random_ci_low", -math.inf) > 0]
-        both = [r for r in asked if r.get("vs_random_ci_low", -math.inf) > 0]
-        shifts = [r["shift"] for r in reached]
-        paired = [(r["shift"], caa[(r["trait"], r["direction"])]) for r in reached
-                  if not math.isnan(caa.get((r["trait"], r["direction"]), math.nan))]
+    for rule in dict.fromkeys(r.method for r in calibrated):
+        mine = [r for r in calibrated if r.method == rule]
+        reached = [r for r in mine if r.measured is not None]
+        asked = [r for r in reached if r.measured.effect.ci_low > 0]        # type: ignore[union-attr]
+        wrong = [r for r in reached if r.measured.effect.ci_high < 0]       # type: ignore[union-attr]
+        beats = [r for r in reached if r.random is not None and r.random.beats_random]
+        both = [r for r in asked if r.random is not None and r.random.beats_random]
+        shifts = [r.measured.effect.shift for r in reached]                 # type: ignore[union-attr]
+        paired = [caa[(r.trait, r.direction)] for r in reached
+                  if not math.isnan(caa.get((r.trait, r.direction), math.nan))]
         mean = float(np.mean(shifts)) if shifts else math.nan
-        caa_mean = float(np.mean([c for _, c in paired])) if paired else math.nan
-        rows.append({"rule": rule, "reached": f"{len(reached)}/{len(mine)}", "as asked": f"{len(asked)}/{len(mine)}",
-                     "wrong way": f"{len(wrong)}/{len(mine)}", "beats random": f"{len(beats)}/{len(mine)}",
-                     "as asked and beats random": f"{len(both)}/{len(mine)}", "mean shift": mean,
-                     f"{reference} mean shift": caa_mean,
-                     "goal met": bool(len(mine) and len(both) >= 0.8 * len(mine) and not math.isnan(caa_mean)
-                                      and mean >= caa_mean)})
+        caa_mean = float(np.mean(paired)) if paired else math.nan
+        rows.append(GoalRow(str(rule), reached=f"{len(reached)}/{len(mine)}", as_asked=f"{len(asked)}/{len(mine)}",
+                            wrong_way=f"{len(wrong)}/{len(mine)}", beats_random=f"{len(beats)}/{len(mine)}",
+                            as_asked_and_beats_random=f"{len(both)}/{len(mine)}", mean_shift=mean,
+                            reference_mean_shift=caa_mean, reference=reference,
+                            goal_met=bool(len(mine) and len(both) >= 0.8 * len(mine) and not math.isnan(caa_mean)
+                                          and mean >= caa_mean)))
     return rows
 
 

@@ -8,7 +8,8 @@ reason.
 
 Each ``to_dict`` writes the keys, in the order, that ``control.json`` has always had: the tables a
 write-up, ``report.control`` and ``evaluation.table`` read are unchanged. The wide tables
-(``matched_cost``, ``matched_summary``, ``goal``) have one column per KL level and stay dicts.
+(``matched_cost``, ``matched_summary``, ``goal``; one column per KL level) and the whole record are
+typed in ``evaluation.control_record``.
 
 A value derived from others (``ValidationRow.valid``, ``CalibratedRow.reached_target``, ``SweepRow.reached``,
 ``RandomComparison.beats_random``) is a property, not a field, so it cannot disagree with what it says.
@@ -488,4 +489,5 @@ class GenerationRow:
 ROW_TYPES: dict[str, type] = {"validation": ValidationRow, "costs": CostPoint, "curves": DosePoint,
                               "calibrated": CalibratedRow, "gamma_zero": GammaZeroRow, "sweep": SweepRow,
                               "generation": GenerationRow}
-"""The row type of each long table of ``control.json``, by its key (``stages``, wall seconds, stays dicts)."""
+"""The row type of each long table of ``control.json``, by its key (``ControlRecord`` adds the wide tables and
+``stages``)."""

@@ -31,8 +31,10 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
+if TYPE_CHECKING:
+    from dpn_lens.evaluation.control_record import ControlRecord
 from dpn_lens.evaluation.table import (RESULT_TABLE, ResultRow, SteeringSummary, comparison_rows, control_rows,
                                        steering_summary, write_result_table)
 
@@ -71,7 +73,7 @@ class Evaluation:
     """What ``evaluate`` measured: the long table, and each harness's own record (None where it did not run)."""
 
     rows: tuple[ResultRow, ...]
-    control: Mapping[str, Any] | None = None
+    control: "ControlRecord | None" = None
     comparison: Mapping[str, Any] | None = None
 
     def steering(self, metric: str = "preference", kl_level: float = 0.05) -> list[SteeringSummary]:
@@ -91,11 +93,15 @@ def join_results(out: str | Path, harnesses: Sequence[str]) -> list[ResultRow]:
     Returns the joined rows (``[]``, writing nothing, when no harness left a record: a ``--plan`` run).
     """
     out = Path(out)
-    records = {harness: json.loads((out / RECORDS[harness]).read_text(encoding="utf-8"))
-               for harness in harnesses if (out / RECORDS[harness]).is_file()}
-    if not records:
+    from dpn_lens.evaluation.control_record import load_control_record
+
+    found = [harness for harness in harnesses if (out / RECORDS[harness]).is_file()]
+    if not found:
         return []
-    rows = _rows(records.get("control"), records.get("compare"))
+    control = load_control_record(out / RECORDS["control"]) if "control" in found else None
+    comparison = (json.loads((out / RECORDS["compare"]).read_text(encoding="utf-8")) if "compare" in found
+                  else None)
+    rows = _rows(control, comparison)
     _write_table(out, rows)
     return rows
 
@@ -108,7 +114,7 @@ def _write_table(out: str | Path, rows: Sequence[ResultRow]) -> None:
     write_results_report(out)
 
 
-def _rows(control: Mapping[str, Any] | None, comparison: Mapping[str, Any] | None) -> list[ResultRow]:
+def _rows(control: "ControlRecord | None", comparison: Mapping[str, Any] | None) -> list[ResultRow]:
     """The long rows of a control record, then of a comparison record (either may be None)."""
     return (control_rows(control) if control else []) + (comparison_rows(comparison) if comparison else [])
 
@@ -149,7 +155,7 @@ def trait_schedule(control: Sequence[str], compare: Sequence[str]) -> list[tuple
 def evaluate(model: Any, metrics: Sequence[str], *, traits: Sequence[str] | None = None, control: Any = None,
              compare: Any = None, out: str | Path | None = None, log: Callable[[str], None] = print,
              progress: bool = True, png: bool = False,
-             on_trait: Callable[[dict[str, Any]], None] | None = None,
+             on_trait: "Callable[[ControlRecord], None] | None" = None,
              on_located: Callable[[str, Any], None] | None = None) -> Evaluation:
     """Measure ``metrics`` on ``model`` with each harness's config (defaults: the full runs); see the module note.
 
@@ -215,7 +221,7 @@ def evaluate(model: Any, metrics: Sequence[str], *, traits: Sequence[str] | None
         # The traits control finished are kept, as the CLI keeps them (an interrupted comparison used to
         # leave them written, when control ran to the end first).
         finished = control_run.result() if out is not None and control_run is not None else None
-        if finished is not None and finished["meta"]["traits_done"]:
+        if finished is not None and finished.traits_done:
             write_control_outputs(finished, out, png=False)
             log(f"control's finished traits written to {out} before the error")
         raise

@@ -14,7 +14,7 @@ Example:
     >>> with clock.stage("KL curves"):
     ...     with clock.stage("answer scoring"):     # inside: counted as KL curves
     ...         pass
-    >>> [row["stage"] for row in clock.rows("openness", total=1.0)]
+    >>> [row.stage for row in clock.rows("openness", total=1.0)]
     ['KL curves', 'other']
 """
 
@@ -22,15 +22,41 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from typing import Any, Iterator
+from dataclasses import dataclass
+from typing import Any, Iterator, Mapping, Sequence
 
-__all__ = ["STAGES", "StageClock", "stage_seconds"]
+__all__ = ["STAGES", "StageClock", "StageRow", "stage_seconds"]
 
 STAGES = ("locate", "held-out pairs", "persona control", "selection", "method preparation", "KL curves",
           "answer scoring", "budget sweep", "generation check")
 """The stages of a control run, in the order a trait runs them (the plan's stage names)."""
 OTHER = "other"
 """The rest of a trait's wall time: intervals, building edits, logging."""
+
+
+@dataclass(frozen=True)
+class StageRow:
+    """Wall seconds one trait spent in one stage (a row of a control record's ``stages``).
+
+    Example:
+        >>> row = StageRow("openness", "locate", 2.5)
+        >>> row.to_dict(), StageRow.from_dict(row.to_dict()) == row
+        ({'trait': 'openness', 'stage': 'locate', 'seconds': 2.5}, True)
+    """
+
+    trait: str
+    stage: str
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"trait": self.trait, "stage": self.stage, "seconds": self.seconds}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "StageRow":
+        unknown = sorted(set(data) - {"trait", "stage", "seconds"})
+        if unknown:
+            raise ValueError(f"a stages row carries {', '.join(unknown)}, which this version does not keep")
+        return cls(data["trait"], data["stage"], data["seconds"])
 
 
 class StageClock:
@@ -55,27 +81,25 @@ class StageClock:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - started
             self._open = None
 
-    def rows(self, trait: str, total: float) -> list[dict[str, Any]]:
-        """One row per stage that ran (``trait, stage, seconds``) and ``other`` (``total`` minus the stages),
-        in ``STAGES`` order; the clock starts over."""
-        rows = [{"trait": trait, "stage": name, "seconds": self.seconds[name]} for name in STAGES
-                if name in self.seconds]
-        rows.append({"trait": trait, "stage": OTHER, "seconds": max(total - sum(self.seconds.values()), 0.0)})
+    def rows(self, trait: str, total: float) -> list[StageRow]:
+        """One row per stage that ran and ``other`` (``total`` minus the stages), in ``STAGES`` order; the
+        clock starts over."""
+        rows = [StageRow(trait, name, self.seconds[name]) for name in STAGES if name in self.seconds]
+        rows.append(StageRow(trait, OTHER, max(total - sum(self.seconds.values()), 0.0)))
         self.seconds = {}
         return rows
 
 
-def stage_seconds(rows: list[dict[str, Any]]) -> dict[str, float]:
+def stage_seconds(rows: Sequence[StageRow]) -> dict[str, float]:
     """Seconds per stage summed over traits (a run's ``stages`` rows), in ``STAGES`` order, ``other`` last.
 
     Example:
-        >>> stage_seconds([{"trait": "o", "stage": "KL curves", "seconds": 2.0},
-        ...                {"trait": "c", "stage": "KL curves", "seconds": 3.0},
-        ...                {"trait": "c", "stage": "other", "seconds": 1.0}])
+        >>> stage_seconds([StageRow("o", "KL curves", 2.0), StageRow("c", "KL curves", 3.0),
+        ...                StageRow("c", "other", 1.0)])
         {'KL curves': 5.0, 'other': 1.0}
     """
     totals: dict[str, float] = {}
     for row in rows:
-        totals[row["stage"]] = totals.get(row["stage"], 0.0) + float(row["seconds"])
+        totals[row.stage] = totals.get(row.stage, 0.0) + float(row.seconds)
     order = [*STAGES, OTHER]
     return {name: totals[name] for name in sorted(totals, key=order.index)}

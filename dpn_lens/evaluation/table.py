@@ -39,9 +39,12 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 from dpn_lens.io import write_csv_atomic
+
+if TYPE_CHECKING:
+    from dpn_lens.evaluation.control_record import ControlRecord
 
 __all__ = ["ResultRow", "control_rows", "comparison_rows", "write_result_table", "read_result_table",
            "RESULT_TABLE", "CONTROL_METHODS", "SteeringSummary", "steering_summary", "run_rows"]
@@ -135,8 +138,8 @@ def _row(trait: str, method: str, direction: str, metric: str, value: Any, harne
                      harness=harness)
 
 
-def control_rows(result: Mapping[str, Any]) -> list[ResultRow]:
-    """The long rows of a ``dpn-lens control`` result (``control.json``).
+def control_rows(record: "ControlRecord") -> list[ResultRow]:
+    """The long rows of a ``dpn-lens control`` record (``control.json``).
 
     Every method's preference shift at every KL level (``matched_cost``), the rule − random difference
     and the measured KL at the calibrated γ (``calibrated``), the persona control (``validation``), γ 0,
@@ -144,46 +147,55 @@ def control_rows(result: Mapping[str, Any]) -> list[ResultRow]:
     random-neuron rows come from ``matched_cost``, where the run records them per KL level).
 
     Example:
-        >>> result = {"meta": {"config": {"kl_levels": [0.05]}},
-        ...           "validation": [{"trait": "openness", "n_pairs": 60, "persona_effect": 0.04,
-        ...                           "persona_ci_low": 0.02, "persona_ci_high": 0.06}],
-        ...           "matched_cost": [{"trait": "openness", "direction": "increase", "method": "caa",
-        ...                             "gamma@kl0.05": 2.0, "shift@kl0.05": 0.03,
-        ...                             "ci_low@kl0.05": 0.01, "ci_high@kl0.05": 0.05}]}
-        >>> [(r.method, r.metric, r.value, r.n) for r in control_rows(result)]
+        >>> from dpn_lens.evaluation.control_record import ControlRecord
+        >>> record = ControlRecord.from_dict({"meta": {"model": "m", "dtype": "float32", "seconds": 1.0,
+        ...     "config": {"kl_levels": [0.05]}}, "validation": [{"trait": "openness", "n_pairs": 60, "n_drawn": 64,
+        ...     "n_identical": 0, "n_empty": 0, "base_margin": 0.0, "persona_effect": 0.04, "persona_ci_low": 0.02,
+        ...     "persona_ci_high": 0.06, "persona_p": 0.01, "persona_z": 3.0, "valid": True, "high_vs_none": 0.1,
+        ...     "high_vs_none_ci_low": 0.0, "high_vs_none_ci_high": 0.2, "low_vs_none": 0.1, "low_vs_none_ci_low": 0.0,
+        ...     "low_vs_none_ci_high": 0.2}],
+        ...     "matched_cost": [{"trait": "openness", "direction": "increase", "method": "caa", "gamma@kl0.05": 2.0,
+        ...                       "kl@kl0.05": 0.05, "shift@kl0.05": 0.03, "ci_low@kl0.05": 0.01, "ci_high@kl0.05": 0.05}]})
+        >>> [(r.method, r.metric, r.value, r.n) for r in control_rows(record)]
         [('persona', 'preference', 0.04, 60), ('caa', 'preference', 0.03, 60)]
     """
-    levels = [float(level) for level in result["meta"]["config"]["kl_levels"]]
-    pairs = {row["trait"]: row.get("n_pairs") for row in result.get("validation", [])}
+    levels = record.kl_levels
+    pairs = {row.trait: row.n_pairs for row in record.validation}
     rows: list[ResultRow | None] = []
-    for v in result.get("validation", []):
-        rows.append(_row(v["trait"], "persona", "both", "preference", v.get("persona_effect"), "control",
-                         ci=(v.get("persona_ci_low"), v.get("persona_ci_high")), n=v.get("n_pairs")))
-    for m in result.get("matched_cost", []):
+    for v in record.validation:
+        rows.append(_row(v.trait, "persona", "both", "preference", v.persona_effect, "control",
+                         ci=(v.persona_ci_low, v.persona_ci_high), n=v.n_pairs))
+    for m in record.matched_cost:
         for level in levels:
-            key = f"@kl{level:g}"
-            rows.append(_row(m["trait"], m["method"], m["direction"], "preference", m.get(f"shift{key}"), "control",
-                             ci=(m.get(f"ci_low{key}"), m.get(f"ci_high{key}")), n=pairs.get(m["trait"]),
-                             kl_level=level, gamma=m.get(f"gamma{key}")))
-    for c in result.get("calibrated", []):
-        where = dict(n=c.get("n"), kl_level=c.get("target_kl"), gamma=c.get("gamma"))
-        rows.append(_row(c["trait"], c["method"], c["direction"], "kl", c.get("kl"), "control", **where))
-        rows.append(_row(c["trait"], c["method"], c["direction"], "preference_vs_random", c.get("vs_random"), "control",
-                         ci=(c.get("vs_random_ci_low"), c.get("vs_random_ci_high")), **where))
-    for z in result.get("gamma_zero", []):
-        rows.append(_row(z["trait"], "gamma-0", "both", "preference", z.get("shift"), "control",
-                         ci=(z.get("ci_low"), z.get("ci_high")), n=z.get("n"), gamma=0.0))
-    for g in result.get("generation", []):
-        persona = g["method"].startswith("persona")
-        method, direction = ("persona", "both") if persona else (g["method"], g["direction"])
-        where = dict(n=g.get("n"), kl_level=None if persona else g.get("kl_level"),
-                     gamma=None if persona else g.get("gamma"))
-        rows.append(_row(g["trait"], method, direction, "generation", g.get("shift"), "control",
-                         ci=(g.get("ci_low"), g.get("ci_high")), **where))
-        rows.append(_row(g["trait"], method, direction, "generation_vs_random", g.get("vs_random"), "control",
-                         ci=(g.get("vs_random_ci_low"), g.get("vs_random_ci_high")), **where))
-        rows.append(_row(g["trait"], f"random-neurons:{method}", direction, "generation", g.get("random_shift"),
-                         "control", ci=(g.get("random_ci_low"), g.get("random_ci_high")), **where))
+            point = m.at(level)
+            rows.append(_row(m.trait, m.method, m.direction, "preference", point.shift, "control",
+                             ci=(point.ci_low, point.ci_high), n=pairs.get(m.trait), kl_level=level, gamma=point.gamma))
+    for c in record.calibrated:
+        measured, versus = c.measured, c.random
+        where = dict(n=measured.effect.n if measured else None, kl_level=c.target_kl,
+                     gamma=measured.gamma if measured else math.nan)
+        method = c.method or "dpn-le"     # a run from before the other rules calibrated DPN-LE alone, unnamed
+        rows.append(_row(c.trait, method, c.direction, "kl", measured.kl if measured else None, "control", **where))
+        rows.append(_row(c.trait, method, c.direction, "preference_vs_random", versus.vs_random if versus else None,
+                         "control", ci=(versus.vs_random_ci_low, versus.vs_random_ci_high) if versus else (None, None),
+                         **where))
+    for z in record.gamma_zero:
+        rows.append(_row(z.trait, "gamma-0", "both", "preference", z.effect.shift, "control",
+                         ci=(z.effect.ci_low, z.effect.ci_high), n=z.effect.n, gamma=0.0))
+    for g in record.generation or []:
+        persona = g.method.startswith("persona")
+        method, direction = ("persona", "both") if persona else (g.method, g.direction)
+        effect, versus = g.effect, g.random
+        where = dict(n=effect.n if effect else None, kl_level=None if persona else g.kl_level,
+                     gamma=None if persona else g.gamma)
+        rows.append(_row(g.trait, method, direction, "generation", effect.shift if effect else math.nan, "control",
+                         ci=(effect.ci_low, effect.ci_high) if effect else (None, None), **where))
+        rows.append(_row(g.trait, method, direction, "generation_vs_random", versus.vs_random if versus else None,
+                         "control", ci=(versus.vs_random_ci_low, versus.vs_random_ci_high) if versus else (None, None),
+                         **where))
+        rows.append(_row(g.trait, f"random-neurons:{method}", direction, "generation",
+                         versus.random_shift if versus else None, "control",
+                         ci=(versus.random_ci_low, versus.random_ci_high) if versus else (None, None), **where))
     return [row for row in rows if row is not None]
 
 
@@ -307,6 +319,8 @@ def run_rows(folder: str | os.PathLike) -> tuple[str, list[ResultRow]]:
     """
     import json
 
+    from dpn_lens.evaluation.control_record import ControlRecord
+
     folder = Path(folder)
     records = {name: folder / name for name in ("control.json", "comparison.json") if (folder / name).is_file()}
     if not records:
@@ -316,6 +330,6 @@ def run_rows(folder: str | os.PathLike) -> tuple[str, list[ResultRow]]:
     model = next(str(record.get("meta", {}).get("model", "")) for record in loaded.values())
     if (folder / RESULT_TABLE).is_file():
         return model, read_result_table(folder / RESULT_TABLE)
-    rows = control_rows(loaded["control.json"]) if "control.json" in loaded else []
+    rows = control_rows(ControlRecord.from_dict(loaded["control.json"])) if "control.json" in loaded else []
     rows += comparison_rows(loaded["comparison.json"]) if "comparison.json" in loaded else []
     return model, rows

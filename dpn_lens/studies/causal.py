@@ -29,7 +29,7 @@ Example:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -38,6 +38,9 @@ from dpn_lens.run import Run
 from dpn_lens.studies.overlap import jaccard, layer_matched_pvalue, overlap_pvalue, pole_exclusivity, shared_layers
 from dpn_lens.studies.section import ReportSection
 from dpn_lens.studies.sets import NeuronSet
+
+if TYPE_CHECKING:
+    from dpn_lens.evaluation.control_record import ControlRecord
 
 __all__ = ["REPORT_SECTION", "rule_pole_sets", "rule_union_set", "overlap_with_dual", "layer_distribution",
            "rule_exclusivity", "causal_study"]
@@ -159,7 +162,7 @@ def _summary_lines(overlap: Sequence[dict[str, Any]], exclusivity: Sequence[dict
     return lines
 
 
-def causal_study(run: Run, out: str | Path, model: Any = None, control: Mapping[str, dict[str, Any]] | None = None,
+def causal_study(run: Run, out: str | Path, model: Any = None, control: "Mapping[str, ControlRecord] | None" = None,
                  capability_config: Any = None, png: bool = True, plotlyjs: str = "cdn",
                  log: Callable[[str], None] | None = print) -> dict[str, Any]:
     """Write the causal study of ``run`` to ``out`` (module note); returns its summary.
@@ -167,7 +170,7 @@ def causal_study(run: Run, out: str | Path, model: Any = None, control: Mapping[
     Args:
         run: a run folder with effect-rule maps (``dpn-lens locate --select ...``) and statistics.
         model: the model, for the capability part (None: skipped).
-        control: ``{model name: control result}`` of ``dpn-lens control`` runs with a budget sweep, for the
+        control: ``{model name: control record}`` of ``dpn-lens control`` runs with a budget sweep, for the
             sparsity figure.
         capability_config: a ``MultifunctionConfig`` (data folder and sizes) for the capability part.
     """
@@ -195,9 +198,9 @@ def causal_study(run: Run, out: str | Path, model: Any = None, control: Mapping[
         capability = multifunction_study(run, out / "capability", model, capability_config, png, plotlyjs,  # type: ignore[arg-type]
                                          log, extra_sets=extra)
     if control:
-        with_sweep = {name: result for name, result in control.items() if result.get("sweep")}
+        with_sweep = {name: record for name, record in control.items() if record.sweep}
         if with_sweep:
-            save_figure(sparsity_figure(with_sweep), out, "causal_sparsity", png, plotlyjs)  # type: ignore[arg-type]
+            save_figure(sparsity_figure(with_sweep), out, "causal_sparsity", png, plotlyjs)
     lines = [f"# Neurons that steer vs the dual criterion ({run.model_name or 'model'})", "",
              *_summary_lines(overlap, exclusivity, capability), ""]
     write_text_atomic(out / "causal.md", "\n".join(lines))
