@@ -57,7 +57,7 @@ from dpn_lens.collection.distributed import collect_statistics_distributed, merg
 from dpn_lens.pipeline import LocateConfig, locate_traits, neuron_table
 from dpn_lens.run import Run
 from dpn_lens.evaluation.calibrate import Calibration, calibrate_directions, calibrate_gamma
-from dpn_lens.evaluation.runner import Evaluation, evaluate
+from dpn_lens.evaluation.runner import Evaluation, EvaluationConfig, evaluate
 from dpn_lens.cards import CardConfig, NeuronCard, build_cards, explore
 
 __all__ = [
@@ -103,6 +103,7 @@ __all__ = [
     "calibrate_gamma",
     "calibrate_directions",
     "evaluate",
+    "EvaluationConfig",
     "Evaluation",
     "CardConfig",
     "NeuronCard",

@@ -4,6 +4,7 @@ settings agree, apart where they differ, and the records are those of ``run_cont
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections import Counter
 
 import pytest
@@ -12,7 +13,7 @@ from dpn_lens.evaluation import methods, preparation
 from dpn_lens.evaluation.capability import CapabilitySizes
 from dpn_lens.evaluation.compare import CompareConfig, run_comparison
 from dpn_lens.evaluation.control import ControlConfig, run_control
-from dpn_lens.evaluation.runner import evaluate
+from dpn_lens.evaluation.runner import GENERATION_QUESTIONS, EvaluationConfig, evaluate
 
 TRAITS = ["openness", "extraversion"]
 METRICS = ["preference", "generation", "questionnaire", "statements", "capability"]
@@ -125,8 +126,10 @@ def test_traits_the_configs_list_in_other_orders_keep_each_records_order(model, 
     control, compare = configs
     control = dataclasses.replace(control, traits=["extraversion"], generation_questions=0)
     compare = dataclasses.replace(compare, traits=["openness", "extraversion"], methods=["dpn-le"], sweep_methods=[])
-    result = evaluate(model, ["preference", "questionnaire"], control=control, compare=compare, log=lambda m: None,
-                      progress=False)
+    config = EvaluationConfig.of(["preference", "questionnaire"], control=control, compare=compare)
+    result = evaluate(model, config, log=lambda m: None, progress=False)
+    assert result.config == config and config.schedule() == [("openness", ("compare",)),
+                                                              ("extraversion", ("control", "compare"))]
     assert result.control.traits_done == ["extraversion"]
     assert [r["trait"] for r in result.comparison["rows"] if r["method"] == "dpn-le"] == [
         "openness", "openness", "extraversion", "extraversion"]
@@ -173,3 +176,17 @@ def test_the_comparison_selects_effect_rules_with_its_own_selection_pairs_and_bu
     assert result["meta"]["config"]["selection_pairs"] == 8 and result["meta"]["config"]["budget"] == 2
     with pytest.raises(ValueError, match="selection_pairs"):
         CompareConfig(selection_pairs=1)
+
+
+def test_one_config_says_what_runs_and_is_refused_before_anything_loads():
+    config = EvaluationConfig.of(["generation", "capability"], traits=["openness"],
+                                 control=ControlConfig(traits=["neuroticism"]), compare=CompareConfig())
+    assert config.harnesses == ["control", "compare"]
+    assert config.control.traits == config.compare.traits == ["openness"]
+    assert config.control.generation_questions == GENERATION_QUESTIONS      # generation asks for questions
+    assert json.loads(json.dumps(config.to_dict()))["control"]["traits"] == ["openness"]
+    assert EvaluationConfig.of(["questionnaire"]).control is None           # no control metric, no control config
+    with pytest.raises(ValueError, match="judge metric needs a judge endpoint"):
+        EvaluationConfig.of(["judge"])
+    with pytest.raises(ValueError, match="takes an EvaluationConfig alone"):
+        evaluate(None, config, traits=["openness"])

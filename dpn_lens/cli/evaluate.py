@@ -230,18 +230,18 @@ def _one_pass(args: argparse.Namespace, control: argparse.Namespace, compare: ar
     import time
 
     from dpn_lens.evaluation.compare import write_outputs
-    from dpn_lens.evaluation.runner import evaluate
+    from dpn_lens.evaluation.runner import EvaluationConfig, evaluate
     from dpn_lens.models import load_model
     from dpn_lens.report.control import write_control_outputs
 
     started = time.time()
-    control_config = control_cli.config_from_args(control)
-    compare_config = compare_cli.compare_config(compare, compare_cli.judge_from_args(compare))
-    control_cli.check_before_loading(control, control_config)   # --run reaches both runs alike (route)
+    config = EvaluationConfig.of(args.metrics, control=control_cli.config_from_args(control),
+                                 compare=compare_cli.compare_config(compare, compare_cli.judge_from_args(compare)))
+    control_cli.check_before_loading(control, config.control)   # --run reaches both runs alike (route)
     print("evaluate: both runs use one model, loaded once, in one pass over the traits", flush=True)
     model = load_model(control.model, dtype=control.dtype, device=control.device)
     saving = control_cli.ControlSaving(args.out)
-    result = evaluate(model, args.metrics, control=control_config, compare=compare_config, out=None,
+    result = evaluate(model, config, out=None,
                       log=control_cli.timestamped(started), progress=not control.no_progress,
                       on_trait=saving.save_partial, on_located=saving.save_map)
     # The one command's time, in each record (the two runs shared it).

@@ -38,8 +38,8 @@ if TYPE_CHECKING:
 from dpn_lens.evaluation.table import (RESULT_TABLE, ResultRow, SteeringSummary, comparison_rows, control_rows,
                                        steering_summary, write_result_table)
 
-__all__ = ["HARNESS_OF", "METRICS", "GENERATION_QUESTIONS", "Evaluation", "evaluate", "harnesses_for",
-           "join_results", "trait_schedule"]
+__all__ = ["HARNESS_OF", "METRICS", "GENERATION_QUESTIONS", "Evaluation", "EvaluationConfig", "evaluate",
+           "harnesses_for", "join_results", "trait_schedule"]
 
 HARNESS_OF = {"preference": "control", "generation": "control", "questionnaire": "compare",
               "statements": "compare", "capability": "compare", "judge": "compare"}
@@ -69,12 +69,82 @@ def harnesses_for(metrics: Sequence[str]) -> list[str]:
 
 
 @dataclass(frozen=True)
+class EvaluationConfig:
+    """One evaluation's settings: the metrics, and the config of each harness they need (``ControlConfig``
+    for ``preference``/``generation``, ``CompareConfig`` for the rest), with the traits of both set alike.
+
+    ``EvaluationConfig.of`` builds one as ``evaluate`` did from its arguments, checking it before anything
+    loads: an unknown metric, ``judge`` without a judge endpoint; ``generation`` asks for
+    ``GENERATION_QUESTIONS`` questions where the control config asks for none. A harness no metric needs
+    has no config (None).
+
+    Example:
+        >>> config = EvaluationConfig.of(["preference", "generation"], traits=["openness"])
+        >>> config.harnesses, config.control.traits, config.control.generation_questions, config.compare
+        (['control'], ['openness'], 20, None)
+        >>> EvaluationConfig.of(["margin"])
+        Traceback (most recent call last):
+        ...
+        ValueError: unknown metrics ['margin']; choose from preference, generation, questionnaire, statements, capability, judge
+    """
+
+    metrics: tuple[str, ...]
+    control: Any = None
+    """The ``ControlConfig`` (None: no control metric)."""
+    compare: Any = None
+    """The ``CompareConfig`` (None: no comparison metric)."""
+
+    @classmethod
+    def of(cls, metrics: Sequence[str], traits: Sequence[str] | None = None, control: Any = None,
+           compare: Any = None) -> "EvaluationConfig":
+        """The config of ``metrics`` from each harness's config (None: its default run) and ``traits`` for
+        both (None: each config's own).
+
+        Raises:
+            ValueError: for an unknown metric, or ``judge`` without a judge endpoint.
+        """
+        from dpn_lens.evaluation.compare import CompareConfig
+        from dpn_lens.evaluation.control import ControlConfig
+
+        wanted = harnesses_for(metrics)
+        if "judge" in metrics and (compare is None or compare.judge is None):   # refused before anything runs
+            raise ValueError("the judge metric needs a judge endpoint: compare=CompareConfig(judge=JudgeConfig(url=..., "
+                             "model=...)) (dpn-lens evaluate: --judge-url and --judge-model)")
+        overrides = {} if traits is None else {"traits": list(traits)}
+        control_config = compare_config = None
+        if "control" in wanted:
+            control_config = dataclasses.replace(control or ControlConfig(), **overrides)
+            if "generation" in metrics and not control_config.generation_questions:
+                control_config = dataclasses.replace(control_config, generation_questions=GENERATION_QUESTIONS)
+        if "compare" in wanted:
+            compare_config = dataclasses.replace(compare or CompareConfig(), **overrides)
+        return cls(tuple(metrics), control_config, compare_config)
+
+    @property
+    def harnesses(self) -> list[str]:
+        """The harnesses that run, in order (``harnesses_for``)."""
+        return harnesses_for(self.metrics)
+
+    def schedule(self) -> list[tuple[str, tuple[str, ...]]]:
+        """``(trait, harnesses)`` in the order the one pass runs them (``trait_schedule``)."""
+        return trait_schedule(self.control.traits if self.control else [], self.compare.traits if self.compare else [])
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as JSON-ready data (each harness's config as its record writes it)."""
+        return {"metrics": list(self.metrics),
+                "control": dataclasses.asdict(self.control) if self.control is not None else None,
+                "compare": dataclasses.asdict(self.compare) if self.compare is not None else None}
+
+
+@dataclass(frozen=True)
 class Evaluation:
-    """What ``evaluate`` measured: the long table, and each harness's own record (None where it did not run)."""
+    """What ``evaluate`` measured: the long table, each harness's own record (None where it did not run) and
+    the settings it ran with."""
 
     rows: tuple[ResultRow, ...]
     control: "ControlRecord | None" = None
     comparison: Mapping[str, Any] | None = None
+    config: EvaluationConfig | None = None
 
     def steering(self, metric: str = "preference", kl_level: float = 0.05) -> list[SteeringSummary]:
         """Per method, the trait-directions ``metric`` says it moved at ``kl_level`` (``steering_summary``)."""
@@ -152,7 +222,8 @@ def trait_schedule(control: Sequence[str], compare: Sequence[str]) -> list[tuple
     return schedule
 
 
-def evaluate(model: Any, metrics: Sequence[str], *, traits: Sequence[str] | None = None, control: Any = None,
+def evaluate(model: Any, metrics: "Sequence[str] | EvaluationConfig", *, traits: Sequence[str] | None = None,
+             control: Any = None,
              compare: Any = None, out: str | Path | None = None, log: Callable[[str], None] = print,
              progress: bool = True, png: bool = False,
              on_trait: "Callable[[ControlRecord], None] | None" = None,
@@ -167,7 +238,8 @@ def evaluate(model: Any, metrics: Sequence[str], *, traits: Sequence[str] | None
 
     Args:
         model: a loaded model (``models.load_model``).
-        metrics: names from ``METRICS``.
+        metrics: an ``EvaluationConfig``, or names from ``METRICS`` with ``traits``, ``control`` and
+            ``compare`` as ``EvaluationConfig.of`` takes them:
         traits: the traits of both runs (None: each config's own).
         control: a ``ControlConfig`` (None: the default run); ``generation`` asks for
             ``GENERATION_QUESTIONS`` questions where it asks for none.
@@ -180,23 +252,19 @@ def evaluate(model: Any, metrics: Sequence[str], *, traits: Sequence[str] | None
     Raises:
         ValueError: for an unknown metric, or ``judge`` without a judge endpoint.
     """
-    from dpn_lens.evaluation.compare import ComparisonRun, CompareConfig, write_outputs
-    from dpn_lens.evaluation.control import ControlConfig, ControlRun
+    from dpn_lens.evaluation.compare import ComparisonRun, write_outputs
+    from dpn_lens.evaluation.control import ControlRun
     from dpn_lens.evaluation.preparation import TraitPreparation
     from dpn_lens.report.control import write_control_outputs
 
-    wanted = harnesses_for(metrics)
-    if "judge" in metrics and (compare is None or compare.judge is None):   # refused before anything runs
-        raise ValueError("the judge metric needs a judge endpoint: compare=CompareConfig(judge=JudgeConfig(url=..., "
-                         "model=...)) (dpn-lens evaluate: --judge-url and --judge-model)")
-    overrides = {} if traits is None else {"traits": list(traits)}
-    control_config = compare_config = None
-    if "control" in wanted:
-        control_config = dataclasses.replace(control or ControlConfig(), **overrides)
-        if "generation" in metrics and not control_config.generation_questions:
-            control_config = dataclasses.replace(control_config, generation_questions=GENERATION_QUESTIONS)
-    if "compare" in wanted:
-        compare_config = dataclasses.replace(compare or CompareConfig(), **overrides)
+    if isinstance(metrics, EvaluationConfig):
+        if traits is not None or control is not None or compare is not None:
+            raise ValueError("evaluate takes an EvaluationConfig alone: set traits and each harness's config in it "
+                             "(EvaluationConfig.of(metrics, traits, control, compare))")
+        config = metrics
+    else:
+        config = EvaluationConfig.of(metrics, traits, control, compare)
+    wanted, control_config, compare_config = config.harnesses, config.control, config.compare
     control_run = comparison_run = None
     preparations: dict[str, TraitPreparation] = {}
     try:
@@ -205,9 +273,7 @@ def evaluate(model: Any, metrics: Sequence[str], *, traits: Sequence[str] | None
                                              on_located=on_located)
         if compare_config is not None:
             comparison_run = ComparisonRun.start(model, compare_config, log=log)
-        schedule = trait_schedule(control_config.traits if control_config else [],
-                                  compare_config.traits if compare_config else [])
-        for trait, harnesses in schedule:
+        for trait, harnesses in config.schedule():
             preparation = preparations.setdefault(trait, TraitPreparation(trait))
             if "control" in harnesses:
                 control_run.run_trait(trait, preparation)      # type: ignore[union-attr]
@@ -239,4 +305,4 @@ def evaluate(model: Any, metrics: Sequence[str], *, traits: Sequence[str] | None
     rows = _rows(control_result, comparison)
     if out is not None:      # the joined table beside each harness's own files
         _write_table(out, rows)
-    return Evaluation(tuple(rows), control_result, comparison)
+    return Evaluation(tuple(rows), control_result, comparison, config)
