@@ -243,12 +243,12 @@ def _one_pass(args: argparse.Namespace, control: argparse.Namespace, compare: ar
     result = evaluate(model, args.metrics, control=control_config, compare=compare_config, out=None,
                       log=control_cli.timestamped(started), progress=not control.no_progress,
                       on_trait=saving.save_partial, on_located=saving.save_map)
-    seconds = time.time() - started
-    for record in (result.control, result.comparison):
-        # The one command's time, in each record (the two runs shared it).
-        record["meta"].update(command_seconds=seconds, ran_with="evaluate: control and compare in one pass")  # type: ignore[index]
+    seconds, ran_with = time.time() - started, "evaluate: control and compare in one pass"
+    # The one command's time, in each record (the two runs shared it).
+    result.control["meta"].update(command_seconds=seconds, ran_with=ran_with)  # type: ignore[index]
+    comparison = result.comparison.with_meta(command_seconds=seconds, ran_with=ran_with)  # type: ignore[union-attr]
     for path in [*write_control_outputs(result.control, args.out, png=not control.no_png),
-                 *write_outputs(result.comparison, args.out, make_png=not compare.no_png)]:
+                 *write_outputs(comparison, args.out, make_png=not compare.no_png)]:
         print(f"wrote {path}")
     saving.done()
     _report_joined(args.out, ["control", "compare"])

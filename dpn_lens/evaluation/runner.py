@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+from dpn_lens.evaluation.comparison_record import ComparisonRecord
 from dpn_lens.evaluation.table import (RESULT_TABLE, ResultRow, SteeringSummary, comparison_rows, control_rows,
                                        steering_summary, write_result_table)
 
@@ -72,7 +73,7 @@ class Evaluation:
 
     rows: tuple[ResultRow, ...]
     control: Mapping[str, Any] | None = None
-    comparison: Mapping[str, Any] | None = None
+    comparison: ComparisonRecord | None = None
 
     def steering(self, metric: str = "preference", kl_level: float = 0.05) -> list[SteeringSummary]:
         """Per method, the trait-directions ``metric`` says it moved at ``kl_level`` (``steering_summary``)."""
@@ -95,7 +96,8 @@ def join_results(out: str | Path, harnesses: Sequence[str]) -> list[ResultRow]:
                for harness in harnesses if (out / RECORDS[harness]).is_file()}
     if not records:
         return []
-    rows = _rows(records.get("control"), records.get("compare"))
+    compared = records.get("compare")
+    rows = _rows(records.get("control"), ComparisonRecord.from_dict(compared) if compared is not None else None)
     _write_table(out, rows)
     return rows
 
@@ -108,9 +110,9 @@ def _write_table(out: str | Path, rows: Sequence[ResultRow]) -> None:
     write_results_report(out)
 
 
-def _rows(control: Mapping[str, Any] | None, comparison: Mapping[str, Any] | None) -> list[ResultRow]:
+def _rows(control: Mapping[str, Any] | None, comparison: ComparisonRecord | None) -> list[ResultRow]:
     """The long rows of a control record, then of a comparison record (either may be None)."""
-    return (control_rows(control) if control else []) + (comparison_rows(comparison) if comparison else [])
+    return (control_rows(control) if control else []) + (comparison_rows(comparison) if comparison is not None else [])
 
 
 def trait_schedule(control: Sequence[str], compare: Sequence[str]) -> list[tuple[str, tuple[str, ...]]]:
