@@ -135,6 +135,12 @@ def test_both_metric_families_write_one_folder_with_one_long_table(shared_data, 
     assert {r.harness for r in rows} == {"control", "compare"}
     assert {"preference", "questionnaire_shift", "wikitext_ppl"} <= {r.metric for r in rows}
     assert (out / "control.json").exists() and (out / "comparison.json").exists()
+    # the command's time is in the typed record, which reads back to the bytes written
+    from dpn_lens.evaluation.comparison_record import load_comparison_record
+
+    record = load_comparison_record(out)
+    assert record.meta.ran_with == "evaluate: control and compare in one pass" and record.meta.command_seconds > 0
+    assert json.dumps(record.to_dict(), indent=2) + "\n" == (out / "comparison.json").read_text()
     # the report renders the joined table: both harnesses' metrics
     from dpn_lens.report import results_markdown
 

@@ -101,7 +101,7 @@ def test_each_trait_is_prepared_once_for_both_harnesses_and_the_records_are_thei
     assert maps == {trait: 3 for trait in TRAITS}
     assert _untimed(result.control) == _untimed(alone_control)
     assert _untimed(result.comparison) == _untimed(alone_compare)
-    assert result.control.curves and result.control.generation and result.comparison["gamma_sweep"]
+    assert result.control.curves and result.control.generation and result.comparison.gamma_sweep
 
 
 def test_settings_that_differ_are_prepared_apart_and_change_nothing(model, configs, monkeypatch):
@@ -119,7 +119,7 @@ def test_settings_that_differ_are_prepared_apart_and_change_nothing(model, confi
                                 progress=False)
     alone_compare = run_comparison(model, dataclasses.replace(compare, traits=["openness"]), log=lambda m: None)
     assert _untimed(result.control) == _untimed(alone_control)
-    assert _untimed(result.comparison) == _untimed(alone_compare)
+    assert _untimed(result.comparison.to_dict()) == _untimed(alone_compare.to_dict())
 
 
 def test_traits_the_configs_list_in_other_orders_keep_each_records_order(model, configs):
@@ -131,7 +131,7 @@ def test_traits_the_configs_list_in_other_orders_keep_each_records_order(model, 
     assert result.config == config and config.schedule() == [("openness", ("compare",)),
                                                               ("extraversion", ("control", "compare"))]
     assert result.control.traits_done == ["extraversion"]
-    assert [r["trait"] for r in result.comparison["rows"] if r["method"] == "dpn-le"] == [
+    assert [r.trait for r in result.comparison.rows if r.method == "dpn-le"] == [
         "openness", "openness", "extraversion", "extraversion"]
 
 
@@ -173,7 +173,7 @@ def test_the_comparison_selects_effect_rules_with_its_own_selection_pairs_and_bu
     result = run_comparison(model, dataclasses.replace(alike, traits=["openness"], selection_pairs=8, budget=2),
                             log=lambda m: None)
     assert selections == {("openness", 8, 2): 1}
-    assert result["meta"]["config"]["selection_pairs"] == 8 and result["meta"]["config"]["budget"] == 2
+    assert result.meta.config["selection_pairs"] == 8 and result.meta.config["budget"] == 2
     with pytest.raises(ValueError, match="selection_pairs"):
         CompareConfig(selection_pairs=1)
 

@@ -24,18 +24,18 @@ def test_comparison_writes_every_method_trait_direction_and_sweep(letter_model, 
     config = CompareConfig(traits=["openness"], data_dir=str(shared_data), locate_pairs=12, locate_q=0.8, locate_tau_d=0.0, questionnaire_items=2,
                            statements_per_pole=1, capability=CapabilitySizes(1, 1, 1, 16, 1, 16), npti_prompts=2,
                            npti_new_tokens=3, caa_pairs=6, gamma_sweep=[0.0, 1.0], q_sweep=[0.999, 0.97])
-    result = run_comparison(letter_model, config, log=lambda message: None)
-    methods = {(r["method"], r["direction"]) for r in result["rows"]}
+    record = run_comparison(letter_model, config, log=lambda message: None)
+    methods = {(r.method, r.direction) for r in record.rows}
     assert methods == {("unsteered", "none")} | {(m, d) for m in config.methods for d in ("increase", "decrease")}
-    for row in result["rows"]:
-        assert 0 <= row["pct_edited"] <= 100 and 1 <= row["questionnaire"] <= 5
-    unsteered = next(r for r in result["rows"] if r["method"] == "unsteered")
-    assert unsteered["kl"] == pytest.approx(0.0, abs=1e-7)
-    zero = [r for r in result["gamma_sweep"] if r["gamma"] == 0.0 and r["method"] in ("dpn-le", "dense")]
-    assert zero and all(r["kl"] == pytest.approx(0.0, abs=1e-6) for r in zero)  # gamma 0 changes nothing
-    q = {r["q"]: r["n_edited"] for r in result["q_sweep"]}
+    for row in record.rows:
+        assert 0 <= row.pct_edited <= 100 and 1 <= row.questionnaire <= 5
+    unsteered = next(r for r in record.rows if r.method == "unsteered")
+    assert unsteered.kl == pytest.approx(0.0, abs=1e-7)
+    zero = [r for r in record.gamma_sweep if r.gamma == 0.0 and r.method in ("dpn-le", "dense")]
+    assert zero and all(r.kl == pytest.approx(0.0, abs=1e-6) for r in zero)  # gamma 0 changes nothing
+    q = {r.q: r.n_edited for r in record.q_sweep}
     assert q[0.97] >= q[0.999]
-    files = {p.name for p in write_outputs(result, tmp_path, make_png=False)}
+    files = {p.name for p in write_outputs(record, tmp_path, make_png=False)}
     assert {"rows.csv", "comparison.json", "comparison.md", "tradeoff.html", "results.csv", "results.md",
             "results.html"} <= files
     from dpn_lens.evaluation.table import read_result_table
@@ -43,13 +43,18 @@ def test_comparison_writes_every_method_trait_direction_and_sweep(letter_model, 
     long = read_result_table(tmp_path / "results.csv")
     assert {(r.method, r.direction) for r in long} == methods
     assert {(r.method, r.trait, r.direction): r.value for r in long if r.metric == "questionnaire"} == pytest.approx(
-        {(r["method"], r["trait"], r["direction"]): r["questionnaire"] for r in result["rows"]})
+        {(r.method, r.trait, r.direction): r.questionnaire for r in record.rows})
     assert json.loads((tmp_path / "comparison.json").read_text())["meta"]["n_mlp_neurons"] == 2 * 48
     assert "trait_shift [95% CI]" in (tmp_path / "comparison.md").read_text()
 
 
 def _brackets(row, name):
+    """Whether the flat columns ``row`` (``trait_effects``) hold an interval of ``name`` that brackets it."""
     return row[f"{name}_ci_low"] - 1e-9 <= row[name] <= row[f"{name}_ci_high"] + 1e-9
+
+
+def _interval_brackets(value, interval):
+    return interval is not None and interval.ci_low - 1e-9 <= value <= interval.ci_high + 1e-9 and 0 <= interval.p <= 1
 
 
 def test_every_steered_shift_has_an_interval_that_brackets_it_and_the_unsteered_row_is_the_baseline(
@@ -58,26 +63,30 @@ def test_every_steered_shift_has_an_interval_that_brackets_it_and_the_unsteered_
                            locate_pairs=12, locate_q=0.8, locate_tau_d=0.0, questionnaire_items=6, statements_per_pole=4,
                            capability=CapabilitySizes(1, 1, 1, 16, 1, 16), gamma_sweep=[2.0], q_sweep=[],
                            sweep_methods=["dpn-le"])
-    result = run_comparison(letter_model, config, log=lambda message: None)
-    for row in result["rows"]:
-        for name in SHIFT_METRICS:
-            if row["method"] == "unsteered":
-                assert row[name] == 0.0 and f"{name}_ci_low" not in row and f"{name}_p" not in row
+    record = run_comparison(letter_model, config, log=lambda message: None)
+    for row in record.rows:
+        shifts = {"trait_shift": (row.trait_shift, row.trait_shift_interval),
+                  "statements_shift": (row.statements_shift, row.statements_shift_interval)}
+        assert set(shifts) == set(SHIFT_METRICS)
+        for name, (value, interval) in shifts.items():
+            if row.method == "unsteered":
+                assert value == 0.0 and interval is None
             else:
-                assert _brackets(row, name) and 0 <= row[f"{name}_p"] <= 1, (row["method"], name)
-    steered = next(r for r in result["rows"] if r["method"] == "dpn-le" and r["direction"] == "increase")
-    base = next(r for r in result["rows"] if r["method"] == "unsteered")
-    assert steered["trait_shift"] == pytest.approx(steered["questionnaire"] - base["questionnaire"], abs=1e-6)
-    assert steered["statements_shift"] == pytest.approx(steered["statements_gap"] - base["statements_gap"], abs=1e-6)
-    assert all(_brackets(r, "trait_shift") for r in result["gamma_sweep"])
-    summary = {e["method"]: e for e in result["summary"]}
-    assert "trait_shift_ci_low" not in summary["unsteered"]
+                assert _interval_brackets(value, interval), (row.method, name)
+    steered = next(r for r in record.rows if r.method == "dpn-le" and r.direction == "increase")
+    base = next(r for r in record.rows if r.method == "unsteered")
+    assert steered.trait_shift == pytest.approx(steered.questionnaire - base.questionnaire, abs=1e-6)
+    assert steered.statements_shift == pytest.approx(steered.statements_gap - base.statements_gap, abs=1e-6)
+    assert all(_interval_brackets(r.trait_shift, r.trait_shift_interval) for r in record.gamma_sweep)
+    summary = {e.method: e for e in record.summary}
+    assert not summary["unsteered"].intervals
     for method in config.methods:
-        assert all(_brackets(summary[method], name) for name in SHIFT_METRICS)
+        assert all(_interval_brackets(summary[method].means[name], summary[method].intervals[name])
+                   for name in SHIFT_METRICS)
     # The HTML report's headline shows the recorded intervals.
     from dpn_lens.report.html import _headline
 
-    write_outputs(result, tmp_path, make_png=False)
+    write_outputs(record, tmp_path, make_png=False)
     assert "95% interval" in _headline(tmp_path / "comparison.json", [])
 
 

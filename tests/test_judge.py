@@ -19,6 +19,7 @@ import torch
 
 from dpn_lens.evaluation.capability import CapabilitySizes
 from dpn_lens.evaluation.compare import CompareConfig, run_comparison, write_outputs
+from dpn_lens.evaluation.comparison_record import ComparisonRecord
 from dpn_lens.evaluation.judge import (JudgeConfig, JudgeRating, UnparsableRating, generate_answers, judge_endpoint,
                                        judge_evaluation, judge_rating, load_test_questions, parse_rating)
 from dpn_lens.evaluation.logprobs import render
@@ -245,21 +246,23 @@ def test_comparison_with_a_judge_reports_judge_scores_and_writes_the_answers(let
                                locate_pairs=12, locate_q=0.8, locate_tau_d=0.0, questionnaire_items=2,
                                statements_per_pole=1, capability=CapabilitySizes(1, 1, 1, 16, 1, 16), gamma_sweep=[],
                                q_sweep=[], judge=JudgeConfig(judge.url, questions_per_trait=2, max_new_tokens=3))
-        result = run_comparison(letter_model, config, log=lambda message: None)
+        record = run_comparison(letter_model, config, log=lambda message: None)
     # unsteered + 2 methods x 2 directions, 2 questions each
-    assert len(judge.requests) == 10 and len(result["judged"]) == 10
-    base = next(r for r in result["rows"] if r["method"] == "unsteered")
-    for row in result["rows"]:
-        judged = [j for j in result["judged"] if j["method"] == row["method"] and j.get("direction", "none") in
-                  (row["direction"], "none") and (row["method"] != "unsteered" or "direction" not in j)]
-        assert row["judge_trait"] == pytest.approx(sum(j["judge_trait"] for j in judged) / len(judged))
-        sign = -1 if row["direction"] == "decrease" else 1
-        assert row["judge_shift"] == pytest.approx(sign * (row["judge_trait"] - base["judge_trait"]))
-    files = {p.name for p in write_outputs(result, tmp_path, make_png=False)}
+    assert len(judge.requests) == 10 and len(record.judged) == 10
+    base = next(r for r in record.rows if r.method == "unsteered")
+    for row in record.rows:
+        judged = [j for j in record.judged if j.method == row.method and (j.direction or "none") in
+                  (row.direction, "none") and (row.method != "unsteered" or j.direction is None)]
+        assert row.judge_trait == pytest.approx(sum(j.judge_trait for j in judged) / len(judged))
+        sign = -1 if row.direction == "decrease" else 1
+        assert row.judge_shift == pytest.approx(sign * (row.judge_trait - base.judge_trait))
+    files = {p.name for p in write_outputs(record, tmp_path, make_png=False)}
     assert "judged.csv" in files and "judge_shift" in (tmp_path / "comparison.md").read_text()
-    assert "api_key" not in (tmp_path / "comparison.json").read_text()
-    assert result["meta"]["judge_replies"] == 10 and result["meta"]["judge_unparsable"] == 0
-    assert all(j["judge_parsed"] and json.loads(j["judge_reply"])["trait"] == j["judge_trait"] for j in result["judged"])
+    text = (tmp_path / "comparison.json").read_text()
+    assert "api_key" not in text
+    assert json.dumps(ComparisonRecord.from_dict(json.loads(text)).to_dict(), indent=2) + "\n" == text
+    assert record.meta.judge_replies == 10 and record.meta.judge_unparsable == 0
+    assert all(j.judge_parsed and json.loads(j.judge_reply)["trait"] == j.judge_trait for j in record.judged)
 
 
 def test_comparison_reports_unparsable_judge_replies(letter_model, shared_data, tmp_path):
@@ -268,13 +271,15 @@ def test_comparison_reports_unparsable_judge_replies(letter_model, shared_data, 
                                locate_pairs=12, locate_q=0.8, locate_tau_d=0.0, questionnaire_items=2,
                                statements_per_pole=1, capability=CapabilitySizes(1, 1, 1, 16, 1, 16), gamma_sweep=[],
                                q_sweep=[], judge=JudgeConfig(judge.url, questions_per_trait=2, max_new_tokens=2))
-        result = run_comparison(letter_model, config, log=lambda message: None)
-    assert result["meta"]["judge_replies"] == 6 and result["meta"]["judge_unparsable"] == 6
-    assert all(row["judge_unparsable"] == 2 and math.isnan(row["judge_trait"]) for row in result["rows"])
-    assert all(j["judge_trait"] is None and not j["judge_parsed"] and j["judge_reply"] == "Trait: 4/5, Fluency: 3/5"
-               for j in result["judged"])
-    write_outputs(result, tmp_path, make_png=False)
+        record = run_comparison(letter_model, config, log=lambda message: None)
+    assert record.meta.judge_replies == 6 and record.meta.judge_unparsable == 6
+    assert all(row.judge_unparsable == 2 and math.isnan(row.judge_trait) for row in record.rows)
+    assert all(j.judge_trait is None and not j.judge_parsed and j.judge_reply == "Trait: 4/5, Fluency: 3/5"
+               for j in record.judged)
+    write_outputs(record, tmp_path, make_png=False)
     assert "6 of 6 replies were not a rating" in (tmp_path / "comparison.md").read_text()
+    text = (tmp_path / "comparison.json").read_text()   # NaN ratings and null answers read back as written
+    assert json.dumps(ComparisonRecord.from_dict(json.loads(text)).to_dict(), indent=2) + "\n" == text
 
 
 def test_compare_judge_timeout_and_retries_reach_the_judge_config(monkeypatch, capsys, tmp_path):

@@ -237,16 +237,23 @@ def test_figures_are_read_from_their_json_twin(tmp_path):
 
 
 def _comparison(folder, with_intervals: bool) -> dict:
-    rows = [{"method": "unsteered", "trait": "openness", "direction": "none", "trait_shift": 0.0, "kl": 0.0},
-            {"method": "dpn-le", "trait": "openness", "direction": "increase", "trait_shift": 0.4, "kl": 0.02},
-            {"method": "dpn-le", "trait": "openness", "direction": "decrease", "trait_shift": 0.2, "kl": 0.04}]
-    result = {"rows": rows, "meta": {"model": "constructed"}}
-    if with_intervals:
-        result["summary"] = [{"method": "dpn-le", "conditions": 2, "trait_shift": 0.3, "trait_shift_ci_low": 0.1,
-                              "trait_shift_ci_high": 0.5, "kl": 0.03}]
+    """A constructed ``comparison.json``: the unsteered row and dpn-le's two directions (shift, kl), every
+    other column 0 or absent (no statements shift), with or without a recorded summary."""
+    from dpn_lens.evaluation.comparison_record import (ComparisonMeta, ComparisonRecord, ComparisonRow, Interval,
+                                                       MethodSummary)
+
+    zero = dict(n_edited=0, pct_edited=0.0, questionnaire=0.0, option_mass=0.0, statements_high=0.0,
+                statements_low=0.0, statements_gap=0.0, wikitext_ppl=0.0, seconds=0.0)
+    rows = (ComparisonRow(method="unsteered", trait="openness", direction="none", trait_shift=0.0, kl=0.0, **zero),
+            ComparisonRow(method="dpn-le", trait="openness", direction="increase", trait_shift=0.4, kl=0.02, **zero),
+            ComparisonRow(method="dpn-le", trait="openness", direction="decrease", trait_shift=0.2, kl=0.04, **zero))
+    summary = ((MethodSummary("dpn-le", 2, {"trait_shift": 0.3, "kl": 0.03}, {"trait_shift": Interval(0.1, 0.5, 0.01)}),)
+               if with_intervals else None)
+    record = ComparisonRecord(rows=rows, summary=summary, judged=None,
+                              meta=ComparisonMeta(model="constructed", n_mlp_neurons=96, config={}, seconds=0.0))
     folder.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(folder / "comparison.json", result)
-    return result
+    write_json_atomic(folder / "comparison.json", record.to_dict())
+    return record.to_dict()
 
 
 def test_summary_comes_first_with_neurons_per_pole_and_headline_numbers(run_with_studies, tmp_path):
@@ -267,9 +274,10 @@ def test_summary_comes_first_with_neurons_per_pole_and_headline_numbers(run_with
         assert (f"<td>{trait}</td><td>{neuron_map.n_selected('high')}</td><td>{neuron_map.n_selected('low')}</td>"
                 in section)
     assert "constructed" in section and "openness, extraversion" in section
-    # Means per method computed from the rows: dpn-le's trait_shift (0.4 + 0.2) / 2, kl (0.02 + 0.04) / 2.
+    # Means per method computed from the rows: dpn-le's trait_shift (0.4 + 0.2) / 2, statements_gap 0,
+    # kl (0.02 + 0.04) / 2, wikitext_ppl 0.
     dpn = re.search(r"<tr><td>dpn-le</td>(.*?)</tr>", section).group(1)
-    assert re.findall(r"<td>([^<]*)</td>", dpn) == ["2", f"{0.3:.4g}", f"{0.03:.4g}"]
+    assert re.findall(r"<td>([^<]*)</td>", dpn) == ["2", f"{0.3:.4g}", "0", f"{0.03:.4g}", "0"]
     assert "recorded no intervals" in section
     assert "1 of 4 steered answers are identical" in section
 

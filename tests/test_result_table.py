@@ -63,8 +63,10 @@ def test_a_committed_generation_run_keeps_its_generation_rows_and_random_draws()
 
 
 def test_a_committed_comparison_reads_the_same_in_the_long_table():
+    from dpn_lens.evaluation.comparison_record import load_comparison_record
+
     result = json.loads((RESULTS / "smollm2-135m-instruct" / "comparison.json").read_text())
-    rows = comparison_rows(result)
+    rows = comparison_rows(load_comparison_record(RESULTS / "smollm2-135m-instruct"))
     for r in result["rows"]:
         key = (r["trait"], r["method"], r["direction"])
         found = {x.metric: x.value for x in rows if (x.trait, x.method, x.direction) == key}

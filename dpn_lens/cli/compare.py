@@ -157,8 +157,8 @@ def run_compare(args: argparse.Namespace) -> int:
     config = compare_config(args, judge_from_args(args))
     check_runs_of([args.run])       # an unfinished or mixed run folder is refused before the model loads
     model = load_model(args.model, dtype=args.dtype, device=args.device)
-    result = run_comparison(model, config, log=timestamped(started))
-    result["meta"]["command_seconds"] = time.time() - started
-    for path in write_outputs(result, args.out, make_png=not args.no_png):
+    record = run_comparison(model, config, log=timestamped(started))
+    record = record.with_meta(command_seconds=time.time() - started)
+    for path in write_outputs(record, args.out, make_png=not args.no_png):
         print(f"wrote {path}")
     return 0

@@ -249,9 +249,9 @@ def _one_pass(args: argparse.Namespace, control: argparse.Namespace, compare: ar
     meta = result.control.meta      # type: ignore[union-attr]
     control_record = dataclasses.replace(result.control, meta=dataclasses.replace(  # type: ignore[type-var]
         meta, command_seconds=seconds, extra={**meta.extra, "ran_with": ran_with}))
-    result.comparison["meta"].update(command_seconds=seconds, ran_with=ran_with)  # type: ignore[index]
+    comparison = result.comparison.with_meta(command_seconds=seconds, ran_with=ran_with)  # type: ignore[union-attr]
     for path in [*write_control_outputs(control_record, args.out, png=not control.no_png),
-                 *write_outputs(result.comparison, args.out, make_png=not compare.no_png)]:
+                 *write_outputs(comparison, args.out, make_png=not compare.no_png)]:
         print(f"wrote {path}")
     saving.done()
     _report_joined(args.out, ["control", "compare"])

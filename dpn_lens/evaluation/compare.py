@@ -10,8 +10,9 @@ statement agreement (high-pole, low-pole, gap) and change, every capability metr
 ``statements_shift`` is the change of the statement gap (high-pole minus low-pole agreement), signed
 the same way. Both come with a 95% percentile-bootstrap interval over items and a paired Wilcoxon test
 (``<name>_ci_low``, ``<name>_ci_high``, ``<name>_p``; ``dpn_lens.evaluation.intervals``); the unsteered
-rows are the baseline (shift 0, no interval). ``result["summary"]`` holds the means per method with
-intervals over the pooled items of its conditions.
+rows are the baseline (shift 0, no interval). ``record.summary`` holds the means per method with
+intervals over the pooled items of its conditions. The result is a ``ComparisonRecord``
+(``evaluation.comparison_record``: typed rows, written as ``comparison.json``).
 
 By default every questionnaire item of the trait in the inventory and every Anthropic statement of
 both poles is asked (``questionnaire_items`` / ``statements_per_pole`` ``None``); ``CompareConfig.quick``
@@ -27,7 +28,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -36,6 +37,9 @@ from dpn_lens.effect.defaults import SELECTION_PAIRS
 from dpn_lens.evaluation import capability as cap
 from dpn_lens.io import markdown_table
 from dpn_lens.evaluation import trait as tr
+from dpn_lens.evaluation.comparison_record import (COMPARISON_FILE, SHIFT_METRICS, ComparisonMeta, ComparisonRecord,
+                                                   ComparisonRow, Interval, JudgedAnswer, MethodSummary, RespondentRow,
+                                                   SweepRow, capability_fields, shift_fields)
 from dpn_lens.evaluation.intervals import paired_effect
 from dpn_lens.evaluation.judge import JudgeConfig, load_test_questions
 from dpn_lens.evaluation.metrics import Capability, Judge, Questionnaire, Statements
@@ -49,12 +53,9 @@ from dpn_lens.steering import Edit, direction_sign
 from dpn_lens.traits import TRAITS, normalize_trait
 
 __all__ = ["CompareConfig", "ComparisonRun", "run_comparison", "map_source", "write_outputs", "trait_effects",
-           "summary_by_method",
-           "summary_with_intervals", "SHIFT_METRICS"]
+           "summary_by_method", "summary_with_intervals", "SHIFT_METRICS"]
 
 DIRECTIONS = ("increase", "decrease")
-SHIFT_METRICS = ("trait_shift", "statements_shift")
-"""Per-row shifts that carry ``_ci_low``, ``_ci_high`` and ``_p`` (signed: positive = moved as asked)."""
 
 
 @dataclass
@@ -144,11 +145,16 @@ class _Evaluator:
         judge = config.judge
         self.judge_questions = ({t: load_test_questions(config.data_dir, t, judge.questions_per_trait, config.seed)
                                  for t in config.traits} if judge else {})
-        self.judged: list[dict[str, Any]] = []  # every generated answer with its ratings, for inspection
+        self.judged: list[JudgedAnswer] = []  # every generated answer with its ratings, for inspection
 
-    def trait_metrics(self, trait: str, edit: Edit | None, persona: PersonaPrompt | None, label: dict[str, Any] | None = None
+    def trait_metrics(self, trait: str, edit: Edit | None, persona: PersonaPrompt | None,
+                      label: Mapping[str, str | float] | None = None
                       ) -> tuple[dict[str, float], dict[str, np.ndarray]]:
-        """``(means, per-item values)``; the values are ``raw`` and ``keyed`` answers and statement ``yes``."""
+        """``(means, per-item values)``; the values are ``raw`` and ``keyed`` answers and statement ``yes``.
+
+        The means are keyed by their ``ComparisonRow`` field (``questionnaire``, ..., ``judge_trait``);
+        ``label`` names the condition (``method`` and its ``direction``, ``gamma`` or ``q``) of the
+        judged answers."""
         answers = Questionnaire().score(self.model, edit, self.items[trait], persona)
         statements = Statements().score(self.model, edit, self.statements[trait], persona)
         metrics = {"questionnaire": answers.value, "option_mass": float(answers.details["mass"].mean()),
@@ -160,9 +166,9 @@ class _Evaluator:
             metrics.update(judge_trait=judged["judge_trait"], judge_fluency=judged["judge_fluency"],
                            judge_unparsable=judged["judge_unparsable"])
             # An unparsable reply keeps its row (empty ratings, the raw reply) so it can be read, not guessed.
-            self.judged += [{**(label or {}), "trait": trait, "question": q, "answer": a,
-                             "judge_trait": r.trait if r else None, "judge_fluency": r.fluency if r else None,
-                             "judge_parsed": r is not None, "judge_reply": reply}
+            self.judged += [JudgedAnswer(**(label or {}), trait=trait, question=q, answer=a,
+                                         judge_trait=r.trait if r else None, judge_fluency=r.fluency if r else None,
+                                         judge_parsed=r is not None, judge_reply=reply)
                             for q, a, r, reply in zip(questions, judged["answers"], judged["ratings"], judged["replies"])]
         return metrics, {"raw": answers.details["raw"], "keyed": answers.per_item, "yes": statements.per_item}  # type: ignore[dict-item]
 
@@ -243,15 +249,18 @@ def _n_conditions(config: CompareConfig) -> int:
     return len(config.traits) * (1 + len(DIRECTIONS) * len(config.methods)) + sweeps
 
 
-def run_comparison(model: Any, config: CompareConfig, log=print) -> dict[str, Any]:
-    """Run the comparison and return ``{"rows", "summary", "gamma_sweep", "q_sweep", "respondents", "meta"}``.
+def run_comparison(model: Any, config: CompareConfig, log=print) -> ComparisonRecord:
+    """Run the comparison and return its ``ComparisonRecord`` (rows, summary, sweeps, respondents, judged
+    answers, meta; ``write_outputs`` writes it).
 
     One progress bar (tqdm, shown on a terminal) counts every condition: the unsteered baseline of each
     trait, each trait x direction x method, and each sweep point. The run is ``ComparisonRun``'s steps:
     ``start``, ``run_trait`` per trait, ``finish``.
 
     Example:
-        >>> result = run_comparison(load_model("smollm2-135m-instruct"), CompareConfig(data_dir="../shared/data"))  # doctest: +SKIP
+        >>> record = run_comparison(load_model("smollm2-135m-instruct"), CompareConfig(data_dir="../shared/data"))  # doctest: +SKIP
+        >>> [(entry.method, entry.conditions) for entry in record.summary][:2]                                 # doctest: +SKIP
+        [('unsteered', 5), ('dpn-le', 10)]
     """
     run = ComparisonRun.start(model, config, log)
     try:
@@ -275,7 +284,7 @@ class ComparisonRun:
     Example:
         >>> run = ComparisonRun.start(model, CompareConfig.quick(traits=["openness"]))  # doctest: +SKIP
         >>> run.run_trait("openness")                                                    # doctest: +SKIP
-        >>> [row["method"] for row in run.finish()["rows"]][:2]                          # doctest: +SKIP
+        >>> [row.method for row in run.finish().rows][:2]                                # doctest: +SKIP
         ['unsteered', 'dpn-le']
     """
 
@@ -286,7 +295,7 @@ class ComparisonRun:
     evaluator: _Evaluator
     bar: Any
     base_capability: dict[str, float]
-    rows: list[dict[str, Any]] = field(default_factory=list)
+    rows: list[ComparisonRow] = field(default_factory=list)
     raw_answers: dict[tuple[str, str, str], np.ndarray] = field(default_factory=dict)
     base_trait: dict[str, dict[str, float]] = field(default_factory=dict)
     base_values: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
@@ -311,10 +320,10 @@ class ComparisonRun:
             bar.update()
             for direction in DIRECTIONS:
                 run.raw_answers[("unsteered", trait, direction)] = run.base_values[trait]["raw"]
-            run.rows.append({"method": "unsteered", "trait": trait, "direction": "none", "n_edited": 0,
-                             "pct_edited": 0.0, **run.base_trait[trait], **run.base_capability,
-                             **{name: 0.0 for name in SHIFT_METRICS}, "seconds": 0.0,
-                             **({"judge_shift": 0.0} if config.judge else {})})
+            run.rows.append(ComparisonRow(method="unsteered", trait=trait, direction="none", n_edited=0, pct_edited=0.0,
+                                          **run.base_trait[trait], **capability_fields(run.base_capability),
+                                          trait_shift=0.0, statements_shift=0.0, seconds=0.0,
+                                          judge_shift=0.0 if config.judge else None))
         return run
 
     def close(self) -> None:
@@ -340,28 +349,30 @@ class ComparisonRun:
                     trait, values, self.base_values[trait], sign)
                 capability = evaluator.capability(edit, persona)
                 n_edited = edit.n_edited if edit is not None else 0
-                row = {"method": method, "trait": trait, "direction": direction, "n_edited": n_edited,
-                       "pct_edited": percent_of_mlp(n_edited, n_layers, d_mlp), **metrics, **capability, **effects,
-                       "seconds": time.time() - t0}
-                if "judge_trait" in metrics:
-                    row["judge_shift"] = sign * (metrics["judge_trait"] - self.base_trait[trait]["judge_trait"])
-                for key in list(metrics) + list(capability):
-                    base = self.base_trait[trait].get(key, self.base_capability.get(key))
-                    row[f"delta_{key}"] = row[key] - base
+                measured, base = {**metrics, **capability}, {**self.base_trait[trait], **self.base_capability}
+                judge_shift = (sign * (metrics["judge_trait"] - base["judge_trait"]) if "judge_trait" in metrics
+                               else None)
+                row = ComparisonRow(method=method, trait=trait, direction=direction, n_edited=n_edited,
+                                    pct_edited=percent_of_mlp(n_edited, n_layers, d_mlp), **metrics,
+                                    **capability_fields(capability), **shift_fields(effects),
+                                    seconds=time.time() - t0, judge_shift=judge_shift,
+                                    deltas={key: value - base[key] for key, value in measured.items()})
                 self.rows.append(row)
                 self.bar.update()
-                log(f"{trait} {direction} {method}: q={metrics['questionnaire']:.3f} "
-                    f"shift={_with_ci(row, 'trait_shift')} statements={_with_ci(row, 'statements_shift')} "
-                    f"kl={capability['kl']:.4f} ppl={capability['wikitext_ppl']:.2f} ({row['seconds']:.0f}s)")
+                log(f"{trait} {direction} {method}: q={row.questionnaire:.3f} "
+                    f"shift={_with_ci(row.trait_shift, row.trait_shift_interval)} "
+                    f"statements={_with_ci(row.statements_shift, row.statements_shift_interval)} "
+                    f"kl={row.kl:.4f} ppl={row.wikitext_ppl:.2f} ({row.seconds:.0f}s)")
 
-    def finish(self) -> dict[str, Any]:
+    def finish(self) -> ComparisonRecord:
         """The respondent matching, the gamma and q sweeps (on ``sweep_trait``, when it ran) and the summary
         of the traits run: the comparison's result."""
         model, config, log, evaluator, bar = self.model, self.config, self.log, self.evaluator, self.bar
         n_layers, d_mlp = int(model.cfg.n_layers), int(model.cfg.d_mlp)
         respondents = _respondent_rows(evaluator, config, self.raw_answers)
         sweep_trait = normalize_trait(config.sweep_trait or config.traits[0])
-        gamma_rows, q_rows = [], []
+        gamma_rows: list[SweepRow] = []
+        q_rows: list[SweepRow] = []
         if sweep_trait in self.contexts and (config.gamma_sweep or config.q_sweep):
             context = self.contexts[sweep_trait]
             base = self.base_values[sweep_trait]
@@ -370,41 +381,47 @@ class ComparisonRun:
                     edit, _ = METHODS_BY_NAME[method].condition(model, context, "increase", config, gamma)
                     metrics, values = evaluator.trait_metrics(sweep_trait, edit, None,
                                                               {"method": method, "gamma": gamma})
-                    gamma_rows.append({"method": method, "trait": sweep_trait, "gamma": gamma,
-                                       "n_edited": edit.n_edited, **metrics,
-                                       **evaluator.effects(sweep_trait, values, base, 1)[0],
-                                       **evaluator.capability(edit, None, light=True)})
+                    point = SweepRow(method=method, trait=sweep_trait, gamma=gamma, n_edited=edit.n_edited, **metrics,
+                                     **shift_fields(evaluator.effects(sweep_trait, values, base, 1)[0]),
+                                     **_text_capability(evaluator.capability(edit, None, light=True)))
+                    gamma_rows.append(point)
                     bar.update()
-                    log(f"gamma sweep {method} {gamma}: shift={_with_ci(gamma_rows[-1], 'trait_shift')} "
-                        f"kl={gamma_rows[-1]['kl']:.4f}")
+                    log(f"gamma sweep {method} {gamma}: shift={_with_ci(point.trait_shift, point.trait_shift_interval)} "
+                        f"kl={point.kl:.4f}")
             for q in config.q_sweep:
                 neuron_map = reselect(context.neuron_map, q=q)
                 edit, _ = METHODS_BY_NAME["dpn-le"].condition(model, TraitContext(sweep_trait, neuron_map), "increase",
                                                               config)
                 metrics, values = evaluator.trait_metrics(sweep_trait, edit, None, {"method": "dpn-le", "q": q})
-                q_rows.append({"method": "dpn-le", "trait": sweep_trait, "q": q, "n_edited": edit.n_edited,
-                               "pct_edited": percent_of_mlp(edit.n_edited, n_layers, d_mlp), **metrics,
-                               **evaluator.effects(sweep_trait, values, base, 1)[0],
-                               **evaluator.capability(edit, None, light=True)})
+                point = SweepRow(method="dpn-le", trait=sweep_trait, q=q, n_edited=edit.n_edited,
+                                 pct_edited=percent_of_mlp(edit.n_edited, n_layers, d_mlp), **metrics,
+                                 **shift_fields(evaluator.effects(sweep_trait, values, base, 1)[0]),
+                                 **_text_capability(evaluator.capability(edit, None, light=True)))
+                q_rows.append(point)
                 bar.update()
-                log(f"q sweep {q}: n={edit.n_edited} shift={_with_ci(q_rows[-1], 'trait_shift')} "
-                    f"kl={q_rows[-1]['kl']:.4f}")
+                log(f"q sweep {q}: n={edit.n_edited} shift={_with_ci(point.trait_shift, point.trait_shift_interval)} "
+                    f"kl={point.kl:.4f}")
         bar.close()
-        meta = {"model": getattr(model, "dpn_model_name", "model"), "n_mlp_neurons": n_layers * d_mlp,
-                "n_questionnaire_items": {t: len(i) for t, i in evaluator.items.items()},
-                "n_statements": {t: len(s) for t, s in evaluator.statements.items()},
-                "config": {k: (dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v)
-                           for k, v in dataclasses.asdict(config).items()},
-                "seconds": time.time() - self.started}
-        if config.judge is not None:  # replies the judge gave that were not a rating: reported, never guessed
-            meta["judge_replies"] = len(evaluator.judged)
-            meta["judge_unparsable"] = sum(not j["judge_parsed"] for j in evaluator.judged)
-        return {"rows": self.rows, "summary": summary_with_intervals(self.rows, self.item_shifts),
-                "gamma_sweep": gamma_rows, "q_sweep": q_rows, "respondents": respondents, "judged": evaluator.judged,
-                "meta": meta}
+        with_judge = config.judge is not None  # replies that were not a rating: reported, never guessed
+        meta = ComparisonMeta(
+            model=getattr(model, "dpn_model_name", "model"), n_mlp_neurons=n_layers * d_mlp,
+            n_questionnaire_items={t: len(i) for t, i in evaluator.items.items()},
+            n_statements={t: len(s) for t, s in evaluator.statements.items()},
+            config={k: (dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v)
+                    for k, v in dataclasses.asdict(config).items()},
+            seconds=time.time() - self.started, judge_replies=len(evaluator.judged) if with_judge else None,
+            judge_unparsable=sum(not j.judge_parsed for j in evaluator.judged) if with_judge else None)
+        return ComparisonRecord(rows=tuple(self.rows), summary=tuple(summary_with_intervals(self.rows, self.item_shifts)),
+                                gamma_sweep=tuple(gamma_rows), q_sweep=tuple(q_rows), respondents=tuple(respondents),
+                                judged=tuple(evaluator.judged), meta=meta)
 
 
-def _respondent_rows(evaluator: _Evaluator, config: CompareConfig, raw: dict) -> list[dict[str, Any]]:
+def _text_capability(capability: Mapping[str, float]) -> dict[str, float]:
+    """The light capability probe's numbers (``wikitext_ppl``, ``kl``) as ``SweepRow`` keyword arguments."""
+    return {key: capability[key] for key in ("wikitext_ppl", "kl")}
+
+
+def _respondent_rows(evaluator: _Evaluator, config: CompareConfig, raw: dict) -> list[RespondentRow]:
     """Respondent-matching MAE per method (only when the questionnaire is IPIP-NEO-300's test split)."""
     if config.inventory != "ipip_neo_300_test" or set(config.traits) != set(TRAITS):
         return []
@@ -419,26 +436,34 @@ def _respondent_rows(evaluator: _Evaluator, config: CompareConfig, raw: dict) ->
     result = []
     for method in ["unsteered", *config.methods]:
         mae = tr.respondent_mae(respondents, train, test, lambda t, d: raw[(method, t, d)])
-        result.append({"method": method, "respondent_mae": mae, "n_respondents": len(respondents),
-                       "n_test_items": len(test)})
+        result.append(RespondentRow(method, mae, len(respondents), len(test)))
     return result
 
 
-def _with_ci(row: dict[str, Any], name: str) -> str:
-    """``+0.012 [-0.003, +0.027]`` when ``row`` holds a finite interval of ``name``, else ``+0.012``."""
-    low, high = row.get(f"{name}_ci_low"), row.get(f"{name}_ci_high")
-    if low is None or high is None or not (np.isfinite(low) and np.isfinite(high)):
-        return f"{row[name]:+.3f}"
-    return f"{row[name]:+.3f} [{low:+.3f}, {high:+.3f}]"
+def _with_ci(value: float | None, interval: Interval | None) -> str:
+    """``+0.012 [-0.003, +0.027]`` for a shift with a finite interval, else ``+0.012``.
+
+    Example:
+        >>> _with_ci(0.012, Interval(-0.003, 0.027, 0.4)), _with_ci(0.0, None)
+        ('+0.012 [-0.003, +0.027]', '+0.000')
+    """
+    if interval is None or not (np.isfinite(interval.ci_low) and np.isfinite(interval.ci_high)):
+        return f"{value:+.3f}"
+    return f"{value:+.3f} [{interval.ci_low:+.3f}, {interval.ci_high:+.3f}]"
 
 
 def _ci_column(name: str) -> str:
     return f"{name} [95% CI]"
 
 
-def _markdown(rows: list[dict[str, Any]], columns: Sequence[str]) -> str:
-    """``columns`` of ``rows``; a column named ``_ci_column(shift)`` shows the shift with its interval."""
-    shown = [{**row, **{_ci_column(n): _with_ci(row, n) for n in SHIFT_METRICS if n in row}} for row in rows]
+def _markdown(rows: Sequence[ComparisonRow | SweepRow | MethodSummary | RespondentRow], columns: Sequence[str]) -> str:
+    """``columns`` of the rows as ``comparison.json`` holds them; a column named ``_ci_column(shift)`` shows
+    the shift with its interval."""
+    shown = []
+    for row in rows:
+        cells = row.to_dict()
+        shown.append({**cells, **{_ci_column(name): _with_ci(cells[name], Interval.from_columns(cells, name))
+                                  for name in SHIFT_METRICS if name in cells}})
     return markdown_table(shown, columns, digits=3)
 
 
@@ -446,19 +471,28 @@ def _shift_columns(names: Sequence[str] = SHIFT_METRICS) -> list[str]:
     return [c for name in names for c in (_ci_column(name), f"{name}_p")]
 
 
-def summary_by_method(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Mean over traits and directions of the main columns, per method."""
+def summary_by_method(rows: Sequence[ComparisonRow]) -> list[MethodSummary]:
+    """Mean over traits and directions of the main columns, per method (a column the rows lack is left out).
+
+    Example:
+        >>> row = ComparisonRow(method="caa", trait="openness", direction="increase", n_edited=0, pct_edited=0.0,
+        ...                     questionnaire=3.4, option_mass=0.9, statements_high=0.6, statements_low=0.4,
+        ...                     statements_gap=0.2, wikitext_ppl=31.0, kl=0.01, trait_shift=0.2, seconds=1.0)
+        >>> summary = summary_by_method([row, dataclasses.replace(row, direction="decrease", trait_shift=0.4)])
+        >>> summary[0].conditions, round(summary[0].means["trait_shift"], 3), "statements_shift" in summary[0].means
+        (2, 0.3, False)
+    """
+    columns = ("n_edited", "pct_edited", "trait_shift", "statements_shift", "judge_shift", "judge_fluency",
+               "statements_gap", "kl", "wikitext_ppl", *[m for m in cap.CAPABILITY_METRICS if m not in ("kl", "wikitext_ppl")])
     result = []
-    for method in dict.fromkeys(row["method"] for row in rows):
-        chosen = [r for r in rows if r["method"] == method]
-        entry = {"method": method, "conditions": len(chosen)}
-        for key in ("n_edited", "pct_edited", "trait_shift", "statements_shift", "judge_shift", "judge_fluency",
-                    "statements_gap", "kl", "wikitext_ppl",
-                    *[m for m in cap.CAPABILITY_METRICS if m not in ("kl", "wikitext_ppl")]):
-            values = [r[key] for r in chosen if key in r]
+    for method in dict.fromkeys(row.method for row in rows):
+        chosen = [r for r in rows if r.method == method]
+        means = {}
+        for column in columns:
+            values = [value for r in chosen if (value := r.number(column)) is not None]
             if values:
-                entry[key] = float(np.mean(values))
-        result.append(entry)
+                means[column] = float(np.mean(values))
+        result.append(MethodSummary(method, len(chosen), means))
     return result
 
 
@@ -472,100 +506,112 @@ def _pooled(per_condition: Sequence[np.ndarray]) -> np.ndarray:
     return np.concatenate([np.asarray(v, float) * total / (len(per_condition) * len(v)) for v in per_condition])
 
 
-def summary_with_intervals(rows: list[dict[str, Any]], item_shifts: dict[tuple[str, str, str], dict[str, np.ndarray]]
-                           ) -> list[dict[str, Any]]:
+def summary_with_intervals(rows: Sequence[ComparisonRow], item_shifts: dict[tuple[str, str, str], dict[str, np.ndarray]]
+                           ) -> list[MethodSummary]:
     """``summary_by_method`` with a 95% interval and a paired test of each method's mean shifts.
 
     ``item_shifts[(method, trait, direction)][shift]`` are the per-item shifts of one condition
     (``trait_effects``); a method's items are pooled over its conditions (``_pooled``) and resampled
-    together. The unsteered baseline has no interval.
+    together, and the pooled mean replaces the mean of the rows. The unsteered baseline has no interval.
     """
-    summary = summary_by_method(rows)
-    for entry in summary:
-        keys = [k for k in item_shifts if k[0] == entry["method"]]
+    result = []
+    for entry in summary_by_method(rows):
+        keys = [k for k in item_shifts if k[0] == entry.method]
+        means, intervals = dict(entry.means), {}
         for name in SHIFT_METRICS if keys else ():
             pooled = _pooled([item_shifts[k][name] for k in keys])
             effect = paired_effect(pooled, np.zeros_like(pooled))
-            entry.update({name: effect.shift, f"{name}_ci_low": effect.ci_low, f"{name}_ci_high": effect.ci_high,
-                          f"{name}_p": effect.p_value})
-    return summary
+            means[name] = effect.shift
+            intervals[name] = Interval(effect.ci_low, effect.ci_high, effect.p_value)
+        result.append(dataclasses.replace(entry, means=means, intervals=intervals))
+    return result
 
 
-def write_outputs(result: dict[str, Any], out: str | Path, make_png: bool = True) -> list[Path]:
-    """CSV + JSON of every table, a markdown report and plotly figures (HTML, and PNG if kaleido works)."""
+def write_outputs(record: ComparisonRecord, out: str | Path, make_png: bool = True) -> list[Path]:
+    """``comparison.json`` (``record.to_dict()``), CSV of every table, a markdown report, the long table
+    (``results.csv``) with its report, and plotly figures (HTML, and PNG if kaleido works); all atomic.
+
+    Returns the paths written.
+    """
     from dpn_lens.io import write_csv_atomic, write_json_atomic, write_text_atomic
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    written = [write_json_atomic(out / "comparison.json", result),
-               write_result_table(comparison_rows(result), out / RESULT_TABLE), *write_results_report(out)]
-    for name in ("rows", "gamma_sweep", "q_sweep", "respondents", "judged"):
-        rows = result.get(name)
-        if not rows:
-            continue
-        written.append(write_csv_atomic(out / f"{name}.csv", rows))
-    summary = result.get("summary") or summary_by_method(result["rows"])
-    judge = ["judge_trait", "judge_shift", "judge_fluency"] if result.get("judged") else []
+    written = [write_json_atomic(out / COMPARISON_FILE, record.to_dict()),
+               write_result_table(comparison_rows(record), out / RESULT_TABLE), *write_results_report(out)]
+    tables = {"rows": record.rows, "gamma_sweep": record.gamma_sweep, "q_sweep": record.q_sweep,
+              "respondents": record.respondents, "judged": record.judged}
+    for name, rows in tables.items():
+        if rows:
+            written.append(write_csv_atomic(out / f"{name}.csv", [row.to_dict() for row in rows]))
+    summary = record.summary or summary_by_method(record.rows)
+    written.append(write_text_atomic(out / "comparison.md", _report(record, summary)))
+    written += _figures(record, out, make_png)
+    return written
+
+
+def _report(record: ComparisonRecord, summary: Sequence[MethodSummary]) -> str:
+    """``comparison.md``: the means per method, every condition, respondent matching and the sweeps."""
+    meta = record.meta
+    judge = ["judge_trait", "judge_shift", "judge_fluency"] if record.judged else []
     main = ["method", "trait", "direction", "n_edited", "pct_edited", "questionnaire", *_shift_columns(["trait_shift"]),
             *judge, "statements_gap", *_shift_columns(["statements_shift"]), "kl", "wikitext_ppl", "lambada_acc", *[f"{t}_acc" for t in cap.MC_TASKS]]
-    text = [f"# Comparison on {result['meta']['model']}", "",
-            f"Run time: {result['meta']['seconds']:.0f} s. Neurons: {result['meta']['n_mlp_neurons']} MLP neurons.", "",
-            *([f"Judge: {result['meta']['judge_unparsable']} of {result['meta']['judge_replies']} replies were not a "
+    text = [f"# Comparison on {meta.model}", "",
+            f"Run time: {meta.seconds:.0f} s. Neurons: {meta.n_mlp_neurons} MLP neurons.", "",
+            *([f"Judge: {meta.judge_unparsable} of {meta.judge_replies} replies were not a "
                "rating (counted in judge_unparsable, left out of the means; the raw replies are in judged.csv).", ""]
-              if "judge_unparsable" in result["meta"] else []),
+              if meta.judge_unparsable is not None else []),
             "Shifts are signed by the direction (positive = moved as asked): trait_shift is the questionnaire "
             "change (1..5 scale), statements_shift the change of the statement gap (high-pole minus low-pole "
             "P(Yes)); [95% CI] is a percentile bootstrap over items, _p a paired Wilcoxon test; the unsteered "
             "rows are the baseline. Items: " + ", ".join(f"{t} {n}" for t, n in
-                                                         result["meta"].get("n_questionnaire_items", {}).items())
-            + "; statements: " + ", ".join(f"{t} {n}" for t, n in result["meta"].get("n_statements", {}).items())
+                                                         (meta.n_questionnaire_items or {}).items())
+            + "; statements: " + ", ".join(f"{t} {n}" for t, n in (meta.n_statements or {}).items())
             + ".", "",
             "## Mean per method (over traits and directions)", "",
             _markdown(summary, ["method", "conditions", "n_edited", "pct_edited", *_shift_columns(),
                                 *[c for c in judge if c != "judge_trait"], "statements_gap", "kl", "wikitext_ppl",
                                 "lambada_acc", *[f"{t}_acc" for t in cap.MC_TASKS]]), "",
-            "## Every condition", "", _markdown(result["rows"], main), ""]
-    if result["respondents"]:
+            "## Every condition", "", _markdown(record.rows, main), ""]
+    if record.respondents:
         text += ["## Respondent matching (IPIP-NEO-300, MAE, lower is better)", "",
-                 _markdown(result["respondents"], ["method", "respondent_mae", "n_respondents", "n_test_items"]), ""]
-    if result["gamma_sweep"]:
-        text += ["## Gamma sweep", "", _markdown(result["gamma_sweep"], ["method", "gamma", "n_edited", "questionnaire",
-                                                                        *_shift_columns(), "kl", "wikitext_ppl"]), ""]
-    if result["q_sweep"]:
-        text += ["## q sweep (DPN-LE)", "", _markdown(result["q_sweep"], ["q", "n_edited", "pct_edited", "questionnaire",
-                                                                         *_shift_columns(), "kl", "wikitext_ppl"]), ""]
-    written.append(write_text_atomic(out / "comparison.md", "\n".join(text)))
-    written += _figures(result, summary, out, make_png)
-    return written
+                 _markdown(record.respondents, ["method", "respondent_mae", "n_respondents", "n_test_items"]), ""]
+    if record.gamma_sweep:
+        text += ["## Gamma sweep", "", _markdown(record.gamma_sweep, ["method", "gamma", "n_edited", "questionnaire",
+                                                                     *_shift_columns(), "kl", "wikitext_ppl"]), ""]
+    if record.q_sweep:
+        text += ["## q sweep (DPN-LE)", "", _markdown(record.q_sweep, ["q", "n_edited", "pct_edited", "questionnaire",
+                                                                      *_shift_columns(), "kl", "wikitext_ppl"]), ""]
+    return "\n".join(text)
 
 
-def _figures(result: dict[str, Any], summary: list[dict[str, Any]], out: Path, make_png: bool) -> list[Path]:
+def _figures(record: ComparisonRecord, out: Path, make_png: bool) -> list[Path]:
     import plotly.graph_objects as go
 
     from dpn_lens.figures import save_figure, style
 
     figures = {}
-    rows = [r for r in result["rows"] if r["method"] != "unsteered"]
+    rows = [r for r in record.rows if r.method != "unsteered"]
     scatter = go.Figure()
-    for method in dict.fromkeys(r["method"] for r in rows):
-        chosen = [r for r in rows if r["method"] == method]
-        scatter.add_trace(go.Scatter(x=[r["kl"] for r in chosen], y=[r["trait_shift"] for r in chosen], mode="markers",
-                                     name=method, text=[f"{r['trait']} {r['direction']}" for r in chosen]))
+    for method in dict.fromkeys(r.method for r in rows):
+        chosen = [r for r in rows if r.method == method]
+        scatter.add_trace(go.Scatter(x=[r.kl for r in chosen], y=[r.trait_shift for r in chosen], mode="markers",
+                                     name=method, text=[f"{r.trait} {r.direction}" for r in chosen]))
     figures["tradeoff"] = style(scatter, "Trait control vs capability cost (each point: trait x direction)",
                                 "KL(unsteered || steered), nats/token", "questionnaire shift (as asked)")
-    if result["gamma_sweep"]:
+    if record.gamma_sweep:
         sweep = go.Figure()
-        for method in dict.fromkeys(r["method"] for r in result["gamma_sweep"]):
-            chosen = [r for r in result["gamma_sweep"] if r["method"] == method]
-            sweep.add_trace(go.Scatter(x=[r["kl"] for r in chosen], y=[r["trait_shift"] for r in chosen],
-                                       mode="lines+markers", name=method, text=[f"gamma={r['gamma']}" for r in chosen]))
-        figures["gamma_sweep"] = style(sweep, f"Gamma sweep ({result['gamma_sweep'][0]['trait']}, increase)",
+        for method in dict.fromkeys(r.method for r in record.gamma_sweep):
+            chosen = [r for r in record.gamma_sweep if r.method == method]
+            sweep.add_trace(go.Scatter(x=[r.kl for r in chosen], y=[r.trait_shift for r in chosen],
+                                       mode="lines+markers", name=method, text=[f"gamma={r.gamma}" for r in chosen]))
+        figures["gamma_sweep"] = style(sweep, f"Gamma sweep ({record.gamma_sweep[0].trait}, increase)",
                                        "KL nats/token", "questionnaire shift")
-    if result["q_sweep"]:
-        q = result["q_sweep"]
-        labels = [f"q={r['q']} ({r['n_edited']} neurons)" for r in q]
-        qfig = go.Figure([go.Bar(x=labels, y=[r["trait_shift"] for r in q], name="questionnaire shift"),
-                          go.Bar(x=labels, y=[r["kl"] for r in q], name="KL (nats/token)")])
+    if record.q_sweep:
+        q = record.q_sweep
+        labels = [f"q={r.q} ({r.n_edited} neurons)" for r in q]
+        qfig = go.Figure([go.Bar(x=labels, y=[r.trait_shift for r in q], name="questionnaire shift"),
+                          go.Bar(x=labels, y=[r.kl for r in q], name="KL (nats/token)")])
         qfig.update_layout(barmode="group")
         figures["q_sweep"] = style(qfig, "q sweep (DPN-LE, increase)")
     written = []

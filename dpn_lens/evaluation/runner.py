@@ -28,10 +28,11 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+from dpn_lens.evaluation.comparison_record import ComparisonRecord, load_comparison_record
 
 if TYPE_CHECKING:
     from dpn_lens.evaluation.control_record import ControlRecord
@@ -143,7 +144,7 @@ class Evaluation:
 
     rows: tuple[ResultRow, ...]
     control: "ControlRecord | None" = None
-    comparison: Mapping[str, Any] | None = None
+    comparison: ComparisonRecord | None = None
     config: EvaluationConfig | None = None
 
     def steering(self, metric: str = "preference", kl_level: float = 0.05) -> list[SteeringSummary]:
@@ -169,8 +170,7 @@ def join_results(out: str | Path, harnesses: Sequence[str]) -> list[ResultRow]:
     if not found:
         return []
     control = load_control_record(out / RECORDS["control"]) if "control" in found else None
-    comparison = (json.loads((out / RECORDS["compare"]).read_text(encoding="utf-8")) if "compare" in found
-                  else None)
+    comparison = load_comparison_record(out / RECORDS["compare"]) if "compare" in found else None
     rows = _rows(control, comparison)
     _write_table(out, rows)
     return rows
@@ -184,9 +184,9 @@ def _write_table(out: str | Path, rows: Sequence[ResultRow]) -> None:
     write_results_report(out)
 
 
-def _rows(control: "ControlRecord | None", comparison: Mapping[str, Any] | None) -> list[ResultRow]:
+def _rows(control: "ControlRecord | None", comparison: ComparisonRecord | None) -> list[ResultRow]:
     """The long rows of a control record, then of a comparison record (either may be None)."""
-    return (control_rows(control) if control else []) + (comparison_rows(comparison) if comparison else [])
+    return (control_rows(control) if control else []) + (comparison_rows(comparison) if comparison is not None else [])
 
 
 def trait_schedule(control: Sequence[str], compare: Sequence[str]) -> list[tuple[str, tuple[str, ...]]]:

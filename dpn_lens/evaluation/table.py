@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
+from dpn_lens.evaluation.comparison_record import COMPARISON_FILE, ComparisonRecord, load_comparison_record
 from dpn_lens.io import write_csv_atomic
 
 if TYPE_CHECKING:
@@ -56,7 +57,7 @@ CONTROL_METHODS = ("persona", "random-neurons", "gamma-0", "unsteered")
 
 _COMPARE_LEVELS = ("questionnaire", "statements_gap", "kl", "wikitext_ppl", "lambada_acc", "judge_trait",
                    "judge_fluency")
-"""Per-row levels of a comparison row carried into the long table (``<task>_acc`` columns are found)."""
+"""Per-row levels of a comparison row carried into the long table (the ``<task>_acc`` columns follow)."""
 
 
 def _number(value: Any) -> float | None:
@@ -199,29 +200,34 @@ def control_rows(record: "ControlRecord") -> list[ResultRow]:
     return [row for row in rows if row is not None]
 
 
-def comparison_rows(result: Mapping[str, Any]) -> list[ResultRow]:
+def comparison_rows(record: ComparisonRecord) -> list[ResultRow]:
     """The long rows of a ``dpn-lens compare`` result (``comparison.json``): each method, trait and
     direction's shifts against the unsteered model (with intervals), levels and capability scores at the
     comparison's strength.
 
     Example:
-        >>> result = {"rows": [{"method": "caa", "trait": "openness", "direction": "increase",
-        ...                     "trait_shift": 0.2, "trait_shift_ci_low": 0.1, "trait_shift_ci_high": 0.3,
-        ...                     "kl": 0.01, "mmlu_acc": 0.5}]}
-        >>> [(r.metric, r.value) for r in comparison_rows(result)]
-        [('questionnaire_shift', 0.2), ('kl', 0.01), ('mmlu_acc', 0.5)]
+        >>> from dpn_lens.evaluation.comparison_record import ComparisonMeta, ComparisonRow, Interval
+        >>> row = ComparisonRow(method="caa", trait="openness", direction="increase", n_edited=0, pct_edited=0.0,
+        ...                     questionnaire=3.4, option_mass=0.9, statements_high=0.6, statements_low=0.4,
+        ...                     statements_gap=0.2, accuracies={"mmlu_acc": 0.5}, wikitext_ppl=31.0, kl=0.01,
+        ...                     trait_shift=0.2, trait_shift_interval=Interval(0.1, 0.3, 0.02), seconds=1.0)
+        >>> record = ComparisonRecord(rows=(row,), meta=ComparisonMeta(model="m", n_mlp_neurons=96, config={}, seconds=1.0))
+        >>> [(r.metric, r.value) for r in comparison_rows(record)][:2]
+        [('questionnaire_shift', 0.2), ('questionnaire', 3.4)]
+        >>> [r.metric for r in comparison_rows(record)][2:]
+        ['statements_gap', 'kl', 'wikitext_ppl', 'mmlu_acc']
     """
     rows: list[ResultRow | None] = []
-    renamed = {"trait_shift": "questionnaire_shift", "statements_shift": "statements_shift"}
-    for r in result.get("rows", []):
-        key = (r["trait"], r["method"], r["direction"])
-        gamma = r.get("gamma")
-        for name, metric in renamed.items():
-            rows.append(_row(*key, metric, r.get(name), "compare", gamma=gamma,
-                             ci=(r.get(f"{name}_ci_low"), r.get(f"{name}_ci_high"))))
-        tasks = sorted(k for k in r if k.endswith("_acc") and not k.startswith("delta_") and k != "lambada_acc")
+    for r in record.rows:
+        key = (r.trait, r.method, r.direction)
+        for name, metric, value, interval in (
+                ("trait_shift", "questionnaire_shift", r.trait_shift, r.trait_shift_interval),
+                ("statements_shift", "statements_shift", r.statements_shift, r.statements_shift_interval)):
+            ci = (interval.ci_low, interval.ci_high) if interval is not None else (None, None)
+            rows.append(_row(*key, metric, value, "compare", ci=ci))
+        tasks = sorted(name for name in r.accuracies if name != "lambada_acc")
         for name in (*_COMPARE_LEVELS, *tasks):
-            rows.append(_row(*key, name, r.get(name), "compare", gamma=gamma))
+            rows.append(_row(*key, name, r.number(name), "compare"))
     return [row for row in rows if row is not None]
 
 
@@ -322,14 +328,16 @@ def run_rows(folder: str | os.PathLike) -> tuple[str, list[ResultRow]]:
     from dpn_lens.evaluation.control_record import ControlRecord
 
     folder = Path(folder)
-    records = {name: folder / name for name in ("control.json", "comparison.json") if (folder / name).is_file()}
-    if not records:
-        raise FileNotFoundError(f"{folder} holds no control.json or comparison.json; pass the --out folder of a "
+    control_path, comparison_path = folder / "control.json", folder / COMPARISON_FILE
+    if not control_path.is_file() and not comparison_path.is_file():
+        raise FileNotFoundError(f"{folder} holds no control.json or {COMPARISON_FILE}; pass the --out folder of a "
                                 "`dpn-lens evaluate`, `control` or `compare` run")
-    loaded = {name: json.loads(path.read_text(encoding="utf-8")) for name, path in records.items()}
-    model = next(str(record.get("meta", {}).get("model", "")) for record in loaded.values())
+    control = json.loads(control_path.read_text(encoding="utf-8")) if control_path.is_file() else None
+    comparison = load_comparison_record(comparison_path) if comparison_path.is_file() else None
+    # the model of the control record where there is one, as the long table lists control's rows first
+    model = str(control.get("meta", {}).get("model", "")) if control is not None else comparison.meta.model  # type: ignore[union-attr]
     if (folder / RESULT_TABLE).is_file():
         return model, read_result_table(folder / RESULT_TABLE)
-    rows = control_rows(ControlRecord.from_dict(loaded["control.json"])) if "control.json" in loaded else []
-    rows += comparison_rows(loaded["comparison.json"]) if "comparison.json" in loaded else []
+    rows = control_rows(ControlRecord.from_dict(control)) if control is not None else []
+    rows += comparison_rows(comparison) if comparison is not None else []
     return model, rows

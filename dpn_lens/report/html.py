@@ -390,15 +390,15 @@ def _with_interval(entry: dict[str, Any], key: str) -> str:
 def _headline(comparison: Path, notes: list[str]) -> str:
     """Per method: the means of ``HEADLINE_METRICS`` over traits and directions, from ``comparison.json``."""
     from dpn_lens.evaluation.compare import summary_by_method
+    from dpn_lens.evaluation.comparison_record import load_comparison_record
 
     try:
-        result = json.loads(comparison.read_text(encoding="utf-8"))
-        rows = result["rows"]
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        record = load_comparison_record(comparison)
+    except ValueError as error:
         notes.append(f"headline numbers not read from {comparison}: {error}")
         return ""
     # A comparison may record per-method summaries with intervals; otherwise the means are computed here.
-    entries = result.get("summary") or summary_by_method(rows)
+    entries = [entry.to_dict() for entry in record.summary or summary_by_method(record.rows)]
     columns = [m for m in HEADLINE_METRICS if any(m in e for e in entries)]
     body = [[html.escape(str(e.get("method", ""))), str(e.get("conditions", ""))]
             + [_with_interval(e, m) if m in e else "" for m in columns] for e in entries]
@@ -443,21 +443,22 @@ def _evidence(summary: dict[str, Any]) -> str:
 
 def _summary(summary: dict[str, Any], maps: dict[str, Any], comparison: Path | None, notes: list[str]) -> list[str]:
     """The page's first block: model, traits, neurons per pole, headline numbers, identical answers."""
+    from dpn_lens.evaluation.comparison_record import load_comparison_record
     from dpn_lens.run import percent_of_all_mlp
 
-    compared: dict[str, Any] = {}
+    compared = None
     if comparison is not None:  # a comparison folder alone (no summary.json) still names its model and traits
         try:
-            compared = json.loads(comparison.read_text(encoding="utf-8"))
-        except json.JSONDecodeError:
-            compared = {}  # _headline notes the unreadable file
-    model = (summary.get("model") or summary.get("model_name") or (compared.get("meta") or {}).get("model")
+            compared = load_comparison_record(comparison)
+        except ValueError:
+            compared = None  # _headline notes the unreadable file
+    model = (summary.get("model") or summary.get("model_name") or (compared.meta.model if compared is not None else None)
              or "(not recorded)")
     # Maps record the model's revision once helper F's NeuronMap fields exist; older maps have none.
     revisions = [getattr(m, name, None) for m in maps.values() for name in ("model_revision", "revision")]
     revision = next((r for r in revisions if r), None)
     traits = list(maps) or list(summary.get("traits") or {}) or list(dict.fromkeys(
-        row["trait"] for row in compared.get("rows") or [] if isinstance(row, dict) and "trait" in row))
+        row.trait for row in (compared.rows if compared is not None else ())))
     facts = [("model", model + (f" (revision {revision})" if revision else "")),
              ("traits", ", ".join(traits) or "(none)")]
     for key in ("gamma", "n_pairs", "dtype"):
