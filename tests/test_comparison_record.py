@@ -11,7 +11,7 @@ import pytest
 
 from dpn_lens.evaluation.capability import CAPABILITY_METRICS, MC_TASKS, CapabilitySizes
 from dpn_lens.evaluation.compare import CompareConfig, run_comparison, write_outputs
-from dpn_lens.evaluation.comparison_record import (ComparisonRecord, ComparisonRow, Interval, SweepRow,
+from dpn_lens.evaluation.comparison_record import (ComparisonRecord, ComparisonRow, Interval, ComparisonSweepRow,
                                                    load_comparison_record)
 from helpers import build_letter_model
 
@@ -162,9 +162,9 @@ def test_a_sweep_row_needs_its_gamma_or_q():
              "statements_high": 0.5, "statements_low": 0.5, "statements_gap": 0.0, "trait_shift": 0.1,
              "wikitext_ppl": 30.0, "kl": 0.01}
     with pytest.raises(ValueError, match="neither 'gamma' nor 'q'"):
-        SweepRow.from_dict(point)
-    assert SweepRow.from_dict({**point, "q": 0.97}).to_dict() == {**point, "q": 0.97}
-    assert list(SweepRow.from_dict({**point, "gamma": 1.0}).to_dict())[:3] == ["method", "trait", "gamma"]
+        ComparisonSweepRow.from_dict(point)
+    assert ComparisonSweepRow.from_dict({**point, "q": 0.97}).to_dict() == {**point, "q": 0.97}
+    assert list(ComparisonSweepRow.from_dict({**point, "gamma": 1.0}).to_dict())[:3] == ["method", "trait", "gamma"]
 
 
 def test_a_record_without_its_lists_or_meta_is_refused(fresh):

@@ -39,7 +39,7 @@ from dpn_lens.io import markdown_table
 from dpn_lens.evaluation import trait as tr
 from dpn_lens.evaluation.comparison_record import (COMPARISON_FILE, SHIFT_METRICS, ComparisonMeta, ComparisonRecord,
                                                    ComparisonRow, Interval, JudgedAnswer, MethodSummary, RespondentRow,
-                                                   SweepRow, capability_fields, shift_fields)
+                                                   ComparisonSweepRow, capability_fields, shift_fields)
 from dpn_lens.evaluation.intervals import paired_effect
 from dpn_lens.evaluation.judge import JudgeConfig, load_test_questions
 from dpn_lens.evaluation.metrics import Capability, Judge, Questionnaire, Statements
@@ -371,8 +371,8 @@ class ComparisonRun:
         n_layers, d_mlp = int(model.cfg.n_layers), int(model.cfg.d_mlp)
         respondents = _respondent_rows(evaluator, config, self.raw_answers)
         sweep_trait = normalize_trait(config.sweep_trait or config.traits[0])
-        gamma_rows: list[SweepRow] = []
-        q_rows: list[SweepRow] = []
+        gamma_rows: list[ComparisonSweepRow] = []
+        q_rows: list[ComparisonSweepRow] = []
         if sweep_trait in self.contexts and (config.gamma_sweep or config.q_sweep):
             context = self.contexts[sweep_trait]
             base = self.base_values[sweep_trait]
@@ -381,7 +381,7 @@ class ComparisonRun:
                     edit, _ = METHODS_BY_NAME[method].condition(model, context, "increase", config, gamma)
                     metrics, values = evaluator.trait_metrics(sweep_trait, edit, None,
                                                               {"method": method, "gamma": gamma})
-                    point = SweepRow(method=method, trait=sweep_trait, gamma=gamma, n_edited=edit.n_edited, **metrics,
+                    point = ComparisonSweepRow(method=method, trait=sweep_trait, gamma=gamma, n_edited=edit.n_edited, **metrics,
                                      **shift_fields(evaluator.effects(sweep_trait, values, base, 1)[0]),
                                      **_text_capability(evaluator.capability(edit, None, light=True)))
                     gamma_rows.append(point)
@@ -393,7 +393,7 @@ class ComparisonRun:
                 edit, _ = METHODS_BY_NAME["dpn-le"].condition(model, TraitContext(sweep_trait, neuron_map), "increase",
                                                               config)
                 metrics, values = evaluator.trait_metrics(sweep_trait, edit, None, {"method": "dpn-le", "q": q})
-                point = SweepRow(method="dpn-le", trait=sweep_trait, q=q, n_edited=edit.n_edited,
+                point = ComparisonSweepRow(method="dpn-le", trait=sweep_trait, q=q, n_edited=edit.n_edited,
                                  pct_edited=percent_of_mlp(edit.n_edited, n_layers, d_mlp), **metrics,
                                  **shift_fields(evaluator.effects(sweep_trait, values, base, 1)[0]),
                                  **_text_capability(evaluator.capability(edit, None, light=True)))
@@ -417,7 +417,7 @@ class ComparisonRun:
 
 
 def _text_capability(capability: Mapping[str, float]) -> dict[str, float]:
-    """The light capability probe's numbers (``wikitext_ppl``, ``kl``) as ``SweepRow`` keyword arguments."""
+    """The light capability probe's numbers (``wikitext_ppl``, ``kl``) as ``ComparisonSweepRow`` keyword arguments."""
     return {key: capability[key] for key in ("wikitext_ppl", "kl")}
 
 
@@ -456,7 +456,7 @@ def _ci_column(name: str) -> str:
     return f"{name} [95% CI]"
 
 
-def _markdown(rows: Sequence[ComparisonRow | SweepRow | MethodSummary | RespondentRow], columns: Sequence[str]) -> str:
+def _markdown(rows: Sequence[ComparisonRow | ComparisonSweepRow | MethodSummary | RespondentRow], columns: Sequence[str]) -> str:
     """``columns`` of the rows as ``comparison.json`` holds them; a column named ``_ci_column(shift)`` shows
     the shift with its interval."""
     shown = []

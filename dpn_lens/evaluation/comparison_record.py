@@ -3,7 +3,7 @@ holds its ``to_dict()``, and ``from_dict`` / ``load_comparison_record`` read it 
 
 A record holds, per method x trait x direction, a ``ComparisonRow`` (neurons edited, questionnaire and
 statement scores, capability, the signed shifts with their intervals, the changes from the unsteered
-model); the per-method means (``MethodSummary``); the γ and q sweeps (``SweepRow``); respondent matching
+model); the per-method means (``MethodSummary``); the γ and q sweeps (``ComparisonSweepRow``); respondent matching
 (``RespondentRow``); the judge's ratings of generated answers (``JudgedAnswer``); and ``ComparisonMeta``.
 
 The JSON is the one ``compare`` always wrote: ``from_dict(d).to_dict() == d`` with the same keys in the
@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-__all__ = ["Interval", "ComparisonRow", "SweepRow", "MethodSummary", "RespondentRow", "JudgedAnswer",
+__all__ = ["Interval", "ComparisonRow", "ComparisonSweepRow", "MethodSummary", "RespondentRow", "JudgedAnswer",
            "ComparisonMeta", "ComparisonRecord", "load_comparison_record", "shift_fields", "capability_fields",
            "SHIFT_METRICS", "COMPARISON_FILE"]
 
@@ -153,7 +153,7 @@ def _interval_keys(names: Sequence[str] = SHIFT_METRICS) -> set[str]:
 
 def shift_fields(columns: Mapping[str, Any], where: str = "a row") -> dict[str, Any]:
     """``trait_shift``, ``trait_shift_interval``, ``statements_shift`` and ``statements_shift_interval``
-    (the keyword arguments of ``ComparisonRow`` and ``SweepRow``) from flat columns such as
+    (the keyword arguments of ``ComparisonRow`` and ``ComparisonSweepRow``) from flat columns such as
     ``compare.trait_effects`` returns; ``statements_shift`` is None in a record of an earlier release.
 
     Example:
@@ -307,7 +307,7 @@ _ROW_KEYS = frozenset({"method", "trait", "direction", *_ROW_NUMBERS, *_interval
 
 
 @dataclass(frozen=True, kw_only=True)
-class SweepRow:
+class ComparisonSweepRow:
     """One point of a sweep on the sweep trait, direction ``increase``: a method at one γ (``gamma``), or
     DPN-LE's map reselected at one quantile (``q``). Capability is WikiText perplexity and KL only.
 
@@ -355,7 +355,7 @@ class SweepRow:
                 "wikitext_ppl": self.wikitext_ppl, "kl": self.kl, **self.extra}
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], where: str = "a sweep row") -> "SweepRow":
+    def from_dict(cls, data: Mapping[str, Any], where: str = "a sweep row") -> "ComparisonSweepRow":
         """A row from ``to_dict`` or ``comparison.json``.
 
         Raises:
@@ -579,8 +579,8 @@ class ComparisonRecord:
     rows: tuple[ComparisonRow, ...]
     meta: ComparisonMeta
     summary: tuple[MethodSummary, ...] | None = None
-    gamma_sweep: tuple[SweepRow, ...] = ()
-    q_sweep: tuple[SweepRow, ...] = ()
+    gamma_sweep: tuple[ComparisonSweepRow, ...] = ()
+    q_sweep: tuple[ComparisonSweepRow, ...] = ()
     respondents: tuple[RespondentRow, ...] = ()
     judged: tuple[JudgedAnswer, ...] | None = ()
     extra: Mapping[str, Any] = field(default_factory=dict)
@@ -608,7 +608,7 @@ class ComparisonRecord:
         known = {"rows", "summary", "gamma_sweep", "q_sweep", "respondents", "judged", "meta"}
         return cls(rows=_rows_of(data, "rows", ComparisonRow),
                    summary=_rows_of(data, "summary", MethodSummary) if "summary" in data else None,
-                   gamma_sweep=_rows_of(data, "gamma_sweep", SweepRow), q_sweep=_rows_of(data, "q_sweep", SweepRow),
+                   gamma_sweep=_rows_of(data, "gamma_sweep", ComparisonSweepRow), q_sweep=_rows_of(data, "q_sweep", ComparisonSweepRow),
                    respondents=_rows_of(data, "respondents", RespondentRow),
                    judged=_rows_of(data, "judged", JudgedAnswer) if "judged" in data else None,
                    meta=ComparisonMeta.from_dict(_present(data, "meta", "the comparison record")),
