@@ -84,6 +84,28 @@ def write_csv_atomic(target: str | os.PathLike, rows: "list[dict[str, Any]]",
     return Path(target)
 
 
+def read_json_record(path: str | os.PathLike, file_name: str, written_by: str) -> tuple[Path, Any]:
+    """``(file, content)`` of a JSON record: ``path`` is the file, or a run folder that holds ``file_name``.
+
+    Raises:
+        FileNotFoundError: when there is no such file (naming the folder to pass, ``written_by``).
+        ValueError: when the file is not JSON.
+
+    Example:
+        >>> read_json_record("runs/eval", "control.json", "`dpn-lens control`")   # doctest: +SKIP
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / file_name
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; pass the {file_name} (or the --out folder) of a "
+                                f"{written_by} run")
+    try:
+        return path, json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not JSON ({error}); it is not the {file_name} that {written_by} writes") from None
+
+
 def read_jsonl(path: str | os.PathLike) -> list[Any]:
     """The records of a JSON Lines file (blank lines skipped); a bad line raises an error naming it.
 

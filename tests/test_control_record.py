@@ -87,7 +87,7 @@ def test_a_record_made_by_the_run_writes_the_file_it_reads_back():
 
 
 def test_bad_input_is_refused_with_what_to_do(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no control record there"):
+    with pytest.raises(FileNotFoundError, match="control.json does not exist; pass the control.json"):
         load_control_record(tmp_path)
     (tmp_path / "control.json").write_text("{not json")
     with pytest.raises(ValueError, match="is not JSON"):

@@ -29,10 +29,8 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 __all__ = ["Interval", "ComparisonRow", "ComparisonSweepRow", "MethodSummary", "RespondentRow", "JudgedAnswer",
@@ -626,17 +624,9 @@ def load_comparison_record(path: str | os.PathLike) -> ComparisonRecord:
         >>> load_comparison_record("results/smollm2-135m-instruct").meta.model   # doctest: +SKIP
         'smollm2-135m-instruct'
     """
-    path = Path(path)
-    if path.is_dir():
-        path = path / COMPARISON_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist; pass the {COMPARISON_FILE} (or the --out folder) of a "
-                                "`dpn-lens compare` or `dpn-lens evaluate` run")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not JSON ({error}); a comparison record is the {COMPARISON_FILE} that "
-                         "`dpn-lens compare` writes") from None
+    from dpn_lens.io import read_json_record
+
+    path, data = read_json_record(path, COMPARISON_FILE, "`dpn-lens compare` or `dpn-lens evaluate`")
     try:
         return ComparisonRecord.from_dict(data)
     except ValueError as error:

@@ -23,7 +23,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -36,7 +35,10 @@ from dpn_lens.evaluation.stage_times import StageRow
 
 __all__ = ["LevelPoint", "MatchedCostRow", "LevelSummary", "MatchedSummaryRow", "GoalRow", "PairExample",
            "GenerationExamples", "TraitExamples", "ControlMeta", "ControlRecord", "load_control_record",
-           "level_key", "examples_by_trait"]
+           "level_key", "examples_by_trait", "CONTROL_FILE"]
+
+CONTROL_FILE = "control.json"
+"""The record's file name in a ``control`` (or ``evaluate``) run folder."""
 
 
 def level_key(name: str, level: float) -> str:
@@ -456,16 +458,9 @@ def load_control_record(path: str | os.PathLike) -> ControlRecord:
         FileNotFoundError: when there is no such file (naming the folder to pass).
         ValueError: when the file is not a control record, or not JSON.
     """
-    path = Path(path)
-    if path.is_dir():
-        path = path / "control.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no control record there; pass a control.json or the --out folder of a "
-                                "`dpn-lens control` or `evaluate` run")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not JSON ({error}); it is not a control record") from error
+    from dpn_lens.io import read_json_record
+
+    path, data = read_json_record(path, CONTROL_FILE, "`dpn-lens control` or `dpn-lens evaluate`")
     try:
         return ControlRecord.from_dict(data)
     except (KeyError, TypeError) as error:
