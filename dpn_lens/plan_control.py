@@ -7,14 +7,17 @@
   every curve (method x direction x grid), per calibrated level, per random-neuron draw;
 * **answer passes**: the held-out answers under one edit (their questions run once, kept in the KV
   cache), per level and per random draw, plus the unsteered and γ-0 margins;
-* **persona passes**: the positive control scores every pair under its high and its low persona (whole
-  sequences);
+* **persona passes**: the positive control scores every pair under its high persona, then under its low
+  one (two passes, each over both answers after the question with that persona);
 * **generation**: the held-out pairs, each question answered greedily under a high and a low persona
-  (skipped when the pairs are cached), and an effect rule's selection pairs;
+  (skipped when the pairs are cached), and an effect rule's selection pairs: per batch a prompt pass
+  and decode steps until its longest answer ends (``generation_seconds``);
 * **the gradient pass** of the attribution rules (forward and backward over the selection answers).
 
 A cost is a rate, FLOPs per second of that kind of work (decode steps: a fixed cost per step plus a
-rate), so the same measurement plans a larger model's run on this machine; a GPU's run needs a
+rate), so the same measurement plans a larger model's run on this machine; the prompts are counted in
+tokens from the run's own material (``prompt_tokens_of``: PersonalityBench's persona prompts are about
+twice the length of a bare question); a GPU's run needs a
 measurement on that GPU. Curves are counted over the whole γ grid: a curve stops early once its KL
 passes 2 nats/token, so the time is an upper bound there. The budget sweep (``--k-sweep``) is counted as
 bracket searches (``BRACKET_PROBES`` probe passes each, an estimate) and points, the generation check
@@ -45,7 +48,8 @@ if TYPE_CHECKING:
 __all__ = ["ControlSettings", "ControlWork", "ControlCosts", "control_work", "measure_control_costs", "sample_pairs",
            "saved_control_costs", "plan_control", "plan_control_run", "gradient_logits_bytes",
            "gradient_activation_bytes", "GradientMemory", "gradient_memory", "selection_batches", "batch_tokens_default",
-           "CPU_HEAP_RETAINED"]
+           "CPU_HEAP_RETAINED", "PromptTokens", "prompt_tokens_of", "generation_seconds", "expected_longest",
+           "answer_steps"]
 
 DIRECTIONS = 2
 
@@ -207,16 +211,33 @@ class ControlCosts:
     and a run's batches are fuller than the sample's (``_batch_scale``)."""
     measured: str
     machine: str = field(default_factory=platform.node)
+    answer_steps: list[float] = field(default_factory=list)
+    """Decode steps each of the sample's greedy answers took (its tokens and the EOS that ended it), as a
+    share of ``max_new_tokens``: a batch decodes until its longest row stops, so a batch of ``b`` rows costs
+    the expected longest of ``b`` of them (``expected_longest``). Empty in a file measured before it was
+    recorded: every batch is charged ``max_new_tokens`` steps, as then."""
+    prefill_flops_per_s: float = 0.0
+    """Rate of a generation batch's prompt pass (the whole padded prompts at once), timed apart from its
+    decode steps. 0 in a file measured before: the prompt pass is not charged apart (the decode steps were
+    then timed with it)."""
+    persona_answer_steps: list[float] = field(default_factory=list)
+    """``answer_steps`` of greedy answers under a persona, as the held-out and the selection pairs are
+    generated (SmolLM2 ends many of those early, few of its bare answers). Empty in an older file:
+    ``answer_steps`` (and the selection's answers ``answer_fill`` long) stand in."""
+    gradient_seconds: float = 0.0
+    """The gradient pass's cost beyond its FLOPs, paid once a pass: its first run took this much longer
+    than its second (the first batch's memory, fresh from the system). ``gradient_flops_per_s`` is the
+    second run's rate; in an older file (0 here) the first run's."""
 
 
 def saved_control_costs(device: str, dtype: str, threads: int) -> ControlCosts | None:
     return read_costs(ControlCosts, costs_file(device, dtype, threads, "control"))
 
 
-def sample_pairs(model: Any, n: int, max_new_tokens: int) -> tuple[list[Any], list[list[int]], float]:
+def sample_pairs(model: Any, n: int, max_new_tokens: int) -> tuple[list[Any], list[list[int]], list[int]]:
     """``n`` pairs whose answers are the model's own greedy answers to embedded questions (for timing, any
-    two answers make a pair), their questions as rendered token ids, and the answers' mean fill of
-    ``max_new_tokens``."""
+    two answers make a pair), their questions as rendered token ids, and the tokens of each of the ``n + 1``
+    greedy answers (EOS excluded; ``max_new_tokens`` where none came)."""
     from dpn_lens.data.contrastive import embedded_questions
     from dpn_lens.data.prompts import render_for_model
     from dpn_lens.evaluation.preference import PreferencePair, greedy_answers
@@ -225,10 +246,42 @@ def sample_pairs(model: Any, n: int, max_new_tokens: int) -> tuple[list[Any], li
     questions = embedded_questions()[:n + 1]
     prompts = [encode(model, render_for_model(model, q)) for q in questions]
     answers = greedy_answers(model, prompts, max_new_tokens, 16)
-    fill = sum(map(len, answers)) / len(answers) / max_new_tokens
+    lengths = [len(answer) for answer in answers]
+    mean = sum(lengths) / len(lengths)
     # An empty answer (EOS at once) cannot be scored; a fixed text of the answers' mean length stands in.
-    texts = [model.tokenizer.decode(a) if a else " ok" * max(1, round(fill * max_new_tokens)) for a in answers]
-    return [PreferencePair(questions[i], texts[i], texts[i + 1]) for i in range(n)], prompts[:n], fill
+    texts = [model.tokenizer.decode(a) if a else " ok" * max(1, round(mean)) for a in answers]
+    return [PreferencePair(questions[i], texts[i], texts[i + 1]) for i in range(n)], prompts[:n], lengths
+
+
+def answer_steps(lengths: Sequence[int], max_new_tokens: int) -> list[float]:
+    """The decode steps each greedy answer of ``lengths`` tokens took, as a share of ``max_new_tokens``: its
+    tokens and the EOS that ended it, or ``max_new_tokens`` where it ran to the limit.
+
+    Example:
+        >>> answer_steps([3, 47, 48], 48)      # 4 of 48 steps, then 48 (the EOS is the 48th), 48
+        [0.08333333333333333, 1.0, 1.0]
+    """
+    return [min(int(length) + 1, max_new_tokens) / max_new_tokens for length in lengths]
+
+
+def expected_longest(shares: Sequence[float], rows: int) -> float:
+    """The expected largest of ``rows`` draws (with replacement) from ``shares``: the decode steps, as a share
+    of ``max_new_tokens``, of a batch of ``rows`` greedy answers, which runs until its longest row stops
+    (``generation.greedy_generate``). With no shares (costs measured before they were recorded): 1, every
+    batch runs to ``max_new_tokens``.
+
+    The j-th smallest of n shares is the largest of the draws with probability (j/n)^rows - ((j-1)/n)^rows.
+
+    Example:
+        >>> expected_longest([0.5, 1.0], 1), expected_longest([0.5, 1.0], 2)    # 1 row: the mean; 2: 3/4 reach 1
+        (0.75, 0.875)
+        >>> expected_longest([], 16)
+        1.0
+    """
+    if not shares:
+        return 1.0
+    ordered, n = sorted(shares), len(shares)
+    return sum(share * ((j / n) ** rows - ((j - 1) / n) ** rows) for j, share in enumerate(ordered, start=1))
 
 
 def measure_control_costs(model_spec: str, device: str = "cpu", dtype: str = "float32", n_pairs: int = 12,
@@ -238,6 +291,7 @@ def measure_control_costs(model_spec: str, device: str = "cpu", dtype: str = "fl
     model's own answers; a rate per FLOP each (decode steps: a fixed cost and a rate)."""
     import torch
 
+    from dpn_lens.data.contrastive import embedded_personas
     from dpn_lens.data.prompts import render_for_model, render_roleplay_prompt
     from dpn_lens.effect.gradients import margin_gradients
     from dpn_lens.evaluation.calibrate import KLProbe, probe_chunks
@@ -251,8 +305,12 @@ def measure_control_costs(model_spec: str, device: str = "cpu", dtype: str = "fl
     shape = model_shape(model_spec)
     model = load_model(model_spec, dtype=dtype, device=None if device == "cpu" else device)
     loaded = status_bytes("VmRSS")
-    pairs, prompts, fill = sample_pairs(model, n_pairs, max_new_tokens)
-    personas = ["You are outgoing, talkative and full of energy.", "You are quiet, reserved and keep to yourself."]
+    pairs, prompts, lengths = sample_pairs(model, n_pairs, max_new_tokens)
+    fill = sum(lengths) / len(lengths) / max_new_tokens
+    # Descriptions of a run's length (the shipped ones; PersonalityBench's are a little longer, which the
+    # plan counts from the data, ``prompt_tokens_of``).
+    highs, lows = embedded_personas("openness")
+    personas = [highs[0], lows[0]]
     persona_prompts = [encode(model, render_for_model(model, render_roleplay_prompt(personas[i % 2], pair.question)))
                        for i, pair in enumerate(pairs)]
     question = sum(map(len, prompts)) / len(prompts)
@@ -278,22 +336,14 @@ def measure_control_costs(model_spec: str, device: str = "cpu", dtype: str = "fl
     persona_seconds = timed(lambda: preference_margins(model, pairs, persona=personas_of), device)
     persona_flops = 2 * len(pairs) * (persona + answer) * shape.forward_flops_per_token(
         context=int((persona + answer) / 2), logits=True)
-    # Decode steps at two batch sizes give the fixed cost per step and the rate.
-    steps = 8
-    timings = []
-    for batch in (2, 8):
-        chosen = (prompts * batch)[:batch]
-        seconds = timed(lambda: greedy_answers(model, chosen, steps, batch), device)
-        timings.append((batch, seconds / steps))
-    token_flops = shape.forward_flops_per_token(context=int(question), logits=True)
-    (b1, t1), (b2, t2) = timings
-    per_row = max((t2 - t1) / (b2 - b1), 1e-9)
-    step_seconds = max(t1 - b1 * per_row, 0.0)
+    step_seconds, step_flops_per_s, prefill_flops_per_s = _decode_costs(model, shape, prompts, lengths, device)
+    persona_lengths = [len(answer) for answer in greedy_answers(model, persona_prompts, max_new_tokens, 16)]
     # Beyond the loaded model and the probe's reference: the answer batches, the caches, allocator slack;
     # then, apart, the gradient pass's (a run without an effect rule to select never makes it).
     reference = probe_tokens * shape.vocab * 4
     extra = max(status_bytes("VmHWM") - loaded - reference, 0)
     reset_peak()
+    first_gradient = timed(lambda: margin_gradients(model, pairs), device)
     gradient_seconds = timed(lambda: margin_gradients(model, pairs), device)
     selection_extra = max(status_bytes("VmHWM") - loaded - reference, 0)
     gradient_flops = 3 * answer_flops
@@ -306,12 +356,15 @@ def measure_control_costs(model_spec: str, device: str = "cpu", dtype: str = "fl
                          probe_flops_per_s=probe_flops / probe_seconds, answer_flops_per_s=answer_flops / answer_seconds,
                          persona_flops_per_s=persona_flops / persona_seconds,
                          gradient_flops_per_s=gradient_flops / gradient_seconds, step_seconds=step_seconds,
-                         step_flops_per_s=token_flops / per_row, answer_fill=fill, prompt_tokens=question,
+                         step_flops_per_s=step_flops_per_s, answer_fill=fill, prompt_tokens=question,
                          persona_tokens=persona, trait_seconds=overhead,
                          probe_reference_bytes=reference, extra_bytes=int(extra),
                          selection_extra_bytes=int(selection_extra),
                          sample_tokens=2 * len(pairs) * (question + answer),
-                         measured=time.strftime("%Y-%m-%d %H:%M"))
+                         measured=time.strftime("%Y-%m-%d %H:%M"),
+                         answer_steps=answer_steps(lengths, max_new_tokens), prefill_flops_per_s=prefill_flops_per_s,
+                         persona_answer_steps=answer_steps(persona_lengths, max_new_tokens),
+                         gradient_seconds=max(first_gradient - gradient_seconds, 0.0))
     if save:
         from dpn_lens.io import write_json_atomic
 
@@ -321,14 +374,178 @@ def measure_control_costs(model_spec: str, device: str = "cpu", dtype: str = "fl
     return costs
 
 
-def _seconds(shape: ModelShape, work: ControlWork, settings: ControlSettings, costs: ControlCosts
-             ) -> dict[str, float]:
-    """Seconds per trait for each kind of work."""
+DECODE_STEPS = 9
+"""Tokens the decode timing generates per batch (``_decode_costs``): a prompt pass and 8 decode steps."""
+
+
+def _decode_costs(model: Any, shape: ModelShape, prompts: Sequence[list[int]], lengths: Sequence[int],
+                  device: str, batches: tuple[int, int] = (2, 16)) -> tuple[float, float, float]:
+    """Greedy generation's costs on the sample's ``prompts`` (whose answers had ``lengths`` tokens): the fixed
+    seconds of one decode step, the decode steps' FLOP rate per row, and the prompt pass's FLOP rate.
+
+    Each batch size generates 1 token (the prompt pass alone) and ``DECODE_STEPS`` tokens: their difference
+    is the decode steps, so the prompt pass, which on a run's persona prompts (150-250 tokens) is about
+    half of a batch's time, is not spread over the steps. Two batch sizes (16, the runs' batch) split a
+    step into a fixed cost and a per-row rate. The prompts whose answers ran longest go first, so a
+    batch's rows rarely stop early; the steps a batch made are counted from its answers all the same.
+    """
+    from dpn_lens.evaluation.preference import greedy_answers
+
+    longest_first = [prompts[i] for i in sorted(range(len(prompts)), key=lambda i: -lengths[i])]
+    greedy_answers(model, longest_first[:1], 2, 1)                                  # warm-up
+    per_step, prefill_rate = [], 0.0
+    for batch in batches:
+        chosen = (longest_first * batch)[:batch]
+        padded = max(map(len, chosen))
+        prompt_pass = timed(lambda: greedy_answers(model, chosen, 1, batch), device)
+        answers: list[list[int]] = []
+        whole = timed(lambda: answers.extend(greedy_answers(model, chosen, DECODE_STEPS, batch)), device)
+        # the tokens the batch generated: its longest answer and the EOS that ended it, at most DECODE_STEPS
+        made = min(DECODE_STEPS, max(map(len, answers)) + 1)
+        per_step.append((batch, max(whole - prompt_pass, 0.0) / max(made - 1, 1)))
+        prefill_rate = batch * padded * shape.forward_flops_per_token(context=padded // 2, logits=True) / prompt_pass
+    question = sum(map(len, prompts)) / len(prompts)
+    token_flops = shape.forward_flops_per_token(context=int(question + DECODE_STEPS / 2), logits=True)
+    (b1, t1), (b2, t2) = per_step
+    per_row = max((t2 - t1) / (b2 - b1), 1e-9)
+    return max(t1 - b1 * per_row, 0.0), token_flops / per_row, prefill_rate
+
+
+@dataclass
+class PromptTokens:
+    """The rendered prompts a ``control`` run generates from and scores under personas, in tokens (chat
+    template and BOS included), from ``prompt_tokens_of``.
+
+    Example:
+        >>> PromptTokens(held_out=[180, 150], persona=165.0, question=58.0, selection=[150, 140])
+        PromptTokens(held_out=[180, 150], persona=165.0, question=58.0, selection=[150, 140])
+    """
+
+    held_out: list[int]
+    """The held-out pairs' generating prompts (a question with a persona of PersonalityBench's first half),
+    a spread of them, longest first."""
+    persona: float
+    """Mean question with a persona of the second half: the persona control's (and the generation check's)
+    contexts."""
+    question: float
+    """Mean held-out question alone: the generation check's prompts."""
+    selection: list[int]
+    """The selection pairs' generating prompts (embedded questions with embedded personas), longest first."""
+
+
+PROMPT_SPREAD = 64
+"""Prompts ``prompt_tokens_of`` renders per kind and trait: a spread of lengths, not every combination."""
+
+
+def prompt_tokens_of(spec: str, traits: Sequence[str], config: Any, costs: ControlCosts) -> PromptTokens:
+    """The prompts ``control`` will run for ``traits``, counted with ``spec``'s tokenizer without loading the
+    model: the held-out ones from PersonalityBench in ``config.data_dir`` (its persona descriptions are
+    about 60 words, its questions 34), the selection's from the embedded material. Where the data cannot be
+    found, the sample's measured lengths (``costs.persona_tokens``, ``costs.prompt_tokens``) stand in.
+    """
+    from dpn_lens.data.contrastive import embedded_personas, embedded_questions
+    from dpn_lens.evaluation.control import _personalitybench
+    from dpn_lens.plan import rendering_stub
+
+    stub = rendering_stub(spec)
+    selection: list[int] = []
+    held_out: list[int] = []
+    persona: list[int] = []
+    question: list[int] = []
+    for trait in traits:
+        highs, lows = embedded_personas(trait)
+        selection += _persona_prompts(stub, embedded_questions(), highs, lows)
+        try:
+            questions, highs, lows = _personalitybench(config.data_dir, trait)
+        except (OSError, KeyError, ValueError):
+            continue
+        half = len(highs) // 2     # the pairs come from the first half, the control's personas from the second
+        held_out += _persona_prompts(stub, questions, highs[:half], lows[:half])
+        persona += _persona_prompts(stub, questions, highs[half:], lows[half:])
+        question += [_prompt_tokens(stub, q) for q in _spread(questions)]
+    return PromptTokens(held_out=sorted(held_out, reverse=True) or [round(costs.persona_tokens)],
+                        persona=sum(persona) / len(persona) if persona else costs.persona_tokens,
+                        question=sum(question) / len(question) if question else costs.prompt_tokens,
+                        selection=sorted(selection, reverse=True))
+
+
+def _spread(items: Sequence[Any], n: int = PROMPT_SPREAD) -> list[Any]:
+    """``n`` of ``items`` spread evenly over them (all of them, cycled, when fewer).
+
+    Example:
+        >>> _spread(list(range(10)), 4), _spread([1, 2], 3)
+        ([0, 2, 5, 7], [1, 2, 1])
+    """
+    return [items[i * len(items) // n] if len(items) >= n else items[i % len(items)] for i in range(n)]
+
+
+def _prompt_tokens(stub: Any, user_text: str) -> int:
+    from dpn_lens.data.prompts import render_for_model
+    from dpn_lens.hooked import encode
+
+    return len(encode(stub, render_for_model(stub, user_text)))
+
+
+def _persona_prompts(stub: Any, questions: Sequence[str], highs: Sequence[str], lows: Sequence[str]) -> list[int]:
+    """Tokens of a spread of role-play prompts: questions with high and with low descriptions."""
+    from dpn_lens.data.prompts import render_roleplay_prompt
+
+    return [_prompt_tokens(stub, render_roleplay_prompt(description, q))
+            for q, high, low in zip(_spread(questions), _spread(highs), _spread(lows[::-1]))
+            for description in (high, low)]
+
+
+def generation_seconds(shape: ModelShape, costs: ControlCosts, prompts: Sequence[int], rows: int, batch: int,
+                       max_new_tokens: int, shares: Sequence[float] | None = None) -> float:
+    """Seconds of ``rows`` greedy answers of at most ``max_new_tokens`` tokens in batches of ``batch``, their
+    prompts spread like ``prompts`` (tokens), as ``generation.greedy_generate`` makes them: longest prompt
+    first, each batch left-padded to its longest prompt.
+
+    A batch costs its prompt pass (its rows at the padded length, at ``costs.prefill_flops_per_s``; not
+    charged where that is 0, the costs of an older measurement) and its decode steps: a fixed cost and
+    every row, finished or not, per step; and it decodes until its longest answer ends, so its steps are
+    the expected longest of its rows' (``expected_longest`` of ``shares``, by default ``costs.answer_steps``)
+    times ``max_new_tokens``.
+
+    Example:
+        >>> shape = ModelShape(n_layers=1, d_model=8, d_mlp=16, n_heads=2, n_kv_heads=2, head_dim=4, vocab=1000,
+        ...                    tied=True)
+        >>> costs = type("Costs", (), {"step_seconds": 1.0, "step_flops_per_s": 1e30, "prefill_flops_per_s": 0.0,
+        ...                            "answer_steps": [0.5, 0.5]})()
+        >>> generation_seconds(shape, costs, [10], rows=4, batch=2, max_new_tokens=8)  # 2 batches of 4 steps
+        8.0
+    """
+    if rows <= 0:
+        return 0.0
+    lengths = sorted(_spread(list(prompts), rows), reverse=True)
+    seconds = 0.0
+    for start in range(0, rows, batch):
+        chunk = lengths[start:start + batch]
+        padded, n = max(chunk), len(chunk)
+        steps = expected_longest(costs.answer_steps if shares is None else shares, n) * max_new_tokens
+        token = shape.forward_flops_per_token(context=int(padded + steps / 2), logits=True)
+        if costs.prefill_flops_per_s:
+            # the prompt pass makes the first token; each later token is a decode step
+            seconds += n * padded * shape.forward_flops_per_token(context=padded // 2, logits=True) \
+                / costs.prefill_flops_per_s
+            steps = max(steps - 1, 0.0)
+        seconds += steps * (costs.step_seconds + n * token / costs.step_flops_per_s)
+    return seconds
+
+
+def _seconds(shape: ModelShape, work: ControlWork, settings: ControlSettings, costs: ControlCosts,
+             prompts: PromptTokens | None = None) -> dict[str, float]:
+    """Seconds per trait for each kind of work; ``prompts``: the run's prompt lengths (``prompt_tokens_of``;
+    None: the sample's, ``costs.persona_tokens`` and ``costs.prompt_tokens``)."""
     from dpn_lens.effect.rules import SELECTION_TOKENS
 
     config = settings.config
     answer = costs.answer_fill * config.max_new_tokens
-    question, persona = costs.prompt_tokens, costs.persona_tokens
+    question = costs.prompt_tokens
+    if prompts is None:
+        prompts = PromptTokens([round(costs.persona_tokens)], costs.persona_tokens, costs.prompt_tokens,
+                               [round(costs.persona_tokens)])
+    persona = prompts.persona
     probe_tokens = config.kl_chunks * (config.kl_tokens + 1)
     probe = probe_tokens * shape.forward_flops_per_token(context=(config.kl_tokens + 1) // 2, logits=True)
     answers = 2 * config.pairs * answer * shape.forward_flops_per_token(context=int(question + answer / 2),
@@ -338,15 +555,20 @@ def _seconds(shape: ModelShape, work: ControlWork, settings: ControlSettings, co
     questions = config.pairs * question * shape.forward_flops_per_token(context=int(question / 2))
     caa = 2 * config.caa_pairs * question * shape.forward_flops_per_token(context=int(question / 2)) \
         if "caa" in config.methods else 0
+    # One persona pass: every pair's two answers after its question with a persona (as the rate was measured).
     personas = 2 * config.pairs * (persona + answer) * shape.forward_flops_per_token(
         context=int((persona + answer) / 2), logits=True)
-    token = shape.forward_flops_per_token(context=int(question), logits=True)
 
-    def generation(rows: int, tokens: int, batch: int) -> float:
-        steps = math.ceil(rows / batch) * tokens
-        return steps * costs.step_seconds + rows * tokens * token / costs.step_flops_per_s
+    # The held-out and selection pairs are answers under a persona; the generation check's are not.
+    under_persona = costs.persona_answer_steps or costs.answer_steps
 
-    selection_answer = costs.answer_fill * SELECTION_TOKENS
+    def generation(lengths: Sequence[int], rows: int, tokens: int, batch: int,
+                   shares: Sequence[float] | None = None) -> float:
+        return generation_seconds(shape, costs, lengths, rows, batch, tokens, shares)
+
+    selection_fill = (sum(costs.persona_answer_steps) / len(costs.persona_answer_steps)
+                      if costs.persona_answer_steps else costs.answer_fill)
+    selection_answer = selection_fill * SELECTION_TOKENS
     gradient = 3 * work.selection_answers * selection_answer * shape.forward_flops_per_token(
         context=int(question + selection_answer / 2), logits=True)
     # The generation check scores each answer set under a high and a low persona (contexts and answers,
@@ -354,17 +576,20 @@ def _seconds(shape: ModelShape, work: ControlWork, settings: ControlSettings, co
     asked = work.generation_questions
     scored = 2 * asked * (persona + answer) * shape.forward_flops_per_token(context=int((persona + answer) / 2),
                                                                           logits=True)
-    return {"held-out pairs": generation(work.generated_answers, config.max_new_tokens, config.pair_batch),
-            "selection": (generation(work.selection_answers, SELECTION_TOKENS, 16)
-                          + gradient / costs.gradient_flops_per_s) if work.selection_answers else 0.0,
+    asking = [round(prompts.question)]
+    return {"held-out pairs": generation(prompts.held_out, work.generated_answers, config.max_new_tokens,
+                                         config.pair_batch, under_persona),
+            "selection": (generation(prompts.selection, work.selection_answers, SELECTION_TOKENS, 16, under_persona)
+                          + gradient / costs.gradient_flops_per_s + costs.gradient_seconds)
+            if work.selection_answers else 0.0,
             "KL curves": work.probe_passes * probe / costs.probe_flops_per_s,
             "answer scoring": (work.answer_passes * answers + questions) / costs.answer_flops_per_s
             + costs.trait_seconds * work.answer_passes,
-            "persona control": work.persona_passes / 2 * personas / costs.persona_flops_per_s,
+            "persona control": work.persona_passes * personas / costs.persona_flops_per_s,
             "method preparation": caa / costs.persona_flops_per_s,
             "budget sweep": work.sweep_probe_passes * probe / costs.probe_flops_per_s
             + (work.sweep_answer_passes * answers / costs.answer_flops_per_s if work.sweep_answer_passes else 0.0),
-            "generation check": (work.generation_sets * generation(asked, config.max_new_tokens, 16)
+            "generation check": (work.generation_sets * generation(asking, asked, config.max_new_tokens, 16)
                                  + work.generation_scored * scored / costs.persona_flops_per_s)
             if work.generation_sets else 0.0}
 
@@ -412,11 +637,12 @@ def plan_control(spec: str, traits: Sequence[str], settings: ControlSettings, de
                                 located.stages[1].detail))
     weights = shape.n_params() * BYTES[dtype]
     usable = costs is not None and costs.device == device and costs.dtype == dtype
-    per_kind = _seconds(shape, work, settings, costs) if usable else {}
+    prompts = prompt_tokens_of(spec, traits, config, costs) if usable else None
+    per_kind = _seconds(shape, work, settings, costs, prompts) if usable else {}
     # one probe pass: the unsteered reference, once per run
     reference_seconds = per_kind["KL curves"] / work.probe_passes if usable else 0.0
     if usable and made:   # the passes each trait made, as a mean per trait
-        per_kind = {kind: sum(_seconds(shape, w, settings, costs)[kind] for w in made) / len(made)
+        per_kind = {kind: sum(_seconds(shape, w, settings, costs, prompts)[kind] for w in made) / len(made)
                     for kind in per_kind}
         work = made[0]
     reference = config.kl_chunks * (config.kl_tokens + 1) * shape.vocab * 4
@@ -445,6 +671,11 @@ def plan_control(spec: str, traits: Sequence[str], settings: ControlSettings, de
         peak += int(costs.extra_bytes * _batch_scale(PairScorer, 2 * config.pairs * per_answer, costs))
         selection_peak += int(costs.selection_extra_bytes
                               * _batch_scale(margin_gradients, 2 * config.selection_pairs * per_answer, costs))
+        if gradient is not None:
+            # The sample's pass (2 batches) scaled to a run's fuller batches missed what the run's later
+            # batches add (glibc's heap keeps the earlier ones' blocks; the cache of every batch): SmolLM2,
+            # 128 pairs, 4.15 GiB planned where 5.38 were held. The estimate counts the run's own batches.
+            selection_peak = max(selection_peak, base + gradient.total)
     counts = {"held-out pairs": f"{work.generated_answers} greedy answers of <= {config.max_new_tokens} tokens",
               "selection": f"{work.selection_answers} selection answers, generated and differentiated"
                            + ("" if usable or gradient is None else

@@ -233,10 +233,21 @@ def test_only_a_run_that_selects_a_rule_is_planned_to_hold_the_gradient_passs_me
                          costs=_control_costs(), machine=_costs())
     peaks = {stage.name: stage.peak_bytes for stage in selecting.stages}
     # 16 pairs x 2 answers x (40 question + 0.8 x 48 answer tokens) fill 2509 of the scorer's 4096-token
-    # batches; 128 selection pairs fill the gradient's 2048-token batches (the sample fills both).
+    # batches; 128 selection pairs fill the gradient's 2048-token batches (the sample fills both). The
+    # selection holds at least the estimate of the pass over the run's own batches (``gradient_memory``).
+    from dpn_lens.effect.rules import SELECTION_TOKENS
+    from dpn_lens.plan import model_shape
+    from dpn_lens.plan_control import gradient_memory, selection_batches
+
+    estimate = gradient_memory(model_shape(str(tiny_folder)), "float32",
+                               selection_batches(str(tiny_folder), 128, SELECTION_TOKENS), 128, cpu_heap=True).total
     answer_extra, selection_extra = int(2 ** 20 * 32 * 78.4 / 4096), 2 ** 22
+    assert estimate > selection_extra
     assert peaks["selection (1 traits)"] - peaks["answer scoring (1 traits)"] == pytest.approx(
-        selection_extra - answer_extra, abs=2)
+        estimate - answer_extra, abs=2)
+    larger = plan_control(str(tiny_folder), ["openness"], ControlSettings(config, maps_given=True),
+                          costs=_control_costs(selection_extra_bytes=2 ** 30), machine=_costs())
+    assert larger.peak_bytes - peaks["answer scoring (1 traits)"] == pytest.approx(2 ** 30 - answer_extra, abs=2)
     assert selecting.peak_bytes == peaks["selection (1 traits)"]
     assert given.peak_bytes == peaks["answer scoring (1 traits)"] < selecting.peak_bytes
 

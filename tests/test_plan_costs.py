@@ -1,0 +1,185 @@
+"""The control plan's per-pass costs (issue 25): a generation batch costs its prompt pass and the decode steps
+until its longest answer ends (not ``max_new_tokens`` steps whatever the answers), the persona control is
+two passes over persona prompts of the run's own length, and cost files measured before these fields
+still load and plan as then."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from dpn_lens.plan import ModelShape
+
+SHAPE = ModelShape(n_layers=2, d_model=8, d_mlp=16, n_heads=2, n_kv_heads=2, head_dim=4, vocab=100, tied=True)
+
+
+def _control_costs(**changes):
+    from dpn_lens.plan_control import ControlCosts
+
+    values = dict(device="cpu", dtype="float32", threads=1, model="m", probe_flops_per_s=1e9, answer_flops_per_s=2e9,
+                  persona_flops_per_s=2e9, gradient_flops_per_s=1e9, step_seconds=0.01, step_flops_per_s=1e9,
+                  answer_fill=0.8, prompt_tokens=40.0, persona_tokens=90.0, trait_seconds=0.001,
+                  probe_reference_bytes=10, extra_bytes=2 ** 20, selection_extra_bytes=2 ** 22, sample_tokens=10 ** 6,
+                  measured="now")
+    values.update(changes)
+    return ControlCosts(**values)
+
+
+def test_a_batch_decodes_until_its_longest_answer_ends():
+    """Only the steps count here (a step's per-row rate made negligible): 16 answers that all end at a
+    quarter of the limit take a quarter of the steps; one long answer among them keeps its batch going."""
+    from dpn_lens.plan_control import expected_longest, generation_seconds
+
+    def seconds(shares, rows=16, batch=16):
+        costs = _control_costs(step_seconds=1.0, step_flops_per_s=1e30, answer_steps=shares)
+        return generation_seconds(SHAPE, costs, [30], rows=rows, batch=batch, max_new_tokens=48)
+
+    assert seconds([]) == pytest.approx(48.0)               # an older measurement: every batch runs to the limit
+    assert seconds([0.25]) == pytest.approx(12.0)           # the measured length, not max_new_tokens
+    mixed = [0.25] * 7 + [1.0]                              # one answer in 8 runs to the limit
+    assert seconds(mixed) == pytest.approx(48 * expected_longest(mixed, 16))
+    assert seconds(mixed) > 0.85 * 48                       # a batch of 16 nearly always holds one
+    assert seconds(mixed, rows=16, batch=1) == pytest.approx(16 * 48 * (7 * 0.25 + 1.0) / 8)   # alone: the mean
+    assert seconds(mixed, rows=20) == pytest.approx(48 * (expected_longest(mixed, 16) + expected_longest(mixed, 4)))
+
+
+def test_the_expected_longest_is_the_largest_of_draws():
+    """Checked against drawing: the expected largest of b draws from the sample's shares."""
+    from dpn_lens.plan_control import answer_steps, expected_longest
+
+    shares = answer_steps([3, 10, 47, 48, 20], 48)
+    generator = torch.Generator().manual_seed(0)
+    draws = torch.tensor(shares)[torch.randint(len(shares), (20000, 4), generator=generator)]
+    assert expected_longest(shares, 4) == pytest.approx(float(draws.max(dim=1).values.mean()), rel=0.01)
+    assert expected_longest(shares, 1) == pytest.approx(sum(shares) / len(shares))
+    assert max(shares) == 1.0 and min(shares) == pytest.approx(4 / 48)
+
+
+def test_a_batchs_prompt_pass_is_charged_at_its_padded_length():
+    """With a measured prompt-pass rate, each batch pays its rows at its longest prompt, then one step fewer
+    (the prompt pass makes the first token); prompts go longest first, as greedy_generate batches them."""
+    from dpn_lens.plan_control import generation_seconds
+
+    costs = _control_costs(step_seconds=0.5, step_flops_per_s=1e9, prefill_flops_per_s=4e9, answer_steps=[0.5])
+    got = generation_seconds(SHAPE, costs, [100, 60, 40, 20], rows=4, batch=2, max_new_tokens=10)
+
+    def batch(rows, padded):
+        prompt = rows * padded * SHAPE.forward_flops_per_token(context=padded // 2, logits=True) / 4e9
+        step = SHAPE.forward_flops_per_token(context=int(padded + 5 / 2), logits=True)
+        return prompt + 4 * (0.5 + rows * step / 1e9)
+
+    assert got == pytest.approx(batch(2, 100) + batch(2, 40))
+    assert generation_seconds(SHAPE, costs, [100], rows=0, batch=2, max_new_tokens=10) == 0.0
+
+
+def test_the_persona_control_is_two_passes_over_the_runs_persona_prompts(tiny_folder):
+    """The plan once charged one pass for the two (high, then low) and the sample's short personas: 0.36 of
+    the measured time. Each pass scores both answers of every pair after its question with a persona."""
+    from dpn_lens.evaluation.control import ControlConfig
+    from dpn_lens.plan import model_shape
+    from dpn_lens.plan_control import ControlSettings, PromptTokens, _seconds, control_work
+
+    shape = model_shape(str(tiny_folder))
+    settings = ControlSettings(ControlConfig(methods=["dpn-le"], pairs=16), maps_given=True)
+    work = control_work(settings)
+    costs = _control_costs()
+    prompts = PromptTokens(held_out=[200], persona=170.0, question=60.0, selection=[150])
+    answer = costs.answer_fill * 48
+    one_pass = 2 * 16 * (170 + answer) * shape.forward_flops_per_token(context=int((170 + answer) / 2), logits=True)
+    persona = _seconds(shape, work, settings, costs, prompts)["persona control"]
+    assert work.persona_passes == 2
+    assert persona == pytest.approx(2 * one_pass / costs.persona_flops_per_s)
+    assert _seconds(shape, work, settings, _control_costs(persona_flops_per_s=4e9), prompts)["persona control"] \
+        == pytest.approx(persona / 2)
+    # without the run's prompts, the sample's persona length stands in
+    assert _seconds(shape, work, settings, costs)["persona control"] < persona
+
+
+def test_the_run_prompts_are_counted_from_its_data(tiny_folder, tmp_path):
+    """PersonalityBench's persona prompts for the held-out pairs and the persona control, its questions for
+    the generation check, the embedded material for the selection; the sample's lengths without data."""
+    from dpn_lens.data.contrastive import embedded_questions
+    from dpn_lens.data.prompts import render_for_model, render_roleplay_prompt
+    from dpn_lens.evaluation.control import ControlConfig
+    from dpn_lens.hooked import encode
+    from dpn_lens.plan import rendering_stub
+    from dpn_lens.plan_control import prompt_tokens_of
+    from helpers import write_personalitybench
+
+    data = write_personalitybench(tmp_path / "data")
+    costs = _control_costs(persona_tokens=91.0, prompt_tokens=41.0)
+    counted = prompt_tokens_of(str(tiny_folder), ["openness"], ControlConfig(data_dir=str(data)), costs)
+    stub = rendering_stub(str(tiny_folder))
+    rows = [json.loads(line) for line in (data / "personalitybench" / "description.jsonl").read_text().splitlines()]
+    questions = [json.loads(line)["question"]
+                 for line in (data / "personalitybench" / "test" / "Openness.jsonl").read_text().splitlines()]
+    lengths = [len(encode(stub, render_for_model(stub, render_roleplay_prompt(row[key], q))))
+               for row in rows for key in ("Openness", "Openness_reversed") for q in questions]
+    assert min(lengths) <= min(counted.held_out) and max(counted.held_out) <= max(lengths)
+    assert min(lengths) <= counted.persona <= max(lengths)
+    assert counted.held_out == sorted(counted.held_out, reverse=True)
+    assert counted.question < counted.persona
+    bare = [len(encode(stub, render_for_model(stub, q))) for q in embedded_questions()]
+    assert min(counted.selection) > min(bare)                 # a persona on top of the embedded questions
+    missing = prompt_tokens_of(str(tiny_folder), ["openness"], ControlConfig(data_dir=str(tmp_path / "none")), costs)
+    assert (missing.held_out, missing.persona, missing.question) == ([91], 91.0, 41.0)
+    assert missing.selection == counted.selection
+
+
+def test_measured_costs_record_answer_steps_and_the_prompt_pass_and_older_files_still_load(tiny_folder, tmp_path,
+                                                                                             monkeypatch):
+    from dpn_lens.plan import costs_file
+    from dpn_lens.plan_control import ControlCosts, measure_control_costs, saved_control_costs
+
+    monkeypatch.setenv("DPN_LENS_CACHE", str(tmp_path / "cache"))
+    costs = measure_control_costs(str(tiny_folder), n_pairs=4, max_new_tokens=6)
+    assert len(costs.answer_steps) == 5 and all(0 < share <= 1 for share in costs.answer_steps)
+    assert costs.prefill_flops_per_s > 0 and costs.step_flops_per_s > 0
+    assert len(costs.persona_answer_steps) == 4 and all(0 < share <= 1 for share in costs.persona_answer_steps)
+    assert costs.gradient_seconds >= 0 and costs.gradient_flops_per_s > 0
+    threads = torch.get_num_threads()
+    path = costs_file("cpu", "float32", threads, "control")
+    saved = json.loads(path.read_text())
+    assert saved["answer_steps"] == costs.answer_steps and saved["prefill_flops_per_s"] == costs.prefill_flops_per_s
+    # A file written before the two fields: it loads, and plans as then (every batch to the limit, no
+    # prompt pass apart).
+    new = ("answer_steps", "prefill_flops_per_s", "persona_answer_steps", "gradient_seconds")
+    path.write_text(json.dumps({key: value for key, value in saved.items() if key not in new}))
+    loaded = saved_control_costs("cpu", "float32", threads)
+    assert loaded == dataclasses.replace(costs, answer_steps=[], prefill_flops_per_s=0.0, persona_answer_steps=[],
+                                         gradient_seconds=0.0)
+    assert isinstance(loaded, ControlCosts)
+
+
+def test_answers_under_a_persona_are_charged_their_own_lengths_and_the_gradient_pass_its_fixed_cost(tiny_folder):
+    """The held-out and selection pairs are generated under personas (the sample's persona answers' steps), the
+    generation check without (the bare answers'); the selection's gradient pass runs over answers of the
+    persona answers' length and pays its once-a-pass cost."""
+    from dpn_lens.effect.rules import SELECTION_TOKENS
+    from dpn_lens.evaluation.control import ControlConfig
+    from dpn_lens.plan import model_shape
+    from dpn_lens.plan_control import ControlSettings, PromptTokens, _seconds, control_work, generation_seconds
+
+    shape = model_shape(str(tiny_folder))
+    config = ControlConfig(methods=["dpn-le", "attribution-t"], pairs=16, selection_pairs=8, generation_questions=4)
+    settings = ControlSettings(config, maps_given=True)
+    work = control_work(settings)
+    prompts = PromptTokens(held_out=[200, 180], persona=170.0, question=60.0, selection=[150, 140])
+    costs = _control_costs(answer_steps=[1.0], persona_answer_steps=[0.25])
+    seconds = _seconds(shape, work, settings, costs, prompts)
+    assert seconds["held-out pairs"] == pytest.approx(
+        generation_seconds(shape, costs, prompts.held_out, 32, config.pair_batch, 48, [0.25]))
+    assert seconds["held-out pairs"] < 0.5 * _seconds(shape, work, settings, _control_costs(answer_steps=[1.0]),
+                                                      prompts)["held-out pairs"]
+    answer = 0.25 * SELECTION_TOKENS
+    gradient = 3 * 16 * answer * shape.forward_flops_per_token(context=int(40.0 + answer / 2), logits=True) / 1e9
+    generated = generation_seconds(shape, costs, prompts.selection, 16, 16, SELECTION_TOKENS, [0.25])
+    assert seconds["selection"] == pytest.approx(generated + gradient)
+    fixed = _seconds(shape, work, settings, dataclasses.replace(costs, gradient_seconds=7.0), prompts)
+    assert fixed["selection"] == pytest.approx(seconds["selection"] + 7.0)
+    # the generation check's bare answers ran to the limit in the sample: its batches do too
+    bare = generation_seconds(shape, costs, [60], 4, 16, 48, [1.0])
+    assert seconds["generation check"] > work.generation_sets * bare * 0.999
