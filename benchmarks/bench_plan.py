@@ -51,6 +51,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))      # the package beside benchmarks/
 
+from dpn_lens.evaluation.control_record import load_control_record  # noqa: E402
 from dpn_lens.io import markdown_table  # noqa: E402
 from dpn_lens.plan import measure_costs, plan_locate, timed  # noqa: E402
 
@@ -75,9 +76,9 @@ def measured_command(arguments: list[str]) -> dict[str, Any]:
         result = json.loads(report.stdout.strip().splitlines()[-1])
         recorded = Path(folder) / "run" / "control.json"
         if recorded.exists():   # a control run records its seconds per stage and trait (evaluation.stage_times)
-            control = json.loads(recorded.read_text(encoding="utf-8"))
-            result["stages"], result["run_seconds"] = control.get("stages", []), control["meta"]["seconds"]
-            result["record"] = control
+            control = load_control_record(recorded)
+            result["stages"] = [row.to_dict() for row in control.stages or []]
+            result["run_seconds"], result["record"] = control.meta.seconds, control
     if result["returncode"] != 0:
         raise RuntimeError(f"dpn-lens {arguments[0]} failed:\n{result['stderr']}")
     return result

@@ -94,18 +94,15 @@ class ControlWork:
     generation_questions: int = 0
 
 
-def control_work(settings: ControlSettings, run: "ControlRecord | dict[str, Any] | None" = None) -> ControlWork:
+def control_work(settings: ControlSettings, run: "ControlRecord | None" = None) -> ControlWork:
     """The passes one trait of ``control`` runs, counted as ``evaluation.control.run_control`` makes them.
 
     Without ``run``, every curve covers the whole γ grid and reaches every KL level (the plan's bound).
     With ``run`` (a ``control`` result of one trait), the curves and points that run measured are counted
     instead: the passes it made, exactly (``tests/test_plan.py`` counts them on the tiny model).
     """
-    from dpn_lens.evaluation.control_record import ControlRecord
     from dpn_lens.evaluation.methods import effect_rules_needed, neuron_methods
 
-    if isinstance(run, ControlRecord):
-        run = run.to_dict()     # counted from the file's rows (``trait_record`` hands those)
     config = settings.config
     levels = config.kl_levels          # sorted, the target among them (ControlConfig)
     randomized = neuron_methods(config.methods) if config.random_control else []
@@ -116,10 +113,9 @@ def control_work(settings: ControlSettings, run: "ControlRecord | dict[str, Any]
         draws = DIRECTIONS * len(randomized) * sum(
             config.random_draws if level == config.target_kl else config.random_draws_off_target for level in levels)
     else:
-        grid_points = len(run["costs"])
-        measured = [row for row in run["curves"] if not row["method"].startswith("random-neurons")]
-        points = len(measured)
-        draws = sum(int(row.get("draws", 1)) for row in run["curves"] if row["method"].startswith("random-neurons"))
+        grid_points = len(run.costs)
+        points = sum(not point.method.startswith("random-neurons") for point in run.curves)
+        draws = sum(point.measured.draws or 1 for point in run.curves if point.method.startswith("random-neurons"))
     rules = [] if settings.rule_maps_given else [r for r in effect_rules_needed(config.methods) if r != "dpn-le"]
     attribution = any(r.startswith("attribution") or r == "dpn-le-attribution" for r in rules)
     sweep_probe, sweep_answer = _sweep_passes(config, run)
@@ -134,9 +130,10 @@ def control_work(settings: ControlSettings, run: "ControlRecord | dict[str, Any]
                        generation_questions=_generation_questions(config, run))
 
 
-def _generation_questions(config: Any, run: dict[str, Any] | None) -> int:
+def _generation_questions(config: Any, run: "ControlRecord | None") -> int:
     """Questions the generation check asks: ``--generation``, at most the pairs (a run: as many as it asked)."""
-    asked = [int(row["n"]) for row in (run or {}).get("generation", []) if row["method"].startswith("persona")]
+    asked = [int(row.effect.n) for row in (run.generation or [] if run is not None else [])
+             if row.method.startswith("persona") and row.effect is not None]
     return max(asked) if asked else min(config.generation_questions, config.pairs)
 
 
@@ -146,7 +143,7 @@ grid point, the one its KL-grows-like-gamma^2 prediction names, and the neighbou
 (measured: 2-3 per point that reaches the target on the tiny model; more where the target lies off the grid)."""
 
 
-def _sweep_passes(config: Any, run: dict[str, Any] | None) -> tuple[int, int]:
+def _sweep_passes(config: Any, run: "ControlRecord | None") -> tuple[int, int]:
     """Probe and answer passes of the budget sweep: per rule, budget and direction a bracket search of the
     γ grid around the target KL (``BRACKET_PROBES``, an estimate) and one measured point (a probe and an
     answer pass); from a run, the passes it made."""
@@ -155,14 +152,14 @@ def _sweep_passes(config: Any, run: dict[str, Any] | None) -> tuple[int, int]:
     if not config.k_sweep:
         return 0, 0
     if run is not None:
-        rows = run.get("sweep", [])
-        reached = sum(bool(row.get("reached")) for row in rows)
-        return sum(int(row.get("curve_points", 0)) for row in rows) + reached, reached
+        rows = run.sweep or []
+        reached = sum(row.reached for row in rows)
+        return sum(row.curve_points or 0 for row in rows) + reached, reached
     curves = len(swept_rules(config.methods)) * len(config.k_sweep) * DIRECTIONS
     return curves * (min(len(config.gammas), BRACKET_PROBES) + 1), curves
 
 
-def _generation_sets(config: Any, run: dict[str, Any] | None) -> int:
+def _generation_sets(config: Any, run: "ControlRecord | None") -> int:
     """Answer sets the generation check generates: the unsteered one, then per direction each check of
     ``evaluation.control.generation_checks`` and its random-neuron draws."""
     from dpn_lens.evaluation.control import generation_checks
@@ -170,9 +167,9 @@ def _generation_sets(config: Any, run: dict[str, Any] | None) -> int:
     if not config.generation_questions:
         return 0
     if run is not None:
-        measured = [row for row in run.get("generation", [])
-                    if not row["method"].startswith("persona") and not math.isnan(float(row.get("shift", math.nan)))]
-        return 1 + sum(1 + int(row.get("draws", 0)) for row in measured)
+        measured = [row for row in run.generation or []
+                    if not row.method.startswith("persona") and row.effect is not None and not math.isnan(row.effect.shift)]
+        return 1 + sum(1 + (row.random.draws if row.random is not None else 0) for row in measured)
     return 1 + DIRECTIONS * sum(1 + draws for _, _, draws in generation_checks(config))
 
 
@@ -594,25 +591,15 @@ def _seconds(shape: ModelShape, work: ControlWork, settings: ControlSettings, co
             if work.generation_sets else 0.0}
 
 
-def trait_record(run: "ControlRecord | Mapping[str, Any]", trait: str) -> dict[str, Any]:
-    """``run`` (a ``control`` record, or its ``control.json``) with only ``trait``'s rows: what ``control_work``
-    counts for one trait.
-
-    Example:
-        >>> trait_record({"curves": [{"trait": "openness"}, {"trait": "neuroticism"}], "meta": {}}, "openness")
-        {'curves': [{'trait': 'openness'}], 'meta': {}}
-    """
-    from dpn_lens.evaluation.control_record import ControlRecord
-
-    data = run.to_dict() if isinstance(run, ControlRecord) else run
-    return {key: [row for row in rows if row.get("trait") == trait]
-            if isinstance(rows, list) and rows and isinstance(rows[0], dict) and "trait" in rows[0] else rows
-            for key, rows in data.items()}
+def trait_record(run: "ControlRecord", trait: str) -> "ControlRecord":
+    """``run`` (a ``control`` record) with only ``trait``'s rows: what ``control_work`` counts for one trait
+    (``ControlRecord.of_trait``)."""
+    return run.of_trait(trait)
 
 
 def plan_control(spec: str, traits: Sequence[str], settings: ControlSettings, device: str = "cpu",
                  dtype: str = "float32", costs: ControlCosts | None = None,
-                 machine: MachineCosts | None = None, run: "ControlRecord | Mapping[str, Any] | None" = None) -> RunPlan:
+                 machine: MachineCosts | None = None, run: "ControlRecord | None" = None) -> RunPlan:
     """The plan of ``dpn-lens control`` for ``traits`` with ``settings``: start-up and load, locate (without
     maps, from ``plan_locate``), then per trait the counted work at ``costs``' rates.
 

@@ -123,3 +123,13 @@ def test_the_sparsity_figure_and_report_read_committed_records(tmp_path):
     assert "Generation-based check" in text and "which steers?" in text and (tmp_path / "goal.csv") in written
     assert _same(json.loads((tmp_path / "control.json").read_text()), json.loads(
         (RESULTS / "control-gemma-3-270m-selection512-generation" / "control.json").read_text()))
+
+
+def test_one_traits_record_keeps_its_rows_only():
+    record = load_control_record(RESULTS / "control-gemma-3-270m-selection512-generation")
+    mine = record.of_trait("openness")
+    for table in ("validation", "costs", "curves", "calibrated", "gamma_zero", "generation", "stages"):
+        rows = getattr(mine, table)
+        assert rows and {row.trait for row in rows} == {"openness"}, table
+        assert len(rows) == sum(row.trait == "openness" for row in getattr(record, table)), table
+    assert list(mine.examples) == ["openness"] and mine.meta == record.meta

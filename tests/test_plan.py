@@ -402,9 +402,8 @@ def test_control_work_counts_the_budget_sweep_and_the_generation_check(tiny_mode
         generation_questions=3, generation_levels=[0.005, 0.01], generation_draws=2)
     neuron_map = make_map("extraversion", {1: [3, 7, 11]}, {2: [5, 9, 20]}, [1, 2], n_layers=int(tiny_model.cfg.n_layers),
                           d_mlp=int(tiny_model.cfg.d_mlp), fingerprint=model_fingerprint(tiny_model).to_dict())
-    result = run_control(tiny_model, config, log=lambda line: None, progress=False,
-                         maps={"extraversion": neuron_map}).to_dict()
-    assert result["sweep"] and result["generation"]
+    result = run_control(tiny_model, config, log=lambda line: None, progress=False, maps={"extraversion": neuron_map})
+    assert result.sweep and result.generation
     settings = ControlSettings(config, maps_given=True, rule_maps_given=True)
     exact = control_work(settings, run=result)
     assert exact.sweep_probe_passes > 0 and exact.generation_sets > 1
@@ -420,11 +419,11 @@ def test_control_work_counts_the_budget_sweep_and_the_generation_check(tiny_mode
     # dpn-le and caa at two levels and two directions; dpn-le's two random draws at the verdict level only
     assert bound.generation_sets == 1 + 2 * (2 * 2 + 2)
     # the run records its wall time per stage, under the plan's stage names, within its own wall time
-    stages = {row["stage"]: row["seconds"] for row in result["stages"] if row["trait"] == "extraversion"}
+    stages = {row.stage: row.seconds for row in result.stages if row.trait == "extraversion"}
     assert list(stages) == ["held-out pairs", "persona control", "method preparation", "KL curves", "answer scoring",
                             "budget sweep", "generation check", "other"]
     assert all(seconds >= 0 for seconds in stages.values()) and stages["KL curves"] > 0
-    assert sum(stages.values()) <= result["meta"]["seconds"] + 1e-6
+    assert sum(stages.values()) <= result.meta.seconds + 1e-6
 
 
 def test_the_plan_benchmark_compares_the_sample_rate_with_a_runs(tiny_folder, tmp_path, monkeypatch):
@@ -687,9 +686,19 @@ def test_a_plan_given_the_runs_record_counts_the_passes_each_trait_made(tiny_fol
                            target_kl=0.05, random_control=False)
     settings = ControlSettings(config, maps_given=True, rule_maps_given=True, pairs_cached=True)
     # openness: 2 grid points and a measured point per direction; neuroticism: 4 grid points, 1 measured point
-    record = {"costs": [{"trait": "openness"}] * 2 + [{"trait": "neuroticism"}] * 4,
-              "curves": [{"trait": "openness", "method": "dpn-le"}] * 2 + [{"trait": "neuroticism", "method": "dpn-le"}],
-              "meta": {"traits_done": traits}}
+    from dpn_lens.evaluation.control_record import ControlMeta, ControlRecord
+    from dpn_lens.evaluation.control_rows import CostPoint, DosePoint, Effect, MeasuredEdit
+
+    def cost(trait):
+        return CostPoint(trait, "increase", "dpn-le", 1.0, 0.01, 10.0)
+
+    def point(trait):
+        return DosePoint(trait, "increase", "dpn-le", 0.05, MeasuredEdit(1.0, 6, 0.05, 10.0, Effect(0.0, 0.0, 0.0, 1.0, 8)))
+
+    record = ControlRecord(validation=[], costs=[cost("openness")] * 2 + [cost("neuroticism")] * 4,
+                           curves=[point("openness")] * 2 + [point("neuroticism")], matched_cost=[],
+                           matched_summary=[], calibrated=[], gamma_zero=[], examples={},
+                           meta=ControlMeta("tiny", "torch.float32", {}, 1.0, traits_done=traits))
     assert [control_work(settings, trait_record(record, t)).probe_passes for t in traits] == [1 + 2 + 2, 1 + 4 + 1]
     bound_passes = control_work(settings).probe_passes
     assert bound_passes == 1 + 2 * 3 + 2 * 1

@@ -23,6 +23,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
@@ -406,6 +407,24 @@ class ControlRecord:
     def traits_done(self) -> list[str]:
         """The traits measured (from the validation rows where an older record does not name them)."""
         return list(self.meta.traits_done) if self.meta.traits_done is not None else [r.trait for r in self.validation]
+
+    def of_trait(self, trait: str) -> "ControlRecord":
+        """The record with only ``trait``'s rows in each long table and its examples (the wide tables and
+        ``meta`` as they are: they summarize the run).
+
+        Example:
+            >>> record = load_control_record("results/control-gemma-3-270m-skipbos")        # doctest: +SKIP
+            >>> {row.trait for row in record.of_trait("openness").curves}                   # doctest: +SKIP
+            {'openness'}
+        """
+        def mine(rows: list[Any] | None) -> list[Any] | None:
+            return None if rows is None else [row for row in rows if row.trait == trait]
+
+        return dataclasses.replace(self, validation=mine(self.validation), costs=mine(self.costs),
+                                   curves=mine(self.curves), calibrated=mine(self.calibrated),
+                                   gamma_zero=mine(self.gamma_zero), sweep=mine(self.sweep),
+                                   generation=mine(self.generation), stages=mine(self.stages),
+                                   examples={t: e for t, e in self.examples.items() if t == trait})
 
     def to_dict(self) -> dict[str, Any]:
         """``control.json``'s content (JSON-ready, NaN as JSON writes it)."""
