@@ -601,3 +601,27 @@ def test_a_budget_points_bracket_search_reads_the_gamma_of_the_whole_curve_in_fe
             full_probes += len(whole)
             bracket_probes += len(bracket)
     assert reached >= 4 and bracket_probes < full_probes / 2
+
+
+def test_no_cache_reaches_the_selection_pairs(tiny_model, monkeypatch):
+    """``control --no-cache`` (``cache_pairs=False``) generates the selection pairs again too: the effect rules'
+    selection asks ``selection_pairs`` not to read the cache, through the run's ``RuleSelection``."""
+    from dpn_lens.effect import pairs as pair_module
+    from dpn_lens.evaluation.preparation import RuleSelection, TraitPreparation
+
+    asked = []
+
+    def recorded(*args, cache=True, **kwargs):
+        asked.append(cache)
+        raise RuntimeError("stop after the call")
+
+    monkeypatch.setattr(pair_module, "selection_pairs", recorded)
+    base = tiny_map(tiny_model)
+    for cache in (False, True):
+        preparation = TraitPreparation("extraversion")
+        selection = RuleSelection(4, seed=0, cache_pairs=cache)
+        context = preparation.context(base, selection, ())
+        with pytest.raises(RuntimeError, match="stop after the call"):
+            preparation.add_rule_maps(tiny_model, context, ["attribution"], selection, log=lambda m: None)
+    assert asked == [False, True]
+    assert RuleSelection(4, cache_pairs=False) == RuleSelection(4)     # the same selection either way

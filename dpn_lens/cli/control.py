@@ -97,7 +97,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
                              "--stage control --measure`; peak memory) and exit without running it")
     parser.add_argument("--pairs-cached", action="store_true",
                         help="with --plan: the held-out pairs are cached by an earlier run (no generation stage)")
-    parser.add_argument("--no-cache", action="store_true", help="generate the preference pairs again (no cache)")
+    parser.add_argument("--no-cache", action="store_true", help="generate the held-out and the selection pairs again (no cache)")
     parser.add_argument("--quick", action="store_true", help="a few-minute run: 24 pairs, dpn-le/dense/caa, KL levels 0.05 and 0.5")
     parser.add_argument("--no-png", action="store_true", help="write HTML figures only")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")

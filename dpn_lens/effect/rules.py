@@ -196,14 +196,14 @@ def per_pair_attribution(model: Any, base: NeuronMap, pairs: Sequence[Any]) -> F
 
 
 def _attribution(model: Any, base: NeuronMap, pairs: Sequence[Any] | None, n_pairs: int, seed: int, tokens: int,
-                 batch: int, log: Callable[[str], None] | None) -> tuple[Tensor, dict[str, Any]]:
+                 batch: int, log: Callable[[str], None] | None, cache: bool = True) -> tuple[Tensor, dict[str, Any]]:
     """Per selection pair, ``s * d(margin)/d(neuron)``: ``[n_pairs, len(stat_layers), d_mlp]``."""
     from dpn_lens.effect.pairs import selection_pairs
 
     drawn = pairs is None
     if drawn:
         pairs = selection_pairs(model, base.trait, n_pairs=n_pairs, seed=seed, max_new_tokens=tokens, log=log,
-                                batch_size=batch)
+                                batch_size=batch, cache=cache)
     per_pair = per_pair_attribution(model, base, pairs)
     # The kept count can fall below the request (identical or empty answer pairs are dropped), so the
     # request is recorded too: a saved map is reused only for the same request (trait_maps.rule_maps).
@@ -241,7 +241,7 @@ def _write(model: Any, base: NeuronMap, rule: SelectionRule, contrastive_pairs: 
 def effect_scores(model: Any, base: NeuronMap, rule: str, *, pairs: Sequence[Any] | None = None,
                   n_pairs: int | None = None, seed: int = 0, contrastive_pairs: int = CONTRASTIVE_PAIRS,
                   selection_tokens: int = SELECTION_TOKENS, selection_batch: int = 16, memo: dict[Any, Any] | None = None,
-                  log: Callable[[str], None] | None = None) -> EffectScores:
+                  log: Callable[[str], None] | None = None, cache_pairs: bool = True) -> EffectScores:
     """Score every neuron of ``base``'s collected layers by an effect rule (module note).
 
     Args:
@@ -250,7 +250,7 @@ def effect_scores(model: Any, base: NeuronMap, rule: str, *, pairs: Sequence[Any
         rule: an effect rule (``EFFECT_RULES``).
         pairs: selection pairs for attribution rules (None: ``effect.pairs.selection_pairs`` of ``n_pairs``
             drawn with ``seed``, answered in at most ``selection_tokens`` tokens, ``selection_batch`` prompts
-            at a time; cached).
+            at a time; cached unless ``cache_pairs`` is False).
         contrastive_pairs: embedded pairs for the write rules' residual direction.
         memo: a dict kept across calls for one map: rules that compute the same raw scores (``attribution``
             and ``dpn-le-attribution``, with drawn pairs) compute them once.
@@ -275,7 +275,8 @@ def effect_scores(model: Any, base: NeuronMap, rule: str, *, pairs: Sequence[Any
     if memo is not None and pairs is None and key in memo:
         raw, details = memo[key]
     elif chosen.score == "attribution":
-        raw, details = _attribution(model, base, pairs, n_pairs, seed, selection_tokens, selection_batch, log)
+        raw, details = _attribution(model, base, pairs, n_pairs, seed, selection_tokens, selection_batch, log,
+                                    cache_pairs)
     else:
         raw, details = _write(model, base, chosen, contrastive_pairs, log)
     if memo is not None and pairs is None:

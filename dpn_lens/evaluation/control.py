@@ -631,7 +631,7 @@ class ControlRun:
             if self.on_trait is not None:
                 self.on_trait(self.result())
             return
-        selection = RuleSelection(config.selection_pairs, config.seed, config.budget)
+        selection = RuleSelection(config.selection_pairs, config.seed, config.budget, cache_pairs=config.cache_pairs)
         context = preparation.context(neuron_map, selection, method_inputs(config))
         needed = effect_rules_needed(methods)
         with clock.stage("selection") if any(rule != "dpn-le" for rule in needed) else contextlib.nullcontext():

@@ -68,16 +68,19 @@ class MapSource:
 @dataclass(frozen=True)
 class RuleSelection:
     """How the effect rules' maps are selected from the DPN-LE map (``trait_maps.rule_maps``); ``n_pairs``
-    None is the default, ``SELECTION_PAIRS``, as ``effect.rules.effect_scores`` reads it.
+    None is the default, ``SELECTION_PAIRS``, as ``effect.rules.effect_scores`` reads it. ``cache_pairs``:
+    read and write the selection pairs' cache (``control --no-cache`` generates them again); the pairs are
+    the same either way, so two selections that differ in it alone select alike (it is not compared).
 
     Example:
-        >>> RuleSelection(None, seed=0) == RuleSelection(SELECTION_PAIRS, seed=0)
+        >>> RuleSelection(None, seed=0) == RuleSelection(SELECTION_PAIRS, seed=0, cache_pairs=False)
         True
     """
 
     n_pairs: int | None = None
     seed: int = 0
     budget: int | None = None
+    cache_pairs: bool = field(default=True, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "n_pairs", SELECTION_PAIRS if self.n_pairs is None else int(self.n_pairs))
@@ -150,7 +153,8 @@ class TraitPreparation:
         if not missing:
             return {}
         chosen = rule_maps(model, context.neuron_map, missing, maps_dir=maps_dir, n_pairs=selection.n_pairs,
-                           seed=selection.seed, budget=selection.budget, memo=context.memo, log=log)
+                           seed=selection.seed, budget=selection.budget, memo=context.memo, log=log,
+                           cache_pairs=selection.cache_pairs)
         context.maps.update({rule: rule_map for rule, (rule_map, _) in chosen.items()})
         return chosen
 

@@ -58,7 +58,7 @@ def trait_map(model: Any, trait: str, *, maps_dir: str | Path | None = None, loc
 
 def rule_maps(model: Any, base: NeuronMap, rules: Sequence[str], *, maps_dir: str | Path | None = None,
               n_pairs: int | None = None, seed: int = 0, budget: int | None = None,
-              memo: dict[Any, Any] | None = None, log: Callable[[str], None] = print
+              memo: dict[Any, Any] | None = None, log: Callable[[str], None] = print, cache_pairs: bool = True
               ) -> dict[str, tuple[NeuronMap, bool]]:
     """``{rule: (map, read from maps_dir)}`` for each effect rule in ``rules`` (``dpn-le`` is ``base`` itself).
 
@@ -67,7 +67,8 @@ def rule_maps(model: Any, base: NeuronMap, rules: Sequence[str], *, maps_dir: st
     pairs) is not reused (a logged line says so): a missing or other-pairs map is selected from ``base``
     now (``effect.rules``), with ``n_pairs`` selection pairs drawn with ``seed`` and ``budget`` neurons. A
     saved map of another budget is re-selected at this one from its saved scores. ``memo`` (one dict per trait)
-    lets the attribution rules share one gradient pass.
+    lets the attribution rules share one gradient pass; ``cache_pairs``: read and write the selection pairs'
+    cache.
     """
     from dpn_lens.effect.rules import effect_map, effect_scores, reselect_top, resolved_budget, rule_named
     from dpn_lens.run import find_map
@@ -94,7 +95,8 @@ def rule_maps(model: Any, base: NeuronMap, rules: Sequence[str], *, maps_dir: st
                 result[rule] = (reselect_top(saved, k), False)
                 continue
             log(f"{base.trait}: {rule} map in {path} {refusal}; selecting anew")
-        scores = effect_scores(model, base, rule, n_pairs=n_pairs, seed=seed, memo=memo, log=log)
+        scores = effect_scores(model, base, rule, n_pairs=n_pairs, seed=seed, memo=memo, log=log,
+                               cache_pairs=cache_pairs)
         chosen = effect_map(base, scores, budget)
         log(f"{base.trait}: {chosen!r}")
         result[rule] = (chosen, False)
