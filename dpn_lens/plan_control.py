@@ -441,7 +441,7 @@ def prompt_tokens_of(spec: str, traits: Sequence[str], config: Any, costs: Contr
     found, the sample's measured lengths (``costs.persona_tokens``, ``costs.prompt_tokens``) stand in.
     """
     from dpn_lens.data.contrastive import embedded_personas, embedded_questions
-    from dpn_lens.evaluation.control import _personalitybench
+    from dpn_lens.evaluation.control import personalitybench_material
     from dpn_lens.plan import rendering_stub
 
     stub = rendering_stub(spec)
@@ -453,7 +453,7 @@ def prompt_tokens_of(spec: str, traits: Sequence[str], config: Any, costs: Contr
         highs, lows = embedded_personas(trait)
         selection += _persona_prompts(stub, embedded_questions(), highs, lows)
         try:
-            questions, highs, lows = _personalitybench(config.data_dir, trait)
+            questions, highs, lows = personalitybench_material(config.data_dir, trait)
         except (OSError, KeyError, ValueError):
             continue
         half = len(highs) // 2     # the pairs come from the first half, the control's personas from the second

@@ -62,7 +62,8 @@ from dpn_lens.traits import TRAITS, normalize_trait, trait_title
 
 __all__ = ["ControlConfig", "ControlRun", "map_source", "SWEEP_METHODS", "DEFAULT_METHODS", "RANDOM_CONTROL",
            "ALL_NEURONS", "random_curve", "held_out_pairs", "HeldOutPairs", "persona_control", "run_control",
-           "matched_cost_rows", "goal_rows", "merge_control_results", "swept_rules", "generation_checks"]
+           "matched_cost_rows", "goal_rows", "merge_control_results", "swept_rules", "generation_checks",
+           "personalitybench_material"]
 
 SWEEP_METHODS = ("dpn-le", "dpn-le-w", "directional", "topk", "dense", *EFFECT_RULES, "attribution-t-resid",
                  "attribution-t-frozen", "dpn-le-frozen", "attribution-t-scaled", "dpn-le-scaled", "npti", "caa")
@@ -206,7 +207,13 @@ class HeldOutPairs:
     cache_file: str | None = None
 
 
-def _personalitybench(data_dir: str | None, trait: str) -> tuple[list[str], list[str], list[str]]:
+def personalitybench_material(data_dir: str | None, trait: str) -> tuple[list[str], list[str], list[str]]:
+    """``(questions, high personas, low personas)`` of ``trait`` in PersonalityBench (``data_dir``, else
+    ``$DPN_LENS_DATA``): the held-out material of the control run (and of the plan's prompt lengths).
+
+    Example:
+        >>> questions, highs, lows = personalitybench_material("../shared/data", "openness")   # doctest: +SKIP
+    """
     from dpn_lens.data.contrastive import load_question_jsonl, resolve_data_dir
     from dpn_lens.io import read_jsonl
 
@@ -232,7 +239,7 @@ def held_out_pairs(model: Any, trait: str, config: ControlConfig, log: Callable[
     trait, sizes, seed and the data's digest; a second run reads it.
     """
     trait = normalize_trait(trait)
-    questions, highs, lows = _personalitybench(config.data_dir, trait)
+    questions, highs, lows = personalitybench_material(config.data_dir, trait)
     half = len(highs) // 2
     material = hashlib.sha256(json.dumps([questions, highs, lows]).encode()).hexdigest()[:16]
     path = _pairs_cache_file(model, trait, config, (material, half))
