@@ -15,6 +15,8 @@ from dpn_lens.data.contrastive import embedded_contrastive_set
 from dpn_lens.models import load_model, model_fingerprint
 from dpn_lens.plan import MachineCosts, ModelShape, locate_work, measure_costs, model_shape, plan_locate, saved_costs
 
+from helpers import control_costs
+
 
 def test_the_shape_counts_the_models_matrix_parameters(tiny_folder):
     model = load_model(str(tiny_folder))
@@ -169,25 +171,13 @@ def test_control_work_counts_the_passes_control_makes(tiny_model, tmp_path, monk
     assert bound.probe_passes == 1 + 2 * 2 * (4 + 2) + 2 * 1 * (2 + 1)    # floor, 2 curves x 2 directions, draws
 
 
-def _control_costs(**changes):
-    from dpn_lens.plan_control import ControlCosts
-
-    values = dict(device="cpu", dtype="float32", threads=1, model="m", probe_flops_per_s=1e9, answer_flops_per_s=2e9,
-                  persona_flops_per_s=2e9, gradient_flops_per_s=1e9, step_seconds=0.01, step_flops_per_s=1e9,
-                  answer_fill=0.8, prompt_tokens=40.0, persona_tokens=90.0, trait_seconds=0.001,
-                  probe_reference_bytes=10, extra_bytes=2 ** 20, selection_extra_bytes=2 ** 22, sample_tokens=10 ** 6,
-                  measured="now")
-    values.update(changes)
-    return ControlCosts(**values)
-
-
 def test_the_control_plan_has_a_stage_per_kind_of_work_and_scales_with_it(tiny_folder):
     from dpn_lens.evaluation.control import ControlConfig
     from dpn_lens.plan_control import ControlSettings, plan_control
 
     methods = ["dpn-le", "attribution-t", "caa"]
     settings = ControlSettings(ControlConfig(methods=methods, pairs=16), maps_given=True)
-    plan = plan_control(str(tiny_folder), ["openness", "neuroticism"], settings, costs=_control_costs(),
+    plan = plan_control(str(tiny_folder), ["openness", "neuroticism"], settings, costs=control_costs(),
                         machine=_costs())
     names = [stage.name for stage in plan.stages]
     assert names == ["start-up and model load", "held-out pairs (2 traits)", "selection (2 traits)",
@@ -197,22 +187,22 @@ def test_the_control_plan_has_a_stage_per_kind_of_work_and_scales_with_it(tiny_f
     # Maps of every rule and cached pairs: no selection, no generation; no maps: a locate stage.
     given = plan_control(str(tiny_folder), ["openness", "neuroticism"],
                          ControlSettings(ControlConfig(methods=methods, pairs=16), maps_given=True,
-                                         rule_maps_given=True, pairs_cached=True), costs=_control_costs(), machine=_costs())
+                                         rule_maps_given=True, pairs_cached=True), costs=control_costs(), machine=_costs())
     assert [s.name for s in given.stages][1:] == names[3:] and given.seconds < plan.seconds
     assert "locate (DPN-LE maps)" in [s.name for s in plan_control(
-        str(tiny_folder), ["openness"], ControlSettings(ControlConfig(methods=["dpn-le"])), costs=_control_costs(),
+        str(tiny_folder), ["openness"], ControlSettings(ControlConfig(methods=["dpn-le"])), costs=control_costs(),
         machine=_costs()).stages]
     # Twice the pairs: twice the answer-scoring time; half the probe rate: twice the curves' time.
     double = plan_control(str(tiny_folder), ["openness", "neuroticism"],
                           ControlSettings(ControlConfig(methods=methods, pairs=32), maps_given=True),
-                          costs=_control_costs(probe_flops_per_s=5e8), machine=_costs())
+                          costs=control_costs(probe_flops_per_s=5e8), machine=_costs())
     by_name = {s.name: s.seconds for s in plan.stages}
     doubled = {s.name: s.seconds for s in double.stages}
     assert doubled["KL curves (2 traits)"] == pytest.approx(2 * by_name["KL curves (2 traits)"])
     assert doubled["answer scoring (2 traits)"] > 1.9 * by_name["answer scoring (2 traits)"]
     # Another device's measurement gives no times, and no memory of the passes: the plan says its peaks are
     # lower bounds (an unmeasured Gemma plan once printed ~1 GiB for a selection that peaked near 10 GB).
-    unmeasured = plan_control(str(tiny_folder), ["openness"], settings, device="cuda", costs=_control_costs())
+    unmeasured = plan_control(str(tiny_folder), ["openness"], settings, device="cuda", costs=control_costs())
     assert unmeasured.seconds is None
     assert all(stage.peak_is_lower_bound for stage in unmeasured.stages[1:])
     assert "selection (1 traits): time unknown (no measurement for this device and dtype); peak memory at least" \
@@ -228,9 +218,9 @@ def test_only_a_run_that_selects_a_rule_is_planned_to_hold_the_gradient_passs_me
 
     config = ControlConfig(methods=["dpn-le", "attribution-t", "caa"], pairs=16)
     selecting = plan_control(str(tiny_folder), ["openness"], ControlSettings(config, maps_given=True),
-                             costs=_control_costs(), machine=_costs())
+                             costs=control_costs(), machine=_costs())
     given = plan_control(str(tiny_folder), ["openness"], ControlSettings(config, maps_given=True, rule_maps_given=True),
-                         costs=_control_costs(), machine=_costs())
+                         costs=control_costs(), machine=_costs())
     peaks = {stage.name: stage.peak_bytes for stage in selecting.stages}
     # 16 pairs x 2 answers x (40 question + 0.8 x 48 answer tokens) fill 2509 of the scorer's 4096-token
     # batches; 128 selection pairs fill the gradient's 2048-token batches (the sample fills both). The
@@ -246,7 +236,7 @@ def test_only_a_run_that_selects_a_rule_is_planned_to_hold_the_gradient_passs_me
     assert peaks["selection (1 traits)"] - peaks["answer scoring (1 traits)"] == pytest.approx(
         estimate - answer_extra, abs=2)
     larger = plan_control(str(tiny_folder), ["openness"], ControlSettings(config, maps_given=True),
-                          costs=_control_costs(selection_extra_bytes=2 ** 30), machine=_costs())
+                          costs=control_costs(selection_extra_bytes=2 ** 30), machine=_costs())
     assert larger.peak_bytes - peaks["answer scoring (1 traits)"] == pytest.approx(2 ** 30 - answer_extra, abs=2)
     assert selecting.peak_bytes == peaks["selection (1 traits)"]
     assert given.peak_bytes == peaks["answer scoring (1 traits)"] < selecting.peak_bytes
@@ -290,7 +280,7 @@ def test_the_measured_extra_memory_scales_with_how_full_a_runs_batches_are(tiny_
     def peak(pairs: int) -> int:
         settings = ControlSettings(ControlConfig(methods=["dpn-le", "caa"], pairs=pairs), maps_given=True)
         return plan_control(str(tiny_folder), ["openness"], settings, machine=_costs(),
-                            costs=_control_costs(sample_tokens=2048.0, extra_bytes=2 ** 24)).peak_bytes
+                            costs=control_costs(sample_tokens=2048.0, extra_bytes=2 ** 24)).peak_bytes
 
     per_pair = 2 * 78.4                                     # two answers with their questions, tokens
     assert peak(26) - peak(13) == pytest.approx(2 ** 24 * 13 * per_pair / 2048, abs=2)
@@ -645,7 +635,7 @@ def test_an_unmeasured_plan_estimates_the_selection_beside_its_bound(tiny_folder
     assert model_shape(specs[2]).family == "gemma3" and model_shape(specs[1]).family == "llama"
     # A measurement replaces both: no estimate.
     measured = plan_control(str(tiny_folder), ["openness"], ControlSettings(config, maps_given=True),
-                            costs=_control_costs(), machine=_costs())
+                            costs=control_costs(), machine=_costs())
     assert all(stage.estimate_bytes is None for stage in measured.stages) and "estimated" not in measured.text()
 
 
@@ -702,7 +692,7 @@ def test_a_plan_given_the_runs_record_counts_the_passes_each_trait_made(tiny_fol
     assert [control_work(settings, trait_record(record, t)).probe_passes for t in traits] == [1 + 2 + 2, 1 + 4 + 1]
     bound_passes = control_work(settings).probe_passes
     assert bound_passes == 1 + 2 * 3 + 2 * 1
-    costs = _control_costs()
+    costs = control_costs()
 
     def kl_seconds(plan) -> float:
         return next(stage.seconds for stage in plan.stages if stage.name.startswith("KL curves"))

@@ -13,19 +13,9 @@ import torch
 
 from dpn_lens.plan import ModelShape
 
+from helpers import control_costs
+
 SHAPE = ModelShape(n_layers=2, d_model=8, d_mlp=16, n_heads=2, n_kv_heads=2, head_dim=4, vocab=100, tied=True)
-
-
-def _control_costs(**changes):
-    from dpn_lens.plan_control import ControlCosts
-
-    values = dict(device="cpu", dtype="float32", threads=1, model="m", probe_flops_per_s=1e9, answer_flops_per_s=2e9,
-                  persona_flops_per_s=2e9, gradient_flops_per_s=1e9, step_seconds=0.01, step_flops_per_s=1e9,
-                  answer_fill=0.8, prompt_tokens=40.0, persona_tokens=90.0, trait_seconds=0.001,
-                  probe_reference_bytes=10, extra_bytes=2 ** 20, selection_extra_bytes=2 ** 22, sample_tokens=10 ** 6,
-                  measured="now")
-    values.update(changes)
-    return ControlCosts(**values)
 
 
 def test_a_batch_decodes_until_its_longest_answer_ends():
@@ -34,7 +24,7 @@ def test_a_batch_decodes_until_its_longest_answer_ends():
     from dpn_lens.plan_control import expected_longest, generation_seconds
 
     def seconds(shares, rows=16, batch=16):
-        costs = _control_costs(step_seconds=1.0, step_flops_per_s=1e30, answer_steps=shares)
+        costs = control_costs(step_seconds=1.0, step_flops_per_s=1e30, answer_steps=shares)
         return generation_seconds(SHAPE, costs, [30], rows=rows, batch=batch, max_new_tokens=48)
 
     assert seconds([]) == pytest.approx(48.0)               # an older measurement: every batch runs to the limit
@@ -63,7 +53,7 @@ def test_a_batchs_prompt_pass_is_charged_at_its_padded_length():
     (the prompt pass makes the first token); prompts go longest first, as greedy_generate batches them."""
     from dpn_lens.plan_control import generation_seconds
 
-    costs = _control_costs(step_seconds=0.5, step_flops_per_s=1e9, prefill_flops_per_s=4e9, answer_steps=[0.5])
+    costs = control_costs(step_seconds=0.5, step_flops_per_s=1e9, prefill_flops_per_s=4e9, answer_steps=[0.5])
     got = generation_seconds(SHAPE, costs, [100, 60, 40, 20], rows=4, batch=2, max_new_tokens=10)
 
     def batch(rows, padded):
@@ -85,14 +75,14 @@ def test_the_persona_control_is_two_passes_over_the_runs_persona_prompts(tiny_fo
     shape = model_shape(str(tiny_folder))
     settings = ControlSettings(ControlConfig(methods=["dpn-le"], pairs=16), maps_given=True)
     work = control_work(settings)
-    costs = _control_costs()
+    costs = control_costs()
     prompts = PromptTokens(held_out=[200], persona=170.0, question=60.0, selection=[150])
     answer = costs.answer_fill * 48
     one_pass = 2 * 16 * (170 + answer) * shape.forward_flops_per_token(context=int((170 + answer) / 2), logits=True)
     persona = _seconds(shape, work, settings, costs, prompts)["persona control"]
     assert work.persona_passes == 2
     assert persona == pytest.approx(2 * one_pass / costs.persona_flops_per_s)
-    assert _seconds(shape, work, settings, _control_costs(persona_flops_per_s=4e9), prompts)["persona control"] \
+    assert _seconds(shape, work, settings, control_costs(persona_flops_per_s=4e9), prompts)["persona control"] \
         == pytest.approx(persona / 2)
     # without the run's prompts, the sample's persona length stands in
     assert _seconds(shape, work, settings, costs)["persona control"] < persona
@@ -110,7 +100,7 @@ def test_the_run_prompts_are_counted_from_its_data(tiny_folder, tmp_path):
     from helpers import write_personalitybench
 
     data = write_personalitybench(tmp_path / "data")
-    costs = _control_costs(persona_tokens=91.0, prompt_tokens=41.0)
+    costs = control_costs(persona_tokens=91.0, prompt_tokens=41.0)
     counted = prompt_tokens_of(str(tiny_folder), ["openness"], ControlConfig(data_dir=str(data)), costs)
     stub = rendering_stub(str(tiny_folder))
     rows = [json.loads(line) for line in (data / "personalitybench" / "description.jsonl").read_text().splitlines()]
@@ -168,11 +158,11 @@ def test_answers_under_a_persona_are_charged_their_own_lengths_and_the_gradient_
     settings = ControlSettings(config, maps_given=True)
     work = control_work(settings)
     prompts = PromptTokens(held_out=[200, 180], persona=170.0, question=60.0, selection=[150, 140])
-    costs = _control_costs(answer_steps=[1.0], persona_answer_steps=[0.25])
+    costs = control_costs(answer_steps=[1.0], persona_answer_steps=[0.25])
     seconds = _seconds(shape, work, settings, costs, prompts)
     assert seconds["held-out pairs"] == pytest.approx(
         generation_seconds(shape, costs, prompts.held_out, 32, config.pair_batch, 48, [0.25]))
-    assert seconds["held-out pairs"] < 0.5 * _seconds(shape, work, settings, _control_costs(answer_steps=[1.0]),
+    assert seconds["held-out pairs"] < 0.5 * _seconds(shape, work, settings, control_costs(answer_steps=[1.0]),
                                                       prompts)["held-out pairs"]
     answer = 0.25 * SELECTION_TOKENS
     gradient = 3 * 16 * answer * shape.forward_flops_per_token(context=int(40.0 + answer / 2), logits=True) / 1e9
