@@ -208,7 +208,32 @@ def _extra(data: Mapping[str, Any], known: set[str]) -> dict[str, Any]:
 
 
 @dataclass(frozen=True, kw_only=True)
-class ComparisonRow:
+class _Condition:
+    """What every measured condition has, a row of the comparison or a point of a sweep (the fields are
+    documented on ``ComparisonRow``); each subclass adds its own and writes its own column order."""
+
+    method: str
+    trait: str
+    n_edited: int
+    questionnaire: float
+    option_mass: float
+    statements_high: float
+    statements_low: float
+    statements_gap: float
+    wikitext_ppl: float
+    kl: float
+    trait_shift: float
+    trait_shift_interval: Interval | None = None
+    statements_shift: float | None = None
+    statements_shift_interval: Interval | None = None
+    judge_trait: float | None = None
+    judge_fluency: float | None = None
+    judge_unparsable: int | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ComparisonRow(_Condition):
     """One condition of the comparison: a method in one direction on one trait, or the unsteered baseline.
 
     Attributes:
@@ -235,30 +260,12 @@ class ComparisonRow:
         extra: columns of another release, kept as read.
     """
 
-    method: str
-    trait: str
     direction: str
-    n_edited: int
     pct_edited: float
-    questionnaire: float
-    option_mass: float
-    statements_high: float
-    statements_low: float
-    statements_gap: float
-    wikitext_ppl: float
-    kl: float
-    trait_shift: float
     seconds: float
     accuracies: Mapping[str, float] = field(default_factory=dict)
-    trait_shift_interval: Interval | None = None
-    statements_shift: float | None = None
-    statements_shift_interval: Interval | None = None
-    judge_trait: float | None = None
-    judge_fluency: float | None = None
-    judge_unparsable: int | None = None
     judge_shift: float | None = None
     deltas: Mapping[str, float] = field(default_factory=dict)
-    extra: Mapping[str, Any] = field(default_factory=dict)
 
     def number(self, column: str) -> float | None:
         """The row's value in ``column`` of ``comparison.json`` (``kl``, ``mmlu_acc``, ``delta_kl``, ...);
@@ -305,7 +312,7 @@ _ROW_KEYS = frozenset({"method", "trait", "direction", *_ROW_NUMBERS, *_interval
 
 
 @dataclass(frozen=True, kw_only=True)
-class ComparisonSweepRow:
+class ComparisonSweepRow(_Condition):
     """One point of a sweep on the sweep trait, direction ``increase``: a method at one γ (``gamma``), or
     DPN-LE's map reselected at one quantile (``q``). Capability is WikiText perplexity and KL only.
 
@@ -320,27 +327,9 @@ class ComparisonSweepRow:
         extra: columns of another release, kept as read.
     """
 
-    method: str
-    trait: str
-    n_edited: int
-    questionnaire: float
-    option_mass: float
-    statements_high: float
-    statements_low: float
-    statements_gap: float
-    trait_shift: float
-    wikitext_ppl: float
-    kl: float
     gamma: float | None = None
     q: float | None = None
     pct_edited: float | None = None
-    trait_shift_interval: Interval | None = None
-    statements_shift: float | None = None
-    statements_shift_interval: Interval | None = None
-    judge_trait: float | None = None
-    judge_fluency: float | None = None
-    judge_unparsable: int | None = None
-    extra: Mapping[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """The row as ``comparison.json`` holds it."""
