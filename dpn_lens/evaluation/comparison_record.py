@@ -33,6 +33,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
+from dpn_lens.evaluation.control_rows import _present as _measured_only   # None: a column the row lacks
+
 __all__ = ["Interval", "ComparisonRow", "ComparisonSweepRow", "MethodSummary", "RespondentRow", "JudgedAnswer",
            "ComparisonMeta", "ComparisonRecord", "load_comparison_record", "shift_fields", "capability_fields",
            "SHIFT_METRICS", "COMPARISON_FILE"]
@@ -86,11 +88,6 @@ def _count(data: Mapping[str, Any], key: str, where: str) -> int:
     if not isinstance(value, int):
         raise ValueError(f"{where}: {key} must be a whole number, got {value!r}")
     return value
-
-
-def _present_only(values: Mapping[str, Any]) -> dict[str, Any]:
-    """``values`` without the None entries: optional fields that the record does not have are not written."""
-    return {key: value for key, value in values.items() if value is not None}
 
 
 def _listed(entries: Sequence[Any]) -> list[dict[str, Any]]:
@@ -171,7 +168,7 @@ def _shift_columns(trait_shift: float, trait_interval: Interval | None, statemen
     """The shifts as JSON columns: each shift, then its interval (where it has one)."""
     columns: dict[str, float] = {"trait_shift": trait_shift}
     columns.update(trait_interval.columns("trait_shift") if trait_interval else {})
-    columns.update(_present_only({"statements_shift": statements_shift}))
+    columns.update(_measured_only(**{"statements_shift": statements_shift}))
     columns.update(statements_interval.columns("statements_shift") if statements_interval else {})
     return columns
 
@@ -280,11 +277,11 @@ class ComparisonRow(_Condition):
         """The row as ``comparison.json`` holds it (the column order ``compare`` writes)."""
         return {"method": self.method, "trait": self.trait, "direction": self.direction, "n_edited": self.n_edited,
                 "pct_edited": self.pct_edited, **{key: getattr(self, key) for key in _SCORES},
-                **_present_only({key: getattr(self, key) for key in _JUDGE_SCORES}),
+                **_measured_only(**{key: getattr(self, key) for key in _JUDGE_SCORES}),
                 **self.accuracies, "wikitext_ppl": self.wikitext_ppl, "kl": self.kl,
                 **_shift_columns(self.trait_shift, self.trait_shift_interval, self.statements_shift,
                                  self.statements_shift_interval),
-                "seconds": self.seconds, **_present_only({"judge_shift": self.judge_shift}),
+                "seconds": self.seconds, **_measured_only(**{"judge_shift": self.judge_shift}),
                 **{f"delta_{key}": value for key, value in self.deltas.items()}, **self.extra}
 
     @classmethod
@@ -333,10 +330,10 @@ class ComparisonSweepRow(_Condition):
 
     def to_dict(self) -> dict[str, Any]:
         """The row as ``comparison.json`` holds it."""
-        return {"method": self.method, "trait": self.trait, **_present_only({"gamma": self.gamma, "q": self.q}),
-                "n_edited": self.n_edited, **_present_only({"pct_edited": self.pct_edited}),
+        return {"method": self.method, "trait": self.trait, **_measured_only(**{"gamma": self.gamma, "q": self.q}),
+                "n_edited": self.n_edited, **_measured_only(**{"pct_edited": self.pct_edited}),
                 **{key: getattr(self, key) for key in _SCORES},
-                **_present_only({key: getattr(self, key) for key in _JUDGE_SCORES}),
+                **_measured_only(**{key: getattr(self, key) for key in _JUDGE_SCORES}),
                 **_shift_columns(self.trait_shift, self.trait_shift_interval, self.statements_shift,
                                  self.statements_shift_interval),
                 "wikitext_ppl": self.wikitext_ppl, "kl": self.kl, **self.extra}
@@ -466,7 +463,7 @@ class JudgedAnswer:
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"method": self.method, **_present_only({"direction": self.direction, "gamma": self.gamma, "q": self.q}),
+        return {"method": self.method, **_measured_only(**{"direction": self.direction, "gamma": self.gamma, "q": self.q}),
                 "trait": self.trait, "question": self.question, "answer": self.answer,
                 "judge_trait": self.judge_trait, "judge_fluency": self.judge_fluency,
                 "judge_parsed": self.judge_parsed, "judge_reply": self.judge_reply, **self.extra}
@@ -520,9 +517,9 @@ class ComparisonMeta:
 
     def to_dict(self) -> dict[str, Any]:
         return {"model": self.model, "n_mlp_neurons": self.n_mlp_neurons,
-                **_present_only({"n_questionnaire_items": self.n_questionnaire_items, "n_statements": self.n_statements}),
+                **_measured_only(**{"n_questionnaire_items": self.n_questionnaire_items, "n_statements": self.n_statements}),
                 "config": self.config, "seconds": self.seconds,
-                **_present_only({"judge_replies": self.judge_replies, "judge_unparsable": self.judge_unparsable,
+                **_measured_only(**{"judge_replies": self.judge_replies, "judge_unparsable": self.judge_unparsable,
                                  "command_seconds": self.command_seconds, "ran_with": self.ran_with}), **self.extra}
 
     @classmethod
