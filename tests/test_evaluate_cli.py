@@ -12,7 +12,7 @@ from dpn_lens.cli import main
 from dpn_lens.cli.app import build_parser
 from dpn_lens.cli.evaluate import route
 from dpn_lens.cli.reference import verb_parsers
-from dpn_lens.evaluation.control_record import ControlRecord
+from dpn_lens.evaluation.control_record import ControlRecord, load_control_record
 from dpn_lens.evaluation.table import control_rows, read_result_table
 
 
@@ -141,6 +141,8 @@ def test_both_metric_families_write_one_folder_with_one_long_table(shared_data, 
     record = load_comparison_record(out)
     assert record.meta.ran_with == "evaluate: control and compare in one pass" and record.meta.command_seconds > 0
     assert json.dumps(record.to_dict(), indent=2) + "\n" == (out / "comparison.json").read_text()
+    control = load_control_record(out)
+    assert control.meta.ran_with == record.meta.ran_with and control.meta.command_seconds == record.meta.command_seconds
     # the report renders the joined table: both harnesses' metrics
     from dpn_lens.report import results_markdown
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -241,7 +240,7 @@ def run_control_command(args: argparse.Namespace) -> int:
     saving = ControlSaving(args.out)
     result = run_control(model, config, log=timestamped(started), progress=not args.no_progress,
                          on_trait=saving.save_partial, on_located=saving.save_map)
-    result = dataclasses.replace(result, meta=dataclasses.replace(result.meta, command_seconds=time.time() - started))
+    result = result.with_meta(command_seconds=time.time() - started)
     for path in write_control_outputs(result, args.out, png=not args.no_png):
         print(f"wrote {path}")
     saving.done()

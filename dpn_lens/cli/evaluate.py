@@ -24,7 +24,6 @@ Example:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import shlex
 from pathlib import Path
@@ -246,9 +245,7 @@ def _one_pass(args: argparse.Namespace, control: argparse.Namespace, compare: ar
                       on_trait=saving.save_partial, on_located=saving.save_map)
     # The one command's time, in each record (the two runs shared it).
     seconds, ran_with = time.time() - started, "evaluate: control and compare in one pass"
-    meta = result.control.meta      # type: ignore[union-attr]
-    control_record = dataclasses.replace(result.control, meta=dataclasses.replace(  # type: ignore[type-var]
-        meta, command_seconds=seconds, extra={**meta.extra, "ran_with": ran_with}))
+    control_record = result.control.with_meta(command_seconds=seconds, ran_with=ran_with)   # type: ignore[union-attr]
     comparison = result.comparison.with_meta(command_seconds=seconds, ran_with=ran_with)  # type: ignore[union-attr]
     for path in [*write_control_outputs(control_record, args.out, png=not control.no_png),
                  *write_outputs(comparison, args.out, make_png=not compare.no_png)]:

@@ -318,6 +318,7 @@ class ControlMeta:
         skipped: traits validated but not steered, with why (None in older records).
         merged_from: for a merged record, each part's traits.
         command_seconds: the command's wall seconds, model load included (written by the CLI).
+        ran_with: how the command ran it (``dpn-lens evaluate`` in one pass with the comparison; None otherwise).
         extra: keys this version does not know, kept as read.
     """
 
@@ -331,10 +332,11 @@ class ControlMeta:
     skipped: dict[str, str] | None = None
     merged_from: list[list[str]] | None = None
     command_seconds: float | None = None
+    ran_with: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     _ORDER = ("model", "dtype", "config", "seconds", "merged_from", "command_seconds", "probe_tokens", "traits_done",
-              "maps", "skipped")
+              "maps", "skipped", "ran_with")
 
     def to_dict(self) -> dict[str, Any]:
         out = {name: getattr(self, name) for name in self._ORDER}
@@ -407,6 +409,11 @@ class ControlRecord:
     def traits_done(self) -> list[str]:
         """The traits measured (from the validation rows where an older record does not name them)."""
         return list(self.meta.traits_done) if self.meta.traits_done is not None else [r.trait for r in self.validation]
+
+    def with_meta(self, **changes: Any) -> "ControlRecord":
+        """The record with ``meta``'s fields replaced (the CLI adds ``command_seconds`` and ``ran_with``), as
+        ``ComparisonRecord.with_meta``."""
+        return dataclasses.replace(self, meta=dataclasses.replace(self.meta, **changes))
 
     def of_trait(self, trait: str) -> "ControlRecord":
         """The record with only ``trait``'s rows in each long table and its examples (the wide tables and
