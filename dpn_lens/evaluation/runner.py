@@ -32,7 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from dpn_lens.evaluation.comparison_record import ComparisonRecord, load_comparison_record
+from dpn_lens.evaluation.comparison_record import COMPARISON_FILE, ComparisonRecord, load_comparison_record
+from dpn_lens.evaluation.control_record import CONTROL_FILE
 
 if TYPE_CHECKING:
     from dpn_lens.evaluation.control_record import ControlRecord
@@ -48,7 +49,7 @@ HARNESS_OF = {"preference": "control", "generation": "control", "questionnaire":
 METRICS = tuple(HARNESS_OF)
 GENERATION_QUESTIONS = 20
 """Held-out questions of the generation metric when the control config asks for none."""
-RECORDS = {"control": "control.json", "compare": "comparison.json"}
+RECORDS = {"control": CONTROL_FILE, "compare": COMPARISON_FILE}
 """Each harness's record in a run folder."""
 
 

@@ -325,10 +325,10 @@ def run_rows(folder: str | os.PathLike) -> tuple[str, list[ResultRow]]:
     """
     import json
 
-    from dpn_lens.evaluation.control_record import ControlRecord
+    from dpn_lens.evaluation.control_record import CONTROL_FILE, ControlRecord
 
     folder = Path(folder)
-    control_path, comparison_path = folder / "control.json", folder / COMPARISON_FILE
+    control_path, comparison_path = folder / CONTROL_FILE, folder / COMPARISON_FILE
     if not control_path.is_file() and not comparison_path.is_file():
         raise FileNotFoundError(f"{folder} holds no control.json or {COMPARISON_FILE}; pass the --out folder of a "
                                 "`dpn-lens evaluate`, `control` or `compare` run")

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from dpn_lens.io import markdown_table, write_csv_atomic, write_text_atomic
-from dpn_lens.evaluation.control_record import ControlRecord, GoalRow, MatchedCostRow, MatchedSummaryRow
+from dpn_lens.evaluation.control_record import CONTROL_FILE, ControlRecord, GoalRow, MatchedCostRow, MatchedSummaryRow
 from dpn_lens.evaluation.control_rows import CalibratedRow, CostPoint, DosePoint, GenerationRow, SweepRow, ValidationRow
 from dpn_lens.evaluation.stage_times import StageRow
 from dpn_lens.evaluation.table import RESULT_TABLE, control_rows, write_result_table
@@ -319,7 +319,7 @@ def write_control_outputs(record: ControlRecord, out: str | Path, png: bool = Tr
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     data = record.to_dict()
-    written = [record.save(out / "control.json"), write_result_table(control_rows(record), out / RESULT_TABLE)]
+    written = [record.save(out / CONTROL_FILE), write_result_table(control_rows(record), out / RESULT_TABLE)]
     if record.validation:        # a run with a finished trait: its long table, rendered
         written += write_results_report(out)
     for name in ("validation", "calibrated", "goal", "gamma_zero", "costs", "curves", "matched_cost", "matched_summary",
