@@ -77,7 +77,7 @@ def measured_command(arguments: list[str]) -> dict[str, Any]:
         recorded = Path(folder) / "run" / "control.json"
         if recorded.exists():   # a control run records its seconds per stage and trait (evaluation.stage_times)
             control = load_control_record(recorded)
-            result["stages"] = [row.to_dict() for row in control.stages or []]
+            result["stages"] = list(control.stages or [])
             result["run_seconds"], result["record"] = control.meta.seconds, control
     if result["returncode"] != 0:
         raise RuntimeError(f"dpn-lens {arguments[0]} failed:\n{result['stderr']}")
@@ -161,17 +161,18 @@ def stage_comparison(plan: Any, run: dict[str, Any], counted: Any = None) -> lis
     with its ratio, so a gap splits into the pass counts' share and the per-pass cost's.
 
     Example:
+        >>> from dpn_lens.evaluation.stage_times import StageRow
         >>> from dpn_lens.plan import StagePlan
         >>> plan = type("Plan", (), {"stages": [StagePlan("KL curves (1 traits)", 12.0, 0, "")]})()
-        >>> stage_comparison(plan, {"stages": [{"trait": "o", "stage": "KL curves", "seconds": 10.0}],
+        >>> stage_comparison(plan, {"stages": [StageRow("o", "KL curves", 10.0)],
         ...                         "seconds": 15.0, "run_seconds": 11.0})[0]
         {'stage': 'KL curves', 'predicted s': 12.0, 'measured s': 10.0, 'ratio': 1.2}
         >>> counted = type("Plan", (), {"stages": [StagePlan("KL curves (1 traits)", 9.0, 0, "")]})()
-        >>> stage_comparison(plan, {"stages": [{"trait": "o", "stage": "KL curves", "seconds": 10.0}],
+        >>> stage_comparison(plan, {"stages": [StageRow("o", "KL curves", 10.0)],
         ...                         "seconds": 15.0, "run_seconds": 11.0}, counted)[0]
         {'stage': 'KL curves', 'predicted s': 12.0, 'measured s': 10.0, 'ratio': 1.2, 'passes counted s': 9.0, 'ratio counted': 0.9}
     """
-    from dpn_lens.evaluation.stage_times import StageRow, stage_seconds
+    from dpn_lens.evaluation.stage_times import stage_seconds
 
     def name_of(stage: Any) -> str:
         return stage.name.split(" (")[0]          # "KL curves (2 traits)", "locate (DPN-LE maps)"
@@ -179,7 +180,7 @@ def stage_comparison(plan: Any, run: dict[str, Any], counted: Any = None) -> lis
     def ratio(predicted: float | None, seen: float | None) -> float | None:
         return round(predicted / seen, 2) if predicted and seen else None
 
-    measured = stage_seconds([StageRow.from_dict(row) for row in run["stages"]])
+    measured = stage_seconds(run["stages"])
     measured["start-up and model load"] = run["seconds"] - run["run_seconds"]
     with_passes = {name_of(stage): stage.seconds for stage in counted.stages} if counted is not None else None
     rows = []
