@@ -49,7 +49,7 @@ __all__ = ["ControlSettings", "ControlWork", "ControlCosts", "control_work", "me
            "saved_control_costs", "plan_control", "plan_control_run", "gradient_logits_bytes",
            "gradient_activation_bytes", "GradientMemory", "gradient_memory", "selection_batches", "batch_tokens_default",
            "CPU_HEAP_RETAINED", "PromptTokens", "prompt_tokens_of", "generation_seconds", "expected_longest",
-           "answer_steps"]
+           "answer_steps", "decode_step_seconds", "DecodeCosts", "STEP_ROWS"]
 
 DIRECTIONS = 2
 
@@ -225,6 +225,14 @@ class ControlCosts:
     """The gradient pass's cost beyond its FLOPs, paid once a pass: its first run took this much longer
     than its second (the first batch's memory, fresh from the system). ``gradient_flops_per_s`` is the
     second run's rate; in an older file (0 here) the first run's."""
+    step_rows: list[list[float]] = field(default_factory=list)
+    """``[rows, seconds]`` of one decode step at each row count of ``STEP_ROWS``, as measured. A step's cost is
+    not linear in its rows on a CPU (SmolLM2 float32, 1 thread: 0.077 s at 2 rows, 0.147 at 8, 0.171 at 10,
+    0.165 at 16), so the line (``step_seconds``, ``step_flops_per_s``) is corrected by these points
+    (``decode_step_seconds``). Empty in an older file: the line alone."""
+    step_token_flops: float = 0.0
+    """FLOPs of one row's decode step in the measurement (the sample's model and context): the line's value
+    at each of ``step_rows``, which the correction divides by."""
 
 
 def saved_control_costs(device: str, dtype: str, threads: int) -> ControlCosts | None:
@@ -333,7 +341,7 @@ def measure_control_costs(model_spec: str, device: str = "cpu", dtype: str = "fl
     persona_seconds = timed(lambda: preference_margins(model, pairs, persona=personas_of), device)
     persona_flops = 2 * len(pairs) * (persona + answer) * shape.forward_flops_per_token(
         context=int((persona + answer) / 2), logits=True)
-    step_seconds, step_flops_per_s, prefill_flops_per_s = _decode_costs(model, shape, prompts, lengths, device)
+    decoding = _decode_costs(model, shape, prompts, lengths, device)
     persona_lengths = [len(answer) for answer in greedy_answers(model, persona_prompts, max_new_tokens, 16)]
     # Beyond the loaded model and the probe's reference: the answer batches, the caches, allocator slack;
     # then, apart, the gradient pass's (a run without an effect rule to select never makes it).
@@ -352,16 +360,17 @@ def measure_control_costs(model_spec: str, device: str = "cpu", dtype: str = "fl
     costs = ControlCosts(device=device, dtype=dtype, threads=torch.get_num_threads(), model=model_spec,
                          probe_flops_per_s=probe_flops / probe_seconds, answer_flops_per_s=answer_flops / answer_seconds,
                          persona_flops_per_s=persona_flops / persona_seconds,
-                         gradient_flops_per_s=gradient_flops / gradient_seconds, step_seconds=step_seconds,
-                         step_flops_per_s=step_flops_per_s, answer_fill=fill, prompt_tokens=question,
+                         gradient_flops_per_s=gradient_flops / gradient_seconds, step_seconds=decoding.step_seconds,
+                         step_flops_per_s=decoding.step_flops_per_s, answer_fill=fill, prompt_tokens=question,
                          persona_tokens=persona, trait_seconds=overhead,
                          probe_reference_bytes=reference, extra_bytes=int(extra),
                          selection_extra_bytes=int(selection_extra),
                          sample_tokens=2 * len(pairs) * (question + answer),
                          measured=time.strftime("%Y-%m-%d %H:%M"),
-                         answer_steps=answer_steps(lengths, max_new_tokens), prefill_flops_per_s=prefill_flops_per_s,
+                         answer_steps=answer_steps(lengths, max_new_tokens), prefill_flops_per_s=decoding.prefill_flops_per_s,
                          persona_answer_steps=answer_steps(persona_lengths, max_new_tokens),
-                         gradient_seconds=max(first_gradient - gradient_seconds, 0.0))
+                         gradient_seconds=max(first_gradient - gradient_seconds, 0.0),
+                         step_rows=decoding.step_rows, step_token_flops=decoding.step_token_flops)
     if save:
         from dpn_lens.io import write_json_atomic
 
@@ -374,38 +383,115 @@ def measure_control_costs(model_spec: str, device: str = "cpu", dtype: str = "fl
 DECODE_STEPS = 9
 """Tokens the decode timing generates per batch (``_decode_costs``): a prompt pass and 8 decode steps."""
 
+STEP_ROWS = (1, 2, 4, 8, 12, 16)
+"""Row counts ``_decode_costs`` times a decode step at: a run's batches have 16 rows (``pair_batch``, the
+selection's and the generation check's batch) and a last, partial one of any size."""
+
+
+@dataclass
+class DecodeCosts:
+    """Greedy generation's measured costs (``_decode_costs``): a decode step's line in its rows, the points it
+    was fitted to, and the prompt pass's rate."""
+
+    step_seconds: float
+    """The line's fixed seconds per step (Python, cache handling)."""
+    step_flops_per_s: float
+    """The line's rate per row: one row's step FLOPs over the line's seconds per row."""
+    prefill_flops_per_s: float
+    step_rows: list[list[float]]
+    """``[rows, seconds per step]`` as measured."""
+    step_token_flops: float
+
 
 def _decode_costs(model: Any, shape: ModelShape, prompts: Sequence[list[int]], lengths: Sequence[int],
-                  device: str, batches: tuple[int, int] = (2, 16)) -> tuple[float, float, float]:
-    """Greedy generation's costs on the sample's ``prompts`` (whose answers had ``lengths`` tokens): the fixed
-    seconds of one decode step, the decode steps' FLOP rate per row, and the prompt pass's FLOP rate.
+                  device: str, rows: Sequence[int] = STEP_ROWS, repeats: int = 2) -> DecodeCosts:
+    """Greedy generation's costs on the sample's ``prompts`` (whose answers had ``lengths`` tokens): seconds
+    of one decode step at each of ``rows`` (the fastest of ``repeats``), the line fitted to them by least
+    squares (a fixed cost and a rate per row), and the prompt pass's FLOP rate.
 
-    Each batch size generates 1 token (the prompt pass alone) and ``DECODE_STEPS`` tokens: their difference
+    Each row count generates 1 token (the prompt pass alone) and ``DECODE_STEPS`` tokens: their difference
     is the decode steps, so the prompt pass, which on a run's persona prompts (150-250 tokens) is about
-    half of a batch's time, is not spread over the steps. Two batch sizes (16, the runs' batch) split a
-    step into a fixed cost and a per-row rate. The prompts whose answers ran longest go first, so a
-    batch's rows rarely stop early; the steps a batch made are counted from its answers all the same.
+    half of a batch's time, is not spread over the steps. The prompts whose answers ran longest go first,
+    so a batch's rows rarely stop early; the steps a batch made are counted from its answers all the same.
     """
     from dpn_lens.evaluation.preference import greedy_answers
 
     longest_first = [prompts[i] for i in sorted(range(len(prompts)), key=lambda i: -lengths[i])]
     greedy_answers(model, longest_first[:1], 2, 1)                                  # warm-up
-    per_step, prefill_rate = [], 0.0
-    for batch in batches:
+    points, prefill_rate = [], 0.0
+    for batch in sorted(set(int(r) for r in rows)):
         chosen = (longest_first * batch)[:batch]
         padded = max(map(len, chosen))
-        prompt_pass = timed(lambda: greedy_answers(model, chosen, 1, batch), device)
-        answers: list[list[int]] = []
-        whole = timed(lambda: answers.extend(greedy_answers(model, chosen, DECODE_STEPS, batch)), device)
-        # the tokens the batch generated: its longest answer and the EOS that ended it, at most DECODE_STEPS
-        made = min(DECODE_STEPS, max(map(len, answers)) + 1)
-        per_step.append((batch, max(whole - prompt_pass, 0.0) / max(made - 1, 1)))
-        prefill_rate = batch * padded * shape.forward_flops_per_token(context=padded // 2, logits=True) / prompt_pass
+        steps, prompt_passes = [], []
+        for _ in range(max(int(repeats), 1)):
+            prompt_pass = timed(lambda: greedy_answers(model, chosen, 1, batch), device)
+            answers: list[list[int]] = []
+            whole = timed(lambda: answers.extend(greedy_answers(model, chosen, DECODE_STEPS, batch)), device)
+            # the tokens the batch generated: its longest answer and the EOS that ended it, at most DECODE_STEPS
+            made = min(DECODE_STEPS, max(map(len, answers)) + 1)
+            steps.append(max(whole - prompt_pass, 0.0) / max(made - 1, 1))
+            prompt_passes.append(prompt_pass)
+        points.append([batch, min(steps)])
+        # the largest batch's prompt pass: a run's batches are full ones
+        prefill_rate = batch * padded * shape.forward_flops_per_token(context=padded // 2, logits=True) / min(prompt_passes)
     question = sum(map(len, prompts)) / len(prompts)
     token_flops = shape.forward_flops_per_token(context=int(question + DECODE_STEPS / 2), logits=True)
-    (b1, t1), (b2, t2) = per_step
-    per_row = max((t2 - t1) / (b2 - b1), 1e-9)
-    return max(t1 - b1 * per_row, 0.0), token_flops / per_row, prefill_rate
+    fixed, per_row = _line(points)
+    return DecodeCosts(fixed, token_flops / max(per_row, 1e-9), prefill_rate, points, token_flops)
+
+
+def _line(points: Sequence[Sequence[float]]) -> tuple[float, float]:
+    """The least-squares line ``seconds = fixed + per_row * rows`` through ``[rows, seconds]`` points, its
+    fixed cost at least 0 (one point: all of it per row).
+
+    Example:
+        >>> _line([[2, 3.0], [4, 5.0], [8, 9.0]])
+        (1.0, 1.0)
+    """
+    if len(points) == 1:
+        return 0.0, points[0][1] / points[0][0]
+    n = len(points)
+    mean_rows = sum(r for r, _ in points) / n
+    mean_seconds = sum(s for _, s in points) / n
+    spread = sum((r - mean_rows) ** 2 for r, _ in points)
+    per_row = sum((r - mean_rows) * (s - mean_seconds) for r, s in points) / spread
+    fixed = mean_seconds - per_row * mean_rows
+    if fixed < 0:      # refit through the origin: a step never costs less than nothing
+        return 0.0, sum(r * s for r, s in points) / sum(r * r for r, _ in points)
+    return fixed, per_row
+
+
+def decode_step_seconds(shape: ModelShape, costs: ControlCosts, rows: int, context: int) -> float:
+    """Seconds of one greedy decode step over ``rows`` rows at ``context`` tokens, on ``shape``'s model.
+
+    The line (``costs.step_seconds`` and a row's FLOPs at ``costs.step_flops_per_s``) times the measured
+    points' ratio to the line at these rows (``costs.step_rows``, interpolated linearly in the rows and
+    held at the nearest point beyond them). On the measured model the line's value cancels: the step
+    costs what was measured at those rows. On another model (the same machine) the measured row curve is
+    taken to bend the same way: an assumption, which a measurement on that model replaces.
+
+    Example:
+        >>> shape = ModelShape(n_layers=1, d_model=8, d_mlp=16, n_heads=2, n_kv_heads=2, head_dim=4, vocab=1000,
+        ...                    tied=True)
+        >>> token = shape.forward_flops_per_token(context=20, logits=True)
+        >>> costs = type("Costs", (), {"step_seconds": 1.0, "step_flops_per_s": token, "step_token_flops": token,
+        ...                            "step_rows": [[2, 3.0], [4, 4.0]]})()       # line: 3 s at 2 rows, 5 at 4
+        >>> [round(decode_step_seconds(shape, costs, rows, 20), 3) for rows in (1, 2, 3, 4, 8)]
+        [2.0, 3.0, 3.6, 4.0, 7.2]
+    """
+    token = shape.forward_flops_per_token(context=context, logits=True)
+    line = costs.step_seconds + rows * token / costs.step_flops_per_s
+    points = getattr(costs, "step_rows", None)
+    if not points or not getattr(costs, "step_token_flops", 0.0):
+        return line
+    ratios = [(r, s / (costs.step_seconds + r * costs.step_token_flops / costs.step_flops_per_s)) for r, s in points]
+    ratios.sort()
+    if rows <= ratios[0][0]:
+        return line * ratios[0][1]
+    for (r1, q1), (r2, q2) in zip(ratios, ratios[1:]):
+        if rows <= r2:
+            return line * (q1 + (q2 - q1) * (rows - r1) / (r2 - r1))
+    return line * ratios[-1][1]
 
 
 @dataclass
@@ -499,8 +585,9 @@ def generation_seconds(shape: ModelShape, costs: ControlCosts, prompts: Sequence
     first, each batch left-padded to its longest prompt.
 
     A batch costs its prompt pass (its rows at the padded length, at ``costs.prefill_flops_per_s``; not
-    charged where that is 0, the costs of an older measurement) and its decode steps: a fixed cost and
-    every row, finished or not, per step; and it decodes until its longest answer ends, so its steps are
+    charged where that is 0, the costs of an older measurement) and its decode steps, each at the cost of a
+    step over its rows, finished or not (``decode_step_seconds``); and it decodes until its longest answer
+    ends, so its steps are
     the expected longest of its rows' (``expected_longest`` of ``shares``, by default ``costs.answer_steps``)
     times ``max_new_tokens``.
 
@@ -520,13 +607,13 @@ def generation_seconds(shape: ModelShape, costs: ControlCosts, prompts: Sequence
         chunk = lengths[start:start + batch]
         padded, n = max(chunk), len(chunk)
         steps = expected_longest(costs.answer_steps if shares is None else shares, n) * max_new_tokens
-        token = shape.forward_flops_per_token(context=int(padded + steps / 2), logits=True)
+        context = int(padded + steps / 2)
         if costs.prefill_flops_per_s:
             # the prompt pass makes the first token; each later token is a decode step
             seconds += n * padded * shape.forward_flops_per_token(context=padded // 2, logits=True) \
                 / costs.prefill_flops_per_s
             steps = max(steps - 1, 0.0)
-        seconds += steps * (costs.step_seconds + n * token / costs.step_flops_per_s)
+        seconds += steps * decode_step_seconds(shape, costs, n, context)
     return seconds
 
 

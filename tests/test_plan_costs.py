@@ -136,11 +136,12 @@ def test_measured_costs_record_answer_steps_and_the_prompt_pass_and_older_files_
     assert saved["answer_steps"] == costs.answer_steps and saved["prefill_flops_per_s"] == costs.prefill_flops_per_s
     # A file written before the two fields: it loads, and plans as then (every batch to the limit, no
     # prompt pass apart).
-    new = ("answer_steps", "prefill_flops_per_s", "persona_answer_steps", "gradient_seconds")
+    new = ("answer_steps", "prefill_flops_per_s", "persona_answer_steps", "gradient_seconds", "step_rows",
+           "step_token_flops")
     path.write_text(json.dumps({key: value for key, value in saved.items() if key not in new}))
     loaded = saved_control_costs("cpu", "float32", threads)
     assert loaded == dataclasses.replace(costs, answer_steps=[], prefill_flops_per_s=0.0, persona_answer_steps=[],
-                                         gradient_seconds=0.0)
+                                         gradient_seconds=0.0, step_rows=[], step_token_flops=0.0)
     assert isinstance(loaded, ControlCosts)
 
 
@@ -173,3 +174,57 @@ def test_answers_under_a_persona_are_charged_their_own_lengths_and_the_gradient_
     # the generation check's bare answers ran to the limit in the sample: its batches do too
     bare = generation_seconds(shape, costs, [60], 4, 16, 48, [1.0])
     assert seconds["generation check"] > work.generation_sets * bare * 0.999
+
+
+def test_a_decode_step_costs_what_was_measured_at_its_rows():
+    """On this CPU a step's cost is concave in its rows (SmolLM2: 0.077 s at 2 rows, 0.147 at 8, 0.171 at 10);
+    the line through the ends charged a 10-row batch 0.134 s. With the measured points the plan charges a
+    step what was measured at those rows, interpolates between them, and keeps the line's FLOP scaling for
+    another context or model."""
+    from dpn_lens.plan_control import STEP_ROWS, _line, decode_step_seconds
+
+    context = 60
+    token = SHAPE.forward_flops_per_token(context=context, logits=True)
+    measured = [[2, 0.077], [4, 0.114], [8, 0.147], [12, 0.183], [16, 0.165]]
+    fixed, per_row = _line(measured)
+    costs = control_costs(step_seconds=fixed, step_flops_per_s=token / per_row, step_rows=measured,
+                          step_token_flops=token)
+    for rows, seconds in measured:
+        assert decode_step_seconds(SHAPE, costs, rows, context) == pytest.approx(seconds)
+    assert decode_step_seconds(SHAPE, costs, 10, context) == pytest.approx((0.147 + 0.183) / 2, rel=0.02)
+    assert decode_step_seconds(SHAPE, costs, 1, context) < 0.077
+    line = control_costs(step_seconds=fixed, step_flops_per_s=token / per_row)     # an older file: the line alone
+    assert decode_step_seconds(SHAPE, line, 10, context) == pytest.approx(fixed + 10 * per_row)
+    assert decode_step_seconds(SHAPE, line, 10, context) < 0.9 * decode_step_seconds(SHAPE, costs, 10, context)
+    # a longer context or a larger model: the measured bend times the line's FLOPs there
+    longer = 4 * context
+    ratio = decode_step_seconds(SHAPE, costs, 10, longer) / decode_step_seconds(SHAPE, line, 10, longer)
+    assert ratio == pytest.approx(decode_step_seconds(SHAPE, costs, 10, context)
+                                  / decode_step_seconds(SHAPE, line, 10, context))
+    assert 16 in STEP_ROWS and 1 in STEP_ROWS
+
+
+def test_the_decode_line_is_a_least_squares_fit():
+    from dpn_lens.plan_control import _line
+
+    assert _line([[2, 3.0], [4, 5.0], [8, 9.0]]) == pytest.approx((1.0, 1.0))
+    fixed, per_row = _line([[1, 1.0], [2, 3.0], [3, 2.0]])
+    assert (fixed, per_row) == pytest.approx((1.0, 0.5))
+    assert _line([[2, 1.0]]) == (0.0, 0.5)
+    assert _line([[1, 0.0], [2, 10.0]]) == pytest.approx((0.0, 20.0 / 5))   # through the origin, not below 0
+
+
+def test_measured_costs_time_a_step_at_each_row_count(tiny_folder, tmp_path, monkeypatch):
+    from dpn_lens.plan_control import STEP_ROWS, decode_step_seconds, measure_control_costs
+    from dpn_lens.plan import model_shape
+
+    monkeypatch.setenv("DPN_LENS_CACHE", str(tmp_path / "cache"))
+    costs = measure_control_costs(str(tiny_folder), n_pairs=4, max_new_tokens=12, save=False)
+    assert [rows for rows, _ in costs.step_rows] == list(STEP_ROWS)
+    assert all(seconds > 0 for _, seconds in costs.step_rows) and costs.step_token_flops > 0
+    shape = model_shape(str(tiny_folder))
+    # at the measurement's own context, the plan gives back the measured seconds at each row count
+    context = next(c for c in range(1, 4096)
+                   if shape.forward_flops_per_token(context=c, logits=True) == costs.step_token_flops)
+    for rows, seconds in costs.step_rows:
+        assert decode_step_seconds(shape, costs, int(rows), context) == pytest.approx(seconds)

@@ -70,7 +70,8 @@ def _control_plan(args: argparse.Namespace, traits: list[str], machine: Any) -> 
     if args.measure:
         costs = measure_control_costs(args.measure_on or args.model, args.device, args.dtype)
         print(f"measured control's costs on {costs.model}: probe {costs.probe_flops_per_s / 1e9:.1f}, answers "
-              f"{costs.answer_flops_per_s / 1e9:.1f} GFLOP/s; a decode step {costs.step_seconds * 1e3:.0f} ms + FLOPs "
-              f"({torch.get_num_threads()} threads)")
+              f"{costs.answer_flops_per_s / 1e9:.1f} GFLOP/s; a decode step "
+              + ", ".join(f"{seconds * 1e3:.0f} ms at {rows:.0f} rows" for rows, seconds in costs.step_rows)
+              + f" ({torch.get_num_threads()} threads)")
     return plan_control_run(args.model, ControlConfig(traits=traits), args.device, args.dtype, costs=costs,
                             machine=machine)
