@@ -433,6 +433,25 @@ def _source_revision(spec: str, hf_model: Any) -> str | None:
     return f"hub:{commit}" if commit else None
 
 
+def spec_revision(spec: str) -> str | None:
+    """The revision ``load_model(spec)`` records (``model_revision``), found without loading the model: the
+    GGUF's digest for an embedded model or a ``.gguf`` file. None for a hub model or a folder: their
+    recorded revision is a hash of the loaded weights (transformers 5 keeps no commit in the config), and
+    for a model that is not on this machine.
+
+    Example:
+        >>> spec_revision("/no/such/folder") is None
+        True
+    """
+    if spec not in EMBEDDED_MODELS and not str(spec).endswith(".gguf"):
+        return None
+    try:
+        gguf = embedded_gguf_path(spec) if spec in EMBEDDED_MODELS else Path(spec).expanduser()
+        return f"gguf:{gguf.name}@{_file_digest(gguf)}" if gguf.exists() else None
+    except (OSError, ImportError, ValueError, KeyError):
+        return None      # an embedded model not installed: nothing of it is cached either
+
+
 def model_revision(model: HookedModel) -> str:
     """The version of a loaded model that a neuron map records beside its name.
 

@@ -36,8 +36,8 @@ from __future__ import annotations
 import math
 import platform
 import time
-from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Sequence
 
 from dpn_lens.plan import (BYTES, GPU_SIZES_GIB, MachineCosts, ModelShape, RunPlan, StagePlan, costs_file, read_costs,
                            model_shape, status_bytes, timed)
@@ -49,7 +49,7 @@ __all__ = ["ControlSettings", "ControlWork", "ControlCosts", "control_work", "me
            "saved_control_costs", "plan_control", "plan_control_run", "gradient_logits_bytes",
            "gradient_activation_bytes", "GradientMemory", "gradient_memory", "selection_batches", "batch_tokens_default",
            "CPU_HEAP_RETAINED", "PromptTokens", "prompt_tokens_of", "generation_seconds", "expected_longest",
-           "answer_steps", "decode_step_seconds", "DecodeCosts", "STEP_ROWS"]
+           "answer_steps", "CachedPairs", "cached_pairs", "decode_step_seconds", "DecodeCosts", "STEP_ROWS"]
 
 DIRECTIONS = 2
 
@@ -71,6 +71,82 @@ class ControlSettings:
     rule_maps_given: bool = False
     """It also holds the effect rules' maps: no selection."""
     pairs_cached: bool = False
+    """The held-out pairs are in the cache (``--pairs-cached``, or found there: ``cached``): none generated."""
+    selection_cached: bool = False
+    """The effect rules' selection pairs are in the cache: their gradient pass runs, their generation not."""
+    cached: "CachedPairs | None" = None
+    """Which traits' pairs the cache holds (``cached_pairs``); ``of_trait`` applies it to one trait."""
+
+    def of_trait(self, trait: str) -> "ControlSettings":
+        """These settings for one trait: its pairs cached where ``cached`` found them.
+
+        Example:
+            >>> found = CachedPairs(held_out=["openness"], selection=[])
+            >>> settings = ControlSettings(cached=found)
+            >>> settings.of_trait("openness").pairs_cached, settings.of_trait("neuroticism").pairs_cached
+            (True, False)
+        """
+        found = self.cached
+        if found is None:
+            return self
+        return replace(self, pairs_cached=self.pairs_cached or trait in found.held_out,
+                       selection_cached=self.selection_cached or trait in found.selection, cached=None)
+
+
+@dataclass
+class CachedPairs:
+    """Which traits' generated pairs ``$DPN_LENS_CACHE`` already holds for a planned run (``cached_pairs``)."""
+
+    held_out: list[str]
+    """Traits whose held-out pairs (``evaluation.control.held_out_pairs``) are cached."""
+    selection: list[str]
+    """Traits whose selection pairs (``effect.pairs.selection_pairs``) are cached."""
+    unknown: str | None = None
+    """Why the cache could not be looked up (then both lists are empty and every pair is planned)."""
+
+
+def cached_pairs(spec: str, dtype: str, traits: Sequence[str], config: Any) -> CachedPairs:
+    """The traits whose held-out and selection pairs a ``control`` run of ``spec`` in ``dtype`` with ``config``
+    would read from the cache, found without loading the model: the cache files are keyed by the model's
+    name, revision and dtype (``models.spec_revision`` finds the revision) and the run's sizes, seed and
+    material (``held_out_pairs_key``, ``selection_pairs_key``).
+
+    Example:
+        >>> from dpn_lens.evaluation.control import ControlConfig
+        >>> cached_pairs("/no/such/folder", "float32", ["openness"], ControlConfig()).unknown
+        'the revision of /no/such/folder is known only once its weights are loaded (a hub model or a folder), or it is not on this machine'
+    """
+    import torch
+
+    from dpn_lens.effect.pairs import selection_pairs_key
+    from dpn_lens.effect.rules import SELECTION_TOKENS
+    from dpn_lens.evaluation.control import held_out_pairs_key, personalitybench_material
+    from dpn_lens.evaluation.preference import pairs_cache_path
+    from dpn_lens.models import spec_revision
+    from dpn_lens.traits import normalize_trait
+
+    if not config.cache_pairs:
+        return CachedPairs([], [])       # the run generates every pair again (--no-cache)
+    revision = spec_revision(spec)
+    if revision is None:
+        return CachedPairs([], [], f"the revision of {spec} is known only once its weights are loaded (a hub model "
+                                   "or a folder), or it is not on this machine")
+    torch_dtype = str(getattr(torch, dtype))
+    held_out, selection = [], []
+    for trait in traits:
+        trait = normalize_trait(trait)
+        try:
+            material = personalitybench_material(config.data_dir, trait)
+        except (OSError, KeyError, ValueError):
+            material = None        # the run itself will say what is missing
+        if material is not None and pairs_cache_path(
+                str(spec), revision, torch_dtype, "preference_pairs", trait, config.pair_batch,
+                **held_out_pairs_key(config, *material)).exists():
+            held_out.append(trait)
+        if pairs_cache_path(str(spec), revision, torch_dtype, "selection_pairs", trait,
+                            **selection_pairs_key(trait, config.selection_pairs, config.seed, SELECTION_TOKENS)).exists():
+            selection.append(trait)
+    return CachedPairs(held_out, selection)
 
 
 @dataclass
@@ -83,6 +159,8 @@ class ControlWork:
     generated_answers: int
     selection_answers: int
     locates: bool
+    selection_generated: int = 0
+    """Of ``selection_answers``, those generated (0 where the selection pairs are cached)."""
     sweep_probe_passes: int = 0
     """The budget sweep's (``--k-sweep``): a bracket search per rule, budget and direction, then its point."""
     sweep_answer_passes: int = 0
@@ -125,6 +203,8 @@ def control_work(settings: ControlSettings, run: "ControlRecord | None" = None) 
     return ControlWork(probe_passes=1 + grid_points + points + draws, answer_passes=2 + points + draws,
                        persona_passes=2, generated_answers=0 if settings.pairs_cached else 2 * config.pairs,
                        selection_answers=2 * config.selection_pairs if attribution else 0,
+                       selection_generated=2 * config.selection_pairs if attribution and not settings.selection_cached
+                       else 0,
                        locates=not settings.maps_given, sweep_probe_passes=sweep_probe, sweep_answer_passes=sweep_answer,
                        generation_sets=generation_sets, generation_scored=generation_sets + 2 if generation_sets else 0,
                        generation_questions=_generation_questions(config, run))
@@ -663,7 +743,7 @@ def _seconds(shape: ModelShape, work: ControlWork, settings: ControlSettings, co
     asking = [round(prompts.question)]
     return {"held-out pairs": generation(prompts.held_out, work.generated_answers, config.max_new_tokens,
                                          config.pair_batch, under_persona),
-            "selection": (generation(prompts.selection, work.selection_answers, SELECTION_TOKENS, 16, under_persona)
+            "selection": (generation(prompts.selection, work.selection_generated, SELECTION_TOKENS, 16, under_persona)
                           + gradient / costs.gradient_flops_per_s + costs.gradient_seconds)
             if work.selection_answers else 0.0,
             "KL curves": work.probe_passes * probe / costs.probe_flops_per_s,
@@ -702,8 +782,12 @@ def plan_control(spec: str, traits: Sequence[str], settings: ControlSettings, de
         raise ValueError("no traits to plan")
     shape = model_shape(spec)
     config = settings.config
-    work = control_work(settings)
-    made = [control_work(settings, trait_record(run, trait)) for trait in traits] if run is not None else []
+    of_trait = {trait: settings.of_trait(trait) for trait in traits}
+    bounds = {trait: control_work(of_trait[trait]) for trait in traits}
+    # With ``run``, the passes each trait made; else the settings' bound (each trait's cached pairs apart).
+    works = {trait: control_work(of_trait[trait], trait_record(run, trait)) for trait in traits} \
+        if run is not None else bounds
+    work = works[traits[0]]
     located = plan_locate(spec, traits, config.locate_pairs, device, dtype, machine)
     stages = [located.stages[0]]
     if work.locates:
@@ -712,13 +796,15 @@ def plan_control(spec: str, traits: Sequence[str], settings: ControlSettings, de
     weights = shape.n_params() * BYTES[dtype]
     usable = costs is not None and costs.device == device and costs.dtype == dtype
     prompts = prompt_tokens_of(spec, traits, config, costs) if usable else None
-    per_kind = _seconds(shape, work, settings, costs, prompts) if usable else {}
+    # seconds of each kind of work, summed over the traits
+    per_kind: dict[str, float] = {}
+    for trait in traits if usable else []:
+        for kind, seconds in _seconds(shape, works[trait], of_trait[trait], costs, prompts).items():
+            per_kind[kind] = per_kind.get(kind, 0.0) + seconds
     # one probe pass: the unsteered reference, once per run
-    reference_seconds = per_kind["KL curves"] / work.probe_passes if usable else 0.0
-    if usable and made:   # the passes each trait made, as a mean per trait
-        per_kind = {kind: sum(_seconds(shape, w, settings, costs, prompts)[kind] for w in made) / len(made)
-                    for kind in per_kind}
-        work = made[0]
+    first = bounds[traits[0]]
+    reference_seconds = (_seconds(shape, first, of_trait[traits[0]], costs, prompts)["KL curves"] / first.probe_passes
+                         if usable else 0.0)
     reference = config.kl_chunks * (config.kl_tokens + 1) * shape.vocab * 4
     runtime = machine.runtime_bytes if machine is not None and device == "cpu" else 0
     resident = machine.resident_ratio if machine is not None else 1.0
@@ -750,8 +836,11 @@ def plan_control(spec: str, traits: Sequence[str], settings: ControlSettings, de
             # batches add (glibc's heap keeps the earlier ones' blocks; the cache of every batch): SmolLM2,
             # 128 pairs, 4.15 GiB planned where 5.38 were held. The estimate counts the run's own batches.
             selection_peak = max(selection_peak, base + gradient.total)
-    counts = {"held-out pairs": f"{work.generated_answers} greedy answers of <= {config.max_new_tokens} tokens",
-              "selection": f"{work.selection_answers} selection answers, generated and differentiated"
+    counts = {"held-out pairs": f"{max(w.generated_answers for w in works.values())} greedy answers of <= "
+                                f"{config.max_new_tokens} tokens" + _cached_note(settings, traits, "held_out"),
+              "selection": f"{work.selection_answers} selection answers, "
+                           + ("generated and differentiated" if any(w.selection_generated for w in works.values())
+                              else "differentiated (the pairs are cached)") + _cached_note(settings, traits, "selection")
                            + ("" if usable or gradient is None else
                               f"; the bound counts the gradient pass's logits, {logits_bytes / 1024 ** 3:.2f} GiB; the "
                               f"estimate the whole pass, {gradient.total / 1024 ** 3:.2f} GiB: "
@@ -765,13 +854,14 @@ def plan_control(spec: str, traits: Sequence[str], settings: ControlSettings, de
                               f"(about {BRACKET_PROBES} probes per budget point)",
               "generation check": f"{work.generation_sets} sets of {work.generation_questions} greedy answers of <= "
                                   f"{config.max_new_tokens} tokens, {work.generation_scored} scored under two personas"}
-    absent = {"held-out pairs": not work.generated_answers, "selection": not work.selection_answers,
+    absent = {"held-out pairs": not any(w.generated_answers for w in works.values()),
+              "selection": not work.selection_answers,
               "method preparation": "caa" not in config.methods,
               "budget sweep": not work.sweep_probe_passes, "generation check": not work.generation_sets}
     for kind, detail in counts.items():
         if absent.get(kind, False):
             continue
-        seconds = per_kind[kind] * len(traits) if usable else None
+        seconds = per_kind[kind] if usable else None
         if seconds is not None and kind == "KL curves":   # and once per run, the unsteered reference
             seconds += reference_seconds
         stages.append(StagePlan(f"{kind} ({len(traits)} traits)", seconds,
@@ -783,6 +873,27 @@ def plan_control(spec: str, traits: Sequence[str], settings: ControlSettings, de
     needed = weights + reference + (gradient.total - gradient.heap_retained if gradient is not None else 0)
     fits = {size: needed * 1.1 < size * gib for size in GPU_SIZES_GIB}
     return RunPlan(spec, shape, device, dtype, weights, stages, machine, fits)
+
+
+def _cached_note(settings: ControlSettings, traits: Sequence[str], kind: str) -> str:
+    """The plan's word on which traits' pairs of ``kind`` (``held_out``, ``selection``) the cache holds.
+
+    Example:
+        >>> settings = ControlSettings(cached=CachedPairs(held_out=["openness"], selection=[]))
+        >>> _cached_note(settings, ["openness", "neuroticism"], "held_out")
+        '; cached for openness (not generated)'
+        >>> _cached_note(settings, ["openness"], "selection"), _cached_note(ControlSettings(), ["openness"], "selection")
+        ('', '')
+    """
+    found = settings.cached
+    if found is None:
+        return ""
+    if found.unknown:
+        return f"; the cache was not looked up: {found.unknown}"
+    cached = [trait for trait in traits if trait in getattr(found, kind)]
+    if not cached or len(cached) == len(traits) and kind == "selection":
+        return ""
+    return f"; cached for {', '.join(cached)} (not generated)"
 
 
 def _gradient_parts(memory: "GradientMemory") -> str:
@@ -1031,10 +1142,13 @@ def _batch_scale(batched: Any, run_tokens: float, costs: ControlCosts) -> float:
 
 def plan_control_run(spec: str, config: Any, device: str = "cpu", dtype: str = "float32",
                      costs: ControlCosts | None = None, machine: MachineCosts | None = None,
-                     pairs_cached: bool = False, run: Mapping[str, Any] | None = None) -> RunPlan:
+                     pairs_cached: bool = False, run: "ControlRecord | None" = None,
+                     look_up_cache: bool = True) -> RunPlan:
     """The plan of ``dpn-lens control`` run with ``config`` (a ``ControlConfig``): which maps its maps folder
-    already holds (``run.find_map``), this machine's saved costs when ``costs``/``machine`` are None;
-    ``run``: that run's result, to count the passes it made (``plan_control``)."""
+    already holds (``run.find_map``), which traits' pairs the cache holds (``cached_pairs``, unless
+    ``look_up_cache`` is False; ``pairs_cached``: assume every trait's held-out pairs are), this machine's
+    saved costs when ``costs``/``machine`` are None; ``run``: that run's result, to count the passes it made
+    (``plan_control``)."""
     import torch
 
     from dpn_lens.evaluation.methods import effect_rules_needed
@@ -1046,7 +1160,8 @@ def plan_control_run(spec: str, config: Any, device: str = "cpu", dtype: str = "
     given = {"maps_given": bool(folder) and all(find_map(folder, trait) for trait in config.traits),
              "rule_maps_given": bool(folder) and all(find_map(folder, trait, rule) for trait in config.traits
                                                      for rule in rules),
-             "pairs_cached": pairs_cached}
+             "pairs_cached": pairs_cached,
+             "cached": cached_pairs(spec, dtype, config.traits, config) if look_up_cache else None}
     threads = torch.get_num_threads()
     costs = costs or saved_control_costs(device, dtype, threads)
     machine = machine or saved_costs(device, dtype, threads)

@@ -228,3 +228,63 @@ def test_measured_costs_time_a_step_at_each_row_count(tiny_folder, tmp_path, mon
                    if shape.forward_flops_per_token(context=c, logits=True) == costs.step_token_flops)
     for rows, seconds in costs.step_rows:
         assert decode_step_seconds(shape, costs, int(rows), context) == pytest.approx(seconds)
+
+
+def test_a_trait_whose_pairs_are_cached_is_not_charged_their_generation(tiny_folder):
+    """Per trait: one of two traits has its held-out and selection pairs cached, so the plan charges half the
+    held-out generation and only the other trait's selection answers (both gradient passes still run); a
+    folder's revision is known only from its loaded weights, so the plan cannot look its pairs up, and says so."""
+    from dpn_lens.evaluation.control import ControlConfig
+    from dpn_lens.models import spec_revision
+    from dpn_lens.plan_control import CachedPairs, ControlSettings, cached_pairs, plan_control, plan_control_run
+
+    config = ControlConfig(traits=["openness", "neuroticism"], methods=["dpn-le", "attribution-t"], pairs=4,
+                           selection_pairs=4, max_new_tokens=4)
+    costs = control_costs()
+    found = CachedPairs(held_out=["openness"], selection=["openness"])
+    plan = plan_control(str(tiny_folder), config.traits, ControlSettings(config, maps_given=True, cached=found),
+                        costs=costs)
+    unfound = plan_control(str(tiny_folder), config.traits, ControlSettings(config, maps_given=True), costs=costs)
+    every = plan_control(str(tiny_folder), config.traits, ControlSettings(
+        config, maps_given=True, cached=CachedPairs(held_out=config.traits, selection=config.traits)), costs=costs)
+    seconds, before, none = ({stage.name: stage.seconds for stage in p.stages} for p in (plan, unfound, every))
+    assert seconds["held-out pairs (2 traits)"] == pytest.approx(before["held-out pairs (2 traits)"] / 2)
+    assert "held-out pairs (2 traits)" not in none
+    gradient = none["selection (2 traits)"]                 # both traits differentiate, neither generates
+    assert 0 < gradient < seconds["selection (2 traits)"] < before["selection (2 traits)"]
+    assert seconds["selection (2 traits)"] - gradient == pytest.approx((before["selection (2 traits)"] - gradient) / 2)
+    assert "cached for openness" in plan.text() and "(the pairs are cached)" in every.text()
+    assert spec_revision(str(tiny_folder)) is None
+    assert cached_pairs(str(tiny_folder), "float32", config.traits, config).unknown.startswith("the revision of")
+    assert "the cache was not looked up" in plan_control_run(str(tiny_folder), config, costs=costs).text()
+
+
+@pytest.mark.slow
+def test_the_plan_finds_the_pairs_a_run_cached_without_loading_the_model(smollm2, tmp_path, monkeypatch):
+    """The held-out and selection pairs' cache files are keyed by the model's revision, which the plan finds
+    from the spec (the embedded GGUF's digest): it finds the files a run wrote, and only those."""
+    from dpn_lens.effect.pairs import selection_pairs
+    from dpn_lens.evaluation.control import ControlConfig, held_out_pairs
+    from dpn_lens.models import model_revision, spec_revision
+    from dpn_lens.plan_control import cached_pairs
+    from helpers import write_personalitybench
+
+    from dpn_lens.models import cache_dir
+
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "gguf").symlink_to(cache_dir() / "gguf")      # the installed model, a fresh pairs cache
+    monkeypatch.setenv("DPN_LENS_CACHE", str(tmp_path / "cache"))
+    spec = "smollm2-135m-instruct"
+    assert spec_revision(spec) == model_revision(smollm2)
+    data = write_personalitybench(tmp_path / "data")
+    config = ControlConfig(traits=["openness", "neuroticism"], methods=["dpn-le", "attribution-t"], pairs=4,
+                           selection_pairs=4, data_dir=str(data), max_new_tokens=4)
+    found = cached_pairs(spec, "float32", config.traits, config)
+    assert (found.held_out, found.selection, found.unknown) == ([], [], None)
+    held_out_pairs(smollm2, "openness", config, log=lambda message: None)
+    selection_pairs(smollm2, "openness", n_pairs=4, seed=config.seed)
+    found = cached_pairs(spec, "float32", config.traits, config)
+    assert (found.held_out, found.selection) == (["openness"], ["openness"])
+    assert cached_pairs(spec, "bfloat16", config.traits, config).held_out == []            # another dtype's key
+    assert cached_pairs(spec, "float32", config.traits, dataclasses.replace(config, pairs=6)).held_out == []
+    assert cached_pairs(spec, "float32", config.traits, dataclasses.replace(config, cache_pairs=False)).held_out == []

@@ -41,6 +41,21 @@ def _embedded_material(trait: str) -> tuple[list[str], list[str], list[str]]:
     return embedded_questions(), high, low
 
 
+def selection_pairs_key(trait: str, n_pairs: int = SELECTION_PAIRS, seed: int = 0,
+                        max_new_tokens: int = SELECTION_TOKENS) -> dict[str, Any]:
+    """What the selection pairs' cache file is keyed by beside the model and the batch size: the sizes, the
+    seed and a digest of the embedded material (``preference.pairs_cache_path`` takes it as ``key``).
+
+    Example:
+        >>> sorted(selection_pairs_key("openness", 8))
+        ['format', 'material', 'max_new_tokens', 'pairs', 'seed']
+    """
+    questions, highs, lows = _embedded_material(normalize_trait(trait))
+    material = hashlib.sha256(json.dumps([questions, highs, lows]).encode()).hexdigest()[:16]
+    return {"pairs": int(n_pairs), "seed": int(seed), "max_new_tokens": int(max_new_tokens), "material": material,
+            "format": 1}
+
+
 def selection_pairs(model: Any, trait: str, n_pairs: int = SELECTION_PAIRS, seed: int = 0,
                     max_new_tokens: int = SELECTION_TOKENS, cache: bool = True,
                     log: Callable[[str], None] | None = None, batch_size: int = 16) -> list[PreferencePair]:
@@ -69,9 +84,8 @@ def selection_pairs(model: Any, trait: str, n_pairs: int = SELECTION_PAIRS, seed
     max_new_tokens = as_int(max_new_tokens, "max_new_tokens", "48", minimum=1)
     batch_size = as_int(batch_size, "batch_size", "16", minimum=1)
     questions, highs, lows = _embedded_material(trait)
-    material = hashlib.sha256(json.dumps([questions, highs, lows]).encode()).hexdigest()[:16]
-    path = pairs_cache_file(model, "selection_pairs", trait, batch_size=batch_size, pairs=n_pairs, seed=seed,
-                            max_new_tokens=max_new_tokens, material=material, format=1)
+    path = pairs_cache_file(model, "selection_pairs", trait, batch_size=batch_size,
+                            **selection_pairs_key(trait, n_pairs, seed, max_new_tokens))
     if cache and path.exists():
         stored = json.loads(path.read_text(encoding="utf-8"))
         if log:

@@ -226,9 +226,14 @@ def personalitybench_material(data_dir: str | None, trait: str) -> tuple[list[st
     return questions, highs, lows
 
 
-def _pairs_cache_file(model: Any, trait: str, config: ControlConfig, material: tuple) -> Path:
-    return pairs_cache_file(model, "preference_pairs", trait, batch_size=config.pair_batch, pairs=config.pairs,
-                            seed=config.seed, max_new_tokens=config.max_new_tokens, material=material, format=1)
+def held_out_pairs_key(config: ControlConfig, questions: Sequence[str], highs: Sequence[str],
+                       lows: Sequence[str]) -> dict[str, Any]:
+    """What the held-out pairs' cache file is keyed by beside the model, the trait and the batch size: the
+    sizes, the seed and a digest of the PersonalityBench material (``personalitybench_material``), whose
+    first half of the descriptions the pairs are generated under (``preference.pairs_cache_path``)."""
+    material = hashlib.sha256(json.dumps([list(questions), list(highs), list(lows)]).encode()).hexdigest()[:16]
+    return {"pairs": config.pairs, "seed": config.seed, "max_new_tokens": config.max_new_tokens,
+            "material": (material, len(highs) // 2), "format": 1}
 
 
 def held_out_pairs(model: Any, trait: str, config: ControlConfig, log: Callable[[str], None] = print) -> HeldOutPairs:
@@ -241,8 +246,8 @@ def held_out_pairs(model: Any, trait: str, config: ControlConfig, log: Callable[
     trait = normalize_trait(trait)
     questions, highs, lows = personalitybench_material(config.data_dir, trait)
     half = len(highs) // 2
-    material = hashlib.sha256(json.dumps([questions, highs, lows]).encode()).hexdigest()[:16]
-    path = _pairs_cache_file(model, trait, config, (material, half))
+    path = pairs_cache_file(model, "preference_pairs", trait, batch_size=config.pair_batch,
+                            **held_out_pairs_key(config, questions, highs, lows))
     if config.cache_pairs and path.exists():
         stored = json.loads(path.read_text(encoding="utf-8"))
         pairs = [PreferencePair(**row) for row in stored["pairs"]]

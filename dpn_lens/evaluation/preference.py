@@ -43,7 +43,7 @@ from dpn_lens.io import read_jsonl
 from dpn_lens.steering import MaskedEdit, steer
 
 __all__ = ["PreferencePair", "GeneratedPairs", "AnswerScores", "load_preference_pairs", "generate_persona_pairs",
-           "pairs_cache_file",
+           "pairs_cache_file", "pairs_cache_path",
            "greedy_answers", "strip_template_echo", "preference_margins", "answer_scores",
            "PairScorer"]
 
@@ -209,13 +209,28 @@ def pairs_cache_file(model: Any, folder: str, trait: str, batch_size: int = 16, 
         >>> pairs_cache_file(build_tiny_model(), "selection_pairs", "openness", pairs=8).name.startswith("openness-")
         True
     """
+    from dpn_lens.models import model_revision
+
+    return pairs_cache_path(getattr(model, "dpn_model_name", "model"), model_revision(model), str(model.cfg.dtype),
+                            folder, trait, batch_size, **key)
+
+
+def pairs_cache_path(name: str, revision: str, dtype: str, folder: str, trait: str, batch_size: int = 16,
+                     **key: Any) -> Path:
+    """``pairs_cache_file`` from the model's name, revision (``models.model_revision``) and torch dtype
+    (``"torch.float32"``) instead of the loaded model: the plan finds cached pairs without loading it.
+
+    Example:
+        >>> path = pairs_cache_path("m", "hub:abc", "torch.float32", "selection_pairs", "openness", pairs=8)
+        >>> path.parent.name, path.name.startswith("openness-")
+        ('selection_pairs', True)
+    """
     import hashlib
     import json
 
-    from dpn_lens.models import cache_dir, model_revision
+    from dpn_lens.models import cache_dir
 
-    material = {"model": getattr(model, "dpn_model_name", "model"), "revision": model_revision(model),
-                "dtype": str(model.cfg.dtype), "trait": trait, **key}
+    material = {"model": name, "revision": revision, "dtype": dtype, "trait": trait, **key}
     if batch_size != 16:
         material["batch_size"] = batch_size
     digest = hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:16]
