@@ -217,16 +217,20 @@ def _generation_questions(config: Any, run: "ControlRecord | None") -> int:
     return max(asked) if asked else min(config.generation_questions, config.pairs)
 
 
-BRACKET_PROBES = 3
-"""Probe passes a budget point's bracket search (``calibrate_gamma``) typically makes: its first
-grid point, the one its KL-grows-like-gamma^2 prediction names, and the neighbour that brackets the target
-(measured: 2-3 per point that reaches the target on the tiny model; more where the target lies off the grid)."""
+BRACKET_PROBES = 4
+"""Probe passes a budget point's bracket search (``calibrate._kl_bracket``) makes when its γ lies inside the
+grid from 4 up (the effect rules' edits need γ 15-60 on the embedded models): γ = 1, γ = 2, the grid point
+the KL-grows-like-γ^2 prediction names and its neighbour above, which bracket the target. Counted on KL
+curves that grow like γ^1.5 to γ^2.5 (``tests/test_plan_costs.py``): 4 from γ = 4 to 128, 2-3 below 4,
+3 where the target lies beyond the grid."""
 
 
 def _sweep_passes(config: Any, run: "ControlRecord | None") -> tuple[int, int]:
     """Probe and answer passes of the budget sweep: per rule, budget and direction a bracket search of the
-    γ grid around the target KL (``BRACKET_PROBES``, an estimate) and one measured point (a probe and an
-    answer pass); from a run, the passes it made."""
+    γ grid around the target KL (``BRACKET_PROBES``) and one measured point (a probe and an answer pass);
+    from a run, the passes it made. A bound in the answer passes: a budget whose edit does not reach the
+    target KL on the grid makes none (the smallest budgets often do not), and an answer pass costs several
+    probes (SmolLM2, 32 pairs: 8 s against 1.3 s)."""
     from dpn_lens.evaluation.control import swept_rules
 
     if not config.k_sweep:
@@ -851,7 +855,8 @@ def plan_control(spec: str, traits: Sequence[str], settings: ControlSettings, de
               "persona control": f"{work.persona_passes} persona passes over {2 * config.pairs} answers",
               "method preparation": f"CAA's direction from {config.caa_pairs} pairs of prompts",
               "budget sweep": f"{work.sweep_probe_passes} probe passes and {work.sweep_answer_passes} answer passes "
-                              f"(about {BRACKET_PROBES} probes per budget point)",
+                              f"(about {BRACKET_PROBES} probes per budget point; at most: a budget that does not "
+                              "reach the target KL makes no answer pass)",
               "generation check": f"{work.generation_sets} sets of {work.generation_questions} greedy answers of <= "
                                   f"{config.max_new_tokens} tokens, {work.generation_scored} scored under two personas"}
     absent = {"held-out pairs": not any(w.generated_answers for w in works.values()),

@@ -288,3 +288,27 @@ def test_the_plan_finds_the_pairs_a_run_cached_without_loading_the_model(smollm2
     assert cached_pairs(spec, "bfloat16", config.traits, config).held_out == []            # another dtype's key
     assert cached_pairs(spec, "float32", config.traits, dataclasses.replace(config, pairs=6)).held_out == []
     assert cached_pairs(spec, "float32", config.traits, dataclasses.replace(config, cache_pairs=False)).held_out == []
+
+
+def test_the_bracket_search_makes_bracket_probes_probes_where_the_rules_edits_land():
+    """``BRACKET_PROBES`` is what the calibration's bracket search makes on KL curves that grow like a power of
+    γ with the target between γ = 4 and 128 (the effect rules' edits need γ 15-60): counted, not guessed."""
+    import math
+
+    from dpn_lens.evaluation.calibrate import GAMMA_GRID, CurvePoint, _kl_bracket
+    from dpn_lens.plan_control import BRACKET_PROBES
+
+    def probes(target_gamma, power):
+        made = []
+
+        def measure(gamma):
+            made.append(gamma)
+            return CurvePoint(gamma, 0.05 * (gamma / target_gamma) ** power, 1.0, None)
+
+        _kl_bracket(measure, list(GAMMA_GRID), 0.05, 2.0)
+        return len(made)
+
+    inside = [probes(math.exp(x / 10), power) for x in range(14, 48) for power in (1.5, 2.0, 2.5)]   # γ 4 to 121
+    assert set(inside) == {BRACKET_PROBES}
+    assert max(probes(math.exp(x / 10), 2.0) for x in range(-13, 13)) < BRACKET_PROBES            # γ 0.27 to 3.7
+    assert probes(500.0, 2.0) == BRACKET_PROBES - 1                                               # beyond the grid
