@@ -147,6 +147,12 @@ def _report(args: argparse.Namespace, traits: list[str], plan: Any, run: dict[st
     if "stages" in run:
         result["stage_comparison"] = stage_comparison(plan, run, counted)
         print(markdown_table(result["stage_comparison"]))
+    sweep = list(run["record"].sweep or []) if "record" in run else []
+    if sweep:   # what the plan's sweep estimate stands for: probes per budget point, and the points that reached
+        result["sweep_points"] = [{"rule": row.rule, "k": row.k, "direction": row.direction,
+                                   "probes": row.curve_points, "reached": bool(row.reached)} for row in sweep]
+        print(f"budget sweep: {sum(p['reached'] for p in result['sweep_points'])} of {len(sweep)} points reached the "
+              f"target KL; bracket probes per point: {[p['probes'] for p in result['sweep_points']]}")
     print(f"measured in {measuring:.0f} s; {args.stage}: predicted {plan.seconds:.1f} s, measured {run['seconds']:.1f} s, "
           f"ratio {result['time_ratio']:.2f}; peak memory: predicted {result['predicted_peak_gib']:.2f} GiB, measured "
           f"{result['measured_peak_gib']:.2f} GiB, ratio {result['memory_ratio']:.2f}")

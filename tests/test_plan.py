@@ -345,8 +345,10 @@ def test_the_plan_benchmark_plans_a_control_run(tiny_folder, tmp_path, monkeypat
     result = module.main(["--stage", "control", "--model", str(tiny_folder), "--traits", "openness", "--dtype",
                           "float32", "--methods", "dpn-le", "--eval-pairs", "12", "--run", str(maps), "--data-dir",
                           str(write_personalitybench(tmp_path / "data")), "--measure-prompts", "4",
-                          "--extra", "--quick --gammas 0.5,2 --kl-levels 0.05 --random-draws 1"])
+                          "--extra", "--quick --gammas 0.5,2 --kl-levels 0.05 --random-draws 1 --k-sweep 2"])
     assert result["measured_seconds"] > 0 and result["predicted_seconds"] > 0 and result["stage"] == "control"
+    # the sweep's points, as the run made them: its one budget in both directions
+    assert [(p["k"], p["direction"]) for p in result["sweep_points"]] == [(2, "increase"), (2, "decrease")]
     # stage by stage: the run's recorded seconds beside the plan's, under one set of names
     compared = {row["stage"]: row for row in result["stage_comparison"]}
     assert {"start-up and model load", "KL curves", "answer scoring", "persona control"} <= set(compared)
