@@ -9,7 +9,9 @@ predicts, unedited, as in generation), and then scores every edit by running onl
 from a copy of that cache. It also computes logits at the answer positions only, which matters most
 on Gemma 3, whose unembedding (a 262k-token vocabulary) costs more than the rest of the model.
 
-Memory: a batch's cache holds one row per distinct context (a pair's two answers share one), and each
+Memory: a batch's cache holds one row per distinct context (a pair's two answers share one when they
+fall in the same batch: batches are cut from the items sorted by total length, so the two answers of a
+pair of unequal lengths often fall in neighbouring batches, and each holds the question), and each
 answer pass gets a fresh copy with one row per item (``_item_cache``), so the stored tensors are never
 modified. ``cache_bytes`` bounds what is kept: a batch whose cache would take the kept bytes past it
 keeps only its tokens and runs its contexts again in every scoring pass, in the same batch with the

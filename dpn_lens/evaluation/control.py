@@ -77,8 +77,9 @@ DIRECTIONS = ("increase", "decrease")
 ALL_NEURONS = 0
 """In ``ControlConfig.k_sweep``: every candidate neuron of the rule (written ``all`` on the command line)."""
 DEFAULT_SCORE_CACHE_GIB = 1.0
-"""``ControlConfig.score_cache_gib``: the usual runs (64 pairs: 0.15 GiB on SmolLM2-135M in float32) keep
-their whole cache; 512 pairs (1.2 GiB) recompute the questions of the batches past it."""
+"""``ControlConfig.score_cache_gib``: the usual runs keep their whole cache (64 pairs: 0.29 GiB on
+SmolLM2-135M in float32, ``answer_cache_bytes`` on PersonalityBench questions and 48-token answers);
+512 pairs (3.1 GiB) keep a third of it and run the questions of the other batches again for every edit."""
 
 
 def random_curve(rule: str) -> str:
@@ -147,7 +148,7 @@ class ControlConfig:
     score_cache_gib: float | None = DEFAULT_SCORE_CACHE_GIB
     """GiB of the held-out questions' key/value cache the preference scorer keeps between edits (None: all);
     the questions of batches past it run again for every edit (``CachedAnswerScorer``; the numbers do
-    not change). 512 SmolLM2-135M pairs in float32 hold 1.2 GiB."""
+    not change; ``DEFAULT_SCORE_CACHE_GIB`` has the sizes)."""
 
     def __post_init__(self) -> None:
         self.traits = [normalize_trait(t) for t in self.traits]
