@@ -14,7 +14,7 @@ import torch
 
 from helpers import FailingEdit
 from dpn_lens.baselines.caa import ResidualIntervention
-from dpn_lens.evaluation.answer_cache import CachedAnswerScorer
+from dpn_lens.evaluation.answer_cache import CachedAnswerScorer, answer_cache_bytes
 from dpn_lens.evaluation.logprobs import kl_from_reference, log_softmax_rows, token_logprobs
 from dpn_lens.evaluation.preference import PairScorer, PreferencePair, preference_margins
 from dpn_lens.hooked import encode
@@ -144,3 +144,83 @@ def test_smollm2_cached_margins_equal_the_plain_path(smollm2):
     assert cached.cached is not None
     for chosen in (None, edit):
         np.testing.assert_allclose(cached.margins(chosen), plain.margins(chosen), atol=1e-4)
+
+
+# ----- memory: one cache row per distinct context, and a budget ------------------------------------------
+
+def _geometry(model) -> dict:
+    config = model.original_model.config
+    return dict(n_layers=config.num_hidden_layers, n_kv_heads=config.num_key_value_heads,
+                head_dim=config.hidden_size // config.num_attention_heads, dtype_bytes=4)
+
+
+def _stored_bytes(scorer: CachedAnswerScorer) -> int:
+    return sum(layer.keys.nbytes + layer.values.nbytes for batch in scorer.batches if batch.cache is not None
+               for layer in batch.cache.layers)
+
+
+def test_a_pairs_two_answers_share_one_stored_context_row(tiny_model):
+    pairs = PairScorer(tiny_model, PAIRS)   # one batch: every pair's two answers together
+    (batch,) = pairs.cached.batches
+    assert all(layer.keys.shape[0] == len(PAIRS) == len(batch.items) // 2 for layer in batch.cache.layers)
+    # The second answer of each pair adds no cache: the high answers alone store the same bytes (one row
+    # per item, as before, stored twice as many).
+    highs = CachedAnswerScorer(tiny_model, pairs.contexts[0::2], pairs.answers[0::2])
+    assert pairs.cached.footprint.kept_bytes == highs.footprint.kept_bytes == _stored_bytes(highs) > 0
+
+
+@pytest.mark.parametrize("batch_tokens", [4096, 40])
+@pytest.mark.parametrize("budget", [None, 0, 3000])
+def test_the_predicted_footprint_is_the_measured_one(tiny_model, batch_tokens, budget):
+    pair_scorer = PairScorer(tiny_model, PAIRS, batch_tokens=batch_tokens, cache_bytes=budget)
+    predicted = answer_cache_bytes([len(c) for c in pair_scorer.contexts], [len(a) for a in pair_scorer.answers],
+                                   batch_tokens, **_geometry(tiny_model),
+                                   context_keys=[i // 2 for i in range(2 * len(PAIRS))], cache_bytes=budget)
+    assert predicted == pair_scorer.cached.footprint
+    assert predicted.kept_bytes == _stored_bytes(pair_scorer.cached)
+
+
+@pytest.mark.parametrize("budget", [0, 3000])   # every batch recomputed, and some of them
+def test_a_budget_drops_caches_and_gives_the_same_numbers_to_the_bit(tiny_model, budget):
+    kept = PairScorer(tiny_model, PAIRS, batch_tokens=40)
+    bounded = PairScorer(tiny_model, PAIRS, batch_tokens=40, cache_bytes=budget)
+    footprint = bounded.cached.footprint
+    assert footprint.kept_bytes <= budget and footprint.recomputed > 0
+    assert footprint.all_bytes == kept.cached.footprint.kept_bytes and kept.cached.footprint.recomputed == 0
+    if budget:
+        assert 0 < footprint.kept_bytes and footprint.recomputed < footprint.batches   # a real mix
+    stored = [[(layer.keys.clone(), layer.values.clone()) for layer in batch.cache.layers]
+              for batch in bounded.cached.batches if batch.cache is not None]
+    for edit in (None, random_edit(tiny_model), residual_edit(tiny_model)):
+        np.testing.assert_array_equal(bounded.margins(edit), kept.margins(edit))
+        for ours, theirs in zip(bounded.cached.token_logprobs(edit), kept.cached.token_logprobs(edit)):
+            assert torch.equal(ours, theirs)
+    # Scoring (and recomputing) leaves the kept caches as they were.
+    for batch, before in zip([b for b in bounded.cached.batches if b.cache is not None], stored):
+        for layer, (keys, values) in zip(batch.cache.layers, before):
+            assert torch.equal(layer.keys, keys) and torch.equal(layer.values, values)
+
+
+@pytest.mark.parametrize("budget", [0, 3000])
+def test_the_gradient_pass_with_a_budget_gives_the_same_gradients_to_the_bit(tiny_model, budget):
+    from dpn_lens.effect.gradients import margin_gradients
+
+    full = margin_gradients(tiny_model, PAIRS, batch_tokens=40)
+    bounded = margin_gradients(tiny_model, PAIRS, batch_tokens=40, cache_bytes=budget)
+    assert full.per_pair.abs().max() > 0
+    assert torch.equal(bounded.per_pair, full.per_pair)
+
+
+def test_the_gradient_passes_recompute_the_dropped_questions(tiny_model, monkeypatch):
+    from dpn_lens.effect import gradients
+
+    scorers = []
+    real = gradients._question_cache
+    monkeypatch.setattr(gradients, "_question_cache", lambda *args: scorers.append(real(*args)) or scorers[-1])
+    gradients.margin_gradients(tiny_model, PAIRS, batch_tokens=40, cache_bytes=0)
+    assert scorers[0].footprint.kept_bytes == 0 and scorers[0].footprint.recomputed == len(scorers[0].batches) > 1
+
+
+def test_a_negative_budget_is_refused(tiny_model):
+    with pytest.raises(ValueError, match="cache_bytes must be at least 0"):
+        CachedAnswerScorer(tiny_model, [[1]], [[2]], cache_bytes=-1)

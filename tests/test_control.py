@@ -200,6 +200,11 @@ def test_control_config_is_checked():
     with pytest.raises(ValueError, match="at least 4"):
         ControlConfig(pairs=2)
     assert 0.05 in ControlConfig(kl_levels=[0.1], target_kl=0.05).kl_levels
+    with pytest.raises(ValueError, match="score_cache_gib .* must be at least 0"):
+        ControlConfig(score_cache_gib=-0.5)
+    assert ControlConfig(score_cache_gib=0).score_cache_bytes == 0
+    assert ControlConfig(score_cache_gib=None).score_cache_bytes is None
+    assert ControlConfig().score_cache_bytes == 2 ** 30
 
 
 def test_control_command_line(tiny_folder, tmp_path, monkeypatch, capsys):
@@ -212,6 +217,11 @@ def test_control_command_line(tiny_folder, tmp_path, monkeypatch, capsys):
     assert config.pairs == 24 and config.methods == ["dpn-le", "dense", "caa"] and config.kl_levels == [0.05, 0.1, 0.5]
     assert config.seed == 0
     assert config_from_args(build_parser().parse_args(["control", "--seed", "3", "--out", str(tmp_path)])).seed == 3
+    assert config.score_cache_gib == 1.0
+    assert config_from_args(build_parser().parse_args(["control", "--score-cache-gib", "0.25", "--out",
+                                                       str(tmp_path)])).score_cache_bytes == 2 ** 28
+    with pytest.raises(ValueError, match="score_cache_gib"):
+        config_from_args(build_parser().parse_args(["control", "--score-cache-gib", "-1", "--out", str(tmp_path)]))
     monkeypatch.delenv("DPN_LENS_DATA", raising=False)
     status = main(["control", "--model", str(tiny_folder), "--traits", "openness", "--out", str(tmp_path / "y")])
     assert status == 2 and "no data folder given" in capsys.readouterr().err
@@ -560,8 +570,11 @@ def test_runs_on_different_traits_merge_into_the_run_over_all_of_them(tiny_folde
                                                               traits_done=["extraversion"]))
     with pytest.raises(ValueError, match="differs from result #0 in seed"):
         merge_control_results([one, other])
-    # The KL probe: a run from before its setting was recorded edited the BOS token, as --kl-edit-context does.
+    # The scorer's cache budget changes no number: runs with different budgets merge.
     e = load_control_record(tmp_path / "e")
+    cheaper = dataclasses.replace(e, meta=dataclasses.replace(e.meta, config={**e.meta.config, "score_cache_gib": 0.0}))
+    assert merge_control_results([one, cheaper]).traits_done == ["openness", "extraversion"]
+    # The KL probe: a run from before its setting was recorded edited the BOS token, as --kl-edit-context does.
     assert one.meta.config["kl_skip_context"] is True
     old, old_e = (ControlRecord.from_dict({**r.to_dict(), "meta": {**r.meta.to_dict(), "config": {
         k: v for k, v in r.meta.config.items() if k != "kl_skip_context"}}}) for r in (one, e))

@@ -51,9 +51,9 @@ def add_effects(run: Run, model: Any, cards: dict[tuple[str, str], list[NeuronCa
         raise ValueError(f"top must be at least 1 neuron per map, got {top}")
     summary: dict[tuple[str, str], dict[str, Any]] = {}
     for trait in dict.fromkeys(trait for _, trait in cards):
-        held = held_out_pairs(model, trait, ControlConfig(traits=[trait], data_dir=data_dir, pairs=n_pairs),
-                              log=lambda message: None)
-        scorer = PairScorer(model, held.pairs)
+        config = ControlConfig(traits=[trait], data_dir=data_dir, pairs=n_pairs)
+        held = held_out_pairs(model, trait, config, log=lambda message: None)
+        scorer = PairScorer(model, held.pairs, cache_bytes=config.score_cache_bytes)
         base = scorer.margins()
         for (rule, map_trait), map_cards in cards.items():
             if map_trait != trait or not map_cards:

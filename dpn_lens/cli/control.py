@@ -27,7 +27,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         ArgumentParser(...)
     """
     from dpn_lens.evaluation.calibrate import DEFAULT_TARGET_KL, GAMMA_GRID
-    from dpn_lens.evaluation.control import DEFAULT_METHODS, SWEEP_METHODS
+    from dpn_lens.evaluation.control import DEFAULT_METHODS, DEFAULT_SCORE_CACHE_GIB, SWEEP_METHODS
 
     help_text = ("does steering work? preference shift with 95%% CIs, the persona prompt as positive control, "
                  "random-neuron and gamma-0 controls, dose-response of every method vs KL, matched cost, calibrated gamma")
@@ -90,6 +90,9 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
                                                            "of the random-neuron control; another seed replicates a "
                                                            "result on a new draw (an effect-rule map in --run selected "
                                                            "on another seed's pairs is selected anew)")
+    parser.add_argument("--score-cache-gib", type=float, default=DEFAULT_SCORE_CACHE_GIB, metavar="GIB",
+                        help="GiB of the held-out questions' key/value cache kept while the edits are scored; the "
+                             "questions of the batches past it run again for every edit (same numbers, more time)")
     parser.add_argument("--no-random-control", action="store_true", help="skip the random-neuron curves")
     parser.add_argument("--plan", action="store_true",
                         help="print this run's plan (time per stage from this machine's measurement, `dpn-lens plan "
@@ -143,7 +146,8 @@ def config_from_args(args: argparse.Namespace) -> Any:
                                     seed=args.seed, budget=args.budget, selection_pairs=args.selection_pairs,
                                     random_draws=args.random_draws, generation_questions=args.generation,
                                     random_draws_off_target=args.random_draws_off_target,
-                                    generation_draws=args.generation_draws, kl_skip_context=not args.kl_edit_context)
+                                    generation_draws=args.generation_draws, kl_skip_context=not args.kl_edit_context,
+                                    score_cache_gib=args.score_cache_gib)
     from dpn_lens.pipeline import parse_layers
 
     settings.update(locate_q=args.q, locate_tau_d=args.tau_d,

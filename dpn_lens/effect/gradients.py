@@ -33,7 +33,7 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from jaxtyping import Float
@@ -85,8 +85,8 @@ def _items(model: HookedModel, pairs: Sequence[Any]) -> list[tuple[int, list[int
 
 
 def margin_gradients(model: HookedModel, pairs: Sequence[Any], layers: Sequence[int] | None = None,
-                     batch_tokens: int = 2048, through_mlps: bool = True, cached: bool | None = None
-                     ) -> MarginGradients:
+                     batch_tokens: int = 2048, through_mlps: bool = True, cached: bool | None = None,
+                     cache_bytes: int | None = None) -> MarginGradients:
     """The gradient of each pair's preference margin with respect to every neuron (module note).
 
     Args:
@@ -100,6 +100,8 @@ def margin_gradients(model: HookedModel, pairs: Sequence[Any], layers: Sequence[
             stream and the unembedding: a more linear view of a neuron's effect, for large edits.
         cached: run each question once into a key/value cache and only the answers with gradients (the
             same gradient at less than half the cost; None: wherever the model supports it).
+        cache_bytes: at most this many bytes of the questions' cache are kept (``CachedAnswerScorer``); the
+            questions of a batch past it run again, without gradients, just before its answers (None: all kept).
 
     Returns:
         ``MarginGradients``; ``result.mean[l, i]`` times a delta ``d`` added to neuron ``i`` at every
@@ -118,10 +120,13 @@ def margin_gradients(model: HookedModel, pairs: Sequence[Any], layers: Sequence[
     # The questions run before the weights are frozen: their pass keeps one position's logits, a slice
     # that matmul cannot fold into 2-D, and with a frozen unembedding it then copies the unembedding once
     # per row for a batched product (Gemma 3 270M: 0.31 GiB a row, 3.75 GiB for 12 questions).
-    scorer = _question_cache(model, items, batch_tokens) if use_cache else None
-    with torch.enable_grad(), frozen_weights(model), read_hooks(model, hooks):
-        passes = _cached_passes(model, items, scorer) if scorer is not None else _plain_passes(model, items, batch_tokens)
-        for chunk, logits, first_position in passes:
+    scorer = _question_cache(model, items, batch_tokens, cache_bytes) if use_cache else None
+    passes = _cached_passes(model, items, scorer) if scorer is not None else _plain_passes(model, items, batch_tokens)
+    # The weights are frozen and the hooks attached per pass: between passes a batch whose questions' cache
+    # was not kept runs them again, for the same reason the questions ran before the weights were frozen.
+    for chunk, forward, first_position in passes:
+        with torch.enable_grad(), frozen_weights(model), read_hooks(model, hooks):
+            logits = forward()
             objective = logits.new_zeros((), dtype=torch.float32)
             where = torch.zeros(logits.shape[:2], dtype=torch.bool)
             for row, (_, _, answer, sign) in enumerate(chunk):
@@ -156,7 +161,8 @@ def _add_gradients(per_pair: Float[Tensor, "pairs layers d_mlp"], grads: Sequenc
             per_pair[pair_index, slot] += summed[row]
 
 
-_Pass = tuple[list[tuple[int, list[int], list[int], float]], Tensor, list[int]]
+_Pass = tuple[list[tuple[int, list[int], list[int], float]], Callable[[], Tensor], list[int]]
+"""A batch's items, its forward pass (run with gradients: it returns the logits) and where each answer starts."""
 
 
 def _plain_passes(model: HookedModel, items: list[tuple[int, list[int], list[int], float]], batch_tokens: int
@@ -171,16 +177,17 @@ def _plain_passes(model: HookedModel, items: list[tuple[int, list[int], list[int
         chunk = [items[i] for i in order[start:start + max(1, batch_tokens // longest)]]
         start += len(chunk)
         ids, mask = pad_token_lists([context + answer for _, context, answer, _ in chunk], pad, "right")
-        yield chunk, model(ids.to(device), attention_mask=mask.to(device)), [len(context) - 1 for _, context, _, _ in chunk]
+        yield (chunk, lambda: model(ids.to(device), attention_mask=mask.to(device)),
+               [len(context) - 1 for _, context, _, _ in chunk])
 
 
-def _question_cache(model: HookedModel, items: list[tuple[int, list[int], list[int], float]], batch_tokens: int
-                    ) -> Any:
+def _question_cache(model: HookedModel, items: list[tuple[int, list[int], list[int], float]], batch_tokens: int,
+                    cache_bytes: int | None = None) -> Any:
     """Each distinct question once, without gradients, into a key/value cache (a ``CachedAnswerScorer``)."""
     from dpn_lens.evaluation.answer_cache import CachedAnswerScorer
 
     return CachedAnswerScorer(model, [context for _, context, _, _ in items], [answer for _, _, answer, _ in items],
-                              batch_tokens=batch_tokens, differentiable=True)
+                              batch_tokens=batch_tokens, differentiable=True, cache_bytes=cache_bytes)
 
 
 def _cached_passes(model: HookedModel, items: list[tuple[int, list[int], list[int], float]], scorer: Any
@@ -189,16 +196,16 @@ def _cached_passes(model: HookedModel, items: list[tuple[int, list[int], list[in
     then only the answer tokens run with gradients. A neuron at an answer position acts on later
     positions only, all of them answer positions, so the gradient is the plain path's at about half the
     tokens. The answer pass's position ``p`` holds answer token ``p``; its logits predict token ``p + 1``
-    (the first answer token came from the question pass: position -1)."""
-    from dpn_lens.collection.prefix import expand_cache
-
+    (the first answer token came from the question pass: position -1). Each pass gets a fresh per-item
+    copy of the cache (``answer_pass_cache``, built here, before the pass's hooks and frozen weights)."""
     device = input_device(model)
     for batch in scorer.batches:
         chunk = [items[index] for index in batch.items]
-        logits = model(batch.answer_ids.to(device), attention_mask=batch.attention_mask.to(device),
-                       position_ids=batch.position_ids.to(device),
-                       past_key_values=expand_cache(batch.cache, len(batch.items)))
-        yield chunk, logits, [-1] * len(chunk)
+        cache = scorer.answer_pass_cache(batch)
+        yield (chunk, lambda: model(batch.answer_ids.to(device), attention_mask=batch.attention_mask.to(device),
+                                    position_ids=batch.position_ids.to(device), past_key_values=cache),
+               [-1] * len(chunk))
+        del cache   # a recomputed cache is freed before the next batch's questions run
 
 
 def write_gradients(model: HookedModel, prompts: Sequence[str], directions: Float[Tensor, "n_layers d_model"],

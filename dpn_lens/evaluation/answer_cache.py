@@ -9,6 +9,15 @@ predicts, unedited, as in generation), and then scores every edit by running onl
 from a copy of that cache. It also computes logits at the answer positions only, which matters most
 on Gemma 3, whose unembedding (a 262k-token vocabulary) costs more than the rest of the model.
 
+Memory: a batch's cache holds one row per distinct context (a pair's two answers share one when they
+fall in the same batch: batches are cut from the items sorted by total length, so the two answers of a
+pair of unequal lengths often fall in neighbouring batches, and each holds the question), and each
+answer pass gets a fresh copy with one row per item (``_item_cache``), so the stored tensors are never
+modified. ``cache_bytes`` bounds what is kept: a batch whose cache would take the kept bytes past it
+keeps only its tokens and runs its contexts again in every scoring pass, in the same batch with the
+same padding, so the numbers are the same to the bit. ``answer_cache_bytes`` predicts the footprint
+from the lengths and the model's cache geometry (the plan), ``CachedAnswerScorer.footprint`` measures it.
+
 Layout of a batch: contexts left-padded (so every context ends at the last cache position and the
 answers follow without a gap), answers right-padded. Position ids are taken from the attention mask,
 so a padded row sees the positions it has alone. ``tests/test_answer_cache.py`` checks that the
@@ -37,7 +46,7 @@ from dpn_lens.hooked import input_device, pad_token_id, pad_token_lists
 from dpn_lens.collection.prefix import expand_cache, new_prefix_cache, prefix_cache_unsupported
 from dpn_lens.steering import steer
 
-__all__ = ["CachedAnswerScorer", "answer_batches"]
+__all__ = ["CachedAnswerScorer", "CacheFootprint", "answer_batches", "answer_cache_bytes"]
 
 
 def _positions(mask: Int[Tensor, "rows pos"]) -> Int[Tensor, "rows pos"]:
@@ -46,19 +55,51 @@ def _positions(mask: Int[Tensor, "rows pos"]) -> Int[Tensor, "rows pos"]:
 
 
 @dataclass
-class _AnswerBatch:
-    """Items of one forward pass: their contexts' cache (left-padded) and their answers (right-padded).
+class CacheFootprint:
+    """What the contexts' key/value caches of a ``CachedAnswerScorer`` hold, and what each pass recomputes.
 
-    ``attention_mask`` spans context and answer (what the answer pass attends to); ``position_ids`` are
-    the answer tokens' positions.
+    Attributes:
+        batches: forward passes per scoring pass.
+        recomputed: batches whose cache did not fit ``cache_bytes``: their contexts run again in every pass.
+        kept_bytes: bytes of the kept caches' keys and values.
+        all_bytes: bytes every batch's cache would hold (what ``cache_bytes=None`` keeps).
+
+    Example:
+        >>> CacheFootprint(batches=4, recomputed=1, kept_bytes=3 * 2 ** 20, all_bytes=4 * 2 ** 20).kept_gib
+        0.0029296875
+    """
+
+    batches: int
+    recomputed: int
+    kept_bytes: int
+    all_bytes: int
+
+    @property
+    def kept_gib(self) -> float:
+        return self.kept_bytes / 2 ** 30
+
+
+@dataclass
+class _AnswerBatch:
+    """Items of one forward pass: their distinct contexts (left-padded, with their cache unless it was
+    dropped for the budget) and their answers (right-padded).
+
+    ``rows[k]`` is the context row of item ``items[k]``; ``attention_mask`` spans context and answer per
+    item (what the answer pass attends to); ``position_ids`` are the answer tokens' positions.
     """
 
     items: list[int]
-    cache: Any
-    attention_mask: Int[Tensor, "rows ctx_plus_ans"]
-    position_ids: Int[Tensor, "rows ans"]
-    answer_ids: Int[Tensor, "rows ans"]
-    first_logprobs: Float[Tensor, "rows"]
+    rows: Int[Tensor, "items"]
+    context_ids: Int[Tensor, "contexts ctx"]
+    context_mask: Int[Tensor, "contexts ctx"]
+    cache: Any | None
+    """One row per distinct context; None when it did not fit ``cache_bytes`` (recomputed every pass)."""
+    cache_bytes: int
+    """Bytes of the contexts' keys and values (kept or not)."""
+    attention_mask: Int[Tensor, "items ctx_plus_ans"]
+    position_ids: Int[Tensor, "items ans"]
+    answer_ids: Int[Tensor, "items ans"]
+    first_logprobs: Float[Tensor, "items"]
 
 
 def _select_rows(cache: Any, rows: Int[Tensor, "n"]) -> Any:
@@ -69,6 +110,24 @@ def _select_rows(cache: Any, rows: Int[Tensor, "n"]) -> Any:
             layer.keys = layer.keys.index_select(0, rows.to(layer.keys.device))
             layer.values = layer.values.index_select(0, rows.to(layer.values.device))
     return selected
+
+
+def _item_cache(cache: Any, rows: Int[Tensor, "items"]) -> Any:
+    """A fresh cache with one row per item (``cache``'s row ``rows[k]`` for item ``k``), for one answer pass.
+
+    The answer pass appends to the cache it is given (the layers ``torch.cat`` onto their tensors and keep
+    the result), so it gets new layer objects every time and ``cache`` is never modified. Items with
+    distinct contexts in order need no copy: the stored tensors are passed as views.
+    """
+    if torch.equal(rows, torch.arange(len(rows))):
+        return expand_cache(cache, len(rows))
+    return _select_rows(cache, rows)
+
+
+def _cache_nbytes(cache: Any) -> int:
+    """Bytes of every layer's keys and values."""
+    return sum(int(tensor.nbytes) for layer in cache.layers for tensor in (getattr(layer, "keys", None),
+               getattr(layer, "values", None)) if tensor is not None)
 
 
 def answer_batches(context_lengths: Sequence[int], answer_lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
@@ -97,6 +156,54 @@ def answer_batches(context_lengths: Sequence[int], answer_lengths: Sequence[int]
     return chunks
 
 
+def answer_cache_bytes(context_lengths: Sequence[int], answer_lengths: Sequence[int], batch_tokens: int,
+                       n_layers: int, n_kv_heads: int, head_dim: int, dtype_bytes: int,
+                       context_keys: Sequence[Any] | None = None, cache_bytes: int | None = None) -> CacheFootprint:
+    """What ``CachedAnswerScorer``'s caches will hold, from the lengths and the model's cache geometry.
+
+    Each batch (``answer_batches``) stores one row per distinct context, left-padded to its longest
+    context: ``2 (keys, values) * n_layers * rows * n_kv_heads * width * head_dim * dtype_bytes``. Each batch,
+    in order, keeps its cache when it still fits ``cache_bytes`` (as the scorer decides). Every layer is assumed to
+    keep the whole context (true of full attention, and of a sliding window longer than the contexts).
+
+    Args:
+        context_lengths, answer_lengths: tokens of each item's context (BOS and template included) and answer.
+        batch_tokens: the scorer's ``batch_tokens``.
+        n_layers, n_kv_heads, head_dim: the model's cache geometry (``num_key_value_heads``, ``head_dim``).
+        dtype_bytes: bytes of one cached number (4 in float32, 2 in bfloat16).
+        context_keys: per item, anything equal for items that share a context (a ``PairScorer``'s pair
+            index: ``[i // 2 for i in range(2 * n_pairs)]``); None: every item has its own.
+        cache_bytes: the scorer's budget (None: keep every batch).
+
+    Example:
+        >>> footprint = answer_cache_bytes([10, 10, 4, 4], [6, 6, 6, 6], 32, n_layers=2, n_kv_heads=1, head_dim=4,
+        ...                                dtype_bytes=4, context_keys=[0, 0, 1, 1], cache_bytes=400)
+        >>> # batch [0, 1]: one shared context of 10 tokens, 2*2*1*10*4*4 = 640 bytes, past the budget;
+        >>> # batch [2, 3]: 4 tokens, 256 bytes, kept
+        >>> footprint.all_bytes, footprint.kept_bytes, footprint.recomputed
+        (896, 256, 1)
+    """
+    keys = list(range(len(context_lengths))) if context_keys is None else list(context_keys)
+    if len(keys) != len(context_lengths):
+        raise ValueError(f"{len(keys)} context_keys for {len(context_lengths)} items; pass one per item")
+    per_token = 2 * int(n_layers) * int(n_kv_heads) * int(head_dim) * int(dtype_bytes)
+    sizes = [len({keys[i] for i in chunk}) * max(context_lengths[i] for i in chunk) * per_token
+             for chunk in answer_batches(context_lengths, answer_lengths, batch_tokens)]
+    kept = _kept(sizes, cache_bytes)
+    return CacheFootprint(len(sizes), len(sizes) - sum(kept), sum(size for size, keep in zip(sizes, kept) if keep),
+                          sum(sizes))
+
+
+def _kept(sizes: Sequence[int], budget: int | None) -> list[bool]:
+    """Which batches keep their cache: in order, each that still fits the budget (None: all)."""
+    kept, total = [], 0
+    for size in sizes:
+        keep = budget is None or total + size <= budget
+        total += size if keep else 0
+        kept.append(keep)
+    return kept
+
+
 class CachedAnswerScorer:
     """Mean per-token log-probability of ``answers[i]`` after ``contexts[i]``, for any number of edits.
 
@@ -104,11 +211,13 @@ class CachedAnswerScorer:
         model: a hooked model whose bridge runs from a key/value cache (``prefix_cache_unsupported``
             says why not; ``CachedAnswerScorer.supported`` checks it).
         contexts: token ids of each item's context (chat template and BOS applied). Items with the
-            same context share one run of it.
+            same context in one batch share one run of it and one row of its cache.
         answers: token ids of each item's answer (no BOS).
         batch_tokens: padded tokens (context plus answer) per forward pass.
         differentiable: keep the context cache usable in an autograd pass over the answers (run the
             contexts under ``no_grad`` rather than ``inference_mode``), as ``effect.margin_gradients`` does.
+        cache_bytes: at most this many bytes of context caches are kept (None: every batch's); a batch
+            whose cache would not fit runs its contexts again in each scoring pass (``footprint``).
 
     The contexts run once, here, without any edit; ``mean_logprobs(edit)`` then runs the answers.
 
@@ -116,10 +225,12 @@ class CachedAnswerScorer:
         >>> scorer = CachedAnswerScorer(model, [ctx, ctx], [high, low])   # doctest: +SKIP
         >>> scorer.mean_logprobs()                                        # doctest: +SKIP
         array([-1.92, -2.41])
+        >>> scorer.footprint                                              # doctest: +SKIP
+        CacheFootprint(batches=1, recomputed=0, kept_bytes=70656, all_bytes=70656)
     """
 
     def __init__(self, model: Any, contexts: Sequence[list[int]], answers: Sequence[list[int]],
-                 batch_tokens: int = 4096, differentiable: bool = False):
+                 batch_tokens: int = 4096, differentiable: bool = False, cache_bytes: int | None = None):
         reason = prefix_cache_unsupported(model)
         if reason is not None:
             raise ValueError(f"answers cannot be scored from a cached context on this model: {reason}; "
@@ -130,8 +241,11 @@ class CachedAnswerScorer:
             raise ValueError("every item needs a non-empty context (at least BOS) and a non-empty answer")
         if batch_tokens < 1:
             raise ValueError(f"batch_tokens must be at least 1, got {batch_tokens}")
+        if cache_bytes is not None and cache_bytes < 0:
+            raise ValueError(f"cache_bytes must be at least 0 (0: keep no context cache), got {cache_bytes}")
         self.model = model
         self.differentiable = differentiable
+        self.cache_bytes = cache_bytes
         self.lengths = np.array([len(answer) for answer in answers])
         self.batches = self._build(list(map(list, contexts)), list(map(list, answers)), batch_tokens)
 
@@ -140,17 +254,29 @@ class CachedAnswerScorer:
         """Whether ``model`` can score from a cached context (else use the plain path)."""
         return prefix_cache_unsupported(model) is None
 
+    @property
+    def footprint(self) -> CacheFootprint:
+        """The kept caches' bytes (measured) and the batches each scoring pass recomputes."""
+        return CacheFootprint(len(self.batches), sum(batch.cache is None for batch in self.batches),
+                              sum(batch.cache_bytes for batch in self.batches if batch.cache is not None),
+                              sum(batch.cache_bytes for batch in self.batches))
+
     def _build(self, contexts: list[list[int]], answers: list[list[int]], batch_tokens: int) -> list[_AnswerBatch]:
         chunks = answer_batches(list(map(len, contexts)), list(map(len, answers)), batch_tokens)
-        return [self._run_contexts(chunk, contexts, answers) for chunk in chunks]
+        batches, kept = [], 0
+        for chunk in chunks:
+            batch = self._run_contexts(chunk, contexts, answers)
+            # Built one at a time, so at most one dropped cache is alive beside the kept ones.
+            if self.cache_bytes is not None and kept + batch.cache_bytes > self.cache_bytes:
+                batch.cache = None
+            kept += batch.cache_bytes if batch.cache is not None else 0
+            batches.append(batch)
+        return batches
 
-    def _run_contexts(self, chunk: list[int], contexts: list[list[int]], answers: list[list[int]]) -> _AnswerBatch:
-        """One batch's contexts, each distinct one once, into a cache; the first answer tokens' log-probs."""
+    def _context_pass(self, ids: Int[Tensor, "contexts ctx"], mask: Int[Tensor, "contexts ctx"]
+                      ) -> tuple[Float[Tensor, "contexts 1 vocab"], Any]:
+        """The contexts, unedited, into a new cache: the last position's logits and the cache."""
         model, device = self.model, input_device(self.model)
-        distinct: dict[tuple[int, ...], int] = {}
-        row_of_item = [distinct.setdefault(tuple(contexts[i]), len(distinct)) for i in chunk]
-        pad = pad_token_id(model.tokenizer)
-        ids, mask = pad_token_lists([list(context) for context in distinct], pad, "left")
         cache = new_prefix_cache(model)
         # Inference tensors cannot enter an autograd graph; no_grad ones can (as constants).
         with torch.no_grad() if self.differentiable else torch.inference_mode():
@@ -159,30 +285,62 @@ class CachedAnswerScorer:
         if cache.get_seq_length() != ids.shape[1]:
             raise RuntimeError(f"the model's cache holds {cache.get_seq_length()} tokens after a {ids.shape[1]}-token "
                                "context: its forward pass does not fill the cache it is given")
+        return logits, cache
+
+    def _run_contexts(self, chunk: list[int], contexts: list[list[int]], answers: list[list[int]]) -> _AnswerBatch:
+        """One batch's contexts, each distinct one once, into a cache; the first answer tokens' log-probs."""
+        distinct: dict[tuple[int, ...], int] = {}
+        row_of_item = [distinct.setdefault(tuple(contexts[i]), len(distinct)) for i in chunk]
+        pad = pad_token_id(self.model.tokenizer)
+        ids, mask = pad_token_lists([list(context) for context in distinct], pad, "left")
+        logits, cache = self._context_pass(ids, mask)
         rows = torch.tensor(row_of_item)
         answer_ids, answer_mask = pad_token_lists([answers[i] for i in chunk], pad, "right")
         first = token_logprobs(logits[:, -1].index_select(0, rows.to(logits.device)), answer_ids[:, 0])
         attention_mask = torch.cat([mask.index_select(0, rows), answer_mask], dim=1)
-        return _AnswerBatch(chunk, _select_rows(cache, rows), attention_mask,
+        return _AnswerBatch(chunk, rows, ids, mask, cache, _cache_nbytes(cache), attention_mask,
                             _positions(attention_mask)[:, ids.shape[1]:], answer_ids, first)
+
+    def answer_pass_cache(self, batch: _AnswerBatch) -> Any:
+        """A fresh cache with one row per item of ``batch`` for one answer pass: from the kept cache, or
+        its contexts run again (unedited: call it outside any edit) when the budget dropped it.
+
+        Example:
+            >>> batch = scorer.batches[0]                                          # doctest: +SKIP
+            >>> logits = model(batch.answer_ids, attention_mask=batch.attention_mask,   # doctest: +SKIP
+            ...                position_ids=batch.position_ids, past_key_values=scorer.answer_pass_cache(batch))
+        """
+        cache = batch.cache if batch.cache is not None else self._context_pass(batch.context_ids, batch.context_mask)[1]
+        return _item_cache(cache, batch.rows)
 
     def token_logprobs(self, edit: Any = None) -> list[Float[Tensor, "n_answer"]]:
         """Per item, log p of each answer token (float32), ``edit`` applied at the answer positions."""
-        model, device = self.model, input_device(self.model)
         results: list[Tensor | None] = [None] * len(self.lengths)
+        kept = [batch for batch in self.batches if batch.cache is not None]
+        dropped = [batch for batch in self.batches if batch.cache is None]
         # Every position the answer pass runs is an answer position (right pads come after the answer
-        # and no real token attends to them), so the edit acts everywhere in it.
-        with steer(model, scoring_edit(edit)), torch.inference_mode():
-            for batch in self.batches:
-                logits = model(batch.answer_ids.to(device), attention_mask=batch.attention_mask.to(device),
-                               position_ids=batch.position_ids.to(device),
-                               past_key_values=expand_cache(batch.cache, len(batch.items)))
-                for row, index in enumerate(batch.items):
-                    n = int(self.lengths[index])
-                    # Position j's logits predict answer token j + 1; the first came from the context.
-                    rest = token_logprobs(logits[row, :n - 1], batch.answer_ids[row, 1:n])
-                    results[index] = torch.cat([batch.first_logprobs[row:row + 1], rest])
+        # and no real token attends to them), so the edit acts everywhere in it; a dropped batch's
+        # contexts run again first, outside the edit, as they ran here.
+        with torch.inference_mode():
+            with steer(self.model, scoring_edit(edit)):
+                for batch in kept:
+                    self._score_answers(batch, self.answer_pass_cache(batch), results)
+            for batch in dropped:
+                cache = self.answer_pass_cache(batch)
+                with steer(self.model, scoring_edit(edit)):
+                    self._score_answers(batch, cache, results)
         return results  # type: ignore[return-value]
+
+    def _score_answers(self, batch: _AnswerBatch, cache: Any, results: list[Tensor | None]) -> None:
+        """Run ``batch``'s answers from ``cache`` (the current edit applied) into ``results`` by item."""
+        device = input_device(self.model)
+        logits = self.model(batch.answer_ids.to(device), attention_mask=batch.attention_mask.to(device),
+                            position_ids=batch.position_ids.to(device), past_key_values=cache)
+        for row, index in enumerate(batch.items):
+            n = int(self.lengths[index])
+            # Position j's logits predict answer token j + 1; the first came from the context.
+            rest = token_logprobs(logits[row, :n - 1], batch.answer_ids[row, 1:n])
+            results[index] = torch.cat([batch.first_logprobs[row:row + 1], rest])
 
     def mean_logprobs(self, edit: Any = None) -> np.ndarray:
         """``[n_items]`` mean per-token log-probability of each answer (float64), ``edit`` at the answer positions."""

@@ -76,6 +76,10 @@ layers); an effect rule's control is ``random-neurons:<rule>`` (``random_curve``
 DIRECTIONS = ("increase", "decrease")
 ALL_NEURONS = 0
 """In ``ControlConfig.k_sweep``: every candidate neuron of the rule (written ``all`` on the command line)."""
+DEFAULT_SCORE_CACHE_GIB = 1.0
+"""``ControlConfig.score_cache_gib``: the usual runs keep their whole cache (64 pairs: 0.29 GiB on
+SmolLM2-135M in float32, ``answer_cache_bytes`` on PersonalityBench questions and 48-token answers);
+512 pairs (3.1 GiB) keep a third of it and run the questions of the other batches again for every edit."""
 
 
 def random_curve(rule: str) -> str:
@@ -141,6 +145,10 @@ class ControlConfig:
     generation_levels: list[float] | None = None
     generation_methods: list[str] | None = None
     generation_draws: int = 5
+    score_cache_gib: float | None = DEFAULT_SCORE_CACHE_GIB
+    """GiB of the held-out questions' key/value cache the preference scorer keeps between edits (None: all);
+    the questions of batches past it run again for every edit (``CachedAnswerScorer``; the numbers do
+    not change; ``DEFAULT_SCORE_CACHE_GIB`` has the sizes)."""
 
     def __post_init__(self) -> None:
         self.traits = [normalize_trait(t) for t in self.traits]
@@ -160,6 +168,9 @@ class ControlConfig:
             setattr(self, name, as_int(getattr(self, name), name, minimum=0))
         if self.random_control and self.random_draws < 1:
             raise ValueError("random_draws must be at least 1 with the random-neuron control (or turn it off)")
+        if self.score_cache_gib is not None:
+            self.score_cache_gib = as_float(self.score_cache_gib, "score_cache_gib (GiB of the questions' cache kept "
+                                            "while scoring; 0: none, None: all)", "1.0", minimum=0)
         if self.budget is not None:
             self.budget = as_int(self.budget, "budget (neurons; None: DPN-LE's count)", "100", minimum=1)
         self.k_sweep = [as_int(k, "each k_sweep budget (0 = all neurons)", "128", minimum=0) for k in self.k_sweep]
@@ -179,6 +190,16 @@ class ControlConfig:
             raise ValueError("target_kl and kl_levels must be positive (nats/token)")
         # The calibrated gamma is one of the measured levels.
         self.kl_levels = sorted(set(float(t) for t in self.kl_levels) | {float(self.target_kl)})
+
+    @property
+    def score_cache_bytes(self) -> int | None:
+        """``score_cache_gib`` in bytes, the ``cache_bytes`` of the preference scorers (None: keep all).
+
+        Example:
+            >>> ControlConfig(score_cache_gib=0.5).score_cache_bytes
+            536870912
+        """
+        return None if self.score_cache_gib is None else int(self.score_cache_gib * 2 ** 30)
 
     @classmethod
     def quick(cls, **overrides: Any) -> "ControlConfig":
@@ -571,7 +592,8 @@ class ControlRun:
               on_located: Callable[[str, NeuronMap], None] | None = None) -> "ControlRun":
         """A run of ``config`` on ``model`` with nothing measured yet (``run_control`` has the arguments)."""
         started = time.time()
-        kl_metric, margin = ProbeKL(edit_context=not config.kl_skip_context), PreferenceMargin()
+        kl_metric = ProbeKL(edit_context=not config.kl_skip_context)
+        margin = PreferenceMargin(cache_bytes=config.score_cache_bytes)
         probe_text = probe_chunks(model, config.kl_chunks, config.kl_tokens)
         methods = list(config.methods)
         n_random = len(neuron_methods(methods)) if config.random_control else 0
@@ -906,8 +928,9 @@ def merge_control_results(records: Sequence[ControlRecord]) -> ControlRecord:
             if getattr(record.meta, key) != getattr(first, key):
                 raise ValueError(f"result #{index} was run with {key} {getattr(record.meta, key)!r}, result #0 with "
                                  f"{getattr(first, key)!r}: merge only runs of one model and dtype")
+        # The scorer's cache budget changes the time and memory of a run, not its numbers.
         differing = sorted(key for key in set(configs[index]) | set(configs[0])
-                           if key != "traits" and configs[index].get(key) != configs[0].get(key))
+                           if key not in ("traits", "score_cache_gib") and configs[index].get(key) != configs[0].get(key))
         if differing:
             raise ValueError(f"result #{index} differs from result #0 in {', '.join(differing)}: merge only runs "
                              "whose settings differ in --traits alone")

@@ -106,20 +106,22 @@ class PreferenceMargin:
 
     ``score(model, edit, pairs, persona=None)``: per pair, mean per-token log p(high answer) minus that of
     the low answer, with the edit at the answer positions only; ``persona`` (a description, or one per
-    pair) wraps each question as the positive control does.
+    pair) wraps each question as the positive control does. ``cache_bytes``: the prepared scorer's budget
+    for its questions' cache (``PairScorer``; None: keep all).
     """
 
     name = "preference"
 
-    def __init__(self, batch_tokens: int = 4096):
+    def __init__(self, batch_tokens: int = 4096, cache_bytes: int | None = None):
         self.batch_tokens = batch_tokens
+        self.cache_bytes = cache_bytes
         self._prepared = _LastPrepared()
 
     def scorer(self, model: Any, pairs: Sequence[PreferencePair], persona: Any = None) -> PairScorer:
         """The prepared ``PairScorer`` of ``pairs`` (each question runs once while the pairs and persona stay)."""
         pairs, persona = list(pairs), list(persona) if isinstance(persona, (list, tuple)) else persona
         return self._prepared.get(model, (pairs, persona),
-                                  lambda: PairScorer(model, pairs, persona, self.batch_tokens))
+                                  lambda: PairScorer(model, pairs, persona, self.batch_tokens, cache_bytes=self.cache_bytes))
 
     def score(self, model: Any, edit: Edit | None, items: Sequence[PreferencePair], persona: Any = None) -> Score:
         margins = self.scorer(model, items, persona).margins(edit=edit)

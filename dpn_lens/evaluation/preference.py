@@ -301,7 +301,9 @@ class PairScorer:
     (``answer_cache.CachedAnswerScorer``): the edit acts at the answer positions only, so the
     question pass is the same for every edit. Otherwise each call scores the whole sequences
     (``logprobs.continuation_logprobs``) with the edit masked to the answer positions. Both give the
-    same numbers (``tests/test_answer_cache.py``).
+    same numbers (``tests/test_answer_cache.py``). ``cache_bytes`` bounds the questions' cache kept
+    between calls (None: all of it); the questions of a batch past it run again in every call
+    (``CachedAnswerScorer``, same numbers; ``scorer.cached.footprint`` says how many).
 
     Example:
         >>> scorer = PairScorer(model, pairs)                          # doctest: +SKIP
@@ -310,7 +312,7 @@ class PairScorer:
     """
 
     def __init__(self, model: Any, pairs: Sequence[PreferencePair], persona: Any = None, batch_tokens: int = 4096,
-                 cached: bool | None = None):
+                 cached: bool | None = None, cache_bytes: int | None = None):
         from dpn_lens.evaluation.answer_cache import CachedAnswerScorer
 
         if not pairs:
@@ -331,7 +333,8 @@ class PairScorer:
         lengths = np.array([len(answer) for answer in self.answers], dtype=np.float64)
         self.high_tokens, self.low_tokens = lengths[0::2], lengths[1::2]
         use_cache = CachedAnswerScorer.supported(model) if cached is None else cached
-        self.cached = CachedAnswerScorer(model, self.contexts, self.answers, batch_tokens) if use_cache else None
+        self.cached = (CachedAnswerScorer(model, self.contexts, self.answers, batch_tokens, cache_bytes=cache_bytes)
+                       if use_cache else None)
 
     def scores(self, edit: Any = None) -> AnswerScores:
         """The per-answer scores with ``edit`` (``None``: unedited) at the answer positions."""
