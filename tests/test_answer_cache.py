@@ -176,6 +176,10 @@ def test_the_predicted_footprint_is_the_measured_one(tiny_model, batch_tokens, b
     predicted = answer_cache_bytes([len(c) for c in pair_scorer.contexts], [len(a) for a in pair_scorer.answers],
                                    batch_tokens, **_geometry(tiny_model),
                                    context_keys=[i // 2 for i in range(2 * len(PAIRS))], cache_bytes=budget)
+    if budget == 0:     # nothing kept: the contexts run in the first pass that needs them, not at construction
+        assert pair_scorer.cached.footprint.all_bytes == 0
+        assert all(batch.first_logprobs is None for batch in pair_scorer.cached.batches)
+        pair_scorer.margins()
     assert predicted == pair_scorer.cached.footprint
     assert predicted.kept_bytes == _stored_bytes(pair_scorer.cached)
 
@@ -184,6 +188,7 @@ def test_the_predicted_footprint_is_the_measured_one(tiny_model, batch_tokens, b
 def test_a_budget_drops_caches_and_gives_the_same_numbers_to_the_bit(tiny_model, budget):
     kept = PairScorer(tiny_model, PAIRS, batch_tokens=40)
     bounded = PairScorer(tiny_model, PAIRS, batch_tokens=40, cache_bytes=budget)
+    bounded.margins()       # (with budget 0 the caches' sizes are known once the contexts ran)
     footprint = bounded.cached.footprint
     assert footprint.kept_bytes <= budget and footprint.recomputed > 0
     assert footprint.all_bytes == kept.cached.footprint.kept_bytes and kept.cached.footprint.recomputed == 0
@@ -205,7 +210,7 @@ def test_a_budget_drops_caches_and_gives_the_same_numbers_to_the_bit(tiny_model,
 def test_the_gradient_pass_with_a_budget_gives_the_same_gradients_to_the_bit(tiny_model, budget):
     from dpn_lens.effect.gradients import margin_gradients
 
-    full = margin_gradients(tiny_model, PAIRS, batch_tokens=40)
+    full = margin_gradients(tiny_model, PAIRS, batch_tokens=40, cache_bytes=None)      # every cache kept
     bounded = margin_gradients(tiny_model, PAIRS, batch_tokens=40, cache_bytes=budget)
     assert full.per_pair.abs().max() > 0
     assert torch.equal(bounded.per_pair, full.per_pair)
@@ -217,8 +222,12 @@ def test_the_gradient_passes_recompute_the_dropped_questions(tiny_model, monkeyp
     scorers = []
     real = gradients._question_cache
     monkeypatch.setattr(gradients, "_question_cache", lambda *args: scorers.append(real(*args)) or scorers[-1])
-    gradients.margin_gradients(tiny_model, PAIRS, batch_tokens=40, cache_bytes=0)
+    runs = []
+    real_pass = CachedAnswerScorer._context_pass
+    monkeypatch.setattr(CachedAnswerScorer, "_context_pass", lambda self, *args: runs.append(1) or real_pass(self, *args))
+    gradients.margin_gradients(tiny_model, PAIRS, batch_tokens=40)          # the default keeps no cache
     assert scorers[0].footprint.kept_bytes == 0 and scorers[0].footprint.recomputed == len(scorers[0].batches) > 1
+    assert len(runs) == len(scorers[0].batches)           # each batch's questions ran once: in the pass, not before
 
 
 def test_a_negative_budget_is_refused(tiny_model):

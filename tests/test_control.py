@@ -204,7 +204,7 @@ def test_control_config_is_checked():
         ControlConfig(score_cache_gib=-0.5)
     assert ControlConfig(score_cache_gib=0).score_cache_bytes == 0
     assert ControlConfig(score_cache_gib=None).score_cache_bytes is None
-    assert ControlConfig().score_cache_bytes == 2 ** 30
+    assert ControlConfig().score_cache_bytes is None             # the default keeps the whole cache
 
 
 def test_control_command_line(tiny_folder, tmp_path, monkeypatch, capsys):
@@ -217,7 +217,7 @@ def test_control_command_line(tiny_folder, tmp_path, monkeypatch, capsys):
     assert config.pairs == 24 and config.methods == ["dpn-le", "dense", "caa"] and config.kl_levels == [0.05, 0.1, 0.5]
     assert config.seed == 0
     assert config_from_args(build_parser().parse_args(["control", "--seed", "3", "--out", str(tmp_path)])).seed == 3
-    assert config.score_cache_gib == 1.0
+    assert config.score_cache_gib is None
     assert config_from_args(build_parser().parse_args(["control", "--score-cache-gib", "0.25", "--out",
                                                        str(tmp_path)])).score_cache_bytes == 2 ** 28
     with pytest.raises(ValueError, match="score_cache_gib"):

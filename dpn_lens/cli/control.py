@@ -91,8 +91,9 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
                                                            "result on a new draw (an effect-rule map in --run selected "
                                                            "on another seed's pairs is selected anew)")
     parser.add_argument("--score-cache-gib", type=float, default=DEFAULT_SCORE_CACHE_GIB, metavar="GIB",
-                        help="GiB of the held-out questions' key/value cache kept while the edits are scored; the "
-                             "questions of the batches past it run again for every edit (same numbers, more time)")
+                        help="GiB of the held-out questions' key/value cache kept while the edits are scored "
+                             "(default: all of it; `--plan` prints its size); the questions of the batches past it "
+                             "run again for every edit (the same numbers, more time)")
     parser.add_argument("--no-random-control", action="store_true", help="skip the random-neuron curves")
     parser.add_argument("--plan", action="store_true",
                         help="print this run's plan (time per stage from this machine's measurement, `dpn-lens plan "

@@ -86,7 +86,7 @@ def _items(model: HookedModel, pairs: Sequence[Any]) -> list[tuple[int, list[int
 
 def margin_gradients(model: HookedModel, pairs: Sequence[Any], layers: Sequence[int] | None = None,
                      batch_tokens: int = 2048, through_mlps: bool = True, cached: bool | None = None,
-                     cache_bytes: int | None = None) -> MarginGradients:
+                     cache_bytes: int | None = 0) -> MarginGradients:
     """The gradient of each pair's preference margin with respect to every neuron (module note).
 
     Args:
@@ -101,7 +101,10 @@ def margin_gradients(model: HookedModel, pairs: Sequence[Any], layers: Sequence[
         cached: run each question once into a key/value cache and only the answers with gradients (the
             same gradient at less than half the cost; None: wherever the model supports it).
         cache_bytes: at most this many bytes of the questions' cache are kept (``CachedAnswerScorer``); the
-            questions of a batch past it run again, without gradients, just before its answers (None: all kept).
+            questions of a batch past it run, without gradients, just before its answers. The default, 0,
+            keeps none: the pass is a single one, so each batch's questions run once either way, and only
+            the batch in flight holds its cache (512 SmolLM2 pairs in float32 held 3.1 GiB of caches with
+            all kept). None: all kept, built before the first batch.
 
     Returns:
         ``MarginGradients``; ``result.mean[l, i]`` times a delta ``d`` added to neuron ``i`` at every

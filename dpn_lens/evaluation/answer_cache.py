@@ -95,11 +95,12 @@ class _AnswerBatch:
     cache: Any | None
     """One row per distinct context; None when it did not fit ``cache_bytes`` (recomputed every pass)."""
     cache_bytes: int
-    """Bytes of the contexts' keys and values (kept or not)."""
+    """Bytes of the contexts' keys and values (kept or not; 0 until they first ran, with ``cache_bytes=0``)."""
     attention_mask: Int[Tensor, "items ctx_plus_ans"]
     position_ids: Int[Tensor, "items ans"]
     answer_ids: Int[Tensor, "items ans"]
-    first_logprobs: Float[Tensor, "items"]
+    first_logprobs: Float[Tensor, "items"] | None
+    """Each item's first answer token's log-prob, from its context's last position (None until it ran)."""
 
 
 def _select_rows(cache: Any, rows: Int[Tensor, "n"]) -> Any:
@@ -265,7 +266,12 @@ class CachedAnswerScorer:
         chunks = answer_batches(list(map(len, contexts)), list(map(len, answers)), batch_tokens)
         batches, kept = [], 0
         for chunk in chunks:
-            batch = self._run_contexts(chunk, contexts, answers)
+            if self.cache_bytes == 0:
+                # Nothing is kept: the contexts run in each pass, and not here as well (a single pass, the
+                # gradient pass's, then runs each once, holding one batch's cache at a time).
+                batches.append(self._batch_of(chunk, contexts, answers, run=False))
+                continue
+            batch = self._batch_of(chunk, contexts, answers)
             # Built one at a time, so at most one dropped cache is alive beside the kept ones.
             if self.cache_bytes is not None and kept + batch.cache_bytes > self.cache_bytes:
                 batch.cache = None
@@ -287,19 +293,32 @@ class CachedAnswerScorer:
                                "context: its forward pass does not fill the cache it is given")
         return logits, cache
 
-    def _run_contexts(self, chunk: list[int], contexts: list[list[int]], answers: list[list[int]]) -> _AnswerBatch:
-        """One batch's contexts, each distinct one once, into a cache; the first answer tokens' log-probs."""
+    def _batch_of(self, chunk: list[int], contexts: list[list[int]], answers: list[list[int]], run: bool = True
+                  ) -> _AnswerBatch:
+        """One batch's tokens; with ``run``, its contexts, each distinct one once, into a cache and the first
+        answer tokens' log-probs (else the first pass that needs them runs them: ``answer_pass_cache``)."""
         distinct: dict[tuple[int, ...], int] = {}
         row_of_item = [distinct.setdefault(tuple(contexts[i]), len(distinct)) for i in chunk]
         pad = pad_token_id(self.model.tokenizer)
         ids, mask = pad_token_lists([list(context) for context in distinct], pad, "left")
-        logits, cache = self._context_pass(ids, mask)
         rows = torch.tensor(row_of_item)
         answer_ids, answer_mask = pad_token_lists([answers[i] for i in chunk], pad, "right")
-        first = token_logprobs(logits[:, -1].index_select(0, rows.to(logits.device)), answer_ids[:, 0])
         attention_mask = torch.cat([mask.index_select(0, rows), answer_mask], dim=1)
-        return _AnswerBatch(chunk, rows, ids, mask, cache, _cache_nbytes(cache), attention_mask,
-                            _positions(attention_mask)[:, ids.shape[1]:], answer_ids, first)
+        batch = _AnswerBatch(chunk, rows, ids, mask, None, 0, attention_mask, _positions(attention_mask)[:, ids.shape[1]:],
+                             answer_ids, None)
+        if run:
+            batch.cache = self._run_batch_contexts(batch)
+        return batch
+
+    def _run_batch_contexts(self, batch: _AnswerBatch) -> Any:
+        """``batch``'s contexts into a new cache (returned); its bytes and, the first time, the first answer
+        tokens' log-probs are recorded on the batch."""
+        logits, cache = self._context_pass(batch.context_ids, batch.context_mask)
+        batch.cache_bytes = _cache_nbytes(cache)
+        if batch.first_logprobs is None:
+            batch.first_logprobs = token_logprobs(logits[:, -1].index_select(0, batch.rows.to(logits.device)),
+                                                  batch.answer_ids[:, 0])
+        return cache
 
     def answer_pass_cache(self, batch: _AnswerBatch) -> Any:
         """A fresh cache with one row per item of ``batch`` for one answer pass: from the kept cache, or
@@ -310,7 +329,7 @@ class CachedAnswerScorer:
             >>> logits = model(batch.answer_ids, attention_mask=batch.attention_mask,   # doctest: +SKIP
             ...                position_ids=batch.position_ids, past_key_values=scorer.answer_pass_cache(batch))
         """
-        cache = batch.cache if batch.cache is not None else self._context_pass(batch.context_ids, batch.context_mask)[1]
+        cache = batch.cache if batch.cache is not None else self._run_batch_contexts(batch)
         return _item_cache(cache, batch.rows)
 
     def token_logprobs(self, edit: Any = None) -> list[Float[Tensor, "n_answer"]]:

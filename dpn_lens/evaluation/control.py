@@ -76,10 +76,11 @@ layers); an effect rule's control is ``random-neurons:<rule>`` (``random_curve``
 DIRECTIONS = ("increase", "decrease")
 ALL_NEURONS = 0
 """In ``ControlConfig.k_sweep``: every candidate neuron of the rule (written ``all`` on the command line)."""
-DEFAULT_SCORE_CACHE_GIB = 1.0
-"""``ControlConfig.score_cache_gib``: the usual runs keep their whole cache (64 pairs: 0.29 GiB on
-SmolLM2-135M in float32, ``answer_cache_bytes`` on PersonalityBench questions and 48-token answers);
-512 pairs (3.1 GiB) keep a third of it and run the questions of the other batches again for every edit."""
+DEFAULT_SCORE_CACHE_GIB: float | None = None
+"""``ControlConfig.score_cache_gib``: keep the whole cache, the fastest. It grows with the pairs (SmolLM2-135M
+in float32 on PersonalityBench questions, ``answer_cache_bytes``: 0.29 GiB for 64 pairs, 3.1 GiB for 512);
+``dpn-lens plan`` prints it, and a bound of 1 GiB on 512 pairs (a third kept) made each scoring pass 1.6x
+slower (204 s against 123 s, 2026-12-06, this 2-core Intel Xeon, 1 thread)."""
 
 
 def random_curve(rule: str) -> str:
