@@ -43,13 +43,14 @@ from dpn_lens.plan import (BYTES, GPU_SIZES_GIB, MachineCosts, ModelShape, RunPl
                            model_shape, status_bytes, timed)
 
 if TYPE_CHECKING:
+    from dpn_lens.evaluation.answer_cache import CacheFootprint
     from dpn_lens.evaluation.control_record import ControlRecord
 
 __all__ = ["ControlSettings", "ControlWork", "ControlCosts", "control_work", "measure_control_costs", "sample_pairs",
            "saved_control_costs", "plan_control", "plan_control_run", "gradient_logits_bytes",
            "gradient_activation_bytes", "GradientMemory", "gradient_memory", "selection_batches", "batch_tokens_default",
            "CPU_HEAP_RETAINED", "PromptTokens", "prompt_tokens_of", "generation_seconds", "expected_longest",
-           "answer_steps", "CachedPairs", "cached_pairs", "decode_step_seconds", "DecodeCosts", "STEP_ROWS"]
+           "answer_steps", "CachedPairs", "cached_pairs", "scoring_cache", "decode_step_seconds", "DecodeCosts", "STEP_ROWS"]
 
 DIRECTIONS = 2
 
@@ -584,8 +585,8 @@ class PromptTokens:
     template and BOS included), from ``prompt_tokens_of``.
 
     Example:
-        >>> PromptTokens(held_out=[180, 150], persona=165.0, question=58.0, selection=[150, 140])
-        PromptTokens(held_out=[180, 150], persona=165.0, question=58.0, selection=[150, 140])
+        >>> PromptTokens(held_out=[180, 150], persona=165.0, question=58.0, selection=[150, 140], questions=[60, 56])
+        PromptTokens(held_out=[180, 150], persona=165.0, question=58.0, selection=[150, 140], questions=[60, 56])
     """
 
     held_out: list[int]
@@ -598,6 +599,9 @@ class PromptTokens:
     """Mean held-out question alone: the generation check's prompts."""
     selection: list[int]
     """The selection pairs' generating prompts (embedded questions with embedded personas), longest first."""
+    questions: list[int] = field(default_factory=list)
+    """A spread of the held-out questions alone: the contexts the answers are scored after (``PairScorer``).
+    Empty without the data: ``question`` stands in."""
 
 
 PROMPT_SPREAD = 64
@@ -633,7 +637,37 @@ def prompt_tokens_of(spec: str, traits: Sequence[str], config: Any, costs: Contr
     return PromptTokens(held_out=sorted(held_out, reverse=True) or [round(costs.persona_tokens)],
                         persona=sum(persona) / len(persona) if persona else costs.persona_tokens,
                         question=sum(question) / len(question) if question else costs.prompt_tokens,
-                        selection=sorted(selection, reverse=True))
+                        selection=sorted(selection, reverse=True), questions=question)
+
+
+def scoring_cache(shape: ModelShape, dtype: str, config: Any, prompts: PromptTokens | None,
+                  shares: Sequence[float] = ()) -> "CacheFootprint":
+    """What the held-out answers' scorer (``PairScorer``, kept for a trait's whole run) holds of its questions'
+    key/value cache, and how many of its batches run their questions again in every pass
+    (``config.score_cache_gib``): ``answer_cache_bytes`` over the run's questions (a spread of
+    ``prompts.questions``) and answers ``shares`` of ``max_new_tokens`` long (all of it without shares).
+
+    Example:
+        >>> from dpn_lens.evaluation.control import ControlConfig
+        >>> shape = ModelShape(n_layers=2, d_model=8, d_mlp=16, n_heads=2, n_kv_heads=1, head_dim=4, vocab=100,
+        ...                    tied=True)
+        >>> prompts = PromptTokens(held_out=[90], persona=90.0, question=40.0, selection=[90], questions=[40])
+        >>> footprint = scoring_cache(shape, "float32", ControlConfig(pairs=8), prompts)
+        >>> footprint.kept_bytes == 8 * 40 * 2 * 2 * 1 * 4 * 4     # one row per question, keys and values
+        True
+    """
+    from dpn_lens.evaluation.answer_cache import answer_cache_bytes
+    from dpn_lens.evaluation.metrics import PreferenceMargin
+
+    pairs = int(config.pairs)
+    lengths = prompts.questions if prompts is not None and prompts.questions else \
+        [round(prompts.question if prompts is not None else 64)]
+    questions = _spread(sorted(lengths), pairs)
+    answers = [max(1, round(share * config.max_new_tokens)) for share in _spread(list(shares), 2 * pairs)] \
+        if shares else [int(config.max_new_tokens)] * (2 * pairs)
+    return answer_cache_bytes([q for q in questions for _ in (0, 1)], answers, PreferenceMargin().batch_tokens,
+                              shape.n_layers, shape.n_kv_heads, shape.head_dim, BYTES[dtype],
+                              context_keys=[i // 2 for i in range(2 * pairs)], cache_bytes=config.score_cache_bytes)
 
 
 def _spread(items: Sequence[Any], n: int = PROMPT_SPREAD) -> list[Any]:
@@ -721,6 +755,9 @@ def _seconds(shape: ModelShape, work: ControlWork, settings: ControlSettings, co
     # The questions run once per trait into the KV cache (``PairScorer``); CAA reads its direction from
     # ``caa_pairs`` pairs of prompts (about question-sized).
     questions = config.pairs * question * shape.forward_flops_per_token(context=int(question / 2))
+    # Where ``score_cache_gib`` keeps part of their cache, the other batches' questions run in every pass too.
+    cache = scoring_cache(shape, costs.dtype, config, prompts, costs.persona_answer_steps or costs.answer_steps)
+    rerun = questions * cache.recomputed / max(cache.batches, 1)
     caa = 2 * config.caa_pairs * question * shape.forward_flops_per_token(context=int(question / 2)) \
         if "caa" in config.methods else 0
     # One persona pass: every pair's two answers after its question with a persona (as the rate was measured).
@@ -751,7 +788,7 @@ def _seconds(shape: ModelShape, work: ControlWork, settings: ControlSettings, co
                           + gradient / costs.gradient_flops_per_s + costs.gradient_seconds)
             if work.selection_answers else 0.0,
             "KL curves": work.probe_passes * probe / costs.probe_flops_per_s,
-            "answer scoring": (work.answer_passes * answers + questions) / costs.answer_flops_per_s
+            "answer scoring": (work.answer_passes * (answers + rerun) + questions) / costs.answer_flops_per_s
             + costs.trait_seconds * work.answer_passes,
             "persona control": work.persona_passes * personas / costs.persona_flops_per_s,
             "method preparation": caa / costs.persona_flops_per_s,
@@ -823,6 +860,8 @@ def plan_control(spec: str, traits: Sequence[str], settings: ControlSettings, de
     # its activations, logits, the questions' cache (``gradient_memory``); the GPU check uses it.
     gradient = gradient_memory(shape, dtype, selection_batches(spec, config.selection_pairs, SELECTION_TOKENS),
                                config.selection_pairs, cpu_heap=device == "cpu") if work.selection_answers else None
+    scoring = scoring_cache(shape, dtype, config, prompts, costs.persona_answer_steps or costs.answer_steps) \
+        if usable else None
     selection_estimate = None
     if gradient is not None and not usable:
         selection_peak += logits_bytes
@@ -833,6 +872,9 @@ def plan_control(spec: str, traits: Sequence[str], settings: ControlSettings, de
 
         per_answer = costs.prompt_tokens + costs.answer_fill * config.max_new_tokens
         peak += int(costs.extra_bytes * _batch_scale(PairScorer, 2 * config.pairs * per_answer, costs))
+        # The held-out questions' cache, kept for the trait's run: it grows with the pairs (the sample's 12
+        # measured it for a few MiB), so it is counted from the run's questions and answers.
+        peak += scoring.kept_bytes
         selection_peak += int(costs.selection_extra_bytes
                               * _batch_scale(margin_gradients, 2 * config.selection_pairs * per_answer, costs))
         if gradient is not None:
@@ -851,7 +893,8 @@ def plan_control(spec: str, traits: Sequence[str], settings: ControlSettings, de
                               f"{_gradient_parts(gradient)}"),
               "KL curves": f"{work.probe_passes} probe passes of {config.kl_chunks}x{config.kl_tokens} tokens "
                            "(at most: a curve stops at KL 2)",
-              "answer scoring": f"{work.answer_passes} passes over {2 * config.pairs} answers",
+              "answer scoring": f"{work.answer_passes} passes over {2 * config.pairs} answers"
+                                + (_cache_note(scoring) if scoring is not None else ""),
               "persona control": f"{work.persona_passes} persona passes over {2 * config.pairs} answers",
               "method preparation": f"CAA's direction from {config.caa_pairs} pairs of prompts",
               "budget sweep": f"{work.sweep_probe_passes} probe passes and {work.sweep_answer_passes} answer passes "
@@ -875,9 +918,28 @@ def plan_control(spec: str, traits: Sequence[str], settings: ControlSettings, de
                                 estimate_bytes=selection_estimate if kind == "selection" else None))
     gib = 1024 ** 3
     # A GPU holds the pass's tensors (its caching allocator, not glibc's heap: the 10% below).
-    needed = weights + reference + (gradient.total - gradient.heap_retained if gradient is not None else 0)
+    needed = weights + reference + max(gradient.total - gradient.heap_retained if gradient is not None else 0,
+                                       scoring.kept_bytes if scoring is not None else 0)
     fits = {size: needed * 1.1 < size * gib for size in GPU_SIZES_GIB}
     return RunPlan(spec, shape, device, dtype, weights, stages, machine, fits)
+
+
+def _cache_note(footprint: "CacheFootprint") -> str:
+    """The plan's word on the answer scorer's questions' cache (``scoring_cache``).
+
+    Example:
+        >>> from dpn_lens.evaluation.answer_cache import CacheFootprint
+        >>> _cache_note(CacheFootprint(batches=4, recomputed=0, kept_bytes=2 ** 30, all_bytes=2 ** 30))
+        "; the questions' cache holds 1.00 GiB (--score-cache-gib bounds it)"
+        >>> _cache_note(CacheFootprint(batches=4, recomputed=3, kept_bytes=2 ** 28, all_bytes=2 ** 30))
+        "; the questions' cache holds 0.25 of 1.00 GiB (--score-cache-gib): 3 of 4 batches' questions run again each pass"
+    """
+    gib = 1024 ** 3
+    if footprint.recomputed:
+        return (f"; the questions' cache holds {footprint.kept_bytes / gib:.2f} of {footprint.all_bytes / gib:.2f} GiB "
+                f"(--score-cache-gib): {footprint.recomputed} of {footprint.batches} batches' questions run again "
+                "each pass")
+    return f"; the questions' cache holds {footprint.kept_bytes / gib:.2f} GiB (--score-cache-gib bounds it)"
 
 
 def _cached_note(settings: ControlSettings, traits: Sequence[str], kind: str) -> str:
@@ -1004,7 +1066,7 @@ class GradientMemory:
     """That batch's logits, the logits' gradient twice (the buffer the rows' gradients add into and the
     next row's, full-size, being added) and the float32 log-probabilities of its answer positions."""
     cache: int
-    """The questions' key/value cache of every batch (built before the first), one copy per answer row."""
+    """The questions' key/value cache of the fullest batch: its questions' and the copy per answer row."""
     result: int
     """The float32 gradients per pair, layer and neuron that the pass returns."""
     batch: tuple[int, int, int]
@@ -1065,10 +1127,12 @@ def gradient_memory(shape: ModelShape, dtype: str, batches: Sequence[tuple[int, 
                 index, (rows, answer, context))
         if best is None or sum(held[:2]) > sum(best[:2]):
             best = held
-    # keys and values of every layer for each row's question (the cache is copied per row)
-    cache = sum(rows * context for rows, _, context in batches) * 2 * shape.n_kv_heads * shape.head_dim * w \
-        * shape.n_layers
     activations, logits, index, batch = best
+    # The questions' cache of the batch in flight alone (the pass keeps no other batch's: ``margin_gradients``'
+    # ``cache_bytes=0``): its distinct questions and the per-answer copy the answers run from, at most a row
+    # per answer each; keys and values of every layer.
+    rows, _, context = batch
+    cache = 2 * rows * context * 2 * shape.n_kv_heads * shape.head_dim * w * shape.n_layers
     # glibc's heap holds the freed blocks of the batches before the fullest (none when it is the first)
     heap = int(CPU_HEAP_RETAINED * activations) if cpu_heap and index > 0 else 0
     return GradientMemory(activations, logits, cache, 4 * int(pairs) * shape.n_layers * shape.d_mlp, batch, heap)

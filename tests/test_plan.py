@@ -232,12 +232,20 @@ def test_only_a_run_that_selects_a_rule_is_planned_to_hold_the_gradient_passs_me
     estimate = gradient_memory(model_shape(str(tiny_folder)), "float32",
                                selection_batches(str(tiny_folder), 128, SELECTION_TOKENS), 128, cpu_heap=True).total
     answer_extra, selection_extra = int(2 ** 20 * 32 * 78.4 / 4096), 2 ** 22
+    # the scoring stages also hold the held-out questions' cache (``scoring_cache``), counted from the run's questions
+    from dpn_lens.plan_control import prompt_tokens_of, scoring_cache
+
+    costs = control_costs()
+    questions = scoring_cache(model_shape(str(tiny_folder)), "float32", config,
+                              prompt_tokens_of(str(tiny_folder), ["openness"], config, costs), costs.answer_steps)
+    assert questions.kept_bytes > 0 and questions.recomputed == 0
     assert estimate > selection_extra
     assert peaks["selection (1 traits)"] - peaks["answer scoring (1 traits)"] == pytest.approx(
-        estimate - answer_extra, abs=2)
+        estimate - answer_extra - questions.kept_bytes, abs=2)
     larger = plan_control(str(tiny_folder), ["openness"], ControlSettings(config, maps_given=True),
                           costs=control_costs(selection_extra_bytes=2 ** 30), machine=_costs())
-    assert larger.peak_bytes - peaks["answer scoring (1 traits)"] == pytest.approx(2 ** 30 - answer_extra, abs=2)
+    assert larger.peak_bytes - peaks["answer scoring (1 traits)"] == pytest.approx(
+        2 ** 30 - answer_extra - questions.kept_bytes, abs=2)
     assert selecting.peak_bytes == peaks["selection (1 traits)"]
     assert given.peak_bytes == peaks["answer scoring (1 traits)"] < selecting.peak_bytes
 
@@ -275,16 +283,24 @@ def test_the_measured_extra_memory_scales_with_how_full_a_runs_batches_are(tiny_
     """The sample's 12 pairs half-fill a scoring batch; a run of 64 pairs fills it: the extra memory of its
     answer passes is the sample's times the ratio, and no more once the batch is full."""
     from dpn_lens.evaluation.control import ControlConfig
-    from dpn_lens.plan_control import ControlSettings, plan_control
+    from dpn_lens.plan import model_shape
+    from dpn_lens.plan_control import ControlSettings, plan_control, prompt_tokens_of, scoring_cache
 
-    def peak(pairs: int) -> int:
-        settings = ControlSettings(ControlConfig(methods=["dpn-le", "caa"], pairs=pairs), maps_given=True)
-        return plan_control(str(tiny_folder), ["openness"], settings, machine=_costs(),
-                            costs=control_costs(sample_tokens=2048.0, extra_bytes=2 ** 24)).peak_bytes
+    costs = control_costs(sample_tokens=2048.0, extra_bytes=2 ** 24)
+
+    def peak(pairs: int, questions_cache: bool = False) -> int:
+        """The plan's peak, less the held-out questions' cache (which grows with the pairs) unless asked."""
+        config = ControlConfig(methods=["dpn-le", "caa"], pairs=pairs)
+        planned = plan_control(str(tiny_folder), ["openness"], ControlSettings(config, maps_given=True),
+                               machine=_costs(), costs=costs).peak_bytes
+        cache = scoring_cache(model_shape(str(tiny_folder)), "float32", config,
+                              prompt_tokens_of(str(tiny_folder), ["openness"], config, costs), costs.answer_steps)
+        return planned if questions_cache else planned - cache.kept_bytes
 
     per_pair = 2 * 78.4                                     # two answers with their questions, tokens
     assert peak(26) - peak(13) == pytest.approx(2 ** 24 * 13 * per_pair / 2048, abs=2)
     assert peak(128) == peak(64)                            # 64 pairs already fill the 4096-token batch
+    assert peak(128, questions_cache=True) > peak(64, questions_cache=True)     # the cache keeps growing
 
 
 def test_measure_control_costs_on_the_tiny_model(tiny_folder, tmp_path, monkeypatch):
@@ -504,7 +520,6 @@ def test_the_gradient_estimate_counts_what_autograd_saves(family, dtype):
     without gradients, answers with): the storages autograd saves for the backward, beyond the weights (and
     vectors made of them), the per-token scalars and the rotary tables, with the hooked activations the pass
     holds as the gradients' inputs, are the bytes ``gradient_activation_bytes`` counts from the shape alone."""
-    from dpn_lens.collection.prefix import expand_cache
     from dpn_lens.effect.gradients import _items
     from dpn_lens.hooked import leaf_hook
     from dpn_lens.evaluation.answer_cache import CachedAnswerScorer
@@ -521,8 +536,8 @@ def test_the_gradient_estimate_counts_what_autograd_saves(family, dtype):
     pairs = [PreferencePair("what would you do ?", "a party with a friend .", "a quiet book at home ."),
              PreferencePair("what do you like ?", "a party .", "a quiet book at home with a friend .")]
     items = _items(model, pairs)
-    batch = CachedAnswerScorer(model, [item[1] for item in items], [item[2] for item in items],
-                               differentiable=True).batches[0]
+    scorer = CachedAnswerScorer(model, [item[1] for item in items], [item[2] for item in items], differentiable=True)
+    batch = scorer.batches[0]
     rows, answer = batch.answer_ids.shape
     context = batch.attention_mask.shape[1] - answer
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -542,7 +557,7 @@ def test_the_gradient_estimate_counts_what_autograd_saves(family, dtype):
     with (torch.enable_grad(), frozen_weights(model), read_hooks(model, hooks),
           torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)):
         model(batch.answer_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
-              past_key_values=expand_cache(batch.cache, rows))
+              past_key_values=scorer.answer_pass_cache(batch))
     # With the weights frozen no projection saves its input, so autograd keeps no hook_post; the pass does.
     assert not saved.keys() & {activation.untyped_storage().data_ptr() for activation in captured.values()}
     held = saved | {a.untyped_storage().data_ptr(): a.untyped_storage().nbytes() for a in captured.values()}
@@ -578,12 +593,13 @@ def test_the_gradient_estimate_adds_up_the_tensors_of_its_list():
         expected = (L - 1) * sum(size for _, size in layer) + first + final   # no projection inputs, no token ids
         assert gradient_activation_bytes(s, dtype, rows, answer, context) == expected
     # the whole pass: at its peak batch, the logits three times (with their gradient buffer and the next row's),
-    # float32 log-probs of the predicting positions; the cache of every batch
+    # float32 log-probs of the predicting positions; the cache of the batch in flight (its questions', at most a
+    # row per answer, and the per-answer copy)
     batches = [(3, 5, 7), (4, 5, 6)]
     memory = gradient_memory(shape, "bfloat16", batches, pairs=4)
     assert memory.batch == (4, 5, 6) and memory.activations == gradient_activation_bytes(shape, "bfloat16", 4, 5, 6)
     assert memory.logits == 3 * 2 * 4 * 5 * V + 4 * 4 * 4 * V
-    assert memory.cache == (3 * 7 + 4 * 6) * 2 * KV * HD * 2 * L and memory.result == 4 * 4 * L * F
+    assert memory.cache == 2 * (4 * 6) * 2 * KV * HD * 2 * L and memory.result == 4 * 4 * L * F
     assert memory.heap_retained == 0 and memory.total == (memory.activations + memory.logits + memory.cache
                                                           + memory.result)     # no batch's gradients held over
     on_cpu = gradient_memory(shape, "bfloat16", batches, pairs=4, cpu_heap=True)

@@ -312,3 +312,22 @@ def test_the_bracket_search_makes_bracket_probes_probes_where_the_rules_edits_la
     assert set(inside) == {BRACKET_PROBES}
     assert max(probes(math.exp(x / 10), 2.0) for x in range(-13, 13)) < BRACKET_PROBES            # γ 0.27 to 3.7
     assert probes(500.0, 2.0) == BRACKET_PROBES - 1                                               # beyond the grid
+
+
+def test_a_bounded_questions_cache_is_planned_as_reruns_and_less_memory(tiny_folder):
+    """``--score-cache-gib``: the plan holds what the scorer keeps of the held-out questions' cache, and charges
+    every answer pass the questions of the batches it does not keep."""
+    from dpn_lens.evaluation.control import ControlConfig
+    from dpn_lens.plan_control import ControlSettings, plan_control
+
+    def plan(gib):
+        config = ControlConfig(methods=["dpn-le"], pairs=64, score_cache_gib=gib)
+        return plan_control(str(tiny_folder), ["openness"], ControlSettings(config, maps_given=True),
+                            costs=control_costs())
+
+    whole, none = (next(stage for stage in plan(gib).stages if stage.name.startswith("answer scoring"))
+                   for gib in (None, 0))
+    assert none.seconds > whole.seconds
+    assert none.peak_bytes < whole.peak_bytes
+    assert "(--score-cache-gib bounds it)" in whole.detail
+    assert "batches' questions run again each pass" in none.detail
