@@ -15,13 +15,16 @@
 * **the gradient pass** of the attribution rules (forward and backward over the selection answers).
 
 A cost is a rate, FLOPs per second of that kind of work (decode steps: a fixed cost per step plus a
-rate), so the same measurement plans a larger model's run on this machine; the prompts are counted in
+rate, bent by the seconds measured at each row count, ``decode_step_seconds``), so the same measurement
+plans a larger model's run on this machine; the prompts are counted in
 tokens from the run's own material (``prompt_tokens_of``: PersonalityBench's persona prompts are about
 twice the length of a bare question); a GPU's run needs a
 measurement on that GPU. Curves are counted over the whole γ grid: a curve stops early once its KL
 passes 2 nats/token, so the time is an upper bound there. The budget sweep (``--k-sweep``) is counted as
 bracket searches (``BRACKET_PROBES`` probe passes each, an estimate) and points, the generation check
-(``--generation``) as decode steps and persona-scored answer sets. Not planned: NPTI's preparation.
+(``--generation``) as decode steps and persona-scored answer sets. Pairs an earlier run cached are not
+generated again; the plan finds them for an embedded or GGUF model (``cached_pairs``). The scoring stages
+hold the held-out questions' key/value cache (``scoring_cache``). Not planned: NPTI's preparation.
 
 Example:
     >>> from dpn_lens.evaluation.control import ControlConfig

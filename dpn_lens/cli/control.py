@@ -99,7 +99,8 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
                         help="print this run's plan (time per stage from this machine's measurement, `dpn-lens plan "
                              "--stage control --measure`; peak memory) and exit without running it")
     parser.add_argument("--pairs-cached", action="store_true",
-                        help="with --plan: the held-out pairs are cached by an earlier run (no generation stage)")
+                        help="with --plan: take every trait's held-out pairs as cached by an earlier run (no "
+                             "generation stage); the plan looks the cache up itself for an embedded or GGUF model")
     parser.add_argument("--no-cache", action="store_true", help="generate the held-out and the selection pairs again (no cache)")
     parser.add_argument("--quick", action="store_true", help="a few-minute run: 24 pairs, dpn-le/dense/caa, KL levels 0.05 and 0.5")
     parser.add_argument("--no-png", action="store_true", help="write HTML figures only")
