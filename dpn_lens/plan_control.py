@@ -53,7 +53,7 @@ __all__ = ["ControlSettings", "ControlWork", "ControlCosts", "control_work", "me
            "saved_control_costs", "plan_control", "plan_control_run", "gradient_logits_bytes",
            "gradient_activation_bytes", "GradientMemory", "gradient_memory", "selection_batches", "batch_tokens_default",
            "CPU_HEAP_RETAINED", "PromptTokens", "prompt_tokens_of", "generation_seconds", "expected_longest",
-           "answer_steps", "CachedPairs", "cached_pairs", "scoring_cache", "decode_step_seconds", "DecodeCosts", "STEP_ROWS"]
+           "answer_steps", "CachedPairs", "cached_pairs", "scoring_cache", "persona_pass_flops", "decode_step_seconds", "DecodeCosts", "STEP_ROWS"]
 
 DIRECTIONS = 2
 
@@ -313,6 +313,11 @@ class ControlCosts:
     """The gradient pass's cost beyond its FLOPs, paid once a pass: its first run took this much longer
     than its second (the first batch's memory, fresh from the system). ``gradient_flops_per_s`` is the
     second run's rate; in an older file (0 here) the first run's."""
+    persona_context_once: bool = False
+    """``persona_flops_per_s`` counts each distinct persona context once, without logits, and each answer
+    with its logits (``persona_pass_flops``), as the scorer runs them. False in an older file, whose rate
+    counted every answer's context: a pair's two answers share theirs, so that rate was 1.7x too high for
+    the generation check's scoring, where each answer has its own context (planned at 0.5 of its time)."""
     step_rows: list[list[float]] = field(default_factory=list)
     """``[rows, seconds]`` of one decode step at each row count of ``STEP_ROWS``, as measured. A step's cost is
     not linear in its rows on a CPU (SmolLM2 float32, 1 thread: 0.077 s at 2 rows, 0.147 at 8, 0.171 at 10,
@@ -321,6 +326,24 @@ class ControlCosts:
     step_token_flops: float = 0.0
     """FLOPs of one row's decode step in the measurement (the sample's model and context): the line's value
     at each of ``step_rows``, which the correction divides by."""
+
+
+def persona_pass_flops(shape: ModelShape, contexts: int, context_tokens: float, answers: int,
+                       answer_tokens: float) -> float:
+    """FLOPs of scoring ``answers`` answers of ``answer_tokens`` after ``contexts`` distinct persona prompts of
+    ``context_tokens`` (``CachedAnswerScorer``): each context once, keeping its last position's logits only,
+    then every answer from its context's cache with its logits.
+
+    Example:
+        >>> shape = ModelShape(n_layers=1, d_model=8, d_mlp=16, n_heads=2, n_kv_heads=2, head_dim=4, vocab=1000,
+        ...                    tied=True)
+        >>> shared, apart = persona_pass_flops(shape, 4, 100, 8, 20), persona_pass_flops(shape, 8, 100, 8, 20)
+        >>> apart - shared == 4 * 100 * shape.forward_flops_per_token(context=50)    # 4 more contexts
+        True
+    """
+    return (contexts * context_tokens * shape.forward_flops_per_token(context=int(context_tokens / 2))
+            + answers * answer_tokens * shape.forward_flops_per_token(context=int(context_tokens + answer_tokens / 2),
+                                                                      logits=True))
 
 
 def saved_control_costs(device: str, dtype: str, threads: int) -> ControlCosts | None:
@@ -427,8 +450,9 @@ def measure_control_costs(model_spec: str, device: str = "cpu", dtype: str = "fl
                                                                            logits=True)
     personas_of = [personas[i % 2] for i in range(len(pairs))]
     persona_seconds = timed(lambda: preference_margins(model, pairs, persona=personas_of), device)
-    persona_flops = 2 * len(pairs) * (persona + answer) * shape.forward_flops_per_token(
-        context=int((persona + answer) / 2), logits=True)
+    # what the scorer ran: each pair's question with its persona once (its last position's logits only), then
+    # both answers from that cache
+    persona_flops = persona_pass_flops(shape, len(pairs), persona, 2 * len(pairs), answer)
     decoding = _decode_costs(model, shape, prompts, lengths, device)
     persona_lengths = [len(answer) for answer in greedy_answers(model, persona_prompts, max_new_tokens, 16)]
     # Beyond the loaded model and the probe's reference: the answer batches, the caches, allocator slack;
@@ -458,7 +482,8 @@ def measure_control_costs(model_spec: str, device: str = "cpu", dtype: str = "fl
                          answer_steps=answer_steps(lengths, max_new_tokens), prefill_flops_per_s=decoding.prefill_flops_per_s,
                          persona_answer_steps=answer_steps(persona_lengths, max_new_tokens),
                          gradient_seconds=max(first_gradient - gradient_seconds, 0.0),
-                         step_rows=decoding.step_rows, step_token_flops=decoding.step_token_flops)
+                         step_rows=decoding.step_rows, step_token_flops=decoding.step_token_flops,
+                         persona_context_once=True)
     if save:
         from dpn_lens.io import write_json_atomic
 
@@ -763,9 +788,11 @@ def _seconds(shape: ModelShape, work: ControlWork, settings: ControlSettings, co
     rerun = questions * cache.recomputed / max(cache.batches, 1)
     caa = 2 * config.caa_pairs * question * shape.forward_flops_per_token(context=int(question / 2)) \
         if "caa" in config.methods else 0
-    # One persona pass: every pair's two answers after its question with a persona (as the rate was measured).
-    personas = 2 * config.pairs * (persona + answer) * shape.forward_flops_per_token(
-        context=int((persona + answer) / 2), logits=True)
+    # One persona pass: every pair's question with a persona once, then its two answers (as the rate was measured).
+    personas = persona_pass_flops(shape, config.pairs, persona, 2 * config.pairs, answer) \
+        if costs.persona_context_once else \
+        2 * config.pairs * (persona + answer) * shape.forward_flops_per_token(context=int((persona + answer) / 2),
+                                                                           logits=True)
 
     # The held-out and selection pairs are answers under a persona; the generation check's are not.
     under_persona = costs.persona_answer_steps or costs.answer_steps
@@ -781,9 +808,10 @@ def _seconds(shape: ModelShape, work: ControlWork, settings: ControlSettings, co
         context=int(question + selection_answer / 2), logits=True)
     # The generation check scores each answer set under a high and a low persona (contexts and answers,
     # as the persona control does), after generating it without a persona.
+    # Its contexts differ per answer (each answer after its question with each persona): one each.
     asked = work.generation_questions
-    scored = 2 * asked * (persona + answer) * shape.forward_flops_per_token(context=int((persona + answer) / 2),
-                                                                          logits=True)
+    scored = persona_pass_flops(shape, 2 * asked, persona, 2 * asked, answer) if costs.persona_context_once else \
+        2 * asked * (persona + answer) * shape.forward_flops_per_token(context=int((persona + answer) / 2), logits=True)
     asking = [round(prompts.question)]
     return {"held-out pairs": generation(prompts.held_out, work.generated_answers, config.max_new_tokens,
                                          config.pair_batch, under_persona),

@@ -86,6 +86,34 @@ def test_the_persona_control_is_two_passes_over_the_runs_persona_prompts(tiny_fo
         == pytest.approx(persona / 2)
     # without the run's prompts, the sample's persona length stands in
     assert _seconds(shape, work, settings, costs)["persona control"] < persona
+    # A current measurement counts what the scorer runs: a pair's question with its persona once (no logits but
+    # its last position's), then both answers from its cache.
+    from dpn_lens.plan_control import persona_pass_flops
+
+    once = control_costs(persona_context_once=True)
+    assert _seconds(shape, work, settings, once, prompts)["persona control"] == pytest.approx(
+        2 * persona_pass_flops(shape, 16, 170.0, 32, answer) / once.persona_flops_per_s)
+
+
+def test_the_generation_checks_scoring_runs_a_context_per_answer(tiny_folder):
+    """The generation check scores each generated answer after its question with a high and with a low persona:
+    every answer has its own context, where the persona control's pairs share one per pair. A rate measured as
+    the scorer runs (each context once) charges those contexts; the older rate, which counted every answer's
+    context, planned the check's scoring at half its time."""
+    from dpn_lens.evaluation.control import ControlConfig
+    from dpn_lens.plan import model_shape
+    from dpn_lens.plan_control import (ControlSettings, PromptTokens, _seconds, control_work, generation_seconds,
+                                       persona_pass_flops)
+
+    shape = model_shape(str(tiny_folder))
+    settings = ControlSettings(ControlConfig(methods=["dpn-le"], pairs=16, generation_questions=10), maps_given=True)
+    work = control_work(settings)
+    prompts = PromptTokens(held_out=[200], persona=170.0, question=60.0, selection=[150])
+    costs = control_costs(persona_context_once=True, answer_steps=[1.0])
+    answer = costs.answer_fill * 48
+    generated = work.generation_sets * generation_seconds(shape, costs, [60], 10, 16, 48)
+    scored = work.generation_scored * persona_pass_flops(shape, 20, 170.0, 20, answer) / costs.persona_flops_per_s
+    assert _seconds(shape, work, settings, costs, prompts)["generation check"] == pytest.approx(generated + scored)
 
 
 def test_the_run_prompts_are_counted_from_its_data(tiny_folder, tmp_path):
@@ -137,11 +165,12 @@ def test_measured_costs_record_answer_steps_and_the_prompt_pass_and_older_files_
     # A file written before the two fields: it loads, and plans as then (every batch to the limit, no
     # prompt pass apart).
     new = ("answer_steps", "prefill_flops_per_s", "persona_answer_steps", "gradient_seconds", "step_rows",
-           "step_token_flops")
+           "step_token_flops", "persona_context_once")
     path.write_text(json.dumps({key: value for key, value in saved.items() if key not in new}))
     loaded = saved_control_costs("cpu", "float32", threads)
     assert loaded == dataclasses.replace(costs, answer_steps=[], prefill_flops_per_s=0.0, persona_answer_steps=[],
-                                         gradient_seconds=0.0, step_rows=[], step_token_flops=0.0)
+                                         gradient_seconds=0.0, step_rows=[], step_token_flops=0.0,
+                                         persona_context_once=False)
     assert isinstance(loaded, ControlCosts)
 
 
