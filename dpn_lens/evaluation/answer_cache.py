@@ -199,10 +199,16 @@ def _kept(sizes: Sequence[int], budget: int | None) -> list[bool]:
     """Which batches keep their cache: in order, each that still fits the budget (None: all)."""
     kept, total = [], 0
     for size in sizes:
-        keep = budget is None or total + size <= budget
+        keep = _fits(total, size, budget)
         total += size if keep else 0
         kept.append(keep)
     return kept
+
+
+def _fits(kept_bytes: int, size: int, budget: int | None) -> bool:
+    """Whether a batch's cache of ``size`` bytes is kept beside ``kept_bytes`` under ``budget`` (None: always);
+    the rule of both the scorer and ``answer_cache_bytes``."""
+    return budget is None or kept_bytes + size <= budget
 
 
 class CachedAnswerScorer:
@@ -273,7 +279,7 @@ class CachedAnswerScorer:
                 continue
             batch = self._batch_of(chunk, contexts, answers)
             # Built one at a time, so at most one dropped cache is alive beside the kept ones.
-            if self.cache_bytes is not None and kept + batch.cache_bytes > self.cache_bytes:
+            if not _fits(kept, batch.cache_bytes, self.cache_bytes):
                 batch.cache = None
             kept += batch.cache_bytes if batch.cache is not None else 0
             batches.append(batch)
