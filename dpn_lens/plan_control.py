@@ -592,19 +592,16 @@ def decode_step_seconds(shape: ModelShape, costs: ControlCosts, rows: int, conte
         >>> [round(decode_step_seconds(shape, costs, rows, 20), 3) for rows in (1, 2, 3, 4, 8)]
         [2.0, 3.0, 3.6, 4.0, 7.2]
     """
+    import numpy as np
+
     token = shape.forward_flops_per_token(context=context, logits=True)
     line = costs.step_seconds + rows * token / costs.step_flops_per_s
-    points = getattr(costs, "step_rows", None)
-    if not points or not getattr(costs, "step_token_flops", 0.0):
+    if not costs.step_rows or not costs.step_token_flops:
         return line
-    ratios = [(r, s / (costs.step_seconds + r * costs.step_token_flops / costs.step_flops_per_s)) for r, s in points]
-    ratios.sort()
-    if rows <= ratios[0][0]:
-        return line * ratios[0][1]
-    for (r1, q1), (r2, q2) in zip(ratios, ratios[1:]):
-        if rows <= r2:
-            return line * (q1 + (q2 - q1) * (rows - r1) / (r2 - r1))
-    return line * ratios[-1][1]
+    measured_rows, seconds = zip(*sorted(costs.step_rows))
+    ratios = [s / (costs.step_seconds + r * costs.step_token_flops / costs.step_flops_per_s)
+              for r, s in zip(measured_rows, seconds)]
+    return line * float(np.interp(rows, measured_rows, ratios))
 
 
 @dataclass
@@ -668,7 +665,7 @@ def prompt_tokens_of(spec: str, traits: Sequence[str], config: Any, costs: Contr
                         selection=sorted(selection, reverse=True), questions=question)
 
 
-def scoring_cache(shape: ModelShape, dtype: str, config: Any, prompts: PromptTokens | None,
+def scoring_cache(shape: ModelShape, dtype: str, config: Any, prompts: PromptTokens,
                   shares: Sequence[float] = ()) -> "CacheFootprint":
     """What the held-out answers' scorer (``PairScorer``, kept for a trait's whole run) holds of its questions'
     key/value cache, and how many of its batches run their questions again in every pass
@@ -688,9 +685,7 @@ def scoring_cache(shape: ModelShape, dtype: str, config: Any, prompts: PromptTok
     from dpn_lens.evaluation.metrics import PreferenceMargin
 
     pairs = int(config.pairs)
-    lengths = prompts.questions if prompts is not None and prompts.questions else \
-        [round(prompts.question if prompts is not None else 64)]
-    questions = _spread(sorted(lengths), pairs)
+    questions = _spread(sorted(prompts.questions or [round(prompts.question)]), pairs)
     answers = [max(1, round(share * config.max_new_tokens)) for share in _spread(list(shares), 2 * pairs)] \
         if shares else [int(config.max_new_tokens)] * (2 * pairs)
     return answer_cache_bytes([q for q in questions for _ in (0, 1)], answers, PreferenceMargin().batch_tokens,
@@ -741,7 +736,7 @@ def generation_seconds(shape: ModelShape, costs: ControlCosts, prompts: Sequence
         >>> shape = ModelShape(n_layers=1, d_model=8, d_mlp=16, n_heads=2, n_kv_heads=2, head_dim=4, vocab=1000,
         ...                    tied=True)
         >>> costs = type("Costs", (), {"step_seconds": 1.0, "step_flops_per_s": 1e30, "prefill_flops_per_s": 0.0,
-        ...                            "answer_steps": [0.5, 0.5]})()
+        ...                            "answer_steps": [0.5, 0.5], "step_rows": [], "step_token_flops": 0.0})()
         >>> generation_seconds(shape, costs, [10], rows=4, batch=2, max_new_tokens=8)  # 2 batches of 4 steps
         8.0
     """
@@ -763,6 +758,12 @@ def generation_seconds(shape: ModelShape, costs: ControlCosts, prompts: Sequence
     return seconds
 
 
+def _probe_flops(shape: ModelShape, config: Any) -> float:
+    """FLOPs of one KL probe pass: ``kl_chunks`` chunks of ``kl_tokens`` (and BOS), logits included."""
+    return config.kl_chunks * (config.kl_tokens + 1) * shape.forward_flops_per_token(
+        context=(config.kl_tokens + 1) // 2, logits=True)
+
+
 def _seconds(shape: ModelShape, work: ControlWork, settings: ControlSettings, costs: ControlCosts,
              prompts: PromptTokens | None = None) -> dict[str, float]:
     """Seconds per trait for each kind of work; ``prompts``: the run's prompt lengths (``prompt_tokens_of``;
@@ -776,8 +777,7 @@ def _seconds(shape: ModelShape, work: ControlWork, settings: ControlSettings, co
         prompts = PromptTokens([round(costs.persona_tokens)], costs.persona_tokens, costs.prompt_tokens,
                                [round(costs.persona_tokens)])
     persona = prompts.persona
-    probe_tokens = config.kl_chunks * (config.kl_tokens + 1)
-    probe = probe_tokens * shape.forward_flops_per_token(context=(config.kl_tokens + 1) // 2, logits=True)
+    probe = _probe_flops(shape, config)
     answers = 2 * config.pairs * answer * shape.forward_flops_per_token(context=int(question + answer / 2),
                                                                           logits=True)
     # The questions run once per trait into the KV cache (``PairScorer``); CAA reads its direction from
@@ -830,12 +830,6 @@ def _seconds(shape: ModelShape, work: ControlWork, settings: ControlSettings, co
             if work.generation_sets else 0.0}
 
 
-def trait_record(run: "ControlRecord", trait: str) -> "ControlRecord":
-    """``run`` (a ``control`` record) with only ``trait``'s rows: what ``control_work`` counts for one trait
-    (``ControlRecord.of_trait``)."""
-    return run.of_trait(trait)
-
-
 def plan_control(spec: str, traits: Sequence[str], settings: ControlSettings, device: str = "cpu",
                  dtype: str = "float32", costs: ControlCosts | None = None,
                  machine: MachineCosts | None = None, run: "ControlRecord | None" = None) -> RunPlan:
@@ -843,7 +837,7 @@ def plan_control(spec: str, traits: Sequence[str], settings: ControlSettings, de
     maps, from ``plan_locate``), then per trait the counted work at ``costs``' rates.
 
     With ``run`` (that run's ``control`` result), each trait's passes are those it made
-    (``control_work(settings, trait_record(run, trait))``) instead of the settings' bound: the plan's
+    (``control_work(settings, run.of_trait(trait))``) instead of the settings' bound: the plan's
     per-pass costs checked apart from its pass counts.
     """
     from dpn_lens.plan import plan_locate
@@ -855,10 +849,9 @@ def plan_control(spec: str, traits: Sequence[str], settings: ControlSettings, de
     shape = model_shape(spec)
     config = settings.config
     of_trait = {trait: settings.of_trait(trait) for trait in traits}
-    bounds = {trait: control_work(of_trait[trait]) for trait in traits}
     # With ``run``, the passes each trait made; else the settings' bound (each trait's cached pairs apart).
-    works = {trait: control_work(of_trait[trait], trait_record(run, trait)) for trait in traits} \
-        if run is not None else bounds
+    works = {trait: control_work(of_trait[trait], run.of_trait(trait) if run is not None else None)
+             for trait in traits}
     work = works[traits[0]]
     located = plan_locate(spec, traits, config.locate_pairs, device, dtype, machine)
     stages = [located.stages[0]]
@@ -874,9 +867,7 @@ def plan_control(spec: str, traits: Sequence[str], settings: ControlSettings, de
         for kind, seconds in _seconds(shape, works[trait], of_trait[trait], costs, prompts).items():
             per_kind[kind] = per_kind.get(kind, 0.0) + seconds
     # one probe pass: the unsteered reference, once per run
-    first = bounds[traits[0]]
-    reference_seconds = (_seconds(shape, first, of_trait[traits[0]], costs, prompts)["KL curves"] / first.probe_passes
-                         if usable else 0.0)
+    reference_seconds = _probe_flops(shape, config) / costs.probe_flops_per_s if usable else 0.0
     reference = config.kl_chunks * (config.kl_tokens + 1) * shape.vocab * 4
     runtime = machine.runtime_bytes if machine is not None and device == "cpu" else 0
     resident = machine.resident_ratio if machine is not None else 1.0

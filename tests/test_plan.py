@@ -687,7 +687,7 @@ def test_a_plan_given_the_runs_record_counts_the_passes_each_trait_made(tiny_fol
     record's rows of that trait) where the plan alone bounds them by the whole grid: a probe pass costs the
     same either way, so the KL-curve stage scales with the passes."""
     from dpn_lens.evaluation.control import ControlConfig
-    from dpn_lens.plan_control import ControlSettings, control_work, plan_control, trait_record
+    from dpn_lens.plan_control import ControlSettings, control_work, plan_control
 
     traits = ["openness", "neuroticism"]
     config = ControlConfig(traits=traits, methods=["dpn-le"], gammas=[0.5, 2.0, 8.0], kl_levels=[0.05],
@@ -707,7 +707,7 @@ def test_a_plan_given_the_runs_record_counts_the_passes_each_trait_made(tiny_fol
                            curves=[point("openness")] * 2 + [point("neuroticism")], matched_cost=[],
                            matched_summary=[], calibrated=[], gamma_zero=[], examples={},
                            meta=ControlMeta("tiny", "torch.float32", {}, 1.0, traits_done=traits))
-    assert [control_work(settings, trait_record(record, t)).probe_passes for t in traits] == [1 + 2 + 2, 1 + 4 + 1]
+    assert [control_work(settings, record.of_trait(t)).probe_passes for t in traits] == [1 + 2 + 2, 1 + 4 + 1]
     bound_passes = control_work(settings).probe_passes
     assert bound_passes == 1 + 2 * 3 + 2 * 1
     costs = control_costs()
