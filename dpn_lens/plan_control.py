@@ -122,7 +122,7 @@ def cached_pairs(spec: str, dtype: str, traits: Sequence[str], config: Any) -> C
     """
     import torch
 
-    from dpn_lens.effect.pairs import selection_pairs_key
+    from dpn_lens.effect.pairs import selection_material, selection_pairs_key
     from dpn_lens.effect.rules import SELECTION_TOKENS
     from dpn_lens.evaluation.control import held_out_pairs_key, personalitybench_material
     from dpn_lens.evaluation.preference import pairs_cache_path
@@ -148,7 +148,8 @@ def cached_pairs(spec: str, dtype: str, traits: Sequence[str], config: Any) -> C
                 **held_out_pairs_key(config, *material)).exists():
             held_out.append(trait)
         if pairs_cache_path(str(spec), revision, torch_dtype, "selection_pairs", trait,
-                            **selection_pairs_key(trait, config.selection_pairs, config.seed, SELECTION_TOKENS)).exists():
+                            **selection_pairs_key(*selection_material(trait), config.selection_pairs, config.seed,
+                                                  SELECTION_TOKENS)).exists():
             selection.append(trait)
     return CachedPairs(held_out, selection)
 

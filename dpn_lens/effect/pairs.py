@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from dpn_lens.data.contrastive import embedded_personas, embedded_questions
 from dpn_lens.effect.defaults import SELECTION_PAIRS, SELECTION_TOKENS
@@ -35,22 +35,25 @@ from dpn_lens.traits import normalize_trait
 __all__ = ["selection_pairs", "SELECTION_PAIRS", "SELECTION_TOKENS"]
 
 
-def _embedded_material(trait: str) -> tuple[list[str], list[str], list[str]]:
-    """The embedded questions (all traits') and the trait's embedded high and low persona descriptions."""
+def selection_material(trait: str) -> tuple[list[str], list[str], list[str]]:
+    """The embedded questions (all traits') and the trait's embedded high and low persona descriptions: what
+    the selection pairs are drawn from (and keyed by, ``selection_pairs_key``)."""
     high, low = embedded_personas(trait)
     return embedded_questions(), high, low
 
 
-def selection_pairs_key(trait: str, n_pairs: int = SELECTION_PAIRS, seed: int = 0,
+def selection_pairs_key(questions: Sequence[str], highs: Sequence[str], lows: Sequence[str],
+                        n_pairs: int = SELECTION_PAIRS, seed: int = 0,
                         max_new_tokens: int = SELECTION_TOKENS) -> dict[str, Any]:
-    """What the selection pairs' cache file is keyed by beside the model and the batch size: the sizes, the
-    seed and a digest of the embedded material (``preference.pairs_cache_path`` takes it as ``key``).
+    """What the selection pairs' cache file is keyed by beside the model, the trait and the batch size: the
+    sizes, the seed and a digest of the material (``selection_material``; ``preference.pairs_cache_path``
+    takes it as ``key``).
 
     Example:
-        >>> sorted(selection_pairs_key("openness", 8))
+        >>> sorted(selection_pairs_key(*selection_material("openness"), n_pairs=8))
         ['format', 'material', 'max_new_tokens', 'pairs', 'seed']
     """
-    questions, highs, lows = _embedded_material(normalize_trait(trait))
+    questions, highs, lows = list(questions), list(highs), list(lows)
     material = hashlib.sha256(json.dumps([questions, highs, lows]).encode()).hexdigest()[:16]
     return {"pairs": int(n_pairs), "seed": int(seed), "max_new_tokens": int(max_new_tokens), "material": material,
             "format": 1}
@@ -83,9 +86,9 @@ def selection_pairs(model: Any, trait: str, n_pairs: int = SELECTION_PAIRS, seed
     seed = as_int(seed, "seed", "0")
     max_new_tokens = as_int(max_new_tokens, "max_new_tokens", "48", minimum=1)
     batch_size = as_int(batch_size, "batch_size", "16", minimum=1)
-    questions, highs, lows = _embedded_material(trait)
+    questions, highs, lows = selection_material(trait)
     path = pairs_cache_file(model, "selection_pairs", trait, batch_size=batch_size,
-                            **selection_pairs_key(trait, n_pairs, seed, max_new_tokens))
+                            **selection_pairs_key(questions, highs, lows, n_pairs, seed, max_new_tokens))
     if cache and path.exists():
         stored = json.loads(path.read_text(encoding="utf-8"))
         if log:
