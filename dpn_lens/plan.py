@@ -85,6 +85,11 @@ class ModelShape:
         embedding = self.vocab * self.d_model
         return self.n_layers * self.layer_params() + embedding * (1 if self.tied else 2)
 
+    def cache_values_per_token(self) -> int:
+        """Numbers one token adds to the key/value cache: keys and values of every layer's key/value heads
+        (a decode step reads them all, and on the CPU the cache's growth copies them)."""
+        return 2 * self.n_layers * self.n_kv_heads * self.head_dim
+
     def forward_flops_per_token(self, context: int, layers: int | None = None, logits: bool = False) -> int:
         """Multiply-adds x 2 of one token through ``layers`` layers (all by default) at ``context`` tokens of
         attention, plus the unembedding when ``logits``."""

@@ -53,7 +53,8 @@ __all__ = ["ControlSettings", "ControlWork", "ControlCosts", "control_work", "me
            "saved_control_costs", "plan_control", "plan_control_run", "gradient_logits_bytes",
            "gradient_activation_bytes", "GradientMemory", "gradient_memory", "selection_batches", "batch_tokens_default",
            "CPU_HEAP_RETAINED", "PromptTokens", "prompt_tokens_of", "generation_seconds", "expected_longest",
-           "answer_steps", "CachedPairs", "cached_pairs", "scoring_cache", "persona_pass_flops", "decode_step_seconds", "DecodeCosts", "STEP_ROWS"]
+           "answer_steps", "CachedPairs", "cached_pairs", "scoring_cache", "persona_pass_flops", "decode_step_seconds", "DecodeCosts", "STEP_ROWS",
+           "CONTEXT_ROWS", "prefill_seconds_per_flop"]
 
 DIRECTIONS = 2
 
@@ -327,6 +328,22 @@ class ControlCosts:
     step_token_flops: float = 0.0
     """FLOPs of one row's decode step in the measurement (the sample's model and context): the line's value
     at each of ``step_rows``, which the correction divides by."""
+    step_context: float = 0.0
+    """The context, in tokens, of the ``step_rows`` measurement (its questions and half its decode steps)."""
+    step_context_seconds: float = 0.0
+    """What a decode step costs beyond its FLOPs per row, per token of context and per number each token
+    keeps in the key/value cache (``ModelShape.cache_values_per_token``): fitted to the steps timed after
+    longer prompts (``long_step_rows``). On a CPU the cache's reads and copies, not the attention's FLOPs,
+    make a step slower with context (SmolLM2 float32, 1 thread, 16 rows: +21% after 93 more tokens, where
+    the FLOPs grow 2%). 0 in an older file: the FLOPs alone."""
+    long_step_rows: list[list[float]] = field(default_factory=list)
+    """``[rows, seconds]`` of a decode step after the longer prompts, at ``CONTEXT_ROWS``."""
+    long_step_context: float = 0.0
+    """Their context in tokens."""
+    prefill_points: list[list[float]] = field(default_factory=list)
+    """``[padded tokens, FLOPs per second]`` of a 16-row prompt pass at the short and the long prompts: the
+    seconds per FLOP grow with the padded length (``prefill_seconds``). Empty in an older file:
+    ``prefill_flops_per_s`` at every length."""
 
 
 def persona_pass_flops(shape: ModelShape, contexts: int, context_tokens: float, answers: int,
@@ -454,8 +471,9 @@ def measure_control_costs(model_spec: str, device: str = "cpu", dtype: str = "fl
     # what the scorer ran: each pair's question with its persona once (its last position's logits only), then
     # both answers from that cache
     persona_flops = persona_pass_flops(shape, len(pairs), persona, 2 * len(pairs), answer)
-    decoding = _decode_costs(model, shape, prompts, lengths, device)
     persona_lengths = [len(answer) for answer in greedy_answers(model, persona_prompts, max_new_tokens, 16)]
+    decoding = _decode_costs(model, shape, prompts, lengths, device, long_prompts=persona_prompts,
+                             long_lengths=persona_lengths)
     # Beyond the loaded model and the probe's reference: the answer batches, the caches, allocator slack;
     # then, apart, the gradient pass's (a run without an effect rule to select never makes it).
     reference = probe_tokens * shape.vocab * 4
@@ -484,7 +502,9 @@ def measure_control_costs(model_spec: str, device: str = "cpu", dtype: str = "fl
                          persona_answer_steps=answer_steps(persona_lengths, max_new_tokens),
                          gradient_seconds=max(first_gradient - gradient_seconds, 0.0),
                          step_rows=decoding.step_rows, step_token_flops=decoding.step_token_flops,
-                         persona_context_once=True)
+                         persona_context_once=True, step_context=decoding.context,
+                         step_context_seconds=decoding.context_seconds, long_step_rows=decoding.long_step_rows,
+                         long_step_context=decoding.long_context, prefill_points=decoding.prefill_points)
     if save:
         from dpn_lens.io import write_json_atomic
 
@@ -501,38 +521,50 @@ STEP_ROWS = (1, 2, 4, 8, 12, 16)
 """Row counts ``_decode_costs`` times a decode step at: a run's batches have 16 rows (``pair_batch``, the
 selection's and the generation check's batch) and a last, partial one of any size."""
 
+CONTEXT_ROWS = (4, 8, 16)
+"""Row counts ``_decode_costs`` also times a step at after longer prompts, for what context adds to a step.
+At 1 and 2 rows it adds nothing measurable (SmolLM2 float32, 1 thread, 106 more tokens: -0.001 s at 1 and 2
+rows, +0.007 at 4, +0.032 at 8, +0.049 at 16), so those are not timed twice."""
+
 
 @dataclass
 class DecodeCosts:
     """Greedy generation's measured costs (``_decode_costs``): a decode step's line in its rows, the points it
-    was fitted to, and the prompt pass's rate."""
+    was fitted to, what context adds, and the prompt pass's rate at two lengths."""
 
     step_seconds: float
     """The line's fixed seconds per step (Python, cache handling)."""
     step_flops_per_s: float
     """The line's rate per row: one row's step FLOPs over the line's seconds per row."""
     prefill_flops_per_s: float
+    """The short prompts' 16-row prompt pass."""
     step_rows: list[list[float]]
     """``[rows, seconds per step]`` as measured."""
     step_token_flops: float
+    context: float = 0.0
+    """The short prompts' decode context, tokens (their mean and half the decode steps)."""
+    context_seconds: float = 0.0
+    """``ControlCosts.step_context_seconds``; 0 without long prompts."""
+    long_step_rows: list[list[float]] = field(default_factory=list)
+    long_context: float = 0.0
+    prefill_points: list[list[float]] = field(default_factory=list)
+    """``[padded tokens, FLOPs per second]`` of the prompt pass, short prompts then long ones."""
 
 
-def _decode_costs(model: Any, shape: ModelShape, prompts: Sequence[list[int]], lengths: Sequence[int],
-                  device: str, rows: Sequence[int] = STEP_ROWS, repeats: int = 2) -> DecodeCosts:
-    """Greedy generation's costs on the sample's ``prompts`` (whose answers had ``lengths`` tokens): seconds
-    of one decode step at each of ``rows`` (the fastest of ``repeats``), the line fitted to them by least
-    squares (a fixed cost and a rate per row), and the prompt pass's FLOP rate.
+def _step_points(model: Any, shape: ModelShape, prompts: Sequence[list[int]], lengths: Sequence[int],
+                 device: str, rows: Sequence[int], repeats: int) -> tuple[list[list[float]], list[float]]:
+    """``[rows, seconds of one decode step]`` at each of ``rows`` (the fastest of ``repeats``) on ``prompts``,
+    and ``[padded tokens, FLOPs per second]`` of the largest batch's prompt pass (a run's batches are full).
 
     Each row count generates 1 token (the prompt pass alone) and ``DECODE_STEPS`` tokens: their difference
-    is the decode steps, so the prompt pass, which on a run's persona prompts (150-250 tokens) is about
-    half of a batch's time, is not spread over the steps. The prompts whose answers ran longest go first,
-    so a batch's rows rarely stop early; the steps a batch made are counted from its answers all the same.
-    """
+    is the decode steps, so the prompt pass, which on a run's persona prompts (150-250 tokens) is about half
+    of a batch's time, is not spread over the steps. The prompts whose answers ran longest go first, so a
+    batch's rows rarely stop early; the steps a batch made are counted from its answers all the same."""
     from dpn_lens.evaluation.preference import greedy_answers
 
     longest_first = [prompts[i] for i in sorted(range(len(prompts)), key=lambda i: -lengths[i])]
     greedy_answers(model, longest_first[:1], 2, 1)                                  # warm-up
-    points, prefill_rate = [], 0.0
+    points, prefill = [], [0.0, 0.0]
     for batch in sorted(set(int(r) for r in rows)):
         chosen = (longest_first * batch)[:batch]
         padded = max(map(len, chosen))
@@ -546,12 +578,65 @@ def _decode_costs(model: Any, shape: ModelShape, prompts: Sequence[list[int]], l
             steps.append(max(whole - prompt_pass, 0.0) / max(made - 1, 1))
             prompt_passes.append(prompt_pass)
         points.append([batch, min(steps)])
-        # the largest batch's prompt pass: a run's batches are full ones
-        prefill_rate = batch * padded * shape.forward_flops_per_token(context=padded // 2, logits=True) / min(prompt_passes)
+        prefill = [padded, batch * padded * shape.forward_flops_per_token(context=padded // 2, logits=True)
+                   / min(prompt_passes)]
+    return points, prefill
+
+
+def _decode_costs(model: Any, shape: ModelShape, prompts: Sequence[list[int]], lengths: Sequence[int],
+                  device: str, rows: Sequence[int] = STEP_ROWS, repeats: int = 2,
+                  long_prompts: Sequence[list[int]] = (), long_lengths: Sequence[int] = ()) -> DecodeCosts:
+    """Greedy generation's costs on the sample's ``prompts`` (whose answers had ``lengths`` tokens): seconds
+    of one decode step at each of ``rows`` (``_step_points``), the line fitted to them by least squares (a
+    fixed cost and a rate per row), and the prompt pass's FLOP rate. With ``long_prompts`` (the sample's
+    persona prompts, about 2.5x the questions' length), the steps at ``CONTEXT_ROWS`` and the prompt pass
+    again after them: what context adds (``_context_seconds``) and the prompt pass's rate at a second length.
+    """
+    points, prefill = _step_points(model, shape, prompts, lengths, device, rows, repeats)
     question = sum(map(len, prompts)) / len(prompts)
-    token_flops = shape.forward_flops_per_token(context=int(question + DECODE_STEPS / 2), logits=True)
+    context = question + DECODE_STEPS / 2
+    token_flops = shape.forward_flops_per_token(context=int(context), logits=True)
     fixed, per_row = _line(points)
-    return DecodeCosts(fixed, token_flops / max(per_row, 1e-9), prefill_rate, points, token_flops)
+    costs = DecodeCosts(fixed, token_flops / max(per_row, 1e-9), prefill[1], points, token_flops, context,
+                        prefill_points=[prefill])
+    if long_prompts:
+        long_points, long_prefill = _step_points(model, shape, long_prompts, long_lengths, device,
+                                                 [r for r in CONTEXT_ROWS if r in {int(p[0]) for p in points}],
+                                                 repeats)
+        costs.long_context = sum(map(len, long_prompts)) / len(long_prompts) + DECODE_STEPS / 2
+        costs.long_step_rows = long_points
+        costs.context_seconds = _context_seconds(shape, costs)
+        costs.prefill_points.append(long_prefill)
+    return costs
+
+
+def _context_seconds(shape: ModelShape, costs: DecodeCosts) -> float:
+    """What a decode step costs beyond its FLOPs per row, context token and cached number: the least-squares
+    slope, through 0, of the long steps' seconds beyond the short steps' at the same rows (scaled by the
+    line to the long context's FLOPs), over ``rows * (long context - short context)``; at least 0.
+
+    Example:
+        >>> shape = ModelShape(n_layers=1, d_model=8, d_mlp=16, n_heads=2, n_kv_heads=2, head_dim=4, vocab=1000,
+        ...                    tied=True)
+        >>> token = shape.forward_flops_per_token(context=10, logits=True)
+        >>> costs = DecodeCosts(1.0, 1e30, 0.0, [[4, 1.0], [8, 2.0]], token, context=10,   # FLOPs: nothing
+        ...                     long_step_rows=[[4, 1.4], [8, 2.8]], long_context=110)   # +0.001 s per row-token
+        >>> round(_context_seconds(shape, costs) * shape.cache_values_per_token(), 9)
+        0.001
+    """
+    short = {int(rows): seconds for rows, seconds in costs.step_rows}
+    long_token = shape.forward_flops_per_token(context=int(costs.long_context), logits=True)
+    span = costs.long_context - costs.context
+    if span <= 0:
+        return 0.0
+
+    def line(rows: int, token: float) -> float:
+        return costs.step_seconds + rows * token / costs.step_flops_per_s
+
+    beyond = [(rows, seconds - short[int(rows)] * line(rows, long_token) / line(rows, costs.step_token_flops))
+              for rows, seconds in costs.long_step_rows]
+    slope = sum(rows * extra for rows, extra in beyond) / sum(rows * rows for rows, _ in beyond) / span
+    return max(slope, 0.0) / shape.cache_values_per_token()
 
 
 def _line(points: Sequence[Sequence[float]]) -> tuple[float, float]:
@@ -584,14 +669,22 @@ def decode_step_seconds(shape: ModelShape, costs: ControlCosts, rows: int, conte
     costs what was measured at those rows. On another model (the same machine) the measured row curve is
     taken to bend the same way: an assumption, which a measurement on that model replaces.
 
+    Then what the context adds beyond its FLOPs: ``rows * (context - costs.step_context)`` times
+    ``costs.step_context_seconds`` per cached number of ``shape``'s tokens (none in an older file). It is
+    linear in the context, as the cache's reads and copies are, and negative below the measured context.
+
     Example:
         >>> shape = ModelShape(n_layers=1, d_model=8, d_mlp=16, n_heads=2, n_kv_heads=2, head_dim=4, vocab=1000,
         ...                    tied=True)
         >>> token = shape.forward_flops_per_token(context=20, logits=True)
         >>> costs = type("Costs", (), {"step_seconds": 1.0, "step_flops_per_s": token, "step_token_flops": token,
-        ...                            "step_rows": [[2, 3.0], [4, 4.0]]})()       # line: 3 s at 2 rows, 5 at 4
+        ...                            "step_rows": [[2, 3.0], [4, 4.0]],       # line: 3 s at 2 rows, 5 at 4
+        ...                            "step_context": 20, "step_context_seconds": 0.0})()
         >>> [round(decode_step_seconds(shape, costs, rows, 20), 3) for rows in (1, 2, 3, 4, 8)]
         [2.0, 3.0, 3.6, 4.0, 7.2]
+        >>> costs.step_context_seconds = 0.01 / shape.cache_values_per_token()   # 0.01 s per row and token
+        >>> [round(decode_step_seconds(shape, costs, 4, context), 3) for context in (20, 30)]  # 30: +0.057 FLOPs, +0.4
+        [4.0, 4.457]
     """
     import numpy as np
 
@@ -602,7 +695,10 @@ def decode_step_seconds(shape: ModelShape, costs: ControlCosts, rows: int, conte
     measured_rows, seconds = zip(*sorted(costs.step_rows))
     ratios = [s / (costs.step_seconds + r * costs.step_token_flops / costs.step_flops_per_s)
               for r, s in zip(measured_rows, seconds)]
-    return line * float(np.interp(rows, measured_rows, ratios))
+    bent = line * float(np.interp(rows, measured_rows, ratios))
+    # the cache's reads and copies, linear in the context (and below the measured context, less than measured)
+    cache = rows * (context - costs.step_context) * costs.step_context_seconds * shape.cache_values_per_token()
+    return max(bent + cache, 0.0) if costs.step_context_seconds else bent
 
 
 @dataclass
@@ -720,6 +816,27 @@ def _persona_prompts(stub: Any, questions: Sequence[str], highs: Sequence[str], 
             for description in (high, low)]
 
 
+def prefill_seconds_per_flop(costs: ControlCosts, padded: int) -> float:
+    """Seconds per FLOP of a prompt pass over prompts padded to ``padded`` tokens: linear in the padded
+    length through the two measured passes (``costs.prefill_points``), extended beyond them, and never below
+    the faster one's (a longer pass is not faster per FLOP); ``1 / costs.prefill_flops_per_s`` in an older
+    file.
+
+    Example:
+        >>> costs = type("Costs", (), {"prefill_flops_per_s": 1e11, "prefill_points": [[60, 1e11], [180, 0.5e11]]})()
+        >>> [round(prefill_seconds_per_flop(costs, padded) * 1e11, 6) for padded in (60, 120, 180, 300, 10)]
+        [1.0, 1.5, 2.0, 3.0, 1.0]
+    """
+    if len(costs.prefill_points) < 2:
+        return 1.0 / costs.prefill_flops_per_s
+    points = sorted(costs.prefill_points)
+    (short, short_rate), (long, long_rate) = points[0], points[-1]
+    if long <= short:
+        return 1.0 / costs.prefill_flops_per_s
+    slope = (1.0 / long_rate - 1.0 / short_rate) / (long - short)
+    return max(1.0 / short_rate + (padded - short) * slope, min(1.0 / short_rate, 1.0 / long_rate))
+
+
 def generation_seconds(shape: ModelShape, costs: ControlCosts, prompts: Sequence[int], rows: int, batch: int,
                        max_new_tokens: int, shares: Sequence[float] | None = None) -> float:
     """Seconds of ``rows`` greedy answers of at most ``max_new_tokens`` tokens in batches of ``batch``, their
@@ -753,7 +870,7 @@ def generation_seconds(shape: ModelShape, costs: ControlCosts, prompts: Sequence
         if costs.prefill_flops_per_s:
             # the prompt pass makes the first token; each later token is a decode step
             seconds += n * padded * shape.forward_flops_per_token(context=padded // 2, logits=True) \
-                / costs.prefill_flops_per_s
+                * prefill_seconds_per_flop(costs, padded)
             steps = max(steps - 1, 0.0)
         seconds += steps * decode_step_seconds(shape, costs, n, context)
     return seconds

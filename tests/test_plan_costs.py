@@ -233,6 +233,70 @@ def test_a_decode_step_costs_what_was_measured_at_its_rows():
     assert 16 in STEP_ROWS and 1 in STEP_ROWS
 
 
+def test_what_context_adds_to_a_decode_step_is_fitted_from_two_contexts():
+    """After 93 more tokens of context a 16-row SmolLM2 step took 21% longer where its FLOPs grew 2%: the
+    cache's reads and copies. Steps timed at a second context give that cost per row, context token and
+    cached number; the plan then gives back both contexts' steps, extends the line beyond them, scales it
+    to another model by its cache, and an older file (no second context) plans as before."""
+    from dpn_lens.plan_control import DecodeCosts, _context_seconds, _line, decode_step_seconds
+
+    short_context, long_context = 66.0, 160.0
+    token = SHAPE.forward_flops_per_token(context=int(short_context), logits=True)
+    short = [[1, 0.090], [2, 0.097], [4, 0.136], [8, 0.174], [12, 0.208], [16, 0.181]]
+    fixed, per_row = _line(short)
+    rate = token / per_row
+    long_token = SHAPE.forward_flops_per_token(context=int(long_context), logits=True)
+    per_row_token = 3e-5                                        # seconds per row and context token
+
+    def flops_only(rows, seconds):
+        return seconds * (fixed + rows * long_token / rate) / (fixed + rows * token / rate)
+
+    long = [[rows, flops_only(rows, seconds) + rows * per_row_token * (long_context - short_context)]
+            for rows, seconds in short if rows in (4, 8, 16)]
+    decoding = DecodeCosts(fixed, rate, 1e11, short, token, short_context, long_step_rows=long,
+                           long_context=long_context)
+    fitted = _context_seconds(SHAPE, decoding)
+    assert fitted * SHAPE.cache_values_per_token() == pytest.approx(per_row_token)
+    costs = control_costs(step_seconds=fixed, step_flops_per_s=rate, step_rows=short, step_token_flops=token,
+                          step_context=short_context, step_context_seconds=fitted)
+    for rows, seconds in short:
+        assert decode_step_seconds(SHAPE, costs, rows, int(short_context)) == pytest.approx(seconds, rel=1e-3)
+    for rows, seconds in long:
+        assert decode_step_seconds(SHAPE, costs, rows, int(long_context)) == pytest.approx(seconds, rel=1e-3)
+    farther = decode_step_seconds(SHAPE, costs, 16, 400) - decode_step_seconds(SHAPE, costs, 16, 300)
+    older = control_costs(step_seconds=fixed, step_flops_per_s=rate, step_rows=short, step_token_flops=token)
+    flops = decode_step_seconds(SHAPE, older, 16, 400) - decode_step_seconds(SHAPE, older, 16, 300)
+    assert farther - flops == pytest.approx(16 * 100 * per_row_token)
+    assert decode_step_seconds(SHAPE, older, 16, int(long_context)) < 0.9 * long[-1][1]
+    # a model with twice the cache per token: twice the context's cost
+    wide = dataclasses.replace(SHAPE, n_kv_heads=2 * SHAPE.n_kv_heads, n_heads=2 * SHAPE.n_heads)
+    assert wide.cache_values_per_token() == 2 * SHAPE.cache_values_per_token()
+    extra = decode_step_seconds(wide, costs, 16, 400) - decode_step_seconds(wide, older, 16, 400)
+    assert extra == pytest.approx(2 * 16 * per_row_token * (400 - short_context), rel=1e-3)
+    # noise that makes the longer context look cheaper adds nothing, rather than a negative cost
+    cheaper = dataclasses.replace(decoding, long_step_rows=[[rows, 0.5 * seconds] for rows, seconds in long])
+    assert _context_seconds(SHAPE, cheaper) == 0.0
+
+
+def test_a_prompt_pass_costs_more_per_flop_when_longer():
+    """A 16-row prompt pass ran at 1.22e11 FLOP/s over 69-token prompts and 1.13e11 over 203 (SmolLM2): the
+    seconds per FLOP are linear in the padded length through the two, and an older file keeps one rate."""
+    from dpn_lens.plan_control import generation_seconds, prefill_seconds_per_flop
+
+    costs = control_costs(prefill_flops_per_s=1.22e11, prefill_points=[[69, 1.22e11], [203, 1.13e11]])
+    assert prefill_seconds_per_flop(costs, 69) == pytest.approx(1 / 1.22e11)
+    assert prefill_seconds_per_flop(costs, 203) == pytest.approx(1 / 1.13e11)
+    assert 1 / 1.22e11 < prefill_seconds_per_flop(costs, 136) < 1 / 1.13e11
+    assert prefill_seconds_per_flop(costs, 400) > 1 / 1.13e11
+    assert prefill_seconds_per_flop(costs, 10) == pytest.approx(1 / 1.22e11)      # never faster than measured
+    older = control_costs(prefill_flops_per_s=1.22e11)
+    assert prefill_seconds_per_flop(older, 203) == pytest.approx(1 / 1.22e11)
+    steps_free = dict(step_seconds=0.0, step_flops_per_s=1e30)
+    long, once = (generation_seconds(SHAPE, dataclasses.replace(c, **steps_free), [203], 16, 16, 1, [1.0])
+                  for c in (costs, older))
+    assert long / once == pytest.approx(1.22 / 1.13)
+
+
 def test_the_decode_line_is_a_least_squares_fit():
     from dpn_lens.plan_control import _line
 
@@ -244,7 +308,7 @@ def test_the_decode_line_is_a_least_squares_fit():
 
 
 def test_measured_costs_time_a_step_at_each_row_count(tiny_folder, tmp_path, monkeypatch):
-    from dpn_lens.plan_control import STEP_ROWS, decode_step_seconds, measure_control_costs
+    from dpn_lens.plan_control import CONTEXT_ROWS, STEP_ROWS, decode_step_seconds, measure_control_costs
     from dpn_lens.plan import model_shape
 
     monkeypatch.setenv("DPN_LENS_CACHE", str(tmp_path / "cache"))
@@ -257,6 +321,10 @@ def test_measured_costs_time_a_step_at_each_row_count(tiny_folder, tmp_path, mon
                    if shape.forward_flops_per_token(context=c, logits=True) == costs.step_token_flops)
     for rows, seconds in costs.step_rows:
         assert decode_step_seconds(shape, costs, int(rows), context) == pytest.approx(seconds)
+    # and after the persona prompts, at the rows where context shows
+    assert [rows for rows, _ in costs.long_step_rows] == list(CONTEXT_ROWS)
+    assert costs.long_step_context > costs.step_context + 10 and costs.step_context_seconds >= 0
+    assert [padded for padded, _ in costs.prefill_points][0] < costs.prefill_points[1][0]
 
 
 def test_a_trait_whose_pairs_are_cached_is_not_charged_their_generation(tiny_folder):
