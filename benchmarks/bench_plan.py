@@ -132,11 +132,22 @@ def control_main(args: argparse.Namespace, traits: list[str]) -> dict[str, Any]:
     # The same plan with the passes the run made: what is left of the gap is the per-pass cost.
     counted = plan_control_run(args.model, config, dtype=args.dtype, costs=costs, machine=machine,
                                pairs_cached=args.pairs_cached, run=run["record"]) if "record" in run else None
-    return _report(args, traits, plan, run, measuring, counted)
+    return _report(args, traits, plan, run, measuring, counted, decoding=decode_summary(args.model, costs))
+
+
+def decode_summary(model: str, costs: Any) -> dict[str, Any]:
+    """The measured decode costs the generation stages are planned from: a step's seconds by rows after the
+    short and the long prompts, what context adds per row and token, and the prompt pass's rates."""
+    from dpn_lens.plan import model_shape
+
+    per_row_token = costs.step_context_seconds * model_shape(model).cache_values_per_token()
+    return {"step_context": costs.step_context, "step_rows": costs.step_rows,
+            "long_step_context": costs.long_step_context, "long_step_rows": costs.long_step_rows,
+            "context_seconds_per_row_token": per_row_token, "prefill_points": costs.prefill_points}
 
 
 def _report(args: argparse.Namespace, traits: list[str], plan: Any, run: dict[str, Any], measuring: float,
-            counted: Any = None) -> dict[str, Any]:
+            counted: Any = None, decoding: dict[str, Any] | None = None) -> dict[str, Any]:
     gib = 1024 ** 3
     result = {"stage": args.stage, "model": args.model, "traits": traits, "n_pairs": args.n_pairs, "dtype": args.dtype,
               "measuring_seconds": measuring, "predicted_seconds": plan.seconds, "measured_seconds": run["seconds"],
@@ -153,6 +164,16 @@ def _report(args: argparse.Namespace, traits: list[str], plan: Any, run: dict[st
                                    "probes": row.curve_points, "reached": bool(row.reached)} for row in sweep]
         print(f"budget sweep: {sum(p['reached'] for p in result['sweep_points'])} of {len(sweep)} points reached the "
               f"target KL; bracket probes per point: {[p['probes'] for p in result['sweep_points']]}")
+    if decoding:
+        result["decoding"] = decoding
+
+        def steps(points: list[list[float]]) -> str:
+            return ", ".join(f"{int(rows)}: {seconds:.3f}" for rows, seconds in points)
+
+        print(f"decode step s by rows after {decoding['step_context']:.0f} tokens: {steps(decoding['step_rows'])}; after "
+              f"{decoding['long_step_context']:.0f}: {steps(decoding['long_step_rows'])}; context adds "
+              f"{decoding['context_seconds_per_row_token']:.2e} s per row and token; prompt pass FLOP/s by padded "
+              f"length: {', '.join(f'{int(n)}: {rate:.3g}' for n, rate in decoding['prefill_points'])}")
     print(f"measured in {measuring:.0f} s; {args.stage}: predicted {plan.seconds:.1f} s, measured {run['seconds']:.1f} s, "
           f"ratio {result['time_ratio']:.2f}; peak memory: predicted {result['predicted_peak_gib']:.2f} GiB, measured "
           f"{result['measured_peak_gib']:.2f} GiB, ratio {result['memory_ratio']:.2f}")

@@ -15,7 +15,8 @@
 * **the gradient pass** of the attribution rules (forward and backward over the selection answers).
 
 A cost is a rate, FLOPs per second of that kind of work (decode steps: a fixed cost per step plus a
-rate, bent by the seconds measured at each row count, ``decode_step_seconds``), so the same measurement
+rate, bent by the seconds measured at each row count, plus what the context adds per row beyond its
+FLOPs, timed at a second context, ``decode_step_seconds``), so the same measurement
 plans a larger model's run on this machine; the prompts are counted in
 tokens from the run's own material (``prompt_tokens_of``: PersonalityBench's persona prompts are about
 twice the length of a bare question); a GPU's run needs a

@@ -230,6 +230,26 @@ def test_the_gradient_passes_recompute_the_dropped_questions(tiny_model, monkeyp
     assert len(runs) == len(scorers[0].batches)           # each batch's questions ran once: in the pass, not before
 
 
+def test_a_batch_that_will_not_be_kept_does_not_run_its_questions_at_construction(tiny_model, monkeypatch):
+    """Under a budget, a batch's cache size is predicted from the first batch's bytes per token: the ones
+    past the budget run their questions only in the passes, so building the scorer runs only the first
+    batch and the kept ones, and the sizes it predicted are those the passes measure."""
+    runs = []
+    real_pass = CachedAnswerScorer._context_pass
+    monkeypatch.setattr(CachedAnswerScorer, "_context_pass", lambda self, *args: runs.append(1) or real_pass(self, *args))
+    bounded = PairScorer(tiny_model, PAIRS, batch_tokens=40, cache_bytes=3000).cached
+    batches = bounded.batches
+    dropped = [batch for batch in batches[1:] if batch.cache is None]
+    assert dropped and any(batch.cache is not None for batch in batches)          # a real mix
+    built = 1 + sum(batch.cache is not None for batch in batches[1:])
+    assert len(runs) == built
+    assert all(batch.first_logprobs is None and batch.cache_bytes > 0 for batch in dropped)
+    predicted = [batch.cache_bytes for batch in batches]
+    bounded.mean_logprobs()                                 # each batch not kept runs its questions once
+    assert [batch.cache_bytes for batch in batches] == predicted
+    assert len(runs) == built + sum(batch.cache is None for batch in batches)
+
+
 def test_a_negative_budget_is_refused(tiny_model):
     with pytest.raises(ValueError, match="cache_bytes must be at least 0"):
         CachedAnswerScorer(tiny_model, [[1]], [[2]], cache_bytes=-1)

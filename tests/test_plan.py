@@ -372,6 +372,10 @@ def test_the_plan_benchmark_plans_a_control_run(tiny_folder, tmp_path, monkeypat
                for name in ("KL curves", "answer scoring"))
     # beside it, the plan with the passes the run made: at most the bound (a curve stops at KL 2)
     assert 0 < compared["KL curves"]["passes counted s"] <= compared["KL curves"]["predicted s"]
+    # the decode costs the generation stages are planned from: steps after short and long prompts
+    decoding = result["decoding"]
+    assert decoding["long_step_context"] > decoding["step_context"] and len(decoding["prefill_points"]) == 2
+    assert decoding["step_rows"] and decoding["long_step_rows"] and decoding["context_seconds_per_row_token"] >= 0
 
 
 

@@ -95,7 +95,8 @@ class _AnswerBatch:
     cache: Any | None
     """One row per distinct context; None when it did not fit ``cache_bytes`` (recomputed every pass)."""
     cache_bytes: int
-    """Bytes of the contexts' keys and values (kept or not; 0 until they first ran, with ``cache_bytes=0``)."""
+    """Bytes of the contexts' keys and values, kept or not: measured once they ran; before that, predicted
+    from the first batch's bytes per token (0 with ``cache_bytes=0``, where no batch runs before a pass)."""
     attention_mask: Int[Tensor, "items ctx_plus_ans"]
     position_ids: Int[Tensor, "items ans"]
     answer_ids: Int[Tensor, "items ans"]
@@ -224,9 +225,10 @@ class CachedAnswerScorer:
         differentiable: keep the context cache usable in an autograd pass over the answers (run the
             contexts under ``no_grad`` rather than ``inference_mode``), as ``effect.margin_gradients`` does.
         cache_bytes: at most this many bytes of context caches are kept (None: every batch's); a batch
-            whose cache would not fit runs its contexts again in each scoring pass (``footprint``).
+            whose cache would not fit runs its contexts again in each scoring pass (``footprint``), and not
+            here (its size is predicted from the first batch's bytes per token).
 
-    The contexts run once, here, without any edit; ``mean_logprobs(edit)`` then runs the answers.
+    The contexts whose cache is kept run once, here, without any edit; ``mean_logprobs(edit)`` then runs the answers.
 
     Example:
         >>> scorer = CachedAnswerScorer(model, [ctx, ctx], [high, low])   # doctest: +SKIP
@@ -270,19 +272,23 @@ class CachedAnswerScorer:
 
     def _build(self, contexts: list[list[int]], answers: list[list[int]], batch_tokens: int) -> list[_AnswerBatch]:
         chunks = answer_batches(list(map(len, contexts)), list(map(len, answers)), batch_tokens)
-        batches, kept = [], 0
+        batches, kept, token_bytes = [], 0, 0
         for chunk in chunks:
-            if self.cache_bytes == 0:
-                # Nothing is kept: the contexts run in each pass, and not here as well (a single pass, the
-                # gradient pass's, then runs each once, holding one batch's cache at a time).
-                batches.append(self._batch_of(chunk, contexts, answers, run=False))
+            batch = self._batch_of(chunk, contexts, answers, run=False)
+            batches.append(batch)
+            # A batch's cache is its contexts' padded tokens times the bytes per token of the first batch
+            # that ran. One that will not be kept runs its contexts only in the passes that need them, not
+            # here as well (with nothing kept, a single pass, the gradient pass's, runs each batch once).
+            predicted = token_bytes * batch.context_ids.numel()
+            if self.cache_bytes == 0 or (token_bytes and not _fits(kept, predicted, self.cache_bytes)):
+                batch.cache_bytes = predicted
                 continue
-            batch = self._batch_of(chunk, contexts, answers)
+            batch.cache = self._run_batch_contexts(batch)
+            token_bytes = token_bytes or batch.cache_bytes // batch.context_ids.numel()
             # Built one at a time, so at most one dropped cache is alive beside the kept ones.
             if not _fits(kept, batch.cache_bytes, self.cache_bytes):
                 batch.cache = None
             kept += batch.cache_bytes if batch.cache is not None else 0
-            batches.append(batch)
         return batches
 
     def _context_pass(self, ids: Int[Tensor, "contexts ctx"], mask: Int[Tensor, "contexts ctx"]
