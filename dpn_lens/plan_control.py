@@ -335,15 +335,15 @@ class ControlCosts:
     """What a decode step costs beyond its FLOPs per row, per token of context and per number each token
     keeps in the key/value cache (``ModelShape.cache_values_per_token``): fitted to the steps timed after
     longer prompts (``long_step_rows``). On a CPU the cache's reads and copies, not the attention's FLOPs,
-    make a step slower with context (SmolLM2 float32, 1 thread, 16 rows: +21% after 93 more tokens, where
-    the FLOPs grow 2%). 0 in an older file: the FLOPs alone."""
+    make a step slower with context (SmolLM2 float32, 1 thread, 16 rows: 0.181 s after 66 tokens, 0.230 s
+    after 172, +27% where the FLOPs grow 3%). 0 in an older file: the FLOPs alone."""
     long_step_rows: list[list[float]] = field(default_factory=list)
     """``[rows, seconds]`` of a decode step after the longer prompts, at ``CONTEXT_ROWS``."""
     long_step_context: float = 0.0
     """Their context in tokens."""
     prefill_points: list[list[float]] = field(default_factory=list)
     """``[padded tokens, FLOPs per second]`` of a 16-row prompt pass at the short and the long prompts: the
-    seconds per FLOP grow with the padded length (``prefill_seconds``). Empty in an older file:
+    seconds per FLOP grow with the padded length (``prefill_seconds_per_flop``). Empty in an older file:
     ``prefill_flops_per_s`` at every length."""
 
 
@@ -515,8 +515,12 @@ def measure_control_costs(model_spec: str, device: str = "cpu", dtype: str = "fl
     return costs
 
 
-DECODE_STEPS = 9
-"""Tokens the decode timing generates per batch (``_decode_costs``): a prompt pass and 8 decode steps."""
+DECODE_STEPS = 33
+"""Tokens the decode timing generates per batch (``_decode_costs``): a prompt pass and 32 decode steps. A
+step is the time beyond the prompt pass's, timed apart, so the prompt pass's own jitter is spread over the
+steps: with 8 steps after 150-token prompts, six repeats put a 16-row step between 0.129 and 0.217 s, and
+after 60-token questions one came out at 0.071 s where the others were 0.16-0.21 (SmolLM2 float32, 1
+thread). Over 32 steps the jitter is a quarter of that."""
 
 STEP_ROWS = (1, 2, 4, 8, 12, 16)
 """Row counts ``_decode_costs`` times a decode step at: a run's batches have 16 rows (``pair_batch``, the
@@ -524,7 +528,7 @@ selection's and the generation check's batch) and a last, partial one of any siz
 
 CONTEXT_ROWS = (4, 8, 16)
 """Row counts ``_decode_costs`` also times a step at after longer prompts, for what context adds to a step.
-At 1 and 2 rows it adds nothing measurable (SmolLM2 float32, 1 thread, 106 more tokens: -0.001 s at 1 and 2
+At 1 and 2 rows it adds nothing measurable (SmolLM2 float32, 1 thread, 8 steps, 106 more tokens: -0.001 s at 1 and 2
 rows, +0.007 at 4, +0.032 at 8, +0.049 at 16), so those are not timed twice."""
 
 
@@ -557,9 +561,9 @@ def _step_points(model: Any, shape: ModelShape, prompts: Sequence[list[int]], le
     """``[rows, seconds of one decode step]`` at each of ``rows`` (the fastest of ``repeats``) on ``prompts``,
     and ``[padded tokens, FLOPs per second]`` of the largest batch's prompt pass (a run's batches are full).
 
-    Each row count generates 1 token (the prompt pass alone) and ``DECODE_STEPS`` tokens: their difference
-    is the decode steps, so the prompt pass, which on a run's persona prompts (150-250 tokens) is about half
-    of a batch's time, is not spread over the steps. The prompts whose answers ran longest go first, so a
+    Each row count generates 1 token (the prompt pass alone) and ``DECODE_STEPS``: their difference is the
+    decode steps, so the prompt pass, which on a run's persona prompts (150-250 tokens) is about half of a
+    batch's time, is not spread over the steps. The prompts whose answers ran longest go first, so a
     batch's rows rarely stop early; the steps a batch made are counted from its answers all the same."""
     from dpn_lens.evaluation.preference import greedy_answers
 
@@ -1231,7 +1235,10 @@ made to return freed blocks (``MALLOC_MMAP_THRESHOLD_``), the difference 0.97 Gi
 activations (fitted while the pass left the weights requiring grad). Checked on Gemma 3 270M and
 SmolLM2 in bfloat16, and again with the weights frozen (SmolLM2: 0.80 and 0.46 GiB kept in float32 and
 bfloat16 where 0.75 and 0.48 are estimated), by ``benchmarks/bench_plan.py --stage gradient-memory``
-(docs/PERFORMANCE.md)."""
+(docs/PERFORMANCE.md). With the pass keeping only its batch in flight's questions' cache, what glibc keeps
+varies from run to run of the same command: 0.18 and 0.53 of the activations (SmolLM2 float32, 32 pairs),
+0.57 (bfloat16), 0.72 (Gemma 3 270M, 32 pairs). The constant stays near the top of that range, so a memory
+plan errs toward more, not less."""
 
 
 def gradient_memory(shape: ModelShape, dtype: str, batches: Sequence[tuple[int, int, int]], pairs: int,

@@ -74,7 +74,7 @@ import numpy as np
 
 # The skip protocol, the runtime venv and the dpn-lens side, shared with the other runtime check.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from runtime_check import MODEL, SKIP_EXIT, TRAIT, Skip, export, make_map, runtime_venv, venv_python  # noqa: E402
+from runtime_check import MODEL, SKIP_EXIT, Skip, export, make_map, runtime_venv, venv_python  # noqa: E402
 
 LLAMA_CPP_PACKAGE = "llama-cpp-py-sync==0.11739"
 GAMMA, REPORTED_GAMMA = 4.0, 1.0

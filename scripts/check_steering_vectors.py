@@ -48,7 +48,7 @@ from pathlib import Path
 
 # The skip protocol, the runtime venv and the dpn-lens side, shared with the other runtime check.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from runtime_check import MODEL, SKIP_EXIT, TRAIT, Skip, export, make_map, runtime_venv, venv_python  # noqa: E402
+from runtime_check import MODEL, SKIP_EXIT, Skip, export, make_map, runtime_venv, venv_python  # noqa: E402
 
 TOLERANCE = 1e-3          # on logits (see the docstring)
 EXPORT_TOLERANCE = 1e-5   # on the exported vectors (entries up to ~1.3 at gamma 4; the same float32 product)
@@ -218,7 +218,6 @@ def converted_folder(hf_model) -> Path:
 
 def export_difference(hf_model, edit, vector_path: Path) -> tuple[list[int], float]:
     """Exported layers and max |file - down_proj.weight[l] @ delta_l| (independent of dpn_lens.export)."""
-    import torch
     from safetensors import safe_open
 
     with safe_open(str(vector_path), "pt") as handle:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from dpn_lens import ContrastStatistics, NeuronMap
 from dpn_lens.cli import main

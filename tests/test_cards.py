@@ -131,7 +131,6 @@ def test_text_windows_streams_fixed_windows_and_refuses_a_missing_file(tiny_mode
 
 @pytest.fixture(scope="module")
 def carded_run(tiny_folder, tmp_path_factory):
-    import os
 
     folder = tmp_path_factory.mktemp("cards") / "run"
     with pytest.MonkeyPatch.context() as patch:      # this module's cache only: later modules need the real one
@@ -169,7 +168,7 @@ def test_cards_cover_every_neuron_of_every_map_and_are_reused_while_current(card
                 assert 1 <= len(card.text_contexts) <= 3 and len(card.promoted) == 15
                 assert all(ctx.tokens[ctx.center] for ctx in card.prompt_contexts)
     # A card of a neuron both maps hold names the other map.
-    dual, effect = run.maps["openness"], run.rule_maps["attribution-t"]["openness"]
+    dual = run.maps["openness"]
     shared = {(layer, int(i)) for layer, idx in dual.high.items() for i in idx.tolist()} | {
         (layer, int(i)) for layer, idx in dual.low.items() for i in idx.tolist()}
     for card in load_cards(cards_path(carded_run, "openness", "attribution-t")):

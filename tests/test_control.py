@@ -7,7 +7,6 @@ import json
 import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -16,7 +15,7 @@ from dpn_lens.evaluation.control import ControlConfig, matched_cost_rows, run_co
 from dpn_lens.report.control import write_control_outputs
 from helpers import write_personalitybench
 from dpn_lens.models import model_fingerprint
-from dpn_lens.steering import Intervention, steering_intervention
+from dpn_lens.steering import steering_intervention
 
 from helpers import make_map
 

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from dpn_lens.evaluation.capability import CapabilitySizes
-from dpn_lens.evaluation import trait as tr
 from dpn_lens.cli.compare import compare_config, register
 from dpn_lens.evaluation.compare import SHIFT_METRICS, CompareConfig, run_comparison, trait_effects, write_outputs
 from helpers import build_letter_model

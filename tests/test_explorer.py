@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from dpn_lens.cards.card import CardConfig, build_cards
 from dpn_lens.cards.explorer import explorer_data, write_explorer
 from dpn_lens.cli import main
 from dpn_lens.run import Run

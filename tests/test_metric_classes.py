@@ -9,7 +9,7 @@ from dpn_lens.evaluation.calibrate import KLProbe, probe_chunks
 from dpn_lens.evaluation.generation_check import generated_answers, persona_scores
 from dpn_lens.evaluation.metrics import (METRIC_CLASSES, GenerationPersonaScore, PreferenceMargin, ProbeKL,
                                          Questionnaire, Score, Statements)
-from dpn_lens.evaluation.preference import PairScorer, PreferencePair
+from dpn_lens.evaluation.preference import PreferencePair
 from dpn_lens.evaluation.trait import IPIPItem, Statement, agreement_summary
 from dpn_lens.steering import steering_intervention
 from helpers import build_letter_model, make_map

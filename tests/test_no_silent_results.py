@@ -7,9 +7,7 @@ folders are transactions (manifest, lock, --resume, --overwrite, readers refuse 
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import math
 import re
 import shutil
 import subprocess

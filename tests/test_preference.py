@@ -47,7 +47,8 @@ def forced_logits(model, favoured: int, strength: float):
 
 def test_forced_model_scores_the_known_margin(tiny_model):
     c = 4.0
-    party, book = token_id(tiny_model, "party"), token_id(tiny_model, "book")
+    party = token_id(tiny_model, "party")
+    assert token_id(tiny_model, "book") != party        # each word is one token, "book" another than "party"
     # Every position predicts "party" with logit c, every other token with 0: log p(party) = c - L and
     # log p(other) = -L. High answer "party party book" has mean 2c/3 - L, low "book book" has -L.
     pairs = [PreferencePair("what would you do ?", "party party book", "book book"),

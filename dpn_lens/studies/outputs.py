@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal, Mapping, Sequence
 
@@ -24,7 +24,6 @@ from dpn_lens.io import markdown_table, write_csv_atomic, write_json_atomic, wri
 from dpn_lens.studies import layers as layer_study
 from dpn_lens.studies import overlap as overlap_study
 from dpn_lens.run import Run
-from dpn_lens.studies.section import ReportSection
 from dpn_lens.studies.sets import SET_METHODS, NeuronSet, alternative_sets, pole_sets
 
 __all__ = ["write_table", "layers_study", "overlap_study_report", "multifunction_study", "MultifunctionConfig",
