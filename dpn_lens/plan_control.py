@@ -634,14 +634,17 @@ def _context_seconds(shape: ModelShape, costs: DecodeCosts) -> float:
     span = costs.long_context - costs.context
     if span <= 0:
         return 0.0
-
-    def line(rows: int, token: float) -> float:
-        return costs.step_seconds + rows * token / costs.step_flops_per_s
-
-    beyond = [(rows, seconds - short[int(rows)] * line(rows, long_token) / line(rows, costs.step_token_flops))
+    beyond = [(rows, seconds - short[int(rows)] * _line_seconds(costs, rows, long_token)
+               / _line_seconds(costs, rows, costs.step_token_flops))
               for rows, seconds in costs.long_step_rows]
     slope = sum(rows * extra for rows, extra in beyond) / sum(rows * rows for rows, _ in beyond) / span
     return max(slope, 0.0) / shape.cache_values_per_token()
+
+
+def _line_seconds(costs: DecodeCosts | ControlCosts, rows: float, token_flops: float) -> float:
+    """The decode line's seconds per step over ``rows`` rows of ``token_flops`` each: its fixed cost and
+    the rows' FLOPs at its rate."""
+    return costs.step_seconds + rows * token_flops / costs.step_flops_per_s
 
 
 def _line(points: Sequence[Sequence[float]]) -> tuple[float, float]:
@@ -694,16 +697,16 @@ def decode_step_seconds(shape: ModelShape, costs: ControlCosts, rows: int, conte
     import numpy as np
 
     token = shape.forward_flops_per_token(context=context, logits=True)
-    line = costs.step_seconds + rows * token / costs.step_flops_per_s
+    line = _line_seconds(costs, rows, token)
     if not costs.step_rows or not costs.step_token_flops:
         return line
     measured_rows, seconds = zip(*sorted(costs.step_rows))
-    ratios = [s / (costs.step_seconds + r * costs.step_token_flops / costs.step_flops_per_s)
-              for r, s in zip(measured_rows, seconds)]
+    ratios = [s / _line_seconds(costs, r, costs.step_token_flops) for r, s in zip(measured_rows, seconds)]
     bent = line * float(np.interp(rows, measured_rows, ratios))
-    # the cache's reads and copies, linear in the context (and below the measured context, less than measured)
+    # the cache's reads and copies, linear in the context (and below the measured context, less than measured;
+    # none in an older file, whose step_context_seconds is 0)
     cache = rows * (context - costs.step_context) * costs.step_context_seconds * shape.cache_values_per_token()
-    return max(bent + cache, 0.0) if costs.step_context_seconds else bent
+    return max(bent + cache, 0.0)
 
 
 @dataclass
@@ -911,11 +914,17 @@ def _seconds(shape: ModelShape, work: ControlWork, settings: ControlSettings, co
     rerun = questions * cache.recomputed / max(cache.batches, 1)
     caa = 2 * config.caa_pairs * question * shape.forward_flops_per_token(context=int(question / 2)) \
         if "caa" in config.methods else 0
-    # One persona pass: every pair's question with a persona once, then its two answers (as the rate was measured).
-    personas = persona_pass_flops(shape, config.pairs, persona, 2 * config.pairs, answer) \
-        if costs.persona_context_once else \
-        2 * config.pairs * (persona + answer) * shape.forward_flops_per_token(context=int((persona + answer) / 2),
-                                                                           logits=True)
+
+    def persona_scoring(contexts: int, answers: int) -> float:
+        """FLOPs of scoring ``answers`` answers after ``contexts`` distinct persona prompts, counted as the
+        rate was measured (an older file's rate counted a context per answer)."""
+        if costs.persona_context_once:
+            return persona_pass_flops(shape, contexts, persona, answers, answer)
+        return answers * (persona + answer) * shape.forward_flops_per_token(context=int((persona + answer) / 2),
+                                                                            logits=True)
+
+    # One persona pass: every pair's question with a persona once, then its two answers.
+    personas = persona_scoring(config.pairs, 2 * config.pairs)
 
     # The held-out and selection pairs are answers under a persona; the generation check's are not.
     under_persona = costs.persona_answer_steps or costs.answer_steps
@@ -933,8 +942,7 @@ def _seconds(shape: ModelShape, work: ControlWork, settings: ControlSettings, co
     # as the persona control does), after generating it without a persona.
     # Its contexts differ per answer (each answer after its question with each persona): one each.
     asked = work.generation_questions
-    scored = persona_pass_flops(shape, 2 * asked, persona, 2 * asked, answer) if costs.persona_context_once else \
-        2 * asked * (persona + answer) * shape.forward_flops_per_token(context=int((persona + answer) / 2), logits=True)
+    scored = persona_scoring(2 * asked, 2 * asked)
     asking = [round(prompts.question)]
     return {"held-out pairs": generation(prompts.held_out, work.generated_answers, config.max_new_tokens,
                                          config.pair_batch, under_persona),
