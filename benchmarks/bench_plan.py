@@ -19,6 +19,10 @@ It prints the plan beside the run's recorded seconds, stage by stage.
 answer-scoring rate (answer tokens/s) on the plan's sample size (``--measure-prompts``, control's
 measurement uses 12) and on a run's (``--eval-pairs``), and the time of a 1-token forward call.
 
+``--stage decode-fit`` repeats control's measurement of greedy decode steps (``--repeats`` times, one
+process): each time's seconds per step by rows, after the sample's questions and after its persona prompts,
+and the fit of what context adds (``ControlCosts.step_context_seconds``), with the fits' spread.
+
 ``--stage gradient-memory`` checks what an unmeasured control plan says of a selection's memory: it runs
 the attribution rules' gradient pass (``margin_gradients``) on ``--eval-pairs`` of the model's own answers
 and prints the memory it held beyond the loaded model (``VmHWM``) beside the plan's lower bound
@@ -35,6 +39,7 @@ Usage::
     python benchmarks/bench_plan.py --stage control --model smollm2-135m-instruct --traits openness --methods dpn-le,attribution-t,caa --run results/control-smollm2-135m-instruct-rules/maps --data-dir ../shared/data
     python benchmarks/bench_plan.py --stage sample-rate --model smollm2-135m-instruct --measure-prompts 12 --eval-pairs 64
     python benchmarks/bench_plan.py --stage gradient-memory --model smollm2-135m-instruct --eval-pairs 32
+    python benchmarks/bench_plan.py --stage decode-fit --model smollm2-135m-instruct --repeats 4
 """
 
 from __future__ import annotations
@@ -97,12 +102,13 @@ def parser() -> argparse.ArgumentParser:
     options.add_argument("--n-pairs", type=int, default=100)
     options.add_argument("--dtype", default="float32")
     options.add_argument("--measure-prompts", type=int, default=24, help="pairs the machine's costs are measured on")
-    options.add_argument("--stage", choices=("locate", "control", "sample-rate", "gradient-memory"), default="locate")
+    options.add_argument("--stage", choices=("locate", "control", "sample-rate", "gradient-memory", "decode-fit"), default="locate")
     options.add_argument("--methods", default="dpn-le,caa", help="control's methods (--stage control)")
     options.add_argument("--eval-pairs", "--pairs", type=int, default=64, help="control's held-out pairs per trait")
     options.add_argument("--run", "--maps", default=None, help="control's run or maps folder (None: located in the run)")
     options.add_argument("--data-dir", default=None, help="control's data folder (None: $DPN_LENS_DATA)")
     options.add_argument("--pairs-cached", action="store_true", help="control's held-out pairs are cached")
+    options.add_argument("--repeats", type=int, default=3, help="measurements of the decode costs (--stage decode-fit)")
     options.add_argument("--extra", default="", help="more control options, one string (e.g. \"--gammas 0.5,2,8\")")
     return options
 
@@ -315,6 +321,42 @@ def gradient_memory_main(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def decode_fit_main(args: argparse.Namespace) -> dict[str, Any]:
+    """Control's decode measurement (``plan_control._decode_costs``) ``--repeats`` times on one loaded model
+    and one sample: the steps by rows after the questions and after the persona prompts, and what context
+    adds per row and token, each time; then the fits' range (largest over smallest)."""
+    from dpn_lens.evaluation.preference import greedy_answers
+    from dpn_lens.models import load_model
+    from dpn_lens.plan import model_shape
+    from dpn_lens.plan_control import _decode_costs, sample_pairs, sample_persona_prompts
+
+    model = load_model(args.model, dtype=args.dtype)
+    shape = model_shape(args.model)
+    pairs, prompts, lengths = sample_pairs(model, 12, 48)        # control's sample (measure_control_costs)
+    _, persona_prompts = sample_persona_prompts(model, pairs)
+    persona_lengths = [len(answer) for answer in greedy_answers(model, persona_prompts, 48, 16)]
+    rows = []
+    for index in range(max(args.repeats, 1)):
+        measured: list[Any] = []
+        seconds = timed(lambda: measured.append(_decode_costs(model, shape, prompts, lengths, "cpu",
+                                                              long_prompts=persona_prompts,
+                                                              long_lengths=persona_lengths)))
+        costs = measured[0]
+        rows.append({"measurement": index + 1, "seconds": round(seconds, 1),
+                     **{f"{int(r)} rows": round(s, 4) for r, s in costs.step_rows},
+                     **{f"{int(r)} rows, long": round(s, 4) for r, s in costs.long_step_rows},
+                     "context s per row and token": costs.context_seconds * shape.cache_values_per_token()})
+    fits = [row["context s per row and token"] for row in rows]
+    spread = max(fits) / min(fits) if min(fits) > 0 else None
+    result = {"stage": "decode-fit", "model": args.model, "dtype": args.dtype, "rows": rows,
+              "context_fits": fits, "fit_spread": spread}
+    print(markdown_table(rows))
+    print(f"context adds {min(fits):.2e} to {max(fits):.2e} s per row and token over {len(fits)} measurements"
+          + (f" (largest / smallest {spread:.2f})" if spread else " (a fit of 0 among them)"))
+    print(json.dumps(result))
+    return result
+
+
 _HELD_RETURNING = """
 import json, sys, torch
 from dpn_lens.effect.gradients import margin_gradients
@@ -361,6 +403,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return sample_rate_main(args)
     if args.stage == "gradient-memory":
         return gradient_memory_main(args)
+    if args.stage == "decode-fit":
+        return decode_fit_main(args)
     started = time.perf_counter()
     costs = measure_costs(args.model, dtype=args.dtype, n_prompts=args.measure_prompts, save=False)
     measuring = time.perf_counter() - started

@@ -55,7 +55,7 @@ __all__ = ["ControlSettings", "ControlWork", "ControlCosts", "control_work", "me
            "gradient_activation_bytes", "GradientMemory", "gradient_memory", "selection_batches", "batch_tokens_default",
            "CPU_HEAP_RETAINED", "PromptTokens", "prompt_tokens_of", "generation_seconds", "expected_longest",
            "answer_steps", "CachedPairs", "cached_pairs", "scoring_cache", "persona_pass_flops", "decode_step_seconds", "DecodeCosts", "STEP_ROWS",
-           "CONTEXT_ROWS", "prefill_seconds_per_flop"]
+           "CONTEXT_ROWS", "prefill_seconds_per_flop", "sample_persona_prompts"]
 
 DIRECTIONS = 2
 
@@ -388,6 +388,23 @@ def sample_pairs(model: Any, n: int, max_new_tokens: int) -> tuple[list[Any], li
     return [PreferencePair(questions[i], texts[i], texts[i + 1]) for i in range(n)], prompts[:n], lengths
 
 
+def sample_persona_prompts(model: Any, pairs: Sequence[Any]) -> tuple[list[str], list[list[int]]]:
+    """A high and a low persona, and each sample pair's question under one of them in turn (the role-play
+    template), as rendered token ids: the longer prompts of a persona pass and of the held-out generation.
+
+    The descriptions are the shipped ones, of a run's length (PersonalityBench's are a little longer, which
+    the plan counts from the data, ``prompt_tokens_of``).
+    """
+    from dpn_lens.data.contrastive import embedded_personas
+    from dpn_lens.data.prompts import render_for_model, render_roleplay_prompt
+    from dpn_lens.hooked import encode
+
+    highs, lows = embedded_personas("openness")
+    personas = [highs[0], lows[0]]
+    return personas, [encode(model, render_for_model(model, render_roleplay_prompt(personas[i % 2], pair.question)))
+                      for i, pair in enumerate(pairs)]
+
+
 def answer_steps(lengths: Sequence[int], max_new_tokens: int) -> list[float]:
     """The decode steps each greedy answer of ``lengths`` tokens took, as a share of ``max_new_tokens``: its
     tokens and the EOS that ended it, or ``max_new_tokens`` where it ran to the limit.
@@ -426,13 +443,10 @@ def measure_control_costs(model_spec: str, device: str = "cpu", dtype: str = "fl
     model's own answers; a rate per FLOP each (decode steps: a fixed cost and a rate)."""
     import torch
 
-    from dpn_lens.data.contrastive import embedded_personas
-    from dpn_lens.data.prompts import render_for_model, render_roleplay_prompt
     from dpn_lens.effect.gradients import margin_gradients
     from dpn_lens.evaluation.calibrate import KLProbe, probe_chunks
     from dpn_lens.evaluation.intervals import paired_effect
     from dpn_lens.evaluation.preference import PairScorer, greedy_answers, preference_margins
-    from dpn_lens.hooked import encode
     from dpn_lens.models import load_model
     from dpn_lens.plan import reset_peak
     from dpn_lens.steering import Intervention
@@ -442,12 +456,7 @@ def measure_control_costs(model_spec: str, device: str = "cpu", dtype: str = "fl
     loaded = status_bytes("VmRSS")
     pairs, prompts, lengths = sample_pairs(model, n_pairs, max_new_tokens)
     fill = sum(lengths) / len(lengths) / max_new_tokens
-    # Descriptions of a run's length (the shipped ones; PersonalityBench's are a little longer, which the
-    # plan counts from the data, ``prompt_tokens_of``).
-    highs, lows = embedded_personas("openness")
-    personas = [highs[0], lows[0]]
-    persona_prompts = [encode(model, render_for_model(model, render_roleplay_prompt(personas[i % 2], pair.question)))
-                       for i, pair in enumerate(pairs)]
+    personas, persona_prompts = sample_persona_prompts(model, pairs)
     question = sum(map(len, prompts)) / len(prompts)
     persona = sum(map(len, persona_prompts)) / len(persona_prompts)
     answer = fill * max_new_tokens
@@ -516,11 +525,10 @@ def measure_control_costs(model_spec: str, device: str = "cpu", dtype: str = "fl
 
 
 DECODE_STEPS = 33
-"""Tokens the decode timing generates per batch (``_decode_costs``): a prompt pass and 32 decode steps. A
-step is the time beyond the prompt pass's, timed apart, so the prompt pass's own jitter is spread over the
-steps: with 8 steps after 150-token prompts, six repeats put a 16-row step between 0.129 and 0.217 s, and
-after 60-token questions one came out at 0.071 s where the others were 0.16-0.21 (SmolLM2 float32, 1
-thread). Over 32 steps the jitter is a quarter of that."""
+"""Tokens the decode timing generates per batch (``_stamped_generation``): a prompt pass and 32 decode steps,
+of which the 31 timed ones give their median. When a step was the generation's time beyond a prompt pass
+timed apart, that pass's jitter fell on every step: with 8 steps after 150-token prompts, six repeats put
+a 16-row step between 0.129 and 0.217 s (SmolLM2 float32, 1 thread)."""
 
 STEP_ROWS = (1, 2, 4, 8, 12, 16)
 """Row counts ``_decode_costs`` times a decode step at: a run's batches have 16 rows (``pair_batch``, the
@@ -556,62 +564,130 @@ class DecodeCosts:
     """``[padded tokens, FLOPs per second]`` of the prompt pass, short prompts then long ones."""
 
 
-def _step_points(model: Any, shape: ModelShape, prompts: Sequence[list[int]], lengths: Sequence[int],
-                 device: str, rows: Sequence[int], repeats: int) -> tuple[list[list[float]], list[float]]:
-    """``[rows, seconds of one decode step]`` at each of ``rows`` (the fastest of ``repeats``) on ``prompts``,
-    and ``[padded tokens, FLOPs per second]`` of the largest batch's prompt pass (a run's batches are full).
+def _stamped_generation(model: Any, chosen: Sequence[list[int]], device: str) -> tuple[float, list[float]]:
+    """One greedy batch of ``DECODE_STEPS`` tokens on ``chosen``, timed call by call: the seconds to the start
+    of the first decode step (the prompt pass, its sampling and the call's set-up) and the seconds of each
+    decode step but the last.
 
-    Each row count generates 1 token (the prompt pass alone) and ``DECODE_STEPS``: their difference is the
-    decode steps, so the prompt pass, which on a run's persona prompts (150-250 tokens) is about half of a
-    batch's time, is not spread over the steps. The prompts whose answers ran longest go first, so a
-    batch's rows rarely stop early; the steps a batch made are counted from its answers all the same."""
+    A hook on the embedding (``hook_embed``, the first hook point of a forward call) stamps the start of
+    every forward call, so a step is the time between two starts: its forward and the sampling after it. A
+    step is read directly, not as a whole generation's time beyond a prompt pass timed apart, whose jitter
+    would fall on every step. On a GPU the hook synchronises first, so a stamp falls after the queued work.
+
+    Example:
+        >>> from dpn_lens.tiny import build_tiny_model
+        >>> prompt_pass, steps = _stamped_generation(build_tiny_model(), [[1, 2, 3]], "cpu")
+        >>> prompt_pass > 0 and len(steps) <= DECODE_STEPS - 2
+        True
+    """
+    import torch
+
+    from dpn_lens.evaluation.preference import greedy_answers
+    from dpn_lens.hooked import read_hooks
+
+    stamps: list[float] = []
+
+    def stamp(activation: Any, hook: Any) -> Any:
+        if device != "cpu":
+            torch.cuda.synchronize()
+        stamps.append(time.perf_counter())
+        return activation
+
+    if device != "cpu":
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    with read_hooks(model, [("hook_embed", stamp)]):
+        greedy_answers(model, chosen, DECODE_STEPS, len(chosen))
+    if len(stamps) < 3:
+        raise ValueError(f"the sample's answers ended after {len(stamps)} tokens, before a decode step could be "
+                         "timed; measure on a model whose greedy answers run longer (one that ends every answer "
+                         "at once is not one a control run can score)")
+    return stamps[1] - started, [later - earlier for earlier, later in zip(stamps[1:], stamps[2:])]
+
+
+@dataclass
+class StepTimings:
+    """Decode steps of one prompt set as ``_step_points`` timed them."""
+
+    points: list[list[float]]
+    """``[rows, seconds of one decode step]``: per row count, the median over repeats of each repeat's median step."""
+    repeats: dict[int, list[float]]
+    """Rows -> each repeat's median step, in the order timed (the other set's run at the same rows between)."""
+    prefill: list[float]
+    """``[padded tokens, FLOPs per second]`` of the largest batch's prompt pass (a run's batches are full)."""
+
+
+def _step_points(model: Any, shape: ModelShape, prompt_sets: Sequence[tuple[Sequence[list[int]], Sequence[int],
+                                                                               Sequence[int]]],
+                 device: str, repeats: int) -> list[StepTimings]:
+    """The decode steps of each ``(prompts, answer lengths, rows)`` set at each of its row counts, ``repeats``
+    times, the sets interleaved: at each row count every set runs once per repeat, in turn (the order
+    alternating between repeats), so a drift of this machine's speed falls alike on the sets compared.
+
+    A repeat's step is the median of its batch's decode steps (``_stamped_generation``). The prompts whose
+    answers ran longest go first, so a batch's rows rarely stop early.
+    """
+    import statistics
+
     from dpn_lens.evaluation.preference import greedy_answers
 
-    longest_first = [prompts[i] for i in sorted(range(len(prompts)), key=lambda i: -lengths[i])]
-    greedy_answers(model, longest_first[:1], 2, 1)                                  # warm-up
-    points, prefill = [], [0.0, 0.0]
-    for batch in sorted(set(int(r) for r in rows)):
-        chosen = (longest_first * batch)[:batch]
-        padded = max(map(len, chosen))
-        steps, prompt_passes = [], []
-        for _ in range(max(int(repeats), 1)):
-            prompt_pass = timed(lambda: greedy_answers(model, chosen, 1, batch), device)
-            answers: list[list[int]] = []
-            whole = timed(lambda: answers.extend(greedy_answers(model, chosen, DECODE_STEPS, batch)), device)
-            # the tokens the batch generated: its longest answer and the EOS that ended it, at most DECODE_STEPS
-            made = min(DECODE_STEPS, max(map(len, answers)) + 1)
-            steps.append(max(whole - prompt_pass, 0.0) / max(made - 1, 1))
-            prompt_passes.append(prompt_pass)
-        points.append([batch, min(steps)])
-        prefill = [padded, batch * padded * shape.forward_flops_per_token(context=padded // 2, logits=True)
-                   / min(prompt_passes)]
-    return points, prefill
+    greedy_answers(model, list(prompt_sets[0][0][:1]), 2, 1)                        # warm-up
+    ordered = [[prompts[i] for i in sorted(range(len(prompts)), key=lambda i: -lengths[i])]
+               for prompts, lengths, _ in prompt_sets]
+    timings = [StepTimings([], {}, [0.0, 0.0]) for _ in prompt_sets]
+    prompt_passes: list[dict[int, list[float]]] = [{} for _ in prompt_sets]
+    for batch in sorted({int(r) for _, _, rows in prompt_sets for r in rows}):
+        taking = [index for index, (_, _, rows) in enumerate(prompt_sets) if batch in {int(r) for r in rows}]
+        for repeat in range(max(int(repeats), 1)):
+            for index in (taking if repeat % 2 == 0 else taking[::-1]):
+                chosen = (ordered[index] * batch)[:batch]
+                prompt_pass, steps = _stamped_generation(model, chosen, device)
+                timings[index].repeats.setdefault(batch, []).append(statistics.median(steps))
+                prompt_passes[index].setdefault(batch, []).append(prompt_pass)
+        for index in taking:
+            chosen = (ordered[index] * batch)[:batch]
+            padded = max(map(len, chosen))
+            timings[index].points.append([batch, statistics.median(timings[index].repeats[batch])])
+            timings[index].prefill = [padded, batch * padded * shape.forward_flops_per_token(context=padded // 2,
+                                                                                            logits=True)
+                                      / statistics.median(prompt_passes[index][batch])]
+    return timings
 
 
 def _decode_costs(model: Any, shape: ModelShape, prompts: Sequence[list[int]], lengths: Sequence[int],
-                  device: str, rows: Sequence[int] = STEP_ROWS, repeats: int = 2,
+                  device: str, rows: Sequence[int] = STEP_ROWS, repeats: int = 3,
                   long_prompts: Sequence[list[int]] = (), long_lengths: Sequence[int] = ()) -> DecodeCosts:
     """Greedy generation's costs on the sample's ``prompts`` (whose answers had ``lengths`` tokens): seconds
     of one decode step at each of ``rows`` (``_step_points``), the line fitted to them by least squares (a
     fixed cost and a rate per row), and the prompt pass's FLOP rate. With ``long_prompts`` (the sample's
     persona prompts, about 2.5x the questions' length), the steps at ``CONTEXT_ROWS`` and the prompt pass
-    again after them: what context adds (``_context_seconds``) and the prompt pass's rate at a second length.
+    again after them, each long batch timed next to the short one of its rows: what context adds
+    (``_context_seconds``) and the prompt pass's rate at a second length.
+
+    A long point is the short point at its rows times the median over repeats of the long step's ratio to
+    the short one timed next to it: a ratio measured side by side, which the machine's drift between row
+    counts does not move.
     """
-    points, prefill = _step_points(model, shape, prompts, lengths, device, rows, repeats)
+    import statistics
+
+    context_rows = [r for r in CONTEXT_ROWS if r in {int(row) for row in rows}] if long_prompts else []
+    sets = [(prompts, lengths, rows)] + ([(long_prompts, long_lengths, context_rows)] if long_prompts else [])
+    timings = _step_points(model, shape, sets, device, repeats)
+    short = timings[0]
     question = sum(map(len, prompts)) / len(prompts)
     context = question + DECODE_STEPS / 2
     token_flops = shape.forward_flops_per_token(context=int(context), logits=True)
-    fixed, per_row = _line(points)
-    costs = DecodeCosts(fixed, token_flops / max(per_row, 1e-9), prefill[1], points, token_flops, context,
-                        prefill_points=[prefill])
+    fixed, per_row = _line(short.points)
+    costs = DecodeCosts(fixed, token_flops / max(per_row, 1e-9), short.prefill[1], short.points, token_flops,
+                        context, prefill_points=[short.prefill])
     if long_prompts:
-        long_points, long_prefill = _step_points(model, shape, long_prompts, long_lengths, device,
-                                                 [r for r in CONTEXT_ROWS if r in {int(p[0]) for p in points}],
-                                                 repeats)
+        long = timings[1]
+        at = dict((int(r), seconds) for r, seconds in short.points)
+        costs.long_step_rows = [[r, at[r] * statistics.median(l / s for l, s in zip(long.repeats[r], short.repeats[r]))]
+                                for r in context_rows]
         costs.long_context = sum(map(len, long_prompts)) / len(long_prompts) + DECODE_STEPS / 2
-        costs.long_step_rows = long_points
         costs.context_seconds = _context_seconds(shape, costs)
-        costs.prefill_points.append(long_prefill)
+        costs.prefill_points.append(long.prefill)
     return costs
 
 

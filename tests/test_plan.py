@@ -455,6 +455,30 @@ def test_the_plan_benchmark_compares_the_sample_rate_with_a_runs(tiny_folder, tm
     assert result["call_seconds"] > 0 and result["run_rate_over_sample_rate"] > 0
 
 
+def test_the_plan_benchmark_repeats_the_decode_measurement(tiny_folder, tmp_path, monkeypatch):
+    """benchmarks/bench_plan.py --stage decode-fit on the tiny model: each measurement's steps at every row
+    count, after the questions and after the persona prompts, and its context fit, with the fits' range."""
+    import importlib.util
+    from pathlib import Path
+
+    from dpn_lens.plan_control import CONTEXT_ROWS, STEP_ROWS
+
+    monkeypatch.setenv("DPN_LENS_CACHE", str(tmp_path / "cache"))
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_plan.py"
+    spec = importlib.util.spec_from_file_location("bench_plan", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    result = module.main(["--stage", "decode-fit", "--model", str(tiny_folder), "--repeats", "2"])
+    assert [row["measurement"] for row in result["rows"]] == [1, 2]
+    for row in result["rows"]:
+        assert all(row[f"{rows} rows"] > 0 for rows in STEP_ROWS)
+        assert all(row[f"{rows} rows, long"] > 0 for rows in CONTEXT_ROWS)
+        assert row["context s per row and token"] >= 0
+    assert result["context_fits"] == [row["context s per row and token"] for row in result["rows"]]
+    fits = result["context_fits"]
+    assert result["fit_spread"] == (max(fits) / min(fits) if min(fits) > 0 else None)
+
+
 def test_the_plan_benchmark_checks_the_gradient_passs_memory_bound_and_estimate(tiny_folder, tmp_path, monkeypatch):
     """benchmarks/bench_plan.py --stage gradient-memory on the tiny model: the pass runs, its memory is read and
     set beside the plan's bound and the estimates: from the batches the pass made (as ``CachedAnswerScorer``

@@ -307,6 +307,73 @@ def test_the_decode_line_is_a_least_squares_fit():
     assert _line([[1, 0.0], [2, 10.0]]) == pytest.approx((0.0, 20.0 / 5))   # through the origin, not below 0
 
 
+def test_a_decode_step_is_read_from_the_stamps_of_its_forward_calls():
+    """Each forward call of a greedy batch is stamped at its embedding: the timed steps are the calls
+    between the prompt pass and the last one, each a positive time, and the hook is gone afterwards, also
+    when the generation fails."""
+    from dpn_lens.plan_control import DECODE_STEPS, _stamped_generation
+    from dpn_lens.tiny import build_tiny_model
+
+    model = build_tiny_model()
+    calls = []
+    model.hook_dict["hook_embed"].add_hook(lambda activation, hook: calls.append(1))
+    prompt_pass, steps = _stamped_generation(model, [[1, 2, 3], [4, 5]], "cpu")
+    assert len(calls) == DECODE_STEPS                                   # a prompt pass and 32 decode steps
+    assert len(steps) == DECODE_STEPS - 2 and all(step > 0 for step in steps) and prompt_pass > 0
+    model.reset_hooks()
+    assert not model.hook_dict["hook_embed"].fwd_hooks
+
+
+def test_a_sample_whose_answers_end_at_once_cannot_time_a_step(monkeypatch):
+    import dpn_lens.evaluation.preference as preference
+    from dpn_lens.plan_control import _stamped_generation
+    from dpn_lens.tiny import build_tiny_model
+
+    model = build_tiny_model()
+
+    def one_forward(model, prompts, max_new_tokens, batch):
+        model(torch.tensor(prompts))                                   # the prompt pass, then EOS at once
+        return [[] for _ in prompts]
+
+    monkeypatch.setattr(preference, "greedy_answers", one_forward)
+    with pytest.raises(ValueError, match="before a decode step could be timed"):
+        _stamped_generation(model, [[1, 2, 3]], "cpu")
+    assert not model.hook_dict["hook_embed"].fwd_hooks
+
+
+def test_the_long_steps_are_timed_beside_the_short_ones(monkeypatch):
+    """A machine that slows down between row counts, and one repeat that runs at half speed, do not move the
+    long step's ratio to the short one, nor a short step: the two are timed in turn at each row count (the order alternating
+    between repeats), and the ratio is the median over repeats."""
+    import dpn_lens.plan_control as plan_control
+    from dpn_lens.tiny import build_tiny_model
+
+    short_prompts, long_prompts = [[1] * 10] * 4, [[1] * 30] * 4
+    ratio = {4: 1.1, 8: 1.2, 16: 1.4}                                   # the long step's, per row count
+    order = []
+
+    def fake(model, chosen, device):
+        rows, long = len(chosen), len(chosen[0]) == 30
+        order.append((rows, long))
+        call = len(order)
+        speed = 1.0 if call <= 12 else 1.3 if call <= 21 else 0.8       # the machine's: slower, then faster
+        seconds = (0.05 + 0.01 * rows) * speed * (ratio[rows] if long else 1.0)
+        if len(order) in (20, 23):               # a repeat at half speed: 12 rows, and 16 rows' first long one
+            seconds *= 2
+        return 0.1, [seconds] * 5
+
+    monkeypatch.setattr(plan_control, "_stamped_generation", fake)
+    costs = plan_control._decode_costs(build_tiny_model(), SHAPE, short_prompts, [8] * 4, "cpu",
+                                       long_prompts=long_prompts, long_lengths=[8] * 4)
+    assert order[:6] == [(1, False)] * 3 + [(2, False)] * 3
+    assert order[6:12] == [(4, False), (4, True), (4, True), (4, False), (4, False), (4, True)]
+    short = dict((int(rows), seconds) for rows, seconds in costs.step_rows)
+    for rows, seconds in costs.long_step_rows:
+        assert seconds / short[int(rows)] == pytest.approx(ratio[int(rows)])
+    assert order[21:24] == [(16, False), (16, True), (16, True)]
+    assert short[12] == pytest.approx((0.05 + 0.12) * 1.3)              # the median repeat, not the outlier
+
+
 def test_measured_costs_time_a_step_at_each_row_count(tiny_folder, tmp_path, monkeypatch):
     from dpn_lens.plan_control import CONTEXT_ROWS, STEP_ROWS, decode_step_seconds, measure_control_costs
     from dpn_lens.plan import model_shape
