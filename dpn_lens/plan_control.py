@@ -338,7 +338,8 @@ class ControlCosts:
     make a step slower with context (SmolLM2 float32, 1 thread, 16 rows: 0.181 s after 66 tokens, 0.230 s
     after 172, +27% where the FLOPs grow 3%). 0 in an older file: the FLOPs alone."""
     long_step_rows: list[list[float]] = field(default_factory=list)
-    """``[rows, seconds]`` of a decode step after the longer prompts, at ``CONTEXT_ROWS``."""
+    """``[rows, seconds]`` of a decode step after the longer prompts, at ``CONTEXT_ROWS``: the step after the
+    short prompts times the long step's ratio to it, timed side by side (``_decode_costs``)."""
     long_step_context: float = 0.0
     """Their context in tokens."""
     prefill_points: list[list[float]] = field(default_factory=list)
@@ -599,7 +600,7 @@ def _stamped_generation(model: Any, chosen: Sequence[list[int]], device: str) ->
     with read_hooks(model, [("hook_embed", stamp)]):
         greedy_answers(model, chosen, DECODE_STEPS, len(chosen))
     if len(stamps) < 3:
-        raise ValueError(f"the sample's answers ended after {len(stamps)} tokens, before a decode step could be "
+        raise ValueError(f"the sample's answers ended after {len(stamps)} forward calls, before a decode step could be "
                          "timed; measure on a model whose greedy answers run longer (one that ends every answer "
                          "at once is not one a control run can score)")
     return stamps[1] - started, [later - earlier for earlier, later in zip(stamps[1:], stamps[2:])]
@@ -683,7 +684,8 @@ def _decode_costs(model: Any, shape: ModelShape, prompts: Sequence[list[int]], l
     if long_prompts:
         long = timings[1]
         at = dict((int(r), seconds) for r, seconds in short.points)
-        costs.long_step_rows = [[r, at[r] * statistics.median(l / s for l, s in zip(long.repeats[r], short.repeats[r]))]
+        costs.long_step_rows = [[r, at[r] * statistics.median(longer / shorter for longer, shorter
+                                                              in zip(long.repeats[r], short.repeats[r]))]
                                 for r in context_rows]
         costs.long_context = sum(map(len, long_prompts)) / len(long_prompts) + DECODE_STEPS / 2
         costs.context_seconds = _context_seconds(shape, costs)

@@ -342,9 +342,9 @@ def test_a_sample_whose_answers_end_at_once_cannot_time_a_step(monkeypatch):
 
 
 def test_the_long_steps_are_timed_beside_the_short_ones(monkeypatch):
-    """A machine that slows down between row counts, and one repeat that runs at half speed, do not move the
-    long step's ratio to the short one, nor a short step: the two are timed in turn at each row count (the order alternating
-    between repeats), and the ratio is the median over repeats."""
+    """A machine that slows down between row counts, and a repeat that runs at half speed, move neither the
+    long step's ratio to the short one nor a short step: the two are timed in turn at each row count (the
+    order alternating between repeats), and each is the median over repeats."""
     import dpn_lens.plan_control as plan_control
     from dpn_lens.tiny import build_tiny_model
 
