@@ -25,7 +25,7 @@ from dpn_lens.data.prompts import render_for_model
 
 __all__ = ["HookedModel", "HOOK_NAME", "hook_name", "read_hooks", "frozen_weights", "leaf_hook", "hf_model", "hf_module", "decoder_layers", "down_proj_weight",
            "post_mlp_norm", "require_hooked_model", "check_layers", "pad_token_id",
-           "pad_token_lists", "input_device", "tokenize_prompts", "last_token_batches", "encode"]
+           "pad_token_lists", "input_device", "tokenize_prompts", "last_token_batches", "encode", "StopForward"]
 
 HOOK_NAME = "blocks.{layer}.mlp.hook_post"
 """The neuron activation of DPN-LE: the input of the MLP output projection."""
@@ -55,6 +55,27 @@ class HookedModel(Protocol):
 def hook_name(layer: int, template: str = HOOK_NAME) -> str:
     """``hook_name(3)`` -> ``'blocks.3.mlp.hook_post'``."""
     return template.format(layer=layer)
+
+
+class StopForward(Exception):
+    """Raised by a reading hook once the pass has given all it is read for: the later layers and the
+    unembedding (on Gemma 3, 262k logits per position: most of a small model's forward) would be wasted
+    work. The caller catches it around the forward call.
+
+    Example:
+        >>> from dpn_lens.tiny import build_tiny_model
+        >>> model, seen = build_tiny_model(), []
+        >>> def last(activation, hook):
+        ...     seen.append(tuple(activation.shape))
+        ...     raise StopForward
+        >>> with read_hooks(model, [(hook_name(0), last)]):
+        ...     try:
+        ...         model(torch.tensor([[1, 2, 3]]))
+        ...     except StopForward:
+        ...         pass
+        >>> seen                     # layer 0 was read; the others and the unembedding did not run
+        [(1, 3, 48)]
+    """
 
 
 @contextlib.contextmanager

@@ -131,6 +131,28 @@ def test_caa_adds_the_mean_difference_at_one_residual_layer(tiny_model, tiny_pai
     assert edit.n_edited == 0 and isinstance(edit, ResidualIntervention)
 
 
+def test_caa_reads_each_layers_residual_at_the_last_token_and_stops_before_the_unembedding(tiny_model, tiny_pairs):
+    """``residual_means`` gives what a full forward's cache holds at each prompt's last token (left or right
+    padding alike), in float64, without running the unembedding; its hooks are gone afterwards."""
+    from dpn_lens.baselines.caa import RESID_HOOK, residual_means
+    from dpn_lens.hooked import encode
+
+    prompts = list(tiny_pairs.high[:5])
+    mean, samples = residual_means(tiny_model, prompts, batch_size=2)
+    n_layers = int(tiny_model.cfg.n_layers)
+    assert samples.shape == (len(prompts), n_layers, int(tiny_model.cfg.d_model)) and samples.dtype == torch.float64
+    for row, prompt in enumerate(prompts):
+        _, cache = tiny_model.run_with_cache(torch.tensor([encode(tiny_model, prompt)]))
+        expected = torch.stack([cache[RESID_HOOK.format(layer=layer)][0, -1] for layer in range(n_layers)])
+        assert torch.allclose(samples[row], expected.double(), atol=1e-5)
+    assert torch.allclose(mean, samples.mean(0))
+    unembedded = []
+    tiny_model.hook_dict["hook_unembed"].add_hook(lambda logits, hook: unembedded.append(1))
+    residual_means(tiny_model, prompts, batch_size=2)
+    tiny_model.reset_hooks()
+    assert unembedded == []
+
+
 def test_hooks_are_removed_after_an_exception(tiny_model):
     edit = npti_intervention(tiny_model, _npti_stats(tiny_model), "increase", top=20, positions="all")
     ids = torch.tensor([[1, 5, 6]])

@@ -15,7 +15,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from dpn_lens.data.contrastive import ContrastiveSet
-from dpn_lens.hooked import HookedModel, last_token_batches, read_hooks
+from dpn_lens.hooked import HookedModel, last_token_batches, read_hooks, StopForward
 from dpn_lens.steering import Maskable, Positions, check_gamma, check_positions, check_strength, direction_sign
 
 __all__ = ["ResidualIntervention", "residual_means", "caa_intervention", "caa_layer", "RESID_HOOK"]
@@ -93,6 +93,8 @@ def residual_means(model: HookedModel, prompts: Sequence[str], batch_size: int =
     def make_hook(layer: int):
         def hook(resid: Tensor, hook: Any) -> Tensor:
             captured[layer] = resid[torch.arange(resid.shape[0]), last[0]].to("cpu", torch.float64)
+            if layer == n_layers - 1:
+                raise StopForward              # the final norm and the unembedding are not read
             return resid
         return hook
 
@@ -100,7 +102,14 @@ def residual_means(model: HookedModel, prompts: Sequence[str], batch_size: int =
     with torch.inference_mode(), read_hooks(model, hooks):
         for ids, mask, last_index in last_token_batches(model, prompts, batch_size):
             last[:] = [last_index]
-            model(ids, attention_mask=mask)
+            captured.clear()
+            try:
+                model(ids, attention_mask=mask)
+            except StopForward:
+                pass
+            if len(captured) != n_layers:
+                raise RuntimeError(f"only {len(captured)} of {n_layers} residual hooks fired; the model's forward "
+                                   "pass does not run through its hook_resid_post points")
             samples.append(torch.stack([captured[layer] for layer in range(n_layers)], dim=1))
     stacked = torch.cat(samples)
     return stacked.mean(0), stacked

@@ -28,7 +28,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from dpn_lens.hooked import hook_name, input_device, pad_token_id, pad_token_lists, read_hooks
+from dpn_lens.hooked import hook_name, input_device, pad_token_id, pad_token_lists, read_hooks, StopForward
 
 __all__ = ["TopContexts", "ScanResult", "scan", "text_windows", "Neuron"]
 
@@ -115,10 +115,6 @@ class ScanResult:
     last_token: Float[Tensor, "n n_sequences"]
 
 
-class _Stop(Exception):
-    """Raised by the last watched layer's hook: later layers and the unembedding are not needed."""
-
-
 def scan(model: Any, neurons: Sequence[Neuron], token_lists: Iterable[Sequence[int]], k: int = 8, before: int = 12,
          after: int = 3, batch_size: int = 16) -> ScanResult:
     """Stream ``token_lists`` through ``model`` and keep each neuron's top-``k`` contexts (module note).
@@ -154,7 +150,7 @@ def scan(model: Any, neurons: Sequence[Neuron], token_lists: Iterable[Sequence[i
         def hook(activation: Tensor, hook: Any) -> Tensor:
             captured[layer] = activation[..., index.to(activation.device)].float().cpu()
             if layer == layers[-1]:
-                raise _Stop
+                raise StopForward
             return activation
         return hook
 
@@ -170,7 +166,7 @@ def scan(model: Any, neurons: Sequence[Neuron], token_lists: Iterable[Sequence[i
         captured.clear()
         try:
             model(ids.to(device), attention_mask=mask.to(device))
-        except _Stop:
+        except StopForward:
             pass
         if len(captured) != len(layers):
             raise RuntimeError(f"only {len(captured)} of {len(layers)} hooks fired; the model's forward pass does "

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from dpn_lens.data.contrastive import ContrastiveSet
 from dpn_lens.hooked import (HOOK_NAME, HookedModel, check_layers, hook_name, input_device, pad_token_id, read_hooks,
-                             pad_token_lists, tokenize_compact)
+                             pad_token_lists, StopForward, tokenize_compact)
 from dpn_lens.collection.prefix import (DEFAULT_MIN_SAVING, PrefixGroup, expand_cache, new_prefix_cache, plan_prefix_tree,
                              prefix_cache_unsupported)
 from dpn_lens.collection.statistics import ContrastStatistics, GroupStatistics
@@ -147,10 +147,6 @@ def batch_chunks(lengths: Sequence[int], max_batch_size: int, max_batch_tokens: 
         start += size
 
 
-class _StopForward(Exception):
-    """Raised by the last hook: everything after the last needed layer is wasted work."""
-
-
 def _read_positions(activation: Float[Tensor, "batch pos d_mlp"], mask: Int[Tensor, "batch pos"],
                     token_position: TokenPosition) -> Float[Tensor, "batch d_mlp"]:
     """The vector of each prompt: its last non-pad token, or the mean over its non-pad tokens."""
@@ -237,7 +233,7 @@ def collect_group_statistics(model: HookedModel, prompts: Sequence[str], config:
             if readout[0] is not None:
                 captured[slot] = readout[0](activation)
             if is_last:
-                raise _StopForward
+                raise StopForward
             return activation
         return hook
 
@@ -247,7 +243,7 @@ def collect_group_statistics(model: HookedModel, prompts: Sequence[str], config:
         extra = {} if cache is None else {"past_key_values": cache}
         try:
             model(input_ids, attention_mask=attention_mask, **extra)
-        except _StopForward:
+        except StopForward:
             pass
 
     def fold(n_prompts: int) -> None:
