@@ -55,7 +55,7 @@ __all__ = ["ControlSettings", "ControlWork", "ControlCosts", "control_work", "me
            "gradient_activation_bytes", "GradientMemory", "gradient_memory", "selection_batches", "batch_tokens_default",
            "CPU_HEAP_RETAINED", "PromptTokens", "prompt_tokens_of", "generation_seconds", "expected_longest",
            "answer_steps", "CachedPairs", "cached_pairs", "scoring_cache", "persona_pass_flops", "decode_step_seconds", "DecodeCosts", "STEP_ROWS",
-           "CONTEXT_ROWS", "prefill_seconds_per_flop", "sample_persona_prompts"]
+           "CONTEXT_ROWS", "prefill_seconds_per_flop", "sample_persona_prompts", "generation_peak_bytes"]
 
 DIRECTIONS = 2
 
@@ -289,8 +289,8 @@ class ControlCosts:
     """Per trait beyond the counted passes (intervals, CAA's direction, building edits), per pair."""
     probe_reference_bytes: int
     extra_bytes: int
-    """Peak memory of the sample's passes (probe, answers, personas, decoding) beyond the loaded model and
-    the probe's reference."""
+    """Peak memory of the sample's passes (probe, answers, personas) beyond the loaded model and the probe's
+    reference; in a file measured before ``generation_extra_bytes``, its greedy generation too."""
     selection_extra_bytes: int
     """The same for the attribution rules' gradient pass, which only a run that selects a rule makes (its
     backward through the logits makes it the largest on a large vocabulary: Gemma's 262k)."""
@@ -346,6 +346,14 @@ class ControlCosts:
     """``[padded tokens, FLOPs per second]`` of a 16-row prompt pass at the short and the long prompts: the
     seconds per FLOP grow with the padded length (``prefill_seconds_per_flop``). Empty in an older file:
     ``prefill_flops_per_s`` at every length."""
+    generation_extra_bytes: int = 0
+    """Peak memory of the sample's greedy generation beyond the loaded model and the probe's reference (its
+    largest batch's prompt pass: rows x padded tokens of logits, on Gemma 3's 262k vocabulary the largest of
+    the sample's work). It grows with a batch's rows and padded length, not with the answer batches'
+    tokens, so it is counted apart from ``extra_bytes`` (``generation_peak_bytes``). 0 in an older file,
+    whose ``extra_bytes`` holds it."""
+    generation_batch_tokens: float = 0.0
+    """Rows x padded tokens of the sample's largest generation batch (16 rows after the persona prompts)."""
 
 
 def persona_pass_flops(shape: ModelShape, contexts: int, context_tokens: float, answers: int,
@@ -482,13 +490,17 @@ def measure_control_costs(model_spec: str, device: str = "cpu", dtype: str = "fl
     # what the scorer ran: each pair's question with its persona once (its last position's logits only), then
     # both answers from that cache
     persona_flops = persona_pass_flops(shape, len(pairs), persona, 2 * len(pairs), answer)
+    # Beyond the loaded model and the probe's reference: the answer batches, the caches, allocator slack;
+    # then, apart, greedy generation's and the gradient pass's (a run without an effect rule to select
+    # never makes it).
+    reference = probe_tokens * shape.vocab * 4
+    extra = max(status_bytes("VmHWM") - loaded - reference, 0)
+    reset_peak()
     persona_lengths = [len(answer) for answer in greedy_answers(model, persona_prompts, max_new_tokens, 16)]
     decoding = _decode_costs(model, shape, prompts, lengths, device, long_prompts=persona_prompts,
                              long_lengths=persona_lengths)
-    # Beyond the loaded model and the probe's reference: the answer batches, the caches, allocator slack;
-    # then, apart, the gradient pass's (a run without an effect rule to select never makes it).
-    reference = probe_tokens * shape.vocab * 4
-    extra = max(status_bytes("VmHWM") - loaded - reference, 0)
+    generation_extra = max(status_bytes("VmHWM") - loaded - reference, 0)
+    generation_tokens = max(CONTEXT_ROWS) * max(padded for padded, _ in decoding.prefill_points)
     reset_peak()
     first_gradient = timed(lambda: margin_gradients(model, pairs), device)
     gradient_seconds = timed(lambda: margin_gradients(model, pairs), device)
@@ -515,7 +527,8 @@ def measure_control_costs(model_spec: str, device: str = "cpu", dtype: str = "fl
                          step_rows=decoding.step_rows, step_token_flops=decoding.step_token_flops,
                          persona_context_once=True, step_context=decoding.context,
                          step_context_seconds=decoding.context_seconds, long_step_rows=decoding.long_step_rows,
-                         long_step_context=decoding.long_context, prefill_points=decoding.prefill_points)
+                         long_step_context=decoding.long_context, prefill_points=decoding.prefill_points,
+                         generation_extra_bytes=int(generation_extra), generation_batch_tokens=generation_tokens)
     if save:
         from dpn_lens.io import write_json_atomic
 
@@ -1102,7 +1115,8 @@ def plan_control(spec: str, traits: Sequence[str], settings: ControlSettings, de
         from dpn_lens.evaluation.preference import PairScorer
 
         per_answer = costs.prompt_tokens + costs.answer_fill * config.max_new_tokens
-        peak += int(costs.extra_bytes * _batch_scale(PairScorer, 2 * config.pairs * per_answer, costs))
+        peak += max(int(costs.extra_bytes * _batch_scale(PairScorer, 2 * config.pairs * per_answer, costs)),
+                    max(generation_peak_bytes(costs, w, config, prompts) for w in works.values()))
         # The held-out questions' cache, kept for the trait's run: it grows with the pairs (the sample's 12
         # measured it for a few MiB), so it is counted from the run's questions and answers.
         peak += scoring.kept_bytes
@@ -1427,6 +1441,28 @@ def batch_tokens_default(batched: Any) -> int:
     import inspect
 
     return int(inspect.signature(batched).parameters["batch_tokens"].default)
+
+
+def generation_peak_bytes(costs: ControlCosts, work: ControlWork, config: Any, prompts: PromptTokens) -> int:
+    """Memory of a run's greedy generation beyond the loaded model and the probe's reference: the sample's
+    (``costs.generation_extra_bytes``) scaled by how many more rows x padded tokens the run's largest batch
+    prompt-passes than the sample's largest. The held-out and the selection pairs are generated in batches
+    of ``config.pair_batch`` and 16 after persona prompts, the generation check's sets 16 at a time after
+    their questions alone. 0 for a file measured before it, or a run that generates nothing.
+
+    Example:
+        >>> costs = type("Costs", (), {"generation_extra_bytes": 1000, "generation_batch_tokens": 16 * 100})()
+        >>> work = type("Work", (), {"generated_answers": 64, "selection_generated": 0, "generation_questions": 0})()
+        >>> config = type("Config", (), {"pair_batch": 16})()
+        >>> generation_peak_bytes(costs, work, config, PromptTokens([150, 120], 140.0, 50.0, [90]))
+        1500
+    """
+    if not costs.generation_extra_bytes or not costs.generation_batch_tokens:
+        return 0
+    batches = [min(config.pair_batch, work.generated_answers) * max(prompts.held_out, default=0),
+               min(16, work.selection_generated) * max(prompts.selection, default=0),
+               min(16, work.generation_questions) * prompts.question]
+    return int(costs.generation_extra_bytes * max(batches) / costs.generation_batch_tokens)
 
 
 def _batch_scale(batched: Any, run_tokens: float, costs: ControlCosts) -> float:

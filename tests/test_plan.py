@@ -303,6 +303,43 @@ def test_the_measured_extra_memory_scales_with_how_full_a_runs_batches_are(tiny_
     assert peak(128, questions_cache=True) > peak(64, questions_cache=True)     # the cache keeps growing
 
 
+def test_greedy_generations_memory_scales_with_its_largest_prompt_pass_not_with_the_answer_batches(tiny_folder):
+    """Gemma 3 270M (bfloat16): its sample's 16-row generation after 133-token persona prompts held 1.42 GiB
+    beyond the model, where its answer passes held 0.74; scaled as answer batches, the plan said 5.57 GiB for
+    a run that held 3.70. Generation's memory is counted apart: the sample's times the run's largest batch's
+    rows x padded tokens over the sample's; the larger of it and the passes' counts. Nothing generated (the
+    pairs cached), nothing counted; an older file, whose passes' memory held generation's, plans as before."""
+    import dataclasses
+
+    from dpn_lens.evaluation.control import ControlConfig
+    from dpn_lens.evaluation.preference import PairScorer
+    from dpn_lens.plan_control import (ControlSettings, _batch_scale, control_work, generation_peak_bytes,
+                                       plan_control, prompt_tokens_of)
+
+    older = control_costs(sample_tokens=2048.0, extra_bytes=2 ** 24)
+    costs = dataclasses.replace(older, generation_extra_bytes=2 ** 28, generation_batch_tokens=16 * 100.0)
+    config = ControlConfig(methods=["dpn-le", "caa"], pairs=32)
+
+    def peak(costs, **settings) -> int:
+        return plan_control(str(tiny_folder), ["openness"], ControlSettings(config, maps_given=True, **settings),
+                            machine=_costs(), costs=costs).peak_bytes
+
+    prompts = prompt_tokens_of(str(tiny_folder), ["openness"], config, costs)
+    work = control_work(ControlSettings(config, maps_given=True))
+    largest = min(config.pair_batch, work.generated_answers) * max(prompts.held_out)
+    assert generation_peak_bytes(costs, work, config, prompts) == int(2 ** 28 * largest / 1600)
+    per_answer = older.prompt_tokens + older.answer_fill * config.max_new_tokens
+    passes = int(older.extra_bytes * _batch_scale(PairScorer, 2 * config.pairs * per_answer, older))
+    generation = generation_peak_bytes(costs, work, config, prompts)
+    assert generation > passes and peak(costs) - peak(older) == generation - passes
+    cached = control_work(ControlSettings(config, maps_given=True, pairs_cached=True))
+    assert cached.generated_answers == 0 and generation_peak_bytes(costs, cached, config, prompts) == 0
+    assert peak(costs, pairs_cached=True) == peak(older, pairs_cached=True)
+    small = dataclasses.replace(costs, generation_extra_bytes=1)       # the passes' memory is the larger
+    assert peak(small) == peak(older)
+    assert generation_peak_bytes(older, work, config, prompts) == 0
+
+
 def test_measure_control_costs_on_the_tiny_model(tiny_folder, tmp_path, monkeypatch):
     from dpn_lens.plan_control import measure_control_costs, saved_control_costs
 
@@ -311,6 +348,9 @@ def test_measure_control_costs_on_the_tiny_model(tiny_folder, tmp_path, monkeypa
     assert costs.probe_flops_per_s > 0 and costs.answer_flops_per_s > 0 and costs.step_flops_per_s > 0
     assert 0 < costs.answer_fill <= 1 and costs.prompt_tokens > 0 and costs.persona_tokens > costs.prompt_tokens
     assert saved_control_costs("cpu", "float32", torch.get_num_threads()) == costs
+    # generation's memory apart, with the rows x padded tokens of its largest batch (16 after the persona prompts)
+    assert costs.generation_extra_bytes >= 0
+    assert costs.generation_batch_tokens == 16 * max(padded for padded, _ in costs.prefill_points)
 
 
 def test_the_plan_command_plans_control(tiny_folder, tmp_path, monkeypatch, capsys):
