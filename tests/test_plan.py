@@ -304,11 +304,12 @@ def test_the_measured_extra_memory_scales_with_how_full_a_runs_batches_are(tiny_
 
 
 def test_greedy_generations_memory_scales_with_its_largest_prompt_pass_not_with_the_answer_batches(tiny_folder):
-    """Gemma 3 270M (bfloat16): its sample's 16-row generation after 133-token persona prompts held 1.42 GiB
-    beyond the model, where its answer passes held 0.74; scaled as answer batches, the plan said 5.57 GiB for
-    a run that held 3.70. Generation's memory is counted apart: the sample's times the run's largest batch's
-    rows x padded tokens over the sample's; the larger of it and the passes' counts. Nothing generated (the
-    pairs cached), nothing counted; an older file, whose passes' memory held generation's, plans as before."""
+    """Gemma 3 270M (bfloat16): a 16-row generation after 133-token persona prompts adds 1.07 GiB, after
+    238-token ones 1.84, where the sample's answer passes held 0.74; scaled as answer batches, the plan said
+    5.57 GiB for a run that held 3.70. Generation's memory is counted apart: the sample's times the run's
+    largest batch's rows x padded tokens over the sample's; the larger of it and the passes' counts. Nothing
+    generated (the pairs cached), nothing counted; an older file, whose passes' memory held generation's,
+    plans as before."""
     import dataclasses
 
     from dpn_lens.evaluation.control import ControlConfig
