@@ -347,13 +347,13 @@ class ControlCosts:
     seconds per FLOP grow with the padded length (``prefill_seconds_per_flop``). Empty in an older file:
     ``prefill_flops_per_s`` at every length."""
     generation_extra_bytes: int = 0
-    """Peak memory the sample's greedy generation added to what the process held as it began (its largest
-    batch's prompt pass: rows x padded tokens of logits, on Gemma 3's 262k vocabulary the largest of the
-    sample's work). It grows with a batch's rows and padded length, not with the answer batches' tokens, so
+    """Peak memory one greedy batch of 16 rows after the sample's persona prompts added to what the process
+    held as it began (its prompt pass: rows x padded tokens of logits, on Gemma 3's 262k vocabulary the
+    largest of the sample's work). It grows with a batch's rows and padded length, not with the answer batches' tokens, so
     it is counted apart from ``extra_bytes`` (``generation_peak_bytes``). 0 in an older file, whose
     ``extra_bytes`` holds it. Gemma 3 270M (bfloat16): 16 rows x 133 tokens added 1.07 GiB, 16 x 238 1.84."""
     generation_batch_tokens: float = 0.0
-    """Rows x padded tokens of the sample's largest generation batch (16 rows after the persona prompts)."""
+    """Rows x padded tokens of that batch (16 rows after the sample's persona prompts)."""
 
 
 def persona_pass_flops(shape: ModelShape, contexts: int, context_tokens: float, answers: int,
@@ -495,15 +495,19 @@ def measure_control_costs(model_spec: str, device: str = "cpu", dtype: str = "fl
     # never makes it).
     reference = probe_tokens * shape.vocab * 4
     extra = max(status_bytes("VmHWM") - loaded - reference, 0)
-    # Generation's own: beyond what the process holds as it starts, not beyond the loaded model. The heap
-    # the passes left (Gemma 3 270M: 0.7 GiB) does not grow with a generation batch, so it is not scaled.
+    # Generation's own: one batch of a run's size (16 rows after the persona prompts), beyond what the
+    # process holds as it starts. The heap the passes left (Gemma 3 270M: 0.7 GiB) does not grow with a
+    # generation batch, so it is not scaled; nor is what the many batches of the decode timing leave.
+    rows = max(CONTEXT_ROWS)
+    largest = (persona_prompts * rows)[:rows]
     reset_peak()
     before_generation = status_bytes("VmRSS")
+    greedy_answers(model, largest, 2, rows)
+    generation_extra = max(status_bytes("VmHWM") - before_generation, 0)
+    generation_tokens = rows * max(map(len, largest))
     persona_lengths = [len(answer) for answer in greedy_answers(model, persona_prompts, max_new_tokens, 16)]
     decoding = _decode_costs(model, shape, prompts, lengths, device, long_prompts=persona_prompts,
                              long_lengths=persona_lengths)
-    generation_extra = max(status_bytes("VmHWM") - before_generation, 0)
-    generation_tokens = max(CONTEXT_ROWS) * max(padded for padded, _ in decoding.prefill_points)
     reset_peak()
     first_gradient = timed(lambda: margin_gradients(model, pairs), device)
     gradient_seconds = timed(lambda: margin_gradients(model, pairs), device)

@@ -351,7 +351,7 @@ def test_measure_control_costs_on_the_tiny_model(tiny_folder, tmp_path, monkeypa
     assert saved_control_costs("cpu", "float32", torch.get_num_threads()) == costs
     # generation's memory apart, with the rows x padded tokens of its largest batch (16 after the persona prompts)
     assert costs.generation_extra_bytes >= 0
-    assert costs.generation_batch_tokens == 16 * max(padded for padded, _ in costs.prefill_points)
+    assert costs.generation_batch_tokens == 16 * costs.prefill_points[1][0]     # the persona prompts' padded length
 
 
 def test_the_plan_command_plans_control(tiny_folder, tmp_path, monkeypatch, capsys):
