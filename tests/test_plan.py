@@ -113,17 +113,24 @@ def test_the_plan_command_prints_a_plan(tiny_folder, tmp_path, monkeypatch, caps
     assert "no measurement of this machine" in out and "1 traits x 10 pairs" in out and "fits on one GPU" in out
 
 
-def test_the_plan_benchmark_compares_the_plan_with_a_real_locate_run(tiny_folder, tmp_path, monkeypatch):
-    """benchmarks/bench_plan.py on the tiny model: it measures, plans, runs ``dpn-lens locate`` in a fresh
-    process and reports both (the ratios are the benchmark's result, not checked here)."""
+def _bench_plan():
+    """``benchmarks/bench_plan.py`` as a module (``benchmarks/`` is not a package)."""
     import importlib.util
     from pathlib import Path
 
-    monkeypatch.setenv("DPN_LENS_CACHE", str(tmp_path / "cache"))
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_plan.py"
     spec = importlib.util.spec_from_file_location("bench_plan", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def test_the_plan_benchmark_compares_the_plan_with_a_real_locate_run(tiny_folder, tmp_path, monkeypatch):
+    """benchmarks/bench_plan.py on the tiny model: it measures, plans, runs ``dpn-lens locate`` in a fresh
+    process and reports both (the ratios are the benchmark's result, not checked here)."""
+
+    monkeypatch.setenv("DPN_LENS_CACHE", str(tmp_path / "cache"))
+    module = _bench_plan()
     result = module.main(["--model", str(tiny_folder), "--traits", "openness", "--n-pairs", "4",
                           "--measure-prompts", "4"])
     assert result["measured_seconds"] > 0 and result["predicted_seconds"] > 0
@@ -383,8 +390,6 @@ def test_control_plan_flag_prints_the_plan_of_that_run_without_running_it(tiny_f
 def test_the_plan_benchmark_plans_a_control_run(tiny_folder, tmp_path, monkeypatch):
     """benchmarks/bench_plan.py --stage control on the tiny model: it measures, plans, runs ``dpn-lens control``
     in a fresh process and reports both (the ratios are the benchmark's result, not checked here)."""
-    import importlib.util
-    from pathlib import Path
 
     from dpn_lens.models import load_model
     from helpers import make_map, write_personalitybench
@@ -395,10 +400,7 @@ def test_the_plan_benchmark_plans_a_control_run(tiny_folder, tmp_path, monkeypat
     maps.mkdir()
     make_map("openness", {1: [1, 2, 5]}, {2: [3, 8]}, [1, 2], n_layers=int(model.cfg.n_layers),
              d_mlp=int(model.cfg.d_mlp), fingerprint=model_fingerprint(model).to_dict()).save(maps / "openness.safetensors")
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_plan.py"
-    spec = importlib.util.spec_from_file_location("bench_plan", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _bench_plan()
     result = module.main(["--stage", "control", "--model", str(tiny_folder), "--traits", "openness", "--dtype",
                           "float32", "--methods", "dpn-le", "--eval-pairs", "12", "--run", str(maps), "--data-dir",
                           str(write_personalitybench(tmp_path / "data")), "--measure-prompts", "4",
@@ -481,14 +483,9 @@ def test_control_work_counts_the_budget_sweep_and_the_generation_check(tiny_mode
 
 def test_the_plan_benchmark_compares_the_sample_rate_with_a_runs(tiny_folder, tmp_path, monkeypatch):
     """benchmarks/bench_plan.py --stage sample-rate on the tiny model: both sizes timed twice, a call timed."""
-    import importlib.util
-    from pathlib import Path
 
     monkeypatch.setenv("DPN_LENS_CACHE", str(tmp_path / "cache"))
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_plan.py"
-    spec = importlib.util.spec_from_file_location("bench_plan", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _bench_plan()
     result = module.main(["--stage", "sample-rate", "--model", str(tiny_folder), "--measure-prompts", "2",
                           "--eval-pairs", "4"])
     assert [row["pairs"] for row in result["rows"]] == [2, 4, 2, 4]
@@ -499,16 +496,11 @@ def test_the_plan_benchmark_compares_the_sample_rate_with_a_runs(tiny_folder, tm
 def test_the_plan_benchmark_repeats_the_decode_measurement(tiny_folder, tmp_path, monkeypatch):
     """benchmarks/bench_plan.py --stage decode-fit on the tiny model: each measurement's steps at every row
     count, after the questions and after the persona prompts, and its context fit, with the fits' range."""
-    import importlib.util
-    from pathlib import Path
 
     from dpn_lens.plan_control import CONTEXT_ROWS, STEP_ROWS
 
     monkeypatch.setenv("DPN_LENS_CACHE", str(tmp_path / "cache"))
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_plan.py"
-    spec = importlib.util.spec_from_file_location("bench_plan", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _bench_plan()
     result = module.main(["--stage", "decode-fit", "--model", str(tiny_folder), "--repeats", "2"])
     assert [row["measurement"] for row in result["rows"]] == [1, 2]
     for row in result["rows"]:
@@ -524,8 +516,6 @@ def test_the_plan_benchmark_checks_the_gradient_passs_memory_bound_and_estimate(
     """benchmarks/bench_plan.py --stage gradient-memory on the tiny model: the pass runs, its memory is read and
     set beside the plan's bound and the estimates: from the batches the pass made (as ``CachedAnswerScorer``
     forms them) and from those the plan models; a second run returning freed blocks beside the tensors."""
-    import importlib.util
-    from pathlib import Path
 
     from dpn_lens.effect.gradients import _items
     from dpn_lens.evaluation.answer_cache import CachedAnswerScorer
@@ -534,10 +524,7 @@ def test_the_plan_benchmark_checks_the_gradient_passs_memory_bound_and_estimate(
     from dpn_lens.plan_control import gradient_logits_bytes, gradient_memory, sample_pairs
 
     monkeypatch.setenv("DPN_LENS_CACHE", str(tmp_path / "cache"))
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_plan.py"
-    spec = importlib.util.spec_from_file_location("bench_plan", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _bench_plan()
     result = module.main(["--stage", "gradient-memory", "--model", str(tiny_folder), "--eval-pairs", "3"])
     assert result["pairs"] == 3 and 0 < result["batch_tokens"] <= 2 * 3 * 48
     shape = model_shape(str(tiny_folder))
