@@ -51,7 +51,7 @@ if TYPE_CHECKING:
     from dpn_lens.evaluation.control_record import ControlRecord
 
 __all__ = ["ControlSettings", "ControlWork", "ControlCosts", "control_work", "measure_control_costs", "sample_pairs",
-           "saved_control_costs", "plan_control", "plan_control_run", "gradient_logits_bytes",
+           "saved_control_costs", "plan_control", "plan_control_run", "gradient_logits_bytes", "caa_flops",
            "gradient_activation_bytes", "GradientMemory", "gradient_memory", "selection_batches", "batch_tokens_default",
            "CPU_HEAP_RETAINED", "PromptTokens", "prompt_tokens_of", "generation_seconds", "expected_longest",
            "answer_steps", "CachedPairs", "cached_pairs", "scoring_cache", "persona_pass_flops", "decode_step_seconds", "DecodeCosts", "STEP_ROWS",
@@ -814,7 +814,7 @@ class PromptTokens:
 
     Example:
         >>> PromptTokens(held_out=[180, 150], persona=165.0, question=58.0, selection=[150, 140], questions=[60, 56])
-        PromptTokens(held_out=[180, 150], persona=165.0, question=58.0, selection=[150, 140], questions=[60, 56])
+        PromptTokens(held_out=[180, 150], persona=165.0, question=58.0, selection=[150, 140], questions=[60, 56], contrastive=[])
     """
 
     held_out: list[int]
@@ -830,6 +830,9 @@ class PromptTokens:
     questions: list[int] = field(default_factory=list)
     """A spread of the held-out questions alone: the contexts the answers are scored after (``PairScorer``).
     Empty without the data: ``question`` stands in."""
+    contrastive: list[list[int]] = field(default_factory=list)
+    """Each prompt set CAA reads its direction from (a trait's high prompts, its low prompts, the next
+    trait's ...), every prompt's tokens in the order run. Empty: two sets of ``persona``-long prompts."""
 
 
 PROMPT_SPREAD = 64
@@ -844,6 +847,8 @@ def prompt_tokens_of(spec: str, traits: Sequence[str], config: Any, costs: Contr
     """
     from dpn_lens.data.contrastive import embedded_personas, embedded_questions
     from dpn_lens.evaluation.control import personalitybench_material
+    from dpn_lens.evaluation.methods import caa_prompts
+    from dpn_lens.hooked import tokenize_prompts
     from dpn_lens.plan import rendering_stub
 
     stub = rendering_stub(spec)
@@ -851,9 +856,13 @@ def prompt_tokens_of(spec: str, traits: Sequence[str], config: Any, costs: Contr
     held_out: list[int] = []
     persona: list[int] = []
     question: list[int] = []
+    contrastive: list[list[int]] = []
     for trait in traits:
         highs, lows = embedded_personas(trait)
         selection += _persona_prompts(stub, embedded_questions(), highs, lows)
+        if "caa" in config.methods:
+            prompts = caa_prompts(trait, config)
+            contrastive += [list(map(len, tokenize_prompts(stub, pole))) for pole in (prompts.high, prompts.low)]
         try:
             questions, highs, lows = personalitybench_material(config.data_dir, trait)
         except (OSError, KeyError, ValueError):
@@ -865,7 +874,7 @@ def prompt_tokens_of(spec: str, traits: Sequence[str], config: Any, costs: Contr
     return PromptTokens(held_out=sorted(held_out, reverse=True) or [round(costs.persona_tokens)],
                         persona=sum(persona) / len(persona) if persona else costs.persona_tokens,
                         question=sum(question) / len(question) if question else costs.prompt_tokens,
-                        selection=sorted(selection, reverse=True), questions=question)
+                        selection=sorted(selection, reverse=True), questions=question, contrastive=contrastive)
 
 
 def scoring_cache(shape: ModelShape, dtype: str, config: Any, prompts: PromptTokens,
@@ -982,6 +991,29 @@ def generation_seconds(shape: ModelShape, costs: ControlCosts, prompts: Sequence
     return seconds
 
 
+def caa_flops(shape: ModelShape, sets: Sequence[Sequence[int]]) -> float:
+    """FLOPs per trait of CAA's direction: each prompt set of ``sets`` (``PromptTokens.contrastive``, two a
+    trait) in batches of ``CAA_BATCH``, each batch right-padded to its longest prompt, without logits (the
+    pass stops after the last layer).
+
+    Example:
+        >>> shape = ModelShape(n_layers=1, d_model=8, d_mlp=16, n_heads=2, n_kv_heads=2, head_dim=4, vocab=1000,
+        ...                    tied=True)
+        >>> padded = caa_flops(shape, [[10] * 7 + [30], [10] * 8])   # one long prompt pads its batch
+        >>> round(padded / caa_flops(shape, [[10] * 8, [10] * 8]), 2)
+        2.33
+    """
+    from dpn_lens.baselines.caa import CAA_BATCH
+
+    flops = 0.0
+    for lengths in sets:
+        for start in range(0, len(lengths), CAA_BATCH):
+            batch = lengths[start:start + CAA_BATCH]
+            padded = max(batch)
+            flops += len(batch) * padded * shape.forward_flops_per_token(context=padded // 2)
+    return flops * 2 / max(len(sets), 1)
+
+
 def _probe_flops(shape: ModelShape, config: Any) -> float:
     """FLOPs of one KL probe pass: ``kl_chunks`` chunks of ``kl_tokens`` (and BOS), logits included."""
     return config.kl_chunks * (config.kl_tokens + 1) * shape.forward_flops_per_token(
@@ -1004,13 +1036,12 @@ def _seconds(shape: ModelShape, work: ControlWork, settings: ControlSettings, co
     probe = _probe_flops(shape, config)
     answers = 2 * config.pairs * answer * shape.forward_flops_per_token(context=int(question + answer / 2),
                                                                           logits=True)
-    # The questions run once per trait into the KV cache (``PairScorer``); CAA reads its direction from
-    # ``caa_pairs`` pairs of prompts (about question-sized).
+    # The questions run once per trait into the KV cache (``PairScorer``).
     questions = config.pairs * question * shape.forward_flops_per_token(context=int(question / 2))
     # Where ``score_cache_gib`` keeps part of their cache, the other batches' questions run in every pass too.
     cache = scoring_cache(shape, costs.dtype, config, prompts, costs.persona_answer_steps or costs.answer_steps)
     rerun = questions * cache.recomputed / max(cache.batches, 1)
-    caa = 2 * config.caa_pairs * question * shape.forward_flops_per_token(context=int(question / 2)) \
+    caa = caa_flops(shape, prompts.contrastive or [[round(persona)] * config.caa_pairs] * 2) \
         if "caa" in config.methods else 0
 
     def persona_scoring(contexts: int, answers: int) -> float:
@@ -1148,7 +1179,9 @@ def plan_control(spec: str, traits: Sequence[str], settings: ControlSettings, de
               "answer scoring": f"{work.answer_passes} passes over {2 * config.pairs} answers"
                                 + (_cache_note(scoring) if scoring is not None else ""),
               "persona control": f"{work.persona_passes} persona passes over {2 * config.pairs} answers",
-              "method preparation": f"CAA's direction from {config.caa_pairs} pairs of prompts",
+              "method preparation": f"CAA's direction from {config.caa_pairs} pairs of persona prompts"
+                                    + (f" (mean {_mean_tokens(prompts.contrastive):.0f} tokens)"
+                                       if prompts is not None and prompts.contrastive else ""),
               "budget sweep": f"{work.sweep_probe_passes} probe passes and {work.sweep_answer_passes} answer passes "
                               f"(about {BRACKET_PROBES} probes per budget point; at most: a budget that does not "
                               "reach the target KL makes no answer pass)",
@@ -1192,6 +1225,11 @@ def _cache_note(footprint: "CacheFootprint") -> str:
                 f"(--score-cache-gib): {footprint.recomputed} of {footprint.batches} batches' questions run again "
                 "each pass")
     return f"; the questions' cache holds {footprint.kept_bytes / gib:.2f} GiB (--score-cache-gib bounds it)"
+
+
+def _mean_tokens(sets: Sequence[Sequence[int]]) -> float:
+    """Mean prompt length over prompt sets: ``_mean_tokens([[10, 20], [30]]) == 20.0``."""
+    return sum(map(sum, sets)) / max(sum(map(len, sets)), 1)
 
 
 def _cached_note(settings: ControlSettings, traits: Sequence[str], kind: str) -> str:

@@ -147,6 +147,45 @@ def test_the_run_prompts_are_counted_from_its_data(tiny_folder, tmp_path):
     assert missing.selection == counted.selection
 
 
+def test_caas_direction_is_planned_over_its_own_persona_prompts(tiny_folder, tmp_path):
+    """CAA reads its direction from persona prompts (``caa_prompts``), about 2.4x (SmolLM2) to 3.7x (Gemma 3)
+    the held-out question's tokens. Planned as question-sized, Gemma's preparation was 0.38 of its 10 s."""
+    from dpn_lens.baselines.caa import CAA_BATCH
+    from dpn_lens.evaluation.control import ControlConfig
+    from dpn_lens.evaluation.methods import caa_prompts
+    from dpn_lens.hooked import tokenize_prompts
+    from dpn_lens.plan import model_shape, rendering_stub
+    from dpn_lens.plan_control import ControlSettings, PromptTokens, _seconds, caa_flops, control_work, prompt_tokens_of
+
+    config = ControlConfig(methods=["dpn-le", "caa"], pairs=16, caa_pairs=20, data_dir=str(tmp_path / "none"))
+    costs = control_costs(persona_tokens=91.0, prompt_tokens=41.0)
+    counted = prompt_tokens_of(str(tiny_folder), ["openness", "agreeableness"], config, costs)
+    stub = rendering_stub(str(tiny_folder))
+    expected = [[len(tokens) for tokens in tokenize_prompts(stub, pole)]
+                for trait in ("openness", "agreeableness") for pole in (caa_prompts(trait, config).high,
+                                                                       caa_prompts(trait, config).low)]
+    assert counted.contrastive == expected and all(len(lengths) == 20 for lengths in expected)
+    assert min(map(min, expected)) > counted.question      # persona prompts, longer than a question
+
+    shape = model_shape(str(tiny_folder))
+    settings = ControlSettings(config, maps_given=True)
+    planned = _seconds(shape, control_work(settings), settings, costs, counted)["method preparation"]
+    assert planned == pytest.approx(caa_flops(shape, expected) / costs.persona_flops_per_s)
+    # per trait: the two traits' four sets cost twice one trait's two
+    assert caa_flops(shape, expected) == pytest.approx((caa_flops(shape, expected[:2]) + caa_flops(shape, expected[2:]))
+                                                       / 2)
+    # each batch of CAA_BATCH is padded to its longest prompt
+    short_batch = caa_flops(shape, [[50] * CAA_BATCH] * 2) / 2
+    padded_batch = caa_flops(shape, [[50] * (CAA_BATCH - 1) + [100], [50] * CAA_BATCH]) - short_batch
+    assert padded_batch > 2 * short_batch                  # all its rows at 100 tokens, at a longer context
+    # without the run's prompts, two sets of the persona length stand in
+    bare = PromptTokens(held_out=[200], persona=170.0, question=60.0, selection=[150])
+    assert _seconds(shape, control_work(settings), settings, costs, bare)["method preparation"] == pytest.approx(
+        caa_flops(shape, [[170] * 20] * 2) / costs.persona_flops_per_s)
+    # and a run without CAA counts none of its prompts
+    assert prompt_tokens_of(str(tiny_folder), ["openness"], ControlConfig(methods=["dpn-le"]), costs).contrastive == []
+
+
 def test_measured_costs_record_answer_steps_and_the_prompt_pass_and_older_files_still_load(tiny_folder, tmp_path,
                                                                                              monkeypatch):
     from dpn_lens.plan import costs_file

@@ -18,9 +18,13 @@ from dpn_lens.data.contrastive import ContrastiveSet
 from dpn_lens.hooked import HookedModel, last_token_batches, read_hooks, StopForward
 from dpn_lens.steering import Maskable, Positions, check_gamma, check_positions, check_strength, direction_sign
 
-__all__ = ["ResidualIntervention", "residual_means", "caa_intervention", "caa_layer", "RESID_HOOK"]
+__all__ = ["ResidualIntervention", "residual_means", "caa_intervention", "caa_layer", "RESID_HOOK", "CAA_BATCH"]
 
 RESID_HOOK = "blocks.{layer}.hook_resid_post"
+
+CAA_BATCH = 8
+"""Prompts per forward pass of ``residual_means`` (right-padded to the batch's longest; ``dpn-lens plan``
+counts its passes so)."""
 
 
 @dataclass
@@ -78,7 +82,7 @@ class ResidualIntervention(Maskable):
         return [(RESID_HOOK.format(layer=self.layer), hook)]
 
 
-def residual_means(model: HookedModel, prompts: Sequence[str], batch_size: int = 8
+def residual_means(model: HookedModel, prompts: Sequence[str], batch_size: int = CAA_BATCH
                    ) -> tuple[Float[Tensor, "n_layers d_model"], Float[Tensor, "n n_layers d_model"]]:
     """``hook_resid_post`` at the last prompt token of every prompt, every layer (float64).
 

@@ -35,7 +35,7 @@ from typing import Any, Callable, Literal, Protocol, Sequence
 
 from dpn_lens.baselines import (PersonaPrompt, caa_intervention, dense_intervention, npti_intervention,
                                 npti_trait_statistics, persona_prompt, topk_intervention)
-from dpn_lens.data.contrastive import embedded_contrastive_set
+from dpn_lens.data.contrastive import ContrastiveSet, embedded_contrastive_set
 from dpn_lens.effect.rules import EFFECT_RULES
 from dpn_lens.localization.neuron_map import NeuronMap
 from dpn_lens.steering import Edit, direction_sign, steering_intervention
@@ -52,7 +52,7 @@ class MethodSettings(Protocol):
     caa_pairs: int
 
 __all__ = ["ComparisonMethod", "MethodSettings", "TraitContext", "Condition", "COMPARISON_METHODS", "METHODS_BY_NAME",
-           "METHOD_NAMES", "DEFAULT_METHOD_NAMES", "effect_rules_needed", "neuron_methods"]
+           "METHOD_NAMES", "DEFAULT_METHOD_NAMES", "effect_rules_needed", "neuron_methods", "caa_prompts"]
 
 Direction = Literal["increase", "decrease"]
 Condition = tuple["Edit | None", "PersonaPrompt | None"]
@@ -195,9 +195,20 @@ def _npti(model: Any, context: TraitContext, direction: Direction, gamma: float 
     return npti_intervention(model, context.state["npti"], direction, gamma), None
 
 
+def caa_prompts(trait: str, config: MethodSettings) -> ContrastiveSet:
+    """The prompts CAA reads its direction from in a comparison: ``config.caa_pairs`` embedded persona
+    prompts per pole (``dpn-lens plan`` counts their tokens from here too).
+
+    Example:
+        >>> len(caa_prompts("openness", type("Config", (), {"caa_pairs": 3})()))
+        3
+    """
+    return embedded_contrastive_set(trait, config.caa_pairs, seed=42)
+
+
 def _caa_prepare(model: Any, trait: str, config: MethodSettings) -> Any:
     # The unit-strength increase vector; each condition scales and signs it.
-    return caa_intervention(model, embedded_contrastive_set(trait, config.caa_pairs, seed=42), 1.0)
+    return caa_intervention(model, caa_prompts(trait, config), 1.0)
 
 
 def _caa(model: Any, context: TraitContext, direction: Direction, gamma: float | None) -> Condition:
