@@ -39,7 +39,12 @@ from torch import Tensor
 
 from dpn_lens.hooked import input_device
 
-__all__ = ["eos_ids", "left_pad_with_own_token", "greedy_generate"]
+__all__ = ["eos_ids", "left_pad_with_own_token", "greedy_generate", "GENERATION_BATCH"]
+
+GENERATION_BATCH = 16
+"""Prompts a run generates together where no setting names a batch: the selection pairs
+(``effect.pairs.selection_pairs``, ``effect_scores``' ``selection_batch``) and the generation check
+(``evaluation.generation_check.generated_answers``). ``dpn-lens plan`` counts their batches from here."""
 
 
 def eos_ids(model: Any) -> list[int]:

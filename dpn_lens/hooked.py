@@ -25,7 +25,8 @@ from dpn_lens.data.prompts import render_for_model
 
 __all__ = ["HookedModel", "HOOK_NAME", "hook_name", "read_hooks", "frozen_weights", "leaf_hook", "hf_model", "hf_module", "decoder_layers", "down_proj_weight",
            "post_mlp_norm", "require_hooked_model", "check_layers", "pad_token_id",
-           "pad_token_lists", "input_device", "tokenize_prompts", "last_token_batches", "encode", "StopForward"]
+           "pad_token_lists", "input_device", "tokenize_prompts", "last_token_batches", "encode", "StopForward",
+           "forward_until_stopped", "require_fired"]
 
 HOOK_NAME = "blocks.{layer}.mlp.hook_post"
 """The neuron activation of DPN-LE: the input of the MLP output projection."""
@@ -69,13 +70,35 @@ class StopForward(Exception):
         ...     seen.append(tuple(activation.shape))
         ...     raise StopForward
         >>> with read_hooks(model, [(hook_name(0), last)]):
-        ...     try:
-        ...         model(torch.tensor([[1, 2, 3]]))
-        ...     except StopForward:
-        ...         pass
+        ...     forward_until_stopped(model, torch.tensor([[1, 2, 3]]))
         >>> seen                     # layer 0 was read; the others and the unembedding did not run
         [(1, 3, 48)]
     """
+
+
+def forward_until_stopped(model: HookedModel, input_ids: Tensor, **kwargs: Any) -> None:
+    """``model(input_ids, **kwargs)`` for its hooks' sake: a ``StopForward`` a hook raises ends the pass here
+    (the output, if the pass runs to its end, is dropped)."""
+    try:
+        model(input_ids, **kwargs)
+    except StopForward:
+        pass
+
+
+def require_fired(fired: int, expected: int, points: str = "MLP hook points") -> None:
+    """A reading pass's check that each of its ``expected`` hooks fired: a model whose forward pass skips
+    ``points`` would otherwise give statistics of nothing.
+
+    Example:
+        >>> require_fired(3, 3)
+        >>> require_fired(2, 3)
+        Traceback (most recent call last):
+        ...
+        RuntimeError: only 2 of 3 hooks fired; the model's forward pass does not run through its MLP hook points
+    """
+    if fired != expected:
+        raise RuntimeError(f"only {fired} of {expected} hooks fired; the model's forward pass does not run "
+                           f"through its {points}")
 
 
 @contextlib.contextmanager

@@ -24,6 +24,7 @@ from dpn_lens.data import (
     personalitybench_contrastive_set,
 )
 from dpn_lens.effect.rules import SELECTION_PAIRS, SELECTION_TOKENS, select_by_effect
+from dpn_lens.generation import GENERATION_BATCH
 from dpn_lens.localization.localize import LocalizationSettings, locate
 from dpn_lens.localization.neuron_map import NeuronMap
 from dpn_lens.io import write_text_atomic
@@ -160,7 +161,7 @@ class LocateConfig:
     selection_pairs: int = SELECTION_PAIRS
     selection_seed: int = 0
     selection_tokens: int = SELECTION_TOKENS
-    selection_batch: int = 16
+    selection_batch: int = GENERATION_BATCH
 
     def __post_init__(self) -> None:
         self.traits = parse_traits(self.traits)
@@ -177,7 +178,7 @@ class LocateConfig:
         self.selection_pairs = as_int(self.selection_pairs, "selection_pairs", "128", minimum=2)
         self.selection_seed = as_int(self.selection_seed, "selection_seed", "0")
         self.selection_tokens = as_int(self.selection_tokens, "selection_tokens", "48", minimum=1)
-        self.selection_batch = as_int(self.selection_batch, "selection_batch", "16", minimum=1)
+        self.selection_batch = as_int(self.selection_batch, "selection_batch", str(GENERATION_BATCH), minimum=1)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready copy (paths as strings)."""

@@ -15,7 +15,8 @@ from jaxtyping import Float
 from torch import Tensor
 
 from dpn_lens.data.contrastive import ContrastiveSet
-from dpn_lens.hooked import HookedModel, last_token_batches, read_hooks, StopForward
+from dpn_lens.hooked import (HookedModel, forward_until_stopped, last_token_batches, read_hooks, require_fired,
+                             StopForward)
 from dpn_lens.steering import Maskable, Positions, check_gamma, check_positions, check_strength, direction_sign
 
 __all__ = ["ResidualIntervention", "residual_means", "caa_intervention", "caa_layer", "RESID_HOOK", "CAA_BATCH"]
@@ -107,13 +108,8 @@ def residual_means(model: HookedModel, prompts: Sequence[str], batch_size: int =
         for ids, mask, last_index in last_token_batches(model, prompts, batch_size):
             last[:] = [last_index]
             captured.clear()
-            try:
-                model(ids, attention_mask=mask)
-            except StopForward:
-                pass
-            if len(captured) != n_layers:
-                raise RuntimeError(f"only {len(captured)} of {n_layers} residual hooks fired; the model's forward "
-                                   "pass does not run through its hook_resid_post points")
+            forward_until_stopped(model, ids, attention_mask=mask)
+            require_fired(len(captured), n_layers, "hook_resid_post points")
             samples.append(torch.stack([captured[layer] for layer in range(n_layers)], dim=1))
     stacked = torch.cat(samples)
     return stacked.mean(0), stacked

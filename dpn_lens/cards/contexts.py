@@ -28,7 +28,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from dpn_lens.hooked import hook_name, input_device, pad_token_id, pad_token_lists, read_hooks, StopForward
+from dpn_lens.hooked import (forward_until_stopped, hook_name, input_device, pad_token_id, pad_token_lists, read_hooks,
+                             require_fired, StopForward)
 
 __all__ = ["TopContexts", "ScanResult", "scan", "text_windows", "Neuron"]
 
@@ -164,13 +165,8 @@ def scan(model: Any, neurons: Sequence[Neuron], token_lists: Iterable[Sequence[i
         nonlocal counter
         ids, mask = pad_token_lists(chunk, pad, "right")
         captured.clear()
-        try:
-            model(ids.to(device), attention_mask=mask.to(device))
-        except StopForward:
-            pass
-        if len(captured) != len(layers):
-            raise RuntimeError(f"only {len(captured)} of {len(layers)} hooks fired; the model's forward pass does "
-                               "not run through its MLP hook points")
+        forward_until_stopped(model, ids.to(device), attention_mask=mask.to(device))
+        require_fired(len(captured), len(layers))
         activations = torch.cat([captured[layer] for layer in layers], dim=-1)[..., permutation]   # [batch, pos, n]
         numbers = torch.arange(counter, counter + len(chunk))
         found.update(activations, ids, mask, numbers)

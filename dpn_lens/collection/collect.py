@@ -32,7 +32,7 @@ from torch import Tensor
 
 from dpn_lens.data.contrastive import ContrastiveSet
 from dpn_lens.hooked import (HOOK_NAME, HookedModel, check_layers, hook_name, input_device, pad_token_id, read_hooks,
-                             pad_token_lists, StopForward, tokenize_compact)
+                             pad_token_lists, require_fired, StopForward, forward_until_stopped, tokenize_compact)
 from dpn_lens.collection.prefix import (DEFAULT_MIN_SAVING, PrefixGroup, expand_cache, new_prefix_cache, plan_prefix_tree,
                              prefix_cache_unsupported)
 from dpn_lens.collection.statistics import ContrastStatistics, GroupStatistics
@@ -241,16 +241,10 @@ def collect_group_statistics(model: HookedModel, prompts: Sequence[str], config:
         readout[0] = reader
         captured[:] = [None] * len(chosen)
         extra = {} if cache is None else {"past_key_values": cache}
-        try:
-            model(input_ids, attention_mask=attention_mask, **extra)
-        except StopForward:
-            pass
+        forward_until_stopped(model, input_ids, attention_mask=attention_mask, **extra)
 
     def fold(n_prompts: int) -> None:
-        fired = sum(value is not None for value in captured)
-        if fired != len(chosen):
-            raise RuntimeError(f"only {fired} of {len(chosen)} hooks fired; the model's forward "
-                               "pass does not run through its MLP hook points")
+        require_fired(sum(value is not None for value in captured), len(chosen))
         # One stack and one float64 fold per batch (not per layer).
         stats.update(torch.stack([value.to(stats_device) for value in captured], dim=1))
         bar.update(n_prompts)

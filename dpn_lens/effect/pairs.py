@@ -29,6 +29,7 @@ from typing import Any, Callable, Sequence
 from dpn_lens.data.contrastive import embedded_personas, embedded_questions
 from dpn_lens.effect.defaults import SELECTION_PAIRS, SELECTION_TOKENS
 from dpn_lens.evaluation.preference import PreferencePair, generate_persona_pairs, pairs_cache_file
+from dpn_lens.generation import GENERATION_BATCH
 from dpn_lens.io import write_json_atomic
 from dpn_lens.traits import normalize_trait
 
@@ -61,7 +62,7 @@ def selection_pairs_key(questions: Sequence[str], highs: Sequence[str], lows: Se
 
 def selection_pairs(model: Any, trait: str, n_pairs: int = SELECTION_PAIRS, seed: int = 0,
                     max_new_tokens: int = SELECTION_TOKENS, cache: bool = True,
-                    log: Callable[[str], None] | None = None, batch_size: int = 16) -> list[PreferencePair]:
+                    log: Callable[[str], None] | None = None, batch_size: int = GENERATION_BATCH) -> list[PreferencePair]:
     """The model's greedy answers to embedded questions under embedded high and low personas (module note).
 
     Args:
@@ -85,7 +86,7 @@ def selection_pairs(model: Any, trait: str, n_pairs: int = SELECTION_PAIRS, seed
     n_pairs = as_int(n_pairs, "n_pairs (selection averages over pairs)", "128", minimum=2)
     seed = as_int(seed, "seed", "0")
     max_new_tokens = as_int(max_new_tokens, "max_new_tokens", "48", minimum=1)
-    batch_size = as_int(batch_size, "batch_size", "16", minimum=1)
+    batch_size = as_int(batch_size, "batch_size", str(GENERATION_BATCH), minimum=1)
     questions, highs, lows = selection_material(trait)
     path = pairs_cache_file(model, "selection_pairs", trait, batch_size=batch_size,
                             **selection_pairs_key(questions, highs, lows, n_pairs, seed, max_new_tokens))

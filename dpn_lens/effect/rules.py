@@ -53,6 +53,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from dpn_lens.effect.defaults import SELECTION_PAIRS, SELECTION_TOKENS
+from dpn_lens.generation import GENERATION_BATCH
 from dpn_lens.localization.neuron_map import DUAL_CRITERION, NeuronMap
 from dpn_lens.numbers import as_int
 from dpn_lens.localization.settings import LocalizationSettings
@@ -240,7 +241,7 @@ def _write(model: Any, base: NeuronMap, rule: SelectionRule, contrastive_pairs: 
 
 def effect_scores(model: Any, base: NeuronMap, rule: str, *, pairs: Sequence[Any] | None = None,
                   n_pairs: int | None = None, seed: int = 0, contrastive_pairs: int = CONTRASTIVE_PAIRS,
-                  selection_tokens: int = SELECTION_TOKENS, selection_batch: int = 16, memo: dict[Any, Any] | None = None,
+                  selection_tokens: int = SELECTION_TOKENS, selection_batch: int = GENERATION_BATCH, memo: dict[Any, Any] | None = None,
                   log: Callable[[str], None] | None = None, cache_pairs: bool = True) -> EffectScores:
     """Score every neuron of ``base``'s collected layers by an effect rule (module note).
 
@@ -270,7 +271,7 @@ def effect_scores(model: Any, base: NeuronMap, rule: str, *, pairs: Sequence[Any
     seed = as_int(seed, "seed", "0")
     contrastive_pairs = as_int(contrastive_pairs, "contrastive_pairs", "50", minimum=1)
     selection_tokens = as_int(selection_tokens, "selection_tokens", "48", minimum=1)
-    selection_batch = as_int(selection_batch, "selection_batch", "16", minimum=1)
+    selection_batch = as_int(selection_batch, "selection_batch", str(GENERATION_BATCH), minimum=1)
     key = (chosen.score, chosen.direction, n_pairs, seed, selection_tokens, selection_batch, contrastive_pairs, id(base))
     if memo is not None and pairs is None and key in memo:
         raw, details = memo[key]

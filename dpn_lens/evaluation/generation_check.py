@@ -34,7 +34,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from dpn_lens.data.prompts import render_for_model, render_roleplay_prompt
-from dpn_lens.generation import greedy_generate
+from dpn_lens.generation import GENERATION_BATCH, greedy_generate
 from dpn_lens.hooked import encode
 from dpn_lens.steering import Edit, steer
 
@@ -54,7 +54,7 @@ def answer_token_logprobs(model: Any, contexts: Sequence[list[int]], answers: Se
 
 
 def generated_answers(model: Any, questions: Sequence[str], edit: Edit | None = None, max_new_tokens: int = 48,
-                      batch_size: int = 16) -> list[list[int]]:
+                      batch_size: int = GENERATION_BATCH) -> list[list[int]]:
     """Greedy answer token ids to ``questions`` (chat template, no persona) with ``edit`` as its method applies it."""
     prompts = [encode(model, render_for_model(model, question)) for question in questions]
     with steer(model, edit):
