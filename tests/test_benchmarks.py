@@ -167,16 +167,20 @@ def test_every_benchmark_command_in_the_docs_parses(bench):
 
 
 def test_the_overhead_benchmark_runs_and_the_bridge_matches_the_raw_model(capsys):
-    """benchmarks/bench_overhead.py on the tiny model: the bridge's greedy tokens equal the raw HF model's
-    (unsteered, and steered by the same edit through plain PyTorch hooks), and its statistics equal raw hooks'."""
+    """benchmarks/bench_overhead.py on the tiny model: the bridge's greedy tokens equal the raw HF model's (a
+    second copy, no bridge component in it), unsteered and steered by the same edit through plain PyTorch hooks,
+    one prompt at a time and in a padded batch; and its statistics equal raw hooks'."""
     spec = importlib.util.spec_from_file_location("bench_overhead", SCRIPT.parent / "bench_overhead.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     results = module.main(["--model", "tiny", "--repeats", "1", "--prompts", "2", "--new-tokens", "6",
-                           "--collect-prompts", "6", "--batch-size", "4", "--neurons", "12"])
+                           "--collect-prompts", "6", "--batch-size", "4", "--neurons", "12", "--batches", "1,4"])
     generation, collection = results["generation"], results["collection"]
-    assert generation["same_tokens_unsteered"] and generation["same_tokens_steered"]
-    assert generation["steering_changed_tokens"]            # the edit is strong enough to be seen
+    for batch in (1, 4):
+        row = generation["batches"][batch]
+        assert row["same_tokens_unsteered"] and row["same_tokens_steered"]
+        assert row["steering_changed_tokens"]               # the edit is strong enough to be seen
+    assert generation["batches"][4]["rows"] == 4
     assert collection["max_abs_mean_difference"] < 1e-5
     assert "[generation tiny" in capsys.readouterr().out
