@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 __all__ = ["ModelShape", "MachineCosts", "StagePlan", "RunPlan", "model_shape", "measure_costs", "plan_locate",
-           "status_bytes", "reset_peak", "costs_file", "read_costs", "timed", "rendering_stub", "GPU_SIZES_GIB"]
+           "status_bytes", "reset_peak", "costs_file", "read_costs", "timed", "rendering_stub", "GPU_SIZES_GIB",
+           "ForwardRates", "fit_forward_rates"]
 
 GPU_SIZES_GIB = (16, 24, 40, 48, 80, 141)
 """GPU memory sizes the plan checks (GiB): T4/V100-16, 4090/L4, A100-40, A6000/L40, A100/H100-80, H200."""
@@ -227,6 +228,46 @@ def _startup_seconds() -> float:
     return min(times)
 
 
+@dataclass
+class ForwardRates:
+    """Collection's forward time on this machine as ``flops * seconds_per_flop + calls * seconds_per_call``
+    (``fit_forward_rates``), with the two timed runs it was fitted from."""
+
+    seconds_per_flop: float
+    seconds_per_call: float
+    runs: list[tuple[dict[str, int], float]]
+    """``(locate_work, seconds)`` of the plain run, then of the shared-prefix run."""
+
+    def seconds(self, work: dict[str, int]) -> float:
+        """Predicted forward seconds of ``work`` (``locate_work``).
+
+        Example:
+            >>> ForwardRates(1e-9, 0.01, []).seconds({"flops": 2e9, "calls": 10})
+            2.1
+        """
+        return work["flops"] * self.seconds_per_flop + work["calls"] * self.seconds_per_call
+
+
+def fit_forward_rates(model: Any, shape: ModelShape, pairs: Any, device: str = "cpu") -> ForwardRates:
+    """Time collection of ``pairs`` twice, plain (few large calls) and with shared prefixes (many small
+    ones), and solve the two runs for the two unknowns of ``seconds = flops * seconds_per_flop + calls *
+    seconds_per_call``. Where noise swamps one term, all of it goes to FLOPs."""
+    from dpn_lens.collection.collect import CollectionConfig, collect_statistics
+
+    runs = []
+    for share in (False, True):
+        config = CollectionConfig(progress=False, share_prefix=share)
+        work = locate_work(model, shape, [pairs], config, device)
+        runs.append((work, timed(lambda: collect_statistics(model, pairs, config), device)))
+    (plain, t_plain), (shared, t_shared) = runs
+    determinant = plain["flops"] * shared["calls"] - shared["flops"] * plain["calls"]
+    seconds_per_flop = (t_plain * shared["calls"] - t_shared * plain["calls"]) / determinant if determinant else 0.0
+    seconds_per_call = (plain["flops"] * t_shared - shared["flops"] * t_plain) / determinant if determinant else -1.0
+    if seconds_per_flop <= 0 or seconds_per_call < 0:     # noise swamped one term: attribute it all to FLOPs
+        seconds_per_flop, seconds_per_call = (t_plain + t_shared) / (plain["flops"] + shared["flops"]), 0.0
+    return ForwardRates(seconds_per_flop, seconds_per_call, runs)
+
+
 def measure_costs(model_spec: str, device: str = "cpu", dtype: str = "float32", n_prompts: int = 24,
                   save: bool = True) -> MachineCosts:
     """Time ``collect_statistics`` (the locate path, default settings) on ``n_prompts`` pairs of embedded
@@ -254,19 +295,9 @@ def measure_costs(model_spec: str, device: str = "cpu", dtype: str = "float32", 
     resident = max(status_bytes("VmRSS") - runtime, 0)
     pairs = embedded_contrastive_set("openness", n_pairs=n_prompts, seed=7)
     collect_statistics(model, embedded_contrastive_set("openness", n_pairs=2, seed=8), CollectionConfig(progress=False))
-    # Two runs of the same prompts, few large calls (plain) and many small ones (shared prefixes), give
-    # the two unknowns of seconds = flops / flops_per_s + calls * seconds_per_call.
-    runs = []
-    for share in (False, True):
-        config = CollectionConfig(progress=False, share_prefix=share)
-        work = locate_work(model, shape, [pairs], config, device)
-        runs.append((work, timed(lambda: collect_statistics(model, pairs, config), device)))
-    (plain, t_plain), (shared, t_shared) = runs
-    determinant = plain["flops"] * shared["calls"] - shared["flops"] * plain["calls"]
-    seconds_per_flop = (t_plain * shared["calls"] - t_shared * plain["calls"]) / determinant
-    seconds_per_call = (plain["flops"] * t_shared - shared["flops"] * t_plain) / determinant
-    if seconds_per_flop <= 0 or seconds_per_call < 0:     # noise swamped one term: attribute it all to FLOPs
-        seconds_per_flop, seconds_per_call = (t_plain + t_shared) / (plain["flops"] + shared["flops"]), 0.0
+    rates = fit_forward_rates(model, shape, pairs, device)
+    seconds_per_flop, seconds_per_call = rates.seconds_per_flop, rates.seconds_per_call
+    (plain, t_plain), (shared, t_shared) = rates.runs
     # One whole trait of locate (the pipeline, with its folder): what is not forward passes is per-trait cost.
     import tempfile
 

@@ -1025,6 +1025,7 @@ def _seconds(shape: ModelShape, work: ControlWork, settings: ControlSettings, co
     """Seconds per trait for each kind of work; ``prompts``: the run's prompt lengths (``prompt_tokens_of``;
     None: the sample's, ``costs.persona_tokens`` and ``costs.prompt_tokens``)."""
     from dpn_lens.effect.rules import SELECTION_TOKENS
+    from dpn_lens.generation import GENERATION_BATCH
 
     config = settings.config
     answer = costs.answer_fill * config.max_new_tokens
@@ -1075,7 +1076,8 @@ def _seconds(shape: ModelShape, work: ControlWork, settings: ControlSettings, co
     asking = [round(prompts.question)]
     return {"held-out pairs": generation(prompts.held_out, work.generated_answers, config.max_new_tokens,
                                          config.pair_batch, under_persona),
-            "selection": (generation(prompts.selection, work.selection_generated, SELECTION_TOKENS, 16, under_persona)
+            "selection": (generation(prompts.selection, work.selection_generated, SELECTION_TOKENS, GENERATION_BATCH,
+                                     under_persona)
                           + gradient / costs.gradient_flops_per_s + costs.gradient_seconds)
             if work.selection_answers else 0.0,
             "KL curves": work.probe_passes * probe / costs.probe_flops_per_s,
@@ -1085,7 +1087,8 @@ def _seconds(shape: ModelShape, work: ControlWork, settings: ControlSettings, co
             "method preparation": caa / costs.persona_flops_per_s,
             "budget sweep": work.sweep_probe_passes * probe / costs.probe_flops_per_s
             + (work.sweep_answer_passes * answers / costs.answer_flops_per_s if work.sweep_answer_passes else 0.0),
-            "generation check": (work.generation_sets * generation(asking, asked, config.max_new_tokens, 16)
+            "generation check": (work.generation_sets * generation(asking, asked, config.max_new_tokens,
+                                                                   GENERATION_BATCH)
                                  + work.generation_scored * scored / costs.persona_flops_per_s)
             if work.generation_sets else 0.0}
 
@@ -1492,7 +1495,7 @@ def generation_peak_bytes(costs: ControlCosts, work: ControlWork, config: Any, p
     """Memory of a run's greedy generation beyond the loaded model and the probe's reference: the sample's
     (``costs.generation_extra_bytes``) scaled by how many more rows x padded tokens the run's largest batch
     prompt-passes than the sample's largest. The held-out and the selection pairs are generated in batches
-    of ``config.pair_batch`` and 16 after persona prompts, the generation check's sets 16 at a time after
+    of ``config.pair_batch`` and ``GENERATION_BATCH`` after persona prompts, the generation check's sets as many at a time after
     their questions alone. 0 for a file measured before it, or a run that generates nothing.
 
     Example:
@@ -1502,11 +1505,13 @@ def generation_peak_bytes(costs: ControlCosts, work: ControlWork, config: Any, p
         >>> generation_peak_bytes(costs, work, config, PromptTokens([150, 120], 140.0, 50.0, [90]))
         1500
     """
+    from dpn_lens.generation import GENERATION_BATCH
+
     if not costs.generation_extra_bytes or not costs.generation_batch_tokens:
         return 0
     batches = [min(config.pair_batch, work.generated_answers) * max(prompts.held_out, default=0),
-               min(16, work.selection_generated) * max(prompts.selection, default=0),
-               min(16, work.generation_questions) * prompts.question]
+               min(GENERATION_BATCH, work.selection_generated) * max(prompts.selection, default=0),
+               min(GENERATION_BATCH, work.generation_questions) * prompts.question]
     return int(costs.generation_extra_bytes * max(batches) / costs.generation_batch_tokens)
 
 

@@ -70,7 +70,8 @@ def test_every_dpn_lens_command_in_the_docs_parses(capsys):
 
 
 @pytest.mark.parametrize("script", ["benchmarks/bench_cards.py", "benchmarks/bench_overhead.py",
-                                    "benchmarks/bench_plan.py", "scripts/screenshot_explorer.py"])
+                                    "benchmarks/bench_plan.py", "benchmarks/bench_real_size.py",
+                                    "scripts/screenshot_explorer.py"])
 def test_every_documented_script_command_parses(script, capsys):
     path = ROOT / script
     spec = importlib.util.spec_from_file_location(path.stem, path)
