@@ -43,10 +43,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))          # bench_perf's perf/ beside this file
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))      # the package beside benchmarks/
 
-from perf.common import LOAD_OPTIONS, TINY, batches, bench_edit, interleaved, load, median, ratio  # noqa: E402
+from perf.common import LOAD_OPTIONS, batches, bench_edit, interleaved, load, median, ratio, raw_model  # noqa: E402
 from dpn_lens import Intervention, embedded_contrastive_set, steer  # noqa: E402
 from dpn_lens.generation import eos_ids, greedy_generate, left_pad_with_own_token  # noqa: E402
-from dpn_lens.models import load_hf_model  # noqa: E402
 from dpn_lens.collection.collect import CollectionConfig, collect_group_statistics  # noqa: E402
 from dpn_lens.data.prompts import render_for_model  # noqa: E402
 from dpn_lens.hooked import decoder_layers, pad_token_id, tokenize_compact  # noqa: E402
@@ -63,22 +62,6 @@ def _hf_pre_hooks(hf_model: Any, edit: Intervention) -> list[Any]:
             return (hidden + delta.to(hidden.device, hidden.dtype),)
         handles.append(decoder_layers(hf_model)[layer].mlp.down_proj.register_forward_pre_hook(hook))
     return handles
-
-
-def raw_model(spec: str, dtype: str, device: str, random_weights: bool) -> Any:
-    """A second copy of the model as Hugging Face loads it, with no bridge component in it (same weights:
-    the same file, or the same seed)."""
-    if spec == TINY:
-        from dpn_lens.tiny import build_tiny_hf_model
-
-        raw = build_tiny_hf_model(max_positions=512)[0].to(getattr(torch, dtype))
-    else:
-        raw = load_hf_model(spec, dtype=dtype, device=None if device == "cpu" else device,
-                            random_weights=random_weights)[0]
-    wrapped = [type(module).__name__ for module in raw.modules() if type(module).__name__.endswith("Bridge")]
-    if wrapped:
-        raise RuntimeError(f"the raw model holds bridge components ({wrapped[0]}); load a fresh copy")
-    return raw.to(device).eval()
 
 
 def bench_generation(model: Any, raw: Any, n_prompts: int, new_tokens: int, repeats: int, neurons_per_layer: int,

@@ -18,8 +18,10 @@ For each architecture, in one process:
   model (``plan.fit_forward_rates``, fitted on a ``--fit-pairs`` sample as ``dpn-lens plan --measure`` fits
   it) against the measured times (target: within 25%).
 * **generation**: greedy tokens/s at batch 1 and at batch 16 (``--new-tokens`` each) of the raw Hugging Face
-  ``generate`` and of ``dpn_lens.generation.greedy_generate``, unsteered and inside ``steer`` with a
-  DPN-LE-sized decode-only edit (0.5% of the neurons); steered / raw is the issue's target (>= 0.9).
+  ``generate`` (a second copy of the model with the same seeded weights, loaded after collection; the
+  bridge's ``original_model`` holds the bridge's components) and of ``dpn_lens.generation.greedy_generate``,
+  unsteered and inside ``steer`` with a DPN-LE-sized decode-only edit (0.5% of the neurons); steered / raw is
+  the issue's target (>= 0.9).
 
 On the CPU, ``--scale tiny`` shrinks each architecture (2 layers, width 64) for a smoke run whose timings mean
 nothing (``tests/test_real_size_bench.py``).
@@ -49,12 +51,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))          # bench_perf's perf/ beside this file
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))      # the package beside benchmarks/
 
-from perf.common import bench_edit  # noqa: E402
+from perf.common import bench_edit, raw_model  # noqa: E402
 from dpn_lens import embedded_contrastive_set, load_model, steer  # noqa: E402
 from dpn_lens.collection.collect import CollectionConfig, collect_statistics  # noqa: E402
 from dpn_lens.data.prompts import render_for_model  # noqa: E402
-from dpn_lens.generation import greedy_generate  # noqa: E402
-from dpn_lens.hooked import encode, pad_token_id, pad_token_lists  # noqa: E402
+from dpn_lens.generation import eos_ids, greedy_generate, left_pad_with_own_token  # noqa: E402
+from dpn_lens.hooked import encode  # noqa: E402
 from dpn_lens.plan import fit_forward_rates, locate_work, model_shape, plan_locate, reset_peak, status_bytes  # noqa: E402
 
 ARCHITECTURES: dict[str, dict[str, Any]] = {
@@ -207,25 +209,30 @@ def bench_collection(model: Any, folder: Path, device: str, dtype: str, pairs: i
     return result
 
 
-def bench_generation(model: Any, device: str, batches: list[int], new_tokens: int, repeats: int) -> dict[str, Any]:
-    hf_model = model.original_model
+def bench_generation(model: Any, raw: Any, device: str, batches: list[int], new_tokens: int, repeats: int
+                     ) -> dict[str, Any]:
+    """``raw``: a second copy of the model with no bridge component (``perf.common.raw_model``; the bridge's
+    ``original_model`` holds its components)."""
+    hf_model = raw
+    raw_bytes = sum(p.numel() * p.element_size() for p in raw.parameters())
     questions = embedded_contrastive_set("openness", n_pairs=max(batches)).high
     prompts = [encode(model, render_for_model(model, question)) for question in questions]
     n_layers, d_mlp = int(model.cfg.n_layers), int(model.cfg.d_mlp)
     edit = bench_edit(model, max(1, round(EDITED_SHARE * n_layers * d_mlp / (n_layers - n_layers // 2))), 2.0)
-    pad = pad_token_id(model.tokenizer)
+    stop = eos_ids(model)
     result: dict[str, Any] = {"new_tokens": new_tokens, "edited_neurons": edit.n_edited, "batches": {}}
     for batch in batches:
         chosen = prompts[:batch]
         outputs: dict[str, list[list[int]]] = {}
-        ids, mask = pad_token_lists(chosen, pad, "left")
+        ids, mask = left_pad_with_own_token(chosen)           # as greedy_generate pads: the same tokens run
         ids, mask = ids.to(device), mask.to(device)
 
         def hf() -> None:
             with torch.inference_mode():
-                out = hf_model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                                        do_sample=False, pad_token_id=pad)
-            outputs["hf"] = out[:, ids.shape[1]:].tolist()
+                out = hf_model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
+                                        eos_token_id=stop or None, pad_token_id=stop[0] if stop else 0)
+            outputs["hf"] = [row[:next((i for i, t in enumerate(row) if t in stop), len(row))]
+                             for row in out[:, ids.shape[1]:].tolist()]
 
         def bridge(name: str = "bridge") -> None:
             outputs[name] = greedy_generate(model, chosen, new_tokens, batch_size=batch)
@@ -239,11 +246,12 @@ def bench_generation(model: Any, device: str, batches: list[int], new_tokens: in
         tokens = {name: sum(map(len, answers)) for name, answers in outputs.items()}
         speed = {name: tokens[name] / statistics.median(times) for name, times in seconds.items()}
         result["batches"][batch] = {
-            "tokens_per_s": speed, "tokens": tokens, "peak_bytes": peak_memory(device, held),
+            # the raw copy's weights left out of the GPU's peak: what the toolkit's generation needs
+            "tokens_per_s": speed, "tokens": tokens,
+            "peak_bytes": peak_memory(device, held) - (raw_bytes if device != "cpu" else 0),
             "bridge_over_hf": speed["bridge"] / speed["hf"], "steered_over_hf": speed["bridge_steered"] / speed["hf"],
             "steered_over_unsteered": speed["bridge_steered"] / speed["bridge"],
-            # greedy_generate stops a row at EOS; the raw generate was told to run on (min_new_tokens)
-            "same_tokens_as_hf": [a[:len(b)] for a, b in zip(outputs["hf"], outputs["bridge"])] == outputs["bridge"]}
+            "same_tokens_as_hf": outputs["hf"] == outputs["bridge"]}
     return result
 
 
@@ -271,7 +279,10 @@ def bench_architecture(arch: str, args: argparse.Namespace, work_dir: Path, peak
     print(f"[{arch} collection] shared/plain time {c['shared_over_plain_time']:.2f} (sharing pays below 1) | max "
           f"|mean difference| {c['max_abs_mean_difference']:.1e} | peak {c['peak_bytes'] / 1024 ** 3:.2f} GiB "
           f"({result['memory_is']}), planned {c['planned_peak_bytes'] / 1024 ** 3:.2f} GiB", flush=True)
-    g = result["generation"] = bench_generation(model, device, args.batches, args.new_tokens, args.repeats)
+    # the raw copy only now, after collection's memory was read (an 8B model: 16 GB more)
+    raw = raw_model(str(folder), args.dtype, device, random_weights=True)
+    g = result["generation"] = bench_generation(model, raw, device, args.batches, args.new_tokens, args.repeats)
+    del raw
     for batch, row in g["batches"].items():
         speed = row["tokens_per_s"]
         print(f"[{arch} generation batch {batch}] tokens/s: hf {speed['hf']:.1f}, bridge {speed['bridge']:.1f}, "

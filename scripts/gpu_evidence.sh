@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 25's GPU evidence in one command, on a lent GPU machine (the device tool), which reaches no network.
 # Here first:   python scripts/prepare_gpu_carry.py          (fills the git-ignored .gpu/: wheels, tokenizer)
-# Then:         device run  command="bash scripts/gpu_evidence.sh"  carry=[".gpu"]  timeout_s=540
+# Then:         device run  command="bash scripts/gpu_evidence.sh"  carry=[".gpu"]  timeout_s=590
 # It installs the carried wheels beside the image's torch and transformers, prints the versions and the
 # GPU, and runs benchmarks/bench_real_size.py on LLaMA-3-8B and Qwen2.5-7B (random weights, bfloat16).
 # Results: $OUT/real_size.json and $OUT/real_size.log (both also printed). BENCH_ARGS adds options; DEVICE=cpu
@@ -20,6 +20,6 @@ DEVICE=${DEVICE:-cuda}
 python3 -c "import sys, torch, transformer_lens; from importlib.metadata import version; print('python', \
 sys.version.split()[0], '| torch', torch.__version__, '|', ', '.join(f'{name} {version(name)}' for name in \
 ('transformers', 'transformer-lens', 'numpy')))" | tee -a "$OUT/gpu.txt" || exit 4
-timeout "${BENCH_TIMEOUT:-480}" python3 benchmarks/bench_real_size.py --device "$DEVICE" --tokenizer .gpu/tokenizer \
+timeout "${BENCH_TIMEOUT:-540}" python3 benchmarks/bench_real_size.py --device "$DEVICE" --tokenizer .gpu/tokenizer \
     --json "$OUT/real_size.json" ${BENCH_ARGS:-} 2>&1 | grep -v "DEPRECATED\|Please update\|Since TransformerLens\|aliases may be" \
     | tee "$OUT/real_size.log"

@@ -1,7 +1,8 @@
 """What every section of ``bench_perf.py`` shares: loading the model (``load``, ``LOAD_OPTIONS``), timing
 variants side by side (``interleaved``, ``ratio``, ``median``), the process's memory (``status_kib``,
 ``reset_peak_rss``, ``model_footprint_bytes``), the prompts and batches (``batches``, ``short_prompts``),
-the naive statistics route (``_naive_statistics``) and the benchmark edit (``bench_edit``).
+the naive statistics route (``_naive_statistics``), the benchmark edit (``bench_edit``) and a raw copy of the
+model (``raw_model``).
 
 ``benchmarks/bench_cards.py`` and ``benchmarks/bench_overhead.py`` import their loader and timers from here.
 """
@@ -110,6 +111,24 @@ def load(spec: str, dtype: str = "float32"):
         device = None if LOAD_OPTIONS.device == "cpu" else LOAD_OPTIONS.device
         model = load_model(spec, dtype=dtype, device=device, random_weights=LOAD_OPTIONS.random_weights)
     return model
+
+
+def raw_model(spec: str, dtype: str, device: str, random_weights: bool) -> Any:
+    """A second copy of the model as Hugging Face loads it, with no bridge component in it (same weights:
+    the same file, or the same seed)."""
+    if spec == TINY:
+        from dpn_lens.tiny import build_tiny_hf_model
+
+        raw = build_tiny_hf_model(max_positions=512)[0].to(getattr(torch, dtype))
+    else:
+        from dpn_lens.models import load_hf_model
+
+        raw = load_hf_model(spec, dtype=dtype, device=None if device == "cpu" else device,
+                            random_weights=random_weights)[0]
+    wrapped = [type(module).__name__ for module in raw.modules() if type(module).__name__.endswith("Bridge")]
+    if wrapped:
+        raise RuntimeError(f"the raw model holds bridge components ({wrapped[0]}); load a fresh copy")
+    return raw.to(device).eval()
 
 
 def batches(token_arrays: list, batch_size: int, pad_id: int, padding_side: str, device: Any) -> list[tuple]:
