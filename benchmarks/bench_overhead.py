@@ -11,8 +11,11 @@ replaces the modules of the model it wraps by its own components, so ``bridge.or
   - ``hf_steered``: the same with the edit as plain ``register_forward_pre_hook``s on each edited layer's
     ``down_proj`` (its input is ``blocks.{l}.mlp.hook_post``), added at decode steps only;
   - ``bridge``: ``dpn_lens.generation.greedy_generate`` on the TransformerBridge, unsteered;
-  - ``bridge_steered``: the same inside ``steer(model, edit)`` (decode-only ``Intervention``), as users run it.
-  The tokens of ``hf`` and ``bridge`` must be identical, and those of ``hf_steered`` and ``bridge_steered``.
+  - ``bridge_steered``: the same inside ``steer(model, edit)`` (decode-only ``Intervention``), as users run it;
+  - ``raw_engine_steered``: the same with ``engine="raw"`` (``dpn_lens.raw_view``: the raw modules, the hooks
+    moved onto them).
+  The tokens of ``hf`` and ``bridge`` must be identical, and those of ``hf_steered``, ``bridge_steered`` and
+  ``raw_engine_steered``.
 * ``collection``: statistics of the last prompt token at every layer's ``hook_post``:
   - ``hf_hooks``: the prompts tokenised and batched as collect batches them, then the raw model's forward with
     pre-hooks on every ``down_proj`` accumulating sum and sum of squares (float64) at each prompt's last token;
@@ -20,7 +23,7 @@ replaces the modules of the model it wraps by its own components, so ``bridge.or
   - ``collect_default``: with the default settings (shared prefixes where they pay off).
   The means must agree to 1e-5 (float32).
 
-Targets (issue 25): ``bridge_steered`` at least 0.9x ``hf``'s speed at batch 1 and 16; ``collect`` at least
+Targets (issue 25): steered generation at least 0.9x ``hf``'s speed at batch 1 and 16; ``collect`` at least
 0.9x ``hf_hooks``'s speed.
 
 Usage::
@@ -107,20 +110,28 @@ def bench_generation(model: Any, raw: Any, n_prompts: int, new_tokens: int, repe
             with steer(model, edit):
                 bridge("bridge_steered")
 
-        times = interleaved({"hf": hf, "hf_steered": hf_steered, "bridge": bridge, "bridge_steered": bridge_steered},
-                            repeats)
+        def raw_engine_steered() -> None:
+            with steer(model, edit):
+                outputs["raw_engine_steered"] = [
+                    answer for group in groups
+                    for answer in greedy_generate(model, group, new_tokens, batch_size=len(group), engine="raw")]
+
+        times = interleaved({"hf": hf, "hf_steered": hf_steered, "bridge": bridge, "bridge_steered": bridge_steered,
+                             "raw_engine_steered": raw_engine_steered}, repeats)
         row: dict[str, Any] = {
             "rows": sum(map(len, groups)), "tokens": sum(map(len, outputs["hf"])),
             "median_wall_s": {name: median(t["wall"]) for name, t in times.items()},
             "same_tokens_unsteered": outputs["hf"] == outputs["bridge"],
             "same_tokens_steered": outputs["hf_steered"] == outputs["bridge_steered"],
+            "same_tokens_raw_engine": outputs["hf_steered"] == outputs["raw_engine_steered"],
             "steering_changed_tokens": outputs["hf"] != outputs["hf_steered"]}
         for clock in ("wall", "cpu"):
             row[f"speed_vs_hf_{clock}"] = {
                 "bridge/hf": 1 / ratio(times, "bridge", "hf", clock),
                 "bridge_steered/hf": 1 / ratio(times, "bridge_steered", "hf", clock),
                 "bridge_steered/hf_steered": 1 / ratio(times, "bridge_steered", "hf_steered", clock),
-                "hf_steered/hf": 1 / ratio(times, "hf_steered", "hf", clock)}
+                "hf_steered/hf": 1 / ratio(times, "hf_steered", "hf", clock),
+                "raw_engine_steered/hf": 1 / ratio(times, "raw_engine_steered", "hf", clock)}
         result["batches"][batch] = row
     return result
 
@@ -221,8 +232,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               f"{row['median_wall_s']['bridge']:.2f}s, bridge steered {row['median_wall_s']['bridge_steered']:.2f}s | "
               f"speed vs raw hf (wall): bridge {s['bridge/hf']:.2f}, bridge steered {s['bridge_steered/hf']:.2f} "
               f"(target >= 0.9), raw hf steered {s['hf_steered/hf']:.2f}, bridge steered vs raw hf steered "
-              f"{s['bridge_steered/hf_steered']:.2f} | same tokens: unsteered {row['same_tokens_unsteered']}, steered "
-              f"{row['same_tokens_steered']}", flush=True)
+              f"{s['bridge_steered/hf_steered']:.2f}, engine='raw' steered {s['raw_engine_steered/hf']:.2f} | same "
+              f"tokens: unsteered {row['same_tokens_unsteered']}, steered {row['same_tokens_steered']}, engine='raw' "
+              f"{row['same_tokens_raw_engine']}", flush=True)
     c = results["collection"] = bench_collection(model, raw, args.collect_prompts, args.batch_size, args.repeats)
     s = c["speed_vs_hf_wall"]
     print(f"[collection {args.model} {args.dtype} {args.device}] {c['prompts']} prompts ({c['tokens']} tokens), batch "
