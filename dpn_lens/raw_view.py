@@ -16,8 +16,8 @@ A hook on any other point raises ``Untranslatable``; ``greedy_generate(..., engi
 through the bridge as usual. The hook functions run unchanged: each gets the activation and the bridge's
 ``HookPoint`` as ``hook``, and what it returns replaces the activation.
 
-The raw modules compute with Hugging Face's own kernels (attention through ``scaled_dot_product_attention``
-where the bridge multiplies step by step), so their float32 results differ from the bridge's in the last bits;
+The raw modules compute with Hugging Face's own kernels (attention through ``scaled_dot_product_attention``,
+switched back from the "eager" the bridge sets, where the bridge multiplies step by step), so their float32 results differ from the bridge's in the last bits;
 in bfloat16 a near tie between two tokens could resolve differently. Hence an opt-in, not the default: saved
 runs stay reproducible.
 
@@ -68,12 +68,24 @@ def raw_modules(model: Any) -> Iterator[Any]:
                 child = original
             unwrap(child)
 
+    attention = getattr(root.config, "_attn_implementation", None)
+    switched = False
     try:
         if _is_bridge(root):
             raise Untranslatable("the wrapped model is itself a bridge component")
         unwrap(root)
+        # Booting the bridge set the wrapped model's attention to "eager" (the bridge computes attention in its own
+        # component); the raw modules attend as a raw load does, through scaled_dot_product_attention.
+        if attention == "eager" and hasattr(root, "set_attn_implementation"):
+            try:
+                root.set_attn_implementation("sdpa")
+                switched = True
+            except (ValueError, ImportError):
+                pass                        # an architecture without it keeps eager attention
         yield root
     finally:
+        if switched:
+            root.set_attn_implementation(attention)
         for parent, name, child in reversed(swaps):
             parent._modules[name] = child
 

@@ -15,8 +15,10 @@ import torch
 import dpn_lens
 
 PACKAGE = Path(dpn_lens.__file__).parent
-HOOK_OWNERS = {"steering.py", "hooked.py"}
-"""The modules that may call ``model.hooks``: ``steer`` for edits, ``read_hooks`` for readers."""
+HOOK_OWNERS = {"steering.py", "hooked.py", "raw_view.py"}
+"""The modules that may call ``model.hooks``: ``steer`` for edits, ``read_hooks`` for readers, and
+``raw_view.translated_hooks``, which only moves the hooks those two attached onto the raw modules for one
+generation (it attaches nothing of its own)."""
 RAW_HOOK_CALLS = {"hooks", "run_with_hooks", "add_hook", "add_perma_hook", "register_forward_hook",
                   "register_forward_pre_hook"}
 
