@@ -241,8 +241,14 @@ def bench_generation(model: Any, raw: Any, device: str, batches: list[int], new_
             with steer(model, edit):
                 bridge("bridge_steered")
 
+        def raw_engine_steered() -> None:
+            with steer(model, edit):
+                outputs["raw_engine_steered"] = greedy_generate(model, chosen, new_tokens, batch_size=batch,
+                                                                engine="raw")
+
         held = reset_memory(device)
-        seconds = timed_interleaved({"hf": hf, "bridge": bridge, "bridge_steered": bridge_steered}, repeats, device)
+        seconds = timed_interleaved({"hf": hf, "bridge": bridge, "bridge_steered": bridge_steered,
+                                     "raw_engine_steered": raw_engine_steered}, repeats, device)
         tokens = {name: sum(map(len, answers)) for name, answers in outputs.items()}
         speed = {name: tokens[name] / statistics.median(times) for name, times in seconds.items()}
         result["batches"][batch] = {
@@ -251,6 +257,8 @@ def bench_generation(model: Any, raw: Any, device: str, batches: list[int], new_
             "peak_bytes": peak_memory(device, held) - (raw_bytes if device != "cpu" else 0),
             "bridge_over_hf": speed["bridge"] / speed["hf"], "steered_over_hf": speed["bridge_steered"] / speed["hf"],
             "steered_over_unsteered": speed["bridge_steered"] / speed["bridge"],
+            "raw_engine_steered_over_hf": speed["raw_engine_steered"] / speed["hf"],
+            "same_tokens_raw_engine_and_bridge": outputs["raw_engine_steered"] == outputs["bridge_steered"],
             "same_tokens_as_hf": outputs["hf"] == outputs["bridge"]}
     return result
 
@@ -287,7 +295,9 @@ def bench_architecture(arch: str, args: argparse.Namespace, work_dir: Path, peak
         speed = row["tokens_per_s"]
         print(f"[{arch} generation batch {batch}] tokens/s: hf {speed['hf']:.1f}, bridge {speed['bridge']:.1f}, "
               f"steered {speed['bridge_steered']:.1f} | steered/hf {row['steered_over_hf']:.2f} (target >= 0.9), "
-              f"steered/unsteered {row['steered_over_unsteered']:.2f} | same tokens as hf {row['same_tokens_as_hf']} | "
+              f"steered/unsteered {row['steered_over_unsteered']:.2f}, engine='raw' steered/hf "
+              f"{row['raw_engine_steered_over_hf']:.2f} | same tokens as hf {row['same_tokens_as_hf']}, engine='raw' "
+              f"as bridge {row['same_tokens_raw_engine_and_bridge']} | "
               f"peak {row['peak_bytes'] / 1024 ** 3:.2f} GiB ({result['memory_is']})", flush=True)
     del model
     if device != "cpu":
