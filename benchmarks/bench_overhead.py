@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))      # the package 
 
 from perf.common import LOAD_OPTIONS, batches, bench_edit, interleaved, load, median, ratio, raw_model  # noqa: E402
 from dpn_lens import Intervention, embedded_contrastive_set, steer  # noqa: E402
-from dpn_lens.generation import eos_ids, greedy_generate, left_pad_with_own_token  # noqa: E402
+from dpn_lens.generation import eos_ids, greedy_generate, hf_greedy_batch  # noqa: E402
 from dpn_lens.collection.collect import CollectionConfig, collect_group_statistics  # noqa: E402
 from dpn_lens.data.prompts import render_for_model  # noqa: E402
 from dpn_lens.hooked import decoder_layers, pad_token_id, tokenize_compact  # noqa: E402
@@ -70,7 +70,6 @@ def _hf_pre_hooks(hf_model: Any, edit: Intervention) -> list[Any]:
 def bench_generation(model: Any, raw: Any, n_prompts: int, new_tokens: int, repeats: int, neurons_per_layer: int,
                      batches: list[int]) -> dict[str, Any]:
     prompts = embedded_contrastive_set("openness", n_pairs=max(n_prompts, *batches)).high
-    device = torch.device(model.cfg.device or "cpu")
     token_lists = [model.tokenizer(render_for_model(model, p), add_special_tokens=False)["input_ids"]
                    for p in prompts]
     edit = bench_edit(model, neurons_per_layer, 2.0)
@@ -84,15 +83,7 @@ def bench_generation(model: Any, raw: Any, n_prompts: int, new_tokens: int, repe
         outputs: dict[str, list[list[int]]] = {}
 
         def hf(name: str = "hf") -> None:
-            answers = []
-            for group in groups:
-                ids, mask = left_pad_with_own_token(group)
-                with torch.inference_mode():
-                    out = raw.generate(ids.to(device), attention_mask=mask.to(device), max_new_tokens=new_tokens,
-                                       do_sample=False, eos_token_id=stop or None, pad_token_id=stop[0] if stop else 0)
-                answers += [row[:next((i for i, t in enumerate(row) if t in stop), len(row))]
-                            for row in out[:, ids.shape[1]:].tolist()]
-            outputs[name] = answers
+            outputs[name] = [answer for group in groups for answer in hf_greedy_batch(raw, group, new_tokens, stop)]
 
         def hf_steered() -> None:
             handles = _hf_pre_hooks(raw, edit)

@@ -55,7 +55,7 @@ from perf.common import bench_edit, raw_model  # noqa: E402
 from dpn_lens import embedded_contrastive_set, load_model, steer  # noqa: E402
 from dpn_lens.collection.collect import CollectionConfig, collect_statistics  # noqa: E402
 from dpn_lens.data.prompts import render_for_model  # noqa: E402
-from dpn_lens.generation import eos_ids, greedy_generate, left_pad_with_own_token  # noqa: E402
+from dpn_lens.generation import eos_ids, greedy_generate, hf_greedy_batch  # noqa: E402
 from dpn_lens.hooked import encode  # noqa: E402
 from dpn_lens.plan import fit_forward_rates, locate_work, model_shape, plan_locate, reset_peak, status_bytes  # noqa: E402
 
@@ -224,15 +224,9 @@ def bench_generation(model: Any, raw: Any, device: str, batches: list[int], new_
     for batch in batches:
         chosen = prompts[:batch]
         outputs: dict[str, list[list[int]]] = {}
-        ids, mask = left_pad_with_own_token(chosen)           # as greedy_generate pads: the same tokens run
-        ids, mask = ids.to(device), mask.to(device)
 
         def hf() -> None:
-            with torch.inference_mode():
-                out = hf_model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
-                                        eos_token_id=stop or None, pad_token_id=stop[0] if stop else 0)
-            outputs["hf"] = [row[:next((i for i, t in enumerate(row) if t in stop), len(row))]
-                             for row in out[:, ids.shape[1]:].tolist()]
+            outputs["hf"] = hf_greedy_batch(hf_model, chosen, new_tokens, stop)   # padded as greedy_generate pads
 
         def bridge(name: str = "bridge") -> None:
             outputs[name] = greedy_generate(model, chosen, new_tokens, batch_size=batch)

@@ -39,7 +39,7 @@ from torch import Tensor
 
 from dpn_lens.hooked import input_device
 
-__all__ = ["eos_ids", "left_pad_with_own_token", "greedy_generate", "GENERATION_BATCH"]
+__all__ = ["eos_ids", "left_pad_with_own_token", "greedy_generate", "hf_greedy_batch", "GENERATION_BATCH"]
 
 GENERATION_BATCH = 16
 """Prompts a run generates together where no setting names a batch: the selection pairs
@@ -101,12 +101,8 @@ def _greedy_batch(model: Any, token_lists: Sequence[Sequence[int]], max_new_toke
         from dpn_lens.raw_view import Untranslatable, raw_modules, translated_hooks
 
         try:
-            with raw_modules(model) as raw, translated_hooks(model, raw), torch.inference_mode():
-                output = raw.generate(ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                                      do_sample=False, eos_token_id=stop or None,
-                                      pad_token_id=stop[0] if stop else int(ids[0, 0]),
-                                      repetition_penalty=repetition_penalty)
-            return _cut(output[:, ids.shape[1]:].tolist(), stop)
+            with raw_modules(model) as raw, translated_hooks(model, raw):
+                return hf_greedy_batch(raw, token_lists, max_new_tokens, stop, repetition_penalty)
         except Untranslatable:
             pass                # a hook point without a raw counterpart: the bridge's own loop below
     # Without padding the mask is all ones: leave it out, so a single prompt runs exactly as it always has.
@@ -116,6 +112,20 @@ def _greedy_batch(model: Any, token_lists: Sequence[Sequence[int]], max_new_toke
                                 do_sample=False, use_past_kv_cache=True, stop_at_eos=bool(stop),
                                 eos_token_id=stop or None, repetition_penalty=repetition_penalty, verbose=False,
                                 return_type="tokens")
+    return _cut(output[:, ids.shape[1]:].tolist(), stop)
+
+
+def hf_greedy_batch(hf_model: Any, token_lists: Sequence[Sequence[int]], max_new_tokens: int, stop: Sequence[int],
+                    repetition_penalty: float = 1.0) -> list[list[int]]:
+    """Hugging Face's own greedy ``generate`` on one batch padded as ``_greedy_batch`` pads it (left, each row with
+    its own first token), each answer cut before its first ``stop`` id: ``engine="raw"`` and the benchmarks' raw
+    model run this."""
+    ids, mask = left_pad_with_own_token(token_lists)
+    with torch.inference_mode():
+        output = hf_model.generate(ids.to(hf_model.device), attention_mask=mask.to(hf_model.device),
+                                   max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=list(stop) or None,
+                                   pad_token_id=stop[0] if stop else int(ids[0, 0]),
+                                   repetition_penalty=repetition_penalty)
     return _cut(output[:, ids.shape[1]:].tolist(), stop)
 
 

@@ -1,7 +1,7 @@
 """Generation through the raw Hugging Face modules, with the active hook points translated into plain hooks.
 
 The bridge replaces the modules of the model it wraps by its own components, which run each hook point and
-reimplement attention step by step. Greedy generation through them ran at 0.61-0.77x the speed of a raw copy of
+reimplement attention step by step. Greedy generation through them ran at 0.51-0.79x the speed of a raw copy of
 the model on the CPU (docs/PERFORMANCE.md, "Overhead"), while the raw copy steered by plain PyTorch hooks ran at
 0.97-1.01x. ``raw_modules(model)`` swaps every bridge component of ``model.original_model`` back for the module
 it wraps (``_original_component``) for the duration of a ``with`` block, and restores them on exit, also after
