@@ -10,18 +10,21 @@ replaces the modules of the model it wraps by its own components, so ``bridge.or
   - ``hf``: the raw model's own ``generate``, unsteered;
   - ``hf_steered``: the same with the edit as plain ``register_forward_pre_hook``s on each edited layer's
     ``down_proj`` (its input is ``blocks.{l}.mlp.hook_post``), added at decode steps only;
-  - ``bridge``: ``dpn_lens.generation.greedy_generate`` on the TransformerBridge, unsteered;
-  - ``bridge_steered``: the same inside ``steer(model, edit)`` (decode-only ``Intervention``), as users run it;
-  - ``raw_engine_steered``: the same with ``engine="raw"`` (``dpn_lens.raw_view``: the raw modules, the hooks
-    moved onto them).
-  The tokens of ``hf`` and ``bridge`` must be identical, and those of ``hf_steered``, ``bridge_steered`` and
-  ``raw_engine_steered``.
+  - ``hf_eager_steered``: the same with the attention the bridge sets ("eager");
+  - ``raw``: ``dpn_lens.generation.greedy_generate`` on the TransformerBridge with the default engine
+    (``"raw"``: the raw modules with the bridge's attention, the hooks moved onto them), unsteered;
+  - ``raw_steered``: the same inside ``steer(model, edit)`` (decode-only ``Intervention``), as users run it;
+  - ``raw_sdpa_steered``: the same with ``engine="raw-sdpa"``;
+  - ``bridge_steered``: the same with ``engine="bridge"`` (TransformerLens's loop, the default before session 26).
+  The default engine's tokens must be the bridge's loop's (the same arithmetic); those of the raw copy the
+  same too in float32.
 * ``collection``: statistics of the last prompt token at every layer's ``hook_post``:
   - ``hf_hooks``: the prompts tokenised and batched as collect batches them, then the raw model's forward with
     pre-hooks on every ``down_proj`` accumulating sum and sum of squares (float64) at each prompt's last token;
   - ``collect``: ``collect_group_statistics`` with ``share_prefix=False`` (the same tokens);
   - ``collect_default``: with the default settings (shared prefixes where they pay off).
-  The means must agree to 1e-5 (float32).
+  The means must agree to 1e-5 (float32). Also printed: their difference from the raw copy with the bridge's
+  eager attention (0 where the arithmetic is the same).
 
 Targets (issue 25): steered generation at least 0.9x ``hf``'s speed at batch 1 and 16; ``collect`` at least
 0.9x ``hf_hooks``'s speed.
@@ -39,7 +42,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -86,43 +89,52 @@ def bench_generation(model: Any, raw: Any, n_prompts: int, new_tokens: int, repe
             outputs[name] = [answer for group in groups for answer in hf_greedy_batch(raw, group, new_tokens, stop)]
 
         def hf_steered() -> None:
+            hf_steered_as("hf_steered")
+
+        def hf_eager_steered() -> None:
+            # the raw copy with the attention the bridge sets: what the default engine's arithmetic costs raw
+            held = raw.config._attn_implementation
+            raw.set_attn_implementation("eager")
+            try:
+                hf_steered_as("hf_eager_steered")
+            finally:
+                raw.set_attn_implementation(held)
+
+        def hf_steered_as(name: str) -> None:
             handles = _hf_pre_hooks(raw, edit)
             try:
-                hf("hf_steered")
+                hf(name)
             finally:
                 for handle in handles:
                     handle.remove()
 
-        def bridge(name: str = "bridge") -> None:
-            outputs[name] = [answer for group in groups
-                             for answer in greedy_generate(model, group, new_tokens, batch_size=len(group))]
+        def generated(name: str, engine: str, edited: bool) -> Callable[[], None]:
+            def run() -> None:
+                with steer(model, edit if edited else None):
+                    outputs[name] = [answer for group in groups
+                                     for answer in greedy_generate(model, group, new_tokens, batch_size=len(group),
+                                                                   engine=engine)]
+            return run
 
-        def bridge_steered() -> None:
-            with steer(model, edit):
-                bridge("bridge_steered")
-
-        def raw_engine_steered() -> None:
-            with steer(model, edit):
-                outputs["raw_engine_steered"] = [
-                    answer for group in groups
-                    for answer in greedy_generate(model, group, new_tokens, batch_size=len(group), engine="raw")]
-
-        times = interleaved({"hf": hf, "hf_steered": hf_steered, "bridge": bridge, "bridge_steered": bridge_steered,
-                             "raw_engine_steered": raw_engine_steered}, repeats)
+        times = interleaved({"hf": hf, "hf_steered": hf_steered, "hf_eager_steered": hf_eager_steered,
+                             "raw": generated("raw", "raw", False),
+                             "raw_steered": generated("raw_steered", "raw", True),
+                             "raw_sdpa_steered": generated("raw_sdpa_steered", "raw-sdpa", True),
+                             "bridge_steered": generated("bridge_steered", "bridge", True)}, repeats)
         row: dict[str, Any] = {
             "rows": sum(map(len, groups)), "tokens": sum(map(len, outputs["hf"])),
             "median_wall_s": {name: median(t["wall"]) for name, t in times.items()},
-            "same_tokens_unsteered": outputs["hf"] == outputs["bridge"],
-            "same_tokens_steered": outputs["hf_steered"] == outputs["bridge_steered"],
-            "same_tokens_raw_engine": outputs["hf_steered"] == outputs["raw_engine_steered"],
+            # the default engine must give the bridge's tokens; against the raw copy (sdpa) equality is float32's
+            "same_tokens_default_and_bridge": outputs["raw_steered"] == outputs["bridge_steered"],
+            "same_tokens_unsteered": outputs["hf"] == outputs["raw"],
+            "same_tokens_steered": outputs["hf_steered"] == outputs["raw_steered"] == outputs["hf_eager_steered"],
+            "same_tokens_raw_sdpa": outputs["hf_steered"] == outputs["raw_sdpa_steered"],
             "steering_changed_tokens": outputs["hf"] != outputs["hf_steered"]}
         for clock in ("wall", "cpu"):
-            row[f"speed_vs_hf_{clock}"] = {
-                "bridge/hf": 1 / ratio(times, "bridge", "hf", clock),
-                "bridge_steered/hf": 1 / ratio(times, "bridge_steered", "hf", clock),
-                "bridge_steered/hf_steered": 1 / ratio(times, "bridge_steered", "hf_steered", clock),
-                "hf_steered/hf": 1 / ratio(times, "hf_steered", "hf", clock),
-                "raw_engine_steered/hf": 1 / ratio(times, "raw_engine_steered", "hf", clock)}
+            row[f"speed_vs_hf_{clock}"] = {f"{name}/hf": 1 / ratio(times, name, "hf", clock)
+                                           for name in times if name != "hf"}
+            row[f"speed_vs_hf_{clock}"]["raw_steered/hf_eager_steered"] = 1 / ratio(
+                times, "raw_steered", "hf_eager_steered", clock)
         result["batches"][batch] = row
     return result
 
@@ -173,11 +185,20 @@ def bench_collection(model: Any, raw: Any, n_prompts: int, batch_size: int, repe
         collect_group_statistics(model, prompts, default)
 
     times = interleaved({"hf_hooks": hf_hooks, "collect": collect, "collect_default": collect_default}, repeats)
+    # Untimed: the raw copy with the bridge's attention ("eager"), to tell the kernels' rounding from the hooks'.
+    sdpa_mean, held = found["hf_mean"], hf_model.config._attn_implementation
+    hf_model.set_attn_implementation("eager")
+    try:
+        hf_hooks()
+    finally:
+        hf_model.set_attn_implementation(held)
+    eager_mean, found["hf_mean"] = found["hf_mean"], sdpa_mean
     n_tokens = sum(len(ids) for ids in token_arrays)
     result = {
         "prompts": n_prompts, "tokens": n_tokens, "batch_size": batch_size,
         "median_wall_s": {name: median(t["wall"]) for name, t in times.items()},
         "max_abs_mean_difference": float((found["hf_mean"] - found["collect_mean"].double()).abs().max()),
+        "max_abs_mean_difference_eager": float((eager_mean - found["collect_mean"].double()).abs().max()),
     }
     for clock in ("wall", "cpu"):
         result[f"speed_vs_hf_{clock}"] = {
@@ -219,19 +240,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for batch, row in g["batches"].items():
         s = row["speed_vs_hf_wall"]
         print(f"[generation {args.model} {args.dtype} {args.device}] batch {batch}, {row['rows']} prompts, "
-              f"{row['tokens']} greedy tokens: raw hf {row['median_wall_s']['hf']:.2f}s, bridge "
-              f"{row['median_wall_s']['bridge']:.2f}s, bridge steered {row['median_wall_s']['bridge_steered']:.2f}s | "
-              f"speed vs raw hf (wall): bridge {s['bridge/hf']:.2f}, bridge steered {s['bridge_steered/hf']:.2f} "
-              f"(target >= 0.9), raw hf steered {s['hf_steered/hf']:.2f}, bridge steered vs raw hf steered "
-              f"{s['bridge_steered/hf_steered']:.2f}, engine='raw' steered {s['raw_engine_steered/hf']:.2f} | same "
-              f"tokens: unsteered {row['same_tokens_unsteered']}, steered {row['same_tokens_steered']}, engine='raw' "
-              f"{row['same_tokens_raw_engine']}", flush=True)
+              f"{row['tokens']} greedy tokens: raw hf {row['median_wall_s']['hf']:.2f}s, default engine steered "
+              f"{row['median_wall_s']['raw_steered']:.2f}s | speed vs raw hf (wall): default engine "
+              f"{s['raw/hf']:.2f}, steered {s['raw_steered/hf']:.2f} (target >= 0.9), raw-sdpa steered "
+              f"{s['raw_sdpa_steered/hf']:.2f}, bridge's loop steered {s['bridge_steered/hf']:.2f}, raw hf steered "
+              f"{s['hf_steered/hf']:.2f}, raw hf with eager attention steered {s['hf_eager_steered/hf']:.2f} | "
+              f"same tokens: default and bridge {row['same_tokens_default_and_bridge']}, default and raw hf "
+              f"unsteered {row['same_tokens_unsteered']}, steered {row['same_tokens_steered']}, raw-sdpa "
+              f"{row['same_tokens_raw_sdpa']}", flush=True)
     c = results["collection"] = bench_collection(model, raw, args.collect_prompts, args.batch_size, args.repeats)
     s = c["speed_vs_hf_wall"]
     print(f"[collection {args.model} {args.dtype} {args.device}] {c['prompts']} prompts ({c['tokens']} tokens), batch "
           f"{c['batch_size']}: raw hf hooks {c['median_wall_s']['hf_hooks']:.2f}s, collect {c['median_wall_s']['collect']:.2f}s "
           f"| speed vs raw hf (wall): collect {s['collect/hf_hooks']:.2f} (target >= 0.9), collect with defaults "
-          f"{s['collect_default/hf_hooks']:.2f} | max |mean difference| {c['max_abs_mean_difference']:.1e}", flush=True)
+          f"{s['collect_default/hf_hooks']:.2f} | max |mean difference| {c['max_abs_mean_difference']:.1e} (raw hf with the "
+          f"bridge's eager attention: {c['max_abs_mean_difference_eager']:.1e})", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     return results

@@ -31,15 +31,18 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any, Iterator, Sequence
 
 import torch
-from jaxtyping import Int
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from dpn_lens.hooked import input_device
 
-__all__ = ["eos_ids", "left_pad_with_own_token", "greedy_generate", "hf_greedy_batch", "GENERATION_BATCH"]
+__all__ = ["eos_ids", "left_pad_with_own_token", "greedy_generate", "hf_greedy_batch", "GENERATION_BATCH", "ENGINES",
+           "generation_engine", "default_engine", "PenaltyInLogitsDtype"]
 
 GENERATION_BATCH = 16
 """Prompts a run generates together where no setting names a batch: the selection pairs
@@ -91,20 +94,67 @@ def left_pad_with_own_token(token_lists: Sequence[Sequence[int]]
     return ids, mask
 
 
+ENGINES = ("raw", "raw-sdpa", "bridge")
+"""What generates (``greedy_generate``'s ``engine``):
+
+* ``"raw"`` (the default): Hugging Face's ``generate`` through the raw modules the bridge wraps, with the attention
+  the bridge set ("eager") and the active hooks moved onto the modules (``dpn_lens.raw_view``). Its logits are
+  bit for bit the bridge's (float32 and bfloat16, both embedded models), and so are its greedy tokens.
+* ``"raw-sdpa"``: the same with ``scaled_dot_product_attention``, as a raw Hugging Face load attends. Faster,
+  and the same tokens in float32; in bfloat16 its rounding changes greedy answers as much as bfloat16 itself does.
+* ``"bridge"``: TransformerLens's generation loop through the bridge's components (every hook point runs; the
+  prompt pass computes the logits of every position).
+
+Where a hook is active on a hook point without a raw counterpart, both raw engines generate through the bridge."""
+
+_ENGINE: ContextVar[str] = ContextVar("dpn_lens_generation_engine", default="raw")
+
+
+@contextmanager
+def generation_engine(engine: str) -> Iterator[str]:
+    """Every ``greedy_generate`` inside the block that names no engine uses ``engine`` (the CLI's ``--engine``).
+
+    Example:
+        >>> with generation_engine("bridge"):
+        ...     default_engine()
+        'bridge'
+        >>> default_engine()
+        'raw'
+    """
+    token = _ENGINE.set(_checked_engine(engine))
+    try:
+        yield engine
+    finally:
+        _ENGINE.reset(token)
+
+
+def default_engine() -> str:
+    """The engine ``greedy_generate`` uses where none is named (``generation_engine`` sets it)."""
+    return _ENGINE.get()
+
+
+def _checked_engine(engine: str) -> str:
+    if engine not in ENGINES:
+        raise ValueError(f"unknown generation engine {engine!r}; use one of {', '.join(ENGINES)} "
+                         "(dpn_lens.generation.ENGINES says what each runs)")
+    return engine
+
+
 def _greedy_batch(model: Any, token_lists: Sequence[Sequence[int]], max_new_tokens: int,
-                  repetition_penalty: float, engine: str = "bridge") -> list[list[int]]:
+                  repetition_penalty: float, engine: str) -> list[list[int]]:
     """Greedy new tokens of each prompt, one left-padded KV-cached batch, cut before the first EOS."""
-    ids, mask = left_pad_with_own_token(token_lists)
-    device = input_device(model)
     stop = eos_ids(model)
-    if engine == "raw":
+    if engine != "bridge":
         from dpn_lens.raw_view import Untranslatable, raw_modules, translated_hooks
 
         try:
-            with raw_modules(model) as raw, translated_hooks(model, raw):
+            with raw_modules(model, attention="sdpa" if engine == "raw-sdpa" else None) as raw, \
+                    translated_hooks(model, raw):
                 return hf_greedy_batch(raw, token_lists, max_new_tokens, stop, repetition_penalty)
         except Untranslatable:
             pass                # a hook point without a raw counterpart: the bridge's own loop below
+    ids, mask = left_pad_with_own_token(token_lists)
+    device = input_device(model)
     # Without padding the mask is all ones: leave it out, so a single prompt runs exactly as it always has.
     attention = mask.to(device) if not bool(mask.all()) else None
     with torch.inference_mode():
@@ -115,17 +165,44 @@ def _greedy_batch(model: Any, token_lists: Sequence[Sequence[int]], max_new_toke
     return _cut(output[:, ids.shape[1]:].tolist(), stop)
 
 
+class PenaltyInLogitsDtype:
+    """Hugging Face logits processor: the repetition penalty (positive logits of every id in the row divided by
+    ``penalty``, negative ones multiplied) rounded in the model's logits dtype, as TransformerLens's loop applies
+    it, where Hugging Face's own processor computes on the float32 copy. In bfloat16 the two can round a near-tie
+    apart; this keeps the raw engines' answers the bridge's.
+
+    Example:
+        >>> import torch
+        >>> scores = torch.tensor([[2.0, -2.0, 1.0]])
+        >>> PenaltyInLogitsDtype(2.0, torch.float32)(torch.tensor([[0, 1]]), scores).tolist()
+        [[1.0, -4.0, 1.0]]
+    """
+
+    def __init__(self, penalty: float, dtype: torch.dtype) -> None:
+        self.penalty, self.dtype = penalty, dtype
+
+    def __call__(self, input_ids: Int[Tensor, "batch pos"], scores: Float[Tensor, "batch vocab"]
+                 ) -> Float[Tensor, "batch vocab"]:
+        logits = scores.to(self.dtype)     # exact: the scores are the model's logits, upcast by generate
+        seen = logits.gather(1, input_ids)
+        penalised = torch.where(seen > 0, seen / self.penalty, seen * self.penalty)
+        return logits.scatter(1, input_ids, penalised).to(scores.dtype)
+
+
 def hf_greedy_batch(hf_model: Any, token_lists: Sequence[Sequence[int]], max_new_tokens: int, stop: Sequence[int],
                     repetition_penalty: float = 1.0) -> list[list[int]]:
     """Hugging Face's own greedy ``generate`` on one batch padded as ``_greedy_batch`` pads it (left, each row with
-    its own first token), each answer cut before its first ``stop`` id: ``engine="raw"`` and the benchmarks' raw
-    model run this."""
+    its own first token), each answer cut before its first ``stop`` id: the raw engines and the benchmarks' raw
+    model run this. A repetition penalty is rounded in the model's dtype (``PenaltyInLogitsDtype``)."""
+    from transformers import LogitsProcessorList
+
     ids, mask = left_pad_with_own_token(token_lists)
+    processors = LogitsProcessorList(
+        [PenaltyInLogitsDtype(repetition_penalty, hf_model.dtype)] if repetition_penalty != 1.0 else [])
     with torch.inference_mode():
         output = hf_model.generate(ids.to(hf_model.device), attention_mask=mask.to(hf_model.device),
                                    max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=list(stop) or None,
-                                   pad_token_id=stop[0] if stop else int(ids[0, 0]),
-                                   repetition_penalty=repetition_penalty)
+                                   pad_token_id=stop[0] if stop else int(ids[0, 0]), logits_processor=processors)
     return _cut(output[:, ids.shape[1]:].tolist(), stop)
 
 
@@ -135,7 +212,7 @@ def _cut(rows: list[list[int]], stop: Sequence[int]) -> list[list[int]]:
 
 
 def greedy_generate(model: Any, token_lists: Sequence[Sequence[int]], max_new_tokens: int, batch_size: int = 8,
-                    repetition_penalty: float = 1.0, engine: str = "bridge") -> list[list[int]]:
+                    repetition_penalty: float = 1.0, engine: str | None = None) -> list[list[int]]:
     """Greedy answer tokens (EOS and after removed) of each prompt, in left-padded batches, longest first.
 
     Args:
@@ -144,12 +221,10 @@ def greedy_generate(model: Any, token_lists: Sequence[Sequence[int]], max_new_to
         max_new_tokens: at most this many tokens per answer.
         batch_size: prompts per batch; ``1`` generates one prompt at a time, with the same answers.
         repetition_penalty: Hugging Face-style penalty on every id already in the row (1.0: none).
-        engine: ``"bridge"`` (TransformerLens's generation loop through the bridge's components) or
-            ``"raw"``: Hugging Face's ``generate`` through the raw modules, the active hooks moved onto them
-            (``dpn_lens.raw_view``; where a hook sits on a point without a raw counterpart, the bridge runs).
-            Faster (0.51-0.79x the raw model's speed becomes 0.99x on the CPU, docs/PERFORMANCE.md); the same
-            tokens in float32, but in bfloat16 its kernels (sdpa) change greedy answers as much as bfloat16
-            itself does (Gemma 3: 13 of 32 answers identical to the bridge's).
+        engine: what generates (``ENGINES``): ``"raw"``, Hugging Face's ``generate`` through the raw modules
+            with the bridge's attention (the same tokens as the bridge, 1.2-1.3x faster: docs/PERFORMANCE.md),
+            ``"raw-sdpa"`` (faster still; other bfloat16 answers) or ``"bridge"`` (TransformerLens's loop).
+            ``None``: ``default_engine()``, ``"raw"`` unless a ``generation_engine`` block names another.
 
     Returns:
         One list of token ids per prompt, in the order given.
@@ -162,8 +237,7 @@ def greedy_generate(model: Any, token_lists: Sequence[Sequence[int]], max_new_to
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    if engine not in ("bridge", "raw"):
-        raise ValueError(f"unknown engine {engine!r}; use 'bridge' (the default) or 'raw'")
+    engine = default_engine() if engine is None else _checked_engine(engine)
     order = sorted(range(len(token_lists)), key=lambda i: -len(token_lists[i]))
     answers: list[list[int] | None] = [None] * len(token_lists)
     for start in range(0, len(order), batch_size):

@@ -52,9 +52,10 @@ def _is_bridge(module: torch.nn.Module) -> bool:
 
 
 @contextlib.contextmanager
-def raw_modules(model: Any) -> Iterator[Any]:
+def raw_modules(model: Any, attention: str | None = "sdpa") -> Iterator[Any]:
     """``model.original_model`` with every bridge component swapped for the module it wraps, inside the
-    block; the bridge's components are put back on exit, also after an exception."""
+    block; the bridge's components are put back on exit, also after an exception. ``attention``: the Hugging
+    Face attention implementation to run inside the block (``None``: the one the model holds)."""
     root = model.original_model
     swaps: list[tuple[torch.nn.Module, str, torch.nn.Module]] = []
 
@@ -69,7 +70,7 @@ def raw_modules(model: Any) -> Iterator[Any]:
                 child = original
             unwrap(child)
 
-    attention = getattr(root.config, "_attn_implementation", None)
+    held = getattr(root.config, "_attn_implementation", None)
     switched = False
     try:
         if _is_bridge(root):
@@ -77,16 +78,16 @@ def raw_modules(model: Any) -> Iterator[Any]:
         unwrap(root)
         # Booting the bridge set the wrapped model's attention to "eager" (the bridge computes attention in its own
         # component); the raw modules attend as a raw load does, through scaled_dot_product_attention.
-        if attention == "eager" and hasattr(root, "set_attn_implementation"):
+        if attention is not None and attention != held and hasattr(root, "set_attn_implementation"):
             try:
-                root.set_attn_implementation("sdpa")
+                root.set_attn_implementation(attention)
                 switched = True
             except (ValueError, ImportError):
                 pass                        # an architecture without it keeps eager attention
         yield root
     finally:
         if switched:
-            root.set_attn_implementation(attention)
+            root.set_attn_implementation(held)
         for parent, name, child in reversed(swaps):
             parent._modules[name] = child
 

@@ -1,7 +1,8 @@
-"""``greedy_generate(..., engine="raw")`` (``dpn_lens.raw_view``): Hugging Face's ``generate`` through the raw
-modules with the active hooks moved onto them gives the bridge's tokens, steered or not; a hook on a point
-without a raw counterpart falls back to the bridge; the bridge's components and the hooks are back afterwards,
-also after an exception."""
+"""The raw engines of ``greedy_generate`` (``dpn_lens.raw_view``): Hugging Face's ``generate`` through the raw
+modules with the active hooks moved onto them. The default, ``"raw"``, computes the bridge's logits bit for bit
+and gives the bridge's tokens, steered or not, in float32 and bfloat16, with and without a repetition penalty;
+``"raw-sdpa"`` gives them in float32. A hook on a point without a raw counterpart falls back to the bridge; the
+bridge's components and the hooks are back afterwards, also after an exception."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ import torch
 
 from dpn_lens import Intervention, steer
 from dpn_lens.baselines.caa import ResidualIntervention
-from dpn_lens.generation import greedy_generate
+from dpn_lens.generation import PenaltyInLogitsDtype, default_engine, generation_engine, greedy_generate
 from dpn_lens.hooked import read_hooks
 from dpn_lens.raw_view import Untranslatable, raw_modules, translated_hooks
+from dpn_lens.tiny import build_tiny_model
 
 PROMPTS = [[1, 5, 9, 12, 7], [1, 30, 4], [1, 22, 23, 24, 25, 26, 27], [1, 8]]
 
@@ -25,19 +27,88 @@ def _edits(model):
             "CAA residual": ResidualIntervention(1, torch.linspace(-2, 2, d_model), "all")}
 
 
+@pytest.fixture(scope="module")
+def tiny_bfloat16(tmp_path_factory):
+    return build_tiny_model(tmp_path_factory.mktemp("tiny_bf16")).to(torch.bfloat16)
+
+
+def _bridges_loop_must_not_run(patch, model):
+    patch.setattr(type(model), "generate", lambda *a, **k: pytest.fail("the bridge's loop ran"))
+
+
 @pytest.mark.parametrize("penalty", [1.0, 1.15])
-def test_the_raw_engine_gives_the_bridges_tokens(tiny_model, monkeypatch, penalty):
-    for name, edit in _edits(tiny_model).items():
-        with steer(tiny_model, edit):
-            bridge = greedy_generate(tiny_model, PROMPTS, 12, batch_size=4, repetition_penalty=penalty)
-            with monkeypatch.context() as patch:      # the raw engine must not fall back to the bridge's loop
-                patch.setattr(type(tiny_model), "generate", lambda *a, **k: pytest.fail("the bridge's loop ran"))
-                raw = greedy_generate(tiny_model, PROMPTS, 12, batch_size=4, repetition_penalty=penalty,
-                                      engine="raw")
-        assert raw == bridge, name
-    unsteered = greedy_generate(tiny_model, PROMPTS, 12, batch_size=4, engine="raw")
-    with steer(tiny_model, _edits(tiny_model)["decode-only neurons"]):
-        assert greedy_generate(tiny_model, PROMPTS, 12, batch_size=4, engine="raw") != unsteered   # it steers
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_raw_engine_gives_the_bridges_tokens(tiny_model, tiny_bfloat16, monkeypatch, penalty, dtype):
+    model = tiny_model if dtype == "float32" else tiny_bfloat16
+    engines = ["raw", "raw-sdpa"] if dtype == "float32" else ["raw"]
+    for name, edit in _edits(model).items():
+        with steer(model, edit):
+            bridge = greedy_generate(model, PROMPTS, 12, batch_size=4, repetition_penalty=penalty, engine="bridge")
+            for engine in engines:
+                with monkeypatch.context() as patch:
+                    _bridges_loop_must_not_run(patch, model)
+                    raw = greedy_generate(model, PROMPTS, 12, batch_size=4, repetition_penalty=penalty, engine=engine)
+                assert raw == bridge, (name, engine)
+    unsteered = greedy_generate(model, PROMPTS, 12, batch_size=4)
+    with steer(model, _edits(model)["decode-only neurons"]):
+        assert greedy_generate(model, PROMPTS, 12, batch_size=4) != unsteered   # it steers
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_raw_modules_compute_the_bridges_logits_bit_for_bit(tiny_model, tiny_bfloat16, dtype):
+    """With the bridge's attention (the default engine) the raw modules are the same arithmetic; with sdpa
+    they round differently (which is why ``"raw-sdpa"`` is an opt-in)."""
+    from dpn_lens.generation import left_pad_with_own_token
+
+    model = tiny_model if dtype == "float32" else tiny_bfloat16
+    ids, mask = left_pad_with_own_token(PROMPTS)
+    with torch.inference_mode():
+        bridge = model.original_model(input_ids=ids, attention_mask=mask).logits
+        with raw_modules(model, attention=None) as raw:
+            same = raw(input_ids=ids, attention_mask=mask).logits
+        with raw_modules(model, attention="sdpa") as raw:
+            assert raw.config._attn_implementation == "sdpa"
+            sdpa = raw(input_ids=ids, attention_mask=mask).logits
+    assert model.original_model.config._attn_implementation == "eager"      # put back
+    real = mask.bool()
+    assert torch.equal(same[real], bridge[real])
+    assert not torch.equal(sdpa[real], bridge[real])
+    assert torch.allclose(sdpa[real].float(), bridge[real].float(), atol=0.1 if dtype == "bfloat16" else 1e-4)
+
+
+def test_the_penalty_is_rounded_as_the_bridges_loop_rounds_it():
+    """In bfloat16 a penalised logit can round onto its neighbour: 1.0 / 1.15 is 0.8696 in float32 (below
+    0.8711) but 0.8711 in bfloat16 (a tie, which argmax gives to the first id). TransformerLens's loop
+    penalises in the logits' dtype; Hugging Face's own processor in float32."""
+    from transformer_lens.utilities.logits_utils import _apply_repetition_penalty
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    logits = torch.tensor([[1.0, 0.87109375, -3.0, 0.5]], dtype=torch.bfloat16)
+    seen = torch.tensor([[0, 2, 0]])
+    bridges = _apply_repetition_penalty(logits, seen, 1.15)
+    ours = PenaltyInLogitsDtype(1.15, torch.bfloat16)(seen, logits.float())
+    assert torch.equal(ours, bridges.float())
+    assert ours.argmax(-1).item() == 0
+    assert RepetitionPenaltyLogitsProcessor(1.15)(seen, logits.float()).argmax(-1).item() == 1
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(20):                           # and on random logits, ids repeated
+        logits = torch.randn(3, 50, generator=generator).to(torch.bfloat16)
+        seen = torch.randint(0, 50, (3, 30), generator=generator)
+        assert torch.equal(PenaltyInLogitsDtype(1.15, torch.bfloat16)(seen, logits.float()),
+                           _apply_repetition_penalty(logits, seen, 1.15).float())
+
+
+def test_the_engine_context_sets_the_default(tiny_model, monkeypatch):
+    assert default_engine() == "raw"
+    with generation_engine("bridge"):
+        with monkeypatch.context() as patch:     # the bridge's loop, so the raw modules are never swapped in
+            patch.setattr("dpn_lens.raw_view.raw_modules", lambda *a, **k: pytest.fail("a raw engine ran"))
+            greedy_generate(tiny_model, PROMPTS, 3, batch_size=4)
+        assert default_engine() == "bridge"
+    assert default_engine() == "raw"
+    with pytest.raises(ValueError, match="unknown generation engine 'fast'"):
+        with generation_engine("fast"):
+            pass
 
 
 def test_a_translated_reader_sees_every_forward_call(tiny_model):
@@ -59,8 +130,8 @@ def test_a_hook_without_a_raw_counterpart_falls_back_to_the_bridge(tiny_model):
                 pass
         raw_tokens = greedy_generate(tiny_model, PROMPTS, 5, batch_size=4, engine="raw")
     assert seen                                         # the bridge ran, so its hook point fired
-    assert raw_tokens == greedy_generate(tiny_model, PROMPTS, 5, batch_size=4)
-    with pytest.raises(ValueError, match="unknown engine 'fast'"):
+    assert raw_tokens == greedy_generate(tiny_model, PROMPTS, 5, batch_size=4, engine="bridge")
+    with pytest.raises(ValueError, match="unknown generation engine 'fast'"):
         greedy_generate(tiny_model, PROMPTS, 5, engine="fast")
 
 
@@ -80,16 +151,19 @@ def test_the_components_and_hooks_are_back_after_an_exception(tiny_model):
 
 
 @pytest.mark.slow
-def test_the_raw_engine_gives_the_bridges_tokens_on_smollm2(smollm2):
-    """The embedded model, steered, in a padded batch of 8 role-play prompts (float32)."""
-    from dpn_lens import embedded_contrastive_set
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_raw_engine_gives_the_bridges_tokens_on_smollm2(smollm2, dtype):
+    """The embedded model, steered, in a padded batch of 8 role-play prompts, with the judge's repetition
+    penalty. In bfloat16, where sdpa rounds answers apart, the default engine still gives the bridge's."""
+    from dpn_lens import embedded_contrastive_set, load_model
     from dpn_lens.data.prompts import render_for_model
     from dpn_lens.hooked import encode
 
-    prompts = [encode(smollm2, render_for_model(smollm2, q)) for q in embedded_contrastive_set("openness", 8).high]
+    model = smollm2 if dtype == "float32" else load_model("smollm2-135m-instruct", dtype=dtype)
+    prompts = [encode(model, render_for_model(model, q)) for q in embedded_contrastive_set("openness", 8).high]
     edit = Intervention({layer: torch.zeros(1536).index_fill_(0, torch.arange(0, 1536, 97), 2.0)
                          for layer in range(15, 30)})
     for condition in (None, edit):
-        with steer(smollm2, condition):
-            bridge = greedy_generate(smollm2, prompts, 24, batch_size=8)
-            assert greedy_generate(smollm2, prompts, 24, batch_size=8, engine="raw") == bridge
+        with steer(model, condition):
+            bridge = greedy_generate(model, prompts, 24, batch_size=8, repetition_penalty=1.15, engine="bridge")
+            assert greedy_generate(model, prompts, 24, batch_size=8, repetition_penalty=1.15) == bridge

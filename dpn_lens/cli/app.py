@@ -259,7 +259,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         warnings.showwarning = _one_line_warnings(args.command)
     try:
         validate_args(args)
-        return int(args.handler(args) or 0)
+        from dpn_lens.generation import default_engine, generation_engine
+
+        with generation_engine(getattr(args, "engine", None) or default_engine()):
+            return int(args.handler(args) or 0)
     except KeyboardInterrupt:
         if debug:
             raise

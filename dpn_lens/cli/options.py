@@ -176,7 +176,8 @@ def add_traits_option(parser: argparse.ArgumentParser, default: str = "all") -> 
 
 def add_model_options(parser: argparse.ArgumentParser, default: str | None = DEFAULT_MODEL,
                       default_dtype: str | None = None, model_help: str | None = None) -> None:
-    """``--model``, ``--dtype`` and ``--device`` (the arguments of ``dpn_lens.models.load_model``)."""
+    """``--model``, ``--dtype`` and ``--device`` (the arguments of ``dpn_lens.models.load_model``), and ``--engine``
+    (what generates: ``dpn_lens.generation.ENGINES``, set around the command by ``cli.app.main``)."""
     parser.add_argument("--model", default=default,
                         help=model_help or "embedded name (smollm2-135m-instruct, gemma-3-270m), .gguf file, "
                                            "hub name or folder")
@@ -184,6 +185,10 @@ def add_model_options(parser: argparse.ArgumentParser, default: str | None = DEF
                         help="model dtype: float32, bfloat16 (about 3x faster on CPU) or float16 "
                              "(None: float32)")
     parser.add_argument("--device", default=None, help="cpu, cuda, auto (all GPUs), ... (None: cpu)")
+    parser.add_argument("--engine", default=None,
+                        help="what generates answers: raw (Hugging Face's generate through the raw modules, the "
+                             "bridge's tokens), raw-sdpa (faster; other bfloat16 answers) or bridge "
+                             "(TransformerLens's loop) (None: raw; dpn_lens.generation.ENGINES)")
 
 
 def add_data_dir_option(parser: argparse.ArgumentParser, holds: str) -> None:
@@ -328,6 +333,13 @@ def validate_args(args: argparse.Namespace) -> None:
     for name in ("n_pairs", "batch_size", "batch_tokens", "max_new_tokens", "n_questions", "budget"):
         _positive(args, name)
     _positive(args, "selection_pairs", 2)   # the attribution rules average a gradient over pairs
+    engine = getattr(args, "engine", None)
+    if engine is not None:
+        from dpn_lens.generation import ENGINES
+
+        if engine not in ENGINES:
+            raise ValueError(f"--engine must be one of {', '.join(ENGINES)} (raw: the default, the bridge's tokens "
+                             f"at the raw model's speed), got {engine!r}")
     rule = getattr(args, "rule", None)
     if isinstance(rule, str) and rule.lower() != "none":
         from dpn_lens.effect.rules import rule_named

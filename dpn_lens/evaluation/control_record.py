@@ -319,6 +319,8 @@ class ControlMeta:
         merged_from: for a merged record, each part's traits.
         command_seconds: the command's wall seconds, model load included (written by the CLI).
         ran_with: how the command ran it (``dpn-lens evaluate`` in one pass with the comparison; None otherwise).
+        engine: what generated its answers (``dpn_lens.generation.ENGINES``; None in records from before the
+            engines, which generated through the bridge's loop: the tokens of ``"raw"``).
         extra: keys this version does not know, kept as read.
     """
 
@@ -333,10 +335,11 @@ class ControlMeta:
     merged_from: list[list[str]] | None = None
     command_seconds: float | None = None
     ran_with: str | None = None
+    engine: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     _ORDER = ("model", "dtype", "config", "seconds", "merged_from", "command_seconds", "probe_tokens", "traits_done",
-              "maps", "skipped", "ran_with")
+              "maps", "skipped", "ran_with", "engine")
 
     def to_dict(self) -> dict[str, Any]:
         out = {name: getattr(self, name) for name in self._ORDER}
