@@ -23,6 +23,11 @@ differently; the tests find identical answers on the tiny model.
 An active ``steer`` context applies to every batch. A decode-only edit still acts only on decode
 steps: the prompt pass of a batch has as many positions as its longest prompt, every decode step one.
 
+What generates is the ``engine`` (``ENGINES``). By default Hugging Face's own ``generate`` runs through the
+modules the bridge wraps, with the hooks moved onto them (``dpn_lens.raw_view``): the bridge's arithmetic
+without its per-call Python, and only the last position's logits in the prompt pass. The bridge's own loop
+(``engine="bridge"``) gives the same tokens, slower.
+
 Example:
     >>> prompts = [encode(model, render_for_model(model, q)) for q in questions]   # doctest: +SKIP
     >>> answers = greedy_generate(model, prompts, max_new_tokens=40)               # doctest: +SKIP

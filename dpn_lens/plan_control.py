@@ -43,6 +43,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Sequence
 
+from dpn_lens.generation import default_engine
 from dpn_lens.plan import (BYTES, GPU_SIZES_GIB, MachineCosts, ModelShape, RunPlan, StagePlan, costs_file, read_costs,
                            model_shape, status_bytes, timed)
 
@@ -354,6 +355,10 @@ class ControlCosts:
     ``extra_bytes`` holds it. Gemma 3 270M (bfloat16): 16 rows x 133 tokens added 1.07 GiB, 16 x 238 1.84."""
     generation_batch_tokens: float = 0.0
     """Rows x padded tokens of that batch (16 rows after the sample's persona prompts)."""
+    engine: str = "bridge"
+    """The generation engine the decode steps and the generation memory were measured with
+    (``generation.ENGINES``). "bridge" in a file measured before the engines: its loop was then the only one,
+    1.3-2x slower per token than the default ``"raw"`` and holding a prompt pass's logits at every position."""
 
 
 def persona_pass_flops(shape: ModelShape, contexts: int, context_tokens: float, answers: int,
@@ -532,7 +537,7 @@ def measure_control_costs(model_spec: str, device: str = "cpu", dtype: str = "fl
                          persona_answer_steps=answer_steps(persona_lengths, max_new_tokens),
                          gradient_seconds=max(first_gradient - gradient_seconds, 0.0),
                          step_rows=decoding.step_rows, step_token_flops=decoding.step_token_flops,
-                         persona_context_once=True, step_context=decoding.context,
+                         persona_context_once=True, step_context=decoding.context, engine=default_engine(),
                          step_context_seconds=decoding.context_seconds, long_step_rows=decoding.long_step_rows,
                          long_step_context=decoding.long_context, prefill_points=decoding.prefill_points,
                          generation_extra_bytes=int(generation_extra), generation_batch_tokens=generation_tokens)
@@ -1194,6 +1199,11 @@ def plan_control(spec: str, traits: Sequence[str], settings: ControlSettings, de
               "selection": not work.selection_answers,
               "method preparation": "caa" not in config.methods,
               "budget sweep": not work.sweep_probe_passes, "generation check": not work.generation_sets}
+    if usable and costs.engine != default_engine():
+        stale = (f"; its decode costs were measured with engine {costs.engine!r}, this run generates with "
+                 f"{default_engine()!r}: `dpn-lens plan --measure` again for its times")
+        counts["held-out pairs"] += stale
+        counts["generation check"] += stale
     for kind, detail in counts.items():
         if absent.get(kind, False):
             continue

@@ -1,8 +1,8 @@
 """Generation through the raw Hugging Face modules, with the active hook points translated into plain hooks.
 
-The bridge replaces the modules of the model it wraps by its own components, which run each hook point and
-reimplement attention step by step. Greedy generation through them ran at 0.51-0.79x the speed of a raw copy of
-the model on the CPU (docs/PERFORMANCE.md, "Overhead"), while the raw copy steered by plain PyTorch hooks ran at
+The bridge replaces the modules of the model it wraps by its own components, which run each hook point in
+Python on every forward call. Greedy generation through them ran at 0.51-0.79x the speed of a raw copy of the
+model on the CPU (docs/PERFORMANCE.md, "Overhead"), while the raw copy steered by plain PyTorch hooks ran at
 0.97-1.01x. ``raw_modules(model)`` swaps every bridge component of ``model.original_model`` back for the module
 it wraps (``_original_component``) for the duration of a ``with`` block, and restores them on exit, also after
 an exception. ``translated_hooks(model)`` moves the hooks that are active on the bridge's hook points (an
@@ -12,15 +12,15 @@ edit's ``steer``, a ``read_hooks`` reader) onto those raw modules, where a hook 
 * ``blocks.{l}.hook_resid_post``: the output of ``layers[l]`` (its first element, where it is a tuple);
 * ``hook_embed``: the output of ``embed_tokens``.
 
-A hook on any other point raises ``Untranslatable``; ``greedy_generate(..., engine="raw")`` then generates
-through the bridge as usual. The hook functions run unchanged: each gets the activation and the bridge's
-``HookPoint`` as ``hook``, and what it returns replaces the activation.
+A hook on any other point raises ``Untranslatable``; ``greedy_generate`` then generates through the bridge as
+usual. The hook functions run unchanged: each gets the activation and the bridge's ``HookPoint`` as ``hook``,
+and what it returns replaces the activation.
 
-The raw modules compute with Hugging Face's own kernels (attention through ``scaled_dot_product_attention``,
-switched back from the "eager" the bridge sets, where the bridge multiplies step by step), so their float32 results differ from the bridge's in the last bits
-(the same greedy tokens in the tests); in bfloat16 greedy answers differ as much as bfloat16 differs from
-float32 (Gemma 3 270M, 32 answers of 48 tokens: 13 identical to the bridge's). Hence an opt-in, not the
-default: saved runs stay reproducible.
+Attention: booting the bridge set the wrapped model's attention to "eager". Kept (``attention=None``, the
+default engine ``"raw"``), the raw modules compute the bridge's logits bit for bit (float32 and bfloat16, both
+embedded models and the tiny one: ``tests/test_raw_view.py``), so generation gives the bridge's tokens. With
+``attention="sdpa"`` (``engine="raw-sdpa"``) they attend as a raw Hugging Face load does: faster, the same
+tokens in float32, but in bfloat16 other rounding, which changes greedy answers as much as bfloat16 itself does.
 
 Example:
     >>> from dpn_lens.tiny import build_tiny_model

@@ -264,6 +264,6 @@ def control_costs(**changes):
                   persona_flops_per_s=2e9, gradient_flops_per_s=1e9, step_seconds=0.01, step_flops_per_s=1e9,
                   answer_fill=0.8, prompt_tokens=40.0, persona_tokens=90.0, trait_seconds=0.001,
                   probe_reference_bytes=10, extra_bytes=2 ** 20, selection_extra_bytes=2 ** 22, sample_tokens=10 ** 6,
-                  measured="now")
+                  measured="now", engine="raw")
     values.update(changes)
     return ControlCosts(**values)

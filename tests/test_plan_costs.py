@@ -197,6 +197,7 @@ def test_measured_costs_record_answer_steps_and_the_prompt_pass_and_older_files_
     assert costs.prefill_flops_per_s > 0 and costs.step_flops_per_s > 0
     assert len(costs.persona_answer_steps) == 4 and all(0 < share <= 1 for share in costs.persona_answer_steps)
     assert costs.gradient_seconds >= 0 and costs.gradient_flops_per_s > 0
+    assert costs.engine == "raw"                        # what generated while the decode steps were timed
     threads = torch.get_num_threads()
     path = costs_file("cpu", "float32", threads, "control")
     saved = json.loads(path.read_text())
@@ -204,12 +205,12 @@ def test_measured_costs_record_answer_steps_and_the_prompt_pass_and_older_files_
     # A file written before the two fields: it loads, and plans as then (every batch to the limit, no
     # prompt pass apart).
     new = ("answer_steps", "prefill_flops_per_s", "persona_answer_steps", "gradient_seconds", "step_rows",
-           "step_token_flops", "persona_context_once")
+           "step_token_flops", "persona_context_once", "engine")
     path.write_text(json.dumps({key: value for key, value in saved.items() if key not in new}))
     loaded = saved_control_costs("cpu", "float32", threads)
     assert loaded == dataclasses.replace(costs, answer_steps=[], prefill_flops_per_s=0.0, persona_answer_steps=[],
                                          gradient_seconds=0.0, step_rows=[], step_token_flops=0.0,
-                                         persona_context_once=False)
+                                         persona_context_once=False, engine="bridge")
     assert isinstance(loaded, ControlCosts)
 
 
@@ -460,6 +461,26 @@ def test_a_trait_whose_pairs_are_cached_is_not_charged_their_generation(tiny_fol
     assert spec_revision(str(tiny_folder)) is None
     assert cached_pairs(str(tiny_folder), "float32", config.traits, config).unknown.startswith("the revision of")
     assert "the cache was not looked up" in plan_control_run(str(tiny_folder), config, costs=costs).text()
+
+
+def test_decode_costs_measured_with_another_engine_are_flagged(tiny_folder):
+    """A file measured before the engines timed the bridge's loop: its generation times are kept, and the
+    generating stages say to measure again; under ``--engine bridge`` they fit the run and say nothing."""
+    from dpn_lens.evaluation.control import ControlConfig
+    from dpn_lens.generation import generation_engine
+    from dpn_lens.plan_control import ControlSettings, plan_control
+
+    config = ControlConfig(traits=["openness"], methods=["dpn-le"], pairs=4, max_new_tokens=4, generation_questions=2)
+    settings = ControlSettings(config, maps_given=True)
+    current = plan_control(str(tiny_folder), config.traits, settings, costs=control_costs())
+    older = plan_control(str(tiny_folder), config.traits, settings, costs=control_costs(engine="bridge"))
+    assert [stage.seconds for stage in older.stages] == [stage.seconds for stage in current.stages]
+    flagged = [stage.name for stage in older.stages if "measured with engine 'bridge'" in stage.detail]
+    assert flagged == ["held-out pairs (1 traits)", "generation check (1 traits)"]
+    assert "measured with engine" not in current.text()
+    with generation_engine("bridge"):
+        assert "measured with engine" not in plan_control(str(tiny_folder), config.traits, settings,
+                                                          costs=control_costs(engine="bridge")).text()
 
 
 @pytest.mark.slow

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 __all__ = ["FORMATTER", "DEFAULT_MODEL", "CommaList", "add_subcommand", "add_traits_option", "add_model_options",
-           "add_data_dir_option", "add_out_option", "add_selection_options", "add_run_option", "add_renamed", "add_positional_run",
+           "add_engine_option", "add_data_dir_option", "add_out_option", "add_selection_options", "add_run_option", "add_renamed", "add_positional_run",
            "check_model_spec", "check_device", "check_out", "validate_args", "read_maps",
            "print_evaluate_equivalent", "equivalent_command"]
 
@@ -185,6 +185,11 @@ def add_model_options(parser: argparse.ArgumentParser, default: str | None = DEF
                         help="model dtype: float32, bfloat16 (about 3x faster on CPU) or float16 "
                              "(None: float32)")
     parser.add_argument("--device", default=None, help="cpu, cuda, auto (all GPUs), ... (None: cpu)")
+    add_engine_option(parser)
+
+
+def add_engine_option(parser: argparse.ArgumentParser) -> None:
+    """``--engine``: what generates (``dpn_lens.generation.ENGINES``), set around the command by ``cli.app.main``."""
     parser.add_argument("--engine", default=None,
                         help="what generates answers: raw (Hugging Face's generate through the raw modules, the "
                              "bridge's tokens), raw-sdpa (faster; other bfloat16 answers) or bridge "

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from dpn_lens.cli.options import add_subcommand, add_traits_option
+from dpn_lens.cli.options import add_engine_option, add_subcommand, add_traits_option
 
 __all__ = ["register", "run_plan"]
 
@@ -24,6 +24,7 @@ def register(commands: argparse._SubParsersAction) -> None:
                       help="embedded name, model folder, or the path of a config.json (its tokenizer files beside it)")
     plan.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     plan.add_argument("--device", default="cpu", help="cpu or cuda (times need a measurement on that device)")
+    add_engine_option(plan)
     add_traits_option(plan)
     plan.add_argument("--n-pairs", type=int, default=1000, help="contrastive pairs per trait (as locate's --n-pairs)")
     plan.add_argument("--measure", action="store_true",
