@@ -166,6 +166,28 @@ def test_every_benchmark_command_in_the_docs_parses(bench):
         assert sections and set(sections) <= set(bench.SECTIONS), (doc, argv)
 
 
+def test_every_other_benchmarks_documented_command_parses():
+    """The other scripts under benchmarks/ that README and docs/ name: each command's options parse."""
+    import re
+    import shlex
+
+    root = SCRIPT.parents[1]
+    found: dict[str, list[tuple[str, list[str]]]] = {}
+    for doc in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
+        for match in re.finditer(r"python benchmarks/(bench_\w+)\.py([^`\n#|]*)", doc.read_text()):
+            if match.group(1) != "bench_perf":
+                found.setdefault(match.group(1), []).append(
+                    (doc.name, shlex.split(match.group(2).replace("FOLDER", "some/folder"))))
+    assert {"bench_overhead", "bench_engines", "bench_plan"} <= set(found), sorted(found)
+    for name, commands in found.items():
+        spec = importlib.util.spec_from_file_location(name, SCRIPT.parent / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+        for doc, argv in commands:
+            module.parser().parse_args(argv)        # an unknown or renamed option exits here
+
+
 def test_the_overhead_benchmark_runs_and_the_bridge_matches_the_raw_model(capsys):
     """benchmarks/bench_overhead.py on the tiny model: the bridge's greedy tokens equal the raw HF model's (a
     second copy, no bridge component in it), unsteered and steered by the same edit through plain PyTorch hooks,
@@ -180,7 +202,33 @@ def test_the_overhead_benchmark_runs_and_the_bridge_matches_the_raw_model(capsys
     for batch in (1, 4):
         row = generation["batches"][batch]
         assert row["same_tokens_unsteered"] and row["same_tokens_steered"]
+        assert row["same_tokens_default_and_bridge"] and row["same_tokens_raw_sdpa"]
         assert row["steering_changed_tokens"]               # the edit is strong enough to be seen
+        assert set(row["median_wall_s"]) == {"hf", "hf_steered", "hf_eager_steered", "raw", "raw_steered",
+                                             "raw_sdpa_steered", "bridge_steered"}
     assert generation["batches"][4]["rows"] == 4
     assert collection["max_abs_mean_difference"] < 1e-5
+    # with the bridge's attention the raw forward is the bridge's arithmetic
+    assert collection["max_abs_mean_difference_eager"] <= collection["max_abs_mean_difference"]
     assert "[generation tiny" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_engines_benchmark_finds_the_bridges_answers(dtype, capsys):
+    """benchmarks/bench_engines.py on the tiny model: the default engine answers as the bridge's loop does,
+    steered and not, with the repetition penalty; raw-sdpa too in float32."""
+    spec = importlib.util.spec_from_file_location("bench_engines", SCRIPT.parent / "bench_engines.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    results = module.main(["--model", "tiny", "--dtype", dtype, "--prompts", "6", "--new-tokens", "6", "--batch", "4",
+                           "--repeats", "1"])
+    engines = results["engines"]
+    assert set(engines) == {f"{engine} {condition}" for engine in ("raw", "raw-sdpa", "bridge")
+                            for condition in ("unsteered", "steered")}
+    for condition in ("unsteered", "steered"):
+        assert engines[f"raw {condition}"]["identical"] == 6 == engines[f"raw {condition}"]["of"]
+        if dtype == "float32":
+            assert engines[f"raw-sdpa {condition}"]["identical"] == 6
+    assert results["steering_changed_answers"]
+    assert "[engines tiny " + dtype in capsys.readouterr().out
