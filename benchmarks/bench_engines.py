@@ -1,16 +1,16 @@
 """The generation engines' answers beside the bridge's loop (issue 25), side by side in one run.
 
-``greedy_generate`` can generate through the raw Hugging Face modules (``engine="raw"``, the default, with the
-attention the bridge sets; ``"raw-sdpa"``, with ``scaled_dot_product_attention``) or through TransformerLens's
-loop (``"bridge"``). This benchmark answers ``--prompts`` embedded role-play prompts with ``--new-tokens``
+``greedy_generate`` can generate through the raw Hugging Face modules (``engine="raw"``, with the attention the
+bridge sets, the default in half precision; ``"raw-sdpa"``, with ``scaled_dot_product_attention``, the default
+in float32) or through TransformerLens's loop (``"bridge"``). This benchmark answers ``--prompts`` embedded role-play prompts with ``--new-tokens``
 greedy tokens each, in batches of ``--batch``, with every engine, unsteered and inside ``steer`` with a
 DPN-LE-shaped decode-only edit, and with the judge's repetition penalty (``--penalty``), then prints per engine:
 
 * answers identical to the bridge's loop's, of all, and their mean common prefix in tokens;
 * its speed beside the bridge's loop (median over ``--repeats`` of the per-repeat ratio, engines interleaved).
 
-The default engine must give the bridge's answers in every dtype (the same arithmetic); ``"raw-sdpa"`` gives
-them in float32 and, in bfloat16, differs as bfloat16's rounding does.
+``"raw"`` must give the bridge's answers in every dtype (the same arithmetic). ``"raw-sdpa"`` is the default
+in float32 because it gave them there; in bfloat16 it differs as bfloat16's rounding does.
 
 Usage::
 
@@ -32,10 +32,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))          # perf/ beside this file
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))      # the package beside benchmarks/
 
-from perf.common import bench_edit, interleaved, load, ratio  # noqa: E402
-from dpn_lens import embedded_contrastive_set, steer  # noqa: E402
+from perf.common import bench_edit, generation_variant, interleaved, load, ratio  # noqa: E402
+from dpn_lens import embedded_contrastive_set  # noqa: E402
 from dpn_lens.data.prompts import render_for_model  # noqa: E402
-from dpn_lens.generation import ENGINES, greedy_generate  # noqa: E402
+from dpn_lens.generation import ENGINES  # noqa: E402
 
 REFERENCE = "bridge"
 
@@ -58,11 +58,8 @@ def compare_engines(model: Any, n_prompts: int, new_tokens: int, batch: int, pen
     answers: dict[str, list[list[int]]] = {}
 
     def generated(name: str, engine: str, edited: bool) -> Callable[[], None]:
-        def run() -> None:
-            with steer(model, edit if edited else None):
-                answers[name] = greedy_generate(model, prompts, new_tokens, batch_size=batch,
-                                                repetition_penalty=penalty, engine=engine)
-        return run
+        return generation_variant(model, [prompts], new_tokens, engine, edit if edited else None, answers, name,
+                                  batch_size=batch, penalty=penalty)
 
     variants = {f"{engine} {condition}": generated(f"{engine} {condition}", engine, condition == "steered")
                 for condition in ("unsteered", "steered") for engine in ENGINES}

@@ -11,13 +11,13 @@ replaces the modules of the model it wraps by its own components, so ``bridge.or
   - ``hf_steered``: the same with the edit as plain ``register_forward_pre_hook``s on each edited layer's
     ``down_proj`` (its input is ``blocks.{l}.mlp.hook_post``), added at decode steps only;
   - ``hf_eager_steered``: the same with the attention the bridge sets ("eager");
-  - ``raw``: ``dpn_lens.generation.greedy_generate`` on the TransformerBridge with the default engine
-    (``"raw"``: the raw modules with the bridge's attention, the hooks moved onto them), unsteered;
-  - ``raw_steered``: the same inside ``steer(model, edit)`` (decode-only ``Intervention``), as users run it;
-  - ``raw_sdpa_steered``: the same with ``engine="raw-sdpa"``;
-  - ``bridge_steered``: the same with ``engine="bridge"`` (TransformerLens's loop, the default before session 26).
-  The default engine's tokens must be the bridge's loop's (the same arithmetic); those of the raw copy the
-  same too in float32.
+  - ``default``: ``dpn_lens.generation.greedy_generate`` on the TransformerBridge, unsteered, with the engine
+    the dtype chooses (``generation.default_engine``: ``"raw-sdpa"`` in float32, ``"raw"`` otherwise);
+  - ``raw_steered``, ``raw_sdpa_steered``, ``bridge_steered``: inside ``steer(model, edit)`` (decode-only
+    ``Intervention``), as users run it, with each engine (``"bridge"``: TransformerLens's loop, the only one
+    before session 26); the default engine's is the target's ``default_steered``.
+  The tokens of ``"raw"`` must be the bridge's loop's (the same arithmetic), and in float32 those of the raw
+  copy and of every engine must be the same.
 * ``collection``: statistics of the last prompt token at every layer's ``hook_post``:
   - ``hf_hooks``: the prompts tokenised and batched as collect batches them, then the raw model's forward with
     pre-hooks on every ``down_proj`` accumulating sum and sum of squares (float64) at each prompt's last token;
@@ -26,8 +26,8 @@ replaces the modules of the model it wraps by its own components, so ``bridge.or
   The means must agree to 1e-5 (float32). Also printed: their difference from the raw copy with the bridge's
   eager attention (0 where the arithmetic is the same).
 
-Targets (issue 25): steered generation at least 0.9x ``hf``'s speed at batch 1 and 16; ``collect`` at least
-0.9x ``hf_hooks``'s speed.
+Targets (issue 25): the default engine's steered generation at least 0.9x ``hf``'s speed at batch 1 and 16;
+``collect`` at least 0.9x ``hf_hooks``'s speed.
 
 Usage::
 
@@ -49,12 +49,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))          # bench_perf's perf/ beside this file
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))      # the package beside benchmarks/
 
-from perf.common import LOAD_OPTIONS, batches, bench_edit, interleaved, load, median, ratio, raw_model  # noqa: E402
-from dpn_lens import Intervention, embedded_contrastive_set, steer  # noqa: E402
-from dpn_lens.generation import eos_ids, greedy_generate, hf_greedy_batch  # noqa: E402
+from perf.common import (LOAD_OPTIONS, batches, bench_edit, generation_variant, interleaved, load, median, ratio,  # noqa: E402
+                         raw_model)
+from dpn_lens import Intervention, embedded_contrastive_set  # noqa: E402
+from dpn_lens.generation import default_engine, eos_ids, hf_greedy_batch, model_dtype  # noqa: E402
 from dpn_lens.collection.collect import CollectionConfig, collect_group_statistics  # noqa: E402
 from dpn_lens.data.prompts import render_for_model  # noqa: E402
 from dpn_lens.hooked import decoder_layers, pad_token_id, tokenize_compact  # noqa: E402
+
+
+STEERED_ENGINES = {"raw": "raw", "raw_sdpa": "raw-sdpa", "bridge": "bridge"}
+"""Each engine timed steered: variant name -> ``greedy_generate``'s ``engine``."""
 
 
 def _hf_pre_hooks(hf_model: Any, edit: Intervention) -> list[Any]:
@@ -77,6 +82,8 @@ def bench_generation(model: Any, raw: Any, n_prompts: int, new_tokens: int, repe
                    for p in prompts]
     edit = bench_edit(model, neurons_per_layer, 2.0)
     stop = eos_ids(model)
+    engine_name = default_engine(model_dtype(model))
+    default = engine_name.replace("-", "_")
     result: dict[str, Any] = {"prompts": n_prompts, "new_tokens": new_tokens, "edited_layers": sorted(edit.deltas),
                               "batches": {}}
     for batch in batches:
@@ -88,18 +95,6 @@ def bench_generation(model: Any, raw: Any, n_prompts: int, new_tokens: int, repe
         def hf(name: str = "hf") -> None:
             outputs[name] = [answer for group in groups for answer in hf_greedy_batch(raw, group, new_tokens, stop)]
 
-        def hf_steered() -> None:
-            hf_steered_as("hf_steered")
-
-        def hf_eager_steered() -> None:
-            # the raw copy with the attention the bridge sets: what the default engine's arithmetic costs raw
-            held = raw.config._attn_implementation
-            raw.set_attn_implementation("eager")
-            try:
-                hf_steered_as("hf_eager_steered")
-            finally:
-                raw.set_attn_implementation(held)
-
         def hf_steered_as(name: str) -> None:
             handles = _hf_pre_hooks(raw, edit)
             try:
@@ -108,31 +103,42 @@ def bench_generation(model: Any, raw: Any, n_prompts: int, new_tokens: int, repe
                 for handle in handles:
                     handle.remove()
 
-        def generated(name: str, engine: str, edited: bool) -> Callable[[], None]:
-            def run() -> None:
-                with steer(model, edit if edited else None):
-                    outputs[name] = [answer for group in groups
-                                     for answer in greedy_generate(model, group, new_tokens, batch_size=len(group),
-                                                                   engine=engine)]
-            return run
+        def hf_steered() -> None:
+            hf_steered_as("hf_steered")
+
+        def hf_eager_steered() -> None:
+            # the raw copy with the attention the bridge sets: the kernels engine "raw" runs, without its hooks
+            held = raw.config._attn_implementation
+            raw.set_attn_implementation("eager")
+            try:
+                hf_steered_as("hf_eager_steered")
+            finally:
+                raw.set_attn_implementation(held)
+
+        def generated(name: str, engine: str | None, edited: bool) -> Callable[[], None]:
+            return generation_variant(model, groups, new_tokens, engine, edit if edited else None, outputs, name)
 
         times = interleaved({"hf": hf, "hf_steered": hf_steered, "hf_eager_steered": hf_eager_steered,
-                             "raw": generated("raw", "raw", False),
-                             "raw_steered": generated("raw_steered", "raw", True),
-                             "raw_sdpa_steered": generated("raw_sdpa_steered", "raw-sdpa", True),
-                             "bridge_steered": generated("bridge_steered", "bridge", True)}, repeats)
+                             "default": generated("default", None, False),
+                             **{f"{name}_steered": generated(f"{name}_steered", engine, True)
+                                for name, engine in STEERED_ENGINES.items()}}, repeats)
+        times["default_steered"] = times[f"{default}_steered"]
+        outputs["default_steered"] = outputs[f"{default}_steered"]
         row: dict[str, Any] = {
-            "rows": sum(map(len, groups)), "tokens": sum(map(len, outputs["hf"])),
+            "rows": sum(map(len, groups)), "tokens": sum(map(len, outputs["hf"])), "default_engine": engine_name,
             "median_wall_s": {name: median(t["wall"]) for name, t in times.items()},
-            # the default engine must give the bridge's tokens; against the raw copy (sdpa) equality is float32's
-            "same_tokens_default_and_bridge": outputs["raw_steered"] == outputs["bridge_steered"],
-            "same_tokens_unsteered": outputs["hf"] == outputs["raw"],
-            "same_tokens_steered": outputs["hf_steered"] == outputs["raw_steered"] == outputs["hf_eager_steered"],
-            "same_tokens_raw_sdpa": outputs["hf_steered"] == outputs["raw_sdpa_steered"],
+            # "raw" is the bridge's arithmetic: its tokens in every dtype
+            "same_tokens_raw_and_bridge": outputs["raw_steered"] == outputs["bridge_steered"],
+            # against the raw copy (sdpa) and between engines, equality is float32's
+            "same_tokens_unsteered": outputs["hf"] == outputs["default"],
+            "same_tokens_steered": outputs["hf_steered"] == outputs["default_steered"],
+            "same_tokens_all_engines_steered": all(outputs[f"{name}_steered"] == outputs["hf_steered"]
+                                                   for name in (*STEERED_ENGINES, "hf_eager")),
             "steering_changed_tokens": outputs["hf"] != outputs["hf_steered"]}
         for clock in ("wall", "cpu"):
             row[f"speed_vs_hf_{clock}"] = {f"{name}/hf": 1 / ratio(times, name, "hf", clock)
                                            for name in times if name != "hf"}
+            # "raw" beside the raw copy with the same attention: what the hooks and the engine cost, kernels aside
             row[f"speed_vs_hf_{clock}"]["raw_steered/hf_eager_steered"] = 1 / ratio(
                 times, "raw_steered", "hf_eager_steered", clock)
         result["batches"][batch] = row
@@ -240,14 +246,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for batch, row in g["batches"].items():
         s = row["speed_vs_hf_wall"]
         print(f"[generation {args.model} {args.dtype} {args.device}] batch {batch}, {row['rows']} prompts, "
-              f"{row['tokens']} greedy tokens: raw hf {row['median_wall_s']['hf']:.2f}s, default engine steered "
-              f"{row['median_wall_s']['raw_steered']:.2f}s | speed vs raw hf (wall): default engine "
-              f"{s['raw/hf']:.2f}, steered {s['raw_steered/hf']:.2f} (target >= 0.9), raw-sdpa steered "
-              f"{s['raw_sdpa_steered/hf']:.2f}, bridge's loop steered {s['bridge_steered/hf']:.2f}, raw hf steered "
-              f"{s['hf_steered/hf']:.2f}, raw hf with eager attention steered {s['hf_eager_steered/hf']:.2f} | "
-              f"same tokens: default and bridge {row['same_tokens_default_and_bridge']}, default and raw hf "
-              f"unsteered {row['same_tokens_unsteered']}, steered {row['same_tokens_steered']}, raw-sdpa "
-              f"{row['same_tokens_raw_sdpa']}", flush=True)
+              f"{row['tokens']} greedy tokens: raw hf {row['median_wall_s']['hf']:.2f}s, default engine "
+              f"({row['default_engine']}) steered {row['median_wall_s']['default_steered']:.2f}s | speed vs raw hf "
+              f"(wall): default engine {s['default/hf']:.2f}, steered {s['default_steered/hf']:.2f} (target >= 0.9) | "
+              f"steered: raw {s['raw_steered/hf']:.2f} (beside raw hf with its eager attention "
+              f"{s['raw_steered/hf_eager_steered']:.2f}), raw-sdpa {s['raw_sdpa_steered/hf']:.2f}, bridge's loop "
+              f"{s['bridge_steered/hf']:.2f}, raw hf {s['hf_steered/hf']:.2f}, raw hf eager "
+              f"{s['hf_eager_steered/hf']:.2f} | same tokens: raw and bridge {row['same_tokens_raw_and_bridge']}, "
+              f"default and raw hf {row['same_tokens_unsteered']} / steered {row['same_tokens_steered']}, all "
+              f"engines steered {row['same_tokens_all_engines_steered']}", flush=True)
     c = results["collection"] = bench_collection(model, raw, args.collect_prompts, args.batch_size, args.repeats)
     s = c["speed_vs_hf_wall"]
     print(f"[collection {args.model} {args.dtype} {args.device}] {c['prompts']} prompts ({c['tokens']} tokens), batch "

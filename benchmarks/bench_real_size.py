@@ -20,9 +20,9 @@ For each architecture, in one process:
 * **generation**: greedy tokens/s at batch 1 and at batch 16 (``--new-tokens`` each) of the raw Hugging Face
   ``generate`` (a second copy of the model with the same seeded weights, loaded after collection; the
   bridge's ``original_model`` holds the bridge's components) and of ``dpn_lens.generation.greedy_generate``
-  with the default engine (``"raw"``), unsteered and inside ``steer`` with a DPN-LE-sized decode-only edit (0.5%
-  of the neurons), and steered with ``engine="raw-sdpa"`` and ``engine="bridge"``; steered / raw is the issue's
-  target (>= 0.9). The default engine's tokens must be the bridge's loop's.
+  with the dtype's default engine (bfloat16: ``"raw"``) unsteered, and inside ``steer`` with a DPN-LE-sized
+  decode-only edit (0.5% of the neurons) with each engine (``"raw"``, ``"raw-sdpa"``, ``"bridge"``); the default
+  engine's steered / raw is the issue's target (>= 0.9). The tokens of ``"raw"`` must be the bridge's loop's.
 
 On the CPU, ``--scale tiny`` shrinks each architecture (2 layers, width 64) for a smoke run whose timings mean
 nothing (``tests/test_real_size_bench.py``).
@@ -52,11 +52,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))          # bench_perf's perf/ beside this file
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))      # the package beside benchmarks/
 
-from perf.common import bench_edit, raw_model  # noqa: E402
-from dpn_lens import embedded_contrastive_set, load_model, steer  # noqa: E402
+from perf.common import LOAD_OPTIONS, bench_edit, generation_variant, interleaved, raw_model, synchronize  # noqa: E402
+from dpn_lens import embedded_contrastive_set, load_model  # noqa: E402
 from dpn_lens.collection.collect import CollectionConfig, collect_statistics  # noqa: E402
 from dpn_lens.data.prompts import render_for_model  # noqa: E402
-from dpn_lens.generation import eos_ids, greedy_generate, hf_greedy_batch  # noqa: E402
+from dpn_lens.generation import default_engine, eos_ids, hf_greedy_batch, model_dtype  # noqa: E402
 from dpn_lens.hooked import encode  # noqa: E402
 from dpn_lens.plan import fit_forward_rates, locate_work, model_shape, plan_locate, reset_peak, status_bytes  # noqa: E402
 
@@ -122,11 +122,6 @@ def architecture_folder(arch: str, tokenizer_dir: Path, out: Path, scale: str = 
     return folder
 
 
-def synchronize(device: str) -> None:
-    if device != "cpu":
-        torch.cuda.synchronize()
-
-
 def reset_memory(device: str) -> int:
     """Start a peak reading; what is held now (the GPU's allocated bytes, or the process's RSS)."""
     if device != "cpu":
@@ -143,20 +138,9 @@ def peak_memory(device: str, held: int) -> int:
     return torch.cuda.max_memory_allocated() if device != "cpu" else status_bytes("VmHWM") - held
 
 
-def timed_interleaved(variants: dict[str, Callable[[], Any]], repeats: int, device: str) -> dict[str, list[float]]:
-    """Wall seconds of each variant, ``repeats`` times, the order rotating (after one warm-up run each)."""
-    names = list(variants)
-    for name in names:
-        variants[name]()
-    seconds: dict[str, list[float]] = {name: [] for name in names}
-    for repeat in range(repeats):
-        for name in names[repeat % len(names):] + names[:repeat % len(names)]:
-            synchronize(device)
-            started = time.perf_counter()
-            variants[name]()
-            synchronize(device)
-            seconds[name].append(time.perf_counter() - started)
-    return seconds
+def timed_interleaved(variants: dict[str, Callable[[], Any]], repeats: int) -> dict[str, list[float]]:
+    """Wall seconds of each variant (``perf.common.interleaved``: a warm-up each, then the order rotating)."""
+    return {name: times["wall"] for name, times in interleaved(variants, repeats).items()}
 
 
 def matmul_tflops(device: str, size: int = 8192) -> float:
@@ -191,7 +175,7 @@ def bench_collection(model: Any, folder: Path, device: str, dtype: str, pairs: i
     held = reset_memory(device)
     run("plain")()
     plain_peak = peak_memory(device, held)
-    seconds = timed_interleaved({name: run(name) for name in configs}, repeats, device)
+    seconds = timed_interleaved({name: run(name) for name in configs}, repeats)
     planned = plan_locate(str(folder), ["openness"], pairs, device, dtype)
     result: dict[str, Any] = {"pairs": pairs, "prompts": 2 * pairs, "fit_pairs": fit_pairs, "paths": {},
                               "seconds_per_flop": rates.seconds_per_flop, "seconds_per_call": rates.seconds_per_call,
@@ -229,32 +213,32 @@ def bench_generation(model: Any, raw: Any, device: str, batches: list[int], new_
         def hf() -> None:
             outputs["hf"] = hf_greedy_batch(hf_model, chosen, new_tokens, stop)   # padded as greedy_generate pads
 
-        def generated(name: str, engine: str, edited: bool) -> Callable[[], None]:
-            def run() -> None:
-                with steer(model, edit if edited else None):
-                    outputs[name] = greedy_generate(model, chosen, new_tokens, batch_size=batch, engine=engine)
-            return run
+        def generated(name: str, engine: str | None, edited: bool) -> Callable[[], None]:
+            return generation_variant(model, [chosen], new_tokens, engine, edit if edited else None, outputs, name)
 
         held = reset_memory(device)
-        seconds = timed_interleaved({"hf": hf, "raw": generated("raw", "raw", False),
+        seconds = timed_interleaved({"hf": hf, "default": generated("default", None, False),
                                      "raw_steered": generated("raw_steered", "raw", True),
                                      "raw_sdpa_steered": generated("raw_sdpa_steered", "raw-sdpa", True),
-                                     "bridge_steered": generated("bridge_steered", "bridge", True)}, repeats, device)
+                                     "bridge_steered": generated("bridge_steered", "bridge", True)}, repeats)
+        default_steered = f"{default_engine(model_dtype(model)).replace('-', '_')}_steered"
         tokens = {name: sum(map(len, answers)) for name, answers in outputs.items()}
         speed = {name: tokens[name] / statistics.median(times) for name, times in seconds.items()}
         result["batches"][batch] = {
             # the raw copy's weights left out of the GPU's peak: what the toolkit's generation needs
             "tokens_per_s": speed, "tokens": tokens,
             "peak_bytes": peak_memory(device, held) - (raw_bytes if device != "cpu" else 0),
-            # the default engine ("raw") against the raw copy's own generate
-            "unsteered_over_hf": speed["raw"] / speed["hf"], "steered_over_hf": speed["raw_steered"] / speed["hf"],
-            "steered_over_unsteered": speed["raw_steered"] / speed["raw"],
+            # the dtype's default engine (bfloat16: "raw") against the raw copy's own generate
+            "default_engine": default_engine(model_dtype(model)),
+            "unsteered_over_hf": speed["default"] / speed["hf"], "steered_over_hf": speed[default_steered] / speed["hf"],
+            "steered_over_unsteered": speed[default_steered] / speed["default"],
+            "raw_steered_over_hf": speed["raw_steered"] / speed["hf"],
             "raw_sdpa_steered_over_hf": speed["raw_sdpa_steered"] / speed["hf"],
             "bridge_steered_over_hf": speed["bridge_steered"] / speed["hf"],
-            # the same arithmetic: must hold in any dtype
-            "same_tokens_default_and_bridge": outputs["raw_steered"] == outputs["bridge_steered"],
+            # "raw" is the bridge's arithmetic: must hold in any dtype
+            "same_tokens_raw_and_bridge": outputs["raw_steered"] == outputs["bridge_steered"],
             # the raw copy attends through sdpa: equal in float32, not necessarily in bfloat16
-            "same_tokens_as_hf": outputs["hf"] == outputs["raw"]}
+            "same_tokens_as_hf": outputs["hf"] == outputs["default"]}
     return result
 
 
@@ -288,12 +272,12 @@ def bench_architecture(arch: str, args: argparse.Namespace, work_dir: Path, peak
     del raw
     for batch, row in g["batches"].items():
         speed = row["tokens_per_s"]
-        print(f"[{arch} generation batch {batch}] tokens/s: hf {speed['hf']:.1f}, default engine {speed['raw']:.1f}, "
-              f"steered {speed['raw_steered']:.1f} | steered/hf {row['steered_over_hf']:.2f} (target >= 0.9), "
-              f"steered/unsteered {row['steered_over_unsteered']:.2f}, raw-sdpa steered/hf "
-              f"{row['raw_sdpa_steered_over_hf']:.2f}, bridge's loop steered/hf {row['bridge_steered_over_hf']:.2f} | "
-              f"same tokens: default and bridge {row['same_tokens_default_and_bridge']}, default and hf "
-              f"{row['same_tokens_as_hf']} | "
+        print(f"[{arch} generation batch {batch}] tokens/s: hf {speed['hf']:.1f}, default engine "
+              f"({row['default_engine']}) {speed['default']:.1f} | steered/hf {row['steered_over_hf']:.2f} (target "
+              f">= 0.9), steered/unsteered {row['steered_over_unsteered']:.2f} | steered/hf by engine: raw "
+              f"{row['raw_steered_over_hf']:.2f}, raw-sdpa {row['raw_sdpa_steered_over_hf']:.2f}, bridge's loop "
+              f"{row['bridge_steered_over_hf']:.2f} | same tokens: raw and bridge {row['same_tokens_raw_and_bridge']}, "
+              f"default and hf {row['same_tokens_as_hf']} | "
               f"peak {row['peak_bytes'] / 1024 ** 3:.2f} GiB ({result['memory_is']})", flush=True)
     del model
     if device != "cpu":
@@ -331,6 +315,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser().parse_args(argv)
     args.batches = [int(b) for b in args.batches.split(",")]
     args.tokenizer = args.tokenizer or str(default_tokenizer())
+    LOAD_OPTIONS.device = args.device           # perf.common's timing synchronises this device
     peak = args.peak_tflops or matmul_tflops(args.device, 8192 if args.device != "cpu" else 512)
     results: dict[str, Any] = {"device": torch.cuda.get_device_name() if args.device != "cpu" else "cpu",
                                "dtype": args.dtype, "torch": torch.__version__, "peak_tflops": peak,

@@ -24,8 +24,8 @@ An active ``steer`` context applies to every batch. A decode-only edit still act
 steps: the prompt pass of a batch has as many positions as its longest prompt, every decode step one.
 
 What generates is the ``engine`` (``ENGINES``). By default Hugging Face's own ``generate`` runs through the
-modules the bridge wraps, with the hooks moved onto them (``dpn_lens.raw_view``): the bridge's arithmetic
-without its per-call Python, and only the last position's logits in the prompt pass. The bridge's own loop
+modules the bridge wraps, with the hooks moved onto them (``dpn_lens.raw_view``): without the bridge's per-call
+Python, and with only the last position's logits in the prompt pass. The bridge's own loop
 (``engine="bridge"``) gives the same tokens, slower.
 
 Example:
@@ -47,7 +47,7 @@ from torch import Tensor
 from dpn_lens.hooked import input_device
 
 __all__ = ["eos_ids", "left_pad_with_own_token", "greedy_generate", "hf_greedy_batch", "GENERATION_BATCH", "ENGINES",
-           "generation_engine", "default_engine", "PenaltyInLogitsDtype"]
+           "generation_engine", "default_engine", "same_answers_as_bridge", "model_dtype", "PenaltyInLogitsDtype"]
 
 GENERATION_BATCH = 16
 """Prompts a run generates together where no setting names a batch: the selection pairs
@@ -102,40 +102,71 @@ def left_pad_with_own_token(token_lists: Sequence[Sequence[int]]
 ENGINES = ("raw", "raw-sdpa", "bridge")
 """What generates (``greedy_generate``'s ``engine``):
 
-* ``"raw"`` (the default): Hugging Face's ``generate`` through the raw modules the bridge wraps, with the attention
-  the bridge set ("eager") and the active hooks moved onto the modules (``dpn_lens.raw_view``). Its logits are
-  bit for bit the bridge's (float32 and bfloat16, both embedded models), and so are its greedy tokens.
-* ``"raw-sdpa"``: the same with ``scaled_dot_product_attention``, as a raw Hugging Face load attends. Faster,
-  and the same tokens in float32; in bfloat16 its rounding changes greedy answers as much as bfloat16 itself does.
+* ``"raw"``: Hugging Face's ``generate`` through the raw modules the bridge wraps, with the attention the bridge
+  set ("eager") and the active hooks moved onto the modules (``dpn_lens.raw_view``). Its logits are bit for bit
+  the bridge's (float32 and bfloat16, both embedded models), and so are its greedy tokens.
+* ``"raw-sdpa"``: the same with ``scaled_dot_product_attention``, as a raw Hugging Face load attends: faster at
+  larger batches. In float32 its logits differ from the bridge's in the last bits (1e-4) and its greedy tokens
+  were the same in every comparison (docs/PERFORMANCE.md); in bfloat16 its rounding changes greedy answers as
+  much as bfloat16 itself does.
 * ``"bridge"``: TransformerLens's generation loop through the bridge's components (every hook point runs; the
-  prompt pass computes the logits of every position).
+  prompt pass computes the logits of every position). The only engine before session 26.
 
-Where a hook is active on a hook point without a raw counterpart, both raw engines generate through the bridge."""
+Where none is named the dtype chooses (``default_engine``): ``"raw-sdpa"`` in float32, ``"raw"`` otherwise, so a
+run gives the answers it gave before, at the raw model's speed. Where a hook is active on a hook point without a
+raw counterpart, both raw engines generate through the bridge."""
 
-_ENGINE: ContextVar[str] = ContextVar("dpn_lens_generation_engine", default="raw")
+_ENGINE: ContextVar[str | None] = ContextVar("dpn_lens_generation_engine", default=None)
 
 
 @contextmanager
-def generation_engine(engine: str) -> Iterator[str]:
-    """Every ``greedy_generate`` inside the block that names no engine uses ``engine`` (the CLI's ``--engine``).
+def generation_engine(engine: str | None) -> Iterator[str | None]:
+    """Every ``greedy_generate`` inside the block that names no engine uses ``engine`` (the CLI's ``--engine``;
+    ``None``: the dtype chooses, as outside any block).
 
     Example:
         >>> with generation_engine("bridge"):
-        ...     default_engine()
+        ...     default_engine("float32")
         'bridge'
-        >>> default_engine()
-        'raw'
+        >>> default_engine("float32"), default_engine("torch.bfloat16")
+        ('raw-sdpa', 'raw')
     """
-    token = _ENGINE.set(_checked_engine(engine))
+    token = _ENGINE.set(None if engine is None else _checked_engine(engine))
     try:
         yield engine
     finally:
         _ENGINE.reset(token)
 
 
-def default_engine() -> str:
-    """The engine ``greedy_generate`` uses where none is named (``generation_engine`` sets it)."""
-    return _ENGINE.get()
+def default_engine(dtype: Any = None) -> str:
+    """The engine ``greedy_generate`` uses where none is named, for a model computing in ``dtype`` (a torch dtype or
+    its name): the one a ``generation_engine`` block set, else ``"raw-sdpa"`` in float32 (the same tokens as the
+    bridge) and ``"raw"`` in any other dtype or where it is not known (the bridge's tokens bit for bit)."""
+    chosen = _ENGINE.get()
+    if chosen is not None:
+        return chosen
+    return "raw-sdpa" if _is_float32(dtype) else "raw"
+
+
+def same_answers_as_bridge(engine: str | None, dtype: Any) -> bool:
+    """Whether ``engine`` gives the bridge's greedy answers in ``dtype``: all but ``"raw-sdpa"`` in half precision
+    (``None``, an older record's, is the bridge's loop). Cached answers and merged runs are told apart by it.
+
+    Example:
+        >>> same_answers_as_bridge("raw-sdpa", "torch.float32"), same_answers_as_bridge("raw-sdpa", "bfloat16")
+        (True, False)
+    """
+    return engine != "raw-sdpa" or _is_float32(dtype)
+
+
+def _is_float32(dtype: Any) -> bool:
+    return dtype is not None and str(dtype).removeprefix("torch.") == "float32"
+
+
+def model_dtype(model: Any) -> torch.dtype:
+    """The dtype ``model`` computes in (its config's, else its first parameter's)."""
+    dtype = getattr(getattr(model, "cfg", None), "dtype", None)
+    return dtype if isinstance(dtype, torch.dtype) else next(model.parameters()).dtype
 
 
 def _checked_engine(engine: str) -> str:
@@ -227,9 +258,9 @@ def greedy_generate(model: Any, token_lists: Sequence[Sequence[int]], max_new_to
         batch_size: prompts per batch; ``1`` generates one prompt at a time, with the same answers.
         repetition_penalty: Hugging Face-style penalty on every id already in the row (1.0: none).
         engine: what generates (``ENGINES``): ``"raw"``, Hugging Face's ``generate`` through the raw modules
-            with the bridge's attention (the same tokens as the bridge, 1.2-1.3x faster: docs/PERFORMANCE.md),
-            ``"raw-sdpa"`` (faster still; other bfloat16 answers) or ``"bridge"`` (TransformerLens's loop).
-            ``None``: ``default_engine()``, ``"raw"`` unless a ``generation_engine`` block names another.
+            with the bridge's attention (the bridge's tokens, faster: docs/PERFORMANCE.md), ``"raw-sdpa"``
+            (with sdpa attention: faster still; other answers in bfloat16) or ``"bridge"`` (TransformerLens's
+            loop). ``None``: ``default_engine`` of the model's dtype, unless a ``generation_engine`` block names one.
 
     Returns:
         One list of token ids per prompt, in the order given.
@@ -242,7 +273,7 @@ def greedy_generate(model: Any, token_lists: Sequence[Sequence[int]], max_new_to
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    engine = default_engine() if engine is None else _checked_engine(engine)
+    engine = default_engine(model_dtype(model)) if engine is None else _checked_engine(engine)
     order = sorted(range(len(token_lists)), key=lambda i: -len(token_lists[i]))
     answers: list[list[int] | None] = [None] * len(token_lists)
     for start in range(0, len(order), batch_size):

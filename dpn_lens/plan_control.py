@@ -139,6 +139,7 @@ def cached_pairs(spec: str, dtype: str, traits: Sequence[str], config: Any) -> C
         return CachedPairs([], [], f"the revision of {spec} is known only once its weights are loaded (a hub model "
                                    "or a folder), or it is not on this machine")
     torch_dtype = str(getattr(torch, dtype))
+    engine = default_engine(dtype)          # the run's answers: the cache key holds an engine whose answers differ
     held_out, selection = [], []
     for trait in traits:
         trait = normalize_trait(trait)
@@ -147,10 +148,10 @@ def cached_pairs(spec: str, dtype: str, traits: Sequence[str], config: Any) -> C
         except (OSError, KeyError, ValueError):
             material = None        # the run itself will say what is missing
         if material is not None and pairs_cache_path(
-                str(spec), revision, torch_dtype, "preference_pairs", trait, config.pair_batch,
+                str(spec), revision, torch_dtype, "preference_pairs", trait, config.pair_batch, engine=engine,
                 **held_out_pairs_key(config, *material)).exists():
             held_out.append(trait)
-        if pairs_cache_path(str(spec), revision, torch_dtype, "selection_pairs", trait,
+        if pairs_cache_path(str(spec), revision, torch_dtype, "selection_pairs", trait, engine=engine,
                             **selection_pairs_key(*selection_material(trait), config.selection_pairs, config.seed,
                                                   SELECTION_TOKENS)).exists():
             selection.append(trait)
@@ -537,7 +538,7 @@ def measure_control_costs(model_spec: str, device: str = "cpu", dtype: str = "fl
                          persona_answer_steps=answer_steps(persona_lengths, max_new_tokens),
                          gradient_seconds=max(first_gradient - gradient_seconds, 0.0),
                          step_rows=decoding.step_rows, step_token_flops=decoding.step_token_flops,
-                         persona_context_once=True, step_context=decoding.context, engine=default_engine(),
+                         persona_context_once=True, step_context=decoding.context, engine=default_engine(dtype),
                          step_context_seconds=decoding.context_seconds, long_step_rows=decoding.long_step_rows,
                          long_step_context=decoding.long_context, prefill_points=decoding.prefill_points,
                          generation_extra_bytes=int(generation_extra), generation_batch_tokens=generation_tokens)
@@ -1199,9 +1200,9 @@ def plan_control(spec: str, traits: Sequence[str], settings: ControlSettings, de
               "selection": not work.selection_answers,
               "method preparation": "caa" not in config.methods,
               "budget sweep": not work.sweep_probe_passes, "generation check": not work.generation_sets}
-    if usable and costs.engine != default_engine():
+    if usable and costs.engine != default_engine(dtype):
         stale = (f"; its decode costs were measured with engine {costs.engine!r}, this run generates with "
-                 f"{default_engine()!r}: `dpn-lens plan --measure` again for its times")
+                 f"{default_engine(dtype)!r}: `dpn-lens plan --measure` again for its times")
         counts["held-out pairs"] += stale
         counts["generation check"] += stale
     for kind, detail in counts.items():

@@ -258,12 +258,14 @@ class FailingEdit:
 
 def control_costs(**changes):
     """``ControlCosts`` with round rates (a plan's arithmetic checked by hand), ``changes`` applied."""
+    from dpn_lens.generation import default_engine
     from dpn_lens.plan_control import ControlCosts
 
     values = dict(device="cpu", dtype="float32", threads=1, model="m", probe_flops_per_s=1e9, answer_flops_per_s=2e9,
                   persona_flops_per_s=2e9, gradient_flops_per_s=1e9, step_seconds=0.01, step_flops_per_s=1e9,
                   answer_fill=0.8, prompt_tokens=40.0, persona_tokens=90.0, trait_seconds=0.001,
                   probe_reference_bytes=10, extra_bytes=2 ** 20, selection_extra_bytes=2 ** 22, sample_tokens=10 ** 6,
-                  measured="now", engine="raw")
+                  measured="now")
     values.update(changes)
+    values.setdefault("engine", default_engine(values["dtype"]))     # measured with the engine a run now uses
     return ControlCosts(**values)

@@ -580,6 +580,14 @@ def test_runs_on_different_traits_merge_into_the_run_over_all_of_them(tiny_folde
     assert merge_control_results([old, old_e]).meta.config["kl_skip_context"] is False
     with pytest.raises(ValueError, match="differs from result #0 in kl_skip_context"):
         merge_control_results([old, e])
+    # The engine: recorded; runs whose engines give the same answers merge, others not.
+    assert one.meta.engine == "raw-sdpa"                         # float32's default
+    bridge_e = dataclasses.replace(e, meta=dataclasses.replace(e.meta, engine="bridge"))
+    assert merge_control_results([one, bridge_e]).meta.engine == "raw-sdpa"
+    half = [dataclasses.replace(r, meta=dataclasses.replace(r.meta, dtype="torch.bfloat16", engine=engine))
+            for r, engine in ((one, "raw-sdpa"), (e, "raw"))]
+    with pytest.raises(ValueError, match="engine 'raw', result #0 with 'raw-sdpa', whose answers differ"):
+        merge_control_results(half)
     assert main(["control", "--merge", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]) == 2
     assert "no control.json" in capsys.readouterr().err
 

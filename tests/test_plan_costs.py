@@ -197,7 +197,7 @@ def test_measured_costs_record_answer_steps_and_the_prompt_pass_and_older_files_
     assert costs.prefill_flops_per_s > 0 and costs.step_flops_per_s > 0
     assert len(costs.persona_answer_steps) == 4 and all(0 < share <= 1 for share in costs.persona_answer_steps)
     assert costs.gradient_seconds >= 0 and costs.gradient_flops_per_s > 0
-    assert costs.engine == "raw"                        # what generated while the decode steps were timed
+    assert costs.engine == "raw-sdpa"                   # what generated while the decode steps were timed (float32)
     threads = torch.get_num_threads()
     path = costs_file("cpu", "float32", threads, "control")
     saved = json.loads(path.read_text())

@@ -98,17 +98,43 @@ def test_the_penalty_is_rounded_as_the_bridges_loop_rounds_it():
                            _apply_repetition_penalty(logits, seen, 1.15).float())
 
 
-def test_the_engine_context_sets_the_default(tiny_model, monkeypatch):
-    assert default_engine() == "raw"
+def test_the_dtype_chooses_the_default_engine_and_a_block_another(tiny_model, tiny_bfloat16, monkeypatch):
+    """sdpa where it gives the bridge's tokens (float32), the bridge's own attention where it would not."""
+    from dpn_lens.generation import same_answers_as_bridge
+
+    assert default_engine(torch.float32) == default_engine("float32") == "raw-sdpa"
+    assert default_engine(torch.bfloat16) == default_engine("torch.float16") == default_engine() == "raw"
+    attentions = []
+    monkeypatch.setattr("dpn_lens.raw_view.raw_modules",
+                        lambda model, attention="sdpa": attentions.append(attention) or raw_modules(model, attention))
+    greedy_generate(tiny_model, PROMPTS, 3, batch_size=4)
+    greedy_generate(tiny_bfloat16, PROMPTS, 3, batch_size=4)
+    assert attentions == ["sdpa", None]
     with generation_engine("bridge"):
-        with monkeypatch.context() as patch:     # the bridge's loop, so the raw modules are never swapped in
-            patch.setattr("dpn_lens.raw_view.raw_modules", lambda *a, **k: pytest.fail("a raw engine ran"))
-            greedy_generate(tiny_model, PROMPTS, 3, batch_size=4)
-        assert default_engine() == "bridge"
-    assert default_engine() == "raw"
+        attentions.clear()
+        greedy_generate(tiny_model, PROMPTS, 3, batch_size=4)
+        assert attentions == [] and default_engine("float32") == "bridge"
+        with generation_engine(None):                       # the CLI without --engine
+            assert default_engine("float32") == "raw-sdpa"
+    assert default_engine("float32") == "raw-sdpa"
+    assert [same_answers_as_bridge(engine, "torch.bfloat16") for engine in (None, "bridge", "raw", "raw-sdpa")] == [
+        True, True, True, False]
     with pytest.raises(ValueError, match="unknown generation engine 'fast'"):
         with generation_engine("fast"):
             pass
+
+
+def test_cached_answers_are_keyed_by_an_engine_only_where_its_answers_differ():
+    """Earlier files (the bridge's loop) stay valid for every engine that answers as it did."""
+    from dpn_lens.evaluation.preference import pairs_cache_path
+
+    def path(engine, dtype):
+        return pairs_cache_path("m", "r", dtype, "selection_pairs", "openness", engine=engine, pairs=8)
+
+    for dtype in ("torch.float32", "torch.bfloat16"):
+        assert path(None, dtype) == path("bridge", dtype) == path("raw", dtype)
+    assert path("raw-sdpa", "torch.float32") == path(None, "torch.float32")
+    assert path("raw-sdpa", "torch.bfloat16") != path(None, "torch.bfloat16")
 
 
 def test_a_translated_reader_sees_every_forward_call(tiny_model):

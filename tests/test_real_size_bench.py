@@ -63,8 +63,9 @@ def test_a_tiny_run_goes_through_every_section(tiny_folder, tmp_path):
         assert collection["paths"]["shared"]["calls"] > collection["paths"]["plain"]["calls"]
         for batch in ("1", "2"):
             row = json.loads(out.read_text())["architectures"][arch["arch"]]["generation"]["batches"][batch]
-            assert row["same_tokens_as_hf"] is True and row["same_tokens_default_and_bridge"] is True
-            assert set(row["tokens_per_s"]) == {"hf", "raw", "raw_steered", "raw_sdpa_steered", "bridge_steered"}
+            assert row["same_tokens_as_hf"] is True and row["same_tokens_raw_and_bridge"] is True
+            assert set(row["tokens_per_s"]) == {"hf", "default", "raw_steered", "raw_sdpa_steered", "bridge_steered"}
+            assert row["default_engine"] == "raw-sdpa"                          # float32's
         # a DPN-LE-sized edit: about 0.5% of the neurons, on the later half of the layers
         assert arch["generation"]["edited_neurons"] == pytest.approx(0.005 * 2 * 192, abs=1)
 

@@ -55,9 +55,10 @@ def model_footprint_bytes(model: Any) -> int:
     return total
 
 
-def _synchronize() -> None:
-    """Wait for queued GPU work, so that a clock reading covers it (a no-op on the CPU)."""
-    if LOAD_OPTIONS.device != "cpu" and torch.cuda.is_available():
+def synchronize(device: str | None = None) -> None:
+    """Wait for queued GPU work on ``device`` (None: ``LOAD_OPTIONS.device``), so that a clock reading covers it
+    (a no-op on the CPU)."""
+    if (device or LOAD_OPTIONS.device) != "cpu" and torch.cuda.is_available():
         torch.cuda.synchronize()
 
 
@@ -73,10 +74,10 @@ def interleaved(variants: dict[str, Callable[[], Any]], repeats: int, warmup: bo
         order = names[repeat % len(names):] + names[:repeat % len(names)]
         for name in order:
             gc.collect()
-            _synchronize()
+            synchronize()
             wall, cpu = time.perf_counter(), time.process_time()
             variants[name]()
-            _synchronize()
+            synchronize()
             times[name]["wall"].append(time.perf_counter() - wall)
             times[name]["cpu"].append(time.process_time() - cpu)
     return times
@@ -166,6 +167,23 @@ def _naive_statistics(model: Any, batched: list[tuple], names: list[str]) -> tup
             del cache, stacked
         values = torch.cat(kept).to(torch.float64)
         return values.mean(0), values.var(0)
+
+
+def generation_variant(model: Any, groups: list[list[list[int]]], new_tokens: int, engine: str, edit: Any,
+                       outputs: dict[str, list[list[int]]], name: str, batch_size: int | None = None,
+                       penalty: float = 1.0) -> Callable[[], None]:
+    """A variant to time: ``greedy_generate`` with ``engine`` on each group of prompts (one batch per group, or
+    ``batch_size`` prompts at a time), inside ``steer(model, edit)`` (``None``: unsteered); the answers of every
+    group, in order, go to ``outputs[name]``."""
+    from dpn_lens import steer
+    from dpn_lens.generation import greedy_generate
+
+    def run() -> None:
+        with steer(model, edit):
+            outputs[name] = [answer for group in groups
+                             for answer in greedy_generate(model, group, new_tokens, batch_size=batch_size or len(group),
+                                                           repetition_penalty=penalty, engine=engine)]
+    return run
 
 
 def bench_edit(model: Any, neurons_per_layer: int, value: float) -> Intervention:

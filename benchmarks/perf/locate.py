@@ -14,7 +14,7 @@ import torch
 from dpn_lens import TRAITS, collect_statistics, embedded_contrastive_set, locate
 from dpn_lens.collection.collect import CollectionConfig
 
-from .common import _synchronize, load
+from .common import synchronize, load
 
 
 def bench_locate(spec: str, plan: list[tuple[str, int]], batch_size: int, target_pairs: int) -> dict[str, Any]:
@@ -25,10 +25,10 @@ def bench_locate(spec: str, plan: list[tuple[str, int]], batch_size: int, target
     for dtype, n_pairs in plan:
         sets = [embedded_contrastive_set(trait, n_pairs=n_pairs) for trait in TRAITS]
         model = load(spec, dtype)
-        _synchronize()
+        synchronize()
         wall, cpu = time.perf_counter(), time.process_time()
         maps = [locate(collect_statistics(model, pairs, config)) for pairs in sets]
-        _synchronize()
+        synchronize()
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         n_prompts = 2 * sum(len(pairs) for pairs in sets)
         results["by_dtype"][dtype] = {

@@ -259,9 +259,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         warnings.showwarning = _one_line_warnings(args.command)
     try:
         validate_args(args)
-        from dpn_lens.generation import default_engine, generation_engine
+        from dpn_lens.generation import generation_engine
 
-        with generation_engine(getattr(args, "engine", None) or default_engine()):
+        with generation_engine(getattr(args, "engine", None)):
             return int(args.handler(args) or 0)
     except KeyboardInterrupt:
         if debug:

@@ -192,8 +192,9 @@ def add_engine_option(parser: argparse.ArgumentParser) -> None:
     """``--engine``: what generates (``dpn_lens.generation.ENGINES``), set around the command by ``cli.app.main``."""
     parser.add_argument("--engine", default=None,
                         help="what generates answers: raw (Hugging Face's generate through the raw modules, the "
-                             "bridge's tokens), raw-sdpa (faster; other bfloat16 answers) or bridge "
-                             "(TransformerLens's loop) (None: raw; dpn_lens.generation.ENGINES)")
+                             "bridge's tokens), raw-sdpa (with sdpa attention: faster; other answers in bfloat16) or "
+                             "bridge (TransformerLens's loop) (None: raw-sdpa in float32, raw otherwise; "
+                             "dpn_lens.generation.ENGINES)")
 
 
 def add_data_dir_option(parser: argparse.ArgumentParser, holds: str) -> None:
@@ -343,8 +344,8 @@ def validate_args(args: argparse.Namespace) -> None:
         from dpn_lens.generation import ENGINES
 
         if engine not in ENGINES:
-            raise ValueError(f"--engine must be one of {', '.join(ENGINES)} (raw: the default, the bridge's tokens "
-                             f"at the raw model's speed), got {engine!r}")
+            raise ValueError(f"--engine must be one of {', '.join(ENGINES)} (leave it out for the default: raw-sdpa "
+                             f"in float32, raw otherwise), got {engine!r}")
     rule = getattr(args, "rule", None)
     if isinstance(rule, str) and rule.lower() != "none":
         from dpn_lens.effect.rules import rule_named

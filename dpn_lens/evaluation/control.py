@@ -54,7 +54,7 @@ from dpn_lens.evaluation.metrics import GenerationPersonaScore, PreferenceMargin
 from dpn_lens.evaluation.methods import METHODS_BY_NAME, TraitContext, effect_rules_needed, neuron_methods
 from dpn_lens.evaluation.stage_times import StageClock, StageRow
 from dpn_lens.evaluation.preparation import MapSource, RuleSelection, TraitPreparation, method_inputs
-from dpn_lens.generation import default_engine
+from dpn_lens.generation import default_engine, model_dtype, same_answers_as_bridge
 from dpn_lens.evaluation.preference import GeneratedPairs, PreferencePair, generate_persona_pairs, pairs_cache_file
 from dpn_lens.localization.neuron_map import NeuronMap
 from dpn_lens.steering import Edit, direction_sign, steering_intervention
@@ -867,7 +867,8 @@ def _generation_effect(effect: PairedEffect) -> Effect:
 def _result(model: Any, config: ControlConfig, started: float, parts: _Parts, examples: dict[str, TraitExamples],
             map_settings: dict[str, dict[str, Any]], skipped: dict[str, str]) -> ControlRecord:
     meta = ControlMeta(model=getattr(model, "dpn_model_name", "model"), dtype=str(next(model.parameters()).dtype),
-                       config=dataclasses.asdict(config), seconds=time.time() - started, engine=default_engine())
+                       config=dataclasses.asdict(config), seconds=time.time() - started,
+                       engine=default_engine(model_dtype(model)))
     return _assemble(config, meta, parts, examples, map_settings, skipped)
 
 
@@ -903,12 +904,6 @@ def _check_mergeable(index: int, record: ControlRecord) -> None:
                          "`dpn-lens control` again on its traits, then merge")
 
 
-def _answer_tokens(engine: str | None) -> str:
-    """Which answers an engine generates: ``"raw"`` and the bridge's loop (``None`` in older records) the same
-    tokens, ``"raw-sdpa"`` its own (in half precision)."""
-    return "raw-sdpa" if engine == "raw-sdpa" else "bridge"
-
-
 def merge_control_results(records: Sequence[ControlRecord]) -> ControlRecord:
     """One control record from runs of the same settings on different traits (e.g. traits split over
     processes or machines): the per-trait rows are joined and the matched-cost tables and the goal are
@@ -935,7 +930,8 @@ def merge_control_results(records: Sequence[ControlRecord]) -> ControlRecord:
             if getattr(record.meta, key) != getattr(first, key):
                 raise ValueError(f"result #{index} was run with {key} {getattr(record.meta, key)!r}, result #0 with "
                                  f"{getattr(first, key)!r}: merge only runs of one model and dtype")
-        if _answer_tokens(record.meta.engine) != _answer_tokens(first.engine):
+        if (same_answers_as_bridge(record.meta.engine, record.meta.dtype)
+                != same_answers_as_bridge(first.engine, first.dtype)):
             raise ValueError(f"result #{index} generated with engine {record.meta.engine!r}, result #0 with "
                              f"{first.engine!r}, whose answers differ: merge only runs of one --engine")
         # The scorer's cache budget changes the time and memory of a run, not its numbers.

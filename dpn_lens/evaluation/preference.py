@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from dpn_lens.generation import default_engine, greedy_generate
+from dpn_lens.generation import default_engine, greedy_generate, model_dtype, same_answers_as_bridge
 from dpn_lens.hooked import encode
 from dpn_lens.data.prompts import render_for_model, render_roleplay_prompt
 from dpn_lens.evaluation.logprobs import continuation_logprobs
@@ -203,7 +203,8 @@ def pairs_cache_file(model: Any, folder: str, trait: str, batch_size: int = 16, 
     seed, a digest of the data), so a cached file is only ever read back for the same model and draw.
     ``batch_size`` is the number of prompts generated together: in bfloat16 the batch can change a greedy
     answer, so it is part of the key, except at 16, under which every earlier file was written without it.
-    So is the generation engine where its answers are its own (``"raw-sdpa"``; ``generation.ENGINES``).
+    So is the generation engine where its answers are its own (``generation.same_answers_as_bridge``: "raw-sdpa"
+    in half precision).
 
     Example:
         >>> from dpn_lens.tiny import build_tiny_model
@@ -213,11 +214,11 @@ def pairs_cache_file(model: Any, folder: str, trait: str, batch_size: int = 16, 
     from dpn_lens.models import model_revision
 
     return pairs_cache_path(getattr(model, "dpn_model_name", "model"), model_revision(model), str(model.cfg.dtype),
-                            folder, trait, batch_size, engine=default_engine(), **key)
+                            folder, trait, batch_size, engine=default_engine(model_dtype(model)), **key)
 
 
 def pairs_cache_path(name: str, revision: str, dtype: str, folder: str, trait: str, batch_size: int = 16,
-                     engine: str = "raw", **key: Any) -> Path:
+                     engine: str | None = None, **key: Any) -> Path:
     """``pairs_cache_file`` from the model's name, revision (``models.model_revision``) and torch dtype
     (``"torch.float32"``) instead of the loaded model: the plan finds cached pairs without loading it.
 
@@ -234,7 +235,7 @@ def pairs_cache_path(name: str, revision: str, dtype: str, folder: str, trait: s
     material = {"model": name, "revision": revision, "dtype": dtype, "trait": trait, **key}
     if batch_size != 16:
         material["batch_size"] = batch_size
-    if engine == "raw-sdpa":            # "raw" and "bridge" generate the same tokens, as every earlier file did
+    if not same_answers_as_bridge(engine, dtype):    # the others answer as the bridge did for every earlier file
         material["engine"] = engine
     digest = hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:16]
     return cache_dir() / folder / f"{trait}-{digest}.json"
