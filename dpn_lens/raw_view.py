@@ -117,17 +117,16 @@ def translated_hooks(model: Any, raw: Any) -> Iterator[None]:
     """The hooks active on ``model``'s hook points, attached to the raw modules of ``raw`` (inside
     ``raw_modules(model)``) and removed on exit, also after an exception. ``Untranslatable`` (before any is
     attached) where a hook sits on a point without a raw counterpart."""
-    layers = raw.model.layers
     plan: list[tuple[torch.nn.Module, str, Callable]] = []
     for names, point, functions in active_hooks(model):
         run = _chain(point, functions)
         for name in names:
             if match := _MLP_POST.fullmatch(name):
-                plan.append((layers[int(match.group(1))].mlp.down_proj, "pre", run))
+                plan.append((_module(raw, f"model.layers.{match.group(1)}.mlp.down_proj"), "pre", run))
             elif match := _RESID_POST.fullmatch(name):
-                plan.append((layers[int(match.group(1))], "post", run))
+                plan.append((_module(raw, f"model.layers.{match.group(1)}"), "post", run))
             elif name == "hook_embed":
-                plan.append((raw.model.embed_tokens, "post", run))
+                plan.append((_module(raw, "model.embed_tokens"), "post", run))
             else:
                 continue
             break
@@ -142,6 +141,17 @@ def translated_hooks(model: Any, raw: Any) -> Iterator[None]:
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _module(raw: Any, path: str) -> torch.nn.Module:
+    """The submodule of ``raw`` at the dotted ``path``; ``Untranslatable`` where an architecture names it otherwise
+    (the bridge's loop then runs, whose hook points every adapter maps)."""
+    module = raw
+    for part in path.split("."):
+        module = module[int(part)] if part.isdigit() else getattr(module, part, None)
+        if module is None:
+            raise Untranslatable(f"{type(raw).__name__} has no {path}")
+    return module
 
 
 def _chain(point: Any, functions: list[Callable]) -> Callable[[torch.Tensor], torch.Tensor]:

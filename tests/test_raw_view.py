@@ -156,6 +156,12 @@ def test_a_hook_without_a_raw_counterpart_falls_back_to_the_bridge(tiny_model):
                 pass
         raw_tokens = greedy_generate(tiny_model, PROMPTS, 5, batch_size=4, engine="raw")
     assert seen                                         # the bridge ran, so its hook point fired
+    from dpn_lens.raw_view import _module
+
+    with raw_modules(tiny_model) as raw:           # an architecture that names its modules otherwise
+        assert _module(raw, "model.layers.1.mlp.down_proj") is raw.model.layers[1].mlp.down_proj
+        with pytest.raises(Untranslatable, match="has no model.layers.1.mlp.c_proj"):
+            _module(raw, "model.layers.1.mlp.c_proj")
     assert raw_tokens == greedy_generate(tiny_model, PROMPTS, 5, batch_size=4, engine="bridge")
     with pytest.raises(ValueError, match="unknown generation engine 'fast'"):
         greedy_generate(tiny_model, PROMPTS, 5, engine="fast")
