@@ -164,9 +164,9 @@ def _is_float32(dtype: Any) -> bool:
 
 
 def model_dtype(model: Any) -> torch.dtype:
-    """The dtype ``model`` computes in (its config's, else its first parameter's)."""
-    dtype = getattr(getattr(model, "cfg", None), "dtype", None)
-    return dtype if isinstance(dtype, torch.dtype) else next(model.parameters()).dtype
+    """The dtype ``model`` computes in: its first floating parameter's. (The bridge's ``cfg.dtype`` says float32
+    for a model loaded in bfloat16, so it is not read.)"""
+    return next(p.dtype for p in model.parameters() if p.is_floating_point())
 
 
 def _checked_engine(engine: str) -> str:

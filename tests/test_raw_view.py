@@ -102,6 +102,9 @@ def test_the_dtype_chooses_the_default_engine_and_a_block_another(tiny_model, ti
     """sdpa where it gives the bridge's tokens (float32), the bridge's own attention where it would not."""
     from dpn_lens.generation import same_answers_as_bridge
 
+    from dpn_lens.generation import model_dtype
+
+    assert model_dtype(tiny_bfloat16) == torch.bfloat16 and model_dtype(tiny_model) == torch.float32
     assert default_engine(torch.float32) == default_engine("float32") == "raw-sdpa"
     assert default_engine(torch.bfloat16) == default_engine("torch.float16") == default_engine() == "raw"
     attentions = []
@@ -191,7 +194,10 @@ def test_the_raw_engine_gives_the_bridges_tokens_on_smollm2(smollm2, dtype):
     from dpn_lens.data.prompts import render_for_model
     from dpn_lens.hooked import encode
 
+    from dpn_lens.generation import model_dtype
+
     model = smollm2 if dtype == "float32" else load_model("smollm2-135m-instruct", dtype=dtype)
+    assert model_dtype(model) == getattr(torch, dtype)          # the bridge's cfg.dtype says float32 for both
     prompts = [encode(model, render_for_model(model, q)) for q in embedded_contrastive_set("openness", 8).high]
     edit = Intervention({layer: torch.zeros(1536).index_fill_(0, torch.arange(0, 1536, 97), 2.0)
                          for layer in range(15, 30)})

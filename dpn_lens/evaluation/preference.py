@@ -213,8 +213,11 @@ def pairs_cache_file(model: Any, folder: str, trait: str, batch_size: int = 16, 
     """
     from dpn_lens.models import model_revision
 
-    return pairs_cache_path(getattr(model, "dpn_model_name", "model"), model_revision(model), str(model.cfg.dtype),
-                            folder, trait, batch_size, engine=default_engine(model_dtype(model)), **key)
+    # The parameters' dtype: the bridge's cfg.dtype says float32 for a model loaded in bfloat16, so keys written
+    # before session 26 from a bfloat16 model name float32 (those answers are generated again, once).
+    dtype = model_dtype(model)
+    return pairs_cache_path(getattr(model, "dpn_model_name", "model"), model_revision(model), str(dtype),
+                            folder, trait, batch_size, engine=default_engine(dtype), **key)
 
 
 def pairs_cache_path(name: str, revision: str, dtype: str, folder: str, trait: str, batch_size: int = 16,
