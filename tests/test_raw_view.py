@@ -11,7 +11,7 @@ import torch
 
 from dpn_lens import Intervention, steer
 from dpn_lens.baselines.caa import ResidualIntervention
-from dpn_lens.generation import PenaltyInLogitsDtype, default_engine, generation_engine, greedy_generate
+from dpn_lens.generation import ENGINES, PenaltyInLogitsDtype, default_engine, generation_engine, greedy_generate
 from dpn_lens.hooked import read_hooks
 from dpn_lens.raw_view import Untranslatable, raw_modules, translated_hooks
 from dpn_lens.tiny import build_tiny_model
@@ -168,6 +168,37 @@ def test_a_hook_without_a_raw_counterpart_falls_back_to_the_bridge(tiny_model):
     assert raw_tokens == greedy_generate(tiny_model, PROMPTS, 5, batch_size=4, engine="bridge")
     with pytest.raises(ValueError, match="unknown generation engine 'fast'"):
         greedy_generate(tiny_model, PROMPTS, 5, engine="fast")
+
+
+def test_a_model_placed_by_accelerate_steers_the_same_through_its_hooks(tiny_model, tmp_path, monkeypatch):
+    """``--device auto`` and ``device_map`` loads leave accelerate's hooks (``AlignDevicesHook``) on the raw
+    modules; the raw engines run through them. Offloading two layers to disk puts such hooks on every module
+    (weights on the meta device until a layer runs) on a machine without GPUs; the steered tokens must be the
+    plain model's, with every engine."""
+    from accelerate import dispatch_model
+    from transformer_lens.model_bridge import TransformerBridge
+
+    from dpn_lens.tiny import build_tiny_hf_model
+
+    hf_model, tokenizer = build_tiny_hf_model(tmp_path / "tokenizer")      # the same weights as tiny_model
+    placement = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
+                 "model.layers.2": "cpu", "model.layers.3": "disk", "model.norm": "cpu", "model.rotary_emb": "cpu",
+                 "lm_head": "cpu"}
+    hf_model = dispatch_model(hf_model, device_map=placement, offload_dir=str(tmp_path / "offload"))
+    assert hf_model.model.layers[3].mlp.down_proj.weight.device.type == "meta"
+    placed = TransformerBridge.boot_transformers("tiny-placed", hf_model=hf_model, tokenizer=tokenizer)
+    placed.dpn_is_chat_model = False
+    for name, edit in _edits(tiny_model).items():
+        with steer(tiny_model, edit):
+            expected = greedy_generate(tiny_model, PROMPTS, 12, batch_size=4, engine="bridge")
+        with steer(placed, edit):
+            for engine in ENGINES:
+                with monkeypatch.context() as patch:
+                    if engine != "bridge":
+                        _bridges_loop_must_not_run(patch, placed)
+                    tokens = greedy_generate(placed, PROMPTS, 12, batch_size=4, engine=engine)
+                assert tokens == expected, (name, engine)
+    assert hf_model.model.layers[3].mlp.down_proj.weight.device.type == "meta"   # still placed by accelerate
 
 
 def test_the_components_and_hooks_are_back_after_an_exception(tiny_model):

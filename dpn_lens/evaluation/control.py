@@ -866,9 +866,10 @@ def _generation_effect(effect: PairedEffect) -> Effect:
 
 def _result(model: Any, config: ControlConfig, started: float, parts: _Parts, examples: dict[str, TraitExamples],
             map_settings: dict[str, dict[str, Any]], skipped: dict[str, str]) -> ControlRecord:
-    meta = ControlMeta(model=getattr(model, "dpn_model_name", "model"), dtype=str(next(model.parameters()).dtype),
+    dtype = model_dtype(model)
+    meta = ControlMeta(model=getattr(model, "dpn_model_name", "model"), dtype=str(dtype),
                        config=dataclasses.asdict(config), seconds=time.time() - started,
-                       engine=default_engine(model_dtype(model)))
+                       engine=default_engine(dtype))
     return _assemble(config, meta, parts, examples, map_settings, skipped)
 
 
