@@ -57,6 +57,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))      # the package beside benchmarks/
 
 from dpn_lens.evaluation.control_record import load_control_record  # noqa: E402
+from dpn_lens.evaluation.stage_times import StageRow  # noqa: E402
 from dpn_lens.io import markdown_table  # noqa: E402
 from dpn_lens.plan import measure_costs, plan_locate, timed  # noqa: E402
 
@@ -79,20 +80,53 @@ def measured_command(arguments: list[str]) -> dict[str, Any]:
         report = subprocess.run([sys.executable, "-c", _RUN_AND_REPORT, *command], capture_output=True, text=True,
                                 check=True, cwd=Path(__file__).resolve().parents[1])
         result = json.loads(report.stdout.strip().splitlines()[-1])
-        recorded = Path(folder) / "run" / "control.json"
+        recorded, summary = Path(folder) / "run" / "control.json", Path(folder) / "run" / "summary.json"
         if recorded.exists():   # a control run records its seconds per stage and trait (evaluation.stage_times)
             control = load_control_record(recorded)
             result["stages"] = list(control.stages or [])
             result["run_seconds"], result["record"] = control.meta.seconds, control
+        elif summary.exists():  # a locate run records each trait's seconds: the rest is start-up and load
+            traits = json.loads(summary.read_text(encoding="utf-8"))["traits"]
+            result["stages"] = [StageRow(trait, "locate", float(row["seconds"])) for trait, row in traits.items()]
+            result["run_seconds"] = sum(row.seconds for row in result["stages"])
     if result["returncode"] != 0:
         raise RuntimeError(f"dpn-lens {arguments[0]} failed:\n{result['stderr']}")
     return result
 
 
-def measured_locate(model: str, traits: str, n_pairs: int, dtype: str) -> dict[str, Any]:
+def measured_locate(model: str, traits: str, n_pairs: int, dtype: str, random_weights: bool = False
+                    ) -> dict[str, Any]:
     """Wall time and peak RSS of ``dpn-lens locate`` in a fresh process."""
     return measured_command(["locate", "--model", model, "--traits", traits, "--n-pairs", str(n_pairs),
-                             "--dtype", dtype, "--no-progress", "--out", "OUT"])
+                             "--dtype", dtype, "--no-progress", "--out", "OUT",
+                             *(["--random-weights"] if random_weights else [])])
+
+
+_MEASURE_COSTS = """
+import dataclasses, json, sys, warnings
+warnings.simplefilter("ignore")
+from dpn_lens.plan import measure_costs
+costs = measure_costs(sys.argv[1], dtype=sys.argv[2], n_prompts=int(sys.argv[3]), save=False,
+                      random_weights=sys.argv[4] == "1")
+print(json.dumps(dataclasses.asdict(costs)))
+"""
+
+
+def machine_costs(args: argparse.Namespace) -> Any:
+    """This machine's locate costs, measured on ``--measure-on`` (or ``--model``). A measurement on random weights
+    runs in a fresh process: the locate run after it loads the model again, and a model the size of this
+    machine's memory cannot be held twice."""
+    from dpn_lens.plan import MachineCosts
+
+    on = args.measure_on or args.model
+    random_weights = args.random_weights and on == args.model
+    if not random_weights:
+        return measure_costs(on, dtype=args.dtype, n_prompts=args.measure_prompts, save=False)
+    done = subprocess.run([sys.executable, "-c", _MEASURE_COSTS, on, args.dtype, str(args.measure_prompts), "1"],
+                          capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    if done.returncode != 0:
+        raise RuntimeError(f"measuring on {on} failed:\n{done.stderr[-2000:]}")
+    return MachineCosts(**json.loads(done.stdout.strip().splitlines()[-1]))
 
 
 def parser() -> argparse.ArgumentParser:
@@ -102,6 +136,12 @@ def parser() -> argparse.ArgumentParser:
     options.add_argument("--n-pairs", type=int, default=100)
     options.add_argument("--dtype", default="float32")
     options.add_argument("--measure-prompts", type=int, default=24, help="pairs the machine's costs are measured on")
+    options.add_argument("--measure-on", default=None,
+                         help="the model the machine's costs are measured on, as `dpn-lens plan --measure-on` (None: "
+                              "--model); the plan then scales them to --model by FLOPs and weight bytes")
+    options.add_argument("--random-weights", action="store_true",
+                         help="--model's config.json and tokenizer with random weights, for the locate run and a "
+                              "measurement on --model (an architecture whose weights are not at hand, e.g. an 8B)")
     options.add_argument("--stage", choices=("locate", "control", "sample-rate", "gradient-memory", "decode-fit"), default="locate")
     options.add_argument("--methods", default="dpn-le,caa", help="control's methods (--stage control)")
     options.add_argument("--eval-pairs", "--pairs", type=int, default=64, help="control's held-out pairs per trait")
@@ -155,7 +195,9 @@ def decode_summary(model: str, costs: Any) -> dict[str, Any]:
 def _report(args: argparse.Namespace, traits: list[str], plan: Any, run: dict[str, Any], measuring: float,
             counted: Any = None, decoding: dict[str, Any] | None = None) -> dict[str, Any]:
     gib = 1024 ** 3
-    result = {"stage": args.stage, "model": args.model, "traits": traits, "n_pairs": args.n_pairs, "dtype": args.dtype,
+    result = {"stage": args.stage, "model": args.model, "measured_on": getattr(plan.costs, "model", None),
+              "random_weights": bool(getattr(args, "random_weights", False)),
+              "traits": traits, "n_pairs": args.n_pairs, "dtype": args.dtype,
               "measuring_seconds": measuring, "predicted_seconds": plan.seconds, "measured_seconds": run["seconds"],
               "time_ratio": plan.seconds / run["seconds"], "predicted_peak_gib": plan.peak_bytes / gib,
               "measured_peak_gib": run["max_rss_bytes"] / gib, "memory_ratio": plan.peak_bytes / run["max_rss_bytes"],
@@ -406,10 +448,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.stage == "decode-fit":
         return decode_fit_main(args)
     started = time.perf_counter()
-    costs = measure_costs(args.model, dtype=args.dtype, n_prompts=args.measure_prompts, save=False)
+    costs = machine_costs(args)
     measuring = time.perf_counter() - started
     plan = plan_locate(args.model, traits, args.n_pairs, dtype=args.dtype, costs=costs)
-    run = measured_locate(args.model, ",".join(traits), args.n_pairs, args.dtype)
+    run = measured_locate(args.model, ",".join(traits), args.n_pairs, args.dtype, args.random_weights)
     return _report(args, traits, plan, run, measuring)
 
 

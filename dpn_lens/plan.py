@@ -269,9 +269,12 @@ def fit_forward_rates(model: Any, shape: ModelShape, pairs: Any, device: str = "
 
 
 def measure_costs(model_spec: str, device: str = "cpu", dtype: str = "float32", n_prompts: int = 24,
-                  save: bool = True) -> MachineCosts:
+                  save: bool = True, random_weights: bool = False) -> MachineCosts:
     """Time ``collect_statistics`` (the locate path, default settings) on ``n_prompts`` pairs of embedded
-    prompts with ``model_spec`` on this machine, after one warm-up batch; the rate is per forward FLOP."""
+    prompts with ``model_spec`` on this machine, after one warm-up batch; the rate is per forward FLOP.
+
+    ``random_weights``: ``model_spec``'s config and tokenizer with seeded random weights (``load_model``), for an
+    architecture whose weights are not at hand. Its load rate is then the initialisation's, not a load's."""
     import torch
 
     from dpn_lens.collection.collect import CollectionConfig, collect_statistics
@@ -289,7 +292,8 @@ def measure_costs(model_spec: str, device: str = "cpu", dtype: str = "float32", 
     weights = shape.n_params() * BYTES[dtype]
     reset_peak()
     started = time.perf_counter()
-    model = load_model(model_spec, dtype=dtype, device=None if device == "cpu" else device)
+    model = load_model(model_spec, dtype=dtype, device=None if device == "cpu" else device,
+                       random_weights=random_weights)
     load_seconds = time.perf_counter() - started
     load_peak = max(status_bytes("VmHWM") - runtime, 0)
     resident = max(status_bytes("VmRSS") - runtime, 0)

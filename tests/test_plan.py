@@ -137,6 +137,27 @@ def test_the_plan_benchmark_compares_the_plan_with_a_real_locate_run(tiny_folder
     assert result["measured_peak_gib"] > 0.1 and 0 < result["memory_ratio"] < 10
 
 
+def test_the_plan_benchmark_runs_an_architecture_without_its_weights(tiny_folder, tmp_path, monkeypatch):
+    """``--random-weights``: the config and tokenizer only (the weights file removed), measured in a fresh process
+    and located with ``dpn-lens locate --random-weights``; ``--measure-on``: costs from another model, scaled. Each
+    reports the locate stage apart from start-up and load (the run's summary.json has each trait's seconds)."""
+    import shutil
+
+    monkeypatch.setenv("DPN_LENS_CACHE", str(tmp_path / "cache"))
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_folder, bare, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    module = _bench_plan()
+    for extra in (["--random-weights"], ["--random-weights", "--measure-on", str(tiny_folder)]):
+        result = module.main(["--model", str(bare), "--traits", "openness", "--n-pairs", "4", "--measure-prompts", "4",
+                              *extra])
+        assert result["random_weights"] and result["measured_on"] == (extra[-1] if len(extra) > 1 else str(bare))
+        stages = {row["stage"]: row for row in result["stage_comparison"]}
+        assert stages["locate"]["measured s"] > 0 and stages["locate"]["predicted s"] > 0
+        assert stages["start-up and model load"]["measured s"] > 0
+    with pytest.raises(RuntimeError, match="locate failed"):   # without --random-weights there is nothing to load
+        module.measured_locate(str(bare), "openness", 4, "float32")
+
+
 # ----- the control stage ---------------------------------------------------------------------------------------
 def test_control_work_counts_the_passes_control_makes(tiny_model, tmp_path, monkeypatch):
     """The probe, answer and persona passes ``run_control`` makes on the tiny model, counted at the calls,

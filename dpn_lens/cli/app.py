@@ -80,6 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     locate = add_subcommand(commands, "locate", "contrastive data -> statistics -> neuron maps (one per trait)")
     add_model_options(locate)
+    locate.add_argument("--random-weights", action="store_true",
+                        help="read only --model's config.json and tokenizer and draw the weights at random (seeded): "
+                             "the run's time and memory are the real model's, its maps mean nothing (to check "
+                             "`dpn-lens plan` on a model whose weights are not at hand)")
     _add_locate_options(locate)
     add_out_option(locate, "run folder for stats/, maps/ and summary.json", required=True)
     locate.set_defaults(handler=run_locate)
@@ -138,7 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _load(args: argparse.Namespace):
     from dpn_lens.models import load_model
 
-    return load_model(args.model, dtype=args.dtype, device=args.device)
+    return load_model(args.model, dtype=args.dtype, device=args.device,
+                      random_weights=getattr(args, "random_weights", False))
 
 
 def _share_prefix_option(args: argparse.Namespace) -> bool | str:
