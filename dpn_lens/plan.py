@@ -149,6 +149,33 @@ class MachineCosts:
     saving), measured on one trait of ``model``."""
     measured: str
     machine: str = field(default_factory=platform.node)
+    weights_bytes: int = 0
+    """The weight bytes of ``model`` (0 in a file from before 2026-12-07: its extras then scale with the weights)."""
+
+    def load_extra_bytes(self, weights: int) -> int:
+        """What loading a model of ``weights`` bytes holds beyond them at its peak: the bytes measured on ``model``,
+        not scaled to another model's weights. The loader's and the bridge's extras hardly grow with the model:
+        SmolLM2's ratio (3.4 in bfloat16) planned 51 GiB for an 8B model that peaked at 16.3 (docs/PERFORMANCE.md).
+
+        Example:
+            >>> costs = MachineCosts("cpu", "bfloat16", 2, "m", 1e9, 0.0, 1.0, 0, 1.0, 1e8, 3.0, 1.5, 0, 0.0, "now",
+            ...                      weights_bytes=100)
+            >>> costs.load_extra_bytes(100), costs.load_extra_bytes(10_000), costs.resident_extra_bytes(10_000)
+            (200, 200, 50)
+        """
+        return self._extra(self.load_peak_ratio, weights)
+
+    def resident_extra_bytes(self, weights: int) -> int:
+        """What the loaded model keeps beside ``weights`` bytes of weights: measured bytes, as ``load_extra_bytes``."""
+        return self._extra(self.resident_ratio, weights)
+
+    def _extra(self, ratio: float, weights: int) -> int:
+        return int(max(ratio - 1.0, 0.0) * (self.weights_bytes or weights))
+
+    def same_size(self, weights: int, within: float = 4.0) -> bool:
+        """Whether ``model`` had about ``weights`` bytes of weights (within a factor ``within``; True where unknown):
+        forward FLOP/s grow with the matrices' size, an 8B model's on this CPU 2.7x SmolLM2's."""
+        return not self.weights_bytes or max(weights, self.weights_bytes) <= within * min(weights, self.weights_bytes)
 
 
 def costs_file(device: str, dtype: str, threads: int, stage: str = "locate") -> Path:
@@ -325,7 +352,7 @@ def measure_costs(model_spec: str, device: str = "cpu", dtype: str = "float32", 
                          runtime_bytes=runtime, startup_seconds=startup, load_bytes_per_s=weights / load_seconds,
                          load_peak_ratio=load_peak / weights, resident_ratio=resident / weights,
                          locate_extra_bytes=max(int(sample_peak - predicted), 0), trait_seconds=max(located - forward, 0.0),
-                         measured=time.strftime("%Y-%m-%d %H:%M"))
+                         measured=time.strftime("%Y-%m-%d %H:%M"), weights_bytes=weights)
     if save:
         from dpn_lens.io import write_json_atomic
 
@@ -435,6 +462,11 @@ class RunPlan:
         if self.costs is not None:
             lines.append(f"  times from {self.costs.flops_per_s / 1e9:.1f} GFLOP/s and {self.costs.seconds_per_call:.2f} s per "
                          f"forward call, measured on {self.costs.model} ({self.costs.measured}, {self.costs.threads} threads)")
+            if self.seconds is not None and not self.costs.same_size(self.weights_bytes):
+                lines.append(f"  measured on a model of {self.costs.weights_bytes / gib:.2f} GiB of weights: larger matrices "
+                             "run at other FLOP/s (an 8B model on a 2-core CPU at 2.7x SmolLM2's), so these times can be "
+                             "2x off; for times within 25%, measure on this model: add --measure (--random-weights "
+                             "without its weights)")
         fit = ", ".join(f"{size} GiB {'yes' if ok else 'no'}" for size, ok in self.fits_gpus_gib.items())
         lines.append(f"  fits on one GPU of: {fit}")
         return "\n".join(lines)
@@ -468,10 +500,10 @@ def plan_locate(spec: str, traits: Sequence[str], n_pairs: int, device: str = "c
         collect_seconds = (work["flops"] / costs.flops_per_s + work["calls"] * costs.seconds_per_call
                            + len(traits) * costs.trait_seconds)
     # Loading holds the loader's copies of the weights for a moment (host memory; on a GPU, host RAM).
-    load_peak = runtime + int(weights * max(costs.load_peak_ratio if costs is not None else 1.0, 1.0))
+    load_peak = runtime + weights + (costs.load_extra_bytes(weights) if costs is not None else 0)
     host_peak = peak
     if costs is not None and device == "cpu":   # what the process keeps beside the weights, as measured
-        host_peak += int(weights * max(costs.resident_ratio - 1.0, 0.0)) + costs.locate_extra_bytes
+        host_peak += costs.resident_extra_bytes(weights) + costs.locate_extra_bytes
     stages = [StagePlan("start-up and model load", load_seconds, load_peak if device == "cpu" else weights,
                         f"{weights / 1024 ** 3:.2f} GiB of weights"),
               StagePlan("locate", collect_seconds, runtime + host_peak,

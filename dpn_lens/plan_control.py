@@ -1139,8 +1139,8 @@ def plan_control(spec: str, traits: Sequence[str], settings: ControlSettings, de
     reference_seconds = _probe_flops(shape, config) / costs.probe_flops_per_s if usable else 0.0
     reference = config.kl_chunks * (config.kl_tokens + 1) * shape.vocab * 4
     runtime = machine.runtime_bytes if machine is not None and device == "cpu" else 0
-    resident = machine.resident_ratio if machine is not None else 1.0
-    base = runtime + int(weights * max(resident, 1.0)) + reference
+    resident = machine.resident_extra_bytes(weights) if machine is not None else 0
+    base = runtime + weights + resident + reference
     peak, selection_peak = base, base
     # The gradient pass's logits are known from the vocabulary: without a measurement they still raise the
     # selection's lower bound towards the truth (an unmeasured Gemma plan printed ~1 GiB where 10 GB were used).

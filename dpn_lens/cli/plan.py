@@ -4,6 +4,7 @@ needs, before running it.
 Example:
     $ dpn-lens plan --model smollm2-135m-instruct --n-pairs 1000 --measure     # measure this machine once
     $ dpn-lens plan --model path/to/Meta-Llama-3-8B-Instruct/config.json --dtype bfloat16 --measure-on smollm2-135m-instruct
+    $ dpn-lens plan --model path/to/Meta-Llama-3-8B-Instruct --dtype bfloat16 --measure --random-weights   # times within 25%
     $ dpn-lens plan --stage control --model gemma-3-270m --dtype bfloat16 --measure   # control's rates, once
     $ dpn-lens control --model gemma-3-270m --methods attribution-t,caa --run runs/gemma --out runs/c --plan
 """
@@ -31,6 +32,10 @@ def register(commands: argparse._SubParsersAction) -> None:
                       help="measure this machine's speed now (on --measure-on) and keep it for later plans")
     plan.add_argument("--measure-on", default=None,
                       help="the model to measure on, one that fits here (None: --model itself)")
+    plan.add_argument("--random-weights", action="store_true",
+                      help="with --measure on locate: measure on the model's config.json and tokenizer with random "
+                           "weights, for a model whose weights are not at hand (its load rate is then the random "
+                           "initialisation's)")
     plan.add_argument("--stage", choices=("locate", "control"), default="locate",
                       help="the command to plan: locate (default) or control (its default run; to plan a given control "
                            "run, add --plan to that `dpn-lens control` command)")
@@ -45,9 +50,12 @@ def run_plan(args: argparse.Namespace) -> int:
     from dpn_lens.plan import measure_costs, plan_locate, saved_costs
 
     traits = parse_traits(args.traits)
+    if args.random_weights and not (args.measure and args.stage == "locate"):
+        raise ValueError("--random-weights says what locate's measurement loads: add --measure (control's "
+                         "measurement needs the model's weights: --stage control --measure-on a model at hand)")
     costs = saved_costs(args.device, args.dtype, torch.get_num_threads())
     if args.measure:
-        costs = measure_costs(args.measure_on or args.model, args.device, args.dtype)
+        costs = measure_costs(args.measure_on or args.model, args.device, args.dtype, random_weights=args.random_weights)
         print(f"measured: {costs.tokens_per_s:,.0f} tokens/s on {costs.model} ({costs.flops_per_s / 1e9:.1f} GFLOP/s)")
     elif costs is None:
         print(f"no measurement of this machine for {args.device}/{args.dtype}/{torch.get_num_threads()} threads yet: "
