@@ -36,6 +36,13 @@ Usage::
     python benchmarks/bench_plan.py --model smollm2-135m-instruct --traits openness,neuroticism --n-pairs 100
     python benchmarks/bench_plan.py --model gemma-3-270m --traits openness,neuroticism --n-pairs 100
     python benchmarks/bench_plan.py --model path/to/tiny-folder --traits openness --n-pairs 4 --measure-prompts 4   # smoke run
+    python benchmarks/bench_plan.py --arch llama-3-8b --dtype bfloat16 --traits openness --n-pairs 16 --measure-on smollm2-135m-instruct
+    python benchmarks/bench_plan.py --arch llama-3-8b --dtype bfloat16 --traits openness --n-pairs 16 --measure-prompts 8
+
+The last two plan an 8B architecture without its weights: ``--arch`` writes its ``config.json`` beside SmolLM2's
+tokenizer (``bench_real_size.architecture_folder``) and implies ``--random-weights``. The costs are measured on
+SmolLM2, then on the 8B itself (in a fresh process); the run is ``dpn-lens locate --random-weights`` (about
+16 GiB of memory in bfloat16).
     python benchmarks/bench_plan.py --stage control --model smollm2-135m-instruct --traits openness --methods dpn-le,attribution-t,caa --run results/control-smollm2-135m-instruct-rules/maps --data-dir ../shared/data
     python benchmarks/bench_plan.py --stage sample-rate --model smollm2-135m-instruct --measure-prompts 12 --eval-pairs 64
     python benchmarks/bench_plan.py --stage gradient-memory --model smollm2-135m-instruct --eval-pairs 32
@@ -102,6 +109,21 @@ def measured_locate(model: str, traits: str, n_pairs: int, dtype: str, random_we
                              *(["--random-weights"] if random_weights else [])])
 
 
+def architecture_folder(arch: str, tokenizer: Path | None = None, out: Path | None = None) -> Path:
+    """``out/arch`` (None: under the temporary folder) holding ``arch``'s ``config.json`` and the tokenizer of
+    ``tokenizer`` (None: SmolLM2's): ``bench_real_size.architecture_folder``, loaded from its file (``benchmarks/``
+    is not a package)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent / "bench_real_size.py"
+    spec = importlib.util.spec_from_file_location("bench_real_size", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault(spec.name, module)
+    spec.loader.exec_module(module)
+    return module.architecture_folder(arch, tokenizer or module.default_tokenizer(),
+                                      out or Path(tempfile.gettempdir()) / "dpn_lens_arch")
+
+
 _MEASURE_COSTS = """
 import dataclasses, json, sys, warnings
 warnings.simplefilter("ignore")
@@ -139,6 +161,9 @@ def parser() -> argparse.ArgumentParser:
     options.add_argument("--measure-on", default=None,
                          help="the model the machine's costs are measured on, as `dpn-lens plan --measure-on` (None: "
                               "--model); the plan then scales them to --model by FLOPs and weight bytes")
+    options.add_argument("--arch", default=None, choices=("llama-3-8b", "qwen2.5-7b"),
+                         help="plan and run this architecture with random weights (its config.json beside SmolLM2's "
+                              "tokenizer, benchmarks/bench_real_size.py); replaces --model, implies --random-weights")
     options.add_argument("--random-weights", action="store_true",
                          help="--model's config.json and tokenizer with random weights, for the locate run and a "
                               "measurement on --model (an architecture whose weights are not at hand, e.g. an 8B)")
@@ -447,6 +472,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return gradient_memory_main(args)
     if args.stage == "decode-fit":
         return decode_fit_main(args)
+    if args.arch:
+        args.model, args.random_weights = str(architecture_folder(args.arch)), True
     started = time.perf_counter()
     costs = machine_costs(args)
     measuring = time.perf_counter() - started

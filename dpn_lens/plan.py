@@ -174,7 +174,8 @@ class MachineCosts:
 
     def same_size(self, weights: int, within: float = 4.0) -> bool:
         """Whether ``model`` had about ``weights`` bytes of weights (within a factor ``within``; True where unknown):
-        forward FLOP/s grow with the matrices' size, an 8B model's on this CPU 2.7x SmolLM2's."""
+        forward FLOP/s grow with the matrices' size (an 8B locate on a 2-core CPU ran 2-4x faster than its plan
+        from costs measured on SmolLM2, docs/PERFORMANCE.md)."""
         return not self.weights_bytes or max(weights, self.weights_bytes) <= within * min(weights, self.weights_bytes)
 
 
@@ -464,9 +465,9 @@ class RunPlan:
                          f"forward call, measured on {self.costs.model} ({self.costs.measured}, {self.costs.threads} threads)")
             if self.seconds is not None and not self.costs.same_size(self.weights_bytes):
                 lines.append(f"  measured on a model of {self.costs.weights_bytes / gib:.2f} GiB of weights: larger matrices "
-                             "run at other FLOP/s (an 8B model on a 2-core CPU at 2.7x SmolLM2's), so these times can be "
-                             "2x off; for times within 25%, measure on this model: add --measure (--random-weights "
-                             "without its weights)")
+                             "run at other FLOP/s, so these times can be several times off (an 8B locate on a 2-core CPU "
+                             "ran 2-4x faster than planned from SmolLM2); for times within 25%, measure on this model: "
+                             "add --measure (--random-weights without its weights)")
         fit = ", ".join(f"{size} GiB {'yes' if ok else 'no'}" for size, ok in self.fits_gpus_gib.items())
         lines.append(f"  fits on one GPU of: {fit}")
         return "\n".join(lines)
