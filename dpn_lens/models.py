@@ -322,7 +322,10 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
 
 def model_source(spec: str) -> str | Path:
     """What ``from_pretrained`` reads for ``spec``: an embedded model's or a GGUF's converted folder (converted
-    once into the cache), else ``spec`` itself (a folder or hub name)."""
+    once into the cache), the folder of a ``config.json`` path (as ``dpn-lens plan --model`` takes one), else
+    ``spec`` itself (a folder or hub name)."""
+    if Path(str(spec)).name == "config.json" and Path(spec).expanduser().is_file():
+        return Path(spec).expanduser().parent
     if spec in EMBEDDED_MODELS:
         embedded = EMBEDDED_MODELS[spec]
         return _converted_gguf_dir(embedded_gguf_path(spec), embedded.config_overrides)

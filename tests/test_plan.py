@@ -107,6 +107,11 @@ def test_the_plan_command_measures_on_random_weights_only_for_locate(tiny_folder
     assert f"measured on {bare}" in out and "in all" in out
     costs = saved_costs("cpu", "float32", torch.get_num_threads())
     assert costs.model == str(bare) and costs.weights_bytes == plan_locate(str(bare), ["openness"], 6).weights_bytes
+    # the path of its config.json, as plan's --model also takes it, measures the same folder
+    assert main(["plan", "--model", str(bare / "config.json"), "--traits", "openness", "--n-pairs", "6", "--measure",
+                 "--random-weights"]) == 0
+    assert saved_costs("cpu", "float32", torch.get_num_threads()).weights_bytes == costs.weights_bytes
+    capsys.readouterr()
     for extra in ([], ["--measure", "--stage", "control"]):
         assert main(["plan", "--model", str(bare), "--random-weights", *extra]) != 0
         assert "--random-weights says what locate's measurement loads: add --measure" in capsys.readouterr().err
