@@ -111,17 +111,11 @@ def measured_locate(model: str, traits: str, n_pairs: int, dtype: str, random_we
 
 def architecture_folder(arch: str, tokenizer: Path | None = None, out: Path | None = None) -> Path:
     """``out/arch`` (None: under the temporary folder) holding ``arch``'s ``config.json`` and the tokenizer of
-    ``tokenizer`` (None: SmolLM2's): ``bench_real_size.architecture_folder``, loaded from its file (``benchmarks/``
-    is not a package)."""
-    import importlib.util
+    ``tokenizer`` (None: SmolLM2's), written by ``bench_real_size.architecture_folder``."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))    # bench_real_size beside this file, as bench_cards does
+    from bench_real_size import architecture_folder as write_folder, default_tokenizer
 
-    path = Path(__file__).resolve().parent / "bench_real_size.py"
-    spec = importlib.util.spec_from_file_location("bench_real_size", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault(spec.name, module)
-    spec.loader.exec_module(module)
-    return module.architecture_folder(arch, tokenizer or module.default_tokenizer(),
-                                      out or Path(tempfile.gettempdir()) / "dpn_lens_arch")
+    return write_folder(arch, tokenizer or default_tokenizer(), out or Path(tempfile.gettempdir()) / "dpn_lens_arch")
 
 
 _MEASURE_COSTS = """
@@ -221,7 +215,7 @@ def _report(args: argparse.Namespace, traits: list[str], plan: Any, run: dict[st
             counted: Any = None, decoding: dict[str, Any] | None = None) -> dict[str, Any]:
     gib = 1024 ** 3
     result = {"stage": args.stage, "model": args.model, "measured_on": getattr(plan.costs, "model", None),
-              "random_weights": bool(getattr(args, "random_weights", False)),
+              "random_weights": bool(args.random_weights),
               "traits": traits, "n_pairs": args.n_pairs, "dtype": args.dtype,
               "measuring_seconds": measuring, "predicted_seconds": plan.seconds, "measured_seconds": run["seconds"],
               "time_ratio": plan.seconds / run["seconds"], "predicted_peak_gib": plan.peak_bytes / gib,
