@@ -43,10 +43,18 @@ The last two plan an 8B architecture without its weights: ``--arch`` writes its 
 tokenizer (``bench_real_size.architecture_folder``) and implies ``--random-weights``. The costs are measured on
 SmolLM2, then on the 8B itself (in a fresh process); the run is ``dpn-lens locate --random-weights`` (about
 16 GiB of memory in bfloat16).
+
+The other stages::
+
     python benchmarks/bench_plan.py --stage control --model smollm2-135m-instruct --traits openness --methods dpn-le,attribution-t,caa --run results/control-smollm2-135m-instruct-rules/maps --data-dir ../shared/data
+    python benchmarks/bench_plan.py --stage control --arch llama-3-8b --dtype bfloat16 --traits openness --methods dpn-le,caa --eval-pairs 8 --measure-prompts 8 --control-pairs 6 --extra "--quick --n-pairs 16 --tau-d 0.1 --no-random-control"
     python benchmarks/bench_plan.py --stage sample-rate --model smollm2-135m-instruct --measure-prompts 12 --eval-pairs 64
     python benchmarks/bench_plan.py --stage gradient-memory --model smollm2-135m-instruct --eval-pairs 32
     python benchmarks/bench_plan.py --stage decode-fit --model smollm2-135m-instruct --repeats 4
+
+The second plans and runs ``dpn-lens control --random-weights`` on the 8B architecture, its costs measured on it in
+a fresh process: 6 pairs keep the measurement's gradient pass within 24 GiB, and ``--tau-d 0.1`` lets 16 pairs of a
+random model select neurons (the chance bound is higher).
 """
 
 from __future__ import annotations
@@ -122,27 +130,36 @@ _MEASURE_COSTS = """
 import dataclasses, json, sys, warnings
 warnings.simplefilter("ignore")
 from dpn_lens.plan import measure_costs
-costs = measure_costs(sys.argv[1], dtype=sys.argv[2], n_prompts=int(sys.argv[3]), save=False,
-                      random_weights=sys.argv[4] == "1")
-print(json.dumps(dataclasses.asdict(costs)))
+from dpn_lens.plan_control import measure_control_costs
+on, dtype, prompts, random_weights, control_pairs = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1", int(sys.argv[5])
+costs = [measure_costs(on, dtype=dtype, n_prompts=prompts, save=False, random_weights=random_weights)]
+if control_pairs:
+    costs.append(measure_control_costs(on, dtype=dtype, n_pairs=control_pairs, save=False, random_weights=random_weights))
+print(json.dumps([dataclasses.asdict(each) for each in costs]))
 """
 
 
-def machine_costs(args: argparse.Namespace) -> Any:
-    """This machine's locate costs, measured on ``--measure-on`` (or ``--model``). A measurement on random weights
-    runs in a fresh process: the locate run after it loads the model again, and a model the size of this
-    machine's memory cannot be held twice."""
+def machine_costs(args: argparse.Namespace, control: bool = False) -> Any:
+    """This machine's locate costs (``control``: and control's, as a pair), measured on ``--measure-on`` (or
+    ``--model``). A measurement on random weights runs in a fresh process: the run after it loads the model
+    again, and a model the size of this machine's memory cannot be held twice."""
     from dpn_lens.plan import MachineCosts
+    from dpn_lens.plan_control import ControlCosts, measure_control_costs
 
     on = args.measure_on or args.model
     random_weights = args.random_weights and on == args.model
     if not random_weights:
-        return measure_costs(on, dtype=args.dtype, n_prompts=args.measure_prompts, save=False)
-    done = subprocess.run([sys.executable, "-c", _MEASURE_COSTS, on, args.dtype, str(args.measure_prompts), "1"],
+        machine = measure_costs(on, dtype=args.dtype, n_prompts=args.measure_prompts, save=False)
+        return (machine, measure_control_costs(on, dtype=args.dtype, n_pairs=args.control_pairs, save=False)
+                ) if control else machine
+    done = subprocess.run([sys.executable, "-c", _MEASURE_COSTS, on, args.dtype, str(args.measure_prompts), "1",
+                           str(args.control_pairs if control else 0)],
                           capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
     if done.returncode != 0:
         raise RuntimeError(f"measuring on {on} failed:\n{done.stderr[-2000:]}")
-    return MachineCosts(**json.loads(done.stdout.strip().splitlines()[-1]))
+    measured = json.loads(done.stdout.strip().splitlines()[-1])
+    machine = MachineCosts(**measured[0])
+    return (machine, ControlCosts(**measured[1])) if control else machine
 
 
 def parser() -> argparse.ArgumentParser:
@@ -152,6 +169,9 @@ def parser() -> argparse.ArgumentParser:
     options.add_argument("--n-pairs", type=int, default=100)
     options.add_argument("--dtype", default="float32")
     options.add_argument("--measure-prompts", type=int, default=24, help="pairs the machine's costs are measured on")
+    options.add_argument("--control-pairs", type=int, default=12,
+                         help="pairs control's costs are measured on (--stage control; `dpn-lens plan` measures on 12): "
+                              "fewer hold less memory in the gradient pass (an 8B in 24 GiB: 6)")
     options.add_argument("--measure-on", default=None,
                          help="the model the machine's costs are measured on, as `dpn-lens plan --measure-on` (None: "
                               "--model); the plan then scales them to --model by FLOPs and weight bytes")
@@ -179,17 +199,16 @@ def control_main(args: argparse.Namespace, traits: list[str]) -> dict[str, Any]:
 
     from dpn_lens.cli import build_parser
     from dpn_lens.cli.control import config_from_args
-    from dpn_lens.plan import measure_costs
-    from dpn_lens.plan_control import measure_control_costs, plan_control_run
+    from dpn_lens.plan_control import plan_control_run
 
     started = time.perf_counter()
-    machine = measure_costs(args.model, dtype=args.dtype, n_prompts=args.measure_prompts, save=False)
-    costs = measure_control_costs(args.model, dtype=args.dtype, save=False)
+    machine, costs = machine_costs(args, control=True)
     measuring = time.perf_counter() - started
     command = ["control", "--model", args.model, "--traits", ",".join(traits), "--dtype", args.dtype,
-               "--methods", args.methods, "--eval-pairs", str(args.eval_pairs), "--no-progress", "--no-png",
-               *shlex.split(args.extra), *(["--run", args.run] if args.run else []),
-               *(["--data-dir", args.data_dir] if args.data_dir else []), "--out", "OUT"]
+               "--methods", args.methods, "--eval-pairs", str(args.eval_pairs),
+               "--no-progress", "--no-png", *shlex.split(args.extra), *(["--run", args.run] if args.run else []),
+               *(["--data-dir", args.data_dir] if args.data_dir else []),
+               *(["--random-weights"] if args.random_weights else []), "--out", "OUT"]
     config = config_from_args(build_parser().parse_args([a if a != "OUT" else "runs/planned" for a in command]))
     plan = plan_control_run(args.model, config, dtype=args.dtype, costs=costs, machine=machine,
                             pairs_cached=args.pairs_cached)
@@ -458,6 +477,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from dpn_lens.pipeline import parse_traits
 
     traits = parse_traits(args.traits)
+    if args.arch:
+        args.model, args.random_weights = str(architecture_folder(args.arch)), True
     if args.stage == "control":
         return control_main(args, traits)
     if args.stage == "sample-rate":
@@ -466,8 +487,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return gradient_memory_main(args)
     if args.stage == "decode-fit":
         return decode_fit_main(args)
-    if args.arch:
-        args.model, args.random_weights = str(architecture_folder(args.arch)), True
     started = time.perf_counter()
     costs = machine_costs(args)
     measuring = time.perf_counter() - started

@@ -452,10 +452,14 @@ def expected_longest(shares: Sequence[float], rows: int) -> float:
 
 
 def measure_control_costs(model_spec: str, device: str = "cpu", dtype: str = "float32", n_pairs: int = 12,
-                          max_new_tokens: int = 48, save: bool = True) -> ControlCosts:
+                          max_new_tokens: int = 48, save: bool = True, random_weights: bool = False) -> ControlCosts:
     """Time each kind of ``control`` work on ``model_spec`` here: the KL probe, answer passes, persona
     passes, greedy decode steps at two batch sizes, and the attribution gradient pass, on ``n_pairs`` of the
-    model's own answers; a rate per FLOP each (decode steps: a fixed cost and a rate)."""
+    model's own answers; a rate per FLOP each (decode steps: a fixed cost and a rate).
+
+    ``random_weights``: ``model_spec``'s config and tokenizer with seeded random weights, for an architecture
+    whose weights are not at hand; it plans ``dpn-lens control --random-weights``, whose answers are as long as
+    that random model's (a real model's end earlier: its answer lengths differ)."""
     import torch
 
     from dpn_lens.effect.gradients import margin_gradients
@@ -467,7 +471,8 @@ def measure_control_costs(model_spec: str, device: str = "cpu", dtype: str = "fl
     from dpn_lens.steering import Intervention
 
     shape = model_shape(model_spec)
-    model = load_model(model_spec, dtype=dtype, device=None if device == "cpu" else device)
+    model = load_model(model_spec, dtype=dtype, device=None if device == "cpu" else device,
+                       random_weights=random_weights)
     loaded = status_bytes("VmRSS")
     pairs, prompts, lengths = sample_pairs(model, n_pairs, max_new_tokens)
     fill = sum(lengths) / len(lengths) / max_new_tokens

@@ -93,10 +93,12 @@ def test_the_loaders_extras_are_bytes_measured_not_scaled_to_another_models_weig
     assert "can be several times off" not in plans["scaled"].text()
 
 
-def test_the_plan_command_measures_on_random_weights_only_for_locate(tiny_folder, tmp_path, monkeypatch, capsys):
+def test_the_plan_command_measures_on_random_weights(tiny_folder, tmp_path, monkeypatch, capsys):
+    """locate's and control's costs measured on a folder without weights; without --measure it refuses."""
     import shutil
 
     from dpn_lens.cli import main
+    from dpn_lens.plan_control import saved_control_costs
 
     monkeypatch.setenv("DPN_LENS_CACHE", str(tmp_path / "cache"))
     bare = tmp_path / "bare"
@@ -111,10 +113,15 @@ def test_the_plan_command_measures_on_random_weights_only_for_locate(tiny_folder
     assert main(["plan", "--model", str(bare / "config.json"), "--traits", "openness", "--n-pairs", "6", "--measure",
                  "--random-weights"]) == 0
     assert saved_costs("cpu", "float32", torch.get_num_threads()).weights_bytes == costs.weights_bytes
-    capsys.readouterr()
-    for extra in ([], ["--measure", "--stage", "control"]):
-        assert main(["plan", "--model", str(bare), "--random-weights", *extra]) != 0
-        assert "--random-weights says what locate's measurement loads: add --measure" in capsys.readouterr().err
+    assert main(["plan", "--stage", "control", "--model", str(bare), "--traits", "openness", "--measure",
+                 "--random-weights"]) == 0
+    out = capsys.readouterr().out
+    assert f"measured control's costs on {bare}" in out and "KL curves (1 traits)" in out
+    control_costs = saved_control_costs("cpu", "float32", torch.get_num_threads())
+    assert control_costs.model == str(bare) and control_costs.answer_flops_per_s > 0
+    for stage in ("locate", "control"):
+        assert main(["plan", "--model", str(bare), "--random-weights", "--stage", stage]) != 0
+        assert "--random-weights says what the measurement loads: add --measure" in capsys.readouterr().err
 
 
 def test_an_8b_config_alone_gives_a_memory_plan(tmp_path, tiny_folder):
@@ -490,6 +497,34 @@ def test_the_plan_benchmark_plans_a_control_run(tiny_folder, tmp_path, monkeypat
     assert decoding["long_step_context"] > decoding["step_context"] and len(decoding["prefill_points"]) == 2
     assert decoding["step_rows"] and decoding["long_step_rows"] and decoding["context_seconds_per_row_token"] >= 0
 
+
+
+@pytest.mark.slow
+def test_the_plan_benchmark_plans_a_control_run_on_random_weights(tiny_folder, tmp_path, monkeypatch):
+    """--stage control on a folder without weights: both measurements in a fresh process, then
+    ``dpn-lens control --random-weights`` (maps located on the fly), whose pairs are not cached; a control run of
+    the folder without --random-weights has nothing to load."""
+    import shutil
+
+    from dpn_lens.cli import main
+    from helpers import write_personalitybench
+
+    monkeypatch.setenv("DPN_LENS_CACHE", str(tmp_path / "cache"))
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_folder, bare, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    data = write_personalitybench(tmp_path / "data")
+    module = _bench_plan()
+    result = module.main(["--stage", "control", "--model", str(bare), "--traits", "openness", "--dtype", "float32",
+                          "--methods", "dpn-le", "--eval-pairs", "8", "--data-dir", str(data), "--measure-prompts",
+                          "4", "--control-pairs", "4", "--random-weights", "--extra", "--quick --n-pairs 6 --tau-d 0.1 --gammas 0.5,2 --kl-levels 0.05 "
+                                                              "--random-draws 1"])
+    assert result["random_weights"] and result["measured_on"] == str(bare) and result["stage"] == "control"
+    compared = {row["stage"]: row for row in result["stage_comparison"]}
+    assert compared["KL curves"]["measured s"] > 0 and compared["KL curves"]["predicted s"] > 0
+    assert compared["locate"]["measured s"] > 0 and compared["held-out pairs"]["measured s"] > 0
+    assert not list((tmp_path / "cache").rglob("*pairs*"))      # a random model's answers are never cached
+    assert main(["control", "--model", str(bare), "--traits", "openness", "--data-dir", str(data), "--quick",
+                 "--out", str(tmp_path / "real")]) != 0
 
 
 def test_control_work_counts_the_budget_sweep_and_the_generation_check(tiny_model, tmp_path, monkeypatch):

@@ -26,7 +26,7 @@ from dpn_lens.cli import report as report_cli
 from dpn_lens.cli import study as study_cli
 from dpn_lens.cli import summary as summary_cli
 from dpn_lens.cli.options import (FORMATTER, CommaList, add_data_dir_option, add_model_options, add_out_option,
-                                  add_subcommand, add_traits_option, read_maps, validate_args)
+                                  add_random_weights_option, add_subcommand, add_traits_option, read_maps, validate_args)
 
 __all__ = ["main", "build_parser"]
 
@@ -80,10 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     locate = add_subcommand(commands, "locate", "contrastive data -> statistics -> neuron maps (one per trait)")
     add_model_options(locate)
-    locate.add_argument("--random-weights", action="store_true",
-                        help="read only --model's config.json and tokenizer and draw the weights at random (seeded): "
-                             "the run's time and memory are the real model's, its maps mean nothing (to check "
-                             "`dpn-lens plan` on a model whose weights are not at hand)")
+    add_random_weights_option(locate)
     _add_locate_options(locate)
     add_out_option(locate, "run folder for stats/, maps/ and summary.json", required=True)
     locate.set_defaults(handler=run_locate)

@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from dpn_lens.cli.options import (FORMATTER, CommaList, add_data_dir_option, add_model_options, add_out_option,
-                                  add_renamed, add_run_option, add_selection_options, add_traits_option,
-                                  print_evaluate_equivalent)
+                                  add_random_weights_option, add_renamed, add_run_option, add_selection_options,
+                                  add_traits_option, print_evaluate_equivalent)
 
 if TYPE_CHECKING:
     from dpn_lens.evaluation.control_record import ControlRecord
@@ -102,6 +102,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
                         help="with --plan: take every trait's held-out pairs as cached by an earlier run (no "
                              "generation stage); the plan looks the cache up itself for an embedded or GGUF model")
     parser.add_argument("--no-cache", action="store_true", help="generate the held-out and the selection pairs again (no cache)")
+    add_random_weights_option(parser, "; the pairs it generates are not cached")
     parser.add_argument("--quick", action="store_true", help="a few-minute run: 24 pairs, dpn-le/dense/caa, KL levels 0.05 and 0.5")
     parser.add_argument("--no-png", action="store_true", help="write HTML figures only")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -144,7 +145,9 @@ def config_from_args(args: argparse.Namespace) -> Any:
 
     settings: dict[str, Any] = dict(traits=parse_traits(args.traits), data_dir=args.data_dir, maps_dir=args.run,
                                     locate_pairs=args.n_pairs, statistics=args.statistics, target_kl=args.target_kl,
-                                    random_control=not args.no_random_control, cache_pairs=not args.no_cache,
+                                    random_control=not args.no_random_control,
+                                    # a random model's answers must never stand in for the model's own
+                                    cache_pairs=not (args.no_cache or getattr(args, "random_weights", False)),
                                     seed=args.seed, budget=args.budget, selection_pairs=args.selection_pairs,
                                     random_draws=args.random_draws, generation_questions=args.generation,
                                     random_draws_off_target=args.random_draws_off_target,
@@ -242,7 +245,7 @@ def run_control_command(args: argparse.Namespace) -> int:
         print(plan.text())
         return 0
     check_before_loading(args, config)
-    model = load_model(args.model, dtype=args.dtype, device=args.device)
+    model = load_model(args.model, dtype=args.dtype, device=args.device, random_weights=args.random_weights)
     saving = ControlSaving(args.out)
     result = run_control(model, config, log=timestamped(started), progress=not args.no_progress,
                          on_trait=saving.save_partial, on_located=saving.save_map)

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 __all__ = ["FORMATTER", "DEFAULT_MODEL", "CommaList", "add_subcommand", "add_traits_option", "add_model_options",
-           "add_engine_option", "add_data_dir_option", "add_out_option", "add_selection_options", "add_run_option", "add_renamed", "add_positional_run",
+           "add_engine_option", "add_random_weights_option", "add_data_dir_option", "add_out_option", "add_selection_options", "add_run_option", "add_renamed", "add_positional_run",
            "check_model_spec", "check_device", "check_out", "validate_args", "read_maps",
            "print_evaluate_equivalent", "equivalent_command"]
 
@@ -195,6 +195,15 @@ def add_engine_option(parser: argparse.ArgumentParser) -> None:
                              "bridge's tokens), raw-sdpa (with sdpa attention: faster; other answers in bfloat16) or "
                              "bridge (TransformerLens's loop) (None: raw-sdpa in float32, raw otherwise; "
                              "dpn_lens.generation.ENGINES)")
+
+
+def add_random_weights_option(parser: argparse.ArgumentParser, also: str = "") -> None:
+    """``--random-weights``: the model's architecture and tokenizer with seeded random weights (``load_model``),
+    to time a run of a model whose weights are not at hand; ``also``: what else it changes for this command."""
+    parser.add_argument("--random-weights", action="store_true",
+                        help="read only --model's config.json and tokenizer and draw the weights at random (seeded): "
+                             "the run's time and memory are the real model's, its results mean nothing (to check "
+                             "`dpn-lens plan` on a model whose weights are not at hand)" + also)
 
 
 def add_data_dir_option(parser: argparse.ArgumentParser, holds: str) -> None:

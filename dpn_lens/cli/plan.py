@@ -6,6 +6,7 @@ Example:
     $ dpn-lens plan --model path/to/Meta-Llama-3-8B-Instruct/config.json --dtype bfloat16 --measure-on smollm2-135m-instruct
     $ dpn-lens plan --model path/to/Meta-Llama-3-8B-Instruct --dtype bfloat16 --measure --random-weights   # times within 25%
     $ dpn-lens plan --stage control --model gemma-3-270m --dtype bfloat16 --measure   # control's rates, once
+    $ dpn-lens plan --stage control --model path/to/Meta-Llama-3-8B-Instruct --dtype bfloat16 --measure --random-weights
     $ dpn-lens control --model gemma-3-270m --methods attribution-t,caa --run runs/gemma --out runs/c --plan
 """
 
@@ -33,9 +34,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     plan.add_argument("--measure-on", default=None,
                       help="the model to measure on, one that fits here (None: --model itself)")
     plan.add_argument("--random-weights", action="store_true",
-                      help="with --measure on locate: measure on the model's config.json and tokenizer with random "
-                           "weights, for a model whose weights are not at hand (its load rate is then the random "
-                           "initialisation's)")
+                      help="with --measure: measure on the model's config.json and tokenizer with random weights, for "
+                           "a model whose weights are not at hand (its load rate is then the random initialisation's; "
+                           "on control, its answers are the random model's length)")
     plan.add_argument("--stage", choices=("locate", "control"), default="locate",
                       help="the command to plan: locate (default) or control (its default run; to plan a given control "
                            "run, add --plan to that `dpn-lens control` command)")
@@ -50,9 +51,8 @@ def run_plan(args: argparse.Namespace) -> int:
     from dpn_lens.plan import measure_costs, plan_locate, saved_costs
 
     traits = parse_traits(args.traits)
-    if args.random_weights and not (args.measure and args.stage == "locate"):
-        raise ValueError("--random-weights says what locate's measurement loads: add --measure (control's "
-                         "measurement needs the model's weights: --stage control --measure-on a model at hand)")
+    if args.random_weights and not args.measure:
+        raise ValueError("--random-weights says what the measurement loads: add --measure")
     costs = saved_costs(args.device, args.dtype, torch.get_num_threads())
     if args.measure:
         costs = measure_costs(args.measure_on or args.model, args.device, args.dtype, random_weights=args.random_weights)
@@ -77,10 +77,12 @@ def _control_plan(args: argparse.Namespace, traits: list[str], machine: Any) -> 
 
     costs = None
     if args.measure:
-        costs = measure_control_costs(args.measure_on or args.model, args.device, args.dtype)
+        costs = measure_control_costs(args.measure_on or args.model, args.device, args.dtype,
+                                      random_weights=args.random_weights)
         print(f"measured control's costs on {costs.model}: probe {costs.probe_flops_per_s / 1e9:.1f}, answers "
               f"{costs.answer_flops_per_s / 1e9:.1f} GFLOP/s; a decode step "
               + ", ".join(f"{seconds * 1e3:.0f} ms at {rows:.0f} rows" for rows, seconds in costs.step_rows)
               + f" ({torch.get_num_threads()} threads)")
-    return plan_control_run(args.model, ControlConfig(traits=traits), args.device, args.dtype, costs=costs,
-                            machine=machine)
+    # `control --random-weights` caches no pairs: its run generates every one
+    return plan_control_run(args.model, ControlConfig(traits=traits, cache_pairs=not args.random_weights), args.device,
+                            args.dtype, costs=costs, machine=machine)
