@@ -50,11 +50,14 @@ The other stages::
     python benchmarks/bench_plan.py --stage control --arch llama-3-8b --dtype bfloat16 --traits openness --methods dpn-le,caa --eval-pairs 8 --measure-prompts 8 --control-pairs 6 --extra "--quick --n-pairs 16 --tau-d 0.1 --no-random-control"
     python benchmarks/bench_plan.py --stage sample-rate --model smollm2-135m-instruct --measure-prompts 12 --eval-pairs 64
     python benchmarks/bench_plan.py --stage gradient-memory --model smollm2-135m-instruct --eval-pairs 32
+    python benchmarks/bench_plan.py --stage gradient-memory --arch llama-3-8b --dtype bfloat16 --eval-pairs 4
     python benchmarks/bench_plan.py --stage decode-fit --model smollm2-135m-instruct --repeats 4
 
 The second plans and runs ``dpn-lens control --random-weights`` on the 8B architecture, its costs measured on it in
 a fresh process: 6 pairs keep the measurement's gradient pass within 24 GiB, and ``--tau-d 0.1`` lets 16 pairs of a
-random model select neurons (the chance bound is higher).
+random model select neurons (the chance bound is higher). The fifth checks the gradient pass's memory estimate at
+8B (``check_measurement_fits`` and the selection's plan rest on it); its second run, in a fresh process, loads the
+model after the first has let its copy go.
 """
 
 from __future__ import annotations
@@ -357,7 +360,7 @@ def gradient_memory_main(args: argparse.Namespace) -> dict[str, Any]:
     from dpn_lens.plan_control import (_gradient_batch_tokens, batch_tokens_default, gradient_logits_bytes,
                                        gradient_memory, sample_pairs, selection_batches)
 
-    model = load_model(args.model, dtype=args.dtype)
+    model = load_model(args.model, dtype=args.dtype, random_weights=args.random_weights)
     shape = model_shape(args.model)
     pairs, _, _ = sample_pairs(model, args.eval_pairs, 48)
     # The pass's batches, as CachedAnswerScorer forms them: each question once per answer, longest first.
@@ -375,7 +378,8 @@ def gradient_memory_main(args: argparse.Namespace) -> dict[str, Any]:
     reset_peak()
     margin_gradients(model, pairs)
     held = max(status_bytes("VmHWM") - loaded, 0)
-    live = _held_returning_freed_blocks(args.model, args.dtype, pairs)
+    del model          # before the fresh process loads its own: a model near this machine's size fits once
+    live = _held_returning_freed_blocks(args.model, args.dtype, pairs, args.random_weights)
     tensors = estimate.total - estimate.heap_retained
     result = {"stage": "gradient-memory", "model": args.model, "dtype": args.dtype, "pairs": len(pairs),
               "batches": batches, "batch_tokens": tokens, "held_bytes": held, "live_bytes": live, "bound_bytes": bound,
@@ -443,7 +447,7 @@ from dpn_lens.effect.gradients import margin_gradients
 from dpn_lens.evaluation.preference import PreferencePair
 from dpn_lens.models import load_model
 from dpn_lens.plan import reset_peak, status_bytes
-model = load_model(sys.argv[1], dtype=sys.argv[2])
+model = load_model(sys.argv[1], dtype=sys.argv[2], random_weights=sys.argv[3] == "1")
 pairs = [PreferencePair(*row) for row in json.loads(sys.stdin.read())]
 # One token through the model first: weights mapped from a file are read in on their first use, which
 # is the loaded model's memory, not the pass's (the parent's were, by generating the answers).
@@ -456,7 +460,7 @@ print(json.dumps({"held_bytes": max(status_bytes("VmHWM") - loaded, 0)}))
 """
 
 
-def _held_returning_freed_blocks(model: str, dtype: str, pairs: list[Any]) -> int | None:
+def _held_returning_freed_blocks(model: str, dtype: str, pairs: list[Any], random_weights: bool = False) -> int | None:
     """The gradient pass's memory beyond the loaded model in a fresh process whose glibc serves blocks of
     128 KiB or more by mmap and returns them when freed (``MALLOC_MMAP_THRESHOLD_``, which also keeps the
     threshold from rising): the tensors' own peak. None where that process cannot report it."""
@@ -464,7 +468,7 @@ def _held_returning_freed_blocks(model: str, dtype: str, pairs: list[Any]) -> in
 
     environment = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
     rows = json.dumps([[pair.question, pair.high_answer, pair.low_answer] for pair in pairs])
-    done = subprocess.run([sys.executable, "-c", _HELD_RETURNING, model, dtype], input=rows, capture_output=True,
+    done = subprocess.run([sys.executable, "-c", _HELD_RETURNING, model, dtype, "1" if random_weights else "0"], input=rows, capture_output=True,
                           text=True, env=environment, cwd=Path(__file__).resolve().parents[1])
     if done.returncode != 0:
         print(f"the run returning freed blocks failed:\n{done.stderr[-2000:]}")

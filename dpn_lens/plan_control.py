@@ -41,6 +41,7 @@ import math
 import platform
 import time
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from dpn_lens.generation import default_engine
@@ -451,8 +452,73 @@ def expected_longest(shares: Sequence[float], rows: int) -> float:
     return sum(share * ((j / n) ** rows - ((j - 1) / n) ** rows) for j, share in enumerate(ordered, start=1))
 
 
+MEASURE_TOKENS = 48
+"""Greedy tokens of each answer ``measure_control_costs`` generates and times (a run's ``max_new_tokens``)."""
+
+
+def free_memory_bytes(device: str = "cpu") -> int:
+    """Memory this process could still take on ``device``: ``MemAvailable`` of ``/proc/meminfo`` on the CPU,
+    the free memory of the current GPU on ``cuda``; 0 where it cannot be read (no check is then made)."""
+    if device == "cpu":
+        try:
+            for line in Path("/proc/meminfo").read_text().splitlines():
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return 0
+    import torch
+
+    return int(torch.cuda.mem_get_info()[0]) if device.startswith("cuda") and torch.cuda.is_available() else 0
+
+
+def measurement_memory(model_spec: str, dtype: str, n_pairs: int, max_new_tokens: int, device: str = "cpu"
+                       ) -> tuple[int, int]:
+    """``(weights, gradient pass)`` bytes that ``measure_control_costs`` holds at its peak, from the model's
+    shape alone: its gradient pass differentiates ``n_pairs`` pairs of answers up to ``max_new_tokens`` long
+    (``gradient_memory`` of ``selection_batches``), beside the loaded weights and the KL probe's reference.
+
+    Example:
+        >>> import tempfile
+        >>> from dpn_lens.tiny import build_tiny_hf_model
+        >>> folder = tempfile.mkdtemp()
+        >>> build_tiny_hf_model(folder)[0].config.save_pretrained(folder)   # a config.json and a tokenizer
+        >>> weights, gradient = measurement_memory(folder, "float32", 12, 48)
+        >>> weights == model_shape(folder).n_params() * 4 and gradient > 0
+        True
+    """
+    shape = model_shape(model_spec)
+    weights = shape.n_params() * BYTES[dtype]
+    gradient = gradient_memory(shape, dtype, selection_batches(model_spec, n_pairs, max_new_tokens), n_pairs,
+                               cpu_heap=device == "cpu")
+    reference = 4 * 129 * shape.vocab * 4              # the probe's reference logits: 4 chunks of 128 tokens and BOS
+    return weights, gradient.total + reference
+
+
+def check_measurement_fits(model_spec: str, device: str, dtype: str, n_pairs: int, max_new_tokens: int,
+                           free: int | None = None) -> None:
+    """Refuse, before the model loads, a control measurement whose gradient pass would not fit the memory
+    ``device`` has free (``free``; None: ``free_memory_bytes``), with 10% to spare: a run killed for memory
+    after minutes of measuring tells a user less than this. The error names the most pairs that fit."""
+    free = free_memory_bytes(device) if free is None else free
+    if not free:
+        return
+    weights, gradient = measurement_memory(model_spec, dtype, n_pairs, max_new_tokens, device)
+    if 1.1 * (weights + gradient) <= free:
+        return
+    fitting = [n for n in range(n_pairs - 1, 1, -1)
+               if 1.1 * (weights + measurement_memory(model_spec, dtype, n, max_new_tokens, device)[1]) <= free]
+    gib = 1024 ** 3
+    fix = (f"measure on {fitting[0]} pairs (`dpn-lens plan --stage control --measure --measure-pairs {fitting[0]}`) "
+           "or on a smaller model (--measure-on)") if fitting else "measure on a smaller model (--measure-on)"
+    raise ValueError(f"measuring control's costs on {model_spec} ({dtype}) holds about "
+                     f"{(weights + gradient) / gib:.1f} GiB ({weights / gib:.1f} of weights, {gradient / gib:.1f} in "
+                     f"its gradient pass over {n_pairs} pairs), and {device} has {free / gib:.1f} GiB free: {fix}")
+
+
 def measure_control_costs(model_spec: str, device: str = "cpu", dtype: str = "float32", n_pairs: int = 12,
-                          max_new_tokens: int = 48, save: bool = True, random_weights: bool = False) -> ControlCosts:
+                          max_new_tokens: int = MEASURE_TOKENS, save: bool = True, random_weights: bool = False
+                          ) -> ControlCosts:
     """Time each kind of ``control`` work on ``model_spec`` here: the KL probe, answer passes, persona
     passes, greedy decode steps at two batch sizes, and the attribution gradient pass, on ``n_pairs`` of the
     model's own answers; a rate per FLOP each (decode steps: a fixed cost and a rate).
@@ -470,6 +536,7 @@ def measure_control_costs(model_spec: str, device: str = "cpu", dtype: str = "fl
     from dpn_lens.plan import reset_peak
     from dpn_lens.steering import Intervention
 
+    check_measurement_fits(model_spec, device, dtype, n_pairs, max_new_tokens)
     shape = model_shape(model_spec)
     model = load_model(model_spec, dtype=dtype, device=None if device == "cpu" else device,
                        random_weights=random_weights)

@@ -214,6 +214,21 @@ def test_runs_that_need_different_models_run_one_after_the_other_and_say_why():
     assert "--merge" in why_apart(parsed("--dtype", "float32", "--merge", "a,b"))
 
 
+def test_random_weights_go_to_control_and_need_both_runs_on_one_model(tmp_path, capsys):
+    """``--random-weights`` is control's option: compare alone refuses it, and two runs on two models (compare's own
+    load would read the weights) are refused before either loads."""
+    assert dict(route(["--metrics", "preference", "--random-weights", "--out", "x"]))["control"][1:] == \
+        ["--random-weights", "--out", "x"]
+    with pytest.raises(ValueError, match="--random-weights applies to the metrics preference,generation"):
+        route(["--metrics", "capability", "--random-weights", "--out", "x"])
+    out = tmp_path / "never"
+    (tmp_path / "bare").mkdir()
+    assert main(["evaluate", "--metrics", "preference,capability", "--model", str(tmp_path / "bare"),
+                 "--random-weights", "--out", str(out)]) != 0
+    assert "--random-weights needs both runs on one model, in one pass: control runs" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_a_planned_run_of_both_families_plans_and_runs_nothing(tiny_folder, tmp_path, capsys):
     out = tmp_path / "never"
     assert main(["evaluate", "--metrics", "preference,capability", "--model", str(tiny_folder), "--plan",

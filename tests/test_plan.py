@@ -438,6 +438,33 @@ def test_measure_control_costs_on_the_tiny_model(tiny_folder, tmp_path, monkeypa
     assert costs.generation_batch_tokens == 16 * costs.prefill_points[1][0]     # the persona prompts' padded length
 
 
+def test_a_control_measurement_that_would_not_fit_is_refused_before_the_model_loads(tiny_folder, tmp_path, monkeypatch,
+                                                                                     capsys):
+    """The gradient pass over the measurement's pairs beside the weights, against the memory free: refused with 10% to
+    spare, naming the most pairs that fit; enough memory, or none known (0), measures."""
+    from dpn_lens.cli import main
+    from dpn_lens.plan_control import check_measurement_fits, measurement_memory
+
+    spec = str(tiny_folder)
+    weights, gradient = measurement_memory(spec, "float32", 12, 48)
+    six = sum(measurement_memory(spec, "float32", 6, 48))
+    assert weights == plan_locate(spec, ["openness"], 10).weights_bytes
+    assert measurement_memory(spec, "float32", 24, 48)[1] > gradient > measurement_memory(spec, "float32", 4, 48)[1]
+    check_measurement_fits(spec, "cpu", "float32", 12, 48, free=int(1.1 * (weights + gradient)) + 1)
+    check_measurement_fits(spec, "cpu", "float32", 12, 48, free=0)
+    with pytest.raises(ValueError, match=r"measure on (6|7|8|9|10|11) pairs \(`dpn-lens plan --stage control --measure "
+                                         r"--measure-pairs"):
+        check_measurement_fits(spec, "cpu", "float32", 12, 48, free=int(1.1 * six) + 1)
+    with pytest.raises(ValueError, match=r"has 0.0 GiB free: measure on a smaller model \(--measure-on\)"):
+        check_measurement_fits(spec, "cpu", "float32", 12, 48, free=1)
+    monkeypatch.setenv("DPN_LENS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr("dpn_lens.plan_control.free_memory_bytes", lambda device="cpu": 1)
+    assert main(["plan", "--stage", "control", "--model", spec, "--measure"]) != 0
+    assert "gradient pass over 12 pairs" in capsys.readouterr().err
+    assert main(["plan", "--stage", "control", "--model", spec, "--measure", "--measure-pairs", "1"]) != 0
+    assert "--measure-pairs must be at least 2, got 1" in capsys.readouterr().err
+
+
 def test_the_plan_command_plans_control(tiny_folder, tmp_path, monkeypatch, capsys):
     from dpn_lens.cli import main
 
@@ -647,6 +674,13 @@ def test_the_plan_benchmark_checks_the_gradient_passs_memory_bound_and_estimate(
     assert result["held_over_estimate"] == result["held_bytes"] / result["estimate_bytes"]
     assert result["plan_estimate_bytes"] > 0 and result["tensor_bytes"] <= result["estimate_bytes"]
     assert result["live_bytes"] is None or result["live_over_tensors"] == result["live_bytes"] / result["tensor_bytes"]
+    # an architecture without its weights: both runs (the second in a fresh process) draw them
+    import shutil
+
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_folder, bare, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    result = module.main(["--stage", "gradient-memory", "--model", str(bare), "--eval-pairs", "2", "--random-weights"])
+    assert result["pairs"] == 2 and result["live_bytes"] is not None
 
 
 # ----- the gradient pass's memory, estimated from the model's shape ---------------------------------------------

@@ -184,6 +184,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
         apart = why_apart(parsed)
         if apart is None:
             return _one_pass(args, parsed["control"], parsed["compare"])
+        if parsed["control"].random_weights:     # compare's own load would read the weights
+            raise ValueError(f"--random-weights needs both runs on one model, in one pass: {apart}")
         print(f"evaluate: {apart}", flush=True)
     return _one_after_the_other(args, parsed)
 
@@ -238,7 +240,7 @@ def _one_pass(args: argparse.Namespace, control: argparse.Namespace, compare: ar
                                  compare=compare_cli.compare_config(compare, compare_cli.judge_from_args(compare)))
     control_cli.check_before_loading(control, config.control)   # --run reaches both runs alike (route)
     print("evaluate: both runs use one model, loaded once, in one pass over the traits", flush=True)
-    model = load_model(control.model, dtype=control.dtype, device=control.device)
+    model = load_model(control.model, dtype=control.dtype, device=control.device, random_weights=control.random_weights)
     saving = control_cli.ControlSaving(args.out)
     result = evaluate(model, config, out=None,
                       log=control_cli.timestamped(started), progress=not control.no_progress,

@@ -348,6 +348,7 @@ def validate_args(args: argparse.Namespace) -> None:
     for name in ("n_pairs", "batch_size", "batch_tokens", "max_new_tokens", "n_questions", "budget"):
         _positive(args, name)
     _positive(args, "selection_pairs", 2)   # the attribution rules average a gradient over pairs
+    _positive(args, "measure_pairs", 2)     # the measurement's intervals and fits need two pairs at least
     engine = getattr(args, "engine", None)
     if engine is not None:
         from dpn_lens.generation import ENGINES

@@ -37,6 +37,9 @@ def register(commands: argparse._SubParsersAction) -> None:
                       help="with --measure: measure on the model's config.json and tokenizer with random weights, for "
                            "a model whose weights are not at hand (its load rate is then the random initialisation's; "
                            "on control, its answers are the random model's length)")
+    plan.add_argument("--measure-pairs", type=int, default=12,
+                      help="with --measure on control: the pairs its costs are measured on (its gradient pass over "
+                           "them holds the measurement's largest memory; fewer fit a model near this machine's size)")
     plan.add_argument("--stage", choices=("locate", "control"), default="locate",
                       help="the command to plan: locate (default) or control (its default run; to plan a given control "
                            "run, add --plan to that `dpn-lens control` command)")
@@ -54,6 +57,11 @@ def run_plan(args: argparse.Namespace) -> int:
     if args.random_weights and not args.measure:
         raise ValueError("--random-weights says what the measurement loads: add --measure")
     costs = saved_costs(args.device, args.dtype, torch.get_num_threads())
+    if args.measure and args.stage == "control":      # refused before locate's measurement, not minutes after it
+        from dpn_lens.plan_control import MEASURE_TOKENS, check_measurement_fits
+
+        check_measurement_fits(args.measure_on or args.model, args.device, args.dtype, args.measure_pairs,
+                               MEASURE_TOKENS)
     if args.measure:
         costs = measure_costs(args.measure_on or args.model, args.device, args.dtype, random_weights=args.random_weights)
         print(f"measured: {costs.tokens_per_s:,.0f} tokens/s on {costs.model} ({costs.flops_per_s / 1e9:.1f} GFLOP/s)")
@@ -77,7 +85,7 @@ def _control_plan(args: argparse.Namespace, traits: list[str], machine: Any) -> 
 
     costs = None
     if args.measure:
-        costs = measure_control_costs(args.measure_on or args.model, args.device, args.dtype,
+        costs = measure_control_costs(args.measure_on or args.model, args.device, args.dtype, n_pairs=args.measure_pairs,
                                       random_weights=args.random_weights)
         print(f"measured control's costs on {costs.model}: probe {costs.probe_flops_per_s / 1e9:.1f}, answers "
               f"{costs.answer_flops_per_s / 1e9:.1f} GFLOP/s; a decode step "
