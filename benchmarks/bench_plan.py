@@ -92,6 +92,9 @@ print(json.dumps({"returncode": code.returncode, "seconds": seconds, "stderr": c
 def measured_command(arguments: list[str]) -> dict[str, Any]:
     """Wall time and peak RSS of ``dpn-lens <arguments>`` in a fresh process (a child of a fresh child, so
     the peak is the command's alone); ``OUT`` in ``arguments`` becomes a temporary folder."""
+    import gc
+
+    gc.collect()     # a model this process measured and dropped is freed before the command loads its own
     with tempfile.TemporaryDirectory() as folder:
         command = [sys.executable, "-m", "dpn_lens.cli",
                    *[str(Path(folder) / "run") if a == "OUT" else a for a in arguments]]
@@ -379,6 +382,9 @@ def gradient_memory_main(args: argparse.Namespace) -> dict[str, Any]:
     margin_gradients(model, pairs)
     held = max(status_bytes("VmHWM") - loaded, 0)
     del model          # before the fresh process loads its own: a model near this machine's size fits once
+    import gc
+
+    gc.collect()       # the bridge's reference cycles hold it until the cyclic collector runs
     live = _held_returning_freed_blocks(args.model, args.dtype, pairs, args.random_weights)
     tensors = estimate.total - estimate.heap_retained
     result = {"stage": "gradient-memory", "model": args.model, "dtype": args.dtype, "pairs": len(pairs),

@@ -15,6 +15,7 @@ GGUF weights are dequantised once and cached as safetensors under ``$DPN_LENS_CA
 from __future__ import annotations
 
 import dataclasses
+import gc
 import hashlib
 import importlib.util
 import json
@@ -416,6 +417,10 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: str | torch.dtype | None = None
     """
     from transformer_lens.model_bridge import TransformerBridge
 
+    # A model dropped before this call may still hold its weights: a bridge keeps reference cycles, which only
+    # Python's cyclic collector frees, and it may not have run. Free it before this model's weights are allocated
+    # (`dpn-lens plan --measure` loads the model twice; an 8B on a 24 GiB machine was killed for memory so).
+    gc.collect()
     hf_model, tokenizer, is_chat = load_hf_model(spec, dtype=dtype, device=device, random_weights=random_weights,
                                                  **from_pretrained_kwargs)
     with warnings.catch_warnings():

@@ -218,6 +218,32 @@ def test_run_save_writes_a_model_card_into_the_maps_folder(tmp_path):
     assert sorted(Run.load(tmp_path / "run").maps) == ["neuroticism", "openness"]   # the card is not a map
 
 
+def test_a_dropped_model_is_freed_before_the_next_one_loads(tmp_path):
+    """A bridge keeps reference cycles, so dropping the last name of a model does not free it; the next
+    ``load_model`` collects it before allocating its own weights (an 8B measured twice in one process, as
+    ``dpn-lens plan --stage control --measure`` does, was killed for memory on a 24 GiB machine)."""
+    import gc
+    import weakref
+
+    from dpn_lens import load_model
+    from dpn_lens.tiny import build_tiny_hf_model
+
+    hf_model, _ = build_tiny_hf_model(tmp_path, n_layers=2, d_mlp=20)
+    hf_model.config.save_pretrained(tmp_path)
+    del hf_model
+    gc.collect()
+    gc.disable()          # the cyclic collector runs only where load_model runs it
+    try:
+        first = load_model(str(tmp_path), random_weights=True)
+        dropped = weakref.ref(first)
+        del first
+        assert dropped() is not None     # held by its own cycles: this is why load_model collects
+        second = load_model(str(tmp_path), random_weights=True)
+        assert dropped() is None and second.cfg.n_layers == 2
+    finally:
+        gc.enable()
+
+
 def test_random_weights_load_the_architecture_from_config_and_tokenizer_alone(tmp_path):
     from dpn_lens import load_model
     from dpn_lens.tiny import build_tiny_hf_model
