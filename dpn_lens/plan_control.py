@@ -500,7 +500,11 @@ def check_measurement_fits(model_spec: str, device: str, dtype: str, n_pairs: in
     """Refuse, before the model loads, a control measurement whose gradient pass would not fit the memory
     ``device`` has free (``free``; None: ``free_memory_bytes``), with 10% to spare: a run killed for memory
     after minutes of measuring tells a user less than this. The error names the most pairs that fit."""
-    free = free_memory_bytes(device) if free is None else free
+    if free is None:
+        import gc
+
+        gc.collect()        # a model dropped but not yet collected (a bridge's reference cycles) is not in use
+        free = free_memory_bytes(device)
     if not free:
         return
     weights, gradient = measurement_memory(model_spec, dtype, n_pairs, max_new_tokens, device)
