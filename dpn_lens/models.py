@@ -23,6 +23,7 @@ import logging
 import os
 import shutil
 import warnings
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -391,6 +392,25 @@ def _random_weight_model(source: str | Path, dtype: torch.dtype, device: str | N
     return model.to("cuda" if device == "auto" else device) if device is not None else model
 
 
+_LOADED: "weakref.WeakSet[Any]" = weakref.WeakSet()
+"""The models ``load_model`` returned that Python has not yet freed (in use, or dropped and not collected)."""
+
+COLLECT_ABOVE_BYTES = 1 << 30
+"""``load_model`` runs Python's cyclic collector first when its earlier models not yet freed hold at least this
+many bytes of weights: a full collection costs 0.3-1 s, which a small model's copy is not worth."""
+
+
+def _free_dropped_models() -> None:
+    """Free the models dropped before this load. A bridge keeps reference cycles, which only Python's cyclic
+    collector frees, and it may not have run: a dropped model then still holds its weights while the next one
+    is allocated (`dpn-lens plan --stage control --measure` loads the model twice; an 8B on a 24 GiB machine
+    was killed for memory so)."""
+    held = sum(parameter.numel() * parameter.element_size() for model in list(_LOADED)
+               for parameter in model.parameters())
+    if held >= COLLECT_ABOVE_BYTES:
+        gc.collect()
+
+
 def load_model(spec: str = DEFAULT_MODEL, dtype: str | torch.dtype | None = None, device: str | None = None,
                random_weights: bool = False, **from_pretrained_kwargs: Any):
     """Load ``spec`` as a TransformerLens ``TransformerBridge`` (hook names of HookedTransformer).
@@ -417,10 +437,7 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: str | torch.dtype | None = None
     """
     from transformer_lens.model_bridge import TransformerBridge
 
-    # A model dropped before this call may still hold its weights: a bridge keeps reference cycles, which only
-    # Python's cyclic collector frees, and it may not have run. Free it before this model's weights are allocated
-    # (`dpn-lens plan --measure` loads the model twice; an 8B on a 24 GiB machine was killed for memory so).
-    gc.collect()
+    _free_dropped_models()
     hf_model, tokenizer, is_chat = load_hf_model(spec, dtype=dtype, device=device, random_weights=random_weights,
                                                  **from_pretrained_kwargs)
     with warnings.catch_warnings():
@@ -428,6 +445,7 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: str | torch.dtype | None = None
         bridge = TransformerBridge.boot_transformers(str(spec), hf_model=hf_model, tokenizer=tokenizer)
     bridge.dpn_is_chat_model = is_chat
     bridge.dpn_model_name = str(spec)
+    _LOADED.add(bridge)
     bridge.dpn_model_revision = "random-weights" if random_weights else _source_revision(spec, hf_model)
     return bridge
 

@@ -218,10 +218,14 @@ def test_run_save_writes_a_model_card_into_the_maps_folder(tmp_path):
     assert sorted(Run.load(tmp_path / "run").maps) == ["neuroticism", "openness"]   # the card is not a map
 
 
-def test_a_dropped_model_is_freed_before_the_next_one_loads(tmp_path):
+def test_a_dropped_model_is_freed_before_the_next_one_loads(tmp_path, monkeypatch):
     """A bridge keeps reference cycles, so dropping the last name of a model does not free it; the next
     ``load_model`` collects it before allocating its own weights (an 8B measured twice in one process, as
-    ``dpn-lens plan --stage control --measure`` does, was killed for memory on a 24 GiB machine)."""
+    ``dpn-lens plan --stage control --measure`` does, was killed for memory on a 24 GiB machine). It does so
+    where the models not yet freed hold ``COLLECT_ABOVE_BYTES`` (here: any), since a collection costs 0.3-1 s."""
+    import dpn_lens.models
+
+    monkeypatch.setattr(dpn_lens.models, "COLLECT_ABOVE_BYTES", 0)
     import gc
     import weakref
 
