@@ -92,7 +92,8 @@ def test_each_thing_has_one_spelling_in_every_verb():
             assert action.option_strings or action.dest not in ("run", "run_dir"), f"{where}: a run folder is --run DIR"
             for option in action.option_strings:
                 if "pairs" in option:
-                    assert option in ("--n-pairs", "--eval-pairs", "--selection-pairs", "--pairs-cached"), where
+                    assert option in ("--n-pairs", "--eval-pairs", "--selection-pairs", "--measure-pairs",
+                                      "--pairs-cached"), where
             if action.nargs in ("+", "*") and not isinstance(action, argparse._AppendAction):
                 assert isinstance(action, CommaList), f"{where}: a list option must take a comma list"
             if "--plotlyjs" in action.option_strings:
