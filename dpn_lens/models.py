@@ -310,13 +310,26 @@ def _convert_gguf(gguf: Path, config_overrides: dict[str, Any], target: Path) ->
     return target
 
 
+FLOAT64_REFUSED = ("float64 models are not supported: transformers' eager attention (the bridge's) takes its softmax "
+                   "in float32, where float64's mask value becomes -inf, so every left-padded row of a batch comes "
+                   "out NaN; load in float32 (the default), whose statistics are float64 anyway")
+
+
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    """The ``torch.dtype`` a model is loaded in; float64 is refused (``FLOAT64_REFUSED`` says why).
+
+    Example:
+        >>> resolve_dtype("bf16"), resolve_dtype(None)
+        (torch.bfloat16, torch.float32)
+    """
     if dtype is None:
         return torch.float32
+    if dtype in (torch.float64, "float64", "fp64", "double"):
+        raise ValueError(FLOAT64_REFUSED)
     if isinstance(dtype, torch.dtype):
         return dtype
     table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float64": torch.float64}
+             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
     if dtype not in table:
         raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(table)}")
     return table[dtype]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 from pathlib import Path
 
@@ -29,6 +30,19 @@ def varied_pairs(n_pairs: int = N_PAIRS) -> ContrastiveSet:
                           source="tests")
 
 
+@contextlib.contextmanager
+def one_thread():
+    """float32 matmuls split their sums across threads, so their bits depend on the thread count; the ranks
+    and the single-process reference all run on one thread (CI once saw a 9.8e-10 difference in the means
+    without this: two processes sharing two cores against one process on both)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _worker(rank: int, world_size: int, init_file: str, folder: str) -> None:
     """One process of the 2-process gloo group; runs every scenario (one spawn keeps CI fast)."""
     import os
@@ -41,6 +55,7 @@ def _worker(rank: int, world_size: int, init_file: str, folder: str) -> None:
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     folder = Path(folder)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    torch.set_num_threads(1)  # as one_thread() does for the reference
     try:
         # Each process builds its own replica; same seed, so the same weights (and fingerprint).
         model = build_tiny_model(folder / f"model{rank}", seed=0)
@@ -122,7 +137,8 @@ def test_two_gloo_processes_give_the_neuron_map_of_one_process(two_process_run, 
         assert a.count == b.count and torch.equal(a.mean, b.mean) and torch.equal(a.m2, b.m2)
 
     model = tiny_model  # built by the same build_tiny_model(seed=0) as each rank's replica
-    single = collect_statistics(model, varied_pairs(), CollectionConfig(max_batch_size=1, progress=False))
+    with one_thread():
+        single = collect_statistics(model, varied_pairs(), CollectionConfig(max_batch_size=1, progress=False))
     assert (rank0.high.count, rank0.low.count) == (N_PAIRS, N_PAIRS)
     assert rank0.fingerprint == single.fingerprint and rank0.layers == single.layers
     # Merging shards changes only the order of float64 additions.
@@ -143,8 +159,9 @@ def test_two_gloo_processes_give_the_neuron_map_of_one_process(two_process_run, 
 def test_a_rank_without_pairs_contributes_nothing(two_process_run, tiny_model):
     pairs = varied_pairs()
     model = tiny_model  # built by the same build_tiny_model(seed=0) as each rank's replica
-    single = collect_statistics(model, ContrastiveSet("openness", pairs.high[:1], pairs.low[:1], source="tests"),
-                                CollectionConfig(max_batch_size=1, progress=False))
+    with one_thread():
+        single = collect_statistics(model, ContrastiveSet("openness", pairs.high[:1], pairs.low[:1], source="tests"),
+                                    CollectionConfig(max_batch_size=1, progress=False))
     for rank in (0, 1):
         stats = ContrastStatistics.load(two_process_run / f"one_pair{rank}.safetensors")
         assert stats.high.count == 1 and torch.equal(stats.high.mean, single.high.mean)
