@@ -92,9 +92,9 @@ print(json.dumps({"returncode": code.returncode, "seconds": seconds, "stderr": c
 def measured_command(arguments: list[str]) -> dict[str, Any]:
     """Wall time and peak RSS of ``dpn-lens <arguments>`` in a fresh process (a child of a fresh child, so
     the peak is the command's alone); ``OUT`` in ``arguments`` becomes a temporary folder."""
-    import gc
+    from dpn_lens.models import free_dropped_models
 
-    gc.collect()     # a model this process measured and dropped is freed before the command loads its own
+    free_dropped_models()     # a model this process measured and dropped is freed before the command loads its own
     with tempfile.TemporaryDirectory() as folder:
         command = [sys.executable, "-m", "dpn_lens.cli",
                    *[str(Path(folder) / "run") if a == "OUT" else a for a in arguments]]
@@ -358,7 +358,7 @@ def gradient_memory_main(args: argparse.Namespace) -> dict[str, Any]:
     from dpn_lens.effect.gradients import margin_gradients
     from dpn_lens.evaluation.answer_cache import answer_batches
     from dpn_lens.hooked import encode
-    from dpn_lens.models import load_model
+    from dpn_lens.models import free_dropped_models, load_model
     from dpn_lens.plan import model_shape, reset_peak, status_bytes
     from dpn_lens.plan_control import (_gradient_batch_tokens, batch_tokens_default, gradient_logits_bytes,
                                        gradient_memory, sample_pairs, selection_batches)
@@ -382,9 +382,7 @@ def gradient_memory_main(args: argparse.Namespace) -> dict[str, Any]:
     margin_gradients(model, pairs)
     held = max(status_bytes("VmHWM") - loaded, 0)
     del model          # before the fresh process loads its own: a model near this machine's size fits once
-    import gc
-
-    gc.collect()       # the bridge's reference cycles hold it until the cyclic collector runs
+    free_dropped_models()
     live = _held_returning_freed_blocks(args.model, args.dtype, pairs, args.random_weights)
     tensors = estimate.total - estimate.heap_retained
     result = {"stage": "gradient-memory", "model": args.model, "dtype": args.dtype, "pairs": len(pairs),

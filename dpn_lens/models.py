@@ -38,6 +38,7 @@ __all__ = [
     "DEFAULT_MODEL",
     "ModelFingerprint",
     "load_model",
+    "free_dropped_models",
     "load_hf_model",
     "model_fingerprint",
     "model_revision",
@@ -413,11 +414,19 @@ COLLECT_ABOVE_BYTES = 1 << 30
 many bytes of weights: a full collection costs 0.3-1 s, which a small model's copy is not worth."""
 
 
-def _free_dropped_models() -> None:
-    """Free the models dropped before this load. A bridge keeps reference cycles, which only Python's cyclic
-    collector frees, and it may not have run: a dropped model then still holds its weights while the next one
-    is allocated (`dpn-lens plan --stage control --measure` loads the model twice; an 8B on a 24 GiB machine
-    was killed for memory so)."""
+def free_dropped_models() -> None:
+    """Free the models dropped but not yet collected, before something needs their memory: a model load, a
+    reading of free memory, a subprocess that loads its own copy.
+
+    A bridge keeps reference cycles, which only Python's cyclic collector frees, and it may not have run: a
+    dropped model then still holds its weights while the next one is allocated (`dpn-lens plan --stage
+    control --measure` loads the model twice; an 8B on a 24 GiB machine was killed for memory so). It
+    collects only when the models ``load_model`` returned and Python has not freed hold at least
+    ``COLLECT_ABOVE_BYTES``.
+
+    Example:
+        >>> free_dropped_models()      # nothing loaded yet: nothing to collect
+    """
     held = sum(parameter.numel() * parameter.element_size() for model in list(_LOADED)
                for parameter in model.parameters())
     if held >= COLLECT_ABOVE_BYTES:
@@ -450,7 +459,7 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: str | torch.dtype | None = None
     """
     from transformer_lens.model_bridge import TransformerBridge
 
-    _free_dropped_models()
+    free_dropped_models()
     hf_model, tokenizer, is_chat = load_hf_model(spec, dtype=dtype, device=device, random_weights=random_weights,
                                                  **from_pretrained_kwargs)
     with warnings.catch_warnings():

@@ -491,8 +491,21 @@ def measurement_memory(model_spec: str, dtype: str, n_pairs: int, max_new_tokens
     weights = shape.n_params() * BYTES[dtype]
     gradient = gradient_memory(shape, dtype, selection_batches(model_spec, n_pairs, max_new_tokens), n_pairs,
                                cpu_heap=device == "cpu")
-    reference = 4 * 129 * shape.vocab * 4              # the probe's reference logits: 4 chunks of 128 tokens and BOS
-    return weights, gradient.total + reference
+    from dpn_lens.evaluation.calibrate import PROBE_CHUNK_TOKENS, PROBE_CHUNKS
+
+    return weights, gradient.total + probe_reference_bytes(shape, PROBE_CHUNKS, PROBE_CHUNK_TOKENS)
+
+
+def probe_reference_bytes(shape: ModelShape, n_chunks: int, chunk_tokens: int) -> int:
+    """Bytes of the KL probe's unsteered reference: float32 log-probabilities over the vocabulary at each of
+    ``n_chunks`` chunks' ``chunk_tokens`` tokens and their BOS, held for the whole run.
+
+    Example:
+        >>> probe_reference_bytes(ModelShape(n_layers=1, d_model=8, d_mlp=16, n_heads=2, n_kv_heads=2,
+        ...                                  head_dim=4, vocab=1000, tied=True), 4, 128)
+        2064000
+    """
+    return n_chunks * (chunk_tokens + 1) * shape.vocab * 4
 
 
 def check_measurement_fits(model_spec: str, device: str, dtype: str, n_pairs: int, max_new_tokens: int,
@@ -501,9 +514,9 @@ def check_measurement_fits(model_spec: str, device: str, dtype: str, n_pairs: in
     ``device`` has free (``free``; None: ``free_memory_bytes``), with 10% to spare: a run killed for memory
     after minutes of measuring tells a user less than this. The error names the most pairs that fit."""
     if free is None:
-        import gc
+        from dpn_lens.models import free_dropped_models
 
-        gc.collect()        # a model dropped but not yet collected (a bridge's reference cycles) is not in use
+        free_dropped_models()       # a model dropped but not yet collected is not in use
         free = free_memory_bytes(device)
     if not free:
         return
@@ -1213,7 +1226,7 @@ def plan_control(spec: str, traits: Sequence[str], settings: ControlSettings, de
             per_kind[kind] = per_kind.get(kind, 0.0) + seconds
     # one probe pass: the unsteered reference, once per run
     reference_seconds = _probe_flops(shape, config) / costs.probe_flops_per_s if usable else 0.0
-    reference = config.kl_chunks * (config.kl_tokens + 1) * shape.vocab * 4
+    reference = probe_reference_bytes(shape, config.kl_chunks, config.kl_tokens)
     runtime = machine.runtime_bytes if machine is not None and device == "cpu" else 0
     resident = machine.resident_extra_bytes(weights) if machine is not None else 0
     base = runtime + weights + resident + reference

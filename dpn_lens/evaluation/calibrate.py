@@ -31,7 +31,7 @@ from dpn_lens.hooked import HookedModel, encode
 from dpn_lens.steering import Edit, MaskedEdit, steer
 
 __all__ = ["GAMMA_GRID", "MAX_KL", "DEFAULT_TARGET_KL", "KLProbe", "gamma_at", "CurvePoint", "Calibration", "calibrate_gamma",
-           "calibrate_directions", "probe_chunks", "sweep_edit"]
+           "calibrate_directions", "probe_chunks", "sweep_edit", "PROBE_CHUNKS", "PROBE_CHUNK_TOKENS"]
 
 GAMMA_GRID: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0)
 """The log grid of strengths the sweeps and the calibration evaluate (factor 2 from 0.25 to 128). It reaches
@@ -45,7 +45,14 @@ DEFAULT_TARGET_KL = 0.05
 """Default calibration target, nats/token of KL(unsteered || steered) on the probe text."""
 
 
-def probe_chunks(model: HookedModel, n_chunks: int = 4, chunk_tokens: int = 128) -> list[list[int]]:
+PROBE_CHUNKS = 4
+PROBE_CHUNK_TOKENS = 128
+"""The KL probe's default size: ``PROBE_CHUNKS`` chunks of ``PROBE_CHUNK_TOKENS`` tokens (``ControlConfig``'s
+``kl_chunks`` and ``kl_tokens``; the plan sizes the probe's reference logits from them)."""
+
+
+def probe_chunks(model: HookedModel, n_chunks: int = PROBE_CHUNKS, chunk_tokens: int = PROBE_CHUNK_TOKENS
+                 ) -> list[list[int]]:
     """``n_chunks`` chunks of ``chunk_tokens`` tokens of the text KL is measured on.
 
     The text is the package's own everyday questions (``data/embedded/questions.jsonl``, joined in file

@@ -40,8 +40,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from dpn_lens.effect.rules import EFFECT_RULES, RULE_NAMES, SELECTION_PAIRS, reselect_top
-from dpn_lens.evaluation.calibrate import (DEFAULT_TARGET_KL, GAMMA_GRID, MAX_KL, calibrate_gamma, gamma_at,
-                                          probe_chunks, sweep_edit)
+from dpn_lens.evaluation.calibrate import (DEFAULT_TARGET_KL, GAMMA_GRID, MAX_KL, PROBE_CHUNK_TOKENS, PROBE_CHUNKS,
+                                          calibrate_gamma, gamma_at, probe_chunks, sweep_edit)
 from dpn_lens.evaluation.control_record import (ControlMeta, ControlRecord, GenerationExamples, GoalRow, LevelPoint,
                                                 LevelSummary, MatchedCostRow, MatchedSummaryRow, PairExample,
                                                 TraitExamples)
@@ -122,8 +122,8 @@ class ControlConfig:
     gammas: list[float] = field(default_factory=lambda: list(GAMMA_GRID))
     kl_levels: list[float] = field(default_factory=lambda: [0.01, 0.05, 0.1])
     target_kl: float = DEFAULT_TARGET_KL
-    kl_chunks: int = 4
-    kl_tokens: int = 128
+    kl_chunks: int = PROBE_CHUNKS
+    kl_tokens: int = PROBE_CHUNK_TOKENS
     kl_skip_context: bool = True
     """The KL probe leaves its context token (BOS) unedited, as decode-only use leaves the prompt
     (``KLProbe(edit_context=False)``, the default); False edits it too, as every run before 2026-12-05
