@@ -472,8 +472,9 @@ def _held_returning_freed_blocks(model: str, dtype: str, pairs: list[Any], rando
 
     environment = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
     rows = json.dumps([[pair.question, pair.high_answer, pair.low_answer] for pair in pairs])
-    done = subprocess.run([sys.executable, "-c", _HELD_RETURNING, model, dtype, "1" if random_weights else "0"], input=rows, capture_output=True,
-                          text=True, env=environment, cwd=Path(__file__).resolve().parents[1])
+    command = [sys.executable, "-c", _HELD_RETURNING, model, dtype, "1" if random_weights else "0"]
+    done = subprocess.run(command, input=rows, capture_output=True, text=True, env=environment,
+                          cwd=Path(__file__).resolve().parents[1])
     if done.returncode != 0:
         print(f"the run returning freed blocks failed:\n{done.stderr[-2000:]}")
         return None

@@ -487,12 +487,12 @@ def measurement_memory(model_spec: str, dtype: str, n_pairs: int, max_new_tokens
         >>> weights == model_shape(folder).n_params() * 4 and gradient > 0
         True
     """
+    from dpn_lens.evaluation.calibrate import PROBE_CHUNK_TOKENS, PROBE_CHUNKS
+
     shape = model_shape(model_spec)
     weights = shape.n_params() * BYTES[dtype]
     gradient = gradient_memory(shape, dtype, selection_batches(model_spec, n_pairs, max_new_tokens), n_pairs,
                                cpu_heap=device == "cpu")
-    from dpn_lens.evaluation.calibrate import PROBE_CHUNK_TOKENS, PROBE_CHUNKS
-
     return weights, gradient.total + probe_reference_bytes(shape, PROBE_CHUNKS, PROBE_CHUNK_TOKENS)
 
 

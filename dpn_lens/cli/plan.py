@@ -85,8 +85,8 @@ def _control_plan(args: argparse.Namespace, traits: list[str], machine: Any) -> 
 
     costs = None
     if args.measure:
-        costs = measure_control_costs(args.measure_on or args.model, args.device, args.dtype, n_pairs=args.measure_pairs,
-                                      random_weights=args.random_weights)
+        costs = measure_control_costs(args.measure_on or args.model, args.device, args.dtype,
+                                      n_pairs=args.measure_pairs, random_weights=args.random_weights)
         print(f"measured control's costs on {costs.model}: probe {costs.probe_flops_per_s / 1e9:.1f}, answers "
               f"{costs.answer_flops_per_s / 1e9:.1f} GFLOP/s; a decode step "
               + ", ".join(f"{seconds * 1e3:.0f} ms at {rows:.0f} rows" for rows, seconds in costs.step_rows)
