@@ -222,7 +222,11 @@ def control_main(args: argparse.Namespace, traits: list[str]) -> dict[str, Any]:
     # The same plan with the passes the run made: what is left of the gap is the per-pass cost.
     counted = plan_control_run(args.model, config, dtype=args.dtype, costs=costs, machine=machine,
                                pairs_cached=args.pairs_cached, run=run["record"]) if "record" in run else None
-    return _report(args, traits, plan, run, measuring, counted, decoding=decode_summary(args.model, costs))
+    # The run's own pair counts: --n-pairs is locate's and this stage does not read it. Maps given by --run
+    # are not located, so no pairs are.
+    pairs = {"n_pairs": None if args.run else config.locate_pairs, "eval_pairs": config.pairs}
+    return _report(args, traits, plan, run, measuring, counted, decoding=decode_summary(args.model, costs),
+                   pairs=pairs)
 
 
 def decode_summary(model: str, costs: Any) -> dict[str, Any]:
@@ -237,11 +241,14 @@ def decode_summary(model: str, costs: Any) -> dict[str, Any]:
 
 
 def _report(args: argparse.Namespace, traits: list[str], plan: Any, run: dict[str, Any], measuring: float,
-            counted: Any = None, decoding: dict[str, Any] | None = None) -> dict[str, Any]:
+            counted: Any = None, decoding: dict[str, Any] | None = None,
+            pairs: dict[str, int | None] | None = None) -> dict[str, Any]:
+    """Print the plan beside the run and return both as one JSON-able dict. ``pairs``: the run's pair counts
+    (None: locate's ``--n-pairs``)."""
     gib = 1024 ** 3
     result = {"stage": args.stage, "model": args.model, "measured_on": getattr(plan.costs, "model", None),
               "random_weights": bool(args.random_weights),
-              "traits": traits, "n_pairs": args.n_pairs, "dtype": args.dtype,
+              "traits": traits, **(pairs or {"n_pairs": args.n_pairs}), "dtype": args.dtype,
               "measuring_seconds": measuring, "predicted_seconds": plan.seconds, "measured_seconds": run["seconds"],
               "time_ratio": plan.seconds / run["seconds"], "predicted_peak_gib": plan.peak_bytes / gib,
               "measured_peak_gib": run["max_rss_bytes"] / gib, "memory_ratio": plan.peak_bytes / run["max_rss_bytes"],

@@ -510,6 +510,8 @@ def test_the_plan_benchmark_plans_a_control_run(tiny_folder, tmp_path, monkeypat
                           str(write_personalitybench(tmp_path / "data")), "--measure-prompts", "4",
                           "--extra", "--quick --gammas 0.5,2 --kl-levels 0.05 --random-draws 1 --k-sweep 2"])
     assert result["measured_seconds"] > 0 and result["predicted_seconds"] > 0 and result["stage"] == "control"
+    # the run's own pair counts: the maps were given, so none were located; --n-pairs (locate's) is not read
+    assert result["n_pairs"] is None and result["eval_pairs"] == 12
     # the sweep's points, as the run made them: its one budget in both directions
     assert [(p["k"], p["direction"]) for p in result["sweep_points"]] == [(2, "increase"), (2, "decrease")]
     # stage by stage: the run's recorded seconds beside the plan's, under one set of names
@@ -546,6 +548,7 @@ def test_the_plan_benchmark_plans_a_control_run_on_random_weights(tiny_folder, t
                           "4", "--control-pairs", "4", "--random-weights", "--extra", "--quick --n-pairs 6 --tau-d 0.1 --gammas 0.5,2 --kl-levels 0.05 "
                                                               "--random-draws 1"])
     assert result["random_weights"] and result["measured_on"] == str(bare) and result["stage"] == "control"
+    assert result["n_pairs"] == 6 and result["eval_pairs"] == 8     # located on --extra's pairs, not --n-pairs
     compared = {row["stage"]: row for row in result["stage_comparison"]}
     assert compared["KL curves"]["measured s"] > 0 and compared["KL curves"]["predicted s"] > 0
     assert compared["locate"]["measured s"] > 0 and compared["held-out pairs"]["measured s"] > 0
