@@ -472,11 +472,12 @@ def free_memory_bytes(device: str = "cpu") -> int:
     return int(torch.cuda.mem_get_info()[0]) if device.startswith("cuda") and torch.cuda.is_available() else 0
 
 
-def measurement_memory(model_spec: str, dtype: str, n_pairs: int, max_new_tokens: int, device: str = "cpu"
-                       ) -> tuple[int, int]:
+def measurement_memory(model_spec: str, dtype: str, n_pairs: int, max_new_tokens: int, device: str = "cpu",
+                       question_lengths: Sequence[int] | None = None) -> tuple[int, int]:
     """``(weights, gradient pass)`` bytes that ``measure_control_costs`` holds at its peak, from the model's
     shape alone: its gradient pass differentiates ``n_pairs`` pairs of answers up to ``max_new_tokens`` long
     (``gradient_memory`` of ``selection_batches``), beside the loaded weights and the KL probe's reference.
+    ``question_lengths``: ``question_tokens(model_spec)``, when the caller already has them (None: tokenized).
 
     Example:
         >>> import tempfile
@@ -491,8 +492,8 @@ def measurement_memory(model_spec: str, dtype: str, n_pairs: int, max_new_tokens
 
     shape = model_shape(model_spec)
     weights = shape.n_params() * BYTES[dtype]
-    gradient = gradient_memory(shape, dtype, selection_batches(model_spec, n_pairs, max_new_tokens), n_pairs,
-                               cpu_heap=device == "cpu")
+    batches = selection_batches(model_spec, n_pairs, max_new_tokens, question_lengths)
+    gradient = gradient_memory(shape, dtype, batches, n_pairs, cpu_heap=device == "cpu")
     return weights, gradient.total + probe_reference_bytes(shape, PROBE_CHUNKS, PROBE_CHUNK_TOKENS)
 
 
@@ -520,14 +521,18 @@ def check_measurement_fits(model_spec: str, device: str, dtype: str, n_pairs: in
         free = free_memory_bytes(device)
     if not free:
         return
-    weights, gradient = measurement_memory(model_spec, dtype, n_pairs, max_new_tokens, device)
+    lengths = question_tokens(model_spec)     # tokenized once: the search below sizes up to n_pairs batchings
+
+    def gradient_bytes(n: int) -> int:
+        return measurement_memory(model_spec, dtype, n, max_new_tokens, device, question_lengths=lengths)[1]
+
+    weights, gradient = measurement_memory(model_spec, dtype, n_pairs, max_new_tokens, device, lengths)
     if 1.1 * (weights + gradient) <= free:
         return
-    fitting = [n for n in range(n_pairs - 1, 1, -1)
-               if 1.1 * (weights + measurement_memory(model_spec, dtype, n, max_new_tokens, device)[1]) <= free]
+    most = next((n for n in range(n_pairs - 1, 1, -1) if 1.1 * (weights + gradient_bytes(n)) <= free), None)
     gib = 1024 ** 3
-    fix = (f"measure on {fitting[0]} pairs (`dpn-lens plan --stage control --measure --measure-pairs {fitting[0]}`) "
-           "or on a smaller model (--measure-on)") if fitting else "measure on a smaller model (--measure-on)"
+    fix = (f"measure on {most} pairs (`dpn-lens plan --stage control --measure --measure-pairs {most}`) "
+           "or on a smaller model (--measure-on)") if most else "measure on a smaller model (--measure-on)"
     raise ValueError(f"measuring control's costs on {model_spec} ({dtype}) holds about "
                      f"{(weights + gradient) / gib:.1f} GiB ({weights / gib:.1f} of weights, {gradient / gib:.1f} in "
                      f"its gradient pass over {n_pairs} pairs), and {device} has {free / gib:.1f} GiB free: {fix}")
@@ -1534,18 +1539,20 @@ def gradient_memory(shape: ModelShape, dtype: str, batches: Sequence[tuple[int, 
     return GradientMemory(activations, logits, cache, 4 * int(pairs) * shape.n_layers * shape.d_mlp, batch, heap)
 
 
-def selection_batches(spec: str, selection_pairs: int, answer: int) -> list[tuple[int, int, int]]:
+def selection_batches(spec: str, selection_pairs: int, answer: int, question_lengths: Sequence[int] | None = None
+                      ) -> list[tuple[int, int, int]]:
     """The batches ``(rows, answer tokens, context tokens)`` the gradient pass makes for ``selection_pairs``
     pairs, modelled before any answer exists: the questions are the embedded ones (the selection pairs'
     source, ``effect.pairs``) rendered for ``spec``, spread over their lengths as a draw would be, each
     asked twice (the high and the low answer), every answer ``answer`` tokens (greedy answers mostly
     reach the limit, and a batch pads to its longest); batched as the pass batches them
-    (``answer_cache.answer_batches`` at ``margin_gradients``' ``batch_tokens``).
+    (``answer_cache.answer_batches`` at ``margin_gradients``' ``batch_tokens``). ``question_lengths``:
+    ``question_tokens(spec)``, when the caller has them (None: tokenized here).
     """
     from dpn_lens.effect.gradients import margin_gradients
     from dpn_lens.evaluation.answer_cache import answer_batches
 
-    lengths = _question_tokens(spec)
+    lengths = sorted(question_lengths) if question_lengths is not None else question_tokens(spec)
     n = max(int(selection_pairs), 1)
     contexts = [length for i in range(n) for length in [lengths[i * len(lengths) // n]] * 2]
     answers = [int(answer)] * len(contexts)
@@ -1553,8 +1560,19 @@ def selection_batches(spec: str, selection_pairs: int, answer: int) -> list[tupl
             for chunk in answer_batches(contexts, answers, batch_tokens_default(margin_gradients))]
 
 
-def _question_tokens(spec: str) -> list[int]:
-    """The embedded questions' lengths (chat template and BOS included) for ``spec``'s tokenizer, sorted."""
+def question_tokens(spec: str) -> list[int]:
+    """The embedded questions' lengths (chat template and BOS included) for ``spec``'s tokenizer, sorted.
+
+    Example:
+        >>> import tempfile
+        >>> from dpn_lens.data.contrastive import embedded_questions
+        >>> from dpn_lens.tiny import build_tiny_hf_model
+        >>> folder = tempfile.mkdtemp()
+        >>> build_tiny_hf_model(folder)[0].config.save_pretrained(folder)   # a config.json beside its tokenizer
+        >>> lengths = question_tokens(folder)
+        >>> len(lengths) == len(embedded_questions()) and lengths == sorted(lengths) and lengths[0] > 1
+        True
+    """
     from dpn_lens.data.contrastive import embedded_questions
     from dpn_lens.data.prompts import render_for_model
     from dpn_lens.hooked import encode
