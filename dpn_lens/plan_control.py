@@ -44,7 +44,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from dpn_lens.generation import default_engine
+from dpn_lens.generation import GENERATION_BATCH, default_engine
 from dpn_lens.plan import (BYTES, GPU_SIZES_GIB, MachineCosts, ModelShape, RunPlan, StagePlan, costs_file, read_costs,
                            model_shape, status_bytes, timed)
 
@@ -396,7 +396,7 @@ def sample_pairs(model: Any, n: int, max_new_tokens: int) -> tuple[list[Any], li
 
     questions = embedded_questions()[:n + 1]
     prompts = [encode(model, render_for_model(model, q)) for q in questions]
-    answers = greedy_answers(model, prompts, max_new_tokens, 16)
+    answers = greedy_answers(model, prompts, max_new_tokens, GENERATION_BATCH)
     lengths = [len(answer) for answer in answers]
     mean = sum(lengths) / len(lengths)
     # An empty answer (EOS at once) cannot be scored; a fixed text of the answers' mean length stands in.
@@ -605,7 +605,8 @@ def measure_control_costs(model_spec: str, device: str = "cpu", dtype: str = "fl
     greedy_answers(model, largest, 2, rows)
     generation_extra = max(status_bytes("VmHWM") - before_generation, 0)
     generation_tokens = rows * max(map(len, largest))
-    persona_lengths = [len(answer) for answer in greedy_answers(model, persona_prompts, max_new_tokens, 16)]
+    persona_lengths = [len(answer) for answer in greedy_answers(model, persona_prompts, max_new_tokens,
+                                                                GENERATION_BATCH)]
     decoding = _decode_costs(model, shape, prompts, lengths, device, long_prompts=persona_prompts,
                              long_lengths=persona_lengths)
     reset_peak()
@@ -1125,7 +1126,6 @@ def _seconds(shape: ModelShape, work: ControlWork, settings: ControlSettings, co
     """Seconds per trait for each kind of work; ``prompts``: the run's prompt lengths (``prompt_tokens_of``;
     None: the sample's, ``costs.persona_tokens`` and ``costs.prompt_tokens``)."""
     from dpn_lens.effect.rules import SELECTION_TOKENS
-    from dpn_lens.generation import GENERATION_BATCH
 
     config = settings.config
     answer = costs.answer_fill * config.max_new_tokens
@@ -1623,8 +1623,6 @@ def generation_peak_bytes(costs: ControlCosts, work: ControlWork, config: Any, p
         >>> generation_peak_bytes(costs, work, config, PromptTokens([150, 120], 140.0, 50.0, [90]))
         1500
     """
-    from dpn_lens.generation import GENERATION_BATCH
-
     if not costs.generation_extra_bytes or not costs.generation_batch_tokens:
         return 0
     batches = [min(config.pair_batch, work.generated_answers) * max(prompts.held_out, default=0),
