@@ -31,6 +31,12 @@ from the batches the pass made and from those the plan models for as many pairs 
 It then runs the pass again in a fresh process whose glibc returns freed blocks, and sets that peak
 beside the estimate's tensors (without ``CPU_HEAP_RETAINED``, the allocator's share).
 
+``--stage persona-padding`` checks the persona passes' count (session 30): it times the control
+measurement's persona sample (``--control-pairs``) and ``--repeats`` run-like persona passes (``--eval-pairs``
+PersonalityBench questions, each with a random persona), and prints each pass predicted from the sample's rate
+over its measured time, counted at mean context lengths and in padded batches; then how much longer a pass
+over questions of widely different lengths takes than one over near-equal ones.
+
 Usage::
 
     python benchmarks/bench_plan.py --model smollm2-135m-instruct --traits openness,neuroticism --n-pairs 100
@@ -52,6 +58,8 @@ The other stages::
     python benchmarks/bench_plan.py --stage gradient-memory --model smollm2-135m-instruct --eval-pairs 32
     python benchmarks/bench_plan.py --stage gradient-memory --arch llama-3-8b --dtype bfloat16 --eval-pairs 4
     python benchmarks/bench_plan.py --stage decode-fit --model smollm2-135m-instruct --repeats 4
+    python benchmarks/bench_plan.py --stage persona-padding --arch llama-3-8b --dtype bfloat16 --traits openness --control-pairs 6 --eval-pairs 8 --repeats 3 --data-dir ../shared/data
+    python benchmarks/bench_plan.py --stage persona-padding --model smollm2-135m-instruct --dtype bfloat16 --random-weights --traits openness --control-pairs 6 --eval-pairs 8 --repeats 3 --data-dir ../shared/data
 
 The second plans and runs ``dpn-lens control --random-weights`` on the 8B architecture, its costs measured on it in
 a fresh process: 6 pairs keep the measurement's gradient pass within 24 GiB, and ``--tau-d 0.1`` lets 16 pairs of a
@@ -187,13 +195,15 @@ def parser() -> argparse.ArgumentParser:
     options.add_argument("--random-weights", action="store_true",
                          help="--model's config.json and tokenizer with random weights, for the locate run and a "
                               "measurement on --model (an architecture whose weights are not at hand, e.g. an 8B)")
-    options.add_argument("--stage", choices=("locate", "control", "sample-rate", "gradient-memory", "decode-fit"), default="locate")
+    options.add_argument("--stage", choices=("locate", "control", "sample-rate", "gradient-memory", "decode-fit", "persona-padding"),
+                         default="locate")
     options.add_argument("--methods", default="dpn-le,caa", help="control's methods (--stage control)")
     options.add_argument("--eval-pairs", "--pairs", type=int, default=64, help="control's held-out pairs per trait")
     options.add_argument("--run", "--maps", default=None, help="control's run or maps folder (None: located in the run)")
     options.add_argument("--data-dir", default=None, help="control's data folder (None: $DPN_LENS_DATA)")
     options.add_argument("--pairs-cached", action="store_true", help="control's held-out pairs are cached")
     options.add_argument("--repeats", type=int, default=3, help="measurements of the decode costs (--stage decode-fit)")
+    options.add_argument("--new-tokens", type=int, default=48, help="the sample's answer tokens (--stage persona-padding)")
     options.add_argument("--extra", default="", help="more control options, one string (e.g. \"--gammas 0.5,2,8\")")
     return options
 
@@ -488,6 +498,93 @@ def _held_returning_freed_blocks(model: str, dtype: str, pairs: list[Any], rando
     return int(json.loads(done.stdout.strip().splitlines()[-1])["held_bytes"])
 
 
+def persona_padding_main(args: argparse.Namespace, trait: str) -> dict[str, Any]:
+    """Does the persona pass's plan hold for a run's prompts? Time the control measurement's own persona
+    sample (``--control-pairs``), then persona passes over ``--repeats`` run-like draws (``--eval-pairs``
+    PersonalityBench questions of ``trait``, each with a random persona of the second half, the sample's answers),
+    and predict each draw from the sample's rate: counted at mean context lengths (before session 30) and
+    in padded batches (``persona_scoring_flops``), on the draw's own contexts and on the plan's spread
+    (``prompt_tokens_of``, ``spread_of_draw``). Then the cost of padding alone: one persona, the same answers,
+    questions of near-equal length against the shortest and longest, timed side by side."""
+    import numpy as np
+
+    from dpn_lens.evaluation.control import ControlConfig, personalitybench_material
+    from dpn_lens.evaluation.preference import PairScorer, PreferencePair, preference_margins
+    from dpn_lens.hooked import encode
+    from dpn_lens.models import load_model
+    from dpn_lens.plan import model_shape
+    from dpn_lens.plan_control import (persona_pass_flops, persona_scoring_flops, prompt_tokens_of, sample_pairs,
+                                       sample_persona_prompts, spread_of_draw)
+
+    model = load_model(args.model, dtype=args.dtype, random_weights=args.random_weights)
+    shape = model_shape(args.model)
+    pairs, _, lengths = sample_pairs(model, args.control_pairs, args.new_tokens)
+    answer = sum(lengths) / len(lengths)
+    personas, _ = sample_persona_prompts(model, pairs)
+    sample_personas = [personas[i % 2] for i in range(len(pairs))]
+
+    def contexts_of(chosen: list[Any], per: list[str]) -> list[int]:
+        contexts = PairScorer(model, chosen, per).contexts
+        return [len(context) for context in contexts[::2]] if len(contexts) == 2 * len(chosen) else []
+
+    def counted(contexts: list[int]) -> tuple[float, float]:
+        """(mean-length FLOPs, padded-batch FLOPs) of a persona pass over these contexts."""
+        return (persona_pass_flops(shape, len(contexts), float(np.mean(contexts)), 2 * len(contexts), answer),
+                persona_scoring_flops(shape, contexts, 2, answer))
+
+    def seconds(chosen: list[Any], per: list[str]) -> float:
+        return timed(lambda: preference_margins(model, chosen, persona=per))
+
+    sample_seconds = min(seconds(pairs, sample_personas) for _ in range(2))       # the first also warms up
+    sample_contexts = contexts_of(pairs, sample_personas)
+    mean_flops, padded_flops = counted(sample_contexts)
+    before_rate, now_rate = mean_flops / sample_seconds, padded_flops / sample_seconds
+    questions, highs, _ = personalitybench_material(args.data_dir, trait)
+    half = len(highs) // 2
+    config = ControlConfig(traits=[trait], methods=["dpn-le"], data_dir=args.data_dir)
+    spread = spread_of_draw(prompt_tokens_of(args.model, [trait], config, None).personas, args.eval_pairs)
+    texts = [(pair.high_answer, pair.low_answer) for pair in pairs]
+    rows = []
+    for draw in range(max(args.repeats, 1)):
+        generator = np.random.default_rng(100 + draw)
+        chosen = [PreferencePair(questions[int(i)], *texts[n % len(texts)])
+                  for n, i in enumerate(generator.choice(len(questions), args.eval_pairs, replace=False))]
+        per = [highs[half + int(i)] for i in generator.integers(0, len(highs) - half, args.eval_pairs)]
+        contexts = contexts_of(chosen, per)
+        took = seconds(chosen, per)
+        mean_draw, padded_draw = counted(contexts)
+        mean_plan, padded_plan = counted(spread)
+        rows.append({"draw": draw + 1, "contexts": f"{min(contexts)}-{max(contexts)}", "seconds": round(took, 2),
+                     "before, own contexts": round(mean_draw / before_rate / took, 3),
+                     "now, own contexts": round(padded_draw / now_rate / took, 3),
+                     "before, plan's spread": round(mean_plan / before_rate / took, 3),
+                     "now, plan's spread": round(padded_plan / now_rate / took, 3)})
+    # Padding alone: one persona, the sample's answers, near-equal questions against the shortest and longest.
+    by_length = sorted(questions, key=lambda question: len(encode(model, question)))
+    n, middle = args.eval_pairs, len(by_length) // 2
+    sets = {"near-equal": by_length[middle - n // 2: middle - n // 2 + n],
+            "wide": by_length[:n // 2] + by_length[-(n - n // 2):]}
+    contrast = {}
+    for name, chosen_questions in sets.items():
+        chosen = [PreferencePair(q, *texts[i % len(texts)]) for i, q in enumerate(chosen_questions)]
+        per = [highs[half]] * len(chosen)
+        contrast[name] = (min(seconds(chosen, per) for _ in range(2)), *counted(contexts_of(chosen, per)))
+    near, wide = contrast["near-equal"], contrast["wide"]
+    result = {"stage": "persona-padding", "model": args.model, "dtype": args.dtype, "trait": trait,
+              "sample_contexts": sample_contexts, "sample_seconds": sample_seconds, "answer_tokens": answer,
+              "draws": rows, "wide_over_near_seconds": wide[0] / near[0],
+              "wide_over_near_mean_flops": wide[1] / near[1], "wide_over_near_padded_flops": wide[2] / near[2]}
+    print(f"{args.model} ({args.dtype}): the sample's {len(pairs)} contexts {sample_contexts}, {sample_seconds:.2f} s; "
+          f"answers {answer:.1f} tokens")
+    print("predicted / measured per draw (before: mean context lengths; now: padded batches):")
+    print(markdown_table(rows))
+    print(f"padding alone ({n} pairs, one persona): wide / near-equal questions took "
+          f"{result['wide_over_near_seconds']:.2f}x; mean lengths say {result['wide_over_near_mean_flops']:.2f}x, padded batches "
+          f"{result['wide_over_near_padded_flops']:.2f}x")
+    print(json.dumps(result))
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser().parse_args(argv)
     from dpn_lens.pipeline import parse_traits
@@ -503,6 +600,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return gradient_memory_main(args)
     if args.stage == "decode-fit":
         return decode_fit_main(args)
+    if args.stage == "persona-padding":
+        return persona_padding_main(args, traits[0])
     started = time.perf_counter()
     costs = machine_costs(args)
     measuring = time.perf_counter() - started

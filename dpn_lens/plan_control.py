@@ -56,7 +56,8 @@ __all__ = ["ControlSettings", "ControlWork", "ControlCosts", "control_work", "me
            "saved_control_costs", "plan_control", "plan_control_run", "gradient_logits_bytes", "caa_flops",
            "gradient_activation_bytes", "GradientMemory", "gradient_memory", "selection_batches", "batch_tokens_default",
            "CPU_HEAP_RETAINED", "PromptTokens", "prompt_tokens_of", "generation_seconds", "expected_longest",
-           "answer_steps", "CachedPairs", "cached_pairs", "scoring_cache", "persona_pass_flops", "decode_step_seconds", "DecodeCosts", "STEP_ROWS",
+           "answer_steps", "CachedPairs", "cached_pairs", "scoring_cache", "persona_pass_flops", "persona_scoring_flops",
+           "spread_of_draw", "decode_step_seconds", "DecodeCosts", "STEP_ROWS",
            "CONTEXT_ROWS", "prefill_seconds_per_flop", "sample_persona_prompts", "generation_peak_bytes"]
 
 DIRECTIONS = 2
@@ -324,6 +325,11 @@ class ControlCosts:
     with its logits (``persona_pass_flops``), as the scorer runs them. False in an older file, whose rate
     counted every answer's context: a pair's two answers share theirs, so that rate was 1.7x too high for
     the generation check's scoring, where each answer has its own context (planned at 0.5 of its time)."""
+    persona_padded: bool = False
+    """``persona_flops_per_s`` counts each scorer batch's contexts at its longest context's length
+    (``persona_scoring_flops``), as a left-padded batch runs them. False in an older file, whose rate counted
+    them at their mean: a run whose persona prompts vary more than the sample's was planned short (LLaMA-3-8B,
+    8 pairs: 0.83)."""
     step_rows: list[list[float]] = field(default_factory=list)
     """``[rows, seconds]`` of one decode step at each row count of ``STEP_ROWS``, as measured. A step's cost is
     not linear in its rows on a CPU (SmolLM2 float32, 1 thread: 0.077 s at 2 rows, 0.147 at 8, 0.171 at 10,
@@ -379,6 +385,48 @@ def persona_pass_flops(shape: ModelShape, contexts: int, context_tokens: float, 
     return (contexts * context_tokens * shape.forward_flops_per_token(context=int(context_tokens / 2))
             + answers * answer_tokens * shape.forward_flops_per_token(context=int(context_tokens + answer_tokens / 2),
                                                                       logits=True))
+
+
+def persona_scoring_flops(shape: ModelShape, contexts: Sequence[int], answers_per_context: int,
+                          answer_tokens: float) -> float:
+    """FLOPs of scoring ``answers_per_context`` answers of ``answer_tokens`` after each of ``contexts`` (their
+    lengths) as ``CachedAnswerScorer`` batches them (``answer_batches``, longest first): in each batch, its
+    distinct contexts left-padded to its longest, then its answers (``persona_pass_flops`` per batch). A
+    padded position costs what a token does: on SmolLM2 (bfloat16, 8 pairs) a pass over contexts 163 tokens
+    long on average (longest 167) took 1.40x as long as over ones 185 long (longest 228), where their mean
+    lengths say 1.09x and their padded lengths 1.30x.
+
+    Example:
+        >>> shape = ModelShape(n_layers=1, d_model=8, d_mlp=16, n_heads=2, n_kv_heads=2, head_dim=4, vocab=1000,
+        ...                    tied=True)
+        >>> even, uneven = persona_scoring_flops(shape, [100, 100], 2, 20), persona_scoring_flops(shape, [50, 150], 2, 20)
+        >>> even == persona_pass_flops(shape, 2, 100, 4, 20) and uneven > even   # one batch, padded to 150
+        True
+    """
+    from dpn_lens.evaluation.answer_cache import answer_batches
+    from dpn_lens.evaluation.preference import PairScorer
+
+    owner = [index for index in range(len(contexts)) for _ in range(answers_per_context)]
+    lengths = [int(contexts[index]) for index in owner]
+    answer = max(round(answer_tokens), 1)
+    flops = 0.0
+    for chunk in answer_batches(lengths, [answer] * len(lengths), batch_tokens_default(PairScorer)):
+        distinct = len({owner[item] for item in chunk})
+        flops += persona_pass_flops(shape, distinct, max(lengths[item] for item in chunk), len(chunk), answer_tokens)
+    return flops
+
+
+def spread_of_draw(lengths: Sequence[int], n: int) -> list[int]:
+    """``n`` lengths standing for a draw of ``n`` from ``lengths``: the k-th shortest of a draw falls, on
+    average, at the ``k / (n + 1)`` quantile of what it is drawn from, so a batch of all ``n`` pads to about
+    the longest of ``n`` draws.
+
+    Example:
+        >>> spread_of_draw(list(range(100)), 4)
+        [20, 40, 60, 80]
+    """
+    ordered = sorted(lengths)
+    return [ordered[(i + 1) * len(ordered) // (n + 1)] for i in range(n)]
 
 
 def saved_control_costs(device: str, dtype: str, threads: int) -> ControlCosts | None:
@@ -589,7 +637,7 @@ def measure_control_costs(model_spec: str, device: str = "cpu", dtype: str = "fl
     persona_seconds = timed(lambda: preference_margins(model, pairs, persona=personas_of), device)
     # what the scorer ran: each pair's question with its persona once (its last position's logits only), then
     # both answers from that cache
-    persona_flops = persona_pass_flops(shape, len(pairs), persona, 2 * len(pairs), answer)
+    persona_flops = persona_scoring_flops(shape, list(map(len, persona_prompts)), 2, answer)
     # Beyond the loaded model and the probe's reference: the answer batches, the caches, allocator slack;
     # then, apart, greedy generation's and the gradient pass's (a run without an effect rule to select
     # never makes it).
@@ -633,7 +681,7 @@ def measure_control_costs(model_spec: str, device: str = "cpu", dtype: str = "fl
                          persona_answer_steps=answer_steps(persona_lengths, max_new_tokens),
                          gradient_seconds=max(first_gradient - gradient_seconds, 0.0),
                          step_rows=decoding.step_rows, step_token_flops=decoding.step_token_flops,
-                         persona_context_once=True, step_context=decoding.context, engine=default_engine(dtype),
+                         persona_context_once=True, persona_padded=True, step_context=decoding.context, engine=default_engine(dtype),
                          step_context_seconds=decoding.context_seconds, long_step_rows=decoding.long_step_rows,
                          long_step_context=decoding.long_context, prefill_points=decoding.prefill_points,
                          generation_extra_bytes=int(generation_extra), generation_batch_tokens=generation_tokens)
@@ -914,8 +962,9 @@ class PromptTokens:
     template and BOS included), from ``prompt_tokens_of``.
 
     Example:
-        >>> PromptTokens(held_out=[180, 150], persona=165.0, question=58.0, selection=[150, 140], questions=[60, 56])
-        PromptTokens(held_out=[180, 150], persona=165.0, question=58.0, selection=[150, 140], questions=[60, 56], contrastive=[])
+        >>> prompts = PromptTokens(held_out=[180, 150], persona=165.0, question=58.0, selection=[150, 140])
+        >>> prompts.questions, prompts.contrastive, prompts.personas    # each filled from the data when found
+        ([], [], [])
     """
 
     held_out: list[int]
@@ -934,6 +983,9 @@ class PromptTokens:
     contrastive: list[list[int]] = field(default_factory=list)
     """Each prompt set CAA reads its direction from (a trait's high prompts, its low prompts, the next
     trait's ...), every prompt's tokens in the order run. Empty: two sets of ``persona``-long prompts."""
+    personas: list[int] = field(default_factory=list)
+    """The persona control's contexts (``persona``'s), a spread of them, sorted: a scorer batch pads to its
+    longest. Empty: every context ``persona`` long."""
 
 
 PROMPT_SPREAD = 64
@@ -975,7 +1027,8 @@ def prompt_tokens_of(spec: str, traits: Sequence[str], config: Any, costs: Contr
     return PromptTokens(held_out=sorted(held_out, reverse=True) or [round(costs.persona_tokens)],
                         persona=sum(persona) / len(persona) if persona else costs.persona_tokens,
                         question=sum(question) / len(question) if question else costs.prompt_tokens,
-                        selection=sorted(selection, reverse=True), questions=question, contrastive=contrastive)
+                        selection=sorted(selection, reverse=True), questions=question, contrastive=contrastive,
+                        personas=sorted(persona))
 
 
 def scoring_cache(shape: ModelShape, dtype: str, config: Any, prompts: PromptTokens,
@@ -1147,7 +1200,12 @@ def _seconds(shape: ModelShape, work: ControlWork, settings: ControlSettings, co
 
     def persona_scoring(contexts: int, answers: int) -> float:
         """FLOPs of scoring ``answers`` answers after ``contexts`` distinct persona prompts, counted as the
-        rate was measured (an older file's rate counted a context per answer)."""
+        rate was measured (padded batches; an older file's rate: mean lengths, or a context per answer)."""
+        if not contexts:
+            return 0.0
+        if costs.persona_padded:
+            return persona_scoring_flops(shape, spread_of_draw(prompts.personas or [round(persona)], contexts),
+                                         answers // contexts, answer)
         if costs.persona_context_once:
             return persona_pass_flops(shape, contexts, persona, answers, answer)
         return answers * (persona + answer) * shape.forward_flops_per_token(context=int((persona + answer) / 2),

@@ -95,6 +95,70 @@ def test_the_persona_control_is_two_passes_over_the_runs_persona_prompts(tiny_fo
         2 * persona_pass_flops(shape, 16, 170.0, 32, answer) / once.persona_flops_per_s)
 
 
+def test_a_persona_pass_is_charged_its_batches_padded_contexts():
+    """The scorer left-pads each batch's contexts to its longest, and a padded position costs what a token does.
+    Counted batch by batch as ``answer_batches`` forms them: contexts of one length are the plain count; an
+    uneven set of the same mean costs more, and sorted batches pad each to its own longest."""
+    from dpn_lens.evaluation.answer_cache import answer_batches
+    from dpn_lens.evaluation.preference import PairScorer
+    from dpn_lens.plan_control import batch_tokens_default, persona_pass_flops, persona_scoring_flops
+
+    assert persona_scoring_flops(SHAPE, [100] * 4, 2, 20.0) == pytest.approx(persona_pass_flops(SHAPE, 4, 100, 8, 20.0))
+    uneven = persona_scoring_flops(SHAPE, [60, 140, 60, 140], 2, 20.0)
+    assert uneven == pytest.approx(persona_pass_flops(SHAPE, 4, 140, 8, 20.0))       # one batch, padded to 140
+    # enough contexts for several batches: each batch its own longest, its own distinct contexts
+    contexts = [300 - 7 * i for i in range(40)]
+    batches = answer_batches([c for c in contexts for _ in range(2)], [20] * 80, batch_tokens_default(PairScorer))
+    assert len(batches) > 2
+    # a pair's two answers can fall in two batches: each batch runs the contexts it holds
+    by_hand = sum(persona_pass_flops(SHAPE, len({item // 2 for item in chunk}), contexts[min(chunk) // 2], len(chunk),
+                                     20.0) for chunk in batches)
+    assert persona_scoring_flops(SHAPE, contexts, 2, 20.0) == pytest.approx(by_hand)
+    # one answer per context (the generation check's scoring): every item its own context
+    assert persona_scoring_flops(SHAPE, [100, 100], 1, 20.0) == pytest.approx(persona_pass_flops(SHAPE, 2, 100, 2, 20.0))
+
+
+def test_a_draws_spread_stands_for_the_longest_of_a_draw():
+    """A batch of n persona prompts drawn at random pads to the longest of n draws: the spread's longest is
+    that on average, checked against drawing."""
+    from dpn_lens.plan_control import spread_of_draw
+
+    lengths = [int(x) for x in torch.randint(120, 240, (500,), generator=torch.Generator().manual_seed(1))]
+    draws = torch.tensor(lengths)[torch.randint(len(lengths), (20000, 8), generator=torch.Generator().manual_seed(2))]
+    assert max(spread_of_draw(lengths, 8)) == pytest.approx(float(draws.max(dim=1).values.float().mean()), rel=0.01)
+    assert sum(spread_of_draw(lengths, 8)) / 8 == pytest.approx(sum(lengths) / len(lengths), rel=0.02)
+    assert spread_of_draw([5, 7], 3) == [5, 7, 7]                         # fewer lengths than the draw: repeated
+
+
+def test_a_padded_rate_plans_the_persona_control_from_the_runs_spread_of_prompts(tiny_folder):
+    """A measurement that counted its padded batches (``persona_padded``) plans the persona control at the run's
+    spread of persona prompts: the same mean length, spread wider, takes longer; an older file plans from the
+    mean as then."""
+    from dpn_lens.evaluation.control import ControlConfig
+    from dpn_lens.plan import model_shape
+    from dpn_lens.plan_control import (ControlSettings, PromptTokens, _seconds, control_work, persona_pass_flops,
+                                       persona_scoring_flops, spread_of_draw)
+
+    shape = model_shape(str(tiny_folder))
+    settings = ControlSettings(ControlConfig(methods=["dpn-le"], pairs=8), maps_given=True)
+    work = control_work(settings)
+    narrow = [168, 170, 172] * 20
+    wide = [120, 170, 220] * 20
+
+    def persona_seconds(costs, personas):
+        prompts = PromptTokens(held_out=[200], persona=170.0, question=60.0, selection=[150], personas=sorted(personas))
+        return _seconds(shape, work, settings, costs, prompts)["persona control"]
+
+    padded = control_costs(persona_context_once=True, persona_padded=True)
+    answer = padded.answer_fill * 48
+    assert persona_seconds(padded, wide) == pytest.approx(
+        2 * persona_scoring_flops(shape, spread_of_draw(sorted(wide), 8), 2, answer) / padded.persona_flops_per_s)
+    assert persona_seconds(padded, wide) > 1.1 * persona_seconds(padded, narrow)
+    older = control_costs(persona_context_once=True)
+    assert persona_seconds(older, wide) == persona_seconds(older, narrow) == pytest.approx(
+        2 * persona_pass_flops(shape, 8, 170.0, 16, answer) / older.persona_flops_per_s)
+
+
 def test_the_generation_checks_scoring_runs_a_context_per_answer(tiny_folder):
     """The generation check scores each generated answer after its question with a high and with a low persona:
     every answer has its own context, where the persona control's pairs share one per pair. A rate measured as
@@ -205,12 +269,12 @@ def test_measured_costs_record_answer_steps_and_the_prompt_pass_and_older_files_
     # A file written before the two fields: it loads, and plans as then (every batch to the limit, no
     # prompt pass apart).
     new = ("answer_steps", "prefill_flops_per_s", "persona_answer_steps", "gradient_seconds", "step_rows",
-           "step_token_flops", "persona_context_once", "engine")
+           "step_token_flops", "persona_context_once", "engine", "persona_padded")
     path.write_text(json.dumps({key: value for key, value in saved.items() if key not in new}))
     loaded = saved_control_costs("cpu", "float32", threads)
     assert loaded == dataclasses.replace(costs, answer_steps=[], prefill_flops_per_s=0.0, persona_answer_steps=[],
                                          gradient_seconds=0.0, step_rows=[], step_token_flops=0.0,
-                                         persona_context_once=False, engine="bridge")
+                                         persona_context_once=False, engine="bridge", persona_padded=False)
     assert isinstance(loaded, ControlCosts)
 
 
