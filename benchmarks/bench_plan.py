@@ -554,11 +554,11 @@ def persona_padding_main(args: argparse.Namespace, trait: str) -> dict[str, Any]
         took = seconds(chosen, per)
         mean_draw, padded_draw = counted(contexts)
         mean_plan, padded_plan = counted(spread)
-        rows.append({"draw": draw + 1, "contexts": f"{min(contexts)}-{max(contexts)}", "seconds": round(took, 2),
-                     "before, own contexts": round(mean_draw / before_rate / took, 3),
-                     "now, own contexts": round(padded_draw / now_rate / took, 3),
-                     "before, plan's spread": round(mean_plan / before_rate / took, 3),
-                     "now, plan's spread": round(padded_plan / now_rate / took, 3)})
+        rows.append({"draw": draw + 1, "contexts": f"{min(contexts)}-{max(contexts)}", "seconds": took,
+                     "before, own contexts": mean_draw / before_rate / took,
+                     "now, own contexts": padded_draw / now_rate / took,
+                     "before, plan's spread": mean_plan / before_rate / took,
+                     "now, plan's spread": padded_plan / now_rate / took})
     # Padding alone: one persona, the sample's answers, near-equal questions against the shortest and longest.
     by_length = sorted(questions, key=lambda question: len(encode(model, question)))
     n, middle = args.eval_pairs, len(by_length) // 2
@@ -577,7 +577,7 @@ def persona_padding_main(args: argparse.Namespace, trait: str) -> dict[str, Any]
     print(f"{args.model} ({args.dtype}): the sample's {len(pairs)} contexts {sample_contexts}, {sample_seconds:.2f} s; "
           f"answers {answer:.1f} tokens")
     print("predicted / measured per draw (before: mean context lengths; now: padded batches):")
-    print(markdown_table(rows))
+    print(markdown_table(rows, digits=3))
     print(f"padding alone ({n} pairs, one persona): wide / near-equal questions took "
           f"{result['wide_over_near_seconds']:.2f}x; mean lengths say {result['wide_over_near_mean_flops']:.2f}x, padded batches "
           f"{result['wide_over_near_padded_flops']:.2f}x")

@@ -653,6 +653,28 @@ def test_the_plan_benchmark_repeats_the_decode_measurement(tiny_folder, tmp_path
     assert result["fit_spread"] == (max(fits) / min(fits) if min(fits) > 0 else None)
 
 
+def test_the_plan_benchmark_checks_the_persona_passes_count(tiny_folder, tmp_path, monkeypatch):
+    """benchmarks/bench_plan.py --stage persona-padding on the tiny model: the measurement's persona sample and
+    each run-like draw timed, each draw predicted from the sample's rate both ways (mean lengths, padded
+    batches) on its own contexts and on the plan's spread, then questions of spread lengths against
+    near-equal ones."""
+    from helpers import write_personalitybench
+
+    monkeypatch.setenv("DPN_LENS_CACHE", str(tmp_path / "cache"))
+    data = write_personalitybench(tmp_path / "data")
+    module = _bench_plan()
+    result = module.main(["--stage", "persona-padding", "--model", str(tiny_folder), "--traits", "openness",
+                          "--control-pairs", "4", "--eval-pairs", "4", "--repeats", "2", "--new-tokens", "6",
+                          "--data-dir", str(data)])
+    assert len(result["sample_contexts"]) == 4 and result["sample_seconds"] > 0 and result["answer_tokens"] > 0
+    assert [row["draw"] for row in result["draws"]] == [1, 2]
+    ways = ("before, own contexts", "now, own contexts", "before, plan's spread", "now, plan's spread")
+    assert all(row["seconds"] > 0 and all(row[way] > 0 for way in ways) for row in result["draws"])
+    # the widest questions pad their batch further than near-equal ones do: only the padded count sees it
+    assert result["wide_over_near_padded_flops"] > result["wide_over_near_mean_flops"]
+    assert result["wide_over_near_seconds"] > 0
+
+
 def test_the_plan_benchmark_checks_the_gradient_passs_memory_bound_and_estimate(tiny_folder, tmp_path, monkeypatch):
     """benchmarks/bench_plan.py --stage gradient-memory on the tiny model: the pass runs, its memory is read and
     set beside the plan's bound and the estimates: from the batches the pass made (as ``CachedAnswerScorer``
