@@ -195,15 +195,16 @@ def parser() -> argparse.ArgumentParser:
     options.add_argument("--random-weights", action="store_true",
                          help="--model's config.json and tokenizer with random weights, for the locate run and a "
                               "measurement on --model (an architecture whose weights are not at hand, e.g. an 8B)")
-    options.add_argument("--stage", choices=("locate", "control", "sample-rate", "gradient-memory", "decode-fit", "persona-padding"),
-                         default="locate")
+    options.add_argument("--stage", default="locate", choices=("locate", "control", "sample-rate", "gradient-memory",
+                                                                "decode-fit", "persona-padding"))
     options.add_argument("--methods", default="dpn-le,caa", help="control's methods (--stage control)")
     options.add_argument("--eval-pairs", "--pairs", type=int, default=64, help="control's held-out pairs per trait")
     options.add_argument("--run", "--maps", default=None, help="control's run or maps folder (None: located in the run)")
     options.add_argument("--data-dir", default=None, help="control's data folder (None: $DPN_LENS_DATA)")
     options.add_argument("--pairs-cached", action="store_true", help="control's held-out pairs are cached")
     options.add_argument("--repeats", type=int, default=3, help="measurements of the decode costs (--stage decode-fit)")
-    options.add_argument("--new-tokens", type=int, default=48, help="the sample's answer tokens (--stage persona-padding)")
+    options.add_argument("--new-tokens", type=int, default=48,
+                         help="the sample's answer tokens (--stage persona-padding)")
     options.add_argument("--extra", default="", help="more control options, one string (e.g. \"--gammas 0.5,2,8\")")
     return options
 
@@ -579,8 +580,8 @@ def persona_padding_main(args: argparse.Namespace, trait: str) -> dict[str, Any]
     print("predicted / measured per draw (before: mean context lengths; now: padded batches):")
     print(markdown_table(rows, digits=3))
     print(f"padding alone ({n} pairs, one persona): wide / near-equal questions took "
-          f"{result['wide_over_near_seconds']:.2f}x; mean lengths say {result['wide_over_near_mean_flops']:.2f}x, padded batches "
-          f"{result['wide_over_near_padded_flops']:.2f}x")
+          f"{result['wide_over_near_seconds']:.2f}x; mean lengths say {result['wide_over_near_mean_flops']:.2f}x, "
+          f"padded batches {result['wide_over_near_padded_flops']:.2f}x")
     print(json.dumps(result))
     return result
 

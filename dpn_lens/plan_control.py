@@ -56,8 +56,8 @@ __all__ = ["ControlSettings", "ControlWork", "ControlCosts", "control_work", "me
            "saved_control_costs", "plan_control", "plan_control_run", "gradient_logits_bytes", "caa_flops",
            "gradient_activation_bytes", "GradientMemory", "gradient_memory", "selection_batches", "batch_tokens_default",
            "CPU_HEAP_RETAINED", "PromptTokens", "prompt_tokens_of", "generation_seconds", "expected_longest",
-           "answer_steps", "CachedPairs", "cached_pairs", "scoring_cache", "persona_pass_flops", "persona_scoring_flops",
-           "spread_of_draw", "decode_step_seconds", "DecodeCosts", "STEP_ROWS",
+           "answer_steps", "CachedPairs", "cached_pairs", "scoring_cache", "persona_pass_flops",
+           "persona_scoring_flops", "spread_of_draw", "decode_step_seconds", "DecodeCosts", "STEP_ROWS",
            "CONTEXT_ROWS", "prefill_seconds_per_flop", "sample_persona_prompts", "generation_peak_bytes"]
 
 DIRECTIONS = 2
@@ -392,14 +392,15 @@ def persona_scoring_flops(shape: ModelShape, contexts: Sequence[int], answers_pe
     """FLOPs of scoring ``answers_per_context`` answers of ``answer_tokens`` after each of ``contexts`` (their
     lengths) as ``CachedAnswerScorer`` batches them (``answer_batches``, longest first): in each batch, its
     distinct contexts left-padded to its longest, then its answers (``persona_pass_flops`` per batch). A
-    padded position costs what a token does: on SmolLM2 (bfloat16, 8 pairs) a pass over contexts 163 tokens
-    long on average (longest 167) took 1.40x as long as over ones 185 long (longest 228), where their mean
-    lengths say 1.09x and their padded lengths 1.30x.
+    padded position costs at least what a token does: on LLaMA-3-8B (bfloat16, 8 pairs, one persona) a pass
+    after questions of spread lengths took 1.39x as long as after near-equal ones, where their mean lengths
+    say 1.08x and their padded batches 1.19x (``benchmarks/bench_plan.py --stage persona-padding``).
 
     Example:
         >>> shape = ModelShape(n_layers=1, d_model=8, d_mlp=16, n_heads=2, n_kv_heads=2, head_dim=4, vocab=1000,
         ...                    tied=True)
-        >>> even, uneven = persona_scoring_flops(shape, [100, 100], 2, 20), persona_scoring_flops(shape, [50, 150], 2, 20)
+        >>> even = persona_scoring_flops(shape, [100, 100], 2, 20)
+        >>> uneven = persona_scoring_flops(shape, [50, 150], 2, 20)
         >>> even == persona_pass_flops(shape, 2, 100, 4, 20) and uneven > even   # one batch, padded to 150
         True
     """
@@ -681,7 +682,8 @@ def measure_control_costs(model_spec: str, device: str = "cpu", dtype: str = "fl
                          persona_answer_steps=answer_steps(persona_lengths, max_new_tokens),
                          gradient_seconds=max(first_gradient - gradient_seconds, 0.0),
                          step_rows=decoding.step_rows, step_token_flops=decoding.step_token_flops,
-                         persona_context_once=True, persona_padded=True, step_context=decoding.context, engine=default_engine(dtype),
+                         persona_context_once=True, persona_padded=True, step_context=decoding.context,
+                         engine=default_engine(dtype),
                          step_context_seconds=decoding.context_seconds, long_step_rows=decoding.long_step_rows,
                          long_step_context=decoding.long_context, prefill_points=decoding.prefill_points,
                          generation_extra_bytes=int(generation_extra), generation_batch_tokens=generation_tokens)

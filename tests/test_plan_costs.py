@@ -115,7 +115,8 @@ def test_a_persona_pass_is_charged_its_batches_padded_contexts():
                                      20.0) for chunk in batches)
     assert persona_scoring_flops(SHAPE, contexts, 2, 20.0) == pytest.approx(by_hand)
     # one answer per context (the generation check's scoring): every item its own context
-    assert persona_scoring_flops(SHAPE, [100, 100], 1, 20.0) == pytest.approx(persona_pass_flops(SHAPE, 2, 100, 2, 20.0))
+    assert persona_scoring_flops(SHAPE, [100, 100], 1, 20.0) == pytest.approx(
+        persona_pass_flops(SHAPE, 2, 100, 2, 20.0))
 
 
 def test_a_draws_spread_stands_for_the_longest_of_a_draw():
