@@ -525,8 +525,9 @@ def persona_padding_main(args: argparse.Namespace, trait: str) -> dict[str, Any]
     sample_personas = [personas[i % 2] for i in range(len(pairs))]
 
     def contexts_of(chosen: list[Any], per: list[str]) -> list[int]:
-        contexts = PairScorer(model, chosen, per).contexts
-        return [len(context) for context in contexts[::2]] if len(contexts) == 2 * len(chosen) else []
+        """Each pair's context length: the scorer holds its context once per answer, two a pair (it refuses an
+        answer without tokens)."""
+        return [len(context) for context in PairScorer(model, chosen, per).contexts[::2]]
 
     def counted(contexts: list[int]) -> tuple[float, float]:
         """(mean-length FLOPs, padded-batch FLOPs) of a persona pass over these contexts."""
@@ -544,6 +545,7 @@ def persona_padding_main(args: argparse.Namespace, trait: str) -> dict[str, Any]
     half = len(highs) // 2
     config = ControlConfig(traits=[trait], methods=["dpn-le"], data_dir=args.data_dir)
     spread = spread_of_draw(prompt_tokens_of(args.model, [trait], config, None).personas, args.eval_pairs)
+    mean_plan, padded_plan = counted(spread)          # the plan's count does not depend on the draw
     texts = [(pair.high_answer, pair.low_answer) for pair in pairs]
     rows = []
     for draw in range(max(args.repeats, 1)):
@@ -554,7 +556,6 @@ def persona_padding_main(args: argparse.Namespace, trait: str) -> dict[str, Any]
         contexts = contexts_of(chosen, per)
         took = seconds(chosen, per)
         mean_draw, padded_draw = counted(contexts)
-        mean_plan, padded_plan = counted(spread)
         rows.append({"draw": draw + 1, "contexts": f"{min(contexts)}-{max(contexts)}", "seconds": took,
                      "before, own contexts": mean_draw / before_rate / took,
                      "now, own contexts": padded_draw / now_rate / took,
