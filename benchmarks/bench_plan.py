@@ -37,6 +37,11 @@ PersonalityBench questions, each with a random persona), and prints each pass pr
 over its measured time, counted at mean context lengths and in padded batches; then how much longer a pass
 over questions of widely different lengths takes than one over near-equal ones.
 
+``--stage persona-scale`` checks the same count as the pairs grow (session 31): it times a persona pass over
+the first n of a run's own held-out pairs for each n of ``--scale-pairs`` and predicts each from the sample's
+rate, with answers at their mean length (before) and in the scorer's own batches (now), where a pair whose
+two answers fall in neighbouring batches runs its context in both.
+
 Usage::
 
     python benchmarks/bench_plan.py --model smollm2-135m-instruct --traits openness,neuroticism --n-pairs 100
@@ -60,6 +65,7 @@ The other stages::
     python benchmarks/bench_plan.py --stage decode-fit --model smollm2-135m-instruct --repeats 4
     python benchmarks/bench_plan.py --stage persona-padding --arch llama-3-8b --dtype bfloat16 --traits openness --control-pairs 6 --eval-pairs 8 --repeats 3 --data-dir ../shared/data
     python benchmarks/bench_plan.py --stage persona-padding --model smollm2-135m-instruct --dtype bfloat16 --random-weights --traits openness --control-pairs 6 --eval-pairs 8 --repeats 3 --data-dir ../shared/data
+    python benchmarks/bench_plan.py --stage persona-scale --model smollm2-135m-instruct --dtype bfloat16 --traits openness --control-pairs 6 --scale-pairs 8,32,64 --data-dir ../shared/data
 
 The second plans and runs ``dpn-lens control --random-weights`` on the 8B architecture, its costs measured on it in
 a fresh process: 6 pairs keep the measurement's gradient pass within 24 GiB, and ``--tau-d 0.1`` lets 16 pairs of a
@@ -71,6 +77,7 @@ model after the first has let its copy go.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import subprocess
@@ -196,7 +203,8 @@ def parser() -> argparse.ArgumentParser:
                          help="--model's config.json and tokenizer with random weights, for the locate run and a "
                               "measurement on --model (an architecture whose weights are not at hand, e.g. an 8B)")
     options.add_argument("--stage", default="locate", choices=("locate", "control", "sample-rate", "gradient-memory",
-                                                                "decode-fit", "persona-padding"))
+                                                                "decode-fit", "persona-padding",
+                                                                "persona-scale"))
     options.add_argument("--methods", default="dpn-le,caa", help="control's methods (--stage control)")
     options.add_argument("--eval-pairs", "--pairs", type=int, default=64, help="control's held-out pairs per trait")
     options.add_argument("--run", "--maps", default=None, help="control's run or maps folder (None: located in the run)")
@@ -205,6 +213,9 @@ def parser() -> argparse.ArgumentParser:
     options.add_argument("--repeats", type=int, default=3, help="measurements of the decode costs (--stage decode-fit)")
     options.add_argument("--new-tokens", type=int, default=48,
                          help="the sample's answer tokens (--stage persona-padding)")
+    options.add_argument("--scale-pairs", default="8,16,32,48,64",
+                         help="pair counts the persona passes are timed at (--stage persona-scale; at most a default "
+                              "run's held-out pairs, 64 asked)")
     options.add_argument("--extra", default="", help="more control options, one string (e.g. \"--gammas 0.5,2,8\")")
     return options
 
@@ -384,12 +395,14 @@ def gradient_memory_main(args: argparse.Namespace) -> dict[str, Any]:
     model = load_model(args.model, dtype=args.dtype, random_weights=args.random_weights)
     shape = model_shape(args.model)
     pairs, _, _ = sample_pairs(model, args.eval_pairs, 48)
-    # The pass's batches, as CachedAnswerScorer forms them: each question once per answer, longest first.
+    # The pass's batches, as CachedAnswerScorer forms them: each question once per answer (a pair's two
+    # together), longest first.
     contexts = [len(encode(model, render_for_model(model, pair.question))) for pair in pairs for _ in range(2)]
     answers = [len(encode(model, text, add_bos=False))
                for pair in pairs for text in (pair.high_answer, pair.low_answer)]
     batches = [(len(chunk), max(answers[i] for i in chunk), max(contexts[i] for i in chunk))
-               for chunk in answer_batches(contexts, answers, batch_tokens_default(margin_gradients))]
+               for chunk in answer_batches(contexts, answers, batch_tokens_default(margin_gradients),
+                                           [i // 2 for i in range(len(contexts))])]
     estimate = gradient_memory(shape, args.dtype, batches, len(pairs), cpu_heap=True)
     planned = gradient_memory(shape, args.dtype, selection_batches(args.model, len(pairs), 48), len(pairs),
                               cpu_heap=True)
@@ -587,6 +600,164 @@ def persona_padding_main(args: argparse.Namespace, trait: str) -> dict[str, Any]
     return result
 
 
+def batches_flops(shape: Any, contexts: list[int], answers: list[int], keys: list[int]) -> float:
+    """FLOPs of ``CachedAnswerScorer`` over items of ``contexts[i]`` context and ``answers[i]`` answer tokens,
+    batched as it batches them (``answer_batches``): per batch, its distinct contexts (equal ``keys``) at its
+    longest context, then its items at its longest answer, with logits. A pair split over two batches runs its
+    context in both."""
+    from dpn_lens.evaluation.answer_cache import answer_batches
+    from dpn_lens.evaluation.preference import PairScorer
+    from dpn_lens.plan_control import batch_tokens_default
+
+    flops = 0.0
+    for chunk in answer_batches(contexts, answers, batch_tokens_default(PairScorer), keys):
+        context, answer = max(contexts[i] for i in chunk), max(answers[i] for i in chunk)
+        flops += (len({keys[i] for i in chunk}) * context * shape.forward_flops_per_token(context=context // 2)
+                  + len(chunk) * answer * shape.forward_flops_per_token(context=context + answer // 2, logits=True))
+    return flops
+
+
+def independent_draws_flops(shape: Any, context_pool: list[int], answer_pool: list[int], n: int,
+                            draws: int = 16) -> float:
+    """Mean ``batches_flops`` of ``n`` pairs whose contexts and answers are drawn independently from the pools
+    (seeded): a stand-in for a run that does not know its answers' lengths, which this stage shows over-counts."""
+    import numpy as np
+
+    generator = np.random.default_rng(0)
+    keys = [index // 2 for index in range(2 * n)]
+    total = 0.0
+    for _ in range(draws):
+        drawn = generator.choice(np.asarray(context_pool), n)
+        answers = generator.choice(np.asarray(answer_pool), 2 * n)
+        total += batches_flops(shape, [int(drawn[key]) for key in keys], [int(a) for a in answers], keys)
+    return total / draws
+
+
+@contextlib.contextmanager
+def _batches_by_length_alone() -> Any:
+    """``CachedAnswerScorer`` batching its items by their own lengths alone, as before session 31 (a pair's two
+    answers of unequal lengths often in neighbouring batches, each running the pair's question)."""
+    from dpn_lens.evaluation import answer_cache
+
+    grouped = answer_cache.answer_batches
+    answer_cache.answer_batches = lambda contexts, answers, batch_tokens, context_keys=None: grouped(
+        contexts, answers, batch_tokens)
+    try:
+        yield
+    finally:
+        answer_cache.answer_batches = grouped
+
+
+def persona_scale_main(args: argparse.Namespace, trait: str) -> dict[str, Any]:
+    """Does the persona pass's plan hold as the pairs grow? Time the control measurement's persona sample
+    (``--control-pairs``), then a persona pass over the first n of a run's own held-out pairs under their high
+    personas (``held_out_pairs``, as ``persona_control`` scores them) for each n of ``--scale-pairs``, and
+    predict each from the sample's rate:
+
+    * the plan: every answer at the sample's mean length, so a pair's two answers share a batch
+      (``persona_scoring_flops`` over ``spread_of_draw`` of the run's persona prompts, as ``plan_control``);
+    * the pass's own batches: each answer at its own length (``batches_flops``), on both sides, where a pair
+      whose two answers fall in neighbouring batches runs its context in both;
+    * independent draws: the run's persona prompts and its answers' lengths, drawn apart
+      (``independent_draws_flops``), at the same rate."""
+    from dpn_lens.evaluation.control import ControlConfig, held_out_pairs
+    from dpn_lens.evaluation.preference import PairScorer
+    from dpn_lens.hooked import encode
+    from dpn_lens.models import load_model
+    from dpn_lens.plan import model_shape
+    from dpn_lens.plan_control import (persona_scoring_flops, prompt_tokens_of, sample_pairs, sample_persona_prompts,
+                                       spread_of_draw)
+
+    sizes = sorted({int(n) for n in args.scale_pairs.split(",") if n.strip()})
+    if not sizes or sizes[0] < 1:
+        raise SystemExit(f"--scale-pairs must list pair counts of at least 1, got {args.scale_pairs!r}")
+    model = load_model(args.model, dtype=args.dtype, random_weights=args.random_weights)
+    shape = model_shape(args.model)
+    pairs, _, lengths = sample_pairs(model, args.control_pairs, args.new_tokens)
+    personas, _ = sample_persona_prompts(model, pairs)
+    personas_of = [personas[i % 2] for i in range(len(pairs))]
+
+    def timed_pass(chosen: list[Any], per: list[str]) -> tuple[float, Any]:
+        """Seconds of one persona pass (``preference_margins(model, chosen, persona=per)``), and its scorer."""
+        scorers: list[Any] = []
+
+        def persona_pass() -> None:
+            scorers.append(PairScorer(model, chosen, per))
+            scorers[-1].margins()
+
+        return timed(persona_pass), scorers[-1]
+
+    def own(scorer: Any) -> float:
+        keys = [index // 2 for index in range(len(scorer.contexts))]
+        return batches_flops(shape, list(map(len, scorer.contexts)), list(map(len, scorer.answers)), keys)
+
+    timed_pass(pairs, personas_of)                                               # warm-up
+    sample_seconds, sample = min((timed_pass(pairs, personas_of) for _ in range(2)), key=lambda row: row[0])
+    fill_answer = sum(lengths) / len(lengths)                # the plan's mean answer (answer_fill at these tokens)
+    plan_rate = persona_scoring_flops(shape, [len(c) for c in sample.contexts[::2]], 2, fill_answer) / sample_seconds
+    own_rate = own(sample) / sample_seconds
+    # a default run's held-out pairs (64 asked; a larger n is skipped)
+    config = ControlConfig(traits=[trait], methods=["dpn-le"], data_dir=args.data_dir,
+                           cache_pairs=not args.random_weights)
+    run_personas = prompt_tokens_of(args.model, [trait], config, None).personas
+    held = held_out_pairs(model, trait, config, log=lambda line: None)
+    answers = [len(encode(model, text, add_bos=False)) for pair in held.pairs
+               for text in (pair.high_answer, pair.low_answer)]
+    rows = []
+    for n in sizes:
+        if n > len(held.pairs):
+            print(f"only {len(held.pairs)} held-out pairs: {n} skipped")
+            continue
+        # Side by side, interleaved: the scorer's batches, and the order before session 31 (by each answer's own
+        # length, a pair's two answers apart), the first pass of each at a new size also warming up.
+        passes: dict[str, list[tuple[float, Any]]] = {"together": [], "by length": []}
+        for _ in range(2):
+            passes["together"].append(timed_pass(held.pairs[:n], held.high_personas[:n]))
+            with _batches_by_length_alone():
+                passes["by length"].append(timed_pass(held.pairs[:n], held.high_personas[:n]))
+        (took, scorer), (apart, apart_scorer) = (min(passes[name], key=lambda row: row[0])
+                                                 for name in ("together", "by length"))
+        planned = persona_scoring_flops(shape, spread_of_draw(run_personas, n), 2, fill_answer) / plan_rate
+        drawn = independent_draws_flops(shape, run_personas, answers, n) / own_rate
+        rows.append({"pairs": n, "batches": len(scorer.cached.batches) if scorer.cached else None,
+                     "context runs": sum(int(b.context_ids.shape[0]) for b in scorer.cached.batches)
+                     if scorer.cached else None, "seconds": took, "the plan": planned / took,
+                     "the pass's own batches": own(scorer) / own_rate / took, "independent draws": drawn / took,
+                     "context runs, by length": sum(int(b.context_ids.shape[0]) for b in apart_scorer.cached.batches)
+                     if apart_scorer.cached else None, "seconds, by length": apart,
+                     "together / by length": took / apart})
+    # The metric's own scoring passes (no persona: the questions run once, then the answers under every edit)
+    # at the largest size, side by side: keeping a pair together must not slow them.
+    import torch
+
+    from dpn_lens.steering import Intervention
+
+    delta = torch.zeros(int(model.cfg.d_mlp))
+    delta[:16] = 0.5
+    edit = Intervention({int(model.cfg.n_layers) // 2: delta}, positions="all")
+    largest = held.pairs[:min(sizes[-1], len(held.pairs))]
+    answer_passes: dict[str, float] = {}
+    for name in ("together", "by length"):
+        with _batches_by_length_alone() if name == "by length" else contextlib.nullcontext():
+            metric = PairScorer(model, largest)
+            metric.margins(edit)                                                  # warm-up
+            answer_passes[name] = min(timed(lambda: metric.margins(edit)) for _ in range(3))
+    result = {"stage": "persona-scale", "model": args.model, "dtype": args.dtype, "trait": trait,
+              "sample_seconds": sample_seconds, "sample_answers": [len(a) for a in sample.answers],
+              "held_out_pairs": len(held.pairs), "rows": rows, "answer_pass_seconds": answer_passes,
+              "answer_pass_together_over_by_length": answer_passes["together"] / answer_passes["by length"]}
+    print(f"{args.model} ({args.dtype}): the sample's {len(pairs)} pairs took {sample_seconds:.2f} s (answers "
+          f"{min(result['sample_answers'])}-{max(result['sample_answers'])} tokens); {len(held.pairs)} held-out pairs, "
+          f"answers {min(answers)}-{max(answers)} tokens")
+    print("predicted / measured persona pass:")
+    print(markdown_table(rows, digits=3))
+    print(f"the metric's answer pass ({len(largest)} pairs, an edit, no persona): {answer_passes['together']:.2f} s with "
+          f"pairs together, {answer_passes['by length']:.2f} s by length alone "
+          f"({result['answer_pass_together_over_by_length']:.2f})")
+    print(json.dumps(result))
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser().parse_args(argv)
     from dpn_lens.pipeline import parse_traits
@@ -604,6 +775,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return decode_fit_main(args)
     if args.stage == "persona-padding":
         return persona_padding_main(args, traits[0])
+    if args.stage == "persona-scale":
+        return persona_scale_main(args, traits[0])
     started = time.perf_counter()
     costs = machine_costs(args)
     measuring = time.perf_counter() - started

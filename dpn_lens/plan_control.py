@@ -411,7 +411,7 @@ def persona_scoring_flops(shape: ModelShape, contexts: Sequence[int], answers_pe
     lengths = [int(contexts[index]) for index in owner]
     answer = max(round(answer_tokens), 1)
     flops = 0.0
-    for chunk in answer_batches(lengths, [answer] * len(lengths), batch_tokens_default(PairScorer)):
+    for chunk in answer_batches(lengths, [answer] * len(lengths), batch_tokens_default(PairScorer), owner):
         distinct = len({owner[item] for item in chunk})
         flops += persona_pass_flops(shape, distinct, max(lengths[item] for item in chunk), len(chunk), answer_tokens)
     return flops
@@ -1617,7 +1617,8 @@ def selection_batches(spec: str, selection_pairs: int, answer: int, question_len
     contexts = [length for i in range(n) for length in [lengths[i * len(lengths) // n]] * 2]
     answers = [int(answer)] * len(contexts)
     return [(len(chunk), max(answers[i] for i in chunk), max(contexts[i] for i in chunk))
-            for chunk in answer_batches(contexts, answers, batch_tokens_default(margin_gradients))]
+            for chunk in answer_batches(contexts, answers, batch_tokens_default(margin_gradients),
+                                        [i // 2 for i in range(len(contexts))])]
 
 
 def question_tokens(spec: str) -> list[int]:

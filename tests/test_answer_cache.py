@@ -169,6 +169,29 @@ def test_a_pairs_two_answers_share_one_stored_context_row(tiny_model):
     assert pairs.cached.footprint.kept_bytes == highs.footprint.kept_bytes == _stored_bytes(highs) > 0
 
 
+def test_a_pairs_two_answers_of_unequal_length_share_a_batch_and_one_run_of_its_question(tiny_model):
+    """Many pairs over several batches, each pair's answers of very different lengths: sorted by their own
+    lengths alone, the answers of a pair would fall in different batches and each would run the question;
+    kept together, each question runs once but where a batch ends between a pair's answers. The margins are
+    the plain path's."""
+    from dpn_lens.evaluation.answer_cache import answer_batches
+
+    # questions of one length, each pair a long and a one-word answer: by length alone, the long answers
+    # fill the first batches and the short ones the last, every pair split
+    words = "party book quiet calm work home art travel".split()      # each one token of the tiny vocabulary
+    pairs = [PreferencePair(f"how about {word} ?", " ".join([word] * 6), word) for word in words]
+    scorer = PairScorer(tiny_model, pairs, batch_tokens=60)
+    batches = scorer.cached.batches
+    runs = sum(int(batch.context_ids.shape[0]) for batch in batches)
+    assert len(batches) >= 3 and runs <= len(pairs) + len(batches) - 1
+    # what sorting by length alone would have run: more questions, on these pairs
+    contexts, answers = list(map(len, scorer.contexts)), list(map(len, scorer.answers))
+    by_length = sum(len({item // 2 for item in chunk}) for chunk in answer_batches(contexts, answers, 60))
+    assert runs < by_length
+    np.testing.assert_allclose(scorer.margins(random_edit(tiny_model)),
+                               PairScorer(tiny_model, pairs, cached=False).margins(random_edit(tiny_model)), atol=1e-5)
+
+
 @pytest.mark.parametrize("batch_tokens", [4096, 40])
 @pytest.mark.parametrize("budget", [None, 0, 3000])
 def test_the_predicted_footprint_is_the_measured_one(tiny_model, batch_tokens, budget):

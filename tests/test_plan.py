@@ -675,6 +675,29 @@ def test_the_plan_benchmark_checks_the_persona_passes_count(tiny_folder, tmp_pat
     assert result["wide_over_near_seconds"] > 0
 
 
+def test_the_plan_benchmark_checks_the_persona_passes_as_the_pairs_grow(tiny_folder, tmp_path, monkeypatch):
+    """benchmarks/bench_plan.py --stage persona-scale on the tiny model: persona passes over the first n of a
+    run's held-out pairs, each predicted three ways, each timed beside the order before session 31 (by
+    length alone), which runs at least as many questions; sizes past the pairs there are are skipped."""
+    from helpers import write_personalitybench
+
+    monkeypatch.setenv("DPN_LENS_CACHE", str(tmp_path / "cache"))
+    data = write_personalitybench(tmp_path / "data")
+    module = _bench_plan()
+    result = module.main(["--stage", "persona-scale", "--model", str(tiny_folder), "--traits", "openness",
+                          "--control-pairs", "4", "--scale-pairs", "2,4,1000", "--new-tokens", "6",
+                          "--data-dir", str(data)])
+    assert result["sample_seconds"] > 0 and 4 <= result["held_out_pairs"] < 1000
+    assert [row["pairs"] for row in result["rows"]] == [2, 4]
+    ways = ("the plan", "the pass's own batches", "independent draws", "together / by length")
+    assert all(row["seconds"] > 0 and all(row[way] > 0 for way in ways) for row in result["rows"])
+    assert all(row["pairs"] <= row["context runs"] <= row["context runs, by length"] for row in result["rows"])
+    assert set(result["answer_pass_seconds"]) == {"together", "by length"}
+    with pytest.raises(SystemExit, match="--scale-pairs"):
+        module.main(["--stage", "persona-scale", "--model", str(tiny_folder), "--scale-pairs", "0",
+                     "--data-dir", str(data)])
+
+
 def test_the_plan_benchmark_checks_the_gradient_passs_memory_bound_and_estimate(tiny_folder, tmp_path, monkeypatch):
     """benchmarks/bench_plan.py --stage gradient-memory on the tiny model: the pass runs, its memory is read and
     set beside the plan's bound and the estimates: from the batches the pass made (as ``CachedAnswerScorer``

@@ -108,7 +108,8 @@ def test_a_persona_pass_is_charged_its_batches_padded_contexts():
     assert uneven == pytest.approx(persona_pass_flops(SHAPE, 4, 140, 8, 20.0))       # one batch, padded to 140
     # enough contexts for several batches: each batch its own longest, its own distinct contexts
     contexts = [300 - 7 * i for i in range(40)]
-    batches = answer_batches([c for c in contexts for _ in range(2)], [20] * 80, batch_tokens_default(PairScorer))
+    batches = answer_batches([c for c in contexts for _ in range(2)], [20] * 80, batch_tokens_default(PairScorer),
+                             [i // 2 for i in range(80)])
     assert len(batches) > 2
     # a pair's two answers can fall in two batches: each batch runs the contexts it holds
     by_hand = sum(persona_pass_flops(SHAPE, len({item // 2 for item in chunk}), contexts[min(chunk) // 2], len(chunk),
