@@ -65,7 +65,7 @@ The other stages::
     python benchmarks/bench_plan.py --stage decode-fit --model smollm2-135m-instruct --repeats 4
     python benchmarks/bench_plan.py --stage persona-padding --arch llama-3-8b --dtype bfloat16 --traits openness --control-pairs 6 --eval-pairs 8 --repeats 3 --data-dir ../shared/data
     python benchmarks/bench_plan.py --stage persona-padding --model smollm2-135m-instruct --dtype bfloat16 --random-weights --traits openness --control-pairs 6 --eval-pairs 8 --repeats 3 --data-dir ../shared/data
-    python benchmarks/bench_plan.py --stage persona-scale --model smollm2-135m-instruct --dtype bfloat16 --traits openness --control-pairs 6 --scale-pairs 8,32,64 --data-dir ../shared/data
+    python benchmarks/bench_plan.py --stage persona-scale --model smollm2-135m-instruct --dtype bfloat16 --traits openness --control-pairs 6 --scale-pairs 8,16,32,48,60 --data-dir ../shared/data
 
 The second plans and runs ``dpn-lens control --random-weights`` on the 8B architecture, its costs measured on it in
 a fresh process: 6 pairs keep the measurement's gradient pass within 24 GiB, and ``--tau-d 0.1`` lets 16 pairs of a
@@ -751,8 +751,8 @@ def persona_scale_main(args: argparse.Namespace, trait: str) -> dict[str, Any]:
           f"answers {min(answers)}-{max(answers)} tokens")
     print("predicted / measured persona pass:")
     print(markdown_table(rows, digits=3))
-    print(f"the metric's answer pass ({len(largest)} pairs, an edit, no persona): {answer_passes['together']:.2f} s with "
-          f"pairs together, {answer_passes['by length']:.2f} s by length alone "
+    print(f"the metric's answer pass ({len(largest)} pairs, an edit, no persona): "
+          f"{answer_passes['together']:.2f} s with pairs together, {answer_passes['by length']:.2f} s by length alone "
           f"({result['answer_pass_together_over_by_length']:.2f})")
     print(json.dumps(result))
     return result

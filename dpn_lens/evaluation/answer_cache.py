@@ -12,10 +12,11 @@ on Gemma 3, whose unembedding (a 262k-token vocabulary) costs more than the rest
 Memory: a batch's cache holds one row per distinct context (a pair's two answers share one: items that
 share a context are batched next to each other, so only a batch that ends between them holds the question
 twice; sorted by their own lengths, a pair's answers of unequal lengths fell in neighbouring batches and
-SmolLM2 ran 79 contexts for 60 persona pairs, where it now runs 62), and each answer pass gets a fresh copy with one row per item (``_item_cache``), so the stored tensors are never
-modified. ``cache_bytes`` bounds what is kept: a batch whose cache would take the kept bytes past it
-keeps only its tokens and runs its contexts again in every scoring pass, in the same batch with the
-same padding, so the numbers are the same to the bit. ``answer_cache_bytes`` predicts the footprint
+SmolLM2 ran 79 contexts for 60 persona pairs, where it now runs 62), and each answer pass gets a fresh
+copy with one row per item (``_item_cache``), so the stored tensors are never modified. ``cache_bytes``
+bounds what is kept: a batch whose cache would take the kept bytes past it keeps only its tokens and runs
+its contexts again in every scoring pass, in the same batch with the same padding, so the numbers are the
+same to the bit. ``answer_cache_bytes`` predicts the footprint
 from the lengths and the model's cache geometry (the plan), ``CachedAnswerScorer.footprint`` measures it.
 
 Layout of a batch: contexts left-padded (so every context ends at the last cache position and the
