@@ -602,19 +602,16 @@ def persona_padding_main(args: argparse.Namespace, trait: str) -> dict[str, Any]
 
 def batches_flops(shape: Any, contexts: list[int], answers: list[int], keys: list[int]) -> float:
     """FLOPs of ``CachedAnswerScorer`` over items of ``contexts[i]`` context and ``answers[i]`` answer tokens,
-    batched as it batches them (``answer_batches``): per batch, its distinct contexts (equal ``keys``) at its
-    longest context, then its items at its longest answer, with logits. A pair split over two batches runs its
-    context in both."""
+    batched as it batches them (``answer_batches``): per batch, ``persona_pass_flops`` of its distinct contexts
+    (equal ``keys``) at its longest context and its items at its longest answer. A pair split over two batches
+    runs its context in both."""
     from dpn_lens.evaluation.answer_cache import answer_batches
     from dpn_lens.evaluation.preference import PairScorer
-    from dpn_lens.plan_control import batch_tokens_default
+    from dpn_lens.plan_control import batch_tokens_default, persona_pass_flops
 
-    flops = 0.0
-    for chunk in answer_batches(contexts, answers, batch_tokens_default(PairScorer), keys):
-        context, answer = max(contexts[i] for i in chunk), max(answers[i] for i in chunk)
-        flops += (len({keys[i] for i in chunk}) * context * shape.forward_flops_per_token(context=context // 2)
-                  + len(chunk) * answer * shape.forward_flops_per_token(context=context + answer // 2, logits=True))
-    return flops
+    return sum(persona_pass_flops(shape, len({keys[i] for i in chunk}), max(contexts[i] for i in chunk), len(chunk),
+                                  max(answers[i] for i in chunk))
+               for chunk in answer_batches(contexts, answers, batch_tokens_default(PairScorer), keys))
 
 
 def independent_draws_flops(shape: Any, context_pool: list[int], answer_pool: list[int], n: int,

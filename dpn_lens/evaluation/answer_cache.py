@@ -16,8 +16,8 @@ SmolLM2 ran 79 contexts for 60 persona pairs, where it now runs 62), and each an
 copy with one row per item (``_item_cache``), so the stored tensors are never modified. ``cache_bytes``
 bounds what is kept: a batch whose cache would take the kept bytes past it keeps only its tokens and runs
 its contexts again in every scoring pass, in the same batch with the same padding, so the numbers are the
-same to the bit. ``answer_cache_bytes`` predicts the footprint
-from the lengths and the model's cache geometry (the plan), ``CachedAnswerScorer.footprint`` measures it.
+same to the bit. ``answer_cache_bytes`` predicts the footprint from the lengths and the model's cache
+geometry (the plan), ``CachedAnswerScorer.footprint`` measures it.
 
 Layout of a batch: contexts left-padded (so every context ends at the last cache position and the
 answers follow without a gap), answers right-padded. Position ids are taken from the attention mask,
